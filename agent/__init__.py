@@ -1,0 +1,1 @@
+"""sre-agent: a self-healing agent for Kubernetes built around Kafka."""

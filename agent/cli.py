@@ -1,0 +1,156 @@
+"""The ``sre-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from agent.errors import AgentError, ConfigError
+from agent.settings import Settings, load_settings
+from agent.topics import CATALOG
+
+log = logging.getLogger("sre_agent")
+
+
+def promtool_problems(settings: Settings, promtool: str | None = None) -> list[str]:
+    """Check every pattern's expression with Prometheus' own parser (promtool), if present."""
+    tool = promtool or shutil.which("promtool")
+    if tool is None:
+        return []
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, p in enumerate(settings.patterns):
+            rules = {"groups": [{"name": "check", "rules": [{"record": "x", "expr": p.condition}]}]}
+            path = Path(tmp) / f"p{i}.yml"
+            path.write_text(yaml.safe_dump(rules))
+            proc = subprocess.run(
+                [tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30
+            )
+            if proc.returncode != 0:
+                detail = _promtool_error(proc.stdout + proc.stderr)
+                problems.append(f"patterns[{i}].condition: invalid PromQL: {detail}")
+    return problems
+
+
+def _promtool_error(output: str) -> str:
+    for line in output.splitlines():
+        if "parse error" in line or "error" in line.lower():
+            return line.strip().split("x: ", 1)[-1]
+    return output.strip().splitlines()[-1] if output.strip() else "rejected by promtool"
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file, env={} if args.no_env else None)
+        problems = promtool_problems(settings)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as err:
+        for p in err.problems:
+            print(p, file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({len(settings.patterns)} patterns)")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if args.action == "list":
+        for t in CATALOG:
+            name = t.full_name(settings.kafka.topic_prefix)
+            print(f"{name:32} key={t.key:30} {t.cleanup:8} {t.payload}")
+        return 0
+    from streams.bus import create_topics
+
+    created = asyncio.run(create_topics(settings.kafka))
+    for name in created:
+        print(f"created {name}")
+    print(f"{len(created)} created, {len(CATALOG) - len(created)} already present")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.runtime import Agent, run_until_signalled
+    from handlers.fake_cluster import FakeCluster
+
+    settings = load_settings(args.config)
+    # Until the Kubernetes adapter lands, `run` acts on the in-process cluster.
+    agent = Agent(settings, roles=args.role, cluster=FakeCluster())
+    asyncio.run(run_until_signalled(agent))
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from agent.lab import run_lab
+
+    settings = load_settings(args.config)
+    return asyncio.run(run_lab(settings, timeout=args.timeout))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sre-agent", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    val = cfg_sub.add_parser("validate", help="validate a configuration file")
+    val.add_argument("file")
+    val.add_argument("--no-env", action="store_true", help="ignore SRE_AGENT__* overrides")
+    val.set_defaults(func=cmd_config_validate)
+
+    top = sub.add_parser("topics", help="the topic catalog")
+    top.add_argument("action", choices=["create", "list"])
+    top.add_argument("--config", default=None)
+    top.set_defaults(func=cmd_topics)
+
+    run = sub.add_parser("run", help="run agent roles until SIGTERM")
+    run.add_argument(
+        "--role",
+        action="append",
+        choices=["detector", "correlator", "analyzer", "executor", "all"],
+        default=None,
+    )
+    run.add_argument("--config", default=None)
+    run.set_defaults(func=cmd_run)
+
+    lab = sub.add_parser("lab", help="the local lab: a faulty service healed end to end")
+    lab.add_argument("--config", default="config/lab.yaml")
+    lab.add_argument("--timeout", type=float, default=240.0)
+    lab.set_defaults(func=cmd_lab)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    for noisy in ("aiokafka", "faust", "mode", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if getattr(args, "role", "x") is None:
+        args.role = ["all"]
+    try:
+        code: int = args.func(args)
+    except ConfigError as err:
+        for p in err.problems:
+            print(p, file=sys.stderr)
+        return 1
+    except AgentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Wire format: JSON via orjson, validated once on the way in.
+
+``encode`` serialises any event dataclass (orjson handles dataclasses and aware datetimes
+natively). ``decode`` parses bytes and validates them into the frozen dataclass, or raises
+:class:`~agent.errors.InvalidEvent` whose problems name each bad field by path, e.g.
+``members[0].labels: Input should be a valid dictionary``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from agent.errors import InvalidEvent
+
+T = TypeVar("T")
+
+_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
+def encode(event: object) -> bytes:
+    return orjson.dumps(event, option=_OPTS)
+
+
+def to_dict(event: object) -> dict[str, Any]:
+    """Plain JSON-compatible dict of an event (for embedding, logging, tables)."""
+    value = orjson.loads(encode(event))
+    assert isinstance(value, dict)
+    return value
+
+
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
+def _adapter(cls: type[T]) -> TypeAdapter[T]:
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    """('members', 0, 'labels') -> 'members[0].labels'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors(include_url=False):
+        # Drop pydantic's internal tags (e.g. 'function-after') from the path.
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and "[" in p)]
+        problems.append(f"{format_loc(loc)}: {e['msg']}")
+    return problems
+
+
+def from_obj(cls: type[T], obj: Any) -> T:
+    try:
+        return _adapter(cls).validate_python(obj)
+    except ValidationError as err:
+        raise InvalidEvent(cls.__name__, validation_problems(err)) from err
+    except (TypeError, ValueError) as err:  # raised by a model invariant
+        raise InvalidEvent(cls.__name__, [str(err)]) from err
+
+
+def decode(cls: type[T], raw: bytes | str) -> T:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidEvent(cls.__name__, [f"<body>: not valid JSON ({err})"]) from err
+    if not isinstance(obj, dict):
+        raise InvalidEvent(
+            cls.__name__, [f"<body>: expected a JSON object, got {type(obj).__name__}"]
+        )
+    return from_obj(cls, obj)

@@ -1,0 +1,72 @@
+"""The one error hierarchy of sre-agent.
+
+    AgentError
+    ├── ConfigError            bad configuration; ``problems`` lists "path: message" lines
+    ├── InvalidEvent           a message that failed validation; names the field
+    ├── TransientError         worth retrying after ``retry_after`` seconds
+    │   └── DependencyUnavailable   Kafka, Prometheus, the cluster or the LLM is not answering
+    ├── PermanentError         retrying cannot help
+    │   ├── PolicyDenied       the policy refused an action; ``rule`` names the rule
+    │   └── ActionFailed       the cluster refused or failed an action
+    └── InfraError             a local infrastructure script failed
+
+Vendor exceptions (aiokafka, kubernetes, azure) are translated into these in the adapter
+that talks to the vendor, always with ``raise ... from err`` so the cause is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class AgentError(Exception):
+    """Root of every error sre-agent raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(AgentError):
+    """Configuration failed validation; every problem names the path of its field."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(self.problems) or "invalid configuration")
+
+
+class InvalidEvent(AgentError):
+    """A message failed validation at the boundary."""
+
+    def __init__(self, kind: str, problems: Sequence[str]) -> None:
+        self.kind = kind
+        self.problems = tuple(problems)
+        super().__init__(f"invalid {kind}: " + "; ".join(self.problems))
+
+
+class TransientError(AgentError):
+    retriable = True
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class DependencyUnavailable(TransientError):
+    """A dependency (Kafka, Prometheus, Kubernetes, the LLM) did not answer in time."""
+
+
+class PermanentError(AgentError):
+    retriable = False
+
+
+class PolicyDenied(PermanentError):
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"{rule}: {message}")
+
+
+class ActionFailed(PermanentError):
+    """The cluster refused or failed an action (forbidden, not found, conflict exhausted)."""
+
+
+class InfraError(AgentError):
+    """A local infrastructure script (Kafka, Prometheus, Kubernetes) failed."""

@@ -1,0 +1,230 @@
+"""The local lab behind ``make run``: a faulty rollout healed end to end.
+
+A simulated service exports ``http_requests_total`` for Prometheus to scrape; its error
+share follows the image its Deployment runs in the in-process cluster (``:v2`` is broken).
+The lab rolls out ``:v2``, then lets the real pipeline (Prometheus, detector, faust
+correlator, analyzer, executor) find and heal it, printing each stage as it crosses Kafka.
+The default policy asks for approval before a rollback; the lab plays the on-call engineer
+and approves through the decisions topic, as any Kafka client could.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.models import (
+    ActionResult,
+    Analysis,
+    Anomaly,
+    ApprovalDecision,
+    ApprovalRequest,
+    Incident,
+    Target,
+    new_id,
+    utcnow,
+)
+from agent.settings import REPO_ROOT, Settings
+from handlers.cluster import Cluster
+from handlers.fake_cluster import FakeCluster
+from streams.bus import BatchConsumer, Envelope
+
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_SUFFIX = ":v2"
+
+
+class SimulatedService:
+    """An HTTP service's metrics, driven by the image its Deployment runs."""
+
+    def __init__(
+        self, cluster: Cluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
+    ) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.name = name
+        self.rps = rps
+        self.counts: dict[str, int] = {"200": 0, "500": 0}
+        self._rng = random.Random(seed)  # noqa: S311 - simulated traffic, not security
+        self._runner: web.AppRunner | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def error_share(self, image: str) -> float:
+        return 0.3 if image.endswith(BAD_IMAGE_SUFFIX) else 0.0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = getattr(site, "_server", None)
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._task = asyncio.create_task(self._traffic(), name="lab-traffic")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _traffic(self) -> None:
+        target = Target(kind="Deployment", namespace=self.namespace, name=self.name)
+        while True:
+            image = (await self.cluster.workload(target)).image
+            share = self.error_share(image)
+            n = self.rps // 10
+            errors = sum(1 for _ in range(n) if self._rng.random() < share)
+            self.counts["500"] += errors
+            self.counts["200"] += n - errors
+            await asyncio.sleep(0.1)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        lines = ["# TYPE http_requests_total counter"]
+        for status, value in self.counts.items():
+            lines.append(
+                f'http_requests_total{{namespace="{self.namespace}",service="{self.name}",'
+                f'status="{status}"}} {value}'
+            )
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def prometheus_targets_dir() -> Path:
+    state = Path(os.environ.get("SRE_STATE_DIR") or REPO_ROOT / ".state")
+    return state / "prometheus" / "targets"
+
+
+def register_target(name: str, port: int, directory: Path | None = None) -> Path:
+    directory = directory or prometheus_targets_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"], "labels": {"job": name}}]))
+    tmp.replace(path)  # atomic: Prometheus never reads half a file
+    return path
+
+
+def describe(env: Envelope) -> str:
+    v: Any = env.value
+    if isinstance(v, Anomaly):
+        return f"[detector]   anomaly {v.name} {v.status} {v.labels.get('service')} value={v.value}"
+    if isinstance(v, Incident):
+        return (
+            f"[correlator] incident {v.id[:10]} {v.status} rev {v.revision} "
+            f"severity={v.severity} members={len(v.members)}"
+        )
+    if isinstance(v, Analysis):
+        acts = ", ".join(f"{a.type} {a.target.key}" for a in v.actions) or "none"
+        return (
+            f"[analyzer]   {v.root_cause_class}: {v.root_cause} "
+            f"(confidence {v.confidence:.2f}, {v.analyzer}); actions: {acts}"
+        )
+    if isinstance(v, ApprovalRequest):
+        return f"[executor]   approval requested for {v.action.type} {v.action.target.key}"
+    if isinstance(v, ActionResult):
+        return f"[executor]   result {v.type} {v.status} outcome={v.outcome}: {v.message}"
+    return f"[{env.topic}] {v}"
+
+
+async def run_lab(settings: Settings, *, timeout: float = 240.0) -> int:  # noqa: ASYNC109
+    from agent.runtime import Agent
+
+    # A fresh prefix per run: earlier runs' events and correlator state stay out of it.
+    prefix = f"{settings.kafka.topic_prefix}{utcnow():%Y%m%d%H%M%S}."
+    settings = replace(settings, kafka=replace(settings.kafka, topic_prefix=prefix))
+    cluster = FakeCluster()
+    ns, name = "shop", "checkout"
+    cluster.create_deployment(
+        ns, name, image="registry.local/checkout:v1", replicas=3, at=utcnow() - timedelta(hours=6)
+    )
+    service = SimulatedService(cluster, namespace=ns, name=name)
+    await service.start()
+    target_file = register_target("sre-agent-lab", service.port)
+    print(f"lab: simulated service {ns}/{name} on 127.0.0.1:{service.port}, scraped by Prometheus")
+    agent = Agent(settings, roles=["all"], cluster=cluster)
+    healed = asyncio.Event()
+    resolved = asyncio.Event()
+    state: dict[str, bool] = {"verified": False}
+
+    async def tap(batch: list[Envelope]) -> None:
+        for env in batch:
+            v = env.value
+            if v is None:
+                continue  # a tombstone: an approval was decided
+            if isinstance(v, Anomaly) and v.status == "firing" and "seen" in state:
+                continue  # repeats of a firing anomaly: print the first only
+            if isinstance(v, Anomaly):
+                state["seen"] = True
+            print(describe(env), flush=True)
+            if isinstance(v, ApprovalRequest):
+                decision = ApprovalDecision(
+                    id=new_id(),
+                    request_id=v.id,
+                    action_hash=v.action_hash,
+                    decision="approve",
+                    decided_by="lab-oncall",
+                    decided_at=utcnow(),
+                    reason="lab: matches the rollout timeline",
+                )
+                print(f"[on-call]    approves {v.action.type} {v.action.target.key}", flush=True)
+                await agent.bus.publish(agent.bus.topic("decisions"), decision)
+            if isinstance(v, ActionResult) and v.outcome == "healed":
+                state["verified"] = True
+                healed.set()
+            if isinstance(v, Incident) and v.status == "resolved":
+                resolved.set()
+
+    t = agent.bus.topic
+    tap_consumer = BatchConsumer(
+        agent.bus,
+        name="lab-tap",
+        group_id=f"{prefix}lab-tap",
+        topics={
+            t("anomalies"): Anomaly,
+            t("incidents"): Incident,
+            t("analyses"): Analysis,
+            t("approvals"): ApprovalRequest,
+            t("action-results"): ActionResult,
+        },
+        handler=tap,
+    )
+    code = 1
+    try:
+        await agent.start()
+        await tap_consumer.start()
+        print("lab: agent running (detector, correlator, analyzer, executor); baseline 15s")
+        await asyncio.sleep(15)
+        cluster.rollout(ns, name, image="registry.local/checkout:v2", at=utcnow())
+        print("lab: rolled out checkout:v2 (injected fault: 30% of requests fail)", flush=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(healed.wait(), resolved.wait()), timeout=timeout)
+            w = await cluster.workload(Target(kind="Deployment", namespace=ns, name=name))
+            print(
+                f"lab: healed. checkout runs {w.image} (revision {w.revision}); incident resolved"
+            )
+            code = 0
+        except TimeoutError:
+            print(f"lab: not healed within {timeout:.0f}s", flush=True)
+    finally:
+        await tap_consumer.stop()
+        await agent.stop()
+        await service.stop()
+        target_file.unlink(missing_ok=True)
+    return code

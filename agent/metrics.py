@@ -1,0 +1,78 @@
+"""Prometheus metrics of the agent. One registry per process, built by the composition root.
+
+Names follow the reference (``sre_agent_remediation_total{service,action,result}``,
+``sre_agent_incident_resolution_duration_seconds``) so its recording rules and dashboard
+work unchanged.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.anomalies = Counter(
+            "sre_agent_anomalies_total",
+            "Anomalies published by detectors.",
+            ["source", "name", "status"],
+            registry=r,
+        )
+        self.detector_errors = Counter(
+            "sre_agent_detector_errors_total",
+            "Failed evaluations of a detector pattern.",
+            ["pattern", "reason"],
+            registry=r,
+        )
+        self.incidents = Counter(
+            "sre_agent_incidents_total",
+            "Incident transitions published by the correlator.",
+            ["status"],
+            registry=r,
+        )
+        self.resolution = Histogram(
+            "sre_agent_incident_resolution_duration_seconds",
+            "Time from an incident opening to its resolution.",
+            ["service"],
+            registry=r,
+            buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+        )
+        self.analyses = Counter(
+            "sre_agent_analyses_total",
+            "Analyses produced, by analyzer and root-cause class.",
+            ["analyzer", "root_cause_class"],
+            registry=r,
+        )
+        self.remediation = Counter(
+            "sre_agent_remediation_total",
+            "Remediation decisions and executions; result is success, failure, denied, "
+            "pending_approval, rejected, dry_run or duplicate.",
+            ["service", "action", "result"],
+            registry=r,
+        )
+        self.verification = Counter(
+            "sre_agent_remediation_verified_total",
+            "Verified outcomes of executed actions.",
+            ["service", "action", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "sre_agent_dead_letters_total",
+            "Messages sent to the dead-letter topic.",
+            ["topic", "consumer"],
+            registry=r,
+        )
+        self.processed = Counter(
+            "sre_agent_events_processed_total",
+            "Events processed per consumer.",
+            ["consumer"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "sre_agent_component_ready",
+            "1 when a component is started and healthy.",
+            ["component"],
+            registry=r,
+        )

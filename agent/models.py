@@ -1,0 +1,301 @@
+"""The event model: frozen dataclasses that travel on Kafka as JSON.
+
+Every event carries an ``id``, a ``schema_version``, timezone-aware UTC timestamps and the
+key it is partitioned by (``key``). Objects are immutable inside the process; validation
+happens once, at the boundary, in :mod:`agent.codec`.
+
+Wire names are the field names. Unknown fields are ignored on decode so that a newer
+producer can add fields without breaking an older consumer (schema evolution); a changed
+meaning bumps ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, Field
+
+SCHEMA_VERSION = 1
+
+Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=1024)]
+Labels = Mapping[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=4096)]]
+
+Severity = Literal["info", "warning", "critical"]
+AnomalyStatus = Literal["firing", "resolved"]
+AnomalySource = Literal["prometheus", "kubernetes", "alertmanager", "feed", "agent"]
+IncidentStatus = Literal["open", "updated", "mitigating", "resolved", "reopened"]
+ActionType = Literal[
+    "rollback",
+    "scale_up",
+    "scale_down",
+    "restart_workload",
+    "restart_pod",
+    "cordon_node",
+    "drain_node",
+    "update_config",
+]
+TargetKind = Literal["Deployment", "StatefulSet", "Pod", "Node", "ConfigMap"]
+ResultStatus = Literal[
+    "succeeded",  # executed, effect applied
+    "failed",  # executed and the cluster refused or errored
+    "denied",  # policy refused it
+    "pending_approval",  # queued on the approvals topic
+    "rejected",  # a human rejected it, or the approval expired
+    "dry_run",  # shadow mode: would have executed
+    "duplicate",  # this action id was already applied to the target
+]
+Outcome = Literal["healed", "not_healed", "worse", "unknown", "not_applicable"]
+Decision = Literal["approve", "reject"]
+
+ACTION_TYPES: tuple[ActionType, ...] = (
+    "rollback",
+    "scale_up",
+    "scale_down",
+    "restart_workload",
+    "restart_pod",
+    "cordon_node",
+    "drain_node",
+    "update_config",
+)
+SEVERITY_RANK: Mapping[str, int] = {"info": 0, "warning": 1, "critical": 2}
+
+
+def utcnow() -> datetime:
+    """Wall-clock time for *stamping events* at the edges; decision logic takes ``now``."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def stable_id(*parts: str) -> str:
+    """A deterministic id: the same inputs always give the same id (idempotency keys)."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+def fingerprint(source: str, name: str, labels: Mapping[str, str]) -> str:
+    """Stable across replicas and restarts: depends only on what identifies the anomaly."""
+    items = "\x1e".join(f"{k}={labels[k]}" for k in sorted(labels))
+    return stable_id(source, name, items)
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """One observation that something is wrong (or, with status resolved, no longer is)."""
+
+    fingerprint: NonEmpty
+    source: AnomalySource
+    name: NonEmpty
+    severity: Severity
+    status: AnomalyStatus
+    labels: Labels
+    starts_at: AwareDatetime
+    observed_at: AwareDatetime
+    # Untrusted free text (alert annotations, event messages): data, never instructions.
+    annotations: Labels = field(default_factory=dict)
+    value: float | None = None
+    id: NonEmpty = field(default_factory=new_id)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        """Correlation key: anomalies of one service land on one partition."""
+        return group_key(self.labels, ("cluster", "namespace", "service"))
+
+
+def group_key(labels: Mapping[str, str], by: tuple[str, ...]) -> str:
+    return "/".join(labels.get(k, "") for k in by)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """An anomaly as remembered inside an incident."""
+
+    fingerprint: NonEmpty
+    name: NonEmpty
+    source: AnomalySource
+    severity: Severity
+    status: AnomalyStatus
+    labels: Labels
+    first_seen: AwareDatetime
+    last_seen: AwareDatetime
+    value: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """A group of correlated anomalies; each change is published as a new revision."""
+
+    id: NonEmpty
+    key: NonEmpty
+    status: IncidentStatus
+    severity: Severity
+    labels: Labels  # the group labels (cluster, namespace, service)
+    members: tuple[Member, ...]
+    opened_at: AwareDatetime
+    updated_at: AwareDatetime
+    revision: int = 1
+    resolved_at: AwareDatetime | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def firing(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.status == "firing")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: TargetKind
+    name: NonEmpty
+    namespace: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+ParamValue = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendedAction:
+    type: ActionType
+    target: Target
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    expected_impact: str = ""
+    rollback_plan: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    id: NonEmpty
+    incident_id: NonEmpty
+    incident_key: NonEmpty
+    incident_revision: int
+    analyzer: Literal["rules", "llm"]
+    root_cause: NonEmpty
+    root_cause_class: NonEmpty
+    confidence: Confidence
+    evidence: tuple[str, ...]
+    actions: tuple[RecommendedAction, ...]
+    created_at: AwareDatetime
+    # Why the final confidence is what it is: model score and the agent's own checks.
+    model_confidence: Confidence | None = None
+    evidence_confidence: Confidence | None = None
+    fallback_reason: str | None = None
+    rejected_actions: tuple[str, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.incident_key
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRequest:
+    id: NonEmpty  # idempotency key, deterministic from (analysis, position)
+    incident_id: NonEmpty
+    incident_key: NonEmpty
+    analysis_id: NonEmpty
+    type: ActionType
+    target: Target
+    confidence: Confidence
+    reason: str
+    requested_at: AwareDatetime
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    labels: Labels = field(default_factory=dict)  # the incident's group labels
+    trigger: tuple[str, ...] = ()  # patterns that fired; re-checked to verify the outcome
+    approved_by: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        """Keyed by target so one target's actions are serialized on one partition."""
+        return self.target.key
+
+    def digest(self) -> str:
+        """Hash of what would be executed; an approval must name the same hash."""
+        params = "\x1e".join(f"{k}={self.params[k]!r}" for k in sorted(self.params))
+        return stable_id(self.id, self.type, self.target.key, params)
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    id: NonEmpty
+    action: ActionRequest
+    action_hash: NonEmpty
+    root_cause: str
+    evidence: tuple[str, ...]
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecision:
+    id: NonEmpty
+    request_id: NonEmpty
+    action_hash: NonEmpty
+    decision: Decision
+    decided_by: NonEmpty
+    decided_at: AwareDatetime
+    reason: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    id: NonEmpty
+    action_id: NonEmpty
+    incident_id: NonEmpty
+    incident_key: NonEmpty
+    type: ActionType
+    target: Target
+    status: ResultStatus
+    outcome: Outcome
+    message: str
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    prior_state: Mapping[str, Any] = field(default_factory=dict)
+    service: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.target.key
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be decoded or processed, kept with the reason."""
+
+    id: NonEmpty
+    source_topic: str
+    error: str
+    raw: str  # the original bytes, decoded as UTF-8 with replacement, or base64 if binary
+    raw_encoding: Literal["utf-8", "base64"]
+    failed_at: AwareDatetime
+    consumer: str = ""
+    partition: int | None = None
+    offset: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.source_topic

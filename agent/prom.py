@@ -1,0 +1,88 @@
+"""The Prometheus boundary (prometheus-api-client). Only this module imports it.
+
+The client is synchronous (requests), so queries run in a small dedicated thread pool with
+a timeout; the event loop never blocks on Prometheus. Errors are translated once: a bad
+expression is a :class:`PermanentError`, anything else (connection refused, timeout, 5xx)
+is :class:`DependencyUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests.exceptions import RequestException
+from urllib3.util.retry import Retry
+
+from agent.errors import DependencyUnavailable, PermanentError
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    labels: Mapping[str, str]
+    value: float
+
+
+class InvalidQuery(PermanentError):
+    """Prometheus rejected the expression itself (HTTP 400)."""
+
+
+class PromClient:
+    def __init__(self, url: str, *, timeout: float = 5.0, workers: int = 4) -> None:
+        self.url = url
+        self.timeout = timeout
+        # No client-side retries: the detector's interval is the retry, and a slow failure
+        # would hide an outage behind the timeout.
+        self._session = requests.Session()
+        self._client = PrometheusConnect(
+            url=url, disable_ssl=True, retry=Retry(total=0), timeout=timeout, session=self._session
+        )
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prom")
+        self._closed = False
+
+    async def query(self, expr: str) -> list[Sample]:
+        loop = asyncio.get_running_loop()
+        try:
+            raw = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self._client.custom_query, expr),
+                timeout=self.timeout + 1,
+            )
+        except PrometheusApiClientException as err:
+            if "400" in str(err) or "bad_data" in str(err):
+                raise InvalidQuery(f"prometheus rejected {expr!r}: {err}") from err
+            raise DependencyUnavailable(f"prometheus {self.url}: {err}") from err
+        except (RequestException, TimeoutError, OSError) as err:
+            raise DependencyUnavailable(f"prometheus {self.url}: {err!r}") from err
+        return parse_vector(raw)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._session.close()
+
+
+def parse_vector(raw: object) -> list[Sample]:
+    """Validate an instant-vector reply; a malformed reply names what is wrong."""
+    if not isinstance(raw, list):
+        raise DependencyUnavailable(
+            f"prometheus reply: expected a vector, got {type(raw).__name__}"
+        )
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            labels = {str(k): str(v) for k, v in item["metric"].items()}
+            value = float(item["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+            raise DependencyUnavailable(
+                f"prometheus reply: result[{i}] malformed ({err!r})"
+            ) from err
+        if not math.isnan(value):
+            out.append(Sample(labels=labels, value=value))
+    return out

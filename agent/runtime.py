@@ -1,0 +1,185 @@
+"""Composition root: builds each role's components from Settings and runs them.
+
+Roles: ``detector``, ``correlator``, ``analyzer``, ``executor`` or ``all``. Start order is
+outputs before inputs (bus, then consumers, then detectors) and stop order the reverse, so
+SIGTERM first stops intake, then lets in-flight batches finish and commit, then closes
+clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterable
+from typing import Protocol
+
+import aiohttp
+
+from agent.analysis_stage import AnalysisStage
+from agent.detector import PromQLDetector
+from agent.metrics import Metrics
+from agent.models import ActionRequest, ApprovalDecision, ApprovalRequest, Incident
+from agent.prom import PromClient
+from agent.server import HealthServer
+from agent.settings import Settings
+from handlers.cluster import Cluster
+from handlers.executor import Executor, kill_switch_file
+from streams.bus import BatchConsumer, Bus
+from streams.correlator import Correlator
+
+log = logging.getLogger(__name__)
+
+ROLES = ("detector", "correlator", "analyzer", "executor")
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        roles: Iterable[str],
+        cluster: Cluster,
+        metrics: Metrics | None = None,
+        serve_http: bool = True,
+    ) -> None:
+        roles = set(roles)
+        if "all" in roles:
+            roles = set(ROLES)
+        unknown = roles - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
+        self.settings = settings
+        self.roles = roles
+        self.cluster = cluster
+        self.metrics = metrics or Metrics()
+        self.bus = Bus(settings.kafka, metrics=self.metrics, name="+".join(sorted(roles)))
+        self.prom = PromClient(
+            settings.monitoring.prometheus.url, timeout=settings.monitoring.prometheus.timeout
+        )
+        self.server = (
+            HealthServer(host=settings.server.host, port=settings.server.port, metrics=self.metrics)
+            if serve_http
+            else None
+        )
+        self.components: list[Component] = []
+        self.detector: PromQLDetector | None = None
+        self.executor: Executor | None = None
+        self.correlator: Correlator | None = None
+        self._build()
+
+    def _build(self) -> None:
+        s, prefix = self.settings, self.settings.kafka.topic_prefix
+        if "correlator" in self.roles:
+            self.correlator = Correlator(s, metrics=self.metrics)
+            self.components.append(self.correlator)
+        if "analyzer" in self.roles:
+            stage = AnalysisStage(s, bus=self.bus, cluster=self.cluster, metrics=self.metrics)
+            self.components.append(
+                BatchConsumer(
+                    self.bus,
+                    name="analyzer",
+                    group_id=f"{prefix}analyzer",
+                    topics={self.bus.topic("incidents"): Incident},
+                    handler=stage.handle,
+                )
+            )
+        if "executor" in self.roles:
+            self.executor = Executor(
+                s,
+                bus=self.bus,
+                cluster=self.cluster,
+                metrics=self.metrics,
+                prom=self.prom,
+                switches=kill_switch_file(s.agent.kill_switch_file),
+            )
+            self.components.append(
+                BatchConsumer(
+                    self.bus,
+                    name="executor",
+                    group_id=f"{prefix}executor",
+                    topics={
+                        self.bus.topic("approvals"): ApprovalRequest,
+                        self.bus.topic("decisions"): ApprovalDecision,
+                        self.bus.topic("actions"): ActionRequest,
+                    },
+                    handler=self.executor.handle,
+                    # Actions are serialized per target: small batches keep latency low.
+                    max_records=50,
+                )
+            )
+        if "detector" in self.roles:
+            self.detector = PromQLDetector(
+                s,
+                prom=self.prom,
+                publish=self.bus,
+                topic=self.bus.topic("anomalies"),
+                metrics=self.metrics,
+            )
+            self.components.append(self.detector)
+
+    async def start(self) -> None:
+        if self.server is not None:
+            self.server.checks["kafka"] = self.bus.ping
+            self.server.checks["prometheus"] = self._prometheus_ready
+            await self.server.start()
+        await self.bus.start()
+        await self.bus.create_topics()
+        for c in self.components:
+            await c.start()
+        if self.server is not None:
+            self.server.started = True
+        log.info("agent started: roles %s", ", ".join(sorted(self.roles)))
+
+    async def stop(self) -> None:
+        # Reverse order: detectors (intake) first, the bus last.
+        for c in reversed(self.components):
+            try:
+                await c.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(c).__name__)
+        if self.executor is not None:
+            await self.executor.stop()
+        await self.bus.stop()
+        await self.prom.close()
+        await self.cluster.close()
+        if self.server is not None:
+            await self.server.stop()
+        log.info("agent stopped")
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _prometheus_ready(self) -> str | None:
+        url = self.settings.monitoring.prometheus.url.rstrip("/") + "/-/ready"
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as http, http.get(url) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+
+
+async def run_until_signalled(agent: Agent, *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down in order."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await stop.wait()
+        log.info("stop requested; draining")
+    finally:
+        await agent.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)

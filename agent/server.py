@@ -1,0 +1,89 @@
+"""The agent's HTTP surface: /metrics, health probes, and routes other components add.
+
+``/health/live``    the process is serving (liveness).
+``/health/started`` every component of this role finished starting (startup probe).
+``/health/ready``   started, and the dependencies answer now: Kafka and Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], Awaitable[str | None]]  # None when healthy, else the reason
+
+
+class HealthServer:
+    def __init__(self, *, host: str, port: int, metrics: Metrics) -> None:
+        self.host = host
+        self.port = port
+        self.metrics = metrics
+        self.checks: dict[str, Check] = {}
+        self.started = False
+        self.app = web.Application()
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_get("/health/live", self._live)
+        self.app.router.add_get("/health/started", self._started)
+        self.app.router.add_get("/health/ready", self._ready)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def bound_port(self) -> int:
+        """The real port (useful when configured with port 0)."""
+        assert self._runner is not None
+        for site in self._runner.sites:
+            server = getattr(site, "_server", None)
+            if server is not None and server.sockets:
+                return int(server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.host, self.port).start()
+        self._runner = runner
+        log.info("http server on http://%s:%d", self.host, self.bound_port)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _started(self, request: web.Request) -> web.Response:
+        status = 200 if self.started else 503
+        return web.json_response({"started": self.started}, status=status)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        if not self.started:
+            return web.json_response({"ready": False, "reason": "starting"}, status=503)
+        names = list(self.checks)
+        results = await asyncio.gather(*(self._run(self.checks[n]) for n in names))
+        failures = {n: r for n, r in zip(names, results, strict=True) if r is not None}
+        status = 503 if failures else 200
+        return web.json_response({"ready": not failures, "failures": failures}, status=status)
+
+    @staticmethod
+    async def _run(check: Check) -> str | None:
+        try:
+            return await asyncio.wait_for(check(), timeout=3.0)
+        except TimeoutError:
+            return "timed out"
+        except Exception as err:  # noqa: BLE001 - a probe reports, it never raises
+            return f"{type(err).__name__}: {err}"

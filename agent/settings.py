@@ -1,0 +1,308 @@
+"""One typed settings object, loaded once from YAML plus environment overrides.
+
+Shape follows the reference's SRE agent config (``agent``, ``monitoring``, ``ai``,
+``remediation``, ``patterns``) with the sections the pipeline needs added (``kafka``,
+``correlation``, ``server``).
+
+Precedence, lowest first: the file, then ``${VAR}`` / ``${VAR:-default}`` placeholders inside
+it, then environment variables ``SRE_AGENT__SECTION__KEY=value`` (double underscores separate
+path parts; the value is parsed as a YAML scalar, so ``0.9`` is a number and ``[a, b]`` a list).
+Unknown keys are errors: a typo in a safety setting must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from agent.codec import validation_problems
+from agent.errors import ConfigError
+from agent.models import ACTION_TYPES, ActionType, Severity
+
+ENV_PREFIX = "SRE_AGENT__"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config" / "agent.yaml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> object:
+    """'90s', '5m', '1.5h', 30 -> seconds. Anything else is left for the type check."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h)")
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+# Steps a pattern may list. "context" steps gather evidence for the analyzer; conditional
+# steps let the analyzer recommend the action named after "auto_"/"_if_"; plain action
+# names recommend that action outright (still subject to policy).
+CONTEXT_STEPS = frozenset(
+    {
+        "check_recent_deployments",
+        "analyze_logs",
+        "analyze_crash_logs",
+        "check_memory_limits",
+        "check_database_connections",
+        "check_downstream_services",
+        "check_node_conditions",
+    }
+)
+CONDITIONAL_STEPS: Mapping[str, ActionType] = {
+    "auto_rollback_if_deployment_recent": "rollback",
+    "scale_up_if_cpu_high": "scale_up",
+    "restart_if_crash_looping": "restart_workload",
+    "drain_if_node_unhealthy": "drain_node",
+}
+NOTIFY_STEPS = frozenset({"notify_oncall"})
+KNOWN_STEPS = CONTEXT_STEPS | set(CONDITIONAL_STEPS) | NOTIFY_STEPS | set(ACTION_TYPES)
+
+# The reference names config updates "configuration_change" in require_approval.
+ACTION_ALIASES: Mapping[str, ActionType] = {"configuration_change": "update_config"}
+
+
+def _action_name(value: str) -> str:
+    canonical = ACTION_ALIASES.get(value, value)
+    if canonical not in ACTION_TYPES:
+        raise ValueError(f"unknown action {value!r}; known: {', '.join(ACTION_TYPES)}")
+    return canonical
+
+
+def _step_name(value: str) -> str:
+    if value not in KNOWN_STEPS:
+        raise ValueError(f"unknown step {value!r}; known: {', '.join(sorted(KNOWN_STEPS))}")
+    return value
+
+
+ActionName = Annotated[str, AfterValidator(_action_name)]
+StepName = Annotated[str, AfterValidator(_step_name)]
+_STRICT = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSection:
+    __pydantic_config__ = _STRICT
+    name: str = "sre-agent"
+    mode: Literal["autonomous", "supervised", "manual"] = "autonomous"
+    cluster: str = "local"
+    # Shadow mode: every decision is made and recorded, nothing touches the cluster.
+    dry_run: bool = False
+    # Stops all execution at once; also settable at run time (see handlers.executor).
+    kill_switch: bool = False
+    # While this file exists no action executes; checked before every action.
+    kill_switch_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSection:
+    __pydantic_config__ = _STRICT
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]*$")] = "sre."
+    client_id: str = "sre-agent"
+    partitions: Annotated[int, Field(ge=1, le=1024)] = 3
+    replication_factor: Annotated[int, Field(ge=1, le=7)] = 1
+    # Latency matters more than batching efficiency on the control path.
+    fetch_max_wait_ms: Annotated[int, Field(ge=0, le=5000)] = 10
+    linger_ms: Annotated[int, Field(ge=0, le=1000)] = 5
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusSection:
+    __pydantic_config__ = _STRICT
+    url: str = "http://127.0.0.1:19090"
+    timeout: Seconds = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringSection:
+    __pydantic_config__ = _STRICT
+    prometheus: PrometheusSection = field(default_factory=PrometheusSection)
+    evaluation_interval: Seconds = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class AzureAISection:
+    __pydantic_config__ = _STRICT
+    endpoint: str = ""
+    deployment: str = "gpt-4o"
+    # The key is read from this environment variable, never stored in the file.
+    api_key_env: str = "AZURE_AI_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class AISection:
+    __pydantic_config__ = _STRICT
+    enabled: bool = False
+    azure_openai: AzureAISection = field(default_factory=AzureAISection)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.1
+    timeout: Seconds = 20.0
+    max_calls_per_minute: Annotated[int, Field(ge=0)] = 30
+
+
+@dataclass(frozen=True, slots=True)
+class RemediationSection:
+    __pydantic_config__ = _STRICT
+    enabled: bool = True
+    confidence_threshold: Fraction = 0.85
+    require_approval: tuple[ActionName, ...] = ("rollback", "scale_down", "update_config")
+    approval_ttl: Seconds = 3600.0
+    cooldown: Seconds = 300.0
+    # A rollout this recent counts as a suspect for a new error-rate incident.
+    rollout_window: Seconds = 1800.0
+    verify_after: Seconds = 60.0
+    allowed_namespaces: tuple[str, ...] = ()  # empty: every namespace not denied
+    denied_namespaces: tuple[str, ...] = ("kube-system",)
+    max_actions_per_hour: Annotated[int, Field(ge=0)] = 20
+
+
+@dataclass(frozen=True, slots=True)
+class CorrelationSection:
+    __pydantic_config__ = _STRICT
+    group_by: tuple[str, ...] = ("cluster", "namespace", "service")
+    resolve_timeout: Seconds = 300.0
+    # A resolved incident that fires again within this window is reopened, not duplicated.
+    reopen_window: Seconds = 300.0
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    __pydantic_config__ = _STRICT
+    host: str = "127.0.0.1"
+    port: Port = 18080
+
+
+def _promql(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty PromQL expression")
+    if value.count("(") != value.count(")") or value.count("[") != value.count("]"):
+        raise ValueError("unbalanced brackets in PromQL expression")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PatternSpec:
+    __pydantic_config__ = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=128)]
+    condition: Annotated[str, AfterValidator(_promql)]
+    actions: tuple[StepName, ...] = ()
+    severity: Severity = "critical"
+    # Alertmanager-style "for": the condition must hold this long before it fires.
+    for_: Annotated[Seconds, Field(alias="for")] = 0.0
+    interval: Seconds | None = None  # default: monitoring.evaluation_interval
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    __pydantic_config__ = _STRICT
+    agent: AgentSection = field(default_factory=AgentSection)
+    kafka: KafkaSection = field(default_factory=KafkaSection)
+    monitoring: MonitoringSection = field(default_factory=MonitoringSection)
+    ai: AISection = field(default_factory=AISection)
+    remediation: RemediationSection = field(default_factory=RemediationSection)
+    correlation: CorrelationSection = field(default_factory=CorrelationSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    patterns: tuple[PatternSpec, ...] = ()
+
+    def pattern(self, name: str) -> PatternSpec | None:
+        return next((p for p in self.patterns if p.name == name), None)
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_expand(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, env) for k, v in value.items()}
+    return value
+
+
+def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    problems: list[str] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node: Any = doc
+        for part in path[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = {}
+                node[part] = child
+            if not isinstance(child, dict):
+                problems.append(f"{'.'.join(path)}: env {name} overrides a non-mapping")
+                break
+            node = child
+        else:
+            try:
+                node[path[-1]] = yaml.safe_load(env[name])
+            except yaml.YAMLError as err:
+                problems.append(f"{'.'.join(path)}: env {name} is not a valid value ({err})")
+    return problems
+
+
+def parse_settings(doc: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate a parsed YAML document (plus env overrides) into Settings."""
+    env = os.environ if env is None else env
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError([f"<root>: expected a mapping, got {type(doc).__name__}"])
+    doc = _expand(doc, env)
+    problems = _apply_env(doc, env)
+    try:
+        settings = TypeAdapter(Settings).validate_python(doc)
+    except ValidationError as err:
+        raise ConfigError(problems + validation_problems(err)) from err
+    names = [p.name for p in settings.patterns]
+    problems += [
+        f"patterns[{i}].name: duplicate pattern name {n!r}"
+        for i, n in enumerate(names)
+        if n in names[:i]
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    path = Path(path or env.get("SRE_AGENT_CONFIG") or DEFAULT_CONFIG)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError([f"<file>: cannot read {path}: {err.strerror}"]) from err
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"<file>: {path} is not valid YAML: {err}"]) from err
+    return parse_settings(doc, env)

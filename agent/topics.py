@@ -1,0 +1,108 @@
+"""The topic catalog: every topic the agent owns, its key, partitions and retention.
+
+Names take the configured prefix (``kafka.topic_prefix``), so several agents or test runs
+can share one cluster. Creation is idempotent (``sre-agent topics create``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str  # without prefix
+    key: str
+    payload: str
+    cleanup: Literal["delete", "compact"]
+    retention_ms: int
+    description: str
+    partitions: int | None = None  # None: the configured default
+
+    def full_name(self, prefix: str) -> str:
+        return prefix + self.name
+
+    def configs(self) -> dict[str, str]:
+        cfg: dict[str, str] = {"cleanup.policy": self.cleanup}
+        if self.cleanup == "delete":
+            cfg["retention.ms"] = str(self.retention_ms)
+        return cfg
+
+
+CATALOG: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        "anomalies",
+        "cluster/namespace/service",
+        "Anomaly",
+        "delete",
+        7 * DAY_MS,
+        "What detectors observed; the correlator's input.",
+    ),
+    TopicSpec(
+        "incidents",
+        "incident key (group labels)",
+        "Incident",
+        "delete",
+        30 * DAY_MS,
+        "Every incident transition (open, updated, mitigating, resolved, reopened).",
+    ),
+    TopicSpec(
+        "analyses",
+        "incident key",
+        "Analysis",
+        "delete",
+        30 * DAY_MS,
+        "Root cause, confidence and recommended actions per incident revision.",
+    ),
+    TopicSpec(
+        "actions",
+        "target (Kind/namespace/name)",
+        "ActionRequest",
+        "delete",
+        30 * DAY_MS,
+        "Requested actions; keyed by target so one target's actions are serialized.",
+    ),
+    TopicSpec(
+        "approvals",
+        "approval request id",
+        "ApprovalRequest",
+        "compact",
+        0,
+        "Actions waiting for a human; compacted so pending approvals survive restarts.",
+    ),
+    TopicSpec(
+        "decisions",
+        "approval request id",
+        "ApprovalDecision",
+        "delete",
+        30 * DAY_MS,
+        "Approve/reject decisions from any Kafka client or `sre-agent approvals`.",
+    ),
+    TopicSpec(
+        "action-results",
+        "target (Kind/namespace/name)",
+        "ActionResult",
+        "delete",
+        90 * DAY_MS,
+        "What each action did, and its verified outcome.",
+    ),
+    TopicSpec(
+        "dead-letter",
+        "source topic",
+        "DeadLetter",
+        "delete",
+        30 * DAY_MS,
+        "Messages that failed to decode or process, with the raw bytes and the error.",
+    ),
+)
+
+BY_NAME = {t.name: t for t in CATALOG}
+
+
+def topic(prefix: str, name: str) -> str:
+    if name not in BY_NAME:
+        raise KeyError(f"unknown topic {name!r}")
+    return BY_NAME[name].full_name(prefix)

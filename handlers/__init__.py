@@ -1,0 +1,1 @@
+"""Action consumers: policy, execution against the cluster, approvals and verification."""

@@ -1,0 +1,1 @@
+"""Stream processing: the Kafka bus and the faust-streaming correlator."""

@@ -1,0 +1,371 @@
+"""The Kafka boundary (aiokafka). Only this module and :mod:`streams.correlator` import Kafka.
+
+- :class:`Bus` owns one idempotent producer; ``publish_many`` sends a batch and waits for
+  every delivery, so callers commit their input only after their output is durable.
+- :class:`BatchConsumer` reads a group's topics in batches, decodes each record once and
+  sends undecodable ones to the dead-letter topic with the error naming the field. A
+  handler failure is retried per event; an event that still fails is dead-lettered with the
+  error. Offsets are committed after the batch's outputs are produced, never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+
+from agent.codec import decode, encode
+from agent.errors import AgentError, DependencyUnavailable, InvalidEvent
+from agent.metrics import Metrics
+from agent.models import DeadLetter, new_id, utcnow
+from agent.settings import KafkaSection
+from agent.topics import CATALOG, topic
+
+log = logging.getLogger(__name__)
+
+
+def dead_letter_record(
+    *,
+    source_topic: str,
+    raw: bytes | None,
+    error: str,
+    consumer: str,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> DeadLetter:
+    """The raw bytes kept verbatim (UTF-8 text, else base64) beside the error."""
+    raw = raw or b""
+    try:
+        text, encoding = raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(raw).decode(), "base64"
+    return DeadLetter(
+        id=new_id(),
+        source_topic=source_topic,
+        error=error,
+        raw=text,
+        raw_encoding=encoding,  # type: ignore[arg-type]
+        failed_at=utcnow(),
+        consumer=consumer,
+        partition=partition,
+        offset=offset,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded record with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: Any
+
+
+class Bus:
+    def __init__(self, kafka: KafkaSection, *, metrics: Metrics, name: str = "agent") -> None:
+        self.kafka = kafka
+        self.metrics = metrics
+        self.name = name
+        self._producer: AIOKafkaProducer | None = None
+
+    def topic(self, name: str) -> str:
+        return topic(self.kafka.topic_prefix, name)
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            client_id=f"{self.kafka.client_id}-{self.name}",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.kafka.linger_ms,
+        )
+        try:
+            await producer.start()
+        except KafkaError as err:
+            await producer.stop()
+            raise DependencyUnavailable(f"kafka {self.kafka.bootstrap_servers}: {err}") from err
+        self._producer = producer
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> Bus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("Bus is not started")
+        return self._producer
+
+    async def ping(self) -> str | None:
+        """Readiness: None when the cluster answers a metadata request, else the reason."""
+        try:
+            await self.producer.client.fetch_all_metadata()
+        except (KafkaError, RuntimeError) as err:
+            return f"kafka: {err}"
+        return None
+
+    async def publish(self, topic_name: str, event: Any, key: str | None = None) -> None:
+        await self.publish_many([(topic_name, event, key)])
+
+    async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+        """Send all, then wait for all deliveries (one round of batching, not one per event)."""
+        if not items:
+            return
+        futures = []
+        try:
+            for topic_name, event, key in items:
+                k = key if key is not None else getattr(event, "key", None)
+                if event is None:
+                    value = None  # a tombstone on a compacted topic
+                else:
+                    value = event if isinstance(event, bytes) else encode(event)
+                futures.append(
+                    await self.producer.send(topic_name, value=value, key=k.encode() if k else None)
+                )
+            await asyncio.gather(*futures)
+        except KafkaError as err:
+            raise DependencyUnavailable(f"kafka publish failed: {err}") from err
+
+    async def dead_letter(
+        self,
+        *,
+        source_topic: str,
+        raw: bytes | None,
+        error: str,
+        consumer: str,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        letter = dead_letter_record(
+            source_topic=source_topic,
+            raw=raw,
+            error=error,
+            consumer=consumer,
+            partition=partition,
+            offset=offset,
+        )
+        log.warning("dead-lettered %s[%s]@%s: %s", source_topic, partition, offset, error)
+        self.metrics.dead_letters.labels(topic=source_topic, consumer=consumer).inc()
+        await self.publish(self.topic("dead-letter"), letter)
+
+    async def create_topics(self) -> list[str]:
+        """Create every catalog topic that does not exist yet; returns the ones created."""
+        return await create_topics(self.kafka)
+
+
+async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None) -> list[str]:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers, client_id=f"{kafka.client_id}-admin"
+    )
+    try:
+        await admin.start()
+    except KafkaError as err:
+        await admin.close()
+        raise DependencyUnavailable(f"kafka {kafka.bootstrap_servers}: {err}") from err
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        for spec in CATALOG:
+            if names is not None and spec.name not in names:
+                continue
+            full = spec.full_name(kafka.topic_prefix)
+            if full in existing:
+                continue
+            new = NewTopic(
+                name=full,
+                num_partitions=spec.partitions or kafka.partitions,
+                replication_factor=kafka.replication_factor,
+                topic_configs=spec.configs(),
+            )
+            try:
+                await admin.create_topics([new])
+                created.append(full)
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another replica: that is the goal anyway
+    finally:
+        await admin.close()
+    return created
+
+
+Handler = Callable[[list[Envelope]], Awaitable[None]]
+
+
+class BatchConsumer:
+    """Consume ``topics`` (name -> event type) in group ``group_id`` and hand batches over."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        name: str,
+        group_id: str,
+        topics: Mapping[str, type[Any]],
+        handler: Handler,
+        max_records: int = 500,
+        from_beginning: bool = True,
+        max_attempts: int = 3,
+    ) -> None:
+        self.bus = bus
+        self.name = name
+        self.group_id = group_id
+        self.types = dict(topics)
+        self.handler = handler
+        self.max_records = max_records
+        self.from_beginning = from_beginning
+        self.max_attempts = max_attempts
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.assigned = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        k = self.bus.kafka
+        consumer = AIOKafkaConsumer(
+            *self.types,
+            bootstrap_servers=k.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=f"{k.client_id}-{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if self.from_beginning else "latest",
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
+            isolation_level="read_committed",
+        )
+        try:
+            await consumer.start()
+        except KafkaError as err:
+            await consumer.stop()
+            raise DependencyUnavailable(f"kafka {k.bootstrap_servers}: {err}") from err
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop intake, let the in-flight batch finish and commit, then leave the group."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(task, timeout=30)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def __aenter__(self) -> BatchConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            except KafkaError as err:
+                log.error("%s: fetch failed, retrying: %s", self.name, err)
+                await asyncio.sleep(1.0)
+                continue
+            if consumer.assignment():
+                self.assigned.set()
+            if not batches:
+                continue
+            offsets: dict[TopicPartition, int] = {}
+            good: list[Envelope] = []
+            for tp, records in batches.items():
+                cls = self.types[tp.topic]
+                for rec in records:
+                    offsets[tp] = rec.offset + 1
+                    key = rec.key.decode("utf-8", "replace") if rec.key else None
+                    if rec.value is None:  # tombstone (compacted topics): handlers decide
+                        good.append(Envelope(tp.topic, tp.partition, rec.offset, key, None))
+                        continue
+                    try:
+                        value = decode(cls, rec.value)
+                    except InvalidEvent as err:
+                        await self.bus.dead_letter(
+                            source_topic=tp.topic,
+                            raw=rec.value,
+                            error=str(err),
+                            consumer=self.name,
+                            partition=tp.partition,
+                            offset=rec.offset,
+                        )
+                        continue
+                    good.append(Envelope(tp.topic, tp.partition, rec.offset, key, value))
+            await self._handle(good)
+            self.bus.metrics.processed.labels(consumer=self.name).inc(len(good))
+            try:
+                await consumer.commit(offsets)
+            except CommitFailedError as err:
+                # A rebalance took the partitions; the new owner re-reads from the last commit
+                # and idempotent handling makes the repeat harmless.
+                log.warning("%s: commit failed after rebalance: %s", self.name, err)
+
+    async def _handle(self, batch: list[Envelope]) -> None:
+        if not batch:
+            return
+        try:
+            await self.handler(batch)
+            return
+        except Exception as err:  # noqa: BLE001 - isolate the bad event below, keep running
+            log.warning(
+                "%s: batch of %d failed (%r); retrying one by one", self.name, len(batch), err
+            )
+        for env in batch:
+            await self._handle_one(env)
+
+    async def _handle_one(self, env: Envelope) -> None:
+        delay = 0.2
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                await self.handler([env])
+                return
+            except AgentError as err:
+                if not err.retriable or attempt == self.max_attempts:
+                    await self._dead(env, err)
+                    return
+                await asyncio.sleep(getattr(err, "retry_after", delay))
+                delay *= 2
+            except Exception as err:
+                log.exception("%s: handler failed on %s@%s", self.name, env.topic, env.offset)
+                await self._dead(env, err)
+                return
+
+    async def _dead(self, env: Envelope, err: BaseException) -> None:
+        await self.bus.dead_letter(
+            source_topic=env.topic,
+            raw=encode(env.value),
+            error=f"{type(err).__name__}: {err}",
+            consumer=self.name,
+            partition=env.partition,
+            offset=env.offset,
+        )

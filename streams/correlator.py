@@ -1,0 +1,220 @@
+"""The correlator: a faust-streaming app folding anomalies into incidents.
+
+Hot path is batched (see shared perf notes): ``take_events`` hands over up to
+``batch_size`` events; each batch decodes once, reads each group's state once, folds the
+pure :func:`streams.correlation.correlate_batch`, writes each changed group once to the
+changelogged table and emits only incident *changes*.
+
+Table writes name their changelog partition explicitly (the partition the anomaly came
+from) instead of relying on faust's "current event", which inside a batch is only the last
+event and could file state under another partition.
+
+Anomalies must be keyed by their correlation key so one group lives on one partition. A
+record whose key differs (an external producer keying differently) is re-published with the
+right key instead of being folded on the wrong partition.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import orjson
+from aiokafka import TopicPartition
+
+from agent.codec import decode, encode, from_obj, to_dict
+from agent.errors import InvalidEvent
+from agent.metrics import Metrics
+from agent.models import Anomaly, Incident, utcnow
+from agent.settings import Settings
+from agent.topics import topic
+from streams.bus import dead_letter_record
+from streams.correlation import CorrelationRules, correlate_batch, expire, key_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A table value: the group's incident and the partition its state belongs to."""
+
+    partition: int
+    incident: Incident | None
+
+    def dump(self) -> bytes:
+        inc = to_dict(self.incident) if self.incident is not None else None
+        return orjson.dumps({"p": self.partition, "i": inc})
+
+    @staticmethod
+    def load(raw: bytes) -> Stored:
+        doc = orjson.loads(raw)
+        inc = from_obj(Incident, doc["i"]) if doc.get("i") is not None else None
+        return Stored(partition=int(doc["p"]), incident=inc)
+
+
+def rules_from(settings: Settings) -> CorrelationRules:
+    c = settings.correlation
+    return CorrelationRules(
+        group_by=c.group_by, resolve_timeout=c.resolve_timeout, reopen_window=c.reopen_window
+    )
+
+
+class Correlator:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        batch_size: int = 2000,
+        batch_within: float = 0.01,
+        tick_interval: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.rules = rules_from(settings)
+        self.batch_size = batch_size
+        self.batch_within = batch_within
+        k = settings.kafka
+        prefix = k.topic_prefix
+        self.anomalies_name = topic(prefix, "anomalies")
+        self.app = faust.App(
+            f"{prefix}correlator",
+            broker=f"kafka://{k.bootstrap_servers}",
+            store="memory://",
+            web_enabled=False,
+            key_serializer="raw",
+            value_serializer="raw",
+            topic_partitions=k.partitions,
+            topic_replication_factor=k.replication_factor,
+            table_standby_replicas=0,
+            broker_session_timeout=k.session_timeout_ms / 1000,
+            broker_heartbeat_interval=max(0.1, k.session_timeout_ms / 3000),
+            broker_commit_interval=0.2,
+            consumer_auto_offset_reset="earliest",
+            processing_guarantee=settings.correlation.processing_guarantee,
+            producer_linger_ms=k.linger_ms,
+            stream_wait_empty=False,
+        )
+        raw: dict[str, Any] = {
+            "key_type": bytes,
+            "value_type": bytes,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+        }
+        self.anomalies = self.app.topic(self.anomalies_name, partitions=k.partitions, **raw)
+        self.incidents = self.app.topic(topic(prefix, "incidents"), **raw)
+        self.dlq = self.app.topic(topic(prefix, "dead-letter"), **raw)
+        self.table = self.app.Table(
+            "incident-state", partitions=k.partitions, key_type=bytes, value_type=bytes
+        )
+        self.app.agent(self.anomalies, name=f"{prefix}correlate")(self._agent)
+        self.app.timer(tick_interval)(self._tick)
+        self._started = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self._started:
+            await self.app.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self.app.stop()
+
+    async def __aenter__(self) -> Correlator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- processing ------------------------------------------------------------------------------
+    async def _agent(self, stream: Any) -> None:
+        async for events in stream.take_events(self.batch_size, within=self.batch_within):
+            await self.process(events)
+
+    async def process(self, events: Iterable[Any]) -> None:
+        by_partition: dict[int, list[Anomaly]] = defaultdict(list)
+        for event in events:
+            msg = event.message
+            try:
+                a = decode(Anomaly, event.value or b"")
+            except InvalidEvent as err:
+                await self._dead(msg.topic, msg.partition, msg.offset, event.value, str(err))
+                continue
+            key = key_of(a, self.rules)
+            if (event.key or b"").decode("utf-8", "replace") != key:
+                # Wrong partition for this group: route it to the right one.
+                await self.anomalies.send(key=key.encode(), value=event.value)
+                continue
+            by_partition[msg.partition].append(a)
+        for partition, anomalies in by_partition.items():
+            await self._fold(partition, anomalies)
+
+    async def _fold(self, partition: int, anomalies: list[Anomaly]) -> None:
+        keys = {key_of(a, self.rules) for a in anomalies}
+        states = {k: self._load(k) for k in keys}
+        changed, events = correlate_batch(states, anomalies, utcnow(), self.rules)
+        for k, inc in changed.items():
+            self._store(partition, k, inc)
+        await self._emit(events)
+
+    async def _tick(self) -> None:
+        """Resolve incidents that went quiet; only for partitions this worker owns."""
+        owned = {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
+        now = utcnow()
+        events = []
+        for raw_key, raw in list(self.table.data.items()):
+            stored = Stored.load(raw)
+            if stored.partition not in owned or stored.incident is None:
+                continue
+            new, event = expire(stored.incident, now, self.rules)
+            if event is not None:
+                self._store(stored.partition, raw_key.decode(), new)
+                events.append(event)
+        await self._emit(events)
+
+    def _assignment(self) -> set[TopicPartition]:
+        try:
+            return set(self.app.consumer.assignment())
+        except Exception:  # noqa: BLE001 - not yet assigned / consumer restarting
+            return set()
+
+    def _load(self, key: str) -> Incident | None:
+        raw = self.table.data.get(key.encode())
+        return Stored.load(raw).incident if raw is not None else None
+
+    def _store(self, partition: int, key: str, inc: Incident | None) -> None:
+        value = Stored(partition, inc).dump()
+        self.table.data[key.encode()] = value
+        self.table.send_changelog(partition, key.encode(), value)
+
+    async def _emit(self, events: list[Incident]) -> None:
+        for inc in events:
+            await self.incidents.send(key=inc.key.encode(), value=encode(inc))
+            self.metrics.incidents.labels(status=inc.status).inc()
+            if inc.status == "resolved" and inc.resolved_at is not None:
+                service = inc.labels.get("service", "")
+                duration = (inc.resolved_at - inc.opened_at).total_seconds()
+                self.metrics.resolution.labels(service=service).observe(duration)
+            log.info("incident %s %s rev %d (%s)", inc.id[:12], inc.status, inc.revision, inc.key)
+
+    async def _dead(
+        self, source: str, partition: int, offset: int, raw: bytes | None, error: str
+    ) -> None:
+        letter = dead_letter_record(
+            source_topic=source,
+            raw=raw,
+            error=error,
+            consumer="correlator",
+            partition=partition,
+            offset=offset,
+        )
+        self.metrics.dead_letters.labels(topic=source, consumer="correlator").inc()
+        log.warning("dead-lettered %s[%s]@%s: %s", source, partition, offset, error)
+        await self.dlq.send(key=source.encode(), value=encode(letter))
