@@ -1,0 +1,173 @@
+"""Helpers shared by integration and end-to-end tests (real Kafka, real Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from agent.codec import decode
+from agent.settings import Settings, load_settings, parse_settings
+
+T = TypeVar("T")
+
+
+def make_settings(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    *,
+    prometheus_url: str = "http://127.0.0.1:1",
+    doc: dict[str, Any] | None = None,
+) -> Settings:
+    """Settings for one test: its own topics, its own ports, fast windows."""
+    base: dict[str, Any] = {
+        "agent": {"cluster": "test"},
+        "kafka": {
+            "bootstrap_servers": kafka_bootstrap,
+            "topic_prefix": topic_prefix,
+            "partitions": 2,
+        },
+        "monitoring": {"prometheus": {"url": prometheus_url, "timeout": "3s"}},
+        "server": {"port": 0},
+    }
+    for section, values in (doc or {}).items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return parse_settings(base, env={})
+
+
+def lab_settings(kafka_bootstrap: str, topic_prefix: str, prometheus_url: str) -> Settings:
+    s = load_settings("config/lab.yaml", env={})
+    return replace(
+        s,
+        kafka=replace(s.kafka, bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix),
+        monitoring=replace(
+            s.monitoring, prometheus=replace(s.monitoring.prometheus, url=prometheus_url)
+        ),
+        server=replace(s.server, port=0),
+    )
+
+
+async def topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int]:
+    """The partitions of ``topic``, waiting for it to appear in metadata."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            described = await admin.describe_topics([topic])
+            parts = [p["partition"] for d in described for p in d.get("partitions", [])]
+            if parts and all(d.get("error_code", 0) == 0 for d in described):
+                return sorted(parts)
+            if loop.time() > deadline:
+                raise AssertionError(f"topic {topic} does not exist: {described}")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
+class TopicReader:
+    """Reads a whole topic from the beginning (no group), decoding into ``cls``."""
+
+    def __init__(self, bootstrap: str, topic: str, cls: type[Any] | None) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.cls = cls
+        self.items: list[Any] = []
+        self.raw: list[bytes | None] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        c = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+            auto_offset_reset="earliest", fetch_max_wait_ms=20,
+        )
+        await c.start()
+        try:
+            partitions = await topic_partitions(self.bootstrap, self.topic)
+        except BaseException:
+            await c.stop()
+            raise
+        c.assign([TopicPartition(self.topic, p) for p in partitions])
+        await c.seek_to_beginning()
+        self._consumer = c
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=100)
+            for records in batches.values():
+                for r in records:
+                    self.raw.append(r.value)
+                    if self.cls is not None and r.value is not None:
+                        self.items.append(decode(self.cls, r.value))
+                    elif self.cls is None:
+                        self.items.append(r.value)
+            if batches:
+                self._changed.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def wait_for(
+        self, predicate: Callable[[list[Any]], bool], timeout: float = 60.0, what: str = ""
+    ) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate(self.items):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what or 'condition'} on "
+                    f"{self.topic}; have {len(self.items)} items: {self.items[-5:]!r}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
+        return self.items
+
+
+@contextlib.asynccontextmanager
+async def readers(
+    bootstrap: str, specs: dict[str, tuple[str, type[Any] | None]]
+) -> AsyncIterator[dict[str, TopicReader]]:
+    out = {name: TopicReader(bootstrap, topic, cls) for name, (topic, cls) in specs.items()}
+    try:
+        for r in out.values():
+            await r.start()
+        yield out
+    finally:
+        for r in out.values():
+            await r.stop()
+
+
+async def eventually(
+    probe: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = ""
+) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = probe()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
