@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from agent.codec import decode
+from agent.errors import InvalidEvent
 from agent.settings import Settings, load_settings, parse_settings
 
 T = TypeVar("T")
@@ -83,6 +84,7 @@ class TopicReader:
         self.cls = cls
         self.items: list[Any] = []
         self.raw: list[bytes | None] = []
+        self.invalid: list[InvalidEvent] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -111,7 +113,10 @@ class TopicReader:
                 for r in records:
                     self.raw.append(r.value)
                     if self.cls is not None and r.value is not None:
-                        self.items.append(decode(self.cls, r.value))
+                        try:
+                            self.items.append(decode(self.cls, r.value))
+                        except InvalidEvent as err:
+                            self.invalid.append(err)
                     elif self.cls is None:
                         self.items.append(r.value)
             if batches:

@@ -1,0 +1,176 @@
+# shellcheck shell=bash
+# Shared helpers for the scripts that own local test infrastructure
+# (kafka.sh, prometheus.sh, alertmanager.sh). Source it; do not execute it.
+#
+# Layout:
+#   cache: ${SRE_CACHE_DIR:-$HOME/.cache/sre-agent}   downloads/builds, shared by clones
+#   state: ${SRE_STATE_DIR:-<repo>/.state}/<service>  data, logs, pid file, generated configs
+
+if [[ -n "${_SRE_LIB_LOADED:-}" ]]; then
+    return 0
+fi
+_SRE_LIB_LOADED=1
+
+SRE_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SRE_CACHE_DIR="${SRE_CACHE_DIR:-${HOME:-/root}/.cache/sre-agent}"
+SRE_STATE_DIR="${SRE_STATE_DIR:-$SRE_REPO_ROOT/.state}"
+SRE_BIND_HOST=127.0.0.1
+
+SRE_KAFKA_PORT="${SRE_KAFKA_PORT:-19092}"
+SRE_KAFKA_CONTROLLER_PORT="${SRE_KAFKA_CONTROLLER_PORT:-19093}"
+SRE_PROMETHEUS_PORT="${SRE_PROMETHEUS_PORT:-19090}"
+SRE_ALERTMANAGER_PORT="${SRE_ALERTMANAGER_PORT:-19094}"
+
+log() {
+    printf '[%s] %s\n' "${SRE_SERVICE:-sre}" "$*" >&2
+}
+
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# Milliseconds since the epoch (for timings).
+now_ms() {
+    date +%s%3N
+}
+
+# service_dir NAME -> absolute state directory of a service (created).
+service_dir() {
+    local dir="$SRE_STATE_DIR/$1"
+    mkdir -p "$dir"
+    (cd "$dir" && pwd)
+}
+
+# read_pid PIDFILE -> prints the pid if the file holds one whose process is
+# alive and whose command line contains MARKER (guards against pid reuse).
+read_pid() {
+    local pidfile="$1" marker="$2" pid
+    [[ -f "$pidfile" ]] || return 1
+    pid="$(tr -cd '0-9' <"$pidfile")"
+    [[ -n "$pid" ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r "/proc/$pid/cmdline" ]]; then
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$marker" || return 1
+    fi
+    printf '%s\n' "$pid"
+}
+
+# port_open PORT -> success if something accepts TCP connections on loopback:PORT.
+port_open() {
+    (exec 3<>"/dev/tcp/$SRE_BIND_HOST/$1") 2>/dev/null
+}
+
+# require_port_free PORT WHAT
+require_port_free() {
+    if port_open "$1"; then
+        die "port $SRE_BIND_HOST:$1 ($2) is already in use by another process; pick another port (see the SRE_*_PORT variables)"
+    fi
+}
+
+# refuse_if_running NAME PIDFILE MARKER ADDR
+refuse_if_running() {
+    local name="$1" pidfile="$2" marker="$3" addr="$4" pid
+    if pid="$(read_pid "$pidfile" "$marker")"; then
+        log "$name already running (pid $pid) on $addr; run scripts/$name.sh stop"
+        exit 1
+    fi
+}
+
+# spawn LOGFILE PIDFILE MARKER CMD... -> starts CMD detached (own session, no
+# stdin), stdout/stderr appended to LOGFILE, pid written to PIDFILE. Returns
+# once the child has exec'd (its command line shows MARKER) or exited, so that
+# read_pid does not mistake the pre-exec fork for a dead service.
+spawn() {
+    local logfile="$1" pidfile="$2" marker="$3" pid i
+    shift 3
+    printf '\n===== %s starting: %s\n' "$(date -Is)" "$*" >>"$logfile"
+    setsid nohup "$@" </dev/null >>"$logfile" 2>&1 &
+    pid=$!
+    printf '%s\n' "$pid" >"$pidfile"
+    for ((i = 0; i < 100; i++)); do
+        read_pid "$pidfile" "$marker" >/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.05
+    done
+}
+
+# stop_service NAME PIDFILE MARKER [GRACE_SECONDS]
+# TERM, wait up to GRACE seconds, then KILL. No-op success if not running.
+stop_service() {
+    local name="$1" pidfile="$2" marker="$3" grace="${4:-30}" pid i
+    if ! pid="$(read_pid "$pidfile" "$marker")"; then
+        rm -f "$pidfile"
+        log "$name not running"
+        return 0
+    fi
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rm -f "$pidfile"
+            log "$name stopped"
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "$name did not stop within ${grace}s; sending KILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    rm -f "$pidfile"
+    log "$name killed"
+}
+
+# status_service NAME PIDFILE MARKER ADDR -> exit 0 if running, 3 if not (LSB).
+status_service() {
+    local name="$1" pidfile="$2" marker="$3" addr="$4" pid
+    if pid="$(read_pid "$pidfile" "$marker")"; then
+        printf '%s running (pid %s) on %s\n' "$name" "$pid" "$addr"
+        return 0
+    fi
+    printf '%s not running\n' "$name"
+    return 3
+}
+
+# fail_start NAME PIDFILE MARKER LOGFILE MESSAGE -> prints the log tail, stops
+# whatever was started, exits non-zero.
+fail_start() {
+    local name="$1" pidfile="$2" marker="$3" logfile="$4" msg="$5"
+    log "$msg"
+    log "last 50 lines of $logfile:"
+    tail -n 50 "$logfile" >&2 || true
+    stop_service "$name" "$pidfile" "$marker" 10 || true
+    exit 1
+}
+
+# wait_http_ready NAME PIDFILE MARKER LOGFILE URL TIMEOUT_SECONDS
+wait_http_ready() {
+    local name="$1" pidfile="$2" marker="$3" logfile="$4" url="$5" timeout="$6" deadline
+    deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        if ! read_pid "$pidfile" "$marker" >/dev/null; then
+            fail_start "$name" "$pidfile" "$marker" "$logfile" "$name exited during startup"
+        fi
+        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    fail_start "$name" "$pidfile" "$marker" "$logfile" "$name not ready at $url after ${timeout}s"
+}
+
+# need_cmd CMD HINT
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 || die "$1 not found; run scripts/system-deps.sh ($2)"
+}
+
+# write_file FILE -> writes stdin to FILE atomically.
+write_file() {
+    local file="$1" tmp
+    tmp="$(mktemp "$file.XXXXXX")"
+    cat >"$tmp"
+    mv -f "$tmp" "$file"
+}
