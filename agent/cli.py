@@ -42,9 +42,15 @@ def promtool_problems(settings: Settings, promtool: str | None = None) -> list[s
 
 
 def _promtool_error(output: str) -> str:
+    """Keep promtool's explanation: 'p0.yml: 5:11: group "check", rule 1, "x": could not
+    parse expression: 1:10: parse error: bad duration syntax: "5"' -> from 'parse error'."""
     for line in output.splitlines():
-        if "parse error" in line or "error" in line.lower():
-            return line.strip().split("x: ", 1)[-1]
+        marker = "could not parse expression: "
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    for line in output.splitlines():
+        if "error" in line.lower():
+            return line.strip()
     return output.strip().splitlines()[-1] if output.strip() else "rejected by promtool"
 
 

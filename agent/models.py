@@ -12,6 +12,7 @@ meaning bumps ``schema_version``.
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ class Anomaly:
     value: float | None = None
     id: NonEmpty = field(default_factory=new_id)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # JSON has no Infinity/NaN: orjson would write null and the value would vanish.
+        if self.value is not None and not math.isfinite(self.value):
+            raise ValueError(f"value: must be finite, got {self.value!r}")
 
     @property
     def key(self) -> str:

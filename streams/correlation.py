@@ -104,6 +104,9 @@ def correlate(
         assert state.resolved_at is not None
         if anomaly.observed_at <= state.resolved_at:
             return state, None  # a late copy of something that was already resolved
+        known = next((m for m in state.members if m.fingerprint == anomaly.fingerprint), None)
+        if known is not None and anomaly.observed_at < known.last_seen:
+            return state, None  # older than what we know of this member: never move back
         if (anomaly.observed_at - state.resolved_at).total_seconds() > rules.reopen_window:
             inc = _open(anomaly, key, rules)
             return inc, inc
@@ -192,6 +195,7 @@ def expire(
         state,
         status="resolved",
         members=members,
+        severity=_severity(members),
         updated_at=resolved_at,
         resolved_at=resolved_at,
         revision=state.revision + 1,

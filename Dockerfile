@@ -1,0 +1,12 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY agent ./agent
+COPY streams ./streams
+COPY handlers ./handlers
+COPY config ./config
+RUN pip install --no-cache-dir . && useradd --uid 10001 agent
+USER 10001
+ENV SRE_AGENT_CONFIG=/app/config/agent.yaml
+ENTRYPOINT []
+CMD ["sre-agent", "run", "--role", "all"]

@@ -1,0 +1,276 @@
+"""Correlator benchmark on the real broker, against baselines measured in the same run.
+
+Phases (each on its own topics):
+1. passthrough: raw aiokafka consume -> orjson decode -> produce of the same messages,
+   batched: the ceiling any Kafka consumer in Python reaches here.
+2. correlator throughput: the faust correlator (one worker) folding the same anomalies;
+   events/s measured from first to last processed anomaly.
+3. correlator latency: anomalies produced at a fixed rate; each one changes its incident,
+   so anomaly-to-incident latency is measured per anomaly (p50/p99).
+4. peer: Alertmanager ingesting the same alerts through its v2 API (if reachable).
+
+Usage: python bench/correlate.py [--count N] [--rate R] [--bootstrap H:P] [--alertmanager URL]
+Prints numbers and ratios; asserts nothing (timing belongs here, not in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from agent.codec import decode, encode
+from agent.metrics import Metrics
+from agent.models import Anomaly, Incident, fingerprint, group_key
+from agent.settings import parse_settings
+from streams.bus import create_topics
+from streams.correlator import Correlator
+
+SERVICES, NAMESPACES, NODES = 1000, 50, 200
+PATTERNS = ("high-error-rate", "high-latency", "pod-restart-loop", "oom-killed", "cpu-throttling")
+
+
+def make_anomalies(count: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs with realistic cardinality: 1k services in 50 namespaces on 200
+    nodes; most anomalies repeat a known fingerprint, some resolve."""
+    rng = random.Random(seed)  # noqa: S311 - synthetic data
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    out = []
+    for i in range(count):
+        svc = rng.randrange(SERVICES)
+        labels = {
+            "cluster": "bench",
+            "namespace": f"ns-{svc % NAMESPACES}",
+            "service": f"svc-{svc}",
+            "pod": f"svc-{svc}-{rng.randrange(5)}",
+            "node": f"node-{rng.randrange(NODES)}",
+        }
+        name = PATTERNS[rng.randrange(len(PATTERNS))]
+        status = "resolved" if rng.random() < 0.1 else "firing"
+        at = base + timedelta(milliseconds=i)
+        a = Anomaly(
+            fingerprint=fingerprint("prometheus", name, labels), source="prometheus",
+            name=name, severity="critical" if rng.random() < 0.3 else "warning",
+            status=status,  # type: ignore[arg-type]
+            labels=labels, starts_at=at, observed_at=at, value=rng.random(),
+        )
+        key = group_key(labels, ("cluster", "namespace", "service")).encode()
+        out.append((key, encode(a)))
+    return out
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20)
+    await p.start()
+    try:
+        futures = [await p.send(topic, value=v, key=k) for k, v in records]
+        await asyncio.gather(*futures)
+    finally:
+        await p.stop()
+
+
+async def ensure(bootstrap: str, *topics: str, partitions: int = 1) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+    finally:
+        await admin.close()
+
+
+async def passthrough(bootstrap: str, src: str, dst: str, count: int) -> float:
+    c = AIOKafkaConsumer(
+        src, bootstrap_servers=bootstrap, group_id=f"pt-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
+        max_partition_fetch_bytes=8 << 20,
+    )
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20)
+    await c.start()
+    await p.start()
+    done, t0 = 0, 0.0
+    try:
+        while done < count:
+            batches = await c.getmany(timeout_ms=100, max_records=5000)
+            if batches and not t0:
+                t0 = time.perf_counter()
+            futures = []
+            for records in batches.values():
+                for r in records:
+                    orjson.loads(r.value)  # the same decode cost a consumer must pay
+                    futures.append(await p.send(dst, value=r.value, key=r.key))
+            await asyncio.gather(*futures)
+            await c.commit()
+            done += len(futures)
+        return done / (time.perf_counter() - t0)
+    finally:
+        await c.stop()
+        await p.stop()
+
+
+def settings_for(bootstrap: str, prefix: str) -> Any:
+    return parse_settings(
+        {"kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix, "partitions": 1}},
+        env={},
+    )
+
+
+async def correlator_throughput(bootstrap: str, records: list[tuple[bytes, bytes]]) -> float:
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    settings = settings_for(bootstrap, prefix)
+    await create_topics(settings.kafka)
+    await produce(bootstrap, f"{prefix}anomalies", records)
+    metrics = Metrics()
+    corr = Correlator(settings, metrics=metrics)
+
+    def processed() -> float:
+        return corr.processed
+
+    await corr.start()
+    try:
+        while processed() == 0:
+            await asyncio.sleep(0.005)
+        t0, n0 = time.perf_counter(), processed()
+        while processed() < len(records):
+            await asyncio.sleep(0.01)
+        return (processed() - n0) / (time.perf_counter() - t0)
+    finally:
+        await corr.stop()
+
+
+async def correlator_latency(bootstrap: str, rate: int, seconds: float) -> list[float]:
+    prefix = f"benchlat{uuid.uuid4().hex[:6]}."
+    settings = settings_for(bootstrap, prefix)
+    await create_topics(settings.kafka)
+    corr = Correlator(settings, metrics=Metrics())
+    latencies: list[float] = []
+    sent: dict[str, float] = {}
+    c = AIOKafkaConsumer(
+        f"{prefix}incidents", bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        fetch_max_wait_ms=5,
+    )
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+    await corr.start()
+    await c.start()
+    await p.start()
+    rng = random.Random(2)  # noqa: S311 - synthetic data
+
+    async def reader() -> None:
+        while True:
+            batches = await c.getmany(timeout_ms=50)
+            now = time.perf_counter()
+            for records in batches.values():
+                for r in records:
+                    inc = decode(Incident, r.value)
+                    fp = inc.members[-1].fingerprint
+                    if fp in sent:
+                        latencies.append(now - sent.pop(fp))
+
+    task = asyncio.create_task(reader())
+    try:
+        await asyncio.sleep(2)  # let the correlator settle into its assignment
+        total = int(rate * seconds)
+        t0 = time.perf_counter()
+        for i in range(total):
+            svc = rng.randrange(SERVICES)
+            labels = {"cluster": "bench", "namespace": f"ns-{svc % NAMESPACES}",
+                      "service": f"svc-{svc}", "pod": f"p-{i}"}  # new member: always an update
+            now = datetime.now(UTC)
+            a = Anomaly(
+                fingerprint=fingerprint("prometheus", "lat", labels), source="prometheus",
+                name="lat", severity="warning", status="firing", labels=labels,
+                starts_at=now, observed_at=now,
+            )
+            sent[a.fingerprint] = time.perf_counter()
+            await p.send(
+                f"{prefix}anomalies", value=encode(a),
+                key=group_key(labels, ("cluster", "namespace", "service")).encode(),
+            )
+            lag = t0 + (i + 1) / rate - time.perf_counter()
+            if lag > 0:
+                await asyncio.sleep(lag)
+        await p.flush()
+        deadline = time.perf_counter() + 10
+        while sent and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        return latencies
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await p.stop()
+        await c.stop()
+        await corr.stop()
+
+
+async def alertmanager_peer(url: str, records: list[tuple[bytes, bytes]]) -> float | None:
+    alerts = []
+    for _, v in records:
+        a = orjson.loads(v)
+        alerts.append({
+            "labels": {"alertname": a["name"], **a["labels"]},
+            "annotations": {},
+            "startsAt": a["starts_at"],
+        })
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        try:
+            async with http.get(f"{url}/-/ready") as r:
+                if r.status != 200:
+                    return None
+        except aiohttp.ClientError:
+            return None
+        t0 = time.perf_counter()
+        batch = 1000
+        for i in range(0, len(alerts), batch):
+            async with http.post(f"{url}/api/v2/alerts", json=alerts[i : i + batch]) as r:
+                r.raise_for_status()
+        return len(alerts) / (time.perf_counter() - t0)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=200_000)
+    ap.add_argument("--rate", type=int, default=5000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--bootstrap", default="127.0.0.1:19092")
+    ap.add_argument("--alertmanager", default="http://127.0.0.1:19094")
+    args = ap.parse_args()
+
+    print(f"generating {args.count} anomalies "
+          f"({SERVICES} services, {NAMESPACES} namespaces, {NODES} nodes)")
+    records = make_anomalies(args.count)
+    run = uuid.uuid4().hex[:6]
+    src, dst = f"bench-pt-in-{run}", f"bench-pt-out-{run}"
+    await ensure(args.bootstrap, src, dst)
+    await produce(args.bootstrap, src, records)
+    pt = await passthrough(args.bootstrap, src, dst, len(records))
+    print(f"passthrough (aiokafka consume+decode+produce): {pt:10.0f} events/s")
+    corr = await correlator_throughput(args.bootstrap, records)
+    print(f"correlator (faust, 1 worker):                 {corr:10.0f} events/s"
+          f"   ratio to passthrough {corr / pt:.2f}")
+    lat = await correlator_latency(args.bootstrap, args.rate, args.seconds)
+    if lat:
+        q = statistics.quantiles(lat, n=100)
+        print(f"latency at {args.rate}/s ({len(lat)} samples): "
+              f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms")
+    am = await alertmanager_peer(args.alertmanager, records[:50_000])
+    if am is None:
+        print("alertmanager: not reachable, peer skipped")
+    else:
+        print(f"alertmanager v2 API ingest (peer, 50k alerts): {am:10.0f} alerts/s"
+              f"   correlator/alertmanager {corr / am:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

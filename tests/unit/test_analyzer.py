@@ -1,0 +1,183 @@
+"""The rule-based analyzer: evidence in the context decides the recommended action."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from agent.analyzer import Context, Rollout, analyze, workload_target
+from agent.models import Incident, Member, Target, fingerprint, stable_id
+from agent.settings import DEFAULT_CONFIG, load_settings
+from tests.unit.factories import SHOP, T0, at
+
+SETTINGS = load_settings(DEFAULT_CONFIG, env={})  # rollout_window 30m, threshold 0.85
+THRESHOLD = SETTINGS.remediation.confidence_threshold
+OPENED = at(3600)
+CHECKOUT = Target(kind="Deployment", namespace="shop", name="checkout")
+
+
+def member(name: str = "high-error-rate", status: str = "firing", **labels: str) -> Member:
+    lab = {**SHOP, **labels}
+    return Member(
+        fingerprint=fingerprint("prometheus", name, lab),
+        name=name,
+        source="prometheus",
+        severity="critical",
+        status=status,  # type: ignore[arg-type]
+        labels=lab,
+        first_seen=OPENED,
+        last_seen=OPENED,
+        value=0.2,
+    )
+
+
+def incident(*members: Member, revision: int = 1) -> Incident:
+    return Incident(
+        id="inc-1",
+        key="c1/shop/checkout",
+        status="open",
+        severity="critical",
+        labels=dict(SHOP),
+        members=members or (member(),),
+        opened_at=OPENED,
+        updated_at=OPENED,
+        revision=revision,
+    )
+
+
+def rollout(minutes_before: float, *, workload: str = "checkout", ns: str = "shop") -> Rollout:
+    return Rollout(
+        namespace=ns,
+        workload=workload,
+        revision=7,
+        image="shop/checkout:v7",
+        at=OPENED - timedelta(minutes=minutes_before),
+        previous_image="shop/checkout:v6",
+    )
+
+
+@pytest.mark.parametrize("minutes", [0.5, 5, 15])
+def test_recent_rollout_is_rolled_back(minutes: float) -> None:
+    an = analyze(incident(), Context(rollouts=(rollout(minutes),)), SETTINGS, at(3700))
+    assert an.root_cause_class == "bad_rollout"
+    assert an.confidence >= THRESHOLD
+    assert an.confidence == 0.92
+    (act,) = an.actions
+    assert act.type == "rollback"
+    assert act.target == CHECKOUT
+    assert "v6" in act.expected_impact
+    assert "revision 7" in act.rollback_plan
+    assert "revision 7" in an.root_cause
+    assert an.analyzer == "rules"
+    assert an.incident_id == "inc-1"
+    assert an.incident_key == "c1/shop/checkout"
+    assert an.created_at == at(3700)
+
+
+def test_older_rollout_within_the_window_is_a_weaker_suspect() -> None:
+    an = analyze(incident(), Context(rollouts=(rollout(20),)), SETTINGS, OPENED)
+    assert an.root_cause_class == "bad_rollout"
+    assert an.confidence == 0.8
+    assert [a.type for a in an.actions] == ["rollback"]
+
+
+def test_the_latest_qualifying_rollout_is_the_suspect() -> None:
+    older = replace(rollout(10), revision=5)
+    an = analyze(incident(), Context(rollouts=(older, rollout(2))), SETTINGS, OPENED)
+    assert "revision 7" in an.root_cause
+
+
+def test_rollout_just_after_the_incident_opened_still_counts() -> None:
+    an = analyze(incident(), Context(rollouts=(rollout(-0.5),)), SETTINGS, OPENED)
+    assert an.root_cause_class == "bad_rollout"
+
+
+@pytest.mark.parametrize(
+    "r",
+    [
+        rollout(31),  # before the 30 minute window
+        rollout(-2),  # well after the incident opened
+        rollout(5, workload="cart"),  # another workload
+        rollout(5, ns="staging"),  # same name, another namespace
+    ],
+    ids=["too-old", "after", "other-workload", "other-namespace"],
+)
+def test_unrelated_rollout_recommends_nothing(r: Rollout) -> None:
+    an = analyze(incident(), Context(rollouts=(r,), notes=("logs unavailable",)), SETTINGS, OPENED)
+    assert an.actions == ()
+    assert an.root_cause_class == "unknown"
+    assert an.confidence < THRESHOLD
+    assert "high-error-rate" in an.root_cause
+    assert "logs unavailable" in an.evidence
+
+
+def test_rollout_window_comes_from_settings() -> None:
+    narrow = replace(SETTINGS, remediation=replace(SETTINGS.remediation, rollout_window=120.0))
+    an = analyze(incident(), Context(rollouts=(rollout(5),)), narrow, OPENED)
+    assert an.root_cause_class == "unknown"
+
+
+def test_cpu_saturation_scales_up() -> None:
+    inc = incident(member("high-latency"))
+    an = analyze(inc, Context(cpu_saturation={"checkout": 0.93}), SETTINGS, OPENED)
+    assert an.root_cause_class == "saturation"
+    assert an.confidence >= THRESHOLD
+    (act,) = an.actions
+    assert (act.type, act.target, dict(act.params)) == ("scale_up", CHECKOUT, {"replicas": "+1"})
+    assert "93%" in an.root_cause
+
+
+@pytest.mark.parametrize("saturation", [{"checkout": 0.79}, {"cart": 0.99}, {}])
+def test_without_cpu_saturation_of_the_workload_nothing_scales(
+    saturation: dict[str, float],
+) -> None:
+    an = analyze(
+        incident(member("high-latency")), Context(cpu_saturation=saturation), SETTINGS, OPENED
+    )
+    assert an.actions == ()
+    assert an.root_cause_class == "unknown"
+
+
+def test_unconfigured_pattern_and_resolved_members_give_no_action() -> None:
+    inc = incident(member("not-a-pattern"), member("high-latency", status="resolved"))
+    an = analyze(inc, Context(cpu_saturation={"checkout": 0.99}), SETTINGS, OPENED)
+    assert an.actions == ()
+    assert an.root_cause.startswith("not-a-pattern firing")
+
+
+def test_best_finding_leads_and_all_actions_are_kept() -> None:
+    inc = incident(member("high-latency"), member("high-error-rate"))
+    ctx = Context(rollouts=(rollout(5),), cpu_saturation={"checkout": 0.95})
+    an = analyze(inc, ctx, SETTINGS, OPENED)
+    assert an.root_cause_class == "bad_rollout"
+    assert an.confidence == 0.92
+    assert [a.type for a in an.actions] == ["rollback", "scale_up"]
+
+
+def test_deployment_label_names_the_target() -> None:
+    inc = incident(member(deployment="checkout-v2"))
+    r = rollout(5, workload="checkout-v2")
+    an = analyze(inc, Context(rollouts=(r,)), SETTINGS, OPENED)
+    assert an.actions[0].target == Target(kind="Deployment", namespace="shop", name="checkout-v2")
+
+
+def test_workload_target_defaults() -> None:
+    assert workload_target({"service": "a"}) == Target("Deployment", "a", "default")
+    assert workload_target({"workload": "w", "service": "a", "namespace": "n"}).name == "w"
+
+
+def test_analysis_id_is_deterministic_per_incident_revision() -> None:
+    ctx = Context(rollouts=(rollout(5),))
+    first = analyze(incident(), ctx, SETTINGS, OPENED)
+    again = analyze(incident(), ctx, SETTINGS, OPENED + timedelta(hours=1))
+    assert first.id == again.id == stable_id("analysis", "inc-1", "1", "rules")
+    assert analyze(incident(revision=2), ctx, SETTINGS, OPENED).id != first.id
+    assert first == replace(again, created_at=first.created_at)
+
+
+def test_analysis_does_not_depend_on_now() -> None:
+    a = analyze(incident(), Context(), SETTINGS, T0)
+    b = analyze(incident(), Context(), SETTINGS, T0 + timedelta(days=3))
+    assert replace(a, created_at=b.created_at) == b

@@ -1,0 +1,160 @@
+"""`sre-agent config validate` and the promtool check (Prometheus' own parser, run locally)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main, promtool_problems
+from agent.settings import DEFAULT_CONFIG, PatternSpec, Settings
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+
+
+def _settings(*conditions: str) -> Settings:
+    # Built directly, bypassing the settings' own bracket check, to reach promtool.
+    return Settings(
+        patterns=tuple(PatternSpec(name=f"p{i}", condition=c) for i, c in enumerate(conditions))
+    )
+
+
+@pytest.fixture(autouse=True)
+def _promtool_installed() -> None:
+    assert Path(PROMTOOL).exists(), "promtool is part of the dev environment"
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "rate(http_requests_total[5m]",
+        "sum by (x) (foo",
+        "foo{a=}",
+        "rate(foo[5x])",
+        "foo >",
+        "sum by (x) foo)(",
+    ],
+)
+def test_invalid_promql_yields_one_line_naming_the_pattern(expr: str) -> None:
+    problems = promtool_problems(_settings(expr), promtool=PROMTOOL)
+    assert len(problems) == 1
+    assert problems[0].startswith("patterns[0].condition: invalid PromQL: ")
+    assert "\n" not in problems[0]
+    assert len(problems[0]) > len("patterns[0].condition: invalid PromQL: ")
+
+
+def test_unclosed_parenthesis_is_explained() -> None:
+    (problem,) = promtool_problems(_settings("sum by (x) (foo"), promtool=PROMTOOL)
+    assert "unclosed left parenthesis" in problem
+
+
+def test_bad_duration_is_explained() -> None:
+    # promtool says 'parse error: bad duration syntax: "5"'; the detail must keep the
+    # explanation, not only what follows the first "x: " (here the end of "syntax: ").
+    (problem,) = promtool_problems(_settings("rate(foo[5x])"), promtool=PROMTOOL)
+    assert "bad duration syntax" in problem
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "rate(http_requests_total[5m])",
+        "sum by (x) (foo)",
+        'sum by (namespace, service) (rate(http_requests_total{status=~"5.."}[5m])) > 0.01',
+        "histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m]))) > 0.5",
+        "up == 0",
+    ],
+)
+def test_valid_promql_yields_nothing(expr: str) -> None:
+    assert promtool_problems(_settings(expr), promtool=PROMTOOL) == []
+
+
+def test_only_the_bad_pattern_is_named() -> None:
+    problems = promtool_problems(
+        _settings("up == 0", "foo{a=}", "rate(x[1m])", "sum(("), promtool=PROMTOOL
+    )
+    assert [p.split(":")[0] for p in problems] == ["patterns[1].condition", "patterns[3].condition"]
+
+
+def test_shipped_config_passes_promtool() -> None:
+    from agent.settings import load_settings
+
+    assert promtool_problems(load_settings(DEFAULT_CONFIG, env={}), promtool=PROMTOOL) == []
+
+
+def test_without_promtool_the_check_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    assert promtool_problems(_settings("foo{a=}")) == []
+
+
+# --- main(["config", "validate", FILE]) ----------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_validate_ok_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "patterns:\n  - name: a\n    condition: up == 0\n")
+    assert main(["config", "validate", path, "--no-env"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: ok (1 patterns)"
+    assert err == ""
+
+
+def test_validate_shipped_config_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "validate", str(DEFAULT_CONFIG), "--no-env"]) == 0
+    assert "ok (3 patterns)" in capsys.readouterr().out
+
+
+def test_validate_prints_one_stderr_line_per_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(
+        tmp_path,
+        "agent:\n  mode: yolo\n  colour: red\nremediation:\n  require_approval: [nuke]\n",
+    )
+    assert main(["config", "validate", path, "--no-env"]) == 1
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "agent.mode",
+        "agent.colour",
+        "remediation.require_approval[0]",
+    ]
+    assert out == ""
+
+
+def test_validate_reports_invalid_promql(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(
+        tmp_path,
+        "patterns:\n"
+        "  - name: ok\n    condition: up == 0\n"
+        "  - name: bad\n    condition: 'foo{a=}'\n",
+    )
+    assert main(["config", "validate", path, "--no-env"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("patterns[1].condition: invalid PromQL: ")
+
+
+def test_validate_missing_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "validate", str(tmp_path / "nope.yaml"), "--no-env"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("<file>: cannot read ")
+
+
+def test_validate_applies_env_overrides_unless_no_env(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "agent:\n  mode: manual\n")
+    monkeypatch.setenv("SRE_AGENT__AGENT__MODE", "yolo")
+    assert main(["config", "validate", path]) == 1
+    assert capsys.readouterr().err.startswith("agent.mode: ")
+    assert main(["config", "validate", path, "--no-env"]) == 0

@@ -1,0 +1,526 @@
+"""Pure correlation: dedup, ordering, resolution, reopening, expiry, severity, batching."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.models import SEVERITY_RANK, Anomaly, AnomalyStatus, Incident, Severity
+from streams.correlation import (
+    CorrelationRules,
+    correlate,
+    correlate_batch,
+    expire,
+    key_of,
+    mark_mitigating,
+)
+from tests.unit.factories import anomaly, at
+
+RULES = CorrelationRules(resolve_timeout=300.0, reopen_window=300.0)
+NOW = at(100_000)  # correlation must not depend on it
+CHECKOUT = {"cluster": "c1", "namespace": "shop", "service": "checkout"}
+CART = {"cluster": "c1", "namespace": "shop", "service": "cart"}
+# Like the detector: a pattern's severity is fixed, so one fingerprint has one severity.
+PATTERNS: dict[str, Severity] = {"errors": "critical", "latency": "warning", "restarts": "info"}
+
+States = dict[str, Incident | None]
+
+
+def fold(
+    anomalies: Iterable[Anomaly], states: States | None = None, rules: CorrelationRules = RULES
+) -> tuple[States, list[Incident]]:
+    """The reference semantics: one correlate() call per anomaly, in order."""
+    states = dict(states or {})
+    events: list[Incident] = []
+    for a in anomalies:
+        k = key_of(a, rules)
+        new, event = correlate(states.get(k), a, NOW, rules)
+        if new is not None or k in states:
+            states[k] = new
+        if event is not None:
+            events.append(event)
+    return states, events
+
+
+def one(*anomalies: Anomaly) -> tuple[Incident | None, list[Incident]]:
+    states, events = fold(anomalies)
+    (key,) = {key_of(a, RULES) for a in anomalies}
+    return states.get(key), events
+
+
+def _expected_severity(inc: Incident) -> Severity:
+    pool = inc.firing or inc.members
+    return max((m.severity for m in pool), key=lambda s: SEVERITY_RANK[s])
+
+
+# --- strategies ----------------------------------------------------------------------------------
+
+
+_NAMES = sorted(PATTERNS)
+_STATUSES: tuple[AnomalyStatus, ...] = ("firing", "resolved")
+_SHAPES = len(_NAMES) * len(_STATUSES) * 2
+
+
+@functools.cache
+def _decode(n: int) -> Anomaly:
+    # One integer per anomaly keeps generation cheap: (time, name, status, service).
+    t, shape = divmod(n, _SHAPES)
+    name = _NAMES[shape % len(_NAMES)]
+    status = _STATUSES[shape // len(_NAMES) % 2]
+    labels = CHECKOUT if shape < _SHAPES // 2 else CART
+    value = (0.1, 0.5, 2.0)[t % 3]
+    return anomaly(name, severity=PATTERNS[name], status=status, labels=labels, t=t, value=value)
+
+
+def anomalies(max_t: int = 2000) -> st.SearchStrategy[Anomaly]:
+    return st.integers(min_value=0, max_value=(max_t + 1) * _SHAPES - 1).map(_decode)
+
+
+streams = st.lists(anomalies(), max_size=20)
+# Mostly in time order, as a detector publishes them, with occasional stragglers.
+ordered_streams = streams.map(lambda xs: sorted(xs, key=lambda a: a.observed_at))
+
+
+# --- examples ------------------------------------------------------------------------------------
+
+
+def test_first_firing_anomaly_opens_an_incident() -> None:
+    a = anomaly("errors", t=10, value=0.3)
+    state, events = one(a)
+    assert events == [state]
+    assert state is not None
+    assert state.status == "open"
+    assert state.key == "c1/shop/checkout"
+    assert state.labels == CHECKOUT
+    assert state.opened_at == state.updated_at == at(10)
+    assert state.revision == 1
+    assert state.resolved_at is None
+    (m,) = state.members
+    assert (m.fingerprint, m.status, m.first_seen, m.last_seen, m.value) == (
+        a.fingerprint,
+        "firing",
+        at(10),
+        at(10),
+        0.3,
+    )
+
+
+def test_resolution_of_an_unknown_anomaly_is_ignored() -> None:
+    assert one(anomaly(status="resolved")) == (None, [])
+
+
+def test_incident_id_is_deterministic_for_replays() -> None:
+    a = anomaly("errors", t=5)
+    assert one(a)[0].id == one(a)[0].id  # type: ignore[union-attr]
+    assert one(a)[0].id != one(anomaly("errors", t=6))[0].id  # type: ignore[union-attr]
+
+
+def test_group_labels_missing_from_the_anomaly_are_empty() -> None:
+    state, _ = one(anomaly(labels={"service": "x"}))
+    assert state is not None
+    assert state.key == "//x"
+    assert state.labels == {"cluster": "", "namespace": "", "service": "x"}
+
+
+def test_duplicate_refreshes_liveness_silently() -> None:
+    first = anomaly("errors", t=0, value=0.2)
+    state, events = one(first, anomaly("errors", t=60, value=0.4))
+    assert len(events) == 1
+    assert state is not None
+    (m,) = state.members
+    assert m.last_seen == at(60)
+    assert m.value == 0.4
+    assert m.first_seen == at(0)
+    assert state.revision == 1
+
+
+def test_second_anomaly_of_the_group_updates_the_incident() -> None:
+    state, events = one(anomaly("errors", t=0), anomaly("latency", severity="warning", t=30))
+    assert [e.status for e in events] == ["open", "updated"]
+    assert state is not None
+    assert [m.name for m in state.members] == ["errors", "latency"]
+    assert state.revision == 2
+    assert state.updated_at == at(30)
+
+
+def test_different_services_get_different_incidents() -> None:
+    states, events = fold([anomaly(labels=CHECKOUT), anomaly(labels=CART)])
+    assert len(events) == 2
+    assert events[0].id != events[1].id
+    assert set(states) == {"c1/shop/checkout", "c1/shop/cart"}
+
+
+def test_group_by_is_configurable() -> None:
+    rules = CorrelationRules(group_by=("namespace",))
+    states, events = fold([anomaly(labels=CHECKOUT), anomaly("latency", labels=CART)], rules=rules)
+    assert list(states) == ["shop"]
+    assert [e.status for e in events] == ["open", "updated"]
+
+
+def test_out_of_order_resolution_does_not_move_a_member_backwards() -> None:
+    state, events = one(
+        anomaly("errors", t=0),
+        anomaly("errors", t=100),
+        anomaly("errors", status="resolved", t=50),  # older than what we know
+    )
+    assert len(events) == 1
+    assert state is not None
+    assert state.status == "open"
+    assert state.members[0].status == "firing"
+    assert state.members[0].last_seen == at(100)
+
+
+def test_stale_firing_cannot_reopen_over_a_newer_resolution() -> None:
+    # latency is known resolved as of t=100 (a dedup refresh); errors' resolution arrives
+    # late (t=50) and resolves the incident. A firing copy of latency observed at t=60 is
+    # older than what the incident knows of latency, so it must not move it backwards.
+    state, _ = one(
+        anomaly("errors", t=0),
+        anomaly("latency", severity="warning", t=10),
+        anomaly("latency", severity="warning", status="resolved", t=20),
+        anomaly("latency", severity="warning", status="resolved", t=100),
+        anomaly("errors", status="resolved", t=50),
+    )
+    assert state is not None
+    assert state.status == "resolved"
+    latency = next(m for m in state.members if m.name == "latency")
+    assert latency.last_seen == at(100)
+    new, event = correlate(state, anomaly("latency", severity="warning", t=60), NOW, RULES)
+    assert event is None
+    assert new == state
+
+
+def test_all_members_resolved_resolves_the_incident() -> None:
+    state, events = one(
+        anomaly("errors", t=0),
+        anomaly("latency", severity="warning", t=10),
+        anomaly("errors", status="resolved", t=20),
+        anomaly("latency", severity="warning", status="resolved", t=40),
+    )
+    assert [e.status for e in events] == ["open", "updated", "updated", "resolved"]
+    assert state is not None
+    assert state.status == "resolved"
+    assert state.resolved_at == at(40)
+    assert state.updated_at == at(40)
+    assert all(m.status == "resolved" for m in state.members)
+    assert state.severity == "critical"  # of all members once resolved
+
+
+def test_repeat_resolution_and_late_copies_change_nothing() -> None:
+    resolved, _ = one(anomaly(t=0), anomaly(status="resolved", t=10))
+    assert resolved is not None
+    assert correlate(resolved, anomaly(status="resolved", t=20), NOW, RULES) == (resolved, None)
+    assert correlate(resolved, anomaly(t=10), NOW, RULES) == (resolved, None)
+    assert correlate(resolved, anomaly(t=5), NOW, RULES) == (resolved, None)
+
+
+def test_firing_within_reopen_window_reopens_the_same_incident() -> None:
+    resolved, _ = one(anomaly(t=0), anomaly(status="resolved", t=10))
+    assert resolved is not None
+    state, event = correlate(resolved, anomaly(t=10 + 300), NOW, RULES)
+    assert event is state
+    assert state is not None
+    assert state.id == resolved.id
+    assert state.status == "reopened"
+    assert state.resolved_at is None
+    assert state.revision == resolved.revision + 1
+    assert state.members[0].status == "firing"
+    assert state.opened_at == at(0)
+
+
+def test_firing_after_reopen_window_opens_a_new_incident() -> None:
+    resolved, _ = one(anomaly(t=0), anomaly(status="resolved", t=10))
+    assert resolved is not None
+    state, event = correlate(resolved, anomaly("latency", t=10 + 301), NOW, RULES)
+    assert event is state
+    assert state is not None
+    assert state.id != resolved.id
+    assert state.status == "open"
+    assert state.revision == 1
+    assert [m.name for m in state.members] == ["latency"]
+    assert state.opened_at == at(311)
+
+
+def test_reopen_window_is_inclusive() -> None:
+    resolved, _ = one(anomaly(t=0), anomaly(status="resolved", t=10))
+    assert resolved is not None
+    at_edge, _ = correlate(resolved, anomaly(t=310), NOW, RULES)
+    just_after, _ = correlate(resolved, anomaly(t=310.5), NOW, RULES)
+    assert at_edge is not None and just_after is not None
+    assert at_edge.id == resolved.id
+    assert just_after.id != resolved.id
+
+
+def test_expire_resolves_after_quiet_and_not_before() -> None:
+    state, _ = one(anomaly("errors", t=0), anomaly("latency", severity="warning", t=100))
+    assert state is not None
+    assert expire(state, at(100 + 299), RULES) == (state, None)
+    expired, event = expire(state, at(100 + 300), RULES)
+    assert event is expired
+    assert expired.status == "resolved"
+    assert expired.resolved_at == at(400)
+    assert expired.updated_at == at(400)
+    assert expired.revision == state.revision + 1
+    assert all(m.status == "resolved" for m in expired.members)
+    # The resolution time is the timeout boundary, not when expire() happened to run.
+    late, _ = expire(state, at(5000), RULES)
+    assert late.resolved_at == at(400)
+    assert expire(expired, at(9000), RULES) == (expired, None)
+
+
+def test_expire_severity_is_of_all_members_once_resolved() -> None:
+    # A critical member already resolved, a warning one still firing: warning while open.
+    state, _ = one(
+        anomaly("errors", t=0),
+        anomaly("latency", severity="warning", t=10),
+        anomaly("errors", status="resolved", t=20),
+    )
+    assert state is not None
+    assert state.severity == "warning"
+    expired, _ = expire(state, at(1000), RULES)
+    # Resolved by the timeout or by the last member, the same members give the same severity.
+    by_member, _ = correlate(
+        state, anomaly("latency", severity="warning", status="resolved", t=30), NOW, RULES
+    )
+    assert by_member is not None
+    assert by_member.severity == "critical"
+    assert expired.severity == by_member.severity
+
+
+def test_severity_follows_firing_members() -> None:
+    state, _ = one(
+        anomaly("latency", severity="warning", t=0),
+        anomaly("errors", severity="critical", t=10),
+    )
+    assert state is not None
+    assert state.severity == "critical"
+    state, _ = correlate(state, anomaly("errors", status="resolved", t=20), NOW, RULES)
+    assert state is not None
+    assert state.severity == "warning"
+
+
+def test_mitigating_survives_updates_until_resolution() -> None:
+    state, _ = one(anomaly("errors", t=0))
+    assert state is not None
+    mitigating, event = mark_mitigating(state, at(5))
+    assert event is mitigating
+    assert mitigating.status == "mitigating"
+    assert mitigating.revision == 2
+    assert mark_mitigating(mitigating, at(6)) == (mitigating, None)
+    updated, _ = correlate(mitigating, anomaly("latency", severity="warning", t=10), NOW, RULES)
+    assert updated is not None
+    assert updated.status == "mitigating"
+    resolved, _ = fold(
+        [anomaly("errors", status="resolved", t=20), anomaly("latency", status="resolved", t=30)],
+        {updated.key: updated},
+    )
+    final = resolved[updated.key]
+    assert final is not None
+    assert final.status == "resolved"
+    assert mark_mitigating(final, at(40)) == (final, None)
+
+
+def test_correlate_ignores_now() -> None:
+    a = anomaly()
+    assert correlate(None, a, at(0), RULES) == correlate(None, a, at(99_999), RULES)
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_duplicates_are_idempotent(xs: list[Anomaly]) -> None:
+    once_states, once_events = fold(xs)
+    twice_states, twice_events = fold(a for x in xs for a in (x, x))
+    assert twice_states == once_states
+    assert twice_events == once_events
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams, anomalies())
+def test_redelivering_any_anomaly_right_away_emits_nothing(xs: list[Anomaly], a: Anomaly) -> None:
+    states, _ = fold([*xs, a])
+    k = key_of(a, RULES)
+    again, event = correlate(states.get(k), a, NOW, RULES)
+    assert event is None
+    assert again == states.get(k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_a_fingerprint_belongs_to_exactly_one_incident(xs: list[Anomaly]) -> None:
+    states: States = {}
+    for a in xs:
+        k = key_of(a, RULES)
+        new, event = correlate(states.get(k), a, NOW, RULES)
+        states[k] = new
+        owners: dict[str, list[str]] = {}
+        for key, inc in states.items():
+            if inc is None:
+                continue
+            assert inc.key == key
+            fps = [m.fingerprint for m in inc.members]
+            assert len(fps) == len(set(fps)), "one member per fingerprint"
+            for fp in fps:
+                owners.setdefault(fp, []).append(inc.id)
+        assert all(len(ids) == 1 for ids in owners.values())
+        if event is not None:
+            assert event is new
+            assert a.fingerprint in {m.fingerprint for m in event.members}
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_members_never_move_backwards(xs: list[Anomaly]) -> None:
+    states: States = {}
+    for a in xs:
+        k = key_of(a, RULES)
+        old = states.get(k)
+        new, _ = correlate(old, a, NOW, RULES)
+        states[k] = new
+        if old is None or new is None or new.id != old.id:
+            continue
+        before = {m.fingerprint: m for m in old.members}
+        for m in new.members:
+            prev = before.get(m.fingerprint)
+            if prev is None:
+                continue
+            assert m.last_seen >= prev.last_seen
+            assert m.first_seen == prev.first_seen
+            if prev.last_seen > a.observed_at and m.fingerprint == a.fingerprint:
+                assert m == prev, "an older observation changed a member"
+        assert new.revision >= old.revision
+        assert new.opened_at == old.opened_at
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_resolved_exactly_when_all_members_resolved(xs: list[Anomaly]) -> None:
+    states: States = {}
+    for a in xs:
+        k = key_of(a, RULES)
+        new, _ = correlate(states.get(k), a, NOW, RULES)
+        states[k] = new
+        if new is None:
+            continue
+        all_resolved = all(m.status == "resolved" for m in new.members)
+        assert (new.status == "resolved") == all_resolved
+        assert (new.resolved_at is not None) == all_resolved
+        if new.resolved_at is not None:
+            assert new.resolved_at >= new.opened_at
+            assert new.updated_at == new.resolved_at
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams, st.integers(min_value=1, max_value=900))
+def test_reopen_keeps_the_id_only_within_the_window(xs: list[Anomaly], gap: int) -> None:
+    states, _ = fold(xs)
+    for inc in states.values():
+        if inc is None or inc.status != "resolved" or inc.resolved_at is None:
+            continue
+        fp_member = inc.members[0]
+        t = (inc.resolved_at - at(0)).total_seconds() + gap
+        a = anomaly(
+            fp_member.name,
+            severity=fp_member.severity,
+            labels=fp_member.labels,
+            t=t,
+        )
+        new, event = correlate(inc, a, NOW, RULES)
+        assert event is new
+        assert new is not None
+        if gap <= RULES.reopen_window:
+            assert (new.id, new.status, new.revision) == (inc.id, "reopened", inc.revision + 1)
+        else:
+            assert new.id != inc.id
+            assert (new.status, new.revision, len(new.members)) == ("open", 1, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ordered_streams, st.integers(min_value=0, max_value=600))
+def test_expire_resolves_only_after_the_quiet_period(xs: list[Anomaly], quiet: int) -> None:
+    states, _ = fold(xs)
+    for inc in states.values():
+        if inc is None:
+            continue
+        last = max(m.last_seen for m in inc.members)
+        new, event = expire(inc, last + (at(quiet) - at(0)), RULES)
+        if inc.status == "resolved" or quiet < RULES.resolve_timeout:
+            assert (new, event) == (inc, None)
+        else:
+            assert event is new
+            assert new.status == "resolved"
+            assert new.id == inc.id
+            assert new.resolved_at == last + (at(RULES.resolve_timeout) - at(0))
+            assert all(m.status == "resolved" for m in new.members)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_severity_is_max_of_firing_members(xs: list[Anomaly]) -> None:
+    states: States = {}
+    for a in xs:
+        k = key_of(a, RULES)
+        new, _ = correlate(states.get(k), a, NOW, RULES)
+        states[k] = new
+        if new is not None:
+            assert new.severity == _expected_severity(new)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams, st.data())
+def test_batch_equals_folding_one_by_one(xs: list[Anomaly], data: st.DataObject) -> None:
+    # Start from a state reached by an arbitrary prefix, then batch the rest.
+    cut = data.draw(st.integers(min_value=0, max_value=len(xs)))
+    initial, _ = fold(xs[:cut])
+    expected_states, expected_events = fold(xs[cut:], initial)
+    changed, events = correlate_batch(dict(initial), xs[cut:], NOW, RULES)
+    assert events == expected_events
+    assert {**initial, **changed} == expected_states
+    for k in changed:
+        assert any(key_of(a, RULES) == k for a in xs[cut:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_events_are_revisions_of_their_incident(xs: list[Anomaly]) -> None:
+    _, events = fold(xs)
+    last: dict[str, int] = {}
+    for e in events:
+        if e.id in last:
+            assert e.revision == last[e.id] + 1
+        else:
+            assert e.revision == 1
+            assert e.status == "open"
+        last[e.id] = e.revision
+
+
+def test_a_batch_returns_only_changed_states() -> None:
+    untouched = one(anomaly(labels=CART))[0]
+    changed, events = correlate_batch(
+        {"c1/shop/cart": untouched}, [anomaly(labels=CHECKOUT)], NOW, RULES
+    )
+    assert list(changed) == ["c1/shop/checkout"]
+    assert len(events) == 1
+    assert correlate_batch({}, [anomaly(status="resolved")], NOW, RULES) == ({}, [])
+
+
+def test_a_batch_that_changes_nothing_returns_no_states() -> None:
+    resolved, _ = one(anomaly(t=0), anomaly(status="resolved", t=10))
+    assert resolved is not None
+    states: States = {resolved.key: resolved}
+    late = [anomaly(t=5), anomaly(status="resolved", t=20)]  # a late copy, a repeat
+    assert correlate_batch(states, late, NOW, RULES) == ({}, [])
+
+
+def test_member_refresh_keeps_the_incident_otherwise_unchanged() -> None:
+    state, _ = one(anomaly("errors", t=0))
+    assert state is not None
+    refreshed, event = correlate(state, anomaly("errors", t=30), NOW, RULES)
+    assert event is None
+    assert refreshed == replace(state, members=(replace(state.members[0], last_seen=at(30)),))

@@ -1,0 +1,188 @@
+"""The in-process cluster follows the Kubernetes semantics the executor relies on."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.errors import ActionFailed
+from agent.models import Target
+from handlers.cluster import ACTION_IDS_ANNOTATION, MAX_REMEMBERED_IDS, RESTARTED_AT_ANNOTATION
+from handlers.fake_cluster import FakeCluster
+from tests.unit.factories import at
+
+CHECKOUT = Target(kind="Deployment", namespace="shop", name="checkout")
+MISSING = Target(kind="Deployment", namespace="shop", name="missing")
+
+
+def cluster_with_revisions(*images: str) -> FakeCluster:
+    """checkout at revision len(images), one rollout per extra image."""
+    c = FakeCluster()
+    c.create_deployment("shop", "checkout", image=images[0], replicas=2, at=at(0))
+    for i, image in enumerate(images[1:], start=1):
+        c.rollout("shop", "checkout", image=image, at=at(i * 60))
+    return c
+
+
+async def test_create_and_rollout_number_revisions() -> None:
+    c = cluster_with_revisions("v1", "v2", "v3")
+    w = await c.workload(CHECKOUT)
+    assert (w.revision, w.image, w.generation) == (3, "v3", 3)
+    assert [(r.number, r.image) for r in w.revisions] == [(1, "v1"), (2, "v2"), (3, "v3")]
+    assert w.current().image == "v3"
+    assert (w.replicas, w.ready_replicas) == (2, 2)
+
+
+async def test_creating_twice_fails() -> None:
+    c = cluster_with_revisions("v1")
+    with pytest.raises(ActionFailed):
+        c.create_deployment("shop", "checkout", image="v1", replicas=1, at=at(0))
+
+
+async def test_rollback_goes_to_the_previous_revision_under_a_new_number() -> None:
+    c = cluster_with_revisions("v1", "v2", "v3")
+    effect = await c.rollback(CHECKOUT, action_id="a1")
+    assert effect.applied
+    assert effect.prior_state == {"revision": 3, "image": "v3"}
+    w = await c.workload(CHECKOUT)
+    assert (w.revision, w.image) == (4, "v2")
+    # Revision 2's template is re-activated as revision 4: the old number disappears.
+    assert sorted((r.number, r.image) for r in w.revisions) == [(1, "v1"), (3, "v3"), (4, "v2")]
+    assert w.current().image == "v2"
+    assert w.generation == 4
+    assert "a1" in w.applied_action_ids
+
+
+async def test_repeated_rollbacks_alternate_like_kubectl_rollout_undo() -> None:
+    c = cluster_with_revisions("v1", "v2")
+    await c.rollback(CHECKOUT, action_id="a1")
+    w = await c.workload(CHECKOUT)
+    assert (w.revision, w.image) == (3, "v1")
+    await c.rollback(CHECKOUT, action_id="a2")
+    w = await c.workload(CHECKOUT)
+    assert (w.revision, w.image) == (4, "v2")
+    assert sorted(r.number for r in w.revisions) == [3, 4]
+
+
+async def test_rollback_to_a_named_revision() -> None:
+    c = cluster_with_revisions("v1", "v2", "v3")
+    await c.rollback(CHECKOUT, action_id="a1", to_revision=1)
+    w = await c.workload(CHECKOUT)
+    assert (w.revision, w.image) == (4, "v1")
+    assert sorted((r.number, r.image) for r in w.revisions) == [(2, "v2"), (3, "v3"), (4, "v1")]
+
+
+@pytest.mark.parametrize("revision", [3, 9])
+async def test_rollback_to_current_or_unknown_revision_fails(revision: int) -> None:
+    c = cluster_with_revisions("v1", "v2", "v3")
+    before = await c.workload(CHECKOUT)
+    with pytest.raises(ActionFailed, match=f"revision {revision} not found"):
+        await c.rollback(CHECKOUT, action_id="a1", to_revision=revision)
+    assert await c.workload(CHECKOUT) == before
+
+
+async def test_rollback_without_a_previous_revision_fails() -> None:
+    c = cluster_with_revisions("v1")
+    with pytest.raises(ActionFailed, match="no previous revision"):
+        await c.rollback(CHECKOUT, action_id="a1")
+    assert (await c.workload(CHECKOUT)).applied_action_ids == ()
+
+
+async def test_same_action_id_twice_applies_once() -> None:
+    c = cluster_with_revisions("v1", "v2")
+    first = await c.rollback(CHECKOUT, action_id="a1")
+    after_first = await c.workload(CHECKOUT)
+    second = await c.rollback(CHECKOUT, action_id="a1")
+    assert first.applied
+    assert not second.applied
+    assert "a1" in second.message
+    w = await c.workload(CHECKOUT)
+    assert w == after_first
+    assert w.generation == 3  # create, rollout, one rollback
+    assert w.applied_action_ids == ("a1",)
+
+
+async def test_action_ids_are_shared_across_action_kinds() -> None:
+    c = cluster_with_revisions("v1", "v2")
+    assert (await c.scale(CHECKOUT, action_id="a1", replicas=5)).applied
+    assert not (await c.restart(CHECKOUT, action_id="a1", at=at(10))).applied
+    assert not (await c.rollback(CHECKOUT, action_id="a1")).applied
+    assert (await c.workload(CHECKOUT)).generation == 3
+
+
+async def test_scale_sets_replicas_and_bumps_generation() -> None:
+    c = cluster_with_revisions("v1")
+    effect = await c.scale(CHECKOUT, action_id="s1", replicas=5)
+    assert effect.applied
+    assert effect.prior_state == {"replicas": 2}
+    w = await c.workload(CHECKOUT)
+    assert (w.replicas, w.ready_replicas, w.generation) == (5, 5, 2)
+    assert (await c.scale(CHECKOUT, action_id="s2", replicas=0)).applied
+    assert (await c.workload(CHECKOUT)).replicas == 0
+
+
+async def test_scale_twice_with_one_id_moves_generation_once() -> None:
+    c = cluster_with_revisions("v1")
+    await c.scale(CHECKOUT, action_id="s1", replicas=4)
+    again = await c.scale(CHECKOUT, action_id="s1", replicas=9)
+    assert not again.applied
+    w = await c.workload(CHECKOUT)
+    assert (w.replicas, w.generation) == (4, 2)
+
+
+async def test_scale_negative_fails_without_change() -> None:
+    c = cluster_with_revisions("v1")
+    with pytest.raises(ActionFailed, match="replicas must be >= 0"):
+        await c.scale(CHECKOUT, action_id="s1", replicas=-1)
+    w = await c.workload(CHECKOUT)
+    assert (w.replicas, w.generation, w.applied_action_ids) == (2, 1, ())
+
+
+async def test_restart_records_when_and_keeps_the_template() -> None:
+    c = cluster_with_revisions("v1")
+    effect = await c.restart(CHECKOUT, action_id="r1", at=at(42))
+    assert effect.applied
+    assert effect.prior_state == {"generation": 1}
+    w = await c.workload(CHECKOUT)
+    assert w.annotations[RESTARTED_AT_ANNOTATION] == at(42).isoformat()
+    assert w.annotations[ACTION_IDS_ANNOTATION] == "r1"
+    assert (w.revision, w.image, w.generation) == (1, "v1", 2)
+
+
+async def test_unknown_target_fails_for_every_operation() -> None:
+    c = cluster_with_revisions("v1")
+    with pytest.raises(ActionFailed, match="not found"):
+        await c.workload(MISSING)
+    with pytest.raises(ActionFailed, match="not found"):
+        await c.rollback(MISSING, action_id="a")
+    with pytest.raises(ActionFailed, match="not found"):
+        await c.scale(MISSING, action_id="a", replicas=1)
+    with pytest.raises(ActionFailed, match="not found"):
+        await c.restart(MISSING, action_id="a", at=at(0))
+    with pytest.raises(ActionFailed, match="not found"):
+        c.rollout("shop", "missing", image="v2", at=at(0))
+
+
+async def test_a_target_is_identified_by_kind_too() -> None:
+    c = cluster_with_revisions("v1")
+    with pytest.raises(ActionFailed):
+        await c.workload(Target(kind="StatefulSet", namespace="shop", name="checkout"))
+
+
+async def test_writes_signal_changed() -> None:
+    c = cluster_with_revisions("v1")
+    c.changed.clear()
+    await c.scale(CHECKOUT, action_id="s1", replicas=3)
+    assert c.changed.is_set()
+    c.changed.clear()
+    await c.scale(CHECKOUT, action_id="s1", replicas=3)
+    assert not c.changed.is_set()
+
+
+async def test_remembered_ids_are_bounded() -> None:
+    c = cluster_with_revisions("v1")
+    for i in range(MAX_REMEMBERED_IDS + 5):
+        await c.scale(CHECKOUT, action_id=f"s{i}", replicas=1)
+    ids = (await c.workload(CHECKOUT)).applied_action_ids
+    assert len(ids) == MAX_REMEMBERED_IDS
+    assert ids[-1] == f"s{MAX_REMEMBERED_IDS + 4}"
+    assert "s0" not in ids

@@ -1,0 +1,276 @@
+"""Remediation policy: one test per rule, in the module docstring's order, plus properties.
+
+Each rule's test also sets up conditions that later rules would act on, so it shows that
+the rule wins (first match wins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.models import ACTION_TYPES, ActionRequest, Target
+from agent.policy import Executed, Switches, Verdict, decide
+from agent.settings import Settings
+from tests.unit.factories import action, at
+from tests.unit.factories import settings as make_settings
+
+NOW = at(10_000)
+BASE = make_settings(
+    {
+        "agent": {"mode": "autonomous"},
+        "remediation": {
+            "enabled": True,
+            "confidence_threshold": 0.8,
+            "require_approval": ["rollback", "configuration_change"],
+            "cooldown": "5m",
+            "max_actions_per_hour": 3,
+            "denied_namespaces": ["kube-system"],
+        },
+    }
+)
+OFF = Switches()
+
+
+def cfg(**changes: Any) -> Settings:
+    """BASE with ``agent_*`` / ``remediation_*`` fields changed."""
+    agent = {k[6:]: v for k, v in changes.items() if k.startswith("agent_")}
+    rem = {k[12:]: v for k, v in changes.items() if k.startswith("remediation_")}
+    assert len(agent) + len(rem) == len(changes), changes
+    return replace(
+        BASE, agent=replace(BASE.agent, **agent), remediation=replace(BASE.remediation, **rem)
+    )
+
+
+def done(target_key: str = "Deployment/shop/checkout", ago: float = 60.0) -> Executed:
+    return Executed(target_key=target_key, namespace="shop", at=NOW - timedelta(seconds=ago))
+
+
+def verdict(
+    act: ActionRequest | None = None,
+    s: Settings = BASE,
+    history: tuple[Executed, ...] = (),
+    switches: Switches = OFF,
+) -> Verdict:
+    return decide(act or action(), s, history, switches, NOW)
+
+
+def rule(v: Verdict) -> tuple[str, str]:
+    return v.kind, v.rule
+
+
+# 1
+def test_remediation_disabled_denies_before_anything_else() -> None:
+    s = cfg(remediation_enabled=False, agent_kill_switch=True)
+    v = verdict(action(approved_by="alice"), s, switches=Switches(kill_switch=True))
+    assert rule(v) == ("deny", "remediation.enabled")
+
+
+# 2
+def test_kill_switch_in_settings_denies() -> None:
+    v = verdict(action("scale_up", namespace="kube-system"), cfg(agent_kill_switch=True))
+    assert rule(v) == ("deny", "kill_switch")
+
+
+def test_kill_switch_at_run_time_denies_even_approved_actions() -> None:
+    v = verdict(action(approved_by="alice"), switches=Switches(kill_switch=True))
+    assert rule(v) == ("deny", "kill_switch")
+
+
+# 3
+def test_denied_namespace_denies() -> None:
+    v = verdict(action(namespace="kube-system", approved_by="alice"), cfg(agent_mode="manual"))
+    assert rule(v) == ("deny", "denied_namespaces")
+    assert "kube-system" in v.reason
+
+
+def test_namespace_outside_allowed_list_denies() -> None:
+    s = cfg(remediation_allowed_namespaces=("shop",), agent_mode="manual")
+    assert rule(verdict(action(namespace="billing"), s)) == ("deny", "allowed_namespaces")
+    assert rule(verdict(action(namespace="shop"), s)) == ("deny", "mode.manual")
+
+
+def test_cluster_scoped_targets_skip_namespace_rules() -> None:
+    node = replace(action("cordon_node"), target=Target(kind="Node", name="n1"))
+    s = cfg(remediation_allowed_namespaces=("shop",))
+    assert rule(verdict(node, s)) == ("execute", "autonomous")
+
+
+# 4
+def test_manual_mode_only_recommends() -> None:
+    v = verdict(action(approved_by="alice"), cfg(agent_mode="manual"), history=(done(ago=1),))
+    assert rule(v) == ("deny", "mode.manual")
+
+
+# 5
+def test_cooldown_denies_a_recently_touched_target() -> None:
+    history = (done(ago=299), done("Deployment/shop/a", 10), done("Deployment/shop/b", 10))
+    v = verdict(action(approved_by="alice"), history=history)
+    assert rule(v) == ("deny", "cooldown")
+    assert "Deployment/shop/checkout" in v.reason
+
+
+def test_cooldown_is_per_target_and_ends() -> None:
+    assert rule(verdict(history=(done(ago=300),))) == ("execute", "autonomous")
+    assert rule(verdict(history=(done("Deployment/shop/cart", 1),))) == ("execute", "autonomous")
+    other_kind = done("StatefulSet/shop/checkout", 1)
+    assert rule(verdict(history=(other_kind,))) == ("execute", "autonomous")
+
+
+# 6
+def test_hourly_budget_denies_once_spent() -> None:
+    history = tuple(done(f"Deployment/shop/w{i}", 600 + i) for i in range(3))
+    v = verdict(action(approved_by="alice"), history=history)
+    assert rule(v) == ("deny", "max_actions_per_hour")
+    assert v.reason.startswith("3 actions")
+
+
+def test_hourly_budget_counts_only_the_last_hour() -> None:
+    history = (*(done(f"Deployment/shop/w{i}", 3600 + i) for i in range(5)), done("x", 600))
+    assert rule(verdict(history=history)) == ("execute", "autonomous")
+
+
+def test_zero_budget_denies_everything() -> None:
+    assert rule(verdict(s=cfg(remediation_max_actions_per_hour=0))) == (
+        "deny",
+        "max_actions_per_hour",
+    )
+
+
+# 7
+def test_human_approval_executes_what_would_otherwise_need_approval() -> None:
+    act = action("rollback", confidence=0.1, approved_by="alice")
+    v = verdict(act, cfg(agent_mode="supervised"))
+    assert rule(v) == ("execute", "approved")
+    assert "alice" in v.reason
+
+
+# 8
+def test_supervised_mode_asks_for_approval() -> None:
+    v = verdict(action("scale_up", confidence=0.99), cfg(agent_mode="supervised"))
+    assert rule(v) == ("approve", "mode.supervised")
+
+
+# 9
+def test_listed_action_types_require_approval() -> None:
+    assert rule(verdict(action("rollback", confidence=0.99))) == ("approve", "require_approval")
+    # "configuration_change" in the file is the update_config action.
+    v = verdict(action("update_config", confidence=0.1))
+    assert rule(v) == ("approve", "require_approval")
+
+
+# 10
+def test_low_confidence_asks_for_approval() -> None:
+    v = verdict(action("scale_up", confidence=0.79))
+    assert rule(v) == ("approve", "confidence_threshold")
+    assert "0.79" in v.reason and "0.80" in v.reason
+
+
+# 11
+def test_confident_unlisted_action_executes() -> None:
+    assert rule(verdict(action("scale_up", confidence=0.8))) == ("execute", "autonomous")
+    assert rule(verdict(action("restart_workload", confidence=1.0))) == ("execute", "autonomous")
+
+
+# dry run
+def test_dry_run_in_settings_turns_execute_into_dry_run() -> None:
+    s = cfg(agent_dry_run=True)
+    assert rule(verdict(action("scale_up"), s)) == ("dry_run", "autonomous")
+    assert rule(verdict(action("rollback", approved_by="alice"), s)) == ("dry_run", "approved")
+
+
+def test_dry_run_switch_turns_execute_into_dry_run() -> None:
+    assert rule(verdict(switches=Switches(dry_run=True))) == ("dry_run", "autonomous")
+
+
+def test_dry_run_leaves_approvals_and_denials_alone() -> None:
+    dry = Switches(dry_run=True)
+    assert rule(verdict(action("rollback"), switches=dry)) == ("approve", "require_approval")
+    assert rule(verdict(history=(done(ago=1),), switches=dry)) == ("deny", "cooldown")
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+_namespaces = st.sampled_from(["shop", "kube-system", "billing", ""])
+_settings = st.builds(
+    cfg,
+    agent_mode=st.sampled_from(["autonomous", "supervised", "manual"]),
+    agent_dry_run=st.booleans(),
+    agent_kill_switch=st.booleans(),
+    remediation_enabled=st.booleans(),
+    remediation_confidence_threshold=st.floats(min_value=0, max_value=1),
+    remediation_require_approval=st.lists(st.sampled_from(ACTION_TYPES), unique=True).map(tuple),
+    remediation_allowed_namespaces=st.sampled_from([(), ("shop",), ("shop", "billing")]),
+    remediation_cooldown=st.sampled_from([0.0, 60.0, 300.0]),
+    remediation_max_actions_per_hour=st.integers(min_value=0, max_value=5),
+)
+_actions = st.builds(
+    action,
+    st.sampled_from(ACTION_TYPES),
+    namespace=_namespaces,
+    name=st.sampled_from(["checkout", "cart"]),
+    confidence=st.floats(min_value=0, max_value=1),
+    approved_by=st.none() | st.just("alice"),
+)
+_history = st.lists(
+    st.builds(
+        done,
+        st.sampled_from(["Deployment/shop/checkout", "Deployment/shop/cart", "Node//n1"]),
+        st.floats(min_value=0, max_value=7200),
+    ),
+    max_size=6,
+).map(tuple)
+_switches = st.builds(Switches, kill_switch=st.booleans(), dry_run=st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(_actions, _settings, _history, _switches)
+def test_with_the_kill_switch_on_nothing_executes(
+    act: ActionRequest, s: Settings, history: tuple[Executed, ...], sw: Switches
+) -> None:
+    on = replace(sw, kill_switch=True)
+    assert decide(act, s, history, on, NOW).kind == "deny"
+    on_in_file = replace(s, agent=replace(s.agent, kill_switch=True))
+    assert decide(act, on_in_file, history, sw, NOW).kind == "deny"
+
+
+@settings(max_examples=150, deadline=None)
+@given(_actions, _settings, _history, _switches)
+def test_in_dry_run_nothing_executes(
+    act: ActionRequest, s: Settings, history: tuple[Executed, ...], sw: Switches
+) -> None:
+    assert decide(act, s, history, replace(sw, dry_run=True), NOW).kind != "execute"
+    in_file = replace(s, agent=replace(s.agent, dry_run=True))
+    assert decide(act, in_file, history, sw, NOW).kind != "execute"
+
+
+@settings(max_examples=150, deadline=None)
+@given(_actions, _settings, _history, _switches)
+def test_low_confidence_never_executes_without_a_human(
+    act: ActionRequest, s: Settings, history: tuple[Executed, ...], sw: Switches
+) -> None:
+    v = decide(replace(act, approved_by=None), s, history, sw, NOW)
+    if act.confidence < s.remediation.confidence_threshold:
+        assert v.kind in ("approve", "deny")
+
+
+@settings(max_examples=150, deadline=None)
+@given(_actions, _settings, _history, _switches)
+def test_verdicts_are_consistent(
+    act: ActionRequest, s: Settings, history: tuple[Executed, ...], sw: Switches
+) -> None:
+    v = decide(act, s, history, sw, NOW)
+    assert v == decide(act, s, history, sw, NOW)  # pure
+    if v.kind in ("execute", "dry_run"):
+        assert s.remediation.enabled and s.agent.mode != "manual"
+        assert act.target.namespace not in s.remediation.denied_namespaces or not (
+            act.target.namespace
+        )
+        assert v.rule in ("approved", "autonomous")
+        assert (v.kind == "dry_run") == (sw.dry_run or s.agent.dry_run)
+    if v.kind == "approve":
+        assert not act.approved_by
