@@ -88,10 +88,17 @@ def _open(a: Anomaly, key: str, rules: CorrelationRules) -> Incident:
 
 
 def correlate(
-    state: Incident | None, anomaly: Anomaly, now: datetime, rules: CorrelationRules
+    state: Incident | None,
+    anomaly: Anomaly,
+    now: datetime,
+    rules: CorrelationRules,
+    key: str | None = None,
 ) -> tuple[Incident | None, Incident | None]:
-    """Fold one anomaly into the group's state; returns (new state, event to publish or None)."""
-    key = key_of(anomaly, rules)
+    """Fold one anomaly into the group's state; returns (new state, event to publish or None).
+
+    ``key`` is the anomaly's group key when the caller already computed it.
+    """
+    key = key if key is not None else key_of(anomaly, rules)
     firing = anomaly.status == "firing"
     if state is None:
         if not firing:
@@ -205,23 +212,32 @@ def expire(
 
 def correlate_batch(
     states: dict[str, Incident | None],
-    anomalies: Iterable[Anomaly],
+    anomalies: Iterable[Anomaly] | Iterable[tuple[str, Anomaly]],
     now: datetime,
     rules: CorrelationRules,
 ) -> tuple[dict[str, Incident | None], list[Incident]]:
     """Fold a batch; returns only the states that changed and the events in order.
 
+    ``anomalies`` are anomalies, or (group key, anomaly) pairs when the caller has the keys.
     Callers read the current state of every key in the batch into ``states`` once and write
     back the changed ones once, which is what keeps the stream hot path batched.
     """
     changed: dict[str, Incident | None] = {}
     events: list[Incident] = []
-    for a in anomalies:
-        k = key_of(a, rules)
+    for item in anomalies:
+        k, a = item if isinstance(item, tuple) else (key_of(item, rules), item)
         current = changed[k] if k in changed else states.get(k)
-        new, event = correlate(current, a, now, rules)
+        new, event = correlate(current, a, now, rules, key=k)
         if new is not current:
             changed[k] = new
         if event is not None:
             events.append(event)
     return changed, events
+
+
+def coalesce(events: Sequence[Incident]) -> list[Incident]:
+    """Drop an "updated" event when a later event of the same incident in the same batch
+    supersedes it; every other transition (open, mitigating, resolved, reopened) is kept,
+    so subscribers see each lifecycle step and the final state of every incident."""
+    last_index = {e.id: i for i, e in enumerate(events)}
+    return [e for i, e in enumerate(events) if e.status != "updated" or last_index[e.id] == i]

@@ -9,9 +9,12 @@ Table writes name their changelog partition explicitly (the partition the anomal
 from) instead of relying on faust's "current event", which inside a batch is only the last
 event and could file state under another partition.
 
-Anomalies must be keyed by their correlation key so one group lives on one partition. A
-record whose key differs (an external producer keying differently) is re-published with the
-right key instead of being folded on the wrong partition.
+A record carries one anomaly or an :class:`AnomalyBatch` of one partition's anomalies
+(detectors publish per evaluation): faust's per-record cost is paid once per batch, not per
+anomaly. Each group must live on one partition: an anomaly found on another partition than
+Kafka's default partitioner gives its correlation key (e.g. from a librdkafka producer's
+CRC32 partitioner) is re-published keyed by that key instead of being folded in the wrong
+place. One bad anomaly in a batch is dead-lettered alone; the rest are folded.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ from typing import Any
 import faust
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
-from agent.codec import decode, encode, from_obj
-from agent.errors import InvalidEvent
+from agent.codec import encode, from_obj
+from agent.errors import DependencyUnavailable, InvalidEvent
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, utcnow
 from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
-from streams.correlation import CorrelationRules, correlate_batch, expire, key_of
+from streams.correlation import CorrelationRules, coalesce, correlate_batch, expire, key_of
+from streams.partitioning import partition_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,46 @@ class Stored:
         doc = orjson.loads(raw)
         inc = from_obj(Incident, doc["i"]) if doc.get("i") is not None else None
         return Stored(partition=int(doc["p"]), incident=inc)
+
+
+def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, bytes]]]:
+    """One record -> its anomalies, plus (error, raw item) for each invalid batch item.
+
+    Raises InvalidEvent when the record as a whole is unreadable.
+    """
+    try:
+        doc = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError as err:
+        raise InvalidEvent("Anomaly", [f"<body>: not valid JSON ({err})"]) from err
+    if not isinstance(doc, dict):
+        raise InvalidEvent("Anomaly", [f"<body>: expected a JSON object, got {type(doc).__name__}"])
+    if "anomalies" not in doc:
+        return [from_obj(Anomaly, doc)], []
+    items = doc["anomalies"]
+    if not isinstance(items, list):
+        raise InvalidEvent("AnomalyBatch", ["anomalies: expected a list"])
+    good: list[Anomaly] = []
+    bad: list[tuple[str, bytes]] = []
+    for i, item in enumerate(items):
+        try:
+            good.append(from_obj(Anomaly, item))
+        except InvalidEvent as err:
+            problems = "; ".join(f"anomalies[{i}].{p}" for p in err.problems)
+            bad.append((f"invalid Anomaly in batch: {problems}", orjson.dumps(item)))
+    return good, bad
+
+
+async def topic_partition_count(bootstrap: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    parts = [p for d in described for p in d.get("partitions", [])]
+    if not parts:
+        raise DependencyUnavailable(f"topic {topic} has no partitions (does it exist?)")
+    return len(parts)
 
 
 def rules_from(settings: Settings) -> CorrelationRules:
@@ -119,10 +164,14 @@ class Correlator:
         # can never be shadowed by a stale decode.
         self._decoded: dict[str, tuple[bytes, Stored]] = {}
         self.processed = 0  # anomalies folded, for benchmarks and tests
+        self.partitions = k.partitions  # the real count is read from the topic at start
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if not self._started:
+            self.partitions = await topic_partition_count(
+                self.settings.kafka.bootstrap_servers, self.anomalies_name
+            )
             await self.app.start()
             self._started = True
 
@@ -144,32 +193,34 @@ class Correlator:
             await self.process(events)
 
     async def process(self, events: Iterable[Any]) -> None:
-        by_partition: dict[int, list[Anomaly]] = defaultdict(list)
+        by_partition: dict[int, list[tuple[str, Anomaly]]] = defaultdict(list)
         for event in events:
             msg = event.message
             try:
-                a = decode(Anomaly, event.value or b"")
+                anomalies, problems = decode_anomalies(event.value)
             except InvalidEvent as err:
                 await self._dead(msg.topic, msg.partition, msg.offset, event.value, str(err))
                 continue
-            key = key_of(a, self.rules)
-            if (event.key or b"").decode("utf-8", "replace") != key:
-                # Wrong partition for this group: route it to the right one.
-                await self.anomalies.send(key=key.encode(), value=event.value)
-                continue
-            by_partition[msg.partition].append(a)
-        for partition, anomalies in by_partition.items():
-            await self._fold(partition, anomalies)
-            self.metrics.processed.labels(consumer="correlator").inc(len(anomalies))
-            self.processed += len(anomalies)
+            for problem, raw in problems:
+                await self._dead(msg.topic, msg.partition, msg.offset, raw, problem)
+            for a in anomalies:
+                key = key_of(a, self.rules)
+                if partition_for(key, self.partitions) != msg.partition:
+                    # Wrong partition for this group: route it to the right one.
+                    await self.anomalies.send(key=key.encode(), value=encode(a))
+                    continue
+                by_partition[msg.partition].append((key, a))
+        for partition, keyed in by_partition.items():
+            await self._fold(partition, keyed)
+            self.metrics.processed.labels(consumer="correlator").inc(len(keyed))
+            self.processed += len(keyed)
 
-    async def _fold(self, partition: int, anomalies: list[Anomaly]) -> None:
-        keys = {key_of(a, self.rules) for a in anomalies}
-        states = {k: self._load(k) for k in keys}
+    async def _fold(self, partition: int, anomalies: list[tuple[str, Anomaly]]) -> None:
+        states = {k: self._load(k) for k in {k for k, _ in anomalies}}
         changed, events = correlate_batch(states, anomalies, utcnow(), self.rules)
         for k, inc in changed.items():
             self._store(partition, k, inc)
-        await self._emit(events)
+        await self._emit(coalesce(events))
 
     async def _tick(self) -> None:
         """Resolve incidents that went quiet; only for partitions this worker owns."""

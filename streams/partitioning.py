@@ -1,0 +1,73 @@
+"""Which partition a correlation key lives on, the way Kafka's Java client decides it.
+
+Anomalies of one group must always reach the same correlator partition. Producers that key
+records by the correlation key with the Java-compatible partitioner (aiokafka, the Java
+client, kcat with ``-X partitioner=murmur2_random``) place them there; micro-batches name the
+partition explicitly with :func:`partition_for`. librdkafka's default partitioner (CRC32)
+does not agree, which is why the correlator checks and re-routes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from aiokafka.partitioner import murmur2
+
+from agent.codec import encode
+from agent.models import Anomaly, AnomalyBatch, group_key
+
+MAX_BATCH = 500  # anomalies per record: keeps records far below the 1 MiB default limit
+
+
+@functools.lru_cache(maxsize=65536)
+def partition_for(key: str, partitions: int) -> int:
+    """Kafka's default partitioner: murmur2(key) masked positive, modulo partitions."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def batch_by_partition(
+    anomalies: Iterable[Anomaly], group_by: tuple[str, ...], partitions: int
+) -> dict[int, list[list[Anomaly]]]:
+    """Group anomalies per partition, each partition's list cut into MAX_BATCH chunks."""
+    per: dict[int, list[Anomaly]] = defaultdict(list)
+    for a in anomalies:
+        per[partition_for(group_key(a.labels, group_by), partitions)].append(a)
+    return {
+        p: [items[i : i + MAX_BATCH] for i in range(0, len(items), MAX_BATCH)]
+        for p, items in per.items()
+    }
+
+
+class RawProducer(Protocol):
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+    ) -> Any: ...
+
+    async def partitions_for(self, topic: str) -> Any: ...
+
+
+async def publish_anomalies(
+    producer: RawProducer, topic: str, anomalies: Sequence[Anomaly], group_by: tuple[str, ...]
+) -> int:
+    """Send anomalies as per-partition batches; returns the number of records sent.
+
+    Waits for every delivery, so a caller may consider the anomalies durable afterwards.
+    """
+    if not anomalies:
+        return 0
+    partitions = len(await producer.partitions_for(topic))
+    futures = []
+    for p, chunks in batch_by_partition(anomalies, group_by, partitions).items():
+        for chunk in chunks:
+            value = encode(AnomalyBatch(anomalies=tuple(chunk)))
+            futures.append(await producer.send(topic, value=value, partition=p))
+    for f in futures:
+        await f
+    return len(futures)
