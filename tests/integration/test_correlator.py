@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import orjson
 import pytest
 
 from agent.metrics import Metrics
@@ -21,9 +22,15 @@ def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 
     labels = {"cluster": "test", "namespace": "shop", "service": service}
     now = utcnow() + timedelta(seconds=at_offset)
     return Anomaly(
-        fingerprint=fingerprint("prometheus", name, labels), source="prometheus", name=name,
-        severity="critical", status=status,  # type: ignore[arg-type]
-        labels=labels, starts_at=now, observed_at=now, value=1.0,
+        fingerprint=fingerprint("prometheus", name, labels),
+        source="prometheus",
+        name=name,
+        severity="critical",
+        status=status,  # type: ignore[arg-type]
+        labels=labels,
+        starts_at=now,
+        observed_at=now,
+        value=1.0,
     )
 
 
@@ -51,8 +58,11 @@ async def test_groups_dedups_and_restores_state_from_changelog(
                 await send(anomaly("cart", "high-latency", at_offset=0.5))
                 await send(anomaly("pay", "high-error-rate"))
                 await r["inc"].wait_for(
-                    lambda xs: {(i.labels["service"], i.revision) for i in xs}
-                    >= {("cart", 2), ("pay", 1)}, 60, "cart updated and pay opened",
+                    lambda xs: (
+                        {(i.labels["service"], i.revision) for i in xs} >= {("cart", 2), ("pay", 1)}
+                    ),
+                    60,
+                    "cart updated and pay opened",
                 )
             cart_id = next(i.id for i in r["inc"].items if i.labels["service"] == "cart")
             seen = len(r["inc"].items)
@@ -78,3 +88,46 @@ async def test_groups_dedups_and_restores_state_from_changelog(
     assert len(pay) == 1 and pay[0].status == "open"
     # The repeat after the restart was absorbed: nothing between the old events and updates.
     assert all(i.labels["service"] == "cart" for i in items[seen:])
+
+
+async def test_batches_and_misrouted_records_land_in_the_right_incident(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    from agent.codec import encode
+    from agent.models import AnomalyBatch, DeadLetter
+    from streams.partitioning import partition_for
+
+    settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+    t = bus.topic
+    key = "test/shop/cart"
+    right = partition_for(key, 2)
+    first = anomaly("cart", "high-error-rate")
+    second = anomaly("cart", "high-latency", at_offset=0.5)
+    batch = orjson.loads(encode(AnomalyBatch(anomalies=(first,))))
+    batch["anomalies"].append({**batch["anomalies"][0], "severity": "meh"})
+    try:
+        async with (
+            readers(
+                kafka_bootstrap,
+                {"inc": (t("incidents"), Incident), "dlq": (t("dead-letter"), DeadLetter)},
+            ) as r,
+            Correlator(settings, metrics=metrics),
+        ):
+            await bus.producer.send_and_wait(t("anomalies"), orjson.dumps(batch), partition=right)
+            # As a CRC32-partitioning producer could: keyed right, placed on the other one.
+            await bus.producer.send_and_wait(
+                t("anomalies"), encode(second), key=key.encode(), partition=1 - right
+            )
+            items = await r["inc"].wait_for(
+                lambda xs: any(len(i.members) == 2 for i in xs), 60, "both anomalies folded"
+            )
+            letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 1, 30, "bad batch item")
+    finally:
+        await bus.stop()
+    assert len({i.id for i in items}) == 1
+    assert {m.name for m in items[-1].members} == {"high-error-rate", "high-latency"}
+    assert "anomalies[1].severity" in letters[0].error

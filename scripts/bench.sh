@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `make bench`: start Kafka and Alertmanager unless running, run the benchmarks, then stop
+# exactly what this script started. Benchmarks print numbers; they assert nothing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+started=()
+cleanup() {
+    for svc in "${started[@]}"; do
+        "scripts/$svc.sh" stop || true
+    done
+}
+trap cleanup EXIT
+
+for svc in kafka alertmanager; do
+    if ! "scripts/$svc.sh" status >/dev/null 2>&1; then
+        "scripts/$svc.sh" start
+        started+=("$svc")
+    fi
+done
+
+eval "$(scripts/kafka.sh env)"
+.venv/bin/python bench/correlate.py --bootstrap "$KAFKA_BOOTSTRAP" \
+    --alertmanager "http://127.0.0.1:${SRE_ALERTMANAGER_PORT:-19094}" "$@"

@@ -1,0 +1,98 @@
+"""Partition placement and batch decoding of the anomalies topic."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.codec import encode
+from agent.errors import InvalidEvent
+from agent.models import AnomalyBatch, Incident
+from streams.correlation import coalesce
+from streams.correlator import decode_anomalies
+from streams.partitioning import MAX_BATCH, batch_by_partition, partition_for
+from tests.unit.factories import anomaly, at
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=60), st.integers(min_value=1, max_value=64))
+def test_partition_matches_kafkas_default_partitioner(key: str, partitions: int) -> None:
+    expected = DefaultPartitioner()(key.encode(), list(range(partitions)), [])
+    assert partition_for(key, partitions) == expected
+
+
+def test_batches_hold_one_partition_each_and_are_bounded() -> None:
+    anomalies = [
+        anomaly(f"p{i}", labels={"cluster": "c", "namespace": "n", "service": f"svc-{i % 7}"})
+        for i in range(1200)
+    ]
+    batches = batch_by_partition(anomalies, ("cluster", "namespace", "service"), 3)
+    seen = 0
+    for p, chunks in batches.items():
+        for chunk in chunks:
+            assert 0 < len(chunk) <= MAX_BATCH
+            seen += len(chunk)
+            for a in chunk:
+                key = "/".join(a.labels.get(k, "") for k in ("cluster", "namespace", "service"))
+                assert partition_for(key, 3) == p
+    assert seen == len(anomalies)
+
+
+def test_a_bad_item_in_a_batch_is_isolated() -> None:
+    good = [anomaly("a"), anomaly("b")]
+    doc = orjson.loads(encode(AnomalyBatch(anomalies=tuple(good))))
+    doc["anomalies"].insert(1, {**doc["anomalies"][0], "status": "exploded"})
+    decoded, bad = decode_anomalies(orjson.dumps(doc))
+    assert decoded == good
+    assert len(bad) == 1
+    error, raw = bad[0]
+    assert "anomalies[1].status" in error
+    assert orjson.loads(raw)["status"] == "exploded"
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"{nope", "not valid JSON"),
+        (b"[]", "expected a JSON object"),
+        (b'{"anomalies": 3}', "anomalies: expected a list"),
+    ],
+)
+def test_unreadable_records_are_refused_whole(raw: bytes, problem: str) -> None:
+    with pytest.raises(InvalidEvent, match=problem):
+        decode_anomalies(raw)
+
+
+def _incident(iid: str, status: str, revision: int) -> Incident:
+    return Incident(
+        id=iid,
+        key=iid,
+        status=status,  # type: ignore[arg-type]
+        severity="warning",
+        labels={},
+        members=(),
+        opened_at=at(0),
+        updated_at=at(revision),
+        revision=revision,
+    )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from("ab"),
+            st.sampled_from(["open", "updated", "mitigating", "resolved", "reopened"]),
+        ),
+        max_size=30,
+    )
+)
+def test_coalesce_keeps_transitions_and_final_states(steps: list[tuple[str, str]]) -> None:
+    events = [_incident(i, s, n) for n, (i, s) in enumerate(steps)]
+    out = coalesce(events)
+    assert [e for e in events if e.status != "updated"] == [e for e in out if e.status != "updated"]
+    for iid in {e.id for e in events}:
+        assert [e for e in events if e.id == iid][-1] == [e for e in out if e.id == iid][-1]
+    assert out == [e for e in events if e in out]  # order preserved
