@@ -69,10 +69,15 @@ def make_anomalies(count: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
         status = "resolved" if rng.random() < 0.1 else "firing"
         at = base + timedelta(milliseconds=i)
         a = Anomaly(
-            fingerprint=fingerprint("prometheus", name, labels), source="prometheus",
-            name=name, severity="critical" if rng.random() < 0.3 else "warning",
+            fingerprint=fingerprint("prometheus", name, labels),
+            source="prometheus",
+            name=name,
+            severity="critical" if rng.random() < 0.3 else "warning",
             status=status,  # type: ignore[arg-type]
-            labels=labels, starts_at=at, observed_at=at, value=rng.random(),
+            labels=labels,
+            starts_at=at,
+            observed_at=at,
+            value=rng.random(),
         )
         key = group_key(labels, ("cluster", "namespace", "service")).encode()
         out.append((key, encode(a)))
@@ -101,8 +106,12 @@ async def ensure(bootstrap: str, *topics: str, partitions: int = 1) -> None:
 async def passthrough(bootstrap: str, src: str, dst: str, count: int) -> float:
     """Records/s of consume -> decode -> produce of the same bytes."""
     c = AIOKafkaConsumer(
-        src, bootstrap_servers=bootstrap, group_id=f"pt-{uuid.uuid4().hex[:6]}",
-        auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
+        src,
+        bootstrap_servers=bootstrap,
+        group_id=f"pt-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=10,
         max_partition_fetch_bytes=8 << 20,
     )
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20)
@@ -169,7 +178,9 @@ async def correlator_latency(bootstrap: str, rate: int, seconds: float) -> list[
     latencies: list[float] = []
     sent: dict[str, float] = {}
     c = AIOKafkaConsumer(
-        f"{prefix}incidents", bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        f"{prefix}incidents",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
         fetch_max_wait_ms=5,
     )
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
@@ -200,14 +211,25 @@ async def correlator_latency(bootstrap: str, rate: int, seconds: float) -> list[
             items = []
             for j in range(i, min(total, i + per_tick)):
                 svc = rng.randrange(SERVICES)
-                labels = {"cluster": "bench", "namespace": f"ns-{svc % NAMESPACES}",
-                          "service": f"svc-{svc}", "pod": f"p-{j}"}  # new member: an update
+                labels = {
+                    "cluster": "bench",
+                    "namespace": f"ns-{svc % NAMESPACES}",
+                    "service": f"svc-{svc}",
+                    "pod": f"p-{j}",
+                }  # new member: an update
                 now = datetime.now(UTC)
-                items.append(Anomaly(
-                    fingerprint=fingerprint("prometheus", "lat", labels), source="prometheus",
-                    name="lat", severity="warning", status="firing", labels=labels,
-                    starts_at=now, observed_at=now,
-                ))
+                items.append(
+                    Anomaly(
+                        fingerprint=fingerprint("prometheus", "lat", labels),
+                        source="prometheus",
+                        name="lat",
+                        severity="warning",
+                        status="firing",
+                        labels=labels,
+                        starts_at=now,
+                        observed_at=now,
+                    )
+                )
             stamp = time.perf_counter()
             for a in items:
                 sent[a.fingerprint] = stamp
@@ -233,11 +255,13 @@ async def alertmanager_peer(url: str, records: list[tuple[bytes, bytes]]) -> flo
     alerts = []
     for _, v in records:
         a = orjson.loads(v)
-        alerts.append({
-            "labels": {"alertname": a["name"], **a["labels"]},
-            "annotations": {},
-            "startsAt": a["starts_at"],
-        })
+        alerts.append(
+            {
+                "labels": {"alertname": a["name"], **a["labels"]},
+                "annotations": {},
+                "startsAt": a["starts_at"],
+            }
+        )
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         try:
@@ -265,8 +289,10 @@ async def main() -> None:
     ap.add_argument("--alertmanager", default="http://127.0.0.1:19094")
     args = ap.parse_args()
 
-    print(f"generating {args.count} anomalies "
-          f"({SERVICES} services, {NAMESPACES} namespaces, {NODES} nodes)")
+    print(
+        f"generating {args.count} anomalies "
+        f"({SERVICES} services, {NAMESPACES} namespaces, {NODES} nodes)"
+    )
     records = make_anomalies(args.count)
     batches = batched(records, args.batch)
     singles = records[: args.singles]
@@ -282,13 +308,17 @@ async def main() -> None:
         corr = await correlator_throughput(args.bootstrap, recs, len(recs) * per_record)
         print(f"[{label}] {len(recs) * per_record} anomalies")
         print(f"  passthrough (aiokafka consume+decode+produce): {pt:10.0f} anomalies/s")
-        print(f"  correlator (faust, 1 worker):                 {corr:10.0f} anomalies/s"
-              f"   ratio to passthrough {corr / pt:.2f}")
+        print(
+            f"  correlator (faust, 1 worker):                 {corr:10.0f} anomalies/s"
+            f"   ratio to passthrough {corr / pt:.2f}"
+        )
     lat = await correlator_latency(args.bootstrap, args.rate, args.seconds)
     if lat:
         q = statistics.quantiles(lat, n=100)
-        print(f"latency at {args.rate}/s ({len(lat)} samples): "
-              f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms")
+        print(
+            f"latency at {args.rate}/s ({len(lat)} samples): "
+            f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms"
+        )
     am = await alertmanager_peer(args.alertmanager, records[:50_000])
     if am is None:
         print("alertmanager: not reachable, peer skipped")

@@ -91,8 +91,10 @@ class TopicReader:
 
     async def start(self) -> None:
         c = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_wait_ms=20,
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
         )
         await c.start()
         try:

@@ -24,7 +24,7 @@ from agent.models import (
 )
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
-from tests.helpers import eventually, lab_settings, readers
+from tests.helpers import lab_settings, readers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -48,7 +48,10 @@ async def _scenario(
     target = Target(kind="Deployment", namespace="shop", name=name)
     cluster = FakeCluster()
     cluster.create_deployment(
-        "shop", name, image="registry.local/checkout:v1", replicas=3,
+        "shop",
+        name,
+        image="registry.local/checkout:v1",
+        replicas=3,
         at=utcnow() - timedelta(hours=3),
     )
     service = SimulatedService(cluster, namespace="shop", name=name)
@@ -73,7 +76,8 @@ async def _scenario(
             cluster.rollout("shop", name, image="registry.local/checkout:v2", at=utcnow())
             if require_approval:
                 await r["results"].wait_for(
-                    lambda xs: any(x.status == "pending_approval" for x in xs), 90,
+                    lambda xs: any(x.status == "pending_approval" for x in xs),
+                    90,
                     "pending approval",
                 )
                 await r["approvals"].wait_for(lambda xs: len(xs) >= 1, 10, "approval request")
@@ -134,23 +138,40 @@ async def test_bad_rollout_is_rolled_back_and_verified(
     assert w.revision == 3
     assert out["actions"][0].id in w.applied_action_ids
 
-    assert metric(agent, "sre_agent_remediation_total", service=name, action="rollback",
-                  result="success") == 1
-    assert metric(agent, "sre_agent_remediation_verified_total", service=name,
-                  action="rollback", outcome="healed") == 1
-    assert metric(agent, "sre_agent_anomalies_total", source="prometheus",
-                  name="high-error-rate", status="firing") >= 1
+    assert (
+        metric(
+            agent, "sre_agent_remediation_total", service=name, action="rollback", result="success"
+        )
+        == 1
+    )
+    assert (
+        metric(
+            agent,
+            "sre_agent_remediation_verified_total",
+            service=name,
+            action="rollback",
+            outcome="healed",
+        )
+        == 1
+    )
+    assert (
+        metric(
+            agent,
+            "sre_agent_anomalies_total",
+            source="prometheus",
+            name="high-error-rate",
+            status="firing",
+        )
+        >= 1
+    )
     assert metric(agent, "sre_agent_incidents_total", status="open") == 1
-    assert metric(agent, "sre_agent_incident_resolution_duration_seconds_count",
-                  service=name) == 1
+    assert metric(agent, "sre_agent_incident_resolution_duration_seconds_count", service=name) == 1
 
 
 async def test_rollback_requiring_approval_is_queued_not_executed(
     kafka_bootstrap: str, prometheus: Any, topic_prefix: str
 ) -> None:
-    out = await _scenario(
-        kafka_bootstrap, prometheus, topic_prefix, require_approval=("rollback",)
-    )
+    out = await _scenario(kafka_bootstrap, prometheus, topic_prefix, require_approval=("rollback",))
     name, agent = out["name"], out["agent"]
     approval = out["approvals"][0]
     assert approval.action.type == "rollback"
@@ -160,7 +181,19 @@ async def test_rollback_requiring_approval_is_queued_not_executed(
     assert not any(x.status == "succeeded" for x in out["results"])
     w = out["workload"]
     assert (w.image, w.revision) == ("registry.local/checkout:v2", 2), "nothing executed"
-    assert metric(agent, "sre_agent_remediation_total", service=name, action="rollback",
-                  result="pending_approval") == 1
-    assert metric(agent, "sre_agent_remediation_total", service=name, action="rollback",
-                  result="success") == 0
+    assert (
+        metric(
+            agent,
+            "sre_agent_remediation_total",
+            service=name,
+            action="rollback",
+            result="pending_approval",
+        )
+        == 1
+    )
+    assert (
+        metric(
+            agent, "sre_agent_remediation_total", service=name, action="rollback", result="success"
+        )
+        == 0
+    )

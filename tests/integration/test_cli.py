@@ -22,10 +22,16 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], cwd=REPO, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -51,10 +57,15 @@ def test_config_validate_names_every_bad_field(tmp_path: Path) -> None:
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     prefixes = sorted(line.split(":")[0] for line in lines)
-    assert prefixes == sorted([
-        "agent.mode", "remediation.confidence_threshold", "remediation.require_approval[1]",
-        "patterns[2].actions[0]", "surprise",
-    ]), lines
+    assert prefixes == sorted(
+        [
+            "agent.mode",
+            "remediation.confidence_threshold",
+            "remediation.require_approval[1]",
+            "patterns[2].actions[0]",
+            "surprise",
+        ]
+    ), lines
     # Once the structure is valid, promtool (Prometheus' own parser) checks the PromQL.
     bad.write_text(
         "patterns:\n  - name: ok\n    condition: up == 0\n"
@@ -96,7 +107,7 @@ def _free_port() -> int:
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
@@ -115,8 +126,12 @@ def test_run_serves_health_and_metrics_and_stops_on_sigterm(
         "SRE_AGENT__SERVER__PORT": str(port),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--role", "all"], cwd=REPO,
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "agent.cli", "run", "--role", "all"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:

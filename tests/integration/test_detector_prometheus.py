@@ -59,11 +59,19 @@ class Exporter:
 async def test_pattern_fires_after_for_and_resolves(prometheus: Any, kafka_bootstrap: str) -> None:
     service = f"svc{uuid.uuid4().hex[:6]}"
     settings = make_settings(
-        kafka_bootstrap, "unused.", prometheus_url=prometheus.url,
-        doc={"patterns": [{
-            "name": "queue-backlog", "severity": "warning", "for": "3s",
-            "condition": f'queue_depth{{service="{service}"}} > 5',
-        }]},
+        kafka_bootstrap,
+        "unused.",
+        prometheus_url=prometheus.url,
+        doc={
+            "patterns": [
+                {
+                    "name": "queue-backlog",
+                    "severity": "warning",
+                    "for": "3s",
+                    "condition": f'queue_depth{{service="{service}"}} > 5',
+                }
+            ]
+        },
     )
     pattern = settings.patterns[0]
     rec, metrics = Recorder(), Metrics()
@@ -84,7 +92,11 @@ async def test_pattern_fires_after_for_and_resolves(prometheus: Any, kafka_boots
                 await detector.evaluate_once(pattern)
             assert loop.time() - first_seen >= 3, "fired before `for` elapsed"
             fired = rec.items[0]
-            assert (fired.status, fired.name, fired.severity) == ("firing", "queue-backlog", "warning")
+            assert (fired.status, fired.name, fired.severity) == (
+                "firing",
+                "queue-backlog",
+                "warning",
+            )
             assert fired.labels["service"] == service and fired.labels["cluster"] == "test"
             assert fired.value == 10
             exp.value = 0
@@ -102,9 +114,13 @@ async def test_pattern_fires_after_for_and_resolves(prometheus: Any, kafka_boots
         await prom.close()
 
 
-async def test_query_failures_are_counted_and_survived(prometheus: Any, kafka_bootstrap: str) -> None:
+async def test_query_failures_are_counted_and_survived(
+    prometheus: Any, kafka_bootstrap: str
+) -> None:
     settings = make_settings(
-        kafka_bootstrap, "unused.", prometheus_url=prometheus.url,
+        kafka_bootstrap,
+        "unused.",
+        prometheus_url=prometheus.url,
         doc={"patterns": [{"name": "broken", "condition": "rate(up[5x])"}]},
     )
     metrics, rec = Metrics(), Recorder()
@@ -119,6 +135,12 @@ async def test_query_failures_are_counted_and_survived(prometheus: Any, kafka_bo
         await prom.close()
         await down.close()
     value = metrics.registry.get_sample_value
-    assert value("sre_agent_detector_errors_total", {"pattern": "broken", "reason": "invalid_query"}) == 1
-    assert value("sre_agent_detector_errors_total", {"pattern": "broken", "reason": "unavailable"}) == 1
+    assert (
+        value("sre_agent_detector_errors_total", {"pattern": "broken", "reason": "invalid_query"})
+        == 1
+    )
+    assert (
+        value("sre_agent_detector_errors_total", {"pattern": "broken", "reason": "unavailable"})
+        == 1
+    )
     assert rec.items == []

@@ -1,0 +1,75 @@
+"""Deployment artefacts stay true to the code: rules parse, and every sre_agent_* series
+the rules and the dashboard query is one the agent exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.metrics import Metrics
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SERIES = re.compile(r"\b(sre_agent_[a-z_]+)")
+
+
+def exported() -> set[str]:
+    names: set[str] = set()
+    for metric in Metrics().registry.collect():
+        names.add(metric.name)
+        names.update(s.name for s in metric.samples)
+        if metric.type == "counter":
+            names.add(metric.name + "_total")
+        if metric.type == "histogram":  # labelled: no samples until observed
+            names.update(metric.name + sfx for sfx in ("_sum", "_count", "_bucket"))
+    return names
+
+
+def queried() -> dict[str, str]:
+    found: dict[str, str] = {}
+    rules = yaml.safe_load((DEPLOY / "monitoring" / "self-healing-rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for name in SERIES.findall(rule["expr"]):
+                found[name] = rule.get("record") or rule.get("alert")
+    dash = json.loads((DEPLOY / "monitoring" / "dashboard.json").read_text())
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for name in SERIES.findall(target["expr"]):
+                found[name] = panel["title"]
+    return found
+
+
+def test_rules_and_dashboard_query_only_exported_series() -> None:
+    missing = {n: where for n, where in queried().items() if n not in exported()}
+    assert not missing, f"queried but never exported: {missing}"
+    assert "sre_agent_remediation_total" in queried()
+
+
+def test_rules_parse_with_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool (Debian package prometheus) is required: run scripts/system-deps.sh")
+    path = DEPLOY / "monitoring" / "self-healing-rules.yml"
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_manifests_use_the_least_privilege_service_account() -> None:
+    docs = [d for f in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert "*" not in verbs and "*" not in resources
+    assert not resources & {"secrets", "pods/exec", "clusterroles", "roles", "rolebindings"}
+    assert not verbs & {"escalate", "bind", "impersonate"}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            spec = d["spec"]["template"]["spec"]
+            assert spec["serviceAccountName"] == "sre-agent"
+            assert spec["securityContext"]["runAsNonRoot"] is True
