@@ -189,8 +189,16 @@ class Correlator:
 
     # --- processing ------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
-        async for events in stream.take_events(self.batch_size, within=self.batch_within):
+        # Manual acks: faust acks an event when the iterator moves past it, which inside
+        # take_events is *before* the batch is processed; a commit in between followed by a
+        # crash would lose the batch. Ack only after its state and events are produced
+        # (faust flushes the producer before it commits the acked offsets).
+        async for events in stream.noack().take_events(
+            self.batch_size, within=self.batch_within
+        ):
             await self.process(events)
+            for event in events:
+                event.ack()
 
     async def process(self, events: Iterable[Any]) -> None:
         by_partition: dict[int, list[tuple[str, Anomaly]]] = defaultdict(list)

@@ -142,7 +142,7 @@ class TopicReader:
             if remaining <= 0:
                 raise AssertionError(
                     f"timed out after {timeout}s waiting for {what or 'condition'} on "
-                    f"{self.topic}; have {len(self.items)} items: {self.items[-5:]!r}"
+                    f"{self.topic}; have {len(self.items)} items, last: {self.items[-1:]!r:.600}"
                 )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
