@@ -143,7 +143,12 @@ def describe(env: Envelope) -> str:
     return f"[{env.topic}] {v}"
 
 
-async def run_lab(settings: Settings, *, timeout: float = 240.0) -> int:  # noqa: ASYNC109
+async def run_lab(
+    settings: Settings,
+    *,
+    timeout: float = 240.0,  # noqa: ASYNC109 - the lab's own deadline, reported on expiry
+    baseline: float = 15.0,
+) -> int:
     from agent.runtime import Agent
 
     # A fresh prefix per run: earlier runs' events and correlator state stay out of it.
@@ -209,8 +214,11 @@ async def run_lab(settings: Settings, *, timeout: float = 240.0) -> int:  # noqa
     try:
         await agent.start()
         await tap_consumer.start()
-        print("lab: agent running (detector, correlator, analyzer, executor); baseline 15s")
-        await asyncio.sleep(15)
+        print(
+            "lab: agent running (detector, correlator, analyzer, executor); "
+            f"baseline {baseline:.0f}s"
+        )
+        await asyncio.sleep(baseline)
         cluster.rollout(ns, name, image="registry.local/checkout:v2", at=utcnow())
         print("lab: rolled out checkout:v2 (injected fault: 30% of requests fail)", flush=True)
         try:
