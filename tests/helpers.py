@@ -95,6 +95,8 @@ class TopicReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=20,
+            # Only what producers committed: exactly-once output must not be seen early.
+            isolation_level="read_committed",
         )
         await c.start()
         try:

@@ -17,6 +17,8 @@ from tests.helpers import make_settings, readers
 
 pytestmark = pytest.mark.integration
 
+GROUP_BY = ("cluster", "namespace", "service")
+
 
 def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 0.0) -> Anomaly:
     labels = {"cluster": "test", "namespace": "shop", "service": service}
@@ -34,10 +36,13 @@ def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 
     )
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_groups_dedups_and_restores_state_from_changelog(
-    kafka_bootstrap: str, topic_prefix: str
+    kafka_bootstrap: str, topic_prefix: str, guarantee: str
 ) -> None:
-    settings = make_settings(kafka_bootstrap, topic_prefix)
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
+    )
     metrics = Metrics()
     bus = Bus(settings.kafka, metrics=metrics)
     await bus.start()
@@ -131,3 +136,33 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
     assert len({i.id for i in items}) == 1
     assert {m.name for m in items[-1].members} == {"high-error-rate", "high-latency"}
     assert "anomalies[1].severity" in letters[0].error
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_quiet_incidents_resolve_on_the_timer(
+    kafka_bootstrap: str, topic_prefix: str, guarantee: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"correlation": {"processing_guarantee": guarantee, "resolve_timeout": "2s"}},
+    )
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+    a = anomaly("cart", "high-error-rate")
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=metrics, tick_interval=0.5),
+        ):
+            await bus.publish(bus.topic("anomalies"), a, key=group_key(a.labels, GROUP_BY))
+            items = await r["inc"].wait_for(
+                lambda xs: any(i.status == "resolved" for i in xs), 30, "timer resolution"
+            )
+    finally:
+        await bus.stop()
+    assert [i.status for i in items] == ["open", "resolved"]
+    assert items[1].resolved_at is not None
+    assert items[1].resolved_at - items[0].opened_at >= timedelta(seconds=2)
