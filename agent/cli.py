@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--config", default="config/lab.yaml")
     lab.add_argument("--timeout", type=float, default=240.0)
     lab.set_defaults(func=cmd_lab)
+    from agent.silence_cli import register as register_silences
+
+    register_silences(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ Labels = Mapping[Annotated[str, Field(max_length=256)], Annotated[str, Field(max
 Severity = Literal["info", "warning", "critical"]
 AnomalyStatus = Literal["firing", "resolved"]
 AnomalySource = Literal["prometheus", "kubernetes", "alertmanager", "feed", "agent"]
-IncidentStatus = Literal["open", "updated", "mitigating", "resolved", "reopened"]
+# "silenced": every firing member matches a silence; recorded, never analysed or acted on.
+IncidentStatus = Literal["open", "updated", "mitigating", "resolved", "reopened", "silenced"]
 ActionType = Literal[
     "rollback",
     "scale_up",
@@ -148,6 +150,7 @@ class Member:
     first_seen: AwareDatetime
     last_seen: AwareDatetime
     value: float | None = None
+    silenced_by: str | None = None  # id of the silence matching it when last seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,8 @@ class Incident:
 
     @property
     def firing(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.status == "firing")
+        """Firing members that are not silenced: what analysis and actions consider."""
+        return tuple(m for m in self.members if m.status == "firing" and not m.silenced_by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +303,64 @@ class ActionResult:
     @property
     def key(self) -> str:
         return self.target.key
+
+
+MatchOp = Literal["=", "!=", "=~", "!~"]
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """Alertmanager's label matcher: equality or a fully anchored regular expression."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    value: Annotated[str, Field(max_length=1024)]
+    op: MatchOp = "="
+
+    def __post_init__(self) -> None:
+        if self.op in ("=~", "!~"):
+            try:
+                re.compile(self.value)
+            except re.error as err:
+                raise ValueError(
+                    f"value: invalid regular expression {self.value!r}: {err}"
+                ) from err
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        actual = labels.get(self.name, "")
+        if self.op == "=":
+            return actual == self.value
+        if self.op == "!=":
+            return actual != self.value
+        hit = re.fullmatch(self.value, actual) is not None
+        return hit if self.op == "=~" else not hit
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    """Anomalies matching every matcher between starts_at and ends_at are silenced."""
+
+    id: NonEmpty
+    matchers: Annotated[tuple[Matcher, ...], Field(min_length=1)]
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
+    created_by: NonEmpty
+    comment: str
+    created_at: AwareDatetime
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.ends_at <= self.starts_at:
+            raise ValueError("ends_at: must be after starts_at")
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+    def active(self, at: datetime) -> bool:
+        return self.starts_at <= at < self.ends_at
+
+    def matches(self, labels: Mapping[str, str], at: datetime) -> bool:
+        return self.active(at) and all(m.matches(labels) for m in self.matchers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from agent.models import (
     IncidentStatus,
     Member,
     Severity,
+    Silence,
     group_key,
     stable_id,
 )
@@ -58,7 +59,7 @@ def _severity(members: Sequence[Member]) -> Severity:
     return _max_severity(firing or members)
 
 
-def _member(a: Anomaly) -> Member:
+def _member(a: Anomaly, silenced_by: str | None = None) -> Member:
     return Member(
         fingerprint=a.fingerprint,
         name=a.name,
@@ -69,16 +70,25 @@ def _member(a: Anomaly) -> Member:
         first_seen=a.starts_at,
         last_seen=a.observed_at,
         value=a.value,
+        silenced_by=silenced_by,
     )
 
 
-def _open(a: Anomaly, key: str, rules: CorrelationRules) -> Incident:
-    member = _member(a)
+def _live(members: Sequence[Member], status: IncidentStatus) -> IncidentStatus:
+    """``status``, unless every firing member is silenced: then the incident is silenced."""
+    firing = [m for m in members if m.status == "firing"]
+    if firing and all(m.silenced_by for m in firing):
+        return "silenced"
+    return status
+
+
+def _open(a: Anomaly, key: str, rules: CorrelationRules, silenced_by: str | None) -> Incident:
+    member = _member(a, silenced_by)
     return Incident(
         # Deterministic: replaying the same anomaly after a crash opens the same incident.
         id=stable_id(key, a.fingerprint, a.observed_at.isoformat()),
         key=key,
-        status="open",
+        status=_live((member,), "open"),
         severity=a.severity,
         labels={k: a.labels.get(k, "") for k in rules.group_by},
         members=(member,),
@@ -93,17 +103,19 @@ def correlate(
     now: datetime,
     rules: CorrelationRules,
     key: str | None = None,
+    silenced_by: str | None = None,
 ) -> tuple[Incident | None, Incident | None]:
     """Fold one anomaly into the group's state; returns (new state, event to publish or None).
 
-    ``key`` is the anomaly's group key when the caller already computed it.
+    ``key`` is the anomaly's group key when the caller already computed it; ``silenced_by``
+    the id of a silence matching the anomaly (it is recorded, not dropped).
     """
     key = key if key is not None else key_of(anomaly, rules)
     firing = anomaly.status == "firing"
     if state is None:
         if not firing:
             return None, None  # a resolution for something never seen: nothing to resolve
-        inc = _open(anomaly, key, rules)
+        inc = _open(anomaly, key, rules, silenced_by)
         return inc, inc
     if state.status == "resolved":
         if not firing:
@@ -115,17 +127,19 @@ def correlate(
         if known is not None and anomaly.observed_at < known.last_seen:
             return state, None  # older than what we know of this member: never move back
         if (anomaly.observed_at - state.resolved_at).total_seconds() > rules.reopen_window:
-            inc = _open(anomaly, key, rules)
+            inc = _open(anomaly, key, rules, silenced_by)
             return inc, inc
-        return _reopen(state, anomaly, now)
-    return _update(state, anomaly, now)
+        return _reopen(state, anomaly, now, silenced_by)
+    return _update(state, anomaly, now, silenced_by)
 
 
-def _reopen(state: Incident, anomaly: Anomaly, now: datetime) -> tuple[Incident, Incident]:
-    members = _upsert(state.members, anomaly)
+def _reopen(
+    state: Incident, anomaly: Anomaly, now: datetime, silenced_by: str | None
+) -> tuple[Incident, Incident]:
+    members = _upsert(state.members, anomaly, silenced_by)
     inc = replace(
         state,
-        status="reopened",
+        status=_live(members, "reopened"),
         members=members,
         severity=_severity(members),
         updated_at=max(anomaly.observed_at, state.updated_at),
@@ -135,26 +149,35 @@ def _reopen(state: Incident, anomaly: Anomaly, now: datetime) -> tuple[Incident,
     return inc, inc
 
 
-def _upsert(members: tuple[Member, ...], a: Anomaly) -> tuple[Member, ...]:
+def _upsert(
+    members: tuple[Member, ...], a: Anomaly, silenced_by: str | None = None
+) -> tuple[Member, ...]:
     for i, m in enumerate(members):
         if m.fingerprint == a.fingerprint:
             updated = replace(
-                m, status=a.status, last_seen=a.observed_at, value=a.value, severity=a.severity
+                m,
+                status=a.status,
+                last_seen=a.observed_at,
+                value=a.value,
+                severity=a.severity,
+                silenced_by=silenced_by,
             )
             return (*members[:i], updated, *members[i + 1 :])
-    return (*members, _member(a))
+    return (*members, _member(a, silenced_by))
 
 
-def _update(state: Incident, anomaly: Anomaly, now: datetime) -> tuple[Incident, Incident | None]:
+def _update(
+    state: Incident, anomaly: Anomaly, now: datetime, silenced_by: str | None
+) -> tuple[Incident, Incident | None]:
     existing = next((m for m in state.members if m.fingerprint == anomaly.fingerprint), None)
     if existing is not None:
         if anomaly.observed_at < existing.last_seen:
             return state, None  # out of order: never move a member backwards
-        if existing.status == anomaly.status:
+        if existing.status == anomaly.status and existing.silenced_by == silenced_by:
             # Dedup: refresh liveness silently; nothing an operator needs to hear about.
-            refreshed = _upsert(state.members, anomaly)
+            refreshed = _upsert(state.members, anomaly, silenced_by)
             return replace(state, members=refreshed), None
-    members = _upsert(state.members, anomaly)
+    members = _upsert(state.members, anomaly, silenced_by)
     changed_at = max(anomaly.observed_at, state.updated_at)
     if all(m.status == "resolved" for m in members):
         inc = replace(
@@ -167,7 +190,7 @@ def _update(state: Incident, anomaly: Anomaly, now: datetime) -> tuple[Incident,
             revision=state.revision + 1,
         )
         return inc, inc
-    status: IncidentStatus = "mitigating" if state.status == "mitigating" else "updated"
+    status = _live(members, "mitigating" if state.status == "mitigating" else "updated")
     inc = replace(
         state,
         status=status,
@@ -210,15 +233,25 @@ def expire(
     return inc, inc
 
 
+def silenced_by(anomaly: Anomaly, silences: Iterable[Silence]) -> str | None:
+    """The first silence active at the anomaly's observation time whose matchers match."""
+    for s in silences:
+        if s.matches(anomaly.labels, anomaly.observed_at):
+            return s.id
+    return None
+
+
 def correlate_batch(
     states: dict[str, Incident | None],
     anomalies: Iterable[Anomaly] | Iterable[tuple[str, Anomaly]],
     now: datetime,
     rules: CorrelationRules,
+    silences: Sequence[Silence] = (),
 ) -> tuple[dict[str, Incident | None], list[Incident]]:
     """Fold a batch; returns only the states that changed and the events in order.
 
     ``anomalies`` are anomalies, or (group key, anomaly) pairs when the caller has the keys.
+    Anomalies matching one of ``silences`` are folded as silenced members.
     Callers read the current state of every key in the batch into ``states`` once and write
     back the changed ones once, which is what keeps the stream hot path batched.
     """
@@ -227,7 +260,14 @@ def correlate_batch(
     for item in anomalies:
         k, a = item if isinstance(item, tuple) else (key_of(item, rules), item)
         current = changed[k] if k in changed else states.get(k)
-        new, event = correlate(current, a, now, rules, key=k)
+        new, event = correlate(
+            current,
+            a,
+            now,
+            rules,
+            key=k,
+            silenced_by=silenced_by(a, silences) if silences else None,
+        )
         if new is not current:
             changed[k] = new
         if event is not None:

@@ -28,17 +28,17 @@ from typing import Any
 import faust
 import orjson
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from agent.codec import encode, from_obj
-from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.errors import InvalidEvent
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, utcnow
 from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
 from streams.correlation import CorrelationRules, coalesce, correlate_batch, expire, key_of
-from streams.partitioning import partition_for
+from streams.partitioning import partition_for, topic_partitions
+from streams.silences import SilenceStore
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +86,6 @@ def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, 
             problems = "; ".join(f"anomalies[{i}].{p}" for p in err.problems)
             bad.append((f"invalid Anomaly in batch: {problems}", orjson.dumps(item)))
     return good, bad
-
-
-async def topic_partition_count(bootstrap: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    parts = [p for d in described for p in d.get("partitions", [])]
-    if not parts:
-        raise DependencyUnavailable(f"topic {topic} has no partitions (does it exist?)")
-    return len(parts)
 
 
 def rules_from(settings: Settings) -> CorrelationRules:
@@ -165,13 +152,15 @@ class Correlator:
         self._decoded: dict[str, tuple[bytes, Stored]] = {}
         self.processed = 0  # anomalies folded, for benchmarks and tests
         self.partitions = k.partitions  # the real count is read from the topic at start
+        self.silences = SilenceStore(k, topic(prefix, "silences"))
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if not self._started:
-            self.partitions = await topic_partition_count(
-                self.settings.kafka.bootstrap_servers, self.anomalies_name
+            self.partitions = len(
+                await topic_partitions(self.settings.kafka.bootstrap_servers, self.anomalies_name)
             )
+            await self.silences.start()
             await self.app.start()
             self._started = True
 
@@ -179,6 +168,7 @@ class Correlator:
         if self._started:
             self._started = False
             await self.app.stop()
+            await self.silences.stop()
 
     async def __aenter__(self) -> Correlator:
         await self.start()
@@ -193,9 +183,7 @@ class Correlator:
         # take_events is *before* the batch is processed; a commit in between followed by a
         # crash would lose the batch. Ack only after its state and events are produced
         # (faust flushes the producer before it commits the acked offsets).
-        async for events in stream.noack().take_events(
-            self.batch_size, within=self.batch_within
-        ):
+        async for events in stream.noack().take_events(self.batch_size, within=self.batch_within):
             await self.process(events)
             for event in events:
                 event.ack()
@@ -225,7 +213,9 @@ class Correlator:
 
     async def _fold(self, partition: int, anomalies: list[tuple[str, Anomaly]]) -> None:
         states = {k: self._load(k) for k in {k for k, _ in anomalies}}
-        changed, events = correlate_batch(states, anomalies, utcnow(), self.rules)
+        changed, events = correlate_batch(
+            states, anomalies, utcnow(), self.rules, self.silences.all()
+        )
         for k, inc in changed.items():
             self._store(partition, k, inc)
         await self._emit(coalesce(events))

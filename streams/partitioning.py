@@ -9,14 +9,18 @@ does not agree, which is why the correlator checks and re-routes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from agent.codec import encode
+from agent.errors import DependencyUnavailable
 from agent.models import Anomaly, AnomalyBatch, group_key
 
 MAX_BATCH = 500  # anomalies per record: keeps records far below the 1 MiB default limit
@@ -71,3 +75,27 @@ async def publish_anomalies(
     for f in futures:
         await f
     return len(futures)
+
+
+async def topic_partitions(bootstrap: str, topic: str, *, wait: float = 10.0) -> list[int]:
+    """The topic's partitions, from fresh metadata (waiting up to ``wait`` s for it to exist).
+
+    Asks the admin API: a consumer's cached metadata can lag a topic created moments ago.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            described = await admin.describe_topics([topic])
+            parts = [p["partition"] for d in described for p in d.get("partitions", [])]
+            if parts and all(d.get("error_code", 0) == 0 for d in described):
+                return sorted(parts)
+            if loop.time() > deadline:
+                raise DependencyUnavailable(f"kafka: topic {topic} not found")
+            await asyncio.sleep(0.1)
+    except KafkaError as err:
+        raise DependencyUnavailable(f"kafka {bootstrap}: {err}") from err
+    finally:
+        await admin.close()

@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def _ready(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -64,9 +64,14 @@ def _anomaly(group: int, n: int) -> Anomaly:
     labels = {"cluster": "test", "namespace": "shop", "service": f"svc-{group}", "pod": f"p{n}"}
     now = utcnow()
     return Anomaly(
-        fingerprint=fingerprint("prometheus", "errors", labels), source="prometheus",
-        name="errors", severity="warning", status="firing", labels=labels,
-        starts_at=now, observed_at=now,
+        fingerprint=fingerprint("prometheus", "errors", labels),
+        source="prometheus",
+        name="errors",
+        severity="warning",
+        status="firing",
+        labels=labels,
+        starts_at=now,
+        observed_at=now,
     )
 
 
@@ -74,9 +79,12 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     settings = make_settings(
-        kafka_bootstrap, topic_prefix,
-        doc={"kafka": {"partitions": PARTITIONS, "session_timeout_ms": 6000},
-             "correlation": {"resolve_timeout": "1h"}},
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "kafka": {"partitions": PARTITIONS, "session_timeout_ms": 6000},
+            "correlation": {"resolve_timeout": "1h"},
+        },
     )
     bus = Bus(settings.kafka, metrics=Metrics())
     await bus.start()
@@ -121,7 +129,22 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
                     {m.fingerprint for m in last[s].members} == sent[s] for s in sent
                 )
 
-            items = await r["inc"].wait_for(complete, 120, "every anomaly in an incident")
+            try:
+                items = await r["inc"].wait_for(complete, 120, "every anomaly in an incident")
+            except AssertionError:
+                last: dict[str, Incident] = {}
+                for i in r["inc"].items:
+                    last[i.labels["service"]] = i
+                missing = {
+                    s: len(sent[s] - {m.fingerprint for m in last[s].members})
+                    if s in last
+                    else "all"
+                    for s in sent
+                }
+                raise AssertionError(
+                    f"incomplete after 120 s; missing members per service: {missing}; "
+                    f"workers alive: {[w.poll() is None for w in workers]}"
+                ) from None
             recovered = time.monotonic() - t_kill
     finally:
         for w in workers:
@@ -145,6 +168,8 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
         assert len(members) == len(set(members)) == PER_GROUP, f"{service}: members wrong"
         # Revisions only move forward, and the last state is the complete one.
         assert final.revision == max(i.revision for i in incidents)
-    print(f"\nkill -> every anomaly reflected in its incident: {recovered:.1f} s "
-          f"(session timeout 6 s); {len(items)} incident events for {GROUPS} incidents")
+    print(
+        f"\nkill -> every anomaly reflected in its incident: {recovered:.1f} s "
+        f"(session timeout 6 s); {len(items)} incident events for {GROUPS} incidents"
+    )
     assert workers[1].returncode == 0 and workers[2].returncode == 0, "survivors stop cleanly"

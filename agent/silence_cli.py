@@ -1,0 +1,136 @@
+"""`sre-agent silence add|list|expire`: silences as records on the silences topic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from agent.errors import ConfigError
+from agent.metrics import Metrics
+from agent.models import Matcher, Silence, new_id, utcnow
+from agent.settings import Settings, load_settings, parse_duration
+from streams.bus import Bus, create_topics
+from streams.silences import SilenceStore
+
+_MATCHER = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(=~|!~|!=|=)(.*)$")
+
+
+def parse_matcher(text: str) -> Matcher:
+    """'service=checkout', 'namespace=~shop-.*', 'env!=dev' -> Matcher (validated)."""
+    m = _MATCHER.match(text)
+    if m is None:
+        raise ConfigError(
+            [f"matcher {text!r}: expected NAME=VALUE, NAME!=VALUE, NAME=~RE or NAME!~RE"]
+        )
+    try:
+        return Matcher(name=m.group(1), op=m.group(2), value=m.group(3))  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ConfigError([f"matcher {text!r}: {err}"]) from err
+
+
+def describe(s: Silence, now: datetime) -> str:
+    state = "active" if s.active(now) else ("pending" if s.starts_at > now else "expired")
+    matchers = ",".join(f"{m.name}{m.op}{m.value}" for m in s.matchers)
+    return (
+        f"{s.id}  {state:8} {matchers}  {s.starts_at:%Y-%m-%dT%H:%M:%SZ} -> "
+        f"{s.ends_at:%Y-%m-%dT%H:%M:%SZ}  by {s.created_by}: {s.comment}"
+    )
+
+
+async def _store(settings: Settings) -> SilenceStore:
+    await create_topics(settings.kafka, ["silences"])
+    store = SilenceStore(settings.kafka, f"{settings.kafka.topic_prefix}silences")
+    await store.start()
+    return store
+
+
+async def _publish(settings: Settings, silence: Silence) -> None:
+    async with Bus(settings.kafka, metrics=Metrics(), name="cli") as bus:
+        await bus.publish(bus.topic("silences"), silence)
+
+
+async def add(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    matchers = tuple(parse_matcher(m) for m in args.matcher)
+    seconds = parse_duration(args.duration)
+    if not isinstance(seconds, float) or seconds <= 0:
+        raise ConfigError([f"--duration: must be positive, got {args.duration!r}"])
+    now = utcnow()
+    start = datetime.fromisoformat(args.start) if args.start else now
+    if start.tzinfo is None:
+        raise ConfigError(["--start: must carry a timezone, e.g. 2026-01-01T10:00:00Z"])
+    silence = Silence(
+        id=new_id(),
+        matchers=matchers,
+        starts_at=start,
+        ends_at=start + timedelta(seconds=seconds),
+        created_by=args.author,
+        comment=args.comment,
+        created_at=now,
+    )
+    await create_topics(settings.kafka, ["silences"])
+    await _publish(settings, silence)
+    print(silence.id)
+    return 0
+
+
+async def list_(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    store = await _store(settings)
+    try:
+        now = utcnow()
+        for s in sorted(store.all(), key=lambda s: s.starts_at):
+            if args.all or s.ends_at > now:
+                print(describe(s, now))
+    finally:
+        await store.stop()
+    return 0
+
+
+async def expire(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    store = await _store(settings)
+    try:
+        current = store.silences.get(args.id)
+    finally:
+        await store.stop()
+    if current is None:
+        raise ConfigError([f"silence {args.id}: no such silence"])
+    now = utcnow()
+    if current.ends_at <= now:
+        print(f"{args.id} already expired")
+        return 0
+    ends = max(now, current.starts_at + timedelta(milliseconds=1))
+    await _publish(settings, replace(current, ends_at=ends))
+    print(f"{args.id} expired")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sil = sub.add_parser("silence", help="silences: matched anomalies are recorded, not acted on")
+    sil_sub = sil.add_subparsers(dest="silence_command", required=True)
+    a = sil_sub.add_parser("add", help="add a silence; prints its id")
+    a.add_argument(
+        "-m",
+        "--matcher",
+        action="append",
+        required=True,
+        help="NAME=VALUE, NAME!=VALUE, NAME=~REGEX or NAME!~REGEX (repeatable)",
+    )
+    a.add_argument("--duration", default="2h", help="e.g. 30m, 2h (default 2h)")
+    a.add_argument("--start", default=None, help="ISO time with zone (default now)")
+    a.add_argument("--author", required=True)
+    a.add_argument("--comment", required=True)
+    a.add_argument("--config", default=None)
+    a.set_defaults(func=lambda ns: asyncio.run(add(ns)))
+    ls = sil_sub.add_parser("list", help="active and pending silences")
+    ls.add_argument("--all", action="store_true", help="include expired ones")
+    ls.add_argument("--config", default=None)
+    ls.set_defaults(func=lambda ns: asyncio.run(list_(ns)))
+    ex = sil_sub.add_parser("expire", help="end a silence now")
+    ex.add_argument("id")
+    ex.add_argument("--config", default=None)
+    ex.set_defaults(func=lambda ns: asyncio.run(expire(ns)))

@@ -1,0 +1,108 @@
+"""Silences end to end: created and expired with the CLI, honoured by the correlator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.metrics import Metrics
+from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
+from streams.bus import Bus
+from streams.correlator import Correlator
+from tests.helpers import eventually, make_settings, readers
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "silence", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def anomaly(service: str, name: str = "errors") -> Anomaly:
+    labels = {"cluster": "test", "namespace": "shop", "service": service}
+    now = utcnow()
+    return Anomaly(
+        fingerprint=fingerprint("prometheus", name, labels),
+        source="prometheus",
+        name=name,
+        severity="critical",
+        status="firing",
+        labels=labels,
+        starts_at=now,
+        observed_at=now,
+    )
+
+
+async def test_cli_silence_is_honoured_then_expired(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    env = {
+        "SRE_AGENT__KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "SRE_AGENT__KAFKA__TOPIC_PREFIX": topic_prefix,
+    }
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus = Bus(settings.kafka, metrics=Metrics())
+    await bus.start()
+    await bus.create_topics()
+    sid = cli(
+        env,
+        "add",
+        "-m",
+        "service=checkout",
+        "-m",
+        "namespace=~sh.*",
+        "--duration",
+        "1h",
+        "--author",
+        "alice",
+        "--comment",
+        "planned failover",
+    )
+    listed = cli(env, "list")
+    assert sid in listed and "active" in listed and "service=checkout" in listed
+
+    async def send(a: Anomaly) -> None:
+        await bus.publish(
+            bus.topic("anomalies"), a, key=group_key(a.labels, settings.correlation.group_by)
+        )
+
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=Metrics()) as corr,
+        ):
+            assert sid in corr.silences.silences  # loaded before the first anomaly
+            await send(anomaly("checkout"))
+            await send(anomaly("cart"))
+            items = await r["inc"].wait_for(lambda xs: len(xs) >= 2, 60, "two incidents")
+            by = {i.labels["service"]: i for i in items}
+            assert by["checkout"].status == "silenced"
+            assert by["checkout"].members[0].silenced_by == sid
+            assert by["cart"].status == "open"
+
+            assert cli(env, "expire", sid) == f"{sid} expired"
+            await eventually(
+                lambda: not corr.silences.silences[sid].active(utcnow()), 20, what="expiry"
+            )
+            await send(anomaly("checkout"))
+            items = await r["inc"].wait_for(lambda xs: len(xs) >= 3, 60, "update after expiry")
+    finally:
+        await bus.stop()
+    last = items[-1]
+    assert last.labels["service"] == "checkout" and last.status == "updated"
+    assert last.members[0].silenced_by is None
+    assert "expired" in cli(env, "list", "--all") and sid not in cli(env, "list")

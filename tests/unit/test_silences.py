@@ -1,0 +1,123 @@
+"""Silences: matchers, activity windows, and silenced anomalies recorded, not acted on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import ConfigError
+from agent.models import Matcher, Silence
+from agent.silence_cli import parse_matcher
+from streams.correlation import CorrelationRules, correlate, correlate_batch, silenced_by
+from streams.silences import apply
+from tests.unit.factories import anomaly, at
+
+RULES = CorrelationRules()
+SHOP = {"cluster": "c1", "namespace": "shop", "service": "checkout"}
+
+
+def silence(*matchers: Matcher, start: float = 0, end: float = 3600, sid: str = "s1") -> Silence:
+    return Silence(
+        id=sid,
+        matchers=matchers,
+        starts_at=at(start),
+        ends_at=at(end),
+        created_by="alice",
+        comment="maintenance",
+        created_at=at(start),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "labels", "hit"),
+    [
+        ("service=checkout", SHOP, True),
+        ("service=cart", SHOP, False),
+        ("service!=cart", SHOP, True),
+        ("namespace=~sh.p", SHOP, True),
+        ("namespace=~sh", SHOP, False),  # anchored, like Alertmanager
+        ("namespace!~sh.*", SHOP, False),
+        ("missing=", SHOP, True),  # an absent label matches the empty string
+    ],
+)
+def test_matchers(text: str, labels: dict[str, str], hit: bool) -> None:
+    assert parse_matcher(text).matches(labels) is hit
+
+
+@pytest.mark.parametrize("text", ["service", "=x", "namespace=~(", "1abc=x"])
+def test_bad_matchers_are_refused_with_the_reason(text: str) -> None:
+    with pytest.raises(ConfigError, match="matcher"):
+        parse_matcher(text)
+
+
+def test_a_silence_applies_only_inside_its_window_and_to_all_matchers() -> None:
+    s = silence(Matcher("service", "checkout"), Matcher("namespace", "shop"), start=10, end=20)
+    assert silenced_by(anomaly(labels=SHOP, t=15), [s]) == "s1"
+    assert silenced_by(anomaly(labels=SHOP, t=5), [s]) is None
+    assert silenced_by(anomaly(labels=SHOP, t=20), [s]) is None
+    other = {**SHOP, "namespace": "prod"}
+    assert silenced_by(anomaly(labels=other, t=15), [s]) is None
+
+
+def test_silenced_anomalies_are_recorded_in_a_silenced_incident() -> None:
+    s = silence(Matcher("service", "checkout"))
+    _states, events = correlate_batch({}, [anomaly(labels=SHOP, t=1)], at(1), RULES, [s])
+    (inc,) = events
+    assert inc.status == "silenced"
+    assert inc.members[0].silenced_by == "s1"
+    assert inc.firing == ()  # nothing for the analyzer or the executor
+    # A second, unsilenced anomaly in the group makes it a live incident again.
+    loud = anomaly("high-latency", labels=SHOP, t=2)
+    _new, event = correlate(inc, loud, at(2), RULES)
+    assert event is not None and event.status == "updated"
+    assert [m.name for m in event.firing] == ["high-latency"]
+
+
+def test_expiry_of_a_silence_turns_a_repeat_into_an_update() -> None:
+    s = silence(Matcher("service", "checkout"), end=10)
+    _, (inc,) = correlate_batch({}, [anomaly(labels=SHOP, t=1)], at(1), RULES, [s])
+    _states, events = correlate_batch(
+        {inc.key: inc}, [anomaly(labels=SHOP, t=11)], at(11), RULES, [s]
+    )
+    assert [e.status for e in events] == ["updated"]
+    assert events[0].members[0].silenced_by is None
+
+
+def test_store_applies_records_and_tombstones() -> None:
+    from agent.codec import encode
+
+    store: dict[str, Silence] = {}
+    s = silence(Matcher("service", "checkout"))
+    apply(store, "s1", encode(s))
+    apply(store, "junk", b"not json")  # ignored, with a warning
+    assert store == {"s1": s}
+    apply(store, "s1", None)
+    assert store == {}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["checkout", "cart"]),
+            st.integers(0, 50),
+            st.sampled_from(["firing", "resolved"]),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_silenced_members_never_reach_analysis(steps: list[tuple[str, int, str]]) -> None:
+    s = silence(Matcher("service", "checkout"), end=timedelta(days=1).total_seconds())
+    items = [
+        anomaly(f"p{t % 3}", labels={**SHOP, "service": svc}, t=t, status=status)  # type: ignore[arg-type]
+        for svc, t, status in sorted(steps, key=lambda x: x[1])
+    ]
+    states, events = correlate_batch({}, items, at(60), RULES, [s])
+    for inc in [*events, *(v for v in states.values() if v is not None)]:
+        assert all(m.labels["service"] != "checkout" for m in inc.firing)
+        if inc.labels["service"] == "checkout":
+            assert inc.status in ("silenced", "resolved")
