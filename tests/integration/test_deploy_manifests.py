@@ -1,0 +1,42 @@
+"""The project's own manifests are accepted by a real API server (server-side dry run:
+schema, defaulting and admission, without persisting)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.k8s]
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_manifests_pass_server_side_dry_run(k8s_cluster: Any) -> None:
+    # Namespaced objects need their namespace to exist even in a dry run.
+    try:
+        k8s_cluster.kubectl_run("create", "namespace", "sre-agent")
+    except subprocess.CalledProcessError as err:
+        assert "AlreadyExists" in err.stderr, err.stderr
+    try:
+        out = k8s_cluster.kubectl_run("apply", "--dry-run=server", "-f", str(DEPLOY))
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"kubectl apply --dry-run=server rejected deploy/: {err.stderr}")
+    for kind in (
+        "clusterrole.rbac.authorization.k8s.io/sre-agent",
+        "deployment.apps/sre-agent-detector",
+        "poddisruptionbudget.policy/sre-agent-correlator",
+        "serviceaccount/sre-agent",
+    ):
+        assert kind in out, out
+    assert "(server dry run)" in out
+    # Nothing was created by the dry run.
+    missing = subprocess.run(
+        k8s_cluster.kubectl_cmd("get", "deployment", "sre-agent-detector", "-n", "sre-agent"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode != 0 and "NotFound" in missing.stderr
