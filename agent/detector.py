@@ -8,6 +8,17 @@ it has held that long; an instance that disappears is published once as resolved
 :func:`evaluate` is pure; :class:`PromQLDetector` runs it on each pattern's interval.
 Firing instances are re-published at every evaluation: the correlator dedups them by
 fingerprint and uses them as liveness for ``resolve_timeout``.
+
+High availability: with ``detectors.prometheus.align`` every pattern is evaluated at the
+wall-clock multiples of its interval (the *slot*), Prometheus is queried at that instant and
+anomalies are stamped with it. Replicas therefore publish identical anomalies (same
+fingerprint, ``observed_at`` and ``id``) and the correlator's fingerprint dedup absorbs
+the copies: two replicas, one incident.
+
+Failures are observations too. A query Prometheus rejects ``failure_threshold`` times in a
+row raises the agent's own ``pattern-query-failed`` anomaly for that pattern; an endpoint
+that stops answering opens its circuit breaker (no more queries until ``reset_timeout``)
+and raises ``prometheus-unavailable``. Both resolve on the next successful query.
 """
 
 from __future__ import annotations
@@ -15,22 +26,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from agent.breaker import BreakerRules, CircuitBreaker
 from agent.errors import AgentError
+from agent.labels import SERVICE_LABELS, normalise
 from agent.metrics import Metrics
-from agent.models import Anomaly, fingerprint, group_key, utcnow
+from agent.models import Anomaly, AnomalyStatus, Severity, fingerprint, group_key, stable_id, utcnow
 from agent.prom import PromClient, Sample
 from agent.settings import PatternSpec, Settings
 
 log = logging.getLogger(__name__)
 
-# Labels that identify an instance; the rest (e.g. pod-hash values) would split one fault
-# into many anomalies when a deployment rolls.
-SERVICE_LABELS = ("service", "app", "app_kubernetes_io_name", "job")
+__all__ = ["SERVICE_LABELS", "PromQLDetector", "evaluate", "instance_labels", "next_slot"]
+
+UNAVAILABLE = "prometheus-unavailable"
+QUERY_FAILED = "pattern-query-failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +63,14 @@ class PatternState:
 
 
 def instance_labels(sample: Sample, cluster: str) -> dict[str, str]:
-    labels = {k: v for k, v in sample.labels.items() if k != "__name__"}
-    labels.setdefault("cluster", cluster)
-    if "service" not in labels:
-        svc = next((labels[k] for k in SERVICE_LABELS if labels.get(k)), "")
-        labels["service"] = svc
-    labels.setdefault("namespace", "default")
-    return labels
+    return normalise(sample.labels, cluster)
+
+
+def next_slot(now: float, interval: float, delay: float) -> float:
+    """The next evaluation slot (epoch seconds, a multiple of ``interval``) whose query
+    time ``slot + delay`` is not in the past. Pure: replicas agree on it."""
+    slot = math.floor((now - delay) / interval) * interval
+    return slot if slot + delay >= now else slot + interval
 
 
 def evaluate(
@@ -93,6 +110,11 @@ def _anomaly(
     now: datetime,
     value: float | None,
 ) -> Anomaly:
+    annotations = {"condition": pattern.condition.strip(), "description": pattern.description}
+    if value is not None and not math.isfinite(value):
+        # e.g. histogram_quantile() in the +Inf bucket: keep it readable, JSON has no Inf.
+        annotations["value"] = str(value)
+        value = None
     return Anomaly(
         fingerprint=fp,
         source="prometheus",
@@ -100,10 +122,60 @@ def _anomaly(
         severity=pattern.severity,
         status=status,  # type: ignore[arg-type]
         labels=dict(labels),
-        annotations={"condition": pattern.condition.strip(), "description": pattern.description},
+        annotations=annotations,
         value=value,
         starts_at=inst.fired_at or now,
         observed_at=now,
+        # Deterministic, so replicas evaluating the same slot publish identical events.
+        id=stable_id("prometheus", fp, status, now.isoformat()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Consecutive failures of one thing the agent depends on, and whether it alerted."""
+
+    failures: int = 0
+    since: datetime | None = None  # when the agent's own anomaly started firing
+
+
+def health_step(
+    h: Health, ok: bool, now: datetime, threshold: int
+) -> tuple[Health, AnomalyStatus | None]:
+    """Pure: the new health and what to publish (firing again while down: liveness)."""
+    if ok:
+        return Health(), ("resolved" if h.since is not None else None)
+    failures = h.failures + 1
+    if h.since is not None:
+        return replace(h, failures=failures), "firing"
+    if failures >= threshold:
+        return Health(failures=failures, since=now), "firing"
+    return Health(failures=failures), None
+
+
+def agent_anomaly(
+    name: str,
+    status: AnomalyStatus,
+    *,
+    severity: Severity,
+    labels: Mapping[str, str],
+    since: datetime,
+    now: datetime,
+    error: str,
+) -> Anomaly:
+    """An anomaly of the agent itself (it cannot see what it is supposed to watch)."""
+    fp = fingerprint("agent", name, labels)
+    return Anomaly(
+        fingerprint=fp,
+        source="agent",
+        name=name,
+        severity=severity,
+        status=status,
+        labels=dict(labels),
+        annotations={"error": error[:4000]},
+        starts_at=since,
+        observed_at=now,
+        id=stable_id("agent", fp, status, now.isoformat()),
     )
 
 
@@ -122,13 +194,23 @@ class PromQLDetector:
         publish: Publisher,
         topic: str,
         metrics: Metrics,
+        clock: Callable[[], float] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.prom = prom
         self.publisher = publish
         self.topic = topic
         self.metrics = metrics
+        self.wall = wall  # only for finding the next slot; decisions take ``now``
+        cfg = settings.detectors.prometheus
+        self.breaker = CircuitBreaker(
+            BreakerRules(failure_threshold=cfg.failure_threshold, reset_timeout=cfg.reset_timeout),
+            clock=clock or _loop_time,
+        )
         self.states: dict[str, PatternState] = {}
+        self.query_health: dict[str, Health] = {}
+        self.unavailable_since: datetime | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -147,28 +229,121 @@ class PromQLDetector:
 
     async def _loop(self, pattern: PatternSpec) -> None:
         interval = pattern.interval or self.settings.monitoring.evaluation_interval
+        cfg = self.settings.detectors.prometheus
+        if not cfg.align:
+            while True:
+                await self._evaluate_logged(pattern, None)
+                await asyncio.sleep(interval)
+        delay = min(cfg.evaluation_delay, interval / 2)
+        # Start with the slot just past, so a restarted replica catches up at once.
+        slot = next_slot(self.wall(), interval, delay) - interval
         while True:
-            await self.evaluate_once(pattern)
-            await asyncio.sleep(interval)
+            await self._evaluate_logged(pattern, datetime.fromtimestamp(slot, UTC))
+            slot = next_slot(self.wall(), interval, delay)  # skips slots missed while slow
+            await asyncio.sleep(max(0.0, slot + delay - self.wall()))
 
-    async def evaluate_once(self, pattern: PatternSpec) -> list[Anomaly]:
+    async def _evaluate_logged(self, pattern: PatternSpec, at: datetime | None) -> None:
         try:
-            samples = await self.prom.query(pattern.condition)
+            await self.evaluate_once(pattern, at)
+        except AgentError as err:  # e.g. Kafka down: the next slot retries with fresh state
+            log.warning("pattern %s: publishing failed: %s", pattern.name, err)
+
+    async def evaluate_once(
+        self, pattern: PatternSpec, at: datetime | None = None
+    ) -> list[Anomaly]:
+        """Evaluate one pattern now, or at the slot ``at``; returns the pattern's anomalies
+        (the agent's own anomalies about failures are published beside them)."""
+        now = at or utcnow()
+        if not self.breaker.allow():
+            self.metrics.detector_errors.labels(pattern=pattern.name, reason="circuit_open").inc()
+            await self._publish(self._endpoint_health(now, "circuit open"))
+            return []
+        try:
+            samples = await self.prom.query(pattern.condition, at=at)
         except AgentError as err:
-            reason = "invalid_query" if not err.retriable else "unavailable"
+            if err.retriable:
+                reason = "unavailable"
+                self.breaker.record_failure()
+                agent = self._endpoint_health(now, str(err))
+            else:  # Prometheus answered: the endpoint is fine, the query is not
+                reason = "invalid_query"
+                self.breaker.record_success()
+                agent = self._endpoint_health(now, "") + self._query_health(
+                    pattern, False, now, str(err)
+                )
             self.metrics.detector_errors.labels(pattern=pattern.name, reason=reason).inc()
             log.warning("pattern %s: query failed: %s", pattern.name, err)
+            await self._publish(agent)
             return []
+        self.breaker.record_success()
+        agent = self._endpoint_health(now, "") + self._query_health(pattern, True, now, "")
         state = self.states.get(pattern.name, PatternState())
-        new_state, anomalies = evaluate(
-            pattern, samples, state, utcnow(), self.settings.agent.cluster
-        )
+        new_state, anomalies = evaluate(pattern, samples, state, now, self.settings.agent.cluster)
+        await self._publish(anomalies + agent)
+        # Only after the anomalies are durable, so a failed publish is retried next round.
+        self.states[pattern.name] = new_state
+        return anomalies
+
+    async def _publish(self, anomalies: list[Anomaly]) -> None:
+        if not anomalies:
+            return
         group_by = self.settings.correlation.group_by
         await self.publisher.publish_many(
             [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
         )
-        # Only after the anomalies are durable, so a failed publish is retried next round.
-        self.states[pattern.name] = new_state
         for a in anomalies:
             self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
-        return anomalies
+
+    def _agent_labels(self, **extra: str) -> dict[str, str]:
+        labels = {"service": self.settings.agent.name, "endpoint": self.prom.url, **extra}
+        return normalise(labels, self.settings.agent.cluster)
+
+    def _endpoint_health(self, now: datetime, error: str) -> list[Anomaly]:
+        """``prometheus-unavailable`` follows the breaker: firing while it is not closed."""
+        down, since = self.breaker.is_open, self.unavailable_since
+        if since is None:
+            if not down:
+                return []
+            since = self.unavailable_since = now
+            log.error("prometheus %s unavailable: %s", self.prom.url, error)
+        elif not down:
+            self.unavailable_since = None
+            log.info("prometheus %s answers again", self.prom.url)
+        return [
+            agent_anomaly(
+                UNAVAILABLE,
+                "firing" if down else "resolved",
+                severity="critical",
+                labels=self._agent_labels(),
+                since=since,
+                now=now,
+                error=error or "",
+            )
+        ]
+
+    def _query_health(
+        self, pattern: PatternSpec, ok: bool, now: datetime, error: str
+    ) -> list[Anomaly]:
+        h = self.query_health.get(pattern.name, Health())
+        threshold = self.settings.detectors.prometheus.failure_threshold
+        new, status = health_step(h, ok, now, threshold)
+        self.query_health[pattern.name] = new
+        if status is None:
+            return []
+        since = new.since or h.since
+        assert since is not None
+        return [
+            agent_anomaly(
+                QUERY_FAILED,
+                status,
+                severity="warning",
+                labels=self._agent_labels(pattern=pattern.name),
+                since=since,
+                now=now,
+                error=error,
+            )
+        ]
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()

@@ -9,10 +9,12 @@ is :class:`DependencyUnavailable`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import requests
 from prometheus_api_client import PrometheusConnect
@@ -46,12 +48,18 @@ class PromClient:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prom")
         self._closed = False
 
-    async def query(self, expr: str) -> list[Sample]:
+    async def query(self, expr: str, *, at: datetime | None = None) -> list[Sample]:
+        """Evaluate ``expr`` now, or at the instant ``at`` (what HA replicas agree on)."""
         loop = asyncio.get_running_loop()
+        # Prometheus aborts the query itself after the timeout, so a slow query does not
+        # keep burning its CPU after we gave up on it.
+        params = {"timeout": f"{self.timeout:g}s"}
+        if at is not None:
+            params["time"] = f"{at.timestamp():.3f}"
+        call = functools.partial(self._client.custom_query, expr, params=params)
         try:
             raw = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, self._client.custom_query, expr),
-                timeout=self.timeout + 1,
+                loop.run_in_executor(self._pool, call), timeout=self.timeout + 1
             )
         except PrometheusApiClientException as err:
             if "400" in str(err) or "bad_data" in str(err):

@@ -208,10 +208,22 @@ async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None)
 
 
 Handler = Callable[[list[Envelope]], Awaitable[None]]
+# Bytes -> value; raises InvalidEvent naming the problem (the record is dead-lettered).
+Decoder = Callable[[bytes], Any]
+
+
+def _decoder(spec: type[Any] | Decoder) -> Decoder:
+    if isinstance(spec, type):
+        return lambda raw: decode(spec, raw)
+    return spec
 
 
 class BatchConsumer:
-    """Consume ``topics`` (name -> event type) in group ``group_id`` and hand batches over."""
+    """Consume ``topics`` in group ``group_id`` and hand batches over.
+
+    ``topics`` maps a topic to the event type its records decode into, or to a decode
+    function (bytes -> value, raising InvalidEvent) for records in a foreign format.
+    """
 
     def __init__(
         self,
@@ -219,7 +231,7 @@ class BatchConsumer:
         *,
         name: str,
         group_id: str,
-        topics: Mapping[str, type[Any]],
+        topics: Mapping[str, type[Any] | Decoder],
         handler: Handler,
         max_records: int = 500,
         from_beginning: bool = True,
@@ -229,6 +241,7 @@ class BatchConsumer:
         self.name = name
         self.group_id = group_id
         self.types = dict(topics)
+        self._decoders = {t: _decoder(spec) for t, spec in topics.items()}
         self.handler = handler
         self.max_records = max_records
         self.from_beginning = from_beginning
@@ -301,7 +314,7 @@ class BatchConsumer:
             offsets: dict[TopicPartition, int] = {}
             good: list[Envelope] = []
             for tp, records in batches.items():
-                cls = self.types[tp.topic]
+                decoder = self._decoders[tp.topic]
                 for rec in records:
                     offsets[tp] = rec.offset + 1
                     key = rec.key.decode("utf-8", "replace") if rec.key else None
@@ -309,7 +322,7 @@ class BatchConsumer:
                         good.append(Envelope(tp.topic, tp.partition, rec.offset, key, None))
                         continue
                     try:
-                        value = decode(cls, rec.value)
+                        value = decoder(rec.value)
                     except InvalidEvent as err:
                         await self.bus.dead_letter(
                             source_topic=tp.topic,

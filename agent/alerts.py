@@ -1,0 +1,156 @@
+"""Alertmanager's alerts as anomalies: the payload model and its normalisation.
+
+Used by the webhook receiver (:mod:`agent.webhook`) and by Kafka feeds in Alertmanager
+format (:mod:`agent.feeds`). Payloads are validated once, here, into frozen dataclasses;
+a violation raises :class:`~agent.errors.InvalidEvent` naming the field
+(``alerts[0].labels: ...``).
+
+Identity: an alert's fingerprint is ours, ``fingerprint("alertmanager", alertname,
+labels)`` over the normalised label set, not Alertmanager's own ``fingerprint`` field.
+Both are functions of the label set only, so they agree on what "the same alert" is, but
+ours is also defined for producers that send no fingerprint (feeds, older versions), is
+the same whichever transport delivered the alert (webhook or feed) and is the same on every
+agent replica and for every Alertmanager peer of an HA cluster: duplicate deliveries
+collapse in the correlator's fingerprint dedup.
+
+``observed_at`` is the time of receipt (a repeated notification is liveness for the
+correlator's ``resolve_timeout``); ``starts_at`` is the alert's ``startsAt``. Annotations
+are kept verbatim as untrusted data (they are attacker-reachable text) and never
+interpreted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field
+
+from agent.codec import from_obj
+from agent.errors import InvalidEvent
+from agent.labels import normalise
+from agent.models import (
+    Anomaly,
+    AnomalySource,
+    Labels,
+    Severity,
+    fingerprint,
+    stable_id,
+)
+
+MAX_ALERTS = 1000
+
+_SEVERITY: Mapping[str, Severity] = {
+    "critical": "critical",
+    "page": "critical",
+    "error": "critical",
+    "high": "critical",
+    "warning": "warning",
+    "warn": "warning",
+    "medium": "warning",
+    "info": "info",
+    "informational": "info",
+    "low": "info",
+    "none": "info",
+}
+
+
+def _has_alertname(labels: Mapping[str, str]) -> Mapping[str, str]:
+    if not labels.get("alertname"):
+        raise ValueError("labels.alertname is required")
+    return labels
+
+
+_LENIENT = ConfigDict(extra="ignore")
+
+
+@dataclass(frozen=True, slots=True)
+class AmAlert:
+    """One alert as Alertmanager sends it (webhook ``alerts[]``, API v2 ``postableAlert``)."""
+
+    __pydantic_config__ = _LENIENT
+    labels: Annotated[Labels, AfterValidator(_has_alertname)]
+    startsAt: AwareDatetime  # wire names are camelCase
+    status: Literal["firing", "resolved"] | None = None
+    annotations: Labels = field(default_factory=dict)
+    endsAt: AwareDatetime | None = None
+    generatorURL: Annotated[str, Field(max_length=4096)] = ""
+
+    def state(self, now: datetime) -> Literal["firing", "resolved"]:
+        """``status`` if given, else what ``endsAt`` says (the API v2 form has no status)."""
+        if self.status is not None:
+            return self.status
+        return "resolved" if self.endsAt is not None and self.endsAt <= now else "firing"
+
+
+@dataclass(frozen=True, slots=True)
+class AmWebhook:
+    """Alertmanager's webhook payload (version 4); only ``alerts`` is required."""
+
+    __pydantic_config__ = _LENIENT
+    alerts: Annotated[tuple[AmAlert, ...], Field(max_length=MAX_ALERTS)]
+    version: str = "4"
+    status: Literal["firing", "resolved"] | None = None
+    receiver: str = ""
+    groupKey: str = ""
+    truncatedAlerts: int = 0
+
+
+def severity_of(labels: Mapping[str, str]) -> Severity:
+    return _SEVERITY.get(labels.get("severity", "").strip().lower(), "warning")
+
+
+def to_anomaly(
+    alert: AmAlert, *, cluster: str, now: datetime, source: AnomalySource = "alertmanager"
+) -> Anomaly:
+    """Pure: one alert -> one anomaly (``now`` is the time of receipt)."""
+    labels = normalise(alert.labels, cluster)
+    name = labels["alertname"]
+    # "alertmanager" names the identity whatever the transport (see module docstring).
+    fp = fingerprint("alertmanager", name, labels)
+    status = alert.state(now)
+    annotations = dict(alert.annotations)
+    if alert.generatorURL:
+        annotations.setdefault("generatorURL", alert.generatorURL)
+    return Anomaly(
+        fingerprint=fp,
+        source=source,
+        name=name[:1024],
+        severity=severity_of(labels),
+        status=status,
+        labels=labels,
+        annotations=annotations,
+        starts_at=alert.startsAt,
+        observed_at=now,
+        id=stable_id(source, fp, status, now.isoformat()),
+    )
+
+
+def parse_webhook(obj: Any) -> AmWebhook:
+    """Validate a decoded webhook payload; :class:`InvalidEvent` names the bad field."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent("AmWebhook", [f"<body>: expected a JSON object, got {_kind(obj)}"])
+    return from_obj(AmWebhook, obj)
+
+
+def parse_alertmanager_record(raw: bytes) -> tuple[AmAlert, ...]:
+    """A feed record in Alertmanager format: a webhook payload (an object with ``alerts``),
+    a single alert (an object with ``labels``), or a JSON array of alerts (API v2 form)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidEvent("AmWebhook", [f"<body>: not valid JSON ({err})"]) from err
+    if isinstance(obj, list):
+        if len(obj) > MAX_ALERTS:
+            raise InvalidEvent("AmAlert", [f"<body>: more than {MAX_ALERTS} alerts"])
+        return from_obj(AmWebhook, {"alerts": obj}).alerts
+    if isinstance(obj, dict) and "alerts" not in obj and "labels" in obj:
+        return (from_obj(AmAlert, obj),)
+    return parse_webhook(obj).alerts
+
+
+def _kind(obj: object) -> str:
+    return {list: "array", str: "string", type(None): "null"}.get(type(obj), type(obj).__name__)

@@ -1,0 +1,102 @@
+"""External Kafka feeds: topics any Kafka client writes, normalised into anomalies.
+
+Each configured feed (``detectors.feeds``) is a topic carrying either Alertmanager-format
+JSON (a webhook payload, a single alert or an array of alerts) or the project's own
+Anomaly JSON. One :class:`streams.bus.BatchConsumer` reads them all in the detector
+group, so replicas share the partitions; records are decoded once and republished to the
+anomalies topic keyed by the correlation key. A record that does not decode goes to the
+dead-letter topic with the reason naming the field, and offsets are committed only after
+the anomalies are durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+from functools import partial
+
+from agent.alerts import parse_alertmanager_record, to_anomaly
+from agent.codec import decode
+from agent.detector import Publisher
+from agent.labels import normalise
+from agent.metrics import Metrics
+from agent.models import Anomaly, group_key, utcnow
+from agent.settings import FeedSpec, Settings
+from streams.bus import BatchConsumer, Bus, Decoder, Envelope
+
+
+def decode_alertmanager(
+    raw: bytes, *, cluster: str, clock: Callable[[], datetime]
+) -> list[Anomaly]:
+    now = clock()
+    return [
+        to_anomaly(a, cluster=cluster, now=now, source="feed")
+        for a in parse_alertmanager_record(raw)
+    ]
+
+
+def decode_anomaly(raw: bytes, *, cluster: str) -> list[Anomaly]:
+    """The project's own format; labels get the same defaults as every other source (the
+    producer's fingerprint is kept: it is the producer's statement of identity)."""
+    a = decode(Anomaly, raw)
+    labels = normalise(a.labels, cluster)
+    if labels == dict(a.labels):
+        return [a]
+    return [replace(a, labels=labels)]
+
+
+def decoder_for(feed: FeedSpec, *, cluster: str, clock: Callable[[], datetime] = utcnow) -> Decoder:
+    if feed.format == "alertmanager":
+        return partial(decode_alertmanager, cluster=cluster, clock=clock)
+    return partial(decode_anomaly, cluster=cluster)
+
+
+class FeedNormaliser:
+    """The handler: republish a batch's anomalies to the anomalies topic, keyed."""
+
+    def __init__(
+        self, settings: Settings, *, publish: Publisher, topic: str, metrics: Metrics
+    ) -> None:
+        self.group_by = settings.correlation.group_by
+        self.publisher = publish
+        self.topic = topic
+        self.metrics = metrics
+
+    async def handle(self, batch: list[Envelope]) -> None:
+        anomalies = [a for env in batch if env.value is not None for a in env.value]
+        await self.publisher.publish_many(
+            [(self.topic, a, group_key(a.labels, self.group_by)) for a in anomalies]
+        )
+        for a in anomalies:
+            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
+
+
+def feed_consumer(
+    settings: Settings,
+    *,
+    bus: Bus,
+    metrics: Metrics,
+    clock: Callable[[], datetime] = utcnow,
+    from_beginning: bool = False,
+) -> BatchConsumer | None:
+    """The consumer of every configured feed, or None when there are none.
+
+    A new group starts at the end of the feeds (``from_beginning=False``): alerts that
+    were stale before the agent first ran must not open incidents now.
+    """
+    feeds = settings.detectors.feeds
+    if not feeds:
+        return None
+    cluster = settings.agent.cluster
+    normaliser = FeedNormaliser(
+        settings, publish=bus, topic=bus.topic("anomalies"), metrics=metrics
+    )
+    return BatchConsumer(
+        bus,
+        name="feeds",
+        group_id=f"{settings.kafka.topic_prefix}detector-feeds",
+        topics={f.topic: decoder_for(f, cluster=cluster, clock=clock) for f in feeds},
+        handler=normaliser.handle,
+        from_beginning=from_beginning,
+    )

@@ -1,0 +1,300 @@
+"""The Kubernetes watch boundary (the official ``kubernetes`` client, synchronous).
+
+Each watched resource (pods, nodes, events) has one thread in a bounded pool, so the event
+loop never blocks on the API server. A thread lists once, then watches from the list's
+``resourceVersion`` with bookmarks and a server-side ``timeout_seconds``; when a watch ends
+(timeout, dropped connection) it resumes from the last ``resourceVersion`` it saw, so
+nothing is lost and nothing repeats. When the server answers ``410 Gone`` (the version was
+compacted away) it re-lists, and :func:`agent.kube_signals.sync` turns the full state into
+transitions only. Objects cross into the event loop as plain JSON dicts; the client's
+model classes and exceptions never leave this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+
+import orjson
+import urllib3
+from kubernetes import client
+from kubernetes import config as _config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from agent.detector import Publisher
+from agent.errors import AgentError, ConfigError
+from agent.kube_signals import KubeRules, KubeState, step, sync, tick
+from agent.metrics import Metrics
+from agent.models import Anomaly, group_key, utcnow
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+config: Any = _config  # the client's loaders are untyped
+
+RESOURCES = ("pods", "nodes", "events")
+Item = tuple[str, str, Any]  # (resource, "SYNC" | "ADDED" | "MODIFIED" | "DELETED", payload)
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (410): list again."""
+
+
+def api_client(kubeconfig: str) -> Any:
+    """A client from ``kubeconfig``, or in-cluster config, or the default kubeconfig."""
+    try:
+        if kubeconfig:
+            return config.new_client_from_config(config_file=kubeconfig)
+        try:
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg)
+            return client.ApiClient(cfg)
+        except ConfigException:
+            return config.new_client_from_config()
+    except (ConfigException, OSError) as err:
+        raise ConfigError([f"detectors.kubernetes.kubeconfig: {err}"]) from err
+
+
+class ResourceWatch:
+    """List-then-watch loop of one resource; runs in a worker thread."""
+
+    def __init__(
+        self,
+        resource: str,
+        list_fn: Callable[..., Any],
+        *,
+        timeout: float,
+        emit: Callable[[Item], None],
+        stopping: threading.Event,
+    ) -> None:
+        self.resource = resource
+        self.list_fn = list_fn
+        self.timeout = max(1, int(timeout))
+        self.emit = emit
+        self.stopping = stopping
+        self.resource_version: str | None = None
+        self.stats: Counter[str] = Counter()  # lists, watches, gone, errors
+        self._resp: Any = None
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                if self.resource_version is None:
+                    self._list()
+                self._watch()
+                backoff = 0.5
+            except Gone:
+                self.stats["gone"] += 1
+                log.info(
+                    "%s: resourceVersion %s gone; re-listing", self.resource, self.resource_version
+                )
+                self.resource_version = None
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as err:
+                if self.stopping.is_set():
+                    return
+                self.stats["errors"] += 1
+                log.warning("%s: watch failed (%s); retrying in %.1fs", self.resource, err, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def stop(self) -> None:
+        resp = self._resp
+        if resp is not None:
+            with contextlib.suppress(Exception):
+                resp.shutdown()  # unblocks the thread's read at once
+
+    def _list(self) -> None:
+        resp = self.list_fn(_preload_content=False, _request_timeout=(5, 60))
+        try:
+            _check(resp)
+            doc = orjson.loads(resp.data)
+        finally:
+            resp.release_conn()
+        self.stats["lists"] += 1
+        self.resource_version = str(doc["metadata"]["resourceVersion"])
+        self.emit((self.resource, "SYNC", doc.get("items") or []))
+
+    def _watch(self) -> None:
+        resp = self.list_fn(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.timeout,
+            _preload_content=False,
+            _request_timeout=(5, self.timeout + 10),
+        )
+        self._resp = resp
+        self.stats["watches"] += 1
+        try:
+            if self.stopping.is_set():  # stop() ran before the response was ours to shut
+                return
+            _check(resp)
+            buf = b""
+            for chunk in resp.stream(64 * 1024, decode_content=True):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._event(orjson.loads(line))
+                if self.stopping.is_set():
+                    return
+        finally:
+            self._resp = None
+            resp.release_conn()
+
+    def _event(self, ev: dict[str, Any]) -> None:
+        kind, obj = ev.get("type"), ev.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone(obj.get("message", ""))
+            raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self.resource_version = str(rv)
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            self.emit((self.resource, kind, obj))
+
+
+def _check(resp: Any) -> None:
+    status = int(getattr(resp, "status", 200))
+    if status == 410:
+        raise Gone(f"HTTP 410: {resp.data[:200]!r}")
+    if not 200 <= status < 300:
+        raise ValueError(f"HTTP {status}: {resp.data[:200]!r}")
+
+
+class KubeWatcher:
+    """Watches pods, nodes and events; publishes the anomalies they imply."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        publish: Publisher,
+        topic: str,
+        metrics: Metrics,
+        api: Any | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        tick_interval: float = 5.0,
+    ) -> None:
+        k = settings.detectors.kubernetes
+        self.settings = settings
+        self.rules = KubeRules(
+            cluster=settings.agent.cluster,
+            event_reasons=frozenset(k.event_reasons),
+            restart_threshold=k.restart_threshold,
+            restart_window=k.restart_window,
+        )
+        self.publisher = publish
+        self.topic = topic
+        self.metrics = metrics
+        self.clock = clock
+        self.tick_interval = tick_interval
+        self.state = KubeState()
+        self._api = api
+        self._owns_api = api is None
+        self._stopping = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._tasks: list[asyncio.Future[Any]] = []
+        self.watches: dict[str, ResourceWatch] = {}
+        self.synced = asyncio.Event()  # every resource listed once and processed
+        self._synced: set[str] = set()
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        if self._api is None:
+            self._api = await asyncio.to_thread(
+                api_client, self.settings.detectors.kubernetes.kubeconfig
+            )
+        core: Any = client.CoreV1Api(self._api)
+        fns = {
+            "pods": core.list_pod_for_all_namespaces,
+            "nodes": core.list_node,
+            "events": core.list_event_for_all_namespaces,
+        }
+        loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._pool = ThreadPoolExecutor(max_workers=len(fns), thread_name_prefix="kube-watch")
+
+        def emit(item: Item) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+        timeout = self.settings.detectors.kubernetes.watch_timeout
+        for resource, fn in fns.items():
+            w = ResourceWatch(resource, fn, timeout=timeout, emit=emit, stopping=self._stopping)
+            self.watches[resource] = w
+            self._tasks.append(loop.run_in_executor(self._pool, w.run))
+        self._tasks.append(asyncio.create_task(self._process(), name="kube-watch-process"))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for w in self.watches.values():
+            w.stop()
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            if isinstance(t, asyncio.Task):
+                t.cancel()
+        if tasks:
+            # A thread inside a request returns within its request timeout at the latest.
+            bound = self.settings.detectors.kubernetes.watch_timeout + 20
+            _, pending = await asyncio.wait(tasks, timeout=bound)
+            if pending:
+                log.warning("kube watch: %d watch threads did not stop in time", len(pending))
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    log.warning("kube watch: a watch thread failed: %r", t.exception())
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._owns_api and self._api is not None:
+            self._api.close()
+            self._api = None
+
+    async def _process(self) -> None:
+        while True:
+            try:
+                resource, kind, payload = await asyncio.wait_for(
+                    self._queue.get(), timeout=self.tick_interval
+                )
+            except TimeoutError:
+                await self._publish(tick(self.state, self.clock(), self.rules))
+                continue
+            now = self.clock()
+            if kind == "SYNC":
+                anomalies = sync(self.state, resource, payload, now, self.rules)
+            else:
+                anomalies = step(self.state, resource, kind, payload, now, self.rules)  # type: ignore[arg-type]
+            await self._publish(anomalies)
+            if kind == "SYNC" and resource not in self._synced:
+                self._synced.add(resource)
+                if self._synced >= set(RESOURCES):
+                    self.synced.set()
+
+    async def _publish(self, anomalies: list[Anomaly]) -> None:
+        """Retries until Kafka takes them: the watch state already moved past them."""
+        if not anomalies:
+            return
+        group_by = self.settings.correlation.group_by
+        items = [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
+        delay = 0.5
+        while True:
+            try:
+                await self.publisher.publish_many(items)
+                break
+            except AgentError as err:
+                log.warning("kube watch: publishing failed (%s); retrying", err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for a in anomalies:
+            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()

@@ -1,0 +1,146 @@
+"""Alertmanager webhook receiver: ``POST <detectors.alertmanager.path>`` on the agent's
+HTTP server.
+
+Order of checks, cheapest and least revealing first:
+
+====  =======================================================================
+401   missing or wrong ``Authorization: Bearer <token>`` (constant-time compare)
+415   the body is not ``application/json``
+413   the body is larger than ``max_body_bytes`` (declared or actually sent)
+400   the body is not JSON
+422   JSON, but not an Alertmanager payload; ``problems`` name each bad field
+503   not started yet, or Kafka did not take the anomalies (Alertmanager retries)
+200   ``{"accepted": n}``: every alert was published to the anomalies topic
+====  =======================================================================
+
+Every error body is ``{"error": <code>, "reason": <text>}`` (plus ``problems``); nothing
+about the request is echoed back beyond the field paths.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agent.alerts import parse_webhook, to_anomaly
+from agent.detector import Publisher
+from agent.errors import AgentError, InvalidEvent
+from agent.metrics import Metrics
+from agent.models import group_key, utcnow
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class AlertmanagerReceiver:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        token: str,
+        publish: Publisher,
+        topic: str,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        if not token:
+            raise ValueError("the webhook receiver needs a non-empty bearer token")
+        self.settings = settings
+        self.cfg = settings.detectors.alertmanager
+        self._token = token.encode()
+        self.publisher = publish
+        self.topic = topic
+        self.metrics = metrics
+        self.clock = clock
+        self.accepting = False
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_post(self.cfg.path, self.handle)
+
+    # Component lifecycle: accept only while the bus can take what we receive.
+    async def start(self) -> None:
+        self.accepting = True
+
+    async def stop(self) -> None:
+        self.accepting = False
+
+    async def handle(self, request: web.Request) -> web.Response:
+        response = await self._handle(request)
+        self.metrics.webhook_requests.labels(
+            receiver="alertmanager", code=str(response.status)
+        ).inc()
+        return response
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if not self._authorized(request.headers.get("Authorization", "")):
+            return _error(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token",
+                headers={"WWW-Authenticate": 'Bearer realm="sre-agent"'},
+            )
+        if request.content_type != "application/json":
+            return _error(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json, not {request.content_type[:100]!r}",
+            )
+        limit = self.cfg.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _error(413, "too_large", f"body larger than {limit} bytes")
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                return _error(413, "too_large", f"body larger than {limit} bytes")
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as err:
+            return _error(400, "malformed_json", f"<body>: not valid JSON ({err})")
+        try:
+            payload = parse_webhook(obj)
+        except InvalidEvent as err:
+            return _error(422, "invalid_payload", str(err), problems=list(err.problems[:50]))
+        if not self.accepting:
+            return _error(503, "starting", "not accepting yet", headers={"Retry-After": "1"})
+        now = self.clock()
+        cluster = self.settings.agent.cluster
+        anomalies = [to_anomaly(a, cluster=cluster, now=now) for a in payload.alerts]
+        group_by = self.settings.correlation.group_by
+        try:
+            await self.publisher.publish_many(
+                [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
+            )
+        except AgentError as err:
+            log.warning("webhook: publishing %d anomalies failed: %s", len(anomalies), err)
+            return _error(
+                503, "unavailable", "could not publish; retry", headers={"Retry-After": "5"}
+            )
+        for a in anomalies:
+            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
+        log.info("webhook: %d alerts from %r", len(anomalies), payload.receiver)
+        return web.json_response({"accepted": len(anomalies)})
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(), self._token)
+
+
+def _error(
+    status: int,
+    error: str,
+    reason: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    body = orjson.dumps({"error": error, "reason": reason, **extra})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)

@@ -1,0 +1,149 @@
+"""External Kafka feeds written by a non-Python client (kcat, Debian's package): both
+formats become anomalies on the anomalies topic; bad records become dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from agent.codec import encode
+from agent.feeds import FeedNormaliser, feed_consumer
+from agent.metrics import Metrics
+from agent.models import Anomaly, DeadLetter, fingerprint
+from streams.bus import Bus, Envelope
+from tests.helpers import make_settings, readers
+from tests.unit.factories import anomaly as make_anomaly
+
+pytestmark = pytest.mark.integration
+
+KCAT = shutil.which("kcat") or "/usr/bin/kcat"
+
+
+async def kcat_produce(bootstrap: str, topic: str, lines: Sequence[bytes]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        KCAT,
+        "-P",
+        "-b",
+        bootstrap,
+        "-t",
+        topic,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(b"\n".join(lines) + b"\n"), 30)
+    assert proc.returncode == 0, (out, err)
+
+
+async def create(bootstrap: str, *topics: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, 2, 1) for t in topics])
+    finally:
+        await admin.close()
+
+
+def am_alert(name: str, service: str, status: str = "firing") -> dict[str, Any]:
+    return {
+        "status": status,
+        "labels": {"alertname": name, "namespace": "shop", "service": service},
+        "annotations": {"description": "from a feed"},
+        "startsAt": "2024-05-01T12:00:00Z",
+    }
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat (Debian package) not installed")
+async def test_kcat_feeds_become_anomalies_and_garbage_dead_letters(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    am_topic, an_topic = f"{topic_prefix}ext.alerts", f"{topic_prefix}ext.anomalies"
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "detectors": {
+                "feeds": [
+                    {"topic": am_topic, "format": "alertmanager"},
+                    {"topic": an_topic, "format": "anomaly"},
+                ]
+            }
+        },
+    )
+    bus = Bus(settings.kafka, metrics=Metrics(), name="feeds-test")
+    await bus.start()
+    await bus.create_topics()
+    await create(kafka_bootstrap, am_topic, an_topic)
+    own = make_anomaly("queue-backlog", labels={"namespace": "ops", "service": "billing"})
+    consumer = feed_consumer(settings, bus=bus, metrics=bus.metrics, from_beginning=True)
+    assert consumer is not None
+    try:
+        async with (
+            readers(
+                kafka_bootstrap,
+                {
+                    "an": (bus.topic("anomalies"), Anomaly),
+                    "dl": (bus.topic("dead-letter"), DeadLetter),
+                },
+            ) as r,
+            consumer,
+        ):
+            webhook = {"version": "4", "alerts": [am_alert("DiskFull", "db")]}
+            await kcat_produce(
+                kafka_bootstrap,
+                am_topic,
+                [
+                    orjson.dumps(webhook),
+                    orjson.dumps(am_alert("Latency", "cart", "resolved")),
+                    b"this is not json {",
+                ],
+            )
+            await kcat_produce(
+                kafka_bootstrap,
+                an_topic,
+                [
+                    encode(own),
+                    b'{"source": "prometheus", "name": "x"}',
+                ],
+            )
+            await r["an"].wait_for(lambda xs: len(xs) >= 3, 30, "3 anomalies")
+            await r["dl"].wait_for(lambda xs: len(xs) >= 2, 30, "2 dead letters")
+            anomalies, letters = r["an"].items, r["dl"].items
+    finally:
+        await bus.stop()
+
+    by_name = {a.name: a for a in anomalies}
+    assert set(by_name) == {"DiskFull", "Latency", "queue-backlog"}
+    disk = by_name["DiskFull"]
+    assert (disk.source, disk.status, disk.labels["cluster"]) == ("feed", "firing", "test")
+    assert disk.fingerprint == fingerprint("alertmanager", "DiskFull", disk.labels)
+    assert by_name["Latency"].status == "resolved"
+    billing = by_name["queue-backlog"]
+    assert billing.fingerprint == own.fingerprint and billing.id == own.id
+    assert billing.labels == {**own.labels, "cluster": "test"}  # normalised like any source
+    by_topic = {d.source_topic: d for d in letters}
+    assert set(by_topic) == {am_topic, an_topic}
+    assert "not valid JSON" in by_topic[am_topic].error
+    assert by_topic[am_topic].raw == "this is not json {"
+    assert "fingerprint: Field required" in by_topic[an_topic].error
+    assert all(d.consumer == "feeds" for d in letters)
+
+
+async def test_normaliser_publishes_keyed_by_the_correlation_key() -> None:
+    settings = make_settings("127.0.0.1:1", "unused.")
+    published: list[tuple[str, Any, str | None]] = []
+
+    class Rec:
+        async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+            published.extend(items)
+
+    n = FeedNormaliser(settings, publish=Rec(), topic="anoms", metrics=Metrics())
+    a = make_anomaly(labels={"cluster": "c1", "namespace": "shop", "service": "cart"})
+    await n.handle([Envelope("feed", 0, 0, None, [a, a]), Envelope("feed", 0, 1, None, None)])
+    assert published == [("anoms", a, "c1/shop/cart"), ("anoms", a, "c1/shop/cart")]

@@ -1,0 +1,248 @@
+"""The detector's own failures as anomalies, the breaker in the loop, and slot alignment."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.detector import Health, PromQLDetector, health_step, next_slot
+from agent.errors import ConfigError, DependencyUnavailable
+from agent.labels import normalise
+from agent.metrics import Metrics
+from agent.models import Anomaly
+from agent.prom import InvalidQuery, Sample
+from agent.settings import parse_settings
+from tests.helpers import eventually
+from tests.unit.factories import at
+
+
+class FakeProm:
+    """Answers from a script: a list of samples, or an exception to raise."""
+
+    url = "http://prom.test:9090"
+
+    def __init__(self) -> None:
+        self.answer: list[Sample] | Exception = []
+        self.calls: list[tuple[str, datetime | None]] = []
+
+    async def query(self, expr: str, *, at: datetime | None = None) -> list[Sample]:
+        self.calls.append((expr, at))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.items: list[Anomaly] = []
+        self.keys: list[str | None] = []
+
+    async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+        self.items.extend(a for _, a, _ in items)
+        self.keys.extend(k for _, _, k in items)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def detector(threshold: int = 3) -> tuple[PromQLDetector, FakeProm, Recorder, Clock, Metrics]:
+    settings = parse_settings(
+        {
+            "agent": {"cluster": "c1"},
+            "detectors": {"prometheus": {"failure_threshold": threshold, "reset_timeout": "30s"}},
+            "patterns": [{"name": "p", "condition": "errors > 1"}],
+        },
+        env={},
+    )
+    prom, rec, clock, metrics = FakeProm(), Recorder(), Clock(), Metrics()
+    d = PromQLDetector(
+        settings,
+        prom=prom,
+        publish=rec,
+        topic="t",
+        metrics=metrics,
+        clock=clock,  # type: ignore[arg-type]
+    )
+    return d, prom, rec, clock, metrics
+
+
+async def test_an_outage_opens_the_breaker_raises_an_agent_anomaly_and_resolves() -> None:
+    d, prom, rec, clock, metrics = detector()
+    p = d.settings.patterns[0]
+    prom.answer = DependencyUnavailable("connection refused")
+    for t in range(3):
+        clock.now = t
+        await d.evaluate_once(p, at(t))
+    [down] = rec.items
+    assert (down.source, down.name, down.status, down.severity) == (
+        "agent",
+        "prometheus-unavailable",
+        "firing",
+        "critical",
+    )
+    assert down.labels == normalise({"service": "sre-agent", "endpoint": prom.url}, "c1")
+    assert "connection refused" in down.annotations["error"]
+    # Open: no more queries until reset_timeout; the anomaly is re-published as liveness.
+    calls = len(prom.calls)
+    clock.now = 10
+    await d.evaluate_once(p, at(10))
+    assert len(prom.calls) == calls
+    assert [a.status for a in rec.items] == ["firing", "firing"]
+    # After the timeout one probe goes out; it succeeds: resolved, and the breaker closes.
+    prom.answer = []
+    clock.now = 40
+    await d.evaluate_once(p, at(40))
+    assert len(prom.calls) == calls + 1
+    assert [a.status for a in rec.items] == ["firing", "firing", "resolved"]
+    assert {a.fingerprint for a in rec.items} == {down.fingerprint}
+    assert rec.items[-1].starts_at == at(2) and rec.items[-1].observed_at == at(40)
+    assert not d.breaker.is_open
+    value = metrics.registry.get_sample_value
+    assert value("sre_agent_detector_errors_total", {"pattern": "p", "reason": "unavailable"}) == 3
+    assert value("sre_agent_detector_errors_total", {"pattern": "p", "reason": "circuit_open"}) == 1
+
+
+async def test_a_rejected_query_is_an_agent_anomaly_of_that_pattern_and_not_an_outage() -> None:
+    d, prom, rec, _, _ = detector(threshold=2)
+    p = d.settings.patterns[0]
+    prom.answer = InvalidQuery("bad_data: many-to-many matching not allowed")
+    await d.evaluate_once(p, at(0))
+    assert rec.items == []  # one failure is not yet an anomaly
+    await d.evaluate_once(p, at(15))
+    [failed] = rec.items
+    assert (failed.name, failed.status, failed.severity) == (
+        "pattern-query-failed",
+        "firing",
+        "warning",
+    )
+    assert failed.labels["pattern"] == "p"
+    assert "many-to-many" in failed.annotations["error"]
+    assert not d.breaker.is_open  # Prometheus answered: the endpoint is fine
+    prom.answer = [Sample({"service": "cart"}, 3.0)]
+    anomalies = await d.evaluate_once(p, at(30))
+    assert [a.name for a in anomalies] == ["p"]
+    assert [(a.name, a.status) for a in rec.items[1:]] == [
+        ("p", "firing"),
+        ("pattern-query-failed", "resolved"),
+    ]
+
+
+def test_health_step() -> None:
+    h, out = health_step(Health(), False, at(0), 2)
+    assert out is None and h.failures == 1
+    h, out = health_step(h, False, at(1), 2)
+    assert out == "firing" and h.since == at(1)
+    h, out = health_step(h, False, at(2), 2)
+    assert out == "firing" and h.since == at(1)
+    h, out = health_step(h, True, at(3), 2)
+    assert out == "resolved" and h == Health()
+    assert health_step(h, True, at(4), 2) == (Health(), None)
+
+
+async def test_replicas_evaluating_one_slot_publish_identical_anomalies() -> None:
+    (d1, p1, r1, _, _), (d2, p2, r2, _, _) = detector(), detector()
+    for p in (p1, p2):
+        p.answer = [Sample({"namespace": "shop", "service": "cart", "pod": "cart-1"}, 2.0)]
+    slot = at(30)
+    await d1.evaluate_once(d1.settings.patterns[0], slot)
+    await d2.evaluate_once(d2.settings.patterns[0], slot)
+    assert r1.items == r2.items and len(r1.items) == 1  # id included
+    assert r1.items[0].observed_at == slot and p1.calls == [("errors > 1", slot)]
+    assert r1.keys == ["c1/shop/cart"]
+
+
+@pytest.mark.parametrize(
+    ("now", "interval", "delay", "slot"),
+    [
+        (100.0, 15, 1, 105),  # next multiple of 15
+        (105.5, 15, 1, 105),  # query time 106 still ahead
+        (106.0, 15, 1, 105),
+        (106.1, 15, 1, 120),
+        (119.0, 15, 0, 120),
+        (120.0, 15, 0, 120),
+    ],
+)
+def test_next_slot(now: float, interval: float, delay: float, slot: float) -> None:
+    assert next_slot(now, interval, delay) == slot
+    assert slot % interval == 0
+
+
+async def test_loop_evaluates_on_aligned_slots() -> None:
+    """Two replicas started at different wall times evaluate the same instants."""
+    d, prom, _, _, _ = detector()
+    d.settings = parse_settings(
+        {
+            "detectors": {"prometheus": {"evaluation_delay": "0.05s"}},
+            "patterns": [{"name": "p", "condition": "x > 1", "interval": "0.2s"}],
+        },
+        env={},
+    )
+    await d.start()
+    try:
+        await eventually(lambda: len(prom.calls) >= 3, timeout=5, interval=0.05, what="3 slots")
+    finally:
+        await d.stop()
+    stamps = [c[1] for c in prom.calls]
+    assert all(s is not None and round(s.timestamp() * 1000) % 200 == 0 for s in stamps), stamps
+    assert len(set(stamps)) == len(stamps)
+
+
+# --- the pattern library -----------------------------------------------------------------------
+
+LIBRARY = (
+    "crash-looping",
+    "replicas-mismatch",
+    "container-oom-killed",
+    "node-filesystem-filling",
+    "cpu-throttling",
+    "hpa-maxed-out",
+)
+
+
+def test_pattern_library_loads_and_inline_patterns_replace_library_ones() -> None:
+    s = parse_settings(
+        {
+            "pattern_files": ["patterns/kubernetes.yaml"],
+            "patterns": [{"name": "hpa-maxed-out", "condition": "up == 0", "for": "1m"}],
+        },
+        env={},
+    )
+    assert sorted(p.name for p in s.patterns) == sorted(LIBRARY)
+    hpa = s.pattern("hpa-maxed-out")
+    assert hpa is not None and hpa.condition == "up == 0"
+    crash = s.pattern("crash-looping")
+    assert crash is not None and crash.for_ == 300 and crash.severity == "critical"
+
+
+def test_pattern_file_problems_name_the_file_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("patterns:\n  - name: x\n    condition: up == 0\n    severity: loud\n")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("patterns:\n  - name: x\n    condition: up == 0\n")
+    with pytest.raises(ConfigError) as err:
+        parse_settings(
+            {"pattern_files": [str(bad), "missing.yaml", str(dup), str(dup)]},
+            env={},
+            base_dir=tmp_path,
+        )
+    problems = err.value.problems
+    assert problems[0].startswith(f"pattern_files[0] ({bad}): patterns[0].severity:")
+    assert problems[1].startswith("pattern_files[1]: cannot read")
+    assert problems[2] == f"pattern_files[3].patterns[0].name: 'x' already defined in {dup}"
+    assert len(problems) == 3
+
+
+def test_shipped_library_passes_promtool() -> None:
+    from agent.cli import promtool_problems
+
+    s = parse_settings({"pattern_files": ["patterns/kubernetes.yaml"]}, env={})
+    assert promtool_problems(s) == []
