@@ -6,16 +6,24 @@ analyzer and publishes the :class:`Analysis` and one :class:`ActionRequest` per 
 action. Action ids are deterministic (incident, action type, target), so re-analysing the
 same incident after a crash or an update yields the same ids and the executor's
 idempotency check absorbs the repeat.
+
+With ``ai.enabled`` the stage gathers the full bounded context (:mod:`agent.context`) and
+asks the :class:`~agent.llm_analyzer.LLMAnalyzer`, which falls back to the rules and says
+why; incidents of one batch are analysed concurrently (the analyzer bounds the calls).
+Without it, the rules decide on the rollout history, as they always have.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
-from agent.analyzer import Context, Rollout, analyze, workload_target
-from agent.errors import ActionFailed, AgentError
+from agent.analyzer import Context, analyze, workload_target
+from agent.context import ContextGatherer, rollouts_of
+from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
 from agent.models import ActionRequest, Analysis, Incident, stable_id, utcnow
 from agent.settings import Settings
@@ -54,54 +62,63 @@ def evidence_key(incident: Incident) -> str:
 
 
 class AnalysisStage:
-    def __init__(self, settings: Settings, *, bus: Bus, cluster: Cluster, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: Bus,
+        cluster: Cluster,
+        metrics: Metrics,
+        llm: LLMAnalyzer | None = None,
+        gatherer: ContextGatherer | None = None,
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.cluster = cluster
         self.metrics = metrics
+        self.llm = llm
+        self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def gather(self, incident: Incident) -> Context:
-        rollouts: list[Rollout] = []
-        notes: list[str] = []
         targets = {workload_target(m.labels or incident.labels) for m in incident.firing}
-        for target in sorted(targets, key=lambda t: t.key):
-            if not target.name:
-                continue
-            try:
-                w = await self.cluster.workload(target)
-            except ActionFailed as err:
-                notes.append(f"no rollout history for {target.key}: {err}")
-                continue
-            except AgentError as err:
-                notes.append(f"cluster unavailable for {target.key}: {err}")
-                continue
-            ordered = sorted(w.revisions, key=lambda r: r.number)
-            for prev, rev in zip([None, *ordered[:-1]], ordered, strict=True):
-                rollouts.append(
-                    Rollout(
-                        namespace=target.namespace,
-                        workload=target.name,
-                        revision=rev.number,
-                        image=rev.image,
-                        at=rev.created_at,
-                        previous_image=prev.image if prev else None,
-                    )
-                )
+        rollouts, notes = await rollouts_of(self.cluster, sorted(targets, key=lambda t: t.key))
         return Context(rollouts=tuple(rollouts), notes=tuple(notes))
+
+    async def decide(self, incident: Incident) -> Analysis:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self.llm is None:
+            ctx = await self.gather(incident)
+            analysis = analyze(incident, ctx, self.settings, utcnow())
+        else:
+            ctx = await (self.gatherer or self).gather(incident)
+            try:
+                analysis = await self.llm.analyze(incident, ctx, utcnow())
+            except Exception:  # a bug in the LLM path must not stop decisions: rules decide
+                log.exception("LLM analysis of %s failed; the rules decide", incident.key)
+                self.metrics.analysis_fallbacks.labels(reason="internal_error").inc()
+                analysis = replace(
+                    analyze(incident, ctx, self.settings, utcnow()),
+                    fallback_reason="internal_error: see the analyzer's log",
+                )
+        self.metrics.analysis_duration.labels(analyzer=analysis.analyzer).observe(
+            loop.time() - started
+        )
+        return analysis
 
     async def handle(self, batch: Sequence[Envelope]) -> None:
         out: list[tuple[str, object, str | None]] = []
-        analysed: list[str] = []
+        todo: dict[str, Incident] = {}  # evidence key -> incident
         for env in batch:
             incident = env.value
             if not isinstance(incident, Incident) or incident.status not in NEEDS_DECISION:
                 continue
             ek = evidence_key(incident)
-            if ek in self._seen:
-                continue
-            ctx = await self.gather(incident)
-            analysis = analyze(incident, ctx, self.settings, utcnow())
+            if ek not in self._seen:
+                todo.setdefault(ek, incident)
+        analyses = await asyncio.gather(*(self.decide(i) for i in todo.values()))
+        for incident, analysis in zip(todo.values(), analyses, strict=True):
             self.metrics.analyses.labels(
                 analyzer=analysis.analyzer, root_cause_class=analysis.root_cause_class
             ).inc()
@@ -118,9 +135,8 @@ class AnalysisStage:
                 (self.bus.topic("actions"), req, None)
                 for req in action_requests(analysis, incident)
             )
-            analysed.append(ek)
         await self.bus.publish_many(out)
-        for ek in analysed:  # only once durable: a failed publish is analysed again
+        for ek in todo:  # only once durable: a failed publish is analysed again
             self._remember(ek)
 
     def _remember(self, key: str) -> None:

@@ -8,16 +8,24 @@ actions may be recommended and under which evidence:
 
 - ``auto_rollback_if_deployment_recent``: a rollout of the service's workload within
   ``rollout_window`` before the incident opened -> roll that workload back.
-- ``scale_up_if_cpu_high``: CPU saturation above 0.8 -> scale up.
+- ``scale_up_if_cpu_high``: CPU (or concurrency) saturation above 0.8 -> scale up.
 - ``restart_if_crash_looping`` / ``drain_if_node_unhealthy``: restart / drain on evidence.
 - a plain action name recommends that action outright (policy still applies).
+
+Context steps (``check_memory_limits``, ``check_downstream_services``, ...) never
+recommend an action. When no action step matched they still name the root cause from
+structured evidence (OOM kills, a failing dependency, a node condition, a recent config
+change, a busy node), so the escalation tells an engineer where to look first.
 Nothing found -> an analysis with no actions and a low confidence, which escalates.
+
+Free text (log lines, event messages, annotations) is never read here: an attacker can
+write it. Only structured signals (event reasons, metric values, rollout history) count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from agent.models import (
@@ -30,6 +38,27 @@ from agent.models import (
     stable_id,
 )
 from agent.settings import CONDITIONAL_STEPS, Settings
+
+# The root-cause taxonomy shared by the rules, the LLM's answer schema and the eval set.
+ROOT_CAUSE_CLASSES = (
+    "bad_rollout",
+    "config_change",
+    "saturation",
+    "memory_leak",
+    "crash_loop",
+    "noisy_neighbour",
+    "dependency_outage",
+    "node_failure",
+    "node_disk_pressure",
+    "prescribed",
+    "unknown",
+)
+
+SATURATED = 0.8  # CPU or concurrency use of the limit above which scaling up helps
+OUT_OF_MEMORY = 0.95  # working set / limit that counts as running out of memory
+DEPENDENCY_DOWN = 0.5  # error ratio of calls to a dependency that makes it the suspect
+NODE_BUSY = 0.9  # node CPU use that starves a workload which itself uses little
+NOT_BUSY = 0.5  # ... and "little"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +74,59 @@ class Rollout:
 
 
 @dataclass(frozen=True, slots=True)
+class KubeEvent:
+    """A Kubernetes event about an object in scope. ``message`` is untrusted free text."""
+
+    namespace: str
+    kind: str  # involvedObject kind: Pod, Node, Deployment, ...
+    name: str
+    reason: str  # set by the component that emitted it (kubelet, a controller)
+    message: str = ""
+    count: int = 1
+    type: str = "Warning"
+    at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChange:
+    """A ConfigMap (or Secret: name only, never data) that changed, and who mounts it."""
+
+    namespace: str
+    name: str
+    at: datetime
+    kind: str = "ConfigMap"
+    used_by: tuple[str, ...] = ()  # workloads referencing it; empty: unknown
+    summary: str = ""  # e.g. the changed keys; redacted, untrusted
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSample:
+    """One series of the metrics snapshot shown to the LLM."""
+
+    query: str  # the pattern or related-query name
+    labels: Mapping[str, str]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
 class Context:
     rollouts: tuple[Rollout, ...] = ()
     cpu_saturation: Mapping[str, float] = field(default_factory=dict)  # workload -> 0..1
     crash_looping: tuple[str, ...] = ()  # workloads with restarting pods
     unhealthy_nodes: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # what the gatherer could not fetch, and why
+    # Structured evidence, from metrics and event reasons.
+    memory_saturation: Mapping[str, float] = field(default_factory=dict)  # working set/limit
+    concurrency_saturation: Mapping[str, float] = field(default_factory=dict)  # in-flight/limit
+    node_cpu_saturation: Mapping[str, float] = field(default_factory=dict)  # hosting nodes
+    node_conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # bad ones
+    oom_killed: tuple[str, ...] = ()  # workloads whose containers were OOM-killed
+    dependency_errors: Mapping[str, float] = field(default_factory=dict)  # dependency -> ratio
+    config_changes: tuple[ConfigChange, ...] = ()
+    # Redacted, size-bounded material for the LLM; the rules never read it.
+    events: tuple[KubeEvent, ...] = ()
+    logs: Mapping[str, str] = field(default_factory=dict)  # pod -> tail
+    metrics: tuple[MetricSample, ...] = ()
 
 
 def workload_target(labels: Mapping[str, str]) -> Target:
@@ -58,9 +134,10 @@ def workload_target(labels: Mapping[str, str]) -> Target:
     return Target(kind="Deployment", namespace=labels.get("namespace") or "default", name=name)
 
 
-def _recent_rollout(
+def recent_rollout(
     rollouts: tuple[Rollout, ...], target: Target, before: datetime, window: float
 ) -> Rollout | None:
+    """The latest rollout of ``target`` within ``window`` seconds before ``before``."""
     lo = before - timedelta(seconds=window)
     candidates = [
         r
@@ -72,6 +149,31 @@ def _recent_rollout(
     return max(candidates, key=lambda r: r.at, default=None)
 
 
+def recent_config_change(
+    changes: tuple[ConfigChange, ...], target: Target, before: datetime, window: float
+) -> ConfigChange | None:
+    lo = before - timedelta(seconds=window)
+    candidates = [
+        c
+        for c in changes
+        if c.namespace == target.namespace
+        and (not c.used_by or target.name in c.used_by)
+        and lo <= c.at <= before + timedelta(seconds=60)
+    ]
+    return max(candidates, key=lambda c: c.at, default=None)
+
+
+def saturation(target: Target, ctx: Context) -> tuple[str, float] | None:
+    """The saturated resource of ``target`` ("CPU" or "concurrency") and its level."""
+    cpu = ctx.cpu_saturation.get(target.name)
+    if cpu is not None and cpu >= SATURATED:
+        return "CPU", cpu
+    conc = ctx.concurrency_saturation.get(target.name)
+    if conc is not None and conc >= SATURATED:
+        return "concurrency", conc
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class _Finding:
     root_cause: str
@@ -81,85 +183,203 @@ class _Finding:
     action: RecommendedAction | None
 
 
+def _rollback(m: Member, inc: Incident, target: Target, r: Rollout) -> _Finding:
+    minutes = (inc.opened_at - r.at).total_seconds() / 60
+    # The closer the rollout to the symptom, the stronger the suspicion.
+    conf = 0.92 if minutes <= 15 else 0.8
+    return _Finding(
+        root_cause=f"{m.name} on {target.name} began {minutes:.1f} min after rollout "
+        f"to revision {r.revision} ({r.image})",
+        root_cause_class="bad_rollout",
+        confidence=conf,
+        evidence=(
+            f"pattern {m.name} firing, value={m.value}",
+            f"rollout of {target.key} to revision {r.revision} at {r.at.isoformat()}",
+        ),
+        action=RecommendedAction(
+            type="rollback",
+            target=target,
+            params={},
+            expected_impact=f"restore the previous template ({r.previous_image or '?'})",
+            rollback_plan=f"roll forward to revision {r.revision} ({r.image})",
+        ),
+    )
+
+
+def _scale_up(m: Member, target: Target, resource: str, level: float) -> _Finding:
+    return _Finding(
+        root_cause=f"{target.name} is {resource}-saturated ({level:.0%}) under load",
+        root_cause_class="saturation",
+        confidence=0.86,
+        evidence=(f"pattern {m.name} firing", f"{resource.lower()} saturation {level:.2f}"),
+        action=RecommendedAction(
+            type="scale_up",
+            target=target,
+            params={"replicas": "+1"},
+            expected_impact="more capacity lowers saturation and latency",
+            rollback_plan="scale back to the prior replica count",
+        ),
+    )
+
+
+def _noisy_neighbour(m: Member, target: Target, ctx: Context) -> _Finding | None:
+    own = ctx.cpu_saturation.get(target.name)
+    if own is not None and own >= NOT_BUSY:
+        return None
+    node = m.labels.get("node", "")
+    nodes = [node] if node else sorted(ctx.node_cpu_saturation)
+    busy = [(n, ctx.node_cpu_saturation[n]) for n in nodes if n in ctx.node_cpu_saturation]
+    busy = [(n, v) for n, v in busy if v >= NODE_BUSY]
+    if not busy:
+        return None
+    n, v = max(busy, key=lambda nv: nv[1])
+    own_text = f"{own:.0%}" if own is not None else "unknown"
+    return _Finding(
+        root_cause=f"{target.name} is starved on node {n} ({v:.0%} CPU busy) while using "
+        f"{own_text} of its own CPU: a noisy neighbour",
+        root_cause_class="noisy_neighbour",
+        confidence=0.6,
+        evidence=(f"pattern {m.name} firing", f"node {n} cpu {v:.2f}, {target.name} {own_text}"),
+        action=None,
+    )
+
+
+def _restart(m: Member, target: Target, ctx: Context) -> _Finding:
+    oom = target.name in ctx.oom_killed
+    return _Finding(
+        root_cause=f"{target.name} pods are OOM-killed and restarting: likely a memory leak"
+        if oom
+        else f"{target.name} pods are crash looping",
+        root_cause_class="memory_leak" if oom else "crash_loop",
+        confidence=0.7,
+        evidence=(
+            f"pattern {m.name} firing",
+            f"{target.name} {'OOM-killed' if oom else 'restarting'}",
+        ),
+        action=RecommendedAction(
+            type="restart_workload",
+            target=target,
+            expected_impact="fresh pods clear transient state"
+            + (" and reclaim leaked memory for a while" if oom else ""),
+            rollback_plan="none needed; the template is unchanged",
+        ),
+    )
+
+
+def _node(m: Member, ctx: Context, *, drain: bool) -> _Finding | None:
+    node = m.labels.get("node", "")
+    conditions = ctx.node_conditions.get(node, ())
+    if not node or not (conditions or node in ctx.unhealthy_nodes):
+        return None
+    disk = "DiskPressure" in conditions
+    detail = ", ".join(conditions) or "unhealthy"
+    return _Finding(
+        root_cause=f"node {node} " + ("is under disk pressure" if disk else "is unhealthy"),
+        root_cause_class="node_disk_pressure" if disk else "node_failure",
+        confidence=0.88 if drain else 0.6,
+        evidence=(f"pattern {m.name} firing", f"node {node} condition bad: {detail}"),
+        action=RecommendedAction(
+            type="drain_node",
+            target=Target(kind="Node", name=node),
+            expected_impact="pods move to healthy nodes",
+            rollback_plan=f"uncordon {node} once healthy",
+        )
+        if drain
+        else None,
+    )
+
+
+def _diagnose(
+    step: str, m: Member, inc: Incident, target: Target, ctx: Context, settings: Settings
+) -> _Finding | None:
+    """What a context step finds in the evidence: a root cause, never an action."""
+    name = target.name
+    if step in ("check_memory_limits", "analyze_crash_logs"):
+        mem = ctx.memory_saturation.get(name)
+        if name in ctx.oom_killed or (mem is not None and mem >= OUT_OF_MEMORY):
+            detail = "OOM-killed" if name in ctx.oom_killed else f"at {mem:.0%} of its limit"
+            return _Finding(
+                root_cause=f"{name} runs out of memory ({detail}): likely a memory leak",
+                root_cause_class="memory_leak",
+                confidence=0.65,
+                evidence=(f"pattern {m.name} firing", f"{name} memory: {detail}"),
+                action=None,
+            )
+        if name in ctx.crash_looping:
+            return _Finding(
+                root_cause=f"{name} pods are crash looping",
+                root_cause_class="crash_loop",
+                confidence=0.55,
+                evidence=(f"pattern {m.name} firing", f"{name} restarting"),
+                action=None,
+            )
+    if step in ("check_downstream_services", "check_database_connections"):
+        failing = {d: r for d, r in ctx.dependency_errors.items() if r >= DEPENDENCY_DOWN}
+        if failing:
+            dep = max(sorted(failing), key=lambda d: failing[d])
+            return _Finding(
+                root_cause=f"{name} fails because its dependency {dep} fails "
+                f"({failing[dep]:.0%} of calls)",
+                root_cause_class="dependency_outage",
+                confidence=0.7,
+                evidence=(f"pattern {m.name} firing", f"calls to {dep}: {failing[dep]:.0%} errors"),
+                action=None,
+            )
+    if step == "check_node_conditions":
+        return _node(m, ctx, drain=False)
+    if step == "check_recent_deployments":
+        r = recent_rollout(ctx.rollouts, target, inc.opened_at, settings.remediation.rollout_window)
+        if r is not None:  # the pattern's runbook may not allow a rollback: name it anyway
+            return replace(_rollback(m, inc, target, r), action=None, confidence=0.7)
+        c = recent_config_change(
+            ctx.config_changes, target, inc.opened_at, settings.remediation.rollout_window
+        )
+        if c is not None:
+            minutes = (inc.opened_at - c.at).total_seconds() / 60
+            return _Finding(
+                root_cause=f"{m.name} on {name} began {minutes:.1f} min after {c.kind} "
+                f"{c.name} changed",
+                root_cause_class="config_change",
+                confidence=0.7,
+                evidence=(
+                    f"pattern {m.name} firing",
+                    f"{c.kind} {c.namespace}/{c.name} changed at {c.at.isoformat()}",
+                ),
+                action=None,
+            )
+    return None
+
+
 def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _Finding | None:
     pattern = settings.pattern(m.name)
     if pattern is None:
         return None
     target = workload_target(m.labels or inc.labels)
-    steps = pattern.actions
-    for step in steps:
+    diagnosis: _Finding | None = None  # the first root cause found without an action
+    for step in pattern.actions:
         action = CONDITIONAL_STEPS.get(step)
         if action == "rollback":
-            r = _recent_rollout(
+            r = recent_rollout(
                 ctx.rollouts, target, inc.opened_at, settings.remediation.rollout_window
             )
-            if r is None:
-                continue
-            minutes = (inc.opened_at - r.at).total_seconds() / 60
-            # The closer the rollout to the symptom, the stronger the suspicion.
-            conf = 0.92 if minutes <= 15 else 0.8
-            return _Finding(
-                root_cause=f"{m.name} on {target.name} began {minutes:.1f} min after rollout "
-                f"to revision {r.revision} ({r.image})",
-                root_cause_class="bad_rollout",
-                confidence=conf,
-                evidence=(
-                    f"pattern {m.name} firing, value={m.value}",
-                    f"rollout of {target.key} to revision {r.revision} at {r.at.isoformat()}",
-                ),
-                action=RecommendedAction(
-                    type="rollback",
-                    target=target,
-                    params={},
-                    expected_impact=f"restore the previous template ({r.previous_image or '?'})",
-                    rollback_plan=f"roll forward to revision {r.revision} ({r.image})",
-                ),
-            )
+            if r is not None:
+                return _rollback(m, inc, target, r)
+            continue
         if action == "scale_up":
-            sat = ctx.cpu_saturation.get(target.name)
-            if sat is None or sat < 0.8:
-                continue
-            return _Finding(
-                root_cause=f"{target.name} is CPU-saturated ({sat:.0%}) under load",
-                root_cause_class="saturation",
-                confidence=0.86,
-                evidence=(f"pattern {m.name} firing", f"cpu saturation {sat:.2f}"),
-                action=RecommendedAction(
-                    type="scale_up",
-                    target=target,
-                    params={"replicas": "+1"},
-                    expected_impact="more capacity lowers saturation and latency",
-                    rollback_plan="scale back to the prior replica count",
-                ),
-            )
-        if action == "restart_workload" and target.name in ctx.crash_looping:
-            return _Finding(
-                root_cause=f"{target.name} pods are crash looping",
-                root_cause_class="crash_loop",
-                confidence=0.7,
-                evidence=(f"pattern {m.name} firing", f"{target.name} restarting"),
-                action=RecommendedAction(
-                    type="restart_workload",
-                    target=target,
-                    expected_impact="fresh pods clear transient state",
-                    rollback_plan="none needed; the template is unchanged",
-                ),
-            )
+            sat = saturation(target, ctx)
+            if sat is not None:
+                return _scale_up(m, target, *sat)
+            diagnosis = diagnosis or _noisy_neighbour(m, target, ctx)
+            continue
+        if action == "restart_workload":
+            if target.name in ctx.crash_looping or target.name in ctx.oom_killed:
+                return _restart(m, target, ctx)
+            continue
         if action == "drain_node":
-            node = m.labels.get("node", "")
-            if node and node in ctx.unhealthy_nodes:
-                return _Finding(
-                    root_cause=f"node {node} is unhealthy",
-                    root_cause_class="node_failure",
-                    confidence=0.88,
-                    evidence=(f"pattern {m.name} firing", f"node {node} condition bad"),
-                    action=RecommendedAction(
-                        type="drain_node",
-                        target=Target(kind="Node", name=node),
-                        expected_impact="pods move to healthy nodes",
-                        rollback_plan=f"uncordon {node} once healthy",
-                    ),
-                )
+            found = _node(m, ctx, drain=True)
+            if found is not None:
+                return found
+            continue
         if step in ACTION_TYPES:
             return _Finding(
                 root_cause=f"{m.name} matched pattern {pattern.name}, which prescribes {step}",
@@ -172,13 +392,45 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
                     expected_impact=f"the runbook's remedy for {pattern.name}",
                 ),
             )
-    return None
+        diagnosis = diagnosis or _diagnose(step, m, inc, target, ctx, settings)
+    return diagnosis
+
+
+_ANY_CHECKS = (
+    "check_recent_deployments",
+    "check_memory_limits",
+    "check_downstream_services",
+    "check_node_conditions",
+)
+
+
+def _beyond_runbook(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _Finding | None:
+    """With no finding at all, every check's diagnosis, less confident and never acting:
+    an escalation naming a failing dependency beats one saying "unknown"."""
+    target = workload_target(m.labels or inc.labels)
+    found = next(
+        (f for step in _ANY_CHECKS if (f := _diagnose(step, m, inc, target, ctx, settings))),
+        None,
+    ) or _noisy_neighbour(m, target, ctx)
+    if found is None:
+        return None
+    return replace(
+        found,
+        confidence=round(found.confidence - 0.1, 2),
+        evidence=(*found.evidence, f"checked beyond the steps of pattern {m.name}"),
+    )
 
 
 def analyze(incident: Incident, ctx: Context, settings: Settings, now: datetime) -> Analysis:
     findings = [
         f for m in incident.firing if (f := _for_member(m, incident, ctx, settings)) is not None
     ]
+    if not findings:
+        findings = [
+            f
+            for m in incident.firing
+            if (f := _beyond_runbook(m, incident, ctx, settings)) is not None
+        ]
     findings.sort(key=lambda f: -f.confidence)
     names = sorted({m.name for m in incident.firing}) or sorted({m.name for m in incident.members})
     if findings:

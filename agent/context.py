@@ -1,0 +1,395 @@
+"""Gathering the bounded context of an incident for the analyzers.
+
+Sources, each fetched concurrently under its own timeout (``ai.context.timeout``) and byte
+budget (``ai.context.max_bytes``), and redacted (:func:`agent.redaction.redact`) before it
+is stored, so nothing secret reaches a prompt or a log:
+
+- metrics: each firing pattern's own query, restricted to the incident's series, plus the
+  related queries of ``ai.context.queries`` (CPU/memory saturation, ...), via Prometheus;
+- rollout history of the affected workloads, via the :class:`~handlers.cluster.Cluster`;
+- Kubernetes events about the workloads, their pods and the incident's nodes, recent
+  config changes, node conditions and the tail of the affected pods' logs, via a
+  :class:`ClusterContext` (the in-process FakeCluster implements it; a real Kubernetes
+  adapter is still to come, until then those sources are noted as unavailable).
+
+A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
+analysis. Structured signals (OOM kills, crash loops, node conditions) are derived from
+event *reasons*, which the kubelet and controllers set; event messages and logs stay text
+for the LLM, never evidence for the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import string
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from agent.ai_answer import is_dns_name
+from agent.analyzer import (
+    ConfigChange,
+    Context,
+    KubeEvent,
+    MetricSample,
+    Rollout,
+    workload_target,
+)
+from agent.errors import ActionFailed, AgentError
+from agent.models import Incident, Target
+from agent.prom import Sample
+from agent.redaction import clip, redact
+from agent.settings import Settings
+from handlers.cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CRASH_REASONS = frozenset({"BackOff", "CrashLoopBackOff"})
+OOM_REASONS = frozenset({"OOMKilled", "OOMKilling"})
+NODE_REASONS: Mapping[str, str] = {
+    "NodeHasDiskPressure": "DiskPressure",
+    "NodeHasInsufficientMemory": "MemoryPressure",
+    "NodeHasInsufficientPID": "PIDPressure",
+    "NodeNotReady": "NotReady",
+}
+MAX_TEXT = 512  # bytes of one event message or config summary
+MAX_REVISIONS = 5  # per workload
+
+
+@runtime_checkable
+class ClusterContext(Protocol):
+    """Read-only context from Kubernetes beyond workload state."""
+
+    async def events(
+        self, namespace: str, names: Sequence[str], *, limit: int
+    ) -> Sequence[KubeEvent]:
+        """Events about objects named ``names`` or ``<name>-...`` (their pods); namespace
+        "" means cluster-scoped objects (nodes)."""
+        ...
+
+    async def pods(self, namespace: str, workload: str) -> Sequence[str]: ...
+
+    async def logs(self, namespace: str, pod: str, *, tail: int) -> str: ...
+
+    async def config_changes(
+        self, namespace: str, workloads: Sequence[str], *, since: datetime
+    ) -> Sequence[ConfigChange]: ...
+
+    async def node_conditions(self, nodes: Sequence[str]) -> Mapping[str, tuple[str, ...]]:
+        """The conditions that are bad (DiskPressure, MemoryPressure, NotReady, ...)."""
+        ...
+
+
+class Querier(Protocol):
+    async def query(self, expr: str) -> list[Sample]: ...
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def owner_of(pod: str, workloads: Sequence[str]) -> str | None:
+    """The workload whose pods are named ``<workload>-...`` (the longest match)."""
+    return max((w for w in workloads if pod == w or pod.startswith(f"{w}-")), key=len, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    crash_looping: tuple[str, ...] = ()
+    oom_killed: tuple[str, ...] = ()
+    node_conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def derive_signals(events: Sequence[KubeEvent], workloads: Sequence[str]) -> Signals:
+    """Crash loops, OOM kills and node conditions from event reasons (never messages)."""
+    crash: set[str] = set()
+    oom: set[str] = set()
+    nodes: dict[str, set[str]] = {}
+    for e in events:
+        if e.kind == "Node" and e.reason in NODE_REASONS:
+            nodes.setdefault(e.name, set()).add(NODE_REASONS[e.reason])
+            continue
+        owner = owner_of(e.name, workloads)
+        if owner is None:
+            continue
+        if e.reason in CRASH_REASONS:
+            crash.add(owner)
+        elif e.reason in OOM_REASONS:
+            oom.add(owner)
+    return Signals(
+        crash_looping=tuple(sorted(crash)),
+        oom_killed=tuple(sorted(oom)),
+        node_conditions={n: tuple(sorted(c)) for n, c in sorted(nodes.items())},
+    )
+
+
+def render_query(template: str, **names: str) -> str | None:
+    """``template`` with ``$namespace``/``$workload``/``$service`` replaced; None when a
+    needed name is not a DNS-1123 name (so no label value can alter the PromQL)."""
+    found = string.Template.pattern.findall(template)
+    needed = {named or braced for _, named, braced, _ in found if named or braced}
+    if any(not is_dns_name(names.get(n, "")) for n in needed):
+        return None
+    return string.Template(template).safe_substitute(names)
+
+
+def _sample_size(s: MetricSample) -> int:
+    return len(s.query) + sum(len(k) + len(v) + 6 for k, v in s.labels.items()) + 24
+
+
+def within_budget(items: Sequence[T], size: Any, budget: int) -> tuple[list[T], int]:
+    """The leading ``items`` whose sizes fit ``budget``, and how many were dropped."""
+    out: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if used + n > budget:
+            break
+        out.append(item)
+        used += n
+    return out, len(items) - len(out)
+
+
+def matches(sample_labels: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    keys = [k for k in ("namespace", "service") if labels.get(k)]
+    return all(sample_labels.get(k) == labels[k] for k in keys)
+
+
+async def rollouts_of(
+    cluster: Cluster, targets: Sequence[Target]
+) -> tuple[list[Rollout], list[str]]:
+    """Rollout history of ``targets`` from the cluster, and notes on what failed."""
+    rollouts: list[Rollout] = []
+    notes: list[str] = []
+    for target in sorted(targets, key=lambda t: t.key):
+        if not target.name:
+            continue
+        try:
+            w = await cluster.workload(target)
+        except ActionFailed as err:
+            notes.append(f"no rollout history for {target.key}: {err}")
+            continue
+        except AgentError as err:
+            notes.append(f"cluster unavailable for {target.key}: {err}")
+            continue
+        ordered = sorted(w.revisions, key=lambda r: r.number)
+        for prev, rev in zip([None, *ordered[:-1]], ordered, strict=True):
+            rollouts.append(
+                Rollout(
+                    namespace=target.namespace,
+                    workload=target.name,
+                    revision=rev.number,
+                    image=rev.image,
+                    at=rev.created_at,
+                    previous_image=prev.image if prev else None,
+                )
+            )
+    return rollouts, notes
+
+
+# --- the gatherer ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Parts:
+    """What the sources found, merged into a Context at the end."""
+
+    rollouts: list[Rollout] = field(default_factory=list)
+    metrics: list[MetricSample] = field(default_factory=list)
+    related: dict[str, dict[str, float]] = field(default_factory=dict)
+    events: list[KubeEvent] = field(default_factory=list)
+    logs: dict[str, str] = field(default_factory=dict)
+    config_changes: list[ConfigChange] = field(default_factory=list)
+    node_conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class ContextGatherer:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cluster: Cluster,
+        source: ClusterContext | None = None,
+        prom: Querier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.source = source
+        self.prom = prom
+        self.limits = settings.ai.context
+
+    async def gather(self, incident: Incident) -> Context:
+        targets = sorted(
+            {workload_target(m.labels or incident.labels) for m in incident.firing},
+            key=lambda t: t.key,
+        )
+        targets = [t for t in targets if t.name]
+        nodes = sorted({n for m in incident.members if is_dns_name(n := m.labels.get("node", ""))})
+        parts = _Parts()
+        jobs: list[tuple[str, Awaitable[None]]] = [
+            ("rollouts", self._rollouts(targets, parts)),
+            ("metrics", self._metrics(incident, targets, parts)),
+        ]
+        if self.source is not None:
+            jobs += [
+                ("events", self._events(self.source, targets, nodes, parts)),
+                ("logs", self._logs(self.source, incident, targets, parts)),
+                ("config changes", self._config(self.source, incident, targets, parts)),
+                ("node conditions", self._nodes(self.source, nodes, parts)),
+            ]
+        else:
+            parts.notes.append("events, logs and config changes: no cluster context adapter")
+        await asyncio.gather(*(self._bounded(name, job, parts) for name, job in jobs))
+        signals = derive_signals(parts.events, [t.name for t in targets])
+        node_conditions = dict(signals.node_conditions)
+        for n, conditions in parts.node_conditions.items():
+            node_conditions[n] = tuple(sorted({*node_conditions.get(n, ()), *conditions}))
+        r = parts.related
+        return Context(
+            rollouts=tuple(parts.rollouts),
+            cpu_saturation=r.get("cpu_saturation", {}),
+            memory_saturation=r.get("memory_saturation", {}),
+            concurrency_saturation=r.get("concurrency_saturation", {}),
+            node_cpu_saturation=r.get("node_cpu_saturation", {}),
+            dependency_errors=r.get("dependency_error_ratio", {}),
+            crash_looping=signals.crash_looping,
+            oom_killed=signals.oom_killed,
+            node_conditions=node_conditions,
+            unhealthy_nodes=tuple(sorted(node_conditions)),
+            config_changes=tuple(parts.config_changes),
+            events=tuple(parts.events),
+            logs=parts.logs,
+            metrics=tuple(parts.metrics),
+            notes=tuple(parts.notes),
+        )
+
+    async def _bounded(self, name: str, job: Awaitable[None], parts: _Parts) -> None:
+        try:
+            async with asyncio.timeout(self.limits.timeout):
+                await job
+        except TimeoutError:
+            parts.notes.append(f"{name}: no answer within {self.limits.timeout:g}s")
+        except AgentError as err:
+            parts.notes.append(f"{name} unavailable: {redact(str(err))[:300]}")
+
+    async def _rollouts(self, targets: Sequence[Target], parts: _Parts) -> None:
+        rollouts, notes = await rollouts_of(self.cluster, targets)
+        latest: dict[str, list[Rollout]] = {}
+        for r in rollouts:
+            latest.setdefault(f"{r.namespace}/{r.workload}", []).append(r)
+        parts.rollouts += [r for rs in latest.values() for r in rs[-MAX_REVISIONS:]]
+        parts.notes += notes
+
+    async def _metrics(self, incident: Incident, targets: Sequence[Target], parts: _Parts) -> None:
+        if self.prom is None:
+            parts.notes.append("metrics: no Prometheus client")
+            return
+        prom = self.prom
+        # (name, expression, workload it measures, labels a series must match)
+        queries: list[tuple[str, str, str, Mapping[str, str] | None]] = []
+        for name in sorted({m.name for m in incident.firing}):
+            pattern = self.settings.pattern(name)
+            if pattern is not None:
+                queries.append((f"pattern:{name}", pattern.condition, "", incident.labels))
+        service = incident.labels.get("service", "")
+        for t in targets:
+            for qname, template in sorted(self.limits.queries.items()):
+                expr = render_query(
+                    template, namespace=t.namespace, workload=t.name, service=service or t.name
+                )
+                if expr is None:
+                    parts.notes.append(f"metrics {qname}: names of {t.key} are not DNS-1123")
+                    continue
+                queries.append((qname, expr, t.name, None))
+
+        async def one(qname: str, expr: str) -> list[Sample] | str:
+            try:
+                return await prom.query(expr)
+            except AgentError as err:
+                return f"metrics {qname} unavailable: {redact(str(err))[:200]}"
+
+        results = await asyncio.gather(*(one(q, e) for q, e, _, _ in queries))
+        samples: list[MetricSample] = []
+        for (qname, _, workload, only), result in zip(queries, results, strict=True):
+            if isinstance(result, str):
+                parts.notes.append(result)
+                continue
+            for s in result:
+                if only is not None and not matches(s.labels, only):
+                    continue
+                samples.append(MetricSample(query=qname, labels=dict(s.labels), value=s.value))
+                by = {"node_cpu_saturation": "node", "dependency_error_ratio": "dependency"}
+                if qname in by:
+                    key = s.labels.get(by[qname], "")
+                    if key:
+                        parts.related.setdefault(qname, {})[key] = s.value
+                elif not qname.startswith("pattern:"):
+                    level = parts.related.setdefault(qname, {})
+                    level[workload] = max(s.value, level.get(workload, s.value))
+        kept, dropped = within_budget(samples, _sample_size, self.limits.max_bytes)
+        parts.metrics += kept
+        if dropped:
+            parts.notes.append(f"metrics: {dropped} series left out (budget)")
+
+    async def _events(
+        self, src: ClusterContext, targets: Sequence[Target], nodes: Sequence[str], parts: _Parts
+    ) -> None:
+        found: list[KubeEvent] = []
+        limit = self.limits.max_events
+        for ns in sorted({t.namespace for t in targets}):
+            names = [t.name for t in targets if t.namespace == ns]
+            found += await src.events(ns, names, limit=limit)
+        if nodes:
+            found += await src.events("", nodes, limit=limit)
+        found.sort(key=lambda e: e.at.timestamp() if e.at else 0.0, reverse=True)  # newest
+        clean = [replace(e, message=clip(redact(e.message), MAX_TEXT)) for e in found[: limit or 0]]
+        kept, dropped = within_budget(
+            clean,
+            lambda e: len(e.message.encode()) + len(e.name) + len(e.reason) + 48,
+            self.limits.max_bytes,
+        )
+        parts.events += kept
+        if dropped or len(found) > len(clean):
+            parts.notes.append(f"events: {dropped + len(found) - len(clean)} left out (budget)")
+
+    async def _logs(
+        self, src: ClusterContext, incident: Incident, targets: Sequence[Target], parts: _Parts
+    ) -> None:
+        if not self.limits.log_lines or not self.limits.max_pods:
+            return
+        pods: list[tuple[str, str]] = [
+            (m.labels.get("namespace", "default"), p)
+            for m in incident.firing
+            if is_dns_name(p := m.labels.get("pod", ""))
+        ]
+        for t in targets:
+            pods += [(t.namespace, p) for p in await src.pods(t.namespace, t.name)]
+        pods = list(dict.fromkeys(pods))[: self.limits.max_pods]
+        if not pods:
+            return
+        share = self.limits.max_bytes // len(pods)
+        tails = await asyncio.gather(
+            *(src.logs(ns, pod, tail=self.limits.log_lines) for ns, pod in pods)
+        )
+        for (_, pod), text in zip(pods, tails, strict=True):
+            # Redact first: clipping first could cut a secret's marker and leak its rest.
+            parts.logs[pod] = clip(redact(text), share, keep="tail")
+
+    async def _config(
+        self, src: ClusterContext, incident: Incident, targets: Sequence[Target], parts: _Parts
+    ) -> None:
+        since = incident.opened_at - timedelta(seconds=self.settings.remediation.rollout_window)
+        for ns in sorted({t.namespace for t in targets}):
+            names = [t.name for t in targets if t.namespace == ns]
+            changes = await src.config_changes(ns, names, since=since)
+            parts.config_changes += [
+                replace(c, summary=clip(redact(c.summary), MAX_TEXT)) for c in changes[:20]
+            ]
+
+    async def _nodes(self, src: ClusterContext, nodes: Sequence[str], parts: _Parts) -> None:
+        if nodes:
+            parts.node_conditions.update(await src.node_conditions(nodes))

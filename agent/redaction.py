@@ -1,0 +1,102 @@
+"""Redaction of secrets and size budgets for text that leaves the process.
+
+Everything the analysis stage gathers (log tails, event messages, config summaries, alert
+text) passes through :func:`redact` before it is stored in a context, put in a prompt or
+logged. It errs on the side of removing too much: a redacted trace id costs little, a
+leaked token costs a lot. What it recognises:
+
+- PEM private-key blocks (also when cut off before their END line);
+- ``Authorization:`` headers and ``Bearer``/``Basic`` credentials;
+- ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
+  (password, token, secret, api key, access key, credential, cookie, signature, ...);
+- passwords in URLs (``scheme://user:password@host``);
+- well-known token shapes: JWTs, AWS access key ids, GitHub, Slack and Azure SAS tokens;
+- long base64-like strings mixing upper case, lower case and digits (40+ characters).
+
+:func:`clip` keeps a text within a byte budget (UTF-8), cutting whole characters only.
+Pure functions; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+REDACTED = "[REDACTED]"
+
+_PEM = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+    re.DOTALL,
+)
+_QUOTED = r"\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?"
+# A header's value runs to the end of the line, unless it is a quoted (JSON) string.
+_AUTH_HEADER = re.compile(
+    r"(?im)\b(?P<key>(?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)"
+    r"(?P<sep>[\"']?\s*[:=]\s*)(?P<value>" + _QUOTED + r"|[^\r\n]*)"
+)
+# "Bearer <token68>"; "Basic <base64>" only when it looks encoded, so prose survives.
+_SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(\s+)([A-Za-z0-9\-._~+/]{8,}=*)")
+_SENSITIVE = (
+    r"(?:passw(?:or)?d|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|"
+    r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth|cookie|session[_-]?id|"
+    r"signature|sig|key)"
+)
+# key: an identifier containing a secret word; separator; value quoted or bare.
+_KEY_VALUE = re.compile(
+    r"(?i)(?P<key>\b[\w.-]{0,40}?" + _SENSITIVE + r"[\w.-]{0,40}?)"
+    r"(?P<sep>[\"']?\s*[:=]\s*)"
+    r"(?P<value>" + _QUOTED + r"|[^\s,;&\"']+)"
+)
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):([^/\s@]+)@")
+_TOKENS = re.compile(
+    r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # JWT
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}\b"  # GitHub
+    r"|\bgithub_pat_[A-Za-z0-9_]{20,}\b"
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|\bsv=\d{4}-\d{2}-\d{2}&[^\s\"']*sig=[^\s&\"']+"  # Azure SAS query
+)
+_LONG_OPAQUE = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")
+
+
+def _opaque(m: re.Match[str]) -> str:
+    s = m.group(0)
+    mixed = any(c.isupper() for c in s) and any(c.islower() for c in s)
+    return REDACTED if mixed and any(c.isdigit() for c in s) else s
+
+
+def _scheme_credential(m: re.Match[str]) -> str:
+    value = m.group(3)
+    if m.group(1).lower() == "basic" and value.isalpha() and value.islower():
+        return m.group(0)  # "basic authentication", not a credential
+    return f"{m.group(1)}{m.group(2)}{REDACTED}"
+
+
+def _key_value(m: re.Match[str]) -> str:
+    value = m.group("value")
+    quote = value[0] if value[:1] in ("'", '"') else ""
+    return f"{m.group('key')}{m.group('sep')}{quote}{REDACTED}{quote}"
+
+
+def redact(text: str) -> str:
+    """``text`` with every recognised secret replaced by ``[REDACTED]``."""
+    if not text:
+        return text
+    text = _PEM.sub(REDACTED, text)
+    text = _AUTH_HEADER.sub(_key_value, text)
+    text = _SCHEME_CREDENTIAL.sub(_scheme_credential, text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+    text = _TOKENS.sub(REDACTED, text)
+    text = _KEY_VALUE.sub(_key_value, text)
+    return _LONG_OPAQUE.sub(_opaque, text)
+
+
+def clip(text: str, max_bytes: int, *, keep: Literal["head", "tail"] = "head") -> str:
+    """At most ``max_bytes`` of UTF-8, keeping the head or the tail, whole characters only."""
+    raw = text.encode()
+    if len(raw) <= max_bytes:
+        return text
+    if max_bytes <= 0:
+        return ""
+    part = raw[-max_bytes:] if keep == "tail" else raw[:max_bytes]
+    return part.decode("utf-8", errors="ignore")

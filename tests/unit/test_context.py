@@ -1,0 +1,206 @@
+"""Context gathering: every source bounded in time and bytes, redacted, and failures noted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+
+import pytest
+
+from agent.analyzer import ConfigChange, KubeEvent
+from agent.context import ClusterContext, ContextGatherer, derive_signals, owner_of, render_query
+from agent.errors import DependencyUnavailable
+from agent.prom import Sample
+from handlers.fake_cluster import FakeCluster
+from tests.fakes.incidents import OPENED, ai_settings, incident, member
+
+SECRET = "s3cr3t-Passw0rd"
+
+
+class FakeProm:
+    """Answers by the first matching substring of the expression; records queries."""
+
+    def __init__(
+        self, answers: dict[str, list[Sample]], *, delay: float = 0.0, fail: bool = False
+    ) -> None:
+        self.answers = answers
+        self.delay = delay
+        self.fail = fail
+        self.queries: list[str] = []
+
+    async def query(self, expr: str) -> list[Sample]:
+        self.queries.append(expr)
+        if self.fail:
+            raise DependencyUnavailable(f"prometheus down (password={SECRET})")
+        await asyncio.sleep(self.delay)
+        return next((v for k, v in self.answers.items() if k in expr), [])
+
+
+class SlowLogs(FakeCluster):
+    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+        await asyncio.sleep(5)
+        return ""
+
+
+def cluster(cls: type[FakeCluster] = FakeCluster) -> FakeCluster:
+    c = cls()
+    c.create_deployment(
+        "shop", "checkout", image="shop/checkout:v6", replicas=3, at=OPENED - timedelta(days=3)
+    )
+    c.rollout("shop", "checkout", image="shop/checkout:v7", at=OPENED - timedelta(minutes=5))
+    c.set_logs(
+        "shop",
+        "checkout-7c9f-abcde",
+        "\n".join(
+            [f"line {i}" for i in range(200)] + [f"connecting with password={SECRET}", "ERROR boom"]
+        ),
+    )
+    c.set_logs("shop", "cart-1-a", "not ours")
+    c.add_event(
+        KubeEvent(
+            "shop", "Pod", "checkout-7c9f-abcde", "OOMKilled", message=f"token={SECRET}", at=OPENED
+        )
+    )
+    c.add_event(KubeEvent("shop", "Pod", "checkout-7c9f-abcde", "BackOff", at=OPENED))
+    c.add_event(KubeEvent("shop", "Pod", "cart-1-a", "BackOff", at=OPENED))
+    c.add_event(KubeEvent("", "Node", "node-a", "NodeHasDiskPressure", at=OPENED))
+    c.add_config_change(
+        ConfigChange(
+            "shop",
+            "checkout-config",
+            OPENED - timedelta(minutes=3),
+            used_by=("checkout",),
+            summary=f"api_key={SECRET}",
+        )
+    )
+    c.add_config_change(
+        ConfigChange("shop", "old-config", OPENED - timedelta(days=2), used_by=("checkout",))
+    )
+    c.set_node_conditions("node-a", ["MemoryPressure"])
+    return c
+
+
+QUERIES = {
+    "cpu_saturation": 'cpu{namespace="$namespace",pod=~"$workload-.*"}',
+    "node_cpu_saturation": 'node_cpu{namespace="$namespace",workload="$workload"}',
+    "dependency_error_ratio": 'dep_errors{service="$service"}',
+}
+PROM = {
+    "node_cpu": [Sample({"node": "node-a"}, 0.97)],
+    "cpu{": [Sample({"namespace": "shop"}, 0.93)],
+    "dep_errors": [Sample({"dependency": "payments"}, 0.8), Sample({"dependency": "db"}, 0.0)],
+    "http_requests_total": [
+        Sample({"namespace": "shop", "service": "checkout"}, 0.2),
+        Sample({"namespace": "shop", "service": "cart"}, 0.9),  # another service: left out
+    ],
+}
+INC = incident(member(), member("high-latency", labels={"node": "node-a"}))
+
+
+async def gather(c: FakeCluster | None = None, prom: FakeProm | None = None, **context: object):  # type: ignore[no-untyped-def]
+    settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s", **context})
+    c = c or cluster()
+    g = ContextGatherer(settings, cluster=c, source=c, prom=prom or FakeProm(PROM))
+    return await g.gather(INC)
+
+
+async def test_every_source_is_gathered_and_derived() -> None:
+    ctx = await gather()
+    assert [(r.revision, r.image) for r in ctx.rollouts] == [
+        (1, "shop/checkout:v6"),
+        (2, "shop/checkout:v7"),
+    ]
+    assert ctx.cpu_saturation == {"checkout": 0.93}
+    assert ctx.node_cpu_saturation == {"node-a": 0.97}
+    assert ctx.dependency_errors == {"payments": 0.8, "db": 0.0}
+    assert ctx.oom_killed == ("checkout",) and ctx.crash_looping == ("checkout",)
+    assert ctx.node_conditions == {"node-a": ("DiskPressure", "MemoryPressure")}
+    assert [c.name for c in ctx.config_changes] == ["checkout-config"]  # the old one is outside
+    assert list(ctx.logs) == ["checkout-7c9f-abcde"]
+    assert {e.name for e in ctx.events} == {"checkout-7c9f-abcde", "node-a"}
+    pattern = [s for s in ctx.metrics if s.query == "pattern:high-error-rate"]
+    assert [s.labels["service"] for s in pattern] == ["checkout"]
+    assert ctx.notes == ()
+
+
+async def test_secrets_are_redacted_before_anything_is_kept() -> None:
+    ctx = await gather()
+    text = repr(ctx)
+    assert SECRET not in text
+    assert "[REDACTED]" in ctx.logs["checkout-7c9f-abcde"]
+
+
+async def test_logs_keep_the_tail_within_the_byte_budget() -> None:
+    ctx = await gather(max_bytes=300, log_lines=50)
+    log = ctx.logs["checkout-7c9f-abcde"]
+    assert len(log.encode()) <= 300
+    assert log.endswith("ERROR boom") and "line 0" not in log
+
+
+async def test_events_and_metrics_are_cut_to_the_budget_with_a_note() -> None:
+    ctx = await gather(max_bytes=256, max_events=2)
+    assert len(ctx.events) <= 2
+    assert any(n.startswith("events:") for n in ctx.notes)
+
+
+async def test_a_slow_source_times_out_and_is_noted_while_others_arrive() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ctx = await gather(cluster(SlowLogs))
+    assert loop.time() - started < 2
+    assert "logs: no answer within 0.3s" in ctx.notes
+    assert ctx.rollouts and ctx.cpu_saturation  # the other sources still arrived
+
+
+async def test_prometheus_failures_are_noted_redacted() -> None:
+    ctx = await gather(prom=FakeProm({}, fail=True))
+    assert ctx.cpu_saturation == {}
+    assert any("unavailable" in n for n in ctx.notes)
+    assert SECRET not in " ".join(ctx.notes)
+
+
+async def test_without_a_cluster_context_adapter_the_rest_still_works() -> None:
+    c = cluster()
+    g = ContextGatherer(
+        ai_settings(context={"queries": QUERIES}), cluster=c, source=None, prom=FakeProm(PROM)
+    )
+    ctx = await g.gather(INC)
+    assert ctx.rollouts and not ctx.logs and not ctx.events
+    assert any("no cluster context adapter" in n for n in ctx.notes)
+
+
+def test_fake_cluster_implements_the_protocol() -> None:
+    assert isinstance(FakeCluster(), ClusterContext)
+
+
+def test_signals_come_from_reasons_not_messages() -> None:
+    events: Sequence[KubeEvent] = [
+        KubeEvent(
+            "shop", "Pod", "api-1-x", "Pulled", message="OOMKilled BackOff NodeHasDiskPressure"
+        ),
+        KubeEvent("shop", "Pod", "api-v2-1-x", "OOMKilled"),
+        KubeEvent("", "Node", "n1", "NodeNotReady"),
+        KubeEvent("shop", "Pod", "other-1", "BackOff"),
+    ]
+    s = derive_signals(events, ["api", "api-v2"])
+    assert s.oom_killed == ("api-v2",)  # the longest owner, and not "api" from a message
+    assert s.crash_looping == ()
+    assert s.node_conditions == {"n1": ("NotReady",)}
+
+
+def test_owner_of() -> None:
+    assert owner_of("checkout-7c9f-abcde", ["check", "checkout"]) == "checkout"
+    assert owner_of("cart-1", ["checkout"]) is None
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ({"namespace": "shop", "workload": "api"}, 'x{namespace="shop",pod=~"api-.*"}'),
+        ({"namespace": 'shop"} or vector(1) #', "workload": "api"}, None),
+        ({"namespace": "shop", "workload": ""}, None),
+    ],
+)
+def test_queries_only_take_dns_names(names: dict[str, str], expected: str | None) -> None:
+    assert render_query('x{namespace="$namespace",pod=~"${workload}-.*"}', **names) == expected

@@ -1,0 +1,176 @@
+"""Redaction never lets a recognisable secret through; clipping keeps byte budgets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from agent.redaction import REDACTED, clip, redact
+
+# Bare values end at whitespace, quotes and , ; & (as in logs, headers and query strings).
+BARE = st.text(
+    alphabet=st.characters(
+        whitelist_categories=("Lu", "Ll", "Nd"), whitelist_characters="_-+/.~!@#$%^*()[]{}<>?|"
+    ),
+    min_size=6,
+    max_size=64,
+).filter(lambda s: s not in REDACTED)
+TOKEN68 = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/",
+    min_size=8,
+    max_size=80,
+)
+URL_PASSWORD = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$*+%",
+    min_size=6,
+    max_size=40,
+)
+QUOTED = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters='"\\'),
+    min_size=6,
+    max_size=64,
+).filter(lambda s: s not in REDACTED)
+KEYS = st.sampled_from(
+    [
+        "password",
+        "DB_PASSWORD",
+        "passwd",
+        "api_key",
+        "apiKey",
+        "X-Api-Key",
+        "token",
+        "access_token",
+        "client_secret",
+        "AWS_SECRET_ACCESS_KEY",
+        "AccountKey",
+        "private_key",
+        "secret",
+        "credentials",
+        "session_id",
+        "auth",
+        "pwd",
+    ]
+)
+SEPARATORS = st.sampled_from(["=", ": ", " = ", ":"])
+NOISE = st.text(alphabet="abcdefghij klm\n\t.,;:", max_size=40)
+
+
+def leaks(secret: str, text: str) -> bool:
+    return secret in redact(text)
+
+
+@given(NOISE, KEYS, SEPARATORS, BARE, NOISE)
+def test_key_value_secrets_never_leak(
+    before: str, key: str, sep: str, secret: str, after: str
+) -> None:
+    text = f"{before} {key}{sep}{secret} {after}"
+    assume(secret not in f"{before} {key}{sep} {after}")
+    assert not leaks(secret, text)
+
+
+@given(NOISE, KEYS, QUOTED, NOISE, st.sampled_from(['"', "'"]))
+def test_quoted_secrets_never_leak(before: str, key: str, secret: str, after: str, q: str) -> None:
+    assume(q not in secret)
+    text = f'{before} {{"{key}": {q}{secret}{q}, "user": "bob"}} {after}'
+    assume(secret not in text.replace(f"{q}{secret}{q}", ""))
+    out = redact(text)
+    assert secret not in out
+    assert '"user": "bob"' in out  # the rest survives
+
+
+@given(
+    NOISE,
+    TOKEN68,
+    NOISE,
+    st.sampled_from(
+        [
+            "Authorization: Bearer ",
+            "authorization=Bearer ",
+            "bearer ",
+            "Proxy-Authorization: Basic ",
+        ]
+    ),
+)
+def test_bearer_and_authorization_never_leak(
+    before: str, token: str, after: str, head: str
+) -> None:
+    assume(token not in before + after + head)
+    assert not leaks(token, f"{before}\n{head}{token}\n{after}")
+
+
+@given(URL_PASSWORD, st.sampled_from(["postgres", "redis", "https", "amqp"]), NOISE)
+def test_url_passwords_never_leak(password: str, scheme: str, after: str) -> None:
+    text = f"connecting to {scheme}://app:{password}@db.internal:5432/orders {after}"
+    assume(password not in text.replace(f":{password}@", ""))
+    out = redact(text)
+    assert password not in out
+    assert "db.internal:5432/orders" in out
+
+
+@given(
+    st.text(
+        alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/\n",
+        min_size=20,
+        max_size=300,
+    ),
+    st.booleans(),
+)
+def test_private_keys_never_leak_even_when_cut(body: str, cut: bool) -> None:
+    key = f"-----BEGIN RSA PRIVATE KEY-----\n{body}\n" + (
+        "" if cut else "-----END RSA PRIVATE KEY-----"
+    )
+    out = redact(f"loaded key {key} done")
+    assert "PRIVATE KEY" not in out
+    assume(len(body.strip()) >= 8)
+    assert body.strip() not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("jwt=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlMTIz", "eyJzdWIiOiJhbGljZSJ9"),
+        ("using AKIAIOSFODNN7EXAMPLE for s3", "AKIAIOSFODNN7EXAMPLE"),
+        ("git clone with ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_abcdefghijklmnop"),
+        ("GET /blob?sv=2022-11-02&ss=b&sig=Zm9vYmFyYmF6cXV4&se=2024 200", "Zm9vYmFyYmF6cXV4"),
+        ("opaque 4Fh7Kp2Qx9Lm3Nv8Rt6Wy1Zb5Cd0Ge7Hj2Kn4Mq6Ps8Tu", "4Fh7Kp2Qx9Lm3Nv8Rt6Wy1Zb5Cd0"),
+        ("slack xoxb-123456789012-abcdefghij", "xoxb-123456789012"),
+    ],
+)
+def test_known_token_shapes(text: str, secret: str) -> None:
+    out = redact(text)
+    assert secret not in out and REDACTED in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ERROR request failed status=500 path=/api/checkout latency_ms=812",
+        "Back-off restarting failed container pricing in pod pricing-6d5c-p0p0p",
+        "image sha256:" + "ab12" * 16,
+        "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 token refresh failed",
+        "basic authentication required",
+    ],
+)
+def test_ordinary_log_lines_survive(text: str) -> None:
+    assert redact(text) == text
+
+
+@given(st.text(max_size=400), st.integers(min_value=0, max_value=500), st.booleans())
+def test_clip_keeps_the_byte_budget_and_whole_characters(
+    text: str, budget: int, tail: bool
+) -> None:
+    out = clip(text, budget, keep="tail" if tail else "head")
+    assert len(out.encode()) <= budget
+    assert text.endswith(out) if tail else text.startswith(out)
+    if len(text.encode()) <= budget:
+        assert out == text
+
+
+@given(NOISE, KEYS, BARE, st.integers(min_value=0, max_value=120))
+def test_redact_then_clip_never_leaks_a_fragment(
+    before: str, key: str, secret: str, budget: int
+) -> None:
+    text = f"{before} {key}={secret}"
+    assume(secret[:6] not in before + key)
+    assert secret[:6] not in clip(redact(text), budget, keep="tail")
