@@ -1,4 +1,5 @@
-"""Remediation policy: a pure function from (action, history, switches, now) to a verdict.
+"""Remediation policy: a pure function from (action, history, switches, facts, now) to a
+verdict.
 
 Order of the rules (first match wins), safety rules before convenience rules:
 
@@ -6,13 +7,24 @@ Order of the rules (first match wins), safety rules before convenience rules:
 2. kill switch on                           -> deny (stops all execution at once)
 3. namespace denied / not allowed           -> deny
 4. mode ``manual``                          -> deny (the agent only recommends)
-5. same target acted on within ``cooldown`` -> deny
+5. same target acted on within ``cooldown`` -> deny (an undo is exempt: it repairs the last act)
 6. the hourly action budget is spent        -> deny
+   a. ... or the namespace's hourly budget  -> deny
+   b. a scale that the replica bounds leave where it is            -> deny
+   c. a restart/rollback taking down more than ``max_restart_fraction``
+      of the workload's pods at once (one pod always may)          -> deny
+   d. ... or more than its PodDisruptionBudgets allow              -> deny
+   e. a cordon/drain with ``max_nodes_cordoned`` other nodes already cordoned -> deny
 7. already approved by a human              -> execute
 8. mode ``supervised``                      -> approval
 9. the action type requires approval        -> approval
 10. confidence below the threshold          -> approval
 11. otherwise                               -> execute
+
+Rules 6b-6e (blast radius) need :class:`Facts` about the target, which the executor reads
+from the cluster just before deciding; with no facts they do not apply (``Facts()``), so
+the executor first decides without them, and reads the cluster only for a verdict that
+could act. Human approval never lifts a safety limit: rules 1-6 come before rule 7.
 
 Shadow mode (``dry_run``) turns every "execute" into "dry_run": decided and recorded,
 never applied.
@@ -26,9 +38,14 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from agent.models import ActionRequest
-from agent.settings import Settings
+from agent.settings import RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
+
+SCALE_ACTIONS = frozenset({"scale_up", "scale_down"})
+DISRUPTIVE_ACTIONS = frozenset({"restart_pod", "restart_workload", "rollback"})
+NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
+UNDO_PARAM = "undo_of"  # an action that restores what action <undo_of> changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +65,28 @@ class Executed:
 
 
 @dataclass(frozen=True, slots=True)
+class Facts:
+    """What the blast-radius rules know about the target; ``None``/empty: unknown."""
+
+    replicas: int | None = None  # the workload's desired replicas now (a pod's owner's)
+    target_replicas: int | None = None  # scale: the replicas asked for, before the bounds
+    pods_disrupted: int = 0  # ready pods the action takes down at once
+    pdb_headroom: int | None = None  # disruptions the tightest covering budget allows
+    pdbs: tuple[str, ...] = ()
+    cordoned_nodes: tuple[str, ...] = ()  # nodes already unschedulable
+
+
+def bounded_replicas(desired: int, rem: RemediationSection) -> int:
+    """Scale targets are clamped into the policy's [min_replicas, max_replicas]."""
+    return max(rem.min_replicas, min(rem.max_replicas, desired))
+
+
+def restart_limit(replicas: int, rem: RemediationSection) -> int:
+    """Pods a restart may take down at once: the fraction, but always at least one."""
+    return max(1, int(rem.max_restart_fraction * replicas))
+
+
+@dataclass(frozen=True, slots=True)
 class Switches:
     """Run-time switches; they override the file so an operator can act without a restart."""
 
@@ -61,6 +100,7 @@ def decide(
     history: Sequence[Executed],
     switches: Switches,
     now: datetime,
+    facts: Facts | None = None,
 ) -> Verdict:
     rem = settings.remediation
     ns = action.target.namespace
@@ -76,7 +116,7 @@ def decide(
         return Verdict("deny", "mode.manual", "manual mode: recommendation only")
     cooldown_start = now - timedelta(seconds=rem.cooldown)
     recent = [h for h in history if h.target_key == action.target.key and h.at > cooldown_start]
-    if recent:
+    if recent and not action.params.get(UNDO_PARAM):
         last = max(h.at for h in recent)
         return Verdict(
             "deny",
@@ -90,6 +130,17 @@ def decide(
         return Verdict(
             "deny", "max_actions_per_hour", f"{spent} actions in the last hour (budget reached)"
         )
+    if ns:
+        in_ns = sum(1 for h in history if h.namespace == ns and h.at > hour_ago)
+        if in_ns >= rem.max_actions_per_namespace_per_hour:
+            return Verdict(
+                "deny",
+                "max_actions_per_namespace_per_hour",
+                f"{in_ns} actions in namespace {ns!r} in the last hour (budget reached)",
+            )
+    limit = _blast_radius(action, rem, facts or Facts())
+    if limit is not None:
+        return limit
     shadow = switches.dry_run or settings.agent.dry_run
     go: VerdictKind = "dry_run" if shadow else "execute"
     if action.approved_by:
@@ -105,3 +156,47 @@ def decide(
             f"confidence {action.confidence:.2f} < threshold {rem.confidence_threshold:.2f}",
         )
     return Verdict(go, "autonomous", f"confidence {action.confidence:.2f} meets the threshold")
+
+
+def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> Verdict | None:
+    """Rules 6b-6e; None when none applies."""
+    key = action.target.key
+    if action.type in SCALE_ACTIONS and f.replicas is not None and f.target_replicas is not None:
+        bounded = bounded_replicas(f.target_replicas, rem)
+        if bounded == f.replicas:
+            return Verdict(
+                "deny",
+                "replica_bounds",
+                f"{key} has {f.replicas} replicas; asked for {f.target_replicas}, the policy "
+                f"bounds {rem.min_replicas}..{rem.max_replicas} leave it there",
+            )
+    if action.type in DISRUPTIVE_ACTIONS and f.replicas:
+        limit = restart_limit(f.replicas, rem)
+        if f.pods_disrupted > limit:
+            return Verdict(
+                "deny",
+                "max_restart_fraction",
+                f"{action.type} of {key} would take down {f.pods_disrupted} of {f.replicas} pods "
+                f"at once; at most {limit} ({rem.max_restart_fraction:.0%}) may be",
+            )
+    if (
+        action.type in DISRUPTIVE_ACTIONS
+        and f.pdb_headroom is not None
+        and f.pods_disrupted > f.pdb_headroom
+    ):
+        return Verdict(
+            "deny",
+            "pod_disruption_budget",
+            f"{action.type} of {key} would take down {f.pods_disrupted} pods; "
+            f"PodDisruptionBudget {', '.join(f.pdbs) or '?'} allows {f.pdb_headroom}",
+        )
+    if action.type in NODE_ACTIONS:
+        others = [n for n in f.cordoned_nodes if n != action.target.name]
+        if len(others) >= rem.max_nodes_cordoned:
+            return Verdict(
+                "deny",
+                "max_nodes_cordoned",
+                f"{len(others)} nodes already cordoned ({', '.join(others)}); "
+                f"at most {rem.max_nodes_cordoned} at once",
+            )
+    return None

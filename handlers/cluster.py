@@ -1,9 +1,16 @@
 """The cluster boundary: what the agent reads from and does to Kubernetes.
 
 Handlers depend on the :class:`Cluster` protocol only. Adapters translate vendor errors into
-:mod:`agent.errors`. Every mutating call takes the action id and records it on the target
-in the same write that performs the change (annotation ``ACTION_IDS_ANNOTATION``), so a
-redelivered action whose id is already there is acknowledged without acting again.
+:mod:`agent.errors` (``ActionFailed`` for what retrying cannot fix: forbidden, not found,
+invalid; ``TransientError`` for 429/5xx/timeouts). Every mutating call takes the action id
+and records it on the object it writes in the same write that performs the change
+(annotation ``ACTION_IDS_ANNOTATION``, with a ``resourceVersion`` precondition), so a
+redelivered action whose id is already there is acknowledged without acting again
+(``Effect.applied`` False).
+
+Each applied effect carries ``prior_state``: flat scalars (they travel as action params) from
+which :meth:`Cluster.undo` restores the target. What the keys mean is the adapter's business;
+the executor only hands them back.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from agent.errors import ActionFailed
 from agent.models import Target
 
 ACTION_IDS_ANNOTATION = "sre-agent.io/action-ids"
@@ -66,6 +74,46 @@ class Effect:
     prior_state: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What the blast-radius rules need to know about a target, read just before deciding."""
+
+    replicas: int = 0  # desired replicas of the workload (of a pod's owner)
+    disruption: int = 0  # ready pods a restart/rollout of the target takes down at once
+    pdb_headroom: int | None = None  # disruptions the tightest covering PDB allows; None: none
+    pdbs: tuple[str, ...] = ()  # "namespace/name" of the budgets covering the target's pods
+    cordoned_nodes: tuple[str, ...] = ()  # unschedulable nodes other than the target
+    hpa: str = ""  # the HorizontalPodAutoscaler owning the workload's replica count, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The target's state as verification sees it (the cluster's side of "healed")."""
+
+    exists: bool = True
+    desired: int = 0  # workloads: replicas wanted
+    ready: int = 0  # workloads: ready replicas; pods: 1 when ready
+    settled: bool = True  # the controller has observed and finished the latest change
+    cordoned: bool = False  # nodes
+    evictable: int = 0  # nodes: pods a drain would still evict
+
+
+class PartialFailure(ActionFailed):
+    """An action failed after changing something (a drain stopped after the cordon).
+
+    ``prior_state`` lets the change that did happen be undone like a successful one.
+    """
+
+    def __init__(self, message: str, *, prior_state: Mapping[str, Any]) -> None:
+        self.prior_state = dict(prior_state)
+        super().__init__(message)
+
+
+UNDOABLE: frozenset[str] = frozenset(
+    {"rollback", "scale_up", "scale_down", "cordon_node", "drain_node", "update_config"}
+)
+
+
 class Cluster(Protocol):
     async def workload(self, target: Target) -> WorkloadState: ...
 
@@ -76,5 +124,37 @@ class Cluster(Protocol):
     async def scale(self, target: Target, *, action_id: str, replicas: int) -> Effect: ...
 
     async def restart(self, target: Target, *, action_id: str, at: datetime) -> Effect: ...
+
+    async def restart_pod(self, target: Target, *, action_id: str) -> Effect:
+        """Delete one pod (through the Eviction API where the adapter can) for its owner
+        to replace; a pod already gone or terminating counts as done."""
+        ...
+
+    async def cordon(self, target: Target, *, action_id: str) -> Effect: ...
+
+    async def drain(
+        self, target: Target, *, action_id: str, grace_period: float | None, drain_timeout: float
+    ) -> Effect:
+        """Cordon, then evict every pod but DaemonSet and mirror pods, honouring
+        PodDisruptionBudgets; raises PartialFailure naming what blocked it."""
+        ...
+
+    async def update_config(
+        self, target: Target, *, action_id: str, key: str, value: str
+    ) -> Effect: ...
+
+    async def undo(
+        self, target: Target, *, action_id: str, action_type: str, prior: Mapping[str, Any]
+    ) -> Effect:
+        """Restore ``prior`` (an earlier Effect's prior_state) of an ``action_type`` action."""
+        ...
+
+    async def footprint(self, target: Target) -> Footprint: ...
+
+    async def observe(self, target: Target) -> Observation: ...
+
+    async def version(self, target: Target) -> str:
+        """Changes whenever the target's spec does (not its status): approvals pin it."""
+        ...
 
     async def close(self) -> None: ...

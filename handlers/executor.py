@@ -1,14 +1,36 @@
-"""The action consumer: policy, execution, approvals and verification.
+"""The action consumer: policy, execution, approvals, verification and undo.
 
 Consumes ``actions`` (keyed by target, so one target's actions are serialized),
-``approvals`` (to know what is pending, so approvals survive restarts) and ``decisions``.
-Each action ends in an :class:`ActionResult`; the input offset is committed by the consumer
-only after that result is durable.
+``approvals`` (to know what is pending), ``decisions`` and ``incidents`` (to know which
+incidents are closed). Each action ends in an :class:`ActionResult`; the input offset is
+committed by the consumer only after that result is durable.
 
-Effect-once: the cluster adapter records the action id on the target in the same write that
-acts, and reports a repeat as not applied (result ``duplicate``). Verification re-runs the
-triggering patterns after ``verify_after`` and publishes a second result for the same
-action id with the outcome (healed / not_healed / unknown).
+Policy runs twice: first without cluster facts (kill switch, namespaces, mode, cooldown,
+budgets: nothing is read for a denied action), then with the blast-radius facts read from
+the cluster (:meth:`Cluster.footprint`).
+
+Effect-once: the cluster adapter records the action id on the target in the same
+conditional write that acts, and reports a repeat as not applied (result ``duplicate``).
+Transient cluster errors are retried here a few times; the retry is safe for the same
+reason.
+
+Approvals: a request pins the target's version (:meth:`Cluster.version`) and expires after
+``approval_ttl``. The pending set is rebuilt at start from the compacted approvals topic, so
+approvals survive restarts. A decision executes only if it names a pending request and its
+action hash, before the expiry, while the target is unchanged and the incident still open;
+a decision for an unknown request or with the wrong hash is dead-lettered with the reason;
+an expired, stale or rejected one ends in a ``rejected`` result saying why. The approval is
+tombstoned only after the action's result is out, so a crash in between re-runs the
+decision, and the action id makes that harmless. Requests that expire undecided are
+escalated by a sweeper.
+
+Verification re-checks after ``verify_after``: the triggering patterns on Prometheus, and
+the target's state in the cluster (:mod:`handlers.verification`); a second result for the
+same action id carries the outcome (healed / not_healed / worse / unknown); anything but
+healed is escalated.
+
+Undo (``sre-agent actions undo``): a new action of the same type with ``undo_of`` and the
+original's ``prior_state`` as params, executed like any other (policy, idempotency, result).
 """
 
 from __future__ import annotations
@@ -16,29 +38,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from agent.errors import ActionFailed, AgentError
+from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
 from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
     ActionResult,
     ApprovalDecision,
     ApprovalRequest,
+    Incident,
     Outcome,
+    ParamValue,
     ResultStatus,
     new_id,
     stable_id,
     utcnow,
 )
-from agent.policy import Executed, Switches, Verdict, decide
+from agent.policy import (
+    DISRUPTIVE_ACTIONS,
+    NODE_ACTIONS,
+    SCALE_ACTIONS,
+    UNDO_PARAM,
+    Executed,
+    Facts,
+    Switches,
+    Verdict,
+    bounded_replicas,
+    decide,
+)
 from agent.prom import PromClient
-from handlers.cluster import Cluster, Effect
-from streams.bus import Bus, Envelope
+from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
+from handlers.verification import judge
+from streams.bus import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +88,30 @@ METRIC_RESULT: dict[str, str] = {
     "dry_run": "dry_run",
     "duplicate": "duplicate",
 }
+TRANSIENT_ATTEMPTS = 3
+MAX_CLOSED_INCIDENTS = 10_000
+
+
+class Publisher(Protocol):
+    """What the executor needs of the bus (streams.bus.Bus)."""
+
+    def topic(self, name: str) -> str: ...
+
+    async def publish(self, topic_name: str, event: Any, key: str | None = None) -> None: ...
+
+    async def dead_letter(
+        self,
+        *,
+        source_topic: str,
+        raw: bytes | None,
+        error: str,
+        consumer: str,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None: ...
+
+
+ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
 
 
 def still_firing(samples_labels: Sequence[dict[str, str]], labels: dict[str, str]) -> bool:
@@ -64,11 +125,13 @@ class Executor:
         self,
         settings: Any,
         *,
-        bus: Bus,
+        bus: Publisher,
         cluster: Cluster,
         metrics: Metrics,
         prom: PromClient | None = None,
         switches: Callable[[], Switches] | None = None,
+        approvals: ApprovalSource | None = None,
+        sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -78,10 +141,34 @@ class Executor:
         self.switches = switches or (lambda: Switches())
         self.history: list[Executed] = []
         self.pending: dict[str, ApprovalRequest] = {}
+        self.closed_incidents: OrderedDict[str, None] = OrderedDict()
+        # Requests no longer pending, and why: a late decision is told (best effort: a
+        # restart remembers only what the replayed tombstones say).
+        self.closed_approvals: OrderedDict[str, str] = OrderedDict()
+        # Test-only: called between the cluster write and the result (the composition root
+        # sets it from SRE_AGENT_TEST_CRASH_AFTER_APPLY to simulate a crash there).
+        self.after_apply: Callable[[ActionRequest, Effect], None] | None = None
+        self._approvals = approvals
+        self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Rebuild the pending approvals (the consumer group's offsets would skip them)."""
+        self._stopped = False
+        if self._approvals is not None:
+            records = list(await self._approvals())
+            self._apply_approval_records(records)
+            log.info("executor: %d approvals pending after replay", len(self.pending))
+        self._ensure_sweeper()
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = list(self._verifications)
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
+            self._sweeper = None
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -90,20 +177,53 @@ class Executor:
 
     # --- intake ----------------------------------------------------------------------------------
     async def handle(self, batch: Sequence[Envelope]) -> None:
+        approvals_topic = self.bus.topic("approvals")
+        # Requests first, so a decision in the same batch finds its request.
+        self._apply_approval_records([e for e in batch if e.topic == approvals_topic])
         for env in batch:
             value = env.value
-            if value is None and env.key:  # tombstone: the approval was decided elsewhere
-                self.pending.pop(env.key, None)
-            elif isinstance(value, ApprovalRequest):
-                self.pending[value.id] = value
+            if isinstance(value, Incident):
+                self.on_incident(value)
             elif isinstance(value, ApprovalDecision):
                 await self.on_decision(value)
             elif isinstance(value, ActionRequest):
                 await self.on_action(value)
+        self._ensure_sweeper()
+
+    def _apply_approval_records(self, records: Iterable[Envelope]) -> None:
+        for env in records:
+            if env.value is None and env.key:  # tombstone: decided or expired
+                if self.pending.pop(env.key, None) is not None:
+                    self._close(env.key, "it was already decided or expired")
+            elif isinstance(env.value, ApprovalRequest):
+                self.pending[env.value.id] = env.value
+
+    def on_incident(self, incident: Incident) -> None:
+        # A silenced incident is not acted on either: its approvals lapse like a resolved one's.
+        if incident.status in ("resolved", "silenced"):
+            self.closed_incidents[incident.id] = None
+            self.closed_incidents.move_to_end(incident.id)
+            while len(self.closed_incidents) > MAX_CLOSED_INCIDENTS:
+                self.closed_incidents.popitem(last=False)
+        else:  # open, updated, mitigating, reopened
+            self.closed_incidents.pop(incident.id, None)
 
     async def on_action(self, action: ActionRequest) -> ActionResult:
         now = utcnow()
-        verdict = decide(action, self.settings, self.history, self.switches(), now)
+        switches = self.switches()
+        verdict = decide(action, self.settings, self.history, switches, now)
+        if verdict.kind != "deny":
+            try:
+                facts = await self._facts(action)
+            except AgentError as err:
+                return await self._record(
+                    action,
+                    "failed",
+                    "unknown",
+                    f"cannot check the blast-radius limits on {action.target.key}: {err}",
+                    now,
+                )
+            verdict = decide(action, self.settings, self.history, switches, now, facts)
         if verdict.kind == "execute":
             return await self._execute(action, verdict, now)
         if verdict.kind == "approve":
@@ -116,27 +236,52 @@ class Executor:
         )
         return await self._record(action, status, "not_applicable", message, now)
 
+    async def _facts(self, action: ActionRequest) -> Facts:
+        if action.type not in SCALE_ACTIONS | DISRUPTIVE_ACTIONS | NODE_ACTIONS:
+            return Facts()
+        fp = await self.cluster.footprint(action.target)
+        wanted = None
+        if action.type in SCALE_ACTIONS and not action.params.get(UNDO_PARAM):
+            try:
+                wanted = target_replicas(action, fp.replicas)
+            except ValueError as err:
+                raise ActionFailed(f"replicas {action.params.get('replicas')!r}: {err}") from err
+        return Facts(
+            replicas=None if action.target.kind == "Node" else fp.replicas,
+            target_replicas=wanted,
+            pods_disrupted=fp.disruption,
+            pdb_headroom=fp.pdb_headroom,
+            pdbs=fp.pdbs,
+            cordoned_nodes=fp.cordoned_nodes,
+        )
+
     async def on_decision(self, d: ApprovalDecision) -> None:
         req = self.pending.get(d.request_id)
         if req is None:
-            await self._reject_decision(d, f"unknown approval request {d.request_id}")
+            closed = self.closed_approvals.get(d.request_id)
+            reason = (
+                f"approval request {d.request_id} is closed: {closed}"
+                if closed
+                else f"unknown approval request {d.request_id}"
+            )
+            await self._reject_decision(d, reason)
             return
         if d.action_hash != req.action_hash:
-            await self._reject_decision(d, "action hash does not match the request")
+            await self._reject_decision(
+                d, f"action hash {d.action_hash} does not match request {req.id}"
+            )
             return
         now = utcnow()
-        del self.pending[d.request_id]
-        await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)  # tombstone
         if now > req.expires_at:
             await self._record(
                 req.action,
                 "rejected",
                 "not_applicable",
-                f"approval expired at {req.expires_at.isoformat()}",
+                f"decision by {d.decided_by} came after approval {req.id} expired at "
+                f"{req.expires_at.isoformat()}",
                 now,
             )
-            return
-        if d.decision == "reject":
+        elif d.decision == "reject":
             await self._record(
                 req.action,
                 "rejected",
@@ -144,8 +289,40 @@ class Executor:
                 f"rejected by {d.decided_by}: {d.reason}",
                 now,
             )
-            return
-        await self.on_action(replace(req.action, approved_by=d.decided_by))
+        else:
+            problem = await self._no_longer_valid(req)
+            if problem:
+                await self._record(
+                    req.action,
+                    "rejected",
+                    "not_applicable",
+                    f"approval {req.id} by {d.decided_by} is no longer valid: {problem}",
+                    now,
+                )
+                log.error("ESCALATE: approved %s not executed: %s", req.action.type, problem)
+            else:
+                await self.on_action(replace(req.action, approved_by=d.decided_by))
+        # Only now: a crash before this line re-runs the decision, and the action id on the
+        # target makes the repeat a no-op.
+        self.pending.pop(req.id, None)
+        self._close(req.id, f"already decided ({d.decision} by {d.decided_by})")
+        await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)  # tombstone
+
+    async def _no_longer_valid(self, req: ApprovalRequest) -> str | None:
+        incident = req.action.incident_id
+        if incident in self.closed_incidents:
+            return f"incident {incident} is resolved or silenced"
+        if req.target_version:
+            try:
+                version = await self.cluster.version(req.action.target)
+            except PermanentError as err:
+                return f"cannot read {req.action.target.key}: {err}"
+            if version != req.target_version:
+                return (
+                    f"{req.action.target.key} changed since the request "
+                    f"({req.target_version} -> {version})"
+                )
+        return None
 
     async def _reject_decision(self, d: ApprovalDecision, reason: str) -> None:
         await self.bus.dead_letter(
@@ -159,15 +336,21 @@ class Executor:
     async def _execute(
         self, action: ActionRequest, verdict: Verdict, now: datetime
     ) -> ActionResult:
+        before = await self._observe(action)
         try:
-            effect = await self._apply(action, now)
+            effect = await self._apply_retrying(action, now)
+        except PartialFailure as err:
+            self._remember(action, now)  # it changed something: counts for cooldown/budgets
+            log.error("ESCALATE: %s on %s failed half-way: %s", action.type, action.target.key, err)
+            return await self._record(action, "failed", "unknown", str(err), now, err.prior_state)
         except AgentError as err:
+            log.error("ESCALATE: %s on %s failed: %s", action.type, action.target.key, err)
             return await self._record(action, "failed", "unknown", str(err), now)
+        if self.after_apply is not None:
+            self.after_apply(action, effect)
         if not effect.applied:
             return await self._record(action, "duplicate", "unknown", effect.message, now)
-        self.history.append(
-            Executed(target_key=action.target.key, namespace=action.target.namespace, at=now)
-        )
+        self._remember(action, now)
         result = await self._record(
             action,
             "succeeded",
@@ -176,28 +359,84 @@ class Executor:
             now,
             prior=effect.prior_state,
         )
-        self._schedule_verification(action, result)
+        self._schedule_verification(action, result, before)
         return result
 
+    def _remember(self, action: ActionRequest, now: datetime) -> None:
+        self.history.append(
+            Executed(target_key=action.target.key, namespace=action.target.namespace, at=now)
+        )
+
+    async def _observe(self, action: ActionRequest) -> Observation | None:
+        try:
+            return await self.cluster.observe(action.target)
+        except AgentError as err:
+            log.info("cannot observe %s: %s", action.target.key, err)
+            return None
+
+    async def _apply_retrying(self, action: ActionRequest, now: datetime) -> Effect:
+        """Transient failures are retried: the action id on the target makes it safe."""
+        for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+            try:
+                return await self._apply(action, now)
+            except TransientError as err:
+                if attempt == TRANSIENT_ATTEMPTS:
+                    raise
+                log.warning("%s on %s: %s; retrying", action.type, action.target.key, err)
+                await asyncio.sleep(min(err.retry_after, 5.0))
+        raise AssertionError("unreachable")
+
     async def _apply(self, action: ActionRequest, now: datetime) -> Effect:
-        t = action.target
+        t, rem, p = action.target, self.settings.remediation, action.params
+        if p.get(UNDO_PARAM):
+            prior = {k: v for k, v in p.items() if k != UNDO_PARAM}
+            return await self.cluster.undo(
+                t, action_id=action.id, action_type=action.type, prior=prior
+            )
         if action.type == "rollback":
-            rev = action.params.get("revision")
+            rev = p.get("revision")
             return await self.cluster.rollback(
                 t, action_id=action.id, to_revision=int(rev) if rev is not None else None
             )
-        if action.type in ("scale_up", "scale_down"):
+        if action.type in SCALE_ACTIONS:
             current = (await self.cluster.workload(t)).replicas
-            return await self.cluster.scale(
-                t, action_id=action.id, replicas=target_replicas(action, current)
-            )
+            try:
+                wanted = bounded_replicas(target_replicas(action, current), rem)
+            except ValueError as err:
+                raise ActionFailed(f"replicas {p.get('replicas')!r}: {err}") from err
+            return await self.cluster.scale(t, action_id=action.id, replicas=wanted)
         if action.type == "restart_workload":
             return await self.cluster.restart(t, action_id=action.id, at=now)
-        raise ActionFailed(f"{action.type} is not supported by this cluster adapter")
+        if action.type == "restart_pod":
+            return await self.cluster.restart_pod(t, action_id=action.id)
+        if action.type == "cordon_node":
+            return await self.cluster.cordon(t, action_id=action.id)
+        if action.type == "drain_node":
+            grace = p.get("grace_period", rem.drain_grace_period)
+            return await self.cluster.drain(
+                t,
+                action_id=action.id,
+                grace_period=None if grace is None else float(grace),
+                drain_timeout=float(p.get("timeout", rem.drain_timeout)),
+            )
+        if action.type == "update_config":
+            key, value = p.get("key"), p.get("value")
+            if not isinstance(key, str) or not key or value is None:
+                raise ActionFailed(f"update_config of {t.key} needs params 'key' and 'value'")
+            return await self.cluster.update_config(
+                t, action_id=action.id, key=key, value=str(value)
+            )
+        raise ActionFailed(f"{action.type} is not supported")
 
     async def _request_approval(
         self, action: ActionRequest, verdict: Verdict, now: datetime
     ) -> ActionResult:
+        try:
+            version = await self.cluster.version(action.target)
+        except AgentError as err:
+            return await self._record(
+                action, "failed", "unknown", f"cannot read {action.target.key}: {err}", now
+            )
         req = ApprovalRequest(
             id=stable_id("approval", action.id),
             action=action,
@@ -206,6 +445,7 @@ class Executor:
             evidence=(verdict.reason,),
             created_at=now,
             expires_at=now + timedelta(seconds=self.settings.remediation.approval_ttl),
+            target_version=version,
         )
         self.pending[req.id] = req
         await self.bus.publish(self.bus.topic("approvals"), req)
@@ -248,15 +488,62 @@ class Executor:
         log.info("action %s %s on %s: %s", action.type, status, action.target.key, message)
         return result
 
+    # --- approvals that expire undecided -------------------------------------------------------
+    def _ensure_sweeper(self) -> None:
+        if self._stopped or not self.pending:
+            return
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="approval-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                await self.sweep(utcnow())
+            except AgentError as err:
+                log.warning("approval sweep failed, retrying: %s", err)
+
+    async def sweep(self, now: datetime) -> list[ApprovalRequest]:
+        """Escalate the pending approvals that expired without a decision."""
+        expired = [r for r in self.pending.values() if now > r.expires_at]
+        for req in expired:
+            await self._record(
+                req.action,
+                "rejected",
+                "not_applicable",
+                f"approval {req.id} expired at {req.expires_at.isoformat()} without a "
+                "decision; escalated",
+                now,
+            )
+            log.error(
+                "ESCALATE: approval %s for %s on %s expired undecided",
+                req.id,
+                req.action.type,
+                req.action.target.key,
+            )
+            self.pending.pop(req.id, None)
+            self._close(req.id, f"it expired at {req.expires_at.isoformat()} without a decision")
+            await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
+        return expired
+
+    def _close(self, request_id: str, why: str) -> None:
+        self.closed_approvals[request_id] = why
+        self.closed_approvals.move_to_end(request_id)
+        while len(self.closed_approvals) > MAX_CLOSED_INCIDENTS:
+            self.closed_approvals.popitem(last=False)
+
     # --- verification ----------------------------------------------------------------------------
-    def _schedule_verification(self, action: ActionRequest, result: ActionResult) -> None:
-        task = asyncio.create_task(self._verify(action, result), name=f"verify-{action.id}")
+    def _schedule_verification(
+        self, action: ActionRequest, result: ActionResult, before: Observation | None
+    ) -> None:
+        task = asyncio.create_task(self._verify(action, result, before), name=f"verify-{action.id}")
         self._verifications.add(task)
         task.add_done_callback(self._verifications.discard)
 
-    async def verify_now(self, action: ActionRequest) -> tuple[Outcome, str]:
+    async def recheck_trigger(self, action: ActionRequest) -> tuple[Outcome, str] | None:
+        """The triggering patterns re-run on Prometheus; None with nothing to re-run."""
         if self.prom is None or not action.trigger:
-            return "unknown", "no condition to re-check"
+            return None
         for name in action.trigger:
             pattern = self.settings.pattern(name)
             if pattern is None:
@@ -269,9 +556,18 @@ class Executor:
                 return "not_healed", f"{name} still firing after the action"
         return "healed", f"{', '.join(action.trigger)} cleared"
 
-    async def _verify(self, action: ActionRequest, result: ActionResult) -> None:
+    async def verify_now(
+        self, action: ActionRequest, before: Observation | None = None
+    ) -> tuple[Outcome, str]:
+        trigger = await self.recheck_trigger(action)
+        after = await self._observe(action)
+        return judge(action.type, before, after, trigger)
+
+    async def _verify(
+        self, action: ActionRequest, result: ActionResult, before: Observation | None
+    ) -> None:
         await asyncio.sleep(self.settings.remediation.verify_after)
-        outcome, message = await self.verify_now(action)
+        outcome, message = await self.verify_now(action, before)
         verified = replace(
             result, id=new_id(), outcome=outcome, message=message, finished_at=utcnow()
         )
@@ -279,8 +575,10 @@ class Executor:
         self.metrics.verification.labels(
             service=result.service, action=action.type, outcome=outcome
         ).inc()
-        if outcome != "healed":
+        if outcome in ("not_healed", "worse"):
             log.error("ESCALATE: %s on %s: %s", action.type, action.target.key, message)
+        elif outcome == "unknown":
+            log.warning("unverified %s on %s: %s", action.type, action.target.key, message)
         else:
             log.info("verified %s on %s: %s", action.type, action.target.key, message)
 
@@ -291,6 +589,50 @@ def target_replicas(action: ActionRequest, current: int) -> int:
     n = int(raw)
     value = current + n if raw.startswith(("+", "-")) else n
     return max(0, value)
+
+
+def undo_request(
+    result: ActionResult, *, requested_by: str, now: datetime, reason: str = ""
+) -> ActionRequest:
+    """The action that restores what ``result``'s action changed (``sre-agent actions undo``).
+
+    Its id derives from the original's, so undoing twice acts once.
+    """
+    if result.type not in UNDOABLE:
+        raise PermanentError(f"{result.type} cannot be undone (nothing to restore)")
+    if not result.prior_state:
+        raise PermanentError(
+            f"result {result.id} of action {result.action_id} ({result.status}) records no "
+            "prior state to restore"
+        )
+    params: dict[str, ParamValue] = {
+        k: v for k, v in result.prior_state.items() if isinstance(v, str | int | float | bool)
+    }
+    params[UNDO_PARAM] = result.action_id
+    why = f": {reason}" if reason else ""
+    return ActionRequest(
+        id=stable_id("undo", result.action_id),
+        incident_id=result.incident_id,
+        incident_key=result.incident_key,
+        analysis_id=f"undo-{result.action_id}",
+        type=result.type,
+        target=result.target,
+        confidence=1.0,
+        reason=f"undo of action {result.action_id} requested by {requested_by}{why}",
+        requested_at=now,
+        params=params,
+        labels={"service": result.service} if result.service else {},
+        approved_by=requested_by,
+    )
+
+
+def undoable_result(results: Iterable[ActionResult], ident: str) -> ActionResult | None:
+    """The latest result of action (or result id) ``ident`` that records a prior state."""
+    found = None
+    for r in results:
+        if (r.action_id == ident or r.id == ident) and r.prior_state:
+            found = r
+    return found
 
 
 def kill_switch_file(path: str) -> Callable[[], Switches]:

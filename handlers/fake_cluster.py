@@ -4,25 +4,71 @@ It follows the Kubernetes semantics the agent relies on, not a mock that accepts
 a Deployment's revisions are its ReplicaSets; a rollback re-activates an old template and
 gives it the next revision number (the old number disappears, as with ReplicaSets); scale
 and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op;
-unknown objects are errors.
+unknown objects are errors. Nodes, pods, ConfigMaps and PodDisruptionBudgets are modelled as
+far as the actions need: a pod restart and a drain evict (a budget with no disruptions left
+refuses), a drain skips DaemonSet and mirror pods and refuses pods without a controller.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
+from agent.analyzer import ConfigChange, KubeEvent
 from agent.errors import ActionFailed
 from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     RESTARTED_AT_ANNOTATION,
     Effect,
+    Footprint,
+    Observation,
+    PartialFailure,
     Revision,
     WorkloadState,
     remember_id,
+    remembered_ids,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class FakeNode:
+    name: str
+    unschedulable: bool = False
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FakePod:
+    namespace: str
+    name: str
+    node: str
+    workload: str = ""  # the Deployment/StatefulSet it belongs to ("" with owner "")
+    owner: str = "ReplicaSet"  # controller kind: ReplicaSet, StatefulSet, DaemonSet, "" (none)
+    ready: bool = True
+    mirror: bool = False
+    uid: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FakeConfigMap:
+    namespace: str
+    name: str
+    data: Mapping[str, str]
+    version: int = 1
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FakeBudget:
+    namespace: str
+    name: str
+    workload: str
+    disruptions_allowed: int
 
 
 class FakeCluster:
@@ -30,6 +76,16 @@ class FakeCluster:
         self._workloads: dict[str, WorkloadState] = {}
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set on every write; the lab's service watches it
+        # Read-only context (agent.context.ClusterContext): events, logs, config changes.
+        self._events: list[KubeEvent] = []
+        self._logs: dict[tuple[str, str], str] = {}
+        self._config_changes: list[ConfigChange] = []
+        self._node_conditions: dict[str, tuple[str, ...]] = {}
+        self._nodes: dict[str, FakeNode] = {}
+        self._pods: dict[tuple[str, str], FakePod] = {}
+        self._config_maps: dict[tuple[str, str], FakeConfigMap] = {}
+        self._budgets: dict[tuple[str, str], FakeBudget] = {}
+        self._uids = 0
 
     # --- set-up used by the lab and tests -------------------------------------------------
     def create_deployment(
@@ -61,6 +117,49 @@ class FakeCluster:
             generation=state.generation + 1,
         )
         return self._put(new)
+
+    def add_node(self, name: str) -> FakeNode:
+        node = self._nodes[name] = FakeNode(name=name)
+        return node
+
+    def add_pod(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        node: str,
+        workload: str = "",
+        owner: str = "ReplicaSet",
+        ready: bool = True,
+        mirror: bool = False,
+    ) -> FakePod:
+        if node not in self._nodes:
+            raise ActionFailed(f"Node//{node} not found")
+        self._uids += 1
+        pod = FakePod(
+            namespace, name, node, workload, owner, ready, mirror, uid=f"uid-{self._uids}"
+        )
+        self._pods[(namespace, name)] = pod
+        return pod
+
+    def add_budget(
+        self, namespace: str, name: str, *, workload: str, disruptions_allowed: int
+    ) -> FakeBudget:
+        budget = FakeBudget(namespace, name, workload, disruptions_allowed)
+        self._budgets[(namespace, name)] = budget
+        return budget
+
+    def create_config_map(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
+        self._config_maps[(namespace, name)] = FakeConfigMap(namespace, name, dict(data))
+
+    def node(self, name: str) -> FakeNode:
+        return self._node(Target(kind="Node", name=name))
+
+    def pod(self, namespace: str, name: str) -> FakePod | None:
+        return self._pods.get((namespace, name))
+
+    def config_map(self, namespace: str, name: str) -> FakeConfigMap:
+        return self._config_map(Target(kind="ConfigMap", namespace=namespace, name=name))
 
     # --- the Cluster protocol ----------------------------------------------------------------
     async def workload(self, target: Target) -> WorkloadState:
@@ -136,8 +235,226 @@ class FakeCluster:
                 prior_state={"generation": state.generation},
             )
 
+    async def restart_pod(self, target: Target, *, action_id: str) -> Effect:
+        async with self._lock:
+            pod = self._pods.get((target.namespace, target.name))
+            if pod is None:
+                return Effect(applied=False, message=f"{target.key} is already gone")
+            why = self._eviction_block(pod)
+            if why:
+                raise ActionFailed(f"restart of {target.key} refused: {why}")
+            del self._pods[(pod.namespace, pod.name)]
+            self.changed.set()
+            return Effect(
+                applied=True,
+                message=f"evicted {target.key} for its controller to replace",
+                prior_state={"uid": pod.uid, "node": pod.node},
+            )
+
+    async def cordon(self, target: Target, *, action_id: str) -> Effect:
+        async with self._lock:
+            return self._cordon(target, action_id, unschedulable=True)
+
+    async def drain(
+        self, target: Target, *, action_id: str, grace_period: float | None, drain_timeout: float
+    ) -> Effect:
+        async with self._lock:
+            cordoned = self._cordon(target, action_id, unschedulable=True)
+            if not cordoned.applied:
+                return cordoned
+            prior = cordoned.prior_state
+            on_node = [p for p in self._pods.values() if p.node == target.name]
+            unmanaged = sorted(f"{p.namespace}/{p.name}" for p in on_node if not p.owner)
+            if unmanaged:
+                raise PartialFailure(
+                    f"drain of {target.key} refused: pods without a controller would not be "
+                    f"recreated: {', '.join(unmanaged)}; the node is left cordoned",
+                    prior_state=prior,
+                )
+            skipped = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
+            evict = [p for p in on_node if p not in skipped]
+            blocked = {f"{p.namespace}/{p.name}": self._eviction_block(p) for p in evict}
+            evicted = []
+            for p in evict:
+                if not blocked[f"{p.namespace}/{p.name}"]:
+                    del self._pods[(p.namespace, p.name)]
+                    evicted.append(f"{p.namespace}/{p.name}")
+            self.changed.set()
+            done = ", ".join(sorted(evicted)) or "none"
+            stuck = {k: v for k, v in blocked.items() if v}
+            if stuck:
+                raise PartialFailure(
+                    f"drain of {target.key} stopped after {drain_timeout:.0f}s: "
+                    + "; ".join(f"pod {k} {v}" for k, v in sorted(stuck.items()))
+                    + f". Evicted: {done}. The node is left cordoned.",
+                    prior_state=prior,
+                )
+            skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
+            return Effect(
+                applied=True,
+                message=f"drained {target.key}: cordoned, evicted {len(evicted)} pods "
+                f"({done}){skip}",
+                prior_state=prior,
+            )
+
+    async def update_config(
+        self, target: Target, *, action_id: str, key: str, value: str
+    ) -> Effect:
+        async with self._lock:
+            cm = self._config_map(target)
+            if action_id in remembered_ids(cm.annotations):
+                return Effect(applied=False, message=f"action {action_id} already applied")
+            if not key:
+                raise ActionFailed(f"update_config of {target.key} needs a key")
+            existed = key in cm.data
+            self._set_config(cm, action_id, key, value)
+            return Effect(
+                applied=True,
+                message=f"set {key} in {target.key}" + ("" if existed else " (new key)"),
+                prior_state={"key": key, "value": cm.data.get(key, ""), "existed": existed},
+            )
+
+    async def undo(
+        self, target: Target, *, action_id: str, action_type: str, prior: Mapping[str, Any]
+    ) -> Effect:
+        if action_type == "rollback":
+            revision = int(prior["revision"])
+            effect = await self.rollback(target, action_id=action_id, to_revision=revision)
+            if effect.applied:
+                effect = Effect(
+                    True, f"undid rollback of {target.key}: back to revision {revision}"
+                )
+            return effect
+        if action_type in ("scale_up", "scale_down"):
+            effect = await self.scale(target, action_id=action_id, replicas=int(prior["replicas"]))
+            if effect.applied:
+                effect = Effect(True, f"scaled {target.key} back to {prior['replicas']}")
+            return effect
+        async with self._lock:
+            if action_type in ("cordon_node", "drain_node"):
+                return self._cordon(
+                    target, action_id, unschedulable=bool(prior.get("unschedulable", False))
+                )
+            if action_type == "update_config":
+                cm = self._config_map(target)
+                if action_id in remembered_ids(cm.annotations):
+                    return Effect(applied=False, message=f"action {action_id} already applied")
+                key = str(prior["key"])
+                existed = bool(prior.get("existed"))
+                self._set_config(
+                    cm, action_id, key, str(prior.get("value", "")) if existed else None
+                )
+                verb = "restored" if existed else "removed"
+                return Effect(applied=True, message=f"{verb} {key} in {target.key}")
+        raise ActionFailed(f"{action_type} cannot be undone")
+
+    async def footprint(self, target: Target) -> Footprint:
+        if target.kind in ("Deployment", "StatefulSet"):
+            w = self._get(target)
+            # The default RollingUpdate strategy: maxUnavailable 25%, rounded down.
+            return Footprint(
+                replicas=w.replicas,
+                disruption=min(w.replicas // 4, w.ready_replicas),
+                **self._budget_of(target.namespace, target.name),
+            )
+        if target.kind == "Pod":
+            pod = self._pods.get((target.namespace, target.name))
+            if pod is None:
+                return Footprint()  # already gone: restarting it disrupts nothing
+            owner = Target(kind="Deployment", namespace=pod.namespace, name=pod.workload)
+            replicas = self._workloads[owner.key].replicas if owner.key in self._workloads else 1
+            return Footprint(
+                replicas=replicas,
+                disruption=int(pod.ready),
+                **self._budget_of(pod.namespace, pod.workload),
+            )
+        if target.kind == "Node":
+            self._node(target)
+            others = sorted(n.name for n in self._nodes.values() if n.unschedulable)
+            return Footprint(cordoned_nodes=tuple(n for n in others if n != target.name))
+        self._config_map(target)
+        return Footprint()
+
+    async def observe(self, target: Target) -> Observation:
+        if target.kind in ("Deployment", "StatefulSet"):
+            if target.key not in self._workloads:
+                return Observation(exists=False)
+            w = self._workloads[target.key]
+            return Observation(desired=w.replicas, ready=w.ready_replicas)
+        if target.kind == "Pod":
+            pod = self._pods.get((target.namespace, target.name))
+            return Observation(exists=False) if pod is None else Observation(ready=int(pod.ready))
+        if target.kind == "Node":
+            node = self._nodes.get(target.name)
+            if node is None:
+                return Observation(exists=False)
+            pods = [p for p in self._pods.values() if p.node == target.name]
+            left = [p for p in pods if not (p.mirror or p.owner == "DaemonSet")]
+            return Observation(cordoned=node.unschedulable, evictable=len(left))
+        return Observation(exists=(target.namespace, target.name) in self._config_maps)
+
+    async def version(self, target: Target) -> str:
+        if target.kind in ("Deployment", "StatefulSet"):
+            return f"generation={self._get(target).generation}"
+        if target.kind == "Pod":
+            pod = self._pods.get((target.namespace, target.name))
+            if pod is None:
+                raise ActionFailed(f"{target.key} not found")
+            return f"uid={pod.uid}"
+        if target.kind == "Node":
+            return f"unschedulable={self._node(target).unschedulable}"
+        return f"resourceVersion={self._config_map(target).version}"
+
     async def close(self) -> None:
         return None
+
+    # --- context: the agent.context.ClusterContext protocol ------------------------------------
+    def add_event(self, event: KubeEvent) -> None:
+        self._events.append(event)
+
+    def set_logs(self, namespace: str, pod: str, text: str) -> None:
+        self._logs[(namespace, pod)] = text
+
+    def add_config_change(self, change: ConfigChange) -> None:
+        self._config_changes.append(change)
+
+    def set_node_conditions(self, node: str, conditions: Sequence[str]) -> None:
+        self._node_conditions[node] = tuple(conditions)
+
+    async def events(
+        self, namespace: str, names: Sequence[str], *, limit: int
+    ) -> Sequence[KubeEvent]:
+        def about(e: KubeEvent) -> bool:
+            return any(e.name == n or e.name.startswith(f"{n}-") for n in names)
+
+        if namespace:
+            found = [e for e in self._events if e.namespace == namespace and about(e)]
+        else:  # cluster-scoped objects
+            found = [e for e in self._events if e.kind == "Node" and about(e)]
+        return found[-limit:] if limit else []
+
+    async def pods(self, namespace: str, workload: str) -> Sequence[str]:
+        return sorted(p for ns, p in self._logs if ns == namespace and p.startswith(f"{workload}-"))
+
+    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+        text = self._logs.get((namespace, pod))
+        if text is None:
+            raise ActionFailed(f"Pod/{namespace}/{pod} not found")
+        return "\n".join(text.splitlines()[-tail:]) if tail else ""
+
+    async def config_changes(
+        self, namespace: str, workloads: Sequence[str], *, since: datetime
+    ) -> Sequence[ConfigChange]:
+        return [
+            c
+            for c in self._config_changes
+            if c.namespace == namespace
+            and c.at >= since
+            and (not c.used_by or any(w in c.used_by for w in workloads))
+        ]
+
+    async def node_conditions(self, nodes: Sequence[str]) -> Mapping[str, tuple[str, ...]]:
+        return {n: self._node_conditions[n] for n in nodes if self._node_conditions.get(n)}
 
     # --- internals ----------------------------------------------------------------------------
     def _get(self, target: Target) -> WorkloadState:
@@ -150,6 +467,72 @@ class FakeCluster:
         self._workloads[state.target.key] = state
         self.changed.set()
         return state
+
+    def _node(self, target: Target) -> FakeNode:
+        node = self._nodes.get(target.name) if target.kind == "Node" else None
+        if node is None:
+            raise ActionFailed(f"{target.key} not found")
+        return node
+
+    def _config_map(self, target: Target) -> FakeConfigMap:
+        cm = self._config_maps.get((target.namespace, target.name))
+        if cm is None or target.kind != "ConfigMap":
+            raise ActionFailed(f"{target.key} not found")
+        return cm
+
+    def _cordon(self, target: Target, action_id: str, *, unschedulable: bool) -> Effect:
+        node = self._node(target)
+        if action_id in remembered_ids(node.annotations):
+            return Effect(applied=False, message=f"action {action_id} already applied")
+        annotations = {
+            **node.annotations,
+            ACTION_IDS_ANNOTATION: remember_id(node.annotations, action_id),
+        }
+        self._nodes[node.name] = replace(node, unschedulable=unschedulable, annotations=annotations)
+        self.changed.set()
+        verb = "cordoned" if unschedulable else "uncordoned"
+        return Effect(
+            applied=True,
+            message=f"{verb} {target.key}",
+            prior_state={"unschedulable": node.unschedulable},
+        )
+
+    def _set_config(self, cm: FakeConfigMap, action_id: str, key: str, value: str | None) -> None:
+        data = {k: v for k, v in cm.data.items() if k != key}
+        if value is not None:
+            data[key] = value
+        annotations = {
+            **cm.annotations,
+            ACTION_IDS_ANNOTATION: remember_id(cm.annotations, action_id),
+        }
+        self._config_maps[(cm.namespace, cm.name)] = replace(
+            cm, data=data, version=cm.version + 1, annotations=annotations
+        )
+        self.changed.set()
+
+    def _budget_of(self, namespace: str, workload: str) -> dict[str, Any]:
+        budgets = [
+            b for b in self._budgets.values() if b.namespace == namespace and b.workload == workload
+        ]
+        if not budgets:
+            return {}
+        return {
+            "pdb_headroom": min(b.disruptions_allowed for b in budgets),
+            "pdbs": tuple(f"{b.namespace}/{b.name}" for b in budgets),
+        }
+
+    def _eviction_block(self, pod: FakePod) -> str:
+        budgets = [
+            b
+            for b in self._budgets.values()
+            if b.namespace == pod.namespace and b.workload == pod.workload and pod.workload
+        ]
+        # An unready pod does not count as healthy: evicting it never breaks a budget.
+        full = [b for b in budgets if b.disruptions_allowed < 1 and pod.ready]
+        if not full:
+            return ""
+        names = ", ".join(f"PodDisruptionBudget {b.namespace}/{b.name}" for b in full)
+        return f"blocked by {names} (no disruptions allowed)"
 
     @staticmethod
     def _with_id(state: WorkloadState, action_id: str) -> dict[str, str]:

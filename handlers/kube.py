@@ -1,0 +1,1168 @@
+"""The Kubernetes adapter: the :class:`~handlers.cluster.Cluster` protocol on a real API server.
+
+The only module of the action path that imports ``kubernetes``. It uses the official
+client for what it is good at (kubeconfig / in-cluster loading, TLS, bearer tokens and
+their refresh) and sends plain JSON through ``ApiClient.call_api``: objects cross into
+the agent as dicts, never as the client's model classes.
+
+Design choices:
+
+- **Never block the event loop.** The client is synchronous; every request runs in a
+  bounded thread pool with a per-request timeout (``kubernetes.request_timeout``).
+- **Effect-once.** Every write carries the object's ``metadata.resourceVersion`` (a
+  compare-and-set: a concurrent change answers 409, and the write is retried on a fresh
+  read) and the action id in the ``sre-agent.io/action-ids`` annotation. A read that finds
+  the id already there answers "not applied" without writing.
+- **Scale** patches ``spec.replicas`` of the workload together with the annotation, not
+  the scale subresource: the subresource cannot carry an annotation, so a redelivered scale
+  could not be recognised. When an HPA owns the replica count, the HPA's bounds are moved
+  instead (raising ``minReplicas`` to scale up, lowering ``maxReplicas`` to scale down), so
+  the agent does not fight the autoscaler; the id is then recorded on the HPA.
+- **Rollback** does what ``kubectl rollout undo`` does for apps/v1: find the ReplicaSets the
+  Deployment controls, pick the previous (or the named) revision by the
+  ``deployment.kubernetes.io/revision`` annotation and copy its pod template, minus the
+  ``pod-template-hash`` label, into the Deployment (one JSON patch with the annotations).
+  ``spec.rollbackTo`` only existed in long-removed API versions.
+- **Pod restart and drain** evict through the Eviction API, so PodDisruptionBudgets hold;
+  a drain skips DaemonSet and mirror pods, refuses pods without a controller (they would
+  not come back, as ``kubectl drain`` without ``--force``), and when budgets block it past
+  its timeout it fails naming each blocked pod and its budget.
+
+Errors, translated once here: 403/401/404/400/422 -> ``ActionFailed`` with the API server's
+own message (a 403 names the verb and resource the role lacks); 409 -> :class:`Conflict`
+(retried with a fresh read, retriable if it escapes); 429, 5xx, timeouts and connection
+failures -> ``TransientError`` / ``DependencyUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import urllib3
+from kubernetes import client as _client
+from kubernetes import config as _config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from agent.errors import (
+    ActionFailed,
+    AgentError,
+    ConfigError,
+    DependencyUnavailable,
+    TransientError,
+)
+from agent.models import Target
+from handlers.cluster import (
+    ACTION_IDS_ANNOTATION,
+    RESTARTED_AT_ANNOTATION,
+    Effect,
+    Footprint,
+    Observation,
+    PartialFailure,
+    Revision,
+    WorkloadState,
+    remember_id,
+    remembered_ids,
+)
+
+log = logging.getLogger(__name__)
+
+client: Any = _client  # the client's modules are untyped
+config: Any = _config
+
+Obj = dict[str, Any]
+
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+POD_TEMPLATE_HASH = "pod-template-hash"
+# Deployment annotations `kubectl rollout undo` keeps instead of copying from the ReplicaSet.
+ROLLBACK_SKIPPED_ANNOTATIONS = frozenset(
+    {
+        "kubectl.kubernetes.io/last-applied-configuration",
+        REVISION_ANNOTATION,
+        "deployment.kubernetes.io/revision-history",
+        "deployment.kubernetes.io/desired-replicas",
+        "deployment.kubernetes.io/max-replicas",
+        "deprecated.deployment.rollback.to",
+    }
+)
+WORKLOAD_RESOURCES: Mapping[str, str] = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+CONFLICT_RETRIES = 5
+
+
+class Conflict(TransientError):
+    """409: the object changed since it was read (resourceVersion precondition failed)."""
+
+
+# --- pure helpers (unit-tested) -----------------------------------------------------------------
+
+
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """A LabelSelector against labels; a null selector selects nothing, an empty one all."""
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or ():
+        key, op, values = expr.get("key", ""), expr.get("operator", ""), expr.get("values") or ()
+        present = key in labels
+        if op == "In" and not (present and labels[key] in values):
+            return False
+        if op == "NotIn" and present and labels[key] in values:
+            return False
+        if op == "Exists" and not present:
+            return False
+        if op == "DoesNotExist" and present:
+            return False
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            return False
+    return True
+
+
+def scaled_value(value: int | str | None, total: int, *, round_up: bool, default: str) -> int:
+    """An IntOrString ("25%" or 2) resolved against ``total`` the way controllers do."""
+    v: int | str = default if value is None else value
+    if isinstance(v, int):
+        return v
+    if v.endswith("%"):
+        x = int(v[:-1]) * total / 100
+        return math.ceil(x) if round_up else math.floor(x)
+    return int(v)
+
+
+def rollout_disruption(obj: Mapping[str, Any]) -> int:
+    """Ready pods a rollout of this Deployment/StatefulSet takes down at once."""
+    spec = obj.get("spec") or {}
+    replicas = int(spec.get("replicas", 1))
+    ready = int((obj.get("status") or {}).get("readyReplicas") or 0)
+    if obj.get("kind") == "StatefulSet":
+        strategy = spec.get("updateStrategy") or {}
+        if strategy.get("type") == "OnDelete":
+            return 0
+        rolling = strategy.get("rollingUpdate") or {}
+        at_once = max(
+            1, scaled_value(rolling.get("maxUnavailable"), replicas, round_up=False, default="1")
+        )
+    else:
+        strategy = spec.get("strategy") or {}
+        if strategy.get("type") == "Recreate":
+            at_once = replicas
+        else:
+            rolling = strategy.get("rollingUpdate") or {}
+            surge = scaled_value(rolling.get("maxSurge"), replicas, round_up=True, default="25%")
+            at_once = scaled_value(
+                rolling.get("maxUnavailable"), replicas, round_up=False, default="25%"
+            )
+            if surge == 0 and at_once == 0:
+                at_once = 1  # what the Deployment controller does
+    return max(0, min(at_once, replicas, ready))
+
+
+def revision_of(obj: Mapping[str, Any]) -> int:
+    raw = annotations_of(obj).get(REVISION_ANNOTATION, "")
+    return int(raw) if raw.isdigit() else 0
+
+
+def annotations_of(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or ()
+    return next((r for r in refs if r.get("controller")), None)
+
+
+def template_without_hash(template: Mapping[str, Any]) -> Obj:
+    """A ReplicaSet's pod template as the Deployment should carry it (kubectl rollout undo)."""
+    out: Obj = orjson.loads(orjson.dumps(template))
+    labels = (out.get("metadata") or {}).get("labels")
+    if labels:
+        labels.pop(POD_TEMPLATE_HASH, None)
+    return out
+
+
+def first_image(template: Mapping[str, Any]) -> str:
+    containers = (template.get("spec") or {}).get("containers") or ()
+    return str(containers[0].get("image", "")) if containers else ""
+
+
+def eviction_block(status_doc: Mapping[str, Any]) -> str:
+    """The reason an eviction was refused (429), from the API server's Status."""
+    causes = ((status_doc.get("details") or {}).get("causes")) or ()
+    texts = [str(c.get("message")) for c in causes if c.get("message")]
+    return "; ".join(texts) or str(status_doc.get("message") or "eviction refused")
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _deep_merge(base: Obj, extra: Mapping[str, Any]) -> Obj:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def _parse_time(raw: str | None) -> datetime:
+    if not raw:
+        return datetime.fromtimestamp(0, UTC)
+    return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One conditional write and the effect it has when it lands."""
+
+    body: Any
+    effect: Effect
+    content_type: str = MERGE_PATCH
+
+
+@dataclass(slots=True)
+class _DrainState:
+    pending: dict[str, Obj] = field(default_factory=dict)
+    evicted: dict[str, str] = field(default_factory=dict)  # "ns/name" -> uid
+    blocked: dict[str, str] = field(default_factory=dict)  # "ns/name" -> why
+
+
+def api_client(kubeconfig: str) -> Any:
+    """A client from ``kubeconfig``, else in-cluster config, else the default kubeconfig."""
+    try:
+        if kubeconfig:
+            return config.new_client_from_config(config_file=kubeconfig)
+        try:
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg)
+            return client.ApiClient(cfg)
+        except ConfigException:
+            return config.new_client_from_config()
+    except (ConfigException, OSError) as err:
+        raise ConfigError([f"kubernetes.kubeconfig: {err}"]) from err
+
+
+class KubeCluster:
+    """The Cluster protocol against a Kubernetes API server."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: str = "",
+        request_timeout: float = 10.0,
+        max_workers: int = 4,
+        poll_interval: float = 0.5,
+        api: Any = None,
+    ) -> None:
+        self._api = api if api is not None else api_client(kubeconfig)
+        self._timeout = request_timeout
+        self._poll = poll_interval
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube-action")
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, section: Any) -> KubeCluster:
+        """From ``settings.kubernetes`` (agent.settings.KubernetesSection)."""
+        return cls(
+            kubeconfig=section.kubeconfig,
+            request_timeout=section.request_timeout,
+            max_workers=section.max_workers,
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        pool = self._pool
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._api.close)
+
+    async def __aenter__(self) -> KubeCluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"{self!r} was never closed", ResourceWarning, stacklevel=1)
+
+    # --- transport -------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        body: Any,
+        content_type: str | None,
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """One HTTP request, in a worker thread. Returns (status, body, headers)."""
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            req = self._api.param_serialize(
+                method=method,
+                resource_path=path,
+                query_params=list(query),
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            resp = self._api.call_api(
+                *req, _request_timeout=(min(5.0, self._timeout), self._timeout)
+            )
+            data = resp.read() or b""
+            return int(resp.status), bytes(data), dict(resp.getheaders() or {})
+        except ApiException as err:  # status 0: the transport failed
+            raise DependencyUnavailable(f"kubernetes API {method} {path}: {err.reason}") from err
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise DependencyUnavailable(f"kubernetes API {method} {path}: {err}") from err
+
+    async def _raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> tuple[int, Obj, Mapping[str, str]]:
+        if self._closed:
+            raise ActionFailed("the Kubernetes adapter is closed")
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._request, method, path, query, body, content_type)
+        try:
+            status, data, headers = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, call), timeout=self._timeout + 5.0
+            )
+        except TimeoutError as err:
+            raise DependencyUnavailable(
+                f"kubernetes API {method} {path}: no answer in {self._timeout:.0f}s"
+            ) from err
+        try:
+            doc = orjson.loads(data) if data else {}
+        except orjson.JSONDecodeError:
+            doc = {"message": data[:500].decode("utf-8", "replace")}
+        if not isinstance(doc, dict):
+            doc = {"items": doc}
+        return status, doc, headers
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        query: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> Obj:
+        """One API request; a non-2xx answer raises the agent error it means."""
+        status, doc, headers = await self._raw(
+            method, path, query=query, body=body, content_type=content_type
+        )
+        if 200 <= status < 300:
+            return doc
+        raise translate(status, doc, headers, method=method, what=what)
+
+    async def _get(self, target: Target) -> Obj:
+        return await self.call("GET", _path(target), what=target.key)
+
+    async def _list(
+        self, path: str, *, what: str, query: Sequence[tuple[str, str]] = ()
+    ) -> list[Obj]:
+        doc = await self.call("GET", path, what=what, query=query)
+        return list(doc.get("items") or ())
+
+    async def _mutate(
+        self, target: Target, path: str, action_id: str, plan: Callable[[Obj], _Write]
+    ) -> Effect:
+        """Read, skip if the id is there, write conditionally; on 409 start over."""
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            obj = await self.call("GET", path, what=target.key)
+            if action_id in remembered_ids(annotations_of(obj)):
+                return _already(action_id, target)
+            write = plan(obj)
+            try:
+                await self.call(
+                    "PATCH", path, what=target.key, body=write.body, content_type=write.content_type
+                )
+            except Conflict:
+                log.info("%s changed while acting (attempt %d); re-reading", target.key, attempt)
+                continue
+            return write.effect
+        raise ActionFailed(
+            f"{target.key} changed concurrently {CONFLICT_RETRIES} times in a row; gave up"
+        )
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def workload(self, target: Target) -> WorkloadState:
+        _need(target, WORKLOAD_RESOURCES, "workload")
+        obj = await self._get(target)
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        template = spec.get("template") or {}
+        image = first_image(template)
+        meta = obj.get("metadata") or {}
+        created = _parse_time(meta.get("creationTimestamp"))
+        if target.kind == "Deployment":
+            sets = await self._replica_sets(target, obj)
+            revisions = tuple(
+                sorted(
+                    (
+                        Revision(
+                            number=revision_of(rs),
+                            image=first_image((rs.get("spec") or {}).get("template") or {}),
+                            created_at=_parse_time(
+                                (rs.get("metadata") or {}).get("creationTimestamp")
+                            ),
+                        )
+                        for rs in sets
+                        if revision_of(rs)
+                    ),
+                    key=lambda r: r.number,
+                )
+            )
+            revision = revision_of(obj) or max((r.number for r in revisions), default=1)
+            if not any(r.number == revision for r in revisions):
+                revisions = (*revisions, Revision(number=revision, image=image, created_at=created))
+        else:  # StatefulSet: ControllerRevision history is not read
+            revision = 1
+            revisions = (Revision(number=1, image=image, created_at=created),)
+        return WorkloadState(
+            target=target,
+            replicas=int(spec.get("replicas", 1)),
+            ready_replicas=int(status.get("readyReplicas") or 0),
+            revision=revision,
+            image=image,
+            revisions=revisions,
+            annotations=annotations_of(obj),
+            generation=int(meta.get("generation") or 1),
+        )
+
+    async def _replica_sets(self, target: Target, deployment: Obj) -> list[Obj]:
+        """The ReplicaSets this Deployment controls (by owner uid, as kubectl does)."""
+        uid = (deployment.get("metadata") or {}).get("uid")
+        selector = (deployment.get("spec") or {}).get("selector") or {}
+        query = [
+            (
+                "labelSelector",
+                ",".join(f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()),
+            )
+        ]
+        sets = await self._list(
+            f"/apis/apps/v1/namespaces/{target.namespace}/replicasets",
+            what=f"ReplicaSets of {target.key}",
+            query=query,
+        )
+        return [rs for rs in sets if (controller_of(rs) or {}).get("uid") == uid]
+
+    async def _budgets(self, namespace: str) -> list[Obj]:
+        return await self._list(
+            f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+            what=f"PodDisruptionBudgets in {namespace}",
+        )
+
+    def _covering(
+        self, budgets: Sequence[Obj], namespace: str, labels: Mapping[str, str]
+    ) -> list[Obj]:
+        return [
+            b
+            for b in budgets
+            if selector_matches((b.get("spec") or {}).get("selector"), labels)
+            and (b.get("metadata") or {}).get("namespace", namespace) == namespace
+        ]
+
+    async def _hpa_for(self, target: Target) -> Obj | None:
+        hpas = await self._list(
+            f"/apis/autoscaling/v2/namespaces/{target.namespace}/horizontalpodautoscalers",
+            what=f"HorizontalPodAutoscalers in {target.namespace}",
+        )
+        for hpa in hpas:
+            ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+            if ref.get("kind") == target.kind and ref.get("name") == target.name:
+                return hpa
+        return None
+
+    async def _pods_on(self, node: str) -> list[Obj]:
+        return await self._list(
+            "/api/v1/pods",
+            what=f"pods on Node/{node}",
+            query=[("fieldSelector", f"spec.nodeName={node}")],
+        )
+
+    async def footprint(self, target: Target) -> Footprint:
+        if target.kind in WORKLOAD_RESOURCES:
+            obj = await self._get(target)
+            spec = obj.get("spec") or {}
+            labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+            covering = self._covering(
+                await self._budgets(target.namespace), target.namespace, labels
+            )
+            hpa = await self._hpa_for(target)
+            return Footprint(
+                replicas=int(spec.get("replicas", 1)),
+                disruption=rollout_disruption({**obj, "kind": target.kind}),
+                pdb_headroom=_headroom(covering),
+                pdbs=tuple(_name(b, target.namespace) for b in covering),
+                hpa=(hpa or {}).get("metadata", {}).get("name", "") if hpa else "",
+            )
+        if target.kind == "Pod":
+            status, pod, headers = await self._raw("GET", _path(target))
+            if status == 404:
+                return Footprint()  # already gone: restarting it disrupts nothing
+            if not 200 <= status < 300:
+                raise translate(status, pod, headers, method="GET", what=target.key)
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            covering = self._covering(
+                await self._budgets(target.namespace), target.namespace, labels
+            )
+            replicas = 1
+            owner = controller_of(pod)
+            if owner and owner.get("kind") in ("ReplicaSet", "StatefulSet"):
+                kind = owner["kind"]
+                group = "replicasets" if kind == "ReplicaSet" else "statefulsets"
+                with contextlib.suppress(ActionFailed):
+                    parent = await self.call(
+                        "GET",
+                        f"/apis/apps/v1/namespaces/{target.namespace}/{group}/{owner['name']}",
+                        what=f"{kind}/{target.namespace}/{owner['name']}",
+                    )
+                    replicas = int((parent.get("spec") or {}).get("replicas", 1))
+            terminating = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+            return Footprint(
+                replicas=replicas,
+                disruption=1 if pod_ready(pod) and not terminating else 0,
+                pdb_headroom=_headroom(covering),
+                pdbs=tuple(_name(b, target.namespace) for b in covering),
+            )
+        if target.kind == "Node":
+            nodes = await self._list("/api/v1/nodes", what="nodes")
+            cordoned = tuple(
+                sorted(
+                    str(n["metadata"]["name"])
+                    for n in nodes
+                    if (n.get("spec") or {}).get("unschedulable")
+                    and n["metadata"]["name"] != target.name
+                )
+            )
+            return Footprint(cordoned_nodes=cordoned)
+        return Footprint()
+
+    async def observe(self, target: Target) -> Observation:
+        try:
+            obj = await self._get(target)
+        except ActionFailed as err:
+            if "not found" in str(err):
+                return Observation(exists=False)
+            raise
+        meta, spec, status = (
+            obj.get("metadata") or {},
+            obj.get("spec") or {},
+            obj.get("status") or {},
+        )
+        if target.kind in WORKLOAD_RESOURCES:
+            desired = int(spec.get("replicas", 1))
+            ready = int(status.get("readyReplicas") or 0)
+            settled = (
+                int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+                and int(status.get("updatedReplicas") or 0) == desired
+                and int(status.get("replicas") or 0) == desired
+                and ready == desired
+            )
+            if target.kind == "StatefulSet":
+                settled = settled and status.get("currentRevision") == status.get("updateRevision")
+            return Observation(desired=desired, ready=ready, settled=settled)
+        if target.kind == "Pod":
+            terminating = bool(meta.get("deletionTimestamp"))
+            return Observation(desired=1, ready=int(pod_ready(obj)), settled=not terminating)
+        if target.kind == "Node":
+            pods = await self._pods_on(target.name)
+            evict, _skipped, unmanaged = _classify(pods)
+            return Observation(
+                cordoned=bool(spec.get("unschedulable")), evictable=len(evict) + len(unmanaged)
+            )
+        return Observation()
+
+    async def version(self, target: Target) -> str:
+        obj = await self._get(target)
+        meta = obj.get("metadata") or {}
+        if target.kind in WORKLOAD_RESOURCES:
+            return f"generation={meta.get('generation')}"
+        if target.kind == "Pod":
+            return f"uid={meta.get('uid')}"
+        if target.kind == "Node":
+            return f"unschedulable={bool((obj.get('spec') or {}).get('unschedulable'))}"
+        return f"resourceVersion={meta.get('resourceVersion')}"
+
+    # --- actions ---------------------------------------------------------------------------
+
+    async def restart(self, target: Target, *, action_id: str, at: datetime) -> Effect:
+        _need(target, WORKLOAD_RESOURCES, "restart_workload")
+
+        def plan(obj: Obj) -> _Write:
+            gen = int((obj.get("metadata") or {}).get("generation") or 1)
+            change = {
+                "spec": {
+                    "template": {
+                        "metadata": {"annotations": {RESTARTED_AT_ANNOTATION: at.isoformat()}}
+                    }
+                }
+            }
+            return _Write(
+                _merge_body(obj, action_id, change),
+                Effect(
+                    applied=True,
+                    message=f"restarted {target.key} (rolling restart, as kubectl rollout restart)",
+                    prior_state={"generation": gen},
+                ),
+            )
+
+        return await self._mutate(target, _path(target), action_id, plan)
+
+    async def scale(self, target: Target, *, action_id: str, replicas: int) -> Effect:
+        _need(target, WORKLOAD_RESOURCES, "scale")
+        if replicas < 0:
+            raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
+        obj = await self._get(target)
+        if action_id in remembered_ids(annotations_of(obj)):
+            return _already(action_id, target)
+        current = int((obj.get("spec") or {}).get("replicas", 1))
+        hpa = await self._hpa_for(target)
+        if hpa is not None:
+            return await self._scale_hpa(target, hpa, action_id, replicas, current)
+
+        def plan(o: Obj) -> _Write:
+            before = int((o.get("spec") or {}).get("replicas", 1))
+            return _Write(
+                _merge_body(o, action_id, {"spec": {"replicas": replicas}}),
+                Effect(
+                    applied=True,
+                    message=f"scaled {target.key} from {before} to {replicas}",
+                    prior_state={"replicas": before},
+                ),
+            )
+
+        return await self._mutate(target, _path(target), action_id, plan)
+
+    async def _scale_hpa(
+        self, target: Target, hpa: Obj, action_id: str, replicas: int, current: int
+    ) -> Effect:
+        name = hpa["metadata"]["name"]
+        path = _hpa_path(target.namespace, name)
+        if replicas < 1:
+            raise ActionFailed(f"{target.key} is autoscaled by HPA {name}: cannot scale to 0")
+
+        def plan(o: Obj) -> _Write:
+            spec = o.get("spec") or {}
+            lo, hi = int(spec.get("minReplicas") or 1), int(spec["maxReplicas"])
+            if replicas >= current:
+                new_lo, new_hi = max(lo, replicas), max(hi, replicas)
+            else:
+                new_lo, new_hi = min(lo, replicas), min(hi, replicas)
+            return _Write(
+                _merge_body(o, action_id, {"spec": {"minReplicas": new_lo, "maxReplicas": new_hi}}),
+                Effect(
+                    applied=True,
+                    message=f"{target.key} is autoscaled by HPA {name}: moved its bounds "
+                    f"{lo}..{hi} -> {new_lo}..{new_hi} for {replicas} replicas (was {current})",
+                    prior_state={
+                        "replicas": current,
+                        "hpa": name,
+                        "hpa_min_replicas": lo,
+                        "hpa_max_replicas": hi,
+                    },
+                ),
+            )
+
+        return await self._mutate(target, path, action_id, plan)
+
+    async def rollback(
+        self, target: Target, *, action_id: str, to_revision: int | None = None
+    ) -> Effect:
+        if target.kind != "Deployment":
+            raise ActionFailed(f"rollback of a {target.kind} is not supported (Deployments only)")
+        path = _path(target)
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            dep = await self._get(target)
+            if action_id in remembered_ids(annotations_of(dep)):
+                return _already(action_id, target)
+            write = await self._rollback_write(target, dep, action_id, to_revision)
+            try:
+                await self.call(
+                    "PATCH", path, what=target.key, body=write.body, content_type=JSON_PATCH
+                )
+            except Conflict:
+                log.info("%s changed while rolling back (attempt %d)", target.key, attempt)
+                continue
+            return write.effect
+        raise ActionFailed(f"{target.key} changed concurrently {CONFLICT_RETRIES} times; gave up")
+
+    async def _rollback_write(
+        self, target: Target, dep: Obj, action_id: str, to_revision: int | None
+    ) -> _Write:
+        spec = dep.get("spec") or {}
+        if spec.get("paused"):
+            raise ActionFailed(f"{target.key} is paused: resume it before rolling back")
+        by_revision = {revision_of(rs): rs for rs in await self._replica_sets(target, dep)}
+        by_revision.pop(0, None)
+        if not by_revision:
+            raise ActionFailed(f"{target.key}: no rollout history found")
+        current = revision_of(dep) or max(by_revision)
+        older = sorted(n for n in by_revision if n != current)
+        if to_revision is None:
+            if not older:
+                raise ActionFailed(f"{target.key}: no previous revision to roll back to")
+            chosen = max(older)
+        elif to_revision not in older:
+            raise ActionFailed(
+                f"{target.key}: revision {to_revision} not found among previous revisions "
+                f"{older} (current {current})"
+            )
+        else:
+            chosen = to_revision
+        rs = by_revision[chosen]
+        template = template_without_hash((rs.get("spec") or {}).get("template") or {})
+        if template == (spec.get("template") or {}):
+            raise ActionFailed(
+                f"{target.key}: current template already matches revision {chosen}; nothing to do"
+            )
+        current_ann = annotations_of(dep)
+        annotations = {k: v for k, v in current_ann.items() if k in ROLLBACK_SKIPPED_ANNOTATIONS}
+        annotations.update(
+            (k, v) for k, v in annotations_of(rs).items() if k not in ROLLBACK_SKIPPED_ANNOTATIONS
+        )
+        annotations[ACTION_IDS_ANNOTATION] = remember_id(current_ann, action_id)
+        old_image = first_image(spec.get("template") or {})
+        new_image = first_image(template)
+        body = [
+            {
+                "op": "replace",
+                "path": "/metadata/resourceVersion",
+                "value": dep["metadata"]["resourceVersion"],
+            },
+            {"op": "replace", "path": "/spec/template", "value": template},
+            {"op": "add", "path": "/metadata/annotations", "value": annotations},
+        ]
+        return _Write(
+            body,
+            Effect(
+                applied=True,
+                message=f"rolled back {target.key} from revision {current} ({old_image}) to the "
+                f"template of revision {chosen} ({new_image})",
+                prior_state={"revision": current, "image": old_image},
+            ),
+            content_type=JSON_PATCH,
+        )
+
+    async def restart_pod(self, target: Target, *, action_id: str) -> Effect:
+        _need(target, ("Pod",), "restart_pod")
+        path = _path(target)
+        for _ in range(CONFLICT_RETRIES):
+            status, pod, headers = await self._raw("GET", path)
+            if status == 404:
+                return Effect(applied=False, message=f"{target.key} is already gone")
+            if not 200 <= status < 300:
+                raise translate(status, pod, headers, method="GET", what=target.key)
+            meta = pod.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                return Effect(applied=False, message=f"{target.key} is already terminating")
+            if action_id not in remembered_ids(annotations_of(pod)):
+                # The id rides on the pod first; a delivery interrupted between this write and
+                # the eviction finds the id on a live pod and completes the eviction.
+                try:
+                    pod = await self.call(
+                        "PATCH",
+                        path,
+                        what=target.key,
+                        body=_merge_body(pod, action_id, {}),
+                        content_type=MERGE_PATCH,
+                    )
+                except Conflict:
+                    continue
+                meta = pod.get("metadata") or {}
+            why = await self._evict(
+                target.namespace,
+                target.name,
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            )
+            if why == "conflict":
+                continue
+            if why is not None:
+                raise ActionFailed(f"restart of {target.key} refused: {why}")
+            return Effect(
+                applied=True,
+                message=f"evicted {target.key} for its controller to replace",
+                prior_state={
+                    "uid": str(meta.get("uid", "")),
+                    "node": str((pod.get("spec") or {}).get("nodeName", "")),
+                },
+            )
+        raise ActionFailed(f"{target.key} changed concurrently {CONFLICT_RETRIES} times; gave up")
+
+    async def _evict(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        uid: str | None = None,
+        resource_version: str | None = None,
+        grace_period: float | None = None,
+        budgets: Sequence[Obj] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """None when evicted (or already gone); "conflict"; else why a budget refused it."""
+        options: Obj = {}
+        pre = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v}
+        if pre:
+            options["preconditions"] = pre
+        if grace_period is not None:
+            options["gracePeriodSeconds"] = int(grace_period)
+        body = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+            **({"deleteOptions": options} if options else {}),
+        }
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}/eviction"
+        status, doc, headers = await self._raw(
+            "POST", path, body=body, content_type="application/json"
+        )
+        if 200 <= status < 300 or status == 404:
+            return None
+        if status == 403 and _cause(doc, "NamespaceTerminating"):
+            return None  # as kubectl drain: the namespace's deletion takes the pod anyway
+        if status == 409:
+            return "conflict"
+        if status == 429:
+            if budgets is None:
+                budgets = await self._budgets(namespace)
+            if labels is None:
+                pod = await self.call(
+                    "GET",
+                    f"/api/v1/namespaces/{namespace}/pods/{name}",
+                    what=f"Pod/{namespace}/{name}",
+                )
+                labels = (pod.get("metadata") or {}).get("labels") or {}
+            names = [_name(b, namespace) for b in self._covering(budgets, namespace, labels)]
+            which = ", ".join(f"PodDisruptionBudget {n}" for n in names) or "a PodDisruptionBudget"
+            return f"blocked by {which} ({eviction_block(doc)})"
+        raise translate(
+            status, doc, headers, method="POST", what=f"eviction of Pod/{namespace}/{name}"
+        )
+
+    async def cordon(self, target: Target, *, action_id: str) -> Effect:
+        _need(target, ("Node",), "cordon_node")
+        return await self._cordon(target, action_id)
+
+    async def _cordon(self, target: Target, action_id: str) -> Effect:
+        def plan(node: Obj) -> _Write:
+            was = bool((node.get("spec") or {}).get("unschedulable"))
+            return _Write(
+                _merge_body(node, action_id, {"spec": {"unschedulable": True}}),
+                Effect(
+                    applied=True,
+                    message=f"cordoned {target.key}" + (" (it already was)" if was else ""),
+                    prior_state={"unschedulable": was},
+                ),
+            )
+
+        return await self._mutate(target, _path(target), action_id, plan)
+
+    async def drain(
+        self, target: Target, *, action_id: str, grace_period: float | None, drain_timeout: float
+    ) -> Effect:
+        _need(target, ("Node",), "drain_node")
+        cordoned = await self._cordon(target, action_id)
+        if not cordoned.applied:
+            return cordoned
+        prior = cordoned.prior_state
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        evict, skipped, unmanaged = _classify(await self._pods_on(target.name))
+        if unmanaged:
+            raise PartialFailure(
+                f"drain of {target.key} refused: pods without a controller would not be "
+                f"recreated: {', '.join(sorted(unmanaged))}; the node is left cordoned",
+                prior_state=prior,
+            )
+        state = _DrainState(pending=dict(evict))
+        budgets: dict[str, list[Obj]] = {}
+        gone = False
+        while True:
+            for key, pod in list(state.pending.items()):
+                meta = pod["metadata"]
+                ns = meta["namespace"]
+                if ns not in budgets:
+                    budgets[ns] = await self._budgets(ns)
+                why = await self._evict(
+                    ns,
+                    meta["name"],
+                    uid=meta.get("uid"),
+                    grace_period=grace_period,
+                    budgets=budgets[ns],
+                    labels=meta.get("labels") or {},
+                )
+                # "conflict": the uid precondition failed, so the pod we listed is gone
+                # (a StatefulSet pod recreated under its name): as good as evicted.
+                if why is None or why == "conflict":
+                    state.evicted[key] = str(meta.get("uid", ""))
+                    del state.pending[key]
+                    state.blocked.pop(key, None)
+                else:
+                    state.blocked[key] = why
+            if not state.pending:
+                gone = await self._gone(state.evicted)
+                if gone:
+                    break
+            if loop.time() >= deadline:
+                break
+            budgets.clear()  # budgets' headroom moves as replacements become ready
+            await asyncio.sleep(self._poll)
+        evicted = ", ".join(sorted(state.evicted)) or "none"
+        if state.pending:
+            blocked = "; ".join(
+                f"pod {k} {state.blocked.get(k, 'not evicted yet')}" for k in sorted(state.pending)
+            )
+            raise PartialFailure(
+                f"drain of {target.key} stopped after {drain_timeout:.0f}s: {blocked}. "
+                f"Evicted: {evicted}. The node is left cordoned.",
+                prior_state=prior,
+            )
+        if not gone:
+            raise PartialFailure(
+                f"drain of {target.key}: evicted pods still terminating after {drain_timeout:.0f}s "
+                f"({evicted}); the node is left cordoned",
+                prior_state=prior,
+            )
+        skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
+        return Effect(
+            applied=True,
+            message=f"drained {target.key}: cordoned, evicted {len(state.evicted)} pods "
+            f"({evicted}){skip}",
+            prior_state=prior,
+        )
+
+    async def _gone(self, evicted: Mapping[str, str]) -> bool:
+        for key, uid in evicted.items():
+            ns, name = key.split("/", 1)
+            status, pod, headers = await self._raw("GET", f"/api/v1/namespaces/{ns}/pods/{name}")
+            if status == 404:
+                continue
+            if not 200 <= status < 300:
+                raise translate(status, pod, headers, method="GET", what=f"Pod/{key}")
+            if (pod.get("metadata") or {}).get("uid") == uid:
+                return False
+        return True
+
+    async def update_config(
+        self, target: Target, *, action_id: str, key: str, value: str
+    ) -> Effect:
+        _need(target, ("ConfigMap",), "update_config")
+        if not key:
+            raise ActionFailed(f"update_config of {target.key} needs a key")
+
+        def plan(cm: Obj) -> _Write:
+            data = cm.get("data") or {}
+            existed = key in data
+            return _Write(
+                _merge_body(cm, action_id, {"data": {key: value}}),
+                Effect(
+                    applied=True,
+                    message=f"set {key} in {target.key}" + ("" if existed else " (new key)"),
+                    prior_state={"key": key, "value": str(data.get(key, "")), "existed": existed},
+                ),
+            )
+
+        return await self._mutate(target, _path(target), action_id, plan)
+
+    async def undo(
+        self, target: Target, *, action_id: str, action_type: str, prior: Mapping[str, Any]
+    ) -> Effect:
+        if action_type == "rollback":
+            revision = int(prior["revision"])
+            effect = await self.rollback(target, action_id=action_id, to_revision=revision)
+            return _undo_effect(
+                effect, f"undid rollback of {target.key}: back to revision {revision}"
+            )
+        if action_type in ("scale_up", "scale_down"):
+            _need(target, WORKLOAD_RESOURCES, "undo of scale")
+            if prior.get("hpa"):
+                name = str(prior["hpa"])
+                path = _hpa_path(target.namespace, name)
+                lo, hi = int(prior["hpa_min_replicas"]), int(prior["hpa_max_replicas"])
+                change: Obj = {"spec": {"minReplicas": lo, "maxReplicas": hi}}
+                message = f"restored HPA {name} bounds of {target.key} to {lo}..{hi}"
+            else:
+                path, n = _path(target), int(prior["replicas"])
+                change, message = {"spec": {"replicas": n}}, f"scaled {target.key} back to {n}"
+            return await self._mutate(
+                target,
+                path,
+                action_id,
+                lambda o: _Write(_merge_body(o, action_id, change), Effect(True, message)),
+            )
+        if action_type in ("cordon_node", "drain_node"):
+            _need(target, ("Node",), "undo of cordon/drain")
+            was = bool(prior.get("unschedulable", False))
+            message = (
+                f"uncordoned {target.key}" if not was else f"{target.key} stays cordoned (it was)"
+            )
+            return await self._mutate(
+                target,
+                _path(target),
+                action_id,
+                lambda o: _Write(
+                    _merge_body(o, action_id, {"spec": {"unschedulable": was}}),
+                    Effect(True, message),
+                ),
+            )
+        if action_type == "update_config":
+            _need(target, ("ConfigMap",), "undo of update_config")
+            key = str(prior["key"])
+            existed = bool(prior.get("existed"))
+            value = str(prior.get("value", "")) if existed else None
+            message = (
+                f"restored {key} in {target.key}" if existed else f"removed {key} from {target.key}"
+            )
+            return await self._mutate(
+                target,
+                _path(target),
+                action_id,
+                lambda o: _Write(
+                    _merge_body(o, action_id, {"data": {key: value}}), Effect(True, message)
+                ),
+            )
+        raise ActionFailed(f"{action_type} cannot be undone")
+
+
+# --- module helpers ----------------------------------------------------------------------------
+
+
+def translate(
+    status: int, doc: Mapping[str, Any], headers: Mapping[str, str], *, method: str, what: str
+) -> AgentError:
+    """An API answer that is not 2xx, as the agent error it means."""
+    message = str(doc.get("message") or doc.get("reason") or f"HTTP {status}")
+    if status == 403:
+        return ActionFailed(f"forbidden: {message}")
+    if status == 401:
+        return ActionFailed(f"unauthorized ({what}): the credentials were refused: {message}")
+    if status == 404:
+        return ActionFailed(f"{what} not found")
+    if status == 409:
+        return Conflict(f"{what}: {message}", retry_after=0.1)
+    if status in (400, 405, 415, 422):
+        return ActionFailed(f"{what}: the API server rejected {method}: {message}")
+    if status == 429 or status >= 500:
+        retry = headers.get("Retry-After") or headers.get("retry-after") or "1"
+        return TransientError(
+            f"{what}: API server answered {status}: {message}",
+            retry_after=float(retry) if retry.isdigit() else 1.0,
+        )
+    return ActionFailed(f"{what}: API server answered {status}: {message}")
+
+
+def _path(target: Target) -> str:
+    ns, name = target.namespace, target.name
+    if target.kind in WORKLOAD_RESOURCES:
+        return f"/apis/apps/v1/namespaces/{ns}/{WORKLOAD_RESOURCES[target.kind]}/{name}"
+    if target.kind == "Pod":
+        return f"/api/v1/namespaces/{ns}/pods/{name}"
+    if target.kind == "ConfigMap":
+        return f"/api/v1/namespaces/{ns}/configmaps/{name}"
+    return f"/api/v1/nodes/{name}"
+
+
+def _hpa_path(namespace: str, name: str) -> str:
+    return f"/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers/{name}"
+
+
+def _need(target: Target, kinds: Sequence[str] | Mapping[str, str], what: str) -> None:
+    if target.kind not in kinds:
+        raise ActionFailed(f"{what} needs a {' or '.join(kinds)}, not a {target.kind}")
+    if target.kind != "Node" and not target.namespace:
+        raise ActionFailed(f"{target.key}: a {target.kind} needs a namespace")
+
+
+def _merge_body(obj: Mapping[str, Any], action_id: str, change: Mapping[str, Any]) -> Obj:
+    """A merge patch: ``change`` plus the action id, conditional on the read's version."""
+    meta = obj.get("metadata") or {}
+    body: Obj = {
+        "metadata": {
+            "resourceVersion": meta.get("resourceVersion"),
+            "annotations": {ACTION_IDS_ANNOTATION: remember_id(annotations_of(obj), action_id)},
+        }
+    }
+    return _deep_merge(body, change)
+
+
+def _already(action_id: str, target: Target) -> Effect:
+    return Effect(applied=False, message=f"action {action_id} already applied to {target.key}")
+
+
+def _undo_effect(effect: Effect, message: str) -> Effect:
+    return Effect(applied=effect.applied, message=message if effect.applied else effect.message)
+
+
+def _cause(status_doc: Mapping[str, Any], kind: str) -> bool:
+    causes = (status_doc.get("details") or {}).get("causes") or ()
+    return any(c.get("type") == kind or c.get("reason") == kind for c in causes)
+
+
+def _headroom(budgets: Sequence[Obj]) -> int | None:
+    if not budgets:
+        return None
+    return min(int((b.get("status") or {}).get("disruptionsAllowed") or 0) for b in budgets)
+
+
+def _name(obj: Mapping[str, Any], namespace: str) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', namespace)}/{meta.get('name')}"
+
+
+def _classify(pods: Sequence[Obj]) -> tuple[dict[str, Obj], list[str], list[str]]:
+    """Pods of a node: (to evict by "ns/name", skipped DaemonSet/mirror, without controller)."""
+    evict: dict[str, Obj] = {}
+    skipped: list[str] = []
+    unmanaged: list[str] = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        if meta.get("deletionTimestamp"):
+            continue  # already going
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue  # finished: nothing runs there any more
+        if MIRROR_ANNOTATION in (meta.get("annotations") or {}):
+            skipped.append(key)
+            continue
+        owner = controller_of(pod)
+        if owner is None:
+            unmanaged.append(key)
+        elif owner.get("kind") == "DaemonSet":
+            skipped.append(key)
+        else:
+            evict[key] = pod
+    return evict, skipped, unmanaged

@@ -1,0 +1,75 @@
+"""Judging an action's outcome: pure functions over what verification observed.
+
+Two sources of truth, read after the settle time (``remediation.verify_after``):
+
+- the *triggering condition* (the patterns that fired, re-run on Prometheus): it decides
+  healed / not healed whenever it could be checked;
+- the *target's state* in the cluster (:class:`~handlers.cluster.Observation`): whether the
+  action's intended state holds (rollout finished with every replica ready, node cordoned
+  and empty, pod replaced), used when there is no condition to re-check.
+
+Either way, a workload that has fewer ready pods than before the action, and fewer than it
+wants, was made worse.
+"""
+
+from __future__ import annotations
+
+from agent.models import Outcome
+from handlers.cluster import Observation
+
+WORKLOAD_ACTIONS = frozenset({"rollback", "scale_up", "scale_down", "restart_workload"})
+
+
+def judge(
+    action_type: str,
+    before: Observation | None,
+    after: Observation | None,
+    trigger: tuple[Outcome, str] | None,
+) -> tuple[Outcome, str]:
+    """The outcome and why, from the observations around the action and the re-check."""
+    if (
+        after is not None
+        and before is not None
+        and after.exists
+        and action_type in WORKLOAD_ACTIONS
+        and after.ready < before.ready
+        and after.ready < after.desired
+    ):
+        why = f"ready pods fell from {before.ready} to {after.ready} of {after.desired}"
+        return "worse", why + (f"; {trigger[1]}" if trigger else "")
+    if trigger is not None and trigger[0] in ("healed", "not_healed", "worse"):
+        return trigger
+    prefix = f"{trigger[1]}; " if trigger else "no condition to re-check; "
+    if after is None:
+        return "unknown", prefix + "the target could not be read"
+    ok, state = target_state(action_type, after)
+    if ok is None:
+        return "unknown", prefix + state
+    return ("healed" if ok else "not_healed"), prefix + state
+
+
+def target_state(action_type: str, o: Observation) -> tuple[bool | None, str]:
+    """Whether the action's intended state holds (None: nothing to tell), and a phrase."""
+    if action_type in WORKLOAD_ACTIONS:
+        if not o.exists:
+            return False, "the workload is gone"
+        done = o.settled and o.ready >= o.desired
+        phase = "rollout finished" if o.settled else "rollout not finished"
+        return done, f"{o.ready}/{o.desired} replicas ready, {phase}"
+    if action_type == "restart_pod":
+        if not o.exists or not o.settled:
+            return True, "the pod was replaced"
+        return False, "the pod is still running"
+    if action_type == "cordon_node":
+        if not o.exists:
+            return False, "the node is gone"
+        return o.cordoned, "node cordoned" if o.cordoned else "node schedulable again"
+    if action_type == "drain_node":
+        if not o.exists:
+            return False, "the node is gone"
+        if not o.cordoned:
+            return False, "node schedulable again"
+        return o.evictable == 0, f"node cordoned, {o.evictable} pods still to evict"
+    if action_type == "update_config":
+        return None, "configuration applied" if o.exists else "the ConfigMap is gone"
+    return None, "no check for this action"

@@ -1,0 +1,151 @@
+"""Reading a topic outside any consumer group (part of the Kafka boundary, like streams.bus).
+
+``snapshot`` reads a topic from the beginning up to its end at the time of the call: how
+the executor rebuilds its pending approvals from the compacted ``approvals`` topic at
+start (a group's committed offsets would skip everything already seen), and how the CLI
+lists approvals and finds an action's result. ``follow`` waits for a record matching a
+predicate written after given offsets (the CLI waiting for an undo's result).
+
+Records that do not decode are skipped with a warning: the consumers that own the topic
+dead-letter them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+from agent.codec import decode
+from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.settings import KafkaSection
+from streams.bus import Envelope
+
+log = logging.getLogger(__name__)
+
+Offsets = dict[int, int]
+
+
+async def _consumer(kafka: KafkaSection, topic: str, wait_s: float) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=f"{kafka.client_id}-replay",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+    )
+    try:
+        await consumer.start()
+        # Subscribing (without a group: every partition is ours) makes the client fetch the
+        # topic's metadata, which a topic created a moment ago may not be in yet.
+        consumer.subscribe([topic])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while not consumer.assignment():
+            if loop.time() > deadline:
+                raise DependencyUnavailable(f"kafka: topic {topic} not found")
+            await asyncio.sleep(0.05)
+    except KafkaError as err:
+        await consumer.stop()
+        raise DependencyUnavailable(f"kafka {kafka.bootstrap_servers}: {err}") from err
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
+
+
+async def end_offsets(kafka: KafkaSection, topic: str, *, wait_s: float = 10.0) -> Offsets:
+    consumer = await _consumer(kafka, topic, wait_s)
+    try:
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+def _decode(cls: type[Any] | None, topic: str, raw: bytes | None) -> tuple[bool, Any]:
+    if raw is None or cls is None:
+        return True, raw
+    try:
+        return True, decode(cls, raw)
+    except InvalidEvent as err:
+        log.warning("%s: skipping a record that does not decode: %s", topic, err)
+        return False, None
+
+
+async def snapshot(
+    kafka: KafkaSection,
+    topic: str,
+    cls: type[Any] | None,
+    *,
+    since: Mapping[int, int] | None = None,
+    wait_s: float = 30.0,
+) -> list[Envelope]:
+    """Every record from ``since`` (default: the beginning) to the end as of now, in
+    partition order; tombstones come through with value None."""
+    consumer = await _consumer(kafka, topic, wait_s)
+    out: list[Envelope] = []
+    try:
+        parts = list(consumer.assignment())
+        ends = await consumer.end_offsets(parts)
+        for tp in parts:
+            start = (since or {}).get(tp.partition)
+            if start is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, start)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        remaining = {tp for tp in parts if await consumer.position(tp) < ends[tp]}
+        while remaining:
+            if loop.time() > deadline:
+                raise DependencyUnavailable(f"kafka: reading {topic} took over {wait_s:.0f}s")
+            batches = await consumer.getmany(*remaining, timeout_ms=200)
+            for tp, records in batches.items():
+                for r in records:
+                    if r.offset >= ends[tp]:
+                        continue
+                    ok, value = _decode(cls, topic, r.value)
+                    if ok:
+                        key = r.key.decode("utf-8", "replace") if r.key else None
+                        out.append(Envelope(topic, tp.partition, r.offset, key, value))
+            remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
+    except KafkaError as err:
+        raise DependencyUnavailable(f"kafka: reading {topic}: {err}") from err
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def follow(
+    kafka: KafkaSection,
+    topic: str,
+    cls: type[Any],
+    *,
+    since: Mapping[int, int],
+    until: Callable[[Any], bool],
+    wait_s: float,
+) -> Any | None:
+    """The first record after ``since`` whose value satisfies ``until``, or None in time."""
+    consumer = await _consumer(kafka, topic, wait_s)
+    try:
+        for tp in consumer.assignment():
+            consumer.seek(tp, since.get(tp.partition, 0))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while loop.time() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for r in records:
+                    ok, value = _decode(cls, topic, r.value)
+                    if ok and value is not None and until(value):
+                        return value
+        return None
+    except KafkaError as err:
+        raise DependencyUnavailable(f"kafka: reading {topic}: {err}") from err
+    finally:
+        await consumer.stop()

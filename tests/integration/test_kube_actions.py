@@ -1,0 +1,806 @@
+"""The action layer against the real control plane (scripts/k8s.sh), acting as the agent's
+least-privilege ServiceAccount (deploy/rbac.yaml's ClusterRole, a TokenRequest token).
+
+Every action type executes through the executor and the Kubernetes adapter and is
+verified; undo restores the prior state; a drain stops at a PodDisruptionBudget and names
+it; an action outside the role fails with the API server's reason; a SIGKILLed executor
+does not act twice after restart; and an approval sent with kcat (a non-Python Kafka client)
+is honoured after an executor restart, while forged decisions are refused with reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from agent.errors import ActionFailed
+from agent.metrics import Metrics
+from agent.models import (
+    ActionRequest,
+    ActionResult,
+    ApprovalRequest,
+    DeadLetter,
+    Target,
+    utcnow,
+)
+from agent.runtime import Agent
+from agent.settings import Settings
+from handlers.cluster import ACTION_IDS_ANNOTATION, remembered_ids
+from handlers.executor import Executor, undo_request
+from handlers.kube import KubeCluster
+from streams.bus import Bus, create_topics
+from tests.fakes.publisher import MemoryBus
+from tests.fixtures.k8s import K8sCluster
+from tests.helpers import eventually, make_settings, readers
+
+pytestmark = [pytest.mark.integration, pytest.mark.k8s]
+
+REPO = Path(__file__).resolve().parents[2]
+NODES = ("kwok-node-0", "kwok-node-1", "kwok-node-2")
+REMEDIATION = {
+    "require_approval": ["update_config"],
+    "confidence_threshold": 0.5,
+    "cooldown": 0,
+    "verify_after": "5s",
+    "max_nodes_cordoned": 1,
+}
+
+
+# --- the agent's identity: deploy/rbac.yaml's role, bound to a fresh ServiceAccount ---------
+
+
+@pytest.fixture(scope="module")
+def agent_kubeconfig(
+    k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    suffix = uuid.uuid4().hex[:8]
+    ns, role = f"sre-agent-{suffix}", f"sre-agent-test-{suffix}"
+    tmp = tmp_path_factory.mktemp("rbac")
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()))
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    cluster_role["metadata"]["name"] = role
+    (tmp / "role.yaml").write_text(yaml.safe_dump(cluster_role))
+    kubectl = k8s_cluster.kubectl_run
+    kubectl("create", "namespace", ns)
+    try:
+        kubectl("apply", "-f", str(tmp / "role.yaml"))
+        kubectl("create", "serviceaccount", "sre-agent", "-n", ns)
+        kubectl(
+            "create",
+            "clusterrolebinding",
+            role,
+            f"--clusterrole={role}",
+            f"--serviceaccount={ns}:sre-agent",
+        )
+        token = kubectl("create", "token", "sre-agent", "-n", ns, "--duration=2h").strip()
+        admin = yaml.safe_load(k8s_cluster.kubeconfig.read_text())
+        server = dict(admin["clusters"][0]["cluster"])
+        ca = server.get("certificate-authority")
+        if ca and not Path(ca).is_absolute():
+            server["certificate-authority"] = str(k8s_cluster.kubeconfig.parent / ca)
+        server["server"] = k8s_cluster.apiserver_url
+        path = tmp / "agent.kubeconfig"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "test", "cluster": server}],
+                    "users": [{"name": "sre-agent", "user": {"token": token}}],
+                    "contexts": [
+                        {"name": "sre-agent", "context": {"cluster": "test", "user": "sre-agent"}}
+                    ],
+                    "current-context": "sre-agent",
+                }
+            )
+        )
+        yield path
+    finally:
+        for what in (("clusterrolebinding", role), ("clusterrole", role)):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                kubectl("delete", *what, "--ignore-not-found")
+        kubectl("delete", "namespace", ns, "--wait=false")
+
+
+@pytest.fixture
+async def kube(agent_kubeconfig: Path) -> AsyncIterator[KubeCluster]:
+    async with KubeCluster(kubeconfig=str(agent_kubeconfig), poll_interval=0.3) as c:
+        yield c
+
+
+@pytest.fixture
+async def admin(k8s_cluster: K8sCluster) -> AsyncIterator[KubeCluster]:
+    """The cluster admin, for setting the scene (never used to act)."""
+    async with KubeCluster(kubeconfig=str(k8s_cluster.kubeconfig)) as c:
+        yield c
+
+
+@pytest.fixture
+def uncordon_all(k8s_cluster: K8sCluster) -> Iterator[None]:
+    yield
+    for node in NODES:
+        k8s_cluster.kubectl_run("uncordon", node)
+
+
+# --- scene helpers -----------------------------------------------------------------------------
+
+
+def deployment(name: str, replicas: int, image: str = "registry.invalid/app:v1") -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            # kwok is slow to move pods: surge everything at once, never go below.
+            "strategy": {"rollingUpdate": {"maxSurge": "100%", "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [{"name": "app", "image": image}],
+                },
+            },
+        },
+    }
+
+
+async def create(admin: KubeCluster, namespace: str, path: str, body: dict[str, Any]) -> None:
+    await admin.call("POST", f"{path.format(ns=namespace)}", body=body, what=path)
+
+
+DEPLOYMENTS = "/apis/apps/v1/namespaces/{ns}/deployments"
+PDBS = "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets"
+
+
+async def ready_deployment(
+    admin: KubeCluster, namespace: str, name: str, replicas: int, **spec: Any
+) -> Target:
+    body = deployment(name, replicas)
+    body["spec"]["template"]["spec"].update(spec)
+    await create(admin, namespace, DEPLOYMENTS, body)
+    target = Target(kind="Deployment", namespace=namespace, name=name)
+    await settled(admin, target)
+    return target
+
+
+async def settled(admin: KubeCluster, target: Target, timeout: float = 60) -> None:
+    async def probe() -> bool:
+        o = await admin.observe(target)
+        return o.settled and o.ready == o.desired
+
+    await eventually(probe, timeout, 0.3, f"{target.key} rolled out")
+
+
+async def read(admin: KubeCluster, target: Target) -> dict[str, Any]:
+    return await admin.call("GET", _path(target), what=target.key)
+
+
+def _path(t: Target) -> str:
+    from handlers.kube import _path as path
+
+    return path(t)
+
+
+async def pods_of(admin: KubeCluster, namespace: str, app: str) -> list[dict[str, Any]]:
+    doc = await admin.call(
+        "GET",
+        f"/api/v1/namespaces/{namespace}/pods",
+        what="pods",
+        query=[("labelSelector", f"app={app}")],
+    )
+    return [p for p in doc["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+async def budget(
+    admin: KubeCluster, namespace: str, app: str, min_available: int, pods: int
+) -> None:
+    await create(
+        admin,
+        namespace,
+        PDBS,
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": app},
+            "spec": {"minAvailable": min_available, "selector": {"matchLabels": {"app": app}}},
+        },
+    )
+
+    async def observed() -> bool:
+        pdb = await admin.call("GET", f"{PDBS.format(ns=namespace)}/{app}", what="pdb")
+        status = pdb.get("status") or {}
+        return bool(
+            status.get("observedGeneration") == pdb["metadata"]["generation"]
+            and status.get("currentHealthy") == pods
+            and status.get("disruptionsAllowed") == pods - min_available
+        )
+
+    await eventually(observed, 60, 0.3, f"PDB {app} observed")
+
+
+def executor(kube: KubeCluster, bus: MemoryBus, **remediation: Any) -> Executor:
+    settings = make_settings(
+        "127.0.0.1:1", "x.", doc={"remediation": {**REMEDIATION, **remediation}}
+    )
+    return Executor(settings, bus=bus, cluster=kube, metrics=Metrics())
+
+
+def request(type_: str, target: Target, **params: Any) -> ActionRequest:
+    return ActionRequest(
+        id=f"{type_}-{uuid.uuid4().hex[:8]}",
+        incident_id="inc-1",
+        incident_key=f"test/{target.namespace}/{target.name}",
+        analysis_id="an-1",
+        type=type_,  # type: ignore[arg-type]
+        target=target,
+        confidence=0.95,
+        reason="test",
+        requested_at=utcnow(),
+        params=params,
+        labels={"namespace": target.namespace, "service": target.name},
+    )
+
+
+async def verified(bus: MemoryBus, action: ActionRequest, timeout: float = 60) -> ActionResult:
+    """The verification: the second "succeeded" result of the action."""
+
+    def done(b: MemoryBus) -> bool:
+        return len([r for r in b.results(action.id) if r.status == "succeeded"]) >= 2
+
+    await bus.wait_for(done, timeout, f"verification of {action.type}")
+    return [r for r in bus.results(action.id) if r.status == "succeeded"][-1]
+
+
+# --- every action type -------------------------------------------------------------------------
+
+
+async def test_workload_actions_execute_verify_and_undo(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    roll, scale, restart = await asyncio.gather(
+        ready_deployment(admin, ns, "roll", 2),
+        ready_deployment(admin, ns, "scale", 2),
+        ready_deployment(admin, ns, "restart", 2),
+    )
+    image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "app:v2"}]}}}}
+    await admin.call(
+        "PATCH", _path(roll), body=image, what="v2", content_type="application/merge-patch+json"
+    )
+    await settled(admin, roll)
+    before = {
+        t.name: (await read(admin, t))["metadata"]["generation"] for t in (roll, scale, restart)
+    }
+
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    actions = [
+        request("rollback", roll),
+        request("scale_up", scale, replicas="+1"),
+        request("restart_workload", restart),
+    ]
+    try:
+        results = await asyncio.gather(*(ex.on_action(a) for a in actions))
+        assert [r.status for r in results] == ["succeeded"] * 3, [r.message for r in results]
+        assert "to the template of revision 1 (registry.invalid/app:v1)" in results[0].message
+        assert results[0].prior_state == {"revision": 2, "image": "app:v2"}
+        assert results[1].prior_state == {"replicas": 2}
+        # Redelivered: acknowledged without acting again.
+        again = await asyncio.gather(*(ex.on_action(a) for a in actions))
+        assert [r.status for r in again] == ["duplicate"] * 3
+        for t, a in zip((roll, scale, restart), actions, strict=True):
+            obj = await read(admin, t)
+            assert obj["metadata"]["generation"] == before[t.name] + 1, t.key
+            assert remembered_ids(obj["metadata"]["annotations"]) == (a.id,)
+        outcomes = [await verified(bus, a) for a in actions]
+        assert [r.outcome for r in outcomes] == ["healed"] * 3, [r.message for r in outcomes]
+        assert "3/3 replicas ready, rollout finished" in outcomes[1].message
+
+        roll_obj = await read(admin, roll)
+        assert roll_obj["spec"]["template"]["spec"]["containers"][0]["image"] == (
+            "registry.invalid/app:v1"
+        )
+        assert "pod-template-hash" not in roll_obj["spec"]["template"]["metadata"]["labels"]
+        restarted = await read(admin, restart)
+        assert (
+            "kubectl.kubernetes.io/restartedAt"
+            in restarted["spec"]["template"]["metadata"]["annotations"]
+        )
+
+        undos = [undo_request(r, requested_by="bob", now=utcnow()) for r in results[:2]]
+        done = await asyncio.gather(*(ex.on_action(u) for u in undos))
+        assert [r.status for r in done] == ["succeeded"] * 2, [r.message for r in done]
+        assert (await read(admin, scale))["spec"]["replicas"] == 2
+        image_now = (await read(admin, roll))["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image_now == "app:v2"
+        await settled(admin, roll)
+        revision = (await kube.workload(roll)).revision
+        assert revision == 4  # v1 (rev 1 -> 3), then v2 again (rev 2 -> 4), like kubectl
+    finally:
+        await ex.stop()
+
+
+async def test_scale_under_an_hpa_moves_its_bounds(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    web = await ready_deployment(admin, ns, "web", 2)
+    await create(
+        admin,
+        ns,
+        "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+        {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "web"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                "minReplicas": 1,
+                "maxReplicas": 3,
+            },
+        },
+    )
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    hpa_path = f"/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/web"
+    try:
+        a = request("scale_up", web, replicas="+2")
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "autoscaled by HPA web: moved its bounds 1..3 -> 4..4" in r.message
+        hpa = await admin.call("GET", hpa_path, what="hpa")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (4, 4)
+        assert a.id in remembered_ids(hpa["metadata"]["annotations"])
+        dep = await read(admin, web)
+        assert ACTION_IDS_ANNOTATION not in (dep["metadata"].get("annotations") or {})
+        # The autoscaler, not the agent, moves the replicas to its new floor.
+        await eventually(
+            lambda: _replicas(admin, web, 4), 60, 0.5, "the HPA to scale to its new minimum"
+        )
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+        hpa = await admin.call("GET", hpa_path, what="hpa")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 3)
+    finally:
+        await ex.stop()
+
+
+async def _replicas(admin: KubeCluster, target: Target, n: int) -> bool:
+    return bool((await read(admin, target))["spec"]["replicas"] == n)
+
+
+async def test_restart_pod_evicts_and_budgets_hold(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    await ready_deployment(admin, ns, "api", 2)
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        victim = (await pods_of(admin, ns, "api"))[0]["metadata"]["name"]
+        pod = Target(kind="Pod", namespace=ns, name=victim)
+        a = request("restart_pod", pod)
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert (await ex.on_action(a)).status == "duplicate"
+        assert (await verified(bus, a)).outcome == "healed"
+        await settled(admin, Target(kind="Deployment", namespace=ns, name="api"))
+
+        await budget(admin, ns, "api", min_available=2, pods=2)
+        other = (await pods_of(admin, ns, "api"))[0]["metadata"]["name"]
+        pod = Target(kind="Pod", namespace=ns, name=other)
+        denied = await ex.on_action(request("restart_pod", pod))
+        assert denied.status == "denied"
+        assert f"PodDisruptionBudget {ns}/api allows 0" in denied.message
+        # Below the policy, the Eviction API itself refuses, and the adapter says why.
+        with pytest.raises(ActionFailed, match=f"blocked by PodDisruptionBudget {ns}/api"):
+            await kube.restart_pod(pod, action_id="direct")
+    finally:
+        await ex.stop()
+        with contextlib.suppress(ActionFailed):
+            await admin.call("DELETE", f"{PDBS.format(ns=ns)}/api", what="pdb")
+
+
+async def test_drain_skips_daemonset_pods_and_undo_uncordons(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+) -> None:
+    ns = k8s_namespace
+    node = "kwok-node-0"
+    await ready_deployment(admin, ns, "pinned", 2, nodeSelector={"kubernetes.io/hostname": node})
+    ds = deployment("agent", 1)
+    ds["kind"] = "DaemonSet"
+    del ds["spec"]["replicas"], ds["spec"]["strategy"]
+    await create(admin, ns, "/apis/apps/v1/namespaces/{ns}/daemonsets", ds)
+    await eventually(lambda: _count(pods_of(admin, ns, "agent"), len(NODES)), 60, 0.5, "DS pods")
+    # pinned pods can go nowhere else: let them be evictable but not rescheduled
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    target = Target(kind="Node", name=node)
+    try:
+        a = request("drain_node", target, timeout=60)
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "cordoned, evicted" in r.message and "DaemonSet/mirror pods" in r.message
+        for p in await pods_of(admin, ns, "pinned"):
+            assert p["spec"].get("nodeName") != node or p["status"].get("phase") != "Running"
+        assert any(p["spec"]["nodeName"] == node for p in await pods_of(admin, ns, "agent"))
+        assert (await verified(bus, a)).outcome == "healed"
+
+        second = await ex.on_action(request("cordon_node", Target(kind="Node", name=NODES[1])))
+        assert second.status == "denied" and "max_nodes_cordoned" in second.message
+
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded" and f"uncordoned Node//{node}" in undo.message
+        assert not (await admin.call("GET", f"/api/v1/nodes/{node}", what="n"))["spec"].get(
+            "unschedulable"
+        )
+
+        c = request("cordon_node", target)
+        cordoned = await ex.on_action(c)
+        assert cordoned.status == "succeeded" and cordoned.prior_state == {"unschedulable": False}
+        assert (await verified(bus, c)).outcome == "healed"
+        assert (await admin.call("GET", f"/api/v1/nodes/{node}", what="n"))["spec"]["unschedulable"]
+        await ex.on_action(undo_request(cordoned, requested_by="bob", now=utcnow()))
+        assert await kube.version(target) == "unschedulable=False"
+    finally:
+        await ex.stop()
+
+
+async def _count(pods: Any, n: int) -> bool:
+    return len(await pods) == n
+
+
+async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+) -> None:
+    ns = k8s_namespace
+    node = "kwok-node-1"
+    await ready_deployment(admin, ns, "guarded", 2, nodeSelector={"kubernetes.io/hostname": node})
+    await budget(admin, ns, "guarded", min_available=2, pods=2)
+    names = sorted(p["metadata"]["name"] for p in await pods_of(admin, ns, "guarded"))
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        r = await ex.on_action(request("drain_node", Target(kind="Node", name=node), timeout=3))
+        assert r.status == "failed"
+        for name in names:
+            assert (
+                f"pod {ns}/{name} blocked by PodDisruptionBudget {ns}/guarded "
+                "(The disruption budget guarded needs 2 healthy pods and has 2 currently)"
+            ) in r.message, r.message
+        assert "The node is left cordoned" in r.message
+        assert r.prior_state == {"unschedulable": False}
+        assert sorted(p["metadata"]["name"] for p in await pods_of(admin, ns, "guarded")) == names
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+    finally:
+        await ex.stop()
+        with contextlib.suppress(ActionFailed):
+            await admin.call("DELETE", f"{PDBS.format(ns=ns)}/guarded", what="pdb")
+
+
+async def test_config_update_behind_approval_then_undo(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    await create(
+        admin,
+        ns,
+        "/api/v1/namespaces/{ns}/configmaps",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "flags"},
+            "data": {"mode": "fast"},
+        },
+    )
+    cm = Target(kind="ConfigMap", namespace=ns, name="flags")
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        a = request("update_config", cm, key="mode", value="safe")
+        assert (await ex.on_action(a)).status == "pending_approval"
+        req = bus.approvals()[-1]
+        assert req.target_version.startswith("resourceVersion=")
+        from agent.models import ApprovalDecision
+
+        await ex.on_decision(
+            ApprovalDecision(
+                id="d1",
+                request_id=req.id,
+                action_hash=req.action_hash,
+                decision="approve",
+                decided_by="alice",
+                decided_at=utcnow(),
+            )
+        )
+        r = bus.results(a.id)[-1]
+        assert r.status == "succeeded", r.message
+        assert r.prior_state == {"key": "mode", "value": "fast", "existed": True}
+        assert (await read(admin, cm))["data"] == {"mode": "safe"}
+        check = await verified(bus, a)
+        assert (check.outcome, check.message) == (
+            "unknown",
+            "no condition to re-check; configuration applied",
+        )
+        await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert (await read(admin, cm))["data"] == {"mode": "fast"}
+    finally:
+        await ex.stop()
+
+
+# --- RBAC ----------------------------------------------------------------------------------------
+
+
+async def test_an_action_outside_the_role_fails_with_the_reason(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    web = await ready_deployment(admin, ns, "web", 1)
+    with pytest.raises(ActionFailed) as deleting:
+        await kube.call("DELETE", _path(web), what=web.key)
+    message = str(deleting.value)
+    assert message.startswith("forbidden:")
+    assert 'cannot delete resource "deployments" in API group "apps"' in message
+    assert "system:serviceaccount:sre-agent-" in message
+    with pytest.raises(ActionFailed, match='cannot patch resource "secrets"'):
+        await kube.call(
+            "PATCH",
+            f"/api/v1/namespaces/{ns}/secrets/x",
+            body={"data": {}},
+            what="Secret",
+            content_type="application/merge-patch+json",
+        )
+    # ... while what the role does allow works with the same credentials
+    assert (await kube.workload(web)).replicas == 1
+
+
+# --- crash between acting and recording ----------------------------------------------------------
+
+
+def _config_file(path: Path, settings: Settings, kubeconfig: Path) -> Path:
+    doc = {
+        "agent": {"cluster": "test"},
+        "kafka": {
+            "bootstrap_servers": settings.kafka.bootstrap_servers,
+            "topic_prefix": settings.kafka.topic_prefix,
+            "partitions": 2,
+            "session_timeout_ms": 6000,
+        },
+        "monitoring": {"prometheus": {"url": "http://127.0.0.1:1"}},
+        "server": {"port": 0},
+        "remediation": REMEDIATION,
+        "kubernetes": {"backend": "kubernetes", "kubeconfig": str(kubeconfig)},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _executor_process(config: Path, *, crash: bool, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRE_AGENT_")}
+    if crash:
+        env["SRE_AGENT_TEST_CRASH_AFTER_APPLY"] = "1"
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--role",
+                "executor",
+                "--config",
+                str(config),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+
+async def test_an_executor_killed_after_acting_does_not_act_again(
+    admin: KubeCluster,
+    agent_kubeconfig: Path,
+    k8s_namespace: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    tmp_path: Path,
+) -> None:
+    web = await ready_deployment(admin, k8s_namespace, "web", 2)
+    generation = (await read(admin, web))["metadata"]["generation"]
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    await create_topics(settings.kafka)
+    config = _config_file(tmp_path / "agent.yaml", settings, agent_kubeconfig)
+    log = tmp_path / "executor.log"
+    a = request("restart_workload", web)
+    async with Bus(settings.kafka, metrics=Metrics(), name="test") as bus:
+        await bus.publish(bus.topic("actions"), a)
+
+    first = _executor_process(config, crash=True, log=log)
+    try:
+        code = await _wait_exit(first, 90)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == -signal.SIGKILL, log.read_text()[-3000:]
+    obj = await read(admin, web)
+    assert obj["metadata"]["generation"] == generation + 1
+    assert remembered_ids(obj["metadata"]["annotations"]) == (a.id,)
+
+    t = settings.kafka.topic_prefix
+    async with readers(kafka_bootstrap, {"results": (f"{t}action-results", ActionResult)}) as r:
+        await asyncio.sleep(1)
+        assert not [x for x in r["results"].items if x.action_id == a.id], (
+            "killed before the result"
+        )
+        second = _executor_process(config, crash=False, log=log)
+        try:
+            found = await r["results"].wait_for(
+                lambda xs: any(x.action_id == a.id for x in xs),
+                90,
+                "the redelivered action's result",
+            )
+            second.send_signal(signal.SIGTERM)
+            assert await _wait_exit(second, 30) == 0
+        finally:
+            if second.poll() is None:
+                second.kill()
+    mine = [x for x in found if x.action_id == a.id]
+    assert [x.status for x in mine] == ["duplicate"], [x.message for x in mine]
+    assert (await read(admin, web))["metadata"]["generation"] == generation + 1
+
+
+# --- approvals from kcat, across an executor restart --------------------------------------------
+
+
+def kcat(bootstrap: str, topic: str, key: str, value: bytes) -> None:
+    subprocess.run(
+        ["kcat", "-P", "-b", bootstrap, "-t", topic, "-k", key],
+        input=value + b"\n",
+        check=True,
+        timeout=30,
+    )
+
+
+async def test_a_kcat_approval_is_honoured_after_restart_and_forgeries_are_refused(
+    admin: KubeCluster,
+    agent_kubeconfig: Path,
+    k8s_namespace: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    ns = k8s_namespace
+    await create(
+        admin,
+        ns,
+        "/api/v1/namespaces/{ns}/configmaps",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "flags"},
+            "data": {"mode": "fast"},
+        },
+    )
+    cm = Target(kind="ConfigMap", namespace=ns, name="flags")
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"remediation": REMEDIATION, "kafka": {"session_timeout_ms": 6000}},
+    )
+    t = settings.kafka.topic_prefix
+    decisions = f"{t}decisions"
+    await create_topics(settings.kafka)
+
+    def agent() -> Agent:
+        cluster = KubeCluster(kubeconfig=str(agent_kubeconfig))
+        return Agent(settings, roles=["executor"], cluster=cluster, serve_http=False)
+
+    a = request("update_config", cm, key="mode", value="safe")
+    async with readers(
+        kafka_bootstrap,
+        {
+            "approvals": (f"{t}approvals", ApprovalRequest),
+            "results": (f"{t}action-results", ActionResult),
+            "dlq": (f"{t}dead-letter", DeadLetter),
+        },
+    ) as r:
+        first = agent()
+        async with first:
+            await first.bus.publish(first.bus.topic("actions"), a)
+            await r["approvals"].wait_for(lambda xs: len(xs) >= 1, 60, "approval request")
+        req = r["approvals"].items[0]
+        assert req.action.id == a.id and req.action_hash == a.digest()
+
+        # A request that expired while nobody decided (published as a Kafka client would).
+        stale_action = request("update_config", cm, key="mode", value="slow")
+        stale = ApprovalRequest(
+            id=f"stale-{uuid.uuid4().hex[:6]}",
+            action=stale_action,
+            action_hash=stale_action.digest(),
+            root_cause="test",
+            evidence=(),
+            created_at=utcnow() - timedelta(hours=2),
+            expires_at=utcnow() - timedelta(hours=1),
+        )
+
+        second = agent()  # a restarted executor: the pending request comes back from Kafka
+        async with second:
+            assert second.executor is not None and req.id in second.executor.pending
+            await second.bus.publish(second.bus.topic("approvals"), stale)
+
+            def decision(request_id: str, action_hash: str, **extra: Any) -> bytes:
+                doc = {
+                    "id": uuid.uuid4().hex,
+                    "request_id": request_id,
+                    "action_hash": action_hash,
+                    "decision": "approve",
+                    "decided_by": "kcat-user",
+                    "decided_at": utcnow().isoformat(),
+                    "reason": "looks right",
+                    **extra,
+                }
+                return orjson.dumps(doc)
+
+            kcat(kafka_bootstrap, decisions, "nope", decision("nope", req.action_hash))
+            kcat(kafka_bootstrap, decisions, req.id, decision(req.id, "0" * 32))
+            kcat(kafka_bootstrap, decisions, req.id, b'{"request_id": "' + req.id.encode() + b'"}')
+            kcat(kafka_bootstrap, decisions, stale.id, decision(stale.id, stale.action_hash))
+
+            def refused(xs: list[DeadLetter]) -> bool:
+                return (
+                    any("unknown approval request nope" in d.error for d in xs)
+                    and any("does not match request" in d.error for d in xs)
+                    and any("decided_by: Field required" in d.error for d in xs)
+                )
+
+            letters = await r["dlq"].wait_for(refused, 60, "forged decisions refused")
+
+            def stale_refused() -> bool:
+                in_results = any(
+                    x.action_id == stale_action.id
+                    and x.status == "rejected"
+                    and "expired" in x.message
+                    for x in r["results"].items
+                )
+                late = any(stale.id in d.error and "expired" in d.error for d in r["dlq"].items)
+                return in_results and (
+                    late
+                    or any(
+                        x.action_id == stale_action.id and "came after" in x.message
+                        for x in r["results"].items
+                    )
+                )
+
+            await eventually(stale_refused, 60, 0.3, "the expired approval refused")
+            assert (await read(admin, cm))["data"] == {"mode": "fast"}, "nothing forged ran"
+
+            kcat(kafka_bootstrap, decisions, req.id, decision(req.id, req.action_hash))
+            done = await r["results"].wait_for(
+                lambda xs: any(x.action_id == a.id and x.status == "succeeded" for x in xs),
+                60,
+                "the approved action",
+            )
+    ok = next(x for x in done if x.action_id == a.id and x.status == "succeeded")
+    assert "[approved]" in ok.message
+    assert (await read(admin, cm))["data"] == {"mode": "safe"}
+    print("\n".join(d.error for d in letters))

@@ -1,0 +1,419 @@
+"""The executor on the in-process cluster: policy with blast-radius facts, every action
+type, effect-once, approvals (validity, expiry, restart), verification and undo."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from agent.errors import PermanentError
+from agent.metrics import Metrics
+from agent.models import (
+    ActionRequest,
+    ApprovalDecision,
+    ApprovalRequest,
+    Incident,
+    Target,
+    utcnow,
+)
+from agent.policy import Switches
+from agent.settings import Settings
+from handlers.executor import Executor, undo_request, undoable_result
+from handlers.fake_cluster import FakeCluster
+from streams.bus import Envelope
+from tests.fakes.publisher import MemoryBus
+from tests.unit.factories import action, at
+from tests.unit.factories import settings as make_settings
+
+CHECKOUT = Target(kind="Deployment", namespace="shop", name="checkout")
+NODE = Target(kind="Node", name="n1")
+CM = Target(kind="ConfigMap", namespace="shop", name="flags")
+
+
+def cfg(**rem: Any) -> Settings:
+    doc = {
+        "remediation": {
+            "require_approval": ["update_config"],
+            "cooldown": 0,
+            "verify_after": 0,
+            "max_nodes_cordoned": 1,
+            **rem,
+        }
+    }
+    return make_settings(doc)
+
+
+def cluster() -> FakeCluster:
+    c = FakeCluster()
+    c.create_deployment("shop", "checkout", image="v1", replicas=4, at=at(0))
+    c.rollout("shop", "checkout", image="v2", at=at(60))
+    for n in ("n1", "n2", "n3"):
+        c.add_node(n)
+    c.add_pod("shop", "checkout-a", node="n1", workload="checkout")
+    c.add_pod("shop", "agent-x", node="n1", owner="DaemonSet")
+    c.create_config_map("shop", "flags", {"mode": "fast"})
+    return c
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[tuple[Executor, MemoryBus, FakeCluster]]:
+    bus, c = MemoryBus(), cluster()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), sweep_interval=0.05)
+    try:
+        yield ex, bus, c
+    finally:
+        await ex.stop()
+
+
+def act(type_: str = "scale_up", target: Target = CHECKOUT, **kw: Any) -> ActionRequest:
+    a = action(type_, **kw)  # type: ignore[arg-type]
+    return replace(a, target=target)
+
+
+async def test_every_action_type_executes_and_is_verified(rig: Any) -> None:
+    ex, bus, c = rig
+    cases = [
+        act("rollback", action_id="a1"),
+        act("scale_up", action_id="a2", params={"replicas": "+2"}),
+        act("restart_workload", action_id="a3"),
+        act("restart_pod", Target(kind="Pod", namespace="shop", name="checkout-a"), action_id="a4"),
+        act("drain_node", NODE, action_id="a5"),
+        act("update_config", CM, action_id="a6", params={"key": "mode", "value": "safe"}),
+    ]
+    for a in cases[:-1]:
+        assert (await ex.on_action(a)).status == "succeeded", bus.results(a.id)
+    approved = replace(cases[-1], approved_by="alice")
+    assert (await ex.on_action(approved)).status == "succeeded"
+    await bus.wait_for(
+        lambda b: all(len(b.results(a.id)) == 2 for a in cases), 5, "a verification per action"
+    )
+    outcomes = {a.type: bus.results(a.id)[-1].outcome for a in cases}
+    assert outcomes == {
+        "rollback": "healed",
+        "scale_up": "healed",
+        "restart_workload": "healed",
+        "restart_pod": "healed",
+        "drain_node": "healed",
+        "update_config": "unknown",  # nothing to re-check: applied, not judged
+    }
+    w = await c.workload(CHECKOUT)
+    assert (w.image, w.replicas) == ("v1", 6)
+    assert c.node("n1").unschedulable
+    assert c.pod("shop", "checkout-a") is None and c.pod("shop", "agent-x") is not None
+    assert c.config_map("shop", "flags").data == {"mode": "safe"}
+    drained = bus.results("a5")[0]
+    assert "skipped 1 DaemonSet/mirror pods" in drained.message
+    assert drained.prior_state == {"unschedulable": False}
+
+
+async def test_a_redelivered_action_is_a_duplicate(rig: Any) -> None:
+    ex, _bus, c = rig
+    a = act("restart_workload", action_id="r1")
+    await ex.on_action(a)
+    generation = (await c.workload(CHECKOUT)).generation
+    again = await ex.on_action(a)
+    assert again.status == "duplicate"
+    assert (await c.workload(CHECKOUT)).generation == generation
+
+
+async def test_scale_is_clamped_to_the_policy_bounds(rig: Any) -> None:
+    ex, _bus, c = rig
+    ex.settings = cfg(max_replicas=5)
+    await ex.on_action(act("scale_up", action_id="s1", params={"replicas": "+4"}))
+    assert (await c.workload(CHECKOUT)).replicas == 5
+    denied = await ex.on_action(act("scale_up", action_id="s2"))
+    assert (denied.status, denied.message.split(":")[0]) == ("denied", "replica_bounds")
+
+
+async def test_blast_radius_reads_the_cluster_and_denies(rig: Any) -> None:
+    ex, _bus, c = rig
+    c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)
+    denied = await ex.on_action(act("restart_workload", action_id="r1"))
+    assert denied.status == "denied"
+    assert "pod_disruption_budget" in denied.message and "shop/checkout-pdb" in denied.message
+    await ex.on_action(act("cordon_node", NODE, action_id="c1"))
+    second = await ex.on_action(act("cordon_node", Target(kind="Node", name="n2"), action_id="c2"))
+    assert second.status == "denied" and "max_nodes_cordoned" in second.message
+
+
+async def test_facts_are_not_read_for_a_denied_action(rig: Any) -> None:
+    ex, _bus, _c = rig
+    ex.switches = lambda: Switches(kill_switch=True)
+    missing = act("restart_workload", Target(kind="Deployment", namespace="shop", name="gone"))
+    r = await ex.on_action(missing)
+    assert (r.status, r.message.split(":")[0]) == ("denied", "kill_switch")
+
+
+async def test_dry_run_records_what_would_have_happened(rig: Any) -> None:
+    ex, _bus, c = rig
+    ex.switches = lambda: Switches(dry_run=True)
+    r = await ex.on_action(act("rollback", action_id="d1"))
+    assert r.status == "dry_run" and r.message.startswith("would have executed rollback")
+    assert (await c.workload(CHECKOUT)).image == "v2"
+
+
+async def test_a_drain_blocked_by_a_budget_fails_naming_it_and_can_be_undone(rig: Any) -> None:
+    ex, _bus, c = rig
+    c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)
+    r = await ex.on_action(act("drain_node", NODE, action_id="d1"))
+    assert r.status == "failed"
+    assert "pod shop/checkout-a blocked by PodDisruptionBudget shop/checkout-pdb" in r.message
+    assert "left cordoned" in r.message
+    assert r.prior_state == {"unschedulable": False}
+    undo = undo_request(r, requested_by="bob", now=utcnow())
+    assert (await ex.on_action(undo)).status == "succeeded"
+    assert not c.node("n1").unschedulable
+
+
+async def test_undo_restores_each_prior_state_once(rig: Any) -> None:
+    ex, _bus, c = rig
+    done = [
+        await ex.on_action(act("scale_up", action_id="s1", params={"replicas": "+1"})),
+        await ex.on_action(act("cordon_node", NODE, action_id="c1")),
+        await ex.on_action(
+            act("update_config", CM, action_id="u1", params={"key": "new", "value": "1"})
+        ),
+    ]
+    assert done[2].status == "pending_approval"
+    done[2] = await ex.on_action(
+        act(
+            "update_config",
+            CM,
+            action_id="u1",
+            params={"key": "new", "value": "1"},
+            approved_by="a",
+        )
+    )
+    for r in done:
+        undo = undo_request(r, requested_by="bob", now=utcnow(), reason="bad idea")
+        assert undo.params["undo_of"] == r.action_id and undo.approved_by == "bob"
+        assert (await ex.on_action(undo)).status == "succeeded"
+        assert (await ex.on_action(undo)).status == "duplicate"
+    assert (await c.workload(CHECKOUT)).replicas == 4
+    assert not c.node("n1").unschedulable
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
+
+
+async def test_undo_of_a_rollback_goes_back_to_the_prior_revision(rig: Any) -> None:
+    ex, _bus, c = rig
+    r = await ex.on_action(act("rollback", action_id="rb"))
+    assert (await c.workload(CHECKOUT)).image == "v1"
+    await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+    assert (await c.workload(CHECKOUT)).image == "v2"
+
+
+def test_restarts_cannot_be_undone() -> None:
+    r = replace(_result(), type="restart_workload", prior_state={"generation": 3})
+    with pytest.raises(PermanentError, match="cannot be undone"):
+        undo_request(r, requested_by="bob", now=at(0))
+    with pytest.raises(PermanentError, match="no prior state"):
+        undo_request(replace(_result(), prior_state={}), requested_by="bob", now=at(0))
+
+
+def test_the_undoable_result_is_found_by_action_or_result_id() -> None:
+    first = _result()
+    verified = replace(first, id="res-2", outcome="healed")
+    denied = replace(first, id="res-3", action_id="other", prior_state={})
+    assert undoable_result([first, verified, denied], first.action_id) == verified
+    assert undoable_result([first, verified], "res-2") == verified
+    assert undoable_result([denied], "other") is None
+
+
+def _result() -> Any:
+    from agent.models import ActionResult
+
+    return ActionResult(
+        id="res-1",
+        action_id="s1",
+        incident_id="inc-1",
+        incident_key="c1/shop/checkout",
+        type="scale_up",
+        target=CHECKOUT,
+        status="succeeded",
+        outcome="unknown",
+        message="scaled",
+        started_at=at(0),
+        finished_at=at(1),
+        prior_state={"replicas": 2},
+    )
+
+
+# --- approvals -----------------------------------------------------------------------------------
+
+
+def decision(req: ApprovalRequest, verdict: str = "approve", **kw: Any) -> ApprovalDecision:
+    base: dict[str, Any] = {
+        "id": f"d-{req.id[:6]}",
+        "request_id": req.id,
+        "action_hash": req.action_hash,
+        "decision": verdict,
+        "decided_by": "alice",
+        "decided_at": utcnow(),
+    }
+    return ApprovalDecision(**{**base, **kw})
+
+
+async def requested(ex: Executor, bus: MemoryBus, a: ActionRequest) -> ApprovalRequest:
+    r = await ex.on_action(a)
+    assert r.status == "pending_approval", r.message
+    return bus.approvals()[-1]
+
+
+async def test_an_approved_action_executes_and_the_request_is_tombstoned_after(rig: Any) -> None:
+    ex, bus, _c = rig
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    req = await requested(ex, bus, a)
+    assert req.target_version == "resourceVersion=1"
+    await ex.on_decision(decision(req))
+    statuses = [r.status for r in bus.results("u1")]
+    assert statuses[:2] == ["pending_approval", "succeeded"]
+    assert "[approved]" in bus.results("u1")[1].message
+    assert bus.tombstones() == [req.id]
+    # the tombstone comes after the result
+    kinds = [type(e).__name__ if e is not None else "tombstone" for _, e, _ in bus.sent]
+    assert kinds.index("tombstone") > kinds.index("ActionResult", 1)
+    assert req.id not in ex.pending
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        ({"request_id": "nope"}, "unknown approval request nope"),
+        ({"action_hash": "f" * 32}, "does not match request"),
+    ],
+)
+async def test_forged_decisions_are_dead_lettered_with_the_reason(
+    rig: Any, forge: dict[str, str], reason: str
+) -> None:
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    await ex.on_decision(decision(req, **forge))
+    assert len(bus.letters) == 1 and reason in bus.letters[0]
+    assert "by alice refused" in bus.letters[0]
+    assert req.id in ex.pending and c.config_map("shop", "flags").data == {"mode": "fast"}
+
+
+async def test_an_expired_approval_is_rejected_and_escalated(rig: Any) -> None:
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    ex.pending[req.id] = replace(req, expires_at=utcnow() - timedelta(seconds=1))
+    await ex.on_decision(decision(req))
+    last = bus.results()[-1]
+    assert last.status == "rejected" and "expired" in last.message
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
+
+
+async def test_a_rejection_is_recorded_with_who_and_why(rig: Any) -> None:
+    ex, bus, _c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    await ex.on_decision(decision(req, "reject", reason="not now"))
+    assert bus.results()[-1].message == "rejected by alice: not now"
+    assert bus.tombstones() == [req.id]
+
+
+async def test_an_approval_for_a_changed_target_is_not_executed(rig: Any) -> None:
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("rollback", action_id="rb", confidence=0.1))
+    c.rollout("shop", "checkout", image="v3", at=at(120))  # someone else changed it
+    await ex.on_decision(decision(req))
+    last = bus.results("rb")[-1]
+    assert last.status == "rejected"
+    assert "changed since the request (generation=2 -> generation=3)" in last.message
+    assert (await c.workload(CHECKOUT)).image == "v3"
+
+
+async def test_an_approval_for_a_resolved_incident_is_not_executed(rig: Any) -> None:
+    ex, bus, _c = rig
+    req = await requested(ex, bus, act("rollback", action_id="rb", confidence=0.1))
+    ex.on_incident(_incident("resolved"))
+    await ex.on_decision(decision(req))
+    assert "incident inc-1 is resolved or silenced" in bus.results("rb")[-1].message
+    ex.on_incident(_incident("reopened"))
+    assert "inc-1" not in ex.closed_incidents
+
+
+def _incident(status: Any) -> Incident:
+    return Incident(
+        id="inc-1",
+        key="c1/shop/checkout",
+        status=status,
+        severity="critical",
+        labels={},
+        members=(),
+        opened_at=at(0),
+        updated_at=at(1),
+    )
+
+
+async def test_undecided_approvals_expire_through_the_sweeper(rig: Any) -> None:
+    ex, bus, _c = rig
+    ex.settings = cfg(approval_ttl=0.1)
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    ex._ensure_sweeper()
+    await bus.wait_for(lambda b: req.id in b.tombstones(), 5, "expiry tombstone")
+    assert "expired" in bus.results()[-1].message and "escalated" in bus.results()[-1].message
+    assert not ex.pending
+    await ex.on_decision(decision(req))  # too late
+    assert f"approval request {req.id} is closed: it expired at" in bus.letters[-1]
+
+
+async def test_pending_approvals_survive_a_restart(rig: Any) -> None:
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    gone = await requested(ex, bus, act("update_config", CM, action_id="x", params={"key": "a"}))
+    topic = bus.topic("approvals")
+    records = [
+        Envelope(topic, 0, 0, req.id, req),
+        Envelope(topic, 0, 1, gone.id, gone),
+        Envelope(topic, 0, 2, gone.id, None),  # decided before the restart
+    ]
+
+    async def replay() -> list[Envelope]:
+        return records
+
+    fresh = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), approvals=replay)
+    await fresh.start()
+    try:
+        assert set(fresh.pending) == {req.id}
+        await fresh.handle([Envelope(bus.topic("decisions"), 0, 0, req.id, decision(req))])
+        assert c.config_map("shop", "flags").data["k"] == "v"
+    finally:
+        await fresh.stop()
+
+
+async def test_a_decision_in_the_same_batch_as_its_request_finds_it(rig: Any) -> None:
+    ex, bus, c = rig
+    a = act("update_config", CM, params={"key": "k", "value": "v"})
+    req = await requested(ex, bus, a)
+    ex.pending.clear()
+    batch = [
+        Envelope(bus.topic("decisions"), 0, 5, req.id, decision(req)),
+        Envelope(bus.topic("approvals"), 1, 3, req.id, req),
+    ]
+    await ex.handle(batch)
+    assert c.config_map("shop", "flags").data["k"] == "v"
+
+
+async def test_transient_errors_are_retried(rig: Any) -> None:
+    from agent.errors import TransientError
+
+    ex, _bus, c = rig
+    calls = 0
+    real = c.restart
+
+    async def flaky(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TransientError("API server answered 503", retry_after=0.0)
+        return await real(*args, **kw)
+
+    c.restart = flaky
+    assert (await ex.on_action(act("restart_workload", action_id="r1"))).status == "succeeded"
+    assert calls == 2
+    await asyncio.sleep(0)

@@ -1,0 +1,84 @@
+"""The in-process cluster's nodes, pods, ConfigMaps and budgets behave like the API does
+for what the actions need (eviction, drain, cordon, config patch, undo, versions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.errors import ActionFailed
+from agent.models import Target
+from handlers.cluster import PartialFailure
+from handlers.fake_cluster import FakeCluster
+from tests.unit.factories import at
+
+NODE = Target(kind="Node", name="n1")
+CM = Target(kind="ConfigMap", namespace="shop", name="flags")
+
+
+def cluster() -> FakeCluster:
+    c = FakeCluster()
+    c.create_deployment("shop", "web", image="v1", replicas=3, at=at(0))
+    c.add_node("n1")
+    c.add_node("n2")
+    c.add_pod("shop", "web-1", node="n1", workload="web")
+    c.add_pod("shop", "web-2", node="n2", workload="web")
+    c.add_pod("kube-system", "proxy-n1", node="n1", owner="DaemonSet")
+    c.add_pod("kube-system", "etcd-n1", node="n1", owner="Node", mirror=True)
+    c.create_config_map("shop", "flags", {"mode": "fast"})
+    return c
+
+
+async def test_drain_refuses_pods_without_a_controller_after_cordoning() -> None:
+    c = cluster()
+    c.add_pod("shop", "bare", node="n1", owner="")
+    with pytest.raises(PartialFailure, match="without a controller would not be recreated") as e:
+        await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)
+    assert e.value.prior_state == {"unschedulable": False}
+    assert c.node("n1").unschedulable
+    assert c.pod("shop", "web-1") is not None
+
+
+async def test_an_unready_pod_may_be_evicted_despite_a_full_budget() -> None:
+    c = cluster()
+    c.add_budget("shop", "web", workload="web", disruptions_allowed=0)
+    with pytest.raises(ActionFailed, match="PodDisruptionBudget shop/web"):
+        await c.restart_pod(Target(kind="Pod", namespace="shop", name="web-1"), action_id="r1")
+    c.add_pod("shop", "web-3", node="n2", workload="web", ready=False)
+    pod = Target(kind="Pod", namespace="shop", name="web-3")
+    assert (await c.restart_pod(pod, action_id="r2")).applied
+    assert not (await c.restart_pod(pod, action_id="r2")).applied  # already gone
+
+
+async def test_footprints() -> None:
+    c = cluster()
+    c.add_budget("shop", "web", workload="web", disruptions_allowed=1)
+    fp = await c.footprint(Target(kind="Pod", namespace="shop", name="web-1"))
+    assert (fp.replicas, fp.disruption, fp.pdb_headroom, fp.pdbs) == (3, 1, 1, ("shop/web",))
+    await c.cordon(Target(kind="Node", name="n2"), action_id="c1")
+    assert (await c.footprint(NODE)).cordoned_nodes == ("n2",)
+    assert (await c.footprint(Target(kind="Node", name="n2"))).cordoned_nodes == ()
+
+
+async def test_observe_and_version() -> None:
+    c = cluster()
+    assert (await c.observe(NODE)).evictable == 1
+    assert await c.version(NODE) == "unschedulable=False"
+    await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)
+    o = await c.observe(NODE)
+    assert (o.cordoned, o.evictable) == (True, 0)
+    assert await c.version(NODE) == "unschedulable=True"
+    assert c.pod("kube-system", "proxy-n1") is not None  # DaemonSet pod stays
+    assert c.pod("kube-system", "etcd-n1") is not None  # mirror pod stays
+    assert not (await c.observe(Target(kind="Pod", namespace="shop", name="web-1"))).exists
+
+
+async def test_config_update_and_undo_of_a_new_key() -> None:
+    c = cluster()
+    effect = await c.update_config(CM, action_id="u1", key="extra", value="1")
+    assert effect.prior_state == {"key": "extra", "value": "", "existed": False}
+    assert await c.version(CM) == "resourceVersion=2"
+    assert not (await c.update_config(CM, action_id="u1", key="extra", value="2")).applied
+    await c.undo(CM, action_id="x1", action_type="update_config", prior=effect.prior_state)
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
+    with pytest.raises(ActionFailed, match="cannot be undone"):
+        await c.undo(NODE, action_id="x2", action_type="restart_pod", prior={"uid": "u"})

@@ -1,0 +1,163 @@
+"""The Kubernetes adapter's pure parts: label selectors, IntOrString arithmetic, rollout
+disruption, kubectl-undo templates, error translation; and the verification judgement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import ActionFailed, TransientError
+from handlers.cluster import Observation
+from handlers.kube import (
+    Conflict,
+    eviction_block,
+    rollout_disruption,
+    scaled_value,
+    selector_matches,
+    template_without_hash,
+    translate,
+)
+from handlers.verification import judge
+
+LABELS = {"app": "web", "tier": "front"}
+
+
+@pytest.mark.parametrize(
+    ("selector", "matches"),
+    [
+        (None, False),  # a null selector selects nothing
+        ({}, True),  # an empty one everything (policy/v1 PDB semantics)
+        ({"matchLabels": {"app": "web"}}, True),
+        ({"matchLabels": {"app": "api"}}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["front"]}]}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["front"]}]}, False),
+        ({"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["a"]}]}, True),
+        ({"matchExpressions": [{"key": "zone", "operator": "Exists"}]}, False),
+        ({"matchExpressions": [{"key": "zone", "operator": "DoesNotExist"}]}, True),
+        ({"matchExpressions": [{"key": "app", "operator": "Gt", "values": ["1"]}]}, False),
+    ],
+)
+def test_selector_matches(selector: Any, matches: bool) -> None:
+    assert selector_matches(selector, LABELS) is matches
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from("abc"), st.sampled_from("xy"), max_size=3))
+def test_match_labels_is_a_subset_test(wanted: dict[str, str]) -> None:
+    labels = {"a": "x", "b": "y"}
+    expected = all(labels.get(k) == v for k, v in wanted.items())
+    assert selector_matches({"matchLabels": wanted}, labels) is expected
+
+
+def test_scaled_value_rounds_like_the_controllers() -> None:
+    assert scaled_value("25%", 3, round_up=False, default="0") == 0
+    assert scaled_value("25%", 3, round_up=True, default="0") == 1
+    assert scaled_value(None, 8, round_up=False, default="25%") == 2
+    assert scaled_value(2, 8, round_up=False, default="25%") == 2
+    assert scaled_value("3", 8, round_up=False, default="25%") == 3
+
+
+def deployment(replicas: int, ready: int, **strategy: Any) -> dict[str, Any]:
+    return {
+        "kind": "Deployment",
+        "spec": {"replicas": replicas, "strategy": strategy},
+        "status": {"readyReplicas": ready},
+    }
+
+
+def test_rollout_disruption() -> None:
+    assert rollout_disruption(deployment(3, 3)) == 0  # 25% of 3 rounds down; surge 1
+    assert rollout_disruption(deployment(8, 8)) == 2
+    assert rollout_disruption(deployment(4, 4, type="Recreate")) == 4
+    assert rollout_disruption(deployment(4, 1, type="Recreate")) == 1  # only ready pods count
+    both_zero = {"maxSurge": 0, "maxUnavailable": 0}
+    assert rollout_disruption(deployment(4, 4, rollingUpdate=both_zero)) == 1
+    sts: dict[str, Any] = {
+        "kind": "StatefulSet",
+        "spec": {"replicas": 3},
+        "status": {"readyReplicas": 3},
+    }
+    assert rollout_disruption(sts) == 1
+    sts["spec"]["updateStrategy"] = {"type": "OnDelete"}
+    assert rollout_disruption(sts) == 0
+
+
+def test_template_without_hash_drops_only_the_hash_label() -> None:
+    template = {"metadata": {"labels": {"app": "web", "pod-template-hash": "abc"}}, "spec": {}}
+    out = template_without_hash(template)
+    assert out == {"metadata": {"labels": {"app": "web"}}, "spec": {}}
+    assert template["metadata"]["labels"]["pod-template-hash"] == "abc"  # not mutated
+
+
+def test_eviction_block_prefers_the_budget_causes() -> None:
+    doc = {
+        "message": "Cannot evict pod as it would violate the pod's disruption budget.",
+        "details": {
+            "causes": [
+                {
+                    "reason": "DisruptionBudget",
+                    "message": "The disruption budget web needs 3 healthy pods and has 3 currently",
+                }
+            ]
+        },
+    }
+    assert (
+        eviction_block(doc) == "The disruption budget web needs 3 healthy pods and has 3 currently"
+    )
+    assert "violate" in eviction_block({"message": doc["message"]})
+
+
+def test_translate_maps_statuses_to_agent_errors() -> None:
+    forbidden = {
+        "message": 'deployments.apps "web" is forbidden: User "system:serviceaccount:x:sre-agent" '
+        'cannot delete resource "deployments" in API group "apps" in the namespace "x"'
+    }
+    err = translate(403, forbidden, {}, method="DELETE", what="Deployment/x/web")
+    assert isinstance(err, ActionFailed)
+    assert 'cannot delete resource "deployments"' in str(err) and str(err).startswith("forbidden")
+    assert str(translate(404, {}, {}, method="GET", what="Pod/x/p")) == "Pod/x/p not found"
+    assert isinstance(translate(409, {}, {}, method="PATCH", what="w"), Conflict)
+    busy = translate(429, {}, {"Retry-After": "3"}, method="GET", what="w")
+    assert isinstance(busy, TransientError) and busy.retry_after == 3.0
+    assert isinstance(translate(503, {}, {}, method="GET", what="w"), TransientError)
+    invalid = translate(422, {"message": "spec.replicas: Invalid"}, {}, method="PATCH", what="w")
+    assert isinstance(invalid, ActionFailed) and "spec.replicas" in str(invalid)
+
+
+# --- verification -------------------------------------------------------------------------------
+
+READY = Observation(desired=3, ready=3)
+
+
+def test_judge_prefers_the_triggering_condition() -> None:
+    assert judge("rollback", READY, READY, ("not_healed", "x still firing")) == (
+        "not_healed",
+        "x still firing",
+    )
+    assert judge("rollback", READY, READY, ("healed", "x cleared"))[0] == "healed"
+
+
+def test_judge_calls_fewer_ready_pods_worse_whatever_the_trigger() -> None:
+    after = Observation(desired=3, ready=1, settled=False)
+    outcome, why = judge("restart_workload", READY, after, ("healed", "x cleared"))
+    assert outcome == "worse" and "fell from 3 to 1 of 3" in why
+
+
+def test_judge_uses_the_target_state_without_a_trigger() -> None:
+    assert judge("scale_up", None, Observation(desired=4, ready=4), None)[0] == "healed"
+    rolling = Observation(desired=4, ready=4, settled=False)
+    assert judge("scale_up", None, rolling, None) == (
+        "not_healed",
+        "no condition to re-check; 4/4 replicas ready, rollout not finished",
+    )
+    assert judge("drain_node", None, Observation(cordoned=True, evictable=2), None)[0] == (
+        "not_healed"
+    )
+    assert judge("drain_node", None, Observation(cordoned=True), None)[0] == "healed"
+    assert judge("cordon_node", None, Observation(cordoned=False), None)[0] == "not_healed"
+    assert judge("restart_pod", None, Observation(exists=False), None)[0] == "healed"
+    assert judge("update_config", None, Observation(), None)[0] == "unknown"
+    assert judge("rollback", None, None, ("unknown", "pattern gone"))[0] == "unknown"

@@ -1,0 +1,229 @@
+"""The policy's blast-radius rules (6a-6e) and the undo exemption, one test per rule, and
+properties over random facts: human approval never lifts a limit; the kill switch and
+dry-run still hold whatever the facts say."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.models import ACTION_TYPES, ActionRequest, Target
+from agent.policy import (
+    DISRUPTIVE_ACTIONS,
+    NODE_ACTIONS,
+    Executed,
+    Facts,
+    Switches,
+    Verdict,
+    bounded_replicas,
+    decide,
+    restart_limit,
+)
+from agent.settings import Settings
+from tests.unit.factories import action, at
+from tests.unit.factories import settings as make_settings
+
+NOW = at(10_000)
+BASE = make_settings(
+    {
+        "agent": {"mode": "autonomous"},
+        "remediation": {
+            "confidence_threshold": 0.8,
+            "require_approval": ["update_config"],
+            "cooldown": "5m",
+            "max_actions_per_hour": 10,
+            "max_actions_per_namespace_per_hour": 2,
+            "min_replicas": 2,
+            "max_replicas": 6,
+            "max_restart_fraction": 0.5,
+            "max_nodes_cordoned": 1,
+        },
+    }
+)
+NODE = Target(kind="Node", name="n1")
+OFF = Switches()
+
+
+def cfg(**rem: Any) -> Settings:
+    return replace(BASE, remediation=replace(BASE.remediation, **rem))
+
+
+def verdict(
+    act: ActionRequest,
+    facts: Facts | None = None,
+    s: Settings = BASE,
+    history: tuple[Executed, ...] = (),
+    switches: Switches = OFF,
+) -> Verdict:
+    return decide(act, s, history, switches, NOW, facts)
+
+
+def rule(v: Verdict) -> tuple[str, str]:
+    return v.kind, v.rule
+
+
+def done(key: str, namespace: str = "shop", ago: float = 600) -> Executed:
+    return Executed(target_key=key, namespace=namespace, at=NOW - timedelta(seconds=ago))
+
+
+def node_action(type_: str = "drain_node", **kw: Any) -> ActionRequest:
+    return replace(action(type_, **kw), target=NODE)  # type: ignore[arg-type]
+
+
+# 6a
+def test_namespace_budget_denies_once_the_namespace_spent_it() -> None:
+    history = (done("Deployment/shop/a"), done("Deployment/shop/b"))
+    v = verdict(action(approved_by="alice"), history=history)
+    assert rule(v) == ("deny", "max_actions_per_namespace_per_hour")
+    assert "'shop'" in v.reason
+    # other namespaces and older actions do not count
+    other = (done("Deployment/billing/a", "billing"), done("Deployment/shop/b", ago=3700))
+    assert rule(verdict(action(), history=other)) == ("execute", "autonomous")
+
+
+def test_namespace_budget_does_not_apply_to_nodes() -> None:
+    history = (done("Node//n2", ""), done("Node//n3", ""))
+    assert rule(verdict(node_action(), history=history)) == ("execute", "autonomous")
+
+
+# 6b
+def test_scale_clamped_to_where_it_is_is_denied() -> None:
+    f = Facts(replicas=6, target_replicas=9)
+    v = verdict(action("scale_up", approved_by="alice"), f)
+    assert rule(v) == ("deny", "replica_bounds")
+    assert "2..6" in v.reason
+    assert rule(verdict(action("scale_down"), Facts(replicas=2, target_replicas=1))) == (
+        "deny",
+        "replica_bounds",
+    )
+    assert rule(verdict(action("scale_up"), Facts(replicas=5, target_replicas=9))) == (
+        "execute",
+        "autonomous",
+    )
+
+
+def test_bounded_replicas_clamps() -> None:
+    rem = BASE.remediation
+    assert [bounded_replicas(n, rem) for n in (0, 2, 4, 6, 60)] == [2, 2, 4, 6, 6]
+
+
+# 6c
+def test_restart_taking_down_too_many_pods_is_denied_even_when_approved() -> None:
+    f = Facts(replicas=4, pods_disrupted=3)
+    v = verdict(action("restart_workload", approved_by="alice"), f)
+    assert rule(v) == ("deny", "max_restart_fraction")
+    assert "3 of 4" in v.reason and "at most 2" in v.reason
+    assert rule(verdict(action("rollback", approved_by="a"), f)) == ("deny", "max_restart_fraction")
+    assert rule(verdict(action("restart_workload"), Facts(replicas=4, pods_disrupted=2))) == (
+        "execute",
+        "autonomous",
+    )
+
+
+def test_one_pod_may_always_be_restarted() -> None:
+    assert restart_limit(1, BASE.remediation) == 1
+    f = Facts(replicas=1, pods_disrupted=1)
+    assert rule(verdict(action("restart_pod"), f)) == ("execute", "autonomous")
+
+
+# 6d
+def test_restart_below_a_disruption_budget_is_denied() -> None:
+    f = Facts(replicas=10, pods_disrupted=2, pdb_headroom=1, pdbs=("shop/checkout",))
+    v = verdict(action("restart_workload", approved_by="alice"), f)
+    assert rule(v) == ("deny", "pod_disruption_budget")
+    assert "shop/checkout allows 1" in v.reason
+
+
+def test_restarting_an_unready_pod_never_breaks_a_budget() -> None:
+    f = Facts(replicas=3, pods_disrupted=0, pdb_headroom=0, pdbs=("shop/checkout",))
+    assert rule(verdict(action("restart_pod"), f)) == ("execute", "autonomous")
+
+
+# 6e
+def test_nodes_cordoned_at_once_are_bounded() -> None:
+    f = Facts(cordoned_nodes=("n2",))
+    for t in ("drain_node", "cordon_node"):
+        v = verdict(node_action(t, approved_by="alice"), f)
+        assert rule(v) == ("deny", "max_nodes_cordoned")
+        assert "n2" in v.reason
+    # the target itself being cordoned already does not count
+    assert rule(verdict(node_action(), Facts(cordoned_nodes=("n1",)))) == ("execute", "autonomous")
+    assert rule(verdict(node_action(), f, cfg(max_nodes_cordoned=2))) == ("execute", "autonomous")
+
+
+# cooldown exemption
+def test_an_undo_is_exempt_from_the_cooldown() -> None:
+    history = (done("Deployment/shop/checkout", ago=10),)
+    undo = action("scale_up", params={"undo_of": "act-0", "replicas": 3}, approved_by="alice")
+    assert rule(verdict(undo, history=history)) == ("execute", "approved")
+    assert rule(verdict(action(approved_by="alice"), history=history)) == ("deny", "cooldown")
+
+
+def test_without_facts_the_limits_do_not_apply() -> None:
+    assert rule(verdict(action("restart_workload"))) == ("execute", "autonomous")
+    assert rule(verdict(node_action())) == ("execute", "autonomous")
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+_facts = st.builds(
+    Facts,
+    replicas=st.none() | st.integers(min_value=0, max_value=20),
+    target_replicas=st.none() | st.integers(min_value=0, max_value=30),
+    pods_disrupted=st.integers(min_value=0, max_value=20),
+    pdb_headroom=st.none() | st.integers(min_value=0, max_value=5),
+    pdbs=st.just(("shop/pdb",)),
+    cordoned_nodes=st.lists(st.sampled_from(["n1", "n2", "n3"]), unique=True).map(tuple),
+)
+_acts = st.builds(
+    lambda t, conf, approved: (
+        node_action(t, confidence=conf, approved_by=approved)
+        if t in NODE_ACTIONS
+        else action(t, confidence=conf, approved_by=approved)
+    ),
+    st.sampled_from(ACTION_TYPES),
+    st.floats(min_value=0, max_value=1),
+    st.none() | st.just("alice"),
+)
+_switches = st.builds(Switches, kill_switch=st.booleans(), dry_run=st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(_acts, _facts, _switches)
+def test_approval_never_lifts_a_limit(act: ActionRequest, f: Facts, sw: Switches) -> None:
+    unapproved = decide(replace(act, approved_by=None), BASE, (), sw, NOW, f)
+    approved = decide(replace(act, approved_by="alice"), BASE, (), sw, NOW, f)
+    if unapproved.kind == "deny":
+        assert approved == unapproved
+
+
+@settings(max_examples=200, deadline=None)
+@given(_acts, _facts, _switches)
+def test_limits_hold_whenever_something_would_run(
+    act: ActionRequest, f: Facts, sw: Switches
+) -> None:
+    v = decide(act, BASE, (), sw, NOW, f)
+    if v.kind not in ("execute", "dry_run", "approve"):
+        return
+    rem = BASE.remediation
+    if act.type in DISRUPTIVE_ACTIONS and f.replicas:
+        assert f.pods_disrupted <= restart_limit(f.replicas, rem)
+    if act.type in DISRUPTIVE_ACTIONS and f.pdb_headroom is not None:
+        assert f.pods_disrupted <= f.pdb_headroom
+    if act.type in NODE_ACTIONS:
+        assert len([n for n in f.cordoned_nodes if n != act.target.name]) < rem.max_nodes_cordoned
+    if act.type in ("scale_up", "scale_down") and None not in (f.replicas, f.target_replicas):
+        assert bounded_replicas(f.target_replicas or 0, rem) != f.replicas
+
+
+@settings(max_examples=200, deadline=None)
+@given(_acts, _facts, _switches)
+def test_kill_switch_and_dry_run_hold_whatever_the_facts(
+    act: ActionRequest, f: Facts, sw: Switches
+) -> None:
+    assert decide(act, BASE, (), replace(sw, kill_switch=True), NOW, f).kind == "deny"
+    assert decide(act, BASE, (), replace(sw, dry_run=True), NOW, f).kind != "execute"
