@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -86,11 +87,13 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import Agent, run_until_signalled
-    from handlers.fake_cluster import FakeCluster
+    from handlers.backend import TEST_CRASH_ENV, cluster_from, crash_after_apply
 
     settings = load_settings(args.config)
-    # Until the Kubernetes adapter lands, `run` acts on the in-process cluster.
-    agent = Agent(settings, roles=args.role, cluster=FakeCluster())
+    # kubernetes.backend: "kubernetes" acts on the API server, "in-process" on a simulation.
+    agent = Agent(settings, roles=args.role, cluster=cluster_from(settings))
+    if os.environ.get(TEST_CRASH_ENV) == "1" and agent.executor is not None:  # test-only
+        agent.executor.after_apply = crash_after_apply
     asyncio.run(run_until_signalled(agent))
     return 0
 
@@ -100,6 +103,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     return asyncio.run(run_lab(settings, timeout=args.timeout))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from agent.eval import DEFAULT_EVAL_FILE, format_report, load_eval, run_eval
+
+    base = load_settings(args.config, env={})  # the environment must not change the score
+    settings, cases = load_eval(args.file or DEFAULT_EVAL_FILE, base)
+    report = run_eval(cases, settings)
+    print(format_report(report))
+    if args.min_accuracy is not None and report.accuracy < args.min_accuracy:
+        print(f"accuracy {report.accuracy:.1%} < required {args.min_accuracy:.1%}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--config", default="config/lab.yaml")
     lab.add_argument("--timeout", type=float, default=240.0)
     lab.set_defaults(func=cmd_lab)
+
+    ev = sub.add_parser("eval", help="the rule-based analyzer's accuracy on the evaluation set")
+    ev.add_argument("--file", default=None, help="default: tests/eval/incidents.yaml")
+    ev.add_argument("--config", default=None, help="patterns and windows (default config)")
+    ev.add_argument("--min-accuracy", type=float, default=None, help="exit 1 below this")
+    ev.set_defaults(func=cmd_eval)
+
+    from agent.remediation_cli import add_parsers
+
+    add_parsers(sub)  # approvals list|approve|reject, actions list|undo
     from agent.silence_cli import register as register_silences
 
     register_silences(sub)

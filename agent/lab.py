@@ -121,6 +121,20 @@ def register_target(name: str, port: int, directory: Path | None = None) -> Path
     return path
 
 
+def lab_service(v: Any) -> tuple[str, str] | None:
+    """(namespace, service) an event is about, or None when it names none."""
+    if isinstance(v, Anomaly | Incident):
+        return v.labels.get("namespace", ""), v.labels.get("service", "")
+    if isinstance(v, Analysis):
+        _, namespace, service = ([*v.incident_key.split("/"), "", ""])[:3]
+        return namespace, service
+    if isinstance(v, ApprovalRequest):
+        return v.action.target.namespace, v.action.target.name
+    if isinstance(v, ActionResult):
+        return v.target.namespace, v.target.name
+    return None
+
+
 def describe(env: Envelope) -> str:
     v: Any = env.value
     if isinstance(v, Anomaly):
@@ -173,6 +187,10 @@ async def run_lab(
             v = env.value
             if v is None:
                 continue  # a tombstone: an approval was decided
+            if lab_service(v) != (ns, name):
+                # Another service the same Prometheus happens to scrape: not the lab's fault,
+                # and the lab's on-call must never approve actions on it.
+                continue
             if isinstance(v, Anomaly) and v.status == "firing" and "seen" in state:
                 continue  # repeats of a firing anomaly: print the first only
             if isinstance(v, Anomaly):

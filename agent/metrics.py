@@ -64,6 +64,12 @@ class Metrics:
             ["topic", "consumer"],
             registry=r,
         )
+        self.webhook_requests = Counter(
+            "sre_agent_webhook_requests_total",
+            "Requests to the alert webhook receivers, by HTTP status code.",
+            ["receiver", "code"],
+            registry=r,
+        )
         self.processed = Counter(
             "sre_agent_events_processed_total",
             "Events processed per consumer.",
@@ -74,5 +80,50 @@ class Metrics:
             "sre_agent_component_ready",
             "1 when a component is started and healthy.",
             ["component"],
+            registry=r,
+        )
+        # --- the analysis stage and its LLM ---------------------------------------------
+        self.analysis_duration = Histogram(
+            "sre_agent_analysis_duration_seconds",
+            "Time to analyse one incident revision (context, LLM or rules), by analyzer.",
+            ["analyzer"],
+            registry=r,
+            buckets=(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40),
+        )
+        self.llm_calls = Counter(
+            "sre_agent_llm_calls_total",
+            "Calls to the LLM by result: ok, timeout, rate_limited, server_error, "
+            "unavailable, rejected, invalid_response.",
+            ["result"],
+            registry=r,
+        )
+        self.llm_tokens = Counter(
+            "sre_agent_llm_tokens_total",
+            "Tokens the LLM reported, by kind (prompt, completion).",
+            ["kind"],
+            registry=r,
+        )
+        self.analysis_fallbacks = Counter(
+            "sre_agent_analysis_fallbacks_total",
+            "Analyses the rule-based analyzer decided although the LLM is enabled, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.llm_circuit_state = Gauge(
+            "sre_agent_llm_circuit_state",
+            "The LLM circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        self.rejected_actions = Counter(
+            "sre_agent_rejected_actions_total",
+            "LLM-recommended actions rejected before reaching the executor, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.confidence_outcomes = Counter(
+            "sre_agent_confidence_outcomes_total",
+            "Verified outcomes of executed actions by predicted confidence bucket, "
+            "for calibration: healed / (healed + not_healed + worse) per bucket.",
+            ["action", "confidence_bucket", "outcome"],
             registry=r,
         )

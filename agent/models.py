@@ -260,6 +260,9 @@ class ApprovalRequest:
     evidence: tuple[str, ...]
     created_at: AwareDatetime
     expires_at: AwareDatetime
+    # The target's spec version when asked (handlers.cluster.Cluster.version); an approved
+    # action runs only if it is unchanged. Empty: not pinned (older requests).
+    target_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
     @property

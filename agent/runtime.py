@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import signal
 from collections.abc import Iterable
 from typing import Protocol
@@ -18,16 +20,24 @@ from typing import Protocol
 import aiohttp
 
 from agent.analysis_stage import AnalysisStage
+from agent.calibration import CalibrationTracker
+from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
+from agent.errors import ConfigError
+from agent.feeds import feed_consumer
+from agent.llm import chat_model_from
+from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
-from agent.models import ActionRequest, ApprovalDecision, ApprovalRequest, Incident
+from agent.models import ActionRequest, ActionResult, ApprovalDecision, ApprovalRequest, Incident
 from agent.prom import PromClient
 from agent.server import HealthServer
 from agent.settings import Settings
+from agent.webhook import AlertmanagerReceiver
 from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file
 from streams.bus import BatchConsumer, Bus
 from streams.correlator import Correlator
+from streams.replay import snapshot
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +82,7 @@ class Agent:
         self.detector: PromQLDetector | None = None
         self.executor: Executor | None = None
         self.correlator: Correlator | None = None
+        self.llm: LLMAnalyzer | None = None
         self._build()
 
     def _build(self) -> None:
@@ -80,7 +91,7 @@ class Agent:
             self.correlator = Correlator(s, metrics=self.metrics)
             self.components.append(self.correlator)
         if "analyzer" in self.roles:
-            stage = AnalysisStage(s, bus=self.bus, cluster=self.cluster, metrics=self.metrics)
+            stage = self._analysis_stage(s)
             self.components.append(
                 BatchConsumer(
                     self.bus,
@@ -88,6 +99,19 @@ class Agent:
                     group_id=f"{prefix}analyzer",
                     topics={self.bus.topic("incidents"): Incident},
                     handler=stage.handle,
+                )
+            )
+            calibration = CalibrationTracker(metrics=self.metrics)
+            self.components.append(
+                BatchConsumer(
+                    self.bus,
+                    name="calibration",
+                    group_id=f"{prefix}calibration",
+                    topics={
+                        self.bus.topic("actions"): ActionRequest,
+                        self.bus.topic("action-results"): ActionResult,
+                    },
+                    handler=calibration.handle,
                 )
             )
         if "executor" in self.roles:
@@ -98,7 +122,11 @@ class Agent:
                 metrics=self.metrics,
                 prom=self.prom,
                 switches=kill_switch_file(s.agent.kill_switch_file),
+                approvals=functools.partial(
+                    snapshot, s.kafka, self.bus.topic("approvals"), ApprovalRequest
+                ),
             )
+            self.components.append(self.executor)  # replays pending approvals before intake
             self.components.append(
                 BatchConsumer(
                     self.bus,
@@ -108,6 +136,7 @@ class Agent:
                         self.bus.topic("approvals"): ApprovalRequest,
                         self.bus.topic("decisions"): ApprovalDecision,
                         self.bus.topic("actions"): ActionRequest,
+                        self.bus.topic("incidents"): Incident,  # approvals of closed ones lapse
                     },
                     handler=self.executor.handle,
                     # Actions are serialized per target: small batches keep latency low.
@@ -123,11 +152,64 @@ class Agent:
                 metrics=self.metrics,
             )
             self.components.append(self.detector)
+            self._build_intake(s)
+
+    def _build_intake(self, s: Settings) -> None:
+        """The detector role's other sources: external feeds and the Alertmanager webhook."""
+        feeds = feed_consumer(s, bus=self.bus, metrics=self.metrics)
+        if feeds is not None:
+            self.components.append(feeds)
+        if s.detectors.kubernetes.enabled:
+            from agent.kube_watch import KubeWatcher  # the kubernetes client loads only if used
+
+            self.components.append(
+                KubeWatcher(
+                    s, publish=self.bus, topic=self.bus.topic("anomalies"), metrics=self.metrics
+                )
+            )
+        am = s.detectors.alertmanager
+        if not am.enabled:
+            return
+        token = os.environ.get(am.token_env, "")
+        if not token:
+            raise ConfigError(
+                [f"detectors.alertmanager.token_env: environment variable {am.token_env} is unset"]
+            )
+        if self.server is None:
+            log.warning("alertmanager webhook enabled but the HTTP server is off; not mounted")
+            return
+        receiver = AlertmanagerReceiver(
+            s,
+            token=token,
+            publish=self.bus,
+            topic=self.bus.topic("anomalies"),
+            metrics=self.metrics,
+        )
+        receiver.install(self.server.app)
+        self.components.append(receiver)
+
+    def _analysis_stage(self, s: Settings) -> AnalysisStage:
+        """The rules decide; with ``ai.enabled`` the LLM does, the rules as its fallback."""
+        if not s.ai.enabled:
+            return AnalysisStage(s, bus=self.bus, cluster=self.cluster, metrics=self.metrics)
+        self.llm = LLMAnalyzer(s, model=chat_model_from(s.ai, os.environ), metrics=self.metrics)
+        # Events, logs and config changes need an adapter implementing ClusterContext.
+        source = self.cluster if isinstance(self.cluster, ClusterContext) else None
+        gatherer = ContextGatherer(s, cluster=self.cluster, source=source, prom=self.prom)
+        return AnalysisStage(
+            s,
+            bus=self.bus,
+            cluster=self.cluster,
+            metrics=self.metrics,
+            llm=self.llm,
+            gatherer=gatherer,
+        )
 
     async def start(self) -> None:
         if self.server is not None:
             self.server.checks["kafka"] = self.bus.ping
-            self.server.checks["prometheus"] = self._prometheus_ready
+            if self.roles & {"detector", "executor"}:  # only they query Prometheus
+                self.server.checks["prometheus"] = self._prometheus_ready
             await self.server.start()
         await self.bus.start()
         await self.bus.create_topics()
@@ -147,6 +229,8 @@ class Agent:
         if self.executor is not None:
             await self.executor.stop()
         await self.bus.stop()
+        if self.llm is not None:
+            await self.llm.close()
         await self.prom.close()
         await self.cluster.close()
         if self.server is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,8 +147,40 @@ class AzureAISection:
     __pydantic_config__ = _STRICT
     endpoint: str = ""
     deployment: str = "gpt-4o"
-    # The key is read from this environment variable, never stored in the file.
+    # The key is read from this environment variable, never stored in the file. With no
+    # key, Entra ID (azure-identity's DefaultAzureCredential) is used if it is installed.
     api_key_env: str = "AZURE_AI_API_KEY"
+    # REST api-version query parameter; empty: the client's default (2024-05-01-preview).
+    api_version: str = ""
+
+
+# Related series fetched around an incident, besides each firing pattern's own query.
+# ``$namespace``, ``$workload`` and ``$service`` are replaced by the incident's (DNS-1123
+# checked) names. The names below feed the analyzer's evidence; any other name is only
+# shown to the LLM. Optional: ``concurrency_saturation`` (in-flight / limit),
+# ``node_cpu_saturation`` (by ``node``), ``dependency_error_ratio`` (by ``dependency``).
+DEFAULT_CONTEXT_QUERIES: Mapping[str, str] = {
+    "cpu_saturation": 'sum(rate(container_cpu_usage_seconds_total{namespace="$namespace",'
+    'pod=~"$workload-.*",container!=""}[5m])) / sum(kube_pod_container_resource_limits'
+    '{namespace="$namespace",pod=~"$workload-.*",resource="cpu"})',
+    "memory_saturation": 'max(container_memory_working_set_bytes{namespace="$namespace",'
+    'pod=~"$workload-.*",container!=""} / on (namespace, pod, container) '
+    'kube_pod_container_resource_limits{namespace="$namespace",pod=~"$workload-.*",'
+    'resource="memory"})',
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AIContextSection:
+    """What the analysis stage gathers for the LLM; every source is bounded."""
+
+    __pydantic_config__ = _STRICT
+    timeout: Seconds = 3.0  # per source (metrics, events, logs, config changes, rollouts)
+    max_bytes: Annotated[int, Field(ge=256, le=1_000_000)] = 8192  # per source, after redaction
+    log_lines: Annotated[int, Field(ge=0, le=1000)] = 50  # tail per pod
+    max_pods: Annotated[int, Field(ge=0, le=20)] = 3
+    max_events: Annotated[int, Field(ge=0, le=500)] = 30
+    queries: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_CONTEXT_QUERIES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +189,23 @@ class AISection:
     enabled: bool = False
     azure_openai: AzureAISection = field(default_factory=AzureAISection)
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.1
-    timeout: Seconds = 20.0
+    timeout: Seconds = 20.0  # per call
     max_calls_per_minute: Annotated[int, Field(ge=0)] = 30
+    max_tokens_per_minute: Annotated[int, Field(ge=0)] = 60_000
+    max_output_tokens: Annotated[int, Field(ge=64, le=16_384)] = 1200
+    # Retries of transient failures (timeout, 429, 5xx), with exponential backoff from
+    # ``backoff`` up to ``max_backoff``; a Retry-After longer than ``max_backoff`` ends the
+    # attempt at once (the rules decide) rather than stalling the stage.
+    retries: Annotated[int, Field(ge=0, le=5)] = 2
+    backoff: Seconds = 0.5
+    max_backoff: Seconds = 10.0
+    # Circuit breaker: this many consecutive failed calls open it for ``breaker_reset``.
+    breaker_failures: Annotated[int, Field(ge=1, le=100)] = 5
+    breaker_reset: Seconds = 60.0
+    # The same incident fingerprint with unchanged evidence is not sent again within this.
+    reanalysis_cooldown: Seconds = 600.0
+    max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    context: AIContextSection = field(default_factory=AIContextSection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +222,32 @@ class RemediationSection:
     allowed_namespaces: tuple[str, ...] = ()  # empty: every namespace not denied
     denied_namespaces: tuple[str, ...] = ("kube-system",)
     max_actions_per_hour: Annotated[int, Field(ge=0)] = 20
+    # The same budget per namespace, so one noisy namespace cannot spend everyone's.
+    max_actions_per_namespace_per_hour: Annotated[int, Field(ge=0)] = 10
+    # Scale actions are clamped into [min_replicas, max_replicas].
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 50
+    # Blast radius: a restart/rollback may take down at most this share of a workload's
+    # pods at once (at least one pod always may), and never more than its PDBs allow.
+    max_restart_fraction: Fraction = 0.5
+    # Nodes cordoned at once (counting those already unschedulable), for cordon and drain.
+    max_nodes_cordoned: Annotated[int, Field(ge=0)] = 1
+    # Drain: give up (leaving the node cordoned, naming what blocks) after this long;
+    # pods get this grace period (empty: their own terminationGracePeriodSeconds).
+    drain_timeout: Seconds = 120.0
+    drain_grace_period: Seconds | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesSection:
+    """Where the executor acts: the real API server or the in-process cluster."""
+
+    __pydantic_config__ = _STRICT
+    # "in-process": a simulated cluster (the lab, tests); "kubernetes": the API server.
+    backend: Literal["in-process", "kubernetes"] = "in-process"
+    kubeconfig: str = ""  # empty: in-cluster config, else the default kubeconfig
+    request_timeout: Seconds = 10.0  # per API request
+    max_workers: Annotated[int, Field(ge=1, le=64)] = 4  # threads for the sync client
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +265,68 @@ class ServerSection:
     __pydantic_config__ = _STRICT
     host: str = "127.0.0.1"
     port: Port = 18080
+
+
+@dataclass(frozen=True, slots=True)
+class PromDetectorSection:
+    __pydantic_config__ = _STRICT
+    # Evaluate on wall-clock multiples of each pattern's interval and query Prometheus at
+    # that instant, so detector replicas publish identical anomalies (see README, HA).
+    align: bool = True
+    # How long after the slot the query goes out, so scrapes in flight at the slot land.
+    evaluation_delay: Seconds = 1.0
+    # Circuit breaker per Prometheus endpoint; the same count of consecutive failures of a
+    # pattern's query raises the agent's own "pattern-query-failed" anomaly.
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    reset_timeout: Seconds = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertmanagerReceiverSection:
+    __pydantic_config__ = _STRICT
+    enabled: bool = False
+    path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9/_.-]*$")] = "/webhooks/alertmanager"
+    # The bearer token is read from this environment variable, never stored in the file.
+    token_env: str = "SRE_AGENT_ALERTMANAGER_TOKEN"  # noqa: S105 - a variable name
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSpec:
+    __pydantic_config__ = _STRICT
+    topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=249)]
+    # "alertmanager": Alertmanager webhook payloads (or a single alert); "anomaly": Anomaly.
+    format: Literal["alertmanager", "anomaly"]
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesDetectorSection:
+    __pydantic_config__ = _STRICT
+    enabled: bool = False
+    kubeconfig: str = ""  # empty: in-cluster config, else the default kubeconfig
+    # Server-side watch timeout: each watch ends after this long and resumes from the last
+    # resourceVersion (a 410 Gone re-lists).
+    watch_timeout: Seconds = 60.0
+    event_reasons: tuple[str, ...] = (
+        "BackOff",
+        "OOMKilling",
+        "FailedScheduling",
+        "Unhealthy",
+        "FailedMount",
+    )
+    # "pod-restarting" fires when a container restarted this often within the window.
+    restart_threshold: Annotated[int, Field(ge=1)] = 3
+    restart_window: Seconds = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorsSection:
+    __pydantic_config__ = _STRICT
+    prometheus: PromDetectorSection = field(default_factory=PromDetectorSection)
+    kubernetes: KubernetesDetectorSection = field(default_factory=KubernetesDetectorSection)
+    alertmanager: AlertmanagerReceiverSection = field(default_factory=AlertmanagerReceiverSection)
+    # External topics (any Kafka client) normalised into anomalies by the detector role.
+    feeds: tuple[FeedSpec, ...] = ()
 
 
 def _promql(value: str) -> str:
@@ -225,7 +360,12 @@ class Settings:
     remediation: RemediationSection = field(default_factory=RemediationSection)
     correlation: CorrelationSection = field(default_factory=CorrelationSection)
     server: ServerSection = field(default_factory=ServerSection)
+    detectors: DetectorsSection = field(default_factory=DetectorsSection)
+    kubernetes: KubernetesSection = field(default_factory=KubernetesSection)
     patterns: tuple[PatternSpec, ...] = ()
+    # Pattern library files ({patterns: [...]}), relative to the config file's directory.
+    # A pattern in ``patterns`` replaces a library pattern of the same name.
+    pattern_files: tuple[str, ...] = ()
 
     def pattern(self, name: str) -> PatternSpec | None:
         return next((p for p in self.patterns if p.name == name), None)
@@ -270,8 +410,55 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def parse_settings(doc: Any, env: Mapping[str, str] | None = None) -> Settings:
-    """Validate a parsed YAML document (plus env overrides) into Settings."""
+@dataclass(frozen=True, slots=True)
+class PatternFile:
+    __pydantic_config__ = _STRICT
+    patterns: tuple[PatternSpec, ...] = ()
+
+
+def _library_patterns(
+    settings: Settings, env: Mapping[str, str], base_dir: Path
+) -> tuple[list[PatternSpec], list[str]]:
+    """The patterns of ``pattern_files`` not overridden inline, and the problems found."""
+    inline = {p.name for p in settings.patterns}
+    out: list[PatternSpec] = []
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    for i, name in enumerate(settings.pattern_files):
+        where = f"pattern_files[{i}]"
+        path = Path(name) if Path(name).is_absolute() else base_dir / name
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except OSError as err:
+            problems.append(f"{where}: cannot read {path}: {err.strerror}")
+            continue
+        except yaml.YAMLError as err:
+            problems.append(f"{where}: {path} is not valid YAML: {err}")
+            continue
+        try:
+            lib = TypeAdapter(PatternFile).validate_python(_expand(doc or {}, env))
+        except ValidationError as err:
+            problems += [f"{where} ({path}): {p}" for p in validation_problems(err)]
+            continue
+        for j, p in enumerate(lib.patterns):
+            if p.name in seen:
+                problems.append(
+                    f"{where}.patterns[{j}].name: {p.name!r} already defined in {seen[p.name]}"
+                )
+                continue
+            seen[p.name] = str(path)
+            if p.name not in inline:
+                out.append(p)
+    return out, problems
+
+
+def parse_settings(
+    doc: Any, env: Mapping[str, str] | None = None, *, base_dir: str | Path | None = None
+) -> Settings:
+    """Validate a parsed YAML document (plus env overrides) into Settings.
+
+    ``base_dir`` resolves relative ``pattern_files`` (default: the shipped config directory).
+    """
     env = os.environ if env is None else env
     if doc is None:
         doc = {}
@@ -283,6 +470,11 @@ def parse_settings(doc: Any, env: Mapping[str, str] | None = None) -> Settings:
         settings = TypeAdapter(Settings).validate_python(doc)
     except ValidationError as err:
         raise ConfigError(problems + validation_problems(err)) from err
+    if settings.pattern_files:
+        base = Path(base_dir) if base_dir is not None else DEFAULT_CONFIG.parent
+        library, file_problems = _library_patterns(settings, env, base)
+        problems += file_problems
+        settings = replace(settings, patterns=settings.patterns + tuple(library))
     names = [p.name for p in settings.patterns]
     problems += [
         f"patterns[{i}].name: duplicate pattern name {n!r}"
@@ -305,4 +497,4 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError([f"<file>: {path} is not valid YAML: {err}"]) from err
-    return parse_settings(doc, env)
+    return parse_settings(doc, env, base_dir=path.parent)

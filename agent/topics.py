@@ -90,7 +90,11 @@ CATALOG: tuple[TopicSpec, ...] = (
         "What each action did, and its verified outcome.",
     ),
     TopicSpec(
-        "silences", "silence id", "Silence", "compact", 0,
+        "silences",
+        "silence id",
+        "Silence",
+        "compact",
+        0,
         "Silences (matchers, start, end, author, comment); `sre-agent silence add|list|expire`.",
         partitions=1,
     ),

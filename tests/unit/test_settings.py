@@ -58,7 +58,18 @@ def test_agent_yaml_loads_with_its_documented_values() -> None:
     assert s.remediation.verify_after == 60.0
     assert s.remediation.denied_namespaces == ("kube-system",)
     assert s.correlation.resolve_timeout == 300.0
-    assert [p.name for p in s.patterns] == ["high-error-rate", "high-latency", "pod-restart-loop"]
+    # The reference's three patterns, then the Kubernetes library from pattern_files.
+    assert [p.name for p in s.patterns] == [
+        "high-error-rate",
+        "high-latency",
+        "pod-restart-loop",
+        "crash-looping",
+        "replicas-mismatch",
+        "container-oom-killed",
+        "node-filesystem-filling",
+        "cpu-throttling",
+        "hpa-maxed-out",
+    ]
     assert s.pattern("high-latency") is not None
     assert s.pattern("high-latency").severity == "warning"  # type: ignore[union-attr]
     assert "scale_up_if_cpu_high" in s.pattern("high-latency").actions  # type: ignore[union-attr]
