@@ -55,6 +55,7 @@ from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from agent.analyzer import ConfigChange, KubeEvent
 from agent.errors import (
     ActionFailed,
     AgentError,
@@ -1057,8 +1058,105 @@ class KubeCluster:
             )
         raise ActionFailed(f"{action_type} cannot be undone")
 
+    # --- read-only context for analysis (agent.context.ClusterContext) ------------------
+    async def events(
+        self, namespace: str, names: Sequence[str], *, limit: int
+    ) -> Sequence[KubeEvent]:
+        """Events about ``names`` or their pods (``<name>-...``); "" means nodes."""
+        if limit <= 0:
+            return []
+        if namespace:
+            items = await self._list(f"/api/v1/namespaces/{namespace}/events", what="events")
+        else:
+            items = await self._list(
+                "/api/v1/events",
+                what="events",
+                query=[("fieldSelector", "involvedObject.kind=Node")],
+            )
+        found = [event_of(e) for e in items if about(e, names)]
+        found.sort(key=lambda e: e.at or datetime.fromtimestamp(0, UTC))
+        return found[-limit:]
 
-# --- module helpers ----------------------------------------------------------------------------
+    async def pods(self, namespace: str, workload: str) -> Sequence[str]:
+        items = await self._list(f"/api/v1/namespaces/{namespace}/pods", what="pods")
+        names = [str(p.get("metadata", {}).get("name", "")) for p in items]
+        return sorted(n for n in names if n.startswith(f"{workload}-"))
+
+    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+        """The last ``tail`` lines (text, untrusted); needs a kubelet behind the pod."""
+        if tail <= 0:
+            return ""
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._request, "GET", path, [("tailLines", str(tail))], None, None)
+        try:
+            status, data, headers = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, call), timeout=self._timeout + 5.0
+            )
+        except TimeoutError as err:
+            raise DependencyUnavailable(f"logs of Pod/{namespace}/{pod}: no answer") from err
+        if 200 <= status < 300:
+            return data.decode("utf-8", "replace")
+        try:
+            doc = orjson.loads(data) if data else {}
+        except orjson.JSONDecodeError:
+            doc = {"message": data[:500].decode("utf-8", "replace")}
+        raise translate(
+            status,
+            doc if isinstance(doc, dict) else {},
+            headers,
+            method="GET",
+            what=f"logs of Pod/{namespace}/{pod}",
+        )
+
+    async def config_changes(
+        self, namespace: str, workloads: Sequence[str], *, since: datetime
+    ) -> Sequence[ConfigChange]:
+        """ConfigMaps the workloads reference that changed since ``since`` (keys only)."""
+        users: dict[str, list[str]] = {}
+        for w in workloads:
+            try:
+                dep = await self._get(Target(kind="Deployment", namespace=namespace, name=w))
+            except ActionFailed:
+                continue  # not a Deployment here: nothing references through it
+            template = dep.get("spec", {}).get("template", {})
+            for cm in config_maps_of(template):
+                users.setdefault(cm, []).append(w)
+        if not users:
+            return []
+        items = await self._list(f"/api/v1/namespaces/{namespace}/configmaps", what="configmaps")
+        out = []
+        for obj in items:
+            meta = obj.get("metadata", {})
+            name = str(meta.get("name", ""))
+            changed = last_change(meta)
+            if name in users and changed >= since:
+                keys = sorted((obj.get("data") or {}).keys())
+                out.append(
+                    ConfigChange(
+                        namespace=namespace,
+                        name=name,
+                        at=changed,
+                        used_by=tuple(users[name]),
+                        summary="keys: " + ", ".join(keys[:20]),
+                    )
+                )
+        return out
+
+    async def node_conditions(self, nodes: Sequence[str]) -> Mapping[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {}
+        for n in nodes:
+            try:
+                node = await self.call("GET", f"/api/v1/nodes/{n}", what=f"Node//{n}")
+            except ActionFailed:
+                continue
+            bad = bad_conditions(node.get("status", {}).get("conditions") or [])
+            if bad:
+                out[n] = bad
+        return out
+
+
+# --- module helpers ------------------------------------------------------------------------
 
 
 def translate(
@@ -1166,3 +1264,67 @@ def _classify(pods: Sequence[Obj]) -> tuple[dict[str, Obj], list[str], list[str]
         else:
             evict[key] = pod
     return evict, skipped, unmanaged
+
+
+# --- pure helpers for the analysis context ---------------------------------------------------
+
+
+def about(event: Mapping[str, Any], names: Sequence[str]) -> bool:
+    obj = event.get("involvedObject") or {}
+    name = str(obj.get("name", ""))
+    return any(name == n or name.startswith(f"{n}-") for n in names)
+
+
+def event_of(e: Mapping[str, Any]) -> KubeEvent:
+    obj = e.get("involvedObject") or {}
+    when = e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp")
+    return KubeEvent(
+        namespace=str(obj.get("namespace") or ""),
+        kind=str(obj.get("kind") or ""),
+        name=str(obj.get("name") or ""),
+        reason=str(e.get("reason") or ""),
+        message=str(e.get("message") or ""),
+        count=int(e.get("count") or 1),
+        type=str(e.get("type") or "Normal"),
+        at=_parse_time(when) if when else None,
+    )
+
+
+def config_maps_of(template: Mapping[str, Any]) -> set[str]:
+    """ConfigMaps a pod template mounts or reads into its environment."""
+    spec = template.get("spec") or {}
+    names = {
+        str(v["configMap"]["name"])
+        for v in spec.get("volumes") or ()
+        if (v.get("configMap") or {}).get("name")
+    }
+    for c in [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]:
+        for src in c.get("envFrom") or ():
+            ref = (src.get("configMapRef") or {}).get("name")
+            if ref:
+                names.add(str(ref))
+        for env in c.get("env") or ():
+            ref = ((env.get("valueFrom") or {}).get("configMapKeyRef") or {}).get("name")
+            if ref:
+                names.add(str(ref))
+    return names
+
+
+def last_change(meta: Mapping[str, Any]) -> datetime:
+    """Latest write recorded in managedFields (else the creation time)."""
+    times = [_parse_time(f.get("time")) for f in meta.get("managedFields") or () if f.get("time")]
+    return max(times, default=_parse_time(meta.get("creationTimestamp")))
+
+
+# Conditions whose "True" is bad news (node-problem-detector adds its own, e.g.
+# KernelDeadlock, ReadonlyFilesystem); Ready is the one whose "True" is good.
+def bad_conditions(conditions: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    bad = []
+    for c in conditions:
+        kind, status = str(c.get("type", "")), str(c.get("status", ""))
+        if kind == "Ready":
+            if status != "True":
+                bad.append("NotReady")
+        elif status == "True":
+            bad.append(kind)
+    return tuple(sorted(bad))
