@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -255,4 +257,62 @@ async def test_dropped_and_replayed_watches_resume_without_loss_or_duplicates(
     stats = events.stats
     assert stats["watches"] - before.get("watches", 0) >= 4, stats
     assert stats["errors"] - before.get("errors", 0) >= 2, stats  # the dropped connections
-    # 410 Gone needs a compacted etcd; the re-list it triggers is in tests/unit/test_kube_watch.py
+
+
+def compact_etcd(port: int) -> None:
+    """Compact etcd up to its current revision through its JSON gateway, as the API
+    server does every few minutes: older resource versions are then gone for good."""
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return dict(json.loads(resp.read()))
+
+    revision = post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
+    post("/v3/kv/compaction", {"revision": revision, "physical": True})
+
+
+async def test_a_real_410_gone_relists_without_loss_or_duplicates(
+    watched: tuple[KubeWatcher, Recorder, Any, str], k8s_cluster: Any
+) -> None:
+    """After etcd is compacted, resuming from an older resource version ("1") gets a real
+    410 Gone from the API server; the watcher re-lists and goes on."""
+    from tests.fixtures.k8s import TEST_ETCD_PORT
+
+    watcher, rec, core, ns = watched
+    events = watcher.watches["events"]
+
+    async def backoff(pod: str) -> None:
+        now = datetime.now(UTC).isoformat()
+        await call(
+            core.create_namespaced_event,
+            ns,
+            {
+                "metadata": {"name": f"{pod}.backoff"},
+                "involvedObject": {"kind": "Pod", "name": pod, "namespace": ns},
+                "reason": "BackOff",
+                "type": "Warning",
+                "message": "Back-off restarting",
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            },
+        )
+
+    def seen(pod: str) -> int:
+        return len(rec.find("k8s-back-off", namespace=ns, pod=pod))
+
+    await backoff("before-gone")
+    await eventually(lambda: seen("before-gone") == 1, 30, what="the first event")
+    before = dict(events.stats)
+    await asyncio.to_thread(compact_etcd, TEST_ETCD_PORT)
+    events.stop()  # drop the connection; the thread backs off 0.5 s before resuming
+    events.resource_version = "1"  # ... from here (set after the drop: no race with it)
+    await eventually(lambda: events.stats["gone"] > before.get("gone", 0), 30, what="410 Gone")
+    await eventually(lambda: events.stats["lists"] > before.get("lists", 0), 30, what="re-list")
+    await backoff("after-gone")
+    await eventually(lambda: seen("after-gone") == 1, 30, what="an event after the re-list")
+    await asyncio.sleep(2)
+    assert seen("before-gone") == 1, "the re-list must not publish a handled event again"
