@@ -50,9 +50,11 @@ class Stored:
     partition: int
     incident: Incident | None
 
-    def dump(self) -> bytes:
-        inc = encode(self.incident) if self.incident is not None else b"null"
-        return b'{"p":%d,"i":%s}' % (self.partition, inc)
+    def dump(self, encoded: bytes | None = None) -> bytes:
+        """``encoded``: the incident's JSON when the caller already has it."""
+        if encoded is None:
+            encoded = encode(self.incident) if self.incident is not None else b"null"
+        return b'{"p":%d,"i":%s}' % (self.partition, encoded)
 
     @staticmethod
     def load(raw: bytes) -> Stored:
@@ -216,9 +218,11 @@ class Correlator:
         changed, events = correlate_batch(
             states, anomalies, utcnow(), self.rules, self.silences.all()
         )
+        # Each changed incident is encoded once, for the changelog and for its event.
+        encoded = {id(inc): encode(inc) for inc in changed.values() if inc is not None}
         for k, inc in changed.items():
-            self._store(partition, k, inc)
-        await self._emit(coalesce(events))
+            self._store(partition, k, inc, encoded.get(id(inc)))
+        await self._emit(coalesce(events), encoded)
 
     async def _tick(self) -> None:
         """Resolve incidents that went quiet; only for partitions this worker owns."""
@@ -253,16 +257,19 @@ class Correlator:
         raw = self.table.data.get(key.encode())
         return self._stored(key, raw).incident if raw is not None else None
 
-    def _store(self, partition: int, key: str, inc: Incident | None) -> None:
+    def _store(
+        self, partition: int, key: str, inc: Incident | None, encoded: bytes | None = None
+    ) -> None:
         stored = Stored(partition, inc)
-        value = stored.dump()
+        value = stored.dump(encoded)
         self.table.data[key.encode()] = value
         self._decoded[key] = (value, stored)
         self.table.send_changelog(partition, key.encode(), value)
 
-    async def _emit(self, events: list[Incident]) -> None:
+    async def _emit(self, events: list[Incident], encoded: dict[int, bytes] | None = None) -> None:
         for inc in events:
-            await self.incidents.send(key=inc.key.encode(), value=encode(inc))
+            value = (encoded or {}).get(id(inc)) or encode(inc)
+            await self.incidents.send(key=inc.key.encode(), value=value)
             self.metrics.incidents.labels(status=inc.status).inc()
             if inc.status == "resolved" and inc.resolved_at is not None:
                 service = inc.labels.get("service", "")
