@@ -26,9 +26,9 @@ import orjson
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from agent.analyzer import (
-    ROOT_CAUSE_CLASSES,
     SATURATED,
     Context,
+    RootCauseClass,
     recent_config_change,
     recent_rollout,
     saturation,
@@ -119,22 +119,6 @@ class ProposedAction:
         t = self.target
         where = f"{t.kind}/{t.namespace}/{t.name}" if t.namespace else f"{t.kind}/{t.name}"
         return f"{self.type} {where}"[:300]
-
-
-RootCauseClass = Literal[
-    "bad_rollout",
-    "config_change",
-    "saturation",
-    "memory_leak",
-    "crash_loop",
-    "noisy_neighbour",
-    "dependency_outage",
-    "node_failure",
-    "node_disk_pressure",
-    "prescribed",
-    "unknown",
-]
-assert set(RootCauseClass.__args__) == set(ROOT_CAUSE_CLASSES)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)

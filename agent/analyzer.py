@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Literal, get_args
 
 from agent.models import (
     ACTION_TYPES,
@@ -40,7 +41,7 @@ from agent.models import (
 from agent.settings import CONDITIONAL_STEPS, Settings
 
 # The root-cause taxonomy shared by the rules, the LLM's answer schema and the eval set.
-ROOT_CAUSE_CLASSES = (
+RootCauseClass = Literal[
     "bad_rollout",
     "config_change",
     "saturation",
@@ -52,7 +53,8 @@ ROOT_CAUSE_CLASSES = (
     "node_disk_pressure",
     "prescribed",
     "unknown",
-)
+]
+ROOT_CAUSE_CLASSES: tuple[str, ...] = get_args(RootCauseClass)
 
 SATURATED = 0.8  # CPU or concurrency use of the limit above which scaling up helps
 OUT_OF_MEMORY = 0.95  # working set / limit that counts as running out of memory

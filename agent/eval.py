@@ -23,8 +23,7 @@ from typing import Annotated
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from agent.ai_answer import RootCauseClass
-from agent.analyzer import ConfigChange, Context, KubeEvent, Rollout, analyze
+from agent.analyzer import ConfigChange, Context, KubeEvent, Rollout, RootCauseClass, analyze
 from agent.codec import validation_problems
 from agent.context import derive_signals
 from agent.errors import ConfigError

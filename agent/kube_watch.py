@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections import Counter
@@ -27,14 +28,14 @@ import urllib3
 from kubernetes import client
 from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from agent.detector import Publisher
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError
 from agent.kube_signals import KubeRules, KubeState, step, sync, tick
 from agent.metrics import Metrics
 from agent.models import Anomaly, group_key, utcnow
 from agent.settings import Settings
+from handlers.kube import api_client
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,6 @@ Item = tuple[str, str, Any]  # (resource, "SYNC" | "ADDED" | "MODIFIED" | "DELET
 
 class Gone(Exception):
     """The watch's resourceVersion is too old (410): list again."""
-
-
-def api_client(kubeconfig: str) -> Any:
-    """A client from ``kubeconfig``, or in-cluster config, or the default kubeconfig."""
-    try:
-        if kubeconfig:
-            return config.new_client_from_config(config_file=kubeconfig)
-        try:
-            cfg = client.Configuration()
-            config.load_incluster_config(client_configuration=cfg)
-            return client.ApiClient(cfg)
-        except ConfigException:
-            return config.new_client_from_config()
-    except (ConfigException, OSError) as err:
-        raise ConfigError([f"detectors.kubernetes.kubeconfig: {err}"]) from err
 
 
 class ResourceWatch:
@@ -215,7 +201,8 @@ class KubeWatcher:
             return
         if self._api is None:
             self._api = await asyncio.to_thread(
-                api_client, self.settings.detectors.kubernetes.kubeconfig
+                functools.partial(api_client, setting="detectors.kubernetes.kubeconfig"),
+                self.settings.detectors.kubernetes.kubeconfig,
             )
         core: Any = client.CoreV1Api(self._api)
         fns = {

@@ -247,8 +247,9 @@ class _DrainState:
     blocked: dict[str, str] = field(default_factory=dict)  # "ns/name" -> why
 
 
-def api_client(kubeconfig: str) -> Any:
-    """A client from ``kubeconfig``, else in-cluster config, else the default kubeconfig."""
+def api_client(kubeconfig: str, *, setting: str = "kubernetes.kubeconfig") -> Any:
+    """A client from ``kubeconfig``, else in-cluster config, else the default kubeconfig;
+    ``setting`` names the configuration key in errors."""
     try:
         if kubeconfig:
             return config.new_client_from_config(config_file=kubeconfig)
@@ -259,7 +260,7 @@ def api_client(kubeconfig: str) -> Any:
         except ConfigException:
             return config.new_client_from_config()
     except (ConfigException, OSError) as err:
-        raise ConfigError([f"kubernetes.kubeconfig: {err}"]) from err
+        raise ConfigError([f"{setting}: {err}"]) from err
 
 
 class KubeCluster:
