@@ -257,6 +257,13 @@ class CorrelationSection:
     resolve_timeout: Seconds = 300.0
     # A resolved incident that fires again within this window is reopened, not duplicated.
     reopen_window: Seconds = 300.0
+    # Alertmanager's meaning: hold a new incident's first event this long so related
+    # anomalies join it; publish updates of one incident at most once per group_interval;
+    # re-publish an unchanged open incident every repeat_interval (0: never). Lifecycle
+    # transitions (resolved, reopened, silenced, mitigating) are never held.
+    group_wait: Seconds = 0.0
+    group_interval: Seconds = 0.0
+    repeat_interval: Seconds = 0.0
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
 
 

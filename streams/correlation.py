@@ -40,6 +40,9 @@ class CorrelationRules:
     group_by: tuple[str, ...] = ("cluster", "namespace", "service")
     resolve_timeout: float = 300.0
     reopen_window: float = 300.0
+    group_wait: float = 0.0
+    group_interval: float = 0.0
+    repeat_interval: float = 0.0
 
 
 def key_of(anomaly: Anomaly, rules: CorrelationRules) -> str:
@@ -281,3 +284,40 @@ def coalesce(events: Sequence[Incident]) -> list[Incident]:
     so subscribers see each lifecycle step and the final state of every incident."""
     last_index = {e.id: i for i, e in enumerate(events)}
     return [e for i, e in enumerate(events) if e.status != "updated" or last_index[e.id] == i]
+
+
+HELD_STATUSES = frozenset({"open", "updated"})
+
+
+def publish_due(
+    incident: Incident, emitted_at: datetime | None, now: datetime, rules: CorrelationRules
+) -> bool:
+    """Whether an incident's current state goes out now (else the timer sends it later).
+
+    Transitions other than open/updated go out at once. A never-published incident waits
+    ``group_wait`` from its opening; a published one ``group_interval`` from the last time.
+    """
+    if incident.status not in HELD_STATUSES:
+        return True
+    if emitted_at is None:
+        return (now - incident.opened_at).total_seconds() >= rules.group_wait
+    return (now - emitted_at).total_seconds() >= rules.group_interval
+
+
+def repeat_due(
+    incident: Incident, emitted_at: datetime | None, now: datetime, rules: CorrelationRules
+) -> bool:
+    """An unchanged, still-open incident is re-published every ``repeat_interval``."""
+    return (
+        rules.repeat_interval > 0
+        and emitted_at is not None
+        and incident.status != "resolved"
+        and (now - emitted_at).total_seconds() >= rules.repeat_interval
+    )
+
+
+def as_published(incident: Incident, emitted_at: datetime | None) -> Incident:
+    """The first event of an incident says "open", even if updates joined while held."""
+    if emitted_at is None and incident.status == "updated":
+        return replace(incident, status="open")
+    return incident

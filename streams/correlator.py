@@ -23,6 +23,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -36,7 +37,16 @@ from agent.models import Anomaly, Incident, utcnow
 from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
-from streams.correlation import CorrelationRules, coalesce, correlate_batch, expire, key_of
+from streams.correlation import (
+    CorrelationRules,
+    as_published,
+    coalesce,
+    correlate_batch,
+    expire,
+    key_of,
+    publish_due,
+    repeat_due,
+)
 from streams.partitioning import partition_for, topic_partitions
 from streams.silences import SilenceStore
 
@@ -45,22 +55,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A table value: the group's incident and the partition its state belongs to."""
+    """A table value: the group's incident, the partition its state belongs to, when its
+    state was last published and whether a newer state is held back (group_interval)."""
 
     partition: int
     incident: Incident | None
+    emitted_at: datetime | None = None
+    pending: bool = False
 
     def dump(self, encoded: bytes | None = None) -> bytes:
         """``encoded``: the incident's JSON when the caller already has it."""
         if encoded is None:
             encoded = encode(self.incident) if self.incident is not None else b"null"
-        return b'{"p":%d,"i":%s}' % (self.partition, encoded)
+        emitted = orjson.dumps(self.emitted_at, option=orjson.OPT_UTC_Z)
+        pending = b"true" if self.pending else b"false"
+        return b'{"p":%d,"e":%s,"q":%s,"i":%s}' % (self.partition, emitted, pending, encoded)
 
     @staticmethod
     def load(raw: bytes) -> Stored:
         doc = orjson.loads(raw)
         inc = from_obj(Incident, doc["i"]) if doc.get("i") is not None else None
-        return Stored(partition=int(doc["p"]), incident=inc)
+        emitted = datetime.fromisoformat(doc["e"].replace("Z", "+00:00")) if doc.get("e") else None
+        return Stored(
+            partition=int(doc["p"]), incident=inc, emitted_at=emitted, pending=bool(doc.get("q"))
+        )
 
 
 def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, bytes]]]:
@@ -93,7 +111,12 @@ def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, 
 def rules_from(settings: Settings) -> CorrelationRules:
     c = settings.correlation
     return CorrelationRules(
-        group_by=c.group_by, resolve_timeout=c.resolve_timeout, reopen_window=c.reopen_window
+        group_by=c.group_by,
+        resolve_timeout=c.resolve_timeout,
+        reopen_window=c.reopen_window,
+        group_wait=c.group_wait,
+        group_interval=c.group_interval,
+        repeat_interval=c.repeat_interval,
     )
 
 
@@ -214,15 +237,26 @@ class Correlator:
             self.processed += len(keyed)
 
     async def _fold(self, partition: int, anomalies: list[tuple[str, Anomaly]]) -> None:
-        states = {k: self._load(k) for k in {k for k, _ in anomalies}}
-        changed, events = correlate_batch(
-            states, anomalies, utcnow(), self.rules, self.silences.all()
-        )
+        now = utcnow()
+        before = {k: self._get(k) for k in {k for k, _ in anomalies}}
+        states = {k: s.incident if s else None for k, s in before.items()}
+        changed, events = correlate_batch(states, anomalies, now, self.rules, self.silences.all())
+        # Which events go out now and which wait for group_wait/group_interval.
+        emission = {k: (s.emitted_at, s.pending) if s else (None, False) for k, s in before.items()}
+        out: list[Incident] = []
+        for event in coalesce(events):
+            emitted_at, _ = emission.get(event.key, (None, False))
+            if publish_due(event, emitted_at, now, self.rules):
+                out.append(as_published(event, emitted_at))
+                emission[event.key] = (now, False)
+            else:
+                emission[event.key] = (emitted_at, True)
         # Each changed incident is encoded once, for the changelog and for its event.
         encoded = {id(inc): encode(inc) for inc in changed.values() if inc is not None}
         for k, inc in changed.items():
-            self._store(partition, k, inc, encoded.get(id(inc)))
-        await self._emit(coalesce(events), encoded)
+            emitted_at, pending = emission.get(k, (None, False))
+            self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
+        await self._emit(out, encoded)
 
     async def _tick(self) -> None:
         """Resolve incidents that went quiet; only for partitions this worker owns."""
@@ -230,13 +264,19 @@ class Correlator:
         now = utcnow()
         events = []
         for raw_key, raw in list(self.table.data.items()):
-            stored = self._stored(raw_key.decode(), raw)
+            key = raw_key.decode()
+            stored = self._stored(key, raw)
             if stored.partition not in owned or stored.incident is None:
                 continue
             new, event = expire(stored.incident, now, self.rules)
-            if event is not None:
-                self._store(stored.partition, raw_key.decode(), new)
+            if event is not None:  # a resolution is never held
+                self._store(stored.partition, key, new, emitted_at=now)
                 events.append(event)
+            elif (
+                stored.pending and publish_due(stored.incident, stored.emitted_at, now, self.rules)
+            ) or repeat_due(stored.incident, stored.emitted_at, now, self.rules):
+                self._store(stored.partition, key, stored.incident, emitted_at=now)
+                events.append(as_published(stored.incident, stored.emitted_at))
         await self._emit(events)
 
     def _assignment(self) -> set[TopicPartition]:
@@ -253,14 +293,20 @@ class Correlator:
         self._decoded[key] = (raw, stored)
         return stored
 
-    def _load(self, key: str) -> Incident | None:
+    def _get(self, key: str) -> Stored | None:
         raw = self.table.data.get(key.encode())
-        return self._stored(key, raw).incident if raw is not None else None
+        return self._stored(key, raw) if raw is not None else None
 
     def _store(
-        self, partition: int, key: str, inc: Incident | None, encoded: bytes | None = None
+        self,
+        partition: int,
+        key: str,
+        inc: Incident | None,
+        encoded: bytes | None = None,
+        emitted_at: datetime | None = None,
+        pending: bool = False,
     ) -> None:
-        stored = Stored(partition, inc)
+        stored = Stored(partition, inc, emitted_at, pending)
         value = stored.dump(encoded)
         self.table.data[key.encode()] = value
         self._decoded[key] = (value, stored)

@@ -3,6 +3,7 @@ changelog after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import timedelta
 
@@ -166,3 +167,41 @@ async def test_quiet_incidents_resolve_on_the_timer(
     assert [i.status for i in items] == ["open", "resolved"]
     assert items[1].resolved_at is not None
     assert items[1].resolved_at - items[0].opened_at >= timedelta(seconds=2)
+
+
+async def test_group_wait_and_group_interval_batch_what_subscribers_see(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"correlation": {"group_wait": "1s", "group_interval": "2s"}},
+    )
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+
+    async def send(a: Anomaly) -> None:
+        await bus.publish(bus.topic("anomalies"), a, key=group_key(a.labels, GROUP_BY))
+
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=metrics, tick_interval=0.2),
+        ):
+            await send(anomaly("cart", "errors"))
+            await send(anomaly("cart", "latency", at_offset=0.1))  # joins within group_wait
+            first = await r["inc"].wait_for(lambda xs: len(xs) >= 1, 30, "first event")
+            for i in range(4):  # a burst of updates inside one group_interval
+                await send(anomaly("cart", f"burst-{i}", at_offset=1 + i * 0.1))
+            await r["inc"].wait_for(
+                lambda xs: any(len(i.members) == 6 for i in xs), 30, "the held update"
+            )
+            await asyncio.sleep(3)  # nothing more is owed
+    finally:
+        await bus.stop()
+    assert first[0].status == "open"
+    assert {m.name for m in first[0].members} == {"errors", "latency"}
+    # One open (both members), one update carrying the whole burst; nothing else.
+    assert [(i.status, len(i.members)) for i in r["inc"].items] == [("open", 2), ("updated", 6)]
