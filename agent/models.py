@@ -133,6 +133,25 @@ class AnomalyBatch:
     schema_version: int = SCHEMA_VERSION
 
 
+@dataclass(frozen=True, slots=True)
+class Mitigation:
+    """An action was applied for an incident: it is now "mitigating".
+
+    Published by the executor on the anomalies topic, keyed by the incident key, so it is
+    ordered with the group's anomalies and reaches the worker that owns the incident.
+    """
+
+    incident_id: NonEmpty
+    incident_key: NonEmpty
+    action_id: NonEmpty
+    at: AwareDatetime
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.incident_key
+
+
 def group_key(labels: Mapping[str, str], by: tuple[str, ...]) -> str:
     return "/".join(labels.get(k, "") for k in by)
 

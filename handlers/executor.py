@@ -45,6 +45,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.codec import encode
 from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
 from agent.metrics import Metrics
 from agent.models import (
@@ -53,6 +54,7 @@ from agent.models import (
     ApprovalDecision,
     ApprovalRequest,
     Incident,
+    Mitigation,
     Outcome,
     ParamValue,
     ResultStatus,
@@ -359,6 +361,7 @@ class Executor:
             now,
             prior=effect.prior_state,
         )
+        await self._mitigating(action, now)
         self._schedule_verification(action, result, before)
         return result
 
@@ -455,6 +458,20 @@ class Executor:
             "not_applicable",
             f"approval {req.id} requested: {verdict.reason}",
             now,
+        )
+
+    async def _mitigating(self, action: ActionRequest, at: datetime) -> None:
+        """Tell the correlator the incident is being mitigated (keyed like its anomalies)."""
+        if not action.incident_key or UNDO_PARAM in action.params:
+            return  # an undo is not a mitigation of the incident
+        m = Mitigation(
+            incident_id=action.incident_id,
+            incident_key=action.incident_key,
+            action_id=action.id,
+            at=at,
+        )
+        await self.bus.publish(
+            self.bus.topic("anomalies"), encode({"mitigation": m}), key=action.incident_key
         )
 
     async def _record(

@@ -33,7 +33,7 @@ from aiokafka import TopicPartition
 from agent.codec import encode, from_obj
 from agent.errors import InvalidEvent
 from agent.metrics import Metrics
-from agent.models import Anomaly, Incident, utcnow
+from agent.models import Anomaly, Incident, Mitigation, utcnow
 from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
@@ -44,6 +44,7 @@ from streams.correlation import (
     correlate_batch,
     expire,
     key_of,
+    mark_mitigating,
     publish_due,
     repeat_due,
 )
@@ -84,7 +85,8 @@ class Stored:
 def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, bytes]]]:
     """One record -> its anomalies, plus (error, raw item) for each invalid batch item.
 
-    Raises InvalidEvent when the record as a whole is unreadable.
+    Raises InvalidEvent when the record as a whole is unreadable. A Mitigation record
+    decodes to no anomalies (see :func:`decode_mitigation`).
     """
     try:
         doc = orjson.loads(raw or b"")
@@ -92,6 +94,8 @@ def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, 
         raise InvalidEvent("Anomaly", [f"<body>: not valid JSON ({err})"]) from err
     if not isinstance(doc, dict):
         raise InvalidEvent("Anomaly", [f"<body>: expected a JSON object, got {type(doc).__name__}"])
+    if "mitigation" in doc:
+        return [], []
     if "anomalies" not in doc:
         return [from_obj(Anomaly, doc)], []
     items = doc["anomalies"]
@@ -106,6 +110,19 @@ def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, 
             problems = "; ".join(f"anomalies[{i}].{p}" for p in err.problems)
             bad.append((f"invalid Anomaly in batch: {problems}", orjson.dumps(item)))
     return good, bad
+
+
+def decode_mitigation(raw: bytes | None) -> Mitigation | None:
+    """The Mitigation in a control record, or None for anomaly records."""
+    if not raw or b'"mitigation"' not in raw:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None  # decode_anomalies reports it
+    if not isinstance(doc, dict) or "mitigation" not in doc:
+        return None
+    return from_obj(Mitigation, doc["mitigation"])
 
 
 def rules_from(settings: Settings) -> CorrelationRules:
@@ -218,6 +235,10 @@ class Correlator:
         for event in events:
             msg = event.message
             try:
+                mitigation = decode_mitigation(event.value)
+                if mitigation is not None:
+                    await self._mitigating(msg.partition, mitigation)
+                    continue
                 anomalies, problems = decode_anomalies(event.value)
             except InvalidEvent as err:
                 await self._dead(msg.topic, msg.partition, msg.offset, event.value, str(err))
@@ -257,6 +278,15 @@ class Correlator:
             emitted_at, pending = emission.get(k, (None, False))
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
+
+    async def _mitigating(self, partition: int, m: Mitigation) -> None:
+        stored = self._get(m.incident_key)
+        if stored is None or stored.incident is None or stored.incident.id != m.incident_id:
+            return  # the incident is gone or was replaced: nothing is mitigating it now
+        new, event = mark_mitigating(stored.incident, m.at)
+        if event is not None:
+            self._store(partition, m.incident_key, new, emitted_at=utcnow())
+            await self._emit([event])
 
     async def _tick(self) -> None:
         """Resolve incidents that went quiet; only for partitions this worker owns."""

@@ -117,6 +117,10 @@ async def test_bad_rollout_is_rolled_back_and_verified(
     incidents = out["incidents"]
     assert len({i.id for i in incidents}) == 1, "dedup: repeats must not open new incidents"
     assert incidents[0].status == "open"
+    # The executor's rollback marks the incident as being mitigated until it resolves.
+    statuses = [i.status for i in incidents]
+    assert "mitigating" in statuses
+    assert statuses.index("mitigating") < statuses.index("resolved")
     assert incidents[-1].status == "resolved"
     assert incidents[-1].resolved_at is not None
 

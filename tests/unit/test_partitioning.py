@@ -96,3 +96,17 @@ def test_coalesce_keeps_transitions_and_final_states(steps: list[tuple[str, str]
     for iid in {e.id for e in events}:
         assert [e for e in events if e.id == iid][-1] == [e for e in out if e.id == iid][-1]
     assert out == [e for e in events if e in out]  # order preserved
+
+
+def test_mitigation_records_are_recognised_and_validated() -> None:
+    from agent.models import Mitigation
+    from streams.correlator import decode_mitigation
+
+    m = Mitigation(incident_id="i1", incident_key="c/shop/cart", action_id="a1", at=at(5))
+    raw = encode({"mitigation": m})
+    assert decode_mitigation(raw) == m
+    assert decode_anomalies(raw) == ([], [])  # not an anomaly, not an error either
+    assert decode_mitigation(encode(anomaly("a"))) is None
+    assert decode_mitigation(b'{"mitigation": ') is None  # left to decode_anomalies to report
+    with pytest.raises(InvalidEvent, match="incident_id"):
+        decode_mitigation(b'{"mitigation": {"incident_key": "k", "action_id": "a", "at": "x"}}')
