@@ -238,7 +238,11 @@ class Agent:
         log.info("agent stopped")
 
     async def __aenter__(self) -> Agent:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # what did start (and the cluster client) is closed too
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
