@@ -26,6 +26,12 @@ class Metrics:
             ["pattern", "reason"],
             registry=r,
         )
+        self.late_anomalies = Counter(
+            "sre_agent_late_anomalies_total",
+            "Anomalies older than correlation.late_bound, dead-lettered as late.",
+            ["name"],
+            registry=r,
+        )
         self.incidents = Counter(
             "sre_agent_incidents_total",
             "Incident transitions published by the correlator.",

@@ -261,6 +261,9 @@ class CorrelationSection:
     # anomalies join it; publish updates of one incident at most once per group_interval;
     # re-publish an unchanged open incident every repeat_interval (0: never). Lifecycle
     # transitions (resolved, reopened, silenced, mitigating) are never held.
+    # Anomalies observed longer ago than this (event time vs. arrival) are not folded into
+    # incidents: they are recorded as late on the dead-letter topic. 0: no bound.
+    late_bound: Seconds = 0.0
     group_wait: Seconds = 0.0
     group_interval: Seconds = 0.0
     repeat_interval: Seconds = 0.0

@@ -43,6 +43,7 @@ class CorrelationRules:
     group_wait: float = 0.0
     group_interval: float = 0.0
     repeat_interval: float = 0.0
+    late_bound: float = 0.0
 
 
 def key_of(anomaly: Anomaly, rules: CorrelationRules) -> str:
@@ -321,3 +322,11 @@ def as_published(incident: Incident, emitted_at: datetime | None) -> Incident:
     if emitted_at is None and incident.status == "updated":
         return replace(incident, status="open")
     return incident
+
+
+def lateness(anomaly: Anomaly, now: datetime, rules: CorrelationRules) -> float | None:
+    """Seconds past the bound when the anomaly is too old to fold in, else None."""
+    if rules.late_bound <= 0:
+        return None
+    age = (now - anomaly.observed_at).total_seconds()
+    return age if age > rules.late_bound else None

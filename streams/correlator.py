@@ -44,6 +44,7 @@ from streams.correlation import (
     correlate_batch,
     expire,
     key_of,
+    lateness,
     mark_mitigating,
     publish_due,
     repeat_due,
@@ -134,6 +135,7 @@ def rules_from(settings: Settings) -> CorrelationRules:
         group_wait=c.group_wait,
         group_interval=c.group_interval,
         repeat_interval=c.repeat_interval,
+        late_bound=c.late_bound,
     )
 
 
@@ -245,7 +247,21 @@ class Correlator:
                 continue
             for problem, raw in problems:
                 await self._dead(msg.topic, msg.partition, msg.offset, raw, problem)
+            now = utcnow()
             for a in anomalies:
+                age = lateness(a, now, self.rules)
+                if age is not None:
+                    # Too old to change an incident now; kept where nothing is lost.
+                    self.metrics.late_anomalies.labels(name=a.name).inc()
+                    await self._dead(
+                        msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        encode(a),
+                        f"late anomaly: observed {age:.0f}s ago, beyond "
+                        f"correlation.late_bound {self.rules.late_bound:.0f}s",
+                    )
+                    continue
                 key = key_of(a, self.rules)
                 if partition_for(key, self.partitions) != msg.partition:
                     # Wrong partition for this group: route it to the right one.

@@ -10,6 +10,7 @@ from datetime import timedelta
 import orjson
 import pytest
 
+from agent.codec import decode
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from streams.bus import Bus
@@ -205,3 +206,44 @@ async def test_group_wait_and_group_interval_batch_what_subscribers_see(
     assert {m.name for m in first[0].members} == {"errors", "latency"}
     # One open (both members), one update carrying the whole burst; nothing else.
     assert [(i.status, len(i.members)) for i in r["inc"].items] == [("open", 2), ("updated", 6)]
+
+
+async def test_late_anomalies_within_the_bound_fold_older_ones_are_recorded_late(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    from agent.models import DeadLetter
+
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"late_bound": "60s"}}
+    )
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+
+    async def send(a: Anomaly) -> None:
+        await bus.publish(bus.topic("anomalies"), a, key=group_key(a.labels, GROUP_BY))
+
+    try:
+        async with (
+            readers(
+                kafka_bootstrap,
+                {
+                    "inc": (bus.topic("incidents"), Incident),
+                    "dlq": (bus.topic("dead-letter"), DeadLetter),
+                },
+            ) as r,
+            Correlator(settings, metrics=metrics),
+        ):
+            await send(anomaly("cart", "errors", at_offset=-30))  # late, within the bound
+            await send(anomaly("cart", "stale", at_offset=-600))  # beyond it
+            incidents = await r["inc"].wait_for(lambda xs: len(xs) >= 1, 30, "incident")
+            letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 1, 30, "late record")
+    finally:
+        await bus.stop()
+    assert [m.name for m in incidents[0].members] == ["errors"]
+    assert "late anomaly: observed 600s ago" in letters[0].error
+    assert decode(Anomaly, letters[0].raw).name == "stale"  # kept whole, not dropped
+    assert (
+        metrics.registry.get_sample_value("sre_agent_late_anomalies_total", {"name": "stale"}) == 1
+    )
