@@ -1,12 +1,13 @@
-"""The first healing loop, every stage real: Prometheus scrapes a service whose 5xx rate
-rises after a rollout; the detector, faust correlator, analyzer and executor heal it
-through a real Kafka broker."""
+"""The healing loop, every stage real: Prometheus scrapes a service whose 5xx rate rises
+after a rollout of its Deployment on the real control plane; the detector, faust
+correlator, analyzer and executor heal it through a real Kafka broker, and the rollback
+is a real `kubectl rollout undo` on the API server."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import replace
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,13 +21,12 @@ from agent.models import (
     ApprovalRequest,
     Incident,
     Target,
-    utcnow,
 )
 from agent.runtime import Agent
-from handlers.fake_cluster import FakeCluster
+from handlers.kube import KubeCluster
 from tests.helpers import lab_settings, readers
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.k8s]
 
 
 def metric(agent: Agent, metric_name: str, /, **labels: str) -> float:
@@ -34,8 +34,33 @@ def metric(agent: Agent, metric_name: str, /, **labels: str) -> float:
     return value or 0.0
 
 
+def deploy(k8s_cluster: Any, namespace: str, name: str) -> None:
+    doc = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "registry.local/checkout:v1"}]},
+            },
+        },
+    }
+    path = k8s_cluster.state_dir / f"e2e-{namespace}-{name}.json"
+    path.write_text(json.dumps(doc))
+    k8s_cluster.kubectl_run("apply", "-f", str(path))
+
+
 async def _scenario(
-    kafka_bootstrap: str, prometheus: Any, topic_prefix: str, *, require_approval: tuple[str, ...]
+    kafka_bootstrap: str,
+    prometheus: Any,
+    topic_prefix: str,
+    k8s_cluster: Any,
+    namespace: str,
+    *,
+    require_approval: tuple[str, ...],
 ) -> dict[str, Any]:
     settings = lab_settings(kafka_bootstrap, topic_prefix, prometheus.url)
     settings = replace(
@@ -45,16 +70,10 @@ async def _scenario(
         ),
     )
     name = f"checkout-{uuid.uuid4().hex[:6]}"
-    target = Target(kind="Deployment", namespace="shop", name=name)
-    cluster = FakeCluster()
-    cluster.create_deployment(
-        "shop",
-        name,
-        image="registry.local/checkout:v1",
-        replicas=3,
-        at=utcnow() - timedelta(hours=3),
-    )
-    service = SimulatedService(cluster, namespace="shop", name=name)
+    target = Target(kind="Deployment", namespace=namespace, name=name)
+    deploy(k8s_cluster, namespace, name)
+    cluster = KubeCluster(kubeconfig=str(k8s_cluster.kubeconfig))
+    service = SimulatedService(cluster, namespace=namespace, name=name)
     await service.start()
     prometheus.add_target(name, f"127.0.0.1:{service.port}")
     agent = Agent(settings, roles=["all"], cluster=cluster)
@@ -73,7 +92,14 @@ async def _scenario(
                 "results": (t("action-results"), ActionResult),
             },
         ) as r:
-            cluster.rollout("shop", name, image="registry.local/checkout:v2", at=utcnow())
+            k8s_cluster.kubectl_run(
+                "set",
+                "image",
+                f"deployment/{name}",
+                "app=registry.local/checkout:v2",
+                "-n",
+                namespace,
+            )
             if require_approval:
                 await r["results"].wait_for(
                     lambda xs: any(x.status == "pending_approval" for x in xs),
@@ -97,15 +123,17 @@ async def _scenario(
                 **{k: list(v.items) for k, v in r.items()},
             }
     finally:
+        await service.stop()  # before the agent closes the cluster client it reads
         await agent.stop()
-        await service.stop()
         prometheus.remove_target(name)
 
 
 async def test_bad_rollout_is_rolled_back_and_verified(
-    kafka_bootstrap: str, prometheus: Any, topic_prefix: str
+    kafka_bootstrap: str, prometheus: Any, topic_prefix: str, k8s_cluster: Any, k8s_namespace: str
 ) -> None:
-    out = await _scenario(kafka_bootstrap, prometheus, topic_prefix, require_approval=())
+    out = await _scenario(
+        kafka_bootstrap, prometheus, topic_prefix, k8s_cluster, k8s_namespace, require_approval=()
+    )
     name, agent = out["name"], out["agent"]
 
     firing = [a for a in out["anomalies"] if a.status == "firing"]
@@ -173,9 +201,16 @@ async def test_bad_rollout_is_rolled_back_and_verified(
 
 
 async def test_rollback_requiring_approval_is_queued_not_executed(
-    kafka_bootstrap: str, prometheus: Any, topic_prefix: str
+    kafka_bootstrap: str, prometheus: Any, topic_prefix: str, k8s_cluster: Any, k8s_namespace: str
 ) -> None:
-    out = await _scenario(kafka_bootstrap, prometheus, topic_prefix, require_approval=("rollback",))
+    out = await _scenario(
+        kafka_bootstrap,
+        prometheus,
+        topic_prefix,
+        k8s_cluster,
+        k8s_namespace,
+        require_approval=("rollback",),
+    )
     name, agent = out["name"], out["agent"]
     approval = out["approvals"][0]
     assert approval.action.type == "rollback"
