@@ -189,6 +189,8 @@ class Correlator:
         )
         self.app.agent(self.anomalies, name=f"{prefix}correlate")(self._agent)
         self.app.timer(tick_interval)(self._tick)
+        self.table.on_recover(self._recovered)
+        self._owned: set[int] = set()
         self._started = False
         # Decoded view of the table. An entry is used only while the table holds the very
         # bytes object it was decoded from, so a recovery from the changelog (new objects)
@@ -294,6 +296,28 @@ class Correlator:
             emitted_at, pending = emission.get(k, (None, False))
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
+
+    async def _recovered(self) -> None:
+        """After a rebalance, re-publish the incidents of partitions this worker took over.
+
+        The changelog write and the incident event are two topics: a worker killed between
+        them leaves a state whose event never went out, and the new owner's re-processing
+        changes nothing, so it would stay unpublished. Publishing the restored state once
+        closes that gap (at-least-once: consumers may see a revision twice).
+        """
+        owned = {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
+        taken_over, self._owned = owned - self._owned, owned
+        if not taken_over:
+            return
+        events = []
+        for raw_key, raw in list(self.table.data.items()):
+            stored = self._stored(raw_key.decode(), raw)
+            inc = stored.incident
+            if stored.partition in taken_over and inc is not None and inc.status != "resolved":
+                events.append(as_published(inc, stored.emitted_at))
+        if events:
+            log.info("re-publishing %d incidents of partitions %s", len(events), taken_over)
+        await self._emit(events)
 
     async def _mitigating(self, partition: int, m: Mitigation) -> None:
         stored = self._get(m.incident_key)

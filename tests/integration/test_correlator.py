@@ -89,12 +89,19 @@ async def test_groups_dedups_and_restores_state_from_changelog(
     cart = [i for i in items if i.labels["service"] == "cart"]
     pay = [i for i in items if i.labels["service"] == "pay"]
     assert {i.id for i in cart} == {cart_id}, "restart must not open a second incident"
-    assert [i.status for i in cart] == ["open", "updated", "updated", "resolved"]
-    assert [i.revision for i in cart] == [1, 2, 3, 4]
+    # The worker that took over re-published each open incident's restored state once
+    # (revision 2 of cart, revision 1 of pay), then went on from there.
+    assert [(i.status, i.revision) for i in cart] == [
+        ("open", 1),
+        ("updated", 2),
+        ("updated", 2),
+        ("updated", 3),
+        ("resolved", 4),
+    ]
     assert len(cart[-1].members) == 2 and all(m.status == "resolved" for m in cart[-1].members)
-    assert len(pay) == 1 and pay[0].status == "open"
-    # The repeat after the restart was absorbed: nothing between the old events and updates.
-    assert all(i.labels["service"] == "cart" for i in items[seen:])
+    assert [(i.status, i.revision) for i in pay] == [("open", 1), ("open", 1)]
+    # The repeat after the restart was absorbed: it produced no event of its own.
+    assert [i.revision for i in items[seen:] if i.labels["service"] == "cart"] == [2, 3, 4]
 
 
 async def test_batches_and_misrouted_records_land_in_the_right_incident(
