@@ -19,6 +19,7 @@ place. One bad anomaly in a batch is dead-lettered alone; the rest are folded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -231,6 +232,7 @@ class Correlator:
         # (faust flushes the producer before it commits the acked offsets).
         async for events in stream.noack().take_events(self.batch_size, within=self.batch_within):
             await self.process(events)
+            await self._drain_producer_buffer()
             for event in events:
                 event.ack()
 
@@ -296,6 +298,22 @@ class Correlator:
             emitted_at, pending = emission.get(k, (None, False))
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
+
+    async def _drain_producer_buffer(self, limit: float = 10.0) -> None:
+        """Wait until faust has handed this batch's changelog writes and incident events to
+        the Kafka client. Table writes go through faust's send buffer, and faust's pre-commit
+        flush gives up after 100 ms with messages still in it: acking before the buffer is
+        empty let a commit cover state that a crash then lost (the fail-over test saw it).
+        Once the buffer is empty, the commit's flush of the Kafka client makes it durable."""
+        buffer = self.app.producer.buffer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while buffer.size:
+            if loop.time() > deadline:
+                log.error("producer buffer not drained in %.0fs; acking anyway", limit)
+                return
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0)  # the message taken last reaches the client
 
     async def _recovered(self) -> None:
         """After a rebalance, re-publish the incidents of partitions this worker took over.
