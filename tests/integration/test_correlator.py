@@ -91,17 +91,19 @@ async def test_groups_dedups_and_restores_state_from_changelog(
     assert {i.id for i in cart} == {cart_id}, "restart must not open a second incident"
     # The worker that took over re-published each open incident's restored state once
     # (revision 2 of cart, revision 1 of pay), then went on from there.
-    assert [(i.status, i.revision) for i in cart] == [
-        ("open", 1),
-        ("updated", 2),
-        ("updated", 2),
-        ("updated", 3),
-        ("resolved", 4),
-    ]
+    # ("updated", 3) is absent when both resolutions land in one batch: a superseded
+    # update within a batch is coalesced away, the lifecycle transitions never are.
+    assert [(i.status, i.revision) for i in cart] in (
+        [("open", 1), ("updated", 2), ("updated", 2), ("updated", 3), ("resolved", 4)],
+        [("open", 1), ("updated", 2), ("updated", 2), ("resolved", 4)],
+    )
     assert len(cart[-1].members) == 2 and all(m.status == "resolved" for m in cart[-1].members)
     assert [(i.status, i.revision) for i in pay] == [("open", 1), ("open", 1)]
     # The repeat after the restart was absorbed: it produced no event of its own.
-    assert [i.revision for i in items[seen:] if i.labels["service"] == "cart"] == [2, 3, 4]
+    assert [i.revision for i in items[seen:] if i.labels["service"] == "cart"] in (
+        [2, 3, 4],
+        [2, 4],
+    )
 
 
 async def test_batches_and_misrouted_records_land_in_the_right_incident(
