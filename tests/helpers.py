@@ -9,11 +9,11 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from agent.codec import decode
 from agent.errors import InvalidEvent
 from agent.settings import Settings, load_settings, parse_settings
+from streams.partitioning import topic_partitions
 
 T = TypeVar("T")
 
@@ -54,25 +54,6 @@ def lab_settings(kafka_bootstrap: str, topic_prefix: str, prometheus_url: str) -
         ),
         server=replace(s.server, port=0),
     )
-
-
-async def topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int]:
-    """The partitions of ``topic``, waiting for it to appear in metadata."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            described = await admin.describe_topics([topic])
-            parts = [p["partition"] for d in described for p in d.get("partitions", [])]
-            if parts and all(d.get("error_code", 0) == 0 for d in described):
-                return sorted(parts)
-            if loop.time() > deadline:
-                raise AssertionError(f"topic {topic} does not exist: {described}")
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
 
 
 class TopicReader:
