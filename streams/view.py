@@ -1,0 +1,121 @@
+"""A compacted topic that every worker reads in full and keeps following.
+
+Used for state that is global rather than partitioned: silences, and the correlation facts
+(node-, workload-level and inhibition-source anomalies). The latest record per key wins, a
+tombstone deletes it; an invalid record is logged and skipped (the producer is ours or the
+CLI, which validate before writing), so one bad record never stops the view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.settings import KafkaSection
+from streams.partitioning import topic_partitions
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def apply_record(
+    store: dict[str, T], key: str | None, raw: bytes | None, decode: Callable[[bytes], T]
+) -> bool:
+    """Fold one record into ``store``; False when it was invalid and skipped."""
+    if raw is None:
+        if key:
+            store.pop(key, None)
+        return True
+    try:
+        value = decode(raw)
+    except InvalidEvent as err:
+        log.warning("view: ignoring an invalid record with key %r (%s)", key, err)
+        return False
+    if key:
+        store[key] = value
+    return True
+
+
+class CompactedView(Generic[T]):
+    def __init__(
+        self,
+        kafka: KafkaSection,
+        topic: str,
+        decode: Callable[[bytes], T],
+        *,
+        name: str,
+        fetch_max_wait_ms: int = 200,
+    ) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.name = name
+        self.items: dict[str, T] = {}
+        self.version = 0  # bumped on every applied batch, so callers can cache derived views
+        self.loaded = asyncio.Event()
+        self._decode = decode
+        self._fetch_wait = fetch_max_wait_ms
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, wait: float = 30.0) -> None:
+        """Read the topic to its current end before returning, then keep following."""
+        if self._task is not None:
+            return
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            client_id=f"{self.kafka.client_id}-{self.name}",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=self._fetch_wait,
+            isolation_level="read_committed",
+        )
+        try:
+            await consumer.start()
+            parts = await topic_partitions(self.kafka.bootstrap_servers, self.topic, wait=wait)
+            tps = [TopicPartition(self.topic, p) for p in parts]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+        except (KafkaError, DependencyUnavailable) as err:
+            await consumer.stop()
+            raise DependencyUnavailable(f"{self.name}: {err}") from err
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run(ends), name=self.name)
+        await asyncio.wait_for(self.loaded.wait(), timeout=wait)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def _run(self, ends: dict[TopicPartition, int]) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=500)
+            except KafkaError as err:
+                log.warning("%s: fetch failed, retrying: %s", self.name, err)
+                await asyncio.sleep(1.0)
+                continue
+            for records in batches.values():
+                for r in records:
+                    key = r.key.decode() if r.key else None
+                    apply_record(self.items, key, r.value, self._decode)
+            if batches:
+                self.version += 1
+            if not self.loaded.is_set():
+                positions = [await consumer.position(tp) for tp in ends]
+                if all(pos >= end for pos, end in zip(positions, ends.values(), strict=True)):
+                    self.loaded.set()
