@@ -31,7 +31,8 @@ Labels = Mapping[Annotated[str, Field(max_length=256)], Annotated[str, Field(max
 Severity = Literal["info", "warning", "critical"]
 AnomalyStatus = Literal["firing", "resolved"]
 AnomalySource = Literal["prometheus", "kubernetes", "alertmanager", "feed", "agent"]
-# "silenced": every firing member matches a silence; recorded, never analysed or acted on.
+# "silenced": every firing member is suppressed (matches a silence or is inhibited by an
+# active source anomaly); recorded, never analysed or acted on.
 IncidentStatus = Literal["open", "updated", "mitigating", "resolved", "reopened", "silenced"]
 ActionType = Literal[
     "rollback",
@@ -170,6 +171,15 @@ class Member:
     last_seen: AwareDatetime
     value: float | None = None
     silenced_by: str | None = None  # id of the silence matching it when last seen
+    # "<rule>:<source fingerprint>" of the inhibition rule suppressing it when last seen
+    inhibited_by: str | None = None
+    # "node/<name>" or "workload/<namespace>/<name>": the topology anomaly whose incident
+    # took this (pod-level) anomaly in
+    absorbed_by: str | None = None
+
+    @property
+    def suppressed(self) -> bool:
+        return bool(self.silenced_by or self.inhibited_by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,12 +196,15 @@ class Incident:
     updated_at: AwareDatetime
     revision: int = 1
     resolved_at: AwareDatetime | None = None
+    # Set when the incident was closed because a node- or workload-level incident took its
+    # anomalies in: the id of that incident.
+    absorbed_into: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
     def firing(self) -> tuple[Member, ...]:
-        """Firing members that are not silenced: what analysis and actions consider."""
-        return tuple(m for m in self.members if m.status == "firing" and not m.silenced_by)
+        """Firing members that are not suppressed: what analysis and actions consider."""
+        return tuple(m for m in self.members if m.status == "firing" and not m.suppressed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +368,50 @@ class Matcher:
             return actual != self.value
         hit = re.fullmatch(self.value, actual) is not None
         return hit if self.op == "=~" else not hit
+
+
+_MATCHER = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(=~|!~|!=|=)(.*)$")
+
+
+def parse_matcher(text: str) -> Matcher:
+    """'service=checkout', 'namespace=~shop-.*', 'env!=dev' -> Matcher.
+
+    Raises ValueError naming the matcher text.
+    """
+    m = _MATCHER.match(text)
+    if m is None:
+        raise ValueError(
+            f"matcher {text!r}: expected NAME=VALUE, NAME!=VALUE, NAME=~RE or NAME!~RE"
+        )
+    try:
+        return Matcher(name=m.group(1), op=m.group(2), value=m.group(3))  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"matcher {text!r}: {err}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """An anomaly every correlator worker must see, whatever partition folds it: a node- or
+    workload-level anomaly (it absorbs its pods' anomalies) or an inhibition source.
+
+    Published on the compacted correlation-facts topic keyed by fingerprint, from the state
+    of its incident. It routes pod anomalies to that incident while the incident is open,
+    and inhibits while the anomaly also fires; either way only until ``resolve_timeout``
+    after ``observed_at`` unless refreshed, so a lost update cannot keep it alive.
+    """
+
+    fingerprint: NonEmpty
+    labels: Labels  # match labels: the anomaly's labels plus alertname, severity, source
+    incident_key: NonEmpty
+    incident_id: NonEmpty
+    status: AnomalyStatus  # the anomaly's
+    incident_open: bool  # False once its incident resolved: the fact ends there
+    observed_at: AwareDatetime  # when its incident last saw any member (its liveness)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.fingerprint
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from pydantic import (
 
 from agent.codec import validation_problems
 from agent.errors import ConfigError
-from agent.models import ACTION_TYPES, ActionType, Severity
+from agent.models import ACTION_TYPES, ActionType, Severity, parse_matcher
 
 ENV_PREFIX = "SRE_AGENT__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +250,28 @@ class KubernetesSection:
     max_workers: Annotated[int, Field(ge=1, le=64)] = 4  # threads for the sync client
 
 
+def _matcher(text: str) -> str:
+    parse_matcher(text)  # raises ValueError naming the matcher
+    return text
+
+
+MatcherText = Annotated[str, AfterValidator(_matcher)]
+
+
+@dataclass(frozen=True, slots=True)
+class InhibitRuleSection:
+    """Alertmanager's inhibition: while an anomaly matching ``source_matchers`` fires,
+    anomalies matching ``target_matchers`` with the same values of the ``equal`` labels are
+    suppressed (recorded, never acted on). Matchers see the anomaly's labels plus
+    ``alertname`` (the anomaly name), ``severity`` and ``source``."""
+
+    __pydantic_config__ = _STRICT
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+    source_matchers: Annotated[tuple[MatcherText, ...], Field(min_length=1)]
+    target_matchers: Annotated[tuple[MatcherText, ...], Field(min_length=1)]
+    equal: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class CorrelationSection:
     __pydantic_config__ = _STRICT
@@ -268,6 +290,17 @@ class CorrelationSection:
     group_interval: Seconds = 0.0
     repeat_interval: Seconds = 0.0
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # Topology: a firing node-level anomaly (labels node, no pod) takes in the anomalies of
+    # pods on that node; a workload-level one (labels workload, no pod) its pods'.
+    topology: bool = True
+    inhibit_rules: tuple[InhibitRuleSection, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.inhibit_rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            # The rule name is what a suppressed member records: it must say which rule.
+            raise ValueError(f"inhibit_rules: duplicate rule names {dupes}")
 
 
 @dataclass(frozen=True, slots=True)

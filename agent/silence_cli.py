@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from agent import models
 from agent.errors import ConfigError
 from agent.metrics import Metrics
 from agent.models import Matcher, Silence, new_id, utcnow
@@ -15,20 +15,13 @@ from agent.settings import Settings, load_settings, parse_duration
 from streams.bus import Bus, create_topics
 from streams.silences import SilenceStore
 
-_MATCHER = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(=~|!~|!=|=)(.*)$")
-
 
 def parse_matcher(text: str) -> Matcher:
     """'service=checkout', 'namespace=~shop-.*', 'env!=dev' -> Matcher (validated)."""
-    m = _MATCHER.match(text)
-    if m is None:
-        raise ConfigError(
-            [f"matcher {text!r}: expected NAME=VALUE, NAME!=VALUE, NAME=~RE or NAME!~RE"]
-        )
     try:
-        return Matcher(name=m.group(1), op=m.group(2), value=m.group(3))  # type: ignore[arg-type]
+        return models.parse_matcher(text)
     except ValueError as err:
-        raise ConfigError([f"matcher {text!r}: {err}"]) from err
+        raise ConfigError([str(err)]) from err
 
 
 def describe(s: Silence, now: datetime) -> str:

@@ -99,6 +99,16 @@ CATALOG: tuple[TopicSpec, ...] = (
         partitions=1,
     ),
     TopicSpec(
+        "correlation-facts",
+        "anomaly fingerprint",
+        "Fact",
+        "compact",
+        0,
+        "Node-, workload-level and inhibition-source anomalies every correlator worker "
+        "reads in full: the cross-partition view for topology and inhibition.",
+        partitions=1,
+    ),
+    TopicSpec(
         "dead-letter",
         "source topic",
         "DeadLetter",

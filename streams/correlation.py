@@ -18,7 +18,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -46,6 +46,20 @@ class CorrelationRules:
     late_bound: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """Why an anomaly is folded the way it is, decided from the cross-partition view
+    (:mod:`streams.topology`): recorded on its member."""
+
+    silenced_by: str | None = None
+    inhibited_by: str | None = None
+    absorbed_by: str | None = None
+
+
+NO_MARKS = Marks()
+Keyed = tuple[str, Anomaly, Marks]  # (group key, anomaly, marks): one item of a batch
+
+
 def key_of(anomaly: Anomaly, rules: CorrelationRules) -> str:
     return group_key(anomaly.labels, rules.group_by)
 
@@ -63,7 +77,7 @@ def _severity(members: Sequence[Member]) -> Severity:
     return _max_severity(firing or members)
 
 
-def _member(a: Anomaly, silenced_by: str | None = None) -> Member:
+def _member(a: Anomaly, marks: Marks = NO_MARKS) -> Member:
     return Member(
         fingerprint=a.fingerprint,
         name=a.name,
@@ -74,20 +88,23 @@ def _member(a: Anomaly, silenced_by: str | None = None) -> Member:
         first_seen=a.starts_at,
         last_seen=a.observed_at,
         value=a.value,
-        silenced_by=silenced_by,
+        silenced_by=marks.silenced_by,
+        inhibited_by=marks.inhibited_by,
+        absorbed_by=marks.absorbed_by,
     )
 
 
 def _live(members: Sequence[Member], status: IncidentStatus) -> IncidentStatus:
-    """``status``, unless every firing member is silenced: then the incident is silenced."""
+    """``status``, unless every firing member is suppressed (silenced or inhibited): then
+    the incident is silenced."""
     firing = [m for m in members if m.status == "firing"]
-    if firing and all(m.silenced_by for m in firing):
+    if firing and all(m.suppressed for m in firing):
         return "silenced"
     return status
 
 
-def _open(a: Anomaly, key: str, rules: CorrelationRules, silenced_by: str | None) -> Incident:
-    member = _member(a, silenced_by)
+def _open(a: Anomaly, key: str, rules: CorrelationRules, marks: Marks) -> Incident:
+    member = _member(a, marks)
     return Incident(
         # Deterministic: replaying the same anomaly after a crash opens the same incident.
         id=stable_id(key, a.fingerprint, a.observed_at.isoformat()),
@@ -108,18 +125,23 @@ def correlate(
     rules: CorrelationRules,
     key: str | None = None,
     silenced_by: str | None = None,
+    marks: Marks = NO_MARKS,
 ) -> tuple[Incident | None, Incident | None]:
     """Fold one anomaly into the group's state; returns (new state, event to publish or None).
 
-    ``key`` is the anomaly's group key when the caller already computed it; ``silenced_by``
-    the id of a silence matching the anomaly (it is recorded, not dropped).
+    ``key`` is the anomaly's group key when the caller already computed it (an absorbed
+    anomaly's is its absorber's); ``silenced_by`` the id of a silence matching the anomaly
+    and ``marks`` the rest of why it is suppressed or where it was absorbed (recorded on the
+    member, never dropped).
     """
     key = key if key is not None else key_of(anomaly, rules)
+    if silenced_by is not None:
+        marks = replace(marks, silenced_by=silenced_by)
     firing = anomaly.status == "firing"
     if state is None:
         if not firing:
             return None, None  # a resolution for something never seen: nothing to resolve
-        inc = _open(anomaly, key, rules, silenced_by)
+        inc = _open(anomaly, key, rules, marks)
         return inc, inc
     if state.status == "resolved":
         if not firing:
@@ -131,16 +153,16 @@ def correlate(
         if known is not None and anomaly.observed_at < known.last_seen:
             return state, None  # older than what we know of this member: never move back
         if (anomaly.observed_at - state.resolved_at).total_seconds() > rules.reopen_window:
-            inc = _open(anomaly, key, rules, silenced_by)
+            inc = _open(anomaly, key, rules, marks)
             return inc, inc
-        return _reopen(state, anomaly, now, silenced_by)
-    return _update(state, anomaly, now, silenced_by)
+        return _reopen(state, anomaly, now, marks)
+    return _update(state, anomaly, now, marks)
 
 
 def _reopen(
-    state: Incident, anomaly: Anomaly, now: datetime, silenced_by: str | None
+    state: Incident, anomaly: Anomaly, now: datetime, marks: Marks
 ) -> tuple[Incident, Incident]:
-    members = _upsert(state.members, anomaly, silenced_by)
+    members = _upsert(state.members, anomaly, marks)
     inc = replace(
         state,
         status=_live(members, "reopened"),
@@ -149,13 +171,12 @@ def _reopen(
         updated_at=max(anomaly.observed_at, state.updated_at),
         revision=state.revision + 1,
         resolved_at=None,
+        absorbed_into=None,
     )
     return inc, inc
 
 
-def _upsert(
-    members: tuple[Member, ...], a: Anomaly, silenced_by: str | None = None
-) -> tuple[Member, ...]:
+def _upsert(members: tuple[Member, ...], a: Anomaly, marks: Marks = NO_MARKS) -> tuple[Member, ...]:
     for i, m in enumerate(members):
         if m.fingerprint == a.fingerprint:
             updated = replace(
@@ -164,24 +185,38 @@ def _upsert(
                 last_seen=a.observed_at,
                 value=a.value,
                 severity=a.severity,
-                silenced_by=silenced_by,
+                silenced_by=marks.silenced_by,
+                inhibited_by=marks.inhibited_by,
+                absorbed_by=marks.absorbed_by,
             )
             return (*members[:i], updated, *members[i + 1 :])
-    return (*members, _member(a, silenced_by))
+    return (*members, _member(a, marks))
+
+
+def _same_marks(m: Member, marks: Marks) -> bool:
+    return (m.silenced_by, m.inhibited_by, m.absorbed_by) == (
+        marks.silenced_by,
+        marks.inhibited_by,
+        marks.absorbed_by,
+    )
 
 
 def _update(
-    state: Incident, anomaly: Anomaly, now: datetime, silenced_by: str | None
+    state: Incident, anomaly: Anomaly, now: datetime, marks: Marks
 ) -> tuple[Incident, Incident | None]:
     existing = next((m for m in state.members if m.fingerprint == anomaly.fingerprint), None)
+    if existing is None and anomaly.status == "resolved":
+        # A resolution of something this incident never held (e.g. one fanned out to both
+        # a pod's own group and its absorber): nothing to resolve here.
+        return state, None
     if existing is not None:
         if anomaly.observed_at < existing.last_seen:
             return state, None  # out of order: never move a member backwards
-        if existing.status == anomaly.status and existing.silenced_by == silenced_by:
+        if existing.status == anomaly.status and _same_marks(existing, marks):
             # Dedup: refresh liveness silently; nothing an operator needs to hear about.
-            refreshed = _upsert(state.members, anomaly, silenced_by)
+            refreshed = _upsert(state.members, anomaly, marks)
             return replace(state, members=refreshed), None
-    members = _upsert(state.members, anomaly, silenced_by)
+    members = _upsert(state.members, anomaly, marks)
     changed_at = max(anomaly.observed_at, state.updated_at)
     if all(m.status == "resolved" for m in members):
         inc = replace(
@@ -211,6 +246,44 @@ def mark_mitigating(state: Incident, at: datetime) -> tuple[Incident, Incident |
     if state.status in ("resolved", "mitigating"):
         return state, None
     inc = replace(state, status="mitigating", updated_at=at, revision=state.revision + 1)
+    return inc, inc
+
+
+def hand_over(
+    state: Incident, moved: Mapping[str, tuple[str, str]], at: datetime
+) -> tuple[Incident, Incident | None]:
+    """Members a node- or workload-level incident took in (fingerprint -> (how, absorbing
+    incident id)) leave this one: they stay as members, resolved here and marked with where
+    they went, so each anomaly is firing in one incident only. When no firing member is
+    left, the incident resolves with ``absorbed_into`` naming where its anomalies went."""
+    if state.status == "resolved" or not moved:
+        return state, None
+    members = tuple(
+        replace(m, status="resolved", absorbed_by=moved[m.fingerprint][0])
+        if m.fingerprint in moved
+        else m
+        for m in state.members
+    )
+    at = max(at, state.updated_at)
+    if any(m.status == "firing" for m in members):
+        inc = replace(
+            state,
+            status=_live(members, "mitigating" if state.status == "mitigating" else "updated"),
+            members=members,
+            severity=_severity(members),
+            updated_at=at,
+            revision=state.revision + 1,
+        )
+        return inc, inc
+    inc = replace(
+        state,
+        status="resolved",
+        members=members,
+        updated_at=at,
+        resolved_at=at,
+        absorbed_into=next(iter(moved.values()))[1],
+        revision=state.revision + 1,
+    )
     return inc, inc
 
 
@@ -247,14 +320,15 @@ def silenced_by(anomaly: Anomaly, silences: Iterable[Silence]) -> str | None:
 
 def correlate_batch(
     states: dict[str, Incident | None],
-    anomalies: Iterable[Anomaly] | Iterable[tuple[str, Anomaly]],
+    anomalies: Iterable[Anomaly] | Iterable[tuple[str, Anomaly]] | Iterable[Keyed],
     now: datetime,
     rules: CorrelationRules,
     silences: Sequence[Silence] = (),
 ) -> tuple[dict[str, Incident | None], list[Incident]]:
     """Fold a batch; returns only the states that changed and the events in order.
 
-    ``anomalies`` are anomalies, or (group key, anomaly) pairs when the caller has the keys.
+    ``anomalies`` are anomalies, or (group key, anomaly) pairs when the caller has the keys,
+    or (group key, anomaly, marks) triples when the caller decided topology and inhibition.
     Anomalies matching one of ``silences`` are folded as silenced members.
     Callers read the current state of every key in the batch into ``states`` once and write
     back the changed ones once, which is what keeps the stream hot path batched.
@@ -262,7 +336,13 @@ def correlate_batch(
     changed: dict[str, Incident | None] = {}
     events: list[Incident] = []
     for item in anomalies:
-        k, a = item if isinstance(item, tuple) else (key_of(item, rules), item)
+        marks = NO_MARKS
+        if isinstance(item, Anomaly):
+            k, a = key_of(item, rules), item
+        elif len(item) == 3:
+            k, a, marks = item
+        else:
+            k, a = item
         current = changed[k] if k in changed else states.get(k)
         new, event = correlate(
             current,
@@ -271,6 +351,7 @@ def correlate_batch(
             rules,
             key=k,
             silenced_by=silenced_by(a, silences) if silences else None,
+            marks=marks,
         )
         if new is not current:
             changed[k] = new

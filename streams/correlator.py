@@ -25,26 +25,29 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import faust
 import orjson
 from aiokafka import TopicPartition
 
-from agent.codec import encode, from_obj
+from agent.codec import decode, encode, from_obj
 from agent.errors import InvalidEvent
 from agent.metrics import Metrics
-from agent.models import Anomaly, Incident, Mitigation, utcnow
+from agent.models import Anomaly, Fact, Incident, Mitigation, utcnow
 from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
 from streams.correlation import (
     CorrelationRules,
+    Keyed,
+    Marks,
     as_published,
     coalesce,
     correlate_batch,
     expire,
-    key_of,
+    hand_over,
     lateness,
     mark_mitigating,
     publish_due,
@@ -52,6 +55,22 @@ from streams.correlation import (
 )
 from streams.partitioning import partition_for, topic_partitions
 from streams.silences import SilenceStore
+from streams.topology import (
+    EMPTY,
+    FactIndex,
+    InhibitRule,
+    as_anomaly,
+    build_index,
+    facts_of,
+    moves,
+    placements,
+)
+from streams.view import CompactedView
+
+# Headers of an anomaly re-published to the partition of the group it belongs to: the
+# group key, and where it was absorbed. The receiving worker folds it there as it is told,
+# so a record is routed once and never ping-pongs while workers' views differ.
+ROUTE_KEY, ROUTE_ABSORBED_BY = "sre-agent-group", "sre-agent-absorbed-by"
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +219,20 @@ class Correlator:
         self.processed = 0  # anomalies folded, for benchmarks and tests
         self.partitions = k.partitions  # the real count is read from the topic at start
         self.silences = SilenceStore(k, topic(prefix, "silences"))
+        c = settings.correlation
+        self.topology = c.topology
+        self.inhibit_rules = tuple(InhibitRule.from_section(r) for r in c.inhibit_rules)
+        self.facts_topic = self.app.topic(topic(prefix, "correlation-facts"), **raw)
+        self.facts = CompactedView(
+            k,
+            topic(prefix, "correlation-facts"),
+            partial(decode, Fact),
+            name="facts",
+            fetch_max_wait_ms=10,
+        )
+        self._index: tuple[tuple[int, int], FactIndex] = ((-1, -1), EMPTY)
+        # fingerprint -> the fact this worker published last
+        self._facts_sent: dict[str, Fact] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -208,6 +241,7 @@ class Correlator:
                 await topic_partitions(self.settings.kafka.bootstrap_servers, self.anomalies_name)
             )
             await self.silences.start()
+            await self.facts.start()
             await self.app.start()
             self._started = True
 
@@ -215,6 +249,7 @@ class Correlator:
         if self._started:
             self._started = False
             await self.app.stop()
+            await self.facts.stop()
             await self.silences.stop()
 
     async def __aenter__(self) -> Correlator:
@@ -237,7 +272,8 @@ class Correlator:
                 event.ack()
 
     async def process(self, events: Iterable[Any]) -> None:
-        by_partition: dict[int, list[tuple[str, Anomaly]]] = defaultdict(list)
+        by_partition: dict[int, list[Keyed]] = defaultdict(list)
+        index = self.fact_index(utcnow())
         for event in events:
             msg = event.message
             try:
@@ -252,8 +288,9 @@ class Correlator:
             for problem, raw in problems:
                 await self._dead(msg.topic, msg.partition, msg.offset, raw, problem)
             now = utcnow()
+            routed = self._routed(msg)
             for a in anomalies:
-                age = lateness(a, now, self.rules)
+                age = lateness(a, now, self.rules) if routed is None else None
                 if age is not None:
                     # Too old to change an incident now; kept where nothing is lost.
                     self.metrics.late_anomalies.labels(name=a.name).inc()
@@ -266,20 +303,112 @@ class Correlator:
                         f"correlation.late_bound {self.rules.late_bound:.0f}s",
                     )
                     continue
-                key = key_of(a, self.rules)
-                if partition_for(key, self.partitions) != msg.partition:
-                    # Wrong partition for this group: route it to the right one.
-                    await self.anomalies.send(key=key.encode(), value=encode(a))
-                    continue
-                by_partition[msg.partition].append((key, a))
+                for key, marks in self.placements(a, routed, index):
+                    if partition_for(key, self.partitions) != msg.partition:
+                        # Wrong partition for this group: route it to the right one.
+                        await self._route(key, a, marks.absorbed_by)
+                        continue
+                    by_partition[msg.partition].append((key, a, marks))
         for partition, keyed in by_partition.items():
             await self._fold(partition, keyed)
             self.metrics.processed.labels(consumer="correlator").inc(len(keyed))
             self.processed += len(keyed)
 
-    async def _fold(self, partition: int, anomalies: list[tuple[str, Anomaly]]) -> None:
+    # --- topology and inhibition ------------------------------------------------------------
+    def fact_index(self, now: datetime) -> FactIndex:
+        """The active facts, rebuilt when the view changed and at most once a second."""
+        stamp = (self.facts.version, int(now.timestamp()))
+        if self._index[0] != stamp:
+            if not self.facts.items:
+                self._index = (stamp, EMPTY)
+            else:
+                index = build_index(
+                    self.facts.items.values(),
+                    now,
+                    self.rules.resolve_timeout,
+                    self.inhibit_rules,
+                )
+                self._index = (stamp, index)
+        return self._index[1]
+
+    def placements(
+        self, a: Anomaly, routed: tuple[str, str | None] | None, index: FactIndex
+    ) -> list[tuple[str, Marks]]:
+        return placements(
+            a, routed, index, self.rules, topology=self.topology, inhibit=self.inhibit_rules
+        )
+
+    def _routed(self, msg: Any) -> tuple[str, str | None] | None:
+        headers = dict(msg.headers or ())
+        raw_key = headers.get(ROUTE_KEY)
+        if not raw_key:
+            return None
+        key = bytes(raw_key).decode()
+        if partition_for(key, self.partitions) != msg.partition:
+            return None  # partition count changed since: decide afresh
+        absorbed = bytes(headers.get(ROUTE_ABSORBED_BY) or b"").decode()
+        return key, absorbed or None
+
+    async def _route(self, key: str, a: Anomaly, absorbed_by: str | None) -> None:
+        headers = {ROUTE_KEY: key.encode(), ROUTE_ABSORBED_BY: (absorbed_by or "").encode()}
+        await self.anomalies.send(key=key.encode(), value=encode(a), headers=headers)
+
+    async def _publish_facts(self, incidents: Iterable[Incident | None]) -> None:
+        """Publish the facts of these incidents that changed (anomaly status, incident open)
+        or whose liveness moved a third of their lifetime since last sent, so every
+        worker's view sees them, and a view can expire a fact whose updates stop."""
+        if not self.topology and not self.inhibit_rules:
+            return
+        refresh = self.rules.resolve_timeout / 3
+        for inc in incidents:
+            if inc is None:
+                continue
+            for fact in facts_of(inc, self.topology, self.inhibit_rules):
+                sent = self._facts_sent.get(fact.fingerprint)
+                if sent is None and not fact.incident_open:
+                    continue  # never announced: nothing to retract
+                if (
+                    sent is not None
+                    and (sent.status, sent.incident_open) == (fact.status, fact.incident_open)
+                    and (fact.observed_at - sent.observed_at).total_seconds() < refresh
+                ):
+                    continue
+                self._facts_sent[fact.fingerprint] = fact
+                await self.facts_topic.send(key=fact.fingerprint.encode(), value=encode(fact))
+
+    async def _hand_over(self, owned: set[int], now: datetime) -> list[Incident]:
+        """Owned incidents hand the firing anomalies a node- or workload-level incident now
+        explains over to it: pods that failed before their node's anomaly arrived end up
+        in the node's incident too, and an incident left with none resolves."""
+        index = self.fact_index(now)
+        if not self.topology or not (index.nodes or index.workloads):
+            return []
+        events = []
+        for raw_key, raw in list(self.table.data.items()):
+            key = raw_key.decode()
+            stored = self._stored(key, raw)
+            inc = stored.incident
+            if stored.partition not in owned or inc is None:
+                continue
+            found = moves(inc, index)
+            if not found:
+                continue
+            for m in inc.members:
+                if m.fingerprint in found:
+                    how, fact = found[m.fingerprint]
+                    await self._route(fact.incident_key, as_anomaly(m), how)
+            moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
+            new, event = hand_over(inc, moved, now)
+            self._store(stored.partition, key, new, emitted_at=now)
+            await self._publish_facts([new])
+            if event is not None and stored.emitted_at is not None:
+                events.append(event)  # one never published (group_wait) closes silently
+            log.info("incident %s handed %d anomalies over", inc.id[:12], len(moved))
+        return events
+
+    async def _fold(self, partition: int, anomalies: list[Keyed]) -> None:
         now = utcnow()
-        before = {k: self._get(k) for k in {k for k, _ in anomalies}}
+        before = {k: self._get(k) for k in {k for k, _, _ in anomalies}}
         states = {k: s.incident if s else None for k, s in before.items()}
         changed, events = correlate_batch(states, anomalies, now, self.rules, self.silences.all())
         # Which events go out now and which wait for group_wait/group_interval.
@@ -298,6 +427,7 @@ class Correlator:
             emitted_at, pending = emission.get(k, (None, False))
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
+        await self._publish_facts(changed.values())
 
     async def _drain_producer_buffer(self, limit: float = 10.0) -> None:
         """Wait until faust has handed this batch's changelog writes and incident events to
@@ -360,11 +490,13 @@ class Correlator:
             if event is not None:  # a resolution is never held
                 self._store(stored.partition, key, new, emitted_at=now)
                 events.append(event)
+                await self._publish_facts([new])
             elif (
                 stored.pending and publish_due(stored.incident, stored.emitted_at, now, self.rules)
             ) or repeat_due(stored.incident, stored.emitted_at, now, self.rules):
                 self._store(stored.partition, key, stored.incident, emitted_at=now)
                 events.append(as_published(stored.incident, stored.emitted_at))
+        events.extend(await self._hand_over(owned, now))
         await self._emit(events)
 
     def _assignment(self) -> set[TopicPartition]:

@@ -198,6 +198,18 @@ def test_duplicate_pattern_names_are_rejected() -> None:
     assert _only_problem(doc) == "patterns[2].name: duplicate pattern name 'up'"
 
 
+def test_inhibit_rules_name_the_bad_matcher_and_reject_duplicate_names() -> None:
+    rule = {"name": "r", "source_matchers": ["a=b"], "target_matchers": ["c=d"]}
+    bad = {**rule, "target_matchers": ["sev=~("]}
+    problem = _problems({"correlation": {"inhibit_rules": [rule, bad]}})[0]
+    assert problem.startswith("correlation.inhibit_rules[1].target_matchers[0]: ")
+    assert "invalid regular expression" in problem
+    dupes = _only_problem({"correlation": {"inhibit_rules": [rule, rule]}})
+    assert dupes.startswith("correlation: ") and "duplicate rule names ['r']" in dupes
+    ok = parse_settings({"correlation": {"inhibit_rules": [rule]}}, env={})
+    assert ok.correlation.inhibit_rules[0].equal == ()
+
+
 def test_configuration_change_is_an_alias_of_update_config() -> None:
     s = parse_settings({"remediation": {"require_approval": ["configuration_change"]}}, env={})
     assert s.remediation.require_approval == ("update_config",)

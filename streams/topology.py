@@ -1,0 +1,252 @@
+"""Topology absorption and inhibition: pure decisions over the cross-partition view.
+
+Incidents are partitioned by group key, but a node-level anomaly explains pod anomalies
+in every group, and an inhibition source may suppress targets anywhere. Each correlator
+worker therefore holds every active *fact* (see :class:`agent.models.Fact`) from a
+compacted topic, and these functions decide, for one anomaly or incident, what the view
+implies. No clocks and no I/O: the caller passes ``now`` and the facts.
+
+Topology is read from labels the detectors attach (see :mod:`agent.kube_signals`):
+- pod-level: a ``pod`` label; it may name its ``node`` and its ``workload``;
+- workload-level: a ``workload`` (or ``deployment``) label and no ``pod``;
+- node-level: a ``node`` label, no ``pod`` and no workload.
+A pod-level anomaly is absorbed by the open incident of a node-level anomaly of its node,
+else by that of a workload-level anomaly of its workload (a node failure explains more than
+a workload's). It stays routed there, firing or resolved, while that incident is open, so
+each anomaly is firing in one open incident only; when the absorbing anomaly appears after
+its pods', the correlator's timer hands their members over (:func:`moves`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from agent.models import Anomaly, Fact, Incident, Matcher, Member, parse_matcher, stable_id
+from agent.settings import InhibitRuleSection
+from streams.correlation import NO_MARKS, CorrelationRules, Marks, key_of
+
+# Matchers see these alongside the anomaly's labels (the anomaly's own labels win).
+ALERTNAME, SEVERITY, SOURCE = "alertname", "severity", "source"
+
+
+def match_labels(a: Anomaly | Member) -> dict[str, str]:
+    out = dict(a.labels)
+    out.setdefault(ALERTNAME, a.name)
+    out.setdefault(SEVERITY, a.severity)
+    out.setdefault(SOURCE, a.source)
+    return out
+
+
+def _workload(labels: Mapping[str, str]) -> str:
+    return labels.get("workload") or labels.get("deployment") or ""
+
+
+def scope(labels: Mapping[str, str]) -> str | None:
+    """ "node/<name>" or "workload/<namespace>/<name>" for an anomaly that can absorb
+    others; None for pod-level and unscoped anomalies."""
+    if labels.get("pod"):
+        return None
+    workload = _workload(labels)
+    if workload:
+        return f"workload/{labels.get('namespace', '')}/{workload}"
+    node = labels.get("node")
+    return f"node/{node}" if node else None
+
+
+@dataclass(frozen=True, slots=True)
+class InhibitRule:
+    name: str
+    source: tuple[Matcher, ...]
+    target: tuple[Matcher, ...]
+    equal: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_section(section: InhibitRuleSection) -> InhibitRule:
+        # The settings boundary already validated every matcher text.
+        return InhibitRule(
+            name=section.name,
+            source=tuple(parse_matcher(t) for t in section.source_matchers),
+            target=tuple(parse_matcher(t) for t in section.target_matchers),
+            equal=section.equal,
+        )
+
+    def is_source(self, labels: Mapping[str, str]) -> bool:
+        return all(m.matches(labels) for m in self.source)
+
+    def is_target(self, labels: Mapping[str, str]) -> bool:
+        return all(m.matches(labels) for m in self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class FactIndex:
+    """The active facts, indexed for the per-anomaly lookups on the hot path."""
+
+    nodes: Mapping[tuple[str, str], Fact] = field(default_factory=dict)
+    workloads: Mapping[tuple[str, str, str], Fact] = field(default_factory=dict)
+    # Per inhibition rule (by position): the firing facts matching its source side.
+    sources: tuple[tuple[Fact, ...], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.nodes and not self.workloads and not any(self.sources)
+
+
+EMPTY = FactIndex()
+
+
+def active(fact: Fact, now: datetime, ttl: float) -> bool:
+    """Its incident is open and was alive within ``ttl`` (the correlator's resolve_timeout):
+    a fact whose last update was lost still ends when its incident would have gone quiet."""
+    return fact.incident_open and now - fact.observed_at < timedelta(seconds=ttl)
+
+
+def build_index(
+    facts: Iterable[Fact], now: datetime, ttl: float, rules: Sequence[InhibitRule] = ()
+) -> FactIndex:
+    live = sorted((f for f in facts if active(f, now, ttl)), key=lambda f: f.fingerprint)
+    nodes: dict[tuple[str, str], Fact] = {}
+    workloads: dict[tuple[str, str, str], Fact] = {}
+    for f in live:  # several facts of one node: the lowest fingerprint, deterministically
+        cluster, where = f.labels.get("cluster", ""), scope(f.labels)
+        if where is None:
+            continue
+        if where.startswith("node/"):
+            nodes.setdefault((cluster, f.labels["node"]), f)
+        else:
+            workloads.setdefault((cluster, f.labels.get("namespace", ""), _workload(f.labels)), f)
+    firing = [f for f in live if f.status == "firing"]
+    sources = tuple(tuple(f for f in firing if r.is_source(f.labels)) for r in rules)
+    return FactIndex(nodes=nodes, workloads=workloads, sources=sources)
+
+
+def absorber(labels: Mapping[str, str], index: FactIndex) -> tuple[str, Fact] | None:
+    """(how, fact) when an open node- or workload-level incident takes this anomaly in."""
+    if not labels.get("pod"):
+        return None
+    cluster = labels.get("cluster", "")
+    node = labels.get("node")
+    if node:
+        fact = index.nodes.get((cluster, node))
+        if fact is not None:
+            return f"node/{node}", fact
+    workload = _workload(labels)
+    if workload:
+        namespace = labels.get("namespace", "")
+        fact = index.workloads.get((cluster, namespace, workload))
+        if fact is not None:
+            return f"workload/{namespace}/{workload}", fact
+    return None
+
+
+def inhibited_by(
+    labels: Mapping[str, str], fp: str, rules: Sequence[InhibitRule], index: FactIndex
+) -> str | None:
+    """ "<rule>:<source fingerprint>" of the first rule and active source inhibiting this
+    anomaly (its match labels), else None.
+
+    Alertmanager's semantics: the ``equal`` labels must have the same value on both sides
+    (missing counts as empty), and an anomaly matching both sides of a rule cannot be
+    inhibited by another that also matches both, nor by itself.
+    """
+    for rule, sources in zip(rules, index.sources, strict=False):
+        if not sources or not rule.is_target(labels):
+            continue
+        both = rule.is_source(labels)
+        for f in sources:
+            if f.fingerprint == fp or (both and rule.is_target(f.labels)):
+                continue
+            if all(f.labels.get(k, "") == labels.get(k, "") for k in rule.equal):
+                return f"{rule.name}:{f.fingerprint}"
+    return None
+
+
+def is_fact(labels: Mapping[str, str], topology: bool, rules: Sequence[InhibitRule]) -> bool:
+    """Whether other partitions must see this anomaly (publish it as a fact)."""
+    return (topology and scope(labels) is not None) or any(r.is_source(labels) for r in rules)
+
+
+def moves(incident: Incident, index: FactIndex) -> dict[str, tuple[str, Fact]]:
+    """Firing members of an open incident that a node- or workload-level incident now
+    takes in: fingerprint -> (how, fact). The incident hands them over (see
+    :func:`streams.correlation.hand_over`); an incident is never its own absorber."""
+    if incident.status == "resolved" or index.empty:
+        return {}
+    out: dict[str, tuple[str, Fact]] = {}
+    for m in incident.members:
+        if m.status != "firing":
+            continue
+        hit = absorber(m.labels, index)
+        if hit is not None and hit[1].incident_key != incident.key:
+            out[m.fingerprint] = hit
+    return out
+
+
+def as_anomaly(m: Member) -> Anomaly:
+    """A member again as the anomaly that made it, to hand it to its absorber."""
+    return Anomaly(
+        fingerprint=m.fingerprint,
+        source=m.source,
+        name=m.name,
+        severity=m.severity,
+        status=m.status,
+        labels=dict(m.labels),
+        starts_at=m.first_seen,
+        observed_at=m.last_seen,
+        value=m.value,
+        # Deterministic, so re-handing it after a crash is a duplicate, not news.
+        id=stable_id("absorbed", m.fingerprint, m.last_seen.isoformat()),
+    )
+
+
+def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -> list[Fact]:
+    """The facts an incident's members make, from its current state."""
+    out = []
+    alive = max(m.last_seen for m in incident.members)
+    for m in incident.members:
+        labels = match_labels(m)
+        if is_fact(labels, topology, rules):
+            out.append(
+                Fact(
+                    fingerprint=m.fingerprint,
+                    labels=labels,
+                    incident_key=incident.key,
+                    incident_id=incident.id,
+                    status=m.status,
+                    incident_open=incident.status != "resolved",
+                    observed_at=alive,
+                )
+            )
+    return out
+
+
+def placements(
+    a: Anomaly,
+    routed: tuple[str, str | None] | None,
+    index: FactIndex,
+    rules: CorrelationRules,
+    *,
+    topology: bool = True,
+    inhibit: Sequence[InhibitRule] = (),
+) -> list[tuple[str, Marks]]:
+    """Which group(s) an anomaly is folded into, and how it is marked there.
+
+    ``routed``: (group key, absorbed by) when another worker already decided (see
+    :mod:`streams.correlator`). A firing pod-level anomaly with an absorber goes to the
+    absorber's group; a resolution goes to both its own group and the absorber's, since it
+    may have fired in either (in a group that never held it, it is a no-op).
+    """
+    inhibited = None
+    if inhibit and not index.empty:
+        inhibited = inhibited_by(match_labels(a), a.fingerprint, inhibit, index)
+    if routed is not None:
+        return [(routed[0], Marks(inhibited_by=inhibited, absorbed_by=routed[1]))]
+    own = (key_of(a, rules), Marks(inhibited_by=inhibited) if inhibited else NO_MARKS)
+    hit = absorber(a.labels, index) if topology and (index.nodes or index.workloads) else None
+    if hit is None:
+        return [own]
+    into = (hit[1].incident_key, Marks(inhibited_by=inhibited, absorbed_by=hit[0]))
+    if into[0] == own[0]:
+        return [into]  # already in its absorber's group: only the mark is news
+    return [into] if a.status == "firing" else [own, into]

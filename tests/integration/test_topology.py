@@ -1,0 +1,198 @@
+"""Topology absorption and inhibition on the real broker, across partitions.
+
+Pod anomalies of other groups (other partitions) join their node's incident through the
+facts topic and a routed re-publication; pods that failed first hand their anomalies over
+once the node's anomaly arrives; an inhibition source on one partition suppresses its
+targets on another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from agent.metrics import Metrics
+from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
+from agent.settings import Settings
+from streams.bus import Bus
+from streams.correlator import Correlator
+from streams.partitioning import partition_for
+from tests.helpers import eventually, make_settings, readers
+
+pytestmark = pytest.mark.integration
+
+
+def anomaly(name: str, labels: dict[str, str], severity: str = "critical") -> Anomaly:
+    now = utcnow()
+    labels = {"cluster": "test", **labels}
+    return Anomaly(
+        fingerprint=fingerprint("kubernetes", name, labels),
+        source="kubernetes",
+        name=name,
+        severity=severity,  # type: ignore[arg-type]
+        status="firing",
+        labels=labels,
+        starts_at=now,
+        observed_at=now,
+    )
+
+
+def node_down(node: str) -> Anomaly:
+    return anomaly("node-not-ready", {"node": node, "namespace": "", "service": ""})
+
+
+def crash(service: str, node: str) -> Anomaly:
+    labels = {
+        "namespace": "shop",
+        "service": service,
+        "workload": service,
+        "pod": f"{service}-7d9-x1",
+        "node": node,
+    }
+    return anomaly("pod-crash-loop", labels, severity="warning")
+
+
+def services_on_other_partitions(settings: Settings, than: str, n: int) -> list[str]:
+    """Services whose groups live on another partition than group ``than``."""
+    parts = settings.kafka.partitions
+    home = partition_for(than, parts)
+    out = []
+    for i in range(100):
+        svc = f"svc-{i}"
+        if (
+            partition_for(
+                group_key(crash(svc, "x").labels, ("cluster", "namespace", "service")), parts
+            )
+            != home
+        ):
+            out.append(svc)
+        if len(out) == n:
+            return out
+    raise AssertionError("no service on another partition")
+
+
+class Harness:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus = Bus(settings.kafka, metrics=Metrics())
+
+    def key(self, a: Anomaly) -> str:
+        return group_key(a.labels, self.settings.correlation.group_by)
+
+    async def send(self, *anomalies: Anomaly) -> None:
+        t = self.bus.topic
+        await self.bus.publish_many([(t("anomalies"), a, self.key(a)) for a in anomalies])
+
+
+def latest(items: list[Incident]) -> dict[str, Incident]:
+    out: dict[str, Incident] = {}
+    for inc in items:
+        out[inc.id] = inc
+    return out
+
+
+def by_key(items: list[Incident], key: str) -> Incident | None:
+    found = [i for i in latest(items).values() if i.key == key]
+    return found[-1] if found else None
+
+
+async def test_a_node_incident_takes_in_pod_anomalies_from_other_partitions(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    h = Harness(settings)
+    await h.bus.start()
+    await h.bus.create_topics()
+    node = node_down("n1")
+    node_key = h.key(node)
+    early, late = services_on_other_partitions(settings, node_key, 2)
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (h.bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=Metrics()) as corr,
+        ):
+            # A pod fails before its node's anomaly arrives: it opens its own incident.
+            first = crash(early, "n1")
+            await h.send(first)
+            await r["inc"].wait_for(lambda xs: by_key(xs, h.key(first)) is not None, 60, "pod")
+
+            await h.send(node)
+            await eventually(lambda: node.fingerprint in corr.facts.items, 30, what="node fact")
+            # Pods failing after it, on the failed node and on a healthy one.
+            second, healthy = crash(late, "n1"), crash(late, "n2")
+            healthy = anomaly(
+                "pod-crash-loop", {**healthy.labels, "pod": "other-pod"}, severity="warning"
+            )
+            await h.send(second, healthy)
+
+            def settled(xs: list[Incident]) -> bool:
+                node_inc = by_key(xs, node_key)
+                return node_inc is not None and {m.fingerprint for m in node_inc.firing} >= {
+                    node.fingerprint,
+                    first.fingerprint,
+                    second.fingerprint,
+                }
+
+            items = await r["inc"].wait_for(settled, 60, "pods in the node's incident")
+    finally:
+        await h.bus.stop()
+
+    node_inc = by_key(items, node_key)
+    assert node_inc is not None
+    absorbed = {m.fingerprint: m.absorbed_by for m in node_inc.members}
+    assert absorbed[first.fingerprint] == absorbed[second.fingerprint] == "node/n1"
+    assert absorbed[node.fingerprint] is None
+    assert healthy.fingerprint not in absorbed
+    # The early pod's own incident handed over and resolved, pointing at the node's.
+    own = by_key(items, h.key(first))
+    assert own is not None and own.status == "resolved" and own.absorbed_into == node_inc.id
+    # The healthy node's pod fired in its own group's incident, and only there.
+    owners = [
+        i
+        for i in latest(items).values()
+        if i.status != "resolved"
+        for m in i.firing
+        if m.fingerprint in (healthy.fingerprint, second.fingerprint)
+    ]
+    assert sorted(i.key for i in owners) == sorted([node_key, h.key(healthy)])
+
+
+async def test_an_inhibition_source_suppresses_targets_on_other_partitions(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    rule = {
+        "name": "dns-down",
+        "source_matchers": ["alertname=cluster-dns-down"],
+        "target_matchers": ["severity=warning"],
+        "equal": ["cluster"],
+    }
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"inhibit_rules": [rule]}}
+    )
+    h = Harness(settings)
+    await h.bus.start()
+    await h.bus.create_topics()
+    dns = anomaly("cluster-dns-down", {"namespace": "kube-system", "service": "coredns"})
+    warn_svc, crit_svc = services_on_other_partitions(settings, h.key(dns), 2)
+    labels: Callable[[str], dict[str, str]] = lambda s: {"namespace": "shop", "service": s}  # noqa: E731
+    warning = anomaly("high-latency", labels(warn_svc), severity="warning")
+    critical = anomaly("high-error-rate", labels(crit_svc), severity="critical")
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (h.bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=Metrics()) as corr,
+        ):
+            await h.send(dns)
+            await eventually(lambda: dns.fingerprint in corr.facts.items, 30, what="dns fact")
+            await h.send(warning, critical)
+            items = await r["inc"].wait_for(
+                lambda xs: {h.key(warning), h.key(critical)} <= {i.key for i in xs}, 60, "both"
+            )
+    finally:
+        await h.bus.stop()
+    inhibited, loud = by_key(items, h.key(warning)), by_key(items, h.key(critical))
+    assert inhibited is not None and loud is not None
+    assert inhibited.status == "silenced" and not inhibited.firing
+    assert inhibited.members[0].inhibited_by == f"dns-down:{dns.fingerprint}"
+    assert loud.status == "open" and loud.members[0].inhibited_by is None

@@ -1,0 +1,311 @@
+"""Topology absorption and inhibition: pure decisions over the cross-partition fact view."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.models import Anomaly, Fact, Incident
+from agent.settings import InhibitRuleSection
+from streams.correlation import CorrelationRules, correlate, hand_over, key_of
+from streams.topology import (
+    FactIndex,
+    InhibitRule,
+    absorber,
+    as_anomaly,
+    build_index,
+    facts_of,
+    inhibited_by,
+    is_fact,
+    match_labels,
+    moves,
+    placements,
+    scope,
+)
+from tests.unit.factories import anomaly, at
+
+RULES = CorrelationRules(resolve_timeout=300.0, reopen_window=300.0)
+NOW = at(1000)
+
+
+def node_labels(node: str, cluster: str = "c1") -> dict[str, str]:
+    return {"cluster": cluster, "node": node, "namespace": "", "service": ""}
+
+
+def pod_labels(pod: str, node: str, workload: str = "checkout") -> dict[str, str]:
+    return {
+        "cluster": "c1",
+        "namespace": "shop",
+        "service": workload,
+        "workload": workload,
+        "pod": pod,
+        "node": node,
+    }
+
+
+def fact(a: Anomaly, status: str = "firing", t: float = 1000, open_: bool = True) -> Fact:
+    return Fact(
+        fingerprint=a.fingerprint,
+        labels=match_labels(a),
+        incident_key=key_of(a, RULES),
+        incident_id=f"inc-{a.fingerprint[:6]}",
+        status=status,  # type: ignore[arg-type]
+        incident_open=open_,
+        observed_at=at(t),
+    )
+
+
+def index_of(*facts: Fact, rules: tuple[InhibitRule, ...] = ()) -> FactIndex:
+    return build_index(facts, NOW, RULES.resolve_timeout, rules)
+
+
+NODE_DOWN = anomaly("node-not-ready", labels=node_labels("n1"), source="kubernetes")
+POD_CRASH = anomaly("pod-crash-loop", labels=pod_labels("checkout-1", "n1"), source="kubernetes")
+
+
+def test_scope_reads_the_topology_from_labels() -> None:
+    assert scope(node_labels("n1")) == "node/n1"
+    assert scope({"namespace": "shop", "workload": "checkout"}) == "workload/shop/checkout"
+    assert scope({"namespace": "shop", "deployment": "checkout", "node": "n1"}) == (
+        "workload/shop/checkout"
+    )
+    assert scope(pod_labels("p", "n1")) is None  # pod-level: absorbed, never absorbs
+    assert scope({"namespace": "shop", "service": "checkout"}) is None
+
+
+def test_a_node_fact_absorbs_pods_on_that_node_only() -> None:
+    index = index_of(fact(NODE_DOWN))
+    how, f = absorber(POD_CRASH.labels, index) or ("", None)
+    assert how == "node/n1" and f is not None and f.fingerprint == NODE_DOWN.fingerprint
+    assert absorber(pod_labels("checkout-2", "n2"), index) is None
+    other_cluster = {**POD_CRASH.labels, "cluster": "c2"}
+    assert absorber(other_cluster, index) is None
+
+
+def test_node_wins_over_workload_and_workload_absorbs_its_pods() -> None:
+    rollout = anomaly(
+        "rollout-stuck", labels={"cluster": "c1", "namespace": "shop", "workload": "checkout"}
+    )
+    only_workload = index_of(fact(rollout))
+    assert (absorber(POD_CRASH.labels, only_workload) or ("",))[0] == "workload/shop/checkout"
+    both = index_of(fact(rollout), fact(NODE_DOWN))
+    assert (absorber(POD_CRASH.labels, both) or ("",))[0] == "node/n1"
+    assert absorber(pod_labels("cart-1", "n9", workload="cart"), both) is None
+
+
+def test_a_fact_routes_while_its_incident_is_open_and_alive() -> None:
+    # The node recovered but pods it took in still fail: they keep going to its incident.
+    assert index_of(fact(NODE_DOWN, status="resolved")).nodes != {}
+    assert index_of(fact(NODE_DOWN, open_=False)).nodes == {}
+    # Not refreshed for resolve_timeout: its last update may be lost, it still ends.
+    assert index_of(fact(NODE_DOWN, t=1000 - 300)).nodes == {}
+    assert index_of(fact(NODE_DOWN, t=1000 - 299)).nodes != {}
+
+
+def test_placements_route_firing_to_the_absorber_and_resolutions_to_both() -> None:
+    index = index_of(fact(NODE_DOWN))
+    node_key = key_of(NODE_DOWN, RULES)
+    ((key, marks),) = placements(POD_CRASH, None, index, RULES)
+    assert key == node_key and marks.absorbed_by == "node/n1"
+    resolved = anomaly("pod-crash-loop", labels=POD_CRASH.labels, status="resolved", t=5)
+    keys = [k for k, _ in placements(resolved, None, index, RULES)]
+    assert keys == [key_of(POD_CRASH, RULES), node_key]
+    # Topology off: every anomaly stays in its own group.
+    assert [k for k, _ in placements(POD_CRASH, None, index, RULES, topology=False)] == [
+        key_of(POD_CRASH, RULES)
+    ]
+    # Routed by another worker: folded where it was told, without deciding again.
+    assert placements(POD_CRASH, ("k", "node/x"), index, RULES)[0][0] == "k"
+
+
+CRITICAL_INHIBITS_WARNING = InhibitRule.from_section(
+    InhibitRuleSection(
+        name="crit-over-warn",
+        source_matchers=("severity=critical",),
+        target_matchers=("severity=warning",),
+        equal=("cluster", "service"),
+    )
+)
+
+
+def test_inhibition_needs_equal_labels_and_an_active_source() -> None:
+    rules = (CRITICAL_INHIBITS_WARNING,)
+    source = anomaly("errors", severity="critical")
+    index = index_of(fact(source), rules=rules)
+    target = anomaly("latency", severity="warning")
+    assert inhibited_by(match_labels(target), target.fingerprint, rules, index) == (
+        f"crit-over-warn:{source.fingerprint}"
+    )
+    elsewhere = anomaly("latency", severity="warning", labels={"cluster": "c1", "service": "x"})
+    assert inhibited_by(match_labels(elsewhere), elsewhere.fingerprint, rules, index) is None
+    not_target = anomaly("saturation", severity="critical")
+    assert inhibited_by(match_labels(not_target), not_target.fingerprint, rules, index) is None
+    # Only a firing source inhibits, even while its incident stays open.
+    stale = index_of(fact(source, status="resolved"), rules=rules)
+    assert inhibited_by(match_labels(target), target.fingerprint, rules, stale) is None
+
+
+def test_equal_labels_missing_on_both_sides_count_as_equal() -> None:
+    rule = InhibitRule.from_section(
+        InhibitRuleSection(
+            name="r",
+            source_matchers=("alertname=a",),
+            target_matchers=("alertname=b",),
+            equal=("zone",),
+        )
+    )
+    src, tgt = anomaly("a"), anomaly("b")
+    index = index_of(fact(src), rules=(rule,))
+    assert inhibited_by(match_labels(tgt), tgt.fingerprint, (rule,), index) is not None
+
+
+def test_an_anomaly_matching_both_sides_never_inhibits_its_peers_or_itself() -> None:
+    rule = InhibitRule.from_section(
+        InhibitRuleSection(
+            name="r",
+            source_matchers=("namespace=shop",),
+            target_matchers=("namespace=shop",),
+            equal=("cluster",),
+        )
+    )
+    a, b = anomaly("a"), anomaly("b")
+    index = index_of(fact(a), fact(b), rules=(rule,))
+    assert inhibited_by(match_labels(a), a.fingerprint, (rule,), index) is None
+    assert inhibited_by(match_labels(b), b.fingerprint, (rule,), index) is None
+
+
+def test_facts_are_topology_and_inhibition_sources() -> None:
+    assert is_fact(match_labels(NODE_DOWN), True, ())
+    assert not is_fact(match_labels(NODE_DOWN), False, ())
+    assert not is_fact(match_labels(POD_CRASH), True, ())
+    src = anomaly("errors", severity="critical")
+    assert is_fact(match_labels(src), False, (CRITICAL_INHIBITS_WARNING,))
+
+
+def test_facts_follow_their_incident() -> None:
+    inc, _ = correlate(None, NODE_DOWN, NOW, RULES)
+    assert inc is not None
+    inc, _ = correlate(inc, POD_CRASH, NOW, RULES, key=inc.key)
+    assert inc is not None
+    (f,) = facts_of(inc, True, ())  # the pod is no fact
+    assert (f.fingerprint, f.status, f.incident_open) == (NODE_DOWN.fingerprint, "firing", True)
+    recovered = anomaly(
+        "node-not-ready", labels=node_labels("n1"), source="kubernetes", status="resolved", t=30
+    )
+    inc, _ = correlate(inc, recovered, NOW, RULES)
+    assert inc is not None and inc.status == "updated"  # the pod still fails
+    (f,) = facts_of(inc, True, ())
+    assert (f.status, f.incident_open, f.observed_at) == ("resolved", True, at(30))
+
+
+def test_an_incident_all_on_one_node_hands_its_members_over_and_resolves() -> None:
+    inc, _ = correlate(None, POD_CRASH, NOW, RULES)
+    assert inc is not None
+    other = anomaly("oom-killed", labels=pod_labels("checkout-2", "n1"), t=1)
+    inc, _ = correlate(inc, other, NOW, RULES)
+    assert inc is not None
+    found = moves(inc, index_of(fact(NODE_DOWN)))
+    assert {how for how, _ in found.values()} == {"node/n1"} and len(found) == 2
+    moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
+    closed, event = hand_over(inc, moved, at(10))
+    assert event is closed and closed.status == "resolved"
+    assert closed.absorbed_into == f"inc-{NODE_DOWN.fingerprint[:6]}"
+    assert len(closed.members) == 2 and not closed.firing  # kept, firing elsewhere now
+    assert {m.absorbed_by for m in closed.members} == {"node/n1"}
+    handed = [as_anomaly(m) for m in inc.members]
+    assert [(h.fingerprint, h.status, h.observed_at) for h in handed] == [
+        (m.fingerprint, m.status, m.last_seen) for m in inc.members
+    ]
+
+
+def test_a_mixed_incident_hands_over_only_the_pods_on_the_failed_node() -> None:
+    inc, _ = correlate(None, POD_CRASH, NOW, RULES)
+    elsewhere = anomaly("oom-killed", labels=pod_labels("checkout-3", "n2"), t=2)
+    inc, _ = correlate(inc, elsewhere, NOW, RULES)
+    assert inc is not None
+    found = moves(inc, index_of(fact(NODE_DOWN)))
+    assert list(found) == [POD_CRASH.fingerprint]
+    moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
+    kept, event = hand_over(inc, moved, at(10))
+    assert event is kept and kept.status == "updated" and kept.absorbed_into is None
+    assert [m.fingerprint for m in kept.firing] == [elsewhere.fingerprint]
+    # The node's own incident is never its own absorber.
+    node_inc, _ = correlate(None, NODE_DOWN, NOW, RULES)
+    assert node_inc is not None and moves(node_inc, index_of(fact(NODE_DOWN))) == {}
+
+
+# --- the invariant, over random interleavings -----------------------------------------------
+
+
+def simulate(
+    steps: list[tuple[str, int, int, bool]],
+) -> tuple[dict[str, Incident | None], set[str]]:
+    """The correlator's decisions in one process: fold each anomaly where placements() puts
+    it, publish the facts of changed incidents, and run the hand-over tick after every
+    step. Returns the states and the fingerprints whose last observation was firing."""
+    states: dict[str, Incident | None] = {}
+    facts: dict[str, Fact] = {}
+    firing: set[str] = set()
+
+    def changed(inc: Incident) -> None:
+        states[inc.key] = inc
+        facts.update((f.fingerprint, f) for f in facts_of(inc, True, ()))
+
+    for t, (kind, node, pod, fires) in enumerate(steps):
+        status = "firing" if fires else "resolved"
+        if kind == "node":
+            a = anomaly("node-not-ready", labels=node_labels(f"n{node}"), status=status, t=t)
+        else:
+            a = anomaly("crash", labels=pod_labels(f"p{pod}", f"n{node}"), status=status, t=t)
+        (firing.add if fires else firing.discard)(a.fingerprint)
+        queue: list[tuple[Anomaly, tuple[str, str | None] | None]] = [(a, None)]
+        while queue:
+            item, routed = queue.pop(0)
+            index = build_index(facts.values(), at(t), RULES.resolve_timeout)
+            for key, marks in placements(item, routed, index, RULES):
+                new, _ = correlate(states.get(key), item, at(t), RULES, key=key, marks=marks)
+                if new is not None:
+                    changed(new)
+            if queue:
+                continue
+            index = build_index(facts.values(), at(t), RULES.resolve_timeout)  # the tick
+            for inc in list(states.values()):
+                found = moves(inc, index) if inc is not None else {}
+                if inc is None or not found:
+                    continue
+                moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
+                changed(hand_over(inc, moved, at(t))[0])
+                for m in inc.members:
+                    if m.fingerprint in found:
+                        how, f = found[m.fingerprint]
+                        queue.append((as_anomaly(m), (f.incident_key, how)))
+    return states, firing
+
+
+step = st.tuples(
+    st.sampled_from(["node", "pod", "pod", "pod"]),
+    st.integers(0, 2),
+    st.integers(0, 3),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(step, max_size=25))
+def test_every_firing_anomaly_is_firing_in_exactly_one_open_incident(
+    steps: list[tuple[str, int, int, bool]],
+) -> None:
+    # A pod is always on the same node, as in a cluster (pod p<k> on node k % 3).
+    steps = [(kind, pod % 3 if kind == "pod" else node, pod, f) for kind, node, pod, f in steps]
+    states, firing = simulate(steps)
+    where: Mapping[str, list[str]] = {fp: [] for fp in firing}
+    for inc in states.values():
+        if inc is None or inc.status == "resolved":
+            continue
+        for m in inc.members:
+            if m.status == "firing":
+                assert m.fingerprint in where, f"{m.fingerprint} fires but was resolved"
+                where[m.fingerprint].append(inc.key)
+    assert all(len(keys) == 1 for keys in where.values()), where
