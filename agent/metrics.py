@@ -32,6 +32,14 @@ class Metrics:
             ["name"],
             registry=r,
         )
+        self.correlation_decisions = Counter(
+            "sre_agent_correlation_decisions_total",
+            "Anomalies placed by the cross-partition view: absorbed (folded into a node or "
+            "workload incident), inhibited, handed_over (moved from an earlier incident), "
+            "rerouted (re-published to the partition of their group).",
+            ["decision"],
+            registry=r,
+        )
         self.incidents = Counter(
             "sre_agent_incidents_total",
             "Incident transitions published by the correlator.",

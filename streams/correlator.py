@@ -40,6 +40,7 @@ from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
 from streams.correlation import (
+    NO_MARKS,
     CorrelationRules,
     Keyed,
     Marks,
@@ -309,6 +310,8 @@ class Correlator:
                         await self._route(key, a, marks.absorbed_by)
                         continue
                     by_partition[msg.partition].append((key, a, marks))
+                    if marks is not NO_MARKS:
+                        self._count_marks(marks)
         for partition, keyed in by_partition.items():
             await self._fold(partition, keyed)
             self.metrics.processed.labels(consumer="correlator").inc(len(keyed))
@@ -349,7 +352,14 @@ class Correlator:
         absorbed = bytes(headers.get(ROUTE_ABSORBED_BY) or b"").decode()
         return key, absorbed or None
 
+    def _count_marks(self, marks: Marks) -> None:
+        if marks.absorbed_by:
+            self.metrics.correlation_decisions.labels(decision="absorbed").inc()
+        if marks.inhibited_by:
+            self.metrics.correlation_decisions.labels(decision="inhibited").inc()
+
     async def _route(self, key: str, a: Anomaly, absorbed_by: str | None) -> None:
+        self.metrics.correlation_decisions.labels(decision="rerouted").inc()
         headers = {ROUTE_KEY: key.encode(), ROUTE_ABSORBED_BY: (absorbed_by or "").encode()}
         await self.anomalies.send(key=key.encode(), value=encode(a), headers=headers)
 
@@ -398,6 +408,7 @@ class Correlator:
                     how, fact = found[m.fingerprint]
                     await self._route(fact.incident_key, as_anomaly(m), how)
             moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
+            self.metrics.correlation_decisions.labels(decision="handed_over").inc(len(moved))
             new, event = hand_over(inc, moved, now)
             self._store(stored.partition, key, new, emitted_at=now)
             await self._publish_facts([new])

@@ -107,10 +107,11 @@ async def test_a_node_incident_takes_in_pod_anomalies_from_other_partitions(
     node = node_down("n1")
     node_key = h.key(node)
     early, late = services_on_other_partitions(settings, node_key, 2)
+    metrics = Metrics()
     try:
         async with (
             readers(kafka_bootstrap, {"inc": (h.bus.topic("incidents"), Incident)}) as r,
-            Correlator(settings, metrics=Metrics()) as corr,
+            Correlator(settings, metrics=metrics) as corr,
         ):
             # A pod fails before its node's anomaly arrives: it opens its own incident.
             first = crash(early, "n1")
@@ -138,6 +139,14 @@ async def test_a_node_incident_takes_in_pod_anomalies_from_other_partitions(
     finally:
         await h.bus.stop()
 
+    decisions = {
+        s.labels["decision"]: s.value
+        for m in metrics.registry.collect()
+        if m.name == "sre_agent_correlation_decisions"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert decisions.get("handed_over") == 1 and decisions.get("absorbed", 0) >= 2
     node_inc = by_key(items, node_key)
     assert node_inc is not None
     absorbed = {m.fingerprint: m.absorbed_by for m in node_inc.members}
