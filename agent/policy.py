@@ -32,12 +32,12 @@ never applied.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from agent.models import ActionRequest
+from agent.models import ActionRequest, ActionResult
 from agent.settings import RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
@@ -62,6 +62,26 @@ class Executed:
     target_key: str
     namespace: str
     at: datetime
+
+
+def history_window(cooldown: float) -> float:
+    """Seconds of past actions the policy looks at: the cooldown and the hourly budgets."""
+    return max(cooldown, 3600.0)
+
+
+def executed_from(results: Iterable[ActionResult]) -> list[Executed]:
+    """The history as the action-results topic tells it, so a restarted executor keeps its
+    cooldowns and budgets. An action counts when it changed the cluster: succeeded, or
+    failed half-way (a failure that recorded the prior state it had started to change)."""
+    seen: dict[str, Executed] = {}  # by action id: its verification is a second record
+    for r in results:
+        if r.action_id in seen:
+            continue
+        if r.status == "succeeded" or (r.status == "failed" and r.prior_state):
+            seen[r.action_id] = Executed(
+                target_key=r.target.key, namespace=r.target.namespace, at=r.started_at
+            )
+    return list(seen.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file
 from streams.bus import BatchConsumer, Bus
 from streams.correlator import Correlator
-from streams.replay import snapshot
+from streams.replay import recent_results, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ class Agent:
                 switches=kill_switch_file(s.agent.kill_switch_file),
                 approvals=functools.partial(
                     snapshot, s.kafka, self.bus.topic("approvals"), ApprovalRequest
+                ),
+                results=functools.partial(
+                    recent_results, s.kafka, self.bus.topic("action-results")
                 ),
             )
             self.components.append(self.executor)  # replays pending approvals before intake

@@ -73,6 +73,8 @@ from agent.policy import (
     Verdict,
     bounded_replicas,
     decide,
+    executed_from,
+    history_window,
 )
 from agent.prom import PromClient
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
@@ -114,6 +116,8 @@ class Publisher(Protocol):
 
 
 ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
+# The action results of the last ``seconds`` (the policy's history window).
+ResultSource = Callable[[float], Awaitable[Iterable[Envelope]]]
 
 
 def still_firing(samples_labels: Sequence[dict[str, str]], labels: dict[str, str]) -> bool:
@@ -133,6 +137,7 @@ class Executor:
         prom: PromClient | None = None,
         switches: Callable[[], Switches] | None = None,
         approvals: ApprovalSource | None = None,
+        results: ResultSource | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -151,18 +156,29 @@ class Executor:
         # sets it from SRE_AGENT_TEST_CRASH_AFTER_APPLY to simulate a crash there).
         self.after_apply: Callable[[ActionRequest, Effect], None] | None = None
         self._approvals = approvals
+        self._results = results
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
 
     async def start(self) -> None:
-        """Rebuild the pending approvals (the consumer group's offsets would skip them)."""
+        """Rebuild the pending approvals (the consumer group's offsets would skip them) and
+        the recent actions, so a restart neither forgets a cooldown nor refills a budget."""
         self._stopped = False
         if self._approvals is not None:
             records = list(await self._approvals())
             self._apply_approval_records(records)
             log.info("executor: %d approvals pending after replay", len(self.pending))
+        if self._results is not None:
+            window = history_window(self.settings.remediation.cooldown)
+            envelopes = await self._results(window)
+            replayed = executed_from(
+                e.value for e in envelopes if isinstance(e.value, ActionResult)
+            )
+            known = set(self.history)
+            self.history.extend(h for h in replayed if h not in known)
+            log.info("executor: %d recent actions restored for cooldowns/budgets", len(replayed))
         self._ensure_sweeper()
 
     async def stop(self) -> None:

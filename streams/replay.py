@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from aiokafka.errors import KafkaError
 
 from agent.codec import decode
 from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.models import ActionResult
 from agent.settings import KafkaSection
 from streams.bus import Envelope
 
@@ -83,15 +85,21 @@ async def snapshot(
     cls: type[Any] | None,
     *,
     since: Mapping[int, int] | None = None,
+    since_ms: int | None = None,
     wait_s: float = 30.0,
 ) -> list[Envelope]:
-    """Every record from ``since`` (default: the beginning) to the end as of now, in
-    partition order; tombstones come through with value None."""
+    """Every record from ``since`` (offsets; default: the beginning), or from the first
+    record at or after the timestamp ``since_ms``, to the end as of now, in partition
+    order; tombstones come through with value None."""
     consumer = await _consumer(kafka, topic, wait_s)
     out: list[Envelope] = []
     try:
         parts = list(consumer.assignment())
         ends = await consumer.end_offsets(parts)
+        if since_ms is not None:
+            found = await consumer.offsets_for_times({tp: since_ms for tp in parts})
+            # No record that recent in a partition: nothing to read there.
+            since = {tp.partition: ot.offset if ot else ends[tp] for tp, ot in found.items()}
         for tp in parts:
             start = (since or {}).get(tp.partition)
             if start is None:
@@ -119,6 +127,12 @@ async def snapshot(
     finally:
         await consumer.stop()
     return out
+
+
+async def recent_results(kafka: KafkaSection, topic: str, seconds: float) -> list[Envelope]:
+    """The action results written in the last ``seconds`` (by record timestamp)."""
+    since_ms = int((time.time() - seconds) * 1000)
+    return await snapshot(kafka, topic, ActionResult, since_ms=since_ms)
 
 
 async def follow(

@@ -386,6 +386,34 @@ async def test_pending_approvals_survive_a_restart(rig: Any) -> None:
         await fresh.stop()
 
 
+async def test_a_restarted_executor_keeps_its_cooldowns_and_budgets(rig: Any) -> None:
+    _ex, bus, c = rig
+    done = replace(_result(), started_at=utcnow() - timedelta(seconds=60))
+    verified = replace(done, id="res-2", outcome="healed")  # the same action, verified
+    topic = bus.topic("action-results")
+    asked: list[float] = []
+
+    async def recent(seconds: float) -> list[Envelope]:
+        asked.append(seconds)
+        return [Envelope(topic, 0, 0, "k", done), Envelope(topic, 0, 1, "k", verified)]
+
+    fresh = Executor(
+        cfg(cooldown="5m", max_actions_per_hour=2),
+        bus=bus,
+        cluster=c,
+        metrics=Metrics(),
+        results=recent,
+    )
+    await fresh.start()
+    try:
+        assert asked == [3600.0] and len(fresh.history) == 1  # counted once, not twice
+        result = await fresh.on_action(act("scale_up", action_id="after-restart"))
+        assert result.status == "denied" and "cooldown" in result.message
+        assert (await c.workload(CHECKOUT)).replicas == 4  # untouched
+    finally:
+        await fresh.stop()
+
+
 async def test_a_decision_in_the_same_batch_as_its_request_finds_it(rig: Any) -> None:
     ex, bus, c = rig
     a = act("update_config", CM, params={"key": "k", "value": "v"})

@@ -274,3 +274,38 @@ def test_verdicts_are_consistent(
         assert (v.kind == "dry_run") == (sw.dry_run or s.agent.dry_run)
     if v.kind == "approve":
         assert not act.approved_by
+
+
+def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> None:
+    from agent.models import ActionResult, Target
+    from agent.policy import executed_from, history_window
+
+    def result(action_id: str, status: str, prior: dict[str, int] | None = None) -> ActionResult:
+        return ActionResult(
+            id=f"r-{action_id}-{status}",
+            action_id=action_id,
+            incident_id="i",
+            incident_key="k",
+            type="scale_up",
+            target=Target(kind="Deployment", namespace="shop", name=action_id),
+            status=status,  # type: ignore[arg-type]
+            outcome="unknown",
+            message="",
+            started_at=at(action_id.__len__()),
+            finished_at=at(10),
+            prior_state=prior or {},
+        )
+
+    history = executed_from(
+        [
+            result("ok", "succeeded", {"replicas": 2}),
+            result("ok", "succeeded", {"replicas": 2}),  # its verification
+            result("half", "failed", {"replicas": 2}),  # failed half-way: it changed things
+            result("clean-fail", "failed"),
+            result("no", "denied"),
+            result("shadow", "dry_run"),
+            result("again", "duplicate"),
+        ]
+    )
+    assert [h.target_key for h in history] == ["Deployment/shop/ok", "Deployment/shop/half"]
+    assert history_window(300) == 3600 and history_window(7200) == 7200

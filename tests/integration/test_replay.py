@@ -1,0 +1,66 @@
+"""Replaying a topic by time on the real broker: how a restarted executor rebuilds the
+actions of the policy's history window from action-results (record timestamps)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from agent.codec import encode
+from agent.metrics import Metrics
+from agent.models import ActionResult, Target, utcnow
+from streams.bus import Bus
+from streams.replay import recent_results
+from tests.helpers import make_settings
+
+pytestmark = pytest.mark.integration
+
+
+def result(action_id: str) -> ActionResult:
+    now = utcnow()
+    return ActionResult(
+        id=f"r-{action_id}",
+        action_id=action_id,
+        incident_id="i",
+        incident_key="k",
+        type="scale_up",
+        target=Target(kind="Deployment", namespace="shop", name="checkout"),
+        status="succeeded",
+        outcome="unknown",
+        message="scaled",
+        started_at=now,
+        finished_at=now,
+        prior_state={"replicas": 2},
+    )
+
+
+async def test_recent_results_reads_only_the_window(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus = Bus(settings.kafka, metrics=Metrics())
+    await bus.start()
+    await bus.create_topics()
+    await bus.stop()
+    topic = bus.topic("action-results")
+    now_ms = int(time.time() * 1000)
+    two_hours_ago = now_ms - 2 * 3600 * 1000
+    old, recent = result("old"), result("recent")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        # Partition 0 holds only an old action; partition 1 an old and a recent one.
+        await producer.send_and_wait(topic, encode(old), partition=0, timestamp_ms=two_hours_ago)
+        older = replace(old, id="r-old-2", action_id="old-2")
+        await producer.send_and_wait(topic, encode(older), partition=1, timestamp_ms=two_hours_ago)
+        await producer.send_and_wait(topic, encode(recent), partition=1, timestamp_ms=now_ms)
+    finally:
+        await producer.stop()
+
+    found = await recent_results(settings.kafka, topic, 3600)
+    assert [e.value.action_id for e in found] == ["recent"]
+    everything = await recent_results(settings.kafka, topic, 3 * 3600)
+    assert sorted(e.value.action_id for e in everything) == ["old", "old-2", "recent"]
