@@ -8,7 +8,9 @@
     ├── PermanentError         retrying cannot help
     │   ├── PolicyDenied       the policy refused an action; ``rule`` names the rule
     │   └── ActionFailed       the cluster refused or failed an action
-    └── InfraError             a local infrastructure script failed
+    ├── InfraError             a local infrastructure script failed
+    └── PartialBatch           a batch handler failed after its first ``done`` events took
+                               effect; ``cause`` is the failure
 
 Vendor exceptions (aiokafka, kubernetes, azure) are translated into these in the adapter
 that talks to the vendor, always with ``raise ... from err`` so the cause is kept.
@@ -70,3 +72,14 @@ class ActionFailed(PermanentError):
 
 class InfraError(AgentError):
     """A local infrastructure script (Kafka, Prometheus, Kubernetes) failed."""
+
+
+class PartialBatch(AgentError):
+    """A batch handler failed on event ``done`` after the events before it took effect:
+    only the rest is retried, so those are not handled (and their results published)
+    twice."""
+
+    def __init__(self, done: int, cause: BaseException) -> None:
+        self.done = done
+        self.cause = cause
+        super().__init__(f"failed after {done} events: {type(cause).__name__}: {cause}")

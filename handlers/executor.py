@@ -79,7 +79,7 @@ from agent.policy import (
 from agent.prom import PromClient
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
 from handlers.verification import judge
-from streams.bus import Envelope
+from streams.bus import Envelope, handle_each
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,17 @@ class Executor:
         approvals_topic = self.bus.topic("approvals")
         # Requests first, so a decision in the same batch finds its request.
         self._apply_approval_records([e for e in batch if e.topic == approvals_topic])
-        for env in batch:
-            value = env.value
-            if isinstance(value, Incident):
-                self.on_incident(value)
-            elif isinstance(value, ApprovalDecision):
-                await self.on_decision(value)
-            elif isinstance(value, ActionRequest):
-                await self.on_action(value)
+        await handle_each(batch, self._handle_one)
         self._ensure_sweeper()
+
+    async def _handle_one(self, env: Envelope) -> None:
+        value = env.value
+        if isinstance(value, Incident):
+            self.on_incident(value)
+        elif isinstance(value, ApprovalDecision):
+            await self.on_decision(value)
+        elif isinstance(value, ActionRequest):
+            await self.on_action(value)
 
     def _apply_approval_records(self, records: Iterable[Envelope]) -> None:
         for env in records:

@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
 from agent.codec import decode, encode
-from agent.errors import AgentError, DependencyUnavailable, InvalidEvent
+from agent.errors import AgentError, DependencyUnavailable, InvalidEvent, PartialBatch
 from agent.metrics import Metrics
 from agent.models import DeadLetter, new_id, utcnow
 from agent.settings import KafkaSection
@@ -218,6 +218,18 @@ def _decoder(spec: type[Any] | Decoder) -> Decoder:
     return spec
 
 
+async def handle_each(
+    batch: Sequence[Envelope], one: Callable[[Envelope], Awaitable[None]]
+) -> None:
+    """Handle a batch in order, one event at a time; a failure raises PartialBatch saying
+    how many events took effect, so the consumer retries only the rest."""
+    for i, env in enumerate(batch):
+        try:
+            await one(env)
+        except Exception as err:  # wrapped with the progress and re-raised
+            raise PartialBatch(i, err) from err
+
+
 class BatchConsumer:
     """Consume ``topics`` in group ``group_id`` and hand batches over.
 
@@ -346,21 +358,34 @@ class BatchConsumer:
     async def _handle(self, batch: list[Envelope]) -> None:
         if not batch:
             return
+        done = 0
         try:
             await self.handler(batch)
             return
+        except PartialBatch as err:
+            done = err.done  # those took effect: retrying them would repeat their output
+            log.warning(
+                "%s: batch of %d failed at event %d (%r); retrying the rest one by one",
+                self.name,
+                len(batch),
+                done,
+                err.cause,
+            )
         except Exception as err:  # noqa: BLE001 - isolate the bad event below, keep running
             log.warning(
                 "%s: batch of %d failed (%r); retrying one by one", self.name, len(batch), err
             )
-        for env in batch:
+        for env in batch[done:]:
             await self._handle_one(env)
 
     async def _handle_one(self, env: Envelope) -> None:
         delay = 0.2
         for attempt in range(1, self.max_attempts + 1):
             try:
-                await self.handler([env])
+                try:
+                    await self.handler([env])
+                except PartialBatch as wrapped:
+                    raise wrapped.cause from wrapped
                 return
             except AgentError as err:
                 if not err.retriable or attempt == self.max_attempts:
