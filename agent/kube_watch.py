@@ -60,9 +60,11 @@ class ResourceWatch:
         timeout: float,
         emit: Callable[[Item], None],
         stopping: threading.Event,
+        page_size: int = 500,
     ) -> None:
         self.resource = resource
         self.list_fn = list_fn
+        self.page_size = page_size
         self.timeout = max(1, int(timeout))
         self.emit = emit
         self.stopping = stopping
@@ -99,15 +101,34 @@ class ResourceWatch:
                 resp.shutdown()  # unblocks the thread's read at once
 
     def _list(self) -> None:
-        resp = self.list_fn(_preload_content=False, _request_timeout=(5, 60))
-        try:
-            _check(resp)
-            doc = orjson.loads(resp.data)
-        finally:
-            resp.release_conn()
+        """List in pages of ``page_size`` (limit/continue), so a large cluster is never one
+        huge response; every page comes from the same snapshot, whose resourceVersion the
+        watch resumes from. An expired continue token is a 410: the caller re-lists."""
+        items: list[Any] = []
+        token = ""
+        while True:
+            resp = self.list_fn(
+                limit=self.page_size,
+                **({"_continue": token} if token else {}),
+                _preload_content=False,
+                _request_timeout=(5, 60),
+            )
+            try:
+                _check(resp)
+                doc = orjson.loads(resp.data)
+            finally:
+                resp.release_conn()
+            self.stats["pages"] += 1
+            items.extend(doc.get("items") or [])
+            meta = doc["metadata"]
+            token = meta.get("continue") or ""
+            if not token:
+                break
+            if self.stopping.is_set():
+                return
         self.stats["lists"] += 1
-        self.resource_version = str(doc["metadata"]["resourceVersion"])
-        self.emit((self.resource, "SYNC", doc.get("items") or []))
+        self.resource_version = str(meta["resourceVersion"])
+        self.emit((self.resource, "SYNC", items))
 
     def _watch(self) -> None:
         resp = self.list_fn(
@@ -219,7 +240,14 @@ class KubeWatcher:
 
         timeout = self.settings.detectors.kubernetes.watch_timeout
         for resource, fn in fns.items():
-            w = ResourceWatch(resource, fn, timeout=timeout, emit=emit, stopping=self._stopping)
+            w = ResourceWatch(
+                resource,
+                fn,
+                timeout=timeout,
+                emit=emit,
+                stopping=self._stopping,
+                page_size=self.settings.detectors.kubernetes.list_page_size,
+            )
             self.watches[resource] = w
             self._tasks.append(loop.run_in_executor(self._pool, w.run))
         self._tasks.append(asyncio.create_task(self._process(), name="kube-watch-process"))

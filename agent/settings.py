@@ -350,6 +350,8 @@ class KubernetesDetectorSection:
     # Server-side watch timeout: each watch ends after this long and resumes from the last
     # resourceVersion (a 410 Gone re-lists).
     watch_timeout: Seconds = 60.0
+    # Lists go in pages of this many objects (limit/continue).
+    list_page_size: Annotated[int, Field(ge=1, le=10000)] = 500
     event_reasons: tuple[str, ...] = (
         "BackOff",
         "OOMKilling",

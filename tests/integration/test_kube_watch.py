@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import threading
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,7 +20,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from agent.kube_watch import KubeWatcher
+from agent.kube_watch import KubeWatcher, ResourceWatch
 from agent.metrics import Metrics
 from agent.models import Anomaly
 from agent.settings import parse_settings
@@ -316,3 +318,33 @@ async def test_a_real_410_gone_relists_without_loss_or_duplicates(
     await eventually(lambda: seen("after-gone") == 1, 30, what="an event after the re-list")
     await asyncio.sleep(2)
     assert seen("before-gone") == 1, "the re-list must not publish a handled event again"
+
+
+async def test_a_list_goes_in_pages_from_one_snapshot(
+    watched: tuple[KubeWatcher, Recorder, Any, str],
+) -> None:
+    """limit/continue against the real API server: five pods in pages of two are one
+    SYNC of five, and the watch resumes from the snapshot's resourceVersion."""
+    _watcher, _rec, core, ns = watched
+    for i in range(5):
+        pod = {
+            "metadata": {"name": f"paged-{i}"},
+            "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
+        }
+        await call(core.create_namespaced_pod, ns, pod)
+    emitted: list[tuple[str, str, Any]] = []
+    w = ResourceWatch(
+        "pods",
+        functools.partial(core.list_namespaced_pod, ns),
+        timeout=5,
+        emit=emitted.append,
+        stopping=threading.Event(),
+        page_size=2,
+    )
+    await asyncio.to_thread(w._list)
+    ((_, kind, items),) = emitted
+    assert kind == "SYNC" and sorted(p["metadata"]["name"] for p in items) == [
+        f"paged-{i}" for i in range(5)
+    ]
+    assert w.stats["pages"] == 3 and w.stats["lists"] == 1
+    assert w.resource_version is not None and int(w.resource_version) > 0

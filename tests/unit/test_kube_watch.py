@@ -216,4 +216,4 @@ def test_watch_resumes_from_the_last_version_and_relists_on_410() -> None:
     assert all(
         c["allow_watch_bookmarks"] and c["timeout_seconds"] == 5 for c in calls if c.get("watch")
     )
-    assert dict(w.stats) == {"lists": 3, "watches": 4, "gone": 2}
+    assert dict(w.stats) == {"lists": 3, "pages": 3, "watches": 4, "gone": 2}
