@@ -37,7 +37,7 @@ from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file
 from streams.bus import BatchConsumer, Bus
 from streams.correlator import Correlator
-from streams.replay import recent_results, snapshot
+from streams.replay import recent, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,10 @@ class Agent:
                     snapshot, s.kafka, self.bus.topic("approvals"), ApprovalRequest
                 ),
                 results=functools.partial(
-                    recent_results, s.kafka, self.bus.topic("action-results")
+                    recent, s.kafka, self.bus.topic("action-results"), ActionResult
+                ),
+                actions=functools.partial(
+                    recent, s.kafka, self.bus.topic("actions"), ActionRequest
                 ),
             )
             self.components.append(self.executor)  # replays pending approvals before intake

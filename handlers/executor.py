@@ -116,8 +116,8 @@ class Publisher(Protocol):
 
 
 ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
-# The action results of the last ``seconds`` (the policy's history window).
-ResultSource = Callable[[float], Awaitable[Iterable[Envelope]]]
+# Records of a topic written in the last ``seconds`` (action results, action requests).
+RecentSource = Callable[[float], Awaitable[Iterable[Envelope]]]
 
 
 def still_firing(samples_labels: Sequence[dict[str, str]], labels: dict[str, str]) -> bool:
@@ -137,7 +137,8 @@ class Executor:
         prom: PromClient | None = None,
         switches: Callable[[], Switches] | None = None,
         approvals: ApprovalSource | None = None,
-        results: ResultSource | None = None,
+        results: RecentSource | None = None,
+        actions: RecentSource | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -157,6 +158,7 @@ class Executor:
         self.after_apply: Callable[[ActionRequest, Effect], None] | None = None
         self._approvals = approvals
         self._results = results
+        self._actions = actions
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -172,14 +174,39 @@ class Executor:
             log.info("executor: %d approvals pending after replay", len(self.pending))
         if self._results is not None:
             window = history_window(self.settings.remediation.cooldown)
-            envelopes = await self._results(window)
-            replayed = executed_from(
-                e.value for e in envelopes if isinstance(e.value, ActionResult)
-            )
+            results = [
+                e.value for e in await self._results(window) if isinstance(e.value, ActionResult)
+            ]
+            replayed = executed_from(results)
             known = set(self.history)
             self.history.extend(h for h in replayed if h not in known)
             log.info("executor: %d recent actions restored for cooldowns/budgets", len(replayed))
+            await self._resume_verifications(results, window)
         self._ensure_sweeper()
+
+    async def _resume_verifications(self, results: list[ActionResult], window: float) -> None:
+        """Verify again what a previous run executed but never verified (it stopped or died
+        within verify_after): the request comes from the actions topic; the observation
+        from before the action is gone, so the outcome rests on the re-check and the
+        target's state now."""
+        pending = unverified(results)
+        if not pending or self._actions is None:
+            return
+        requests = {
+            e.value.id: e.value
+            for e in await self._actions(window)
+            if isinstance(e.value, ActionRequest)
+        }
+        now = utcnow()
+        for result in pending:
+            action = requests.get(result.action_id)
+            if action is None:
+                log.warning("executor: no request for unverified action %s", result.action_id)
+                continue
+            waited = (now - result.finished_at).total_seconds()
+            delay = max(0.0, self.settings.remediation.verify_after - waited)
+            self._schedule_verification(action, result, None, delay=delay)
+        log.info("executor: %d unverified actions scheduled for verification", len(pending))
 
     async def stop(self) -> None:
         self._stopped = True
@@ -569,9 +596,17 @@ class Executor:
 
     # --- verification ----------------------------------------------------------------------------
     def _schedule_verification(
-        self, action: ActionRequest, result: ActionResult, before: Observation | None
+        self,
+        action: ActionRequest,
+        result: ActionResult,
+        before: Observation | None,
+        *,
+        delay: float | None = None,
     ) -> None:
-        task = asyncio.create_task(self._verify(action, result, before), name=f"verify-{action.id}")
+        wait = self.settings.remediation.verify_after if delay is None else delay
+        task = asyncio.create_task(
+            self._verify(action, result, before, wait), name=f"verify-{action.id}"
+        )
         self._verifications.add(task)
         task.add_done_callback(self._verifications.discard)
 
@@ -599,9 +634,9 @@ class Executor:
         return judge(action.type, before, after, trigger)
 
     async def _verify(
-        self, action: ActionRequest, result: ActionResult, before: Observation | None
+        self, action: ActionRequest, result: ActionResult, before: Observation | None, wait: float
     ) -> None:
-        await asyncio.sleep(self.settings.remediation.verify_after)
+        await asyncio.sleep(wait)
         outcome, message = await self.verify_now(action, before)
         verified = replace(
             result, id=new_id(), outcome=outcome, message=message, finished_at=utcnow()
@@ -616,6 +651,16 @@ class Executor:
             log.warning("unverified %s on %s: %s", action.type, action.target.key, message)
         else:
             log.info("verified %s on %s: %s", action.type, action.target.key, message)
+
+
+def unverified(results: Iterable[ActionResult]) -> list[ActionResult]:
+    """Executed actions with no verification record yet: a succeeded result is followed by
+    a second succeeded result of the same action once verified (whatever the outcome)."""
+    by_action: dict[str, list[ActionResult]] = {}
+    for r in results:
+        if r.status == "succeeded":
+            by_action.setdefault(r.action_id, []).append(r)
+    return [rs[0] for rs in by_action.values() if len(rs) == 1 and rs[0].outcome == "unknown"]
 
 
 def target_replicas(action: ActionRequest, current: int) -> int:

@@ -23,7 +23,6 @@ from aiokafka.errors import KafkaError
 
 from agent.codec import decode
 from agent.errors import DependencyUnavailable, InvalidEvent
-from agent.models import ActionResult
 from agent.settings import KafkaSection
 from streams.bus import Envelope
 
@@ -129,10 +128,12 @@ async def snapshot(
     return out
 
 
-async def recent_results(kafka: KafkaSection, topic: str, seconds: float) -> list[Envelope]:
-    """The action results written in the last ``seconds`` (by record timestamp)."""
+async def recent(
+    kafka: KafkaSection, topic: str, cls: type[Any] | None, seconds: float
+) -> list[Envelope]:
+    """The records written in the last ``seconds`` (by record timestamp)."""
     since_ms = int((time.time() - seconds) * 1000)
-    return await snapshot(kafka, topic, ActionResult, since_ms=since_ms)
+    return await snapshot(kafka, topic, cls, since_ms=since_ms)
 
 
 async def follow(

@@ -13,7 +13,7 @@ from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import ActionResult, Target, utcnow
 from streams.bus import Bus
-from streams.replay import recent_results
+from streams.replay import recent
 from tests.helpers import make_settings
 
 pytestmark = pytest.mark.integration
@@ -37,9 +37,7 @@ def result(action_id: str) -> ActionResult:
     )
 
 
-async def test_recent_results_reads_only_the_window(
-    kafka_bootstrap: str, topic_prefix: str
-) -> None:
+async def test_recent_reads_only_the_window(kafka_bootstrap: str, topic_prefix: str) -> None:
     settings = make_settings(kafka_bootstrap, topic_prefix)
     bus = Bus(settings.kafka, metrics=Metrics())
     await bus.start()
@@ -48,7 +46,7 @@ async def test_recent_results_reads_only_the_window(
     topic = bus.topic("action-results")
     now_ms = int(time.time() * 1000)
     two_hours_ago = now_ms - 2 * 3600 * 1000
-    old, recent = result("old"), result("recent")
+    old, new = result("old"), result("recent")
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
@@ -56,11 +54,11 @@ async def test_recent_results_reads_only_the_window(
         await producer.send_and_wait(topic, encode(old), partition=0, timestamp_ms=two_hours_ago)
         older = replace(old, id="r-old-2", action_id="old-2")
         await producer.send_and_wait(topic, encode(older), partition=1, timestamp_ms=two_hours_ago)
-        await producer.send_and_wait(topic, encode(recent), partition=1, timestamp_ms=now_ms)
+        await producer.send_and_wait(topic, encode(new), partition=1, timestamp_ms=now_ms)
     finally:
         await producer.stop()
 
-    found = await recent_results(settings.kafka, topic, 3600)
+    found = await recent(settings.kafka, topic, ActionResult, 3600)
     assert [e.value.action_id for e in found] == ["recent"]
-    everything = await recent_results(settings.kafka, topic, 3 * 3600)
+    everything = await recent(settings.kafka, topic, ActionResult, 3 * 3600)
     assert sorted(e.value.action_id for e in everything) == ["old", "old-2", "recent"]

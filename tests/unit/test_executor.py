@@ -23,7 +23,7 @@ from agent.models import (
 )
 from agent.policy import Switches
 from agent.settings import Settings
-from handlers.executor import Executor, undo_request, undoable_result
+from handlers.executor import Executor, undo_request, undoable_result, unverified
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
 from tests.fakes.publisher import MemoryBus
@@ -412,6 +412,46 @@ async def test_a_restarted_executor_keeps_its_cooldowns_and_budgets(rig: Any) ->
         assert (await c.workload(CHECKOUT)).replicas == 4  # untouched
     finally:
         await fresh.stop()
+
+
+async def test_a_restarted_executor_verifies_what_the_last_run_left_unverified(
+    rig: Any,
+) -> None:
+    _ex, bus, c = rig
+    left = replace(_result(), action_id="left", finished_at=utcnow() - timedelta(seconds=30))
+    done = replace(_result(), id="r-done", action_id="done")
+    done_verified = replace(done, id="r-done-2", outcome="healed")
+    results_topic, actions_topic = bus.topic("action-results"), bus.topic("actions")
+
+    async def results(seconds: float) -> list[Envelope]:
+        return [
+            Envelope(results_topic, 0, i, "k", r) for i, r in enumerate([left, done, done_verified])
+        ]
+
+    async def actions(seconds: float) -> list[Envelope]:
+        return [
+            Envelope(actions_topic, 0, 0, "k", act("scale_up", action_id="left")),
+            Envelope(actions_topic, 0, 1, "k", act("scale_up", action_id="done")),
+        ]
+
+    assert [r.action_id for r in unverified([left, done, done_verified])] == ["left"]
+    fresh = Executor(
+        cfg(verify_after="10s"),
+        bus=bus,
+        cluster=c,
+        metrics=Metrics(),
+        results=results,
+        actions=actions,
+    )
+    await fresh.start()
+    try:
+        # 30 s passed since it finished, beyond verify_after: verified at once.
+        await bus.wait_for(lambda b: bool(b.results("left")), 5, "the verification")
+    finally:
+        await fresh.stop()
+    (verified,) = bus.results("left")
+    assert verified.id != left.id and verified.outcome in ("healed", "not_healed")
+    assert bus.results("done") == []  # already verified: left alone
 
 
 async def test_a_decision_in_the_same_batch_as_its_request_finds_it(rig: Any) -> None:
