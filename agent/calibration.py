@@ -8,15 +8,17 @@ can check calibration: in the ``0.85-0.95`` bucket about 85-95% of outcomes shou
 ``healed``. Unverified results (``unknown``, ``not_applicable``) say nothing about the
 prediction and are not counted.
 
-The id -> confidence map lives in memory (bounded): a verified result whose action was
-requested before this process started is skipped, so the tally is a sample, not a ledger.
+The id -> confidence map lives in memory (bounded). At start it is seeded from the actions
+requested within ``PRELOAD_SECONDS`` (by record timestamp), so a restart does not drop the
+outcomes of actions in flight; older ones are skipped, so the tally is a sample, not a
+ledger (Prometheus keeps the counts across restarts).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from agent.metrics import Metrics
 from agent.models import ActionRequest, ActionResult
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 EDGES = (0.5, 0.7, 0.85, 0.95, 1.0)
 VERIFIED = frozenset({"healed", "not_healed", "worse"})
 MAX_REMEMBERED = 50_000
+PRELOAD_SECONDS = 6 * 3600.0
 
 
 def confidence_bucket(confidence: float) -> str:
@@ -41,10 +44,33 @@ def confidence_bucket(confidence: float) -> str:
 
 
 class CalibrationTracker:
-    def __init__(self, *, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        actions: Callable[[float], Awaitable[Iterable[Envelope]]] | None = None,
+    ) -> None:
         self.metrics = metrics
+        self._actions = actions
         self._predicted: OrderedDict[str, float] = OrderedDict()
         self._counted: OrderedDict[str, None] = OrderedDict()  # result ids, for redelivery
+
+    async def start(self) -> None:
+        """Seed the predictions of recently requested actions (see the module doc)."""
+        if self._actions is not None:
+            for env in await self._actions(PRELOAD_SECONDS):
+                if isinstance(env.value, ActionRequest):
+                    self._remember(env.value)
+            log.info("calibration: %d recent predictions loaded", len(self._predicted))
+
+    async def stop(self) -> None:
+        return None
+
+    def _remember(self, action: ActionRequest) -> None:
+        self._predicted[action.id] = action.confidence
+        self._predicted.move_to_end(action.id)
+        while len(self._predicted) > MAX_REMEMBERED:
+            self._predicted.popitem(last=False)
 
     def predicted(self, action_id: str) -> float | None:
         return self._predicted.get(action_id)
@@ -53,10 +79,7 @@ class CalibrationTracker:
         for env in batch:
             value = env.value
             if isinstance(value, ActionRequest):
-                self._predicted[value.id] = value.confidence
-                self._predicted.move_to_end(value.id)
-                while len(self._predicted) > MAX_REMEMBERED:
-                    self._predicted.popitem(last=False)
+                self._remember(value)
             elif isinstance(value, ActionResult):
                 self.on_result(value)
 

@@ -101,7 +101,13 @@ class Agent:
                     handler=stage.handle,
                 )
             )
-            calibration = CalibrationTracker(metrics=self.metrics)
+            calibration = CalibrationTracker(
+                metrics=self.metrics,
+                actions=functools.partial(
+                    recent, s.kafka, self.bus.topic("actions"), ActionRequest
+                ),
+            )
+            self.components.append(calibration)  # seeds recent predictions before intake
             self.components.append(
                 BatchConsumer(
                     self.bus,

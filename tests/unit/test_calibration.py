@@ -80,3 +80,18 @@ async def test_a_later_request_for_the_same_action_id_updates_the_prediction() -
     first = action("scale_up", action_id="a1", confidence=0.9)
     await t.handle([env(first), env(replace(first, confidence=0.4)), env(result("a1", "worse"))])
     assert count(m, action="scale_up", confidence_bucket="0.00-0.50", outcome="worse") == 1
+
+
+async def test_a_restart_seeds_the_predictions_of_recent_actions() -> None:
+    m = Metrics()
+    asked: list[float] = []
+
+    async def recent(seconds: float) -> list[Envelope]:
+        asked.append(seconds)
+        return [env(action("scale_up", action_id="before-restart", confidence=0.9))]
+
+    t = CalibrationTracker(metrics=m, actions=recent)
+    await t.start()
+    await t.handle([env(result("before-restart", "healed", rid="r1"))])
+    assert asked == [6 * 3600.0]
+    assert count(m, action="scale_up", confidence_bucket="0.85-0.95", outcome="healed") == 1
