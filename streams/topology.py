@@ -8,7 +8,8 @@ implies. No clocks and no I/O: the caller passes ``now`` and the facts.
 
 Topology is read from labels the detectors attach (see :mod:`agent.kube_signals`):
 - pod-level: a ``pod`` label; it may name its ``node`` and its ``workload``;
-- workload-level: a ``workload`` (or ``deployment``) label and no ``pod``;
+- workload-level: a ``workload`` label (or kube-state-metrics' ``deployment``,
+  ``statefulset``, ``daemonset``) and no ``pod``;
 - node-level: a ``node`` label, no ``pod`` and no workload.
 A pod-level anomaly is absorbed by the open incident of a node-level anomaly of its node,
 else by that of a workload-level anomaly of its workload (a node failure explains more than
@@ -39,8 +40,15 @@ def match_labels(a: Anomaly | Member) -> dict[str, str]:
     return out
 
 
+# Labels naming a workload: the Kubernetes detector's, then kube-state-metrics'.
+WORKLOAD_LABELS = ("workload", "deployment", "statefulset", "daemonset")
+
+
 def _workload(labels: Mapping[str, str]) -> str:
-    return labels.get("workload") or labels.get("deployment") or ""
+    for name in WORKLOAD_LABELS:
+        if labels.get(name):
+            return labels[name]
+    return ""
 
 
 def scope(labels: Mapping[str, str]) -> str | None:

@@ -71,6 +71,7 @@ def test_scope_reads_the_topology_from_labels() -> None:
     assert scope({"namespace": "shop", "deployment": "checkout", "node": "n1"}) == (
         "workload/shop/checkout"
     )
+    assert scope({"namespace": "db", "statefulset": "pg"}) == "workload/db/pg"
     assert scope(pod_labels("p", "n1")) is None  # pod-level: absorbed, never absorbs
     assert scope({"namespace": "shop", "service": "checkout"}) is None
 
