@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import faust
 import orjson
 from aiokafka import TopicPartition
 
@@ -49,7 +50,6 @@ from streams.correlation import (
     publish_due,
     repeat_due,
 )
-from streams.faust_kafka import App
 from streams.partitioning import partition_for, topic_partitions
 from streams.silences import SilenceStore
 
@@ -158,7 +158,7 @@ class Correlator:
         k = settings.kafka
         prefix = k.topic_prefix
         self.anomalies_name = topic(prefix, "anomalies")
-        self.app = App(
+        self.app = faust.App(
             f"{prefix}correlator",
             broker=f"kafka://{k.bootstrap_servers}",
             store="memory://",
@@ -176,7 +176,6 @@ class Correlator:
             producer_linger_ms=k.linger_ms,
             stream_wait_empty=False,
         )
-        self.app.fetch_max_wait_ms = k.fetch_max_wait_ms
         raw: dict[str, Any] = {
             "key_type": bytes,
             "value_type": bytes,
