@@ -23,6 +23,7 @@ place. One bad anomaly in a batch is dead-lettered alone; the rest are folded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -31,7 +32,6 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-import faust
 import orjson
 from aiokafka import TopicPartition
 
@@ -57,6 +57,7 @@ from streams.correlation import (
     publish_due,
     repeat_due,
 )
+from streams.faust_kafka import App
 from streams.incident_json import IncidentEncoder
 from streams.partitioning import partition_for, topic_partitions
 from streams.silences import SilenceStore
@@ -171,18 +172,16 @@ class Correlator:
         *,
         metrics: Metrics,
         batch_size: int = 2000,
-        batch_within: float = 0.01,
         tick_interval: float = 1.0,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.rules = rules_from(settings)
         self.batch_size = batch_size
-        self.batch_within = batch_within
         k = settings.kafka
         prefix = k.topic_prefix
         self.anomalies_name = topic(prefix, "anomalies")
-        self.app = faust.App(
+        self.app = App(
             f"{prefix}correlator",
             broker=f"kafka://{k.bootstrap_servers}",
             store="memory://",
@@ -201,8 +200,14 @@ class Correlator:
             # aiokafka holds one open batch per partition and makes send() wait while a full
             # one is in flight; at faust's 16 KiB default that is every 2-5 incidents.
             producer_max_batch_size=512 * 1024,
-            stream_wait_empty=False,
+            # A rebalance waits until the batch in hand is processed and acked, and commits
+            # it, before partitions move and tables recover. Without that, a batch finished
+            # during the recovery had its state overwritten by the replayed changelog while
+            # its offsets were committed: the fail-over test lost members that way once the
+            # consumer's long-poll was short enough to have records in hand at every rebalance.
+            stream_wait_empty=True,
         )
+        self.app.fetch_max_wait_ms = k.fetch_max_wait_ms
         raw: dict[str, Any] = {
             "key_type": bytes,
             "value_type": bytes,
@@ -273,15 +278,54 @@ class Correlator:
 
     # --- processing ------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
-        # Manual acks: faust acks an event when the iterator moves past it, which inside
-        # take_events is *before* the batch is processed; a commit in between followed by a
-        # crash would lose the batch. Ack only after its state and events are produced
-        # (faust flushes the producer before it commits the acked offsets).
-        async for events in stream.noack().take_events(self.batch_size, within=self.batch_within):
-            await self.process(events)
-            await self._drain_producer_buffer()
-            for event in events:
-                event.ack()
+        """Hand events to :meth:`_fold_batches`, which folds whatever has arrived while it
+        folded the previous batch: one event at low load (no waiting), large batches under
+        load.
+
+        Not faust's ``take_events``: its buffer hand-off can append an event after a batch
+        was copied out and before the buffer is cleared, then ack it unprocessed; the
+        fail-over test lost a member that way. Here the batch is swapped out with no await
+        in between, so an event is in exactly one batch.
+
+        Manual acks (``noack``): an event is acked only after its state and incident events
+        are handed to Kafka (faust flushes the producer before it commits acked offsets).
+        """
+        pending: list[Any] = []
+        ready, room = asyncio.Event(), asyncio.Event()
+        room.set()
+
+        async def fold_batches() -> None:
+            nonlocal pending
+            try:
+                while True:
+                    await ready.wait()
+                    events, pending = pending, []  # atomically: nothing joins a taken batch
+                    ready.clear()
+                    room.set()
+                    await self.process(events)
+                    await self._drain_producer_buffer()
+                    for event in events:
+                        event.ack()
+            finally:
+                room.set()  # never leave the stream waiting on a folder that is gone
+
+        worker = asyncio.create_task(fold_batches(), name="correlator-fold")
+        try:
+            async for event in stream.noack().events():
+                while True:
+                    if worker.done():  # a crash of the folding task surfaces here
+                        worker.result()
+                        raise RuntimeError("the correlator's folding task ended")
+                    if len(pending) < self.batch_size:
+                        break
+                    room.clear()  # back-pressure on the stream until a batch is taken
+                    await room.wait()
+                pending.append(event)
+                ready.set()
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
 
     async def process(self, events: Iterable[Any]) -> None:
         by_partition: dict[int, list[Keyed]] = defaultdict(list)
@@ -444,8 +488,10 @@ class Correlator:
             else:
                 emission[event.key] = (emitted_at, True)
         # Each changed incident is encoded once, for the changelog and for its event.
-        encoded = {id(inc): self._json.encode(inc) for inc in changed.values() if inc is not None}
+        encoded: dict[int, bytes] = {}
         for k, inc in changed.items():
+            if inc is not None:
+                encoded[id(inc)] = self._json.encode(inc)
             emitted_at, pending = emission.get(k, (None, False))
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
