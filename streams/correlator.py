@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -233,6 +234,8 @@ class Correlator:
         self._decoded: dict[str, tuple[bytes, Stored]] = {}
         self._json = IncidentEncoder()
         self._changelog: list[tuple[int, bytes, bytes]] = []  # written, not yet sent
+        self._persisted: dict[str, float] = {}  # key -> monotonic time of its last write
+        self.persist_interval = min(30.0, self.rules.resolve_timeout / 10)
         self.processed = 0  # anomalies folded, for benchmarks and tests
         self.partitions = k.partitions  # the real count is read from the topic at start
         self.silences = SilenceStore(k, topic(prefix, "silences"))
@@ -489,7 +492,10 @@ class Correlator:
                 emission[event.key] = (emitted_at, True)
         # Each changed incident is encoded once, for the changelog and for its event.
         encoded: dict[int, bytes] = {}
+        noisy = {e.key for e in events}
         for k, inc in changed.items():
+            if k not in noisy and inc is not None and self._refresh(k, inc):
+                continue  # a silent liveness refresh, kept in memory for now
             if inc is not None:
                 encoded[id(inc)] = self._json.encode(inc)
             emitted_at, pending = emission.get(k, (None, False))
@@ -585,6 +591,26 @@ class Correlator:
         raw = self.table.data.get(key.encode())
         return self._stored(key, raw) if raw is not None else None
 
+    def _refresh(self, key: str, inc: Incident) -> bool:
+        """Apply a change that publishes nothing (a repeat refreshing members' last_seen)
+        in memory only, when the group's state was written to the changelog less than
+        ``persist_interval`` ago. Repeats are most of the stream, and each rewrote the whole
+        incident; now a restore from the changelog can find liveness at most that stale,
+        which only matters to ``resolve_timeout`` (the interval is a tenth of it, at most
+        30 s). Returns False when the change must be written."""
+        raw = self.table.data.get(key.encode())
+        cached = self._decoded.get(key)
+        last = self._persisted.get(key)
+        now = time.monotonic()
+        if raw is None or cached is None or cached[0] is not raw or last is None:
+            return False
+        if now - last >= self.persist_interval:
+            return False
+        # The table keeps the bytes last written; the decoded view (keyed to those very
+        # bytes) carries the fresher state, and a recovery (new bytes) supersedes it.
+        self._decoded[key] = (raw, replace(cached[1], incident=inc))
+        return True
+
     def _store(
         self,
         partition: int,
@@ -601,6 +627,7 @@ class Correlator:
         raw_key = key.encode()
         self.table.data[raw_key] = value
         self._decoded[key] = (value, stored)
+        self._persisted[key] = time.monotonic()
         self._changelog.append((partition, raw_key, value))
 
     async def _send_changelog(self) -> None:

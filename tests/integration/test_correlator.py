@@ -15,7 +15,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from streams.bus import Bus
 from streams.correlator import Correlator
-from tests.helpers import make_settings, readers
+from tests.helpers import eventually, make_settings, readers
 
 pytestmark = pytest.mark.integration
 
@@ -256,3 +256,57 @@ async def test_late_anomalies_within_the_bound_fold_older_ones_are_recorded_late
     assert (
         metrics.registry.get_sample_value("sre_agent_late_anomalies_total", {"name": "stale"}) == 1
     )
+
+
+async def test_silent_repeats_are_kept_in_memory_between_changelog_writes(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A repeat changes only liveness: it is applied at once but written to the changelog
+    at most once per persist interval; the next change that publishes writes it all."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+    t = bus.topic
+    by = settings.correlation.group_by
+
+    async def send(a: Anomaly) -> None:
+        await bus.publish(t("anomalies"), a, key=group_key(a.labels, by))
+
+    key = "test/shop/cart"
+    try:
+        corr = Correlator(settings, metrics=metrics)
+        changelog = corr.table.changelog_topic.get_topic_name()
+        async with (
+            corr,  # first: it creates its changelog topic
+            readers(
+                kafka_bootstrap, {"inc": (t("incidents"), Incident), "log": (changelog, None)}
+            ) as r,
+        ):
+            await send(anomaly("cart", "high-error-rate"))
+            await r["log"].wait_for(lambda xs: len(xs) >= 1, 60, "the first write")
+            repeats = [anomaly("cart", "high-error-rate", at_offset=i / 10) for i in range(1, 11)]
+            for a in repeats:
+                await send(a)
+            last_seen = repeats[-1].observed_at
+            await eventually(
+                lambda: (
+                    (s := corr._get(key)) is not None
+                    and s.incident is not None
+                    and s.incident.members[0].last_seen == last_seen
+                ),
+                30,
+                what="the repeats applied",
+            )
+            assert len(r["log"].items) == 1, "a repeat rewrote the changelog"
+            await send(anomaly("cart", "high-latency", at_offset=2))  # publishes: writes all
+            writes = await r["log"].wait_for(lambda xs: len(xs) >= 2, 60, "the second write")
+            events = await r["inc"].wait_for(lambda xs: len(xs) >= 2, 60, "the update")
+    finally:
+        await bus.stop()
+    state = orjson.loads(writes[-1])
+    members = {m["name"]: m for m in state["i"]["members"]}
+    assert set(members) == {"high-error-rate", "high-latency"}
+    assert members["high-error-rate"]["last_seen"] == last_seen.isoformat().replace("+00:00", "Z")
+    assert [i.revision for i in events] == [1, 2]
