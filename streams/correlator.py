@@ -656,7 +656,15 @@ class Correlator:
                 service = inc.labels.get("service", "")
                 duration = (inc.resolved_at - inc.opened_at).total_seconds()
                 self.metrics.resolution.labels(service=service).observe(duration)
-            log.info("incident %s %s rev %d (%s)", inc.id[:12], inc.status, inc.revision, inc.key)
+            # Every update at INFO cost more than folding it at a few thousand a second.
+            log.log(
+                logging.DEBUG if inc.status == "updated" else logging.INFO,
+                "incident %s %s rev %d (%s)",
+                inc.id[:12],
+                inc.status,
+                inc.revision,
+                inc.key,
+            )
         for status, n in statuses.items():
             self.metrics.incidents.labels(status=status).inc(n)
 

@@ -211,10 +211,15 @@ def as_anomaly(m: Member) -> Anomaly:
 def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -> list[Fact]:
     """The facts an incident's members make, from its current state."""
     out = []
-    alive = max(m.last_seen for m in incident.members)
+    alive = None
     for m in incident.members:
+        # Cheap test first: on the hot path nearly every member is a pod's, and with no
+        # inhibition rules its match labels need not be built at all.
+        if not (topology and scope(m.labels) is not None) and not rules:
+            continue
         labels = match_labels(m)
         if is_fact(labels, topology, rules):
+            alive = alive or max(x.last_seen for x in incident.members)
             out.append(
                 Fact(
                     fingerprint=m.fingerprint,
