@@ -239,7 +239,7 @@ cmd_start() {
     log "started pid $(cat "$pidfile"); waiting for $ADDR (timeout ${READY_TIMEOUT}s)"
     deadline=$((SECONDS + READY_TIMEOUT))
     while ! kafka_ready "$logfile" "$skip"; do
-        if ! read_pid "$pidfile" "$dir/server.properties" >/dev/null; then
+        if ! still_running "$pidfile" "$dir/server.properties"; then
             fail_start kafka "$pidfile" "$dir/server.properties" "$logfile" "kafka exited during startup"
         fi
         if ((SECONDS >= deadline)); then

@@ -146,12 +146,25 @@ fail_start() {
     exit 1
 }
 
+# still_running PIDFILE MARKER -> success while the service started from PIDFILE
+# lives. A live pid whose command line does not show MARKER yet is between
+# exec()s (under load /proc/PID/cmdline can read empty mid-exec): that is
+# starting, not dead. A CI run once failed a healthy Prometheus on exactly that.
+still_running() {
+    local pidfile="$1" marker="$2" pid
+    read_pid "$pidfile" "$marker" >/dev/null && return 0
+    pid="$(tr -cd '0-9' <"$pidfile" 2>/dev/null)"
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+    # A child that died but is not reaped yet still answers kill -0.
+    [[ "$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null)" != Z ]]
+}
+
 # wait_http_ready NAME PIDFILE MARKER LOGFILE URL TIMEOUT_SECONDS
 wait_http_ready() {
     local name="$1" pidfile="$2" marker="$3" logfile="$4" url="$5" timeout="$6" deadline
     deadline=$((SECONDS + timeout))
     while ((SECONDS < deadline)); do
-        if ! read_pid "$pidfile" "$marker" >/dev/null; then
+        if ! still_running "$pidfile" "$marker"; then
             fail_start "$name" "$pidfile" "$marker" "$logfile" "$name exited during startup"
         fi
         if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
