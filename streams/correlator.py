@@ -1,8 +1,9 @@
 """The correlator: a faust-streaming app folding anomalies into incidents.
 
-Hot path is batched (see shared perf notes): ``take_events`` hands over up to
-``batch_size`` events; each batch decodes once, reads each group's state once, folds the
-pure :func:`streams.correlation.correlate_batch`, writes each changed group once to the
+Hot path is batched (see shared perf notes): the agent hands a folding task whatever
+arrived while it folded the last batch (at most ``batch_size`` events); each batch decodes
+once, reads each group's state once, folds the pure
+:func:`streams.correlation.correlate_batch`, writes each changed group once to the
 changelogged table and emits only incident *changes*.
 
 Table writes name their changelog partition explicitly (the partition the anomaly came
@@ -281,8 +282,8 @@ class Correlator:
 
     # --- processing ------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
-        """Hand events to :meth:`_fold_batches`, which folds whatever has arrived while it
-        folded the previous batch: one event at low load (no waiting), large batches under
+        """Hand events to a folding task, which folds whatever has arrived while it folded
+        the previous batch: one event at low load (no waiting), large batches under
         load.
 
         Not faust's ``take_events``: its buffer hand-off can append an event after a batch
@@ -362,7 +363,9 @@ class Correlator:
                         f"correlation.late_bound {self.rules.late_bound:.0f}s",
                     )
                     continue
-                for key, marks in self.placements(a, routed, index):
+                for key, marks in placements(
+                    a, routed, index, self.rules, topology=self.topology, inhibit=self.inhibit_rules
+                ):
                     if partition_for(key, self.partitions) != msg.partition:
                         # Wrong partition for this group: route it to the right one.
                         await self._route(key, a, marks.absorbed_by)
@@ -391,13 +394,6 @@ class Correlator:
                 )
                 self._index = (stamp, index)
         return self._index[1]
-
-    def placements(
-        self, a: Anomaly, routed: tuple[str, str | None] | None, index: FactIndex
-    ) -> list[tuple[str, Marks]]:
-        return placements(
-            a, routed, index, self.rules, topology=self.topology, inhibit=self.inhibit_rules
-        )
 
     def _routed(self, msg: Any) -> tuple[str, str | None] | None:
         headers = dict(msg.headers or ())
@@ -444,36 +440,28 @@ class Correlator:
                 self._facts_sent[fact.fingerprint] = fact
                 await self.facts_topic.send(key=fact.fingerprint.encode(), value=encode(fact))
 
-    async def _hand_over(self, owned: set[int], now: datetime) -> list[Incident]:
-        """Owned incidents hand the firing anomalies a node- or workload-level incident now
-        explains over to it: pods that failed before their node's anomaly arrived end up
-        in the node's incident too, and an incident left with none resolves."""
-        index = self.fact_index(now)
-        if not self.topology or not (index.nodes or index.workloads):
-            return []
-        events = []
-        for raw_key, raw in list(self.table.data.items()):
-            key = raw_key.decode()
-            stored = self._stored(key, raw)
-            inc = stored.incident
-            if stored.partition not in owned or inc is None:
-                continue
-            found = moves(inc, index)
-            if not found:
-                continue
-            for m in inc.members:
-                if m.fingerprint in found:
-                    how, fact = found[m.fingerprint]
-                    await self._route(fact.incident_key, as_anomaly(m), how)
-            moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
-            self.metrics.correlation_decisions.labels(decision="handed_over").inc(len(moved))
-            new, event = hand_over(inc, moved, now)
-            self._store(stored.partition, key, new, emitted_at=now)
-            await self._publish_facts([new])
-            if event is not None and stored.emitted_at is not None:
-                events.append(event)  # one never published (group_wait) closes silently
-            log.info("incident %s handed %d anomalies over", inc.id[:12], len(moved))
-        return events
+    async def _hand_over(
+        self, key: str, stored: Stored, index: FactIndex, now: datetime
+    ) -> Incident | None:
+        """An owned incident hands the firing anomalies a node- or workload-level incident
+        now explains over to it: pods that failed before their node's anomaly arrived end
+        up in the node's incident too, and an incident left with none resolves. Returns
+        the event to publish (none for an incident never published, see group_wait)."""
+        inc = stored.incident
+        found = moves(inc, index) if inc is not None else {}
+        if inc is None or not found:
+            return None
+        for m in inc.members:
+            if m.fingerprint in found:
+                how, fact = found[m.fingerprint]
+                await self._route(fact.incident_key, as_anomaly(m), how)
+        moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
+        self.metrics.correlation_decisions.labels(decision="handed_over").inc(len(moved))
+        new, event = hand_over(inc, moved, now)
+        self._store(stored.partition, key, new, emitted_at=now)
+        await self._publish_facts([new])
+        log.info("incident %s handed %d anomalies over", inc.id[:12], len(moved))
+        return event if stored.emitted_at is not None else None
 
     async def _fold(self, partition: int, anomalies: list[Keyed]) -> None:
         now = utcnow()
@@ -551,9 +539,13 @@ class Correlator:
             await self._emit([event])
 
     async def _tick(self) -> None:
-        """Resolve incidents that went quiet; only for partitions this worker owns."""
+        """One pass over the incidents of partitions this worker owns: resolve those that
+        went quiet, publish held and repeated ones, and hand anomalies over to node- or
+        workload-level incidents."""
         owned = {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
         now = utcnow()
+        index = self.fact_index(now)
+        absorbing = self.topology and bool(index.nodes or index.workloads)
         events = []
         for raw_key, raw in list(self.table.data.items()):
             key = raw_key.decode()
@@ -565,12 +557,15 @@ class Correlator:
                 self._store(stored.partition, key, new, emitted_at=now)
                 events.append(event)
                 await self._publish_facts([new])
-            elif (
+                continue
+            if (
                 stored.pending and publish_due(stored.incident, stored.emitted_at, now, self.rules)
             ) or repeat_due(stored.incident, stored.emitted_at, now, self.rules):
                 self._store(stored.partition, key, stored.incident, emitted_at=now)
                 events.append(as_published(stored.incident, stored.emitted_at))
-        events.extend(await self._hand_over(owned, now))
+                stored = replace(stored, emitted_at=now, pending=False)
+            if absorbing and (handed := await self._hand_over(key, stored, index, now)):
+                events.append(handed)
         await self._emit(events)
 
     def _assignment(self) -> set[TopicPartition]:
