@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 from agent.metrics import Metrics
 from agent.models import ActionRequest, ActionResult
 from streams.bus import Envelope
+from streams.replay import RecentSource
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class CalibrationTracker:
         self,
         *,
         metrics: Metrics,
-        actions: Callable[[float], Awaitable[Iterable[Envelope]]] | None = None,
+        actions: RecentSource | None = None,
     ) -> None:
         self.metrics = metrics
         self._actions = actions

@@ -80,6 +80,7 @@ from agent.prom import PromClient
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
 from handlers.verification import judge
 from streams.bus import Envelope, handle_each
+from streams.replay import RecentSource
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ class Publisher(Protocol):
 
 
 ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
-# Records of a topic written in the last ``seconds`` (action results, action requests).
-RecentSource = Callable[[float], Awaitable[Iterable[Envelope]]]
 
 
 def still_firing(samples_labels: Sequence[dict[str, str]], labels: dict[str, str]) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -126,6 +126,10 @@ async def snapshot(
     finally:
         await consumer.stop()
     return out
+
+
+# What a component that rebuilds from recent history is given: ``recent`` bound to a topic.
+RecentSource = Callable[[float], Awaitable[Iterable[Envelope]]]
 
 
 async def recent(
