@@ -59,7 +59,10 @@ def make_anomalies(count: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
     """(key, value) pairs with realistic cardinality: 1k services in 50 namespaces on 200
     nodes; most anomalies repeat a known fingerprint, some resolve."""
     rng = random.Random(seed)
-    base = datetime(2026, 1, 1, tzinfo=UTC)
+    # Recent: with a fixed date in the past, the correlator's timer resolved every incident
+    # (quiet for resolve_timeout) a second in, and later anomalies, older than those
+    # resolutions, were dropped as late copies: the run measured that no-op path.
+    base = datetime.now(UTC) - timedelta(milliseconds=count)
     out = []
     for i in range(count):
         svc, replica = rng.randrange(SERVICES), rng.randrange(5)
