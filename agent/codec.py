@@ -33,6 +33,14 @@ def to_dict(event: object) -> dict[str, Any]:
 
 
 _ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+_LIST_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
+def _list_adapter(cls: type[T]) -> TypeAdapter[list[T]]:
+    adapter = _LIST_ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _LIST_ADAPTERS[cls] = TypeAdapter(list[cls])  # type: ignore[valid-type]
+    return adapter
 
 
 def _adapter(cls: type[T]) -> TypeAdapter[T]:
@@ -68,6 +76,18 @@ def from_obj(cls: type[T], obj: Any) -> T:
     except ValidationError as err:
         raise InvalidEvent(cls.__name__, validation_problems(err)) from err
     except (TypeError, ValueError) as err:  # raised by a model invariant
+        raise InvalidEvent(cls.__name__, [str(err)]) from err
+
+
+def from_objs(cls: type[T], objs: list[Any]) -> list[T]:
+    """``[from_obj(cls, o) for o in objs]`` in one validator call (a sixth cheaper per item
+    for small objects). Raises InvalidEvent for the first bad item; callers that must keep
+    the good items of a bad list validate it item by item then."""
+    try:
+        return _list_adapter(cls).validate_python(objs)
+    except ValidationError as err:
+        raise InvalidEvent(cls.__name__, validation_problems(err)) from err
+    except (TypeError, ValueError) as err:
         raise InvalidEvent(cls.__name__, [str(err)]) from err
 
 

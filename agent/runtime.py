@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -267,6 +268,17 @@ class Agent:
             return None if resp.status == 200 else f"HTTP {resp.status}"
 
 
+def freeze_heap() -> None:
+    """Exempt everything start-up allocated from the cyclic garbage collector.
+
+    Modules, clients, faust's machinery and restored state live as long as the process,
+    yet every full collection walked all of them: a fifth of the correlator's CPU under
+    load. Reference counting still frees what is dropped later; only reference cycles
+    among these start-up objects would never be collected."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_until_signalled(agent: Agent, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down in order."""
     stop = stop or asyncio.Event()
@@ -276,6 +288,7 @@ async def run_until_signalled(agent: Agent, *, stop: asyncio.Event | None = None
             loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
+        freeze_heap()
         await stop.wait()
         log.info("stop requested; draining")
     finally:

@@ -38,6 +38,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import Anomaly, AnomalyBatch, fingerprint, group_key
+from agent.runtime import freeze_heap
 from agent.settings import parse_settings
 from streams.bus import create_topics
 from streams.correlator import Correlator
@@ -171,6 +172,7 @@ async def correlator_throughput(
         return corr.processed
 
     await corr.start()
+    freeze_heap()  # as `sre-agent run` does once started
     try:
         while processed() == 0:
             await asyncio.sleep(0.005)

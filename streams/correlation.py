@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from agent.models import (
     SEVERITY_RANK,
@@ -371,16 +370,42 @@ class _Group:
         self.fresh = False
         self.dirty = True
 
-    def change(self, **fields: Any) -> Incident:
-        """A transition: the incident with the current members and ``fields``."""
-        assert self.inc is not None
-        self.inc = replace(self.inc, members=tuple(self.members), **fields)
+    def change(
+        self,
+        status: IncidentStatus,
+        updated_at: datetime,
+        resolved_at: datetime | None,
+        absorbed_into: str | None,
+    ) -> Incident:
+        """A transition: the next revision, with the current members. Built directly, as
+        :func:`_with` is: a transition is a fifth of a realistic stream."""
+        inc = self.inc
+        assert inc is not None
+        members = tuple(self.members)
+        self.inc = Incident(
+            inc.id,
+            inc.key,
+            status,
+            _severity(members),
+            inc.labels,
+            members,
+            inc.opened_at,
+            updated_at,
+            inc.revision + 1,
+            resolved_at,
+            absorbed_into,
+            inc.schema_version,
+        )
         self.fresh = True
         return self.inc
 
     def result(self) -> Incident | None:
+        """The group's state at the end of the batch (members refreshed since the last
+        transition included)."""
         if not self.fresh:
-            self.change()
+            assert self.inc is not None
+            self.inc = replace(self.inc, members=tuple(self.members))
+            self.fresh = True
         return self.inc
 
     def fold(self, a: Anomaly, key: str, rules: CorrelationRules, marks: Marks) -> Incident | None:
@@ -402,14 +427,8 @@ class _Group:
             if (a.observed_at - inc.resolved_at).total_seconds() > rules.reopen_window:
                 return self.reset(_open(a, key, rules, marks))
             self.upsert(a, marks)
-            return self.change(
-                status=_live(self.members, "reopened"),
-                severity=_severity(self.members),
-                updated_at=max(a.observed_at, inc.updated_at),
-                revision=inc.revision + 1,
-                resolved_at=None,
-                absorbed_into=None,
-            )
+            status = _live(self.members, "reopened")
+            return self.change(status, max(a.observed_at, inc.updated_at), None, None)
         if known is None and not firing:
             return None
         if known is not None:
@@ -426,20 +445,9 @@ class _Group:
         self.upsert(a, marks)
         changed_at = max(a.observed_at, inc.updated_at)
         if all(m.status == "resolved" for m in self.members):
-            return self.change(
-                status="resolved",
-                severity=_severity(self.members),
-                updated_at=changed_at,
-                resolved_at=changed_at,
-                revision=inc.revision + 1,
-            )
-        status: IncidentStatus = "mitigating" if inc.status == "mitigating" else "updated"
-        return self.change(
-            status=_live(self.members, status),
-            severity=_severity(self.members),
-            updated_at=changed_at,
-            revision=inc.revision + 1,
-        )
+            return self.change("resolved", changed_at, changed_at, inc.absorbed_into)
+        status = _live(self.members, "mitigating" if inc.status == "mitigating" else "updated")
+        return self.change(status, changed_at, inc.resolved_at, inc.absorbed_into)
 
 
 def correlate_batch(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -27,13 +28,23 @@ MAX_BATCH = 500  # anomalies per record: keeps records far below the 1 MiB defau
 
 
 @functools.lru_cache(maxsize=65536)
-@functools.lru_cache(maxsize=65536)
-def partition_for(key: str, partitions: int) -> int:
-    """Kafka's default partitioner: murmur2(key) masked positive, modulo partitions.
+def _hash(key: bytes) -> int:
+    # murmur2 is pure Python (~10-20 us) and is asked for every record's key, of which there
+    # are far fewer than records (one per group).
+    return int(murmur2(key) & 0x7FFFFFFF)
 
-    Cached: murmur2 is pure Python (~20 us), and the correlator asks for every anomaly's
-    group, of which there are far fewer than anomalies."""
-    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+def partition_for(key: str, partitions: int) -> int:
+    """Kafka's default partitioner: murmur2(key) masked positive, modulo partitions."""
+    return _hash(key.encode()) % partitions
+
+
+def partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's DefaultPartitioner, with the hash of each key cached (for producers that
+    send many records per key, such as the correlator's incidents and changelog)."""
+    if key is None:
+        return random.choice(available or all_partitions)  # noqa: S311 - spreading load, not secrecy
+    return all_partitions[_hash(key) % len(all_partitions)]
 
 
 def batch_by_partition(

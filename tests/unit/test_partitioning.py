@@ -13,7 +13,7 @@ from agent.errors import InvalidEvent
 from agent.models import AnomalyBatch, Incident
 from streams.correlation import coalesce
 from streams.correlator import decode_anomalies
-from streams.partitioning import MAX_BATCH, batch_by_partition, partition_for
+from streams.partitioning import MAX_BATCH, batch_by_partition, partition_for, partitioner
 from tests.unit.factories import anomaly, at
 
 
@@ -22,6 +22,16 @@ from tests.unit.factories import anomaly, at
 def test_partition_matches_kafkas_default_partitioner(key: str, partitions: int) -> None:
     expected = DefaultPartitioner()(key.encode(), list(range(partitions)), [])
     assert partition_for(key, partitions) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=60), st.lists(st.integers(0, 99), min_size=1, max_size=12, unique=True))
+def test_the_producer_partitioner_is_kafkas_default_for_keyed_records(
+    key: bytes, partitions: list[int]
+) -> None:
+    expected = DefaultPartitioner()(key, partitions, partitions[:1])
+    assert partitioner(key, partitions, partitions[:1]) == expected
+    assert partitioner(None, partitions, partitions[:1]) == partitions[0]  # only available one
 
 
 def test_batches_hold_one_partition_each_and_are_bounded() -> None:
