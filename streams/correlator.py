@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -157,6 +159,15 @@ def decode_mitigation(raw: bytes | None) -> Mitigation | None:
     return from_obj(Mitigation, doc["mitigation"])
 
 
+def remove_empty_tree(root: Path) -> None:
+    """Remove ``root`` if it holds only directories (faust's data directory: the tables are
+    in memory); leave it as it is otherwise."""
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        for d in sorted(root.rglob("*"), reverse=True):
+            d.rmdir()
+        root.rmdir()
+
+
 def rules_from(settings: Settings) -> CorrelationRules:
     c = settings.correlation
     return CorrelationRules(
@@ -194,6 +205,10 @@ class Correlator:
             f"{prefix}correlator",
             broker=f"kafka://{k.bootstrap_servers}",
             store="memory://",
+            # faust creates its data directory at start, by default in the working
+            # directory: a read-only root filesystem (deploy/agent.yaml) refused it. Tables
+            # are in memory; nothing but the empty directory is ever written.
+            datadir=str(Path(tempfile.gettempdir()) / "{conf.name}-data"),
             web_enabled=False,
             key_serializer="raw",
             value_serializer="raw",
@@ -280,6 +295,7 @@ class Correlator:
             await self.app.stop()
             await self.facts.stop()
             await self.silences.stop()
+            remove_empty_tree(Path(self.app.conf.datadir))
 
     async def __aenter__(self) -> Correlator:
         await self.start()

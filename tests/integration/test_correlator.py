@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import orjson
 import pytest
@@ -360,3 +361,12 @@ async def test_a_backlog_is_folded_in_few_large_batches(
     # The fetcher hands records over a few at a time: without gathering what the log held,
     # the same backlog was folded in dozens of batches.
     assert len(batch_sizes) <= 10, batch_sizes
+    # faust's data directory is kept out of the working directory (a read-only root
+    # filesystem in deployment refused it there).
+    assert not leftover_data_dirs(topic_prefix, Path(corr.app.conf.datadir))
+
+
+def leftover_data_dirs(prefix: str, datadir: Path) -> list[Path]:
+    """faust data directories in the working directory, and the correlator's own one
+    (removed on stop: it held nothing)."""
+    return [*Path.cwd().glob(f"{prefix}correlator-data"), *([datadir] if datadir.exists() else [])]

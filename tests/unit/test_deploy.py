@@ -73,3 +73,24 @@ def test_manifests_use_the_least_privilege_service_account() -> None:
             spec = d["spec"]["template"]["spec"]
             assert spec["serviceAccountName"] == "sre-agent"
             assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_correlator_has_a_writable_tmp_under_a_read_only_root() -> None:
+    """faust creates its data directory at start (under the temp dir, see
+    streams.correlator): with a read-only root filesystem that needs a mounted /tmp."""
+    docs = [d for f in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    checked = 0
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        volumes = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        for c in pod["containers"]:
+            args = " ".join(c.get("args", []))
+            if not re.search(r"--role (\S*,)?(correlator|all)\b", args):
+                continue
+            checked += 1
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts.get("/tmp") in volumes, f"{d['metadata']['name']}: no writable /tmp"
+    assert checked >= 1
