@@ -23,26 +23,25 @@ _OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS  # as agent.codec.encode
 
 class IncidentEncoder:
     def __init__(self) -> None:
-        # group key -> id(member) -> (member, its JSON). Holding the member keeps its id
-        # from being reused by another object while the entry exists.
-        self._members: dict[str, dict[int, tuple[Member, bytes]]] = {}
+        # group key -> the members of its last remembered revision and their JSON. Members
+        # keep their positions from one revision to the next (a change replaces one in
+        # place, a new one is appended), so reuse is an identity check per position.
+        self._last: dict[str, tuple[tuple[Member, ...], list[orjson.Fragment]]] = {}
 
     def encode(self, incident: Incident, *, remember: bool = True) -> bytes:
         """``encode(incident)``; ``remember``: this is the group's latest state, keep its
         members' JSON for the next revision (intermediate revisions of a batch are not)."""
-        known = self._members.get(incident.key, {})
-        current: dict[int, tuple[Member, bytes]] = {}
-        parts = []
-        for m in incident.members:
-            hit = known.get(id(m))
-            raw = hit[1] if hit is not None and hit[0] is m else encode(m)
-            current[id(m)] = (m, raw)
-            parts.append(orjson.Fragment(raw))
+        known, known_parts = self._last.get(incident.key, ((), []))
+        n = len(known)
+        parts = [
+            known_parts[i] if i < n and known[i] is m else orjson.Fragment(encode(m))
+            for i, m in enumerate(incident.members)
+        ]
         if remember:
-            self._members[incident.key] = current
+            self._last[incident.key] = (incident.members, parts)
         doc = {name: getattr(incident, name) for name in _FIELDS}
         doc["members"] = parts
         return orjson.dumps(doc, option=_OPTS)
 
     def forget(self, key: str) -> None:
-        self._members.pop(key, None)
+        self._last.pop(key, None)
