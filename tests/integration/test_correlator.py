@@ -14,6 +14,7 @@ import pytest
 from agent.codec import decode
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
+from agent.settings import Settings
 from streams.bus import Bus
 from streams.correlator import Correlator
 from tests.helpers import eventually, make_settings, readers
@@ -37,6 +38,15 @@ def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 
         observed_at=now,
         value=1.0,
     )
+
+
+async def started_bus(settings: Settings) -> tuple[Bus, Metrics]:
+    """A started bus with the agent's topics created, and the metrics it counts into."""
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+    return bus, metrics
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
@@ -115,10 +125,7 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
     from streams.partitioning import partition_for
 
     settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
     t = bus.topic
     key = "test/shop/cart"
     right = partition_for(key, 2)
@@ -324,10 +331,7 @@ async def test_a_backlog_is_folded_in_few_large_batches(
     from streams.partitioning import partition_for
 
     settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
     t = bus.topic
     services = [
         s for s in (f"svc{i}" for i in range(80)) if partition_for(f"test/shop/{s}", 2) == 0
