@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 from aiokafka import TopicPartition
+from faust.types import TP, Message
 
 from agent.codec import decode, encode, from_obj, from_objs
 from agent.errors import InvalidEvent
@@ -62,9 +63,11 @@ from streams.correlation import (
     publish_due,
     repeat_due,
 )
+from streams.delivery import DeliveryGuard
 from streams.faust_kafka import App
 from streams.incident_json import IncidentEncoder
 from streams.partitioning import partition_for, partitioner, topic_partitions
+from streams.replay import read_range
 from streams.silences import SilenceStore
 from streams.topology import (
     EMPTY,
@@ -159,6 +162,36 @@ def decode_mitigation(raw: bytes | None) -> Mitigation | None:
     return from_obj(Mitigation, doc["mitigation"])
 
 
+@dataclass(frozen=True, slots=True)
+class Refetched:
+    """A record faust skipped, read directly (see :mod:`streams.delivery`), shaped like the
+    faust events the correlator folds. Acking it acks it with faust's consumer, as the
+    events after it are, so faust commits past it once it is folded."""
+
+    message: Message
+    value: bytes | None
+    consumer: Any
+
+    @staticmethod
+    def of(record: Any, consumer: Any) -> Refetched:
+        message = Message(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.timestamp / 1000,
+            record.timestamp_type,
+            list(record.headers or ()),
+            record.key,
+            record.value,
+            record.checksum,
+            tp=TP(record.topic, record.partition),
+        )
+        return Refetched(message, record.value, consumer)
+
+    def ack(self) -> None:
+        self.consumer.ack(self.message)
+
+
 def remove_empty_tree(root: Path) -> None:
     """Remove ``root`` if it holds only directories (faust's data directory: the tables are
     in memory); leave it as it is otherwise."""
@@ -251,6 +284,13 @@ class Correlator:
         self.app.timer(tick_interval)(self._tick)
         self.table.on_recover(self._recovered)
         self._owned: set[int] = set()
+        # Under exactly-once, transaction markers leave holes in every partition written
+        # transactionally (re-routed anomalies): each would cost a direct read.
+        self._guard = (
+            DeliveryGuard()
+            if settings.correlation.processing_guarantee == "at_least_once"
+            else None
+        )
         self._started = False
         # Decoded view of the table. An entry is used only while the table holds the very
         # bytes object it was decoded from, so a recovery from the changelog (new objects)
@@ -366,6 +406,20 @@ class Correlator:
         worker = asyncio.create_task(fold_batches(), name="correlator-fold")
         try:
             async for event in stream.noack().events():
+                msg = event.message
+                hole = (
+                    self._guard.hole(msg.tp, msg.offset, self._committed(msg.tp))
+                    if self._guard is not None
+                    else range(0)
+                )
+                if hole:
+                    log.warning(
+                        "%s: faust skipped offsets %d-%d; reading them directly",
+                        msg.tp,
+                        hole.start,
+                        hole.stop - 1,
+                    )
+                    pending.extend(await self._reread(msg.topic, msg.partition, hole))
                 while True:
                     if worker.done():  # a crash of the folding task surfaces here
                         worker.result()
@@ -444,6 +498,18 @@ class Correlator:
                 )
                 self._index = (stamp, index)
         return self._index[1]
+
+    async def _reread(self, topic: str, partition: int, offsets: range) -> list[Refetched]:
+        records = await read_range(self.settings.kafka, topic, partition, offsets)
+        return [Refetched.of(r, self.app.consumer) for r in records]
+
+    def _committed(self, tp: Any) -> int | None:
+        """The partition's committed offset as faust last read or wrote it (None if none)."""
+        committed = getattr(self.app.consumer, "_committed_offset", None)
+        if committed is None:
+            raise RuntimeError("faust changed: Consumer._committed_offset is gone")
+        value = committed.get(tp)
+        return int(value) if value is not None else None
 
     def _highwater(self, msg: Any) -> int:
         """The end of ``msg``'s partition as of its last fetch (0 when unknown)."""
@@ -573,6 +639,8 @@ class Correlator:
         changes nothing, so it would stay unpublished. Publishing the restored state once
         closes that gap (at-least-once: consumers may see a revision twice).
         """
+        if self._guard is not None:
+            self._guard.reset()  # positions restart at the committed offsets
         owned = {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
         taken_over, self._owned = owned - self._owned, owned
         if not taken_over:

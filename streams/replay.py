@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from agent.codec import decode
@@ -168,3 +168,39 @@ async def follow(
         raise DependencyUnavailable(f"kafka: reading {topic}: {err}") from err
     finally:
         await consumer.stop()
+
+
+async def read_range(
+    kafka: KafkaSection, topic: str, partition: int, offsets: range, *, wait_s: float = 10.0
+) -> list[Any]:
+    """The records of one partition at ``offsets`` (aiokafka ConsumerRecords, in order),
+    read outside any group. Offsets that hold no record (transaction markers, compacted
+    away) are skipped; stops at the end of the range, or of the log, or after ``wait_s``."""
+    if not offsets:
+        return []
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=f"{kafka.client_id}-reread",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+    )
+    tp = TopicPartition(topic, partition)
+    out: list[Any] = []
+    try:
+        await consumer.start()
+        consumer.assign([tp])
+        consumer.seek(tp, offsets.start)
+        end = min(offsets.stop, (await consumer.end_offsets([tp]))[tp])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while await consumer.position(tp) < end:
+            if loop.time() > deadline:
+                raise DependencyUnavailable(f"kafka: {topic}[{partition}] not readable")
+            batch = await consumer.getmany(tp, timeout_ms=200)
+            out += [r for r in batch.get(tp, []) if r.offset in offsets]
+    except KafkaError as err:
+        raise DependencyUnavailable(f"kafka {kafka.bootstrap_servers}: {err}") from err
+    finally:
+        await consumer.stop()
+    return out

@@ -13,7 +13,7 @@ from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import ActionResult, Target, utcnow
 from streams.bus import Bus
-from streams.replay import recent
+from streams.replay import read_range, recent
 from tests.helpers import make_settings
 
 pytestmark = pytest.mark.integration
@@ -62,3 +62,30 @@ async def test_recent_reads_only_the_window(kafka_bootstrap: str, topic_prefix: 
     assert [e.value.action_id for e in found] == ["recent"]
     everything = await recent(settings.kafka, topic, ActionResult, 3 * 3600)
     assert sorted(e.value.action_id for e in everything) == ["old", "old-2", "recent"]
+
+
+async def test_read_range_reads_one_partitions_offsets(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """How the correlator reads the records faust skipped (streams.delivery)."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus = Bus(settings.kafka, metrics=Metrics())
+    await bus.start()
+    await bus.create_topics()
+    await bus.stop()
+    topic = bus.topic("anomalies")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for i in range(10):
+            await producer.send_and_wait(topic, b"p0-%d" % i, partition=0)
+        await producer.send_and_wait(topic, b"p1-0", partition=1)
+    finally:
+        await producer.stop()
+
+    middle = await read_range(settings.kafka, topic, 0, range(3, 7))
+    assert [(r.offset, r.value) for r in middle] == [(o, b"p0-%d" % o) for o in range(3, 7)]
+    # A range past the end of the log stops at the end instead of waiting.
+    tail = await read_range(settings.kafka, topic, 0, range(8, 20), wait_s=5)
+    assert [r.offset for r in tail] == [8, 9]
+    assert await read_range(settings.kafka, topic, 1, range(0)) == []
