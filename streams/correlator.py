@@ -406,6 +406,7 @@ class Correlator:
         worker = asyncio.create_task(fold_batches(), name="correlator-fold")
         try:
             async for event in stream.noack().events():
+                # faust can drop a record around a rebalance (see streams.delivery).
                 msg = event.message
                 hole = (
                     self._guard.hole(msg.tp, msg.offset, self._committed(msg.tp))

@@ -31,14 +31,19 @@ log = logging.getLogger(__name__)
 Offsets = dict[int, int]
 
 
-async def _consumer(kafka: KafkaSection, topic: str, wait_s: float) -> AIOKafkaConsumer:
-    consumer = AIOKafkaConsumer(
+def _groupless(kafka: KafkaSection, role: str) -> AIOKafkaConsumer:
+    """A consumer outside any group that sees committed records only (not yet started)."""
+    return AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap_servers,
-        client_id=f"{kafka.client_id}-replay",
+        client_id=f"{kafka.client_id}-{role}",
         enable_auto_commit=False,
         isolation_level="read_committed",
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
+
+
+async def _consumer(kafka: KafkaSection, topic: str, wait_s: float) -> AIOKafkaConsumer:
+    consumer = _groupless(kafka, "replay")
     try:
         await consumer.start()
         # Subscribing (without a group: every partition is ours) makes the client fetch the
@@ -178,13 +183,7 @@ async def read_range(
     away) are skipped; stops at the end of the range, or of the log, or after ``wait_s``."""
     if not offsets:
         return []
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=f"{kafka.client_id}-reread",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-    )
+    consumer = _groupless(kafka, "reread")
     tp = TopicPartition(topic, partition)
     out: list[Any] = []
     try:

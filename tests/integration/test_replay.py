@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import ActionResult, Target, utcnow
+from agent.settings import Settings
 from streams.bus import Bus
 from streams.replay import read_range, recent
 from tests.helpers import make_settings
@@ -37,12 +38,18 @@ def result(action_id: str) -> ActionResult:
     )
 
 
-async def test_recent_reads_only_the_window(kafka_bootstrap: str, topic_prefix: str) -> None:
+async def topics_created(kafka_bootstrap: str, topic_prefix: str) -> tuple[Settings, Bus]:
+    """Settings for a fresh prefix whose topics exist, and a (stopped) bus naming them."""
     settings = make_settings(kafka_bootstrap, topic_prefix)
     bus = Bus(settings.kafka, metrics=Metrics())
     await bus.start()
     await bus.create_topics()
     await bus.stop()
+    return settings, bus
+
+
+async def test_recent_reads_only_the_window(kafka_bootstrap: str, topic_prefix: str) -> None:
+    settings, bus = await topics_created(kafka_bootstrap, topic_prefix)
     topic = bus.topic("action-results")
     now_ms = int(time.time() * 1000)
     two_hours_ago = now_ms - 2 * 3600 * 1000
@@ -68,11 +75,7 @@ async def test_read_range_reads_one_partitions_offsets(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
     """How the correlator reads the records faust skipped (streams.delivery)."""
-    settings = make_settings(kafka_bootstrap, topic_prefix)
-    bus = Bus(settings.kafka, metrics=Metrics())
-    await bus.start()
-    await bus.create_topics()
-    await bus.stop()
+    settings, bus = await topics_created(kafka_bootstrap, topic_prefix)
     topic = bus.topic("anomalies")
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
