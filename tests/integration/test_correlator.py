@@ -56,10 +56,7 @@ async def test_groups_dedups_and_restores_state_from_changelog(
     settings = make_settings(
         kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
     )
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
     t = bus.topic
     by = settings.correlation.group_by
 
@@ -166,10 +163,7 @@ async def test_quiet_incidents_resolve_on_the_timer(
         topic_prefix,
         doc={"correlation": {"processing_guarantee": guarantee, "resolve_timeout": "2s"}},
     )
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
     a = anomaly("cart", "high-error-rate")
     try:
         async with (
@@ -195,10 +189,7 @@ async def test_group_wait_and_group_interval_batch_what_subscribers_see(
         topic_prefix,
         doc={"correlation": {"group_wait": "1s", "group_interval": "2s"}},
     )
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
 
     async def send(a: Anomaly) -> None:
         await bus.publish(bus.topic("anomalies"), a, key=group_key(a.labels, GROUP_BY))
@@ -233,10 +224,7 @@ async def test_late_anomalies_within_the_bound_fold_older_ones_are_recorded_late
     settings = make_settings(
         kafka_bootstrap, topic_prefix, doc={"correlation": {"late_bound": "60s"}}
     )
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
 
     async def send(a: Anomaly) -> None:
         await bus.publish(bus.topic("anomalies"), a, key=group_key(a.labels, GROUP_BY))
@@ -272,10 +260,7 @@ async def test_silent_repeats_are_kept_in_memory_between_changelog_writes(
     """A repeat changes only liveness: it is applied at once but written to the changelog
     at most once per persist interval; the next change that publishes writes it all."""
     settings = make_settings(kafka_bootstrap, topic_prefix)
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
+    bus, metrics = await started_bus(settings)
     t = bus.topic
     by = settings.correlation.group_by
 
