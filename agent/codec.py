@@ -32,22 +32,22 @@ def to_dict(event: object) -> dict[str, Any]:
     return value
 
 
-_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
-_LIST_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}  # type form (a class, list[cls]) -> adapter
 
 
-def _list_adapter(cls: type[T]) -> TypeAdapter[list[T]]:
-    adapter = _LIST_ADAPTERS.get(cls)
+def _cached(form: Any) -> TypeAdapter[Any]:
+    adapter = _ADAPTERS.get(form)
     if adapter is None:
-        adapter = _LIST_ADAPTERS[cls] = TypeAdapter(list[cls])  # type: ignore[valid-type]
+        adapter = _ADAPTERS[form] = TypeAdapter(form)
     return adapter
 
 
 def _adapter(cls: type[T]) -> TypeAdapter[T]:
-    adapter = _ADAPTERS.get(cls)
-    if adapter is None:
-        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
-    return adapter
+    return _cached(cls)
+
+
+def _list_adapter(cls: type[T]) -> TypeAdapter[list[T]]:
+    return _cached(list[cls])  # type: ignore[valid-type]
 
 
 def format_loc(loc: Sequence[int | str]) -> str:

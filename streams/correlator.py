@@ -642,7 +642,7 @@ class Correlator:
         """
         if self._guard is not None:
             self._guard.reset()  # positions restart at the committed offsets
-        owned = {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
+        owned = self._owned_partitions()
         taken_over, self._owned = owned - self._owned, owned
         if not taken_over:
             return
@@ -669,7 +669,7 @@ class Correlator:
         """One pass over the incidents of partitions this worker owns: resolve those that
         went quiet, publish held and repeated ones, and hand anomalies over to node- or
         workload-level incidents."""
-        owned = {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
+        owned = self._owned_partitions()
         now = utcnow()
         index = self.fact_index(now)
         absorbing = self.topology and bool(index.nodes or index.workloads)
@@ -694,6 +694,10 @@ class Correlator:
             if absorbing and (handed := await self._hand_over(key, stored, index, now)):
                 events.append(handed)
         await self._emit(events)
+
+    def _owned_partitions(self) -> set[int]:
+        """The anomalies partitions assigned to this worker now."""
+        return {tp.partition for tp in self._assignment() if tp.topic == self.anomalies_name}
 
     def _assignment(self) -> set[TopicPartition]:
         try:

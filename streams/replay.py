@@ -31,19 +31,26 @@ log = logging.getLogger(__name__)
 Offsets = dict[int, int]
 
 
-def _groupless(kafka: KafkaSection, role: str) -> AIOKafkaConsumer:
-    """A consumer outside any group that sees committed records only (not yet started)."""
+def groupless_consumer(
+    kafka: KafkaSection, role: str, *, fetch_max_wait_ms: int | None = None
+) -> AIOKafkaConsumer:
+    """A consumer outside any group that sees committed records only (not yet started);
+    ``fetch_max_wait_ms`` defaults to the Kafka section's."""
+    if fetch_max_wait_ms is None:
+        fetch_max_wait_ms = kafka.fetch_max_wait_ms
     return AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap_servers,
         client_id=f"{kafka.client_id}-{role}",
         enable_auto_commit=False,
         isolation_level="read_committed",
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms
+        if fetch_max_wait_ms is None
+        else fetch_max_wait_ms,
     )
 
 
 async def _consumer(kafka: KafkaSection, topic: str, wait_s: float) -> AIOKafkaConsumer:
-    consumer = _groupless(kafka, "replay")
+    consumer = groupless_consumer(kafka, "replay")
     try:
         await consumer.start()
         # Subscribing (without a group: every partition is ours) makes the client fetch the
@@ -183,7 +190,7 @@ async def read_range(
     away) are skipped; stops at the end of the range, or of the log, or after ``wait_s``."""
     if not offsets:
         return []
-    consumer = _groupless(kafka, "reread")
+    consumer = groupless_consumer(kafka, "reread")
     tp = TopicPartition(topic, partition)
     out: list[Any] = []
     try:

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 from agent.errors import DependencyUnavailable, InvalidEvent
 from agent.settings import KafkaSection
 from streams.partitioning import topic_partitions
+from streams.replay import groupless_consumer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,13 +69,7 @@ class CompactedView(Generic[T]):
         """Read the topic to its current end before returning, then keep following."""
         if self._task is not None:
             return
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap_servers,
-            client_id=f"{self.kafka.client_id}-{self.name}",
-            enable_auto_commit=False,
-            fetch_max_wait_ms=self._fetch_wait,
-            isolation_level="read_committed",
-        )
+        consumer = groupless_consumer(self.kafka, self.name, fetch_max_wait_ms=self._fetch_wait)
         try:
             await consumer.start()
             parts = await topic_partitions(self.kafka.bootstrap_servers, self.topic, wait=wait)
