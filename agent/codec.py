@@ -4,13 +4,18 @@
 natively). ``decode`` parses bytes and validates them into the frozen dataclass, or raises
 :class:`~agent.errors.InvalidEvent` whose problems name each bad field by path, e.g.
 ``members[0].labels: Input should be a valid dictionary``.
+
+:class:`FastDecoder` is the hot path's shortcut for well-formed input (msgspec, which parses
+and validates in one pass, ~4x cheaper than orjson and pydantic); anything it refuses takes
+the pydantic path, whose errors name the field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
+import msgspec
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
@@ -101,3 +106,20 @@ def decode(cls: type[T], raw: bytes | str) -> T:
             cls.__name__, [f"<body>: expected a JSON object, got {type(obj).__name__}"]
         )
     return from_obj(cls, obj)
+
+
+class FastDecoder(Generic[T]):
+    """Decodes well-formed JSON into ``form`` with msgspec, or returns None (the caller then
+    takes the pydantic path, which accepts a superset and names what is wrong).
+
+    Valid only for types whose constraints are declared for msgspec too (see
+    agent.models): msgspec must never accept what pydantic rejects."""
+
+    def __init__(self, form: type[T]) -> None:
+        self._decoder = msgspec.json.Decoder(form)
+
+    def __call__(self, raw: bytes) -> T | None:
+        try:
+            return self._decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError, TypeError, ValueError):
+            return None

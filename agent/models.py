@@ -20,13 +20,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from msgspec import Meta
 from pydantic import AwareDatetime, Field
 
 SCHEMA_VERSION = 1
 
 Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-NonEmpty = Annotated[str, Field(min_length=1, max_length=1024)]
-Labels = Mapping[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=4096)]]
+# String and time constraints are declared twice, for pydantic (every boundary) and for
+# msgspec (the correlator's hot path, see agent.codec.FastDecoder), which must reject
+# whatever pydantic rejects: tests/unit/test_codec.py holds the two to that.
+NonEmpty = Annotated[str, Field(min_length=1, max_length=1024), Meta(min_length=1, max_length=1024)]
+Labels = Mapping[
+    Annotated[str, Field(max_length=256), Meta(max_length=256)],
+    Annotated[str, Field(max_length=4096), Meta(max_length=4096)],
+]
+Time = Annotated[datetime, Meta(tz=True), AwareDatetime]  # timezone-aware
+# Bounded: an integer beyond 64 bits (msgspec reads one) could not be written back by orjson.
+Version = Annotated[int, Field(ge=1, le=2**31 - 1), Meta(ge=1, le=2**31 - 1)]
 
 Severity = Literal["info", "warning", "critical"]
 AnomalyStatus = Literal["firing", "resolved"]
@@ -101,13 +111,13 @@ class Anomaly:
     severity: Severity
     status: AnomalyStatus
     labels: Labels
-    starts_at: AwareDatetime
-    observed_at: AwareDatetime
+    starts_at: Time
+    observed_at: Time
     # Untrusted free text (alert annotations, event messages): data, never instructions.
     annotations: Labels = field(default_factory=dict)
     value: float | None = None
     id: NonEmpty = field(default_factory=new_id)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         # JSON has no Infinity/NaN: orjson would write null and the value would vanish.
@@ -131,7 +141,7 @@ class AnomalyBatch:
 
     anomalies: tuple[Anomaly, ...]
     id: NonEmpty = field(default_factory=new_id)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +155,8 @@ class Mitigation:
     incident_id: NonEmpty
     incident_key: NonEmpty
     action_id: NonEmpty
-    at: AwareDatetime
-    schema_version: int = SCHEMA_VERSION
+    at: Time
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -167,8 +177,8 @@ class Member:
     severity: Severity
     status: AnomalyStatus
     labels: Labels
-    first_seen: AwareDatetime
-    last_seen: AwareDatetime
+    first_seen: Time
+    last_seen: Time
     value: float | None = None
     silenced_by: str | None = None  # id of the silence matching it when last seen
     # "<rule>:<source fingerprint>" of the inhibition rule suppressing it when last seen
@@ -192,14 +202,14 @@ class Incident:
     severity: Severity
     labels: Labels  # the group labels (cluster, namespace, service)
     members: tuple[Member, ...]
-    opened_at: AwareDatetime
-    updated_at: AwareDatetime
+    opened_at: Time
+    updated_at: Time
     revision: int = 1
-    resolved_at: AwareDatetime | None = None
+    resolved_at: Time | None = None
     # Set when the incident was closed because a node- or workload-level incident took its
     # anomalies in: the id of that incident.
     absorbed_into: str | None = None
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def firing(self) -> tuple[Member, ...]:
@@ -242,13 +252,13 @@ class Analysis:
     confidence: Confidence
     evidence: tuple[str, ...]
     actions: tuple[RecommendedAction, ...]
-    created_at: AwareDatetime
+    created_at: Time
     # Why the final confidence is what it is: model score and the agent's own checks.
     model_confidence: Confidence | None = None
     evidence_confidence: Confidence | None = None
     fallback_reason: str | None = None
     rejected_actions: tuple[str, ...] = ()
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -265,12 +275,12 @@ class ActionRequest:
     target: Target
     confidence: Confidence
     reason: str
-    requested_at: AwareDatetime
+    requested_at: Time
     params: Mapping[str, ParamValue] = field(default_factory=dict)
     labels: Labels = field(default_factory=dict)  # the incident's group labels
     trigger: tuple[str, ...] = ()  # patterns that fired; re-checked to verify the outcome
     approved_by: str | None = None
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -290,12 +300,12 @@ class ApprovalRequest:
     action_hash: NonEmpty
     root_cause: str
     evidence: tuple[str, ...]
-    created_at: AwareDatetime
-    expires_at: AwareDatetime
+    created_at: Time
+    expires_at: Time
     # The target's spec version when asked (handlers.cluster.Cluster.version); an approved
     # action runs only if it is unchanged. Empty: not pinned (older requests).
     target_version: str = ""
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -309,9 +319,9 @@ class ApprovalDecision:
     action_hash: NonEmpty
     decision: Decision
     decided_by: NonEmpty
-    decided_at: AwareDatetime
+    decided_at: Time
     reason: str = ""
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -329,11 +339,11 @@ class ActionResult:
     status: ResultStatus
     outcome: Outcome
     message: str
-    started_at: AwareDatetime
-    finished_at: AwareDatetime
+    started_at: Time
+    finished_at: Time
     prior_state: Mapping[str, Any] = field(default_factory=dict)
     service: str = ""
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -406,8 +416,8 @@ class Fact:
     incident_id: NonEmpty
     status: AnomalyStatus  # the anomaly's
     incident_open: bool  # False once its incident resolved: the fact ends there
-    observed_at: AwareDatetime  # when its incident last saw any member (its liveness)
-    schema_version: int = SCHEMA_VERSION
+    observed_at: Time  # when its incident last saw any member (its liveness)
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
@@ -420,12 +430,12 @@ class Silence:
 
     id: NonEmpty
     matchers: Annotated[tuple[Matcher, ...], Field(min_length=1)]
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
+    starts_at: Time
+    ends_at: Time
     created_by: NonEmpty
     comment: str
-    created_at: AwareDatetime
-    schema_version: int = SCHEMA_VERSION
+    created_at: Time
+    schema_version: Version = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.ends_at <= self.starts_at:
@@ -451,11 +461,11 @@ class DeadLetter:
     error: str
     raw: str  # the original bytes, decoded as UTF-8 with replacement, or base64 if binary
     raw_encoding: Literal["utf-8", "base64"]
-    failed_at: AwareDatetime
+    failed_at: Time
     consumer: str = ""
     partition: int | None = None
     offset: int | None = None
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:

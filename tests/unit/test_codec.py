@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.codec import decode, encode, format_loc, from_obj, to_dict
+from agent.codec import FastDecoder, decode, encode, format_loc, from_obj, to_dict
 from agent.errors import InvalidEvent
 from agent.models import (
     SCHEMA_VERSION,
@@ -474,3 +475,91 @@ def test_aware_non_utc_timestamps_keep_their_instant() -> None:
     a = replace(anomaly(), observed_at=T0.astimezone(plus2))
     decoded = decode(Anomaly, encode(a))
     assert decoded.observed_at == T0
+
+
+# --- the msgspec fast path agrees with pydantic ---------------------------------------------
+
+_TEXT = st.text(max_size=6)
+_TIMES = st.one_of(
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat()),
+    st.datetimes(timezones=st.just(timezone(timedelta(hours=2)))).map(lambda d: d.isoformat()),
+    st.just("2026-01-01T00:00:00Z"),
+    st.just("2026-01-01T00:00:00"),  # naive: both must refuse
+    st.just("yesterday"),
+    st.integers(0, 2**31),
+)
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), _TEXT)
+
+
+def _maybe(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly a valid value, sometimes anything else."""
+    return st.one_of(valid, valid, valid, _SCALARS, st.lists(_SCALARS, max_size=2))
+
+
+_LABELS = st.dictionaries(
+    st.one_of(st.sampled_from(["service", "pod"]), st.text(max_size=300)),
+    st.one_of(st.text(max_size=8), st.integers(), st.just("x" * 4097)),
+    max_size=3,
+)
+_FIELDS = {
+    "fingerprint": _maybe(st.one_of(st.text(min_size=1, max_size=8), st.just("f" * 1025))),
+    "source": _maybe(st.sampled_from(["prometheus", "kubernetes", "feed", "Prometheus"])),
+    "name": _maybe(st.text(max_size=8)),
+    "severity": _maybe(st.sampled_from(["info", "warning", "critical", "fatal"])),
+    "status": _maybe(st.sampled_from(["firing", "resolved"])),
+    "labels": _maybe(_LABELS),
+    "starts_at": _maybe(_TIMES),
+    "observed_at": _maybe(_TIMES),
+    "annotations": _maybe(_LABELS),
+    "value": _maybe(st.one_of(st.none(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False))),
+    "id": _maybe(st.text(max_size=4)),
+    "schema_version": _maybe(st.integers(-5, 2**70)),
+    "extra": _SCALARS,  # unknown fields are ignored
+}
+_VALID = st.builds(
+    lambda name, status, t: orjson.loads(encode(anomaly(name, status=status, t=t))),
+    st.text(min_size=1, max_size=4),
+    st.sampled_from(["firing", "resolved"]),
+    st.floats(0, 1e6),
+)
+
+
+@st.composite
+def _docs(draw: st.DrawFn) -> dict[str, Any]:
+    """A well-formed anomaly with up to two fields replaced (by valid or invalid values)
+    and maybe one removed."""
+    doc: dict[str, Any] = draw(_VALID)
+    for name in draw(st.lists(st.sampled_from(sorted(_FIELDS)), max_size=2, unique=True)):
+        doc[name] = draw(_FIELDS[name])
+    if draw(st.booleans()):
+        doc.pop(draw(st.sampled_from(sorted(doc))))
+    return doc
+
+
+_DOCS = _docs()
+
+
+@settings(max_examples=600, deadline=None)
+@given(_DOCS)
+def test_fast_decoder_accepts_nothing_pydantic_refuses_and_decodes_the_same(
+    doc: dict[str, Any],
+) -> None:
+    raw = json.dumps(doc).encode()  # orjson refuses integers beyond 64 bits; a producer may not
+    fast = FastDecoder(Anomaly)(raw)
+    try:
+        # The validators compared, not the parsers: msgspec reads numbers beyond 64 bits,
+        # which orjson refuses as invalid JSON.
+        slow: Anomaly | None = from_obj(Anomaly, json.loads(raw))
+    except InvalidEvent:
+        slow = None
+    if fast is not None:
+        assert slow is not None, f"msgspec accepted what pydantic refuses: {doc}"
+        if "id" not in doc:  # a fresh id each time
+            fast = replace(fast, id=slow.id)
+        assert fast == slow
+        assert encode(fast) == encode(slow)  # same types too (float value, UTC offsets)
+
+
+@given(st.builds(anomaly, st.text(min_size=1), status=st.sampled_from(["firing", "resolved"])))
+def test_fast_decoder_takes_every_well_formed_anomaly(a: Anomaly) -> None:
+    assert FastDecoder(Anomaly)(encode(a)) == a

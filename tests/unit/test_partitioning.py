@@ -51,6 +51,12 @@ def test_batches_hold_one_partition_each_and_are_bounded() -> None:
     assert seen == len(anomalies)
 
 
+def test_well_formed_records_decode_to_their_anomalies() -> None:
+    good = [anomaly("a"), anomaly("b", status="resolved")]
+    assert decode_anomalies(encode(AnomalyBatch(anomalies=tuple(good)))) == (good, [])
+    assert decode_anomalies(encode(good[1])) == ([good[1]], [])
+
+
 def test_a_bad_item_in_a_batch_is_isolated() -> None:
     good = [anomaly("a"), anomaly("b")]
     doc = orjson.loads(encode(AnomalyBatch(anomalies=tuple(good))))
