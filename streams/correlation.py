@@ -334,6 +334,11 @@ def silenced_by(anomaly: Anomaly, silences: Iterable[Silence]) -> str | None:
     return None
 
 
+# group key -> (incident id, fingerprint -> position of its member), kept by the caller
+# from batch to batch (see correlate_batch).
+Positions = dict[str, tuple[str, dict[str, int]]]
+
+
 class _Group:
     """One group's state while a batch is folded: the incident, with its members in a list
     indexed by fingerprint, so a repeat costs a dict lookup and one new Member instead of a
@@ -343,15 +348,29 @@ class _Group:
 
     __slots__ = ("dirty", "fresh", "inc", "index", "members")
 
-    def __init__(self, inc: Incident | None) -> None:
-        self._load(inc)
+    def __init__(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
+        self._load(inc, known)
         self.dirty = False  # differs from the state the batch started with
 
-    def _load(self, inc: Incident | None) -> None:
+    def _load(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
         self.inc = inc
         self.members: list[Member] = list(inc.members) if inc is not None else []
-        self.index = {m.fingerprint: i for i, m in enumerate(self.members)}
+        # A member keeps its position in every revision of an incident (a change replaces
+        # it in place, a new one is appended), so the positions of an earlier revision of
+        # the same incident still hold; building them anew was a third of a small batch.
+        self.index = known if known is not None and self._holds(known) else self._positions()
         self.fresh = True  # inc.members is the members list
+
+    def _positions(self) -> dict[str, int]:
+        return {m.fingerprint: i for i, m in enumerate(self.members)}
+
+    def _holds(self, index: dict[str, int]) -> bool:
+        """Whether ``index`` are the members' positions: as many entries as members, and
+        the last member (the one most recently appended) where it says."""
+        members = self.members
+        return len(index) == len(members) and (
+            not members or index.get(members[-1].fingerprint) == len(members) - 1
+        )
 
     def reset(self, inc: Incident) -> Incident:
         """A new incident replaces the group's state."""
@@ -370,15 +389,18 @@ class _Group:
         self.fresh = False
         self.dirty = True
 
-    def change(
+    def _revision(
         self,
         status: IncidentStatus,
         updated_at: datetime,
+        revision: int,
         resolved_at: datetime | None,
         absorbed_into: str | None,
+        severity: Severity | None = None,
     ) -> Incident:
-        """A transition: the next revision, with the current members. Built directly, as
-        :func:`_with` is: a transition is a fifth of a realistic stream."""
+        """The incident with the current members (severity: theirs, unless given). Built
+        directly, as :func:`_with` is: dataclasses.replace costs several times more, and
+        this runs for every change."""
         inc = self.inc
         assert inc is not None
         members = tuple(self.members)
@@ -386,12 +408,12 @@ class _Group:
             inc.id,
             inc.key,
             status,
-            _severity(members),
+            severity or _severity(members),
             inc.labels,
             members,
             inc.opened_at,
             updated_at,
-            inc.revision + 1,
+            revision,
             resolved_at,
             absorbed_into,
             inc.schema_version,
@@ -399,14 +421,33 @@ class _Group:
         self.fresh = True
         return self.inc
 
+    def change(
+        self,
+        status: IncidentStatus,
+        updated_at: datetime,
+        resolved_at: datetime | None,
+        absorbed_into: str | None,
+    ) -> Incident:
+        """A transition: the next revision, with the current members."""
+        assert self.inc is not None
+        return self._revision(status, updated_at, self.inc.revision + 1, resolved_at, absorbed_into)
+
     def result(self) -> Incident | None:
         """The group's state at the end of the batch (members refreshed since the last
         transition included)."""
+        inc = self.inc
         if not self.fresh:
-            assert self.inc is not None
-            self.inc = replace(self.inc, members=tuple(self.members))
-            self.fresh = True
-        return self.inc
+            assert inc is not None
+            # The same revision: a refresh changes only liveness, nothing an event announces.
+            return self._revision(
+                inc.status,
+                inc.updated_at,
+                inc.revision,
+                inc.resolved_at,
+                inc.absorbed_into,
+                inc.severity,
+            )
+        return inc
 
     def fold(self, a: Anomaly, key: str, rules: CorrelationRules, marks: Marks) -> Incident | None:
         """:func:`correlate`, in place; returns the event."""
@@ -456,6 +497,7 @@ def correlate_batch(
     now: datetime,
     rules: CorrelationRules,
     silences: Sequence[Silence] = (),
+    positions: Positions | None = None,
 ) -> tuple[dict[str, Incident | None], list[Incident]]:
     """Fold a batch; returns only the states that changed and the events in order.
 
@@ -465,6 +507,8 @@ def correlate_batch(
     Anomalies matching one of ``silences`` are folded as silenced members.
     Callers read the current state of every key in the batch into ``states`` once and write
     back the changed ones once, which is what keeps the stream hot path batched.
+    ``positions``: a memo the caller keeps from batch to batch (the result never depends
+    on it; an entry that does not fit the incident is rebuilt).
     """
     del now  # correlation depends on event time only
     groups: dict[str, _Group] = {}
@@ -481,10 +525,17 @@ def correlate_batch(
             marks = replace(marks, silenced_by=silence)
         g = groups.get(k)
         if g is None:
-            g = groups[k] = _Group(states.get(k))
+            inc = states.get(k)
+            memo = positions.get(k) if positions is not None and inc is not None else None
+            known = memo[1] if memo is not None and inc is not None and memo[0] == inc.id else None
+            g = groups[k] = _Group(inc, known)
         event = g.fold(a, k, rules, marks)
         if event is not None:
             events.append(event)
+    if positions is not None:
+        for k, g in groups.items():
+            if g.inc is not None:
+                positions[k] = (g.inc.id, g.index)
     return {k: g.result() for k, g in groups.items() if g.dirty}, events
 
 

@@ -54,6 +54,7 @@ from streams.correlation import (
     CorrelationRules,
     Keyed,
     Marks,
+    Positions,
     as_published,
     coalesce,
     correlate_batch,
@@ -317,6 +318,7 @@ class Correlator:
         # can never be shadowed by a stale decode.
         self._decoded: dict[str, tuple[bytes, Stored]] = {}
         self._json = IncidentEncoder()
+        self._positions: Positions = {}  # members' positions per group, kept between batches
         self._changelog: list[tuple[int, bytes, bytes]] = []  # written, not yet sent
         self._persisted: dict[str, float] = {}  # key -> monotonic time of its last write
         self.persist_interval = min(30.0, self.rules.resolve_timeout / 10)
@@ -612,7 +614,9 @@ class Correlator:
         now = utcnow()
         before = {k: self._get(k) for k in {k for k, _, _ in anomalies}}
         states = {k: s.incident if s else None for k, s in before.items()}
-        changed, events = correlate_batch(states, anomalies, now, self.rules, self.silences.all())
+        changed, events = correlate_batch(
+            states, anomalies, now, self.rules, self.silences.all(), self._positions
+        )
         # Which events go out now and which wait for group_wait/group_interval.
         emission = {k: (s.emitted_at, s.pending) if s else (None, False) for k, s in before.items()}
         out: list[Incident] = []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from streams.correlation import (
     CorrelationRules,
     Keyed,
     Marks,
+    Positions,
     correlate,
     correlate_batch,
     expire,
@@ -546,6 +549,51 @@ def test_batch_with_marks_and_silences_equals_folding_one_by_one(
     assert events == expected_events
     assert {**initial, **changed} == expected_states
     assert all(changed[k] is not initial.get(k) for k in changed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams, st.lists(st.integers(0, 40), max_size=4), st.lists(st.booleans(), max_size=5))
+def test_batches_sharing_a_positions_memo_equal_folding_one_by_one(
+    xs: list[Anomaly], cuts: list[int], expiring: list[bool]
+) -> None:
+    """The correlator keeps member positions from batch to batch; between its batches the
+    timer may expire incidents (new revisions of the same incident)."""
+    bounds = [0, *sorted(c for c in cuts if c <= len(xs)), len(xs)]
+    chunks = [xs[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+    later = NOW + timedelta(seconds=RULES.resolve_timeout * 100)
+    expected: States = {}
+    got: States = {}
+    memo: Positions = {}
+    for n, chunk in enumerate(chunks):
+        expected, expected_events = fold(chunk, expected)
+        changed, events = correlate_batch(dict(got), chunk, NOW, RULES, positions=memo)
+        got = {**got, **changed}
+        assert events == expected_events
+        assert got == expected
+        if n < len(expiring) and expiring[n]:
+            for states in (expected, got):
+                for k, inc in states.items():
+                    if inc is not None:
+                        states[k] = expire(inc, later, RULES)[0]
+
+
+def test_a_stale_positions_memo_is_not_trusted() -> None:
+    inc, _ = correlate(None, anomaly("errors"), NOW, RULES)
+    assert inc is not None
+    inc, _ = correlate(inc, anomaly("latency", t=1), NOW, RULES)
+    assert inc is not None
+    errors, latency = (m.fingerprint for m in inc.members)
+    resolve = [anomaly("errors", status="resolved", t=2)]
+    # Positions of another incident of the group (as many members, the last one alike)
+    memo: Positions = {inc.key: ("another-incident", {"someone-else": 0, latency: 1})}
+    changed, events = correlate_batch({inc.key: inc}, resolve, NOW, RULES, positions=memo)
+    assert [e.status for e in events] == ["updated"]
+    new = changed[inc.key]
+    assert new is not None
+    assert [(m.fingerprint, m.status) for m in new.members] == [
+        (errors, "resolved"),
+        (latency, "firing"),
+    ]
 
 
 def test_a_batch_never_reopens_with_a_firing_as_old_as_the_resolution() -> None:
