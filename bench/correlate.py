@@ -44,6 +44,28 @@ from streams.bus import create_topics
 from streams.correlator import Correlator
 
 SERVICES, NAMESPACES, NODES = 1000, 50, 200
+# The topic-name prefixes this run used: its topics are deleted at the end, or the bench
+# broker's log grows by gigabytes every run.
+PREFIXES: list[str] = []
+
+
+def new_prefix(stem: str) -> str:
+    prefix = f"{stem}{uuid.uuid4().hex[:6]}"
+    PREFIXES.append(prefix)
+    return prefix
+
+
+async def delete_topics(bootstrap: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        ours = [t for t in await admin.list_topics() if t.startswith(tuple(PREFIXES))]
+        if ours:
+            await admin.delete_topics(ours)
+    finally:
+        await admin.close()
+
+
 PATTERNS = ("high-error-rate", "high-latency", "pod-restart-loop", "oom-killed", "cpu-throttling")
 
 
@@ -161,7 +183,7 @@ async def correlator_throughput(
     bootstrap: str, records: list[tuple[bytes, bytes]], anomalies: int
 ) -> float:
     """Anomalies/s folded by one correlator worker."""
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    prefix = new_prefix("bench") + "."
     settings = settings_for(bootstrap, prefix)
     await create_topics(settings.kafka)
     await produce(bootstrap, f"{prefix}anomalies", records)
@@ -250,7 +272,7 @@ async def correlator_latency(
     incident. Otherwise the realistic mix of the throughput run: 1k services x 5 patterns
     x 5 pods, mostly repeats that dedup silently, 10% resolutions.
     """
-    prefix = f"benchlat{uuid.uuid4().hex[:6]}."
+    prefix = new_prefix("benchlat") + "."
     settings = settings_for(bootstrap, prefix)
     await create_topics(settings.kafka)
     # The correlator runs in its own process, as deployed: the load generator and the
@@ -377,43 +399,47 @@ async def main() -> None:
     ap.add_argument("--alertmanager", default="http://127.0.0.1:19094")
     args = ap.parse_args()
 
-    print(
-        f"generating {args.count} anomalies "
-        f"({SERVICES} services, {NAMESPACES} namespaces, {NODES} nodes)"
-    )
-    records = make_anomalies(args.count)
-    batches = batched(records, args.batch)
-    singles = records[: args.singles]
-    for label, recs, per_record in (
-        (f"batches of {args.batch}", batches, args.batch),
-        ("one anomaly per record", singles, 1),
-    ):
-        run = uuid.uuid4().hex[:6]
-        src, dst = f"bench-pt-in-{run}", f"bench-pt-out-{run}"
-        await ensure(args.bootstrap, src, dst)
-        await produce(args.bootstrap, src, recs)
-        pt = await passthrough(args.bootstrap, src, dst, len(recs)) * per_record
-        corr = await correlator_throughput(args.bootstrap, recs, len(recs) * per_record)
-        print(f"[{label}] {len(recs) * per_record} anomalies")
-        print(f"  passthrough (aiokafka consume+decode+produce): {pt:10.0f} anomalies/s")
+    try:
         print(
-            f"  correlator (faust, 1 worker):                 {corr:10.0f} anomalies/s"
-            f"   ratio to passthrough {corr / pt:.2f}"
+            f"generating {args.count} anomalies "
+            f"({SERVICES} services, {NAMESPACES} namespaces, {NODES} nodes)"
         )
-    for stress in (False, True):
-        lat = await correlator_latency(args.bootstrap, args.rate, args.seconds, stress=stress)
-        shape = "every anomaly a new member" if stress else "realistic mix"
-        if len(lat) >= 2:
-            q = statistics.quantiles(lat, n=100)
+        records = make_anomalies(args.count)
+        batches = batched(records, args.batch)
+        singles = records[: args.singles]
+        for label, recs, per_record in (
+            (f"batches of {args.batch}", batches, args.batch),
+            ("one anomaly per record", singles, 1),
+        ):
+            run = new_prefix("bench-pt-")
+            src, dst = f"{run}-in", f"{run}-out"
+            await ensure(args.bootstrap, src, dst)
+            await produce(args.bootstrap, src, recs)
+            pt = await passthrough(args.bootstrap, src, dst, len(recs)) * per_record
+            corr = await correlator_throughput(args.bootstrap, recs, len(recs) * per_record)
+            print(f"[{label}] {len(recs) * per_record} anomalies")
+            print(f"  passthrough (aiokafka consume+decode+produce): {pt:10.0f} anomalies/s")
             print(
-                f"latency at {args.rate}/s, {shape} ({len(lat)} incident changes): "
-                f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms"
+                f"  correlator (faust, 1 worker):                 {corr:10.0f} anomalies/s"
+                f"   ratio to passthrough {corr / pt:.2f}"
             )
-    am = await alertmanager_peer(args.alertmanager, records[:50_000])
-    if am is None:
-        print("alertmanager: not reachable, peer skipped")
-    else:
-        print(f"alertmanager v2 API ingest (peer, 50k alerts): {am:10.0f} alerts/s")
+        for stress in (False, True):
+            lat = await correlator_latency(args.bootstrap, args.rate, args.seconds, stress=stress)
+            shape = "every anomaly a new member" if stress else "realistic mix"
+            if len(lat) >= 2:
+                q = statistics.quantiles(lat, n=100)
+                print(
+                    f"latency at {args.rate}/s, {shape} ({len(lat)} incident changes): "
+                    f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms"
+                )
+        am = await alertmanager_peer(args.alertmanager, records[:50_000])
+        if am is None:
+            print("alertmanager: not reachable, peer skipped")
+        else:
+            print(f"alertmanager v2 API ingest (peer, 50k alerts): {am:10.0f} alerts/s")
+
+    finally:
+        await delete_topics(args.bootstrap)
 
 
 if __name__ == "__main__":
