@@ -286,6 +286,10 @@ class CorrelationSection:
     # Anomalies observed longer ago than this (event time vs. arrival) are not folded into
     # incidents: they are recorded as late on the dead-letter topic. 0: no bound.
     late_bound: Seconds = 0.0
+    # An open incident drops, at its next change, members resolved and unseen this long
+    # (0: never): pods that came and went would otherwise pile up in a long-lived incident,
+    # which every change rewrites whole. A resolved incident keeps all its members.
+    member_retention: Seconds = 3600.0
     group_wait: Seconds = 0.0
     group_interval: Seconds = 0.0
     repeat_interval: Seconds = 0.0

@@ -15,6 +15,10 @@ Rules:
   ``resolve_timeout`` (see :func:`expire`); a firing anomaly within ``reopen_window`` of the
   resolution reopens the same incident, later ones open a new one.
 - Severity is the maximum of the firing members (of all members once resolved).
+- An open incident drops, at its next change, members resolved and unseen for
+  ``member_retention`` (0: never): a long-lived incident of a service whose pods come and
+  go would otherwise grow without bound, and every change rewrites all of it. Their last
+  state stays in the revisions already published; a resolved incident keeps its members.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class CorrelationRules:
     group_interval: float = 0.0
     repeat_interval: float = 0.0
     late_bound: float = 0.0
+    member_retention: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,23 @@ def _member(a: Anomaly, marks: Marks = NO_MARKS) -> Member:
         inhibited_by=marks.inhibited_by,
         absorbed_by=marks.absorbed_by,
     )
+
+
+def _retained(
+    members: Sequence[Member], at: datetime, keep: str, rules: CorrelationRules
+) -> list[Member] | None:
+    """The members an open incident keeps at a change at ``at``, or None when it keeps
+    them all. ``keep``: the fingerprint of the anomaly that made the change, which its
+    event must show."""
+    if rules.member_retention <= 0:
+        return None
+    horizon = at - timedelta(seconds=rules.member_retention)
+    kept = [
+        m
+        for m in members
+        if m.status == "firing" or m.last_seen >= horizon or m.fingerprint == keep
+    ]
+    return kept if len(kept) < len(members) else None
 
 
 def _live(members: Sequence[Member], status: IncidentStatus) -> IncidentStatus:
@@ -156,20 +178,23 @@ def correlate(
         if (anomaly.observed_at - state.resolved_at).total_seconds() > rules.reopen_window:
             inc = _open(anomaly, key, rules, marks)
             return inc, inc
-        return _reopen(state, anomaly, now, marks)
-    return _update(state, anomaly, now, marks)
+        return _reopen(state, anomaly, rules, marks)
+    return _update(state, anomaly, rules, marks)
 
 
 def _reopen(
-    state: Incident, anomaly: Anomaly, now: datetime, marks: Marks
+    state: Incident, anomaly: Anomaly, rules: CorrelationRules, marks: Marks
 ) -> tuple[Incident, Incident]:
     members = _upsert(state.members, anomaly, marks)
+    changed_at = max(anomaly.observed_at, state.updated_at)
+    kept = _retained(members, changed_at, anomaly.fingerprint, rules)
+    members = tuple(kept) if kept is not None else members
     inc = replace(
         state,
         status=_live(members, "reopened"),
         members=members,
         severity=_severity(members),
-        updated_at=max(anomaly.observed_at, state.updated_at),
+        updated_at=changed_at,
         revision=state.revision + 1,
         resolved_at=None,
         absorbed_into=None,
@@ -218,7 +243,7 @@ def _with(
 
 
 def _update(
-    state: Incident, anomaly: Anomaly, now: datetime, marks: Marks
+    state: Incident, anomaly: Anomaly, rules: CorrelationRules, marks: Marks
 ) -> tuple[Incident, Incident | None]:
     existing = next((m for m in state.members if m.fingerprint == anomaly.fingerprint), None)
     if existing is None and anomaly.status == "resolved":
@@ -245,6 +270,8 @@ def _update(
             revision=state.revision + 1,
         )
         return inc, inc
+    kept = _retained(members, changed_at, anomaly.fingerprint, rules)
+    members = tuple(kept) if kept is not None else members
     status = _live(members, "mitigating" if state.status == "mitigating" else "updated")
     inc = replace(
         state,
@@ -334,9 +361,9 @@ def silenced_by(anomaly: Anomaly, silences: Iterable[Silence]) -> str | None:
     return None
 
 
-# group key -> (incident id, fingerprint -> position of its member), kept by the caller
-# from batch to batch (see correlate_batch).
-Positions = dict[str, tuple[str, dict[str, int]]]
+# group key -> (incident id, revision, fingerprint -> position of its member) of the
+# group's state at the end of a batch, kept by the caller for the next (see correlate_batch).
+Positions = dict[str, tuple[str, int, dict[str, int]]]
 
 
 class _Group:
@@ -355,9 +382,8 @@ class _Group:
     def _load(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
         self.inc = inc
         self.members: list[Member] = list(inc.members) if inc is not None else []
-        # A member keeps its position in every revision of an incident (a change replaces
-        # it in place, a new one is appended), so the positions of an earlier revision of
-        # the same incident still hold; building them anew was a third of a small batch.
+        # The positions the last batch left for this very revision: building them anew
+        # was a third of a small batch.
         self.index = known if known is not None and self._holds(known) else self._positions()
         self.fresh = True  # inc.members is the members list
 
@@ -365,8 +391,8 @@ class _Group:
         return {m.fingerprint: i for i, m in enumerate(self.members)}
 
     def _holds(self, index: dict[str, int]) -> bool:
-        """Whether ``index`` are the members' positions: as many entries as members, and
-        the last member (the one most recently appended) where it says."""
+        """A sanity check of remembered positions: as many entries as members, and the
+        last member where it says."""
         members = self.members
         return len(index) == len(members) and (
             not members or index.get(members[-1].fingerprint) == len(members) - 1
@@ -377,6 +403,13 @@ class _Group:
         self._load(inc)
         self.dirty = True
         return inc
+
+    def retain(self, at: datetime, keep: str, rules: CorrelationRules) -> None:
+        """Drop what an open incident no longer keeps (see :func:`_retained`)."""
+        kept = _retained(self.members, at, keep, rules)
+        if kept is not None:
+            self.members = kept
+            self.index = self._positions()  # a new dict: the memo of positions moves on
 
     def upsert(self, a: Anomaly, marks: Marks) -> None:
         i = self.index.get(a.fingerprint)
@@ -468,8 +501,10 @@ class _Group:
             if (a.observed_at - inc.resolved_at).total_seconds() > rules.reopen_window:
                 return self.reset(_open(a, key, rules, marks))
             self.upsert(a, marks)
+            changed_at = max(a.observed_at, inc.updated_at)
+            self.retain(changed_at, a.fingerprint, rules)
             status = _live(self.members, "reopened")
-            return self.change(status, max(a.observed_at, inc.updated_at), None, None)
+            return self.change(status, changed_at, None, None)
         if known is None and not firing:
             return None
         if known is not None:
@@ -487,6 +522,7 @@ class _Group:
         changed_at = max(a.observed_at, inc.updated_at)
         if all(m.status == "resolved" for m in self.members):
             return self.change("resolved", changed_at, changed_at, inc.absorbed_into)
+        self.retain(changed_at, a.fingerprint, rules)
         status = _live(self.members, "mitigating" if inc.status == "mitigating" else "updated")
         return self.change(status, changed_at, inc.resolved_at, inc.absorbed_into)
 
@@ -507,8 +543,8 @@ def correlate_batch(
     Anomalies matching one of ``silences`` are folded as silenced members.
     Callers read the current state of every key in the batch into ``states`` once and write
     back the changed ones once, which is what keeps the stream hot path batched.
-    ``positions``: a memo the caller keeps from batch to batch (the result never depends
-    on it; an entry that does not fit the incident is rebuilt).
+    ``positions``: a memo the caller keeps from batch to batch; an entry is used only for
+    the revision it was made for, so the result never depends on it.
     """
     del now  # correlation depends on event time only
     groups: dict[str, _Group] = {}
@@ -526,8 +562,12 @@ def correlate_batch(
         g = groups.get(k)
         if g is None:
             inc = states.get(k)
-            memo = positions.get(k) if positions is not None and inc is not None else None
-            known = memo[1] if memo is not None and inc is not None and memo[0] == inc.id else None
+            memo = positions.get(k) if positions is not None else None
+            known = (
+                memo[2]
+                if memo is not None and inc is not None and memo[:2] == (inc.id, inc.revision)
+                else None
+            )
             g = groups[k] = _Group(inc, known)
         event = g.fold(a, k, rules, marks)
         if event is not None:
@@ -535,7 +575,7 @@ def correlate_batch(
     if positions is not None:
         for k, g in groups.items():
             if g.inc is not None:
-                positions[k] = (g.inc.id, g.index)
+                positions[k] = (g.inc.id, g.inc.revision, g.index)
     return {k: g.result() for k, g in groups.items() if g.dirty}, events
 
 

@@ -232,6 +232,7 @@ def rules_from(settings: Settings) -> CorrelationRules:
         group_interval=c.group_interval,
         repeat_interval=c.repeat_interval,
         late_bound=c.late_bound,
+        member_retention=c.member_retention,
     )
 
 

@@ -583,9 +583,17 @@ def test_a_stale_positions_memo_is_not_trusted() -> None:
     inc, _ = correlate(inc, anomaly("latency", t=1), NOW, RULES)
     assert inc is not None
     errors, latency = (m.fingerprint for m in inc.members)
+    # Positions of another incident or revision (as many members, the last one alike)
+    stale = {"someone-else": 0, latency: 1}
+    for memo in (
+        {inc.key: ("another-incident", inc.revision, stale)},
+        {inc.key: (inc.id, inc.revision - 1, stale)},
+    ):
+        _check_not_trusted(inc, memo, errors, latency)
+
+
+def _check_not_trusted(inc: Incident, memo: Positions, errors: str, latency: str) -> None:
     resolve = [anomaly("errors", status="resolved", t=2)]
-    # Positions of another incident of the group (as many members, the last one alike)
-    memo: Positions = {inc.key: ("another-incident", {"someone-else": 0, latency: 1})}
     changed, events = correlate_batch({inc.key: inc}, resolve, NOW, RULES, positions=memo)
     assert [e.status for e in events] == ["updated"]
     new = changed[inc.key]
@@ -594,6 +602,94 @@ def test_a_stale_positions_memo_is_not_trusted() -> None:
         (errors, "resolved"),
         (latency, "firing"),
     ]
+
+
+# --- member retention -----------------------------------------------------------------------
+
+RETAINING = replace(RULES, member_retention=60.0)
+# Within a few retention periods, so members outlive it, come back and resolve around it.
+retention_streams = st.lists(anomalies(400), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(retention_streams)
+def test_an_open_incident_drops_long_resolved_members_and_a_resolved_one_keeps_all(
+    xs: list[Anomaly],
+) -> None:
+    states: States = {}
+    for a in xs:
+        k = key_of(a, RETAINING)
+        old = states.get(k)
+        new, event = correlate(old, a, NOW, RETAINING)
+        states[k] = new
+        if event is None or new is None:
+            continue
+        assert a.fingerprint in {m.fingerprint for m in new.members}
+        before = (
+            {m.fingerprint for m in old.members} if old is not None and old.id == new.id else set()
+        )
+        dropped = before - {m.fingerprint for m in new.members}
+        if new.status == "resolved":
+            assert not dropped, "a resolved incident keeps its members"
+        horizon = new.updated_at - timedelta(seconds=RETAINING.member_retention)
+        for m in new.members:
+            if new.status != "resolved" and m.fingerprint != a.fingerprint:
+                assert m.status == "firing" or m.last_seen >= horizon
+        for fp in dropped:
+            (m,) = [m for m in old.members if m.fingerprint == fp]  # type: ignore[union-attr]
+            assert m.status == "resolved" and m.last_seen < horizon
+        fps = [m.fingerprint for m in new.members]
+        assert len(fps) == len(set(fps))
+
+
+@settings(max_examples=300, deadline=None)
+@given(retention_streams, st.lists(st.integers(0, 40), max_size=4))
+def test_retention_folds_the_same_in_batches(xs: list[Anomaly], cuts: list[int]) -> None:
+    bounds = [0, *sorted(c for c in cuts if c <= len(xs)), len(xs)]
+    expected, got, memo = {}, {}, {}  # type: ignore[var-annotated]
+    for lo, hi in itertools.pairwise(bounds):
+        expected, expected_events = fold(xs[lo:hi], expected, RETAINING)
+        changed, events = correlate_batch(dict(got), xs[lo:hi], NOW, RETAINING, positions=memo)
+        got = {**got, **changed}
+        assert events == expected_events
+        assert got == expected
+
+
+def test_an_incident_that_resolves_keeps_members_resolved_long_before() -> None:
+    xs = [
+        anomaly("errors", t=0),
+        anomaly("latency", severity="warning", t=1),
+        anomaly("errors", status="resolved", t=10),
+        anomaly("latency", severity="warning", status="resolved", t=200),  # 190 s later
+    ]
+    expected, _ = fold(xs, rules=RETAINING)
+    for states in (expected, correlate_batch({}, xs, NOW, RETAINING)[0]):
+        (inc,) = states.values()
+        assert inc is not None
+        assert inc.status == "resolved"
+        assert [m.name for m in inc.members] == ["errors", "latency"]
+
+
+def test_a_pod_that_came_and_went_long_ago_leaves_the_open_incident() -> None:
+    rules = replace(RULES, member_retention=600.0)
+    old = anomaly("errors", labels={**CHECKOUT, "pod": "checkout-1"}, t=0)
+    gone = replace(old, status="resolved", observed_at=at(60))
+    live = anomaly("errors", labels={**CHECKOUT, "pod": "checkout-2"}, t=30)
+    again = replace(live, observed_at=at(1000))  # a repeat: no change, nothing dropped yet
+    later = anomaly("latency", severity="warning", labels=CHECKOUT, t=1000)
+    states, events = fold([old, live, gone, again], rules=rules)
+    (inc,) = (s for s in states.values() if s is not None)
+    assert len(inc.members) == 2
+    states, events = fold([later], states, rules)
+    (inc,) = (s for s in states.values() if s is not None)
+    assert {m.labels.get("pod") for m in inc.members} == {"checkout-2", None}
+    assert events[-1].status == "updated"
+    # the dropped member's last state is in the revision published when it resolved
+    back = replace(old, observed_at=at(1100))
+    states, events = fold([back], states, rules)
+    (inc,) = (s for s in states.values() if s is not None)
+    assert inc.members[-1].fingerprint == old.fingerprint
+    assert inc.members[-1].first_seen == back.starts_at
 
 
 def test_a_batch_never_reopens_with_a_firing_as_old_as_the_resolution() -> None:

@@ -18,6 +18,7 @@ from agent.settings import (
     parse_duration,
     parse_settings,
 )
+from streams.correlator import rules_from
 
 LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"
 UP = {"name": "up", "condition": "up == 0"}
@@ -58,6 +59,8 @@ def test_agent_yaml_loads_with_its_documented_values() -> None:
     assert s.remediation.verify_after == 60.0
     assert s.remediation.denied_namespaces == ("kube-system",)
     assert s.correlation.resolve_timeout == 300.0
+    assert s.correlation.member_retention == 3600.0
+    assert rules_from(s).member_retention == 3600.0  # and the correlator folds with it
     # The reference's three patterns, then the Kubernetes library from pattern_files.
     assert [p.name for p in s.patterns] == [
         "high-error-rate",
