@@ -38,6 +38,7 @@ from agent.settings import REPO_ROOT, Settings
 from handlers.cluster import Cluster
 from handlers.fake_cluster import FakeCluster
 from streams.bus import BatchConsumer, Envelope
+from streams.correlator import decode_anomalies
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ def register_target(name: str, port: int, directory: Path | None = None) -> Path
     return path
 
 
+def anomalies_in(raw: bytes) -> tuple[Anomaly, ...]:
+    """The anomalies of an anomalies-topic record (none for a mitigation record)."""
+    return tuple(decode_anomalies(raw)[0])
+
+
 def lab_service(v: Any) -> tuple[str, str] | None:
     """(namespace, service) an event is about, or None when it names none."""
     if isinstance(v, Anomaly | Incident):
@@ -183,7 +189,13 @@ async def run_lab(
     state: dict[str, bool] = {"verified": False}
 
     async def tap(batch: list[Envelope]) -> None:
-        for env in batch:
+        # An anomalies record holds a batch of anomalies: one envelope each.
+        each = [
+            replace(env, value=v)
+            for env in batch
+            for v in (env.value if isinstance(env.value, tuple) else (env.value,))
+        ]
+        for env in each:
             v = env.value
             if v is None:
                 continue  # a tombstone: an approval was decided
@@ -220,7 +232,7 @@ async def run_lab(
         name="lab-tap",
         group_id=f"{prefix}lab-tap",
         topics={
-            t("anomalies"): Anomaly,
+            t("anomalies"): anomalies_in,
             t("incidents"): Incident,
             t("analyses"): Analysis,
             t("approvals"): ApprovalRequest,

@@ -12,7 +12,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agent.codec import decode
 from agent.errors import InvalidEvent
+from agent.models import Anomaly
 from agent.settings import Settings, load_settings, parse_settings
+from streams.correlator import decode_anomalies
 from streams.partitioning import topic_partitions
 
 T = TypeVar("T")
@@ -97,7 +99,13 @@ class TopicReader:
             for records in batches.values():
                 for r in records:
                     self.raw.append(r.value)
-                    if self.cls is not None and r.value is not None:
+                    if self.cls is Anomaly and r.value is not None:
+                        # Publishers batch anomalies per partition (streams.bus).
+                        try:
+                            self.items.extend(decode_anomalies(r.value)[0])
+                        except InvalidEvent as err:
+                            self.invalid.append(err)
+                    elif self.cls is not None and r.value is not None:
                         try:
                             self.items.append(decode(self.cls, r.value))
                         except InvalidEvent as err:
