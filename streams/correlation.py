@@ -109,6 +109,9 @@ def _retained(
     if rules.member_retention <= 0:
         return None
     horizon = at - timedelta(seconds=rules.member_retention)
+    # Nearly every change drops nothing: look before building a new list.
+    if all(m.status == "firing" or m.last_seen >= horizon for m in members):
+        return None
     kept = [
         m
         for m in members
