@@ -153,10 +153,13 @@ class Bus:
         """(topic, value, key, partition) of each record to send."""
         out: list[tuple[str, bytes | None, bytes | None, int | None]] = []
         grouped: dict[tuple[str, int], list[tuple[Anomaly, str]]] = {}
+        counts: dict[str, int] = {}  # partitions per topic, asked once per call
         for topic_name, event, key in items:
             k = key if key is not None else getattr(event, "key", None)
             if isinstance(event, Anomaly) and k:
-                count = len(await self.producer.partitions_for(topic_name))
+                count = counts.get(topic_name)
+                if count is None:
+                    count = counts[topic_name] = len(await self.producer.partitions_for(topic_name))
                 grouped.setdefault((topic_name, partition_for(k, count)), []).append((event, k))
                 continue
             value: bytes | None = None  # for None: a tombstone on a compacted topic
