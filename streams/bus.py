@@ -25,7 +25,7 @@ from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsErr
 from agent.codec import decode, encode
 from agent.errors import AgentError, DependencyUnavailable, InvalidEvent, PartialBatch
 from agent.metrics import Metrics
-from agent.models import Anomaly, AnomalyBatch, DeadLetter, new_id, utcnow
+from agent.models import Anomaly, AnomalyBatch, DeadLetter, new_id, stable_id, utcnow
 from agent.settings import KafkaSection
 from agent.topics import CATALOG, topic
 from streams.partitioning import MAX_BATCH, partition_for
@@ -173,7 +173,10 @@ class Bus:
                     ((a, k),) = chunk
                     out.append((topic_name, encode(a), k.encode(), p))
                 else:
-                    batch = AnomalyBatch(anomalies=tuple(a for a, _ in chunk))
+                    anomalies = tuple(a for a, _ in chunk)
+                    # Deterministic: replicas batching the same anomalies send the same bytes.
+                    batch_id = stable_id("batch", *(a.id for a in anomalies))
+                    batch = AnomalyBatch(anomalies=anomalies, id=batch_id)
                     out.append((topic_name, encode(batch), None, p))
         return out
 

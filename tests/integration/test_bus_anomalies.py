@@ -3,8 +3,6 @@ each on the partition of its group, in order, and the correlator reads them back
 
 from __future__ import annotations
 
-import uuid
-
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -31,7 +29,8 @@ Record = tuple[int, bytes | None, bytes]  # partition, key, value
 
 
 async def records(bootstrap: str, topic: str, expected: int) -> list[Record]:
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"t-{uuid.uuid4().hex[:6]}")
+    # No group: on a fresh broker a group waits for the offsets topic to exist.
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await c.start()
     try:
         c.assign([TopicPartition(topic, p) for p in (0, 1)])
@@ -77,6 +76,12 @@ async def test_anomalies_travel_as_one_record_per_partition(
             decoded, problems = decode_anomalies(value)
             assert problems == []
             assert decoded == by_partition[p]  # its partition's anomalies, in order
+        # Replicas publishing the same anomalies send the same bytes (no random batch id).
+        await bus.publish_many([(topic, a, group_key(a.labels, BY)) for a in sent])
+        again = await records(kafka_bootstrap, topic, 5)
+        assert sorted(v for _, _, v in again if b'"anomalies"' in v) == sorted(
+            2 * [v for _, _, v in batches]
+        )
         (single,) = [(p, k, v) for p, k, v in got if b'"anomalies"' not in v]
         assert single == (partition_for(lone_key, 2), lone_key.encode(), encode(lone))
         assert orjson.loads(single[2])["name"] == "lone"
