@@ -25,7 +25,7 @@ from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsErr
 from agent.codec import decode, encode
 from agent.errors import AgentError, DependencyUnavailable, InvalidEvent, PartialBatch
 from agent.metrics import Metrics
-from agent.models import Anomaly, AnomalyBatch, DeadLetter, new_id, stable_id, utcnow
+from agent.models import SCHEMA_VERSION, Anomaly, DeadLetter, new_id, stable_id, utcnow
 from agent.settings import KafkaSection
 from agent.topics import CATALOG, topic
 from streams.partitioning import MAX_BATCH, partition_for
@@ -70,6 +70,42 @@ class Envelope:
     offset: int
     key: str | None
     value: Any
+
+
+# A batch record stays under this (Kafka's default limit is 1 MiB): anomalies carry free-text
+# annotations, so 500 of them can be far larger than 500 typical ones.
+MAX_BATCH_BYTES = 512 * 1024
+
+Encoded = tuple[bytes, str, str]  # an anomaly's JSON, its id, its key
+
+
+def _chunks(encoded: list[Encoded]) -> list[list[Encoded]]:
+    """Consecutive runs of at most MAX_BATCH anomalies and about MAX_BATCH_BYTES (a larger
+    anomaly goes alone)."""
+    out: list[list[Encoded]] = []
+    run: list[Encoded] = []
+    size = 0
+    for item in encoded:
+        if run and (len(run) >= MAX_BATCH or size + len(item[0]) > MAX_BATCH_BYTES):
+            out.append(run)
+            run, size = [], 0
+        run.append(item)
+        size += len(item[0]) + 1
+    if run:
+        out.append(run)
+    return out
+
+
+def _batch_record(chunk: list[Encoded]) -> bytes:
+    """The AnomalyBatch of these anomalies as agent.codec.encode writes it, from their JSON.
+    Its id is derived from theirs: replicas batching the same anomalies send the same bytes."""
+    batch_id = stable_id("batch", *(i for _, i, _ in chunk))
+    body = b",".join(v for v, _, _ in chunk)
+    return b'{"anomalies":[%s],"id":"%s","schema_version":%d}' % (
+        body,
+        batch_id.encode(),
+        SCHEMA_VERSION,
+    )
 
 
 class Bus:
@@ -131,9 +167,10 @@ class Bus:
     async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
         """Send all, then wait for all deliveries (one round of batching, not one per event).
 
-        Anomalies bound for one partition travel as one :class:`AnomalyBatch` record (up to
-        ``MAX_BATCH`` each, in order): the correlator pays its per-record cost once per
-        batch, which is 5-10x its per-anomaly cost. A lone anomaly stays a plain record.
+        Anomalies bound for one partition travel as :class:`AnomalyBatch` records of up to
+        ``MAX_BATCH`` anomalies and about ``MAX_BATCH_BYTES``, in order: the correlator
+        pays its per-record cost once per batch, which is 5-10x its per-anomaly cost. A
+        lone anomaly stays a plain record.
         """
         if not items:
             return
@@ -167,17 +204,12 @@ class Bus:
                 value = event if isinstance(event, bytes) else encode(event)
             out.append((topic_name, value, k.encode() if k else None, None))
         for (topic_name, p), keyed in grouped.items():
-            for i in range(0, len(keyed), MAX_BATCH):
-                chunk = keyed[i : i + MAX_BATCH]
+            for chunk in _chunks([(encode(a), a.id, k) for a, k in keyed]):
                 if len(chunk) == 1:
-                    ((a, k),) = chunk
-                    out.append((topic_name, encode(a), k.encode(), p))
+                    ((value, _, k),) = chunk
+                    out.append((topic_name, value, k.encode(), p))
                 else:
-                    anomalies = tuple(a for a, _ in chunk)
-                    # Deterministic: replicas batching the same anomalies send the same bytes.
-                    batch_id = stable_id("batch", *(a.id for a in anomalies))
-                    batch = AnomalyBatch(anomalies=anomalies, id=batch_id)
-                    out.append((topic_name, encode(batch), None, p))
+                    out.append((topic_name, _batch_record(chunk), None, p))
         return out
 
     async def dead_letter(
