@@ -25,10 +25,10 @@ from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsErr
 from agent.codec import decode, encode
 from agent.errors import AgentError, DependencyUnavailable, InvalidEvent, PartialBatch
 from agent.metrics import Metrics
-from agent.models import SCHEMA_VERSION, Anomaly, DeadLetter, new_id, stable_id, utcnow
+from agent.models import Anomaly, DeadLetter, new_id, utcnow
 from agent.settings import KafkaSection
 from agent.topics import CATALOG, topic
-from streams.partitioning import MAX_BATCH, partition_for
+from streams.partitioning import anomaly_records
 
 log = logging.getLogger(__name__)
 
@@ -70,42 +70,6 @@ class Envelope:
     offset: int
     key: str | None
     value: Any
-
-
-# A batch record stays under this (Kafka's default limit is 1 MiB): anomalies carry free-text
-# annotations, so 500 of them can be far larger than 500 typical ones.
-MAX_BATCH_BYTES = 512 * 1024
-
-Encoded = tuple[bytes, str, str]  # an anomaly's JSON, its id, its key
-
-
-def _chunks(encoded: list[Encoded]) -> list[list[Encoded]]:
-    """Consecutive runs of at most MAX_BATCH anomalies and about MAX_BATCH_BYTES (a larger
-    anomaly goes alone)."""
-    out: list[list[Encoded]] = []
-    run: list[Encoded] = []
-    size = 0
-    for item in encoded:
-        if run and (len(run) >= MAX_BATCH or size + len(item[0]) > MAX_BATCH_BYTES):
-            out.append(run)
-            run, size = [], 0
-        run.append(item)
-        size += len(item[0]) + 1
-    if run:
-        out.append(run)
-    return out
-
-
-def _batch_record(chunk: list[Encoded]) -> bytes:
-    """The AnomalyBatch of these anomalies as agent.codec.encode writes it, from their JSON.
-    Its id is derived from theirs: replicas batching the same anomalies send the same bytes."""
-    batch_id = stable_id("batch", *(i for _, i, _ in chunk))
-    body = b",".join(v for v, _, _ in chunk)
-    return b'{"anomalies":[%s],"id":"%s","schema_version":%d}' % (
-        body,
-        batch_id.encode(),
-        SCHEMA_VERSION,
-    )
 
 
 class Bus:
@@ -189,27 +153,19 @@ class Bus:
     ) -> list[tuple[str, bytes | None, bytes | None, int | None]]:
         """(topic, value, key, partition) of each record to send."""
         out: list[tuple[str, bytes | None, bytes | None, int | None]] = []
-        grouped: dict[tuple[str, int], list[tuple[Anomaly, str]]] = {}
-        counts: dict[str, int] = {}  # partitions per topic, asked once per call
+        anomalies: dict[str, list[tuple[Anomaly, str]]] = {}  # per topic, in order
         for topic_name, event, key in items:
             k = key if key is not None else getattr(event, "key", None)
             if isinstance(event, Anomaly) and k:
-                count = counts.get(topic_name)
-                if count is None:
-                    count = counts[topic_name] = len(await self.producer.partitions_for(topic_name))
-                grouped.setdefault((topic_name, partition_for(k, count)), []).append((event, k))
+                anomalies.setdefault(topic_name, []).append((event, k))
                 continue
             value: bytes | None = None  # for None: a tombstone on a compacted topic
             if event is not None:
                 value = event if isinstance(event, bytes) else encode(event)
             out.append((topic_name, value, k.encode() if k else None, None))
-        for (topic_name, p), keyed in grouped.items():
-            for chunk in _chunks([(encode(a), a.id, k) for a, k in keyed]):
-                if len(chunk) == 1:
-                    ((value, _, k),) = chunk
-                    out.append((topic_name, value, k.encode(), p))
-                else:
-                    out.append((topic_name, _batch_record(chunk), None, p))
+        for topic_name, keyed in anomalies.items():
+            count = len(await self.producer.partitions_for(topic_name))
+            out += [(topic_name, v, rk, p) for p, v, rk in anomaly_records(keyed, count)]
         return out
 
     async def dead_letter(

@@ -13,8 +13,7 @@ import asyncio
 import functools
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -22,7 +21,7 @@ from aiokafka.partitioner import murmur2
 
 from agent.codec import encode
 from agent.errors import DependencyUnavailable
-from agent.models import Anomaly, AnomalyBatch, group_key
+from agent.models import SCHEMA_VERSION, Anomaly, stable_id
 
 MAX_BATCH = 500  # anomalies per record: keeps records far below the 1 MiB default limit
 
@@ -47,49 +46,60 @@ def partitioner(key: bytes | None, all_partitions: list[int], available: list[in
     return all_partitions[_hash(key) % len(all_partitions)]
 
 
-def batch_by_partition(
-    anomalies: Iterable[Anomaly], group_by: tuple[str, ...], partitions: int
-) -> dict[int, list[list[Anomaly]]]:
-    """Group anomalies per partition, each partition's list cut into MAX_BATCH chunks."""
-    per: dict[int, list[Anomaly]] = defaultdict(list)
-    for a in anomalies:
-        per[partition_for(group_key(a.labels, group_by), partitions)].append(a)
-    return {
-        p: [items[i : i + MAX_BATCH] for i in range(0, len(items), MAX_BATCH)]
-        for p, items in per.items()
-    }
+# A batch record stays under this too (Kafka's default limit is 1 MiB): anomalies carry
+# free-text annotations, so 500 of them can be far larger than 500 typical ones.
+MAX_BATCH_BYTES = 512 * 1024
+
+Encoded = tuple[bytes, str, str]  # an anomaly's JSON, its id, its key
 
 
-class RawProducer(Protocol):
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-    ) -> Any: ...
+def chunks(encoded: list[Encoded]) -> list[list[Encoded]]:
+    """Consecutive runs of at most MAX_BATCH anomalies and about MAX_BATCH_BYTES (a larger
+    anomaly goes alone)."""
+    out: list[list[Encoded]] = []
+    run: list[Encoded] = []
+    size = 0
+    for item in encoded:
+        if run and (len(run) >= MAX_BATCH or size + len(item[0]) > MAX_BATCH_BYTES):
+            out.append(run)
+            run, size = [], 0
+        run.append(item)
+        size += len(item[0]) + 1
+    if run:
+        out.append(run)
+    return out
 
-    async def partitions_for(self, topic: str) -> Any: ...
+
+def batch_record(chunk: list[Encoded]) -> bytes:
+    """The AnomalyBatch of these anomalies as agent.codec.encode writes it, from their JSON.
+    Its id is derived from theirs: replicas batching the same anomalies send the same bytes."""
+    batch_id = stable_id("batch", *(i for _, i, _ in chunk))
+    body = b",".join(v for v, _, _ in chunk)
+    return b'{"anomalies":[%s],"id":"%s","schema_version":%d}' % (
+        body,
+        batch_id.encode(),
+        SCHEMA_VERSION,
+    )
 
 
-async def publish_anomalies(
-    producer: RawProducer, topic: str, anomalies: Sequence[Anomaly], group_by: tuple[str, ...]
-) -> int:
-    """Send anomalies as per-partition batches; returns the number of records sent.
-
-    Waits for every delivery, so a caller may consider the anomalies durable afterwards.
-    """
-    if not anomalies:
-        return 0
-    partitions = len(await producer.partitions_for(topic))
-    futures = []
-    for p, chunks in batch_by_partition(anomalies, group_by, partitions).items():
-        for chunk in chunks:
-            value = encode(AnomalyBatch(anomalies=tuple(chunk)))
-            futures.append(await producer.send(topic, value=value, partition=p))
-    for f in futures:
-        await f
-    return len(futures)
+def anomaly_records(
+    keyed: Sequence[tuple[Anomaly, str]], partitions: int
+) -> list[tuple[int, bytes, bytes | None]]:
+    """(partition, value, key) of the records carrying these (anomaly, correlation key)
+    pairs: each partition's anomalies in order, as AnomalyBatch records (no key), a lone one
+    as a plain record with its key."""
+    per: dict[int, list[Encoded]] = defaultdict(list)
+    for a, k in keyed:
+        per[partition_for(k, partitions)].append((encode(a), a.id, k))
+    out: list[tuple[int, bytes, bytes | None]] = []
+    for p, encoded in per.items():
+        for chunk in chunks(encoded):
+            if len(chunk) == 1:
+                ((value, _, k),) = chunk
+                out.append((p, value, k.encode()))
+            else:
+                out.append((p, batch_record(chunk), None))
+    return out
 
 
 async def topic_partitions(bootstrap: str, topic: str, *, wait: float = 10.0) -> list[int]:

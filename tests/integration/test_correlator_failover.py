@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 
 from agent.metrics import Metrics
-from agent.models import Anomaly, Incident, fingerprint, utcnow
+from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from streams.bus import Bus
-from streams.partitioning import publish_anomalies
 from tests.helpers import make_settings, readers
 
 pytestmark = pytest.mark.integration
@@ -113,8 +112,9 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
                 batch = [_anomaly(g, n) for g in range(GROUPS)]
                 for a in batch:
                     sent[a.labels["service"]].add(a.fingerprint)
-                await publish_anomalies(
-                    bus.producer, bus.topic("anomalies"), batch, settings.correlation.group_by
+                by = settings.correlation.group_by
+                await bus.publish_many(
+                    [(bus.topic("anomalies"), a, group_key(a.labels, by)) for a in batch]
                 )
                 if n == PER_GROUP // 3:
                     workers[0].send_signal(signal.SIGKILL)

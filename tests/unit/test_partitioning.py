@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from agent.codec import encode
 from agent.errors import InvalidEvent
-from agent.models import AnomalyBatch, Incident
+from agent.models import AnomalyBatch, Incident, group_key
 from streams.correlation import coalesce
 from streams.correlator import decode_anomalies
-from streams.partitioning import MAX_BATCH, batch_by_partition, partition_for, partitioner
+from streams.partitioning import MAX_BATCH, anomaly_records, partition_for, partitioner
 from tests.unit.factories import anomaly, at
 
 
@@ -35,19 +35,21 @@ def test_the_producer_partitioner_is_kafkas_default_for_keyed_records(
 
 
 def test_batches_hold_one_partition_each_and_are_bounded() -> None:
+    by = ("cluster", "namespace", "service")
     anomalies = [
         anomaly(f"p{i}", labels={"cluster": "c", "namespace": "n", "service": f"svc-{i % 7}"})
         for i in range(1200)
     ]
-    batches = batch_by_partition(anomalies, ("cluster", "namespace", "service"), 3)
+    records = anomaly_records([(a, group_key(a.labels, by)) for a in anomalies], 3)
     seen = 0
-    for p, chunks in batches.items():
-        for chunk in chunks:
-            assert 0 < len(chunk) <= MAX_BATCH
-            seen += len(chunk)
-            for a in chunk:
-                key = "/".join(a.labels.get(k, "") for k in ("cluster", "namespace", "service"))
-                assert partition_for(key, 3) == p
+    for p, value, _ in records:
+        chunk, problems = decode_anomalies(value)
+        assert problems == []
+        assert 0 < len(chunk) <= MAX_BATCH
+        seen += len(chunk)
+        for a in chunk:
+            key = "/".join(a.labels.get(k, "") for k in by)
+            assert partition_for(key, 3) == p
     assert seen == len(anomalies)
 
 
