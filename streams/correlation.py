@@ -70,6 +70,9 @@ def key_of(anomaly: Anomaly, rules: CorrelationRules) -> str:
     return group_key(anomaly.labels, rules.group_by)
 
 
+RANKED: tuple[Severity, ...] = tuple(sorted(SEVERITY_RANK, key=SEVERITY_RANK.__getitem__))  # type: ignore[arg-type]
+
+
 def _max_severity(members: Iterable[Member]) -> Severity:
     best: Severity = "info"
     for m in members:
@@ -376,7 +379,7 @@ class _Group:
     which returns only frozen incidents; it must fold exactly as :func:`correlate` does one
     anomaly at a time (tests/unit/test_correlation.py holds it to that)."""
 
-    __slots__ = ("dirty", "fresh", "inc", "index", "members")
+    __slots__ = ("dirty", "firing", "floor", "fresh", "inc", "index", "loud", "members", "ranks")
 
     def __init__(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
         self._load(inc, known)
@@ -389,6 +392,45 @@ class _Group:
         # was a third of a small batch.
         self.index = known if known is not None and self._holds(known) else self._positions()
         self.fresh = True  # inc.members is the members list
+        self._count()
+
+    def _count(self) -> None:
+        """Tallies that answer severity, "all resolved" and "all suppressed" without a scan
+        of the members: each change scanned them all, so a mass outage (thousands of new
+        pods in one group) folded in quadratic time."""
+        self.firing = 0  # firing members
+        self.loud = 0  # firing members not suppressed
+        # members per severity rank: [firing ranks..., all members' ranks...]
+        self.ranks = [0] * (2 * len(SEVERITY_RANK))
+        # A lower bound of resolved members' last_seen (None: no resolved member counted):
+        # retention need not look while nothing resolved is older than its horizon.
+        self.floor: datetime | None = None
+        for m in self.members:
+            self._tally(m, 1)
+
+    def _tally(self, m: Member, sign: int) -> None:
+        rank = SEVERITY_RANK[m.severity]
+        self.ranks[len(SEVERITY_RANK) + rank] += sign
+        if m.status == "firing":
+            self.firing += sign
+            self.ranks[rank] += sign
+            if not m.suppressed:
+                self.loud += sign
+        elif sign > 0 and (self.floor is None or m.last_seen < self.floor):
+            self.floor = m.last_seen
+
+    def _severity(self) -> Severity:
+        """:func:`_severity` of the members, from the tallies."""
+        n = len(SEVERITY_RANK)
+        ranks = self.ranks[:n] if self.firing else self.ranks[n:]
+        for rank in range(n - 1, 0, -1):
+            if ranks[rank]:
+                return RANKED[rank]
+        return RANKED[0]
+
+    def _live(self, status: IncidentStatus) -> IncidentStatus:
+        """:func:`_live` of the members, from the tallies."""
+        return "silenced" if self.firing and not self.loud else status
 
     def _positions(self) -> dict[str, int]:
         return {m.fingerprint: i for i, m in enumerate(self.members)}
@@ -409,19 +451,29 @@ class _Group:
 
     def retain(self, at: datetime, keep: str, rules: CorrelationRules) -> None:
         """Drop what an open incident no longer keeps (see :func:`_retained`)."""
+        if rules.member_retention <= 0 or self.floor is None:
+            return
+        if self.floor >= at - timedelta(seconds=rules.member_retention):
+            return  # nothing resolved is old enough to drop
         kept = _retained(self.members, at, keep, rules)
         if kept is not None:
             self.members = kept
             self.index = self._positions()  # a new dict: the memo of positions moves on
+        self._count()  # the exact bound (and tallies) of what is kept
 
     def upsert(self, a: Anomaly, marks: Marks) -> None:
         i = self.index.get(a.fingerprint)
         if i is None:
             self.index[a.fingerprint] = len(self.members)
-            self.members.append(_member(a, marks))
+            new = _member(a, marks)
+            self.members.append(new)
         else:
             m = self.members[i]
-            self.members[i] = _with(m, a, marks.silenced_by, marks.inhibited_by, marks.absorbed_by)
+            self._tally(m, -1)
+            new = self.members[i] = _with(
+                m, a, marks.silenced_by, marks.inhibited_by, marks.absorbed_by
+            )
+        self._tally(new, 1)
         self.fresh = False
         self.dirty = True
 
@@ -444,7 +496,7 @@ class _Group:
             inc.id,
             inc.key,
             status,
-            severity or _severity(members),
+            severity or self._severity(),
             inc.labels,
             members,
             inc.opened_at,
@@ -506,8 +558,7 @@ class _Group:
             self.upsert(a, marks)
             changed_at = max(a.observed_at, inc.updated_at)
             self.retain(changed_at, a.fingerprint, rules)
-            status = _live(self.members, "reopened")
-            return self.change(status, changed_at, None, None)
+            return self.change(self._live("reopened"), changed_at, None, None)
         if known is None and not firing:
             return None
         if known is not None:
@@ -523,10 +574,10 @@ class _Group:
                 return None
         self.upsert(a, marks)
         changed_at = max(a.observed_at, inc.updated_at)
-        if all(m.status == "resolved" for m in self.members):
+        if not self.firing:
             return self.change("resolved", changed_at, changed_at, inc.absorbed_into)
         self.retain(changed_at, a.fingerprint, rules)
-        status = _live(self.members, "mitigating" if inc.status == "mitigating" else "updated")
+        status = self._live("mitigating" if inc.status == "mitigating" else "updated")
         return self.change(status, changed_at, inc.resolved_at, inc.absorbed_into)
 
 

@@ -695,6 +695,37 @@ def test_a_pod_that_came_and_went_long_ago_leaves_the_open_incident() -> None:
     assert inc.members[-1].first_seen == back.starts_at
 
 
+def test_a_later_batch_drops_an_old_resolved_member_listed_after_a_recent_one() -> None:
+    # Members in insertion order: "a" resolved recently, "b" long ago. A batch that starts
+    # from this state must still see that "b" is past retention.
+    pod = functools.partial(anomaly, "errors")
+    a, b, c = ({**CHECKOUT, "pod": p} for p in ("a", "b", "c"))
+    first = [pod(labels=a, t=0), pod(labels=b, t=1), pod(labels=c, t=2)]
+    first += [pod(labels=b, status="resolved", t=50), pod(labels=a, status="resolved", t=100)]
+    second = [anomaly("latency", severity="warning", labels=CHECKOUT, t=150)]
+    expected, _ = fold(first + second, rules=RETAINING)
+    got, _ = correlate_batch({}, first, NOW, RETAINING)
+    changed, _ = correlate_batch(dict(got), second, NOW, RETAINING)
+    assert changed == expected
+    (inc,) = changed.values()
+    assert inc is not None
+    assert [m.labels.get("pod") for m in inc.members] == ["a", "c", None]
+
+
+def test_a_mass_outage_folds_to_one_incident_of_every_pod() -> None:
+    pods = [anomaly("errors", labels={**CHECKOUT, "pod": f"p{i}"}, t=i) for i in range(3000)]
+    resolutions = [replace(a, status="resolved", observed_at=at(4000)) for a in pods[::2]]
+    expected, _ = fold(pods + resolutions, rules=RETAINING)
+    got, _ = correlate_batch({}, pods, NOW, RETAINING)
+    got, events = correlate_batch(dict(got), resolutions, NOW, RETAINING)
+    assert got == expected
+    (inc,) = got.values()
+    assert inc is not None
+    assert len(inc.members) == 3000
+    assert sum(m.status == "firing" for m in inc.members) == 1500
+    assert events[-1] == inc
+
+
 def test_a_batch_never_reopens_with_a_firing_as_old_as_the_resolution() -> None:
     xs = [anomaly("errors", t=0), anomaly("errors", status="resolved", t=10)]
     xs += [anomaly("errors", t=10), anomaly("latency", severity="warning", t=10)]
