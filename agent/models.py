@@ -37,6 +37,7 @@ Labels = Mapping[
 Time = Annotated[datetime, Meta(tz=True), AwareDatetime]  # timezone-aware
 # Bounded: an integer beyond 64 bits (msgspec reads one) could not be written back by orjson.
 Version = Annotated[int, Field(ge=1, le=2**31 - 1), Meta(ge=1, le=2**31 - 1)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1), Meta(ge=0, le=2**31 - 1)]
 
 Severity = Literal["info", "warning", "critical"]
 AnomalyStatus = Literal["firing", "resolved"]
@@ -210,6 +211,9 @@ class Incident:
     # anomalies in: the id of that incident.
     absorbed_into: str | None = None
     schema_version: Version = SCHEMA_VERSION
+    # Members left out of this event to keep it within a Kafka record (see
+    # correlation.max_event_members); the correlator's state holds them all.
+    omitted_members: Count = 0
 
     @property
     def firing(self) -> tuple[Member, ...]:

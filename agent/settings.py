@@ -290,6 +290,10 @@ class CorrelationSection:
     # (0: never): pods that came and went would otherwise pile up in a long-lived incident,
     # which every change rewrites whole. A resolved incident keeps all its members.
     member_retention: Seconds = 3600.0
+    # An incident event carries at most this many members (firing ones first) and counts
+    # the rest in omitted_members: a mass outage's incident of thousands of pods passed
+    # Kafka's 1 MB record limit, and the correlator could not publish it at all.
+    max_event_members: Annotated[int, Field(ge=1, le=100_000)] = 200
     group_wait: Seconds = 0.0
     group_interval: Seconds = 0.0
     repeat_interval: Seconds = 0.0

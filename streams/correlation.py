@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -676,6 +677,27 @@ def as_published(incident: Incident, emitted_at: datetime | None) -> Incident:
     if emitted_at is None and incident.status == "updated":
         return replace(incident, status="open")
     return incident
+
+
+def for_event(incident: Incident, limit: int) -> Incident:
+    """The incident as its event shows it: at most ``limit`` members, those firing and not
+    suppressed first, then the most recently seen, kept in their incident order; the rest
+    are counted in ``omitted_members``. Alertmanager's webhook ``max_alerts`` does the
+    same: a mass outage's thousands of members would not fit in a Kafka record."""
+    members = incident.members
+    if len(members) <= limit:
+        return incident
+
+    def rank(i: int) -> tuple[bool, bool, float, int]:
+        m = members[i]
+        return (m.status != "firing", m.suppressed, -m.last_seen.timestamp(), i)
+
+    shown = sorted(heapq.nsmallest(limit, range(len(members)), key=rank))
+    return replace(
+        incident,
+        members=tuple(members[i] for i in shown),
+        omitted_members=len(members) - len(shown),
+    )
 
 
 def lateness(anomaly: Anomaly, now: datetime, rules: CorrelationRules) -> float | None:

@@ -90,6 +90,10 @@ ROUTE_KEY, ROUTE_ABSORBED_BY = "sre-agent-group", "sre-agent-absorbed-by"
 
 log = logging.getLogger(__name__)
 
+# What one record may hold: the producer's default max_request_size (1 MiB), less room for
+# the key, headers and record overhead.
+RECORD_BYTES = 1_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class Stored:
@@ -323,6 +327,7 @@ class Correlator:
         self._changelog: list[tuple[int, bytes, bytes]] = []  # written, not yet sent
         self._persisted: dict[str, float] = {}  # key -> monotonic time of its last write
         self.persist_interval = min(30.0, self.rules.resolve_timeout / 10)
+        self.max_event_members = settings.correlation.max_event_members
         self.processed = 0  # anomalies folded, for benchmarks and tests
         self.partitions = k.partitions  # the real count is read from the topic at start
         self.silences = SilenceStore(k, topic(prefix, "silences"))
@@ -800,7 +805,9 @@ class Correlator:
         producer = await self.app.maybe_start_producer()
         statuses: Counter[str] = Counter()
         for inc in events:
-            value = (encoded or {}).get(id(inc)) or self._json.encode(inc, remember=False)
+            value = self._json.event(
+                inc, self.max_event_members, RECORD_BYTES, (encoded or {}).get(id(inc))
+            )
             await producer.send(self.incidents_name, inc.key.encode(), value, None, None, None)
             statuses[inc.status] += 1
             if inc.status == "resolved" and inc.resolved_at is not None:

@@ -16,6 +16,7 @@ import orjson
 
 from agent.codec import encode
 from agent.models import Incident, Member
+from streams.correlation import for_event
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Incident))
 _OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS  # as agent.codec.encode
@@ -42,6 +43,23 @@ class IncidentEncoder:
         doc = {name: getattr(incident, name) for name in _FIELDS}
         doc["members"] = parts
         return orjson.dumps(doc, option=_OPTS)
+
+    def event(
+        self, incident: Incident, limit: int, max_bytes: int, encoded: bytes | None = None
+    ) -> bytes:
+        """The bytes of the incident's event: the incident itself, or a view of at most
+        ``limit`` members (see :func:`streams.correlation.for_event`), fewer while it is
+        over ``max_bytes`` (labels are free text: 200 members can be megabytes).
+        ``encoded``: the whole incident's bytes when the caller has them."""
+        if len(incident.members) <= limit:
+            value = encoded if encoded is not None else self.encode(incident, remember=False)
+            if len(value) <= max_bytes:
+                return value
+        while True:
+            value = self.encode(for_event(incident, limit), remember=False)
+            if len(value) <= max_bytes or limit == 0:
+                return value
+            limit //= 2
 
     def forget(self, key: str) -> None:
         self._last.pop(key, None)

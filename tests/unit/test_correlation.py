@@ -11,7 +11,16 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.models import SEVERITY_RANK, Anomaly, AnomalyStatus, Incident, Matcher, Severity, Silence
+from agent.models import (
+    SEVERITY_RANK,
+    Anomaly,
+    AnomalyStatus,
+    Incident,
+    Matcher,
+    Member,
+    Severity,
+    Silence,
+)
 from streams.correlation import (
     NO_MARKS,
     CorrelationRules,
@@ -21,6 +30,7 @@ from streams.correlation import (
     correlate,
     correlate_batch,
     expire,
+    for_event,
     key_of,
     mark_mitigating,
 )
@@ -784,3 +794,42 @@ def test_member_refresh_keeps_the_incident_otherwise_unchanged() -> None:
     refreshed, event = correlate(state, anomaly("errors", t=30), NOW, RULES)
     assert event is None
     assert refreshed == replace(state, members=(replace(state.members[0], last_seen=at(30)),))
+
+
+# --- events of large incidents ---------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["firing", "resolved"]), st.booleans(), st.integers(0, 50)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(min_value=0, max_value=45),
+)
+def test_an_event_lists_at_most_the_limit_firing_and_recent_first(
+    shapes: list[tuple[str, bool, int]], limit: int
+) -> None:
+    members = []
+    for i, (status, silenced, t) in enumerate(shapes):
+        a = anomaly("errors", labels={**CHECKOUT, "pod": f"p{i}"}, t=t)
+        (m,) = fold([a])[0][key_of(a, RULES)].members  # type: ignore[union-attr]
+        members.append(replace(m, status=status, silenced_by="s1" if silenced else None))
+    inc = replace(one(anomaly("errors", labels=CHECKOUT))[0], members=tuple(members))  # type: ignore[arg-type]
+    shown = for_event(inc, limit)
+    if len(members) <= limit:
+        assert shown is inc
+        return
+    assert len(shown.members) == limit
+    assert shown.omitted_members == len(members) - limit
+    positions = [members.index(m) for m in shown.members]
+    assert positions == sorted(positions), "members keep their incident order"
+    assert replace(shown, members=inc.members, omitted_members=0) == inc
+
+    def rank(m: Member) -> tuple[bool, bool, float]:
+        return (m.status != "firing", m.suppressed, -m.last_seen.timestamp())
+
+    left_out = [m for m in members if m not in shown.members]
+    if shown.members and left_out:
+        assert max(map(rank, shown.members)) <= min(map(rank, left_out))

@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.codec import encode
+from agent.codec import decode, encode
 from agent.models import Incident
 from streams.correlation import CorrelationRules, correlate_batch
 from streams.incident_json import IncidentEncoder
@@ -66,3 +66,39 @@ def test_a_member_replaced_by_an_equal_object_is_encoded_afresh() -> None:
     enc.encode(inc)
     other = replace(inc, members=(replace(inc.members[0], value=7.5),), revision=2)
     assert enc.encode(other) == encode(other)
+
+
+def _outage(pods: int, label_bytes: int = 0) -> Incident:
+    """One incident of ``pods`` failing pods, each with a label of ``label_bytes``."""
+    extra = {"note": "x" * label_bytes} if label_bytes else {}
+    xs = [
+        anomaly(
+            "errors",
+            labels={"cluster": "c", "namespace": "n", "service": "s", "pod": f"p{i}", **extra},
+            t=float(i),
+        )
+        for i in range(pods)
+    ]
+    changed, _ = correlate_batch({}, xs, at(3600), RULES)
+    (inc,) = changed.values()
+    assert inc is not None
+    return inc
+
+
+def test_a_small_incident_event_is_the_incident() -> None:
+    inc = _outage(3)
+    assert IncidentEncoder().event(inc, 200, 1_000_000) == encode(inc)
+
+
+def test_an_event_stays_within_the_record_size_whatever_its_labels() -> None:
+    inc = _outage(300, label_bytes=4000)  # 200 members would be 800 KB
+    raw = IncidentEncoder().event(inc, 200, 100_000)
+    assert len(raw) <= 100_000
+    shown = decode(Incident, raw)
+    assert 0 < len(shown.members) < 200
+    assert len(shown.members) + shown.omitted_members == 300
+    assert replace(shown, members=inc.members, omitted_members=0) == inc
+    # Nothing fits: the event still goes out, with every member counted.
+    bare = decode(Incident, IncidentEncoder().event(inc, 200, 2_000))
+    assert (bare.members, bare.omitted_members) == ((), 300)
+
