@@ -72,6 +72,12 @@ class Metrics:
             ["service", "action", "outcome"],
             registry=r,
         )
+        self.oversized_states = Counter(
+            "sre_agent_oversized_states_total",
+            "Incident states too large for a Kafka record even compressed: kept in the "
+            "correlator's memory but not written to its changelog.",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "sre_agent_dead_letters_total",
             "Messages sent to the dead-letter topic.",

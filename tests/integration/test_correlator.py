@@ -4,6 +4,7 @@ changelog after a restart."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from agent.settings import Settings
 from streams.bus import Bus
-from streams.correlator import Correlator
+from streams.correlator import Correlator, Stored
 from tests.helpers import eventually, make_settings, readers
 
 pytestmark = pytest.mark.integration
@@ -359,3 +360,111 @@ def leftover_data_dirs(prefix: str, datadir: Path) -> list[Path]:
     """faust data directories in the working directory, and the correlator's own one
     (removed on stop: it held nothing)."""
     return [*Path.cwd().glob(f"{prefix}correlator-data"), *([datadir] if datadir.exists() else [])]
+
+
+async def test_a_mass_outage_is_one_incident_whose_state_and_events_fit_kafka(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """5000 crash-looping pods of one service: 2.2 MB of incident JSON. The correlator used
+    to wedge on it (the changelog write failed the batch, and every retry of it)."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, metrics = await started_bus(settings)
+    t = bus.topic
+
+    def pod(i: int, status: str = "firing", at_offset: float = 0.0) -> Anomaly:
+        labels = {
+            "cluster": "test",
+            "namespace": "shop",
+            "service": "checkout",
+            "pod": f"checkout-7d9f8b6c4-{i:05d}",
+            "node": f"node-{i % 200}",
+        }
+        return replace(
+            anomaly("checkout", "pod-crash-loop", status, at_offset),
+            fingerprint=fingerprint("kubernetes", "pod-crash-loop", labels),
+            labels=labels,
+        )
+
+    pods = [pod(i) for i in range(5000)]
+    key = group_key(pods[0].labels, settings.correlation.group_by)
+
+    def whole(xs: list[Incident]) -> bool:
+        return any(len(i.members) + i.omitted_members == 5000 for i in xs)
+
+    try:
+        async with readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r:
+            async with Correlator(settings, metrics=metrics) as first:
+                await bus.publish_many([(t("anomalies"), a, key) for a in pods])
+                await r["inc"].wait_for(whole, 90, "an event of the whole outage")
+                (stored,) = first.table.data.values()
+            # A new worker restores the compressed state: it knows every pod.
+            async with Correlator(settings, metrics=metrics) as second:
+                await bus.publish_many([(t("anomalies"), pod(7, "resolved", 1.0), key)])
+                # (A resolution of a pod the restored state did not know changes nothing.)
+                await r["inc"].wait_for(
+                    lambda xs: len({i.revision for i in xs if whole([i])}) >= 2,
+                    90,
+                    "the resolution of one pod",
+                )
+                (restored,) = second.table.data.values()
+    finally:
+        await bus.stop()
+
+    assert len(stored) < 300_000, "the stored state is compressed"
+    events, sizes = r["inc"].items, [len(raw or b"") for raw in r["inc"].raw]
+    assert {i.id for i in events} == {events[0].id}, "one incident"
+    assert max(sizes) < 200_000, "every event fits a record with room to spare"
+    full = next(i for i in events if whole([i]))
+    assert (len(full.members), full.omitted_members) == (200, 4800)
+    final = events[-1]
+    assert len(final.members) + final.omitted_members == 5000, "the restored state has all"
+    # Firing members first: the one resolved pod is left out of the listed 200.
+    assert (len(final.firing), final.omitted_members) == (200, 4800)
+    assert final.revision > full.revision
+    state = Stored.load(restored).incident
+    assert state is not None and len(state.members) == 5000
+    assert [m.status for m in state.members if m.status != "firing"] == ["resolved"]
+    assert metrics.oversized_states._value.get() == 0
+
+
+async def test_a_state_beyond_a_record_even_compressed_is_counted_and_the_worker_goes_on(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """500 members with 4 KB of random label text: ~1.5 MB compressed. It cannot be
+    written; the worker says so, keeps the state in memory and serves other groups."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, metrics = await started_bus(settings)
+    t = bus.topic
+    by = settings.correlation.group_by
+
+    def noisy(i: int) -> Anomaly:
+        labels = {
+            **anomaly("checkout", "x").labels,
+            "pod": f"p{i}",
+            "msg": secrets.token_urlsafe(3000),
+        }
+        return replace(
+            anomaly("checkout", "alert"),
+            fingerprint=fingerprint("alertmanager", "alert", labels),
+            labels=labels,
+        )
+
+    big = [noisy(i) for i in range(500)]
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=metrics) as corr,
+        ):
+            await bus.publish_many([(t("anomalies"), a, group_key(a.labels, by)) for a in big])
+            await eventually(lambda: corr.processed >= len(big), 60, what="all folded")
+            await eventually(lambda: metrics.oversized_states._value.get() >= 1, 30)
+            cart = anomaly("cart", "high-error-rate")
+            await bus.publish_many([(t("anomalies"), cart, group_key(cart.labels, by))])
+            await r["inc"].wait_for(
+                lambda xs: any(i.labels["service"] == "cart" for i in xs), 60, "cart opened"
+            )
+    finally:
+        await bus.stop()
+    checkout = [i for i in r["inc"].items if i.labels["service"] == "checkout"]
+    assert max(len(i.members) + i.omitted_members for i in checkout) == 500
+    assert max(len(raw or b"") for raw in r["inc"].raw) <= 1_000_000

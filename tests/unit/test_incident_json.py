@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agent.codec import decode, encode
 from agent.models import Incident
 from streams.correlation import CorrelationRules, correlate_batch
+from streams.correlator import Stored
 from streams.incident_json import IncidentEncoder
 from tests.unit.factories import anomaly, at
 
@@ -102,3 +103,16 @@ def test_an_event_stays_within_the_record_size_whatever_its_labels() -> None:
     bare = decode(Incident, IncidentEncoder().event(inc, 200, 2_000))
     assert (bare.members, bare.omitted_members) == ((), 300)
 
+
+def test_a_large_state_is_stored_compressed_and_reads_back() -> None:
+    small, large = _outage(3), _outage(3000)
+    for inc, compressed in ((small, False), (large, True)):
+        stored = Stored(partition=2, incident=inc, emitted_at=at(5), pending=True)
+        raw = stored.dump()
+        assert raw.startswith(b"{") is not compressed
+        assert Stored.load(raw) == stored
+    raw = Stored(0, large).dump()
+    assert len(raw) < len(encode(large)) / 5
+    # A value written before compression existed still reads.
+    plain = b'{"p":0,"e":null,"q":false,"i":%s}' % encode(large)
+    assert Stored.load(plain) == Stored(0, large)
