@@ -9,6 +9,9 @@
     │   ├── PolicyDenied       the policy refused an action; ``rule`` names the rule
     │   └── ActionFailed       the cluster refused or failed an action
     ├── InfraError             a local infrastructure script failed
+    ├── ComponentFailed        a component's processing loop died; the agent exits so its
+    │                          supervisor restarts it (a live process that consumes nothing
+    │                          would hold its partitions forever)
     └── PartialBatch           a batch handler failed after its first ``done`` events took
                                effect; ``cause`` is the failure
 
@@ -72,6 +75,15 @@ class ActionFailed(PermanentError):
 
 class InfraError(AgentError):
     """A local infrastructure script (Kafka, Prometheus, Kubernetes) failed."""
+
+
+class ComponentFailed(AgentError):
+    """A component's processing loop ended with an error; ``cause`` is it."""
+
+    def __init__(self, component: str, cause: BaseException) -> None:
+        self.component = component
+        self.cause = cause
+        super().__init__(f"{component} failed: {type(cause).__name__}: {cause}")
 
 
 class PartialBatch(AgentError):

@@ -24,7 +24,7 @@ from agent.analysis_stage import AnalysisStage
 from agent.calibration import CalibrationTracker
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
-from agent.errors import ConfigError
+from agent.errors import ComponentFailed, ConfigError
 from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
 from agent.llm_analyzer import LLMAnalyzer
@@ -232,6 +232,14 @@ class Agent:
             self.server.started = True
         log.info("agent started: roles %s", ", ".join(sorted(self.roles)))
 
+    def failure(self) -> ComponentFailed | None:
+        """The first component whose processing loop died, if any."""
+        for c in self.components:
+            cause = getattr(c, "failure", None)
+            if isinstance(cause, BaseException):
+                return ComponentFailed(getattr(c, "name", type(c).__name__), cause)
+        return None
+
     async def stop(self) -> None:
         # Reverse order: detectors (intake) first, the bus last.
         for c in reversed(self.components):
@@ -280,7 +288,8 @@ def freeze_heap() -> None:
 
 
 async def run_until_signalled(agent: Agent, *, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down in order."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down in order. Raises
+    ComponentFailed, after the same shutdown, when a component's processing loop died."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -289,7 +298,12 @@ async def run_until_signalled(agent: Agent, *, stop: asyncio.Event | None = None
     try:
         await agent.start()
         freeze_heap()
-        await stop.wait()
+        while not stop.is_set():
+            if (failed := agent.failure()) is not None:
+                log.critical("%s; stopping so the supervisor restarts the agent", failed)
+                raise failed from failed.cause
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
         log.info("stop requested; draining")
     finally:
         await agent.stop()

@@ -195,6 +195,14 @@ class Bus:
         return await create_topics(self.kafka)
 
 
+def task_failure(task: asyncio.Task[Any] | None) -> BaseException | None:
+    """The error a background task died of: None while it runs, or once it was cancelled
+    or ended cleanly."""
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
 async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None) -> list[str]:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=kafka.bootstrap_servers, client_id=f"{kafka.client_id}-admin"
@@ -323,6 +331,11 @@ class BatchConsumer:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the consuming loop died, if it did (see agent.runtime.run_until_signalled)."""
+        return task_failure(self._task)
 
     async def __aenter__(self) -> BatchConsumer:
         await self.start()

@@ -328,6 +328,7 @@ class Correlator:
             else None
         )
         self._started = False
+        self._failure: BaseException | None = None
         # Decoded view of the table. An entry is used only while the table holds the very
         # bytes object it was decoded from, so a recovery from the changelog (new objects)
         # can never be shadowed by a stale decode.
@@ -438,6 +439,9 @@ class Correlator:
                     await self._drain_producer_buffer()
                     for event in events:
                         event.ack()
+            except Exception as err:
+                self._fail(err)
+                raise
             finally:
                 room.set()  # never leave the stream waiting on a folder that is gone
 
@@ -469,10 +473,29 @@ class Correlator:
                     await room.wait()
                 pending.append(event)
                 ready.set()
+        except Exception as err:
+            self._fail(err)
+            raise
         finally:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why processing died, if it did: faust's agent is then gone for good, and the
+        worker must be restarted (see agent.runtime.run_until_signalled)."""
+        return self._failure
+
+    def _fail(self, err: BaseException) -> None:
+        if self._failure is not None:
+            return
+        self._failure = err
+        log.critical("correlator processing failed; this worker must restart", exc_info=err)
+        # faust waits, before a rebalance or stop, until every event it handed out is acked;
+        # those of the failed batch never will be, so stop() hung forever. Unacked, they are
+        # not committed either: the next owner of the partition reads them again.
+        self.app.conf.stream_wait_empty = False
 
     async def process(self, events: Iterable[Any]) -> None:
         by_partition: dict[int, list[Keyed]] = defaultdict(list)

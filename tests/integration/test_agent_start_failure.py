@@ -1,13 +1,21 @@
-"""An agent that cannot start releases everything it opened (no leaked clients)."""
+"""An agent that cannot start releases everything it opened (no leaked clients), and one
+whose processing dies stops instead of lingering."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
 import pytest
 
-from agent.errors import DependencyUnavailable
-from agent.runtime import Agent
+from agent.errors import ComponentFailed, DependencyUnavailable
+from agent.models import group_key
+from agent.runtime import Agent, run_until_signalled
 from handlers.fake_cluster import FakeCluster
-from tests.helpers import make_settings
+from streams.bus import BatchConsumer
+from tests.helpers import eventually, make_settings
+from tests.integration.test_correlator import anomaly
 
 pytestmark = pytest.mark.integration
 
@@ -27,3 +35,56 @@ async def test_start_failure_closes_what_was_opened() -> None:
         async with Agent(settings, roles=["all"], cluster=CountingCluster()):
             pytest.fail("the agent must not start without Kafka")
     assert CountingCluster.closed == 1
+
+
+async def test_a_dead_correlator_stops_the_agent_and_loses_nothing(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A failure inside the correlator's folding used to leave a live process that folded
+    nothing, held its partitions, and hung in stop(). Now the agent stops and raises, and
+    the next worker folds what the failed batch held (it was never committed)."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    agent = Agent(settings, roles=["correlator"], cluster=FakeCluster(), serve_http=False)
+    corr = agent.correlator
+    assert corr is not None
+
+    async def broken(events: Iterable[Any]) -> None:
+        raise RuntimeError("injected: the fold broke")
+
+    corr.process = broken  # type: ignore[method-assign]
+    a = anomaly("cart", "high-error-rate")
+    key = group_key(a.labels, settings.correlation.group_by)
+    run = asyncio.create_task(run_until_signalled(agent))
+    await eventually(lambda: corr._started, 60, what="started")
+    await agent.bus.publish_many([(agent.bus.topic("anomalies"), a, key)])
+    with pytest.raises(ComponentFailed, match="injected: the fold broke"):
+        await asyncio.wait_for(run, 60)  # stop() used to hang here
+    assert isinstance(corr.failure, RuntimeError)
+
+    again = Agent(settings, roles=["correlator"], cluster=FakeCluster(), serve_http=False)
+    assert again.correlator is not None
+    async with again:
+        await eventually(lambda: again.correlator.processed >= 1, 60, what="refolded")
+        assert list(again.correlator.table.data) == [key.encode()]
+
+
+async def test_a_dead_consumer_loop_stops_the_agent(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The analyzer's consumer cannot dead-letter an unreadable incident (Kafka refuses the
+    write): its loop dies, and the agent stops with the reason instead of idling on."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    agent = Agent(settings, roles=["analyzer"], cluster=FakeCluster(), serve_http=False)
+
+    async def refused(**_: Any) -> None:
+        raise DependencyUnavailable("kafka: the dead-letter write was refused")
+
+    agent.bus.dead_letter = refused  # type: ignore[method-assign]
+    (consumer,) = [
+        c for c in agent.components if isinstance(c, BatchConsumer) and c.name == "analyzer"
+    ]
+    run = asyncio.create_task(run_until_signalled(agent))
+    await asyncio.wait_for(consumer.assigned.wait(), 60)
+    await agent.bus.producer.send_and_wait(agent.bus.topic("incidents"), b"not json", b"k")
+    with pytest.raises(ComponentFailed, match="analyzer failed: DependencyUnavailable"):
+        await asyncio.wait_for(run, 60)

@@ -1,0 +1,27 @@
+"""task_failure: how the runtime learns that a component's background loop died."""
+
+from __future__ import annotations
+
+import asyncio
+
+from streams.bus import task_failure
+
+
+async def test_only_a_task_that_raised_reports_a_failure() -> None:
+    async def boom() -> None:
+        raise ValueError("broken")
+
+    async def fine() -> None:
+        return None
+
+    running = asyncio.create_task(asyncio.sleep(60))
+    failed, ended = asyncio.create_task(boom()), asyncio.create_task(fine())
+    await asyncio.sleep(0.01)
+    assert task_failure(None) is None
+    assert task_failure(running) is None
+    assert task_failure(ended) is None
+    err = task_failure(failed)
+    assert isinstance(err, ValueError) and str(err) == "broken"
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert task_failure(running) is None
