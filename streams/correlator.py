@@ -707,6 +707,7 @@ class Correlator:
             self._guard.reset()  # positions restart at the committed offsets
         owned = self._owned_partitions()
         taken_over, self._owned = owned - self._owned, owned
+        self._forget_unowned(owned)
         if not taken_over:
             return
         events = []
@@ -718,6 +719,24 @@ class Correlator:
         if events:
             log.info("re-publishing %d incidents of partitions %s", len(events), taken_over)
         await self._emit(events)
+
+    def _forget_unowned(self, owned: set[int]) -> None:
+        """Drop what this worker remembers per group of partitions it no longer owns: the
+        memos only grew, and a worker that had owned every partition at some point kept a
+        decoded copy of every incident. Regaining a partition recovers it from the table."""
+
+        def gone(key: str) -> bool:
+            return partition_for(key, self.partitions) not in owned
+
+        memos: tuple[dict[str, Any], ...] = (self._decoded, self._positions, self._persisted)
+        for memo in memos:
+            for key in [k for k in memo if gone(k)]:
+                del memo[key]
+        self._json.forget_where(gone)
+        # A dropped fact is re-announced by whoever folds its incident next; one never
+        # retracted expires resolve_timeout after it was last refreshed, as after a crash.
+        for fp in [fp for fp, f in self._facts_sent.items() if gone(f.incident_key)]:
+            del self._facts_sent[fp]
 
     async def _mitigating(self, partition: int, m: Mitigation) -> None:
         stored = self._get(m.incident_key)

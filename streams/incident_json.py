@@ -11,6 +11,7 @@ spliced in with :class:`orjson.Fragment`. The bytes are exactly those of
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import orjson
 
@@ -61,5 +62,7 @@ class IncidentEncoder:
                 return value
             limit //= 2
 
-    def forget(self, key: str) -> None:
-        self._last.pop(key, None)
+    def forget_where(self, gone: Callable[[str], bool]) -> None:
+        """Forget the groups whose key ``gone`` accepts."""
+        for key in [k for k in self._last if gone(k)]:
+            del self._last[key]

@@ -18,6 +18,7 @@ from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from agent.settings import Settings
 from streams.bus import Bus
 from streams.correlator import Correlator, Stored
+from streams.partitioning import partition_for
 from tests.helpers import eventually, make_settings, readers
 
 pytestmark = pytest.mark.integration
@@ -468,3 +469,48 @@ async def test_a_state_beyond_a_record_even_compressed_is_counted_and_the_worker
     checkout = [i for i in r["inc"].items if i.labels["service"] == "checkout"]
     assert max(len(i.members) + i.omitted_members for i in checkout) == 500
     assert max(len(raw or b"") for raw in r["inc"].raw) <= 1_000_000
+
+
+async def test_a_worker_forgets_the_groups_of_partitions_it_lost(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
+    bus, metrics = await started_bus(settings)
+    t = bus.topic
+    by = settings.correlation.group_by
+    services = [f"svc-{i}" for i in range(12)]
+    first = [anomaly(s, "high-error-rate") for s in services]
+    keys = {group_key(a.labels, by) for a in first}
+    try:
+        async with Correlator(settings, metrics=metrics) as one:
+            await bus.publish_many([(t("anomalies"), a, group_key(a.labels, by)) for a in first])
+            await eventually(lambda: one.processed >= len(first), 60, what="all folded")
+            assert set(one._decoded) == set(one._positions) == keys
+            partitions = {partition_for(k, one.partitions) for k in keys}
+            assert partitions == {0, 1}, "the groups span both partitions"
+            async with Correlator(settings, metrics=metrics) as two:
+                await eventually(
+                    lambda: len(one._owned_partitions()) == 1 == len(two._owned_partitions()),
+                    60,
+                    what="one partition each",
+                )
+                (kept,) = one._owned_partitions()
+                mine = {k for k in keys if partition_for(k, one.partitions) == kept}
+                await eventually(lambda: set(one._decoded) == mine, 30, what="memos pruned")
+                assert set(one._positions) <= mine and set(one._persisted) <= mine
+                assert set(one._json._last) <= mine
+                # What it still owns it still folds.
+                again = [
+                    replace(a, observed_at=a.observed_at + timedelta(seconds=1)) for a in first
+                ]
+                before = one.processed + two.processed
+                await bus.publish_many(
+                    [(t("anomalies"), a, group_key(a.labels, by)) for a in again]
+                )
+                await eventually(
+                    lambda: one.processed + two.processed >= before + len(again),
+                    60,
+                    what="refolded",
+                )
+    finally:
+        await bus.stop()
