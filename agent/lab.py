@@ -38,7 +38,7 @@ from agent.settings import REPO_ROOT, Settings
 from handlers.cluster import Cluster
 from handlers.fake_cluster import FakeCluster
 from streams.bus import BatchConsumer, Envelope
-from streams.correlator import decode_anomalies
+from streams.partitioning import decode_anomalies
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import orjson
 from aiokafka import TopicPartition
 from faust.types import TP, Message
 
-from agent.codec import FastDecoder, decode, encode, from_obj, from_objs
+from agent.codec import decode, encode, from_obj
 from agent.errors import InvalidEvent
 from agent.metrics import Metrics
 from agent.models import Anomaly, Fact, Incident, Mitigation, utcnow
@@ -69,7 +68,13 @@ from streams.correlation import (
 from streams.delivery import DeliveryGuard
 from streams.faust_kafka import App
 from streams.incident_json import IncidentEncoder
-from streams.partitioning import partition_for, partitioner, topic_partitions
+from streams.partitioning import (
+    decode_anomalies,
+    decode_mitigation,
+    partition_for,
+    partitioner,
+    topic_partitions,
+)
 from streams.replay import read_range
 from streams.silences import SilenceStore
 from streams.topology import (
@@ -131,70 +136,6 @@ class Stored:
         return Stored(
             partition=int(doc["p"]), incident=inc, emitted_at=emitted, pending=bool(doc.get("q"))
         )
-
-
-class _Anomalies(msgspec.Struct):
-    """What the correlator reads of an AnomalyBatch."""
-
-    anomalies: list[Anomaly]
-
-
-_fast_batch = FastDecoder(_Anomalies)
-_fast_one = FastDecoder(Anomaly)
-
-
-def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, bytes]]]:
-    """One record -> its anomalies, plus (error, raw item) for each invalid batch item.
-
-    Raises InvalidEvent when the record as a whole is unreadable. A Mitigation record
-    decodes to no anomalies (see :func:`decode_mitigation`).
-    """
-    # Well-formed records (nearly all) in one msgspec pass; the rest, and anything that
-    # might be a control record, the slow way, which names each problem.
-    if raw and b'"mitigation"' not in raw:
-        if b'"anomalies"' in raw:
-            batch = _fast_batch(raw)
-            if batch is not None:
-                return batch.anomalies, []
-        elif (one := _fast_one(raw)) is not None:
-            return [one], []
-    try:
-        doc = orjson.loads(raw or b"")
-    except orjson.JSONDecodeError as err:
-        raise InvalidEvent("Anomaly", [f"<body>: not valid JSON ({err})"]) from err
-    if not isinstance(doc, dict):
-        raise InvalidEvent("Anomaly", [f"<body>: expected a JSON object, got {type(doc).__name__}"])
-    if "mitigation" in doc:
-        return [], []
-    if "anomalies" not in doc:
-        return [from_obj(Anomaly, doc)], []
-    items = doc["anomalies"]
-    if not isinstance(items, list):
-        raise InvalidEvent("AnomalyBatch", ["anomalies: expected a list"])
-    with contextlib.suppress(InvalidEvent):
-        return from_objs(Anomaly, items), []
-    good: list[Anomaly] = []
-    bad: list[tuple[str, bytes]] = []
-    for i, item in enumerate(items):  # keep the good ones, name each bad one
-        try:
-            good.append(from_obj(Anomaly, item))
-        except InvalidEvent as err:
-            problems = "; ".join(f"anomalies[{i}].{p}" for p in err.problems)
-            bad.append((f"invalid Anomaly in batch: {problems}", orjson.dumps(item)))
-    return good, bad
-
-
-def decode_mitigation(raw: bytes | None) -> Mitigation | None:
-    """The Mitigation in a control record, or None for anomaly records."""
-    if not raw or b'"mitigation"' not in raw:
-        return None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None  # decode_anomalies reports it
-    if not isinstance(doc, dict) or "mitigation" not in doc:
-        return None
-    return from_obj(Mitigation, doc["mitigation"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,6 @@
-"""Which partition a correlation key lives on, the way Kafka's Java client decides it.
+"""Which partition a correlation key lives on, the way Kafka's Java client decides it, and
+the anomaly records on those partitions: written in batches, read back by the correlator,
+the lab and the tests.
 
 Anomalies of one group must always reach the same correlator partition. Producers that key
 records by the correlation key with the Java-compatible partitioner (aiokafka, the Java
@@ -10,18 +12,21 @@ does not agree, which is why the correlator checks and re-routes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 from collections import defaultdict
 from collections.abc import Sequence
 
+import msgspec
+import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from agent.codec import encode
-from agent.errors import DependencyUnavailable
-from agent.models import SCHEMA_VERSION, Anomaly, stable_id
+from agent.codec import FastDecoder, encode, from_obj, from_objs
+from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.models import SCHEMA_VERSION, Anomaly, Mitigation, stable_id
 
 MAX_BATCH = 500  # anomalies per record: keeps records far below the 1 MiB default limit
 
@@ -124,3 +129,70 @@ async def topic_partitions(bootstrap: str, topic: str, *, wait: float = 10.0) ->
         raise DependencyUnavailable(f"kafka {bootstrap}: {err}") from err
     finally:
         await admin.close()
+
+
+# --- reading them back ---------------------------------------------------------------
+
+
+class _Anomalies(msgspec.Struct):
+    """What the correlator reads of an AnomalyBatch."""
+
+    anomalies: list[Anomaly]
+
+
+_fast_batch = FastDecoder(_Anomalies)
+_fast_one = FastDecoder(Anomaly)
+
+
+def decode_anomalies(raw: bytes | None) -> tuple[list[Anomaly], list[tuple[str, bytes]]]:
+    """One record -> its anomalies, plus (error, raw item) for each invalid batch item.
+
+    Raises InvalidEvent when the record as a whole is unreadable. A Mitigation record
+    decodes to no anomalies (see :func:`decode_mitigation`).
+    """
+    # Well-formed records (nearly all) in one msgspec pass; the rest, and anything that
+    # might be a control record, the slow way, which names each problem.
+    if raw and b'"mitigation"' not in raw:
+        if b'"anomalies"' in raw:
+            batch = _fast_batch(raw)
+            if batch is not None:
+                return batch.anomalies, []
+        elif (one := _fast_one(raw)) is not None:
+            return [one], []
+    try:
+        doc = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError as err:
+        raise InvalidEvent("Anomaly", [f"<body>: not valid JSON ({err})"]) from err
+    if not isinstance(doc, dict):
+        raise InvalidEvent("Anomaly", [f"<body>: expected a JSON object, got {type(doc).__name__}"])
+    if "mitigation" in doc:
+        return [], []
+    if "anomalies" not in doc:
+        return [from_obj(Anomaly, doc)], []
+    items = doc["anomalies"]
+    if not isinstance(items, list):
+        raise InvalidEvent("AnomalyBatch", ["anomalies: expected a list"])
+    with contextlib.suppress(InvalidEvent):
+        return from_objs(Anomaly, items), []
+    good: list[Anomaly] = []
+    bad: list[tuple[str, bytes]] = []
+    for i, item in enumerate(items):  # keep the good ones, name each bad one
+        try:
+            good.append(from_obj(Anomaly, item))
+        except InvalidEvent as err:
+            problems = "; ".join(f"anomalies[{i}].{p}" for p in err.problems)
+            bad.append((f"invalid Anomaly in batch: {problems}", orjson.dumps(item)))
+    return good, bad
+
+
+def decode_mitigation(raw: bytes | None) -> Mitigation | None:
+    """The Mitigation in a control record, or None for anomaly records."""
+    if not raw or b'"mitigation"' not in raw:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None  # decode_anomalies reports it
+    if not isinstance(doc, dict) or "mitigation" not in doc:
+        return None
+    return from_obj(Mitigation, doc["mitigation"])

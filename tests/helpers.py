@@ -14,8 +14,7 @@ from agent.codec import decode
 from agent.errors import InvalidEvent
 from agent.models import Anomaly
 from agent.settings import Settings, load_settings, parse_settings
-from streams.correlator import decode_anomalies
-from streams.partitioning import topic_partitions
+from streams.partitioning import decode_anomalies, topic_partitions
 
 T = TypeVar("T")
 

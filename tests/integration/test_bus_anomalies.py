@@ -11,8 +11,7 @@ from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import Anomaly, group_key
 from streams.bus import Bus
-from streams.correlator import decode_anomalies
-from streams.partitioning import partition_for
+from streams.partitioning import decode_anomalies, partition_for
 from tests.helpers import make_settings
 from tests.unit.factories import anomaly
 

@@ -17,7 +17,8 @@ from agent.metrics import Metrics
 from agent.models import Incident
 from agent.prom import PromClient
 from streams.bus import Bus
-from streams.correlator import Correlator, decode_anomalies
+from streams.correlator import Correlator
+from streams.partitioning import decode_anomalies
 from tests.helpers import make_settings, readers
 from tests.integration.exporter import Exporter
 

@@ -11,8 +11,14 @@ from hypothesis import strategies as st
 
 from agent.codec import encode
 from agent.models import AnomalyBatch, stable_id
-from streams.correlator import decode_anomalies
-from streams.partitioning import MAX_BATCH, MAX_BATCH_BYTES, Encoded, batch_record, chunks
+from streams.partitioning import (
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    Encoded,
+    batch_record,
+    chunks,
+    decode_anomalies,
+)
 from tests.unit.factories import SHOP, anomaly
 
 # Sizes around the bounds: typical anomalies, and ones with large annotations.

@@ -12,8 +12,13 @@ from agent.codec import encode
 from agent.errors import InvalidEvent
 from agent.models import AnomalyBatch, Incident, group_key
 from streams.correlation import coalesce
-from streams.correlator import decode_anomalies
-from streams.partitioning import MAX_BATCH, anomaly_records, partition_for, partitioner
+from streams.partitioning import (
+    MAX_BATCH,
+    anomaly_records,
+    decode_anomalies,
+    partition_for,
+    partitioner,
+)
 from tests.unit.factories import anomaly, at
 
 
@@ -118,7 +123,7 @@ def test_coalesce_keeps_transitions_and_final_states(steps: list[tuple[str, str]
 
 def test_mitigation_records_are_recognised_and_validated() -> None:
     from agent.models import Mitigation
-    from streams.correlator import decode_mitigation
+    from streams.partitioning import decode_mitigation
 
     m = Mitigation(incident_id="i1", incident_key="c/shop/cart", action_id="a1", at=at(5))
     raw = encode({"mitigation": m})
