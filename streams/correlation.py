@@ -368,6 +368,9 @@ def silenced_by(anomaly: Anomaly, silences: Iterable[Silence]) -> str | None:
     return None
 
 
+# A group keeps tallies of its members from this size on (see _Group._count).
+TALLY_FROM = 64
+
 # group key -> (incident id, revision, fingerprint -> position of its member) of the
 # group's state at the end of a batch, kept by the caller for the next (see correlate_batch).
 Positions = dict[str, tuple[str, int, dict[str, int]]]
@@ -380,7 +383,18 @@ class _Group:
     which returns only frozen incidents; it must fold exactly as :func:`correlate` does one
     anomaly at a time (tests/unit/test_correlation.py holds it to that)."""
 
-    __slots__ = ("dirty", "firing", "floor", "fresh", "inc", "index", "loud", "members", "ranks")
+    __slots__ = (
+        "counted",
+        "dirty",
+        "firing",
+        "floor",
+        "fresh",
+        "inc",
+        "index",
+        "loud",
+        "members",
+        "ranks",
+    )
 
     def __init__(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
         self._load(inc, known)
@@ -393,12 +407,15 @@ class _Group:
         # was a third of a small batch.
         self.index = known if known is not None and self._holds(known) else self._positions()
         self.fresh = True  # inc.members is the members list
-        self._count()
+        # Tallies are kept only for a large group (see _count), from its first change on.
+        self.counted = False
 
     def _count(self) -> None:
         """Tallies that answer severity, "all resolved" and "all suppressed" without a scan
-        of the members: each change scanned them all, so a mass outage (thousands of new
-        pods in one group) folded in quadratic time."""
+        of the members. Each change scanned them all, so a mass outage (thousands of new
+        pods in one group) folded in quadratic time; below ``TALLY_FROM`` members the scans
+        are cheaper than keeping tallies, and nearly every group is that small."""
+        self.counted = True
         self.firing = 0  # firing members
         self.loud = 0  # firing members not suppressed
         # members per severity rank: [firing ranks..., all members' ranks...]
@@ -421,7 +438,9 @@ class _Group:
             self.floor = m.last_seen
 
     def _severity(self) -> Severity:
-        """:func:`_severity` of the members, from the tallies."""
+        """:func:`_severity` of the members."""
+        if not self.counted:
+            return _severity(self.members)
         n = len(SEVERITY_RANK)
         ranks = self.ranks[:n] if self.firing else self.ranks[n:]
         for rank in range(n - 1, 0, -1):
@@ -430,8 +449,15 @@ class _Group:
         return RANKED[0]
 
     def _live(self, status: IncidentStatus) -> IncidentStatus:
-        """:func:`_live` of the members, from the tallies."""
+        """:func:`_live` of the members."""
+        if not self.counted:
+            return _live(self.members, status)
         return "silenced" if self.firing and not self.loud else status
+
+    def _all_resolved(self) -> bool:
+        if self.counted:
+            return not self.firing
+        return all(m.status == "resolved" for m in self.members)
 
     def _positions(self) -> dict[str, int]:
         return {m.fingerprint: i for i, m in enumerate(self.members)}
@@ -452,17 +478,22 @@ class _Group:
 
     def retain(self, at: datetime, keep: str, rules: CorrelationRules) -> None:
         """Drop what an open incident no longer keeps (see :func:`_retained`)."""
-        if rules.member_retention <= 0 or self.floor is None:
-            return
-        if self.floor >= at - timedelta(seconds=rules.member_retention):
+        if self.counted and (
+            rules.member_retention <= 0
+            or self.floor is None
+            or self.floor >= at - timedelta(seconds=rules.member_retention)
+        ):
             return  # nothing resolved is old enough to drop
         kept = _retained(self.members, at, keep, rules)
         if kept is not None:
             self.members = kept
             self.index = self._positions()  # a new dict: the memo of positions moves on
-        self._count()  # the exact bound (and tallies) of what is kept
+        if self.counted:
+            self._count()  # the exact bound (and tallies) of what is kept
 
     def upsert(self, a: Anomaly, marks: Marks) -> None:
+        if not self.counted and len(self.members) >= TALLY_FROM:
+            self._count()  # before the change, which the tallies then follow
         i = self.index.get(a.fingerprint)
         if i is None:
             self.index[a.fingerprint] = len(self.members)
@@ -470,11 +501,13 @@ class _Group:
             self.members.append(new)
         else:
             m = self.members[i]
-            self._tally(m, -1)
             new = self.members[i] = _with(
                 m, a, marks.silenced_by, marks.inhibited_by, marks.absorbed_by
             )
-        self._tally(new, 1)
+            if self.counted:
+                self._tally(m, -1)
+        if self.counted:
+            self._tally(new, 1)
         self.fresh = False
         self.dirty = True
 
@@ -575,7 +608,7 @@ class _Group:
                 return None
         self.upsert(a, marks)
         changed_at = max(a.observed_at, inc.updated_at)
-        if not self.firing:
+        if self._all_resolved():
             return self.change("resolved", changed_at, changed_at, inc.absorbed_into)
         self.retain(changed_at, a.fingerprint, rules)
         status = self._live("mitigating" if inc.status == "mitigating" else "updated")
