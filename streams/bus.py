@@ -328,6 +328,8 @@ class BatchConsumer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            except Exception as err:  # noqa: BLE001 - reported through .failure; still close
+                log.warning("%s had failed: %r", self.name, err)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()

@@ -425,8 +425,9 @@ class Correlator:
     @property
     def failure(self) -> BaseException | None:
         """Why processing died, if it did: faust's agent is then gone for good, and the
-        worker must be restarted (see agent.runtime.run_until_signalled)."""
-        return self._failure
+        worker must be restarted (see agent.runtime.run_until_signalled). A dead view of
+        silences or facts counts too: it would go on folding with stale ones."""
+        return self._failure or self.silences.failure or self.facts.failure
 
     def _fail(self, err: BaseException) -> None:
         if self._failure is not None:

@@ -9,7 +9,6 @@ CLI, which validate before writing), so one bad record never stops the view.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -19,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from agent.errors import DependencyUnavailable, InvalidEvent
 from agent.settings import KafkaSection
+from streams.bus import task_failure
 from streams.partitioning import topic_partitions
 from streams.replay import groupless_consumer
 
@@ -84,12 +84,21 @@ class CompactedView(Generic[T]):
         self._task = asyncio.create_task(self._run(ends), name=self.name)
         await asyncio.wait_for(self.loaded.wait(), timeout=wait)
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why following the topic stopped, if it died: the view would go stale unnoticed."""
+        return task_failure(self._task)
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as err:  # noqa: BLE001 - reported through .failure; still close
+                log.warning("%s had failed: %r", self.name, err)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()

@@ -88,3 +88,26 @@ async def test_a_dead_consumer_loop_stops_the_agent(
     await agent.bus.producer.send_and_wait(agent.bus.topic("incidents"), b"not json", b"k")
     with pytest.raises(ComponentFailed, match="analyzer failed: DependencyUnavailable"):
         await asyncio.wait_for(run, 60)
+
+
+async def test_a_dead_silence_view_is_a_correlator_failure(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A correlator whose view of silences stopped following its topic would fold with
+    stale silences forever; it reports the failure, so the agent restarts it."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    agent = Agent(settings, roles=["correlator"], cluster=FakeCluster(), serve_http=False)
+    corr = agent.correlator
+    assert corr is not None
+    async with agent:
+        assert corr.failure is None and agent.failure() is None
+        view = corr.silences._consumer
+        assert view is not None
+
+        async def broken(**_: Any) -> Any:
+            raise RuntimeError("injected: the silences fetch broke")
+
+        view.getmany = broken  # type: ignore[method-assign]
+        await eventually(lambda: corr.failure is not None, 30, what="the failure seen")
+        failed = agent.failure()
+        assert failed is not None and "the silences fetch broke" in str(failed)
