@@ -727,6 +727,16 @@ def test_the_batch_properties_hold_for_groups_that_keep_tallies() -> None:
         test_retention_folds_the_same_in_batches()
 
 
+def in_two_batches(first: list[Anomaly], second: list[Anomaly]) -> tuple[States, list[Incident]]:
+    """The states the second batch changed and its events, once checked against the
+    reference folding both one by one."""
+    expected, _ = fold(first + second, rules=RETAINING)
+    got, _ = correlate_batch({}, first, NOW, RETAINING)
+    changed, events = correlate_batch(dict(got), second, NOW, RETAINING)
+    assert changed == expected
+    return changed, events
+
+
 @pytest.mark.parametrize("tally", [False, True])
 def test_a_later_batch_drops_an_old_resolved_member_listed_after_a_recent_one(
     tally: bool,
@@ -739,10 +749,7 @@ def test_a_later_batch_drops_an_old_resolved_member_listed_after_a_recent_one(
     first += [pod(labels=b, status="resolved", t=50), pod(labels=a, status="resolved", t=100)]
     second = [anomaly("latency", severity="warning", labels=CHECKOUT, t=150)]
     with tallied() if tally else contextlib.nullcontext():
-        expected, _ = fold(first + second, rules=RETAINING)
-        got, _ = correlate_batch({}, first, NOW, RETAINING)
-        changed, _ = correlate_batch(dict(got), second, NOW, RETAINING)
-        assert changed == expected
+        changed, _ = in_two_batches(first, second)
         (inc,) = changed.values()
         assert inc is not None
         assert [m.labels.get("pod") for m in inc.members] == ["a", "c", None]
@@ -751,10 +758,7 @@ def test_a_later_batch_drops_an_old_resolved_member_listed_after_a_recent_one(
 def test_a_mass_outage_folds_to_one_incident_of_every_pod() -> None:
     pods = [anomaly("errors", labels={**CHECKOUT, "pod": f"p{i}"}, t=i) for i in range(3000)]
     resolutions = [replace(a, status="resolved", observed_at=at(4000)) for a in pods[::2]]
-    expected, _ = fold(pods + resolutions, rules=RETAINING)
-    got, _ = correlate_batch({}, pods, NOW, RETAINING)
-    got, events = correlate_batch(dict(got), resolutions, NOW, RETAINING)
-    assert got == expected
+    got, events = in_two_batches(pods, resolutions)
     (inc,) = got.values()
     assert inc is not None
     assert len(inc.members) == 3000
