@@ -663,12 +663,18 @@ class Correlator:
         await self._emit(events)
 
     def _forget_unowned(self, owned: set[int]) -> None:
-        """Drop what this worker remembers per group of partitions it no longer owns: the
+        """Drop what this worker holds per group of partitions it no longer owns: the
         memos only grew, and a worker that had owned every partition at some point kept a
-        decoded copy of every incident. Regaining a partition recovers it from the table."""
+        decoded copy of every incident. Regaining a partition recovers it from the
+        changelog."""
 
         def gone(key: str) -> bool:
             return partition_for(key, self.partitions) not in owned
+
+        # faust's memory store drops a revoked partition's keys only if it recovered them
+        # from the changelog; those this worker wrote stayed, and the timer walked them.
+        for raw_key in [k for k in self.table.data if gone(k.decode())]:
+            self.table.data.pop(raw_key, None)
 
         memos: tuple[dict[str, Any], ...] = (self._decoded, self._positions, self._persisted)
         for memo in memos:
@@ -700,8 +706,10 @@ class Correlator:
         events = []
         for raw_key, raw in list(self.table.data.items()):
             key = raw_key.decode()
+            if partition_for(key, self.partitions) not in owned:
+                continue  # until the next recovery drops it: never decoded again
             stored = self._stored(key, raw)
-            if stored.partition not in owned or stored.incident is None:
+            if stored.incident is None:
                 continue
             new, event = expire(stored.incident, now, self.rules)
             if event is not None:  # a resolution is never held

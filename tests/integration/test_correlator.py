@@ -497,8 +497,11 @@ async def test_a_worker_forgets_the_groups_of_partitions_it_lost(
                 (kept,) = one._owned_partitions()
                 mine = {k for k in keys if partition_for(k, one.partitions) == kept}
                 await eventually(lambda: set(one._decoded) == mine, 30, what="memos pruned")
+                assert {k.decode() for k in one.table.data} == mine
                 assert set(one._positions) <= mine and set(one._persisted) <= mine
                 assert set(one._json._last) <= mine
+                await asyncio.sleep(2)  # timer ticks walk the table: nothing comes back
+                assert set(one._decoded) == mine
                 # What it still owns it still folds (the newcomer's recovery is the
                 # fail-over test's business; here its timing would only add noise).
                 later = timedelta(seconds=1)
