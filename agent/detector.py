@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent.breaker import BreakerRules, CircuitBreaker
-from agent.errors import AgentError
+from agent.errors import AgentError, task_failure
 from agent.labels import SERVICE_LABELS, normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, AnomalyStatus, Severity, fingerprint, group_key, stable_id, utcnow
@@ -219,6 +219,11 @@ class PromQLDetector:
         for p in self.settings.patterns:
             self._tasks.append(asyncio.create_task(self._loop(p), name=f"detector-{p.name}"))
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why a pattern's loop died, if one did (see agent.runtime.run_until_signalled)."""
+        return next((e for t in self._tasks if (e := task_failure(t)) is not None), None)
+
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
@@ -247,6 +252,11 @@ class PromQLDetector:
             await self.evaluate_once(pattern, at)
         except AgentError as err:  # e.g. Kafka down: the next slot retries with fresh state
             log.warning("pattern %s: publishing failed: %s", pattern.name, err)
+        except Exception:
+            # A bug used to end this pattern's loop: it was never evaluated again, silently.
+            # Counted (SREAgentDetectorFailing alerts on it); the next slot tries again.
+            self.metrics.detector_errors.labels(pattern=pattern.name, reason="internal_error").inc()
+            log.exception("pattern %s: evaluation failed", pattern.name)
 
     async def evaluate_once(
         self, pattern: PatternSpec, at: datetime | None = None

@@ -21,7 +21,9 @@ that talks to the vendor, always with ``raise ... from err`` so the cause is kep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 
 class AgentError(Exception):
@@ -84,6 +86,14 @@ class ComponentFailed(AgentError):
         self.component = component
         self.cause = cause
         super().__init__(f"{component} failed: {type(cause).__name__}: {cause}")
+
+
+def task_failure(task: asyncio.Task[Any] | None) -> BaseException | None:
+    """The error a background task died of: None while it runs, or once it was cancelled
+    or ended cleanly."""
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
 
 
 class PartialBatch(AgentError):

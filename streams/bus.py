@@ -23,7 +23,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
 from agent.codec import decode, encode
-from agent.errors import AgentError, DependencyUnavailable, InvalidEvent, PartialBatch
+from agent.errors import (
+    AgentError,
+    DependencyUnavailable,
+    InvalidEvent,
+    PartialBatch,
+    task_failure,
+)
 from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, new_id, utcnow
 from agent.settings import KafkaSection
@@ -193,14 +199,6 @@ class Bus:
     async def create_topics(self) -> list[str]:
         """Create every catalog topic that does not exist yet; returns the ones created."""
         return await create_topics(self.kafka)
-
-
-def task_failure(task: asyncio.Task[Any] | None) -> BaseException | None:
-    """The error a background task died of: None while it runs, or once it was cancelled
-    or ended cleanly."""
-    if task is None or not task.done() or task.cancelled():
-        return None
-    return task.exception()
 
 
 async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None) -> list[str]:

@@ -16,9 +16,8 @@ from typing import Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.errors import DependencyUnavailable, InvalidEvent, task_failure
 from agent.settings import KafkaSection
-from streams.bus import task_failure
 from streams.partitioning import topic_partitions
 from streams.replay import groupless_consumer
 

@@ -144,3 +144,43 @@ async def test_query_failures_are_counted_and_survived(
         == 1
     )
     assert rec.items == []
+
+
+async def test_a_bug_in_one_evaluation_does_not_end_the_patterns_loop(
+    prometheus: Any, kafka_bootstrap: str
+) -> None:
+    """An unexpected error (not an AgentError) used to end the pattern's loop for good: the
+    pattern was never evaluated again, and nothing said so."""
+    settings = make_settings(
+        kafka_bootstrap,
+        "unused.",
+        prometheus_url=prometheus.url,
+        doc={"patterns": [{"name": "always", "interval": "1s", "condition": "vector(1) > 0"}]},
+    )
+
+    class FlakyRecorder(Recorder):
+        calls = 0
+
+        async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise TypeError("injected: a bug in the publishing path")
+            await super().publish_many(items)
+
+    metrics, rec = Metrics(), FlakyRecorder()
+    prom = PromClient(prometheus.url, timeout=3)
+    detector = PromQLDetector(settings, prom=prom, publish=rec, topic="t", metrics=metrics)
+    await detector.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not rec.items:
+            assert loop.time() < deadline, "the pattern was not evaluated after the bug"
+            await asyncio.sleep(0.2)
+    finally:
+        await detector.stop()
+        await prom.close()
+    assert rec.items[0].name == "always" and rec.items[0].status == "firing"
+    errors = metrics.detector_errors.labels(pattern="always", reason="internal_error")
+    assert errors._value.get() == 1
+    assert detector.failure is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streams.bus import task_failure
+from agent.errors import task_failure
 
 
 async def test_only_a_task_that_raised_reports_a_failure() -> None:
