@@ -88,7 +88,7 @@ class ComponentFailed(AgentError):
         super().__init__(f"{component} failed: {type(cause).__name__}: {cause}")
 
 
-def task_failure(task: asyncio.Task[Any] | None) -> BaseException | None:
+def task_failure(task: asyncio.Future[Any] | None) -> BaseException | None:
     """The error a background task died of: None while it runs, or once it was cancelled
     or ended cleanly."""
     if task is None or not task.done() or task.cancelled():

@@ -30,7 +30,7 @@ from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
 
 from agent.detector import Publisher
-from agent.errors import AgentError
+from agent.errors import AgentError, task_failure
 from agent.kube_signals import KubeRules, KubeState, step, sync, tick
 from agent.metrics import Metrics
 from agent.models import Anomaly, group_key, utcnow
@@ -251,6 +251,12 @@ class KubeWatcher:
             self.watches[resource] = w
             self._tasks.append(loop.run_in_executor(self._pool, w.run))
         self._tasks.append(asyncio.create_task(self._process(), name="kube-watch-process"))
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why a watch thread or the processing task died, if one did: the watcher would
+        go on looking alive and publish nothing (see agent.runtime.run_until_signalled)."""
+        return next((e for t in self._tasks if (e := task_failure(t)) is not None), None)
 
     async def stop(self) -> None:
         self._stopping.set()

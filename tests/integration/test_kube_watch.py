@@ -348,3 +348,34 @@ async def test_a_list_goes_in_pages_from_one_snapshot(
     ]
     assert w.stats["pages"] == 3 and w.stats["lists"] == 1
     assert w.resource_version is not None and int(w.resource_version) > 0
+
+
+async def test_a_dead_processing_loop_is_reported(
+    watched: tuple[KubeWatcher, Recorder, Any, str],
+) -> None:
+    """A bug while handling a watch event used to end the processing task silently: the
+    watcher went on watching and published nothing again. Now it reports the failure, and
+    the agent stops to be restarted."""
+    watcher, _, core, ns = watched
+    assert watcher.failure is None
+
+    class Broken:
+        async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+            raise TypeError("injected: a bug in the publishing path")
+
+    watcher.publisher = Broken()
+    now = datetime.now(UTC).isoformat()
+    event = {
+        "metadata": {"name": f"app-{uuid.uuid4().hex[:6]}.oom"},
+        "involvedObject": {"kind": "Pod", "name": "app-0", "namespace": ns},
+        "reason": "OOMKilling",
+        "type": "Warning",
+        "message": "Out of memory: Killed process 4242 (java)",
+        "source": {"component": "kernel-monitor"},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    await call(core.create_namespaced_event, ns, event)
+    await eventually(lambda: watcher.failure is not None, 30, what="the failure reported")
+    assert isinstance(watcher.failure, TypeError)
