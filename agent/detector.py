@@ -222,7 +222,7 @@ class PromQLDetector:
     @property
     def failure(self) -> BaseException | None:
         """Why a pattern's loop died, if one did (see agent.runtime.run_until_signalled)."""
-        return next((e for t in self._tasks if (e := task_failure(t)) is not None), None)
+        return task_failure(*self._tasks)
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []

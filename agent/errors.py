@@ -88,12 +88,15 @@ class ComponentFailed(AgentError):
         super().__init__(f"{component} failed: {type(cause).__name__}: {cause}")
 
 
-def task_failure(task: asyncio.Future[Any] | None) -> BaseException | None:
-    """The error a background task died of: None while it runs, or once it was cancelled
-    or ended cleanly."""
-    if task is None or not task.done() or task.cancelled():
-        return None
-    return task.exception()
+def task_failure(*tasks: asyncio.Future[Any] | None) -> BaseException | None:
+    """The error the first of these background tasks that died of one died of: None while
+    they run, or once they were cancelled or ended cleanly."""
+    for task in tasks:
+        if task is None or not task.done() or task.cancelled():
+            continue
+        if (err := task.exception()) is not None:
+            return err
+    return None
 
 
 class PartialBatch(AgentError):

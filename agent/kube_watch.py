@@ -256,7 +256,7 @@ class KubeWatcher:
     def failure(self) -> BaseException | None:
         """Why a watch thread or the processing task died, if one did: the watcher would
         go on looking alive and publish nothing (see agent.runtime.run_until_signalled)."""
-        return next((e for t in self._tasks if (e := task_failure(t)) is not None), None)
+        return task_failure(*self._tasks)
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -22,6 +22,9 @@ async def test_only_a_task_that_raised_reports_a_failure() -> None:
     assert task_failure(ended) is None
     err = task_failure(failed)
     assert isinstance(err, ValueError) and str(err) == "broken"
+    assert task_failure(running, None, ended, failed) is err, "the first that died, of many"
+    assert task_failure(running, ended) is None
+    assert task_failure() is None
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     assert task_failure(running) is None
