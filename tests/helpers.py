@@ -12,11 +12,22 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agent.codec import decode
 from agent.errors import InvalidEvent
+from agent.metrics import Metrics
 from agent.models import Anomaly
 from agent.settings import Settings, load_settings, parse_settings
+from streams.bus import Bus
 from streams.partitioning import decode_anomalies, topic_partitions
 
 T = TypeVar("T")
+
+
+async def started_bus(settings: Settings) -> tuple[Bus, Metrics]:
+    """A started bus with the agent's topics created, and the metrics it counts into."""
+    metrics = Metrics()
+    bus = Bus(settings.kafka, metrics=metrics)
+    await bus.start()
+    await bus.create_topics()
+    return bus, metrics
 
 
 def make_settings(

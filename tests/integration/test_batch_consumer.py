@@ -9,10 +9,9 @@ from datetime import timedelta
 import pytest
 
 from agent.errors import DependencyUnavailable, PermanentError
-from agent.metrics import Metrics
 from agent.models import DeadLetter, Matcher, Silence, utcnow
-from streams.bus import BatchConsumer, Bus, Envelope, handle_each
-from tests.helpers import eventually, make_settings, readers
+from streams.bus import BatchConsumer, Envelope, handle_each
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +33,7 @@ async def test_a_failure_mid_batch_retries_only_the_rest(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
     settings = make_settings(kafka_bootstrap, topic_prefix)
-    bus = Bus(settings.kafka, metrics=Metrics())
-    await bus.start()
-    await bus.create_topics()
+    bus, _ = await started_bus(settings)
     topic = bus.topic("silences")  # one partition: the batch keeps its order
     handled: list[str] = []
     failed_once: set[str] = set()

@@ -8,11 +8,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agent.codec import encode
-from agent.metrics import Metrics
 from agent.models import Anomaly, group_key
-from streams.bus import Bus
 from streams.partitioning import decode_anomalies, partition_for
-from tests.helpers import make_settings
+from tests.helpers import make_settings, started_bus
 from tests.unit.factories import anomaly
 
 pytestmark = pytest.mark.integration
@@ -48,11 +46,8 @@ async def records(bootstrap: str, topic: str, expected: int) -> list[Record]:
 async def test_anomalies_travel_as_one_record_per_partition(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    settings = make_settings(kafka_bootstrap, topic_prefix)
-    bus = Bus(settings.kafka, metrics=Metrics())
-    await bus.start()
+    bus, _ = await started_bus(make_settings(kafka_bootstrap, topic_prefix))
     try:
-        await bus.create_topics()
         topic = bus.topic("anomalies")
         # Services on both partitions of the topic, several pods each.
         services = [f"svc-{i}" for i in range(8)]

@@ -13,13 +13,10 @@ import orjson
 import pytest
 
 from agent.codec import decode
-from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
-from agent.settings import Settings
-from streams.bus import Bus
 from streams.correlator import Correlator, Stored
 from streams.partitioning import partition_for
-from tests.helpers import eventually, make_settings, readers
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -40,15 +37,6 @@ def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 
         observed_at=now,
         value=1.0,
     )
-
-
-async def started_bus(settings: Settings) -> tuple[Bus, Metrics]:
-    """A started bus with the agent's topics created, and the metrics it counts into."""
-    metrics = Metrics()
-    bus = Bus(settings.kafka, metrics=metrics)
-    await bus.start()
-    await bus.create_topics()
-    return bus, metrics
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
