@@ -24,7 +24,6 @@ and raises ``prometheus-unavailable``. Both resolve on the next successful query
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -228,9 +227,8 @@ class PromQLDetector:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        # A loop that died already said so through .failure; stop still waits for them all.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self, pattern: PatternSpec) -> None:
         interval = pattern.interval or self.settings.monitoring.evaluation_interval

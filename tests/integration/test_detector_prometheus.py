@@ -184,3 +184,40 @@ async def test_a_bug_in_one_evaluation_does_not_end_the_patterns_loop(
     errors = metrics.detector_errors.labels(pattern="always", reason="internal_error")
     assert errors._value.get() == 1
     assert detector.failure is None
+
+
+async def test_a_pattern_loop_that_died_is_reported_and_stop_still_returns(
+    prometheus: Any, kafka_bootstrap: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap,
+        "unused.",
+        prometheus_url=prometheus.url,
+        doc={
+            "patterns": [
+                {"name": "dies", "interval": "1s", "condition": "vector(1) > 0"},
+                {"name": "lives", "interval": "1s", "condition": "vector(1) > 0"},
+            ]
+        },
+    )
+    prom = PromClient(prometheus.url, timeout=3)
+    detector = PromQLDetector(settings, prom=prom, publish=Recorder(), topic="t", metrics=Metrics())
+    evaluate = detector._evaluate_logged
+
+    async def outside_an_evaluation(pattern: Any, at: Any) -> None:
+        if pattern.name == "dies":
+            raise RuntimeError("injected: the loop itself broke")
+        await evaluate(pattern, at)
+
+    detector._evaluate_logged = outside_an_evaluation  # type: ignore[method-assign]
+    await detector.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while detector.failure is None:
+            assert loop.time() < deadline, "the dead loop was not reported"
+            await asyncio.sleep(0.1)
+        assert "the loop itself broke" in str(detector.failure)
+    finally:
+        await asyncio.wait_for(detector.stop(), 10)  # raised the loop's error before
+        await prom.close()
