@@ -72,6 +72,13 @@ class Metrics:
             ["service", "action", "outcome"],
             registry=r,
         )
+        self.refused_members = Counter(
+            "sre_agent_refused_members_total",
+            "New members refused because their incident already holds correlation."
+            "max_members firing members; dead-lettered.",
+            ["name"],
+            registry=r,
+        )
         self.oversized_states = Counter(
             "sre_agent_oversized_states_total",
             "Incident states too large for a Kafka record even compressed: kept in the "

@@ -19,6 +19,11 @@ Rules:
   ``member_retention`` (0: never): a long-lived incident of a service whose pods come and
   go would otherwise grow without bound, and every change rewrites all of it. Their last
   state stays in the revisions already published; a resolved incident keeps its members.
+- An incident holds at most ``max_members`` members (0: no bound), so its state always
+  fits a Kafka record. A new member that would exceed it first makes room: resolved
+  members go, least recently seen first, a tenth of the bound at a time. When the bound
+  is all firing members, the new anomaly is refused: the caller records it elsewhere
+  (the correlator dead-letters it), the incident does not change.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class CorrelationRules:
     repeat_interval: float = 0.0
     late_bound: float = 0.0
     member_retention: float = 0.0
+    max_members: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,35 @@ def _retained(
     return kept if len(kept) < len(members) else None
 
 
+def _room(members: Sequence[Member], cap: int) -> list[Member] | None:
+    """The members once there is room for one more under ``cap``, or None when only
+    firing members fill it (the new one is refused). Makes room a tenth of the bound at a
+    time: a mass outage's next new pods then find room without a scan each."""
+    if cap <= 0 or len(members) < cap:
+        return list(members)
+    resolved = [i for i, m in enumerate(members) if m.status == "resolved"]
+    if len(members) - len(resolved) >= cap:
+        return None
+    need = len(members) - (cap - max(1, cap // 10))
+    oldest = sorted(resolved, key=lambda i: (members[i].last_seen, i))[:need]
+    gone = set(oldest)
+    return [m for i, m in enumerate(members) if i not in gone]
+
+
+def refuses(state: Incident | None, anomaly: Anomaly, rules: CorrelationRules) -> bool:
+    """Whether :func:`correlate` refuses this anomaly: a new firing member of a live
+    incident whose ``max_members`` are all firing."""
+    return (
+        rules.max_members > 0
+        and state is not None
+        and state.status != "resolved"
+        and anomaly.status == "firing"
+        and len(state.members) >= rules.max_members
+        and all(m.fingerprint != anomaly.fingerprint for m in state.members)
+        and sum(m.status == "firing" for m in state.members) >= rules.max_members
+    )
+
+
 def _live(members: Sequence[Member], status: IncidentStatus) -> IncidentStatus:
     """``status``, unless every firing member is suppressed (silenced or inhibited): then
     the incident is silenced."""
@@ -192,7 +227,12 @@ def correlate(
 def _reopen(
     state: Incident, anomaly: Anomaly, rules: CorrelationRules, marks: Marks
 ) -> tuple[Incident, Incident]:
-    members = _upsert(state.members, anomaly, marks)
+    members = state.members
+    if all(m.fingerprint != anomaly.fingerprint for m in members):
+        room = _room(members, rules.max_members)
+        assert room is not None, "a resolved incident's members are all resolved"
+        members = tuple(room)
+    members = _upsert(members, anomaly, marks)
     changed_at = max(anomaly.observed_at, state.updated_at)
     kept = _retained(members, changed_at, anomaly.fingerprint, rules)
     members = tuple(kept) if kept is not None else members
@@ -264,7 +304,13 @@ def _update(
             # Dedup: refresh liveness silently; nothing an operator needs to hear about.
             refreshed = _upsert(state.members, anomaly, marks)
             return replace(state, members=refreshed), None
-    members = _upsert(state.members, anomaly, marks)
+    members = state.members
+    if existing is None:
+        room = _room(members, rules.max_members)
+        if room is None:
+            return state, None  # refused (see refuses): the bound is all firing members
+        members = tuple(room)
+    members = _upsert(members, anomaly, marks)
     changed_at = max(anomaly.observed_at, state.updated_at)
     if all(m.status == "resolved" for m in members):
         inc = replace(
@@ -374,6 +420,10 @@ TALLY_FROM = 64
 # group key -> (incident id, revision, fingerprint -> position of its member) of the
 # group's state at the end of a batch, kept by the caller for the next (see correlate_batch).
 Positions = dict[str, tuple[str, int, dict[str, int]]]
+
+
+class _Refused(Exception):  # control flow inside this module, not an AgentError
+    """The anomaly would exceed the group's ``max_members`` (see :func:`refuses`)."""
 
 
 class _Group:
@@ -491,6 +541,22 @@ class _Group:
         if self.counted:
             self._count()  # the exact bound (and tallies) of what is kept
 
+    def make_room(self, cap: int) -> None:
+        """Room for one more member under ``cap`` (see :func:`_room`), or _Refused."""
+        if cap <= 0 or len(self.members) < cap:
+            return
+        if self.counted and self.firing >= cap:
+            raise _Refused  # known without a scan: a mass outage refuses pods at this rate
+        room = _room(self.members, cap)
+        if room is None:
+            raise _Refused
+        self.members = room
+        self.index = self._positions()
+        if self.counted:
+            self._count()
+        self.fresh = False
+        self.dirty = True
+
     def upsert(self, a: Anomaly, marks: Marks) -> None:
         if not self.counted and len(self.members) >= TALLY_FROM:
             self._count()  # before the change, which the tallies then follow
@@ -589,6 +655,8 @@ class _Group:
                 return None
             if (a.observed_at - inc.resolved_at).total_seconds() > rules.reopen_window:
                 return self.reset(_open(a, key, rules, marks))
+            if known is None:
+                self.make_room(rules.max_members)  # never refuses: all members are resolved
             self.upsert(a, marks)
             changed_at = max(a.observed_at, inc.updated_at)
             self.retain(changed_at, a.fingerprint, rules)
@@ -606,6 +674,8 @@ class _Group:
                 self.fresh = False
                 self.dirty = True
                 return None
+        else:
+            self.make_room(rules.max_members)
         self.upsert(a, marks)
         changed_at = max(a.observed_at, inc.updated_at)
         if self._all_resolved():
@@ -622,6 +692,7 @@ def correlate_batch(
     rules: CorrelationRules,
     silences: Sequence[Silence] = (),
     positions: Positions | None = None,
+    refused: list[Keyed] | None = None,
 ) -> tuple[dict[str, Incident | None], list[Incident]]:
     """Fold a batch; returns only the states that changed and the events in order.
 
@@ -633,6 +704,8 @@ def correlate_batch(
     back the changed ones once, which is what keeps the stream hot path batched.
     ``positions``: a memo the caller keeps from batch to batch; an entry is used only for
     the revision it was made for, so the result never depends on it.
+    ``refused``: gets the anomalies :func:`refuses` (the group is full), for the caller to
+    record; they change nothing.
     """
     del now  # correlation depends on event time only
     groups: dict[str, _Group] = {}
@@ -657,7 +730,12 @@ def correlate_batch(
                 else None
             )
             g = groups[k] = _Group(inc, known)
-        event = g.fold(a, k, rules, marks)
+        try:
+            event = g.fold(a, k, rules, marks)
+        except _Refused:
+            if refused is not None:
+                refused.append((k, a, marks))
+            continue
         if event is not None:
             events.append(event)
     if positions is not None:

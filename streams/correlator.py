@@ -25,6 +25,7 @@ place. One bad anomaly in a batch is dead-lettered alone; the rest are folded.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import tempfile
@@ -188,6 +189,7 @@ def rules_from(settings: Settings) -> CorrelationRules:
         repeat_interval=c.repeat_interval,
         late_bound=c.late_bound,
         member_retention=c.member_retention,
+        max_members=c.max_members,
     )
 
 
@@ -441,9 +443,12 @@ class Correlator:
 
     async def process(self, events: Iterable[Any]) -> None:
         by_partition: dict[int, list[Keyed]] = defaultdict(list)
+        # partition -> (index of its first item in by_partition, topic, offset) per record
+        records: dict[int, list[tuple[int, str, int]]] = defaultdict(list)
         index = self.fact_index(utcnow())
         for event in events:
             msg = event.message
+            records[msg.partition].append((len(by_partition[msg.partition]), msg.topic, msg.offset))
             try:
                 mitigation = decode_mitigation(event.value)
                 if mitigation is not None:
@@ -482,7 +487,9 @@ class Correlator:
                     if marks is not NO_MARKS:
                         self._count_marks(marks)
         for partition, keyed in by_partition.items():
-            await self._fold(partition, keyed)
+            refused = await self._fold(partition, keyed)
+            if refused:
+                await self._refuse(partition, keyed, records[partition], refused)
             self.metrics.processed.labels(consumer="correlator").inc(len(keyed))
             self.processed += len(keyed)
 
@@ -591,12 +598,14 @@ class Correlator:
         log.info("incident %s handed %d anomalies over", inc.id[:12], len(moved))
         return event if stored.emitted_at is not None else None
 
-    async def _fold(self, partition: int, anomalies: list[Keyed]) -> None:
+    async def _fold(self, partition: int, anomalies: list[Keyed]) -> list[Keyed]:
+        """Fold, store and publish; returns the anomalies refused (see max_members)."""
         now = utcnow()
         before = {k: self._get(k) for k in {k for k, _, _ in anomalies}}
         states = {k: s.incident if s else None for k, s in before.items()}
+        refused: list[Keyed] = []
         changed, events = correlate_batch(
-            states, anomalies, now, self.rules, self.silences.all(), self._positions
+            states, anomalies, now, self.rules, self.silences.all(), self._positions, refused
         )
         # Which events go out now and which wait for group_wait/group_interval.
         emission = {k: (s.emitted_at, s.pending) if s else (None, False) for k, s in before.items()}
@@ -620,6 +629,38 @@ class Correlator:
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
         await self._publish_facts(changed.values())
+        return refused
+
+    async def _refuse(
+        self,
+        partition: int,
+        keyed: list[Keyed],
+        records: list[tuple[int, str, int]],
+        refused: list[Keyed],
+    ) -> None:
+        """Dead-letter the anomalies a full incident refused, each with the record it came
+        in, and log once per incident rather than once per anomaly (a mass outage refuses
+        thousands each round)."""
+        where = {id(a): i for i, (_, a, _) in enumerate(keyed)}
+        starts = [first for first, _, _ in records]
+        cap = self.rules.max_members
+        per_key: Counter[str] = Counter()
+        for k, a, _ in refused:
+            _, source, offset = records[bisect.bisect_right(starts, where[id(a)]) - 1]
+            per_key[k] += 1
+            self.metrics.refused_members.labels(name=a.name).inc()
+            reason = (
+                f"refused: incident {k} already holds correlation.max_members={cap} firing members"
+            )
+            await self._dead(source, partition, offset, encode(a), reason, quiet=True)
+        for k, n in per_key.items():
+            log.warning(
+                "incident %s holds correlation.max_members=%d firing members: "
+                "%d new members dead-lettered",
+                k,
+                cap,
+                n,
+            )
 
     async def _drain_producer_buffer(self, limit: float = 10.0) -> None:
         """Wait until faust has handed this batch's changelog writes and incident events to
@@ -839,8 +880,16 @@ class Correlator:
             self.metrics.incidents.labels(status=status).inc(n)
 
     async def _dead(
-        self, source: str, partition: int, offset: int, raw: bytes | None, error: str
+        self,
+        source: str,
+        partition: int,
+        offset: int,
+        raw: bytes | None,
+        error: str,
+        *,
+        quiet: bool = False,
     ) -> None:
+        """``quiet``: the caller logs a summary instead of a line per letter."""
         letter = dead_letter_record(
             source_topic=source,
             raw=raw,
@@ -850,5 +899,6 @@ class Correlator:
             offset=offset,
         )
         self.metrics.dead_letters.labels(topic=source, consumer="correlator").inc()
-        log.warning("dead-lettered %s[%s]@%s: %s", source, partition, offset, error)
+        if not quiet:
+            log.warning("dead-lettered %s[%s]@%s: %s", source, partition, offset, error)
         await self.dlq.send(key=source.encode(), value=encode(letter))

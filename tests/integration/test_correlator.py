@@ -351,6 +351,22 @@ def leftover_data_dirs(prefix: str, datadir: Path) -> list[Path]:
     return [*Path.cwd().glob(f"{prefix}correlator-data"), *([datadir] if datadir.exists() else [])]
 
 
+def pod(i: int, status: str = "firing", at_offset: float = 0.0) -> Anomaly:
+    """A crash-looping pod of the checkout service."""
+    labels = {
+        "cluster": "test",
+        "namespace": "shop",
+        "service": "checkout",
+        "pod": f"checkout-7d9f8b6c4-{i:05d}",
+        "node": f"node-{i % 200}",
+    }
+    return replace(
+        anomaly("checkout", "pod-crash-loop", status, at_offset),
+        fingerprint=fingerprint("kubernetes", "pod-crash-loop", labels),
+        labels=labels,
+    )
+
+
 async def test_a_mass_outage_is_one_incident_whose_state_and_events_fit_kafka(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
@@ -359,21 +375,6 @@ async def test_a_mass_outage_is_one_incident_whose_state_and_events_fit_kafka(
     settings = make_settings(kafka_bootstrap, topic_prefix)
     bus, metrics = await started_bus(settings)
     t = bus.topic
-
-    def pod(i: int, status: str = "firing", at_offset: float = 0.0) -> Anomaly:
-        labels = {
-            "cluster": "test",
-            "namespace": "shop",
-            "service": "checkout",
-            "pod": f"checkout-7d9f8b6c4-{i:05d}",
-            "node": f"node-{i % 200}",
-        }
-        return replace(
-            anomaly("checkout", "pod-crash-loop", status, at_offset),
-            fingerprint=fingerprint("kubernetes", "pod-crash-loop", labels),
-            labels=labels,
-        )
-
     pods = [pod(i) for i in range(5000)]
     key = group_key(pods[0].labels, settings.correlation.group_by)
 
@@ -414,6 +415,71 @@ async def test_a_mass_outage_is_one_incident_whose_state_and_events_fit_kafka(
     assert state is not None and len(state.members) == 5000
     assert [m.status for m in state.members if m.status != "firing"] == ["resolved"]
     assert metrics.oversized_states._value.get() == 0
+
+
+async def test_a_full_incident_makes_room_from_resolved_members_and_refuses_the_rest(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    from agent.models import DeadLetter
+
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"max_members": 20}}
+    )
+    bus, metrics = await started_bus(settings)
+    t = bus.topic
+    key = group_key(pod(0).labels, settings.correlation.group_by)
+
+    def names(inc: Incident) -> list[str]:
+        return [m.labels["pod"][-2:] for m in inc.members]
+
+    try:
+        # A backlog of two batch records (offsets 0 and 1), folded in one batch.
+        await bus.publish_many([(t("anomalies"), pod(i), key) for i in range(20)])
+        await bus.publish_many([(t("anomalies"), pod(i), key) for i in range(20, 25)])
+        async with (
+            readers(
+                kafka_bootstrap,
+                {"inc": (t("incidents"), Incident), "dlq": (t("dead-letter"), DeadLetter)},
+            ) as r,
+            Correlator(settings, metrics=metrics),
+        ):
+            letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 5, 60, "5 refused")
+            gone = [pod(i, "resolved", 1.0) for i in range(3)]
+            await bus.publish_many([(t("anomalies"), a, key) for a in gone])
+            await bus.publish_many([(t("anomalies"), pod(25, at_offset=2.0), key)])
+            await r["inc"].wait_for(lambda xs: bool(xs) and "25" in names(xs[-1]), 60, "pod 25 in")
+            await bus.publish_many([(t("anomalies"), pod(26, at_offset=3.0), key)])
+            incidents = await r["inc"].wait_for(
+                lambda xs: bool(xs) and "26" in names(xs[-1]), 60, "pod 26"
+            )
+            after_26 = incidents[-1]
+            for i in (27, 28):  # 27 takes the last resolved pod's place; 28 finds none
+                await bus.publish_many([(t("anomalies"), pod(i, at_offset=4.0), key)])
+            letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 6, 60, "pod 28 refused")
+            await asyncio.sleep(1)  # anything else dead-lettered would be by now
+    finally:
+        await bus.stop()
+    incidents = r["inc"].items
+    assert max(len(i.members) for i in incidents) == 20
+    refused = [decode(Anomaly, letter.raw).labels["pod"][-2:] for letter in letters]
+    assert sorted(refused) == ["20", "21", "22", "23", "24", "28"]
+    assert len(r["dlq"].items) == 6
+    assert all("correlation.max_members=20" in letter.error for letter in letters)
+    # Each letter names the record its anomaly came in: pods 20-24 the second batch record,
+    # pod 28 the seventh (after the resolutions' batch and pods 25, 26 and 27).
+    partition = partition_for(key, 2)
+    where = {
+        p: (letter.partition, letter.offset) for p, letter in zip(refused, letters, strict=True)
+    }
+    assert {where[p] for p in ("20", "21", "22", "23", "24")} == {(partition, 1)}
+    assert where["28"] == (partition, 6)
+    sample = metrics.registry.get_sample_value
+    assert sample("sre_agent_refused_members_total", {"name": "pod-crash-loop"}) == 6
+    # Pod 25 made room: the two earliest of the three resolved pods (a tenth of 20) left;
+    # pod 26 fit beside the third.
+    assert names(after_26) == [f"{i:02d}" for i in range(2, 20)] + ["25", "26"]
+    assert [m.status for m in after_26.members].count("resolved") == 1
+    assert names(incidents[-1]) == [f"{i:02d}" for i in range(3, 20)] + ["25", "26", "27"]
 
 
 async def test_a_state_beyond_a_record_even_compressed_is_counted_and_the_worker_goes_on(

@@ -36,6 +36,7 @@ from streams.correlation import (
     for_event,
     key_of,
     mark_mitigating,
+    refuses,
 )
 from tests.unit.factories import anomaly, at
 
@@ -725,6 +726,7 @@ def test_the_batch_properties_hold_for_groups_that_keep_tallies() -> None:
         test_batch_with_marks_and_silences_equals_folding_one_by_one()
         test_batches_sharing_a_positions_memo_equal_folding_one_by_one()
         test_retention_folds_the_same_in_batches()
+        test_a_full_group_folds_the_same_in_batches()
 
 
 def in_two_batches(first: list[Anomaly], second: list[Anomaly]) -> tuple[States, list[Incident]]:
@@ -824,6 +826,117 @@ def test_member_refresh_keeps_the_incident_otherwise_unchanged() -> None:
     refreshed, event = correlate(state, anomaly("errors", t=30), NOW, RULES)
     assert event is None
     assert refreshed == replace(state, members=(replace(state.members[0], last_seen=at(30)),))
+
+
+# --- the bound on members -------------------------------------------------------------------
+
+CAPPED = replace(RULES, max_members=2)  # the streams hold three fingerprints per group
+# Close in time and mostly in order: members fire, resolve and come back within the reopen
+# window, where the bound bites.
+_close = st.lists(anomalies(40), max_size=30)
+capped_streams = st.one_of(_close, _close.map(lambda xs: sorted(xs, key=lambda a: a.observed_at)))
+
+
+def fold_refusing(
+    xs: Iterable[Anomaly], states: States, rules: CorrelationRules
+) -> tuple[States, list[Incident], list[Anomaly]]:
+    """fold(), and the anomalies it refused."""
+    states, events, refused = dict(states), [], []
+    for a in xs:
+        if refuses(states.get(key_of(a, rules)), a, rules):
+            refused.append(a)
+        states, more = fold([a], states, rules)
+        events += more
+    return states, events, refused
+
+
+@settings(max_examples=300, deadline=None)
+@given(capped_streams, st.lists(st.integers(0, 40), max_size=4))
+def test_a_full_group_folds_the_same_in_batches(xs: list[Anomaly], cuts: list[int]) -> None:
+    bounds = [0, *sorted(c for c in cuts if c <= len(xs)), len(xs)]
+    expected: States = {}
+    got: States = {}
+    memo: Positions = {}
+    for lo, hi in itertools.pairwise(bounds):
+        expected, expected_events, expected_refused = fold_refusing(xs[lo:hi], expected, CAPPED)
+        refused: list[Keyed] = []
+        changed, events = correlate_batch(
+            dict(got), xs[lo:hi], NOW, CAPPED, positions=memo, refused=refused
+        )
+        got = {**got, **changed}
+        assert events == expected_events
+        assert got == expected
+        assert [a for _, a, _ in refused] == expected_refused
+        assert all(k == key_of(a, CAPPED) for k, a, _ in refused)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capped_streams)
+def test_a_full_incident_drops_resolved_members_first_and_refuses_only_when_all_fire(
+    xs: list[Anomaly],
+) -> None:
+    states: States = {}
+    for a in xs:
+        k = key_of(a, CAPPED)
+        old = states.get(k)
+        new, event = correlate(old, a, NOW, CAPPED)
+        states[k] = new
+        if new is not None:
+            assert len(new.members) <= CAPPED.max_members
+        if refuses(old, a, CAPPED):
+            assert old is not None and (new, event) == (old, None)
+            assert all(m.status == "firing" for m in old.members)
+            continue
+        if old is None or new is None or old.id != new.id:
+            continue
+        kept = {m.fingerprint for m in new.members}
+        assert a.status == "resolved" or kept >= {a.fingerprint} or event is None
+        for m in old.members:
+            if m.fingerprint not in kept:
+                assert m.status == "resolved", "only resolved members make room"
+
+
+@pytest.mark.parametrize("tally", [False, True])
+def test_a_member_dropped_for_room_no_longer_counts_for_severity(tally: bool) -> None:
+    xs = [anomaly("errors", t=0), anomaly("latency", severity="warning", t=1)]
+    xs += [replace(a, status="resolved", observed_at=at(2 + i)) for i, a in enumerate(xs)]
+    flap = anomaly("restarts", severity="info", t=4)  # reopens: "errors" makes room
+    xs += [flap, replace(flap, status="resolved", observed_at=at(5))]
+    with tallied() if tally else contextlib.nullcontext():
+        changed, events = correlate_batch({}, xs, NOW, CAPPED)
+    assert (changed, events) == fold(xs, rules=CAPPED)
+    (inc,) = changed.values()
+    assert inc is not None
+    assert [m.name for m in inc.members] == ["latency", "restarts"]
+    assert (inc.status, inc.severity) == ("resolved", "warning")
+
+
+@pytest.mark.parametrize("tally", [False, True])
+def test_a_mass_outage_beyond_the_bound_drops_the_oldest_resolved_then_refuses(
+    tally: bool,
+) -> None:
+    rules = replace(RULES, max_members=20)
+    pods = [anomaly("errors", labels={**CHECKOUT, "pod": f"p{i}"}, t=i) for i in range(40)]
+    # p0, p1, p2 resolve, p2 first: least recently seen is not first in member order
+    gone = [replace(a, status="resolved", observed_at=at(100 - i)) for i, a in enumerate(pods[:3])]
+    first, rest = [*pods[:20], *gone, pods[20]], pods[21:]
+    with tallied() if tally else contextlib.nullcontext():
+        expected, _, _ = fold_refusing(first, {}, rules)
+        got, _ = correlate_batch({}, first, NOW, rules)
+        assert got == expected
+        (inc,) = got.values()
+        assert inc is not None
+        # p20 needed room: the two least recently seen resolved (a tenth of 20: p2, p1) went
+        assert [m.labels["pod"] for m in inc.members if m.status == "resolved"] == ["p0"]
+        expected, _, expected_refused = fold_refusing(rest, expected, rules)
+        refused: list[Keyed] = []
+        changed, _ = correlate_batch(got, rest, NOW, rules, refused=refused)
+    assert changed == expected
+    (inc,) = changed.values()
+    assert inc is not None
+    # p21 fit beside p0; p22 made it go; from then on all 20 fire and p23.. are refused.
+    assert [m.labels["pod"] for m in inc.members] == [f"p{i}" for i in range(3, 23)]
+    assert [a for _, a, _ in refused] == expected_refused == pods[23:]
 
 
 # --- events of large incidents ---------------------------------------------------------------
