@@ -563,6 +563,10 @@ class Executor:
                 await self.sweep(utcnow())
             except AgentError as err:
                 log.warning("approval sweep failed, retrying: %s", err)
+            except Exception:
+                # A bug in one sweep must not end the loop: nothing would expire (and
+                # escalate) an undecided approval again until the next record arrived.
+                log.exception("approval sweep failed (a bug); retrying")
 
     async def sweep(self, now: datetime) -> list[ApprovalRequest]:
         """Escalate the pending approvals that expired without a decision."""

@@ -362,6 +362,24 @@ async def test_undecided_approvals_expire_through_the_sweeper(rig: Any) -> None:
     assert f"approval request {req.id} is closed: it expired at" in bus.letters[-1]
 
 
+async def test_a_bug_in_one_sweep_does_not_end_the_sweeper(rig: Any) -> None:
+    ex, bus, _c = rig
+    ex.settings = cfg(approval_ttl=0.1)
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    sweep, calls = ex.sweep, []
+
+    async def buggy_once(now: Any) -> Any:
+        calls.append(now)
+        if len(calls) == 1:
+            raise TypeError("a bug")
+        return await sweep(now)
+
+    ex.sweep = buggy_once
+    ex._ensure_sweeper()
+    await bus.wait_for(lambda b: req.id in b.tombstones(), 5, "expiry despite the bug")
+    assert len(calls) >= 2
+
+
 async def test_pending_approvals_survive_a_restart(rig: Any) -> None:
     ex, bus, c = rig
     req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
