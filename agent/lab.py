@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.errors import task_failure
 from agent.models import (
     ActionResult,
     Analysis,
@@ -76,10 +78,17 @@ class SimulatedService:
         self.port = int(server.sockets[0].getsockname()[1])
         self._task = asyncio.create_task(self._traffic(), name="lab-traffic")
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the traffic stopped, if it died: its metrics would freeze and look healthy."""
+        return task_failure(self._task)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A traffic loop that had died was reported through .failure: stop regardless,
+            # or the HTTP server below would leak.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         if self._runner is not None:
@@ -161,6 +170,25 @@ def describe(env: Envelope) -> str:
     if isinstance(v, ActionResult):
         return f"[executor]   result {v.type} {v.status} outcome={v.outcome}: {v.message}"
     return f"[{env.topic}] {v}"
+
+
+async def all_set_or_failed(
+    events: Sequence[asyncio.Event],
+    timeout: float,  # noqa: ASYNC109 - a deadline the caller reports on expiry
+    failure: Callable[[], BaseException | None],
+    poll: float = 0.5,
+) -> BaseException | None:
+    """Wait until every event is set, or a component failed (returned: waiting on would
+    only end in the timeout). Raises TimeoutError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not all(e.is_set() for e in events):
+        if (err := failure()) is not None:
+            return err
+        if loop.time() >= deadline:
+            raise TimeoutError
+        await asyncio.sleep(poll)
+    return None
 
 
 async def run_lab(
@@ -252,7 +280,12 @@ async def run_lab(
         cluster.rollout(ns, name, image="registry.local/checkout:v2", at=utcnow())
         print("lab: rolled out checkout:v2 (injected fault: 30% of requests fail)", flush=True)
         try:
-            await asyncio.wait_for(asyncio.gather(healed.wait(), resolved.wait()), timeout=timeout)
+            failed = await all_set_or_failed(
+                (healed, resolved), timeout, lambda: service.failure or agent.failure()
+            )
+            if failed is not None:
+                print(f"lab: stopped, a component failed: {failed!r}", flush=True)
+                return 2
             w = await cluster.workload(Target(kind="Deployment", namespace=ns, name=name))
             print(
                 f"lab: healed. checkout runs {w.image} (revision {w.revision}); incident resolved"
