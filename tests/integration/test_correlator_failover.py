@@ -21,10 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
-from streams.bus import Bus
-from tests.helpers import make_settings, readers
+from tests.helpers import make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -85,9 +83,7 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
             "correlation": {"resolve_timeout": "1h"},
         },
     )
-    bus = Bus(settings.kafka, metrics=Metrics())
-    await bus.start()
-    await bus.create_topics()
+    bus, _ = await started_bus(settings)
     env = {
         "SRE_AGENT__KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
         "SRE_AGENT__KAFKA__TOPIC_PREFIX": topic_prefix,

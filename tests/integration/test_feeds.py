@@ -16,8 +16,8 @@ from agent.codec import encode
 from agent.feeds import FeedNormaliser, feed_consumer
 from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, fingerprint
-from streams.bus import Bus, Envelope
-from tests.helpers import make_settings, readers
+from streams.bus import Envelope
+from tests.helpers import make_settings, readers, started_bus
 from tests.unit.factories import anomaly as make_anomaly
 
 pytestmark = pytest.mark.integration
@@ -77,9 +77,7 @@ async def test_kcat_feeds_become_anomalies_and_garbage_dead_letters(
             }
         },
     )
-    bus = Bus(settings.kafka, metrics=Metrics(), name="feeds-test")
-    await bus.start()
-    await bus.create_topics()
+    bus, _ = await started_bus(settings)
     await create(kafka_bootstrap, am_topic, an_topic)
     own = make_anomaly("queue-backlog", labels={"namespace": "ops", "service": "billing"})
     consumer = feed_consumer(settings, bus=bus, metrics=bus.metrics, from_beginning=True)

@@ -10,12 +10,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from agent.codec import encode
-from agent.metrics import Metrics
 from agent.models import ActionResult, Target, utcnow
 from agent.settings import Settings
 from streams.bus import Bus
 from streams.replay import read_range, recent
-from tests.helpers import make_settings
+from tests.helpers import make_settings, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -41,9 +40,7 @@ def result(action_id: str) -> ActionResult:
 async def topics_created(kafka_bootstrap: str, topic_prefix: str) -> tuple[Settings, Bus]:
     """Settings for a fresh prefix whose topics exist, and a (stopped) bus naming them."""
     settings = make_settings(kafka_bootstrap, topic_prefix)
-    bus = Bus(settings.kafka, metrics=Metrics())
-    await bus.start()
-    await bus.create_topics()
+    bus, _ = await started_bus(settings)
     await bus.stop()
     return settings, bus
 

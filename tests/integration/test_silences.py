@@ -11,9 +11,8 @@ import pytest
 
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
-from streams.bus import Bus
 from streams.correlator import Correlator
-from tests.helpers import eventually, make_settings, readers
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -55,9 +54,7 @@ async def test_cli_silence_is_honoured_then_expired(
         "SRE_AGENT__KAFKA__TOPIC_PREFIX": topic_prefix,
     }
     settings = make_settings(kafka_bootstrap, topic_prefix)
-    bus = Bus(settings.kafka, metrics=Metrics())
-    await bus.start()
-    await bus.create_topics()
+    bus, _ = await started_bus(settings)
     sid = cli(
         env,
         "add",
