@@ -448,7 +448,9 @@ class Correlator:
         index = self.fact_index(utcnow())
         for event in events:
             msg = event.message
-            records[msg.partition].append((len(by_partition[msg.partition]), msg.topic, msg.offset))
+            # (.get: a record of only a mitigation or dead letters must not add an empty fold)
+            first = len(by_partition.get(msg.partition, ()))
+            records[msg.partition].append((first, msg.topic, msg.offset))
             try:
                 mitigation = decode_mitigation(event.value)
                 if mitigation is not None:
