@@ -72,6 +72,20 @@ class Metrics:
             ["service", "action", "outcome"],
             registry=r,
         )
+        self.correlation_lag = Histogram(
+            "sre_agent_correlation_lag_seconds",
+            "Time from an anomaly record's Kafka timestamp (when it was published) to its "
+            "incident changes being handed to Kafka, per record folded.",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.correlator_backlog = Gauge(
+            "sre_agent_correlator_backlog_records",
+            "Records of an anomalies partition not yet folded, as of the worker's last "
+            "batch from it.",
+            ["partition"],
+            registry=r,
+        )
         self.refused_members = Counter(
             "sre_agent_refused_members_total",
             "New members refused because their incident already holds correlation."

@@ -382,6 +382,7 @@ class Correlator:
                     await self._drain_producer_buffer()
                     for event in events:
                         event.ack()
+                    self._observe_progress(events)
             except Exception as err:
                 self._fail(err)
                 raise
@@ -423,6 +424,25 @@ class Correlator:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
+
+    def _observe_progress(self, events: list[Any]) -> None:
+        """How far behind the folding is: each record's age now that its changes are handed
+        to Kafka, and what is left of each partition it read. Consumer lag in records is
+        what tells an operator the correlator is falling behind before latency shows it."""
+        now = time.time()
+        last: dict[int, Any] = {}
+        lag = self.metrics.correlation_lag
+        for event in events:
+            msg = event.message
+            if msg.timestamp:
+                lag.observe(max(0.0, now - msg.timestamp))
+            prev = last.get(msg.partition)
+            if prev is None or msg.offset > prev.offset:  # re-read holes come out of order
+                last[msg.partition] = msg
+        for partition, msg in last.items():
+            if highwater := self._highwater(msg):
+                backlog = max(0, highwater - msg.offset - 1)
+                self.metrics.correlator_backlog.labels(partition=str(partition)).set(backlog)
 
     @property
     def failure(self) -> BaseException | None:

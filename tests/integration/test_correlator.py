@@ -525,6 +525,38 @@ async def test_a_state_beyond_a_record_even_compressed_is_counted_and_the_worker
     assert max(len(raw or b"") for raw in r["inc"].raw) <= 1_000_000
 
 
+async def test_lag_and_backlog_say_how_far_behind_the_correlator_is(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
+    bus, metrics = await started_bus(settings)
+    first = [anomaly(f"svc-{i}", "high-error-rate") for i in range(40)]
+    keys = [group_key(a.labels, GROUP_BY) for a in first]
+    mine = partition_for(keys[0], 2)
+    on_mine = sum(partition_for(k, 2) == mine for k in keys)
+    # Every backlog value the worker reports for that partition, in order.
+    reported: list[float] = []
+    gauge = metrics.correlator_backlog.labels(partition=str(mine))
+    set_backlog = gauge.set
+    gauge.set = lambda v: (reported.append(v), set_backlog(v))  # type: ignore[method-assign]
+    try:
+        for a, key in zip(first, keys, strict=True):  # one record each: a backlog of 40
+            await bus.publish(bus.topic("anomalies"), a, key=key)
+        await asyncio.sleep(1.5)  # each record is at least this old when folded
+        async with Correlator(settings, metrics=metrics, batch_size=4) as corr:
+            await eventually(lambda: corr.processed >= len(first), 60, what="all folded")
+            await eventually(lambda: bool(reported) and reported[-1] == 0, 10, what="caught up")
+    finally:
+        await bus.stop()
+    sample = metrics.registry.get_sample_value
+    assert sample("sre_agent_correlation_lag_seconds_count") == len(first), "one per record"
+    assert sample("sre_agent_correlation_lag_seconds_bucket", {"le": "1.0"}) == 0
+    assert sample("sre_agent_correlation_lag_seconds_sum") >= 1.5 * len(first)
+    # Batches of at most 4 records: the first left the rest of the partition behind it.
+    assert reported[0] >= on_mine - 4 > 0
+    assert reported == sorted(reported, reverse=True), "the backlog only shrinks"
+
+
 async def test_a_worker_forgets_the_groups_of_partitions_it_lost(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
