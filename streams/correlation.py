@@ -226,11 +226,14 @@ def correlate(
 
 def _reopen(
     state: Incident, anomaly: Anomaly, rules: CorrelationRules, marks: Marks
-) -> tuple[Incident, Incident]:
+) -> tuple[Incident, Incident | None]:
     members = state.members
     if all(m.fingerprint != anomaly.fingerprint for m in members):
         room = _room(members, rules.max_members)
-        assert room is not None, "a resolved incident's members are all resolved"
+        if room is None:
+            # Not reached: a resolved incident's members are all resolved. Refused rather
+            # than asserted, so a state written otherwise cannot crash the fold for good.
+            return state, None
         members = tuple(room)
     members = _upsert(members, anomaly, marks)
     changed_at = max(anomaly.observed_at, state.updated_at)
@@ -656,7 +659,7 @@ class _Group:
             if (a.observed_at - inc.resolved_at).total_seconds() > rules.reopen_window:
                 return self.reset(_open(a, key, rules, marks))
             if known is None:
-                self.make_room(rules.max_members)  # never refuses: all members are resolved
+                self.make_room(rules.max_members)  # all members are resolved: room is made
             self.upsert(a, marks)
             changed_at = max(a.observed_at, inc.updated_at)
             self.retain(changed_at, a.fingerprint, rules)
