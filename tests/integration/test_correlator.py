@@ -4,6 +4,7 @@ changelog after a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from dataclasses import replace
 from datetime import timedelta
@@ -13,14 +14,30 @@ import orjson
 import pytest
 
 from agent.codec import decode
-from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
+from agent.models import Anomaly, DeadLetter, Incident, fingerprint, group_key, utcnow
+from agent.settings import Settings
+from agent.topics import topic
 from streams.correlator import Correlator, Stored
 from streams.partitioning import partition_for
-from tests.helpers import eventually, make_settings, readers, started_bus
+from tests.helpers import TopicReader, eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
 GROUP_BY = ("cluster", "namespace", "service")
+
+
+def incidents_and_letters(
+    bootstrap: str, settings: Settings
+) -> contextlib.AbstractAsyncContextManager[dict[str, TopicReader]]:
+    """Readers of the incidents ("inc") and dead-letter ("dlq") topics."""
+    prefix = settings.kafka.topic_prefix
+    return readers(
+        bootstrap,
+        {
+            "inc": (topic(prefix, "incidents"), Incident),
+            "dlq": (topic(prefix, "dead-letter"), DeadLetter),
+        },
+    )
 
 
 def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 0.0) -> Anomaly:
@@ -108,7 +125,7 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
     from agent.codec import encode
-    from agent.models import AnomalyBatch, DeadLetter
+    from agent.models import AnomalyBatch
     from streams.partitioning import partition_for
 
     settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
@@ -122,10 +139,7 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
     batch["anomalies"].append({**batch["anomalies"][0], "severity": "meh"})
     try:
         async with (
-            readers(
-                kafka_bootstrap,
-                {"inc": (t("incidents"), Incident), "dlq": (t("dead-letter"), DeadLetter)},
-            ) as r,
+            incidents_and_letters(kafka_bootstrap, settings) as r,
             Correlator(settings, metrics=metrics),
         ):
             await bus.producer.send_and_wait(t("anomalies"), orjson.dumps(batch), partition=right)
@@ -209,8 +223,6 @@ async def test_group_wait_and_group_interval_batch_what_subscribers_see(
 async def test_late_anomalies_within_the_bound_fold_older_ones_are_recorded_late(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    from agent.models import DeadLetter
-
     settings = make_settings(
         kafka_bootstrap, topic_prefix, doc={"correlation": {"late_bound": "60s"}}
     )
@@ -221,13 +233,7 @@ async def test_late_anomalies_within_the_bound_fold_older_ones_are_recorded_late
 
     try:
         async with (
-            readers(
-                kafka_bootstrap,
-                {
-                    "inc": (bus.topic("incidents"), Incident),
-                    "dlq": (bus.topic("dead-letter"), DeadLetter),
-                },
-            ) as r,
+            incidents_and_letters(kafka_bootstrap, settings) as r,
             Correlator(settings, metrics=metrics),
         ):
             await send(anomaly("cart", "errors", at_offset=-30))  # late, within the bound
@@ -420,8 +426,6 @@ async def test_a_mass_outage_is_one_incident_whose_state_and_events_fit_kafka(
 async def test_a_full_incident_makes_room_from_resolved_members_and_refuses_the_rest(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    from agent.models import DeadLetter
-
     settings = make_settings(
         kafka_bootstrap, topic_prefix, doc={"correlation": {"max_members": 20}}
     )
@@ -437,10 +441,7 @@ async def test_a_full_incident_makes_room_from_resolved_members_and_refuses_the_
         await bus.publish_many([(t("anomalies"), pod(i), key) for i in range(20)])
         await bus.publish_many([(t("anomalies"), pod(i), key) for i in range(20, 25)])
         async with (
-            readers(
-                kafka_bootstrap,
-                {"inc": (t("incidents"), Incident), "dlq": (t("dead-letter"), DeadLetter)},
-            ) as r,
+            incidents_and_letters(kafka_bootstrap, settings) as r,
             Correlator(settings, metrics=metrics),
         ):
             letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 5, 60, "5 refused")

@@ -66,6 +66,19 @@ def fold(
     return states, events
 
 
+def steps(
+    xs: Iterable[Anomaly], rules: CorrelationRules
+) -> Iterator[tuple[Anomaly, Incident | None, Incident | None, Incident | None]]:
+    """fold(), one anomaly at a time: (anomaly, its group's state before, after, event)."""
+    states: States = {}
+    for a in xs:
+        k = key_of(a, rules)
+        old = states.get(k)
+        new, event = correlate(old, a, NOW, rules)
+        states[k] = new
+        yield a, old, new, event
+
+
 def one(*anomalies: Anomaly) -> tuple[Incident | None, list[Incident]]:
     states, events = fold(anomalies)
     (key,) = {key_of(a, RULES) for a in anomalies}
@@ -397,12 +410,7 @@ def test_a_fingerprint_belongs_to_exactly_one_incident(xs: list[Anomaly]) -> Non
 @settings(max_examples=200, deadline=None)
 @given(streams)
 def test_members_never_move_backwards(xs: list[Anomaly]) -> None:
-    states: States = {}
-    for a in xs:
-        k = key_of(a, RULES)
-        old = states.get(k)
-        new, _ = correlate(old, a, NOW, RULES)
-        states[k] = new
+    for a, old, new, _ in steps(xs, RULES):
         if old is None or new is None or new.id != old.id:
             continue
         before = {m.fingerprint: m for m in old.members}
@@ -633,12 +641,7 @@ retention_streams = st.lists(anomalies(400), max_size=30)
 def test_an_open_incident_drops_long_resolved_members_and_a_resolved_one_keeps_all(
     xs: list[Anomaly],
 ) -> None:
-    states: States = {}
-    for a in xs:
-        k = key_of(a, RETAINING)
-        old = states.get(k)
-        new, event = correlate(old, a, NOW, RETAINING)
-        states[k] = new
+    for a, old, new, event in steps(xs, RETAINING):
         if event is None or new is None:
             continue
         assert a.fingerprint in {m.fingerprint for m in new.members}
@@ -875,12 +878,7 @@ def test_a_full_group_folds_the_same_in_batches(xs: list[Anomaly], cuts: list[in
 def test_a_full_incident_drops_resolved_members_first_and_refuses_only_when_all_fire(
     xs: list[Anomaly],
 ) -> None:
-    states: States = {}
-    for a in xs:
-        k = key_of(a, CAPPED)
-        old = states.get(k)
-        new, event = correlate(old, a, NOW, CAPPED)
-        states[k] = new
+    for a, old, new, event in steps(xs, CAPPED):
         if new is not None:
             assert len(new.members) <= CAPPED.max_members
         if refuses(old, a, CAPPED):
