@@ -301,6 +301,9 @@ class Correlator:
         self._index: tuple[tuple[int, int], FactIndex] = ((-1, -1), EMPTY)
         # fingerprint -> the fact this worker published last
         self._facts_sent: dict[str, Fact] = {}
+        # key -> (incident id, revision) found to have no fact-source members: a revision's
+        # member set is fixed (a refresh keeps it), so its refreshes need no second look.
+        self._factless: dict[str, tuple[str, int]] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -584,7 +587,13 @@ class Correlator:
         for inc in incidents:
             if inc is None:
                 continue
-            for fact in facts_of(inc, self.topology, self.inhibit_rules):
+            stamp = (inc.id, inc.revision)
+            if self._factless.get(inc.key) == stamp:
+                continue
+            facts = facts_of(inc, self.topology, self.inhibit_rules)
+            if not facts:
+                self._factless[inc.key] = stamp
+            for fact in facts:
                 sent = self._facts_sent.get(fact.fingerprint)
                 if sent is None and not fact.incident_open:
                     continue  # never announced: nothing to retract
@@ -739,7 +748,12 @@ class Correlator:
         for raw_key in [k for k in self.table.data if gone(k.decode())]:
             self.table.data.pop(raw_key, None)
 
-        memos: tuple[dict[str, Any], ...] = (self._decoded, self._positions, self._persisted)
+        memos: tuple[dict[str, Any], ...] = (
+            self._decoded,
+            self._positions,
+            self._persisted,
+            self._factless,
+        )
         for memo in memos:
             for key in [k for k in memo if gone(k)]:
                 del memo[key]

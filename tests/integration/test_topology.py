@@ -9,6 +9,7 @@ targets on another.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -205,3 +206,39 @@ async def test_an_inhibition_source_suppresses_targets_on_other_partitions(
     assert inhibited.status == "silenced" and not inhibited.firing
     assert inhibited.members[0].inhibited_by == f"dns-down:{dns.fingerprint}"
     assert loud.status == "open" and loud.members[0].inhibited_by is None
+
+
+async def test_an_incident_that_gains_a_workload_anomaly_announces_it(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A pod's incident has no facts; the workload-level anomaly that later joins it (same
+    group) is one, and must reach every worker's view although the incident had none."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    h = Harness(settings)
+    await h.bus.start()
+    await h.bus.create_topics()
+    pod = crash("cart", "n1")
+    workload = anomaly(
+        "deployment-unavailable", {"namespace": "shop", "service": "cart", "workload": "cart"}
+    )
+    assert h.key(pod) == h.key(workload)
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (h.bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=Metrics()) as corr,
+        ):
+            await h.send(pod)
+            await r["inc"].wait_for(lambda xs: len(xs) >= 1, 60, "the pod's incident")
+            await h.send(replace(pod, observed_at=utcnow()))  # a refresh of a factless revision
+            await h.send(workload)
+            await r["inc"].wait_for(
+                lambda xs: len(xs[-1].members) == 2, 60, "the workload anomaly joins"
+            )
+            await eventually(
+                lambda: workload.fingerprint in corr.facts.items, 30, what="workload fact"
+            )
+    finally:
+        await h.bus.stop()
+    fact = corr.facts.items[workload.fingerprint]
+    assert fact.incident_key == h.key(pod) and fact.incident_open
+    assert pod.fingerprint not in corr.facts.items
