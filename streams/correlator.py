@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP, Message
 
 from agent.codec import decode, encode, from_obj
@@ -76,7 +76,7 @@ from streams.partitioning import (
     partitioner,
     topic_partitions,
 )
-from streams.replay import read_range
+from streams.replay import groupless_consumer, read_range
 from streams.silences import SilenceStore
 from streams.topology import (
     EMPTY,
@@ -263,13 +263,11 @@ class Correlator:
         self.app.timer(tick_interval)(self._tick)
         self.table.on_recover(self._recovered)
         self._owned: set[int] = set()
-        # Under exactly-once, transaction markers leave holes in every partition written
-        # transactionally (re-routed anomalies): each would cost a direct read.
-        self._guard = (
-            DeliveryGuard()
-            if settings.correlation.processing_guarantee == "at_least_once"
-            else None
-        )
+        # Under exactly-once too: faust's fetch loop is the same there. Offsets without a
+        # record (commit markers of producers writing transactionally, aborted records)
+        # are holes as well: reading one finds nothing, on a consumer kept for the purpose.
+        self._guard = DeliveryGuard()
+        self._rereader: AIOKafkaConsumer | None = None
         self._started = False
         self._failure: BaseException | None = None
         # Decoded view of the table. An entry is used only while the table holds the very
@@ -320,6 +318,9 @@ class Correlator:
         if self._started:
             self._started = False
             await self.app.stop()
+            if self._rereader is not None:
+                await self._rereader.stop()
+                self._rereader = None
             await self.facts.stop()
             await self.silences.stop()
             remove_empty_tree(Path(self.app.conf.datadir))
@@ -397,19 +398,19 @@ class Correlator:
             async for event in stream.noack().events():
                 # faust can drop a record around a rebalance (see streams.delivery).
                 msg = event.message
-                hole = (
-                    self._guard.hole(msg.tp, msg.offset, self._committed(msg.tp))
-                    if self._guard is not None
-                    else range(0)
-                )
+                hole = self._guard.hole(msg.tp, msg.offset, self._committed(msg.tp))
                 if hole:
-                    log.warning(
-                        "%s: faust skipped offsets %d-%d; reading them directly",
+                    found = await self._reread(msg.topic, msg.partition, hole)
+                    # Nothing found: transaction markers or aborted records, not news.
+                    log.log(
+                        logging.WARNING if found else logging.DEBUG,
+                        "%s: faust skipped offsets %d-%d; read %d records directly",
                         msg.tp,
                         hole.start,
                         hole.stop - 1,
+                        len(found),
                     )
-                    pending.extend(await self._reread(msg.topic, msg.partition, hole))
+                    pending.extend(found)
                 while True:
                     if worker.done():  # a crash of the folding task surfaces here
                         worker.result()
@@ -536,7 +537,14 @@ class Correlator:
         return self._index[1]
 
     async def _reread(self, topic: str, partition: int, offsets: range) -> list[Refetched]:
-        records = await read_range(self.settings.kafka, topic, partition, offsets)
+        if self._rereader is None:
+            # Kept: a transactional producer upstream leaves a hole (a marker) per commit,
+            # and a consumer per hole cost tens of milliseconds each.
+            self._rereader = groupless_consumer(self.settings.kafka, "reread")
+            await self._rereader.start()
+        records = await read_range(
+            self.settings.kafka, topic, partition, offsets, consumer=self._rereader
+        )
         return [Refetched.of(r, self.app.consumer) for r in records]
 
     def _committed(self, tp: Any) -> int | None:
@@ -717,8 +725,7 @@ class Correlator:
         changes nothing, so it would stay unpublished. Publishing the restored state once
         closes that gap (at-least-once: consumers may see a revision twice).
         """
-        if self._guard is not None:
-            self._guard.reset()  # positions restart at the committed offsets
+        self._guard.reset()  # positions restart at the committed offsets
         owned = self._owned_partitions()
         taken_over, self._owned = owned - self._owned, owned
         self._forget_unowned(owned)

@@ -183,18 +183,27 @@ async def follow(
 
 
 async def read_range(
-    kafka: KafkaSection, topic: str, partition: int, offsets: range, *, wait_s: float = 10.0
+    kafka: KafkaSection,
+    topic: str,
+    partition: int,
+    offsets: range,
+    *,
+    wait_s: float = 10.0,
+    consumer: AIOKafkaConsumer | None = None,
 ) -> list[Any]:
     """The records of one partition at ``offsets`` (aiokafka ConsumerRecords, in order),
     read outside any group. Offsets that hold no record (transaction markers, compacted
-    away) are skipped; stops at the end of the range, or of the log, or after ``wait_s``."""
+    away, aborted) are skipped; stops at the end of the range, or of the log, or after
+    ``wait_s``. ``consumer``: a started groupless consumer to use (and leave running)."""
     if not offsets:
         return []
-    consumer = groupless_consumer(kafka, "reread")
+    own = consumer is None
+    consumer = consumer or groupless_consumer(kafka, "reread")
     tp = TopicPartition(topic, partition)
     out: list[Any] = []
     try:
-        await consumer.start()
+        if own:
+            await consumer.start()
         consumer.assign([tp])
         consumer.seek(tp, offsets.start)
         end = min(offsets.stop, (await consumer.end_offsets([tp]))[tp])
@@ -208,5 +217,6 @@ async def read_range(
     except KafkaError as err:
         raise DependencyUnavailable(f"kafka {kafka.bootstrap_servers}: {err}") from err
     finally:
-        await consumer.stop()
+        if own:
+            await consumer.stop()
     return out

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,6 +22,7 @@ from agent.settings import Settings
 from agent.topics import topic
 from streams.correlator import Correlator, Stored
 from streams.partitioning import partition_for
+from streams.replay import read_range
 from tests.helpers import TopicReader, eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
@@ -121,14 +125,124 @@ async def test_groups_dedups_and_restores_state_from_changelog(
     )
 
 
+class _Skipping:
+    """A faust stream that never hands over the record at one offset: the race in faust's
+    fetch loop (see streams.delivery), on purpose."""
+
+    def __init__(self, stream: Any, offset: int, dropped: list[int]) -> None:
+        self.stream, self.offset, self.dropped = stream, offset, dropped
+
+    def noack(self) -> _Skipping:
+        self.stream = self.stream.noack()
+        return self
+
+    async def events(self) -> AsyncIterator[Any]:
+        async for event in self.stream.events():
+            if event.message.offset == self.offset and not self.dropped:
+                self.dropped.append(event.message.offset)
+                continue  # neither handed over nor acked, as faust's race leaves it
+            yield event
+
+
+class DroppingCorrelator(Correlator):
+    def __init__(self, *args: Any, drop: int, **kwargs: Any) -> None:
+        self.drop = drop
+        self.dropped: list[int] = []
+        super().__init__(*args, **kwargs)
+
+    async def _agent(self, stream: Any) -> None:
+        await super()._agent(_Skipping(stream, self.drop, self.dropped))
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_a_record_faust_never_hands_over_is_read_directly_and_folded(
+    kafka_bootstrap: str, topic_prefix: str, guarantee: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
+    )
+    bus, metrics = await started_bus(settings)
+    t = bus.topic
+    names = [f"check-{i}" for i in range(6)]
+    xs = [anomaly("cart", n) for n in names]
+    key = group_key(xs[0].labels, GROUP_BY)
+    try:
+        async with readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r:
+            corr = DroppingCorrelator(settings, metrics=metrics, drop=2)
+            async with corr:
+                for a in xs:  # one record each: offsets 0-5 of the group's partition
+                    await bus.publish(t("anomalies"), a, key=key)
+                incidents = await r["inc"].wait_for(
+                    lambda xs: bool(xs) and len(xs[-1].members) == len(names), 60, "all six"
+                )
+    finally:
+        await bus.stop()
+    assert corr.dropped == [2], "the stream really withheld a record"
+    assert sorted(m.name for m in incidents[-1].members) == sorted(names)
+    assert corr.processed == len(names)
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_records_around_another_producers_transactions_are_all_folded(
+    kafka_bootstrap: str, topic_prefix: str, guarantee: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream producer writing transactionally leaves commit markers in the log:
+    holes in the offsets faust hands over. The correlator reads each and finds nothing to
+    fold, quietly (a warning is for records faust really skipped)."""
+    from aiokafka import AIOKafkaProducer
+
+    from agent.codec import encode
+
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
+    )
+    bus, metrics = await started_bus(settings)
+    t = bus.topic
+    xs = [anomaly("cart", name) for name in ("errors", "latency", "saturation")]
+    key = group_key(xs[0].labels, GROUP_BY)
+    partition = partition_for(key, 2)
+    upstream = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"{topic_prefix}upstream"
+    )
+    caplog.set_level(logging.DEBUG, logger="streams.correlator")
+    try:
+        await upstream.start()
+        async with (
+            readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=metrics),
+        ):
+            for a in xs[:2]:  # each in its own transaction: record, then marker
+                async with upstream.transaction():
+                    await upstream.send(
+                        t("anomalies"), encode(a), key=key.encode(), partition=partition
+                    )
+            await bus.publish(t("anomalies"), xs[2], key=key)
+            incidents = await r["inc"].wait_for(
+                lambda got: bool(got) and len(got[-1].members) == 3, 60, "all three folded"
+            )
+    finally:
+        await upstream.stop()
+        await bus.stop()
+    records = await read_range(settings.kafka, t("anomalies"), partition, range(0, 10), wait_s=5)
+    assert [rec.offset for rec in records] == [0, 2, 4], "a marker after each transaction"
+    assert {m.name for m in incidents[-1].members} == {"errors", "latency", "saturation"}
+    holes = [rec for rec in caplog.records if "faust skipped offsets" in rec.getMessage()]
+    assert holes, "the markers were holes the correlator looked into"
+    assert all("read 0 records" in rec.getMessage() for rec in holes)
+    assert all(rec.levelno == logging.DEBUG for rec in holes)
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_batches_and_misrouted_records_land_in_the_right_incident(
-    kafka_bootstrap: str, topic_prefix: str
+    kafka_bootstrap: str, topic_prefix: str, guarantee: str
 ) -> None:
     from agent.codec import encode
     from agent.models import AnomalyBatch
     from streams.partitioning import partition_for
 
-    settings = make_settings(kafka_bootstrap, topic_prefix)  # 2 partitions
+    settings = make_settings(
+        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
+    )  # 2 partitions
     bus, metrics = await started_bus(settings)
     t = bus.topic
     key = "test/shop/cart"
@@ -146,6 +260,9 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
             # As a CRC32-partitioning producer could: keyed right, placed on the other one.
             await bus.producer.send_and_wait(
                 t("anomalies"), encode(second), key=key.encode(), partition=1 - right
+            )
+            await r["inc"].wait_for(
+                lambda xs: any(len(i.members) == 2 for i in xs), 60, "both anomalies folded"
             )
             items = await r["inc"].wait_for(
                 lambda xs: any(len(i.members) == 2 for i in xs), 60, "both anomalies folded"

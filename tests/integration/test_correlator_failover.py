@@ -72,8 +72,9 @@ def _anomaly(group: int, n: int) -> Anomaly:
     )
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_killing_a_worker_loses_and_duplicates_nothing(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, guarantee: str
 ) -> None:
     settings = make_settings(
         kafka_bootstrap,
@@ -90,6 +91,7 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
         "SRE_AGENT__KAFKA__PARTITIONS": str(PARTITIONS),
         "SRE_AGENT__KAFKA__SESSION_TIMEOUT_MS": "6000",
         "SRE_AGENT__CORRELATION__RESOLVE_TIMEOUT": "1h",
+        "SRE_AGENT__CORRELATION__PROCESSING_GUARANTEE": guarantee,
         "SRE_AGENT__MONITORING__PROMETHEUS__URL": "http://127.0.0.1:1",
     }
     ports = [_free_port() for _ in range(3)]
