@@ -86,6 +86,12 @@ class Metrics:
             ["partition"],
             registry=r,
         )
+        self.recovery_stalls = Counter(
+            "sre_agent_correlator_recovery_stalls_total",
+            "Times the correlator found faust's recovery of its state stuck after a "
+            "rebalance and made it read the changelog again.",
+            registry=r,
+        )
         self.refused_members = Counter(
             "sre_agent_refused_members_total",
             "New members refused because their incident already holds correlation."

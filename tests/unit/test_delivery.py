@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.delivery import DeliveryGuard
+from streams.delivery import DeliveryGuard, RecoveryStall
 
 P = "anomalies-0"
 
@@ -64,3 +64,34 @@ def test_holes_plus_deliveries_cover_the_log_in_order(committed: int, drops: lis
         folded += list(guard.hole(P, offset, committed))
         folded.append(offset)
     assert folded == (log[: log.index(delivered[-1]) + 1] if delivered else [])
+
+
+# --- a table recovery that stopped moving ---------------------------------------------------
+
+C = "changelog-1"
+
+
+def test_a_recovery_without_progress_for_the_stall_time_is_sought_back() -> None:
+    stall = RecoveryStall(stall_s=10)
+    assert stall.observe({C: -1}, {C: 6}, now=0) == []
+    assert stall.observe({C: -1}, {C: 6}, now=9.9) == []
+    assert stall.observe({C: -1}, {C: 6}, now=10) == [(C, 0)]
+    # The seek gets its own stall time before another.
+    assert stall.observe({C: -1}, {C: 6}, now=15) == []
+    assert stall.observe({C: -1}, {C: 6}, now=20) == [(C, 0)]
+
+
+def test_a_recovery_that_moves_or_is_done_is_left_alone() -> None:
+    stall = RecoveryStall(stall_s=10)
+    for t, offset in enumerate((-1, 3, 7, 12)):  # slow, but moving
+        assert stall.observe({C: offset}, {C: 20 - offset}, now=9.0 * t) == []
+    assert stall.observe({C: 19}, {C: 0}, now=100) == []  # caught up
+    assert stall.observe({C: 19}, {C: 0}, now=200) == []
+
+
+def test_a_partition_that_left_recovery_starts_afresh() -> None:
+    stall = RecoveryStall(stall_s=10)
+    stall.observe({C: 4}, {C: 2}, now=0)
+    stall.observe({}, {}, now=5)  # another rebalance: not being recovered any more
+    assert stall.observe({C: 4}, {C: 2}, now=12) == []  # unmoved since 12, not since 0
+    assert stall.observe({C: 4}, {C: 2}, now=22) == [(C, 5)]
