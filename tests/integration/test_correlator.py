@@ -17,9 +17,11 @@ import orjson
 import pytest
 
 from agent.codec import decode
+from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, Incident, fingerprint, group_key, utcnow
 from agent.settings import Settings
 from agent.topics import topic
+from streams.bus import Bus
 from streams.correlator import Correlator, Stored
 from streams.partitioning import partition_for
 from streams.replay import read_range
@@ -28,6 +30,20 @@ from tests.helpers import TopicReader, eventually, make_settings, readers, start
 pytestmark = pytest.mark.integration
 
 GROUP_BY = ("cluster", "namespace", "service")
+
+
+GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+
+
+async def started_with(
+    bootstrap: str, prefix: str, guarantee: str
+) -> tuple[Settings, Bus, Metrics]:
+    """Settings with this processing guarantee (2 partitions), and a started bus."""
+    settings = make_settings(
+        bootstrap, prefix, doc={"correlation": {"processing_guarantee": guarantee}}
+    )
+    bus, metrics = await started_bus(settings)
+    return settings, bus, metrics
 
 
 def incidents_and_letters(
@@ -60,14 +76,11 @@ def anomaly(service: str, name: str, status: str = "firing", at_offset: float = 
     )
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@GUARANTEES
 async def test_groups_dedups_and_restores_state_from_changelog(
     kafka_bootstrap: str, topic_prefix: str, guarantee: str
 ) -> None:
-    settings = make_settings(
-        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
-    )
-    bus, metrics = await started_bus(settings)
+    settings, bus, metrics = await started_with(kafka_bootstrap, topic_prefix, guarantee)
     t = bus.topic
     by = settings.correlation.group_by
 
@@ -154,14 +167,11 @@ class DroppingCorrelator(Correlator):
         await super()._agent(_Skipping(stream, self.drop, self.dropped))
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@GUARANTEES
 async def test_a_record_faust_never_hands_over_is_read_directly_and_folded(
     kafka_bootstrap: str, topic_prefix: str, guarantee: str
 ) -> None:
-    settings = make_settings(
-        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
-    )
-    bus, metrics = await started_bus(settings)
+    settings, bus, metrics = await started_with(kafka_bootstrap, topic_prefix, guarantee)
     t = bus.topic
     names = [f"check-{i}" for i in range(6)]
     xs = [anomaly("cart", n) for n in names]
@@ -182,7 +192,7 @@ async def test_a_record_faust_never_hands_over_is_read_directly_and_folded(
     assert corr.processed == len(names)
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@GUARANTEES
 async def test_records_around_another_producers_transactions_are_all_folded(
     kafka_bootstrap: str, topic_prefix: str, guarantee: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -193,10 +203,7 @@ async def test_records_around_another_producers_transactions_are_all_folded(
 
     from agent.codec import encode
 
-    settings = make_settings(
-        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
-    )
-    bus, metrics = await started_bus(settings)
+    settings, bus, metrics = await started_with(kafka_bootstrap, topic_prefix, guarantee)
     t = bus.topic
     xs = [anomaly("cart", name) for name in ("errors", "latency", "saturation")]
     key = group_key(xs[0].labels, GROUP_BY)
@@ -232,7 +239,7 @@ async def test_records_around_another_producers_transactions_are_all_folded(
     assert all(rec.levelno == logging.DEBUG for rec in holes)
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@GUARANTEES
 async def test_batches_and_misrouted_records_land_in_the_right_incident(
     kafka_bootstrap: str, topic_prefix: str, guarantee: str
 ) -> None:
@@ -240,10 +247,7 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
     from agent.models import AnomalyBatch
     from streams.partitioning import partition_for
 
-    settings = make_settings(
-        kafka_bootstrap, topic_prefix, doc={"correlation": {"processing_guarantee": guarantee}}
-    )  # 2 partitions
-    bus, metrics = await started_bus(settings)
+    settings, bus, metrics = await started_with(kafka_bootstrap, topic_prefix, guarantee)
     t = bus.topic
     key = "test/shop/cart"
     right = partition_for(key, 2)
@@ -275,7 +279,7 @@ async def test_batches_and_misrouted_records_land_in_the_right_incident(
     assert "anomalies[1].severity" in letters[0].error
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@GUARANTEES
 async def test_quiet_incidents_resolve_on_the_timer(
     kafka_bootstrap: str, topic_prefix: str, guarantee: str
 ) -> None:
