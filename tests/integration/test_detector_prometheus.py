@@ -14,9 +14,19 @@ from agent.detector import PromQLDetector
 from agent.metrics import Metrics
 from agent.models import Anomaly
 from agent.prom import PromClient
+from agent.settings import Settings
 from tests.helpers import make_settings
 
 pytestmark = pytest.mark.integration
+
+
+def detector_settings(
+    prometheus: Any, kafka_bootstrap: str, patterns: list[dict[str, Any]]
+) -> Settings:
+    """Settings with these patterns against the test Prometheus (no topics used)."""
+    return make_settings(
+        kafka_bootstrap, "unused.", prometheus_url=prometheus.url, doc={"patterns": patterns}
+    )
 
 
 class Recorder:
@@ -58,20 +68,17 @@ class Exporter:
 
 async def test_pattern_fires_after_for_and_resolves(prometheus: Any, kafka_bootstrap: str) -> None:
     service = f"svc{uuid.uuid4().hex[:6]}"
-    settings = make_settings(
+    settings = detector_settings(
+        prometheus,
         kafka_bootstrap,
-        "unused.",
-        prometheus_url=prometheus.url,
-        doc={
-            "patterns": [
-                {
-                    "name": "queue-backlog",
-                    "severity": "warning",
-                    "for": "3s",
-                    "condition": f'queue_depth{{service="{service}"}} > 5',
-                }
-            ]
-        },
+        [
+            {
+                "name": "queue-backlog",
+                "severity": "warning",
+                "for": "3s",
+                "condition": f'queue_depth{{service="{service}"}} > 5',
+            }
+        ],
     )
     pattern = settings.patterns[0]
     rec, metrics = Recorder(), Metrics()
@@ -117,11 +124,8 @@ async def test_pattern_fires_after_for_and_resolves(prometheus: Any, kafka_boots
 async def test_query_failures_are_counted_and_survived(
     prometheus: Any, kafka_bootstrap: str
 ) -> None:
-    settings = make_settings(
-        kafka_bootstrap,
-        "unused.",
-        prometheus_url=prometheus.url,
-        doc={"patterns": [{"name": "broken", "condition": "rate(up[5x])"}]},
+    settings = detector_settings(
+        prometheus, kafka_bootstrap, [{"name": "broken", "condition": "rate(up[5x])"}]
     )
     metrics, rec = Metrics(), Recorder()
     prom = PromClient(prometheus.url, timeout=2)
@@ -151,11 +155,10 @@ async def test_a_bug_in_one_evaluation_does_not_end_the_patterns_loop(
 ) -> None:
     """An unexpected error (not an AgentError) used to end the pattern's loop for good: the
     pattern was never evaluated again, and nothing said so."""
-    settings = make_settings(
+    settings = detector_settings(
+        prometheus,
         kafka_bootstrap,
-        "unused.",
-        prometheus_url=prometheus.url,
-        doc={"patterns": [{"name": "always", "interval": "1s", "condition": "vector(1) > 0"}]},
+        [{"name": "always", "interval": "1s", "condition": "vector(1) > 0"}],
     )
 
     class FlakyRecorder(Recorder):
@@ -189,16 +192,13 @@ async def test_a_bug_in_one_evaluation_does_not_end_the_patterns_loop(
 async def test_a_pattern_loop_that_died_is_reported_and_stop_still_returns(
     prometheus: Any, kafka_bootstrap: str
 ) -> None:
-    settings = make_settings(
+    settings = detector_settings(
+        prometheus,
         kafka_bootstrap,
-        "unused.",
-        prometheus_url=prometheus.url,
-        doc={
-            "patterns": [
-                {"name": "dies", "interval": "1s", "condition": "vector(1) > 0"},
-                {"name": "lives", "interval": "1s", "condition": "vector(1) > 0"},
-            ]
-        },
+        [
+            {"name": "dies", "interval": "1s", "condition": "vector(1) > 0"},
+            {"name": "lives", "interval": "1s", "condition": "vector(1) > 0"},
+        ],
     )
     prom = PromClient(prometheus.url, timeout=3)
     detector = PromQLDetector(settings, prom=prom, publish=Recorder(), topic="t", metrics=Metrics())
