@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent.breaker import BreakerRules, CircuitBreaker
-from agent.errors import AgentError, task_failure
+from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.labels import SERVICE_LABELS, normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, AnomalyStatus, Severity, fingerprint, group_key, stable_id, utcnow
@@ -225,10 +225,7 @@ class PromQLDetector:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        # A loop that died already said so through .failure; stop still waits for them all.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
 
     async def _loop(self, pattern: PatternSpec) -> None:
         interval = pattern.interval or self.settings.monitoring.evaluation_interval

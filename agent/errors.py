@@ -99,6 +99,16 @@ def task_failure(*tasks: asyncio.Future[Any] | None) -> BaseException | None:
     return None
 
 
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel these background tasks and wait until each has ended. One that had died is not
+    raised again: it was reported through :func:`task_failure`, and a stop that re-raised
+    it left the tasks after it running and their owner's resources open."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    await asyncio.gather(*live, return_exceptions=True)
+
+
 class PartialBatch(AgentError):
     """A batch handler failed on event ``done`` after the events before it took effect:
     only the rest is retried, so those are not handled (and their results published)

@@ -11,7 +11,6 @@ and approves through the decisions topic, as any Kafka client could.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.errors import task_failure
+from agent.errors import cancel_and_wait, task_failure
 from agent.models import (
     ActionResult,
     Analysis,
@@ -84,13 +83,8 @@ class SimulatedService:
         return task_failure(self._task)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # A traffic loop that had died was reported through .failure: stop regardless,
-            # or the HTTP server below would leak.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)  # a dead traffic loop: the server still closes
+        self._task = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

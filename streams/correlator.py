@@ -44,7 +44,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP, Message
 
 from agent.codec import decode, encode, from_obj
-from agent.errors import InvalidEvent, task_failure
+from agent.errors import InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
 from agent.models import Anomaly, Fact, Incident, Mitigation, utcnow
 from agent.settings import Settings
@@ -324,10 +324,7 @@ class Correlator:
     async def stop(self) -> None:
         if self._started:
             self._started = False
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._watchdog  # a dead one was reported through .failure
+            await cancel_and_wait(self._watchdog)
             await self.app.stop()
             if self._rereader is not None:
                 await self._rereader.stop()
@@ -789,7 +786,6 @@ class Correlator:
         memos only grew, and a worker that had owned every partition at some point kept a
         decoded copy of every incident. Regaining a partition recovers it from the
         changelog."""
-
         self._pruned = frozenset(owned)
 
         def gone(key: str) -> bool:
@@ -842,7 +838,7 @@ class Correlator:
         for raw_key, raw in list(self.table.data.items()):
             key = raw_key.decode()
             if partition_for(key, self.partitions) not in owned:
-                continue  # until the next recovery drops it: never decoded again
+                continue  # until _forget_unowned drops it: never decoded again
             stored = self._stored(key, raw)
             if stored.incident is None:
                 continue

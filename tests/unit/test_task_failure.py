@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.errors import task_failure
+from agent.errors import cancel_and_wait, task_failure
 
 
 async def test_only_a_task_that_raised_reports_a_failure() -> None:
@@ -28,3 +28,16 @@ async def test_only_a_task_that_raised_reports_a_failure() -> None:
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     assert task_failure(running) is None
+
+
+async def test_cancel_and_wait_ends_every_task_without_raising_a_dead_ones_error() -> None:
+    async def boom() -> None:
+        raise ValueError("broken")
+
+    failed = asyncio.create_task(boom())
+    await asyncio.sleep(0.01)
+    first, last = asyncio.create_task(asyncio.sleep(60)), asyncio.create_task(asyncio.sleep(60))
+    await cancel_and_wait(first, None, failed, last)  # the dead one sits between the others
+    assert first.cancelled() and last.cancelled()
+    assert isinstance(task_failure(failed), ValueError), "still reported, not raised"
+    await cancel_and_wait()  # nothing to stop
