@@ -92,6 +92,12 @@ class Metrics:
             "rebalance and made it read the changelog again.",
             registry=r,
         )
+        self.correlator_stuck = Gauge(
+            "sre_agent_correlator_stuck",
+            "1 while the correlator has records waiting and has moved none for "
+            "correlation.stuck_after (it then fails /health/live).",
+            registry=r,
+        )
         self.refused_members = Counter(
             "sre_agent_refused_members_total",
             "New members refused because their incident already holds correlation."

@@ -223,6 +223,8 @@ class Agent:
             self.server.checks["kafka"] = self.bus.ping
             if self.roles & {"detector", "executor"}:  # only they query Prometheus
                 self.server.checks["prometheus"] = self._prometheus_ready
+            if self.correlator is not None:
+                self.server.live_checks["correlator"] = self.correlator.stuck
             await self.server.start()
         await self.bus.start()
         await self.bus.create_topics()

@@ -1,6 +1,7 @@
 """The agent's HTTP surface: /metrics, health probes, and routes other components add.
 
-``/health/live``    the process is serving (liveness).
+``/health/live``    the process is serving and no component reports itself stuck
+                    (liveness: a stuck one is restarted).
 ``/health/started`` every component of this role finished starting (startup probe).
 ``/health/ready``   started, and the dependencies answer now: Kafka and Prometheus.
 """
@@ -19,6 +20,7 @@ from agent.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Check = Callable[[], Awaitable[str | None]]  # None when healthy, else the reason
+LiveCheck = Callable[[], str | None]  # answered from memory: a probe must not wait on I/O
 
 
 class HealthServer:
@@ -27,6 +29,7 @@ class HealthServer:
         self.port = port
         self.metrics = metrics
         self.checks: dict[str, Check] = {}
+        self.live_checks: dict[str, LiveCheck] = {}
         self.started = False
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._metrics)
@@ -64,6 +67,16 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _live(self, request: web.Request) -> web.Response:
+        failures = {}
+        for name, check in self.live_checks.items():
+            try:
+                reason = check()
+            except Exception as err:  # noqa: BLE001 - a probe reports, it never raises
+                reason = f"{type(err).__name__}: {err}"
+            if reason is not None:
+                failures[name] = reason
+        if failures:
+            return web.json_response({"status": "stuck", "failures": failures}, status=503)
         return web.json_response({"status": "ok"})
 
     async def _started(self, request: web.Request) -> web.Response:

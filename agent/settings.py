@@ -299,6 +299,10 @@ class CorrelationSection:
     # dropping the least recently seen resolved members; when all are firing it is
     # dead-lettered as refused.
     max_members: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # A worker with records waiting whose offsets (or, recovering, its state's) have not
+    # moved this long is stuck, whatever the cause: /health/live then fails, so Kubernetes
+    # restarts it (0: never). Well above the longest batch a backlog folds (seconds).
+    stuck_after: Seconds = 300.0
     group_wait: Seconds = 0.0
     group_interval: Seconds = 0.0
     repeat_interval: Seconds = 0.0

@@ -66,7 +66,7 @@ from streams.correlation import (
     publish_due,
     repeat_due,
 )
-from streams.delivery import DeliveryGuard, RecoveryStall
+from streams.delivery import DeliveryGuard, Stall
 from streams.faust_kafka import App
 from streams.incident_json import IncidentEncoder
 from streams.partitioning import (
@@ -270,7 +270,13 @@ class Correlator:
         # are holes as well: reading one finds nothing, on a consumer kept for the purpose.
         self._guard = DeliveryGuard()
         self._rereader: AIOKafkaConsumer | None = None
-        self._stall = RecoveryStall(stall_s=10.0)
+        self._reread_lock = asyncio.Lock()  # the stream and the watchdog share the consumer
+        self._stall = Stall(stall_s=10.0)
+        # Liveness (see Stall): partitions unmoved past stuck_after while records wait.
+        self.stuck_after = settings.correlation.stuck_after
+        self._progress = Stall(stall_s=self.stuck_after, rearm=False)
+        self._quiet: dict[Any, int] = {}  # tp -> offsets before this hold no record
+        self._stuck: str | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._started = False
         self._failure: BaseException | None = None
@@ -316,9 +322,7 @@ class Correlator:
             await self.silences.start()
             await self.facts.start()
             await self.app.start()
-            self._watchdog = asyncio.create_task(
-                self._watch_recovery(), name="correlator-recovery-watch"
-            )
+            self._watchdog = asyncio.create_task(self._watch(), name="correlator-watch")
             self._started = True
 
     async def stop(self) -> None:
@@ -408,7 +412,8 @@ class Correlator:
                 msg = event.message
                 hole = self._guard.hole(msg.tp, msg.offset, self._committed(msg.tp))
                 if hole:
-                    found = await self._reread(msg.topic, msg.partition, hole)
+                    async with self._reread_lock:
+                        found = await self._reread(msg.topic, msg.partition, hole)
                     # Nothing found: transaction markers or aborted records, not news.
                     log.log(
                         logging.WARNING if found else logging.DEBUG,
@@ -468,31 +473,94 @@ class Correlator:
             or task_failure(self._watchdog)
         )
 
-    async def _watch_recovery(self, every: float = 2.0) -> None:
-        """Un-stick faust's table recovery when it stops moving (see RecoveryStall)."""
+    def stuck(self) -> str | None:
+        """Why this worker is stuck (records wait and nothing has moved for
+        ``stuck_after``), or None. /health/live reports it, so Kubernetes restarts it."""
+        return self._stuck
+
+    async def _watch(self, every: float = 2.0) -> None:
+        """Un-stick faust's table recovery when it stops moving (see Stall), and keep
+        :meth:`stuck` current."""
         while True:
             await asyncio.sleep(every)
             recovery: Any = getattr(self.app.tables, "recovery", None)
             if recovery is None:
                 raise RuntimeError("faust changed: TableManager.recovery is gone")
-            if not recovery.in_recovery:
+            if recovery.in_recovery:
+                offsets = dict(recovery.active_offsets)
+                remaining = dict(recovery.active_remaining())
+                await self._unstall(offsets, remaining)
+            else:
                 self._stall.reset()
-                continue
-            stalled = self._stall.observe(
-                dict(recovery.active_offsets), dict(recovery.active_remaining()), time.monotonic()
+                offsets, remaining = self._waiting()
+            if self.stuck_after > 0:
+                await self._check_progress(offsets, remaining, recovering=recovery.in_recovery)
+
+    async def _unstall(self, offsets: dict[Any, int], remaining: dict[Any, int]) -> None:
+        for tp, offset in self._stall.observe(offsets, remaining, time.monotonic()):
+            log.warning(
+                "recovery of %s has not moved for %.0f s (at offset %d, %d records to "
+                "go): reading it again from offset %d",
+                tp,
+                self._stall.stall_s,
+                offset - 1,
+                remaining[tp],
+                offset,
             )
-            for tp, offset in stalled:
-                log.warning(
-                    "recovery of %s has not moved for %.0f s (at offset %d, %d records to "
-                    "go): reading it again from offset %d",
-                    tp,
-                    self._stall.stall_s,
-                    offset - 1,
-                    recovery.active_remaining()[tp],
-                    offset,
-                )
-                self.metrics.recovery_stalls.inc()
-                await self.app.consumer.seek(tp, offset)
+            self.metrics.recovery_stalls.inc()
+            await self.app.consumer.seek(tp, offset)
+
+    def _waiting(self) -> tuple[dict[Any, int], dict[Any, int]]:
+        """Per owned anomalies partition: the last offset committed (-1: none) and the
+        records after it, less those known to hold no record (see _check_progress)."""
+        offsets: dict[Any, int] = {}
+        remaining: dict[Any, int] = {}
+        for tp in self._assignment():
+            if tp.topic != self.anomalies_name:
+                continue
+            highwater = self._end(tp.topic, tp.partition)  # 0 unknown: nothing known waits
+            committed = self._committed(tp)
+            start = max(committed or 0, self._quiet.get(tp, 0))
+            offsets[tp] = (committed or 0) - 1
+            remaining[tp] = max(0, highwater - start)
+        for tp in [tp for tp in self._quiet if tp not in offsets]:
+            del self._quiet[tp]
+        return offsets, remaining
+
+    async def _check_progress(
+        self, offsets: dict[Any, int], remaining: dict[Any, int], *, recovering: bool
+    ) -> None:
+        unmoved = self._progress.observe(offsets, remaining, time.monotonic())
+        reasons = []
+        for tp, offset in unmoved:
+            if not recovering:
+                # Offsets past the commit may hold no record at all: commit markers of an
+                # upstream transactional producer. Only a record waiting counts; a bounded
+                # look, from where the last one stopped.
+                start = max(offset, self._quiet.get(tp, 0))
+                look = range(start, start + min(remaining[tp], 100))
+                try:
+                    found, reached = await self._look(tp, look)
+                except Exception as err:  # noqa: BLE001 - a probe must not end the worker
+                    log.warning("could not look at %s offsets %s: %s", tp, look, err)
+                    continue
+                if not found:
+                    # Up to where it could read: an open transaction's records (past the
+                    # last stable offset) are not known to be empty yet.
+                    self._quiet[tp] = max(start, min(look.stop, reached))
+                    continue
+            what = "table recovery of" if recovering else "folding of"
+            reasons.append(
+                f"{what} {tp.topic}[{tp.partition}]: {remaining[tp]} records waiting, "
+                f"offset {offset} unmoved for {self.stuck_after:.0f}s or more"
+            )
+        stuck = "; ".join(reasons) or None
+        if stuck and not self._stuck:
+            log.error("correlator stuck, reported on /health/live: %s", stuck)
+        elif self._stuck and not stuck:
+            log.warning("correlator moving again")
+        self._stuck = stuck
+        self.metrics.correlator_stuck.set(1 if stuck else 0)
 
     def _fail(self, err: BaseException) -> None:
         if self._failure is not None:
@@ -586,6 +654,14 @@ class Correlator:
         )
         return [Refetched.of(r, self.app.consumer) for r in records]
 
+    async def _look(self, tp: Any, offsets: range) -> tuple[list[Refetched], int]:
+        """The records at ``offsets``, and the offset reading them reached."""
+        async with self._reread_lock:
+            found = await self._reread(tp.topic, tp.partition, offsets)
+            assert self._rereader is not None  # started by _reread
+            reached = await self._rereader.position(TopicPartition(tp.topic, tp.partition))
+        return found, int(reached)
+
     def _committed(self, tp: Any) -> int | None:
         """The partition's committed offset as faust last read or wrote it (None if none)."""
         committed = getattr(self.app.consumer, "_committed_offset", None)
@@ -596,8 +672,11 @@ class Correlator:
 
     def _highwater(self, msg: Any) -> int:
         """The end of ``msg``'s partition as of its last fetch (0 when unknown)."""
+        return self._end(msg.topic, msg.partition)
+
+    def _end(self, topic_name: str, partition: int) -> int:
         try:
-            highwater = self.app.consumer.highwater(TopicPartition(msg.topic, msg.partition))
+            highwater = self.app.consumer.highwater(TopicPartition(topic_name, partition))
         except Exception:  # noqa: BLE001 - consumer restarting: fold what is in hand
             return 0
         return int(highwater or 0)

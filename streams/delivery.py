@@ -39,29 +39,37 @@ class DeliveryGuard:
         return range(expected, offset)
 
 
-class RecoveryStall:
-    """Changelog partitions whose recovery stopped moving.
+class Stall:
+    """Partitions whose offset stopped moving while records wait for it.
 
-    faust-streaming's recovery of a table can wait forever after a rebalance: it seeks the
-    changelog partition back to what it has applied, yet the records are fetched and never
-    reach it (the consumer's position ends up past the highwater while recovery's offset has
-    not moved; seen in 8 of 72 rebalances on this machine, and in CI as a worker
-    that neither forgot the partitions it lost nor folded the one it kept). Seeking the
-    partition back to the next offset recovery needs makes it read them again.
+    The correlator watches two things with it:
 
-    :meth:`observe` is fed recovery's progress every few seconds and returns the
-    (partition, offset to seek to) of those without progress for ``stall_s``.
+    - **Table recovery** (``rearm``). faust-streaming's recovery of a table can wait
+      forever after a rebalance: it seeks the changelog partition back to what it has
+      applied, yet the records are fetched and never reach it (the consumer's position
+      ends up past the highwater while recovery's offset has not moved; seen in 8 of 72
+      rebalances on this machine, and in CI as a worker that neither forgot the partitions
+      it lost nor folded the one it kept). Seeking the partition back to the next offset
+      recovery needs makes it read them again; the timer restarts after each report, to
+      give the seek its time.
+    - **Liveness**. A worker whose committed offsets (or, in recovery, its changelog
+      offsets) have not moved for ``correlation.stuck_after`` while records wait is stuck
+      whatever the cause, and says so on /health/live so that it is restarted.
+
+    :meth:`observe` is fed the offsets every few seconds and returns the (partition,
+    offset after the last one passed) of those without progress for ``stall_s``.
     """
 
-    def __init__(self, stall_s: float) -> None:
+    def __init__(self, stall_s: float, *, rearm: bool = True) -> None:
         self.stall_s = stall_s
+        self.rearm = rearm
         self._since: dict[Hashable, tuple[int, float]] = {}  # tp -> (offset, unmoved since)
 
     def observe(
         self, offsets: dict[Any, int], remaining: dict[Any, int], now: float
     ) -> list[tuple[Any, int]]:
-        """``offsets``: the last changelog offset applied per partition (-1: none);
-        ``remaining``: records left to the highwater per partition; ``now``: monotonic."""
+        """``offsets``: the last offset passed per partition (-1: none); ``remaining``:
+        records left to the highwater per partition; ``now``: monotonic."""
         stalled = []
         for tp, left in remaining.items():
             offset = offsets.get(tp, -1)
@@ -73,7 +81,8 @@ class RecoveryStall:
                 self._since[tp] = (offset, now)
             elif now - seen[1] >= self.stall_s:
                 stalled.append((tp, offset + 1))
-                self._since[tp] = (offset, now)  # give the seek time before the next one
+                if self.rearm:
+                    self._since[tp] = (offset, now)
         for tp in [tp for tp in self._since if tp not in remaining]:
             del self._since[tp]
         return stalled

@@ -1,5 +1,6 @@
-"""An agent that cannot start releases everything it opened (no leaked clients), and one
-whose processing dies stops instead of lingering."""
+"""An agent that cannot start releases everything it opened (no leaked clients), one
+whose processing dies stops instead of lingering, and one whose correlator is stuck fails
+its liveness probe."""
 
 from __future__ import annotations
 
@@ -111,3 +112,30 @@ async def test_a_dead_silence_view_is_a_correlator_failure(
         await eventually(lambda: corr.failure is not None, 30, what="the failure seen")
         failed = agent.failure()
         assert failed is not None and "the silences fetch broke" in str(failed)
+
+
+async def test_a_stuck_correlator_fails_the_agents_liveness(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The correlator's own verdict (tests/integration/test_correlator.py) reaches the
+    probe Kubernetes restarts the pod on, not the readiness probe (Kafka answers)."""
+    import aiohttp
+
+    settings = make_settings(kafka_bootstrap, topic_prefix, doc={"server": {"port": 0}})
+    agent = Agent(settings, roles=["correlator"], cluster=FakeCluster())
+    corr = agent.correlator
+    assert corr is not None and agent.server is not None
+    verdict: list[str | None] = [None]
+    corr.stuck = lambda: verdict[0]  # type: ignore[method-assign]
+    async with agent, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{agent.server.bound_port}/health/live"
+        async with http.get(url) as r:
+            assert r.status == 200
+        verdict[0] = "folding of anomalies[0]: 7 records waiting"
+        async with http.get(url) as r:
+            assert r.status == 503
+            body = await r.json()
+        assert body["failures"] == {"correlator": verdict[0]}
+        ready = url.replace("/health/live", "/health/ready")
+        async with http.get(ready) as r:
+            assert r.status == 200  # its dependencies answer: only a restart helps

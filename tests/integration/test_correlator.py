@@ -36,11 +36,14 @@ GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_onc
 
 
 async def started_with(
-    bootstrap: str, prefix: str, guarantee: str
+    bootstrap: str, prefix: str, guarantee: str, **correlation: Any
 ) -> tuple[Settings, Bus, Metrics]:
-    """Settings with this processing guarantee (2 partitions), and a started bus."""
+    """Settings with this processing guarantee (2 partitions) and these other correlation
+    settings, and a started bus."""
     settings = make_settings(
-        bootstrap, prefix, doc={"correlation": {"processing_guarantee": guarantee}}
+        bootstrap,
+        prefix,
+        doc={"correlation": {"processing_guarantee": guarantee, **correlation}},
     )
     bus, metrics = await started_bus(settings)
     return settings, bus, metrics
@@ -203,7 +206,10 @@ async def test_records_around_another_producers_transactions_are_all_folded(
 
     from agent.codec import encode
 
-    settings, bus, metrics = await started_with(kafka_bootstrap, topic_prefix, guarantee)
+    # The last marker, at the end of the log, must not count as a record waiting.
+    settings, bus, metrics = await started_with(
+        kafka_bootstrap, topic_prefix, guarantee, stuck_after="2s"
+    )
     t = bus.topic
     xs = [anomaly("cart", name) for name in ("errors", "latency", "saturation")]
     key = group_key(xs[0].labels, GROUP_BY)
@@ -216,27 +222,78 @@ async def test_records_around_another_producers_transactions_are_all_folded(
         await upstream.start()
         async with (
             readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r,
-            Correlator(settings, metrics=metrics),
+            Correlator(settings, metrics=metrics) as corr,
         ):
-            for a in xs[:2]:  # each in its own transaction: record, then marker
+            for a in xs:  # each in its own transaction: record, then marker
                 async with upstream.transaction():
                     await upstream.send(
                         t("anomalies"), encode(a), key=key.encode(), partition=partition
                     )
-            await bus.publish(t("anomalies"), xs[2], key=key)
             incidents = await r["inc"].wait_for(
                 lambda got: bool(got) and len(got[-1].members) == 3, 60, "all three folded"
             )
+            # Three liveness checks (every 2 s) past stuck_after: the marker at the end
+            # (committed 5, highwater 6) was looked at and found to hold no record.
+            await asyncio.sleep(8)
+            assert corr.stuck() is None
     finally:
         await upstream.stop()
         await bus.stop()
     records = await read_range(settings.kafka, t("anomalies"), partition, range(0, 10), wait_s=5)
     assert [rec.offset for rec in records] == [0, 2, 4], "a marker after each transaction"
+    assert metrics.registry.get_sample_value("sre_agent_correlator_stuck") == 0
     assert {m.name for m in incidents[-1].members} == {"errors", "latency", "saturation"}
     holes = [rec for rec in caplog.records if "faust skipped offsets" in rec.getMessage()]
     assert holes, "the markers were holes the correlator looked into"
     assert all("read 0 records" in rec.getMessage() for rec in holes)
     assert all(rec.levelno == logging.DEBUG for rec in holes)
+
+
+class FrozenCorrelator(Correlator):
+    """Folds nothing until thawed: records wait, offsets stay, as in any hang."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.thawed = asyncio.Event()
+        super().__init__(*args, **kwargs)
+
+    async def process(self, events: Any) -> None:
+        await self.thawed.wait()
+        await super().process(events)
+
+
+@GUARANTEES
+async def test_a_worker_that_moves_nothing_while_records_wait_reports_itself_stuck(
+    kafka_bootstrap: str, topic_prefix: str, guarantee: str
+) -> None:
+    settings, bus, metrics = await started_with(
+        kafka_bootstrap, topic_prefix, guarantee, stuck_after="3s"
+    )
+    t = bus.topic
+    xs = [anomaly("cart", name) for name in ("errors", "latency")]
+    key = group_key(xs[0].labels, GROUP_BY)
+
+    def stuck() -> float | None:
+        return metrics.registry.get_sample_value("sre_agent_correlator_stuck")
+
+    try:
+        async with readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r:
+            corr = FrozenCorrelator(settings, metrics=metrics)
+            async with corr:
+                for a in xs:  # a record each (publish_many would batch them into one)
+                    await bus.publish(t("anomalies"), a, key=key)
+                reason = await eventually(corr.stuck, 40, what="the hang reported")
+                assert stuck() == 1
+                partition = partition_for(key, 2)
+                assert f"folding of {t('anomalies')}[{partition}]" in reason
+                assert "2 records waiting" in reason
+                corr.thawed.set()
+                await r["inc"].wait_for(
+                    lambda got: bool(got) and len(got[-1].members) == 2, 60, "both folded"
+                )
+                await eventually(lambda: corr.stuck() is None, 20, what="moving again")
+                assert stuck() == 0
+    finally:
+        await bus.stop()
 
 
 @GUARANTEES

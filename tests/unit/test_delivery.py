@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.delivery import DeliveryGuard, RecoveryStall
+from streams.delivery import DeliveryGuard, Stall
 
 P = "anomalies-0"
 
@@ -72,7 +72,7 @@ C = "changelog-1"
 
 
 def test_a_recovery_without_progress_for_the_stall_time_is_sought_back() -> None:
-    stall = RecoveryStall(stall_s=10)
+    stall = Stall(stall_s=10)
     assert stall.observe({C: -1}, {C: 6}, now=0) == []
     assert stall.observe({C: -1}, {C: 6}, now=9.9) == []
     assert stall.observe({C: -1}, {C: 6}, now=10) == [(C, 0)]
@@ -82,7 +82,7 @@ def test_a_recovery_without_progress_for_the_stall_time_is_sought_back() -> None
 
 
 def test_a_recovery_that_moves_or_is_done_is_left_alone() -> None:
-    stall = RecoveryStall(stall_s=10)
+    stall = Stall(stall_s=10)
     for t, offset in enumerate((-1, 3, 7, 12)):  # slow, but moving
         assert stall.observe({C: offset}, {C: 20 - offset}, now=9.0 * t) == []
     assert stall.observe({C: 19}, {C: 0}, now=100) == []  # caught up
@@ -90,8 +90,18 @@ def test_a_recovery_that_moves_or_is_done_is_left_alone() -> None:
 
 
 def test_a_partition_that_left_recovery_starts_afresh() -> None:
-    stall = RecoveryStall(stall_s=10)
+    stall = Stall(stall_s=10)
     stall.observe({C: 4}, {C: 2}, now=0)
     stall.observe({}, {}, now=5)  # another rebalance: not being recovered any more
     assert stall.observe({C: 4}, {C: 2}, now=12) == []  # unmoved since 12, not since 0
     assert stall.observe({C: 4}, {C: 2}, now=22) == [(C, 5)]
+
+
+def test_a_liveness_watch_keeps_reporting_until_the_partition_moves() -> None:
+    watch = Stall(stall_s=10, rearm=False)
+    assert watch.observe({C: 4}, {C: 3}, now=0) == []
+    assert watch.observe({C: 4}, {C: 3}, now=10) == [(C, 5)]
+    assert watch.observe({C: 4}, {C: 3}, now=12) == [(C, 5)]  # still stuck: no new grace
+    assert watch.observe({C: 6}, {C: 1}, now=14) == []  # moved: a fresh timer
+    assert watch.observe({C: 6}, {C: 1}, now=23.9) == []
+    assert watch.observe({C: 6}, {C: 0}, now=30) == []  # nothing waits: never stuck
