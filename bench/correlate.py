@@ -28,6 +28,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -311,10 +312,22 @@ def load_schedule(
     return schedule
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used (Linux /proc; None elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, field 3 on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def correlator_latency(
     bootstrap: str, rate: int, seconds: float, *, stress: bool
-) -> list[float]:
-    """Anomaly-to-incident latency of the anomalies that change an incident.
+) -> tuple[list[float], dict[str, float]]:
+    """Anomaly-to-incident latency of the anomalies that change an incident, and the share
+    of a core the correlator process and this one (load generator, reader) used while
+    the load ran: on 2 shared cores, what the latency is measured against.
 
     ``stress``: every anomaly is a new member, so every one changes (and re-emits) its
     incident. Otherwise the realistic mix of the throughput run: 1k services x 5 patterns
@@ -365,6 +378,9 @@ async def correlator_latency(
         start = datetime.now(UTC) + timedelta(seconds=1 + rate * seconds / 20_000)
         schedule = load_schedule(rng, start, rate, seconds, tick, stress=stress)
         t0 = time.perf_counter() + (start - datetime.now(UTC)).total_seconds()
+        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+        pids = {"correlator process": corr.proc.pid, "load generator and reader": os.getpid()}
+        used = {name: cpu_seconds(pid) for name, pid in pids.items()}
         for n, (value, stamps) in enumerate(schedule):
             lag = t0 + n * tick - time.perf_counter()
             if lag > 0:
@@ -374,12 +390,18 @@ async def correlator_latency(
                 sent[s] = stamp
             await p.send(f"{prefix}anomalies", value=value)
         await p.flush()
+        elapsed = time.perf_counter() - t0
+        cores = {}
+        for name, pid in pids.items():
+            before, after = used[name], cpu_seconds(pid)
+            if before is not None and after is not None:
+                cores[name] = (after - before) / elapsed
         deadline = time.perf_counter() + 10
         while stress and sent and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
         if not stress:
             await asyncio.sleep(2)  # the last changes' events; repeats never produce one
-        return latencies
+        return latencies, cores
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -458,7 +480,7 @@ async def main() -> None:
         # The same load first, unmeasured: on a broker started minutes ago the first runs
         # of this load measured its JIT warm-up (p99 0.9-1.1 s, falling to ~0.2 s by the
         # third), not the correlator.
-        warm = await correlator_latency(args.bootstrap, args.rate, args.warmup, stress=False)
+        warm, _ = await correlator_latency(args.bootstrap, args.rate, args.warmup, stress=False)
         await delete_topics(args.bootstrap)
         if len(warm) >= 2:
             q = statistics.quantiles(warm, n=100)
@@ -467,7 +489,9 @@ async def main() -> None:
                 f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms"
             )
         for stress in (False, True):
-            lat = await correlator_latency(args.bootstrap, args.rate, args.seconds, stress=stress)
+            lat, cores = await correlator_latency(
+                args.bootstrap, args.rate, args.seconds, stress=stress
+            )
             await delete_topics(args.bootstrap)
             shape = "every anomaly a new member" if stress else "realistic mix"
             if len(lat) >= 2:
@@ -475,6 +499,11 @@ async def main() -> None:
                 print(
                     f"latency at {args.rate}/s, {shape} ({len(lat)} incident changes): "
                     f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms"
+                )
+            if cores:
+                print(
+                    "  CPU while loaded (share of one core): "
+                    + ", ".join(f"{name} {share:.2f}" for name, share in cores.items())
                 )
         am = await alertmanager_peer(args.alertmanager, records[:50_000])
         if am is None:
