@@ -270,7 +270,7 @@ class Correlator:
         # are holes as well: reading one finds nothing, on a consumer kept for the purpose.
         self._guard = DeliveryGuard()
         self._rereader: AIOKafkaConsumer | None = None
-        self._reread_lock = asyncio.Lock()  # the stream and the watchdog share the consumer
+        self._reread_lock = asyncio.Lock()
         self._stall = Stall(stall_s=10.0)
         # Liveness (see Stall): partitions unmoved past stuck_after while records wait.
         self.stuck_after = settings.correlation.stuck_after
@@ -372,7 +372,7 @@ class Correlator:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.linger
             first = pending[-1].message
-            goal = self._highwater(first)
+            goal = self._highwater(first.topic, first.partition)
             size = counted = 0
             while len(pending) < self.batch_size and loop.time() < deadline:
                 for event in pending[counted:]:
@@ -412,8 +412,7 @@ class Correlator:
                 msg = event.message
                 hole = self._guard.hole(msg.tp, msg.offset, self._committed(msg.tp))
                 if hole:
-                    async with self._reread_lock:
-                        found = await self._reread(msg.topic, msg.partition, hole)
+                    found, _ = await self._reread(msg.topic, msg.partition, hole)
                     # Nothing found: transaction markers or aborted records, not news.
                     log.log(
                         logging.WARNING if found else logging.DEBUG,
@@ -457,7 +456,7 @@ class Correlator:
             if prev is None or msg.offset > prev.offset:  # re-read holes come out of order
                 last[msg.partition] = msg
         for partition, msg in last.items():
-            if highwater := self._highwater(msg):
+            if highwater := self._highwater(msg.topic, msg.partition):
                 backlog = max(0, highwater - msg.offset - 1)
                 self.metrics.correlator_backlog.labels(partition=str(partition)).set(backlog)
 
@@ -518,7 +517,7 @@ class Correlator:
         for tp in self._assignment():
             if tp.topic != self.anomalies_name:
                 continue
-            highwater = self._end(tp.topic, tp.partition)  # 0 unknown: nothing known waits
+            highwater = self._highwater(tp.topic, tp.partition)  # 0: nothing known waits
             committed = self._committed(tp)
             start = max(committed or 0, self._quiet.get(tp, 0))
             offsets[tp] = (committed or 0) - 1
@@ -540,7 +539,7 @@ class Correlator:
                 start = max(offset, self._quiet.get(tp, 0))
                 look = range(start, start + min(remaining[tp], 100))
                 try:
-                    found, reached = await self._look(tp, look)
+                    found, reached = await self._reread(tp.topic, tp.partition, look)
                 except Exception as err:  # noqa: BLE001 - a probe must not end the worker
                     log.warning("could not look at %s offsets %s: %s", tp, look, err)
                     continue
@@ -643,24 +642,21 @@ class Correlator:
                 self._index = (stamp, index)
         return self._index[1]
 
-    async def _reread(self, topic: str, partition: int, offsets: range) -> list[Refetched]:
-        if self._rereader is None:
-            # Kept: a transactional producer upstream leaves a hole (a marker) per commit,
-            # and a consumer per hole cost tens of milliseconds each.
-            self._rereader = groupless_consumer(self.settings.kafka, "reread")
-            await self._rereader.start()
-        records = await read_range(
-            self.settings.kafka, topic, partition, offsets, consumer=self._rereader
-        )
-        return [Refetched.of(r, self.app.consumer) for r in records]
-
-    async def _look(self, tp: Any, offsets: range) -> tuple[list[Refetched], int]:
-        """The records at ``offsets``, and the offset reading them reached."""
-        async with self._reread_lock:
-            found = await self._reread(tp.topic, tp.partition, offsets)
-            assert self._rereader is not None  # started by _reread
-            reached = await self._rereader.position(TopicPartition(tp.topic, tp.partition))
-        return found, int(reached)
+    async def _reread(
+        self, topic: str, partition: int, offsets: range
+    ) -> tuple[list[Refetched], int]:
+        """The records at ``offsets``, read directly, and the offset reading them reached."""
+        async with self._reread_lock:  # the stream and the watchdog share the consumer
+            if self._rereader is None:
+                # Kept: a transactional producer upstream leaves a hole (a marker) per
+                # commit, and a consumer per hole cost tens of milliseconds each.
+                self._rereader = groupless_consumer(self.settings.kafka, "reread")
+                await self._rereader.start()
+            records = await read_range(
+                self.settings.kafka, topic, partition, offsets, consumer=self._rereader
+            )
+            reached = await self._rereader.position(TopicPartition(topic, partition))
+        return [Refetched.of(r, self.app.consumer) for r in records], int(reached)
 
     def _committed(self, tp: Any) -> int | None:
         """The partition's committed offset as faust last read or wrote it (None if none)."""
@@ -670,11 +666,8 @@ class Correlator:
         value = committed.get(tp)
         return int(value) if value is not None else None
 
-    def _highwater(self, msg: Any) -> int:
-        """The end of ``msg``'s partition as of its last fetch (0 when unknown)."""
-        return self._end(msg.topic, msg.partition)
-
-    def _end(self, topic_name: str, partition: int) -> int:
+    def _highwater(self, topic_name: str, partition: int) -> int:
+        """The end of the partition as of its last fetch (0 when unknown)."""
         try:
             highwater = self.app.consumer.highwater(TopicPartition(topic_name, partition))
         except Exception:  # noqa: BLE001 - consumer restarting: fold what is in hand
