@@ -145,6 +145,17 @@ def _room(members: Sequence[Member], cap: int) -> list[Member] | None:
     return [m for i, m in enumerate(members) if i not in gone]
 
 
+def _with_room(
+    members: tuple[Member, ...], anomaly: Anomaly, cap: int
+) -> tuple[Member, ...] | None:
+    """``members``, with room made for ``anomaly`` when it would be a new member (see
+    :func:`_room`); None when it is refused."""
+    if any(m.fingerprint == anomaly.fingerprint for m in members):
+        return members
+    room = _room(members, cap)
+    return tuple(room) if room is not None else None
+
+
 def refuses(state: Incident | None, anomaly: Anomaly, rules: CorrelationRules) -> bool:
     """Whether :func:`correlate` refuses this anomaly: a new firing member of a live
     incident whose ``max_members`` are all firing."""
@@ -227,14 +238,11 @@ def correlate(
 def _reopen(
     state: Incident, anomaly: Anomaly, rules: CorrelationRules, marks: Marks
 ) -> tuple[Incident, Incident | None]:
-    members = state.members
-    if all(m.fingerprint != anomaly.fingerprint for m in members):
-        room = _room(members, rules.max_members)
-        if room is None:
-            # Not reached: a resolved incident's members are all resolved. Refused rather
-            # than asserted, so a state written otherwise cannot crash the fold for good.
-            return state, None
-        members = tuple(room)
+    members = _with_room(state.members, anomaly, rules.max_members)
+    if members is None:
+        # Not reached: a resolved incident's members are all resolved. Refused rather
+        # than asserted, so a state written otherwise cannot crash the fold for good.
+        return state, None
     members = _upsert(members, anomaly, marks)
     changed_at = max(anomaly.observed_at, state.updated_at)
     kept = _retained(members, changed_at, anomaly.fingerprint, rules)
@@ -307,12 +315,9 @@ def _update(
             # Dedup: refresh liveness silently; nothing an operator needs to hear about.
             refreshed = _upsert(state.members, anomaly, marks)
             return replace(state, members=refreshed), None
-    members = state.members
-    if existing is None:
-        room = _room(members, rules.max_members)
-        if room is None:
-            return state, None  # refused (see refuses): the bound is all firing members
-        members = tuple(room)
+    members = _with_room(state.members, anomaly, rules.max_members)
+    if members is None:
+        return state, None  # refused (see refuses): the bound is all firing members
     members = _upsert(members, anomaly, marks)
     changed_at = max(anomaly.observed_at, state.updated_at)
     if all(m.status == "resolved" for m in members):
