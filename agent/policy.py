@@ -7,6 +7,7 @@ Order of the rules (first match wins), safety rules before convenience rules:
 2. kill switch on                           -> deny (stops all execution at once)
 3. namespace denied / not allowed           -> deny
 4. mode ``manual``                          -> deny (the agent only recommends)
+   a. params malformed or beyond their bounds -> deny (see :func:`param_problem`)
 5. same target acted on within ``cooldown`` -> deny (an undo is exempt: it repairs the last act)
 6. the hourly action budget is spent        -> deny
    a. ... or the namespace's hourly budget  -> deny
@@ -32,12 +33,14 @@ never applied.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from agent.models import ActionRequest, ActionResult
+from agent.models import ActionRequest, ActionResult, ParamValue
 from agent.settings import RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
@@ -106,6 +109,82 @@ def restart_limit(replicas: int, rem: RemediationSection) -> int:
     return max(1, int(rem.max_restart_fraction * replicas))
 
 
+def _number(params: Mapping[str, ParamValue], name: str) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"params.{name}: expected a number of seconds, got {value!r}")
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError(f"params.{name}: expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(n):
+        raise ValueError(f"params.{name}: expected a finite number of seconds, got {value!r}")
+    return n
+
+
+def drain_params(
+    params: Mapping[str, ParamValue], rem: RemediationSection
+) -> tuple[float | None, float]:
+    """(grace period, timeout) of a drain; ValueError names the param that is out of bounds.
+
+    The configured ``drain_timeout`` is a ceiling an action may only lower: a drain holds
+    the executor's partition while it runs, and liveness counts on its bound. A grace of 0
+    would delete pods with no graceful termination at all, and one past the timeout could
+    never finish within it."""
+    timeout = _number(params, "timeout")
+    if timeout is None:
+        timeout = rem.drain_timeout
+    elif not 0 < timeout <= rem.drain_timeout:
+        raise ValueError(
+            f"params.timeout: {timeout:g}s is outside (0, remediation.drain_timeout="
+            f"{rem.drain_timeout:g}s]"
+        )
+    grace = _number(params, "grace_period")
+    if grace is None:
+        grace = rem.drain_grace_period
+    elif not 1 <= grace <= timeout:
+        raise ValueError(f"params.grace_period: {grace:g}s is outside [1, timeout={timeout:g}s]")
+    return grace, timeout
+
+
+def revision_param(params: Mapping[str, ParamValue]) -> int | None:
+    """The rollback's target revision (None: the previous one); ValueError names the param."""
+    value = params.get("revision")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not re.fullmatch(r"[1-9][0-9]{0,9}", str(value).strip()):
+        raise ValueError(f"params.revision: expected a positive revision number, got {value!r}")
+    return int(str(value).strip())
+
+
+def param_problem(action: ActionRequest, rem: RemediationSection) -> str | None:
+    """Why ``action``'s params must not run, or None. Params come from the analysis, a
+    runbook or a person; the executor must never be the one to find out they are bad."""
+    p = action.params
+    if p.get(UNDO_PARAM):
+        return None  # the prior state an earlier action recorded; the cluster restores it
+    try:
+        if action.type == "drain_node":
+            drain_params(p, rem)
+        elif action.type == "rollback":
+            revision_param(p)
+        elif action.type in SCALE_ACTIONS and "replicas" in p:
+            raw = str(p["replicas"]).strip()
+            if isinstance(p["replicas"], bool) or not re.fullmatch(r"[+-]?[0-9]{1,6}", raw):
+                raise ValueError(f"params.replicas: expected +N, -N or N, got {p['replicas']!r}")
+        elif action.type == "update_config":
+            key = p.get("key")
+            if not isinstance(key, str) or not key:
+                raise ValueError("params.key: update_config needs the config key to set")
+            if p.get("value") is None:
+                raise ValueError("params.value: update_config needs the value to set")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Switches:
     """Run-time switches; they override the file so an operator can act without a restart."""
@@ -134,6 +213,9 @@ def decide(
         return Verdict("deny", "allowed_namespaces", f"namespace {ns!r} is not allowed")
     if settings.agent.mode == "manual":
         return Verdict("deny", "mode.manual", "manual mode: recommendation only")
+    problem = param_problem(action, rem)
+    if problem is not None:
+        return Verdict("deny", "params", problem)
     cooldown_start = now - timedelta(seconds=rem.cooldown)
     recent = [h for h in history if h.target_key == action.target.key and h.at > cooldown_start]
     if recent and not action.params.get(UNDO_PARAM):

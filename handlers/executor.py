@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from agent.codec import encode
 from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
@@ -73,14 +73,19 @@ from agent.policy import (
     Verdict,
     bounded_replicas,
     decide,
+    drain_params,
     executed_from,
     history_window,
+    revision_param,
 )
 from agent.prom import PromClient
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
 from handlers.verification import judge
 from streams.bus import Envelope, handle_each
 from streams.replay import RecentSource
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
@@ -441,9 +446,8 @@ class Executor:
                 t, action_id=action.id, action_type=action.type, prior=prior
             )
         if action.type == "rollback":
-            rev = p.get("revision")
             return await self.cluster.rollback(
-                t, action_id=action.id, to_revision=int(rev) if rev is not None else None
+                t, action_id=action.id, to_revision=_checked(revision_param, p)
             )
         if action.type in SCALE_ACTIONS:
             current = (await self.cluster.workload(t)).replicas
@@ -459,12 +463,9 @@ class Executor:
         if action.type == "cordon_node":
             return await self.cluster.cordon(t, action_id=action.id)
         if action.type == "drain_node":
-            grace = p.get("grace_period", rem.drain_grace_period)
+            grace, timeout = _checked(drain_params, p, rem)
             return await self.cluster.drain(
-                t,
-                action_id=action.id,
-                grace_period=None if grace is None else float(grace),
-                drain_timeout=float(p.get("timeout", rem.drain_timeout)),
+                t, action_id=action.id, grace_period=grace, drain_timeout=timeout
             )
         if action.type == "update_config":
             key, value = p.get("key"), p.get("value")
@@ -664,6 +665,15 @@ def unverified(results: Iterable[ActionResult]) -> list[ActionResult]:
         if r.status == "succeeded":
             by_action.setdefault(r.action_id, []).append(r)
     return [rs[0] for rs in by_action.values() if len(rs) == 1 and rs[0].outcome == "unknown"]
+
+
+def _checked(parse: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    """A param parser's result; the policy denies bad params first, this only keeps a
+    request that bypassed it from reaching the cluster."""
+    try:
+        return parse(*args, **kwargs)
+    except ValueError as err:
+        raise ActionFailed(str(err)) from err
 
 
 def target_replicas(action: ActionRequest, current: int) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import PermanentError
+from agent.errors import ActionFailed, PermanentError
 from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
@@ -167,6 +167,25 @@ async def test_a_drain_blocked_by_a_budget_fails_naming_it_and_can_be_undone(rig
     assert r.prior_state == {"unschedulable": False}
     undo = undo_request(r, requested_by="bob", now=utcnow())
     assert (await ex.on_action(undo)).status == "succeeded"
+    assert not c.node("n1").unschedulable
+
+
+async def test_a_drain_asking_for_more_than_the_configured_timeout_never_starts(rig: Any) -> None:
+    ex, bus, c = rig
+    r = await ex.on_action(act("drain_node", NODE, action_id="d1", params={"timeout": 86_400}))
+    assert (r.status, r.outcome) == ("denied", "not_applicable")
+    assert "params.timeout: 86400s is outside (0, remediation.drain_timeout=120s]" in r.message
+    assert not c.node("n1").unschedulable
+    assert bus.results("d1") == [r]
+
+
+async def test_bad_params_that_bypass_the_policy_fail_before_the_cluster(rig: Any) -> None:
+    ex, _bus, c = rig
+    with pytest.raises(ActionFailed, match=r"params\.revision"):
+        await ex._apply(act("rollback", params={"revision": "HEAD~1"}), utcnow())
+    with pytest.raises(ActionFailed, match=r"params\.grace_period"):
+        await ex._apply(act("drain_node", NODE, params={"grace_period": 0}), utcnow())
+    assert (await c.workload(CHECKOUT)).image == "v2"
     assert not c.node("n1").unschedulable
 
 
@@ -383,7 +402,9 @@ async def test_a_bug_in_one_sweep_does_not_end_the_sweeper(rig: Any) -> None:
 async def test_pending_approvals_survive_a_restart(rig: Any) -> None:
     ex, bus, c = rig
     req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
-    gone = await requested(ex, bus, act("update_config", CM, action_id="x", params={"key": "a"}))
+    gone = await requested(
+        ex, bus, act("update_config", CM, action_id="x", params={"key": "a", "value": "b"})
+    )
     topic = bus.topic("approvals")
     records = [
         Envelope(topic, 0, 0, req.id, req),

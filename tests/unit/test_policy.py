@@ -10,11 +10,12 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.models import ACTION_TYPES, ActionRequest, Target
-from agent.policy import Executed, Switches, Verdict, decide
+from agent.policy import Executed, Switches, Verdict, decide, drain_params
 from agent.settings import Settings
 from tests.unit.factories import action, at
 from tests.unit.factories import settings as make_settings
@@ -34,6 +35,13 @@ BASE = make_settings(
     }
 )
 OFF = Switches()
+PARAM_VALUES = st.one_of(
+    st.booleans(),
+    st.integers(-10, 10_000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(["30", "1e3", "inf", "-5", " 60 "]),
+)
 
 
 def cfg(**changes: Any) -> Settings:
@@ -106,6 +114,76 @@ def test_manual_mode_only_recommends() -> None:
     assert rule(v) == ("deny", "mode.manual")
 
 
+# 4a
+def drain(**params: Any) -> ActionRequest:
+    node = Target(kind="Node", name="n1")
+    return replace(action("drain_node", params=params, approved_by="alice"), target=node)
+
+
+@pytest.mark.parametrize(
+    ("act", "named"),
+    [
+        (drain(timeout=121), "params.timeout: 121s is outside (0, remediation.drain_timeout=120s]"),
+        (drain(timeout=0), "params.timeout"),
+        (drain(timeout="nan"), "params.timeout: expected a finite number"),
+        (drain(timeout="soon"), "params.timeout: expected a number of seconds, got 'soon'"),
+        (drain(timeout=True), "params.timeout"),
+        (drain(grace_period=0), "params.grace_period: 0s is outside [1, timeout=120s]"),
+        (
+            drain(timeout=30, grace_period=31),
+            "params.grace_period: 31s is outside [1, timeout=30s]",
+        ),
+        (action("rollback", params={"revision": "-1"}), "params.revision"),
+        (action("rollback", params={"revision": "2; rm"}), "params.revision"),
+        (action("scale_up", params={"replicas": "lots"}), "params.replicas"),
+        (action("update_config", params={"value": "x"}), "params.key"),
+        (action("update_config", params={"key": "k"}), "params.value"),
+    ],
+)
+def test_params_out_of_bounds_deny_naming_the_param_even_when_approved(
+    act: ActionRequest, named: str
+) -> None:
+    # History that rule 5 would deny on: params are judged first.
+    v = verdict(act, history=(done(act.target.key, 1),))
+    assert rule(v) == ("deny", "params")
+    assert named in v.reason
+
+
+def test_params_within_bounds_pass_and_a_drain_may_only_lower_the_timeout() -> None:
+    ok = [
+        drain(),
+        drain(timeout=120, grace_period=120),
+        drain(timeout="30", grace_period=1.5),
+        action("rollback", params={"revision": 3}),
+        action("scale_up", params={"replicas": "+2"}),
+        action("update_config", params={"key": "k", "value": 0}),
+        # An undo carries the prior state recorded by the action it undoes, as it was.
+        drain(timeout=10_000, undo_of="act-0"),
+    ]
+    for act in ok:
+        passed = {
+            ("execute", "autonomous"),
+            ("execute", "approved"),
+            ("approve", "require_approval"),
+        }
+        assert rule(verdict(act)) in passed, act.params
+    assert drain_params({}, BASE.remediation) == (None, 120.0)
+    assert drain_params({"timeout": 5}, BASE.remediation) == (None, 5.0)
+
+
+@given(st.dictionaries(st.sampled_from(["timeout", "grace_period"]), PARAM_VALUES))
+def test_an_allowed_drain_never_outlasts_the_configured_timeout(params: dict[str, Any]) -> None:
+    act = drain(**params)
+    rem = BASE.remediation
+    if verdict(act).rule == "params":
+        with pytest.raises(ValueError, match=r"params\.(timeout|grace_period)"):
+            drain_params(act.params, rem)
+        return
+    grace, timeout = drain_params(act.params, rem)
+    assert 0 < timeout <= rem.drain_timeout
+    assert grace is None or 1 <= grace <= timeout
+
+
 # 5
 def test_cooldown_denies_a_recently_touched_target() -> None:
     history = (done(ago=299), done("Deployment/shop/a", 10), done("Deployment/shop/b", 10))
@@ -159,7 +237,8 @@ def test_supervised_mode_asks_for_approval() -> None:
 def test_listed_action_types_require_approval() -> None:
     assert rule(verdict(action("rollback", confidence=0.99))) == ("approve", "require_approval")
     # "configuration_change" in the file is the update_config action.
-    v = verdict(action("update_config", confidence=0.1))
+    config = {"key": "pool_size", "value": "20"}
+    v = verdict(action("update_config", confidence=0.1, params=config))
     assert rule(v) == ("approve", "require_approval")
 
 
