@@ -28,7 +28,7 @@ from agent.metrics import Metrics
 from agent.models import ActionRequest, Analysis, Incident, stable_id, utcnow
 from agent.settings import Settings
 from handlers.cluster import Cluster
-from streams.bus import Bus, Envelope
+from streams.bus import Bus, Envelope, progressed
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class AnalysisStage:
         self.metrics.analysis_duration.labels(analyzer=analysis.analyzer).observe(
             loop.time() - started
         )
+        progressed()  # a batch of many incidents is many analyses: each one is progress
         return analysis
 
     async def handle(self, batch: Sequence[Envelope]) -> None:

@@ -99,4 +99,5 @@ def feed_consumer(
         topics={f.topic: decoder_for(f, cluster=cluster, clock=clock) for f in feeds},
         handler=normaliser.handle,
         from_beginning=from_beginning,
+        stuck_after=settings.agent.stuck_after,
     )

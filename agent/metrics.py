@@ -98,6 +98,13 @@ class Metrics:
             "correlation.stuck_after (it then fails /health/live).",
             registry=r,
         )
+        self.consumer_stuck = Gauge(
+            "sre_agent_consumer_stuck",
+            "1 while a consumer (analyzer, executor, calibration, feeds) has made no "
+            "progress for agent.stuck_after (it then fails /health/live).",
+            ["consumer"],
+            registry=r,
+        )
         self.refused_members = Counter(
             "sre_agent_refused_members_total",
             "New members refused because their incident already holds correlation."

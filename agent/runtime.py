@@ -100,6 +100,7 @@ class Agent:
                     group_id=f"{prefix}analyzer",
                     topics={self.bus.topic("incidents"): Incident},
                     handler=stage.handle,
+                    stuck_after=s.agent.stuck_after,
                 )
             )
             calibration = CalibrationTracker(
@@ -119,6 +120,7 @@ class Agent:
                         self.bus.topic("action-results"): ActionResult,
                     },
                     handler=calibration.handle,
+                    stuck_after=s.agent.stuck_after,
                 )
             )
         if "executor" in self.roles:
@@ -152,6 +154,7 @@ class Agent:
                         self.bus.topic("incidents"): Incident,  # approvals of closed ones lapse
                     },
                     handler=self.executor.handle,
+                    stuck_after=s.agent.stuck_after,
                     # Actions are serialized per target: small batches keep latency low.
                     max_records=50,
                 )
@@ -225,6 +228,9 @@ class Agent:
                 self.server.checks["prometheus"] = self._prometheus_ready
             if self.correlator is not None:
                 self.server.live_checks["correlator"] = self.correlator.stuck
+            for c in self.components:
+                if isinstance(c, BatchConsumer):
+                    self.server.live_checks[c.name] = c.stuck
             await self.server.start()
         await self.bus.start()
         await self.bus.create_topics()

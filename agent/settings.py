@@ -112,6 +112,10 @@ class AgentSection:
     kill_switch: bool = False
     # While this file exists no action executes; checked before every action.
     kill_switch_file: str = ""
+    # Liveness of the consumers (analyzer, executor, calibration, feeds): one that has
+    # neither fetched nor finished an event this long fails /health/live, so Kubernetes
+    # restarts it (0: never). Must exceed the longest single event: a drain, an analysis.
+    stuck_after: Seconds = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,8 +433,26 @@ class Settings:
     # A pattern in ``patterns`` replaces a library pattern of the same name.
     pattern_files: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        longest = longest_event(self)
+        if 0 < self.agent.stuck_after <= longest:
+            raise ValueError(
+                f"agent.stuck_after: {self.agent.stuck_after:g}s would restart a consumer in "
+                f"the middle of a legitimate event of up to {longest:g}s (a drain takes up to "
+                "remediation.drain_timeout, an analysis up to ai.timeout x (ai.retries + 1) "
+                "plus backoff); raise it, or 0 to turn liveness off"
+            )
+
     def pattern(self, name: str) -> PatternSpec | None:
         return next((p for p in self.patterns if p.name == name), None)
+
+
+def longest_event(s: Settings) -> float:
+    """The longest a consumer may legitimately spend on one event: a drain (the executor),
+    or an LLM analysis with its retries (the analyzer; the rules are fast)."""
+    ai = s.ai
+    analysis = ai.timeout * (ai.retries + 1) + ai.max_backoff * ai.retries if ai.enabled else 0.0
+    return max(s.remediation.drain_timeout, analysis)
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -6,6 +6,8 @@
   sends undecodable ones to the dead-letter topic with the error naming the field. A
   handler failure is retried per event; an event that still fails is dead-lettered with the
   error. Offsets are committed after the batch's outputs are produced, never before.
+  A consumer whose loop makes no progress for ``agent.stuck_after`` reports itself stuck
+  (see :meth:`BatchConsumer.stuck` and :func:`progressed`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +240,18 @@ async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None)
 
 
 Handler = Callable[[list[Envelope]], Awaitable[None]]
+# The running consumer's heartbeat, for handlers deep in a batch (see progressed).
+_beat: ContextVar[Callable[[], None] | None] = ContextVar("sre_agent_beat", default=None)
+
+
+def progressed() -> None:
+    """A handler finished one unit of work (an event, an analysis): the consumer running it
+    is making progress, however long its whole batch takes. Outside a consumer, nothing."""
+    beat = _beat.get()
+    if beat is not None:
+        beat()
+
+
 # Bytes -> value; raises InvalidEvent naming the problem (the record is dead-lettered).
 Decoder = Callable[[bytes], Any]
 
@@ -256,6 +272,7 @@ async def handle_each(
             await one(env)
         except Exception as err:  # wrapped with the progress and re-raised
             raise PartialBatch(i, err) from err
+        progressed()
 
 
 class BatchConsumer:
@@ -263,6 +280,11 @@ class BatchConsumer:
 
     ``topics`` maps a topic to the event type its records decode into, or to a decode
     function (bytes -> value, raising InvalidEvent) for records in a foreign format.
+
+    ``stuck_after``: liveness. A loop that has neither fetched nor finished an event (see
+    :func:`progressed`) for this long is stuck, whatever the cause (a handler awaiting
+    something that never answers, a commit that never returns); 0: never. It must exceed
+    the longest single event a handler may legitimately take.
     """
 
     def __init__(
@@ -276,6 +298,7 @@ class BatchConsumer:
         max_records: int = 500,
         from_beginning: bool = True,
         max_attempts: int = 3,
+        stuck_after: float = 0.0,
     ) -> None:
         self.bus = bus
         self.name = name
@@ -290,6 +313,12 @@ class BatchConsumer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.assigned = asyncio.Event()
+        self.stuck_after = stuck_after
+        self._last_beat = time.monotonic()
+        self._doing = "starting"
+        bus.metrics.consumer_stuck.labels(consumer=name).set_function(
+            lambda: float(self.stuck() is not None)
+        )
 
     async def start(self) -> None:
         if self._task is not None:
@@ -337,6 +366,21 @@ class BatchConsumer:
         """Why the consuming loop died, if it did (see agent.runtime.run_until_signalled)."""
         return task_failure(self._task)
 
+    def _heartbeat(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def stuck(self) -> str | None:
+        """Why this consumer is stuck (no progress for ``stuck_after``), or None.
+        /health/live reports it, so Kubernetes restarts the process; the gauge
+        sre_agent_consumer_stuck shows it."""
+        task = self._task
+        if self.stuck_after <= 0 or task is None or task.done():
+            return None
+        quiet = time.monotonic() - self._last_beat
+        if quiet < self.stuck_after:
+            return None
+        return f"{self._doing}: no progress for {quiet:.0f}s (stuck_after {self.stuck_after:g}s)"
+
     async def __aenter__(self) -> BatchConsumer:
         await self.start()
         return self
@@ -347,7 +391,10 @@ class BatchConsumer:
     async def _run(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        _beat.set(self._heartbeat)  # this task's context: the handlers it awaits see it
         while not self._stopping.is_set():
+            self._heartbeat()
+            self._doing = "fetching"
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             except KafkaError as err:
@@ -381,8 +428,15 @@ class BatchConsumer:
                         )
                         continue
                     good.append(Envelope(tp.topic, tp.partition, rec.offset, key, value))
+            self._doing = "handling " + ", ".join(
+                f"{tp.topic}[{tp.partition}]@{records[0].offset}-{records[-1].offset}"
+                for tp, records in batches.items()
+                if records
+            )
             await self._handle(good)
             self.bus.metrics.processed.labels(consumer=self.name).inc(len(good))
+            self._heartbeat()
+            self._doing = "committing " + ", ".join(f"{tp.topic}[{tp.partition}]" for tp in offsets)
             try:
                 await consumer.commit(offsets)
             except CommitFailedError as err:
@@ -412,6 +466,7 @@ class BatchConsumer:
             )
         for env in batch[done:]:
             await self._handle_one(env)
+            progressed()
 
     async def _handle_one(self, env: Envelope) -> None:
         delay = 0.2
@@ -426,6 +481,7 @@ class BatchConsumer:
                 if not err.retriable or attempt == self.max_attempts:
                     await self._dead(env, err)
                     return
+                progressed()  # an attempt that answered, if with a failure
                 await asyncio.sleep(getattr(err, "retry_after", delay))
                 delay *= 2
             except Exception as err:

@@ -17,6 +17,7 @@ from handlers.fake_cluster import FakeCluster
 from streams.bus import BatchConsumer
 from tests.helpers import eventually, make_settings
 from tests.integration.test_correlator import anomaly
+from tests.unit.factories import action
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +140,43 @@ async def test_a_stuck_correlator_fails_the_agents_liveness(
         ready = url.replace("/health/live", "/health/ready")
         async with http.get(ready) as r:
             assert r.status == 200  # its dependencies answer: only a restart helps
+
+
+async def test_a_consumer_stuck_in_its_handler_fails_the_agents_liveness(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The executor's consumer waits on a handler that never returns (as a call to a
+    dependency with no timeout would): /health/live names it; it recovers once released."""
+    import aiohttp
+
+    doc = {"agent": {"stuck_after": "2s"}, "remediation": {"drain_timeout": "1s"}}
+    settings = make_settings(kafka_bootstrap, topic_prefix, doc=doc)
+    agent = Agent(settings, roles=["executor"], cluster=FakeCluster())
+    assert agent.server is not None
+    (consumer,) = [c for c in agent.components if isinstance(c, BatchConsumer)]
+    release = asyncio.Event()
+
+    async def hang(batch: list[Any]) -> None:
+        await release.wait()
+
+    consumer.handler = hang
+    async with agent, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{agent.server.bound_port}/health/live"
+
+        async def live() -> tuple[int, Any]:
+            async with http.get(url) as r:
+                return r.status, await r.json()
+
+        assert (await live())[0] == 200
+        await agent.bus.publish(agent.bus.topic("actions"), action())
+
+        async def failing() -> bool:
+            return (await live())[0] == 503
+
+        await eventually(failing, 30, what="/health/live failing")
+        status, body = await live()
+        reason = body["failures"]["executor"]
+        assert status == 503 and f"handling {agent.bus.topic('actions')}[" in reason, reason
+        release.set()
+        await eventually(lambda: consumer.stuck() is None, 15, what="unstuck")
+        assert (await live())[0] == 200

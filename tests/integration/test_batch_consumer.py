@@ -4,7 +4,10 @@ published) twice; a permanent failure is dead-lettered and the rest go on."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -68,3 +71,61 @@ async def test_a_failure_mid_batch_retries_only_the_rest(
     # retried and succeeded; s4 was dead-lettered; s5 went on.
     assert handled == ["s0", "s1", "s2", "s3", "s5"]
     assert len(letters) == 1 and "PermanentError: no such target" in letters[0].error
+
+
+def stuck_gauge(bus: Any, name: str) -> float | None:
+    return bus.metrics.registry.get_sample_value("sre_agent_consumer_stuck", {"consumer": name})
+
+
+async def test_a_handler_that_never_returns_is_stuck_and_a_slow_batch_is_not(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Liveness: a consumer is stuck when it has neither fetched nor finished an event for
+    stuck_after; idling, and a batch longer than that of events each shorter, are not."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    release = asyncio.Event()
+    sizes: list[int] = []
+    verdicts: list[str | None] = []
+
+    async def one(env: Envelope) -> None:
+        if env.value.id == "hang":
+            await release.wait()
+        else:
+            await asyncio.sleep(0.5)
+
+    async def handler(batch: list[Envelope]) -> None:
+        sizes.append(len(batch))
+        await handle_each(batch, one)
+
+    consumer = BatchConsumer(
+        bus,
+        name="slow",
+        group_id=f"{topic_prefix}slow",
+        topics={topic: Silence},
+        handler=handler,
+        stuck_after=1.5,
+    )
+    try:
+        async with consumer:
+            await asyncio.sleep(2.0)  # idle past stuck_after: fetching is progress
+            assert consumer.stuck() is None and stuck_gauge(bus, "slow") == 0.0
+            # One batch of 2.5 s: an event finishes every 0.5 s.
+            await bus.publish_many([(topic, silence(i), f"s{i}") for i in range(5)])
+            for _ in range(30):
+                verdicts.append(consumer.stuck())
+                await asyncio.sleep(0.1)
+            await bus.publish(topic, replace(silence(9), id="hang"), key="hang")
+            await eventually(lambda: consumer.stuck() is not None, 30, what="stuck reported")
+            reason = consumer.stuck()
+            assert reason is not None and f"handling {topic}[0]@5-5" in reason, reason
+            assert "no progress for" in reason and stuck_gauge(bus, "slow") == 1.0
+            release.set()
+            await eventually(lambda: consumer.stuck() is None, 10, what="stuck cleared")
+            assert stuck_gauge(bus, "slow") == 0.0
+    finally:
+        release.set()
+        await bus.stop()
+    assert sizes[0] == 5, sizes  # the events came as one batch, the premise of the test
+    assert verdicts == [None] * len(verdicts)

@@ -334,3 +334,32 @@ def test_parse_settings_does_not_mutate_the_document() -> None:
     doc = {"agent": {"mode": "${M:-manual}"}}
     parse_settings(doc, env={"SRE_AGENT__AGENT__CLUSTER": "x"})
     assert doc == {"agent": {"mode": "${M:-manual}"}}
+
+
+@pytest.mark.parametrize(
+    ("doc", "longest"),
+    [
+        ({"agent": {"stuck_after": "2m"}}, "120s"),  # the default drain_timeout
+        ({"agent": {"stuck_after": "5m"}, "remediation": {"drain_timeout": "10m"}}, "600s"),
+        (
+            {
+                "agent": {"stuck_after": "100s"},
+                "ai": {"enabled": True, "timeout": "30s", "retries": 2, "max_backoff": "10s"},
+                "remediation": {"drain_timeout": "30s"},
+            },
+            "110s",  # 30 s x 3 attempts + 10 s x 2 backoffs
+        ),
+    ],
+)
+def test_consumer_liveness_must_outlast_the_longest_legitimate_event(
+    doc: dict[str, Any], longest: str
+) -> None:
+    problem = _only_problem(doc)
+    assert problem.startswith("<root>: Value error, agent.stuck_after: ")
+    assert f"a legitimate event of up to {longest}" in problem
+
+
+def test_consumer_liveness_can_be_turned_off_or_set_past_the_longest_event() -> None:
+    assert parse_settings({"agent": {"stuck_after": 0}}, env={}).agent.stuck_after == 0
+    ok = {"agent": {"stuck_after": "121s"}, "ai": {"enabled": True}}
+    assert parse_settings(ok, env={}).agent.stuck_after == 121
