@@ -314,6 +314,7 @@ class BatchConsumer:
         self._stopping = asyncio.Event()
         self.assigned = asyncio.Event()
         self.stuck_after = stuck_after
+        self.max_retry_wait = 30.0  # seconds between attempts at one event, at most
         self._last_beat = time.monotonic()
         self._doing = "starting"
         bus.metrics.consumer_stuck.labels(consumer=name).set_function(
@@ -482,7 +483,8 @@ class BatchConsumer:
                     await self._dead(env, err)
                     return
                 progressed()  # an attempt that answered, if with a failure
-                await asyncio.sleep(getattr(err, "retry_after", delay))
+                # A dependency's Retry-After is advice: an hour's would hold the partition.
+                await asyncio.sleep(min(getattr(err, "retry_after", delay), self.max_retry_wait))
                 delay *= 2
             except Exception as err:
                 log.exception("%s: handler failed on %s@%s", self.name, env.topic, env.offset)

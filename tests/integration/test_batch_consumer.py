@@ -73,6 +73,37 @@ async def test_a_failure_mid_batch_retries_only_the_rest(
     assert len(letters) == 1 and "PermanentError: no such target" in letters[0].error
 
 
+async def test_a_retry_after_of_an_hour_waits_at_most_max_retry_wait(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    attempts: list[float] = []
+
+    async def handler(batch: list[Envelope]) -> None:
+        attempts.append(asyncio.get_running_loop().time())
+        if len(attempts) <= 2:  # the batch, then the event alone
+            raise DependencyUnavailable("429 Too Many Requests", retry_after=3600)
+
+    consumer = BatchConsumer(
+        bus,
+        name="patient",
+        group_id=f"{topic_prefix}patient",
+        topics={topic: Silence},
+        handler=handler,
+    )
+    consumer.max_retry_wait = 0.5
+    await bus.publish(topic, silence(1), key="s1")
+    try:
+        async with consumer:
+            await eventually(lambda: len(attempts) >= 3, 30, what="the retry")
+    finally:
+        await bus.stop()
+    # The event alone failed with Retry-After: 3600; its retry came max_retry_wait later.
+    assert 0.4 < attempts[2] - attempts[1] < 5, attempts
+
+
 def stuck_gauge(bus: Any, name: str) -> float | None:
     return bus.metrics.registry.get_sample_value("sre_agent_consumer_stuck", {"consumer": name})
 
