@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import DependencyUnavailable, PermanentError
 from agent.models import DeadLetter, Matcher, Silence, utcnow
-from streams.bus import BatchConsumer, Envelope, handle_each
+from streams.bus import BatchConsumer, Bus, Envelope, Handler, handle_each
 from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
@@ -29,6 +29,16 @@ def silence(i: int) -> Silence:
         created_by="test",
         comment="",
         created_at=now,
+    )
+
+
+def silences_consumer(
+    bus: Bus, prefix: str, name: str, handler: Handler, **options: Any
+) -> BatchConsumer:
+    """A consumer of the silences topic, which has one partition: batches keep its order."""
+    topics = {bus.topic("silences"): Silence}
+    return BatchConsumer(
+        bus, name=name, group_id=f"{prefix}{name}", topics=topics, handler=handler, **options
     )
 
 
@@ -55,9 +65,7 @@ async def test_a_failure_mid_batch_retries_only_the_rest(
 
     for i in range(6):
         await bus.publish(topic, silence(i), key=f"s{i}")
-    consumer = BatchConsumer(
-        bus, name="test", group_id=f"{topic_prefix}batch", topics={topic: Silence}, handler=handler
-    )
+    consumer = silences_consumer(bus, topic_prefix, "test", handler)
     try:
         async with (
             readers(kafka_bootstrap, {"dlq": (bus.topic("dead-letter"), DeadLetter)}) as r,
@@ -86,13 +94,7 @@ async def test_a_retry_after_of_an_hour_waits_at_most_max_retry_wait(
         if len(attempts) <= 2:  # the batch, then the event alone
             raise DependencyUnavailable("429 Too Many Requests", retry_after=3600)
 
-    consumer = BatchConsumer(
-        bus,
-        name="patient",
-        group_id=f"{topic_prefix}patient",
-        topics={topic: Silence},
-        handler=handler,
-    )
+    consumer = silences_consumer(bus, topic_prefix, "patient", handler)
     consumer.max_retry_wait = 0.5
     await bus.publish(topic, silence(1), key="s1")
     try:
@@ -104,7 +106,7 @@ async def test_a_retry_after_of_an_hour_waits_at_most_max_retry_wait(
     assert 0.4 < attempts[2] - attempts[1] < 5, attempts
 
 
-def stuck_gauge(bus: Any, name: str) -> float | None:
+def stuck_gauge(bus: Bus, name: str) -> float | None:
     return bus.metrics.registry.get_sample_value("sre_agent_consumer_stuck", {"consumer": name})
 
 
@@ -130,14 +132,7 @@ async def test_a_handler_that_never_returns_is_stuck_and_a_slow_batch_is_not(
         sizes.append(len(batch))
         await handle_each(batch, one)
 
-    consumer = BatchConsumer(
-        bus,
-        name="slow",
-        group_id=f"{topic_prefix}slow",
-        topics={topic: Silence},
-        handler=handler,
-        stuck_after=1.5,
-    )
+    consumer = silences_consumer(bus, topic_prefix, "slow", handler, stuck_after=1.5)
     try:
         async with consumer:
             await asyncio.sleep(2.0)  # idle past stuck_after: fetching is progress
