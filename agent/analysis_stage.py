@@ -88,11 +88,10 @@ class AnalysisStage:
     async def decide(self, incident: Incident) -> Analysis:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        ctx = await (self.gatherer or self).gather(incident)
         if self.llm is None:
-            ctx = await self.gather(incident)
             analysis = analyze(incident, ctx, self.settings, utcnow())
         else:
-            ctx = await (self.gatherer or self).gather(incident)
             try:
                 analysis = await self.llm.analyze(incident, ctx, utcnow())
             except Exception:  # a bug in the LLM path must not stop decisions: rules decide

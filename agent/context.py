@@ -9,8 +9,8 @@ is stored, so nothing secret reaches a prompt or a log:
 - rollout history of the affected workloads, via the :class:`~handlers.cluster.Cluster`;
 - Kubernetes events about the workloads, their pods and the incident's nodes, recent
   config changes, node conditions and the tail of the affected pods' logs, via a
-  :class:`ClusterContext` (the in-process FakeCluster implements it; a real Kubernetes
-  adapter is still to come, until then those sources are noted as unavailable).
+  :class:`ClusterContext` (the in-process FakeCluster and handlers.kube.KubeCluster
+  implement it; without one those sources are noted as unavailable).
 
 A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
 analysis. Structured signals (OOM kills, crash loops, node conditions) are derived from
@@ -215,11 +215,13 @@ class ContextGatherer:
         cluster: Cluster,
         source: ClusterContext | None = None,
         prom: Querier | None = None,
+        logs: bool = True,
     ) -> None:
         self.settings = settings
         self.cluster = cluster
         self.source = source
         self.prom = prom
+        self.logs = logs  # tails of pod logs: text for the LLM, never evidence for the rules
         self.limits = settings.ai.context
 
     async def gather(self, incident: Incident) -> Context:
@@ -237,10 +239,11 @@ class ContextGatherer:
         if self.source is not None:
             jobs += [
                 ("events", self._events(self.source, targets, nodes, parts)),
-                ("logs", self._logs(self.source, incident, targets, parts)),
                 ("config changes", self._config(self.source, incident, targets, parts)),
                 ("node conditions", self._nodes(self.source, nodes, parts)),
             ]
+            if self.logs:
+                jobs.append(("logs", self._logs(self.source, incident, targets, parts)))
         else:
             parts.notes.append("events, logs and config changes: no cluster context adapter")
         await asyncio.gather(*(self._bounded(name, job, parts) for name, job in jobs))

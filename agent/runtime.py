@@ -84,6 +84,7 @@ class Agent:
         self.executor: Executor | None = None
         self.correlator: Correlator | None = None
         self.llm: LLMAnalyzer | None = None
+        self.analysis: AnalysisStage | None = None
         self._build()
 
     def _build(self) -> None:
@@ -205,14 +206,18 @@ class Agent:
         self.components.append(receiver)
 
     def _analysis_stage(self, s: Settings) -> AnalysisStage:
-        """The rules decide; with ``ai.enabled`` the LLM does, the rules as its fallback."""
-        if not s.ai.enabled:
-            return AnalysisStage(s, bus=self.bus, cluster=self.cluster, metrics=self.metrics)
-        self.llm = LLMAnalyzer(s, model=chat_model_from(s.ai, os.environ), metrics=self.metrics)
+        """The rules decide; with ``ai.enabled`` the LLM does, the rules as its fallback.
+        Both see the same gathered context (metrics, events, node conditions, rollouts):
+        the rules' crash-loop, OOM, saturation, node and dependency findings read it."""
         # Events, logs and config changes need an adapter implementing ClusterContext.
         source = self.cluster if isinstance(self.cluster, ClusterContext) else None
-        gatherer = ContextGatherer(s, cluster=self.cluster, source=source, prom=self.prom)
-        return AnalysisStage(
+        # Logs are text for the LLM, never evidence for the rules: not fetched without it.
+        gatherer = ContextGatherer(
+            s, cluster=self.cluster, source=source, prom=self.prom, logs=s.ai.enabled
+        )
+        if s.ai.enabled:
+            self.llm = LLMAnalyzer(s, model=chat_model_from(s.ai, os.environ), metrics=self.metrics)
+        self.analysis = AnalysisStage(
             s,
             bus=self.bus,
             cluster=self.cluster,
@@ -220,6 +225,7 @@ class Agent:
             llm=self.llm,
             gatherer=gatherer,
         )
+        return self.analysis
 
     async def start(self) -> None:
         if self.server is not None:
