@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench deps system-deps venv clean
+.PHONY: run chaos test lint bench deps system-deps venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ deps: system-deps venv
 ## make run: start Kafka and Prometheus, run the lab (a faulty rollout healed end to end), stop.
 run: deps
 	scripts/run-lab.sh
+
+## make chaos: every lab experiment (bad rollout, crash loop), each healed and verified.
+chaos: deps
+	scripts/run-lab.sh --experiment all
 
 ## make test: lint, type-check and the whole suite against real Kafka/Prometheus/Alertmanager.
 test: deps lint

@@ -99,10 +99,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from agent.lab import run_lab
+    from agent.lab import EXPERIMENTS, experiment, run_lab
 
     settings = load_settings(args.config)
-    return asyncio.run(run_lab(settings, timeout=args.timeout))
+    try:
+        chosen = EXPERIMENTS if args.experiment == "all" else (experiment(args.experiment),)
+    except ValueError as err:
+        print(f"sre-agent lab: {err}", file=sys.stderr)
+        return 64
+    results: list[tuple[str, int]] = []
+    for e in chosen:
+        code = asyncio.run(run_lab(settings, timeout=args.timeout, chaos=e))
+        results.append((e.name, code))
+        if code == 2:
+            break  # a component died: the next experiment would say nothing new
+    if len(chosen) > 1:
+        passed = sum(1 for _, code in results if code == 0)
+        summary = ", ".join(f"{n} {'healed' if c == 0 else 'FAILED'}" for n, c in results)
+        print(f"lab: {passed} of {len(chosen)} experiments healed ({summary})")
+    return max(code for _, code in results)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -148,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="the local lab: a faulty service healed end to end")
     lab.add_argument("--config", default="config/lab.yaml")
     lab.add_argument("--timeout", type=float, default=240.0)
+    lab.add_argument(
+        "--experiment",
+        default="bad-rollout",
+        help="the fault to inject and heal: bad-rollout, crash-loop, or all (one after another)",
+    )
     lab.set_defaults(func=cmd_lab)
 
     ev = sub.add_parser("eval", help="the rule-based analyzer's accuracy on the evaluation set")

@@ -1,11 +1,14 @@
-"""The local lab behind ``make run``: a faulty rollout healed end to end.
+"""The local lab behind ``make run`` and ``make chaos``: a fault injected, healed end to end.
 
-A simulated service exports ``http_requests_total`` for Prometheus to scrape; its error
-share follows the image its Deployment runs in the in-process cluster (``:v2`` is broken).
-The lab rolls out ``:v2``, then lets the real pipeline (Prometheus, detector, faust
-correlator, analyzer, executor) find and heal it, printing each stage as it crosses Kafka.
-The default policy asks for approval before a rollback; the lab plays the on-call engineer
-and approves through the decisions topic, as any Kafka client could.
+A simulated service exports ``http_requests_total`` and its containers' restart count for
+Prometheus to scrape. Its health follows its Deployment in the in-process cluster. Each
+chaos experiment (:data:`EXPERIMENTS`) injects one fault, then lets the real pipeline
+(Prometheus, detector, faust correlator, analyzer, executor) find and heal it, printing
+each stage as it crosses Kafka; it passes only if the remedy it names healed the service
+(verified) and the incident resolved. ``make run`` runs the first, a faulty rollout.
+The default policy asks for approval below the confidence threshold and before a
+rollback; the lab plays the on-call engineer and approves through the decisions topic, as
+any Kafka client could.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from agent.analyzer import KubeEvent
 from agent.errors import cancel_and_wait, task_failure
 from agent.models import (
     ActionResult,
+    ActionType,
     Analysis,
     Anomaly,
     ApprovalDecision,
@@ -36,7 +41,7 @@ from agent.models import (
     utcnow,
 )
 from agent.settings import REPO_ROOT, Settings
-from handlers.cluster import Cluster
+from handlers.cluster import RESTARTED_AT_ANNOTATION, Cluster, WorkloadState
 from handlers.fake_cluster import FakeCluster
 from streams.bus import BatchConsumer, Envelope
 from streams.partitioning import decode_anomalies
@@ -61,9 +66,20 @@ class SimulatedService:
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task[None] | None = None
         self.port = 0
+        # Containers crash from this time on until the Deployment is restarted after it.
+        self.crashing_since: datetime | None = None
+        self.restarts = 0
 
-    def error_share(self, image: str) -> float:
-        return 0.3 if image.endswith(BAD_IMAGE_SUFFIX) else 0.0
+    def crash_looping(self, w: WorkloadState) -> bool:
+        if self.crashing_since is None:
+            return False
+        restarted = w.annotations.get(RESTARTED_AT_ANNOTATION)
+        return restarted is None or datetime.fromisoformat(restarted) < self.crashing_since
+
+    def error_share(self, w: WorkloadState) -> float:
+        bad_image = 0.3 if w.image.endswith(BAD_IMAGE_SUFFIX) else 0.0
+        # Requests that reached a container about to crash fail.
+        return max(bad_image, 0.2 if self.crash_looping(w) else 0.0)
 
     async def start(self) -> None:
         app = web.Application()
@@ -91,13 +107,17 @@ class SimulatedService:
 
     async def _traffic(self) -> None:
         target = Target(kind="Deployment", namespace=self.namespace, name=self.name)
+        tick = 0
         while True:
-            image = (await self.cluster.workload(target)).image
-            share = self.error_share(image)
+            w = await self.cluster.workload(target)
+            share = self.error_share(w)
             n = self.rps // 10
             errors = sum(1 for _ in range(n) if self._rng.random() < share)
             self.counts["500"] += errors
             self.counts["200"] += n - errors
+            tick += 1
+            if tick % 10 == 0 and self.crash_looping(w):
+                self.restarts += 1  # a container restart a second
             await asyncio.sleep(0.1)
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -107,6 +127,11 @@ class SimulatedService:
                 f'http_requests_total{{namespace="{self.namespace}",service="{self.name}",'
                 f'status="{status}"}} {value}'
             )
+        lines += [
+            "# TYPE kube_pod_container_status_restarts_total counter",
+            f'kube_pod_container_status_restarts_total{{namespace="{self.namespace}",'
+            f'service="{self.name}",pod="{self.name}-0",container="app"}} {self.restarts}',
+        ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -123,6 +148,49 @@ def register_target(name: str, port: int, directory: Path | None = None) -> Path
     tmp.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"], "labels": {"job": name}}]))
     tmp.replace(path)  # atomic: Prometheus never reads half a file
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """A fault the lab injects, and the action that must heal it."""
+
+    name: str
+    fault: str  # what is injected, as printed
+    remedy: ActionType
+
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment("bad-rollout", "rolled out checkout:v2 (30% of requests fail)", "rollback"),
+    Experiment(
+        "crash-loop",
+        "checkout's containers crash and restart every second (20% of requests fail)",
+        "restart_workload",
+    ),
+)
+
+
+def experiment(name: str) -> Experiment:
+    for e in EXPERIMENTS:
+        if e.name == name:
+            return e
+    known = ", ".join(e.name for e in EXPERIMENTS)
+    raise ValueError(f"unknown experiment {name!r}; known: {known}")
+
+
+def inject(e: Experiment, cluster: FakeCluster, service: SimulatedService) -> None:
+    ns, name, now = service.namespace, service.name, utcnow()
+    if e.name == "bad-rollout":
+        cluster.rollout(ns, name, image=f"registry.local/{name}{BAD_IMAGE_SUFFIX}", at=now)
+    elif e.name == "crash-loop":
+        service.crashing_since = now
+        # What the kubelet reports: the evidence the analyzer reads (by reason).
+        cluster.add_event(
+            KubeEvent(
+                ns, "Pod", f"{name}-0", "BackOff", "Back-off restarting failed container", at=now
+            )
+        )
+    else:
+        raise ValueError(f"no injection for experiment {e.name!r}")
 
 
 def anomalies_in(raw: bytes) -> tuple[Anomaly, ...]:
@@ -190,7 +258,11 @@ async def run_lab(
     *,
     timeout: float = 240.0,  # noqa: ASYNC109 - the lab's own deadline, reported on expiry
     baseline: float = 15.0,
+    chaos: Experiment = EXPERIMENTS[0],
 ) -> int:
+    """Run one experiment: 0 when its remedy healed the service (verified) and the incident
+    resolved, 1 when not within ``timeout`` or healed by another action, 2 when a
+    component died."""
     from agent.runtime import Agent
 
     # A fresh prefix per run: earlier runs' events and correlator state stay out of it.
@@ -208,7 +280,8 @@ async def run_lab(
     agent = Agent(settings, roles=["all"], cluster=cluster)
     healed = asyncio.Event()
     resolved = asyncio.Event()
-    state: dict[str, bool] = {"verified": False}
+    seen: set[str] = set()  # anomaly names printed firing
+    healed_by: list[str] = []  # action types whose verification said healed
 
     async def tap(batch: list[Envelope]) -> None:
         # An anomalies record holds a batch of anomalies: one envelope each.
@@ -225,10 +298,10 @@ async def run_lab(
                 # Another service the same Prometheus happens to scrape: not the lab's fault,
                 # and the lab's on-call must never approve actions on it.
                 continue
-            if isinstance(v, Anomaly) and v.status == "firing" and "seen" in state:
-                continue  # repeats of a firing anomaly: print the first only
-            if isinstance(v, Anomaly):
-                state["seen"] = True
+            if isinstance(v, Anomaly) and v.status == "firing":
+                if v.name in seen:
+                    continue  # repeats of a firing anomaly: print the first only
+                seen.add(v.name)
             print(describe(env), flush=True)
             if isinstance(v, ApprovalRequest):
                 decision = ApprovalDecision(
@@ -243,7 +316,7 @@ async def run_lab(
                 print(f"[on-call]    approves {v.action.type} {v.action.target.key}", flush=True)
                 await agent.bus.publish(agent.bus.topic("decisions"), decision)
             if isinstance(v, ActionResult) and v.outcome == "healed":
-                state["verified"] = True
+                healed_by.append(v.type)
                 healed.set()
             if isinstance(v, Incident) and v.status == "resolved":
                 resolved.set()
@@ -271,8 +344,10 @@ async def run_lab(
             f"baseline {baseline:.0f}s"
         )
         await asyncio.sleep(baseline)
-        cluster.rollout(ns, name, image="registry.local/checkout:v2", at=utcnow())
-        print("lab: rolled out checkout:v2 (injected fault: 30% of requests fail)", flush=True)
+        loop = asyncio.get_running_loop()
+        injected = loop.time()
+        inject(chaos, cluster, service)
+        print(f"lab: experiment {chaos.name}: {chaos.fault}", flush=True)
         try:
             failed = await all_set_or_failed(
                 (healed, resolved), timeout, lambda: service.failure or agent.failure()
@@ -281,12 +356,22 @@ async def run_lab(
                 print(f"lab: stopped, a component failed: {failed!r}", flush=True)
                 return 2
             w = await cluster.workload(Target(kind="Deployment", namespace=ns, name=name))
+            took = loop.time() - injected
+            if chaos.remedy not in healed_by:
+                print(
+                    f"lab: experiment {chaos.name} failed: healed by {', '.join(healed_by)}, "
+                    f"not by {chaos.remedy}",
+                    flush=True,
+                )
+                return 1
             print(
-                f"lab: healed. checkout runs {w.image} (revision {w.revision}); incident resolved"
+                f"lab: healed by {chaos.remedy} in {took:.0f}s (fault to verified and "
+                f"resolved). checkout runs {w.image} (revision {w.revision}, generation "
+                f"{w.generation}); incident resolved"
             )
             code = 0
         except TimeoutError:
-            print(f"lab: not healed within {timeout:.0f}s", flush=True)
+            print(f"lab: experiment {chaos.name}: not healed within {timeout:.0f}s", flush=True)
     finally:
         await tap_consumer.stop()
         await agent.stop()

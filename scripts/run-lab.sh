@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make run`: start what the lab needs (Kafka, Prometheus) unless already running, run the
-# lab, then stop exactly what this script started.
+# `make run` and `make chaos`: start what the lab needs (Kafka, Prometheus) unless already
+# running, run the lab (arguments go to `sre-agent lab`), then stop exactly what this script
+# started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,4 +22,4 @@ for svc in kafka prometheus; do
     fi
 done
 
-.venv/bin/sre-agent lab --config config/lab.yaml
+.venv/bin/sre-agent lab --config config/lab.yaml "$@"

@@ -1,5 +1,6 @@
 """`make run`'s main job, the lab, heals its injected fault end to end (with the lab's
-simulated on-call approving the rollback through the decisions topic)."""
+simulated on-call approving through the decisions topic), and so does each chaos
+experiment of `make chaos`: the remedy it names heals it, verified, and nothing else acts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.lab import run_lab
+from agent.lab import experiment, run_lab
 from tests.helpers import lab_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -34,9 +35,42 @@ async def test_lab_heals_the_faulty_rollout(
         "[on-call]    approves rollback",
         "result rollback succeeded outcome=unknown",
         "result rollback succeeded outcome=healed",
-        "lab: healed. checkout runs registry.local/checkout:v1",
+        "lab: healed by rollback in ",
+        "checkout runs registry.local/checkout:v1 (revision 3",
     ]
     positions = [out.find(s) for s in steps]
     assert all(p >= 0 for p in positions), out
     assert positions == sorted(positions), out
     assert not list(prometheus.targets_dir.glob("sre-agent-lab.json")), "target left behind"
+
+
+async def test_a_crash_looping_service_is_restarted_and_verified(
+    kafka_bootstrap: str,
+    prometheus: Any,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The rule analyzer finds the crash loop in the kubelet's BackOff events (the context
+    it reads since it no longer sees rollouts only) and restarts the Deployment; the
+    restarts and errors stop, and the verification says so."""
+    monkeypatch.setenv("SRE_STATE_DIR", str(prometheus.state_dir.parent))
+    settings = lab_settings(kafka_bootstrap, topic_prefix, prometheus.url)
+    code = await run_lab(settings, timeout=150, baseline=5, chaos=experiment("crash-loop"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    steps = [
+        "lab: experiment crash-loop: ",
+        "anomaly container-restarts firing",
+        "crash_loop: checkout pods are crash looping",
+        "approval requested for restart_workload Deployment/shop/checkout",
+        "[on-call]    approves restart_workload",
+        "result restart_workload succeeded outcome=unknown",
+        "result restart_workload succeeded outcome=healed",
+        "lab: healed by restart_workload in ",
+        "checkout runs registry.local/checkout:v1 (revision 1, generation 2)",
+    ]
+    positions = [out.find(s) for s in steps]
+    assert all(p >= 0 for p in positions), out
+    assert positions == sorted(positions), out
+    assert "rollback" not in out, out  # no rollout to blame: nothing else is tried

@@ -4,11 +4,13 @@ ends as soon as a component fails rather than at the deadline."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
 from agent.errors import AgentError
-from agent.lab import SimulatedService, all_set_or_failed
+from agent.lab import EXPERIMENTS, SimulatedService, all_set_or_failed, experiment, inject
+from agent.models import Target, utcnow
 from handlers.fake_cluster import FakeCluster
 
 
@@ -38,3 +40,27 @@ async def test_the_wait_ends_at_a_failure_or_when_all_are_set() -> None:
     assert await all_set_or_failed((a, b), 5, lambda: boom, poll=0.01) is None
     with pytest.raises(TimeoutError):
         await all_set_or_failed((asyncio.Event(),), 0.05, lambda: None, poll=0.01)
+
+
+async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
+    cluster = FakeCluster()
+    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
+    target = Target(kind="Deployment", namespace="shop", name="checkout")
+    service = SimulatedService(cluster, namespace="shop", name="checkout")
+    before = await cluster.workload(target)
+    assert not service.crash_looping(before) and service.error_share(before) == 0.0
+    await cluster.restart(target, action_id="early", at=utcnow() - timedelta(seconds=1))
+    inject(experiment("crash-loop"), cluster, service)
+    crashing = await cluster.workload(target)
+    assert service.crash_looping(crashing) and service.error_share(crashing) == 0.2
+    events = await cluster.events("shop", ["checkout"], limit=10)
+    assert [(e.kind, e.name, e.reason) for e in events] == [("Pod", "checkout-0", "BackOff")]
+    await cluster.restart(target, action_id="remedy", at=utcnow())
+    assert not service.crash_looping(await cluster.workload(target))
+
+
+def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
+    assert [e.name for e in EXPERIMENTS] == ["bad-rollout", "crash-loop"]
+    assert experiment("crash-loop").remedy == "restart_workload"
+    with pytest.raises(ValueError, match="unknown experiment 'oom'; known: bad-rollout, crash"):
+        experiment("oom")
