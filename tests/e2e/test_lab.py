@@ -13,21 +13,9 @@ from tests.helpers import lab_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-
-async def test_lab_heals_the_faulty_rollout(
-    kafka_bootstrap: str,
-    prometheus: Any,
-    topic_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # The lab registers its service with the Prometheus the fixture started.
-    monkeypatch.setenv("SRE_STATE_DIR", str(prometheus.state_dir.parent))
-    settings = lab_settings(kafka_bootstrap, topic_prefix, prometheus.url)
-    code = await run_lab(settings, timeout=150, baseline=5)
-    out = capsys.readouterr().out
-    assert code == 0, out
-    steps = [
+STEPS = {
+    "bad-rollout": [
+        "lab: experiment bad-rollout: ",
         "anomaly high-error-rate firing",
         "incident",
         "bad_rollout",
@@ -37,29 +25,10 @@ async def test_lab_heals_the_faulty_rollout(
         "result rollback succeeded outcome=healed",
         "lab: healed by rollback in ",
         "checkout runs registry.local/checkout:v1 (revision 3",
-    ]
-    positions = [out.find(s) for s in steps]
-    assert all(p >= 0 for p in positions), out
-    assert positions == sorted(positions), out
-    assert not list(prometheus.targets_dir.glob("sre-agent-lab.json")), "target left behind"
-
-
-async def test_a_crash_looping_service_is_restarted_and_verified(
-    kafka_bootstrap: str,
-    prometheus: Any,
-    topic_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """The rule analyzer finds the crash loop in the kubelet's BackOff events (the context
-    it reads since it no longer sees rollouts only) and restarts the Deployment; the
-    restarts and errors stop, and the verification says so."""
-    monkeypatch.setenv("SRE_STATE_DIR", str(prometheus.state_dir.parent))
-    settings = lab_settings(kafka_bootstrap, topic_prefix, prometheus.url)
-    code = await run_lab(settings, timeout=150, baseline=5, chaos=experiment("crash-loop"))
-    out = capsys.readouterr().out
-    assert code == 0, out
-    steps = [
+    ],
+    # The rule analyzer finds the crash loop in the kubelet's BackOff event (the context
+    # it reads since it no longer sees rollouts only) and restarts the Deployment.
+    "crash-loop": [
         "lab: experiment crash-loop: ",
         "anomaly container-restarts firing",
         "crash_loop: checkout pods are crash looping",
@@ -69,8 +38,29 @@ async def test_a_crash_looping_service_is_restarted_and_verified(
         "result restart_workload succeeded outcome=healed",
         "lab: healed by restart_workload in ",
         "checkout runs registry.local/checkout:v1 (revision 1, generation 2)",
-    ]
-    positions = [out.find(s) for s in steps]
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+async def test_each_experiment_is_healed_by_its_remedy_and_verified(
+    name: str,
+    kafka_bootstrap: str,
+    prometheus: Any,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The lab registers its service with the Prometheus the fixture started.
+    monkeypatch.setenv("SRE_STATE_DIR", str(prometheus.state_dir.parent))
+    settings = lab_settings(kafka_bootstrap, topic_prefix, prometheus.url)
+    chaos = experiment(name)
+    code = await run_lab(settings, timeout=150, baseline=5, chaos=chaos)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    positions = [out.find(s) for s in STEPS[name]]
     assert all(p >= 0 for p in positions), out
     assert positions == sorted(positions), out
-    assert "rollback" not in out, out  # no rollout to blame: nothing else is tried
+    others = {"rollback", "restart_workload"} - {chaos.remedy}
+    assert not any(f"result {other}" in out for other in others), out  # nothing else acted
+    assert not list(prometheus.targets_dir.glob("sre-agent-lab.json")), "target left behind"
