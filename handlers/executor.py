@@ -479,6 +479,18 @@ class Executor:
     async def _request_approval(
         self, action: ActionRequest, verdict: Verdict, now: datetime
     ) -> ActionResult:
+        outstanding = self.pending.get(stable_id("approval", action.id))
+        if outstanding is not None and outstanding.action_hash == action.digest():
+            # The same action again (a redelivery, a second analysis of the incident): one
+            # request, one page, and its expiry is not pushed back.
+            return await self._record(
+                action,
+                "duplicate",
+                "not_applicable",
+                f"approval {outstanding.id} already pending since "
+                f"{outstanding.created_at.isoformat()}",
+                now,
+            )
         try:
             version = await self.cluster.version(action.target)
         except AgentError as err:

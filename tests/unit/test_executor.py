@@ -399,6 +399,19 @@ async def test_a_bug_in_one_sweep_does_not_end_the_sweeper(rig: Any) -> None:
     assert len(calls) >= 2
 
 
+async def test_the_same_action_again_while_its_approval_is_pending_asks_once(rig: Any) -> None:
+    ex, bus, _c = rig
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    req = await requested(ex, bus, a)
+    again = await ex.on_action(a)  # a redelivery, or the incident analysed once more
+    assert (again.status, again.outcome) == ("duplicate", "not_applicable")
+    assert f"approval {req.id} already pending since" in again.message
+    assert bus.approvals() == [req]  # one page, and its expiry where it was
+    changed = replace(a, params={"key": "mode", "value": "slow"})  # another action: asks
+    assert (await ex.on_action(changed)).status == "pending_approval"
+    assert bus.approvals()[-1].action_hash == changed.digest()
+
+
 async def test_pending_approvals_survive_a_restart(rig: Any) -> None:
     ex, bus, c = rig
     req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
