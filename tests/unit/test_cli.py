@@ -159,3 +159,11 @@ def test_validate_applies_env_overrides_unless_no_env(
     assert main(["config", "validate", path]) == 1
     assert capsys.readouterr().err.startswith("agent.mode: ")
     assert main(["config", "validate", path, "--no-env"]) == 0
+
+
+def test_an_unknown_lab_experiment_is_refused_naming_the_known_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["lab", "--experiment", "oom"]) == 64
+    err = capsys.readouterr().err
+    assert "unknown experiment 'oom'; known: bad-rollout, crash-loop" in err
