@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument(
         "--experiment",
         default="bad-rollout",
-        help="the fault to inject and heal (bad-rollout, crash-loop), or all one after another",
+        help="the fault to inject and heal (bad-rollout, crash-loop, traffic-surge), or all",
     )
     lab.set_defaults(func=cmd_lab)
 

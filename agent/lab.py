@@ -69,6 +69,11 @@ class SimulatedService:
         # Containers crash from this time on until the Deployment is restarted after it.
         self.crashing_since: datetime | None = None
         self.restarts = 0
+        # CPU cores the traffic needs; each replica has one (its limit). Past what the
+        # replicas have, requests fail.
+        self.load = 1.5
+        self.replicas = 0  # as last read from the Deployment
+        self.cpu_seconds: dict[str, float] = {}  # per pod
 
     def crash_looping(self, w: WorkloadState) -> bool:
         if self.crashing_since is None:
@@ -79,7 +84,13 @@ class SimulatedService:
     def error_share(self, w: WorkloadState) -> float:
         bad_image = 0.3 if w.image.endswith(BAD_IMAGE_SUFFIX) else 0.0
         # Requests that reached a container about to crash fail.
-        return max(bad_image, 0.2 if self.crash_looping(w) else 0.0)
+        crashing = 0.2 if self.crash_looping(w) else 0.0
+        overloaded = max(0.0, (self.load - w.replicas) / self.load) if self.load else 0.0
+        return max(bad_image, crashing, overloaded)
+
+    def cpu_per_pod(self, w: WorkloadState) -> float:
+        """Cores each replica uses: the load shared out, at most its limit of one."""
+        return min(self.load, w.replicas) / w.replicas if w.replicas else 0.0
 
     async def start(self) -> None:
         app = web.Application()
@@ -108,6 +119,8 @@ class SimulatedService:
     async def _traffic(self) -> None:
         target = Target(kind="Deployment", namespace=self.namespace, name=self.name)
         tick = 0
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             w = await self.cluster.workload(target)
             share = self.error_share(w)
@@ -118,6 +131,15 @@ class SimulatedService:
             tick += 1
             if tick % 10 == 0 and self.crash_looping(w):
                 self.restarts += 1  # a container restart a second
+            self.replicas = w.replicas
+            # By the clock, not the tick: a busy machine stretches ticks, and counting 0.1 s
+            # per tick then read as less CPU than the load uses (under the pattern's 0.9).
+            now = loop.time()
+            used = self.cpu_per_pod(w) * (now - last)
+            last = now
+            for i in range(w.replicas):
+                pod = f"{self.name}-{i}"
+                self.cpu_seconds[pod] = self.cpu_seconds.get(pod, 0.0) + used
             await asyncio.sleep(0.1)
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -131,7 +153,19 @@ class SimulatedService:
             "# TYPE kube_pod_container_status_restarts_total counter",
             f'kube_pod_container_status_restarts_total{{namespace="{self.namespace}",'
             f'service="{self.name}",pod="{self.name}-0",container="app"}} {self.restarts}',
+            "# TYPE container_cpu_usage_seconds_total counter",
         ]
+        where = f'namespace="{self.namespace}",service="{self.name}"'
+        for pod, used in sorted(self.cpu_seconds.items()):
+            lines.append(
+                f'container_cpu_usage_seconds_total{{{where},pod="{pod}",container="app"}} {used}'
+            )
+        lines.append("# TYPE kube_pod_container_resource_limits gauge")
+        for i in range(self.replicas):
+            lines.append(
+                f'kube_pod_container_resource_limits{{{where},pod="{self.name}-{i}",'
+                'container="app",resource="cpu",unit="core"} 1'
+            )
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -166,6 +200,11 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "checkout's containers crash and restart every second (20% of requests fail)",
         "restart_workload",
     ),
+    Experiment(
+        "traffic-surge",
+        "checkout's traffic needs 3.3 CPUs; its 3 replicas have 3 (saturated, 9% fail)",
+        "scale_up",
+    ),
 )
 
 
@@ -189,6 +228,8 @@ def inject(e: Experiment, cluster: FakeCluster, service: SimulatedService) -> No
                 ns, "Pod", f"{name}-0", "BackOff", "Back-off restarting failed container", at=now
             )
         )
+    elif e.name == "traffic-surge":
+        service.load = 3.3
     else:
         raise ValueError(f"no injection for experiment {e.name!r}")
 
@@ -366,8 +407,8 @@ async def run_lab(
                 return 1
             print(
                 f"lab: healed by {chaos.remedy} in {took:.0f}s (fault to verified and "
-                f"resolved). checkout runs {w.image} (revision {w.revision}, generation "
-                f"{w.generation}); incident resolved"
+                f"resolved). checkout runs {w.replicas} x {w.image} (revision {w.revision}, "
+                f"generation {w.generation}); incident resolved"
             )
             code = 0
         except TimeoutError:

@@ -166,4 +166,4 @@ def test_an_unknown_lab_experiment_is_refused_naming_the_known_ones(
 ) -> None:
     assert main(["lab", "--experiment", "oom"]) == 64
     err = capsys.readouterr().err
-    assert "unknown experiment 'oom'; known: bad-rollout, crash-loop" in err
+    assert "unknown experiment 'oom'; known: bad-rollout, crash-loop, traffic-surge" in err

@@ -59,8 +59,24 @@ async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_beg
     assert not service.crash_looping(await cluster.workload(target))
 
 
+async def test_a_traffic_surge_saturates_three_replicas_and_four_absorb_it() -> None:
+    cluster = FakeCluster()
+    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
+    target = Target(kind="Deployment", namespace="shop", name="checkout")
+    service = SimulatedService(cluster, namespace="shop", name="checkout")
+    w = await cluster.workload(target)
+    assert (service.cpu_per_pod(w), service.error_share(w)) == (0.5, 0.0)
+    inject(experiment("traffic-surge"), cluster, service)
+    assert service.cpu_per_pod(w) == 1.0  # at its limit: the saturation the rules read
+    assert service.error_share(w) == pytest.approx(0.3 / 3.3)
+    await cluster.scale(target, action_id="up", replicas=4)
+    w = await cluster.workload(target)
+    assert service.cpu_per_pod(w) == pytest.approx(0.825)  # under the pattern's 0.9
+    assert service.error_share(w) == 0.0
+
+
 def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
-    assert [e.name for e in EXPERIMENTS] == ["bad-rollout", "crash-loop"]
+    assert [e.name for e in EXPERIMENTS] == ["bad-rollout", "crash-loop", "traffic-surge"]
     assert experiment("crash-loop").remedy == "restart_workload"
     with pytest.raises(ValueError, match="unknown experiment 'oom'; known: bad-rollout, crash"):
         experiment("oom")

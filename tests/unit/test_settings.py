@@ -89,8 +89,16 @@ def test_lab_yaml_loads_with_short_windows() -> None:
     assert s.remediation.verify_after == 25.0
     assert s.remediation.require_approval == ("rollback", "scale_down", "update_config")
     assert s.correlation.resolve_timeout == 60.0
-    assert [p.name for p in s.patterns] == ["high-error-rate", "container-restarts"]
-    assert s.patterns[1].actions == ("analyze_crash_logs", "restart_if_crash_looping")
+    assert [p.name for p in s.patterns] == [
+        "high-error-rate",
+        "cpu-saturated",
+        "container-restarts",
+    ]
+    assert s.pattern("container-restarts").actions == (  # type: ignore[union-attr]
+        "analyze_crash_logs",
+        "restart_if_crash_looping",
+    )
+    assert "[20s]" in s.ai.context.queries["cpu_saturation"]
     assert "[20s]" in s.patterns[0].condition
 
 
