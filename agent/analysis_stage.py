@@ -1,16 +1,16 @@
 """The analysis stage: incidents in, analyses and action requests out.
 
 For each incident revision that needs a decision (open, updated, reopened) it gathers a
-bounded context (rollout history of the affected workloads from the cluster), runs the
-analyzer and publishes the :class:`Analysis` and one :class:`ActionRequest` per recommended
-action. Action ids are deterministic (incident, action type, target), so re-analysing the
-same incident after a crash or an update yields the same ids and the executor's
-idempotency check absorbs the repeat.
+bounded context (:mod:`agent.context`), runs the analyzer and publishes the
+:class:`Analysis` and one :class:`ActionRequest` per recommended action. Action ids are
+deterministic (incident, action type, target), so re-analysing the same incident after a
+crash or an update yields the same ids and the executor's idempotency check absorbs the
+repeat.
 
-With ``ai.enabled`` the stage gathers the full bounded context (:mod:`agent.context`) and
-asks the :class:`~agent.llm_analyzer.LLMAnalyzer`, which falls back to the rules and says
-why; incidents of one batch are analysed concurrently (the analyzer bounds the calls).
-Without it, the rules decide on the rollout history, as they always have.
+With ``ai.enabled`` the stage asks the :class:`~agent.llm_analyzer.LLMAnalyzer`, which
+falls back to the rules and says why; incidents of one batch are analysed concurrently (the
+analyzer bounds the calls). Without it, the rules decide on the same context, less the pod
+logs, which the gatherer then does not fetch.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 
-from agent.analyzer import Context, analyze, workload_target
-from agent.context import ContextGatherer, rollouts_of
+from agent.analyzer import analyze
+from agent.context import ContextGatherer
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
 from agent.models import ActionRequest, Analysis, Incident, stable_id, utcnow
@@ -69,8 +69,8 @@ class AnalysisStage:
         bus: Bus,
         cluster: Cluster,
         metrics: Metrics,
+        gatherer: ContextGatherer,
         llm: LLMAnalyzer | None = None,
-        gatherer: ContextGatherer | None = None,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -80,15 +80,10 @@ class AnalysisStage:
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
 
-    async def gather(self, incident: Incident) -> Context:
-        targets = {workload_target(m.labels or incident.labels) for m in incident.firing}
-        rollouts, notes = await rollouts_of(self.cluster, sorted(targets, key=lambda t: t.key))
-        return Context(rollouts=tuple(rollouts), notes=tuple(notes))
-
     async def decide(self, incident: Incident) -> Analysis:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        ctx = await (self.gatherer or self).gather(incident)
+        ctx = await self.gatherer.gather(incident)
         if self.llm is None:
             analysis = analyze(incident, ctx, self.settings, utcnow())
         else:

@@ -7,7 +7,6 @@ from datetime import timedelta
 from typing import Any
 
 from agent.analysis_stage import AnalysisStage
-from agent.analyzer import Context
 from agent.chat import ChatMessage, Completion
 from agent.context import ContextGatherer
 from agent.llm_analyzer import LLMAnalyzer
@@ -46,10 +45,11 @@ def stage(
 ) -> tuple[AnalysisStage, RecordingBus]:
     settings, bus, cluster = ai_settings(), RecordingBus(), fake_cluster()
     metrics = metrics or Metrics()
-    llm = gatherer = None
-    if model is not None:
-        llm = LLMAnalyzer(settings, model=model, metrics=metrics)
-        gatherer = ContextGatherer(settings, cluster=cluster, source=cluster, prom=None)
+    llm = LLMAnalyzer(settings, model=model, metrics=metrics) if model is not None else None
+    # As the agent builds it: the rules alone get no logs.
+    gatherer = ContextGatherer(
+        settings, cluster=cluster, source=cluster, prom=None, logs=llm is not None
+    )
     s = AnalysisStage(
         settings, bus=bus, cluster=cluster, metrics=metrics, llm=llm, gatherer=gatherer
     )  # type: ignore[arg-type]
@@ -136,7 +136,10 @@ async def test_a_bug_in_the_llm_path_falls_back_to_the_rules() -> None:
     )
 
 
-async def test_the_stage_gathers_the_old_context_without_the_llm() -> None:
+async def test_the_stage_gathers_the_context_less_the_logs_without_the_llm() -> None:
     s, _ = stage(None)
-    ctx = await s.gather(incident())
-    assert ctx == Context(rollouts=ctx.rollouts) and len(ctx.rollouts) == 2
+    ctx = await s.gatherer.gather(incident())
+    assert len(ctx.rollouts) == 2
+    assert ctx.logs == {}  # the cluster has a log for the pod: not fetched for the rules
+    with_llm, _ = stage(ScriptedChatModel())
+    assert (await with_llm.gatherer.gather(incident())).logs  # the same log, for the LLM
