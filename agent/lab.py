@@ -184,6 +184,23 @@ def register_target(name: str, port: int, directory: Path | None = None) -> Path
     return path
 
 
+def _bad_rollout(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+    image = f"registry.local/{service.name}{BAD_IMAGE_SUFFIX}"
+    cluster.rollout(service.namespace, service.name, image=image, at=now)
+
+
+def _crash_loop(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+    service.crashing_since = now
+    # What the kubelet reports: the evidence the analyzer reads (by reason).
+    pod = f"{service.name}-0"
+    why = "Back-off restarting failed container"
+    cluster.add_event(KubeEvent(service.namespace, "Pod", pod, "BackOff", why, at=now))
+
+
+def _traffic_surge(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+    service.load = 3.3
+
+
 @dataclass(frozen=True, slots=True)
 class Experiment:
     """A fault the lab injects, and the action that must heal it."""
@@ -191,19 +208,27 @@ class Experiment:
     name: str
     fault: str  # what is injected, as printed
     remedy: ActionType
+    apply: Callable[[FakeCluster, SimulatedService, datetime], None]
+
+    def inject(self, cluster: FakeCluster, service: SimulatedService) -> None:
+        self.apply(cluster, service, utcnow())
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
-    Experiment("bad-rollout", "rolled out checkout:v2 (30% of requests fail)", "rollback"),
+    Experiment(
+        "bad-rollout", "rolled out checkout:v2 (30% of requests fail)", "rollback", _bad_rollout
+    ),
     Experiment(
         "crash-loop",
         "checkout's containers crash and restart every second (20% of requests fail)",
         "restart_workload",
+        _crash_loop,
     ),
     Experiment(
         "traffic-surge",
         "checkout's traffic needs 3.3 CPUs; its 3 replicas have 3 (saturated, 9% fail)",
         "scale_up",
+        _traffic_surge,
     ),
 )
 
@@ -214,24 +239,6 @@ def experiment(name: str) -> Experiment:
             return e
     known = ", ".join(e.name for e in EXPERIMENTS)
     raise ValueError(f"unknown experiment {name!r}; known: {known}")
-
-
-def inject(e: Experiment, cluster: FakeCluster, service: SimulatedService) -> None:
-    ns, name, now = service.namespace, service.name, utcnow()
-    if e.name == "bad-rollout":
-        cluster.rollout(ns, name, image=f"registry.local/{name}{BAD_IMAGE_SUFFIX}", at=now)
-    elif e.name == "crash-loop":
-        service.crashing_since = now
-        # What the kubelet reports: the evidence the analyzer reads (by reason).
-        cluster.add_event(
-            KubeEvent(
-                ns, "Pod", f"{name}-0", "BackOff", "Back-off restarting failed container", at=now
-            )
-        )
-    elif e.name == "traffic-surge":
-        service.load = 3.3
-    else:
-        raise ValueError(f"no injection for experiment {e.name!r}")
 
 
 def anomalies_in(raw: bytes) -> tuple[Anomaly, ...]:
@@ -387,7 +394,7 @@ async def run_lab(
         await asyncio.sleep(baseline)
         loop = asyncio.get_running_loop()
         injected = loop.time()
-        inject(chaos, cluster, service)
+        chaos.inject(cluster, service)
         print(f"lab: experiment {chaos.name}: {chaos.fault}", flush=True)
         try:
             failed = await all_set_or_failed(

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from agent.errors import AgentError
-from agent.lab import EXPERIMENTS, SimulatedService, all_set_or_failed, experiment, inject
+from agent.lab import EXPERIMENTS, SimulatedService, all_set_or_failed, experiment
 from agent.models import Target, utcnow
 from handlers.fake_cluster import FakeCluster
 
@@ -42,15 +42,20 @@ async def test_the_wait_ends_at_a_failure_or_when_all_are_set() -> None:
         await all_set_or_failed((asyncio.Event(),), 0.05, lambda: None, poll=0.01)
 
 
-async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
+def checkout() -> tuple[FakeCluster, Target, SimulatedService]:
+    """The lab's service: 3 replicas of checkout in shop, on an in-process cluster."""
     cluster = FakeCluster()
     cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
     target = Target(kind="Deployment", namespace="shop", name="checkout")
-    service = SimulatedService(cluster, namespace="shop", name="checkout")
+    return cluster, target, SimulatedService(cluster, namespace="shop", name="checkout")
+
+
+async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
+    cluster, target, service = checkout()
     before = await cluster.workload(target)
     assert not service.crash_looping(before) and service.error_share(before) == 0.0
     await cluster.restart(target, action_id="early", at=utcnow() - timedelta(seconds=1))
-    inject(experiment("crash-loop"), cluster, service)
+    experiment("crash-loop").inject(cluster, service)
     crashing = await cluster.workload(target)
     assert service.crash_looping(crashing) and service.error_share(crashing) == 0.2
     events = await cluster.events("shop", ["checkout"], limit=10)
@@ -60,13 +65,10 @@ async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_beg
 
 
 async def test_a_traffic_surge_saturates_three_replicas_and_four_absorb_it() -> None:
-    cluster = FakeCluster()
-    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
-    target = Target(kind="Deployment", namespace="shop", name="checkout")
-    service = SimulatedService(cluster, namespace="shop", name="checkout")
+    cluster, target, service = checkout()
     w = await cluster.workload(target)
     assert (service.cpu_per_pod(w), service.error_share(w)) == (0.5, 0.0)
-    inject(experiment("traffic-surge"), cluster, service)
+    experiment("traffic-surge").inject(cluster, service)
     assert service.cpu_per_pod(w) == 1.0  # at its limit: the saturation the rules read
     assert service.error_share(w) == pytest.approx(0.3 / 3.3)
     await cluster.scale(target, action_id="up", replicas=4)
