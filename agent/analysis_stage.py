@@ -25,34 +25,72 @@ from agent.analyzer import analyze
 from agent.context import ContextGatherer
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
-from agent.models import ActionRequest, Analysis, Incident, stable_id, utcnow
+from agent.models import (
+    ActionRequest,
+    Analysis,
+    Firing,
+    Incident,
+    Member,
+    RecommendedAction,
+    stable_id,
+    utcnow,
+)
 from agent.settings import Settings
 from handlers.cluster import Cluster
 from streams.bus import Bus, Envelope, progressed
+from streams.topology import scope
 
 log = logging.getLogger(__name__)
 
 NEEDS_DECISION = frozenset({"open", "updated", "reopened"})
 
 
+NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
+
+
+def where_fired(m: Member) -> dict[str, str]:
+    """Where a member fired, as verification looks for it (see :class:`Firing`)."""
+    where = scope(m.labels)
+    if where is not None and where.startswith("node/"):
+        return {"node": m.labels["node"]}
+    return {k: m.labels[k] for k in ("namespace", "service") if m.labels.get(k)}
+
+
+def firing_for(action: RecommendedAction, incident: Incident) -> tuple[Firing, ...]:
+    """What verifies an action: the incident's firing members, less, for a node action,
+    the node's own conditions. Cordoning or draining moves the workloads off a broken node;
+    it does not mend the node, so its NotReady would judge every drain a failure."""
+    own = f"node/{action.target.name}" if action.type in NODE_ACTIONS else None
+    found = {
+        (m.name, tuple(sorted(where_fired(m).items())))
+        for m in incident.firing
+        if own is None or scope(m.labels) != own
+    }
+    return tuple(Firing(name, dict(labels)) for name, labels in sorted(found))
+
+
 def action_requests(analysis: Analysis, incident: Incident) -> list[ActionRequest]:
-    return [
-        ActionRequest(
-            id=stable_id("action", incident.id, a.type, a.target.key),
-            incident_id=incident.id,
-            incident_key=incident.key,
-            analysis_id=analysis.id,
-            type=a.type,
-            target=a.target,
-            params=a.params,
-            confidence=analysis.confidence,
-            reason=analysis.root_cause,
-            requested_at=analysis.created_at,
-            labels=incident.labels,
-            trigger=tuple(sorted({m.name for m in incident.firing})),
+    out = []
+    for a in analysis.actions:
+        firing = firing_for(a, incident)
+        out.append(
+            ActionRequest(
+                id=stable_id("action", incident.id, a.type, a.target.key),
+                incident_id=incident.id,
+                incident_key=incident.key,
+                analysis_id=analysis.id,
+                type=a.type,
+                target=a.target,
+                params=a.params,
+                confidence=analysis.confidence,
+                reason=analysis.root_cause,
+                requested_at=analysis.created_at,
+                labels=incident.labels,
+                trigger=tuple(sorted({f.name for f in firing})),
+                firing=firing,
+            )
         )
-        for a in analysis.actions
-    ]
+    return out
 
 
 def evidence_key(incident: Incident) -> str:

@@ -270,6 +270,16 @@ class Analysis:
 
 
 @dataclass(frozen=True, slots=True)
+class Firing:
+    """A condition that fired, and where: verification re-runs it and looks there only.
+    ``labels`` name where it fired: the namespace and service of a pod, workload or service
+    anomaly (its replacement pods count, so not the pod), or the node of a node-level one."""
+
+    name: NonEmpty
+    labels: Labels = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ActionRequest:
     id: NonEmpty  # idempotency key, deterministic from (analysis, position)
     incident_id: NonEmpty
@@ -282,7 +292,10 @@ class ActionRequest:
     requested_at: Time
     params: Mapping[str, ParamValue] = field(default_factory=dict)
     labels: Labels = field(default_factory=dict)  # the incident's group labels
-    trigger: tuple[str, ...] = ()  # patterns that fired; re-checked to verify the outcome
+    trigger: tuple[str, ...] = ()  # names of what fired (see firing)
+    # What verification re-checks; empty in requests of earlier versions, which re-check
+    # ``trigger`` within ``labels``.
+    firing: tuple[Firing, ...] = ()
     approved_by: str | None = None
     schema_version: Version = SCHEMA_VERSION
 

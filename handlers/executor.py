@@ -24,10 +24,10 @@ tombstoned only after the action's result is out, so a crash in between re-runs 
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper.
 
-Verification re-checks after ``verify_after``: the triggering patterns on Prometheus, and
-the target's state in the cluster (:mod:`handlers.verification`); a second result for the
-same action id carries the outcome (healed / not_healed / worse / unknown); anything but
-healed is escalated.
+Verification re-checks after ``verify_after``: the triggering patterns on Prometheus, each
+where it fired, and the target's state in the cluster (:mod:`handlers.verification`); a
+second result for the same action id carries the outcome (healed / not_healed / worse /
+unknown); anything but healed is escalated.
 
 Undo (``sre-agent actions undo``): a new action of the same type with ``undo_of`` and the
 original's ``prior_state`` as params, executed like any other (policy, idempotency, result).
@@ -47,6 +47,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 from agent.codec import encode
 from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
+from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
@@ -80,7 +81,7 @@ from agent.policy import (
 )
 from agent.prom import PromClient
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
-from handlers.verification import judge
+from handlers.verification import fires_at, judge, recheck_verdict, to_recheck
 from streams.bus import Envelope, handle_each
 from streams.replay import RecentSource
 
@@ -122,12 +123,6 @@ class Publisher(Protocol):
 
 
 ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
-
-
-def still_firing(samples_labels: Sequence[dict[str, str]], labels: dict[str, str]) -> bool:
-    """Does any series of the re-checked condition belong to the action's service?"""
-    keys = [k for k in ("namespace", "service") if labels.get(k)]
-    return any(all(s.get(k) == labels[k] for k in keys) for s in samples_labels)
 
 
 class Executor:
@@ -627,20 +622,30 @@ class Executor:
         task.add_done_callback(self._verifications.discard)
 
     async def recheck_trigger(self, action: ActionRequest) -> tuple[Outcome, str] | None:
-        """The triggering patterns re-run on Prometheus; None with nothing to re-run."""
-        if self.prom is None or not action.trigger:
+        """The triggering patterns re-run on Prometheus, each read where it fired; None
+        with nothing to re-run."""
+        firing = to_recheck(action)
+        if self.prom is None or not firing:
             return None
-        for name in action.trigger:
+        where: dict[str, list[dict[str, str]]] = {}
+        for f in firing:
+            where.setdefault(f.name, []).append(dict(f.labels))
+        still: list[str] = []
+        cleared: list[str] = []
+        unchecked: list[str] = []
+        for name, places in where.items():
             pattern = self.settings.pattern(name)
             if pattern is None:
-                return "unknown", f"pattern {name} no longer configured"
+                unchecked.append(name)
+                continue
             try:
                 samples = await self.prom.query(pattern.condition)
             except AgentError as err:
                 return "unknown", f"re-check of {name} failed: {err}"
-            if still_firing([dict(s.labels) for s in samples], dict(action.labels)):
-                return "not_healed", f"{name} still firing after the action"
-        return "healed", f"{', '.join(action.trigger)} cleared"
+            series = [normalise(s.labels, self.settings.agent.cluster) for s in samples]
+            fired = any(fires_at(series, place) for place in places)
+            (still if fired else cleared).append(name)
+        return recheck_verdict(still, cleared, unchecked)
 
     async def verify_now(
         self, action: ActionRequest, before: Observation | None = None

@@ -2,8 +2,9 @@
 
 Two sources of truth, read after the settle time (``remediation.verify_after``):
 
-- the *triggering condition* (the patterns that fired, re-run on Prometheus): it decides
-  healed / not healed whenever it could be checked;
+- the *triggering condition* (the patterns that fired, re-run on Prometheus and read
+  only where they fired, see :class:`~agent.models.Firing`): it decides healed / not
+  healed whenever all of it could be checked;
 - the *target's state* in the cluster (:class:`~handlers.cluster.Observation`): whether the
   action's intended state holds (rollout finished with every replica ready, node cordoned
   and empty, pod replaced), used when there is no condition to re-check.
@@ -14,7 +15,9 @@ wants, was made worse.
 
 from __future__ import annotations
 
-from agent.models import Outcome
+from collections.abc import Mapping, Sequence
+
+from agent.models import ActionRequest, Firing, Outcome
 from handlers.cluster import Observation
 
 WORKLOAD_ACTIONS = frozenset({"rollback", "scale_up", "scale_down", "restart_workload"})
@@ -73,3 +76,35 @@ def target_state(action_type: str, o: Observation) -> tuple[bool | None, str]:
     if action_type == "update_config":
         return None, "configuration applied" if o.exists else "the ConfigMap is gone"
     return None, "no check for this action"
+
+
+def to_recheck(action: ActionRequest) -> tuple[Firing, ...]:
+    """What fired, and where; a request of an earlier version names only the patterns,
+    which it re-checks within the incident's namespace and service."""
+    if action.firing:
+        return action.firing
+    where = {k: action.labels[k] for k in ("namespace", "service") if action.labels.get(k)}
+    return tuple(Firing(name, where) for name in action.trigger)
+
+
+def fires_at(series: Sequence[Mapping[str, str]], where: Mapping[str, str]) -> bool:
+    """Whether the re-run condition has a series where it fired. ``series``: its labels
+    normalised as the detector normalised them when it fired (a series naming its service
+    by ``app`` or ``container`` has a ``service`` then)."""
+    return any(all(s.get(k) == v for k, v in where.items()) for s in series)
+
+
+def recheck_verdict(
+    still: Sequence[str], cleared: Sequence[str], unchecked: Sequence[str]
+) -> tuple[Outcome, str] | None:
+    """The trigger's verdict from the patterns still firing, cleared, and not re-checkable
+    on Prometheus (a Kubernetes or Alertmanager signal, a pattern no longer configured).
+    Only a condition checked in full decides healed: with a part unchecked the verdict is
+    "unknown" and the target's state decides (see :func:`judge`)."""
+    if still:
+        return "not_healed", f"{', '.join(still)} still firing after the action"
+    gone = f"{', '.join(cleared)} cleared" if cleared else ""
+    if not unchecked:
+        return ("healed", gone) if cleared else None
+    why = f"{', '.join(unchecked)} not re-checked (not a configured Prometheus pattern)"
+    return "unknown", f"{gone}; {why}" if gone else why

@@ -1,15 +1,17 @@
-"""The executor's pure helpers: replica arithmetic and the verification match."""
+"""The executor's pure helpers: replica arithmetic and the verification re-check."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.models import ActionType, ParamValue
-from handlers.executor import kill_switch_file, still_firing, target_replicas
+from agent.models import ActionType, Firing, ParamValue
+from handlers.executor import kill_switch_file, target_replicas
+from handlers.verification import fires_at, recheck_verdict, to_recheck
 from tests.unit.factories import action
 
 
@@ -58,23 +60,56 @@ def test_relative_and_absolute_replicas(current: int, n: int) -> None:
 SHOP = {"namespace": "shop", "service": "checkout"}
 
 
-def test_still_firing_when_a_series_of_the_service_remains() -> None:
-    samples = [{"namespace": "shop", "service": "cart"}, {**SHOP, "pod": "p1"}]
-    assert still_firing(samples, SHOP)
+def test_fires_at_a_series_where_it_fired() -> None:
+    series = [{"namespace": "shop", "service": "cart"}, {**SHOP, "pod": "p1"}]
+    assert fires_at(series, SHOP)
 
 
-def test_not_firing_when_only_other_services_remain() -> None:
-    samples = [{"namespace": "shop", "service": "cart"}, {"namespace": "x", "service": "checkout"}]
-    assert not still_firing(samples, SHOP)
-    assert not still_firing([], SHOP)
+def test_not_firing_when_only_other_places_remain() -> None:
+    series = [{"namespace": "shop", "service": "cart"}, {"namespace": "x", "service": "checkout"}]
+    assert not fires_at(series, SHOP)
+    assert not fires_at([], SHOP)
+    assert not fires_at([{"node": "n2"}], {"node": "n1"})
 
 
-def test_still_firing_matches_only_the_labels_the_action_has() -> None:
-    assert still_firing([{"namespace": "shop", "service": "any"}], {"namespace": "shop"})
-    assert not still_firing([{"namespace": "other"}], {"namespace": "shop", "service": ""})
-    # Without identifying labels any remaining series counts as still firing.
-    assert still_firing([{"service": "x"}], {})
-    assert not still_firing([], {})
+def test_fires_at_matches_only_the_labels_it_names() -> None:
+    assert fires_at([{"namespace": "shop", "service": "any"}], {"namespace": "shop"})
+    # Where nothing identifies the place, any remaining series counts as still firing.
+    assert fires_at([{"service": "x"}], {})
+    assert not fires_at([], {})
+
+
+def test_a_request_of_an_earlier_version_rechecks_its_patterns_in_its_service() -> None:
+    old = replace(action(), trigger=("b", "a"))
+    assert to_recheck(old) == (Firing("b", SHOP), Firing("a", SHOP))
+    new = replace(old, firing=(Firing("a", {"node": "n1"}),))
+    assert to_recheck(new) == (Firing("a", {"node": "n1"}),)
+
+
+@pytest.mark.parametrize(
+    ("still", "cleared", "unchecked", "verdict"),
+    [
+        ([], [], [], None),
+        ([], ["a", "b"], [], ("healed", "a, b cleared")),
+        (["b"], ["a"], ["k"], ("not_healed", "b still firing after the action")),
+        (
+            [],
+            [],
+            ["k"],
+            ("unknown", "k not re-checked (not a configured Prometheus pattern)"),
+        ),
+        (
+            [],
+            ["a"],
+            ["k"],
+            ("unknown", "a cleared; k not re-checked (not a configured Prometheus pattern)"),
+        ),
+    ],
+)
+def test_recheck_verdict(
+    still: list[str], cleared: list[str], unchecked: list[str], verdict: object
+) -> None:
+    assert recheck_verdict(still, cleared, unchecked) == verdict
 
 
 def test_kill_switch_file(tmp_path: Path) -> None:
