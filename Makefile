@@ -24,7 +24,7 @@ deps: system-deps venv
 run: deps
 	scripts/run-lab.sh
 
-## make chaos: every lab experiment (bad rollout, crash loop, traffic surge), each healed and verified.
+## make chaos: every lab experiment (bad rollout, crash loop, traffic surge, node failure), each healed and verified.
 chaos: deps
 	scripts/run-lab.sh --experiment all
 

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument(
         "--experiment",
         default="bad-rollout",
-        help="the fault to inject and heal (bad-rollout, crash-loop, traffic-surge), or all",
+        help="the fault to inject and heal (bad-rollout, crash-loop, traffic-surge, "
+        "node-failure), or all",
     )
     lab.set_defaults(func=cmd_lab)
 

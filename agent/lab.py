@@ -1,7 +1,8 @@
 """The local lab behind ``make run`` and ``make chaos``: a fault injected, healed end to end.
 
-A simulated service exports ``http_requests_total`` and its containers' restart count for
-Prometheus to scrape. Its health follows its Deployment in the in-process cluster. Each
+A simulated service exports ``http_requests_total`` per pod and node, its containers'
+restart count and CPU use for Prometheus to scrape. Its health follows its Deployment in
+the in-process cluster and the nodes its pods run on. Each
 chaos experiment (:data:`EXPERIMENTS`) injects one fault, then lets the real pipeline
 (Prometheus, detector, faust correlator, analyzer, executor) find and heal it, printing
 each stage as it crosses Kafka; it passes only if the remedy it names healed the service
@@ -27,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.analyzer import KubeEvent
-from agent.errors import cancel_and_wait, task_failure
+from agent.errors import DependencyUnavailable, cancel_and_wait, task_failure
 from agent.models import (
     ActionResult,
     ActionType,
@@ -40,28 +41,34 @@ from agent.models import (
     new_id,
     utcnow,
 )
+from agent.prom import PromClient
 from agent.settings import REPO_ROOT, Settings
-from handlers.cluster import RESTARTED_AT_ANNOTATION, Cluster, WorkloadState
-from handlers.fake_cluster import FakeCluster
+from handlers.cluster import RESTARTED_AT_ANNOTATION, WorkloadState
+from handlers.fake_cluster import FakeCluster, FakePod
 from streams.bus import BatchConsumer, Envelope
 from streams.partitioning import decode_anomalies
 
 log = logging.getLogger(__name__)
 
 BAD_IMAGE_SUFFIX = ":v2"
+# The lab's nodes: checkout's three pods start one on each.
+LAB_NODES = ("lab-node-1", "lab-node-2", "lab-node-3")
 
 
 class SimulatedService:
-    """An HTTP service's metrics, driven by the image its Deployment runs."""
+    """An HTTP service's metrics, driven by its Deployment and the nodes its pods run on.
+    It plays the ReplicaSet controller and the scheduler too (:meth:`FakeCluster.reconcile`),
+    so a drained node's pods come back elsewhere."""
 
     def __init__(
-        self, cluster: Cluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
+        self, cluster: FakeCluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.name = name
         self.rps = rps
-        self.counts: dict[str, int] = {"200": 0, "500": 0}
+        # (pod, node, status) -> requests served
+        self.counts: dict[tuple[str, str, str], int] = {}
         self._rng = random.Random(seed)  # noqa: S311 - simulated traffic, not security
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +94,10 @@ class SimulatedService:
         crashing = 0.2 if self.crash_looping(w) else 0.0
         overloaded = max(0.0, (self.load - w.replicas) / self.load) if self.load else 0.0
         return max(bad_image, crashing, overloaded)
+
+    def pod_error_share(self, w: WorkloadState, pod: FakePod) -> float:
+        """A pod on a node that is down answers nothing: every request sent to it fails."""
+        return 1.0 if self.cluster.bad_conditions(pod.node) else self.error_share(w)
 
     def cpu_per_pod(self, w: WorkloadState) -> float:
         """Cores each replica uses: the load shared out, at most its limit of one."""
@@ -123,11 +134,13 @@ class SimulatedService:
         last = loop.time()
         while True:
             w = await self.cluster.workload(target)
-            share = self.error_share(w)
-            n = self.rps // 10
-            errors = sum(1 for _ in range(n) if self._rng.random() < share)
-            self.counts["500"] += errors
-            self.counts["200"] += n - errors
+            pods = self.cluster.reconcile(self.namespace, self.name)
+            # Spread over the pods, as a Service does; none when no pod runs (no endpoints).
+            for i in range(self.rps // 10 if pods else 0):
+                pod = pods[(tick + i) % len(pods)]
+                failed = self._rng.random() < self.pod_error_share(w, pod)
+                key = (pod.name, pod.node, "500" if failed else "200")
+                self.counts[key] = self.counts.get(key, 0) + 1
             tick += 1
             if tick % 10 == 0 and self.crash_looping(w):
                 self.restarts += 1  # a container restart a second
@@ -138,17 +151,20 @@ class SimulatedService:
             used = self.cpu_per_pod(w) * (now - last)
             last = now
             for i in range(w.replicas):
-                pod = f"{self.name}-{i}"
-                self.cpu_seconds[pod] = self.cpu_seconds.get(pod, 0.0) + used
+                name = f"{self.name}-{i}"
+                self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + used
             await asyncio.sleep(0.1)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         lines = ["# TYPE http_requests_total counter"]
-        for status, value in self.counts.items():
-            lines.append(
-                f'http_requests_total{{namespace="{self.namespace}",service="{self.name}",'
-                f'status="{status}"}} {value}'
-            )
+        # Only pods that still exist: a drained pod's series ends (Prometheus marks it stale).
+        live = {(p.name, p.node) for p in self.cluster.pods_of(self.namespace, self.name)}
+        for (pod, node, status), value in sorted(self.counts.items()):
+            if (pod, node) in live:
+                lines.append(
+                    f'http_requests_total{{namespace="{self.namespace}",service="{self.name}",'
+                    f'pod="{pod}",node="{node}",status="{status}"}} {value}'
+                )
         lines += [
             "# TYPE kube_pod_container_status_restarts_total counter",
             f'kube_pod_container_status_restarts_total{{namespace="{self.namespace}",'
@@ -201,6 +217,16 @@ def _traffic_surge(cluster: FakeCluster, service: SimulatedService, now: datetim
     service.load = 3.3
 
 
+def _node_failure(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+    pods = cluster.pods_of(service.namespace, service.name)
+    if not pods:
+        raise RuntimeError(f"{service.name} has no pods yet: no node to fail")
+    node = pods[0].node
+    cluster.set_node_conditions(node, ["NotReady"])
+    why = "Node is not ready: kubelet stopped posting node status"
+    cluster.add_event(KubeEvent("", "Node", node, "NodeNotReady", why, at=now))
+
+
 @dataclass(frozen=True, slots=True)
 class Experiment:
     """A fault the lab injects, and the action that must heal it."""
@@ -230,6 +256,12 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "scale_up",
         _traffic_surge,
     ),
+    Experiment(
+        "node-failure",
+        "the node of checkout-0 goes NotReady; the pod on it fails every request (a third)",
+        "drain_node",
+        _node_failure,
+    ),
 )
 
 
@@ -241,6 +273,41 @@ def experiment(name: str) -> Experiment:
     raise ValueError(f"unknown experiment {name!r}; known: {known}")
 
 
+# Longer than the lab's rate windows (20 s, config/lab.yaml): an earlier run's series
+# older than this can no longer add to any pattern or context query.
+QUIET = 25.0
+
+
+async def await_quiet(
+    prom: PromClient,
+    namespace: str,
+    service: str,
+    *,
+    window: float = QUIET,
+    limit: float = 60.0,
+    poll: float = 1.0,
+) -> float:
+    """Wait until Prometheus holds no sample of the lab's service from the last ``window``
+    seconds; returns the seconds waited. A run that starts while an earlier run's series are
+    still in the rate windows adds both: the CPU of a surge run that had just ended made the
+    next run's service look saturated and scaled it up. (Staleness markers do not help: a
+    range selector still reads the samples before one.)"""
+    # One metric of the service stands for its scrape: over several, count_over_time's
+    # results (names dropped) collide.
+    where = f'namespace="{namespace}",service="{service}"'
+    expr = f"count(count_over_time(http_requests_total{{{where}}}[{window:g}s]))"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while await prom.query(expr):
+        if loop.time() - started > limit:
+            raise DependencyUnavailable(
+                f"prometheus {prom.url} still receives series of {namespace}/{service} after "
+                f"{limit:g}s: is another lab running?"
+            )
+        await asyncio.sleep(poll)
+    return loop.time() - started
+
+
 def anomalies_in(raw: bytes) -> tuple[Anomaly, ...]:
     """The anomalies of an anomalies-topic record (none for a mitigation record)."""
     return tuple(decode_anomalies(raw)[0])
@@ -250,14 +317,16 @@ def lab_service(v: Any) -> tuple[str, str] | None:
     """(namespace, service) an event is about, or None when it names none."""
     if isinstance(v, Anomaly | Incident):
         return v.labels.get("namespace", ""), v.labels.get("service", "")
-    if isinstance(v, Analysis):
-        _, namespace, service = ([*v.incident_key.split("/"), "", ""])[:3]
-        return namespace, service
-    if isinstance(v, ApprovalRequest):
-        return v.action.target.namespace, v.action.target.name
-    if isinstance(v, ActionResult):
-        return v.target.namespace, v.target.name
-    return None
+    # By the incident: an action's target may be a node, which names no service.
+    key = None
+    if isinstance(v, Analysis | ActionResult):
+        key = v.incident_key
+    elif isinstance(v, ApprovalRequest):
+        key = v.action.incident_key
+    if key is None:
+        return None
+    _, namespace, service = ([*key.split("/"), "", ""])[:3]
+    return namespace, service
 
 
 def describe(env: Envelope) -> str:
@@ -307,17 +376,29 @@ async def run_lab(
     timeout: float = 240.0,  # noqa: ASYNC109 - the lab's own deadline, reported on expiry
     baseline: float = 15.0,
     chaos: Experiment = EXPERIMENTS[0],
+    namespace: str = "shop",
 ) -> int:
     """Run one experiment: 0 when its remedy healed the service (verified) and the incident
     resolved, 1 when not within ``timeout`` or healed by another action, 2 when a
-    component died."""
+    component died. ``namespace``: the simulated service's (the tests give each experiment
+    its own, so no run waits out another's series)."""
     from agent.runtime import Agent
 
     # A fresh prefix per run: earlier runs' events and correlator state stay out of it.
     prefix = f"{settings.kafka.topic_prefix}{utcnow():%Y%m%d%H%M%S}."
     settings = replace(settings, kafka=replace(settings.kafka, topic_prefix=prefix))
+    ns, name = namespace, "checkout"
+    # ... and so must their metrics (see await_quiet).
+    prom = PromClient(settings.monitoring.prometheus.url, timeout=5.0)
+    try:
+        waited = await await_quiet(prom, ns, name)
+    finally:
+        await prom.close()
+    if waited >= 1:
+        print(f"lab: waited {waited:.0f}s for an earlier run's series to leave the windows")
     cluster = FakeCluster()
-    ns, name = "shop", "checkout"
+    for node in LAB_NODES:
+        cluster.add_node(node)
     cluster.create_deployment(
         ns, name, image="registry.local/checkout:v1", replicas=3, at=utcnow() - timedelta(hours=6)
     )

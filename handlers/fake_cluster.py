@@ -142,6 +142,42 @@ class FakeCluster:
         self._pods[(namespace, name)] = pod
         return pod
 
+    def pods_of(self, namespace: str, workload: str) -> list[FakePod]:
+        """The workload's pods, by name."""
+        return sorted(
+            (p for p in self._pods.values() if (p.namespace, p.workload) == (namespace, workload)),
+            key=lambda p: p.name,
+        )
+
+    def reconcile(self, namespace: str, name: str) -> list[FakePod]:
+        """What the ReplicaSet controller and the scheduler do for a Deployment: create the
+        pods it lacks (evicted by a drain, added by a scale up) on the schedulable node
+        without bad conditions that runs the fewest pods, and remove the newest-named extras
+        (a scale down). With no such node a pod stays missing (Pending). A pod on a broken
+        node stays: Kubernetes evicts those only after the not-ready toleration (5 min),
+        which is what a drain cuts short. Pods are named by the lowest free index, as the
+        replica numbers the lab's metrics use. Returns the workload's pods."""
+        want = self._get(Target(kind="Deployment", namespace=namespace, name=name)).replicas
+        pods = self.pods_of(namespace, name)
+        # Newest first: by index, not by text ("-10" sorts before "-2").
+        for extra in sorted(pods, key=lambda p: (len(p.name), p.name))[want:]:
+            del self._pods[(namespace, extra.name)]
+        used = {p.name for p in pods}
+        for _ in range(want - len(pods)):
+            load = {n: 0 for n, node in self._nodes.items() if not node.unschedulable}
+            for n in [n for n in load if self._node_conditions.get(n)]:
+                del load[n]
+            if not load:
+                break
+            for p in self._pods.values():
+                if p.node in load:
+                    load[p.node] += 1
+            node = min(sorted(load), key=load.__getitem__)
+            index = next(i for i in range(want + len(used)) if f"{name}-{i}" not in used)
+            used.add(f"{name}-{index}")
+            self.add_pod(namespace, f"{name}-{index}", node=node, workload=name)
+        return self.pods_of(namespace, name)
+
     def add_budget(
         self, namespace: str, name: str, *, workload: str, disruptions_allowed: int
     ) -> FakeBudget:
@@ -420,6 +456,10 @@ class FakeCluster:
 
     def set_node_conditions(self, node: str, conditions: Sequence[str]) -> None:
         self._node_conditions[node] = tuple(conditions)
+
+    def bad_conditions(self, node: str) -> tuple[str, ...]:
+        """The node's bad conditions (e.g. NotReady), as :meth:`node_conditions` reads them."""
+        return self._node_conditions.get(node, ())
 
     async def events(
         self, namespace: str, names: Sequence[str], *, limit: int

@@ -1,4 +1,5 @@
-"""The lab's own parts: its simulated service reports a dead traffic loop, and its wait
+"""The lab's own parts: its simulated service reports a dead traffic loop, its faults behave
+as injected until their remedy, its pods follow their Deployment and nodes, and its wait
 ends as soon as a component fails rather than at the deadline."""
 
 from __future__ import annotations
@@ -8,9 +9,17 @@ from datetime import timedelta
 
 import pytest
 
-from agent.errors import AgentError
-from agent.lab import EXPERIMENTS, SimulatedService, all_set_or_failed, experiment
+from agent.errors import AgentError, DependencyUnavailable
+from agent.lab import (
+    EXPERIMENTS,
+    LAB_NODES,
+    SimulatedService,
+    all_set_or_failed,
+    await_quiet,
+    experiment,
+)
 from agent.models import Target, utcnow
+from agent.prom import Sample
 from handlers.fake_cluster import FakeCluster
 
 
@@ -42,9 +51,36 @@ async def test_the_wait_ends_at_a_failure_or_when_all_are_set() -> None:
         await all_set_or_failed((asyncio.Event(),), 0.05, lambda: None, poll=0.01)
 
 
+class LingeringSeries:
+    """A Prometheus whose window still holds an earlier run's series for ``polls`` queries."""
+
+    url = "http://prom.test:9090"
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+        self.queries: list[str] = []
+
+    async def query(self, expr: str) -> list[Sample]:
+        self.queries.append(expr)
+        return [Sample({}, 4.0)] if len(self.queries) <= self.polls else []
+
+
+async def test_a_run_waits_until_an_earlier_runs_series_left_the_windows() -> None:
+    prom = LingeringSeries(polls=3)
+    waited = await await_quiet(prom, "shop", "checkout", poll=0.01)  # type: ignore[arg-type]
+    assert len(prom.queries) == 4 and waited > 0
+    assert prom.queries[0] == (
+        'count(count_over_time(http_requests_total{namespace="shop",service="checkout"}[25s]))'
+    )
+    with pytest.raises(DependencyUnavailable, match="still receives series of shop/checkout"):
+        await await_quiet(LingeringSeries(polls=1000), "shop", "checkout", limit=0.05, poll=0.01)  # type: ignore[arg-type]
+
+
 def checkout() -> tuple[FakeCluster, Target, SimulatedService]:
     """The lab's service: 3 replicas of checkout in shop, on an in-process cluster."""
     cluster = FakeCluster()
+    for node in LAB_NODES:
+        cluster.add_node(node)
     cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
     target = Target(kind="Deployment", namespace="shop", name="checkout")
     return cluster, target, SimulatedService(cluster, namespace="shop", name="checkout")
@@ -77,8 +113,53 @@ async def test_a_traffic_surge_saturates_three_replicas_and_four_absorb_it() -> 
     assert service.error_share(w) == 0.0
 
 
+async def test_a_node_failure_fails_its_pod_until_a_drain_moves_it() -> None:
+    cluster, target, service = checkout()
+    pods = cluster.reconcile("shop", "checkout")
+    assert [(p.name, p.node) for p in pods] == [
+        ("checkout-0", "lab-node-1"),
+        ("checkout-1", "lab-node-2"),
+        ("checkout-2", "lab-node-3"),
+    ]
+    w = await cluster.workload(target)
+    experiment("node-failure").inject(cluster, service)
+    assert [service.pod_error_share(w, p) for p in pods] == [1.0, 0.0, 0.0]
+    (event,) = await cluster.events("", ["lab-node-1"], limit=10)
+    assert (event.kind, event.reason) == ("Node", "NodeNotReady")
+    # Nothing moves by itself: the pod waits on its broken node (the 5 min toleration).
+    assert cluster.reconcile("shop", "checkout") == pods
+    node = Target(kind="Node", name="lab-node-1")
+    await cluster.drain(node, action_id="d", grace_period=None, drain_timeout=60)
+    moved = cluster.reconcile("shop", "checkout")
+    assert [p.name for p in moved] == ["checkout-0", "checkout-1", "checkout-2"]
+    assert moved[0].node in ("lab-node-2", "lab-node-3")
+    assert [service.pod_error_share(w, p) for p in moved] == [0.0, 0.0, 0.0]
+
+
+async def test_reconcile_follows_scaling_and_leaves_a_pod_pending_without_a_node() -> None:
+    cluster, target, _ = checkout()
+    cluster.reconcile("shop", "checkout")
+    await cluster.scale(target, action_id="up", replicas=12)
+    pods = cluster.reconcile("shop", "checkout")
+    assert len(pods) == 12
+    assert {cluster.node(n).name: sum(p.node == n for p in pods) for n in LAB_NODES} == {
+        n: 4 for n in LAB_NODES
+    }
+    await cluster.scale(target, action_id="down", replicas=2)
+    assert [p.name for p in cluster.reconcile("shop", "checkout")] == ["checkout-0", "checkout-1"]
+    for n in LAB_NODES:
+        cluster.set_node_conditions(n, ["NotReady"])
+    await cluster.scale(target, action_id="up-again", replicas=3)
+    assert len(cluster.reconcile("shop", "checkout")) == 2  # Pending: no node to run on
+
+
 def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
-    assert [e.name for e in EXPERIMENTS] == ["bad-rollout", "crash-loop", "traffic-surge"]
+    assert [e.name for e in EXPERIMENTS] == [
+        "bad-rollout",
+        "crash-loop",
+        "traffic-surge",
+        "node-failure",
+    ]
     assert experiment("crash-loop").remedy == "restart_workload"
     with pytest.raises(ValueError, match="unknown experiment 'oom'; known: bad-rollout, crash"):
         experiment("oom")

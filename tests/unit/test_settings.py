@@ -92,6 +92,7 @@ def test_lab_yaml_loads_with_short_windows() -> None:
     assert [p.name for p in s.patterns] == [
         "high-error-rate",
         "cpu-saturated",
+        "pod-failing",
         "container-restarts",
     ]
     assert s.pattern("container-restarts").actions == (  # type: ignore[union-attr]
