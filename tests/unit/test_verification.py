@@ -5,6 +5,7 @@ it; a signal Prometheus cannot re-check hands the verdict to the target's state.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +21,6 @@ from agent.models import (
     Member,
     RecommendedAction,
     Target,
-    fingerprint,
 )
 from agent.prom import Sample
 from handlers.executor import Executor
@@ -52,17 +52,8 @@ class FakeProm:
 
 def node_member(node: str = "n1") -> Member:
     """The node's own condition, as the Kubernetes detector reports it."""
-    labels = {"cluster": "c1", "node": node, "namespace": "", "service": ""}
-    return Member(
-        fingerprint=fingerprint("kubernetes", "node-not-ready", labels),
-        name="node-not-ready",
-        source="kubernetes",
-        severity="critical",
-        status="firing",
-        labels=labels,
-        first_seen=OPENED,
-        last_seen=OPENED,
-    )
+    down = member("node-not-ready", labels={"node": node, "namespace": "", "service": ""})
+    return replace(down, source="kubernetes")
 
 
 def node_incident() -> Incident:
