@@ -43,8 +43,8 @@ from agent.models import (
 )
 from agent.prom import PromClient
 from agent.settings import REPO_ROOT, Settings
-from handlers.cluster import RESTARTED_AT_ANNOTATION, WorkloadState
-from handlers.fake_cluster import FakeCluster, FakePod
+from handlers.cluster import RESTARTED_AT_ANNOTATION, Cluster, WorkloadState
+from handlers.fake_cluster import FakeCluster
 from streams.bus import BatchConsumer, Envelope
 from streams.partitioning import decode_anomalies
 
@@ -56,19 +56,21 @@ LAB_NODES = ("lab-node-1", "lab-node-2", "lab-node-3")
 
 
 class SimulatedService:
-    """An HTTP service's metrics, driven by its Deployment and the nodes its pods run on.
-    It plays the ReplicaSet controller and the scheduler too (:meth:`FakeCluster.reconcile`),
-    so a drained node's pods come back elsewhere."""
+    """An HTTP service's metrics, driven by its Deployment and, on the in-process cluster,
+    the nodes its pods run on: there it plays the ReplicaSet controller and the scheduler
+    too (:meth:`FakeCluster.reconcile`), so a drained node's pods come back elsewhere. On a
+    real control plane (kwok runs the pods) it counts per replica, without nodes."""
 
     def __init__(
-        self, cluster: FakeCluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
+        self, cluster: Cluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.name = name
         self.rps = rps
-        # (pod, node, status) -> requests served
+        # (pod, node, status) -> requests served; the pods serving now
         self.counts: dict[tuple[str, str, str], int] = {}
+        self.serving: frozenset[tuple[str, str]] = frozenset()
         self._rng = random.Random(seed)  # noqa: S311 - simulated traffic, not security
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task[None] | None = None
@@ -95,9 +97,16 @@ class SimulatedService:
         overloaded = max(0.0, (self.load - w.replicas) / self.load) if self.load else 0.0
         return max(bad_image, crashing, overloaded)
 
-    def pod_error_share(self, w: WorkloadState, pod: FakePod) -> float:
+    def pod_error_share(self, w: WorkloadState, node: str) -> float:
         """A pod on a node that is down answers nothing: every request sent to it fails."""
-        return 1.0 if self.cluster.bad_conditions(pod.node) else self.error_share(w)
+        down = isinstance(self.cluster, FakeCluster) and self.cluster.bad_conditions(node)
+        return 1.0 if down else self.error_share(w)
+
+    def pods(self, w: WorkloadState) -> list[tuple[str, str]]:
+        """(pod, node) of the replicas serving now."""
+        if isinstance(self.cluster, FakeCluster):
+            return [(p.name, p.node) for p in self.cluster.reconcile(self.namespace, self.name)]
+        return [(f"{self.name}-{i}", "") for i in range(w.replicas)]
 
     def cpu_per_pod(self, w: WorkloadState) -> float:
         """Cores each replica uses: the load shared out, at most its limit of one."""
@@ -134,12 +143,13 @@ class SimulatedService:
         last = loop.time()
         while True:
             w = await self.cluster.workload(target)
-            pods = self.cluster.reconcile(self.namespace, self.name)
+            pods = self.pods(w)
+            self.serving = frozenset(pods)
             # Spread over the pods, as a Service does; none when no pod runs (no endpoints).
             for i in range(self.rps // 10 if pods else 0):
-                pod = pods[(tick + i) % len(pods)]
-                failed = self._rng.random() < self.pod_error_share(w, pod)
-                key = (pod.name, pod.node, "500" if failed else "200")
+                pod, node = pods[(tick + i) % len(pods)]
+                failed = self._rng.random() < self.pod_error_share(w, node)
+                key = (pod, node, "500" if failed else "200")
                 self.counts[key] = self.counts.get(key, 0) + 1
             tick += 1
             if tick % 10 == 0 and self.crash_looping(w):
@@ -157,13 +167,13 @@ class SimulatedService:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         lines = ["# TYPE http_requests_total counter"]
-        # Only pods that still exist: a drained pod's series ends (Prometheus marks it stale).
-        live = {(p.name, p.node) for p in self.cluster.pods_of(self.namespace, self.name)}
+        # Only pods serving now: a drained pod's series ends (Prometheus marks it stale).
         for (pod, node, status), value in sorted(self.counts.items()):
-            if (pod, node) in live:
+            if (pod, node) in self.serving:
+                on = f',node="{node}"' if node else ""
                 lines.append(
                     f'http_requests_total{{namespace="{self.namespace}",service="{self.name}",'
-                    f'pod="{pod}",node="{node}",status="{status}"}} {value}'
+                    f'pod="{pod}"{on},status="{status}"}} {value}'
                 )
         lines += [
             "# TYPE kube_pod_container_status_restarts_total counter",

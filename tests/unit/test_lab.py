@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import aiohttp
 import pytest
 
 from agent.errors import AgentError, DependencyUnavailable
@@ -20,6 +21,7 @@ from agent.lab import (
 )
 from agent.models import Target, utcnow
 from agent.prom import Sample
+from handlers.cluster import WorkloadState
 from handlers.fake_cluster import FakeCluster
 
 
@@ -123,7 +125,7 @@ async def test_a_node_failure_fails_its_pod_until_a_drain_moves_it() -> None:
     ]
     w = await cluster.workload(target)
     experiment("node-failure").inject(cluster, service)
-    assert [service.pod_error_share(w, p) for p in pods] == [1.0, 0.0, 0.0]
+    assert [service.pod_error_share(w, p.node) for p in pods] == [1.0, 0.0, 0.0]
     (event,) = await cluster.events("", ["lab-node-1"], limit=10)
     assert (event.kind, event.reason) == ("Node", "NodeNotReady")
     # Nothing moves by itself: the pod waits on its broken node (the 5 min toleration).
@@ -133,7 +135,7 @@ async def test_a_node_failure_fails_its_pod_until_a_drain_moves_it() -> None:
     moved = cluster.reconcile("shop", "checkout")
     assert [p.name for p in moved] == ["checkout-0", "checkout-1", "checkout-2"]
     assert moved[0].node in ("lab-node-2", "lab-node-3")
-    assert [service.pod_error_share(w, p) for p in moved] == [0.0, 0.0, 0.0]
+    assert [service.pod_error_share(w, p.node) for p in moved] == [0.0, 0.0, 0.0]
 
 
 async def test_reconcile_follows_scaling_and_leaves_a_pod_pending_without_a_node() -> None:
@@ -151,6 +153,45 @@ async def test_reconcile_follows_scaling_and_leaves_a_pod_pending_without_a_node
         cluster.set_node_conditions(n, ["NotReady"])
     await cluster.scale(target, action_id="up-again", replicas=3)
     assert len(cluster.reconcile("shop", "checkout")) == 2  # Pending: no node to run on
+
+
+class ApiServer:
+    """A cluster that is not the in-process one (as KubeCluster on kwok): the service
+    cannot place its pods there, only read its Deployment."""
+
+    def __init__(self, inner: FakeCluster) -> None:
+        self.inner = inner
+
+    async def workload(self, target: Target) -> WorkloadState:
+        return await self.inner.workload(target)
+
+
+async def scraped(service: SimulatedService) -> str:
+    """The service's /metrics once it has served some traffic."""
+    await service.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                async with http.get(f"http://127.0.0.1:{service.port}/metrics") as r:
+                    assert r.status == 200
+                    text = await r.text()
+                if 'status="200"} ' in text:
+                    return text
+                await asyncio.sleep(0.05)
+    finally:
+        await service.stop()
+    raise AssertionError(f"no traffic counted: {text}")
+
+
+async def test_requests_are_counted_per_pod_and_node_in_process_and_per_replica_elsewhere() -> None:
+    cluster, _, service = checkout()
+    text = await scraped(service)
+    assert 'pod="checkout-0",node="lab-node-1",status="200"}' in text
+    assert 'status="500"' not in text
+    elsewhere = SimulatedService(ApiServer(cluster), namespace="shop", name="checkout")  # type: ignore[arg-type]
+    text = await scraped(elsewhere)
+    assert 'pod="checkout-2",status="200"}' in text
+    assert "node=" not in text
 
 
 def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
