@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from agent.analyzer import analyze
 from agent.context import ContextGatherer
+from agent.labels import service_of
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
 from agent.models import (
@@ -53,7 +54,7 @@ def where_fired(m: Member) -> dict[str, str]:
     where = scope(m.labels)
     if where is not None and where.startswith("node/"):
         return {"node": m.labels["node"]}
-    return {k: m.labels[k] for k in ("namespace", "service") if m.labels.get(k)}
+    return service_of(m.labels)
 
 
 def firing_for(action: RecommendedAction, incident: Incident) -> tuple[Firing, ...]:

@@ -38,6 +38,7 @@ from agent.analyzer import (
     workload_target,
 )
 from agent.errors import ActionFailed, AgentError
+from agent.labels import service_of
 from agent.models import Incident, Target
 from agent.prom import Sample
 from agent.redaction import clip, redact
@@ -154,8 +155,7 @@ def within_budget(items: Sequence[T], size: Any, budget: int) -> tuple[list[T], 
 
 
 def matches(sample_labels: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    keys = [k for k in ("namespace", "service") if labels.get(k)]
-    return all(sample_labels.get(k) == labels[k] for k in keys)
+    return all(sample_labels.get(k) == v for k, v in service_of(labels).items())
 
 
 async def rollouts_of(

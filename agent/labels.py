@@ -34,6 +34,12 @@ WORKLOAD_LABELS = (
 )
 
 
+def service_of(labels: Mapping[str, str]) -> dict[str, str]:
+    """The labels that place a series or an anomaly at its service: the namespace and the
+    service, those that are set."""
+    return {k: labels[k] for k in ("namespace", "service") if labels.get(k)}
+
+
 def normalise(labels: Mapping[str, str], cluster: str) -> dict[str, str]:
     out = {k: v for k, v in labels.items() if k != "__name__"}
     out.setdefault("cluster", cluster)

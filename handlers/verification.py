@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from agent.labels import service_of
 from agent.models import ActionRequest, Firing, Outcome
 from handlers.cluster import Observation
 
@@ -83,8 +84,7 @@ def to_recheck(action: ActionRequest) -> tuple[Firing, ...]:
     which it re-checks within the incident's namespace and service."""
     if action.firing:
         return action.firing
-    where = {k: action.labels[k] for k in ("namespace", "service") if action.labels.get(k)}
-    return tuple(Firing(name, where) for name in action.trigger)
+    return tuple(Firing(name, service_of(action.labels)) for name in action.trigger)
 
 
 def fires_at(series: Sequence[Mapping[str, str]], where: Mapping[str, str]) -> bool:
