@@ -163,16 +163,14 @@ class FakeCluster:
         for extra in sorted(pods, key=lambda p: (len(p.name), p.name))[want:]:
             del self._pods[(namespace, extra.name)]
         used = {p.name for p in pods}
-        for _ in range(want - len(pods)):
-            load = {n: 0 for n, node in self._nodes.items() if not node.unschedulable}
-            for n in [n for n in load if self._node_conditions.get(n)]:
-                del load[n]
-            if not load:
-                break
-            for p in self._pods.values():
-                if p.node in load:
-                    load[p.node] += 1
-            node = min(sorted(load), key=load.__getitem__)
+        load = {  # pods per node that can take one
+            n: sum(p.node == n for p in self._pods.values())
+            for n, node in sorted(self._nodes.items())
+            if not node.unschedulable and not self.bad_conditions(n)
+        }
+        for _ in range(want - len(pods) if load else 0):
+            node = min(load, key=load.__getitem__)
+            load[node] += 1
             index = next(i for i in range(want + len(used)) if f"{name}-{i}" not in used)
             used.add(f"{name}-{index}")
             self.add_pod(namespace, f"{name}-{index}", node=node, workload=name)
