@@ -63,11 +63,11 @@ def firing_for(action: RecommendedAction, incident: Incident) -> tuple[Firing, .
     it does not mend the node, so its NotReady would judge every drain a failure."""
     own = f"node/{action.target.name}" if action.type in NODE_ACTIONS else None
     found = {
-        (m.name, tuple(sorted(where_fired(m).items())))
+        (m.name, m.source, tuple(sorted(where_fired(m).items())))
         for m in incident.firing
         if own is None or scope(m.labels) != own
     }
-    return tuple(Firing(name, dict(labels)) for name, labels in sorted(found))
+    return tuple(Firing(name, dict(labels), source) for name, source, labels in sorted(found))
 
 
 def action_requests(analysis: Analysis, incident: Incident) -> list[ActionRequest]:

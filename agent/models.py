@@ -273,10 +273,13 @@ class Analysis:
 class Firing:
     """A condition that fired, and where: verification re-runs it and looks there only.
     ``labels`` name where it fired: the namespace and service of a pod, workload or service
-    anomaly (its replacement pods count, so not the pod), or the node of a node-level one."""
+    anomaly (its replacement pods count, so not the pod), or the node of a node-level one.
+    ``source`` says where to re-run it; None in requests of earlier versions, which re-run
+    it as a Prometheus pattern."""
 
     name: NonEmpty
     labels: Labels = field(default_factory=dict)
+    source: AnomalySource | None = None
 
 
 @dataclass(frozen=True, slots=True)

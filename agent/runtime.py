@@ -20,6 +20,7 @@ from typing import Protocol
 
 import aiohttp
 
+from agent.alertmanager_api import AlertmanagerAPI
 from agent.analysis_stage import AnalysisStage
 from agent.calibration import CalibrationTracker
 from agent.context import ClusterContext, ContextGatherer
@@ -74,6 +75,8 @@ class Agent:
         self.prom = PromClient(
             settings.monitoring.prometheus.url, timeout=settings.monitoring.prometheus.timeout
         )
+        am = settings.monitoring.alertmanager
+        self.alertmanager = AlertmanagerAPI(am.url, timeout=am.timeout) if am.url else None
         self.server = (
             HealthServer(host=settings.server.host, port=settings.server.port, metrics=self.metrics)
             if serve_http
@@ -131,6 +134,7 @@ class Agent:
                 cluster=self.cluster,
                 metrics=self.metrics,
                 prom=self.prom,
+                alertmanager=self.alertmanager,
                 switches=kill_switch_file(s.agent.kill_switch_file),
                 approvals=functools.partial(
                     snapshot, s.kafka, self.bus.topic("approvals"), ApprovalRequest
@@ -267,6 +271,8 @@ class Agent:
         if self.llm is not None:
             await self.llm.close()
         await self.prom.close()
+        if self.alertmanager is not None:
+            await self.alertmanager.close()
         await self.cluster.close()
         if self.server is not None:
             await self.server.stop()

@@ -140,9 +140,20 @@ class PrometheusSection:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertmanagerSection:
+    """The Alertmanager verification asks whether an alert that triggered an action still
+    fires; empty: such alerts are not re-checked (the target's state decides)."""
+
+    __pydantic_config__ = _STRICT
+    url: Annotated[str, Field(pattern=r"^(https?://\S+)?$")] = ""
+    timeout: Seconds = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class MonitoringSection:
     __pydantic_config__ = _STRICT
     prometheus: PrometheusSection = field(default_factory=PrometheusSection)
+    alertmanager: AlertmanagerSection = field(default_factory=AlertmanagerSection)
     evaluation_interval: Seconds = 15.0
 
 

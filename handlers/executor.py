@@ -39,12 +39,13 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from agent.alertmanager_api import AlertmanagerAPI
 from agent.codec import encode
 from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
 from agent.labels import normalise
@@ -81,7 +82,7 @@ from agent.policy import (
 )
 from agent.prom import PromClient
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
-from handlers.verification import fires_at, judge, recheck_verdict, to_recheck
+from handlers.verification import fires_at, judge, plan_recheck, recheck_verdict, to_recheck
 from streams.bus import Envelope, handle_each
 from streams.replay import RecentSource
 
@@ -134,6 +135,7 @@ class Executor:
         cluster: Cluster,
         metrics: Metrics,
         prom: PromClient | None = None,
+        alertmanager: AlertmanagerAPI | None = None,
         switches: Callable[[], Switches] | None = None,
         approvals: ApprovalSource | None = None,
         results: RecentSource | None = None,
@@ -145,6 +147,7 @@ class Executor:
         self.cluster = cluster
         self.metrics = metrics
         self.prom = prom
+        self.alertmanager = alertmanager
         self.switches = switches or (lambda: Switches())
         self.history: list[Executed] = []
         self.pending: dict[str, ApprovalRequest] = {}
@@ -622,30 +625,42 @@ class Executor:
         task.add_done_callback(self._verifications.discard)
 
     async def recheck_trigger(self, action: ActionRequest) -> tuple[Outcome, str] | None:
-        """The triggering patterns re-run on Prometheus, each read where it fired; None
-        with nothing to re-run."""
-        firing = to_recheck(action)
-        if self.prom is None or not firing:
-            return None
-        where: dict[str, list[dict[str, str]]] = {}
-        for f in firing:
-            where.setdefault(f.name, []).append(dict(f.labels))
+        """The trigger re-run where it came from (patterns on Prometheus, alerts at
+        Alertmanager), each read where it fired; None with nothing to re-run."""
+        plan = plan_recheck(
+            to_recheck(action),
+            has_pattern=lambda name: self.settings.pattern(name) is not None,
+            prometheus=self.prom is not None,
+            alertmanager=self.alertmanager is not None,
+        )
         still: list[str] = []
         cleared: list[str] = []
-        unchecked: list[str] = []
-        for name, places in where.items():
-            pattern = self.settings.pattern(name)
-            if pattern is None:
-                unchecked.append(name)
-                continue
-            try:
-                samples = await self.prom.query(pattern.condition)
-            except AgentError as err:
-                return "unknown", f"re-check of {name} failed: {err}"
-            series = [normalise(s.labels, self.settings.agent.cluster) for s in samples]
-            fired = any(fires_at(series, place) for place in places)
-            (still if fired else cleared).append(name)
+        unchecked = list(plan.unchecked)
+        for source, places in (
+            ("prometheus", plan.prometheus),
+            ("alertmanager", plan.alertmanager),
+        ):
+            for name, where in places.items():
+                try:
+                    found = await self._firing_now(source, name)
+                except AgentError as err:
+                    # The rest still counts: a pattern still firing is not healed however
+                    # the other source fared.
+                    unchecked.append((name, f"re-check failed: {err}"))
+                    continue
+                series = [normalise(labels, self.settings.agent.cluster) for labels in found]
+                fired = any(fires_at(series, place) for place in where)
+                (still if fired else cleared).append(name)
         return recheck_verdict(still, cleared, unchecked)
+
+    async def _firing_now(self, source: str, name: str) -> list[Mapping[str, str]]:
+        """The raw label sets of what ``name`` fires at now, asked where it came from."""
+        if source == "alertmanager":
+            assert self.alertmanager is not None
+            return list(await self.alertmanager.firing(name))
+        pattern = self.settings.pattern(name)
+        assert self.prom is not None and pattern is not None
+        return [s.labels for s in await self.prom.query(pattern.condition)]
 
     async def verify_now(
         self, action: ActionRequest, before: Observation | None = None

@@ -2,9 +2,10 @@
 
 Two sources of truth, read after the settle time (``remediation.verify_after``):
 
-- the *triggering condition* (the patterns that fired, re-run on Prometheus and read
-  only where they fired, see :class:`~agent.models.Firing`): it decides healed / not
-  healed whenever all of it could be checked;
+- the *triggering condition* (the patterns that fired, re-run on Prometheus, and the
+  Alertmanager alerts, looked up at Alertmanager; each read only where it fired, see
+  :class:`~agent.models.Firing`): it decides healed / not healed whenever all of it
+  could be checked;
 - the *target's state* in the cluster (:class:`~handlers.cluster.Observation`): whether the
   action's intended state holds (rollout finished with every replica ready, node cordoned
   and empty, pod replaced), used when there is no condition to re-check.
@@ -15,7 +16,8 @@ wants, was made worse.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from agent.labels import service_of
 from agent.models import ActionRequest, Firing, Outcome
@@ -94,17 +96,77 @@ def fires_at(series: Sequence[Mapping[str, str]], where: Mapping[str, str]) -> b
     return any(all(s.get(k) == v for k, v in where.items()) for s in series)
 
 
+# Why a part of the trigger is not re-run, by its source (see plan_recheck).
+NOT_RECHECKABLE = {
+    "kubernetes": "a Kubernetes signal: the target's state tells",
+    "feed": "an external feed's signal",
+    "agent": "the agent's own signal",
+}
+NO_PATTERN = "not a configured Prometheus pattern"
+NO_PROMETHEUS = "no Prometheus to re-run it on"
+NO_ALERTMANAGER = "an Alertmanager alert, and monitoring.alertmanager.url is not set"
+
+
+@dataclass(frozen=True, slots=True)
+class RecheckPlan:
+    """Where each part of a trigger is re-run: name -> the places it fired, per source
+    that can re-run it; the rest with why not."""
+
+    prometheus: Mapping[str, tuple[Mapping[str, str], ...]]
+    alertmanager: Mapping[str, tuple[Mapping[str, str], ...]]
+    unchecked: tuple[tuple[str, str], ...] = ()
+
+
+def plan_recheck(
+    firing: Sequence[Firing],
+    *,
+    has_pattern: Callable[[str], bool],
+    prometheus: bool = True,
+    alertmanager: bool = False,
+) -> RecheckPlan:
+    """A Prometheus pattern is re-run on Prometheus, an Alertmanager alert is looked up at
+    Alertmanager (when one is configured); a firing of an earlier request (no source) is
+    a pattern. Each name is re-run once, however many places it fired at."""
+    prom: dict[str, list[Mapping[str, str]]] = {}
+    am: dict[str, list[Mapping[str, str]]] = {}
+    unchecked: dict[str, str] = {}
+    for f in firing:
+        if f.source in (None, "prometheus"):
+            if not has_pattern(f.name):
+                unchecked.setdefault(f.name, NO_PATTERN)
+            elif prometheus:
+                prom.setdefault(f.name, []).append(f.labels)
+            else:
+                unchecked.setdefault(f.name, NO_PROMETHEUS)
+        elif f.source == "alertmanager":
+            if alertmanager:
+                am.setdefault(f.name, []).append(f.labels)
+            else:
+                unchecked.setdefault(f.name, NO_ALERTMANAGER)
+        else:
+            why = NOT_RECHECKABLE.get(f.source, "no source to re-run it at")
+            unchecked.setdefault(f.name, why)
+    return RecheckPlan(
+        {k: tuple(v) for k, v in prom.items()},
+        {k: tuple(v) for k, v in am.items()},
+        tuple(unchecked.items()),
+    )
+
+
 def recheck_verdict(
-    still: Sequence[str], cleared: Sequence[str], unchecked: Sequence[str]
+    still: Sequence[str], cleared: Sequence[str], unchecked: Sequence[tuple[str, str]]
 ) -> tuple[Outcome, str] | None:
-    """The trigger's verdict from the patterns still firing, cleared, and not re-checkable
-    on Prometheus (a Kubernetes or Alertmanager signal, a pattern no longer configured).
-    Only a condition checked in full decides healed: with a part unchecked the verdict is
-    "unknown" and the target's state decides (see :func:`judge`)."""
+    """The trigger's verdict from the parts still firing, cleared, and not re-checkable
+    (name, why): a Kubernetes signal, a pattern no longer configured. Only a condition
+    checked in full decides healed: with a part unchecked the verdict is "unknown" and the
+    target's state decides (see :func:`judge`)."""
     if still:
         return "not_healed", f"{', '.join(still)} still firing after the action"
     gone = f"{', '.join(cleared)} cleared" if cleared else ""
     if not unchecked:
         return ("healed", gone) if cleared else None
-    why = f"{', '.join(unchecked)} not re-checked (not a configured Prometheus pattern)"
-    return "unknown", f"{gone}; {why}" if gone else why
+    by_why: dict[str, list[str]] = {}
+    for name, why in unchecked:
+        by_why.setdefault(why, []).append(name)
+    parts = [f"{', '.join(names)} not re-checked ({why})" for why, names in by_why.items()]
+    return "unknown", "; ".join([gone, *parts] if gone else parts)

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from agent.models import ActionType, Firing, ParamValue
 from handlers.executor import kill_switch_file, target_replicas
-from handlers.verification import fires_at, recheck_verdict, to_recheck
+from handlers.verification import (
+    NO_ALERTMANAGER,
+    NO_PATTERN,
+    NO_PROMETHEUS,
+    fires_at,
+    plan_recheck,
+    recheck_verdict,
+    to_recheck,
+)
 from tests.unit.factories import action
 
 
@@ -86,28 +94,47 @@ def test_a_request_of_an_earlier_version_rechecks_its_patterns_in_its_service() 
     assert to_recheck(new) == (Firing("a", {"node": "n1"}),)
 
 
+def test_each_part_of_a_trigger_is_rechecked_where_it_came_from() -> None:
+    firing = [
+        Firing("errors", SHOP, "prometheus"),
+        Firing("errors", {"node": "n1"}, "prometheus"),
+        Firing("legacy", SHOP),  # an earlier request: no source, a pattern
+        Firing("gone", SHOP, "prometheus"),  # no longer configured
+        Firing("KubeDown", SHOP, "alertmanager"),
+        Firing("BackOff", SHOP, "kubernetes"),
+        Firing("ext", SHOP, "feed"),
+    ]
+    plan = plan_recheck(firing, has_pattern=lambda n: n in ("errors", "legacy"), alertmanager=True)
+    assert plan.prometheus == {"errors": (SHOP, {"node": "n1"}), "legacy": (SHOP,)}
+    assert plan.alertmanager == {"KubeDown": (SHOP,)}
+    assert [name for name, _ in plan.unchecked] == ["gone", "BackOff", "ext"]
+    assert dict(plan.unchecked)["gone"] == NO_PATTERN
+    assert "Kubernetes" in dict(plan.unchecked)["BackOff"]
+    # Without an Alertmanager or a Prometheus to ask, those parts are not re-checked either.
+    bare = plan_recheck(firing, has_pattern=lambda n: n == "errors", prometheus=False)
+    assert bare.prometheus == {} and bare.alertmanager == {}
+    assert dict(bare.unchecked)["errors"] == NO_PROMETHEUS
+    assert dict(bare.unchecked)["KubeDown"] == NO_ALERTMANAGER
+
+
 @pytest.mark.parametrize(
     ("still", "cleared", "unchecked", "verdict"),
     [
         ([], [], [], None),
         ([], ["a", "b"], [], ("healed", "a, b cleared")),
-        (["b"], ["a"], ["k"], ("not_healed", "b still firing after the action")),
-        (
-            [],
-            [],
-            ["k"],
-            ("unknown", "k not re-checked (not a configured Prometheus pattern)"),
-        ),
+        (["b"], ["a"], [("k", "why")], ("not_healed", "b still firing after the action")),
+        ([], [], [("k", "why")], ("unknown", "k not re-checked (why)")),
+        ([], ["a"], [("k", "why")], ("unknown", "a cleared; k not re-checked (why)")),
         (
             [],
             ["a"],
-            ["k"],
-            ("unknown", "a cleared; k not re-checked (not a configured Prometheus pattern)"),
+            [("k", "one"), ("l", "two"), ("m", "one")],
+            ("unknown", "a cleared; k, m not re-checked (one); l not re-checked (two)"),
         ),
     ],
 )
 def test_recheck_verdict(
-    still: list[str], cleared: list[str], unchecked: list[str], verdict: object
+    still: list[str], cleared: list[str], unchecked: list[tuple[str, str]], verdict: object
 ) -> None:
     assert recheck_verdict(still, cleared, unchecked) == verdict
 

@@ -109,7 +109,7 @@ async def executor(cluster: FakeCluster) -> AsyncIterator[tuple[Executor, FakePr
 
 def test_a_node_action_is_not_judged_by_its_own_node() -> None:
     drain = request(node_incident(), "drain_node", Target(kind="Node", name="n1"))
-    assert drain.firing == (Firing("high-error-rate", CHECKOUT),)
+    assert drain.firing == (Firing("high-error-rate", CHECKOUT, "prometheus"),)
     assert drain.trigger == ("high-error-rate",)
     # Any other action on the same incident keeps the node's condition, on the node.
     restart = request(
@@ -118,8 +118,8 @@ def test_a_node_action_is_not_judged_by_its_own_node() -> None:
         Target(kind="Deployment", **{"namespace": "shop", "name": "checkout"}),
     )
     assert restart.firing == (
-        Firing("high-error-rate", CHECKOUT),
-        Firing("node-not-ready", {"node": "n1"}),
+        Firing("high-error-rate", CHECKOUT, "prometheus"),
+        Firing("node-not-ready", {"node": "n1"}, "kubernetes"),
     )
 
 

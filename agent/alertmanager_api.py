@@ -1,0 +1,89 @@
+"""The Alertmanager API boundary: which alerts are active now (API v2).
+
+Verification asks it whether an alert that triggered an action still fires (see
+:mod:`handlers.verification`). Errors are translated once, as :mod:`agent.prom` does:
+anything that keeps the answer from us (connection refused, timeout, an HTTP error, a
+malformed reply naming the field) is :class:`DependencyUnavailable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from pydantic import ConfigDict
+
+from agent.codec import from_objs
+from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.models import Labels
+
+# A reply this large is not an answer we should hold: a runaway of alerts.
+MAX_REPLY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveAlert:
+    """One ``gettableAlert``: only what verification reads."""
+
+    __pydantic_config__ = ConfigDict(extra="ignore")
+    labels: Labels
+
+
+def matcher(name: str, value: str) -> str:
+    """An equality matcher of the API's ``filter`` parameter; the value is quoted with
+    ``\\``, ``"`` and newlines escaped (untrusted text: an alert name may hold any of them)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{name}="{escaped}"'
+
+
+def parse_alerts(raw: bytes) -> list[ActiveAlert]:
+    """Validate a ``GET /api/v2/alerts`` reply; a malformed one names the field."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise DependencyUnavailable(f"alertmanager reply: not valid JSON ({err})") from err
+    if not isinstance(doc, list):
+        raise DependencyUnavailable(
+            f"alertmanager reply: expected a list of alerts, got {type(doc).__name__}"
+        )
+    try:
+        return from_objs(ActiveAlert, doc)
+    except InvalidEvent as err:
+        raise DependencyUnavailable(f"alertmanager reply: {'; '.join(err.problems)}") from err
+
+
+class AlertmanagerAPI:
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._http: aiohttp.ClientSession | None = None
+
+    async def firing(self, alertname: str) -> list[Labels]:
+        """The label sets of the alerts named ``alertname`` that have not resolved, silenced
+        and inhibited ones included: a muted alert is a condition that still holds."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), raise_for_status=False
+            )
+        params = {"filter": matcher("alertname", alertname)}
+        try:
+            async with self._http.get(f"{self.url}/api/v2/alerts", params=params) as resp:
+                body = await resp.content.read(MAX_REPLY_BYTES + 1)
+                if resp.status != 200:
+                    text = body[:200].decode(errors="replace")
+                    raise DependencyUnavailable(
+                        f"alertmanager {self.url}: HTTP {resp.status}: {text}"
+                    )
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            why = str(err) or type(err).__name__  # a timeout says nothing else
+            raise DependencyUnavailable(f"alertmanager {self.url}: {why}") from err
+        if len(body) > MAX_REPLY_BYTES:
+            raise DependencyUnavailable(f"alertmanager reply: over {MAX_REPLY_BYTES} bytes")
+        # The filter is the server's; the name is checked here too, as the labels are read.
+        return [a.labels for a in parse_alerts(body) if a.labels.get("alertname") == alertname]
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
