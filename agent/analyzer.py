@@ -139,13 +139,16 @@ def workload_target(labels: Mapping[str, str]) -> Target:
 def recent_rollout(
     rollouts: tuple[Rollout, ...], target: Target, before: datetime, window: float
 ) -> Rollout | None:
-    """The latest rollout of ``target`` within ``window`` seconds before ``before``."""
+    """The latest rollout of ``target`` within ``window`` seconds before ``before``. The
+    workload's creation is not one: there is nothing to roll back to (a real cluster's
+    new Deployment failing at once was rolled "back" to nothing, and escalated)."""
     lo = before - timedelta(seconds=window)
     candidates = [
         r
         for r in rollouts
         if r.workload == target.name
         and r.namespace == target.namespace
+        and r.previous_image is not None
         and lo <= r.at <= before + timedelta(seconds=60)
     ]
     return max(candidates, key=lambda r: r.at, default=None)

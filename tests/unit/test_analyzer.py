@@ -76,6 +76,13 @@ def test_recent_rollout_is_rolled_back(minutes: float) -> None:
     assert an.created_at == at(3700)
 
 
+def test_a_workload_created_just_now_is_not_rolled_back_to_nothing() -> None:
+    created = replace(rollout(1), revision=1, previous_image=None)
+    an = analyze(incident(), Context(rollouts=(created,)), SETTINGS, OPENED)
+    assert an.root_cause_class != "bad_rollout"
+    assert "rollback" not in [a.type for a in an.actions]
+
+
 def test_older_rollout_within_the_window_is_a_weaker_suspect() -> None:
     an = analyze(incident(), Context(rollouts=(rollout(20),)), SETTINGS, OPENED)
     assert an.root_cause_class == "bad_rollout"
