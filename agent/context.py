@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import string
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -104,8 +104,17 @@ class Signals:
     node_conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def derive_signals(events: Sequence[KubeEvent], workloads: Sequence[str]) -> Signals:
-    """Crash loops, OOM kills and node conditions from event reasons (never messages)."""
+def derive_signals(
+    events: Sequence[KubeEvent],
+    workloads: Sequence[str],
+    live: Mapping[str, Collection[str]] | None = None,
+) -> Signals:
+    """Crash loops, OOM kills and node conditions from event reasons (never messages).
+
+    ``live``: each workload's pods now. An event about a pod that is gone (replaced by a
+    restart or a rollout) is its past, not its present: a crash loop a restart already
+    ended read, in the next incident, as a crash loop still going on. With no pods
+    listed for a workload, its events all count (nothing tells which are stale)."""
     crash: set[str] = set()
     oom: set[str] = set()
     nodes: dict[str, set[str]] = {}
@@ -115,6 +124,9 @@ def derive_signals(events: Sequence[KubeEvent], workloads: Sequence[str]) -> Sig
             continue
         owner = owner_of(e.name, workloads)
         if owner is None:
+            continue
+        now = (live or {}).get(owner)
+        if e.kind == "Pod" and now and e.name not in now:
             continue
         if e.reason in CRASH_REASONS:
             crash.add(owner)
@@ -204,6 +216,7 @@ class _Parts:
     logs: dict[str, str] = field(default_factory=dict)
     config_changes: list[ConfigChange] = field(default_factory=list)
     node_conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    live_pods: dict[str, list[str]] = field(default_factory=dict)  # workload -> pods now
     notes: list[str] = field(default_factory=list)
 
 
@@ -247,7 +260,7 @@ class ContextGatherer:
         else:
             parts.notes.append("events, logs and config changes: no cluster context adapter")
         await asyncio.gather(*(self._bounded(name, job, parts) for name, job in jobs))
-        signals = derive_signals(parts.events, [t.name for t in targets])
+        signals = derive_signals(parts.events, [t.name for t in targets], parts.live_pods)
         node_conditions = dict(signals.node_conditions)
         for n, conditions in parts.node_conditions.items():
             node_conditions[n] = tuple(sorted({*node_conditions.get(n, ()), *conditions}))
@@ -346,6 +359,8 @@ class ContextGatherer:
         for ns in sorted({t.namespace for t in targets}):
             names = [t.name for t in targets if t.namespace == ns]
             found += await src.events(ns, names, limit=limit)
+            for name in names:  # which events are about pods still there
+                parts.live_pods[name] = list(await src.pods(ns, name))
         if nodes:
             found += await src.events("", nodes, limit=limit)
         found.sort(key=lambda e: e.at.timestamp() if e.at else 0.0, reverse=True)  # newest

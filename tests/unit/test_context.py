@@ -189,6 +189,20 @@ def test_signals_come_from_reasons_not_messages() -> None:
     assert s.node_conditions == {"n1": ("NotReady",)}
 
 
+def test_an_event_about_a_pod_already_replaced_is_not_evidence_now() -> None:
+    events: Sequence[KubeEvent] = [
+        KubeEvent("shop", "Pod", "api-old-1", "BackOff"),  # before the restart
+        KubeEvent("shop", "Pod", "cart-1", "OOMKilled"),
+    ]
+    # The restart replaced api-old-1: its crash loop is over.
+    s = derive_signals(events, ["api", "cart"], {"api": ["api-new-1"], "cart": ["cart-1"]})
+    assert s.crash_looping == () and s.oom_killed == ("cart",)
+    # Still there, or nothing listed: the event counts.
+    assert derive_signals(events, ["api"], {"api": ["api-old-1"]}).crash_looping == ("api",)
+    assert derive_signals(events, ["api"], {"api": []}).crash_looping == ("api",)
+    assert derive_signals(events, ["api"]).crash_looping == ("api",)
+
+
 def test_owner_of() -> None:
     assert owner_of("checkout-7c9f-abcde", ["check", "checkout"]) == "checkout"
     assert owner_of("cart-1", ["checkout"]) is None
