@@ -24,9 +24,11 @@ deps: system-deps venv
 run: deps
 	scripts/run-lab.sh
 
-## make chaos: every lab experiment (bad rollout, crash loop, traffic surge, node failure), each healed and verified.
+## make chaos: every lab experiment (bad rollout, crash loop, traffic surge, node failure), each healed and verified,
+## on the local control plane (kwok nodes; LAB_CLUSTER=in-process for the in-process cluster).
+LAB_CLUSTER ?= kubernetes
 chaos: deps
-	scripts/run-lab.sh --experiment all
+	SRE_LAB_CLUSTER=$(LAB_CLUSTER) scripts/run-lab.sh --experiment all
 
 ## make test: lint, type-check and the whole suite against real Kafka/Prometheus/Alertmanager.
 test: deps lint

@@ -1,8 +1,9 @@
 """The local lab behind ``make run`` and ``make chaos``: a fault injected, healed end to end.
 
 A simulated service exports ``http_requests_total`` per pod and node, its containers'
-restart count and CPU use for Prometheus to scrape. Its health follows its Deployment in
-the in-process cluster and the nodes its pods run on. Each
+restart count and CPU use for Prometheus to scrape. Its health follows its Deployment and
+the nodes its pods run on, in the in-process cluster or on a real control plane (kwok's
+nodes, ``kubernetes.backend: kubernetes``; see :mod:`agent.lab_clusters`). Each
 chaos experiment (:data:`EXPERIMENTS`) injects one fault, then lets the real pipeline
 (Prometheus, detector, faust correlator, analyzer, executor) find and heal it, printing
 each stage as it crosses Kafka; it passes only if the remedy it names healed the service
@@ -19,9 +20,9 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from agent.analyzer import KubeEvent
 from agent.errors import DependencyUnavailable, cancel_and_wait, task_failure
+from agent.lab_clusters import InProcessLab, LabCluster
 from agent.models import (
     ActionResult,
     ActionType,
@@ -43,28 +45,26 @@ from agent.models import (
 )
 from agent.prom import PromClient
 from agent.settings import REPO_ROOT, Settings
-from handlers.cluster import RESTARTED_AT_ANNOTATION, Cluster, WorkloadState
-from handlers.fake_cluster import FakeCluster
+from handlers.cluster import Cluster, WorkloadState
 from streams.bus import BatchConsumer, Envelope
 from streams.partitioning import decode_anomalies
 
 log = logging.getLogger(__name__)
 
 BAD_IMAGE_SUFFIX = ":v2"
-# The lab's nodes: checkout's three pods start one on each.
-LAB_NODES = ("lab-node-1", "lab-node-2", "lab-node-3")
+GOOD_IMAGE = "registry.local/checkout:v1"
 
 
 class SimulatedService:
-    """An HTTP service's metrics, driven by its Deployment and, on the in-process cluster,
-    the nodes its pods run on: there it plays the ReplicaSet controller and the scheduler
-    too (:meth:`FakeCluster.reconcile`), so a drained node's pods come back elsewhere. On a
-    real control plane (kwok runs the pods) it counts per replica, without nodes."""
+    """An HTTP service's metrics, driven by its Deployment and the pods that serve it and
+    their nodes (in process it plays the ReplicaSet controller and the scheduler too, see
+    :meth:`FakeCluster.reconcile`; on a real control plane they run), so a drained node's
+    pods come back elsewhere."""
 
     def __init__(
-        self, cluster: Cluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
+        self, lab: LabCluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
     ) -> None:
-        self.cluster = cluster
+        self.lab = lab
         self.namespace = namespace
         self.name = name
         self.rps = rps
@@ -83,12 +83,12 @@ class SimulatedService:
         self.load = 1.5
         self.replicas = 0  # as last read from the Deployment
         self.cpu_seconds: dict[str, float] = {}  # per pod
+        self.first_pod = f"{name}-0"  # whose container restarts are counted
 
     def crash_looping(self, w: WorkloadState) -> bool:
         if self.crashing_since is None:
             return False
-        restarted = w.annotations.get(RESTARTED_AT_ANNOTATION)
-        return restarted is None or datetime.fromisoformat(restarted) < self.crashing_since
+        return w.restarted_at is None or w.restarted_at < self.crashing_since
 
     def error_share(self, w: WorkloadState) -> float:
         bad_image = 0.3 if w.image.endswith(BAD_IMAGE_SUFFIX) else 0.0
@@ -97,16 +97,9 @@ class SimulatedService:
         overloaded = max(0.0, (self.load - w.replicas) / self.load) if self.load else 0.0
         return max(bad_image, crashing, overloaded)
 
-    def pod_error_share(self, w: WorkloadState, node: str) -> float:
+    def pod_error_share(self, w: WorkloadState, node: str, down: frozenset[str]) -> float:
         """A pod on a node that is down answers nothing: every request sent to it fails."""
-        down = isinstance(self.cluster, FakeCluster) and self.cluster.bad_conditions(node)
-        return 1.0 if down else self.error_share(w)
-
-    def pods(self, w: WorkloadState) -> list[tuple[str, str]]:
-        """(pod, node) of the replicas serving now."""
-        if isinstance(self.cluster, FakeCluster):
-            return [(p.name, p.node) for p in self.cluster.reconcile(self.namespace, self.name)]
-        return [(f"{self.name}-{i}", "") for i in range(w.replicas)]
+        return 1.0 if node in down else self.error_share(w)
 
     def cpu_per_pod(self, w: WorkloadState) -> float:
         """Cores each replica uses: the load shared out, at most its limit of one."""
@@ -142,13 +135,16 @@ class SimulatedService:
         loop = asyncio.get_running_loop()
         last = loop.time()
         while True:
-            w = await self.cluster.workload(target)
-            pods = self.pods(w)
+            w = await self.lab.cluster.workload(target)
+            view = await self.lab.serving(self.namespace, self.name)
+            pods = list(view.pods)
             self.serving = frozenset(pods)
+            if pods:
+                self.first_pod = pods[0][0]
             # Spread over the pods, as a Service does; none when no pod runs (no endpoints).
             for i in range(self.rps // 10 if pods else 0):
                 pod, node = pods[(tick + i) % len(pods)]
-                failed = self._rng.random() < self.pod_error_share(w, node)
+                failed = self._rng.random() < self.pod_error_share(w, node, view.down)
                 key = (pod, node, "500" if failed else "200")
                 self.counts[key] = self.counts.get(key, 0) + 1
             tick += 1
@@ -178,7 +174,7 @@ class SimulatedService:
         lines += [
             "# TYPE kube_pod_container_status_restarts_total counter",
             f'kube_pod_container_status_restarts_total{{namespace="{self.namespace}",'
-            f'service="{self.name}",pod="{self.name}-0",container="app"}} {self.restarts}',
+            f'service="{self.name}",pod="{self.first_pod}",container="app"}} {self.restarts}',
             "# TYPE container_cpu_usage_seconds_total counter",
         ]
         where = f'namespace="{self.namespace}",service="{self.name}"'
@@ -210,31 +206,30 @@ def register_target(name: str, port: int, directory: Path | None = None) -> Path
     return path
 
 
-def _bad_rollout(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+async def _bad_rollout(lab: LabCluster, service: SimulatedService, now: datetime) -> None:
     image = f"registry.local/{service.name}{BAD_IMAGE_SUFFIX}"
-    cluster.rollout(service.namespace, service.name, image=image, at=now)
+    await lab.rollout(service.namespace, service.name, image=image, at=now)
 
 
-def _crash_loop(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+async def _crash_loop(lab: LabCluster, service: SimulatedService, now: datetime) -> None:
     service.crashing_since = now
     # What the kubelet reports: the evidence the analyzer reads (by reason).
-    pod = f"{service.name}-0"
     why = "Back-off restarting failed container"
-    cluster.add_event(KubeEvent(service.namespace, "Pod", pod, "BackOff", why, at=now))
+    pod = service.first_pod
+    await lab.add_event(KubeEvent(service.namespace, "Pod", pod, "BackOff", why, at=now))
 
 
-def _traffic_surge(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
+async def _traffic_surge(lab: LabCluster, service: SimulatedService, now: datetime) -> None:
     service.load = 3.3
 
 
-def _node_failure(cluster: FakeCluster, service: SimulatedService, now: datetime) -> None:
-    pods = cluster.pods_of(service.namespace, service.name)
-    if not pods:
+async def _node_failure(lab: LabCluster, service: SimulatedService, now: datetime) -> None:
+    view = await lab.serving(service.namespace, service.name)
+    if not view.pods:
         raise RuntimeError(f"{service.name} has no pods yet: no node to fail")
-    node = pods[0].node
-    cluster.set_node_conditions(node, ["NotReady"])
+    _, node = view.pods[0]
     why = "Node is not ready: kubelet stopped posting node status"
-    cluster.add_event(KubeEvent("", "Node", node, "NodeNotReady", why, at=now))
+    await lab.fail_node(node, why=why, at=now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +239,10 @@ class Experiment:
     name: str
     fault: str  # what is injected, as printed
     remedy: ActionType
-    apply: Callable[[FakeCluster, SimulatedService, datetime], None]
+    apply: Callable[[LabCluster, SimulatedService, datetime], Awaitable[None]]
 
-    def inject(self, cluster: FakeCluster, service: SimulatedService) -> None:
-        self.apply(cluster, service, utcnow())
+    async def inject(self, lab: LabCluster, service: SimulatedService) -> None:
+        await self.apply(lab, service, utcnow())
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
@@ -268,7 +263,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     ),
     Experiment(
         "node-failure",
-        "the node of checkout-0 goes NotReady; the pod on it fails every request (a third)",
+        "the node of checkout's first pod goes NotReady; the pod on it fails every request "
+        "(a third)",
         "drain_node",
         _node_failure,
     ),
@@ -406,16 +402,21 @@ async def run_lab(
         await prom.close()
     if waited >= 1:
         print(f"lab: waited {waited:.0f}s for an earlier run's series to leave the windows")
-    cluster = FakeCluster()
-    for node in LAB_NODES:
-        cluster.add_node(node)
-    cluster.create_deployment(
-        ns, name, image="registry.local/checkout:v1", replicas=3, at=utcnow() - timedelta(hours=6)
-    )
-    service = SimulatedService(cluster, namespace=ns, name=name)
+    lab, cluster = lab_cluster(settings)
+    try:
+        await lab.setup(ns, name, image=GOOD_IMAGE, replicas=3)
+    except BaseException:
+        await lab.teardown()
+        await lab.close()
+        await cluster.close()
+        raise
+    service = SimulatedService(lab, namespace=ns, name=name)
     await service.start()
     target_file = register_target("sre-agent-lab", service.port)
-    print(f"lab: simulated service {ns}/{name} on 127.0.0.1:{service.port}, scraped by Prometheus")
+    print(
+        f"lab: simulated service {ns}/{name} ({lab.where}) on 127.0.0.1:{service.port}, "
+        "scraped by Prometheus"
+    )
     agent = Agent(settings, roles=["all"], cluster=cluster)
     healed = asyncio.Event()
     resolved = asyncio.Event()
@@ -485,7 +486,7 @@ async def run_lab(
         await asyncio.sleep(baseline)
         loop = asyncio.get_running_loop()
         injected = loop.time()
-        chaos.inject(cluster, service)
+        await chaos.inject(lab, service)
         print(f"lab: experiment {chaos.name}: {chaos.fault}", flush=True)
         try:
             failed = await all_set_or_failed(
@@ -516,4 +517,22 @@ async def run_lab(
         await agent.stop()
         await service.stop()
         target_file.unlink(missing_ok=True)
+        await lab.teardown()
+        await lab.close()
     return code
+
+
+def lab_cluster(settings: Settings) -> tuple[LabCluster, Cluster]:
+    """The lab's side of the configured cluster, and the agent's: one shared in process;
+    on a real control plane each its own client (the agent closes its own when it stops,
+    and the lab still removes what it created after)."""
+    if settings.kubernetes.backend == "kubernetes":
+        from agent.lab_kube import KubeLab  # the kubernetes client loads only if used
+        from handlers.kube import KubeCluster
+
+        return (
+            KubeLab(KubeCluster.from_settings(settings.kubernetes)),
+            KubeCluster.from_settings(settings.kubernetes),
+        )
+    lab = InProcessLab()
+    return lab, lab.cluster

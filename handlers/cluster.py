@@ -54,8 +54,11 @@ class WorkloadState:
     revision: int
     image: str
     revisions: tuple[Revision, ...]
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)  # the workload's own
     generation: int = 1
+    # When a rolling restart was last asked for: the pod template's restartedAt annotation
+    # (``kubectl rollout restart``), which is not among the workload's own annotations.
+    restarted_at: datetime | None = None
 
     @property
     def applied_action_ids(self) -> tuple[str, ...]:

@@ -22,7 +22,6 @@ from agent.errors import ActionFailed
 from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
-    RESTARTED_AT_ANNOTATION,
     Effect,
     Footprint,
     Observation,
@@ -259,9 +258,12 @@ class FakeCluster:
             state = self._get(target)
             if action_id in state.applied_action_ids:
                 return Effect(applied=False, message=f"action {action_id} already applied")
-            annotations = dict(self._with_id(state, action_id))
-            annotations[RESTARTED_AT_ANNOTATION] = at.isoformat()
-            new = replace(state, generation=state.generation + 1, annotations=annotations)
+            new = replace(
+                state,
+                generation=state.generation + 1,
+                annotations=self._with_id(state, action_id),
+                restarted_at=at,
+            )
             self._put(new)
             return Effect(
                 applied=True,
@@ -472,7 +474,11 @@ class FakeCluster:
         return found[-limit:] if limit else []
 
     async def pods(self, namespace: str, workload: str) -> Sequence[str]:
-        return sorted(p for ns, p in self._logs if ns == namespace and p.startswith(f"{workload}-"))
+        """Pods named ``<workload>-...``, as the API server lists them: those placed here
+        and those only given logs."""
+        names = {p for ns, p in self._logs if ns == namespace}
+        names |= {p for ns, p in self._pods if ns == namespace}
+        return sorted(p for p in names if p.startswith(f"{workload}-"))
 
     async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
         text = self._logs.get((namespace, pod))

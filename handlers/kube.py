@@ -108,6 +108,10 @@ class Conflict(TransientError):
     """409: the object changed since it was read (resourceVersion precondition failed)."""
 
 
+class NotFound(ActionFailed):
+    """404: no such object (or its namespace is gone)."""
+
+
 # --- pure helpers (unit-tested) -----------------------------------------------------------------
 
 
@@ -194,6 +198,19 @@ def template_without_hash(template: Mapping[str, Any]) -> Obj:
     if labels:
         labels.pop(POD_TEMPLATE_HASH, None)
     return out
+
+
+def restarted_at(template: Mapping[str, Any]) -> datetime | None:
+    """When ``kubectl rollout restart`` (or our restart) last stamped the pod template;
+    None when never, or when the stamp is not a time."""
+    raw = annotations_of(template).get(RESTARTED_AT_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def first_image(template: Mapping[str, Any]) -> str:
@@ -461,6 +478,7 @@ class KubeCluster:
             revisions=revisions,
             annotations=annotations_of(obj),
             generation=int(meta.get("generation") or 1),
+            restarted_at=restarted_at(template),
         )
 
     async def _replica_sets(self, target: Target, deployment: Obj) -> list[Obj]:
@@ -1170,7 +1188,7 @@ def translate(
     if status == 401:
         return ActionFailed(f"unauthorized ({what}): the credentials were refused: {message}")
     if status == 404:
-        return ActionFailed(f"{what} not found")
+        return NotFound(f"{what} not found")
     if status == 409:
         return Conflict(f"{what}: {message}", retry_after=0.1)
     if status in (400, 405, 415, 422):

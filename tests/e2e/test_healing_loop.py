@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from agent.lab import SimulatedService
+from agent.lab_kube import KubeLab
 from agent.models import (
     ActionRequest,
     ActionResult,
@@ -73,7 +74,8 @@ async def _scenario(
     target = Target(kind="Deployment", namespace=namespace, name=name)
     deploy(k8s_cluster, namespace, name)
     cluster = KubeCluster(kubeconfig=str(k8s_cluster.kubeconfig))
-    service = SimulatedService(cluster, namespace=namespace, name=name)
+    # The lab's view of the same cluster: which pods serve, from which node.
+    service = SimulatedService(KubeLab(cluster, nodes=0), namespace=namespace, name=name)
     await service.start()
     prometheus.add_target(name, f"127.0.0.1:{service.port}")
     agent = Agent(settings, roles=["all"], cluster=cluster)

@@ -3,6 +3,7 @@ disruption, kubectl-undo templates, error translation; and the verification judg
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from handlers.cluster import Observation
 from handlers.kube import (
     Conflict,
     eviction_block,
+    restarted_at,
     rollout_disruption,
     scaled_value,
     selector_matches,
@@ -161,3 +163,16 @@ def test_judge_uses_the_target_state_without_a_trigger() -> None:
     assert judge("restart_pod", None, Observation(exists=False), None)[0] == "healed"
     assert judge("update_config", None, Observation(), None)[0] == "unknown"
     assert judge("rollback", None, None, ("unknown", "pattern gone"))[0] == "unknown"
+
+
+def test_a_restart_is_read_from_the_pod_template() -> None:
+    def template(stamp: str) -> dict[str, Any]:
+        return {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}
+
+    # kubectl writes RFC 3339 with a Z; the executor, isoformat with an offset.
+    assert restarted_at(template("2026-11-28T10:00:00Z")) == datetime(2026, 11, 28, 10, tzinfo=UTC)
+    assert restarted_at(template("2026-11-28T10:00:00+00:00")) == datetime(
+        2026, 11, 28, 10, tzinfo=UTC
+    )
+    assert restarted_at(template("yesterday")) is None
+    assert restarted_at({}) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,21 +14,21 @@ import pytest
 from agent.errors import AgentError, DependencyUnavailable
 from agent.lab import (
     EXPERIMENTS,
-    LAB_NODES,
     SimulatedService,
     all_set_or_failed,
     await_quiet,
     experiment,
 )
+from agent.lab_clusters import LAB_NODES, InProcessLab
+from agent.lab_kube import lab_deployment, serving_pods
 from agent.models import Target, utcnow
 from agent.prom import Sample
-from handlers.cluster import WorkloadState
 from handlers.fake_cluster import FakeCluster
 
 
 async def test_a_service_whose_traffic_died_reports_it() -> None:
-    cluster = FakeCluster()  # no checkout Deployment: the traffic loop cannot read its image
-    service = SimulatedService(cluster, namespace="shop", name="checkout")
+    # No checkout Deployment: the traffic loop cannot read its image.
+    service = SimulatedService(InProcessLab(), namespace="shop", name="checkout")
     await service.start()
     try:
         for _ in range(100):
@@ -85,7 +86,8 @@ def checkout() -> tuple[FakeCluster, Target, SimulatedService]:
         cluster.add_node(node)
     cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
     target = Target(kind="Deployment", namespace="shop", name="checkout")
-    return cluster, target, SimulatedService(cluster, namespace="shop", name="checkout")
+    lab = InProcessLab(cluster)
+    return cluster, target, SimulatedService(lab, namespace="shop", name="checkout")
 
 
 async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
@@ -93,7 +95,7 @@ async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_beg
     before = await cluster.workload(target)
     assert not service.crash_looping(before) and service.error_share(before) == 0.0
     await cluster.restart(target, action_id="early", at=utcnow() - timedelta(seconds=1))
-    experiment("crash-loop").inject(cluster, service)
+    await experiment("crash-loop").inject(service.lab, service)
     crashing = await cluster.workload(target)
     assert service.crash_looping(crashing) and service.error_share(crashing) == 0.2
     events = await cluster.events("shop", ["checkout"], limit=10)
@@ -106,7 +108,7 @@ async def test_a_traffic_surge_saturates_three_replicas_and_four_absorb_it() -> 
     cluster, target, service = checkout()
     w = await cluster.workload(target)
     assert (service.cpu_per_pod(w), service.error_share(w)) == (0.5, 0.0)
-    experiment("traffic-surge").inject(cluster, service)
+    await experiment("traffic-surge").inject(service.lab, service)
     assert service.cpu_per_pod(w) == 1.0  # at its limit: the saturation the rules read
     assert service.error_share(w) == pytest.approx(0.3 / 3.3)
     await cluster.scale(target, action_id="up", replicas=4)
@@ -124,8 +126,10 @@ async def test_a_node_failure_fails_its_pod_until_a_drain_moves_it() -> None:
         ("checkout-2", "lab-node-3"),
     ]
     w = await cluster.workload(target)
-    experiment("node-failure").inject(cluster, service)
-    assert [service.pod_error_share(w, p.node) for p in pods] == [1.0, 0.0, 0.0]
+    await experiment("node-failure").inject(service.lab, service)
+    down = (await service.lab.serving("shop", "checkout")).down
+    assert down == {"lab-node-1"}
+    assert [service.pod_error_share(w, p.node, down) for p in pods] == [1.0, 0.0, 0.0]
     (event,) = await cluster.events("", ["lab-node-1"], limit=10)
     assert (event.kind, event.reason) == ("Node", "NodeNotReady")
     # Nothing moves by itself: the pod waits on its broken node (the 5 min toleration).
@@ -135,7 +139,7 @@ async def test_a_node_failure_fails_its_pod_until_a_drain_moves_it() -> None:
     moved = cluster.reconcile("shop", "checkout")
     assert [p.name for p in moved] == ["checkout-0", "checkout-1", "checkout-2"]
     assert moved[0].node in ("lab-node-2", "lab-node-3")
-    assert [service.pod_error_share(w, p.node) for p in moved] == [0.0, 0.0, 0.0]
+    assert [service.pod_error_share(w, p.node, down) for p in moved] == [0.0, 0.0, 0.0]
 
 
 async def test_reconcile_follows_scaling_and_leaves_a_pod_pending_without_a_node() -> None:
@@ -155,17 +159,6 @@ async def test_reconcile_follows_scaling_and_leaves_a_pod_pending_without_a_node
     assert len(cluster.reconcile("shop", "checkout")) == 2  # Pending: no node to run on
 
 
-class ApiServer:
-    """A cluster that is not the in-process one (as KubeCluster on kwok): the service
-    cannot place its pods there, only read its Deployment."""
-
-    def __init__(self, inner: FakeCluster) -> None:
-        self.inner = inner
-
-    async def workload(self, target: Target) -> WorkloadState:
-        return await self.inner.workload(target)
-
-
 async def scraped(service: SimulatedService) -> str:
     """The service's /metrics once it has served some traffic."""
     await service.start()
@@ -183,15 +176,39 @@ async def scraped(service: SimulatedService) -> str:
     raise AssertionError(f"no traffic counted: {text}")
 
 
-async def test_requests_are_counted_per_pod_and_node_in_process_and_per_replica_elsewhere() -> None:
-    cluster, _, service = checkout()
+async def test_requests_are_counted_per_pod_and_node() -> None:
+    _, _, service = checkout()
     text = await scraped(service)
     assert 'pod="checkout-0",node="lab-node-1",status="200"}' in text
     assert 'status="500"' not in text
-    elsewhere = SimulatedService(ApiServer(cluster), namespace="shop", name="checkout")  # type: ignore[arg-type]
-    text = await scraped(elsewhere)
-    assert 'pod="checkout-2",status="200"}' in text
-    assert "node=" not in text
+
+
+def test_on_a_real_control_plane_only_running_pods_not_being_deleted_serve() -> None:
+    def pod(name: str, node: str, phase: str = "Running", deleting: bool = False) -> Any:
+        meta: dict[str, Any] = {"name": name}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return {"metadata": meta, "spec": {"nodeName": node}, "status": {"phase": phase}}
+
+    pods = [
+        pod("checkout-b", "n2"),
+        pod("checkout-a", "n1"),
+        pod("checkout-c", "", phase="Pending"),  # not scheduled yet
+        pod("checkout-d", "n1", deleting=True),  # evicted: out of the endpoints
+    ]
+    assert serving_pods(pods) == [("checkout-a", "n1"), ("checkout-b", "n2")]
+
+
+def test_the_lab_deployment_spreads_over_the_runs_own_nodes() -> None:
+    doc = lab_deployment("shop", "checkout", image="c:v1", replicas=3, run="r1")
+    spec = doc["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"sre-agent.io/lab": "r1"}
+    (spread,) = spec["topologySpreadConstraints"]
+    assert (spread["maxSkew"], spread["whenUnsatisfiable"]) == (1, "DoNotSchedule")
+    assert (
+        "nodeSelector"
+        not in lab_deployment("s", "c", image="c", replicas=1, run=None)["spec"]["template"]["spec"]
+    )
 
 
 def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
