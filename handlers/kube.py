@@ -931,6 +931,7 @@ class KubeCluster:
         state = _DrainState(pending=dict(evict))
         budgets: dict[str, list[Obj]] = {}
         gone = False
+        stranded: list[str] = []
         while True:
             for key, pod in list(state.pending.items()):
                 meta = pod["metadata"]
@@ -954,7 +955,7 @@ class KubeCluster:
                 else:
                     state.blocked[key] = why
             if not state.pending:
-                gone = await self._gone(state.evicted)
+                gone, stranded = await self._gone(state.evicted, target.name)
                 if gone:
                     break
             if loop.time() >= deadline:
@@ -978,14 +979,26 @@ class KubeCluster:
                 prior_state=prior,
             )
         skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
+        left = (
+            f"; {len(stranded)} still terminating on the NotReady node, whose kubelet cannot "
+            f"confirm it ({', '.join(sorted(stranded))})"
+            if stranded
+            else ""
+        )
         return Effect(
             applied=True,
             message=f"drained {target.key}: cordoned, evicted {len(state.evicted)} pods "
-            f"({evicted}){skip}",
+            f"({evicted}){skip}{left}",
             prior_state=prior,
         )
 
-    async def _gone(self, evicted: Mapping[str, str]) -> bool:
+    async def _gone(self, evicted: Mapping[str, str], node: str) -> tuple[bool, list[str]]:
+        """Whether the evicted pods are gone, and those that count as gone though still
+        terminating: on a NotReady node no kubelet confirms a pod's end, so it would stay
+        Terminating until the node object goes (kubectl drain waits out its timeout
+        there). Its controller has replaced it already; waiting only fails the drain."""
+        down: bool | None = None  # read once, when a pod still terminates
+        stranded: list[str] = []
         for key, uid in evicted.items():
             ns, name = key.split("/", 1)
             status, pod, headers = await self._raw("GET", f"/api/v1/namespaces/{ns}/pods/{name}")
@@ -993,9 +1006,17 @@ class KubeCluster:
                 continue
             if not 200 <= status < 300:
                 raise translate(status, pod, headers, method="GET", what=f"Pod/{key}")
-            if (pod.get("metadata") or {}).get("uid") == uid:
-                return False
-        return True
+            meta = pod.get("metadata") or {}
+            if meta.get("uid") != uid:
+                continue  # a new pod under the old name (a StatefulSet's)
+            if meta.get("deletionTimestamp"):
+                if down is None:
+                    down = "NotReady" in (await self.node_conditions([node])).get(node, ())
+                if down:
+                    stranded.append(key)
+                    continue
+            return False, []
+        return True, stranded
 
     async def update_config(
         self, target: Target, *, action_id: str, key: str, value: str

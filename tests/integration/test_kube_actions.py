@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from agent.errors import ActionFailed
+from agent.lab_kube import KubeLab, lab_nodes
 from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
@@ -492,6 +493,71 @@ async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
         await ex.stop()
         with contextlib.suppress(ActionFailed):
             await admin.call("DELETE", f"{PDBS.format(ns=ns)}/guarded", what="pdb")
+
+
+async def finalize(admin: KubeCluster, namespace: str, app: str, hold: bool) -> list[str]:
+    """Put a finalizer on the app's pods (or take it off): a deleted pod then stays
+    Terminating, as one does whose kubelet never confirms its end. Returns their names."""
+    doc = await admin.call(
+        "GET",
+        f"/api/v1/namespaces/{namespace}/pods",
+        what="pods",
+        query=[("labelSelector", f"app={app}")],
+    )
+    names = [p["metadata"]["name"] for p in doc["items"]]
+    for name in names:
+        await admin.call(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}",
+            what=f"Pod/{name}",
+            body={"metadata": {"finalizers": [HOLD] if hold else None}},
+            content_type="application/merge-patch+json",
+        )
+    return names
+
+
+HOLD = "sre-agent.io/test-hold"
+
+
+async def test_a_drain_does_not_wait_on_pods_only_a_dead_kubelet_could_end(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """On a NotReady node, an evicted pod stays Terminating until the node object goes: no
+    kubelet confirms its end. The drain counts it as gone (its ReplicaSet replaced it), and
+    names it; on a Ready node it still waits for it."""
+    ns = k8s_namespace
+    nodes = lab_nodes(uuid.uuid4().hex[:6], 2)
+    up, dead = (n["metadata"]["name"] for n in nodes)
+    for n in nodes:  # nodes of its own: one is taken down
+        await admin.call("POST", "/api/v1/nodes", what="Node", body=n)
+    pods: dict[str, str] = {}
+    try:
+        for app, node in (("on-up", up), ("on-dead", dead)):
+            await ready_deployment(admin, ns, app, 1, nodeSelector={"kubernetes.io/hostname": node})
+            (pods[app],) = await finalize(admin, ns, app, hold=True)
+        await KubeLab(admin, nodes=0).fail_node(dead, why="test: the kubelet died", at=utcnow())
+        ex = executor(kube, MemoryBus(), max_nodes_cordoned=5)
+        try:
+            r = await ex.on_action(request("drain_node", Target(kind="Node", name=up), timeout=3))
+            assert r.status == "failed", r.message
+            assert "evicted pods still terminating" in r.message
+            r = await ex.on_action(
+                request("drain_node", Target(kind="Node", name=dead), timeout=30)
+            )
+            assert r.status == "succeeded", r.message
+            assert (
+                "1 still terminating on the NotReady node, whose kubelet cannot confirm it "
+                f"({ns}/{pods['on-dead']})"
+            ) in r.message
+        finally:
+            await ex.stop()
+    finally:
+        for app in pods:
+            with contextlib.suppress(ActionFailed):
+                await finalize(admin, ns, app, hold=False)
+        for node in (up, dead):
+            with contextlib.suppress(ActionFailed):
+                await admin.call("DELETE", f"/api/v1/nodes/{node}", what="Node")
 
 
 async def test_config_update_behind_approval_then_undo(
