@@ -6,8 +6,17 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from agent.analysis_stage import action_requests
 from agent.analyzer import Context, Rollout
-from agent.models import Incident, Member, fingerprint
+from agent.models import (
+    ActionRequest,
+    Analysis,
+    Incident,
+    Member,
+    RecommendedAction,
+    Target,
+    fingerprint,
+)
 from agent.settings import Settings, parse_settings
 
 OPENED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -106,3 +115,22 @@ def rollout(minutes_before: float = 5, *, workload: str = "checkout", revision: 
 
 def bad_rollout_context(**more: Any) -> Context:
     return Context(rollouts=(rollout(5),), **more)
+
+
+def action_request(inc: Incident, type_: Any, target: Target) -> ActionRequest:
+    """The request the analysis stage makes of ``inc`` for one action on ``target``."""
+    analysis = Analysis(
+        id="an-1",
+        incident_id=inc.id,
+        incident_key=inc.key,
+        incident_revision=inc.revision,
+        analyzer="rules",
+        root_cause="test",
+        root_cause_class="unknown",
+        confidence=0.9,
+        evidence=(),
+        actions=(RecommendedAction(type=type_, target=target),),
+        created_at=OPENED + timedelta(minutes=1),
+    )
+    (req,) = action_requests(analysis, inc)
+    return req

@@ -14,13 +14,12 @@ from typing import Any
 import pytest
 
 from agent.alertmanager_api import AlertmanagerAPI
-from agent.analysis_stage import action_requests
 from agent.errors import DependencyUnavailable
 from agent.metrics import Metrics
-from agent.models import ActionRequest, Analysis, RecommendedAction, Target
+from agent.models import ActionRequest, Target
 from handlers.executor import Executor
 from handlers.fake_cluster import FakeCluster
-from tests.fakes.incidents import OPENED, incident, member
+from tests.fakes.incidents import OPENED, action_request, incident, member
 from tests.fakes.publisher import MemoryBus
 from tests.fixtures.infra import http_request
 from tests.unit.factories import settings as make_settings
@@ -101,25 +100,7 @@ def rollback_for(alertname: str) -> ActionRequest:
     am = replace(member(alertname, labels={**CHECKOUT, "pod": "checkout-1"}), source="alertmanager")
     backoff = replace(member("BackOff", labels=CHECKOUT), source="kubernetes")
     inc = incident(am, backoff, labels={"cluster": "c1", **CHECKOUT})
-    analysis = Analysis(
-        id="an-1",
-        incident_id=inc.id,
-        incident_key=inc.key,
-        incident_revision=inc.revision,
-        analyzer="rules",
-        root_cause="bad rollout",
-        root_cause_class="bad_rollout",
-        confidence=0.9,
-        evidence=(),
-        actions=(
-            RecommendedAction(
-                type="rollback", target=Target(kind="Deployment", namespace=NS, name="checkout")
-            ),
-        ),
-        created_at=OPENED + timedelta(minutes=1),
-    )
-    (req,) = action_requests(analysis, inc)
-    return req
+    return action_request(inc, "rollback", Target(kind="Deployment", namespace=NS, name="checkout"))
 
 
 def executor_at(alertmanager_url: str | None) -> Executor:

@@ -6,26 +6,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
-from typing import Any
 
 import pytest
 
-from agent.analysis_stage import action_requests
 from agent.metrics import Metrics
 from agent.models import (
-    ActionRequest,
-    Analysis,
     Firing,
     Incident,
     Member,
-    RecommendedAction,
     Target,
 )
 from agent.prom import Sample
 from handlers.executor import Executor
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, PATTERNS, incident, member
+from tests.fakes.incidents import action_request as request
 from tests.fakes.publisher import MemoryBus
 from tests.unit.factories import settings as make_settings
 
@@ -60,24 +55,6 @@ def node_incident() -> Incident:
     """Node n1 down; the checkout pod on it failing, absorbed into the node's incident."""
     pod = member(labels={"pod": "checkout-a", "node": "n1"})
     return incident(node_member(), pod, labels={"cluster": "c1", "namespace": "", "service": ""})
-
-
-def request(inc: Incident, type_: Any, target: Target) -> ActionRequest:
-    analysis = Analysis(
-        id="an-1",
-        incident_id=inc.id,
-        incident_key=inc.key,
-        incident_revision=inc.revision,
-        analyzer="rules",
-        root_cause="test",
-        root_cause_class="node_failure",
-        confidence=0.9,
-        evidence=(),
-        actions=(RecommendedAction(type=type_, target=target),),
-        created_at=OPENED + timedelta(minutes=1),
-    )
-    (req,) = action_requests(analysis, inc)
-    return req
 
 
 @pytest.fixture
