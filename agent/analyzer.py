@@ -356,12 +356,13 @@ def _diagnose(
 
 
 def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _Finding | None:
-    pattern = settings.pattern(m.name)
-    if pattern is None:
+    runbook = settings.steps_for(m.name, m.source)
+    if runbook is None:
         return None
+    prescriber, steps = runbook
     target = workload_target(m.labels or inc.labels)
     diagnosis: _Finding | None = None  # the first root cause found without an action
-    for step in pattern.actions:
+    for step in steps:
         action = CONDITIONAL_STEPS.get(step)
         if action == "rollback":
             r = recent_rollout(
@@ -387,14 +388,14 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
             continue
         if step in ACTION_TYPES:
             return _Finding(
-                root_cause=f"{m.name} matched pattern {pattern.name}, which prescribes {step}",
+                root_cause=f"{m.name} matched {prescriber}, which prescribes {step}",
                 root_cause_class="prescribed",
                 confidence=0.75,
                 evidence=(f"pattern {m.name} firing",),
                 action=RecommendedAction(
                     type=step,
                     target=target,
-                    expected_impact=f"the runbook's remedy for {pattern.name}",
+                    expected_impact=f"the remedy {prescriber} prescribes",
                 ),
             )
         diagnosis = diagnosis or _diagnose(step, m, inc, target, ctx, settings)

@@ -31,7 +31,7 @@ from pydantic import (
 
 from agent.codec import validation_problems
 from agent.errors import ConfigError
-from agent.models import ACTION_TYPES, ActionType, Severity, parse_matcher
+from agent.models import ACTION_TYPES, ActionType, AnomalySource, Severity, parse_matcher
 
 ENV_PREFIX = "SRE_AGENT__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -428,6 +428,21 @@ class PatternSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RunbookSpec:
+    """The steps for a signal the agent does not evaluate itself: an Alertmanager alert
+    (``alert`` is its alertname), a Kubernetes signal, a feed's anomaly. The same steps a
+    pattern's ``actions`` take; a Prometheus pattern of that name takes precedence."""
+
+    __pydantic_config__ = _STRICT
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=128)]
+    alert: Annotated[str, Field(min_length=1, max_length=1024)]
+    actions: Annotated[tuple[StepName, ...], Field(min_length=1)]
+    # Only the signal from this source (None: from any).
+    source: AnomalySource | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     __pydantic_config__ = _STRICT
     agent: AgentSection = field(default_factory=AgentSection)
@@ -440,6 +455,7 @@ class Settings:
     detectors: DetectorsSection = field(default_factory=DetectorsSection)
     kubernetes: KubernetesSection = field(default_factory=KubernetesSection)
     patterns: tuple[PatternSpec, ...] = ()
+    runbooks: tuple[RunbookSpec, ...] = ()
     # Pattern library files ({patterns: [...]}), relative to the config file's directory.
     # A pattern in ``patterns`` replaces a library pattern of the same name.
     pattern_files: tuple[str, ...] = ()
@@ -456,6 +472,17 @@ class Settings:
 
     def pattern(self, name: str) -> PatternSpec | None:
         return next((p for p in self.patterns if p.name == name), None)
+
+    def steps_for(self, name: str, source: str) -> tuple[str, tuple[str, ...]] | None:
+        """(what prescribes them, the steps) for a signal of this name and source: the
+        pattern of that name, else the first runbook for it."""
+        pattern = self.pattern(name)
+        if pattern is not None:
+            return f"pattern {pattern.name}", pattern.actions
+        for r in self.runbooks:
+            if r.alert == name and r.source in (None, source):
+                return f"runbook {r.name}", r.actions
+        return None
 
 
 def longest_event(s: Settings) -> float:
@@ -575,6 +602,12 @@ def parse_settings(
         f"patterns[{i}].name: duplicate pattern name {n!r}"
         for i, n in enumerate(names)
         if n in names[:i]
+    ]
+    books = [r.name for r in settings.runbooks]
+    problems += [
+        f"runbooks[{i}].name: duplicate runbook name {n!r}"
+        for i, n in enumerate(books)
+        if n in books[:i]
     ]
     if problems:
         raise ConfigError(problems)

@@ -8,8 +8,9 @@ from datetime import timedelta
 import pytest
 
 from agent.analyzer import Context, Rollout, analyze, workload_target
+from agent.codec import from_obj
 from agent.models import Incident, Member, Target, fingerprint, stable_id
-from agent.settings import DEFAULT_CONFIG, load_settings
+from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
 from tests.unit.factories import SHOP, T0, at
 
 SETTINGS = load_settings(DEFAULT_CONFIG, env={})  # rollout_window 30m, threshold 0.85
@@ -25,7 +26,7 @@ def member(name: str = "high-error-rate", status: str = "firing", **labels: str)
         name=name,
         source="prometheus",
         severity="critical",
-        status=status,  # type: ignore[arg-type]
+        status=status,
         labels=lab,
         first_seen=OPENED,
         last_seen=OPENED,
@@ -188,3 +189,40 @@ def test_analysis_does_not_depend_on_now() -> None:
     a = analyze(incident(), Context(), SETTINGS, T0)
     b = analyze(incident(), Context(), SETTINGS, T0 + timedelta(days=3))
     assert replace(a, created_at=b.created_at) == b
+
+
+def alert(name: str, source: str = "alertmanager") -> Member:
+    """A signal the agent does not evaluate itself, e.g. an Alertmanager alert."""
+    return replace(member(name), source=source, fingerprint=fingerprint(source, name, SHOP))
+
+
+def with_runbook(**book: object) -> Settings:
+    steps = ["check_recent_deployments", "auto_rollback_if_deployment_recent"]
+    doc = {"name": "orders", "alert": "CheckoutErrors", "actions": steps, **book}
+    return replace(SETTINGS, runbooks=(from_obj(RunbookSpec, doc),))
+
+
+def test_an_alert_is_healed_by_its_runbook() -> None:
+    ctx = Context(rollouts=(rollout(2),))
+    inc = incident(alert("CheckoutErrors"))
+    # No pattern or runbook for it: a diagnosis at most, never an action.
+    assert analyze(inc, ctx, SETTINGS, OPENED).actions == ()
+    an = analyze(inc, ctx, with_runbook(), OPENED)
+    assert an.root_cause_class == "bad_rollout"
+    assert [(a.type, a.target) for a in an.actions] == [("rollback", CHECKOUT)]
+
+
+def test_a_runbook_for_one_source_ignores_the_same_name_from_another() -> None:
+    ctx = Context(rollouts=(rollout(2),))
+    settings = with_runbook(source="kubernetes")
+    assert analyze(incident(alert("CheckoutErrors")), ctx, settings, OPENED).actions == ()
+    inc = incident(alert("CheckoutErrors", source="kubernetes"))
+    assert [a.type for a in analyze(inc, ctx, settings, OPENED).actions] == ["rollback"]
+
+
+def test_a_pattern_of_the_same_name_takes_precedence_over_a_runbook() -> None:
+    settings = with_runbook(alert="high-error-rate", actions=["scale_up"])
+    an = analyze(
+        incident(alert("high-error-rate")), Context(rollouts=(rollout(2),)), settings, OPENED
+    )
+    assert [a.type for a in an.actions] == ["rollback"]  # the pattern's steps, not scale_up

@@ -211,6 +211,23 @@ def test_duplicate_pattern_names_are_rejected() -> None:
     assert _only_problem(doc) == "patterns[2].name: duplicate pattern name 'up'"
 
 
+def test_runbooks_name_the_bad_field_and_reject_duplicate_names() -> None:
+    book = {"name": "orders", "alert": "OrdersErrors", "actions": ["check_recent_deployments"]}
+    steps = ["check_recent_deployments", "pray"]
+    assert _only_problem({"runbooks": [{**book, "actions": steps}]}).startswith(
+        "runbooks[0].actions[1]: "
+    )
+    assert _only_problem({"runbooks": [{**book, "actions": []}]}).startswith(
+        "runbooks[0].actions: "
+    )
+    assert _only_problem({"runbooks": [{**book, "source": "email"}]}).startswith(
+        "runbooks[0].source: "
+    )
+    assert _only_problem({"runbooks": [book, {**book, "alert": "Other"}]}) == (
+        "runbooks[1].name: duplicate runbook name 'orders'"
+    )
+
+
 def test_inhibit_rules_name_the_bad_matcher_and_reject_duplicate_names() -> None:
     rule = {"name": "r", "source_matchers": ["a=b"], "target_matchers": ["c=d"]}
     bad = {**rule, "target_matchers": ["sev=~("]}
