@@ -29,6 +29,7 @@ from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
     Analysis,
+    Escalation,
     Firing,
     Incident,
     Member,
@@ -94,6 +95,38 @@ def action_requests(analysis: Analysis, incident: Incident) -> list[ActionReques
     return out
 
 
+def notify_escalation(
+    incident: Incident, analysis: Analysis, settings: Settings
+) -> Escalation | None:
+    """The escalation a ``notify_oncall`` step asks for: the incident, with what the
+    analysis found and will do, for the on-call engineer. One per incident (stable id)."""
+    asking = sorted(
+        {
+            m.name
+            for m in incident.firing
+            if (steps := settings.steps_for(m.name, m.source)) and "notify_oncall" in steps[1]
+        }
+    )
+    if not asking:
+        return None
+    doing = [f"action: {a.type} {a.target.key}" for a in analysis.actions] or ["no action"]
+    return Escalation(
+        id=stable_id("escalation", incident.id, "notify"),
+        incident_id=incident.id,
+        incident_key=incident.key,
+        reason="notify",
+        summary=f"{incident.key}: {analysis.root_cause}"[:500],
+        at=analysis.created_at,
+        service=incident.labels.get("service", ""),
+        details=(
+            f"notify_oncall is a step of {', '.join(asking)}",
+            f"{analysis.analyzer} analysis, confidence {analysis.confidence:.2f}",
+            *doing,
+            *analysis.evidence[:8],
+        ),
+    )
+
+
 def evidence_key(incident: Incident) -> str:
     """What the analysis depends on; the same evidence is not analysed twice."""
     firing = sorted(f"{m.fingerprint}:{m.status}" for m in incident.members)
@@ -118,6 +151,7 @@ class AnalysisStage:
         self.llm = llm
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._notified: OrderedDict[str, None] = OrderedDict()  # incidents escalated
 
     async def decide(self, incident: Incident) -> Analysis:
         loop = asyncio.get_running_loop()
@@ -169,11 +203,19 @@ class AnalysisStage:
                 (self.bus.topic("actions"), req, None)
                 for req in action_requests(analysis, incident)
             )
+            notify = notify_escalation(incident, analysis, self.settings)
+            if notify is not None and incident.id not in self._notified:
+                out.append((self.bus.topic("escalations"), notify, None))
+                self.metrics.escalations.labels(reason="notify").inc()
         await self.bus.publish_many(out)
         for ek in todo:  # only once durable: a failed publish is analysed again
-            self._remember(ek)
+            self._remember(self._seen, ek)
+        for topic, value, _ in out:
+            if topic == self.bus.topic("escalations") and isinstance(value, Escalation):
+                self._remember(self._notified, value.incident_id)
 
-    def _remember(self, key: str) -> None:
-        self._seen[key] = None
-        while len(self._seen) > 10_000:
-            self._seen.popitem(last=False)
+    @staticmethod
+    def _remember(seen: OrderedDict[str, None], key: str) -> None:
+        seen[key] = None
+        while len(seen) > 10_000:
+            seen.popitem(last=False)

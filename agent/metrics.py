@@ -53,6 +53,19 @@ class Metrics:
             registry=r,
             buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
         )
+        self.escalations = Counter(
+            "sre_agent_escalations_total",
+            "Escalations published for a human, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "sre_agent_escalation_notifications_total",
+            "Escalation deliveries to a webhook: delivered, retried (a transient failure), "
+            "failed (refused, or given up on: dead-lettered).",
+            ["webhook", "result"],
+            registry=r,
+        )
         self.analyses = Counter(
             "sre_agent_analyses_total",
             "Analyses produced, by analyzer and root-cause class.",

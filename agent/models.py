@@ -472,6 +472,39 @@ class Silence:
         return self.active(at) and all(m.matches(labels) for m in self.matchers)
 
 
+EscalationReason = Literal[
+    "action_failed",  # the cluster refused or errored
+    "not_healed",  # verified: the trigger still fires after the action
+    "worse",  # verified: the action made the workload worse
+    "approval_expired",  # nobody decided in time
+    "approval_stale",  # approved, but the target or incident changed meanwhile
+    "notify",  # a pattern's or runbook's notify_oncall step
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """Something a human must look at now; the notifier delivers it to the configured
+    webhooks. ``id`` is stable per (incident or action, reason): a repeat is the same
+    escalation, and receivers dedupe on it."""
+
+    id: NonEmpty
+    incident_id: NonEmpty
+    incident_key: NonEmpty
+    reason: EscalationReason
+    summary: NonEmpty
+    at: Time
+    action_id: str | None = None
+    target: str = ""  # Kind/namespace/name of the action's target
+    service: str = ""
+    details: tuple[str, ...] = ()
+    schema_version: Version = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.incident_key
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A message that could not be decoded or processed, kept with the reason."""

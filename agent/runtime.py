@@ -30,7 +30,15 @@ from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
-from agent.models import ActionRequest, ActionResult, ApprovalDecision, ApprovalRequest, Incident
+from agent.models import (
+    ActionRequest,
+    ActionResult,
+    ApprovalDecision,
+    ApprovalRequest,
+    Escalation,
+    Incident,
+)
+from agent.notifier import Notifier
 from agent.prom import PromClient
 from agent.server import HealthServer
 from agent.settings import Settings
@@ -88,6 +96,7 @@ class Agent:
         self.correlator: Correlator | None = None
         self.llm: LLMAnalyzer | None = None
         self.analysis: AnalysisStage | None = None
+        self.notifier: Notifier | None = None
         self._build()
 
     def _build(self) -> None:
@@ -164,6 +173,18 @@ class Agent:
                     max_records=50,
                 )
             )
+            if s.escalation.webhooks:
+                self.notifier = Notifier(s, metrics=self.metrics)
+                self.components.append(
+                    BatchConsumer(
+                        self.bus,
+                        name="notifier",
+                        group_id=f"{prefix}notifier",
+                        topics={self.bus.topic("escalations"): Escalation},
+                        handler=self.notifier.handle,
+                        stuck_after=s.agent.stuck_after,
+                    )
+                )
         if "detector" in self.roles:
             self.detector = PromQLDetector(
                 s,
@@ -273,6 +294,8 @@ class Agent:
         await self.prom.close()
         if self.alertmanager is not None:
             await self.alertmanager.close()
+        if self.notifier is not None:
+            await self.notifier.close()
         await self.cluster.close()
         if self.server is not None:
             await self.server.stop()

@@ -397,6 +397,30 @@ class KubernetesDetectorSection:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookSection:
+    """Where escalations are POSTed (JSON): a chat or paging integration's webhook."""
+
+    __pydantic_config__ = _STRICT
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)]
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    # A bearer token read from this environment variable, never stored in the file.
+    token_env: str = ""
+    timeout: Seconds = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationSection:
+    __pydantic_config__ = _STRICT
+    webhooks: tuple[WebhookSection, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [w.name for w in self.webhooks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"webhooks: duplicate names {dupes}")
+
+
+@dataclass(frozen=True, slots=True)
 class DetectorsSection:
     __pydantic_config__ = _STRICT
     prometheus: PromDetectorSection = field(default_factory=PromDetectorSection)
@@ -454,6 +478,7 @@ class Settings:
     server: ServerSection = field(default_factory=ServerSection)
     detectors: DetectorsSection = field(default_factory=DetectorsSection)
     kubernetes: KubernetesSection = field(default_factory=KubernetesSection)
+    escalation: EscalationSection = field(default_factory=EscalationSection)
     patterns: tuple[PatternSpec, ...] = ()
     runbooks: tuple[RunbookSpec, ...] = ()
     # Pattern library files ({patterns: [...]}), relative to the config file's directory.

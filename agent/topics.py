@@ -109,6 +109,15 @@ CATALOG: tuple[TopicSpec, ...] = (
         partitions=1,
     ),
     TopicSpec(
+        "escalations",
+        "incident key",
+        "Escalation",
+        "delete",
+        30 * DAY_MS,
+        "What a human must look at: failed, unhealed or undecided actions and notify_oncall "
+        "steps; delivered to escalation.webhooks.",
+    ),
+    TopicSpec(
         "dead-letter",
         "source topic",
         "DeadLetter",

@@ -55,6 +55,8 @@ from agent.models import (
     ActionResult,
     ApprovalDecision,
     ApprovalRequest,
+    Escalation,
+    EscalationReason,
     Incident,
     Mitigation,
     Outcome,
@@ -348,7 +350,9 @@ class Executor:
                     f"approval {req.id} by {d.decided_by} is no longer valid: {problem}",
                     now,
                 )
-                log.error("ESCALATE: approved %s not executed: %s", req.action.type, problem)
+                await self._escalate(
+                    "approval_stale", req.action, f"approved, not executed: {problem}", now
+                )
             else:
                 await self.on_action(replace(req.action, approved_by=d.decided_by))
         # Only now: a crash before this line re-runs the decision, and the action id on the
@@ -390,10 +394,10 @@ class Executor:
             effect = await self._apply_retrying(action, now)
         except PartialFailure as err:
             self._remember(action, now)  # it changed something: counts for cooldown/budgets
-            log.error("ESCALATE: %s on %s failed half-way: %s", action.type, action.target.key, err)
+            await self._escalate("action_failed", action, f"failed half-way: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now, err.prior_state)
         except AgentError as err:
-            log.error("ESCALATE: %s on %s failed: %s", action.type, action.target.key, err)
+            await self._escalate("action_failed", action, f"failed: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now)
         if self.after_apply is not None:
             self.after_apply(action, effect)
@@ -591,11 +595,11 @@ class Executor:
                 "decision; escalated",
                 now,
             )
-            log.error(
-                "ESCALATE: approval %s for %s on %s expired undecided",
-                req.id,
-                req.action.type,
-                req.action.target.key,
+            await self._escalate(
+                "approval_expired",
+                req.action,
+                f"approval {req.id} expired at {req.expires_at.isoformat()} undecided",
+                now,
             )
             self.pending.pop(req.id, None)
             self._close(req.id, f"it expired at {req.expires_at.isoformat()} without a decision")
@@ -662,6 +666,27 @@ class Executor:
         assert self.prom is not None and pattern is not None
         return [s.labels for s in await self.prom.query(pattern.condition)]
 
+    async def _escalate(
+        self, reason: EscalationReason, action: ActionRequest, message: str, now: datetime
+    ) -> None:
+        """Log it, and publish it for the notifier (and any Kafka client) to deliver."""
+        log.error("ESCALATE: %s on %s: %s", action.type, action.target.key, message)
+        escalation = Escalation(
+            # Stable: a redelivered action escalates the same escalation, not a second one.
+            id=stable_id("escalation", action.id, reason),
+            incident_id=action.incident_id,
+            incident_key=action.incident_key,
+            reason=reason,
+            summary=f"{action.type} on {action.target.key}: {reason.replace('_', ' ')}",
+            at=now,
+            action_id=action.id,
+            target=action.target.key,
+            service=action.labels.get("service", ""),
+            details=(message[:2000],),
+        )
+        await self.bus.publish(self.bus.topic("escalations"), escalation)
+        self.metrics.escalations.labels(reason=reason).inc()
+
     async def verify_now(
         self, action: ActionRequest, before: Observation | None = None
     ) -> tuple[Outcome, str]:
@@ -682,7 +707,8 @@ class Executor:
             service=result.service, action=action.type, outcome=outcome
         ).inc()
         if outcome in ("not_healed", "worse"):
-            log.error("ESCALATE: %s on %s: %s", action.type, action.target.key, message)
+            reason: EscalationReason = "worse" if outcome == "worse" else "not_healed"
+            await self._escalate(reason, action, message, verified.finished_at)
         elif outcome == "unknown":
             log.warning("unverified %s on %s: %s", action.type, action.target.key, message)
         else:

@@ -17,8 +17,10 @@ from agent.models import (
     ActionRequest,
     ApprovalDecision,
     ApprovalRequest,
+    Escalation,
     Incident,
     Target,
+    stable_id,
     utcnow,
 )
 from agent.policy import Switches
@@ -168,6 +170,19 @@ async def test_a_drain_blocked_by_a_budget_fails_naming_it_and_can_be_undone(rig
     undo = undo_request(r, requested_by="bob", now=utcnow())
     assert (await ex.on_action(undo)).status == "succeeded"
     assert not c.node("n1").unschedulable
+
+
+async def test_a_failed_action_is_escalated_once_under_a_stable_id(rig: Any) -> None:
+    ex, bus, c = rig
+    c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)
+    await ex.on_action(act("drain_node", NODE, action_id="d1"))
+    (escalation,) = [e for e, _ in bus.on("escalations")]
+    assert isinstance(escalation, Escalation)
+    assert (escalation.reason, escalation.action_id) == ("action_failed", "d1")
+    assert escalation.summary == "drain_node on Node//n1: action failed"
+    assert "blocked by PodDisruptionBudget shop/checkout-pdb" in escalation.details[0]
+    assert escalation.id == stable_id("escalation", "d1", "action_failed")
+    assert ex.metrics.escalations.labels(reason="action_failed")._value.get() == 1
 
 
 async def test_a_drain_asking_for_more_than_the_configured_timeout_never_starts(rig: Any) -> None:

@@ -4,6 +4,7 @@ it; a signal Prometheus cannot re-check hands the verdict to the target's state.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -116,6 +117,29 @@ async def test_a_drain_heals_when_its_workloads_do_while_the_node_stays_down(
     # The moved pods still failing elsewhere is not healed.
     prom.answers["http_requests_total"].append({**CHECKOUT, "pod": "checkout-b", "node": "n2"})
     assert (await ex.verify_now(drain))[0] == "not_healed"
+
+
+async def test_an_action_verified_not_healed_is_escalated(
+    executor: tuple[Executor, FakeProm],
+) -> None:
+    ex, prom = executor
+    prom.answers = {"http_requests_total": [CHECKOUT]}  # still firing after the action
+    restart = request(
+        incident(member()),
+        "restart_workload",
+        Target(kind="Deployment", namespace="shop", name="checkout"),
+    )
+    bus = ex.bus
+    assert isinstance(bus, MemoryBus)
+    result = await ex.on_action(restart)  # verify_after 0: verified in the background at once
+    assert result.status == "succeeded", result.message
+    for _ in range(200):
+        if bus.on("escalations"):
+            break
+        await asyncio.sleep(0.01)
+    (escalation,) = [e for e, _ in bus.on("escalations")]
+    assert (escalation.reason, escalation.action_id) == ("not_healed", restart.id)
+    assert escalation.details == ("high-error-rate still firing after the action",)
 
 
 async def test_a_series_naming_its_service_by_app_is_still_firing(

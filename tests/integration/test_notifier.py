@@ -1,0 +1,125 @@
+"""Escalations reach people: the agent's notifier (executor role) reads the escalations
+topic on the real broker and POSTs each one to every configured webhook, retrying one
+that answers 503, never re-posting to one that already took it, and dead-lettering an
+escalation a webhook refuses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from agent.models import DeadLetter, Escalation, utcnow
+from agent.runtime import Agent
+from handlers.fake_cluster import FakeCluster
+from tests.helpers import make_settings, readers
+
+pytestmark = pytest.mark.integration
+
+
+class Receiver:
+    """A chat webhook that answers each path with the statuses it is given, in turn."""
+
+    def __init__(self, statuses: dict[str, list[int]]) -> None:
+        self.statuses = statuses
+        self.got: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        path = request.path
+        self.got.append((path, dict(request.headers), orjson.loads(await request.read())))
+        answers = self.statuses[path]
+        status = answers.pop(0) if len(answers) > 1 else answers[0]
+        return web.Response(status=status, text="busy" if status >= 500 else "")
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/{name}", self._hook)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = getattr(site, "_server", None)
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    def to(self, path: str) -> list[dict[str, Any]]:
+        return [body for p, _, body in self.got if p == path]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver({"/chat": [503, 200], "/pager": [503, 400]}) as r:
+        yield r
+
+
+async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token = uuid.uuid4().hex
+    monkeypatch.setenv("SRE_TEST_CHAT_TOKEN", token)
+    base = f"http://127.0.0.1:{receiver.port}"
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "escalation": {
+                "webhooks": [
+                    {"name": "chat", "url": f"{base}/chat", "token_env": "SRE_TEST_CHAT_TOKEN"},
+                    {"name": "pager", "url": f"{base}/pager", "timeout": "2s"},
+                ]
+            }
+        },
+    )
+    escalation = Escalation(
+        id=f"esc-{uuid.uuid4().hex[:8]}",
+        incident_id="inc-1",
+        incident_key="test/shop/checkout",
+        reason="not_healed",
+        summary="rollback on Deployment/shop/checkout: not healed",
+        at=utcnow(),
+        action_id="a-1",
+        target="Deployment/shop/checkout",
+        service="checkout",
+        details=("high-error-rate still firing after the action",),
+    )
+    agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
+    async with (
+        agent,
+        readers(kafka_bootstrap, {"dead": (agent.bus.topic("dead-letter"), DeadLetter)}) as r,
+    ):
+        await agent.bus.publish(agent.bus.topic("escalations"), escalation)
+        await r["dead"].wait_for(
+            lambda xs: any(escalation.id in x.raw for x in xs), 60, "the pager's refusal"
+        )
+        (letter,) = [x for x in r["dead"].items if escalation.id in x.raw]
+    # The chat webhook was busy once, then took it, once.
+    chat = receiver.to("/chat")
+    assert len(chat) == 2 and all(body["id"] == escalation.id for body in chat)
+    assert chat[-1]["text"].startswith("[not_healed] rollback on Deployment/shop/checkout")
+    headers = [h for p, h, _ in receiver.got if p == "/chat"]
+    assert headers[-1]["Authorization"] == f"Bearer {token}"
+    assert headers[-1]["Idempotency-Key"] == escalation.id
+    # The pager was busy (so the event was retried: the chat was not posted it again),
+    # then refused it: dead-lettered, naming the webhook.
+    assert len(receiver.to("/pager")) == 2
+    assert letter.consumer == "notifier"
+    assert "webhook pager refused escalation" in letter.error and "HTTP 400" in letter.error
+    value = agent.metrics.registry.get_sample_value
+    delivered = {"webhook": "chat", "result": "delivered"}
+    assert value("sre_agent_escalation_notifications_total", delivered) == 1
+    refused = {"webhook": "pager", "result": "failed"}
+    assert value("sre_agent_escalation_notifications_total", refused) == 1

@@ -1,0 +1,86 @@
+"""Escalations: a notify_oncall step escalates its incident once, with what the analysis
+found; what a webhook receives names the escalation and hides secrets."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import orjson
+
+from agent.analysis_stage import notify_escalation
+from agent.models import Analysis, Escalation, RecommendedAction, Target
+from agent.notifier import payload
+from tests.fakes.incidents import OPENED, PATTERNS, incident, member
+from tests.unit.factories import settings as make_settings
+
+CHECKOUT = Target(kind="Deployment", namespace="shop", name="checkout")
+PAGED = {
+    "name": "payments-down",
+    "condition": "up == 0",
+    "actions": ["check_downstream_services", "notify_oncall"],
+}
+
+
+def analysis(*actions: RecommendedAction) -> Analysis:
+    return Analysis(
+        id="an-1",
+        incident_id="inc-1",
+        incident_key="c1/shop/checkout",
+        incident_revision=1,
+        analyzer="rules",
+        root_cause="payments fail",
+        root_cause_class="dependency_outage",
+        confidence=0.7,
+        evidence=("calls to payments: 90% errors",),
+        actions=actions,
+        created_at=OPENED + timedelta(minutes=1),
+    )
+
+
+def test_a_notify_oncall_step_escalates_its_incident_with_the_analysis() -> None:
+    settings = make_settings({"patterns": [*PATTERNS, PAGED]})
+    inc = incident(member("payments-down"), member())
+    e = notify_escalation(
+        inc, analysis(RecommendedAction(type="scale_up", target=CHECKOUT)), settings
+    )
+    assert e is not None
+    assert (e.reason, e.incident_id, e.service) == ("notify", inc.id, "checkout")
+    assert e.summary == "c1/shop/checkout: payments fail"
+    assert e.details[:3] == (
+        "notify_oncall is a step of payments-down",
+        "rules analysis, confidence 0.70",
+        "action: scale_up Deployment/shop/checkout",
+    )
+    # The same incident escalates under the same id, whatever the analysis.
+    again = notify_escalation(inc, analysis(), settings)
+    assert again is not None and again.id == e.id and "no action" in again.details
+    # No step asks for it (or the member asking is resolved): nothing.
+    assert notify_escalation(incident(member()), analysis(), settings) is None
+    resolved = incident(member("payments-down", status="resolved"), member())
+    assert notify_escalation(resolved, analysis(), settings) is None
+
+
+def test_a_runbook_can_ask_for_the_on_call_too() -> None:
+    book = {"name": "pay", "alert": "PaymentsDown", "actions": ["notify_oncall"]}
+    settings = make_settings({"runbooks": [book]})
+    assert notify_escalation(incident(member("PaymentsDown")), analysis(), settings) is not None
+
+
+def test_a_webhook_gets_the_escalation_for_a_human_with_secrets_redacted() -> None:
+    e = Escalation(
+        id="esc-1",
+        incident_id="inc-1",
+        incident_key="c1/shop/checkout",
+        reason="action_failed",
+        summary="rollback on Deployment/shop/checkout: action failed",
+        at=OPENED,
+        action_id="a-1",
+        target="Deployment/shop/checkout",
+        service="checkout",
+        details=("failed: GET https://admin:hunter2@api.internal/x refused",),
+    )
+    doc = orjson.loads(payload(e))
+    assert (doc["id"], doc["reason"], doc["action_id"]) == ("esc-1", "action_failed", "a-1")
+    assert doc["at"] == "2024-05-01T12:00:00Z"
+    assert doc["text"].startswith("[action_failed] rollback on Deployment/shop/checkout")
+    assert "hunter2" not in payload(e).decode()
