@@ -26,6 +26,7 @@ from agent.calibration import CalibrationTracker
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
 from agent.errors import ComponentFailed, ConfigError
+from agent.escalation_watch import UnresolvedWatch
 from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
 from agent.llm_analyzer import LLMAnalyzer
@@ -173,6 +174,27 @@ class Agent:
                     max_records=50,
                 )
             )
+            if s.escalation.unresolved_after > 0:
+                watch = UnresolvedWatch(
+                    after=s.escalation.unresolved_after,
+                    topic=self.bus.topic("escalations"),
+                    publish=self.bus.publish,
+                    metrics=self.metrics,
+                    recent=functools.partial(
+                        recent, s.kafka, self.bus.topic("incidents"), Incident
+                    ),
+                )
+                self.components.append(watch)  # seeds what is open before intake
+                self.components.append(
+                    BatchConsumer(
+                        self.bus,
+                        name="escalation-watch",
+                        group_id=f"{prefix}escalation-watch",
+                        topics={self.bus.topic("incidents"): Incident},
+                        handler=watch.handle,
+                        stuck_after=s.agent.stuck_after,
+                    )
+                )
             if s.escalation.webhooks:
                 self.notifier = Notifier(s, metrics=self.metrics)
                 self.components.append(

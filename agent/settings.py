@@ -412,6 +412,9 @@ class WebhookSection:
 class EscalationSection:
     __pydantic_config__ = _STRICT
     webhooks: tuple[WebhookSection, ...] = ()
+    # An incident still open (not resolved or silenced) this long after it opened is
+    # escalated once (0: never).
+    unresolved_after: Seconds = 900.0
 
     def __post_init__(self) -> None:
         names = [w.name for w in self.webhooks]

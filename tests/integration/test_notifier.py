@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -16,7 +18,8 @@ from aiohttp import web
 from agent.models import DeadLetter, Escalation, utcnow
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
-from tests.helpers import make_settings, readers
+from tests.fakes.incidents import incident, member
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +126,45 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
     assert value("sre_agent_escalation_notifications_total", delivered) == 1
     refused = {"webhook": "pager", "result": "failed"}
     assert value("sre_agent_escalation_notifications_total", refused) == 1
+
+
+async def test_an_incident_left_open_is_escalated_after_a_restart_too(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Incidents written before the agent started (as before a restart) seed the watch: the
+    one still open is escalated as unresolved and delivered; the resolved one is not."""
+    opened = utcnow() - timedelta(minutes=10)
+    still_open = replace(incident(member()), id=f"open-{uuid.uuid4().hex[:6]}", opened_at=opened)
+    closed = replace(still_open, id=f"closed-{uuid.uuid4().hex[:6]}", status="resolved")
+    async with Receiver({"/chat": [200]}) as receiver:
+        settings = make_settings(
+            kafka_bootstrap,
+            topic_prefix,
+            doc={
+                "escalation": {
+                    "unresolved_after": "5m",
+                    "webhooks": [{"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat"}],
+                }
+            },
+        )
+        bus, _ = await started_bus(settings)
+        try:
+            for inc in (still_open, closed):
+                await bus.publish(bus.topic("incidents"), inc)
+        finally:
+            await bus.stop()
+        agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
+        async with (
+            agent,
+            readers(kafka_bootstrap, {"esc": (agent.bus.topic("escalations"), Escalation)}) as r,
+        ):
+            await r["esc"].wait_for(lambda xs: len(xs) >= 1, 30, "an escalation")
+            await eventually(lambda: _has(receiver, "/chat"), 30, 0.2, "delivery")
+            escalations = list(r["esc"].items)
+    assert [(e.reason, e.incident_id) for e in escalations] == [("unresolved", still_open.id)]
+    (body,) = receiver.to("/chat")
+    assert body["reason"] == "unresolved" and body["incident_id"] == still_open.id
+
+
+async def _has(receiver: Receiver, path: str) -> bool:
+    return bool(receiver.to(path))

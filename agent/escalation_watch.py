@@ -1,0 +1,140 @@
+"""Escalating incidents nobody has healed: an incident still open (not resolved, not
+silenced) ``escalation.unresolved_after`` after it opened is escalated once, reason
+``unresolved``, whatever the agent did or did not do about it (the runbook's "level 1
+after 5 minutes").
+
+The watch follows the incidents topic; at start it seeds itself from the incidents written
+in the last ``unresolved_after`` plus an hour, so a restart keeps watching what was open.
+An incident escalated before a restart may be escalated again: its escalation id is
+stable, so receivers see a repeat of the same escalation. The decisions are pure
+(:func:`track`, :func:`due`); the watch only keeps their state and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
+
+from agent.errors import AgentError, cancel_and_wait, task_failure
+from agent.metrics import Metrics
+from agent.models import Escalation, Incident, stable_id, utcnow
+from streams.bus import Envelope
+
+log = logging.getLogger(__name__)
+
+CLOSED = frozenset({"resolved", "silenced"})
+SEED_MARGIN = 3600.0
+
+Publish = Callable[[str, object], Awaitable[None]]
+RecentIncidents = Callable[[float], Awaitable[Iterable[Envelope]]]
+
+
+def track(open_: dict[str, Incident], incident: Incident) -> None:
+    """Keep the latest state of each open incident; drop it once it closes. A transition
+    older than the one held (a redelivery) changes nothing."""
+    held = open_.get(incident.id)
+    if held is not None and incident.revision < held.revision:
+        return
+    if incident.status in CLOSED:
+        open_.pop(incident.id, None)
+    else:
+        open_[incident.id] = incident
+
+
+def due(
+    open_: dict[str, Incident], escalated: set[str], now: datetime, after: float
+) -> list[Incident]:
+    """The open incidents older than ``after`` seconds not escalated yet, oldest first."""
+    found = [
+        inc
+        for inc in open_.values()
+        if inc.id not in escalated and (now - inc.opened_at).total_seconds() >= after
+    ]
+    return sorted(found, key=lambda inc: inc.opened_at)
+
+
+def unresolved(incident: Incident, now: datetime) -> Escalation:
+    minutes = (now - incident.opened_at).total_seconds() / 60
+    firing = sorted({m.name for m in incident.firing})
+    return Escalation(
+        id=stable_id("escalation", incident.id, "unresolved"),
+        incident_id=incident.id,
+        incident_key=incident.key,
+        reason="unresolved",
+        summary=f"{incident.key}: open for {minutes:.0f} min, {incident.status}",
+        at=now,
+        service=incident.labels.get("service", ""),
+        details=(
+            f"severity {incident.severity}, revision {incident.revision}",
+            f"firing: {', '.join(firing) or 'none'}",
+            f"opened {incident.opened_at.isoformat()}",
+        ),
+    )
+
+
+class UnresolvedWatch:
+    def __init__(
+        self,
+        *,
+        after: float,
+        topic: str,
+        publish: Publish,
+        metrics: Metrics,
+        recent: RecentIncidents | None = None,
+        every: float = 5.0,
+    ) -> None:
+        self.after = after
+        self.topic = topic
+        self.publish = publish
+        self.metrics = metrics
+        self._recent = recent
+        self.every = every
+        self.open: dict[str, Incident] = {}
+        self.escalated: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.name = "escalation-watch"
+
+    async def start(self) -> None:
+        if self._recent is not None:
+            for env in await self._recent(self.after + SEED_MARGIN):
+                if isinstance(env.value, Incident):
+                    track(self.open, env.value)
+            log.info("escalation watch: %d open incidents loaded", len(self.open))
+        self._task = asyncio.create_task(self._loop(), name="escalation-watch")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    @property
+    def failure(self) -> BaseException | None:
+        return task_failure(self._task)
+
+    async def handle(self, batch: Sequence[Envelope]) -> None:
+        for env in batch:
+            if isinstance(env.value, Incident):
+                track(self.open, env.value)
+        # Forget closed ones (memory stays bounded by what is open); one that reopens later
+        # escalates again, under the same id.
+        self.escalated &= set(self.open)
+
+    async def sweep(self, now: datetime) -> list[Escalation]:
+        out = []
+        for inc in due(self.open, self.escalated, now, self.after):
+            escalation = unresolved(inc, now)
+            await self.publish(self.topic, escalation)
+            self.escalated.add(inc.id)
+            self.metrics.escalations.labels(reason="unresolved").inc()
+            log.error("ESCALATE: incident %s unresolved: %s", inc.key, escalation.summary)
+            out.append(escalation)
+        return out
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep(utcnow())
+            except AgentError as err:  # Kafka away: the next sweep tries again
+                log.warning("escalation watch: publishing failed, retrying: %s", err)
+            await asyncio.sleep(self.every)
