@@ -44,6 +44,7 @@ from agent.models import (
     utcnow,
 )
 from agent.prom import PromClient
+from agent.server import serve
 from agent.settings import REPO_ROOT, Settings
 from handlers.cluster import Cluster, WorkloadState
 from streams.bus import BatchConsumer, Envelope
@@ -108,13 +109,7 @@ class SimulatedService:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = getattr(site, "_server", None)
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])
+        self._runner, self.port = await serve(app, "127.0.0.1", 0)
         self._task = asyncio.create_task(self._traffic(), name="lab-traffic")
 
     @property

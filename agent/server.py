@@ -23,6 +23,18 @@ Check = Callable[[], Awaitable[str | None]]  # None when healthy, else the reaso
 LiveCheck = Callable[[], str | None]  # answered from memory: a probe must not wait on I/O
 
 
+async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start ``app`` on ``host:port``; its runner (to clean up) and the port it bound, which
+    is any free one for port 0."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = getattr(site, "_server", None)  # aiohttp keeps the asyncio server private
+    sockets = server.sockets if server is not None else ()
+    return runner, int(sockets[0].getsockname()[1]) if sockets else port
+
+
 class HealthServer:
     def __init__(self, *, host: str, port: int, metrics: Metrics) -> None:
         self.host = host
@@ -37,24 +49,18 @@ class HealthServer:
         self.app.router.add_get("/health/started", self._started)
         self.app.router.add_get("/health/ready", self._ready)
         self._runner: web.AppRunner | None = None
+        self._bound = port
 
     @property
     def bound_port(self) -> int:
         """The real port (useful when configured with port 0)."""
         assert self._runner is not None
-        for site in self._runner.sites:
-            server = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                return int(server.sockets[0].getsockname()[1])
-        return self.port
+        return self._bound
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        runner = web.AppRunner(self.app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, self.host, self.port).start()
-        self._runner = runner
+        self._runner, self._bound = await serve(self.app, self.host, self.port)
         log.info("http server on http://%s:%d", self.host, self.bound_port)
 
     async def stop(self) -> None:

@@ -153,7 +153,9 @@ async def test_a_consumer_stuck_in_its_handler_fails_the_agents_liveness(
     settings = make_settings(kafka_bootstrap, topic_prefix, doc=doc)
     agent = Agent(settings, roles=["executor"], cluster=FakeCluster())
     assert agent.server is not None
-    (consumer,) = [c for c in agent.components if isinstance(c, BatchConsumer)]
+    (consumer,) = [
+        c for c in agent.components if isinstance(c, BatchConsumer) and c.name == "executor"
+    ]
     release = asyncio.Event()
 
     async def hang(batch: list[Any]) -> None:

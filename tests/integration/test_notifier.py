@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agent.models import DeadLetter, Escalation, utcnow
 from agent.runtime import Agent
+from agent.server import serve
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import incident, member
 from tests.helpers import eventually, make_settings, readers, started_bus
@@ -43,13 +44,7 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/{name}", self._hook)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = getattr(site, "_server", None)
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])
+        self._runner, self.port = await serve(app, "127.0.0.1", 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
