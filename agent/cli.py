@@ -65,7 +65,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         for p in err.problems:
             print(p, file=sys.stderr)
         return 1
-    print(f"{args.file}: ok ({len(settings.patterns)} patterns)")
+    print(f"{args.file}: ok ({len(settings.patterns)} patterns, {len(settings.runbooks)} runbooks)")
     return 0
 
 

@@ -98,17 +98,18 @@ def _write(tmp_path: Path, text: str) -> str:
 
 
 def test_validate_ok_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path, "patterns:\n  - name: a\n    condition: up == 0\n")
+    runbook = "runbooks:\n  - {name: r, alert: A, actions: [notify_oncall]}\n"
+    path = _write(tmp_path, "patterns:\n  - name: a\n    condition: up == 0\n" + runbook)
     assert main(["config", "validate", path, "--no-env"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == f"{path}: ok (1 patterns)"
+    assert out.strip() == f"{path}: ok (1 patterns, 1 runbooks)"
     assert err == ""
 
 
 def test_validate_shipped_config_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "validate", str(DEFAULT_CONFIG), "--no-env"]) == 0
     # The reference's three patterns plus the six of the Kubernetes library.
-    assert "ok (9 patterns)" in capsys.readouterr().out
+    assert "ok (9 patterns, 0 runbooks)" in capsys.readouterr().out
 
 
 def test_validate_prints_one_stderr_line_per_problem(
