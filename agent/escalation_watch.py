@@ -3,11 +3,13 @@ silenced) ``escalation.unresolved_after`` after it opened is escalated once, rea
 ``unresolved``, whatever the agent did or did not do about it (the runbook's "level 1
 after 5 minutes").
 
-The watch follows the incidents topic; at start it seeds itself from the incidents written
-in the last ``unresolved_after`` plus an hour, so a restart keeps watching what was open.
-An incident escalated before a restart may be escalated again: its escalation id is
-stable, so receivers see a repeat of the same escalation. The decisions are pure
-(:func:`track`, :func:`due`); the watch only keeps their state and publishes.
+The watch follows every incident of the incidents topic from the time it starts (each
+replica with a consumer group of its own), and seeds itself from the incidents written in
+the last ``unresolved_after`` plus an hour, so a restart keeps watching what was open.
+Replicas escalate the same incident under the same stable id; the escalations of one
+incident share a partition, so one notifier sees them all and delivers the first only.
+An incident escalated before a restart may be escalated again, under that same id. The
+decisions are pure (:func:`track`, :func:`due`); the watch keeps their state and publishes.
 """
 
 from __future__ import annotations

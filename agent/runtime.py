@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import uuid
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -184,17 +185,21 @@ class Agent:
                         recent, s.kafka, self.bus.topic("incidents"), Incident
                     ),
                 )
-                self.components.append(watch)  # seeds what is open before intake
+                # Every replica follows every incident from now on (a group of its own): one
+                # that saw only its partitions would miss the resolutions of incidents it
+                # seeded. The consumer starts first, so nothing falls between it and the seed.
                 self.components.append(
                     BatchConsumer(
                         self.bus,
                         name="escalation-watch",
-                        group_id=f"{prefix}escalation-watch",
+                        group_id=f"{prefix}escalation-watch-{uuid.uuid4().hex[:12]}",
                         topics={self.bus.topic("incidents"): Incident},
                         handler=watch.handle,
+                        from_beginning=False,
                         stuck_after=s.agent.stuck_after,
                     )
                 )
+                self.components.append(watch)  # seeds what is open
             if s.escalation.webhooks:
                 self.notifier = Notifier(s, metrics=self.metrics)
                 self.components.append(

@@ -5,6 +5,7 @@ escalation a webhook refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -163,3 +164,59 @@ async def test_an_incident_left_open_is_escalated_after_a_restart_too(
 
 async def _has(receiver: Receiver, path: str) -> bool:
     return bool(receiver.to(path))
+
+
+async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what_resolved(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Each executor replica watches every incident: one that resolves after both started
+    is escalated by neither (a replica seeing only its partitions would miss it); one left
+    open is escalated by both under one id, and the webhook is posted it once."""
+    now = utcnow()
+    # Due 5 s from now; the other one only after the replicas started and saw it resolve.
+    stays = replace(
+        incident(member()),
+        id=f"stays-{uuid.uuid4().hex[:6]}",
+        opened_at=now - timedelta(seconds=15),
+    )
+    other = {"cluster": "c1", "namespace": "pay", "service": "ledger"}
+    ends = replace(incident(member(labels=other), labels=other), id=f"ends-{uuid.uuid4().hex[:6]}")
+    ends = replace(ends, opened_at=now)
+    async with Receiver({"/chat": [200]}) as receiver:
+        settings = make_settings(
+            kafka_bootstrap,
+            topic_prefix,
+            doc={
+                "escalation": {
+                    "unresolved_after": "20s",
+                    "webhooks": [{"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat"}],
+                }
+            },
+        )
+        bus, _ = await started_bus(settings)
+        try:
+            for inc in (stays, ends):
+                await bus.publish(bus.topic("incidents"), inc)
+            replicas = [
+                Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
+                for _ in range(2)
+            ]
+            async with (
+                replicas[0],
+                replicas[1],
+                readers(kafka_bootstrap, {"esc": (bus.topic("escalations"), Escalation)}) as r,
+            ):
+                # Both seeded it; it resolves before the bound (the replicas start in seconds).
+                assert (utcnow() - now).total_seconds() < 16
+                resolved = replace(ends, revision=2, status="resolved", resolved_at=utcnow())
+                await bus.publish(bus.topic("incidents"), resolved)
+                await r["esc"].wait_for(lambda xs: len(xs) >= 2, 30, "both replicas' escalation")
+                await eventually(lambda: _has(receiver, "/chat"), 30, 0.2, "delivery")
+                # A sweep more (every 5 s) past the resolved one's bound.
+                await asyncio.sleep(max(0.0, 26 - (utcnow() - now).total_seconds()))
+                escalations = list(r["esc"].items)
+        finally:
+            await bus.stop()
+    assert {(e.reason, e.incident_id) for e in escalations} == {("unresolved", stays.id)}
+    assert len({e.id for e in escalations}) == 1
+    assert [body["incident_id"] for body in receiver.to("/chat")] == [stays.id]
