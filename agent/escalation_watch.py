@@ -7,7 +7,8 @@ The watch follows every incident of the incidents topic from the time it starts 
 replica with a consumer group of its own), and seeds itself from the incidents written in
 the last ``unresolved_after`` plus an hour, so a restart keeps watching what was open.
 Replicas escalate the same incident under the same stable id; the escalations of one
-incident share a partition, so one notifier sees them all and delivers the first only.
+incident share a partition, so one notifier usually sees them all and posts the first
+only (across a rebalance another may post it again: receivers dedupe on the id).
 An incident escalated before a restart may be escalated again, under that same id. The
 decisions are pure (:func:`track`, :func:`due`); the watch keeps their state and publishes.
 """

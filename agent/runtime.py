@@ -188,6 +188,7 @@ class Agent:
                 # Every replica follows every incident from now on (a group of its own): one
                 # that saw only its partitions would miss the resolutions of incidents it
                 # seeded. The consumer starts first, so nothing falls between it and the seed.
+                # Replicas escalate an incident under one id (see agent.escalation_watch).
                 self.components.append(
                     BatchConsumer(
                         self.bus,
