@@ -216,7 +216,25 @@ class _Parts:
     logs: dict[str, str] = field(default_factory=dict)
     config_changes: list[ConfigChange] = field(default_factory=list)
     node_conditions: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    live_pods: dict[str, list[str]] = field(default_factory=dict)  # workload -> pods now
+    # (namespace, workload) -> the listing of its pods now: the events and the logs both
+    # need it, so it is asked for once per analysis.
+    pod_lists: dict[tuple[str, str], asyncio.Future[Sequence[str]]] = field(default_factory=dict)
+
+    def pods(self, src: ClusterContext, namespace: str, workload: str) -> Awaitable[Sequence[str]]:
+        key = (namespace, workload)
+        if key not in self.pod_lists:
+            self.pod_lists[key] = asyncio.ensure_future(src.pods(namespace, workload))
+        # Shielded: a job cancelled at its timeout must not cancel the other's listing.
+        return asyncio.shield(self.pod_lists[key])
+
+    def live_pods(self) -> dict[str, Sequence[str]]:
+        """workload -> its pods, for the listings that succeeded."""
+        return {
+            name: f.result()
+            for (_, name), f in self.pod_lists.items()
+            if f.done() and not f.cancelled() and f.exception() is None
+        }
+
     notes: list[str] = field(default_factory=list)
 
 
@@ -260,7 +278,9 @@ class ContextGatherer:
         else:
             parts.notes.append("events, logs and config changes: no cluster context adapter")
         await asyncio.gather(*(self._bounded(name, job, parts) for name, job in jobs))
-        signals = derive_signals(parts.events, [t.name for t in targets], parts.live_pods)
+        for listing in parts.pod_lists.values():
+            listing.cancel()  # one a timed-out job left running (a no-op for the rest)
+        signals = derive_signals(parts.events, [t.name for t in targets], parts.live_pods())
         node_conditions = dict(signals.node_conditions)
         for n, conditions in parts.node_conditions.items():
             node_conditions[n] = tuple(sorted({*node_conditions.get(n, ()), *conditions}))
@@ -360,7 +380,7 @@ class ContextGatherer:
             names = [t.name for t in targets if t.namespace == ns]
             found += await src.events(ns, names, limit=limit)
             for name in names:  # which events are about pods still there
-                parts.live_pods[name] = list(await src.pods(ns, name))
+                await parts.pods(src, ns, name)
         if nodes:
             found += await src.events("", nodes, limit=limit)
         found.sort(key=lambda e: e.at.timestamp() if e.at else 0.0, reverse=True)  # newest
@@ -385,7 +405,7 @@ class ContextGatherer:
             if is_dns_name(p := m.labels.get("pod", ""))
         ]
         for t in targets:
-            pods += [(t.namespace, p) for p in await src.pods(t.namespace, t.name)]
+            pods += [(t.namespace, p) for p in await parts.pods(src, t.namespace, t.name)]
         pods = list(dict.fromkeys(pods))[: self.limits.max_pods]
         if not pods:
             return

@@ -124,6 +124,25 @@ async def test_every_source_is_gathered_and_derived() -> None:
     assert ctx.notes == ()
 
 
+class CountingPods(FakeCluster):
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed: list[tuple[str, str]] = []
+
+    async def pods(self, namespace: str, workload: str) -> Sequence[str]:
+        self.listed.append((namespace, workload))
+        return await super().pods(namespace, workload)
+
+
+async def test_the_events_and_the_logs_share_one_listing_of_the_pods() -> None:
+    c = cluster(CountingPods)
+    assert isinstance(c, CountingPods)
+    ctx = await gather(c)
+    assert c.listed == [("shop", "checkout")]
+    assert list(ctx.logs) == ["checkout-7c9f-abcde"]  # the logs read the listed pod
+    assert ctx.crash_looping == ("checkout",)  # the events' pod is among those listed
+
+
 async def test_secrets_are_redacted_before_anything_is_kept() -> None:
     ctx = await gather()
     text = repr(ctx)
