@@ -177,6 +177,7 @@ class AnalysisStage:
 
     async def handle(self, batch: Sequence[Envelope]) -> None:
         out: list[tuple[str, object, str | None]] = []
+        notified: list[str] = []  # incidents escalated by this batch
         todo: dict[str, Incident] = {}  # evidence key -> incident
         for env in batch:
             incident = env.value
@@ -204,15 +205,17 @@ class AnalysisStage:
                 for req in action_requests(analysis, incident)
             )
             notify = notify_escalation(incident, analysis, self.settings)
-            if notify is not None and incident.id not in self._notified:
+            # Once per incident, however many of its revisions this batch or earlier held.
+            fresh = incident.id not in self._notified and incident.id not in notified
+            if notify is not None and fresh:
                 out.append((self.bus.topic("escalations"), notify, None))
+                notified.append(incident.id)
                 self.metrics.escalations.labels(reason="notify").inc()
         await self.bus.publish_many(out)
         for ek in todo:  # only once durable: a failed publish is analysed again
             self._remember(self._seen, ek)
-        for topic, value, _ in out:
-            if topic == self.bus.topic("escalations") and isinstance(value, Escalation):
-                self._remember(self._notified, value.incident_id)
+        for incident_id in notified:
+            self._remember(self._notified, incident_id)
 
     @staticmethod
     def _remember(seen: OrderedDict[str, None], key: str) -> None:

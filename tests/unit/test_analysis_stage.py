@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 from agent.analysis_stage import AnalysisStage
 from agent.chat import ChatMessage, Completion
+from agent.codec import from_obj
 from agent.context import ContextGatherer
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
-from agent.models import ActionRequest, Analysis
+from agent.models import ActionRequest, Analysis, Escalation
+from agent.settings import PatternSpec
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
 from tests.fakes.chat import ScriptedChatModel, action, answer, completion
@@ -143,3 +146,17 @@ async def test_the_stage_gathers_the_context_less_the_logs_without_the_llm() -> 
     assert ctx.logs == {}  # the cluster has a log for the pod: not fetched for the rules
     with_llm, _ = stage(ScriptedChatModel())
     assert (await with_llm.gatherer.gather(incident())).logs  # the same log, for the LLM
+
+
+async def test_a_notify_oncall_step_escalates_its_incident_once_across_revisions() -> None:
+    s, bus = stage(None)
+    paged = {"name": "payments-down", "condition": "up == 0", "actions": ["notify_oncall"]}
+    s.settings = replace(s.settings, patterns=(*s.settings.patterns, from_obj(PatternSpec, paged)))
+    first = incident(member("payments-down"))
+    # A new member: new evidence, analysed again, but the on-call was told already.
+    second = incident(member("payments-down"), member(), revision=2)
+    await s.handle([env(first), env(second, 1)])
+    await s.handle([env(replace(second, revision=3, members=(member("payments-down"),)), 2)])
+    assert len(bus.of(Analysis)) >= 2
+    (escalation,) = bus.of(Escalation)
+    assert (escalation.reason, escalation.incident_id) == ("notify", first.id)
