@@ -19,6 +19,7 @@ from aiohttp import web
 from agent.models import DeadLetter, Escalation, utcnow
 from agent.runtime import Agent
 from agent.server import serve
+from agent.settings import Settings
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import incident, member
 from tests.helpers import eventually, make_settings, readers, started_bus
@@ -133,16 +134,7 @@ async def test_an_incident_left_open_is_escalated_after_a_restart_too(
     still_open = replace(incident(member()), id=f"open-{uuid.uuid4().hex[:6]}", opened_at=opened)
     closed = replace(still_open, id=f"closed-{uuid.uuid4().hex[:6]}", status="resolved")
     async with Receiver({"/chat": [200]}) as receiver:
-        settings = make_settings(
-            kafka_bootstrap,
-            topic_prefix,
-            doc={
-                "escalation": {
-                    "unresolved_after": "5m",
-                    "webhooks": [{"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat"}],
-                }
-            },
-        )
+        settings = watching(kafka_bootstrap, topic_prefix, receiver, "5m")
         bus, _ = await started_bus(settings)
         try:
             for inc in (still_open, closed):
@@ -166,6 +158,16 @@ async def _has(receiver: Receiver, path: str) -> bool:
     return bool(receiver.to(path))
 
 
+def watching(bootstrap: str, prefix: str, receiver: Receiver, after: str) -> Settings:
+    """Settings escalating incidents open ``after``, to the receiver's chat webhook."""
+    chat = {"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat"}
+    return make_settings(
+        bootstrap,
+        prefix,
+        doc={"escalation": {"unresolved_after": after, "webhooks": [chat]}},
+    )
+
+
 async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what_resolved(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
@@ -184,16 +186,7 @@ async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what
     ends = replace(incident(member(labels=other), labels=other), id=f"ends-{uuid.uuid4().hex[:6]}")
     ends = replace(ends, opened_at=now)
     async with Receiver({"/chat": [200]}) as receiver:
-        settings = make_settings(
-            kafka_bootstrap,
-            topic_prefix,
-            doc={
-                "escalation": {
-                    "unresolved_after": "20s",
-                    "webhooks": [{"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat"}],
-                }
-            },
-        )
+        settings = watching(kafka_bootstrap, topic_prefix, receiver, "20s")
         bus, _ = await started_bus(settings)
         try:
             for inc in (stays, ends):
