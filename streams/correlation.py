@@ -446,6 +446,7 @@ class _Group:
         "dirty",
         "firing",
         "floor",
+        "floored",
         "fresh",
         "inc",
         "index",
@@ -467,6 +468,11 @@ class _Group:
         self.fresh = True  # inc.members is the members list
         # Tallies are kept only for a large group (see _count), from its first change on.
         self.counted = False
+        # A lower bound of resolved members' last_seen (None: no resolved member), found
+        # at the first retention check and then kept up by upsert: retention need not scan
+        # the members at each change while nothing resolved is older than its horizon.
+        self.floor: datetime | None = None
+        self.floored = False
 
     def _count(self) -> None:
         """Tallies that answer severity, "all resolved" and "all suppressed" without a scan
@@ -478,9 +484,6 @@ class _Group:
         self.loud = 0  # firing members not suppressed
         # members per severity rank: [firing ranks..., all members' ranks...]
         self.ranks = [0] * (2 * len(SEVERITY_RANK))
-        # A lower bound of resolved members' last_seen (None: no resolved member counted):
-        # retention need not look while nothing resolved is older than its horizon.
-        self.floor: datetime | None = None
         for m in self.members:
             self._tally(m, 1)
 
@@ -492,8 +495,6 @@ class _Group:
             self.ranks[rank] += sign
             if not m.suppressed:
                 self.loud += sign
-        elif sign > 0 and (self.floor is None or m.last_seen < self.floor):
-            self.floor = m.last_seen
 
     def _severity(self) -> Severity:
         """:func:`_severity` of the members."""
@@ -506,8 +507,11 @@ class _Group:
                 return RANKED[rank]
         return RANKED[0]
 
-    def _live(self, status: IncidentStatus) -> IncidentStatus:
-        """:func:`_live` of the members."""
+    def _live(self, status: IncidentStatus, loud: bool = False) -> IncidentStatus:
+        """:func:`_live` of the members. ``loud``: the change just made a member firing and
+        not suppressed, so the incident is not silenced, known without a scan."""
+        if loud:
+            return status
         if not self.counted:
             return _live(self.members, status)
         return "silenced" if self.firing and not self.loud else status
@@ -534,20 +538,27 @@ class _Group:
         self.dirty = True
         return inc
 
+    def _floor(self) -> datetime | None:
+        if not self.floored:
+            resolved = [m.last_seen for m in self.members if m.status == "resolved"]
+            self.floor = min(resolved) if resolved else None
+            self.floored = True
+        return self.floor
+
     def retain(self, at: datetime, keep: str, rules: CorrelationRules) -> None:
         """Drop what an open incident no longer keeps (see :func:`_retained`)."""
-        if self.counted and (
-            rules.member_retention <= 0
-            or self.floor is None
-            or self.floor >= at - timedelta(seconds=rules.member_retention)
-        ):
+        if rules.member_retention <= 0:
+            return
+        floor = self._floor()
+        if floor is None or floor >= at - timedelta(seconds=rules.member_retention):
             return  # nothing resolved is old enough to drop
         kept = _retained(self.members, at, keep, rules)
         if kept is not None:
             self.members = kept
             self.index = self._positions()  # a new dict: the memo of positions moves on
+        self.floored = False  # the bound was low: find the exact one of what is kept
         if self.counted:
-            self._count()  # the exact bound (and tallies) of what is kept
+            self._count()  # the tallies of what is kept
 
     def make_room(self, cap: int) -> None:
         """Room for one more member under ``cap`` (see :func:`_room`), or _Refused."""
@@ -582,6 +593,12 @@ class _Group:
                 self._tally(m, -1)
         if self.counted:
             self._tally(new, 1)
+        if (
+            self.floored
+            and new.status == "resolved"
+            and (self.floor is None or new.last_seen < self.floor)
+        ):
+            self.floor = new.last_seen
         self.fresh = False
         self.dirty = True
 
@@ -668,7 +685,8 @@ class _Group:
             self.upsert(a, marks)
             changed_at = max(a.observed_at, inc.updated_at)
             self.retain(changed_at, a.fingerprint, rules)
-            return self.change(self._live("reopened"), changed_at, None, None)
+            loud = not (marks.silenced_by or marks.inhibited_by)
+            return self.change(self._live("reopened", loud), changed_at, None, None)
         if known is None and not firing:
             return None
         if known is not None:
@@ -686,10 +704,13 @@ class _Group:
             self.make_room(rules.max_members)
         self.upsert(a, marks)
         changed_at = max(a.observed_at, inc.updated_at)
-        if self._all_resolved():
+        # A firing member was just written: not all resolved, and when it is not
+        # suppressed, not silenced either, both known without a scan of the members.
+        if not firing and self._all_resolved():
             return self.change("resolved", changed_at, changed_at, inc.absorbed_into)
         self.retain(changed_at, a.fingerprint, rules)
-        status = self._live("mitigating" if inc.status == "mitigating" else "updated")
+        loud = firing and not (marks.silenced_by or marks.inhibited_by)
+        status = self._live("mitigating" if inc.status == "mitigating" else "updated", loud)
         return self.change(status, changed_at, inc.resolved_at, inc.absorbed_into)
 
 
