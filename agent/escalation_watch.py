@@ -4,8 +4,9 @@ silenced) ``escalation.unresolved_after`` after it opened is escalated once, rea
 after 5 minutes").
 
 The watch follows every incident of the incidents topic from the time it starts (each
-replica with a consumer group of its own), and seeds itself from the incidents written in
-the last ``unresolved_after`` plus an hour, so a restart keeps watching what was open.
+replica reads every partition, in no consumer group), and seeds itself from the incidents
+written in the last ``unresolved_after`` plus an hour, so a restart keeps watching what was
+open.
 Replicas escalate the same incident under the same stable id; the escalations of one
 incident share a partition, so one notifier usually sees them all and posts the first
 only (across a rebalance another may post it again: receivers dedupe on the id).

@@ -15,7 +15,6 @@ import gc
 import logging
 import os
 import signal
-import uuid
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -185,15 +184,16 @@ class Agent:
                         recent, s.kafka, self.bus.topic("incidents"), Incident
                     ),
                 )
-                # Every replica follows every incident from now on (a group of its own): one
-                # that saw only its partitions would miss the resolutions of incidents it
-                # seeded. The consumer starts first, so nothing falls between it and the seed.
+                # Every replica follows every incident from now on (no group: each reads all
+                # partitions): one that saw only its partitions would miss the resolutions of
+                # incidents it seeded. The consumer starts first, so nothing falls between it
+                # and the seed.
                 # Replicas escalate an incident under one id (see agent.escalation_watch).
                 self.components.append(
                     BatchConsumer(
                         self.bus,
                         name="escalation-watch",
-                        group_id=f"{prefix}escalation-watch-{uuid.uuid4().hex[:12]}",
+                        group_id=None,
                         topics={self.bus.topic("incidents"): Incident},
                         handler=watch.handle,
                         from_beginning=False,

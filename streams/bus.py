@@ -278,6 +278,10 @@ async def handle_each(
 class BatchConsumer:
     """Consume ``topics`` in group ``group_id`` and hand batches over.
 
+    ``group_id`` None: no group. The consumer reads every partition and commits nothing,
+    for a follower that starts where it is told (``from_beginning``) each time: a group per
+    process start would be left behind at each restart, until Kafka expires its offsets.
+
     ``topics`` maps a topic to the event type its records decode into, or to a decode
     function (bytes -> value, raising InvalidEvent) for records in a foreign format.
 
@@ -292,7 +296,7 @@ class BatchConsumer:
         bus: Bus,
         *,
         name: str,
-        group_id: str,
+        group_id: str | None,
         topics: Mapping[str, type[Any] | Decoder],
         handler: Handler,
         max_records: int = 500,
@@ -437,6 +441,8 @@ class BatchConsumer:
             await self._handle(good)
             self.bus.metrics.processed.labels(consumer=self.name).inc(len(good))
             self._heartbeat()
+            if self.group_id is None:
+                continue  # nothing to commit to
             self._doing = "committing " + ", ".join(f"{tp.topic}[{tp.partition}]" for tp in offsets)
             try:
                 await consumer.commit(offsets)

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka.admin import AIOKafkaAdminClient
 
 from agent.models import DeadLetter, Escalation, utcnow
 from agent.runtime import Agent
@@ -217,3 +218,13 @@ async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what
     assert posted and {(b["id"], b["incident_id"]) for b in posted} == {
         (escalations[0].id, stays.id)
     }
+    # The watch reads in no consumer group: a group per replica start would stay behind.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        groups = [g[0] for g in await admin.list_consumer_groups()]
+    finally:
+        await admin.close()
+    ours = [g for g in groups if g.startswith(topic_prefix)]
+    assert ours, "the executor's own consumer groups"
+    assert not [g for g in ours if "escalation-watch" in g], ours
