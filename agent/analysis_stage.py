@@ -127,6 +127,32 @@ def notify_escalation(
     )
 
 
+def no_remedy_escalation(
+    incident: Incident, analysis: Analysis, severities: Sequence[str]
+) -> Escalation | None:
+    """A severe incident with something firing (not suppressed) that the analysis
+    recommends no action for: the agent will try nothing, so a human hears of it now rather
+    than at ``unresolved_after``. One per incident (stable id), with what the analysis found
+    and the actions it refused (an LLM's proposals outside the allow-list, say)."""
+    if analysis.actions or incident.severity not in severities or not incident.firing:
+        return None
+    return Escalation(
+        id=stable_id("escalation", incident.id, "no_remedy"),
+        incident_id=incident.id,
+        incident_key=incident.key,
+        reason="no_remedy",
+        summary=f"{incident.key}: {analysis.root_cause}; no action to take"[:500],
+        at=analysis.created_at,
+        service=incident.labels.get("service", ""),
+        details=(
+            f"{incident.severity}, firing: {', '.join(sorted({m.name for m in incident.firing}))}",
+            f"{analysis.analyzer} analysis, confidence {analysis.confidence:.2f}",
+            *(f"refused: {r}" for r in analysis.rejected_actions[:8]),
+            *analysis.evidence[:8],
+        ),
+    )
+
+
 def evidence_key(incident: Incident) -> str:
     """What the analysis depends on; the same evidence is not analysed twice."""
     firing = sorted(f"{m.fingerprint}:{m.status}" for m in incident.members)
@@ -204,13 +230,16 @@ class AnalysisStage:
                 (self.bus.topic("actions"), req, None)
                 for req in action_requests(analysis, incident)
             )
-            notify = notify_escalation(incident, analysis, self.settings)
+            # A notify step's page says "no action" itself: one page, not two.
+            page = notify_escalation(incident, analysis, self.settings) or no_remedy_escalation(
+                incident, analysis, self.settings.escalation.no_remedy
+            )
             # Once per incident, however many of its revisions this batch or earlier held.
             fresh = incident.id not in self._notified and incident.id not in notified
-            if notify is not None and fresh:
-                out.append((self.bus.topic("escalations"), notify, None))
+            if page is not None and fresh:
+                out.append((self.bus.topic("escalations"), page, None))
                 notified.append(incident.id)
-                self.metrics.escalations.labels(reason="notify").inc()
+                self.metrics.escalations.labels(reason=page.reason).inc()
         await self.bus.publish_many(out)
         for ek in todo:  # only once durable: a failed publish is analysed again
             self._remember(self._seen, ek)

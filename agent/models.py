@@ -479,6 +479,7 @@ EscalationReason = Literal[
     "approval_expired",  # nobody decided in time
     "approval_stale",  # approved, but the target or incident changed meanwhile
     "notify",  # a pattern's or runbook's notify_oncall step
+    "no_remedy",  # a severe incident the analysis recommends no action for
     "unresolved",  # still open escalation.unresolved_after after it opened
 ]
 

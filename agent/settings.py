@@ -415,6 +415,9 @@ class EscalationSection:
     # An incident still open (not resolved or silenced) this long after it opened is
     # escalated once (0: never).
     unresolved_after: Seconds = 900.0
+    # An incident of one of these severities whose analysis recommends no action is
+    # escalated at once, not after unresolved_after: nothing will be tried ([]: never).
+    no_remedy: tuple[Severity, ...] = ("critical",)
 
     def __post_init__(self) -> None:
         names = [w.name for w in self.webhooks]

@@ -160,3 +160,30 @@ async def test_a_notify_oncall_step_escalates_its_incident_once_across_revisions
     assert len(bus.of(Analysis)) >= 2
     (escalation,) = bus.of(Escalation)
     assert (escalation.reason, escalation.incident_id) == ("notify", first.id)
+
+
+async def test_a_critical_incident_the_analysis_cannot_act_on_pages_once() -> None:
+    s, bus = stage(None)
+    ledger = {"cluster": "c1", "namespace": "pay", "service": "ledger"}  # no rollout: no rule acts
+    first = incident(member(labels=ledger), id="inc-ledger", labels=ledger)
+    second = incident(
+        member(labels=ledger), member("high-latency", labels=ledger), id="inc-ledger", revision=2
+    )
+    await s.handle([env(first)])
+    await s.handle([env(second, 1)])
+    assert [a.actions for a in bus.of(Analysis)] == [(), ()]
+    (page,) = bus.of(Escalation)
+    assert (page.reason, page.incident_id) == ("no_remedy", "inc-ledger")
+    # The checkout incident gets a rollback: nobody is paged for it.
+    await s.handle([env(incident(), 2)])
+    assert bus.of(ActionRequest) and len(bus.of(Escalation)) == 1
+
+
+async def test_no_remedy_pages_only_for_the_configured_severities() -> None:
+    s, bus = stage(None)
+    s.settings = replace(
+        s.settings, escalation=replace(s.settings.escalation, no_remedy=("warning",))
+    )
+    ledger = {"cluster": "c1", "namespace": "pay", "service": "ledger"}
+    await s.handle([env(incident(member(labels=ledger), labels=ledger))])
+    assert bus.of(Analysis) and not bus.of(Escalation)

@@ -3,11 +3,12 @@ found; what a webhook receives names the escalation and hides secrets."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import orjson
 
-from agent.analysis_stage import notify_escalation
+from agent.analysis_stage import no_remedy_escalation, notify_escalation
 from agent.models import Analysis, Escalation, RecommendedAction, Target
 from agent.notifier import payload
 from tests.fakes.incidents import OPENED, PATTERNS, incident, member
@@ -58,6 +59,33 @@ def test_a_notify_oncall_step_escalates_its_incident_with_the_analysis() -> None
     assert notify_escalation(incident(member()), analysis(), settings) is None
     resolved = incident(member("payments-down", status="resolved"), member())
     assert notify_escalation(resolved, analysis(), settings) is None
+
+
+def test_a_severe_incident_with_no_action_to_take_escalates_at_once() -> None:
+    inc = incident(member(), member("payments-down"))
+    refused = replace(analysis(), rejected_actions=("delete_namespace: not an allowed action",))
+    e = no_remedy_escalation(inc, refused, ("critical",))
+    assert e is not None
+    assert (e.reason, e.incident_id, e.service) == ("no_remedy", inc.id, "checkout")
+    assert e.summary == "c1/shop/checkout: payments fail; no action to take"
+    assert e.details == (
+        "critical, firing: high-error-rate, payments-down",
+        "rules analysis, confidence 0.70",
+        "refused: delete_namespace: not an allowed action",
+        "calls to payments: 90% errors",
+    )
+    # Stable per incident, whatever the analysis says next.
+    assert no_remedy_escalation(inc, analysis(), ("critical",)).id == e.id  # type: ignore[union-attr]
+    # Not when something will be tried, nor below the severities, nor with them empty.
+    acting = analysis(RecommendedAction(type="scale_up", target=CHECKOUT))
+    assert no_remedy_escalation(inc, acting, ("critical",)) is None
+    assert no_remedy_escalation(inc, analysis(), ("warning",)) is None
+    assert no_remedy_escalation(inc, analysis(), ()) is None
+    # Nor when nothing fires that is not suppressed (silenced, or all resolved).
+    quiet = incident(replace(member(), silenced_by="s-1"))
+    assert no_remedy_escalation(quiet, analysis(), ("critical",)) is None
+    gone = incident(member(status="resolved"))
+    assert no_remedy_escalation(gone, analysis(), ("critical",)) is None
 
 
 def test_a_runbook_can_ask_for_the_on_call_too() -> None:
