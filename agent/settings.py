@@ -31,7 +31,14 @@ from pydantic import (
 
 from agent.codec import validation_problems
 from agent.errors import ConfigError
-from agent.models import ACTION_TYPES, ActionType, AnomalySource, Severity, parse_matcher
+from agent.models import (
+    ACTION_TYPES,
+    ActionType,
+    AnomalySource,
+    EscalationReason,
+    Severity,
+    parse_matcher,
+)
 
 ENV_PREFIX = "SRE_AGENT__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -406,6 +413,12 @@ class WebhookSection:
     # A bearer token read from this environment variable, never stored in the file.
     token_env: str = ""
     timeout: Seconds = 5.0
+    # The escalation reasons this webhook is sent (empty: all): a pager may take only
+    # what must wake someone, a chat channel everything.
+    reasons: tuple[EscalationReason, ...] = ()
+
+    def takes(self, reason: str) -> bool:
+        return not self.reasons or reason in self.reasons
 
 
 @dataclass(frozen=True, slots=True)

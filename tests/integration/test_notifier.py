@@ -60,7 +60,7 @@ class Receiver:
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver({"/chat": [503, 200], "/pager": [503, 400]}) as r:
+    async with Receiver({"/chat": [503, 200], "/pager": [503, 400], "/night": [200]}) as r:
         yield r
 
 
@@ -80,6 +80,8 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
             "escalation": {
                 "webhooks": [
                     {"name": "chat", "url": f"{base}/chat", "token_env": "SRE_TEST_CHAT_TOKEN"},
+                    # Only what stays open: not sent this one (checked before the pager).
+                    {"name": "night", "url": f"{base}/night", "reasons": ["unresolved"]},
                     {"name": "pager", "url": f"{base}/pager", "timeout": "2s"},
                 ]
             }
@@ -117,6 +119,7 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
     # The pager was busy (so the event was retried: the chat was not posted it again),
     # then refused it: dead-lettered, naming the webhook.
     assert len(receiver.to("/pager")) == 2
+    assert receiver.to("/night") == []
     assert letter.consumer == "notifier"
     assert "webhook pager refused escalation" in letter.error and "HTTP 400" in letter.error
     value = agent.metrics.registry.get_sample_value

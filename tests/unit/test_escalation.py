@@ -7,8 +7,10 @@ from dataclasses import replace
 from datetime import timedelta
 
 import orjson
+import pytest
 
 from agent.analysis_stage import no_remedy_escalation, notify_escalation
+from agent.errors import ConfigError
 from agent.models import Analysis, Escalation, RecommendedAction, Target
 from agent.notifier import payload
 from tests.fakes.incidents import OPENED, PATTERNS, incident, member
@@ -112,3 +114,18 @@ def test_a_webhook_gets_the_escalation_for_a_human_with_secrets_redacted() -> No
     assert doc["at"] == "2024-05-01T12:00:00Z"
     assert doc["text"].startswith("[action_failed] rollback on Deployment/shop/checkout")
     assert "hunter2" not in payload(e).decode()
+
+
+def test_a_webhook_takes_the_reasons_it_names_or_all() -> None:
+    hooks = {
+        "webhooks": [
+            {"name": "chat", "url": "http://chat.example/h"},
+            {"name": "pager", "url": "http://pager.example/h", "reasons": ["no_remedy", "worse"]},
+        ]
+    }
+    chat, pager = make_settings({"escalation": hooks}).escalation.webhooks
+    assert all(chat.takes(r) for r in ("notify", "no_remedy", "approval_expired"))
+    assert [r for r in ("notify", "no_remedy", "worse") if pager.takes(r)] == ["no_remedy", "worse"]
+    bad = {"webhooks": [{"name": "pager", "url": "http://p.example/h", "reasons": ["sev1"]}]}
+    with pytest.raises(ConfigError, match=r"escalation\.webhooks\[0\]\.reasons\[0\]"):
+        make_settings({"escalation": bad})
