@@ -30,6 +30,7 @@ from agent.models import (
     ActionRequest,
     Analysis,
     Escalation,
+    EscalationReason,
     Firing,
     Incident,
     Member,
@@ -110,20 +111,13 @@ def notify_escalation(
     if not asking:
         return None
     doing = [f"action: {a.type} {a.target.key}" for a in analysis.actions] or ["no action"]
-    return Escalation(
-        id=stable_id("escalation", incident.id, "notify"),
-        incident_id=incident.id,
-        incident_key=incident.key,
-        reason="notify",
-        summary=f"{incident.key}: {analysis.root_cause}"[:500],
-        at=analysis.created_at,
-        service=incident.labels.get("service", ""),
-        details=(
-            f"notify_oncall is a step of {', '.join(asking)}",
-            f"{analysis.analyzer} analysis, confidence {analysis.confidence:.2f}",
-            *doing,
-            *analysis.evidence[:8],
-        ),
+    return _escalation(
+        incident,
+        analysis,
+        "notify",
+        f"{incident.key}: {analysis.root_cause}",
+        f"notify_oncall is a step of {', '.join(asking)}",
+        doing,
     )
 
 
@@ -136,18 +130,39 @@ def no_remedy_escalation(
     and the actions it refused (an LLM's proposals outside the allow-list, say)."""
     if analysis.actions or incident.severity not in severities or not incident.firing:
         return None
+    firing = ", ".join(sorted({m.name for m in incident.firing}))
+    return _escalation(
+        incident,
+        analysis,
+        "no_remedy",
+        f"{incident.key}: {analysis.root_cause}; no action to take",
+        f"{incident.severity}, firing: {firing}",
+        [f"refused: {r}" for r in analysis.rejected_actions[:8]],
+    )
+
+
+def _escalation(
+    incident: Incident,
+    analysis: Analysis,
+    reason: EscalationReason,
+    summary: str,
+    headline: str,
+    more: Sequence[str],
+) -> Escalation:
+    """An incident's escalation from its analysis, one per (incident, reason). Details:
+    ``headline``, the analyzer and its confidence, ``more``, then the evidence."""
     return Escalation(
-        id=stable_id("escalation", incident.id, "no_remedy"),
+        id=stable_id("escalation", incident.id, reason),
         incident_id=incident.id,
         incident_key=incident.key,
-        reason="no_remedy",
-        summary=f"{incident.key}: {analysis.root_cause}; no action to take"[:500],
+        reason=reason,
+        summary=summary[:500],
         at=analysis.created_at,
         service=incident.labels.get("service", ""),
         details=(
-            f"{incident.severity}, firing: {', '.join(sorted({m.name for m in incident.firing}))}",
+            headline,
             f"{analysis.analyzer} analysis, confidence {analysis.confidence:.2f}",
-            *(f"refused: {r}" for r in analysis.rejected_actions[:8]),
+            *more,
             *analysis.evidence[:8],
         ),
     )
