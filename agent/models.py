@@ -474,6 +474,7 @@ class Silence:
 
 EscalationReason = Literal[
     "action_failed",  # the cluster refused or errored
+    "denied",  # a safety limit (cooldown, budget, blast radius, params) held the action back
     "not_healed",  # verified: the trigger still fires after the action
     "worse",  # verified: the action made the workload worse
     "approval_expired",  # nobody decided in time

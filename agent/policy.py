@@ -65,6 +65,7 @@ class Executed:
     target_key: str
     namespace: str
     at: datetime
+    action_id: str = ""
 
 
 def history_window(cooldown: float) -> float:
@@ -82,7 +83,10 @@ def executed_from(results: Iterable[ActionResult]) -> list[Executed]:
             continue
         if r.status == "succeeded" or (r.status == "failed" and r.prior_state):
             seen[r.action_id] = Executed(
-                target_key=r.target.key, namespace=r.target.namespace, at=r.started_at
+                target_key=r.target.key,
+                namespace=r.target.namespace,
+                at=r.started_at,
+                action_id=r.action_id,
             )
     return list(seen.values())
 
@@ -191,6 +195,33 @@ class Switches:
 
     kill_switch: bool = False
     dry_run: bool = False
+
+
+# The rules by which the agent holds itself back: the remedy it chose did not run, so a
+# human should know. The operator's own choices (remediation disabled, the kill switch,
+# namespaces, manual mode) are not news to the operator.
+LIMITS = frozenset(
+    {
+        "params",
+        "cooldown",
+        "max_actions_per_hour",
+        "max_actions_per_namespace_per_hour",
+        "replica_bounds",
+        "max_restart_fraction",
+        "pod_disruption_budget",
+        "max_nodes_cordoned",
+    }
+)
+
+
+def held_back(verdict: Verdict, action: ActionRequest, history: Sequence[Executed]) -> bool:
+    """A limit denied an action that has not run: not the repeat of one that did (a
+    re-analysis asks for the same action id, and its own cooldown denies it)."""
+    return (
+        verdict.kind == "deny"
+        and verdict.rule in LIMITS
+        and not any(h.action_id == action.id for h in history)
+    )
 
 
 def decide(

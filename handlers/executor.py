@@ -79,6 +79,7 @@ from agent.policy import (
     decide,
     drain_params,
     executed_from,
+    held_back,
     history_window,
     revision_param,
 )
@@ -104,6 +105,7 @@ METRIC_RESULT: dict[str, str] = {
 }
 TRANSIENT_ATTEMPTS = 3
 MAX_CLOSED_INCIDENTS = 10_000
+MAX_REMEMBERED = 10_000
 
 
 class Publisher(Protocol):
@@ -154,6 +156,7 @@ class Executor:
         self.history: list[Executed] = []
         self.pending: dict[str, ApprovalRequest] = {}
         self.closed_incidents: OrderedDict[str, None] = OrderedDict()
+        self._held: OrderedDict[str, None] = OrderedDict()  # actions escalated as denied
         # Requests no longer pending, and why: a late decision is told (best effort: a
         # restart remembers only what the replayed tombstones say).
         self.closed_approvals: OrderedDict[str, str] = OrderedDict()
@@ -285,7 +288,14 @@ class Executor:
             if status == "dry_run"
             else f"{verdict.rule}: {verdict.reason}"
         )
-        return await self._record(action, status, "not_applicable", message, now)
+        result = await self._record(action, status, "not_applicable", message, now)
+        # Once per action here: each re-analysis of the incident asks for it again.
+        if held_back(verdict, action, self.history) and action.id not in self._held:
+            await self._escalate("denied", action, message, now)
+            self._held[action.id] = None
+            while len(self._held) > MAX_REMEMBERED:
+                self._held.popitem(last=False)
+        return result
 
     async def _facts(self, action: ActionRequest) -> Facts:
         if action.type not in SCALE_ACTIONS | DISRUPTIVE_ACTIONS | NODE_ACTIONS:
@@ -418,7 +428,12 @@ class Executor:
 
     def _remember(self, action: ActionRequest, now: datetime) -> None:
         self.history.append(
-            Executed(target_key=action.target.key, namespace=action.target.namespace, at=now)
+            Executed(
+                target_key=action.target.key,
+                namespace=action.target.namespace,
+                at=now,
+                action_id=action.id,
+            )
         )
 
     async def _observe(self, action: ActionRequest) -> Observation | None:

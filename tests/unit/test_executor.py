@@ -477,6 +477,9 @@ async def test_a_restarted_executor_keeps_its_cooldowns_and_budgets(rig: Any) ->
         result = await fresh.on_action(act("scale_up", action_id="after-restart"))
         assert result.status == "denied" and "cooldown" in result.message
         assert (await c.workload(CHECKOUT)).replicas == 4  # untouched
+        # The last run's action asked for again: its own repeat, not a remedy held back.
+        assert (await fresh.on_action(act("scale_up", action_id="s1"))).status == "denied"
+        assert [e.action_id for e, _ in bus.on("escalations")] == ["after-restart"]
     finally:
         await fresh.stop()
 
@@ -552,3 +555,28 @@ async def test_transient_errors_are_retried(rig: Any) -> None:
     assert (await ex.on_action(act("restart_workload", action_id="r1"))).status == "succeeded"
     assert calls == 2
     await asyncio.sleep(0)
+
+
+async def test_an_action_a_limit_holds_back_is_escalated_once(rig: Any) -> None:
+    ex, bus, _c = rig
+    ex.settings = cfg(cooldown="10m")
+    first = await ex.on_action(act("restart_workload", action_id="r1"))
+    assert first.status == "succeeded"
+    # Its repeat (a re-analysis asks for the same id) is held by its own cooldown: the
+    # remedy ran, nobody is told.
+    assert (await ex.on_action(act("restart_workload", action_id="r1"))).status == "denied"
+    assert bus.on("escalations") == []
+    # Another incident's remedy for the same target is held back: told once, however often
+    # it is asked for.
+    for _ in range(2):
+        held = await ex.on_action(act("scale_up", action_id="s1"))
+        assert held.status == "denied" and held.message.startswith("cooldown: ")
+    (escalation,) = [e for e, _ in bus.on("escalations")]
+    assert (escalation.reason, escalation.action_id) == ("denied", "s1")
+    assert escalation.summary == "scale_up on Deployment/shop/checkout: denied"
+    assert escalation.details[0] == held.message
+    assert ex.metrics.escalations.labels(reason="denied")._value.get() == 1
+    # The operator's own switch is not news to the operator.
+    ex.switches = lambda: Switches(kill_switch=True)
+    assert (await ex.on_action(act("rollback", action_id="b1"))).status == "denied"
+    assert len(bus.on("escalations")) == 1
