@@ -29,10 +29,15 @@ could act. Human approval never lifts a safety limit: rules 1-6 come before rule
 
 Shadow mode (``dry_run``) turns every "execute" into "dry_run": decided and recorded,
 never applied.
+
+Rules 4 and 8-10 and shadow mode read the mode, threshold, approval list and dry-run of the
+target's namespace: the first ``remediation.overrides`` entry matching it, else the global
+ones (see :func:`scope_for`). Rules 1-3 and 5-6 are the same everywhere.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,7 +46,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from agent.models import ActionRequest, ActionResult, ParamValue
-from agent.settings import RemediationSection, Settings
+from agent.settings import Mode, RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
 
@@ -49,6 +54,43 @@ SCALE_ACTIONS = frozenset({"scale_up", "scale_down"})
 DISRUPTIVE_ACTIONS = frozenset({"restart_pod", "restart_workload", "rollback"})
 NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
 UNDO_PARAM = "undo_of"  # an action that restores what action <undo_of> changed
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """The policy a namespace gets; ``source`` names the override it came from, if any."""
+
+    mode: Mode
+    confidence_threshold: float
+    require_approval: tuple[str, ...]
+    dry_run: bool
+    source: str = ""
+
+    def why(self, reason: str) -> str:
+        return f"{reason} ({self.source})" if self.source else reason
+
+
+def scope_for(namespace: str, settings: Settings) -> Scope:
+    """The first override whose patterns match ``namespace`` over the global policy. A
+    node's actions (no namespace) get the global one."""
+    rem = settings.remediation
+    base = Scope(
+        settings.agent.mode, rem.confidence_threshold, rem.require_approval, settings.agent.dry_run
+    )
+    if not namespace:
+        return base
+    for i, o in enumerate(rem.overrides):
+        if any(fnmatch.fnmatchcase(namespace, p) for p in o.namespaces):
+            return Scope(
+                o.mode or base.mode,
+                base.confidence_threshold
+                if o.confidence_threshold is None
+                else o.confidence_threshold,
+                base.require_approval if o.require_approval is None else o.require_approval,
+                base.dry_run or o.dry_run,
+                f"remediation.overrides[{i}]",
+            )
+    return base
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +284,9 @@ def decide(
         return Verdict("deny", "denied_namespaces", f"namespace {ns!r} is denied")
     if ns and rem.allowed_namespaces and ns not in rem.allowed_namespaces:
         return Verdict("deny", "allowed_namespaces", f"namespace {ns!r} is not allowed")
-    if settings.agent.mode == "manual":
-        return Verdict("deny", "mode.manual", "manual mode: recommendation only")
+    scope = scope_for(ns, settings)
+    if scope.mode == "manual":
+        return Verdict("deny", "mode.manual", scope.why("manual mode: recommendation only"))
     problem = param_problem(action, rem)
     if problem is not None:
         return Verdict("deny", "params", problem)
@@ -274,21 +317,26 @@ def decide(
     limit = _blast_radius(action, rem, facts or Facts())
     if limit is not None:
         return limit
-    shadow = switches.dry_run or settings.agent.dry_run
+    shadow = switches.dry_run or scope.dry_run
     go: VerdictKind = "dry_run" if shadow else "execute"
     if action.approved_by:
         return Verdict(go, "approved", f"approved by {action.approved_by}")
-    if settings.agent.mode == "supervised":
-        return Verdict("approve", "mode.supervised", "supervised mode: every action is approved")
-    if action.type in rem.require_approval:
-        return Verdict("approve", "require_approval", f"{action.type} requires approval")
-    if action.confidence < rem.confidence_threshold:
+    if scope.mode == "supervised":
+        return Verdict(
+            "approve", "mode.supervised", scope.why("supervised mode: every action is approved")
+        )
+    if action.type in scope.require_approval:
+        return Verdict("approve", "require_approval", scope.why(f"{action.type} requires approval"))
+    threshold = scope.confidence_threshold
+    if action.confidence < threshold:
         return Verdict(
             "approve",
             "confidence_threshold",
-            f"confidence {action.confidence:.2f} < threshold {rem.confidence_threshold:.2f}",
+            scope.why(f"confidence {action.confidence:.2f} < threshold {threshold:.2f}"),
         )
-    return Verdict(go, "autonomous", f"confidence {action.confidence:.2f} meets the threshold")
+    return Verdict(
+        go, "autonomous", scope.why(f"confidence {action.confidence:.2f} meets the threshold")
+    )
 
 
 def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> Verdict | None:

@@ -107,11 +107,14 @@ StepName = Annotated[str, AfterValidator(_step_name)]
 _STRICT = ConfigDict(extra="forbid")
 
 
+Mode = Literal["autonomous", "supervised", "manual"]
+
+
 @dataclass(frozen=True, slots=True)
 class AgentSection:
     __pydantic_config__ = _STRICT
     name: str = "sre-agent"
-    mode: Literal["autonomous", "supervised", "manual"] = "autonomous"
+    mode: Mode = "autonomous"
     cluster: str = "local"
     # Shadow mode: every decision is made and recorded, nothing touches the cluster.
     dry_run: bool = False
@@ -230,6 +233,32 @@ class AISection:
     context: AIContextSection = field(default_factory=AIContextSection)
 
 
+def _namespace_pattern(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9*?\[\]!-]{1,63}", value):
+        raise ValueError(
+            f"{value!r} is not a namespace pattern (a namespace name with * ? [...] wildcards)"
+        )
+    return value
+
+
+NamespacePattern = Annotated[str, AfterValidator(_namespace_pattern)]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOverrideSection:
+    """The policy for the namespaces ``namespaces`` match (shell patterns: ``prod-*``), say
+    autonomous in staging and supervised in production. A field left out keeps the global
+    value. ``dry_run`` puts these namespaces in shadow mode; it never lifts the global one,
+    nor does an override lift the kill switch or any limit."""
+
+    __pydantic_config__ = _STRICT
+    namespaces: Annotated[tuple[NamespacePattern, ...], Field(min_length=1)]
+    mode: Mode | None = None
+    confidence_threshold: Fraction | None = None
+    require_approval: tuple[ActionName, ...] | None = None
+    dry_run: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class RemediationSection:
     __pydantic_config__ = _STRICT
@@ -258,6 +287,8 @@ class RemediationSection:
     # pods get this grace period (empty: their own terminationGracePeriodSeconds).
     drain_timeout: Seconds = 120.0
     drain_grace_period: Seconds | None = None
+    # Per-namespace policy, first match wins (see PolicyOverrideSection).
+    overrides: tuple[PolicyOverrideSection, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

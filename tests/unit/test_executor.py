@@ -580,3 +580,14 @@ async def test_an_action_a_limit_holds_back_is_escalated_once(rig: Any) -> None:
     ex.switches = lambda: Switches(kill_switch=True)
     assert (await ex.on_action(act("rollback", action_id="b1"))).status == "denied"
     assert len(bus.on("escalations")) == 1
+
+
+async def test_a_namespace_in_shadow_mode_is_decided_but_untouched(rig: Any) -> None:
+    ex, _bus, c = rig
+    ex.settings = cfg(overrides=[{"namespaces": ["sh*"], "dry_run": True}])
+    r = await ex.on_action(act("scale_up", action_id="s1"))
+    assert r.status == "dry_run" and "(remediation.overrides[0])" in r.message
+    assert (await c.workload(CHECKOUT)).replicas == 4
+    # Another namespace, the global policy: it acts.
+    ex.settings = cfg(overrides=[{"namespaces": ["prod-*"], "dry_run": True}])
+    assert (await ex.on_action(act("scale_up", action_id="s2"))).status == "succeeded"

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.errors import ConfigError
 from agent.models import ACTION_TYPES, ActionRequest, Target
-from agent.policy import Executed, Switches, Verdict, decide, drain_params
-from agent.settings import Settings
+from agent.policy import Executed, Switches, Verdict, decide, drain_params, scope_for
+from agent.settings import PolicyOverrideSection, Settings
 from tests.unit.factories import action, at
 from tests.unit.factories import settings as make_settings
 
@@ -272,6 +273,57 @@ def test_dry_run_leaves_approvals_and_denials_alone() -> None:
     assert rule(verdict(history=(done(ago=1),), switches=dry)) == ("deny", "cooldown")
 
 
+# --- per-namespace policy ------------------------------------------------------------------------
+
+OVERRIDES = (
+    PolicyOverrideSection(namespaces=("prod-*", "payments"), mode="supervised"),
+    PolicyOverrideSection(
+        namespaces=("staging-*",), confidence_threshold=0.5, require_approval=("scale_down",)
+    ),
+    PolicyOverrideSection(namespaces=("staging-*", "trial"), dry_run=True),  # never reached
+    PolicyOverrideSection(namespaces=("trial",), dry_run=True),
+)
+
+
+def test_a_namespace_gets_the_first_override_matching_it() -> None:
+    s = cfg(remediation_overrides=OVERRIDES)
+    rollback = action("rollback", confidence=0.6)
+    # Globally: a rollback needs approval, and 0.6 is under the 0.8 threshold.
+    assert rule(verdict(rollback, s)) == ("approve", "require_approval")
+    # staging-*: approvals only for scale_down, threshold 0.5: it runs.
+    staging = replace(rollback, target=Target(kind="Deployment", namespace="staging-2", name="x"))
+    v = verdict(staging, s)
+    assert rule(v) == ("execute", "autonomous")
+    assert v.reason == "confidence 0.60 meets the threshold (remediation.overrides[1])"
+    # prod-*: supervised, whatever the confidence; the reason names the override.
+    prod = replace(staging, confidence=0.99, target=replace(staging.target, namespace="prod-eu"))
+    v = verdict(prod, s)
+    assert rule(v) == ("approve", "mode.supervised") and "remediation.overrides[0]" in v.reason
+    # trial: shadow mode there only; the global kill switch still stops it.
+    trial = replace(staging, confidence=0.99, type="scale_up")
+    trial = replace(trial, target=replace(staging.target, namespace="trial"))
+    assert rule(verdict(trial, s)) == ("dry_run", "autonomous")
+    assert verdict(trial, s, switches=Switches(kill_switch=True)).kind == "deny"
+    # A node has no namespace: the global policy.
+    assert scope_for("", s).source == "" and scope_for("prod-x", s).mode == "supervised"
+
+
+def test_an_override_never_lifts_global_shadow_mode() -> None:
+    s = cfg(
+        agent_dry_run=True,
+        remediation_overrides=(PolicyOverrideSection(namespaces=("*",), dry_run=False),),
+    )
+    assert verdict(action("scale_up", confidence=0.99), s).kind == "dry_run"
+
+
+def test_an_override_names_its_bad_field() -> None:
+    bad = {"remediation": {"overrides": [{"namespaces": ["Prod_*"], "mode": "supervised"}]}}
+    with pytest.raises(ConfigError, match=r"remediation\.overrides\[0\]\.namespaces\[0\]"):
+        make_settings(bad)
+    with pytest.raises(ConfigError, match=r"remediation\.overrides\[0\]\.namespaces"):
+        make_settings({"remediation": {"overrides": [{"namespaces": [], "mode": "manual"}]}})
+
+
 # --- properties ----------------------------------------------------------------------------------
 
 _namespaces = st.sampled_from(["shop", "kube-system", "billing", ""])
@@ -286,6 +338,22 @@ _settings = st.builds(
     remediation_allowed_namespaces=st.sampled_from([(), ("shop",), ("shop", "billing")]),
     remediation_cooldown=st.sampled_from([0.0, 60.0, 300.0]),
     remediation_max_actions_per_hour=st.integers(min_value=0, max_value=5),
+    remediation_overrides=st.sampled_from(
+        [
+            (),
+            (PolicyOverrideSection(namespaces=("shop",), mode="supervised"),),
+            (PolicyOverrideSection(namespaces=("sh?p",), mode="manual"),),
+            (
+                PolicyOverrideSection(
+                    namespaces=("bill*",),
+                    mode="autonomous",
+                    confidence_threshold=0.1,
+                    require_approval=(),
+                ),
+                PolicyOverrideSection(namespaces=("*",), dry_run=True),
+            ),
+        ]
+    ),
 )
 _actions = st.builds(
     action,
@@ -333,7 +401,7 @@ def test_low_confidence_never_executes_without_a_human(
     act: ActionRequest, s: Settings, history: tuple[Executed, ...], sw: Switches
 ) -> None:
     v = decide(replace(act, approved_by=None), s, history, sw, NOW)
-    if act.confidence < s.remediation.confidence_threshold:
+    if act.confidence < scope_for(act.target.namespace, s).confidence_threshold:
         assert v.kind in ("approve", "deny")
 
 
@@ -344,13 +412,15 @@ def test_verdicts_are_consistent(
 ) -> None:
     v = decide(act, s, history, sw, NOW)
     assert v == decide(act, s, history, sw, NOW)  # pure
+    scope = scope_for(act.target.namespace, s)
     if v.kind in ("execute", "dry_run"):
-        assert s.remediation.enabled and s.agent.mode != "manual"
+        assert s.remediation.enabled and scope.mode != "manual"
         assert act.target.namespace not in s.remediation.denied_namespaces or not (
             act.target.namespace
         )
         assert v.rule in ("approved", "autonomous")
-        assert (v.kind == "dry_run") == (sw.dry_run or s.agent.dry_run)
+        assert (v.kind == "dry_run") == (sw.dry_run or scope.dry_run)
+        assert scope.dry_run >= s.agent.dry_run  # an override never lifts shadow mode
     if v.kind == "approve":
         assert not act.approved_by
 
