@@ -477,6 +477,7 @@ EscalationReason = Literal[
     "denied",  # a safety limit (cooldown, budget, blast radius, params) held the action back
     "not_healed",  # verified: the trigger still fires after the action
     "worse",  # verified: the action made the workload worse
+    "approval_requested",  # an action waits for a human's approval
     "approval_expired",  # nobody decided in time
     "approval_stale",  # approved, but the target or incident changed meanwhile
     "notify",  # a pattern's or runbook's notify_oncall step

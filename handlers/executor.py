@@ -526,6 +526,21 @@ class Executor:
         )
         self.pending[req.id] = req
         await self.bus.publish(self.bus.topic("approvals"), req)
+        # The page that asks for the decision: nobody polls the approvals topic. Its id
+        # is per request, so the same action asked again after an expiry pages again.
+        await self._escalate(
+            "approval_requested",
+            action,
+            f"approval {req.id} requested: {verdict.reason}",
+            now,
+            key=req.created_at.isoformat(),
+            more=(
+                f"confidence {action.confidence:.2f}: {action.reason}",
+                f"approve: sre-agent approvals approve {req.id} --by NAME",
+                f"reject: sre-agent approvals reject {req.id} --reason TEXT",
+                f"expires {req.expires_at.isoformat()}",
+            ),
+        )
         return await self._record(
             action,
             "pending_approval",
@@ -682,13 +697,22 @@ class Executor:
         return [s.labels for s in await self.prom.query(pattern.condition)]
 
     async def _escalate(
-        self, reason: EscalationReason, action: ActionRequest, message: str, now: datetime
+        self,
+        reason: EscalationReason,
+        action: ActionRequest,
+        message: str,
+        now: datetime,
+        *,
+        key: str = "",
+        more: tuple[str, ...] = (),
     ) -> None:
-        """Log it, and publish it for the notifier (and any Kafka client) to deliver."""
-        log.error("ESCALATE: %s on %s: %s", action.type, action.target.key, message)
+        """Log it, and publish it for the notifier (and any Kafka client) to deliver.
+        ``key``: what else makes it a new escalation of this action and reason."""
+        level = logging.WARNING if reason == "approval_requested" else logging.ERROR
+        log.log(level, "ESCALATE: %s on %s: %s", action.type, action.target.key, message)
         escalation = Escalation(
             # Stable: a redelivered action escalates the same escalation, not a second one.
-            id=stable_id("escalation", action.id, reason),
+            id=stable_id("escalation", action.id, reason, *((key,) if key else ())),
             incident_id=action.incident_id,
             incident_key=action.incident_key,
             reason=reason,
@@ -697,7 +721,7 @@ class Executor:
             action_id=action.id,
             target=action.target.key,
             service=action.labels.get("service", ""),
-            details=(message[:2000],),
+            details=(message[:2000], *more),
         )
         await self.bus.publish(self.bus.topic("escalations"), escalation)
         self.metrics.escalations.labels(reason=reason).inc()

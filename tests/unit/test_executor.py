@@ -422,9 +422,17 @@ async def test_the_same_action_again_while_its_approval_is_pending_asks_once(rig
     assert (again.status, again.outcome) == ("duplicate", "not_applicable")
     assert f"approval {req.id} already pending since" in again.message
     assert bus.approvals() == [req]  # one page, and its expiry where it was
+    (page,) = [e for e, _ in bus.on("escalations")]
+    assert (page.reason, page.action_id) == ("approval_requested", a.id)
+    assert page.summary == f"update_config on {CM.key}: approval requested"
+    assert f"approve: sre-agent approvals approve {req.id} --by NAME" in page.details
+    assert f"expires {req.expires_at.isoformat()}" in page.details
     changed = replace(a, params={"key": "mode", "value": "slow"})  # another action: asks
     assert (await ex.on_action(changed)).status == "pending_approval"
     assert bus.approvals()[-1].action_hash == changed.digest()
+    pages = [e for e, _ in bus.on("escalations")]
+    assert [e.reason for e in pages] == ["approval_requested"] * 2
+    assert pages[0].id != pages[1].id  # a new request: a new page
 
 
 async def test_pending_approvals_survive_a_restart(rig: Any) -> None:
