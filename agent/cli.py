@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.remediation_cli import add_parsers
 
     add_parsers(sub)  # approvals list|approve|reject, actions list|undo
+    from agent.incident_cli import add_parsers as add_incident_parsers
+
+    add_incident_parsers(sub)  # incidents list|show
     from agent.silence_cli import register as register_silences
 
     register_silences(sub)

@@ -4,6 +4,7 @@ executor (on the in-process cluster): list, approve, reject, list results, undo.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from agent.cli import main
 from agent.models import ActionRequest, ActionResult, ApprovalRequest, Target, utcnow
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
+from tests.fakes.incidents import incident, member
 from tests.helpers import make_settings, readers
 
 pytestmark = pytest.mark.integration
 
 CART = Target(kind="Deployment", namespace="shop", name="cart")
 FLAGS = Target(kind="ConfigMap", namespace="shop", name="flags")
+CART_LABELS = {"cluster": "test", "namespace": "shop", "service": "cart"}
 
 
 def request(action_id: str, type_: str, target: Target, **params: str) -> ActionRequest:
@@ -119,4 +122,21 @@ async def test_approvals_and_undo_from_the_command_line(
 
         code, out = await cli(capsys, "approvals", "list", *cfg)
         assert "no pending approvals" in out
+
+        # The whole story of the incident, from the topics.
+        inc = incident(member(labels=CART_LABELS), id="inc-1", labels=CART_LABELS)
+        await agent.bus.publish(agent.bus.topic("incidents"), replace(inc, opened_at=utcnow()))
+        code, out = await cli(capsys, "incidents", "list", *cfg)
+        assert code == 0 and "inc-1" in out and "test/shop/cart" in out, out
+        code, out = await cli(capsys, "incidents", "show", "inc", *cfg)
+        assert code == 0, out
+        lines = out.splitlines()
+        assert lines[0] == "incident inc-1 test/shop/cart"
+        kinds = [line.split()[2] for line in lines[1:]]
+        assert kinds.count("action") == 4 and kinds.count("approval") == 2, out  # undo: 4th
+        assert kinds.count("escalation") >= 2 and kinds.count("incident") == 1, out
+        assert "update_config ConfigMap/shop/flags rejected/not_applicable" in out
+        assert "[approval_requested] update_config on ConfigMap/shop/flags" in out
+        code, out = await cli(capsys, "incidents", "show", "inc-9", *cfg)
+        assert code == 2 and "no incident inc-9" in out
     assert cluster.config_map("shop", "flags").data == {"mode": "safe"}  # cfg-2 rejected
