@@ -53,6 +53,10 @@ from streams.replay import recent, snapshot
 log = logging.getLogger(__name__)
 
 ROLES = ("detector", "correlator", "analyzer", "executor")
+# A component whose stop has not ended in this long is abandoned, named in the log, so the
+# rest still stop (and close what they hold) and the process exits. Longer than a batch
+# consumer's own 30 s wait for its in-flight batch.
+STOP_TIMEOUT = 40.0
 
 
 class Component(Protocol):
@@ -92,6 +96,7 @@ class Agent:
             else None
         )
         self.components: list[Component] = []
+        self.stop_timeout = STOP_TIMEOUT
         self.detector: PromQLDetector | None = None
         self.executor: Executor | None = None
         self.correlator: Correlator | None = None
@@ -310,10 +315,13 @@ class Agent:
     async def stop(self) -> None:
         # Reverse order: detectors (intake) first, the bus last.
         for c in reversed(self.components):
+            name = getattr(c, "name", None) or type(c).__name__
             try:
-                await c.stop()
+                await asyncio.wait_for(c.stop(), self.stop_timeout)
+            except TimeoutError:
+                log.error("stopping %s took over %.0fs: abandoned", name, self.stop_timeout)
             except Exception:
-                log.exception("stopping %s failed", type(c).__name__)
+                log.exception("stopping %s failed", name)
         if self.executor is not None:
             await self.executor.stop()
         await self.bus.stop()

@@ -1,3 +1,4 @@
+import asyncio
 import gc
 from collections.abc import Iterator
 from datetime import timedelta
@@ -91,3 +92,30 @@ async def test_the_rules_alone_see_the_gathered_context_and_act_on_it() -> None:
     finally:
         await agent.prom.close()
         await agent.cluster.close()
+
+
+class Stopping:
+    def __init__(self, name: str, hangs: bool = False) -> None:
+        self.name = name
+        self.hangs = hangs
+        self.stopped = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        if self.hangs:
+            await asyncio.Event().wait()  # never set: a stop that never ends
+        self.stopped = True
+
+
+async def test_a_stop_that_hangs_is_abandoned_and_the_rest_still_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = Agent(parse_settings({}, env={}), roles=[], cluster=FakeCluster(), serve_http=False)
+    first, stuck, last = Stopping("first"), Stopping("stuck", hangs=True), Stopping("last")
+    agent.components = [first, stuck, last]  # stopped last to first
+    agent.stop_timeout = 0.2
+    await asyncio.wait_for(agent.stop(), 5)
+    assert first.stopped and last.stopped and not stuck.stopped
+    assert "stopping stuck took over 0s: abandoned" in caplog.text
