@@ -264,6 +264,17 @@ class Executor:
 
     async def on_action(self, action: ActionRequest) -> ActionResult:
         now = utcnow()
+        if action.incident_id in self.closed_incidents and UNDO_PARAM not in action.params:
+            # Asked for while open, arriving after it closed (analysis lag, a backlog): the
+            # problem went away or an operator silenced it. Acting now only adds risk, and
+            # asking for an approval would page someone for nothing. An undo is a human's.
+            return await self._record(
+                action,
+                "denied",
+                "not_applicable",
+                f"incident_closed: incident {action.incident_id} is resolved or silenced",
+                now,
+            )
         switches = self.switches()
         verdict = decide(action, self.settings, self.history, switches, now)
         if verdict.kind != "deny":

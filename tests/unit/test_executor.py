@@ -599,3 +599,30 @@ async def test_a_namespace_in_shadow_mode_is_decided_but_untouched(rig: Any) -> 
     # Another namespace, the global policy: it acts.
     ex.settings = cfg(overrides=[{"namespaces": ["prod-*"], "dry_run": True}])
     assert (await ex.on_action(act("scale_up", action_id="s2"))).status == "succeeded"
+
+
+async def test_an_action_for_an_incident_that_closed_meanwhile_is_not_taken(rig: Any) -> None:
+    ex, bus, c = rig
+    inc = Incident(
+        id="inc-1",
+        key="c1/shop/checkout",
+        status="resolved",
+        severity="critical",
+        labels={"cluster": "c1", "namespace": "shop", "service": "checkout"},
+        members=(),
+        opened_at=at(0),
+        updated_at=at(60),
+        resolved_at=at(60),
+    )
+    ex.on_incident(inc)
+    closed = await ex.on_action(act("scale_up", action_id="s1"))  # the factory's inc-1
+    assert (closed.status, closed.message) == (
+        "denied",
+        "incident_closed: incident inc-1 is resolved or silenced",
+    )
+    rollback = await ex.on_action(act("rollback", action_id="b1"))  # would need approval
+    assert rollback.status == "denied" and bus.approvals() == [] and bus.on("escalations") == []
+    assert (await c.workload(CHECKOUT)).replicas == 4
+    # It reopens: its remedies are taken again.
+    ex.on_incident(replace(inc, status="reopened", revision=2, resolved_at=None))
+    assert (await ex.on_action(act("scale_up", action_id="s2"))).status == "succeeded"
