@@ -89,6 +89,7 @@ def action_requests(analysis: Analysis, incident: Incident) -> list[ActionReques
                 reason=analysis.root_cause,
                 requested_at=analysis.created_at,
                 labels=incident.labels,
+                severity=incident.severity,
                 trigger=tuple(sorted({f.name for f in firing})),
                 firing=firing,
             )
@@ -159,6 +160,7 @@ def _escalation(
         summary=summary[:500],
         at=analysis.created_at,
         service=incident.labels.get("service", ""),
+        severity=incident.severity,
         details=(
             headline,
             f"{analysis.analyzer} analysis, confidence {analysis.confidence:.2f}",

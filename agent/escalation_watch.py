@@ -70,6 +70,7 @@ def unresolved(incident: Incident, now: datetime) -> Escalation:
         summary=f"{incident.key}: open for {minutes:.0f} min, {incident.status}",
         at=now,
         service=incident.labels.get("service", ""),
+        severity=incident.severity,
         details=(
             f"severity {incident.severity}, revision {incident.revision}",
             f"firing: {', '.join(firing) or 'none'}",

@@ -300,6 +300,9 @@ class ActionRequest:
     # ``trigger`` within ``labels``.
     firing: tuple[Firing, ...] = ()
     approved_by: str | None = None
+    # The incident's severity when the action was asked for: its escalations carry it, for
+    # routing. None in requests of earlier versions and in undos.
+    severity: Severity | None = None
     schema_version: Version = SCHEMA_VERSION
 
     @property
@@ -502,6 +505,7 @@ class Escalation:
     target: str = ""  # Kind/namespace/name of the action's target
     service: str = ""
     details: tuple[str, ...] = ()
+    severity: Severity | None = None  # the incident's, when known: webhooks route on it
     schema_version: Version = SCHEMA_VERSION
 
     @property

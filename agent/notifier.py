@@ -72,7 +72,7 @@ class Notifier:
         if not isinstance(e, Escalation):
             return
         for w in self.webhooks:
-            if not w.takes(e.reason) or (e.id, w.name) in self._delivered:
+            if not w.takes(e.reason, e.severity) or (e.id, w.name) in self._delivered:
                 continue
             await self._post(w, e)
             self._delivered[(e.id, w.name)] = None

@@ -444,12 +444,16 @@ class WebhookSection:
     # A bearer token read from this environment variable, never stored in the file.
     token_env: str = ""
     timeout: Seconds = 5.0
-    # The escalation reasons this webhook is sent (empty: all): a pager may take only
-    # what must wake someone, a chat channel everything.
+    # The escalation reasons and incident severities this webhook is sent (empty: all): a
+    # pager may take only what must wake someone, a chat channel everything. An escalation
+    # whose severity is unknown (an undo's) goes to every webhook its reason routes to.
     reasons: tuple[EscalationReason, ...] = ()
+    severities: tuple[Severity, ...] = ()
 
-    def takes(self, reason: str) -> bool:
-        return not self.reasons or reason in self.reasons
+    def takes(self, reason: str, severity: str | None = None) -> bool:
+        return (not self.reasons or reason in self.reasons) and (
+            not self.severities or severity is None or severity in self.severities
+        )
 
 
 @dataclass(frozen=True, slots=True)

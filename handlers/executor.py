@@ -733,6 +733,7 @@ class Executor:
             target=action.target.key,
             service=action.labels.get("service", ""),
             details=(message[:2000], *more),
+            severity=action.severity,
         )
         await self.bus.publish(self.bus.topic("escalations"), escalation)
         self.metrics.escalations.labels(reason=reason).inc()

@@ -60,7 +60,8 @@ class Receiver:
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver({"/chat": [503, 200], "/pager": [503, 400], "/night": [200]}) as r:
+    statuses = {"/chat": [503, 200], "/pager": [503, 400], "/night": [200], "/calm": [200]}
+    async with Receiver(statuses) as r:
         yield r
 
 
@@ -80,8 +81,10 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
             "escalation": {
                 "webhooks": [
                     {"name": "chat", "url": f"{base}/chat", "token_env": "SRE_TEST_CHAT_TOKEN"},
-                    # Only what stays open: not sent this one (checked before the pager).
+                    # Only what stays open, or only warnings: not sent this critical
+                    # not_healed (checked before the pager).
                     {"name": "night", "url": f"{base}/night", "reasons": ["unresolved"]},
+                    {"name": "calm", "url": f"{base}/calm", "severities": ["warning"]},
                     {"name": "pager", "url": f"{base}/pager", "timeout": "2s"},
                 ]
             }
@@ -98,6 +101,7 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
         target="Deployment/shop/checkout",
         service="checkout",
         details=("high-error-rate still firing after the action",),
+        severity="critical",
     )
     agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
     async with (
@@ -119,7 +123,7 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
     # The pager was busy (so the event was retried: the chat was not posted it again),
     # then refused it: dead-lettered, naming the webhook.
     assert len(receiver.to("/pager")) == 2
-    assert receiver.to("/night") == []
+    assert receiver.to("/night") == [] and receiver.to("/calm") == []
     assert letter.consumer == "notifier"
     assert "webhook pager refused escalation" in letter.error and "HTTP 400" in letter.error
     value = agent.metrics.registry.get_sample_value

@@ -72,6 +72,7 @@ async def test_without_the_llm_the_rules_decide_as_before() -> None:
     assert an.root_cause_class == "bad_rollout"
     (req,) = bus.of(ActionRequest)
     assert (req.type, req.target.name, req.confidence) == ("rollback", "checkout", an.confidence)
+    assert req.severity == "critical"  # the incident's, for its escalations' routing
     assert (
         metrics.registry.get_sample_value(
             "sre_agent_analysis_duration_seconds_count", {"analyzer": "rules"}

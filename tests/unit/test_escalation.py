@@ -69,6 +69,7 @@ def test_a_severe_incident_with_no_action_to_take_escalates_at_once() -> None:
     e = no_remedy_escalation(inc, refused, ("critical",))
     assert e is not None
     assert (e.reason, e.incident_id, e.service) == ("no_remedy", inc.id, "checkout")
+    assert e.severity == "critical"  # the incident's: webhooks route on it
     assert e.summary == "c1/shop/checkout: payments fail; no action to take"
     assert e.details == (
         "critical, firing: high-error-rate, payments-down",
@@ -116,16 +117,22 @@ def test_a_webhook_gets_the_escalation_for_a_human_with_secrets_redacted() -> No
     assert "hunter2" not in payload(e).decode()
 
 
-def test_a_webhook_takes_the_reasons_it_names_or_all() -> None:
-    hooks = {
-        "webhooks": [
-            {"name": "chat", "url": "http://chat.example/h"},
-            {"name": "pager", "url": "http://pager.example/h", "reasons": ["no_remedy", "worse"]},
-        ]
+def test_a_webhook_takes_the_reasons_and_severities_it_names_or_all() -> None:
+    pager = {
+        "name": "pager",
+        "url": "http://pager.example/h",
+        "reasons": ["no_remedy", "worse"],
+        "severities": ["critical"],
     }
+    hooks = {"webhooks": [{"name": "chat", "url": "http://chat.example/h"}, pager]}
     chat, pager = make_settings({"escalation": hooks}).escalation.webhooks
-    assert all(chat.takes(r) for r in ("notify", "no_remedy", "approval_expired"))
-    assert [r for r in ("notify", "no_remedy", "worse") if pager.takes(r)] == ["no_remedy", "worse"]
+    assert all(chat.takes(r, "info") for r in ("notify", "no_remedy", "approval_expired"))
+    assert [r for r in ("notify", "no_remedy", "worse") if pager.takes(r, "critical")] == [
+        "no_remedy",
+        "worse",
+    ]
+    assert not pager.takes("worse", "warning")
+    assert pager.takes("worse", None)  # unknown severity (an undo's): not dropped
     bad = {"webhooks": [{"name": "pager", "url": "http://p.example/h", "reasons": ["sev1"]}]}
     with pytest.raises(ConfigError, match=r"escalation\.webhooks\[0\]\.reasons\[0\]"):
         make_settings({"escalation": bad})

@@ -51,6 +51,7 @@ async def test_the_watch_escalates_once_and_forgets_what_closed() -> None:
     (e,) = await watch.sweep(OPENED + timedelta(minutes=16))
     assert isinstance(e, Escalation) and (e.reason, e.incident_id) == ("unresolved", inc.id)
     assert e.summary == f"{inc.key}: open for 16 min, open"
+    assert e.severity == "critical"
     assert await watch.sweep(OPENED + timedelta(minutes=30)) == []  # once
     assert sent == [("t.escalations", e)]
     resolved = replace(inc, revision=2, status="resolved")

@@ -175,10 +175,11 @@ async def test_a_drain_blocked_by_a_budget_fails_naming_it_and_can_be_undone(rig
 async def test_a_failed_action_is_escalated_once_under_a_stable_id(rig: Any) -> None:
     ex, bus, c = rig
     c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)
-    await ex.on_action(act("drain_node", NODE, action_id="d1"))
+    await ex.on_action(replace(act("drain_node", NODE, action_id="d1"), severity="critical"))
     (escalation,) = [e for e, _ in bus.on("escalations")]
     assert isinstance(escalation, Escalation)
     assert (escalation.reason, escalation.action_id) == ("action_failed", "d1")
+    assert escalation.severity == "critical"  # the request's, for routing
     assert escalation.summary == "drain_node on Node//n1: action failed"
     assert "blocked by PodDisruptionBudget shop/checkout-pdb" in escalation.details[0]
     assert escalation.id == stable_id("escalation", "d1", "action_failed")
@@ -581,6 +582,7 @@ async def test_an_action_a_limit_holds_back_is_escalated_once(rig: Any) -> None:
         assert held.status == "denied" and held.message.startswith("cooldown: ")
     (escalation,) = [e for e, _ in bus.on("escalations")]
     assert (escalation.reason, escalation.action_id) == ("denied", "s1")
+    assert escalation.severity is None  # the request did not say (an earlier version's)
     assert escalation.summary == "scale_up on Deployment/shop/checkout: denied"
     assert escalation.details[0] == held.message
     assert ex.metrics.escalations.labels(reason="denied")._value.get() == 1
