@@ -37,10 +37,12 @@ def payload(e: Escalation) -> bytes:
     webhooks show); secrets in the details (they quote cluster and model messages) are
     redacted."""
     details = [redact(d) for d in e.details]
-    lines = [f"[{e.reason}] {redact(e.summary)}", *(f"- {d}" for d in details)]
+    tag = f"{e.reason}, {e.severity}" if e.severity else e.reason
+    lines = [f"[{tag}] {redact(e.summary)}", *(f"- {d}" for d in details)]
     doc = {
         "id": e.id,
         "reason": e.reason,
+        "severity": e.severity,
         "summary": redact(e.summary),
         "incident_id": e.incident_id,
         "incident_key": e.incident_key,

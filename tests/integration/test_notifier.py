@@ -116,7 +116,10 @@ async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
     # The chat webhook was busy once, then took it, once.
     chat = receiver.to("/chat")
     assert len(chat) == 2 and all(body["id"] == escalation.id for body in chat)
-    assert chat[-1]["text"].startswith("[not_healed] rollback on Deployment/shop/checkout")
+    assert chat[-1]["text"].startswith(
+        "[not_healed, critical] rollback on Deployment/shop/checkout"
+    )
+    assert chat[-1]["severity"] == "critical"
     headers = [h for p, h, _ in receiver.got if p == "/chat"]
     assert headers[-1]["Authorization"] == f"Bearer {token}"
     assert headers[-1]["Idempotency-Key"] == escalation.id

@@ -114,7 +114,11 @@ def test_a_webhook_gets_the_escalation_for_a_human_with_secrets_redacted() -> No
     assert (doc["id"], doc["reason"], doc["action_id"]) == ("esc-1", "action_failed", "a-1")
     assert doc["at"] == "2024-05-01T12:00:00Z"
     assert doc["text"].startswith("[action_failed] rollback on Deployment/shop/checkout")
+    assert doc["severity"] is None
     assert "hunter2" not in payload(e).decode()
+    # With the incident's severity, the headline says it.
+    critical = orjson.loads(payload(replace(e, severity="critical")))
+    assert critical["text"].startswith("[action_failed, critical] rollback on")
 
 
 def test_a_webhook_takes_the_reasons_and_severities_it_names_or_all() -> None:
