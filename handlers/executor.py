@@ -91,6 +91,7 @@ from streams.replay import RecentSource
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,18 @@ METRIC_RESULT: dict[str, str] = {
     "duplicate": "duplicate",
 }
 TRANSIENT_ATTEMPTS = 3
-MAX_CLOSED_INCIDENTS = 10_000
+# Entries each of the executor's memories (closed incidents and approvals, actions
+# escalated as held back) keeps, the most recent.
 MAX_REMEMBERED = 10_000
+
+
+def _remember(seen: OrderedDict[str, _T], key: str, value: _T) -> None:
+    """Keep ``key`` as the newest entry of ``seen``, dropping the oldest past
+    MAX_REMEMBERED."""
+    seen[key] = value
+    seen.move_to_end(key)
+    while len(seen) > MAX_REMEMBERED:
+        seen.popitem(last=False)
 
 
 class Publisher(Protocol):
@@ -255,10 +266,7 @@ class Executor:
     def on_incident(self, incident: Incident) -> None:
         # A silenced incident is not acted on either: its approvals lapse like a resolved one's.
         if incident.status in ("resolved", "silenced"):
-            self.closed_incidents[incident.id] = None
-            self.closed_incidents.move_to_end(incident.id)
-            while len(self.closed_incidents) > MAX_CLOSED_INCIDENTS:
-                self.closed_incidents.popitem(last=False)
+            _remember(self.closed_incidents, incident.id, None)
         else:  # open, updated, mitigating, reopened
             self.closed_incidents.pop(incident.id, None)
 
@@ -303,9 +311,7 @@ class Executor:
         # Once per action here: each re-analysis of the incident asks for it again.
         if held_back(verdict, action, self.history) and action.id not in self._held:
             await self._escalate("denied", action, message, now)
-            self._held[action.id] = None
-            while len(self._held) > MAX_REMEMBERED:
-                self._held.popitem(last=False)
+            _remember(self._held, action.id, None)
         return result
 
     async def _facts(self, action: ActionRequest) -> Facts:
@@ -648,10 +654,7 @@ class Executor:
         return expired
 
     def _close(self, request_id: str, why: str) -> None:
-        self.closed_approvals[request_id] = why
-        self.closed_approvals.move_to_end(request_id)
-        while len(self.closed_approvals) > MAX_CLOSED_INCIDENTS:
-            self.closed_approvals.popitem(last=False)
+        _remember(self.closed_approvals, request_id, why)
 
     # --- verification ----------------------------------------------------------------------------
     def _schedule_verification(
