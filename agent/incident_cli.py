@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from agent.errors import ConfigError, PermanentError
+from agent.errors import PermanentError
 from agent.models import (
     ActionRequest,
     ActionResult,
@@ -25,7 +25,8 @@ from agent.models import (
     Escalation,
     Incident,
 )
-from agent.settings import Settings, load_settings, parse_duration
+from agent.remediation_cli import when
+from agent.settings import Settings, load_settings, positive_duration
 from agent.topics import topic
 from streams.replay import recent
 
@@ -140,10 +141,6 @@ async def read_history(
     return [env.value for envs in reads for env in envs if env.value is not None]
 
 
-def _when(t: datetime) -> str:
-    return t.strftime("%Y-%m-%d %H:%M:%S")
-
-
 async def show(settings: Settings, query: str, seconds: float) -> int:
     values = await read_history(settings, seconds)
     ids = matching(query, values)
@@ -156,7 +153,7 @@ async def show(settings: Settings, query: str, seconds: float) -> int:
     head = next((i for i in last if i.id == ids[0]), None)
     print(f"incident {ids[0]} {head.key if head else '(its records are older)'}")
     for e in entries:
-        print(f"{_when(e.at)}  {e.kind:10}  {e.text}")
+        print(f"{when(e.at)}  {e.kind:10}  {e.text}")
     return 0
 
 
@@ -171,24 +168,14 @@ async def list_incidents(settings: Settings, seconds: float, everything: bool) -
         return 0
     for i in shown:
         print(
-            f"{i.id[:12]}  {i.status:10} {i.severity:8} {i.key}  opened {_when(i.opened_at)}, "
+            f"{i.id[:12]}  {i.status:10} {i.severity:8} {i.key}  opened {when(i.opened_at)}, "
             f"rev {i.revision}, {len(i.firing)} firing"
         )
     return 0
 
 
-def since_seconds(text: str) -> float:
-    try:
-        seconds = parse_duration(text)
-    except ValueError as err:
-        raise ConfigError([f"--since: {err}"]) from err
-    if not isinstance(seconds, float) or seconds <= 0:
-        raise ConfigError([f"--since: must be positive, got {text!r}"])
-    return seconds
-
-
 def cmd_incidents(args: argparse.Namespace) -> int:
-    seconds = since_seconds(args.since)
+    seconds = positive_duration(args.since, "--since")
     settings = load_settings(args.config)
     if args.incidents_command == "show":
         return asyncio.run(show(settings, args.id, seconds))

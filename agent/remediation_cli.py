@@ -68,7 +68,7 @@ async def _wait_result(
     return found if isinstance(found, ActionResult) else None
 
 
-def _when(t: datetime) -> str:
+def when(t: datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -78,7 +78,7 @@ async def list_approvals(settings: Settings, now: datetime) -> int:
         print("no pending approvals")
         return 0
     for r in pending:
-        expiry = "EXPIRED" if now > r.expires_at else f"expires {_when(r.expires_at)}"
+        expiry = "EXPIRED" if now > r.expires_at else f"expires {when(r.expires_at)}"
         a = r.action
         params = " ".join(f"{k}={v}" for k, v in sorted(a.params.items()))
         print(f"{r.id}  {a.type} {a.target.key} {params}".rstrip())
@@ -133,7 +133,7 @@ async def list_actions(settings: Settings, limit: int) -> int:
     for r in (await results(settings))[-limit:]:
         undo = " [undoable]" if r.prior_state else ""
         print(
-            f"{_when(r.finished_at)}  {r.action_id}  {r.type:16} {r.target.key}  "
+            f"{when(r.finished_at)}  {r.action_id}  {r.type:16} {r.target.key}  "
             f"{r.status}/{r.outcome}{undo}: {r.message}"
         )
     return 0

@@ -58,6 +58,17 @@ def parse_duration(value: object) -> object:
     return value
 
 
+def positive_duration(text: str, flag: str) -> float:
+    """A command-line duration in seconds, or a ConfigError naming ``flag``."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as err:
+        raise ConfigError([f"{flag}: {err}"]) from err
+    if not isinstance(seconds, float) or seconds <= 0:
+        raise ConfigError([f"{flag}: must be positive, got {text!r}"])
+    return seconds
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Port = Annotated[int, Field(ge=0, le=65535)]

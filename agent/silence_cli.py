@@ -11,7 +11,7 @@ from agent import models
 from agent.errors import ConfigError
 from agent.metrics import Metrics
 from agent.models import Matcher, Silence, new_id, utcnow
-from agent.settings import Settings, load_settings, parse_duration
+from agent.settings import Settings, load_settings, positive_duration
 from streams.bus import Bus, create_topics
 from streams.silences import SilenceStore
 
@@ -48,9 +48,7 @@ async def _publish(settings: Settings, silence: Silence) -> None:
 async def add(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     matchers = tuple(parse_matcher(m) for m in args.matcher)
-    seconds = parse_duration(args.duration)
-    if not isinstance(seconds, float) or seconds <= 0:
-        raise ConfigError([f"--duration: must be positive, got {args.duration!r}"])
+    seconds = positive_duration(args.duration, "--duration")
     now = utcnow()
     start = datetime.fromisoformat(args.start) if args.start else now
     if start.tzinfo is None:

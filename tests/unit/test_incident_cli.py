@@ -9,8 +9,9 @@ from datetime import datetime, timedelta
 import pytest
 
 from agent.errors import ConfigError
-from agent.incident_cli import latest, matching, since_seconds, timeline
+from agent.incident_cli import latest, matching, timeline
 from agent.models import ActionResult, Analysis, ApprovalRequest, Escalation
+from agent.settings import positive_duration
 from tests.fakes.incidents import OPENED, incident, member
 from tests.unit.factories import action
 
@@ -113,7 +114,7 @@ def test_latest_keeps_each_incidents_newest_revision_newest_first() -> None:
 
 
 def test_since_must_be_a_positive_duration() -> None:
-    assert since_seconds("90m") == 5400.0
+    assert positive_duration("90m", "--since") == 5400.0
     for bad in ("5x", "0s"):
         with pytest.raises(ConfigError, match="--since"):
-            since_seconds(bad)
+            positive_duration(bad, "--since")
