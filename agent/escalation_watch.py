@@ -23,12 +23,11 @@ from datetime import datetime
 
 from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.metrics import Metrics
-from agent.models import Escalation, Incident, stable_id, utcnow
+from agent.models import CLOSED_STATUSES, Escalation, Incident, stable_id, utcnow
 from streams.bus import Envelope
 
 log = logging.getLogger(__name__)
 
-CLOSED = frozenset({"resolved", "silenced"})
 SEED_MARGIN = 3600.0
 
 Publish = Callable[[str, object], Awaitable[None]]
@@ -41,7 +40,7 @@ def track(open_: dict[str, Incident], incident: Incident) -> None:
     held = open_.get(incident.id)
     if held is not None and incident.revision < held.revision:
         return
-    if incident.status in CLOSED:
+    if incident.status in CLOSED_STATUSES:
         open_.pop(incident.id, None)
     else:
         open_[incident.id] = incident

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from agent.errors import PermanentError
 from agent.models import (
+    CLOSED_STATUSES,
     ActionRequest,
     ActionResult,
     Analysis,
@@ -161,7 +162,7 @@ async def list_incidents(settings: Settings, seconds: float, everything: bool) -
     shown = [
         i
         for i in latest(await read_history(settings, seconds, ["incidents"]))
-        if everything or i.status not in ("resolved", "silenced")
+        if everything or i.status not in CLOSED_STATUSES
     ]
     if not shown:
         print("no open incidents" if not everything else "no incidents")

@@ -45,6 +45,8 @@ AnomalySource = Literal["prometheus", "kubernetes", "alertmanager", "feed", "age
 # "silenced": every firing member is suppressed (matches a silence or is inhibited by an
 # active source anomaly); recorded, never analysed or acted on.
 IncidentStatus = Literal["open", "updated", "mitigating", "resolved", "reopened", "silenced"]
+# Nothing is to be done about an incident in these: it is not acted on nor escalated.
+CLOSED_STATUSES: frozenset[str] = frozenset({"resolved", "silenced"})
 ActionType = Literal[
     "rollback",
     "scale_up",

@@ -51,6 +51,7 @@ from agent.errors import ActionFailed, AgentError, PermanentError, TransientErro
 from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import (
+    CLOSED_STATUSES,
     ActionRequest,
     ActionResult,
     ApprovalDecision,
@@ -265,7 +266,7 @@ class Executor:
 
     def on_incident(self, incident: Incident) -> None:
         # A silenced incident is not acted on either: its approvals lapse like a resolved one's.
-        if incident.status in ("resolved", "silenced"):
+        if incident.status in CLOSED_STATUSES:
             _remember(self.closed_incidents, incident.id, None)
         else:  # open, updated, mitigating, reopened
             self.closed_incidents.pop(incident.id, None)
