@@ -152,16 +152,12 @@ def _escalation(
 ) -> Escalation:
     """An incident's escalation from its analysis, one per (incident, reason). Details:
     ``headline``, the analyzer and its confidence, ``more``, then the evidence."""
-    return Escalation(
-        id=stable_id("escalation", incident.id, reason),
-        incident_id=incident.id,
-        incident_key=incident.key,
-        reason=reason,
-        summary=summary[:500],
-        at=analysis.created_at,
-        service=incident.labels.get("service", ""),
-        severity=incident.severity,
-        details=(
+    return Escalation.of_incident(
+        incident,
+        reason,
+        summary,
+        analysis.created_at,
+        (
             headline,
             f"{analysis.analyzer} analysis, confidence {analysis.confidence:.2f}",
             *more,

@@ -23,7 +23,7 @@ from datetime import datetime
 
 from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.metrics import Metrics
-from agent.models import CLOSED_STATUSES, Escalation, Incident, stable_id, utcnow
+from agent.models import CLOSED_STATUSES, Escalation, Incident, utcnow
 from streams.bus import Envelope
 
 log = logging.getLogger(__name__)
@@ -61,16 +61,12 @@ def due(
 def unresolved(incident: Incident, now: datetime) -> Escalation:
     minutes = (now - incident.opened_at).total_seconds() / 60
     firing = sorted({m.name for m in incident.firing})
-    return Escalation(
-        id=stable_id("escalation", incident.id, "unresolved"),
-        incident_id=incident.id,
-        incident_key=incident.key,
-        reason="unresolved",
-        summary=f"{incident.key}: open for {minutes:.0f} min, {incident.status}",
-        at=now,
-        service=incident.labels.get("service", ""),
-        severity=incident.severity,
-        details=(
+    return Escalation.of_incident(
+        incident,
+        "unresolved",
+        f"{incident.key}: open for {minutes:.0f} min, {incident.status}",
+        now,
+        (
             f"severity {incident.severity}, revision {incident.revision}",
             f"firing: {', '.join(firing) or 'none'}",
             f"opened {incident.opened_at.isoformat()}",

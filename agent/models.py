@@ -514,6 +514,28 @@ class Escalation:
     def key(self) -> str:
         return self.incident_key
 
+    @classmethod
+    def of_incident(
+        cls,
+        incident: Incident,
+        reason: EscalationReason,
+        summary: str,
+        at: datetime,
+        details: tuple[str, ...],
+    ) -> Escalation:
+        """An incident's escalation (not an action's): one per (incident, reason)."""
+        return cls(
+            id=stable_id("escalation", incident.id, reason),
+            incident_id=incident.id,
+            incident_key=incident.key,
+            reason=reason,
+            summary=summary[:500],
+            at=at,
+            service=incident.labels.get("service", ""),
+            severity=incident.severity,
+            details=details,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
