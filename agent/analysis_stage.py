@@ -131,7 +131,7 @@ def no_remedy_escalation(
     and the actions it refused (an LLM's proposals outside the allow-list, say)."""
     if analysis.actions or incident.severity not in severities or not incident.firing:
         return None
-    firing = ", ".join(sorted({m.name for m in incident.firing}))
+    firing = ", ".join(incident.firing_names)
     return _escalation(
         incident,
         analysis,

@@ -438,7 +438,7 @@ def analyze(incident: Incident, ctx: Context, settings: Settings, now: datetime)
             if (f := _beyond_runbook(m, incident, ctx, settings)) is not None
         ]
     findings.sort(key=lambda f: -f.confidence)
-    names = sorted({m.name for m in incident.firing}) or sorted({m.name for m in incident.members})
+    names = incident.firing_names or sorted({m.name for m in incident.members})
     if findings:
         best = findings[0]
         actions: list[RecommendedAction] = []

@@ -327,7 +327,7 @@ class ContextGatherer:
         prom = self.prom
         # (name, expression, workload it measures, labels a series must match)
         queries: list[tuple[str, str, str, Mapping[str, str] | None]] = []
-        for name in sorted({m.name for m in incident.firing}):
+        for name in incident.firing_names:
             pattern = self.settings.pattern(name)
             if pattern is not None:
                 queries.append((f"pattern:{name}", pattern.condition, "", incident.labels))

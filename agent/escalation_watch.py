@@ -60,7 +60,7 @@ def due(
 
 def unresolved(incident: Incident, now: datetime) -> Escalation:
     minutes = (now - incident.opened_at).total_seconds() / 60
-    firing = sorted({m.name for m in incident.firing})
+    firing = incident.firing_names
     return Escalation.of_incident(
         incident,
         "unresolved",

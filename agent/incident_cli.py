@@ -66,7 +66,7 @@ def _incident_of(value: object) -> str | None:
 def _entry(value: object) -> Entry | None:
     match value:
         case Incident():
-            names = ", ".join(sorted({m.name for m in value.firing})) or "nothing"
+            names = ", ".join(value.firing_names) or "nothing"
             return Entry(
                 value.updated_at,
                 "incident",

@@ -222,6 +222,11 @@ class Incident:
         """Firing members that are not suppressed: what analysis and actions consider."""
         return tuple(m for m in self.members if m.status == "firing" and not m.suppressed)
 
+    @property
+    def firing_names(self) -> list[str]:
+        """The names of what fires (see :attr:`firing`), sorted, each once."""
+        return sorted({m.name for m in self.firing})
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
