@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -46,7 +46,7 @@ from agent.settings import Settings
 from agent.webhook import AlertmanagerReceiver
 from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file
-from streams.bus import BatchConsumer, Bus
+from streams.bus import BatchConsumer, Bus, Envelope
 from streams.correlator import Correlator
 from streams.replay import recent, snapshot
 
@@ -143,6 +143,32 @@ class Agent:
                 )
             )
         if "executor" in self.roles:
+            incidents = self.bus.topic("incidents")
+            # Every replica reads every incident (no group: each reads all partitions). The
+            # executor must know an action's incident closed although another replica owns
+            # that incident's partition; the unresolved watch, that one it seeded resolved.
+            # It starts first, so nothing falls between it and their replays at start.
+            watch = (
+                UnresolvedWatch(
+                    after=s.escalation.unresolved_after,
+                    topic=self.bus.topic("escalations"),
+                    publish=self.bus.publish,
+                    metrics=self.metrics,
+                    recent=functools.partial(recent, s.kafka, incidents, Incident),
+                )
+                if s.escalation.unresolved_after > 0
+                else None
+            )
+            incident_watch = BatchConsumer(
+                self.bus,
+                name="incident-watch",
+                group_id=None,
+                topics={incidents: Incident},
+                handler=functools.partial(_follow_incidents, self, watch),
+                from_beginning=False,
+                stuck_after=s.agent.stuck_after,
+            )
+            self.components.append(incident_watch)
             self.executor = Executor(
                 s,
                 bus=self.bus,
@@ -160,6 +186,8 @@ class Agent:
                 actions=functools.partial(
                     recent, s.kafka, self.bus.topic("actions"), ActionRequest
                 ),
+                incidents=functools.partial(recent, s.kafka, incidents, Incident),
+                incidents_read=incident_watch.caught_up,
             )
             self.components.append(self.executor)  # replays pending approvals before intake
             self.components.append(
@@ -171,7 +199,6 @@ class Agent:
                         self.bus.topic("approvals"): ApprovalRequest,
                         self.bus.topic("decisions"): ApprovalDecision,
                         self.bus.topic("actions"): ActionRequest,
-                        self.bus.topic("incidents"): Incident,  # approvals of closed ones lapse
                     },
                     handler=self.executor.handle,
                     stuck_after=s.agent.stuck_after,
@@ -179,32 +206,8 @@ class Agent:
                     max_records=50,
                 )
             )
-            if s.escalation.unresolved_after > 0:
-                watch = UnresolvedWatch(
-                    after=s.escalation.unresolved_after,
-                    topic=self.bus.topic("escalations"),
-                    publish=self.bus.publish,
-                    metrics=self.metrics,
-                    recent=functools.partial(
-                        recent, s.kafka, self.bus.topic("incidents"), Incident
-                    ),
-                )
-                # Every replica follows every incident from now on (no group: each reads all
-                # partitions): one that saw only its partitions would miss the resolutions of
-                # incidents it seeded. The consumer starts first, so nothing falls between it
-                # and the seed.
+            if watch is not None:
                 # Replicas escalate an incident under one id (see agent.escalation_watch).
-                self.components.append(
-                    BatchConsumer(
-                        self.bus,
-                        name="escalation-watch",
-                        group_id=None,
-                        topics={self.bus.topic("incidents"): Incident},
-                        handler=watch.handle,
-                        from_beginning=False,
-                        stuck_after=s.agent.stuck_after,
-                    )
-                )
                 self.components.append(watch)  # seeds what is open
             if s.escalation.webhooks:
                 self.notifier = Notifier(s, metrics=self.metrics)
@@ -353,6 +356,17 @@ class Agent:
         timeout = aiohttp.ClientTimeout(total=2)
         async with aiohttp.ClientSession(timeout=timeout) as http, http.get(url) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
+
+
+async def _follow_incidents(
+    agent: Agent, watch: UnresolvedWatch | None, batch: Sequence[Envelope]
+) -> None:
+    """The incident watch's handler: what the executor knows of closed incidents, and what
+    the unresolved watch knows of open ones."""
+    if agent.executor is not None:
+        await agent.executor.on_incidents(batch)
+    if watch is not None:
+        await watch.handle(batch)
 
 
 # (young, middle, old): see freeze_heap

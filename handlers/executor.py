@@ -140,6 +140,11 @@ class Publisher(Protocol):
 
 
 ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
+# Waits up to the given seconds until every incident published before the call has been
+# handed to Executor.on_incidents; False if that did not happen in time.
+CaughtUp = Callable[[float], Awaitable[bool]]
+# How long an action waits for the incident watch to catch up before it is retried.
+CATCH_UP_WAIT = 5.0
 
 
 class Executor:
@@ -156,6 +161,8 @@ class Executor:
         approvals: ApprovalSource | None = None,
         results: RecentSource | None = None,
         actions: RecentSource | None = None,
+        incidents: RecentSource | None = None,
+        incidents_read: CaughtUp | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -167,7 +174,10 @@ class Executor:
         self.switches = switches or (lambda: Switches())
         self.history: list[Executed] = []
         self.pending: dict[str, ApprovalRequest] = {}
-        self.closed_incidents: OrderedDict[str, None] = OrderedDict()
+        # incident id -> (latest revision seen, whether it is closed): fed by a reader of
+        # every partition of the incidents topic (see on_incidents), since an action and
+        # its incident's resolution are on partitions another replica may own.
+        self.incidents: OrderedDict[str, tuple[int, bool]] = OrderedDict()
         self._held: OrderedDict[str, None] = OrderedDict()  # actions escalated as denied
         # Requests no longer pending, and why: a late decision is told (best effort: a
         # restart remembers only what the replayed tombstones say).
@@ -178,6 +188,8 @@ class Executor:
         self._approvals = approvals
         self._results = results
         self._actions = actions
+        self._incidents = incidents
+        self._incidents_read = incidents_read
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -187,6 +199,15 @@ class Executor:
         """Rebuild the pending approvals (the consumer group's offsets would skip them) and
         the recent actions, so a restart neither forgets a cooldown nor refills a budget."""
         self._stopped = False
+        if self._incidents is not None:
+            # Long enough for any action or approval that can still arrive for them.
+            s = self.settings.remediation
+            window = max(s.approval_ttl, history_window(s.cooldown))
+            await self.on_incidents(await self._incidents(window))
+            closed = sum(held[1] for held in self.incidents.values())
+            log.info(
+                "executor: %d incidents known after replay, %d closed", len(self.incidents), closed
+            )
         if self._approvals is not None:
             records = list(await self._approvals())
             self._apply_approval_records(records)
@@ -264,16 +285,36 @@ class Executor:
             elif isinstance(env.value, ApprovalRequest):
                 self.pending[env.value.id] = env.value
 
+    async def on_incidents(self, batch: Iterable[Envelope]) -> None:
+        for env in batch:
+            if isinstance(env.value, Incident):
+                self.on_incident(env.value)
+
     def on_incident(self, incident: Incident) -> None:
+        held = self.incidents.get(incident.id)
+        if held is not None and incident.revision < held[0]:
+            return  # older than what is known (the replay at start, a redelivery)
         # A silenced incident is not acted on either: its approvals lapse like a resolved one's.
-        if incident.status in CLOSED_STATUSES:
-            _remember(self.closed_incidents, incident.id, None)
-        else:  # open, updated, mitigating, reopened
-            self.closed_incidents.pop(incident.id, None)
+        _remember(
+            self.incidents, incident.id, (incident.revision, incident.status in CLOSED_STATUSES)
+        )
+
+    async def closed(self, incident_id: str) -> bool:
+        """Whether the incident is resolved or silenced, as of every incident published
+        before this call: a resolution written just before the action must not lose the
+        race between the two topics."""
+        if self._incidents_read is not None and not await self._incidents_read(CATCH_UP_WAIT):
+            raise TransientError(
+                f"cannot tell whether incident {incident_id} is still open: the incident "
+                f"watch is more than {CATCH_UP_WAIT:g}s behind"
+            )
+        held = self.incidents.get(incident_id)
+        return held is not None and held[1]
 
     async def on_action(self, action: ActionRequest) -> ActionResult:
-        now = utcnow()
-        if action.incident_id in self.closed_incidents and UNDO_PARAM not in action.params:
+        closed = UNDO_PARAM not in action.params and await self.closed(action.incident_id)
+        now = utcnow()  # after the wait for the incident watch
+        if closed:
             # Asked for while open, arriving after it closed (analysis lag, a backlog): the
             # problem went away or an operator silenced it. Acting now only adds risk, and
             # asking for an approval would page someone for nothing. An undo is a human's.
@@ -391,7 +432,7 @@ class Executor:
 
     async def _no_longer_valid(self, req: ApprovalRequest) -> str | None:
         incident = req.action.incident_id
-        if incident in self.closed_incidents:
+        if await self.closed(incident):
             return f"incident {incident} is resolved or silenced"
         if req.target_version:
             try:

@@ -281,6 +281,9 @@ class BatchConsumer:
     ``group_id`` None: no group. The consumer reads every partition and commits nothing,
     for a follower that starts where it is told (``from_beginning``) each time: a group per
     process start would be left behind at each restart, until Kafka expires its offsets.
+    Its position is fixed when :meth:`start` returns, so a caller that then reads what was
+    written before (a seed) misses nothing in between, and :meth:`caught_up` tells a caller
+    when everything written before it asked has been handled.
 
     ``topics`` maps a topic to the event type its records decode into, or to a decode
     function (bytes -> value, raising InvalidEvent) for records in a foreign format.
@@ -321,6 +324,7 @@ class BatchConsumer:
         self.max_retry_wait = 30.0  # seconds between attempts at one event, at most
         self._last_beat = time.monotonic()
         self._doing = "starting"
+        self._busy = False  # records fetched and not yet handled
         bus.metrics.consumer_stuck.labels(consumer=name).set_function(
             lambda: float(self.stuck() is not None)
         )
@@ -346,8 +350,38 @@ class BatchConsumer:
         except KafkaError as err:
             await consumer.stop()
             raise DependencyUnavailable(f"kafka {k.bootstrap_servers}: {err}") from err
+        if self.group_id is None:
+            try:
+                for tp in consumer.assignment():
+                    await consumer.position(tp)  # "latest" resolved now, not at first fetch
+            except KafkaError as err:
+                await consumer.stop()
+                raise DependencyUnavailable(f"kafka {k.bootstrap_servers}: {err}") from err
         self._consumer = consumer
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+
+    async def caught_up(self, within: float) -> bool:
+        """Whether everything written to the topics before this call has been handled,
+        waiting up to ``within`` s for it. For a consumer without a group, which reads
+        every partition; False when it is not running or Kafka does not answer."""
+        consumer, task = self._consumer, self._task
+        if consumer is None or task is None or task.done():
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        try:
+            ends = await consumer.end_offsets(list(consumer.assignment()))
+            while True:
+                at = {tp: await consumer.position(tp) for tp in ends}
+                # Positions move when a fetch hands records over, before they are handled.
+                if not self._busy and all(at[tp] >= end for tp, end in ends.items()):
+                    return True
+                if loop.time() >= deadline or task.done():
+                    return False
+                await asyncio.sleep(0.01)
+        except KafkaError as err:
+            log.warning("%s: cannot tell how far it has read: %s", self.name, err)
+            return False
 
     async def stop(self) -> None:
         """Stop intake, let the in-flight batch finish and commit, then leave the group."""
@@ -400,8 +434,10 @@ class BatchConsumer:
         while not self._stopping.is_set():
             self._heartbeat()
             self._doing = "fetching"
+            self._busy = False
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                self._busy = bool(batches)  # no await since the fetch: see caught_up
             except KafkaError as err:
                 log.error("%s: fetch failed, retrying: %s", self.name, err)
                 await asyncio.sleep(1.0)

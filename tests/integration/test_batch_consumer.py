@@ -155,3 +155,47 @@ async def test_a_handler_that_never_returns_is_stuck_and_a_slow_batch_is_not(
         await bus.stop()
     assert sizes[0] == 5, sizes  # the events came as one batch, the premise of the test
     assert verdicts == [None] * len(verdicts)
+
+
+async def test_caught_up_means_handled_what_was_written_before_it_asked(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A consumer without a group starts at the end, and caught_up(within) returns True
+    only once every record written before the call has been through the handler, False
+    while a handler holds one up past ``within``."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("incidents")  # two partitions
+    handled: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(batch: list[Envelope]) -> None:
+        for env in batch:
+            if env.value.id == "s5":
+                await release.wait()
+            handled.append(env.value.id)
+
+    await bus.publish(topic, silence(0), key="k0")  # before the start: not read
+    watch = BatchConsumer(
+        bus,
+        name="watch",
+        group_id=None,
+        topics={topic: Silence},
+        handler=handler,
+        from_beginning=False,
+        max_records=1,
+    )
+    try:
+        async with watch:
+            for i in range(1, 5):
+                await bus.publish(topic, silence(i), key=f"k{i}")
+            assert await watch.caught_up(10.0)
+            assert sorted(handled) == ["s1", "s2", "s3", "s4"]
+            await bus.publish(topic, silence(5), key="k5")
+            assert not await watch.caught_up(0.5)  # s5 is in the handler
+            release.set()
+            assert await watch.caught_up(10.0)
+            assert handled[-1] == "s5"
+        assert not await watch.caught_up(0.1)  # stopped: it can tell nothing
+    finally:
+        await bus.stop()

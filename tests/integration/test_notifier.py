@@ -228,7 +228,7 @@ async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what
     assert posted and {(b["id"], b["incident_id"]) for b in posted} == {
         (escalations[0].id, stays.id)
     }
-    # The watch reads in no consumer group: a group per replica start would stay behind.
+    # The incident watch reads in no consumer group: a group per start would stay behind.
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
@@ -237,4 +237,4 @@ async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what
         await admin.close()
     ours = [g for g in groups if g.startswith(topic_prefix)]
     assert ours, "the executor's own consumer groups"
-    assert not [g for g in ours if "escalation-watch" in g], ours
+    assert not [g for g in ours if "watch" in g], ours

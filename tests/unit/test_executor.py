@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ActionFailed, PermanentError
+from agent.errors import ActionFailed, PermanentError, TransientError
 from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
@@ -369,7 +369,7 @@ async def test_an_approval_for_a_resolved_incident_is_not_executed(rig: Any) -> 
     await ex.on_decision(decision(req))
     assert "incident inc-1 is resolved or silenced" in bus.results("rb")[-1].message
     ex.on_incident(_incident("reopened"))
-    assert "inc-1" not in ex.closed_incidents
+    assert not await ex.closed("inc-1")
 
 
 def _incident(status: Any) -> Incident:
@@ -628,3 +628,72 @@ async def test_an_action_for_an_incident_that_closed_meanwhile_is_not_taken(rig:
     # It reopens: its remedies are taken again.
     ex.on_incident(replace(inc, status="reopened", revision=2, resolved_at=None))
     assert (await ex.on_action(act("scale_up", action_id="s2"))).status == "succeeded"
+
+
+async def test_an_older_revision_of_an_incident_changes_nothing(rig: Any) -> None:
+    """The replay at start and the live reader overlap: a revision older than the one
+    held (the replay's "resolved", after the reader saw it reopen) must not close it."""
+    ex, _bus, _c = rig
+    reopened = replace(_incident("reopened"), revision=3)
+    ex.on_incident(reopened)
+    ex.on_incident(replace(_incident("resolved"), revision=2))
+    assert not await ex.closed("inc-1")
+    ex.on_incident(replace(_incident("silenced"), revision=4))
+    assert await ex.closed("inc-1")
+
+
+async def test_a_restarted_executor_replays_which_incidents_closed(rig: Any) -> None:
+    _ex, bus, c = rig
+    asked: list[float] = []
+
+    async def recent(seconds: float) -> list[Envelope]:
+        asked.append(seconds)
+        return [
+            Envelope(bus.topic("incidents"), 0, i, "c1/shop/checkout", inc)
+            for i, inc in enumerate([_incident("open"), replace(_incident("resolved"), revision=2)])
+        ]
+
+    fresh = Executor(
+        cfg(cooldown="5m", approval_ttl="2h"),
+        bus=bus,
+        cluster=c,
+        metrics=Metrics(),
+        incidents=recent,
+    )
+    await fresh.start()
+    try:
+        assert asked == [7200.0]  # long enough for any approval still pending
+        denied = await fresh.on_action(act("scale_up", action_id="s1"))
+        assert denied.message.startswith("incident_closed")
+    finally:
+        await fresh.stop()
+
+
+async def test_an_action_waits_for_the_incident_reader_and_is_retried_if_it_lags(
+    rig: Any,
+) -> None:
+    """What was published before the action is read first: the reader's catch-up brings
+    the resolution in. A reader that cannot catch up makes the action a retriable error,
+    never a decision on stale knowledge."""
+    _ex, bus, c = rig
+    waits: list[float] = []
+    ex: Executor | None = None
+
+    async def caught_up(within: float) -> bool:
+        waits.append(within)
+        if len(waits) == 1:
+            assert ex is not None
+            ex.on_incident(_incident("resolved"))  # arrives while the action waits
+            return True
+        return False
+
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), incidents_read=caught_up)
+    try:
+        first = await ex.on_action(act("scale_up", action_id="s1"))
+        assert first.message.startswith("incident_closed")
+        with pytest.raises(TransientError, match="incident watch is more than 5s behind"):
+            await ex.on_action(replace(act("scale_up", action_id="s2"), incident_id="inc-2"))
+        assert waits == [5.0, 5.0] and bus.results("s2") == []
+        assert (await c.workload(CHECKOUT)).replicas == 4
+    finally:
+        await ex.stop()
