@@ -2,7 +2,9 @@
 
 Phases (each on its own topics):
 1. passthrough: raw aiokafka consume -> orjson decode -> produce of the same messages,
-   batched: the ceiling any Kafka consumer in Python reaches here.
+   batched: the ceiling any Kafka consumer in Python reaches here. Beside it, the same
+   with the correlator's own decode (validated Anomaly objects): what the decoding the
+   correlator must do leaves of that ceiling, before any correlation.
 2. correlator throughput: the faust correlator (one worker) folding the same anomalies;
    events/s measured from first to last processed anomaly.
 3. correlator latency: anomalies produced at a fixed rate; each one changes its incident,
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from agent.runtime import freeze_heap
 from agent.settings import parse_settings
 from streams.bus import create_topics
 from streams.correlator import Correlator
+from streams.partitioning import decode_anomalies
 
 SERVICES, NAMESPACES, NODES = 1000, 50, 200
 # The topic-name prefixes this run used: its topics are deleted at the end, or the bench
@@ -139,7 +143,9 @@ async def ensure(bootstrap: str, *topics: str, partitions: int = 1) -> None:
         await admin.close()
 
 
-async def passthrough(bootstrap: str, src: str, dst: str, count: int) -> float:
+async def passthrough(
+    bootstrap: str, src: str, dst: str, count: int, decode: Callable[[bytes], object]
+) -> float:
     """Records/s of consume -> decode -> produce of the same bytes."""
     c = AIOKafkaConsumer(
         src,
@@ -162,7 +168,7 @@ async def passthrough(bootstrap: str, src: str, dst: str, count: int) -> float:
             futures = []
             for records in batches.values():
                 for r in records:
-                    orjson.loads(r.value)  # the same decode cost a consumer must pay
+                    decode(r.value)  # the decode cost a consumer must pay
                     futures.append(await p.send(dst, value=r.value, key=r.key))
             await asyncio.gather(*futures)
             await c.commit()
@@ -462,17 +468,24 @@ async def main() -> None:
             (f"batches of {args.batch}", batches, args.batch),
             ("one anomaly per record", singles, 1),
         ):
-            run = new_prefix("bench-pt-")
-            src, dst = f"{run}-in", f"{run}-out"
-            await ensure(args.bootstrap, src, dst)
-            await produce(args.bootstrap, src, recs)
-            pt = await passthrough(args.bootstrap, src, dst, len(recs)) * per_record
+            rates = []
+            for decode in (orjson.loads, decode_anomalies):
+                run = new_prefix("bench-pt-")
+                src, dst = f"{run}-in", f"{run}-out"
+                await ensure(args.bootstrap, src, dst)
+                await produce(args.bootstrap, src, recs)
+                rates.append(await passthrough(args.bootstrap, src, dst, len(recs), decode))
+            pt, typed = (r * per_record for r in rates)
             corr = await correlator_throughput(args.bootstrap, recs, len(recs) * per_record)
             # Gone before the next phase: the broker's log cleaner compacting hundreds of MB
             # of changelog competed with the latency phase for the CPU.
             await delete_topics(args.bootstrap)
             print(f"[{label}] {len(recs) * per_record} anomalies")
             print(f"  passthrough (aiokafka consume+decode+produce): {pt:10.0f} anomalies/s")
+            print(
+                f"  the same, decoding validated anomalies:       {typed:10.0f} anomalies/s"
+                f"   ratio to passthrough {typed / pt:.2f}"
+            )
             print(
                 f"  correlator (faust, 1 worker):                 {corr:10.0f} anomalies/s"
                 f"   ratio to passthrough {corr / pt:.2f}"
