@@ -1,12 +1,13 @@
 """Escalating incidents nobody has healed: an incident still open (not resolved, not
 silenced) ``escalation.unresolved_after`` after it opened is escalated once, reason
 ``unresolved``, whatever the agent did or did not do about it (the runbook's "level 1
-after 5 minutes").
+after 5 minutes"); one still open at each of ``escalation.unresolved_again_after`` is
+escalated again, at level 2, 3, ..., which webhooks can route elsewhere (a manager's pager).
 
 The watch follows every incident of the incidents topic from the time it starts (each
 replica reads every partition, in no consumer group), and seeds itself from the incidents
-written in the last ``unresolved_after`` plus an hour, so a restart keeps watching what was
-open.
+written in the last ``unresolved_after`` (or last level) plus an hour, so a restart keeps
+watching what was open.
 Replicas escalate the same incident under the same stable id; the escalations of one
 incident share a partition, so one notifier usually sees them all and posts the first
 only (across a rebalance another may post it again: receivers dedupe on the id).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from agent.errors import AgentError, cancel_and_wait, task_failure
@@ -47,30 +48,34 @@ def track(open_: dict[str, Incident], incident: Incident) -> None:
 
 
 def due(
-    open_: dict[str, Incident], escalated: set[str], now: datetime, after: float
-) -> list[Incident]:
-    """The open incidents older than ``after`` seconds not escalated yet, oldest first."""
-    found = [
-        inc
-        for inc in open_.values()
-        if inc.id not in escalated and (now - inc.opened_at).total_seconds() >= after
-    ]
-    return sorted(found, key=lambda inc: inc.opened_at)
+    open_: dict[str, Incident], escalated: Mapping[str, int], now: datetime, levels: Sequence[float]
+) -> list[tuple[Incident, int]]:
+    """(incident, level) for each level an open incident has reached and was not escalated
+    at, oldest incident first. ``levels``: the ages (s) of levels 1, 2, ..., increasing;
+    ``escalated``: the highest level each incident was escalated at."""
+    found: list[tuple[Incident, int]] = []
+    for inc in open_.values():
+        age = (now - inc.opened_at).total_seconds()
+        sent = escalated.get(inc.id, 0)
+        found.extend((inc, n) for n, bound in enumerate(levels, 1) if n > sent and age >= bound)
+    return sorted(found, key=lambda pair: (pair[0].opened_at, pair[1]))
 
 
-def unresolved(incident: Incident, now: datetime) -> Escalation:
+def unresolved(incident: Incident, now: datetime, level: int = 1) -> Escalation:
     minutes = (now - incident.opened_at).total_seconds() / 60
     firing = incident.firing_names
+    again = f" (level {level})" if level > 1 else ""
     return Escalation.of_incident(
         incident,
         "unresolved",
-        f"{incident.key}: open for {minutes:.0f} min, {incident.status}",
+        f"{incident.key}: open for {minutes:.0f} min, {incident.status}{again}",
         now,
         (
             f"severity {incident.severity}, revision {incident.revision}",
             f"firing: {', '.join(firing) or 'none'}",
             f"opened {incident.opened_at.isoformat()}",
         ),
+        level,
     )
 
 
@@ -84,21 +89,23 @@ class UnresolvedWatch:
         metrics: Metrics,
         recent: RecentIncidents | None = None,
         every: float = 5.0,
+        again: Sequence[float] = (),
     ) -> None:
         self.after = after
+        self.levels = (after, *again)  # see due
         self.topic = topic
         self.publish = publish
         self.metrics = metrics
         self._recent = recent
         self.every = every
         self.open: dict[str, Incident] = {}
-        self.escalated: set[str] = set()
+        self.escalated: dict[str, int] = {}  # incident id -> highest level escalated
         self._task: asyncio.Task[None] | None = None
         self.name = "escalation-watch"
 
     async def start(self) -> None:
         if self._recent is not None:
-            for env in await self._recent(self.after + SEED_MARGIN):
+            for env in await self._recent(self.levels[-1] + SEED_MARGIN):
                 if isinstance(env.value, Incident):
                     track(self.open, env.value)
             log.info("escalation watch: %d open incidents loaded", len(self.open))
@@ -118,14 +125,14 @@ class UnresolvedWatch:
                 track(self.open, env.value)
         # Forget closed ones (memory stays bounded by what is open); one that reopens later
         # escalates again, under the same id.
-        self.escalated &= set(self.open)
+        self.escalated = {k: n for k, n in self.escalated.items() if k in self.open}
 
     async def sweep(self, now: datetime) -> list[Escalation]:
         out = []
-        for inc in due(self.open, self.escalated, now, self.after):
-            escalation = unresolved(inc, now)
+        for inc, level in due(self.open, self.escalated, now, self.levels):
+            escalation = unresolved(inc, now, level)
             await self.publish(self.topic, escalation)
-            self.escalated.add(inc.id)
+            self.escalated[inc.id] = level
             self.metrics.escalations.labels(reason="unresolved").inc()
             log.error("ESCALATE: incident %s unresolved: %s", inc.key, escalation.summary)
             out.append(escalation)

@@ -514,6 +514,9 @@ class Escalation:
     details: tuple[str, ...] = ()
     severity: Severity | None = None  # the incident's, when known: webhooks route on it
     schema_version: Version = SCHEMA_VERSION
+    # Of an "unresolved" escalation: 1 at escalation.unresolved_after, 2, 3, ... at each
+    # of escalation.unresolved_again_after (webhooks route on it); 1 for other reasons.
+    level: Version = 1
 
     @property
     def key(self) -> str:
@@ -527,10 +530,12 @@ class Escalation:
         summary: str,
         at: datetime,
         details: tuple[str, ...],
+        level: int = 1,
     ) -> Escalation:
-        """An incident's escalation (not an action's): one per (incident, reason)."""
+        """An incident's escalation (not an action's): one per (incident, reason, level)."""
         return cls(
-            id=stable_id("escalation", incident.id, reason),
+            # Level 1 keeps the id it had before there were levels.
+            id=stable_id("escalation", incident.id, reason, *([str(level)] if level > 1 else [])),
             incident_id=incident.id,
             incident_key=incident.key,
             reason=reason,
@@ -539,6 +544,7 @@ class Escalation:
             service=incident.labels.get("service", ""),
             severity=incident.severity,
             details=details,
+            level=level,
         )
 
 

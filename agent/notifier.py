@@ -37,12 +37,14 @@ def payload(e: Escalation) -> bytes:
     webhooks show); secrets in the details (they quote cluster and model messages) are
     redacted."""
     details = [redact(d) for d in e.details]
-    tag = f"{e.reason}, {e.severity}" if e.severity else e.reason
+    reason = f"{e.reason} level {e.level}" if e.level > 1 else e.reason
+    tag = f"{reason}, {e.severity}" if e.severity else reason
     lines = [f"[{tag}] {redact(e.summary)}", *(f"- {d}" for d in details)]
     doc = {
         "id": e.id,
         "reason": e.reason,
         "severity": e.severity,
+        "level": e.level,
         "summary": redact(e.summary),
         "incident_id": e.incident_id,
         "incident_key": e.incident_key,
@@ -74,7 +76,7 @@ class Notifier:
         if not isinstance(e, Escalation):
             return
         for w in self.webhooks:
-            if not w.takes(e.reason, e.severity) or (e.id, w.name) in self._delivered:
+            if not w.takes(e.reason, e.severity, e.level) or (e.id, w.name) in self._delivered:
                 continue
             await self._post(w, e)
             self._delivered[(e.id, w.name)] = None

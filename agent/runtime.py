@@ -155,6 +155,7 @@ class Agent:
                     publish=self.bus.publish,
                     metrics=self.metrics,
                     recent=functools.partial(recent, s.kafka, incidents, Incident),
+                    again=s.escalation.unresolved_again_after,
                 )
                 if s.escalation.unresolved_after > 0
                 else None

@@ -12,6 +12,7 @@ Unknown keys are errors: a typo in a safety setting must not be silently ignored
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -460,10 +461,15 @@ class WebhookSection:
     # whose severity is unknown (an undo's) goes to every webhook its reason routes to.
     reasons: tuple[EscalationReason, ...] = ()
     severities: tuple[Severity, ...] = ()
+    # The levels of "unresolved" escalations this webhook is sent (empty: all), e.g. [2] for
+    # a manager's pager; escalations of other reasons are not held back by it.
+    levels: tuple[Annotated[int, Field(ge=1)], ...] = ()
 
-    def takes(self, reason: str, severity: str | None = None) -> bool:
-        return (not self.reasons or reason in self.reasons) and (
-            not self.severities or severity is None or severity in self.severities
+    def takes(self, reason: str, severity: str | None = None, level: int = 1) -> bool:
+        return (
+            (not self.reasons or reason in self.reasons)
+            and (not self.severities or severity is None or severity in self.severities)
+            and (not self.levels or reason != "unresolved" or level in self.levels)
         )
 
 
@@ -474,6 +480,9 @@ class EscalationSection:
     # An incident still open (not resolved or silenced) this long after it opened is
     # escalated once (0: never).
     unresolved_after: Seconds = 900.0
+    # Later levels: an incident still open this long after it opened is escalated again,
+    # as level 2, 3, ... (each later than the one before; [] : no later level).
+    unresolved_again_after: tuple[Seconds, ...] = ()
     # An incident of one of these severities whose analysis recommends no action is
     # escalated at once, not after unresolved_after: nothing will be tried ([]: never).
     no_remedy: tuple[Severity, ...] = ("critical",)
@@ -483,6 +492,14 @@ class EscalationSection:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"webhooks: duplicate names {dupes}")
+        bounds = (self.unresolved_after, *self.unresolved_again_after)
+        if self.unresolved_again_after and (
+            self.unresolved_after <= 0 or any(a >= b for a, b in itertools.pairwise(bounds))
+        ):
+            raise ValueError(
+                "unresolved_again_after: each must be later than unresolved_after (which "
+                "must be set) and than the one before"
+            )
 
 
 @dataclass(frozen=True, slots=True)

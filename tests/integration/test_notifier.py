@@ -165,6 +165,50 @@ async def test_an_incident_left_open_is_escalated_after_a_restart_too(
     assert body["reason"] == "unresolved" and body["incident_id"] == still_open.id
 
 
+async def test_a_later_level_reaches_the_webhooks_that_take_it(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """An incident open for 10 minutes, with levels at 5 and 9 minutes (and 1 hour): both
+    reached levels are escalated, each under its own id; the chat takes both, the
+    manager's pager (levels [2]) only the second."""
+    opened = utcnow() - timedelta(minutes=10)
+    inc = replace(incident(member()), id=f"open-{uuid.uuid4().hex[:6]}", opened_at=opened)
+    async with Receiver({"/chat": [200], "/manager": [200]}) as receiver:
+        hooks = [
+            {"name": "chat", "url": f"http://127.0.0.1:{receiver.port}/chat"},
+            {"name": "manager", "url": f"http://127.0.0.1:{receiver.port}/manager", "levels": [2]},
+        ]
+        doc = {
+            "escalation": {
+                "unresolved_after": "5m",
+                "unresolved_again_after": ["9m", "1h"],
+                "webhooks": hooks,
+            }
+        }
+        settings = make_settings(kafka_bootstrap, topic_prefix, doc=doc)
+        bus, _ = await started_bus(settings)
+        try:
+            await bus.publish(bus.topic("incidents"), inc)
+        finally:
+            await bus.stop()
+        agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
+        async with (
+            agent,
+            readers(kafka_bootstrap, {"esc": (agent.bus.topic("escalations"), Escalation)}) as r,
+        ):
+            await r["esc"].wait_for(lambda xs: len(xs) >= 2, 30, "two levels")
+            await eventually(lambda: len(receiver.to("/chat")) >= 2, 30, 0.2, "chat")
+            await eventually(lambda: _has(receiver, "/manager"), 30, 0.2, "the manager's pager")
+            escalations = list(r["esc"].items)
+    assert sorted((e.reason, e.level) for e in escalations) == [
+        ("unresolved", 1),
+        ("unresolved", 2),
+    ]
+    assert len({e.id for e in escalations}) == 2
+    assert sorted(b["level"] for b in receiver.to("/chat")) == [1, 2]
+    assert [b["level"] for b in receiver.to("/manager")] == [2]
+
+
 async def _has(receiver: Receiver, path: str) -> bool:
     return bool(receiver.to(path))
 

@@ -140,3 +140,36 @@ def test_a_webhook_takes_the_reasons_and_severities_it_names_or_all() -> None:
     bad = {"webhooks": [{"name": "pager", "url": "http://p.example/h", "reasons": ["sev1"]}]}
     with pytest.raises(ConfigError, match=r"escalation\.webhooks\[0\]\.reasons\[0\]"):
         make_settings({"escalation": bad})
+
+
+def test_a_webhook_takes_the_unresolved_levels_it_names_and_every_other_reason() -> None:
+    manager = {"name": "manager", "url": "http://pager.example/m", "levels": [2, 3]}
+    (hook,) = make_settings({"escalation": {"webhooks": [manager]}}).escalation.webhooks
+    assert [n for n in (1, 2, 3, 4) if hook.takes("unresolved", "critical", n)] == [2, 3]
+    assert hook.takes("no_remedy", "critical")  # levels are of "unresolved" only
+    bad = {"webhooks": [{"name": "m", "url": "http://p.example/h", "levels": [0]}]}
+    with pytest.raises(ConfigError, match=r"escalation\.webhooks\[0\]\.levels\[0\]"):
+        make_settings({"escalation": bad})
+
+
+def test_later_unresolved_levels_must_come_later() -> None:
+    ok = make_settings(
+        {"escalation": {"unresolved_after": "15m", "unresolved_again_after": ["1h", "4h"]}}
+    )
+    assert ok.escalation.unresolved_again_after == (3600.0, 14400.0)
+    for doc in (
+        {"unresolved_after": "15m", "unresolved_again_after": ["10m"]},
+        {"unresolved_after": "15m", "unresolved_again_after": ["1h", "1h"]},
+        {"unresolved_after": "0s", "unresolved_again_after": ["1h"]},
+    ):
+        with pytest.raises(ConfigError, match="unresolved_again_after: each must be later"):
+            make_settings({"escalation": doc})
+
+
+def test_a_later_level_says_so_in_the_headline_and_the_body() -> None:
+    inc = incident(member())
+    e = Escalation.of_incident(inc, "unresolved", "open for 61 min", OPENED, (), level=2)
+    body = orjson.loads(payload(e))
+    assert body["level"] == 2 and body["text"].startswith("[unresolved level 2, critical] ")
+    first = orjson.loads(payload(replace(e, level=1)))
+    assert first["level"] == 1 and first["text"].startswith("[unresolved, critical] ")

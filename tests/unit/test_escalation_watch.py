@@ -32,9 +32,26 @@ def test_due_are_the_open_incidents_past_the_bound_not_yet_escalated() -> None:
     new = replace(new, opened_at=OPENED + timedelta(minutes=10))
     open_ = {"old": old, "new": new}
     now = OPENED + timedelta(minutes=15)
-    assert [i.id for i in due(open_, set(), now, 15 * 60)] == ["old"]
-    assert [i.id for i in due(open_, set(), now, 60)] == ["old", "new"]  # oldest first
-    assert due(open_, {"old", "new"}, now, 60) == []
+    assert [(i.id, n) for i, n in due(open_, {}, now, [15 * 60])] == [("old", 1)]
+    assert [(i.id, n) for i, n in due(open_, {}, now, [60])] == [("old", 1), ("new", 1)]
+    assert due(open_, {"old": 1, "new": 1}, now, [60]) == []
+
+
+def test_each_level_is_due_once_when_its_age_is_reached() -> None:
+    inc = incident(member(), id="inc")
+    levels = [15 * 60, 60 * 60, 4 * 3600]
+
+    def at(minutes: float, escalated: dict[str, int]) -> list[int]:
+        now = OPENED + timedelta(minutes=minutes)
+        return [n for _, n in due({"inc": inc}, escalated, now, levels)]
+
+    assert at(14, {}) == []
+    assert at(15, {}) == [1]
+    assert at(59, {"inc": 1}) == []
+    assert at(60, {"inc": 1}) == [2]
+    assert at(300, {"inc": 2}) == [3]
+    assert at(300, {"inc": 3}) == []
+    assert at(300, {}) == [1, 2, 3]  # a watch that knows nothing (a restart): all, in order
 
 
 async def test_the_watch_escalates_once_and_forgets_what_closed() -> None:
@@ -56,5 +73,28 @@ async def test_the_watch_escalates_once_and_forgets_what_closed() -> None:
     assert sent == [("t.escalations", e)]
     resolved = replace(inc, revision=2, status="resolved")
     await watch.handle([Envelope("t.incidents", 0, 1, inc.key, resolved)])
-    assert watch.open == {} and watch.escalated == set()
+    assert watch.open == {} and watch.escalated == {}
     assert metrics.escalations.labels(reason="unresolved")._value.get() == 1
+
+
+async def test_a_later_level_is_a_second_escalation_under_its_own_id() -> None:
+    sent: list[Escalation] = []
+
+    async def publish(topic: str, value: object) -> None:
+        assert isinstance(value, Escalation)
+        sent.append(value)
+
+    watch = UnresolvedWatch(
+        after=900, again=(3600,), topic="t.escalations", publish=publish, metrics=Metrics()
+    )
+    inc = incident(member())
+    await watch.handle([Envelope("t.incidents", 0, 0, inc.key, inc)])
+    (first,) = await watch.sweep(OPENED + timedelta(minutes=16))
+    assert await watch.sweep(OPENED + timedelta(minutes=59)) == []
+    (second,) = await watch.sweep(OPENED + timedelta(minutes=61))
+    assert (first.level, second.level) == (1, 2) and first.id != second.id
+    assert second.summary == f"{inc.key}: open for 61 min, open (level 2)"
+    assert await watch.sweep(OPENED + timedelta(hours=5)) == []  # no third level
+    # Level 1 keeps the id it had before there were levels: receivers still dedupe it.
+    assert first.id == Escalation.of_incident(inc, "unresolved", "x", OPENED, ()).id
+    assert sent == [first, second]
