@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
-from agent.models import DeadLetter, Escalation, utcnow
+from agent.models import DeadLetter, Escalation, Incident, utcnow
 from agent.runtime import Agent
 from agent.server import serve
 from agent.settings import Settings
@@ -63,6 +63,16 @@ async def receiver() -> AsyncIterator[Receiver]:
     statuses = {"/chat": [503, 200], "/pager": [503, 400], "/night": [200], "/calm": [200]}
     async with Receiver(statuses) as r:
         yield r
+
+
+async def written_before(settings: Settings, *incidents: Incident) -> None:
+    """The incidents, written before the agent starts (as before a restart)."""
+    bus, _ = await started_bus(settings)
+    try:
+        for inc in incidents:
+            await bus.publish(bus.topic("incidents"), inc)
+    finally:
+        await bus.stop()
 
 
 async def test_an_escalation_is_delivered_retried_and_refusals_dead_lettered(
@@ -146,12 +156,7 @@ async def test_an_incident_left_open_is_escalated_after_a_restart_too(
     closed = replace(still_open, id=f"closed-{uuid.uuid4().hex[:6]}", status="resolved")
     async with Receiver({"/chat": [200]}) as receiver:
         settings = watching(kafka_bootstrap, topic_prefix, receiver, "5m")
-        bus, _ = await started_bus(settings)
-        try:
-            for inc in (still_open, closed):
-                await bus.publish(bus.topic("incidents"), inc)
-        finally:
-            await bus.stop()
+        await written_before(settings, still_open, closed)
         agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
         async with (
             agent,
@@ -186,11 +191,7 @@ async def test_a_later_level_reaches_the_webhooks_that_take_it(
             }
         }
         settings = make_settings(kafka_bootstrap, topic_prefix, doc=doc)
-        bus, _ = await started_bus(settings)
-        try:
-            await bus.publish(bus.topic("incidents"), inc)
-        finally:
-            await bus.stop()
+        await written_before(settings, inc)
         agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
         async with (
             agent,
