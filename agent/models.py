@@ -493,14 +493,21 @@ EscalationReason = Literal[
     "notify",  # a pattern's or runbook's notify_oncall step
     "no_remedy",  # a severe incident the analysis recommends no action for
     "unresolved",  # still open escalation.unresolved_after after it opened
+    # Informational: what the agent did, for a channel that asks for it (see below).
+    "healed",  # verified: the action healed what fired
+    "dry_run",  # shadow mode: what the agent would have done
 ]
+# Reasons that report rather than ask a human for anything: a webhook is sent them only
+# when its `reasons` lists them, never by default (a pager must not page on a success).
+INFORMATIONAL_REASONS: frozenset[str] = frozenset({"healed", "dry_run"})
 
 
 @dataclass(frozen=True, slots=True)
 class Escalation:
-    """Something a human must look at now; the notifier delivers it to the configured
-    webhooks. ``id`` is stable per (incident or action, reason): a repeat is the same
-    escalation, and receivers dedupe on it."""
+    """Something a human must look at now (or, of an informational reason, what the agent
+    did, for the channels that ask); the notifier delivers it to the configured webhooks.
+    ``id`` is stable per (incident or action, reason): a repeat is the same escalation, and
+    receivers dedupe on it."""
 
     id: NonEmpty
     incident_id: NonEmpty

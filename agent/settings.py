@@ -34,6 +34,7 @@ from agent.codec import validation_problems
 from agent.errors import ConfigError
 from agent.models import (
     ACTION_TYPES,
+    INFORMATIONAL_REASONS,
     ActionType,
     AnomalySource,
     EscalationReason,
@@ -459,6 +460,7 @@ class WebhookSection:
     # The escalation reasons and incident severities this webhook is sent (empty: all): a
     # pager may take only what must wake someone, a chat channel everything. An escalation
     # whose severity is unknown (an undo's) goes to every webhook its reason routes to.
+    # The informational reasons (healed, dry_run) go only where listed.
     reasons: tuple[EscalationReason, ...] = ()
     severities: tuple[Severity, ...] = ()
     # The levels of "unresolved" escalations this webhook is sent (empty: all), e.g. [2] for
@@ -466,8 +468,11 @@ class WebhookSection:
     levels: tuple[Annotated[int, Field(ge=1)], ...] = ()
 
     def takes(self, reason: str, severity: str | None = None, level: int = 1) -> bool:
+        listed = reason in self.reasons
+        if reason in INFORMATIONAL_REASONS and not listed:
+            return False  # sent only where asked for (see agent.models)
         return (
-            (not self.reasons or reason in self.reasons)
+            (not self.reasons or listed)
             and (not self.severities or severity is None or severity in self.severities)
             and (not self.levels or reason != "unresolved" or level in self.levels)
         )

@@ -52,6 +52,7 @@ from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import (
     CLOSED_STATUSES,
+    INFORMATIONAL_REASONS,
     ActionRequest,
     ActionResult,
     ApprovalDecision,
@@ -179,6 +180,7 @@ class Executor:
         # its incident's resolution are on partitions another replica may own.
         self.incidents: OrderedDict[str, tuple[int, bool]] = OrderedDict()
         self._held: OrderedDict[str, None] = OrderedDict()  # actions escalated as denied
+        self._reported: OrderedDict[str, None] = OrderedDict()  # dry runs reported
         # Requests no longer pending, and why: a late decision is told (best effort: a
         # restart remembers only what the replayed tombstones say).
         self.closed_approvals: OrderedDict[str, str] = OrderedDict()
@@ -350,6 +352,11 @@ class Executor:
             else f"{verdict.rule}: {verdict.reason}"
         )
         result = await self._record(action, status, "not_applicable", message, now)
+        if status == "dry_run" and action.id not in self._reported:
+            # Once per action (its id is per incident, type and target): each re-analysis
+            # asks for it again. What shadow mode would have done is how it is evaluated.
+            await self._escalate("dry_run", action, message, now)
+            _remember(self._reported, action.id, None)
         # Once per action here: each re-analysis of the incident asks for it again.
         if held_back(verdict, action, self.history) and action.id not in self._held:
             await self._escalate("denied", action, message, now)
@@ -764,8 +771,12 @@ class Executor:
     ) -> None:
         """Log it, and publish it for the notifier (and any Kafka client) to deliver.
         ``key``: what else makes it a new escalation of this action and reason."""
-        level = logging.WARNING if reason == "approval_requested" else logging.ERROR
-        log.log(level, "ESCALATE: %s on %s: %s", action.type, action.target.key, message)
+        informational = reason in INFORMATIONAL_REASONS
+        if informational:
+            log.info("REPORT: %s on %s: %s", action.type, action.target.key, message)
+        else:
+            level = logging.WARNING if reason == "approval_requested" else logging.ERROR
+            log.log(level, "ESCALATE: %s on %s: %s", action.type, action.target.key, message)
         escalation = Escalation(
             # Stable: a redelivered action escalates the same escalation, not a second one.
             id=stable_id("escalation", action.id, reason, *((key,) if key else ())),
@@ -781,7 +792,8 @@ class Executor:
             severity=action.severity,
         )
         await self.bus.publish(self.bus.topic("escalations"), escalation)
-        self.metrics.escalations.labels(reason=reason).inc()
+        if not informational:  # the action outcome metrics count those already
+            self.metrics.escalations.labels(reason=reason).inc()
 
     async def verify_now(
         self, action: ActionRequest, before: Observation | None = None
@@ -805,6 +817,8 @@ class Executor:
         if outcome in ("not_healed", "worse"):
             reason: EscalationReason = "worse" if outcome == "worse" else "not_healed"
             await self._escalate(reason, action, message, verified.finished_at)
+        elif outcome == "healed":
+            await self._escalate("healed", action, message, verified.finished_at)
         elif outcome == "unknown":
             log.warning("unverified %s on %s: %s", action.type, action.target.key, message)
         else:

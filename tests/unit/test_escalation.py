@@ -173,3 +173,15 @@ def test_a_later_level_says_so_in_the_headline_and_the_body() -> None:
     assert body["level"] == 2 and body["text"].startswith("[unresolved level 2, critical] ")
     first = orjson.loads(payload(replace(e, level=1)))
     assert first["level"] == 1 and first["text"].startswith("[unresolved, critical] ")
+
+
+def test_informational_reasons_go_only_where_they_are_listed() -> None:
+    hooks = [
+        {"name": "pager", "url": "http://pager.example/h"},
+        {"name": "chat", "url": "http://chat.example/h", "reasons": ["healed", "dry_run", "worse"]},
+    ]
+    pager, chat = make_settings({"escalation": {"webhooks": hooks}}).escalation.webhooks
+    assert not pager.takes("healed", "critical") and not pager.takes("dry_run", "critical")
+    assert pager.takes("worse", "critical")  # everything else, by default
+    assert chat.takes("healed", "critical") and chat.takes("dry_run", None)
+    assert not chat.takes("no_remedy", "critical")

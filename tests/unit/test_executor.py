@@ -697,3 +697,25 @@ async def test_an_action_waits_for_the_incident_reader_and_is_retried_if_it_lags
         assert (await c.workload(CHECKOUT)).replicas == 4
     finally:
         await ex.stop()
+
+
+async def test_a_healed_action_and_a_dry_run_are_reported_not_escalated(rig: Any) -> None:
+    """What the agent did goes on the escalations topic as an informational report (for
+    the channels that ask for it), not counted as an escalation; a dry run once per
+    action, however often a re-analysis asks for it."""
+    ex, bus, _c = rig
+    done = await ex.on_action(act("rollback", action_id="a1"))
+    assert done.status == "succeeded"
+    await bus.wait_for(lambda b: b.on("escalations"), 5, "the report of the healing")
+    (healed,) = [e for e, _ in bus.on("escalations")]
+    assert (healed.reason, healed.action_id) == ("healed", "a1")
+    assert healed.summary == "rollback on Deployment/shop/checkout: healed"
+    assert healed.details[0] == bus.results("a1")[-1].message
+    ex.switches = lambda: Switches(dry_run=True)
+    for _ in range(2):
+        assert (await ex.on_action(act("scale_up", action_id="s1"))).status == "dry_run"
+    reports = [e for e, _ in bus.on("escalations")]
+    assert [(e.reason, e.action_id) for e in reports] == [("healed", "a1"), ("dry_run", "s1")]
+    assert reports[1].details[0].startswith("would have executed scale_up on")
+    for reason in ("healed", "dry_run"):
+        assert ex.metrics.escalations.labels(reason=reason)._value.get() == 0
