@@ -20,6 +20,7 @@ from agent.models import (
     Analysis,
     Anomaly,
     ApprovalRequest,
+    Escalation,
     Incident,
     Target,
 )
@@ -92,6 +93,7 @@ async def _scenario(
                 "actions": (t("actions"), ActionRequest),
                 "approvals": (t("approvals"), ApprovalRequest),
                 "results": (t("action-results"), ActionResult),
+                "escalations": (t("escalations"), Escalation),
             },
         ) as r:
             k8s_cluster.kubectl_run(
@@ -115,6 +117,9 @@ async def _scenario(
                 )
                 await r["incidents"].wait_for(
                     lambda xs: any(x.status == "resolved" for x in xs), 60, "resolution"
+                )
+                await r["escalations"].wait_for(
+                    lambda xs: any(x.reason == "healed" for x in xs), 10, "the healed report"
                 )
             return {
                 "agent": agent,
@@ -166,6 +171,9 @@ async def test_bad_rollout_is_rolled_back_and_verified(
     verified = [x for x in results if x.outcome == "healed"]
     assert len(executed) == 1 and len(verified) == 1
     assert executed[0].prior_state == {"revision": 2, "image": "registry.local/checkout:v2"}
+    # Reported for the channels that ask, and nothing escalated: it healed.
+    reports = [(e.reason, e.action_id) for e in out["escalations"]]
+    assert reports == [("healed", out["actions"][0].id)]
 
     w = out["workload"]
     assert w.image == "registry.local/checkout:v1"
