@@ -100,7 +100,8 @@ def _entry(value: object) -> Entry | None:
                 f"{value.type} {value.target.key} {value.status}/{value.outcome}: {value.message}",
             )
         case Escalation():
-            return Entry(value.at, "escalation", f"[{value.reason}] {value.summary}")
+            reason = f"{value.reason} level {value.level}" if value.level > 1 else value.reason
+            return Entry(value.at, "escalation", f"[{reason}] {value.summary}")
     return None
 
 

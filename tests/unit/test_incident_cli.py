@@ -74,6 +74,14 @@ def records() -> list[object]:
     return [resolved, done, page, other, an, ask, opened, updated, act, done]
 
 
+def test_a_later_unresolved_level_is_named_in_the_timeline() -> None:
+    inc = incident(member(), id="inc-1")
+    second = Escalation.of_incident(inc, "unresolved", "open for 61 min", _at(61), (), level=2)
+    first = Escalation.of_incident(inc, "unresolved", "open for 16 min", _at(16), ())
+    texts = [e.text for e in timeline("inc-1", [inc, second, first]) if e.kind == "escalation"]
+    assert texts == ["[unresolved] open for 16 min", "[unresolved level 2] open for 61 min"]
+
+
 def test_a_timeline_is_one_incidents_records_in_time_order_once_each() -> None:
     entries = timeline("inc-1", records())
     assert [e.kind for e in entries] == [
