@@ -680,7 +680,9 @@ class Executor:
                 log.exception("approval sweep failed (a bug); retrying")
 
     async def sweep(self, now: datetime) -> list[ApprovalRequest]:
-        """Escalate the pending approvals that expired without a decision."""
+        """Withdraw the pending approvals whose incident closed; escalate the ones that
+        expired without a decision."""
+        await self._withdraw_closed(now)
         expired = [r for r in self.pending.values() if now > r.expires_at]
         for req in expired:
             await self._record(
@@ -701,6 +703,23 @@ class Executor:
             self._close(req.id, f"it expired at {req.expires_at.isoformat()} without a decision")
             await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
         return expired
+
+    async def _withdraw_closed(self, now: datetime) -> None:
+        """An approval asked for an incident that has since resolved or been silenced is
+        withdrawn, not left to expire: its expiry would page someone an hour later for a
+        problem gone, and ``approvals list`` would still offer it. Nobody is paged for
+        the withdrawal; a late decision is told why."""
+        for req in list(self.pending.values()):
+            held = self.incidents.get(req.action.incident_id)
+            if held is None or not held[1]:
+                continue
+            why = f"withdrawn: incident {req.action.incident_id} is resolved or silenced"
+            await self._record(
+                req.action, "rejected", "not_applicable", f"approval {req.id} {why}", now
+            )
+            self.pending.pop(req.id, None)
+            self._close(req.id, why)
+            await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
 
     def _close(self, request_id: str, why: str) -> None:
         _remember(self.closed_approvals, request_id, why)

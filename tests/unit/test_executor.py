@@ -719,3 +719,34 @@ async def test_a_healed_action_and_a_dry_run_are_reported_not_escalated(rig: Any
     assert reports[1].details[0].startswith("would have executed scale_up on")
     for reason in ("healed", "dry_run"):
         assert ex.metrics.escalations.labels(reason=reason)._value.get() == 0
+
+
+async def test_an_approval_whose_incident_closed_is_withdrawn_not_left_to_expire(
+    rig: Any,
+) -> None:
+    """Left pending, it would expire an hour later and page someone for a problem gone;
+    withdrawn, it leaves `approvals list`, nobody is paged, and a late decision is told."""
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    other = await requested(
+        ex,
+        bus,
+        replace(
+            act("update_config", CM, action_id="u2", params={"key": "k", "value": "w"}),
+            incident_id="inc-2",
+        ),
+    )
+    paged = len(bus.on("escalations"))  # the two approval requests
+    ex.on_incident(_incident("resolved"))  # inc-1
+    await ex.sweep(req.expires_at + timedelta(seconds=1))  # past its expiry, too
+    assert bus.tombstones() == [req.id, other.id]  # the other one expired: inc-2 is open
+    withdrawn = bus.results(req.action.id)[-1]
+    assert (withdrawn.status, withdrawn.message) == (
+        "rejected",
+        f"approval {req.id} withdrawn: incident inc-1 is resolved or silenced",
+    )
+    assert [e.reason for e, _ in bus.on("escalations")][paged:] == ["approval_expired"]
+    assert not ex.pending
+    await ex.on_decision(decision(req))  # too late
+    assert f"approval request {req.id} is closed: withdrawn: incident inc-1" in bus.letters[-1]
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
