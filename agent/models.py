@@ -490,6 +490,7 @@ EscalationReason = Literal[
     "approval_requested",  # an action waits for a human's approval
     "approval_expired",  # nobody decided in time
     "approval_stale",  # approved, but the target or incident changed meanwhile
+    "approval_withdrawn",  # its incident closed before anyone decided: nothing to do
     "notify",  # a pattern's or runbook's notify_oncall step
     "no_remedy",  # a severe incident the analysis recommends no action for
     "unresolved",  # still open escalation.unresolved_after after it opened
@@ -500,6 +501,9 @@ EscalationReason = Literal[
 # Reasons that report rather than ask a human for anything: a webhook is sent them only
 # when its `reasons` lists them, never by default (a pager must not page on a success).
 INFORMATIONAL_REASONS: frozenset[str] = frozenset({"healed", "dry_run"})
+# A follow-up that says an earlier escalation needs nothing more: it is routed as the one it
+# follows, so it reaches whoever was asked.
+FOLLOW_UPS: dict[str, EscalationReason] = {"approval_withdrawn": "approval_requested"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from agent.codec import validation_problems
 from agent.errors import ConfigError
 from agent.models import (
     ACTION_TYPES,
+    FOLLOW_UPS,
     INFORMATIONAL_REASONS,
     ActionType,
     AnomalySource,
@@ -460,7 +461,8 @@ class WebhookSection:
     # The escalation reasons and incident severities this webhook is sent (empty: all): a
     # pager may take only what must wake someone, a chat channel everything. An escalation
     # whose severity is unknown (an undo's) goes to every webhook its reason routes to.
-    # The informational reasons (healed, dry_run) go only where listed.
+    # The informational reasons (healed, dry_run) go only where listed; a follow-up
+    # (approval_withdrawn) goes wherever the escalation it follows (approval_requested) goes.
     reasons: tuple[EscalationReason, ...] = ()
     severities: tuple[Severity, ...] = ()
     # The levels of "unresolved" escalations this webhook is sent (empty: all), e.g. [2] for
@@ -468,6 +470,8 @@ class WebhookSection:
     levels: tuple[Annotated[int, Field(ge=1)], ...] = ()
 
     def takes(self, reason: str, severity: str | None = None, level: int = 1) -> bool:
+        if reason in FOLLOW_UPS:
+            return self.takes(FOLLOW_UPS[reason], severity, level)
         listed = reason in self.reasons
         if reason in INFORMATIONAL_REASONS and not listed:
             return False  # sent only where asked for (see agent.models)

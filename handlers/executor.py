@@ -52,6 +52,7 @@ from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import (
     CLOSED_STATUSES,
+    FOLLOW_UPS,
     INFORMATIONAL_REASONS,
     ActionRequest,
     ActionResult,
@@ -707,8 +708,9 @@ class Executor:
     async def _withdraw_closed(self, now: datetime) -> None:
         """An approval asked for an incident that has since resolved or been silenced is
         withdrawn, not left to expire: its expiry would page someone an hour later for a
-        problem gone, and ``approvals list`` would still offer it. Nobody is paged for
-        the withdrawal; a late decision is told why."""
+        problem gone, and ``approvals list`` would still offer it. Whoever was asked is
+        told (approval_withdrawn, routed as the request was, not counted as an
+        escalation); a late decision is told why."""
         for req in list(self.pending.values()):
             held = self.incidents.get(req.action.incident_id)
             if held is None or not held[1]:
@@ -720,6 +722,14 @@ class Executor:
             self.pending.pop(req.id, None)
             self._close(req.id, why)
             await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
+            # Whoever was asked to decide is told there is nothing to decide.
+            await self._escalate(
+                "approval_withdrawn",
+                req.action,
+                f"approval {req.id} {why}",
+                now,
+                key=req.created_at.isoformat(),
+            )
 
     def _close(self, request_id: str, why: str) -> None:
         _remember(self.closed_approvals, request_id, why)
@@ -790,7 +800,7 @@ class Executor:
     ) -> None:
         """Log it, and publish it for the notifier (and any Kafka client) to deliver.
         ``key``: what else makes it a new escalation of this action and reason."""
-        informational = reason in INFORMATIONAL_REASONS
+        informational = reason in INFORMATIONAL_REASONS or reason in FOLLOW_UPS
         if informational:
             log.info("REPORT: %s on %s: %s", action.type, action.target.key, message)
         else:

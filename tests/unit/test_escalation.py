@@ -185,3 +185,14 @@ def test_informational_reasons_go_only_where_they_are_listed() -> None:
     assert pager.takes("worse", "critical")  # everything else, by default
     assert chat.takes("healed", "critical") and chat.takes("dry_run", None)
     assert not chat.takes("no_remedy", "critical")
+
+
+def test_a_withdrawal_goes_where_the_approval_request_went() -> None:
+    hooks = [
+        {"name": "asks", "url": "http://a.example/h", "reasons": ["approval_requested"]},
+        {"name": "pager", "url": "http://p.example/h", "reasons": ["worse"]},
+        {"name": "chat", "url": "http://c.example/h"},
+    ]
+    asks, pager, chat = make_settings({"escalation": {"webhooks": hooks}}).escalation.webhooks
+    assert asks.takes("approval_withdrawn", "critical") and chat.takes("approval_withdrawn")
+    assert not pager.takes("approval_withdrawn", "critical")

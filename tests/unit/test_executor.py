@@ -725,7 +725,9 @@ async def test_an_approval_whose_incident_closed_is_withdrawn_not_left_to_expire
     rig: Any,
 ) -> None:
     """Left pending, it would expire an hour later and page someone for a problem gone;
-    withdrawn, it leaves `approvals list`, nobody is paged, and a late decision is told."""
+    withdrawn, it leaves `approvals list`, whoever was asked is told there is nothing to
+    decide (routed as the request was, not counted as an escalation), and a late decision
+    is told."""
     ex, bus, c = rig
     req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
     other = await requested(
@@ -745,7 +747,13 @@ async def test_an_approval_whose_incident_closed_is_withdrawn_not_left_to_expire
         "rejected",
         f"approval {req.id} withdrawn: incident inc-1 is resolved or silenced",
     )
-    assert [e.reason for e, _ in bus.on("escalations")][paged:] == ["approval_expired"]
+    told = [e for e, _ in bus.on("escalations")][paged:]
+    assert [(e.reason, e.action_id) for e in told] == [
+        ("approval_withdrawn", req.action.id),
+        ("approval_expired", "u2"),
+    ]
+    assert told[0].details[0] == withdrawn.message
+    assert ex.metrics.escalations.labels(reason="approval_withdrawn")._value.get() == 0
     assert not ex.pending
     await ex.on_decision(decision(req))  # too late
     assert f"approval request {req.id} is closed: withdrawn: incident inc-1" in bus.letters[-1]
