@@ -25,6 +25,7 @@ from datetime import datetime
 from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.metrics import Metrics
 from agent.models import CLOSED_STATUSES, Escalation, Incident, utcnow
+from agent.settings import EscalationSection
 from streams.bus import Envelope
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ def unresolved(incident: Incident, now: datetime, level: int = 1) -> Escalation:
     )
 
 
+def seed_window(escalation: EscalationSection) -> float:
+    """Seconds of incidents the watch seeds itself from: its last level, and an hour."""
+    return max((escalation.unresolved_after, *escalation.unresolved_again_after)) + SEED_MARGIN
+
+
 class UnresolvedWatch:
     def __init__(
         self,
@@ -105,7 +111,7 @@ class UnresolvedWatch:
 
     async def start(self) -> None:
         if self._recent is not None:
-            for env in await self._recent(self.levels[-1] + SEED_MARGIN):
+            for env in await self._recent(self.levels[-1] + SEED_MARGIN):  # see seed_window
                 if isinstance(env.value, Incident):
                     track(self.open, env.value)
             log.info("escalation watch: %d open incidents loaded", len(self.open))

@@ -26,7 +26,7 @@ from agent.calibration import CalibrationTracker
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
 from agent.errors import ComponentFailed, ConfigError
-from agent.escalation_watch import UnresolvedWatch
+from agent.escalation_watch import UnresolvedWatch, seed_window
 from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
 from agent.llm_analyzer import LLMAnalyzer
@@ -45,10 +45,10 @@ from agent.server import HealthServer
 from agent.settings import Settings
 from agent.webhook import AlertmanagerReceiver
 from handlers.cluster import Cluster
-from handlers.executor import Executor, kill_switch_file
+from handlers.executor import Executor, kill_switch_file, replay_window
 from streams.bus import BatchConsumer, Bus, Envelope
 from streams.correlator import Correlator
-from streams.replay import recent, snapshot
+from streams.replay import SharedRead, recent, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,17 @@ class Agent:
             )
         if "executor" in self.roles:
             incidents = self.bus.topic("incidents")
+            # The executor's replay at start (see Executor.start) and the unresolved
+            # watch's seed read the incidents topic once between them.
+            watching = s.escalation.unresolved_after > 0
+            replay = SharedRead(
+                functools.partial(recent, s.kafka, incidents, Incident),
+                max(
+                    replay_window(s.remediation),
+                    seed_window(s.escalation) if watching else 0.0,
+                ),
+                users=2 if watching else 1,
+            )
             # Every replica reads every incident (no group: each reads all partitions). The
             # executor must know an action's incident closed although another replica owns
             # that incident's partition; the unresolved watch, that one it seeded resolved.
@@ -154,10 +165,10 @@ class Agent:
                     topic=self.bus.topic("escalations"),
                     publish=self.bus.publish,
                     metrics=self.metrics,
-                    recent=functools.partial(recent, s.kafka, incidents, Incident),
+                    recent=replay,
                     again=s.escalation.unresolved_again_after,
                 )
-                if s.escalation.unresolved_after > 0
+                if watching
                 else None
             )
             incident_watch = BatchConsumer(
@@ -187,7 +198,7 @@ class Agent:
                 actions=functools.partial(
                     recent, s.kafka, self.bus.topic("actions"), ActionRequest
                 ),
-                incidents=functools.partial(recent, s.kafka, incidents, Incident),
+                incidents=replay,
                 incidents_read=incident_watch.caught_up,
             )
             self.components.append(self.executor)  # replays pending approvals before intake

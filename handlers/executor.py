@@ -87,6 +87,7 @@ from agent.policy import (
     revision_param,
 )
 from agent.prom import PromClient
+from agent.settings import RemediationSection
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
 from handlers.verification import fires_at, judge, plan_recheck, recheck_verdict, to_recheck
 from streams.bus import Envelope, handle_each
@@ -149,6 +150,12 @@ CaughtUp = Callable[[float], Awaitable[bool]]
 CATCH_UP_WAIT = 5.0
 
 
+def replay_window(remediation: RemediationSection) -> float:
+    """Seconds of incidents the executor replays at start: long enough for any action or
+    approval that can still arrive for them."""
+    return max(remediation.approval_ttl, history_window(remediation.cooldown))
+
+
 class Executor:
     def __init__(
         self,
@@ -203,10 +210,7 @@ class Executor:
         the recent actions, so a restart neither forgets a cooldown nor refills a budget."""
         self._stopped = False
         if self._incidents is not None:
-            # Long enough for any action or approval that can still arrive for them.
-            s = self.settings.remediation
-            window = max(s.approval_ttl, history_window(s.cooldown))
-            await self.on_incidents(await self._incidents(window))
+            await self.on_incidents(await self._incidents(replay_window(self.settings.remediation)))
             closed = sum(held[1] for held in self.incidents.values())
             log.info(
                 "executor: %d incidents known after replay, %d closed", len(self.incidents), closed

@@ -152,6 +152,31 @@ async def recent(
     return await snapshot(kafka, topic, cls, since_ms=since_ms)
 
 
+class SharedRead:
+    """One read of a topic's recent records for the components that each replay it at
+    start (the executor and the unresolved watch both replay the incidents topic). Each asks
+    for its own window and gets the records of the longest, ``seconds``: a superset, which
+    they accept (they keep the latest revision of each incident). The records are let go
+    once ``users`` have had them."""
+
+    def __init__(self, read: RecentSource, seconds: float, users: int) -> None:
+        self._read = read
+        self.seconds = seconds
+        self._left = users
+        self._records: asyncio.Future[Iterable[Envelope]] | None = None
+
+    async def __call__(self, seconds: float) -> Iterable[Envelope]:
+        if seconds > self.seconds:
+            raise ValueError(f"{seconds}s asked of a shared read of {self.seconds}s")
+        if self._records is None:
+            self._records = asyncio.ensure_future(self._read(self.seconds))
+        records = self._records
+        self._left -= 1
+        if self._left <= 0:
+            self._records = None  # the next start, if any, reads afresh
+        return await records
+
+
 async def follow(
     kafka: KafkaSection,
     topic: str,

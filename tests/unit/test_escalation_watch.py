@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from agent.escalation_watch import UnresolvedWatch, due, track
+from agent.escalation_watch import UnresolvedWatch, due, seed_window, track
 from agent.metrics import Metrics
 from agent.models import Escalation, Incident
 from streams.bus import Envelope
 from tests.fakes.incidents import OPENED, incident, member
+from tests.unit.factories import settings as make_settings
 
 
 def test_track_keeps_the_latest_open_state_and_drops_closed_ones() -> None:
@@ -98,3 +99,10 @@ async def test_a_later_level_is_a_second_escalation_under_its_own_id() -> None:
     # Level 1 keeps the id it had before there were levels: receivers still dedupe it.
     assert first.id == Escalation.of_incident(inc, "unresolved", "x", OPENED, ()).id
     assert sent == [first, second]
+
+
+def test_the_seed_reaches_back_to_the_last_level_and_an_hour() -> None:
+    one = make_settings({"escalation": {"unresolved_after": "15m"}}).escalation
+    assert seed_window(one) == 900 + 3600
+    more = {"unresolved_after": "15m", "unresolved_again_after": ["1h", "4h"]}
+    assert seed_window(make_settings({"escalation": more}).escalation) == 4 * 3600 + 3600
