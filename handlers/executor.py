@@ -315,6 +315,9 @@ class Executor:
                 f"cannot tell whether incident {incident_id} is still open: the incident "
                 f"watch is more than {CATCH_UP_WAIT:g}s behind"
             )
+        return self._known_closed(incident_id)
+
+    def _known_closed(self, incident_id: str) -> bool:
         held = self.incidents.get(incident_id)
         return held is not None and held[1]
 
@@ -438,9 +441,7 @@ class Executor:
                 await self.on_action(replace(req.action, approved_by=d.decided_by))
         # Only now: a crash before this line re-runs the decision, and the action id on the
         # target makes the repeat a no-op.
-        self.pending.pop(req.id, None)
-        self._close(req.id, f"already decided ({d.decision} by {d.decided_by})")
-        await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)  # tombstone
+        await self._retire(req, f"already decided ({d.decision} by {d.decided_by})")
 
     async def _no_longer_valid(self, req: ApprovalRequest) -> str | None:
         incident = req.action.incident_id
@@ -704,9 +705,9 @@ class Executor:
                 f"approval {req.id} expired at {req.expires_at.isoformat()} undecided",
                 now,
             )
-            self.pending.pop(req.id, None)
-            self._close(req.id, f"it expired at {req.expires_at.isoformat()} without a decision")
-            await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
+            await self._retire(
+                req, f"it expired at {req.expires_at.isoformat()} without a decision"
+            )
         return expired
 
     async def _withdraw_closed(self, now: datetime) -> None:
@@ -716,16 +717,13 @@ class Executor:
         told (approval_withdrawn, routed as the request was, not counted as an
         escalation); a late decision is told why."""
         for req in list(self.pending.values()):
-            held = self.incidents.get(req.action.incident_id)
-            if held is None or not held[1]:
+            if not self._known_closed(req.action.incident_id):
                 continue
             why = f"withdrawn: incident {req.action.incident_id} is resolved or silenced"
             await self._record(
                 req.action, "rejected", "not_applicable", f"approval {req.id} {why}", now
             )
-            self.pending.pop(req.id, None)
-            self._close(req.id, why)
-            await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
+            await self._retire(req, why)
             # Whoever was asked to decide is told there is nothing to decide.
             await self._escalate(
                 "approval_withdrawn",
@@ -734,6 +732,13 @@ class Executor:
                 now,
                 key=req.created_at.isoformat(),
             )
+
+    async def _retire(self, req: ApprovalRequest, why: str) -> None:
+        """No longer pending: forgotten here, remembered as closed (a late decision is told
+        ``why``) and tombstoned on the approvals topic."""
+        self.pending.pop(req.id, None)
+        self._close(req.id, why)
+        await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
 
     def _close(self, request_id: str, why: str) -> None:
         _remember(self.closed_approvals, request_id, why)
