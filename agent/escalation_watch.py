@@ -80,9 +80,14 @@ def unresolved(incident: Incident, now: datetime, level: int = 1) -> Escalation:
     )
 
 
-def seed_window(escalation: EscalationSection) -> float:
+def levels_of(escalation: EscalationSection) -> tuple[float, ...]:
+    """The ages (s) of the unresolved levels 1, 2, ... (see :func:`due`)."""
+    return (escalation.unresolved_after, *escalation.unresolved_again_after)
+
+
+def seed_window(levels: Sequence[float]) -> float:
     """Seconds of incidents the watch seeds itself from: its last level, and an hour."""
-    return max((escalation.unresolved_after, *escalation.unresolved_again_after)) + SEED_MARGIN
+    return max(levels) + SEED_MARGIN
 
 
 class UnresolvedWatch:
@@ -111,7 +116,7 @@ class UnresolvedWatch:
 
     async def start(self) -> None:
         if self._recent is not None:
-            for env in await self._recent(self.levels[-1] + SEED_MARGIN):  # see seed_window
+            for env in await self._recent(seed_window(self.levels)):
                 if isinstance(env.value, Incident):
                     track(self.open, env.value)
             log.info("escalation watch: %d open incidents loaded", len(self.open))

@@ -100,8 +100,7 @@ def _entry(value: object) -> Entry | None:
                 f"{value.type} {value.target.key} {value.status}/{value.outcome}: {value.message}",
             )
         case Escalation():
-            reason = f"{value.reason} level {value.level}" if value.level > 1 else value.reason
-            return Entry(value.at, "escalation", f"[{reason}] {value.summary}")
+            return Entry(value.at, "escalation", f"[{value.label}] {value.summary}")
     return None
 
 

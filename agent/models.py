@@ -533,6 +533,11 @@ class Escalation:
     def key(self) -> str:
         return self.incident_key
 
+    @property
+    def label(self) -> str:
+        """The reason as people read it: a later level of ``unresolved`` is named."""
+        return f"{self.reason} level {self.level}" if self.level > 1 else self.reason
+
     @classmethod
     def of_incident(
         cls,

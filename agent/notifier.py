@@ -37,8 +37,7 @@ def payload(e: Escalation) -> bytes:
     webhooks show); secrets in the details (they quote cluster and model messages) are
     redacted."""
     details = [redact(d) for d in e.details]
-    reason = f"{e.reason} level {e.level}" if e.level > 1 else e.reason
-    tag = f"{reason}, {e.severity}" if e.severity else reason
+    tag = f"{e.label}, {e.severity}" if e.severity else e.label
     lines = [f"[{tag}] {redact(e.summary)}", *(f"- {d}" for d in details)]
     doc = {
         "id": e.id,

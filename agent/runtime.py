@@ -26,7 +26,7 @@ from agent.calibration import CalibrationTracker
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
 from agent.errors import ComponentFailed, ConfigError
-from agent.escalation_watch import UnresolvedWatch, seed_window
+from agent.escalation_watch import UnresolvedWatch, levels_of, seed_window
 from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
 from agent.llm_analyzer import LLMAnalyzer
@@ -151,7 +151,7 @@ class Agent:
                 functools.partial(recent, s.kafka, incidents, Incident),
                 max(
                     replay_window(s.remediation),
-                    seed_window(s.escalation) if watching else 0.0,
+                    seed_window(levels_of(s.escalation)) if watching else 0.0,
                 ),
                 users=2 if watching else 1,
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from agent.escalation_watch import UnresolvedWatch, due, seed_window, track
+from agent.escalation_watch import UnresolvedWatch, due, levels_of, seed_window, track
 from agent.metrics import Metrics
 from agent.models import Escalation, Incident
 from streams.bus import Envelope
@@ -103,6 +103,7 @@ async def test_a_later_level_is_a_second_escalation_under_its_own_id() -> None:
 
 def test_the_seed_reaches_back_to_the_last_level_and_an_hour() -> None:
     one = make_settings({"escalation": {"unresolved_after": "15m"}}).escalation
-    assert seed_window(one) == 900 + 3600
+    assert seed_window(levels_of(one)) == 900 + 3600
     more = {"unresolved_after": "15m", "unresolved_again_after": ["1h", "4h"]}
-    assert seed_window(make_settings({"escalation": more}).escalation) == 4 * 3600 + 3600
+    levels = levels_of(make_settings({"escalation": more}).escalation)
+    assert levels == (900, 3600, 4 * 3600) and seed_window(levels) == 4 * 3600 + 3600
