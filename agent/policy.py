@@ -17,6 +17,9 @@ Order of the rules (first match wins), safety rules before convenience rules:
    d. ... or more than its PodDisruptionBudgets allow              -> deny
    e. a cordon/drain with ``max_nodes_cordoned`` other nodes already cordoned -> deny
 7. already approved by a human              -> execute
+   a. the same action on the same target was verified ineffective (not_healed, worse)
+      ``ineffective_after`` times, or ran ``max_repeats`` times, within ``repeat_window``
+                                            -> approval (a person decides whether to try again)
 8. mode ``supervised``                      -> approval
 9. the action type requires approval        -> approval
 10. confidence below the threshold          -> approval
@@ -25,7 +28,9 @@ Order of the rules (first match wins), safety rules before convenience rules:
 Rules 6b-6e (blast radius) need :class:`Facts` about the target, which the executor reads
 from the cluster just before deciding; with no facts they do not apply (``Facts()``), so
 the executor first decides without them, and reads the cluster only for a verdict that
-could act. Human approval never lifts a safety limit: rules 1-6 come before rule 7.
+could act. Human approval never lifts a safety limit: rules 1-6 come before rule 7. Rule 7a
+is not a limit but a remediation loop breaker: a restart that keeps "healing" a crash that
+keeps coming back hides its cause, so the agent stops doing it on its own and asks.
 
 Shadow mode (``dry_run``) turns every "execute" into "dry_run": decided and recorded,
 never applied.
@@ -41,11 +46,11 @@ import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
-from agent.models import ActionRequest, ActionResult, ParamValue
+from agent.models import ActionRequest, ActionResult, Outcome, ParamValue
 from agent.settings import Mode, RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
@@ -108,20 +113,36 @@ class Executed:
     namespace: str
     at: datetime
     action_id: str = ""
+    type: str = ""
+    outcome: Outcome = "unknown"  # until its verification says otherwise
+
+    @property
+    def ineffective(self) -> bool:
+        return self.outcome in INEFFECTIVE
 
 
-def history_window(cooldown: float) -> float:
-    """Seconds of past actions the policy looks at: the cooldown and the hourly budgets."""
-    return max(cooldown, 3600.0)
+INEFFECTIVE: frozenset[Outcome] = frozenset({"not_healed", "worse"})
+BUDGET_WINDOW = 3600.0  # the hourly action budgets look back this far
+
+
+def history_window(rem: RemediationSection) -> float:
+    """Seconds of past actions the policy looks at: the cooldown, the hourly budgets and
+    the repeat window."""
+    repeats = rem.repeat_window if rem.ineffective_after or rem.max_repeats else 0.0
+    return max(rem.cooldown, BUDGET_WINDOW, repeats)
 
 
 def executed_from(results: Iterable[ActionResult]) -> list[Executed]:
     """The history as the action-results topic tells it, so a restarted executor keeps its
     cooldowns and budgets. An action counts when it changed the cluster: succeeded, or
-    failed half-way (a failure that recorded the prior state it had started to change)."""
-    seen: dict[str, Executed] = {}  # by action id: its verification is a second record
+    failed half-way (a failure that recorded the prior state it had started to change).
+    Its verification, a later record of the same action, gives it its outcome."""
+    seen: dict[str, Executed] = {}  # by action id
     for r in results:
-        if r.action_id in seen:
+        known = seen.get(r.action_id)
+        if known is not None:
+            if r.outcome != "unknown" and r.status == "succeeded":
+                seen[r.action_id] = replace(known, outcome=r.outcome)
             continue
         if r.status == "succeeded" or (r.status == "failed" and r.prior_state):
             seen[r.action_id] = Executed(
@@ -129,8 +150,45 @@ def executed_from(results: Iterable[ActionResult]) -> list[Executed]:
                 namespace=r.target.namespace,
                 at=r.started_at,
                 action_id=r.action_id,
+                type=r.type,
+                outcome=r.outcome,
             )
     return list(seen.values())
+
+
+def repeat_problem(
+    action: ActionRequest, rem: RemediationSection, history: Sequence[Executed], now: datetime
+) -> str | None:
+    """Why rule 7a sends ``action`` to a person, or None: earlier runs of the same action
+    type on the same target within ``repeat_window`` (an undo is exempt, as from the
+    cooldown: it repairs)."""
+    if action.params.get(UNDO_PARAM) or not (rem.ineffective_after or rem.max_repeats):
+        return None
+    since = now - timedelta(seconds=rem.repeat_window)
+    runs = [
+        h
+        for h in history
+        if h.target_key == action.target.key
+        and h.type == action.type
+        and h.at > since
+        and h.action_id != action.id
+    ]
+    what = f"{action.type} on {action.target.key}"
+    window = _span(rem.repeat_window)
+    bad = sum(1 for h in runs if h.ineffective)
+    if rem.ineffective_after and bad >= rem.ineffective_after:
+        return f"{what} was verified ineffective {bad} times in the last {window}"
+    if rem.max_repeats and len(runs) >= rem.max_repeats:
+        return f"{what} ran {len(runs)} times in the last {window}: it keeps masking a cause"
+    return None
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:.0f}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +358,7 @@ def decide(
             f"{action.target.key} was acted on at {last.isoformat()}, "
             f"within the {rem.cooldown:.0f}s cooldown",
         )
-    hour_ago = now - timedelta(hours=1)
+    hour_ago = now - timedelta(seconds=BUDGET_WINDOW)
     spent = sum(1 for h in history if h.at > hour_ago)
     if spent >= rem.max_actions_per_hour:
         return Verdict(
@@ -321,6 +379,9 @@ def decide(
     go: VerdictKind = "dry_run" if shadow else "execute"
     if action.approved_by:
         return Verdict(go, "approved", f"approved by {action.approved_by}")
+    repeated = repeat_problem(action, rem, history, now)
+    if repeated is not None:
+        return Verdict("approve", "repeat", f"{repeated}; a person decides whether to try again")
     if scope.mode == "supervised":
         return Verdict(
             "approve", "mode.supervised", scope.why("supervised mode: every action is approved")

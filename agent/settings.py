@@ -303,6 +303,12 @@ class RemediationSection:
     drain_grace_period: Seconds | None = None
     # Per-namespace policy, first match wins (see PolicyOverrideSection).
     overrides: tuple[PolicyOverrideSection, ...] = ()
+    # Remediation loops: the same action on the same target within repeat_window needs a
+    # person once it was verified not_healed/worse ineffective_after times, or once it ran
+    # max_repeats times whatever the outcome (it keeps masking a cause). 0 turns one off.
+    repeat_window: Seconds = 21600.0
+    ineffective_after: Annotated[int, Field(ge=0)] = 2
+    max_repeats: Annotated[int, Field(ge=0)] = 3
 
 
 @dataclass(frozen=True, slots=True)

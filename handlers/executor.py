@@ -70,6 +70,7 @@ from agent.models import (
     utcnow,
 )
 from agent.policy import (
+    BUDGET_WINDOW,
     DISRUPTIVE_ACTIONS,
     NODE_ACTIONS,
     SCALE_ACTIONS,
@@ -152,8 +153,9 @@ CATCH_UP_WAIT = 5.0
 
 def replay_window(remediation: RemediationSection) -> float:
     """Seconds of incidents the executor replays at start: long enough for any action or
-    approval that can still arrive for them."""
-    return max(remediation.approval_ttl, history_window(remediation.cooldown))
+    approval that can still arrive for them (the repeat window is the policy's memory of
+    outcomes, not of incidents)."""
+    return max(remediation.approval_ttl, remediation.cooldown, BUDGET_WINDOW)
 
 
 class Executor:
@@ -220,13 +222,13 @@ class Executor:
             self._apply_approval_records(records)
             log.info("executor: %d approvals pending after replay", len(self.pending))
         if self._results is not None:
-            window = history_window(self.settings.remediation.cooldown)
+            window = history_window(self.settings.remediation)
             results = [
                 e.value for e in await self._results(window) if isinstance(e.value, ActionResult)
             ]
             replayed = executed_from(results)
-            known = set(self.history)
-            self.history.extend(h for h in replayed if h not in known)
+            known = {h.action_id for h in self.history}
+            self.history.extend(h for h in replayed if h.action_id not in known)
             log.info("executor: %d recent actions restored for cooldowns/budgets", len(replayed))
             await self._resume_verifications(results, window)
         self._ensure_sweeper()
@@ -505,8 +507,15 @@ class Executor:
                 namespace=action.target.namespace,
                 at=now,
                 action_id=action.id,
+                type=action.type,
             )
         )
+
+    def _verified(self, action_id: str, outcome: Outcome) -> None:
+        """The policy learns how its action ended (rule 7a counts the ineffective ones)."""
+        for i, h in enumerate(self.history):
+            if h.action_id == action_id:
+                self.history[i] = replace(h, outcome=outcome)
 
     async def _observe(self, action: ActionRequest) -> Observation | None:
         try:
@@ -849,6 +858,7 @@ class Executor:
             result, id=new_id(), outcome=outcome, message=message, finished_at=utcnow()
         )
         await self.bus.publish(self.bus.topic("action-results"), verified)
+        self._verified(action.id, outcome)
         self.metrics.verification.labels(
             service=result.service, action=action.type, outcome=outcome
         ).inc()

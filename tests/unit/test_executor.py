@@ -18,6 +18,7 @@ from agent.models import (
     ApprovalDecision,
     ApprovalRequest,
     Escalation,
+    Firing,
     Incident,
     Target,
     stable_id,
@@ -482,7 +483,7 @@ async def test_a_restarted_executor_keeps_its_cooldowns_and_budgets(rig: Any) ->
     )
     await fresh.start()
     try:
-        assert asked == [3600.0] and len(fresh.history) == 1  # counted once, not twice
+        assert asked == [6 * 3600.0] and len(fresh.history) == 1  # counted once, not twice
         result = await fresh.on_action(act("scale_up", action_id="after-restart"))
         assert result.status == "denied" and "cooldown" in result.message
         assert (await c.workload(CHECKOUT)).replicas == 4  # untouched
@@ -758,3 +759,36 @@ async def test_an_approval_whose_incident_closed_is_withdrawn_not_left_to_expire
     await ex.on_decision(decision(req))  # too late
     assert f"approval request {req.id} is closed: withdrawn: incident inc-1" in bus.letters[-1]
     assert c.config_map("shop", "flags").data == {"mode": "fast"}
+
+
+class StillFiring:
+    """Alertmanager, where the alert that triggered the restarts never clears."""
+
+    async def firing(self, name: str) -> list[dict[str, str]]:
+        return [{"alertname": name, "namespace": "shop", "service": "checkout"}]
+
+
+async def test_a_restart_that_keeps_failing_to_heal_goes_to_a_person(rig: Any) -> None:
+    _ex, bus, c = rig
+    ex = Executor(
+        cfg(require_approval=[]), bus=bus, cluster=c, metrics=Metrics(), alertmanager=StillFiring()
+    )
+    where = Firing("CheckoutErrors", {"namespace": "shop", "service": "checkout"}, "alertmanager")
+    try:
+        # Each incident that opens asks for a restart of its own (a new action id).
+        for i in (1, 2):
+            restart = replace(act("restart_workload", action_id=f"r{i}"), firing=(where,))
+            assert (await ex.on_action(restart)).status == "succeeded"
+            await bus.wait_for(lambda b, i=i: len(b.results(f"r{i}")) == 2, 5, "its verification")
+            assert bus.results(f"r{i}")[-1].outcome == "not_healed"
+        third = replace(act("restart_workload", action_id="r3"), firing=(where,))
+        result = await ex.on_action(third)
+        assert result.status == "pending_approval"
+        assert "verified ineffective 2 times in the last 6h" in result.message
+        (req,) = bus.approvals()
+        assert req.action.id == "r3"
+        # Another action on the target is not held back by the restarts' record.
+        scale = replace(act("scale_up", action_id="s1", params={"replicas": "+1"}))
+        assert (await ex.on_action(scale)).status == "succeeded"
+    finally:
+        await ex.stop()

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError
-from agent.models import ACTION_TYPES, ActionRequest, Target
+from agent.models import ACTION_TYPES, ActionRequest, Outcome, Target
 from agent.policy import Executed, Switches, Verdict, decide, drain_params, scope_for
 from agent.settings import PolicyOverrideSection, Settings
 from tests.unit.factories import action, at
@@ -57,6 +57,20 @@ def cfg(**changes: Any) -> Settings:
 
 def done(target_key: str = "Deployment/shop/checkout", ago: float = 60.0) -> Executed:
     return Executed(target_key=target_key, namespace="shop", at=NOW - timedelta(seconds=ago))
+
+
+def ran(
+    outcome: Outcome, ago: float, type: str = "restart_workload", target: str = "checkout"
+) -> Executed:
+    """An earlier run, beyond the cooldown and the hourly budget, verified as ``outcome``."""
+    return Executed(
+        target_key=f"Deployment/shop/{target}",
+        namespace="shop",
+        at=NOW - timedelta(seconds=ago),
+        action_id=f"earlier-{ago}",
+        type=type,
+        outcome=outcome,
+    )
 
 
 def verdict(
@@ -226,6 +240,61 @@ def test_human_approval_executes_what_would_otherwise_need_approval() -> None:
     v = verdict(act, cfg(agent_mode="supervised"))
     assert rule(v) == ("execute", "approved")
     assert "alice" in v.reason
+
+
+# 7a
+RESTART = action("restart_workload", confidence=0.99)
+
+
+def test_an_action_verified_ineffective_twice_goes_to_a_person() -> None:
+    history = (ran("not_healed", 4000), ran("worse", 9000))
+    v = verdict(RESTART, history=history)
+    assert rule(v) == ("approve", "repeat")
+    assert v.reason.startswith(
+        "restart_workload on Deployment/shop/checkout was verified ineffective 2 times "
+        "in the last 6h"
+    )
+    # A person may try again: their approval executes it.
+    assert rule(verdict(replace(RESTART, approved_by="alice"), history=history)) == (
+        "execute",
+        "approved",
+    )
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        (ran("not_healed", 4000),),  # once is not a pattern
+        (ran("not_healed", 4000), ran("healed", 9000)),
+        (ran("not_healed", 4000), ran("not_healed", 21_700)),  # beyond the 6h window
+        (ran("not_healed", 4000), ran("not_healed", 9000, type="rollback")),  # another action
+        (ran("not_healed", 4000), ran("not_healed", 9000, target="cart")),  # another target
+        (ran("not_healed", 4000), ran("unknown", 9000)),  # not verified (yet)
+    ],
+)
+def test_what_does_not_make_an_action_ineffective(history: tuple[Executed, ...]) -> None:
+    assert rule(verdict(RESTART, history=history)) == ("execute", "autonomous")
+
+
+def test_an_action_that_keeps_healing_a_recurring_fault_goes_to_a_person() -> None:
+    history = (ran("healed", 4000), ran("healed", 9000), ran("unknown", 14_000))
+    v = verdict(RESTART, history=history)
+    assert rule(v) == ("approve", "repeat")
+    assert "ran 3 times in the last 6h: it keeps masking a cause" in v.reason
+    assert rule(verdict(RESTART, history=history[:2])) == ("execute", "autonomous")
+
+
+def test_repeat_rules_can_be_turned_off_and_spare_an_undo() -> None:
+    twice = (ran("not_healed", 4000), ran("not_healed", 9000), ran("healed", 14_000))
+    off = cfg(remediation_ineffective_after=0, remediation_max_repeats=0)
+    assert rule(verdict(RESTART, off, history=twice)) == ("execute", "autonomous")
+    only_repeats = cfg(remediation_ineffective_after=0)
+    assert rule(verdict(RESTART, only_repeats, history=twice))[1] == "repeat"
+    undo = replace(RESTART, params={"undo_of": "earlier-4000"})
+    assert rule(verdict(undo, history=twice)) == ("execute", "autonomous")
+    # A re-request of the very action that ran is not its own repeat.
+    again = tuple(replace(h, action_id=RESTART.id) for h in twice)
+    assert rule(verdict(RESTART, history=again)) == ("execute", "autonomous")
 
 
 # 8
@@ -457,4 +526,13 @@ def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> 
         ]
     )
     assert [h.target_key for h in history] == ["Deployment/shop/ok", "Deployment/shop/half"]
-    assert history_window(300) == 3600 and history_window(7200) == 7200
+    assert [h.outcome for h in history] == ["unknown", "unknown"]
+    verified = replace(result("ok", "succeeded", {"replicas": 2}), outcome="not_healed")
+    history = executed_from([result("ok", "succeeded", {"replicas": 2}), verified])
+    assert [(h.type, h.outcome, h.ineffective) for h in history] == [
+        ("scale_up", "not_healed", True)
+    ]
+    rem = BASE.remediation
+    assert history_window(rem) == 6 * 3600  # the repeat window is the longest
+    assert history_window(replace(rem, ineffective_after=0, max_repeats=0)) == 3600
+    assert history_window(replace(rem, cooldown=7 * 3600.0)) == 7 * 3600
