@@ -45,7 +45,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -132,32 +132,31 @@ def history_window(rem: RemediationSection) -> float:
     return max(rem.cooldown, BUDGET_WINDOW, repeats)
 
 
-def executed_from(results: Iterable[ActionResult]) -> list[Executed]:
-    """The history as the action-results topic tells it, so a restarted executor keeps its
-    cooldowns and budgets. An action counts when it changed the cluster: succeeded, or
-    failed half-way (a failure that recorded the prior state it had started to change).
-    Its verification, a later record of the same action, gives it its outcome."""
-    seen: dict[str, Executed] = {}  # by action id
-    for r in results:
-        known = seen.get(r.action_id)
-        if known is not None:
-            if r.outcome != "unknown" and r.status == "succeeded":
-                seen[r.action_id] = replace(known, outcome=r.outcome)
-            continue
-        if r.status == "succeeded" or (r.status == "failed" and r.prior_state):
-            seen[r.action_id] = Executed(
-                target_key=r.target.key,
-                namespace=r.target.namespace,
-                at=r.started_at,
-                action_id=r.action_id,
-                type=r.type,
-                outcome=r.outcome,
-            )
-    return list(seen.values())
+def learned(known: Executed | None, r: ActionResult) -> Executed | None:
+    """What one record of the action-results topic teaches the history, so every replica
+    and a restarted executor keep one set of cooldowns, budgets and outcomes: the entry
+    ``r`` makes, or ``known`` with the outcome its verification (a later record of the same
+    action) gave, or None when it changes nothing. An action counts when it changed the
+    cluster: succeeded, or failed half-way (a failure that recorded the prior state it had
+    started to change)."""
+    if known is not None:
+        if r.status == "succeeded" and r.outcome not in ("unknown", known.outcome):
+            return replace(known, outcome=r.outcome)
+        return None
+    if r.status == "succeeded" or (r.status == "failed" and r.prior_state):
+        return Executed(
+            target_key=r.target.key,
+            namespace=r.target.namespace,
+            at=r.started_at,
+            action_id=r.action_id,
+            type=r.type,
+            outcome=r.outcome,
+        )
+    return None
 
 
 def repeat_problem(
-    action: ActionRequest, rem: RemediationSection, history: Sequence[Executed], now: datetime
+    action: ActionRequest, rem: RemediationSection, history: Collection[Executed], now: datetime
 ) -> str | None:
     """Why rule 7a sends ``action`` to a person, or None: earlier runs of the same action
     type on the same target within ``repeat_window`` (an undo is exempt, as from the
@@ -314,7 +313,7 @@ LIMITS = frozenset(
 )
 
 
-def held_back(verdict: Verdict, action: ActionRequest, history: Sequence[Executed]) -> bool:
+def held_back(verdict: Verdict, action: ActionRequest, history: Collection[Executed]) -> bool:
     """A limit denied an action that has not run: not the repeat of one that did (a
     re-analysis asks for the same action id, and its own cooldown denies it)."""
     return (
@@ -327,7 +326,7 @@ def held_back(verdict: Verdict, action: ActionRequest, history: Sequence[Execute
 def decide(
     action: ActionRequest,
     settings: Settings,
-    history: Sequence[Executed],
+    history: Collection[Executed],
     switches: Switches,
     now: datetime,
     facts: Facts | None = None,

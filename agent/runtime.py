@@ -155,10 +155,11 @@ class Agent:
                 ),
                 users=2 if watching else 1,
             )
-            # Every replica reads every incident (no group: each reads all partitions). The
-            # executor must know an action's incident closed although another replica owns
-            # that incident's partition; the unresolved watch, that one it seeded resolved.
-            # It starts first, so nothing falls between it and their replays at start.
+            # Every replica reads every incident and action result (no group: each reads
+            # all partitions). The executor must know an action's incident closed although
+            # another replica owns that incident's partition, and count every replica's
+            # actions in its budgets; the unresolved watch, that an incident it seeded
+            # resolved. It starts first, so nothing falls between it and their replays.
             watch = (
                 UnresolvedWatch(
                     after=s.escalation.unresolved_after,
@@ -171,16 +172,16 @@ class Agent:
                 if watching
                 else None
             )
-            incident_watch = BatchConsumer(
+            executor_watch = BatchConsumer(
                 self.bus,
-                name="incident-watch",
+                name="executor-watch",
                 group_id=None,
-                topics={incidents: Incident},
-                handler=functools.partial(_follow_incidents, self, watch),
+                topics={incidents: Incident, self.bus.topic("action-results"): ActionResult},
+                handler=functools.partial(_follow, self, watch),
                 from_beginning=False,
                 stuck_after=s.agent.stuck_after,
             )
-            self.components.append(incident_watch)
+            self.components.append(executor_watch)
             self.executor = Executor(
                 s,
                 bus=self.bus,
@@ -199,7 +200,7 @@ class Agent:
                     recent, s.kafka, self.bus.topic("actions"), ActionRequest
                 ),
                 incidents=replay,
-                incidents_read=incident_watch.caught_up,
+                watch_read=executor_watch.caught_up,
             )
             self.components.append(self.executor)  # replays pending approvals before intake
             self.components.append(
@@ -370,13 +371,12 @@ class Agent:
             return None if resp.status == 200 else f"HTTP {resp.status}"
 
 
-async def _follow_incidents(
-    agent: Agent, watch: UnresolvedWatch | None, batch: Sequence[Envelope]
-) -> None:
-    """The incident watch's handler: what the executor knows of closed incidents, and what
-    the unresolved watch knows of open ones."""
+async def _follow(agent: Agent, watch: UnresolvedWatch | None, batch: Sequence[Envelope]) -> None:
+    """The executor watch's handler: what the executor knows of closed incidents and of
+    every replica's actions, and what the unresolved watch knows of open ones."""
     if agent.executor is not None:
         await agent.executor.on_incidents(batch)
+        await agent.executor.on_results(batch)
     if watch is not None:
         await watch.handle(batch)
 

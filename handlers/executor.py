@@ -82,9 +82,9 @@ from agent.policy import (
     bounded_replicas,
     decide,
     drain_params,
-    executed_from,
     held_back,
     history_window,
+    learned,
     revision_param,
 )
 from agent.prom import PromClient
@@ -147,7 +147,8 @@ ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
 # Waits up to the given seconds until every incident published before the call has been
 # handed to Executor.on_incidents; False if that did not happen in time.
 CaughtUp = Callable[[float], Awaitable[bool]]
-# How long an action waits for the incident watch to catch up before it is retried.
+# How long an action waits for the executor watch (incidents, action results) to catch up
+# before it is retried.
 CATCH_UP_WAIT = 5.0
 
 
@@ -173,7 +174,7 @@ class Executor:
         results: RecentSource | None = None,
         actions: RecentSource | None = None,
         incidents: RecentSource | None = None,
-        incidents_read: CaughtUp | None = None,
+        watch_read: CaughtUp | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -183,7 +184,9 @@ class Executor:
         self.prom = prom
         self.alertmanager = alertmanager
         self.switches = switches or (lambda: Switches())
-        self.history: list[Executed] = []
+        # Executed actions by action id, of every replica (see on_results): the policy's
+        # memory for cooldowns, budgets and repeats.
+        self.history: dict[str, Executed] = {}
         self.pending: dict[str, ApprovalRequest] = {}
         # incident id -> (latest revision seen, whether it is closed): fed by a reader of
         # every partition of the incidents topic (see on_incidents), since an action and
@@ -201,7 +204,7 @@ class Executor:
         self._results = results
         self._actions = actions
         self._incidents = incidents
-        self._incidents_read = incidents_read
+        self._watch_read = watch_read
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -226,10 +229,10 @@ class Executor:
             results = [
                 e.value for e in await self._results(window) if isinstance(e.value, ActionResult)
             ]
-            replayed = executed_from(results)
-            known = {h.action_id for h in self.history}
-            self.history.extend(h for h in replayed if h.action_id not in known)
-            log.info("executor: %d recent actions restored for cooldowns/budgets", len(replayed))
+            self._learn(results)
+            log.info(
+                "executor: %d recent actions restored for cooldowns/budgets", len(self.history)
+            )
             await self._resume_verifications(results, window)
         self._ensure_sweeper()
 
@@ -311,10 +314,11 @@ class Executor:
     async def closed(self, incident_id: str) -> bool:
         """Whether the incident is resolved or silenced, as of every incident published
         before this call: a resolution written just before the action must not lose the
-        race between the two topics."""
-        if self._incidents_read is not None and not await self._incidents_read(CATCH_UP_WAIT):
+        race between the two topics. The same wait brings in every action result published
+        before it, of every replica, for the cooldowns, budgets and repeats."""
+        if self._watch_read is not None and not await self._watch_read(CATCH_UP_WAIT):
             raise TransientError(
-                f"cannot tell whether incident {incident_id} is still open: the incident "
+                f"cannot tell whether incident {incident_id} is still open: the executor "
                 f"watch is more than {CATCH_UP_WAIT:g}s behind"
             )
         return self._known_closed(incident_id)
@@ -325,7 +329,7 @@ class Executor:
 
     async def on_action(self, action: ActionRequest) -> ActionResult:
         closed = UNDO_PARAM not in action.params and await self.closed(action.incident_id)
-        now = utcnow()  # after the wait for the incident watch
+        now = utcnow()  # after the wait for the executor watch
         if closed:
             # Asked for while open, arriving after it closed (analysis lag, a backlog): the
             # problem went away or an operator silenced it. Acting now only adds risk, and
@@ -338,7 +342,7 @@ class Executor:
                 now,
             )
         switches = self.switches()
-        verdict = decide(action, self.settings, self.history, switches, now)
+        verdict = decide(action, self.settings, self.history.values(), switches, now)
         if verdict.kind != "deny":
             try:
                 facts = await self._facts(action)
@@ -350,7 +354,7 @@ class Executor:
                     f"cannot check the blast-radius limits on {action.target.key}: {err}",
                     now,
                 )
-            verdict = decide(action, self.settings, self.history, switches, now, facts)
+            verdict = decide(action, self.settings, self.history.values(), switches, now, facts)
         if verdict.kind == "execute":
             return await self._execute(action, verdict, now)
         if verdict.kind == "approve":
@@ -368,7 +372,7 @@ class Executor:
             await self._escalate("dry_run", action, message, now)
             _remember(self._reported, action.id, None)
         # Once per action here: each re-analysis of the incident asks for it again.
-        if held_back(verdict, action, self.history) and action.id not in self._held:
+        if held_back(verdict, action, self.history.values()) and action.id not in self._held:
             await self._escalate("denied", action, message, now)
             _remember(self._held, action.id, None)
         return result
@@ -501,21 +505,36 @@ class Executor:
         return result
 
     def _remember(self, action: ActionRequest, now: datetime) -> None:
-        self.history.append(
-            Executed(
-                target_key=action.target.key,
-                namespace=action.target.namespace,
-                at=now,
-                action_id=action.id,
-                type=action.type,
-            )
+        self.history[action.id] = Executed(
+            target_key=action.target.key,
+            namespace=action.target.namespace,
+            at=now,
+            action_id=action.id,
+            type=action.type,
         )
 
     def _verified(self, action_id: str, outcome: Outcome) -> None:
-        """The policy learns how its action ended (rule 7a counts the ineffective ones)."""
-        for i, h in enumerate(self.history):
-            if h.action_id == action_id:
-                self.history[i] = replace(h, outcome=outcome)
+        """The policy learns how its action ended (rule 7a counts the ineffective ones)
+        before the record of it comes back through on_results."""
+        known = self.history.get(action_id)
+        if known is not None:
+            self.history[action_id] = replace(known, outcome=outcome)
+
+    async def on_results(self, batch: Iterable[Envelope]) -> None:
+        """Action results of every replica, read outside the group (as incidents are):
+        the budgets are global, and after a rebalance a target's cooldown and repeats must
+        be known to whichever replica now owns it. Own results come back too; an action
+        id is counted once."""
+        self._learn(e.value for e in batch if isinstance(e.value, ActionResult))
+
+    def _learn(self, results: Iterable[ActionResult]) -> None:
+        for r in results:
+            h = learned(self.history.get(r.action_id), r)
+            if h is not None:
+                self.history[r.action_id] = h
+        # Bounded by what the policy still looks at.
+        horizon = utcnow() - timedelta(seconds=history_window(self.settings.remediation))
+        self.history = {k: h for k, h in self.history.items() if h.at > horizon}
 
     async def _observe(self, action: ActionRequest) -> Observation | None:
         try:

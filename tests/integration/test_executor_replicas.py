@@ -16,6 +16,7 @@ import pytest
 from agent.models import ActionRequest, ActionResult, Incident, Target, utcnow
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
+from streams.partitioning import partition_for
 from tests.fakes.incidents import action_request, incident, member
 from tests.helpers import make_settings, readers, started_bus
 
@@ -84,3 +85,64 @@ async def test_no_replica_acts_on_an_incident_that_closed(
         assert (res.status, res.message.split(":")[0]) == ("denied", "incident_closed"), res
     for inc in still_open:
         assert "incident_closed" not in first[_action(inc).id].message
+
+
+async def test_the_hourly_budget_is_one_budget_for_every_replica(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Two replicas share 4 partitions; 8 scale-ups of 8 workloads, two per partition, so
+    each replica owns some. With a budget of 3 actions an hour, 3 run in all, not 3 per
+    replica: each replica reads every replica's action results (the executor watch) and
+    waits for it before deciding."""
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "kafka": {"partitions": 4},
+            "remediation": {"max_actions_per_hour": 3, "cooldown": 0, "verify_after": "10m"},
+        },
+    )
+    names: dict[int, list[str]] = {p: [] for p in range(4)}
+    for i in range(200):
+        p = partition_for(f"Deployment/shop/svc-{i}", 4)
+        if len(names[p]) < 2:
+            names[p].append(f"svc-{i}")
+    # p0, p1, p2, p3, p0, ...: the first three land on both replicas whichever way the
+    # group assigns the partitions.
+    order = [names[p][n] for n in range(2) for p in range(4)]
+    clusters = [FakeCluster(), FakeCluster()]
+    for c in clusters:
+        for name in order:
+            c.create_deployment("shop", name, image="v1", replicas=2, at=utcnow())
+    actions = []
+    for name in order:
+        labels = {"cluster": "c1", "namespace": "shop", "service": name}
+        inc = incident(member(labels=labels), labels=labels, id=f"inc-{uuid.uuid4().hex[:8]}")
+        target = Target(kind="Deployment", namespace="shop", name=name)
+        actions.append(replace(action_request(inc, "scale_up", target), id=f"act-{inc.id}"))
+    bus, _ = await started_bus(settings)
+    try:
+        replicas = [
+            Agent(settings, roles=["executor"], cluster=c, serve_http=False) for c in clusters
+        ]
+        async with (
+            replicas[0],
+            replicas[1],
+            readers(kafka_bootstrap, {"results": (bus.topic("action-results"), ActionResult)}) as r,
+        ):
+            for a in actions:  # one at a time: each decision follows the last one's result
+                await bus.publish(bus.topic("actions"), a)
+                await r["results"].wait_for(
+                    lambda xs, a=a: any(x.action_id == a.id for x in xs), 30, f"{a.id}'s result"
+                )
+            results = r["results"].items
+    finally:
+        await bus.stop()
+    status = {x.action_id: x.status for x in results}
+    assert [status[a.id] for a in actions].count("succeeded") == 3, status
+    denied = [x for x in results if x.status == "denied"]
+    assert len(denied) == 5 and all(x.message.startswith("max_actions_per_hour") for x in denied), (
+        denied
+    )
+    scaled = [sum([(await c.workload(a.target)).replicas != 2 for a in actions]) for c in clusters]
+    assert sum(scaled) == 3 and 0 not in scaled, f"actions per replica: {scaled}"

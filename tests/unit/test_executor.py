@@ -688,11 +688,11 @@ async def test_an_action_waits_for_the_incident_reader_and_is_retried_if_it_lags
             return True
         return False
 
-    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), incidents_read=caught_up)
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), watch_read=caught_up)
     try:
         first = await ex.on_action(act("scale_up", action_id="s1"))
         assert first.message.startswith("incident_closed")
-        with pytest.raises(TransientError, match="incident watch is more than 5s behind"):
+        with pytest.raises(TransientError, match="executor watch is more than 5s behind"):
             await ex.on_action(replace(act("scale_up", action_id="s2"), incident_id="inc-2"))
         assert waits == [5.0, 5.0] and bus.results("s2") == []
         assert (await c.workload(CHECKOUT)).replicas == 4
@@ -790,5 +790,35 @@ async def test_a_restart_that_keeps_failing_to_heal_goes_to_a_person(rig: Any) -
         # Another action on the target is not held back by the restarts' record.
         scale = replace(act("scale_up", action_id="s1", params={"replicas": "+1"}))
         assert (await ex.on_action(scale)).status == "succeeded"
+    finally:
+        await ex.stop()
+
+
+async def test_other_replicas_results_count_in_cooldowns_budgets_and_repeats(rig: Any) -> None:
+    _ex, bus, c = rig
+    ex = Executor(cfg(cooldown="5m", max_actions_per_hour=2), bus=bus, cluster=c, metrics=Metrics())
+    topic = bus.topic("action-results")
+    now = utcnow()
+    elsewhere = replace(
+        _result(), action_id="other-1", target=Target("Deployment", "shop", "cart"), started_at=now
+    )
+    try:
+        await ex.on_results([Envelope(topic, 0, 0, "k", elsewhere)])
+        # The same record again (the replay at start overlaps the watch): counted once.
+        await ex.on_results([Envelope(topic, 0, 0, "k", elsewhere)])
+        assert list(ex.history) == ["other-1"]
+        denied = await ex.on_action(act("scale_up", Target("Deployment", "shop", "cart")))
+        assert denied.message.startswith("cooldown")
+        assert (await ex.on_action(act("scale_up", action_id="mine"))).status == "succeeded"
+        # Two actions in the last hour, one of them another replica's: the budget is spent.
+        budget = await ex.on_action(
+            act("scale_up", Target("Deployment", "shop", "search"), action_id="third")
+        )
+        assert budget.message.startswith("max_actions_per_hour"), budget.message
+        # Its verification, read back, gives the outcome; records too old are forgotten.
+        verified = replace(elsewhere, id="res-2", outcome="not_healed")
+        old = replace(_result(), action_id="old", started_at=now - timedelta(hours=7))
+        await ex.on_results([Envelope(topic, 0, 1, "k", r) for r in (verified, old)])
+        assert ex.history["other-1"].outcome == "not_healed" and "old" not in ex.history
     finally:
         await ex.stop()

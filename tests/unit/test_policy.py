@@ -496,7 +496,7 @@ def test_verdicts_are_consistent(
 
 def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> None:
     from agent.models import ActionResult, Target
-    from agent.policy import executed_from, history_window
+    from agent.policy import history_window, learned
 
     def result(action_id: str, status: str, prior: dict[str, int] | None = None) -> ActionResult:
         return ActionResult(
@@ -513,6 +513,14 @@ def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> 
             finished_at=at(10),
             prior_state=prior or {},
         )
+
+    def executed_from(results: list[ActionResult]) -> list[Executed]:
+        seen: dict[str, Executed] = {}
+        for r in results:
+            h = learned(seen.get(r.action_id), r)
+            if h is not None:
+                seen[r.action_id] = h
+        return list(seen.values())
 
     history = executed_from(
         [
