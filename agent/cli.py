@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.silence_cli import register as register_silences
 
     register_silences(sub)
+    from agent.switch_cli import add_parsers as add_switch_parsers
+
+    add_switch_parsers(sub)  # switches status|kill|dry-run
     return parser
 
 

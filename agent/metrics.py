@@ -111,6 +111,14 @@ class Metrics:
             "correlation.stuck_after (it then fails /health/live).",
             registry=r,
         )
+        self.switch_on = Gauge(
+            "sre_agent_switch_on",
+            "1 while a run-time switch is on for this executor (kill_switch: no action "
+            "executes; dry_run: none is applied), from the settings, the file or the "
+            "switches topic.",
+            ["switch"],
+            registry=r,
+        )
         self.consumer_stuck = Gauge(
             "sre_agent_consumer_stuck",
             "1 while a consumer (analyzer, executor, calibration, feeds) has made no "

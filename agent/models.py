@@ -482,6 +482,32 @@ class Silence:
         return self.active(at) and all(m.matches(labels) for m in self.matchers)
 
 
+SwitchName = Literal["kill_switch", "dry_run"]
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchChange:
+    """An operator turning a run-time switch on or off for every executor replica at once
+    (``sre-agent switches``); the compacted switches topic keeps the latest per switch."""
+
+    id: NonEmpty
+    name: SwitchName
+    on: bool
+    by: NonEmpty
+    reason: Annotated[str, Field(max_length=1024)]
+    at: Time
+    schema_version: Version = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def describe(self) -> str:
+        state = "on" if self.on else "off"
+        why = f": {self.reason}" if self.reason else ""
+        return f"turned {state} by {self.by} at {self.at.isoformat(timespec='seconds')}{why}"
+
+
 EscalationReason = Literal[
     "action_failed",  # the cluster refused or errored
     "denied",  # a safety limit (cooldown, budget, blast radius, params) held the action back

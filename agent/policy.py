@@ -294,6 +294,18 @@ class Switches:
 
     kill_switch: bool = False
     dry_run: bool = False
+    why: str = ""  # who or what turned the kill switch on, for the verdict
+
+
+def merged(*sources: Switches) -> Switches:
+    """A switch is on when any source turns it on (a file, the switches topic): no source
+    can turn off what another turned on."""
+    kill = [s for s in sources if s.kill_switch]
+    return Switches(
+        kill_switch=bool(kill),
+        dry_run=any(s.dry_run for s in sources),
+        why="; ".join(s.why for s in kill if s.why),
+    )
 
 
 # The rules by which the agent holds itself back: the remedy it chose did not run, so a
@@ -336,7 +348,8 @@ def decide(
     if not rem.enabled:
         return Verdict("deny", "remediation.enabled", "remediation is disabled")
     if switches.kill_switch or settings.agent.kill_switch:
-        return Verdict("deny", "kill_switch", "the kill switch is on: no action executes")
+        why = f" ({switches.why})" if switches.why else ""
+        return Verdict("deny", "kill_switch", f"the kill switch is on{why}: no action executes")
     if ns and ns in rem.denied_namespaces:
         return Verdict("deny", "denied_namespaces", f"namespace {ns!r} is denied")
     if ns and rem.allowed_namespaces and ns not in rem.allowed_namespaces:

@@ -198,7 +198,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _decision_args(p: argparse.ArgumentParser, *, wait_default: float) -> None:
     p.add_argument("id")
-    p.add_argument("--by", default=_user(), help="who decides (default: the login name)")
+    p.add_argument("--by", default=login_name(), help="who decides (default: the login name)")
     p.add_argument("--reason", default="")
     p.add_argument(
         "--wait",
@@ -209,7 +209,8 @@ def _decision_args(p: argparse.ArgumentParser, *, wait_default: float) -> None:
     p.add_argument("--config", default=None)
 
 
-def _user() -> str:
+def login_name() -> str:
+    """Who runs the command, for --by: the login name, else "cli"."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):

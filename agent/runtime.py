@@ -38,6 +38,7 @@ from agent.models import (
     ApprovalRequest,
     Escalation,
     Incident,
+    SwitchChange,
 )
 from agent.notifier import Notifier
 from agent.prom import PromClient
@@ -176,7 +177,11 @@ class Agent:
                 self.bus,
                 name="executor-watch",
                 group_id=None,
-                topics={incidents: Incident, self.bus.topic("action-results"): ActionResult},
+                topics={
+                    incidents: Incident,
+                    self.bus.topic("action-results"): ActionResult,
+                    self.bus.topic("switches"): SwitchChange,
+                },
                 handler=functools.partial(_follow, self, watch),
                 from_beginning=False,
                 stuck_after=s.agent.stuck_after,
@@ -201,6 +206,9 @@ class Agent:
                 ),
                 incidents=replay,
                 watch_read=executor_watch.caught_up,
+                switch_log=functools.partial(
+                    snapshot, s.kafka, self.bus.topic("switches"), SwitchChange
+                ),
             )
             self.components.append(self.executor)  # replays pending approvals before intake
             self.components.append(
@@ -372,11 +380,13 @@ class Agent:
 
 
 async def _follow(agent: Agent, watch: UnresolvedWatch | None, batch: Sequence[Envelope]) -> None:
-    """The executor watch's handler: what the executor knows of closed incidents and of
-    every replica's actions, and what the unresolved watch knows of open ones."""
+    """The executor watch's handler: what the executor knows of closed incidents, of every
+    replica's actions and of the run-time switches, and what the unresolved watch knows of
+    open ones."""
     if agent.executor is not None:
         await agent.executor.on_incidents(batch)
         await agent.executor.on_results(batch)
+        await agent.executor.on_switches(batch)
     if watch is not None:
         await watch.handle(batch)
 

@@ -99,6 +99,16 @@ CATALOG: tuple[TopicSpec, ...] = (
         partitions=1,
     ),
     TopicSpec(
+        "switches",
+        "switch name (kill_switch, dry_run)",
+        "SwitchChange",
+        "compact",
+        0,
+        "Run-time switches every executor replica reads before each decision; "
+        "`sre-agent switches kill|dry-run on|off`.",
+        partitions=1,
+    ),
+    TopicSpec(
         "correlation-facts",
         "anomaly fingerprint",
         "Fact",

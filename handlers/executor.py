@@ -65,6 +65,7 @@ from agent.models import (
     Outcome,
     ParamValue,
     ResultStatus,
+    SwitchChange,
     new_id,
     stable_id,
     utcnow,
@@ -85,6 +86,7 @@ from agent.policy import (
     held_back,
     history_window,
     learned,
+    merged,
     revision_param,
 )
 from agent.prom import PromClient
@@ -175,6 +177,7 @@ class Executor:
         actions: RecentSource | None = None,
         incidents: RecentSource | None = None,
         watch_read: CaughtUp | None = None,
+        switch_log: ApprovalSource | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -184,6 +187,17 @@ class Executor:
         self.prom = prom
         self.alertmanager = alertmanager
         self.switches = switches or (lambda: Switches())
+        # The latest change of each switch on the switches topic, with its offset: the
+        # replay at start and the watch overlap, and an older record must not win.
+        self.remote_switches: dict[str, tuple[int, SwitchChange]] = {}
+        self._switch_log = switch_log
+        # Read at scrape time, so a dashboard shows a switch the moment any source sets it.
+        metrics.switch_on.labels(switch="kill_switch").set_function(
+            lambda: float(self.current_switches().kill_switch or settings.agent.kill_switch)
+        )
+        metrics.switch_on.labels(switch="dry_run").set_function(
+            lambda: float(self.current_switches().dry_run or settings.agent.dry_run)
+        )
         # Executed actions by action id, of every replica (see on_results): the policy's
         # memory for cooldowns, budgets and repeats.
         self.history: dict[str, Executed] = {}
@@ -214,6 +228,8 @@ class Executor:
         """Rebuild the pending approvals (the consumer group's offsets would skip them) and
         the recent actions, so a restart neither forgets a cooldown nor refills a budget."""
         self._stopped = False
+        if self._switch_log is not None:
+            await self.on_switches(await self._switch_log())  # logs each switch's state
         if self._incidents is not None:
             await self.on_incidents(await self._incidents(replay_window(self.settings.remediation)))
             closed = sum(held[1] for held in self.incidents.values())
@@ -297,6 +313,28 @@ class Executor:
             elif isinstance(env.value, ApprovalRequest):
                 self.pending[env.value.id] = env.value
 
+    async def on_switches(self, batch: Iterable[Envelope]) -> None:
+        """Switch changes from the switches topic (one partition, so offsets order them)."""
+        for env in batch:
+            change = env.value
+            if not isinstance(change, SwitchChange):
+                continue
+            known = self.remote_switches.get(change.name)
+            if known is None or env.offset > known[0]:
+                if known is None or known[1].on != change.on:
+                    log.warning("%s %s", change.name, change.describe())
+                self.remote_switches[change.name] = (env.offset, change)
+
+    def current_switches(self) -> Switches:
+        """The switches as of now: the file (or the caller's), merged with the topic's."""
+        topic = [c for _, c in self.remote_switches.values() if c.on]
+        remote = Switches(
+            kill_switch=any(c.name == "kill_switch" for c in topic),
+            dry_run=any(c.name == "dry_run" for c in topic),
+            why="; ".join(c.describe() for c in topic if c.name == "kill_switch"),
+        )
+        return merged(self.switches(), remote)
+
     async def on_incidents(self, batch: Iterable[Envelope]) -> None:
         for env in batch:
             if isinstance(env.value, Incident):
@@ -341,7 +379,7 @@ class Executor:
                 f"incident_closed: incident {action.incident_id} is resolved or silenced",
                 now,
             )
-        switches = self.switches()
+        switches = self.current_switches()
         verdict = decide(action, self.settings, self.history.values(), switches, now)
         if verdict.kind != "deny":
             try:
@@ -967,6 +1005,7 @@ def kill_switch_file(path: str) -> Callable[[], Switches]:
     """Switches read at each decision: touching the file stops execution immediately."""
 
     def read() -> Switches:
-        return Switches(kill_switch=bool(path) and Path(path).exists())
+        on = bool(path) and Path(path).exists()
+        return Switches(kill_switch=on, why=f"file {path} exists" if on else "")
 
     return read

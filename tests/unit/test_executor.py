@@ -822,3 +822,45 @@ async def test_other_replicas_results_count_in_cooldowns_budgets_and_repeats(rig
         assert ex.history["other-1"].outcome == "not_healed" and "old" not in ex.history
     finally:
         await ex.stop()
+
+
+def _switch(name: Any, on: bool, by: str = "alice") -> Any:
+    from agent.models import SwitchChange
+
+    return SwitchChange(id=f"sw-{by}", name=name, on=on, by=by, reason="why not", at=at(5))
+
+
+async def test_switches_from_the_topic_merge_with_the_file_and_keep_the_newest(
+    rig: Any, tmp_path: Any
+) -> None:
+    from handlers.executor import kill_switch_file
+
+    _ex, bus, c = rig
+    path = tmp_path / "kill"
+    metrics = Metrics()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=metrics, switches=kill_switch_file(str(path)))
+    topic = bus.topic("switches")
+
+    def gauge(name: str) -> float | None:
+        return metrics.registry.get_sample_value("sre_agent_switch_on", {"switch": name})
+
+    try:
+        await ex.on_switches([Envelope(topic, 0, 7, "kill_switch", _switch("kill_switch", True))])
+        assert gauge("kill_switch") == 1.0 and gauge("dry_run") == 0.0
+        denied = await ex.on_action(act("scale_up", action_id="k1"))
+        assert denied.message.startswith("kill_switch: the kill switch is on (turned on by alice")
+        # An older record (the replay at start overlapping the watch) does not undo it.
+        await ex.on_switches([Envelope(topic, 0, 3, "kill_switch", _switch("kill_switch", False))])
+        assert ex.current_switches().kill_switch
+        await ex.on_switches([Envelope(topic, 0, 8, "kill_switch", _switch("kill_switch", False))])
+        assert not ex.current_switches().kill_switch and gauge("kill_switch") == 0.0
+        # The topic cannot turn off what the file turned on.
+        path.touch()
+        v = ex.current_switches()
+        assert v.kill_switch and v.why == f"file {path} exists"
+        path.unlink()
+        await ex.on_switches([Envelope(topic, 0, 9, "dry_run", _switch("dry_run", True, "bob"))])
+        assert (await ex.on_action(act("scale_up", action_id="d1"))).status == "dry_run"
+        assert (await c.workload(CHECKOUT)).replicas == 4
+    finally:
+        await ex.stop()

@@ -544,3 +544,16 @@ def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> 
     assert history_window(rem) == 6 * 3600  # the repeat window is the longest
     assert history_window(replace(rem, ineffective_after=0, max_repeats=0)) == 3600
     assert history_window(replace(rem, cooldown=7 * 3600.0)) == 7 * 3600
+
+
+def test_a_switch_is_on_when_any_source_turns_it_on() -> None:
+    from agent.policy import merged
+
+    file = Switches(kill_switch=True, why="file /k exists")
+    topic = Switches(kill_switch=True, dry_run=True, why="turned on by alice")
+    assert merged(Switches(), Switches()) == Switches()
+    assert merged(file, Switches(dry_run=True)) == Switches(True, True, "file /k exists")
+    both = merged(file, topic)
+    assert both.kill_switch and both.dry_run and both.why == "file /k exists; turned on by alice"
+    v = verdict(s=BASE, switches=topic)
+    assert v.reason == "the kill switch is on (turned on by alice): no action executes"
