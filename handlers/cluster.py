@@ -97,6 +97,8 @@ class Observation:
     desired: int = 0  # workloads: replicas wanted
     ready: int = 0  # workloads: ready replicas; pods: 1 when ready
     settled: bool = True  # the controller has observed and finished the latest change
+    # workloads: container restarts, summed over its pods that are not terminating
+    restarts: int = 0
     cordoned: bool = False  # nodes
     evictable: int = 0  # nodes: pods a drain would still evict
 

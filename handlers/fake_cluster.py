@@ -51,6 +51,7 @@ class FakePod:
     mirror: bool = False
     uid: str = ""
     annotations: Mapping[str, str] = field(default_factory=dict)
+    restarts: int = 0  # container restarts (a crash loop, an OOM kill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,17 @@ class FakeCluster:
         self._pods[(namespace, name)] = pod
         return pod
 
+    def crash(self, namespace: str, pod: str, times: int = 1) -> None:
+        """The pod's container crashes and the kubelet restarts it ``times`` times."""
+        p = self._pods[(namespace, pod)]
+        self._pods[(namespace, pod)] = replace(p, restarts=p.restarts + times)
+
+    def _replace_pods(self, namespace: str, workload: str) -> None:
+        """A rollout's new pods: new uids, no restarts (names kept for the lab's metrics)."""
+        for p in self.pods_of(namespace, workload):
+            self._uids += 1
+            self._pods[(namespace, p.name)] = replace(p, uid=f"uid-{self._uids}", restarts=0)
+
     def pods_of(self, namespace: str, workload: str) -> list[FakePod]:
         """The workload's pods, by name."""
         return sorted(
@@ -225,6 +237,7 @@ class FakeCluster:
                 annotations=self._with_id(state, action_id),
             )
             self._put(new)
+            self._replace_pods(target.namespace, target.name)
             return Effect(
                 applied=True,
                 message=f"rolled back {target.key} from revision {state.revision} "
@@ -265,6 +278,7 @@ class FakeCluster:
                 restarted_at=at,
             )
             self._put(new)
+            self._replace_pods(target.namespace, target.name)
             return Effect(
                 applied=True,
                 message=f"restarted {target.key} (rolling)",
@@ -416,7 +430,8 @@ class FakeCluster:
             if target.key not in self._workloads:
                 return Observation(exists=False)
             w = self._workloads[target.key]
-            return Observation(desired=w.replicas, ready=w.ready_replicas)
+            restarts = sum(p.restarts for p in self.pods_of(target.namespace, target.name))
+            return Observation(desired=w.replicas, ready=w.ready_replicas, restarts=restarts)
         if target.kind == "Pod":
             pod = self._pods.get((target.namespace, target.name))
             return Observation(exists=False) if pod is None else Observation(ready=int(pod.ready))

@@ -484,17 +484,10 @@ class KubeCluster:
     async def _replica_sets(self, target: Target, deployment: Obj) -> list[Obj]:
         """The ReplicaSets this Deployment controls (by owner uid, as kubectl does)."""
         uid = (deployment.get("metadata") or {}).get("uid")
-        selector = (deployment.get("spec") or {}).get("selector") or {}
-        query = [
-            (
-                "labelSelector",
-                ",".join(f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()),
-            )
-        ]
         sets = await self._list(
             f"/apis/apps/v1/namespaces/{target.namespace}/replicasets",
             what=f"ReplicaSets of {target.key}",
-            query=query,
+            query=_selector_query(deployment),
         )
         return [rs for rs in sets if (controller_of(rs) or {}).get("uid") == uid]
 
@@ -524,6 +517,22 @@ class KubeCluster:
             if ref.get("kind") == target.kind and ref.get("name") == target.name:
                 return hpa
         return None
+
+    async def _restarts(self, target: Target, workload: Obj) -> int:
+        """Container restarts of the workload's pods (by its selector) that are not
+        terminating: a crash loop shows here even while a pod is, for a moment, ready."""
+        query = _selector_query(workload)
+        if not query:
+            return 0  # no matchLabels: nothing to list by, and never a whole namespace
+        pods = await self._list(
+            f"/api/v1/namespaces/{target.namespace}/pods", what=f"pods of {target.key}", query=query
+        )
+        return sum(
+            int(c.get("restartCount") or 0)
+            for p in pods
+            if not (p.get("metadata") or {}).get("deletionTimestamp")
+            for c in (p.get("status") or {}).get("containerStatuses") or ()
+        )
 
     async def _pods_on(self, node: str) -> list[Obj]:
         return await self._list(
@@ -613,7 +622,8 @@ class KubeCluster:
             )
             if target.kind == "StatefulSet":
                 settled = settled and status.get("currentRevision") == status.get("updateRevision")
-            return Observation(desired=desired, ready=ready, settled=settled)
+            restarts = await self._restarts(target, obj)
+            return Observation(desired=desired, ready=ready, settled=settled, restarts=restarts)
         if target.kind == "Pod":
             terminating = bool(meta.get("deletionTimestamp"))
             return Observation(desired=1, ready=int(pod_ready(obj)), settled=not terminating)
@@ -1221,6 +1231,13 @@ def translate(
             retry_after=float(retry) if retry.isdigit() else 1.0,
         )
     return ActionFailed(f"{what}: API server answered {status}: {message}")
+
+
+def _selector_query(workload: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The labelSelector query of a workload's spec.selector.matchLabels (none: empty)."""
+    selector = (workload.get("spec") or {}).get("selector") or {}
+    labels = selector.get("matchLabels") or {}
+    return [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
 
 
 def _path(target: Target) -> str:

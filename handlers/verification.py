@@ -11,7 +11,9 @@ Two sources of truth, read after the settle time (``remediation.verify_after``):
   and empty, pod replaced), used when there is no condition to re-check.
 
 Either way, a workload that has fewer ready pods than before the action, and fewer than it
-wants, was made worse.
+wants, was made worse; and one whose containers restarted since the action (a crash loop,
+an OOM kill) was not healed, whatever the condition says: readiness at one instant can
+catch a crash-looping pod between two crashes, its restart count cannot.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from agent.models import ActionRequest, Firing, Outcome
 from handlers.cluster import Observation
 
 WORKLOAD_ACTIONS = frozenset({"rollback", "scale_up", "scale_down", "restart_workload"})
+# These replace every pod: whatever restarted after them restarted since them.
+REPLACING_ACTIONS = frozenset({"rollback", "restart_workload"})
 
 
 def judge(
@@ -43,6 +47,10 @@ def judge(
     ):
         why = f"ready pods fell from {before.ready} to {after.ready} of {after.desired}"
         return "worse", why + (f"; {trigger[1]}" if trigger else "")
+    crashed = restarts_since(action_type, before, after)
+    if crashed is not None:
+        why = f"containers restarted {crashed} times since the action"
+        return "not_healed", why + (f"; {trigger[1]}" if trigger else "")
     if trigger is not None and trigger[0] in ("healed", "not_healed", "worse"):
         return trigger
     prefix = f"{trigger[1]}; " if trigger else "no condition to re-check; "
@@ -52,6 +60,26 @@ def judge(
     if ok is None:
         return "unknown", prefix + state
     return ("healed" if ok else "not_healed"), prefix + state
+
+
+def restarts_since(
+    action_type: str, before: Observation | None, after: Observation | None
+) -> int | None:
+    """Container restarts of the workload's pods since the action, when there were any
+    and they can be told apart from earlier ones: after a pod-replacing action every
+    restart of the (settled, all new) pods counts; after a scale, those beyond the count
+    before it."""
+    if after is None or not after.exists or action_type not in WORKLOAD_ACTIONS:
+        return None
+    if action_type in REPLACING_ACTIONS:
+        if not after.settled:
+            return None  # old pods may still run: their restarts are not news
+        since = 0
+    elif before is None:
+        return None
+    else:
+        since = before.restarts
+    return after.restarts - since if after.restarts > since else None
 
 
 def target_state(action_type: str, o: Observation) -> tuple[bool | None, str]:

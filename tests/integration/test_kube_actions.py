@@ -336,6 +336,38 @@ async def test_workload_actions_execute_verify_and_undo(
         await ex.stop()
 
 
+async def test_a_restart_whose_new_pods_crash_again_is_not_healed(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """The kubelet restarting a new pod's container (as it does in a crash loop) is read
+    through the agent's role from the pods' status: verification says not_healed though
+    every replica is ready at that instant."""
+    ns = k8s_namespace
+    target = await ready_deployment(admin, ns, "crashy", 2)
+    ex = executor(kube, MemoryBus(), verify_after="1h")
+    try:
+        a = request("restart_workload", target)
+        assert (await ex.on_action(a)).status == "succeeded"
+        await settled(admin, target)
+        assert (await ex.verify_now(a))[0] == "healed"
+        pod = (await pods_of(admin, ns, "crashy"))[0]
+        statuses = pod["status"]["containerStatuses"]
+        statuses[0]["restartCount"] = 2
+        await admin.call(
+            "PATCH",
+            f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status",
+            body={"status": {"containerStatuses": statuses}},
+            what="pod status",
+            content_type="application/merge-patch+json",
+        )
+        assert (await kube.observe(target)).restarts == 2
+        outcome, why = await ex.verify_now(a)
+        assert outcome == "not_healed", why
+        assert why.startswith("containers restarted 2 times since the action"), why
+    finally:
+        await ex.stop()
+
+
 async def test_scale_under_an_hpa_moves_its_bounds(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:

@@ -187,3 +187,22 @@ async def test_remembered_ids_are_bounded() -> None:
     assert len(ids) == MAX_REMEMBERED_IDS
     assert ids[-1] == f"s{MAX_REMEMBERED_IDS + 4}"
     assert "s0" not in ids
+
+
+async def test_container_restarts_are_counted_per_workload_and_a_rollout_starts_afresh() -> None:
+    c = cluster_with_revisions("v1", "v2")
+    c.add_node("n1")
+    for name in ("checkout-0", "checkout-1"):
+        c.add_pod("shop", name, node="n1", workload="checkout")
+    c.add_pod("shop", "cart-0", node="n1", workload="cart")
+    c.crash("shop", "checkout-0", 3)
+    c.crash("shop", "cart-0")
+    assert (await c.observe(CHECKOUT)).restarts == 3
+    uids = {p.uid for p in c.pods_of("shop", "checkout")}
+    await c.restart(CHECKOUT, action_id="r1", at=at(100))
+    assert (await c.observe(CHECKOUT)).restarts == 0
+    assert uids.isdisjoint(p.uid for p in c.pods_of("shop", "checkout"))  # new pods
+    c.crash("shop", "checkout-1")
+    await c.rollback(CHECKOUT, action_id="b1")
+    assert (await c.observe(CHECKOUT)).restarts == 0
+    assert c.pod("shop", "cart-0") is not None and c.pod("shop", "cart-0").restarts == 1  # type: ignore[union-attr]

@@ -3,6 +3,7 @@ disruption, kubectl-undo templates, error translation; and the verification judg
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from handlers.kube import (
     template_without_hash,
     translate,
 )
-from handlers.verification import judge
+from handlers.verification import judge, restarts_since
 
 LABELS = {"app": "web", "tier": "front"}
 
@@ -163,6 +164,50 @@ def test_judge_uses_the_target_state_without_a_trigger() -> None:
     assert judge("restart_pod", None, Observation(exists=False), None)[0] == "healed"
     assert judge("update_config", None, Observation(), None)[0] == "unknown"
     assert judge("rollback", None, None, ("unknown", "pattern gone"))[0] == "unknown"
+
+
+def test_containers_restarting_since_the_action_are_not_healed_whatever_else_says() -> None:
+    crashing = Observation(desired=3, ready=3, restarts=2)
+    # Every replica ready at this instant, the alert cleared: the restarts still tell.
+    assert judge("restart_workload", READY, crashing, ("healed", "x cleared")) == (
+        "not_healed",
+        "containers restarted 2 times since the action; x cleared",
+    )
+    assert judge("rollback", None, crashing, None) == (
+        "not_healed",
+        "containers restarted 2 times since the action",
+    )
+    # A scale keeps the old pods: only restarts beyond the count before it are news.
+    before = Observation(desired=3, ready=3, restarts=5)
+    assert judge("scale_up", before, Observation(desired=4, ready=4, restarts=5), None)[0] == (
+        "healed"
+    )
+    assert judge("scale_up", before, Observation(desired=4, ready=4, restarts=6), None)[1] == (
+        "containers restarted 1 times since the action"
+    )
+    assert judge("scale_up", None, crashing, None)[0] == "healed"  # no count before: unknown
+    # Mid-rollout the old pods' restarts are still counted: not blamed on the action.
+    rolling = Observation(desired=3, ready=3, restarts=4, settled=False)
+    assert judge("restart_workload", READY, rolling, None)[1].endswith("rollout not finished")
+    # Fewer ready pods than before is still "worse".
+    assert judge("restart_workload", READY, replace(crashing, ready=1), None)[0] == "worse"
+
+
+@settings(max_examples=200)
+@given(
+    st.sampled_from(["rollback", "restart_workload", "scale_up", "scale_down", "drain_node"]),
+    st.none() | st.integers(0, 50),
+    st.integers(0, 50),
+    st.booleans(),
+)
+def test_restarts_since_is_positive_or_none(
+    action: str, before: int | None, after: int, settled_: bool
+) -> None:
+    seen_before = None if before is None else Observation(restarts=before)
+    n = restarts_since(action, seen_before, Observation(restarts=after, settled=settled_))
+    assert n is None or 0 < n <= after
+    if n is not None and action in ("scale_up", "scale_down"):
+        assert before is not None and n == after - before
 
 
 def test_a_restart_is_read_from_the_pod_template() -> None:
