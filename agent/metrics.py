@@ -114,9 +114,9 @@ class Metrics:
         self.switch_on = Gauge(
             "sre_agent_switch_on",
             "1 while a run-time switch is on for this executor (kill_switch: no action "
-            "executes; dry_run: none is applied), from the settings, the file or the "
-            "switches topic.",
-            ["switch"],
+            'executes; dry_run: none is applied): cluster-wide (namespace "") from the '
+            "settings, the file or the switches topic, or for one namespace from the topic.",
+            ["switch", "namespace"],
             registry=r,
         )
         self.consumer_stuck = Gauge(

@@ -483,12 +483,15 @@ class Silence:
 
 
 SwitchName = Literal["kill_switch", "dry_run"]
+NAMESPACE_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"  # a DNS label, or "" for all
 
 
 @dataclass(frozen=True, slots=True)
 class SwitchChange:
     """An operator turning a run-time switch on or off for every executor replica at once
-    (``sre-agent switches``); the compacted switches topic keeps the latest per switch."""
+    (``sre-agent switches``), for the whole cluster or, with ``namespace``, for the
+    targets in one namespace (a change freeze); the compacted switches topic keeps the
+    latest per switch and scope."""
 
     id: NonEmpty
     name: SwitchName
@@ -496,16 +499,19 @@ class SwitchChange:
     by: NonEmpty
     reason: Annotated[str, Field(max_length=1024)]
     at: Time
+    namespace: Annotated[str, Field(max_length=63, pattern=NAMESPACE_PATTERN)] = ""
     schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
-        return self.name
+        return f"{self.name}/{self.namespace}" if self.namespace else self.name
 
     def describe(self) -> str:
         state = "on" if self.on else "off"
+        scope = f" for namespace {self.namespace}" if self.namespace else ""
         why = f": {self.reason}" if self.reason else ""
-        return f"turned {state} by {self.by} at {self.at.isoformat(timespec='seconds')}{why}"
+        at = self.at.isoformat(timespec="seconds")
+        return f"turned {state}{scope} by {self.by} at {at}{why}"
 
 
 EscalationReason = Literal[

@@ -45,12 +45,12 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
-from agent.models import ActionRequest, ActionResult, Outcome, ParamValue
+from agent.models import ActionRequest, ActionResult, Outcome, ParamValue, SwitchChange
 from agent.settings import Mode, RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
@@ -295,6 +295,18 @@ class Switches:
     kill_switch: bool = False
     dry_run: bool = False
     why: str = ""  # who or what turned the kill switch on, for the verdict
+
+
+def switches_for(changes: Iterable[SwitchChange], namespace: str) -> Switches:
+    """The switches the latest ``changes`` (one per switch and scope) turn on for a target
+    in ``namespace``: the cluster-wide ones, and that namespace's ("" for a node: only
+    the cluster-wide ones)."""
+    on = [c for c in changes if c.on and c.namespace in ("", namespace)]
+    return Switches(
+        kill_switch=any(c.name == "kill_switch" for c in on),
+        dry_run=any(c.name == "dry_run" for c in on),
+        why="; ".join(c.describe() for c in on if c.name == "kill_switch"),
+    )
 
 
 def merged(*sources: Switches) -> Switches:

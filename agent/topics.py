@@ -100,7 +100,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         "switches",
-        "switch name (kill_switch, dry_run)",
+        "switch name (kill_switch, dry_run), /namespace when scoped",
         "SwitchChange",
         "compact",
         0,

@@ -88,6 +88,7 @@ from agent.policy import (
     learned,
     merged,
     revision_param,
+    switches_for,
 )
 from agent.prom import PromClient
 from agent.settings import RemediationSection
@@ -192,10 +193,10 @@ class Executor:
         self.remote_switches: dict[str, tuple[int, SwitchChange]] = {}
         self._switch_log = switch_log
         # Read at scrape time, so a dashboard shows a switch the moment any source sets it.
-        metrics.switch_on.labels(switch="kill_switch").set_function(
+        metrics.switch_on.labels(switch="kill_switch", namespace="").set_function(
             lambda: float(self.current_switches().kill_switch or settings.agent.kill_switch)
         )
-        metrics.switch_on.labels(switch="dry_run").set_function(
+        metrics.switch_on.labels(switch="dry_run", namespace="").set_function(
             lambda: float(self.current_switches().dry_run or settings.agent.dry_run)
         )
         # Executed actions by action id, of every replica (see on_results): the policy's
@@ -319,20 +320,20 @@ class Executor:
             change = env.value
             if not isinstance(change, SwitchChange):
                 continue
-            known = self.remote_switches.get(change.name)
+            known = self.remote_switches.get(change.key)
             if known is None or env.offset > known[0]:
                 if known is None or known[1].on != change.on:
                     log.warning("%s %s", change.name, change.describe())
-                self.remote_switches[change.name] = (env.offset, change)
+                self.remote_switches[change.key] = (env.offset, change)
+                if change.namespace:  # the cluster-wide ones are read at scrape time
+                    self.metrics.switch_on.labels(
+                        switch=change.name, namespace=change.namespace
+                    ).set(float(change.on))
 
-    def current_switches(self) -> Switches:
-        """The switches as of now: the file (or the caller's), merged with the topic's."""
-        topic = [c for _, c in self.remote_switches.values() if c.on]
-        remote = Switches(
-            kill_switch=any(c.name == "kill_switch" for c in topic),
-            dry_run=any(c.name == "dry_run" for c in topic),
-            why="; ".join(c.describe() for c in topic if c.name == "kill_switch"),
-        )
+    def current_switches(self, namespace: str = "") -> Switches:
+        """The switches as of now for a target in ``namespace``: the file (or the
+        caller's), merged with the topic's cluster-wide ones and that namespace's."""
+        remote = switches_for((c for _, c in self.remote_switches.values()), namespace)
         return merged(self.switches(), remote)
 
     async def on_incidents(self, batch: Iterable[Envelope]) -> None:
@@ -379,7 +380,7 @@ class Executor:
                 f"incident_closed: incident {action.incident_id} is resolved or silenced",
                 now,
             )
-        switches = self.current_switches()
+        switches = self.current_switches(action.target.namespace)
         verdict = decide(action, self.settings, self.history.values(), switches, now)
         if verdict.kind != "deny":
             try:

@@ -30,10 +30,10 @@ async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]
     return code, out.out + out.err
 
 
-def scale_up(name: str) -> ActionRequest:
-    labels = {"cluster": "c1", "namespace": "shop", "service": name}
+def scale_up(name: str, namespace: str = "shop") -> ActionRequest:
+    labels = {"cluster": "c1", "namespace": namespace, "service": name}
     inc = incident(member(labels=labels), labels=labels, id=f"inc-{uuid.uuid4().hex[:8]}")
-    target = Target(kind="Deployment", namespace="shop", name=name)
+    target = Target(kind="Deployment", namespace=namespace, name=name)
     return replace(action_request(inc, "scale_up", target), id=f"act-{inc.id}")
 
 
@@ -64,6 +64,7 @@ async def test_switches_reach_every_replica_and_a_late_starter(
     for c in clusters:
         for n in names:
             c.create_deployment("shop", n, image="v1", replicas=2, at=utcnow())
+        c.create_deployment("web", "front", image="v1", replicas=2, at=utcnow())
 
     assert (await cli(capsys, "topics", "create", *cfg))[0] == 0
     code, out = await cli(capsys, "switches", "status", *cfg)
@@ -108,7 +109,9 @@ async def test_switches_reach_every_replica_and_a_late_starter(
             registry = agent.metrics.registry
 
             def killed_here(reg: CollectorRegistry = registry) -> bool:
-                on = reg.get_sample_value("sre_agent_switch_on", {"switch": "kill_switch"})
+                on = reg.get_sample_value(
+                    "sre_agent_switch_on", {"switch": "kill_switch", "namespace": ""}
+                )
                 return on == 1.0
 
             await eventually(killed_here, 10, what="the kill switch on every replica")
@@ -134,7 +137,31 @@ async def test_switches_reach_every_replica_and_a_late_starter(
         acted = [sum([(await c.workload(a.target)).replicas != 2 for a in live]) for c in clusters]
         assert sum(acted) == 4, acted
 
+        # A change freeze of one namespace: the others go on.
+        code, out = await cli(
+            capsys,
+            "switches",
+            "kill",
+            "on",
+            "--namespace",
+            "shop",
+            "--by",
+            "carol",
+            "--reason",
+            "db migration",
+            *cfg,
+        )
+        assert code == 0, out
+        frozen, web = [scale_up(n) for n in names], scale_up("front", namespace="web")
+        await run(replicas[1], r, [*frozen, web])
+        for a in frozen:
+            assert "turned on for namespace shop by carol" in outcome(r, a).message
+        assert outcome(r, web).status == "succeeded"
+        code, out = await cli(capsys, "switches", "kill", "on", "--namespace", "Shop!", *cfg)
+        assert code == 2 and "namespace: String should match pattern" in out, out
+
     code, out = await cli(capsys, "switches", "status", *cfg)
     assert code == 0
     assert "kill_switch: off, turned off by alice" in out, out
     assert "dry_run: off, turned off by bob" in out, out
+    assert "kill_switch in shop: ON, turned on for namespace shop by carol" in out, out

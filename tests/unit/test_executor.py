@@ -841,8 +841,9 @@ async def test_switches_from_the_topic_merge_with_the_file_and_keep_the_newest(
     ex = Executor(cfg(), bus=bus, cluster=c, metrics=metrics, switches=kill_switch_file(str(path)))
     topic = bus.topic("switches")
 
-    def gauge(name: str) -> float | None:
-        return metrics.registry.get_sample_value("sre_agent_switch_on", {"switch": name})
+    def gauge(name: str, namespace: str = "") -> float | None:
+        labels = {"switch": name, "namespace": namespace}
+        return metrics.registry.get_sample_value("sre_agent_switch_on", labels)
 
     try:
         await ex.on_switches([Envelope(topic, 0, 7, "kill_switch", _switch("kill_switch", True))])
@@ -862,5 +863,42 @@ async def test_switches_from_the_topic_merge_with_the_file_and_keep_the_newest(
         await ex.on_switches([Envelope(topic, 0, 9, "dry_run", _switch("dry_run", True, "bob"))])
         assert (await ex.on_action(act("scale_up", action_id="d1"))).status == "dry_run"
         assert (await c.workload(CHECKOUT)).replicas == 4
+    finally:
+        await ex.stop()
+
+
+async def test_a_namespace_freeze_holds_that_namespace_only(rig: Any) -> None:
+    from agent.models import SwitchChange
+
+    _ex, bus, c = rig
+    metrics = Metrics()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=metrics)
+    freeze = SwitchChange(
+        id="f1",
+        name="kill_switch",
+        on=True,
+        by="carol",
+        reason="db migration",
+        at=at(5),
+        namespace="shop",
+    )
+    try:
+        await ex.on_switches([Envelope(bus.topic("switches"), 0, 1, freeze.key, freeze)])
+        denied = await ex.on_action(act("scale_up", action_id="in-shop"))
+        assert denied.message == (
+            "kill_switch: the kill switch is on (turned on for namespace shop by carol at "
+            f"{at(5).isoformat(timespec='seconds')}: db migration): no action executes"
+        )
+        # A node has no namespace: only a cluster-wide switch holds it.
+        assert (await ex.on_action(act("cordon_node", NODE, action_id="node"))).status == (
+            "succeeded"
+        )
+        assert not ex.current_switches("web").kill_switch
+        labels = {"switch": "kill_switch", "namespace": "shop"}
+        assert metrics.registry.get_sample_value("sre_agent_switch_on", labels) == 1.0
+        thaw = replace(freeze, id="f2", on=False)
+        await ex.on_switches([Envelope(bus.topic("switches"), 0, 2, thaw.key, thaw)])
+        assert (await ex.on_action(act("scale_up", action_id="after"))).status == "succeeded"
+        assert metrics.registry.get_sample_value("sre_agent_switch_on", labels) == 0.0
     finally:
         await ex.stop()

@@ -557,3 +557,22 @@ def test_a_switch_is_on_when_any_source_turns_it_on() -> None:
     assert both.kill_switch and both.dry_run and both.why == "file /k exists; turned on by alice"
     v = verdict(s=BASE, switches=topic)
     assert v.reason == "the kill switch is on (turned on by alice): no action executes"
+
+
+def test_a_namespace_switch_holds_its_namespace_and_a_cluster_switch_holds_all() -> None:
+    from agent.models import SwitchChange
+    from agent.policy import switches_for
+
+    def change(name: Any, on: bool, namespace: str = "") -> SwitchChange:
+        return SwitchChange(
+            id="c", name=name, on=on, by="carol", reason="", at=NOW, namespace=namespace
+        )
+
+    frozen = [change("kill_switch", True, "shop"), change("dry_run", True, "web")]
+    assert switches_for(frozen, "shop").kill_switch
+    assert not switches_for(frozen, "shop").dry_run
+    assert switches_for(frozen, "web") == Switches(dry_run=True)
+    assert switches_for(frozen, "") == Switches()  # a node: cluster-wide switches only
+    everywhere = [*frozen, change("kill_switch", True)]
+    assert switches_for(everywhere, "").kill_switch and switches_for(everywhere, "web").kill_switch
+    assert switches_for([change("kill_switch", False)], "shop") == Switches()
