@@ -353,21 +353,30 @@ class Executor:
     async def closed(self, incident_id: str) -> bool:
         """Whether the incident is resolved or silenced, as of every incident published
         before this call: a resolution written just before the action must not lose the
-        race between the two topics. The same wait brings in every action result published
-        before it, of every replica, for the cooldowns, budgets and repeats."""
+        race between the two topics."""
+        await self._caught_up(f"cannot tell whether incident {incident_id} is still open")
+        return self._known_closed(incident_id)
+
+    async def _caught_up(self, what: str) -> None:
+        """Wait until the executor watch has handled everything published before this call:
+        incidents, every replica's action results (for the cooldowns, budgets and repeats)
+        and the switches. A watch that lags is a retriable error, never a blind decision."""
         if self._watch_read is not None and not await self._watch_read(CATCH_UP_WAIT):
             raise TransientError(
-                f"cannot tell whether incident {incident_id} is still open: the executor "
-                f"watch is more than {CATCH_UP_WAIT:g}s behind"
+                f"{what}: the executor watch is more than {CATCH_UP_WAIT:g}s behind"
             )
-        return self._known_closed(incident_id)
 
     def _known_closed(self, incident_id: str) -> bool:
         held = self.incidents.get(incident_id)
         return held is not None and held[1]
 
     async def on_action(self, action: ActionRequest) -> ActionResult:
-        closed = UNDO_PARAM not in action.params and await self.closed(action.incident_id)
+        if UNDO_PARAM in action.params:
+            # An undo is exempt from the incident's state, not from the switches and limits.
+            await self._caught_up(f"cannot decide undo {action.id}")
+            closed = False
+        else:
+            closed = await self.closed(action.incident_id)
         now = utcnow()  # after the wait for the executor watch
         if closed:
             # Asked for while open, arriving after it closed (analysis lag, a backlog): the

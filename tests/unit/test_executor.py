@@ -695,6 +695,11 @@ async def test_an_action_waits_for_the_incident_reader_and_is_retried_if_it_lags
         with pytest.raises(TransientError, match="executor watch is more than 5s behind"):
             await ex.on_action(replace(act("scale_up", action_id="s2"), incident_id="inc-2"))
         assert waits == [5.0, 5.0] and bus.results("s2") == []
+        # An undo skips the incident's state, not the wait: a kill switch or another
+        # replica's action published just before it must be known.
+        undo = act("scale_down", action_id="u1", params={"undo_of": "s0", "replicas": "3"})
+        with pytest.raises(TransientError, match="cannot decide undo u1: the executor watch"):
+            await ex.on_action(undo)
         assert (await c.workload(CHECKOUT)).replicas == 4
     finally:
         await ex.stop()
