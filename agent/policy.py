@@ -8,7 +8,8 @@ Order of the rules (first match wins), safety rules before convenience rules:
 3. namespace denied / not allowed           -> deny
 4. mode ``manual``                          -> deny (the agent only recommends)
    a. params malformed or beyond their bounds -> deny (see :func:`param_problem`)
-5. same target acted on within ``cooldown`` -> deny (an undo is exempt: it repairs the last act)
+5. same target acted on within ``cooldown`` -> deny (an undo is exempt: it repairs the last act;
+   so is the next runbook step once every action within it was verified ineffective)
 6. the hourly action budget is spent        -> deny
    a. ... or the namespace's hourly budget  -> deny
    b. a scale that the replica bounds leave where it is            -> deny
@@ -45,7 +46,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -180,6 +181,14 @@ def repeat_problem(
     if rem.max_repeats and len(runs) >= rem.max_repeats:
         return f"{what} ran {len(runs)} times in the last {window}: it keeps masking a cause"
     return None
+
+
+def _next_step(action: ActionRequest, recent: Sequence[Executed]) -> bool:
+    """Whether ``action`` escalates past what the cooldown holds: every recent action on
+    the target was verified ineffective and was of another type. The cooldown lets an
+    action take effect and be judged before the next; once judged a failure, waiting out
+    the rest only prolongs the outage (the repeat rule and the limits still hold)."""
+    return all(h.ineffective and h.type != action.type for h in recent)
 
 
 def _span(seconds: float) -> str:
@@ -374,7 +383,7 @@ def decide(
         return Verdict("deny", "params", problem)
     cooldown_start = now - timedelta(seconds=rem.cooldown)
     recent = [h for h in history if h.target_key == action.target.key and h.at > cooldown_start]
-    if recent and not action.params.get(UNDO_PARAM):
+    if recent and not action.params.get(UNDO_PARAM) and not _next_step(action, recent):
         last = max(h.at for h in recent)
         return Verdict(
             "deny",

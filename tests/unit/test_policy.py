@@ -207,6 +207,18 @@ def test_cooldown_denies_a_recently_touched_target() -> None:
     assert "Deployment/shop/checkout" in v.reason
 
 
+def test_the_cooldown_ends_early_for_the_next_step_after_a_verified_failure() -> None:
+    failed = ran("not_healed", 120)  # a restart two minutes ago, verified not healed
+    rollback = action("rollback", confidence=0.99, approved_by="alice")
+    assert rule(verdict(rollback, history=(failed,))) == ("execute", "approved")
+    # Not for the same action again, nor while an action is still unverified.
+    again = action("restart_workload", confidence=0.99)
+    assert rule(verdict(again, history=(failed,))) == ("deny", "cooldown")
+    pending = ran("unknown", 60, type="scale_up")
+    assert rule(verdict(rollback, history=(failed, pending))) == ("deny", "cooldown")
+    assert rule(verdict(rollback, history=(ran("healed", 120),))) == ("deny", "cooldown")
+
+
 def test_cooldown_is_per_target_and_ends() -> None:
     assert rule(verdict(history=(done(ago=300),))) == ("execute", "autonomous")
     assert rule(verdict(history=(done("Deployment/shop/cart", 1),))) == ("execute", "autonomous")
