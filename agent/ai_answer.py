@@ -165,6 +165,8 @@ class Scope:
     nodes: frozenset[str]
     config_maps: frozenset[tuple[str, str]]  # (namespace, name)
     denied_namespaces: frozenset[str] = frozenset()
+    # (type, target key) verified not to heal this incident: not proposed again.
+    ineffective: frozenset[tuple[str, str]] = frozenset()
 
     def lines(self) -> list[str]:
         """The scope for the trusted part of the prompt (every name DNS-1123 checked)."""
@@ -218,6 +220,7 @@ def incident_scope(incident: Incident, ctx: Context, settings: Settings) -> Scop
         nodes=frozenset(nodes),
         config_maps=frozenset(config_maps),
         denied_namespaces=frozenset(settings.remediation.denied_namespaces),
+        ineffective=frozenset(ctx.ineffective),
     )
 
 
@@ -276,6 +279,10 @@ def _check(a: ProposedAction, scope: Scope) -> tuple[str, str] | None:
             return "out_of_scope", f"{t.kind} {t.namespace}/{t.name} is not in the incident"
     if not a.rollback_plan.strip():
         return "no_rollback_plan", "no rollback plan given"
+    kind: TargetKind = t.kind  # type: ignore[assignment]  # checked above
+    key = Target(kind=kind, namespace="" if kind == "Node" else t.namespace, name=t.name).key
+    if (a.type, key) in scope.ineffective:
+        return "already_ineffective", f"{a.type} {key} was verified not to heal this incident"
     return None
 
 

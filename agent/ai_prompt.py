@@ -168,6 +168,9 @@ def context_document(incident: Incident, ctx: Context) -> dict[str, Any]:
             "node_cpu": dict(ctx.node_cpu_saturation),
         },
         "dependency_error_ratio": dict(ctx.dependency_errors),
+        # The agent's own record: remedies already verified not to heal this incident
+        # (proposing one again is refused).
+        "already_tried_without_effect": [{"type": t, "target": key} for t, key in ctx.ineffective],
         "rollouts": [
             {
                 "namespace": r.namespace,

@@ -129,6 +129,12 @@ class Context:
     events: tuple[KubeEvent, ...] = ()
     logs: Mapping[str, str] = field(default_factory=dict)  # pod -> tail
     metrics: tuple[MetricSample, ...] = ()
+    # (action type, target key) of this incident's actions verified not_healed or worse:
+    # a runbook moves on to its next step, and no analyzer proposes them again.
+    ineffective: tuple[tuple[str, str], ...] = ()
+
+    def tried(self, action: RecommendedAction) -> bool:
+        return (action.type, action.target.key) in self.ineffective
 
 
 def workload_target(labels: Mapping[str, str]) -> Target:
@@ -356,50 +362,95 @@ def _diagnose(
 
 
 def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _Finding | None:
+    """The first step of the member's runbook that applies, skipping a remedy this
+    incident already tried without effect (escalation: a restart that did not heal gives
+    way to the next step, say a rollback); else the first diagnosis."""
     runbook = settings.steps_for(m.name, m.source)
     if runbook is None:
         return None
     prescriber, steps = runbook
     target = workload_target(m.labels or inc.labels)
     diagnosis: _Finding | None = None  # the first root cause found without an action
+    skipped: list[str] = []
     for step in steps:
-        action = CONDITIONAL_STEPS.get(step)
-        if action == "rollback":
-            r = recent_rollout(
-                ctx.rollouts, target, inc.opened_at, settings.remediation.rollout_window
-            )
-            if r is not None:
-                return _rollback(m, inc, target, r)
+        found = _remedy(step, prescriber, m, inc, target, ctx, settings)
+        if found is not None and found.action is not None and ctx.tried(found.action):
+            skipped.append(f"{found.action.type} {found.action.target.key}")
             continue
-        if action == "scale_up":
-            sat = saturation(target, ctx)
-            if sat is not None:
-                return _scale_up(m, target, *sat)
-            diagnosis = diagnosis or _noisy_neighbour(m, target, ctx)
-            continue
-        if action == "restart_workload":
-            if target.name in ctx.crash_looping or target.name in ctx.oom_killed:
-                return _restart(m, target, ctx)
-            continue
-        if action == "drain_node":
-            found = _node(m, ctx, drain=True)
-            if found is not None:
-                return found
-            continue
-        if step in ACTION_TYPES:
-            return _Finding(
-                root_cause=f"{m.name} matched {prescriber}, which prescribes {step}",
-                root_cause_class="prescribed",
-                confidence=0.75,
-                evidence=(f"pattern {m.name} firing",),
-                action=RecommendedAction(
-                    type=step,
-                    target=target,
-                    expected_impact=f"the remedy {prescriber} prescribes",
-                ),
-            )
-        diagnosis = diagnosis or _diagnose(step, m, inc, target, ctx, settings)
-    return diagnosis
+        if found is not None and found.action is not None:
+            return _after(found, skipped)
+        if found is not None:
+            diagnosis = diagnosis or found
+        elif step not in CONDITIONAL_STEPS and step not in ACTION_TYPES:
+            diagnosis = diagnosis or _diagnose(step, m, inc, target, ctx, settings)
+    return (
+        _after(diagnosis, skipped)
+        if diagnosis is not None or not skipped
+        else _exhausted(m, prescriber, skipped)
+    )
+
+
+def _remedy(
+    step: str,
+    prescriber: str,
+    m: Member,
+    inc: Incident,
+    target: Target,
+    ctx: Context,
+    settings: Settings,
+) -> _Finding | None:
+    """A remedial step's finding when it applies (a diagnosis without an action for a
+    scale-up that found a noisy neighbour instead); None for other steps."""
+    action = CONDITIONAL_STEPS.get(step)
+    if action == "rollback":
+        r = recent_rollout(ctx.rollouts, target, inc.opened_at, settings.remediation.rollout_window)
+        return _rollback(m, inc, target, r) if r is not None else None
+    if action == "scale_up":
+        sat = saturation(target, ctx)
+        return _scale_up(m, target, *sat) if sat is not None else _noisy_neighbour(m, target, ctx)
+    if action == "restart_workload":
+        if target.name in ctx.crash_looping or target.name in ctx.oom_killed:
+            return _restart(m, target, ctx)
+        return None
+    if action == "drain_node":
+        return _node(m, ctx, drain=True)
+    if step in ACTION_TYPES:
+        return _Finding(
+            root_cause=f"{m.name} matched {prescriber}, which prescribes {step}",
+            root_cause_class="prescribed",
+            confidence=0.75,
+            evidence=(f"pattern {m.name} firing",),
+            action=RecommendedAction(
+                type=step,
+                target=target,
+                expected_impact=f"the remedy {prescriber} prescribes",
+            ),
+        )
+    return None
+
+
+def _after(found: _Finding | None, skipped: list[str]) -> _Finding | None:
+    """``found``, saying which earlier steps it escalates past."""
+    if found is None or not skipped:
+        return found
+    return replace(
+        found,
+        evidence=(*found.evidence, *(f"already tried without effect: {s}" for s in skipped)),
+    )
+
+
+def _exhausted(m: Member, prescriber: str, skipped: list[str]) -> _Finding:
+    """Every remedy of the runbook was tried without effect: nothing left to do alone."""
+    return _Finding(
+        root_cause=f"{m.name}: every remedy {prescriber} prescribes was tried without effect",
+        root_cause_class="unknown",
+        confidence=0.5,
+        evidence=(
+            f"pattern {m.name} firing",
+            *(f"already tried without effect: {s}" for s in skipped),
+        ),
+        action=None,
+    )
 
 
 _ANY_CHECKS = (

@@ -88,6 +88,8 @@ def evidence_digest(incident: Incident, ctx: Context) -> str:
         *sorted(f"o:{w}" for w in ctx.oom_killed),
         *sorted(f"l:{w}" for w in ctx.crash_looping),
         *sorted(f"n:{n}:{','.join(c)}" for n, c in ctx.node_conditions.items()),
+        # A remedy verified ineffective must not be served again from the cache.
+        *sorted(f"t:{t}:{key}" for t, key in ctx.ineffective),
     ]
     for name, values in (
         ("cpu", ctx.cpu_saturation),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import orjson
@@ -358,3 +359,21 @@ def test_to_analysis_records_both_parts_and_rejections() -> None:
     assert len(an.rejected_actions) == 1 and "node-z" in an.rejected_actions[0]
     assert any(e.startswith("check rollback") for e in an.evidence)
     assert any("capped" in e for e in an.evidence)
+
+
+def test_a_remedy_verified_ineffective_is_not_accepted_again() -> None:
+    tried = replace(
+        SCOPE,
+        ineffective=frozenset(
+            {("restart_workload", "Deployment/shop/checkout"), ("drain_node", "Node//node-a")}
+        ),
+    )
+    acts = [
+        proposed("restart_workload", "Deployment", "checkout"),
+        proposed("drain_node", "Node", "node-a", "ignored"),
+        proposed("rollback", "Deployment", "checkout"),
+    ]
+    accepted, rejected = vet_actions(acts, tried)
+    assert [(a.type, a.target.key) for a in accepted] == [("rollback", "Deployment/shop/checkout")]
+    assert [r.reason for r in rejected] == ["already_ineffective"] * 2
+    assert "was verified not to heal this incident" in str(rejected[0])

@@ -226,3 +226,27 @@ def test_a_pattern_of_the_same_name_takes_precedence_over_a_runbook() -> None:
         incident(alert("high-error-rate")), Context(rollouts=(rollout(2),)), settings, OPENED
     )
     assert [a.type for a in an.actions] == ["rollback"]  # the pattern's steps, not scale_up
+
+
+def test_a_runbook_escalates_past_a_remedy_verified_ineffective() -> None:
+    steps = ["restart_if_crash_looping", "auto_rollback_if_deployment_recent", "notify_oncall"]
+    settings = with_runbook(actions=steps)
+    ctx = Context(rollouts=(rollout(2),), crash_looping=("checkout",))
+    inc = incident(alert("CheckoutErrors"))
+    first = analyze(inc, ctx, settings, OPENED)
+    assert [a.type for a in first.actions] == ["restart_workload"]
+    # The restart was verified not healed: the next step, saying why.
+    tried = replace(ctx, ineffective=(("restart_workload", CHECKOUT.key),))
+    second = analyze(inc, tried, settings, OPENED)
+    assert [(a.type, a.target) for a in second.actions] == [("rollback", CHECKOUT)]
+    assert f"already tried without effect: restart_workload {CHECKOUT.key}" in second.evidence
+    # Both tried: nothing left to do alone; the evidence says what was tried.
+    both = replace(tried, ineffective=(*tried.ineffective, ("rollback", CHECKOUT.key)))
+    third = analyze(inc, both, settings, OPENED)
+    assert third.actions == ()
+    assert "every remedy runbook orders prescribes was tried without effect" in third.root_cause
+    # A remedy tried on another target does not count for this one.
+    elsewhere = replace(ctx, ineffective=(("restart_workload", "Deployment/shop/cart"),))
+    assert [a.type for a in analyze(inc, elsewhere, settings, OPENED).actions] == [
+        "restart_workload"
+    ]
