@@ -7,6 +7,12 @@ deterministic (incident, action type, target), so re-analysing the same incident
 crash or an update yields the same ids and the executor's idempotency check absorbs the
 repeat.
 
+A runbook escalates: every replica reads every action result (outside the group), and when
+one of an incident's actions is verified not_healed or worse, the replica that holds the
+incident analyses it again with that remedy marked as tried (``Context.ineffective``): the
+rules take the runbook's next step, the LLM is refused the failed one. The results of the
+last hours are replayed at start, so a restart does not forget what failed.
+
 With ``ai.enabled`` the stage asks the :class:`~agent.llm_analyzer.LLMAnalyzer`, which
 falls back to the rules and says why; incidents of one batch are analysed concurrently (the
 analyzer bounds the calls). Without it, the rules decide on the same context, less the pod
@@ -18,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from agent.analyzer import analyze
 from agent.context import ContextGatherer
@@ -27,7 +34,9 @@ from agent.labels import service_of
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
 from agent.models import (
+    CLOSED_STATUSES,
     ActionRequest,
+    ActionResult,
     Analysis,
     Escalation,
     EscalationReason,
@@ -44,6 +53,7 @@ from streams.bus import Bus, Envelope, progressed
 from streams.topology import scope
 
 log = logging.getLogger(__name__)
+_V = TypeVar("_V")
 
 NEEDS_DECISION = frozenset({"open", "updated", "reopened"})
 
@@ -166,10 +176,16 @@ def _escalation(
     )
 
 
-def evidence_key(incident: Incident) -> str:
-    """What the analysis depends on; the same evidence is not analysed twice."""
+def evidence_key(incident: Incident, tried: Iterable[tuple[str, str]] = ()) -> str:
+    """What the analysis depends on; the same evidence is not analysed twice. A remedy
+    verified ineffective is new evidence."""
     firing = sorted(f"{m.fingerprint}:{m.status}" for m in incident.members)
-    return stable_id(incident.id, *firing)
+    return stable_id(incident.id, *firing, *sorted(f"tried:{t}:{k}" for t, k in tried))
+
+
+# Action results of the last ``seconds``, oldest first (streams.replay.recent).
+RecentResults = Callable[[float], Awaitable[Iterable[Envelope]]]
+INEFFECTIVE = frozenset({"not_healed", "worse"})
 
 
 class AnalysisStage:
@@ -182,6 +198,8 @@ class AnalysisStage:
         metrics: Metrics,
         gatherer: ContextGatherer,
         llm: LLMAnalyzer | None = None,
+        results: RecentResults | None = None,
+        results_window: float = 6 * 3600.0,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -191,11 +209,54 @@ class AnalysisStage:
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._notified: OrderedDict[str, None] = OrderedDict()  # incidents escalated
+        # The latest revision of each open incident this replica analysed (its partitions).
+        self.incidents: OrderedDict[str, Incident] = OrderedDict()
+        # incident id -> (action type, target key) verified not_healed or worse.
+        self.ineffective: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
+        self._results = results
+        self._results_window = results_window
+
+    async def start(self) -> None:
+        """Remember what failed in the last hours (no re-analysis: nothing changed)."""
+        if self._results is not None:
+            replayed = await self._results(self._results_window)
+            self._learn(e.value for e in replayed if isinstance(e.value, ActionResult))
+
+    async def stop(self) -> None:
+        return None
+
+    def _learn(self, results: Iterable[ActionResult]) -> list[str]:
+        """Record the remedies verified ineffective; the incidents that learned one."""
+        changed: list[str] = []
+        for r in results:
+            if r.status != "succeeded" or r.outcome not in INEFFECTIVE:
+                continue
+            known = self.ineffective.get(r.incident_id, frozenset())
+            tried = (r.type, r.target.key)
+            if tried not in known:
+                _bounded(self.ineffective, r.incident_id, known | {tried})
+                changed.append(r.incident_id)
+        return changed
+
+    async def on_results(self, batch: Sequence[Envelope]) -> None:
+        """Every replica's action results: an incident this replica holds, still open,
+        whose remedy was just verified ineffective is analysed again (its next step)."""
+        changed = self._learn(e.value for e in batch if isinstance(e.value, ActionResult))
+        again = [self.incidents[i] for i in dict.fromkeys(changed) if i in self.incidents]
+        if again:
+            for incident in again:
+                log.info(
+                    "analysing %s again: %s verified ineffective",
+                    incident.key,
+                    ", ".join(f"{t} {k}" for t, k in sorted(self.ineffective[incident.id])),
+                )
+            await self._analyse(again)
 
     async def decide(self, incident: Incident) -> Analysis:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        ctx = await self.gatherer.gather(incident)
+        tried = tuple(sorted(self.ineffective.get(incident.id, ())))
+        ctx = replace(await self.gatherer.gather(incident), ineffective=tried)
         if self.llm is None:
             analysis = analyze(incident, ctx, self.settings, utcnow())
         else:
@@ -212,17 +273,32 @@ class AnalysisStage:
             loop.time() - started
         )
         progressed()  # a batch of many incidents is many analyses: each one is progress
+        if tried:  # another analysis of the same revision: its own id
+            analysis = replace(analysis, id=stable_id(analysis.id, *(f"{t}:{k}" for t, k in tried)))
         return analysis
 
     async def handle(self, batch: Sequence[Envelope]) -> None:
+        needed: list[Incident] = []
+        for env in batch:
+            incident = env.value
+            if not isinstance(incident, Incident):
+                continue
+            held = self.incidents.get(incident.id)
+            if held is None or incident.revision >= held.revision:
+                if incident.status in CLOSED_STATUSES:
+                    self.incidents.pop(incident.id, None)
+                else:
+                    _bounded(self.incidents, incident.id, incident)
+            if incident.status in NEEDS_DECISION:
+                needed.append(incident)
+        await self._analyse(needed)
+
+    async def _analyse(self, incidents: Sequence[Incident]) -> None:
         out: list[tuple[str, object, str | None]] = []
         notified: list[str] = []  # incidents escalated by this batch
         todo: dict[str, Incident] = {}  # evidence key -> incident
-        for env in batch:
-            incident = env.value
-            if not isinstance(incident, Incident) or incident.status not in NEEDS_DECISION:
-                continue
-            ek = evidence_key(incident)
+        for incident in incidents:
+            ek = evidence_key(incident, self.ineffective.get(incident.id, ()))
             if ek not in self._seen:
                 todo.setdefault(ek, incident)
         analyses = await asyncio.gather(*(self.decide(i) for i in todo.values()))
@@ -261,6 +337,12 @@ class AnalysisStage:
 
     @staticmethod
     def _remember(seen: OrderedDict[str, None], key: str) -> None:
-        seen[key] = None
-        while len(seen) > 10_000:
-            seen.popitem(last=False)
+        _bounded(seen, key, None)
+
+
+def _bounded(memory: OrderedDict[str, _V], key: str, value: _V, limit: int = 10_000) -> None:
+    """Set ``key`` as the newest entry, forgetting the oldest beyond ``limit``."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > limit:
+        memory.popitem(last=False)

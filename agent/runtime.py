@@ -41,6 +41,7 @@ from agent.models import (
     SwitchChange,
 )
 from agent.notifier import Notifier
+from agent.policy import history_window
 from agent.prom import PromClient
 from agent.server import HealthServer
 from agent.settings import Settings
@@ -113,6 +114,22 @@ class Agent:
             self.components.append(self.correlator)
         if "analyzer" in self.roles:
             stage = self._analysis_stage(s)
+            # Every replica reads every action result (no group: results are keyed by
+            # target, incidents by group key): the one holding an incident whose remedy
+            # failed verification analyses it again. Before the stage's replay, so nothing
+            # falls between them.
+            self.components.append(
+                BatchConsumer(
+                    self.bus,
+                    name="analyzer-results",
+                    group_id=None,
+                    topics={self.bus.topic("action-results"): ActionResult},
+                    handler=stage.on_results,
+                    from_beginning=False,
+                    stuck_after=s.agent.stuck_after,
+                )
+            )
+            self.components.append(stage)  # replays recent results before intake
             self.components.append(
                 BatchConsumer(
                     self.bus,
@@ -306,6 +323,10 @@ class Agent:
             metrics=self.metrics,
             llm=self.llm,
             gatherer=gatherer,
+            results=functools.partial(
+                recent, s.kafka, self.bus.topic("action-results"), ActionResult
+            ),
+            results_window=history_window(s.remediation),
         )
         return self.analysis
 

@@ -188,3 +188,107 @@ async def test_no_remedy_pages_only_for_the_configured_severities() -> None:
     ledger = {"cluster": "c1", "namespace": "pay", "service": "ledger"}
     await s.handle([env(incident(member(labels=ledger), labels=ledger))])
     assert bus.of(Analysis) and not bus.of(Escalation)
+
+
+def escalating_stage(
+    results: list[Any] | None = None,
+) -> tuple[AnalysisStage, RecordingBus]:
+    """The rules, with high-error-rate's runbook: roll back a recent rollout, else (or
+    once that failed) restart."""
+    from agent.settings import parse_settings
+    from tests.fakes.incidents import PATTERNS
+
+    steps = ["check_recent_deployments", "auto_rollback_if_deployment_recent", "restart_workload"]
+    patterns = [{**PATTERNS[0], "actions": steps}, *PATTERNS[1:]]
+    settings = parse_settings(
+        {"patterns": patterns, "remediation": {"rollout_window": "30m"}}, env={}
+    )
+    bus, cluster = RecordingBus(), fake_cluster()
+    gatherer = ContextGatherer(settings, cluster=cluster, source=cluster, prom=None, logs=False)
+
+    async def recent(seconds: float) -> list[Envelope]:
+        return [Envelope("t.action-results", 0, i, None, r) for i, r in enumerate(results or [])]
+
+    s = AnalysisStage(
+        settings,
+        bus=bus,  # type: ignore[arg-type]
+        cluster=cluster,
+        metrics=Metrics(),
+        gatherer=gatherer,
+        results=recent,
+    )
+    return s, bus
+
+
+def verified(req: ActionRequest, outcome: str) -> Any:
+    from agent.models import ActionResult
+
+    return ActionResult(
+        id=f"res-{req.id}-{outcome}",
+        action_id=req.id,
+        incident_id=req.incident_id,
+        incident_key=req.incident_key,
+        type=req.type,
+        target=req.target,
+        status="succeeded",
+        outcome=outcome,  # type: ignore[arg-type]
+        message="verified",
+        started_at=OPENED,
+        finished_at=OPENED,
+    )
+
+
+def result_env(value: Any, offset: int = 0) -> Envelope:
+    return Envelope("t.action-results", 0, offset, None, value)
+
+
+async def test_a_remedy_verified_ineffective_makes_the_runbook_take_its_next_step() -> None:
+    s, bus = escalating_stage()
+    inc = incident()
+    await s.handle([env(inc)])
+    (rollback,) = bus.of(ActionRequest)
+    assert rollback.type == "rollback"
+    # Healed or unknown outcomes change nothing.
+    await s.on_results([result_env(verified(rollback, "healed"))])
+    assert len(bus.of(Analysis)) == 1
+    await s.on_results([result_env(verified(rollback, "not_healed"))])
+    first, second = bus.of(Analysis)
+    assert second.id != first.id and second.incident_revision == first.incident_revision
+    assert f"already tried without effect: rollback {rollback.target.key}" in second.evidence
+    (restart,) = bus.of(ActionRequest)[1:]
+    assert (restart.type, restart.target) == ("restart_workload", rollback.target)
+    # The same verdict again (the replay overlapping the reader) is not news.
+    await s.on_results([result_env(verified(rollback, "not_healed"), 1)])
+    assert len(bus.of(Analysis)) == 2
+    # Both remedies failed: analysed once more, nothing left to try alone.
+    await s.on_results([result_env(verified(restart, "worse"), 2)])
+    last = bus.of(Analysis)[-1]
+    assert last.actions == () and last.root_cause_class == "bad_rollout"  # the diagnosis
+    tried = [e for e in last.evidence if e.startswith("already tried without effect")]
+    assert len(tried) == 2, last.evidence
+    assert len(bus.of(ActionRequest)) == 2
+
+
+async def test_only_an_open_incident_this_replica_holds_is_analysed_again() -> None:
+    s, bus = escalating_stage()
+    inc = incident()
+    await s.handle([env(inc)])
+    (rollback,) = bus.of(ActionRequest)
+    other = replace(verified(rollback, "not_healed"), incident_id="inc-elsewhere")
+    await s.on_results([result_env(other)])  # another replica's incident: remembered only
+    assert s.ineffective["inc-elsewhere"] == {("rollback", rollback.target.key)}
+    await s.handle([env(replace(inc, status="resolved", revision=2), 1)])
+    await s.on_results([result_env(verified(rollback, "not_healed"), 1)])
+    assert len(bus.of(Analysis)) == 1  # resolved: nothing to escalate
+
+
+async def test_a_restarted_stage_remembers_what_failed() -> None:
+    first, bus = escalating_stage()
+    await first.handle([env(incident())])
+    (rollback,) = bus.of(ActionRequest)
+    s, bus = escalating_stage([verified(rollback, "not_healed")])
+    await s.start()
+    assert len(bus.of(Analysis)) == 0  # the replay itself analyses nothing
+    await s.handle([env(replace(incident(), revision=2))])
+    (req,) = bus.of(ActionRequest)
+    assert req.type == "restart_workload"
