@@ -26,12 +26,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TypeVar
 
 from agent.analyzer import analyze
 from agent.context import ContextGatherer
 from agent.labels import service_of
 from agent.llm_analyzer import LLMAnalyzer
+from agent.memory import remember
 from agent.metrics import Metrics
 from agent.models import (
     CLOSED_STATUSES,
@@ -47,13 +47,13 @@ from agent.models import (
     stable_id,
     utcnow,
 )
+from agent.policy import INEFFECTIVE
 from agent.settings import Settings
 from handlers.cluster import Cluster
 from streams.bus import Bus, Envelope, progressed
 from streams.topology import scope
 
 log = logging.getLogger(__name__)
-_V = TypeVar("_V")
 
 NEEDS_DECISION = frozenset({"open", "updated", "reopened"})
 
@@ -185,7 +185,6 @@ def evidence_key(incident: Incident, tried: Iterable[tuple[str, str]] = ()) -> s
 
 # Action results of the last ``seconds``, oldest first (streams.replay.recent).
 RecentResults = Callable[[float], Awaitable[Iterable[Envelope]]]
-INEFFECTIVE = frozenset({"not_healed", "worse"})
 
 
 class AnalysisStage:
@@ -234,7 +233,7 @@ class AnalysisStage:
             known = self.ineffective.get(r.incident_id, frozenset())
             tried = (r.type, r.target.key)
             if tried not in known:
-                _bounded(self.ineffective, r.incident_id, known | {tried})
+                remember(self.ineffective, r.incident_id, known | {tried})
                 changed.append(r.incident_id)
         return changed
 
@@ -288,7 +287,7 @@ class AnalysisStage:
                 if incident.status in CLOSED_STATUSES:
                     self.incidents.pop(incident.id, None)
                 else:
-                    _bounded(self.incidents, incident.id, incident)
+                    remember(self.incidents, incident.id, incident)
             if incident.status in NEEDS_DECISION:
                 needed.append(incident)
         await self._analyse(needed)
@@ -331,18 +330,6 @@ class AnalysisStage:
                 self.metrics.escalations.labels(reason=page.reason).inc()
         await self.bus.publish_many(out)
         for ek in todo:  # only once durable: a failed publish is analysed again
-            self._remember(self._seen, ek)
+            remember(self._seen, ek, None)
         for incident_id in notified:
-            self._remember(self._notified, incident_id)
-
-    @staticmethod
-    def _remember(seen: OrderedDict[str, None], key: str) -> None:
-        _bounded(seen, key, None)
-
-
-def _bounded(memory: OrderedDict[str, _V], key: str, value: _V, limit: int = 10_000) -> None:
-    """Set ``key`` as the newest entry, forgetting the oldest beyond ``limit``."""
-    memory[key] = value
-    memory.move_to_end(key)
-    while len(memory) > limit:
-        memory.popitem(last=False)
+            remember(self._notified, incident_id, None)

@@ -49,6 +49,7 @@ from agent.alertmanager_api import AlertmanagerAPI
 from agent.codec import encode
 from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
 from agent.labels import normalise
+from agent.memory import remember
 from agent.metrics import Metrics
 from agent.models import (
     CLOSED_STATUSES,
@@ -99,7 +100,6 @@ from streams.replay import RecentSource
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +113,6 @@ METRIC_RESULT: dict[str, str] = {
     "duplicate": "duplicate",
 }
 TRANSIENT_ATTEMPTS = 3
-# Entries each of the executor's memories (closed incidents and approvals, actions
-# escalated as held back) keeps, the most recent.
-MAX_REMEMBERED = 10_000
-
-
-def _remember(seen: OrderedDict[str, _T], key: str, value: _T) -> None:
-    """Keep ``key`` as the newest entry of ``seen``, dropping the oldest past
-    MAX_REMEMBERED."""
-    seen[key] = value
-    seen.move_to_end(key)
-    while len(seen) > MAX_REMEMBERED:
-        seen.popitem(last=False)
 
 
 class Publisher(Protocol):
@@ -346,7 +334,7 @@ class Executor:
         if held is not None and incident.revision < held[0]:
             return  # older than what is known (the replay at start, a redelivery)
         # A silenced incident is not acted on either: its approvals lapse like a resolved one's.
-        _remember(
+        remember(
             self.incidents, incident.id, (incident.revision, incident.status in CLOSED_STATUSES)
         )
 
@@ -418,11 +406,11 @@ class Executor:
             # Once per action (its id is per incident, type and target): each re-analysis
             # asks for it again. What shadow mode would have done is how it is evaluated.
             await self._escalate("dry_run", action, message, now)
-            _remember(self._reported, action.id, None)
+            remember(self._reported, action.id, None)
         # Once per action here: each re-analysis of the incident asks for it again.
         if held_back(verdict, action, self.history.values()) and action.id not in self._held:
             await self._escalate("denied", action, message, now)
-            _remember(self._held, action.id, None)
+            remember(self._held, action.id, None)
         return result
 
     async def _facts(self, action: ActionRequest) -> Facts:
@@ -817,7 +805,7 @@ class Executor:
         await self.bus.publish(self.bus.topic("approvals"), None, key=req.id)
 
     def _close(self, request_id: str, why: str) -> None:
-        _remember(self.closed_approvals, request_id, why)
+        remember(self.closed_approvals, request_id, why)
 
     # --- verification ----------------------------------------------------------------------------
     def _schedule_verification(

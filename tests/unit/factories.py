@@ -8,10 +8,12 @@ from typing import Any
 
 from agent.models import (
     ActionRequest,
+    ActionResult,
     ActionType,
     Anomaly,
     AnomalySource,
     AnomalyStatus,
+    Outcome,
     ParamValue,
     Severity,
     Target,
@@ -86,3 +88,22 @@ def action(
 def settings(doc: Mapping[str, Any] | None = None) -> Settings:
     """Settings from a document, with no environment overrides."""
     return parse_settings(dict(doc or {}), env={})
+
+
+def result_of(
+    req: ActionRequest, outcome: Outcome, *, rid: str | None = None, at: datetime = T0
+) -> ActionResult:
+    """The succeeded result of ``req`` with ``outcome`` (unknown: executed, not verified)."""
+    return ActionResult(
+        id=rid or f"res-{req.id}-{outcome}",
+        action_id=req.id,
+        incident_id=req.incident_id,
+        incident_key=req.incident_key,
+        type=req.type,
+        target=req.target,
+        status="succeeded",
+        outcome=outcome,
+        message="",
+        started_at=at,
+        finished_at=at,
+    )

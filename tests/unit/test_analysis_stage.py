@@ -13,12 +13,13 @@ from agent.codec import from_obj
 from agent.context import ContextGatherer
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
-from agent.models import ActionRequest, Analysis, Escalation
+from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Outcome
 from agent.settings import PatternSpec
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
 from tests.fakes.chat import ScriptedChatModel, action, answer, completion
 from tests.fakes.incidents import OPENED, ai_settings, incident, member
+from tests.unit.factories import result_of
 
 
 class RecordingBus:
@@ -220,22 +221,8 @@ def escalating_stage(
     return s, bus
 
 
-def verified(req: ActionRequest, outcome: str) -> Any:
-    from agent.models import ActionResult
-
-    return ActionResult(
-        id=f"res-{req.id}-{outcome}",
-        action_id=req.id,
-        incident_id=req.incident_id,
-        incident_key=req.incident_key,
-        type=req.type,
-        target=req.target,
-        status="succeeded",
-        outcome=outcome,  # type: ignore[arg-type]
-        message="verified",
-        started_at=OPENED,
-        finished_at=OPENED,
-    )
+def verified(req: ActionRequest, outcome: Outcome) -> ActionResult:
+    return result_of(req, outcome, at=OPENED)
 
 
 def result_env(value: Any, offset: int = 0) -> Envelope:

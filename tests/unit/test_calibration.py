@@ -10,26 +10,14 @@ from agent.calibration import CalibrationTracker, confidence_bucket
 from agent.metrics import Metrics
 from agent.models import ActionResult
 from streams.bus import Envelope
-from tests.unit.factories import T0, action
+from tests.unit.factories import action, result_of
 
 
 def result(
     action_id: str, outcome: str, *, rid: str = "r1", type: str = "scale_up"
 ) -> ActionResult:
     a = action(type, action_id=action_id)  # type: ignore[arg-type]
-    return ActionResult(
-        id=rid,
-        action_id=action_id,
-        incident_id=a.incident_id,
-        incident_key=a.incident_key,
-        type=a.type,
-        target=a.target,
-        status="succeeded",
-        outcome=outcome,  # type: ignore[arg-type]
-        message="",
-        started_at=T0,
-        finished_at=T0,
-    )
+    return result_of(a, outcome, rid=rid)  # type: ignore[arg-type]
 
 
 def env(value: object) -> Envelope:
