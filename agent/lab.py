@@ -145,6 +145,8 @@ class SimulatedService:
             tick += 1
             if tick % 10 == 0 and self.crash_looping(w):
                 self.restarts += 1  # a container restart a second
+                # ... in the pod's status too, where verification reads it.
+                await self.lab.crash(self.namespace, self.first_pod)
             self.replicas = w.replicas
             # By the clock, not the tick: a busy machine stretches ticks, and counting 0.1 s
             # per tick then read as less CPU than the load uses (under the pattern's 0.9).

@@ -47,6 +47,11 @@ class LabCluster(Protocol):
 
     async def add_event(self, event: KubeEvent) -> None: ...
 
+    async def crash(self, namespace: str, pod: str) -> None:
+        """The pod's container crashed and the kubelet restarted it (its restart count
+        goes up); a pod already gone is not an error."""
+        ...
+
     async def fail_node(self, node: str, *, why: str, at: datetime) -> None: ...
 
     async def close(self) -> None: ...
@@ -97,6 +102,10 @@ class InProcessLab:
 
     async def add_event(self, event: KubeEvent) -> None:
         self._cluster.add_event(event)
+
+    async def crash(self, namespace: str, pod: str) -> None:
+        if self._cluster.pod(namespace, pod) is not None:
+            self._cluster.crash(namespace, pod)
 
     async def fail_node(self, node: str, *, why: str, at: datetime) -> None:
         self._cluster.set_node_conditions(node, ["NotReady"])

@@ -252,6 +252,29 @@ class KubeLab:
             "POST", f"/api/v1/namespaces/{namespace}/events", what="Event", body=doc
         )
 
+    async def crash(self, namespace: str, pod: str) -> None:
+        """What the kubelet writes when it restarts a crashed container; kwok leaves a
+        running pod's container statuses alone, so the count stays."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}"
+        try:
+            obj = await self._cluster.call("GET", path, what=f"Pod/{namespace}/{pod}")
+        except NotFound:
+            return  # replaced meanwhile
+        statuses = (obj.get("status") or {}).get("containerStatuses") or []
+        if not statuses:
+            return  # not started yet: nothing to restart
+        statuses[0]["restartCount"] = int(statuses[0].get("restartCount") or 0) + 1
+        try:
+            await self._cluster.call(
+                "PATCH",
+                f"{path}/status",
+                what=f"Pod/{namespace}/{pod}",
+                body={"status": {"containerStatuses": statuses}},
+                content_type="application/merge-patch+json",
+            )
+        except NotFound:
+            return
+
     async def close(self) -> None:
         await self._cluster.close()
 
