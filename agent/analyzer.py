@@ -371,23 +371,21 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
     prescriber, steps = runbook
     target = workload_target(m.labels or inc.labels)
     diagnosis: _Finding | None = None  # the first root cause found without an action
-    skipped: list[str] = []
+    skipped = False  # a remedy that applies was passed over as tried
     for step in steps:
         found = _remedy(step, prescriber, m, inc, target, ctx, settings)
         if found is not None and found.action is not None and ctx.tried(found.action):
-            skipped.append(f"{found.action.type} {found.action.target.key}")
+            skipped = True
             continue
         if found is not None and found.action is not None:
-            return _after(found, skipped)
+            return _after(found, ctx)
         if found is not None:
             diagnosis = diagnosis or found
         elif step not in CONDITIONAL_STEPS and step not in ACTION_TYPES:
             diagnosis = diagnosis or _diagnose(step, m, inc, target, ctx, settings)
-    return (
-        _after(diagnosis, skipped)
-        if diagnosis is not None or not skipped
-        else _exhausted(m, prescriber, skipped)
-    )
+    if diagnosis is None and skipped:
+        return _exhausted(m, prescriber, ctx)
+    return _after(diagnosis, ctx)
 
 
 def _remedy(
@@ -429,26 +427,25 @@ def _remedy(
     return None
 
 
-def _after(found: _Finding | None, skipped: list[str]) -> _Finding | None:
-    """``found``, saying which earlier steps it escalates past."""
-    if found is None or not skipped:
+def _tried_lines(ctx: Context) -> tuple[str, ...]:
+    return tuple(f"already tried without effect: {t} {key}" for t, key in ctx.ineffective)
+
+
+def _after(found: _Finding | None, ctx: Context) -> _Finding | None:
+    """``found``, saying which of the incident's remedies already failed."""
+    if found is None or not ctx.ineffective:
         return found
-    return replace(
-        found,
-        evidence=(*found.evidence, *(f"already tried without effect: {s}" for s in skipped)),
-    )
+    return replace(found, evidence=(*found.evidence, *_tried_lines(ctx)))
 
 
-def _exhausted(m: Member, prescriber: str, skipped: list[str]) -> _Finding:
-    """Every remedy of the runbook was tried without effect: nothing left to do alone."""
+def _exhausted(m: Member, prescriber: str, ctx: Context) -> _Finding:
+    """Every remedy of the runbook that applies was tried without effect: nothing left to
+    do alone."""
     return _Finding(
         root_cause=f"{m.name}: every remedy {prescriber} prescribes was tried without effect",
         root_cause_class="unknown",
         confidence=0.5,
-        evidence=(
-            f"pattern {m.name} firing",
-            *(f"already tried without effect: {s}" for s in skipped),
-        ),
+        evidence=(f"pattern {m.name} firing", *_tried_lines(ctx)),
         action=None,
     )
 

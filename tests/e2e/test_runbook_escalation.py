@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.models import ActionRequest, ActionResult, Analysis, Target, utcnow
+from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Target, utcnow
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import incident, member
@@ -86,6 +86,7 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
                     "results": (f"{t}action-results", ActionResult),
                     "actions": (f"{t}actions", ActionRequest),
                     "analyses": (f"{t}analyses", Analysis),
+                    "escalations": (f"{t}escalations", Escalation),
                 },
             ) as r,
         ):
@@ -101,6 +102,7 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
             await asyncio.sleep(3)
             requested = [(a.type, a.target) for a in r["actions"].items]
             analyses = r["analyses"].items
+            escalations = r["escalations"].items
     finally:
         alertmanager.post_alerts([alert(alertname, where, resolved=True)])
     assert requested == [("rollback", target), ("restart_workload", target)], requested
@@ -115,3 +117,9 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
     # Three analyses of the same revision: the first, after the rollback failed, after both.
     assert len({a.id for a in analyses}) == 3 and len({a.incident_revision for a in analyses}) == 1
     assert analyses[-1].actions == ()
+    # A human heard of each failure, and, with nothing left to try, of the incident.
+    reasons = sorted(e.reason for e in escalations)
+    assert reasons == ["no_remedy", "not_healed", "not_healed"], reasons
+    (last,) = [e for e in escalations if e.reason == "no_remedy"]
+    tried = [d for d in last.details if d.startswith("already tried without effect")]
+    assert len(tried) == 2, last.details
