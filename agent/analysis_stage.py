@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from agent.analyzer import analyze
@@ -51,6 +51,7 @@ from agent.policy import INEFFECTIVE
 from agent.settings import Settings
 from handlers.cluster import Cluster
 from streams.bus import Bus, Envelope, progressed
+from streams.replay import RecentSource
 from streams.topology import scope
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,6 @@ def evidence_key(incident: Incident, tried: Iterable[tuple[str, str]] = ()) -> s
     return stable_id(incident.id, *firing, *sorted(f"tried:{t}:{k}" for t, k in tried))
 
 
-# Action results of the last ``seconds``, oldest first (streams.replay.recent).
-RecentResults = Callable[[float], Awaitable[Iterable[Envelope]]]
-
-
 class AnalysisStage:
     def __init__(
         self,
@@ -197,7 +194,7 @@ class AnalysisStage:
         metrics: Metrics,
         gatherer: ContextGatherer,
         llm: LLMAnalyzer | None = None,
-        results: RecentResults | None = None,
+        results: RecentSource | None = None,  # action results of the last seconds
         results_window: float = 6 * 3600.0,
     ) -> None:
         self.settings = settings

@@ -112,8 +112,15 @@ class Agent:
         if "correlator" in self.roles:
             self.correlator = Correlator(s, metrics=self.metrics)
             self.components.append(self.correlator)
+        # The analysis stage and the executor each replay the recent action results at
+        # start (a deployment runs both in one pod): one read between them.
+        results = SharedRead(
+            functools.partial(recent, s.kafka, self.bus.topic("action-results"), ActionResult),
+            history_window(s.remediation),
+            users=max(1, len(self.roles & {"analyzer", "executor"})),
+        )
         if "analyzer" in self.roles:
-            stage = self._analysis_stage(s)
+            stage = self._analysis_stage(s, results)
             # Every replica reads every action result (no group: results are keyed by
             # target, incidents by group key): the one holding an incident whose remedy
             # failed verification analyses it again. Before the stage's replay, so nothing
@@ -215,9 +222,7 @@ class Agent:
                 approvals=functools.partial(
                     snapshot, s.kafka, self.bus.topic("approvals"), ApprovalRequest
                 ),
-                results=functools.partial(
-                    recent, s.kafka, self.bus.topic("action-results"), ActionResult
-                ),
+                results=results,
                 actions=functools.partial(
                     recent, s.kafka, self.bus.topic("actions"), ActionRequest
                 ),
@@ -304,7 +309,7 @@ class Agent:
         receiver.install(self.server.app)
         self.components.append(receiver)
 
-    def _analysis_stage(self, s: Settings) -> AnalysisStage:
+    def _analysis_stage(self, s: Settings, results: SharedRead) -> AnalysisStage:
         """The rules decide; with ``ai.enabled`` the LLM does, the rules as its fallback.
         Both see the same gathered context (metrics, events, node conditions, rollouts):
         the rules' crash-loop, OOM, saturation, node and dependency findings read it."""
@@ -323,10 +328,8 @@ class Agent:
             metrics=self.metrics,
             llm=self.llm,
             gatherer=gatherer,
-            results=functools.partial(
-                recent, s.kafka, self.bus.topic("action-results"), ActionResult
-            ),
-            results_window=history_window(s.remediation),
+            results=results,
+            results_window=results.seconds,
         )
         return self.analysis
 
