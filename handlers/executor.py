@@ -561,7 +561,9 @@ class Executor:
         the budgets are global, and after a rebalance a target's cooldown and repeats must
         be known to whichever replica now owns it. Own results come back too; an action
         id is counted once."""
-        self._learn(e.value for e in batch if isinstance(e.value, ActionResult))
+        results = [e.value for e in batch if isinstance(e.value, ActionResult)]
+        if results:  # most of the watch's batches are incidents only: no pruning for them
+            self._learn(results)
 
     def _learn(self, results: Iterable[ActionResult]) -> None:
         for r in results:
