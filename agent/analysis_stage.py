@@ -7,11 +7,14 @@ deterministic (incident, action type, target), so re-analysing the same incident
 crash or an update yields the same ids and the executor's idempotency check absorbs the
 repeat.
 
-A runbook escalates: every replica reads every action result (outside the group), and when
-one of an incident's actions is verified not_healed or worse, the replica that holds the
-incident analyses it again with that remedy marked as tried (``Context.ineffective``): the
-rules take the runbook's next step, the LLM is refused the failed one. The results of the
-last hours are replayed at start, so a restart does not forget what failed.
+A runbook escalates: every replica reads every incident and action result (outside the
+group), and when one of an incident's actions is verified not_healed or worse, the replica
+whose group holds the incident's partition analyses it again with that remedy marked as
+tried (``Context.ineffective``): the rules take the runbook's next step, the LLM is refused
+the failed one. Both are replayed at start, so a restart forgets neither the incidents nor
+what failed; and a replica that gains partitions (at start, or from one that died) takes the
+next step of any incident there whose failure it has not analysed, as the verdict may have
+landed while no replica owned it.
 
 With ``ai.enabled`` the stage asks the :class:`~agent.llm_analyzer.LLMAnalyzer`, which
 falls back to the rules and says why; incidents of one batch are analysed concurrently (the
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from agent.analyzer import analyze
@@ -196,6 +199,8 @@ class AnalysisStage:
         llm: LLMAnalyzer | None = None,
         results: RecentSource | None = None,  # action results of the last seconds
         results_window: float = 6 * 3600.0,
+        incidents: RecentSource | None = None,  # incidents of the last seconds
+        incidents_window: float = 3600.0,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -205,21 +210,53 @@ class AnalysisStage:
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._notified: OrderedDict[str, None] = OrderedDict()  # incidents escalated
-        # The latest revision of each open incident this replica analysed (its partitions).
+        # The latest revision of each incident known: every replica's, when the runtime
+        # feeds on_watch; only those of this replica's partitions otherwise.
         self.incidents: OrderedDict[str, Incident] = OrderedDict()
         # incident id -> (action type, target key) verified not_healed or worse.
         self.ineffective: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
         self._results = results
         self._results_window = results_window
+        self._incidents = incidents
+        self._incidents_window = incidents_window
+        # Whether this replica owns an incident key now (its group holds the partition).
+        # The runtime binds it to the analyzer's group consumer; alone, a stage owns all.
+        self.owns: Callable[[str], bool] = lambda key: True
 
     async def start(self) -> None:
-        """Remember what failed in the last hours (no re-analysis: nothing changed)."""
+        """Hold the recent incidents and remember what failed in the last hours. Nothing is
+        analysed here: the partitions this replica owns are not known yet (see
+        :meth:`on_gained`)."""
+        if self._incidents is not None:
+            replayed = await self._incidents(self._incidents_window)
+            self._hold(e.value for e in replayed if isinstance(e.value, Incident))
         if self._results is not None:
             replayed = await self._results(self._results_window)
             self._learn(e.value for e in replayed if isinstance(e.value, ActionResult))
 
     async def stop(self) -> None:
         return None
+
+    def _hold(self, incidents: Iterable[Incident]) -> None:
+        """Keep the latest revision of each incident (closed ones too: an older open
+        revision read later must not bring a closed incident back)."""
+        for incident in incidents:
+            held = self.incidents.get(incident.id)
+            if held is None or incident.revision >= held.revision:
+                remember(self.incidents, incident.id, incident)
+
+    def _due(self, incident_id: str) -> Incident | None:
+        """The incident, when this replica is the one to take its next step: held, still
+        open, with a remedy verified ineffective, and on a partition this replica owns."""
+        incident = self.incidents.get(incident_id)
+        if (
+            incident is None
+            or incident.status in CLOSED_STATUSES
+            or not self.ineffective.get(incident_id)
+            or not self.owns(incident.key)
+        ):
+            return None
+        return incident
 
     def _learn(self, results: Iterable[ActionResult]) -> list[str]:
         """Record the remedies verified ineffective; the incidents that learned one."""
@@ -234,19 +271,36 @@ class AnalysisStage:
                 changed.append(r.incident_id)
         return changed
 
-    async def on_results(self, batch: Sequence[Envelope]) -> None:
-        """Every replica's action results: an incident this replica holds, still open,
-        whose remedy was just verified ineffective is analysed again (its next step)."""
+    async def on_watch(self, batch: Sequence[Envelope]) -> None:
+        """Every replica's incidents and action results: an incident this replica owns,
+        still open, whose remedy was just verified ineffective is analysed again (its next
+        step)."""
+        self._hold(e.value for e in batch if isinstance(e.value, Incident))
         changed = self._learn(e.value for e in batch if isinstance(e.value, ActionResult))
-        again = [self.incidents[i] for i in dict.fromkeys(changed) if i in self.incidents]
+        due = (self._due(i) for i in dict.fromkeys(changed))
+        await self._again(i for i in due if i is not None)
+
+    async def on_gained(self) -> None:
+        """This replica's group gained partitions: take the next step of every incident
+        there with a failure not analysed here yet. Its verdict may have landed while no
+        replica owned the partition (a restart, a rebalance); one analysed before by the
+        replica that had it yields the same action ids, which the executor absorbs."""
+        due = (self._due(i) for i in list(self.ineffective))
+        await self._again(i for i in due if i is not None)
+
+    async def _again(self, incidents: Iterable[Incident]) -> None:
+        again = [i for i in incidents if self._evidence(i) not in self._seen]
+        for incident in again:
+            log.info(
+                "analysing %s again: %s verified ineffective",
+                incident.key,
+                ", ".join(f"{t} {k}" for t, k in sorted(self.ineffective[incident.id])),
+            )
         if again:
-            for incident in again:
-                log.info(
-                    "analysing %s again: %s verified ineffective",
-                    incident.key,
-                    ", ".join(f"{t} {k}" for t, k in sorted(self.ineffective[incident.id])),
-                )
             await self._analyse(again)
+
+    def _evidence(self, incident: Incident) -> str:
+        return evidence_key(incident, self.ineffective.get(incident.id, ()))
 
     async def decide(self, incident: Incident) -> Analysis:
         loop = asyncio.get_running_loop()
@@ -279,12 +333,7 @@ class AnalysisStage:
             incident = env.value
             if not isinstance(incident, Incident):
                 continue
-            held = self.incidents.get(incident.id)
-            if held is None or incident.revision >= held.revision:
-                if incident.status in CLOSED_STATUSES:
-                    self.incidents.pop(incident.id, None)
-                else:
-                    remember(self.incidents, incident.id, incident)
+            self._hold((incident,))
             if incident.status in NEEDS_DECISION:
                 needed.append(incident)
         await self._analyse(needed)
@@ -294,7 +343,7 @@ class AnalysisStage:
         notified: list[str] = []  # incidents escalated by this batch
         todo: dict[str, Incident] = {}  # evidence key -> incident
         for incident in incidents:
-            ek = evidence_key(incident, self.ineffective.get(incident.id, ()))
+            ek = self._evidence(incident)
             if ek not in self._seen:
                 todo.setdefault(ek, incident)
         analyses = await asyncio.gather(*(self.decide(i) for i in todo.values()))

@@ -119,34 +119,50 @@ class Agent:
             history_window(s.remediation),
             users=max(1, len(self.roles & {"analyzer", "executor"})),
         )
+        incidents = self.bus.topic("incidents")
+        # The same for the incidents: the stage's and the executor's replays, and the
+        # unresolved watch's seed.
+        watching = "executor" in self.roles and s.escalation.unresolved_after > 0
+        replay = SharedRead(
+            functools.partial(recent, s.kafka, incidents, Incident),
+            max(
+                replay_window(s.remediation),
+                seed_window(levels_of(s.escalation)) if watching else 0.0,
+            ),
+            users=max(1, len(self.roles & {"analyzer", "executor"}) + watching),
+        )
         if "analyzer" in self.roles:
-            stage = self._analysis_stage(s, results)
-            # Every replica reads every action result (no group: results are keyed by
-            # target, incidents by group key): the one holding an incident whose remedy
-            # failed verification analyses it again. Before the stage's replay, so nothing
-            # falls between them.
+            stage = self._analysis_stage(s, results, replay)
+            # Every replica reads every incident and action result (no group: results are
+            # keyed by target, and a replica may come to own any incident's partition): the
+            # one owning an incident whose remedy failed verification analyses it again.
+            # Before the stage's replay, so nothing falls between them.
             self.components.append(
                 BatchConsumer(
                     self.bus,
-                    name="analyzer-results",
+                    name="analyzer-watch",
                     group_id=None,
-                    topics={self.bus.topic("action-results"): ActionResult},
-                    handler=stage.on_results,
+                    topics={
+                        incidents: Incident,
+                        self.bus.topic("action-results"): ActionResult,
+                    },
+                    handler=stage.on_watch,
                     from_beginning=False,
                     stuck_after=s.agent.stuck_after,
                 )
             )
-            self.components.append(stage)  # replays recent results before intake
-            self.components.append(
-                BatchConsumer(
-                    self.bus,
-                    name="analyzer",
-                    group_id=f"{prefix}analyzer",
-                    topics={self.bus.topic("incidents"): Incident},
-                    handler=stage.handle,
-                    stuck_after=s.agent.stuck_after,
-                )
+            self.components.append(stage)  # replays recent incidents and results before intake
+            analyzer = BatchConsumer(
+                self.bus,
+                name="analyzer",
+                group_id=f"{prefix}analyzer",
+                topics={incidents: Incident},
+                handler=stage.handle,
+                stuck_after=s.agent.stuck_after,
+                on_gained=stage.on_gained,
             )
+            stage.owns = functools.partial(analyzer.holds, incidents)
+            self.components.append(analyzer)
             calibration = CalibrationTracker(
                 metrics=self.metrics,
                 actions=functools.partial(
@@ -168,18 +184,6 @@ class Agent:
                 )
             )
         if "executor" in self.roles:
-            incidents = self.bus.topic("incidents")
-            # The executor's replay at start (see Executor.start) and the unresolved
-            # watch's seed read the incidents topic once between them.
-            watching = s.escalation.unresolved_after > 0
-            replay = SharedRead(
-                functools.partial(recent, s.kafka, incidents, Incident),
-                max(
-                    replay_window(s.remediation),
-                    seed_window(levels_of(s.escalation)) if watching else 0.0,
-                ),
-                users=2 if watching else 1,
-            )
             # Every replica reads every incident and action result (no group: each reads
             # all partitions). The executor must know an action's incident closed although
             # another replica owns that incident's partition, and count every replica's
@@ -309,7 +313,9 @@ class Agent:
         receiver.install(self.server.app)
         self.components.append(receiver)
 
-    def _analysis_stage(self, s: Settings, results: SharedRead) -> AnalysisStage:
+    def _analysis_stage(
+        self, s: Settings, results: SharedRead, incidents: SharedRead
+    ) -> AnalysisStage:
         """The rules decide; with ``ai.enabled`` the LLM does, the rules as its fallback.
         Both see the same gathered context (metrics, events, node conditions, rollouts):
         the rules' crash-loop, OOM, saturation, node and dependency findings read it."""
@@ -330,6 +336,8 @@ class Agent:
             gatherer=gatherer,
             results=results,
             results_window=results.seconds,
+            incidents=incidents,
+            incidents_window=replay_window(s.remediation),
         )
         return self.analysis
 

@@ -38,7 +38,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, new_id, utcnow
 from agent.settings import KafkaSection
 from agent.topics import CATALOG, topic
-from streams.partitioning import anomaly_records
+from streams.partitioning import anomaly_records, partition_for
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,10 @@ class BatchConsumer:
     :func:`progressed`) for this long is stuck, whatever the cause (a handler awaiting
     something that never answers, a commit that never returns); 0: never. It must exceed
     the longest single event a handler may legitimately take.
+
+    ``on_gained``: awaited in the consuming loop, before the next batch is handled, each
+    time the group gives this consumer partitions it did not hold (the first assignment
+    too), for a component that acts on what its partitions' owner must do.
     """
 
     def __init__(
@@ -306,6 +310,7 @@ class BatchConsumer:
         from_beginning: bool = True,
         max_attempts: int = 3,
         stuck_after: float = 0.0,
+        on_gained: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.bus = bus
         self.name = name
@@ -325,6 +330,8 @@ class BatchConsumer:
         self._last_beat = time.monotonic()
         self._doing = "starting"
         self._busy = False  # records fetched and not yet handled
+        self.on_gained = on_gained
+        self._held: frozenset[TopicPartition] = frozenset()  # the assignment on_gained saw
         bus.metrics.consumer_stuck.labels(consumer=name).set_function(
             lambda: float(self.stuck() is not None)
         )
@@ -382,6 +389,22 @@ class BatchConsumer:
         except KafkaError as err:
             log.warning("%s: cannot tell how far it has read: %s", self.name, err)
             return False
+
+    @property
+    def holding(self) -> frozenset[TopicPartition]:
+        """The partitions the consuming loop last saw assigned (what on_gained follows)."""
+        return self._held
+
+    def holds(self, topic: str, key: str) -> bool:
+        """Whether this consumer is assigned the partition of ``topic`` that Kafka's default
+        partitioner puts ``key`` on: whether this replica owns that key now."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return False  # no metadata yet: nothing is known to be held
+        return TopicPartition(topic, partition_for(key, len(partitions))) in consumer.assignment()
 
     async def stop(self) -> None:
         """Stop intake, let the in-flight batch finish and commit, then leave the group."""
@@ -442,8 +465,17 @@ class BatchConsumer:
                 log.error("%s: fetch failed, retrying: %s", self.name, err)
                 await asyncio.sleep(1.0)
                 continue
-            if consumer.assignment():
+            assignment = frozenset(consumer.assignment())
+            if assignment:
                 self.assigned.set()
+            if assignment != self._held:
+                gained = assignment - self._held
+                self._held = assignment
+                if gained and self.on_gained is not None:
+                    self._doing = "taking over " + ", ".join(
+                        f"{tp.topic}[{tp.partition}]" for tp in sorted(gained)
+                    )
+                    await self.on_gained()
             if not batches:
                 continue
             offsets: dict[TopicPartition, int] = {}

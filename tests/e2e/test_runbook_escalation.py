@@ -3,20 +3,30 @@ will not clear triggers the runbook's first remedy (a rollback of a recent rollo
 verification asks Alertmanager (Debian's), finds it still firing and says not_healed; the
 analyzer, reading that result, takes the runbook's next step (a restart), which the
 executor runs although the target's cooldown has not run out, since the action it held
-for was judged a failure; that too is verified not_healed, and nothing more is tried."""
+for was judged a failure; that too is verified not_healed, and nothing more is tried. The
+same holds when the analyzer restarts while the first remedy is being verified."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Target, utcnow
+from agent.models import (
+    ActionRequest,
+    ActionResult,
+    Analysis,
+    Escalation,
+    Incident,
+    Target,
+    utcnow,
+)
 from agent.runtime import Agent
+from agent.settings import Settings
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import incident, member
 from tests.helpers import make_settings, readers
@@ -37,9 +47,22 @@ def alert(name: str, labels: dict[str, str], *, resolved: bool = False) -> dict[
     }
 
 
-async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_healed(
-    kafka_bootstrap: str, alertmanager: Any, topic_prefix: str
-) -> None:
+@dataclass(frozen=True)
+class Scene:
+    settings: Settings
+    cluster: FakeCluster
+    incident: Incident
+    target: Target
+    alertname: str
+    where: dict[str, str]
+
+    def clear(self, alertmanager: Any) -> None:
+        alertmanager.post_alerts([alert(self.alertname, self.where, resolved=True)])
+
+
+def scene(kafka_bootstrap: str, alertmanager: Any, topic_prefix: str, verify_after: str) -> Scene:
+    """A checkout Deployment rolled out two minutes ago, an alert on it that will not
+    clear, and its incident; the runbook: roll back, else restart."""
     uid = uuid.uuid4().hex[:8]
     # A namespace of its own: the shared Alertmanager notifies every receiver running.
     ns, alertname = f"escalate-{uid}", f"CheckoutDown{uid}"
@@ -53,7 +76,7 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
             "remediation": {
                 "require_approval": [],
                 "confidence_threshold": 0.5,
-                "verify_after": "1s",
+                "verify_after": verify_after,
                 "cooldown": "5m",
             },
             "runbooks": [
@@ -75,6 +98,24 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
     am = replace(member(alertname, labels=labels), source="alertmanager")
     inc = replace(incident(am, labels=labels, id=f"inc-{uid}"), opened_at=now, updated_at=now)
     target = Target(kind="Deployment", namespace=ns, name="checkout")
+    return Scene(settings, cluster, inc, target, alertname, where)
+
+
+def verified(xs: list[ActionResult]) -> list[ActionResult]:
+    return [x for x in xs if x.outcome != "unknown"]
+
+
+async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_healed(
+    kafka_bootstrap: str, alertmanager: Any, topic_prefix: str
+) -> None:
+    sc = scene(kafka_bootstrap, alertmanager, topic_prefix, "1s")
+    settings, cluster, inc, target, alertname = (
+        sc.settings,
+        sc.cluster,
+        sc.incident,
+        sc.target,
+        sc.alertname,
+    )
     t = settings.kafka.topic_prefix
     agent = Agent(settings, roles=["analyzer", "executor"], cluster=cluster, serve_http=False)
     try:
@@ -91,10 +132,6 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
             ) as r,
         ):
             await agent.bus.publish(agent.bus.topic("incidents"), inc)
-
-            def verified(xs: list[ActionResult]) -> list[ActionResult]:
-                return [x for x in xs if x.outcome != "unknown"]
-
             done = await r["results"].wait_for(
                 lambda xs: len(verified(xs)) >= 2, 60, "both remedies verified"
             )
@@ -104,7 +141,7 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
             analyses = r["analyses"].items
             escalations = r["escalations"].items
     finally:
-        alertmanager.post_alerts([alert(alertname, where, resolved=True)])
+        sc.clear(alertmanager)
     assert requested == [("rollback", target), ("restart_workload", target)], requested
     outcomes = [(x.type, x.outcome) for x in verified(done)]
     assert outcomes == [("rollback", "not_healed"), ("restart_workload", "not_healed")]
@@ -123,3 +160,46 @@ async def test_a_runbook_takes_its_next_step_when_the_first_is_verified_not_heal
     (last,) = [e for e in escalations if e.reason == "no_remedy"]
     tried = [d for d in last.details if d.startswith("already tried without effect")]
     assert len(tried) == 2, last.details
+
+
+async def test_an_analyzer_restarted_during_the_verification_takes_the_next_step(
+    kafka_bootstrap: str, alertmanager: Any, topic_prefix: str
+) -> None:
+    """The verdict on the rollback lands while no analyzer runs, and no new revision of
+    the incident follows: the restarted analyzer replays the incident and the verdict,
+    and once the group gives it the incident's partition, it takes the next step."""
+    sc = scene(kafka_bootstrap, alertmanager, topic_prefix, "4s")
+    t = sc.settings.kafka.topic_prefix
+
+    def analyzer() -> Agent:
+        return Agent(sc.settings, roles=["analyzer"], cluster=sc.cluster, serve_http=False)
+
+    executor = Agent(sc.settings, roles=["executor"], cluster=sc.cluster, serve_http=False)
+    try:
+        async with (
+            executor,
+            readers(
+                kafka_bootstrap,
+                {
+                    "results": (f"{t}action-results", ActionResult),
+                    "actions": (f"{t}actions", ActionRequest),
+                },
+            ) as r,
+        ):
+            async with analyzer() as first:
+                await first.bus.publish(first.bus.topic("incidents"), sc.incident)
+                await r["actions"].wait_for(lambda xs: len(xs) >= 1, 30, "the rollback")
+            stopped = utcnow()
+            done = await r["results"].wait_for(
+                lambda xs: len(verified(xs)) >= 1, 30, "the rollback verified"
+            )
+            (verdict,) = verified(done)
+            # The premise: the verdict came after the analyzer was gone.
+            assert (verdict.type, verdict.outcome) == ("rollback", "not_healed")
+            assert verdict.finished_at > stopped, (verdict.finished_at, stopped)
+            async with analyzer():
+                await r["actions"].wait_for(lambda xs: len(xs) >= 2, 30, "the next step")
+            requested = [(a.type, a.target) for a in r["actions"].items]
+    finally:
+        sc.clear(alertmanager)
+    assert requested == [("rollback", sc.target), ("restart_workload", sc.target)], requested

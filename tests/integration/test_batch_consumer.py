@@ -199,3 +199,57 @@ async def test_caught_up_means_handled_what_was_written_before_it_asked(
         assert not await watch.caught_up(0.1)  # stopped: it can tell nothing
     finally:
         await bus.stop()
+
+
+async def test_holds_names_the_owner_of_each_key_and_on_gained_follows_the_group(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Two consumers in a group over two partitions: each key is held by exactly the one
+    its records reach. When one leaves, the other gains its partition, is told so, and
+    holds every key."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("incidents")  # two partitions
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    gains = {"a": 0, "b": 0}
+
+    def member(name: str) -> BatchConsumer:
+        async def handler(batch: list[Envelope]) -> None:
+            got[name].extend(env.key or "" for env in batch)
+
+        async def gained() -> None:
+            gains[name] += 1
+
+        return BatchConsumer(
+            bus,
+            name=name,
+            group_id=f"{topic_prefix}owners",
+            topics={topic: Silence},
+            handler=handler,
+            on_gained=gained,
+        )
+
+    a, b = member("a"), member("b")
+    keys = [f"key-{i}" for i in range(40)]
+    try:
+        async with a, b:
+            await eventually(
+                lambda: len(a.holding) == 1 and len(b.holding) == 1, 30, what="one partition each"
+            )
+            owners = {k: [n for n, c in (("a", a), ("b", b)) if c.holds(topic, k)] for k in keys}
+            assert all(len(o) == 1 for o in owners.values()), owners
+            for i, k in enumerate(keys):
+                await bus.publish(topic, silence(i), key=k)
+            await eventually(
+                lambda: len(got["a"]) + len(got["b"]) == len(keys), 30, what="all read"
+            )
+            assert all(k in got[owners[k][0]] for k in keys), (owners, got)
+            assert gains["a"] >= 1 and gains["b"] >= 1
+            before = gains["a"]
+            await b.stop()  # b leaves: a gains its partition
+            await eventually(lambda: len(a.holding) == 2, 30, what="a holds both")
+            assert gains["a"] > before
+            assert all(a.holds(topic, k) for k in keys)
+        assert not a.holds(topic, keys[0])  # stopped: holds nothing
+    finally:
+        await bus.stop()

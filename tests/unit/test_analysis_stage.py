@@ -193,6 +193,7 @@ async def test_no_remedy_pages_only_for_the_configured_severities() -> None:
 
 def escalating_stage(
     results: list[Any] | None = None,
+    incidents: list[Any] | None = None,
 ) -> tuple[AnalysisStage, RecordingBus]:
     """The rules, with high-error-rate's runbook: roll back a recent rollout, else (or
     once that failed) restart."""
@@ -210,6 +211,9 @@ def escalating_stage(
     async def recent(seconds: float) -> list[Envelope]:
         return [Envelope("t.action-results", 0, i, None, r) for i, r in enumerate(results or [])]
 
+    async def recent_incidents(seconds: float) -> list[Envelope]:
+        return [env(inc, i) for i, inc in enumerate(incidents or [])]
+
     s = AnalysisStage(
         settings,
         bus=bus,  # type: ignore[arg-type]
@@ -217,6 +221,7 @@ def escalating_stage(
         metrics=Metrics(),
         gatherer=gatherer,
         results=recent,
+        incidents=recent_incidents,
     )
     return s, bus
 
@@ -236,19 +241,19 @@ async def test_a_remedy_verified_ineffective_makes_the_runbook_take_its_next_ste
     (rollback,) = bus.of(ActionRequest)
     assert rollback.type == "rollback"
     # Healed or unknown outcomes change nothing.
-    await s.on_results([result_env(verified(rollback, "healed"))])
+    await s.on_watch([result_env(verified(rollback, "healed"))])
     assert len(bus.of(Analysis)) == 1
-    await s.on_results([result_env(verified(rollback, "not_healed"))])
+    await s.on_watch([result_env(verified(rollback, "not_healed"))])
     first, second = bus.of(Analysis)
     assert second.id != first.id and second.incident_revision == first.incident_revision
     assert f"already tried without effect: rollback {rollback.target.key}" in second.evidence
     (restart,) = bus.of(ActionRequest)[1:]
     assert (restart.type, restart.target) == ("restart_workload", rollback.target)
     # The same verdict again (the replay overlapping the reader) is not news.
-    await s.on_results([result_env(verified(rollback, "not_healed"), 1)])
+    await s.on_watch([result_env(verified(rollback, "not_healed"), 1)])
     assert len(bus.of(Analysis)) == 2
     # Both remedies failed: analysed once more, nothing left to try alone.
-    await s.on_results([result_env(verified(restart, "worse"), 2)])
+    await s.on_watch([result_env(verified(restart, "worse"), 2)])
     last = bus.of(Analysis)[-1]
     assert last.actions == () and last.root_cause_class == "bad_rollout"  # the diagnosis
     tried = [e for e in last.evidence if e.startswith("already tried without effect")]
@@ -256,17 +261,71 @@ async def test_a_remedy_verified_ineffective_makes_the_runbook_take_its_next_ste
     assert len(bus.of(ActionRequest)) == 2
 
 
-async def test_only_an_open_incident_this_replica_holds_is_analysed_again() -> None:
+async def test_only_an_open_incident_this_replica_owns_is_analysed_again() -> None:
     s, bus = escalating_stage()
     inc = incident()
     await s.handle([env(inc)])
     (rollback,) = bus.of(ActionRequest)
     other = replace(verified(rollback, "not_healed"), incident_id="inc-elsewhere")
-    await s.on_results([result_env(other)])  # another replica's incident: remembered only
+    await s.on_watch([result_env(other)])  # an incident never seen: remembered only
     assert s.ineffective["inc-elsewhere"] == {("rollback", rollback.target.key)}
     await s.handle([env(replace(inc, status="resolved", revision=2), 1)])
-    await s.on_results([result_env(verified(rollback, "not_healed"), 1)])
+    # A late copy of an older, open revision does not bring the incident back.
+    await s.on_watch([env(inc, 2), result_env(verified(rollback, "not_healed"), 1)])
     assert len(bus.of(Analysis)) == 1  # resolved: nothing to escalate
+
+
+async def test_the_replica_owning_the_partition_takes_the_next_step_once() -> None:
+    s, bus = escalating_stage()
+    inc = incident()
+    await s.handle([env(inc)])
+    (rollback,) = bus.of(ActionRequest)
+    # The verdict lands during a rebalance: this replica holds the incident (its watch
+    # reads every partition) but owns no partition now, so it waits.
+    s.owns = lambda key: False
+    await s.on_watch([result_env(verified(rollback, "not_healed"))])
+    assert len(bus.of(Analysis)) == 1
+    # The partition comes (back) to it: the next step, once.
+    s.owns = lambda key: key == inc.key
+    await s.on_gained()
+    (restart,) = bus.of(ActionRequest)[1:]
+    assert restart.type == "restart_workload"
+    await s.on_gained()  # another partition later: nothing new here
+    assert len(bus.of(Analysis)) == 2
+
+
+async def test_a_replica_takes_over_an_incident_it_only_watched() -> None:
+    owner, owner_bus = escalating_stage()
+    inc = incident()
+    await owner.handle([env(inc)])
+    (rollback,) = owner_bus.of(ActionRequest)
+    s, bus = escalating_stage()
+    s.owns = lambda key: False  # the owner's partition
+    await s.on_watch([env(inc)])  # read outside the group: held, not analysed
+    assert bus.of(Analysis) == []
+    await s.on_watch([result_env(verified(rollback, "not_healed"))])
+    assert bus.of(Analysis) == []  # the owner acts, not this one
+    s.owns = lambda key: True  # the owner died: its partitions move here
+    await s.on_gained()
+    (analysis,) = bus.of(Analysis)
+    assert f"already tried without effect: rollback {rollback.target.key}" in analysis.evidence
+    (req,) = bus.of(ActionRequest)
+    assert req.type == "restart_workload"
+
+
+async def test_a_verdict_that_landed_while_the_stage_was_down_is_acted_on_at_assignment() -> None:
+    first, bus = escalating_stage()
+    inc = incident()
+    await first.handle([env(inc)])
+    (rollback,) = bus.of(ActionRequest)
+    # Restarted: the incident and the verdict are replayed, nothing analysed until the
+    # group assigns this replica its partitions.
+    s, bus = escalating_stage([verified(rollback, "not_healed")], [inc])
+    await s.start()
+    assert bus.of(Analysis) == []
+    await s.on_gained()
+    (req,) = bus.of(ActionRequest)
+    assert (req.type, req.incident_id) == ("restart_workload", inc.id)
 
 
 async def test_a_restarted_stage_remembers_what_failed() -> None:
