@@ -50,7 +50,7 @@ from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file, replay_window
 from streams.bus import BatchConsumer, Bus, Envelope
 from streams.correlator import Correlator
-from streams.replay import SharedRead, recent, snapshot
+from streams.replay import SharedRead, recent, reports_since, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class Agent:
                 switch_log=functools.partial(
                     snapshot, s.kafka, self.bus.topic("switches"), SwitchChange
                 ),
+                reports=functools.partial(reports_since, s.kafka, self.bus.topic("anomalies")),
             )
             self.components.append(self.executor)  # replays pending approvals before intake
             self.components.append(

@@ -57,6 +57,7 @@ from agent.models import (
     INFORMATIONAL_REASONS,
     ActionRequest,
     ActionResult,
+    Anomaly,
     ApprovalDecision,
     ApprovalRequest,
     Escalation,
@@ -94,7 +95,14 @@ from agent.policy import (
 from agent.prom import PromClient
 from agent.settings import RemediationSection
 from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
-from handlers.verification import fires_at, judge, plan_recheck, recheck_verdict, to_recheck
+from handlers.verification import (
+    fires_at,
+    judge,
+    plan_recheck,
+    recheck_verdict,
+    reported,
+    to_recheck,
+)
 from streams.bus import Envelope, handle_each
 from streams.replay import RecentSource
 
@@ -138,6 +146,8 @@ ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
 # Waits up to the given seconds until every incident published before the call has been
 # handed to Executor.on_incidents; False if that did not happen in time.
 CaughtUp = Callable[[float], Awaitable[bool]]
+# The anomalies reported for a correlation group (its key) since a moment.
+ReportSource = Callable[[str, datetime], Awaitable[list[Anomaly]]]
 # How long an action waits for the executor watch (incidents, action results) to catch up
 # before it is retried.
 CATCH_UP_WAIT = 5.0
@@ -167,6 +177,7 @@ class Executor:
         incidents: RecentSource | None = None,
         watch_read: CaughtUp | None = None,
         switch_log: ApprovalSource | None = None,
+        reports: ReportSource | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -208,6 +219,7 @@ class Executor:
         self._actions = actions
         self._incidents = incidents
         self._watch_read = watch_read
+        self._reports = reports
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -825,18 +837,33 @@ class Executor:
         self._verifications.add(task)
         task.add_done_callback(self._verifications.discard)
 
-    async def recheck_trigger(self, action: ActionRequest) -> tuple[Outcome, str] | None:
+    async def recheck_trigger(
+        self, action: ActionRequest, since: datetime | None = None
+    ) -> tuple[Outcome, str] | None:
         """The trigger re-run where it came from (patterns on Prometheus, alerts at
-        Alertmanager), each read where it fired; None with nothing to re-run."""
+        Alertmanager), each read where it fired; a feed's signals, by what the feed
+        reported after ``since`` (when the action took effect). None with nothing to
+        re-run."""
         plan = plan_recheck(
             to_recheck(action),
             has_pattern=lambda name: self.settings.pattern(name) is not None,
             prometheus=self.prom is not None,
             alertmanager=self.alertmanager is not None,
+            feeds=self._reports is not None and since is not None,
         )
         still: list[str] = []
         cleared: list[str] = []
         unchecked = list(plan.unchecked)
+        if plan.feed and self._reports is not None and since is not None:
+            try:
+                reports = await self._reports(action.incident_key, since)
+            except AgentError as err:
+                unchecked.extend((name, f"re-check failed: {err}") for name in plan.feed)
+            else:
+                s, c, u = reported(plan.feed, reports, since)
+                still.extend(s)
+                cleared.extend(c)
+                unchecked.extend(u)
         for source, places in (
             ("prometheus", plan.prometheus),
             ("alertmanager", plan.alertmanager),
@@ -900,9 +927,14 @@ class Executor:
             self.metrics.escalations.labels(reason=reason).inc()
 
     async def verify_now(
-        self, action: ActionRequest, before: Observation | None = None
+        self,
+        action: ActionRequest,
+        before: Observation | None = None,
+        since: datetime | None = None,
     ) -> tuple[Outcome, str]:
-        trigger = await self.recheck_trigger(action)
+        """The outcome; ``since``: when the action took effect (a feed's reports count
+        from then on)."""
+        trigger = await self.recheck_trigger(action, since)
         after = await self._observe(action)
         return judge(action.type, before, after, trigger)
 
@@ -910,7 +942,7 @@ class Executor:
         self, action: ActionRequest, result: ActionResult, before: Observation | None, wait: float
     ) -> None:
         await asyncio.sleep(wait)
-        outcome, message = await self.verify_now(action, before)
+        outcome, message = await self.verify_now(action, before, result.finished_at)
         verified = replace(
             result, id=new_id(), outcome=outcome, message=message, finished_at=utcnow()
         )

@@ -18,11 +18,12 @@ catch a crash-looping pod between two crashes, its restart count cannot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from agent.labels import service_of
-from agent.models import ActionRequest, Firing, Outcome
+from agent.models import ActionRequest, Anomaly, Firing, Outcome
 from handlers.cluster import Observation
 
 WORKLOAD_ACTIONS = frozenset({"rollback", "scale_up", "scale_down", "restart_workload"})
@@ -133,16 +134,21 @@ NOT_RECHECKABLE = {
 NO_PATTERN = "not a configured Prometheus pattern"
 NO_PROMETHEUS = "no Prometheus to re-run it on"
 NO_ALERTMANAGER = "an Alertmanager alert, and monitoring.alertmanager.url is not set"
+NO_REPORT = "its feed has reported nothing of it since the action"
+
+Places = Mapping[str, tuple[Mapping[str, str], ...]]  # name -> where it fired
 
 
 @dataclass(frozen=True, slots=True)
 class RecheckPlan:
     """Where each part of a trigger is re-run: name -> the places it fired, per source
-    that can re-run it; the rest with why not."""
+    that can re-run it; the rest with why not. ``feed``: the parts an external feed
+    reported, judged by what it reported since the action (see :func:`reported`)."""
 
-    prometheus: Mapping[str, tuple[Mapping[str, str], ...]]
-    alertmanager: Mapping[str, tuple[Mapping[str, str], ...]]
+    prometheus: Places
+    alertmanager: Places
     unchecked: tuple[tuple[str, str], ...] = ()
+    feed: Places = field(default_factory=dict)
 
 
 def plan_recheck(
@@ -151,12 +157,16 @@ def plan_recheck(
     has_pattern: Callable[[str], bool],
     prometheus: bool = True,
     alertmanager: bool = False,
+    feeds: bool = False,
 ) -> RecheckPlan:
     """A Prometheus pattern is re-run on Prometheus, an Alertmanager alert is looked up at
-    Alertmanager (when one is configured); a firing of an earlier request (no source) is
-    a pattern. Each name is re-run once, however many places it fired at."""
+    Alertmanager (when one is configured), a feed's signal is looked up in what the feed
+    reported since the action (when the caller can read that); a firing of an earlier
+    request (no source) is a pattern. Each name is re-run once, however many places it
+    fired at."""
     prom: dict[str, list[Mapping[str, str]]] = {}
     am: dict[str, list[Mapping[str, str]]] = {}
+    fed: dict[str, list[Mapping[str, str]]] = {}
     unchecked: dict[str, str] = {}
     for f in firing:
         if f.source in (None, "prometheus"):
@@ -171,6 +181,8 @@ def plan_recheck(
                 am.setdefault(f.name, []).append(f.labels)
             else:
                 unchecked.setdefault(f.name, NO_ALERTMANAGER)
+        elif f.source == "feed" and feeds:
+            fed.setdefault(f.name, []).append(f.labels)
         else:
             why = NOT_RECHECKABLE.get(f.source, "no source to re-run it at")
             unchecked.setdefault(f.name, why)
@@ -178,7 +190,50 @@ def plan_recheck(
         {k: tuple(v) for k, v in prom.items()},
         {k: tuple(v) for k, v in am.items()},
         tuple(unchecked.items()),
+        {k: tuple(v) for k, v in fed.items()},
     )
+
+
+def reported(
+    places: Places, reports: Iterable[Anomaly], since: datetime
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Still firing, cleared and unchecked (name, why) parts of a trigger that an external
+    feed reports, by the feed's latest word on each of its signals observed after
+    ``since`` (the action). A feed says nothing while a condition holds, or repeats
+    itself: silence since the action proves nothing either way. At a place, any signal
+    last reported firing still fires (it fired again, or never stopped, after the
+    action); otherwise one reported resolved has cleared. A name fired at several places
+    has cleared when it has at every one; an older report is the world before the action
+    (event time: a report delivered late still carries when it was observed)."""
+    latest: dict[tuple[str, str], Anomaly] = {}  # (name, fingerprint) -> last report
+    for a in reports:
+        if a.source != "feed" or a.name not in places or a.observed_at <= since:
+            continue
+        k = (a.name, a.fingerprint)
+        known = latest.get(k)
+        # Two words at the same instant: firing wins, which only ever withholds "healed".
+        if (
+            known is None
+            or a.observed_at > known.observed_at
+            or (a.observed_at == known.observed_at and a.status == "firing")
+        ):
+            latest[k] = a
+    still: list[str] = []
+    cleared: list[str] = []
+    unchecked: list[tuple[str, str]] = []
+    for name, where in places.items():
+        said = [a for (n, _), a in latest.items() if n == name]
+        verdicts = []
+        for place in where:
+            here = [a for a in said if all(a.labels.get(k) == v for k, v in place.items())]
+            verdicts.append(None if not here else any(a.status == "firing" for a in here))
+        if any(verdicts):
+            still.append(name)
+        elif verdicts and all(v is False for v in verdicts):
+            cleared.append(name)
+        else:
+            unchecked.append((name, NO_REPORT))
+    return still, cleared, unchecked
 
 
 def recheck_verdict(

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -23,8 +24,10 @@ from aiokafka.errors import KafkaError
 
 from agent.codec import decode
 from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.models import Anomaly
 from agent.settings import KafkaSection
 from streams.bus import Envelope
+from streams.partitioning import decode_anomalies, partition_for
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +101,19 @@ async def snapshot(
     since: Mapping[int, int] | None = None,
     since_ms: int | None = None,
     wait_s: float = 30.0,
+    key: str | None = None,
 ) -> list[Envelope]:
     """Every record from ``since`` (offsets; default: the beginning), or from the first
     record at or after the timestamp ``since_ms``, to the end as of now, in partition
-    order; tombstones come through with value None."""
+    order; tombstones come through with value None. ``key``: only the partition Kafka's
+    default partitioner puts that key on."""
     consumer = await _consumer(kafka, topic, wait_s)
     out: list[Envelope] = []
     try:
         parts = list(consumer.assignment())
+        if key is not None:
+            at = partition_for(key, len(parts))
+            parts = [tp for tp in parts if tp.partition == at]
         ends = await consumer.end_offsets(parts)
         if since_ms is not None:
             found = await consumer.offsets_for_times({tp: since_ms for tp in parts})
@@ -142,6 +150,27 @@ async def snapshot(
 
 # What a component that rebuilds from recent history is given: ``recent`` bound to a topic.
 RecentSource = Callable[[float], Awaitable[Iterable[Envelope]]]
+
+# Clocks differ: a report observed after a moment may have been written a little before it
+# by the broker's clock.
+CLOCK_SKEW = 60.0
+
+
+async def reports_since(
+    kafka: KafkaSection, topic: str, key: str, since: datetime
+) -> list[Anomaly]:
+    """The anomalies written to the anomalies ``topic`` for the correlation group ``key``
+    (its partition) since about ``since``: what the sources reported of the group since
+    then. Records that do not decode are skipped (the correlator dead-letters them)."""
+    since_ms = int((since.timestamp() - CLOCK_SKEW) * 1000)
+    out: list[Anomaly] = []
+    for env in await snapshot(kafka, topic, None, since_ms=since_ms, key=key, wait_s=10.0):
+        try:
+            anomalies, _ = decode_anomalies(env.value)
+        except InvalidEvent:
+            continue
+        out.extend(anomalies)
+    return out
 
 
 async def recent(

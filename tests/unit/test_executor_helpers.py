@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from random import Random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.models import ActionType, Firing, ParamValue
+from agent.models import ActionType, Anomaly, Firing, ParamValue, fingerprint
 from handlers.executor import kill_switch_file, target_replicas
 from handlers.verification import (
     NO_ALERTMANAGER,
     NO_PATTERN,
     NO_PROMETHEUS,
+    NO_REPORT,
     fires_at,
     plan_recheck,
     recheck_verdict,
+    reported,
     to_recheck,
 )
 from tests.unit.factories import action
@@ -115,6 +119,105 @@ def test_each_part_of_a_trigger_is_rechecked_where_it_came_from() -> None:
     assert bare.prometheus == {} and bare.alertmanager == {}
     assert dict(bare.unchecked)["errors"] == NO_PROMETHEUS
     assert dict(bare.unchecked)["KubeDown"] == NO_ALERTMANAGER
+    # A feed's signal, when the caller can read what the feed reported since the action.
+    fed = plan_recheck(firing, has_pattern=lambda n: False, feeds=True)
+    assert fed.feed == {"ext": (SHOP,)} and "ext" not in dict(fed.unchecked)
+
+
+SINCE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def said(
+    status: str, seconds: float, *, name: str = "ext", pod: str = "p1", service: str = "shop-svc"
+) -> Anomaly:
+    """A feed's report of ``name`` on one pod, observed ``seconds`` after SINCE."""
+    labels = {"namespace": "shop", "service": service, "pod": pod}
+    at = SINCE + timedelta(seconds=seconds)
+    return Anomaly(
+        fingerprint=fingerprint("feed", name, labels),
+        source="feed",
+        name=name,
+        severity="warning",
+        status=status,  # type: ignore[arg-type]
+        labels=labels,
+        starts_at=at,
+        observed_at=at,
+    )
+
+
+PLACE = {"namespace": "shop", "service": "shop-svc"}
+
+
+@pytest.mark.parametrize(
+    ("reports", "verdict"),
+    [
+        ([], ([], [], [("ext", NO_REPORT)])),
+        ([said("resolved", 5)], ([], ["ext"], [])),
+        ([said("resolved", 5), said("firing", 9)], (["ext"], [], [])),
+        ([said("firing", 5), said("resolved", 9)], ([], ["ext"], [])),
+        # Another pod of the service still says firing: not cleared.
+        ([said("resolved", 5), said("firing", 3, pod="p2")], (["ext"], [], [])),
+        # Before the action, another service, another source: none of them news.
+        (
+            [
+                said("resolved", 0),
+                said("resolved", -10),
+                said("resolved", 5, service="cart"),
+                replace(said("resolved", 5), source="prometheus"),
+            ],
+            ([], [], [("ext", NO_REPORT)]),
+        ),
+        # The same instant: firing wins.
+        ([said("resolved", 5), said("firing", 5)], (["ext"], [], [])),
+    ],
+)
+def test_a_feed_signal_is_judged_by_its_latest_reports_since_the_action(
+    reports: list[Anomaly], verdict: object
+) -> None:
+    assert reported({"ext": (PLACE,)}, reports, SINCE) == verdict
+
+
+def test_a_signal_fired_at_two_places_clears_when_it_cleared_at_both() -> None:
+    places = {"ext": (PLACE, {**PLACE, "service": "cart"})}
+    one = [said("resolved", 5)]
+    assert reported(places, one, SINCE) == ([], [], [("ext", NO_REPORT)])
+    both = [*one, said("resolved", 6, service="cart")]
+    assert reported(places, both, SINCE) == ([], ["ext"], [])
+
+
+reports_st = st.lists(
+    st.builds(
+        said,
+        st.sampled_from(["firing", "resolved"]),
+        st.integers(-20, 20),
+        pod=st.sampled_from(["p1", "p2"]),
+        service=st.sampled_from(["shop-svc", "cart"]),
+    ),
+    max_size=12,
+)
+
+
+@given(reports_st, st.randoms())
+def test_the_order_reports_arrive_in_does_not_change_the_verdict(
+    reports: list[Anomaly], rnd: Random
+) -> None:
+    shuffled = list(reports)
+    rnd.shuffle(shuffled)
+    places = {"ext": (PLACE,)}
+    assert reported(places, shuffled, SINCE) == reported(places, reports, SINCE)
+
+
+@given(reports_st, reports_st)
+def test_reports_from_before_the_action_never_change_the_verdict(
+    reports: list[Anomaly], older: list[Anomaly]
+) -> None:
+    before = [
+        replace(a, observed_at=SINCE - (a.observed_at - SINCE) - timedelta(seconds=21))
+        for a in older
+    ]
+    assert all(a.observed_at <= SINCE for a in before)
+    places = {"ext": (PLACE,)}
+    assert reported(places, [*before, *reports], SINCE) == reported(places, reports, SINCE)
 
 
 @pytest.mark.parametrize(
