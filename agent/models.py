@@ -514,6 +514,25 @@ class SwitchChange:
         return f"turned {state}{scope} by {self.by} at {at}{why}"
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetClaim:
+    """An executor replica claiming a unit of the hourly action budgets for an action it is
+    about to execute, or giving it back (``released``: the action changed nothing). The
+    claims topic has one partition: its order is the order every replica grants claims
+    in, so two replicas deciding at the same instant cannot both spend the last unit."""
+
+    action_id: NonEmpty
+    namespace: Annotated[str, Field(max_length=63)]
+    at: Time
+    by: str = ""  # the replica (its Kafka client id), for the record
+    released: bool = False
+    schema_version: Version = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return self.action_id
+
+
 EscalationReason = Literal[
     "action_failed",  # the cluster refused or errored
     "denied",  # a safety limit (cooldown, budget, blast radius, params) held the action back

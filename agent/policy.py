@@ -51,7 +51,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
-from agent.models import ActionRequest, ActionResult, Outcome, ParamValue, SwitchChange
+from agent.models import (
+    ActionRequest,
+    ActionResult,
+    BudgetClaim,
+    Outcome,
+    ParamValue,
+    SwitchChange,
+)
 from agent.settings import Mode, RemediationSection, Settings
 
 VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
@@ -356,6 +363,49 @@ def held_back(verdict: Verdict, action: ActionRequest, history: Collection[Execu
     )
 
 
+def _over_budget(spent: Sequence[str], ns: str, rem: RemediationSection) -> Verdict | None:
+    """The hourly budgets' denial, given the namespaces of the actions of the last hour."""
+    if len(spent) >= rem.max_actions_per_hour:
+        return Verdict(
+            "deny",
+            "max_actions_per_hour",
+            f"{len(spent)} actions in the last hour (budget reached)",
+        )
+    in_ns = sum(1 for n in spent if n == ns) if ns else 0
+    if ns and in_ns >= rem.max_actions_per_namespace_per_hour:
+        return Verdict(
+            "deny",
+            "max_actions_per_namespace_per_hour",
+            f"{in_ns} actions in namespace {ns!r} in the last hour (budget reached)",
+        )
+    return None
+
+
+def budget_grants(claims: Sequence[BudgetClaim], rem: RemediationSection) -> list[Verdict | None]:
+    """The answer to each claim of the budget-claims topic, in the topic's order: None
+    when granted, else the budget's denial. Every replica reads the one order, so all agree
+    which of two claims made at the same instant got the last unit. A claim counts the
+    units held by claims granted before it within BUDGET_WINDOW of its time; a released
+    unit no longer counts; an action that holds a unit is granted again (a redelivery of
+    it) without spending another."""
+    held: dict[str, BudgetClaim] = {}  # action id -> its granted, unreleased claim
+    out: list[Verdict | None] = []
+    for c in claims:
+        if c.released:
+            held.pop(c.action_id, None)
+            out.append(None)
+            continue
+        if c.action_id in held:
+            out.append(None)
+            continue
+        since = c.at - timedelta(seconds=BUDGET_WINDOW)
+        over = _over_budget([h.namespace for h in held.values() if h.at > since], c.namespace, rem)
+        if over is None:
+            held[c.action_id] = c
+        out.append(over)
+    return out
+
+
 def decide(
     action: ActionRequest,
     settings: Settings,
@@ -392,19 +442,10 @@ def decide(
             f"within the {rem.cooldown:.0f}s cooldown",
         )
     hour_ago = now - timedelta(seconds=BUDGET_WINDOW)
-    spent = sum(1 for h in history if h.at > hour_ago)
-    if spent >= rem.max_actions_per_hour:
-        return Verdict(
-            "deny", "max_actions_per_hour", f"{spent} actions in the last hour (budget reached)"
-        )
-    if ns:
-        in_ns = sum(1 for h in history if h.namespace == ns and h.at > hour_ago)
-        if in_ns >= rem.max_actions_per_namespace_per_hour:
-            return Verdict(
-                "deny",
-                "max_actions_per_namespace_per_hour",
-                f"{in_ns} actions in namespace {ns!r} in the last hour (budget reached)",
-            )
+    spent = [h.namespace for h in history if h.at > hour_ago]
+    over = _over_budget(spent, ns, rem)
+    if over is not None:
+        return over
     limit = _blast_radius(action, rem, facts or Facts())
     if limit is not None:
         return limit

@@ -50,6 +50,7 @@ from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file, replay_window
 from streams.bus import BatchConsumer, Bus, Envelope
 from streams.correlator import Correlator
+from streams.ledger import BudgetLedger
 from streams.replay import SharedRead, recent, reports_since, snapshot
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class Agent:
                     snapshot, s.kafka, self.bus.topic("switches"), SwitchChange
                 ),
                 reports=functools.partial(reports_since, s.kafka, self.bus.topic("anomalies")),
+                budget=BudgetLedger(self.bus, s.remediation),
             )
             self.components.append(self.executor)  # replays pending approvals before intake
             self.components.append(

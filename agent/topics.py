@@ -109,6 +109,16 @@ CATALOG: tuple[TopicSpec, ...] = (
         partitions=1,
     ),
     TopicSpec(
+        "budget-claims",
+        "action id",
+        "BudgetClaim",
+        "delete",
+        DAY_MS,
+        "Executor replicas claiming units of the hourly action budgets before acting; one "
+        "partition, so its order arbitrates between replicas.",
+        partitions=1,
+    ),
+    TopicSpec(
         "correlation-facts",
         "anomaly fingerprint",
         "Fact",

@@ -148,6 +148,16 @@ ApprovalSource = Callable[[], Awaitable[Iterable[Envelope]]]
 CaughtUp = Callable[[float], Awaitable[bool]]
 # The anomalies reported for a correlation group (its key) since a moment.
 ReportSource = Callable[[str, datetime], Awaitable[list[Anomaly]]]
+
+
+class BudgetArbiter(Protocol):
+    """Settles the hourly budgets between replicas (streams.ledger.BudgetLedger)."""
+
+    async def claim(self, action: ActionRequest, now: datetime) -> Verdict | None: ...
+
+    async def release(self, action: ActionRequest, now: datetime) -> None: ...
+
+
 # How long an action waits for the executor watch (incidents, action results) to catch up
 # before it is retried.
 CATCH_UP_WAIT = 5.0
@@ -178,6 +188,7 @@ class Executor:
         watch_read: CaughtUp | None = None,
         switch_log: ApprovalSource | None = None,
         reports: ReportSource | None = None,
+        budget: BudgetArbiter | None = None,
         sweep_interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -220,6 +231,7 @@ class Executor:
         self._incidents = incidents
         self._watch_read = watch_read
         self._reports = reports
+        self._budget = budget
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -403,6 +415,9 @@ class Executor:
                     now,
                 )
             verdict = decide(action, self.settings, self.history.values(), switches, now, facts)
+        if verdict.kind == "execute" and self._budget is not None:
+            # The replicas' one order of claims settles who got the budget's last unit.
+            verdict = await self._budget.claim(action, now) or verdict
         if verdict.kind == "execute":
             return await self._execute(action, verdict, now)
         if verdict.kind == "approve":
@@ -533,6 +548,7 @@ class Executor:
             await self._escalate("action_failed", action, f"failed half-way: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now, err.prior_state)
         except AgentError as err:
+            await self._release(action, now)  # it changed nothing: its unit goes back
             await self._escalate("action_failed", action, f"failed: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now)
         if self.after_apply is not None:
@@ -551,6 +567,14 @@ class Executor:
         await self._mitigating(action, now)
         self._schedule_verification(action, result, before)
         return result
+
+    async def _release(self, action: ActionRequest, now: datetime) -> None:
+        if self._budget is None:
+            return
+        try:
+            await self._budget.release(action, now)
+        except AgentError as err:  # the unit stays spent for the hour: the safe side
+            log.warning("cannot release the budget unit of %s: %s", action.id, err)
 
     def _remember(self, action: ActionRequest, now: datetime) -> None:
         self.history[action.id] = Executed(

@@ -1,0 +1,110 @@
+"""The hourly budget holds between executor replicas that decide at the same instant:
+each claims its unit on the single-partition budget-claims topic of the real broker, and
+the topic's order gives the last unit to one of them. An action the cluster refused gives
+its unit back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from agent.metrics import Metrics
+from agent.models import ActionRequest, ActionResult, Target, utcnow
+from handlers.executor import Executor
+from handlers.fake_cluster import FakeCluster
+from streams.bus import Bus
+from streams.ledger import BudgetLedger
+from tests.fakes.incidents import action_request, incident, member
+from tests.helpers import make_settings, started_bus
+
+pytestmark = pytest.mark.integration
+
+REMEDIATION = {
+    "max_actions_per_hour": 1,
+    "cooldown": 0,
+    "verify_after": "10m",
+    "require_approval": [],
+    "confidence_threshold": 0.5,
+}
+
+
+def scale_up(name: str) -> ActionRequest:
+    labels = {"cluster": "c1", "namespace": "shop", "service": name}
+    inc = incident(member(labels=labels), labels=labels, id=f"inc-{uuid.uuid4().hex[:8]}")
+    target = Target(kind="Deployment", namespace="shop", name=name)
+    return replace(action_request(inc, "scale_up", target), id=f"act-{inc.id}")
+
+
+def replica(settings: object, bus: Bus, cluster: FakeCluster) -> Executor:
+    """An executor that knows nothing of the other's actions (no watch): only the claims
+    stand between them."""
+    return Executor(
+        settings,
+        bus=bus,
+        cluster=cluster,
+        metrics=Metrics(),
+        budget=BudgetLedger(bus, settings.remediation),  # type: ignore[attr-defined]
+    )
+
+
+async def test_two_replicas_deciding_at_once_spend_one_budget(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"remediation": REMEDIATION},
+    )
+    bus, _ = await started_bus(settings)
+    other = Bus(settings.kafka, metrics=Metrics(), name="replica-2")
+    await other.start()
+    cluster = FakeCluster()
+    for name in ("cart", "checkout", "ledger"):
+        cluster.create_deployment("shop", name, image="v1", replicas=2, at=utcnow())
+    first, second = replica(settings, bus, cluster), replica(settings, other, cluster)
+    try:
+        results: list[ActionResult] = list(
+            await asyncio.gather(
+                first.on_action(scale_up("cart")), second.on_action(scale_up("checkout"))
+            )
+        )
+        statuses = sorted(r.status for r in results)
+        assert statuses == ["denied", "succeeded"], [r.message for r in results]
+        (denied,) = [r for r in results if r.status == "denied"]
+        assert denied.message.startswith("max_actions_per_hour: 1 actions in the last hour")
+        assert "as claimed by every replica" in denied.message
+    finally:
+        await first.stop()
+        await second.stop()
+        await other.stop()
+        await bus.stop()
+
+
+async def test_an_action_the_cluster_refused_gives_its_unit_back(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"remediation": REMEDIATION},
+    )
+    bus, _ = await started_bus(settings)
+    cluster = FakeCluster()
+    cluster.create_deployment("shop", "cart", image="v1", replicas=2, at=utcnow())
+    ex = replica(settings, bus, cluster)
+    try:
+        # No revision to roll back to: the cluster refuses, nothing changed.
+        rollback = replace(
+            scale_up("cart"), id=f"act-{uuid.uuid4().hex[:8]}", type="rollback", params={}
+        )
+        refused = await ex.on_action(rollback)
+        assert refused.status == "failed", refused.message
+        assert "no previous revision" in refused.message
+        done = await ex.on_action(scale_up("cart"))
+        assert done.status == "succeeded", done.message
+    finally:
+        await ex.stop()
+        await bus.stop()
