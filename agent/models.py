@@ -548,10 +548,11 @@ EscalationReason = Literal[
     # Informational: what the agent did, for a channel that asks for it (see below).
     "healed",  # verified: the action healed what fired
     "dry_run",  # shadow mode: what the agent would have done
+    "switch",  # someone turned the kill switch or dry run on or off (sre-agent switches)
 ]
 # Reasons that report rather than ask a human for anything: a webhook is sent them only
 # when its `reasons` lists them, never by default (a pager must not page on a success).
-INFORMATIONAL_REASONS: frozenset[str] = frozenset({"healed", "dry_run"})
+INFORMATIONAL_REASONS: frozenset[str] = frozenset({"healed", "dry_run", "switch"})
 # A follow-up that says an earlier escalation needs nothing more: it is routed as the one it
 # follows, so it reaches whoever was asked.
 FOLLOW_UPS: dict[str, EscalationReason] = {"approval_withdrawn": "approval_requested"}
@@ -588,6 +589,29 @@ class Escalation:
     def label(self) -> str:
         """The reason as people read it: a later level of ``unresolved`` is named."""
         return f"{self.reason} level {self.level}" if self.level > 1 else self.reason
+
+    @classmethod
+    def of_switch(cls, change: SwitchChange) -> Escalation:
+        """The announcement of a switch change, for the channels that take "switch": the
+        agent stopped (or resumed) acting, or went into (or out of) shadow mode. Keyed by
+        the switch and its scope; one per change."""
+        state = "ON" if change.on else "off"
+        scope = f" in namespace {change.namespace}" if change.namespace else ""
+        effect = {
+            ("kill_switch", True): "no action executes",
+            ("kill_switch", False): "actions execute again, within the policy",
+            ("dry_run", True): "actions are decided and recorded, never applied",
+            ("dry_run", False): "actions are applied again, within the policy",
+        }[(change.name, change.on)]
+        return cls(
+            id=stable_id("escalation", "switch", change.id),
+            incident_id=change.id,
+            incident_key=f"switches/{change.key}",
+            reason="switch",
+            summary=f"{change.name} {state}{scope}: {effect}"[:500],
+            at=change.at,
+            details=(f"{change.name} {change.describe()}",),
+        )
 
     @classmethod
     def of_incident(

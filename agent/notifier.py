@@ -8,6 +8,10 @@ after the retries, has it dead-lettered, never dropped silently. A webhook that 
 took an escalation is not sent it again when another webhook's failure retries the event;
 the body carries the escalation's stable ``id`` (also the ``Idempotency-Key`` header), so
 a receiver can drop a repeat after a restart.
+
+Changes of the run-time switches (the switches topic, ``sre-agent switches``) are announced
+the same way, as escalations of the informational reason ``switch``: a channel that lists
+it hears who stopped the agent acting, or put it in shadow mode, and why.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import orjson
 
 from agent.errors import DependencyUnavailable, PermanentError
 from agent.metrics import Metrics
-from agent.models import Escalation
+from agent.models import Escalation, SwitchChange
 from agent.redaction import redact
 from agent.settings import Settings, WebhookSection
 from streams.bus import Envelope, handle_each
@@ -72,6 +76,8 @@ class Notifier:
 
     async def _one(self, env: Envelope) -> None:
         e = env.value
+        if isinstance(e, SwitchChange):
+            e = Escalation.of_switch(e)  # announced where "switch" is asked for
         if not isinstance(e, Escalation):
             return
         for w in self.webhooks:

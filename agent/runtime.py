@@ -271,6 +271,20 @@ class Agent:
                         stuck_after=s.agent.stuck_after,
                     )
                 )
+                if any(w.takes("switch") for w in s.escalation.webhooks):
+                    # Its own group, from the end at its first start: a new deployment does
+                    # not announce the switches' whole history.
+                    self.components.append(
+                        BatchConsumer(
+                            self.bus,
+                            name="notifier-switches",
+                            group_id=f"{prefix}notifier-switches",
+                            topics={self.bus.topic("switches"): SwitchChange},
+                            handler=self.notifier.handle,
+                            from_beginning=False,
+                            stuck_after=s.agent.stuck_after,
+                        )
+                    )
         if "detector" in self.roles:
             self.detector = PromQLDetector(
                 s,

@@ -21,7 +21,9 @@ from agent.models import DeadLetter, Escalation, Incident, utcnow
 from agent.runtime import Agent
 from agent.server import serve
 from agent.settings import Settings
+from agent.switch_cli import set_switch
 from handlers.fake_cluster import FakeCluster
+from streams.bus import BatchConsumer
 from tests.fakes.incidents import incident, member
 from tests.helpers import eventually, make_settings, readers, started_bus
 
@@ -283,3 +285,40 @@ async def test_two_replicas_escalate_what_stays_open_delivered_once_and_not_what
     ours = [g for g in groups if g.startswith(topic_prefix)]
     assert ours, "the executor's own consumer groups"
     assert not [g for g in ours if "watch" in g], ours
+
+
+async def test_a_switch_change_is_announced_where_asked_for(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """`sre-agent switches kill on` reaches the chat that lists "switch", once per change,
+    naming who and why; the pager (every reason but the informational ones) is not woken."""
+    async with Receiver({"/chat": [200], "/pager": [200]}) as receiver:
+        hooks = [
+            {
+                "name": "chat",
+                "url": f"http://127.0.0.1:{receiver.port}/chat",
+                "reasons": ["switch", "not_healed"],
+            },
+            {"name": "pager", "url": f"http://127.0.0.1:{receiver.port}/pager"},
+        ]
+        doc = {"escalation": {"unresolved_after": 0, "webhooks": hooks}}
+        settings = make_settings(kafka_bootstrap, topic_prefix, doc=doc)
+        agent = Agent(settings, roles=["executor"], cluster=FakeCluster(), serve_http=False)
+        async with agent:
+            (switches,) = [
+                c
+                for c in agent.components
+                if isinstance(c, BatchConsumer) and c.name == "notifier-switches"
+            ]
+            await asyncio.wait_for(switches.assigned.wait(), 30)
+            await set_switch(settings, "kill_switch", True, by="alice", reason="db migration")
+            await set_switch(
+                settings, "dry_run", True, by="bob", reason="freeze", namespace="payments"
+            )
+            await eventually(lambda: len(receiver.to("/chat")) >= 2, 30, 0.2, "announcements")
+            await asyncio.sleep(0.5)  # nothing more comes
+    kill, dry = receiver.to("/chat")
+    assert kill["reason"] == "switch" and kill["summary"] == "kill_switch ON: no action executes"
+    assert "by alice" in kill["text"] and "db migration" in kill["text"]
+    assert dry["summary"].startswith("dry_run ON in namespace payments")
+    assert len(receiver.to("/chat")) == 2 and receiver.to("/pager") == []

@@ -11,7 +11,7 @@ import pytest
 
 from agent.analysis_stage import no_remedy_escalation, notify_escalation
 from agent.errors import ConfigError
-from agent.models import Analysis, Escalation, RecommendedAction, Target
+from agent.models import Analysis, Escalation, RecommendedAction, SwitchChange, SwitchName, Target
 from agent.notifier import payload
 from tests.fakes.incidents import OPENED, PATTERNS, incident, member
 from tests.unit.factories import settings as make_settings
@@ -185,6 +185,48 @@ def test_informational_reasons_go_only_where_they_are_listed() -> None:
     assert pager.takes("worse", "critical")  # everything else, by default
     assert chat.takes("healed", "critical") and chat.takes("dry_run", None)
     assert not chat.takes("no_remedy", "critical")
+
+
+@pytest.mark.parametrize(
+    ("name", "on", "namespace", "summary"),
+    [
+        ("kill_switch", True, "", "kill_switch ON: no action executes"),
+        ("kill_switch", False, "", "kill_switch off: actions execute again, within the policy"),
+        (
+            "dry_run",
+            True,
+            "payments",
+            "dry_run ON in namespace payments: actions are decided and recorded, never applied",
+        ),
+    ],
+)
+def test_a_switch_change_is_announced_as_an_informational_escalation(
+    name: SwitchName, on: bool, namespace: str, summary: str
+) -> None:
+    change = SwitchChange(
+        id="chg-1",
+        name=name,
+        on=on,
+        by="alice",
+        reason="db migration",
+        at=OPENED,
+        namespace=namespace,
+    )
+    e = Escalation.of_switch(change)
+    assert (e.reason, e.summary, e.severity) == ("switch", summary, None)
+    assert (
+        e.id
+        == Escalation.of_switch(change).id
+        != Escalation.of_switch(replace(change, id="chg-2")).id
+    )
+    body = orjson.loads(payload(e))
+    assert "by alice" in body["text"] and "db migration" in body["text"]
+    hooks = [
+        {"name": "pager", "url": "http://pager.example/h"},
+        {"name": "chat", "url": "http://chat.example/h", "reasons": ["switch"]},
+    ]
+    pager, chat = make_settings({"escalation": {"webhooks": hooks}}).escalation.webhooks
+    assert chat.takes(e.reason, e.severity) and not pager.takes(e.reason, e.severity)
 
 
 def test_a_withdrawal_goes_where_the_approval_request_went() -> None:
