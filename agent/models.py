@@ -519,13 +519,21 @@ class BudgetClaim:
     """An executor replica claiming a unit of the hourly action budgets for an action it is
     about to execute, or giving it back (``released``: the action changed nothing). The
     claims topic has one partition: its order is the order every replica grants claims
-    in, so two replicas deciding at the same instant cannot both spend the last unit."""
+    in, so two replicas deciding at the same instant cannot both spend the last unit.
+
+    A node action (cordon, drain) also claims its node (``node``), with the nodes its
+    replica saw cordoned (``cordoned``): until ``done`` (or released), it counts as
+    cordoned for every later claim, so two replicas cannot each cordon the last node
+    ``max_nodes_cordoned`` allows."""
 
     action_id: NonEmpty
     namespace: Annotated[str, Field(max_length=63)]
     at: Time
     by: str = ""  # the replica (its Kafka client id), for the record
     released: bool = False
+    node: str = ""
+    cordoned: tuple[str, ...] = ()
+    done: bool = False  # the node action ended, having changed the cluster: it keeps its unit
     schema_version: Version = SCHEMA_VERSION
 
     @property

@@ -383,16 +383,24 @@ def _over_budget(spent: Sequence[str], ns: str, rem: RemediationSection) -> Verd
 
 def budget_grants(claims: Sequence[BudgetClaim], rem: RemediationSection) -> list[Verdict | None]:
     """The answer to each claim of the budget-claims topic, in the topic's order: None
-    when granted, else the budget's denial. Every replica reads the one order, so all agree
-    which of two claims made at the same instant got the last unit. A claim counts the
-    units held by claims granted before it within BUDGET_WINDOW of its time; a released
-    unit no longer counts; an action that holds a unit is granted again (a redelivery of
-    it) without spending another."""
+    when granted, else the denial. Every replica reads the one order, so all agree which
+    of two claims made at the same instant got the last unit.
+
+    Budgets: a claim counts the units held by claims granted before it within
+    BUDGET_WINDOW of its time; a released unit no longer counts; an action that holds a
+    unit is granted again (a redelivery of it) without spending another.
+    Nodes: a node action's claim counts as cordoned, besides the nodes its replica saw
+    cordoned, every node of an earlier granted node action not yet done or released
+    (within ``drain_timeout`` and a margin: a replica that died mid-drain does not hold
+    its node for ever; by then the cluster shows the cordon)."""
     held: dict[str, BudgetClaim] = {}  # action id -> its granted, unreleased claim
+    busy: dict[str, BudgetClaim] = {}  # action id -> its granted node claim, not yet done
     out: list[Verdict | None] = []
     for c in claims:
-        if c.released:
-            held.pop(c.action_id, None)
+        if c.released or c.done:
+            busy.pop(c.action_id, None)
+            if c.released:
+                held.pop(c.action_id, None)
             out.append(None)
             continue
         if c.action_id in held:
@@ -400,10 +408,33 @@ def budget_grants(claims: Sequence[BudgetClaim], rem: RemediationSection) -> lis
             continue
         since = c.at - timedelta(seconds=BUDGET_WINDOW)
         over = _over_budget([h.namespace for h in held.values() if h.at > since], c.namespace, rem)
+        if over is None and c.node:
+            horizon = c.at - timedelta(seconds=rem.drain_timeout + NODE_CLAIM_MARGIN)
+            in_flight = {b.node for b in busy.values() if b.at > horizon}
+            over = _too_many_cordoned(c.node, {*c.cordoned, *in_flight}, rem)
         if over is None:
             held[c.action_id] = c
+            if c.node:
+                busy[c.action_id] = c
         out.append(over)
     return out
+
+
+NODE_CLAIM_MARGIN = 300.0  # seconds a node claim may stay undone past drain_timeout
+
+
+def _too_many_cordoned(
+    node: str, cordoned: Iterable[str], rem: RemediationSection
+) -> Verdict | None:
+    others = sorted({n for n in cordoned if n != node})
+    if len(others) >= rem.max_nodes_cordoned:
+        return Verdict(
+            "deny",
+            "max_nodes_cordoned",
+            f"{len(others)} nodes already cordoned ({', '.join(others)}); "
+            f"at most {rem.max_nodes_cordoned} at once",
+        )
+    return None
 
 
 def decide(
@@ -507,12 +538,5 @@ def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> V
             f"PodDisruptionBudget {', '.join(f.pdbs) or '?'} allows {f.pdb_headroom}",
         )
     if action.type in NODE_ACTIONS:
-        others = [n for n in f.cordoned_nodes if n != action.target.name]
-        if len(others) >= rem.max_nodes_cordoned:
-            return Verdict(
-                "deny",
-                "max_nodes_cordoned",
-                f"{len(others)} nodes already cordoned ({', '.join(others)}); "
-                f"at most {rem.max_nodes_cordoned} at once",
-            )
+        return _too_many_cordoned(action.target.name, f.cordoned_nodes, rem)
     return None

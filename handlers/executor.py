@@ -153,9 +153,13 @@ ReportSource = Callable[[str, datetime], Awaitable[list[Anomaly]]]
 class BudgetArbiter(Protocol):
     """Settles the hourly budgets between replicas (streams.ledger.BudgetLedger)."""
 
-    async def claim(self, action: ActionRequest, now: datetime) -> Verdict | None: ...
+    async def claim(
+        self, action: ActionRequest, now: datetime, cordoned: tuple[str, ...] = ()
+    ) -> Verdict | None: ...
 
     async def release(self, action: ActionRequest, now: datetime) -> None: ...
+
+    async def done(self, action: ActionRequest, now: datetime) -> None: ...
 
 
 # How long an action waits for the executor watch (incidents, action results) to catch up
@@ -403,6 +407,7 @@ class Executor:
             )
         switches = self.current_switches(action.target.namespace)
         verdict = decide(action, self.settings, self.history.values(), switches, now)
+        facts = Facts()
         if verdict.kind != "deny":
             try:
                 facts = await self._facts(action)
@@ -417,7 +422,7 @@ class Executor:
             verdict = decide(action, self.settings, self.history.values(), switches, now, facts)
         if verdict.kind == "execute" and self._budget is not None:
             # The replicas' one order of claims settles who got the budget's last unit.
-            verdict = await self._budget.claim(action, now) or verdict
+            verdict = await self._budget.claim(action, now, facts.cordoned_nodes) or verdict
         if verdict.kind == "execute":
             return await self._execute(action, verdict, now)
         if verdict.kind == "approve":
@@ -545,14 +550,16 @@ class Executor:
             effect = await self._apply_retrying(action, now)
         except PartialFailure as err:
             self._remember(action, now)  # it changed something: counts for cooldown/budgets
+            await self._claim_ended(action, now, changed=True)
             await self._escalate("action_failed", action, f"failed half-way: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now, err.prior_state)
         except AgentError as err:
-            await self._release(action, now)  # it changed nothing: its unit goes back
+            await self._claim_ended(action, now, changed=False)  # its unit goes back
             await self._escalate("action_failed", action, f"failed: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now)
         if self.after_apply is not None:
             self.after_apply(action, effect)
+        await self._claim_ended(action, now, changed=True)
         if not effect.applied:
             return await self._record(action, "duplicate", "unknown", effect.message, now)
         self._remember(action, now)
@@ -568,13 +575,18 @@ class Executor:
         self._schedule_verification(action, result, before)
         return result
 
-    async def _release(self, action: ActionRequest, now: datetime) -> None:
+    async def _claim_ended(self, action: ActionRequest, now: datetime, *, changed: bool) -> None:
+        """Tell the other replicas the action ended: having changed nothing, its budget unit
+        goes back; a node action's node no longer counts as in flight either way."""
         if self._budget is None:
             return
         try:
-            await self._budget.release(action, now)
-        except AgentError as err:  # the unit stays spent for the hour: the safe side
-            log.warning("cannot release the budget unit of %s: %s", action.id, err)
+            if changed:
+                await self._budget.done(action, now)
+            else:
+                await self._budget.release(action, now)
+        except AgentError as err:  # the unit, or the node, stays claimed: the safe side
+            log.warning("cannot tell the budget claims that %s ended: %s", action.id, err)
 
     def _remember(self, action: ActionRequest, now: datetime) -> None:
         self.history[action.id] = Executed(

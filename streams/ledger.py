@@ -5,7 +5,9 @@ deciding at the same instant each saw the other's action not yet done, and both 
 last unit. Before it executes, an executor now appends a :class:`BudgetClaim` to the
 single-partition ``budget-claims`` topic and reads the topic back up to its own claim:
 the topic's order decides, the same for every replica (:func:`agent.policy.budget_grants`).
-An action that then changes nothing (the cluster refused it) releases its unit.
+An action that then changes nothing (the cluster refused it) releases its unit. A node
+action claims its node too, so that ``max_nodes_cordoned`` holds between replicas: from
+its claim until it is done, it counts as cordoned for every later claim.
 
 A claim costs a write and a read of the last hour's claims, once per action executed:
 actions are few, and a decision that cannot be arbitrated is retried, never taken blind.
@@ -22,7 +24,7 @@ from aiokafka.errors import KafkaError
 from agent.codec import encode
 from agent.errors import DependencyUnavailable, TransientError
 from agent.models import ActionRequest, BudgetClaim
-from agent.policy import BUDGET_WINDOW, Verdict, budget_grants
+from agent.policy import BUDGET_WINDOW, NODE_ACTIONS, Verdict, budget_grants
 from agent.settings import RemediationSection
 from streams.bus import Bus
 from streams.replay import CLOCK_SKEW, snapshot
@@ -35,10 +37,21 @@ class BudgetLedger:
         self.topic = bus.topic("budget-claims")
         self.by = f"{bus.kafka.client_id}-{bus.name}"
 
-    async def claim(self, action: ActionRequest, now: datetime) -> Verdict | None:
-        """None when the budgets grant ``action`` a unit, else their denial."""
+    async def claim(
+        self, action: ActionRequest, now: datetime, cordoned: tuple[str, ...] = ()
+    ) -> Verdict | None:
+        """None when the budgets grant ``action`` a unit (and, for a node action, its node,
+        given the nodes its replica saw ``cordoned``), else their denial."""
+        node = action.target.name if action.type in NODE_ACTIONS else ""
         offset = await self._append(
-            BudgetClaim(action.id, action.target.namespace, now, by=self.by)
+            BudgetClaim(
+                action.id,
+                action.target.namespace,
+                now,
+                by=self.by,
+                node=node,
+                cordoned=cordoned if node else (),
+            )
         )
         since_ms = int((time.time() - BUDGET_WINDOW - CLOCK_SKEW) * 1000)
         for _ in range(3):
@@ -61,6 +74,14 @@ class BudgetLedger:
         await self._append(
             BudgetClaim(action.id, action.target.namespace, now, by=self.by, released=True)
         )
+
+    async def done(self, action: ActionRequest, now: datetime) -> None:
+        """A node action ended, having changed the cluster: its node no longer counts as in
+        flight (the cluster shows its cordon now); its budget unit stays spent."""
+        if action.type in NODE_ACTIONS:
+            await self._append(
+                BudgetClaim(action.id, action.target.namespace, now, by=self.by, done=True)
+            )
 
     async def _append(self, claim: BudgetClaim) -> int:
         try:

@@ -108,3 +108,48 @@ async def test_an_action_the_cluster_refused_gives_its_unit_back(
     finally:
         await ex.stop()
         await bus.stop()
+
+
+def cordon(node: str) -> ActionRequest:
+    labels = {"cluster": "c1", "namespace": "", "service": "", "node": node}
+    inc = incident(member(labels=labels), labels=labels, id=f"inc-{uuid.uuid4().hex[:8]}")
+    target = Target(kind="Node", namespace="", name=node)
+    return replace(action_request(inc, "cordon_node", target), id=f"act-{inc.id}")
+
+
+async def test_two_replicas_cannot_each_cordon_the_last_node_allowed(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A zone going down: two replicas each cordon a node at once, with one node allowed.
+    Each saw no node cordoned; the claims' order lets one through."""
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"remediation": {**REMEDIATION, "max_actions_per_hour": 20, "max_nodes_cordoned": 1}},
+    )
+    bus, _ = await started_bus(settings)
+    other = Bus(settings.kafka, metrics=Metrics(), name="replica-2")
+    await other.start()
+    cluster = FakeCluster()
+    for node in ("n1", "n2"):
+        cluster.add_node(node)
+    first, second = replica(settings, bus, cluster), replica(settings, other, cluster)
+    try:
+        results = await asyncio.gather(
+            first.on_action(cordon("n1")), second.on_action(cordon("n2"))
+        )
+        assert sorted(r.status for r in results) == ["denied", "succeeded"], [
+            r.message for r in results
+        ]
+        (denied,) = [r for r in results if r.status == "denied"]
+        assert denied.message.startswith("max_nodes_cordoned: 1 nodes already cordoned"), (
+            denied.message
+        )
+        assert [n for n in ("n1", "n2") if cluster.node(n).unschedulable] == [
+            r.target.name for r in results if r.status == "succeeded"
+        ]
+    finally:
+        await first.stop()
+        await second.stop()
+        await other.stop()
+        await bus.stop()

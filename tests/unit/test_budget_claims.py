@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.models import BudgetClaim
-from agent.policy import BUDGET_WINDOW, budget_grants
+from agent.policy import BUDGET_WINDOW, NODE_CLAIM_MARGIN, budget_grants
 from tests.unit.factories import T0
 from tests.unit.factories import settings as make_settings
 
@@ -99,3 +99,73 @@ def test_a_redelivered_claim_changes_no_other_answer(
     before, after = budget_grants(claims, REM), budget_grants(again, REM)
     assert after[: i + 1] + after[i + 2 :] == before
     assert (after[i + 1] is None) == (before[i] is None)
+
+
+NODES = make_settings(
+    {"remediation": {"max_actions_per_hour": 100, "max_nodes_cordoned": 1, "drain_timeout": "2m"}}
+).remediation
+
+
+def node_claim(
+    action: str, node: str, seconds: float = 0, cordoned: tuple[str, ...] = (), **kw: bool
+) -> BudgetClaim:
+    return BudgetClaim(
+        action, "", T0 + timedelta(seconds=seconds), node=node, cordoned=cordoned, **kw
+    )
+
+
+def test_two_replicas_cannot_each_cordon_the_last_node_allowed() -> None:
+    # Both saw nothing cordoned; the first claim's node counts for the second.
+    verdicts = budget_grants([node_claim("a", "n1"), node_claim("b", "n2", 1)], NODES)
+    assert verdicts[0] is None
+    second = verdicts[1]
+    assert second is not None and second.rule == "max_nodes_cordoned"
+    assert "(n1)" in second.reason
+    # The same node again (another action on it) is not another node.
+    assert budget_grants([node_claim("a", "n1"), node_claim("b", "n1", 1)], NODES) == [None, None]
+
+
+def test_a_node_action_done_counts_by_what_the_cluster_shows() -> None:
+    done = [node_claim("a", "n1"), node_claim("a", "n1", 5, done=True)]
+    # Still cordoned, as the next replica sees it: denied; uncordoned since: granted.
+    assert budget_grants([*done, node_claim("b", "n2", 9, ("n1",))], NODES)[-1] is not None
+    assert budget_grants([*done, node_claim("b", "n2", 9)], NODES)[-1] is None
+    # Released (it changed nothing): the node was never cordoned.
+    gone = [node_claim("a", "n1"), node_claim("a", "n1", 5, released=True)]
+    assert budget_grants([*gone, node_claim("b", "n2", 9)], NODES)[-1] is None
+
+
+def test_a_node_claim_never_done_stops_counting_after_the_drain_timeout_and_margin() -> None:
+    late = 120 + NODE_CLAIM_MARGIN + 1
+    assert budget_grants([node_claim("a", "n1"), node_claim("b", "n2", late)], NODES)[-1] is None
+
+
+node_claims_st = st.lists(
+    st.builds(
+        node_claim,
+        st.sampled_from("abcdef"),
+        st.sampled_from(["n1", "n2", "n3"]),
+        st.integers(0, 1000),
+        st.just(()),
+        done=st.booleans(),
+        released=st.booleans(),
+    ),
+    max_size=25,
+).map(lambda cs: sorted(cs, key=lambda c: c.at))
+
+
+@given(node_claims_st)
+def test_no_more_nodes_are_in_flight_than_the_limit(claims: list[BudgetClaim]) -> None:
+    verdicts = budget_grants(claims, NODES)
+    held: set[str] = set()  # actions holding a unit: a claim of theirs spends nothing new
+    busy: dict[str, BudgetClaim] = {}  # granted node claims not yet done or released
+    for c, v in zip(claims, verdicts, strict=True):
+        if c.done or c.released:
+            busy.pop(c.action_id, None)
+            if c.released:
+                held.discard(c.action_id)
+        elif v is None and c.action_id not in held:
+            held.add(c.action_id)
+            busy[c.action_id] = c
+        horizon = c.at - timedelta(seconds=NODES.drain_timeout + NODE_CLAIM_MARGIN)
+        assert len({b.node for b in busy.values() if b.at > horizon}) <= NODES.max_nodes_cordoned
