@@ -210,9 +210,12 @@ class AnalysisStage:
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._notified: OrderedDict[str, None] = OrderedDict()  # incidents escalated
-        # The latest revision of each incident known: every replica's, when the runtime
-        # feeds on_watch; only those of this replica's partitions otherwise.
+        # The latest revision of each open incident known: every replica's, when the
+        # runtime feeds on_watch; only those of this replica's partitions otherwise.
         self.incidents: OrderedDict[str, Incident] = OrderedDict()
+        # incident id -> the revision that closed it: an older open revision read later
+        # (the replay, a redelivery) must not bring it back; only its id is kept.
+        self._closed: OrderedDict[str, int] = OrderedDict()
         # incident id -> (action type, target key) verified not_healed or worse.
         self.ineffective: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
         self._results = results
@@ -238,23 +241,25 @@ class AnalysisStage:
         return None
 
     def _hold(self, incidents: Iterable[Incident]) -> None:
-        """Keep the latest revision of each incident (closed ones too: an older open
-        revision read later must not bring a closed incident back)."""
+        """Keep the latest revision of each open incident, and only the closing revision
+        of a closed one."""
         for incident in incidents:
             held = self.incidents.get(incident.id)
-            if held is None or incident.revision >= held.revision:
+            newest = max(held.revision if held else -1, self._closed.get(incident.id, -1))
+            if incident.revision < newest:
+                continue
+            if incident.status in CLOSED_STATUSES:
+                self.incidents.pop(incident.id, None)
+                remember(self._closed, incident.id, incident.revision)
+            else:
+                self._closed.pop(incident.id, None)  # reopened
                 remember(self.incidents, incident.id, incident)
 
     def _due(self, incident_id: str) -> Incident | None:
         """The incident, when this replica is the one to take its next step: held, still
         open, with a remedy verified ineffective, and on a partition this replica owns."""
         incident = self.incidents.get(incident_id)
-        if (
-            incident is None
-            or incident.status in CLOSED_STATUSES
-            or not self.ineffective.get(incident_id)
-            or not self.owns(incident.key)
-        ):
+        if incident is None or not self.ineffective.get(incident_id) or not self.owns(incident.key):
             return None
         return incident
 
