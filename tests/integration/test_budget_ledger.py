@@ -6,13 +6,16 @@ its unit back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
 from agent.metrics import Metrics
-from agent.models import ActionRequest, ActionResult, Target, utcnow
+from agent.models import ActionRequest, Target, utcnow
+from agent.settings import Settings
 from handlers.executor import Executor
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Bus
@@ -38,7 +41,7 @@ def scale_up(name: str) -> ActionRequest:
     return replace(action_request(inc, "scale_up", target), id=f"act-{inc.id}")
 
 
-def replica(settings: object, bus: Bus, cluster: FakeCluster) -> Executor:
+def replica(settings: Settings, bus: Bus, cluster: FakeCluster) -> Executor:
     """An executor that knows nothing of the other's actions (no watch): only the claims
     stand between them."""
     return Executor(
@@ -46,36 +49,21 @@ def replica(settings: object, bus: Bus, cluster: FakeCluster) -> Executor:
         bus=bus,
         cluster=cluster,
         metrics=Metrics(),
-        budget=BudgetLedger(bus, settings.remediation),  # type: ignore[attr-defined]
+        budget=BudgetLedger(bus, settings.remediation),
     )
 
 
-async def test_two_replicas_deciding_at_once_spend_one_budget(
-    kafka_bootstrap: str, topic_prefix: str
-) -> None:
-    settings = make_settings(
-        kafka_bootstrap,
-        topic_prefix,
-        doc={"remediation": REMEDIATION},
-    )
+@contextlib.asynccontextmanager
+async def two_replicas(
+    settings: Settings, cluster: FakeCluster
+) -> AsyncIterator[tuple[Executor, Executor]]:
+    """Two executor replicas on buses of their own, sharing the cluster and nothing else."""
     bus, _ = await started_bus(settings)
     other = Bus(settings.kafka, metrics=Metrics(), name="replica-2")
     await other.start()
-    cluster = FakeCluster()
-    for name in ("cart", "checkout", "ledger"):
-        cluster.create_deployment("shop", name, image="v1", replicas=2, at=utcnow())
     first, second = replica(settings, bus, cluster), replica(settings, other, cluster)
     try:
-        results: list[ActionResult] = list(
-            await asyncio.gather(
-                first.on_action(scale_up("cart")), second.on_action(scale_up("checkout"))
-            )
-        )
-        statuses = sorted(r.status for r in results)
-        assert statuses == ["denied", "succeeded"], [r.message for r in results]
-        (denied,) = [r for r in results if r.status == "denied"]
-        assert denied.message.startswith("max_actions_per_hour: 1 actions in the last hour")
-        assert "as claimed by every replica" in denied.message
+        yield first, second
     finally:
         await first.stop()
         await second.stop()
@@ -83,14 +71,33 @@ async def test_two_replicas_deciding_at_once_spend_one_budget(
         await bus.stop()
 
 
+def settings_with(kafka_bootstrap: str, topic_prefix: str, **remediation: object) -> Settings:
+    return make_settings(
+        kafka_bootstrap, topic_prefix, doc={"remediation": {**REMEDIATION, **remediation}}
+    )
+
+
+async def test_two_replicas_deciding_at_once_spend_one_budget(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    cluster = FakeCluster()
+    for name in ("cart", "checkout"):
+        cluster.create_deployment("shop", name, image="v1", replicas=2, at=utcnow())
+    async with two_replicas(settings_with(kafka_bootstrap, topic_prefix), cluster) as (a, b):
+        results = await asyncio.gather(
+            a.on_action(scale_up("cart")), b.on_action(scale_up("checkout"))
+        )
+    statuses = sorted(r.status for r in results)
+    assert statuses == ["denied", "succeeded"], [r.message for r in results]
+    (denied,) = [r for r in results if r.status == "denied"]
+    assert denied.message.startswith("max_actions_per_hour: 1 actions in the last hour")
+    assert "as claimed by every replica" in denied.message
+
+
 async def test_an_action_the_cluster_refused_gives_its_unit_back(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
-    settings = make_settings(
-        kafka_bootstrap,
-        topic_prefix,
-        doc={"remediation": REMEDIATION},
-    )
+    settings = settings_with(kafka_bootstrap, topic_prefix)
     bus, _ = await started_bus(settings)
     cluster = FakeCluster()
     cluster.create_deployment("shop", "cart", image="v1", replicas=2, at=utcnow())
@@ -122,34 +129,19 @@ async def test_two_replicas_cannot_each_cordon_the_last_node_allowed(
 ) -> None:
     """A zone going down: two replicas each cordon a node at once, with one node allowed.
     Each saw no node cordoned; the claims' order lets one through."""
-    settings = make_settings(
-        kafka_bootstrap,
-        topic_prefix,
-        doc={"remediation": {**REMEDIATION, "max_actions_per_hour": 20, "max_nodes_cordoned": 1}},
-    )
-    bus, _ = await started_bus(settings)
-    other = Bus(settings.kafka, metrics=Metrics(), name="replica-2")
-    await other.start()
     cluster = FakeCluster()
     for node in ("n1", "n2"):
         cluster.add_node(node)
-    first, second = replica(settings, bus, cluster), replica(settings, other, cluster)
-    try:
-        results = await asyncio.gather(
-            first.on_action(cordon("n1")), second.on_action(cordon("n2"))
-        )
-        assert sorted(r.status for r in results) == ["denied", "succeeded"], [
-            r.message for r in results
-        ]
-        (denied,) = [r for r in results if r.status == "denied"]
-        assert denied.message.startswith("max_nodes_cordoned: 1 nodes already cordoned"), (
-            denied.message
-        )
-        assert [n for n in ("n1", "n2") if cluster.node(n).unschedulable] == [
-            r.target.name for r in results if r.status == "succeeded"
-        ]
-    finally:
-        await first.stop()
-        await second.stop()
-        await other.stop()
-        await bus.stop()
+    settings = settings_with(
+        kafka_bootstrap, topic_prefix, max_actions_per_hour=20, max_nodes_cordoned=1
+    )
+    async with two_replicas(settings, cluster) as (a, b):
+        results = await asyncio.gather(a.on_action(cordon("n1")), b.on_action(cordon("n2")))
+    assert sorted(r.status for r in results) == ["denied", "succeeded"], [
+        r.message for r in results
+    ]
+    (denied,) = [r for r in results if r.status == "denied"]
+    assert denied.message.startswith("max_nodes_cordoned: 1 nodes already cordoned"), denied.message
+    assert [n for n in ("n1", "n2") if cluster.node(n).unschedulable] == [
+        r.target.name for r in results if r.status == "succeeded"
+    ]

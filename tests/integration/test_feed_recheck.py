@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.metrics import Metrics
-from agent.models import ActionRequest, ActionResult, Anomaly, Target, fingerprint, utcnow
+from agent.models import ActionRequest, ActionResult, Anomaly, AnomalyStatus, Target, utcnow
 from handlers.executor import Executor
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Bus
@@ -23,24 +23,16 @@ from streams.replay import reports_since
 from tests.fakes.incidents import OPENED, action_request, incident, member
 from tests.fakes.publisher import MemoryBus
 from tests.helpers import make_settings, readers, started_bus
+from tests.unit.factories import anomaly
 
 pytestmark = pytest.mark.integration
 
 
-def report(name: str, where: dict[str, str], status: str, seconds: float) -> Anomaly:
+def report(name: str, where: dict[str, str], status: AnomalyStatus, seconds: float) -> Anomaly:
     """What a feed says of ``name`` at ``where``, observed ``seconds`` from now."""
-    labels = {"cluster": "c1", **where}
     at = utcnow() + timedelta(seconds=seconds)
-    return Anomaly(
-        fingerprint=fingerprint("feed", name, labels),
-        source="feed",
-        name=name,
-        severity="critical",
-        status=status,  # type: ignore[arg-type]
-        labels=labels,
-        starts_at=at,
-        observed_at=at,
-    )
+    said = anomaly(name, status=status, labels={"cluster": "c1", **where}, source="feed")
+    return replace(said, starts_at=at, observed_at=at)
 
 
 class Scene:

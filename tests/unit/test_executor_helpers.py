@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from random import Random
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.models import ActionType, Anomaly, Firing, ParamValue, fingerprint
+from agent.models import ActionType, Anomaly, AnomalyStatus, Firing, ParamValue
 from handlers.executor import kill_switch_file, target_replicas
 from handlers.verification import (
     NO_ALERTMANAGER,
@@ -24,7 +24,7 @@ from handlers.verification import (
     reported,
     to_recheck,
 )
-from tests.unit.factories import action
+from tests.unit.factories import T0, action, anomaly
 
 
 @pytest.mark.parametrize(
@@ -124,25 +124,20 @@ def test_each_part_of_a_trigger_is_rechecked_where_it_came_from() -> None:
     assert fed.feed == {"ext": (SHOP,)} and "ext" not in dict(fed.unchecked)
 
 
-SINCE = datetime(2026, 1, 1, tzinfo=UTC)
+SINCE = T0
 
 
 def said(
-    status: str, seconds: float, *, name: str = "ext", pod: str = "p1", service: str = "shop-svc"
+    status: AnomalyStatus,
+    seconds: float,
+    *,
+    name: str = "ext",
+    pod: str = "p1",
+    service: str = "shop-svc",
 ) -> Anomaly:
     """A feed's report of ``name`` on one pod, observed ``seconds`` after SINCE."""
     labels = {"namespace": "shop", "service": service, "pod": pod}
-    at = SINCE + timedelta(seconds=seconds)
-    return Anomaly(
-        fingerprint=fingerprint("feed", name, labels),
-        source="feed",
-        name=name,
-        severity="warning",
-        status=status,  # type: ignore[arg-type]
-        labels=labels,
-        starts_at=at,
-        observed_at=at,
-    )
+    return anomaly(name, status=status, labels=labels, t=seconds, source="feed")
 
 
 PLACE = {"namespace": "shop", "service": "shop-svc"}
