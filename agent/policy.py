@@ -393,6 +393,42 @@ def budget_grants(claims: Sequence[BudgetClaim], rem: RemediationSection) -> lis
     cordoned, every node of an earlier granted node action not yet done or released
     (within ``drain_timeout`` and a margin: a replica that died mid-drain does not hold
     its node for ever; by then the cluster shows the cordon)."""
+    return _replay(claims, rem)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    """What the claims say is spent now (``sre-agent actions budget``)."""
+
+    spent: int  # units of the global hourly budget
+    by_namespace: Mapping[str, int]
+    nodes_in_flight: Mapping[str, BudgetClaim]  # node -> the claim of its action
+
+
+def budget_usage(
+    claims: Sequence[BudgetClaim], rem: RemediationSection, now: datetime
+) -> BudgetUsage:
+    """The units held within the hour before ``now``, and the node actions in flight."""
+    _, held, busy = _replay(claims, rem)
+    hour = [h for h in held.values() if h.at > now - timedelta(seconds=BUDGET_WINDOW)]
+    by_ns: dict[str, int] = {}
+    for h in hour:
+        if h.namespace:
+            by_ns[h.namespace] = by_ns.get(h.namespace, 0) + 1
+    return BudgetUsage(len(hour), by_ns, {b.node: b for b in _in_flight(busy, now, rem)})
+
+
+def _in_flight(
+    busy: Mapping[str, BudgetClaim], at: datetime, rem: RemediationSection
+) -> list[BudgetClaim]:
+    horizon = at - timedelta(seconds=rem.drain_timeout + NODE_CLAIM_MARGIN)
+    return [b for b in busy.values() if b.at > horizon]
+
+
+def _replay(
+    claims: Sequence[BudgetClaim], rem: RemediationSection
+) -> tuple[list[Verdict | None], dict[str, BudgetClaim], dict[str, BudgetClaim]]:
+    """The answers, and the units held and node actions in flight after the last claim."""
     held: dict[str, BudgetClaim] = {}  # action id -> its granted, unreleased claim
     busy: dict[str, BudgetClaim] = {}  # action id -> its granted node claim, not yet done
     out: list[Verdict | None] = []
@@ -409,15 +445,14 @@ def budget_grants(claims: Sequence[BudgetClaim], rem: RemediationSection) -> lis
         since = c.at - timedelta(seconds=BUDGET_WINDOW)
         over = _over_budget([h.namespace for h in held.values() if h.at > since], c.namespace, rem)
         if over is None and c.node:
-            horizon = c.at - timedelta(seconds=rem.drain_timeout + NODE_CLAIM_MARGIN)
-            in_flight = {b.node for b in busy.values() if b.at > horizon}
+            in_flight = {b.node for b in _in_flight(busy, c.at, rem)}
             over = _too_many_cordoned(c.node, {*c.cordoned, *in_flight}, rem)
         if over is None:
             held[c.action_id] = c
             if c.node:
                 busy[c.action_id] = c
         out.append(over)
-    return out
+    return out, held, busy
 
 
 NODE_CLAIM_MARGIN = 300.0  # seconds a node claim may stay undone past drain_timeout

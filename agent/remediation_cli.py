@@ -1,4 +1,4 @@
-"""``sre-agent approvals list|approve|reject`` and ``sre-agent actions list|undo``.
+"""``sre-agent approvals list|approve|reject`` and ``sre-agent actions list|undo|budget``.
 
 Everything goes through Kafka, like any other client: the pending approvals are read from
 the compacted approvals topic, a decision is an ApprovalDecision on the decisions topic
@@ -22,14 +22,17 @@ from agent.models import (
     ActionResult,
     ApprovalDecision,
     ApprovalRequest,
+    BudgetClaim,
     Decision,
     new_id,
     utcnow,
 )
+from agent.policy import budget_usage
 from agent.settings import Settings, load_settings
 from agent.topics import topic
 from handlers.executor import undo_request, undoable_result
 from streams.bus import Bus
+from streams.ledger import recent_claims
 from streams.replay import end_offsets, follow, snapshot
 
 FINAL = ("succeeded", "failed", "denied", "rejected", "dry_run", "duplicate")
@@ -139,6 +142,21 @@ async def list_actions(settings: Settings, limit: int) -> int:
     return 0
 
 
+async def show_budget(settings: Settings, now: datetime) -> int:
+    """What the replicas' claims say is spent of the hourly budgets, and the node actions
+    in flight (see streams.ledger)."""
+    rem = settings.remediation
+    name = topic(settings.kafka.topic_prefix, "budget-claims")
+    claims = [e.value for e in await recent_claims(settings.kafka, name)]
+    usage = budget_usage([c for c in claims if isinstance(c, BudgetClaim)], rem, now)
+    print(f"all namespaces: {usage.spent} of {rem.max_actions_per_hour} actions in the last hour")
+    for ns, n in sorted(usage.by_namespace.items()):
+        print(f"namespace {ns}: {n} of {rem.max_actions_per_namespace_per_hour}")
+    for node, c in sorted(usage.nodes_in_flight.items()):
+        print(f"node {node}: action {c.action_id} in flight since {when(c.at)} ({c.by})")
+    return 0
+
+
 async def undo_action(
     settings: Settings, ident: str, *, by: str, reason: str, wait_s: float
 ) -> int:
@@ -170,6 +188,8 @@ def cmd_actions(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.actions_command == "list":
         return asyncio.run(list_actions(settings, args.limit))
+    if args.actions_command == "budget":
+        return asyncio.run(show_budget(settings, utcnow()))
     return asyncio.run(
         undo_action(settings, args.id, by=args.by, reason=args.reason, wait_s=args.wait)
     )
@@ -186,13 +206,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         _decision_args(p, wait_default=30.0 if verb == "approve" else 0.0)
     ap.set_defaults(func=cmd_approvals)
 
-    act = sub.add_parser("actions", help="action results: list, undo")
+    act = sub.add_parser("actions", help="action results: list, undo; the hourly budgets")
     act_sub = act.add_subparsers(dest="actions_command", required=True)
     al = act_sub.add_parser("list", help="the latest action results")
     al.add_argument("--limit", type=int, default=20)
     al.add_argument("--config", default=None)
     undo = act_sub.add_parser("undo", help="restore the prior state an action recorded")
     _decision_args(undo, wait_default=60.0)
+    bud = act_sub.add_parser(
+        "budget", help="the hourly budgets spent, and node actions in flight, by every replica"
+    )
+    bud.add_argument("--config", default=None)
     act.set_defaults(func=cmd_actions)
 
 

@@ -25,9 +25,16 @@ from agent.codec import encode
 from agent.errors import DependencyUnavailable, TransientError
 from agent.models import ActionRequest, BudgetClaim
 from agent.policy import BUDGET_WINDOW, NODE_ACTIONS, Verdict, budget_grants
-from agent.settings import RemediationSection
-from streams.bus import Bus
+from agent.settings import KafkaSection, RemediationSection
+from streams.bus import Bus, Envelope
 from streams.replay import CLOCK_SKEW, snapshot
+
+
+async def recent_claims(kafka: KafkaSection, topic: str) -> list[Envelope]:
+    """The claims of the last budget window (and a margin for clocks), in the topic's
+    order."""
+    since_ms = int((time.time() - BUDGET_WINDOW - CLOCK_SKEW) * 1000)
+    return await snapshot(kafka, topic, BudgetClaim, since_ms=since_ms, wait_s=10.0)
 
 
 class BudgetLedger:
@@ -53,11 +60,8 @@ class BudgetLedger:
                 cordoned=cordoned if node else (),
             )
         )
-        since_ms = int((time.time() - BUDGET_WINDOW - CLOCK_SKEW) * 1000)
         for _ in range(3):
-            records = await snapshot(
-                self.bus.kafka, self.topic, BudgetClaim, since_ms=since_ms, wait_s=10.0
-            )
+            records = await recent_claims(self.bus.kafka, self.topic)
             upto = [e for e in records if e.offset <= offset and isinstance(e.value, BudgetClaim)]
             if upto and upto[-1].offset == offset:
                 verdict = budget_grants([e.value for e in upto], self.remediation)[-1]

@@ -14,8 +14,9 @@ from agent.cli import main
 from agent.models import ActionRequest, ActionResult, ApprovalRequest, Target, utcnow
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
+from streams.ledger import BudgetLedger
 from tests.fakes.incidents import incident, member
-from tests.helpers import make_settings, readers
+from tests.helpers import make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +141,32 @@ async def test_approvals_and_undo_from_the_command_line(
         code, out = await cli(capsys, "incidents", "show", "inc-9", *cfg)
         assert code == 2 and "no incident inc-9" in out
     assert cluster.config_map("shop", "flags").data == {"mode": "safe"}  # cfg-2 rejected
+
+
+async def test_the_budget_command_shows_what_every_replica_claimed(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"kafka": {"bootstrap_servers": kafka_bootstrap, "topic_prefix": topic_prefix}}
+        )
+    )
+    bus, _ = await started_bus(settings)
+    ledger = BudgetLedger(bus, settings.remediation)
+    now = utcnow()
+    node = Target(kind="Node", namespace="", name="n1")
+    try:
+        assert await ledger.claim(request("up-1", "scale_up", CART), now) is None
+        assert await ledger.claim(request("up-2", "scale_up", CART), now) is None
+        await ledger.release(request("up-2", "scale_up", CART), now)  # changed nothing
+        assert await ledger.claim(request("drain-1", "drain_node", node), now) is None
+    finally:
+        await bus.stop()
+    code, out = await cli(capsys, "actions", "budget", "--config", str(config))
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "all namespaces: 2 of 20 actions in the last hour", out
+    assert "namespace shop: 1 of 10" in lines
+    assert any(line.startswith("node n1: action drain-1 in flight since") for line in lines), out

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.models import BudgetClaim
-from agent.policy import BUDGET_WINDOW, NODE_CLAIM_MARGIN, budget_grants
+from agent.policy import BUDGET_WINDOW, NODE_CLAIM_MARGIN, budget_grants, budget_usage
 from tests.unit.factories import T0
 from tests.unit.factories import settings as make_settings
 
@@ -169,3 +169,19 @@ def test_no_more_nodes_are_in_flight_than_the_limit(claims: list[BudgetClaim]) -
             busy[c.action_id] = c
         horizon = c.at - timedelta(seconds=NODES.drain_timeout + NODE_CLAIM_MARGIN)
         assert len({b.node for b in busy.values() if b.at > horizon}) <= NODES.max_nodes_cordoned
+
+
+def test_the_usage_counts_the_units_of_the_last_hour_and_the_nodes_in_flight() -> None:
+    claims = [
+        claim("old", 0, ns="shop"),
+        claim("a", 3000, ns="shop"),
+        claim("b", 3100, ns="cart"),
+        claim("b", 3200, ns="cart", released=True),
+        node_claim("d", "n1", 3300),
+        node_claim("e", "n2", 3400),  # denied: n1 is in flight
+    ]
+    usage = budget_usage(claims, NODES, T0 + timedelta(seconds=3700))
+    assert (usage.spent, dict(usage.by_namespace)) == (2, {"shop": 1})
+    assert list(usage.nodes_in_flight) == ["n1"]
+    later = budget_usage(claims, NODES, T0 + timedelta(seconds=3300 + 120 + NODE_CLAIM_MARGIN))
+    assert later.nodes_in_flight == {}
