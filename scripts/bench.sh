@@ -22,3 +22,5 @@ done
 eval "$(scripts/kafka.sh env)"
 .venv/bin/python bench/correlate.py --bootstrap "$KAFKA_BOOTSTRAP" \
     --alertmanager "http://127.0.0.1:${SRE_ALERTMANAGER_PORT:-19094}" "$@"
+# What the executor's cross-replica checks cost per action (budget claims, feed re-check).
+.venv/bin/python bench/actions.py --bootstrap "$KAFKA_BOOTSTRAP"
