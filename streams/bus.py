@@ -295,7 +295,8 @@ class BatchConsumer:
 
     ``on_gained``: awaited in the consuming loop, before the next batch is handled, each
     time the group gives this consumer partitions it did not hold (the first assignment
-    too), for a component that acts on what its partitions' owner must do.
+    too), for a component that acts on what its partitions' owner must do. A failure is
+    logged and retried at the next round; the batches are handled meanwhile.
     """
 
     def __init__(
@@ -470,12 +471,21 @@ class BatchConsumer:
                 self.assigned.set()
             if assignment != self._held:
                 gained = assignment - self._held
-                self._held = assignment
                 if gained and self.on_gained is not None:
                     self._doing = "taking over " + ", ".join(
                         f"{tp.topic}[{tp.partition}]" for tp in sorted(gained)
                     )
-                    await self.on_gained()
+                    try:
+                        await self.on_gained()
+                        self._held = assignment
+                    except Exception as err:  # noqa: BLE001 - retried; the batch goes on
+                        # Kept as not yet taken over: the next round tries again.
+                        log.warning(
+                            "%s: taking over partitions failed, retrying: %r", self.name, err
+                        )
+                        await asyncio.sleep(1.0)
+                else:
+                    self._held = assignment
             if not batches:
                 continue
             offsets: dict[TopicPartition, int] = {}

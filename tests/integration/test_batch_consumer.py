@@ -253,3 +253,32 @@ async def test_holds_names_the_owner_of_each_key_and_on_gained_follows_the_group
         assert not a.holds(topic, keys[0])  # stopped: holds nothing
     finally:
         await bus.stop()
+
+
+async def test_a_failed_take_over_is_retried_and_holds_up_no_record(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    handled: list[str] = []
+    calls = 0
+
+    async def gained() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise DependencyUnavailable("kafka: the re-analysis could not be published")
+
+    async def handler(batch: list[Envelope]) -> None:
+        handled.extend(env.value.id for env in batch)
+
+    consumer = silences_consumer(bus, topic_prefix, "takeover", handler, on_gained=gained)
+    try:
+        await bus.publish(topic, silence(1))
+        async with consumer:
+            await eventually(lambda: handled == ["s1"], 30, what="the record handled")
+            await eventually(lambda: calls >= 2, 30, what="the take-over retried")
+            assert consumer.holding and calls == 2
+    finally:
+        await bus.stop()
