@@ -75,6 +75,16 @@ def scale_up(name: str, firing: tuple[Firing, ...] = ()) -> ActionRequest:
     )
 
 
+def executors(
+    settings: Settings, bus: Bus, cluster: FakeCluster, **check: Any
+) -> tuple[Executor, Executor]:
+    """The baseline executor, and the same with the ``check`` measured."""
+    return (
+        Executor(settings, bus=bus, cluster=cluster, metrics=Metrics()),
+        Executor(settings, bus=bus, cluster=cluster, metrics=Metrics(), **check),
+    )
+
+
 async def timed(n: int, step: Callable[[int], Awaitable[Any]]) -> list[float]:
     out = []
     for i in range(n):
@@ -93,13 +103,8 @@ async def claims(settings: Settings, bus: Bus, n: int) -> None:
     cluster = FakeCluster()
     for i in range(2 * n):
         cluster.create_deployment("shop", f"svc-{i}", image="v1", replicas=2, at=utcnow())
-    plain = Executor(settings, bus=bus, cluster=cluster, metrics=Metrics())
-    claiming = Executor(
-        settings,
-        bus=bus,
-        cluster=cluster,
-        metrics=Metrics(),
-        budget=BudgetLedger(bus, settings.remediation),
+    plain, claiming = executors(
+        settings, bus, cluster, budget=BudgetLedger(bus, settings.remediation)
     )
 
     async def run(ex: Executor, i: int) -> None:
@@ -151,12 +156,10 @@ async def feed_recheck(settings: Settings, bus: Bus, n: int, reports: int) -> No
     for i in range(0, len(noise), 500):
         await bus.publish_many([(topic, a, None) for a in noise[i : i + 500]])
     await bus.publish_many([(topic, report(labels, "resolved", 2), None)])
-    plain = Executor(settings, bus=bus, cluster=cluster, metrics=Metrics())
-    reading = Executor(
+    plain, reading = executors(
         settings,
-        bus=bus,
-        cluster=cluster,
-        metrics=Metrics(),
+        bus,
+        cluster,
         reports=lambda key, at: reports_since(settings.kafka, topic, key, at),
     )
     since_ms = int((since.timestamp() - CLOCK_SKEW) * 1000)
