@@ -16,7 +16,6 @@ actions are few, and a decision that cannot be arbitrated is retried, never take
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import datetime
 
 from aiokafka.errors import KafkaError
@@ -27,14 +26,13 @@ from agent.models import ActionRequest, BudgetClaim
 from agent.policy import BUDGET_WINDOW, NODE_ACTIONS, Verdict, budget_grants
 from agent.settings import KafkaSection, RemediationSection
 from streams.bus import Bus, Envelope
-from streams.replay import CLOCK_SKEW, snapshot
+from streams.replay import CLOCK_SKEW, recent
 
 
 async def recent_claims(kafka: KafkaSection, topic: str) -> list[Envelope]:
     """The claims of the last budget window (and a margin for clocks), in the topic's
     order."""
-    since_ms = int((time.time() - BUDGET_WINDOW - CLOCK_SKEW) * 1000)
-    return await snapshot(kafka, topic, BudgetClaim, since_ms=since_ms, wait_s=10.0)
+    return await recent(kafka, topic, BudgetClaim, BUDGET_WINDOW + CLOCK_SKEW, wait_s=10.0)
 
 
 class BudgetLedger:

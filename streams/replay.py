@@ -174,11 +174,11 @@ async def reports_since(
 
 
 async def recent(
-    kafka: KafkaSection, topic: str, cls: type[Any] | None, seconds: float
+    kafka: KafkaSection, topic: str, cls: type[Any] | None, seconds: float, *, wait_s: float = 30.0
 ) -> list[Envelope]:
     """The records written in the last ``seconds`` (by record timestamp)."""
     since_ms = int((time.time() - seconds) * 1000)
-    return await snapshot(kafka, topic, cls, since_ms=since_ms)
+    return await snapshot(kafka, topic, cls, since_ms=since_ms, wait_s=wait_s)
 
 
 class SharedRead:
