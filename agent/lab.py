@@ -126,33 +126,41 @@ class SimulatedService:
 
     async def _traffic(self) -> None:
         target = Target(kind="Deployment", namespace=self.namespace, name=self.name)
-        tick = 0
+        tick = sent = 0
         loop = asyncio.get_running_loop()
         last = loop.time()
+        due = 0.0  # requests owed since the last tick
         while True:
             w = await self.lab.cluster.workload(target)
             view = await self.lab.serving(self.namespace, self.name)
+            now = loop.time()
+            elapsed, last = now - last, now
             pods = list(view.pods)
             self.serving = frozenset(pods)
             if pods:
                 self.first_pod = pods[0][0]
-            # Spread over the pods, as a Service does; none when no pod runs (no endpoints).
-            for i in range(self.rps // 10 if pods else 0):
-                pod, node = pods[(tick + i) % len(pods)]
+            # By the clock, not the tick: a busy machine stretches ticks, and a fixed count
+            # per tick then served less than the rate the patterns' thresholds assume. None
+            # when no pod runs (no endpoints: those requests are lost, not queued).
+            due = min(due + self.rps * elapsed, float(self.rps)) if pods else 0.0
+            n = int(due)
+            due -= n
+            # Spread over the pods in turn, as a Service does.
+            for i in range(n):
+                pod, node = pods[(sent + i) % len(pods)]
                 failed = self._rng.random() < self.pod_error_share(w, node, view.down)
                 key = (pod, node, "500" if failed else "200")
                 self.counts[key] = self.counts.get(key, 0) + 1
+            sent += n
             tick += 1
             if tick % 10 == 0 and self.crash_looping(w):
                 self.restarts += 1  # a container restart a second
                 # ... in the pod's status too, where verification reads it.
                 await self.lab.crash(self.namespace, self.first_pod)
             self.replicas = w.replicas
-            # By the clock, not the tick: a busy machine stretches ticks, and counting 0.1 s
-            # per tick then read as less CPU than the load uses (under the pattern's 0.9).
-            now = loop.time()
-            used = self.cpu_per_pod(w) * (now - last)
-            last = now
+            # CPU by the clock too: 0.1 s per tick read as less than the load uses (under the
+            # pattern's 0.9).
+            used = self.cpu_per_pod(w) * elapsed
             for i in range(w.replicas):
                 name = f"{self.name}-{i}"
                 self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + used

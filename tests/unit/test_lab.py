@@ -90,6 +90,36 @@ def checkout() -> tuple[FakeCluster, Target, SimulatedService]:
     return cluster, target, SimulatedService(lab, namespace="shop", name="checkout")
 
 
+class SlowCluster(FakeCluster):
+    """A control plane slow to answer: each of the traffic loop's reads takes 0.2 s."""
+
+    async def workload(self, target: Target) -> Any:
+        await asyncio.sleep(0.2)
+        return await super().workload(target)
+
+
+async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() -> None:
+    cluster = SlowCluster()
+    for node in LAB_NODES:
+        cluster.add_node(node)
+    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
+    service = SimulatedService(InProcessLab(cluster), namespace="shop", name="checkout", rps=50)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await service.start()
+    await asyncio.sleep(1.5)
+    await service.stop()
+    took = loop.time() - start
+    served = sum(service.counts.values())
+    # A tick is 0.3 s here, not 0.1 s: 5 requests a tick would have served 25, not ~75.
+    assert 50 * (took - 0.7) <= served <= 50 * took
+    per_pod = [
+        sum(v for (p, _, _), v in service.counts.items() if p == pod)
+        for pod in ("checkout-0", "checkout-1", "checkout-2")
+    ]
+    assert max(per_pod) - min(per_pod) <= 1  # in turn, as a Service spreads them
+
+
 async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
     cluster, target, service = checkout()
     before = await cluster.workload(target)
