@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 
 from agent.analyzer import analyze
@@ -58,6 +58,10 @@ from streams.replay import RecentSource
 from streams.topology import scope
 
 log = logging.getLogger(__name__)
+
+# How long a replica that gained partitions waits for its watch to catch up (the analyses
+# the previous owner made) before it takes their incidents' next steps.
+CATCH_UP_WAIT = 5.0
 
 NEEDS_DECISION = frozenset({"open", "updated", "reopened"})
 
@@ -201,6 +205,7 @@ class AnalysisStage:
         results_window: float = 6 * 3600.0,
         incidents: RecentSource | None = None,  # incidents of the last seconds
         incidents_window: float = 3600.0,
+        analyses: RecentSource | None = None,  # analyses of the last seconds
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -222,9 +227,13 @@ class AnalysisStage:
         self._results_window = results_window
         self._incidents = incidents
         self._incidents_window = incidents_window
+        self._analyses = analyses
         # Whether this replica owns an incident key now (its group holds the partition).
         # The runtime binds it to the analyzer's group consumer; alone, a stage owns all.
         self.owns: Callable[[str], bool] = lambda key: True
+        # Waits until the watch (on_watch) has had what was published before the call; the
+        # runtime binds it to the watch's consumer.
+        self.caught_up: Callable[[float], Awaitable[bool]] | None = None
 
     async def start(self) -> None:
         """Hold the recent incidents and remember what failed in the last hours. Nothing is
@@ -236,6 +245,16 @@ class AnalysisStage:
         if self._results is not None:
             replayed = await self._results(self._results_window)
             self._learn(e.value for e in replayed if isinstance(e.value, ActionResult))
+        if self._analyses is not None:
+            replayed = await self._analyses(self._incidents_window)
+            self._made(e.value for e in replayed if isinstance(e.value, Analysis))
+
+    def _made(self, analyses: Iterable[Analysis]) -> None:
+        """Analyses made already, here or by another replica: their evidence is not
+        analysed again (an LLM asked twice may not answer the same)."""
+        for a in analyses:
+            if a.basis is not None:
+                remember(self._seen, a.basis, None)
 
     async def stop(self) -> None:
         return None
@@ -281,6 +300,7 @@ class AnalysisStage:
         still open, whose remedy was just verified ineffective is analysed again (its next
         step)."""
         self._hold(e.value for e in batch if isinstance(e.value, Incident))
+        self._made(e.value for e in batch if isinstance(e.value, Analysis))
         changed = self._learn(e.value for e in batch if isinstance(e.value, ActionResult))
         due = (self._due(i) for i in dict.fromkeys(changed))
         await self._again(i for i in due if i is not None)
@@ -289,7 +309,9 @@ class AnalysisStage:
         """This replica's group gained partitions: take the next step of every incident
         there with a failure not analysed here yet. Its verdict may have landed while no
         replica owned the partition (a restart, a rebalance); one analysed before by the
-        replica that had it yields the same action ids, which the executor absorbs."""
+        replica that had it is not made again, once the watch has read it."""
+        if self.caught_up is not None and not await self.caught_up(CATCH_UP_WAIT):
+            log.warning("analyzer watch behind: taking over with what it has read")
         due = (self._due(i) for i in list(self.ineffective))
         await self._again(i for i in due if i is not None)
 
@@ -352,7 +374,9 @@ class AnalysisStage:
             if ek not in self._seen:
                 todo.setdefault(ek, incident)
         analyses = await asyncio.gather(*(self.decide(i) for i in todo.values()))
-        for incident, analysis in zip(todo.values(), analyses, strict=True):
+        made: list[tuple[str, object, str | None]] = []
+        for (ek, incident), analysis in zip(todo.items(), analyses, strict=True):
+            analysis = replace(analysis, basis=ek)
             self.metrics.analyses.labels(
                 analyzer=analysis.analyzer, root_cause_class=analysis.root_cause_class
             ).inc()
@@ -364,7 +388,7 @@ class AnalysisStage:
                 analysis.confidence,
                 len(analysis.actions),
             )
-            out.append((self.bus.topic("analyses"), analysis, None))
+            made.append((self.bus.topic("analyses"), analysis, None))
             out.extend(
                 (self.bus.topic("actions"), req, None)
                 for req in action_requests(analysis, incident)
@@ -379,7 +403,10 @@ class AnalysisStage:
                 out.append((self.bus.topic("escalations"), page, None))
                 notified.append(incident.id)
                 self.metrics.escalations.labels(reason=page.reason).inc()
+        # The analyses once their actions are durable: a replica that reads an analysis
+        # will not make it again, so it must not stand without its actions.
         await self.bus.publish_many(out)
+        await self.bus.publish_many(made)
         for ek in todo:  # only once durable: a failed publish is analysed again
             remember(self._seen, ek, None)
         for incident_id in notified:

@@ -269,6 +269,9 @@ class Analysis:
     evidence_confidence: Confidence | None = None
     fallback_reason: str | None = None
     rejected_actions: tuple[str, ...] = ()
+    # The evidence it was made on (agent.analysis_stage.evidence_key): every analyzer
+    # replica reads the analyses, and none makes another on the same evidence.
+    basis: str | None = None
     schema_version: Version = SCHEMA_VERSION
 
     @property

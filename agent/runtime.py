@@ -34,6 +34,7 @@ from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
     ActionResult,
+    Analysis,
     ApprovalDecision,
     ApprovalRequest,
     Escalation,
@@ -138,20 +139,21 @@ class Agent:
             # keyed by target, and a replica may come to own any incident's partition): the
             # one owning an incident whose remedy failed verification analyses it again.
             # Before the stage's replay, so nothing falls between them.
-            self.components.append(
-                BatchConsumer(
-                    self.bus,
-                    name="analyzer-watch",
-                    group_id=None,
-                    topics={
-                        incidents: Incident,
-                        self.bus.topic("action-results"): ActionResult,
-                    },
-                    handler=stage.on_watch,
-                    from_beginning=False,
-                    stuck_after=s.agent.stuck_after,
-                )
+            analyzer_watch = BatchConsumer(
+                self.bus,
+                name="analyzer-watch",
+                group_id=None,
+                topics={
+                    incidents: Incident,
+                    self.bus.topic("action-results"): ActionResult,
+                    self.bus.topic("analyses"): Analysis,
+                },
+                handler=stage.on_watch,
+                from_beginning=False,
+                stuck_after=s.agent.stuck_after,
             )
+            stage.caught_up = analyzer_watch.caught_up
+            self.components.append(analyzer_watch)
             self.components.append(stage)  # replays recent incidents and results before intake
             analyzer = BatchConsumer(
                 self.bus,
@@ -355,6 +357,7 @@ class Agent:
             results_window=results.seconds,
             incidents=incidents,
             incidents_window=replay_window(s.remediation),
+            analyses=functools.partial(recent, s.kafka, self.bus.topic("analyses"), Analysis),
         )
         return self.analysis
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from agent.analysis_stage import AnalysisStage
+from agent.analysis_stage import AnalysisStage, evidence_key
 from agent.chat import ChatMessage, Completion
 from agent.codec import from_obj
 from agent.context import ContextGatherer
@@ -25,12 +25,14 @@ from tests.unit.factories import result_of
 class RecordingBus:
     def __init__(self) -> None:
         self.published: list[tuple[str, Any, str | None]] = []
+        self.calls: list[list[Any]] = []  # the values of each publish_many, in order
 
     def topic(self, name: str) -> str:
         return f"t.{name}"
 
     async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
         self.published.extend(items)
+        self.calls.append([v for _, v, _ in items])
 
     def of(self, cls: type) -> list[Any]:
         return [v for _, v, _ in self.published if isinstance(v, cls)]
@@ -194,6 +196,7 @@ async def test_no_remedy_pages_only_for_the_configured_severities() -> None:
 def escalating_stage(
     results: list[Any] | None = None,
     incidents: list[Any] | None = None,
+    analyses: list[Any] | None = None,
 ) -> tuple[AnalysisStage, RecordingBus]:
     """The rules, with high-error-rate's runbook: roll back a recent rollout, else (or
     once that failed) restart."""
@@ -214,6 +217,9 @@ def escalating_stage(
     async def recent_incidents(seconds: float) -> list[Envelope]:
         return [env(inc, i) for i, inc in enumerate(incidents or [])]
 
+    async def recent_analyses(seconds: float) -> list[Envelope]:
+        return [Envelope("t.analyses", 0, i, None, a) for i, a in enumerate(analyses or [])]
+
     s = AnalysisStage(
         settings,
         bus=bus,  # type: ignore[arg-type]
@@ -222,6 +228,7 @@ def escalating_stage(
         gatherer=gatherer,
         results=recent,
         incidents=recent_incidents,
+        analyses=recent_analyses,
     )
     return s, bus
 
@@ -338,3 +345,60 @@ async def test_a_restarted_stage_remembers_what_failed() -> None:
     await s.handle([env(replace(incident(), revision=2))])
     (req,) = bus.of(ActionRequest)
     assert req.type == "restart_workload"
+
+
+def analysis_env(value: Any, offset: int = 0) -> Envelope:
+    return Envelope("t.analyses", 0, offset, None, value)
+
+
+async def test_an_analysis_names_its_evidence_and_follows_its_actions() -> None:
+    s, bus = escalating_stage()
+    inc = incident()
+    await s.handle([env(inc)])
+    (an,) = bus.of(Analysis)
+    assert an.basis == evidence_key(inc)
+    # Published once its actions are: a replica that reads it will not make them again.
+    (actions, analyses) = bus.calls
+    assert any(isinstance(v, ActionRequest) for v in actions) and analyses == [an]
+
+
+async def test_a_replica_taking_over_does_not_redo_the_owners_next_step() -> None:
+    owner, owner_bus = escalating_stage()
+    inc = incident()
+    await owner.handle([env(inc)])
+    (rollback,) = owner_bus.of(ActionRequest)
+    verdict = result_env(verified(rollback, "not_healed"))
+    await owner.on_watch([verdict])
+    first, next_step = owner_bus.of(Analysis)
+    s, bus = escalating_stage()
+    s.owns = lambda key: False
+    await s.on_watch([env(inc), verdict, analysis_env(first), analysis_env(next_step, 1)])
+    waited: list[float] = []
+
+    async def caught_up(within: float) -> bool:
+        waited.append(within)
+        return True
+
+    s.caught_up = caught_up
+    s.owns = lambda key: True  # the owner died after its next step
+    await s.on_gained()
+    assert waited and bus.of(Analysis) == []  # made already: the LLM is not asked again
+
+
+async def test_a_restarted_stage_does_not_redo_a_next_step_it_published() -> None:
+    first, first_bus = escalating_stage()
+    inc = incident()
+    await first.handle([env(inc)])
+    (rollback,) = first_bus.of(ActionRequest)
+    await first.on_watch([result_env(verified(rollback, "not_healed"))])
+    made = first_bus.of(Analysis)
+    assert len(made) == 2
+    s, bus = escalating_stage([verified(rollback, "not_healed")], [inc], made)
+    await s.start()
+    await s.on_gained()
+    assert bus.of(Analysis) == []
+    # Without the analyses replayed, the restarted stage took the step again.
+    s, bus = escalating_stage([verified(rollback, "not_healed")], [inc])
+    await s.start()
+    await s.on_gained()
+    assert len(bus.of(Analysis)) == 1
