@@ -2,7 +2,8 @@
 the same executor without it in the same run.
 
 1. Budget claims: an executed action first claims its unit on the budget-claims topic and
-   reads the topic back (streams.ledger). Baseline: the same actions, no claims.
+   waits until the ledger's follower of the topic has read it back (streams.ledger).
+   Baseline: the same actions, no claims.
 2. Feed re-check: verifying an action triggered by an external feed reads what the feed
    reported since the action from the incident's partition of the anomalies topic, here
    holding a busy minute of other services' reports. Baselines: the same verification

@@ -161,6 +161,8 @@ class BudgetArbiter(Protocol):
 
     async def done(self, action: ActionRequest, now: datetime) -> None: ...
 
+    async def stop(self) -> None: ...
+
 
 # How long an action waits for the executor watch (incidents, action results) to catch up
 # before it is retried.
@@ -304,6 +306,8 @@ class Executor:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self._budget is not None:
+            await self._budget.stop()
 
     # --- intake ----------------------------------------------------------------------------------
     async def handle(self, batch: Sequence[Envelope]) -> None:

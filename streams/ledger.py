@@ -9,24 +9,41 @@ An action that then changes nothing (the cluster refused it) releases its unit. 
 action claims its node too, so that ``max_nodes_cordoned`` holds between replicas: from
 its claim until it is done, it counts as cordoned for every later claim.
 
-A claim costs a write and a read of the last hour's claims, once per action executed:
-actions are few, and a decision that cannot be arbitrated is retried, never taken blind.
+A claim costs a write and the wait for it to come back through :class:`ClaimLog`, one
+group-less consumer that follows the topic from the first claim on (a fetch, not a new
+consumer and a read of the hour each time). A decision that cannot be arbitrated is
+retried, never taken blind.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+import contextlib
+import logging
+import time
+from datetime import datetime, timedelta
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from agent.codec import encode
-from agent.errors import DependencyUnavailable, TransientError
+from agent.codec import decode, encode
+from agent.errors import (
+    DependencyUnavailable,
+    InvalidEvent,
+    TransientError,
+    cancel_and_wait,
+    task_failure,
+)
 from agent.models import ActionRequest, BudgetClaim
 from agent.policy import BUDGET_WINDOW, NODE_ACTIONS, Verdict, budget_grants
 from agent.settings import KafkaSection, RemediationSection
 from streams.bus import Bus, Envelope
-from streams.replay import CLOCK_SKEW, recent
+from streams.replay import CLOCK_SKEW, groupless_consumer, recent
+
+log = logging.getLogger(__name__)
+
+# How long a claim waits for its own record to be read back before the action is retried.
+READ_BACK_WAIT = 10.0
 
 
 async def recent_claims(kafka: KafkaSection, topic: str) -> list[Envelope]:
@@ -35,12 +52,101 @@ async def recent_claims(kafka: KafkaSection, topic: str) -> list[Envelope]:
     return await recent(kafka, topic, BudgetClaim, BUDGET_WINDOW + CLOCK_SKEW, wait_s=10.0)
 
 
+class ClaimLog:
+    """The budget-claims topic as read so far: the claims of the last budget window (and a
+    margin for clocks) when first asked, and every claim written since, in the topic's
+    order. Started on first use and restarted on the next use after its consumer failed."""
+
+    def __init__(self, kafka: KafkaSection, topic: str) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self._claims: list[Envelope] = []
+        self._next = 0  # the offset after the last one read
+        self._changed = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def upto(
+        self, offset: int, now: datetime, *, wait_s: float = READ_BACK_WAIT
+    ) -> list[BudgetClaim]:
+        """The claims up to and including the one at ``offset``, once it has been read."""
+        await self._ensure_following()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self._next <= offset:
+            changed = self._changed
+            if (failed := task_failure(self._task)) is not None:
+                raise DependencyUnavailable(f"kafka: following {self.topic}: {failed!r}")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TransientError(f"{self.topic}: offset {offset} not read back in time")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        horizon = now - timedelta(seconds=BUDGET_WINDOW + CLOCK_SKEW)
+        # Claims past the window count for nothing (budget_grants): let them go.
+        self._claims = [e for e in self._claims if e.offset > offset or e.value.at > horizon]
+        return [e.value for e in self._claims if e.offset <= offset]
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def _ensure_following(self) -> None:
+        async with self._lock:
+            if self._task is not None and not self._task.done():
+                return
+            await self.stop()
+            # A claim is answered as soon as it is written (the broker completes a waiting
+            # fetch on new data): the long wait only spares an idle topic's polls.
+            consumer = groupless_consumer(self.kafka, "budget", fetch_max_wait_ms=500)
+            tp = TopicPartition(self.topic, 0)
+            try:
+                await consumer.start()
+                consumer.assign([tp])
+                since_ms = int((time.time() - BUDGET_WINDOW - CLOCK_SKEW) * 1000)
+                found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
+                if found is None:  # no claim that recent: from the end
+                    await consumer.seek_to_end(tp)
+                else:
+                    consumer.seek(tp, found.offset)
+                self._next = await consumer.position(tp)
+            except KafkaError as err:
+                await consumer.stop()
+                raise DependencyUnavailable(f"kafka: following {self.topic}: {err}") from err
+            except BaseException:
+                await consumer.stop()
+                raise
+            self._claims = []
+            self._consumer = consumer
+            self._task = asyncio.create_task(self._follow(consumer, tp), name="budget-claims")
+
+    async def _follow(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            for r in batch.get(tp, []):
+                try:
+                    claim = decode(BudgetClaim, r.value or b"")
+                except InvalidEvent as err:
+                    log.warning("%s: skipping a claim that does not decode: %s", self.topic, err)
+                    continue
+                self._claims.append(Envelope(self.topic, 0, r.offset, None, claim))
+            # Past transaction markers and skipped records too.
+            self._next = await consumer.position(tp)
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+
+
 class BudgetLedger:
     def __init__(self, bus: Bus, remediation: RemediationSection) -> None:
         self.bus = bus
         self.remediation = remediation
         self.topic = bus.topic("budget-claims")
         self.by = f"{bus.kafka.client_id}-{bus.name}"
+        self.log = ClaimLog(bus.kafka, self.topic)
 
     async def claim(
         self, action: ActionRequest, now: datetime, cordoned: tuple[str, ...] = ()
@@ -58,18 +164,14 @@ class BudgetLedger:
                 cordoned=cordoned if node else (),
             )
         )
-        for _ in range(3):
-            records = await recent_claims(self.bus.kafka, self.topic)
-            upto = [e for e in records if e.offset <= offset and isinstance(e.value, BudgetClaim)]
-            if upto and upto[-1].offset == offset:
-                verdict = budget_grants([e.value for e in upto], self.remediation)[-1]
-                if verdict is None:
-                    return None
-                return Verdict(
-                    verdict.kind, verdict.rule, f"{verdict.reason}, as claimed by every replica"
-                )
-            await asyncio.sleep(0.2)  # acknowledged, not yet readable: rare
-        raise TransientError(f"budget claim of action {action.id} not read back in time")
+        try:
+            upto = await self.log.upto(offset, now)
+        except TransientError as err:
+            raise TransientError(f"budget claim of action {action.id}: {err}") from err
+        verdict = budget_grants(upto, self.remediation)[-1]
+        if verdict is None:
+            return None
+        return Verdict(verdict.kind, verdict.rule, f"{verdict.reason}, as claimed by every replica")
 
     async def release(self, action: ActionRequest, now: datetime) -> None:
         """Give back the unit of an action that changed nothing."""
@@ -84,6 +186,9 @@ class BudgetLedger:
             await self._append(
                 BudgetClaim(action.id, action.target.namespace, now, by=self.by, done=True)
             )
+
+    async def stop(self) -> None:
+        await self.log.stop()
 
     async def _append(self, claim: BudgetClaim) -> int:
         try:

@@ -145,3 +145,31 @@ async def test_two_replicas_cannot_each_cordon_the_last_node_allowed(
     assert [n for n in ("n1", "n2") if cluster.node(n).unschedulable] == [
         r.target.name for r in results if r.status == "succeeded"
     ]
+
+
+async def test_claims_are_counted_across_a_restart_of_the_claim_follower(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    settings = settings_with(kafka_bootstrap, topic_prefix, max_actions_per_hour=2)
+    bus, _ = await started_bus(settings)
+    ledger = BudgetLedger(bus, settings.remediation)
+    try:
+        now = utcnow()
+        assert await ledger.claim(scale_up("a"), now) is None
+        # Its consumer fails under it: the follower dies of it.
+        consumer = ledger.log._consumer
+        assert consumer is not None
+        await consumer.stop()
+        for _ in range(100):
+            if ledger.log._task is not None and ledger.log._task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert ledger.log._task is not None and ledger.log._task.done()
+        # The next claim follows the topic afresh, and still counts the first.
+        assert await ledger.claim(scale_up("b"), now) is None
+        denied = await ledger.claim(scale_up("c"), now)
+        assert denied is not None and denied.rule == "max_actions_per_hour", denied
+        assert ledger.log._consumer is not consumer
+    finally:
+        await ledger.stop()
+        await bus.stop()
