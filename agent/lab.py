@@ -63,9 +63,18 @@ class SimulatedService:
     pods come back elsewhere."""
 
     def __init__(
-        self, lab: LabCluster, *, namespace: str, name: str, rps: int = 50, seed: int = 7
+        self,
+        lab: LabCluster,
+        *,
+        namespace: str,
+        name: str,
+        rps: int = 50,
+        seed: int = 7,
+        workload_refresh: float = 0.5,
     ) -> None:
         self.lab = lab
+        # Seconds between reads of the Deployment (its image, replicas, restart).
+        self.workload_refresh = workload_refresh
         self.namespace = namespace
         self.name = name
         self.rps = rps
@@ -130,8 +139,13 @@ class SimulatedService:
         loop = asyncio.get_running_loop()
         last = loop.time()
         due = 0.0  # requests owed since the last tick
+        w, read_at = await self.lab.cluster.workload(target), last
         while True:
-            w = await self.lab.cluster.workload(target)
+            # Not at every tick: on a real control plane that is a Deployment and its
+            # ReplicaSets read from the API server ten times a second, for as long as the
+            # lab runs, on the machine that runs the whole suite.
+            if loop.time() - read_at >= self.workload_refresh:
+                w, read_at = await self.lab.cluster.workload(target), loop.time()
             view = await self.lab.serving(self.namespace, self.name)
             now = loop.time()
             elapsed, last = now - last, now

@@ -91,19 +91,37 @@ def checkout() -> tuple[FakeCluster, Target, SimulatedService]:
 
 
 class SlowCluster(FakeCluster):
-    """A control plane slow to answer: each of the traffic loop's reads takes 0.2 s."""
+    """A control plane slow to answer: each of the traffic loop's reads takes ``delay``."""
+
+    def __init__(self, delay: float = 0.2) -> None:
+        super().__init__()
+        self.delay = delay
+        self.reads = 0
 
     async def workload(self, target: Target) -> Any:
-        await asyncio.sleep(0.2)
+        self.reads += 1
+        await asyncio.sleep(self.delay)
         return await super().workload(target)
 
 
+async def test_the_traffic_reads_the_deployment_twice_a_second_not_at_every_tick() -> None:
+    cluster = SlowCluster(delay=0.0)
+    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=1, at=utcnow())
+    service = SimulatedService(InProcessLab(cluster), namespace="shop", name="checkout")
+    await service.start()
+    await asyncio.sleep(1.2)
+    await service.stop()
+    assert 2 <= cluster.reads <= 4  # ticks: ~12
+
+
 async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() -> None:
-    cluster = SlowCluster()
+    cluster = SlowCluster(delay=0.2)
     for node in LAB_NODES:
         cluster.add_node(node)
     cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
-    service = SimulatedService(InProcessLab(cluster), namespace="shop", name="checkout", rps=50)
+    service = SimulatedService(
+        InProcessLab(cluster), namespace="shop", name="checkout", rps=50, workload_refresh=0.0
+    )  # a read at every tick: each tick takes 0.3 s
     loop = asyncio.get_running_loop()
     start = loop.time()
     await service.start()
