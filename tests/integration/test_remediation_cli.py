@@ -163,6 +163,7 @@ async def test_the_budget_command_shows_what_every_replica_claimed(
         await ledger.release(request("up-2", "scale_up", CART), now)  # changed nothing
         assert await ledger.claim(request("drain-1", "drain_node", node), now) is None
     finally:
+        await ledger.stop()
         await bus.stop()
     code, out = await cli(capsys, "actions", "budget", "--config", str(config))
     assert code == 0, out
