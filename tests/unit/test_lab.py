@@ -111,7 +111,7 @@ async def test_the_traffic_reads_the_deployment_twice_a_second_not_at_every_tick
     await service.start()
     await asyncio.sleep(1.2)
     await service.stop()
-    assert 2 <= cluster.reads <= 4  # ticks: ~12
+    assert 1 <= cluster.reads <= 4  # at most one each 0.5 s; ticks: ~12
 
 
 async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() -> None:
