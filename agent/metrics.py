@@ -85,6 +85,19 @@ class Metrics:
             ["service", "action", "outcome"],
             registry=r,
         )
+        self.budget_claims = Counter(
+            "sre_agent_budget_claims_total",
+            "Claims of the hourly budgets' units between executor replicas, by result: "
+            "granted, denied, unavailable (not arbitrated: the action is retried).",
+            ["result"],
+            registry=r,
+        )
+        self.budget_claim_duration = Histogram(
+            "sre_agent_budget_claim_seconds",
+            "Time an executed action spent claiming its budget unit (write and read-back).",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
         self.correlation_lag = Histogram(
             "sre_agent_correlation_lag_seconds",
             "Time from an anomaly record's Kafka timestamp (when it was published) to its "

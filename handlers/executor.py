@@ -426,7 +426,7 @@ class Executor:
             verdict = decide(action, self.settings, self.history.values(), switches, now, facts)
         if verdict.kind == "execute" and self._budget is not None:
             # The replicas' one order of claims settles who got the budget's last unit.
-            verdict = await self._budget.claim(action, now, facts.cordoned_nodes) or verdict
+            verdict = await self._claim(self._budget, action, now, facts.cordoned_nodes) or verdict
         if verdict.kind == "execute":
             return await self._execute(action, verdict, now)
         if verdict.kind == "approve":
@@ -448,6 +448,22 @@ class Executor:
             await self._escalate("denied", action, message, now)
             remember(self._held, action.id, None)
         return result
+
+    async def _claim(
+        self, budget: BudgetArbiter, action: ActionRequest, now: datetime, cordoned: tuple[str, ...]
+    ) -> Verdict | None:
+        """The budgets' denial, if any, as every replica's claims settle it."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            denied = await budget.claim(action, now, cordoned)
+        except AgentError:
+            self.metrics.budget_claims.labels(result="unavailable").inc()
+            raise
+        finally:
+            self.metrics.budget_claim_duration.observe(loop.time() - started)
+        self.metrics.budget_claims.labels(result="granted" if denied is None else "denied").inc()
+        return denied
 
     async def _facts(self, action: ActionRequest) -> Facts:
         if action.type not in SCALE_ACTIONS | DISRUPTIVE_ACTIONS | NODE_ACTIONS:

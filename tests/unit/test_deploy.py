@@ -94,3 +94,57 @@ def test_the_correlator_has_a_writable_tmp_under_a_read_only_root() -> None:
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             assert mounts.get("/tmp") in volumes, f"{d['metadata']['name']}: no writable /tmp"
     assert checked >= 1
+
+
+def test_the_budget_claims_alert_fires_on_repeated_failures_not_on_one(tmp_path: Path) -> None:
+    """Evaluated by Prometheus' own engine (`promtool test rules`) on series written out
+    minute by minute."""
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    series = 'sre_agent_budget_claims_total{result="unavailable",instance="executor-0"}'
+    alert = {
+        "exp_labels": {"severity": "critical", "instance": "executor-0"},
+        "exp_annotations": {
+            "summary": "executor executor-0 cannot claim budget units on the budget-claims "
+            "topic; its actions are retried, not executed"
+        },
+    }
+    doc = {
+        "rule_files": [str(DEPLOY / "monitoring" / "self-healing-rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {  # one claim failed (a broker restart): nothing
+                "interval": "1m",
+                "input_series": [{"series": series, "values": "0 1 1 1 1 1 1 1 1 1 1 1"}],
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{m}m",
+                        "alertname": "SREAgentBudgetClaimsUnavailable",
+                        "exp_alerts": [],
+                    }
+                    for m in (2, 5, 10)
+                ],
+            },
+            {  # every retry fails: the executor has stopped healing
+                "interval": "1m",
+                "input_series": [{"series": series, "values": "0+2x12"}],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "1m",
+                        "alertname": "SREAgentBudgetClaimsUnavailable",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "5m",
+                        "alertname": "SREAgentBudgetClaimsUnavailable",
+                        "exp_alerts": [alert],
+                    },
+                ],
+            },
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -24,7 +24,7 @@ from agent.models import (
     stable_id,
     utcnow,
 )
-from agent.policy import Switches
+from agent.policy import Switches, Verdict
 from agent.settings import Settings
 from handlers.executor import Executor, undo_request, undoable_result, unverified
 from handlers.fake_cluster import FakeCluster
@@ -907,3 +907,59 @@ async def test_a_namespace_freeze_holds_that_namespace_only(rig: Any) -> None:
         assert metrics.registry.get_sample_value("sre_agent_switch_on", labels) == 0.0
     finally:
         await ex.stop()
+
+
+class OneUnit:
+    """A budget arbiter as the claims topic settles it, in memory: one unit for all
+    replicas; or, ``failing``, a claims topic that cannot be read back."""
+
+    def __init__(self) -> None:
+        self.granted: list[str] = []
+        self.failing = False
+        self.stopped = False
+
+    async def claim(
+        self, action: ActionRequest, now: Any, cordoned: tuple[str, ...] = ()
+    ) -> Verdict | None:
+        if self.failing:
+            raise TransientError("budget claim: offset 3 not read back in time")
+        if self.granted and action.id not in self.granted:
+            return Verdict("deny", "max_actions_per_hour", "1 actions in the last hour")
+        self.granted.append(action.id)
+        return None
+
+    async def release(self, action: ActionRequest, now: Any) -> None:
+        self.granted.remove(action.id)
+
+    async def done(self, action: ActionRequest, now: Any) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_budget_claims_are_counted_and_timed_and_the_arbiter_stops_with_the_executor() -> (
+    None
+):
+    metrics, arbiter = Metrics(), OneUnit()
+    ex = Executor(cfg(), bus=MemoryBus(), cluster=cluster(), metrics=metrics, budget=arbiter)
+
+    def claims(result: str) -> float:
+        return (
+            metrics.registry.get_sample_value("sre_agent_budget_claims_total", {"result": result})
+            or 0.0
+        )
+
+    try:
+        assert (await ex.on_action(act(action_id="b1"))).status == "succeeded"
+        denied = await ex.on_action(act(action_id="b2", params={"replicas": "+1"}))
+        assert denied.status == "denied" and denied.message.startswith("max_actions_per_hour")
+        arbiter.failing = True
+        with pytest.raises(TransientError, match="not read back"):
+            await ex.on_action(act(action_id="b3"))  # retried by the consumer, never blind
+        assert (claims("granted"), claims("denied"), claims("unavailable")) == (1, 1, 1)
+        timed = metrics.registry.get_sample_value("sre_agent_budget_claim_seconds_count")
+        assert timed == 3
+    finally:
+        await ex.stop()
+    assert arbiter.stopped
