@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agent.codec import decode
@@ -54,6 +58,21 @@ def make_settings(
         else:
             base[section] = values
     return parse_settings(base, env={})
+
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"  # Debian's prometheus package
+
+
+def promtool_test(doc: dict[str, Any], where: Path) -> str | None:
+    """Run a `promtool test rules` file (Prometheus' own engine, on series written out
+    step by step): None when every expectation held, else what promtool printed."""
+    assert Path(PROMTOOL).exists(), "promtool comes with Debian's prometheus package"
+    path = where / "promtool-test.yml"
+    path.write_text(yaml.safe_dump(doc))
+    run = subprocess.run(
+        [PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    return None if run.returncode == 0 else run.stdout + run.stderr
 
 
 def lab_settings(kafka_bootstrap: str, topic_prefix: str, prometheus_url: str) -> Settings:

@@ -4,19 +4,16 @@ edge a live run meets only now and then (a pod's first seconds) is met every tim
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import yaml
 
 from agent.settings import load_settings
+from tests.helpers import promtool_test
 
 pytestmark = pytest.mark.integration
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 LABELS = 'namespace="shop",service="checkout"'
 
 
@@ -66,22 +63,12 @@ def firing_at(tmp_path: Path, expr: str, series: list[dict[str, str]], seconds: 
             }
         ],
     }
-    path = tmp_path / "patterns.yml"
-    path.write_text(yaml.safe_dump(doc))
-    run = subprocess.run(
-        [PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    out = run.stdout + run.stderr
-    if run.returncode == 0:
+    out = promtool_test(doc, tmp_path)
+    if out is None:
         return []
     fired = [s for s in seconds if f"time: {s}s," in out]
     assert fired, f"promtool failed for another reason:\n{out}"
     return fired
-
-
-@pytest.fixture(autouse=True)
-def _promtool_installed() -> None:
-    assert Path(PROMTOOL).exists(), "promtool comes with Debian's prometheus package"
 
 
 def test_a_young_pods_first_seconds_do_not_read_as_a_failing_pod(tmp_path: Path) -> None:

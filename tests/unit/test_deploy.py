@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from agent.metrics import Metrics
+from tests.helpers import promtool_test
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SERIES = re.compile(r"\b(sre_agent_[a-z_]+)")
@@ -99,7 +100,6 @@ def test_the_correlator_has_a_writable_tmp_under_a_read_only_root() -> None:
 def test_the_budget_claims_alert_fires_on_repeated_failures_not_on_one(tmp_path: Path) -> None:
     """Evaluated by Prometheus' own engine (`promtool test rules`) on series written out
     minute by minute."""
-    promtool = shutil.which("promtool") or "/usr/bin/promtool"
     series = 'sre_agent_budget_claims_total{result="unavailable",instance="executor-0"}'
     alert = {
         "exp_labels": {"severity": "critical", "instance": "executor-0"},
@@ -142,9 +142,5 @@ def test_the_budget_claims_alert_fires_on_repeated_failures_not_on_one(tmp_path:
             },
         ],
     }
-    path = tmp_path / "test.yml"
-    path.write_text(yaml.safe_dump(doc))
-    proc = subprocess.run(
-        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = promtool_test(doc, tmp_path)
+    assert out is None, out
