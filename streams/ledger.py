@@ -44,17 +44,18 @@ log = logging.getLogger(__name__)
 
 # How long a claim waits for its own record to be read back before the action is retried.
 READ_BACK_WAIT = 10.0
+# The claims that can still count: the budget window, and a margin for clocks.
+CLAIMS_HELD = BUDGET_WINDOW + CLOCK_SKEW
 
 
 async def recent_claims(kafka: KafkaSection, topic: str) -> list[Envelope]:
-    """The claims of the last budget window (and a margin for clocks), in the topic's
-    order."""
-    return await recent(kafka, topic, BudgetClaim, BUDGET_WINDOW + CLOCK_SKEW, wait_s=10.0)
+    """The claims that can still count, in the topic's order."""
+    return await recent(kafka, topic, BudgetClaim, CLAIMS_HELD, wait_s=10.0)
 
 
 class ClaimLog:
-    """The budget-claims topic as read so far: the claims of the last budget window (and a
-    margin for clocks) when first asked, and every claim written since, in the topic's
+    """The budget-claims topic as read so far: the claims that can still count
+    (``CLAIMS_HELD``) when first asked, and every claim written since, in the topic's
     order. Started on first use and restarted on the next use after its consumer failed."""
 
     def __init__(self, kafka: KafkaSection, topic: str) -> None:
@@ -83,7 +84,7 @@ class ClaimLog:
                 raise TransientError(f"{self.topic}: offset {offset} not read back in time")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
-        horizon = now - timedelta(seconds=BUDGET_WINDOW + CLOCK_SKEW)
+        horizon = now - timedelta(seconds=CLAIMS_HELD)
         # Claims past the window count for nothing (budget_grants): let them go.
         self._claims = [e for e in self._claims if e.offset > offset or e.value.at > horizon]
         return [e.value for e in self._claims if e.offset <= offset]
@@ -107,7 +108,7 @@ class ClaimLog:
             try:
                 await consumer.start()
                 consumer.assign([tp])
-                since_ms = int((time.time() - BUDGET_WINDOW - CLOCK_SKEW) * 1000)
+                since_ms = int((time.time() - CLAIMS_HELD) * 1000)
                 found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
                 if found is None:  # no claim that recent: from the end
                     await consumer.seek_to_end(tp)
