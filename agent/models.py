@@ -228,6 +228,106 @@ class Incident:
         return sorted({m.name for m in self.firing})
 
 
+# The correlator builds a Member for nearly every anomaly it folds and an Incident for each
+# change. A frozen dataclass's __init__ sets each field through object.__setattr__, about
+# 3x the cost of setting its slots directly, as these do. Same objects as the constructors
+# give (tests/unit/test_models.py holds them to every field); the hot path only.
+_new = object.__new__
+(
+    _m_fingerprint,
+    _m_name,
+    _m_source,
+    _m_severity,
+    _m_status,
+    _m_labels,
+    _m_first_seen,
+    _m_last_seen,
+    _m_value,
+    _m_silenced_by,
+    _m_inhibited_by,
+    _m_absorbed_by,
+) = (getattr(Member, f).__set__ for f in Member.__slots__)
+(
+    _i_id,
+    _i_key,
+    _i_status,
+    _i_severity,
+    _i_labels,
+    _i_members,
+    _i_opened_at,
+    _i_updated_at,
+    _i_revision,
+    _i_resolved_at,
+    _i_absorbed_into,
+    _i_schema_version,
+    _i_omitted_members,
+) = (getattr(Incident, f).__set__ for f in Incident.__slots__)
+
+
+def new_member(
+    fingerprint: str,
+    name: str,
+    source: AnomalySource,
+    severity: Severity,
+    status: AnomalyStatus,
+    labels: Mapping[str, str],
+    first_seen: datetime,
+    last_seen: datetime,
+    value: float | None,
+    silenced_by: str | None,
+    inhibited_by: str | None,
+    absorbed_by: str | None,
+) -> Member:
+    """``Member(...)`` with every field given, for the hot path."""
+    m: Member = _new(Member)
+    _m_fingerprint(m, fingerprint)
+    _m_name(m, name)
+    _m_source(m, source)
+    _m_severity(m, severity)
+    _m_status(m, status)
+    _m_labels(m, labels)
+    _m_first_seen(m, first_seen)
+    _m_last_seen(m, last_seen)
+    _m_value(m, value)
+    _m_silenced_by(m, silenced_by)
+    _m_inhibited_by(m, inhibited_by)
+    _m_absorbed_by(m, absorbed_by)
+    return m
+
+
+def new_incident(
+    id: str,
+    key: str,
+    status: IncidentStatus,
+    severity: Severity,
+    labels: Mapping[str, str],
+    members: tuple[Member, ...],
+    opened_at: datetime,
+    updated_at: datetime,
+    revision: int,
+    resolved_at: datetime | None,
+    absorbed_into: str | None,
+    schema_version: int,
+    omitted_members: int,
+) -> Incident:
+    """``Incident(...)`` with every field given, for the hot path."""
+    inc: Incident = _new(Incident)
+    _i_id(inc, id)
+    _i_key(inc, key)
+    _i_status(inc, status)
+    _i_severity(inc, severity)
+    _i_labels(inc, labels)
+    _i_members(inc, members)
+    _i_opened_at(inc, opened_at)
+    _i_updated_at(inc, updated_at)
+    _i_revision(inc, revision)
+    _i_resolved_at(inc, resolved_at)
+    _i_absorbed_into(inc, absorbed_into)
+    _i_schema_version(inc, schema_version)
+    _i_omitted_members(inc, omitted_members)
+    return inc
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     kind: TargetKind
