@@ -42,6 +42,8 @@ from agent.models import (
     Severity,
     Silence,
     group_key,
+    new_incident,
+    new_member,
     stable_id,
 )
 
@@ -94,19 +96,19 @@ def _severity(members: Sequence[Member]) -> Severity:
 
 
 def _member(a: Anomaly, marks: Marks = NO_MARKS) -> Member:
-    return Member(
-        fingerprint=a.fingerprint,
-        name=a.name,
-        source=a.source,
-        severity=a.severity,
-        status=a.status,
-        labels=a.labels,
-        first_seen=a.starts_at,
-        last_seen=a.observed_at,
-        value=a.value,
-        silenced_by=marks.silenced_by,
-        inhibited_by=marks.inhibited_by,
-        absorbed_by=marks.absorbed_by,
+    return new_member(
+        a.fingerprint,
+        a.name,
+        a.source,
+        a.severity,
+        a.status,
+        a.labels,
+        a.starts_at,
+        a.observed_at,
+        a.value,
+        marks.silenced_by,
+        marks.inhibited_by,
+        marks.absorbed_by,
     )
 
 
@@ -284,7 +286,7 @@ def _with(
 ) -> Member:
     """``m`` as last seen in ``a`` (identity, labels and first_seen stay). Built directly:
     dataclasses.replace costs several times more, and this runs for every repeat."""
-    return Member(
+    return new_member(
         m.fingerprint,
         m.name,
         m.source,
@@ -438,12 +440,20 @@ class _Group:
     """One group's state while a batch is folded: the incident, with its members in a list
     indexed by fingerprint, so a repeat costs a dict lookup and one new Member instead of a
     scan and copies of the member tuple and the incident. Local to :func:`correlate_batch`,
-    which returns only frozen incidents; it must fold exactly as :func:`correlate` does one
-    anomaly at a time (tests/unit/test_correlation.py holds it to that)."""
+    which returns only frozen incidents; it must fold as :func:`correlate` does one anomaly
+    at a time, its events coalesced (tests/unit/test_correlation.py holds it to that).
+
+    An "updated" revision is built only when the batch is done with it: a later change of
+    the same incident in the batch supersedes its event (see :func:`coalesce`), and most
+    changes are updates, so building each was most of the cost of a change. Its event
+    keeps its place in ``events`` and shows the incident as the batch left it.
+    """
 
     __slots__ = (
+        "absorbed_into",
         "counted",
         "dirty",
+        "events",
         "firing",
         "floor",
         "floored",
@@ -452,20 +462,41 @@ class _Group:
         "index",
         "loud",
         "members",
+        "pending",
         "ranks",
+        "resolved_at",
+        "revision",
+        "severity",
+        "status",
+        "updated_at",
     )
 
-    def __init__(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        inc: Incident | None,
+        events: list[Incident | None],
+        known: dict[str, int] | None = None,
+    ) -> None:
+        self.events = events  # the batch's events, shared by its groups
+        self.pending: int | None = None  # where in events this incident's update goes
         self._load(inc, known)
         self.dirty = False  # differs from the state the batch started with
 
     def _load(self, inc: Incident | None, known: dict[str, int] | None = None) -> None:
         self.inc = inc
+        if inc is not None:
+            # The current revision's own fields; self.inc is built from them when due.
+            self.status: IncidentStatus = inc.status
+            self.updated_at = inc.updated_at
+            self.revision = inc.revision
+            self.resolved_at = inc.resolved_at
+            self.absorbed_into = inc.absorbed_into
+            self.severity: Severity | None = inc.severity  # None: to be found from members
         self.members: list[Member] = list(inc.members) if inc is not None else []
         # The positions the last batch left for this very revision: building them anew
         # was a third of a small batch.
         self.index = known if known is not None and self._holds(known) else self._positions()
-        self.fresh = True  # inc.members is the members list
+        self.fresh = True  # self.inc is the current revision, with the members list
         # Tallies are kept only for a large group (see _count), from its first change on.
         self.counted = False
         # A lower bound of resolved members' last_seen (None: no resolved member), found
@@ -534,8 +565,10 @@ class _Group:
 
     def reset(self, inc: Incident) -> Incident:
         """A new incident replaces the group's state."""
+        self._settle()
         self._load(inc)
         self.dirty = True
+        self.events.append(inc)
         return inc
 
     def _floor(self) -> datetime | None:
@@ -602,37 +635,36 @@ class _Group:
         self.fresh = False
         self.dirty = True
 
-    def _revision(
-        self,
-        status: IncidentStatus,
-        updated_at: datetime,
-        revision: int,
-        resolved_at: datetime | None,
-        absorbed_into: str | None,
-        severity: Severity | None = None,
-    ) -> Incident:
-        """The incident with the current members (severity: theirs, unless given). Built
-        directly, as :func:`_with` is: dataclasses.replace costs several times more, and
-        this runs for every change."""
+    def _build(self) -> Incident:
+        """The current revision, with the current members. Built directly, as :func:`_with`
+        is: dataclasses.replace costs several times more."""
         inc = self.inc
         assert inc is not None
-        members = tuple(self.members)
-        self.inc = Incident(
+        if self.severity is None:
+            self.severity = self._severity()
+        self.inc = new_incident(
             inc.id,
             inc.key,
-            status,
-            severity or self._severity(),
+            self.status,
+            self.severity,
             inc.labels,
-            members,
+            tuple(self.members),
             inc.opened_at,
-            updated_at,
-            revision,
-            resolved_at,
-            absorbed_into,
+            self.updated_at,
+            self.revision,
+            self.resolved_at,
+            self.absorbed_into,
             inc.schema_version,
+            0,
         )
         self.fresh = True
         return self.inc
+
+    def _settle(self) -> None:
+        """Give the pending update its event: the incident as it stands now."""
+        if self.pending is not None:
+            self.events[self.pending] = self.result()
+            self.pending = None
 
     def change(
         self,
@@ -640,58 +672,61 @@ class _Group:
         updated_at: datetime,
         resolved_at: datetime | None,
         absorbed_into: str | None,
-    ) -> Incident:
-        """A transition: the next revision, with the current members."""
-        assert self.inc is not None
-        return self._revision(status, updated_at, self.inc.revision + 1, resolved_at, absorbed_into)
+    ) -> None:
+        """A transition: the next revision, with the current members, and its event."""
+        self.status = status
+        self.updated_at = updated_at
+        self.resolved_at = resolved_at
+        self.absorbed_into = absorbed_into
+        self.revision += 1
+        self.severity = None
+        self.fresh = False
+        if self.pending is not None:
+            self.events[self.pending] = None  # superseded by this one (see coalesce)
+            self.pending = None
+        if status == "updated":
+            self.pending = len(self.events)
+            self.events.append(None)  # its place; filled once the batch is done with it
+        else:
+            self.events.append(self._build())
 
     def result(self) -> Incident | None:
-        """The group's state at the end of the batch (members refreshed since the last
-        transition included)."""
-        inc = self.inc
-        if not self.fresh:
-            assert inc is not None
-            # The same revision: a refresh changes only liveness, nothing an event announces.
-            return self._revision(
-                inc.status,
-                inc.updated_at,
-                inc.revision,
-                inc.resolved_at,
-                inc.absorbed_into,
-                inc.severity,
-            )
-        return inc
+        """The group's current state (members refreshed since the last transition
+        included; a refresh changes only liveness, nothing an event announces)."""
+        return self.inc if self.fresh else self._build()
 
-    def fold(self, a: Anomaly, key: str, rules: CorrelationRules, marks: Marks) -> Incident | None:
-        """:func:`correlate`, in place; returns the event."""
-        inc = self.inc
+    def fold(self, a: Anomaly, key: str, rules: CorrelationRules, marks: Marks) -> None:
+        """:func:`correlate`, in place; its event goes to ``events``."""
         firing = a.status == "firing"
-        if inc is None:
-            return self.reset(_open(a, key, rules, marks)) if firing else None
+        if self.inc is None:
+            if firing:
+                self.reset(_open(a, key, rules, marks))
+            return
         i = self.index.get(a.fingerprint)
         known = self.members[i] if i is not None else None
-        if inc.status == "resolved":
-            if not firing:
-                return None
-            assert inc.resolved_at is not None
-            if a.observed_at <= inc.resolved_at:
-                return None
+        if self.status == "resolved":
+            resolved_at = self.resolved_at
+            assert resolved_at is not None
+            if not firing or a.observed_at <= resolved_at:
+                return
             if known is not None and a.observed_at < known.last_seen:
-                return None
-            if (a.observed_at - inc.resolved_at).total_seconds() > rules.reopen_window:
-                return self.reset(_open(a, key, rules, marks))
+                return
+            if (a.observed_at - resolved_at).total_seconds() > rules.reopen_window:
+                self.reset(_open(a, key, rules, marks))
+                return
             if known is None:
                 self.make_room(rules.max_members)  # all members are resolved: room is made
             self.upsert(a, marks)
-            changed_at = max(a.observed_at, inc.updated_at)
+            changed_at = max(a.observed_at, self.updated_at)
             self.retain(changed_at, a.fingerprint, rules)
             loud = not (marks.silenced_by or marks.inhibited_by)
-            return self.change(self._live("reopened", loud), changed_at, None, None)
+            self.change(self._live("reopened", loud), changed_at, None, None)
+            return
         if known is None and not firing:
-            return None
+            return
         if known is not None:
             if a.observed_at < known.last_seen:
-                return None
+                return
             if _unchanged(known, a, marks):
                 assert i is not None
                 self.members[i] = _with(
@@ -699,19 +734,20 @@ class _Group:
                 )
                 self.fresh = False
                 self.dirty = True
-                return None
+                return
         else:
             self.make_room(rules.max_members)
         self.upsert(a, marks)
-        changed_at = max(a.observed_at, inc.updated_at)
+        changed_at = max(a.observed_at, self.updated_at)
         # A firing member was just written: not all resolved, and when it is not
         # suppressed, not silenced either, both known without a scan of the members.
         if not firing and self._all_resolved():
-            return self.change("resolved", changed_at, changed_at, inc.absorbed_into)
+            self.change("resolved", changed_at, changed_at, self.absorbed_into)
+            return
         self.retain(changed_at, a.fingerprint, rules)
         loud = firing and not (marks.silenced_by or marks.inhibited_by)
-        status = self._live("mitigating" if inc.status == "mitigating" else "updated", loud)
-        return self.change(status, changed_at, inc.resolved_at, inc.absorbed_into)
+        status = self._live("mitigating" if self.status == "mitigating" else "updated", loud)
+        self.change(status, changed_at, self.resolved_at, self.absorbed_into)
 
 
 def correlate_batch(
@@ -725,7 +761,10 @@ def correlate_batch(
 ) -> tuple[dict[str, Incident | None], list[Incident]]:
     """Fold a batch; returns only the states that changed and the events in order.
 
-    The same result as :func:`correlate` one anomaly at a time, at a fraction of the cost.
+    The result of :func:`correlate` one anomaly at a time, its events coalesced (see
+    :func:`coalesce`), at a fraction of the cost. An "updated" event shows its incident as
+    the batch left it: the revision it announces, with the liveness of its members as of
+    the end of the batch (a refresh changes nothing else), so it is the stored state.
     ``anomalies`` are anomalies, or (group key, anomaly) pairs when the caller has the keys,
     or (group key, anomaly, marks) triples when the caller decided topology and inhibition.
     Anomalies matching one of ``silences`` are folded as silenced members.
@@ -738,7 +777,7 @@ def correlate_batch(
     """
     del now  # correlation depends on event time only
     groups: dict[str, _Group] = {}
-    events: list[Incident] = []
+    events: list[Incident | None] = []
     for item in anomalies:
         marks = NO_MARKS
         if isinstance(item, Anomaly):
@@ -758,20 +797,20 @@ def correlate_batch(
                 if memo is not None and inc is not None and memo[:2] == (inc.id, inc.revision)
                 else None
             )
-            g = groups[k] = _Group(inc, known)
+            g = groups[k] = _Group(inc, events, known)
         try:
-            event = g.fold(a, k, rules, marks)
+            g.fold(a, k, rules, marks)
         except _Refused:
             if refused is not None:
                 refused.append((k, a, marks))
-            continue
-        if event is not None:
-            events.append(event)
-    if positions is not None:
-        for k, g in groups.items():
-            if g.inc is not None:
-                positions[k] = (g.inc.id, g.inc.revision, g.index)
-    return {k: g.result() for k, g in groups.items() if g.dirty}, events
+    changed: dict[str, Incident | None] = {}
+    for k, g in groups.items():
+        if g.dirty:
+            changed[k] = g.result()
+            g._settle()  # the same object as the state: encoded once, for both
+        if positions is not None and g.inc is not None:
+            positions[k] = (g.inc.id, g.inc.revision, g.index)
+    return changed, [e for e in events if e is not None]
 
 
 def coalesce(events: Sequence[Incident]) -> list[Incident]:

@@ -30,6 +30,7 @@ from streams.correlation import (
     Keyed,
     Marks,
     Positions,
+    coalesce,
     correlate,
     correlate_batch,
     expire,
@@ -51,9 +52,13 @@ States = dict[str, Incident | None]
 
 
 def fold(
-    anomalies: Iterable[Anomaly], states: States | None = None, rules: CorrelationRules = RULES
+    anomalies: Iterable[Anomaly],
+    states: States | None = None,
+    rules: CorrelationRules = RULES,
+    trail: dict[str, Incident] | None = None,
 ) -> tuple[States, list[Incident]]:
-    """The reference semantics: one correlate() call per anomaly, in order."""
+    """The reference semantics: one correlate() call per anomaly, in order. ``trail``
+    gets the last state of each incident (see :func:`as_batch`)."""
     states = dict(states or {})
     events: list[Incident] = []
     for a in anomalies:
@@ -61,9 +66,33 @@ def fold(
         new, event = correlate(states.get(k), a, NOW, rules)
         if new is not None or k in states:
             states[k] = new
+        if new is not None and trail is not None:
+            trail[new.id] = new
         if event is not None:
             events.append(event)
     return states, events
+
+
+def as_batch(events: list[Incident], trail: dict[str, Incident]) -> list[Incident]:
+    """The events correlate_batch reports for the same fold: coalesced, each "updated"
+    one showing its incident as the batch left it (its last state in ``trail``)."""
+    out = []
+    for e in coalesce(events):
+        if e.status == "updated":
+            last = trail[e.id]
+            assert last.revision == e.revision  # later, only members' liveness moved
+            e = last
+        out.append(e)
+    return out
+
+
+def fold_batch(
+    anomalies: Iterable[Anomaly], states: States | None = None, rules: CorrelationRules = RULES
+) -> tuple[States, list[Incident]]:
+    """What correlate_batch must return for the same anomalies, by the reference fold."""
+    trail: dict[str, Incident] = {}
+    states, events = fold(anomalies, states, rules, trail)
+    return states, as_batch(events, trail)
 
 
 def steps(
@@ -509,7 +538,7 @@ def test_batch_equals_folding_one_by_one(xs: list[Anomaly], data: st.DataObject)
     # Start from a state reached by an arbitrary prefix, then batch the rest.
     cut = data.draw(st.integers(min_value=0, max_value=len(xs)))
     initial, _ = fold(xs[:cut])
-    expected_states, expected_events = fold(xs[cut:], initial)
+    expected_states, expected_events = fold_batch(xs[cut:], initial)
     changed, events = correlate_batch(dict(initial), xs[cut:], NOW, RULES)
     assert events == expected_events
     assert {**initial, **changed} == expected_states
@@ -555,7 +584,7 @@ def test_batch_with_marks_and_silences_equals_folding_one_by_one(
     silences = [_SILENCE] if silenced else []
 
     def reference(xs: list[Keyed], initial: States) -> tuple[States, list[Incident]]:
-        states, events = dict(initial), []
+        states, events, trail = dict(initial), [], {}
         for k, a, marks in xs:
             hit = next((s.id for s in silences if s.matches(a.labels, a.observed_at)), None)
             new, event = correlate(
@@ -563,9 +592,11 @@ def test_batch_with_marks_and_silences_equals_folding_one_by_one(
             )
             if new is not None or k in states:
                 states[k] = new
+            if new is not None:
+                trail[new.id] = new
             if event is not None:
                 events.append(event)
-        return states, events
+        return states, as_batch(events, trail)
 
     cut = data.draw(st.integers(min_value=0, max_value=len(items)))
     initial, _ = reference(items[:cut], {})
@@ -590,7 +621,7 @@ def test_batches_sharing_a_positions_memo_equal_folding_one_by_one(
     got: States = {}
     memo: Positions = {}
     for n, chunk in enumerate(chunks):
-        expected, expected_events = fold(chunk, expected)
+        expected, expected_events = fold_batch(chunk, expected)
         changed, events = correlate_batch(dict(got), chunk, NOW, RULES, positions=memo)
         got = {**got, **changed}
         assert events == expected_events
@@ -668,7 +699,7 @@ def test_retention_folds_the_same_in_batches(xs: list[Anomaly], cuts: list[int])
     bounds = [0, *sorted(c for c in cuts if c <= len(xs)), len(xs)]
     expected, got, memo = {}, {}, {}  # type: ignore[var-annotated]
     for lo, hi in itertools.pairwise(bounds):
-        expected, expected_events = fold(xs[lo:hi], expected, RETAINING)
+        expected, expected_events = fold_batch(xs[lo:hi], expected, RETAINING)
         changed, events = correlate_batch(dict(got), xs[lo:hi], NOW, RETAINING, positions=memo)
         got = {**got, **changed}
         assert events == expected_events
@@ -774,7 +805,7 @@ def test_a_mass_outage_folds_to_one_incident_of_every_pod() -> None:
 def test_a_batch_never_reopens_with_a_firing_as_old_as_the_resolution() -> None:
     xs = [anomaly("errors", t=0), anomaly("errors", status="resolved", t=10)]
     xs += [anomaly("errors", t=10), anomaly("latency", severity="warning", t=10)]
-    expected, events = fold(xs)
+    expected, events = fold_batch(xs)
     changed, batch_events = correlate_batch({}, xs, NOW, RULES)
     assert (changed, batch_events) == (expected, events)
     assert [e.status for e in events] == ["open", "resolved"]
@@ -843,14 +874,15 @@ capped_streams = st.one_of(_close, _close.map(lambda xs: sorted(xs, key=lambda a
 def fold_refusing(
     xs: Iterable[Anomaly], states: States, rules: CorrelationRules
 ) -> tuple[States, list[Incident], list[Anomaly]]:
-    """fold(), and the anomalies it refused."""
+    """fold_batch(), and the anomalies it refused."""
     states, events, refused = dict(states), [], []
+    trail: dict[str, Incident] = {}
     for a in xs:
         if refuses(states.get(key_of(a, rules)), a, rules):
             refused.append(a)
-        states, more = fold([a], states, rules)
+        states, more = fold([a], states, rules, trail)
         events += more
-    return states, events, refused
+    return states, as_batch(events, trail), refused
 
 
 @settings(max_examples=300, deadline=None)
@@ -902,7 +934,7 @@ def test_a_member_dropped_for_room_no_longer_counts_for_severity(tally: bool) ->
     xs += [flap, replace(flap, status="resolved", observed_at=at(5))]
     with tallied() if tally else contextlib.nullcontext():
         changed, events = correlate_batch({}, xs, NOW, CAPPED)
-    assert (changed, events) == fold(xs, rules=CAPPED)
+    assert (changed, events) == fold_batch(xs, rules=CAPPED)
     (inc,) = changed.values()
     assert inc is not None
     assert [m.name for m in inc.members] == ["latency", "restarts"]
