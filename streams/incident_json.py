@@ -15,12 +15,33 @@ from collections.abc import Callable
 
 import orjson
 
-from agent.codec import encode
 from agent.models import Incident, Member
 from streams.correlation import for_event
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Incident))
 _OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS  # as agent.codec.encode
+
+
+def member_json(m: Member) -> bytes:
+    """``encode(m)``: orjson reads a slotted dataclass field by field through its
+    descriptors, about 1.6x the cost of this dict of the same fields in the same order."""
+    return orjson.dumps(
+        {
+            "fingerprint": m.fingerprint,
+            "name": m.name,
+            "source": m.source,
+            "severity": m.severity,
+            "status": m.status,
+            "labels": m.labels,
+            "first_seen": m.first_seen,
+            "last_seen": m.last_seen,
+            "value": m.value,
+            "silenced_by": m.silenced_by,
+            "inhibited_by": m.inhibited_by,
+            "absorbed_by": m.absorbed_by,
+        },
+        option=_OPTS,
+    )
 
 
 class IncidentEncoder:
@@ -36,7 +57,7 @@ class IncidentEncoder:
         known, known_parts = self._last.get(incident.key, ((), []))
         n = len(known)
         parts = [
-            known_parts[i] if i < n and known[i] is m else orjson.Fragment(encode(m))
+            known_parts[i] if i < n and known[i] is m else orjson.Fragment(member_json(m))
             for i, m in enumerate(incident.members)
         ]
         if remember:

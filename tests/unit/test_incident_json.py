@@ -12,7 +12,7 @@ from agent.codec import decode, encode
 from agent.models import Incident
 from streams.correlation import CorrelationRules, correlate_batch
 from streams.correlator import Stored
-from streams.incident_json import IncidentEncoder
+from streams.incident_json import IncidentEncoder, member_json
 from tests.unit.factories import anomaly, at
 
 # Short retention: revisions also drop members, which shifts the others' positions.
@@ -58,6 +58,15 @@ def test_every_revision_encodes_as_codec_does(
             if inc is not None:
                 assert enc.encode(inc) == encode(inc)
             state[k] = inc
+
+
+def test_a_member_with_every_mark_encodes_as_codec_does() -> None:
+    changed, _ = correlate_batch({}, [anomaly("errors", value=None)], at(3600), RULES)
+    inc = next(i for i in changed.values() if i is not None)
+    plain = inc.members[0]
+    marked = replace(plain, silenced_by="s1", inhibited_by="node-down:f1", absorbed_by="node/n1")
+    for m in (plain, marked, replace(marked, value=-0.0, labels={"ü": 'q"x'})):
+        assert member_json(m) == encode(m)
 
 
 def test_a_member_replaced_by_an_equal_object_is_encoded_afresh() -> None:
