@@ -563,13 +563,12 @@ class _Group:
             not members or index.get(members[-1].fingerprint) == len(members) - 1
         )
 
-    def reset(self, inc: Incident) -> Incident:
-        """A new incident replaces the group's state."""
+    def reset(self, inc: Incident) -> None:
+        """A new incident replaces the group's state; its opening is an event."""
         self._settle()
         self._load(inc)
         self.dirty = True
         self.events.append(inc)
-        return inc
 
     def _floor(self) -> datetime | None:
         if not self.floored:
