@@ -452,6 +452,7 @@ async def main() -> None:
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=20.0, help="unmeasured latency run first")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput runs of each, interleaved")
     ap.add_argument("--bootstrap", default="127.0.0.1:19092")
     ap.add_argument("--alertmanager", default="http://127.0.0.1:19094")
     args = ap.parse_args()
@@ -468,19 +469,28 @@ async def main() -> None:
             (f"batches of {args.batch}", batches, args.batch),
             ("one anomaly per record", singles, 1),
         ):
-            rates = []
-            for decode in (orjson.loads, decode_anomalies):
-                run = new_prefix("bench-pt-")
-                src, dst = f"{run}-in", f"{run}-out"
-                await ensure(args.bootstrap, src, dst)
-                await produce(args.bootstrap, src, recs)
-                rates.append(await passthrough(args.bootstrap, src, dst, len(recs), decode))
-            pt, typed = (r * per_record for r in rates)
-            corr = await correlator_throughput(args.bootstrap, recs, len(recs) * per_record)
-            # Gone before the next phase: the broker's log cleaner compacting hundreds of MB
-            # of changelog competed with the latency phase for the CPU.
-            await delete_topics(args.bootstrap)
-            print(f"[{label}] {len(recs) * per_record} anomalies")
+            # Rounds interleave the three, so a slow spell of the machine (its speed here
+            # moves by half from minute to minute) lands on all of them, not on one.
+            pts, typeds, corrs = [], [], []
+            for _ in range(args.rounds):
+                rates = []
+                for decode in (orjson.loads, decode_anomalies):
+                    run = new_prefix("bench-pt-")
+                    src, dst = f"{run}-in", f"{run}-out"
+                    await ensure(args.bootstrap, src, dst)
+                    await produce(args.bootstrap, src, recs)
+                    rates.append(await passthrough(args.bootstrap, src, dst, len(recs), decode))
+                pts.append(rates[0] * per_record)
+                typeds.append(rates[1] * per_record)
+                corrs.append(
+                    await correlator_throughput(args.bootstrap, recs, len(recs) * per_record)
+                )
+                # Gone before the next run: the broker's log cleaner compacting hundreds of
+                # MB of changelog competed with the latency phase for the CPU.
+                await delete_topics(args.bootstrap)
+            pt, typed, corr = (statistics.median(r) for r in (pts, typeds, corrs))
+            spread = [c / p for c, p in zip(corrs, pts, strict=True)]
+            print(f"[{label}] {len(recs) * per_record} anomalies, median of {args.rounds} rounds")
             print(f"  passthrough (aiokafka consume+decode+produce): {pt:10.0f} anomalies/s")
             print(
                 f"  the same, decoding validated anomalies:       {typed:10.0f} anomalies/s"
@@ -489,6 +499,7 @@ async def main() -> None:
             print(
                 f"  correlator (faust, 1 worker):                 {corr:10.0f} anomalies/s"
                 f"   ratio to passthrough {corr / pt:.2f}"
+                f" (rounds {min(spread):.2f}-{max(spread):.2f})"
             )
         # The same load first, unmeasured: on a broker started minutes ago the first runs
         # of this load measured its JIT warm-up (p99 0.9-1.1 s, falling to ~0.2 s by the
