@@ -135,10 +135,11 @@ class SimulatedService:
 
     async def _traffic(self) -> None:
         target = Target(kind="Deployment", namespace=self.namespace, name=self.name)
-        tick = sent = 0
+        sent = 0
         loop = asyncio.get_running_loop()
         last = loop.time()
         due = 0.0  # requests owed since the last tick
+        crash_due = 0.0  # seconds of crash loop since the last container restart
         w, read_at = await self.lab.cluster.workload(target), last
         while True:
             # Not at every tick: on a real control plane that is a Deployment and its
@@ -166,9 +167,12 @@ class SimulatedService:
                 key = (pod, node, "500" if failed else "200")
                 self.counts[key] = self.counts.get(key, 0) + 1
             sent += n
-            tick += 1
-            if tick % 10 == 0 and self.crash_looping(w):
-                self.restarts += 1  # a container restart a second
+            # A container restart a second, by the clock as well: at most one a tick, and a
+            # stall is not made up for with a burst.
+            crash_due = min(crash_due + elapsed, 1.5) if self.crash_looping(w) else 0.0
+            if crash_due >= 1.0:
+                crash_due -= 1.0
+                self.restarts += 1
                 # ... in the pod's status too, where verification reads it.
                 await self.lab.crash(self.namespace, self.first_pod)
             self.replicas = w.replicas

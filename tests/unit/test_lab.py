@@ -138,6 +138,27 @@ async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() 
     assert max(per_pod) - min(per_pod) <= 1  # in turn, as a Service spreads them
 
 
+async def test_a_crash_loop_restarts_a_container_a_second_however_long_the_ticks() -> None:
+    cluster = SlowCluster(delay=0.2)
+    for node in LAB_NODES:
+        cluster.add_node(node)
+    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=1, at=utcnow())
+    service = SimulatedService(
+        InProcessLab(cluster), namespace="shop", name="checkout", workload_refresh=0.0
+    )  # a read at every tick: each tick takes 0.3 s
+    await experiment("crash-loop").inject(service.lab, service)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await service.start()
+    await asyncio.sleep(2.6)
+    await service.stop()
+    took = loop.time() - start
+    # One every 10 ticks would be none in 2.6 s of 0.3 s ticks.
+    assert took - 1.3 <= service.restarts <= took
+    pod = cluster.pod("shop", "checkout-0")
+    assert pod is not None and pod.restarts == service.restarts
+
+
 async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
     cluster, target, service = checkout()
     before = await cluster.workload(target)
