@@ -114,20 +114,34 @@ async def test_the_traffic_reads_the_deployment_twice_a_second_not_at_every_tick
     assert 1 <= cluster.reads <= 4  # at most one each 0.5 s; ticks: ~12
 
 
-async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() -> None:
+def busy_checkout(replicas: int) -> tuple[SlowCluster, SimulatedService]:
+    """checkout on a busy machine: the Deployment is read at every tick and each read takes
+    0.2 s, so a tick takes 0.3 s, not 0.1 s."""
     cluster = SlowCluster(delay=0.2)
     for node in LAB_NODES:
         cluster.add_node(node)
-    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
+    cluster.create_deployment(
+        "shop", "checkout", image="checkout:v1", replicas=replicas, at=utcnow()
+    )
     service = SimulatedService(
         InProcessLab(cluster), namespace="shop", name="checkout", rps=50, workload_refresh=0.0
-    )  # a read at every tick: each tick takes 0.3 s
+    )
+    return cluster, service
+
+
+async def run_for(service: SimulatedService, seconds: float) -> float:
+    """Runs the service's traffic for ``seconds``; returns how long it ran."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     await service.start()
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(seconds)
     await service.stop()
-    took = loop.time() - start
+    return loop.time() - start
+
+
+async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() -> None:
+    _, service = busy_checkout(replicas=3)
+    took = await run_for(service, 1.5)
     served = sum(service.counts.values())
     # A tick is 0.3 s here, not 0.1 s: 5 requests a tick would have served 25, not ~75.
     assert 50 * (took - 0.7) <= served <= 50 * took
@@ -139,20 +153,9 @@ async def test_a_busy_machines_long_ticks_still_serve_the_requests_per_second() 
 
 
 async def test_a_crash_loop_restarts_a_container_a_second_however_long_the_ticks() -> None:
-    cluster = SlowCluster(delay=0.2)
-    for node in LAB_NODES:
-        cluster.add_node(node)
-    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=1, at=utcnow())
-    service = SimulatedService(
-        InProcessLab(cluster), namespace="shop", name="checkout", workload_refresh=0.0
-    )  # a read at every tick: each tick takes 0.3 s
+    cluster, service = busy_checkout(replicas=1)
     await experiment("crash-loop").inject(service.lab, service)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    await service.start()
-    await asyncio.sleep(2.6)
-    await service.stop()
-    took = loop.time() - start
+    took = await run_for(service, 2.6)
     # One every 10 ticks would be none in 2.6 s of 0.3 s ticks.
     assert took - 1.3 <= service.restarts <= took
     pod = cluster.pod("shop", "checkout-0")
