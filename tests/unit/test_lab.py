@@ -79,15 +79,20 @@ async def test_a_run_waits_until_an_earlier_runs_series_left_the_windows() -> No
         await await_quiet(LingeringSeries(polls=1000), "shop", "checkout", limit=0.05, poll=0.01)  # type: ignore[arg-type]
 
 
-def checkout() -> tuple[FakeCluster, Target, SimulatedService]:
-    """The lab's service: 3 replicas of checkout in shop, on an in-process cluster."""
-    cluster = FakeCluster()
+def checkout(
+    cluster: FakeCluster | None = None, replicas: int = 3, **service: Any
+) -> tuple[FakeCluster, Target, SimulatedService]:
+    """The lab's service: ``replicas`` of checkout in shop, on an in-process cluster
+    (``service``: more of SimulatedService's settings)."""
+    cluster = cluster if cluster is not None else FakeCluster()
     for node in LAB_NODES:
         cluster.add_node(node)
-    cluster.create_deployment("shop", "checkout", image="checkout:v1", replicas=3, at=utcnow())
+    cluster.create_deployment(
+        "shop", "checkout", image="checkout:v1", replicas=replicas, at=utcnow()
+    )
     target = Target(kind="Deployment", namespace="shop", name="checkout")
     lab = InProcessLab(cluster)
-    return cluster, target, SimulatedService(lab, namespace="shop", name="checkout")
+    return cluster, target, SimulatedService(lab, namespace="shop", name="checkout", **service)
 
 
 class SlowCluster(FakeCluster):
@@ -118,14 +123,7 @@ def busy_checkout(replicas: int) -> tuple[SlowCluster, SimulatedService]:
     """checkout on a busy machine: the Deployment is read at every tick and each read takes
     0.2 s, so a tick takes 0.3 s, not 0.1 s."""
     cluster = SlowCluster(delay=0.2)
-    for node in LAB_NODES:
-        cluster.add_node(node)
-    cluster.create_deployment(
-        "shop", "checkout", image="checkout:v1", replicas=replicas, at=utcnow()
-    )
-    service = SimulatedService(
-        InProcessLab(cluster), namespace="shop", name="checkout", rps=50, workload_refresh=0.0
-    )
+    _, _, service = checkout(cluster, replicas, rps=50, workload_refresh=0.0)
     return cluster, service
 
 
