@@ -815,7 +815,8 @@ def correlate_batch(
 def coalesce(events: Sequence[Incident]) -> list[Incident]:
     """Drop an "updated" event when a later event of the same incident in the same batch
     supersedes it; every other transition (open, mitigating, resolved, reopened) is kept,
-    so subscribers see each lifecycle step and the final state of every incident."""
+    so subscribers see each lifecycle step and the final state of every incident. The rule
+    :func:`correlate_batch` applies as it folds (the tests hold it to this function)."""
     last_index = {e.id: i for i, e in enumerate(events)}
     return [e for i, e in enumerate(events) if e.status != "updated" or last_index[e.id] == i]
 

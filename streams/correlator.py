@@ -57,7 +57,6 @@ from streams.correlation import (
     Marks,
     Positions,
     as_published,
-    coalesce,
     correlate_batch,
     expire,
     hand_over,
@@ -757,10 +756,11 @@ class Correlator:
         changed, events = correlate_batch(
             states, anomalies, now, self.rules, self.silences.all(), self._positions, refused
         )
-        # Which events go out now and which wait for group_wait/group_interval.
+        # Which events go out now and which wait for group_wait/group_interval (the batch's
+        # events come coalesced).
         emission = {k: (s.emitted_at, s.pending) if s else (None, False) for k, s in before.items()}
         out: list[Incident] = []
-        for event in coalesce(events):
+        for event in events:
             emitted_at, _ = emission.get(event.key, (None, False))
             if publish_due(event, emitted_at, now, self.rules):
                 out.append(as_published(event, emitted_at))
