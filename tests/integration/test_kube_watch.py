@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import threading
@@ -57,8 +58,11 @@ def kubeconfig(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("k8s_cluster").kubeconfig)
 
 
-@pytest.fixture
-async def watched(kubeconfig: str) -> AsyncIterator[tuple[KubeWatcher, Recorder, Any, str]]:
+@contextlib.asynccontextmanager
+async def watching(
+    kubeconfig: str, rec: Any, *, tick_interval: float = 5.0, **kube: Any
+) -> AsyncIterator[tuple[KubeWatcher, Any, str]]:
+    """A started watcher publishing to ``rec``, a client and a namespace of its own."""
     settings = parse_settings(
         {
             "agent": {"cluster": "kind"},
@@ -68,25 +72,34 @@ async def watched(kubeconfig: str) -> AsyncIterator[tuple[KubeWatcher, Recorder,
                     "kubeconfig": kubeconfig,
                     "watch_timeout": "2s",  # every watch ends quickly and must resume
                     "restart_threshold": 3,
+                    **kube,
                 }
             },
         },
         env={},
     )
-    rec = Recorder()
     api = config.new_client_from_config(config_file=kubeconfig)
     core = client.CoreV1Api(api)
     ns = f"test-{uuid.uuid4().hex[:10]}"
     await call(core.create_namespace, {"metadata": {"name": ns}})
-    watcher = KubeWatcher(settings, publish=rec, topic="t", metrics=Metrics(), api=api)
+    watcher = KubeWatcher(
+        settings, publish=rec, topic="t", metrics=Metrics(), api=api, tick_interval=tick_interval
+    )
     await watcher.start()
     try:
         await asyncio.wait_for(watcher.synced.wait(), 30)
-        yield watcher, rec, core, ns
+        yield watcher, core, ns
     finally:
         await watcher.stop()
         await call(core.delete_namespace, ns)
         api.close()
+
+
+@pytest.fixture
+async def watched(kubeconfig: str) -> AsyncIterator[tuple[KubeWatcher, Recorder, Any, str]]:
+    rec = Recorder()
+    async with watching(kubeconfig, rec) as (watcher, core, ns):
+        yield watcher, rec, core, ns
 
 
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -109,29 +122,36 @@ def container_status(restarts: int, waiting: str | None) -> dict[str, Any]:
     }
 
 
-async def test_crash_looping_pod(
-    watched: tuple[KubeWatcher, Recorder, Any, str],
-) -> None:
-    _, rec, core, ns = watched
-    pod = f"cart-{uuid.uuid4().hex[:6]}"
+async def bare_pod(core: Any, ns: str, app: str) -> str:
+    """A pod of ``app`` that nothing schedules or runs: no scheduler and no kwok node, so
+    its status is the test's to write. Returns its name."""
+    pod = f"{app}-{uuid.uuid4().hex[:6]}"
     body = {
-        "metadata": {"name": pod, "labels": {"app": "cart"}},
-        # No scheduler and no kwok node: this pod's status is ours to write.
+        "metadata": {"name": pod, "labels": {"app": app}},
         "spec": {
             "schedulerName": "none",
             "containers": [{"name": "app", "image": "example/app:1"}],
         },
     }
     await call(core.create_namespaced_pod, ns, body)
+    return pod
+
+
+async def set_status(core: Any, ns: str, pod: str, restarts: int, waiting: str | None) -> None:
+    patch = {
+        "status": {"phase": "Running", "containerStatuses": [container_status(restarts, waiting)]}
+    }
+    await call(core.patch_namespaced_pod_status, pod, ns, patch)
+
+
+async def test_crash_looping_pod(
+    watched: tuple[KubeWatcher, Recorder, Any, str],
+) -> None:
+    _, rec, core, ns = watched
+    pod = await bare_pod(core, ns, "cart")
 
     async def status(restarts: int, waiting: str | None) -> None:
-        patch = {
-            "status": {
-                "phase": "Running",
-                "containerStatuses": [container_status(restarts, waiting)],
-            }
-        }
-        await call(core.patch_namespaced_pod_status, pod, ns, patch)
+        await set_status(core, ns, pod, restarts, waiting)
 
     for n in (1, 2, 3):
         await status(n, "CrashLoopBackOff")
@@ -379,3 +399,94 @@ async def test_a_dead_processing_loop_is_reported(
     await call(core.create_namespaced_event, ns, event)
     await eventually(lambda: watcher.failure is not None, 30, what="the failure reported")
     assert isinstance(watcher.failure, TypeError)
+
+
+async def test_the_restart_window_empties_while_the_watch_is_busy(kubeconfig: str) -> None:
+    """``pod-restarting`` resolves once the restart window no longer holds the threshold,
+    checked on a tick. The tick used to run only after ``tick_interval`` without a watch
+    event, so in a cluster whose watch never went quiet that long it never resolved."""
+    rec = Recorder()
+    async with watching(kubeconfig, rec, tick_interval=0.5, restart_window="3s") as (
+        _,
+        core,
+        ns,
+    ):
+        pod = await bare_pod(core, ns, "cart")
+        noisy = await bare_pod(core, ns, "noise")
+        for n in (1, 2, 3):
+            await set_status(core, ns, pod, n, None)
+        await eventually(lambda: rec.find("pod-restarting", pod=pod), 20, what="pod-restarting")
+        fired = asyncio.get_running_loop().time()
+
+        async def busy() -> None:
+            # A watch event every 0.1 s, for another pod: nothing of the restarting pod
+            # changes, and the watch is never quiet for a tick_interval.
+            for n in itertools.count():
+                await call(
+                    core.patch_namespaced_pod,
+                    noisy,
+                    ns,
+                    {"metadata": {"annotations": {"beat": str(n)}}},
+                )
+                await asyncio.sleep(0.1)
+
+        traffic = asyncio.create_task(busy())
+        try:
+            await eventually(
+                lambda: rec.find("pod-restarting", "resolved", pod=pod),
+                20,
+                what="pod-restarting resolved while the watch was busy",
+            )
+            assert not traffic.done()  # the watch was busy all along
+        finally:
+            traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic
+        # Not before its window emptied (3 s after the last restart).
+        assert asyncio.get_running_loop().time() - fired >= 2.0
+
+
+async def test_a_burst_of_watch_events_goes_out_in_few_publishes(kubeconfig: str) -> None:
+    """What queues up while one batch is being published goes out as the next batch, in
+    the order it came: a storm of pod transitions used to cost one publish (one Kafka round
+    trip) per event."""
+
+    class Slow(Recorder):
+        """A publish takes 0.2 s, as a round trip to a busy broker can."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+            self.calls += 1
+            await asyncio.sleep(0.2)
+            await super().publish_many(items)
+
+    rec = Slow()
+    async with watching(kubeconfig, rec) as (_, core, ns):
+        calls_before = rec.calls
+        pods = [f"app-{n:03d}" for n in range(60)]
+        now = datetime.now(UTC).isoformat()
+        for n, pod in enumerate(pods):
+            event = {
+                "metadata": {"name": f"{pod}.oom"},
+                "involvedObject": {"kind": "Pod", "name": pod, "namespace": ns},
+                "reason": "OOMKilling",
+                "type": "Warning",
+                "message": f"Out of memory: Killed process {n}",
+                "source": {"component": "kernel-monitor"},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+            await call(core.create_namespaced_event, ns, event)
+        await eventually(
+            lambda: len(rec.find("k8s-oom-killing", namespace=ns)) == len(pods),
+            30,
+            what="every event's anomaly",
+        )
+        got = [a.labels["pod"] for a in rec.find("k8s-oom-killing", namespace=ns)]
+        assert got == pods  # each once, in the order the events were made
+        # One publish per event before; creating 60 events here takes about a second.
+        assert rec.calls - calls_before <= 15, rec.calls - calls_before
