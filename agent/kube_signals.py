@@ -18,6 +18,8 @@ watching and hands every event (and every re-list, as ``SYNC``) to :func:`step`.
 
 Only transitions are published for pods and nodes, which is what makes a re-list after
 ``410 Gone`` harmless: replaying the full state yields no anomaly that was already sent.
+A condition that still fires is announced again every ``refresh_every`` (see
+:func:`refresh`), so the correlator does not take a lasting fault for a quiet one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class KubeRules:
     )
     restart_threshold: int = 3
     restart_window: float = 600.0
+    # A condition still firing is announced again this often (see refresh): a third of the
+    # correlator's resolve_timeout.
+    refresh_every: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +254,28 @@ def tick(state: KubeState, now: datetime, rules: KubeRules) -> list[Anomaly]:
             ckey = f"{a.labels['namespace']}/{a.labels['pod']}/{a.labels['container']}"
             if ckey in state.restarts:
                 out += _restart_check(state, ckey, a.labels, now, rules)
+    return out
+
+
+def refresh(state: KubeState, now: datetime, rules: KubeRules) -> list[Anomaly]:
+    """Announce again each condition that still fires and was last announced
+    ``refresh_every`` ago or more (call every few seconds, after :func:`tick`).
+
+    Transitions alone said nothing while a condition held, and the correlator resolves an
+    incident none of whose members it has seen for ``resolve_timeout``: a node NotReady or
+    a pod crash looping for longer than that had its incident resolved while it still
+    failed. A repeat is the same anomaly observed now; the correlator takes it as liveness
+    and publishes nothing."""
+    out: list[Anomaly] = []
+    every = timedelta(seconds=rules.refresh_every)
+    for fp, f in list(state.firing.items()):
+        if now - f.anomaly.observed_at < every:
+            continue
+        again = replace(
+            f.anomaly, observed_at=now, id=stable_id("kubernetes", fp, "firing", now.isoformat())
+        )
+        state.firing[fp] = Firing(again)
+        out.append(again)
     return out
 
 

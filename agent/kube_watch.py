@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from agent.detector import Publisher
 from agent.errors import AgentError, task_failure
-from agent.kube_signals import KubeRules, KubeState, step, sync, tick
+from agent.kube_signals import KubeRules, KubeState, refresh, step, sync, tick
 from agent.metrics import Metrics
 from agent.models import Anomaly, group_key, utcnow
 from agent.settings import Settings
@@ -203,6 +203,7 @@ class KubeWatcher:
             event_reasons=frozenset(k.event_reasons),
             restart_threshold=k.restart_threshold,
             restart_window=k.restart_window,
+            refresh_every=settings.correlation.resolve_timeout / 3,
         )
         self.publisher = publish
         self.topic = topic
@@ -286,8 +287,9 @@ class KubeWatcher:
             self._api = None
 
     async def _process(self) -> None:
-        """Hand watch events to the rules in the order they came, and run the restart
-        window's tick every ``tick_interval`` by the clock.
+        """Hand watch events to the rules in the order they came, and every
+        ``tick_interval`` by the clock check the restart windows and announce again what
+        still fires (see agent.kube_signals.refresh).
 
         The tick used to run only after ``tick_interval`` without a watch event: in a
         cluster whose events never pause for that long, ``pod-restarting`` never resolved.
@@ -299,7 +301,9 @@ class KubeWatcher:
         while True:
             wait = next_tick - loop.time()
             if wait <= 0:
-                await self._publish(tick(self.state, self.clock(), self.rules))
+                now = self.clock()
+                due = tick(self.state, now, self.rules)
+                await self._publish(due + refresh(self.state, now, self.rules))
                 next_tick = loop.time() + self.tick_interval
                 continue
             try:

@@ -60,12 +60,18 @@ def kubeconfig(request: pytest.FixtureRequest) -> str:
 
 @contextlib.asynccontextmanager
 async def watching(
-    kubeconfig: str, rec: Any, *, tick_interval: float = 5.0, **kube: Any
+    kubeconfig: str,
+    rec: Any,
+    *,
+    tick_interval: float = 5.0,
+    correlation: dict[str, Any] | None = None,
+    **kube: Any,
 ) -> AsyncIterator[tuple[KubeWatcher, Any, str]]:
     """A started watcher publishing to ``rec``, a client and a namespace of its own."""
     settings = parse_settings(
         {
             "agent": {"cluster": "kind"},
+            "correlation": correlation or {},
             "detectors": {
                 "kubernetes": {
                     "enabled": True,
@@ -490,3 +496,29 @@ async def test_a_burst_of_watch_events_goes_out_in_few_publishes(kubeconfig: str
         assert got == pods  # each once, in the order the events were made
         # One publish per event before; creating 60 events here takes about a second.
         assert rec.calls - calls_before <= 15, rec.calls - calls_before
+
+
+async def test_a_lasting_crash_loop_is_announced_again(kubeconfig: str) -> None:
+    """A pod that keeps crash looping is announced again every third of the correlator's
+    resolve_timeout, so its incident is not resolved as quiet while it still fails. It
+    used to be announced once."""
+    rec = Recorder()
+    async with watching(
+        kubeconfig, rec, tick_interval=0.2, correlation={"resolve_timeout": "3s"}
+    ) as (_, core, ns):
+        pod = await bare_pod(core, ns, "cart")
+        await set_status(core, ns, pod, 1, "CrashLoopBackOff")
+        await eventually(
+            lambda: len(rec.find("crash-looping", pod=pod)) >= 3, 20, what="announced 3 times"
+        )
+        said = rec.find("crash-looping", pod=pod)
+        assert len({a.fingerprint for a in said}) == 1
+        assert len({a.starts_at for a in said}) == 1  # one fault, observed again
+        gaps = [
+            (b.observed_at - a.observed_at).total_seconds() for a, b in itertools.pairwise(said)
+        ]
+        assert all(0.9 <= g <= 2.5 for g in gaps), gaps  # every 1 s (3 s / 3), by the tick
+        await set_status(core, ns, pod, 1, None)
+        await eventually(
+            lambda: rec.find("crash-looping", "resolved", pod=pod), 20, what="resolved"
+        )

@@ -8,8 +8,9 @@ from typing import Any
 
 import orjson
 
-from agent.kube_signals import KubeRules, KubeState, step, sync, tick
+from agent.kube_signals import KubeRules, KubeState, refresh, step, sync, tick
 from agent.kube_watch import ResourceWatch
+from streams.correlation import CorrelationRules, correlate, expire
 from tests.unit.factories import at
 
 RULES = KubeRules(cluster="c1", restart_threshold=3, restart_window=600)
@@ -83,6 +84,45 @@ def test_restarts_within_the_window_fire_and_the_window_emptying_resolves() -> N
     assert out[0].value == 3 and out[0].starts_at == at(60)
     assert tick(s, at(600), RULES) == []
     assert names(tick(s, at(661), RULES)) == [("pod-restarting", "resolved")]
+
+
+def test_a_condition_that_still_fires_is_announced_again_every_refresh() -> None:
+    rules = KubeRules(cluster="c1", refresh_every=100)
+    s = KubeState()
+    [fired] = step(s, "pods", "ADDED", pod(waiting="CrashLoopBackOff"), at(0), rules)
+    step(s, "nodes", "ADDED", node(Ready="False"), at(50), rules)
+    assert refresh(s, at(99), rules) == []
+    [again] = refresh(s, at(100), rules)  # the pod's; the node's is 50 s younger
+    assert again.fingerprint == fired.fingerprint and again.status == "firing"
+    assert again.starts_at == fired.starts_at and again.observed_at == at(100)
+    assert again.id != fired.id  # a new observation, not a redelivery of the first
+    assert refresh(s, at(149), rules) == []
+    assert names(refresh(s, at(150), rules)) == [("node-not-ready", "firing")]
+    # What resolves it is the condition clearing, as before, under the same identity.
+    [resolved] = step(s, "pods", "MODIFIED", pod(), at(160), rules)
+    assert (resolved.fingerprint, resolved.status) == (fired.fingerprint, "resolved")
+    assert [a.name for a in refresh(s, at(400), rules)] == ["node-not-ready"]
+
+
+def test_refreshes_keep_a_lasting_fault_open_in_the_correlator() -> None:
+    """A pod crash looping for an hour: announced once, its incident was resolved as quiet
+    after resolve_timeout; announced every third of it, the incident stays open."""
+    corr = CorrelationRules(resolve_timeout=300)
+    rules = KubeRules(cluster="c1", refresh_every=corr.resolve_timeout / 3)
+    s = KubeState()
+    [fired] = step(s, "pods", "ADDED", pod(waiting="CrashLoopBackOff"), at(0), rules)
+    once, _ = correlate(None, fired, at(0), corr)
+    kept = once
+    for t in range(5, 3600, 5):  # the watcher's tick
+        for a in refresh(s, at(t), rules):
+            kept, event = correlate(kept, a, at(t), corr)
+            assert event is None  # liveness only: nothing announced downstream
+        assert kept is not None
+        kept, gone = expire(kept, at(t), corr)
+        assert gone is None, f"resolved at {t}s while the pod still crash loops"
+    assert once is not None
+    _, gone = expire(once, at(3600), corr)
+    assert gone is not None and gone.status == "resolved"  # without refreshes
 
 
 def test_restart_counts_met_in_a_list_are_history() -> None:
