@@ -1,7 +1,9 @@
 """The Alertmanager API boundary: which alerts are active now (API v2).
 
 Verification asks it whether an alert that triggered an action still fires (see
-:mod:`handlers.verification`). Errors are translated once, as :mod:`agent.prom` does:
+:mod:`handlers.verification`); the webhook receiver asks which alerts Alertmanager would
+notify it of now, to announce them again (see :mod:`agent.webhook`). Errors are
+translated once, as :mod:`agent.prom` does:
 anything that keeps the answer from us (connection refused, timeout, an HTTP error, a
 malformed reply naming the field) is :class:`DependencyUnavailable`.
 """
@@ -9,17 +11,21 @@ malformed reply naming the field) is :class:`DependencyUnavailable`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from pydantic import ConfigDict
 
+from agent.alerts import AmAlert
 from agent.codec import from_objs
 from agent.errors import DependencyUnavailable, InvalidEvent
 from agent.models import Labels
 
 # A reply this large is not an answer we should hold: a runaway of alerts.
 MAX_REPLY_BYTES = 64 << 20
+_T = TypeVar("_T")
+_RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +43,13 @@ def matcher(name: str, value: str) -> str:
     return f'{name}="{escaped}"'
 
 
-def parse_alerts(raw: bytes) -> list[ActiveAlert]:
-    """Validate a ``GET /api/v2/alerts`` reply; a malformed one names the field."""
+def re2_literal(text: str) -> str:
+    """A Go (RE2) regular expression matching ``text`` only, the server anchoring it:
+    Python's ``re.escape`` also escapes spaces, which RE2 refuses."""
+    return "".join("\\" + c if c in _RE2_SPECIAL else c for c in text)
+
+
+def _alert_list(raw: bytes) -> list[Any]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
@@ -47,10 +58,35 @@ def parse_alerts(raw: bytes) -> list[ActiveAlert]:
         raise DependencyUnavailable(
             f"alertmanager reply: expected a list of alerts, got {type(doc).__name__}"
         )
+    return doc
+
+
+def _validated(cls: type[_T], docs: list[Any]) -> list[_T]:
     try:
-        return from_objs(ActiveAlert, doc)
+        return from_objs(cls, docs)
     except InvalidEvent as err:
         raise DependencyUnavailable(f"alertmanager reply: {'; '.join(err.problems)}") from err
+
+
+def parse_alerts(raw: bytes) -> list[ActiveAlert]:
+    """Validate a ``GET /api/v2/alerts`` reply; a malformed one names the field."""
+    return _validated(ActiveAlert, _alert_list(raw))
+
+
+# What a gettableAlert shares with the alerts a webhook carries. Its ``status`` is an
+# object (state, silencedBy, inhibitedBy), not the webhook's "firing"/"resolved": left out,
+# so an alert's state comes from ``endsAt``, as for the API's other alert form.
+_NOTIFIED_FIELDS = ("labels", "annotations", "startsAt", "endsAt", "generatorURL")
+
+
+def parse_notified(raw: bytes) -> list[AmAlert]:
+    """Validate a ``GET /api/v2/alerts`` reply as alerts to announce; a malformed one names
+    the field."""
+    docs = [
+        {k: doc[k] for k in _NOTIFIED_FIELDS if k in doc} if isinstance(doc, dict) else doc
+        for doc in _alert_list(raw)
+    ]
+    return _validated(AmAlert, docs)
 
 
 class AlertmanagerAPI:
@@ -62,11 +98,30 @@ class AlertmanagerAPI:
     async def firing(self, alertname: str) -> list[Labels]:
         """The label sets of the alerts named ``alertname`` that have not resolved, silenced
         and inhibited ones included: a muted alert is a condition that still holds."""
+        body = await self._alerts({"filter": matcher("alertname", alertname)})
+        # The filter is the server's; the name is checked here too, as the labels are read.
+        return [a.labels for a in parse_alerts(body) if a.labels.get("alertname") == alertname]
+
+    async def notified(self, receiver: str) -> list[AmAlert]:
+        """The active alerts routed to ``receiver`` that Alertmanager notifies it of:
+        neither silenced nor inhibited."""
+        body = await self._alerts(
+            {
+                "receiver": re2_literal(receiver),
+                "active": "true",
+                "silenced": "false",
+                "inhibited": "false",
+                "unprocessed": "false",
+            }
+        )
+        return parse_notified(body)
+
+    async def _alerts(self, params: dict[str, str]) -> bytes:
+        """The body of ``GET /api/v2/alerts`` with these parameters."""
         if self._http is None:
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout), raise_for_status=False
             )
-        params = {"filter": matcher("alertname", alertname)}
         try:
             async with self._http.get(f"{self.url}/api/v2/alerts", params=params) as resp:
                 body = await resp.content.read(MAX_REPLY_BYTES + 1)
@@ -80,8 +135,7 @@ class AlertmanagerAPI:
             raise DependencyUnavailable(f"alertmanager {self.url}: {why}") from err
         if len(body) > MAX_REPLY_BYTES:
             raise DependencyUnavailable(f"alertmanager reply: over {MAX_REPLY_BYTES} bytes")
-        # The filter is the server's; the name is checked here too, as the labels are read.
-        return [a.labels for a in parse_alerts(body) if a.labels.get("alertname") == alertname]
+        return body
 
     async def close(self) -> None:
         if self._http is not None:

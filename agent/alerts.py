@@ -21,7 +21,7 @@ interpreted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -127,6 +127,12 @@ def to_anomaly(
         observed_at=now,
         id=stable_id(source, fp, status, now.isoformat()),
     )
+
+
+def still_firing(alerts: Iterable[AmAlert], *, cluster: str, now: datetime) -> list[Anomaly]:
+    """Pure: the anomalies of the alerts that still fire at ``now``, to announce again (a
+    repeat is liveness to the correlator; resolutions come as notifications)."""
+    return [to_anomaly(a, cluster=cluster, now=now) for a in alerts if a.state(now) == "firing"]
 
 
 def parse_webhook(obj: Any) -> AmWebhook:

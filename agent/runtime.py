@@ -328,6 +328,7 @@ class Agent:
             publish=self.bus,
             topic=self.bus.topic("anomalies"),
             metrics=self.metrics,
+            api=self.alertmanager,
         )
         receiver.install(self.server.app)
         self.components.append(receiver)

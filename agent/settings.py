@@ -422,6 +422,14 @@ class AlertmanagerReceiverSection:
     # The bearer token is read from this environment variable, never stored in the file.
     token_env: str = "SRE_AGENT_ALERTMANAGER_TOKEN"  # noqa: S105 - a variable name
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # With monitoring.alertmanager.url set, the alerts Alertmanager notifies these receivers
+    # of (active, neither silenced nor inhibited) are announced again every third of
+    # correlation.resolve_timeout: Alertmanager repeats a notification only every
+    # repeat_interval (4h by default), and an incident none of whose members was seen for
+    # resolve_timeout resolves. The receivers named in webhook payloads are added.
+    receivers: Annotated[
+        tuple[Annotated[str, Field(min_length=1, max_length=256)], ...], Field(max_length=100)
+    ] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,17 @@ Order of checks, cheapest and least revealing first:
 
 Every error body is ``{"error": <code>, "reason": <text>}`` (plus ``problems``); nothing
 about the request is echoed back beyond the field paths.
+
+Alertmanager repeats a notification only every ``repeat_interval`` (4h by default), while
+the correlator resolves an incident none of whose members it has seen for
+``resolve_timeout``. With the Alertmanager API at hand (``monitoring.alertmanager.url``),
+the receiver asks it every third of ``resolve_timeout`` which alerts it would notify each
+known receiver of now, and announces those that still fire again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Callable
@@ -28,14 +35,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from agent.alerts import parse_webhook, to_anomaly
+from agent.alertmanager_api import AlertmanagerAPI
+from agent.alerts import parse_webhook, still_firing, to_anomaly
 from agent.detector import Publisher
-from agent.errors import AgentError, InvalidEvent
+from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
 from agent.models import group_key, utcnow
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Receivers learned from payloads, at the most (the configured ones come on top).
+MAX_LEARNED_RECEIVERS = 100
 
 
 class AlertmanagerReceiver:
@@ -48,6 +59,7 @@ class AlertmanagerReceiver:
         topic: str,
         metrics: Metrics,
         clock: Callable[[], datetime] = utcnow,
+        api: AlertmanagerAPI | None = None,
     ) -> None:
         if not token:
             raise ValueError("the webhook receiver needs a non-empty bearer token")
@@ -59,6 +71,11 @@ class AlertmanagerReceiver:
         self.metrics = metrics
         self.clock = clock
         self.accepting = False
+        self.api = api
+        self.receivers: set[str] = set(self.cfg.receivers)
+        self._learned = 0
+        self.refresh_every = settings.correlation.resolve_timeout / 3
+        self._refresher: asyncio.Task[None] | None = None
 
     def install(self, app: web.Application) -> None:
         app.router.add_post(self.cfg.path, self.handle)
@@ -66,9 +83,48 @@ class AlertmanagerReceiver:
     # Component lifecycle: accept only while the bus can take what we receive.
     async def start(self) -> None:
         self.accepting = True
+        if self.api is not None and self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_loop(), name="alert-refresh")
 
     async def stop(self) -> None:
         self.accepting = False
+        await cancel_and_wait(self._refresher)
+        self._refresher = None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the refresh task died, if it did (see agent.runtime.run_until_signalled)."""
+        return task_failure(self._refresher)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_every)
+            await self.refresh()
+
+    async def refresh(self) -> int:
+        """Announce again the alerts Alertmanager would notify the known receivers of now
+        that still fire; returns how many. A receiver Alertmanager cannot answer for is
+        tried again next time: its incidents resolve as quiet only if that lasts."""
+        if self.api is None:
+            return 0
+        announced = 0
+        group_by = self.settings.correlation.group_by
+        for receiver in sorted(self.receivers):
+            try:
+                alerts = await self.api.notified(receiver)
+                anomalies = still_firing(
+                    alerts, cluster=self.settings.agent.cluster, now=self.clock()
+                )
+                await self.publisher.publish_many(
+                    [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
+                )
+            except AgentError as err:
+                log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
+                continue
+            for a in anomalies:
+                self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
+            announced += len(anomalies)
+        return announced
 
     async def handle(self, request: web.Request) -> web.Response:
         response = await self._handle(request)
@@ -109,6 +165,13 @@ class AlertmanagerReceiver:
             return _error(422, "invalid_payload", str(err), problems=list(err.problems[:50]))
         if not self.accepting:
             return _error(503, "starting", "not accepting yet", headers={"Retry-After": "1"})
+        if (
+            0 < len(payload.receiver) <= 256
+            and payload.receiver not in self.receivers
+            and self._learned < MAX_LEARNED_RECEIVERS
+        ):
+            self._learned += 1
+            self.receivers.add(payload.receiver)
         now = self.clock()
         cluster = self.settings.agent.cluster
         anomalies = [to_anomaly(a, cluster=cluster, now=now) for a in payload.alerts]

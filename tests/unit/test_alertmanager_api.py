@@ -1,11 +1,14 @@
 """The Alertmanager API boundary: a malformed reply names what is wrong; the filter
-quotes untrusted alert names."""
+quotes untrusted alert names; a receiver's name is matched as itself."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from agent.alertmanager_api import matcher, parse_alerts
+from agent.alertmanager_api import matcher, parse_alerts, parse_notified, re2_literal
+from agent.alerts import still_firing
 from agent.errors import DependencyUnavailable
 
 
@@ -33,3 +36,53 @@ def test_a_malformed_reply_names_the_field(raw: bytes, named: str) -> None:
 def test_the_filter_quotes_what_would_end_or_escape_the_value() -> None:
     assert matcher("alertname", "A") == 'alertname="A"'
     assert matcher("alertname", 'a"b\\c\nd') == 'alertname="a\\"b\\\\c\\nd"'
+
+
+GETTABLE = b"""[{
+  "labels": {"alertname": "HighErrorRate", "namespace": "shop", "service": "cart"},
+  "annotations": {"summary": "5xx above 5%"},
+  "startsAt": "2026-12-07T10:00:00Z",
+  "endsAt": "2026-12-07T10:04:00Z",
+  "generatorURL": "http://prometheus/graph",
+  "fingerprint": "c5b1c3d9a5e1e3f0",
+  "receivers": [{"name": "agent-webhook"}],
+  "status": {"state": "active", "silencedBy": [], "inhibitedBy": []},
+  "updatedAt": "2026-12-07T10:00:30Z"
+}]"""
+
+
+def test_a_gettable_alert_reads_as_the_alert_a_webhook_would_carry() -> None:
+    [alert] = parse_notified(GETTABLE)
+    assert alert.labels["alertname"] == "HighErrorRate" and alert.status is None
+    assert alert.annotations == {"summary": "5xx above 5%"}
+    # Its state is what endsAt says: firing until then, resolved after.
+    firing = still_firing([alert], cluster="c1", now=alert.startsAt)
+    [a] = firing
+    assert (a.source, a.status, a.labels["cluster"]) == ("alertmanager", "firing", "c1")
+    assert a.starts_at == alert.startsAt and a.observed_at == alert.startsAt
+    assert alert.endsAt is not None
+    assert still_firing([alert], cluster="c1", now=alert.endsAt) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (b"[3]", "[0]"),
+        (b'[{"labels": {"service": "s"}, "startsAt": "2026-12-07T10:00:00Z"}]', "alertname"),
+        (b'[{"labels": {"alertname": "A"}}]', "[0].startsAt"),
+    ],
+)
+def test_a_malformed_gettable_alert_names_the_field(raw: bytes, named: str) -> None:
+    with pytest.raises(DependencyUnavailable) as err:
+        parse_notified(raw)
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["agent-webhook", "sre agent", "a.b", "x|y", "(team)[1]{2}^$*+?\\"]
+)
+def test_a_receiver_name_matches_itself_only(name: str) -> None:
+    pattern = re2_literal(name)
+    assert re.fullmatch(pattern, name)
+    assert not re.fullmatch(pattern, name + "x") and not re.fullmatch(pattern, "x" + name)
+    assert " " not in name or "\\ " not in pattern  # RE2 refuses an escaped space
