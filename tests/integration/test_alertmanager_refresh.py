@@ -43,6 +43,12 @@ class Recorder:
         return [a for a in self.items if a.labels.get("namespace") == ns]
 
 
+def resolve(am: Any, posted: list[dict[str, Any]]) -> None:
+    """End the test's alerts: every agent that runs later asks the shared Alertmanager."""
+    ended = iso(datetime.now(UTC) - timedelta(seconds=1))
+    am.post_alerts([{**a, "endsAt": ended} for a in posted])
+
+
 def alerts(ns: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """A firing alert, one to be silenced and a resolved one, in namespace ``ns``; and the
     firing one's labels."""
@@ -82,6 +88,7 @@ async def test_what_alertmanager_would_notify_is_announced_again(alertmanager: A
     finally:
         await am.stop()
         await api.close()
+        await asyncio.to_thread(resolve, alertmanager, posted)
     said = rec.of(ns)
     # The firing alert only: not the silenced one, not the resolved one.
     assert {a.labels["service"] for a in said} == {"cart"}
@@ -130,3 +137,4 @@ async def test_a_receiver_named_by_a_notification_is_refreshed_from_then_on(
         await am.stop()
         await server.stop()
         await api.close()
+        await asyncio.to_thread(resolve, alertmanager, posted[:1])
