@@ -203,7 +203,7 @@ class KubeWatcher:
             event_reasons=frozenset(k.event_reasons),
             restart_threshold=k.restart_threshold,
             restart_window=k.restart_window,
-            refresh_every=settings.correlation.resolve_timeout / 3,
+            refresh_every=max(1.0, settings.correlation.resolve_timeout / 3),
         )
         self.publisher = publish
         self.topic = topic

@@ -74,7 +74,8 @@ class AlertmanagerReceiver:
         self.api = api
         self.receivers: set[str] = set(self.cfg.receivers)
         self._learned = 0
-        self.refresh_every = settings.correlation.resolve_timeout / 3
+        # (At least a second: a resolve_timeout of 0 must not spin on Alertmanager's API.)
+        self.refresh_every = max(1.0, settings.correlation.resolve_timeout / 3)
         self._refresher: asyncio.Task[None] | None = None
 
     def install(self, app: web.Application) -> None:
