@@ -46,6 +46,8 @@ Item = tuple[str, str, Any]  # (resource, "SYNC" | "ADDED" | "MODIFIED" | "DELET
 # Watch events handled, and their anomalies published, as one batch at the most: a re-list
 # of a large cluster queues thousands at once.
 DRAIN_AT_MOST = 1000
+# Watch events queued at the most before the watch threads wait (see KubeWatcher.start).
+QUEUE_BOUND = 10_000
 
 
 class Gone(Exception):
@@ -195,6 +197,7 @@ class KubeWatcher:
         api: Any | None = None,
         clock: Callable[[], datetime] = utcnow,
         tick_interval: float = 5.0,
+        queue_bound: int = QUEUE_BOUND,
     ) -> None:
         k = settings.detectors.kubernetes
         self.settings = settings
@@ -216,6 +219,9 @@ class KubeWatcher:
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        # Free places in the queue, taken by the watch threads and given back as the events
+        # are handled (the queue itself cannot make a thread wait).
+        self._room = threading.BoundedSemaphore(queue_bound)
         self._tasks: list[asyncio.Future[Any]] = []
         self.watches: dict[str, ResourceWatch] = {}
         self.synced = asyncio.Event()  # every resource listed once and processed
@@ -240,6 +246,13 @@ class KubeWatcher:
         self._pool = ThreadPoolExecutor(max_workers=len(fns), thread_name_prefix="kube-watch")
 
         def emit(item: Item) -> None:
+            # A watch thread waits while the queue is full. Publishing stops while Kafka is
+            # down, and the queue grew with every event of a busy cluster until the process
+            # ran out of memory. A watch not read is ended by the API server, and resumes
+            # from its last version (or re-lists): nothing is lost.
+            while not self._room.acquire(timeout=0.5):
+                if self._stopping.is_set():
+                    return
             loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
         timeout = self.settings.detectors.kubernetes.watch_timeout
@@ -255,6 +268,11 @@ class KubeWatcher:
             self.watches[resource] = w
             self._tasks.append(loop.run_in_executor(self._pool, w.run))
         self._tasks.append(asyncio.create_task(self._process(), name="kube-watch-process"))
+
+    @property
+    def backlog(self) -> int:
+        """Watch events queued, not yet handled."""
+        return self._queue.qsize()
 
     @property
     def failure(self) -> BaseException | None:
@@ -312,6 +330,8 @@ class KubeWatcher:
                 continue
             while len(items) < DRAIN_AT_MOST and not self._queue.empty():
                 items.append(self._queue.get_nowait())
+            for _ in items:
+                self._room.release()
             anomalies: list[Anomaly] = []
             for resource, kind, payload in items:
                 now = self.clock()

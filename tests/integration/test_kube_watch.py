@@ -64,6 +64,7 @@ async def watching(
     rec: Any,
     *,
     tick_interval: float = 5.0,
+    queue_bound: int = 10_000,
     correlation: dict[str, Any] | None = None,
     **kube: Any,
 ) -> AsyncIterator[tuple[KubeWatcher, Any, str]]:
@@ -89,7 +90,13 @@ async def watching(
     ns = f"test-{uuid.uuid4().hex[:10]}"
     await call(core.create_namespace, {"metadata": {"name": ns}})
     watcher = KubeWatcher(
-        settings, publish=rec, topic="t", metrics=Metrics(), api=api, tick_interval=tick_interval
+        settings,
+        publish=rec,
+        topic="t",
+        metrics=Metrics(),
+        api=api,
+        tick_interval=tick_interval,
+        queue_bound=queue_bound,
     )
     await watcher.start()
     try:
@@ -452,6 +459,58 @@ async def test_the_restart_window_empties_while_the_watch_is_busy(kubeconfig: st
         assert asyncio.get_running_loop().time() - fired >= 2.0
 
 
+def oom_event(ns: str, pod: str, n: int) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat()
+    return {
+        "metadata": {"name": f"{pod}.oom"},
+        "involvedObject": {"kind": "Pod", "name": pod, "namespace": ns},
+        "reason": "OOMKilling",
+        "type": "Warning",
+        "message": f"Out of memory: Killed process {n}",
+        "source": {"component": "kernel-monitor"},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+async def test_a_stalled_publisher_holds_the_watch_at_the_queue_bound(kubeconfig: str) -> None:
+    """While Kafka does not take what the watcher publishes, its queue of watch events
+    stops at the bound and the watch threads wait; it grew with every event before, until
+    the process ran out of memory. Once publishing resumes, every anomaly goes out once,
+    in order."""
+
+    class Gated(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+            self.gate.set()
+
+        async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+            await self.gate.wait()
+            await super().publish_many(items)
+
+    rec = Gated()
+    async with watching(kubeconfig, rec, queue_bound=5) as (watcher, core, ns):
+        rec.gate.clear()  # Kafka is down from here on
+        pods = [f"app-{n:03d}" for n in range(30)]
+        backlog = 0
+        for n, pod in enumerate(pods):
+            await call(core.create_namespaced_event, ns, oom_event(ns, pod, n))
+            backlog = max(backlog, watcher.backlog)
+        await asyncio.sleep(1)  # what the watch delivers late lands in the queue, or waits
+        backlog = max(backlog, watcher.backlog)
+        assert backlog == 5, backlog  # reached, and never passed
+        assert len(rec.find("k8s-oom-killing", namespace=ns)) == 0
+        rec.gate.set()
+        await eventually(
+            lambda: len(rec.find("k8s-oom-killing", namespace=ns)) == len(pods),
+            30,
+            what="every event's anomaly",
+        )
+        assert [a.labels["pod"] for a in rec.find("k8s-oom-killing", namespace=ns)] == pods
+
+
 async def test_a_burst_of_watch_events_goes_out_in_few_publishes(kubeconfig: str) -> None:
     """What queues up while one batch is being published goes out as the next batch, in
     the order it came: a storm of pod transitions used to cost one publish (one Kafka round
@@ -473,20 +532,8 @@ async def test_a_burst_of_watch_events_goes_out_in_few_publishes(kubeconfig: str
     async with watching(kubeconfig, rec) as (_, core, ns):
         calls_before = rec.calls
         pods = [f"app-{n:03d}" for n in range(60)]
-        now = datetime.now(UTC).isoformat()
         for n, pod in enumerate(pods):
-            event = {
-                "metadata": {"name": f"{pod}.oom"},
-                "involvedObject": {"kind": "Pod", "name": pod, "namespace": ns},
-                "reason": "OOMKilling",
-                "type": "Warning",
-                "message": f"Out of memory: Killed process {n}",
-                "source": {"component": "kernel-monitor"},
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            }
-            await call(core.create_namespaced_event, ns, event)
+            await call(core.create_namespaced_event, ns, oom_event(ns, pod, n))
         await eventually(
             lambda: len(rec.find("k8s-oom-killing", namespace=ns)) == len(pods),
             30,
