@@ -184,6 +184,21 @@ class Publisher(Protocol):
     async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None: ...
 
 
+async def publish_anomalies(
+    publisher: Publisher,
+    topic: str,
+    anomalies: Sequence[Anomaly],
+    *,
+    group_by: tuple[str, ...],
+    metrics: Metrics,
+) -> None:
+    """Publish anomalies keyed by their correlation group (one partition per group), and
+    count them once the bus has taken them: what every source does with what it found."""
+    await publisher.publish_many([(topic, a, group_key(a.labels, group_by)) for a in anomalies])
+    for a in anomalies:
+        metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
+
+
 class PromQLDetector:
     def __init__(
         self,
@@ -292,12 +307,13 @@ class PromQLDetector:
     async def _publish(self, anomalies: list[Anomaly]) -> None:
         if not anomalies:
             return
-        group_by = self.settings.correlation.group_by
-        await self.publisher.publish_many(
-            [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
+        await publish_anomalies(
+            self.publisher,
+            self.topic,
+            anomalies,
+            group_by=self.settings.correlation.group_by,
+            metrics=self.metrics,
         )
-        for a in anomalies:
-            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
 
     def _agent_labels(self, **extra: str) -> dict[str, str]:
         labels = {"service": self.settings.agent.name, "endpoint": self.prom.url, **extra}

@@ -18,10 +18,10 @@ from functools import partial
 
 from agent.alerts import parse_alertmanager_record, to_anomaly
 from agent.codec import decode
-from agent.detector import Publisher
+from agent.detector import Publisher, publish_anomalies
 from agent.labels import normalise
 from agent.metrics import Metrics
-from agent.models import Anomaly, group_key, utcnow
+from agent.models import Anomaly, utcnow
 from agent.settings import FeedSpec, Settings
 from streams.bus import BatchConsumer, Bus, Decoder, Envelope
 
@@ -65,11 +65,9 @@ class FeedNormaliser:
 
     async def handle(self, batch: list[Envelope]) -> None:
         anomalies = [a for env in batch if env.value is not None for a in env.value]
-        await self.publisher.publish_many(
-            [(self.topic, a, group_key(a.labels, self.group_by)) for a in anomalies]
+        await publish_anomalies(
+            self.publisher, self.topic, anomalies, group_by=self.group_by, metrics=self.metrics
         )
-        for a in anomalies:
-            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
 
 
 def feed_consumer(

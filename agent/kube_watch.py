@@ -29,11 +29,11 @@ from kubernetes import client
 from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
 
-from agent.detector import Publisher
+from agent.detector import Publisher, publish_anomalies
 from agent.errors import AgentError, task_failure
 from agent.kube_signals import KubeRules, KubeState, refresh, step, sync, tick
 from agent.metrics import Metrics
-from agent.models import Anomaly, group_key, utcnow
+from agent.models import Anomaly, utcnow
 from agent.settings import Settings
 from handlers.kube import api_client
 
@@ -350,15 +350,14 @@ class KubeWatcher:
         if not anomalies:
             return
         group_by = self.settings.correlation.group_by
-        items = [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
         delay = 0.5
         while True:
             try:
-                await self.publisher.publish_many(items)
+                await publish_anomalies(
+                    self.publisher, self.topic, anomalies, group_by=group_by, metrics=self.metrics
+                )
                 break
             except AgentError as err:
                 log.warning("kube watch: publishing failed (%s); retrying", err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        for a in anomalies:
-            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()

@@ -37,10 +37,10 @@ from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
 from agent.alerts import parse_webhook, still_firing, to_anomaly
-from agent.detector import Publisher
+from agent.detector import Publisher, publish_anomalies
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
-from agent.models import group_key, utcnow
+from agent.models import Anomaly, utcnow
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,21 +109,16 @@ class AlertmanagerReceiver:
         if self.api is None:
             return 0
         announced = 0
-        group_by = self.settings.correlation.group_by
         for receiver in sorted(self.receivers):
             try:
                 alerts = await self.api.notified(receiver)
                 anomalies = still_firing(
                     alerts, cluster=self.settings.agent.cluster, now=self.clock()
                 )
-                await self.publisher.publish_many(
-                    [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
-                )
+                await self._publish(anomalies)
             except AgentError as err:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
                 continue
-            for a in anomalies:
-                self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
             announced += len(anomalies)
         return announced
 
@@ -176,20 +171,24 @@ class AlertmanagerReceiver:
         now = self.clock()
         cluster = self.settings.agent.cluster
         anomalies = [to_anomaly(a, cluster=cluster, now=now) for a in payload.alerts]
-        group_by = self.settings.correlation.group_by
         try:
-            await self.publisher.publish_many(
-                [(self.topic, a, group_key(a.labels, group_by)) for a in anomalies]
-            )
+            await self._publish(anomalies)
         except AgentError as err:
             log.warning("webhook: publishing %d anomalies failed: %s", len(anomalies), err)
             return _error(
                 503, "unavailable", "could not publish; retry", headers={"Retry-After": "5"}
             )
-        for a in anomalies:
-            self.metrics.anomalies.labels(source=a.source, name=a.name, status=a.status).inc()
         log.info("webhook: %d alerts from %r", len(anomalies), payload.receiver)
         return web.json_response({"accepted": len(anomalies)})
+
+    async def _publish(self, anomalies: list[Anomaly]) -> None:
+        await publish_anomalies(
+            self.publisher,
+            self.topic,
+            anomalies,
+            group_by=self.settings.correlation.group_by,
+            metrics=self.metrics,
+        )
 
     def _authorized(self, header: str) -> bool:
         scheme, _, credentials = header.partition(" ")
