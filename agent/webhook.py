@@ -73,7 +73,6 @@ class AlertmanagerReceiver:
         self.accepting = False
         self.api = api
         self.receivers: set[str] = set(self.cfg.receivers)
-        self._learned = 0
         # (At least a second: a resolve_timeout of 0 must not spin on Alertmanager's API.)
         self.refresh_every = max(1.0, settings.correlation.resolve_timeout / 3)
         self._refresher: asyncio.Task[None] | None = None
@@ -161,12 +160,8 @@ class AlertmanagerReceiver:
             return _error(422, "invalid_payload", str(err), problems=list(err.problems[:50]))
         if not self.accepting:
             return _error(503, "starting", "not accepting yet", headers={"Retry-After": "1"})
-        if (
-            0 < len(payload.receiver) <= 256
-            and payload.receiver not in self.receivers
-            and self._learned < MAX_LEARNED_RECEIVERS
-        ):
-            self._learned += 1
+        learned = len(self.receivers) - len(set(self.cfg.receivers))
+        if 0 < len(payload.receiver) <= 256 and learned < MAX_LEARNED_RECEIVERS:
             self.receivers.add(payload.receiver)
         now = self.clock()
         cluster = self.settings.agent.cluster
