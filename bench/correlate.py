@@ -52,6 +52,7 @@ from streams.correlator import Correlator
 from streams.partitioning import decode_anomalies
 
 SERVICES, NAMESPACES, NODES = 1000, 50, 200
+GROUP_BY = ("cluster", "namespace", "service")  # correlation.group_by's default
 # The topic-name prefixes this run used: its topics are deleted at the end, or the bench
 # broker's log grows by gigabytes every run.
 PREFIXES: list[str] = []
@@ -122,7 +123,7 @@ def make_anomalies(count: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
             observed_at=at,
             value=rng.random(),
         )
-        key = group_key(labels, ("cluster", "namespace", "service")).encode()
+        key = group_key(labels, GROUP_BY).encode()
         out.append((key, encode(a)))
     return out
 
@@ -214,14 +215,7 @@ async def floor(bootstrap: str, src: str, out: str, state: str, anomalies: int) 
                     doc = orjson.loads(r.value)
                     for a in doc.get("anomalies", (doc,)):
                         done += 1
-                        labels = a["labels"]
-                        key = "/".join(
-                            (
-                                labels.get("cluster", ""),
-                                labels.get("namespace", ""),
-                                labels.get("service", ""),
-                            )
-                        )
+                        key = group_key(a["labels"], GROUP_BY)
                         group = groups.setdefault(key, {})
                         member = group.get(a["fingerprint"])
                         if member is None:
