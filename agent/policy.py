@@ -12,7 +12,8 @@ Order of the rules (first match wins), safety rules before convenience rules:
    so is the next runbook step once every action within it was verified ineffective)
 6. the hourly action budget is spent        -> deny
    a. ... or the namespace's hourly budget  -> deny
-   b. a scale that the replica bounds leave where it is            -> deny
+   b. a scale that, within the replica bounds, would not move the count
+      in its direction (up for scale_up, down for scale_down)      -> deny
    c. a restart/rollback taking down more than ``max_restart_fraction``
       of the workload's pods at once (one pod always may)          -> deny
    d. ... or more than its PodDisruptionBudgets allow              -> deny
@@ -221,6 +222,23 @@ class Facts:
 def bounded_replicas(desired: int, rem: RemediationSection) -> int:
     """Scale targets are clamped into the policy's [min_replicas, max_replicas]."""
     return max(rem.min_replicas, min(rem.max_replicas, desired))
+
+
+def scale_problem(
+    action_type: str, current: int, requested: int, rem: RemediationSection
+) -> str | None:
+    """Why a scale from ``current`` replicas to ``requested`` (before the bounds) must not
+    run, or None. The bounds clamp a target, never across the current count: a workload
+    already above ``max_replicas`` clamped to it by a scale_up would lose capacity."""
+    up = action_type == "scale_up"
+    bounded = bounded_replicas(requested, rem)
+    if (bounded > current) if up else (bounded < current):
+        return None
+    way = "up" if up else "down"
+    return (
+        f"{current} replicas now; {action_type} to {requested} within the policy bounds "
+        f"{rem.min_replicas}..{rem.max_replicas} gives {bounded}, which is not {way}"
+    )
 
 
 def restart_limit(replicas: int, rem: RemediationSection) -> int:
@@ -544,14 +562,9 @@ def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> V
     """Rules 6b-6e; None when none applies."""
     key = action.target.key
     if action.type in SCALE_ACTIONS and f.replicas is not None and f.target_replicas is not None:
-        bounded = bounded_replicas(f.target_replicas, rem)
-        if bounded == f.replicas:
-            return Verdict(
-                "deny",
-                "replica_bounds",
-                f"{key} has {f.replicas} replicas; asked for {f.target_replicas}, the policy "
-                f"bounds {rem.min_replicas}..{rem.max_replicas} leave it there",
-            )
+        problem = scale_problem(action.type, f.replicas, f.target_replicas, rem)
+        if problem is not None:
+            return Verdict("deny", "replica_bounds", f"{key}: {problem}")
     if action.type in DISRUPTIVE_ACTIONS and f.replicas:
         limit = restart_limit(f.replicas, rem)
         if f.pods_disrupted > limit:

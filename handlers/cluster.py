@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from agent.errors import ActionFailed
 from agent.models import Target
@@ -27,6 +27,20 @@ ACTION_IDS_ANNOTATION = "sre-agent.io/action-ids"
 RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 # Enough history to recognise any redelivery: actions on one target are serialized.
 MAX_REMEMBERED_IDS = 20
+ScaleDirection = Literal["up", "down"]
+
+
+def against_direction(
+    target: Target, current: int, replicas: int, direction: ScaleDirection | None
+) -> ActionFailed | None:
+    """The refusal of a scale from ``current`` to ``replicas`` that does not move the
+    count in ``direction``; None when it does (or when no direction binds it)."""
+    if direction is None or (replicas > current if direction == "up" else replicas < current):
+        return None
+    return ActionFailed(
+        f"{target.key} has {current} replicas: scaling {direction} to {replicas} would not "
+        f"move it {direction}; refused"
+    )
 
 
 def remembered_ids(annotations: Mapping[str, str]) -> tuple[str, ...]:
@@ -126,7 +140,19 @@ class Cluster(Protocol):
         self, target: Target, *, action_id: str, to_revision: int | None = None
     ) -> Effect: ...
 
-    async def scale(self, target: Target, *, action_id: str, replicas: int) -> Effect: ...
+    async def scale(
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        replicas: int,
+        direction: ScaleDirection | None = None,
+    ) -> Effect:
+        """Set the desired replicas (an HPA's bounds when one owns the count). With a
+        ``direction``, refuse (ActionFailed, nothing written) unless ``replicas`` moves the
+        count read in the same conditional write that way: a scale_up must never cut
+        capacity. Without one (an undo), restore ``replicas`` as it is."""
+        ...
 
     async def restart(self, target: Target, *, action_id: str, at: datetime) -> Effect: ...
 

@@ -90,6 +90,7 @@ from agent.policy import (
     learned,
     merged,
     revision_param,
+    scale_problem,
     switches_for,
 )
 from agent.prom import PromClient
@@ -675,10 +676,19 @@ class Executor:
         if action.type in SCALE_ACTIONS:
             current = (await self.cluster.workload(t)).replicas
             try:
-                wanted = bounded_replicas(target_replicas(action, current), rem)
+                requested = target_replicas(action, current)
             except ValueError as err:
                 raise ActionFailed(f"replicas {p.get('replicas')!r}: {err}") from err
-            return await self.cluster.scale(t, action_id=action.id, replicas=wanted)
+            # The count may have moved since the policy read it (an HPA, a person).
+            problem = scale_problem(action.type, current, requested, rem)
+            if problem is not None:
+                raise ActionFailed(f"{t.key}: {problem}")
+            return await self.cluster.scale(
+                t,
+                action_id=action.id,
+                replicas=bounded_replicas(requested, rem),
+                direction="up" if action.type == "scale_up" else "down",
+            )
         if action.type == "restart_workload":
             return await self.cluster.restart(t, action_id=action.id, at=now)
         if action.type == "restart_pod":

@@ -27,7 +27,9 @@ from handlers.cluster import (
     Observation,
     PartialFailure,
     Revision,
+    ScaleDirection,
     WorkloadState,
+    against_direction,
     remember_id,
     remembered_ids,
 )
@@ -245,13 +247,23 @@ class FakeCluster:
                 prior_state={"revision": state.revision, "image": state.image},
             )
 
-    async def scale(self, target: Target, *, action_id: str, replicas: int) -> Effect:
+    async def scale(
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        replicas: int,
+        direction: ScaleDirection | None = None,
+    ) -> Effect:
         if replicas < 0:
             raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
                 return Effect(applied=False, message=f"action {action_id} already applied")
+            refused = against_direction(target, state.replicas, replicas, direction)
+            if refused is not None:
+                raise refused
             new = replace(
                 state,
                 replicas=replicas,

@@ -17,7 +17,8 @@ Design choices:
   the scale subresource: the subresource cannot carry an annotation, so a redelivered scale
   could not be recognised. When an HPA owns the replica count, the HPA's bounds are moved
   instead (raising ``minReplicas`` to scale up, lowering ``maxReplicas`` to scale down), so
-  the agent does not fight the autoscaler; the id is then recorded on the HPA.
+  the agent does not fight the autoscaler; the id is then recorded on the HPA. A scale_up
+  or scale_down that would move the count the other way is refused, never written.
 - **Rollback** does what ``kubectl rollout undo`` does for apps/v1: find the ReplicaSets the
   Deployment controls, pick the previous (or the named) revision by the
   ``deployment.kubernetes.io/revision`` annotation and copy its pod template, minus the
@@ -72,7 +73,9 @@ from handlers.cluster import (
     Observation,
     PartialFailure,
     Revision,
+    ScaleDirection,
     WorkloadState,
+    against_direction,
     remember_id,
     remembered_ids,
 )
@@ -671,7 +674,14 @@ class KubeCluster:
 
         return await self._mutate(target, _path(target), action_id, plan)
 
-    async def scale(self, target: Target, *, action_id: str, replicas: int) -> Effect:
+    async def scale(
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        replicas: int,
+        direction: ScaleDirection | None = None,
+    ) -> Effect:
         _need(target, WORKLOAD_RESOURCES, "scale")
         if replicas < 0:
             raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
@@ -681,10 +691,17 @@ class KubeCluster:
         current = int((obj.get("spec") or {}).get("replicas", 1))
         hpa = await self._hpa_for(target)
         if hpa is not None:
+            refused = against_direction(target, current, replicas, direction)
+            if refused is not None:
+                raise refused
             return await self._scale_hpa(target, hpa, action_id, replicas, current)
 
         def plan(o: Obj) -> _Write:
             before = int((o.get("spec") or {}).get("replicas", 1))
+            # Checked on the object the conditional write is based on.
+            refused = against_direction(target, before, replicas, direction)
+            if refused is not None:
+                raise refused
             return _Write(
                 _merge_body(o, action_id, {"spec": {"replicas": replicas}}),
                 Effect(

@@ -133,6 +133,24 @@ async def test_scale_is_clamped_to_the_policy_bounds(rig: Any) -> None:
     assert (denied.status, denied.message.split(":")[0]) == ("denied", "replica_bounds")
 
 
+async def test_a_scale_is_never_clamped_against_its_direction(rig: Any) -> None:
+    # A workload already above max_replicas (scaled by hand, or before the limit was
+    # lowered): clamping its scale_up to the bound would cut 80 replicas to 50.
+    ex, _bus, c = rig
+    c.create_deployment("shop", "big", image="v1", replicas=80, at=at(0))
+    big = Target(kind="Deployment", namespace="shop", name="big")
+    up = await ex.on_action(act("scale_up", big, action_id="u1", params={"replicas": "+1"}))
+    assert (up.status, up.message.split(":")[0]) == ("denied", "replica_bounds")
+    assert "80 replicas now" in up.message and "1..50" in up.message
+    assert (await c.workload(big)).replicas == 80
+    # Mirror: below min_replicas, a scale_down must not scale up.
+    ex.settings = cfg(min_replicas=6)
+    down = await ex.on_action(act("scale_down", action_id="d1", approved_by="alice"))
+    assert (down.status, down.message.split(":")[0]) == ("denied", "replica_bounds")
+    assert "4 replicas now" in down.message and "6..50" in down.message
+    assert (await c.workload(CHECKOUT)).replicas == 4
+
+
 async def test_blast_radius_reads_the_cluster_and_denies(rig: Any) -> None:
     ex, _bus, c = rig
     c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)

@@ -137,6 +137,18 @@ async def test_scale_negative_fails_without_change() -> None:
     assert (w.replicas, w.generation, w.applied_action_ids) == (2, 1, ())
 
 
+async def test_a_directed_scale_never_moves_the_other_way() -> None:
+    c = cluster_with_revisions("v1")  # 2 replicas
+    for replicas, direction in ((1, "up"), (2, "up"), (3, "down"), (2, "down")):
+        with pytest.raises(ActionFailed, match=f"has 2 replicas: scaling {direction}"):
+            await c.scale(CHECKOUT, action_id="s1", replicas=replicas, direction=direction)
+    w = await c.workload(CHECKOUT)
+    assert (w.replicas, w.generation, w.applied_action_ids) == (2, 1, ())
+    assert (await c.scale(CHECKOUT, action_id="s2", replicas=3, direction="up")).applied
+    assert (await c.scale(CHECKOUT, action_id="s3", replicas=1, direction="down")).applied
+    assert (await c.workload(CHECKOUT)).replicas == 1
+
+
 async def test_restart_records_when_and_keeps_the_template() -> None:
     c = cluster_with_revisions("v1")
     effect = await c.restart(CHECKOUT, action_id="r1", at=at(42))

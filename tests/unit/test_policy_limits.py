@@ -106,6 +106,22 @@ def test_scale_clamped_to_where_it_is_is_denied() -> None:
     )
 
 
+def test_a_scale_clamped_across_the_current_count_is_denied() -> None:
+    # Above max_replicas (6), a scale_up clamped to 6 would cut capacity: 80 -> 6.
+    v = verdict(action("scale_up", approved_by="alice"), Facts(replicas=80, target_replicas=81))
+    assert rule(v) == ("deny", "replica_bounds")
+    assert "80 replicas now" in v.reason and "2..6" in v.reason and "not up" in v.reason
+    # Below min_replicas (2), a scale_down clamped to 2 would scale up.
+    v = verdict(action("scale_down", approved_by="alice"), Facts(replicas=1, target_replicas=0))
+    assert rule(v) == ("deny", "replica_bounds")
+    assert "not down" in v.reason
+    # Clamped, still the right way: runs.
+    assert rule(verdict(action("scale_up"), Facts(replicas=5, target_replicas=7))) == (
+        "execute",
+        "autonomous",
+    )
+
+
 def test_bounded_replicas_clamps() -> None:
     rem = BASE.remediation
     assert [bounded_replicas(n, rem) for n in (0, 2, 4, 6, 60)] == [2, 2, 4, 6, 6]
@@ -217,7 +233,8 @@ def test_limits_hold_whenever_something_would_run(
     if act.type in NODE_ACTIONS:
         assert len([n for n in f.cordoned_nodes if n != act.target.name]) < rem.max_nodes_cordoned
     if act.type in ("scale_up", "scale_down") and None not in (f.replicas, f.target_replicas):
-        assert bounded_replicas(f.target_replicas or 0, rem) != f.replicas
+        moved = bounded_replicas(f.target_replicas or 0, rem) - (f.replicas or 0)
+        assert moved > 0 if act.type == "scale_up" else moved < 0
 
 
 @settings(max_examples=200, deadline=None)
