@@ -46,12 +46,13 @@ from agent.models import (
     TargetKind,
     stable_id,
 )
+from agent.policy import MAX_SCALE_STEP
 from agent.settings import Settings
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _RELATIVE = re.compile(r"^[+-]\d{1,3}$")
 _ABSOLUTE = re.compile(r"^\d{1,3}$")
-MAX_STEP = 5  # a relative scale changes the replica count by at most this much
+MAX_STEP = MAX_SCALE_STEP  # a scale changes the replica count by at most this much
 MAX_REPLICAS = 50  # an absolute scale target above this is refused
 TAINTED_CAP = 0.5  # confidence cap when the same answer also proposed rejected actions
 MODEL_WEIGHT = 0.4  # share of the model's self-report in the combined confidence
@@ -241,11 +242,18 @@ def _params(a: ProposedAction) -> tuple[dict[str, ParamValue], str | None]:
     if a.type in ("scale_up", "scale_down") and p.replicas is not None:
         raw = str(p.replicas).strip()
         if _RELATIVE.match(raw):
-            n = int(raw)
-            if (a.type == "scale_up") != (n > 0) or abs(n) > MAX_STEP:
+            # The sign, not the value: "-0" on a scale_down is no move down.
+            if (
+                raw[0] != ("+" if a.type == "scale_up" else "-")
+                or not 1 <= abs(int(raw)) <= MAX_STEP
+            ):
                 return out, f"replicas {raw!r}: a {a.type} moves by 1..{MAX_STEP} that way"
         elif not _ABSOLUTE.match(raw) or int(raw) > MAX_REPLICAS:
             return out, f"replicas {raw!r}: expected +N, -N or a count up to {MAX_REPLICAS}"
+        elif a.type == "scale_up" and int(raw) == 0:
+            return out, f"replicas {raw!r}: a scale_up to 0 is never up"
+        # An absolute count's direction and step are checked against the current count
+        # when the executor decides (agent.policy.scale_problem).
         out["replicas"] = raw
     if a.type == "rollback" and p.revision is not None:
         if p.revision < 1:

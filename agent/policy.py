@@ -12,8 +12,9 @@ Order of the rules (first match wins), safety rules before convenience rules:
    so is the next runbook step once every action within it was verified ineffective)
 6. the hourly action budget is spent        -> deny
    a. ... or the namespace's hourly budget  -> deny
-   b. a scale that, within the replica bounds, would not move the count
-      in its direction (up for scale_up, down for scale_down)      -> deny
+   b. a scale whose requested count is not 1..MAX_SCALE_STEP in its direction (up for
+      scale_up, down for scale_down), or that the replica bounds would clamp to no
+      move that way                                                  -> deny
    c. a restart/rollback taking down more than ``max_restart_fraction``
       of the workload's pods at once (one pod always may)          -> deny
    d. ... or more than its PodDisruptionBudgets allow              -> deny
@@ -68,6 +69,9 @@ SCALE_ACTIONS = frozenset({"scale_up", "scale_down"})
 DISRUPTIVE_ACTIONS = frozenset({"restart_pod", "restart_workload", "rollback"})
 NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
 UNDO_PARAM = "undo_of"  # an action that restores what action <undo_of> changed
+# A scale moves the replica count by at most this much at once, whoever asked (a rule,
+# the LLM, a person): the next step waits for the cooldown and the verification.
+MAX_SCALE_STEP = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,14 +235,41 @@ def scale_problem(
     run, or None. The bounds clamp a target, never across the current count: a workload
     already above ``max_replicas`` clamped to it by a scale_up would lose capacity."""
     up = action_type == "scale_up"
+    way = "up" if up else "down"
+    step = requested - current if up else current - requested
+    if not 1 <= step <= MAX_SCALE_STEP:
+        # An absolute count is checked here, where the current one is known: "1" on a
+        # scale_up of 20 replicas is a scale-down by 19.
+        return (
+            f"{current} replicas now; {action_type} to {requested} is not {way} by "
+            f"1..{MAX_SCALE_STEP}"
+        )
     bounded = bounded_replicas(requested, rem)
     if (bounded > current) if up else (bounded < current):
         return None
-    way = "up" if up else "down"
     return (
         f"{current} replicas now; {action_type} to {requested} within the policy bounds "
         f"{rem.min_replicas}..{rem.max_replicas} gives {bounded}, which is not {way}"
     )
+
+
+def replicas_param_problem(action_type: str, value: ParamValue) -> str | None:
+    """What is wrong with a scale's ``replicas`` param without knowing the current count:
+    its form, a relative step the wrong way or beyond MAX_SCALE_STEP, a scale_up to 0."""
+    raw = str(value).strip()
+    if isinstance(value, bool) or not re.fullmatch(r"[+-]?[0-9]{1,6}", raw):
+        return f"params.replicas: expected +N, -N or N, got {value!r}"
+    n = int(raw)
+    up = action_type == "scale_up"
+    sign = "+" if up else "-"
+    if raw[0] in "+-" and (raw[0] != sign or not 1 <= abs(n) <= MAX_SCALE_STEP):
+        return (
+            f"params.replicas: a {action_type} moves by {sign}1..{sign}{MAX_SCALE_STEP}, "
+            f"got {raw!r}"
+        )
+    if up and raw[0] not in "+-" and n == 0:
+        return "params.replicas: a scale_up to 0 replicas is never up"
+    return None
 
 
 def restart_limit(replicas: int, rem: RemediationSection) -> int:
@@ -308,9 +339,9 @@ def param_problem(action: ActionRequest, rem: RemediationSection) -> str | None:
         elif action.type == "rollback":
             revision_param(p)
         elif action.type in SCALE_ACTIONS and "replicas" in p:
-            raw = str(p["replicas"]).strip()
-            if isinstance(p["replicas"], bool) or not re.fullmatch(r"[+-]?[0-9]{1,6}", raw):
-                raise ValueError(f"params.replicas: expected +N, -N or N, got {p['replicas']!r}")
+            problem = replicas_param_problem(action.type, p["replicas"])
+            if problem is not None:
+                raise ValueError(problem)
         elif action.type == "update_config":
             key = p.get("key")
             if not isinstance(key, str) or not key:

@@ -151,6 +151,24 @@ async def test_a_scale_is_never_clamped_against_its_direction(rig: Any) -> None:
     assert (await c.workload(CHECKOUT)).replicas == 4
 
 
+async def test_an_absolute_count_must_move_the_scale_its_way_by_at_most_the_step(
+    rig: Any,
+) -> None:
+    # An LLM answer (prompt-injectable through log text) asking scale_up "1" of a
+    # 20-replica Deployment, or "50" of a 2-replica one, at full confidence.
+    ex, _bus, c = rig
+    c.create_deployment("shop", "wide", image="v1", replicas=20, at=at(0))
+    c.create_deployment("shop", "thin", image="v1", replicas=2, at=at(0))
+    for name, asked, now in (("wide", "1", 20), ("thin", "50", 2)):
+        t = Target(kind="Deployment", namespace="shop", name=name)
+        r = await ex.on_action(act("scale_up", t, action_id=name, params={"replicas": asked}))
+        assert (r.status, r.message.split(":")[0]) == ("denied", "replica_bounds"), r.message
+        assert "not up by 1..5" in r.message
+        assert (await c.workload(t)).replicas == now
+    ok = await ex.on_action(act("scale_up", action_id="ok", params={"replicas": "9"}))
+    assert ok.status == "succeeded" and (await c.workload(CHECKOUT)).replicas == 9
+
+
 async def test_blast_radius_reads_the_cluster_and_denies(rig: Any) -> None:
     ex, _bus, c = rig
     c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from agent.models import ACTION_TYPES, ActionRequest, Target
 from agent.policy import (
     DISRUPTIVE_ACTIONS,
+    MAX_SCALE_STEP,
     NODE_ACTIONS,
     Executed,
     Facts,
@@ -120,6 +121,41 @@ def test_a_scale_clamped_across_the_current_count_is_denied() -> None:
         "execute",
         "autonomous",
     )
+
+
+def test_a_scale_moves_its_own_way_by_at_most_the_step_whatever_the_count_asked() -> None:
+    # An absolute count is a target: "1" on a scale_up of 20 replicas would cut 19,
+    # "6" on a scale_up of 0 (after a scale to zero) would add six at once.
+    cases = [
+        ("scale_up", 20, 1, "not up by 1..5"),
+        ("scale_up", 0, 6, "not up by 1..5"),
+        ("scale_down", 3, 3, "not down by 1..5"),
+        ("scale_down", 9, 2, "not down by 1..5"),
+    ]
+    for kind, now, asked, why in cases:
+        act = action(kind, approved_by="alice")  # type: ignore[arg-type]
+        v = verdict(act, Facts(replicas=now, target_replicas=asked), cfg(max_replicas=50))
+        assert rule(v) == ("deny", "replica_bounds"), (kind, now, asked)
+        assert f"{now} replicas now" in v.reason and why in v.reason
+    v = verdict(action("scale_up"), Facts(replicas=0, target_replicas=5), cfg(max_replicas=50))
+    assert rule(v) == ("execute", "autonomous")
+
+
+def test_a_relative_scale_the_wrong_way_or_too_far_is_denied_as_params() -> None:
+    for kind, raw in [
+        ("scale_up", "-1"),
+        ("scale_up", "+0"),
+        ("scale_up", "+6"),
+        ("scale_up", "0"),
+        ("scale_down", "+1"),
+        ("scale_down", "-0"),
+        ("scale_down", "+0"),
+        ("scale_down", "-6"),
+    ]:
+        v = verdict(action(kind, params={"replicas": raw}, approved_by="alice"))  # type: ignore[arg-type]
+        assert rule(v) == ("deny", "params"), (kind, raw)
+        assert "params.replicas" in v.reason
+    assert rule(verdict(action("scale_up", params={"replicas": "+5"}))) == ("execute", "autonomous")
 
 
 def test_bounded_replicas_clamps() -> None:
@@ -234,7 +270,10 @@ def test_limits_hold_whenever_something_would_run(
         assert len([n for n in f.cordoned_nodes if n != act.target.name]) < rem.max_nodes_cordoned
     if act.type in ("scale_up", "scale_down") and None not in (f.replicas, f.target_replicas):
         moved = bounded_replicas(f.target_replicas or 0, rem) - (f.replicas or 0)
-        assert moved > 0 if act.type == "scale_up" else moved < 0
+        asked = (f.target_replicas or 0) - (f.replicas or 0)
+        if act.type == "scale_down":
+            moved, asked = -moved, -asked
+        assert moved > 0 and 1 <= asked <= MAX_SCALE_STEP
 
 
 @settings(max_examples=200, deadline=None)
