@@ -15,7 +15,7 @@ the executor only hands them back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -28,6 +28,8 @@ RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 # Enough history to recognise any redelivery: actions on one target are serialized.
 MAX_REMEMBERED_IDS = 20
 ScaleDirection = Literal["up", "down"]
+# Why an action in progress must stop now (the kill switch turned on), or None.
+StopCheck = Callable[[], str | None]
 
 
 def against_direction(
@@ -128,6 +130,17 @@ class PartialFailure(ActionFailed):
         super().__init__(message)
 
 
+def drain_stopped(
+    target: Target, why: str, evicted: Sequence[str], left: Sequence[str], prior: Mapping[str, Any]
+) -> PartialFailure:
+    """The end of a drain that ``stop`` halted between evictions."""
+    return PartialFailure(
+        f"drain of {target.key} stopped by {why} before evicting {', '.join(sorted(left))}. "
+        f"Evicted: {', '.join(sorted(evicted)) or 'none'}. The node is left cordoned.",
+        prior_state=prior,
+    )
+
+
 UNDOABLE: frozenset[str] = frozenset(
     {"rollback", "scale_up", "scale_down", "cordon_node", "drain_node", "update_config"}
 )
@@ -164,10 +177,18 @@ class Cluster(Protocol):
     async def cordon(self, target: Target, *, action_id: str) -> Effect: ...
 
     async def drain(
-        self, target: Target, *, action_id: str, grace_period: float | None, drain_timeout: float
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        grace_period: float | None,
+        drain_timeout: float,
+        stop: StopCheck | None = None,
     ) -> Effect:
         """Cordon, then evict every pod but DaemonSet and mirror pods, honouring
-        PodDisruptionBudgets; raises PartialFailure naming what blocked it."""
+        PodDisruptionBudgets; raises PartialFailure naming what blocked it. ``stop`` is
+        asked before each eviction: a reason ends the drain there (PartialFailure, the
+        node left cordoned)."""
         ...
 
     async def update_config(

@@ -357,6 +357,13 @@ class Executor:
         remote = switches_for((c for _, c in self.remote_switches.values()), namespace)
         return merged(self.switches(), remote)
 
+    def _kill_switch_on(self, namespace: str) -> str | None:
+        """Why an action in progress stops now: the kill switch, from whichever source."""
+        sw = self.current_switches(namespace)
+        if not (sw.kill_switch or self.settings.agent.kill_switch):
+            return None
+        return f"the kill switch ({sw.why})" if sw.why else "the kill switch"
+
     async def on_incidents(self, batch: Iterable[Envelope]) -> None:
         for env in batch:
             if isinstance(env.value, Incident):
@@ -410,8 +417,10 @@ class Executor:
                 f"incident_closed: incident {action.incident_id} is resolved or silenced",
                 now,
             )
-        switches = self.current_switches(action.target.namespace)
-        verdict = decide(action, self.settings, self.history.values(), switches, now)
+        ns = action.target.namespace
+        verdict = decide(
+            action, self.settings, self.history.values(), self.current_switches(ns), now
+        )
         facts = Facts()
         if verdict.kind != "deny":
             try:
@@ -424,10 +433,27 @@ class Executor:
                     f"cannot check the blast-radius limits on {action.target.key}: {err}",
                     now,
                 )
-            verdict = decide(action, self.settings, self.history.values(), switches, now, facts)
+            # The switches are read again, not reused: the cluster reads took time, and a
+            # kill switch turned on meanwhile must hold.
+            verdict = decide(
+                action, self.settings, self.history.values(), self.current_switches(ns), now, facts
+            )
         if verdict.kind == "execute" and self._budget is not None:
             # The replicas' one order of claims settles who got the budget's last unit.
             verdict = await self._claim(self._budget, action, now, facts.cordoned_nodes) or verdict
+            if verdict.kind == "execute":
+                # So did the claim's round trip: the last look at the switches before acting.
+                late = decide(
+                    action,
+                    self.settings,
+                    self.history.values(),
+                    self.current_switches(ns),
+                    now,
+                    facts,
+                )
+                if late.kind != "execute":
+                    await self._claim_ended(action, now, changed=False)  # its unit goes back
+                    verdict = late
         if verdict.kind == "execute":
             return await self._execute(action, verdict, now)
         if verdict.kind == "approve":
@@ -698,7 +724,11 @@ class Executor:
         if action.type == "drain_node":
             grace, timeout = _checked(drain_params, p, rem)
             return await self.cluster.drain(
-                t, action_id=action.id, grace_period=grace, drain_timeout=timeout
+                t,
+                action_id=action.id,
+                grace_period=grace,
+                drain_timeout=timeout,
+                stop=lambda: self._kill_switch_on(t.namespace),
             )
         if action.type == "update_config":
             key, value = p.get("key"), p.get("value")

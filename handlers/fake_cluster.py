@@ -28,8 +28,10 @@ from handlers.cluster import (
     PartialFailure,
     Revision,
     ScaleDirection,
+    StopCheck,
     WorkloadState,
     against_direction,
+    drain_stopped,
     remember_id,
     remembered_ids,
 )
@@ -318,7 +320,13 @@ class FakeCluster:
             return self._cordon(target, action_id, unschedulable=True)
 
     async def drain(
-        self, target: Target, *, action_id: str, grace_period: float | None, drain_timeout: float
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        grace_period: float | None,
+        drain_timeout: float,
+        stop: StopCheck | None = None,
     ) -> Effect:
         async with self._lock:
             cordoned = self._cordon(target, action_id, unschedulable=True)
@@ -336,8 +344,13 @@ class FakeCluster:
             skipped = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
             evict = [p for p in on_node if p not in skipped]
             blocked = {f"{p.namespace}/{p.name}": self._eviction_block(p) for p in evict}
-            evicted = []
-            for p in evict:
+            evicted: list[str] = []
+            for i, p in enumerate(evict):
+                why = stop() if stop is not None else None
+                if why:
+                    self.changed.set()
+                    left = [f"{q.namespace}/{q.name}" for q in evict[i:]]
+                    raise drain_stopped(target, why, evicted, left, prior)
                 if not blocked[f"{p.namespace}/{p.name}"]:
                     del self._pods[(p.namespace, p.name)]
                     evicted.append(f"{p.namespace}/{p.name}")

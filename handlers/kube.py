@@ -74,8 +74,10 @@ from handlers.cluster import (
     PartialFailure,
     Revision,
     ScaleDirection,
+    StopCheck,
     WorkloadState,
     against_direction,
+    drain_stopped,
     remember_id,
     remembered_ids,
 )
@@ -939,7 +941,13 @@ class KubeCluster:
         return await self._mutate(target, _path(target), action_id, plan)
 
     async def drain(
-        self, target: Target, *, action_id: str, grace_period: float | None, drain_timeout: float
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        grace_period: float | None,
+        drain_timeout: float,
+        stop: StopCheck | None = None,
     ) -> Effect:
         _need(target, ("Node",), "drain_node")
         cordoned = await self._cordon(target, action_id)
@@ -961,6 +969,11 @@ class KubeCluster:
         stranded: list[str] = []
         while True:
             for key, pod in list(state.pending.items()):
+                why = stop() if stop is not None else None
+                if why:
+                    raise drain_stopped(
+                        target, why, list(state.evicted), list(state.pending), prior
+                    )
                 meta = pod["metadata"]
                 ns = meta["namespace"]
                 if ns not in budgets:

@@ -999,3 +999,56 @@ async def test_budget_claims_are_counted_and_timed_and_the_arbiter_stops_with_th
     finally:
         await ex.stop()
     assert arbiter.stopped
+
+
+async def test_a_kill_switch_turned_on_while_deciding_holds(tmp_path: Any) -> None:
+    """The second policy check, after the cluster reads, and the last look, after the
+    budget claim, read the switches again: the operator may act during either."""
+    from handlers.executor import kill_switch_file
+
+    path = tmp_path / "kill"
+    c = cluster()
+    read = c.footprint
+
+    async def footprint(target: Target) -> Any:
+        path.touch()  # the operator touches the kill switch file while the cluster is read
+        return await read(target)
+
+    c.footprint = footprint  # type: ignore[method-assign]
+    ex = Executor(
+        cfg(), bus=MemoryBus(), cluster=c, metrics=Metrics(), switches=kill_switch_file(str(path))
+    )
+    try:
+        r = await ex.on_action(act("restart_workload", action_id="r1"))
+        assert (r.status, r.message.split(":")[0]) == ("denied", "kill_switch")
+        assert (await c.workload(CHECKOUT)).generation == 2  # create and rollout only
+    finally:
+        await ex.stop()
+
+    path.unlink()
+    c = cluster()
+
+    class SwitchedDuringClaim(OneUnit):
+        async def claim(
+            self, action: ActionRequest, now: Any, cordoned: tuple[str, ...] = ()
+        ) -> Verdict | None:
+            granted = await super().claim(action, now, cordoned)
+            path.touch()  # ... or while the claim is read back
+            return granted
+
+    arbiter = SwitchedDuringClaim()
+    ex = Executor(
+        cfg(),
+        bus=MemoryBus(),
+        cluster=c,
+        metrics=Metrics(),
+        switches=kill_switch_file(str(path)),
+        budget=arbiter,
+    )
+    try:
+        r = await ex.on_action(act("restart_workload", action_id="r2"))
+        assert (r.status, r.message.split(":")[0]) == ("denied", "kill_switch")
+        assert (await c.workload(CHECKOUT)).generation == 2
+        assert arbiter.granted == []  # the unit went back: nothing was done with it
+    finally:
+        await ex.stop()

@@ -82,3 +82,22 @@ async def test_config_update_and_undo_of_a_new_key() -> None:
     assert c.config_map("shop", "flags").data == {"mode": "fast"}
     with pytest.raises(ActionFailed, match="cannot be undone"):
         await c.undo(NODE, action_id="x2", action_type="restart_pod", prior={"uid": "u"})
+
+
+async def test_a_drain_stops_evicting_once_asked_and_leaves_the_node_cordoned() -> None:
+    c = cluster()
+    c.add_pod("shop", "web-4", node="n1", workload="web")
+    c.add_pod("shop", "web-5", node="n1", workload="web")
+    asked: list[str] = []
+
+    def stop() -> str | None:  # the kill switch turns on after the first eviction
+        asked.append("?")
+        return "the kill switch (file /run/kill exists)" if len(asked) > 1 else None
+
+    with pytest.raises(PartialFailure, match="stopped by the kill switch") as e:
+        await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10, stop=stop)
+    assert e.value.prior_state == {"unschedulable": False}
+    assert "Evicted: shop/web-1" in str(e.value) and "The node is left cordoned" in str(e.value)
+    assert c.node("n1").unschedulable
+    left = [n for n in ("web-1", "web-4", "web-5") if c.pod("shop", n) is not None]
+    assert left == ["web-4", "web-5"]
