@@ -187,11 +187,12 @@ class Agent:
                 )
             )
         if "executor" in self.roles:
-            # Every replica reads every incident and action result (no group: each reads
-            # all partitions). The executor must know an action's incident closed although
-            # another replica owns that incident's partition, and count every replica's
-            # actions in its budgets; the unresolved watch, that an incident it seeded
-            # resolved. It starts first, so nothing falls between it and their replays.
+            # Every replica reads every incident, action result and approval request (no
+            # group: each reads all partitions). The executor must know an action's incident
+            # closed although another replica owns that incident's partition, count every
+            # replica's actions in its budgets, and know the request of any decision the
+            # group hands it, whoever asked; the unresolved watch, that an incident it
+            # seeded resolved. It starts first, so nothing falls between it and their replays.
             watch = (
                 UnresolvedWatch(
                     after=s.escalation.unresolved_after,
@@ -212,6 +213,7 @@ class Agent:
                     incidents: Incident,
                     self.bus.topic("action-results"): ActionResult,
                     self.bus.topic("switches"): SwitchChange,
+                    self.bus.topic("approvals"): ApprovalRequest,
                 },
                 handler=functools.partial(_follow, self, watch),
                 from_beginning=False,
@@ -247,8 +249,8 @@ class Agent:
                     self.bus,
                     name="executor",
                     group_id=f"{prefix}executor",
+                    # Not approvals: the watch reads those, in full (see above).
                     topics={
-                        self.bus.topic("approvals"): ApprovalRequest,
                         self.bus.topic("decisions"): ApprovalDecision,
                         self.bus.topic("actions"): ActionRequest,
                     },
@@ -434,12 +436,13 @@ class Agent:
 
 async def _follow(agent: Agent, watch: UnresolvedWatch | None, batch: Sequence[Envelope]) -> None:
     """The executor watch's handler: what the executor knows of closed incidents, of every
-    replica's actions and of the run-time switches, and what the unresolved watch knows of
-    open ones."""
+    replica's actions, of the run-time switches and of every pending approval, and what the
+    unresolved watch knows of open ones."""
     if agent.executor is not None:
         await agent.executor.on_incidents(batch)
         await agent.executor.on_results(batch)
         await agent.executor.on_switches(batch)
+        await agent.executor.on_approvals(batch)
     if watch is not None:
         await watch.handle(batch)
 

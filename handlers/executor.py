@@ -1,9 +1,10 @@
 """The action consumer: policy, execution, approvals, verification and undo.
 
-Consumes ``actions`` (keyed by target, so one target's actions are serialized),
-``approvals`` (to know what is pending), ``decisions`` and ``incidents`` (to know which
-incidents are closed). Each action ends in an :class:`ActionResult`; the input offset is
-committed by the consumer only after that result is durable.
+Consumes ``actions`` (keyed by target, so one target's actions are serialized) and
+``decisions`` in the group; every replica also reads all of ``approvals`` (to know what is
+pending, whoever asked) and ``incidents`` (to know which incidents are closed). Each action
+ends in an :class:`ActionResult`; the input offset is committed by the consumer only after
+that result is durable.
 
 Policy runs twice: first without cluster facts (kill switch, namespaces, mode, cooldown,
 budgets: nothing is read for a denied action), then with the blast-radius facts read from
@@ -16,10 +17,13 @@ reason.
 
 Approvals: a request pins the target's version (:meth:`Cluster.version`) and expires after
 ``approval_ttl``. The pending set is rebuilt at start from the compacted approvals topic, so
-approvals survive restarts. A decision executes only if it names a pending request and its
-action hash, before the expiry, while the target is unchanged and the incident still open;
-a decision for an unknown request or with the wrong hash is dead-lettered with the reason;
-an expired, stale or rejected one ends in a ``rejected`` result saying why. The approval is
+approvals survive restarts, and then follows that topic outside the group, so the replica
+that owns a decision's partition knows its request whoever asked. A decision executes only
+if it names a pending request and its action hash, before the expiry, while the target is
+unchanged and the incident still open; a decision for an unknown request (once this
+replica has read every request published before it) or with the wrong hash is
+dead-lettered with the reason; an expired, stale or rejected one ends in a ``rejected``
+result saying why. The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper.
@@ -312,9 +316,6 @@ class Executor:
 
     # --- intake ----------------------------------------------------------------------------------
     async def handle(self, batch: Sequence[Envelope]) -> None:
-        approvals_topic = self.bus.topic("approvals")
-        # Requests first, so a decision in the same batch finds its request.
-        self._apply_approval_records([e for e in batch if e.topic == approvals_topic])
         await handle_each(batch, self._handle_one)
         self._ensure_sweeper()
 
@@ -326,6 +327,14 @@ class Executor:
             await self.on_decision(value)
         elif isinstance(value, ActionRequest):
             await self.on_action(value)
+
+    async def on_approvals(self, batch: Iterable[Envelope]) -> None:
+        """Approval requests and tombstones of every replica, read outside the group (as
+        incidents are): a decision reaches whichever replica owns its partition of the
+        decisions topic, which need not be the one that asked, nor the one that read the
+        request in the group; and a request decided elsewhere is forgotten here too."""
+        self._apply_approval_records(e for e in batch if e.topic == self.bus.topic("approvals"))
+        self._ensure_sweeper()
 
     def _apply_approval_records(self, records: Iterable[Envelope]) -> None:
         for env in records:
@@ -513,6 +522,11 @@ class Executor:
 
     async def on_decision(self, d: ApprovalDecision) -> None:
         req = self.pending.get(d.request_id)
+        if req is None:
+            # Its request was published before it: once the executor watch has read that
+            # far, an unknown request is really unknown.
+            await self._caught_up(f"cannot look up approval request {d.request_id}")
+            req = self.pending.get(d.request_id)
         if req is None:
             closed = self.closed_approvals.get(d.request_id)
             reason = (

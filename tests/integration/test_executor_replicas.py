@@ -1,9 +1,11 @@
-"""No executor replica acts on an incident that closed, whichever partitions it owns.
+"""No executor replica acts on an incident that closed, whichever partitions it owns; and
+a decision executes whichever replica asked for it.
 
 An action and its incident's resolution travel on different topics, keyed differently: in
 a group of replicas, the one that takes the action often does not own the partition the
 resolution is on. Each replica therefore reads every incident (outside the group), and an
-action waits until that reader has caught up with what was published before it.
+action waits until that reader has caught up with what was published before it. The same
+holds for an approval request and its decision: every replica reads every request.
 """
 
 from __future__ import annotations
@@ -13,12 +15,21 @@ from dataclasses import replace
 
 import pytest
 
-from agent.models import ActionRequest, ActionResult, Incident, Target, utcnow
+from agent.models import (
+    ActionRequest,
+    ActionResult,
+    ApprovalDecision,
+    Incident,
+    Target,
+    stable_id,
+    utcnow,
+)
 from agent.runtime import Agent
 from handlers.fake_cluster import FakeCluster
+from streams.bus import BatchConsumer
 from streams.partitioning import partition_for
 from tests.fakes.incidents import action_request, incident, member
-from tests.helpers import make_settings, readers, started_bus
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +157,104 @@ async def test_the_hourly_budget_is_one_budget_for_every_replica(
     )
     scaled = [sum([(await c.workload(a.target)).replicas != 2 for a in actions]) for c in clusters]
     assert sum(scaled) == 3 and 0 not in scaled, f"actions per replica: {scaled}"
+
+
+def _group_consumer(agent: Agent) -> BatchConsumer:
+    (c,) = [c for c in agent.components if isinstance(c, BatchConsumer) and c.name == "executor"]
+    return c
+
+
+async def test_a_decision_executes_on_the_replica_that_did_not_ask(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Two replicas, 3 partitions (the shipped setup). Replica C owns the rollback's actions
+    partition and asks for the approval; the decision lands on a decisions partition replica
+    D owns (and, were approvals read in the group, not on D's approvals partition either).
+    D knows the request and rolls back; neither replica keeps it pending afterwards."""
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "kafka": {"partitions": 3},
+            "remediation": {"require_approval": ["rollback"], "cooldown": 0, "verify_after": "10m"},
+        },
+    )
+    cluster = FakeCluster()  # one cluster, as in production: both replicas see its versions
+    cluster.create_deployment("shop", "checkout", image="v1", replicas=2, at=utcnow())
+    cluster.rollout("shop", "checkout", image="v2", at=utcnow())
+    target = Target(kind="Deployment", namespace="shop", name="checkout")
+    labels = {"cluster": "c1", "namespace": "shop", "service": "checkout"}
+    inc = incident(member(labels=labels), labels=labels, id=f"inc-{uuid.uuid4().hex[:8]}")
+    bus, _ = await started_bus(settings)
+    try:
+        replicas = [
+            Agent(settings, roles=["executor"], cluster=cluster, serve_http=False) for _ in range(2)
+        ]
+        async with (
+            replicas[0],
+            replicas[1],
+            readers(
+                kafka_bootstrap,
+                {
+                    "results": (bus.topic("action-results"), ActionResult),
+                    "letters": (bus.topic("dead-letter"), None),
+                },
+            ) as r,
+        ):
+            groups = [_group_consumer(a) for a in replicas]
+            actions, decisions = bus.topic("actions"), bus.topic("decisions")
+
+            def settled() -> bool:  # both in the group, every partition held once
+                held = [g.holding for g in groups]
+                return (
+                    all(held)
+                    and not (held[0] & held[1])
+                    and len(held[0] | held[1]) == 3 * len(groups[0].types)
+                )
+
+            await eventually(settled, 60, what="the group's assignment to settle")
+            (creator,) = [i for i, g in enumerate(groups) if g.holds(actions, target.key)]
+            for n in range(200):
+                a = replace(action_request(inc, "rollback", target), id=f"act-{inc.id}-{n}")
+                rid = stable_id("approval", a.id)
+                decider = groups[1 - creator]
+                if decider.holds(decisions, rid) and not decider.holds(bus.topic("approvals"), rid):
+                    break
+            else:
+                raise AssertionError("no action id whose decision the other replica owns")
+            await bus.publish(actions, a)
+            (asked,) = await r["results"].wait_for(
+                lambda xs: any(x.action_id == a.id for x in xs), 30, "the approval request"
+            )
+            assert asked.status == "pending_approval", asked
+            req = replicas[creator].executor.pending[rid]  # type: ignore[union-attr]
+            await bus.publish(
+                decisions,
+                ApprovalDecision(
+                    id=f"d-{uuid.uuid4().hex[:8]}",
+                    request_id=rid,
+                    action_hash=req.action_hash,
+                    decision="approve",
+                    decided_by="alice",
+                    decided_at=utcnow(),
+                ),
+            )
+            done = await r["results"].wait_for(
+                lambda xs: (
+                    any(x.action_id == a.id and x.status != "pending_approval" for x in xs)
+                    or bool(r["letters"].items)
+                ),
+                30,
+                "the decision's outcome",
+            )
+            assert r["letters"].items == []
+            (ran,) = [x for x in done if x.action_id == a.id and x.status != "pending_approval"]
+            assert ran.status == "succeeded" and "[approved]" in ran.message, ran
+            assert (await cluster.workload(target)).image == "v1"
+            await eventually(
+                lambda: all(rid not in x.executor.pending for x in replicas),  # type: ignore[union-attr]
+                30,
+                what="both replicas to forget the decided request",
+            )
+    finally:
+        await bus.stop()

@@ -570,17 +570,49 @@ async def test_a_restarted_executor_verifies_what_the_last_run_left_unverified(
     assert bus.results("done") == []  # already verified: left alone
 
 
-async def test_a_decision_in_the_same_batch_as_its_request_finds_it(rig: Any) -> None:
-    ex, bus, c = rig
-    a = act("update_config", CM, params={"key": "k", "value": "v"})
-    req = await requested(ex, bus, a)
-    ex.pending.clear()
-    batch = [
-        Envelope(bus.topic("decisions"), 0, 5, req.id, decision(req)),
-        Envelope(bus.topic("approvals"), 1, 3, req.id, req),
-    ]
-    await ex.handle(batch)
+def approval_records(bus: MemoryBus) -> list[Envelope]:
+    """What the executor watch reads of the approvals topic (one partition, in order)."""
+    t = bus.topic("approvals")
+    return [Envelope(t, 0, i, k, e) for i, (e, k) in enumerate(bus.on("approvals"))]
+
+
+async def test_a_decision_reaching_another_replica_executes_once_its_watch_read_the_request(
+    rig: Any,
+) -> None:
+    """Replica A asked; the group hands the decision to replica B, which has not read the
+    request yet: B waits for its executor watch (every approval, outside the group), then
+    executes, instead of dead-lettering it as unknown."""
+    a_ex, bus, c = rig
+    req = await requested(a_ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    waits: list[float] = []
+
+    async def watch_read(within: float) -> bool:
+        waits.append(within)
+        await b_ex.on_approvals(approval_records(bus))  # what the watch had yet to hand over
+        return True
+
+    b_ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), watch_read=watch_read)
+    try:
+        await b_ex.handle([Envelope(bus.topic("decisions"), 2, 0, req.id, decision(req))])
+    finally:
+        await b_ex.stop()
+    assert bus.letters == [] and waits
     assert c.config_map("shop", "flags").data["k"] == "v"
+    assert bus.tombstones() == [req.id] and req.id not in b_ex.pending
+
+
+async def test_a_decision_is_not_refused_as_unknown_while_the_watch_lags(rig: Any) -> None:
+    """Retried (a transient error), not dead-lettered: the request may be on its way."""
+    _ex, bus, c = rig
+
+    async def lagging(within: float) -> bool:
+        return False
+
+    b_ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), watch_read=lagging)
+    req = await requested(_ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    with pytest.raises(TransientError, match=f"cannot look up approval request {req.id}"):
+        await b_ex.on_decision(decision(req))
+    assert bus.letters == []
 
 
 async def test_transient_errors_are_retried(rig: Any) -> None:
