@@ -244,22 +244,25 @@ class Agent:
                 budget=BudgetLedger(self.bus, s.remediation),
             )
             self.components.append(self.executor)  # replays pending approvals before intake
-            self.components.append(
-                BatchConsumer(
-                    self.bus,
-                    name="executor",
-                    group_id=f"{prefix}executor",
-                    # Not approvals: the watch reads those, in full (see above).
-                    topics={
-                        self.bus.topic("decisions"): ApprovalDecision,
-                        self.bus.topic("actions"): ActionRequest,
-                    },
-                    handler=self.executor.handle,
-                    stuck_after=s.agent.stuck_after,
-                    # Actions are serialized per target: small batches keep latency low.
-                    max_records=50,
-                )
+            executor_group = BatchConsumer(
+                self.bus,
+                name="executor",
+                group_id=f"{prefix}executor",
+                # Not approvals: the watch reads those, in full (see above).
+                topics={
+                    self.bus.topic("decisions"): ApprovalDecision,
+                    self.bus.topic("actions"): ActionRequest,
+                },
+                handler=self.executor.handle,
+                stuck_after=s.agent.stuck_after,
+                # Actions are serialized per target: small batches keep latency low.
+                max_records=50,
             )
+            # Every replica knows every request; the one its decision goes to expires it.
+            self.executor.owns = functools.partial(
+                executor_group.holds, self.bus.topic("decisions")
+            )
+            self.components.append(executor_group)
             if watch is not None:
                 # Replicas escalate an incident under one id (see agent.escalation_watch).
                 self.components.append(watch)  # seeds what is open

@@ -26,7 +26,8 @@ dead-lettered with the reason; an expired, stale or rejected one ends in a ``rej
 result saying why. The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
-escalated by a sweeper.
+escalated by a sweeper, on the one replica that owns the request's decisions partition
+(see :attr:`Executor.owns`): every replica knows every request, and one expiry is enough.
 
 Verification re-checks after ``verify_after``: the triggering patterns on Prometheus, each
 where it fired, and the target's state in the cluster (:mod:`handlers.verification`); a
@@ -233,6 +234,13 @@ class Executor:
         # Requests no longer pending, and why: a late decision is told (best effort: a
         # restart remembers only what the replayed tombstones say).
         self.closed_approvals: OrderedDict[str, str] = OrderedDict()
+        # The offset of the latest approvals record read per request id: the snapshot at
+        # start and the watch overlap, and an older request must not outlive its tombstone.
+        self._approval_offsets: OrderedDict[str, int] = OrderedDict()
+        # Whether this replica answers for a request id: owns its partition of the decisions
+        # topic (the composition root asks the group). Only it withdraws or expires the
+        # request; alone, every request is this replica's.
+        self.owns: Callable[[str], bool] = lambda request_id: True
         # Test-only: called between the cluster write and the result (the composition root
         # sets it from SRE_AGENT_TEST_CRASH_AFTER_APPLY to simulate a crash there).
         self.after_apply: Callable[[ActionRequest, Effect], None] | None = None
@@ -338,9 +346,16 @@ class Executor:
 
     def _apply_approval_records(self, records: Iterable[Envelope]) -> None:
         for env in records:
-            if env.value is None and env.key:  # tombstone: decided or expired
-                if self.pending.pop(env.key, None) is not None:
-                    self._close(env.key, "it was already decided or expired")
+            rid = env.key or (env.value.id if isinstance(env.value, ApprovalRequest) else None)
+            if rid is None:
+                continue
+            seen = self._approval_offsets.get(rid)
+            if seen is not None and env.offset <= seen:
+                continue  # read already, or older than what was (a key stays on its partition)
+            remember(self._approval_offsets, rid, env.offset)
+            if env.value is None:  # tombstone: decided or expired
+                if self.pending.pop(rid, None) is not None:
+                    self._close(rid, "it was already decided or expired")
             elif isinstance(env.value, ApprovalRequest):
                 self.pending[env.value.id] = env.value
 
@@ -877,7 +892,7 @@ class Executor:
         """Withdraw the pending approvals whose incident closed; escalate the ones that
         expired without a decision."""
         await self._withdraw_closed(now)
-        expired = [r for r in self.pending.values() if now > r.expires_at]
+        expired = [r for r in self.pending.values() if now > r.expires_at and self.owns(r.id)]
         for req in expired:
             await self._record(
                 req.action,
@@ -905,7 +920,7 @@ class Executor:
         told (approval_withdrawn, routed as the request was, not counted as an
         escalation); a late decision is told why."""
         for req in list(self.pending.values()):
-            if not self._known_closed(req.action.incident_id):
+            if not self._known_closed(req.action.incident_id) or not self.owns(req.id):
                 continue
             why = f"withdrawn: incident {req.action.incident_id} is resolved or silenced"
             await self._record(

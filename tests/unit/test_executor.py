@@ -434,6 +434,51 @@ async def test_undecided_approvals_expire_through_the_sweeper(rig: Any) -> None:
     assert f"approval request {req.id} is closed: it expired at" in bus.letters[-1]
 
 
+async def test_only_the_replica_a_decision_would_reach_expires_the_request(rig: Any) -> None:
+    """Every replica knows every pending request (the executor watch); the one owning its
+    decisions partition expires it, once; the others leave it to that one."""
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    other = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    await other.on_approvals(approval_records(bus))
+    other.owns = lambda request_id: False
+    ex.owns = lambda request_id: request_id == req.id
+    later = req.expires_at + timedelta(seconds=1)
+    try:
+        assert await other.sweep(later) == [] and bus.tombstones() == []
+        assert await ex.sweep(later) == [req]
+    finally:
+        await other.stop()
+    assert bus.tombstones() == [req.id]
+    assert [e.reason for e, _ in bus.on("escalations")].count("approval_expired") == 1
+    await other.on_approvals(approval_records(bus))  # the owner's tombstone reaches it
+    assert req.id not in other.pending
+
+
+async def test_a_request_decided_during_the_replay_at_start_stays_decided(rig: Any) -> None:
+    """The watch starts before the snapshot of the approvals topic and they overlap: a
+    tombstone the watch hands over while the snapshot is read must not be undone by the
+    older request in the snapshot (the replica would later expire, and page for, an action
+    already decided)."""
+    ex, bus, c = rig
+    req = await requested(ex, bus, act("update_config", CM, params={"key": "k", "value": "v"}))
+    t = bus.topic("approvals")
+
+    async def replay() -> list[Envelope]:
+        # Decided elsewhere while the snapshot was being read; the watch saw it first.
+        await fresh.on_approvals([Envelope(t, 1, 5, req.id, req), Envelope(t, 1, 6, req.id, None)])
+        return [Envelope(t, 1, 5, req.id, req)]
+
+    fresh = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics(), approvals=replay)
+    await fresh.start()
+    try:
+        assert req.id not in fresh.pending
+        assert await fresh.sweep(req.expires_at + timedelta(seconds=1)) == []
+    finally:
+        await fresh.stop()
+    assert bus.results()[-1].status == "pending_approval"
+
+
 async def test_a_bug_in_one_sweep_does_not_end_the_sweeper(rig: Any) -> None:
     ex, bus, _c = rig
     ex.settings = cfg(approval_ttl=0.1)
