@@ -85,6 +85,13 @@ class Metrics:
             ["service", "action", "outcome"],
             registry=r,
         )
+        self.verification_failed = Counter(
+            "sre_agent_remediation_verification_failed_total",
+            "Verifications of executed actions given up after their retries (Kafka, or a "
+            "bug): the outcome (the next start verifies again) or its escalation is missing.",
+            ["action"],
+            registry=r,
+        )
         self.budget_claims = Counter(
             "sre_agent_budget_claims_total",
             "Claims of the hourly budgets' units between executor replicas, by result: "

@@ -32,7 +32,9 @@ escalated by a sweeper, on the one replica that owns the request's decisions par
 Verification re-checks after ``verify_after``: the triggering patterns on Prometheus, each
 where it fired, and the target's state in the cluster (:mod:`handlers.verification`); a
 second result for the same action id carries the outcome (healed / not_healed / worse /
-unknown); anything but healed is escalated.
+unknown); anything but healed is escalated. It runs in the background: each of its steps
+is retried with a bounded backoff, and one that still fails is logged and counted, never
+lost silently.
 
 Undo (``sre-agent actions undo``): a new action of the same type with ``undo_of`` and the
 original's ``prior_state`` as params, executed like any other (policy, idempotency, result).
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from agent.alertmanager_api import AlertmanagerAPI
+from agent.budget import backoff_delay
 from agent.codec import encode
 from agent.errors import ActionFailed, AgentError, PermanentError, TransientError
 from agent.labels import normalise
@@ -127,6 +130,10 @@ METRIC_RESULT: dict[str, str] = {
     "duplicate": "duplicate",
 }
 TRANSIENT_ATTEMPTS = 3
+# A verification's steps are retried this often, backing off from 1 s to at most 60 s
+# (about two minutes in all: a broker restart), before it is given up, loudly.
+VERIFY_ATTEMPTS = 8
+VERIFY_BACKOFF = (1.0, 60.0)
 
 
 class Publisher(Protocol):
@@ -253,6 +260,8 @@ class Executor:
         self._budget = budget
         self._sweep_interval = sweep_interval
         self._verifications: set[asyncio.Task[None]] = set()
+        self.verify_attempts = VERIFY_ATTEMPTS
+        self.verify_backoff = VERIFY_BACKOFF  # (base, cap) seconds
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -1066,21 +1075,79 @@ class Executor:
     async def _verify(
         self, action: ActionRequest, result: ActionResult, before: Observation | None, wait: float
     ) -> None:
+        """A background task: nothing awaits it, so nothing may end it unseen. Each step is
+        retried; one that still fails is logged and counted, and the action stays without
+        a verification record, which the next start resumes (see unverified)."""
         await asyncio.sleep(wait)
-        outcome, message = await self.verify_now(action, before, result.finished_at)
+        try:
+            await self._verify_once(action, result, before)
+        except Exception:
+            self.metrics.verification_failed.labels(action=action.type).inc()
+            log.exception(
+                "verification of %s %s on %s given up after %d attempts; no outcome "
+                "recorded (the next start verifies it again)",
+                action.type,
+                action.id,
+                action.target.key,
+                self.verify_attempts,
+            )
+
+    async def _persisting(self, what: str, step: Callable[[], Awaitable[_R]]) -> _R:
+        """``step``, retried with a bounded backoff on any failure (the publish during a
+        broker restart, a bug); the last failure is raised."""
+        base, cap = self.verify_backoff
+        for attempt in range(self.verify_attempts):
+            try:
+                return await step()
+            except Exception as err:
+                if attempt + 1 >= self.verify_attempts:
+                    raise
+                hint = err.retry_after if isinstance(err, TransientError) else None
+                delay = backoff_delay(attempt, base=base, cap=cap, retry_after=hint)
+                delay = cap if delay is None else delay
+                log.warning("%s failed, retrying in %.1fs: %r", what, delay, err)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _verify_once(
+        self, action: ActionRequest, result: ActionResult, before: Observation | None
+    ) -> None:
+        # Judged once: a retry publishes the same record (same id), not a second verdict.
+        outcome, message = await self._persisting(
+            f"verifying {action.id}", lambda: self.verify_now(action, before, result.finished_at)
+        )
         verified = replace(
             result, id=new_id(), outcome=outcome, message=message, finished_at=utcnow()
         )
-        await self.bus.publish(self.bus.topic("action-results"), verified)
+        await self._persisting(
+            f"recording the verification of {action.id}",
+            lambda: self.bus.publish(self.bus.topic("action-results"), verified),
+        )
         self._verified(action.id, outcome)
         self.metrics.verification.labels(
             service=result.service, action=action.type, outcome=outcome
         ).inc()
-        if outcome in ("not_healed", "worse"):
-            reason: EscalationReason = "worse" if outcome == "worse" else "not_healed"
-            await self._escalate(reason, action, message, verified.finished_at)
-        elif outcome == "healed":
-            await self._escalate("healed", action, message, verified.finished_at)
+        if outcome in ("not_healed", "worse", "healed"):
+            reason: EscalationReason = (
+                "worse" if outcome == "worse" else "healed" if outcome == "healed" else "not_healed"
+            )
+            try:
+                # The escalation's id is stable: a retry after a lost acknowledgement is
+                # one page.
+                await self._persisting(
+                    f"escalating {reason} of {action.id}",
+                    lambda: self._escalate(reason, action, message, verified.finished_at),
+                )
+            except Exception:  # the outcome is recorded: a restart would not page again
+                self.metrics.verification_failed.labels(action=action.type).inc()
+                log.exception(
+                    "ESCALATE: %s on %s: %s, but its escalation was given up after %d attempts: %s",
+                    action.type,
+                    action.target.key,
+                    reason,
+                    self.verify_attempts,
+                    message,
+                )
         elif outcome == "unknown":
             log.warning("unverified %s on %s: %s", action.type, action.target.key, message)
         else:

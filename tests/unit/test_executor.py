@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ActionFailed, PermanentError, TransientError
+from agent.errors import ActionFailed, DependencyUnavailable, PermanentError, TransientError
 from agent.metrics import Metrics
 from agent.models import (
     ActionRequest,
+    ActionResult,
     ApprovalDecision,
     ApprovalRequest,
     Escalation,
@@ -112,6 +113,53 @@ async def test_every_action_type_executes_and_is_verified(rig: Any) -> None:
     drained = bus.results("a5")[0]
     assert "skipped 1 DaemonSet/mirror pods" in drained.message
     assert drained.prior_state == {"unschedulable": False}
+
+
+class FlakyBus(MemoryBus):
+    """Refuses the first ``failures`` verification records, as the real bus does while the
+    broker restarts; the rest go through."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.refused = 0
+
+    async def publish(self, topic_name: str, event: Any, key: str | None = None) -> None:
+        verification = isinstance(event, ActionResult) and event.outcome != "unknown"
+        if verification and self.refused < self.failures:
+            self.refused += 1
+            raise DependencyUnavailable("kafka publish failed: broker restarting")
+        await super().publish(topic_name, event, key)
+
+
+async def verified_with(bus: FlakyBus) -> Executor:
+    ex = Executor(cfg(), bus=bus, cluster=cluster(), metrics=Metrics())
+    ex.verify_backoff = (0.0, 0.0)  # the backoff's length is not what is tested
+    assert (await ex.on_action(act("scale_up", action_id="s1"))).status == "succeeded"
+    await asyncio.gather(*ex._verifications)  # a task that dies raises here
+    await ex.stop()
+    return ex
+
+
+async def test_a_verification_lost_to_a_kafka_error_is_retried() -> None:
+    bus = FlakyBus(failures=2)
+    ex = await verified_with(bus)
+    assert bus.refused == 2
+    assert [r.outcome for r in bus.results("s1")] == ["unknown", "healed"]
+    assert [e.reason for e, _ in bus.on("escalations")] == ["healed"]
+    assert ex.history["s1"].outcome == "healed"
+    assert ex.metrics.verification_failed.labels(action="scale_up")._value.get() == 0
+
+
+async def test_a_verification_that_keeps_failing_is_given_up_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = FlakyBus(failures=100)
+    ex = await verified_with(bus)
+    assert bus.refused == ex.verify_attempts  # bounded
+    assert [r.outcome for r in bus.results("s1")] == ["unknown"]  # resumed at the next start
+    assert ex.metrics.verification_failed.labels(action="scale_up")._value.get() == 1
+    assert "verification of scale_up s1 on Deployment/shop/checkout given up" in caplog.text
 
 
 async def test_a_redelivered_action_is_a_duplicate(rig: Any) -> None:
