@@ -6,7 +6,8 @@ invalid; ``TransientError`` for 429/5xx/timeouts). Every mutating call takes the
 and records it on the object it writes in the same write that performs the change
 (annotation ``ACTION_IDS_ANNOTATION``, with a ``resourceVersion`` precondition), so a
 redelivered action whose id is already there is acknowledged without acting again
-(``Effect.applied`` False).
+(``Effect.applied`` False), except a drain: its id lands with the cordon, before any
+eviction, so a redelivery to a node still cordoned resumes the evictions.
 
 Each applied effect carries ``prior_state``: flat scalars (they travel as action params) from
 which :meth:`Cluster.undo` restores the target. What the keys mean is the adapter's business;
@@ -25,6 +26,9 @@ from agent.models import Target
 
 ACTION_IDS_ANNOTATION = "sre-agent.io/action-ids"
 RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
+# "<action id>=true|false": whether the node was unschedulable before that action cordoned
+# it, so a redelivered drain that resumes the evictions still knows what undo restores.
+UNSCHEDULABLE_BEFORE_ANNOTATION = "sre-agent.io/unschedulable-before"
 # Enough history to recognise any redelivery: actions on one target are serialized.
 MAX_REMEMBERED_IDS = 20
 ScaleDirection = Literal["up", "down"]
@@ -53,6 +57,19 @@ def remembered_ids(annotations: Mapping[str, str]) -> tuple[str, ...]:
 def remember_id(annotations: Mapping[str, str], action_id: str) -> str:
     ids = (*remembered_ids(annotations), action_id)[-MAX_REMEMBERED_IDS:]
     return ",".join(ids)
+
+
+def unschedulable_before(action_id: str, was: bool) -> str:
+    return f"{action_id}={'true' if was else 'false'}"
+
+
+def prior_unschedulable(annotations: Mapping[str, str], action_id: str) -> dict[str, Any]:
+    """The cordon's prior state as ``action_id`` recorded it; empty when another action
+    (or an older agent) wrote the node last."""
+    who, _, was = annotations.get(UNSCHEDULABLE_BEFORE_ANNOTATION, "").rpartition("=")
+    if who != action_id or was not in ("true", "false"):
+        return {}
+    return {"unschedulable": was == "true"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from agent.errors import ActionFailed
 from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
+    UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
     Footprint,
     Observation,
@@ -32,8 +33,10 @@ from handlers.cluster import (
     WorkloadState,
     against_direction,
     drain_stopped,
+    prior_unschedulable,
     remember_id,
     remembered_ids,
+    unschedulable_before,
 )
 
 
@@ -330,9 +333,15 @@ class FakeCluster:
     ) -> Effect:
         async with self._lock:
             cordoned = self._cordon(target, action_id, unschedulable=True)
-            if not cordoned.applied:
-                return cordoned
-            prior = cordoned.prior_state
+            # As the adapter: the id on a node still cordoned resumes the evictions.
+            resumed = not cordoned.applied
+            if resumed:
+                node = self._node(target)
+                if not node.unschedulable:
+                    return cordoned
+                prior: Mapping[str, Any] = prior_unschedulable(node.annotations, action_id)
+            else:
+                prior = cordoned.prior_state
             on_node = [p for p in self._pods.values() if p.node == target.name]
             unmanaged = sorted(f"{p.namespace}/{p.name}" for p in on_node if not p.owner)
             if unmanaged:
@@ -343,6 +352,8 @@ class FakeCluster:
                 )
             skipped = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
             evict = [p for p in on_node if p not in skipped]
+            if resumed and not evict:
+                return cordoned
             blocked = {f"{p.namespace}/{p.name}": self._eviction_block(p) for p in evict}
             evicted: list[str] = []
             for i, p in enumerate(evict):
@@ -365,10 +376,10 @@ class FakeCluster:
                     prior_state=prior,
                 )
             skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
+            how = "already cordoned by this action, resumed" if resumed else "cordoned"
             return Effect(
                 applied=True,
-                message=f"drained {target.key}: cordoned, evicted {len(evicted)} pods "
-                f"({done}){skip}",
+                message=f"drained {target.key}: {how}, evicted {len(evicted)} pods ({done}){skip}",
                 prior_state=prior,
             )
 
@@ -572,6 +583,9 @@ class FakeCluster:
             **node.annotations,
             ACTION_IDS_ANNOTATION: remember_id(node.annotations, action_id),
         }
+        if unschedulable:  # as the adapter's cordon (an undo does not write it)
+            before = unschedulable_before(action_id, node.unschedulable)
+            annotations[UNSCHEDULABLE_BEFORE_ANNOTATION] = before
         self._nodes[node.name] = replace(node, unschedulable=unschedulable, annotations=annotations)
         self.changed.set()
         verb = "cordoned" if unschedulable else "uncordoned"

@@ -68,6 +68,7 @@ from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     RESTARTED_AT_ANNOTATION,
+    UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
     Footprint,
     Observation,
@@ -78,8 +79,10 @@ from handlers.cluster import (
     WorkloadState,
     against_direction,
     drain_stopped,
+    prior_unschedulable,
     remember_id,
     remembered_ids,
+    unschedulable_before,
 )
 
 log = logging.getLogger(__name__)
@@ -929,8 +932,16 @@ class KubeCluster:
     async def _cordon(self, target: Target, action_id: str) -> Effect:
         def plan(node: Obj) -> _Write:
             was = bool((node.get("spec") or {}).get("unschedulable"))
+            change = {
+                "metadata": {
+                    "annotations": {
+                        UNSCHEDULABLE_BEFORE_ANNOTATION: unschedulable_before(action_id, was)
+                    }
+                },
+                "spec": {"unschedulable": True},
+            }
             return _Write(
-                _merge_body(node, action_id, {"spec": {"unschedulable": True}}),
+                _merge_body(node, action_id, change),
                 Effect(
                     applied=True,
                     message=f"cordoned {target.key}" + (" (it already was)" if was else ""),
@@ -951,9 +962,17 @@ class KubeCluster:
     ) -> Effect:
         _need(target, ("Node",), "drain_node")
         cordoned = await self._cordon(target, action_id)
-        if not cordoned.applied:
-            return cordoned
-        prior = cordoned.prior_state
+        # The id is on the node from the cordon on, before any eviction: finding it, this
+        # delivery resumes one that died (the drain may evict the executor's own pod) or
+        # timed out, unless the node was uncordoned since (an undo, an operator).
+        resumed = not cordoned.applied
+        if resumed:
+            node = await self._get(target)
+            if not (node.get("spec") or {}).get("unschedulable"):
+                return cordoned
+            prior: Mapping[str, Any] = prior_unschedulable(annotations_of(node), action_id)
+        else:
+            prior = cordoned.prior_state
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         evict, skipped, unmanaged = _classify(await self._pods_on(target.name))
@@ -963,6 +982,8 @@ class KubeCluster:
                 f"recreated: {', '.join(sorted(unmanaged))}; the node is left cordoned",
                 prior_state=prior,
             )
+        if resumed and not evict:
+            return cordoned  # an earlier delivery evicted them all
         state = _DrainState(pending=dict(evict))
         budgets: dict[str, list[Obj]] = {}
         gone = False
@@ -1025,9 +1046,10 @@ class KubeCluster:
             if stranded
             else ""
         )
+        how = "already cordoned by this action, resumed" if resumed else "cordoned"
         return Effect(
             applied=True,
-            message=f"drained {target.key}: cordoned, evicted {len(state.evicted)} pods "
+            message=f"drained {target.key}: {how}, evicted {len(state.evicted)} pods "
             f"({evicted}){skip}{left}",
             prior_state=prior,
         )

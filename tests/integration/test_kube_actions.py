@@ -18,6 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -509,7 +510,8 @@ async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
     bus = MemoryBus()
     ex = executor(kube, bus)
     try:
-        r = await ex.on_action(request("drain_node", Target(kind="Node", name=node), timeout=3))
+        a = request("drain_node", Target(kind="Node", name=node), timeout=3)
+        r = await ex.on_action(a)
         assert r.status == "failed"
         for name in names:
             assert (
@@ -519,6 +521,15 @@ async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
         assert "The node is left cordoned" in r.message
         assert r.prior_state == {"unschedulable": False}
         assert sorted(p["metadata"]["name"] for p in await pods_of(admin, ns, "guarded")) == names
+        # Asked again once the budget is gone: the id on the node does not end it there.
+        await admin.call("DELETE", f"{PDBS.format(ns=ns)}/guarded", what="pdb")
+        again = await ex.on_action(replace(a, params={"timeout": 30}))
+        assert again.status == "succeeded", again.message
+        assert "already cordoned by this action, resumed, evicted 2 pods" in again.message
+        assert again.prior_state == {"unschedulable": False}
+        assert not [
+            p for p in await pods_of(admin, ns, "guarded") if p["spec"].get("nodeName") == node
+        ]
         undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
         assert undo.status == "succeeded", undo.message
     finally:

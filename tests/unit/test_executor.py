@@ -257,6 +257,22 @@ async def test_a_drain_blocked_by_a_budget_fails_naming_it_and_can_be_undone(rig
     assert not c.node("n1").unschedulable
 
 
+async def test_a_drain_asked_again_after_a_budget_stopped_it_finishes_and_is_verified(
+    rig: Any,
+) -> None:
+    ex, bus, c = rig
+    c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)
+    d = act("drain_node", NODE, action_id="d1")
+    assert (await ex.on_action(d)).status == "failed"
+    c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=1)
+    again = await ex.on_action(d)
+    assert again.status == "succeeded", again.message
+    assert again.prior_state == {"unschedulable": False}
+    assert c.pod("shop", "checkout-a") is None
+    await bus.wait_for(lambda b: len(b.results("d1")) == 3, 5, "the drain's verification")
+    assert bus.results("d1")[-1].outcome == "healed"
+
+
 async def test_a_failed_action_is_escalated_once_under_a_stable_id(rig: Any) -> None:
     ex, bus, c = rig
     c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)

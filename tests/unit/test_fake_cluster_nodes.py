@@ -38,6 +38,31 @@ async def test_drain_refuses_pods_without_a_controller_after_cordoning() -> None
     assert c.pod("shop", "web-1") is not None
 
 
+async def test_a_drain_asked_again_resumes_the_evictions_it_did_not_finish() -> None:
+    c = cluster()
+    c.add_budget("shop", "web", workload="web", disruptions_allowed=0)
+    with pytest.raises(PartialFailure, match="blocked by PodDisruptionBudget shop/web"):
+        await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)
+    assert c.node("n1").unschedulable and c.pod("shop", "web-1") is not None
+    c.add_budget("shop", "web", workload="web", disruptions_allowed=1)  # a replica is ready
+    again = await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)
+    assert again.applied, again.message
+    assert "already cordoned by this action, resumed, evicted 1 pods (shop/web-1)" in again.message
+    assert again.prior_state == {"unschedulable": False}  # what undo restores, still known
+    assert c.pod("shop", "web-1") is None
+    assert not (await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)).applied
+
+
+async def test_a_drain_undone_is_not_resumed_by_its_redelivery() -> None:
+    c = cluster()
+    first = await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)
+    await c.undo(NODE, action_id="u1", action_type="drain_node", prior=first.prior_state)
+    c.add_pod("shop", "web-3", node="n1", workload="web")
+    again = await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=10)
+    assert not again.applied
+    assert not c.node("n1").unschedulable and c.pod("shop", "web-3") is not None
+
+
 async def test_an_unready_pod_may_be_evicted_despite_a_full_budget() -> None:
     c = cluster()
     c.add_budget("shop", "web", workload="web", disruptions_allowed=0)
