@@ -103,11 +103,13 @@ class WorkloadState:
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """What an action did. ``applied`` is False when the id was already on the target."""
+    """What an action did. ``applied`` is False when there was nothing to do; ``found_id``
+    tells the reason was the action id already on the target (an earlier delivery acted)."""
 
     applied: bool
     message: str
     prior_state: Mapping[str, Any] = field(default_factory=dict)
+    found_id: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,9 @@ budgets: nothing is read for a denied action), then with the blast-radius facts 
 the cluster (:meth:`Cluster.footprint`).
 
 Effect-once: the cluster adapter records the action id on the target in the same
-conditional write that acts, and reports a repeat as not applied (result ``duplicate``).
+conditional write that acts, and reports a repeat as not applied. A repeat whose result is
+known is a ``duplicate``; one without (a delivery died between acting and recording) is
+recorded as the executed action it was, and verified.
 Transient cluster errors are retried here a few times; the retry is safe for the same
 reason.
 
@@ -645,16 +647,20 @@ class Executor:
         if self.after_apply is not None:
             self.after_apply(action, effect)
         await self._claim_ended(action, now, changed=True)
+        message = f"{effect.message} [{verdict.rule}]"
         if not effect.applied:
-            return await self._record(action, "duplicate", "unknown", effect.message, now)
+            if not effect.found_id or action.id in self.history:  # nothing done, or known
+                return await self._record(action, "duplicate", "unknown", effect.message, now)
+            # The id is on the target and no result says so: a delivery acted, then died
+            # before recording it. Recorded now, or the action would count for no cooldown,
+            # budget or repeat, and never be verified; what was there before is gone.
+            message = (
+                f"{effect.message}, by a delivery that stopped before its result [{verdict.rule}]"
+            )
+            before = None
         self._remember(action, now)
         result = await self._record(
-            action,
-            "succeeded",
-            "unknown",
-            f"{effect.message} [{verdict.rule}]",
-            now,
-            prior=effect.prior_state,
+            action, "succeeded", "unknown", message, now, prior=effect.prior_state
         )
         await self._mitigating(action, now)
         self._schedule_verification(action, result, before)

@@ -223,7 +223,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return Effect(applied=False, message=f"action {action_id} already applied")
+                return _already(action_id)
             older = [r for r in state.revisions if r.number != state.revision]
             if to_revision is not None:
                 chosen = next((r for r in older if r.number == to_revision), None)
@@ -265,7 +265,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return Effect(applied=False, message=f"action {action_id} already applied")
+                return _already(action_id)
             refused = against_direction(target, state.replicas, replicas, direction)
             if refused is not None:
                 raise refused
@@ -287,7 +287,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return Effect(applied=False, message=f"action {action_id} already applied")
+                return _already(action_id)
             new = replace(
                 state,
                 generation=state.generation + 1,
@@ -389,7 +389,7 @@ class FakeCluster:
         async with self._lock:
             cm = self._config_map(target)
             if action_id in remembered_ids(cm.annotations):
-                return Effect(applied=False, message=f"action {action_id} already applied")
+                return _already(action_id)
             if not key:
                 raise ActionFailed(f"update_config of {target.key} needs a key")
             existed = key in cm.data
@@ -424,7 +424,7 @@ class FakeCluster:
             if action_type == "update_config":
                 cm = self._config_map(target)
                 if action_id in remembered_ids(cm.annotations):
-                    return Effect(applied=False, message=f"action {action_id} already applied")
+                    return _already(action_id)
                 key = str(prior["key"])
                 existed = bool(prior.get("existed"))
                 self._set_config(
@@ -578,7 +578,7 @@ class FakeCluster:
     def _cordon(self, target: Target, action_id: str, *, unschedulable: bool) -> Effect:
         node = self._node(target)
         if action_id in remembered_ids(node.annotations):
-            return Effect(applied=False, message=f"action {action_id} already applied")
+            return _already(action_id)
         annotations = {
             **node.annotations,
             ACTION_IDS_ANNOTATION: remember_id(node.annotations, action_id),
@@ -637,3 +637,7 @@ class FakeCluster:
         annotations = dict(state.annotations)
         annotations[ACTION_IDS_ANNOTATION] = remember_id(state.annotations, action_id)
         return annotations
+
+
+def _already(action_id: str) -> Effect:
+    return Effect(applied=False, message=f"action {action_id} already applied", found_id=True)

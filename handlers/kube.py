@@ -45,7 +45,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -1327,11 +1327,13 @@ def _merge_body(obj: Mapping[str, Any], action_id: str, change: Mapping[str, Any
 
 
 def _already(action_id: str, target: Target) -> Effect:
-    return Effect(applied=False, message=f"action {action_id} already applied to {target.key}")
+    return Effect(
+        applied=False, message=f"action {action_id} already applied to {target.key}", found_id=True
+    )
 
 
 def _undo_effect(effect: Effect, message: str) -> Effect:
-    return Effect(applied=effect.applied, message=message if effect.applied else effect.message)
+    return replace(effect, message=message) if effect.applied else effect
 
 
 def _cause(status_doc: Mapping[str, Any], kind: str) -> bool:

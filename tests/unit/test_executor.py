@@ -172,6 +172,54 @@ async def test_a_redelivered_action_is_a_duplicate(rig: Any) -> None:
     assert (await c.workload(CHECKOUT)).generation == generation
 
 
+class Killed(BaseException):
+    """The executor's process dying (SIGKILL): nothing after it runs."""
+
+
+def killed(_action: ActionRequest, _effect: Any) -> None:
+    raise Killed
+
+
+async def test_an_action_whose_delivery_died_before_its_result_counts_and_is_verified_once(
+    rig: Any,
+) -> None:
+    first, _bus, c = rig
+    first.settings = cfg(cooldown=300)
+    first.after_apply = killed
+    a = act("restart_workload", action_id="r1")
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    generation = (await c.workload(CHECKOUT)).generation
+    # Restarted: no result of r1 to rebuild the history from; the action is redelivered.
+    bus = MemoryBus()
+    ex = Executor(cfg(cooldown=300), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert (await c.workload(CHECKOUT)).generation == generation  # not done twice
+        assert "r1" in ex.history
+        await bus.wait_for(lambda b: len(b.results("r1")) == 2, 5, "its verification")
+        assert bus.results("r1")[-1].outcome == "healed"
+        held = await ex.on_action(act("rollback", action_id="rb1"))
+        assert held.status == "denied" and "cooldown" in held.message, held.message
+        # Its result out, a further redelivery executes nothing: verified once.
+        assert (await ex.on_action(a)).status == "denied"  # its own cooldown
+        await asyncio.sleep(0.05)
+        assert [x.status for x in bus.results("r1")] == ["succeeded", "succeeded", "denied"]
+    finally:
+        await ex.stop()
+
+
+async def test_an_action_with_nothing_to_do_is_not_counted_as_executed(rig: Any) -> None:
+    ex, bus, _c = rig
+    gone = Target(kind="Pod", namespace="shop", name="checkout-gone")
+    r = await ex.on_action(act("restart_pod", gone, action_id="p1"))
+    assert r.status == "duplicate" and "already gone" in r.message
+    assert "p1" not in ex.history
+    assert len(bus.results("p1")) == 1
+
+
 async def test_scale_is_clamped_to_the_policy_bounds(rig: Any) -> None:
     ex, _bus, c = rig
     ex.settings = cfg(max_replicas=5)
