@@ -72,6 +72,25 @@ def prior_unschedulable(annotations: Mapping[str, str], action_id: str) -> dict[
     return {"unschedulable": was == "true"}
 
 
+# On a StatefulSet, "<action id>=<uid>,...": the pod each restart_pod action evicted. The
+# StatefulSet recreates the pod under its name, without the id: the uid tells them apart.
+EVICTED_PODS_ANNOTATION = "sre-agent.io/evicted-pods"
+
+
+def evicted_uid(annotations: Mapping[str, str], action_id: str) -> str:
+    """The uid of the pod ``action_id`` evicted, as its StatefulSet's annotation has it."""
+    for entry in annotations.get(EVICTED_PODS_ANNOTATION, "").split(","):
+        who, _, uid = entry.rpartition("=")
+        if who == action_id:
+            return uid
+    return ""
+
+
+def remember_eviction(annotations: Mapping[str, str], action_id: str, uid: str) -> str:
+    kept = [e for e in annotations.get(EVICTED_PODS_ANNOTATION, "").split(",") if e]
+    return ",".join([*kept, f"{action_id}={uid}"][-MAX_REMEMBERED_IDS:])
+
+
 @dataclass(frozen=True, slots=True)
 class Revision:
     number: int
@@ -136,6 +155,7 @@ class Observation:
     restarts: int = 0
     cordoned: bool = False  # nodes
     evictable: int = 0  # nodes: pods a drain would still evict
+    uid: str = ""  # pods: a StatefulSet's replacement has the name, not the uid
 
 
 class PartialFailure(ActionFailed):

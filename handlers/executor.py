@@ -1071,12 +1071,13 @@ class Executor:
         action: ActionRequest,
         before: Observation | None = None,
         since: datetime | None = None,
+        evicted_uid: str = "",
     ) -> tuple[Outcome, str]:
         """The outcome; ``since``: when the action took effect (a feed's reports count
-        from then on)."""
+        from then on); ``evicted_uid``: the pod a restart_pod evicted."""
         trigger = await self.recheck_trigger(action, since)
         after = await self._observe(action)
-        return judge(action.type, before, after, trigger)
+        return judge(action.type, before, after, trigger, evicted_uid)
 
     async def _verify(
         self, action: ActionRequest, result: ActionResult, before: Observation | None, wait: float
@@ -1118,9 +1119,11 @@ class Executor:
     async def _verify_once(
         self, action: ActionRequest, result: ActionResult, before: Observation | None
     ) -> None:
+        evicted = str(result.prior_state.get("uid", "")) if action.type == "restart_pod" else ""
         # Judged once: a retry publishes the same record (same id), not a second verdict.
         outcome, message = await self._persisting(
-            f"verifying {action.id}", lambda: self.verify_now(action, before, result.finished_at)
+            f"verifying {action.id}",
+            lambda: self.verify_now(action, before, result.finished_at, evicted),
         )
         verified = replace(
             result, id=new_id(), outcome=outcome, message=message, finished_at=utcnow()

@@ -22,6 +22,7 @@ from agent.errors import ActionFailed
 from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
+    EVICTED_PODS_ANNOTATION,
     UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
     Footprint,
@@ -33,7 +34,9 @@ from handlers.cluster import (
     WorkloadState,
     against_direction,
     drain_stopped,
+    evicted_uid,
     prior_unschedulable,
+    remember_eviction,
     remember_id,
     remembered_ids,
     unschedulable_before,
@@ -92,6 +95,8 @@ class FakeCluster:
         self._pods: dict[tuple[str, str], FakePod] = {}
         self._config_maps: dict[tuple[str, str], FakeConfigMap] = {}
         self._budgets: dict[tuple[str, str], FakeBudget] = {}
+        # A StatefulSet's annotations, by (namespace, name): the evictions it remembers.
+        self._sts_annotations: dict[tuple[str, str], Mapping[str, str]] = {}
         self._uids = 0
 
     # --- set-up used by the lab and tests -------------------------------------------------
@@ -307,9 +312,27 @@ class FakeCluster:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
                 return Effect(applied=False, message=f"{target.key} is already gone")
+            sts = (pod.namespace, pod.workload) if pod.owner == "StatefulSet" else None
+            # As the adapter: a StatefulSet's replacement, under the evicted pod's name and
+            # without the id, is told apart by the uid the StatefulSet remembers.
+            gone = evicted_uid(self._sts_annotations.get(sts, {}), action_id) if sts else ""
+            if gone and gone != pod.uid:
+                return Effect(
+                    applied=False,
+                    message=f"action {action_id} already evicted {target.key} (uid {gone}); "
+                    f"StatefulSet {pod.workload} has replaced it",
+                    prior_state={"uid": gone},
+                    found_id=True,
+                )
             why = self._eviction_block(pod)
             if why:
                 raise ActionFailed(f"restart of {target.key} refused: {why}")
+            if sts:
+                known = self._sts_annotations.get(sts, {})
+                self._sts_annotations[sts] = {
+                    **known,
+                    EVICTED_PODS_ANNOTATION: remember_eviction(known, action_id, pod.uid),
+                }
             del self._pods[(pod.namespace, pod.name)]
             self.changed.set()
             return Effect(
@@ -470,7 +493,9 @@ class FakeCluster:
             return Observation(desired=w.replicas, ready=w.ready_replicas, restarts=restarts)
         if target.kind == "Pod":
             pod = self._pods.get((target.namespace, target.name))
-            return Observation(exists=False) if pod is None else Observation(ready=int(pod.ready))
+            if pod is None:
+                return Observation(exists=False)
+            return Observation(ready=int(pod.ready), uid=pod.uid)
         if target.kind == "Node":
             node = self._nodes.get(target.name)
             if node is None:

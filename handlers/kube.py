@@ -67,6 +67,7 @@ from agent.errors import (
 from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
+    EVICTED_PODS_ANNOTATION,
     RESTARTED_AT_ANNOTATION,
     UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
@@ -79,7 +80,9 @@ from handlers.cluster import (
     WorkloadState,
     against_direction,
     drain_stopped,
+    evicted_uid,
     prior_unschedulable,
+    remember_eviction,
     remember_id,
     remembered_ids,
     unschedulable_before,
@@ -634,7 +637,12 @@ class KubeCluster:
             return Observation(desired=desired, ready=ready, settled=settled, restarts=restarts)
         if target.kind == "Pod":
             terminating = bool(meta.get("deletionTimestamp"))
-            return Observation(desired=1, ready=int(pod_ready(obj)), settled=not terminating)
+            return Observation(
+                desired=1,
+                ready=int(pod_ready(obj)),
+                settled=not terminating,
+                uid=str(meta.get("uid", "")),
+            )
         if target.kind == "Node":
             pods = await self._pods_on(target.name)
             evict, _skipped, unmanaged = _classify(pods)
@@ -840,7 +848,18 @@ class KubeCluster:
             meta = pod.get("metadata") or {}
             if meta.get("deletionTimestamp"):
                 return Effect(applied=False, message=f"{target.key} is already terminating")
+            owner = controller_of(pod)
+            sts = str(owner["name"]) if owner and owner.get("kind") == "StatefulSet" else ""
             if action_id not in remembered_ids(annotations_of(pod)):
+                gone = await self._evicted_by(target.namespace, sts, action_id) if sts else ""
+                if gone and gone != meta.get("uid"):
+                    return Effect(
+                        applied=False,
+                        message=f"action {action_id} already evicted {target.key} (uid {gone}); "
+                        f"StatefulSet {sts} has replaced it",
+                        prior_state={"uid": gone},
+                        found_id=True,
+                    )
                 # The id rides on the pod first; a delivery interrupted between this write and
                 # the eviction finds the id on a live pod and completes the eviction.
                 try:
@@ -854,6 +873,8 @@ class KubeCluster:
                 except Conflict:
                     continue
                 meta = pod.get("metadata") or {}
+            if sts:
+                await self._note_eviction(target.namespace, sts, action_id, str(meta.get("uid")))
             why = await self._evict(
                 target.namespace,
                 target.name,
@@ -873,6 +894,35 @@ class KubeCluster:
                 },
             )
         raise ActionFailed(f"{target.key} changed concurrently {CONFLICT_RETRIES} times; gave up")
+
+    async def _evicted_by(self, namespace: str, sts: str, action_id: str) -> str:
+        path, what = _sts_path(namespace, sts)
+        return evicted_uid(annotations_of(await self.call("GET", path, what=what)), action_id)
+
+    async def _note_eviction(self, namespace: str, sts: str, action_id: str, uid: str) -> None:
+        """Record on the StatefulSet, before evicting, which pod ``action_id`` evicts: its
+        replacement, under the same name, carries no id, and a redelivery must not evict
+        it too."""
+        path, what = _sts_path(namespace, sts)
+        for _ in range(CONFLICT_RETRIES):
+            obj = await self.call("GET", path, what=what)
+            ann = annotations_of(obj)
+            if evicted_uid(ann, action_id) == uid:
+                return
+            body = {
+                "metadata": {
+                    "resourceVersion": (obj.get("metadata") or {}).get("resourceVersion"),
+                    "annotations": {
+                        EVICTED_PODS_ANNOTATION: remember_eviction(ann, action_id, uid)
+                    },
+                }
+            }
+            try:
+                await self.call("PATCH", path, what=what, body=body, content_type=MERGE_PATCH)
+            except Conflict:
+                continue
+            return
+        raise ActionFailed(f"{what} changed concurrently {CONFLICT_RETRIES} times; gave up")
 
     async def _evict(
         self,
@@ -1324,6 +1374,13 @@ def _merge_body(obj: Mapping[str, Any], action_id: str, change: Mapping[str, Any
         }
     }
     return _deep_merge(body, change)
+
+
+def _sts_path(namespace: str, name: str) -> tuple[str, str]:
+    return (
+        f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}",
+        f"StatefulSet/{namespace}/{name}",
+    )
 
 
 def _already(action_id: str, target: Target) -> Effect:

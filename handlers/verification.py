@@ -36,8 +36,10 @@ def judge(
     before: Observation | None,
     after: Observation | None,
     trigger: tuple[Outcome, str] | None,
+    evicted_uid: str = "",
 ) -> tuple[Outcome, str]:
-    """The outcome and why, from the observations around the action and the re-check."""
+    """The outcome and why, from the observations around the action and the re-check;
+    ``evicted_uid``: the pod a restart_pod evicted (a StatefulSet reuses its name)."""
     if (
         after is not None
         and before is not None
@@ -57,7 +59,7 @@ def judge(
     prefix = f"{trigger[1]}; " if trigger else "no condition to re-check; "
     if after is None:
         return "unknown", prefix + "the target could not be read"
-    ok, state = target_state(action_type, after)
+    ok, state = target_state(action_type, after, evicted_uid)
     if ok is None:
         return "unknown", prefix + state
     return ("healed" if ok else "not_healed"), prefix + state
@@ -83,8 +85,11 @@ def restarts_since(
     return after.restarts - since if after.restarts > since else None
 
 
-def target_state(action_type: str, o: Observation) -> tuple[bool | None, str]:
-    """Whether the action's intended state holds (None: nothing to tell), and a phrase."""
+def target_state(
+    action_type: str, o: Observation, evicted_uid: str = ""
+) -> tuple[bool | None, str]:
+    """Whether the action's intended state holds (None: nothing to tell), and a phrase.
+    ``evicted_uid``: the pod a restart_pod evicted (its result's prior state)."""
     if action_type in WORKLOAD_ACTIONS:
         if not o.exists:
             return False, "the workload is gone"
@@ -94,6 +99,8 @@ def target_state(action_type: str, o: Observation) -> tuple[bool | None, str]:
     if action_type == "restart_pod":
         if not o.exists or not o.settled:
             return True, "the pod was replaced"
+        if evicted_uid and o.uid and o.uid != evicted_uid:
+            return True, "the pod was replaced (a new pod under its name)"
         return False, "the pod is still running"
     if action_type == "cordon_node":
         if not o.exists:

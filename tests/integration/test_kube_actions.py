@@ -451,6 +451,61 @@ async def test_restart_pod_evicts_and_budgets_hold(
             await admin.call("DELETE", f"{PDBS.format(ns=ns)}/api", what="pdb")
 
 
+async def _ready_uid(admin: KubeCluster, namespace: str, name: str) -> str:
+    """The pod's uid once it runs ready, else ""."""
+    status, pod, _ = await admin._raw("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    if status != 200 or pod["metadata"].get("deletionTimestamp"):
+        return ""
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or ()
+    )
+    return str(pod["metadata"]["uid"]) if ready else ""
+
+
+async def test_a_statefulset_pod_restart_is_healed_and_its_redelivery_spares_the_new_pod(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """The StatefulSet recreates db-0 under its name, with a new uid and no action id."""
+    ns = k8s_namespace
+    sts = deployment("db", 1)
+    sts["kind"] = "StatefulSet"
+    del sts["spec"]["strategy"]
+    sts["spec"]["serviceName"] = "db"
+    await create(admin, ns, "/apis/apps/v1/namespaces/{ns}/statefulsets", sts)
+    uids: list[str] = []
+
+    async def running(not_uid: str = "") -> bool:
+        uid = await _ready_uid(admin, ns, "db-0")
+        uids.append(uid)
+        return bool(uid) and uid != not_uid
+
+    await eventually(running, 60, 0.3, "db-0 ready")
+    old = uids[-1]
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    a = request("restart_pod", Target(kind="Pod", namespace=ns, name="db-0"))
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded" and r.prior_state["uid"] == old, r.message
+        await eventually(lambda: running(not_uid=old), 60, 0.3, "db-0 recreated")
+        new = uids[-1]
+        v = await verified(bus, a)
+        assert v.outcome == "healed", v.message
+    finally:
+        await ex.stop()
+    # Redelivered to an executor that never saw the result: the new pod is not evicted.
+    again_bus = MemoryBus()
+    again = executor(kube, again_bus)
+    try:
+        r = await again.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "StatefulSet db has replaced it" in r.message
+        assert await _ready_uid(admin, ns, "db-0") == new
+    finally:
+        await again.stop()
+
+
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
 ) -> None:

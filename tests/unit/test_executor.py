@@ -211,6 +211,42 @@ async def test_an_action_whose_delivery_died_before_its_result_counts_and_is_ver
         await ex.stop()
 
 
+async def test_a_statefulset_pod_restart_redelivered_spares_its_replacement(rig: Any) -> None:
+    first, _bus, c = rig
+    c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
+    db0 = Target(kind="Pod", namespace="shop", name="db-0")
+    first.after_apply = killed
+    a = act("restart_pod", db0, action_id="p1")
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    new = c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert c.pod("shop", "db-0") == new  # one effect for one id
+        await bus.wait_for(lambda b: len(b.results("p1")) == 2, 5, "its verification")
+        verified = bus.results("p1")[-1]
+        assert verified.outcome == "healed", verified.message
+        assert "a new pod under its name" in verified.message
+        assert not [e for e, _ in bus.on("escalations") if e.reason == "not_healed"]
+    finally:
+        await ex.stop()
+
+
+async def test_a_restarted_statefulset_pod_back_under_its_name_is_healed(rig: Any) -> None:
+    ex, bus, c = rig
+    c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
+    ex.after_apply = lambda _a, _e: c.add_pod(  # the StatefulSet is quick
+        "shop", "db-0", node="n2", workload="db", owner="StatefulSet"
+    )
+    a = act("restart_pod", Target(kind="Pod", namespace="shop", name="db-0"), action_id="p1")
+    assert (await ex.on_action(a)).status == "succeeded"
+    await bus.wait_for(lambda b: len(b.results("p1")) == 2, 5, "its verification")
+    assert bus.results("p1")[-1].outcome == "healed", bus.results("p1")[-1].message
+
+
 async def test_an_action_with_nothing_to_do_is_not_counted_as_executed(rig: Any) -> None:
     ex, bus, _c = rig
     gone = Target(kind="Pod", namespace="shop", name="checkout-gone")

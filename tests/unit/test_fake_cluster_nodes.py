@@ -63,6 +63,21 @@ async def test_a_drain_undone_is_not_resumed_by_its_redelivery() -> None:
     assert not c.node("n1").unschedulable and c.pod("shop", "web-3") is not None
 
 
+async def test_a_statefulset_pod_recreated_under_its_name_is_not_restarted_again() -> None:
+    c = cluster()
+    old = c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
+    pod = Target(kind="Pod", namespace="shop", name="db-0")
+    first = await c.restart_pod(pod, action_id="p1")
+    assert first.applied and first.prior_state["uid"] == old.uid
+    new = c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
+    again = await c.restart_pod(pod, action_id="p1")  # redelivered
+    assert not again.applied and again.found_id
+    assert again.prior_state == {"uid": old.uid}
+    assert c.pod("shop", "db-0") == new
+    assert (await c.observe(pod)).uid == new.uid
+    assert (await c.restart_pod(pod, action_id="p2")).applied  # another action may
+
+
 async def test_an_unready_pod_may_be_evicted_despite_a_full_budget() -> None:
     c = cluster()
     c.add_budget("shop", "web", workload="web", disruptions_allowed=0)

@@ -166,6 +166,16 @@ def test_judge_uses_the_target_state_without_a_trigger() -> None:
     assert judge("rollback", None, None, ("unknown", "pattern gone"))[0] == "unknown"
 
 
+def test_a_restarted_pod_replaced_under_its_name_is_healed_by_its_uid() -> None:
+    unknown = ("unknown", "KubePodCrashLooping not re-checked")
+    replacement = Observation(desired=1, ready=1, uid="uid-2")  # a StatefulSet's db-0
+    assert judge("restart_pod", None, replacement, unknown, "uid-1") == (
+        "healed",
+        "KubePodCrashLooping not re-checked; the pod was replaced (a new pod under its name)",
+    )
+    assert judge("restart_pod", None, replacement, unknown, "uid-2")[0] == "not_healed"
+
+
 def test_containers_restarting_since_the_action_are_not_healed_whatever_else_says() -> None:
     crashing = Observation(desired=3, ready=3, restarts=2)
     # Every replica ready at this instant, the alert cleared: the restarts still tell.
