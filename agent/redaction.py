@@ -8,8 +8,10 @@ leaked token costs a lot. What it recognises:
 - PEM private-key blocks (also when cut off before their END line);
 - ``Authorization:`` headers and ``Bearer``/``Basic`` credentials;
 - ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
-  (password, token, secret, api key, access key, credential, cookie, signature, ...);
-- passwords in URLs (``scheme://user:password@host``);
+  (password, token, secret, api key, access key, credential, cookie, signature, ...),
+  also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``);
+- passwords in URLs (``scheme://user:password@host``), up to the last ``@`` before
+  whitespace or a quote, since logged URLs often carry an unencoded ``/`` or ``@``;
 - well-known token shapes: JWTs, AWS access key ids, GitHub, Slack and Azure SAS tokens;
 - long base64-like strings mixing upper case, lower case and digits (40+ characters).
 
@@ -29,10 +31,21 @@ _PEM = re.compile(
     re.DOTALL,
 )
 _QUOTED = r"\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?"
+# A JSON string escaped inside another string (\"...\" or \\\"...\\\"): it ends at the same
+# run of backslashes and a quote, not preceded by one more backslash (an escaped quote
+# inside it has more); unterminated, it runs to the end of the line.
+_ESCAPED_QUOTED = r'(?P<esc>\\+)"(?:(?!(?<!\\)(?P=esc)")[^\r\n])*(?:(?P=esc)")?'
+# Between key and value: the key's closing quote, escaped or not, then : or =.
+_SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=]\s*)"
 # A header's value runs to the end of the line, unless it is a quoted (JSON) string.
 _AUTH_HEADER = re.compile(
     r"(?im)\b(?P<key>(?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)"
-    r"(?P<sep>[\"']?\s*[:=]\s*)(?P<value>" + _QUOTED + r"|[^\r\n]*)"
+    + _SEPARATOR
+    + r"(?P<value>"
+    + _ESCAPED_QUOTED
+    + "|"
+    + _QUOTED
+    + r"|[^\r\n]*)"
 )
 # "Bearer <token68>"; "Basic <base64>" only when it looks encoded, so prose survives.
 _SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(\s+)([A-Za-z0-9\-._~+/]{8,}=*)")
@@ -43,11 +56,18 @@ _SENSITIVE = (
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<key>\b[\w.-]{0,40}?" + _SENSITIVE + r"[\w.-]{0,40}?)"
-    r"(?P<sep>[\"']?\s*[:=]\s*)"
-    r"(?P<value>" + _QUOTED + r"|[^\s,;&\"']+)"
+    r"(?i)(?P<key>\b[\w.-]{0,40}?"
+    + _SENSITIVE
+    + r"[\w.-]{0,40}?)"
+    + _SEPARATOR
+    + r"(?P<value>"
+    + _ESCAPED_QUOTED
+    + "|"
+    + _QUOTED
+    + r"|[^\s,;&\"']+)"
 )
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):([^/\s@]+)@")
+# Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
 _TOKENS = re.compile(
     r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # JWT
     r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
@@ -74,7 +94,11 @@ def _scheme_credential(m: re.Match[str]) -> str:
 
 def _key_value(m: re.Match[str]) -> str:
     value = m.group("value")
-    quote = value[0] if value[:1] in ("'", '"') else ""
+    esc = m.group("esc")
+    if esc is not None and value.startswith(esc):
+        quote = f'{esc}"'
+    else:
+        quote = value[0] if value[:1] in ("'", '"') else ""
     return f"{m.group('key')}{m.group('sep')}{quote}{REDACTED}{quote}"
 
 

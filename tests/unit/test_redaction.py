@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -174,3 +176,80 @@ def test_redact_then_clip_never_leaks_a_fragment(
     text = f"{before} {key}={secret}"
     assume(secret[:6] not in before + key)
     assert secret[:6] not in clip(redact(text), budget, keep="tail")
+
+
+# Any printable character a password may hold, unencoded, in a URL logged as is.
+URL_USERINFO = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="\"'"),
+    min_size=6,
+    max_size=40,
+).filter(lambda s: s not in REDACTED)
+ANY_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)), min_size=6, max_size=40
+).filter(lambda s: s not in REDACTED)
+JSON_SEPARATORS = st.sampled_from([(",", ":"), (", ", ": ")])
+
+
+def json_text(value: object, separators: tuple[str, str]) -> str:
+    return json.dumps(value, separators=separators)
+
+
+def escaped(secret: str) -> str:
+    """How ``secret`` appears in a JSON string: its encoded characters, without quotes."""
+    return json.dumps(secret)[1:-1]
+
+
+@st.composite
+def secret_in_a_shape(draw: st.DrawFn) -> tuple[str, str]:
+    """(text, the secret as it appears in the text) for one of the usual shapes."""
+    key = draw(KEYS)
+    shape = draw(st.sampled_from(["json", "escaped-json", "key=value", "url"]))
+    if shape == "json":
+        secret = draw(ANY_TEXT)
+        body = {"user": "bob", key: secret}
+        return json_text(body, draw(JSON_SEPARATORS)), escaped(secret)
+    if shape == "escaped-json":
+        # A request body logged as a string field of a JSON log line.
+        secret = draw(ANY_TEXT)
+        body = json_text({"user": "bob", key: secret}, draw(JSON_SEPARATORS))
+        line = json_text({"level": "error", "msg": "login failed", "req": body}, (",", ":"))
+        return line, escaped(escaped(secret))
+    if shape == "key=value":
+        secret = draw(BARE)
+        return f"retrying with {key}{draw(SEPARATORS)}{secret} now", secret
+    secret = draw(URL_USERINFO)
+    for c in "/@:":  # each at a drawn place, as unencoded passwords carry them
+        at = draw(st.integers(min_value=0, max_value=len(secret)))
+        secret = secret[:at] + c + secret[at:]
+    scheme = draw(st.sampled_from(["postgres", "redis", "https", "amqp"]))
+    return f"retrying {scheme}://app:{secret}@rabbit:5672/orders", secret
+
+
+@given(secret_in_a_shape(), NOISE, NOISE)
+def test_a_secret_in_any_usual_shape_never_leaks(
+    shaped: tuple[str, str], before: str, after: str
+) -> None:
+    text, secret = shaped
+    line = f"{before}\n{text}\n{after}"
+    assume(secret not in line.replace(secret, "", 1))
+    assert secret not in redact(line)
+
+
+ORDINARY = st.sampled_from(
+    [
+        "GET /api/checkout status=500 latency_ms=812",
+        '{"level":"info","msg":"order placed","user":"bob","items":3}',
+        '{"level":"error","req":"{\\"path\\":\\"/api/cart\\",\\"status\\":502}"}',
+        "connecting to https://db.internal:5432/orders",
+        "sent receipt to bob@example.com",
+        "GET http://shop.internal/users/bob@example.com 404",
+        "Back-off restarting failed container pricing in pod pricing-6d5c-p0p0p",
+        "trace_id=4bf92f3577b34da6a3ce929d0e0e4736 retry=2",
+    ]
+)
+
+
+@given(st.lists(ORDINARY, min_size=1, max_size=6), st.sampled_from([" ", "\n"]))
+def test_text_without_secrets_is_left_unchanged(lines: list[str], sep: str) -> None:
+    text = sep.join(lines)
+    assert redact(text) == text
