@@ -5,7 +5,9 @@ bounded context (:mod:`agent.context`), runs the analyzer and publishes the
 :class:`Analysis` and one :class:`ActionRequest` per recommended action. Action ids are
 deterministic (incident, action type, target), so re-analysing the same incident after a
 crash or an update yields the same ids and the executor's idempotency check absorbs the
-repeat.
+repeat. An incident that reopens keeps its id but is a new episode: analysed once more,
+with action ids of its own (the revision it reopened at is part of them), so the remedy
+that healed it last time can be taken again.
 
 A runbook escalates: every replica reads every incident and action result (outside the
 group), and when one of an incident's actions is verified not_healed or worse, the replica
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 CATCH_UP_WAIT = 5.0
 
 NEEDS_DECISION = frozenset({"open", "updated", "reopened"})
+EPISODES_KEPT = 8  # reopenings remembered per incident: a late copy is of a recent one
 
 
 NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
@@ -90,13 +93,19 @@ def firing_for(action: RecommendedAction, incident: Incident) -> tuple[Firing, .
     return tuple(Firing(name, dict(labels), source) for name, source, labels in sorted(found))
 
 
-def action_requests(analysis: Analysis, incident: Incident) -> list[ActionRequest]:
+def action_requests(
+    analysis: Analysis, incident: Incident, episode: int | None = None
+) -> list[ActionRequest]:
+    """The analysis's actions as requests. ``episode``: the revision the incident last
+    reopened at, None in its first episode (see :func:`evidence_key`)."""
     out = []
+    reopened = () if episode is None else (f"episode:{episode}",)
     for a in analysis.actions:
         firing = firing_for(a, incident)
         out.append(
             ActionRequest(
-                id=stable_id("action", incident.id, a.type, a.target.key),
+                # The executor acts once per id: a reopening must not look like a repeat.
+                id=stable_id("action", incident.id, a.type, a.target.key, *reopened),
                 incident_id=incident.id,
                 incident_key=incident.key,
                 analysis_id=analysis.id,
@@ -184,11 +193,38 @@ def _escalation(
     )
 
 
-def evidence_key(incident: Incident, tried: Iterable[tuple[str, str]] = ()) -> str:
+def evidence_key(
+    incident: Incident, tried: Iterable[tuple[str, str]] = (), episode: int | None = None
+) -> str:
     """What the analysis depends on; the same evidence is not analysed twice. A remedy
-    verified ineffective is new evidence."""
+    verified ineffective is new evidence, and so is a reopening: ``episode`` is the
+    revision the incident last reopened at (None in its first episode, whose keys stay
+    those of analyses made before episodes counted)."""
     firing = sorted(f"{m.fingerprint}:{m.status}" for m in incident.members)
-    return stable_id(incident.id, *firing, *sorted(f"tried:{t}:{k}" for t, k in tried))
+    reopened = () if episode is None else (f"episode:{episode}",)
+    return stable_id(incident.id, *firing, *sorted(f"tried:{t}:{k}" for t, k in tried), *reopened)
+
+
+def episode_starts(
+    starts: tuple[int, ...], closed: tuple[int, bool] | None, incident: Incident
+) -> tuple[int, ...]:
+    """The revisions an incident reopened at, with ``incident`` (the newest revision read,
+    ``closed`` the revision that last closed it and whether it had resolved since it was
+    last open). A reopening is a "reopened" revision, or an open one after a resolution:
+    one that reopened silenced is "silenced", and shows only when the silence lifts."""
+    if incident.status in CLOSED_STATUSES:
+        return starts
+    after_resolution = closed is not None and closed[1]
+    if incident.status != "reopened" and not after_resolution:
+        return starts
+    if starts and starts[-1] >= incident.revision:
+        return starts
+    return (*starts, incident.revision)[-EPISODES_KEPT:]
+
+
+def episode_of(starts: tuple[int, ...], revision: int) -> int | None:
+    """The revision that began the episode ``revision`` belongs to; None for the first."""
+    return next((s for s in reversed(starts) if s <= revision), None)
 
 
 class AnalysisStage:
@@ -214,13 +250,18 @@ class AnalysisStage:
         self.llm = llm
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._notified: OrderedDict[str, None] = OrderedDict()  # incidents escalated
+        # incidents escalated (an episode's stable id, once an incident reopened)
+        self._notified: OrderedDict[str, None] = OrderedDict()
         # The latest revision of each open incident known: every replica's, when the
         # runtime feeds on_watch; only those of this replica's partitions otherwise.
         self.incidents: OrderedDict[str, Incident] = OrderedDict()
-        # incident id -> the revision that closed it: an older open revision read later
-        # (the replay, a redelivery) must not bring it back; only its id is kept.
-        self._closed: OrderedDict[str, int] = OrderedDict()
+        # incident id -> the revision that closed it, and whether it had resolved since it
+        # was last open: an older open revision read later (the replay, a redelivery) must
+        # not bring it back; only its id is kept.
+        self._closed: OrderedDict[str, tuple[int, bool]] = OrderedDict()
+        # incident id -> the revisions it reopened at, oldest first: the replay of the
+        # incidents rebuilds them, so a restarted stage keys evidence as before.
+        self._reopened: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         # incident id -> (action type, target key) verified not_healed or worse.
         self.ineffective: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
         self._results = results
@@ -264,12 +305,18 @@ class AnalysisStage:
         of a closed one."""
         for incident in incidents:
             held = self.incidents.get(incident.id)
-            newest = max(held.revision if held else -1, self._closed.get(incident.id, -1))
+            closed = self._closed.get(incident.id)
+            newest = max(held.revision if held else -1, closed[0] if closed else -1)
             if incident.revision < newest:
                 continue
+            starts = self._reopened.get(incident.id, ())
+            began = episode_starts(starts, closed, incident)
+            if began != starts:
+                remember(self._reopened, incident.id, began)
             if incident.status in CLOSED_STATUSES:
                 self.incidents.pop(incident.id, None)
-                remember(self._closed, incident.id, incident.revision)
+                resolved = incident.status == "resolved" or bool(closed and closed[1])
+                remember(self._closed, incident.id, (incident.revision, resolved))
             else:
                 self._closed.pop(incident.id, None)  # reopened
                 remember(self.incidents, incident.id, incident)
@@ -326,8 +373,12 @@ class AnalysisStage:
         if again:
             await self._analyse(again)
 
+    def _episode(self, incident: Incident) -> int | None:
+        return episode_of(self._reopened.get(incident.id, ()), incident.revision)
+
     def _evidence(self, incident: Incident) -> str:
-        return evidence_key(incident, self.ineffective.get(incident.id, ()))
+        tried = self.ineffective.get(incident.id, ())
+        return evidence_key(incident, tried, self._episode(incident))
 
     async def decide(self, incident: Incident) -> Analysis:
         loop = asyncio.get_running_loop()
@@ -389,19 +440,24 @@ class AnalysisStage:
                 len(analysis.actions),
             )
             made.append((self.bus.topic("analyses"), analysis, None))
+            episode = self._episode(incident)
             out.extend(
                 (self.bus.topic("actions"), req, None)
-                for req in action_requests(analysis, incident)
+                for req in action_requests(analysis, incident, episode)
             )
             # A notify step's page says "no action" itself: one page, not two.
             page = notify_escalation(incident, analysis, self.settings) or no_remedy_escalation(
                 incident, analysis, self.settings.escalation.no_remedy
             )
-            # Once per incident, however many of its revisions this batch or earlier held.
-            fresh = incident.id not in self._notified and incident.id not in notified
+            # Once per episode of an incident, however many of its revisions this batch or
+            # earlier held; a reopening pages again, under an id of its own.
+            paged = incident.id if episode is None else stable_id(incident.id, str(episode))
+            fresh = paged not in self._notified and paged not in notified
             if page is not None and fresh:
+                if episode is not None:
+                    page = replace(page, id=stable_id(page.id, f"episode:{episode}"))
                 out.append((self.bus.topic("escalations"), page, None))
-                notified.append(incident.id)
+                notified.append(paged)
                 self.metrics.escalations.labels(reason=page.reason).inc()
         # The analyses once their actions are durable: a replica that reads an analysis
         # will not make it again, so it must not stand without its actions.

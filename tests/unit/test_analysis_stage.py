@@ -13,7 +13,7 @@ from agent.codec import from_obj
 from agent.context import ContextGatherer
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
-from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Outcome
+from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Incident, Outcome
 from agent.settings import PatternSpec
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
@@ -402,3 +402,77 @@ async def test_a_restarted_stage_does_not_redo_a_next_step_it_published() -> Non
     await s.start()
     await s.on_gained()
     assert len(bus.of(Analysis)) == 1
+
+
+def resolved_then_reopened(inc: Incident) -> tuple[Incident, Incident]:
+    """The correlator's next two revisions: all resolved, then firing again (same id)."""
+    resolved = replace(
+        inc,
+        status="resolved",
+        revision=inc.revision + 1,
+        members=tuple(replace(m, status="resolved") for m in inc.members),
+        resolved_at=OPENED + timedelta(minutes=5),
+    )
+    reopened = replace(
+        inc, status="reopened", revision=inc.revision + 2, updated_at=OPENED + timedelta(minutes=8)
+    )
+    return resolved, reopened
+
+
+async def test_a_reopened_incident_is_analysed_once_more_with_actions_of_its_own() -> None:
+    s, bus = escalating_stage()
+    opened = incident()
+    resolved, reopened = resolved_then_reopened(opened)
+    await s.handle([env(opened)])
+    await s.handle([env(resolved, 1)])
+    await s.handle([env(reopened, 2)])
+    assert [a.incident_revision for a in bus.of(Analysis)] == [1, 3]
+    before, again = bus.of(ActionRequest)
+    # The remedy that healed it is taken again: an id the executor has not acted on.
+    assert (again.type, again.target) == (before.type, before.target) and again.id != before.id
+    # A redelivery of the reopening, and an update with the same evidence: nothing new.
+    updated = replace(reopened, status="updated", revision=4)
+    await s.handle([env(reopened, 2), env(updated, 3)])
+    assert len(bus.of(Analysis)) == 2 and len(bus.of(ActionRequest)) == 2
+
+
+async def test_a_restarted_stage_keys_a_reopened_incident_as_before() -> None:
+    first, first_bus = escalating_stage()
+    opened = incident()
+    resolved, reopened = resolved_then_reopened(opened)
+    await first.handle([env(opened), env(resolved, 1), env(reopened, 2)])
+    made = first_bus.of(Analysis)
+    assert [a.incident_revision for a in made] == [1, 3]
+    s, bus = escalating_stage(incidents=[opened, resolved, reopened], analyses=made)
+    await s.start()
+    updated = replace(reopened, status="updated", revision=4)
+    await s.handle([env(reopened, 2), env(updated, 3)])
+    assert bus.of(Analysis) == []
+    # Had only the first episode been analysed before the restart, the reopening is.
+    s, bus = escalating_stage(incidents=[opened, resolved, reopened], analyses=made[:1])
+    await s.start()
+    await s.handle([env(reopened, 2)])
+    assert [a.incident_revision for a in bus.of(Analysis)] == [3]
+
+
+async def test_an_incident_that_reopened_silenced_is_analysed_when_the_silence_lifts() -> None:
+    s, bus = escalating_stage()
+    opened = incident()
+    resolved, reopened = resolved_then_reopened(opened)
+    await s.handle([env(opened), env(resolved, 1)])
+    await s.handle([env(replace(reopened, status="silenced"), 2)])
+    assert len(bus.of(Analysis)) == 1
+    await s.handle([env(replace(reopened, status="updated", revision=4), 3)])
+    assert [a.incident_revision for a in bus.of(Analysis)] == [1, 4]
+
+
+async def test_a_reopened_incident_nothing_can_be_done_for_pages_again() -> None:
+    s, bus = stage(None)
+    ledger = {"cluster": "c1", "namespace": "pay", "service": "ledger"}  # no rule acts
+    opened = incident(member(labels=ledger), id="inc-ledger", labels=ledger)
+    resolved, reopened = resolved_then_reopened(opened)
+    await s.handle([env(opened), env(resolved, 1), env(reopened, 2)])
+    first, again = bus.of(Escalation)
+    assert first.reason == again.reason == "no_remedy" and first.id != again.id
+    await s.handle([env(replace(reopened, status="updated", revision=4), 3)])
+    assert len(bus.of(Escalation)) == 2
