@@ -250,6 +250,9 @@ class AnalysisStage:
         self.llm = llm
         self.gatherer = gatherer
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # evidence key -> whether its analysis became durable, for the analyses under way
+        # (handle and the watch run concurrently); settled when it ends.
+        self._analysing: dict[str, asyncio.Future[bool]] = {}
         # incidents escalated (an episode's stable id, once an incident reopened)
         self._notified: OrderedDict[str, None] = OrderedDict()
         # The latest revision of each open incident known: every replica's, when the
@@ -417,13 +420,39 @@ class AnalysisStage:
         await self._analyse(needed)
 
     async def _analyse(self, incidents: Sequence[Incident]) -> None:
-        out: list[tuple[str, object, str | None]] = []
-        notified: list[str] = []  # incidents escalated by this batch
+        """Analyse the evidence not analysed yet. ``handle`` and the watch run concurrently:
+        evidence another of them is analysing is not analysed twice (an LLM asked twice may
+        answer differently, and both answers would be acted on); this waits for it to be
+        durable instead, and analyses it itself if that failed."""
         todo: dict[str, Incident] = {}  # evidence key -> incident
+        elsewhere: dict[str, tuple[asyncio.Future[bool], Incident]] = {}
         for incident in incidents:
             ek = self._evidence(incident)
-            if ek not in self._seen:
+            running = self._analysing.get(ek)
+            if running is not None and ek not in todo:
+                elsewhere.setdefault(ek, (running, incident))
+            elif ek not in self._seen:
                 todo.setdefault(ek, incident)
+        # Claimed before the first await, released whatever happens.
+        loop = asyncio.get_running_loop()
+        mine = {ek: loop.create_future() for ek in todo}
+        self._analysing.update(mine)
+        done = False
+        try:
+            if todo:
+                await self._decide_and_publish(todo)
+            done = True
+        finally:
+            for ek, claim in mine.items():
+                del self._analysing[ek]
+                claim.set_result(done)
+        failed = [incident for claim, incident in elsewhere.values() if not await claim]
+        if failed:
+            await self._analyse(failed)
+
+    async def _decide_and_publish(self, todo: dict[str, Incident]) -> None:
+        out: list[tuple[str, object, str | None]] = []
+        notified: list[str] = []  # incidents escalated by this batch
         analyses = await asyncio.gather(*(self.decide(i) for i in todo.values()))
         made: list[tuple[str, object, str | None]] = []
         for (ek, incident), analysis in zip(todo.items(), analyses, strict=True):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -11,6 +12,7 @@ from agent.analysis_stage import AnalysisStage, evidence_key
 from agent.chat import ChatMessage, Completion
 from agent.codec import from_obj
 from agent.context import ContextGatherer
+from agent.errors import DependencyUnavailable
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
 from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Incident, Outcome
@@ -476,3 +478,73 @@ async def test_a_reopened_incident_nothing_can_be_done_for_pages_again() -> None
     assert first.reason == again.reason == "no_remedy" and first.id != again.id
     await s.handle([env(replace(reopened, status="updated", revision=4), 3)])
     assert len(bus.of(Escalation)) == 2
+
+
+class GatedChatModel(ScriptedChatModel):
+    """Answers once its gate is open: holds analyses under way."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__()
+        self.default = completion(reply)
+        self.gate = asyncio.Event()
+
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, schema: Mapping[str, Any], schema_name: str
+    ) -> Completion:
+        await self.gate.wait()
+        return await super().complete(messages, schema=schema, schema_name=schema_name)
+
+
+class FailingOnceBus(RecordingBus):
+    """Kafka refuses the first publish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = False
+
+    async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+        if not self.refused:
+            self.refused = True
+            raise DependencyUnavailable("kafka: not enough replicas")
+        await super().publish_many(items)
+
+
+async def started(*calls: Coroutine[Any, Any, None]) -> list[asyncio.Task[None]]:
+    """``calls`` as tasks, in order, each run up to where it first waits."""
+    tasks = [asyncio.create_task(c) for c in calls]
+    await asyncio.sleep(0)  # a yield, not a delay: every task takes its first step
+    return tasks
+
+
+async def test_evidence_the_watch_is_analysing_is_not_analysed_again_by_handle() -> None:
+    model = GatedChatModel(answer(cls="crash_loop", actions=[action("restart_workload")]))
+    s, bus = stage(model)
+    inc = incident()
+    model.gate.set()
+    await s.handle([env(inc)])
+    (restart,) = bus.of(ActionRequest)
+    model.gate.clear()
+    # The restart is verified not_healed while the same revision is redelivered: the
+    # watch and the group consumer see the same new evidence at once.
+    verdict = result_env(verified(restart, "not_healed"))
+    tasks = await started(s.on_watch([verdict]), s.handle([env(inc, 5)]))
+    model.gate.set()
+    assert await asyncio.gather(*tasks) == [None, None]
+    made = bus.of(Analysis)
+    assert len(made) == 2 and len(model.calls) == 2, [a.basis for a in made]
+    assert made[1].basis != made[0].basis  # the next step, once
+
+
+async def test_evidence_whose_analysis_failed_is_analysed_by_the_one_that_waited() -> None:
+    model = GatedChatModel(answer(cls="crash_loop", actions=[action("restart_workload")]))
+    s, bus = stage(model)
+    s.bus = failing = FailingOnceBus()
+    inc = incident()
+    tasks = await started(s.handle([env(inc)]), s.handle([env(inc, 1)]))
+    model.gate.set()
+    failed, waited = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(failed, DependencyUnavailable) and waited is None
+    (analysis,) = failing.of(Analysis)
+    assert analysis.incident_revision == inc.revision
+    await s.handle([env(inc, 1)])  # durable now: not again
+    assert len(failing.of(Analysis)) == 1 and bus.published == []
