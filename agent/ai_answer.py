@@ -155,6 +155,61 @@ def parse_answer(content: str) -> Answer:
 
 # --- 2. scope and vetting -------------------------------------------------------------------
 
+# How controllers name their pods: generateName appends 5 characters of this alphabet
+# (k8s.io/apimachinery rand.SafeEncodeString) to a base cut at 63 - 5 characters; a
+# Deployment's base is "<name>-<pod-template-hash>-", the hash (of a uint32) in the same
+# alphabet, up to 10 characters.
+_SAFE = frozenset("bcdfghjklmnpqrstvwxz2456789")
+_SUFFIX = 5
+_BASE_MAX = 58
+_HASH_MAX = 10
+_GENERATE_NAME = frozenset({"DaemonSet", "ReplicaSet", "Job"})
+_POD_NAMES = {
+    "Deployment": "{name}-<pod-template-hash>-<suffix>",
+    "StatefulSet": "{name}-<ordinal>",
+    **dict.fromkeys(_GENERATE_NAME, "{name}-<suffix>"),
+}
+
+
+def _safe(s: str) -> bool:
+    return bool(s) and all(c in _SAFE for c in s)
+
+
+def _deployment_pod(name: str, pod: str) -> bool:
+    base, suffix = pod[:-_SUFFIX], pod[-_SUFFIX:]
+    if len(pod) <= _SUFFIX or len(base) > _BASE_MAX or not _safe(suffix):
+        return False
+    prefix = f"{name}-"
+    if len(prefix) >= _BASE_MAX:  # the hash was cut off entirely
+        return base == prefix[:_BASE_MAX]
+    if not base.startswith(prefix):
+        return False
+    rest = base[len(prefix) :]
+    pod_template_hash = rest.removesuffix("-")
+    if not (len(pod_template_hash) <= _HASH_MAX and _safe(pod_template_hash)):
+        return False
+    return rest.endswith("-") or len(base) == _BASE_MAX  # else cut in the hash
+
+
+def is_pod_of(kind: str, name: str, pod: str) -> bool:
+    """Whether ``pod`` is named as the pods of workload ``kind`` ``name`` are. A name
+    prefix is not enough: ``api-gateway-7d9f8-x2k4q`` belongs to Deployment api-gateway,
+    not to Deployment api."""
+    if kind == "Deployment":
+        return _deployment_pod(name, pod)
+    if kind == "StatefulSet":
+        ordinal = pod.removeprefix(f"{name}-")
+        return (
+            ordinal != pod
+            and ordinal.isascii()
+            and ordinal.isdigit()
+            and (ordinal == "0" or not ordinal.startswith("0"))
+        )
+    if kind in _GENERATE_NAME:
+        base, suffix = pod[:-_SUFFIX], pod[-_SUFFIX:]
+        return len(pod) > _SUFFIX and base == f"{name}-"[:_BASE_MAX] and _safe(suffix)
+    return False
+
 
 @dataclass(frozen=True, slots=True)
 class Scope:
@@ -173,7 +228,11 @@ class Scope:
         """The scope for the trusted part of the prompt (every name DNS-1123 checked)."""
         out = [f"{k} {ns}/{n}" for k, ns, n in sorted(self.workloads)]
         out += [f"Pod {ns}/{n}" for ns, n in sorted(self.pods)]
-        out += [f"Pod {ns}/{n}-* (pods of that workload)" for _, ns, n in sorted(self.workloads)]
+        out += [
+            f"Pod {ns}/{_POD_NAMES[k].format(name=n)} (pods of that {k})"
+            for k, ns, n in sorted(self.workloads)
+            if k in _POD_NAMES
+        ]
         out += [f"Node {n}" for n in sorted(self.nodes)]
         out += [f"ConfigMap {ns}/{n}" for ns, n in sorted(self.config_maps)]
         return out
@@ -181,7 +240,7 @@ class Scope:
     def owns_pod(self, namespace: str, name: str) -> bool:
         if (namespace, name) in self.pods:
             return True
-        return any(ns == namespace and name.startswith(f"{w}-") for _, ns, w in self.workloads)
+        return any(ns == namespace and is_pod_of(k, w, name) for k, ns, w in self.workloads)
 
 
 def incident_scope(incident: Incident, ctx: Context, settings: Settings) -> Scope:

@@ -19,6 +19,7 @@ from agent.ai_answer import (
     action_evidence,
     combine_confidence,
     incident_scope,
+    is_pod_of,
     parse_answer,
     to_analysis,
     vet_actions,
@@ -158,6 +159,8 @@ def test_scope_is_the_incidents_namespace_workloads_pods_nodes_and_configmaps() 
         (proposed("rollback", "Node", "node-a", ""), "wrong_kind"),
         (proposed("drain_node", "Deployment", "checkout"), "wrong_kind"),
         (proposed("restart_pod", "Pod", "cart-123-abc"), "out_of_scope"),
+        # Named like checkout's pods, but Deployment checkout-gateway's.
+        (proposed("restart_pod", "Pod", "checkout-gateway-7d9f8-x2k4q"), "out_of_scope"),
         (proposed("update_config", "ConfigMap", "search-config"), "out_of_scope"),
         (proposed("scale_up", "Deployment", "checkout", replicas="+500"), "bad_params"),
         (proposed("scale_up", "Deployment", "checkout", replicas="-1"), "bad_params"),
@@ -187,7 +190,7 @@ def test_actions_outside_the_allow_list_or_scope_are_rejected(
         proposed("scale_down", "Deployment", "checkout", replicas="2"),
         proposed("restart_workload", "Deployment", "checkout"),
         proposed("restart_pod", "Pod", "checkout-7c9f-abcde"),
-        proposed("restart_pod", "Pod", "checkout-55d-xyz12"),  # another pod of the workload
+        proposed("restart_pod", "Pod", "checkout-55d4f-xz2k9"),  # another pod of the workload
         proposed("drain_node", "Node", "node-a", "ignored"),
         proposed("update_config", "ConfigMap", "checkout-config"),
     ],
@@ -198,6 +201,40 @@ def test_actions_inside_the_scope_pass(act: ProposedAction) -> None:
     (a,) = accepted
     assert (a.type, a.target.name) == (act.type, act.target.name)
     assert a.target.namespace == ("" if act.target.kind == "Node" else act.target.namespace)
+
+
+LONG = "a" * 50  # pods of a long name: generateName cuts the base at 58 characters
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "pod", "owned"),
+    [
+        ("Deployment", "api", "api-7d9f8c6b5-x2k4q", True),
+        ("Deployment", "api", "api-gateway-7d9f8-x2k4q", False),  # another Deployment's
+        ("Deployment", "api", "api-7d9f8-x2k4", False),  # suffix too short
+        ("Deployment", "api", "api-7d9f8-x2k4a", False),  # not the suffix alphabet
+        ("Deployment", "api", "api-7d9f8c6b5x2-x2k4q", False),  # hash too long
+        ("Deployment", "api", "api-0", False),
+        ("Deployment", LONG, f"{LONG}-7d9f8c6-x2k4q", False),  # base of 58 + 1: cut
+        ("Deployment", LONG, f"{LONG}-7d9f8c6x2k4q", True),  # "<name>-7d9f8c6" cut
+        ("Deployment", "b" * 60, "b" * 58 + "x2k4q", True),
+        ("StatefulSet", "db", "db-0", True),
+        ("StatefulSet", "db", "db-12", True),
+        ("StatefulSet", "db", "db-012", False),
+        ("StatefulSet", "db", "db-replica-0", False),
+        ("StatefulSet", "db", "db-7d9f8-x2k4q", False),
+        ("DaemonSet", "fluentd", "fluentd-x2k4q", True),
+        ("DaemonSet", "fluentd", "fluentd-forwarder-x2k4q", False),
+        ("Job", "migrate", "migrate-x2k4q", True),
+        ("ReplicaSet", "api-7d9f8", "api-7d9f8-x2k4q", True),
+        ("ReplicaSet", "api", "api-7d9f8-x2k4q", False),
+        ("Node", "api", "api-x2k4q", False),
+    ],
+)
+def test_a_pod_is_a_workloads_only_when_named_as_its_controller_names_them(
+    kind: str, name: str, pod: str, owned: bool
+) -> None:
+    assert is_pod_of(kind, name, pod) is owned
 
 
 def test_a_missing_rollback_plan_rejects_the_action() -> None:
@@ -236,6 +273,8 @@ NAMES = st.sampled_from(
         "node-a",
         "node-b",
         "checkout-7c9f-abcde",
+        "checkout-55d4f-xz2k9",
+        "checkout-gateway-7d9f8-x2k4q",
         "checkout-x",
         "checkout-config",
         "search-config",
@@ -271,7 +310,8 @@ def in_scope_oracle(a: RecommendedAction) -> bool:
     if t.namespace != "shop":
         return False
     if t.kind == "Pod":
-        return a.type == "restart_pod" and t.name.startswith("checkout-")
+        # the member's pod, or one named as Deployment checkout's are
+        return a.type == "restart_pod" and t.name in ("checkout-7c9f-abcde", "checkout-55d4f-xz2k9")
     if t.kind == "ConfigMap":
         return a.type == "update_config" and t.name == "checkout-config"
     return (
