@@ -13,9 +13,10 @@ is stored, so nothing secret reaches a prompt or a log:
   implement it; without one those sources are noted as unavailable).
 
 A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
-analysis. Structured signals (OOM kills, crash loops, node conditions) are derived from
-event *reasons*, which the kubelet and controllers set; event messages and logs stay text
-for the LLM, never evidence for the rules.
+analysis; within the logs and the events, one pod or namespace that fails leaves its own
+note and the rest is kept. Structured signals (OOM kills, crash loops, node conditions)
+are derived from event *reasons*, which the kubelet and controllers set; event messages
+and logs stay text for the LLM, never evidence for the rules.
 """
 
 from __future__ import annotations
@@ -237,6 +238,11 @@ class _Parts:
 
     notes: list[str] = field(default_factory=list)
 
+    def note(self, text: str) -> None:
+        """Note ``text`` once: the events and the logs both see a listing that failed."""
+        if text not in self.notes:
+            self.notes.append(text)
+
 
 class ContextGatherer:
     def __init__(
@@ -376,13 +382,23 @@ class ContextGatherer:
     ) -> None:
         found: list[KubeEvent] = []
         limit = self.limits.max_events
+        # One namespace's events failing must not drop the others' (nor the nodes').
         for ns in sorted({t.namespace for t in targets}):
             names = [t.name for t in targets if t.namespace == ns]
-            found += await src.events(ns, names, limit=limit)
+            try:
+                found += await src.events(ns, names, limit=limit)
+            except AgentError as err:
+                parts.note(f"events of namespace {ns} unavailable: {redact(str(err))[:200]}")
             for name in names:  # which events are about pods still there
-                await parts.pods(src, ns, name)
+                try:
+                    await parts.pods(src, ns, name)
+                except AgentError as err:  # then all its events count (derive_signals)
+                    parts.note(f"pods of {ns}/{name} not listed: {redact(str(err))[:200]}")
         if nodes:
-            found += await src.events("", nodes, limit=limit)
+            try:
+                found += await src.events("", nodes, limit=limit)
+            except AgentError as err:
+                parts.note(f"events of nodes unavailable: {redact(str(err))[:200]}")
         found.sort(key=lambda e: e.at.timestamp() if e.at else 0.0, reverse=True)  # newest
         clean = [replace(e, message=clip(redact(e.message), MAX_TEXT)) for e in found[: limit or 0]]
         kept, dropped = within_budget(
@@ -405,17 +421,29 @@ class ContextGatherer:
             if is_dns_name(p := m.labels.get("pod", ""))
         ]
         for t in targets:
-            pods += [(t.namespace, p) for p in await parts.pods(src, t.namespace, t.name)]
+            try:
+                pods += [(t.namespace, p) for p in await parts.pods(src, t.namespace, t.name)]
+            except AgentError as err:
+                parts.note(f"pods of {t.namespace}/{t.name} not listed: {redact(str(err))[:200]}")
         pods = list(dict.fromkeys(pods))[: self.limits.max_pods]
         if not pods:
             return
         share = self.limits.max_bytes // len(pods)
-        tails = await asyncio.gather(
-            *(src.logs(ns, pod, tail=self.limits.log_lines) for ns, pod in pods)
-        )
+
+        # A pod that has no log to give (ContainerCreating answers 400) costs its own tail
+        # only: in a bad rollout, the pods that did start are the ones worth reading.
+        async def tail(ns: str, pod: str) -> str | None:
+            try:
+                return await src.logs(ns, pod, tail=self.limits.log_lines)
+            except AgentError as err:
+                parts.note(f"logs of Pod/{ns}/{pod} unavailable: {redact(str(err))[:200]}")
+                return None
+
+        tails = await asyncio.gather(*(tail(ns, pod) for ns, pod in pods))
         for (_, pod), text in zip(pods, tails, strict=True):
-            # Redact first: clipping first could cut a secret's marker and leak its rest.
-            parts.logs[pod] = clip(redact(text), share, keep="tail")
+            if text is not None:
+                # Redact first: clipping first could cut a secret's marker and leak its rest.
+                parts.logs[pod] = clip(redact(text), share, keep="tail")
 
     async def _config(
         self, src: ClusterContext, incident: Incident, targets: Sequence[Target], parts: _Parts

@@ -237,3 +237,60 @@ def test_owner_of() -> None:
 )
 def test_queries_only_take_dns_names(names: dict[str, str], expected: str | None) -> None:
     assert render_query('x{namespace="$namespace",pod=~"${workload}-.*"}', **names) == expected
+
+
+async def test_a_pod_whose_log_cannot_be_read_costs_only_its_own_tail() -> None:
+    # A pod of the bad rollout still in ContainerCreating: no log to give yet.
+    inc = incident(member(), member("high-latency", labels={"pod": "checkout-7c9f-xz2k9"}))
+    c = cluster()
+    settings = ai_settings(context={"queries": QUERIES})
+    ctx = await ContextGatherer(settings, cluster=c, source=c, prom=FakeProm(PROM)).gather(inc)
+    assert (
+        list(ctx.logs) == ["checkout-7c9f-abcde"]
+        and "ERROR boom" in ctx.logs["checkout-7c9f-abcde"]
+    )
+    assert ctx.notes == (
+        "logs of Pod/shop/checkout-7c9f-xz2k9 unavailable: Pod/shop/checkout-7c9f-xz2k9 not found",
+    )
+
+
+class FailingReads(FakeCluster):
+    """The fake cluster, with the reads named in ``down`` failing as an API server's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down: set[str] = set()
+
+    async def events(
+        self, namespace: str, names: Sequence[str], *, limit: int
+    ) -> Sequence[KubeEvent]:
+        if ("events" if namespace else "node events") in self.down:
+            raise DependencyUnavailable(f"events: HTTP 503 (password={SECRET})")
+        return await super().events(namespace, names, limit=limit)
+
+    async def pods(self, namespace: str, workload: str) -> Sequence[str]:
+        if "pods" in self.down:
+            raise DependencyUnavailable("pods: HTTP 503")
+        return await super().pods(namespace, workload)
+
+
+async def test_the_nodes_events_failing_keeps_the_workloads_events() -> None:
+    c = cluster(FailingReads)
+    assert isinstance(c, FailingReads)
+    c.down = {"node events"}
+    ctx = await gather(c)
+    assert {e.name for e in ctx.events} == {"checkout-7c9f-abcde"}
+    assert ctx.crash_looping == ("checkout",)
+    (note,) = ctx.notes
+    assert note.startswith("events of nodes unavailable: events: HTTP 503")
+    assert SECRET not in note
+
+
+async def test_a_pod_listing_failing_keeps_the_events_and_is_noted_once() -> None:
+    c = cluster(FailingReads)
+    assert isinstance(c, FailingReads)
+    c.down = {"pods"}
+    ctx = await gather(c)
+    assert {e.name for e in ctx.events} == {"checkout-7c9f-abcde", "node-a"}
+    assert ctx.crash_looping == ("checkout",)  # unlisted: all its events count
+    assert ctx.notes == ("pods of shop/checkout not listed: pods: HTTP 503",)
