@@ -858,6 +858,17 @@ def as_published(incident: Incident, emitted_at: datetime | None) -> Incident:
     return incident
 
 
+def release(
+    event: Incident, emitted_at: datetime | None, now: datetime, rules: CorrelationRules
+) -> tuple[Incident | None, datetime | None, bool]:
+    """What becomes of an incident's new state: (the event to publish now or None,
+    when the incident was last published, whether a state is held back for the timer).
+    ``emitted_at`` is this incident's, never an earlier incident's of the same group."""
+    if publish_due(event, emitted_at, now, rules):
+        return as_published(event, emitted_at), now, False
+    return None, emitted_at, True
+
+
 def for_event(incident: Incident, limit: int) -> Incident:
     """The incident as its event shows it: at most ``limit`` members, those firing and not
     suppressed first, then the most recently seen, kept in their incident order; the rest

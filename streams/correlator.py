@@ -63,6 +63,7 @@ from streams.correlation import (
     lateness,
     mark_mitigating,
     publish_due,
+    release,
     repeat_due,
 )
 from streams.delivery import DeliveryGuard, Stall
@@ -730,7 +731,8 @@ class Correlator:
         """An owned incident hands the firing anomalies a node- or workload-level incident
         now explains over to it: pods that failed before their node's anomaly arrived end
         up in the node's incident too, and an incident left with none resolves. Returns
-        the event to publish (none for an incident never published, see group_wait)."""
+        the event to publish now: none for an incident never published that resolves (its
+        anomalies went on), and an open/updated one waits for its timer like any other."""
         inc = stored.incident
         found = moves(inc, index) if inc is not None else {}
         if inc is None or not found:
@@ -742,10 +744,18 @@ class Correlator:
         moved = {fp: (how, f.incident_id) for fp, (how, f) in found.items()}
         self.metrics.correlation_decisions.labels(decision="handed_over").inc(len(moved))
         new, event = hand_over(inc, moved, now)
-        self._store(stored.partition, key, new, emitted_at=now)
+        out: Incident | None = None
+        emitted_at, pending = stored.emitted_at, stored.pending
+        if event is not None and event.status == "resolved" and emitted_at is None:
+            pending = False  # never seen, now gone: nothing to tell
+        elif event is not None:
+            # Held during group_wait, the incident must stay pending: storing it as
+            # published hid it for good when its other members kept firing.
+            out, emitted_at, pending = release(event, emitted_at, now, self.rules)
+        self._store(stored.partition, key, new, emitted_at=emitted_at, pending=pending)
         await self._publish_facts([new])
         log.info("incident %s handed %d anomalies over", inc.id[:12], len(moved))
-        return event if stored.emitted_at is not None else None
+        return out
 
     async def _fold(self, partition: int, anomalies: list[Keyed]) -> list[Keyed]:
         """Fold, store and publish; returns the anomalies refused (see max_members)."""

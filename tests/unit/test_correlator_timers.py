@@ -1,0 +1,124 @@
+"""group_wait / group_interval in the correlator itself: which events go out, and when,
+as the fold, the timer and hand-overs change incidents. The worker runs in-process with
+its Kafka edges replaced by recorders; the clock is the test's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import streams.correlator as correlator_module
+from agent.metrics import Metrics
+from agent.models import Anomaly, Incident
+from streams.correlation import NO_MARKS, correlate_batch, key_of
+from streams.correlator import Correlator
+from streams.topology import EMPTY, FactIndex, build_index, facts_of
+from tests.unit.factories import anomaly, at, settings
+
+
+class Recording(Correlator):
+    """The correlator with its Kafka edges recorded instead of sent: one partition, owned."""
+
+    def __init__(self, doc: Mapping[str, Any]) -> None:
+        super().__init__(settings(doc), metrics=Metrics(CollectorRegistry()))
+        self.partitions = 1
+        self.published: list[tuple[datetime, Incident]] = []
+        self.routed: list[tuple[str, Anomaly]] = []
+        self.index: FactIndex = EMPTY
+        self.now = at(0)
+
+    async def _emit(self, events: list[Incident], encoded: dict[int, bytes] | None = None) -> None:
+        self._changelog.clear()
+        self.published.extend((self.now, e) for e in events)
+
+    async def _route(self, key: str, a: Anomaly, absorbed_by: str | None) -> None:
+        self.routed.append((key, a))
+
+    async def _publish_facts(self, incidents: Iterable[Incident | None]) -> None:
+        pass  # the test hands the worker its view (fact_index)
+
+    def _owned_partitions(self) -> set[int]:
+        return {0}
+
+    def fact_index(self, now: datetime) -> FactIndex:
+        return self.index
+
+    def events(self, key: str) -> list[tuple[float, str, str, int]]:
+        """(seconds after T0, incident id, status, revision) of each event of ``key``."""
+        return [
+            ((when - at(0)).total_seconds(), e.id, e.status, e.revision)
+            for when, e in self.published
+            if e.key == key
+        ]
+
+
+@pytest.fixture
+def clocked(monkeypatch: pytest.MonkeyPatch) -> Any:
+    def make(doc: Mapping[str, Any]) -> Recording:
+        c = Recording(doc)
+        monkeypatch.setattr(correlator_module, "utcnow", lambda: c.now)
+        return c
+
+    return make
+
+
+async def fold(c: Recording, t: float, *anomalies: Anomaly) -> None:
+    c.now = at(t)
+    await c._fold(0, [(key_of(a, c.rules), a, NO_MARKS) for a in anomalies])
+
+
+async def tick(c: Recording, t: float) -> None:
+    c.now = at(t)
+    await c._tick()
+
+
+def pod(name: str, node: str) -> dict[str, str]:
+    return {"cluster": "c1", "namespace": "shop", "service": "checkout", "pod": name, "node": node}
+
+
+async def test_a_hand_over_during_group_wait_still_publishes_the_incident_at_group_wait(
+    clocked: Any,
+) -> None:
+    c = clocked({"correlation": {"group_wait": "30s", "group_interval": "5m"}})
+    crash = "pod-crash-loop"
+    a1 = anomaly(crash, labels=pod("checkout-1", "n1"))
+    a2 = anomaly(crash, labels=pod("checkout-2", "n2"))
+    key = key_of(a1, c.rules)
+    await fold(c, 1, a1, a2)
+    # n1's node anomaly opens its own incident; the view sees it from t=5.
+    node = anomaly("node-not-ready", labels={"cluster": "c1", "node": "n1"}, t=4)
+    states, _ = correlate_batch({}, [node], at(4), c.rules)
+    c.index = build_index(facts_of(states[key_of(node, c.rules)], True, ()), at(5), 300)
+    for t in range(5, 100):
+        await tick(c, t)
+        if t % 20 == 0:  # checkout-2 keeps crash-looping; the watcher repeats it
+            await fold(c, t, anomaly(crash, labels=pod("checkout-2", "n2"), t=t))
+    assert [(k, a.labels["pod"]) for k, a in c.routed] == [(key_of(node, c.rules), "checkout-1")]
+    # Out at group_wait, as "open", showing checkout-1 handed over and checkout-2 firing.
+    [(when, event)] = c.published
+    assert (when, event.key, event.status) == (at(30), key, "open")
+    assert {m.labels["pod"]: (m.status, m.absorbed_by) for m in event.members} == {
+        "checkout-1": ("resolved", "node/n1"),
+        "checkout-2": ("firing", None),
+    }
+
+
+async def test_a_hand_over_that_empties_a_never_published_incident_publishes_nothing(
+    clocked: Any,
+) -> None:
+    c = clocked({"correlation": {"group_wait": "30s"}})
+    a1 = anomaly("pod-crash-loop", labels=pod("checkout-1", "n1"))
+    await fold(c, 1, a1)
+    node = anomaly("node-not-ready", labels={"cluster": "c1", "node": "n1"}, t=4)
+    states, _ = correlate_batch({}, [node], at(4), c.rules)
+    c.index = build_index(facts_of(states[key_of(node, c.rules)], True, ()), at(5), 300)
+    for t in range(5, 100):
+        await tick(c, t)
+    stored = c._get(key_of(a1, c.rules))
+    assert stored is not None and stored.incident is not None
+    assert stored.incident.status == "resolved"
+    assert c.published == []
