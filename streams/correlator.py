@@ -110,8 +110,9 @@ _ZLIB = b"\x00z"  # no JSON document starts with a NUL byte
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A table value: the group's incident, the partition its state belongs to, when its
-    state was last published and whether a newer state is held back (group_interval)."""
+    """A table value: the group's incident, the partition its state belongs to, when this
+    incident (not the group: a new incident has its own timers) was last published and
+    whether a newer state of it is held back (group_wait, group_interval)."""
 
     partition: int
     incident: Incident | None
@@ -124,7 +125,16 @@ class Stored:
             encoded = encode(self.incident) if self.incident is not None else b"null"
         emitted = orjson.dumps(self.emitted_at, option=orjson.OPT_UTC_Z)
         pending = b"true" if self.pending else b"false"
-        raw = b'{"p":%d,"e":%s,"q":%s,"i":%s}' % (self.partition, emitted, pending, encoded)
+        # "x": whose timers these are, so a reader can tell them from a state written
+        # before they were kept per incident.
+        owner = orjson.dumps(self.incident.id if self.incident is not None else None)
+        raw = b'{"p":%d,"e":%s,"q":%s,"x":%s,"i":%s}' % (
+            self.partition,
+            emitted,
+            pending,
+            owner,
+            encoded,
+        )
         return _ZLIB + zlib.compress(raw, 1) if len(raw) > COMPRESS_ABOVE else raw
 
     @staticmethod
@@ -134,9 +144,27 @@ class Stored:
         doc = orjson.loads(raw)
         inc = from_obj(Incident, doc["i"]) if doc.get("i") is not None else None
         emitted = datetime.fromisoformat(doc["e"].replace("Z", "+00:00")) if doc.get("e") else None
-        return Stored(
-            partition=int(doc["p"]), incident=inc, emitted_at=emitted, pending=bool(doc.get("q"))
-        )
+        emitted, pending = timers_of(inc, emitted, bool(doc.get("q")), doc.get("x", _LEGACY))
+        return Stored(partition=int(doc["p"]), incident=inc, emitted_at=emitted, pending=pending)
+
+
+_LEGACY = object()  # a state written when timers were kept per group
+
+
+def timers_of(
+    inc: Incident | None, emitted_at: datetime | None, pending: bool, owner: object
+) -> tuple[datetime | None, bool]:
+    """The stored timers as ``inc``'s: (emitted_at, pending).
+
+    Timers of another incident are none of this one's: it counts as never published,
+    and pending while open, so it goes out at group_wait as "open" rather than never.
+    A state written before timers were kept per incident names no owner; its timers are
+    another incident's when they predate this one's opening (the group's earlier
+    incident was published, this one not yet), else this one's."""
+    if inc is None or emitted_at is None:
+        return emitted_at, pending
+    mine = emitted_at >= inc.opened_at if owner is _LEGACY else owner == inc.id
+    return (emitted_at, pending) if mine else (None, pending or inc.status != "resolved")
 
 
 @dataclass(frozen=True, slots=True)
@@ -767,16 +795,21 @@ class Correlator:
             states, anomalies, now, self.rules, self.silences.all(), self._positions, refused
         )
         # Which events go out now and which wait for group_wait/group_interval (the batch's
-        # events come coalesced).
-        emission = {k: (s.emitted_at, s.pending) if s else (None, False) for k, s in before.items()}
+        # events come coalesced). Timers are per incident, as Alertmanager's are per
+        # notification: a group's new incident waits group_wait and opens as "open",
+        # whatever its predecessor (maybe resolved in this very batch) last sent.
+        timers = {
+            s.incident.id: (s.emitted_at, s.pending)
+            for s in before.values()
+            if s is not None and s.incident is not None
+        }
         out: list[Incident] = []
         for event in events:
-            emitted_at, _ = emission.get(event.key, (None, False))
-            if publish_due(event, emitted_at, now, self.rules):
-                out.append(as_published(event, emitted_at))
-                emission[event.key] = (now, False)
-            else:
-                emission[event.key] = (emitted_at, True)
+            emitted_at, _ = timers.get(event.id, (None, False))
+            sent, emitted_at, held = release(event, emitted_at, now, self.rules)
+            if sent is not None:
+                out.append(sent)
+            timers[event.id] = (emitted_at, held)
         # Each changed incident is encoded once, for the changelog and for its event.
         encoded: dict[int, bytes] = {}
         noisy = {e.key for e in events}
@@ -785,7 +818,7 @@ class Correlator:
                 continue  # a silent liveness refresh, kept in memory for now
             if inc is not None:
                 encoded[id(inc)] = self._json.encode(inc)
-            emitted_at, pending = emission.get(k, (None, False))
+            emitted_at, pending = timers.get(inc.id, (None, False)) if inc else (None, False)
             self._store(partition, k, inc, encoded.get(id(inc)), emitted_at, pending)
         await self._emit(out, encoded)
         await self._publish_facts(changed.values())

@@ -12,10 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import streams.correlator as correlator_module
+from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident
-from streams.correlation import NO_MARKS, correlate_batch, key_of
-from streams.correlator import Correlator
+from streams.correlation import NO_MARKS, CorrelationRules, correlate_batch, key_of
+from streams.correlator import Correlator, Stored
 from streams.topology import EMPTY, FactIndex, build_index, facts_of
 from tests.unit.factories import anomaly, at, settings
 
@@ -122,3 +123,58 @@ async def test_a_hand_over_that_empties_a_never_published_incident_publishes_not
     assert stored is not None and stored.incident is not None
     assert stored.incident.status == "resolved"
     assert c.published == []
+
+
+async def test_each_new_incident_of_a_group_waits_group_wait_and_opens_as_open(
+    clocked: Any,
+) -> None:
+    c = clocked(
+        {"correlation": {"group_wait": "30s", "group_interval": "5m", "reopen_window": "2m"}}
+    )
+    key = key_of(anomaly("errors"), c.rules)
+    clock = 0
+
+    async def until(t: int) -> None:
+        nonlocal clock
+        for s in range(clock + 1, t + 1):
+            await tick(c, s)
+        clock = t
+
+    await fold(c, 0, anomaly("errors"))
+    await until(40)
+    await fold(c, 60, anomaly("errors", status="resolved", t=60))
+    # A: ten minutes later, past reopen_window and group_interval: a new incident.
+    await fold(c, 660, anomaly("errors", t=660))
+    await until(699)
+    await fold(c, 700, anomaly("errors", status="resolved", t=700))
+    # B: three minutes after that one resolved: past reopen_window, within group_interval
+    # of its last event. A second anomaly joins while it waits.
+    await fold(c, 880, anomaly("latency", severity="warning", t=880))
+    await fold(c, 890, anomaly("errors", t=890))
+    await until(1100)
+    events = c.events(key)
+    first, second, third = (e[1] for e in events[:5:2])
+    assert events == [
+        (30, first, "open", 1),
+        (60, first, "resolved", 2),
+        (690, second, "open", 1),
+        (700, second, "resolved", 2),
+        (910, third, "open", 2),
+    ]
+    assert len({first, second, third}) == 3
+
+
+def test_a_state_written_with_timers_per_group_still_loads_with_its_own_timers() -> None:
+    states, _ = correlate_batch({}, [anomaly("errors", t=880)], at(880), CorrelationRules())
+    [held] = states.values()
+    doc = b'{"p":0,"e":"%s","q":%s,"i":%s}'
+    # Held in group_wait with the earlier incident's last event time (t=700): its own
+    # timers are none, and it is still owed its "open".
+    legacy = doc % (at(700).isoformat().encode(), b"true", encode(held))
+    assert Stored.load(legacy) == Stored(0, held, None, True)
+    # Published at t=910 (after it opened): those timers are its own.
+    legacy = doc % (at(910).isoformat().encode(), b"false", encode(held))
+    assert Stored.load(legacy) == Stored(0, held, at(910), False)
+    # Written now: the timers name their incident, and round-trip as they are.
+    for stored in (Stored(0, held, at(700), True), Stored(0, held, at(910), False)):
+        assert Stored.load(stored.dump()) == stored
