@@ -166,9 +166,23 @@ class Mitigation:
         return self.incident_key
 
 
+# The key of a group whose every value is empty and that has no "/" to show for it (one
+# group_by label): no escaped key is "%00", as "%" is only ever written as %25 or %2F.
+EMPTY_KEY = "%00"
+
+
 def group_key(labels: Mapping[str, str], by: tuple[str, ...]) -> str:
+    """The group's values joined by "/", each with "%" and "/" percent-escaped, so
+    distinct value tuples never share a key ({cluster: eu/prod, namespace: shop} and
+    {cluster: eu, namespace: prod/shop} did). A key whose values hold neither is the plain
+    join, as it always was: the state and partition of existing groups do not move."""
     get = labels.get  # a list, not a generator: asked for every anomaly, 1.6x cheaper
-    return "/".join([get(k, "") for k in by])
+    values = [get(k, "") for k in by]
+    key = "/".join(values)
+    if key and "%" not in key and key.count("/") == len(by) - 1:
+        return key
+    escaped = "/".join([v.replace("%", "%25").replace("/", "%2F") for v in values])
+    return escaped or EMPTY_KEY
 
 
 @dataclass(frozen=True, slots=True)

@@ -348,7 +348,13 @@ class InhibitRuleSection:
 @dataclass(frozen=True, slots=True)
 class CorrelationSection:
     __pydantic_config__ = _STRICT
-    group_by: tuple[str, ...] = ("cluster", "namespace", "service")
+    # At least one label: an empty list (in Alertmanager, one group of everything) would
+    # make one incident of the whole fleet, on one partition.
+    group_by: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)] = (
+        "cluster",
+        "namespace",
+        "service",
+    )
     resolve_timeout: Seconds = 300.0
     # A resolved incident that fires again within this window is reopened, not duplicated.
     reopen_window: Seconds = 300.0

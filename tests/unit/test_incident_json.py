@@ -125,3 +125,14 @@ def test_a_large_state_is_stored_compressed_and_reads_back() -> None:
     # A value written before compression existed still reads.
     plain = b'{"p":0,"e":null,"q":false,"i":%s}' % encode(large)
     assert Stored.load(plain) == Stored(0, large)
+
+
+def test_the_state_of_a_group_missing_its_only_group_by_label_reads_back() -> None:
+    # group_by [service], an anomaly without one: its key was "", which an incident cannot
+    # carry, so the stored state failed to decode and the worker crash-looped on restore.
+    rules = CorrelationRules(group_by=("service",))
+    states, _ = correlate_batch({}, [anomaly(labels={"cluster": "c1"})], at(0), rules)
+    [(key, inc)] = states.items()
+    assert key and inc is not None and inc.key == key
+    stored = Stored(0, inc, at(1), False)
+    assert Stored.load(stored.dump()) == stored

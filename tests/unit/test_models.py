@@ -6,8 +6,10 @@ import dataclasses
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from agent.models import Incident, Member, new_incident, new_member
+from agent.models import Incident, Member, group_key, new_incident, new_member
 
 
 def distinct_values(cls: type[Any]) -> list[object]:
@@ -36,3 +38,38 @@ def test_fast_constructors_take_every_field(cls: type[Any], build: Any) -> None:
     values = distinct_values(cls)
     with pytest.raises(TypeError):
         build(*values[:-1])
+
+
+# Values rich in what the escaping writes ("%", "/", "2", "F", "5") and in what it must
+# leave alone.
+_value = st.text(alphabet="/%25Fa0", max_size=6)
+_BY = ("cluster", "namespace", "service", "pod")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda n: st.tuples(*[st.tuples(_value, _value)] * n)))
+def test_distinct_label_values_never_share_a_group_key(pairs: tuple[tuple[str, str], ...]) -> None:
+    by = _BY[: len(pairs)]
+    one = dict(zip(by, (a for a, _ in pairs), strict=True))
+    other = dict(zip(by, (b for _, b in pairs), strict=True))
+    k1, k2 = group_key(one, by), group_key(other, by)
+    assert k1 and k2  # Incident.key must be non-empty, or its state cannot be read back
+    assert (k1 == k2) == (one == other)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab-._", max_size=4), min_size=1, max_size=4))
+def test_a_key_of_values_without_slash_or_percent_is_their_plain_join(values: list[str]) -> None:
+    plain = "/".join(values)
+    assume(plain)  # a lone empty value had no valid key before: nothing to keep
+    by = _BY[: len(values)]
+    # Unchanged from before escaping existed: groups keep their state and partition.
+    assert group_key(dict(zip(by, values, strict=True)), by) == plain
+
+
+def test_the_review_case_gives_two_groups_and_a_missing_lone_label_a_valid_key() -> None:
+    by = ("cluster", "namespace")
+    assert group_key({"cluster": "eu/prod", "namespace": "shop"}, by) == "eu%2Fprod/shop"
+    assert group_key({"cluster": "eu", "namespace": "prod/shop"}, by) == "eu/prod%2Fshop"
+    assert group_key({}, by) == "/"
+    assert group_key({}, ("service",)) != ""

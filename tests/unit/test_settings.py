@@ -228,6 +228,16 @@ def test_runbooks_name_the_bad_field_and_reject_duplicate_names() -> None:
     )
 
 
+def test_an_empty_group_by_is_rejected_naming_the_field() -> None:
+    # It used to give every anomaly the key "", which no stored state could carry: the
+    # worker failed to restore its table for good.
+    assert _only_problem({"correlation": {"group_by": []}}).startswith("correlation.group_by: ")
+    problems = _problems({"correlation": {"group_by": ["service", ""]}})
+    assert problems[0].startswith("correlation.group_by[1]: ")
+    ok = parse_settings({"correlation": {"group_by": ["service"]}}, env={})
+    assert ok.correlation.group_by == ("service",)
+
+
 def test_inhibit_rules_name_the_bad_matcher_and_reject_duplicate_names() -> None:
     rule = {"name": "r", "source_matchers": ["a=b"], "target_matchers": ["c=d"]}
     bad = {**rule, "target_matchers": ["sev=~("]}
