@@ -553,9 +553,10 @@ class Fact:
     workload-level anomaly (it absorbs its pods' anomalies) or an inhibition source.
 
     Published on the compacted correlation-facts topic keyed by fingerprint, from the state
-    of its incident. It routes pod anomalies to that incident while the incident is open,
-    and inhibits while the anomaly also fires; either way only until ``resolve_timeout``
-    after ``observed_at`` unless refreshed, so a lost update cannot keep it alive.
+    of its incident. It routes pod anomalies to that incident while the anomaly fires (then
+    only those it ``holds``, while the incident is open), and inhibits while it fires;
+    either way only until ``resolve_timeout`` after ``observed_at`` unless refreshed, so a
+    lost update cannot keep it alive.
     """
 
     fingerprint: NonEmpty
@@ -565,6 +566,10 @@ class Fact:
     status: AnomalyStatus  # the anomaly's
     incident_open: bool  # False once its incident resolved: the fact ends there
     observed_at: Time  # when its incident last saw any member (its liveness)
+    # Once the anomaly resolved (its incident still open): the pod anomalies the incident
+    # took in through it that still fire. Only those stay routed there, until they resolve;
+    # a node that recovered takes in no new pod failure.
+    holds: tuple[NonEmpty, ...] = ()
     schema_version: Version = SCHEMA_VERSION
 
     @property

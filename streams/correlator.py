@@ -746,7 +746,8 @@ class Correlator:
                     continue  # never announced: nothing to retract
                 if (
                     sent is not None
-                    and (sent.status, sent.incident_open) == (fact.status, fact.incident_open)
+                    and (sent.status, sent.incident_open, sent.holds)
+                    == (fact.status, fact.incident_open, fact.holds)
                     and (fact.observed_at - sent.observed_at).total_seconds() < refresh
                 ):
                     continue
@@ -948,7 +949,7 @@ class Correlator:
             self._forget_unowned(owned)
         now = utcnow()
         index = self.fact_index(now)
-        absorbing = self.topology and bool(index.nodes or index.workloads)
+        absorbing = self.topology and index.absorbs
         events = []
         for raw_key, raw in list(self.table.data.items()):
             key = raw_key.decode()

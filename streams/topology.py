@@ -11,11 +11,13 @@ Topology is read from labels the detectors attach (see :mod:`agent.kube_signals`
 - workload-level: a ``workload`` label (or kube-state-metrics' ``deployment``,
   ``statefulset``, ``daemonset``) and no ``pod``;
 - node-level: a ``node`` label, no ``pod`` and no workload.
-A pod-level anomaly is absorbed by the open incident of a node-level anomaly of its node,
-else by that of a workload-level anomaly of its workload (a node failure explains more than
-a workload's). It stays routed there, firing or resolved, while that incident is open, so
-each anomaly is firing in one open incident only; when the absorbing anomaly appears after
-its pods', the correlator's timer hands their members over (:func:`moves`).
+A pod-level anomaly is absorbed by the incident of a *firing* node-level anomaly of its
+node, else by that of a firing workload-level anomaly of its workload (a node failure
+explains more than a workload's). Once absorbed it stays routed there until it resolves,
+even after the absorbing anomaly resolved (the fact then lists it in ``holds``), so each
+anomaly is firing in one open incident only and never flips back; a node that recovered
+takes in no new pod failure. When the absorbing anomaly appears after its pods', the
+correlator's timer hands their members over (:func:`moves`).
 """
 
 from __future__ import annotations
@@ -91,14 +93,22 @@ class InhibitRule:
 class FactIndex:
     """The active facts, indexed for the per-anomaly lookups on the hot path."""
 
+    # Firing node- and workload-level facts: they take in their pods' anomalies.
     nodes: Mapping[tuple[str, str], Fact] = field(default_factory=dict)
     workloads: Mapping[tuple[str, str, str], Fact] = field(default_factory=dict)
+    # pod anomaly fingerprint -> (how, fact): absorbed by a fact since resolved, whose
+    # incident still holds it firing.
+    held: Mapping[str, tuple[str, Fact]] = field(default_factory=dict)
     # Per inhibition rule (by position): the firing facts matching its source side.
     sources: tuple[tuple[Fact, ...], ...] = ()
 
     @property
+    def absorbs(self) -> bool:
+        return bool(self.nodes or self.workloads or self.held)
+
+    @property
     def empty(self) -> bool:
-        return not self.nodes and not self.workloads and not any(self.sources)
+        return not self.absorbs and not any(self.sources)
 
 
 EMPTY = FactIndex()
@@ -116,23 +126,35 @@ def build_index(
     live = sorted((f for f in facts if active(f, now, ttl)), key=lambda f: f.fingerprint)
     nodes: dict[tuple[str, str], Fact] = {}
     workloads: dict[tuple[str, str, str], Fact] = {}
+    held: dict[str, tuple[str, Fact]] = {}
     for f in live:  # several facts of one node: the lowest fingerprint, deterministically
         cluster, where = f.labels.get("cluster", ""), scope(f.labels)
         if where is None:
             continue
-        if where.startswith("node/"):
+        if f.status != "firing":
+            # Recovered: it keeps only the pods it took in (see Fact.holds), so a later,
+            # unrelated pod failure on that node is not filed under the node's blip.
+            for fp in f.holds:
+                held.setdefault(fp, (where, f))
+        elif where.startswith("node/"):
             nodes.setdefault((cluster, f.labels["node"]), f)
         else:
             workloads.setdefault((cluster, f.labels.get("namespace", ""), _workload(f.labels)), f)
     firing = [f for f in live if f.status == "firing"]
     sources = tuple(tuple(f for f in firing if r.is_source(f.labels)) for r in rules)
-    return FactIndex(nodes=nodes, workloads=workloads, sources=sources)
+    return FactIndex(nodes=nodes, workloads=workloads, held=held, sources=sources)
 
 
-def absorber(labels: Mapping[str, str], index: FactIndex) -> tuple[str, Fact] | None:
-    """(how, fact) when an open node- or workload-level incident takes this anomaly in."""
+def absorber(
+    labels: Mapping[str, str], index: FactIndex, *, fingerprint: str
+) -> tuple[str, Fact] | None:
+    """(how, fact) when a node- or workload-level incident takes this anomaly in: the one
+    that already holds it, else that of a firing node-, else workload-level anomaly."""
     if not labels.get("pod"):
         return None
+    kept = index.held.get(fingerprint)
+    if kept is not None:
+        return kept  # already absorbed: it keeps its home, never flips back
     cluster = labels.get("cluster", "")
     node = labels.get("node")
     if node:
@@ -185,7 +207,7 @@ def moves(incident: Incident, index: FactIndex) -> dict[str, tuple[str, Fact]]:
     for m in incident.members:
         if m.status != "firing":
             continue
-        hit = absorber(m.labels, index)
+        hit = absorber(m.labels, index, fingerprint=m.fingerprint)
         if hit is not None and hit[1].incident_key != incident.key:
             out[m.fingerprint] = hit
     return out
@@ -212,6 +234,8 @@ def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -
     """The facts an incident's members make, from its current state."""
     out = []
     alive = None
+    open_ = incident.status != "resolved"
+    holds: dict[str, tuple[str, ...]] = {}  # scope -> firing members absorbed through it
     for m in incident.members:
         # Cheap test first: on the hot path nearly every member is a pod's, and with no
         # inhibition rules its match labels need not be built at all.
@@ -220,6 +244,15 @@ def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -
         labels = match_labels(m)
         if is_fact(labels, topology, rules):
             alive = alive or max(x.last_seen for x in incident.members)
+            where = scope(m.labels) if topology else None
+            if where is not None and m.status != "firing" and open_ and where not in holds:
+                holds[where] = tuple(
+                    sorted(
+                        x.fingerprint
+                        for x in incident.members
+                        if x.status == "firing" and x.absorbed_by == where
+                    )
+                )
             out.append(
                 Fact(
                     fingerprint=m.fingerprint,
@@ -227,8 +260,9 @@ def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -
                     incident_key=incident.key,
                     incident_id=incident.id,
                     status=m.status,
-                    incident_open=incident.status != "resolved",
+                    incident_open=open_,
                     observed_at=alive,
+                    holds=holds.get(where, ()) if where is not None else (),
                 )
             )
     return out
@@ -256,7 +290,9 @@ def placements(
     if routed is not None:
         return [(routed[0], Marks(inhibited_by=inhibited, absorbed_by=routed[1]))]
     own = (key_of(a, rules), Marks(inhibited_by=inhibited) if inhibited else NO_MARKS)
-    hit = absorber(a.labels, index) if topology and (index.nodes or index.workloads) else None
+    hit = (
+        absorber(a.labels, index, fingerprint=a.fingerprint) if topology and index.absorbs else None
+    )
     if hit is None:
         return [own]
     into = (hit[1].incident_key, Marks(inhibited_by=inhibited, absorbed_by=hit[0]))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.models import Anomaly, Fact, Incident
 from agent.settings import InhibitRuleSection
-from streams.correlation import CorrelationRules, correlate, hand_over, key_of
+from streams.correlation import NO_MARKS, CorrelationRules, Marks, correlate, hand_over, key_of
 from streams.topology import (
     FactIndex,
     InhibitRule,
@@ -78,31 +78,69 @@ def test_scope_reads_the_topology_from_labels() -> None:
 
 def test_a_node_fact_absorbs_pods_on_that_node_only() -> None:
     index = index_of(fact(NODE_DOWN))
-    how, f = absorber(POD_CRASH.labels, index) or ("", None)
+    how, f = absorber(POD_CRASH.labels, index, fingerprint=POD_CRASH.fingerprint) or ("", None)
     assert how == "node/n1" and f is not None and f.fingerprint == NODE_DOWN.fingerprint
-    assert absorber(pod_labels("checkout-2", "n2"), index) is None
+    assert absorber(pod_labels("checkout-2", "n2"), index, fingerprint="x") is None
     other_cluster = {**POD_CRASH.labels, "cluster": "c2"}
-    assert absorber(other_cluster, index) is None
+    assert absorber(other_cluster, index, fingerprint="x") is None
 
 
 def test_node_wins_over_workload_and_workload_absorbs_its_pods() -> None:
     rollout = anomaly(
         "rollout-stuck", labels={"cluster": "c1", "namespace": "shop", "workload": "checkout"}
     )
+    fp = POD_CRASH.fingerprint
     only_workload = index_of(fact(rollout))
-    assert (absorber(POD_CRASH.labels, only_workload) or ("",))[0] == "workload/shop/checkout"
+    assert (absorber(POD_CRASH.labels, only_workload, fingerprint=fp) or ("",))[0] == (
+        "workload/shop/checkout"
+    )
     both = index_of(fact(rollout), fact(NODE_DOWN))
-    assert (absorber(POD_CRASH.labels, both) or ("",))[0] == "node/n1"
-    assert absorber(pod_labels("cart-1", "n9", workload="cart"), both) is None
+    assert (absorber(POD_CRASH.labels, both, fingerprint=fp) or ("",))[0] == "node/n1"
+    assert absorber(pod_labels("cart-1", "n9", workload="cart"), both, fingerprint="x") is None
 
 
 def test_a_fact_routes_while_its_incident_is_open_and_alive() -> None:
-    # The node recovered but pods it took in still fail: they keep going to its incident.
-    assert index_of(fact(NODE_DOWN, status="resolved")).nodes != {}
     assert index_of(fact(NODE_DOWN, open_=False)).nodes == {}
     # Not refreshed for resolve_timeout: its last update may be lost, it still ends.
     assert index_of(fact(NODE_DOWN, t=1000 - 300)).nodes == {}
     assert index_of(fact(NODE_DOWN, t=1000 - 299)).nodes != {}
+
+
+def test_a_recovered_node_keeps_the_pods_it_took_in_and_takes_in_no_new_one() -> None:
+    # n1 blipped NotReady and took in checkout-1's crash loop; n1 recovered, checkout-1
+    # still crash-loops (its own bug), so the node's incident stays open.
+    inc, _ = correlate(None, NODE_DOWN, NOW, RULES)
+    assert inc is not None
+    inc, _ = correlate(inc, POD_CRASH, NOW, RULES, key=inc.key, marks=absorbed("node/n1"))
+    assert inc is not None
+    recovered = anomaly(
+        "node-not-ready", labels=node_labels("n1"), source="kubernetes", status="resolved", t=60
+    )
+    inc, _ = correlate(inc, recovered, NOW, RULES)
+    assert inc is not None and inc.status == "updated"
+    (f,) = facts_of(inc, True, ())
+    assert (f.status, f.holds) == ("resolved", (POD_CRASH.fingerprint,))
+    index = build_index([f], at(100), RULES.resolve_timeout)
+    # The crash loop's repeats keep their home: nothing flips between incidents.
+    again = anomaly("pod-crash-loop", labels=POD_CRASH.labels, source="kubernetes", t=100)
+    assert [k for k, _ in placements(again, None, index, RULES)] == [inc.key]
+    # A later OOM kill on n1 is its own incident, not the node's blip.
+    oom = anomaly("oom-killed", labels=pod_labels("payments-7", "n1", "payments"), t=100)
+    assert placements(oom, None, index, RULES) == [(key_of(oom, RULES), NO_MARKS)]
+    # Nor does the timer hand an incident over to the recovered node.
+    own, _ = correlate(None, oom, NOW, RULES)
+    assert own is not None and moves(own, index) == {}
+    # Once the crash loop resolves, the node holds nothing any more.
+    done = anomaly(
+        "pod-crash-loop", labels=POD_CRASH.labels, source="kubernetes", status="resolved", t=200
+    )
+    inc, _ = correlate(inc, done, NOW, RULES, key=inc.key, marks=absorbed("node/n1"))
+    assert inc is not None and inc.status == "resolved"
+    assert [f.incident_open for f in facts_of(inc, True, ())] == [False]
+
+
+def absorbed(how: str) -> Marks:
+    return Marks(absorbed_by=how)
 
 
 def test_placements_route_firing_to_the_absorber_and_resolutions_to_both() -> None:
@@ -240,12 +278,17 @@ def test_a_mixed_incident_hands_over_only_the_pods_on_the_failed_node() -> None:
 # --- the invariant, over random interleavings -----------------------------------------------
 
 
+Seen = Callable[[Anomaly, set[str], dict[str, Incident | None], dict[str, Incident | None]], None]
+
+
 def simulate(
-    steps: list[tuple[str, int, int, bool]],
+    steps: list[tuple[str, int, int, bool]], seen: Seen | None = None
 ) -> tuple[dict[str, Incident | None], set[str]]:
     """The correlator's decisions in one process: fold each anomaly where placements() puts
     it, publish the facts of changed incidents, and run the hand-over tick after every
-    step. Returns the states and the fingerprints whose last observation was firing."""
+    step. Returns the states and the fingerprints whose last observation was firing;
+    ``seen`` gets each step's anomaly, what fired and the states before it, and the states
+    after it."""
     states: dict[str, Incident | None] = {}
     facts: dict[str, Fact] = {}
     firing: set[str] = set()
@@ -260,6 +303,7 @@ def simulate(
             a = anomaly("node-not-ready", labels=node_labels(f"n{node}"), status=status, t=t)
         else:
             a = anomaly("crash", labels=pod_labels(f"p{pod}", f"n{node}"), status=status, t=t)
+        was, before = set(firing), dict(states)
         (firing.add if fires else firing.discard)(a.fingerprint)
         queue: list[tuple[Anomaly, tuple[str, str | None] | None]] = [(a, None)]
         while queue:
@@ -282,6 +326,8 @@ def simulate(
                     if m.fingerprint in found:
                         how, f = found[m.fingerprint]
                         queue.append((as_anomaly(m), (f.incident_key, how)))
+        if seen is not None:
+            seen(a, was, before, dict(states))
     return states, firing
 
 
@@ -310,3 +356,40 @@ def test_every_firing_anomaly_is_firing_in_exactly_one_open_incident(
                 assert m.fingerprint in where, f"{m.fingerprint} fires but was resolved"
                 where[m.fingerprint].append(inc.key)
     assert all(len(keys) == 1 for keys in where.values()), where
+
+
+def firing_in(states: Mapping[str, Incident | None], fp: str) -> list[tuple[str, str, str | None]]:
+    """(incident key, id, absorbed_by) of each open incident where ``fp`` fires."""
+    return [
+        (inc.key, inc.id, m.absorbed_by)
+        for inc in states.values()
+        if inc is not None and inc.status != "resolved"
+        for m in inc.members
+        if m.fingerprint == fp and m.status == "firing"
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(step, max_size=25))
+def test_only_a_firing_node_takes_in_new_pods_and_absorbed_pods_never_flip(
+    steps: list[tuple[str, int, int, bool]],
+) -> None:
+    steps = [(kind, pod % 3 if kind == "pod" else node, pod, f) for kind, node, pod, f in steps]
+
+    def seen(
+        a: Anomaly,
+        was: set[str],
+        before: dict[str, Incident | None],
+        after: dict[str, Incident | None],
+    ) -> None:
+        if "pod" not in a.labels or a.status != "firing":
+            return
+        node = anomaly("node-not-ready", labels=node_labels(a.labels["node"]), t=0)
+        if a.fingerprint not in was and node.fingerprint not in was:
+            # A pod failing anew on a node that is not down is not the node's doing.
+            assert all(how is None for _, _, how in firing_in(after, a.fingerprint))
+        for key, id_, how in firing_in(before, a.fingerprint):
+            if how is not None:  # absorbed and still firing: it keeps its home
+                assert [(k, i) for k, i, _ in firing_in(after, a.fingerprint)] == [(key, id_)]
+
+    simulate(steps, seen)
