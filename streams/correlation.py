@@ -10,7 +10,9 @@ Rules:
   nothing unless its status, severity or marks changed, so re-delivery and duplicate
   detectors are harmless.
 - An observation older than what the incident already knows of that fingerprint cannot
-  move it backwards (out-of-order delivery).
+  move it backwards (out-of-order delivery). In a resolved incident, whose members are
+  all resolved, a firing observation no newer than its member is such a late copy; any
+  other firing anomaly reopens it, even one observed before the resolution.
 - The incident resolves when every member is resolved, or when no member has been seen for
   ``resolve_timeout`` (see :func:`expire`); a firing anomaly within ``reopen_window`` of the
   resolution reopens the same incident, later ones open a new one.
@@ -225,11 +227,13 @@ def correlate(
         if not firing:
             return state, None  # already resolved; a repeat resolution changes nothing
         assert state.resolved_at is not None
-        if anomaly.observed_at <= state.resolved_at:
-            return state, None  # a late copy of something that was already resolved
         known = next((m for m in state.members if m.fingerprint == anomaly.fingerprint), None)
-        if known is not None and anomaly.observed_at < known.last_seen:
-            return state, None  # older than what we know of this member: never move back
+        if known is not None and anomaly.observed_at <= known.last_seen:
+            # A late copy: the incident knows this anomaly resolved at or after it fired.
+            return state, None
+        # Anything else is news, even when observed before the resolution (a pattern that
+        # started in the slot another resolved, a one-shot Kubernetes event delivered
+        # late): dropping it would lose it for good while it fires.
         if (anomaly.observed_at - state.resolved_at).total_seconds() > rules.reopen_window:
             inc = _open(anomaly, key, rules, marks)
             return inc, inc
@@ -706,10 +710,8 @@ class _Group:
         if self.status == "resolved":
             resolved_at = self.resolved_at
             assert resolved_at is not None
-            if not firing or a.observed_at <= resolved_at:
-                return
-            if known is not None and a.observed_at < known.last_seen:
-                return
+            if not firing or (known is not None and a.observed_at <= known.last_seen):
+                return  # as in correlate: only a copy the incident knows resolved is late
             if (a.observed_at - resolved_at).total_seconds() > rules.reopen_window:
                 self.reset(_open(a, key, rules, marks))
                 return

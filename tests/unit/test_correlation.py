@@ -802,13 +802,56 @@ def test_a_mass_outage_folds_to_one_incident_of_every_pod() -> None:
     assert events[-1] == inc
 
 
-def test_a_batch_never_reopens_with_a_firing_as_old_as_the_resolution() -> None:
+def test_a_copy_as_old_as_the_resolution_never_reopens_but_a_new_anomaly_does() -> None:
+    # errors resolves at slot 10 while latency starts firing in the same slot, and the
+    # resolution is folded first: the firing copy of errors is late, latency is news.
     xs = [anomaly("errors", t=0), anomaly("errors", status="resolved", t=10)]
     xs += [anomaly("errors", t=10), anomaly("latency", severity="warning", t=10)]
     expected, events = fold_batch(xs)
     changed, batch_events = correlate_batch({}, xs, NOW, RULES)
     assert (changed, batch_events) == (expected, events)
-    assert [e.status for e in events] == ["open", "resolved"]
+    assert [e.status for e in events] == ["open", "resolved", "reopened"]
+    inc = changed[key_of(xs[0], RULES)]
+    assert inc is not None and inc.resolved_at is None
+    assert [(m.name, m.status) for m in inc.members] == [
+        ("errors", "resolved"),
+        ("latency", "firing"),
+    ]
+    assert inc.updated_at == at(10)  # the revision never goes back in time
+
+
+def test_a_one_shot_event_delivered_after_the_resolution_reopens_the_incident() -> None:
+    # The incident went quiet and expired (resolved as of t=300); a Kubernetes OOMKilling
+    # event observed at t=200 arrives afterwards. It only ever fires, once: dropping it
+    # would lose it for good.
+    state, _ = one(anomaly("errors", t=0))
+    assert state is not None
+    expired, _ = expire(state, at(360), RULES)
+    assert expired.resolved_at == at(300)
+    oom = anomaly("k8s-oomkilling", severity="warning", source="kubernetes", t=200)
+    new, event = correlate(expired, oom, NOW, RULES)
+    assert event is new and new is not None
+    assert (new.id, new.status) == (state.id, "reopened")
+    assert [m.fingerprint for m in new.firing] == [oom.fingerprint]
+    # A copy of what the incident already knows resolved is still only a late copy.
+    assert correlate(expired, anomaly("errors", t=0), NOW, RULES) == (expired, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams)
+def test_a_firing_anomaly_is_never_lost(xs: list[Anomaly]) -> None:
+    # After a firing anomaly, its group's incident knows its fingerprint at least as of
+    # that observation: it was folded in, or the incident already knew it as late or later.
+    states: States = {}
+    for a in xs:
+        k = key_of(a, RULES)
+        new, _ = correlate(states.get(k), a, NOW, RULES)
+        states[k] = new
+        if a.status != "firing":
+            continue
+        assert new is not None
+        (m,) = [m for m in new.members if m.fingerprint == a.fingerprint]
+        assert m.last_seen >= a.observed_at
 
 
 def test_a_severity_change_of_a_member_updates_the_incident() -> None:
