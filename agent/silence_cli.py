@@ -109,7 +109,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--matcher",
         action="append",
         required=True,
-        help="NAME=VALUE, NAME!=VALUE, NAME=~REGEX or NAME!~REGEX (repeatable)",
+        help="NAME=VALUE, NAME!=VALUE, NAME=~REGEX or NAME!~REGEX (repeatable); NAME is a "
+        "label, or alertname, severity or source",
     )
     a.add_argument("--duration", default="2h", help="e.g. 30m, 2h (default 2h)")
     a.add_argument("--start", default=None, help="ISO time with zone (default now)")

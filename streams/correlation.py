@@ -81,6 +81,20 @@ def key_of(anomaly: Anomaly, rules: CorrelationRules) -> str:
     return group_key(anomaly.labels, rules.group_by)
 
 
+# Silence and inhibition matchers see these alongside the anomaly's labels (its own labels
+# win): the agent's patterns and Kubernetes signals carry their name in ``name``, not in a
+# label, so ``alertname=high-error-rate`` would otherwise match nothing.
+ALERTNAME, SEVERITY, SOURCE = "alertname", "severity", "source"
+
+
+def match_labels(a: Anomaly | Member) -> dict[str, str]:
+    out = dict(a.labels)
+    out.setdefault(ALERTNAME, a.name)
+    out.setdefault(SEVERITY, a.severity)
+    out.setdefault(SOURCE, a.source)
+    return out
+
+
 RANKED: tuple[Severity, ...] = tuple(sorted(SEVERITY_RANK, key=SEVERITY_RANK.__getitem__))  # type: ignore[arg-type]
 
 
@@ -421,9 +435,15 @@ def expire(
 
 
 def silenced_by(anomaly: Anomaly, silences: Iterable[Silence]) -> str | None:
-    """The first silence active at the anomaly's observation time whose matchers match."""
+    """The first silence active at the anomaly's observation time whose matchers match its
+    :func:`match_labels`, as inhibition rules' do."""
+    labels = None
     for s in silences:
-        if s.matches(anomaly.labels, anomaly.observed_at):
+        if not s.active(anomaly.observed_at):
+            continue
+        if labels is None:  # built once, and only when a silence is active
+            labels = match_labels(anomaly)
+        if s.matches(labels, anomaly.observed_at):
             return s.id
     return None
 

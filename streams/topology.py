@@ -28,19 +28,7 @@ from datetime import datetime, timedelta
 
 from agent.models import Anomaly, Fact, Incident, Matcher, Member, parse_matcher, stable_id
 from agent.settings import InhibitRuleSection
-from streams.correlation import NO_MARKS, CorrelationRules, Marks, key_of
-
-# Matchers see these alongside the anomaly's labels (the anomaly's own labels win).
-ALERTNAME, SEVERITY, SOURCE = "alertname", "severity", "source"
-
-
-def match_labels(a: Anomaly | Member) -> dict[str, str]:
-    out = dict(a.labels)
-    out.setdefault(ALERTNAME, a.name)
-    out.setdefault(SEVERITY, a.severity)
-    out.setdefault(SOURCE, a.source)
-    return out
-
+from streams.correlation import NO_MARKS, CorrelationRules, Marks, key_of, match_labels
 
 # Labels naming a workload: the Kubernetes detector's, then kube-state-metrics'.
 WORKLOAD_LABELS = ("workload", "deployment", "statefulset", "daemonset")

@@ -37,6 +37,7 @@ from streams.correlation import (
     for_event,
     key_of,
     mark_mitigating,
+    match_labels,
     refuses,
 )
 from tests.unit.factories import anomaly, at
@@ -586,7 +587,8 @@ def test_batch_with_marks_and_silences_equals_folding_one_by_one(
     def reference(xs: list[Keyed], initial: States) -> tuple[States, list[Incident]]:
         states, events, trail = dict(initial), [], {}
         for k, a, marks in xs:
-            hit = next((s.id for s in silences if s.matches(a.labels, a.observed_at)), None)
+            labels = match_labels(a)
+            hit = next((s.id for s in silences if s.matches(labels, a.observed_at)), None)
             new, event = correlate(
                 states.get(k), a, NOW, RULES, key=k, silenced_by=hit, marks=marks
             )

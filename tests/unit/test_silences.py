@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError
-from agent.models import Matcher, Silence
+from agent.models import Anomaly, Matcher, Silence
 from agent.silence_cli import parse_matcher
 from streams.correlation import CorrelationRules, correlate, correlate_batch, silenced_by
 from streams.silences import apply
+from streams.topology import match_labels
 from tests.unit.factories import anomaly, at
 
 RULES = CorrelationRules()
@@ -60,6 +61,52 @@ def test_a_silence_applies_only_inside_its_window_and_to_all_matchers() -> None:
     assert silenced_by(anomaly(labels=SHOP, t=20), [s]) is None
     other = {**SHOP, "namespace": "prod"}
     assert silenced_by(anomaly(labels=other, t=15), [s]) is None
+
+
+def test_a_silence_on_alertname_silences_the_agents_own_patterns() -> None:
+    # `silence add -m alertname=high-error-rate`: the pattern's name is the anomaly's
+    # name, not one of its labels, as for every pattern and Kubernetes signal.
+    s = silence(parse_matcher("alertname=high-error-rate"))
+    a = anomaly("high-error-rate", labels=SHOP, t=1)
+    assert "alertname" not in a.labels
+    _states, (inc,) = correlate_batch({}, [a], at(1), RULES, [s])
+    assert inc.status == "silenced" and inc.members[0].silenced_by == "s1"
+    oom = anomaly("k8s-oomkilling", labels=SHOP, source="kubernetes", severity="warning", t=1)
+    assert silenced_by(oom, [silence(parse_matcher("alertname=~k8s-.*"))]) == "s1"
+    assert silenced_by(oom, [silence(parse_matcher("source=kubernetes"))]) == "s1"
+    assert silenced_by(oom, [silence(parse_matcher("severity=critical"))]) is None
+    # An Alertmanager alert's own alertname label wins, as for inhibition.
+    relabelled = anomaly("high-error-rate", labels={**SHOP, "alertname": "HighErrors"}, t=1)
+    assert silenced_by(relabelled, [s]) is None
+
+
+_SEVERITY_NAMES = ("info", "warning", "critical")
+_ANOMALY = st.builds(
+    lambda name, severity, source, svc, t: anomaly(
+        name, severity=severity, source=source, labels={**SHOP, "service": svc}, t=t
+    ),
+    st.sampled_from(["high-error-rate", "k8s-oomkilling", "node-not-ready"]),
+    st.sampled_from(_SEVERITY_NAMES),
+    st.sampled_from(["prometheus", "kubernetes", "alertmanager"]),
+    st.sampled_from(["checkout", "cart"]),
+    st.integers(0, 100),
+)
+_MATCHER = st.builds(
+    Matcher,
+    st.sampled_from(["alertname", "severity", "source", "service"]),
+    st.sampled_from(
+        ["high-error-rate", "k8s-oomkilling", "warning", "critical", "kubernetes", "checkout"]
+    ),
+    st.sampled_from(["=", "!="]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ANOMALY, st.lists(_MATCHER, min_size=1, max_size=3))
+def test_silences_match_the_labels_inhibition_matches(a: Anomaly, matchers: list[Matcher]) -> None:
+    s = silence(*matchers, end=1000)
+    expected = all(m.matches(match_labels(a)) for m in matchers)
+    assert (silenced_by(a, [s]) == "s1") is expected
 
 
 def test_silenced_anomalies_are_recorded_in_a_silenced_incident() -> None:
