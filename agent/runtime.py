@@ -115,7 +115,7 @@ class Agent:
             self.correlator = Correlator(s, metrics=self.metrics)
             self.components.append(self.correlator)
         # The analysis stage and the executor each replay the recent action results at
-        # start (a deployment runs both in one pod): one read between them.
+        # start (when one process runs both, e.g. `--role all`): one read between them.
         results = SharedRead(
             functools.partial(recent, s.kafka, self.bus.topic("action-results"), ActionResult),
             history_window(s.remediation),

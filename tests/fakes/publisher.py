@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.models import ActionResult, ApprovalRequest
@@ -31,6 +31,10 @@ class MemoryBus:
             (topic_name, event, key if key is not None else getattr(event, "key", None))
         )
         self._changed.set()
+
+    async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+        for topic_name, event, key in items:
+            await self.publish(topic_name, event, key)
 
     async def dead_letter(
         self,

@@ -25,10 +25,19 @@ def test_manifests_pass_server_side_dry_run(k8s_cluster: Any) -> None:
     except subprocess.CalledProcessError as err:
         pytest.fail(f"kubectl apply --dry-run=server rejected deploy/: {err.stderr}")
     for kind in (
-        "clusterrole.rbac.authorization.k8s.io/sre-agent",
-        "deployment.apps/sre-agent-detector",
+        *(
+            f"{what}/sre-agent-{role}"
+            for role in ("detector", "analyzer", "executor")
+            for what in (
+                "clusterrole.rbac.authorization.k8s.io",
+                "clusterrolebinding.rbac.authorization.k8s.io",
+                "serviceaccount",
+                "deployment.apps",
+            )
+        ),
+        "serviceaccount/sre-agent-correlator",
+        "deployment.apps/sre-agent-correlator",
         "poddisruptionbudget.policy/sre-agent-correlator",
-        "serviceaccount/sre-agent",
     ):
         assert kind in out, out
     assert "(server dry run)" in out

@@ -1,5 +1,6 @@
 """The action layer against the real control plane (scripts/k8s.sh), acting as the agent's
-least-privilege ServiceAccount (deploy/rbac.yaml's ClusterRole, a TokenRequest token).
+least-privilege ServiceAccount (deploy/rbac.yaml's executor ClusterRole, a TokenRequest
+token).
 
 Every action type executes through the executor and the Kubernetes adapter and is
 verified; undo restores the prior state; a drain stops at a PodDisruptionBudget and names
@@ -46,7 +47,7 @@ from handlers.executor import Executor, undo_request
 from handlers.kube import KubeCluster
 from streams.bus import Bus, create_topics
 from tests.fakes.publisher import MemoryBus
-from tests.fixtures.k8s import K8sCluster
+from tests.fixtures.k8s import K8sCluster, role_kubeconfig
 from tests.helpers import eventually, make_settings, readers
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
@@ -62,60 +63,15 @@ REMEDIATION = {
 }
 
 
-# --- the agent's identity: deploy/rbac.yaml's role, bound to a fresh ServiceAccount ---------
+# --- the executor's identity: deploy/rbac.yaml's role, bound to a fresh ServiceAccount -----
 
 
 @pytest.fixture(scope="module")
 def agent_kubeconfig(
     k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
-    suffix = uuid.uuid4().hex[:8]
-    ns, role = f"sre-agent-{suffix}", f"sre-agent-test-{suffix}"
-    tmp = tmp_path_factory.mktemp("rbac")
-    docs = list(yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()))
-    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
-    cluster_role["metadata"]["name"] = role
-    (tmp / "role.yaml").write_text(yaml.safe_dump(cluster_role))
-    kubectl = k8s_cluster.kubectl_run
-    kubectl("create", "namespace", ns)
-    try:
-        kubectl("apply", "-f", str(tmp / "role.yaml"))
-        kubectl("create", "serviceaccount", "sre-agent", "-n", ns)
-        kubectl(
-            "create",
-            "clusterrolebinding",
-            role,
-            f"--clusterrole={role}",
-            f"--serviceaccount={ns}:sre-agent",
-        )
-        token = kubectl("create", "token", "sre-agent", "-n", ns, "--duration=2h").strip()
-        admin = yaml.safe_load(k8s_cluster.kubeconfig.read_text())
-        server = dict(admin["clusters"][0]["cluster"])
-        ca = server.get("certificate-authority")
-        if ca and not Path(ca).is_absolute():
-            server["certificate-authority"] = str(k8s_cluster.kubeconfig.parent / ca)
-        server["server"] = k8s_cluster.apiserver_url
-        path = tmp / "agent.kubeconfig"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "test", "cluster": server}],
-                    "users": [{"name": "sre-agent", "user": {"token": token}}],
-                    "contexts": [
-                        {"name": "sre-agent", "context": {"cluster": "test", "user": "sre-agent"}}
-                    ],
-                    "current-context": "sre-agent",
-                }
-            )
-        )
-        yield path
-    finally:
-        for what in (("clusterrolebinding", role), ("clusterrole", role)):
-            with contextlib.suppress(subprocess.CalledProcessError):
-                kubectl("delete", *what, "--ignore-not-found")
-        kubectl("delete", "namespace", ns, "--wait=false")
+    with role_kubeconfig(k8s_cluster, "sre-agent-executor", tmp_path_factory.mktemp("rbac")) as p:
+        yield p
 
 
 @pytest.fixture

@@ -8,11 +8,13 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from agent.metrics import Metrics
+from agent.models import Target
 from tests.helpers import promtool_test
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -61,19 +63,176 @@ def test_rules_parse_with_promtool() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_manifests_use_the_least_privilege_service_account() -> None:
-    docs = [d for f in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
-    resources = {r for rule in role["rules"] for r in rule["resources"]}
-    assert "*" not in verbs and "*" not in resources
-    assert not resources & {"secrets", "pods/exec", "clusterroles", "roles", "rolebindings"}
-    assert not verbs & {"escalate", "bind", "impersonate"}
+def manifests() -> list[dict[str, Any]]:
+    return [d for f in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+
+
+def cluster_role(name: str) -> dict[str, Any]:
+    return next(
+        d for d in manifests() if d["kind"] == "ClusterRole" and d["metadata"]["name"] == name
+    )
+
+
+def allowed(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(api group, resource, verb) the role grants."""
+    return {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+READS = {"get", "list", "watch"}
+# Which ServiceAccount a pod running a role runs under (deploy/rbac.yaml).
+ACCOUNTS = {
+    "detector": "sre-agent-detector",
+    "correlator": "sre-agent-correlator",
+    "analyzer": "sre-agent-analyzer",
+    "executor": "sre-agent-executor",
+}
+# What each role asks of the API server, by the code that asks it. The completeness check
+# below fails when handlers/kube.py starts using a resource that is not listed here.
+DETECTOR_NEEDS = {  # agent/kube_watch.py: list then watch, all namespaces
+    ("", r, v) for r in ("pods", "nodes", "events") for v in ("list", "watch")
+}
+ANALYZER_NEEDS = {  # agent/context.py through KubeCluster's reads
+    ("apps", "deployments", "get"),  # rollout history; config_changes' references
+    ("apps", "statefulsets", "get"),
+    ("apps", "replicasets", "list"),  # a Deployment's revisions
+    ("", "events", "list"),
+    ("", "pods", "list"),
+    ("", "pods/log", "get"),
+    ("", "configmaps", "list"),
+    ("", "nodes", "get"),  # node_conditions
+}
+EXECUTOR_READS = {  # handlers/kube.py: the reads around and after the writes
+    ("apps", "deployments", "get"),
+    ("apps", "statefulsets", "get"),
+    ("apps", "replicasets", "get"),  # a pod's owner, in footprint
+    ("apps", "replicasets", "list"),
+    ("", "pods", "get"),
+    ("", "pods", "list"),  # a workload's restarts, a node's pods
+    ("", "nodes", "get"),
+    ("", "nodes", "list"),  # cordoned nodes, in footprint
+    ("", "configmaps", "get"),
+    ("autoscaling", "horizontalpodautoscalers", "get"),
+    ("autoscaling", "horizontalpodautoscalers", "list"),
+    ("policy", "poddisruptionbudgets", "list"),
+}
+PATH = re.compile(
+    r"/api/v1/(?:namespaces/[^/\"]+/)?(?P<core>[a-z]+)(?:/[^/\"]+/(?P<sub>[a-z]+))?"
+    r"|/apis/(?P<group>[a-z.]+)/v\w+/(?:namespaces/[^/\"]+/)?(?P<res>[a-z]+|\{[^}]+\})"
+)
+
+
+def adapter_resources() -> set[tuple[str, str]]:
+    """(group, resource) of every API path template in handlers/kube.py."""
+    from handlers.kube import WORKLOAD_RESOURCES
+
+    source = (Path(__file__).resolve().parents[2] / "handlers" / "kube.py").read_text()
+    found: set[tuple[str, str]] = set()
+    for m in PATH.finditer(source):
+        if m["core"]:
+            found.add(("", m["core"] + (f"/{m['sub']}" if m["sub"] else "")))
+        elif m["res"].startswith("{"):  # a workload's or a pod owner's kind
+            found.update((m["group"], r) for r in (*WORKLOAD_RESOURCES.values(), "replicasets"))
+        else:
+            found.add((m["group"], m["res"]))
+    return found
+
+
+def adapter_writes() -> set[tuple[str, str, str]]:
+    """What the actions write: a patch of each kind they target, and evictions."""
+    from handlers.kube import _hpa_path, _path
+
+    paths = [
+        _path(Target(kind=k, namespace="ns", name="x"))
+        for k in ("Deployment", "StatefulSet", "Pod", "ConfigMap")
+    ]
+    paths += [_path(Target(kind="Node", name="x")), _hpa_path("ns", "x")]
+    writes = {("", "pods/eviction", "create")}
+    for path in paths:
+        m = PATH.search(path)
+        assert m is not None, path
+        writes.add((m["group"] or "", m["core"] or m["res"], "patch"))
+    return writes
+
+
+def test_each_role_runs_under_its_own_service_account() -> None:
+    docs = manifests()
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    seen = set()
     for d in docs:
-        if d["kind"] == "Deployment":
-            spec = d["spec"]["template"]["spec"]
-            assert spec["serviceAccountName"] == "sre-agent"
-            assert spec["securityContext"]["runAsNonRoot"] is True
+        if d["kind"] != "Deployment":
+            continue
+        spec = d["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (container,) = spec["containers"]
+        args = container["args"]
+        roles = [args[i + 1] for i, a in enumerate(args) if a == "--role"]
+        # One role a pod: a pod running the executor with anything else would lend that
+        # role the executor's writes.
+        assert len(roles) == 1, f"{d['metadata']['name']}: {roles}"
+        role = roles[0]
+        seen.add(role)
+        assert spec["serviceAccountName"] == ACCOUNTS[role], d["metadata"]["name"]
+        assert ACCOUNTS[role] in accounts
+        if role == "correlator":
+            assert spec["automountServiceAccountToken"] is False
+            assert accounts[ACCOUNTS[role]]["automountServiceAccountToken"] is False
+    assert seen == set(ACCOUNTS)
+
+
+def test_each_account_is_bound_to_its_own_role_and_the_correlator_to_none() -> None:
+    bound = {
+        (s["namespace"], s["name"]): d["roleRef"]["name"]
+        for d in manifests()
+        if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
+        for s in d["subjects"]
+    }
+    assert bound == {
+        ("sre-agent", "sre-agent-detector"): "sre-agent-detector",
+        ("sre-agent", "sre-agent-analyzer"): "sre-agent-analyzer",
+        ("sre-agent", "sre-agent-executor"): "sre-agent-executor",
+    }
+
+
+def test_only_the_executor_role_writes_and_none_reaches_secrets_or_rbac() -> None:
+    roles = [d for d in manifests() if d["kind"] in ("ClusterRole", "Role")]
+    assert {r["metadata"]["name"] for r in roles} == {
+        "sre-agent-detector",
+        "sre-agent-analyzer",
+        "sre-agent-executor",
+    }
+    for role in roles:
+        grants = allowed(role)
+        verbs = {v for _, _, v in grants}
+        resources = {r for _, r, _ in grants}
+        assert "*" not in verbs and "*" not in resources
+        assert not resources & {"secrets", "pods/exec", "clusterroles", "roles", "rolebindings"}
+        assert not verbs & {"escalate", "bind", "impersonate", "delete", "deletecollection"}
+        if role["metadata"]["name"] != "sre-agent-executor":
+            assert verbs <= READS, role["metadata"]["name"]
+
+
+def test_the_read_roles_grant_exactly_what_their_role_reads() -> None:
+    assert allowed(cluster_role("sre-agent-detector")) == DETECTOR_NEEDS
+    assert allowed(cluster_role("sre-agent-analyzer")) == ANALYZER_NEEDS
+
+
+def test_the_executor_role_covers_every_write_of_the_adapter_and_nothing_more() -> None:
+    grants = allowed(cluster_role("sre-agent-executor"))
+    assert adapter_writes() <= grants
+    assert grants == adapter_writes() | EXECUTOR_READS
+
+
+def test_every_resource_the_adapter_calls_is_in_a_role_table() -> None:
+    """A new API path in handlers/kube.py must be granted (and listed above) too."""
+    listed = {(g, r) for g, r, _ in ANALYZER_NEEDS | EXECUTOR_READS | adapter_writes()}
+    assert adapter_resources() - listed == set()
+    assert ("", "pods/eviction") in adapter_resources()
 
 
 def test_the_correlator_has_a_writable_tmp_under_a_read_only_root() -> None:
