@@ -11,20 +11,30 @@ watching what was open.
 Replicas escalate the same incident under the same stable id; the escalations of one
 incident share a partition, so one notifier usually sees them all and posts the first
 only (across a rebalance another may post it again: receivers dedupe on the id).
-An incident escalated before a restart may be escalated again, under that same id. The
-decisions are pure (:func:`track`, :func:`due`); the watch keeps their state and publishes.
+An incident escalated before a restart may be escalated again, under that same id.
+
+An incident that reopens (it keeps its id) begins a new episode, as the analysis stage
+counts them (:func:`agent.analysis_stage.episode_starts`): its unresolved time counts from
+the reopening, and its escalations carry the revision it reopened at in their ids, so a
+flapping incident pages again from level 1 instead of being dropped as already sent.
+The decisions are pure (:func:`track`, :func:`due`); the watch keeps their state and
+publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
+from agent.analysis_stage import episode_starts
 from agent.errors import AgentError, cancel_and_wait, task_failure
+from agent.memory import remember
 from agent.metrics import Metrics
-from agent.models import CLOSED_STATUSES, Escalation, Incident, utcnow
+from agent.models import CLOSED_STATUSES, Escalation, Incident, stable_id, utcnow
 from agent.settings import EscalationSection
 from streams.bus import Envelope
 
@@ -36,48 +46,105 @@ Publish = Callable[[str, object], Awaitable[None]]
 RecentIncidents = Callable[[float], Awaitable[Iterable[Envelope]]]
 
 
-def track(open_: dict[str, Incident], incident: Incident) -> None:
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """The episode an incident is in since it last reopened: the revision it reopened at
+    and when (that revision's update). Its first episode has none: it counts from
+    ``opened_at``, and its escalations keep the ids they had before episodes counted."""
+
+    revision: int
+    began: datetime
+
+
+Closed = OrderedDict[str, tuple[int, bool]]  # id -> (closing revision, resolved since open)
+Episodes = OrderedDict[str, Episode]
+
+
+def track(
+    open_: dict[str, Incident],
+    incident: Incident,
+    closed: Closed | None = None,
+    episodes: Episodes | None = None,
+) -> None:
     """Keep the latest state of each open incident; drop it once it closes. A transition
-    older than the one held (a redelivery) changes nothing."""
+    older than the one held (a redelivery) changes nothing. With ``closed`` and
+    ``episodes`` (bounded memories), also note what closed, and the episode each incident
+    is in: a reopening begins a new one."""
     held = open_.get(incident.id)
     if held is not None and incident.revision < held.revision:
         return
+    last = closed.get(incident.id) if closed is not None else None
+    if last is not None and incident.revision < last[0]:
+        return  # older than its closing: not open again
+    if episodes is not None:
+        current = episodes.get(incident.id)
+        starts = () if current is None else (current.revision,)
+        if episode_starts(starts, last, incident) != starts:
+            remember(episodes, incident.id, Episode(incident.revision, incident.updated_at))
     if incident.status in CLOSED_STATUSES:
         open_.pop(incident.id, None)
+        if closed is not None:
+            resolved = incident.status == "resolved" or bool(last and last[1])
+            remember(closed, incident.id, (incident.revision, resolved))
     else:
         open_[incident.id] = incident
+        if closed is not None:
+            closed.pop(incident.id, None)
+
+
+def since(incident: Incident, episode: Episode | None) -> datetime:
+    """When the incident's current episode began: its reopening, else its opening."""
+    return episode.began if episode is not None else incident.opened_at
 
 
 def due(
-    open_: dict[str, Incident], escalated: Mapping[str, int], now: datetime, levels: Sequence[float]
+    open_: dict[str, Incident],
+    escalated: Mapping[str, int],
+    now: datetime,
+    levels: Sequence[float],
+    episodes: Mapping[str, Episode] | None = None,
 ) -> list[tuple[Incident, int]]:
-    """(incident, level) for each level an open incident has reached and was not escalated
-    at, oldest incident first. ``levels``: the ages (s) of levels 1, 2, ..., increasing;
-    ``escalated``: the highest level each incident was escalated at."""
+    """(incident, level) for each level an open incident has reached in its current
+    episode and was not escalated at, oldest first. ``levels``: the ages (s) of levels
+    1, 2, ..., increasing; ``escalated``: the highest level each incident was escalated at
+    in its current episode; ``episodes``: those that reopened (see :func:`track`)."""
+    episodes = episodes or {}
     found: list[tuple[Incident, int]] = []
     for inc in open_.values():
-        age = (now - inc.opened_at).total_seconds()
+        age = (now - since(inc, episodes.get(inc.id))).total_seconds()
         sent = escalated.get(inc.id, 0)
         found.extend((inc, n) for n, bound in enumerate(levels, 1) if n > sent and age >= bound)
-    return sorted(found, key=lambda pair: (pair[0].opened_at, pair[1]))
+    return sorted(found, key=lambda pair: (since(pair[0], episodes.get(pair[0].id)), pair[1]))
 
 
-def unresolved(incident: Incident, now: datetime, level: int = 1) -> Escalation:
-    minutes = (now - incident.opened_at).total_seconds() / 60
+def unresolved(
+    incident: Incident, now: datetime, level: int = 1, episode: Episode | None = None
+) -> Escalation:
+    minutes = (now - since(incident, episode)).total_seconds() / 60
     firing = incident.firing_names
     again = f" (level {level})" if level > 1 else ""
-    return Escalation.of_incident(
+    reopened = " since it reopened" if episode is not None else ""
+    escalation = Escalation.of_incident(
         incident,
         "unresolved",
-        f"{incident.key}: open for {minutes:.0f} min, {incident.status}{again}",
+        f"{incident.key}: open for {minutes:.0f} min{reopened}, {incident.status}{again}",
         now,
         (
             f"severity {incident.severity}, revision {incident.revision}",
             f"firing: {', '.join(firing) or 'none'}",
             f"opened {incident.opened_at.isoformat()}",
+            *(
+                (f"reopened {episode.began.isoformat()} (revision {episode.revision})",)
+                if episode is not None
+                else ()
+            ),
         ),
         level,
     )
+    if episode is None:
+        return escalation
+    # Each episode pages on its own: the same id as the last one's would be dropped as sent.
+    return replace(escalation, id=stable_id(escalation.id, f"episode:{episode.revision}"))
 
 
 def levels_of(escalation: EscalationSection) -> tuple[float, ...]:
@@ -110,7 +177,10 @@ class UnresolvedWatch:
         self._recent = recent
         self.every = every
         self.open: dict[str, Incident] = {}
-        self.escalated: dict[str, int] = {}  # incident id -> highest level escalated
+        # incident id -> highest level escalated in its current episode
+        self.escalated: dict[str, int] = {}
+        self.closed: Closed = OrderedDict()
+        self.episodes: Episodes = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.name = "escalation-watch"
 
@@ -118,7 +188,7 @@ class UnresolvedWatch:
         if self._recent is not None:
             for env in await self._recent(seed_window(self.levels)):
                 if isinstance(env.value, Incident):
-                    track(self.open, env.value)
+                    track(self.open, env.value, self.closed, self.episodes)
             log.info("escalation watch: %d open incidents loaded", len(self.open))
         self._task = asyncio.create_task(self._loop(), name="escalation-watch")
 
@@ -133,15 +203,20 @@ class UnresolvedWatch:
     async def handle(self, batch: Sequence[Envelope]) -> None:
         for env in batch:
             if isinstance(env.value, Incident):
-                track(self.open, env.value)
+                inc = env.value
+                was = self.episodes.get(inc.id)
+                track(self.open, inc, self.closed, self.episodes)
+                if self.episodes.get(inc.id) is not was:
+                    # Closed and reopened within one batch: the new episode starts at level 1.
+                    self.escalated.pop(inc.id, None)
         # Forget closed ones (memory stays bounded by what is open); one that reopens later
-        # escalates again, under the same id.
+        # is in a new episode, escalated again under ids of its own.
         self.escalated = {k: n for k, n in self.escalated.items() if k in self.open}
 
     async def sweep(self, now: datetime) -> list[Escalation]:
         out = []
-        for inc, level in due(self.open, self.escalated, now, self.levels):
-            escalation = unresolved(inc, now, level)
+        for inc, level in due(self.open, self.escalated, now, self.levels, self.episodes):
+            escalation = unresolved(inc, now, level, self.episodes.get(inc.id))
             await self.publish(self.topic, escalation)
             self.escalated[inc.id] = level
             self.metrics.escalations.labels(reason="unresolved").inc()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
 from agent.escalation_watch import UnresolvedWatch, due, levels_of, seed_window, track
 from agent.metrics import Metrics
 from agent.models import Escalation, Incident
@@ -107,3 +109,84 @@ def test_the_seed_reaches_back_to_the_last_level_and_an_hour() -> None:
     more = {"unresolved_after": "15m", "unresolved_again_after": ["1h", "4h"]}
     levels = levels_of(make_settings({"escalation": more}).escalation)
     assert levels == (900, 3600, 4 * 3600) and seed_window(levels) == 4 * 3600 + 3600
+
+
+def flapping() -> list[Incident]:
+    """Open at OPENED, resolved 20 min later, reopened at 30 min (the correlator keeps the
+    id and opened_at; the reopening revision's update time is when it reopened)."""
+    inc = incident(member())
+    resolved_at = OPENED + timedelta(minutes=20)
+    resolved = replace(inc, revision=2, status="resolved", updated_at=resolved_at)
+    resolved = replace(resolved, resolved_at=resolved_at)
+    reopened = replace(
+        inc, revision=3, status="reopened", updated_at=OPENED + timedelta(minutes=30)
+    )
+    return [inc, resolved, reopened]
+
+
+def envelopes(incidents: list[Incident]) -> list[Envelope]:
+    return [Envelope("t.incidents", 0, n, i.key, i) for n, i in enumerate(incidents)]
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two-batches", "one-batch"])
+async def test_a_reopened_incident_pages_again_from_level_1_counted_from_the_reopening(
+    one_batch: bool,
+) -> None:
+    sent: list[Escalation] = []
+
+    async def publish(topic: str, value: object) -> None:
+        assert isinstance(value, Escalation)
+        sent.append(value)
+
+    watch = UnresolvedWatch(
+        after=900, again=(3600,), topic="t.escalations", publish=publish, metrics=Metrics()
+    )
+    inc, resolved, reopened = flapping()
+    await watch.handle(envelopes([inc]))
+    (first,) = await watch.sweep(OPENED + timedelta(minutes=16))
+    if one_batch:
+        await watch.handle(envelopes([resolved, reopened]))
+    else:
+        await watch.handle(envelopes([resolved]))
+        await watch.handle(envelopes([reopened]))
+    # Not due at once on the first episode's age: 15 min after the reopening.
+    assert await watch.sweep(OPENED + timedelta(minutes=31)) == []
+    assert await watch.sweep(OPENED + timedelta(minutes=44)) == []
+    (again,) = await watch.sweep(OPENED + timedelta(minutes=46))
+    assert again.level == 1 and again.incident_id == inc.id
+    # Its own id: the notifier drops an id it delivered (the first episode's page).
+    assert again.id != first.id
+    assert again.summary == f"{inc.key}: open for 16 min since it reopened, reopened"
+    assert await watch.sweep(OPENED + timedelta(minutes=89)) == []
+    (later,) = await watch.sweep(OPENED + timedelta(minutes=91))
+    assert later.level == 2 and later.id not in {first.id, again.id}
+    assert sent == [first, again, later]
+
+
+async def test_replicas_and_a_restart_escalate_an_episode_under_the_same_id() -> None:
+    """A watch that seeds itself from the topic finds the same episode as one that read
+    it live; a redelivered older revision neither reopens a closed incident nor starts an
+    episode."""
+    history = envelopes(flapping())
+
+    async def recent(seconds: float) -> list[Envelope]:
+        return history
+
+    async def publish(topic: str, value: object) -> None:
+        return None
+
+    live = UnresolvedWatch(after=900, topic="t", publish=publish, metrics=Metrics())
+    await live.handle(history)
+    seeded = UnresolvedWatch(
+        after=900, topic="t", publish=publish, metrics=Metrics(), recent=recent
+    )
+    await seeded.start()
+    await seeded.stop()
+    now = OPENED + timedelta(minutes=46)
+    (a,), (b,) = await live.sweep(now), await seeded.sweep(now)
+    assert a.id == b.id and "since it reopened" in a.summary
+
+    closed = UnresolvedWatch(after=900, topic="t", publish=publish, metrics=Metrics())
+    inc, resolved, _ = flapping()
+    await closed.handle(envelopes([inc, resolved, inc]))  # rev 1 redelivered after rev 2
+    assert closed.open == {} and await closed.sweep(now) == []
