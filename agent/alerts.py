@@ -38,6 +38,7 @@ from agent.models import (
     Labels,
     Severity,
     fingerprint,
+    outside_window,
     stable_id,
 )
 
@@ -64,6 +65,13 @@ def _has_alertname(labels: Mapping[str, str]) -> Mapping[str, str]:
     return labels
 
 
+def _in_window(value: datetime) -> datetime:
+    # Refused here, naming the alert's field, rather than by the Anomaly it becomes.
+    if (problem := outside_window(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
 _LENIENT = ConfigDict(extra="ignore")
 
 
@@ -73,7 +81,7 @@ class AmAlert:
 
     __pydantic_config__ = _LENIENT
     labels: Annotated[Labels, AfterValidator(_has_alertname)]
-    startsAt: AwareDatetime  # wire names are camelCase
+    startsAt: Annotated[AwareDatetime, AfterValidator(_in_window)]  # wire names are camelCase
     status: Literal["firing", "resolved"] | None = None
     annotations: Labels = field(default_factory=dict)
     endsAt: AwareDatetime | None = None

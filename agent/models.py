@@ -83,6 +83,31 @@ ACTION_TYPES: tuple[ActionType, ...] = (
 SEVERITY_RANK: Mapping[str, int] = {"info": 0, "warning": 1, "critical": 2}
 
 
+# The window an anomaly's times must fall in. Year 1 (Go's zero time, what a client sends for
+# "unset") overflows the correlator's date arithmetic and crash-looped it; year 9999 made
+# every later real observation of the anomaly look stale. Static, so decoding stays pure;
+# the correlator also refuses an observed_at far ahead of its own clock (see
+# streams.correlation.earliness), which allows for clock skew.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def outside_window(value: datetime) -> str | None:
+    """What is wrong with an anomaly's time, or None when it is inside the window."""
+    if value.tzinfo is None or EARLIEST <= value < LATEST:
+        return None
+    return (
+        f"must be from {EARLIEST:%Y-%m-%d} to before {LATEST:%Y-%m-%d} (UTC), "
+        f"got {value.isoformat()}"
+    )
+
+
+def check_window(name: str, value: datetime) -> None:
+    """Raise ValueError naming the field when an anomaly's time is outside the window."""
+    if (problem := outside_window(value)) is not None:
+        raise ValueError(f"{name}: {problem}")
+
+
 def utcnow() -> datetime:
     """Wall-clock time for *stamping events* at the edges; decision logic takes ``now``."""
     return datetime.now(UTC)
@@ -126,6 +151,8 @@ class Anomaly:
         # JSON has no Infinity/NaN: orjson would write null and the value would vanish.
         if self.value is not None and not math.isfinite(self.value):
             raise ValueError(f"value: must be finite, got {self.value!r}")
+        check_window("starts_at", self.starts_at)
+        check_window("observed_at", self.observed_at)
 
     @property
     def key(self) -> str:

@@ -912,6 +912,18 @@ def for_event(incident: Incident, limit: int) -> Incident:
     )
 
 
+# How far ahead of the correlator's clock an observation may be: the clocks of detectors and
+# feed producers drift by seconds, not this. Beyond it the observation would make every
+# later real one of its fingerprint look stale, so its incident would never resolve.
+MAX_AHEAD = 600.0
+
+
+def earliness(anomaly: Anomaly, now: datetime) -> float | None:
+    """Seconds the anomaly was observed ahead of ``now`` when beyond MAX_AHEAD, else None."""
+    ahead = (anomaly.observed_at - now).total_seconds()
+    return ahead if ahead > MAX_AHEAD else None
+
+
 def lateness(anomaly: Anomaly, now: datetime, rules: CorrelationRules) -> float | None:
     """Seconds past the bound when the anomaly is too old to fold in, else None."""
     if rules.late_bound <= 0:

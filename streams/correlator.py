@@ -51,6 +51,7 @@ from agent.settings import Settings
 from agent.topics import topic
 from streams.bus import dead_letter_record
 from streams.correlation import (
+    MAX_AHEAD,
     NO_MARKS,
     CorrelationRules,
     Keyed,
@@ -58,6 +59,7 @@ from streams.correlation import (
     Positions,
     as_published,
     correlate_batch,
+    earliness,
     expire,
     hand_over,
     lateness,
@@ -623,6 +625,17 @@ class Correlator:
             now = utcnow()
             routed = self._routed(msg)
             for a in anomalies:
+                ahead = earliness(a, now) if routed is None else None
+                if ahead is not None:
+                    await self._dead(
+                        msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        encode(a),
+                        f"observed_at: {ahead:.0f}s ahead of the correlator's clock, beyond "
+                        f"the {MAX_AHEAD:.0f}s allowed for clock skew",
+                    )
+                    continue
                 age = lateness(a, now, self.rules) if routed is None else None
                 if age is not None:
                     # Too old to change an incident now; kept where nothing is lost.

@@ -205,8 +205,9 @@ _labels = st.dictionaries(st.text(max_size=12), st.text(max_size=20), max_size=5
 _tz = st.integers(min_value=-23 * 60, max_value=23 * 60).map(
     lambda m: timezone(timedelta(minutes=m))
 )
+# Inside the window agent.models allows (a day in, for the time zones).
 _when = st.datetimes(
-    min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=_tz | st.just(UTC)
+    min_value=datetime(2000, 1, 2), max_value=datetime(2099, 12, 30), timezones=_tz | st.just(UTC)
 )
 anomalies = st.builds(
     Anomaly,

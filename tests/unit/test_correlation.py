@@ -33,6 +33,7 @@ from streams.correlation import (
     coalesce,
     correlate,
     correlate_batch,
+    earliness,
     expire,
     for_event,
     key_of,
@@ -149,6 +150,14 @@ ordered_streams = streams.map(lambda xs: sorted(xs, key=lambda a: a.observed_at)
 
 
 # --- examples ------------------------------------------------------------------------------------
+
+
+def test_an_observation_far_ahead_of_the_clock_is_refused_skew_is_not() -> None:
+    # An observed_at far in the future would make every later real observation of the
+    # fingerprint look stale: the incident would never resolve.
+    assert earliness(anomaly(t=600), at(0)) is None  # clock skew
+    assert earliness(anomaly(t=-3600), at(0)) is None
+    assert earliness(anomaly(t=86400), at(0)) == 86400
 
 
 def test_first_firing_anomaly_opens_an_incident() -> None:

@@ -77,6 +77,32 @@ def test_a_bad_item_in_a_batch_is_isolated() -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "when"),
+    [
+        ("starts_at", "0001-01-01T00:00:00Z"),  # Go's zero time: overflowed the fold
+        ("observed_at", "0001-01-01T00:00:00Z"),
+        ("observed_at", "9999-12-31T23:59:59Z"),  # made every later observation stale
+        ("observed_at", "1999-12-31T23:59:59Z"),
+        ("starts_at", "2100-01-01T00:00:00Z"),
+    ],
+)
+def test_an_anomaly_time_outside_the_window_is_dead_lettered_not_folded(
+    field: str, when: str
+) -> None:
+    good = anomaly("a")
+    bad = {**orjson.loads(encode(anomaly("b"))), field: when}
+    # Alone (the msgspec fast path) and in a batch (item by item): refused, naming the field.
+    with pytest.raises(InvalidEvent, match=f"{field}: must be from 2000-01-01"):
+        decode_anomalies(orjson.dumps(bad))
+    doc = orjson.loads(encode(AnomalyBatch(anomalies=(good,))))
+    doc["anomalies"].append(bad)
+    decoded, problems = decode_anomalies(orjson.dumps(doc))
+    assert decoded == [good]
+    [(error, _)] = problems
+    assert f"anomalies[1].<root>: Value error, {field}: must be from" in error
+
+
+@pytest.mark.parametrize(
     ("raw", "problem"),
     [
         (b"{nope", "not valid JSON"),
