@@ -40,7 +40,7 @@ from agent.models import (
     stable_id,
 )
 from agent.redaction import redact
-from agent.settings import REPO_ROOT, PatternSpec, Settings
+from agent.settings import REPO_ROOT, PatternSpec, Settings, load_yaml
 
 DEFAULT_EVAL_FILE = REPO_ROOT / "tests" / "eval" / "incidents.yaml"
 OPENED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -290,7 +290,7 @@ def load_eval(path: str | Path, settings: Settings) -> tuple[Settings, list[Eval
     replaces a configured one of the same name)."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
     except OSError as err:
         raise ConfigError([f"<file>: cannot read {path}: {err.strerror}"]) from err
     except yaml.YAMLError as err:

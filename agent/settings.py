@@ -51,6 +51,38 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (PyYAML would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing duplicate keys: a second ``agent:`` block silently replaced the
+    first, losing dry_run and the kill switch while ``config validate`` said ok."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *base' then overriding one of its keys is the point of it
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise DuplicateKey(
+                        f"duplicate key {key!r} at line {line} (first at line {first[key]})"
+                    )
+                first[key] = line
+            except TypeError:
+                continue  # unhashable: the base class reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` refusing duplicate keys (DuplicateKey, a YAMLError, names the key
+    and its lines). Every YAML the agent reads goes through this."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_duration(value: object) -> object:
     """'90s', '5m', '1.5h', 30 -> seconds. Anything else is left for the type check."""
     if isinstance(value, str):
@@ -662,7 +694,7 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             node = child
         else:
             try:
-                node[path[-1]] = yaml.safe_load(env[name])
+                node[path[-1]] = load_yaml(env[name])
             except yaml.YAMLError as err:
                 problems.append(f"{'.'.join(path)}: env {name} is not a valid value ({err})")
     return problems
@@ -686,7 +718,7 @@ def _library_patterns(
         where = f"pattern_files[{i}]"
         path = Path(name) if Path(name).is_absolute() else base_dir / name
         try:
-            doc = yaml.safe_load(path.read_text())
+            doc = load_yaml(path.read_text())
         except OSError as err:
             problems.append(f"{where}: cannot read {path}: {err.strerror}")
             continue
@@ -758,7 +790,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     except OSError as err:
         raise ConfigError([f"<file>: cannot read {path}: {err.strerror}"]) from err
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError([f"<file>: {path} is not valid YAML: {err}"]) from err
     return parse_settings(doc, env, base_dir=path.parent)

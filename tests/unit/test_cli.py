@@ -130,6 +130,14 @@ def test_validate_prints_one_stderr_line_per_problem(
     assert out == ""
 
 
+def test_validate_refuses_a_duplicate_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "agent:\n  kill_switch: true\nagent:\n  mode: autonomous\n")
+    assert main(["config", "validate", path, "--no-env"]) == 1
+    assert "duplicate key 'agent' at line 3 (first at line 1)" in capsys.readouterr().err
+
+
 def test_validate_reports_invalid_promql(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

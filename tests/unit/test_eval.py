@@ -86,3 +86,10 @@ def test_a_bad_case_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_eval(bad, load_settings(DEFAULT_CONFIG, env={}))
     assert any(p.startswith("cases[0].expected.root_cause_class") for p in e.value.problems)
+
+
+def test_a_duplicate_key_in_an_eval_file_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "set.yaml"
+    bad.write_text("cases: []\ncases: []\n")
+    with pytest.raises(ConfigError, match="duplicate key 'cases' at line 2"):
+        load_eval(bad, load_settings(DEFAULT_CONFIG, env={}))

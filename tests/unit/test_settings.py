@@ -15,6 +15,7 @@ from agent.settings import (
     REPO_ROOT,
     Settings,
     load_settings,
+    load_yaml,
     parse_duration,
     parse_settings,
 )
@@ -139,6 +140,50 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
         load_settings(path, env={})
     (problem,) = info.value.problems
     assert problem.startswith("<file>: ") and "not valid YAML" in problem
+
+
+# The reviewer's file: the second `agent:` silently replaced the first, and with it shadow
+# mode and the kill switch.
+_DUPLICATE_AGENT = """\
+agent:
+  dry_run: true
+  kill_switch: true
+remediation:
+  enabled: true
+agent:
+  mode: autonomous
+"""
+
+
+def test_a_duplicate_key_is_refused_naming_it_and_its_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(_DUPLICATE_AGENT)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (problem,) = info.value.problems
+    assert problem.endswith("duplicate key 'agent' at line 6 (first at line 1)")
+
+
+def test_a_duplicate_key_in_a_pattern_file_or_an_env_value_is_refused(tmp_path: Path) -> None:
+    lib = tmp_path / "lib.yaml"
+    lib.write_text("patterns:\n  - name: a\n    condition: up == 0\n    condition: up == 1\n")
+    config = tmp_path / "agent.yaml"
+    config.write_text("pattern_files: [lib.yaml]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, env={})
+    assert info.value.problems == (
+        f"pattern_files[0]: {lib} is not valid YAML: "
+        "duplicate key 'condition' at line 4 (first at line 3)",
+    )
+    config.write_text("agent: {name: a}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'dry_run' at line 1"):
+        load_settings(config, env={"SRE_AGENT__AGENT": "{dry_run: true, dry_run: false}"})
+
+
+def test_yaml_merge_keys_may_still_be_overridden() -> None:
+    # '<<: *base' then a key of base's is an override, not a duplicate.
+    doc = load_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n")
+    assert doc["use"] == {"x": 3, "y": 2}
 
 
 def test_non_mapping_root_is_refused() -> None:
