@@ -65,11 +65,24 @@ def _has_alertname(labels: Mapping[str, str]) -> Mapping[str, str]:
     return labels
 
 
-def _in_window(value: datetime) -> datetime:
+def _go_zero_is_unset(value: datetime | None) -> datetime | None:
+    # Go clients (amtool, client_golang, anything using strfmt.DateTime) send the zero time
+    # 0001-01-01T00:00:00Z for "not set"; Alertmanager reads it so. Taken as a time, a
+    # status-less alert's endsAt was in the past and the firing alert "resolved".
+    if value is not None and value.replace(tzinfo=None) == datetime(1, 1, 1):
+        return None
+    return value
+
+
+def _in_window(value: datetime | None) -> datetime | None:
     # Refused here, naming the alert's field, rather than by the Anomaly it becomes.
-    if (problem := outside_window(value)) is not None:
+    if value is not None and (problem := outside_window(value)) is not None:
         raise ValueError(problem)
     return value
+
+
+# An alert time; None when unset (absent, null or Go's zero time).
+_AlertTime = Annotated[AwareDatetime | None, AfterValidator(_go_zero_is_unset)]
 
 
 _LENIENT = ConfigDict(extra="ignore")
@@ -81,10 +94,12 @@ class AmAlert:
 
     __pydantic_config__ = _LENIENT
     labels: Annotated[Labels, AfterValidator(_has_alertname)]
-    startsAt: Annotated[AwareDatetime, AfterValidator(_in_window)]  # wire names are camelCase
+    # Wire names are camelCase. Unset (Go's zero time): the time of receipt, as
+    # Alertmanager takes it.
+    startsAt: Annotated[_AlertTime, AfterValidator(_in_window)]
     status: Literal["firing", "resolved"] | None = None
     annotations: Labels = field(default_factory=dict)
-    endsAt: AwareDatetime | None = None
+    endsAt: _AlertTime = None
     generatorURL: Annotated[str, Field(max_length=4096)] = ""
 
     def state(self, now: datetime) -> Literal["firing", "resolved"]:
@@ -131,7 +146,7 @@ def to_anomaly(
         status=status,
         labels=labels,
         annotations=annotations,
-        starts_at=alert.startsAt,
+        starts_at=alert.startsAt or now,
         observed_at=now,
         id=stable_id(source, fp, status, now.isoformat()),
     )

@@ -83,6 +83,20 @@ def test_an_api_v2_alert_without_status_is_resolved_by_ends_at() -> None:
     assert ended[0].state(at(-1)) == "firing"
 
 
+@pytest.mark.parametrize("zero", ["0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000Z"])
+def test_go_zero_times_are_unset_so_a_status_less_alert_fires(zero: str) -> None:
+    # amtool and Go clients of the API v2 send the zero time for "no end"; taken as a time
+    # it was in the past, and the firing alert arrived "resolved" and was dropped.
+    raw = {k: v for k, v in alert().items() if k != "status"}
+    [a] = parse_alertmanager_record(orjson.dumps([{**raw, "endsAt": zero}]))
+    assert a.endsAt is None
+    assert to_anomaly(a, cluster="c", now=at(5)).status == "firing"
+    # An unset start is the time of receipt, as Alertmanager takes it.
+    [b] = parse_alertmanager_record(orjson.dumps({**raw, "startsAt": zero, "endsAt": zero}))
+    an = to_anomaly(b, cluster="c", now=at(5), source="feed")
+    assert (an.status, an.starts_at) == ("firing", at(5))
+
+
 @pytest.mark.parametrize(
     ("sev", "expected"),
     [
