@@ -96,6 +96,18 @@ def from_objs(cls: type[T], objs: list[Any]) -> list[T]:
         raise InvalidEvent(cls.__name__, [str(err)]) from err
 
 
+def wire_problems(cls: type[T], event: T) -> tuple[str, ...]:
+    """What a consumer decoding ``event`` as ``cls`` would refuse, naming each field (empty:
+    nothing). Constructing a dataclass checks only its ``__post_init__``; the declared
+    bounds (string lengths, ...) are checked on decode, so a source that publishes without
+    this check learns nothing while its event is dead-lettered downstream."""
+    try:
+        from_obj(cls, orjson.loads(encode(event)))
+    except InvalidEvent as err:
+        return err.problems
+    return ()
+
+
 def decode(cls: type[T], raw: bytes | str) -> T:
     try:
         obj = orjson.loads(raw)

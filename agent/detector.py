@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from agent.breaker import BreakerRules, CircuitBreaker
 from agent.errors import AgentError, cancel_and_wait, task_failure
-from agent.labels import SERVICE_LABELS, normalise
+from agent.labels import SERVICE_LABELS, fit, normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, AnomalyStatus, Severity, fingerprint, group_key, stable_id, utcnow
 from agent.prom import PromClient, Sample
@@ -62,7 +62,9 @@ class PatternState:
 
 
 def instance_labels(sample: Sample, cluster: str) -> dict[str, str]:
-    return normalise(sample.labels, cluster)
+    # Cut to fit, not refused: the series fires and must open an incident, and nobody is
+    # there to be told (refused, it would be refused again every slot).
+    return fit(normalise(sample.labels, cluster))
 
 
 def next_slot(now: float, interval: float, delay: float) -> float:

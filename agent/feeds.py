@@ -17,8 +17,9 @@ from datetime import datetime
 from functools import partial
 
 from agent.alerts import parse_alertmanager_record, to_anomaly
-from agent.codec import decode
+from agent.codec import decode, wire_problems
 from agent.detector import Publisher, publish_anomalies
+from agent.errors import InvalidEvent
 from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, utcnow
@@ -30,10 +31,22 @@ def decode_alertmanager(
     raw: bytes, *, cluster: str, clock: Callable[[], datetime]
 ) -> list[Anomaly]:
     now = clock()
-    return [
-        to_anomaly(a, cluster=cluster, now=now, source="feed")
-        for a in parse_alertmanager_record(raw)
-    ]
+    return _checked(
+        [
+            to_anomaly(a, cluster=cluster, now=now, source="feed")
+            for a in parse_alertmanager_record(raw)
+        ]
+    )
+
+
+def _checked(anomalies: list[Anomaly]) -> list[Anomaly]:
+    """The anomalies, or InvalidEvent naming the field of the first that the correlator
+    would refuse (e.g. a derived label too long): the feed's record is dead-lettered as it
+    came, not the anomaly the correlator would dead-letter."""
+    for i, a in enumerate(anomalies):
+        if problems := wire_problems(Anomaly, a):
+            raise InvalidEvent("Anomaly", [f"[{i}].{p}" for p in problems])
+    return anomalies
 
 
 def decode_anomaly(raw: bytes, *, cluster: str) -> list[Anomaly]:
@@ -43,7 +56,7 @@ def decode_anomaly(raw: bytes, *, cluster: str) -> list[Anomaly]:
     labels = normalise(a.labels, cluster)
     if labels == dict(a.labels):
         return [a]
-    return [replace(a, labels=labels)]
+    return _checked([replace(a, labels=labels)])
 
 
 def decoder_for(feed: FeedSpec, *, cluster: str, clock: Callable[[], datetime] = utcnow) -> Decoder:

@@ -9,6 +9,7 @@ Labels the source already sets are never overwritten, so a source can always be 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 # Labels that name the service, in order of preference. The later ones are what
@@ -53,3 +54,25 @@ def normalise(labels: Mapping[str, str], cluster: str) -> dict[str, str]:
                 out.setdefault("owner", f"{kind}/{out[label]}")
                 break
     return out
+
+
+# What an anomaly's label names and values may hold (agent.models.Labels).
+MAX_NAME = 256
+MAX_VALUE = 4096
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    marker = f"...[cut from {len(text)} chars, {digest}]"
+    return text[: limit - len(marker)] + marker
+
+
+def fit(labels: Mapping[str, str]) -> dict[str, str]:
+    """Labels within the anomaly schema's bounds. Prometheus bounds neither names nor values
+    (a label can hold a whole SQL query): a longer one is cut, marked with its length and a
+    digest of the whole, so two series that differ only past the cut stay two anomalies."""
+    if all(len(k) <= MAX_NAME and len(v) <= MAX_VALUE for k, v in labels.items()):
+        return dict(labels)
+    return {_cut(k, MAX_NAME): _cut(v, MAX_VALUE) for k, v in labels.items()}

@@ -8,7 +8,10 @@ Order of checks, cheapest and least revealing first:
 415   the body is not ``application/json``
 413   the body is larger than ``max_body_bytes`` (declared or actually sent)
 400   the body is not JSON
-422   JSON, but not an Alertmanager payload; ``problems`` name each bad field
+422   JSON, but not an Alertmanager payload; ``problems`` name each bad field. Also
+      when some alerts would not make a valid anomaly (e.g. a label value longer than
+      the anomaly schema allows): those are refused, named in ``problems``
+      (``alerts[1].labels.owner: ...``), and the others are published (``accepted``)
 503   not started yet, or Kafka did not take the anomalies (Alertmanager retries)
 200   ``{"accepted": n}``: every alert was published to the anomalies topic
 ====  =======================================================================
@@ -36,7 +39,8 @@ import orjson
 from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
-from agent.alerts import parse_webhook, still_firing, to_anomaly
+from agent.alerts import AmAlert, parse_webhook, still_firing, to_anomaly
+from agent.codec import wire_problems
 from agent.detector import Publisher, publish_anomalies
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
@@ -111,9 +115,13 @@ class AlertmanagerReceiver:
         for receiver in sorted(self.receivers):
             try:
                 alerts = await self.api.notified(receiver)
-                anomalies = still_firing(
-                    alerts, cluster=self.settings.agent.cluster, now=self.clock()
-                )
+                anomalies = [
+                    a
+                    for a in still_firing(
+                        alerts, cluster=self.settings.agent.cluster, now=self.clock()
+                    )
+                    if not wire_problems(Anomaly, a)  # refused with 422 when delivered
+                ]
                 await self._publish(anomalies)
             except AgentError as err:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
@@ -165,7 +173,7 @@ class AlertmanagerReceiver:
             self.receivers.add(payload.receiver)
         now = self.clock()
         cluster = self.settings.agent.cluster
-        anomalies = [to_anomaly(a, cluster=cluster, now=now) for a in payload.alerts]
+        anomalies, problems = _anomalies_of(payload.alerts, cluster=cluster, now=now)
         try:
             await self._publish(anomalies)
         except AgentError as err:
@@ -174,6 +182,23 @@ class AlertmanagerReceiver:
                 503, "unavailable", "could not publish; retry", headers={"Retry-After": "5"}
             )
         log.info("webhook: %d alerts from %r", len(anomalies), payload.receiver)
+        if problems:
+            # Accepted would tell Alertmanager they were delivered, while the correlator
+            # dead-letters them; 422 says they were not (it does not retry a 4xx).
+            log.warning(
+                "webhook: refused %d alerts from %r: %s",
+                len(payload.alerts) - len(anomalies),
+                payload.receiver,
+                "; ".join(problems[:5]),
+            )
+            return _error(
+                422,
+                "invalid_alerts",
+                f"{len(payload.alerts) - len(anomalies)} alerts would not make a valid anomaly; "
+                f"the other {len(anomalies)} were accepted",
+                problems=problems[:50],
+                accepted=len(anomalies),
+            )
         return web.json_response({"accepted": len(anomalies)})
 
     async def _publish(self, anomalies: list[Anomaly]) -> None:
@@ -190,6 +215,23 @@ class AlertmanagerReceiver:
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(credentials.strip().encode(), self._token)
+
+
+def _anomalies_of(
+    alerts: tuple[AmAlert, ...], *, cluster: str, now: datetime
+) -> tuple[list[Anomaly], list[str]]:
+    """Pure: the anomalies of the alerts that make valid ones (checked against the wire
+    schema the correlator decodes with), and a problem naming the field of each other."""
+    good: list[Anomaly] = []
+    problems: list[str] = []
+    for i, alert in enumerate(alerts):
+        anomaly = to_anomaly(alert, cluster=cluster, now=now)
+        bad = wire_problems(Anomaly, anomaly)
+        if bad:
+            problems += [f"alerts[{i}].{p}" for p in bad]
+        else:
+            good.append(anomaly)
+    return good, problems
 
 
 def _error(

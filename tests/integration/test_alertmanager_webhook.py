@@ -97,7 +97,7 @@ groups:
 # --- bad requests over real HTTP ----------------------------------------------------------------
 
 TOKEN = "s3cret-token"
-LIMIT = 4096
+LIMIT = 16 * 1024  # room for one alert with a label as long as an anomaly allows
 
 
 class Recorder:
@@ -205,7 +205,7 @@ async def test_an_oversized_chunked_body_is_refused_too(
     url, rec, _ = receiver
 
     async def chunks() -> AsyncIterator[bytes]:
-        for _ in range(8):
+        for _ in range(LIMIT // 1024 + 1):
             yield b" " * 1024  # no Content-Length: the limit is enforced while reading
 
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -226,6 +226,22 @@ async def test_schema_violations_name_every_bad_field(
     assert any(p.startswith("alerts[0].startsAt:") for p in problems)
     assert any(p.startswith("alerts[1].status:") for p in problems)
     assert any(p.startswith("alerts[1].labels: Field required") for p in problems)
+
+
+async def test_an_alert_that_would_not_make_a_valid_anomaly_is_422_the_others_go_through(
+    receiver: tuple[str, Recorder, AlertmanagerReceiver],
+) -> None:
+    # A deployment label of 4090 chars passes the alert's checks, but the owner label
+    # derived from it (Deployment/<name>) exceeds the anomaly's 4096: it was answered 200,
+    # then dead-lettered by the correlator, while Alertmanager believed it delivered.
+    url, rec, _ = receiver
+    good = alert_payload(service="cart")["alerts"][0]
+    long = alert_payload(deployment="d" * 4090)["alerts"][0]
+    status, doc = await post(url, orjson.dumps({"alerts": [good, long]}))
+    assert (status, doc["error"], doc["accepted"]) == (422, "invalid_alerts", 1)
+    assert doc["problems"] == ["alerts[1].labels.owner: String should have at most 4096 characters"]
+    [(_, anomaly, key)] = rec.items
+    assert key == "test/shop/cart" and anomaly.labels["service"] == "cart"
 
 
 async def test_kafka_down_or_not_started_is_503_so_alertmanager_retries(

@@ -9,6 +9,7 @@ import pytest
 
 from agent.alerts import parse_alertmanager_record, parse_webhook, severity_of, to_anomaly
 from agent.errors import InvalidEvent
+from agent.feeds import decode_alertmanager
 from agent.models import fingerprint
 from tests.unit.factories import at
 
@@ -159,3 +160,11 @@ def test_feed_records_in_any_alertmanager_shape(raw: bytes) -> None:
 def test_feed_garbage_is_invalid() -> None:
     with pytest.raises(InvalidEvent, match="not valid JSON"):
         parse_alertmanager_record(b"not json at all")
+
+
+def test_a_feed_record_whose_alert_would_not_make_a_valid_anomaly_is_refused_at_the_feed() -> None:
+    # Refused where the record came in (dead-lettered as it was), not as an anomaly the
+    # correlator would dead-letter.
+    raw = orjson.dumps([alert(deployment="d" * 4090)])
+    with pytest.raises(InvalidEvent, match=r"\[0\]\.labels\.owner: String should have at most"):
+        decode_alertmanager(raw, cluster="c", clock=lambda: at(0))

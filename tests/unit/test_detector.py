@@ -9,10 +9,12 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.codec import encode
 from agent.detector import PatternState, evaluate, instance_labels
 from agent.models import Anomaly, fingerprint
 from agent.prom import Sample
 from agent.settings import PatternSpec
+from streams.partitioning import decode_anomalies
 from tests.unit.factories import at
 from tests.unit.factories import settings as make_settings
 
@@ -175,3 +177,20 @@ def test_infinite_value_is_kept_as_text_not_lost() -> None:
     assert len(out) == 1
     assert out[0].value is None
     assert out[0].annotations["value"] == "inf"
+
+
+def test_a_label_longer_than_an_anomaly_allows_is_cut_to_fit_not_refused() -> None:
+    # Prometheus bounds no label value: a series carrying a whole SQL query published an
+    # anomaly every slot that the correlator dead-lettered, and no incident ever opened.
+    long_a = {**CART, "query": "SELECT " + "x," * 3000 + "a"}
+    long_b = {**long_a, "query": long_a["query"][:-1] + "b"}  # differs past the cut only
+    samples = [Sample(long_a, 3.5), Sample(long_b, 3.5), Sample({**CART, "l" * 300: "v"}, 1.0)]
+    _, out = evaluate(pattern(), samples, PatternState(), at(0), CLUSTER)
+    assert len(out) == 3 and len({a.fingerprint for a in out}) == 3
+    for a in out:
+        assert decode_anomalies(encode(a)) == ([a], [])  # the correlator folds it
+        assert a.labels["service"] == "cart"
+    query = out[0].labels["query"]
+    assert len(query) == 4096 and query.startswith("SELECT x,x,")
+    assert "...[cut from 6008 chars, " in query
+    assert [len(k) for k in out[2].labels if k.startswith("l")] == [256]
