@@ -105,6 +105,9 @@ def positive_duration(text: str, flag: str) -> float:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
+# How often a loop runs: 0 divided the detector's slot arithmetic by zero and ended its
+# pattern loop (unaligned, it would query Prometheus without pause).
+Interval = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -210,7 +213,7 @@ class MonitoringSection:
     __pydantic_config__ = _STRICT
     prometheus: PrometheusSection = field(default_factory=PrometheusSection)
     alertmanager: AlertmanagerSection = field(default_factory=AlertmanagerSection)
-    evaluation_interval: Seconds = 15.0
+    evaluation_interval: Interval = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +593,7 @@ class PatternSpec:
     severity: Severity = "critical"
     # Alertmanager-style "for": the condition must hold this long before it fires.
     for_: Annotated[Seconds, Field(alias="for")] = 0.0
-    interval: Seconds | None = None  # default: monitoring.evaluation_interval
+    interval: Interval | None = None  # default: monitoring.evaluation_interval
     description: str = ""
 
 

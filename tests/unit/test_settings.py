@@ -445,3 +445,23 @@ def test_consumer_liveness_can_be_turned_off_or_set_past_the_longest_event() -> 
     assert parse_settings({"agent": {"stuck_after": 0}}, env={}).agent.stuck_after == 0
     ok = {"agent": {"stuck_after": "121s"}, "ai": {"enabled": True}}
     assert parse_settings(ok, env={}).agent.stuck_after == 121
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"monitoring": {"evaluation_interval": "0s"}}, "monitoring.evaluation_interval"),
+        ({"monitoring": {"evaluation_interval": 0}}, "monitoring.evaluation_interval"),
+        (
+            {"patterns": [{"name": "p", "condition": "up == 0", "interval": "0s"}]},
+            "patterns[0].interval",
+        ),
+        (
+            {"patterns": [{"name": "p", "condition": "up == 0", "interval": "0ms"}]},
+            "patterns[0].interval",
+        ),
+    ],
+)
+def test_an_evaluation_interval_of_0_is_refused(doc: Any, field: str) -> None:
+    # 0 was accepted, then ended the pattern loop with ZeroDivisionError at its first slot.
+    assert _only_problem(doc) == f"{field}: Input should be greater than 0"
