@@ -80,7 +80,11 @@ def evaluate(
     state: PatternState,
     now: datetime,
     cluster: str,
+    *,
+    partial: bool = False,
 ) -> tuple[PatternState, list[Anomaly]]:
+    """``partial``: the reply may lack series that are there (it came with warnings), so
+    what is absent from it is kept as it was, neither resolved nor reset."""
     seen: dict[str, tuple[dict[str, str], float]] = {}
     for s in samples:
         labels = instance_labels(s, cluster)
@@ -97,7 +101,11 @@ def evaluate(
         if inst.firing:
             out.append(_anomaly(pattern, fp, labels, "firing", inst, now, value))
     for fp, inst in state.instances.items():
-        if fp not in seen and inst.firing:
+        if fp in seen:
+            continue
+        if partial:
+            instances[fp] = inst
+        elif inst.firing:
             out.append(_anomaly(pattern, fp, inst.labels, "resolved", inst, now, None))
     return PatternState(instances=instances), out
 
@@ -281,7 +289,7 @@ class PromQLDetector:
             await self._publish(self._endpoint_health(now, "circuit open"))
             return []
         try:
-            samples = await self.prom.query(pattern.condition, at=at)
+            reply = await self.prom.query_vector(pattern.condition, at=at)
         except AgentError as err:
             if err.retriable:
                 reason = "unavailable"
@@ -299,8 +307,26 @@ class PromQLDetector:
             return []
         self.breaker.record_success()
         agent = self._endpoint_health(now, "") + self._query_health(pattern, True, now, "")
+        if reply.warnings:
+            # Counted as an error (it alerts when it lasts): while replies are partial,
+            # nothing of this pattern resolves.
+            self.metrics.detector_errors.labels(
+                pattern=pattern.name, reason="partial_response"
+            ).inc()
+            log.warning(
+                "pattern %s: partial reply, what is missing from it is not resolved: %s",
+                pattern.name,
+                "; ".join(reply.warnings),
+            )
         state = self.states.get(pattern.name, PatternState())
-        new_state, anomalies = evaluate(pattern, samples, state, now, self.settings.agent.cluster)
+        new_state, anomalies = evaluate(
+            pattern,
+            reply.samples,
+            state,
+            now,
+            self.settings.agent.cluster,
+            partial=bool(reply.warnings),
+        )
         await self._publish(anomalies + agent)
         # Only after the anomalies are durable, so a failed publish is retried next round.
         self.states[pattern.name] = new_state

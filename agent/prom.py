@@ -9,8 +9,8 @@ is :class:`DependencyUnavailable`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +31,34 @@ class Sample:
     value: float
 
 
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """An instant-vector reply. ``warnings`` non-empty: the reply may be partial (Thanos,
+    Mimir or Cortex answer "success" with a store or ingester missing), so a series absent
+    from it may still be there."""
+
+    samples: list[Sample]
+    warnings: tuple[str, ...] = ()
+
+
+# custom_query returns only data.result; the warnings beside it are read off the response
+# by a hook of the client's session, which runs in the thread making the call.
+_reply = threading.local()
+
+
+def _note_warnings(response: requests.Response, *args: object, **kwargs: object) -> None:
+    warnings: tuple[str, ...] = ()
+    if response.status_code == 200 and b'"warnings"' in response.content:
+        try:
+            found = response.json().get("warnings")
+        except (ValueError, AttributeError):
+            found = None  # custom_query reports a body it cannot read
+        if found:
+            found = found if isinstance(found, list) else [found]
+            warnings = tuple(str(w)[:500] for w in found[:10])
+    _reply.warnings = warnings
+
+
 class InvalidQuery(PermanentError):
     """Prometheus rejected the expression itself (HTTP 400)."""
 
@@ -42,6 +70,7 @@ class PromClient:
         # No client-side retries: the detector's interval is the retry, and a slow failure
         # would hide an outage behind the timeout.
         self._session = requests.Session()
+        self._session.hooks["response"].append(_note_warnings)
         self._client = PrometheusConnect(
             url=url, disable_ssl=True, retry=Retry(total=0), timeout=timeout, session=self._session
         )
@@ -50,15 +79,24 @@ class PromClient:
 
     async def query(self, expr: str, *, at: datetime | None = None) -> list[Sample]:
         """Evaluate ``expr`` now, or at the instant ``at`` (what HA replicas agree on)."""
+        return (await self.query_vector(expr, at=at)).samples
+
+    async def query_vector(self, expr: str, *, at: datetime | None = None) -> Vector:
+        """:meth:`query`, with the warnings of the reply (see :class:`Vector`)."""
         loop = asyncio.get_running_loop()
         # Prometheus aborts the query itself after the timeout, so a slow query does not
         # keep burning its CPU after we gave up on it.
         params = {"timeout": f"{self.timeout:g}s"}
         if at is not None:
             params["time"] = f"{at.timestamp():.3f}"
-        call = functools.partial(self._client.custom_query, expr, params=params)
+
+        def call() -> tuple[object, tuple[str, ...]]:
+            _reply.warnings = ()
+            raw = self._client.custom_query(expr, params=params)
+            return raw, _reply.warnings
+
         try:
-            raw = await asyncio.wait_for(
+            raw, warnings = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, call), timeout=self.timeout + 1
             )
         except PrometheusApiClientException as err:
@@ -67,7 +105,7 @@ class PromClient:
             raise DependencyUnavailable(f"prometheus {self.url}: {err}") from err
         except (RequestException, TimeoutError, OSError) as err:
             raise DependencyUnavailable(f"prometheus {self.url}: {err!r}") from err
-        return parse_vector(raw)
+        return Vector(parse_vector(raw), warnings)
 
     async def close(self) -> None:
         if not self._closed:

@@ -14,7 +14,7 @@ from agent.errors import ConfigError, DependencyUnavailable
 from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly
-from agent.prom import InvalidQuery, Sample
+from agent.prom import InvalidQuery, Sample, Vector
 from agent.settings import parse_settings
 from tests.helpers import eventually
 from tests.unit.factories import at
@@ -27,13 +27,17 @@ class FakeProm:
 
     def __init__(self) -> None:
         self.answer: list[Sample] | Exception = []
+        self.warnings: tuple[str, ...] = ()
         self.calls: list[tuple[str, datetime | None]] = []
 
     async def query(self, expr: str, *, at: datetime | None = None) -> list[Sample]:
+        return (await self.query_vector(expr, at=at)).samples
+
+    async def query_vector(self, expr: str, *, at: datetime | None = None) -> Vector:
         self.calls.append((expr, at))
         if isinstance(self.answer, Exception):
             raise self.answer
-        return self.answer
+        return Vector(self.answer, self.warnings)
 
 
 class Recorder:
@@ -194,6 +198,33 @@ async def test_loop_evaluates_on_aligned_slots() -> None:
     stamps = [c[1] for c in prom.calls]
     assert all(s is not None and round(s.timestamp() * 1000) % 200 == 0 for s in stamps), stamps
     assert len(set(stamps)) == len(stamps)
+
+
+async def test_a_partial_reply_resolves_nothing_that_is_missing_from_it() -> None:
+    # Thanos/Mimir answer "success" with a warning when a store is down: the series it
+    # held are missing, and were published as resolved.
+    d, prom, rec, _, metrics = detector()
+    p = d.settings.patterns[0]
+    cart, checkout = (
+        {"namespace": "shop", "service": "cart"},
+        {"namespace": "shop", "service": "co"},
+    )
+    prom.answer = [Sample(cart, 5.0), Sample(checkout, 5.0)]
+    await d.evaluate_once(p, at(0))
+    prom.answer, prom.warnings = [Sample(cart, 5.0)], ("partial response: store eu-1 down",)
+    out = await d.evaluate_once(p, at(15))
+    assert [(a.labels["service"], a.status) for a in out] == [("cart", "firing")]
+    value = metrics.registry.get_sample_value
+    labels = {"pattern": "p", "reason": "partial_response"}
+    assert value("sre_agent_detector_errors_total", labels) == 1
+    # A full reply decides again: what is still missing resolves then.
+    prom.warnings = ()
+    out = await d.evaluate_once(p, at(30))
+    assert sorted((a.labels["service"], a.status) for a in out) == [
+        ("cart", "firing"),
+        ("co", "resolved"),
+    ]
+    assert rec.items[-2:] == out
 
 
 # --- the pattern library -----------------------------------------------------------------------
