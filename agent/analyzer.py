@@ -10,7 +10,9 @@ actions may be recommended and under which evidence:
   ``rollout_window`` before the incident opened -> roll that workload back.
 - ``scale_up_if_cpu_high``: CPU (or concurrency) saturation above 0.8 -> scale up.
 - ``restart_if_crash_looping`` / ``drain_if_node_unhealthy``: restart / drain on evidence.
-- a plain action name recommends that action outright (policy still applies).
+- a plain action name recommends that action outright (policy still applies), on the
+  target the anomaly's labels name (:func:`action_target`); none named, no action, and the
+  finding says so.
 
 Context steps (``check_memory_limits``, ``check_downstream_services``, ...) never
 recommend an action. When no action step matched they still name the root cause from
@@ -140,6 +142,32 @@ class Context:
 def workload_target(labels: Mapping[str, str]) -> Target:
     name = labels.get("deployment") or labels.get("workload") or labels.get("service") or ""
     return Target(kind="Deployment", namespace=labels.get("namespace") or "default", name=name)
+
+
+# What an action acts on, as an anomaly's labels must name it for a step to request it.
+TARGET_NEEDS: Mapping[str, str] = {
+    "cordon_node": "a node (label node)",
+    "drain_node": "a node (label node)",
+    "restart_pod": "a pod (labels namespace and pod)",
+    # No label names a ConfigMap, and a step carries no key or value to set.
+    "update_config": "a ConfigMap, a key and a value, which no step can give",
+}
+WORKLOAD_NEEDS = "a workload (label deployment, workload or service)"
+
+
+def action_target(action: str, labels: Mapping[str, str]) -> Target | None:
+    """The target of a step's ``action`` that the anomaly's labels name; None when they
+    name none (a Deployment named "" is invalid on the wire and dead-lettered)."""
+    if action in ("cordon_node", "drain_node"):
+        node = labels.get("node", "")
+        return Target(kind="Node", name=node) if node else None
+    if action == "restart_pod":
+        ns, pod = labels.get("namespace", ""), labels.get("pod", "")
+        return Target(kind="Pod", namespace=ns, name=pod) if ns and pod else None
+    if action == "update_config":
+        return None
+    target = workload_target(labels)
+    return target if target.name else None
 
 
 def recent_rollout(
@@ -369,23 +397,47 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
     if runbook is None:
         return None
     prescriber, steps = runbook
-    target = workload_target(m.labels or inc.labels)
+    labels = m.labels or inc.labels
+    target = workload_target(labels)
     diagnosis: _Finding | None = None  # the first root cause found without an action
     skipped = False  # a remedy that applies was passed over as tried
+    untargeted: list[str] = []  # plain action steps the labels name no target for
     for step in steps:
+        if step in ACTION_TYPES and action_target(step, labels) is None:
+            untargeted.append(
+                f"{prescriber} prescribes {step}, but {m.name} names no target for it: "
+                f"it needs {TARGET_NEEDS.get(step, WORKLOAD_NEEDS)}; not requested"
+            )
+            continue
         found = _remedy(step, prescriber, m, inc, target, ctx, settings)
         if found is not None and found.action is not None and ctx.tried(found.action):
             skipped = True
             continue
         if found is not None and found.action is not None:
-            return _after(found, ctx)
+            return _untargeted(_after(found, ctx), untargeted)
         if found is not None:
             diagnosis = diagnosis or found
         elif step not in CONDITIONAL_STEPS and step not in ACTION_TYPES:
             diagnosis = diagnosis or _diagnose(step, m, inc, target, ctx, settings)
     if diagnosis is None and skipped:
-        return _exhausted(m, prescriber, ctx)
-    return _after(diagnosis, ctx)
+        return _untargeted(_exhausted(m, prescriber, ctx), untargeted)
+    if diagnosis is None and untargeted:
+        # Say so: an analysis with no finding would hide that the runbook was not followed.
+        diagnosis = _Finding(
+            root_cause=untargeted[0],
+            root_cause_class="unknown",
+            confidence=0.3,
+            evidence=(f"pattern {m.name} firing",),
+            action=None,
+        )
+    return _untargeted(_after(diagnosis, ctx), untargeted)
+
+
+def _untargeted(found: _Finding | None, lines: list[str]) -> _Finding | None:
+    """``found``, saying which prescribed actions were not requested for want of a target."""
+    if found is None or not lines:
+        return found
+    return replace(found, evidence=(*found.evidence, *lines))
 
 
 def _remedy(
@@ -412,7 +464,7 @@ def _remedy(
         return None
     if action == "drain_node":
         return _node(m, ctx, drain=True)
-    if step in ACTION_TYPES:
+    if step in ACTION_TYPES and (named := action_target(step, m.labels or inc.labels)):
         return _Finding(
             root_cause=f"{m.name} matched {prescriber}, which prescribes {step}",
             root_cause_class="prescribed",
@@ -420,7 +472,7 @@ def _remedy(
             evidence=(f"pattern {m.name} firing",),
             action=RecommendedAction(
                 type=step,
-                target=target,
+                target=named,
                 expected_impact=f"the remedy {prescriber} prescribes",
             ),
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from agent.errors import AgentError, ConfigError
-from agent.settings import Settings, load_settings
+from agent.settings import Settings, config_warnings, load_settings
 from agent.topics import CATALOG
 
 log = logging.getLogger("sre_agent")
@@ -65,6 +65,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         for p in err.problems:
             print(p, file=sys.stderr)
         return 1
+    for warning in config_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({len(settings.patterns)} patterns, {len(settings.runbooks)} runbooks)")
     return 0
 

@@ -656,6 +656,21 @@ class Settings:
         return None
 
 
+def config_warnings(s: Settings) -> list[str]:
+    """What is valid but can never do what it says: ``config validate`` prints it, and the
+    agent starts anyway."""
+    out: list[str] = []
+    specs = [(f"pattern {p.name}", p.actions) for p in s.patterns]
+    specs += [(f"runbook {r.name}", r.actions) for r in s.runbooks]
+    for where, steps in specs:
+        if "update_config" in steps:
+            out.append(
+                f"{where}: step update_config is never requested: no label names a "
+                "ConfigMap, and a step gives no key or value to set"
+            )
+    return out
+
+
 def longest_event(s: Settings) -> float:
     """The longest a consumer may legitimately spend on one event: a drain (the executor),
     or an LLM analysis with its retries (the analyzer; the rules are fast)."""

@@ -7,9 +7,10 @@ from datetime import timedelta
 
 import pytest
 
+from agent.analysis_stage import action_requests, no_remedy_escalation
 from agent.analyzer import Context, Rollout, analyze, workload_target
-from agent.codec import from_obj
-from agent.models import Incident, Member, Target, fingerprint, stable_id
+from agent.codec import decode, encode, from_obj
+from agent.models import ActionRequest, Incident, Member, Target, fingerprint, stable_id
 from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
 from tests.unit.factories import SHOP, T0, at
 
@@ -226,6 +227,69 @@ def test_a_pattern_of_the_same_name_takes_precedence_over_a_runbook() -> None:
         incident(alert("high-error-rate")), Context(rollouts=(rollout(2),)), settings, OPENED
     )
     assert [a.type for a in an.actions] == ["rollback"]  # the pattern's steps, not scale_up
+
+
+def _labelled(name: str, **labels: str) -> Member:
+    m = alert(name)
+    return replace(m, labels={"cluster": "c1", **labels})
+
+
+@pytest.mark.parametrize(
+    ("step", "labels", "target"),
+    [
+        ("cordon_node", {"node": "worker-3"}, Target(kind="Node", name="worker-3")),
+        ("drain_node", {"node": "worker-3"}, Target(kind="Node", name="worker-3")),
+        (
+            "restart_pod",
+            {"namespace": "shop", "pod": "checkout-7d9f-abcde"},
+            Target(kind="Pod", namespace="shop", name="checkout-7d9f-abcde"),
+        ),
+        ("restart_workload", dict(SHOP), CHECKOUT),
+    ],
+)
+def test_a_runbooks_plain_step_acts_on_the_target_its_labels_name(
+    step: str, labels: dict[str, str], target: Target
+) -> None:
+    settings = with_runbook(actions=["check_node_conditions", step])
+    inc = incident(_labelled("CheckoutErrors", **labels))
+    an = analyze(inc, Context(), settings, OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [(step, target)]
+    # ... and the request is valid on the wire, not dead-lettered by the executor.
+    for req in action_requests(an, inc):
+        assert decode(ActionRequest, encode(req)) == req
+
+
+@pytest.mark.parametrize(
+    ("step", "labels", "needs"),
+    [
+        ("cordon_node", {"namespace": "shop", "service": "checkout"}, "a node"),
+        ("restart_pod", {"node": "worker-3", "namespace": "shop"}, "a pod"),
+        ("rollback", {"node": "worker-3"}, "a workload"),
+        ("update_config", dict(SHOP), "a ConfigMap"),
+    ],
+)
+def test_a_plain_step_whose_target_the_labels_do_not_name_is_a_finding_that_pages(
+    step: str, labels: dict[str, str], needs: str
+) -> None:
+    settings = with_runbook(actions=[step])
+    inc = incident(_labelled("CheckoutErrors", **labels))
+    an = analyze(inc, Context(), settings, OPENED)
+    assert an.actions == ()
+    assert f"runbook orders prescribes {step}, but CheckoutErrors names no target" in (
+        an.root_cause
+    )
+    assert any(needs in line for line in an.evidence)
+    page = no_remedy_escalation(inc, an, ("critical",))
+    assert page is not None and step in page.summary
+
+
+def test_an_untargeted_step_does_not_hide_the_diagnosis_or_the_next_step() -> None:
+    settings = with_runbook(actions=["cordon_node", "auto_rollback_if_deployment_recent"])
+    an = analyze(
+        incident(alert("CheckoutErrors")), Context(rollouts=(rollout(2),)), settings, OPENED
+    )
+    assert [(a.type, a.target) for a in an.actions] == [("rollback", CHECKOUT)]
+    assert any("cordon_node" in line and "a node" in line for line in an.evidence)
 
 
 def test_a_runbook_escalates_past_a_remedy_verified_ineffective() -> None:

@@ -106,6 +106,19 @@ def test_validate_ok_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert err == ""
 
 
+def test_validate_warns_of_a_step_that_can_never_be_requested(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runbook = (
+        "runbooks:\n  - {name: r, alert: A, actions: [check_recent_deployments, update_config]}\n"
+    )
+    path = _write(tmp_path, runbook)
+    assert main(["config", "validate", path, "--no-env"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: ok (0 patterns, 1 runbooks)"
+    assert err.startswith("warning: runbook r: step update_config is never requested")
+
+
 def test_validate_shipped_config_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "validate", str(DEFAULT_CONFIG), "--no-env"]) == 0
     # The reference's three patterns plus the six of the Kubernetes library.
