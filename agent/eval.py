@@ -40,7 +40,7 @@ from agent.models import (
     stable_id,
 )
 from agent.redaction import redact
-from agent.settings import REPO_ROOT, PatternSpec, Settings, load_yaml
+from agent.settings import REPO_ROOT, PatternSpec, RunbookSpec, Settings, load_yaml
 
 DEFAULT_EVAL_FILE = REPO_ROOT / "tests" / "eval" / "incidents.yaml"
 OPENED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -138,6 +138,8 @@ class EvalFile:
     __pydantic_config__ = _STRICT
     cases: tuple[CaseSpec, ...]
     patterns: tuple[PatternSpec, ...] = ()
+    # Steps for cases' signals from other sources (a pattern's apply to its own only).
+    runbooks: tuple[RunbookSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,8 +288,9 @@ def _context(spec: CaseSpec, incident: Incident) -> Context:
 
 
 def load_eval(path: str | Path, settings: Settings) -> tuple[Settings, list[EvalCase]]:
-    """The cases of ``path`` and ``settings`` with the file's patterns added (a file pattern
-    replaces a configured one of the same name)."""
+    """The cases of ``path`` and ``settings`` with the file's patterns (a file pattern
+    replaces a configured one of the same name) and runbooks (ahead of the configured
+    ones) added."""
     path = Path(path)
     try:
         doc = load_yaml(path.read_text())
@@ -305,7 +308,7 @@ def load_eval(path: str | Path, settings: Settings) -> tuple[Settings, list[Eval
         raise ConfigError([f"cases: duplicate names {', '.join(dupes)}"])
     mine = {p.name for p in spec.patterns}
     patterns = tuple(p for p in settings.patterns if p.name not in mine) + spec.patterns
-    settings = replace(settings, patterns=patterns)
+    settings = replace(settings, patterns=patterns, runbooks=spec.runbooks + settings.runbooks)
     cases = []
     for c in spec.cases:
         incident = _incident(c)

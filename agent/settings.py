@@ -601,7 +601,7 @@ class PatternSpec:
 class RunbookSpec:
     """The steps for a signal the agent does not evaluate itself: an Alertmanager alert
     (``alert`` is its alertname), a Kubernetes signal, a feed's anomaly. The same steps a
-    pattern's ``actions`` take; a Prometheus pattern of that name takes precedence."""
+    pattern's ``actions`` take; the agent's Prometheus anomalies follow their pattern's."""
 
     __pydantic_config__ = _STRICT
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=128)]
@@ -645,9 +645,12 @@ class Settings:
         return next((p for p in self.patterns if p.name == name), None)
 
     def steps_for(self, name: str, source: str) -> tuple[str, tuple[str, ...]] | None:
-        """(what prescribes them, the steps) for a signal of this name and source: the
-        pattern of that name, else the first runbook for it."""
-        pattern = self.pattern(name)
+        """(what prescribes them, the steps) for a signal of this name and source: for the
+        agent's own Prometheus anomalies, the pattern that produced them; else the first
+        runbook for that name and source. A pattern never speaks for another source's
+        signal of the same name (the Kubernetes watcher's crash-looping is not the
+        library's Prometheus crash-looping)."""
+        pattern = self.pattern(name) if source == "prometheus" else None
         if pattern is not None:
             return f"pattern {pattern.name}", pattern.actions
         for r in self.runbooks:
@@ -667,6 +670,19 @@ def config_warnings(s: Settings) -> list[str]:
             out.append(
                 f"{where}: step update_config is never requested: no label names a "
                 "ConfigMap, and a step gives no key or value to set"
+            )
+    for r in s.runbooks:
+        if r.source == "prometheus":
+            # The agent's Prometheus anomalies are its patterns', which follow their own steps.
+            out.append(
+                f"runbook {r.name}: never applies: an anomaly from prometheus is a pattern's "
+                f"and follows its pattern's steps (drop source, or set alertmanager, "
+                f"kubernetes, feed or agent)"
+            )
+        elif r.source is None and s.pattern(r.alert) is not None:
+            out.append(
+                f"runbook {r.name}: pattern {r.alert}'s own anomalies follow the pattern's "
+                f"steps; this runbook applies only to {r.alert} from other sources"
             )
     return out
 

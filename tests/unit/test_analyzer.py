@@ -221,12 +221,35 @@ def test_a_runbook_for_one_source_ignores_the_same_name_from_another() -> None:
     assert [a.type for a in analyze(inc, ctx, settings, OPENED).actions] == ["rollback"]
 
 
-def test_a_pattern_of_the_same_name_takes_precedence_over_a_runbook() -> None:
+def test_a_pattern_speaks_for_its_own_anomalies_and_a_runbook_for_its_source() -> None:
+    ctx = Context(rollouts=(rollout(2),))
     settings = with_runbook(alert="high-error-rate", actions=["scale_up"])
-    an = analyze(
-        incident(alert("high-error-rate")), Context(rollouts=(rollout(2),)), settings, OPENED
+    # The pattern's own (Prometheus) anomaly follows the pattern: a rollback.
+    an = analyze(incident(member("high-error-rate")), ctx, settings, OPENED)
+    assert [a.type for a in an.actions] == ["rollback"]
+    # An alert of the same name from elsewhere is not the pattern's: its runbook applies...
+    an = analyze(incident(alert("high-error-rate")), ctx, settings, OPENED)
+    assert [a.type for a in an.actions] == ["scale_up"]
+    # ... and with no runbook, nothing prescribes its steps: never acted on.
+    an = analyze(incident(alert("high-error-rate")), ctx, SETTINGS, OPENED)
+    assert an.actions == ()
+
+
+def test_a_kubernetes_runbook_is_not_hidden_by_the_library_pattern_of_its_name() -> None:
+    # The watcher emits crash-looping; the shipped library has a Prometheus crash-looping.
+    assert SETTINGS.pattern("crash-looping") is not None
+    steps = ["restart_if_crash_looping"]
+    settings = with_runbook(alert="crash-looping", source="kubernetes", actions=steps)
+    assert settings.steps_for("crash-looping", "kubernetes") == ("runbook orders", tuple(steps))
+    inc = incident(alert("crash-looping", source="kubernetes"))
+    an = analyze(inc, Context(crash_looping=("checkout",)), settings, OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [("restart_workload", CHECKOUT)]
+    pattern = SETTINGS.pattern("crash-looping")
+    assert pattern is not None
+    assert settings.steps_for("crash-looping", "prometheus") == (
+        "pattern crash-looping",
+        pattern.actions,
     )
-    assert [a.type for a in an.actions] == ["rollback"]  # the pattern's steps, not scale_up
 
 
 def _labelled(name: str, **labels: str) -> Member:

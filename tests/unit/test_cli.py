@@ -119,6 +119,26 @@ def test_validate_warns_of_a_step_that_can_never_be_requested(
     assert err.startswith("warning: runbook r: step update_config is never requested")
 
 
+def test_validate_warns_of_a_runbook_a_pattern_answers_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(
+        tmp_path,
+        "patterns:\n  - name: a\n    condition: up == 0\nrunbooks:\n"
+        "  - {name: p, alert: a, source: prometheus, actions: [notify_oncall]}\n"
+        "  - {name: any, alert: a, actions: [notify_oncall]}\n"
+        "  - {name: k, alert: a, source: kubernetes, actions: [notify_oncall]}\n",
+    )
+    assert main(["config", "validate", path, "--no-env"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: ok (1 patterns, 3 runbooks)"
+    assert [line.split(":")[:2] for line in err.splitlines()] == [
+        ["warning", " runbook p"],
+        ["warning", " runbook any"],
+    ]
+    assert "never applies" in err.splitlines()[0]
+
+
 def test_validate_shipped_config_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "validate", str(DEFAULT_CONFIG), "--no-env"]) == 0
     # The reference's three patterns plus the six of the Kubernetes library.
