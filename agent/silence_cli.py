@@ -8,7 +8,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from agent import models
-from agent.errors import ConfigError
+from agent.codec import decode, encode
+from agent.errors import ConfigError, InvalidEvent
 from agent.metrics import Metrics
 from agent.models import Matcher, Silence, new_id, utcnow
 from agent.settings import Settings, load_settings, positive_duration
@@ -45,6 +46,59 @@ async def _publish(settings: Settings, silence: Silence) -> None:
         await bus.publish(bus.topic("silences"), silence)
 
 
+# The flag each field of a Silence comes from, to name it in an error.
+_FLAGS = {
+    "matchers": "--matcher",
+    "starts_at": "--start",
+    "ends_at": "--duration",
+    "created_by": "--author",
+    "comment": "--comment",
+}
+
+
+def new_silence(
+    sid: str,
+    matchers: tuple[Matcher, ...],
+    start: datetime,
+    seconds: float,
+    author: str,
+    comment: str,
+    now: datetime,
+) -> Silence:
+    """The silence to publish, validated as every reader validates it: one they would drop
+    as invalid is refused here, naming the flag, instead of printing an id that does
+    nothing."""
+    if all(m.matches({}) for m in matchers):
+        # Alertmanager's rule: such a silence also matches every anomaly without the label.
+        shown = ", ".join(f"{m.name}{m.op}{m.value}" for m in matchers)
+        raise ConfigError(
+            [
+                f"--matcher: {shown} also matches an anomaly without the label, so it would "
+                "silence nearly everything; at least one matcher must not match the empty "
+                "string (e.g. service=checkout)"
+            ]
+        )
+    raw = Silence(
+        id=sid,
+        matchers=matchers,
+        starts_at=start,
+        ends_at=start + timedelta(seconds=seconds),
+        created_by=author,
+        comment=comment,
+        created_at=now,
+    )
+    try:
+        return decode(Silence, encode(raw))
+    except InvalidEvent as err:
+        raise ConfigError([_flagged(p) for p in err.problems]) from err
+
+
+def _flagged(problem: str) -> str:
+    field = problem.split(".", 1)[0].split("[", 1)[0].split(":", 1)[0]
+    flag = _FLAGS.get(field)
+    return f"{flag} ({problem})" if flag else problem
+
+
 async def add(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     matchers = tuple(parse_matcher(m) for m in args.matcher)
@@ -53,15 +107,7 @@ async def add(args: argparse.Namespace) -> int:
     start = datetime.fromisoformat(args.start) if args.start else now
     if start.tzinfo is None:
         raise ConfigError(["--start: must carry a timezone, e.g. 2026-01-01T10:00:00Z"])
-    silence = Silence(
-        id=new_id(),
-        matchers=matchers,
-        starts_at=start,
-        ends_at=start + timedelta(seconds=seconds),
-        created_by=args.author,
-        comment=args.comment,
-        created_at=now,
-    )
+    silence = new_silence(new_id(), matchers, start, seconds, args.author, args.comment, now)
     await create_topics(settings.kafka, ["silences"])
     await _publish(settings, silence)
     print(silence.id)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.cli import main
 from agent.errors import ConfigError
 from agent.models import Anomaly, Matcher, Silence
-from agent.silence_cli import parse_matcher
+from agent.silence_cli import new_silence, parse_matcher
 from streams.correlation import CorrelationRules, correlate, correlate_batch, silenced_by
 from streams.silences import apply
 from streams.topology import match_labels
@@ -168,3 +170,41 @@ def test_silenced_members_never_reach_analysis(steps: list[tuple[str, int, str]]
         assert all(m.labels["service"] != "checkout" for m in inc.firing)
         if inc.labels["service"] == "checkout":
             assert inc.status in ("silenced", "resolved")
+
+
+def _add(tmp_path: Path, *argv: str) -> int:
+    # No broker listens there: a refused silence must be refused before Kafka is tried.
+    config = tmp_path / "agent.yaml"
+    config.write_text("kafka:\n  bootstrap_servers: 127.0.0.1:1\n")
+    return main(["silence", "add", *argv, "--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    "matchers",
+    [["env!=prod"], ["namespace=~.*"], ["env!=prod", "team!~ops|sre", "zone=~"]],
+)
+def test_a_silence_every_matcher_of_which_matches_the_empty_string_is_refused(
+    tmp_path: Path, matchers: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a for m in matchers for a in ("-m", m)]
+    assert _add(tmp_path, *argv, "--author", "bob", "--comment", "maint") == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("--matcher: ") and "must not match the empty string" in err
+    assert out == ""
+
+
+def test_a_silence_a_reader_would_drop_is_refused_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _add(tmp_path, "-m", "service=checkout", "--author", "", "--comment", "x") == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("--author (created_by: ")
+    assert out == ""  # no id printed
+
+
+def test_one_matcher_that_needs_a_value_makes_a_silence() -> None:
+    matchers = (parse_matcher("env!=prod"), parse_matcher("service=checkout"))
+    made = new_silence("s1", matchers, at(0), 7200, "bob", "maint", at(0))
+    assert made.matches({**SHOP, "env": "staging"}, at(60))
+    assert not made.matches({**SHOP, "service": "cart"}, at(60))
+    assert made.ends_at == at(7200)
