@@ -118,18 +118,34 @@ async def decide_approval(
         await bus.publish(bus.topic("decisions"), d)
     verb = "approved" if decision == "approve" else "rejected"
     print(f"{verb} {req.id} ({req.action.type} {req.action.target.key}) as {by}")
-    return await _report(settings, req.action.id, since, wait_s)
+    done = REJECTED if decision == "reject" else DONE
+    return await _report(settings, req.action.id, since, wait_s, done)
 
 
-async def _report(settings: Settings, action_id: str, since: dict[int, int], wait_s: float) -> int:
+# Results that mean the command did what it asked. An approved action that comes back
+# rejected was not executed (the approval was stale or expired): that is a failure.
+DONE: frozenset[str] = frozenset({"succeeded", "duplicate"})
+REJECTED = DONE | {"rejected"}  # what `approvals reject` asked for
+
+
+async def _report(
+    settings: Settings,
+    action_id: str,
+    since: dict[int, int],
+    wait_s: float,
+    done: frozenset[str] = DONE,
+) -> int:
     if wait_s <= 0:
         return 0
     result = await _wait_result(settings, action_id, since, wait_s)
     if result is None:
         print(f"no result for action {action_id} within {wait_s:.0f}s", file=sys.stderr)
         return 1
-    print(f"{result.status}: {result.message}")
-    return 0 if result.status in ("succeeded", "duplicate", "rejected") else 1
+    if result.status in done:
+        print(f"{result.status}: {result.message}")
+        return 0
+    print(f"{result.status}: {result.message}", file=sys.stderr)
+    return 1
 
 
 async def list_actions(settings: Settings, limit: int) -> int:

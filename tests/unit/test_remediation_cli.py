@@ -1,0 +1,52 @@
+"""`sre-agent approvals` and `actions`: what the commands report and exit with."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agent import remediation_cli
+from agent.models import ActionResult
+from agent.settings import DEFAULT_CONFIG, Settings, load_settings
+from tests.unit.factories import action, result_of
+
+SETTINGS = load_settings(DEFAULT_CONFIG, env={})
+STALE = (
+    "approval ap1 by alice is no longer valid: Deployment/shop/checkout changed since the "
+    "request (generation=4 -> generation=5)"
+)
+
+
+def _results_on_the_topic(monkeypatch: pytest.MonkeyPatch, result: ActionResult) -> None:
+    """The action-results topic, as _wait_result would read it, holding ``result``."""
+
+    async def wait_result(
+        settings: Settings, action_id: str, since: dict[int, int], wait_s: float
+    ) -> ActionResult | None:
+        return result if result.action_id == action_id else None
+
+    monkeypatch.setattr(remediation_cli, "_wait_result", wait_result)
+
+
+async def test_an_approval_that_comes_back_rejected_exits_non_zero_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    req = action("rollback", action_id="a1")
+    stale = replace(result_of(req, "not_applicable"), status="rejected", message=STALE)
+    _results_on_the_topic(monkeypatch, stale)
+    assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0) == 1
+    assert capsys.readouterr().err == f"rejected: {STALE}\n"
+    # `approvals reject` asked for exactly that.
+    done = remediation_cli.REJECTED
+    assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0, done) == 0
+    assert capsys.readouterr().out == f"rejected: {STALE}\n"
+
+
+async def test_an_approval_that_ran_exits_0(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _results_on_the_topic(monkeypatch, result_of(action("rollback", action_id="a1"), "unknown"))
+    assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0) == 0
+    assert capsys.readouterr().out.startswith("succeeded")
+    assert await remediation_cli._report(SETTINGS, "other", {}, 30.0) == 1  # no result
