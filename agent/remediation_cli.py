@@ -30,7 +30,7 @@ from agent.models import (
 from agent.policy import budget_usage
 from agent.settings import Settings, load_settings
 from agent.topics import topic
-from handlers.executor import undo_request, undoable_result
+from handlers.executor import can_undo, undo_request, undoable_result
 from streams.bus import Bus
 from streams.ledger import recent_claims
 from streams.replay import end_offsets, follow, snapshot
@@ -150,7 +150,7 @@ async def _report(
 
 async def list_actions(settings: Settings, limit: int) -> int:
     for r in (await results(settings))[-limit:]:
-        undo = " [undoable]" if r.prior_state else ""
+        undo = " [undoable]" if can_undo(r) else ""
         print(
             f"{when(r.finished_at)}  {r.action_id}  {r.type:16} {r.target.key}  "
             f"{r.status}/{r.outcome}{undo}: {r.message}"

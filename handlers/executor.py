@@ -1190,6 +1190,12 @@ def target_replicas(action: ActionRequest, current: int) -> int:
     return max(0, value)
 
 
+def can_undo(result: ActionResult) -> bool:
+    """Whether :func:`undo_request` restores what ``result``'s action changed (what
+    ``actions list`` marks undoable)."""
+    return result.type in UNDOABLE and bool(result.prior_state)
+
+
 def undo_request(
     result: ActionResult, *, requested_by: str, now: datetime, reason: str = ""
 ) -> ActionRequest:

@@ -7,9 +7,11 @@ from dataclasses import replace
 import pytest
 
 from agent import remediation_cli
-from agent.models import ActionResult
+from agent.errors import PermanentError
+from agent.models import ActionResult, ActionType, ParamValue
 from agent.settings import DEFAULT_CONFIG, Settings, load_settings
-from tests.unit.factories import action, result_of
+from handlers.executor import undo_request
+from tests.unit.factories import T0, action, result_of
 
 SETTINGS = load_settings(DEFAULT_CONFIG, env={})
 STALE = (
@@ -50,3 +52,31 @@ async def test_an_approval_that_ran_exits_0(
     assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0) == 0
     assert capsys.readouterr().out.startswith("succeeded")
     assert await remediation_cli._report(SETTINGS, "other", {}, 30.0) == 1  # no result
+
+
+async def test_actions_list_marks_undoable_exactly_what_undo_restores(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def ran(type: ActionType, aid: str, prior: dict[str, ParamValue]) -> ActionResult:
+        return replace(result_of(action(type, action_id=aid), "healed"), prior_state=prior)
+
+    topic = [
+        ran("restart_workload", "restart", {"restartedAt": "2024-05-01T11:00:00Z"}),
+        ran("rollback", "rollback", {"revision": 6}),
+        ran("scale_up", "scale", {}),
+    ]
+
+    async def results(settings: Settings) -> list[ActionResult]:
+        return topic
+
+    monkeypatch.setattr(remediation_cli, "results", results)
+    assert await remediation_cli.list_actions(SETTINGS, 20) == 0
+    lines = capsys.readouterr().out.splitlines()
+    marked = {r.action_id for r, line in zip(topic, lines, strict=True) if "[undoable]" in line}
+    assert marked == {"rollback"}
+    for r in topic:
+        if r.action_id in marked:
+            undo_request(r, requested_by="bob", now=T0)
+        else:
+            with pytest.raises(PermanentError):
+                undo_request(r, requested_by="bob", now=T0)
