@@ -601,7 +601,8 @@ class PatternSpec:
 class RunbookSpec:
     """The steps for a signal the agent does not evaluate itself: an Alertmanager alert
     (``alert`` is its alertname), a Kubernetes signal, a feed's anomaly. The same steps a
-    pattern's ``actions`` take; the agent's Prometheus anomalies follow their pattern's."""
+    pattern's ``actions`` take. One with a ``source`` takes that source's signal over from
+    a pattern of the same name; one without gives way to it (see Settings.steps_for)."""
 
     __pydantic_config__ = _STRICT
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=128)]
@@ -645,16 +646,20 @@ class Settings:
         return next((p for p in self.patterns if p.name == name), None)
 
     def steps_for(self, name: str, source: str) -> tuple[str, tuple[str, ...]] | None:
-        """(what prescribes them, the steps) for a signal of this name and source: for the
-        agent's own Prometheus anomalies, the pattern that produced them; else the first
-        runbook for that name and source. A pattern never speaks for another source's
-        signal of the same name (the Kubernetes watcher's crash-looping is not the
-        library's Prometheus crash-looping)."""
-        pattern = self.pattern(name) if source == "prometheus" else None
+        """(what prescribes them, the steps) for a signal of this name and source: a
+        runbook written for this very source first (the most specific: the Kubernetes
+        watcher's crash-looping under a `source: kubernetes` runbook), else the pattern of
+        that name (the same fault, whichever source saw it), else a runbook for any
+        source."""
+        named = [r for r in self.runbooks if r.alert == name]
+        for r in named:
+            if r.source == source:
+                return f"runbook {r.name}", r.actions
+        pattern = self.pattern(name)
         if pattern is not None:
             return f"pattern {pattern.name}", pattern.actions
-        for r in self.runbooks:
-            if r.alert == name and r.source in (None, source):
+        for r in named:
+            if r.source is None:
                 return f"runbook {r.name}", r.actions
         return None
 
@@ -672,17 +677,11 @@ def config_warnings(s: Settings) -> list[str]:
                 "ConfigMap, and a step gives no key or value to set"
             )
     for r in s.runbooks:
-        if r.source == "prometheus":
-            # The agent's Prometheus anomalies are its patterns', which follow their own steps.
+        if r.source is None and s.pattern(r.alert) is not None:
             out.append(
-                f"runbook {r.name}: never applies: an anomaly from prometheus is a pattern's "
-                f"and follows its pattern's steps (drop source, or set alertmanager, "
-                f"kubernetes, feed or agent)"
-            )
-        elif r.source is None and s.pattern(r.alert) is not None:
-            out.append(
-                f"runbook {r.name}: pattern {r.alert}'s own anomalies follow the pattern's "
-                f"steps; this runbook applies only to {r.alert} from other sources"
+                f"runbook {r.name}: never applies: pattern {r.alert}'s steps answer for "
+                f"{r.alert} from every source; give the runbook a source to take that "
+                "source's signal over"
             )
     return out
 

@@ -221,18 +221,19 @@ def test_a_runbook_for_one_source_ignores_the_same_name_from_another() -> None:
     assert [a.type for a in analyze(inc, ctx, settings, OPENED).actions] == ["rollback"]
 
 
-def test_a_pattern_speaks_for_its_own_anomalies_and_a_runbook_for_its_source() -> None:
+def test_a_pattern_answers_for_its_name_unless_a_runbook_takes_that_source_over() -> None:
     ctx = Context(rollouts=(rollout(2),))
+    # A runbook for any source gives way to the pattern of its name: a rollback.
     settings = with_runbook(alert="high-error-rate", actions=["scale_up"])
-    # The pattern's own (Prometheus) anomaly follows the pattern: a rollback.
-    an = analyze(incident(member("high-error-rate")), ctx, settings, OPENED)
-    assert [a.type for a in an.actions] == ["rollback"]
-    # An alert of the same name from elsewhere is not the pattern's: its runbook applies...
+    for source in ("prometheus", "alertmanager"):
+        an = analyze(incident(alert("high-error-rate", source=source)), ctx, settings, OPENED)
+        assert [a.type for a in an.actions] == ["rollback"], source
+    # One written for Alertmanager takes its alert over; the pattern keeps its own anomaly.
+    settings = with_runbook(alert="high-error-rate", source="alertmanager", actions=["scale_up"])
     an = analyze(incident(alert("high-error-rate")), ctx, settings, OPENED)
     assert [a.type for a in an.actions] == ["scale_up"]
-    # ... and with no runbook, nothing prescribes its steps: never acted on.
-    an = analyze(incident(alert("high-error-rate")), ctx, SETTINGS, OPENED)
-    assert an.actions == ()
+    an = analyze(incident(member("high-error-rate")), ctx, settings, OPENED)
+    assert [a.type for a in an.actions] == ["rollback"]
 
 
 def test_a_kubernetes_runbook_is_not_hidden_by_the_library_pattern_of_its_name() -> None:
