@@ -109,6 +109,7 @@ from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFail
 from handlers.verification import (
     fires_at,
     judge,
+    partial_reply,
     plan_recheck,
     recheck_verdict,
     reported,
@@ -1010,7 +1011,7 @@ class Executor:
         ):
             for name, where in places.items():
                 try:
-                    found = await self._firing_now(source, name)
+                    found, warnings = await self._firing_now(source, name)
                 except AgentError as err:
                     # The rest still counts: a pattern still firing is not healed however
                     # the other source fared.
@@ -1018,17 +1019,35 @@ class Executor:
                     continue
                 series = [normalise(labels, self.settings.agent.cluster) for labels in found]
                 fired = any(fires_at(series, place) for place in where)
-                (still if fired else cleared).append(name)
+                if fired:
+                    still.append(name)
+                elif warnings:
+                    # A partial reply (a Thanos store, a Mimir ingester missing) may lack
+                    # the very series still firing: its absence proves nothing.
+                    log.warning(
+                        "re-check of %s for %s %s: partial reply, %s",
+                        name,
+                        action.type,
+                        action.id,
+                        "; ".join(warnings),
+                    )
+                    unchecked.append((name, partial_reply(warnings)))
+                else:
+                    cleared.append(name)
         return recheck_verdict(still, cleared, unchecked)
 
-    async def _firing_now(self, source: str, name: str) -> list[Mapping[str, str]]:
-        """The raw label sets of what ``name`` fires at now, asked where it came from."""
+    async def _firing_now(
+        self, source: str, name: str
+    ) -> tuple[list[Mapping[str, str]], tuple[str, ...]]:
+        """The raw label sets of what ``name`` fires at now, asked where it came from, and
+        the warnings of the reply (non-empty: it may be partial)."""
         if source == "alertmanager":
             assert self.alertmanager is not None
-            return list(await self.alertmanager.firing(name))
+            return list(await self.alertmanager.firing(name)), ()
         pattern = self.settings.pattern(name)
         assert self.prom is not None and pattern is not None
-        return [s.labels for s in await self.prom.query(pattern.condition)]
+        reply = await self.prom.query_vector(pattern.condition)
+        return [s.labels for s in reply.samples], reply.warnings
 
     async def _escalate(
         self,

@@ -143,6 +143,14 @@ NO_PROMETHEUS = "no Prometheus to re-run it on"
 NO_ALERTMANAGER = "an Alertmanager alert, and monitoring.alertmanager.url is not set"
 NO_REPORT = "its feed has reported nothing of it since the action"
 
+
+def partial_reply(warnings: Sequence[str]) -> str:
+    """Why a pattern absent from a reply with warnings is not re-checked: Thanos, Mimir
+    and Cortex answer "success" with warnings when a store or ingester is missing, and
+    the series still firing may be the missing one."""
+    return f"Prometheus answered in part: {'; '.join(warnings)}"
+
+
 Places = Mapping[str, tuple[Mapping[str, str], ...]]  # name -> where it fired
 
 

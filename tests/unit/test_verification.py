@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from agent.metrics import Metrics
 from agent.models import (
@@ -17,7 +19,7 @@ from agent.models import (
     Member,
     Target,
 )
-from agent.prom import Sample
+from agent.prom import PromClient, Sample, Vector
 from handlers.executor import Executor
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, PATTERNS, incident, member
@@ -40,10 +42,10 @@ class FakeProm:
         self.answers = answers
         self.queries: list[str] = []
 
-    async def query(self, expr: str) -> list[Sample]:
+    async def query_vector(self, expr: str) -> Vector:
         self.queries.append(expr)
         found = next((v for k, v in self.answers.items() if k in expr), [])
-        return [Sample(labels, 1.0) for labels in found]
+        return Vector([Sample(labels, 1.0) for labels in found])
 
 
 def node_member(node: str = "n1") -> Member:
@@ -178,3 +180,63 @@ async def test_a_signal_prometheus_cannot_recheck_does_not_hide_one_it_can(
     assert why.startswith(
         "high-error-rate cleared; BackOff not re-checked (not a configured Prometheus pattern); "
     ), why
+
+
+@pytest.fixture
+async def prometheus() -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A local server speaking the Prometheus query API: the URL, and the reply it gives."""
+    reply: dict[str, Any] = {}
+
+    async def query(request: web.Request) -> web.Response:
+        assert "http_requests_total" in request.query["query"]
+        return web.json_response(reply)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", reply
+    finally:
+        await runner.cleanup()
+
+
+def _reply(*series: dict[str, str], warnings: list[str] | None = None) -> dict[str, Any]:
+    result = [{"metric": s, "value": [1717239600, "0.5"]} for s in series]
+    extra = {} if warnings is None else {"warnings": warnings}
+    return {"status": "success", "data": {"resultType": "vector", "result": result}, **extra}
+
+
+async def test_a_partial_reply_missing_the_series_proves_nothing_healed(
+    cluster: FakeCluster, prometheus: tuple[str, dict[str, Any]]
+) -> None:
+    url, reply = prometheus
+    prom = PromClient(url)
+    settings = make_settings({"remediation": {"verify_after": 0}, "patterns": PATTERNS})
+    ex = Executor(settings, bus=MemoryBus(), cluster=cluster, metrics=Metrics(), prom=prom)
+    rollback = request(
+        incident(member()), "rollback", Target(kind="Deployment", namespace="shop", name="checkout")
+    )
+    missing = "partial response: store eu-1 unavailable"
+    try:
+        # Thanos lost the store holding checkout's series: "success", without it.
+        reply.update(_reply({"namespace": "pay", "service": "ledger"}, warnings=[missing]))
+        assert await ex.recheck_trigger(rollback) == (
+            "unknown",
+            f"high-error-rate not re-checked (Prometheus answered in part: {missing})",
+        )
+        # What a partial reply does show still fires.
+        reply.update(_reply(CHECKOUT, warnings=[missing]))
+        assert await ex.recheck_trigger(rollback) == (
+            "not_healed",
+            "high-error-rate still firing after the action",
+        )
+        # A whole reply without it: cleared.
+        reply.clear()
+        reply.update(_reply({"namespace": "pay", "service": "ledger"}))
+        assert await ex.recheck_trigger(rollback) == ("healed", "high-error-rate cleared")
+    finally:
+        await ex.stop()
+        await prom.close()
