@@ -5,14 +5,21 @@ text) passes through :func:`redact` before it is stored in a context, put in a p
 logged. It errs on the side of removing too much: a redacted trace id costs little, a
 leaked token costs a lot. What it recognises:
 
-- PEM private-key blocks (also when cut off before their END line);
+- PEM private-key blocks, PGP ones too (also when cut off before their END line);
 - ``Authorization:`` headers and ``Bearer``/``Basic`` credentials;
 - ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
   (password, token, secret, api key, access key, credential, cookie, signature, ...),
-  also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``);
+  also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``); after
+  a separator followed by a space (``password: my secret phrase``, ``pwd = a b``) an
+  unquoted value runs to the end of the line (or of the string it is in), since YAML and
+  config values hold spaces;
+- command-line flags named for a secret with their value after a space
+  (``--password Hunter2``, ``--api-key``, ``--client-secret``, ``-storepass``), not
+  flags that name where a secret is (``--token-file /path``);
 - passwords in URLs (``scheme://user:password@host``), up to the last ``@`` before
   whitespace or a quote, since logged URLs often carry an unencoded ``/`` or ``@``;
-- well-known token shapes: JWTs, AWS access key ids, GitHub, Slack and Azure SAS tokens;
+- well-known token shapes: JWTs, AWS access key ids, Google API keys, GitHub, Slack and
+  Azure SAS tokens;
 - long base64-like strings mixing upper case, lower case and digits (40+ characters).
 
 :func:`clip` keeps a text within a byte budget (UTF-8), cutting whole characters only.
@@ -27,7 +34,8 @@ from typing import Literal
 REDACTED = "[REDACTED]"
 
 _PEM = re.compile(
-    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+    r".*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)",
     re.DOTALL,
 )
 _QUOTED = r"\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?"
@@ -35,8 +43,12 @@ _QUOTED = r"\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?"
 # run of backslashes and a quote, not preceded by one more backslash (an escaped quote
 # inside it has more); unterminated, it runs to the end of the line.
 _ESCAPED_QUOTED = r'(?P<esc>\\+)"(?:(?!(?<!\\)(?P=esc)")[^\r\n])*(?:(?P=esc)")?'
-# Between key and value: the key's closing quote, escaped or not, then : or =.
-_SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=]\s*)"
+# Between key and value: the key's closing quote, escaped or not, then : or =; ``gap``:
+# a space after it, as in YAML and config files, where a bare value holds spaces.
+_SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=](?:(?P<gap>[ \t]+)|\s*))"
+# A bare value after a gap: to the end of the line, or of the (JSON) string it is in,
+# whose closing quote is not preceded by a backslash of its own.
+_PHRASE = r"[^\s\"'\\][^\r\n\"\\]*(?:\\+(?![\\\"])[^\r\n\"\\]*)*"
 # A header's value runs to the end of the line, unless it is a quoted (JSON) string.
 _AUTH_HEADER = re.compile(
     r"(?im)\b(?P<key>(?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)"
@@ -64,13 +76,24 @@ _KEY_VALUE = re.compile(
     + _ESCAPED_QUOTED
     + "|"
     + _QUOTED
-    + r"|[^\s,;&\"']+)"
+    + r"|(?(gap)"
+    + _PHRASE
+    + r"|[^\s,;&\"']+))"
+)
+# A flag named for a secret (not --token-file, which names where one is), its value after
+# a space; a long flag after it is the next flag, not the value (a prompted password).
+_FLAG = re.compile(
+    r"(?i)(?<![\w-])(?P<key>--?[\w.-]{0,40}?"
+    r"(?:passw(?:or)?d|passwd|pwd|passphrase|(?:store|key)pass|secret|token|"
+    r"api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|credentials?))"
+    r"(?P<sep>[ \t]+)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
 _TOKENS = re.compile(
-    r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # JWT
+    r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"  # JWT (a payload {} is e30)
     r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
+    r"|\bAIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"  # Google API key
     r"|\bgh[pousr]_[A-Za-z0-9]{20,}\b"  # GitHub
     r"|\bgithub_pat_[A-Za-z0-9_]{20,}\b"
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
@@ -111,6 +134,7 @@ def redact(text: str) -> str:
     text = _SCHEME_CREDENTIAL.sub(_scheme_credential, text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     text = _TOKENS.sub(REDACTED, text)
+    text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
     text = _KEY_VALUE.sub(_key_value, text)
     return _LONG_OPAQUE.sub(_opaque, text)
 
