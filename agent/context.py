@@ -14,9 +14,10 @@ is stored, so nothing secret reaches a prompt or a log:
 
 A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
 analysis; within the logs and the events, one pod or namespace that fails leaves its own
-note and the rest is kept. Structured signals (OOM kills, crash loops, node conditions)
-are derived from event *reasons*, which the kubelet and controllers set; event messages
-and logs stay text for the LLM, never evidence for the rules.
+note and the rest is kept. Logs that time out keep the tails read by then, and their note
+names the pods (or pod listings) not read. Structured signals (OOM kills, crash loops,
+node conditions) are derived from event *reasons*, which the kubelet and controllers set;
+event messages and logs stay text for the LLM, never evidence for the rules.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ class _Parts:
         }
 
     notes: list[str] = field(default_factory=list)
+    # source -> what it has still to read: named in its note if it times out.
+    unread: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, text: str) -> None:
         """Note ``text`` once: the events and the logs both see a listing that failed."""
@@ -314,7 +317,9 @@ class ContextGatherer:
             async with asyncio.timeout(self.limits.timeout):
                 await job
         except TimeoutError:
-            parts.notes.append(f"{name}: no answer within {self.limits.timeout:g}s")
+            unread = parts.unread.get(name)
+            missing = f"; not read: {', '.join(unread)}" if unread else ""
+            parts.notes.append(f"{name}: no answer within {self.limits.timeout:g}s{missing}")
         except AgentError as err:
             parts.notes.append(f"{name} unavailable: {redact(str(err))[:300]}")
 
@@ -420,30 +425,43 @@ class ContextGatherer:
             for m in incident.firing
             if is_dns_name(p := m.labels.get("pod", ""))
         ]
+        # Kept up to date, so that a timeout names what was not read (see _bounded).
+        unread = parts.unread.setdefault("logs", [])
+        unread += [f"Pod/{ns}/{pod}" for ns, pod in pods]
+        unread += [f"the pods of {t.namespace}/{t.name}" for t in targets]
         for t in targets:
             try:
                 pods += [(t.namespace, p) for p in await parts.pods(src, t.namespace, t.name)]
             except AgentError as err:
                 parts.note(f"pods of {t.namespace}/{t.name} not listed: {redact(str(err))[:200]}")
+            unread.remove(f"the pods of {t.namespace}/{t.name}")
         pods = list(dict.fromkeys(pods))[: self.limits.max_pods]
+        unread[:] = [f"Pod/{ns}/{pod}" for ns, pod in pods]
         if not pods:
             return
         share = self.limits.max_bytes // len(pods)
+        texts: dict[tuple[str, str], str] = {}
 
         # A pod that has no log to give (ContainerCreating answers 400) costs its own tail
         # only: in a bad rollout, the pods that did start are the ones worth reading.
-        async def tail(ns: str, pod: str) -> str | None:
+        async def tail(ns: str, pod: str) -> None:
             try:
-                return await src.logs(ns, pod, tail=self.limits.log_lines)
+                text = await src.logs(ns, pod, tail=self.limits.log_lines)
             except AgentError as err:
                 parts.note(f"logs of Pod/{ns}/{pod} unavailable: {redact(str(err))[:200]}")
-                return None
-
-        tails = await asyncio.gather(*(tail(ns, pod) for ns, pod in pods))
-        for (_, pod), text in zip(pods, tails, strict=True):
-            if text is not None:
+            else:
                 # Redact first: clipping first could cut a secret's marker and leak its rest.
-                parts.logs[pod] = clip(redact(text), share, keep="tail")
+                texts[(ns, pod)] = clip(redact(text), share, keep="tail")
+            unread.remove(f"Pod/{ns}/{pod}")
+
+        try:
+            await asyncio.gather(*(tail(ns, pod) for ns, pod in pods))
+        finally:
+            # Also when the source times out: one pod whose log hangs must not cost the
+            # tails already read. In the order of the pods, whenever each arrived.
+            for ns, pod in pods:
+                if (ns, pod) in texts:
+                    parts.logs[pod] = texts[(ns, pod)]
 
     async def _config(
         self, src: ClusterContext, incident: Incident, targets: Sequence[Target], parts: _Parts

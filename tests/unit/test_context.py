@@ -43,6 +43,20 @@ class SlowLogs(FakeCluster):
         return ""
 
 
+class HangingLogs(FakeCluster):
+    """The fake cluster, where reading the log of a pod in ``hung`` never returns (a
+    kubelet that stopped answering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung: set[str] = set()
+
+    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+        if pod in self.hung:
+            await asyncio.Event().wait()
+        return await super().logs(namespace, pod, tail=tail)
+
+
 def cluster(cls: type[FakeCluster] = FakeCluster) -> FakeCluster:
     c = cls()
     c.create_deployment(
@@ -168,7 +182,7 @@ async def test_a_slow_source_times_out_and_is_noted_while_others_arrive() -> Non
     started = loop.time()
     ctx = await gather(cluster(SlowLogs))
     assert loop.time() - started < 2
-    assert "logs: no answer within 0.3s" in ctx.notes
+    assert "logs: no answer within 0.3s; not read: Pod/shop/checkout-7c9f-abcde" in ctx.notes
     assert ctx.rollouts and ctx.cpu_saturation  # the other sources still arrived
 
 
@@ -294,3 +308,17 @@ async def test_a_pod_listing_failing_keeps_the_events_and_is_noted_once() -> Non
     assert {e.name for e in ctx.events} == {"checkout-7c9f-abcde", "node-a"}
     assert ctx.crash_looping == ("checkout",)  # unlisted: all its events count
     assert ctx.notes == ("pods of shop/checkout not listed: pods: HTTP 503",)
+
+
+async def test_logs_read_before_the_source_timed_out_are_kept() -> None:
+    # The pod on a dead node never answers; its sibling's tail was read well before.
+    c = cluster(HangingLogs)
+    assert isinstance(c, HangingLogs)
+    c.set_logs("shop", "checkout-7c9f-zz9yx", "on the dead node")
+    c.hung = {"checkout-7c9f-zz9yx"}
+    ctx = await gather(c)
+    assert list(ctx.logs) == ["checkout-7c9f-abcde"]
+    assert ctx.logs["checkout-7c9f-abcde"].endswith("ERROR boom")
+    assert SECRET not in ctx.logs["checkout-7c9f-abcde"]
+    assert ctx.notes == ("logs: no answer within 0.3s; not read: Pod/shop/checkout-7c9f-zz9yx",)
+    assert ctx.rollouts and ctx.crash_looping == ("checkout",)  # the other sources arrived
