@@ -122,6 +122,28 @@ class AmWebhook:
     truncatedAlerts: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """:class:`AmWebhook` with its alerts left unread: the webhook checks each apart."""
+
+    __pydantic_config__ = _LENIENT
+    alerts: Annotated[tuple[Any, ...], Field(max_length=MAX_ALERTS)]
+    version: str = "4"
+    status: Literal["firing", "resolved"] | None = None
+    receiver: str = ""
+    groupKey: str = ""
+    truncatedAlerts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A webhook payload whose envelope is valid, its alerts checked one by one."""
+
+    receiver: str
+    alerts: tuple[tuple[int, AmAlert], ...]  # the valid ones, by their index in the payload
+    problems: tuple[tuple[int, str], ...]  # each other one's index and ``alerts[i].<field>: ...``
+
+
 def severity_of(labels: Mapping[str, str]) -> Severity:
     return _SEVERITY.get(labels.get("severity", "").strip().lower(), "warning")
 
@@ -163,6 +185,34 @@ def parse_webhook(obj: Any) -> AmWebhook:
     if not isinstance(obj, dict):
         raise InvalidEvent("AmWebhook", [f"<body>: expected a JSON object, got {_kind(obj)}"])
     return from_obj(AmWebhook, obj)
+
+
+def parse_notification(obj: Any) -> Notification:
+    """A decoded webhook payload, each alert validated apart: one bad alert must not cost
+    the others their delivery (refused whole, Alertmanager drops the notification on a
+    4xx). A bad envelope (not an object, ``alerts`` not a list of at most MAX_ALERTS, a
+    field of the wrong type) raises :class:`InvalidEvent` naming the field."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent("AmWebhook", [f"<body>: expected a JSON object, got {_kind(obj)}"])
+    try:
+        envelope = from_obj(_Envelope, obj)
+    except InvalidEvent as err:
+        raise InvalidEvent("AmWebhook", err.problems) from err
+    good: list[tuple[int, AmAlert]] = []
+    problems: list[tuple[int, str]] = []
+    for i, item in enumerate(envelope.alerts):
+        try:
+            good.append((i, from_obj(AmAlert, item)))
+        except InvalidEvent as err:
+            problems += [(i, _in_alert(i, p)) for p in err.problems]
+    return Notification(envelope.receiver, tuple(good), tuple(problems))
+
+
+def _in_alert(i: int, problem: str) -> str:
+    # "labels: Field required" -> "alerts[3].labels: ...", as the whole payload names it.
+    if problem.startswith("<root>"):
+        return f"alerts[{i}]{problem.removeprefix('<root>')}"
+    return f"alerts[{i}].{problem}"
 
 
 def parse_alertmanager_record(raw: bytes) -> tuple[AmAlert, ...]:

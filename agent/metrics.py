@@ -171,6 +171,13 @@ class Metrics:
             ["receiver", "code"],
             registry=r,
         )
+        self.webhook_refused_alerts = Counter(
+            "sre_agent_webhook_refused_alerts_total",
+            "Alerts a webhook receiver refused (422) while publishing the others of their "
+            "notification: invalid, or not making a valid anomaly.",
+            ["receiver"],
+            registry=r,
+        )
         self.processed = Counter(
             "sre_agent_events_processed_total",
             "Events processed per consumer.",

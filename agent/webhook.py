@@ -8,10 +8,14 @@ Order of checks, cheapest and least revealing first:
 415   the body is not ``application/json``
 413   the body is larger than ``max_body_bytes`` (declared or actually sent)
 400   the body is not JSON
-422   JSON, but not an Alertmanager payload; ``problems`` name each bad field. Also
-      when some alerts would not make a valid anomaly (e.g. a label value longer than
-      the anomaly schema allows): those are refused, named in ``problems``
-      (``alerts[1].labels.owner: ...``), and the others are published (``accepted``)
+422   JSON, but not an Alertmanager payload (not an object, ``alerts`` not a list, an
+      envelope field of the wrong type): nothing is published; ``problems`` name each
+      bad field. Also when some alerts are invalid (no ``labels.alertname``, a bad
+      ``startsAt``, ...) or would not make a valid anomaly (e.g. a label value longer
+      than the anomaly schema allows): those are refused, named in ``problems``
+      (``alerts[1].labels.owner: ...``) and counted, and the others are published
+      (``accepted``). Alertmanager does not retry a 4xx: refused whole, the valid
+      alerts of the notification would be lost
 503   not started yet, or Kafka did not take the anomalies (Alertmanager retries)
 200   ``{"accepted": n}``: every alert was published to the anomalies topic
 ====  =======================================================================
@@ -39,7 +43,7 @@ import orjson
 from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
-from agent.alerts import AmAlert, parse_webhook, still_firing, to_anomaly
+from agent.alerts import Notification, parse_notification, still_firing, to_anomaly
 from agent.codec import wire_problems
 from agent.detector import Publisher, publish_anomalies
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
@@ -163,7 +167,7 @@ class AlertmanagerReceiver:
         except orjson.JSONDecodeError as err:
             return _error(400, "malformed_json", f"<body>: not valid JSON ({err})")
         try:
-            payload = parse_webhook(obj)
+            payload = parse_notification(obj)
         except InvalidEvent as err:
             return _error(422, "invalid_payload", str(err), problems=list(err.problems[:50]))
         if not self.accepting:
@@ -173,7 +177,7 @@ class AlertmanagerReceiver:
             self.receivers.add(payload.receiver)
         now = self.clock()
         cluster = self.settings.agent.cluster
-        anomalies, problems = _anomalies_of(payload.alerts, cluster=cluster, now=now)
+        anomalies, refused = _anomalies_of(payload, cluster=cluster, now=now)
         try:
             await self._publish(anomalies)
         except AgentError as err:
@@ -182,19 +186,22 @@ class AlertmanagerReceiver:
                 503, "unavailable", "could not publish; retry", headers={"Retry-After": "5"}
             )
         log.info("webhook: %d alerts from %r", len(anomalies), payload.receiver)
-        if problems:
+        if refused:
             # Accepted would tell Alertmanager they were delivered, while the correlator
             # dead-letters them; 422 says they were not (it does not retry a 4xx).
+            problems = [p for _, p in refused]
+            count = len({i for i, _ in refused})
+            self.metrics.webhook_refused_alerts.labels(receiver="alertmanager").inc(count)
             log.warning(
                 "webhook: refused %d alerts from %r: %s",
-                len(payload.alerts) - len(anomalies),
+                count,
                 payload.receiver,
                 "; ".join(problems[:5]),
             )
             return _error(
                 422,
                 "invalid_alerts",
-                f"{len(payload.alerts) - len(anomalies)} alerts would not make a valid anomaly; "
+                f"{count} alerts are invalid or would not make a valid anomaly; "
                 f"the other {len(anomalies)} were accepted",
                 problems=problems[:50],
                 accepted=len(anomalies),
@@ -218,20 +225,21 @@ class AlertmanagerReceiver:
 
 
 def _anomalies_of(
-    alerts: tuple[AmAlert, ...], *, cluster: str, now: datetime
-) -> tuple[list[Anomaly], list[str]]:
-    """Pure: the anomalies of the alerts that make valid ones (checked against the wire
-    schema the correlator decodes with), and a problem naming the field of each other."""
+    payload: Notification, *, cluster: str, now: datetime
+) -> tuple[list[Anomaly], list[tuple[int, str]]]:
+    """Pure: the anomalies of the valid alerts that make valid ones (checked against the
+    wire schema the correlator decodes with), and (index, problem naming the field) of
+    each other alert, in the payload's order."""
     good: list[Anomaly] = []
-    problems: list[str] = []
-    for i, alert in enumerate(alerts):
+    problems = list(payload.problems)
+    for i, alert in payload.alerts:
         anomaly = to_anomaly(alert, cluster=cluster, now=now)
         bad = wire_problems(Anomaly, anomaly)
         if bad:
-            problems += [f"alerts[{i}].{p}" for p in bad]
+            problems += [(i, f"alerts[{i}].{p}") for p in bad]
         else:
             good.append(anomaly)
-    return good, problems
+    return good, sorted(problems, key=lambda p: p[0])
 
 
 def _error(

@@ -244,6 +244,51 @@ async def test_an_alert_that_would_not_make_a_valid_anomaly_is_422_the_others_go
     assert key == "test/shop/cart" and anomaly.labels["service"] == "cart"
 
 
+async def test_invalid_alerts_are_422_by_name_and_counted_the_valid_ones_go_through(
+    receiver: tuple[str, Recorder, AlertmanagerReceiver],
+) -> None:
+    # One alert without an alertname used to refuse the whole notification with 422:
+    # Alertmanager does not retry a 4xx, so the valid alerts beside it were lost.
+    url, rec, am = receiver
+    good = alert_payload(service="cart")["alerts"][0]
+    nameless = {**good, "labels": {"service": "cart"}}
+    badtime = {**good, "startsAt": "noon"}
+    body = {**alert_payload(), "alerts": [nameless, good, badtime, 3]}
+    status, doc = await post(url, orjson.dumps(body))
+    assert (status, doc["error"], doc["accepted"]) == (422, "invalid_alerts", 1)
+    assert doc["reason"].startswith("3 alerts are invalid")
+    assert doc["problems"] == [
+        "alerts[0].labels: Value error, labels.alertname is required",
+        "alerts[2].startsAt: Input should be a valid datetime or date, input is too short",
+        "alerts[3]: Input should be a dictionary or an instance of AmAlert",
+    ]
+    [(_, anomaly, key)] = rec.items
+    assert key == "test/shop/cart" and anomaly.name == "HighErrorRate"
+    value = am.metrics.registry.get_sample_value
+    assert value("sre_agent_webhook_refused_alerts_total", {"receiver": "alertmanager"}) == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"version": 4, "alerts": alert_payload()["alerts"]},
+        {"status": "gone", "alerts": alert_payload()["alerts"]},
+        {"alerts": {"0": alert_payload()["alerts"][0]}},
+        [alert_payload()],
+    ],
+    ids=["version", "status", "alerts-not-a-list", "not-an-object"],
+)
+async def test_a_bad_envelope_refuses_the_whole_notification_naming_the_field(
+    receiver: tuple[str, Recorder, AlertmanagerReceiver], body: Any
+) -> None:
+    url, rec, _ = receiver
+    status, doc = await post(url, orjson.dumps(body))
+    assert (status, doc["error"]) == (422, "invalid_payload")
+    [problem] = doc["problems"]
+    assert problem.split(":")[0] == {dict: next(iter(body)), list: "<body>"}[type(body)]
+    assert rec.items == []
+
+
 async def test_kafka_down_or_not_started_is_503_so_alertmanager_retries(
     receiver: tuple[str, Recorder, AlertmanagerReceiver],
 ) -> None:

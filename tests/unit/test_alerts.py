@@ -7,7 +7,13 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.alerts import parse_alertmanager_record, parse_webhook, severity_of, to_anomaly
+from agent.alerts import (
+    parse_alertmanager_record,
+    parse_notification,
+    parse_webhook,
+    severity_of,
+    to_anomaly,
+)
 from agent.errors import InvalidEvent
 from agent.feeds import decode_alertmanager
 from agent.models import fingerprint
@@ -145,6 +151,34 @@ def test_invalid_payloads_name_the_field(body: Any, problem: str) -> None:
     with pytest.raises(InvalidEvent) as err:
         parse_webhook(body)
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+def test_a_notification_keeps_its_valid_alerts_and_names_each_invalid_one() -> None:
+    # The webhook publishes the valid alerts and refuses the others by name: refused
+    # whole with a 4xx, Alertmanager would drop the valid ones with them.
+    nameless = {**alert(), "labels": {"pod": "p"}}
+    n = parse_notification(payload(alert(pod="a"), nameless, alert(pod="b"), "x"))
+    assert n.receiver == "agent"
+    assert [(i, a.labels["pod"]) for i, a in n.alerts] == [(0, "a"), (2, "b")]
+    assert n.problems == (
+        (1, "alerts[1].labels: Value error, labels.alertname is required"),
+        (3, "alerts[3]: Input should be a dictionary or an instance of AmAlert"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ([alert()], "<body>: expected a JSON object, got array"),
+        ({"alerts": 3}, "alerts: Input should be a valid tuple"),
+        ({"version": 4, "alerts": []}, "version: Input should be a valid string"),
+        ({"alerts": [alert()] * 1001}, "alerts: Tuple should have at most 1000 items"),
+    ],
+)
+def test_a_bad_envelope_refuses_the_whole_notification(body: Any, problem: str) -> None:
+    with pytest.raises(InvalidEvent, match="invalid AmWebhook") as err:
+        parse_notification(body)
+    assert [p[: len(problem)] for p in err.value.problems] == [problem]
 
 
 @pytest.mark.parametrize(
