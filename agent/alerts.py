@@ -204,12 +204,13 @@ def parse_notification(obj: Any) -> Notification:
         try:
             good.append((i, from_obj(AmAlert, item)))
         except InvalidEvent as err:
-            problems += [(i, _in_alert(i, p)) for p in err.problems]
+            problems += [(i, in_alert(i, p)) for p in err.problems]
     return Notification(envelope.receiver, tuple(good), tuple(problems))
 
 
-def _in_alert(i: int, problem: str) -> str:
-    # "labels: Field required" -> "alerts[3].labels: ...", as the whole payload names it.
+def in_alert(i: int, problem: str) -> str:
+    """A problem of one alert as the payload names it: ``labels: ...`` of alert 3 ->
+    ``alerts[3].labels: ...``, ``<root>: ...`` -> ``alerts[3]: ...``."""
     if problem.startswith("<root>"):
         return f"alerts[{i}]{problem.removeprefix('<root>')}"
     return f"alerts[{i}].{problem}"

@@ -11,11 +11,13 @@ Order of checks, cheapest and least revealing first:
 422   JSON, but not an Alertmanager payload (not an object, ``alerts`` not a list, an
       envelope field of the wrong type): nothing is published; ``problems`` name each
       bad field. Also when some alerts are invalid (no ``labels.alertname``, a bad
-      ``startsAt``, ...) or would not make a valid anomaly (e.g. a label value longer
-      than the anomaly schema allows): those are refused, named in ``problems``
-      (``alerts[1].labels.owner: ...``) and counted, and the others are published
-      (``accepted``). Alertmanager does not retry a 4xx: refused whole, the valid
-      alerts of the notification would be lost
+      ``startsAt``, ...), would not make a valid anomaly (e.g. a label value longer
+      than the anomaly schema allows) or make one larger than a Kafka record may be
+      (which the producer refuses on every retry, with the alerts published beside
+      it): those are refused, named in ``problems`` (``alerts[1].labels.owner: ...``,
+      ``alerts[2]: the anomaly is 1100000 bytes ...``) and counted, and the others are
+      published (``accepted``). Refused whole, the valid alerts would be lost:
+      Alertmanager does not retry a 4xx
 503   not started yet, or Kafka did not take the anomalies (Alertmanager retries)
 200   ``{"accepted": n}``: every alert was published to the anomalies topic
 ====  =======================================================================
@@ -43,13 +45,14 @@ import orjson
 from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
-from agent.alerts import Notification, parse_notification, still_firing, to_anomaly
+from agent.alerts import Notification, in_alert, parse_notification, still_firing, to_anomaly
 from agent.codec import wire_problems
 from agent.detector import Publisher, publish_anomalies
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
-from agent.models import Anomaly, utcnow
+from agent.models import Anomaly, group_key, utcnow
 from agent.settings import Settings
+from streams.partitioning import oversized
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ class AlertmanagerReceiver:
                     for a in still_firing(
                         alerts, cluster=self.settings.agent.cluster, now=self.clock()
                     )
-                    if not wire_problems(Anomaly, a)  # refused with 422 when delivered
+                    if not _refusals(a, self.settings.correlation.group_by)
                 ]
                 await self._publish(anomalies)
             except AgentError as err:
@@ -177,7 +180,8 @@ class AlertmanagerReceiver:
             self.receivers.add(payload.receiver)
         now = self.clock()
         cluster = self.settings.agent.cluster
-        anomalies, refused = _anomalies_of(payload, cluster=cluster, now=now)
+        group_by = self.settings.correlation.group_by
+        anomalies, refused = _anomalies_of(payload, cluster=cluster, now=now, group_by=group_by)
         try:
             await self._publish(anomalies)
         except AgentError as err:
@@ -225,21 +229,30 @@ class AlertmanagerReceiver:
 
 
 def _anomalies_of(
-    payload: Notification, *, cluster: str, now: datetime
+    payload: Notification, *, cluster: str, now: datetime, group_by: tuple[str, ...]
 ) -> tuple[list[Anomaly], list[tuple[int, str]]]:
-    """Pure: the anomalies of the valid alerts that make valid ones (checked against the
-    wire schema the correlator decodes with), and (index, problem naming the field) of
-    each other alert, in the payload's order."""
+    """Pure: the anomalies of the valid alerts that make ones the correlator can get, and
+    (index, problem naming the field) of each other alert, in the payload's order."""
     good: list[Anomaly] = []
     problems = list(payload.problems)
     for i, alert in payload.alerts:
         anomaly = to_anomaly(alert, cluster=cluster, now=now)
-        bad = wire_problems(Anomaly, anomaly)
+        bad = _refusals(anomaly, group_by)
         if bad:
-            problems += [(i, f"alerts[{i}].{p}") for p in bad]
+            problems += [(i, in_alert(i, p)) for p in bad]
         else:
             good.append(anomaly)
     return good, sorted(problems, key=lambda p: p[0])
+
+
+def _refusals(anomaly: Anomaly, group_by: tuple[str, ...]) -> list[str]:
+    """Pure: why an alert's anomaly would not reach the correlator: a field its wire
+    schema refuses (the correlator dead-letters it), or a size Kafka refuses."""
+    bad = wire_problems(Anomaly, anomaly)
+    if bad:
+        return list(bad)
+    too_large = oversized(anomaly, group_key(anomaly.labels, group_by))
+    return [f"<root>: {too_large}"] if too_large else []
 
 
 def _error(

@@ -38,7 +38,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, new_id, utcnow
 from agent.settings import KafkaSection
 from agent.topics import CATALOG, topic
-from streams.partitioning import anomaly_records, partition_for
+from streams.partitioning import MAX_REQUEST_BYTES, anomaly_records, partition_for
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Bus:
             enable_idempotence=True,
             acks="all",
             linger_ms=self.kafka.linger_ms,
+            max_request_size=MAX_REQUEST_BYTES,  # what sources check their anomalies against
         )
         try:
             await producer.start()

@@ -23,6 +23,7 @@ import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from agent.codec import FastDecoder, encode, from_obj, from_objs
 from agent.errors import DependencyUnavailable, InvalidEvent
@@ -55,7 +56,29 @@ def partitioner(key: bytes | None, all_partitions: list[int], available: list[in
 # free-text annotations, so 500 of them can be far larger than 500 typical ones.
 MAX_BATCH_BYTES = 512 * 1024
 
+# The largest record the producer sends: aiokafka's default max_request_size, which
+# streams.bus.Bus sets explicitly (the broker's default message.max.bytes is 12 bytes more).
+MAX_REQUEST_BYTES = 1024 * 1024
+
 Encoded = tuple[bytes, str, str]  # an anomaly's JSON, its id, its key
+
+
+def record_bytes(value: bytes, key: bytes | None) -> int:
+    """A record's size as the producer checks it against MAX_REQUEST_BYTES."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, []))
+
+
+def oversized(anomaly: Anomaly, key: str) -> str | None:
+    """Why Kafka refuses every record that would carry this anomaly (None: it fits).
+
+    Alone it is a plain record of its JSON and key; in a batch its companions total about
+    MAX_BATCH_BYTES, half the limit (see :func:`chunks`): so checking it alone checks
+    every record it can travel in. Refused by the producer, it fails the whole publish
+    every time it is retried, taking the anomalies published with it along."""
+    size = record_bytes(encode(anomaly), key.encode())
+    if size <= MAX_REQUEST_BYTES:
+        return None
+    return f"the anomaly is {size} bytes as a Kafka record, over the limit of {MAX_REQUEST_BYTES}"
 
 
 def chunks(encoded: list[Encoded]) -> list[list[Encoded]]:

@@ -4,6 +4,8 @@ Prometheus rule's alert, firing then resolved, onto Kafka; and bad requests over
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -19,6 +21,7 @@ from agent.runtime import Agent
 from agent.server import HealthServer
 from agent.webhook import AlertmanagerReceiver
 from handlers.fake_cluster import FakeCluster
+from streams.partitioning import MAX_REQUEST_BYTES, anomaly_records, record_bytes
 from tests.fixtures.infra import WEBHOOK_PATH, WEBHOOK_PORT
 from tests.helpers import make_settings, readers
 from tests.integration.exporter import Exporter
@@ -101,6 +104,9 @@ LIMIT = 16 * 1024  # room for one alert with a label as long as an anomaly allow
 
 
 class Recorder:
+    """Keeps what is published; refuses what the bus would: everything while ``fail``, and
+    a publish any of whose records is over the producer's limit."""
+
     def __init__(self) -> None:
         self.items: list[tuple[str, Any, str | None]] = []
         self.fail = False
@@ -108,15 +114,24 @@ class Recorder:
     async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
         if self.fail:
             raise DependencyUnavailable("kafka publish failed: broker down")
+        keyed = [(a, k) for _, a, k in items if isinstance(a, Anomaly) and k]
+        if any(record_bytes(v, k) > MAX_REQUEST_BYTES for _, v, k in anomaly_records(keyed, 3)):
+            raise DependencyUnavailable("kafka publish failed: MessageSizeTooLargeError")
         self.items.extend(items)
 
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[str, Recorder, AlertmanagerReceiver]]:
+    async with serving(LIMIT) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serving(limit: int) -> AsyncIterator[tuple[str, Recorder, AlertmanagerReceiver]]:
     settings = make_settings(
         "127.0.0.1:1",
         "unused.",
-        doc={"detectors": {"alertmanager": {"enabled": True, "max_body_bytes": LIMIT}}},
+        doc={"detectors": {"alertmanager": {"enabled": True, "max_body_bytes": limit}}},
     )
     metrics, rec = Metrics(), Recorder()
     server = HealthServer(host="127.0.0.1", port=0, metrics=metrics)
@@ -156,7 +171,10 @@ async def post(
     headers = {"Content-Type": ctype}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, data=io.BytesIO(body), headers=headers) as resp,
+    ):
         return resp.status, orjson.loads(await resp.read())
 
 
@@ -287,6 +305,25 @@ async def test_a_bad_envelope_refuses_the_whole_notification_naming_the_field(
     [problem] = doc["problems"]
     assert problem.split(":")[0] == {dict: next(iter(body)), list: "<body>"}[type(body)]
     assert rec.items == []
+
+
+async def test_an_alert_too_large_for_a_kafka_record_is_422_the_others_go_through() -> None:
+    # Under max_body_bytes, but its anomaly is over the producer's record limit: the publish
+    # failed with 503 "retry", Alertmanager retried it forever, and the notification's
+    # other alerts were never published.
+    notes = {f"note{i}": "x" * 4096 for i in range(300)}  # about 1.2 MB
+    good = alert_payload(service="cart")["alerts"][0]
+    big = {**alert_payload(service="big")["alerts"][0], "annotations": notes}
+    other = alert_payload(service="checkout")["alerts"][0]
+    async with serving(4 * 1024 * 1024) as (url, rec, am):
+        status, doc = await post(url, orjson.dumps({"alerts": [good, big, other]}))
+        assert (status, doc["error"], doc["accepted"]) == (422, "invalid_alerts", 2)
+        [problem] = doc["problems"]
+        assert problem.startswith("alerts[1]: the anomaly is 12")
+        assert problem.endswith(f"bytes as a Kafka record, over the limit of {MAX_REQUEST_BYTES}")
+        assert sorted(k or "" for _, _, k in rec.items) == ["test/shop/cart", "test/shop/checkout"]
+        value = am.metrics.registry.get_sample_value
+        assert value("sre_agent_webhook_refused_alerts_total", {"receiver": "alertmanager"}) == 1
 
 
 async def test_kafka_down_or_not_started_is_503_so_alertmanager_retries(
