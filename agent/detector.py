@@ -15,8 +15,9 @@ anomalies are stamped with it. Replicas therefore publish identical anomalies (s
 fingerprint, ``observed_at`` and ``id``) and the correlator's fingerprint dedup absorbs
 the copies: two replicas, one incident.
 
-Failures are observations too. A query Prometheus rejects ``failure_threshold`` times in a
-row raises the agent's own ``pattern-query-failed`` anomaly for that pattern; an endpoint
+Failures are observations too. A query Prometheus rejects, or whose result is not an
+instant vector (a scalar condition), ``failure_threshold`` times in a row raises the
+agent's own ``pattern-query-failed`` anomaly for that pattern; an endpoint
 that stops answering opens its circuit breaker (no more queries until ``reset_timeout``)
 and raises ``prometheus-unavailable``. Both resolve on the next successful query.
 """
@@ -295,11 +296,12 @@ class PromQLDetector:
                 reason = "unavailable"
                 self.breaker.record_failure()
                 agent = self._endpoint_health(now, str(err))
-            else:  # Prometheus answered: the endpoint is fine, the query is not
+            else:  # Prometheus answered: the endpoint is fine, the query is not (rejected,
+                # or not an instant vector: a scalar condition is the pattern's error)
                 reason = "invalid_query"
                 self.breaker.record_success()
                 agent = self._endpoint_health(now, "") + self._query_health(
-                    pattern, False, now, str(err)
+                    pattern, False, now, f"pattern {pattern.name}: {err}"
                 )
             self.metrics.detector_errors.labels(pattern=pattern.name, reason=reason).inc()
             log.warning("pattern %s: query failed: %s", pattern.name, err)

@@ -3,13 +3,16 @@
 The client is synchronous (requests), so queries run in a small dedicated thread pool with
 a timeout; the event loop never blocks on Prometheus. Errors are translated once: a bad
 expression is a :class:`PermanentError`, anything else (connection refused, timeout, 5xx)
-is :class:`DependencyUnavailable`.
+is :class:`DependencyUnavailable`. So is a malformed reply; but a reply that is not an
+instant vector (the expression evaluates to a scalar, a string or, for a range selector,
+a matrix) is the expression's fault: :class:`InvalidQuery`, naming the result type.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,13 +44,19 @@ class Vector:
     warnings: tuple[str, ...] = ()
 
 
-# custom_query returns only data.result; the warnings beside it are read off the response
-# by a hook of the client's session, which runs in the thread making the call.
+# custom_query returns only data.result; the result type and the warnings beside it are
+# read off the response by a hook of the client's session, which runs in the thread making
+# the call.
 _reply = threading.local()
+# (A quote inside a label value is escaped, so a label cannot fake it.)
+_RESULT_TYPE = re.compile(rb'"resultType"\s*:\s*"([A-Za-z]{1,20})"')
 
 
-def _note_warnings(response: requests.Response, *args: object, **kwargs: object) -> None:
+def _note_reply(response: requests.Response, *args: object, **kwargs: object) -> None:
     warnings: tuple[str, ...] = ()
+    result_type = None
+    if response.status_code == 200 and (m := _RESULT_TYPE.search(response.content)):
+        result_type = m.group(1).decode()
     if response.status_code == 200 and b'"warnings"' in response.content:
         try:
             found = response.json().get("warnings")
@@ -57,6 +66,7 @@ def _note_warnings(response: requests.Response, *args: object, **kwargs: object)
             found = found if isinstance(found, list) else [found]
             warnings = tuple(str(w)[:500] for w in found[:10])
     _reply.warnings = warnings
+    _reply.result_type = result_type
 
 
 class InvalidQuery(PermanentError):
@@ -70,7 +80,7 @@ class PromClient:
         # No client-side retries: the detector's interval is the retry, and a slow failure
         # would hide an outage behind the timeout.
         self._session = requests.Session()
-        self._session.hooks["response"].append(_note_warnings)
+        self._session.hooks["response"].append(_note_reply)
         self._client = PrometheusConnect(
             url=url, disable_ssl=True, retry=Retry(total=0), timeout=timeout, session=self._session
         )
@@ -90,13 +100,13 @@ class PromClient:
         if at is not None:
             params["time"] = f"{at.timestamp():.3f}"
 
-        def call() -> tuple[object, tuple[str, ...]]:
-            _reply.warnings = ()
+        def call() -> tuple[object, tuple[str, ...], str | None]:
+            _reply.warnings, _reply.result_type = (), None
             raw = self._client.custom_query(expr, params=params)
-            return raw, _reply.warnings
+            return raw, _reply.warnings, _reply.result_type
 
         try:
-            raw, warnings = await asyncio.wait_for(
+            raw, warnings, result_type = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, call), timeout=self.timeout + 1
             )
         except PrometheusApiClientException as err:
@@ -105,7 +115,12 @@ class PromClient:
             raise DependencyUnavailable(f"prometheus {self.url}: {err}") from err
         except (RequestException, TimeoutError, OSError) as err:
             raise DependencyUnavailable(f"prometheus {self.url}: {err!r}") from err
-        return Vector(parse_vector(raw), warnings)
+        if result_type not in (None, "vector"):
+            raise InvalidQuery(_not_a_vector(expr, result_type))
+        try:
+            return Vector(parse_vector(raw), warnings)
+        except InvalidQuery as err:
+            raise InvalidQuery(_not_a_vector(expr, "scalar or string")) from err
 
     async def close(self) -> None:
         if not self._closed:
@@ -114,8 +129,24 @@ class PromClient:
             self._session.close()
 
 
+def _not_a_vector(expr: str, result_type: str) -> str:
+    return (
+        f"{expr!r} evaluates to a {result_type}, not an instant vector: it selects no "
+        "series (a pattern's condition must, e.g. `sum by (service) (x) > 0`)"
+    )
+
+
 def parse_vector(raw: object) -> list[Sample]:
-    """Validate an instant-vector reply; a malformed reply names what is wrong."""
+    """Validate an instant-vector reply; a malformed reply names what is wrong. A scalar
+    or string result (``[<time>, "<value>"]``), also when the reply did not say its type,
+    is :class:`InvalidQuery`: it is no series, and the expression's fault."""
+    if (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and isinstance(raw[0], int | float)
+        and isinstance(raw[1], str)
+    ):
+        raise InvalidQuery(f"prometheus reply: a scalar or string result {raw!r:.100}")
     if not isinstance(raw, list):
         raise DependencyUnavailable(
             f"prometheus reply: expected a vector, got {type(raw).__name__}"

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.prom import PromClient, Sample, Vector
+from agent.detector import PromQLDetector
+from agent.metrics import Metrics
+from agent.models import Anomaly
+from agent.prom import InvalidQuery, PromClient, Sample, Vector
+from agent.settings import parse_settings
+from tests.fakes.publisher import MemoryBus
+from tests.unit.factories import at
 
 
 @pytest.fixture
@@ -57,3 +63,63 @@ async def test_the_warnings_of_a_partial_reply_are_kept(
     got = await client.query_vector("errors > 1")
     assert got.warnings == () and len(got.samples) == 2
     assert await client.query("errors > 1") == got.samples
+
+
+_NOT_VECTORS = {
+    "scalar": [1717239600, "1"],
+    "string": [1717239600, "db down"],
+    "matrix": [{"metric": {"service": "cart"}, "values": [[1717239600, "2"]]}],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NOT_VECTORS))
+async def test_a_reply_that_is_not_an_instant_vector_is_the_query_s_fault(
+    prom: tuple[PromClient, dict[str, Any]], kind: str
+) -> None:
+    # It read as a malformed reply, DependencyUnavailable: Prometheus looked down.
+    client, reply = prom
+    reply.update(status="success", data={"resultType": kind, "result": _NOT_VECTORS[kind]})
+    with pytest.raises(InvalidQuery, match=rf"^'errors > 1' evaluates to a {kind}, not an"):
+        await client.query_vector("errors > 1")
+
+
+async def test_a_scalar_result_without_its_type_is_the_query_s_fault_too(
+    prom: tuple[PromClient, dict[str, Any]],
+) -> None:
+    client, reply = prom
+    reply.update(status="success", data={"result": [1717239600, "1"]})  # a proxy dropped it
+    with pytest.raises(InvalidQuery, match="evaluates to a scalar or string, not an"):
+        await client.query_vector("errors > 1")
+
+
+async def test_a_scalar_pattern_fails_as_that_pattern_s_query_not_as_an_outage(
+    prom: tuple[PromClient, dict[str, Any]],
+) -> None:
+    # Every slot of a pattern whose condition is a scalar counted as a Prometheus failure:
+    # the shared breaker opened and every other pattern went unevaluated.
+    client, reply = prom
+    reply.update(status="success", data={"resultType": "scalar", "result": [1717239600, "1"]})
+    settings = parse_settings(
+        {
+            "detectors": {"prometheus": {"failure_threshold": 2}},
+            "patterns": [{"name": "db-down", "condition": "errors > 1"}],
+        },
+        env={},
+    )
+    bus, metrics = MemoryBus(), Metrics()
+    d = PromQLDetector(settings, prom=client, publish=bus, topic="t", metrics=metrics)
+    [p] = settings.patterns
+    for t in range(4):
+        assert await d.evaluate_once(p, at(15 * t)) == []
+    assert not d.breaker.is_open
+    published = [a for _, a, _ in bus.sent if isinstance(a, Anomaly)]
+    assert {a.name for a in published} == {"pattern-query-failed"}
+    failed = published[0]
+    assert failed.labels["pattern"] == "db-down" and failed.status == "firing"
+    assert failed.annotations["error"].startswith(
+        "pattern db-down: 'errors > 1' evaluates to a scalar, not an instant vector"
+    )
+    value = metrics.registry.get_sample_value
+    errors = {"pattern": "db-down", "reason": "invalid_query"}
+    assert value("sre_agent_detector_errors_total", errors) == 4
+    assert value("sre_agent_detector_errors_total", {**errors, "reason": "unavailable"}) is None
