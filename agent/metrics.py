@@ -1,8 +1,8 @@
 """Prometheus metrics of the agent. One registry per process, built by the composition root.
 
-Names follow the reference (``sre_agent_remediation_total{service,action,result}``,
-``sre_agent_incident_resolution_duration_seconds``) so its recording rules and dashboard
-work unchanged.
+Names and types follow the reference (``sre_agent_remediation_total{service,action,result}``
+a counter, ``sre_agent_incident_resolution_duration_seconds{service}`` a gauge its rules
+``avg()``) so its recording rules and dashboard work unchanged.
 """
 
 from __future__ import annotations
@@ -46,9 +46,19 @@ class Metrics:
             ["status"],
             registry=r,
         )
-        self.resolution = Histogram(
+        # The reference averages the bare name, which a histogram never exposes (only
+        # _bucket/_sum/_count): the bare name is a gauge, the distribution has its own name.
+        self.last_resolution = Gauge(
             "sre_agent_incident_resolution_duration_seconds",
-            "Time from an incident opening to its resolution.",
+            "Time from opening to resolution of the last incident of the service this "
+            "correlator resolved.",
+            ["service"],
+            registry=r,
+        )
+        self.resolution = Histogram(
+            "sre_agent_incident_resolution_seconds",
+            "Time from an incident opening to its resolution, for quantiles and means "
+            "over a window.",
             ["service"],
             registry=r,
             buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
@@ -235,3 +245,7 @@ class Metrics:
             ["action", "confidence_bucket", "outcome"],
             registry=r,
         )
+
+    def incident_resolved(self, service: str, seconds: float) -> None:
+        self.last_resolution.labels(service=service).set(seconds)
+        self.resolution.labels(service=service).observe(seconds)

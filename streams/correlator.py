@@ -1085,7 +1085,7 @@ class Correlator:
             if inc.status == "resolved" and inc.resolved_at is not None:
                 service = inc.labels.get("service", "")
                 duration = (inc.resolved_at - inc.opened_at).total_seconds()
-                self.metrics.resolution.labels(service=service).observe(duration)
+                self.metrics.incident_resolved(service, duration)
             # Every update at INFO cost more than folding it at a few thousand a second.
             log.log(
                 logging.DEBUG if inc.status == "updated" else logging.INFO,

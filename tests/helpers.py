@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.codec import decode
 from agent.errors import InvalidEvent
@@ -73,6 +76,29 @@ def promtool_test(doc: dict[str, Any], where: Path) -> str | None:
         [PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False
     )
     return None if run.returncode == 0 else run.stdout + run.stderr
+
+
+# Verbatim excerpts of the design reference (golden-path-self-healing.md): its agent
+# config (section 6), PrometheusRule and Grafana dashboard (section 9), the formats and
+# metric names this agent must meet.
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
+
+
+def reference_file(name: str) -> str:
+    """One of the reference excerpts: config.yaml, self-healing-rules.yaml, dashboard.json."""
+    return (REFERENCE / name).read_text()
+
+
+def exposition_series(registry: CollectorRegistry) -> list[dict[str, str]]:
+    """``promtool test rules`` input series holding, for ten minutes, every sample of the
+    registry's text exposition: what a Prometheus scraping the agent would store."""
+    series = []
+    text = generate_latest(registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(sample.labels.items()))
+            series.append({"series": f"{sample.name}{{{labels}}}", "values": f"{sample.value}x10"})
+    return series
 
 
 def lab_settings(kafka_bootstrap: str, topic_prefix: str, prometheus_url: str) -> Settings:

@@ -207,7 +207,8 @@ async def test_bad_rollout_is_rolled_back_and_verified(
         >= 1
     )
     assert metric(agent, "sre_agent_incidents_total", status="open") == 1
-    assert metric(agent, "sre_agent_incident_resolution_duration_seconds_count", service=name) == 1
+    assert metric(agent, "sre_agent_incident_resolution_seconds_count", service=name) == 1
+    assert metric(agent, "sre_agent_incident_resolution_duration_seconds", service=name) > 0
 
 
 async def test_rollback_requiring_approval_is_queued_not_executed(

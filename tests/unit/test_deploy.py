@@ -22,13 +22,16 @@ SERIES = re.compile(r"\b(sre_agent_[a-z_]+)")
 
 
 def exported() -> set[str]:
+    """Names of the series a scrape stores. Not a histogram's own name: only its _bucket,
+    _sum and _count exist, so a query of the bare name finds nothing."""
     names: set[str] = set()
     for metric in Metrics().registry.collect():
-        names.add(metric.name)
         names.update(s.name for s in metric.samples)
-        if metric.type == "counter":
+        if metric.type == "counter":  # labelled: no samples until counted
             names.add(metric.name + "_total")
-        if metric.type == "histogram":  # labelled: no samples until observed
+        if metric.type == "gauge":
+            names.add(metric.name)
+        if metric.type == "histogram":
             names.update(metric.name + sfx for sfx in ("_sum", "_count", "_bucket"))
     return names
 
