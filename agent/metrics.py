@@ -84,8 +84,14 @@ class Metrics:
         )
         self.remediation = Counter(
             "sre_agent_remediation_total",
-            "Remediation decisions and executions; result is success, failure, denied, "
-            "pending_approval, rejected, dry_run or duplicate.",
+            "Executed remediations; result is success or failure.",
+            ["service", "action", "result"],
+            registry=r,
+        )
+        self.remediation_decisions = Counter(
+            "sre_agent_remediation_decisions_total",
+            "Remediations not executed; result is pending_approval, denied, rejected, "
+            "dry_run or duplicate.",
             ["service", "action", "result"],
             registry=r,
         )

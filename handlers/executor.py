@@ -123,15 +123,10 @@ _R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
-METRIC_RESULT: dict[str, str] = {
-    "succeeded": "success",
-    "failed": "failure",
-    "denied": "denied",
-    "pending_approval": "pending_approval",
-    "rejected": "rejected",
-    "dry_run": "dry_run",
-    "duplicate": "duplicate",
-}
+# sre_agent_remediation_total counts executed actions only, under the reference's labels,
+# so its success / all is a success rate; a result that executed nothing (pending_approval,
+# denied, rejected, dry_run, duplicate) goes to sre_agent_remediation_decisions_total.
+EXECUTED_RESULT: dict[str, str] = {"succeeded": "success", "failed": "failure"}
 TRANSIENT_ATTEMPTS = 3
 # A verification's steps are retried this often, backing off from 1 s to at most 60 s
 # (about two minutes in all: a broker restart), before it is given up, loudly.
@@ -879,9 +874,9 @@ class Executor:
             service=action.labels.get("service", ""),
         )
         await self.bus.publish(self.bus.topic("action-results"), result)
-        self.metrics.remediation.labels(
-            service=result.service, action=action.type, result=METRIC_RESULT[status]
-        ).inc()
+        executed = EXECUTED_RESULT.get(status)
+        counter = self.metrics.remediation if executed else self.metrics.remediation_decisions
+        counter.labels(service=result.service, action=action.type, result=executed or status).inc()
         log.info("action %s %s on %s: %s", action.type, status, action.target.key, message)
         return result
 

@@ -234,7 +234,7 @@ async def test_rollback_requiring_approval_is_queued_not_executed(
     assert (
         metric(
             agent,
-            "sre_agent_remediation_total",
+            "sre_agent_remediation_decisions_total",
             service=name,
             action="rollback",
             result="pending_approval",

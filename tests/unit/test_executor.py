@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from streams.bus import Envelope
 from tests.fakes.publisher import MemoryBus
 from tests.unit.factories import action, at
 from tests.unit.factories import settings as make_settings
+from tests.unit.test_reference_metrics import evaluate, reference_panels, reference_rules
 
 CHECKOUT = Target(kind="Deployment", namespace="shop", name="checkout")
 NODE = Target(kind="Node", name="n1")
@@ -516,6 +518,61 @@ async def test_forged_decisions_are_dead_lettered_with_the_reason(
     assert len(bus.letters) == 1 and reason in bus.letters[0]
     assert "by alice refused" in bus.letters[0]
     assert req.id in ex.pending and c.config_map("shop", "flags").data == {"mode": "fast"}
+
+
+async def test_the_reference_success_rate_counts_executed_remediations_only(
+    rig: Any, tmp_path: Path
+) -> None:
+    ex, bus, _c = rig
+    # Two remediations, both succeeded: one after its approval, one delivered twice.
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    await ex.on_decision(decision(await requested(ex, bus, a)))
+    r = act("restart_workload", action_id="r1")
+    assert (await ex.on_action(r)).status == "succeeded"
+    assert (await ex.on_action(r)).status == "duplicate"
+    service = a.labels["service"]
+    rate = reference_rules()["sre:selfhealing_success_rate"]
+    (gauge,) = reference_panels()["Self-Healing Success Rate"]
+    decided = f'sre_agent_remediation_decisions_total{{service="{service}"}}'
+    tests = [
+        {
+            "expr": "sre:selfhealing_success_rate",
+            "exp_samples": [
+                {"labels": f'sre:selfhealing_success_rate{{service="{service}"}}', "value": 1}
+            ],
+        },
+        {"expr": rate, "exp_samples": [{"labels": f'{{service="{service}"}}', "value": 1}]},
+        {"expr": gauge, "exp_samples": [{"labels": "{}", "value": 100}]},
+        {
+            "expr": f"sum({decided}) by (result)",
+            "exp_samples": [
+                {"labels": '{result="pending_approval"}', "value": 1},
+                {"labels": '{result="duplicate"}', "value": 1},
+            ],
+        },
+    ]
+    out = evaluate(ex.metrics, tests, tmp_path)
+    assert out is None, out
+
+
+async def test_a_dry_run_is_no_remediation_in_the_reference_success_rate(
+    rig: Any, tmp_path: Path
+) -> None:
+    ex, _bus, _c = rig
+    ex.switches = lambda: Switches(dry_run=True)
+    assert (await ex.on_action(act("rollback", action_id="d1"))).status == "dry_run"
+    (gauge,) = reference_panels()["Self-Healing Success Rate"]
+    tests = [
+        # Nothing executed: no rate at all, rather than a rate of 0 %.
+        {"expr": "sre:selfhealing_success_rate", "exp_samples": []},
+        {"expr": gauge, "exp_samples": []},
+        {
+            "expr": "sum(sre_agent_remediation_decisions_total) by (result)",
+            "exp_samples": [{"labels": '{result="dry_run"}', "value": 1}],
+        },
+    ]
+    out = evaluate(ex.metrics, tests, tmp_path)
+    assert out is None, out
 
 
 async def test_an_expired_approval_is_rejected_and_escalated(rig: Any) -> None:
