@@ -208,12 +208,29 @@ class AlertmanagerSection:
     timeout: Seconds = 5.0
 
 
+def _workspace_id(value: str) -> str:
+    if value and not re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", value):
+        raise ValueError(f"{value!r} is not a Log Analytics workspace id (a GUID)")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AzureMonitorSection:
+    """Accepted so the reference's config loads; this agent never queries Azure Monitor
+    (``config validate`` warns of it). The workspace id is a Log Analytics workspace's
+    GUID, or empty (its ``${WORKSPACE_ID}`` unset)."""
+
+    __pydantic_config__ = _STRICT
+    workspace_id: Annotated[str, AfterValidator(_workspace_id)] = ""
+
+
 @dataclass(frozen=True, slots=True)
 class MonitoringSection:
     __pydantic_config__ = _STRICT
     prometheus: PrometheusSection = field(default_factory=PrometheusSection)
     alertmanager: AlertmanagerSection = field(default_factory=AlertmanagerSection)
     evaluation_interval: Interval = 15.0
+    azure_monitor: AzureMonitorSection | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,6 +685,17 @@ def config_warnings(s: Settings) -> list[str]:
     """What is valid but can never do what it says: ``config validate`` prints it, and the
     agent starts anyway."""
     out: list[str] = []
+    if s.monitoring.azure_monitor is not None:
+        out.append(
+            "monitoring.azure_monitor: accepted but not queried: this agent reads metrics "
+            "from monitoring.prometheus only"
+        )
+    # The LLM is opt-in: a configured model with ai.enabled left out is never called.
+    if not s.ai.enabled and s.ai.azure_openai != AzureAISection():
+        out.append(
+            "ai.azure_openai: configured but ai.enabled is false: analyses use the rule "
+            "analyzer only (set ai.enabled: true to call the model)"
+        )
     specs = [(f"pattern {p.name}", p.actions) for p in s.patterns]
     specs += [(f"runbook {r.name}", r.actions) for r in s.runbooks]
     for where, steps in specs:

@@ -6,9 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.cli import main, promtool_problems
-from agent.settings import DEFAULT_CONFIG, PatternSpec, Settings
+from agent.settings import (
+    DEFAULT_CONFIG,
+    PatternSpec,
+    Settings,
+    load_settings,
+)
+from tests.helpers import reference_file
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -208,3 +215,50 @@ def test_an_unknown_lab_experiment_is_refused_naming_the_known_ones(
     assert main(["lab", "--experiment", "oom"]) == 64
     err = capsys.readouterr().err
     assert "unknown experiment 'oom'; known: bad-rollout, crash-loop, traffic-surge" in err
+
+
+def reference_config() -> str:
+    """The reference's config.yaml, as its ConfigMap holds it (placeholders included)."""
+    config_map = yaml.safe_load(reference_file("config.yaml"))
+    text: str = config_map["data"]["config.yaml"]
+    return text
+
+
+WORKSPACE = "0b4c5a3e-1f2d-4e6a-9b8c-7d6e5f4a3b2c"
+
+
+def test_the_reference_config_loads_with_a_warning_for_each_unused_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORKSPACE_ID", WORKSPACE)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://shop.openai.azure.com")
+    path = _write(tmp_path, reference_config())
+    assert main(["config", "validate", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: ok (3 patterns, 0 runbooks)"
+    assert err.splitlines() == [
+        "warning: monitoring.azure_monitor: accepted but not queried: this agent reads "
+        "metrics from monitoring.prometheus only",
+        "warning: ai.azure_openai: configured but ai.enabled is false: analyses use the "
+        "rule analyzer only (set ai.enabled: true to call the model)",
+    ]
+    settings = load_settings(path)
+    azure_monitor = settings.monitoring.azure_monitor
+    assert azure_monitor is not None and azure_monitor.workspace_id == WORKSPACE
+    assert not settings.ai.enabled, "the LLM is never enabled implicitly"
+    assert settings.ai.azure_openai.endpoint == "https://shop.openai.azure.com"
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ("{workspace_id: not-a-guid}", "monitoring.azure_monitor.workspace_id"),
+        ("{workspace: x}", "monitoring.azure_monitor.workspace"),
+    ],
+)
+def test_a_wrong_azure_monitor_section_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], section: str, problem: str
+) -> None:
+    path = _write(tmp_path, f"monitoring:\n  azure_monitor: {section}\n")
+    assert main(["config", "validate", path, "--no-env"]) == 1
+    assert capsys.readouterr().err.startswith(problem)
