@@ -891,7 +891,10 @@ class Correlator:
         The changelog write and the incident event are two topics: a worker killed between
         them leaves a state whose event never went out, and the new owner's re-processing
         changes nothing, so it would stay unpublished. Publishing the restored state once
-        closes that gap (at-least-once: consumers may see a revision twice).
+        closes that gap (at-least-once: consumers may see a revision twice). A state held
+        back (group_wait, group_interval) owes no event yet: this worker's timer publishes
+        it when due, and publishing it here as well sent its "open" before group_wait, then
+        again at group_wait.
         """
         self._guard.reset()  # positions restart at the committed offsets
         self.recoveries += 1
@@ -904,7 +907,12 @@ class Correlator:
         for raw_key, raw in list(self.table.data.items()):
             stored = self._stored(raw_key.decode(), raw)
             inc = stored.incident
-            if stored.partition in taken_over and inc is not None and inc.status != "resolved":
+            if (
+                stored.partition in taken_over
+                and inc is not None
+                and inc.status != "resolved"
+                and not stored.pending
+            ):
                 events.append(as_published(inc, stored.emitted_at))
         if events:
             log.info("re-publishing %d incidents of partitions %s", len(events), taken_over)

@@ -5,6 +5,7 @@ its Kafka edges replaced by recorders; the clock is the test's."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,16 +22,31 @@ from streams.topology import EMPTY, FactIndex, build_index, facts_of
 from tests.unit.factories import anomaly, at, settings
 
 
+@dataclass
+class Clock:
+    """The test's clock, shared by the workers of a test (one taking over from another)."""
+
+    now: datetime
+
+
 class Recording(Correlator):
     """The correlator with its Kafka edges recorded instead of sent: one partition, owned."""
 
-    def __init__(self, doc: Mapping[str, Any]) -> None:
+    def __init__(self, doc: Mapping[str, Any], clock: Clock) -> None:
         super().__init__(settings(doc), metrics=Metrics(CollectorRegistry()))
         self.partitions = 1
         self.published: list[tuple[datetime, Incident]] = []
         self.routed: list[tuple[str, Anomaly]] = []
         self.index: FactIndex = EMPTY
-        self.now = at(0)
+        self.clock = clock
+
+    @property
+    def now(self) -> datetime:
+        return self.clock.now
+
+    @now.setter
+    def now(self, value: datetime) -> None:
+        self.clock.now = value
 
     async def _emit(self, events: list[Incident], encoded: dict[int, bytes] | None = None) -> None:
         self._changelog.clear()
@@ -59,10 +75,11 @@ class Recording(Correlator):
 
 @pytest.fixture
 def clocked(monkeypatch: pytest.MonkeyPatch) -> Any:
+    clock = Clock(at(0))
+    monkeypatch.setattr(correlator_module, "utcnow", lambda: clock.now)
+
     def make(doc: Mapping[str, Any]) -> Recording:
-        c = Recording(doc)
-        monkeypatch.setattr(correlator_module, "utcnow", lambda: c.now)
-        return c
+        return Recording(doc, clock)
 
     return make
 
@@ -178,3 +195,42 @@ def test_a_state_written_with_timers_per_group_still_loads_with_its_own_timers()
     # Written now: the timers name their incident, and round-trip as they are.
     for stored in (Stored(0, held, at(700), True), Stored(0, held, at(910), False)):
         assert Stored.load(stored.dump()) == stored
+
+
+async def take_over(old: Recording, new: Recording, t: float) -> None:
+    """``new`` takes the partition over: its table recovered from ``old``'s changelog."""
+    new.table.data.update(old.table.data)
+    new.now = at(t)
+    await new._recovered()
+
+
+async def test_a_worker_taking_over_a_held_incident_publishes_its_open_once_at_group_wait(
+    clocked: Any,
+) -> None:
+    doc = {"correlation": {"group_wait": "30s", "group_interval": "5m"}}
+    old, new = clocked(doc), clocked(doc)
+    a = anomaly("errors")
+    key = key_of(a, old.rules)
+    await fold(old, 1, a)
+    await take_over(old, new, 5)  # the old owner died inside the incident's group_wait
+    for t in range(5, 200):
+        await tick(new, t)
+    assert old.published == []
+    assert [(t, s, r) for t, _, s, r in new.events(key)] == [(30, "open", 1)]
+
+
+async def test_a_worker_taking_over_republishes_a_state_whose_event_may_be_lost(
+    clocked: Any,
+) -> None:
+    doc = {"correlation": {"group_wait": "30s", "group_interval": "5m"}}
+    old, new = clocked(doc), clocked(doc)
+    a = anomaly("errors")
+    key = key_of(a, old.rules)
+    await fold(old, 1, a)
+    for t in range(1, 31):
+        await tick(old, t)  # published at group_wait: its state says so
+    await take_over(old, new, 40)  # died after writing that state, maybe before its event
+    for t in range(40, 200):
+        await tick(new, t)
+    assert [(t, s, r) for t, _, s, r in old.events(key)] == [(30, "open", 1)]
+    assert [(t, s, r) for t, _, s, r in new.events(key)] == [(40, "open", 1)]
