@@ -844,6 +844,9 @@ def coalesce(events: Sequence[Incident]) -> list[Incident]:
 
 
 HELD_STATUSES = frozenset({"open", "updated"})
+# What a never-published incident's first event says "open" for: an incident that
+# resolved unpublished and reopened is news to every subscriber.
+FIRST_STATUSES = frozenset({"open", "updated", "reopened"})
 
 
 def publish_due(
@@ -852,13 +855,14 @@ def publish_due(
     """Whether an incident's current state goes out now (else the timer sends it later).
 
     Transitions other than open/updated go out at once. A never-published incident waits
-    ``group_wait`` from its opening; a published one ``group_interval`` from the last time.
+    ``group_wait`` from its opening, a reopened one too (to its subscribers it opens now,
+    see :func:`as_published`); a published one ``group_interval`` from the last time.
     """
+    if emitted_at is None and incident.status in FIRST_STATUSES:
+        return (now - incident.opened_at).total_seconds() >= rules.group_wait
     if incident.status not in HELD_STATUSES:
         return True
-    if emitted_at is None:
-        return (now - incident.opened_at).total_seconds() >= rules.group_wait
-    return (now - emitted_at).total_seconds() >= rules.group_interval
+    return emitted_at is None or (now - emitted_at).total_seconds() >= rules.group_interval
 
 
 def repeat_due(
@@ -874,8 +878,9 @@ def repeat_due(
 
 
 def as_published(incident: Incident, emitted_at: datetime | None) -> Incident:
-    """The first event of an incident says "open", even if updates joined while held."""
-    if emitted_at is None and incident.status == "updated":
+    """The first event of an incident says "open", even if updates joined while held, or
+    it resolved and reopened before anyone was told."""
+    if emitted_at is None and incident.status in FIRST_STATUSES - {"open"}:
         return replace(incident, status="open")
     return incident
 
@@ -885,7 +890,11 @@ def release(
 ) -> tuple[Incident | None, datetime | None, bool]:
     """What becomes of an incident's new state: (the event to publish now or None,
     when the incident was last published, whether a state is held back for the timer).
-    ``emitted_at`` is this incident's, never an earlier incident's of the same group."""
+    ``emitted_at`` is this incident's, never an earlier incident's of the same group.
+    An incident never published that resolves is not published at all, as Alertmanager
+    sends nothing for a group resolved within group_wait: nobody was told it opened."""
+    if emitted_at is None and event.status == "resolved":
+        return None, None, False
     if publish_due(event, emitted_at, now, rules):
         return as_published(event, emitted_at), now, False
     return None, emitted_at, True

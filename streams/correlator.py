@@ -788,9 +788,7 @@ class Correlator:
         new, event = hand_over(inc, moved, now)
         out: Incident | None = None
         emitted_at, pending = stored.emitted_at, stored.pending
-        if event is not None and event.status == "resolved" and emitted_at is None:
-            pending = False  # never seen, now gone: nothing to tell
-        elif event is not None:
+        if event is not None:
             # Held during group_wait, the incident must stay pending: storing it as
             # published hid it for good when its other members kept firing.
             out, emitted_at, pending = release(event, emitted_at, now, self.rules)
@@ -980,9 +978,11 @@ class Correlator:
             if stored.incident is None:
                 continue
             new, event = expire(stored.incident, now, self.rules)
-            if event is not None:  # a resolution is never held
-                self._store(stored.partition, key, new, emitted_at=now)
-                events.append(event)
+            if event is not None:  # a resolution is never held, nor told if nothing was
+                sent, emitted_at, pending = release(event, stored.emitted_at, now, self.rules)
+                self._store(stored.partition, key, new, emitted_at=emitted_at, pending=pending)
+                if sent is not None:
+                    events.append(sent)
                 await self._publish_facts([new])
                 continue
             if (

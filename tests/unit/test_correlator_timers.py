@@ -234,3 +234,42 @@ async def test_a_worker_taking_over_republishes_a_state_whose_event_may_be_lost(
         await tick(new, t)
     assert [(t, s, r) for t, _, s, r in old.events(key)] == [(30, "open", 1)]
     assert [(t, s, r) for t, _, s, r in new.events(key)] == [(40, "open", 1)]
+
+
+async def test_an_incident_resolved_within_group_wait_is_never_published(clocked: Any) -> None:
+    c = clocked({"correlation": {"group_wait": "30s"}})
+    a = anomaly("errors")
+    await fold(c, 1, a)
+    await fold(c, 10, anomaly("errors", status="resolved", t=10))
+    for t in range(10, 100):
+        await tick(c, t)
+    stored = c._get(key_of(a, c.rules))
+    assert stored is not None and stored.incident is not None
+    assert (stored.incident.status, stored.emitted_at, stored.pending) == ("resolved", None, False)
+    assert c.published == []
+
+
+async def test_an_incident_gone_quiet_within_group_wait_is_never_published(clocked: Any) -> None:
+    c = clocked({"correlation": {"group_wait": "30s", "resolve_timeout": "20s"}})
+    a = anomaly("errors")
+    await fold(c, 1, a)
+    for t in range(1, 100):
+        await tick(c, t)
+    stored = c._get(key_of(a, c.rules))
+    assert stored is not None and stored.incident is not None
+    assert (stored.incident.status, stored.emitted_at, stored.pending) == ("resolved", None, False)
+    assert c.published == []
+
+
+async def test_an_incident_reopened_before_it_was_published_opens_once_at_group_wait(
+    clocked: Any,
+) -> None:
+    c = clocked({"correlation": {"group_wait": "30s", "reopen_window": "5m"}})
+    a = anomaly("errors")
+    await fold(c, 1, a)
+    await fold(c, 5, anomaly("errors", status="resolved", t=5))
+    await fold(c, 10, anomaly("errors", t=10))
+    for t in range(10, 100):
+        await tick(c, t)
+    [(when, _, status, revision)] = c.events(key_of(a, c.rules))
+    assert (when, status, revision) == (30, "open", 3)

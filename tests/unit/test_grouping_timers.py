@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from agent.models import Incident
-from streams.correlation import CorrelationRules, as_published, publish_due, repeat_due
+from streams.correlation import CorrelationRules, as_published, publish_due, release, repeat_due
 from tests.unit.factories import at
 
 RULES = CorrelationRules(group_wait=10, group_interval=60, repeat_interval=3600)
@@ -40,7 +40,28 @@ def test_updates_go_out_at_most_once_per_group_interval() -> None:
 @pytest.mark.parametrize("status", ["resolved", "reopened", "silenced", "mitigating"])
 def test_transitions_are_never_held(status: str) -> None:
     assert publish_due(incident(status), at(10), at(11), RULES)
-    assert publish_due(incident(status), None, at(1), RULES)
+    if status != "reopened":
+        assert publish_due(incident(status), None, at(1), RULES)
+
+
+def test_a_never_published_incident_that_reopens_waits_group_wait_and_opens() -> None:
+    reopened = incident("reopened")
+    assert not publish_due(reopened, None, at(9), RULES)
+    assert publish_due(reopened, None, at(10), RULES)
+    assert release(reopened, None, at(10), RULES) == (
+        replace(reopened, status="open"),
+        at(10),
+        False,
+    )
+
+
+def test_a_never_published_incident_that_resolves_is_not_published() -> None:
+    assert release(incident("resolved"), None, at(1), RULES) == (None, None, False)
+    assert release(incident("resolved"), at(0), at(1), RULES) == (
+        incident("resolved"),
+        at(1),
+        False,
+    )
 
 
 def test_zero_timers_publish_everything_at_once() -> None:
