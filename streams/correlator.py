@@ -337,7 +337,10 @@ class Correlator:
             fetch_max_wait_ms=100,
         )
         self._index: tuple[tuple[int, int], FactIndex] = ((-1, -1), EMPTY)
-        # fingerprint -> the fact this worker published last
+        # fingerprint -> the fact this worker published last, while it is live: a retraction
+        # is forgotten once sent (an unknown closed fact is not sent), and one no incident
+        # produces any more once every view has expired it (see _prune_facts). It grew by
+        # every fact ever seen while partitions stayed owned.
         self._facts_sent: dict[str, Fact] = {}
         # key -> (incident id, revision) found to have no fact-source members: a revision's
         # member set is fixed (a refresh keeps it), so its refreshes need no second look.
@@ -764,8 +767,26 @@ class Correlator:
                     and (fact.observed_at - sent.observed_at).total_seconds() < refresh
                 ):
                     continue
-                self._facts_sent[fact.fingerprint] = fact
+                if fact.incident_open:
+                    self._facts_sent[fact.fingerprint] = fact
+                else:  # retracted: what a later closed fact would find without the entry
+                    self._facts_sent.pop(fact.fingerprint, None)
                 await self.facts_topic.send(key=fact.fingerprint.encode(), value=encode(fact))
+
+    def _prune_facts(self, now: datetime) -> None:
+        """Forget the facts sent that no incident refreshed for twice ``resolve_timeout``:
+        every view expired them a timeout ago, and an incident still holding the member
+        would have refreshed it or, expiring, retracted it (a member dropped by
+        member_retention or max_members is neither). The same as after a crash: a fact
+        never retracted expires where it is."""
+        horizon = 2 * self.rules.resolve_timeout
+        stale = [
+            fp
+            for fp, f in self._facts_sent.items()
+            if (now - f.observed_at).total_seconds() > horizon
+        ]
+        for fp in stale:
+            del self._facts_sent[fp]
 
     async def _hand_over(
         self, key: str, stored: Stored, index: FactIndex, now: datetime
@@ -994,6 +1015,7 @@ class Correlator:
             if absorbing and (handed := await self._hand_over(key, stored, index, now)):
                 events.append(handed)
         await self._emit(events)
+        self._prune_facts(now)  # after the pass: what expired in it was retracted first
 
     def _owned_partitions(self) -> set[int]:
         """The anomalies partitions assigned to this worker now."""

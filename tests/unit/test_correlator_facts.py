@@ -1,0 +1,95 @@
+"""The facts a correlator worker publishes for the cross-partition view, and what it
+remembers of them: the worker runs in-process (see test_correlator_timers), its facts
+topic recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+import streams.correlator as correlator_module
+from agent.codec import decode
+from agent.models import Anomaly, Fact, Incident
+from streams.correlator import Correlator
+from tests.unit.factories import anomaly, at
+from tests.unit.test_correlator_timers import Clock, Recording, fold, tick
+
+
+class SentFacts:
+    """The facts topic: what was sent to it, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[Fact] = []
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        fact = decode(Fact, value)
+        assert key == fact.fingerprint.encode()
+        self.sent.append(fact)
+
+
+class Announcing(Recording):
+    """A recording worker that publishes its facts (to a recorder)."""
+
+    def __init__(self, doc: dict[str, Any], clock: Clock) -> None:
+        super().__init__(doc, clock)
+        self.facts_topic = SentFacts()
+
+    async def _publish_facts(self, incidents: Iterable[Incident | None]) -> None:
+        await Correlator._publish_facts(self, incidents)
+
+
+@pytest.fixture
+def worker(monkeypatch: pytest.MonkeyPatch) -> Any:
+    def make(doc: dict[str, Any]) -> Announcing:
+        clock = Clock(at(0))
+        monkeypatch.setattr(correlator_module, "utcnow", lambda: clock.now)
+        return Announcing(doc, clock)
+
+    return make
+
+
+def node(name: str, t: float, status: str = "firing") -> Anomaly:
+    return anomaly("node-not-ready", labels={"cluster": "c1", "node": name}, t=t, status=status)
+
+
+def sent(c: Announcing) -> list[tuple[str, str, bool]]:
+    return [(f.labels["node"], f.status, f.incident_open) for f in c.facts_topic.sent]
+
+
+async def test_a_retracted_fact_is_forgotten_and_never_sent_again(worker: Any) -> None:
+    c = worker({"correlation": {"reopen_window": "1m"}})
+    for i in range(50):  # nodes failing and recovering, one after another, for weeks
+        t = i * 1000
+        await fold(c, t, node(f"n{i}", t))
+        await fold(c, t + 10, node(f"n{i}", t + 10, "resolved"))
+        await tick(c, t + 11)
+    assert c._facts_sent == {}
+    assert sent(c) == [
+        (f"n{i}", status, is_open)
+        for i in range(50)
+        for status, is_open in (("firing", True), ("resolved", False))
+    ]
+    # A late copy of a resolution changes nothing and retracts nothing again.
+    await fold(c, 50_000, node("n49", 49_010, "resolved"))
+    assert len(c.facts_topic.sent) == 100
+
+
+async def test_a_fact_no_incident_holds_any_more_is_forgotten_once_every_view_expired_it(
+    worker: Any,
+) -> None:
+    c = worker({"correlation": {"member_retention": "1m", "resolve_timeout": "5m"}})
+    await fold(c, 0, node("n1", 0), node("n2", 0))
+    await fold(c, 10, node("n1", 10, "resolved"))
+    # n3 joins after member_retention: the change drops n1's member, whose fact is no
+    # longer any incident's to refresh or retract (views expire it 5 min after t=10).
+    await fold(c, 100, node("n3", 100))
+    for t in range(100, 1300, 60):  # n2 and n3 keep failing: the incident stays open
+        await fold(c, t, node("n2", t), node("n3", t))
+        await tick(c, t + 1)
+    fingerprints = {node(n, 0).fingerprint: n for n in ("n1", "n2", "n3")}
+    assert sorted(fingerprints[fp] for fp in c._facts_sent) == ["n2", "n3"]
+    # A fact still held goes on being refreshed, the forgotten one is not sent again.
+    assert [n for n, _, _ in sent(c)].count("n1") == 2
+    assert [n for n, _, _ in sent(c)].count("n2") > 3
