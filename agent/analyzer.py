@@ -14,6 +14,10 @@ actions may be recommended and under which evidence:
   target the anomaly's labels name (:func:`action_target`); none named, no action, and the
   finding says so.
 
+A runbook file's step (:class:`agent.settings.FileStep`) names its action and params; it
+applies when its ``condition`` holds over :func:`runbook_facts` and its scope params (if
+any) name the incident's own target, which is always the one acted on.
+
 Context steps (``check_memory_limits``, ``check_downstream_services``, ...) never
 recommend an action. When no action step matched they still name the root cause from
 structured evidence (OOM kills, a failing dependency, a node condition, a recent config
@@ -40,7 +44,8 @@ from agent.models import (
     Target,
     stable_id,
 )
-from agent.settings import CONDITIONAL_STEPS, Settings
+from agent.runbook_expr import evaluate, facts_in
+from agent.settings import CONDITIONAL_STEPS, FileStep, Settings
 
 # The root-cause taxonomy shared by the rules, the LLM's answer schema and the eval set.
 RootCauseClass = Literal[
@@ -403,6 +408,19 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
     skipped = False  # a remedy that applies was passed over as tried
     untargeted: list[str] = []  # plain action steps the labels name no target for
     for step in steps:
+        if isinstance(step, FileStep):
+            found, note, tried = _file_step(step, prescriber, m, inc, labels, ctx, settings)
+            untargeted += [note] if note else []
+            if tried and step.on_failure != "continue":
+                # The runbook says who to page now: its later steps are not taken alone.
+                return _untargeted(_after(_stopped(m, prescriber, step), ctx), untargeted)
+            if tried:
+                skipped = True
+            elif found is not None and found.action is not None:
+                return _untargeted(_after(found, ctx), untargeted)
+            elif found is not None:
+                diagnosis = diagnosis or found
+            continue
         if step in ACTION_TYPES and action_target(step, labels) is None:
             untargeted.append(
                 f"{prescriber} prescribes {step}, but {m.name} names no target for it: "
@@ -431,6 +449,133 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
             action=None,
         )
     return _untargeted(_after(diagnosis, ctx), untargeted)
+
+
+def deployments_of(target: Target, inc: Incident, ctx: Context) -> list[Rollout]:
+    """The rollouts of ``target`` that replaced an earlier template (its creation is not
+    one: nothing to roll back to) up to the incident's opening, newest first."""
+    latest = inc.opened_at + timedelta(seconds=60)
+    return sorted(
+        (
+            r
+            for r in ctx.rollouts
+            if r.workload == target.name
+            and r.namespace == target.namespace
+            and r.previous_image is not None
+            and r.at <= latest
+        ),
+        key=lambda r: r.at,
+        reverse=True,
+    )
+
+
+def runbook_facts(target: Target, inc: Incident, ctx: Context) -> dict[str, float]:
+    """The facts a runbook file's conditions may name (agent.runbook_expr.FACTS), from the
+    structured context only; a source the gatherer could not read leaves its facts out,
+    so a condition on them is unknown rather than false."""
+    facts: dict[str, float] = {}
+    rollouts_failed = any(
+        n.startswith("rollouts") or (target.key in n and ("rollout" in n or "cluster" in n))
+        for n in ctx.notes
+    )
+    if not rollouts_failed:
+        found = deployments_of(target, inc, ctx)
+        facts["deployments.count"] = float(len(found))
+        for i, r in enumerate(found):
+            facts[f"deployments[{i}].age"] = max(0.0, (inc.opened_at - r.at).total_seconds())
+    for fact, series in (
+        ("cpu_utilization", ctx.cpu_saturation),
+        ("memory_utilization", ctx.memory_saturation),
+        ("concurrency_utilization", ctx.concurrency_saturation),
+    ):
+        if target.name in series:
+            facts[fact] = series[target.name] * 100
+    if ctx.dependency_errors:
+        facts["dependency_error_rate"] = max(ctx.dependency_errors.values()) * 100
+    if not any(n.startswith("events") for n in ctx.notes):
+        facts["crash_looping"] = float(target.name in ctx.crash_looping)
+        facts["oom_killed"] = float(target.name in ctx.oom_killed)
+    return facts
+
+
+def _out_of_scope(step: FileStep, target: Target) -> str | None:
+    """Which of the step's scope params names another object than the incident's target."""
+    have = {
+        "deployment": target.name if target.kind != "Node" and target.kind != "Pod" else "",
+        "namespace": target.namespace,
+        "node": target.name if target.kind == "Node" else "",
+        "pod": target.name if target.kind == "Pod" else "",
+    }
+    for key, want in sorted(step.scope.items()):
+        if have.get(key) != want:
+            return f"{key} {want}, not {have.get(key) or 'named'}"
+    return None
+
+
+def _file_step(
+    step: FileStep,
+    prescriber: str,
+    m: Member,
+    inc: Incident,
+    labels: Mapping[str, str],
+    ctx: Context,
+    settings: Settings,
+) -> tuple[_Finding | None, str | None, bool]:
+    """(the step's finding, a line saying why it did not apply, whether its action was
+    already tried without effect). The target is the incident's, never the step's."""
+    where = f"{prescriber} step {step.name!r}"
+    acting = step.action in ACTION_TYPES
+    target = action_target(step.action, labels) if acting else workload_target(labels)
+    if target is None or (acting and not target.name):
+        need = TARGET_NEEDS.get(step.action, WORKLOAD_NEEDS)
+        return None, f"{where}: {m.name} names no target for it: it needs {need}", False
+    outside = _out_of_scope(step, target)
+    if outside is not None:
+        return None, f"{where}: not applied to {target.key}: the step is for {outside}", False
+    if acting and (step.action, target.key) in ctx.ineffective:
+        return None, None, True
+    if step.condition is not None:
+        facts = runbook_facts(target, inc, ctx)
+        holds = evaluate(step.condition, facts)
+        if holds is not True:
+            known = [f for f in facts_in(step.condition) if f in facts]
+            missing = [f for f in facts_in(step.condition) if f not in facts]
+            seen = ", ".join(f"{f}={facts[f]:g}" for f in known) or "no fact known"
+            why = f"unknown: the context lacks {', '.join(missing)}" if holds is None else "false"
+            line = f"{where}: condition {step.condition_text!r} is {why} ({seen}); not applied"
+            return None, line, False
+    if not acting:
+        return _diagnose(step.action, m, inc, target, ctx, settings), None, False
+    cond = f" (condition {step.condition_text!r} holds)" if step.condition is not None else ""
+    return (
+        _Finding(
+            root_cause=f"{m.name} matched {prescriber}, whose step {step.name!r} prescribes "
+            f"{step.action}{cond}",
+            root_cause_class="prescribed",
+            confidence=0.75,
+            evidence=(f"pattern {m.name} firing", f"{where}{cond}"),
+            action=RecommendedAction(
+                type=step.action,  # type: ignore[arg-type]  # checked: in ACTION_TYPES
+                target=target,
+                params=dict(step.params),
+                expected_impact=f"the remedy {prescriber} prescribes in step {step.name!r}",
+            ),
+        ),
+        None,
+        False,
+    )
+
+
+def _stopped(m: Member, prescriber: str, step: FileStep) -> _Finding:
+    """A step's action was verified ineffective and the runbook says to page, not go on."""
+    return _Finding(
+        root_cause=f"{m.name}: {step.action} of {prescriber} step {step.name!r} was tried "
+        f"without effect; the runbook says {step.on_failure}",
+        root_cause_class="unknown",
+        confidence=0.5,
+        evidence=(f"pattern {m.name} firing", f"onFailure: {step.on_failure}"),
+        action=None,
+    )
 
 
 def _untargeted(found: _Finding | None, lines: list[str]) -> _Finding | None:

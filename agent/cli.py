@@ -67,7 +67,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         return 1
     for warning in config_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{args.file}: ok ({len(settings.patterns)} patterns, {len(settings.runbooks)} runbooks)")
+    books = len(settings.runbooks) + len(settings.file_runbooks)
+    print(f"{args.file}: ok ({len(settings.patterns)} patterns, {books} runbooks)")
     return 0
 
 

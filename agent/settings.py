@@ -26,6 +26,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SkipValidation,
     TypeAdapter,
     ValidationError,
 )
@@ -39,9 +40,11 @@ from agent.models import (
     ActionType,
     AnomalySource,
     EscalationReason,
+    ParamValue,
     Severity,
     parse_matcher,
 )
+from agent.runbook_expr import Expr
 
 ENV_PREFIX = "SRE_AGENT__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -631,6 +634,51 @@ class RunbookSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FileStep:
+    """One step of a runbook file (see agent.runbook_files), as the analyzer follows it:
+    ``action`` is an allow-listed action type or a context step. The target is always the
+    incident's; ``scope`` (the step's ``deployment``/``namespace`` params) only restricts
+    which incidents the step applies to, it never points the action elsewhere."""
+
+    name: str
+    action: str
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    scope: Mapping[str, str] = field(default_factory=dict)
+    condition: Expr | None = None
+    condition_text: str = ""
+    # "continue", or a notify_*/escalate* value as written (a page when it comes to it).
+    on_success: str = "continue"
+    on_failure: str = "continue"
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationLevel:
+    """A runbook file's ``spec.escalation`` level; checked against the global escalation
+    section (see config_warnings), which alone decides when and where incidents page."""
+
+    level: int
+    after: float
+    channels: tuple[tuple[str, str], ...] = ()  # (channel, target)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRunbook:
+    """A ``kind: Runbook`` document of ``runbook_files``: a runbook whose steps carry their
+    own conditions and params. Precedence as an inline runbook's (Settings.steps_for)."""
+
+    name: str
+    alert: str
+    path: str
+    steps: tuple[FileStep, ...]
+    source: AnomalySource | None = None
+    escalation: tuple[EscalationLevel, ...] = ()
+    gather: tuple[str, ...] = ()  # the spec.context.gather types, informational
+
+
+Step = str | FileStep
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     __pydantic_config__ = _STRICT
     agent: AgentSection = field(default_factory=AgentSection)
@@ -648,6 +696,11 @@ class Settings:
     # Pattern library files ({patterns: [...]}), relative to the config file's directory.
     # A pattern in ``patterns`` replaces a library pattern of the same name.
     pattern_files: tuple[str, ...] = ()
+    # Runbook files in the reference's format (kind: Runbook), or directories of them
+    # (*.yaml, *.yml), relative to the config file's directory; see agent.runbook_files.
+    runbook_files: tuple[str, ...] = ()
+    # What runbook_files loaded: set by parse_settings, never by the file (it refuses it).
+    file_runbooks: SkipValidation[tuple[FileRunbook, ...]] = ()
 
     def __post_init__(self) -> None:
         longest = longest_event(self)
@@ -662,22 +715,28 @@ class Settings:
     def pattern(self, name: str) -> PatternSpec | None:
         return next((p for p in self.patterns if p.name == name), None)
 
-    def steps_for(self, name: str, source: str) -> tuple[str, tuple[str, ...]] | None:
+    def all_runbooks(self) -> list[tuple[str, str, AnomalySource | None, tuple[Step, ...]]]:
+        """(name, alert, source, steps) of every runbook: the inline ones, then the files'."""
+        inline = [(r.name, r.alert, r.source, tuple[Step, ...](r.actions)) for r in self.runbooks]
+        files = [(r.name, r.alert, r.source, tuple[Step, ...](r.steps)) for r in self.file_runbooks]
+        return inline + files
+
+    def steps_for(self, name: str, source: str) -> tuple[str, tuple[Step, ...]] | None:
         """(what prescribes them, the steps) for a signal of this name and source: a
         runbook written for this very source first (the most specific: the Kubernetes
         watcher's crash-looping under a `source: kubernetes` runbook), else the pattern of
         that name (the same fault, whichever source saw it), else a runbook for any
-        source."""
-        named = [r for r in self.runbooks if r.alert == name]
-        for r in named:
-            if r.source == source:
-                return f"runbook {r.name}", r.actions
+        source. Among runbooks, inline ones before runbook files'."""
+        named = [r for r in self.all_runbooks() if r[1] == name]
+        for book, _, src, steps in named:
+            if src == source:
+                return f"runbook {book}", steps
         pattern = self.pattern(name)
         if pattern is not None:
             return f"pattern {pattern.name}", pattern.actions
-        for r in named:
-            if r.source is None:
-                return f"runbook {r.name}", r.actions
+        for book, _, src, steps in named:
+            if src is None:
+                return f"runbook {book}", steps
         return None
 
 
@@ -704,13 +763,54 @@ def config_warnings(s: Settings) -> list[str]:
                 f"{where}: step update_config is never requested: no label names a "
                 "ConfigMap, and a step gives no key or value to set"
             )
-    for r in s.runbooks:
-        if r.source is None and s.pattern(r.alert) is not None:
+    for name, alert, source, _ in s.all_runbooks():
+        if source is None and s.pattern(alert) is not None:
             out.append(
-                f"runbook {r.name}: never applies: pattern {r.alert}'s steps answer for "
-                f"{r.alert} from every source; give the runbook a source to take that "
+                f"runbook {name}: never applies: pattern {alert}'s steps answer for "
+                f"{alert} from every source; give the runbook a source to take that "
                 "source's signal over"
             )
+    for r in s.file_runbooks:
+        out += _escalation_warnings(r, s.escalation)
+    return out
+
+
+def _escalation_warnings(r: FileRunbook, esc: EscalationSection) -> list[str]:
+    """A runbook file's escalation levels are not per runbook: the global section decides,
+    and its webhooks are where pages go. Say where the file asks for something else, so
+    nobody counts on it."""
+    out: list[str] = []
+    bounds = (esc.unresolved_after, *esc.unresolved_again_after) if esc.unresolved_after else ()
+    hooks = {w.name: w for w in esc.webhooks}
+    for lv in r.escalation:
+        where = f"runbook {r.name} ({r.path}): spec.escalation level {lv.level}"
+        have = bounds[lv.level - 1] if lv.level <= len(bounds) else None
+        if have != lv.after:
+            now = f"after {have:g}s" if have is not None else "never"
+            out.append(
+                f"{where} asks for after {lv.after:g}s, but escalation levels are global: "
+                f"level {lv.level} pages {now} (escalation.unresolved_after / "
+                "unresolved_again_after)"
+            )
+        for channel, target in lv.channels:
+            hook = hooks.get(channel)
+            if hook is None:
+                out.append(
+                    f"{where}: no escalation webhook is named {channel!r}: {target} is not "
+                    "notified (a webhook's name is the channel it stands for)"
+                )
+            elif not hook.takes("unresolved", None, lv.level):
+                out.append(
+                    f"{where}: webhook {channel!r} does not take unresolved level {lv.level}"
+                )
+    # onSuccess notify_*: the verification's healed escalation, sent for every healed action.
+    notifying = [st.name for st in r.steps if st.on_success != "continue"]
+    if notifying and esc.webhooks and not any(w.takes("healed") for w in esc.webhooks):
+        out.append(
+            f"runbook {r.name} ({r.path}): step {notifying[0]!r} notifies on success, but no "
+            "escalation webhook lists the healed reason: the healed escalation stays on the "
+            "escalations topic"
+        )
     return out
 
 
@@ -808,7 +908,8 @@ def parse_settings(
 ) -> Settings:
     """Validate a parsed YAML document (plus env overrides) into Settings.
 
-    ``base_dir`` resolves relative ``pattern_files`` (default: the shipped config directory).
+    ``base_dir`` resolves relative ``pattern_files`` and ``runbook_files`` (default: the
+    shipped config directory).
     """
     env = os.environ if env is None else env
     if doc is None:
@@ -821,11 +922,21 @@ def parse_settings(
         settings = TypeAdapter(Settings).validate_python(doc)
     except ValidationError as err:
         raise ConfigError(problems + validation_problems(err)) from err
+    base = Path(base_dir) if base_dir is not None else DEFAULT_CONFIG.parent
     if settings.pattern_files:
-        base = Path(base_dir) if base_dir is not None else DEFAULT_CONFIG.parent
         library, file_problems = _library_patterns(settings, env, base)
         problems += file_problems
         settings = replace(settings, patterns=settings.patterns + tuple(library))
+    if "file_runbooks" in doc:  # SkipValidation: whatever it holds must go unread
+        problems.append("file_runbooks: not a setting; list runbook files in runbook_files")
+        settings = replace(settings, file_runbooks=())
+    elif settings.runbook_files:
+        # Imported here: runbook_files validates params with the policy, which imports us.
+        from agent.runbook_files import load_runbook_files
+
+        loaded, file_problems = load_runbook_files(settings, env, base)
+        problems += file_problems
+        settings = replace(settings, file_runbooks=tuple(loaded))
     names = [p.name for p in settings.patterns]
     problems += [
         f"patterns[{i}].name: duplicate pattern name {n!r}"
@@ -837,6 +948,11 @@ def parse_settings(
         f"runbooks[{i}].name: duplicate runbook name {n!r}"
         for i, n in enumerate(books)
         if n in books[:i]
+    ]
+    problems += [
+        f"runbook_files ({r.path}): metadata.name: runbook {r.name!r} is already defined"
+        for i, r in enumerate(settings.file_runbooks)
+        if r.name in books or r.name in [b.name for b in settings.file_runbooks[:i]]
     ]
     if problems:
         raise ConfigError(problems)

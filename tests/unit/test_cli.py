@@ -148,7 +148,7 @@ def test_validate_warns_of_a_runbook_a_pattern_answers_for(
 def test_validate_shipped_config_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "validate", str(DEFAULT_CONFIG), "--no-env"]) == 0
     # The reference's three patterns plus the six of the Kubernetes library.
-    assert "ok (9 patterns, 0 runbooks)" in capsys.readouterr().out
+    assert "ok (9 patterns, 1 runbooks)" in capsys.readouterr().out
 
 
 def test_validate_prints_one_stderr_line_per_problem(

@@ -1,0 +1,296 @@
+"""Runbook files in the reference's format: validated at load time (errors name the file
+and the field), refused where they would run anything outside the allow-list, and followed
+by the rule analyzer step by step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.analyzer import Context, Rollout, analyze
+from agent.errors import ConfigError
+from agent.models import Incident, Member, Target, fingerprint
+from agent.runbook_expr import parse
+from agent.settings import DEFAULT_CONFIG, FileStep, Settings, config_warnings, load_settings
+from tests.unit.factories import SHOP, at
+
+REFERENCE = Path(__file__).resolve().parent.parent / "fixtures" / "reference_runbook.yaml"
+SHIPPED = load_settings(DEFAULT_CONFIG, env={})
+OPENED = at(3600)
+CHECKOUT = Target(kind="Deployment", namespace="shop", name="checkout")
+
+
+def _config(tmp_path: Path, *books: dict[str, Any], extra: str = "") -> Path:
+    d = tmp_path / "runbooks"
+    d.mkdir(exist_ok=True)
+    for i, book in enumerate(books):
+        (d / f"book{i}.yaml").write_text(yaml.safe_dump(book))
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"runbook_files: [runbooks]\n{extra}")
+    return cfg
+
+
+def book(*steps: dict[str, Any], name: str = "orders", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "runbook.sre/v1",
+        "kind": "Runbook",
+        "metadata": {"name": name},
+        "spec": {"trigger": {"alert": "CheckoutErrors"}, "steps": list(steps), **spec},
+    }
+
+
+def step(kind: str = "rollback", condition: str | None = None, **more: Any) -> dict[str, Any]:
+    params = more.pop("params", {})
+    out: dict[str, Any] = {"name": f"do {kind}", "action": {"type": kind, "params": params}}
+    if condition is not None:
+        out["condition"] = condition
+    return {**out, **more}
+
+
+def problems(tmp_path: Path, *books: dict[str, Any], extra: str = "") -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_settings(_config(tmp_path, *books, extra=extra), env={})
+    return err.value.problems
+
+
+def test_the_references_example_verbatim_is_refused_for_its_script_and_parallel_steps(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"runbook_files: [{REFERENCE}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    where = f"runbook_files[0] ({REFERENCE})"
+    assert [p.split(" runs ")[0] for p in err.value.problems] == [
+        f"{where}: spec.steps[1].action.type: 'script'",
+        f"{where}: spec.steps[2].action.type: 'parallel'",
+    ]
+    assert all("arbitrary commands and is refused" in p for p in err.value.problems)
+
+
+def test_the_shipped_adapted_example_loads() -> None:
+    (orders,) = SHIPPED.file_runbooks
+    assert (orders.name, orders.alert, orders.source) == (
+        "high-error-rate",
+        "OrderServiceHighErrorRate",
+        None,
+    )
+    assert [(s.action, dict(s.params), dict(s.scope)) for s in orders.steps] == [
+        ("rollback", {}, {"deployment": "order-service", "namespace": "order-service"}),
+        ("check_database_connections", {}, {}),
+        ("check_downstream_services", {}, {}),
+        ("scale_up", {"replicas": "+2"}, {"deployment": "order-service"}),
+    ]
+    assert orders.steps[0].condition == parse("deployments.count > 0 AND deployments[0].age < 30m")
+    assert [(s.on_success, s.on_failure) for s in orders.steps] == [
+        ("notify_success", "continue"),
+        ("continue", "escalate_database"),
+        ("continue", "continue"),
+        ("continue", "continue"),  # monitor: verification always watches
+    ]
+    assert orders.gather == ("logs", "metrics", "events", "deployments")
+    assert config_warnings(SHIPPED) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (step(condition="cpu > 80"), "spec.steps[0].condition ('do rollback'): at position 1: "),
+        (step(condition="cpu_utilization >"), "at position 18: expected a number"),
+        (step("scale", params={"replicas": 3}), "spec.steps[0].action.params.replicas: scale "),
+        (step("scale", params={"replicas": "+9"}), "action.params.replicas: a scale_up moves"),
+        (step("scale_down", params={"replicas": "+1"}), "a scale_down moves by -1..-5"),
+        (step(params={"revision": "latest"}), "action.params.revision: expected a positive"),
+        (step(params={"image": "evil:1"}), "action.params.image: rollback takes no such param"),
+        (step(params={"namespace": 3}), "action.params.namespace: expected a name"),
+        (step("update_config"), "spec.steps[0].action.type: unknown action 'update_config'"),
+        (step("kubectl"), "spec.steps[0].action.type: unknown action 'kubectl'"),
+        (step(onFailure="isolate_and_fallback"), "onFailure: 'isolate_and_fallback' is not"),
+        (step(onSuccess="page_everyone"), "spec.steps[0].onSuccess: 'page_everyone'"),
+        (step(script="rm -rf /"), "spec.steps[0].script: Unexpected keyword"),
+    ],
+)
+def test_a_bad_step_is_refused_naming_the_file_and_field(
+    tmp_path: Path, bad: dict[str, Any], says: str
+) -> None:
+    (problem,) = problems(tmp_path, book(bad))
+    assert problem.startswith(f"runbook_files[0] ({tmp_path / 'runbooks' / 'book0.yaml'}): ")
+    assert says in problem
+
+
+def test_loaded_runbooks_cannot_be_written_in_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("file_runbooks: [{name: x}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert list(err.value.problems) == [
+        "file_runbooks: not a setting; list runbook files in runbook_files"
+    ]
+
+
+def test_a_runbook_file_may_not_reuse_an_inline_runbooks_name(tmp_path: Path) -> None:
+    inline = "runbooks: [{name: orders, alert: x, actions: [notify_oncall]}]\n"
+    (problem,) = problems(tmp_path, book(step()), extra=inline)
+    assert "metadata.name: runbook 'orders' is already defined" in problem
+
+
+def test_escalation_levels_the_global_section_does_not_honour_are_warned_of(
+    tmp_path: Path,
+) -> None:
+    levels = [
+        {"level": 1, "after": "15m", "notify": [{"channel": "pager", "target": "x"}]},
+        {"level": 2, "after": "1h", "notify": [{"channel": "slack", "target": "#sre"}]},
+    ]
+    hooks = "escalation: {webhooks: [{name: pager, url: 'https://p.example/h'}]}\n"
+    settings = load_settings(_config(tmp_path, book(step(), escalation=levels), extra=hooks))
+    warnings = config_warnings(settings)
+    assert len(warnings) == 2
+    assert "level 2 asks for after 3600s, but escalation levels are global" in warnings[0]
+    assert "no escalation webhook is named 'slack': #sre is not notified" in warnings[1]
+
+
+# The analyzer following a runbook file.
+
+
+def alert(name: str = "CheckoutErrors") -> Member:
+    return Member(
+        fingerprint=fingerprint("alertmanager", name, SHOP),
+        name=name,
+        source="alertmanager",
+        severity="critical",
+        status="firing",
+        labels=dict(SHOP),
+        first_seen=OPENED,
+        last_seen=OPENED,
+        value=1.0,
+    )
+
+
+INCIDENT = Incident(
+    id="inc-1",
+    key="c1/shop/checkout",
+    status="open",
+    severity="critical",
+    labels=dict(SHOP),
+    members=(alert(),),
+    opened_at=OPENED,
+    updated_at=OPENED,
+    revision=1,
+)
+
+
+def rollout(minutes_before: float) -> Rollout:
+    return Rollout(
+        namespace="shop",
+        workload="checkout",
+        revision=7,
+        image="shop/checkout:v7",
+        at=OPENED - timedelta(minutes=minutes_before),
+        previous_image="shop/checkout:v6",
+    )
+
+
+def following(tmp_path: Path, *steps: dict[str, Any]) -> Settings:
+    return load_settings(_config(tmp_path, book(*steps)), env={})
+
+
+ESCALATING = (
+    step("rollback", "deployments.count > 0 AND deployments[0].age < 30m"),
+    step("scale", "cpu_utilization > 80 OR memory_utilization > 85", params={"replicas": "+2"}),
+)
+
+
+def test_a_step_whose_condition_holds_acts_on_the_incidents_target(tmp_path: Path) -> None:
+    settings = following(tmp_path, *ESCALATING)
+    an = analyze(INCIDENT, Context(rollouts=(rollout(10),)), settings, OPENED)
+    assert [(a.type, a.target, dict(a.params)) for a in an.actions] == [("rollback", CHECKOUT, {})]
+    assert "condition 'deployments.count > 0 AND deployments[0].age < 30m' holds" in an.root_cause
+
+
+def test_a_step_whose_condition_fails_does_nothing_and_says_why(tmp_path: Path) -> None:
+    settings = following(tmp_path, *ESCALATING)
+    an = analyze(INCIDENT, Context(rollouts=(rollout(45),), cpu_saturation={}), settings, OPENED)
+    assert an.actions == ()
+    line = (
+        "runbook orders step 'do rollback': condition 'deployments.count > 0 AND "
+        "deployments[0].age < 30m' is false (deployments.count=1, deployments[0].age=2700); "
+        "not applied"
+    )
+    assert line in an.evidence
+    # cpu/memory were not gathered: unknown, not false.
+    assert any(
+        "condition 'cpu_utilization > 80 OR memory_utilization > 85' is unknown: the context "
+        "lacks cpu_utilization, memory_utilization" in e
+        for e in an.evidence
+    )
+
+
+def test_after_a_step_verified_not_healed_the_next_is_taken(tmp_path: Path) -> None:
+    settings = following(tmp_path, *ESCALATING)
+    ctx = Context(rollouts=(rollout(10),), cpu_saturation={"checkout": 0.95})
+    tried = replace(ctx, ineffective=(("rollback", CHECKOUT.key),))
+    an = analyze(INCIDENT, tried, settings, OPENED)
+    assert [(a.type, a.target, dict(a.params)) for a in an.actions] == [
+        ("scale_up", CHECKOUT, {"replicas": "+2"})
+    ]
+    assert f"already tried without effect: rollback {CHECKOUT.key}" in an.evidence
+
+
+def test_on_failure_escalate_stops_the_runbook_instead_of_the_next_step(tmp_path: Path) -> None:
+    first = {**ESCALATING[0], "onFailure": "escalate_database"}
+    settings = following(tmp_path, first, ESCALATING[1])
+    ctx = Context(rollouts=(rollout(10),), cpu_saturation={"checkout": 0.95})
+    an = analyze(
+        INCIDENT, replace(ctx, ineffective=(("rollback", CHECKOUT.key),)), settings, OPENED
+    )
+    assert an.actions == ()
+    assert "the runbook says escalate_database" in an.root_cause
+
+
+def test_a_step_scoped_to_another_workload_never_acts_on_this_one(tmp_path: Path) -> None:
+    scoped = step("rollback", params={"deployment": "order-service", "namespace": "shop"})
+    settings = following(tmp_path, scoped)
+    an = analyze(INCIDENT, Context(rollouts=(rollout(10),)), settings, OPENED)
+    assert an.actions == ()
+    assert (
+        "runbook orders step 'do rollback': not applied to Deployment/shop/checkout: the step "
+        "is for deployment order-service, not checkout"
+    ) in an.evidence
+    mine = step("rollback", params={"deployment": "checkout", "namespace": "shop"})
+    settings = following(tmp_path, mine)
+    an = analyze(INCIDENT, Context(rollouts=(rollout(10),)), settings, OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [("rollback", CHECKOUT)]
+
+
+def test_an_unreadable_rollout_history_makes_deployment_facts_unknown(tmp_path: Path) -> None:
+    settings = following(tmp_path, step("rollback", "deployments.count == 0"))
+    ctx = Context(notes=(f"no rollout history for {CHECKOUT.key}: forbidden",))
+    an = analyze(INCIDENT, ctx, settings, OPENED)
+    assert an.actions == ()
+    assert any("the context lacks deployments.count" in e for e in an.evidence)
+
+
+def test_steps_for_returns_the_file_runbooks_steps(tmp_path: Path) -> None:
+    settings = following(tmp_path, step())
+    found = settings.steps_for("CheckoutErrors", "alertmanager")
+    assert found is not None
+    assert found[0] == "runbook orders"
+    assert [s.action for s in found[1] if isinstance(s, FileStep)] == ["rollback"]
+
+
+def test_on_success_notify_warns_when_no_webhook_takes_healed(tmp_path: Path) -> None:
+    hooks = "escalation: {webhooks: [{name: pager, url: 'https://p.example/h'}]}\n"
+    notifying = step(onSuccess="notify_success")
+    settings = load_settings(_config(tmp_path, book(notifying), extra=hooks), env={})
+    (warning,) = config_warnings(settings)
+    assert "step 'do rollback' notifies on success, but no escalation webhook lists" in warning
+    hooks = (
+        "escalation: {webhooks: [{name: chat, url: 'https://c.example/h', reasons: [healed]}]}\n"
+    )
+    settings = load_settings(_config(tmp_path, book(notifying), extra=hooks), env={})
+    assert config_warnings(settings) == []
