@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 
-from agent.analyzer import analyze
+from agent.analyzer import analyze, failed_steps
 from agent.context import ContextGatherer
 from agent.labels import service_of
 from agent.llm_analyzer import LLMAnalyzer
@@ -147,6 +147,29 @@ def notify_escalation(
         f"notify_oncall is a step of {', '.join(asking)}",
         doing,
     )
+
+
+def failure_escalation(
+    incident: Incident,
+    analysis: Analysis,
+    settings: Settings,
+    tried: Iterable[tuple[str, str]],
+) -> Escalation | None:
+    """The page a runbook file's ``onFailure: notify_*/escalate*`` asks for once its step's
+    action was verified ineffective; one per incident and set of such steps (an id of its
+    own: a notify or no_remedy page sent earlier does not stand in for it)."""
+    lines = failed_steps(incident, tried, settings)
+    if not lines:
+        return None
+    page = _escalation(
+        incident,
+        analysis,
+        "notify",
+        f"{incident.key}: {lines[0]}",
+        "a runbook step's onFailure asks for a person",
+        lines[1:],
+    )
+    return replace(page, id=stable_id(page.id, "onFailure", *lines))
 
 
 def no_remedy_escalation(
@@ -481,13 +504,20 @@ class AnalysisStage:
             # Once per episode of an incident, however many of its revisions this batch or
             # earlier held; a reopening pages again, under an id of its own.
             paged = incident.id if episode is None else stable_id(incident.id, str(episode))
-            fresh = paged not in self._notified and paged not in notified
-            if page is not None and fresh:
+            failed = failure_escalation(
+                incident, analysis, self.settings, self.ineffective.get(incident.id, ())
+            )
+            pages = [(page, paged)]
+            if failed is not None:  # its own key: one per set of failed steps
+                pages.append((failed, stable_id(paged, failed.id)))
+            for one, key in pages:
+                if one is None or key in self._notified or key in notified:
+                    continue
                 if episode is not None:
-                    page = replace(page, id=stable_id(page.id, f"episode:{episode}"))
-                out.append((self.bus.topic("escalations"), page, None))
-                notified.append(paged)
-                self.metrics.escalations.labels(reason=page.reason).inc()
+                    one = replace(one, id=stable_id(one.id, f"episode:{episode}"))
+                out.append((self.bus.topic("escalations"), one, None))
+                notified.append(key)
+                self.metrics.escalations.labels(reason=one.reason).inc()
         # The analyses once their actions are durable: a replica that reads an analysis
         # will not make it again, so it must not stand without its actions.
         await self.bus.publish_many(out)

@@ -30,7 +30,7 @@ write it. Only structured signals (event reasons, metric values, rollout history
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal, get_args
@@ -564,6 +564,28 @@ def _file_step(
         None,
         False,
     )
+
+
+def failed_steps(
+    incident: Incident, tried: Iterable[tuple[str, str]], settings: Settings
+) -> list[str]:
+    """What runbook-file steps whose ``onFailure`` pages (notify_*/escalate*) say, once the
+    step's action on this incident's target was verified ineffective."""
+    done = set(tried)
+    out: list[str] = []
+    for m in incident.firing:
+        prescriber, steps = settings.steps_for(m.name, m.source) or ("", ())
+        for step in steps:
+            if not isinstance(step, FileStep) or step.on_failure == "continue":
+                continue
+            target = action_target(step.action, m.labels or incident.labels)
+            if target is not None and (step.action, target.key) in done:
+                line = (
+                    f"{prescriber} step {step.name!r}: {step.action} "
+                    f"{target.key} verified ineffective; onFailure: {step.on_failure}"
+                )
+                out += [line] if line not in out else []
+    return out
 
 
 def _stopped(m: Member, prescriber: str, step: FileStep) -> _Finding:

@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from agent.analysis_stage import AnalysisStage, evidence_key
 from agent.chat import ChatMessage, Completion
@@ -16,7 +19,7 @@ from agent.errors import DependencyUnavailable
 from agent.llm_analyzer import LLMAnalyzer
 from agent.metrics import Metrics
 from agent.models import ActionRequest, ActionResult, Analysis, Escalation, Incident, Outcome
-from agent.settings import PatternSpec
+from agent.settings import PatternSpec, parse_settings
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
 from tests.fakes.chat import ScriptedChatModel, action, answer, completion
@@ -548,3 +551,46 @@ async def test_evidence_whose_analysis_failed_is_analysed_by_the_one_that_waited
     assert analysis.incident_revision == inc.revision
     await s.handle([env(inc, 1)])  # durable now: not again
     assert len(failing.of(Analysis)) == 1 and bus.published == []
+
+
+async def test_a_runbook_files_on_failure_escalate_pages_and_takes_no_next_step(
+    tmp_path: Path,
+) -> None:
+    s, bus = escalating_stage()
+    book = {
+        "apiVersion": "runbook.sre/v1",
+        "kind": "Runbook",
+        "metadata": {"name": "orders"},
+        "spec": {
+            "trigger": {"alert": "high-error-rate", "source": "prometheus"},
+            "steps": [
+                {
+                    "name": "roll back",
+                    "condition": "deployments.count > 0 AND deployments[0].age < 30m",
+                    "action": {"type": "rollback"},
+                    "onFailure": "escalate_oncall",
+                },
+                {"name": "restart", "action": {"type": "restart"}},
+            ],
+        },
+    }
+    (tmp_path / "orders.yaml").write_text(yaml.safe_dump(book))
+    loaded = parse_settings({"runbook_files": ["orders.yaml"]}, env={}, base_dir=tmp_path)
+    s.settings = replace(s.settings, file_runbooks=loaded.file_runbooks)
+    await s.handle([env(incident())])
+    (rollback,) = bus.of(ActionRequest)
+    assert rollback.type == "rollback"
+    assert bus.of(Escalation) == []
+    await s.on_watch([result_env(verified(rollback, "not_healed"))])
+    assert len(bus.of(ActionRequest)) == 1  # no restart: the runbook said to page
+    line = (
+        f"runbook orders step 'roll back': rollback {rollback.target.key} verified "
+        "ineffective; onFailure: escalate_oncall"
+    )
+    assert "the runbook says escalate_oncall" in bus.of(Analysis)[-1].root_cause
+    pages = {e.reason: e for e in bus.of(Escalation)}
+    assert set(pages) == {"notify", "no_remedy"}  # a page of its own, beside no_remedy's
+    assert pages["notify"].summary == f"c1/shop/checkout: {line}"
+    # The same verdict again pages no more.
+    await s.on_watch([result_env(verified(rollback, "not_healed"), 1)])
+    assert len(bus.of(Escalation)) == 2
