@@ -5,7 +5,8 @@
 - :class:`BatchConsumer` reads a group's topics in batches, decodes each record once and
   sends undecodable ones to the dead-letter topic with the error naming the field. A
   handler failure is retried per event; an event that still fails is dead-lettered with the
-  error. Offsets are committed after the batch's outputs are produced, never before.
+  error. Offsets are committed after the batch's outputs are produced, never before, and
+  only for partitions still held: one a rebalance moved mid-batch is left to its new owner.
   A consumer whose loop makes no progress for ``agent.stuck_after`` reports itself stuck
   (see :meth:`BatchConsumer.stuck` and :func:`progressed`).
 """
@@ -24,7 +25,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 
 from agent.codec import decode, encode
 from agent.errors import (
@@ -257,6 +263,18 @@ def progressed() -> None:
 Decoder = Callable[[bytes], Any]
 
 
+def committable(
+    offsets: Mapping[TopicPartition, int],
+    assignment: frozenset[TopicPartition],
+    skipped: frozenset[TopicPartition] = frozenset(),
+) -> dict[TopicPartition, int]:
+    """The offsets of the batch to commit: only partitions this member still holds (a
+    rebalance may have given one to another member, which re-reads it from the last commit;
+    aiokafka refuses the commit anyway), and none whose records it skipped as revoked (it
+    may hold that partition again by now: committing would pass over them)."""
+    return {tp: offset for tp, offset in offsets.items() if tp in assignment and tp not in skipped}
+
+
 def _decoder(spec: type[Any] | Decoder) -> Decoder:
     if isinstance(spec, type):
         return lambda raw: decode(spec, raw)
@@ -334,6 +352,7 @@ class BatchConsumer:
         self._busy = False  # records fetched and not yet handled
         self.on_gained = on_gained
         self._held: frozenset[TopicPartition] = frozenset()  # the assignment on_gained saw
+        self._skipped: set[TopicPartition] = set()  # revoked mid-batch: not to commit
         bus.metrics.consumer_stuck.labels(consumer=name).set_function(
             lambda: float(self.stuck() is not None)
         )
@@ -517,18 +536,28 @@ class BatchConsumer:
                 for tp, records in batches.items()
                 if records
             )
-            await self._handle(good)
+            self._skipped = set()
+            await self._handle(self._owned(good))
             self.bus.metrics.processed.labels(consumer=self.name).inc(len(good))
             self._heartbeat()
             if self.group_id is None:
                 continue  # nothing to commit to
-            self._doing = "committing " + ", ".join(f"{tp.topic}[{tp.partition}]" for tp in offsets)
+            # No await between reading the assignment and commit's own check of it.
+            kept = committable(offsets, frozenset(consumer.assignment()), frozenset(self._skipped))
+            if len(kept) < len(offsets):
+                lost = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in offsets if tp not in kept)
+                log.warning(
+                    "%s: %s moved to another member mid-batch: not committed", self.name, lost
+                )
+            if not kept:
+                continue
+            self._doing = "committing " + ", ".join(f"{tp.topic}[{tp.partition}]" for tp in kept)
             try:
-                await consumer.commit(offsets)
-            except CommitFailedError as err:
+                await consumer.commit(kept)
+            except (CommitFailedError, IllegalStateError) as err:
                 # A rebalance took the partitions; the new owner re-reads from the last commit
-                # and idempotent handling makes the repeat harmless.
-                log.warning("%s: commit failed after rebalance: %s", self.name, err)
+                # and idempotent handling makes the repeat harmless (at least once).
+                log.warning("%s: commit lost to a rebalance: %s", self.name, err)
 
     async def _handle(self, batch: list[Envelope]) -> None:
         if not batch:
@@ -551,8 +580,21 @@ class BatchConsumer:
                 "%s: batch of %d failed (%r); retrying one by one", self.name, len(batch), err
             )
         for env in batch[done:]:
-            await self._handle_one(env)
+            if self._owned([env]):
+                await self._handle_one(env)
             progressed()
+
+    def _owned(self, batch: list[Envelope]) -> list[Envelope]:
+        """The events of partitions this member still holds. One a rebalance gave to another
+        member since the fetch is left to it (it re-reads from the last commit): handling it
+        here too would be a second effect. Its partition is then not committed."""
+        consumer = self._consumer
+        if self.group_id is None or consumer is None:
+            return batch
+        held = consumer.assignment()
+        revoked = {TopicPartition(e.topic, e.partition) for e in batch} - held
+        self._skipped |= revoked
+        return [e for e in batch if TopicPartition(e.topic, e.partition) in held]
 
     async def _handle_one(self, env: Envelope) -> None:
         delay = 0.2

@@ -282,3 +282,67 @@ async def test_a_failed_take_over_is_retried_and_holds_up_no_record(
             assert consumer.holding and calls == 2
     finally:
         await bus.stop()
+
+
+async def test_a_rebalance_mid_batch_loses_the_commit_not_the_consumer(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Two members hold a partition each and are mid-batch when a third joins and takes
+    one of theirs: committing that batch is refused (the partition is another member's
+    now). No member dies of it, and every record is handled at least once."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("incidents")  # two partitions
+    group = f"{topic_prefix}rebalance"
+    handled: dict[str, list[str]] = {}
+    gate = asyncio.Event()
+    in_batch: set[str] = set()
+
+    def member(name: str) -> BatchConsumer:
+        async def handler(batch: list[Envelope]) -> None:
+            if name != "0-joiner":  # the slow batch the rebalance lands in
+                in_batch.add(name)
+                await gate.wait()
+            handled.setdefault(name, []).extend(env.value.id for env in batch)
+
+        return BatchConsumer(
+            bus, name=name, group_id=group, topics={topic: Silence}, handler=handler
+        )
+
+    # Member ids start with the client id: "0-joiner" sorts first, so the range assignor
+    # gives it partition 0 and moves partition 1 from b to a: both lose theirs.
+    a, b, joiner = member("a"), member("b"), member("0-joiner")
+    ids = [f"s{i}" for i in range(20)]
+    try:
+        async with a, b:
+            await eventually(
+                lambda: len(a.holding) == 1 and len(b.holding) == 1, 30, what="one partition each"
+            )
+            await bus.publish_many([(topic, silence(i), f"key-{i}") for i in range(20)])
+            await eventually(lambda: in_batch == {"a", "b"}, 30, what="both mid-batch")
+            async with joiner:
+                await eventually(lambda: joiner.holding, 30, what="the joiner assigned")
+                gate.set()
+                await eventually(
+                    lambda: {i for got in handled.values() for i in got} >= set(ids),
+                    30,
+                    what="every record handled",
+                )
+                # Past their batch's commit (or dead of it).
+                await eventually(
+                    lambda: all(
+                        c.failure is not None or not c._doing.startswith(("handling", "committing"))
+                        for c in (a, b)
+                    ),
+                    30,
+                    what="a and b past their commit",
+                )
+                assert a.failure is None and b.failure is None and joiner.failure is None, (
+                    a.failure,
+                    b.failure,
+                    joiner.failure,
+                )
+    finally:
+        gate.set()
+        await bus.stop()
+    assert "0-joiner" in handled  # it re-read what the others had not committed
