@@ -804,12 +804,17 @@ class DeadLetter:
     id: NonEmpty
     source_topic: str
     error: str
-    raw: str  # the original bytes, decoded as UTF-8 with replacement, or base64 if binary
+    raw: str  # the original bytes, as UTF-8 text, or base64 if binary
     raw_encoding: Literal["utf-8", "base64"]
     failed_at: Time
     consumer: str = ""
     partition: int | None = None
     offset: int | None = None
+    # A record too big for a letter keeps only its first bytes in ``raw``: this many were
+    # dropped from its end. The whole is at partition/offset of the source topic, and
+    # ``raw_sha256`` (of all of its bytes) tells it is the one.
+    raw_dropped: int = 0
+    raw_sha256: str = ""
     schema_version: Version = SCHEMA_VERSION
 
     @property

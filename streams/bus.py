@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -49,6 +50,13 @@ from streams.partitioning import MAX_REQUEST_BYTES, anomaly_records, partition_f
 log = logging.getLogger(__name__)
 
 
+# A dead letter stays under this encoded (the producer refuses a record over 1 MiB): a
+# letter that cannot be written would stop its consumer at the record, at every restart.
+DEAD_LETTER_BYTES = 900_000
+# An error message is kept to this many characters (a validation error can list thousands).
+DEAD_LETTER_ERROR_CHARS = 8_000
+
+
 def dead_letter_record(
     *,
     source_topic: str,
@@ -57,20 +65,53 @@ def dead_letter_record(
     consumer: str,
     partition: int | None = None,
     offset: int | None = None,
+    limit: int = DEAD_LETTER_BYTES,
 ) -> DeadLetter:
-    """The raw bytes kept verbatim (UTF-8 text, else base64) beside the error."""
+    """The raw bytes kept verbatim (UTF-8 text, else base64) beside the error, as many of
+    them as fit in ``limit`` encoded bytes: the rest is dropped from the end and counted in
+    ``raw_dropped``; ``raw_sha256`` identifies the whole record in its source topic."""
     raw = raw or b""
+    if len(error) > DEAD_LETTER_ERROR_CHARS:
+        cut = len(error) - DEAD_LETTER_ERROR_CHARS
+        error = f"{error[:DEAD_LETTER_ERROR_CHARS]}... ({cut} more characters)"
     try:
-        text, encoding = raw.decode("utf-8"), "utf-8"
+        raw.decode("utf-8")
+        encoding = "utf-8"
     except UnicodeDecodeError:
-        text, encoding = base64.b64encode(raw).decode(), "base64"
-    return DeadLetter(
-        id=new_id(),
+        encoding = "base64"
+    digest = hashlib.sha256(raw).hexdigest()
+    keep = len(raw)
+    for _ in range(8):
+        if encoding == "utf-8":
+            # A cut inside a character drops that character's bytes too.
+            text = raw[:keep].decode("utf-8", "ignore")
+            kept = len(text.encode("utf-8"))
+        else:
+            text, kept = base64.b64encode(raw[:keep]).decode(), keep
+        letter = DeadLetter(
+            id=new_id(),
+            source_topic=source_topic,
+            error=error,
+            raw=text,
+            raw_encoding=encoding,  # type: ignore[arg-type]
+            failed_at=utcnow(),
+            consumer=consumer,
+            partition=partition,
+            offset=offset,
+            raw_dropped=len(raw) - kept,
+            raw_sha256=digest,
+        )
+        over = len(encode(letter)) - limit
+        if over <= 0 or kept == 0:
+            return letter
+        # A kept byte costs 1 to 6 encoded ones (base64 4/3, JSON escapes up to 6): drop
+        # by the average, plus room for the digits raw_dropped gains.
+        per = max(1.0, len(encode(text)) / kept)
+        keep = max(0, kept - int(over / per) - 16)
+    return dead_letter_record(
         source_topic=source_topic,
-        error=error,
-        raw=text,
-        raw_encoding=encoding,  # type: ignore[arg-type]
-        failed_at=utcnow(),
+        raw=None,
+        error=f"{error} (the record's {len(raw)} bytes dropped, sha256 {digest})",
         consumer=consumer,
         partition=partition,
         offset=offset,
@@ -195,6 +236,8 @@ class Bus:
         partition: int | None = None,
         offset: int | None = None,
     ) -> None:
+        """Publish a dead letter; counted once it is written. It always fits in a record
+        (see :func:`dead_letter_record`): only Kafka being away makes this raise."""
         letter = dead_letter_record(
             source_topic=source_topic,
             raw=raw,
@@ -203,9 +246,9 @@ class Bus:
             partition=partition,
             offset=offset,
         )
-        log.warning("dead-lettered %s[%s]@%s: %s", source_topic, partition, offset, error)
-        self.metrics.dead_letters.labels(topic=source_topic, consumer=consumer).inc()
         await self.publish(self.topic("dead-letter"), letter)
+        log.warning("dead-lettered %s[%s]@%s: %s", source_topic, partition, offset, letter.error)
+        self.metrics.dead_letters.labels(topic=source_topic, consumer=consumer).inc()
 
     async def create_topics(self) -> list[str]:
         """Create every catalog topic that does not exist yet; returns the ones created."""
@@ -619,10 +662,15 @@ class BatchConsumer:
                 return
 
     async def _dead(self, env: Envelope, err: BaseException) -> None:
+        error = f"{type(err).__name__}: {err}"
+        try:
+            raw = encode(env.value)
+        except Exception as bad:  # noqa: BLE001 - the letter still goes, with the error
+            raw, error = None, f"{error} (value not encodable: {bad!r})"
         await self.bus.dead_letter(
             source_topic=env.topic,
-            raw=encode(env.value),
-            error=f"{type(err).__name__}: {err}",
+            raw=raw,
+            error=error,
             consumer=self.name,
             partition=env.partition,
             offset=env.offset,

@@ -1147,7 +1147,7 @@ class Correlator:
             partition=partition,
             offset=offset,
         )
+        await self.dlq.send(key=source.encode(), value=encode(letter))
         self.metrics.dead_letters.labels(topic=source, consumer="correlator").inc()
         if not quiet:
-            log.warning("dead-lettered %s[%s]@%s: %s", source, partition, offset, error)
-        await self.dlq.send(key=source.encode(), value=encode(letter))
+            log.warning("dead-lettered %s[%s]@%s: %s", source, partition, offset, letter.error)

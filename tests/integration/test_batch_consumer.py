@@ -5,11 +5,15 @@ published) twice; a permanent failure is dead-lettered and the rest go on."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import os
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 
 from agent.errors import DependencyUnavailable, PermanentError
 from agent.models import DeadLetter, Matcher, Silence, utcnow
@@ -346,3 +350,49 @@ async def test_a_rebalance_mid_batch_loses_the_commit_not_the_consumer(
         gate.set()
         await bus.stop()
     assert "0-joiner" in handled  # it re-read what the others had not committed
+
+
+async def test_an_undecodable_record_too_big_for_a_letter_is_dead_lettered_cut(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Binary garbage of 800 KB is a record Kafka takes, but as a letter (base64) it would
+    pass the producer's 1 MiB: the letter keeps what fits, and the consumer goes on past it
+    instead of dying on it at every restart."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, metrics = await started_bus(settings)
+    topic = bus.topic("silences")
+    garbage = os.urandom(800_000)
+    handled: list[str] = []
+
+    async def handler(batch: list[Envelope]) -> None:
+        handled.extend(env.value.id for env in batch)
+
+    await bus.publish(topic, garbage, key="bad")
+    await bus.publish(topic, silence(1), key="s1")
+    consumer = silences_consumer(bus, topic_prefix, "big", handler)
+    try:
+        async with (
+            readers(kafka_bootstrap, {"dlq": (bus.topic("dead-letter"), DeadLetter)}) as r,
+            consumer,
+        ):
+            await eventually(lambda: handled == ["s1"] or consumer.failure, 30, what="s1")
+            assert consumer.failure is None, consumer.failure
+            [letter] = await r["dlq"].wait_for(lambda xs: len(xs) >= 1, 30, "the letter")
+            assert consumer._consumer is not None
+            await eventually(
+                lambda: consumer._consumer.committed(TopicPartition(topic, 0)),  # type: ignore[union-attr]
+                30,
+                what="a commit",
+            )
+            assert await consumer._consumer.committed(TopicPartition(topic, 0)) == 2
+    finally:
+        await bus.stop()
+    assert letter.raw_encoding == "base64" and letter.raw_dropped > 0
+    assert garbage.startswith(base64.b64decode(letter.raw))
+    assert len(base64.b64decode(letter.raw)) + letter.raw_dropped == len(garbage)
+    assert letter.raw_sha256 == hashlib.sha256(garbage).hexdigest()
+    assert (letter.partition, letter.offset) == (0, 0)
+    counted = metrics.registry.get_sample_value(
+        "sre_agent_dead_letters_total", {"topic": topic, "consumer": "big"}
+    )
+    assert counted == 1
