@@ -3,7 +3,8 @@
     AgentError
     ├── ConfigError            bad configuration; ``problems`` lists "path: message" lines
     ├── InvalidEvent           a message that failed validation; names the field
-    ├── TransientError         worth retrying after ``retry_after`` seconds
+    ├── TransientError         worth retrying; ``retry_after``: seconds the dependency
+    │                          asked to wait (Retry-After), None when it did not say
     │   └── DependencyUnavailable   Kafka, Prometheus, the cluster or the LLM is not answering
     ├── PermanentError         retrying cannot help
     │   ├── PolicyDenied       the policy refused an action; ``rule`` names the rule
@@ -52,7 +53,9 @@ class InvalidEvent(AgentError):
 class TransientError(AgentError):
     retriable = True
 
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        # None, not a default number: a retrier backs off on its own schedule unless the
+        # dependency really named a wait (a default here overrode every backoff).
         self.retry_after = retry_after
         super().__init__(message)
 

@@ -725,7 +725,8 @@ class Executor:
                 if attempt == TRANSIENT_ATTEMPTS:
                     raise
                 log.warning("%s on %s: %s; retrying", action.type, action.target.key, err)
-                await asyncio.sleep(min(err.retry_after, 5.0))
+                hint = err.retry_after
+                await asyncio.sleep(min(hint if hint is not None else 1.0, 5.0))
         raise AssertionError("unreachable")
 
     async def _apply(self, action: ActionRequest, now: datetime) -> Effect:

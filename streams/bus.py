@@ -39,6 +39,7 @@ from agent.errors import (
     DependencyUnavailable,
     InvalidEvent,
     PartialBatch,
+    TransientError,
     task_failure,
 )
 from agent.metrics import Metrics
@@ -289,6 +290,20 @@ async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None)
     return created
 
 
+# A retriable handler failure is retried this many times per event, waiting RETRY_BASE
+# seconds and doubling, at most max_retry_wait (30 s): 1+2+4+8+16+30, about a minute,
+# outlasts a broker restart; a longer outage dead-letters the event and moves on.
+RETRY_ATTEMPTS = 7
+RETRY_BASE = 1.0
+
+
+def retry_wait(failed: int, hint: float | None, *, base: float, cap: float) -> float:
+    """Seconds to wait after attempt ``failed`` (1-based) failed: ``base`` doubling each
+    time, no less than the dependency's Retry-After ``hint`` when it gave one, at most
+    ``cap`` (an hour's Retry-After would hold the partition)."""
+    return min(max(base * 2.0 ** (failed - 1), hint or 0.0), cap)
+
+
 Handler = Callable[[list[Envelope]], Awaitable[None]]
 # The running consumer's heartbeat, for handlers deep in a batch (see progressed).
 _beat: ContextVar[Callable[[], None] | None] = ContextVar("sre_agent_beat", default=None)
@@ -371,7 +386,7 @@ class BatchConsumer:
         handler: Handler,
         max_records: int = 500,
         from_beginning: bool = True,
-        max_attempts: int = 3,
+        max_attempts: int = RETRY_ATTEMPTS,
         stuck_after: float = 0.0,
         on_gained: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -390,6 +405,7 @@ class BatchConsumer:
         self.assigned = asyncio.Event()
         self.stuck_after = stuck_after
         self.max_retry_wait = 30.0  # seconds between attempts at one event, at most
+        self.retry_base = RETRY_BASE  # seconds before the first retry, doubling after
         self._last_beat = time.monotonic()
         self._doing = "starting"
         self._busy = False  # records fetched and not yet handled
@@ -640,7 +656,6 @@ class BatchConsumer:
         return [e for e in batch if TopicPartition(e.topic, e.partition) in held]
 
     async def _handle_one(self, env: Envelope) -> None:
-        delay = 0.2
         for attempt in range(1, self.max_attempts + 1):
             try:
                 try:
@@ -653,9 +668,10 @@ class BatchConsumer:
                     await self._dead(env, err)
                     return
                 progressed()  # an attempt that answered, if with a failure
-                # A dependency's Retry-After is advice: an hour's would hold the partition.
-                await asyncio.sleep(min(getattr(err, "retry_after", delay), self.max_retry_wait))
-                delay *= 2
+                hint = err.retry_after if isinstance(err, TransientError) else None
+                await asyncio.sleep(
+                    retry_wait(attempt, hint, base=self.retry_base, cap=self.max_retry_wait)
+                )
             except Exception as err:
                 log.exception("%s: handler failed on %s@%s", self.name, env.topic, env.offset)
                 await self._dead(env, err)

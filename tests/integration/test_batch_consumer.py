@@ -396,3 +396,37 @@ async def test_an_undecodable_record_too_big_for_a_letter_is_dead_lettered_cut(
         "sre_agent_dead_letters_total", {"topic": topic, "consumer": "big"}
     )
     assert counted == 1
+
+
+async def test_a_dependency_away_for_several_attempts_is_waited_out(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """An event whose dependency fails its first five attempts without naming a wait (the
+    cluster restarting) is handled at the sixth, not dead-lettered after the third."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    attempts: list[str] = []
+    handled: list[str] = []
+
+    async def handler(batch: list[Envelope]) -> None:
+        attempts.append(batch[0].value.id)
+        if len(attempts) <= 5:  # the batch, then the event alone four times
+            raise DependencyUnavailable("kubernetes API: connection refused")
+        handled.extend(env.value.id for env in batch)
+
+    consumer = silences_consumer(bus, topic_prefix, "patient-too", handler)
+    consumer.retry_base = 0.01  # the schedule itself is tested in tests/unit/test_bus_retry.py
+    await bus.publish(topic, silence(1), key="s1")
+    try:
+        async with (
+            readers(kafka_bootstrap, {"dlq": (bus.topic("dead-letter"), DeadLetter)}) as r,
+            consumer,
+        ):
+            await eventually(
+                lambda: handled or r["dlq"].items or consumer.failure, 30, what="an outcome"
+            )
+    finally:
+        await bus.stop()
+    assert handled == ["s1"] and not r["dlq"].items, r["dlq"].items
+    assert attempts == ["s1"] * 6
