@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -121,13 +121,15 @@ def dead_letter_record(
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A decoded record with where it came from."""
+    """A decoded record with where it came from, and its bytes as read (None: a tombstone,
+    or an envelope not read from Kafka) for a dead letter to keep verbatim."""
 
     topic: str
     partition: int
     offset: int
     key: str | None
     value: Any
+    raw: bytes | None = field(default=None, repr=False, compare=False)
 
 
 class Bus:
@@ -589,7 +591,7 @@ class BatchConsumer:
                             offset=rec.offset,
                         )
                         continue
-                    good.append(Envelope(tp.topic, tp.partition, rec.offset, key, value))
+                    good.append(Envelope(tp.topic, tp.partition, rec.offset, key, value, rec.value))
             self._doing = "handling " + ", ".join(
                 f"{tp.topic}[{tp.partition}]@{records[0].offset}-{records[-1].offset}"
                 for tp, records in batches.items()
@@ -679,10 +681,14 @@ class BatchConsumer:
 
     async def _dead(self, env: Envelope, err: BaseException) -> None:
         error = f"{type(err).__name__}: {err}"
-        try:
-            raw = encode(env.value)
-        except Exception as bad:  # noqa: BLE001 - the letter still goes, with the error
-            raw, error = None, f"{error} (value not encodable: {bad!r})"
+        raw = env.raw
+        if raw is None and env.value is None:
+            error += " (a tombstone: the record has no value)"
+        elif raw is None:  # not read from Kafka: the value is all there is
+            try:
+                raw = encode(env.value)
+            except Exception as bad:  # noqa: BLE001 - the letter still goes, with the error
+                error += f" (value not encodable: {bad!r})"
         await self.bus.dead_letter(
             source_topic=env.topic,
             raw=raw,

@@ -12,9 +12,11 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import TopicPartition
 
+from agent.codec import decode, encode, to_dict
 from agent.errors import DependencyUnavailable, PermanentError
 from agent.models import DeadLetter, Matcher, Silence, utcnow
 from streams.bus import BatchConsumer, Bus, Envelope, Handler, handle_each
@@ -430,3 +432,35 @@ async def test_a_dependency_away_for_several_attempts_is_waited_out(
         await bus.stop()
     assert handled == ["s1"] and not r["dlq"].items, r["dlq"].items
     assert attempts == ["s1"] * 6
+
+
+async def test_a_handler_failure_dead_letters_the_bytes_as_read(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The letter of an event its handler refused holds the record's bytes as they were
+    read (not the decoded value written again), and a tombstone's says it had none."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    # Valid, but not as agent.codec would write it: indented, fields in another order.
+    doc = to_dict(silence(1))
+    raw = orjson.dumps(dict(reversed(doc.items())), option=orjson.OPT_INDENT_2)
+    assert raw != encode(decode(Silence, raw))
+
+    async def handler(batch: list[Envelope]) -> None:
+        raise PermanentError("no such target")
+
+    await bus.publish(topic, raw, key="s1")
+    await bus.publish(topic, None, key="s1")  # a tombstone
+    consumer = silences_consumer(bus, topic_prefix, "verbatim", handler)
+    try:
+        async with (
+            readers(kafka_bootstrap, {"dlq": (bus.topic("dead-letter"), DeadLetter)}) as r,
+            consumer,
+        ):
+            letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 2, 30, "two letters")
+    finally:
+        await bus.stop()
+    by_offset = {x.offset: x for x in letters}
+    assert by_offset[0].raw == raw.decode() and by_offset[0].raw_encoding == "utf-8"
+    assert by_offset[1].raw == "" and "tombstone" in by_offset[1].error
