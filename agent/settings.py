@@ -413,10 +413,6 @@ class CorrelationSection:
     resolve_timeout: Seconds = 300.0
     # A resolved incident that fires again within this window is reopened, not duplicated.
     reopen_window: Seconds = 300.0
-    # Alertmanager's meaning: hold a new incident's first event this long so related
-    # anomalies join it; publish updates of one incident at most once per group_interval;
-    # re-publish an unchanged open incident every repeat_interval (0: never). Lifecycle
-    # transitions (resolved, reopened, silenced, mitigating) are never held.
     # Anomalies observed longer ago than this (event time vs. arrival) are not folded into
     # incidents: they are recorded as late on the dead-letter topic. 0: no bound.
     late_bound: Seconds = 0.0
@@ -437,6 +433,12 @@ class CorrelationSection:
     # moved this long is stuck, whatever the cause: /health/live then fails, so Kubernetes
     # restarts it (0: never). Well above the longest batch a backlog folds (seconds).
     stuck_after: Seconds = 300.0
+    # Alertmanager's meaning, timed per incident (streams.correlation.release): hold a new
+    # incident's first event this long so related anomalies join it; publish updates of
+    # one incident at most once per group_interval; re-publish an unchanged open incident
+    # every repeat_interval (0: never). A published incident's other transitions are never
+    # held; one never published that resolves is not published, and if it reopens it waits
+    # out group_wait and goes out as "open".
     group_wait: Seconds = 0.0
     group_interval: Seconds = 0.0
     repeat_interval: Seconds = 0.0
