@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
+from agent.errors import ConfigError
+
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 OPS: tuple[Op, ...] = (">=", "<=", "==", "!=", ">", "<")
 
@@ -58,11 +60,12 @@ _TOKEN = re.compile(
 _INDEXED = re.compile(r"deployments\[([0-9]+)\]\.age")
 
 
-class ExprError(ValueError):
-    """A condition that does not parse; ``position`` is the 1-based character it names."""
+class ExprError(ConfigError):
+    """A condition that does not parse; ``position`` is the 1-based character it names.
+    A configuration error: conditions are parsed when runbook files load."""
 
     def __init__(self, message: str, position: int) -> None:
-        super().__init__(f"at position {position}: {message}")
+        super().__init__([f"at position {position}: {message}"])
         self.position = position
 
 
