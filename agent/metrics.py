@@ -200,12 +200,6 @@ class Metrics:
             ["consumer"],
             registry=r,
         )
-        self.ready = Gauge(
-            "sre_agent_component_ready",
-            "1 when a component is started and healthy.",
-            ["component"],
-            registry=r,
-        )
         # --- the analysis stage and its LLM ---------------------------------------------
         self.analysis_duration = Histogram(
             "sre_agent_analysis_duration_seconds",
