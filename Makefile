@@ -42,6 +42,6 @@ lint: venv
 bench: deps
 	scripts/bench.sh
 
+## make clean: stop every instance with state under .state (yours, the tests', k8s), then delete it.
 clean:
-	scripts/kafka.sh stop; scripts/prometheus.sh stop; scripts/alertmanager.sh stop; true
-	rm -rf .state
+	scripts/clean.sh

@@ -1,0 +1,116 @@
+"""The infrastructure scripts (scripts/*.sh) against a throwaway state dir and fake daemons:
+what they stop, what they refuse, what they cache. Fakes are copies of bash (so
+/proc/<pid>/exe names the component, as the scripts check) looping until signalled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts"
+LOOP = "while :; do sleep 0.1; done"
+
+
+class Daemons:
+    """Fake daemons started by one test, all killed at its end."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def exe(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.exists():
+            shutil.copy("/bin/bash", path)
+        return path
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """A process whose exe is named ``name`` and whose command line holds ``args``."""
+        proc = subprocess.Popen(
+            [str(self.exe(name)), "-c", LOOP, name, *args],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        # reap it as soon as it dies: the scripts wait until `kill -0` fails
+        threading.Thread(target=proc.wait, daemon=True).start()
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    fakes = Daemons(bin_dir)
+    try:
+        yield fakes
+    finally:
+        fakes.kill_all()
+
+
+def run(
+    cmd: list[str], env: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def gone(proc: subprocess.Popen[bytes]) -> bool:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def fake_service(
+    daemons: Daemons, state: Path, service: str, marker: str
+) -> subprocess.Popen[bytes]:
+    """A fake lib.sh service (kafka, prometheus, alertmanager) with its pid file written."""
+    svc_dir = state / service
+    svc_dir.mkdir(parents=True, exist_ok=True)
+    proc = daemons.start("java", str(svc_dir / marker))
+    (svc_dir / f"{service}.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def fake_k8s(daemons: Daemons, state: Path) -> subprocess.Popen[bytes]:
+    """A fake etcd of the control plane whose state dir is ``state``/k8s."""
+    pids = state / "k8s" / "pids"
+    pids.mkdir(parents=True, exist_ok=True)
+    proc = daemons.start("etcd", "--data-dir", str(state / "k8s" / "etcd"))
+    (pids / "etcd.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def test_make_clean_stops_every_instance_under_the_state_dir(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    state = tmp_path / "state"
+    kafka = fake_service(daemons, state, "kafka", "server.properties")
+    test_kafka = fake_service(daemons, state / "test", "kafka", "server.properties")
+    test_prometheus = fake_service(daemons, state / "test", "prometheus", "prometheus.yml")
+    etcd = fake_k8s(daemons, state)
+    test_etcd = fake_k8s(daemons, state / "test")
+
+    run(["make", "-s", "-C", str(REPO), "clean"], {"SRE_STATE_DIR": str(state)})
+
+    assert not state.exists()
+    assert all(gone(p) for p in (kafka, test_kafka, test_prometheus, etcd, test_etcd))
