@@ -301,8 +301,9 @@ expected_exe() {
 	esac
 }
 
-# pid of a running component, verified against /proc/<pid>/exe so a recycled
-# pid is never mistaken for ours
+# pid of a running component, verified against /proc/<pid>/exe and against
+# this instance's state dir in its command line: other clusters run the same
+# binaries, so a recycled pid can name another cluster's kube-apiserver.
 component_pid() {
 	local f=$PIDS/$1.pid pid exe
 	[[ -f $f ]] || return 1
@@ -310,11 +311,20 @@ component_pid() {
 	[[ $pid =~ ^[0-9]+$ ]] || return 1
 	exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
 	exe=${exe% (deleted)}
-	case $1 in
-	etcd) [[ $(basename "$exe") == etcd ]] ;;
-	*) [[ $(basename "$exe") == "$1" ]] ;;
-	esac || return 1
+	[[ $(basename "$exe") == "$1" ]] || return 1
+	uses_state_dir "$pid" || return 1
 	echo "$pid"
+}
+
+# Every component gets a path under $STATE_DIR as a whole argument or a flag's
+# value; a substring match would take /x$STATE_DIR/... for ours.
+uses_state_dir() { # pid
+	local arg args=()
+	mapfile -d '' -t args <"/proc/$1/cmdline" 2>/dev/null || return 1
+	for arg in "${args[@]}"; do
+		[[ $arg == "$STATE_DIR/"* || $arg == *"=$STATE_DIR/"* ]] && return 0
+	done
+	return 1
 }
 
 port_in_use() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -114,3 +114,35 @@ def test_make_clean_stops_every_instance_under_the_state_dir(
 
     assert not state.exists()
     assert all(gone(p) for p in (kafka, test_kafka, test_prometheus, etcd, test_etcd))
+
+
+def test_k8s_ignores_a_stale_pid_that_names_another_clusters_component(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    ours, theirs = tmp_path / "a", tmp_path / "b"
+    other = daemons.start(
+        "kube-apiserver", f"--tls-cert-file={theirs}/k8s/pki/apiserver.crt", "--v=1"
+    )
+    # our stale pid file: the number now belongs to the other cluster's apiserver
+    (ours / "k8s" / "pids").mkdir(parents=True)
+    (ours / "k8s" / "pids" / "kube-apiserver.pid").write_text(f"{other.pid}\n")
+    env = {"SRE_STATE_DIR": str(ours), "SRE_CACHE_DIR": str(tmp_path / "cache")}
+
+    status = run(["bash", str(SCRIPTS / "k8s.sh"), "status"], env, check=False)
+    run(["bash", str(SCRIPTS / "k8s.sh"), "down"], env)
+
+    assert "kube-apiserver           stopped" in status.stdout
+    assert other.poll() is None
+    assert not (ours / "k8s" / "pids" / "kube-apiserver.pid").exists()
+
+
+def test_k8s_stops_its_own_component_by_pid(tmp_path: Path, daemons: Daemons) -> None:
+    state = tmp_path / "a"
+    etcd = fake_k8s(daemons, state)
+    env = {"SRE_STATE_DIR": str(state), "SRE_CACHE_DIR": str(tmp_path / "cache")}
+
+    status = run(["bash", str(SCRIPTS / "k8s.sh"), "status"], env, check=False)
+    run(["bash", str(SCRIPTS / "k8s.sh"), "down"], env)
+
+    assert f"etcd                     running (pid {etcd.pid})" in status.stdout
+    assert gone(etcd)
