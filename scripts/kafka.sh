@@ -68,14 +68,47 @@ $extra
 EOF
 }
 
+# sha512 of kafka_2.13-<version>.jar as published on Maven Central (checked
+# against its .sha1 there). Other versions are checked against that .sha1.
+declare -A KAFKA_JAR_SHA512=(
+    [4.1.1]=6a4aec624b9723ba1903750e9768606557914824378081bf0ff223e219d265a62ec90bd5501b7cc2df3712421d8a5612922cd742072fdc2614ba4aec86c18877
+)
+MAVEN_CENTRAL=https://repo.maven.apache.org/maven2
+
+# -C: Maven 3.8 only warns on a checksum mismatch, and .complete would then
+# cache the corrupt jar for good.
 run_mvn() {
     local out="$1"
-    if ! mvn -B -f "$KAFKA_HOME/pom.xml" dependency:copy-dependencies \
+    if ! mvn -B -C -f "$KAFKA_HOME/pom.xml" dependency:copy-dependencies \
         -DincludeScope=runtime -DoutputDirectory="$out" >>"$KAFKA_HOME/fetch.log" 2>&1; then
         log "maven failed; last 40 lines of $KAFKA_HOME/fetch.log:"
         tail -n 40 "$KAFKA_HOME/fetch.log" >&2
         return 1
     fi
+}
+
+# verify_kafka_jar DIR -> fails unless DIR's kafka_2.13 jar is the published one.
+verify_kafka_jar() {
+    local jar="$1/kafka_2.13-$KAFKA_VERSION.jar" want got algo
+    [[ -f "$jar" ]] || { log "kafka_2.13-$KAFKA_VERSION.jar missing after fetch"; return 1; }
+    if [[ -n "${KAFKA_JAR_SHA512[$KAFKA_VERSION]:-}" ]]; then
+        algo=sha512
+        want="${KAFKA_JAR_SHA512[$KAFKA_VERSION]}"
+    else
+        algo=sha1
+        need_cmd curl "curl"
+        want="$(curl -fsS --proto =https --max-time 30 \
+            "$MAVEN_CENTRAL/org/apache/kafka/kafka_2.13/$KAFKA_VERSION/kafka_2.13-$KAFKA_VERSION.jar.sha1")" ||
+            { log "could not fetch the .sha1 of kafka_2.13-$KAFKA_VERSION.jar from Maven Central"; return 1; }
+        want="${want%% *}"
+    fi
+    got="$("${algo}sum" "$jar")"
+    got="${got%% *}"
+    if [[ "${got,,}" != "${want,,}" ]]; then
+        log "kafka_2.13-$KAFKA_VERSION.jar $algo is $got, expected $want"
+        return 1
+    fi
+    log "kafka_2.13-$KAFKA_VERSION.jar $algo verified"
 }
 
 # Fetches kafka_2.13 and its runtime dependencies plus a log4j2 binding into
@@ -91,6 +124,8 @@ fetch_jars() {
         t0="$(now_ms)"
         tmp="$KAFKA_HOME/libs.tmp"
         rm -rf "$LIBS" "$tmp"
+        # a failed fetch leaves nothing behind that a later run could take for complete
+        trap 'rm -rf "$tmp"' EXIT
         : >"$KAFKA_HOME/fetch.log"
         log "fetching org.apache.kafka:kafka_2.13:$KAFKA_VERSION with maven into $LIBS"
         write_pom ""
@@ -112,7 +147,11 @@ fetch_jars() {
       <version>$LOG4J_VERSION</version>
     </dependency>"
         run_mvn "$tmp"
-        find "$tmp" -maxdepth 1 -name 'kafka_2.13-*.jar' | grep -q . || die "kafka_2.13 jar missing after fetch"
+        if ! verify_kafka_jar "$tmp"; then
+            # Maven's local repository holds the same bytes and would serve them again
+            rm -rf "${HOME:-/root}/.m2/repository/org/apache/kafka/kafka_2.13/$KAFKA_VERSION"
+            die "kafka_2.13-$KAFKA_VERSION.jar failed verification; removed the partial fetch"
+        fi
         mv "$tmp" "$LIBS"
         printf 'kafka %s, %s jars, fetched in %s ms\n' "$KAFKA_VERSION" \
             "$(find "$LIBS" -name '*.jar' | wc -l)" "$(($(now_ms) - t0))" >"$COMPLETE_MARKER"

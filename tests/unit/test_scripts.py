@@ -146,3 +146,64 @@ def test_k8s_stops_its_own_component_by_pid(tmp_path: Path, daemons: Daemons) ->
 
     assert f"etcd                     running (pid {etcd.pid})" in status.stdout
     assert gone(etcd)
+
+
+FAKE_MVN = """#!/usr/bin/env bash
+# Fake Maven: records its arguments, "resolves" a kafka jar with the content given.
+printf '%s\\n' "$*" >>"$FAKE_MVN_LOG"
+for arg in "$@"; do
+    case $arg in -DoutputDirectory=*) out=${arg#-DoutputDirectory=} ;; esac
+done
+mkdir -p "$out"
+cp "$FAKE_KAFKA_JAR" "$out/kafka_2.13-4.1.1.jar"
+: >"$out/slf4j-api-2.0.17.jar"
+"""
+
+
+def fetch_with_fake_mvn(tmp_path: Path, jar: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+    bin_dir = tmp_path / "mvnbin"
+    bin_dir.mkdir()
+    (bin_dir / "mvn").write_text(FAKE_MVN)
+    (bin_dir / "mvn").chmod(0o755)
+    log = tmp_path / "mvn.log"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "SRE_CACHE_DIR": str(tmp_path / "cache"),
+        "SRE_KAFKA_VERSION": "4.1.1",
+        "FAKE_MVN_LOG": str(log),
+        "FAKE_KAFKA_JAR": str(jar),
+    }
+    proc = run(["bash", str(SCRIPTS / "kafka.sh"), "fetch"], env, check=False)
+    return proc, log.read_text() if log.exists() else ""
+
+
+def test_kafka_fetch_rejects_a_corrupt_jar_and_caches_nothing(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.jar"
+    corrupt.write_bytes(b"PK\x03\x04 not the published kafka jar")
+    m2 = tmp_path / "home" / ".m2" / "repository" / "org" / "apache" / "kafka" / "kafka_2.13"
+    (m2 / "4.1.1").mkdir(parents=True)
+
+    proc, mvn_calls = fetch_with_fake_mvn(tmp_path, corrupt)
+
+    home = tmp_path / "cache" / "kafka-4.1.1"
+    assert proc.returncode != 0
+    assert "failed verification" in proc.stderr
+    assert not (home / ".complete").exists()
+    assert not (home / "libs").exists() and not (home / "libs.tmp").exists()
+    assert not (m2 / "4.1.1").exists()
+    assert all(" -C " in f" {call} " for call in mvn_calls.splitlines()) and mvn_calls
+
+
+def test_kafka_fetch_accepts_the_published_jar(tmp_path: Path) -> None:
+    published = (
+        Path.home() / ".m2/repository/org/apache/kafka/kafka_2.13/4.1.1/kafka_2.13-4.1.1.jar"
+    )
+    if not published.exists():
+        pytest.skip("no cached kafka_2.13-4.1.1.jar to play the published one")
+
+    proc, _ = fetch_with_fake_mvn(tmp_path, published)
+
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cache" / "kafka-4.1.1" / ".complete").exists()
+    assert (tmp_path / "cache" / "kafka-4.1.1" / "libs" / "kafka_2.13-4.1.1.jar").exists()
