@@ -74,7 +74,7 @@ cmd_start() {
     dir="$(service_dir alertmanager)"
     pidfile="$dir/alertmanager.pid"
     logfile="$dir/alertmanager.log"
-    refuse_if_running alertmanager "$pidfile" "$dir/alertmanager.yml" "$ADDR"
+    exit_if_running alertmanager "$pidfile" "$dir/alertmanager.yml" "$ADDR" http_ok "$URL/-/ready"
     require_port_free "$PORT" "alertmanager"
     t0="$(now_ms)"
     write_config "$dir"

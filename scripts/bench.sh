@@ -12,11 +12,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The test fixtures' lock (tests/fixtures/infra.py) around status+start, so concurrent
+# runs never both start one instance; 7>&- keeps the daemons from holding it.
+lock_dir="${SRE_STATE_DIR:-.state}/.fixtures"
+mkdir -p "$lock_dir"
 for svc in kafka alertmanager; do
-    if ! "scripts/$svc.sh" status >/dev/null 2>&1; then
-        "scripts/$svc.sh" start
+    exec 7>"$lock_dir/$svc.lock"
+    flock 7
+    if ! "scripts/$svc.sh" status >/dev/null 2>&1 7>&-; then
+        "scripts/$svc.sh" start 7>&-
         started+=("$svc")
     fi
+    exec 7>&-
 done
 
 eval "$(scripts/kafka.sh env)"

@@ -6,7 +6,7 @@
 #   scripts/k8s.sh build    build (once) the binaries into the cache
 #   scripts/k8s.sh up       build if needed, start everything, wait for Ready nodes
 #   scripts/k8s.sh down     stop everything by pid (TERM, wait, KILL); no-op if nothing runs
-#   scripts/k8s.sh status   show components and nodes; exit 0 only if healthy
+#   scripts/k8s.sh status   show components and nodes; exit 0 if healthy, 3 if nothing runs, else 1
 #   scripts/k8s.sh env      print `export KUBECONFIG=...` and PATH (eval "$(scripts/k8s.sh env)")
 #   scripts/k8s.sh reset    down, then delete the state dir (certs, etcd data, logs)
 #
@@ -596,7 +596,7 @@ cmd_down() {
 }
 
 cmd_status() {
-	local c pid rc=0
+	local c pid rc=0 any=0
 	if built; then
 		echo "build:  $(<"$BUILD_MARKER") ($BIN_DIR)"
 	else
@@ -606,6 +606,7 @@ cmd_status() {
 	for c in "${COMPONENTS[@]}"; do
 		if pid=$(component_pid "$c"); then
 			printf '%-24s running (pid %s)\n' "$c" "$pid"
+			any=1
 		else
 			printf '%-24s stopped\n' "$c"
 			rc=1
@@ -628,6 +629,7 @@ cmd_status() {
 	echo "apiserver:  https://127.0.0.1:$APISERVER_PORT"
 	echo "kubeconfig: $ADMIN_KUBECONFIG"
 	if ((rc == 0)); then echo "healthy"; else echo "NOT healthy"; fi
+	((any)) || return 3 # LSB "not running": nothing of this instance to leave alone
 	return $rc
 }
 

@@ -3,7 +3,8 @@
 # Maven Central jars (no distribution tarball needed).
 #
 # Usage: scripts/kafka.sh start|stop|status|env|reset|fetch
-#   start   fetch jars if needed, format storage if needed, start, wait until ready
+#   start   fetch jars if needed, format storage if needed, start, wait until ready;
+#           no-op if already running and healthy, an error if running but not
 #   stop    stop (TERM, then KILL); keeps data; no-op if not running
 #   status  exit 0 if running, 3 if not
 #   env     print KAFKA_BOOTSTRAP=127.0.0.1:<port>
@@ -258,7 +259,7 @@ cmd_start() {
     dir="$(service_dir kafka)"
     pidfile="$dir/kafka.pid"
     logfile="$dir/kafka.log"
-    refuse_if_running kafka "$pidfile" "$dir/server.properties" "$ADDR"
+    exit_if_running kafka "$pidfile" "$dir/server.properties" "$ADDR" kafka_ready "$logfile" 1
     require_port_free "$PORT" "kafka broker"
     require_port_free "$CPORT" "kafka controller"
     check_java

@@ -68,13 +68,23 @@ require_port_free() {
     fi
 }
 
-# refuse_if_running NAME PIDFILE MARKER ADDR
-refuse_if_running() {
+# exit_if_running NAME PIDFILE MARKER ADDR HEALTH_CMD... -> a start of a running,
+# healthy instance is a no-op success (exit 0); running but unhealthy dies naming
+# it (a restart here would pull it from under its users); returns if not running.
+exit_if_running() {
     local name="$1" pidfile="$2" marker="$3" addr="$4" pid
-    if pid="$(read_pid "$pidfile" "$marker")"; then
-        log "$name already running (pid $pid) on $addr; run scripts/$name.sh stop"
-        exit 1
+    shift 4
+    pid="$(read_pid "$pidfile" "$marker")" || return 0
+    if "$@"; then
+        log "$name already running and healthy (pid $pid) on $addr; nothing to start"
+        exit 0
     fi
+    die "$name is running (pid $pid) on $addr but not healthy; see its log in $(dirname "$pidfile"), or run scripts/$name.sh stop"
+}
+
+# http_ok URL -> success if URL answers 2xx.
+http_ok() {
+    curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null
 }
 
 # spawn LOGFILE PIDFILE MARKER CMD... -> starts CMD detached (own session, no

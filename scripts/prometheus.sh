@@ -73,7 +73,7 @@ cmd_start() {
     dir="$(service_dir prometheus)"
     pidfile="$dir/prometheus.pid"
     logfile="$dir/prometheus.log"
-    refuse_if_running prometheus "$pidfile" "$dir/prometheus.yml" "$ADDR"
+    exit_if_running prometheus "$pidfile" "$dir/prometheus.yml" "$ADDR" http_ok "$URL/-/ready"
     require_port_free "$PORT" "prometheus"
     t0="$(now_ms)"
     write_config "$dir"

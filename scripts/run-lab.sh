@@ -23,16 +23,30 @@ services=(kafka prometheus)
 if [[ ${SRE_LAB_CLUSTER:-in-process} == kubernetes ]]; then
     services+=(k8s)
 fi
+# The lock of the test fixtures (tests/fixtures/infra.py), so that concurrent runs and
+# test sessions on one state dir never both decide to start an instance. 7>&- keeps
+# the daemons from inheriting, and so holding, the lock.
+lock_dir="${SRE_STATE_DIR:-.state}/.fixtures"
+mkdir -p "$lock_dir"
 for svc in "${services[@]}"; do
-    if "scripts/$svc.sh" status >/dev/null 2>&1; then
+    exec 7>"$lock_dir/$svc.lock"
+    flock 7
+    rc=0
+    "scripts/$svc.sh" status >/dev/null 2>&1 7>&- || rc=$?
+    if ((rc == 0)); then
         echo "run: $svc already running; leaving it running afterwards"
+    elif [[ $svc == k8s && $rc != 3 ]]; then
+        # running but unhealthy: someone else's; `up` repairs it, and it stays theirs
+        echo "run: k8s running but not healthy; repairing it with up, leaving it running afterwards"
+        scripts/k8s.sh up 7>&-
     elif [[ $svc == k8s ]]; then
         started+=("$svc")  # before `up`: a half-started control plane is stopped too
-        scripts/k8s.sh up
+        scripts/k8s.sh up 7>&-
     else
-        "scripts/$svc.sh" start
+        "scripts/$svc.sh" start 7>&-
         started+=("$svc")
     fi
+    exec 7>&-
 done
 if [[ " ${services[*]} " == *" k8s "* ]]; then
     eval "$(scripts/k8s.sh env)"

@@ -207,3 +207,136 @@ def test_kafka_fetch_accepts_the_published_jar(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cache" / "kafka-4.1.1" / ".complete").exists()
     assert (tmp_path / "cache" / "kafka-4.1.1" / "libs" / "kafka_2.13-4.1.1.jar").exists()
+
+
+FAKE_PROMETHEUS = """#!/usr/bin/env python3
+# Fake Prometheus: serves /-/ready with the status code held in $FAKE_READY_FILE.
+import http.server, os, sys
+addr = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--web.listen-address="))
+host, port = addr.rsplit(":", 1)
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(os.environ["FAKE_READY_FILE"]) as f:
+            self.send_response(int(f.read()))
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((host, int(port)), Ready).serve_forever()
+"""
+
+
+def free_port() -> int:
+    """A free loopback port in 58000-58999 (the range these tests may use)."""
+    import socket
+
+    for port in range(58000 + os.getpid() % 500, 59000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 58000-58999")
+
+
+@pytest.fixture
+def fake_prometheus(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    fake = tmp_path / "prometheus"
+    fake.write_text(FAKE_PROMETHEUS)
+    fake.chmod(0o755)
+    ready = tmp_path / "ready"
+    ready.write_text("200")
+    env = {
+        "SRE_STATE_DIR": str(tmp_path / "state"),
+        "SRE_PROMETHEUS_PORT": str(free_port()),
+        "SRE_PROMETHEUS_BIN": str(fake),
+        "FAKE_READY_FILE": str(ready),
+    }
+    try:
+        yield env, ready
+    finally:
+        run(["bash", str(SCRIPTS / "prometheus.sh"), "stop"], env, check=False)
+
+
+def test_start_of_a_running_healthy_instance_is_a_no_op(
+    fake_prometheus: tuple[dict[str, str], Path],
+) -> None:
+    env, _ = fake_prometheus
+    run(["bash", str(SCRIPTS / "prometheus.sh"), "start"], env)
+    pid = (Path(env["SRE_STATE_DIR"]) / "prometheus" / "prometheus.pid").read_text()
+
+    again = run(["bash", str(SCRIPTS / "prometheus.sh"), "start"], env, check=False)
+
+    assert again.returncode == 0, again.stderr
+    assert "prometheus already running and healthy" in again.stderr
+    assert (Path(env["SRE_STATE_DIR"]) / "prometheus" / "prometheus.pid").read_text() == pid
+
+
+def test_start_of_a_running_unhealthy_instance_is_an_error_naming_it(
+    fake_prometheus: tuple[dict[str, str], Path],
+) -> None:
+    env, ready = fake_prometheus
+    run(["bash", str(SCRIPTS / "prometheus.sh"), "start"], env)
+    ready.write_text("503")
+
+    again = run(["bash", str(SCRIPTS / "prometheus.sh"), "start"], env, check=False)
+
+    assert again.returncode != 0
+    assert "prometheus is running (pid" in again.stderr
+    assert "not healthy" in again.stderr
+
+
+FAKE_SERVICE = """#!/usr/bin/env bash
+# Fake service script: logs each call and whether the caller held the fixtures' lock.
+svc=$(basename "$0" .sh)
+lock="$SRE_STATE_DIR/.fixtures/$svc.lock"
+mkdir -p "${lock%/*}"
+if flock -n "$lock" true; then held=unlocked; else held=locked; fi
+echo "$svc $1 $held" >>"$FAKE_LOG"
+case $1 in
+    status) exit "${FAKE_STATUS:-3}" ;;
+esac
+"""
+
+
+def run_lab(tmp_path: Path, status: int) -> list[str]:
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPTS / "run-lab.sh", repo / "scripts" / "run-lab.sh")
+    for svc in ("kafka", "prometheus", "k8s"):
+        (repo / "scripts" / f"{svc}.sh").write_text(FAKE_SERVICE)
+        (repo / "scripts" / f"{svc}.sh").chmod(0o755)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "sre-agent").write_text("#!/bin/sh\nexit 0\n")
+    (repo / ".venv" / "bin" / "sre-agent").chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {
+        "SRE_STATE_DIR": str(tmp_path / "state"),
+        "SRE_LAB_CLUSTER": "kubernetes",
+        "FAKE_LOG": str(log),
+        "FAKE_STATUS": str(status),
+    }
+    run(["bash", str(repo / "scripts" / "run-lab.sh")], env)
+    return log.read_text().splitlines()
+
+
+def test_run_lab_starts_under_the_fixtures_lock_and_stops_what_it_started(
+    tmp_path: Path,
+) -> None:
+    calls = run_lab(tmp_path, status=3)
+
+    assert "kafka start locked" in calls and "k8s up locked" in calls
+    assert "kafka start unlocked" not in calls and "k8s up unlocked" not in calls
+    assert [c.rsplit(" ", 1)[0] for c in calls if " stop " in c or " down " in c] == [
+        "kafka stop",
+        "prometheus stop",
+        "k8s down",
+    ]
+
+
+def test_run_lab_leaves_an_unhealthy_control_plane_it_did_not_start_running(
+    tmp_path: Path,
+) -> None:
+    calls = run_lab(tmp_path, status=1)
+
+    assert not [c for c in calls if c.startswith("k8s down")]
