@@ -195,20 +195,6 @@ def test_kafka_fetch_rejects_a_corrupt_jar_and_caches_nothing(tmp_path: Path) ->
     assert all(" -C " in f" {call} " for call in mvn_calls.splitlines()) and mvn_calls
 
 
-def test_kafka_fetch_accepts_the_published_jar(tmp_path: Path) -> None:
-    published = (
-        Path.home() / ".m2/repository/org/apache/kafka/kafka_2.13/4.1.1/kafka_2.13-4.1.1.jar"
-    )
-    if not published.exists():
-        pytest.skip("no cached kafka_2.13-4.1.1.jar to play the published one")
-
-    proc, _ = fetch_with_fake_mvn(tmp_path, published)
-
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "cache" / "kafka-4.1.1" / ".complete").exists()
-    assert (tmp_path / "cache" / "kafka-4.1.1" / "libs" / "kafka_2.13-4.1.1.jar").exists()
-
-
 FAKE_PROMETHEUS = """#!/usr/bin/env python3
 # Fake Prometheus: serves /-/ready with the status code held in $FAKE_READY_FILE.
 import http.server, os, sys
