@@ -55,7 +55,11 @@ def lab_deployment(
     namespace: str, name: str, *, image: str, replicas: int, run: str | None
 ) -> dict[str, Any]:
     """The service's Deployment: one pod per lab node (``run``), as a zone-spread service
-    would be, so a node failure takes one replica of several."""
+    would be, so a node failure takes one replica of several.
+
+    The spread honours taints: by default a cordoned or NotReady node still counts as a
+    domain with no pod, and with maxSkew 1 the replacement of its pod could go nowhere
+    else (it stayed Pending while the lab reported the service healed)."""
     pod_spec: dict[str, Any] = {"containers": [{"name": "app", "image": image}]}
     if run is not None:
         pod_spec["nodeSelector"] = {LAB_LABEL: run}
@@ -64,6 +68,8 @@ def lab_deployment(
                 "maxSkew": 1,
                 "topologyKey": "kubernetes.io/hostname",
                 "whenUnsatisfiable": "DoNotSchedule",
+                "nodeAffinityPolicy": "Honor",  # only the run's nodes (the default, said)
+                "nodeTaintsPolicy": "Honor",
                 "labelSelector": {"matchLabels": {"app": name}},
             }
         ]
@@ -77,6 +83,19 @@ def lab_deployment(
             "template": {"metadata": {"labels": {"app": name}}, "spec": pod_spec},
         },
     }
+
+
+def takes_pods(node: dict[str, Any]) -> bool:
+    """Whether the scheduler places pods on ``node``: Ready, and no taint a pod without
+    tolerations must stay off (a new node carries node.kubernetes.io/not-ready until the
+    node controller sees it Ready)."""
+    spec, status = node.get("spec") or {}, node.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    tainted = any(t.get("effect") in ("NoSchedule", "NoExecute") for t in spec.get("taints") or [])
+    return ready and not tainted and not spec.get("unschedulable")
 
 
 def serving_pods(pods: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -129,11 +148,31 @@ class KubeLab:
             for node in lab_nodes(self.run, self._node_count):
                 await self._create("/api/v1/nodes", node, f"Node/{node['metadata']['name']}")
                 self.nodes.append(node["metadata"]["name"])
+            # The spread honours taints: a Deployment created while some of the nodes still
+            # carry not-ready would put every pod on the others.
+            await self._until_nodes_take_pods()
         path = f"/apis/apps/v1/namespaces/{namespace}/deployments"
         await self._gone(f"{path}/{name}", f"Deployment/{namespace}/{name}")
         doc = lab_deployment(namespace, name, image=image, replicas=replicas, run=run)
         await self._create(path, doc, f"Deployment/{namespace}/{name}")
         await self._until_serving(namespace, name, replicas)
+
+    async def _until_nodes_take_pods(self, limit: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            waiting = [
+                n
+                for n in self.nodes
+                if not takes_pods(await self._cluster.call("GET", f"/api/v1/nodes/{n}", what=n))
+            ]
+            if not waiting:
+                return
+            if loop.time() >= deadline:
+                raise ActionFailed(
+                    f"lab nodes {', '.join(waiting)} not schedulable after {limit:.0f}s"
+                )
+            await asyncio.sleep(0.5)
 
     async def _namespace(self, namespace: str, limit: float = 180.0) -> None:
         """Create the namespace unless it exists; one being deleted is waited out first

@@ -20,7 +20,7 @@ from agent.lab import (
     experiment,
 )
 from agent.lab_clusters import LAB_NODES, InProcessLab
-from agent.lab_kube import lab_deployment, serving_pods
+from agent.lab_kube import lab_deployment, serving_pods, takes_pods
 from agent.models import Target, utcnow
 from agent.prom import Sample
 from handlers.fake_cluster import FakeCluster
@@ -275,10 +275,26 @@ def test_the_lab_deployment_spreads_over_the_runs_own_nodes() -> None:
     assert spec["nodeSelector"] == {"sre-agent.io/lab": "r1"}
     (spread,) = spec["topologySpreadConstraints"]
     assert (spread["maxSkew"], spread["whenUnsatisfiable"]) == (1, "DoNotSchedule")
+    # A cordoned, NotReady node is no domain: otherwise, with no pod and maxSkew 1, the
+    # replacement of its pod fits on no healthy node and stays Pending.
+    assert (spread["nodeTaintsPolicy"], spread["nodeAffinityPolicy"]) == ("Honor", "Honor")
     assert (
         "nodeSelector"
         not in lab_deployment("s", "c", image="c", replicas=1, run=None)["spec"]["template"]["spec"]
     )
+
+
+def test_the_deployment_waits_for_nodes_that_take_pods() -> None:
+    ready = {"type": "Ready", "status": "True"}
+    not_ready = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
+    # With the spread honouring taints, a Deployment created before a new node lost its
+    # not-ready taint would put every pod on the other nodes.
+    assert takes_pods({"status": {"conditions": [ready]}})
+    assert not takes_pods({"spec": {"taints": [not_ready]}, "status": {"conditions": [ready]}})
+    assert not takes_pods({"status": {"conditions": [{**ready, "status": "False"}]}})
+    assert not takes_pods({"spec": {"unschedulable": True}, "status": {"conditions": [ready]}})
+    prefer = {"key": "x", "effect": "PreferNoSchedule"}
+    assert takes_pods({"spec": {"taints": [prefer]}, "status": {"conditions": [ready]}})
 
 
 def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
