@@ -7,7 +7,8 @@ nodes, ``kubernetes.backend: kubernetes``; see :mod:`agent.lab_clusters`). Each
 chaos experiment (:data:`EXPERIMENTS`) injects one fault, then lets the real pipeline
 (Prometheus, detector, faust correlator, analyzer, executor) find and heal it, printing
 each stage as it crosses Kafka; it passes only if the remedy it names healed the service
-(verified) and the incident resolved. ``make run`` runs the first, a faulty rollout.
+(verified), the incident resolved and every requested replica runs ready again.
+``make run`` runs the first, a faulty rollout.
 The default policy asks for approval below the confidence threshold and before a
 rollback; the lab plays the on-call engineer and approves through the decisions topic, as
 any Kafka client could.
@@ -399,6 +400,34 @@ async def all_set_or_failed(
     return None
 
 
+# Seconds the lab waits at least for the pods to be back once verification said healed:
+# the replacement of an evicted pod is created, scheduled and started after the eviction.
+RESTORE_MIN = 30.0
+
+
+def shortfall(replicas: int, ready: Sequence[tuple[str, str]]) -> str | None:
+    """Why the service is not back (None when it is): every requested replica must run
+    ready on a healthy node, not only the failing pod's alert be gone."""
+    if len(ready) == replicas:
+        return None
+    pods = ", ".join(f"{pod} on {node}" for pod, node in ready) or "none"
+    return f"{len(ready)} of {replicas} pods run ready on healthy nodes ({pods})"
+
+
+async def until_restored(
+    lab: LabCluster, namespace: str, name: str, replicas: int, *, limit: float, poll: float = 0.5
+) -> tuple[tuple[str, str], ...]:
+    """The ready pods (:meth:`LabCluster.ready`) once they are as many as ``replicas``, or
+    as they are after ``limit`` seconds (read at least once)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        ready = await lab.ready(namespace, name)
+        if shortfall(replicas, ready) is None or loop.time() >= deadline:
+            return ready
+        await asyncio.sleep(poll)
+
+
 async def run_lab(
     settings: Settings,
     *,
@@ -407,8 +436,9 @@ async def run_lab(
     chaos: Experiment = EXPERIMENTS[0],
     namespace: str = "shop",
 ) -> int:
-    """Run one experiment: 0 when its remedy healed the service (verified) and the incident
-    resolved, 1 when not within ``timeout`` or healed by another action, 2 when a
+    """Run one experiment: 0 when its remedy healed the service (verified), the incident
+    resolved and every requested replica runs ready on a healthy node; 1 when not within
+    ``timeout``, healed by another action or the pods are not all back, 2 when a
     component died. ``namespace``: the simulated service's (the tests give each experiment
     its own, so no run waits out another's series)."""
     from agent.runtime import Agent
@@ -518,7 +548,6 @@ async def run_lab(
             if failed is not None:
                 print(f"lab: stopped, a component failed: {failed!r}", flush=True)
                 return 2
-            w = await cluster.workload(Target(kind="Deployment", namespace=ns, name=name))
             took = loop.time() - injected
             if chaos.remedy not in healed_by:
                 print(
@@ -527,10 +556,22 @@ async def run_lab(
                     flush=True,
                 )
                 return 1
+            # Verification judges the service's metrics, which a pod that never runs does
+            # not export: the pods themselves must say the service is back.
+            target = Target(kind="Deployment", namespace=ns, name=name)
+            replicas = (await cluster.workload(target)).replicas
+            ready = await until_restored(
+                lab, ns, name, replicas, limit=max(RESTORE_MIN, injected + timeout - loop.time())
+            )
+            if (short := shortfall(replicas, ready)) is not None:
+                print(f"lab: experiment {chaos.name} failed: {short}", flush=True)
+                return 1
+            w = await cluster.workload(target)
+            nodes = ", ".join(sorted({node for _, node in ready}))
             print(
                 f"lab: healed by {chaos.remedy} in {took:.0f}s (fault to verified and "
-                f"resolved). checkout runs {w.replicas} x {w.image} (revision {w.revision}, "
-                f"generation {w.generation}); incident resolved"
+                f"resolved). checkout runs {len(ready)} x {w.image} (revision {w.revision}, "
+                f"generation {w.generation}), ready on {nodes}; incident resolved"
             )
             code = 0
         except TimeoutError:

@@ -43,6 +43,12 @@ class LabCluster(Protocol):
 
     async def serving(self, namespace: str, name: str) -> Serving: ...
 
+    async def ready(self, namespace: str, name: str) -> tuple[tuple[str, str], ...]:
+        """(pod, node) of the service's pods that are back: running, ready, not being
+        deleted, on a node that is up; sorted. Read from the pods, not the Deployment,
+        whose spec says only how many were asked for."""
+        ...
+
     async def rollout(self, namespace: str, name: str, *, image: str, at: datetime) -> None: ...
 
     async def add_event(self, event: KubeEvent) -> None: ...
@@ -95,6 +101,12 @@ class InProcessLab:
         return Serving(
             tuple((p.name, p.node) for p in pods),
             frozenset(n for n in nodes if self._cluster.bad_conditions(n)),
+        )
+
+    async def ready(self, namespace: str, name: str) -> tuple[tuple[str, str], ...]:
+        pods = self._cluster.reconcile(namespace, name)
+        return tuple(
+            (p.name, p.node) for p in pods if p.ready and not self._cluster.bad_conditions(p.node)
         )
 
     async def rollout(self, namespace: str, name: str, *, image: str, at: datetime) -> None:

@@ -111,6 +111,18 @@ def serving_pods(pods: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def ready_pods(pods: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(pod, node) of the serving pods (:func:`serving_pods`) whose Ready condition is
+    True: a pod the scheduler could not place, or one on a node the node controller
+    marked down, does not count as the service being back."""
+    ready = set()
+    for p in pods:
+        conditions = (p.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            ready.add(str((p.get("metadata") or {}).get("name", "")))
+    return [(pod, node) for pod, node in serving_pods(pods) if pod in ready]
+
+
 class KubeLab:
     """A real control plane: the lab creates the service's own kwok nodes (``nodes``; 0:
     use the cluster's) and its Deployment, and removes what it created afterwards."""
@@ -243,14 +255,22 @@ class KubeLab:
             self._view = (now, await self._read(namespace, name))
         return self._view[1]
 
-    async def _read(self, namespace: str, name: str) -> Serving:
+    async def ready(self, namespace: str, name: str) -> tuple[tuple[str, str], ...]:
+        pods = ready_pods(await self._pods(namespace, name))
+        down = await self._cluster.node_conditions(sorted({node for _, node in pods}))
+        return tuple((pod, node) for pod, node in pods if node not in down)
+
+    async def _pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         doc = await self._cluster.call(
             "GET",
             f"/api/v1/namespaces/{namespace}/pods",
             what="pods",
             query=[("labelSelector", f"app={name}")],
         )
-        pods = serving_pods(doc.get("items") or [])
+        return list(doc.get("items") or [])
+
+    async def _read(self, namespace: str, name: str) -> Serving:
+        pods = serving_pods(await self._pods(namespace, name))
         down = await self._cluster.node_conditions(sorted({node for _, node in pods}))
         return Serving(tuple(pods), frozenset(down))
 

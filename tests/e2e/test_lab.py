@@ -77,7 +77,9 @@ KUBE_STEPS = {
         "cordoned, evicted 1 pods ({ns}/checkout-",
         "result drain_node succeeded outcome=healed: high-error-rate, pod-failing cleared",
         "lab: healed by drain_node in ",
+        # Read from the pods: the replacement runs, ready, on a healthy node.
         "checkout runs 3 x registry.local/checkout:v1",
+        "), ready on lab-",
     ],
 }
 

@@ -18,9 +18,11 @@ from agent.lab import (
     all_set_or_failed,
     await_quiet,
     experiment,
+    shortfall,
+    until_restored,
 )
 from agent.lab_clusters import LAB_NODES, InProcessLab
-from agent.lab_kube import lab_deployment, serving_pods, takes_pods
+from agent.lab_kube import lab_deployment, ready_pods, serving_pods, takes_pods
 from agent.models import Target, utcnow
 from agent.prom import Sample
 from handlers.fake_cluster import FakeCluster
@@ -210,6 +212,43 @@ async def test_a_node_failure_fails_its_pod_until_a_drain_moves_it() -> None:
     assert [p.name for p in moved] == ["checkout-0", "checkout-1", "checkout-2"]
     assert moved[0].node in ("lab-node-2", "lab-node-3")
     assert [service.pod_error_share(w, p.node, down) for p in moved] == [0.0, 0.0, 0.0]
+
+
+async def test_the_service_is_back_only_when_every_requested_pod_runs_ready() -> None:
+    cluster, _, service = checkout()
+    lab = service.lab
+    cluster.reconcile("shop", "checkout")
+    await experiment("node-failure").inject(lab, service)
+    # Its alert may clear (the pod's series end), but a pod on the down node is not back.
+    ready = await until_restored(lab, "shop", "checkout", 3, limit=0)
+    assert ready == (("checkout-1", "lab-node-2"), ("checkout-2", "lab-node-3"))
+    assert shortfall(3, ready) == (
+        "2 of 3 pods run ready on healthy nodes "
+        "(checkout-1 on lab-node-2, checkout-2 on lab-node-3)"
+    )
+    node = Target(kind="Node", name="lab-node-1")
+    await cluster.drain(node, action_id="d", grace_period=None, drain_timeout=60)
+    ready = await until_restored(lab, "shop", "checkout", 3, limit=0)
+    assert len(ready) == 3 and "lab-node-1" not in {n for _, n in ready}
+    assert shortfall(3, ready) is None
+    # A scale up is back only once the added pod runs too.
+    assert shortfall(4, ready) is not None
+
+
+def test_on_a_real_control_plane_only_ready_pods_count_as_back() -> None:
+    def pod(name: str, ready: str, deleting: bool = False) -> Any:
+        meta: dict[str, Any] = {"name": name}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return {
+            "metadata": meta,
+            "spec": {"nodeName": "n1"},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": ready}]},
+        }
+
+    pending = {"metadata": {"name": "d"}, "spec": {}, "status": {"phase": "Pending"}}
+    pods = [pod("a", "True"), pod("b", "False"), pod("c", "True", deleting=True), pending]
+    assert ready_pods(pods) == [("a", "n1")]
 
 
 async def test_reconcile_follows_scaling_and_leaves_a_pod_pending_without_a_node() -> None:
