@@ -48,7 +48,7 @@ from agent.prom import PromClient
 from agent.server import serve
 from agent.settings import REPO_ROOT, Settings
 from handlers.cluster import Cluster, WorkloadState
-from streams.bus import BatchConsumer, Envelope
+from streams.bus import BatchConsumer, Envelope, delete_topics
 from streams.partitioning import decode_anomalies
 
 log = logging.getLogger(__name__)
@@ -579,6 +579,11 @@ async def run_lab(
     finally:
         await tap_consumer.stop()
         await agent.stop()
+        try:
+            gone = await delete_topics(settings.kafka)  # the run's prefix: its own only
+            log.info("lab: deleted the run's %d topics (%s*)", len(gone), prefix)
+        except DependencyUnavailable:
+            log.exception("lab: could not delete the run's topics (%s*)", prefix)
         await service.stop()
         target_file.unlink(missing_ok=True)
         await lab.teardown()

@@ -258,6 +258,31 @@ class Bus:
         return await create_topics(self.kafka)
 
 
+def topics_of(topics: Sequence[str], prefix: str) -> list[str]:
+    """The topics named with ``prefix`` (one run's own), sorted; none for an empty prefix,
+    which would name every topic of the cluster."""
+    return sorted(t for t in topics if prefix and t.startswith(prefix))
+
+
+async def delete_topics(kafka: KafkaSection) -> list[str]:
+    """Delete every topic named with ``kafka.topic_prefix``; returns them. For a run's own
+    prefix only (the lab's): each run's ~35 partitions would otherwise stay in the broker
+    until it runs out of partitions."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers, client_id=f"{kafka.client_id}-admin"
+    )
+    try:
+        await admin.start()
+        ours = topics_of(await admin.list_topics(), kafka.topic_prefix)
+        if ours:
+            await admin.delete_topics(ours)
+        return ours
+    except KafkaError as err:
+        raise DependencyUnavailable(f"kafka {kafka.bootstrap_servers}: {err}") from err
+    finally:
+        await admin.close()
+
+
 async def create_topics(kafka: KafkaSection, names: Sequence[str] | None = None) -> list[str]:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=kafka.bootstrap_servers, client_id=f"{kafka.client_id}-admin"

@@ -346,3 +346,14 @@ def test_experiments_are_named_and_an_unknown_one_is_refused() -> None:
     assert experiment("crash-loop").remedy == "restart_workload"
     with pytest.raises(ValueError, match="unknown experiment 'oom'; known: bad-rollout, crash"):
         experiment("oom")
+
+
+def test_a_lab_run_deletes_its_own_topics_only() -> None:
+    from streams.bus import topics_of
+
+    topics = ["sre.20260101.incidents", "sre.20260101.anomalies", "sre.2026.x", "other"]
+    assert topics_of(topics, "sre.20260101.") == [
+        "sre.20260101.anomalies",
+        "sre.20260101.incidents",
+    ]
+    assert topics_of(topics, "") == []  # never every topic of the cluster
