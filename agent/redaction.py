@@ -81,12 +81,13 @@ _KEY_VALUE = re.compile(
     + r"|[^\s,;&\"']+))"
 )
 # A flag named for a secret (not --token-file, which names where one is), its value after
-# a space; a long flag after it is the next flag, not the value (a prompted password).
+# a space or =; a long flag after it is the next flag, not the value (a prompted password).
+# With =, most are key=value too, but not -storepass: "pass" alone is no secret word.
 _FLAG = re.compile(
     r"(?i)(?<![\w-])(?P<key>--?[\w.-]{0,40}?"
     r"(?:passw(?:or)?d|passwd|pwd|passphrase|(?:store|key)pass|secret|token|"
     r"api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|credentials?))"
-    r"(?P<sep>[ \t]+)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
+    r"(?P<sep>[ \t]+|=)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
