@@ -172,6 +172,11 @@ class SimulatedService:
             # stall is not made up for with a burst.
             crash_due = min(crash_due + elapsed, 1.5) if self.crash_looping(w) else 0.0
             if crash_due >= 1.0:
+                # The Deployment read again, after the pods were: a restart since the last
+                # read replaced the crashing pods, and a new pod (first_pod by now) must not
+                # take an old one's crash, which verification would read as not healed.
+                w, read_at = await self.lab.cluster.workload(target), loop.time()
+            if crash_due >= 1.0 and self.crash_looping(w):
                 crash_due -= 1.0
                 self.restarts += 1
                 # ... in the pod's status too, where verification reads it.

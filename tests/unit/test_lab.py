@@ -162,6 +162,25 @@ async def test_a_crash_loop_restarts_a_container_a_second_however_long_the_ticks
     assert pod is not None and pod.restarts == service.restarts
 
 
+async def test_a_pod_that_replaced_a_crashing_one_never_takes_its_crash() -> None:
+    """The Deployment is read seldom (here: never again on its own), the pods at every
+    tick: after the remedy's restart, the new checkout-0 is the pod a crash would hit."""
+    cluster, target, service = checkout(replicas=1, workload_refresh=3600.0)
+    await experiment("crash-loop").inject(service.lab, service)
+    await service.start()
+    try:
+        await asyncio.sleep(1.3)
+        crashed = cluster.pod("shop", "checkout-0")
+        assert crashed is not None and crashed.restarts >= 1
+        await cluster.restart(target, action_id="remedy", at=utcnow())
+        await asyncio.sleep(2.2)
+    finally:
+        await service.stop()
+    replaced = cluster.pod("shop", "checkout-0")
+    assert replaced is not None and replaced.uid != crashed.uid
+    assert replaced.restarts == 0
+
+
 async def test_a_crash_loop_lasts_until_the_deployment_is_restarted_after_it_began() -> None:
     cluster, target, service = checkout()
     before = await cluster.workload(target)
