@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -224,3 +225,27 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def prometheus_query_api(
+    check: Callable[[str], bool],
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A local HTTP server speaking Prometheus' instant-query API (``/api/v1/query``): its
+    URL, and the reply it gives, which the test fills in. ``check``: what every query
+    asked must satisfy (a query the test did not expect fails the request's assertion)."""
+    reply: dict[str, Any] = {}
+
+    async def query(request: web.Request) -> web.Response:
+        assert check(request.query["query"]), request.query["query"]
+        return web.json_response(reply)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", reply
+    finally:
+        await runner.cleanup()

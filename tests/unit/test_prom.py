@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from agent.detector import PromQLDetector
 from agent.metrics import Metrics
@@ -14,31 +13,19 @@ from agent.models import Anomaly
 from agent.prom import InvalidQuery, PromClient, Sample, Vector
 from agent.settings import parse_settings
 from tests.fakes.publisher import MemoryBus
+from tests.helpers import prometheus_query_api
 from tests.unit.factories import at
 
 
 @pytest.fixture
 async def prom() -> AsyncIterator[tuple[PromClient, dict[str, Any]]]:
     """A PromClient talking to a local server that answers /api/v1/query with ``reply``."""
-    reply: dict[str, Any] = {}
-
-    async def query(request: web.Request) -> web.Response:
-        assert request.query["query"] == "errors > 1"
-        return web.json_response(reply)
-
-    app = web.Application()
-    app.router.add_get("/api/v1/query", query)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    client = PromClient(f"http://127.0.0.1:{port}")
-    try:
-        yield client, reply
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with prometheus_query_api(lambda q: q == "errors > 1") as (url, reply):
+        client = PromClient(url)
+        try:
+            yield client, reply
+        finally:
+            await client.close()
 
 
 def _vector(*services: str, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from agent.metrics import Metrics
 from agent.models import (
@@ -25,6 +24,7 @@ from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, PATTERNS, incident, member
 from tests.fakes.incidents import action_request as request
 from tests.fakes.publisher import MemoryBus
+from tests.helpers import prometheus_query_api
 from tests.unit.factories import settings as make_settings
 
 NODE_DOWN = {
@@ -185,22 +185,8 @@ async def test_a_signal_prometheus_cannot_recheck_does_not_hide_one_it_can(
 @pytest.fixture
 async def prometheus() -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """A local server speaking the Prometheus query API: the URL, and the reply it gives."""
-    reply: dict[str, Any] = {}
-
-    async def query(request: web.Request) -> web.Response:
-        assert "http_requests_total" in request.query["query"]
-        return web.json_response(reply)
-
-    app = web.Application()
-    app.router.add_get("/api/v1/query", query)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", reply
-    finally:
-        await runner.cleanup()
+    async with prometheus_query_api(lambda q: "http_requests_total" in q) as served:
+        yield served
 
 
 def _reply(*series: dict[str, str], warnings: list[str] | None = None) -> dict[str, Any]:
