@@ -118,6 +118,20 @@ def deployment(name: str, replicas: int, image: str = "registry.invalid/app:v1")
     }
 
 
+def hpa_of(deployment: str, lo: int, hi: int) -> dict[str, Any]:
+    """An HPA owning ``deployment``'s count, named after it, within ``lo``..``hi``."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": deployment},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment},
+            "minReplicas": lo,
+            "maxReplicas": hi,
+        },
+    }
+
+
 async def create(admin: KubeCluster, namespace: str, path: str, body: dict[str, Any]) -> None:
     await admin.call("POST", f"{path.format(ns=namespace)}", body=body, what=path)
 
@@ -335,16 +349,7 @@ async def test_scale_under_an_hpa_moves_its_bounds(
         admin,
         ns,
         "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
-        {
-            "apiVersion": "autoscaling/v2",
-            "kind": "HorizontalPodAutoscaler",
-            "metadata": {"name": "web"},
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-                "minReplicas": 1,
-                "maxReplicas": 3,
-            },
-        },
+        hpa_of("web", 1, 3),
     )
     bus = MemoryBus()
     ex = executor(kube, bus)

@@ -21,6 +21,7 @@ from tests.helpers import eventually, make_settings
 from tests.integration.test_kube_actions import (
     admin,  # noqa: F401 (a fixture)
     create,
+    hpa_of,
     pods_of,
     read,
     ready_deployment,
@@ -58,17 +59,7 @@ async def test_a_directed_scale_under_an_hpa_never_moves_its_bounds_the_other_wa
 ) -> None:
     ns = k8s_namespace
     web = await ready_deployment(admin, ns, "web", 4)
-    hpa = {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": "web"},
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-            "minReplicas": 1,
-            "maxReplicas": 4,
-        },
-    }
-    await create(admin, ns, HPAS, hpa)
+    await create(admin, ns, HPAS, hpa_of("web", 1, 4))
     path = f"{HPAS.format(ns=ns)}/web"
 
     async def bounds() -> tuple[int, int]:
