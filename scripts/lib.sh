@@ -13,7 +13,9 @@ _SRE_LIB_LOADED=1
 
 SRE_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRE_CACHE_DIR="${SRE_CACHE_DIR:-${HOME:-/root}/.cache/sre-agent}"
-SRE_STATE_DIR="${SRE_STATE_DIR:-$SRE_REPO_ROOT/.state}"
+# Canonical, so a service's marker path is spelled the same by start (which
+# spawns with it) and by stop/status (which match it as a whole argument).
+SRE_STATE_DIR="$(realpath -m -- "${SRE_STATE_DIR:-$SRE_REPO_ROOT/.state}")"
 SRE_BIND_HOST=127.0.0.1
 
 SRE_KAFKA_PORT="${SRE_KAFKA_PORT:-19092}"
@@ -39,21 +41,32 @@ now_ms() {
 service_dir() {
     local dir="$SRE_STATE_DIR/$1"
     mkdir -p "$dir"
-    (cd "$dir" && pwd)
+    printf '%s\n' "$dir"
 }
 
-# read_pid PIDFILE -> prints the pid if the file holds one whose process is
-# alive and whose command line contains MARKER (guards against pid reuse).
+# read_pid PIDFILE MARKER -> prints the pid if the file holds one whose process
+# is alive and was started with MARKER (the instance's config file, under its
+# own state dir) as a whole argument or a flag's value. A substring match took
+# a recycled pid of another instance for ours when its state dir merely
+# contained ours (/x$SRE_STATE_DIR/...), and stop then killed it.
 read_pid() {
     local pidfile="$1" marker="$2" pid
     [[ -f "$pidfile" ]] || return 1
     pid="$(tr -cd '0-9' <"$pidfile")"
     [[ -n "$pid" ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    if [[ -r "/proc/$pid/cmdline" ]]; then
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$marker" || return 1
-    fi
+    cmdline_has_path "$pid" "$marker" || return 1
     printf '%s\n' "$pid"
+}
+
+# cmdline_has_path PID PATH -> success if an argument of PID is PATH or ends in =PATH.
+cmdline_has_path() {
+    local arg args=()
+    mapfile -d "" -t args 2>/dev/null <"/proc/$1/cmdline" || return 1
+    for arg in "${args[@]}"; do
+        [[ $arg == "$2" || $arg == *"=$2" ]] && return 0
+    done
+    return 1
 }
 
 # port_open PORT -> success if something accepts TCP connections on loopback:PORT.

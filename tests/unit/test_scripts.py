@@ -62,10 +62,16 @@ def daemons(tmp_path: Path) -> Iterator[Daemons]:
 
 
 def run(
-    cmd: list[str], env: dict[str, str], check: bool = True
+    cmd: list[str], env: dict[str, str], check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
+        cmd,
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}{proc.stderr}")
@@ -146,6 +152,61 @@ def test_k8s_stops_its_own_component_by_pid(tmp_path: Path, daemons: Daemons) ->
 
     assert f"etcd                     running (pid {etcd.pid})" in status.stdout
     assert gone(etcd)
+
+
+# service, its config file, how the config file appears on its command line
+LIB_SERVICES = [
+    ("kafka", "server.properties", "{}"),
+    ("prometheus", "prometheus.yml", "--config.file={}"),
+    ("alertmanager", "alertmanager.yml", "--config.file={}"),
+]
+
+
+@pytest.mark.parametrize(("service", "config", "arg"), LIB_SERVICES)
+@pytest.mark.parametrize("layout", ["nested", "relative"])
+def test_service_ignores_a_stale_pid_that_names_another_instances_process(
+    tmp_path: Path, daemons: Daemons, service: str, config: str, arg: str, layout: str
+) -> None:
+    # Our state dir's path is a substring of the other instance's: theirs is
+    # nested below a dir spelled like ours, or ours is given relative.
+    if layout == "nested":
+        cwd, ours = tmp_path, tmp_path / "a"
+        theirs = tmp_path / "b" / str(ours).lstrip("/")
+        state = str(ours)
+    else:
+        cwd, ours = tmp_path / "wt", tmp_path / "wt" / ".state"
+        theirs = tmp_path / "main" / ".state"
+        state = ".state"
+    other = daemons.start("java", arg.format(theirs / service / config))
+    # our stale pid file: the number now belongs to the other instance
+    (ours / service).mkdir(parents=True)
+    pidfile = ours / service / f"{service}.pid"
+    pidfile.write_text(f"{other.pid}\n")
+    env = {"SRE_STATE_DIR": state}
+
+    status = run(["bash", str(SCRIPTS / f"{service}.sh"), "status"], env, False, cwd)
+    run(["bash", str(SCRIPTS / f"{service}.sh"), "stop"], env, cwd=cwd)
+
+    assert status.returncode == 3 and f"{service} not running" in status.stdout
+    assert other.poll() is None
+    assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(("service", "config", "arg"), LIB_SERVICES)
+def test_service_stops_its_own_process_by_pid(
+    tmp_path: Path, daemons: Daemons, service: str, config: str, arg: str
+) -> None:
+    ours = tmp_path / "wt" / ".state"
+    own = daemons.start("java", arg.format(ours / service / config))
+    (ours / service).mkdir(parents=True)
+    (ours / service / f"{service}.pid").write_text(f"{own.pid}\n")
+    env = {"SRE_STATE_DIR": ".state"}
+
+    status = run(["bash", str(SCRIPTS / f"{service}.sh"), "status"], env, cwd=tmp_path / "wt")
+    run(["bash", str(SCRIPTS / f"{service}.sh"), "stop"], env, cwd=tmp_path / "wt")
+
+    assert f"{service} running (pid {own.pid})" in status.stdout
+    assert gone(own)
 
 
 FAKE_MVN = """#!/usr/bin/env bash
