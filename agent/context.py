@@ -4,7 +4,8 @@ Sources, each fetched concurrently under its own timeout (``ai.context.timeout``
 budget (``ai.context.max_bytes``), and redacted (:func:`agent.redaction.redact`) before it
 is stored, so nothing secret reaches a prompt or a log:
 
-- metrics: each firing pattern's own query, restricted to the incident's series, plus the
+- metrics: the query of each pattern firing (as raised by the detector, not a
+  signal of another source named like it), restricted to the incident's series, plus the
   related queries of ``ai.context.queries`` (CPU/memory saturation, ...), via Prometheus;
 - rollout history of the affected workloads, via the :class:`~handlers.cluster.Cluster`;
 - Kubernetes events about the workloads, their pods and the incident's nodes, recent
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from agent import detector
 from agent.ai_answer import is_dns_name
 from agent.analyzer import (
     ConfigChange,
@@ -338,7 +340,9 @@ class ContextGatherer:
         prom = self.prom
         # (name, expression, workload it measures, labels a series must match)
         queries: list[tuple[str, str, str, Mapping[str, str] | None]] = []
-        for name in incident.firing_names:
+        # Only the detector's anomalies: a Kubernetes signal or an alert named like a
+        # pattern was not seen by its condition, whose series say nothing of it.
+        for name in sorted({m.name for m in incident.firing if m.source == detector.SOURCE}):
             pattern = self.settings.pattern(name)
             if pattern is not None:
                 queries.append((f"pattern:{name}", pattern.condition, "", incident.labels))

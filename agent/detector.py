@@ -37,7 +37,16 @@ from agent.breaker import BreakerRules, CircuitBreaker
 from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.labels import SERVICE_LABELS, fit, normalise
 from agent.metrics import Metrics
-from agent.models import Anomaly, AnomalyStatus, Severity, fingerprint, group_key, stable_id, utcnow
+from agent.models import (
+    Anomaly,
+    AnomalySource,
+    AnomalyStatus,
+    Severity,
+    fingerprint,
+    group_key,
+    stable_id,
+    utcnow,
+)
 from agent.prom import PromClient, Sample
 from agent.settings import PatternSpec, Settings
 
@@ -45,6 +54,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SERVICE_LABELS", "PromQLDetector", "evaluate", "instance_labels", "next_slot"]
 
+# The source of the anomalies a pattern raises: only these ran the pattern's condition.
+SOURCE: AnomalySource = "prometheus"
 UNAVAILABLE = "prometheus-unavailable"
 QUERY_FAILED = "pattern-query-failed"
 
@@ -89,7 +100,7 @@ def evaluate(
     seen: dict[str, tuple[dict[str, str], float]] = {}
     for s in samples:
         labels = instance_labels(s, cluster)
-        fp = fingerprint("prometheus", pattern.name, labels)
+        fp = fingerprint(SOURCE, pattern.name, labels)
         seen[fp] = (labels, s.value)
     out: list[Anomaly] = []
     instances: dict[str, Instance] = {}
@@ -127,7 +138,7 @@ def _anomaly(
         value = None
     return Anomaly(
         fingerprint=fp,
-        source="prometheus",
+        source=SOURCE,
         name=pattern.name,
         severity=pattern.severity,
         status=status,  # type: ignore[arg-type]
@@ -137,7 +148,7 @@ def _anomaly(
         starts_at=inst.fired_at or now,
         observed_at=now,
         # Deterministic, so replicas evaluating the same slot publish identical events.
-        id=stable_id("prometheus", fp, status, now.isoformat()),
+        id=stable_id(SOURCE, fp, status, now.isoformat()),
     )
 
 

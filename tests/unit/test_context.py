@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -322,3 +323,24 @@ async def test_logs_read_before_the_source_timed_out_are_kept() -> None:
     assert SECRET not in ctx.logs["checkout-7c9f-abcde"]
     assert ctx.notes == ("logs: no answer within 0.3s; not read: Pod/shop/checkout-7c9f-zz9yx",)
     assert ctx.rollouts and ctx.crash_looping == ("checkout",)  # the other sources arrived
+
+
+@pytest.mark.parametrize("source", ["kubernetes", "alertmanager", "feed", "agent"])
+async def test_a_pattern_query_runs_only_for_the_detectors_own_anomaly(source: str) -> None:
+    # A signal of another source named like the pattern: its condition never saw it.
+    other = replace(member(), source=source)  # type: ignore[arg-type]
+    prom = FakeProm(PROM)
+    settings = ai_settings(context={"queries": QUERIES})
+    c = cluster()
+    ctx = await ContextGatherer(settings, cluster=c, source=c, prom=prom).gather(incident(other))
+    assert not any("http_requests_total" in q for q in prom.queries)
+    assert not any(s.query.startswith("pattern:") for s in ctx.metrics)
+    assert ctx.cpu_saturation == {"checkout": 0.93}  # the related queries still run
+    # The detector's anomaly of that name, in the same incident, runs it once.
+    prom = FakeProm(PROM)
+    both = incident(other, member())
+    ctx = await ContextGatherer(settings, cluster=c, source=c, prom=prom).gather(both)
+    assert sum("http_requests_total" in q for q in prom.queries) == 1
+    assert {s.query for s in ctx.metrics if s.query.startswith("pattern:")} == {
+        "pattern:high-error-rate"
+    }
