@@ -15,10 +15,11 @@ is stored, so nothing secret reaches a prompt or a log:
 
 A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
 analysis; within the logs and the events, one pod or namespace that fails leaves its own
-note and the rest is kept. Logs that time out keep the tails read by then, and their note
-names the pods (or pod listings) not read. Structured signals (OOM kills, crash loops,
-node conditions) are derived from event *reasons*, which the kubelet and controllers set;
-event messages and logs stay text for the LLM, never evidence for the rules.
+note and the rest is kept. Logs and metrics that time out keep what they read by then, and
+their note names what was not read (pods or pod listings, queries). Structured signals
+(OOM kills, crash loops, node conditions) are derived from event *reasons*, which the
+kubelet and controllers set; event messages and logs stay text for the LLM, never evidence
+for the rules.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ NODE_REASONS: Mapping[str, str] = {
 }
 MAX_TEXT = 512  # bytes of one event message or config summary
 MAX_REVISIONS = 5  # per workload
+# A metrics query: (name, expression, workload it measures, labels a series must match, how
+# a timeout note names it).
+_Query = tuple[str, str, str, Mapping[str, str] | None, str]
 
 
 @runtime_checkable
@@ -338,14 +342,14 @@ class ContextGatherer:
             parts.notes.append("metrics: no Prometheus client")
             return
         prom = self.prom
-        # (name, expression, workload it measures, labels a series must match)
-        queries: list[tuple[str, str, str, Mapping[str, str] | None]] = []
+        queries: list[_Query] = []
         # Only the detector's anomalies: a Kubernetes signal or an alert named like a
         # pattern was not seen by its condition, whose series say nothing of it.
         for name in sorted({m.name for m in incident.firing if m.source == detector.SOURCE}):
             pattern = self.settings.pattern(name)
             if pattern is not None:
-                queries.append((f"pattern:{name}", pattern.condition, "", incident.labels))
+                qname = f"pattern:{name}"
+                queries.append((qname, pattern.condition, "", incident.labels, qname))
         service = incident.labels.get("service", "")
         for t in targets:
             for qname, template in sorted(self.limits.queries.items()):
@@ -355,17 +359,38 @@ class ContextGatherer:
                 if expr is None:
                     parts.notes.append(f"metrics {qname}: names of {t.key} are not DNS-1123")
                     continue
-                queries.append((qname, expr, t.name, None))
+                queries.append((qname, expr, t.name, None, f"{qname} of {t.key}"))
+        # Kept up to date, so that a timeout names what was not read (see _bounded).
+        unread = parts.unread.setdefault("metrics", [])
+        unread += [label for *_, label in queries]
+        results: dict[int, list[Sample] | str] = {}
 
-        async def one(qname: str, expr: str) -> list[Sample] | str:
+        async def one(i: int) -> None:
+            qname, expr, *_, label = queries[i]
             try:
-                return await prom.query(expr)
+                results[i] = await prom.query(expr)
             except AgentError as err:
-                return f"metrics {qname} unavailable: {redact(str(err))[:200]}"
+                results[i] = f"metrics {qname} unavailable: {redact(str(err))[:200]}"
+            unread.remove(label)
 
-        results = await asyncio.gather(*(one(q, e) for q, e, _, _ in queries))
+        try:
+            await asyncio.gather(*(one(i) for i in range(len(queries))))
+        finally:
+            # Also when the source times out: one query Prometheus never answers must not
+            # cost the series of those it did. In the order of the queries.
+            self._keep_metrics(queries, results, parts)
+
+    def _keep_metrics(
+        self,
+        queries: Sequence[_Query],
+        results: Mapping[int, list[Sample] | str],
+        parts: _Parts,
+    ) -> None:
         samples: list[MetricSample] = []
-        for (qname, _, workload, only), result in zip(queries, results, strict=True):
+        for i, (qname, _, workload, only, _) in enumerate(queries):
+            result = results.get(i)
+            if result is None:
+                continue
             if isinstance(result, str):
                 parts.notes.append(result)
                 continue

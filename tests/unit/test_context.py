@@ -23,17 +23,25 @@ class FakeProm:
     """Answers by the first matching substring of the expression; records queries."""
 
     def __init__(
-        self, answers: dict[str, list[Sample]], *, delay: float = 0.0, fail: bool = False
+        self,
+        answers: dict[str, list[Sample]],
+        *,
+        delay: float = 0.0,
+        fail: bool = False,
+        hung: tuple[str, ...] = (),
     ) -> None:
         self.answers = answers
         self.delay = delay
         self.fail = fail
+        self.hung = hung  # substrings of the expressions it never answers
         self.queries: list[str] = []
 
     async def query(self, expr: str) -> list[Sample]:
         self.queries.append(expr)
         if self.fail:
             raise DependencyUnavailable(f"prometheus down (password={SECRET})")
+        if any(h in expr for h in self.hung):
+            await asyncio.Event().wait()
         await asyncio.sleep(self.delay)
         return next((v for k, v in self.answers.items() if k in expr), [])
 
@@ -344,3 +352,17 @@ async def test_a_pattern_query_runs_only_for_the_detectors_own_anomaly(source: s
     assert {s.query for s in ctx.metrics if s.query.startswith("pattern:")} == {
         "pattern:high-error-rate"
     }
+
+
+async def test_metrics_read_before_the_source_timed_out_are_kept() -> None:
+    # Prometheus never answers the node query (a rule group stuck on a huge series set).
+    ctx = await gather(prom=FakeProm(PROM, hung=("node_cpu",)))
+    assert ctx.cpu_saturation == {"checkout": 0.93}
+    assert ctx.dependency_errors == {"payments": 0.8, "db": 0.0}
+    assert ctx.node_cpu_saturation == {}
+    pattern = [s for s in ctx.metrics if s.query == "pattern:high-error-rate"]
+    assert [s.labels["service"] for s in pattern] == ["checkout"]
+    assert ctx.notes == (
+        "metrics: no answer within 0.3s; not read: node_cpu_saturation of Deployment/shop/checkout",
+    )
+    assert ctx.rollouts and ctx.logs  # the other sources arrived
