@@ -13,6 +13,9 @@ leaked token costs a lot. What it recognises:
   a separator followed by a space (``password: my secret phrase``, ``pwd = a b``) an
   unquoted value runs to the end of the line (or of the string it is in), since YAML and
   config values hold spaces;
+- YAML block scalars under such a key (``password: |``, ``token: >-``): the lines after
+  it deeper than the key (than its line, after a log prefix), blank lines included, down
+  to the depth of the first;
 - command-line flags named for a secret with their value after a space
   (``--password Hunter2``, ``--api-key``, ``--client-secret``, ``-storepass``), not
   flags that name where a secret is (``--token-file /path``);
@@ -89,6 +92,16 @@ _FLAG = re.compile(
     r"api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|credentials?))"
     r"(?P<sep>[ \t]+|=)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
+# A YAML block scalar (``password: |``, ``token: >-``) under a key naming a secret: the
+# value is on the lines after it (see _block_scalars).
+_BLOCK_SCALAR = re.compile(
+    r"(?i)(?<![\w.-])[\"']?[\w.-]{0,40}?"
+    + _SENSITIVE
+    + r"[\w.-]{0,40}?[\"']?[ \t]*:[ \t]+[|>](?:[1-9][+-]?|[+-][1-9]?)?"
+    r"(?:[ \t]+#[^\r\n]*)?[ \t]*\r?\n"
+)
+# What may precede a key on its line in YAML: indentation, the "- " of list items.
+_YAML_LEAD = re.compile(r"[ \t]*(?:-[ \t]+)*")
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
 _TOKENS = re.compile(
@@ -126,11 +139,49 @@ def _key_value(m: re.Match[str]) -> str:
     return f"{m.group('key')}{m.group('sep')}{quote}{REDACTED}{quote}"
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _block_scalars(text: str) -> str:
+    """The content lines of each secret block scalar replaced, their indentation kept:
+    every line after the key's, blank or deeper than the key, down to the depth of the
+    first (a shallower one ends it in YAML)."""
+    out: list[str] = []
+    pos = 0
+    for m in _BLOCK_SCALAR.finditer(text):
+        if m.start() < pos:
+            continue  # a key inside a block already replaced
+        lead = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
+        # The key's column in YAML; after a log prefix, the line's own indentation.
+        parent = len(lead) if _YAML_LEAD.fullmatch(lead) else _indent(lead)
+        out.append(text[pos : m.end()])
+        pos = m.end()
+        depth: int | None = None
+        while pos < len(text):
+            nl = text.find("\n", pos)
+            end = len(text) if nl < 0 else nl + 1
+            line = text[pos:end]
+            body = line.rstrip("\r\n")
+            n = _indent(body)
+            if n < len(body):  # not blank
+                if n <= parent or (depth is not None and n < depth):
+                    break
+                depth = n if depth is None else depth
+                line = body[:n] + REDACTED + line[len(body) :]
+            out.append(line)
+            pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redact(text: str) -> str:
     """``text`` with every recognised secret replaced by ``[REDACTED]``."""
     if not text:
         return text
     text = _PEM.sub(REDACTED, text)
+    # Before the headers' and key=value's: they would take "|" for the value.
+    text = _block_scalars(text)
     text = _AUTH_HEADER.sub(_key_value, text)
     text = _SCHEME_CREDENTIAL.sub(_scheme_credential, text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)

@@ -340,3 +340,56 @@ ORDINARY = st.sampled_from(
 def test_text_without_secrets_is_left_unchanged(lines: list[str], sep: str) -> None:
     text = sep.join(lines)
     assert redact(text) == text
+
+
+# A block scalar's lines: words a value may hold, never starting with a space.
+BLOCK_LINE = st.text(alphabet=ALNUM + "!#$%*+./=:-_ ", min_size=6, max_size=40).filter(
+    lambda s: s == s.strip() and s not in REDACTED
+)
+
+
+@given(
+    KEYS,
+    st.sampled_from(["|", "|-", "|+", ">", ">-", ">+", "|2", ">2-", "|-  # rotated monthly"]),
+    st.sampled_from(["", "  ", "- ", "  - ", "    ", "I0501 12:00:00 loaded: "]),
+    st.booleans(),
+    st.lists(st.tuples(BLOCK_LINE, st.booleans()), min_size=1, max_size=4),
+    st.integers(min_value=1, max_value=4),
+    st.sampled_from(["\n", "\r\n"]),
+)
+def test_yaml_block_scalar_secrets_never_leak(
+    key: str,
+    indicator: str,
+    lead: str,
+    quoted: bool,
+    lines: list[tuple[str, bool]],
+    deeper: int,
+    eol: str,
+) -> None:
+    # The value is on the lines after the key, deeper than it (than the line, after a
+    # log prefix); a blank line may come between; the next key, as deep, ends it.
+    yaml_lead = lead.strip(" -") == ""
+    depth = (len(lead) if yaml_lead else 0) + deeper
+    k = f'"{key}"' if quoted else key
+    body = "".join(" " * depth + line + eol + (eol if blank else "") for line, blank in lines)
+    sibling = (" " * len(lead) if yaml_lead else "") + "user: bob"
+    text = f"config:{eol}{lead}{k}: {indicator}{eol}{body}{sibling}{eol}"
+    out = redact(text)
+    for line, _ in lines:
+        assume(line not in f"{lead}{k}: {indicator} {sibling}")
+        assert line not in out
+    assert f"{sibling}{eol}" in out  # the key after the block is no part of it
+
+
+@given(
+    st.sampled_from(["script", "command", "description", "nginx.conf", "message", "args"]),
+    st.sampled_from(["|", "|-", ">", ">-"]),
+    st.sampled_from(["", "  ", "- "]),
+    st.lists(st.text(alphabet="abcdefghij klm.,", min_size=1, max_size=30), min_size=1),
+)
+def test_yaml_blocks_of_other_keys_are_left_unchanged(
+    key: str, indicator: str, lead: str, lines: list[str]
+) -> None:
+    body = "".join(f"{' ' * (len(lead) + 2)}{line.strip() or 'x'}\n" for line in lines)
+    text = f"{lead}{key}: {indicator}\n{body}{' ' * len(lead)}user: bob\n"
+    assert redact(text) == text
