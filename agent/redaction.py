@@ -18,7 +18,8 @@ leaked token costs a lot. What it recognises:
   to the depth of the first;
 - command-line flags named for a secret with their value after a space
   (``--password Hunter2``, ``--api-key``, ``--client-secret``, ``-storepass``), not
-  flags that name where a secret is (``--token-file /path``);
+  flags that name where a secret is (``--token-file /path``); a MySQL/MariaDB client's
+  password attached to ``-p`` (``mysql -uroot -pHunter2``), in their command lines only;
 - passwords in URLs (``scheme://user:password@host``), up to the last ``@`` before
   whitespace or a quote, since logged URLs often carry an unencoded ``/`` or ``@``;
 - well-known token shapes: JWTs, AWS access key ids, Google API keys, GitHub, Slack and
@@ -102,6 +103,18 @@ _BLOCK_SCALAR = re.compile(
 )
 # What may precede a key on its line in YAML: indentation, the "- " of list items.
 _YAML_LEAD = re.compile(r"[ \t]*(?:-[ \t]+)*")
+# A MySQL/MariaDB client's password attached to its short flag (mysql -uroot -pHunter2),
+# only in one of their command lines: elsewhere -p is a port, a path or "make parents".
+# The command line ends at the line's end or a shell separator outside quotes.
+_MYSQL_COMMAND = re.compile(
+    r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?"
+    r"(?:mysql(?:admin|dump|import|check|show|slap|pump|binlog|sh)?|mariadb(?:-?[a-z]+)?)"
+    r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
+)
+# Quoted (-p"my pass") after a space only: "-p", "db" in an argv list is a prompt.
+_MYSQL_PASSWORD = re.compile(
+    r"(?:(?<=\s)-p(?:" + _QUOTED + r")|(?<=[\s\"'\[,])-p(?:[^\s\"'\\]|\\(?!\"))+)"
+)
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
 _TOKENS = re.compile(
@@ -175,6 +188,11 @@ def _block_scalars(text: str) -> str:
     return "".join(out)
 
 
+def _mysql_passwords(m: re.Match[str]) -> str:
+    args = _MYSQL_PASSWORD.sub(f"-p{REDACTED}", m.group("args"))
+    return m.group(0)[: m.start("args") - m.start()] + args
+
+
 def redact(text: str) -> str:
     """``text`` with every recognised secret replaced by ``[REDACTED]``."""
     if not text:
@@ -187,6 +205,7 @@ def redact(text: str) -> str:
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     text = _TOKENS.sub(REDACTED, text)
     text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+    text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
     text = _KEY_VALUE.sub(_key_value, text)
     return _LONG_OPAQUE.sub(_opaque, text)
 

@@ -393,3 +393,46 @@ def test_yaml_blocks_of_other_keys_are_left_unchanged(
     body = "".join(f"{' ' * (len(lead) + 2)}{line.strip() or 'x'}\n" for line in lines)
     text = f"{lead}{key}: {indicator}\n{body}{' ' * len(lead)}user: bob\n"
     assert redact(text) == text
+
+
+MYSQL_TOOLS = st.sampled_from(
+    ["mysql", "mysqladmin", "mysqldump", "mysqlimport", "mysqlcheck", "mariadb", "mariadb-dump"]
+)
+
+
+@given(
+    MYSQL_TOOLS,
+    BARE,
+    st.sampled_from(
+        [
+            "{tool} -uroot -p{pw} shop",
+            "exec /usr/bin/{tool} -h db -P 3306 -u app -p{pw}",
+            "{tool} -u root -p'{pw}' -e 'select 1'",
+            '{tool} -u root -p"{pw}" shop',
+            'sh -c "{tool} -uroot -p{pw} shop | gzip > /backup/shop.gz"',
+            '["CMD", "{tool}", "ping", "-h", "localhost", "-p{pw}"]',
+            "cron: $({tool} -pr{pw} -N -e 'select 1')",
+        ]
+    ),
+)
+def test_mysql_attached_short_flag_passwords_never_leak(tool: str, pw: str, form: str) -> None:
+    text = form.format(tool=tool, pw=pw)
+    assume(pw not in form.format(tool=tool, pw=""))
+    assert pw not in redact(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "docker run -p 8080:80 nginx",
+        "ssh -p2222 deploy@bastion",
+        "mkdir -p /var/lib/mysql",
+        "find /var/lib/mysql -name '*.err' -print",
+        "mysql -h db -P3306 -u app -p shop",  # -P is the port; -p alone prompts
+        '["mysql", "-u", "app", "-p", "shop"]',
+        "mysqldump -u app -p shop | ssh -p2222 backup 'cat > shop.sql'",
+        "mysql: [Warning] Using a password on the command line interface can be insecure.",
+    ],
+)
+def test_short_p_flags_that_are_no_mysql_password_survive(text: str) -> None:
+    assert redact(text) == text
