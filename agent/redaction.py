@@ -12,7 +12,8 @@ leaked token costs a lot. What it recognises:
   also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``); after
   a separator followed by a space (``password: my secret phrase``, ``pwd = a b``) an
   unquoted value runs to the end of the line (or of the string it is in), since YAML and
-  config values hold spaces;
+  config values hold spaces; in a connection string (``Server=db;Password=pa ss;``) a
+  password runs to the next ``;``;
 - YAML block scalars under such a key (``password: |``, ``token: >-``): the lines after
   it deeper than the key (than its line, after a log prefix), blank lines included, down
   to the depth of the first;
@@ -115,6 +116,14 @@ _MYSQL_COMMAND = re.compile(
 _MYSQL_PASSWORD = re.compile(
     r"(?:(?<=\s)-p(?:" + _QUOTED + r")|(?<=[\s\"'\[,])-p(?:[^\s\"'\\]|\\(?!\"))+)"
 )
+# A password in a connection string (Server=db;User ID=sa;Password=pa ss;), after a ";"
+# or before one: the value runs to the next ";", spaces and all, as ADO.NET, ODBC and
+# Npgsql read it; ODBC's may be in braces (PWD={a;b}).
+_CONNECTION_PASSWORD = re.compile(
+    r"(?i)(?:(?<=;)[ \t]*|(?<![\w.-])(?=(?:passw(?:or)?d|pwd)[ \t]*=[^;\r\n\"']*;))"
+    r"(?P<key>passw(?:or)?d|pwd)[ \t]*=[ \t]*"
+    r"(?P<value>\{[^}\r\n]*\}?|(?:[^;\r\n\"'\\{ \t]|\\(?![\\\"]))(?:[^;\r\n\"'\\]|\\(?![\\\"]))*)"
+)
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
 _TOKENS = re.compile(
@@ -206,6 +215,7 @@ def redact(text: str) -> str:
     text = _TOKENS.sub(REDACTED, text)
     text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
     text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
+    text = _CONNECTION_PASSWORD.sub(lambda m: f"{m.group('key')}={REDACTED}", text)
     text = _KEY_VALUE.sub(_key_value, text)
     return _LONG_OPAQUE.sub(_opaque, text)
 

@@ -436,3 +436,34 @@ def test_mysql_attached_short_flag_passwords_never_leak(tool: str, pw: str, form
 )
 def test_short_p_flags_that_are_no_mysql_password_survive(text: str) -> None:
     assert redact(text) == text
+
+
+CONNECTION_PARTS = st.lists(
+    st.sampled_from(
+        ["Server=tcp:db,1433", "Database=shop", "User ID=sa", "Encrypt=True", "Host=db"]
+    ),
+    min_size=1,
+    max_size=4,
+    unique=True,
+)
+
+
+@given(
+    CONNECTION_PARTS,
+    st.sampled_from(["Password", "password", "Pwd", "PWD"]),
+    WORDS,
+    st.integers(min_value=0, max_value=4),
+    st.booleans(),
+    st.sampled_from(["{}", '{{"ConnectionStrings": {{"Db": "{}"}}}}', "conn={} opened"]),
+)
+def test_connection_string_passwords_never_leak(
+    parts: list[str], key: str, words: list[str], at: int, end: bool, form: str
+) -> None:
+    # ADO.NET, ODBC and Npgsql read a value to the next ";", spaces and all.
+    parts.insert(min(at, len(parts)), f"{key}={' '.join(words)}")
+    text = form.format(";".join(parts) + (";" if end else ""))
+    out = redact(text)
+    for word in words:
+        assume(word not in text.replace(" ".join(words), ""))
+        assert word not in out
+    assert "Database=shop" in out or "Database=shop" not in text
