@@ -14,6 +14,9 @@ leaked token costs a lot. What it recognises:
   unquoted value runs to the end of the line (or of the string it is in), since YAML and
   config values hold spaces; in a connection string (``Server=db;Password=pa ss;``) a
   password runs to the next ``;``;
+- the value of a name/value pair whose name names a secret, as Kubernetes env vars are
+  written (``{"name": "DB_PASSWORD", "value": "..."}``, ``- name: DB_PASSWORD`` over
+  ``value: ...``);
 - YAML block scalars under such a key (``password: |``, ``token: >-``): the lines after
   it deeper than the key (than its line, after a log prefix), blank lines included, down
   to the depth of the first;
@@ -124,6 +127,31 @@ _CONNECTION_PASSWORD = re.compile(
     r"(?P<key>passw(?:or)?d|pwd)[ \t]*=[ \t]*"
     r"(?P<value>\{[^}\r\n]*\}?|(?:[^;\r\n\"'\\{ \t]|\\(?![\\\"]))(?:[^;\r\n\"'\\]|\\(?![\\\"]))*)"
 )
+# A name/value pair whose name names a secret, as Kubernetes env vars are written in the
+# manifests and objects that logs and events quote: {"name":"DB_PASSWORD","value":"..."},
+# {name: DB_PASSWORD, value: ...}, and "- name: DB_PASSWORD" with "value: ..." below it.
+_OPTIONAL_QUOTE = r"(?:\\*[\"'])?"
+_NAMED_VALUE = re.compile(
+    r"(?i)(?P<key>(?<![\w.-])name"
+    + _OPTIONAL_QUOTE
+    + r"[ \t]*[:=][ \t]*"
+    + _OPTIONAL_QUOTE
+    + r"[\w.-]{0,40}?"
+    + _SENSITIVE
+    + r"[\w.-]{0,40}?"
+    + _OPTIONAL_QUOTE
+    + r"[ \t]*,?\s*"
+    + _OPTIONAL_QUOTE
+    + r"value)"
+    + _SEPARATOR
+    + r"(?P<value>"
+    + _ESCAPED_QUOTED
+    + "|"
+    + _QUOTED
+    + r"|(?(gap)"
+    + _PHRASE
+    + r"|[^\s,;&\"'}]+))"
+)
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")
 _TOKENS = re.compile(
@@ -215,6 +243,7 @@ def redact(text: str) -> str:
     text = _TOKENS.sub(REDACTED, text)
     text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
     text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
+    text = _NAMED_VALUE.sub(_key_value, text)
     text = _CONNECTION_PASSWORD.sub(lambda m: f"{m.group('key')}={REDACTED}", text)
     text = _KEY_VALUE.sub(_key_value, text)
     return _LONG_OPAQUE.sub(_opaque, text)

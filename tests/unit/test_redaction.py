@@ -467,3 +467,51 @@ def test_connection_string_passwords_never_leak(
         assume(word not in text.replace(" ".join(words), ""))
         assert word not in out
     assert "Database=shop" in out or "Database=shop" not in text
+
+
+ENV_NAMES = st.sampled_from(
+    ["DB_PASSWORD", "API_TOKEN", "AWS_SECRET_ACCESS_KEY", "STRIPE_SECRET", "REDIS_PASSWD"]
+)
+
+
+@st.composite
+def env_var_in_a_shape(draw: st.DrawFn) -> tuple[str, tuple[str, ...]]:
+    """(text, the parts of the secret as they appear in it) for an env var whose name
+    names a secret, as Kubernetes objects quoted in logs and events write it, after one
+    that names none."""
+    name = draw(ENV_NAMES)
+    shape = draw(st.sampled_from(["json", "escaped-json", "yaml", "flow", "logfmt"]))
+    if shape in ("json", "escaped-json"):
+        secret = draw(ANY_TEXT)
+        env = [{"name": "LOG_LEVEL", "value": "debug"}, {"name": name, "value": secret}]
+        text = json_text({"env": env}, draw(JSON_SEPARATORS))
+        if shape == "json":
+            return text, (escaped(secret),)
+        line = json_text({"level": "info", "msg": "applied", "obj": text}, (",", ":"))
+        return line, (escaped(escaped(secret)),)
+    if shape == "yaml":
+        words = draw(WORDS)
+        indent = " " * draw(st.integers(min_value=0, max_value=4))
+        return (
+            f"{indent}env:\n{indent}- name: LOG_LEVEL\n{indent}  value: debug\n"
+            f"{indent}- name: {name}\n{indent}  value: {' '.join(words)}\n"
+        ), tuple(words)
+    secret = draw(BARE)
+    if shape == "flow":
+        return f"env: [{{name: LOG_LEVEL, value: debug}}, {{name: {name}, value: {secret}}}]", (
+            secret,
+        )
+    return f"env name=LOG_LEVEL value=debug name={name} value={secret}", (secret,)
+
+
+@given(env_var_in_a_shape(), NOISE)
+def test_env_var_secrets_named_in_name_value_pairs_never_leak(
+    shaped: tuple[str, tuple[str, ...]], before: str
+) -> None:
+    text, parts = shaped
+    line = f"{before}\n{text}"
+    out = redact(line)
+    for part in parts:
+        assume(part not in line.replace(part, "", 1))
+        assert part not in out
+    assert "LOG_LEVEL" in out and "debug" in out  # the var that names no secret survives
