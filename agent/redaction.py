@@ -99,12 +99,13 @@ _FLAG = re.compile(
 )
 # A YAML block scalar (``password: |``, ``token: >-``) under a key naming a secret: the
 # value is on the lines after it (see _block_scalars).
-_BLOCK_SCALAR = re.compile(
-    r"(?i)(?<![\w.-])[\"']?[\w.-]{0,40}?"
-    + _SENSITIVE
-    + r"[\w.-]{0,40}?[\"']?[ \t]*:[ \t]+[|>](?:[1-9][+-]?|[+-][1-9]?)?"
-    r"(?:[ \t]+#[^\r\n]*)?[ \t]*\r?\n"
+# Found by its indicator, rare in logs, then its key checked: a search for the key first,
+# at every word, doubled the cost of redaction.
+_BLOCK_INDICATOR = re.compile(
+    r"[ \t]*:[ \t]+[|>](?:[1-9][+-]?|[+-][1-9]?)?(?:[ \t]+#[^\r\n]*)?[ \t]*\r?\n"
 )
+_BLOCK_KEY = re.compile(r"(?<![\w.-])[\"']?(?P<key>[\w.-]+)[\"']?\Z")
+_SENSITIVE_WORD = re.compile("(?i)" + _SENSITIVE)
 # What may precede a key on its line in YAML: indentation, the "- " of list items.
 _YAML_LEAD = re.compile(r"[ \t]*(?:-[ \t]+)*")
 # A MySQL/MariaDB client's password attached to its short flag (mysql -uroot -pHunter2),
@@ -123,8 +124,7 @@ _MYSQL_PASSWORD = re.compile(
 # or before one: the value runs to the next ";", spaces and all, as ADO.NET, ODBC and
 # Npgsql read it; ODBC's may be in braces (PWD={a;b}).
 _CONNECTION_PASSWORD = re.compile(
-    r"(?i)(?:(?<=;)[ \t]*|(?<![\w.-])(?=(?:passw(?:or)?d|pwd)[ \t]*=[^;\r\n\"']*;))"
-    r"(?P<key>passw(?:or)?d|pwd)[ \t]*=[ \t]*"
+    r"(?i)(?<![\w.-])(?P<key>passw(?:or)?d|pwd)[ \t]*=[ \t]*"
     r"(?P<value>\{[^}\r\n]*\}?|(?:[^;\r\n\"'\\{ \t]|\\(?![\\\"]))(?:[^;\r\n\"'\\]|\\(?![\\\"]))*)"
 )
 # A name/value pair whose name names a secret, as Kubernetes env vars are written in the
@@ -199,10 +199,14 @@ def _block_scalars(text: str) -> str:
     first (a shallower one ends it in YAML)."""
     out: list[str] = []
     pos = 0
-    for m in _BLOCK_SCALAR.finditer(text):
+    for m in _BLOCK_INDICATOR.finditer(text):
         if m.start() < pos:
             continue  # a key inside a block already replaced
-        lead = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
+        line = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
+        key = _BLOCK_KEY.search(line)
+        if key is None or not _SENSITIVE_WORD.search(key.group("key")):
+            continue
+        lead = line[: key.start()]
         # The key's column in YAML; after a log prefix, the line's own indentation.
         parent = len(lead) if _YAML_LEAD.fullmatch(lead) else _indent(lead)
         out.append(text[pos : m.end()])
@@ -225,6 +229,15 @@ def _block_scalars(text: str) -> str:
     return "".join(out)
 
 
+def _connection_password(m: re.Match[str]) -> str:
+    text, i = m.string, m.start() - 1
+    while i >= 0 and text[i] in " \t":
+        i -= 1
+    if not (i >= 0 and text[i] == ";") and text[m.end() : m.end() + 1] != ";":
+        return m.group(0)  # no connection string: key=value's rule decides
+    return f"{m.group('key')}={REDACTED}"
+
+
 def _mysql_passwords(m: re.Match[str]) -> str:
     args = _MYSQL_PASSWORD.sub(f"-p{REDACTED}", m.group("args"))
     return m.group(0)[: m.start("args") - m.start()] + args
@@ -242,9 +255,10 @@ def redact(text: str) -> str:
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     text = _TOKENS.sub(REDACTED, text)
     text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
-    text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
+    if "mysql" in text or "mariadb" in text:
+        text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
     text = _NAMED_VALUE.sub(_key_value, text)
-    text = _CONNECTION_PASSWORD.sub(lambda m: f"{m.group('key')}={REDACTED}", text)
+    text = _CONNECTION_PASSWORD.sub(_connection_password, text)
     text = _KEY_VALUE.sub(_key_value, text)
     return _LONG_OPAQUE.sub(_opaque, text)
 
