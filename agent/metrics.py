@@ -147,6 +147,13 @@ class Metrics:
             "correlation.stuck_after (it then fails /health/live).",
             registry=r,
         )
+        self.correlator_blind = Gauge(
+            "sre_agent_correlator_blind",
+            "1 while a source cannot see in a cluster (e.g. prometheus-unavailable fires) "
+            "and the correlator resolves none of its anomalies there as quiet.",
+            ["source", "cluster"],
+            registry=r,
+        )
         self.switch_on = Gauge(
             "sre_agent_switch_on",
             "1 while a run-time switch is on for this executor (kill_switch: no action "

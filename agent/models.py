@@ -597,11 +597,21 @@ class Fact:
     # took in through it that still fire. Only those stay routed there, until they resolve;
     # a node that recovered takes in no new pod failure.
     holds: tuple[NonEmpty, ...] = ()
+    # The anomaly's own first and last sighting (``observed_at`` is its incident's): when
+    # a source went blind and when it saw again, for a fact of :data:`BLINDING`.
+    first_seen: Time | None = None
+    last_seen: Time | None = None
     schema_version: Version = SCHEMA_VERSION
 
     @property
     def key(self) -> str:
         return self.fingerprint
+
+
+# The agent's own anomalies that say a source cannot see (name -> that source): while one
+# fires, an anomaly of that source that stops being repeated may still fire unseen, so the
+# correlator does not resolve it as quiet (see streams.correlation.expire).
+BLINDING: Mapping[str, AnomalySource] = {"prometheus-unavailable": "prometheus"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ Rules:
   all resolved, a firing observation no newer than its member is such a late copy; any
   other firing anomaly reopens it, even one observed before the resolution.
 - The incident resolves when every member is resolved, or when no member has been seen for
-  ``resolve_timeout`` (see :func:`expire`); a firing anomaly within ``reopen_window`` of the
+  ``resolve_timeout`` (see :func:`expire`; a member whose source could not see counts as
+  seen until it saw again); a firing anomaly within ``reopen_window`` of the
   resolution reopens the same incident, later ones open a new one.
 - Severity is the maximum of the firing members (of all members once resolved).
 - An open incident drops, at its next change, members resolved and unseen for
@@ -411,16 +412,48 @@ def hand_over(
     return inc, inc
 
 
+@dataclass(frozen=True, slots=True)
+class Blindness:
+    """A source that could not see in a cluster (Prometheus unreachable): blind from
+    ``since`` (None: not known) until ``until`` (None: still blind)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+Blind = Mapping[tuple[str, str], Blindness]  # (source, cluster) -> its last blindness
+NOT_BLIND: Blind = {}
+
+
+def _alive_at(m: Member, blind: Blind, timeout: timedelta, now: datetime) -> datetime:
+    """When a member was last known to be alive: its last sighting, unless its source went
+    blind before the member would have gone quiet. A blind source cannot repeat what still
+    fires, so its silence is no news: the member counts as alive until the source sees
+    again (now, while it is still blind)."""
+    if m.status != "firing":
+        return m.last_seen
+    b = blind.get((m.source, m.labels.get("cluster", "")))
+    if b is None or (b.since is not None and b.since >= m.last_seen + timeout):
+        return m.last_seen
+    return now if b.until is None else max(m.last_seen, b.until)
+
+
 def expire(
-    state: Incident, now: datetime, rules: CorrelationRules
+    state: Incident, now: datetime, rules: CorrelationRules, blind: Blind = NOT_BLIND
 ) -> tuple[Incident, Incident | None]:
-    """Resolve an incident none of whose members has been seen for ``resolve_timeout``."""
+    """Resolve an incident none of whose members has been seen for ``resolve_timeout``,
+    counting a member whose source was blind as alive until the source saw again."""
     if state.status == "resolved":
         return state, None
+    timeout = timedelta(seconds=rules.resolve_timeout)
     last = max(m.last_seen for m in state.members)
-    if now - last < timedelta(seconds=rules.resolve_timeout):
+    if now - last < timeout:
         return state, None
-    resolved_at = last + timedelta(seconds=rules.resolve_timeout)
+    if blind:  # only ever later: looked at when the incident would resolve without it
+        last = max(_alive_at(m, blind, timeout, now) for m in state.members)
+        if now - last < timeout:
+            return state, None
+    resolved_at = last + timeout
     members = tuple(replace(m, status="resolved") for m in state.members)
     inc = replace(
         state,

@@ -85,6 +85,7 @@ from streams.topology import (
     FactIndex,
     InhibitRule,
     as_anomaly,
+    blinds,
     build_index,
     facts_of,
     moves,
@@ -345,6 +346,7 @@ class Correlator:
         # key -> (incident id, revision) found to have no fact-source members: a revision's
         # member set is fixed (a refresh keeps it), so its refreshes need no second look.
         self._factless: dict[str, tuple[str, int]] = {}
+        self._blind_shown: set[tuple[str, str]] = set()  # (source, cluster) shown blind
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -744,8 +746,6 @@ class Correlator:
         """Publish the facts of these incidents that changed (anomaly status, incident open)
         or whose liveness moved a third of their lifetime since last sent, so every
         worker's view sees them, and a view can expire a fact whose updates stop."""
-        if not self.topology and not self.inhibit_rules:
-            return
         refresh = self.rules.resolve_timeout / 3
         for inc in incidents:
             if inc is None:
@@ -758,8 +758,11 @@ class Correlator:
                 self._factless[inc.key] = stamp
             for fact in facts:
                 sent = self._facts_sent.get(fact.fingerprint)
-                if sent is None and not fact.incident_open:
-                    continue  # never announced: nothing to retract
+                if sent is None and not fact.incident_open and blinds(fact.labels) is None:
+                    # Never announced: nothing to retract. But a blindness's end is always
+                    # told: this worker may have announced it before a restart, and views
+                    # would count it blind until it expired, then as ended long before.
+                    continue
                 if (
                     sent is not None
                     and (sent.status, sent.incident_open, sent.holds)
@@ -990,6 +993,7 @@ class Correlator:
         now = utcnow()
         index = self.fact_index(now)
         absorbing = self.topology and index.absorbs
+        self._show_blind(index)
         events = []
         for raw_key, raw in list(self.table.data.items()):
             key = raw_key.decode()
@@ -998,7 +1002,7 @@ class Correlator:
             stored = self._stored(key, raw)
             if stored.incident is None:
                 continue
-            new, event = expire(stored.incident, now, self.rules)
+            new, event = expire(stored.incident, now, self.rules, index.blind)
             if event is not None:  # a resolution is never held, nor told if nothing was
                 sent, emitted_at, pending = release(event, stored.emitted_at, now, self.rules)
                 self._store(stored.partition, key, new, emitted_at=emitted_at, pending=pending)
@@ -1016,6 +1020,15 @@ class Correlator:
                 events.append(handed)
         await self._emit(events)
         self._prune_facts(now)  # after the pass: what expired in it was retracted first
+
+    def _show_blind(self, index: FactIndex) -> None:
+        """Which sources the view holds blind, for operators: their incidents stay open."""
+        now_blind = {where for where, b in index.blind.items() if b.until is None}
+        for source, cluster in now_blind | self._blind_shown:
+            self.metrics.correlator_blind.labels(source=source, cluster=cluster).set(
+                1 if (source, cluster) in now_blind else 0
+            )
+        self._blind_shown = now_blind
 
     def _owned_partitions(self) -> set[int]:
         """The anomalies partitions assigned to this worker now."""

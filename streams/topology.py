@@ -18,6 +18,10 @@ even after the absorbing anomaly resolved (the fact then lists it in ``holds``),
 anomaly is firing in one open incident only and never flips back; a node that recovered
 takes in no new pod failure. When the absorbing anomaly appears after its pods', the
 correlator's timer hands their members over (:func:`moves`).
+
+A source that cannot see (the agent's ``prometheus-unavailable``, see
+:data:`agent.models.BLINDING`) is a fact too: while it fires, no worker resolves that
+source's anomalies in its cluster as quiet (:func:`streams.correlation.expire`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,29 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from agent.models import Anomaly, Fact, Incident, Matcher, Member, parse_matcher, stable_id
+from agent.models import (
+    BLINDING,
+    Anomaly,
+    AnomalySource,
+    Fact,
+    Incident,
+    Matcher,
+    Member,
+    parse_matcher,
+    stable_id,
+)
 from agent.settings import InhibitRuleSection
-from streams.correlation import NO_MARKS, CorrelationRules, Marks, key_of, match_labels
+from streams.correlation import (
+    ALERTNAME,
+    NO_MARKS,
+    SOURCE,
+    Blind,
+    Blindness,
+    CorrelationRules,
+    Marks,
+    key_of,
+    match_labels,
+)
 
 # Labels naming a workload: the Kubernetes detector's, then kube-state-metrics'.
 WORKLOAD_LABELS = ("workload", "deployment", "statefulset", "daemonset")
@@ -89,6 +113,8 @@ class FactIndex:
     held: Mapping[str, tuple[str, Fact]] = field(default_factory=dict)
     # Per inhibition rule (by position): the firing facts matching its source side.
     sources: tuple[tuple[Fact, ...], ...] = ()
+    # (source, cluster) -> its last blindness: going on (until None) or ended
+    blind: Blind = field(default_factory=dict)
 
     @property
     def absorbs(self) -> bool:
@@ -130,7 +156,37 @@ def build_index(
             workloads.setdefault((cluster, f.labels.get("namespace", ""), _workload(f.labels)), f)
     firing = [f for f in live if f.status == "firing"]
     sources = tuple(tuple(f for f in firing if r.is_source(f.labels)) for r in rules)
-    return FactIndex(nodes=nodes, workloads=workloads, held=held, sources=sources)
+    blind: dict[tuple[str, str], Blindness] = {}
+    for f in facts:
+        source = blinds(f.labels)
+        if source is None:
+            continue
+        # Blind while it fires and is refreshed, else until it was last seen. An ended
+        # blindness is kept (one per endpoint): a worker that was down when an incident
+        # would have gone quiet still counts from when the source saw again.
+        until = None
+        if f.status != "firing" or not active(f, now, ttl):
+            until = f.last_seen or f.observed_at  # (a fact written before last_seen was)
+        seen = (source, f.labels.get("cluster", ""))
+        blind[seen] = _merged(blind.get(seen), Blindness(since=f.first_seen, until=until))
+    return FactIndex(nodes=nodes, workloads=workloads, held=held, sources=sources, blind=blind)
+
+
+def blinds(labels: Mapping[str, str]) -> AnomalySource | None:
+    """The source an agent anomaly (its match labels) says cannot see, else None."""
+    if labels.get(SOURCE) != "agent":
+        return None
+    return BLINDING.get(labels.get(ALERTNAME, ""))
+
+
+def _merged(a: Blindness | None, b: Blindness) -> Blindness:
+    """Two blindnesses of one source and cluster (e.g. two endpoints): blind while either
+    is, from the earlier start."""
+    if a is None:
+        return b
+    since = None if a.since is None or b.since is None else min(a.since, b.since)
+    until = None if a.until is None or b.until is None else max(a.until, b.until)
+    return Blindness(since=since, until=until)
 
 
 def absorber(
@@ -182,7 +238,11 @@ def inhibited_by(
 
 def is_fact(labels: Mapping[str, str], topology: bool, rules: Sequence[InhibitRule]) -> bool:
     """Whether other partitions must see this anomaly (publish it as a fact)."""
-    return (topology and scope(labels) is not None) or any(r.is_source(labels) for r in rules)
+    return (
+        (topology and scope(labels) is not None)
+        or blinds(labels) is not None
+        or any(r.is_source(labels) for r in rules)
+    )
 
 
 def moves(incident: Incident, index: FactIndex) -> dict[str, tuple[str, Fact]]:
@@ -227,7 +287,11 @@ def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -
     for m in incident.members:
         # Cheap test first: on the hot path nearly every member is a pod's, and with no
         # inhibition rules its match labels need not be built at all.
-        if not (topology and scope(m.labels) is not None) and not rules:
+        if (
+            not (topology and scope(m.labels) is not None)
+            and not rules
+            and not (m.source == "agent" and m.name in BLINDING)
+        ):
             continue
         labels = match_labels(m)
         if is_fact(labels, topology, rules):
@@ -251,6 +315,8 @@ def facts_of(incident: Incident, topology: bool, rules: Sequence[InhibitRule]) -
                     incident_open=open_,
                     observed_at=alive,
                     holds=holds.get(where, ()) if where is not None else (),
+                    first_seen=m.first_seen,
+                    last_seen=m.last_seen,
                 )
             )
     return out

@@ -8,13 +8,19 @@ targets on another.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
+from agent.detector import UNAVAILABLE, PromQLDetector
+from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
+from agent.prom import PromClient
 from agent.settings import Settings
 from streams.bus import Bus
 from streams.correlator import Correlator
@@ -22,6 +28,7 @@ from streams.partitioning import partition_for
 from tests.helpers import eventually, make_settings, readers
 
 pytestmark = pytest.mark.integration
+GROUP_BY = ("cluster", "namespace", "service")
 
 
 def anomaly(name: str, labels: dict[str, str], severity: str = "critical") -> Anomaly:
@@ -242,3 +249,92 @@ async def test_an_incident_that_gains_a_workload_anomaly_announces_it(
     fact = corr.facts.items[workload.fingerprint]
     assert fact.incident_key == h.key(pod) and fact.incident_open
     assert pod.fingerprint not in corr.facts.items
+
+
+async def test_a_prometheus_outage_resolves_no_pattern_incident_on_any_partition(
+    kafka_bootstrap: str, topic_prefix: str, prometheus: Any
+) -> None:
+    """The detector loses Prometheus for twice resolve_timeout. Its pattern's incident, and
+    one of a pattern whose detector state was lost, stay open on their partitions; once it
+    answers, its evaluation resolves the first, and the other goes quiet from then."""
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        prometheus_url=prometheus.url,
+        doc={
+            "correlation": {"resolve_timeout": "3s"},
+            "detectors": {"prometheus": {"failure_threshold": 1, "reset_timeout": "1s"}},
+            "patterns": [{"name": "errors", "condition": "vector(5)"}],
+        },
+    )
+    h = Harness(settings)
+    await h.bus.start()
+    await h.bus.create_topics()
+    agent_key = group_key(normalise({"service": settings.agent.name}, "test"), GROUP_BY)
+    home = partition_for(agent_key, settings.kafka.partitions)
+    svc_a, svc_b = [
+        s
+        for s in (f"svc-{i}" for i in range(100))
+        if partition_for(group_key(normalise({"service": s}, "test"), GROUP_BY), 2) != home
+    ][:2]
+    # The pattern's series is service A's.
+    pattern = replace(
+        settings.patterns[0], condition=f'label_replace(vector(5), "service", "{svc_a}", "", "")'
+    )
+    reachable = PromClient(prometheus.url)
+    # The same endpoint, unreachable: nothing listens on port 1.
+    unreachable = PromClient("http://127.0.0.1:1", timeout=1)
+    unreachable.url = prometheus.url
+    metrics = Metrics()
+    d = PromQLDetector(
+        settings, prom=reachable, publish=h.bus, topic=h.bus.topic("anomalies"), metrics=metrics
+    )
+    lost = anomaly("errors", normalise({"service": svc_b}, "test"))
+    lost = replace(
+        lost, source="prometheus", fingerprint=fingerprint("prometheus", "errors", lost.labels)
+    )
+
+    def second() -> datetime:
+        return utcnow().replace(microsecond=0)
+
+    try:
+        async with (
+            readers(kafka_bootstrap, {"inc": (h.bus.topic("incidents"), Incident)}) as r,
+            Correlator(settings, metrics=metrics, tick_interval=0.5) as corr,
+        ):
+            [firing] = await d.evaluate_once(pattern, second())
+            await h.send(lost)
+            keys = {h.key(firing), h.key(lost)}
+            await r["inc"].wait_for(lambda xs: keys <= {i.key for i in xs}, 60, "both open")
+            d.prom = unreachable
+            outage = utcnow()
+            while utcnow() - outage < timedelta(seconds=6):  # twice resolve_timeout
+                await d.evaluate_once(pattern, second())
+                await asyncio.sleep(0.5)
+            assert any(f.labels.get("alertname") == UNAVAILABLE for f in corr.facts.items.values())
+            assert (
+                metrics.registry.get_sample_value(
+                    "sre_agent_correlator_blind", {"source": "prometheus", "cluster": "test"}
+                )
+                == 1
+            )
+            d.prom = reachable
+            await asyncio.sleep(1)  # the breaker's next probe is due
+            seen = second()
+            gone = replace(pattern, condition="vector(1) < 0")  # A's series is gone
+            [resolved] = await d.evaluate_once(gone, seen)
+            assert resolved.status == "resolved"
+            items = await r["inc"].wait_for(
+                lambda xs: sum(i.status == "resolved" and i.key in keys for i in xs) == 2,
+                60,
+                "both resolved",
+            )
+    finally:
+        await h.bus.stop()
+        await reachable.close()
+        await unreachable.close()
+    events = {k: [(i.status, i.resolved_at) for i in items if i.key == k] for k in keys}
+    assert events == {
+        h.key(firing): [("open", None), ("resolved", seen)],
+        h.key(lost): [("open", None), ("resolved", seen + timedelta(seconds=3))],
+    }

@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,10 +23,12 @@ from agent.models import (
     Member,
     Severity,
     Silence,
+    fingerprint,
 )
 from streams import correlation
 from streams.correlation import (
     NO_MARKS,
+    Blindness,
     CorrelationRules,
     Keyed,
     Marks,
@@ -528,6 +531,89 @@ def test_expire_resolves_only_after_the_quiet_period(xs: list[Anomaly], quiet: i
             assert new.id == inc.id
             assert new.resolved_at == last + (at(RULES.resolve_timeout) - at(0))
             assert all(m.status == "resolved" for m in new.members)
+
+
+def test_a_blind_source_resolves_nothing_as_quiet_and_quiet_counts_from_when_it_sees() -> None:
+    """Prometheus unreachable from t=145 to t=10000: the pattern's detector repeats
+    nothing, which is no news while it cannot see."""
+    state, _ = one(anomaly("errors", t=100))
+    assert state is not None
+    blind = {("prometheus", "c1"): Blindness(since=at(145))}
+    assert expire(state, at(10_000), RULES, blind) == (state, None)
+    seeing = {("prometheus", "c1"): Blindness(since=at(145), until=at(10_000))}
+    assert expire(state, at(10_299), RULES, seeing) == (state, None)
+    resolved, event = expire(state, at(10_300), RULES, seeing)
+    assert event is resolved and resolved.resolved_at == at(10_300)
+    # Blindness of another cluster or source, or one that began after the incident had
+    # gone quiet, changes nothing.
+    for other in (
+        {("prometheus", "c2"): Blindness()},
+        {("kubernetes", "c1"): Blindness()},
+        {("prometheus", "c1"): Blindness(since=at(400))},
+    ):
+        resolved, _ = expire(state, at(10_000), RULES, other)
+        assert resolved.resolved_at == at(400)
+
+
+def _sourced(a: Anomaly, kube: bool) -> Anomaly:
+    if not kube:
+        return a
+    return replace(a, source="kubernetes", fingerprint=fingerprint("kubernetes", a.name, a.labels))
+
+
+mixed_streams = st.lists(st.builds(_sourced, anomalies(), st.booleans()), max_size=20).map(
+    lambda xs: sorted(xs, key=lambda a: a.observed_at)
+)
+_times = st.integers(min_value=0, max_value=3000).map(at)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mixed_streams,
+    st.sampled_from([("prometheus", "c1"), ("kubernetes", "c1"), ("prometheus", "c2")]),
+    st.none() | _times,
+    st.none() | _times,
+    st.integers(min_value=0, max_value=4000).map(at),
+)
+def test_blindness_only_delays_quiet_resolution_to_after_the_source_sees_again(
+    xs: list[Anomaly],
+    where: tuple[str, str],
+    since: Any,
+    until: Any,
+    now: Any,
+) -> None:
+    blind = {where: Blindness(since=since, until=until)}
+    timeout = timedelta(seconds=RULES.resolve_timeout)
+    states, _ = fold(xs)
+    for inc in states.values():
+        if inc is None or inc.status == "resolved":
+            continue
+        plain, _ = expire(inc, now, RULES)
+        new, event = expire(inc, now, RULES, blind)
+        # Firing members of the blind source whose quiet would have ended after it went
+        # blind: they may fire unseen until it sees again.
+        covered = [
+            m
+            for m in inc.members
+            if m.status == "firing"
+            and (m.source, m.labels["cluster"]) == where
+            and (since is None or since < m.last_seen + timeout)
+        ]
+        alive = max(m.last_seen for m in inc.members)
+        if covered and until is None:
+            assert (new, event) == (inc, None), "resolved as quiet while its source was blind"
+            continue
+        if covered:
+            alive = max(alive, until)
+        if now - alive < timeout:
+            assert (new, event) == (inc, None)
+            continue
+        # Resolved as the timer would, counting from when the source saw again: never
+        # before the incident would have resolved anyway.
+        assert event is new and new.status == "resolved"
+        assert new.resolved_at == alive + timeout
+        assert plain.resolved_at is not None and new.resolved_at >= plain.resolved_at
+        assert all(m.status == "resolved" for m in new.members)
 
 
 @settings(max_examples=200, deadline=None)

@@ -12,7 +12,9 @@ import pytest
 import streams.correlator as correlator_module
 from agent.codec import decode
 from agent.models import Anomaly, Fact, Incident
+from streams.correlation import key_of
 from streams.correlator import Correlator
+from streams.topology import build_index
 from tests.unit.factories import anomaly, at
 from tests.unit.test_correlator_timers import Clock, Recording, fold, tick
 
@@ -93,3 +95,63 @@ async def test_a_fact_no_incident_holds_any_more_is_forgotten_once_every_view_ex
     # A fact still held goes on being refreshed, the forgotten one is not sent again.
     assert [n for n, _, _ in sent(c)].count("n1") == 2
     assert [n for n, _, _ in sent(c)].count("n2") > 3
+
+
+def unavailable(t: float, status: str = "firing") -> Anomaly:
+    """The detector's anomaly while Prometheus does not answer (cluster c1, as SHOP's)."""
+    labels = {"cluster": "c1", "service": "sre-agent", "endpoint": "http://prom:9090"}
+    return anomaly(
+        "prometheus-unavailable", labels=labels, source="agent", status=status, t=t, starts=45
+    )
+
+
+def see(c: Announcing) -> None:
+    """The worker's view: the last fact of each fingerprint on the (shared) facts topic."""
+    latest = {f.fingerprint: f for f in c.facts_topic.sent}
+    c.index = build_index(latest.values(), c.now, c.rules.resolve_timeout)
+
+
+def blind_gauge(c: Announcing) -> float | None:
+    return c.metrics.registry.get_sample_value(
+        "sre_agent_correlator_blind", {"source": "prometheus", "cluster": "c1"}
+    )
+
+
+async def test_a_prometheus_outage_resolves_no_pattern_incident_even_across_a_restart(
+    worker: Any,
+) -> None:
+    """The pattern's last firing at t=0, then Prometheus is unreachable (the breaker opens
+    at t=45) until t=2100, half an hour past resolve_timeout (5 min). The incident stays
+    open; once Prometheus answers, quiet counts from then."""
+    doc = {"correlation": {"resolve_timeout": "5m"}}
+    c = worker(doc)
+    c.persist_interval = 0  # every repeat in the changelog: the test's clock is not its
+    errors = anomaly("high-error-rate", t=0)
+    key = key_of(errors, c.rules)
+    await fold(c, 0, errors)
+    for t in range(45, 2100, 15):  # the detector repeats its own anomaly each evaluation
+        await fold(c, t, unavailable(t))
+        see(c)
+        await tick(c, t + 1)
+    assert blind_gauge(c) == 1
+    # The worker restarts: its table from the changelog, its view from the facts topic;
+    # the first it folds of the agent's incident is that Prometheus answers again.
+    new = worker(doc)
+    new.facts_topic = c.facts_topic
+    new.table.data.update(c.table.data)
+    see(new)
+    await tick(new, 2099)
+    assert blind_gauge(new) == 1
+    await fold(new, 2100, unavailable(2100, "resolved"))
+    for t in range(2100, 2401):
+        see(new)
+        await tick(new, t)
+    assert [(e.key, e.status) for _, e in c.published + new.published] == [
+        (key, "open"),
+        (key_of(unavailable(0), c.rules), "open"),
+        (key_of(unavailable(0), c.rules), "resolved"),
+        (key, "resolved"),
+    ]
+    resolved = new.published[-1][1]
+    assert (new.published[-1][0], resolved.resolved_at) == (at(2400), at(2400))
+    assert blind_gauge(new) == 0

@@ -16,6 +16,8 @@ from agent.metrics import Metrics
 from agent.models import Anomaly
 from agent.prom import InvalidQuery, Sample, Vector
 from agent.settings import parse_settings
+from streams.correlation import CorrelationRules, correlate_batch, expire
+from streams.topology import build_index, facts_of
 from tests.helpers import eventually
 from tests.unit.factories import at
 
@@ -277,3 +279,23 @@ def test_shipped_library_passes_promtool() -> None:
 
     s = parse_settings({"pattern_files": ["patterns/kubernetes.yaml"]}, env={})
     assert promtool_problems(s) == []
+
+
+async def test_an_outage_is_blindness_the_correlator_resolves_no_pattern_incident_by() -> None:
+    """What the detector publishes through an outage, folded as the correlator does: the
+    pattern's incident, quiet for 16 min, is not resolved; without the view it would be."""
+    d, prom, rec, clock, _ = detector()
+    p = d.settings.patterns[0]
+    prom.answer = [Sample({"namespace": "shop", "service": "checkout"}, 5.0)]
+    await d.evaluate_once(p, at(0))
+    prom.answer = DependencyUnavailable("connection refused")
+    for t in range(15, 1000, 15):
+        clock.now = t
+        await d.evaluate_once(p, at(t))
+    rules = CorrelationRules(resolve_timeout=300)
+    states, _ = correlate_batch({}, rec.items, at(1000), rules)
+    facts = [f for inc in states.values() if inc is not None for f in facts_of(inc, True, ())]
+    blind = build_index(facts, at(1000), rules.resolve_timeout).blind
+    [pattern] = [inc for inc in states.values() if inc and inc.members[0].source == "prometheus"]
+    assert expire(pattern, at(1000), rules, blind) == (pattern, None)
+    assert expire(pattern, at(1000), rules)[0].status == "resolved"

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.models import Anomaly, Fact, Incident
 from agent.settings import InhibitRuleSection
-from streams.correlation import NO_MARKS, CorrelationRules, Marks, correlate, hand_over, key_of
+from streams.correlation import (
+    NO_MARKS,
+    Blindness,
+    CorrelationRules,
+    Marks,
+    correlate,
+    hand_over,
+    key_of,
+)
 from streams.topology import (
     FactIndex,
     InhibitRule,
@@ -237,6 +246,52 @@ def test_facts_follow_their_incident() -> None:
     assert inc is not None and inc.status == "updated"  # the pod still fails
     (f,) = facts_of(inc, True, ())
     assert (f.status, f.incident_open, f.observed_at) == ("resolved", True, at(30))
+
+
+def _unavailable(t: float, status: str = "firing", cluster: str = "c1") -> Anomaly:
+    """The detector's anomaly while Prometheus does not answer."""
+    labels = {"cluster": cluster, "service": "sre-agent", "endpoint": "http://prom:9090"}
+    return anomaly(
+        "prometheus-unavailable", labels=labels, source="agent", status=status, t=t, starts=100
+    )
+
+
+def test_a_source_that_cannot_see_is_a_fact_blind_while_it_fires_then_until_it_saw() -> None:
+    blind, _ = correlate(None, _unavailable(100), NOW, RULES)
+    assert blind is not None
+    # Every worker must know, whatever else facts are for.
+    (f,) = facts_of(blind, False, ())
+    assert is_fact(f.labels, False, ())
+    assert build_index([f], at(150), 300).blind == {("prometheus", "c1"): Blindness(at(100))}
+    # Another agent anomaly keeps its incident open and alive after Prometheus answers
+    # again at t=200: quiet still counts from t=200.
+    failed = anomaly(
+        "pattern-query-failed", labels=dict(_unavailable(0).labels, pattern="x"), source="agent"
+    )
+    inc, _ = correlate(blind, replace(failed, observed_at=at(150)), NOW, RULES)
+    inc, _ = correlate(inc, _unavailable(200, "resolved"), NOW, RULES)
+    inc, _ = correlate(inc, replace(failed, observed_at=at(400)), NOW, RULES)
+    assert inc is not None and inc.status != "resolved"
+    (f,) = facts_of(inc, False, ())
+    seen = {("prometheus", "c1"): Blindness(at(100), at(200))}
+    assert build_index([f], at(450), 300).blind == seen
+    # Its incident closed (a retraction): the end still counts, also for a worker that
+    # comes back long after.
+    closed_inc, _ = correlate(blind, _unavailable(200, "resolved"), NOW, RULES)
+    assert closed_inc is not None
+    (closed,) = facts_of(closed_inc, False, ())
+    assert not closed.incident_open
+    assert build_index([closed], at(9000), 300).blind == seen
+    # A blindness no longer refreshed (the detector gone too) ended when last seen.
+    assert build_index(facts_of(blind, False, ()), at(399), 300).blind == {
+        ("prometheus", "c1"): Blindness(at(100))
+    }
+    assert build_index(facts_of(blind, False, ()), at(400), 300).blind == {
+        ("prometheus", "c1"): Blindness(at(100), at(100))
+    }
+    # Two endpoints of one cluster: blind while either is.
+    other = replace(f, fingerprint="other", last_seen=at(300), status="firing")
+    assert build_index([f, other], at(310), 300).blind == {("prometheus", "c1"): Blindness(at(100))}
 
 
 def test_an_incident_all_on_one_node_hands_its_members_over_and_resolves() -> None:
