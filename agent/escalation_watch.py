@@ -17,6 +17,11 @@ An incident that reopens (it keeps its id) begins a new episode, as the analysis
 counts them (:func:`agent.analysis_stage.episode_starts`): its unresolved time counts from
 the reopening, and its escalations carry the revision it reopened at in their ids, so a
 flapping incident pages again from level 1 instead of being dropped as already sent.
+A silence pauses the watch without starting an episode: once it ends (an open revision
+after a silenced one, no resolution between), the incident, still counted from its
+episode's start, is escalated again at each level it has reached, once, under ids that
+carry the revision the silence ended at; under its old ids the pages were dropped as
+already sent, so an incident still firing after its silence never paged again.
 The decisions are pure (:func:`track`, :func:`due`); the watch keeps their state and
 publishes.
 """
@@ -56,8 +61,18 @@ class Episode:
     began: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class SilenceEnd:
+    """The revision at which an incident's last silence in its current episode ended (the
+    first open one after it was silenced), and when (that revision's update)."""
+
+    revision: int
+    at: datetime
+
+
 Closed = OrderedDict[str, tuple[int, bool]]  # id -> (closing revision, resolved since open)
 Episodes = OrderedDict[str, Episode]
+SilenceEnds = OrderedDict[str, SilenceEnd]
 
 
 def track(
@@ -65,11 +80,13 @@ def track(
     incident: Incident,
     closed: Closed | None = None,
     episodes: Episodes | None = None,
+    silence_ends: SilenceEnds | None = None,
 ) -> None:
     """Keep the latest state of each open incident; drop it once it closes. A transition
     older than the one held (a redelivery) changes nothing. With ``closed`` and
     ``episodes`` (bounded memories), also note what closed, and the episode each incident
-    is in: a reopening begins a new one."""
+    is in: a reopening begins a new one; with ``silence_ends`` too, where its last silence
+    in that episode ended."""
     held = open_.get(incident.id)
     if held is not None and incident.revision < held.revision:
         return
@@ -81,6 +98,17 @@ def track(
         starts = () if current is None else (current.revision,)
         if episode_starts(starts, last, incident) != starts:
             remember(episodes, incident.id, Episode(incident.revision, incident.updated_at))
+            if silence_ends is not None:
+                silence_ends.pop(incident.id, None)
+            last = None  # a reopening, not the end of a silence
+    if (
+        silence_ends is not None
+        and last is not None
+        and not last[1]
+        and incident.status not in CLOSED_STATUSES
+    ):
+        # Open again after it closed with no resolution since: its silence ended.
+        remember(silence_ends, incident.id, SilenceEnd(incident.revision, incident.updated_at))
     if incident.status in CLOSED_STATUSES:
         open_.pop(incident.id, None)
         if closed is not None:
@@ -118,7 +146,11 @@ def due(
 
 
 def unresolved(
-    incident: Incident, now: datetime, level: int = 1, episode: Episode | None = None
+    incident: Incident,
+    now: datetime,
+    level: int = 1,
+    episode: Episode | None = None,
+    silence_end: SilenceEnd | None = None,
 ) -> Escalation:
     minutes = (now - since(incident, episode)).total_seconds() / 60
     firing = incident.firing_names
@@ -138,13 +170,22 @@ def unresolved(
                 if episode is not None
                 else ()
             ),
+            *(
+                (f"silence ended {silence_end.at.isoformat()} (revision {silence_end.revision})",)
+                if silence_end is not None
+                else ()
+            ),
         ),
         level,
     )
-    if episode is None:
-        return escalation
-    # Each episode pages on its own: the same id as the last one's would be dropped as sent.
-    return replace(escalation, id=stable_id(escalation.id, f"episode:{episode.revision}"))
+    id_ = escalation.id
+    if episode is not None:
+        # Each episode pages on its own: the same id as the last one's would be dropped as sent.
+        id_ = stable_id(id_, f"episode:{episode.revision}")
+    if silence_end is not None:
+        # So does each end of a silence, for the same reason.
+        id_ = stable_id(id_, f"unsilenced:{silence_end.revision}")
+    return replace(escalation, id=id_)
 
 
 def levels_of(escalation: EscalationSection) -> tuple[float, ...]:
@@ -181,6 +222,7 @@ class UnresolvedWatch:
         self.escalated: dict[str, int] = {}
         self.closed: Closed = OrderedDict()
         self.episodes: Episodes = OrderedDict()
+        self.silence_ends: SilenceEnds = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.name = "escalation-watch"
 
@@ -188,7 +230,7 @@ class UnresolvedWatch:
         if self._recent is not None:
             for env in await self._recent(seed_window(self.levels)):
                 if isinstance(env.value, Incident):
-                    track(self.open, env.value, self.closed, self.episodes)
+                    track(self.open, env.value, self.closed, self.episodes, self.silence_ends)
             log.info("escalation watch: %d open incidents loaded", len(self.open))
         self._task = asyncio.create_task(self._loop(), name="escalation-watch")
 
@@ -204,19 +246,22 @@ class UnresolvedWatch:
         for env in batch:
             if isinstance(env.value, Incident):
                 inc = env.value
-                was = self.episodes.get(inc.id)
-                track(self.open, inc, self.closed, self.episodes)
-                if self.episodes.get(inc.id) is not was:
-                    # Closed and reopened within one batch: the new episode starts at level 1.
+                was = self.episodes.get(inc.id), self.silence_ends.get(inc.id)
+                track(self.open, inc, self.closed, self.episodes, self.silence_ends)
+                if (self.episodes.get(inc.id), self.silence_ends.get(inc.id)) != was:
+                    # Closed and open again within one batch: a new episode starts at level
+                    # 1, the end of a silence pages the levels reached again.
                     self.escalated.pop(inc.id, None)
-        # Forget closed ones (memory stays bounded by what is open); one that reopens later
-        # is in a new episode, escalated again under ids of its own.
+        # Forget closed ones (memory stays bounded by what is open); one that opens again
+        # later (a new episode, or its silence ended) is escalated under ids of its own.
         self.escalated = {k: n for k, n in self.escalated.items() if k in self.open}
 
     async def sweep(self, now: datetime) -> list[Escalation]:
         out = []
         for inc, level in due(self.open, self.escalated, now, self.levels, self.episodes):
-            escalation = unresolved(inc, now, level, self.episodes.get(inc.id))
+            escalation = unresolved(
+                inc, now, level, self.episodes.get(inc.id), self.silence_ends.get(inc.id)
+            )
             await self.publish(self.topic, escalation)
             self.escalated[inc.id] = level
             self.metrics.escalations.labels(reason="unresolved").inc()

@@ -6,11 +6,15 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import orjson
 import pytest
+from aiohttp import web
 
 from agent.escalation_watch import UnresolvedWatch, due, levels_of, seed_window, track
 from agent.metrics import Metrics
 from agent.models import Escalation, Incident
+from agent.notifier import Notifier
+from agent.server import serve
 from streams.bus import Envelope
 from tests.fakes.incidents import OPENED, incident, member
 from tests.unit.factories import settings as make_settings
@@ -190,3 +194,90 @@ async def test_replicas_and_a_restart_escalate_an_episode_under_the_same_id() ->
     inc, resolved, _ = flapping()
     await closed.handle(envelopes([inc, resolved, inc]))  # rev 1 redelivered after rev 2
     assert closed.open == {} and await closed.sweep(now) == []
+
+
+def silenced_for_a_while() -> list[Incident]:
+    """Open at OPENED, silenced 20 min later, its silence ended at 40 min while it still
+    fires (the correlator's next revision after the silence is an open one, not reopened)."""
+    inc = incident(member())
+    silenced = replace(
+        inc, revision=2, status="silenced", updated_at=OPENED + timedelta(minutes=20)
+    )
+    loud = replace(inc, revision=3, status="updated", updated_at=OPENED + timedelta(minutes=40))
+    return [inc, silenced, loud]
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two-batches", "one-batch"])
+async def test_an_incident_still_firing_when_its_silence_ends_pages_again_once(
+    one_batch: bool,
+) -> None:
+    """It used to be escalated again under the ids of the pages before the silence, which
+    the notifier drops as delivered: it never paged again. Now the end of the silence pages
+    the levels reached, each once; a redelivered escalation is still dropped."""
+    sent: list[Escalation] = []
+
+    async def publish(topic: str, value: object) -> None:
+        assert isinstance(value, Escalation)
+        sent.append(value)
+
+    def watch() -> UnresolvedWatch:
+        return UnresolvedWatch(
+            after=900, again=(3600,), topic="t.escalations", publish=publish, metrics=Metrics()
+        )
+
+    live = watch()
+    inc, silenced, loud = silenced_for_a_while()
+    await live.handle(envelopes([inc]))
+    (first,) = await live.sweep(OPENED + timedelta(minutes=16))
+    if one_batch:
+        await live.handle(envelopes([silenced, loud]))
+    else:
+        await live.handle(envelopes([silenced]))
+        assert await live.sweep(OPENED + timedelta(minutes=30)) == []  # silenced: no page
+        await live.handle(envelopes([loud]))
+    (again,) = await live.sweep(OPENED + timedelta(minutes=41))
+    assert (again.level, again.incident_id) == (1, inc.id) and again.id != first.id
+    assert f"silence ended {loud.updated_at.isoformat()} (revision 3)" in again.details
+    # Still counted from its opening (the silence did not heal it), and once.
+    assert again.summary == f"{inc.key}: open for 41 min, updated"
+    assert await live.sweep(OPENED + timedelta(minutes=59)) == []
+    await live.handle(envelopes([silenced, loud]))  # a redelivery: nothing ended again
+    assert await live.sweep(OPENED + timedelta(minutes=59)) == []
+    (later,) = await live.sweep(OPENED + timedelta(minutes=61))
+    assert later.level == 2 and later.id not in {first.id, again.id}
+
+    # A replica, or a restart seeded from the topic, pages the end under the same id.
+    history = envelopes(silenced_for_a_while())
+
+    async def recent(seconds: float) -> list[Envelope]:
+        return history
+
+    seeded = UnresolvedWatch(
+        after=900, topic="t.escalations", publish=publish, metrics=Metrics(), recent=recent
+    )
+    await seeded.start()
+    await seeded.stop()
+    (same,) = await seeded.sweep(OPENED + timedelta(minutes=41))
+    assert same.id == again.id
+
+    # The notifier delivers the page after the silence, and still drops a redelivery.
+    got: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(orjson.loads(await request.read())["id"])
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/pager", hook)
+    runner, port = await serve(app, "127.0.0.1", 0)
+    hooks = {"webhooks": [{"name": "pager", "url": f"http://127.0.0.1:{port}/pager"}]}
+    notifier = Notifier(make_settings({"escalation": hooks}), metrics=Metrics(), env={})
+    try:
+        pages = [first, again, same, first, again]  # each posted once, redeliveries dropped
+        await notifier.handle(
+            [Envelope("t.escalations", 0, n, e.key, e) for n, e in enumerate(pages)]
+        )
+    finally:
+        await notifier.close()
+        await runner.cleanup()
+    assert got == [first.id, again.id]
