@@ -7,6 +7,8 @@ a counter, ``sre_agent_incident_resolution_duration_seconds{service}`` a gauge i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -51,10 +53,11 @@ class Metrics:
         self.last_resolution = Gauge(
             "sre_agent_incident_resolution_duration_seconds",
             "Time from opening to resolution of the last incident of the service this "
-            "correlator resolved.",
+            "correlator resolved, on the partitions it owns.",
             ["service"],
             registry=r,
         )
+        self._resolved_services: set[str] = set()
         self.resolution = Histogram(
             "sre_agent_incident_resolution_seconds",
             "Time from an incident opening to its resolution, for quantiles and means "
@@ -254,5 +257,17 @@ class Metrics:
         )
 
     def incident_resolved(self, service: str, seconds: float) -> None:
-        self.last_resolution.labels(service=service).set(seconds)
+        """Count a resolution in the distribution (each once, by the worker that folded
+        it: the sum over workers is right). The gauge is :meth:`export_resolutions`'."""
         self.resolution.labels(service=service).observe(seconds)
+
+    def export_resolutions(self, latest: Mapping[str, float]) -> None:
+        """Export the MTTR gauge for exactly these services (how long each one's latest
+        resolution took). A service left out loses its series here: its partitions moved
+        to another correlator, which exports it now; a stale copy kept here until a restart
+        skewed the reference's ``avg()`` for as long."""
+        for service in self._resolved_services - latest.keys():
+            self.last_resolution.remove(service)
+        for service, seconds in latest.items():
+            self.last_resolution.labels(service=service).set(seconds)
+        self._resolved_services = set(latest)

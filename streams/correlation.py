@@ -972,3 +972,39 @@ def lateness(anomaly: Anomaly, now: datetime, rules: CorrelationRules) -> float 
         return None
     age = (now - anomaly.observed_at).total_seconds()
     return age if age > rules.late_bound else None
+
+
+# service -> partition -> (resolved_at, seconds open) of the last resolution there.
+Resolutions = Mapping[str, Mapping[int, tuple[datetime, float]]]
+
+
+def note_resolutions(
+    resolutions: Resolutions, resolved: Iterable[tuple[Incident, int]]
+) -> dict[str, dict[int, tuple[datetime, float]]]:
+    """``resolutions`` with those of the ``resolved`` incidents (each with its partition);
+    one earlier than its partition's last (a re-published state) changes nothing."""
+    out = {s: dict(parts) for s, parts in resolutions.items()}
+    for incident, partition in resolved:
+        if incident.resolved_at is None:
+            continue
+        seconds = (incident.resolved_at - incident.opened_at).total_seconds()
+        parts = out.setdefault(incident.labels.get("service", ""), {})
+        held = parts.get(partition)
+        if held is None or held[0] <= incident.resolved_at:
+            parts[partition] = (incident.resolved_at, seconds)
+    return out
+
+
+def owned_resolutions(
+    resolutions: Resolutions, owned: Iterable[int]
+) -> dict[str, dict[int, tuple[datetime, float]]]:
+    """Only the resolutions on ``owned`` partitions: a worker that lost a partition no
+    longer speaks for its services."""
+    keep = set(owned)
+    out = {s: {p: e for p, e in parts.items() if p in keep} for s, parts in resolutions.items()}
+    return {s: parts for s, parts in out.items() if parts}
+
+
+def last_resolutions(resolutions: Resolutions) -> dict[str, float]:
+    """Each service's MTTR gauge value: how long its latest resolution took."""
+    return {s: max(parts.values())[1] for s, parts in resolutions.items() if parts}

@@ -32,7 +32,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -57,13 +57,17 @@ from streams.correlation import (
     Keyed,
     Marks,
     Positions,
+    Resolutions,
     as_published,
     correlate_batch,
     earliness,
     expire,
     hand_over,
+    last_resolutions,
     lateness,
     mark_mitigating,
+    note_resolutions,
+    owned_resolutions,
     publish_due,
     release,
     repeat_due,
@@ -295,6 +299,8 @@ class Correlator:
         self.table.on_recover(self._recovered)
         self._owned: set[int] = set()
         self._pruned: frozenset[int] = frozenset()  # the assignment last forgotten down to
+        # The last resolution of each service per owned partition: the MTTR gauge's source.
+        self._resolutions: Resolutions = {}
         self.recoveries = 0  # rebalance recoveries this worker completed
         # Under exactly-once too: faust's fetch loop is the same there. Offsets without a
         # record (commit markers of producers writing transactionally, aborted records)
@@ -926,9 +932,12 @@ class Correlator:
         if not taken_over:
             return
         events = []
+        resolved = []
         for raw_key, raw in list(self.table.data.items()):
             stored = self._stored(raw_key.decode(), raw)
             inc = stored.incident
+            if stored.partition in taken_over and inc is not None and inc.status == "resolved":
+                resolved.append((inc, stored.partition))
             if (
                 stored.partition in taken_over
                 and inc is not None
@@ -936,6 +945,11 @@ class Correlator:
                 and not stored.pending
             ):
                 events.append(as_published(inc, stored.emitted_at))
+        if resolved:
+            # The gauge of a taken-over service goes on from its last resolution, not
+            # absent until the next one (the histogram counted it where it resolved).
+            self._resolutions = note_resolutions(self._resolutions, resolved)
+            self.metrics.export_resolutions(last_resolutions(self._resolutions))
         if events:
             log.info("re-publishing %d incidents of partitions %s", len(events), taken_over)
         await self._emit(events)
@@ -965,6 +979,9 @@ class Correlator:
             for key in [k for k in memo if gone(k)]:
                 del memo[key]
         self._json.forget_where(gone)
+        # Their services' gauge is exported by their new owner now.
+        self._resolutions = owned_resolutions(self._resolutions, owned)
+        self.metrics.export_resolutions(last_resolutions(self._resolutions))
         # A dropped fact is re-announced by whoever folds its incident next; one never
         # retracted expires resolve_timeout after it was last refreshed, as after a crash.
         for fp in [fp for fp, f in self._facts_sent.items() if gone(f.incident_key)]:
@@ -1125,10 +1142,6 @@ class Correlator:
             )
             await producer.send(self.incidents_name, inc.key.encode(), value, None, None, None)
             statuses[inc.status] += 1
-            if inc.status == "resolved" and inc.resolved_at is not None:
-                service = inc.labels.get("service", "")
-                duration = (inc.resolved_at - inc.opened_at).total_seconds()
-                self.metrics.incident_resolved(service, duration)
             # Every update at INFO cost more than folding it at a few thousand a second.
             log.log(
                 logging.DEBUG if inc.status == "updated" else logging.INFO,
@@ -1140,6 +1153,23 @@ class Correlator:
             )
         for status, n in statuses.items():
             self.metrics.incidents.labels(status=status).inc(n)
+        self._count_resolutions(events)
+
+    def _count_resolutions(self, events: Sequence[Incident]) -> None:
+        """Count the resolutions among published ``events`` and export the MTTR gauge."""
+        resolved = [
+            (inc, partition_for(inc.key, self.partitions))
+            for inc in events
+            if inc.status == "resolved" and inc.resolved_at is not None
+        ]
+        if not resolved:
+            return
+        for inc, _ in resolved:
+            assert inc.resolved_at is not None
+            seconds = (inc.resolved_at - inc.opened_at).total_seconds()
+            self.metrics.incident_resolved(inc.labels.get("service", ""), seconds)
+        self._resolutions = note_resolutions(self._resolutions, resolved)
+        self.metrics.export_resolutions(last_resolutions(self._resolutions))
 
     async def _dead(
         self,

@@ -44,7 +44,8 @@ from streams.correlation import (
     match_labels,
     refuses,
 )
-from tests.unit.factories import anomaly, at
+from tests.fakes.incidents import OPENED, incident, member
+from tests.unit.factories import SHOP, anomaly, at
 
 RULES = CorrelationRules(resolve_timeout=300.0, reopen_window=300.0)
 NOW = at(100_000)  # correlation must not depend on it
@@ -1146,3 +1147,24 @@ def test_an_event_lists_at_most_the_limit_firing_and_recent_first(
     left_out = [m for m in members if m not in shown.members]
     if shown.members and left_out:
         assert max(map(rank, shown.members)) <= min(map(rank, left_out))
+
+
+def test_the_mttr_gauge_is_the_latest_resolution_on_the_partitions_a_worker_owns() -> None:
+    def resolved(service: str, opened: int, after: int) -> Incident:
+        inc = incident(member(), labels={**SHOP, "service": service})
+        start = OPENED + timedelta(minutes=opened)
+        end = start + timedelta(minutes=after)
+        return replace(inc, status="resolved", opened_at=start, resolved_at=end)
+
+    noted = correlation.note_resolutions(
+        {}, [(resolved("checkout", 0, 2), 0), (resolved("checkout", 10, 5), 1)]
+    )
+    noted = correlation.note_resolutions(
+        noted,
+        [(resolved("payments", 0, 1), 2), (resolved("checkout", 0, 9), 1)],  # re-published
+    )
+    assert correlation.last_resolutions(noted) == {"checkout": 300.0, "payments": 60.0}
+    # Partition 1 moved away: checkout's latest here is partition 0's; payments' is gone.
+    kept = correlation.owned_resolutions(noted, {0})
+    assert correlation.last_resolutions(kept) == {"checkout": 120.0}
+    assert correlation.owned_resolutions(noted, ()) == {}
