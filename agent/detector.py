@@ -363,6 +363,7 @@ class PromQLDetector:
     def _endpoint_health(self, now: datetime, error: str) -> list[Anomaly]:
         """``prometheus-unavailable`` follows the breaker: firing while it is not closed."""
         down, since = self.breaker.is_open, self.unavailable_since
+        self.metrics.prometheus_up.labels(endpoint=self.prom.url).set(0 if down else 1)
         if since is None:
             if not down:
                 return []

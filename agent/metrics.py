@@ -28,6 +28,16 @@ class Metrics:
             ["pattern", "reason"],
             registry=r,
         )
+        # The pattern loop's view of its Prometheus, which readiness no longer carries: the
+        # Alertmanager webhook shares the detector's readiness and must take alerts (from
+        # other Prometheus servers too) while this one is down.
+        self.prometheus_up = Gauge(
+            "sre_agent_detector_prometheus_up",
+            "1 while the detector's Prometheus answers its pattern queries, 0 while its "
+            "circuit is open (the agent's prometheus-unavailable anomaly fires meanwhile).",
+            ["endpoint"],
+            registry=r,
+        )
         self.late_anomalies = Counter(
             "sre_agent_late_anomalies_total",
             "Anomalies older than correlation.late_bound, dead-lettered as late.",

@@ -57,6 +57,18 @@ from streams.replay import SharedRead, recent, reports_since, snapshot
 log = logging.getLogger(__name__)
 
 ROLES = ("detector", "correlator", "analyzer", "executor")
+
+
+def prometheus_gates_readiness(roles: Iterable[str]) -> bool:
+    """Whether a process of these roles is ready only while Prometheus answers: the
+    executor's (it verifies actions with it), unless the process is a detector. A
+    detector's readiness is its Alertmanager webhook's (the Service routes alerts to
+    ready pods), and alerts from other Prometheus servers matter most while its own is
+    down; its pattern loop shows Prometheus in ``sre_agent_detector_prometheus_up`` and
+    the agent's ``prometheus-unavailable`` anomaly instead."""
+    return "executor" in roles and "detector" not in roles
+
+
 # A component whose stop has not ended in this long is abandoned, named in the log, so the
 # rest still stop (and close what they hold) and the process exits. Longer than a batch
 # consumer's own 30 s wait for its in-flight batch.
@@ -370,7 +382,7 @@ class Agent:
     async def start(self) -> None:
         if self.server is not None:
             self.server.checks["kafka"] = self.bus.ping
-            if self.roles & {"detector", "executor"}:  # only they query Prometheus
+            if prometheus_gates_readiness(self.roles):
                 self.server.checks["prometheus"] = self._prometheus_ready
             if self.correlator is not None:
                 self.server.live_checks["correlator"] = self.correlator.stuck

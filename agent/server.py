@@ -3,7 +3,10 @@
 ``/health/live``    the process is serving and no component reports itself stuck
                     (liveness: a stuck one is restarted).
 ``/health/started`` every component of this role finished starting (startup probe).
-``/health/ready``   started, and the dependencies answer now: Kafka and Prometheus.
+``/health/ready``   started, and the dependencies answer now: Kafka, and for the executor
+                    Prometheus (a detector's is its webhook's: it can take alerts and
+                    publish them while Prometheus is down; see
+                    :func:`agent.runtime.prometheus_gates_readiness`).
 """
 
 from __future__ import annotations

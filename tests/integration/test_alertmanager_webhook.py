@@ -23,7 +23,7 @@ from agent.webhook import AlertmanagerReceiver
 from handlers.fake_cluster import FakeCluster
 from streams.partitioning import MAX_REQUEST_BYTES, anomaly_records, record_bytes
 from tests.fixtures.infra import WEBHOOK_PATH, WEBHOOK_PORT
-from tests.helpers import make_settings, readers
+from tests.helpers import eventually, make_settings, readers
 from tests.integration.exporter import Exporter
 
 pytestmark = pytest.mark.integration
@@ -95,6 +95,45 @@ groups:
     assert resolved.starts_at == fired.starts_at
     value = agent.metrics.registry.get_sample_value
     assert value("sre_agent_webhook_requests_total", {"receiver": "alertmanager", "code": "200"})
+
+
+async def test_the_webhook_stays_ready_and_publishes_while_prometheus_is_down(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness used to ask Prometheus too: while it was down the webhook's Service had no
+    endpoints, and the alerts of other Prometheus servers went nowhere. Ready now means it
+    can take and publish them; the pattern loop shows the outage in its own gauge."""
+    monkeypatch.setenv("SRE_TEST_AM_TOKEN", TOKEN)
+    settings = make_settings(  # its Prometheus, 127.0.0.1:1, refuses every connection
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "server": {"host": "127.0.0.1", "port": 0},
+            "detectors": {
+                "alertmanager": {"enabled": True, "token_env": "SRE_TEST_AM_TOKEN"},
+                "prometheus": {"failure_threshold": 1},
+            },
+            "patterns": [{"name": "errors", "condition": "errors > 1", "interval": "1s"}],
+        },
+    )
+    agent = Agent(settings, roles=["detector"], cluster=FakeCluster())
+    value = agent.metrics.registry.get_sample_value
+    up = {"endpoint": settings.monitoring.prometheus.url}
+    service = f"svc{uuid.uuid4().hex[:8]}"
+    async with (
+        agent,
+        readers(kafka_bootstrap, {"an": (agent.bus.topic("anomalies"), Anomaly)}) as r,
+    ):
+        assert agent.server is not None
+        base = f"http://127.0.0.1:{agent.server.bound_port}"
+        await eventually(lambda: value("sre_agent_detector_prometheus_up", up) == 0, 30)
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/health/ready") as resp:
+            assert (resp.status, await resp.json()) == (200, {"ready": True, "failures": {}})
+        body = orjson.dumps(alert_payload(service=service))
+        assert await post(f"{base}{WEBHOOK_PATH}", body) == (200, {"accepted": 1})
+        await r["an"].wait_for(
+            lambda xs: [a for a in xs if a.labels.get("service") == service], 30, "the alert"
+        )
 
 
 # --- bad requests over real HTTP ----------------------------------------------------------------

@@ -38,6 +38,7 @@ def test_manifests_pass_server_side_dry_run(k8s_cluster: Any) -> None:
         "serviceaccount/sre-agent-correlator",
         "deployment.apps/sre-agent-correlator",
         "poddisruptionbudget.policy/sre-agent-correlator",
+        "service/sre-agent-webhooks",  # Alertmanager's way to the detectors' webhook
     ):
         assert kind in out, out
     assert "(server dry run)" in out

@@ -15,6 +15,8 @@ import yaml
 
 from agent.metrics import Metrics
 from agent.models import Target
+from agent.runtime import prometheus_gates_readiness
+from agent.settings import load_settings
 from tests.helpers import promtool_test
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -306,3 +308,41 @@ def test_the_budget_claims_alert_fires_on_repeated_failures_not_on_one(tmp_path:
     }
     out = promtool_test(doc, tmp_path)
     assert out is None, out
+
+
+def test_the_detectors_serve_the_alertmanager_webhook_behind_its_service() -> None:
+    """The webhook is on in the detector's pods, with its token from a Secret, behind a
+    Service that reaches their HTTP port; and that Service keeps its endpoints while
+    Prometheus is down (the detector's readiness, which routes it, does not ask it)."""
+    docs = manifests()
+    (detector,) = (
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "sre-agent-detector"
+    )
+    pod = detector["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    secrets = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    # The settings the container's config and environment make (the Secret's value aside).
+    env = {**config["data"], **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    settings = load_settings(
+        DEPLOY.parent / "config" / "agent.yaml", {**env, **dict.fromkeys(secrets, "x")}
+    )
+    am = settings.detectors.alertmanager
+    assert am.enabled and am.token_env in secrets
+    assert secrets[am.token_env]["name"] == "sre-agent-alertmanager-token"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == settings.server.port and settings.server.host == "0.0.0.0"
+    (service,) = (
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sre-agent-webhooks"
+    )
+    selector = service["spec"]["selector"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    assert not prometheus_gates_readiness(["detector"])

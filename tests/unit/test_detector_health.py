@@ -85,9 +85,13 @@ async def test_an_outage_opens_the_breaker_raises_an_agent_anomaly_and_resolves(
     d, prom, rec, clock, metrics = detector()
     p = d.settings.patterns[0]
     prom.answer = DependencyUnavailable("connection refused")
+    up = {"endpoint": prom.url}
+    value = metrics.registry.get_sample_value
     for t in range(3):
         clock.now = t
         await d.evaluate_once(p, at(t))
+        # Readiness does not say it (the webhook's must not depend on Prometheus): this does.
+        assert value("sre_agent_detector_prometheus_up", up) == (0 if t == 2 else 1)
     [down] = rec.items
     assert (down.source, down.name, down.status, down.severity) == (
         "agent",
@@ -112,7 +116,7 @@ async def test_an_outage_opens_the_breaker_raises_an_agent_anomaly_and_resolves(
     assert {a.fingerprint for a in rec.items} == {down.fingerprint}
     assert rec.items[-1].starts_at == at(2) and rec.items[-1].observed_at == at(40)
     assert not d.breaker.is_open
-    value = metrics.registry.get_sample_value
+    assert value("sre_agent_detector_prometheus_up", up) == 1
     assert value("sre_agent_detector_errors_total", {"pattern": "p", "reason": "unavailable"}) == 3
     assert value("sre_agent_detector_errors_total", {"pattern": "p", "reason": "circuit_open"}) == 1
 

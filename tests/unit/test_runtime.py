@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 
 from agent.analyzer import KubeEvent
-from agent.runtime import GC_THRESHOLDS, Agent, freeze_heap
+from agent.runtime import GC_THRESHOLDS, Agent, freeze_heap, prometheus_gates_readiness
 from agent.settings import parse_settings
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, SHOP, incident, member
@@ -119,3 +119,19 @@ async def test_a_stop_that_hangs_is_abandoned_and_the_rest_still_stop(
     await asyncio.wait_for(agent.stop(), 5)
     assert first.stopped and last.stopped and not stuck.stopped
     assert "stopping stuck took over 0s: abandoned" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("roles", "gated"),
+    [
+        (["detector"], False),  # its readiness is the Alertmanager webhook's
+        (["detector", "executor"], False),
+        (["executor"], True),
+        (["correlator"], False),
+        (["analyzer"], False),
+    ],
+)
+def test_only_an_executor_without_the_webhook_is_unready_while_prometheus_is_down(
+    roles: list[str], gated: bool
+) -> None:
+    assert prometheus_gates_readiness(roles) is gated
