@@ -8,7 +8,8 @@
     │   └── DependencyUnavailable   Kafka, Prometheus, the cluster or the LLM is not answering
     ├── PermanentError         retrying cannot help
     │   ├── PolicyDenied       the policy refused an action; ``rule`` names the rule
-    │   └── ActionFailed       the cluster refused or failed an action
+    │   ├── ActionFailed       the cluster refused or failed an action
+    │   └── RecordTooLarge     Kafka refuses a record's size; names the topic and size
     ├── InfraError             a local infrastructure script failed
     ├── ComponentFailed        a component's processing loop died; the agent exits so its
     │                          supervisor restarts it (a live process that consumes nothing
@@ -76,6 +77,23 @@ class PolicyDenied(PermanentError):
 
 class ActionFailed(PermanentError):
     """The cluster refused or failed an action (forbidden, not found, conflict exhausted)."""
+
+
+class RecordTooLarge(PermanentError):
+    """Kafka refuses a record of ``size`` bytes for ``topic``: over ``limit``, the
+    producer's, or (None) the broker's for that topic (its max.message.bytes). The same
+    record fails the same way at every retry."""
+
+    def __init__(self, topic: str, size: int, limit: int | None) -> None:
+        self.topic = topic
+        self.size = size
+        self.limit = limit
+        over = (
+            f"over the limit of {limit}"
+            if limit is not None
+            else "refused by the broker as over the topic's max.message.bytes"
+        )
+        super().__init__(f"a record for {topic} is {size} bytes, {over}: not written")
 
 
 class InfraError(AgentError):

@@ -195,6 +195,13 @@ class Metrics:
             "correlator's memory but not written to its changelog.",
             registry=r,
         )
+        self.oversized_records = Counter(
+            "sre_agent_oversized_records_total",
+            "Events dead-lettered because a record they made is one Kafka refuses for its "
+            "size (the producer's limit or the topic's); topic: that record's.",
+            ["topic"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "sre_agent_dead_letters_total",
             "Messages sent to the dead-letter topic.",

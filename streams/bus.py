@@ -1,7 +1,9 @@
 """The Kafka boundary (aiokafka). Only this module and :mod:`streams.correlator` import Kafka.
 
 - :class:`Bus` owns one idempotent producer; ``publish_many`` sends a batch and waits for
-  every delivery, so callers commit their input only after their output is durable.
+  every delivery, so callers commit their input only after their output is durable. A
+  record Kafka refuses for its size raises :class:`RecordTooLarge` (permanent: a consumer
+  dead-letters the event that made it at once and goes on) instead of being retried.
 - :class:`BatchConsumer` reads a group's topics in batches, decodes each record once and
   sends undecodable ones to the dead-letter topic with the error naming the field. A
   handler failure is retried per event; an event that still fails is dead-lettered with the
@@ -30,6 +32,8 @@ from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     TopicAlreadyExistsError,
 )
 
@@ -39,6 +43,7 @@ from agent.errors import (
     DependencyUnavailable,
     InvalidEvent,
     PartialBatch,
+    RecordTooLarge,
     TransientError,
     task_failure,
 )
@@ -46,7 +51,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, new_id, utcnow
 from agent.settings import KafkaSection
 from agent.topics import CATALOG, topic
-from streams.partitioning import MAX_REQUEST_BYTES, anomaly_records, partition_for
+from streams.partitioning import MAX_REQUEST_BYTES, anomaly_records, partition_for, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,16 @@ def dead_letter_record(
     )
 
 
+def refusal(topic_name: str, value: bytes | None, key: bytes | None) -> RecordTooLarge | None:
+    """Why the producer refuses this record (None: it fits). A record that can never be
+    written must not be retried: it held its consumer for every attempt and then was
+    dead-lettered as if Kafka had been away."""
+    if value is None:
+        return None
+    size = record_bytes(value, key)
+    return RecordTooLarge(topic_name, size, MAX_REQUEST_BYTES) if size > MAX_REQUEST_BYTES else None
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """A decoded record with where it came from, and its bytes as read (None: a tombstone,
@@ -138,6 +153,7 @@ class Bus:
         self.metrics = metrics
         self.name = name
         self._producer: AIOKafkaProducer | None = None
+        self._renewing = asyncio.Lock()
 
     def topic(self, name: str) -> str:
         return topic(self.kafka.topic_prefix, name)
@@ -145,6 +161,9 @@ class Bus:
     async def start(self) -> None:
         if self._producer is not None:
             return
+        self._producer = await self._started_producer()
+
+    async def _started_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.kafka.bootstrap_servers,
             client_id=f"{self.kafka.client_id}-{self.name}",
@@ -158,7 +177,22 @@ class Bus:
         except KafkaError as err:
             await producer.stop()
             raise DependencyUnavailable(f"kafka {self.kafka.bootstrap_servers}: {err}") from err
-        self._producer = producer
+        return producer
+
+    async def _renew(self, old: AIOKafkaProducer) -> None:
+        """Replace the producer by a new one (a new producer id). After the broker refused
+        one of its records, the idempotent producer had still counted that record in the
+        partition's sequence: every later record to the partition failed with
+        OutOfOrderSequenceNumber until the process restarted."""
+        async with self._renewing:
+            current = self._producer is old
+            if not current:
+                return  # another publish renewed it already, or the bus stopped
+            self._producer = await self._started_producer()
+        try:
+            await old.stop()
+        except KafkaError as err:
+            log.warning("%s: stopping the replaced producer: %s", self.name, err)
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
@@ -199,15 +233,36 @@ class Bus:
         """
         if not items:
             return
-        futures = []
+        producer = self.producer
         try:
-            for topic_name, value, key, partition in await self._records(items):
-                futures.append(
-                    await self.producer.send(topic_name, value=value, key=key, partition=partition)
-                )
-            await asyncio.gather(*futures)
+            records = await self._records(items)
         except KafkaError as err:
             raise DependencyUnavailable(f"kafka publish failed: {err}") from err
+        # Checked before anything is sent: the retry of a caller would repeat those sent.
+        for topic_name, value, key, _ in records:
+            if (too_large := refusal(topic_name, value, key)) is not None:
+                raise too_large
+        futures = []
+        try:
+            for topic_name, value, key, partition in records:
+                futures.append(
+                    await producer.send(topic_name, value=value, key=key, partition=partition)
+                )
+        except KafkaError as err:
+            raise DependencyUnavailable(f"kafka publish failed: {err}") from err
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for (topic_name, value, key, _), result in zip(records, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):  # the topic's limit is lower
+                await self._renew(producer)
+                size = record_bytes(value or b"", key)
+                raise RecordTooLarge(topic_name, size, None) from result
+        for result in results:
+            if isinstance(result, OutOfOrderSequenceNumber):
+                await self._renew(producer)  # see _renew; the retry goes through
+            if isinstance(result, KafkaError):
+                raise DependencyUnavailable(f"kafka publish failed: {result}") from result
+            if isinstance(result, BaseException):
+                raise result
 
     async def _records(
         self, items: Sequence[tuple[str, Any, str | None]]
@@ -705,6 +760,8 @@ class BatchConsumer:
                 return
 
     async def _dead(self, env: Envelope, err: BaseException) -> None:
+        if isinstance(err, RecordTooLarge):  # counted once per event, not per attempt
+            self.bus.metrics.oversized_records.labels(topic=err.topic).inc()
         error = f"{type(err).__name__}: {err}"
         raw = env.raw
         if raw is None and env.value is None:

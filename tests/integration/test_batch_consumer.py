@@ -15,11 +15,13 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from agent.codec import decode, encode, to_dict
 from agent.errors import DependencyUnavailable, PermanentError
 from agent.models import DeadLetter, Matcher, Silence, utcnow
 from streams.bus import BatchConsumer, Bus, Envelope, Handler, handle_each
+from streams.partitioning import MAX_REQUEST_BYTES, record_bytes
 from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
@@ -464,3 +466,72 @@ async def test_a_handler_failure_dead_letters_the_bytes_as_read(
     by_offset = {x.offset: x for x in letters}
     assert by_offset[0].raw == raw.decode() and by_offset[0].raw_encoding == "utf-8"
     assert by_offset[1].raw == "" and "tombstone" in by_offset[1].error
+
+
+async def test_a_record_kafka_refuses_for_its_size_dead_letters_its_event_at_once(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """An output over the producer's 1 MiB, or over its topic's own max.message.bytes (the
+    broker refuses it), is never retried: the event that made it is dead-lettered at its
+    first attempt alone, naming the topic and the size, and counted; the outputs after it,
+    on the same partition, are written."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, metrics = await started_bus(settings)
+    source, out = bus.topic("silences"), f"{topic_prefix}out"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(out, 1, 1, topic_configs={"max.message.bytes": "100000"})]
+        )
+    finally:
+        await admin.close()
+    inputs = [b"ok-1", b"200000", b"ok-2", b"2000000", b"ok-3"]  # a digit: that many bytes out
+    calls: list[bytes] = []
+
+    def output(value: bytes) -> bytes:
+        return b"x" * int(value) if value.isdigit() else value
+
+    async def handler(batch: list[Envelope]) -> None:
+        calls.extend(env.value for env in batch)
+        await bus.publish_many([(out, output(env.value), "k") for env in batch])
+
+    consumer = BatchConsumer(
+        bus,
+        name="sizes",
+        group_id=f"{topic_prefix}sizes",
+        topics={source: lambda raw: raw},
+        handler=handler,
+    )
+    for value in inputs:
+        await bus.publish(source, value, key="k")
+    try:
+        async with (
+            readers(
+                kafka_bootstrap, {"out": (out, None), "dlq": (bus.topic("dead-letter"), DeadLetter)}
+            ) as r,
+            consumer,
+        ):
+            await r["out"].wait_for(lambda xs: b"ok-3" in xs, 30, "the last output")
+            letters = await r["dlq"].wait_for(lambda xs: len(xs) >= 2, 30, "two letters")
+            assert consumer.failure is None, consumer.failure
+    finally:
+        await bus.stop()
+    assert list(dict.fromkeys(r["out"].items)) == [b"ok-1", b"ok-2", b"ok-3"]
+    # Its batch, then itself alone once: a retry would call it up to RETRY_ATTEMPTS more.
+    assert calls.count(b"200000") == calls.count(b"2000000") == 2
+    by_raw = {x.raw: x for x in letters}
+    assert set(by_raw) == {"200000", "2000000"}
+    assert all(x.source_topic == source and x.consumer == "sizes" for x in letters)
+    broker = record_bytes(output(b"200000"), b"k")
+    assert by_raw["200000"].error == (
+        f"RecordTooLarge: a record for {out} is {broker} bytes, refused by the broker as "
+        "over the topic's max.message.bytes: not written"
+    )
+    client = record_bytes(output(b"2000000"), b"k")
+    assert by_raw["2000000"].error == (
+        f"RecordTooLarge: a record for {out} is {client} bytes, over the limit of "
+        f"{MAX_REQUEST_BYTES}: not written"
+    )
+    counted = metrics.registry.get_sample_value("sre_agent_oversized_records_total", {"topic": out})
+    assert counted == 2
