@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent.breaker import BreakerRules, CircuitBreaker
+from agent.codec import wire_problems
 from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.labels import SERVICE_LABELS, fit, normalise
 from agent.metrics import Metrics
@@ -49,6 +50,7 @@ from agent.models import (
 )
 from agent.prom import PromClient, Sample
 from agent.settings import PatternSpec, Settings
+from streams.partitioning import oversized
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,17 @@ class Publisher(Protocol):
     """What the detector needs from the bus; :class:`streams.bus.Bus` satisfies it."""
 
     async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None: ...
+
+
+def refusals(anomaly: Anomaly, group_by: tuple[str, ...]) -> list[str]:
+    """Pure: why an anomaly from outside would not reach the correlator: a field its wire
+    schema refuses (the correlator dead-letters it), or a size Kafka refuses (it would fail
+    every retry of the publish, with the anomalies published beside it)."""
+    bad = wire_problems(Anomaly, anomaly)
+    if bad:
+        return list(bad)
+    too_large = oversized(anomaly, group_key(anomaly.labels, group_by))
+    return [f"<root>: {too_large}"] if too_large else []
 
 
 async def publish_anomalies(

@@ -17,8 +17,8 @@ from datetime import datetime
 from functools import partial
 
 from agent.alerts import parse_alertmanager_record, to_anomaly
-from agent.codec import decode, wire_problems
-from agent.detector import Publisher, publish_anomalies
+from agent.codec import decode
+from agent.detector import Publisher, publish_anomalies, refusals
 from agent.errors import InvalidEvent
 from agent.labels import normalise
 from agent.metrics import Metrics
@@ -28,41 +28,49 @@ from streams.bus import BatchConsumer, Bus, Decoder, Envelope
 
 
 def decode_alertmanager(
-    raw: bytes, *, cluster: str, clock: Callable[[], datetime]
+    raw: bytes, *, cluster: str, group_by: tuple[str, ...], clock: Callable[[], datetime]
 ) -> list[Anomaly]:
     now = clock()
     return _checked(
         [
             to_anomaly(a, cluster=cluster, now=now, source="feed")
             for a in parse_alertmanager_record(raw)
-        ]
+        ],
+        group_by,
     )
 
 
-def _checked(anomalies: list[Anomaly]) -> list[Anomaly]:
+def _checked(anomalies: list[Anomaly], group_by: tuple[str, ...]) -> list[Anomaly]:
     """The anomalies, or InvalidEvent naming the field of the first that the correlator
-    would refuse (e.g. a derived label too long): the feed's record is dead-lettered as it
-    came, not the anomaly the correlator would dead-letter."""
+    would refuse (e.g. a derived label too long) or Kafka would (a feed topic may take
+    larger records than the producer sends): the feed's record is dead-lettered as it
+    came, not the anomaly, and the rest of the batch goes on."""
     for i, a in enumerate(anomalies):
-        if problems := wire_problems(Anomaly, a):
-            raise InvalidEvent("Anomaly", [f"[{i}].{p}" for p in problems])
+        if problems := refusals(a, group_by):
+            raise InvalidEvent("Anomaly", [f"[{i}].{p} (name {a.name})" for p in problems])
     return anomalies
 
 
-def decode_anomaly(raw: bytes, *, cluster: str) -> list[Anomaly]:
+def decode_anomaly(raw: bytes, *, cluster: str, group_by: tuple[str, ...]) -> list[Anomaly]:
     """The project's own format; labels get the same defaults as every other source (the
     producer's fingerprint is kept: it is the producer's statement of identity)."""
     a = decode(Anomaly, raw)
     labels = normalise(a.labels, cluster)
-    if labels == dict(a.labels):
-        return [a]
-    return _checked([replace(a, labels=labels)])
+    if labels != dict(a.labels):
+        a = replace(a, labels=labels)
+    return _checked([a], group_by)
 
 
-def decoder_for(feed: FeedSpec, *, cluster: str, clock: Callable[[], datetime] = utcnow) -> Decoder:
+def decoder_for(
+    feed: FeedSpec,
+    *,
+    cluster: str,
+    group_by: tuple[str, ...],
+    clock: Callable[[], datetime] = utcnow,
+) -> Decoder:
     if feed.format == "alertmanager":
-        return partial(decode_alertmanager, cluster=cluster, clock=clock)
-    return partial(decode_anomaly, cluster=cluster)
+        return partial(decode_alertmanager, cluster=cluster, group_by=group_by, clock=clock)
+    return partial(decode_anomaly, cluster=cluster, group_by=group_by)
 
 
 class FeedNormaliser:
@@ -107,7 +115,12 @@ def feed_consumer(
         bus,
         name="feeds",
         group_id=f"{settings.kafka.topic_prefix}detector-feeds",
-        topics={f.topic: decoder_for(f, cluster=cluster, clock=clock) for f in feeds},
+        topics={
+            f.topic: decoder_for(
+                f, cluster=cluster, group_by=settings.correlation.group_by, clock=clock
+            )
+            for f in feeds
+        },
         handler=normaliser.handle,
         from_beginning=from_beginning,
         stuck_after=settings.agent.stuck_after,

@@ -46,13 +46,11 @@ from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
 from agent.alerts import Notification, in_alert, parse_notification, still_firing, to_anomaly
-from agent.codec import wire_problems
-from agent.detector import Publisher, publish_anomalies
+from agent.detector import Publisher, publish_anomalies, refusals
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
-from agent.models import Anomaly, group_key, utcnow
+from agent.models import Anomaly, utcnow
 from agent.settings import Settings
-from streams.partitioning import oversized
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +125,7 @@ class AlertmanagerReceiver:
                     for a in still_firing(
                         alerts, cluster=self.settings.agent.cluster, now=self.clock()
                     )
-                    if not _refusals(a, self.settings.correlation.group_by)
+                    if not refusals(a, self.settings.correlation.group_by)
                 ]
                 await self._publish(anomalies)
             except AgentError as err:
@@ -237,22 +235,12 @@ def _anomalies_of(
     problems = list(payload.problems)
     for i, alert in payload.alerts:
         anomaly = to_anomaly(alert, cluster=cluster, now=now)
-        bad = _refusals(anomaly, group_by)
+        bad = refusals(anomaly, group_by)
         if bad:
             problems += [(i, in_alert(i, p)) for p in bad]
         else:
             good.append(anomaly)
     return good, sorted(problems, key=lambda p: p[0])
-
-
-def _refusals(anomaly: Anomaly, group_by: tuple[str, ...]) -> list[str]:
-    """Pure: why an alert's anomaly would not reach the correlator: a field its wire
-    schema refuses (the correlator dead-letters it), or a size Kafka refuses."""
-    bad = wire_problems(Anomaly, anomaly)
-    if bad:
-        return list(bad)
-    too_large = oversized(anomaly, group_key(anomaly.labels, group_by))
-    return [f"<root>: {too_large}"] if too_large else []
 
 
 def _error(

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
+from hashlib import sha256
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from agent.codec import encode
@@ -17,6 +20,7 @@ from agent.feeds import FeedNormaliser, feed_consumer
 from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, fingerprint
 from streams.bus import Envelope
+from streams.partitioning import MAX_REQUEST_BYTES
 from tests.helpers import make_settings, readers, started_bus
 from tests.unit.factories import anomaly as make_anomaly
 
@@ -132,6 +136,62 @@ async def test_kcat_feeds_become_anomalies_and_garbage_dead_letters(
     assert by_topic[am_topic].raw == "this is not json {"
     assert "fingerprint: Field required" in by_topic[an_topic].error
     assert all(d.consumer == "feeds" for d in letters)
+
+
+async def test_a_feed_record_too_large_to_republish_is_dead_lettered_by_name(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A feed topic that takes 3 MB records (its owner raised max.message.bytes): an anomaly
+    over the producer's 1 MiB is dead-lettered naming it, cut to fit; the records around it
+    are republished."""
+    feed = f"{topic_prefix}ext.big"
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"detectors": {"feeds": [{"topic": feed, "format": "anomaly"}]}},
+    )
+    bus, _ = await started_bus(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        big_topic = NewTopic(feed, 1, 1, topic_configs={"max.message.bytes": "3000000"})
+        await admin.create_topics([big_topic])
+    finally:
+        await admin.close()
+    notes = {f"n{i:04}": "x" * 4000 for i in range(300)}  # 1.2 MB
+    huge = replace(make_anomaly("huge"), annotations=notes)
+    before, after = make_anomaly("before", t=1), make_anomaly("after", t=2)
+    consumer = feed_consumer(settings, bus=bus, metrics=bus.metrics, from_beginning=True)
+    assert consumer is not None
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=3_000_000)
+    await producer.start()
+    try:
+        for a in (before, huge, after):
+            await producer.send_and_wait(feed, encode(a))
+    finally:
+        await producer.stop()
+    try:
+        async with (
+            readers(
+                kafka_bootstrap,
+                {
+                    "an": (bus.topic("anomalies"), Anomaly),
+                    "dl": (bus.topic("dead-letter"), DeadLetter),
+                },
+            ) as r,
+            consumer,
+        ):
+            await r["an"].wait_for(lambda xs: len(xs) >= 2, 30, "2 anomalies")
+            [letter] = await r["dl"].wait_for(lambda xs: len(xs) >= 1, 30, "the letter")
+    finally:
+        await bus.stop()
+    assert [a.name for a in r["an"].items] == ["before", "after"]
+    assert (letter.source_topic, letter.offset, letter.consumer) == (feed, 1, "feeds")
+    assert "[0].<root>: the anomaly is " in letter.error
+    assert letter.error.endswith(
+        f"bytes as a Kafka record, over the limit of {MAX_REQUEST_BYTES} (name huge)"
+    )
+    assert letter.raw_dropped > 0 and letter.raw_sha256 == sha256(encode(huge)).hexdigest()
 
 
 async def test_normaliser_publishes_keyed_by_the_correlation_key() -> None:

@@ -17,7 +17,10 @@ from agent.alerts import (
 from agent.errors import InvalidEvent
 from agent.feeds import decode_alertmanager
 from agent.models import fingerprint
+from streams.partitioning import MAX_REQUEST_BYTES
 from tests.unit.factories import at
+
+GROUP_BY = ("cluster", "namespace", "service")
 
 
 def alert(status: str = "firing", **labels: str) -> dict[str, Any]:
@@ -201,4 +204,32 @@ def test_a_feed_record_whose_alert_would_not_make_a_valid_anomaly_is_refused_at_
     # correlator would dead-letter.
     raw = orjson.dumps([alert(deployment="d" * 4090)])
     with pytest.raises(InvalidEvent, match=r"\[0\]\.labels\.owner: String should have at most"):
-        decode_alertmanager(raw, cluster="c", clock=lambda: at(0))
+        decode_alertmanager(raw, cluster="c", group_by=GROUP_BY, clock=lambda: at(0))
+
+
+def notes(size: int) -> dict[str, str]:
+    """Annotations of a little over ``size`` bytes of JSON (each value at most 4096 chars)."""
+    return {f"n{i:04}": "x" * 4000 for i in range(size // 4000 + 1)}
+
+
+def test_a_feed_alert_too_large_for_a_kafka_record_is_refused_by_name() -> None:
+    # A feed topic may take larger records than the producer sends: republished, the
+    # anomaly would fail its publish with the rest of the batch.
+    big = {**alert(), "annotations": notes(MAX_REQUEST_BYTES)}
+    raw = orjson.dumps([alert(service="cart"), big])
+    with pytest.raises(InvalidEvent) as refused:
+        decode_alertmanager(raw, cluster="c", group_by=GROUP_BY, clock=lambda: at(0))
+    [problem] = refused.value.problems
+    assert problem.startswith("[1].<root>: the anomaly is ")
+    assert problem.endswith(
+        f"bytes as a Kafka record, over the limit of {MAX_REQUEST_BYTES} (name KubePodCrashLooping)"
+    )
+    fits = {**alert(), "annotations": notes(MAX_REQUEST_BYTES - 20_000)}
+    assert (
+        len(
+            decode_alertmanager(
+                orjson.dumps(fits), cluster="c", group_by=GROUP_BY, clock=lambda: at(0)
+            )
+        )
+        == 1
+    )
