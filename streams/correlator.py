@@ -76,11 +76,14 @@ from streams.delivery import DeliveryGuard, Stall
 from streams.faust_kafka import App
 from streams.incident_json import IncidentEncoder
 from streams.partitioning import (
+    MAX_REQUEST_BYTES,
     decode_anomalies,
     decode_mitigation,
     partition_for,
     partitioner,
+    record_bytes,
     topic_partitions,
+    value_room,
 )
 from streams.replay import groupless_consumer, read_range
 from streams.silences import SilenceStore
@@ -104,9 +107,6 @@ ROUTE_KEY, ROUTE_ABSORBED_BY = "sre-agent-group", "sre-agent-absorbed-by"
 
 log = logging.getLogger(__name__)
 
-# What one record may hold: the producer's default max_request_size (1 MiB), less room for
-# the key, headers and record overhead.
-RECORD_BYTES = 1_000_000
 # Table values larger than this are zlib-compressed: an incident of thousands of members
 # (2.2 MB of JSON for 5000 pods) passed the record limit, and its group's state could not
 # be written at all; compressed it is ~14 times smaller. Smaller values, nearly all, are
@@ -272,6 +272,7 @@ class Correlator:
             # aiokafka holds one open batch per partition and makes send() wait while a full
             # one is in flight; at faust's 16 KiB default that is every 2-5 incidents.
             producer_max_batch_size=512 * 1024,
+            producer_max_request_size=MAX_REQUEST_BYTES,  # what its size checks measure against
             # A rebalance waits until the batch in hand is processed and acked, and commits
             # it, before partitions move and tables recover. Without that, a batch finished
             # during the recovery had its state overwritten by the replayed changelog while
@@ -1118,7 +1119,7 @@ class Correlator:
         if writes:
             producer = await self.app.maybe_start_producer()
             for partition, key, value in writes:
-                if len(value) > RECORD_BYTES:
+                if record_bytes(value, key) > MAX_REQUEST_BYTES:
                     # Sending it would fail this batch, and every retry of it, for good.
                     self.metrics.oversized_states.inc()
                     log.error(
@@ -1137,10 +1138,11 @@ class Correlator:
         producer = await self.app.maybe_start_producer()
         statuses: Counter[str] = Counter()
         for inc in events:
+            key = inc.key.encode()
             value = self._json.event(
-                inc, self.max_event_members, RECORD_BYTES, (encoded or {}).get(id(inc))
+                inc, self.max_event_members, value_room(key), (encoded or {}).get(id(inc))
             )
-            await producer.send(self.incidents_name, inc.key.encode(), value, None, None, None)
+            await producer.send(self.incidents_name, key, value, None, None, None)
             statuses[inc.status] += 1
             # Every update at INFO cost more than folding it at a few thousand a second.
             log.log(

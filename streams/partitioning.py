@@ -56,8 +56,11 @@ def partitioner(key: bytes | None, all_partitions: list[int], available: list[in
 # free-text annotations, so 500 of them can be far larger than 500 typical ones.
 MAX_BATCH_BYTES = 512 * 1024
 
-# The largest record the producer sends: aiokafka's default max_request_size, which
-# streams.bus.Bus sets explicitly (the broker's default message.max.bytes is 12 bytes more).
+# The largest record the agent sends, framing and key included (record_bytes): both
+# producers (streams.bus.Bus and the correlator's faust one) are set to it, and every size
+# check measures against it. One number: the correlator checked its values against
+# 1_000_000 while faust's producer (default 1_000_000 with key and framing) refused some
+# that passed. 1 MiB is aiokafka's default; the broker's message.max.bytes is 12 bytes more.
 MAX_REQUEST_BYTES = 1024 * 1024
 
 Encoded = tuple[bytes, str, str]  # an anomaly's JSON, its id, its key
@@ -66,6 +69,13 @@ Encoded = tuple[bytes, str, str]  # an anomaly's JSON, its id, its key
 def record_bytes(value: bytes, key: bytes | None) -> int:
     """A record's size as the producer checks it against MAX_REQUEST_BYTES."""
     return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, []))
+
+
+def value_room(key: bytes | None) -> int:
+    """The most bytes a record with this key may carry as its value."""
+    # The framing grows with the value's length varints, by at most 2 x 2 bytes from an
+    # empty value to one of a MiB.
+    return MAX_REQUEST_BYTES - record_bytes(b"", key) - 4
 
 
 def oversized(anomaly: Anomaly, key: str) -> str | None:

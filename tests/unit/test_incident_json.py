@@ -13,6 +13,7 @@ from agent.models import Incident
 from streams.correlation import CorrelationRules, correlate_batch
 from streams.correlator import Stored
 from streams.incident_json import IncidentEncoder, member_json
+from streams.partitioning import MAX_REQUEST_BYTES, record_bytes, value_room
 from tests.unit.factories import anomaly, at
 
 # Short retention: revisions also drop members, which shifts the others' positions.
@@ -111,6 +112,16 @@ def test_an_event_stays_within_the_record_size_whatever_its_labels() -> None:
     # Nothing fits: the event still goes out, with every member counted.
     bare = decode(Incident, IncidentEncoder().event(inc, 200, 2_000))
     assert (bare.members, bare.omitted_members) == ((), 300)
+
+
+def test_an_event_at_the_correlators_cap_is_a_record_its_producer_takes() -> None:
+    inc = _outage(300, label_bytes=4000)  # 300 members listed would be 1.2 MB
+    key = inc.key.encode()
+    raw = IncidentEncoder().event(inc, 300, value_room(key))  # as the correlator asks
+    assert record_bytes(raw, key) <= MAX_REQUEST_BYTES
+    shown = decode(Incident, raw)
+    assert 0 < len(shown.members) < 300
+    assert len(shown.members) + shown.omitted_members == 300
 
 
 def test_a_large_state_is_stored_compressed_and_reads_back() -> None:

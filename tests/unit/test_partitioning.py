@@ -10,15 +10,21 @@ from hypothesis import strategies as st
 
 from agent.codec import encode
 from agent.errors import InvalidEvent
+from agent.metrics import Metrics
 from agent.models import AnomalyBatch, Incident, group_key
 from streams.correlation import coalesce
+from streams.correlator import Correlator
 from streams.partitioning import (
     MAX_BATCH,
+    MAX_REQUEST_BYTES,
     anomaly_records,
     decode_anomalies,
     partition_for,
     partitioner,
+    record_bytes,
+    value_room,
 )
+from tests.helpers import make_settings
 from tests.unit.factories import anomaly, at
 
 
@@ -159,3 +165,19 @@ def test_mitigation_records_are_recognised_and_validated() -> None:
     assert decode_mitigation(b'{"mitigation": ') is None  # left to decode_anomalies to report
     with pytest.raises(InvalidEvent, match="incident_id"):
         decode_mitigation(b'{"mitigation": {"incident_key": "k", "action_id": "a", "at": "x"}}')
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=4000))
+def test_a_value_that_fills_the_room_of_its_key_makes_a_record_the_producers_take(
+    key: bytes,
+) -> None:
+    # The correlator caps its incident events and changelog writes this way: a check that
+    # passed what the producer refuses failed the fold at every retry.
+    value = b"x" * value_room(key)
+    assert record_bytes(value, key) <= MAX_REQUEST_BYTES  # aiokafka's own measure
+
+
+def test_the_correlators_producer_takes_what_its_checks_pass() -> None:
+    corr = Correlator(make_settings("127.0.0.1:1", "unused."), metrics=Metrics())
+    assert corr.app.conf.producer_max_request_size == MAX_REQUEST_BYTES
