@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -98,3 +99,18 @@ def test_token_estimate_grows_with_the_prompt() -> None:
     small = messages({})
     big = messages({"checkout-1-a": "x" * 7000})
     assert estimate_tokens(big) - estimate_tokens(small) >= 1500
+
+
+def test_the_model_is_told_when_it_sees_only_part_of_the_members() -> None:
+    # A mass outage's event lists correlation.max_event_members of its thousands: read as
+    # the whole incident, one pod looks like the outage.
+    whole = incident(member())
+    assert context_document(whole, Context())["incident"]["omitted_members"] == 0
+    part = replace(whole, omitted_members=4800)
+    _, user = build_messages(part, Context(), scope_lines=[], nonce=NONCE)
+    doc = orjson.loads(fenced_body(user.content))
+    assert doc["incident"]["omitted_members"] == 4800
+    assert (
+        "incident.members lists 1 of the incident's 4801 members"
+        in user.content.split(f"<<<END DATA {NONCE}>>>")[1]
+    )
