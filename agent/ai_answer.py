@@ -32,10 +32,12 @@ from agent.analyzer import (
     recent_config_change,
     recent_rollout,
     saturation,
+    workload_owner,
     workload_target,
 )
 from agent.codec import validation_problems
 from agent.errors import PermanentError
+from agent.labels import WORKLOAD_LABELS
 from agent.models import (
     ACTION_TYPES,
     Analysis,
@@ -46,7 +48,7 @@ from agent.models import (
     TargetKind,
     stable_id,
 )
-from agent.policy import MAX_SCALE_STEP
+from agent.policy import MAX_SCALE_STEP, kind_problem
 from agent.settings import Settings
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -59,14 +61,6 @@ MODEL_WEIGHT = 0.4  # share of the model's self-report in the combined confidenc
 NEUTRAL = 0.5  # evidence confidence when the agent has no check for the claim
 
 WORKLOAD_ACTIONS = frozenset({"rollback", "scale_up", "scale_down", "restart_workload"})
-ACTION_KINDS: dict[str, frozenset[str]] = {
-    **{t: frozenset({"Deployment", "StatefulSet"}) for t in WORKLOAD_ACTIONS},
-    "restart_pod": frozenset({"Pod"}),
-    "cordon_node": frozenset({"Node"}),
-    "drain_node": frozenset({"Node"}),
-    "update_config": frozenset({"ConfigMap"}),
-}
-assert set(ACTION_KINDS) == set(ACTION_TYPES)
 
 
 def is_dns_name(value: str) -> bool:
@@ -247,7 +241,8 @@ def incident_scope(incident: Incident, ctx: Context, settings: Settings) -> Scop
     """Targets within the incident's namespace, service (its workloads and their pods) and
     nodes, as named by the incident's and its members' labels."""
     namespaces: set[str] = set()
-    workloads: set[tuple[str, str, str]] = set()
+    shown: dict[tuple[str, str], str] = {}  # (namespace, name) -> kind the labels show
+    guessed: dict[tuple[str, str], str] = {}
     pods: set[tuple[str, str]] = set()
     nodes: set[str] = set()
     for labels in (incident.labels, *(m.labels for m in incident.members)):
@@ -255,16 +250,21 @@ def incident_scope(incident: Incident, ctx: Context, settings: Settings) -> Scop
         if not is_dns_name(ns):
             continue
         namespaces.add(ns)
+        # The kind the evidence shows (the pod's owner), never a guess the model may pick.
         target = workload_target(labels)
         if is_dns_name(target.name):
-            workloads.add(("Deployment", ns, target.name))
-        for label, kind in (("statefulset", "StatefulSet"), ("deployment", "Deployment")):
+            key = (ns, target.name)
+            (shown if workload_owner(labels) is not None else guessed)[key] = target.kind
+        for label, kind in WORKLOAD_LABELS:
             if is_dns_name(labels.get(label, "")):
-                workloads.add((kind, ns, labels[label]))
+                shown[(ns, labels[label])] = kind
         if is_dns_name(labels.get("pod", "")):
             pods.add((ns, labels["pod"]))
         if is_dns_name(labels.get("node", "")):
             nodes.add(labels["node"])
+    # A name only a service label gives is taken to be a Deployment, unless other evidence
+    # of the incident shows what it is (a StatefulSet's pods failing, its alert unlabelled).
+    workloads = {(k, ns, n) for (ns, n), k in {**guessed, **shown}.items()}
     names = {(ns, n) for _, ns, n in workloads}
     config_maps = {
         (c.namespace, c.name)
@@ -326,8 +326,8 @@ def _check(a: ProposedAction, scope: Scope) -> tuple[str, str] | None:
     t = a.target
     if a.type not in ACTION_TYPES:
         return "not_allowed", f"action type {a.type!r} is not in the allow-list"
-    if t.kind not in ACTION_KINDS[a.type]:
-        return "wrong_kind", f"{a.type} does not apply to a {t.kind}"
+    if (problem := kind_problem(a.type, t.kind)) is not None:
+        return "wrong_kind", problem
     if t.kind == "Node":
         if t.name not in scope.nodes:
             return "out_of_scope", f"node {t.name!r} is not one of the incident's nodes"

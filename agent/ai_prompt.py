@@ -19,18 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 
 from agent.analyzer import ROOT_CAUSE_CLASSES, Context
 from agent.chat import ChatMessage
-from agent.models import ACTION_TYPES, Incident
+from agent.models import ACTION_TYPES, Incident, TargetKind
 from agent.redaction import redact
 
 SCHEMA_NAME = "sre_agent_analysis"
 MAX_ACTIONS = 5
-TARGET_KINDS = ("Deployment", "StatefulSet", "Pod", "Node", "ConfigMap")
+TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 
 
 def _nullable(kind: str) -> dict[str, Any]:

@@ -35,8 +35,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal, get_args
 
+from agent.labels import WORKLOAD_LABELS
 from agent.models import (
     ACTION_TYPES,
+    WORKLOAD_KINDS,
     Analysis,
     Incident,
     Member,
@@ -44,6 +46,7 @@ from agent.models import (
     Target,
     stable_id,
 )
+from agent.policy import kind_problem
 from agent.runbook_expr import evaluate, facts_in
 from agent.settings import CONDITIONAL_STEPS, FileStep, Settings
 
@@ -144,9 +147,43 @@ class Context:
         return (action.type, action.target.key) in self.ineffective
 
 
+def workload_owner(labels: Mapping[str, str]) -> tuple[str, str] | None:
+    """(kind, name) of the controller the labels show owning the pods: the ``owner`` label
+    (the Kubernetes detectors set it from the pod's controller, :mod:`agent.labels` from a
+    kube-state-metrics ``deployment``/``statefulset``/``daemonset`` label), else such a
+    label itself; None when they show none."""
+    kind, sep, name = labels.get("owner", "").partition("/")
+    if sep and kind and name:
+        return kind, name
+    return next(((k, labels[label]) for label, k in WORKLOAD_LABELS if labels.get(label)), None)
+
+
 def workload_target(labels: Mapping[str, str]) -> Target:
-    name = labels.get("deployment") or labels.get("workload") or labels.get("service") or ""
-    return Target(kind="Deployment", namespace=labels.get("namespace") or "default", name=name)
+    """The workload the labels name, of the kind their evidence shows. Only with no owner
+    shown is a service's workload taken to be its Deployment; an owner the agent does not
+    act on (a Job, a bare ReplicaSet, a node's static pod) gives a target named "" (none),
+    never a Deployment of the same name."""
+    ns = labels.get("namespace") or "default"
+    owner = workload_owner(labels)
+    if owner is None:
+        name = labels.get("workload") or labels.get("service") or ""
+        return Target(kind="Deployment", namespace=ns, name=name)
+    kind, name = owner
+    for k in WORKLOAD_KINDS:
+        if k == kind:
+            return Target(kind=k, namespace=ns, name=name)
+    return Target(kind="Deployment", namespace=ns, name="")
+
+
+def workload_needs(labels: Mapping[str, str]) -> str:
+    """What a workload action needs that ``labels`` lack, said for them."""
+    owner = workload_owner(labels)
+    if owner is not None and owner[0] not in WORKLOAD_KINDS:
+        return (
+            f"a workload, and its pods' owner {owner[0]}/{owner[1]} is none the agent acts "
+            f"on ({', '.join(WORKLOAD_KINDS)})"
+        )
+    return WORKLOAD_NEEDS
 
 
 # What an action acts on, as an anomaly's labels must name it for a step to request it.
@@ -416,6 +453,8 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
                 return _untargeted(_after(_stopped(m, prescriber, step), ctx), untargeted)
             if tried:
                 skipped = True
+            elif found is not None and (why := _unfit(found)) is not None:
+                untargeted.append(f"{prescriber} step {step.name!r}: {why}; not requested")
             elif found is not None and found.action is not None:
                 return _untargeted(_after(found, ctx), untargeted)
             elif found is not None:
@@ -424,10 +463,13 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
         if step in ACTION_TYPES and action_target(step, labels) is None:
             untargeted.append(
                 f"{prescriber} prescribes {step}, but {m.name} names no target for it: "
-                f"it needs {TARGET_NEEDS.get(step, WORKLOAD_NEEDS)}; not requested"
+                f"it needs {TARGET_NEEDS.get(step, workload_needs(labels))}; not requested"
             )
             continue
         found = _remedy(step, prescriber, m, inc, target, ctx, settings)
+        if found is not None and (why := _unfit(found)) is not None:
+            untargeted.append(f"{prescriber} prescribes {step}, but {why}; not requested")
+            continue
         if found is not None and found.action is not None and ctx.tried(found.action):
             skipped = True
             continue
@@ -527,7 +569,7 @@ def _file_step(
     acting = step.action in ACTION_TYPES
     target = action_target(step.action, labels) if acting else workload_target(labels)
     if target is None or (acting and not target.name):
-        need = TARGET_NEEDS.get(step.action, WORKLOAD_NEEDS)
+        need = TARGET_NEEDS.get(step.action, workload_needs(labels))
         return None, f"{where}: {m.name} names no target for it: it needs {need}", False
     outside = _out_of_scope(step, target)
     if outside is not None:
@@ -598,6 +640,14 @@ def _stopped(m: Member, prescriber: str, step: FileStep) -> _Finding:
         evidence=(f"pattern {m.name} firing", f"onFailure: {step.on_failure}"),
         action=None,
     )
+
+
+def _unfit(found: _Finding) -> str | None:
+    """Why the finding's action does not apply to its target's kind (a rollback of a
+    StatefulSet, a scale of a DaemonSet), or None."""
+    a = found.action
+    problem = None if a is None else kind_problem(a.type, a.target.kind)
+    return None if a is None or problem is None else f"{a.target.key}: {problem}"
 
 
 def _untargeted(found: _Finding | None, lines: list[str]) -> _Finding | None:

@@ -94,9 +94,12 @@ def pod_labels(pod: Obj, cluster: str) -> dict[str, str]:
     node = (pod.get("spec") or {}).get("nodeName")
     if node:
         out["node"] = str(node)
-    owners = meta.get("ownerReferences") or []
-    if owners:
-        kind, name = str(owners[0].get("kind", "")), str(owners[0].get("name", ""))
+    owners = [o for o in meta.get("ownerReferences") or [] if isinstance(o, Mapping)]
+    # The controller manages the pod; another owner reference (a garbage-collection
+    # parent) may come first and is not what an action must act through.
+    owner = next((o for o in owners if o.get("controller") is True), owners[0] if owners else None)
+    if owner is not None:
+        kind, name = str(owner.get("kind", "")), str(owner.get("name", ""))
         workload = name
         template_hash = labels.get("pod-template-hash")
         if kind == "ReplicaSet" and template_hash and name.endswith(f"-{template_hash}"):

@@ -57,7 +57,9 @@ ActionType = Literal[
     "drain_node",
     "update_config",
 ]
-TargetKind = Literal["Deployment", "StatefulSet", "Pod", "Node", "ConfigMap"]
+TargetKind = Literal["Deployment", "StatefulSet", "DaemonSet", "Pod", "Node", "ConfigMap"]
+# The controllers whose pods the workload actions act on, through the controller itself.
+WORKLOAD_KINDS: tuple[TargetKind, ...] = ("Deployment", "StatefulSet", "DaemonSet")
 ResultStatus = Literal[
     "succeeded",  # executed, effect applied
     "failed",  # executed and the cluster refused or errored

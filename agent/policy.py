@@ -8,6 +8,7 @@ Order of the rules (first match wins), safety rules before convenience rules:
 3. namespace denied / not allowed           -> deny
 4. mode ``manual``                          -> deny (the agent only recommends)
    a. params malformed or beyond their bounds -> deny (see :func:`param_problem`)
+   b. the action does not apply to the target's kind -> deny (see :func:`kind_problem`)
 5. same target acted on within ``cooldown`` -> deny (an undo is exempt: it repairs the last act;
    so is the next runbook step once every action within it was verified ineffective)
 6. the hourly action budget is spent        -> deny
@@ -54,6 +55,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from agent.models import (
+    ACTION_TYPES,
     ActionRequest,
     ActionResult,
     BudgetClaim,
@@ -68,6 +70,44 @@ VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
 SCALE_ACTIONS = frozenset({"scale_up", "scale_down"})
 DISRUPTIVE_ACTIONS = frozenset({"restart_pod", "restart_workload", "rollback"})
 NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
+
+# The kinds each action acts on, as the cluster adapters carry it out; every layer (the
+# analyzers, the LLM's allow-list, this policy) holds an action to it.
+ACTION_KINDS: Mapping[str, frozenset[str]] = {
+    "rollback": frozenset({"Deployment"}),
+    "scale_up": frozenset({"Deployment", "StatefulSet"}),
+    "scale_down": frozenset({"Deployment", "StatefulSet"}),
+    "restart_workload": frozenset({"Deployment", "StatefulSet", "DaemonSet"}),
+    "restart_pod": frozenset({"Pod"}),
+    "cordon_node": frozenset({"Node"}),
+    "drain_node": frozenset({"Node"}),
+    "update_config": frozenset({"ConfigMap"}),
+}
+assert set(ACTION_KINDS) == set(ACTION_TYPES)
+# Why a workload action does not apply to a kind, where the bare "not a X" would not say.
+_KIND_WHY: Mapping[tuple[str, str], str] = {
+    **{
+        (t, "DaemonSet"): "a DaemonSet runs one pod per eligible node: it has no replica "
+        "count to scale"
+        for t in SCALE_ACTIONS
+    },
+    **{
+        ("rollback", k): f"the agent does not roll back a {k} (its history is in "
+        "ControllerRevisions, which it does not restore); roll it back by hand"
+        for k in ("StatefulSet", "DaemonSet")
+    },
+}
+
+
+def kind_problem(action_type: str, kind: str) -> str | None:
+    """Why ``action_type`` must not act on a target of ``kind``, or None when it may."""
+    kinds = ACTION_KINDS.get(action_type, frozenset())
+    if kind in kinds:
+        return None
+    why = _KIND_WHY.get((action_type, kind), f"it acts on a {' or '.join(sorted(kinds))} only")
+    return f"{action_type} does not apply to a {kind}: {why}"
+
+
 UNDO_PARAM = "undo_of"  # an action that restores what action <undo_of> changed
 # A scale moves the replica count by at most this much at once, whoever asked (a rule,
 # the LLM, a person): the next step waits for the cooldown and the verification.
@@ -546,6 +586,9 @@ def decide(
     problem = param_problem(action, rem)
     if problem is not None:
         return Verdict("deny", "params", problem)
+    problem = kind_problem(action.type, action.target.kind)
+    if problem is not None:
+        return Verdict("deny", "target_kind", f"{action.target.key}: {problem}")
     cooldown_start = now - timedelta(seconds=rem.cooldown)
     recent = [h for h in history if h.target_key == action.target.key and h.at > cooldown_start]
     if recent and not action.params.get(UNDO_PARAM) and not _next_step(action, recent):

@@ -58,12 +58,21 @@ def anomaly(
     )
 
 
+# The kind each action type acts on (agent.policy.ACTION_KINDS), unless a test names one.
+DEFAULT_KINDS: Mapping[str, Any] = {
+    "restart_pod": "Pod",
+    "cordon_node": "Node",
+    "drain_node": "Node",
+    "update_config": "ConfigMap",
+}
+
+
 def action(
     type: ActionType = "scale_up",
     *,
     namespace: str = "shop",
     name: str = "checkout",
-    kind: Any = "Deployment",
+    kind: Any = None,
     confidence: float = 0.9,
     params: Mapping[str, ParamValue] | None = None,
     approved_by: str | None = None,
@@ -75,7 +84,9 @@ def action(
         incident_key=f"c1/{namespace}/{name}",
         analysis_id="an-1",
         type=type,
-        target=Target(kind=kind, namespace=namespace, name=name),
+        target=Target(
+            kind=kind or DEFAULT_KINDS.get(type, "Deployment"), namespace=namespace, name=name
+        ),
         confidence=confidence,
         reason="test",
         requested_at=T0,

@@ -1,0 +1,212 @@
+"""A workload target is of the kind of the pods' real owner, never a same-named Deployment."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from agent.ai_answer import ProposedAction, ProposedTarget, incident_scope, vet_actions
+from agent.analyzer import Context, Rollout, analyze, workload_target
+from agent.codec import from_obj
+from agent.kube_signals import pod_labels
+from agent.models import Member, Target, fingerprint
+from agent.policy import Switches, decide, kind_problem
+from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
+from tests.fakes.incidents import OPENED, ai_settings, incident
+from tests.unit.factories import action, settings
+
+SETTINGS = load_settings(DEFAULT_CONFIG, env={})
+DB = Target(kind="StatefulSet", namespace="shop", name="db")
+
+
+def sts_pod(*owners: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "db-0",
+            "namespace": "shop",
+            "labels": {"app": "db"},
+            "ownerReferences": list(owners),
+        },
+        "spec": {"nodeName": "n1"},
+    }
+
+
+def test_a_pods_labels_name_its_controller_not_the_first_owner_reference() -> None:
+    # A garbage-collection parent listed first is not what manages the pod.
+    labels = pod_labels(
+        sts_pod(
+            {"kind": "ConfigMap", "name": "db-seed"},
+            {"kind": "StatefulSet", "name": "db", "controller": True},
+        ),
+        "c1",
+    )
+    assert (labels["owner"], labels["workload"]) == ("StatefulSet/db", "db")
+    assert workload_target(labels) == DB
+
+
+@pytest.mark.parametrize(
+    ("labels", "target"),
+    [
+        ({"owner": "StatefulSet/db", "workload": "db", "service": "db"}, DB),
+        (
+            {"owner": "DaemonSet/agent", "workload": "agent", "service": "agent"},
+            Target(kind="DaemonSet", namespace="shop", name="agent"),
+        ),
+        (
+            {"owner": "Deployment/api", "workload": "api", "service": "web"},
+            Target(kind="Deployment", namespace="shop", name="api"),
+        ),
+        # kube-state-metrics series, before or without agent.labels.normalise
+        ({"statefulset": "db", "service": "db"}, DB),
+        (
+            {"daemonset": "agent"},
+            Target(kind="DaemonSet", namespace="shop", name="agent"),
+        ),
+        # Nothing shows the owner: a service's workload is taken to be its Deployment.
+        ({"service": "web"}, Target(kind="Deployment", namespace="shop", name="web")),
+        # An owner the agent does not act on: no workload, not Deployment "migrate".
+        ({"owner": "Job/migrate", "workload": "migrate", "service": "migrate"}, None),
+        ({"owner": "ReplicaSet/bare", "workload": "bare", "service": "bare"}, None),
+    ],
+)
+def test_the_workload_target_is_of_the_kind_its_owner_shows(
+    labels: dict[str, str], target: Target | None
+) -> None:
+    got = workload_target({"namespace": "shop", **labels})
+    if target is None:
+        assert got.name == ""
+    else:
+        assert got == target
+
+
+def kube_member(name: str, labels: dict[str, str]) -> Member:
+    lab = {"cluster": "c1", "namespace": "shop", **labels}
+    return Member(
+        fingerprint=fingerprint("kubernetes", name, lab),
+        name=name,
+        source="kubernetes",
+        severity="critical",
+        status="firing",
+        labels=lab,
+        first_seen=OPENED,
+        last_seen=OPENED,
+    )
+
+
+DB_POD = {"pod": "db-0", "owner": "StatefulSet/db", "workload": "db", "service": "db"}
+
+
+def with_steps(*steps: str) -> Settings:
+    doc = {"name": "db", "alert": "DbDown", "source": "kubernetes", "actions": list(steps)}
+    return replace(SETTINGS, runbooks=(from_obj(RunbookSpec, doc),))
+
+
+def test_the_rules_restart_the_statefulset_a_crash_looping_pod_belongs_to() -> None:
+    inc = incident(kube_member("DbDown", DB_POD))
+    an = analyze(inc, Context(crash_looping=("db",)), with_steps("restart_workload"), OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [("restart_workload", DB)]
+
+
+def test_the_rules_never_roll_back_a_statefulset_and_go_on_to_the_next_step() -> None:
+    rollout = Rollout(
+        namespace="shop",
+        workload="db",
+        revision=2,
+        image="db:v2",
+        at=OPENED,
+        previous_image="db:v1",
+    )
+    ctx = Context(rollouts=(rollout,), crash_looping=("db",))
+    settings = with_steps("auto_rollback_if_deployment_recent", "restart_if_crash_looping")
+    an = analyze(incident(kube_member("DbDown", DB_POD)), ctx, settings, OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [("restart_workload", DB)]
+    assert any("does not roll back a StatefulSet" in line for line in an.evidence)
+
+
+def test_a_job_pods_runbook_acts_on_no_deployment_of_the_jobs_name() -> None:
+    job = {"pod": "migrate-x2x4z", "owner": "Job/migrate", "workload": "migrate"}
+    an = analyze(
+        incident(kube_member("DbDown", job)),
+        Context(crash_looping=("migrate",)),
+        with_steps("restart_workload"),
+        OPENED,
+    )
+    assert an.actions == ()
+    assert any("owner Job/migrate is none the agent acts on" in e for e in an.evidence)
+
+
+def proposed(type: str, kind: str, name: str) -> ProposedAction:
+    return ProposedAction(
+        type=type,
+        target=ProposedTarget(kind=kind, name=name, namespace="shop"),
+        expected_impact="x",
+        rollback_plan="undo",
+    )
+
+
+def test_the_llm_may_name_only_the_kind_the_evidence_shows() -> None:
+    ds_pod = {"pod": "agent-x2x4z", "owner": "DaemonSet/agent", "workload": "agent"}
+    # The incident's own labels name service db alone: a guess the pod's owner overrides.
+    inc = incident(
+        kube_member("DbDown", DB_POD),
+        kube_member("AgentDown", ds_pod),
+        labels={"cluster": "c1", "namespace": "shop", "service": "db"},
+    )
+    scope = incident_scope(inc, Context(), ai_settings())
+    accepted, rejected = vet_actions(
+        [
+            proposed("restart_workload", "Deployment", "db"),
+            proposed("restart_workload", "StatefulSet", "db"),
+            proposed("scale_up", "StatefulSet", "db"),
+            proposed("restart_workload", "DaemonSet", "agent"),
+            proposed("scale_up", "DaemonSet", "agent"),
+            proposed("rollback", "StatefulSet", "db"),
+            proposed("restart_workload", "StatefulSet", "agent"),
+        ],
+        scope,
+    )
+    assert [(a.type, a.target.key) for a in accepted] == [
+        ("restart_workload", "StatefulSet/shop/db"),
+        ("scale_up", "StatefulSet/shop/db"),
+        ("restart_workload", "DaemonSet/shop/agent"),
+    ]
+    assert [(r.action, r.reason) for r in rejected] == [
+        ("restart_workload Deployment/shop/db", "out_of_scope"),
+        ("scale_up DaemonSet/shop/agent", "wrong_kind"),
+        ("rollback StatefulSet/shop/db", "wrong_kind"),
+        ("restart_workload StatefulSet/shop/agent", "out_of_scope"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("type", "kind", "allowed"),
+    [
+        ("scale_up", "StatefulSet", True),
+        ("scale_down", "StatefulSet", True),
+        ("restart_workload", "StatefulSet", True),
+        ("restart_workload", "DaemonSet", True),
+        ("scale_up", "DaemonSet", False),
+        ("scale_down", "DaemonSet", False),
+        ("rollback", "StatefulSet", False),
+        ("rollback", "DaemonSet", False),
+        ("restart_workload", "Pod", False),
+        ("cordon_node", "Deployment", False),
+    ],
+)
+def test_the_policy_denies_an_action_on_a_kind_it_does_not_apply_to(
+    type: str, kind: str, allowed: bool
+) -> None:
+    s = settings({"agent": {"mode": "autonomous"}, "remediation": {"enabled": True}})
+    v = decide(action(type, kind=kind), s, (), Switches(), OPENED)  # type: ignore[arg-type]
+    assert (v.rule == "target_kind") is not allowed, v
+    if not allowed:
+        assert v.kind == "deny" and v.reason == f"{kind}/shop/checkout: " + str(
+            kind_problem(type, kind)
+        )
+
+
+def test_a_denial_by_kind_says_why() -> None:
+    assert "no replica count to scale" in str(kind_problem("scale_up", "DaemonSet"))
+    assert "roll it back by hand" in str(kind_problem("rollback", "StatefulSet"))
