@@ -4,7 +4,10 @@ It follows the Kubernetes semantics the agent relies on, not a mock that accepts
 a Deployment's revisions are its ReplicaSets; a rollback re-activates an old template and
 gives it the next revision number (the old number disappears, as with ReplicaSets); scale
 and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op;
-unknown objects are errors. Nodes, pods, ConfigMaps and PodDisruptionBudgets are modelled as
+unknown objects are errors, and a workload is found only under its own kind. As the real
+adapter, it refuses an action on a kind it does not apply to (agent.policy.kind_problem: a
+DaemonSet has no replica count, only a Deployment is rolled back) before reading anything.
+Nodes, pods, ConfigMaps and PodDisruptionBudgets are modelled as
 far as the actions need: a pod restart and a drain evict (a budget with no disruptions left
 refuses), a drain skips DaemonSet and mirror pods and refuses pods without a controller.
 """
@@ -19,7 +22,8 @@ from typing import Any
 
 from agent.analyzer import ConfigChange, KubeEvent
 from agent.errors import ActionFailed
-from agent.models import Target
+from agent.models import WORKLOAD_KINDS, Target, TargetKind
+from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
@@ -103,7 +107,24 @@ class FakeCluster:
     def create_deployment(
         self, namespace: str, name: str, *, image: str, replicas: int, at: datetime
     ) -> WorkloadState:
-        target = Target(kind="Deployment", namespace=namespace, name=name)
+        return self.create_workload(
+            "Deployment", namespace, name, image=image, replicas=replicas, at=at
+        )
+
+    def create_workload(
+        self,
+        kind: TargetKind,
+        namespace: str,
+        name: str,
+        *,
+        image: str,
+        replicas: int,
+        at: datetime,
+    ) -> WorkloadState:
+        """A Deployment, StatefulSet or DaemonSet (``replicas``: its pods, one a node)."""
+        if kind not in WORKLOAD_KINDS:
+            raise ActionFailed(f"{kind} is not a workload")
+        target = Target(kind=kind, namespace=namespace, name=name)
         if target.key in self._workloads:
             raise ActionFailed(f"{target.key} already exists")
         state = WorkloadState(
@@ -225,6 +246,7 @@ class FakeCluster:
     async def rollback(
         self, target: Target, *, action_id: str, to_revision: int | None = None
     ) -> Effect:
+        _need_kind(target, "rollback")
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
@@ -265,6 +287,7 @@ class FakeCluster:
         replicas: int,
         direction: ScaleDirection | None = None,
     ) -> Effect:
+        _need_kind(target, "scale_up")
         if replicas < 0:
             raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
         async with self._lock:
@@ -458,7 +481,7 @@ class FakeCluster:
         raise ActionFailed(f"{action_type} cannot be undone")
 
     async def footprint(self, target: Target) -> Footprint:
-        if target.kind in ("Deployment", "StatefulSet"):
+        if target.kind in WORKLOAD_KINDS:
             w = self._get(target)
             # The default RollingUpdate strategy: maxUnavailable 25%, rounded down.
             return Footprint(
@@ -470,7 +493,8 @@ class FakeCluster:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
                 return Footprint()  # already gone: restarting it disrupts nothing
-            owner = Target(kind="Deployment", namespace=pod.namespace, name=pod.workload)
+            kind = _OWNER_KINDS.get(pod.owner, "Deployment")
+            owner = Target(kind=kind, namespace=pod.namespace, name=pod.workload)
             replicas = self._workloads[owner.key].replicas if owner.key in self._workloads else 1
             return Footprint(
                 replicas=replicas,
@@ -485,7 +509,7 @@ class FakeCluster:
         return Footprint()
 
     async def observe(self, target: Target) -> Observation:
-        if target.kind in ("Deployment", "StatefulSet"):
+        if target.kind in WORKLOAD_KINDS:
             if target.key not in self._workloads:
                 return Observation(exists=False)
             w = self._workloads[target.key]
@@ -506,7 +530,7 @@ class FakeCluster:
         return Observation(exists=(target.namespace, target.name) in self._config_maps)
 
     async def version(self, target: Target) -> str:
-        if target.kind in ("Deployment", "StatefulSet"):
+        if target.kind in WORKLOAD_KINDS:
             return f"generation={self._get(target).generation}"
         if target.kind == "Pod":
             pod = self._pods.get((target.namespace, target.name))
@@ -662,6 +686,20 @@ class FakeCluster:
         annotations = dict(state.annotations)
         annotations[ACTION_IDS_ANNOTATION] = remember_id(state.annotations, action_id)
         return annotations
+
+
+# A pod's controller kind -> the workload it acts through (a ReplicaSet: its Deployment).
+_OWNER_KINDS: Mapping[str, TargetKind] = {
+    "ReplicaSet": "Deployment",
+    "StatefulSet": "StatefulSet",
+    "DaemonSet": "DaemonSet",
+}
+
+
+def _need_kind(target: Target, action_type: str) -> None:
+    problem = kind_problem(action_type, target.kind)
+    if problem is not None:
+        raise ActionFailed(f"{target.key}: {problem}")
 
 
 def _already(action_id: str) -> Effect:

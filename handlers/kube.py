@@ -65,6 +65,7 @@ from agent.errors import (
     TransientError,
 )
 from agent.models import Target
+from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
@@ -109,7 +110,11 @@ ROLLBACK_SKIPPED_ANNOTATIONS = frozenset(
         "deprecated.deployment.rollback.to",
     }
 )
-WORKLOAD_RESOURCES: Mapping[str, str] = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
+WORKLOAD_RESOURCES: Mapping[str, str] = {
+    "Deployment": "deployments",
+    "StatefulSet": "statefulsets",
+    "DaemonSet": "daemonsets",
+}
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 CONFLICT_RETRIES = 5
@@ -160,12 +165,32 @@ def scaled_value(value: int | str | None, total: int, *, round_up: bool, default
     return int(v)
 
 
+def desired_pods(obj: Mapping[str, Any]) -> int:
+    """The pods a workload wants: its replicas, or a DaemonSet's one per eligible node."""
+    if obj.get("kind") == "DaemonSet":
+        return int((obj.get("status") or {}).get("desiredNumberScheduled") or 0)
+    return int((obj.get("spec") or {}).get("replicas", 1))
+
+
+def ready_pods(obj: Mapping[str, Any]) -> int:
+    status = obj.get("status") or {}
+    key = "numberReady" if obj.get("kind") == "DaemonSet" else "readyReplicas"
+    return int(status.get(key) or 0)
+
+
 def rollout_disruption(obj: Mapping[str, Any]) -> int:
-    """Ready pods a rollout of this Deployment/StatefulSet takes down at once."""
+    """Ready pods a rollout of this Deployment/StatefulSet/DaemonSet takes down at once."""
     spec = obj.get("spec") or {}
-    replicas = int(spec.get("replicas", 1))
-    ready = int((obj.get("status") or {}).get("readyReplicas") or 0)
-    if obj.get("kind") == "StatefulSet":
+    replicas = desired_pods(obj)
+    ready = ready_pods(obj)
+    if obj.get("kind") == "DaemonSet":
+        strategy = spec.get("updateStrategy") or {}
+        if strategy.get("type") == "OnDelete":
+            return 0
+        rolling = strategy.get("rollingUpdate") or {}
+        # The DaemonSet controller rounds up; with a surge it may take none down at once.
+        at_once = scaled_value(rolling.get("maxUnavailable"), replicas, round_up=True, default="1")
+    elif obj.get("kind") == "StatefulSet":
         strategy = spec.get("updateStrategy") or {}
         if strategy.get("type") == "OnDelete":
             return 0
@@ -451,7 +476,7 @@ class KubeCluster:
     async def workload(self, target: Target) -> WorkloadState:
         _need(target, WORKLOAD_RESOURCES, "workload")
         obj = await self._get(target)
-        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        spec = obj.get("spec") or {}
         template = spec.get("template") or {}
         image = first_image(template)
         meta = obj.get("metadata") or {}
@@ -477,13 +502,14 @@ class KubeCluster:
             revision = revision_of(obj) or max((r.number for r in revisions), default=1)
             if not any(r.number == revision for r in revisions):
                 revisions = (*revisions, Revision(number=revision, image=image, created_at=created))
-        else:  # StatefulSet: ControllerRevision history is not read
+        else:  # StatefulSet, DaemonSet: ControllerRevision history is not read
             revision = 1
             revisions = (Revision(number=1, image=image, created_at=created),)
+        typed = {**obj, "kind": target.kind}
         return WorkloadState(
             target=target,
-            replicas=int(spec.get("replicas", 1)),
-            ready_replicas=int(status.get("readyReplicas") or 0),
+            replicas=desired_pods(typed),
+            ready_replicas=ready_pods(typed),
             revision=revision,
             image=image,
             revisions=revisions,
@@ -560,9 +586,9 @@ class KubeCluster:
             covering = self._covering(
                 await self._budgets(target.namespace), target.namespace, labels
             )
-            hpa = await self._hpa_for(target)
+            hpa = await self._hpa_for(target) if target.kind != "DaemonSet" else None
             return Footprint(
-                replicas=int(spec.get("replicas", 1)),
+                replicas=desired_pods({**obj, "kind": target.kind}),
                 disruption=rollout_disruption({**obj, "kind": target.kind}),
                 pdb_headroom=_headroom(covering),
                 pdbs=tuple(_name(b, target.namespace) for b in covering),
@@ -580,16 +606,16 @@ class KubeCluster:
             )
             replicas = 1
             owner = controller_of(pod)
-            if owner and owner.get("kind") in ("ReplicaSet", "StatefulSet"):
+            if owner and owner.get("kind") in ("ReplicaSet", "StatefulSet", "DaemonSet"):
                 kind = owner["kind"]
-                group = "replicasets" if kind == "ReplicaSet" else "statefulsets"
+                group = "replicasets" if kind == "ReplicaSet" else WORKLOAD_RESOURCES[kind]
                 with contextlib.suppress(ActionFailed):
                     parent = await self.call(
                         "GET",
                         f"/apis/apps/v1/namespaces/{target.namespace}/{group}/{owner['name']}",
                         what=f"{kind}/{target.namespace}/{owner['name']}",
                     )
-                    replicas = int((parent.get("spec") or {}).get("replicas", 1))
+                    replicas = desired_pods({**parent, "kind": kind})
             terminating = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
             return Footprint(
                 replicas=replicas,
@@ -623,12 +649,17 @@ class KubeCluster:
             obj.get("status") or {},
         )
         if target.kind in WORKLOAD_RESOURCES:
-            desired = int(spec.get("replicas", 1))
-            ready = int(status.get("readyReplicas") or 0)
+            typed = {**obj, "kind": target.kind}
+            desired, ready = desired_pods(typed), ready_pods(typed)
+            updated, current = (
+                ("updatedNumberScheduled", "currentNumberScheduled")
+                if target.kind == "DaemonSet"
+                else ("updatedReplicas", "replicas")
+            )
             settled = (
                 int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
-                and int(status.get("updatedReplicas") or 0) == desired
-                and int(status.get("replicas") or 0) == desired
+                and int(status.get(updated) or 0) == desired
+                and int(status.get(current) or 0) == desired
                 and ready == desired
             )
             if target.kind == "StatefulSet":
@@ -695,7 +726,7 @@ class KubeCluster:
         replicas: int,
         direction: ScaleDirection | None = None,
     ) -> Effect:
-        _need(target, WORKLOAD_RESOURCES, "scale")
+        _need_kind(target, "scale_up")
         if replicas < 0:
             raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
         obj = await self._get(target)
@@ -761,8 +792,7 @@ class KubeCluster:
     async def rollback(
         self, target: Target, *, action_id: str, to_revision: int | None = None
     ) -> Effect:
-        if target.kind != "Deployment":
-            raise ActionFailed(f"rollback of a {target.kind} is not supported (Deployments only)")
+        _need_kind(target, "rollback")
         path = _path(target)
         for attempt in range(1, CONFLICT_RETRIES + 1):
             dep = await self._get(target)
@@ -1161,7 +1191,7 @@ class KubeCluster:
                 effect, f"undid rollback of {target.key}: back to revision {revision}"
             )
         if action_type in ("scale_up", "scale_down"):
-            _need(target, WORKLOAD_RESOURCES, "undo of scale")
+            _need_kind(target, "scale_up")
             if prior.get("hpa"):
                 name = str(prior["hpa"])
                 path = _hpa_path(target.namespace, name)
@@ -1362,6 +1392,15 @@ def _need(target: Target, kinds: Sequence[str] | Mapping[str, str], what: str) -
         raise ActionFailed(f"{what} needs a {' or '.join(kinds)}, not a {target.kind}")
     if target.kind != "Node" and not target.namespace:
         raise ActionFailed(f"{target.key}: a {target.kind} needs a namespace")
+
+
+def _need_kind(target: Target, action_type: str) -> None:
+    """Refuse, before reading anything, an action on a kind it does not apply to: never
+    a same-named object of another kind."""
+    problem = kind_problem(action_type, target.kind)
+    if problem is not None:
+        raise ActionFailed(f"{target.key}: {problem}")
+    _need(target, WORKLOAD_RESOURCES, action_type)
 
 
 def _merge_body(obj: Mapping[str, Any], action_id: str, change: Mapping[str, Any]) -> Obj:

@@ -467,6 +467,75 @@ async def test_a_statefulset_pod_restart_is_healed_and_its_redelivery_spares_the
         await again.stop()
 
 
+async def test_statefulset_and_daemonset_actions_act_on_their_own_kind(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """StatefulSet db beside an unrelated Deployment db: scale and restart act on the
+    StatefulSet only, and are verified; a DaemonSet restarts, and is neither scaled nor
+    rolled back (nor is the StatefulSet), with the reason and nothing written."""
+    ns = k8s_namespace
+    sts = deployment("db", 1)
+    sts["kind"] = "StatefulSet"
+    del sts["spec"]["strategy"]
+    sts["spec"]["serviceName"] = "db"
+    sts["spec"]["podManagementPolicy"] = "Parallel"  # kwok is slow: start pods at once
+    ds = deployment("agent", 1)
+    ds["kind"] = "DaemonSet"
+    del ds["spec"]["replicas"], ds["spec"]["strategy"]
+    namesake, _, _ = await asyncio.gather(
+        ready_deployment(admin, ns, "db", 1),
+        create(admin, ns, "/apis/apps/v1/namespaces/{ns}/statefulsets", sts),
+        create(admin, ns, "/apis/apps/v1/namespaces/{ns}/daemonsets", ds),
+    )
+    db = Target(kind="StatefulSet", namespace=ns, name="db")
+    agent = Target(kind="DaemonSet", namespace=ns, name="agent")
+    await asyncio.gather(settled(admin, db), settled(admin, agent))
+    assert (await admin.observe(agent)).desired == len(NODES)
+    before = await read(admin, namesake)
+
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    actions = [
+        request("scale_up", db, replicas="+1"),
+        request("restart_workload", db),
+        request("restart_workload", agent),
+    ]
+    try:
+        results = [await ex.on_action(a) for a in actions]  # one target: one at a time
+        assert [r.status for r in results] == ["succeeded"] * 3, [r.message for r in results]
+        assert results[0].prior_state == {"replicas": 1}
+        obj = await read(admin, db)
+        assert obj["spec"]["replicas"] == 2
+        assert (
+            "kubectl.kubernetes.io/restartedAt"
+            in (obj["spec"]["template"]["metadata"]["annotations"])
+        )
+        assert remembered_ids(obj["metadata"]["annotations"]) == (actions[0].id, actions[1].id)
+        ds_obj = await read(admin, agent)
+        assert (
+            "kubectl.kubernetes.io/restartedAt"
+            in (ds_obj["spec"]["template"]["metadata"]["annotations"])
+        )
+        outcomes = [await verified(bus, a) for a in actions]
+        assert [r.outcome for r in outcomes] == ["healed"] * 3, [r.message for r in outcomes]
+
+        denied = await ex.on_action(request("scale_up", agent, replicas="+1"))
+        assert denied.status == "denied" and "no replica count to scale" in denied.message
+        for target in (agent, db):
+            with pytest.raises(ActionFailed, match="roll it back by hand"):
+                await kube.rollback(target, action_id="rb-1")
+        with pytest.raises(ActionFailed, match="no replica count to scale"):
+            await kube.scale(agent, action_id="sc-1", replicas=5, direction="up")
+        ds_after = await read(admin, agent)
+        assert ds_after["metadata"]["generation"] == ds_obj["metadata"]["generation"]
+        after = await read(admin, namesake)
+        assert after["metadata"]["generation"] == before["metadata"]["generation"]
+        assert after["spec"]["replicas"] == 1
+        assert ACTION_IDS_ANNOTATION not in (after["metadata"].get("annotations") or {})
+    finally:
+        await ex.stop()
+
+
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
 ) -> None:

@@ -105,6 +105,7 @@ DETECTOR_NEEDS = {  # agent/kube_watch.py: list then watch, all namespaces
 ANALYZER_NEEDS = {  # agent/context.py through KubeCluster's reads
     ("apps", "deployments", "get"),  # rollout history; config_changes' references
     ("apps", "statefulsets", "get"),
+    ("apps", "daemonsets", "get"),
     ("apps", "replicasets", "list"),  # a Deployment's revisions
     ("", "events", "list"),
     ("", "pods", "list"),
@@ -115,6 +116,7 @@ ANALYZER_NEEDS = {  # agent/context.py through KubeCluster's reads
 EXECUTOR_READS = {  # handlers/kube.py: the reads around and after the writes
     ("apps", "deployments", "get"),
     ("apps", "statefulsets", "get"),
+    ("apps", "daemonsets", "get"),
     ("apps", "replicasets", "get"),  # a pod's owner, in footprint
     ("apps", "replicasets", "list"),
     ("", "pods", "get"),
@@ -154,7 +156,7 @@ def adapter_writes() -> set[tuple[str, str, str]]:
 
     paths = [
         _path(Target(kind=k, namespace="ns", name="x"))
-        for k in ("Deployment", "StatefulSet", "Pod", "ConfigMap")
+        for k in ("Deployment", "StatefulSet", "DaemonSet", "Pod", "ConfigMap")
     ]
     paths += [_path(Target(kind="Node", name="x")), _hpa_path("ns", "x")]
     writes = {("", "pods/eviction", "create")}

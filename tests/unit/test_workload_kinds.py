@@ -10,10 +10,13 @@ import pytest
 from agent.ai_answer import ProposedAction, ProposedTarget, incident_scope, vet_actions
 from agent.analyzer import Context, Rollout, analyze, workload_target
 from agent.codec import from_obj
+from agent.errors import ActionFailed
 from agent.kube_signals import pod_labels
 from agent.models import Member, Target, fingerprint
 from agent.policy import Switches, decide, kind_problem
 from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
+from handlers.fake_cluster import FakeCluster
+from handlers.kube import desired_pods, ready_pods, rollout_disruption
 from tests.fakes.incidents import OPENED, ai_settings, incident
 from tests.unit.factories import action, settings
 
@@ -210,3 +213,53 @@ def test_the_policy_denies_an_action_on_a_kind_it_does_not_apply_to(
 def test_a_denial_by_kind_says_why() -> None:
     assert "no replica count to scale" in str(kind_problem("scale_up", "DaemonSet"))
     assert "roll it back by hand" in str(kind_problem("rollback", "StatefulSet"))
+
+
+# --- the in-process cluster acts on the kind named, as the real adapter does ---------------
+
+
+def cluster() -> FakeCluster:
+    """StatefulSet shop/db beside an unrelated Deployment of the same name; DaemonSet agent."""
+    c = FakeCluster()
+    for kind, name in (("StatefulSet", "db"), ("Deployment", "db"), ("DaemonSet", "agent")):
+        c.create_workload(kind, "shop", name, image="v1", replicas=2, at=OPENED)  # type: ignore[arg-type]
+    return c
+
+
+SAME_NAME = Target(kind="Deployment", namespace="shop", name="db")
+AGENT = Target(kind="DaemonSet", namespace="shop", name="agent")
+
+
+async def test_a_statefulset_is_scaled_and_restarted_never_its_namesake_deployment() -> None:
+    c = cluster()
+    untouched = await c.workload(SAME_NAME)
+    up = await c.scale(DB, action_id="a1", replicas=3, direction="up")
+    restarted = await c.restart(DB, action_id="a2", at=OPENED)
+    assert up.applied and restarted.applied
+    w = await c.workload(DB)
+    assert (w.replicas, w.restarted_at, w.applied_action_ids) == (3, OPENED, ("a1", "a2"))
+    assert await c.workload(SAME_NAME) == untouched
+
+
+async def test_a_daemonset_restarts_but_is_neither_scaled_nor_rolled_back() -> None:
+    c = cluster()
+    assert (await c.restart(AGENT, action_id="a1", at=OPENED)).applied
+    before = await c.workload(AGENT)
+    with pytest.raises(ActionFailed, match="no replica count to scale"):
+        await c.scale(AGENT, action_id="a2", replicas=3, direction="up")
+    for target in (AGENT, DB):
+        with pytest.raises(ActionFailed, match="roll it back by hand"):
+            await c.rollback(target, action_id="a3")
+    assert await c.workload(AGENT) == before
+
+
+def test_the_adapter_reads_a_daemonsets_pods_from_its_status() -> None:
+    ds = {
+        "kind": "DaemonSet",
+        "spec": {"updateStrategy": {"rollingUpdate": {"maxUnavailable": "50%"}}},
+        "status": {"desiredNumberScheduled": 3, "numberReady": 3},
+    }
+    assert (desired_pods(ds), ready_pods(ds)) == (3, 3)
+    assert rollout_disruption(ds) == 2  # 50% of 3, rounded up as the controller does
+    on_delete = {**ds, "spec": {"updateStrategy": {"type": "OnDelete"}}}
+    assert rollout_disruption(on_delete) == 0
