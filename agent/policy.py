@@ -74,7 +74,7 @@ NODE_ACTIONS = frozenset({"cordon_node", "drain_node"})
 # The kinds each action acts on, as the cluster adapters carry it out; every layer (the
 # analyzers, the LLM's allow-list, this policy) holds an action to it.
 ACTION_KINDS: Mapping[str, frozenset[str]] = {
-    "rollback": frozenset({"Deployment"}),
+    "rollback": frozenset({"Deployment", "StatefulSet", "DaemonSet"}),
     "scale_up": frozenset({"Deployment", "StatefulSet"}),
     "scale_down": frozenset({"Deployment", "StatefulSet"}),
     "restart_workload": frozenset({"Deployment", "StatefulSet", "DaemonSet"}),
@@ -86,16 +86,8 @@ ACTION_KINDS: Mapping[str, frozenset[str]] = {
 assert set(ACTION_KINDS) == set(ACTION_TYPES)
 # Why a workload action does not apply to a kind, where the bare "not a X" would not say.
 _KIND_WHY: Mapping[tuple[str, str], str] = {
-    **{
-        (t, "DaemonSet"): "a DaemonSet runs one pod per eligible node: it has no replica "
-        "count to scale"
-        for t in SCALE_ACTIONS
-    },
-    **{
-        ("rollback", k): f"the agent does not roll back a {k} (its history is in "
-        "ControllerRevisions, which it does not restore); roll it back by hand"
-        for k in ("StatefulSet", "DaemonSet")
-    },
+    (t, "DaemonSet"): "a DaemonSet runs one pod per eligible node: it has no replica count to scale"
+    for t in SCALE_ACTIONS
 }
 
 

@@ -6,7 +6,7 @@ gives it the next revision number (the old number disappears, as with ReplicaSet
 and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op;
 unknown objects are errors, and a workload is found only under its own kind. As the real
 adapter, it refuses an action on a kind it does not apply to (agent.policy.kind_problem: a
-DaemonSet has no replica count, only a Deployment is rolled back) before reading anything.
+DaemonSet has no replica count) before reading anything.
 Nodes, pods, ConfigMaps and PodDisruptionBudgets are modelled as
 far as the actions need: a pod restart and a drain evict (a budget with no disruptions left
 refuses), a drain skips DaemonSet and mirror pods and refuses pods without a controller.
@@ -138,9 +138,18 @@ class FakeCluster:
         self._workloads[target.key] = state
         return state
 
-    def rollout(self, namespace: str, name: str, *, image: str, at: datetime) -> WorkloadState:
-        """A new image: a new ReplicaSet with the next revision number (kubectl set image)."""
-        state = self._get(Target(kind="Deployment", namespace=namespace, name=name))
+    def rollout(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        image: str,
+        at: datetime,
+        kind: TargetKind = "Deployment",
+    ) -> WorkloadState:
+        """A new image: a new ReplicaSet (a StatefulSet's or DaemonSet's ControllerRevision)
+        with the next revision number (kubectl set image)."""
+        state = self._get(Target(kind=kind, namespace=namespace, name=name))
         number = max(r.number for r in state.revisions) + 1
         new = replace(
             state,

@@ -254,6 +254,85 @@ def first_image(template: Mapping[str, Any]) -> str:
     return str(containers[0].get("image", "")) if containers else ""
 
 
+def revision_template(revision: Mapping[str, Any]) -> Obj | None:
+    """The pod template a StatefulSet's or DaemonSet's ControllerRevision holds (its data is
+    the patch that restores it, the template marked to replace the current one whole)."""
+    template = ((revision.get("data") or {}).get("spec") or {}).get("template")
+    if not isinstance(template, Mapping):
+        return None
+    return {k: v for k, v in template.items() if k != "$patch"}
+
+
+def pick_revision(
+    target: Target, numbers: Sequence[int], current: int, to_revision: int | None
+) -> int:
+    """The revision a rollback restores: ``to_revision``, or the latest before ``current``
+    (kubectl rollout undo); ActionFailed when there is none."""
+    older = sorted(n for n in numbers if n != current)
+    if to_revision is None:
+        if not older:
+            raise ActionFailed(f"{target.key}: no previous revision to roll back to")
+        return max(older)
+    if to_revision not in older:
+        raise ActionFailed(
+            f"{target.key}: revision {to_revision} not found among previous revisions "
+            f"{older} (current {current})"
+        )
+    return to_revision
+
+
+def revision_rollback(
+    target: Target,
+    obj: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    action_id: str,
+    to_revision: int | None,
+) -> _Write:
+    """kubectl rollout undo of a StatefulSet or DaemonSet: the template of a previous
+    ControllerRevision replaces the current one, in one conditional write with the id."""
+    by_number = {int(r.get("revision") or 0): r for r in history}
+    by_number.pop(0, None)
+    if not by_number:
+        raise ActionFailed(f"{target.key}: no rollout history found")
+    spec = obj.get("spec") or {}
+    now = spec.get("template") or {}
+    # The revision of the template it runs; the newest when none holds it yet (the
+    # controller has not seen the change): the newest is what the change replaced.
+    current = max(
+        (n for n, r in by_number.items() if revision_template(r) == now), default=max(by_number)
+    )
+    chosen = pick_revision(target, list(by_number), current, to_revision)
+    template = revision_template(by_number[chosen])
+    if template is None:
+        raise ActionFailed(f"{target.key}: revision {chosen} holds no pod template")
+    if template == now:
+        raise ActionFailed(
+            f"{target.key}: current template already matches revision {chosen}; nothing to do"
+        )
+    annotations = annotations_of(obj)
+    annotations[ACTION_IDS_ANNOTATION] = remember_id(annotations, action_id)
+    old_image, new_image = first_image(now), first_image(template)
+    body = [
+        {
+            "op": "replace",
+            "path": "/metadata/resourceVersion",
+            "value": obj["metadata"]["resourceVersion"],
+        },
+        {"op": "replace", "path": "/spec/template", "value": template},
+        {"op": "add", "path": "/metadata/annotations", "value": annotations},
+    ]
+    return _Write(
+        body,
+        Effect(
+            applied=True,
+            message=f"rolled back {target.key} from revision {current} ({old_image}) to the "
+            f"template of revision {chosen} ({new_image})",
+            prior_state={"revision": current, "image": old_image},
+        ),
+        content_type=JSON_PATCH,
+    )
+
+
 def eviction_block(status_doc: Mapping[str, Any]) -> str:
     """The reason an eviction was refused (429), from the API server's Status."""
     causes = ((status_doc.get("details") or {}).get("causes")) or ()
@@ -528,6 +607,17 @@ class KubeCluster:
         )
         return [rs for rs in sets if (controller_of(rs) or {}).get("uid") == uid]
 
+    async def _controller_revisions(self, target: Target, workload: Obj) -> list[Obj]:
+        """The ControllerRevisions (template history) this StatefulSet or DaemonSet
+        controls, by owner uid, as kubectl rollout undo reads them."""
+        uid = (workload.get("metadata") or {}).get("uid")
+        revisions = await self._list(
+            f"/apis/apps/v1/namespaces/{target.namespace}/controllerrevisions",
+            what=f"ControllerRevisions of {target.key}",
+            query=_selector_query(workload),
+        )
+        return [r for r in revisions if (controller_of(r) or {}).get("uid") == uid]
+
     async def _budgets(self, namespace: str) -> list[Obj]:
         return await self._list(
             f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
@@ -798,7 +888,11 @@ class KubeCluster:
             dep = await self._get(target)
             if action_id in remembered_ids(annotations_of(dep)):
                 return _already(action_id, target)
-            write = await self._rollback_write(target, dep, action_id, to_revision)
+            if target.kind == "Deployment":
+                write = await self._rollback_write(target, dep, action_id, to_revision)
+            else:
+                history = await self._controller_revisions(target, dep)
+                write = revision_rollback(target, dep, history, action_id, to_revision)
             try:
                 await self.call(
                     "PATCH", path, what=target.key, body=write.body, content_type=JSON_PATCH
@@ -820,18 +914,7 @@ class KubeCluster:
         if not by_revision:
             raise ActionFailed(f"{target.key}: no rollout history found")
         current = revision_of(dep) or max(by_revision)
-        older = sorted(n for n in by_revision if n != current)
-        if to_revision is None:
-            if not older:
-                raise ActionFailed(f"{target.key}: no previous revision to roll back to")
-            chosen = max(older)
-        elif to_revision not in older:
-            raise ActionFailed(
-                f"{target.key}: revision {to_revision} not found among previous revisions "
-                f"{older} (current {current})"
-            )
-        else:
-            chosen = to_revision
+        chosen = pick_revision(target, list(by_revision), current, to_revision)
         rs = by_revision[chosen]
         template = template_without_hash((rs.get("spec") or {}).get("template") or {})
         if template == (spec.get("template") or {}):

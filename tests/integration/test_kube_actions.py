@@ -470,9 +470,9 @@ async def test_a_statefulset_pod_restart_is_healed_and_its_redelivery_spares_the
 async def test_statefulset_and_daemonset_actions_act_on_their_own_kind(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:
-    """StatefulSet db beside an unrelated Deployment db: scale and restart act on the
-    StatefulSet only, and are verified; a DaemonSet restarts, and is neither scaled nor
-    rolled back (nor is the StatefulSet), with the reason and nothing written."""
+    """StatefulSet db beside an unrelated Deployment db: scale, restart and rollback act on
+    the StatefulSet only, and are verified; a DaemonSet restarts and rolls back, and its
+    scale is refused with the reason, nothing written."""
     ns = k8s_namespace
     sts = deployment("db", 1)
     sts["kind"] = "StatefulSet"
@@ -521,13 +521,35 @@ async def test_statefulset_and_daemonset_actions_act_on_their_own_kind(
 
         denied = await ex.on_action(request("scale_up", agent, replicas="+1"))
         assert denied.status == "denied" and "no replica count to scale" in denied.message
-        for target in (agent, db):
-            with pytest.raises(ActionFailed, match="roll it back by hand"):
-                await kube.rollback(target, action_id="rb-1")
         with pytest.raises(ActionFailed, match="no replica count to scale"):
             await kube.scale(agent, action_id="sc-1", replicas=5, direction="up")
         ds_after = await read(admin, agent)
         assert ds_after["metadata"]["generation"] == ds_obj["metadata"]["generation"]
+
+        # A bad image on both; each rolls back to its previous ControllerRevision.
+        image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "v2"}]}}}}
+        merge = "application/merge-patch+json"
+        for t in (db, agent):
+            await admin.call("PATCH", _path(t), body=image, what="v2", content_type=merge)
+        await asyncio.gather(settled(admin, db), settled(admin, agent))
+        rollbacks = [request("rollback", db), request("rollback", agent)]
+        rolled = [await ex.on_action(a) for a in rollbacks]
+        assert [r.status for r in rolled] == ["succeeded"] * 2, [r.message for r in rolled]
+        for t in (db, agent):
+            obj = await read(admin, t)
+            image_now = obj["spec"]["template"]["spec"]["containers"][0]["image"]
+            assert image_now == "registry.invalid/app:v1", t.key
+        # The StatefulSet's restart is kept: the template of the revision before v2.
+        assert (
+            "kubectl.kubernetes.io/restartedAt"
+            in ((await read(admin, db))["spec"]["template"]["metadata"]["annotations"])
+        )
+        outcomes = [await verified(bus, a) for a in rollbacks]
+        assert [r.outcome for r in outcomes] == ["healed"] * 2, [r.message for r in outcomes]
+        undo = await ex.on_action(undo_request(rolled[0], requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+        obj = await read(admin, db)
+        assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == "v2"
         after = await read(admin, namesake)
         assert after["metadata"]["generation"] == before["metadata"]["generation"]
         assert after["spec"]["replicas"] == 1

@@ -119,6 +119,7 @@ EXECUTOR_READS = {  # handlers/kube.py: the reads around and after the writes
     ("apps", "daemonsets", "get"),
     ("apps", "replicasets", "get"),  # a pod's owner, in footprint
     ("apps", "replicasets", "list"),
+    ("apps", "controllerrevisions", "list"),  # a StatefulSet's or DaemonSet's rollback
     ("", "pods", "get"),
     ("", "pods", "list"),  # a workload's restarts, a node's pods
     ("", "nodes", "get"),

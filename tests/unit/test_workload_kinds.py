@@ -15,13 +15,15 @@ from agent.kube_signals import pod_labels
 from agent.models import Member, Target, fingerprint
 from agent.policy import Switches, decide, kind_problem
 from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
+from handlers.cluster import ACTION_IDS_ANNOTATION
 from handlers.fake_cluster import FakeCluster
-from handlers.kube import desired_pods, ready_pods, rollout_disruption
+from handlers.kube import desired_pods, ready_pods, revision_rollback, rollout_disruption
 from tests.fakes.incidents import OPENED, ai_settings, incident
 from tests.unit.factories import action, settings
 
 SETTINGS = load_settings(DEFAULT_CONFIG, env={})
 DB = Target(kind="StatefulSet", namespace="shop", name="db")
+AGENT = Target(kind="DaemonSet", namespace="shop", name="agent")
 
 
 def sts_pod(*owners: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def test_the_rules_restart_the_statefulset_a_crash_looping_pod_belongs_to() -> N
     assert [(a.type, a.target) for a in an.actions] == [("restart_workload", DB)]
 
 
-def test_the_rules_never_roll_back_a_statefulset_and_go_on_to_the_next_step() -> None:
+def test_the_rules_roll_back_the_statefulset_its_rollout_names() -> None:
     rollout = Rollout(
         namespace="shop",
         workload="db",
@@ -121,11 +123,20 @@ def test_the_rules_never_roll_back_a_statefulset_and_go_on_to_the_next_step() ->
         at=OPENED,
         previous_image="db:v1",
     )
-    ctx = Context(rollouts=(rollout,), crash_looping=("db",))
-    settings = with_steps("auto_rollback_if_deployment_recent", "restart_if_crash_looping")
-    an = analyze(incident(kube_member("DbDown", DB_POD)), ctx, settings, OPENED)
-    assert [(a.type, a.target) for a in an.actions] == [("restart_workload", DB)]
-    assert any("does not roll back a StatefulSet" in line for line in an.evidence)
+    settings = with_steps("auto_rollback_if_deployment_recent")
+    an = analyze(
+        incident(kube_member("DbDown", DB_POD)), Context(rollouts=(rollout,)), settings, OPENED
+    )
+    assert [(a.type, a.target) for a in an.actions] == [("rollback", DB)]
+
+
+def test_the_rules_never_scale_a_daemonset_and_go_on_to_the_next_step() -> None:
+    ds_pod = {"pod": "agent-x2x4z", "owner": "DaemonSet/agent", "workload": "agent"}
+    ctx = Context(cpu_saturation={"agent": 0.99}, crash_looping=("agent",))
+    settings = with_steps("scale_up_if_cpu_high", "restart_if_crash_looping")
+    an = analyze(incident(kube_member("DbDown", ds_pod)), ctx, settings, OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [("restart_workload", AGENT)]
+    assert any("no replica count to scale" in line for line in an.evidence)
 
 
 def test_a_job_pods_runbook_acts_on_no_deployment_of_the_jobs_name() -> None:
@@ -166,6 +177,7 @@ def test_the_llm_may_name_only_the_kind_the_evidence_shows() -> None:
             proposed("restart_workload", "DaemonSet", "agent"),
             proposed("scale_up", "DaemonSet", "agent"),
             proposed("rollback", "StatefulSet", "db"),
+            proposed("rollback", "DaemonSet", "db"),
             proposed("restart_workload", "StatefulSet", "agent"),
         ],
         scope,
@@ -174,11 +186,12 @@ def test_the_llm_may_name_only_the_kind_the_evidence_shows() -> None:
         ("restart_workload", "StatefulSet/shop/db"),
         ("scale_up", "StatefulSet/shop/db"),
         ("restart_workload", "DaemonSet/shop/agent"),
+        ("rollback", "StatefulSet/shop/db"),
     ]
     assert [(r.action, r.reason) for r in rejected] == [
         ("restart_workload Deployment/shop/db", "out_of_scope"),
         ("scale_up DaemonSet/shop/agent", "wrong_kind"),
-        ("rollback StatefulSet/shop/db", "wrong_kind"),
+        ("rollback DaemonSet/shop/db", "out_of_scope"),
         ("restart_workload StatefulSet/shop/agent", "out_of_scope"),
     ]
 
@@ -192,8 +205,8 @@ def test_the_llm_may_name_only_the_kind_the_evidence_shows() -> None:
         ("restart_workload", "DaemonSet", True),
         ("scale_up", "DaemonSet", False),
         ("scale_down", "DaemonSet", False),
-        ("rollback", "StatefulSet", False),
-        ("rollback", "DaemonSet", False),
+        ("rollback", "StatefulSet", True),
+        ("rollback", "DaemonSet", True),
         ("restart_workload", "Pod", False),
         ("cordon_node", "Deployment", False),
     ],
@@ -212,7 +225,7 @@ def test_the_policy_denies_an_action_on_a_kind_it_does_not_apply_to(
 
 def test_a_denial_by_kind_says_why() -> None:
     assert "no replica count to scale" in str(kind_problem("scale_up", "DaemonSet"))
-    assert "roll it back by hand" in str(kind_problem("rollback", "StatefulSet"))
+    assert "acts on a Node only" in str(kind_problem("drain_node", "DaemonSet"))
 
 
 # --- the in-process cluster acts on the kind named, as the real adapter does ---------------
@@ -227,7 +240,6 @@ def cluster() -> FakeCluster:
 
 
 SAME_NAME = Target(kind="Deployment", namespace="shop", name="db")
-AGENT = Target(kind="DaemonSet", namespace="shop", name="agent")
 
 
 async def test_a_statefulset_is_scaled_and_restarted_never_its_namesake_deployment() -> None:
@@ -241,16 +253,59 @@ async def test_a_statefulset_is_scaled_and_restarted_never_its_namesake_deployme
     assert await c.workload(SAME_NAME) == untouched
 
 
-async def test_a_daemonset_restarts_but_is_neither_scaled_nor_rolled_back() -> None:
+async def test_a_daemonset_restarts_and_rolls_back_but_is_not_scaled() -> None:
     c = cluster()
     assert (await c.restart(AGENT, action_id="a1", at=OPENED)).applied
     before = await c.workload(AGENT)
     with pytest.raises(ActionFailed, match="no replica count to scale"):
         await c.scale(AGENT, action_id="a2", replicas=3, direction="up")
-    for target in (AGENT, DB):
-        with pytest.raises(ActionFailed, match="roll it back by hand"):
-            await c.rollback(target, action_id="a3")
     assert await c.workload(AGENT) == before
+    c.rollout("shop", "agent", image="v2", at=OPENED, kind="DaemonSet")
+    back = await c.rollback(AGENT, action_id="a3")
+    assert back.applied and back.prior_state == {"revision": 2, "image": "v2"}
+    assert (await c.workload(AGENT)).image == "v1"
+
+
+STS = {"metadata": {"uid": "u1", "resourceVersion": "7", "annotations": {"a": "b"}}}
+
+
+def revision(number: int, image: str) -> dict[str, Any]:
+    """A ControllerRevision as the StatefulSet controller writes it."""
+    template = {"spec": {"containers": [{"name": "db", "image": image}]}, "$patch": "replace"}
+    return {"revision": number, "data": {"spec": {"template": template}}}
+
+
+def running(image: str) -> dict[str, Any]:
+    return {**STS, "spec": {"template": {"spec": {"containers": [{"name": "db", "image": image}]}}}}
+
+
+def test_a_statefulset_rolls_back_to_its_previous_controller_revision() -> None:
+    history = [revision(1, "db:v1"), revision(3, "db:v3"), revision(2, "db:v2")]
+    write = revision_rollback(DB, running("db:v3"), history, "act-1", None)
+    assert write.effect.prior_state == {"revision": 3, "image": "db:v3"}
+    assert "from revision 3 (db:v3) to the template of revision 2 (db:v2)" in write.effect.message
+    assert write.body == [
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": "7"},
+        {
+            "op": "replace",
+            "path": "/spec/template",
+            "value": {"spec": {"containers": [{"name": "db", "image": "db:v2"}]}},
+        },
+        {
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": {"a": "b", ACTION_IDS_ANNOTATION: "act-1"},
+        },
+    ]
+    # Undo names the revision it left; the one it runs counts as current, not the newest.
+    undo = revision_rollback(DB, running("db:v2"), history, "act-2", 3)
+    assert undo.effect.prior_state == {"revision": 2, "image": "db:v2"}
+    with pytest.raises(ActionFailed, match="revision 9 not found among previous revisions"):
+        revision_rollback(DB, running("db:v3"), history, "act-3", 9)
+    with pytest.raises(ActionFailed, match="no previous revision"):
+        revision_rollback(DB, running("db:v1"), history[:1], "act-4", None)
+    with pytest.raises(ActionFailed, match="no rollout history"):
+        revision_rollback(DB, running("db:v1"), [], "act-5", None)
 
 
 def test_the_adapter_reads_a_daemonsets_pods_from_its_status() -> None:
