@@ -744,6 +744,26 @@ def _beyond_runbook(m: Member, inc: Incident, ctx: Context, settings: Settings) 
     )
 
 
+MAX_GATHERED_LINES = 20
+
+
+def runbook_evidence(ctx: Context) -> tuple[str, ...]:
+    """What a matched runbook's ``spec.context.gather`` asked for, as evidence lines: its
+    metrics series (redacted by the gatherer) and what could not be gathered. Shown, never
+    decided on: the runbook's conditions decide."""
+    lines = [
+        f"gathered by {s.query} {{{', '.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}"
+        f" = {s.value:g}"
+        for s in ctx.metrics
+        if s.query.startswith("runbook ")
+    ]
+    lines += [n for n in ctx.notes if n.startswith("runbook ")]
+    if len(lines) > MAX_GATHERED_LINES:
+        rest = len(lines) - MAX_GATHERED_LINES
+        lines = [*lines[:MAX_GATHERED_LINES], f"gathered by runbooks: {rest} more lines"]
+    return tuple(lines)
+
+
 def analyze(incident: Incident, ctx: Context, settings: Settings, now: datetime) -> Analysis:
     findings = [
         f for m in incident.firing if (f := _for_member(m, incident, ctx, settings)) is not None
@@ -768,6 +788,7 @@ def analyze(incident: Incident, ctx: Context, settings: Settings, now: datetime)
         root = f"{', '.join(names)} firing; no known cause matched the evidence"
         cls, conf, actions = "unknown", 0.3, []
         evidence = (*(f"pattern {n} firing" for n in names), *ctx.notes)
+    evidence = (*evidence, *(e for e in runbook_evidence(ctx) if e not in evidence))
     return Analysis(
         id=stable_id("analysis", incident.id, str(incident.revision), "rules"),
         incident_id=incident.id,

@@ -13,6 +13,13 @@ is stored, so nothing secret reaches a prompt or a log:
   :class:`ClusterContext` (the in-process FakeCluster and handlers.kube.KubeCluster
   implement it; without one those sources are noted as unavailable).
 
+The runbook file an incident's signal matches (``spec.context.gather``) adds to that: its
+``metrics`` queries run as one more source (``runbook metrics``); its ``events`` and
+``deployments`` windows keep, in their namespace, only what happened within ``duration``
+before the incident opened; its ``logs`` LogQL query has no Loki to run on: a selector that
+names the incident's workload and ``|=``/``!=`` line filters narrow that workload's pod log
+tails, anything else is noted as not gathered.
+
 A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
 analysis; within the logs and the events, one pod or namespace that fails leaves its own
 note and the rest is kept. Logs and metrics that time out keep what they read by then, and
@@ -25,7 +32,9 @@ for the rules.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import string
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,7 +56,7 @@ from agent.labels import service_of
 from agent.models import Incident, Target
 from agent.prom import Sample
 from agent.redaction import clip, redact
-from agent.settings import Settings
+from agent.settings import FileRunbook, GatherItem, Settings
 from handlers.cluster import Cluster
 
 log = logging.getLogger(__name__)
@@ -210,6 +219,93 @@ async def rollouts_of(
     return rollouts, notes
 
 
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """The part of a LogQL query the pod log tails can answer."""
+
+    selector: Mapping[str, str]
+    keep: tuple[str, ...] = ()  # |= "text": lines containing it
+    drop: tuple[str, ...] = ()  # != "text": lines not containing it
+
+
+_SELECTOR = re.compile(r"\s*\{(?P<body>[^{}]*)\}")
+_MATCHER = re.compile(r'\s*(?P<k>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<v>"(?:[^"\\]|\\.)*")\s*(?:,|$)')
+_STAGE = re.compile(r'\s*(?:(?P<op>\|=|!=)\s*(?P<text>"(?:[^"\\]|\\.)*")|\|\s*(?:json|logfmt)\b)')
+# Selector labels a workload's pods answer to: the namespace, and its own name.
+WORKLOAD_LABELS = frozenset({"app", "app_kubernetes_io_name", "deployment", "service"})
+
+
+def parse_logql(query: str) -> LogQuery | str:
+    """The selector (exact matchers) and line filters of ``query``, or why the tails
+    cannot answer it. Parser stages (``| json``, ``| logfmt``) select no lines: skipped."""
+    m = _SELECTOR.match(query)
+    if m is None:
+        return "no {...} stream selector"
+    selector: dict[str, str] = {}
+    body = m.group("body").strip()
+    pos = 0
+    while pos < len(body):
+        mm = _MATCHER.match(body, pos)
+        if mm is None:
+            return f'selector {{{body}}}: only label="value" matchers map onto pod logs'
+        selector[mm.group("k")] = json.loads(mm.group("v"))
+        pos = mm.end()
+    if set(selector) - WORKLOAD_LABELS - {"namespace"}:
+        extra = sorted(set(selector) - WORKLOAD_LABELS - {"namespace"})
+        return f"selector label {extra[0]}: only namespace and a workload's name map onto pod logs"
+    keep: list[str] = []
+    drop: list[str] = []
+    rest, pos = query[m.end() :], 0
+    while rest[pos:].strip():
+        st = _STAGE.match(rest, pos)
+        if st is None:
+            return f"stage {rest[pos:].strip()[:40]!r}: only |= and != line filters map"
+        if st.group("op"):
+            (keep if st.group("op") == "|=" else drop).append(json.loads(st.group("text")))
+        pos = st.end()
+    return LogQuery(selector, tuple(keep), tuple(drop))
+
+
+def names_workload(q: LogQuery, target: Target) -> bool:
+    """Whether the query's selector picks the target's pods (and names its workload)."""
+    names = {v for k, v in q.selector.items() if k in WORKLOAD_LABELS}
+    return names == {target.name} and q.selector.get("namespace", target.namespace) == (
+        target.namespace
+    )
+
+
+def filter_lines(text: str, q: LogQuery) -> str:
+    return "\n".join(
+        line
+        for line in text.splitlines()
+        if all(k in line for k in q.keep) and not any(d in line for d in q.drop)
+    )
+
+
+def windows(
+    items: Sequence[GatherItem], kind: str, namespaces: Collection[str], opened_at: datetime
+) -> tuple[dict[str, datetime], list[str]]:
+    """namespace -> the earliest time kept there (the widest window of the ``kind`` items
+    naming it, or naming none), and the namespaces items name that no workload of the
+    incident is in. A namespace with an item without a duration keeps everything."""
+    widest: dict[str, float | None] = {}
+    stray: list[str] = []
+    for item in items:
+        if item.type != kind:
+            continue
+        if item.namespace and item.namespace not in namespaces:
+            stray.append(item.namespace)
+            continue
+        for ns in [item.namespace] if item.namespace else namespaces:
+            have = widest.get(ns, 0.0)
+            if item.duration is None or have is None:
+                widest[ns] = None
+            else:
+                widest[ns] = max(have, item.duration)
+    since = {ns: opened_at - timedelta(seconds=d) for ns, d in widest.items() if d is not None}
+    return since, stray
+
+
 # --- the gatherer ---------------------------------------------------------------------------
 
 
@@ -244,6 +340,9 @@ class _Parts:
         }
 
     notes: list[str] = field(default_factory=list)
+    # kind (events, deployments) -> namespace -> the earliest time a runbook keeps there
+    since: dict[str, dict[str, datetime]] = field(default_factory=dict)
+    log_namespaces: dict[str, str] = field(default_factory=dict)  # pod -> its namespace
     # source -> what it has still to read: named in its note if it times out.
     unread: dict[str, list[str]] = field(default_factory=dict)
 
@@ -278,10 +377,24 @@ class ContextGatherer:
         targets = [t for t in targets if t.name]
         nodes = sorted({n for m in incident.members if is_dns_name(n := m.labels.get("node", ""))})
         parts = _Parts()
+        books = self.runbooks(incident)
+        items = [(b, g) for b in books for g in b.gather]
+        namespaces = {t.namespace for t in targets}
+        for kind in ("events", "deployments"):
+            since, stray = windows([g for _, g in items], kind, namespaces, incident.opened_at)
+            parts.since[kind] = since
+            for b, g in items:
+                if g.type == kind and g.namespace in stray:
+                    parts.notes.append(
+                        f"runbook {b.name} {kind} of namespace {g.namespace}: not gathered: "
+                        "no workload of the incident is there"
+                    )
         jobs: list[tuple[str, Awaitable[None]]] = [
             ("rollouts", self._rollouts(targets, parts)),
             ("metrics", self._metrics(incident, targets, parts)),
         ]
+        if any(g.type == "metrics" for _, g in items):
+            jobs.append(("runbook metrics", self._runbook_metrics(items, parts)))
         if self.source is not None:
             jobs += [
                 ("events", self._events(self.source, targets, nodes, parts)),
@@ -295,6 +408,7 @@ class ContextGatherer:
         await asyncio.gather(*(self._bounded(name, job, parts) for name, job in jobs))
         for listing in parts.pod_lists.values():
             listing.cancel()  # one a timed-out job left running (a no-op for the rest)
+        self._runbook_logs(items, targets, parts)
         signals = derive_signals(parts.events, [t.name for t in targets], parts.live_pods())
         node_conditions = dict(signals.node_conditions)
         for n, conditions in parts.node_conditions.items():
@@ -318,6 +432,90 @@ class ContextGatherer:
             notes=tuple(parts.notes),
         )
 
+    def runbooks(self, incident: Incident) -> list[FileRunbook]:
+        """The runbook files the incident's firing signals match, each once."""
+        found = (self.settings.file_runbook_for(m.name, m.source) for m in incident.firing)
+        return list({b.name: b for b in found if b is not None}.values())
+
+    async def _runbook_metrics(
+        self, items: Sequence[tuple[FileRunbook, GatherItem]], parts: _Parts
+    ) -> None:
+        queries = list(
+            dict.fromkeys((b.name, q) for b, g in items if g.type == "metrics" for q in g.queries)
+        )
+        if self.prom is None:
+            names = ", ".join(sorted({b for b, _ in queries}))
+            parts.notes.append(f"runbook {names} metrics: not gathered: no Prometheus client")
+            return
+        prom = self.prom
+
+        # One query failing (a typo, a Prometheus error) costs only its own series.
+        async def one(book: str, expr: str) -> list[Sample] | str:
+            try:
+                return await prom.query(expr)
+            except AgentError as err:
+                return f"runbook {book} metrics {expr!r} unavailable: {redact(str(err))[:200]}"
+
+        results = await asyncio.gather(*(one(b, q) for b, q in queries))
+        samples: list[MetricSample] = []
+        for (book, expr), result in zip(queries, results, strict=True):
+            if isinstance(result, str):
+                parts.notes.append(result)
+                continue
+            # Label values come from whatever Prometheus scraped: untrusted, redacted.
+            samples += [
+                MetricSample(
+                    query=f"runbook {book}: {expr}",
+                    labels={k: clip(redact(v), MAX_TEXT) for k, v in s.labels.items()},
+                    value=s.value,
+                )
+                for s in result
+            ]
+        kept, dropped = within_budget(samples, _sample_size, self.limits.max_bytes)
+        parts.metrics += kept
+        if dropped:
+            parts.notes.append(f"runbook metrics: {dropped} series left out (budget)")
+
+    def _runbook_logs(
+        self,
+        items: Sequence[tuple[FileRunbook, GatherItem]],
+        targets: Sequence[Target],
+        parts: _Parts,
+    ) -> None:
+        """Narrow the tails read to a runbook's LogQL query where it maps onto them."""
+        for book, g in items:
+            if g.type != "logs":
+                continue
+            where = f"runbook {book.name} logs {g.queries[0].strip()!r}"
+            q = parse_logql(g.queries[0])
+            if isinstance(q, str):
+                parts.notes.append(f"{where}: not gathered: no Loki source, and {q}")
+                continue
+            if self.source is None or not self.logs:
+                parts.notes.append(f"{where}: not gathered: pod logs are not read")
+                continue
+            picked = [t for t in targets if names_workload(q, t)]
+            if not picked:
+                parts.notes.append(
+                    f"{where}: not gathered: no Loki source, and its selector names no "
+                    "workload of the incident"
+                )
+                continue
+            pods = [
+                p
+                for p, ns in parts.log_namespaces.items()
+                if any(t.namespace == ns and owner_of(p, [t.name]) for t in picked)
+            ]
+            for p in pods:
+                parts.logs[p] = filter_lines(parts.logs[p], q)
+            if pods:
+                # The logs API gives tails, not windows: say so rather than pretend.
+                lines = f"the last {self.limits.log_lines} lines"
+                span = f", not {g.duration:g}s" if g.duration is not None else ""
+                parts.notes.append(
+                    f"{where}: applied to the log tails ({lines}{span}) of {', '.join(pods)}"
+                )
+
     async def _bounded(self, name: str, job: Awaitable[None], parts: _Parts) -> None:
         try:
             async with asyncio.timeout(self.limits.timeout):
@@ -334,7 +532,14 @@ class ContextGatherer:
         latest: dict[str, list[Rollout]] = {}
         for r in rollouts:
             latest.setdefault(f"{r.namespace}/{r.workload}", []).append(r)
-        parts.rollouts += [r for rs in latest.values() for r in rs[-MAX_REVISIONS:]]
+        kept = [r for rs in latest.values() for r in rs[-MAX_REVISIONS:]]
+        since = parts.since.get("deployments", {})
+        parts.rollouts += [r for r in kept if r.at >= since.get(r.namespace, r.at)]
+        if len(kept) > len(parts.rollouts):
+            parts.notes.append(
+                f"rollouts: {len(kept) - len(parts.rollouts)} older than the runbook's "
+                "deployments window left out"
+            )
         parts.notes += notes
 
     async def _metrics(self, incident: Incident, targets: Sequence[Target], parts: _Parts) -> None:
@@ -433,6 +638,14 @@ class ContextGatherer:
                 found += await src.events("", nodes, limit=limit)
             except AgentError as err:
                 parts.note(f"events of nodes unavailable: {redact(str(err))[:200]}")
+        since = parts.since.get("events", {})
+        inside = [e for e in found if e.at is None or e.at >= since.get(e.namespace, e.at)]
+        if len(inside) < len(found):
+            parts.notes.append(
+                f"events: {len(found) - len(inside)} older than the runbook's events window "
+                "left out"
+            )
+        found = inside
         found.sort(key=lambda e: e.at.timestamp() if e.at else 0.0, reverse=True)  # newest
         clean = [replace(e, message=clip(redact(e.message), MAX_TEXT)) for e in found[: limit or 0]]
         kept, dropped = within_budget(
@@ -491,6 +704,7 @@ class ContextGatherer:
             for ns, pod in pods:
                 if (ns, pod) in texts:
                     parts.logs[pod] = texts[(ns, pod)]
+                    parts.log_namespaces[pod] = ns
 
     async def _config(
         self, src: ClusterContext, incident: Incident, targets: Sequence[Target], parts: _Parts

@@ -17,8 +17,14 @@ What is honoured, and how:
 - ``condition``: see :mod:`agent.runbook_expr`; parsed here, evaluated by the analyzer.
 - ``onSuccess``/``onFailure``: ``continue`` (also ``monitor``: verification always watches
   an action) or ``notify_*``/``escalate*``; anything else is refused.
-- ``spec.escalation[]`` and ``spec.context.gather``: validated, informational (see the
-  README): the global escalation section and the context gatherer decide.
+- ``spec.context.gather[]``: gathered for the incidents the runbook matches, besides the
+  default context (see :mod:`agent.context`): ``metrics`` ``queries`` run on Prometheus
+  (at most :data:`MAX_GATHER_QUERIES` a runbook); ``events``/``deployments`` ``duration``
+  is the window before the incident they are kept from, ``namespace`` the one they apply
+  to; ``logs`` ``query`` is LogQL: with no Loki source, only a selector naming the
+  incident's workload and ``|=``/``!=`` line filters map onto the pod log tails read.
+- ``spec.escalation[]``: validated, informational (see the README): the global escalation
+  section decides.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
+from agent.ai_answer import is_dns_name
 from agent.codec import validation_problems
 from agent.models import ActionRequest, AnomalySource, ParamValue, Target
 from agent.policy import param_problem
@@ -41,6 +48,7 @@ from agent.settings import (
     EscalationLevel,
     FileRunbook,
     FileStep,
+    GatherItem,
     Seconds,
     Settings,
     _expand,
@@ -73,6 +81,8 @@ SCOPE_PARAMS = frozenset({"deployment", "namespace", "node", "pod"})
 CONTINUE = frozenset({"continue", "monitor"})
 _STRICT = ConfigDict(extra="forbid")
 _EPOCH = datetime(2000, 1, 2, tzinfo=UTC)  # requested_at of the load-time param probe
+MAX_GATHER_QUERIES = 10  # metrics queries of one runbook: each is a Prometheus call
+MAX_QUERY = 2000  # characters of one gather query
 _NAME = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=128)]
 
 
@@ -282,6 +292,46 @@ def _step(raw: Any, where: str, settings: Settings) -> tuple[FileStep | None, li
     )
 
 
+def _gather(items: tuple[_Gather, ...]) -> tuple[tuple[GatherItem, ...], list[str]]:
+    """The gather items, or the problems found: a field an item's type does not act on is
+    refused rather than silently ignored."""
+    out: list[GatherItem] = []
+    problems: list[str] = []
+    total = 0
+    for i, g in enumerate(items):
+        where = f"spec.context.gather[{i}]"
+        queries = tuple(q.strip() for q in ((g.query,) if g.query else ()) + g.queries)
+        if g.namespace and not is_dns_name(g.namespace):
+            problems.append(f"{where}.namespace: {g.namespace!r} is not a namespace name")
+        if any(not q for q in queries) or any(len(q) > MAX_QUERY for q in queries):
+            problems.append(f"{where}: each query is 1 to {MAX_QUERY} characters")
+        if g.type == "metrics":
+            if not queries:
+                problems.append(f"{where}.queries: metrics needs at least one PromQL query")
+            for j, q in enumerate(queries):
+                if q.count("(") != q.count(")") or q.count("[") != q.count("]"):
+                    problems.append(f"{where}.queries[{j}]: unbalanced brackets in PromQL")
+            for key, value in (("namespace", g.namespace), ("duration", g.duration)):
+                if value:
+                    problems.append(
+                        f"{where}.{key}: metrics queries run as written, at the incident's "
+                        f"analysis: put the {key} in the PromQL"
+                    )
+            total += len(queries)
+        elif g.type == "logs":
+            if len(queries) != 1:
+                problems.append(f"{where}.query: logs needs exactly one LogQL query")
+        elif queries:
+            problems.append(f"{where}.query: {g.type} takes no query (namespace, duration)")
+        out.append(GatherItem(g.type, queries, g.namespace, g.duration))
+    if total > MAX_GATHER_QUERIES:
+        problems.append(
+            f"spec.context.gather: {total} metrics queries; at most {MAX_GATHER_QUERIES} "
+            "(each is a Prometheus call in every analysis the runbook matches)"
+        )
+    return tuple(out), problems
+
+
 def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook | None, list[str]]:
     """One document as a runbook, or the problems found (each naming the field)."""
     try:
@@ -295,6 +345,8 @@ def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook 
         problems += more
         if step is not None:
             steps.append(step)
+    gather, more = _gather(book.spec.context.gather)
+    problems += more
     if problems:
         return None, problems
     return (
@@ -312,7 +364,7 @@ def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook 
                 )
                 for lv in book.spec.escalation
             ),
-            gather=tuple(g.type for g in book.spec.context.gather),
+            gather=gather,
         ),
         [],
     )

@@ -664,6 +664,17 @@ class EscalationLevel:
 
 
 @dataclass(frozen=True, slots=True)
+class GatherItem:
+    """A runbook file's ``spec.context.gather`` item, gathered (agent.context) for the
+    incidents the runbook matches, besides the default context."""
+
+    type: Literal["logs", "metrics", "events", "deployments"]
+    queries: tuple[str, ...] = ()  # metrics: PromQL; logs: one LogQL query
+    namespace: str = ""  # "" : every namespace of the incident's workloads
+    duration: float | None = None  # events/deployments: the window before the incident
+
+
+@dataclass(frozen=True, slots=True)
 class FileRunbook:
     """A ``kind: Runbook`` document of ``runbook_files``: a runbook whose steps carry their
     own conditions and params. Precedence as an inline runbook's (Settings.steps_for)."""
@@ -674,7 +685,7 @@ class FileRunbook:
     steps: tuple[FileStep, ...]
     source: AnomalySource | None = None
     escalation: tuple[EscalationLevel, ...] = ()
-    gather: tuple[str, ...] = ()  # the spec.context.gather types, informational
+    gather: tuple[GatherItem, ...] = ()
 
 
 Step = str | FileStep
@@ -740,6 +751,13 @@ class Settings:
             if src is None:
                 return f"runbook {book}", steps
         return None
+
+    def file_runbook_for(self, name: str, source: str) -> FileRunbook | None:
+        """The runbook file whose steps answer for this signal (see steps_for), if any."""
+        found = self.steps_for(name, source)
+        if found is None:
+            return None
+        return next((r for r in self.file_runbooks if f"runbook {r.name}" == found[0]), None)
 
 
 def config_warnings(s: Settings) -> list[str]:

@@ -10,9 +10,19 @@ from datetime import timedelta
 import pytest
 
 from agent.analyzer import ConfigChange, KubeEvent
-from agent.context import ClusterContext, ContextGatherer, derive_signals, owner_of, render_query
+from agent.context import (
+    ClusterContext,
+    ContextGatherer,
+    LogQuery,
+    derive_signals,
+    owner_of,
+    parse_logql,
+    render_query,
+    windows,
+)
 from agent.errors import DependencyUnavailable
 from agent.prom import Sample
+from agent.settings import FileRunbook, FileStep, GatherItem
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, ai_settings, incident, member
 
@@ -29,16 +39,18 @@ class FakeProm:
         delay: float = 0.0,
         fail: bool = False,
         hung: tuple[str, ...] = (),
+        broken: str = "\0",  # expressions containing it fail
     ) -> None:
         self.answers = answers
         self.delay = delay
         self.fail = fail
         self.hung = hung  # substrings of the expressions it never answers
+        self.broken = broken
         self.queries: list[str] = []
 
     async def query(self, expr: str) -> list[Sample]:
         self.queries.append(expr)
-        if self.fail:
+        if self.fail or self.broken in expr:
             raise DependencyUnavailable(f"prometheus down (password={SECRET})")
         if any(h in expr for h in self.hung):
             await asyncio.Event().wait()
@@ -366,3 +378,103 @@ async def test_metrics_read_before_the_source_timed_out_are_kept() -> None:
         "metrics: no answer within 0.3s; not read: node_cpu_saturation of Deployment/shop/checkout",
     )
     assert ctx.rollouts and ctx.logs  # the other sources arrived
+
+
+# --- a matched runbook's spec.context.gather ------------------------------------------------
+
+ORDERS = FileRunbook(
+    name="orders",
+    alert="CheckoutErrors",
+    path="orders.yaml",
+    steps=(FileStep(name="look", action="check_recent_deployments"),),
+    gather=(
+        GatherItem("logs", ('{app="checkout", namespace="shop"} |= "ERROR" | json',)),
+        GatherItem("metrics", ('rate(http_5xx{app="checkout"}[5m])', "broken_query")),
+        GatherItem("events", namespace="shop", duration=1800.0),
+        GatherItem("deployments", namespace="shop", duration=3600.0),
+        GatherItem("events", namespace="billing", duration=60.0),
+    ),
+)
+RUNBOOK_PROM = {
+    **PROM,
+    "http_5xx": [
+        Sample({"app": "checkout", "url": f"https://u:{SECRET}@db?password={SECRET}"}, 0.4)
+    ],
+}
+
+
+async def gather_for(book: FileRunbook, name: str = "CheckoutErrors", **kw: object):  # type: ignore[no-untyped-def]
+    settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s"})
+    settings = replace(settings, file_runbooks=(book,))
+    c = cluster()
+    c.add_event(
+        KubeEvent("shop", "Pod", "checkout-7c9f-abcde", "Old", at=OPENED - timedelta(hours=2))
+    )
+    prom = FakeProm(RUNBOOK_PROM, broken="broken_query")
+    g = ContextGatherer(settings, cluster=c, source=c, prom=prom, **kw)  # type: ignore[arg-type]
+    return await g.gather(incident(member(name))), prom
+
+
+async def test_a_matched_runbooks_gather_items_shape_the_context() -> None:
+    ctx, prom = await gather_for(ORDERS)
+    # Its metrics queries ran besides the defaults; the one that failed is noted, the
+    # other kept, redacted.
+    assert 'rate(http_5xx{app="checkout"}[5m])' in prom.queries and ctx.cpu_saturation
+    (got,) = [s for s in ctx.metrics if s.query.startswith("runbook orders:")]
+    assert got.query == 'runbook orders: rate(http_5xx{app="checkout"}[5m])' and got.value == 0.4
+    assert SECRET not in repr(ctx) and "[REDACTED]" in got.labels["url"]
+    assert any(n.startswith("runbook orders metrics 'broken_query' unavailable") for n in ctx.notes)
+    # deployments: 1h: the creation three days ago is left out; events: 30m likewise.
+    assert [r.revision for r in ctx.rollouts] == [2]
+    assert "Old" not in {e.reason for e in ctx.events} and "BackOff" in {
+        e.reason for e in ctx.events
+    }
+    # The LogQL line filter narrowed the workload's tail.
+    assert ctx.logs["checkout-7c9f-abcde"] == "ERROR boom"
+    assert (
+        "runbook orders events of namespace billing: not gathered: no workload of the "
+        "incident is there"
+    ) in ctx.notes
+
+
+async def test_an_incident_no_runbook_matches_gets_the_default_context() -> None:
+    ctx, prom = await gather_for(ORDERS, name="high-error-rate")
+    assert not any("http_5xx" in q for q in prom.queries)
+    assert {r.revision for r in ctx.rollouts} == {1, 2}
+    assert "Old" in {e.reason for e in ctx.events}
+    assert "line 199" in ctx.logs["checkout-7c9f-abcde"]
+
+
+async def test_a_logql_query_the_pod_logs_cannot_answer_is_noted_by_name() -> None:
+    book = replace(ORDERS, gather=(GatherItem("logs", ('{cluster="c1"} |= "error"',)),))
+    ctx, _ = await gather_for(book)
+    (note,) = [n for n in ctx.notes if n.startswith("runbook orders logs")]
+    assert note.startswith(
+        'runbook orders logs \'{cluster="c1"} |= "error"\': not gathered: no Loki'
+    )
+    assert "line 199" in ctx.logs["checkout-7c9f-abcde"]  # the default tail stays
+    ctx, _ = await gather_for(ORDERS, logs=False)
+    assert any(n.startswith("runbook orders logs") and "not gathered" in n for n in ctx.notes)
+
+
+def test_logql_maps_only_selectors_and_line_filters() -> None:
+    assert parse_logql('{app="order-service"} |= "error" != "debug" | json') == LogQuery(
+        {"app": "order-service"}, ("error",), ("debug",)
+    )
+    assert isinstance(parse_logql('{app=~"order.*"}'), str)
+    assert isinstance(parse_logql('{app="a"} |~ "err.*"'), str)
+    assert isinstance(parse_logql('rate({app="a"}[5m])'), str)
+    assert isinstance(parse_logql('{pod="a"}'), str)
+
+
+def test_windows_are_the_widest_per_namespace_and_stray_namespaces_named() -> None:
+    items = [
+        GatherItem("events", duration=600.0),
+        GatherItem("events", namespace="shop", duration=1800.0),
+        GatherItem("events", namespace="gone", duration=60.0),
+        GatherItem("deployments", namespace="cart"),  # no duration: everything
+    ]
+    since, stray = windows(items, "events", {"shop", "cart"}, OPENED)
+    assert since == {"shop": OPENED - timedelta(minutes=30), "cart": OPENED - timedelta(minutes=10)}
+    assert stray == ["gone"]
+    assert windows(items, "deployments", {"shop", "cart"}, OPENED) == ({}, [])

@@ -12,11 +12,18 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.analyzer import Context, Rollout, analyze
+from agent.analyzer import Context, MetricSample, Rollout, analyze
 from agent.errors import ConfigError
 from agent.models import Incident, Member, Target, fingerprint
 from agent.runbook_expr import parse
-from agent.settings import DEFAULT_CONFIG, FileStep, Settings, config_warnings, load_settings
+from agent.settings import (
+    DEFAULT_CONFIG,
+    FileStep,
+    GatherItem,
+    Settings,
+    config_warnings,
+    load_settings,
+)
 from tests.unit.factories import SHOP, at
 
 REFERENCE = Path(__file__).resolve().parent.parent / "fixtures" / "reference_runbook.yaml"
@@ -93,7 +100,18 @@ def test_the_shipped_adapted_example_loads() -> None:
         ("continue", "continue"),
         ("continue", "continue"),  # monitor: verification always watches
     ]
-    assert orders.gather == ("logs", "metrics", "events", "deployments")
+    assert orders.gather == (
+        GatherItem("logs", ('{app="order-service"} |= "error" | json',), duration=900.0),
+        GatherItem(
+            "metrics",
+            (
+                'rate(http_requests_total{app="order-service",status=~"5.."}[5m])',
+                'rate(http_requests_total{app="order-service"}[5m])',
+            ),
+        ),
+        GatherItem("events", namespace="order-service", duration=1800.0),
+        GatherItem("deployments", namespace="order-service", duration=3600.0),
+    )
     assert config_warnings(SHIPPED) == []
 
 
@@ -121,6 +139,37 @@ def test_a_bad_step_is_refused_naming_the_file_and_field(
     (problem,) = problems(tmp_path, book(bad))
     assert problem.startswith(f"runbook_files[0] ({tmp_path / 'runbooks' / 'book0.yaml'}): ")
     assert says in problem
+
+
+@pytest.mark.parametrize(
+    ("item", "says"),
+    [
+        ({"type": "metrics"}, "gather[0].queries: metrics needs at least one PromQL query"),
+        ({"type": "metrics", "queries": ["rate(x[5m]"]}, "gather[0].queries[0]: unbalanced"),
+        ({"type": "metrics", "queries": ["up"], "duration": "5m"}, "gather[0].duration: metrics"),
+        ({"type": "metrics", "queries": ["up"] * 11}, "11 metrics queries; at most 10"),
+        ({"type": "logs", "duration": "5m"}, "gather[0].query: logs needs exactly one LogQL"),
+        ({"type": "events", "query": "x"}, "gather[0].query: events takes no query"),
+        ({"type": "events", "namespace": "Not A Name"}, "gather[0].namespace: 'Not A Name'"),
+        ({"type": "traces"}, "spec.context.gather[0].type"),
+    ],
+)
+def test_a_gather_item_is_refused_where_nothing_would_act_on_it(
+    tmp_path: Path, item: dict[str, Any], says: str
+) -> None:
+    (problem,) = problems(tmp_path, book(step(), context={"gather": [item]}))
+    assert says in problem
+
+
+def test_the_rules_show_what_a_runbook_gathered_as_evidence(tmp_path: Path) -> None:
+    settings = following(tmp_path, *ESCALATING)
+    gathered = MetricSample("runbook orders: rate(x[5m])", {"app": "checkout"}, 0.25)
+    note = "runbook orders logs '{a=~\"b\"}': not gathered: no Loki source, and ..."
+    ctx = Context(rollouts=(rollout(10),), metrics=(gathered,), notes=(note,))
+    an = analyze(INCIDENT, ctx, settings, OPENED)
+    assert an.actions  # the evidence is shown, and decides nothing
+    assert "gathered by runbook orders: rate(x[5m]) {app=checkout} = 0.25" in an.evidence
+    assert note in an.evidence
 
 
 def test_loaded_runbooks_cannot_be_written_in_the_config(tmp_path: Path) -> None:
