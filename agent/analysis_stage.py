@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 
-from agent.analyzer import analyze, failed_steps
+from agent.analyzer import analyze, escalates_to, failed_pages
 from agent.context import ContextGatherer
 from agent.labels import service_of
 from agent.llm_analyzer import LLMAnalyzer
@@ -158,9 +158,17 @@ def failure_escalation(
     """The page a runbook file's ``onFailure: notify_*/escalate*`` asks for once its step's
     action was verified ineffective; one per incident and set of such steps (an id of its
     own: a notify or no_remedy page sent earlier does not stand in for it)."""
-    lines = failed_steps(incident, tried, settings)
+    pages = failed_pages(incident, tried, settings)
+    lines = [line for line, _ in pages]
     if not lines:
         return None
+    hooks = {w.name for w in settings.escalation.webhooks}
+    # escalate_<who> goes to the webhook named <who>; one naming none, the global route.
+    # A page any step cannot route that way goes the global route: none is left unsent.
+    whos = [escalates_to(f) for _, f in pages]
+    routed = tuple(dict.fromkeys(w for w in whos if w in hooks))
+    if len(routed) < len(set(whos)):
+        routed = ()
     page = _escalation(
         incident,
         analysis,
@@ -169,7 +177,7 @@ def failure_escalation(
         "a runbook step's onFailure asks for a person",
         lines[1:],
     )
-    return replace(page, id=stable_id(page.id, "onFailure", *lines))
+    return replace(page, id=stable_id(page.id, "onFailure", *lines), channels=routed)
 
 
 def no_remedy_escalation(

@@ -608,13 +608,20 @@ def _file_step(
     )
 
 
-def failed_steps(
+def escalates_to(on_failure: str) -> str | None:
+    """``<who>`` of ``escalate_<who>``: where the step's page should go."""
+    who = on_failure.removeprefix("escalate_")
+    return who if who != on_failure and who else None
+
+
+def failed_pages(
     incident: Incident, tried: Iterable[tuple[str, str]], settings: Settings
-) -> list[str]:
-    """What runbook-file steps whose ``onFailure`` pages (notify_*/escalate*) say, once the
-    step's action on this incident's target was verified ineffective."""
+) -> list[tuple[str, str]]:
+    """(what it says, its onFailure) of each runbook-file step whose ``onFailure`` pages
+    (notify_*/escalate*), once its action on this incident's target was verified
+    ineffective."""
     done = set(tried)
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     for m in incident.firing:
         prescriber, steps = settings.steps_for(m.name, m.source) or ("", ())
         for step in steps:
@@ -626,7 +633,7 @@ def failed_steps(
                     f"{prescriber} step {step.name!r}: {step.action} "
                     f"{target.key} verified ineffective; onFailure: {step.on_failure}"
                 )
-                out += [line] if line not in out else []
+                out += [(line, step.on_failure)] if line not in [x for x, _ in out] else []
     return out
 
 

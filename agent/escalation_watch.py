@@ -22,8 +22,12 @@ after a silenced one, no resolution between), the incident, still counted from i
 episode's start, is escalated again at each level it has reached, once, under ids that
 carry the revision the silence ended at; under its old ids the pages were dropped as
 already sent, so an incident still firing after its silence never paged again.
-The decisions are pure (:func:`track`, :func:`due`); the watch keeps their state and
-publishes.
+An incident whose signal a runbook file with ``spec.escalation`` answers for follows that
+runbook's levels instead (:func:`runbook_plan`): its ``after`` times, and its ``notify``
+channels as the webhooks its escalations go to (the global routing when none names one).
+
+The decisions are pure (:func:`track`, :func:`due`, :func:`runbook_plan`); the watch keeps
+their state and publishes.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.memory import remember
 from agent.metrics import Metrics
 from agent.models import CLOSED_STATUSES, Escalation, Incident, stable_id, utcnow
-from agent.settings import EscalationSection
+from agent.settings import EscalationSection, Settings
 from streams.bus import Envelope
 
 log = logging.getLogger(__name__)
@@ -125,23 +129,57 @@ def since(incident: Incident, episode: Episode | None) -> datetime:
     return episode.began if episode is not None else incident.opened_at
 
 
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A runbook file's escalation level, as the watch follows it."""
+
+    after: float
+    channels: tuple[str, ...]  # the webhooks it goes to; empty: the global routing
+    notify: tuple[str, ...]  # what the runbook asks for, as people read it
+
+
+def runbook_plan(incident: Incident, settings: Settings) -> tuple[str, tuple[Level, ...]] | None:
+    """(runbook, its levels) of the runbook file with ``spec.escalation`` that one of the
+    incident's signals matches (the first by signal name, so it does not change with what
+    fires now); None: the global levels apply."""
+    hooks = {w.name for w in settings.escalation.webhooks}
+    for m in sorted(incident.members, key=lambda m: (m.name, m.source)):
+        book = settings.file_runbook_for(m.name, m.source)
+        if book is None or not book.escalation:
+            continue
+        levels = sorted(book.escalation, key=lambda lv: lv.level)
+        return book.name, tuple(
+            Level(
+                after=lv.after,
+                channels=tuple(c for c, _ in lv.channels if c in hooks),
+                notify=tuple(f"{c} {t}".strip() for c, t in lv.channels),
+            )
+            for lv in levels
+        )
+    return None
+
+
 def due(
     open_: dict[str, Incident],
     escalated: Mapping[str, int],
     now: datetime,
     levels: Sequence[float],
     episodes: Mapping[str, Episode] | None = None,
+    levels_for: Callable[[Incident], Sequence[float] | None] | None = None,
 ) -> list[tuple[Incident, int]]:
     """(incident, level) for each level an open incident has reached in its current
     episode and was not escalated at, oldest first. ``levels``: the ages (s) of levels
     1, 2, ..., increasing; ``escalated``: the highest level each incident was escalated at
-    in its current episode; ``episodes``: those that reopened (see :func:`track`)."""
+    in its current episode; ``episodes``: those that reopened (see :func:`track`);
+    ``levels_for``: an incident's own levels (a runbook's), None for ``levels``."""
     episodes = episodes or {}
     found: list[tuple[Incident, int]] = []
     for inc in open_.values():
         age = (now - since(inc, episodes.get(inc.id))).total_seconds()
         sent = escalated.get(inc.id, 0)
-        found.extend((inc, n) for n, bound in enumerate(levels, 1) if n > sent and age >= bound)
+        own = levels_for(inc) if levels_for is not None else None
+        bounds = levels if own is None else own
+        found.extend((inc, n) for n, bound in enumerate(bounds, 1) if n > sent and age >= bound)
     return sorted(found, key=lambda pair: (since(pair[0], episodes.get(pair[0].id)), pair[1]))
 
 
@@ -189,13 +227,22 @@ def unresolved(
 
 
 def levels_of(escalation: EscalationSection) -> tuple[float, ...]:
-    """The ages (s) of the unresolved levels 1, 2, ... (see :func:`due`)."""
+    """The ages (s) of the unresolved levels 1, 2, ... (see :func:`due`); none when
+    ``unresolved_after`` is 0 (never)."""
+    if escalation.unresolved_after <= 0:
+        return ()
     return (escalation.unresolved_after, *escalation.unresolved_again_after)
+
+
+def all_levels(settings: Settings) -> tuple[float, ...]:
+    """Every level's age, the global ones and the runbook files'."""
+    own = tuple(lv.after for r in settings.file_runbooks for lv in r.escalation)
+    return levels_of(settings.escalation) + own
 
 
 def seed_window(levels: Sequence[float]) -> float:
     """Seconds of incidents the watch seeds itself from: its last level, and an hour."""
-    return max(levels) + SEED_MARGIN
+    return max(levels, default=0.0) + SEED_MARGIN
 
 
 class UnresolvedWatch:
@@ -209,9 +256,11 @@ class UnresolvedWatch:
         recent: RecentIncidents | None = None,
         every: float = 5.0,
         again: Sequence[float] = (),
+        settings: Settings | None = None,  # its runbook files' escalations (runbook_plan)
     ) -> None:
         self.after = after
-        self.levels = (after, *again)  # see due
+        self.levels: tuple[float, ...] = (after, *again) if after > 0 else ()  # see due
+        self.settings = settings
         self.topic = topic
         self.publish = publish
         self.metrics = metrics
@@ -228,7 +277,8 @@ class UnresolvedWatch:
 
     async def start(self) -> None:
         if self._recent is not None:
-            for env in await self._recent(seed_window(self.levels)):
+            horizon = all_levels(self.settings) if self.settings else self.levels
+            for env in await self._recent(seed_window((*self.levels, *horizon))):
                 if isinstance(env.value, Incident):
                     track(self.open, env.value, self.closed, self.episodes, self.silence_ends)
             log.info("escalation watch: %d open incidents loaded", len(self.open))
@@ -256,12 +306,29 @@ class UnresolvedWatch:
         # later (a new episode, or its silence ended) is escalated under ids of its own.
         self.escalated = {k: n for k, n in self.escalated.items() if k in self.open}
 
+    def plan(self, incident: Incident) -> tuple[str, tuple[Level, ...]] | None:
+        return runbook_plan(incident, self.settings) if self.settings is not None else None
+
+    def _levels_for(self, incident: Incident) -> Sequence[float] | None:
+        found = self.plan(incident)
+        return None if found is None else [lv.after for lv in found[1]]
+
     async def sweep(self, now: datetime) -> list[Escalation]:
         out = []
-        for inc, level in due(self.open, self.escalated, now, self.levels, self.episodes):
+        for inc, level in due(
+            self.open, self.escalated, now, self.levels, self.episodes, self._levels_for
+        ):
             escalation = unresolved(
                 inc, now, level, self.episodes.get(inc.id), self.silence_ends.get(inc.id)
             )
+            found = self.plan(inc)
+            if found is not None:
+                book, levels = found
+                lv = levels[level - 1]
+                asks = f"runbook {book} escalation level {level}: {', '.join(lv.notify) or '-'}"
+                escalation = replace(
+                    escalation, channels=lv.channels, details=(*escalation.details, asks)
+                )
             await self.publish(self.topic, escalation)
             self.escalated[inc.id] = level
             self.metrics.escalations.labels(reason="unresolved").inc()

@@ -750,6 +750,9 @@ class Escalation:
     # Of an "unresolved" escalation: 1 at escalation.unresolved_after, 2, 3, ... at each
     # of escalation.unresolved_again_after (webhooks route on it); 1 for other reasons.
     level: Version = 1
+    # The webhooks (by name) a runbook file routes it to; empty: every webhook that takes
+    # its reason, severity and level.
+    channels: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

@@ -81,7 +81,9 @@ class Notifier:
         if not isinstance(e, Escalation):
             return
         for w in self.webhooks:
-            if not w.takes(e.reason, e.severity, e.level) or (e.id, w.name) in self._delivered:
+            # A runbook's own route names its webhooks: their filters are the global route's.
+            routed = w.name in e.channels if e.channels else w.takes(e.reason, e.severity, e.level)
+            if not routed or (e.id, w.name) in self._delivered:
                 continue
             await self._post(w, e)
             self._delivered[(e.id, w.name)] = None

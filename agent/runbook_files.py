@@ -23,12 +23,15 @@ What is honoured, and how:
   is the window before the incident they are kept from, ``namespace`` the one they apply
   to; ``logs`` ``query`` is LogQL: with no Loki source, only a selector naming the
   incident's workload and ``|=``/``!=`` line filters map onto the pod log tails read.
-- ``spec.escalation[]``: validated, informational (see the README): the global escalation
-  section decides.
+- ``spec.escalation[]``: levels 1, 2, ... with increasing ``after``: the unresolved levels
+  of the incidents the runbook matches (agent.escalation_watch.runbook_plan), each sent to
+  the escalation webhooks its ``notify`` channels name.
+- ``onFailure: escalate_<who>``: the page goes to the webhook named ``<who>``, if any.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -347,6 +350,13 @@ def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook 
             steps.append(step)
     gather, more = _gather(book.spec.context.gather)
     problems += more
+    levels = book.spec.escalation
+    if [lv.level for lv in levels] != list(range(1, len(levels) + 1)):
+        problems.append("spec.escalation: levels must be 1, 2, ... in order")
+    elif any(b.after <= a.after for a, b in itertools.pairwise(levels)) or any(
+        lv.after <= 0 for lv in levels
+    ):
+        problems.append("spec.escalation: each level's after must be later than the one before")
     if problems:
         return None, problems
     return (

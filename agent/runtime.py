@@ -26,7 +26,7 @@ from agent.calibration import CalibrationTracker
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
 from agent.errors import ComponentFailed, ConfigError
-from agent.escalation_watch import UnresolvedWatch, levels_of, seed_window
+from agent.escalation_watch import UnresolvedWatch, all_levels, seed_window
 from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
 from agent.llm_analyzer import LLMAnalyzer
@@ -136,12 +136,12 @@ class Agent:
         incidents = self.bus.topic("incidents")
         # The same for the incidents: the stage's and the executor's replays, and the
         # unresolved watch's seed.
-        watching = "executor" in self.roles and s.escalation.unresolved_after > 0
+        watching = "executor" in self.roles and bool(all_levels(s))
         replay = SharedRead(
             functools.partial(recent, s.kafka, incidents, Incident),
             max(
                 replay_window(s.remediation),
-                seed_window(levels_of(s.escalation)) if watching else 0.0,
+                seed_window(all_levels(s)) if watching else 0.0,
             ),
             users=max(1, len(self.roles & {"analyzer", "executor"}) + watching),
         )
@@ -213,6 +213,7 @@ class Agent:
                     metrics=self.metrics,
                     recent=replay,
                     again=s.escalation.unresolved_again_after,
+                    settings=s,
                 )
                 if watching
                 else None

@@ -655,8 +655,8 @@ class FileStep:
 
 @dataclass(frozen=True, slots=True)
 class EscalationLevel:
-    """A runbook file's ``spec.escalation`` level; checked against the global escalation
-    section (see config_warnings), which alone decides when and where incidents page."""
+    """A runbook file's ``spec.escalation`` level: for the incidents the runbook matches,
+    it replaces the global levels (agent.escalation_watch.runbook_plan)."""
 
     level: int
     after: float
@@ -796,33 +796,29 @@ def config_warnings(s: Settings) -> list[str]:
 
 
 def _escalation_warnings(r: FileRunbook, esc: EscalationSection) -> list[str]:
-    """A runbook file's escalation levels are not per runbook: the global section decides,
-    and its webhooks are where pages go. Say where the file asks for something else, so
-    nobody counts on it."""
+    """A runbook file's escalation levels apply to the incidents it matches, and go to the
+    webhooks its channels name: say where a channel or an ``escalate_<who>`` names none,
+    as that page then takes the global route."""
     out: list[str] = []
-    bounds = (esc.unresolved_after, *esc.unresolved_again_after) if esc.unresolved_after else ()
-    hooks = {w.name: w for w in esc.webhooks}
+    hooks = {w.name for w in esc.webhooks}
     for lv in r.escalation:
         where = f"runbook {r.name} ({r.path}): spec.escalation level {lv.level}"
-        have = bounds[lv.level - 1] if lv.level <= len(bounds) else None
-        if have != lv.after:
-            now = f"after {have:g}s" if have is not None else "never"
-            out.append(
-                f"{where} asks for after {lv.after:g}s, but escalation levels are global: "
-                f"level {lv.level} pages {now} (escalation.unresolved_after / "
-                "unresolved_again_after)"
-            )
         for channel, target in lv.channels:
-            hook = hooks.get(channel)
-            if hook is None:
+            if channel not in hooks:
                 out.append(
-                    f"{where}: no escalation webhook is named {channel!r}: {target} is not "
-                    "notified (a webhook's name is the channel it stands for)"
+                    f"{where}: no escalation webhook is named {channel!r}: {target or channel} "
+                    "is not notified (a webhook's name is the channel it stands for); the "
+                    "level takes the global route unless another channel names one"
                 )
-            elif not hook.takes("unresolved", None, lv.level):
-                out.append(
-                    f"{where}: webhook {channel!r} does not take unresolved level {lv.level}"
-                )
+    for st in r.steps:
+        who = st.on_failure.removeprefix("escalate_")
+        # Without webhooks nothing is delivered anywhere: no route to miss.
+        if who != st.on_failure and who and hooks and who not in hooks:
+            out.append(
+                f"runbook {r.name} ({r.path}): step {st.name!r} onFailure {st.on_failure}: no "
+                f"escalation webhook is named {who!r}: the page takes the global route "
+                "(webhooks whose reasons take notify)"
+            )
     # onSuccess notify_*: the verification's healed escalation, sent for every healed action.
     notifying = [st.name for st in r.steps if st.on_success != "continue"]
     if notifying and esc.webhooks and not any(w.takes("healed") for w in esc.webhooks):

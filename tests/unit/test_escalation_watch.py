@@ -10,11 +10,20 @@ import orjson
 import pytest
 from aiohttp import web
 
-from agent.escalation_watch import UnresolvedWatch, due, levels_of, seed_window, track
+from agent.escalation_watch import (
+    Level,
+    UnresolvedWatch,
+    due,
+    levels_of,
+    runbook_plan,
+    seed_window,
+    track,
+)
 from agent.metrics import Metrics
 from agent.models import Escalation, Incident
 from agent.notifier import Notifier
 from agent.server import serve
+from agent.settings import EscalationLevel, FileRunbook, FileStep, Settings
 from streams.bus import Envelope
 from tests.fakes.incidents import OPENED, incident, member
 from tests.unit.factories import settings as make_settings
@@ -281,3 +290,92 @@ async def test_an_incident_still_firing_when_its_silence_ends_pages_again_once(
         await notifier.close()
         await runner.cleanup()
     assert got == [first.id, again.id]
+
+
+async def test_the_notifier_sends_a_routed_escalation_only_to_its_channels() -> None:
+    """The pager takes only level 2 globally, yet the runbook routes level 1 to it; the
+    chat, which takes everything globally, is not sent the routed one."""
+    got: list[tuple[str, int]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append((request.path, orjson.loads(await request.read())["level"]))
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/{name}", hook)
+    runner, port = await serve(app, "127.0.0.1", 0)
+    try:
+        hooks = [
+            {"name": "chat", "url": f"http://127.0.0.1:{port}/chat"},
+            {"name": "pager", "url": f"http://127.0.0.1:{port}/pager", "levels": [2]},
+        ]
+        notifier = Notifier(
+            make_settings({"escalation": {"webhooks": hooks}}), metrics=Metrics(), env={}
+        )
+        inc = incident(member())
+        plain = Escalation.of_incident(inc, "unresolved", "open", OPENED, (), 1)
+        routed = replace(plain, id="routed", channels=("pager",))
+        try:
+            await notifier.handle(
+                [Envelope("t", 0, i, inc.key, e) for i, e in enumerate([plain, routed])]
+            )
+        finally:
+            await notifier.close()
+    finally:
+        await runner.cleanup()
+    assert got == [("/chat", 1), ("/pager", 1)]
+
+
+ORDERS = FileRunbook(
+    name="orders",
+    alert="CheckoutErrors",
+    path="orders.yaml",
+    steps=(FileStep(name="look", action="check_recent_deployments"),),
+    escalation=(
+        EscalationLevel(1, 300.0, (("chat", "#sre-alerts"),)),
+        EscalationLevel(2, 1800.0, (("pager", "orders-oncall"), ("nowhere", "x"))),
+    ),
+)
+HOOKS = [{"name": n, "url": f"https://{n}.example/h"} for n in ("chat", "pager", "other")]
+
+
+def runbook_settings() -> Settings:
+    s = make_settings({"escalation": {"unresolved_after": "15m", "webhooks": HOOKS}})
+    return replace(s, file_runbooks=(ORDERS,))
+
+
+def test_a_runbooks_escalation_plan_applies_to_the_incidents_it_matches() -> None:
+    s = runbook_settings()
+    assert runbook_plan(incident(member("CheckoutErrors")), s) == (
+        "orders",
+        (
+            Level(300.0, ("chat",), ("chat #sre-alerts",)),
+            Level(1800.0, ("pager",), ("pager orders-oncall", "nowhere x")),
+        ),
+    )
+    assert runbook_plan(incident(member("high-error-rate")), s) is None
+
+
+async def test_the_watch_follows_a_runbooks_levels_and_routes_them() -> None:
+    sent: list[Escalation] = []
+
+    async def publish(topic: str, value: object) -> None:
+        assert isinstance(value, Escalation)
+        sent.append(value)
+
+    watch = UnresolvedWatch(
+        after=900, topic="t", publish=publish, metrics=Metrics(), settings=runbook_settings()
+    )
+    ours = incident(member("CheckoutErrors"), id="ours")
+    other = incident(member("high-error-rate"), id="other")
+    await watch.handle(
+        [Envelope("t.incidents", 0, i, x.key, x) for i, x in enumerate([ours, other])]
+    )
+    (first,) = await watch.sweep(OPENED + timedelta(minutes=6))  # the runbook's 5m
+    assert (first.incident_id, first.level, first.channels) == ("ours", 1, ("chat",))
+    assert "runbook orders escalation level 1: chat #sre-alerts" in first.details
+    (glob,) = await watch.sweep(OPENED + timedelta(minutes=16))  # the global 15m
+    assert (glob.incident_id, glob.level, glob.channels) == ("other", 1, ())
+    (second,) = await watch.sweep(OPENED + timedelta(minutes=31))
+    assert (second.incident_id, second.level, second.channels) == ("ours", 2, ("pager",))
+    assert await watch.sweep(OPENED + timedelta(hours=5)) == []  # the runbook has 2 levels

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.analysis_stage import failure_escalation
 from agent.analyzer import Context, MetricSample, Rollout, analyze
 from agent.errors import ConfigError
 from agent.models import Incident, Member, Target, fingerprint
@@ -188,19 +189,57 @@ def test_a_runbook_file_may_not_reuse_an_inline_runbooks_name(tmp_path: Path) ->
     assert "metadata.name: runbook 'orders' is already defined" in problem
 
 
-def test_escalation_levels_the_global_section_does_not_honour_are_warned_of(
-    tmp_path: Path,
-) -> None:
-    levels = [
-        {"level": 1, "after": "15m", "notify": [{"channel": "pager", "target": "x"}]},
-        {"level": 2, "after": "1h", "notify": [{"channel": "slack", "target": "#sre"}]},
-    ]
-    hooks = "escalation: {webhooks: [{name: pager, url: 'https://p.example/h'}]}\n"
-    settings = load_settings(_config(tmp_path, book(step(), escalation=levels), extra=hooks))
+LEVELS = [
+    {"level": 1, "after": "5m", "notify": [{"channel": "pager", "target": "x"}]},
+    {"level": 2, "after": "1h", "notify": [{"channel": "slack", "target": "#sre"}]},
+]
+HOOKS = (
+    "escalation: {webhooks: [{name: pager, url: 'https://p.example/h'},"
+    " {name: database, url: 'https://d.example/h'}]}\n"
+)
+
+
+def test_channels_and_escalate_targets_naming_no_webhook_are_warned_of(tmp_path: Path) -> None:
+    dba = step(onFailure="escalate_database")
+    nobody = {**step("restart"), "name": "bounce", "onFailure": "escalate_dba"}
+    settings = load_settings(
+        _config(tmp_path, book(dba, nobody, escalation=LEVELS), extra=HOOKS), env={}
+    )
     warnings = config_warnings(settings)
     assert len(warnings) == 2
-    assert "level 2 asks for after 3600s, but escalation levels are global" in warnings[0]
-    assert "no escalation webhook is named 'slack': #sre is not notified" in warnings[1]
+    assert "level 2: no escalation webhook is named 'slack': #sre is not notified" in warnings[0]
+    assert (
+        "step 'bounce' onFailure escalate_dba: no escalation webhook is named 'dba'"
+        in (warnings[1])
+    )
+    assert "the page takes the global route" in warnings[1]
+
+
+@pytest.mark.parametrize(
+    ("levels", "says"),
+    [
+        ([{"level": 2, "after": "5m"}], "levels must be 1, 2, ... in order"),
+        ([{"level": 1, "after": "1h"}, {"level": 2, "after": "5m"}], "each level's after must"),
+    ],
+)
+def test_escalation_levels_out_of_order_are_refused(
+    tmp_path: Path, levels: list[dict[str, Any]], says: str
+) -> None:
+    (problem,) = problems(tmp_path, book(step(), escalation=levels))
+    assert f"spec.escalation: {says}" in problem
+
+
+def test_a_failed_steps_escalate_who_page_goes_to_that_webhook(tmp_path: Path) -> None:
+    dba = {**ESCALATING[0], "onFailure": "escalate_database"}
+    settings = load_settings(_config(tmp_path, book(dba), extra=HOOKS), env={})
+    tried = (("rollback", CHECKOUT.key),)
+    an = analyze(INCIDENT, Context(rollouts=(rollout(10),), ineffective=tried), settings, OPENED)
+    page = failure_escalation(INCIDENT, an, settings, tried)
+    assert page is not None and page.channels == ("database",)
+    other = {**ESCALATING[0], "onFailure": "escalate_dba"}  # no such webhook: global route
+    settings = load_settings(_config(tmp_path, book(other), extra=HOOKS), env={})
+    page = failure_escalation(INCIDENT, an, settings, tried)
+    assert page is not None and page.channels == ()
 
 
 # The analyzer following a runbook file.
