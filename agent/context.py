@@ -56,6 +56,7 @@ from agent.labels import service_of
 from agent.models import Incident, Target
 from agent.prom import Sample
 from agent.redaction import clip, redact
+from agent.runbook_expr import MAX_COUNT
 from agent.settings import FileRunbook, GatherItem, Settings
 from handlers.cluster import Cluster
 
@@ -72,7 +73,7 @@ NODE_REASONS: Mapping[str, str] = {
     "NodeNotReady": "NotReady",
 }
 MAX_TEXT = 512  # bytes of one event message or config summary
-MAX_REVISIONS = 5  # per workload
+MAX_REVISIONS = MAX_COUNT  # per workload: what deployments[N] conditions can name
 # A metrics query: (name, expression, workload it measures, labels a series must match, how
 # a timeout note names it).
 _Query = tuple[str, str, str, Mapping[str, str] | None, str]

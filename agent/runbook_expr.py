@@ -47,7 +47,18 @@ FACTS: Mapping[str, tuple[str, str]] = {
     "crash_looping": ("flag", "1 when the workload's pods are crash looping, else 0"),
     "oom_killed": ("flag", "1 when the workload's containers were OOM-killed, else 0"),
 }
-MAX_INDEX = 9  # deployments[N]: the gatherer keeps only a few rollouts
+# deployments[N]: the gatherer keeps this many rollouts per workload (agent.context), so
+# a higher N, or a deployments.count above it, could never be known.
+MAX_INDEX = 4
+MAX_COUNT = MAX_INDEX + 1
+# The ai.context.queries whose series a fact is read from: without the query configured,
+# the fact is never known (agent.analyzer.runbook_facts).
+FACT_QUERIES: Mapping[str, str] = {
+    "cpu_utilization": "cpu_saturation",
+    "memory_utilization": "memory_saturation",
+    "concurrency_utilization": "concurrency_saturation",
+    "dependency_error_rate": "dependency_error_ratio",
+}
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(s|m|h|d)")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -213,6 +224,28 @@ def facts_in(expr: Expr) -> tuple[str, ...]:
             return facts_in(x)
         case And(left=a, right=b) | Or(left=a, right=b):
             return tuple(dict.fromkeys(facts_in(a) + facts_in(b)))
+    raise AssertionError(expr)  # pragma: no cover - Expr is closed
+
+
+def never_true(cmp: Compare) -> bool:
+    """Whether no value the fact can take satisfies the comparison: a count is 0 to
+    MAX_COUNT, a flag 0 or 1, the rest are never negative."""
+    kind = fact_kind(cmp.fact)
+    if kind == "count":
+        return not any(_compare(float(v), cmp.op, cmp.value) for v in range(MAX_COUNT + 1))
+    if kind == "flag":
+        return not any(_compare(float(v), cmp.op, cmp.value) for v in (0, 1))
+    return cmp.op == "<" and cmp.value <= 0
+
+
+def compares_in(expr: Expr) -> tuple[Compare, ...]:
+    match expr:
+        case Compare():
+            return (expr,)
+        case Not(operand=x):
+            return compares_in(x)
+        case And(left=a, right=b) | Or(left=a, right=b):
+            return compares_in(a) + compares_in(b)
     raise AssertionError(expr)  # pragma: no cover - Expr is closed
 
 

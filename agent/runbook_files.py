@@ -45,7 +45,18 @@ from agent.ai_answer import is_dns_name
 from agent.codec import validation_problems
 from agent.models import ActionRequest, AnomalySource, ParamValue, Target
 from agent.policy import param_problem
-from agent.runbook_expr import ExprError, parse
+from agent.runbook_expr import (
+    FACT_QUERIES,
+    MAX_COUNT,
+    Expr,
+    ExprError,
+    compares_in,
+    fact_kind,
+    facts_in,
+    never_true,
+    parse,
+    render,
+)
 from agent.settings import (
     CONTEXT_STEPS,
     EscalationLevel,
@@ -247,7 +258,36 @@ def _params(
     return params, scope, problems
 
 
-def _step(raw: Any, where: str, settings: Settings) -> tuple[FileStep | None, list[str]]:
+def _never_known(condition: Expr, where: str, settings: Settings) -> list[str]:
+    """A fact no analysis would ever know, or a comparison no value of it satisfies: the
+    step would silently never apply."""
+    problems: list[str] = []
+    queries = settings.ai.context.queries
+    for fact in facts_in(condition):
+        query = FACT_QUERIES.get(fact)
+        if query is not None and query not in queries:
+            problems.append(
+                f"{where}: {fact} is never gathered: ai.context.queries has no {query!r} "
+                "query to read it from"
+            )
+    for cmp in compares_in(condition):
+        if never_true(cmp):
+            span = FACTS_RANGE[fact_kind(cmp.fact) or ""]
+            problems.append(f"{where}: {render(cmp)} can never hold ({cmp.fact} is {span})")
+    return problems
+
+
+FACTS_RANGE = {
+    "count": f"0 to {MAX_COUNT}: the gatherer keeps {MAX_COUNT} rollouts",
+    "flag": "0 or 1",
+    "percent": "never negative",
+    "duration": "never negative",
+}
+
+
+def _step(
+    raw: Any, where: str, settings: Settings, book: str = ""
+) -> tuple[FileStep | None, list[str]]:
     # The arbitrary-execution types carry keys (script, actions) no step takes: say what
     # is refused, not that a key is unexpected.
     if isinstance(raw, dict) and isinstance(raw.get("action"), dict):
@@ -270,10 +310,13 @@ def _step(raw: Any, where: str, settings: Settings) -> tuple[FileStep | None, li
         problems += more
     condition = None
     if step.condition is not None:
+        said = f"{where}.condition (runbook {book!r}, step {step.name!r})"
         try:
             condition = parse(step.condition)
         except ExprError as err:
-            problems.append(f"{where}.condition ({step.name!r}): {err}")
+            problems.append(f"{said}: {err}")
+        else:
+            problems += _never_known(condition, said, settings)
     on_success, problem = _outcome(step.on_success, f"{where}.onSuccess")
     problems += [problem] if problem else []
     on_failure, problem = _outcome(step.on_failure, f"{where}.onFailure")
@@ -344,7 +387,7 @@ def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook 
     steps: list[FileStep] = []
     problems: list[str] = []
     for i, raw in enumerate(book.spec.steps):
-        step, more = _step(raw, f"spec.steps[{i}]", settings)
+        step, more = _step(raw, f"spec.steps[{i}]", settings, book.metadata.name)
         problems += more
         if step is not None:
             steps.append(step)

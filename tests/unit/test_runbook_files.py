@@ -119,7 +119,10 @@ def test_the_shipped_adapted_example_loads() -> None:
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
-        (step(condition="cpu > 80"), "spec.steps[0].condition ('do rollback'): at position 1: "),
+        (
+            step(condition="cpu > 80"),
+            "spec.steps[0].condition (runbook 'orders', step 'do rollback'): at position 1: ",
+        ),
         (step(condition="cpu_utilization >"), "at position 18: expected a number"),
         (step("scale", params={"replicas": 3}), "spec.steps[0].action.params.replicas: scale "),
         (step("scale", params={"replicas": "+9"}), "action.params.replicas: a scale_up moves"),
@@ -171,6 +174,48 @@ def test_the_rules_show_what_a_runbook_gathered_as_evidence(tmp_path: Path) -> N
     assert an.actions  # the evidence is shown, and decides nothing
     assert "gathered by runbook orders: rate(x[5m]) {app=checkout} = 0.25" in an.evidence
     assert note in an.evidence
+
+
+@pytest.mark.parametrize(
+    ("condition", "says"),
+    [
+        # The reference's kind of fact no context source gives: refused, never false.
+        ("restarts > 3", "at position 1: unknown fact 'restarts'"),
+        ("deployments.restarts > 3", "unknown fact 'deployments.restarts'"),
+        ("deployments[5].age < 30m", "unknown fact 'deployments[5].age'"),
+        # Known facts the default ai.context.queries never gather.
+        (
+            "concurrency_utilization > 80",
+            "concurrency_utilization is never gathered: "
+            "ai.context.queries has no 'concurrency_saturation' query",
+        ),
+        ("dependency_error_rate > 50", "has no 'dependency_error_ratio' query"),
+        # Comparisons no value of the fact satisfies.
+        (
+            "deployments.count > 5",
+            "deployments.count > 5.0 can never hold (deployments.count "
+            "is 0 to 5: the gatherer keeps 5 rollouts)",
+        ),
+        ("crash_looping == 2", "crash_looping == 2.0 can never hold"),
+        ("cpu_utilization < 0 OR crash_looping == 1", "cpu_utilization < 0.0 can never hold"),
+    ],
+)
+def test_a_condition_that_could_never_be_known_is_refused_at_load(
+    tmp_path: Path, condition: str, says: str
+) -> None:
+    (problem,) = problems(tmp_path, book(step(condition=condition)))
+    where = "spec.steps[0].condition (runbook 'orders', step 'do rollback'): "
+    assert where in problem and says in problem
+
+
+def test_a_fact_whose_query_is_configured_loads(tmp_path: Path) -> None:
+    queries = (
+        "ai: {context: {queries: {concurrency_saturation: 'inflight{pod=~\"$workload-.*\"}'}}}\n"
+    )
+    dependency = step(condition="concurrency_utilization > 80")
+    settings = load_settings(_config(tmp_path, book(dependency), extra=queries), env={})
+    assert settings.file_runbooks[0].steps[0].condition is not None
+    assert problems(tmp_path, book(step(condition="cpu_utilization > 80")), extra=queries)
 
 
 def test_loaded_runbooks_cannot_be_written_in_the_config(tmp_path: Path) -> None:
