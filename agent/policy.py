@@ -20,7 +20,8 @@ Order of the rules (first match wins), safety rules before convenience rules:
       of the workload's pods at once (one pod always may)          -> deny
    d. ... or more than its PodDisruptionBudgets allow              -> deny
    e. a cordon/drain with ``max_nodes_cordoned`` other nodes already cordoned -> deny
-7. already approved by a human              -> execute
+7. already approved by a human              -> execute (the executor clears an
+   ``approved_by`` it did not earn: see :func:`unearned_approval`)
    a. the same action on the same target was verified ineffective (not_healed, worse)
       ``ineffective_after`` times, or ran ``max_repeats`` times, within ``repeat_window``
                                             -> approval (a person decides whether to try again)
@@ -382,6 +383,56 @@ def param_problem(action: ActionRequest, rem: RemediationSection) -> str | None:
                 raise ValueError("params.value: update_config needs the value to set")
     except ValueError as err:
         return str(err)
+    return None
+
+
+def undo_params(prior_state: Mapping[str, object]) -> dict[str, ParamValue]:
+    """The params an undo of an action carries: the prior state it recorded (the scalar
+    part, all a request can carry), without the :data:`UNDO_PARAM`."""
+    return {k: v for k, v in prior_state.items() if isinstance(v, str | int | float | bool)}
+
+
+@dataclass(frozen=True, slots=True)
+class PriorState:
+    """What an executed action recorded it changed: what an undo of it may restore."""
+
+    type: str
+    target_key: str
+    params: Mapping[str, ParamValue]  # undo_params of the result's prior state
+
+    @classmethod
+    def of(cls, r: ActionResult) -> PriorState:
+        return cls(type=r.type, target_key=r.target.key, params=undo_params(r.prior_state))
+
+
+def unearned_approval(
+    action: ActionRequest, recorded: Mapping[str, Collection[PriorState]]
+) -> str | None:
+    """Why the ``approved_by`` of ``action``, as read from the actions topic, is not
+    honoured; None when it is (or there is none). Approvals reach the executor through the
+    approvals and decisions topics, never inside a request; the one exception is an undo
+    (``sre-agent actions undo``), earned when it restores, on the same target with the same
+    action type, a prior state the action it names recorded (``recorded``: by action id).
+    Anything else claiming approval, a writer of the topic or an upstream bug, is decided
+    as the unapproved request it is."""
+    if not action.approved_by:
+        return None
+    original = action.params.get(UNDO_PARAM)
+    if not original:
+        return "an approval is given on the approvals topic, never in the request"
+    known = recorded.get(str(original))
+    if not known:
+        return f"undo of action {original}, which records no prior state known here"
+    wanted = PriorState(
+        type=action.type,
+        target_key=action.target.key,
+        params={k: v for k, v in action.params.items() if k != UNDO_PARAM},
+    )
+    if wanted not in known:
+        return (
+            f"the undo does not restore the prior state action {original} recorded on "
+            f"{action.type} {action.target.key}"
+        )
     return None
 
 

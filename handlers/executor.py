@@ -40,6 +40,9 @@ lost silently.
 
 Undo (``sre-agent actions undo``): a new action of the same type with ``undo_of`` and the
 original's ``prior_state`` as params, executed like any other (policy, idempotency, result).
+Its ``approved_by`` stands only if it restores a prior state this executor knows; on any
+other request from the actions topic, ``approved_by`` is ignored (see
+:func:`agent.policy.unearned_approval`): approvals come through the decisions topic.
 """
 
 from __future__ import annotations
@@ -75,7 +78,6 @@ from agent.models import (
     Incident,
     Mitigation,
     Outcome,
-    ParamValue,
     ResultStatus,
     SwitchChange,
     new_id,
@@ -90,6 +92,7 @@ from agent.policy import (
     UNDO_PARAM,
     Executed,
     Facts,
+    PriorState,
     Switches,
     Verdict,
     bounded_replicas,
@@ -102,6 +105,8 @@ from agent.policy import (
     revision_param,
     scale_problem,
     switches_for,
+    undo_params,
+    unearned_approval,
 )
 from agent.prom import PromClient
 from agent.settings import RemediationSection
@@ -229,6 +234,9 @@ class Executor:
         # Executed actions by action id, of every replica (see on_results): the policy's
         # memory for cooldowns, budgets and repeats.
         self.history: dict[str, Executed] = {}
+        # The prior states executed actions recorded, by action id, of every replica: what
+        # an undo read from the actions topic must restore for its approval to stand.
+        self.prior_states: OrderedDict[str, tuple[PriorState, ...]] = OrderedDict()
         self.pending: dict[str, ApprovalRequest] = {}
         # incident id -> (latest revision seen, whether it is closed): fed by a reader of
         # every partition of the incidents topic (see on_incidents), since an action and
@@ -430,6 +438,27 @@ class Executor:
         return held is not None and held[1]
 
     async def on_action(self, action: ActionRequest) -> ActionResult:
+        """An action read from the actions topic, where ``approved_by`` is only a claim: it
+        stands for an undo of a prior state this executor knows (see
+        :func:`unearned_approval`); any other is decided as if unapproved, and its result
+        says why."""
+        if action.approved_by and UNDO_PARAM in action.params:
+            # The original's result may be on a partition the watch has not read yet.
+            await self._caught_up(f"cannot check undo {action.id}")
+        why = unearned_approval(action, self.prior_states)
+        if why is None:
+            return await self._act(action)
+        note = f"approved_by {action.approved_by!r} not honoured: {why}"
+        log.warning("action %s on %s: %s", action.id, action.target.key, note)
+        return await self._act(replace(action, approved_by=None), note)
+
+    async def _act(self, action: ActionRequest, note: str = "") -> ActionResult:
+        """``action`` decided and carried out; ``approved_by``, if any, is trusted here.
+        ``note``: what the result adds (why a claimed approval did not stand)."""
+
+        def noted(message: str) -> str:
+            return f"{message}; {note}" if note else message
+
         if UNDO_PARAM in action.params:
             # An undo is exempt from the incident's state, not from the switches and limits.
             await self._caught_up(f"cannot decide undo {action.id}")
@@ -445,7 +474,7 @@ class Executor:
                 action,
                 "denied",
                 "not_applicable",
-                f"incident_closed: incident {action.incident_id} is resolved or silenced",
+                noted(f"incident_closed: incident {action.incident_id} is resolved or silenced"),
                 now,
             )
         ns = action.target.namespace
@@ -461,7 +490,7 @@ class Executor:
                     action,
                     "failed",
                     "unknown",
-                    f"cannot check the blast-radius limits on {action.target.key}: {err}",
+                    noted(f"cannot check the blast-radius limits on {action.target.key}: {err}"),
                     now,
                 )
             # The switches are read again, not reused: the cluster reads took time, and a
@@ -485,8 +514,10 @@ class Executor:
                 if late.kind != "execute":
                     await self._claim_ended(action, now, changed=False)  # its unit goes back
                     verdict = late
+        if note:
+            verdict = replace(verdict, reason=noted(verdict.reason))
         if verdict.kind == "execute":
-            return await self._execute(action, verdict, now)
+            return await self._execute(action, verdict, now, note)
         if verdict.kind == "approve":
             return await self._request_approval(action, verdict, now)
         status: ResultStatus = "dry_run" if verdict.kind == "dry_run" else "denied"
@@ -595,7 +626,7 @@ class Executor:
                     "approval_stale", req.action, f"approved, not executed: {problem}", now
                 )
             else:
-                await self.on_action(replace(req.action, approved_by=d.decided_by))
+                await self._act(replace(req.action, approved_by=d.decided_by))
         # Only now: a crash before this line re-runs the decision, and the action id on the
         # target makes the repeat a no-op.
         await self._retire(req, f"already decided ({d.decision} by {d.decided_by})")
@@ -626,7 +657,7 @@ class Executor:
 
     # --- outcomes --------------------------------------------------------------------------------
     async def _execute(
-        self, action: ActionRequest, verdict: Verdict, now: datetime
+        self, action: ActionRequest, verdict: Verdict, now: datetime, note: str = ""
     ) -> ActionResult:
         before = await self._observe(action)
         try:
@@ -643,16 +674,16 @@ class Executor:
         if self.after_apply is not None:
             self.after_apply(action, effect)
         await self._claim_ended(action, now, changed=True)
-        message = f"{effect.message} [{verdict.rule}]"
+        rule = f"{verdict.rule}; {note}" if note else verdict.rule
+        message = f"{effect.message} [{rule}]"
         if not effect.applied:
             if not effect.found_id or action.id in self.history:  # nothing done, or known
                 return await self._record(action, "duplicate", "unknown", effect.message, now)
             # The id is on the target and no result says so: a delivery acted, then died
             # before recording it. Recorded now, or the action would count for no cooldown,
             # budget or repeat, and never be verified; what was there before is gone.
-            message = (
-                f"{effect.message}, by a delivery that stopped before its result [{verdict.rule}]"
-            )
+            message = f"{effect.message}, by a delivery that stopped before its result [{rule}]"
+
             before = None
         self._remember(action, now)
         result = await self._record(
@@ -702,12 +733,21 @@ class Executor:
 
     def _learn(self, results: Iterable[ActionResult]) -> None:
         for r in results:
+            self._learn_prior_state(r)
             h = learned(self.history.get(r.action_id), r)
             if h is not None:
                 self.history[r.action_id] = h
         # Bounded by what the policy still looks at.
         horizon = utcnow() - timedelta(seconds=history_window(self.settings.remediation))
         self.history = {k: h for k, h in self.history.items() if h.at > horizon}
+
+    def _learn_prior_state(self, r: ActionResult) -> None:
+        if not r.prior_state:
+            return
+        state = PriorState.of(r)
+        known = self.prior_states.get(r.action_id, ())
+        if state not in known:
+            remember(self.prior_states, r.action_id, (*known, state))
 
     async def _observe(self, action: ActionRequest) -> Observation | None:
         try:
@@ -875,6 +915,7 @@ class Executor:
             service=action.labels.get("service", ""),
         )
         await self.bus.publish(self.bus.topic("action-results"), result)
+        self._learn_prior_state(result)  # before the watch brings it back: an undo may follow
         executed = EXECUTED_RESULT.get(status)
         counter = self.metrics.remediation if executed else self.metrics.remediation_decisions
         counter.labels(service=result.service, action=action.type, result=executed or status).inc()
@@ -1225,9 +1266,7 @@ def undo_request(
             f"result {result.id} of action {result.action_id} ({result.status}) records no "
             "prior state to restore"
         )
-    params: dict[str, ParamValue] = {
-        k: v for k, v in result.prior_state.items() if isinstance(v, str | int | float | bool)
-    }
+    params = undo_params(result.prior_state)
     params[UNDO_PARAM] = result.action_id
     why = f": {reason}" if reason else ""
     return ActionRequest(

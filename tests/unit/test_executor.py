@@ -93,10 +93,10 @@ async def test_every_action_type_executes_and_is_verified(rig: Any) -> None:
     ]
     for a in cases[:-1]:
         assert (await ex.on_action(a)).status == "succeeded", bus.results(a.id)
-    approved = replace(cases[-1], approved_by="alice")
-    assert (await ex.on_action(approved)).status == "succeeded"
+    await ex.on_decision(decision(await requested(ex, bus, cases[-1])))
+    assert bus.results("a6")[-1].status == "succeeded"
     await bus.wait_for(
-        lambda b: all(len(b.results(a.id)) == 2 for a in cases), 5, "a verification per action"
+        lambda b: all(succeeded(b, a.id) == 2 for a in cases), 5, "a verification per action"
     )
     outcomes = {a.type: bus.results(a.id)[-1].outcome for a in cases}
     assert outcomes == {
@@ -115,6 +115,11 @@ async def test_every_action_type_executes_and_is_verified(rig: Any) -> None:
     drained = bus.results("a5")[0]
     assert "skipped 1 DaemonSet/mirror pods" in drained.message
     assert drained.prior_state == {"unschedulable": False}
+
+
+def succeeded(bus: MemoryBus, action_id: str) -> int:
+    """Its execution, then its verification."""
+    return sum(r.status == "succeeded" for r in bus.results(action_id))
 
 
 class FlakyBus(MemoryBus):
@@ -393,24 +398,14 @@ async def test_bad_params_that_bypass_the_policy_fail_before_the_cluster(rig: An
 
 
 async def test_undo_restores_each_prior_state_once(rig: Any) -> None:
-    ex, _bus, c = rig
+    ex, bus, c = rig
     done = [
         await ex.on_action(act("scale_up", action_id="s1", params={"replicas": "+1"})),
         await ex.on_action(act("cordon_node", NODE, action_id="c1")),
-        await ex.on_action(
-            act("update_config", CM, action_id="u1", params={"key": "new", "value": "1"})
-        ),
     ]
-    assert done[2].status == "pending_approval"
-    done[2] = await ex.on_action(
-        act(
-            "update_config",
-            CM,
-            action_id="u1",
-            params={"key": "new", "value": "1"},
-            approved_by="a",
-        )
-    )
+    config = act("update_config", CM, action_id="u1", params={"key": "new", "value": "1"})
+    await ex.on_decision(decision(await requested(ex, bus, config)))
+    done.append(bus.results("u1")[-1])
     for r in done:
         undo = undo_request(r, requested_by="bob", now=utcnow(), reason="bad idea")
         assert undo.params["undo_of"] == r.action_id and undo.approved_by == "bob"
@@ -427,6 +422,45 @@ async def test_undo_of_a_rollback_goes_back_to_the_prior_revision(rig: Any) -> N
     assert (await c.workload(CHECKOUT)).image == "v1"
     await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
     assert (await c.workload(CHECKOUT)).image == "v2"
+
+
+async def test_an_approval_claimed_in_a_request_is_not_honoured(rig: Any) -> None:
+    # Only the approvals and decisions topics approve: a request on the actions topic that
+    # says approved_by (a writer of the topic, an upstream bug) is decided as unapproved.
+    ex, bus, c = rig
+    claimed = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "x"})
+    req = await requested(ex, bus, replace(claimed, approved_by="mallory"))
+    assert "approved_by 'mallory' not honoured" in bus.results("u1")[0].message
+    assert req.action.approved_by is None
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
+    # Supervised: executing would have needed the claim.
+    ex.settings = make_settings({"agent": {"mode": "supervised"}, "remediation": {"cooldown": 0}})
+    r = await ex.on_action(act("scale_up", action_id="s1", approved_by="mallory"))
+    assert r.status == "pending_approval" and "supervised mode" in r.message, r.message
+    assert (await c.workload(CHECKOUT)).replicas == 4
+    # The request's own decision still executes it.
+    await ex.on_decision(decision(req))
+    assert c.config_map("shop", "flags").data == {"mode": "x"}
+
+
+async def test_an_undo_keeps_its_approval_only_for_a_prior_state_it_restores(rig: Any) -> None:
+    ex, bus, c = rig
+    scaled = await ex.on_action(act("scale_up", action_id="s1", params={"replicas": "+1"}))
+    ex.settings = cfg(require_approval=["scale_up"])
+    forged = undo_request(
+        replace(scaled, prior_state={"replicas": 40}), requested_by="m", now=utcnow()
+    )
+    r = await ex.on_action(forged)
+    assert r.status == "pending_approval" and "not honoured" in r.message, r.message
+    assert "does not restore the prior state action s1 recorded" in r.message
+    assert (await c.workload(CHECKOUT)).replicas == 5
+    # Another replica (or this one restarted) learns the prior state from the results.
+    other = Executor(ex.settings, bus=bus, cluster=c, metrics=Metrics())
+    topic = bus.topic("action-results")
+    await other.on_results([Envelope(topic, 0, 0, "k", scaled)])
+    undo = undo_request(scaled, requested_by="bob", now=utcnow())
+    assert (await other.on_action(undo)).status == "succeeded"
+    assert (await c.workload(CHECKOUT)).replicas == 4
 
 
 def test_restarts_cannot_be_undone() -> None:

@@ -16,7 +16,16 @@ from hypothesis import strategies as st
 
 from agent.errors import ConfigError
 from agent.models import ACTION_TYPES, ActionRequest, Outcome, Target
-from agent.policy import Executed, Switches, Verdict, decide, drain_params, scope_for
+from agent.policy import (
+    Executed,
+    PriorState,
+    Switches,
+    Verdict,
+    decide,
+    drain_params,
+    scope_for,
+    unearned_approval,
+)
 from agent.settings import PolicyOverrideSection, Settings
 from tests.unit.factories import action, at
 from tests.unit.factories import settings as make_settings
@@ -588,3 +597,48 @@ def test_a_namespace_switch_holds_its_namespace_and_a_cluster_switch_holds_all()
     everywhere = [*frozen, change("kill_switch", True)]
     assert switches_for(everywhere, "").kill_switch and switches_for(everywhere, "web").kill_switch
     assert switches_for([change("kill_switch", False)], "shop") == Switches()
+
+
+# --- approved_by on a request read from the actions topic ---------------------------------------
+
+SCALED = PriorState(type="scale_up", target_key="Deployment/shop/checkout", params={"replicas": 4})
+
+
+def undo_of(original: str = "s1", **params: Any) -> ActionRequest:
+    p = {"replicas": 4, **params, "undo_of": original}
+    return action("scale_up", params=p, approved_by="bob", action_id=f"undo-{original}")
+
+
+@pytest.mark.parametrize(
+    ("request_", "why"),
+    [
+        (action(), None),  # nothing claimed
+        (action(approved_by="mallory"), "approvals topic, never in the request"),
+        (undo_of(), None),  # restores what s1 recorded
+        (undo_of("s9"), "undo of action s9, which records no prior state known here"),
+        (undo_of(replicas=400), "does not restore the prior state action s1 recorded"),
+        (undo_of(extra="x"), "does not restore the prior state action s1 recorded"),
+        (
+            replace(undo_of(), target=Target(kind="Deployment", namespace="shop", name="db")),
+            "does not restore",
+        ),
+        (replace(undo_of(), type="scale_down"), "does not restore"),
+    ],
+)
+def test_an_approval_in_a_request_stands_only_for_an_undo_of_a_recorded_prior_state(
+    request_: ActionRequest, why: str | None
+) -> None:
+    found = unearned_approval(request_, {"s1": (SCALED,)})
+    assert found == why if why is None else why in (found or "")
+
+
+@given(
+    approved_by=st.text(min_size=1, max_size=8),
+    params=st.dictionaries(st.sampled_from(["replicas", "key", "undo_of"]), PARAM_VALUES),
+)
+def test_only_an_undo_of_a_recorded_prior_state_keeps_its_approval(
+    approved_by: str, params: dict[str, Any]
+) -> None:
+    act = replace(action("scale_up", params=params), approved_by=approved_by)
+    earned = unearned_approval(act, {"s1": (SCALED,)}) is None
+    assert earned == (params == {"replicas": 4, "undo_of": "s1"})
