@@ -30,6 +30,8 @@ tombstoned only after the action's result is out, so a crash in between re-runs 
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper, on the one replica that owns the request's decisions partition
 (see :attr:`Executor.owns`): every replica knows every request, and one expiry is enough.
+A decision, the expiry and a withdrawal each claim the request before their first await,
+so a request has one outcome.
 
 Verification re-checks after ``verify_after``: the triggering patterns on Prometheus, each
 where it fired, and the target's state in the cluster (:mod:`handlers.verification`); a
@@ -250,6 +252,9 @@ class Executor:
         # The offset of the latest approvals record read per request id: the snapshot at
         # start and the watch overlap, and an older request must not outlive its tombstone.
         self._approval_offsets: OrderedDict[str, int] = OrderedDict()
+        # Requests a decision, the expiry or a withdrawal is closing now, and why: each
+        # claims its request before its first await, so one request has one outcome.
+        self._settling: dict[str, str] = {}
         # Whether this replica answers for a request id: owns its partition of the decisions
         # topic (the composition root asks the group). Only it withdraws or expires the
         # request; alone, every request is this replica's.
@@ -594,6 +599,18 @@ class Executor:
                 d, f"action hash {d.action_hash} does not match request {req.id}"
             )
             return
+        settling = self._settling.get(req.id)
+        if settling is not None:
+            await self._reject_decision(d, f"approval request {req.id} is closed: {settling}")
+            return
+        self._settling[req.id] = f"already decided ({d.decision} by {d.decided_by})"
+        try:
+            await self._decided(req, d)
+        finally:
+            self._settling.pop(req.id, None)
+
+    async def _decided(self, req: ApprovalRequest, d: ApprovalDecision) -> None:
+        """The one outcome of ``req``: ``d`` claimed it (see _settling)."""
         now = utcnow()
         if now > req.expires_at:
             await self._record(
@@ -945,26 +962,42 @@ class Executor:
         """Withdraw the pending approvals whose incident closed; escalate the ones that
         expired without a decision."""
         await self._withdraw_closed(now)
-        expired = [r for r in self.pending.values() if now > r.expires_at and self.owns(r.id)]
-        for req in expired:
-            await self._record(
-                req.action,
-                "rejected",
-                "not_applicable",
-                f"approval {req.id} expired at {req.expires_at.isoformat()} without a "
-                "decision; escalated",
-                now,
-            )
-            await self._escalate(
-                "approval_expired",
-                req.action,
-                f"approval {req.id} expired at {req.expires_at.isoformat()} undecided",
-                now,
-            )
-            await self._retire(
-                req, f"it expired at {req.expires_at.isoformat()} without a decision"
-            )
+        due = [r for r in self.pending.values() if now > r.expires_at and self.owns(r.id)]
+        expired = []
+        for req in due:
+            why = f"it expired at {req.expires_at.isoformat()} without a decision"
+            if not self._settle(req, why):
+                continue  # decided (or being decided) meanwhile: that is its outcome
+            try:
+                await self._expire(req, why, now)
+            finally:
+                self._settling.pop(req.id, None)
+            expired.append(req)
         return expired
+
+    def _settle(self, req: ApprovalRequest, why: str) -> bool:
+        """Claim ``req`` for closing with ``why``; False if it is closed or closing."""
+        if req.id in self._settling or req.id not in self.pending:
+            return False
+        self._settling[req.id] = why
+        return True
+
+    async def _expire(self, req: ApprovalRequest, why: str, now: datetime) -> None:
+        await self._record(
+            req.action,
+            "rejected",
+            "not_applicable",
+            f"approval {req.id} expired at {req.expires_at.isoformat()} without a "
+            "decision; escalated",
+            now,
+        )
+        await self._escalate(
+            "approval_expired",
+            req.action,
+            f"approval {req.id} expired at {req.expires_at.isoformat()} undecided",
+            now,
+        )
+        await self._retire(req, why)
 
     async def _withdraw_closed(self, now: datetime) -> None:
         """An approval asked for an incident that has since resolved or been silenced is
@@ -976,18 +1009,23 @@ class Executor:
             if not self._known_closed(req.action.incident_id) or not self.owns(req.id):
                 continue
             why = f"withdrawn: incident {req.action.incident_id} is resolved or silenced"
-            await self._record(
-                req.action, "rejected", "not_applicable", f"approval {req.id} {why}", now
-            )
-            await self._retire(req, why)
-            # Whoever was asked to decide is told there is nothing to decide.
-            await self._escalate(
-                "approval_withdrawn",
-                req.action,
-                f"approval {req.id} {why}",
-                now,
-                key=req.created_at.isoformat(),
-            )
+            if not self._settle(req, why):
+                continue  # decided (or being decided) meanwhile: that is its outcome
+            try:
+                await self._record(
+                    req.action, "rejected", "not_applicable", f"approval {req.id} {why}", now
+                )
+                await self._retire(req, why)
+                # Whoever was asked to decide is told there is nothing to decide.
+                await self._escalate(
+                    "approval_withdrawn",
+                    req.action,
+                    f"approval {req.id} {why}",
+                    now,
+                    key=req.created_at.isoformat(),
+                )
+            finally:
+                self._settling.pop(req.id, None)
 
     async def _retire(self, req: ApprovalRequest, why: str) -> None:
         """No longer pending: forgotten here, remembered as closed (a late decision is told

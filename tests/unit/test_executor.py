@@ -673,6 +673,79 @@ async def test_undecided_approvals_expire_through_the_sweeper(rig: Any) -> None:
     assert f"approval request {req.id} is closed: it expired at" in bus.letters[-1]
 
 
+class Gate:
+    """Holds the first caller at ``wait`` until opened, and says when one got there."""
+
+    def __init__(self) -> None:
+        self.reached, self.opened = asyncio.Event(), asyncio.Event()
+
+    async def wait(self) -> None:
+        self.reached.set()
+        await self.opened.wait()
+
+
+class GatedVersion(FakeCluster):
+    """Its target version read waits at the gate, once one is set (a slow API server)."""
+
+    gate: Gate | None = None
+
+    async def version(self, target: Target) -> str:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().version(target)
+
+
+class GatedResults(MemoryBus):
+    """Its action results wait at the gate, once one is set (a slow broker)."""
+
+    gate: Gate | None = None
+
+    async def publish(self, topic_name: str, event: Any, key: str | None = None) -> None:
+        if self.gate is not None and isinstance(event, ActionResult):
+            await self.gate.wait()
+        await super().publish(topic_name, event, key)
+
+
+async def test_a_decision_just_before_the_expiry_is_the_one_outcome() -> None:
+    # Approved in the last moment: while the decision reads the target, the request's
+    # expiry passes and the sweeper runs. The approval was in time, so it is the outcome.
+    bus, c = MemoryBus(), GatedVersion()
+    c.create_config_map("shop", "flags", {"mode": "fast"})
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    req = await requested(ex, bus, a)
+    c.gate = Gate()
+    deciding = asyncio.create_task(ex.on_decision(decision(req)))
+    await c.gate.reached.wait()
+    assert await ex.sweep(req.expires_at + timedelta(seconds=1)) == []
+    c.gate.opened.set()
+    await deciding
+    assert [r.status for r in bus.results("u1")] == ["pending_approval", "succeeded"]
+    assert bus.tombstones() == [req.id]
+    assert "approval_expired" not in [e.reason for e, _ in bus.on("escalations")]
+    await ex.stop()
+
+
+async def test_a_decision_while_the_request_expires_is_refused_not_a_second_outcome() -> None:
+    bus, c = GatedResults(), cluster()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    req = await requested(ex, bus, a)
+    bus.gate = Gate()
+    expiring = asyncio.create_task(ex.sweep(req.expires_at + timedelta(seconds=1)))
+    await bus.gate.reached.wait()
+    deciding = asyncio.create_task(ex.on_decision(decision(req)))
+    await bus.wait_for(lambda b: bool(b.letters), 5, "the decision refused")
+    bus.gate.opened.set()
+    assert [r.id for r in await expiring] == [req.id]
+    await deciding
+    statuses = [r.status for r in bus.results("u1")]
+    assert statuses == ["pending_approval", "rejected"], statuses
+    assert f"approval request {req.id} is closed: it expired" in bus.letters[-1]
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
+    await ex.stop()
+
+
 async def test_only_the_replica_a_decision_would_reach_expires_the_request(rig: Any) -> None:
     """Every replica knows every pending request (the executor watch); the one owning its
     decisions partition expires it, once; the others leave it to that one."""
