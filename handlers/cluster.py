@@ -87,8 +87,19 @@ def evicted_uid(annotations: Mapping[str, str], action_id: str) -> str:
 
 
 def remember_eviction(annotations: Mapping[str, str], action_id: str, uid: str) -> str:
-    kept = [e for e in annotations.get(EVICTED_PODS_ANNOTATION, "").split(",") if e]
+    """The annotation with ``action_id`` evicting ``uid`` (in place of any pod it named)."""
+    kept = [e for e in _evictions(annotations) if e.rpartition("=")[0] != action_id]
     return ",".join([*kept, f"{action_id}={uid}"][-MAX_REMEMBERED_IDS:])
+
+
+def forget_eviction(annotations: Mapping[str, str], action_id: str, uid: str) -> str:
+    """The annotation without ``action_id`` evicting ``uid``: that eviction never happened
+    (refused), and left there it would pass the pod's replacement off as its work."""
+    return ",".join(e for e in _evictions(annotations) if e != f"{action_id}={uid}")
+
+
+def _evictions(annotations: Mapping[str, str]) -> list[str]:
+    return [e for e in annotations.get(EVICTED_PODS_ANNOTATION, "").split(",") if e]
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,7 @@ from handlers.cluster import (
     against_direction,
     drain_stopped,
     evicted_uid,
+    forget_eviction,
     prior_unschedulable,
     remember_eviction,
     remember_id,
@@ -994,6 +995,10 @@ class KubeCluster:
                 uid=meta.get("uid"),
                 resource_version=meta.get("resourceVersion"),
             )
+            if why is not None and sts:
+                # Not evicted (refused, or the pod changed): the note must not outlive it.
+                uid = str(meta.get("uid"))
+                await self._note_eviction(target.namespace, sts, action_id, uid, evicting=False)
             if why == "conflict":
                 continue
             if why is not None:
@@ -1012,22 +1017,25 @@ class KubeCluster:
         path, what = _sts_path(namespace, sts)
         return evicted_uid(annotations_of(await self.call("GET", path, what=what)), action_id)
 
-    async def _note_eviction(self, namespace: str, sts: str, action_id: str, uid: str) -> None:
+    async def _note_eviction(
+        self, namespace: str, sts: str, action_id: str, uid: str, *, evicting: bool = True
+    ) -> None:
         """Record on the StatefulSet, before evicting, which pod ``action_id`` evicts: its
         replacement, under the same name, carries no id, and a redelivery must not evict
-        it too."""
+        it too. ``evicting`` False takes the record back when the eviction did not
+        happen: left there, it would pass the pod's next replacement off as the action's
+        work."""
         path, what = _sts_path(namespace, sts)
         for _ in range(CONFLICT_RETRIES):
             obj = await self.call("GET", path, what=what)
             ann = annotations_of(obj)
-            if evicted_uid(ann, action_id) == uid:
+            if (evicted_uid(ann, action_id) == uid) == evicting:
                 return
+            noted = (remember_eviction if evicting else forget_eviction)(ann, action_id, uid)
             body = {
                 "metadata": {
                     "resourceVersion": (obj.get("metadata") or {}).get("resourceVersion"),
-                    "annotations": {
-                        EVICTED_PODS_ANNOTATION: remember_eviction(ann, action_id, uid)
-                    },
+                    "annotations": {EVICTED_PODS_ANNOTATION: noted},
                 }
             }
             try:

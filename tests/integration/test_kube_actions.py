@@ -424,16 +424,20 @@ async def _ready_uid(admin: KubeCluster, namespace: str, name: str) -> str:
     return str(pod["metadata"]["uid"]) if ready else ""
 
 
+async def statefulset(admin: KubeCluster, namespace: str, name: str) -> None:
+    sts = deployment(name, 1)
+    sts["kind"] = "StatefulSet"
+    del sts["spec"]["strategy"]
+    sts["spec"]["serviceName"] = name
+    await create(admin, namespace, "/apis/apps/v1/namespaces/{ns}/statefulsets", sts)
+
+
 async def test_a_statefulset_pod_restart_is_healed_and_its_redelivery_spares_the_new_pod(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:
     """The StatefulSet recreates db-0 under its name, with a new uid and no action id."""
     ns = k8s_namespace
-    sts = deployment("db", 1)
-    sts["kind"] = "StatefulSet"
-    del sts["spec"]["strategy"]
-    sts["spec"]["serviceName"] = "db"
-    await create(admin, ns, "/apis/apps/v1/namespaces/{ns}/statefulsets", sts)
+    await statefulset(admin, ns, "db")
     uids: list[str] = []
 
     async def running(not_uid: str = "") -> bool:
@@ -556,6 +560,40 @@ async def test_statefulset_and_daemonset_actions_act_on_their_own_kind(
         assert ACTION_IDS_ANNOTATION not in (after["metadata"].get("annotations") or {})
     finally:
         await ex.stop()
+
+
+async def test_a_statefulset_pod_restart_a_budget_refused_is_not_taken_for_done_later(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """The eviction a PodDisruptionBudget refused must not stay noted on the StatefulSet:
+    once db-0 is replaced by other means, the same action asked again would read the note
+    as its own earlier eviction, report it done and restart nothing."""
+    ns = k8s_namespace
+    await statefulset(admin, ns, "db")
+    pod = Target(kind="Pod", namespace=ns, name="db-0")
+    first = await _wait_ready_uid(admin, ns, "db-0")
+    await budget(admin, ns, "db", min_available=1, pods=1)
+    with pytest.raises(ActionFailed, match=f"blocked by PodDisruptionBudget {ns}/db"):
+        await kube.restart_pod(pod, action_id="r1")
+    await admin.call("DELETE", f"{PDBS.format(ns=ns)}/db", what="pdb")
+    # Someone else replaces db-0 (a person, a node drain).
+    await admin.call("DELETE", f"/api/v1/namespaces/{ns}/pods/db-0", what="db-0")
+    second = await _wait_ready_uid(admin, ns, "db-0", not_uid=first)
+    effect = await kube.restart_pod(pod, action_id="r1")
+    assert effect.applied, effect.message
+    assert effect.prior_state["uid"] == second
+    await _wait_ready_uid(admin, ns, "db-0", not_uid=second)
+
+
+async def _wait_ready_uid(admin: KubeCluster, namespace: str, name: str, not_uid: str = "") -> str:
+    uids: list[str] = []
+
+    async def running() -> bool:
+        uids.append(await _ready_uid(admin, namespace, name))
+        return bool(uids[-1]) and uids[-1] != not_uid
+
+    await eventually(running, 60, 0.3, f"{name} ready (not {not_uid or 'none'})")
+    return uids[-1]
 
 
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(

@@ -6,7 +6,15 @@ import pytest
 
 from agent.errors import ActionFailed
 from agent.models import Target
-from handlers.cluster import ACTION_IDS_ANNOTATION, MAX_REMEMBERED_IDS, RESTARTED_AT_ANNOTATION
+from handlers.cluster import (
+    ACTION_IDS_ANNOTATION,
+    EVICTED_PODS_ANNOTATION,
+    MAX_REMEMBERED_IDS,
+    RESTARTED_AT_ANNOTATION,
+    evicted_uid,
+    forget_eviction,
+    remember_eviction,
+)
 from handlers.fake_cluster import FakeCluster
 from tests.unit.factories import at
 
@@ -199,6 +207,16 @@ async def test_remembered_ids_are_bounded() -> None:
     assert len(ids) == MAX_REMEMBERED_IDS
     assert ids[-1] == f"s{MAX_REMEMBERED_IDS + 4}"
     assert "s0" not in ids
+
+
+def test_an_eviction_note_names_the_latest_pod_and_a_refused_one_is_taken_back() -> None:
+    ann = {EVICTED_PODS_ANNOTATION: remember_eviction({}, "r0", "u0")}
+    ann[EVICTED_PODS_ANNOTATION] = remember_eviction(ann, "r1", "u1")
+    ann[EVICTED_PODS_ANNOTATION] = remember_eviction(ann, "r1", "u2")  # tried again, new pod
+    assert (evicted_uid(ann, "r0"), evicted_uid(ann, "r1")) == ("u0", "u2")
+    # Only the entry of that action and that pod goes: another attempt's stays.
+    assert forget_eviction(ann, "r1", "u1") == ann[EVICTED_PODS_ANNOTATION]
+    assert forget_eviction(ann, "r1", "u2") == "r0=u0"
 
 
 async def test_container_restarts_are_counted_per_workload_and_a_rollout_starts_afresh() -> None:
