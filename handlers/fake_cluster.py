@@ -343,6 +343,16 @@ class FakeCluster:
         async with self._lock:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
+                # As the adapter: the StatefulSet the name points to may record the eviction.
+                named = (target.namespace, target.name.rpartition("-")[0])
+                gone = evicted_uid(self._sts_annotations.get(named, {}), action_id)
+                if gone:
+                    return Effect(
+                        applied=False,
+                        message=f"action {action_id} already evicted {target.key} (uid {gone})",
+                        prior_state={"uid": gone},
+                        found_id=True,
+                    )
                 return Effect(applied=False, message=f"{target.key} is already gone")
             sts = (pod.namespace, pod.workload) if pod.owner == "StatefulSet" else None
             # As the adapter: a StatefulSet's replacement, under the evicted pod's name and

@@ -956,7 +956,7 @@ class KubeCluster:
         for _ in range(CONFLICT_RETRIES):
             status, pod, headers = await self._raw("GET", path)
             if status == 404:
-                return Effect(applied=False, message=f"{target.key} is already gone")
+                return await self._pod_gone(target, action_id)
             if not 200 <= status < 300:
                 raise translate(status, pod, headers, method="GET", what=target.key)
             meta = pod.get("metadata") or {}
@@ -1012,6 +1012,25 @@ class KubeCluster:
                 },
             )
         raise ActionFailed(f"{target.key} changed concurrently {CONFLICT_RETRIES} times; gave up")
+
+    async def _pod_gone(self, target: Target, action_id: str) -> Effect:
+        """A pod not found: evicted by this action's earlier delivery if its StatefulSet
+        (named by the pod, ``<sts>-<ordinal>``) records that eviction, before it
+        recreates the pod; of other pods nothing tells."""
+        sts, _, ordinal = target.name.rpartition("-")
+        if sts and ordinal.isdigit():
+            status, obj, headers = await self._raw("GET", _sts_path(target.namespace, sts)[0])
+            if not (200 <= status < 300 or status == 404):
+                raise translate(status, obj, headers, method="GET", what=f"StatefulSet {sts}")
+            gone = evicted_uid(annotations_of(obj), action_id) if status != 404 else ""
+            if gone:
+                return Effect(
+                    applied=False,
+                    message=f"action {action_id} already evicted {target.key} (uid {gone})",
+                    prior_state={"uid": gone},
+                    found_id=True,
+                )
+        return Effect(applied=False, message=f"{target.key} is already gone")
 
     async def _evicted_by(self, namespace: str, sts: str, action_id: str) -> str:
         path, what = _sts_path(namespace, sts)

@@ -582,7 +582,28 @@ async def test_a_statefulset_pod_restart_a_budget_refused_is_not_taken_for_done_
     effect = await kube.restart_pod(pod, action_id="r1")
     assert effect.applied, effect.message
     assert effect.prior_state["uid"] == second
-    await _wait_ready_uid(admin, ns, "db-0", not_uid=second)
+    # Asked again while db-0 is not back (held gone here by scaling to 0): the
+    # StatefulSet's record shows this action evicted it, so it counts as done.
+    await admin.call(
+        "PATCH",
+        f"/apis/apps/v1/namespaces/{ns}/statefulsets/db",
+        body={"spec": {"replicas": 0}},
+        what="db",
+        content_type="application/merge-patch+json",
+    )
+
+    async def absent() -> bool:
+        status, _, _ = await admin._raw("GET", f"/api/v1/namespaces/{ns}/pods/db-0")
+        return status == 404
+
+    await eventually(absent, 60, 0.3, "db-0 gone")
+    again = await kube.restart_pod(pod, action_id="r1")
+    assert (again.applied, again.found_id, dict(again.prior_state)) == (
+        False,
+        True,
+        {"uid": second},
+    )
+    assert not (await kube.restart_pod(pod, action_id="r2")).found_id  # not another's
 
 
 async def _wait_ready_uid(admin: KubeCluster, namespace: str, name: str, not_uid: str = "") -> str:

@@ -242,6 +242,34 @@ async def test_a_statefulset_pod_restart_redelivered_spares_its_replacement(rig:
         await ex.stop()
 
 
+async def test_a_statefulset_pod_restart_redelivered_before_the_pod_is_back_counts(
+    rig: Any,
+) -> None:
+    # Redelivered while the StatefulSet has not yet recreated the pod: the StatefulSet's
+    # record of the eviction shows the action acted, so it counts and is verified.
+    first, _bus, c = rig
+    old = c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
+    first.after_apply = killed
+    a = act("restart_pod", Target(kind="Pod", namespace="shop", name="db-0"), action_id="p1")
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert r.prior_state == {"uid": old.uid} and "p1" in ex.history
+        # A Deployment's pod leaves no such record: gone is all that can be said.
+        first.after_apply = killed
+        b = act("restart_pod", Target(kind="Pod", namespace="shop", name="checkout-a"))
+        with pytest.raises(Killed):
+            await first.on_action(b)
+        assert (await ex.on_action(b)).status == "duplicate"
+    finally:
+        await ex.stop()
+
+
 async def test_a_restarted_statefulset_pod_back_under_its_name_is_healed(rig: Any) -> None:
     ex, bus, c = rig
     c.add_pod("shop", "db-0", node="n2", workload="db", owner="StatefulSet")
