@@ -22,7 +22,8 @@ Order of the rules (first match wins), safety rules before convenience rules:
    e. a cordon/drain with ``max_nodes_cordoned`` other nodes already cordoned -> deny
 7. already approved by a human              -> execute (the executor clears an
    ``approved_by`` it did not earn: see :func:`unearned_approval`)
-   a. the same action on the same target was verified ineffective (not_healed, worse)
+   a. an undo restoring no prior state the executor knows     -> approval
+   b. the same action on the same target was verified ineffective (not_healed, worse)
       ``ineffective_after`` times, or ran ``max_repeats`` times, within ``repeat_window``
                                             -> approval (a person decides whether to try again)
 8. mode ``supervised``                      -> approval
@@ -33,7 +34,7 @@ Order of the rules (first match wins), safety rules before convenience rules:
 Rules 6b-6e (blast radius) need :class:`Facts` about the target, which the executor reads
 from the cluster just before deciding; with no facts they do not apply (``Facts()``), so
 the executor first decides without them, and reads the cluster only for a verdict that
-could act. Human approval never lifts a safety limit: rules 1-6 come before rule 7. Rule 7a
+could act. Human approval never lifts a safety limit: rules 1-6 come before rule 7. Rule 7b
 is not a limit but a remediation loop breaker: a restart that keeps "healing" a crash that
 keeps coming back hides its cause, so the agent stops doing it on its own and asks.
 
@@ -204,7 +205,7 @@ def learned(known: Executed | None, r: ActionResult) -> Executed | None:
 def repeat_problem(
     action: ActionRequest, rem: RemediationSection, history: Collection[Executed], now: datetime
 ) -> str | None:
-    """Why rule 7a sends ``action`` to a person, or None: earlier runs of the same action
+    """Why rule 7b sends ``action`` to a person, or None: earlier runs of the same action
     type on the same target within ``repeat_window`` (an undo is exempt, as from the
     cooldown: it repairs)."""
     if action.params.get(UNDO_PARAM) or not (rem.ineffective_after or rem.max_repeats):
@@ -405,21 +406,15 @@ class PriorState:
         return cls(type=r.type, target_key=r.target.key, params=undo_params(r.prior_state))
 
 
-def unearned_approval(
+def unknown_undo(
     action: ActionRequest, recorded: Mapping[str, Collection[PriorState]]
 ) -> str | None:
-    """Why the ``approved_by`` of ``action``, as read from the actions topic, is not
-    honoured; None when it is (or there is none). Approvals reach the executor through the
-    approvals and decisions topics, never inside a request; the one exception is an undo
-    (``sre-agent actions undo``), earned when it restores, on the same target with the same
-    action type, a prior state the action it names recorded (``recorded``: by action id).
-    Anything else claiming approval, a writer of the topic or an upstream bug, is decided
-    as the unapproved request it is."""
-    if not action.approved_by:
-        return None
+    """Why ``action``, an undo, does not restore (on the same target, with the same action
+    type) a prior state the action it names recorded (``recorded``: by action id); None
+    when it does, or is no undo."""
     original = action.params.get(UNDO_PARAM)
     if not original:
-        return "an approval is given on the approvals topic, never in the request"
+        return None
     known = recorded.get(str(original))
     if not known:
         return f"undo of action {original}, which records no prior state known here"
@@ -434,6 +429,22 @@ def unearned_approval(
             f"{action.type} {action.target.key}"
         )
     return None
+
+
+def unearned_approval(
+    action: ActionRequest, recorded: Mapping[str, Collection[PriorState]]
+) -> str | None:
+    """Why the ``approved_by`` of ``action``, as read from the actions topic, is not
+    honoured; None when it is (or there is none). Approvals reach the executor through the
+    approvals and decisions topics, never inside a request; the one exception is an undo
+    (``sre-agent actions undo``), earned when it restores a recorded prior state (see
+    :func:`unknown_undo`). Anything else claiming approval, a writer of the topic or an
+    upstream bug, is decided as the unapproved request it is."""
+    if not action.approved_by:
+        return None
+    if not action.params.get(UNDO_PARAM):
+        return "an approval is given on the approvals topic, never in the request"
+    return unknown_undo(action, recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,7 +622,11 @@ def decide(
     switches: Switches,
     now: datetime,
     facts: Facts | None = None,
+    unknown_undo: str | None = None,
 ) -> Verdict:
+    """``unknown_undo``: why ``action``, an undo, restores no prior state the executor
+    knows (see :func:`unknown_undo`): exempt from the limits an undo is exempt from, it
+    is not one a person asked for, so a person decides."""
     rem = settings.remediation
     ns = action.target.namespace
     if not rem.enabled:
@@ -654,6 +669,8 @@ def decide(
     go: VerdictKind = "dry_run" if shadow else "execute"
     if action.approved_by:
         return Verdict(go, "approved", f"approved by {action.approved_by}")
+    if unknown_undo:
+        return Verdict("approve", "unknown_undo", f"{unknown_undo}; a person decides")
     repeated = repeat_problem(action, rem, history, now)
     if repeated is not None:
         return Verdict("approve", "repeat", f"{repeated}; a person decides whether to try again")

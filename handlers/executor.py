@@ -109,6 +109,7 @@ from agent.policy import (
     switches_for,
     undo_params,
     unearned_approval,
+    unknown_undo,
 )
 from agent.prom import PromClient
 from agent.settings import RemediationSection
@@ -447,19 +448,23 @@ class Executor:
         stands for an undo of a prior state this executor knows (see
         :func:`unearned_approval`); any other is decided as if unapproved, and its result
         says why."""
-        if action.approved_by and UNDO_PARAM in action.params:
+        if UNDO_PARAM in action.params:
             # The original's result may be on a partition the watch has not read yet.
-            await self._caught_up(f"cannot check undo {action.id}")
+            await self._caught_up(f"cannot decide undo {action.id}")
+        unknown = unknown_undo(action, self.prior_states)
         why = unearned_approval(action, self.prior_states)
         if why is None:
-            return await self._act(action)
+            return await self._act(action, unknown=unknown)
         note = f"approved_by {action.approved_by!r} not honoured: {why}"
         log.warning("action %s on %s: %s", action.id, action.target.key, note)
-        return await self._act(replace(action, approved_by=None), note)
+        return await self._act(replace(action, approved_by=None), note, unknown=unknown)
 
-    async def _act(self, action: ActionRequest, note: str = "") -> ActionResult:
+    async def _act(
+        self, action: ActionRequest, note: str = "", *, unknown: str | None = None
+    ) -> ActionResult:
         """``action`` decided and carried out; ``approved_by``, if any, is trusted here.
-        ``note``: what the result adds (why a claimed approval did not stand)."""
+        ``note``: what the result adds (why a claimed approval did not stand);
+        ``unknown``: why an undo restores no known prior state (a person decides)."""
 
         def noted(message: str) -> str:
             return f"{message}; {note}" if note else message
@@ -484,7 +489,12 @@ class Executor:
             )
         ns = action.target.namespace
         verdict = decide(
-            action, self.settings, self.history.values(), self.current_switches(ns), now
+            action,
+            self.settings,
+            self.history.values(),
+            self.current_switches(ns),
+            now,
+            unknown_undo=unknown,
         )
         facts = Facts()
         if verdict.kind != "deny":
@@ -501,7 +511,13 @@ class Executor:
             # The switches are read again, not reused: the cluster reads took time, and a
             # kill switch turned on meanwhile must hold.
             verdict = decide(
-                action, self.settings, self.history.values(), self.current_switches(ns), now, facts
+                action,
+                self.settings,
+                self.history.values(),
+                self.current_switches(ns),
+                now,
+                facts,
+                unknown_undo=unknown,
             )
         if verdict.kind == "execute" and self._budget is not None:
             # The replicas' one order of claims settles who got the budget's last unit.
@@ -515,6 +531,7 @@ class Executor:
                     self.current_switches(ns),
                     now,
                     facts,
+                    unknown_undo=unknown,
                 )
                 if late.kind != "execute":
                     await self._claim_ended(action, now, changed=False)  # its unit goes back
@@ -733,7 +750,7 @@ class Executor:
         )
 
     def _verified(self, action_id: str, outcome: Outcome) -> None:
-        """The policy learns how its action ended (rule 7a counts the ineffective ones)
+        """The policy learns how its action ended (rule 7b counts the ineffective ones)
         before the record of it comes back through on_results."""
         known = self.history.get(action_id)
         if known is not None:

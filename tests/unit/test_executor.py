@@ -482,6 +482,13 @@ async def test_an_undo_keeps_its_approval_only_for_a_prior_state_it_restores(rig
     assert r.status == "pending_approval" and "not honoured" in r.message, r.message
     assert "does not restore the prior state action s1 recorded" in r.message
     assert (await c.workload(CHECKOUT)).replicas == 5
+    # Without a claim of approval it is no undo anyone asked for either: a person decides,
+    # in autonomous mode too.
+    ex.settings = cfg()
+    unclaimed = await ex.on_action(replace(forged, approved_by=None, id="forged-2"))
+    assert unclaimed.status == "pending_approval", unclaimed.message
+    assert "does not restore the prior state action s1 recorded" in unclaimed.message
+    assert (await c.workload(CHECKOUT)).replicas == 5
     # Another replica (or this one restarted) learns the prior state from the results.
     other = Executor(ex.settings, bus=bus, cluster=c, metrics=Metrics())
     topic = bus.topic("action-results")
