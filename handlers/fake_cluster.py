@@ -1,8 +1,10 @@
 """An in-process cluster with real state, for the local lab and pure unit tests.
 
 It follows the Kubernetes semantics the agent relies on, not a mock that accepts anything:
-a Deployment's revisions are its ReplicaSets; a rollback re-activates an old template and
-gives it the next revision number (the old number disappears, as with ReplicaSets); scale
+a Deployment's revisions are its ReplicaSets, a StatefulSet's or DaemonSet's its
+ControllerRevisions, the rollout history the analysis reads of each; a rollback re-activates
+an old template and gives it the next revision number (the old number disappears, as the
+controllers renumber a ReplicaSet or ControllerRevision); scale
 and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op;
 unknown objects are errors, and a workload is found only under its own kind. As the real
 adapter, it refuses an action on a kind it does not apply to (agent.policy.kind_problem: a

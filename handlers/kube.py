@@ -264,6 +264,39 @@ def revision_template(revision: Mapping[str, Any]) -> Obj | None:
     return {k: v for k, v in template.items() if k != "$patch"}
 
 
+def controller_history(
+    workload: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
+) -> tuple[int, tuple[Revision, ...]]:
+    """A StatefulSet's or DaemonSet's rollout history from the ControllerRevisions it owns,
+    as a Deployment's from its ReplicaSets: each revision's image and creation time, by
+    number, and the number of the template it runs."""
+    revisions: dict[int, Revision] = {}
+    running: list[int] = []
+    now = (workload.get("spec") or {}).get("template") or {}
+    for r in history:
+        number = int(r.get("revision") or 0)
+        template = revision_template(r)
+        if number < 1 or template is None:
+            continue
+        created = _parse_time((r.get("metadata") or {}).get("creationTimestamp"))
+        revisions[number] = Revision(number=number, image=first_image(template), created_at=created)
+        if template == now:
+            running.append(number)
+    if running:
+        current = max(running)
+    else:
+        # The controller has not recorded the running template yet: it is the next revision,
+        # dated as a Deployment's unrecorded one (its creation), never as a recent rollout.
+        current = max(revisions, default=0) + 1
+        meta = workload.get("metadata") or {}
+        revisions[current] = Revision(
+            number=current,
+            image=first_image(now),
+            created_at=_parse_time(meta.get("creationTimestamp")),
+        )
+    return current, tuple(revisions[n] for n in sorted(revisions))
+
+
 def pick_revision(
     target: Target, numbers: Sequence[int], current: int, to_revision: int | None
 ) -> int:
@@ -582,9 +615,9 @@ class KubeCluster:
             revision = revision_of(obj) or max((r.number for r in revisions), default=1)
             if not any(r.number == revision for r in revisions):
                 revisions = (*revisions, Revision(number=revision, image=image, created_at=created))
-        else:  # StatefulSet, DaemonSet: ControllerRevision history is not read
-            revision = 1
-            revisions = (Revision(number=1, image=image, created_at=created),)
+        else:
+            history = await self._controller_revisions(target, obj)
+            revision, revisions = controller_history(obj, history)
         typed = {**obj, "kind": target.kind}
         return WorkloadState(
             target=target,

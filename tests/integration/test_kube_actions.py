@@ -29,6 +29,9 @@ import orjson
 import pytest
 import yaml
 
+from agent.analysis_stage import action_requests
+from agent.analyzer import analyze
+from agent.context import ContextGatherer
 from agent.errors import ActionFailed
 from agent.lab_kube import KubeLab, lab_nodes
 from agent.metrics import Metrics
@@ -37,7 +40,9 @@ from agent.models import (
     ActionResult,
     ApprovalRequest,
     DeadLetter,
+    Member,
     Target,
+    fingerprint,
     utcnow,
 )
 from agent.runtime import Agent
@@ -46,6 +51,7 @@ from handlers.cluster import ACTION_IDS_ANNOTATION, remembered_ids
 from handlers.executor import Executor, undo_request
 from handlers.kube import KubeCluster
 from streams.bus import Bus, create_topics
+from tests.fakes.incidents import incident as fake_incident
 from tests.fakes.publisher import MemoryBus
 from tests.fixtures.k8s import K8sCluster, role_kubeconfig
 from tests.helpers import eventually, make_settings, readers
@@ -71,6 +77,14 @@ def agent_kubeconfig(
     k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     with role_kubeconfig(k8s_cluster, "sre-agent-executor", tmp_path_factory.mktemp("rbac")) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def analyzer_kubeconfig(
+    k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    with role_kubeconfig(k8s_cluster, "sre-agent-analyzer", tmp_path_factory.mktemp("rbac")) as p:
         yield p
 
 
@@ -116,6 +130,15 @@ def deployment(name: str, replicas: int, image: str = "registry.invalid/app:v1")
             },
         },
     }
+
+
+def statefulset_doc(name: str, replicas: int) -> dict[str, Any]:
+    sts = deployment(name, replicas)
+    sts["kind"] = "StatefulSet"
+    del sts["spec"]["strategy"]
+    sts["spec"]["serviceName"] = name
+    sts["spec"]["podManagementPolicy"] = "Parallel"  # kwok is slow: start pods at once
+    return sts
 
 
 def hpa_of(deployment: str, lo: int, hi: int) -> dict[str, Any]:
@@ -478,11 +501,7 @@ async def test_statefulset_and_daemonset_actions_act_on_their_own_kind(
     the StatefulSet only, and are verified; a DaemonSet restarts and rolls back, and its
     scale is refused with the reason, nothing written."""
     ns = k8s_namespace
-    sts = deployment("db", 1)
-    sts["kind"] = "StatefulSet"
-    del sts["spec"]["strategy"]
-    sts["spec"]["serviceName"] = "db"
-    sts["spec"]["podManagementPolicy"] = "Parallel"  # kwok is slow: start pods at once
+    sts = statefulset_doc("db", 1)
     ds = deployment("agent", 1)
     ds["kind"] = "DaemonSet"
     del ds["spec"]["replicas"], ds["spec"]["strategy"]
@@ -615,6 +634,83 @@ async def _wait_ready_uid(admin: KubeCluster, namespace: str, name: str, not_uid
 
     await eventually(running, 60, 0.3, f"{name} ready (not {not_uid or 'none'})")
     return uids[-1]
+
+
+async def test_a_bad_statefulset_rollout_is_rolled_back_by_the_rules(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, analyzer_kubeconfig: Path
+) -> None:
+    """A bad image rolled out to StatefulSet db: the analyzer's role reads its
+    ControllerRevisions as its rollout history, the rules propose rolling it back, and the
+    executor does so and verifies it healed."""
+    ns = k8s_namespace
+    await create(admin, ns, "/apis/apps/v1/namespaces/{ns}/statefulsets", statefulset_doc("db", 1))
+    db = Target(kind="StatefulSet", namespace=ns, name="db")
+    await settled(admin, db)
+    image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "app:bad"}]}}}}
+    merge = "application/merge-patch+json"
+    await admin.call("PATCH", _path(db), body=image, what="bad", content_type=merge)
+    await settled(admin, db)
+
+    labels = {"cluster": "test", "namespace": ns, "service": "db"}
+    pod = {**labels, "pod": "db-0", "owner": "StatefulSet/db", "workload": "db"}
+    signal = Member(
+        fingerprint=fingerprint("kubernetes", "DbErrors", pod),
+        name="DbErrors",
+        source="kubernetes",
+        severity="critical",
+        status="firing",
+        labels=pod,
+        first_seen=utcnow(),
+        last_seen=utcnow(),
+    )
+    incident = replace(
+        fake_incident(signal, labels=labels), opened_at=utcnow(), updated_at=utcnow()
+    )
+    runbook = {
+        "name": "db",
+        "alert": "DbErrors",
+        "source": "kubernetes",
+        "actions": ["check_recent_deployments", "auto_rollback_if_deployment_recent"],
+    }
+    settings = make_settings(
+        "127.0.0.1:1", "x.", doc={"remediation": REMEDIATION, "runbooks": [runbook]}
+    )
+    async with KubeCluster(kubeconfig=str(analyzer_kubeconfig)) as reader:
+        history = await reader.workload(db)
+        assert [(r.number, r.image) for r in history.revisions] == [
+            (1, "registry.invalid/app:v1"),
+            (2, "app:bad"),
+        ]
+        assert (history.revision, history.image) == (2, "app:bad")
+        ctx = await ContextGatherer(settings, cluster=reader, source=reader).gather(incident)
+    assert [(r.revision, r.image, r.previous_image) for r in ctx.rollouts] == [
+        (1, "registry.invalid/app:v1", None),
+        (2, "app:bad", "registry.invalid/app:v1"),
+    ]
+    analysis = analyze(incident, ctx, settings, utcnow())
+    assert analysis.root_cause_class == "bad_rollout", analysis
+    (action,) = action_requests(analysis, incident)
+    assert (action.type, action.target) == ("rollback", db)
+
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        result = await ex.on_action(action)
+        assert result.status == "succeeded", result.message
+        assert result.prior_state == {"revision": 2, "image": "app:bad"}
+        outcome = await verified(bus, action)
+        assert outcome.outcome == "healed", outcome.message
+    finally:
+        await ex.stop()
+    obj = await read(admin, db)
+    assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.invalid/app:v1"
+    # As kubectl rollout undo: the restored revision takes the next number.
+    after = await kube.workload(db)
+    assert [(r.number, r.image) for r in after.revisions] == [
+        (2, "app:bad"),
+        (3, "registry.invalid/app:v1"),
+    ]
+    assert after.revision == 3
 
 
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(

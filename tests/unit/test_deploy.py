@@ -107,6 +107,7 @@ ANALYZER_NEEDS = {  # agent/context.py through KubeCluster's reads
     ("apps", "statefulsets", "get"),
     ("apps", "daemonsets", "get"),
     ("apps", "replicasets", "list"),  # a Deployment's revisions
+    ("apps", "controllerrevisions", "list"),  # a StatefulSet's or DaemonSet's revisions
     ("", "events", "list"),
     ("", "pods", "list"),
     ("", "pods/log", "get"),

@@ -10,6 +10,7 @@ import pytest
 from agent.ai_answer import ProposedAction, ProposedTarget, incident_scope, vet_actions
 from agent.analyzer import Context, Rollout, analyze, workload_target
 from agent.codec import from_obj
+from agent.context import ContextGatherer
 from agent.errors import ActionFailed
 from agent.kube_signals import pod_labels
 from agent.models import Member, Target, fingerprint
@@ -17,7 +18,13 @@ from agent.policy import Switches, decide, kind_problem
 from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
 from handlers.cluster import ACTION_IDS_ANNOTATION
 from handlers.fake_cluster import FakeCluster
-from handlers.kube import desired_pods, ready_pods, revision_rollback, rollout_disruption
+from handlers.kube import (
+    controller_history,
+    desired_pods,
+    ready_pods,
+    revision_rollback,
+    rollout_disruption,
+)
 from tests.fakes.incidents import OPENED, ai_settings, incident
 from tests.unit.factories import action, settings
 
@@ -306,6 +313,47 @@ def test_a_statefulset_rolls_back_to_its_previous_controller_revision() -> None:
         revision_rollback(DB, running("db:v1"), history[:1], "act-4", None)
     with pytest.raises(ActionFailed, match="no rollout history"):
         revision_rollback(DB, running("db:v1"), [], "act-5", None)
+
+
+def dated(rev: dict[str, Any], minute: int) -> dict[str, Any]:
+    return {**rev, "metadata": {"creationTimestamp": f"2024-05-01T11:{minute:02d}:00Z"}}
+
+
+def test_a_statefulsets_rollout_history_is_its_controller_revisions() -> None:
+    history = [dated(revision(3, "db:v1"), 50), dated(revision(2, "db:v2"), 40)]
+    history += [{"revision": 0, "data": {}}, {"revision": 4, "data": {"spec": {}}}]  # no template
+    current, revisions = controller_history(running("db:v1"), history)
+    # Ordered by number, each with its image and the time it was recorded.
+    assert current == 3
+    assert [(r.number, r.image, r.created_at.minute) for r in revisions] == [
+        (2, "db:v2", 40),
+        (3, "db:v1", 50),
+    ]
+    # A template the controller has not recorded yet is the next revision, never recent.
+    created = {**running("db:v9"), "metadata": {"creationTimestamp": "2024-05-01T09:00:00Z"}}
+    current, revisions = controller_history(created, history)
+    assert (current, revisions[-1].image, revisions[-1].created_at.hour) == (4, "db:v9", 9)
+
+
+async def test_the_fake_keeps_a_statefulsets_history_as_its_controller_does() -> None:
+    """The same history the control plane gives (tests/integration/test_kube_actions.py):
+    a bad rollout is proposed for rollback, and the restored revision takes the next
+    number."""
+    c = cluster()
+    c.rollout("shop", "db", image="v2", at=OPENED, kind="StatefulSet")
+    ctx = await ContextGatherer(SETTINGS, cluster=c, source=c).gather(
+        incident(kube_member("DbDown", DB_POD))
+    )
+    assert [(r.revision, r.image, r.previous_image) for r in ctx.rollouts] == [
+        (1, "v1", None),
+        (2, "v2", "v1"),
+    ]
+    settings = with_steps("auto_rollback_if_deployment_recent")
+    an = analyze(incident(kube_member("DbDown", DB_POD)), ctx, settings, OPENED)
+    assert [(a.type, a.target) for a in an.actions] == [("rollback", DB)]
+    await c.rollback(DB, action_id="a1")
+    w = await c.workload(DB)
+    assert ([(r.number, r.image) for r in w.revisions], w.revision) == ([(2, "v2"), (3, "v1")], 3)
 
 
 def test_the_adapter_reads_a_daemonsets_pods_from_its_status() -> None:
