@@ -95,8 +95,11 @@ class ClusterContext(Protocol):
     async def logs(self, namespace: str, pod: str, *, tail: int) -> str: ...
 
     async def config_changes(
-        self, namespace: str, workloads: Sequence[str], *, since: datetime
-    ) -> Sequence[ConfigChange]: ...
+        self, workloads: Sequence[Target], *, since: datetime
+    ) -> Sequence[ConfigChange]:
+        """ConfigMaps the workloads, each read as its own kind, reference that changed
+        since ``since``."""
+        ...
 
     async def node_conditions(self, nodes: Sequence[str]) -> Mapping[str, tuple[str, ...]]:
         """The conditions that are bad (DiskPressure, MemoryPressure, NotReady, ...)."""
@@ -712,8 +715,9 @@ class ContextGatherer:
     ) -> None:
         since = incident.opened_at - timedelta(seconds=self.settings.remediation.rollout_window)
         for ns in sorted({t.namespace for t in targets}):
-            names = [t.name for t in targets if t.namespace == ns]
-            changes = await src.config_changes(ns, names, since=since)
+            changes = await src.config_changes(
+                [t for t in targets if t.namespace == ns], since=since
+            )
             parts.config_changes += [
                 replace(c, summary=clip(redact(c.summary), MAX_TEXT)) for c in changes[:20]
             ]

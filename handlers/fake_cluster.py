@@ -608,14 +608,20 @@ class FakeCluster:
         return "\n".join(text.splitlines()[-tail:]) if tail else ""
 
     async def config_changes(
-        self, namespace: str, workloads: Sequence[str], *, since: datetime
+        self, workloads: Sequence[Target], *, since: datetime
     ) -> Sequence[ConfigChange]:
+        """The changes added, of the workloads' namespaces, that name one of them as a user
+        (or no user); as the adapter, a workload that does not exist references nothing."""
+        present = [w for w in workloads if w.key in self._workloads]
         return [
             c
             for c in self._config_changes
-            if c.namespace == namespace
-            and c.at >= since
-            and (not c.used_by or any(w in c.used_by for w in workloads))
+            if c.at >= since
+            and any(w.namespace == c.namespace for w in workloads)
+            and (
+                not c.used_by
+                or any(w.namespace == c.namespace and w.name in c.used_by for w in present)
+            )
         ]
 
     async def node_conditions(self, nodes: Sequence[str]) -> Mapping[str, tuple[str, ...]]:

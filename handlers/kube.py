@@ -1435,20 +1435,32 @@ class KubeCluster:
         )
 
     async def config_changes(
-        self, namespace: str, workloads: Sequence[str], *, since: datetime
+        self, workloads: Sequence[Target], *, since: datetime
     ) -> Sequence[ConfigChange]:
-        """ConfigMaps the workloads reference that changed since ``since`` (keys only)."""
-        users: dict[str, list[str]] = {}
-        for w in workloads:
-            try:
-                dep = await self._get(Target(kind="Deployment", namespace=namespace, name=w))
-            except ActionFailed:
-                continue  # not a Deployment here: nothing references through it
-            template = dep.get("spec", {}).get("template", {})
-            for cm in config_maps_of(template):
-                users.setdefault(cm, []).append(w)
-        if not users:
-            return []
+        """ConfigMaps the workloads reference that changed since ``since`` (keys only).
+        Each workload is read as its own kind: StatefulSet db never lends the references
+        of an unrelated Deployment db."""
+        out: list[ConfigChange] = []
+        for namespace in sorted({w.namespace for w in workloads}):
+            users: dict[str, list[str]] = {}
+            for w in workloads:
+                if w.namespace != namespace:
+                    continue
+                _need(w, WORKLOAD_RESOURCES, "config_changes")
+                try:
+                    obj = await self._get(w)
+                except NotFound:
+                    continue  # gone: nothing references through it
+                template = (obj.get("spec") or {}).get("template") or {}
+                for cm in config_maps_of(template):
+                    users.setdefault(cm, []).append(w.name)
+            if users:
+                out += await self._changed_config_maps(namespace, users, since)
+        return out
+
+    async def _changed_config_maps(
+        self, namespace: str, users: Mapping[str, Sequence[str]], since: datetime
+    ) -> list[ConfigChange]:
         items = await self._list(f"/api/v1/namespaces/{namespace}/configmaps", what="configmaps")
         out = []
         for obj in items:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ from typing import Any
 import pytest
 from kubernetes import config
 
-from agent.context import ClusterContext
+from agent.context import ClusterContext, ContextGatherer
 from agent.errors import ActionFailed, AgentError
 from agent.kube_watch import KubeWatcher
 from agent.metrics import Metrics
-from agent.models import Target, utcnow
+from agent.models import Member, Target, fingerprint, utcnow
 from agent.settings import parse_settings
 from handlers.kube import KubeCluster
+from tests.fakes.incidents import incident
 from tests.fakes.publisher import MemoryBus
 from tests.fixtures.k8s import K8sCluster, role_kubeconfig
 from tests.helpers import eventually
@@ -142,10 +144,11 @@ async def test_context_from_the_real_api(
         assert "Back-off restarting" in backoff.message and backoff.at is not None
         assert len(await kube.events(ns, ["cart"], limit=1)) == 1
 
-        changes = await kube.config_changes(ns, ["cart"], since=utcnow() - timedelta(hours=1))
+        cart = [Target(kind="Deployment", namespace=ns, name="cart")]
+        changes = await kube.config_changes(cart, since=utcnow() - timedelta(hours=1))
         assert [(c.name, c.used_by) for c in changes] == [("cart-config", ("cart",))]
         assert changes[0].summary == "keys: MODE, RETRIES"
-        assert await kube.config_changes(ns, ["cart"], since=utcnow() + timedelta(hours=1)) == []
+        assert await kube.config_changes(cart, since=utcnow() + timedelta(hours=1)) == []
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
@@ -162,6 +165,69 @@ async def test_context_from_the_real_api(
 
         nodes = await kube.node_conditions(["kwok-node-0", "no-such-node"])
         assert nodes == {}, "healthy kwok nodes report no bad conditions"
+
+
+def workload(kind: str, name: str, config_map: str) -> dict[str, Any]:
+    """A ``kind`` named ``name`` whose pods mount ``config_map``."""
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": {"app": f"{name}-{kind.lower()}"}},
+        "template": {
+            "metadata": {"labels": {"app": f"{name}-{kind.lower()}"}},
+            "spec": {
+                "containers": [{"name": "app", "image": f"{name}:v1"}],
+                "volumes": [{"name": "config", "configMap": {"name": config_map}}],
+            },
+        },
+    }
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
+    return {"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+async def test_a_statefulsets_config_changes_are_its_own_not_its_namesake_deployments(
+    k8s_cluster: Any, k8s_namespace: str, analyzer_kubeconfig: Path
+) -> None:
+    ns = k8s_namespace
+    for doc in (
+        workload("StatefulSet", "db", "db-sts-config"),
+        workload("Deployment", "db", "db-deploy-config"),
+    ):
+        doc["metadata"]["namespace"] = ns
+        apply(k8s_cluster, doc)
+    for cm in ("db-sts-config", "db-deploy-config"):
+        apply(
+            k8s_cluster,
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": cm, "namespace": ns},
+                "data": {"MODE": "fast"},
+            },
+        )
+    settings = parse_settings({}, env={})
+    labels = {"cluster": "test", "namespace": ns, "service": "db"}
+    seen = {}
+    async with KubeCluster(kubeconfig=str(analyzer_kubeconfig)) as kube:
+        gatherer = ContextGatherer(settings, cluster=kube, source=kube, logs=False)
+        for kind in ("StatefulSet", "Deployment"):
+            pod = {**labels, "owner": f"{kind}/db", "workload": "db"}
+            signal = Member(
+                fingerprint=fingerprint("kubernetes", "DbErrors", pod),
+                name="DbErrors",
+                source="kubernetes",
+                severity="critical",
+                status="firing",
+                labels=pod,
+                first_seen=utcnow(),
+                last_seen=utcnow(),
+            )
+            inc = replace(incident(signal, labels=labels), opened_at=utcnow())
+            ctx = await gatherer.gather(inc)
+            seen[kind] = [(c.name, c.used_by) for c in ctx.config_changes]
+    assert seen == {
+        "StatefulSet": [("db-sts-config", ("db",))],
+        "Deployment": [("db-deploy-config", ("db",))],
+    }
 
 
 async def test_the_read_roles_cannot_patch_a_deployment(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.ai_answer import ProposedAction, ProposedTarget, incident_scope, vet_actions
-from agent.analyzer import Context, Rollout, analyze, workload_target
+from agent.analyzer import ConfigChange, Context, Rollout, analyze, workload_target
 from agent.codec import from_obj
 from agent.context import ContextGatherer
 from agent.errors import ActionFailed
@@ -271,6 +271,20 @@ async def test_a_daemonset_restarts_and_rolls_back_but_is_not_scaled() -> None:
     back = await c.rollback(AGENT, action_id="a3")
     assert back.applied and back.prior_state == {"revision": 2, "image": "v2"}
     assert (await c.workload(AGENT)).image == "v1"
+
+
+async def test_the_fake_reads_config_changes_through_a_workload_of_the_kind_named() -> None:
+    """As the adapter: a change Deployment db uses is none of StatefulSet db's business
+    where no StatefulSet db exists to reference it."""
+    c = FakeCluster()
+    c.create_workload("Deployment", "shop", "db", image="v1", replicas=1, at=OPENED)
+    c.add_config_change(ConfigChange("shop", "db-config", OPENED, used_by=("db",)))
+    inc = incident(kube_member("DbDown", DB_POD))
+    ctx = await ContextGatherer(SETTINGS, cluster=c, source=c).gather(inc)
+    assert ctx.config_changes == ()
+    c.create_workload("StatefulSet", "shop", "db", image="v1", replicas=1, at=OPENED)
+    ctx = await ContextGatherer(SETTINGS, cluster=c, source=c).gather(inc)
+    assert [x.name for x in ctx.config_changes] == ["db-config"]
 
 
 STS = {"metadata": {"uid": "u1", "resourceVersion": "7", "annotations": {"a": "b"}}}
