@@ -11,7 +11,10 @@ eviction, so a redelivery to a node still cordoned resumes the evictions.
 
 Each applied effect carries ``prior_state``: flat scalars (they travel as action params) from
 which :meth:`Cluster.undo` restores the target. What the keys mean is the adapter's business;
-the executor only hands them back.
+the executor only hands them back. The write that acts also notes it on the object it writes
+(``PRIOR_STATE_ANNOTATION``; a cordon's in ``UNSCHEDULABLE_BEFORE_ANNOTATION``), and a repeat
+that finds its id reports it back: an executor that died between acting and recording its
+result left nothing else of what was there before, and without it nothing could be undone.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from agent.errors import ActionFailed
-from agent.models import Target
+from agent.models import ParamValue, Target
 
 ACTION_IDS_ANNOTATION = "sre-agent.io/action-ids"
 RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
@@ -70,6 +75,60 @@ def prior_unschedulable(annotations: Mapping[str, str], action_id: str) -> dict[
     if who != action_id or was not in ("true", "false"):
         return {}
     return {"unschedulable": was == "true"}
+
+
+# A JSON object, {"<action id>": {<prior state>}, ...}, oldest first: what each of the latest
+# actions that wrote the object found there, written in the same conditional write that
+# acts, so the prior state exists on the target exactly when the action took effect.
+PRIOR_STATE_ANNOTATION = "sre-agent.io/prior-state"
+# Bounded (an object's annotations share 256 KiB): the oldest notes go first, and a prior
+# state too large alone (a big config value) is not noted; its redelivery, as before,
+# records none. A few notes, not one: an approved action may write the target between a
+# crashed delivery and its redelivery.
+MAX_PRIOR_STATE_NOTES = 5
+MAX_PRIOR_STATE_BYTES = 16384
+
+
+def _prior_notes(annotations: Mapping[str, str]) -> dict[str, dict[str, ParamValue]]:
+    """The notes as written by ``note_prior_state``; anything else in their place (an
+    older agent, a person's edit) counts as no note, never as a prior state."""
+    try:
+        doc = orjson.loads(annotations.get(PRIOR_STATE_ANNOTATION, "") or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {
+        str(who): dict(prior)
+        for who, prior in doc.items()
+        if isinstance(prior, dict)
+        and prior
+        and all(isinstance(v, str | int | float | bool) for v in prior.values())
+    }
+
+
+def noted_prior_state(annotations: Mapping[str, str], action_id: str) -> dict[str, ParamValue]:
+    """The prior state ``action_id`` noted on the object it wrote; empty when none."""
+    return _prior_notes(annotations).get(action_id, {})
+
+
+def note_prior_state(
+    annotations: Mapping[str, str], action_id: str, prior: Mapping[str, ParamValue]
+) -> str:
+    """The annotation's value with ``action_id``'s ``prior`` state noted, within bounds."""
+    notes = {k: v for k, v in _prior_notes(annotations).items() if k != action_id}
+    mine = {action_id: dict(prior)}
+    if prior and len(orjson.dumps(mine)) <= MAX_PRIOR_STATE_BYTES:
+        notes.update(mine)
+    entries = list(notes.items())[-MAX_PRIOR_STATE_NOTES:]
+    while len(orjson.dumps(dict(entries))) > MAX_PRIOR_STATE_BYTES:
+        entries = entries[1:]
+    return orjson.dumps(dict(entries)).decode()
+
+
+def recorded_prior(annotations: Mapping[str, str], action_id: str) -> dict[str, Any]:
+    """What ``action_id`` noted it found on the object, where its write leaves it."""
+    return noted_prior_state(annotations, action_id) or prior_unschedulable(annotations, action_id)
 
 
 # On a StatefulSet, "<action id>=<uid>,...": the pod each restart_pod action evicted. The

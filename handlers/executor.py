@@ -13,7 +13,8 @@ the cluster (:meth:`Cluster.footprint`).
 Effect-once: the cluster adapter records the action id on the target in the same
 conditional write that acts, and reports a repeat as not applied. A repeat whose result is
 known is a ``duplicate``; one without (a delivery died between acting and recording) is
-recorded as the executed action it was, and verified.
+recorded as the executed action it was, with the prior state the write noted on the target
+(so it can be undone), and verified.
 Transient cluster errors are retried here a few times; the retry is safe for the same
 reason.
 
@@ -715,7 +716,8 @@ class Executor:
                 return await self._record(action, "duplicate", "unknown", effect.message, now)
             # The id is on the target and no result says so: a delivery acted, then died
             # before recording it. Recorded now, or the action would count for no cooldown,
-            # budget or repeat, and never be verified; what was there before is gone.
+            # budget or repeat, and never be verified; with the prior state that write
+            # noted on the target, so it can be undone. The observation before it is gone.
             message = f"{effect.message}, by a delivery that stopped before its result [{rule}]"
 
             before = None

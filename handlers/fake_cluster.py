@@ -5,7 +5,8 @@ a Deployment's revisions are its ReplicaSets, a StatefulSet's or DaemonSet's its
 ControllerRevisions, the rollout history the analysis reads of each; a rollback re-activates
 an old template and gives it the next revision number (the old number disappears, as the
 controllers renumber a ReplicaSet or ControllerRevision); scale
-and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op;
+and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op,
+which reports the prior state the write noted there, as the adapter's does;
 unknown objects are errors, and a workload is found only under its own kind. As the real
 adapter, it refuses an action on a kind it does not apply to (agent.policy.kind_problem: a
 DaemonSet has no replica count) before reading anything.
@@ -24,11 +25,12 @@ from typing import Any
 
 from agent.analyzer import ConfigChange, KubeEvent
 from agent.errors import ActionFailed
-from agent.models import WORKLOAD_KINDS, Target, TargetKind
+from agent.models import WORKLOAD_KINDS, ParamValue, Target, TargetKind
 from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
+    PRIOR_STATE_ANNOTATION,
     UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
     Footprint,
@@ -41,7 +43,9 @@ from handlers.cluster import (
     against_direction,
     drain_stopped,
     evicted_uid,
+    note_prior_state,
     prior_unschedulable,
+    recorded_prior,
     remember_eviction,
     remember_id,
     remembered_ids,
@@ -261,7 +265,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return _already(action_id)
+                return _already(action_id, state.annotations)
             older = [r for r in state.revisions if r.number != state.revision]
             if to_revision is not None:
                 chosen = next((r for r in older if r.number == to_revision), None)
@@ -273,13 +277,14 @@ class FakeCluster:
                 raise ActionFailed(f"{target.key}: no previous revision to roll back to")
             number = max(r.number for r in state.revisions) + 1
             revisions = tuple(r for r in state.revisions if r.number != chosen.number)
+            prior: dict[str, ParamValue] = {"revision": state.revision, "image": state.image}
             new = replace(
                 state,
                 image=chosen.image,
                 revision=number,
                 revisions=(*revisions, replace(chosen, number=number)),
                 generation=state.generation + 1,
-                annotations=self._with_id(state, action_id),
+                annotations=self._with_id(state, action_id, prior),
             )
             self._put(new)
             self._replace_pods(target.namespace, target.name)
@@ -287,7 +292,7 @@ class FakeCluster:
                 applied=True,
                 message=f"rolled back {target.key} from revision {state.revision} "
                 f"({state.image}) to {chosen.number} ({chosen.image}), now revision {number}",
-                prior_state={"revision": state.revision, "image": state.image},
+                prior_state=prior,
             )
 
     async def scale(
@@ -304,33 +309,35 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return _already(action_id)
+                return _already(action_id, state.annotations)
             refused = against_direction(target, state.replicas, replicas, direction)
             if refused is not None:
                 raise refused
+            prior: dict[str, ParamValue] = {"replicas": state.replicas}
             new = replace(
                 state,
                 replicas=replicas,
                 ready_replicas=replicas,
                 generation=state.generation + 1,
-                annotations=self._with_id(state, action_id),
+                annotations=self._with_id(state, action_id, prior),
             )
             self._put(new)
             return Effect(
                 applied=True,
                 message=f"scaled {target.key} from {state.replicas} to {replicas}",
-                prior_state={"replicas": state.replicas},
+                prior_state=prior,
             )
 
     async def restart(self, target: Target, *, action_id: str, at: datetime) -> Effect:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return _already(action_id)
+                return _already(action_id, state.annotations)
+            prior: dict[str, ParamValue] = {"generation": state.generation}
             new = replace(
                 state,
                 generation=state.generation + 1,
-                annotations=self._with_id(state, action_id),
+                annotations=self._with_id(state, action_id, prior),
                 restarted_at=at,
             )
             self._put(new)
@@ -338,7 +345,7 @@ class FakeCluster:
             return Effect(
                 applied=True,
                 message=f"restarted {target.key} (rolling)",
-                prior_state={"generation": state.generation},
+                prior_state=prior,
             )
 
     async def restart_pod(self, target: Target, *, action_id: str) -> Effect:
@@ -456,15 +463,20 @@ class FakeCluster:
         async with self._lock:
             cm = self._config_map(target)
             if action_id in remembered_ids(cm.annotations):
-                return _already(action_id)
+                return _already(action_id, cm.annotations)
             if not key:
                 raise ActionFailed(f"update_config of {target.key} needs a key")
             existed = key in cm.data
-            self._set_config(cm, action_id, key, value)
+            prior: dict[str, ParamValue] = {
+                "key": key,
+                "value": cm.data.get(key, ""),
+                "existed": existed,
+            }
+            self._set_config(cm, action_id, key, value, prior)
             return Effect(
                 applied=True,
                 message=f"set {key} in {target.key}" + ("" if existed else " (new key)"),
-                prior_state={"key": key, "value": cm.data.get(key, ""), "existed": existed},
+                prior_state=prior,
             )
 
     async def undo(
@@ -491,7 +503,7 @@ class FakeCluster:
             if action_type == "update_config":
                 cm = self._config_map(target)
                 if action_id in remembered_ids(cm.annotations):
-                    return _already(action_id)
+                    return _already(action_id, cm.annotations)
                 key = str(prior["key"])
                 existed = bool(prior.get("existed"))
                 self._set_config(
@@ -654,7 +666,7 @@ class FakeCluster:
     def _cordon(self, target: Target, action_id: str, *, unschedulable: bool) -> Effect:
         node = self._node(target)
         if action_id in remembered_ids(node.annotations):
-            return _already(action_id)
+            return _already(action_id, node.annotations)
         annotations = {
             **node.annotations,
             ACTION_IDS_ANNOTATION: remember_id(node.annotations, action_id),
@@ -671,7 +683,14 @@ class FakeCluster:
             prior_state={"unschedulable": node.unschedulable},
         )
 
-    def _set_config(self, cm: FakeConfigMap, action_id: str, key: str, value: str | None) -> None:
+    def _set_config(
+        self,
+        cm: FakeConfigMap,
+        action_id: str,
+        key: str,
+        value: str | None,
+        prior: Mapping[str, ParamValue] | None = None,
+    ) -> None:
         data = {k: v for k, v in cm.data.items() if k != key}
         if value is not None:
             data[key] = value
@@ -679,6 +698,8 @@ class FakeCluster:
             **cm.annotations,
             ACTION_IDS_ANNOTATION: remember_id(cm.annotations, action_id),
         }
+        if prior is not None:
+            annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(cm.annotations, action_id, prior)
         self._config_maps[(cm.namespace, cm.name)] = replace(
             cm, data=data, version=cm.version + 1, annotations=annotations
         )
@@ -709,9 +730,12 @@ class FakeCluster:
         return f"blocked by {names} (no disruptions allowed)"
 
     @staticmethod
-    def _with_id(state: WorkloadState, action_id: str) -> dict[str, str]:
+    def _with_id(
+        state: WorkloadState, action_id: str, prior: Mapping[str, ParamValue]
+    ) -> dict[str, str]:
         annotations = dict(state.annotations)
         annotations[ACTION_IDS_ANNOTATION] = remember_id(state.annotations, action_id)
+        annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(state.annotations, action_id, prior)
         return annotations
 
 
@@ -729,5 +753,11 @@ def _need_kind(target: Target, action_type: str) -> None:
         raise ActionFailed(f"{target.key}: {problem}")
 
 
-def _already(action_id: str) -> Effect:
-    return Effect(applied=False, message=f"action {action_id} already applied", found_id=True)
+def _already(action_id: str, annotations: Mapping[str, str]) -> Effect:
+    """A repeat, with the prior state its earlier delivery noted on the object."""
+    return Effect(
+        applied=False,
+        message=f"action {action_id} already applied",
+        prior_state=recorded_prior(annotations, action_id),
+        found_id=True,
+    )

@@ -12,7 +12,8 @@ Design choices:
 - **Effect-once.** Every write carries the object's ``metadata.resourceVersion`` (a
   compare-and-set: a concurrent change answers 409, and the write is retried on a fresh
   read) and the action id in the ``sre-agent.io/action-ids`` annotation. A read that finds
-  the id already there answers "not applied" without writing.
+  the id already there answers "not applied" without writing, with the prior state the
+  write noted on the object (``sre-agent.io/prior-state``), for undo.
 - **Scale** patches ``spec.replicas`` of the workload together with the annotation, not
   the scale subresource: the subresource cannot carry an annotation, so a redelivered scale
   could not be recognised. When an HPA owns the replica count, the HPA's bounds are moved
@@ -64,11 +65,12 @@ from agent.errors import (
     DependencyUnavailable,
     TransientError,
 )
-from agent.models import Target
+from agent.models import ParamValue, Target
 from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
+    PRIOR_STATE_ANNOTATION,
     RESTARTED_AT_ANNOTATION,
     UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
@@ -83,7 +85,9 @@ from handlers.cluster import (
     drain_stopped,
     evicted_uid,
     forget_eviction,
+    note_prior_state,
     prior_unschedulable,
+    recorded_prior,
     remember_eviction,
     remember_id,
     remembered_ids,
@@ -346,6 +350,8 @@ def revision_rollback(
     annotations = annotations_of(obj)
     annotations[ACTION_IDS_ANNOTATION] = remember_id(annotations, action_id)
     old_image, new_image = first_image(now), first_image(template)
+    prior: dict[str, ParamValue] = {"revision": current, "image": old_image}
+    annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(annotations, action_id, prior)
     body = [
         {
             "op": "replace",
@@ -361,7 +367,7 @@ def revision_rollback(
             applied=True,
             message=f"rolled back {target.key} from revision {current} ({old_image}) to the "
             f"template of revision {chosen} ({new_image})",
-            prior_state={"revision": current, "image": old_image},
+            prior_state=prior,
         ),
         content_type=JSON_PATCH,
     )
@@ -570,7 +576,7 @@ class KubeCluster:
         for attempt in range(1, CONFLICT_RETRIES + 1):
             obj = await self.call("GET", path, what=target.key)
             if action_id in remembered_ids(annotations_of(obj)):
-                return _already(action_id, target)
+                return _already(action_id, target, recorded_prior(annotations_of(obj), action_id))
             write = plan(obj)
             try:
                 await self.call(
@@ -824,6 +830,7 @@ class KubeCluster:
 
         def plan(obj: Obj) -> _Write:
             gen = int((obj.get("metadata") or {}).get("generation") or 1)
+            prior: dict[str, ParamValue] = {"generation": gen}
             change = {
                 "spec": {
                     "template": {
@@ -832,11 +839,11 @@ class KubeCluster:
                 }
             }
             return _Write(
-                _merge_body(obj, action_id, change),
+                _merge_body(obj, action_id, change, prior),
                 Effect(
                     applied=True,
                     message=f"restarted {target.key} (rolling restart, as kubectl rollout restart)",
-                    prior_state={"generation": gen},
+                    prior_state=prior,
                 ),
             )
 
@@ -855,7 +862,7 @@ class KubeCluster:
             raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
         obj = await self._get(target)
         if action_id in remembered_ids(annotations_of(obj)):
-            return _already(action_id, target)
+            return _already(action_id, target, recorded_prior(annotations_of(obj), action_id))
         current = int((obj.get("spec") or {}).get("replicas", 1))
         hpa = await self._hpa_for(target)
         if hpa is not None:
@@ -870,12 +877,13 @@ class KubeCluster:
             refused = against_direction(target, before, replicas, direction)
             if refused is not None:
                 raise refused
+            prior: dict[str, ParamValue] = {"replicas": before}
             return _Write(
-                _merge_body(o, action_id, {"spec": {"replicas": replicas}}),
+                _merge_body(o, action_id, {"spec": {"replicas": replicas}}, prior),
                 Effect(
                     applied=True,
                     message=f"scaled {target.key} from {before} to {replicas}",
-                    prior_state={"replicas": before},
+                    prior_state=prior,
                 ),
             )
 
@@ -896,22 +904,28 @@ class KubeCluster:
                 new_lo, new_hi = max(lo, replicas), max(hi, replicas)
             else:
                 new_lo, new_hi = min(lo, replicas), min(hi, replicas)
+            prior: dict[str, ParamValue] = {
+                "replicas": current,
+                "hpa": name,
+                "hpa_min_replicas": lo,
+                "hpa_max_replicas": hi,
+            }
+            bounds = {"spec": {"minReplicas": new_lo, "maxReplicas": new_hi}}
             return _Write(
-                _merge_body(o, action_id, {"spec": {"minReplicas": new_lo, "maxReplicas": new_hi}}),
+                _merge_body(o, action_id, bounds, prior),
                 Effect(
                     applied=True,
                     message=f"{target.key} is autoscaled by HPA {name}: moved its bounds "
                     f"{lo}..{hi} -> {new_lo}..{new_hi} for {replicas} replicas (was {current})",
-                    prior_state={
-                        "replicas": current,
-                        "hpa": name,
-                        "hpa_min_replicas": lo,
-                        "hpa_max_replicas": hi,
-                    },
+                    prior_state=prior,
                 ),
             )
 
-        return await self._mutate(target, path, action_id, plan)
+        effect = await self._mutate(target, path, action_id, plan)
+        if effect.found_id and effect.prior_state.get("hpa") != name:
+            # An undo writes the HPA the note names: only this one's own bounds count.
+            effect = replace(effect, prior_state={})
+        return effect
 
     async def rollback(
         self, target: Target, *, action_id: str, to_revision: int | None = None
@@ -921,7 +935,7 @@ class KubeCluster:
         for attempt in range(1, CONFLICT_RETRIES + 1):
             dep = await self._get(target)
             if action_id in remembered_ids(annotations_of(dep)):
-                return _already(action_id, target)
+                return _already(action_id, target, recorded_prior(annotations_of(dep), action_id))
             if target.kind == "Deployment":
                 write = await self._rollback_write(target, dep, action_id, to_revision)
             else:
@@ -963,6 +977,9 @@ class KubeCluster:
         annotations[ACTION_IDS_ANNOTATION] = remember_id(current_ann, action_id)
         old_image = first_image(spec.get("template") or {})
         new_image = first_image(template)
+        prior: dict[str, ParamValue] = {"revision": current, "image": old_image}
+        # From the Deployment's own notes: the ReplicaSet's copy of them is older.
+        annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(current_ann, action_id, prior)
         body = [
             {
                 "op": "replace",
@@ -978,7 +995,7 @@ class KubeCluster:
                 applied=True,
                 message=f"rolled back {target.key} from revision {current} ({old_image}) to the "
                 f"template of revision {chosen} ({new_image})",
-                prior_state={"revision": current, "image": old_image},
+                prior_state=prior,
             ),
             content_type=JSON_PATCH,
         )
@@ -1313,12 +1330,19 @@ class KubeCluster:
         def plan(cm: Obj) -> _Write:
             data = cm.get("data") or {}
             existed = key in data
+            # The old value is noted on the ConfigMap that held it: whoever can read the
+            # note could read the value there before.
+            prior: dict[str, ParamValue] = {
+                "key": key,
+                "value": str(data.get(key, "")),
+                "existed": existed,
+            }
             return _Write(
-                _merge_body(cm, action_id, {"data": {key: value}}),
+                _merge_body(cm, action_id, {"data": {key: value}}, prior),
                 Effect(
                     applied=True,
                     message=f"set {key} in {target.key}" + ("" if existed else " (new key)"),
-                    prior_state={"key": key, "value": str(data.get(key, "")), "existed": existed},
+                    prior_state=prior,
                 ),
             )
 
@@ -1558,15 +1582,20 @@ def _need_kind(target: Target, action_type: str) -> None:
     _need(target, WORKLOAD_RESOURCES, action_type)
 
 
-def _merge_body(obj: Mapping[str, Any], action_id: str, change: Mapping[str, Any]) -> Obj:
-    """A merge patch: ``change`` plus the action id, conditional on the read's version."""
+def _merge_body(
+    obj: Mapping[str, Any],
+    action_id: str,
+    change: Mapping[str, Any],
+    prior: Mapping[str, ParamValue] | None = None,
+) -> Obj:
+    """A merge patch: ``change`` plus the action id (and the ``prior`` state it found, for
+    a redelivery to report), conditional on the read's version."""
     meta = obj.get("metadata") or {}
-    body: Obj = {
-        "metadata": {
-            "resourceVersion": meta.get("resourceVersion"),
-            "annotations": {ACTION_IDS_ANNOTATION: remember_id(annotations_of(obj), action_id)},
-        }
-    }
+    annotations = annotations_of(obj)
+    notes = {ACTION_IDS_ANNOTATION: remember_id(annotations, action_id)}
+    if prior is not None:
+        notes[PRIOR_STATE_ANNOTATION] = note_prior_state(annotations, action_id, prior)
+    body: Obj = {"metadata": {"resourceVersion": meta.get("resourceVersion"), "annotations": notes}}
     return _deep_merge(body, change)
 
 
@@ -1577,9 +1606,13 @@ def _sts_path(namespace: str, name: str) -> tuple[str, str]:
     )
 
 
-def _already(action_id: str, target: Target) -> Effect:
+def _already(action_id: str, target: Target, prior: Mapping[str, Any] | None = None) -> Effect:
+    """A repeat; ``prior``: what its earlier delivery noted it found there, for undo."""
     return Effect(
-        applied=False, message=f"action {action_id} already applied to {target.key}", found_id=True
+        applied=False,
+        message=f"action {action_id} already applied to {target.key}",
+        prior_state=dict(prior or {}),
+        found_id=True,
     )
 
 

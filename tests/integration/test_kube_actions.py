@@ -399,6 +399,51 @@ async def test_scale_under_an_hpa_moves_its_bounds(
         await ex.stop()
 
 
+async def test_a_scale_whose_executor_died_before_its_result_is_undone(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    # The crash: the write through the adapter, and no result recorded. The redelivery
+    # finds the id and the prior state that write noted, and its undo restores it.
+    ns = k8s_namespace
+    await create(admin, ns, DEPLOYMENTS, deployment("wal", 2))
+    wal = Target(kind="Deployment", namespace=ns, name="wal")
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    hpa_path = f"/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers/wal"
+    try:
+        a = request("scale_up", wal, replicas="+1")
+        crashed = await kube.scale(wal, action_id=a.id, replicas=3, direction="up")
+        assert crashed.applied and crashed.prior_state == {"replicas": 2}
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert r.prior_state == {"replicas": 2}
+        assert (await read(admin, wal))["spec"]["replicas"] == 3  # not scaled again
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+        assert (await read(admin, wal))["spec"]["replicas"] == 2
+
+        # Under an HPA the write, and the note, are the HPA's bounds.
+        await create(
+            admin,
+            ns,
+            "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+            hpa_of("wal", 1, 3),
+        )
+        b = request("scale_up", wal, replicas="+1")
+        crashed = await kube.scale(wal, action_id=b.id, replicas=4, direction="up")
+        assert crashed.applied and crashed.prior_state["hpa_max_replicas"] == 3
+        r = await ex.on_action(b)
+        assert r.status == "succeeded", r.message
+        assert r.prior_state == crashed.prior_state
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+        hpa = await admin.call("GET", hpa_path, what="hpa")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 3)
+    finally:
+        await ex.stop()
+
+
 async def _replicas(admin: KubeCluster, target: Target, n: int) -> bool:
     return bool((await read(admin, target))["spec"]["replicas"] == n)
 

@@ -26,7 +26,7 @@ from agent.models import (
     stable_id,
     utcnow,
 )
-from agent.policy import Switches, Verdict
+from agent.policy import Switches, Verdict, unknown_undo
 from agent.settings import Settings
 from handlers.executor import Executor, undo_request, undoable_result, unverified
 from handlers.fake_cluster import FakeCluster
@@ -266,6 +266,121 @@ async def test_a_statefulset_pod_restart_redelivered_before_the_pod_is_back_coun
         with pytest.raises(Killed):
             await first.on_action(b)
         assert (await ex.on_action(b)).status == "duplicate"
+    finally:
+        await ex.stop()
+
+
+def db(c: FakeCluster) -> Target:
+    c.create_workload("StatefulSet", "shop", "db", image="v1", replicas=3, at=at(0))
+    return Target(kind="StatefulSet", namespace="shop", name="db")
+
+
+async def replicas_of(c: FakeCluster, t: Target) -> int:
+    return (await c.workload(t)).replicas
+
+
+# What each action type changes, as a reading of the cluster: (the action, its reading).
+CRASHED: dict[str, tuple[Any, Any]] = {
+    "scale_up": (
+        lambda c: act("scale_up", action_id="w1", params={"replicas": "+2"}),
+        lambda c: replicas_of(c, CHECKOUT),
+    ),
+    "scale_down_statefulset": (
+        lambda c: act("scale_down", db(c), action_id="w1", params={"replicas": "-1"}),
+        lambda c: replicas_of(c, Target(kind="StatefulSet", namespace="shop", name="db")),
+    ),
+    "rollback": (
+        lambda c: act("rollback", action_id="w1"),
+        lambda c: _image(c),
+    ),
+    "update_config": (
+        lambda c: act("update_config", CM, action_id="w1", params={"key": "mode", "value": "x"}),
+        lambda c: _data(c),
+    ),
+    "update_config_new_key": (
+        lambda c: act("update_config", CM, action_id="w1", params={"key": "new", "value": "x"}),
+        lambda c: _data(c),
+    ),
+    "cordon_node": (
+        lambda c: act("cordon_node", NODE, action_id="w1"),
+        lambda c: _unschedulable(c),
+    ),
+}
+
+
+async def _image(c: FakeCluster) -> str:
+    return (await c.workload(CHECKOUT)).image
+
+
+async def _data(c: FakeCluster) -> dict[str, str]:
+    return dict(c.config_map("shop", "flags").data)
+
+
+async def _unschedulable(c: FakeCluster) -> bool:
+    return c.node("n1").unschedulable
+
+
+@pytest.mark.parametrize("case", sorted(CRASHED))
+async def test_an_action_whose_delivery_died_before_its_result_can_be_undone(
+    rig: Any, case: str
+) -> None:
+    # Its executor died after the cluster write: the redelivery finds the id on the target,
+    # and the prior state that write noted there, so the result it records can be undone.
+    first, _bus, c = rig
+    make, reading = CRASHED[case]
+    a = make(c)
+    before = await reading(c)
+    applied: list[Any] = []
+
+    def dies(_action: ActionRequest, effect: Any) -> None:
+        applied.append(effect)
+        raise Killed
+
+    first.settings = cfg(require_approval=[])
+    first.after_apply = dies
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    changed = await reading(c)
+    assert changed != before
+    bus = MemoryBus()
+    ex = Executor(cfg(require_approval=[]), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert r.prior_state == applied[0].prior_state != {}
+        assert await reading(c) == changed  # not done twice
+        undo = undo_request(r, requested_by="bob", now=utcnow())
+        assert unknown_undo(undo, ex.prior_states) is None  # a recorded prior state
+        done = await ex.on_action(undo)
+        assert done.status == "succeeded", done.message
+        assert await reading(c) == before
+    finally:
+        await ex.stop()
+
+
+async def test_a_restart_whose_delivery_died_records_what_it_restarted(rig: Any) -> None:
+    # A restart has nothing to go back to, but its result records the generation it moved
+    # on from, as one whose delivery did not die.
+    first, _bus, c = rig
+    applied: list[Any] = []
+
+    def dies(_action: ActionRequest, effect: Any) -> None:
+        applied.append(effect)
+        raise Killed
+
+    first.after_apply = dies
+    a = act("restart_workload", action_id="r1")
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert r.prior_state == applied[0].prior_state == {"generation": 2}
+        with pytest.raises(PermanentError, match="cannot be undone"):
+            undo_request(r, requested_by="bob", now=utcnow())
     finally:
         await ex.stop()
 

@@ -9,10 +9,15 @@ from agent.models import Target
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
+    MAX_PRIOR_STATE_BYTES,
+    MAX_PRIOR_STATE_NOTES,
     MAX_REMEMBERED_IDS,
+    PRIOR_STATE_ANNOTATION,
     RESTARTED_AT_ANNOTATION,
     evicted_uid,
     forget_eviction,
+    note_prior_state,
+    noted_prior_state,
     remember_eviction,
 )
 from handlers.fake_cluster import FakeCluster
@@ -217,6 +222,40 @@ def test_an_eviction_note_names_the_latest_pod_and_a_refused_one_is_taken_back()
     # Only the entry of that action and that pod goes: another attempt's stays.
     assert forget_eviction(ann, "r1", "u1") == ann[EVICTED_PODS_ANNOTATION]
     assert forget_eviction(ann, "r1", "u2") == "r0=u0"
+
+
+def test_a_prior_state_note_is_read_back_by_its_own_action_only() -> None:
+    ann = {PRIOR_STATE_ANNOTATION: note_prior_state({}, "a1", {"replicas": 2})}
+    ann[PRIOR_STATE_ANNOTATION] = note_prior_state(ann, "a2", {"key": "k", "existed": False})
+    assert noted_prior_state(ann, "a1") == {"replicas": 2}
+    assert noted_prior_state(ann, "a2") == {"key": "k", "existed": False}
+    assert noted_prior_state(ann, "a3") == {}
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "not json", "[1]", '{"a1": 2}', '{"a1": {"replicas": [2]}}', '{"a1": {}}']
+)
+def test_a_prior_state_note_not_as_written_is_no_prior_state(raw: str) -> None:
+    assert noted_prior_state({PRIOR_STATE_ANNOTATION: raw}, "a1") == {}
+
+
+def test_prior_state_notes_are_bounded_in_number_and_size() -> None:
+    ann: dict[str, str] = {}
+    for i in range(MAX_PRIOR_STATE_NOTES + 3):
+        ann[PRIOR_STATE_ANNOTATION] = note_prior_state(ann, f"a{i}", {"replicas": i})
+    kept = [i for i in range(MAX_PRIOR_STATE_NOTES + 3) if noted_prior_state(ann, f"a{i}")]
+    assert kept == list(range(3, MAX_PRIOR_STATE_NOTES + 3))  # the latest
+    # A value too large to note is left out, and the notes of the others stay.
+    huge = {"key": "k", "value": "x" * MAX_PRIOR_STATE_BYTES, "existed": True}
+    ann[PRIOR_STATE_ANNOTATION] = note_prior_state(ann, "big", huge)
+    assert noted_prior_state(ann, "big") == {}
+    assert noted_prior_state(ann, f"a{MAX_PRIOR_STATE_NOTES + 2}")
+    # Large ones that each fit push the oldest out, never past the bound.
+    for i in range(4):
+        half = {"value": "y" * (MAX_PRIOR_STATE_BYTES // 3)}
+        ann[PRIOR_STATE_ANNOTATION] = note_prior_state(ann, f"h{i}", half)
+        assert len(ann[PRIOR_STATE_ANNOTATION].encode()) <= MAX_PRIOR_STATE_BYTES
+        assert noted_prior_state(ann, f"h{i}") == half
 
 
 async def test_container_restarts_are_counted_per_workload_and_a_rollout_starts_afresh() -> None:

@@ -16,7 +16,7 @@ from agent.kube_signals import pod_labels
 from agent.models import Member, Target, fingerprint
 from agent.policy import Switches, decide, kind_problem
 from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
-from handlers.cluster import ACTION_IDS_ANNOTATION
+from handlers.cluster import ACTION_IDS_ANNOTATION, PRIOR_STATE_ANNOTATION
 from handlers.fake_cluster import FakeCluster
 from handlers.kube import (
     controller_history,
@@ -315,7 +315,12 @@ def test_a_statefulset_rolls_back_to_its_previous_controller_revision() -> None:
         {
             "op": "add",
             "path": "/metadata/annotations",
-            "value": {"a": "b", ACTION_IDS_ANNOTATION: "act-1"},
+            "value": {
+                "a": "b",
+                ACTION_IDS_ANNOTATION: "act-1",
+                # What a redelivery reports, should this delivery die before its result.
+                PRIOR_STATE_ANNOTATION: '{"act-1":{"revision":3,"image":"db:v3"}}',
+            },
         },
     ]
     # Undo names the revision it left; the one it runs counts as current, not the newest.
