@@ -43,6 +43,12 @@ def apply_record(
     return True
 
 
+def caught_up(positions: list[int], ends: list[int]) -> bool:
+    """Whether a reader at ``positions`` has read every record up to ``ends`` (per
+    partition, in the same order)."""
+    return all(pos >= end for pos, end in zip(positions, ends, strict=True))
+
+
 class CompactedView(Generic[T]):
     def __init__(
         self,
@@ -76,6 +82,10 @@ class CompactedView(Generic[T]):
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
+            # Nothing to read (an empty topic, the usual case for silences): loaded now,
+            # not after a first fetch that waits its whole long-poll for nothing.
+            if caught_up([await consumer.position(tp) for tp in ends], list(ends.values())):
+                self.loaded.set()
         except (KafkaError, DependencyUnavailable) as err:
             await consumer.stop()
             raise DependencyUnavailable(f"{self.name}: {err}") from err
@@ -120,5 +130,5 @@ class CompactedView(Generic[T]):
                 self.version += 1
             if not self.loaded.is_set():
                 positions = [await consumer.position(tp) for tp in ends]
-                if all(pos >= end for pos, end in zip(positions, ends.values(), strict=True)):
+                if caught_up(positions, list(ends.values())):
                     self.loaded.set()

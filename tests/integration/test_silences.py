@@ -11,7 +11,9 @@ import pytest
 
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
+from agent.silence_cli import new_silence, parse_matcher
 from streams.correlator import Correlator
+from streams.silences import SilenceStore
 from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
@@ -103,3 +105,36 @@ async def test_cli_silence_is_honoured_then_expired(
     assert last.labels["service"] == "checkout" and last.status == "updated"
     assert last.members[0].silenced_by is None
     assert "expired" in cli(env, "list", "--all") and sid not in cli(env, "list")
+
+
+async def test_a_view_starts_with_every_record_written_before_and_an_empty_one_at_once(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A view whose topic holds nothing is loaded without waiting on a first fetch; one
+    whose topic holds records returns from start() only once it holds them all."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    try:
+        empty = SilenceStore(settings.kafka, topic)
+        await empty.start()
+        try:
+            assert empty.loaded.is_set() and empty.silences == {}
+        finally:
+            await empty.stop()
+        now = utcnow()
+        matchers = (parse_matcher("service=checkout"),)
+        # More than one fetch returns (1 MB per partition): start() must wait for them all.
+        written = [
+            new_silence(f"s{i}-{topic_prefix}", matchers, now, 3600, "alice", "w" * 400, now)
+            for i in range(4000)
+        ]
+        await bus.publish_many([(topic, s, s.key) for s in written])
+        view = SilenceStore(settings.kafka, topic)
+        await view.start()
+        try:
+            assert set(view.silences) == {s.id for s in written}
+        finally:
+            await view.stop()
+    finally:
+        await bus.stop()
