@@ -238,8 +238,12 @@ class Correlator:
         tick_interval: float = 1.0,
         linger: float = 0.5,
         batch_bytes: int = 16 << 20,
+        watch_interval: float = 2.0,
     ) -> None:
         self.settings = settings
+        # How often the watchdog looks at recovery and liveness (see _watch); tests that
+        # wait for its verdict shorten it.
+        self.watch_interval = watch_interval
         self.metrics = metrics
         self.rules = rules_from(settings)
         self.batch_size = batch_size
@@ -364,7 +368,9 @@ class Correlator:
             await self.silences.start()
             await self.facts.start()
             await self.app.start()
-            self._watchdog = asyncio.create_task(self._watch(), name="correlator-watch")
+            self._watchdog = asyncio.create_task(
+                self._watch(self.watch_interval), name="correlator-watch"
+            )
             self._started = True
 
     async def stop(self) -> None:

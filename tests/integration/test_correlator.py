@@ -33,6 +33,9 @@ GROUP_BY = ("cluster", "namespace", "service")
 
 
 GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+# The liveness watchdog's period in the tests that wait for its verdict (2 s in production):
+# the verdict comes within stuck_after plus two periods.
+WATCH = 0.5
 
 
 async def started_with(
@@ -222,7 +225,7 @@ async def test_records_around_another_producers_transactions_are_all_folded(
         await upstream.start()
         async with (
             readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r,
-            Correlator(settings, metrics=metrics) as corr,
+            Correlator(settings, metrics=metrics, watch_interval=WATCH) as corr,
         ):
             for a in xs:  # each in its own transaction: record, then marker
                 async with upstream.transaction():
@@ -232,9 +235,9 @@ async def test_records_around_another_producers_transactions_are_all_folded(
             incidents = await r["inc"].wait_for(
                 lambda got: bool(got) and len(got[-1].members) == 3, 60, "all three folded"
             )
-            # Three liveness checks (every 2 s) past stuck_after: the marker at the end
-            # (committed 5, highwater 6) was looked at and found to hold no record.
-            await asyncio.sleep(8)
+            # Liveness checks (every WATCH s) for well past stuck_after: the marker at the
+            # end (committed 5, highwater 6) was looked at and found to hold no record.
+            await asyncio.sleep(2 + 5 * WATCH)
             assert corr.stuck() is None
     finally:
         await upstream.stop()
@@ -277,7 +280,7 @@ async def test_a_worker_that_moves_nothing_while_records_wait_reports_itself_stu
 
     try:
         async with readers(kafka_bootstrap, {"inc": (t("incidents"), Incident)}) as r:
-            corr = FrozenCorrelator(settings, metrics=metrics)
+            corr = FrozenCorrelator(settings, metrics=metrics, watch_interval=WATCH)
             async with corr:
                 for a in xs:  # a record each (publish_many would batch them into one)
                     await bus.publish(t("anomalies"), a, key=key)
