@@ -20,9 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
-from tests.helpers import make_settings, readers, started_bus
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,19 @@ def _ready(port: int) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+async def _settled(bootstrap: str, group: str, members: int) -> bool:
+    """Whether the consumer group is Stable (no rebalance under way) with ``members``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    # DescribeGroupsResponse: (error_code, group_id, state, protocol_type, protocol, members)
+    (described,) = response.groups
+    return bool(described[2] == "Stable" and len(described[5]) == members)
 
 
 def _worker(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -103,7 +117,9 @@ async def test_killing_a_worker_loses_and_duplicates_nothing(
             assert time.monotonic() < deadline, "workers did not become ready"
             assert all(w.poll() is None for w in workers), "a worker exited"
             await asyncio.sleep(0.3)
-        await asyncio.sleep(3)  # let the group settle into one generation with all three
+        # The group settled into one generation with all three (faust's group is its app id).
+        group = f"{topic_prefix}correlator"
+        await eventually(lambda: _settled(kafka_bootstrap, group, 3), 60, 0.3, "all three in")
         async with readers(kafka_bootstrap, {"inc": (bus.topic("incidents"), Incident)}) as r:
             t_kill = 0.0
             for n in range(PER_GROUP):
