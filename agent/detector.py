@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from agent.breaker import BreakerRules, CircuitBreaker
 from agent.codec import wire_problems
-from agent.errors import AgentError, cancel_and_wait, task_failure
+from agent.errors import AgentError, RecordTooLarge, cancel_and_wait, task_failure
 from agent.labels import SERVICE_LABELS, fit, normalise
 from agent.metrics import Metrics
 from agent.models import (
@@ -219,6 +219,61 @@ def refusals(anomaly: Anomaly, group_by: tuple[str, ...]) -> list[str]:
     return [f"<root>: {too_large}"] if too_large else []
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An anomaly not published, and why (field paths, ``<root>`` for the whole)."""
+
+    anomaly: Anomaly
+    problems: tuple[str, ...]
+
+
+async def publish_refusing(
+    publisher: Publisher,
+    topic: str,
+    anomalies: Sequence[Anomaly],
+    *,
+    group_by: tuple[str, ...],
+    metrics: Metrics,
+) -> list[Refused]:
+    """Publish the anomalies the correlator and Kafka take; return the others with why,
+    logged and counted. One that cannot be published failed the publish of all of them
+    at every retry: a pattern lost its whole evaluation each slot, the Kubernetes watch
+    stopped for good. Kafka being away still raises (the caller retries)."""
+    refused: list[Refused] = []
+    good: list[Anomaly] = []
+    for a in anomalies:
+        if bad := refusals(a, group_by):
+            refused.append(Refused(a, tuple(bad)))
+        else:
+            good.append(a)
+    try:
+        await publish_anomalies(publisher, topic, good, group_by=group_by, metrics=metrics)
+    except RecordTooLarge as err:
+        # The topic takes less than the producer sends (its max.message.bytes), and a batch
+        # record is refused whole: alone, each is its own record, so only the culprit fails
+        # (one the broker took already goes twice, a copy the correlator dedups).
+        if len(good) == 1:
+            refused.append(Refused(good[0], (f"<root>: {err}",)))
+        else:
+            for a in good:
+                try:
+                    await publish_anomalies(
+                        publisher, topic, [a], group_by=group_by, metrics=metrics
+                    )
+                except RecordTooLarge as one:
+                    refused.append(Refused(a, (f"<root>: {one}",)))
+    for r in refused:
+        metrics.refused_anomalies.labels(source=r.anomaly.source, name=r.anomaly.name).inc()
+        log.error(
+            "anomaly %s of %s (fingerprint %s) refused, not published: %s",
+            r.anomaly.name,
+            r.anomaly.source,
+            r.anomaly.fingerprint,
+            "; ".join(r.problems)[:2000],
+        )
+    return refused
+
+
 async def publish_anomalies(
     publisher: Publisher,
     topic: str,
@@ -361,7 +416,7 @@ class PromQLDetector:
     async def _publish(self, anomalies: list[Anomaly]) -> None:
         if not anomalies:
             return
-        await publish_anomalies(
+        await publish_refusing(
             self.publisher,
             self.topic,
             anomalies,

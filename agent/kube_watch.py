@@ -29,7 +29,7 @@ from kubernetes import client
 from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
 
-from agent.detector import Publisher, publish_anomalies
+from agent.detector import Publisher, publish_refusing
 from agent.errors import AgentError, task_failure
 from agent.kube_signals import KubeRules, KubeState, refresh, step, sync, tick
 from agent.metrics import Metrics
@@ -353,7 +353,9 @@ class KubeWatcher:
         delay = 0.5
         while True:
             try:
-                await publish_anomalies(
+                # One Kafka or the correlator refuses is refused alone, by name: retried,
+                # it held the watch (and every later event) forever.
+                await publish_refusing(
                     self.publisher, self.topic, anomalies, group_by=group_by, metrics=self.metrics
                 )
                 break

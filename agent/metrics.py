@@ -214,6 +214,14 @@ class Metrics:
             ["receiver", "code"],
             registry=r,
         )
+        self.refused_anomalies = Counter(
+            "sre_agent_refused_anomalies_total",
+            "Anomalies a source (a pattern, the Kubernetes watch, a webhook) did not publish "
+            "because the correlator or Kafka would refuse them (invalid, or a record too large "
+            "for the producer or its topic); the others of their batch were published.",
+            ["source", "name"],
+            registry=r,
+        )
         self.webhook_refused_alerts = Counter(
             "sre_agent_webhook_refused_alerts_total",
             "Alerts a webhook receiver refused (422) while publishing the others of their "
