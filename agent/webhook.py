@@ -14,8 +14,10 @@ Order of checks, cheapest and least revealing first:
       ``startsAt``, ...), would not make a valid anomaly (e.g. a label value longer
       than the anomaly schema allows) or make one larger than a Kafka record may be
       (which the producer refuses on every retry, with the alerts published beside
-      it): those are refused, named in ``problems`` (``alerts[1].labels.owner: ...``,
-      ``alerts[2]: the anomaly is 1100000 bytes ...``) and counted, and the others are
+      it), or than the anomalies topic takes (its max.message.bytes; the broker
+      refuses it, at every retry too): those are refused, named in ``problems``
+      (``alerts[1].labels.owner: ...``, ``alerts[2]: the anomaly is 1100000 bytes ...``)
+      and counted, and the others are
       published (``accepted``). Refused whole, the valid alerts would be lost:
       Alertmanager does not retry a 4xx
 503   not started yet, or Kafka did not take the anomalies (Alertmanager retries)
@@ -46,7 +48,7 @@ from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
 from agent.alerts import Notification, in_alert, parse_notification, still_firing, to_anomaly
-from agent.detector import Publisher, publish_anomalies, refusals
+from agent.detector import Publisher, Refused, publish_refusing, refusals
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.metrics import Metrics
 from agent.models import Anomaly, utcnow
@@ -127,11 +129,11 @@ class AlertmanagerReceiver:
                     )
                     if not refusals(a, self.settings.correlation.group_by)
                 ]
-                await self._publish(anomalies)
+                refused = await self._publish(anomalies)
             except AgentError as err:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
                 continue
-            announced += len(anomalies)
+            announced += len(anomalies) - len(refused)
         return announced
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -179,14 +181,21 @@ class AlertmanagerReceiver:
         now = self.clock()
         cluster = self.settings.agent.cluster
         group_by = self.settings.correlation.group_by
-        anomalies, refused = _anomalies_of(payload, cluster=cluster, now=now, group_by=group_by)
+        numbered, refused = _anomalies_of(payload, cluster=cluster, now=now, group_by=group_by)
         try:
-            await self._publish(anomalies)
+            kafka_refused = await self._publish([a for _, a in numbered])
         except AgentError as err:
-            log.warning("webhook: publishing %d anomalies failed: %s", len(anomalies), err)
+            log.warning("webhook: publishing %d anomalies failed: %s", len(numbered), err)
             return _error(
                 503, "unavailable", "could not publish; retry", headers={"Retry-After": "5"}
             )
+        # Refused by the broker for its size (the topic's max.message.bytes is lower than
+        # the producer's limit): a 503 had Alertmanager retry it forever.
+        why = {id(r.anomaly): r.problems for r in kafka_refused}
+        if why:
+            late = [(i, in_alert(i, p)) for i, a in numbered for p in why.get(id(a), ())]
+            refused = sorted(refused + late, key=lambda p: p[0])
+        anomalies = [a for _, a in numbered if id(a) not in why]
         log.info("webhook: %d alerts from %r", len(anomalies), payload.receiver)
         if refused:
             # Accepted would tell Alertmanager they were delivered, while the correlator
@@ -210,8 +219,8 @@ class AlertmanagerReceiver:
             )
         return web.json_response({"accepted": len(anomalies)})
 
-    async def _publish(self, anomalies: list[Anomaly]) -> None:
-        await publish_anomalies(
+    async def _publish(self, anomalies: list[Anomaly]) -> list[Refused]:
+        return await publish_refusing(
             self.publisher,
             self.topic,
             anomalies,
@@ -228,10 +237,11 @@ class AlertmanagerReceiver:
 
 def _anomalies_of(
     payload: Notification, *, cluster: str, now: datetime, group_by: tuple[str, ...]
-) -> tuple[list[Anomaly], list[tuple[int, str]]]:
-    """Pure: the anomalies of the valid alerts that make ones the correlator can get, and
-    (index, problem naming the field) of each other alert, in the payload's order."""
-    good: list[Anomaly] = []
+) -> tuple[list[tuple[int, Anomaly]], list[tuple[int, str]]]:
+    """Pure: the anomalies (with their alert's index) of the valid alerts that make ones
+    the correlator can get, and (index, problem naming the field) of each other alert, in
+    the payload's order."""
+    good: list[tuple[int, Anomaly]] = []
     problems = list(payload.problems)
     for i, alert in payload.alerts:
         anomaly = to_anomaly(alert, cluster=cluster, now=now)
@@ -239,7 +249,7 @@ def _anomalies_of(
         if bad:
             problems += [(i, in_alert(i, p)) for p in bad]
         else:
-            good.append(anomaly)
+            good.append((i, anomaly))
     return good, sorted(problems, key=lambda p: p[0])
 
 

@@ -1,13 +1,19 @@
 """An anomaly Kafka refuses for its size is refused alone, by name, on the real broker:
-the others of its batch are published (the pattern detector, the Kubernetes watch)."""
+the others of its batch are published (the pattern detector, the Kubernetes watch, the
+Alertmanager webhook)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import uuid
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from agent.detector import PromQLDetector
 from agent.kube_signals import step
@@ -15,10 +21,30 @@ from agent.kube_watch import KubeWatcher
 from agent.metrics import Metrics
 from agent.models import Anomaly
 from agent.prom import PromClient
+from agent.server import HealthServer
+from agent.settings import Settings
+from agent.webhook import AlertmanagerReceiver
+from streams.bus import Bus
+from tests.fixtures.infra import WEBHOOK_PATH
 from tests.helpers import make_settings, prometheus_query_api, readers, started_bus
 from tests.unit.factories import at
 
 pytestmark = pytest.mark.integration
+
+
+async def small_anomalies_topic(kafka_bootstrap: str, settings: Settings) -> Bus:
+    """A started bus whose anomalies topic takes records of 100 kB at most (its owner set
+    max.message.bytes under the producer's 1 MiB): the broker refuses larger ones."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        name = f"{settings.kafka.topic_prefix}anomalies"
+        config = {"max.message.bytes": "100000"}
+        await admin.create_topics([NewTopic(name, 2, 1, topic_configs=config)])
+    finally:
+        await admin.close()
+    bus, _ = await started_bus(settings)
+    return bus
 
 
 def refused(metrics: Metrics, source: str, name: str) -> float | None:
@@ -107,3 +133,60 @@ async def test_the_kube_watch_refuses_an_anomaly_kafka_will_not_take_and_goes_on
         await bus.stop()
     assert sorted(a.labels["pod"] for a in got) == ["cart-1", "checkout-1"]
     assert refused(metrics, "kubernetes", "k8s-back-off") == 1
+
+
+async def test_an_alert_its_topic_will_not_take_is_422_by_name_the_others_published(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The anomalies topic takes 100 kB records: an alert of 160 kB was answered 503, and
+    Alertmanager retried the notification forever, its other alerts never published."""
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={"detectors": {"alertmanager": {"enabled": True, "max_body_bytes": 4_000_000}}},
+    )
+    bus = await small_anomalies_topic(kafka_bootstrap, settings)
+    metrics = Metrics()
+    token = uuid.uuid4().hex
+    server = HealthServer(host="127.0.0.1", port=0, metrics=metrics)
+    am = AlertmanagerReceiver(
+        settings, token=token, publish=bus, topic=bus.topic("anomalies"), metrics=metrics
+    )
+    am.install(server.app)
+    await server.start()
+    await am.start()
+
+    def alert(service: str, **annotations: str) -> dict[str, Any]:
+        return {
+            "status": "firing",
+            "labels": {"alertname": "HighErrorRate", "namespace": "shop", "service": service},
+            "annotations": annotations,
+            "startsAt": "2024-05-01T12:00:00Z",
+        }
+
+    notes = {f"n{i}": "x" * 4000 for i in range(40)}
+    body = {"alerts": [alert("cart"), alert("wide", **notes), alert("checkout")]}
+    url = f"http://127.0.0.1:{server.bound_port}{WEBHOOK_PATH}"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=io.BytesIO(orjson.dumps(body)), headers=headers) as resp,
+        ):
+            status, doc = resp.status, orjson.loads(await resp.read())
+        assert (status, doc["error"], doc.get("accepted")) == (422, "invalid_alerts", 2)
+        async with readers(kafka_bootstrap, {"a": (bus.topic("anomalies"), Anomaly)}) as r:
+            got = await r["a"].wait_for(lambda xs: len(xs) >= 2, 30, "two anomalies")
+    finally:
+        await am.stop()
+        await server.stop()
+        await bus.stop()
+    [problem] = doc["problems"]
+    assert problem.startswith(f"alerts[1]: a record for {bus.topic('anomalies')} is ")
+    assert problem.endswith(
+        "refused by the broker as over the topic's max.message.bytes: not written"
+    )
+    # (One the broker had taken beside it may come twice: replicas' copies are deduped.)
+    assert {a.labels["service"] for a in got} == {"cart", "checkout"}
+    value = metrics.registry.get_sample_value
+    assert value("sre_agent_webhook_refused_alerts_total", {"receiver": "alertmanager"}) == 1
