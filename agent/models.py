@@ -610,10 +610,15 @@ class Fact:
         return self.fingerprint
 
 
-# The agent's own anomalies that say a source cannot see (name -> that source): while one
-# fires, an anomaly of that source that stops being repeated may still fire unseen, so the
-# correlator does not resolve it as quiet (see streams.correlation.expire).
-BLINDING: Mapping[str, AnomalySource] = {"prometheus-unavailable": "prometheus"}
+# The agent's own anomalies that say a source cannot see (name -> that source, and the
+# label naming the one anomaly name it cannot see, None: every one): while one fires, an
+# anomaly it covers that stops being repeated may still fire unseen, so the correlator does
+# not resolve it as quiet (see streams.correlation.expire). A pattern whose own query fails
+# sees nothing of its series, though Prometheus answers every other pattern.
+BLINDING: Mapping[str, tuple[AnomalySource, str | None]] = {
+    "prometheus-unavailable": ("prometheus", None),
+    "pattern-query-failed": ("prometheus", "pattern"),
+}
 
 
 @dataclass(frozen=True, slots=True)

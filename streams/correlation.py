@@ -421,21 +421,27 @@ class Blindness:
     until: datetime | None = None
 
 
-Blind = Mapping[tuple[str, str], Blindness]  # (source, cluster) -> its last blindness
+# (source, cluster) -> the last blindness to every anomaly of the source there;
+# (source, cluster, name) -> to those of that name only (a pattern whose query fails)
+Blind = Mapping[tuple[str, ...], Blindness]
 NOT_BLIND: Blind = {}
 
 
 def _alive_at(m: Member, blind: Blind, timeout: timedelta, now: datetime) -> datetime:
-    """When a member was last known to be alive: its last sighting, unless its source went
-    blind before the member would have gone quiet. A blind source cannot repeat what still
-    fires, so its silence is no news: the member counts as alive until the source sees
-    again (now, while it is still blind)."""
+    """When a member was last known to be alive: its last sighting, unless its source (or
+    the source for its name) went blind before the member would have gone quiet. A blind
+    source cannot repeat what still fires, so its silence is no news: the member counts as
+    alive until the source sees again (now, while it is still blind)."""
     if m.status != "firing":
         return m.last_seen
-    b = blind.get((m.source, m.labels.get("cluster", "")))
-    if b is None or (b.since is not None and b.since >= m.last_seen + timeout):
-        return m.last_seen
-    return now if b.until is None else max(m.last_seen, b.until)
+    cluster = m.labels.get("cluster", "")
+    alive = m.last_seen
+    for where in ((m.source, cluster), (m.source, cluster, m.name)):
+        b = blind.get(where)
+        if b is None or (b.since is not None and b.since >= m.last_seen + timeout):
+            continue
+        alive = max(alive, now if b.until is None else b.until)
+    return alive
 
 
 def expire(

@@ -1047,7 +1047,12 @@ class Correlator:
 
     def _show_blind(self, index: FactIndex) -> None:
         """Which sources the view holds blind, for operators: their incidents stay open."""
-        now_blind = {where for where, b in index.blind.items() if b.until is None}
+        # Whole sources only: a pattern that cannot see says so by its own anomaly.
+        now_blind = {
+            (where[0], where[1])
+            for where, b in index.blind.items()
+            if b.until is None and len(where) == 2
+        }
         for source, cluster in now_blind | self._blind_shown:
             self.metrics.correlator_blind.labels(source=source, cluster=cluster).set(
                 1 if (source, cluster) in now_blind else 0

@@ -21,7 +21,8 @@ correlator's timer hands their members over (:func:`moves`).
 
 A source that cannot see (the agent's ``prometheus-unavailable``, see
 :data:`agent.models.BLINDING`) is a fact too: while it fires, no worker resolves that
-source's anomalies in its cluster as quiet (:func:`streams.correlation.expire`).
+source's anomalies in its cluster as quiet (:func:`streams.correlation.expire`); nor,
+while a pattern's own query fails (``pattern-query-failed``), that pattern's.
 """
 
 from __future__ import annotations
@@ -156,10 +157,10 @@ def build_index(
             workloads.setdefault((cluster, f.labels.get("namespace", ""), _workload(f.labels)), f)
     firing = [f for f in live if f.status == "firing"]
     sources = tuple(tuple(f for f in firing if r.is_source(f.labels)) for r in rules)
-    blind: dict[tuple[str, str], Blindness] = {}
+    blind: dict[tuple[str, ...], Blindness] = {}
     for f in facts:
-        source = blinds(f.labels)
-        if source is None:
+        blinded = blinds(f.labels)
+        if blinded is None:
             continue
         # Blind while it fires and is refreshed, else until it was last seen. An ended
         # blindness is kept (one per endpoint): a worker that was down when an incident
@@ -167,16 +168,26 @@ def build_index(
         until = None
         if f.status != "firing" or not active(f, now, ttl):
             until = f.last_seen or f.observed_at  # (a fact written before last_seen was)
-        seen = (source, f.labels.get("cluster", ""))
+        source, name = blinded
+        cluster = f.labels.get("cluster", "")
+        seen = (source, cluster, name) if name else (source, cluster)
         blind[seen] = _merged(blind.get(seen), Blindness(since=f.first_seen, until=until))
     return FactIndex(nodes=nodes, workloads=workloads, held=held, sources=sources, blind=blind)
 
 
-def blinds(labels: Mapping[str, str]) -> AnomalySource | None:
-    """The source an agent anomaly (its match labels) says cannot see, else None."""
+def blinds(labels: Mapping[str, str]) -> tuple[AnomalySource, str] | None:
+    """What an agent anomaly (its match labels) says cannot be seen: (source, name) the
+    anomalies of that name of the source, (source, "") every one of them; else None."""
     if labels.get(SOURCE) != "agent":
         return None
-    return BLINDING.get(labels.get(ALERTNAME, ""))
+    found = BLINDING.get(labels.get(ALERTNAME, ""))
+    if found is None:
+        return None
+    source, scope = found
+    if scope is None:
+        return source, ""
+    name = labels.get(scope, "")
+    return (source, name) if name else None
 
 
 def _merged(a: Blindness | None, b: Blindness) -> Blindness:

@@ -618,6 +618,50 @@ def test_blindness_only_delays_quiet_resolution_to_after_the_source_sees_again(
 
 
 @settings(max_examples=200, deadline=None)
+@given(
+    mixed_streams,
+    st.sampled_from(_NAMES),
+    st.sampled_from(["c1", "c2"]),
+    st.none() | _times,
+    st.none() | _times,
+    st.integers(min_value=0, max_value=4000).map(at),
+)
+def test_a_patterns_blindness_delays_quiet_resolution_of_that_patterns_members_only(
+    xs: list[Anomaly], name: str, cluster: str, since: Any, until: Any, now: Any
+) -> None:
+    """While one pattern's query fails, Prometheus answers the others: its own firing
+    members count as alive until it answers again, every other member as they would."""
+    blind = {("prometheus", cluster, name): Blindness(since=since, until=until)}
+    timeout = timedelta(seconds=RULES.resolve_timeout)
+    states, _ = fold(xs)
+    for inc in states.values():
+        if inc is None or inc.status == "resolved":
+            continue
+        plain, _ = expire(inc, now, RULES)
+        new, event = expire(inc, now, RULES, blind)
+        covered = [
+            m
+            for m in inc.members
+            if m.status == "firing"
+            and (m.source, m.labels["cluster"], m.name) == ("prometheus", cluster, name)
+            and (since is None or since < m.last_seen + timeout)
+        ]
+        if not covered:
+            assert (new, event) == expire(inc, now, RULES), "another pattern's members held"
+            continue
+        if until is None:
+            assert (new, event) == (inc, None), "resolved as quiet while its query failed"
+            continue
+        alive = max(until, *(m.last_seen for m in inc.members))
+        if now - alive < timeout:
+            assert (new, event) == (inc, None)
+            continue
+        assert event is new and new.status == "resolved"
+        assert new.resolved_at == alive + timeout
+        assert plain.resolved_at is not None and new.resolved_at >= plain.resolved_at
+
+
+@settings(max_examples=200, deadline=None)
 @given(streams)
 def test_severity_is_max_of_firing_members(xs: list[Anomaly]) -> None:
     states: States = {}

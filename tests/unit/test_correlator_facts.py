@@ -155,3 +155,53 @@ async def test_a_prometheus_outage_resolves_no_pattern_incident_even_across_a_re
     resolved = new.published[-1][1]
     assert (new.published[-1][0], resolved.resolved_at) == (at(2400), at(2400))
     assert blind_gauge(new) == 0
+
+
+def query_failed(t: float, status: str = "firing", pattern: str = "high-error-rate") -> Anomaly:
+    """The detector's anomaly while Prometheus rejects one pattern's query."""
+    labels = {
+        "cluster": "c1",
+        "service": "sre-agent",
+        "endpoint": "http://prom:9090",
+        "pattern": pattern,
+    }
+    return anomaly(
+        "pattern-query-failed", labels=labels, source="agent", status=status, t=t, starts=45
+    )
+
+
+async def test_a_failing_pattern_query_resolves_none_of_its_incidents_but_others_do(
+    worker: Any,
+) -> None:
+    """high-error-rate last fired at t=0, then its query is rejected (pattern-query-failed
+    from t=45) until t=2100; latency's last firing was at t=0 too, and its query answers
+    (its detector state lost). Only latency's incident resolves as quiet meanwhile; the
+    other's quiet counts from its query's first answer."""
+    doc = {"correlation": {"resolve_timeout": "5m"}}
+    c = worker(doc)
+    c.persist_interval = 0
+    errors = anomaly("high-error-rate", t=0)
+    latency = anomaly(
+        "latency", t=0, labels={"cluster": "c1", "namespace": "shop", "service": "cart"}
+    )
+    await fold(c, 0, errors, latency)
+    for t in range(45, 2100, 15):
+        await fold(c, t, query_failed(t))
+        see(c)
+        await tick(c, t + 1)
+    await fold(c, 2100, query_failed(2100, "resolved"))
+    for t in range(2100, 2401):
+        see(c)
+        await tick(c, t)
+    agent_key = key_of(query_failed(0), c.rules)
+    assert [(e.key, e.status) for _, e in c.published] == [
+        (key_of(errors, c.rules), "open"),
+        (key_of(latency, c.rules), "open"),
+        (agent_key, "open"),
+        (key_of(latency, c.rules), "resolved"),
+        (agent_key, "resolved"),
+        (key_of(errors, c.rules), "resolved"),
+    ]
+    assert c.published[3][1].resolved_at == at(300)
+    assert c.published[-1][1].resolved_at == at(2400)
+    assert blind_gauge(c) is None  # the source sees: only one pattern did not

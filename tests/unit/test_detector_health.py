@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,42 @@ async def test_an_outage_is_blindness_the_correlator_resolves_no_pattern_inciden
     [pattern] = [inc for inc in states.values() if inc and inc.members[0].source == "prometheus"]
     assert expire(pattern, at(1000), rules, blind) == (pattern, None)
     assert expire(pattern, at(1000), rules)[0].status == "resolved"
+
+
+async def test_a_failing_pattern_query_is_blindness_to_that_pattern_only() -> None:
+    """Pattern p's query is rejected from t=15 to t=1000 (pattern-query-failed fires for
+    it), while Prometheus answers: p's incident, quiet for 16 min, is not resolved, and its
+    quiet counts from p's first answer; q's, of the same cluster, resolves as quiet."""
+    d, prom, rec, clock, _ = detector(threshold=1)
+    p = d.settings.patterns[0]
+    q = replace(p, name="q", condition="other > 1")
+    prom.answer = [Sample({"namespace": "shop", "service": "checkout"}, 5.0)]
+    await d.evaluate_once(p, at(0))
+    prom.answer = [Sample({"namespace": "shop", "service": "cart"}, 5.0)]
+    await d.evaluate_once(q, at(0))  # q's last firing: its series' detector stops there
+    prom.answer = InvalidQuery('bad_data: parse error: unexpected "}"')
+    for t in range(15, 1000, 15):
+        clock.now = t
+        await d.evaluate_once(p, at(t))
+    # p answers at t=1000, partially: what is missing is neither resolved nor repeated.
+    prom.answer, prom.warnings = [], ("store unavailable",)
+    await d.evaluate_once(p, at(1000))
+    rules = CorrelationRules(resolve_timeout=300)
+
+    def expired(now: float, pattern: str, items: list[Anomaly]) -> str:
+        states, _ = correlate_batch({}, items, at(now), rules)
+        incs = [inc for inc in states.values() if inc is not None]
+        facts = [f for inc in incs for f in facts_of(inc, True, ())]
+        blind = build_index(facts, at(now), rules.resolve_timeout).blind
+        [inc] = [
+            i for i in incs if i.members[0].source == "prometheus" and i.members[0].name == pattern
+        ]
+        return expire(inc, at(now), rules, blind)[0].status
+
+    while_failing = [a for a in rec.items if a.observed_at < at(1000)]
+    assert any(a.name == "pattern-query-failed" for a in while_failing)
+    assert not any(a.name == "prometheus-unavailable" for a in rec.items)
+    assert expired(999, "p", while_failing) == "open"
+    assert expired(999, "q", while_failing) == "resolved"
+    assert expired(1299, "p", rec.items) == "open"
+    assert expired(1300, "p", rec.items) == "resolved"

@@ -272,9 +272,11 @@ def test_a_source_that_cannot_see_is_a_fact_blind_while_it_fires_then_until_it_s
     inc, _ = correlate(inc, _unavailable(200, "resolved"), NOW, RULES)
     inc, _ = correlate(inc, replace(failed, observed_at=at(400)), NOW, RULES)
     assert inc is not None and inc.status != "resolved"
-    (f,) = facts_of(inc, False, ())
+    facts = facts_of(inc, False, ())
     seen = {("prometheus", "c1"): Blindness(at(100), at(200))}
-    assert build_index([f], at(450), 300).blind == seen
+    # (The failing query blinds its own pattern only, from when it started.)
+    failing = {("prometheus", "c1", "x"): Blindness(at(0))}
+    assert build_index(facts, at(450), 300).blind == seen | failing
     # Its incident closed (a retraction): the end still counts, also for a worker that
     # comes back long after.
     closed_inc, _ = correlate(blind, _unavailable(200, "resolved"), NOW, RULES)
@@ -292,6 +294,30 @@ def test_a_source_that_cannot_see_is_a_fact_blind_while_it_fires_then_until_it_s
     # Two endpoints of one cluster: blind while either is.
     other = replace(f, fingerprint="other", last_seen=at(300), status="firing")
     assert build_index([f, other], at(310), 300).blind == {("prometheus", "c1"): Blindness(at(100))}
+
+
+def test_a_failing_pattern_query_is_blindness_to_that_pattern_in_its_cluster() -> None:
+    labels = dict(_unavailable(0).labels, pattern="errors")
+    failed = anomaly(
+        "pattern-query-failed", labels=labels, source="agent", status="firing", t=100, starts=100
+    )
+    inc, _ = correlate(None, failed, NOW, RULES)
+    assert inc is not None
+    (f,) = facts_of(inc, False, ())  # a fact whatever else facts are for
+    assert build_index([f], at(150), 300).blind == {
+        ("prometheus", "c1", "errors"): Blindness(at(100))
+    }
+    inc, _ = correlate(inc, replace(failed, status="resolved", observed_at=at(200)), NOW, RULES)
+    assert inc is not None
+    (f,) = facts_of(inc, False, ())
+    assert build_index([f], at(250), 300).blind == {
+        ("prometheus", "c1", "errors"): Blindness(at(100), at(200))
+    }
+    # Without the pattern's name it cannot say which anomalies are unseen: none.
+    nameless = replace(failed, labels=_unavailable(0).labels, fingerprint="nameless")
+    inc, _ = correlate(None, nameless, NOW, RULES)
+    assert inc is not None
+    assert build_index(facts_of(inc, False, ()), at(150), 300).blind == {}
 
 
 def test_an_incident_all_on_one_node_hands_its_members_over_and_resolves() -> None:
