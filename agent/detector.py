@@ -28,7 +28,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -42,6 +42,7 @@ from agent.models import (
     Anomaly,
     AnomalySource,
     AnomalyStatus,
+    Fact,
     Severity,
     fingerprint,
     group_key,
@@ -202,6 +203,18 @@ def agent_anomaly(
     )
 
 
+def still_open(fact: Fact | None) -> datetime | None:
+    """Pure: when a blindness the correlation facts record as still going on began (its
+    anomaly fires there), else None."""
+    if fact is None or fact.status != "firing":
+        return None
+    return fact.first_seen or fact.observed_at
+
+
+# The correlation facts by fingerprint, read whole from their compacted topic.
+ReadFacts = Callable[[], Awaitable[Mapping[str, Fact]]]
+
+
 class Publisher(Protocol):
     """What the detector needs from the bus; :class:`streams.bus.Bus` satisfies it."""
 
@@ -300,6 +313,7 @@ class PromQLDetector:
         metrics: Metrics,
         clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
+        read_facts: ReadFacts | None = None,
     ) -> None:
         self.settings = settings
         self.prom = prom
@@ -315,6 +329,11 @@ class PromQLDetector:
         self.states: dict[str, PatternState] = {}
         self.query_health: dict[str, Health] = {}
         self.unavailable_since: datetime | None = None
+        self.read_facts = read_facts
+        # Blindnesses a former life of this detector announced and the facts still record
+        # as going on, by fingerprint -> since; None until read (see _recorded).
+        self.recorded: dict[str, datetime] | None = None
+        self._reading = False
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -382,12 +401,14 @@ class PromQLDetector:
                 agent = self._endpoint_health(now, "") + self._query_health(
                     pattern, False, now, f"pattern {pattern.name}: {err}"
                 )
+                agent += await self._recorded(pattern, now, agent, query_ok=False)
             self.metrics.detector_errors.labels(pattern=pattern.name, reason=reason).inc()
             log.warning("pattern %s: query failed: %s", pattern.name, err)
             await self._publish(agent)
             return []
         self.breaker.record_success()
         agent = self._endpoint_health(now, "") + self._query_health(pattern, True, now, "")
+        agent += await self._recorded(pattern, now, agent, query_ok=True)
         if reply.warnings:
             # Counted as an error (it alerts when it lasts): while replies are partial,
             # nothing of this pattern resolves.
@@ -423,6 +444,55 @@ class PromQLDetector:
             group_by=self.settings.correlation.group_by,
             metrics=self.metrics,
         )
+
+    async def _recorded(
+        self, pattern: PatternSpec, now: datetime, told: list[Anomaly], *, query_ok: bool
+    ) -> list[Anomaly]:
+        """The end of a blindness a former life announced, if the facts record it as still
+        going on: restarted during an outage, this life never failed, so nothing else says
+        it sees again, and the correlator held the pattern incidents until the fact
+        lapsed. Read, not assumed: a replica that never was blind announces no end."""
+        if self.read_facts is None:
+            return []
+        if self.recorded is None:
+            if self._reading:
+                return []  # another pattern's first evaluation is reading them
+            self._reading = True
+            try:
+                facts = await self.read_facts()
+            except AgentError as err:
+                log.warning("reading the correlation facts failed (tried again): %s", err)
+                return []
+            finally:
+                self._reading = False
+            self.recorded = {}
+            for fp, fact in facts.items():
+                if (since := still_open(fact)) is not None:
+                    self.recorded[fp] = since
+        out: list[Anomaly] = []
+        told_fps = {a.fingerprint for a in told}
+        seeing = [(UNAVAILABLE, self._agent_labels())]
+        if query_ok:  # (a query that fails still blinds its pattern)
+            seeing.append((QUERY_FAILED, self._agent_labels(pattern=pattern.name)))
+        for name, labels in seeing:
+            fp = fingerprint("agent", name, labels)
+            since = self.recorded.pop(fp, None)
+            if since is None or fp in told_fps:
+                continue
+            log.info("%s (%s) recorded as still firing: it ends now", name, fp)
+            severity: Severity = "critical" if name == UNAVAILABLE else "warning"
+            out.append(
+                agent_anomaly(
+                    name,
+                    "resolved",
+                    severity=severity,
+                    labels=labels,
+                    since=since,
+                    now=now,
+                    error="",
+                )
+            )
+        return out
 
     def _agent_labels(self, **extra: str) -> dict[str, str]:
         labels = {"service": self.settings.agent.name, "endpoint": self.prom.url, **extra}

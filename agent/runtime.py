@@ -23,6 +23,7 @@ import aiohttp
 from agent.alertmanager_api import AlertmanagerAPI
 from agent.analysis_stage import AnalysisStage
 from agent.calibration import CalibrationTracker
+from agent.codec import decode
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
 from agent.errors import ComponentFailed, ConfigError
@@ -38,6 +39,7 @@ from agent.models import (
     ApprovalDecision,
     ApprovalRequest,
     Escalation,
+    Fact,
     Incident,
     SwitchChange,
 )
@@ -46,6 +48,7 @@ from agent.policy import history_window
 from agent.prom import PromClient
 from agent.server import HealthServer
 from agent.settings import Settings
+from agent.topics import topic
 from agent.webhook import AlertmanagerReceiver
 from handlers.cluster import Cluster
 from handlers.executor import Executor, kill_switch_file, replay_window
@@ -53,6 +56,7 @@ from streams.bus import BatchConsumer, Bus, Envelope
 from streams.correlator import Correlator
 from streams.ledger import BudgetLedger
 from streams.replay import SharedRead, recent, reports_since, snapshot
+from streams.view import CompactedView
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,22 @@ def prometheus_gates_readiness(roles: Iterable[str]) -> bool:
     down; its pattern loop shows Prometheus in ``sre_agent_detector_prometheus_up`` and
     the agent's ``prometheus-unavailable`` anomaly instead."""
     return "executor" in roles and "detector" not in roles
+
+
+async def read_facts(s: Settings) -> dict[str, Fact]:
+    """The correlation facts by fingerprint, read to the topic's end once (the detector
+    asks whether a blindness a former life announced is still recorded)."""
+    view = CompactedView(
+        s.kafka,
+        topic(s.kafka.topic_prefix, "correlation-facts"),
+        functools.partial(decode, Fact),
+        name="detector-facts",
+    )
+    await view.start(wait=10.0)  # bounded: the pattern's evaluation waits for it
+    try:
+        return dict(view.items)
+    finally:
+        await view.stop()
 
 
 # A component whose stop has not ended in this long is abandoned, named in the log, so the
@@ -312,6 +332,7 @@ class Agent:
                 publish=self.bus,
                 topic=self.bus.topic("anomalies"),
                 metrics=self.metrics,
+                read_facts=functools.partial(read_facts, s),
             )
             self.components.append(self.detector)
             self._build_intake(s)

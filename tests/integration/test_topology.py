@@ -16,16 +16,19 @@ from typing import Any
 
 import pytest
 
-from agent.detector import UNAVAILABLE, PromQLDetector
+from agent.detector import UNAVAILABLE, PromQLDetector, still_open
 from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from agent.prom import PromClient
+from agent.runtime import read_facts
 from agent.settings import Settings
 from streams.bus import Bus
+from streams.correlation import CorrelationRules, correlate
 from streams.correlator import Correlator
 from streams.partitioning import partition_for
-from tests.helpers import eventually, make_settings, readers
+from streams.topology import facts_of
+from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
 GROUP_BY = ("cluster", "namespace", "service")
@@ -338,3 +341,25 @@ async def test_a_prometheus_outage_resolves_no_pattern_incident_on_any_partition
         h.key(firing): [("open", None), ("resolved", seen)],
         h.key(lost): [("open", None), ("resolved", seen + timedelta(seconds=3))],
     }
+
+
+async def test_a_detector_reads_the_blindness_the_facts_topic_records(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """What a restarted detector reads to know whether its former life's blindness is
+    still recorded: the latest fact of each fingerprint on the real topic."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    down = anomaly("prometheus-unavailable", normalise({"service": "sre-agent"}, "test"))
+    down = replace(down, source="agent")
+    try:
+        blind, _ = correlate(None, down, utcnow(), CorrelationRules(resolve_timeout=300))
+        assert blind is not None
+        (fact,) = facts_of(blind, False, ())
+        await bus.publish(bus.topic("correlation-facts"), replace(fact, status="resolved"))
+        await bus.publish(bus.topic("correlation-facts"), fact)
+        recorded = await read_facts(settings)
+    finally:
+        await bus.stop()
+    assert recorded == {fact.fingerprint: fact}
+    assert still_open(recorded[fact.fingerprint]) == fact.first_seen

@@ -14,7 +14,7 @@ from agent.detector import Health, PromQLDetector, health_step, next_slot
 from agent.errors import ConfigError, DependencyUnavailable
 from agent.labels import normalise
 from agent.metrics import Metrics
-from agent.models import Anomaly
+from agent.models import Anomaly, Fact
 from agent.prom import InvalidQuery, Sample, Vector
 from agent.settings import parse_settings
 from streams.correlation import CorrelationRules, correlate_batch, expire
@@ -343,3 +343,60 @@ async def test_a_failing_pattern_query_is_blindness_to_that_pattern_only() -> No
     assert expired(999, "q", while_failing) == "resolved"
     assert expired(1299, "p", rec.items) == "open"
     assert expired(1300, "p", rec.items) == "resolved"
+
+
+def recorded_facts(items: list[Anomaly], now: float) -> dict[str, Fact]:
+    """The correlation facts the correlator records of what a detector published."""
+    states, _ = correlate_batch({}, items, at(now), CorrelationRules(resolve_timeout=300))
+    facts = [f for inc in states.values() if inc is not None for f in facts_of(inc, True, ())]
+    return {f.fingerprint: f for f in facts}
+
+
+async def test_a_restarted_detector_that_sees_ends_the_blindness_the_facts_still_record() -> None:
+    """The detector restarts during an outage and Prometheus answers before it ever fails
+    again: nothing in its new life said it sees again, so the pattern incidents stayed
+    held until the fact lapsed. It reads the facts at its first answer and ends what they
+    record as going on, once; a replica that finds no open blindness announces nothing."""
+    old, prom, rec, _, _ = detector(threshold=1)
+    p = old.settings.patterns[0]
+    prom.answer = InvalidQuery("bad_data: parse error")
+    await old.evaluate_once(replace(p, name="q"), at(0))
+    prom.answer = DependencyUnavailable("connection refused")
+    await old.evaluate_once(p, at(15))
+    [failed, down] = rec.items
+    assert (down.name, failed.name) == ("prometheus-unavailable", "pattern-query-failed")
+    facts = recorded_facts(rec.items, 30)
+    reads: list[int] = []
+
+    async def read() -> dict[str, Fact]:
+        reads.append(1)
+        return facts
+
+    new, prom, rec, _, _ = detector(threshold=1)
+    new.read_facts = read
+    prom.answer = [Sample({"namespace": "shop", "service": "checkout"}, 5.0)]
+    await new.evaluate_once(p, at(60))
+    agent = [(a.name, a.status, a.starts_at) for a in rec.items if a.source == "agent"]
+    assert agent == [("prometheus-unavailable", "resolved", at(15))]
+    # Pattern q's query failed in the former life: its first answer ends that, once.
+    await new.evaluate_once(replace(p, name="q"), at(60))
+    await new.evaluate_once(replace(p, name="q"), at(75))
+    await new.evaluate_once(p, at(75))
+    agent = [(a.name, a.status, a.labels.get("pattern")) for a in rec.items if a.source == "agent"]
+    assert agent == [
+        ("prometheus-unavailable", "resolved", None),
+        ("pattern-query-failed", "resolved", "q"),
+    ]
+    assert [a.fingerprint for a in rec.items if a.source == "agent"] == [
+        down.fingerprint,
+        failed.fingerprint,
+    ]
+    assert len(reads) == 1
+    # The blindness already ended (or was never recorded): nothing to announce.
+    for recorded in (recorded_facts([down, replace(down, status="resolved")], 30), {}):
+        facts = recorded
+        other, prom, rec, _, _ = detector(threshold=1)
+        other.read_facts = read
+        prom.answer = [Sample({"namespace": "shop", "service": "checkout"}, 5.0)]
+        await other.evaluate_once(p, at(60))
+        assert [a for a in rec.items if a.source == "agent"] == []
