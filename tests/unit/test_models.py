@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from agent.models import Incident, Member, group_key, new_incident, new_member
+from agent.models import (
+    EARLIEST,
+    LATEST,
+    Anomaly,
+    Incident,
+    Member,
+    check_window,
+    group_key,
+    new_incident,
+    new_member,
+)
 
 
 def distinct_values(cls: type[Any]) -> list[object]:
@@ -73,3 +85,56 @@ def test_the_review_case_gives_two_groups_and_a_missing_lone_label_a_valid_key()
     assert group_key({"cluster": "eu", "namespace": "prod/shop"}, by) == "eu/prod%2Fshop"
     assert group_key({}, by) == "/"
     assert group_key({}, ("service",)) != ""
+
+
+def _checked_as_before(value: float | None, starts: datetime, observed: datetime) -> None:
+    """Anomaly.__post_init__ before its fast path: the reference it must agree with."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"value: must be finite, got {value!r}")
+    check_window("starts_at", starts)
+    check_window("observed_at", observed)
+
+
+# Aware times around both edges of the window and far outside it, and naive ones (which
+# cannot be compared with the window's bounds).
+_zones = st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12))])
+_when = st.one_of(
+    st.datetimes(timezones=_zones),
+    st.datetimes(),
+    st.datetimes(datetime(1999, 12, 31), datetime(2000, 1, 2), timezones=_zones),
+    st.datetimes(LATEST.replace(tzinfo=None) - timedelta(days=1), datetime(2100, 1, 2)).map(
+        lambda d: d.replace(tzinfo=UTC)
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.none() | st.floats(), _when, _when)
+@example(None, EARLIEST, LATEST)  # the edges themselves: the first is in, the second out
+@example(None, LATEST, EARLIEST)
+@example(None, EARLIEST - timedelta(microseconds=1), EARLIEST)
+@example(1.0, EARLIEST, LATEST - timedelta(microseconds=1))
+def test_an_anomaly_is_checked_as_it_was_before_the_fast_path(
+    value: float | None, starts: datetime, observed: datetime
+) -> None:
+    try:
+        _checked_as_before(value, starts, observed)
+        expected: str | None = None
+    except (ValueError, TypeError) as err:
+        expected = f"{type(err).__name__}: {err}"
+    try:
+        Anomaly(
+            fingerprint="f",
+            source="prometheus",
+            name="n",
+            severity="warning",
+            status="firing",
+            labels={},
+            starts_at=starts,
+            observed_at=observed,
+            value=value,
+        )
+        got: str | None = None
+    except (ValueError, TypeError) as err:
+        got = f"{type(err).__name__}: {err}"
+    assert got == expected
