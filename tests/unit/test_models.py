@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from agent.codec import encode
 from agent.models import (
     EARLIEST,
     LATEST,
@@ -42,6 +44,11 @@ def test_fast_constructors_set_every_field_as_the_dataclass_does(
         assert getattr(fast, f.name) == v
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.status = "resolved"
+    # What the correlator does with them next: copies, state and the wire.
+    assert dataclasses.replace(fast) == slow
+    assert pickle.loads(pickle.dumps(fast)) == slow
+    assert encode(fast) == encode(slow)
+    assert not hasattr(fast, "__dict__")
 
 
 @pytest.mark.parametrize(("cls", "build"), [(Member, new_member), (Incident, new_incident)])
