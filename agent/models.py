@@ -11,13 +11,15 @@ meaning bumps ``schema_version``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta
@@ -211,13 +213,39 @@ class Mitigation:
 EMPTY_KEY = "%00"
 
 
+# group_by -> the values of those labels, in one C call (KeyError when one is missing):
+# asked for every anomaly, it is half the cost of a comprehension of label.get calls.
+# A few entries at most: group_by comes from the settings.
+_GETTERS: dict[tuple[str, ...], Callable[[Mapping[str, str]], Sequence[str]]] = {}
+
+
+def _getter(by: tuple[str, ...]) -> Callable[[Mapping[str, str]], Sequence[str]]:
+    # itemgetter of one name gives the value, not a tuple; of none, an error
+    getter: Callable[[Mapping[str, str]], Sequence[str]] = (
+        itemgetter(*by) if len(by) > 1 else functools.partial(_plain_values, by)
+    )
+    if len(_GETTERS) < 64:
+        _GETTERS[by] = getter
+    return getter
+
+
+def _plain_values(by: tuple[str, ...], labels: Mapping[str, str]) -> list[str]:
+    return [labels[k] for k in by]
+
+
 def group_key(labels: Mapping[str, str], by: tuple[str, ...]) -> str:
     """The group's values joined by "/", each with "%" and "/" percent-escaped, so
     distinct value tuples never share a key ({cluster: eu/prod, namespace: shop} and
     {cluster: eu, namespace: prod/shop} did). A key whose values hold neither is the plain
     join, as it always was: the state and partition of existing groups do not move."""
-    get = labels.get  # a list, not a generator: asked for every anomaly, 1.6x cheaper
-    values = [get(k, "") for k in by]
+    values: Sequence[str]
+    try:
+        if type(labels) is not dict:  # a subclass's __missing__ would answer for absent ones
+            raise KeyError
+        values = (_GETTERS.get(by) or _getter(by))(labels)
+    except KeyError:  # a label missing counts as empty
+        get = labels.get
+        values = [get(k, "") for k in by]
     key = "/".join(values)
     if key and "%" not in key and key.count("/") == len(by) - 1:
         return key

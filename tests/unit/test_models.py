@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import pickle
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from agent.codec import encode
 from agent.models import (
     EARLIEST,
+    EMPTY_KEY,
     LATEST,
     Anomaly,
     Incident,
@@ -84,6 +87,37 @@ def test_a_key_of_values_without_slash_or_percent_is_their_plain_join(values: li
     by = _BY[: len(values)]
     # Unchanged from before escaping existed: groups keep their state and partition.
     assert group_key(dict(zip(by, values, strict=True)), by) == plain
+
+
+def _key_as_before(labels: Mapping[str, str], by: tuple[str, ...]) -> str:
+    """group_key before its values were read with one itemgetter: the reference."""
+    values = [labels.get(k, "") for k in by]
+    key = "/".join(values)
+    if key and "%" not in key and key.count("/") == len(by) - 1:
+        return key
+    escaped = "/".join([v.replace("%", "%25").replace("/", "%2F") for v in values])
+    return escaped or EMPTY_KEY
+
+
+_names = st.sampled_from(["cluster", "namespace", "service", "pod"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(_names, _value),
+    st.lists(_names, max_size=4).map(tuple),  # missing, repeated and no names too
+    st.booleans(),
+)
+def test_a_group_key_is_the_same_as_before_the_itemgetter(
+    labels: dict[str, str], by: tuple[str, ...], defaulting: bool
+) -> None:
+    expected = _key_as_before(labels, by)
+    if defaulting:  # a mapping whose __missing__ would answer for an absent label
+        labels = collections.defaultdict(lambda: "x", labels)
+    before = dict(labels)
+    assert group_key(labels, by) == expected
+    assert group_key(labels, by) == expected  # and again, from the remembered getter
+    assert labels == before  # nothing absent was filled in
 
 
 def test_the_review_case_gives_two_groups_and_a_missing_lone_label_a_valid_key() -> None:
