@@ -44,24 +44,75 @@ def member_json(m: Member) -> bytes:
     )
 
 
+def _tail_json(m: Member) -> bytes:
+    """``member_json(m)`` from "last_seen" on, as a JSON object of those fields."""
+    return orjson.dumps(
+        {
+            "last_seen": m.last_seen,
+            "value": m.value,
+            "silenced_by": m.silenced_by,
+            "inhibited_by": m.inhibited_by,
+            "absorbed_by": m.absorbed_by,
+        },
+        option=_OPTS,
+    )
+
+
+# Where the fields a repeat changes begin in a member's JSON: its last occurrence, as
+# neither a date, a number nor a string (its quotes escaped) can hold a bare quote.
+_LAST_SEEN = b',"last_seen":'
+
+
+def _refreshed_json(old: Member, old_json: bytes, m: Member) -> bytes:
+    """``member_json(m)``, re-using ``old_json`` (``member_json(old)``) up to "last_seen"
+    when the fields before it are the same. A repeat of an anomaly, most of what changes
+    members, makes a member that differs from the last only from there on (see
+    streams.correlation._with); the labels were most of the cost of its JSON."""
+    if (
+        # The same objects, not equal ones: labels in another order, or a time in another
+        # zone, are equal yet written otherwise.
+        m.labels is old.labels
+        and m.first_seen is old.first_seen
+        and m.fingerprint == old.fingerprint
+        and m.name == old.name
+        and m.source == old.source
+        and m.severity == old.severity
+        and m.status == old.status
+    ):
+        return old_json[: old_json.rindex(_LAST_SEEN) + 1] + _tail_json(m)[1:]
+    return member_json(m)
+
+
 class IncidentEncoder:
     def __init__(self) -> None:
-        # group key -> the members of its last remembered revision and their JSON. Members
-        # keep their positions from one revision to the next (a change replaces one in
-        # place, a new one is appended), so reuse is an identity check per position.
-        self._last: dict[str, tuple[tuple[Member, ...], list[orjson.Fragment]]] = {}
+        # group key -> the members of its last remembered revision, their JSON and that
+        # JSON as fragments. Members keep their positions from one revision to the next (a
+        # change replaces one in place, a new one is appended), so reuse is an identity
+        # check per position, and a member that replaced one re-uses that one's JSON up to
+        # what a repeat changes.
+        self._last: dict[str, tuple[tuple[Member, ...], list[bytes], list[orjson.Fragment]]] = {}
 
     def encode(self, incident: Incident, *, remember: bool = True) -> bytes:
         """``encode(incident)``; ``remember``: this is the group's latest state, keep its
         members' JSON for the next revision (intermediate revisions of a batch are not)."""
-        known, known_parts = self._last.get(incident.key, ((), []))
+        known, known_json, known_parts = self._last.get(incident.key, ((), [], []))
         n = len(known)
-        parts = [
-            known_parts[i] if i < n and known[i] is m else orjson.Fragment(member_json(m))
-            for i, m in enumerate(incident.members)
-        ]
+        texts: list[bytes] = []
+        parts: list[orjson.Fragment] = []
+        for i, m in enumerate(incident.members):
+            if i < n:
+                old = known[i]
+                if old is m:
+                    texts.append(known_json[i])
+                    parts.append(known_parts[i])
+                    continue
+                text = _refreshed_json(old, known_json[i], m)
+            else:
+                text = member_json(m)
+            texts.append(text)
+            parts.append(orjson.Fragment(text))
         if remember:
-            self._last[incident.key] = (incident.members, parts)
+            self._last[incident.key] = (incident.members, texts, parts)
         doc = {name: getattr(incident, name) for name in _FIELDS}
         doc["members"] = parts
         return orjson.dumps(doc, option=_OPTS)

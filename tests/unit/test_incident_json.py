@@ -4,6 +4,7 @@ members it re-uses from earlier revisions."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta, timezone
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -147,3 +148,28 @@ def test_the_state_of_a_group_missing_its_only_group_by_label_reads_back() -> No
     assert key and inc is not None and inc.key == key
     stored = Stored(0, inc, at(1), False)
     assert Stored.load(stored.dump()) == stored
+
+
+def test_a_refreshed_member_re_uses_its_json_only_where_it_is_the_same() -> None:
+    """A member that replaced one keeps the JSON before "last_seen" only when the fields
+    there are the same objects: labels equal in another order, or the same instant in
+    another zone, are written otherwise. Text that looks like the "last_seen" key, in a
+    label or a mark, must not be taken for it."""
+    tricky = {"cluster": "c", "last_seen": ',"last_seen":"x', "pod": 'p","last_seen":1'}
+    changed, _ = correlate_batch({}, [anomaly("errors", labels=tricky)], at(3600), RULES)
+    inc = next(i for i in changed.values() if i is not None)
+    first = inc.members[0]
+    later = at(10)
+    plus_one = timezone(timedelta(hours=1))
+    revisions = [
+        replace(first, last_seen=later, value=2.0),  # a repeat
+        replace(first, last_seen=later, silenced_by=',"last_seen":"y"'),  # a mark
+        replace(first, labels=dict(reversed(list(first.labels.items())))),  # equal labels
+        replace(first, first_seen=first.first_seen.astimezone(plus_one)),  # equal instant
+        replace(first, status="resolved", severity="warning"),
+    ]
+    for n, member in enumerate(revisions, start=2):
+        enc = IncidentEncoder()
+        enc.encode(inc)
+        other = replace(inc, members=(member,), revision=n)
+        assert enc.encode(other) == encode(other)
