@@ -116,10 +116,11 @@ class FactIndex:
     sources: tuple[tuple[Fact, ...], ...] = ()
     # (source, cluster) -> its last blindness: going on (until None) or ended
     blind: Blind = field(default_factory=dict)
+    # Whether any fact takes pods in: asked for every anomaly placed, so found once.
+    absorbs: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def absorbs(self) -> bool:
-        return bool(self.nodes or self.workloads or self.held)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "absorbs", bool(self.nodes or self.workloads or self.held))
 
     @property
     def empty(self) -> bool:
