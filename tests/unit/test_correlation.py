@@ -1212,3 +1212,38 @@ def test_the_mttr_gauge_is_the_latest_resolution_on_the_partitions_a_worker_owns
     kept = correlation.owned_resolutions(noted, {0})
     assert correlation.last_resolutions(kept) == {"checkout": 120.0}
     assert correlation.owned_resolutions(noted, ()) == {}
+
+
+def _live_as_before(members: list[Member], status: str) -> str:
+    """correlation._live before its single pass: the reference."""
+    firing = [m for m in members if m.status == "firing"]
+    if firing and all(m.suppressed for m in firing):
+        return "silenced"
+    return status
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["firing", "resolved"]),
+            st.sampled_from([None, "", "silence-1"]),  # "" is no silence, as None is
+            st.sampled_from([None, "", "rule:fp"]),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from(["updated", "reopened", "mitigating"]),
+)
+def test_an_incident_is_silenced_exactly_as_before_the_single_pass(
+    specs: list[tuple[str, str | None, str | None]], status: str
+) -> None:
+    members = [
+        replace(
+            member(f"m{i}", status=s),
+            silenced_by=silenced,
+            inhibited_by=inhibited,
+        )
+        for i, (s, silenced, inhibited) in enumerate(specs)
+    ]
+    got = correlation._live(members, status)  # type: ignore[arg-type]
+    assert got == _live_as_before(members, status)
