@@ -57,6 +57,9 @@ _SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=](?:(?P<gap>[ \t]+)|\s*))"
 # A bare value after a gap: to the end of the line, or of the (JSON) string it is in,
 # whose closing quote is not preceded by a backslash of its own.
 _PHRASE = r"[^\s\"'\\][^\r\n\"\\]*(?:\\+(?![\\\"])[^\r\n\"\\]*)*"
+# A bare value without a gap: to whitespace, a quote or , ; & (as in a query string); a
+# backslash escaping the quote that ends a string it is in is no part of it.
+_BARE = r"(?:[^\s,;&\"'\\]|\\+(?![\\\"]))+"
 # A header's value runs to the end of the line, unless it is a quoted (JSON) string.
 _AUTH_HEADER = re.compile(
     r"(?im)\b(?P<key>(?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)"
@@ -86,7 +89,9 @@ _KEY_VALUE = re.compile(
     + _QUOTED
     + r"|(?(gap)"
     + _PHRASE
-    + r"|[^\s,;&\"']+))"
+    + r"|"
+    + _BARE
+    + "))"
 )
 # A flag named for a secret (not --token-file, which names where one is), its value after
 # a space or =; a long flag after it is the next flag, not the value (a prompted password).
@@ -150,7 +155,9 @@ _NAMED_VALUE = re.compile(
     + _QUOTED
     + r"|(?(gap)"
     + _PHRASE
-    + r"|[^\s,;&\"'}]+))"
+    + r"|"
+    + _BARE.replace(";&", ";&}")  # nor the } of a flow mapping it ends
+    + "))"
 )
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"']*):([^\s\"']+)@")

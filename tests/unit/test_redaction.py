@@ -515,3 +515,30 @@ def test_env_var_secrets_named_in_name_value_pairs_never_leak(
         assume(part not in line.replace(part, "", 1))
         assert part not in out
     assert "LOG_LEVEL" in out and "debug" in out  # the var that names no secret survives
+
+
+@given(
+    st.sampled_from(["password", "Password", "PWD", "token", "api_key", "name=DB_PASSWORD value"]),
+    BARE,
+    st.sampled_from(["{kv}", "Server=db;User ID=sa;{kv}", "retry {kv}"]),
+    st.integers(min_value=1, max_value=2),
+    JSON_SEPARATORS,
+)
+def test_a_bare_value_at_the_end_of_escaped_json_keeps_its_closing_quote(
+    key: str, secret: str, form: str, depth: int, separators: tuple[str, str]
+) -> None:
+    # Password=x\" ending an embedded JSON string: the backslash is the string's, not the
+    # value's; dropping it would end the outer string early and corrupt the JSON.
+    text: str = form.format(kv=f"{key}={secret}")
+    for _ in range(depth):
+        text = json_text({"level": "info", "cfg": text}, separators)
+    assume(secret not in text.replace(secret, "", 1))
+    # Out of scope here: a flow mapping's } and an ODBC value's { are read as such.
+    assume("}" not in secret or not key.startswith("name="))
+    assume(not secret.startswith("{"))
+    out = redact(text)
+    assert secret not in out
+    inner = json.loads(out)
+    for _ in range(depth - 1):
+        inner = json.loads(inner["cfg"])
+    assert inner["cfg"].endswith(f"{key}={REDACTED}")
