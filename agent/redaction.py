@@ -13,7 +13,10 @@ leaked token costs a lot. What it recognises:
   a separator followed by a space (``password: my secret phrase``, ``pwd = a b``) an
   unquoted value runs to the end of the line (or of the string it is in), since YAML and
   config values hold spaces; in a connection string (``Server=db;Password=pa ss;``) a
-  password runs to the next ``;``;
+  password runs to the next ``;``; under such a key, a ``{`` or ``[`` that opens a structure,
+  or the first key of a YAML mapping on the next line, is no value: the keys inside are
+  checked on their own; a key that refers to a secret (``secretKeyRef``, ``secretRef``,
+  ``secretName``, ``existingSecret``) keeps its value, a name that helps diagnosis;
 - the value of a name/value pair whose name names a secret, as Kubernetes env vars are
   written (``{"name": "DB_PASSWORD", "value": "..."}``, ``- name: DB_PASSWORD`` over
   ``value: ...``);
@@ -53,7 +56,8 @@ _QUOTED = r"\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?"
 _ESCAPED_QUOTED = r'(?P<esc>\\+)"(?:(?!(?<!\\)(?P=esc)")[^\r\n])*(?:(?P=esc)")?'
 # Between key and value: the key's closing quote, escaped or not, then : or =; ``gap``:
 # a space after it, as in YAML and config files, where a bare value holds spaces.
-_SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=](?:(?P<gap>[ \t]+)|\s*))"
+# ``nl``: the key ends its line, as a YAML mapping's does.
+_SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=](?:(?P<gap>[ \t]+)|(?P<nl>[ \t]*\r?\n\s*)|))"
 # A bare value after a gap: to the end of the line, or of the (JSON) string it is in,
 # whose closing quote is not preceded by a backslash of its own.
 _PHRASE = r"[^\s\"'\\][^\r\n\"\\]*(?:\\+(?![\\\"])[^\r\n\"\\]*)*"
@@ -77,12 +81,27 @@ _SENSITIVE = (
     r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth|cookie|session[_-]?id|"
     r"signature|sig|key)"
 )
+# A key that refers to a secret (secretKeyRef, secretRef, secretName, existingSecret) has
+# a name for value, which helps diagnosis and hides nothing.
+_REFERENCE_KEY = (
+    r"(?<![_.-]ref)(?<!(?-i:[a-z0-9]Ref))(?<!secretname)(?<!secret_name)(?<!secret-name)"
+    r"(?<!existingsecret)(?<!existing_secret)"
+)
+# No value but a structure whose own keys are checked: an opening { or [ before a quote,
+# another opener, a closer or the line's end; after the key's line, a YAML mapping's
+# first key or a sequence's "- ".
+_STRUCTURE = (
+    r"(?![{\[][ \t]*(?:\\*[\"'{\[}\]]|\r?\n|\Z))"
+    r"(?(nl)(?![^\s\"']+:(?:\s|\Z)|-(?:\s|\Z)))"
+)
 # key: an identifier containing a secret word; separator; value quoted or bare.
 _KEY_VALUE = re.compile(
     r"(?i)(?P<key>\b[\w.-]{0,40}?"
     + _SENSITIVE
     + r"[\w.-]{0,40}?)"
+    + _REFERENCE_KEY
     + _SEPARATOR
+    + _STRUCTURE
     + r"(?P<value>"
     + _ESCAPED_QUOTED
     + "|"

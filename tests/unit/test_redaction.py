@@ -542,3 +542,109 @@ def test_a_bare_value_at_the_end_of_escaped_json_keeps_its_closing_quote(
     for _ in range(depth - 1):
         inner = json.loads(inner["cfg"])
     assert inner["cfg"].endswith(f"{key}={REDACTED}")
+
+
+SECRET_NAMES = st.from_regex(r"[a-z][a-z0-9-]{1,20}[a-z0-9]", fullmatch=True)
+
+
+@st.composite
+def secret_reference_in_a_shape(draw: st.DrawFn) -> tuple[str, str, str]:
+    """(text, how the Secret's name appears in it, a literal secret beside it): a Kubernetes
+    object quoted in a log or event that refers to a Secret by name."""
+    name, secret = draw(SECRET_NAMES), draw(BARE)
+    shape = draw(st.sampled_from(["env", "envFrom", "volume", "flow", "json", "escaped-json"]))
+    i = " " * draw(st.integers(min_value=0, max_value=4))
+    if shape == "env":
+        return (
+            (
+                f"{i}env:\n{i}- name: DB_PASSWORD\n{i}  valueFrom:\n{i}    secretKeyRef:\n"
+                f"{i}      name: {name}\n{i}      key: password\n"
+                f"{i}- name: API_TOKEN\n{i}  value: {secret}\n"
+            ),
+            f"name: {name}\n",
+            secret,
+        )
+    if shape == "envFrom":
+        return (
+            f"{i}envFrom:\n{i}- secretRef:\n{i}    name: {name}\n{i}password: {secret}\n",
+            f"name: {name}\n",
+            secret,
+        )
+    if shape == "volume":
+        return (
+            (
+                f"{i}volumes:\n{i}- name: creds\n{i}  secret:\n{i}    secretName: {name}\n"
+                f"{i}imagePullSecrets:\n{i}- name: {name}\n{i}token: {secret}\n"
+            ),
+            f"secretName: {name}\n",
+            secret,
+        )
+    if shape == "flow":
+        return (
+            f"env: [{{name: DB_PASSWORD, valueFrom: {{secretKeyRef: {{name: {name}, key: pw}}}}}},"
+            f" {{name: API_TOKEN, value: {secret}}}]",
+            f"name: {name},",
+            secret,
+        )
+    env = [
+        {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": name, "key": "pw"}}},
+        {"name": "API_TOKEN", "value": secret},
+    ]
+    separators = draw(JSON_SEPARATORS)
+    text = json_text({"env": env}, separators)
+    reference = json_text({"name": name}, separators)[1:-1]
+    if shape == "json":
+        return text, reference, escaped(secret)
+    line = json_text({"level": "info", "msg": "applied", "obj": text}, (",", ":"))
+    return line, escaped(reference), escaped(escaped(secret))
+
+
+@given(secret_reference_in_a_shape())
+def test_a_reference_to_a_secret_keeps_its_name(shaped: tuple[str, str, str]) -> None:
+    # secretKeyRef's name is the Secret's, no secret; it tells the model which one to check.
+    text, reference, secret = shaped
+    assume(secret not in text.replace(secret, "", 1))
+    out = redact(text)
+    assert reference in out
+    assert secret not in out  # a real value beside the reference still goes
+    if text.startswith("{"):
+        json.loads(out)
+
+
+# A header's value is the rest of its line, or the next line: no mapping under it.
+PARENT_KEYS = KEYS.filter(lambda k: k != "X-Api-Key")
+
+
+@given(
+    PARENT_KEYS,
+    st.lists(st.tuples(KEYS, BARE), min_size=1, max_size=3),
+    st.booleans(),
+    st.integers(min_value=1, max_value=4),
+)
+def test_a_mapping_under_a_secret_key_keeps_its_keys_and_loses_its_values(
+    parent: str, children: list[tuple[str, str]], user_first: bool, indent: int
+) -> None:
+    # auth:\n  password: hunter2 -- the line after the key holds a key, not its value.
+    pad = " " * indent
+    lines = [f"{pad}{key}: {secret}" for key, secret in children]
+    if user_first:
+        lines.insert(0, f"{pad}user: bob")
+    text = f"{parent}:\n" + "\n".join(lines) + "\n"
+    out = redact(text)
+    for key, secret in children:
+        assume(secret not in text.replace(f"{key}: {secret}", ""))
+        assert secret not in out
+        assert f"{key}: {REDACTED}" in out
+    assert f"{pad}user: bob" in out or not user_first
+
+
+@given(PARENT_KEYS, KEYS, QUOTED, JSON_SEPARATORS, st.sampled_from([{}, []]))
+def test_a_json_object_under_a_secret_key_stays_json(
+    parent: str, key: str, secret: str, separators: tuple[str, str], empty: object
+) -> None:
+    # {"credentials": {"user": ...}}: the { is no value; the keys inside are checked.
+    text = json_text({parent: {"user": "bob", key: secret}, "other": empty}, separators)
+    assume(parent != key)
+    out = redact(text)
+    assert escaped(secret) not in out
+    assert json.loads(out)[parent] == {"user": "bob", key: REDACTED}
