@@ -9,6 +9,7 @@ leaked token costs a lot. What it recognises:
 - ``Authorization:`` headers and ``Bearer``/``Basic`` credentials;
 - ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
   (password, token, secret, api key, access key, credential, cookie, signature, ...),
+  or ends in "pass" (``SMTP_PASS``, ``smtpPass``, ``pass``; not ``BYPASS``, ``PASSED``),
   also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``); after
   a separator followed by a space (``password: my secret phrase``, ``pwd = a b``) an
   unquoted value runs to the end of the line (or of the string it is in), since YAML and
@@ -81,6 +82,15 @@ _SENSITIVE = (
     r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth|cookie|session[_-]?id|"
     r"signature|sig|key)"
 )
+# "pass" names a password only as a name's last part: SMTP_PASS, smtp.pass, smtpPass, or
+# alone in lower case (nodemailer's auth: {user, pass}); BYPASS, COMPASS, PASSED and
+# PASSTHROUGH go on, and so does a test runner's "--- PASS: TestX".
+# (?=[pP]) first: the three lookbehinds at every character of every key cost a tenth more.
+_PW_SUFFIX = (
+    r"(?=[pP])(?:(?<=[_.-])(?-i:pass|Pass|PASS)|(?<![\w.-])(?-i:pass)|(?<=[a-z0-9])(?-i:Pass))"
+)
+# A name with a secret word anywhere in it, or ending in "pass".
+_SECRET_NAME = r"[\w.-]{0,40}?(?:" + _SENSITIVE + r"[\w.-]{0,40}?|" + _PW_SUFFIX + ")"
 # A key that refers to a secret (secretKeyRef, secretRef, secretName, existingSecret) has
 # a name for value, which helps diagnosis and hides nothing.
 _REFERENCE_KEY = (
@@ -96,9 +106,9 @@ _STRUCTURE = (
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<key>\b[\w.-]{0,40}?"
-    + _SENSITIVE
-    + r"[\w.-]{0,40}?)"
+    r"(?i)(?P<key>\b"
+    + _SECRET_NAME
+    + ")"
     + _REFERENCE_KEY
     + _SEPARATOR
     + _STRUCTURE
@@ -114,10 +124,10 @@ _KEY_VALUE = re.compile(
 )
 # A flag named for a secret (not --token-file, which names where one is), its value after
 # a space or =; a long flag after it is the next flag, not the value (a prompted password).
-# With =, most are key=value too, but not -storepass: "pass" alone is no secret word.
+# With =, most are key=value too, but not -storepass: "pass" glued to a word is none.
 _FLAG = re.compile(
     r"(?i)(?<![\w-])(?P<key>--?[\w.-]{0,40}?"
-    r"(?:passw(?:or)?d|passwd|pwd|passphrase|(?:store|key)pass|secret|token|"
+    r"(?:passw(?:or)?d|passwd|pwd|passphrase|(?:store|key)pass|(?<=[_-])pass|secret|token|"
     r"api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|credentials?))"
     r"(?P<sep>[ \t]+|=)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
@@ -129,7 +139,7 @@ _BLOCK_INDICATOR = re.compile(
     r"[ \t]*:[ \t]+[|>](?:[1-9][+-]?|[+-][1-9]?)?(?:[ \t]+#[^\r\n]*)?[ \t]*\r?\n"
 )
 _BLOCK_KEY = re.compile(r"(?<![\w.-])[\"']?(?P<key>[\w.-]+)[\"']?\Z")
-_SENSITIVE_WORD = re.compile("(?i)" + _SENSITIVE)
+_SENSITIVE_WORD = re.compile("(?i)" + _SENSITIVE + "|" + _PW_SUFFIX + r"\Z")
 # What may precede a key on its line in YAML: indentation, the "- " of list items.
 _YAML_LEAD = re.compile(r"[ \t]*(?:-[ \t]+)*")
 # A MySQL/MariaDB client's password attached to its short flag (mysql -uroot -pHunter2),
@@ -160,9 +170,7 @@ _NAMED_VALUE = re.compile(
     + _OPTIONAL_QUOTE
     + r"[ \t]*[:=][ \t]*"
     + _OPTIONAL_QUOTE
-    + r"[\w.-]{0,40}?"
-    + _SENSITIVE
-    + r"[\w.-]{0,40}?"
+    + _SECRET_NAME
     + _OPTIONAL_QUOTE
     + r"[ \t]*,?\s*"
     + _OPTIONAL_QUOTE

@@ -648,3 +648,75 @@ def test_a_json_object_under_a_secret_key_stays_json(
     out = redact(text)
     assert escaped(secret) not in out
     assert json.loads(out)[parent] == {"user": "bob", key: REDACTED}
+
+
+@st.composite
+def pass_name(draw: st.DrawFn) -> str:
+    """A name whose last part is "pass" (or passwd, pwd), as env vars and configs write it."""
+    form = draw(st.sampled_from(["env", "dotted", "kebab", "camel", "alone"]))
+    prefix = draw(st.sampled_from(["SMTP", "DB", "REDIS", "MAIL", "LDAP_BIND"]))
+    if form == "env":
+        return f"{prefix}_{draw(st.sampled_from(['PASS', 'PASSWD', 'PWD']))}"
+    if form == "dotted":
+        return f"{prefix.lower()}.pass"
+    if form == "kebab":
+        return f"{prefix.lower()}-pass"
+    if form == "camel":
+        return f"{prefix.lower().replace('_', '')}Pass"
+    return "pass"
+
+
+@given(
+    pass_name(),
+    BARE,
+    st.sampled_from(
+        [
+            "{k}={v}",
+            "export {k}={v}",
+            "  {k}: {v}",
+            '{{"{k}": "{v}"}}',
+            "- name: {k}\n  value: {v}",
+            '{{"name": "{k}", "value": "{v}"}}',
+            "auth: {{user: bob, {k}: {v}}}",
+        ]
+    ),
+    NOISE,
+)
+def test_names_ending_in_pass_hold_secrets(name: str, secret: str, form: str, after: str) -> None:
+    text = form.format(k=name, v=secret) + "\n" + after
+    assume(secret not in text.replace(secret, "", 1))
+    assert secret not in redact(text)
+
+
+@given(
+    st.sampled_from(["SMTP_PASS", "smtp-pass", "pass"]),
+    BARE.filter(lambda s: not s.startswith("--")),
+)
+def test_pass_flags_hold_secrets(name: str, secret: str) -> None:
+    assert secret not in redact(f"exec /app/mailer --{name} {secret} --verbose")
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "tests PASSED=12",
+                "BYPASS=true",
+                "bypass_cache: yes",
+                "COMPASS=north",
+                "compass_heading=90",
+                "PASSTHROUGH=1",
+                "passes=3",
+                "--- PASS: TestCheckout (0.00s)",
+                "sso: passthrough",
+                "exec /app/proxy --bypass cache",
+            ]
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.sampled_from([" ", "\n"]),
+)
+def test_words_with_pass_in_them_are_no_secret_names(lines: list[str], sep: str) -> None:
+    text = sep.join(lines)
+    assert redact(text) == text
