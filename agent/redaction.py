@@ -28,6 +28,9 @@ leaked token costs a lot. What it recognises:
   (``--password Hunter2``, ``--api-key``, ``--client-secret``, ``-storepass``), not
   flags that name where a secret is (``--token-file /path``); a MySQL/MariaDB client's
   password attached to ``-p`` (``mysql -uroot -pHunter2``), in their command lines only;
+  redis's: ``--requirepass``/``--masterauth`` flags, ``requirepass``/``masterauth``
+  directives (a redis.conf dump, ``CONFIG SET``), ``redis-cli -a``/``--pass`` in
+  redis-cli's command lines only (``tar -a`` keeps its argument);
 - passwords in URLs (``scheme://user:password@host``), up to the last ``@`` before
   whitespace or a quote, since logged URLs often carry an unencoded ``/`` or ``@``;
 - well-known token shapes: JWTs, AWS access key ids, Google API keys, GitHub, Slack and
@@ -128,7 +131,8 @@ _KEY_VALUE = re.compile(
 _FLAG = re.compile(
     r"(?i)(?<![\w-])(?P<key>--?[\w.-]{0,40}?"
     r"(?:passw(?:or)?d|passwd|pwd|passphrase|(?:store|key)pass|(?<=[_-])pass|secret|token|"
-    r"api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|credentials?))"
+    r"api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|credentials?|"
+    r"requirepass|masterauth))"
     r"(?P<sep>[ \t]+|=)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
 # A YAML block scalar (``password: |``, ``token: >-``) under a key naming a secret: the
@@ -153,6 +157,22 @@ _MYSQL_COMMAND = re.compile(
 # Quoted (-p"my pass") after a space only: "-p", "db" in an argv list is a prompt.
 _MYSQL_PASSWORD = re.compile(
     r"(?:(?<=\s)-p(?:" + _QUOTED + r")|(?<=[\s\"'\[,])-p(?:[^\s\"'\\]|\\(?!\"))+)"
+)
+# A redis-cli's password after -a or --pass, in its command lines only (-a is "all" or
+# "append" to most tools), after a space or as the next item of an argv list.
+_REDIS_CLI_COMMAND = re.compile(
+    r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?redis-cli"
+    r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
+)
+_REDIS_CLI_PASSWORD = re.compile(
+    r"(?<=[\s\"'\[,])(?P<flag>-a|--pass)(?:(?P<sep>[ \t]+|=)(?:" + _QUOTED + r"|[^\s\"']+)"
+    r"|(?P<item>[\"'],[ \t]*[\"'])[^\"'\r\n]+)"
+)
+# Redis's own directives, as a redis.conf dump or a CONFIG SET writes them (quoted in the
+# MONITOR output).
+_REDIS_DIRECTIVE = re.compile(
+    r"(?i)(?<![\w-])(?P<key>([\"']?)(?:requirepass|masterauth)\2)(?P<sep>[ \t]+|[ \t]*[:=][ \t]*)"
+    r"(?:" + _QUOTED + r"|[^\s\"']+)"
 )
 # A password in a connection string (Server=db;User ID=sa;Password=pa ss;), after a ";"
 # or before one: the value runs to the next ";", spaces and all, as ADO.NET, ODBC and
@@ -277,6 +297,14 @@ def _mysql_passwords(m: re.Match[str]) -> str:
     return m.group(0)[: m.start("args") - m.start()] + args
 
 
+def _redis_cli_passwords(m: re.Match[str]) -> str:
+    def password(p: re.Match[str]) -> str:
+        return f"{p.group('flag')}{p.group('sep') or p.group('item')}{REDACTED}"
+
+    args = _REDIS_CLI_PASSWORD.sub(password, m.group("args"))
+    return m.group(0)[: m.start("args") - m.start()] + args
+
+
 def redact(text: str) -> str:
     """``text`` with every recognised secret replaced by ``[REDACTED]``."""
     if not text:
@@ -291,9 +319,15 @@ def redact(text: str) -> str:
     text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
     if "mysql" in text or "mariadb" in text:
         text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
+    if "redis-cli" in text:
+        text = _REDIS_CLI_COMMAND.sub(_redis_cli_passwords, text)
     text = _NAMED_VALUE.sub(_key_value, text)
     text = _CONNECTION_PASSWORD.sub(_connection_password, text)
     text = _KEY_VALUE.sub(_key_value, text)
+    # After the rules above: a value of theirs holding the word is theirs, whole.
+    lowered = text.lower()
+    if "requirepass" in lowered or "masterauth" in lowered:
+        text = _REDIS_DIRECTIVE.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
     return _LONG_OPAQUE.sub(_opaque, text)
 
 

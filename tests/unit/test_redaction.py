@@ -720,3 +720,42 @@ def test_pass_flags_hold_secrets(name: str, secret: str) -> None:
 def test_words_with_pass_in_them_are_no_secret_names(lines: list[str], sep: str) -> None:
     text = sep.join(lines)
     assert redact(text) == text
+
+
+@given(
+    BARE.filter(lambda s: s[0] not in "-|"),  # unquoted, a shell reads | as a pipe
+    st.sampled_from(
+        [
+            "redis-server --requirepass {pw} --port 6379",
+            "redis-server /etc/redis/redis.conf --masterauth={pw}",
+            "redis-cli -a {pw} ping",
+            "exec /usr/local/bin/redis-cli -h redis-master -p 6379 -a {pw} --no-auth-warning info",
+            "sh -c \"redis-cli -a '{pw}' ping | grep PONG\"",
+            '["redis-cli", "-a", "{pw}", "ping"]',
+            "redis-cli --pass {pw} --user default ping",
+            "bind 0.0.0.0\nport 6379\nrequirepass {pw}\nappendonly yes\n",
+            "replicaof redis-0 6379\nmasterauth {pw}\n",
+            '1733600000.1 [0 10.0.0.7:5123] "CONFIG" "SET" "requirepass" "{pw}"',
+            "CONFIG SET requirepass {pw}",
+            "connecting to redis://:{pw}@redis-master:6379/0",  # already covered by URLs
+        ]
+    ),
+)
+def test_redis_passwords_never_leak(pw: str, form: str) -> None:
+    text = form.format(pw=pw)
+    assume(pw not in form.format(pw=""))
+    assert pw not in redact(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tar -a -cf backup.tar.gz /data",
+        "ls -a /var/lib/redis",
+        "docker run -a stdout redis:7",
+        "redis-cli -h redis-master -p 6379 ping",
+        "redis-cli -a",  # nothing after it
+    ],
+)
+def test_a_flags_outside_redis_cli_survive(text: str) -> None:
+    assert redact(text) == text
