@@ -204,7 +204,9 @@ _NAMED_VALUE = re.compile(
     + r"|(?(gap)"
     + _PHRASE
     + r"|"
-    + _BARE.replace(";&", ";&}")  # nor the } of a flow mapping it ends
+    # To the next blank: the value, not a , or } inside it, ends it (a secret "}0" or "a,b"
+    # leaked its tail); only the , } ] closing a flow mapping after it are left out.
+    + r"(?:[^\s\"'\\]|\\+(?![\\\"]))*(?:[^\s,;&\"'\\}\]]|\\+(?![\\\"]))"
     + "))"
 )
 # Greedy to the last @: a password cut at its own / or @ would leak the rest of it.
