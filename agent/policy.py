@@ -3,6 +3,11 @@ verdict.
 
 Order of the rules (first match wins), safety rules before convenience rules:
 
+0. the action's own id is already on its target (``applied``: an earlier delivery acted,
+   then its executor died before recording the result) -> applied: recorded as the
+   success it was, never judged again; nothing is done, so no rule below can stop it,
+   and each would misjudge it by the state it left (a scale to 6 on the 6 replicas it
+   made, a cooldown or budget filled since, a PDB its rollout holds down)
 1. ``remediation.enabled`` false            -> deny
 2. kill switch on                           -> deny (stops all execution at once)
 3. namespace denied / not allowed           -> deny
@@ -34,7 +39,10 @@ Order of the rules (first match wins), safety rules before convenience rules:
 Rules 6b-6e (blast radius) need :class:`Facts` about the target, which the executor reads
 from the cluster just before deciding; with no facts they do not apply (``Facts()``), so
 the executor first decides without them, and reads the cluster only for a verdict that
-could act. Human approval never lifts a safety limit: rules 1-6 come before rule 7. Rule 7b
+could act. Rule 0's fact is read from the target before any rule (the id is there exactly
+when the action took effect); an action whose id is not there goes through every rule, so
+the kill switch, dry run and limits hold for all that has yet to act. Human approval never
+lifts a safety limit: rules 1-6 come before rule 7. Rule 7b
 is not a limit but a remediation loop breaker: a restart that keeps "healing" a crash that
 keeps coming back hides its cause, so the agent stops doing it on its own and asks.
 
@@ -67,7 +75,8 @@ from agent.models import (
 )
 from agent.settings import Mode, RemediationSection, Settings
 
-VerdictKind = Literal["execute", "approve", "deny", "dry_run"]
+# "applied": the action already took effect (rule 0); the executor records it, acts on nothing.
+VerdictKind = Literal["execute", "approve", "deny", "dry_run", "applied"]
 
 SCALE_ACTIONS = frozenset({"scale_up", "scale_down"})
 DISRUPTIVE_ACTIONS = frozenset({"restart_pod", "restart_workload", "rollback"})
@@ -623,12 +632,20 @@ def decide(
     now: datetime,
     facts: Facts | None = None,
     unknown_undo: str | None = None,
+    applied: bool = False,
 ) -> Verdict:
     """``unknown_undo``: why ``action``, an undo, restores no prior state the executor
     knows (see :func:`unknown_undo`): exempt from the limits an undo is exempt from, it
-    is not one a person asked for, so a person decides."""
+    is not one a person asked for, so a person decides. ``applied``: the action's id is
+    on its target, as the cluster read it (rule 0); False when not, or unknown."""
     rem = settings.remediation
     ns = action.target.namespace
+    if applied:
+        return Verdict(
+            "applied",
+            "already_applied",
+            f"action {action.id} is on {action.target.key}: an earlier delivery applied it",
+        )
     if not rem.enabled:
         return Verdict("deny", "remediation.enabled", "remediation is disabled")
     if switches.kill_switch or settings.agent.kill_switch:

@@ -310,6 +310,16 @@ class Cluster(Protocol):
         """Restore ``prior`` (an earlier Effect's prior_state) of an ``action_type`` action."""
         ...
 
+    async def applied(
+        self, target: Target, *, action_id: str, action_type: str, undo: bool = False
+    ) -> Effect | None:
+        """A read only: the Effect a repeat of ``action_id`` would report (``found_id``,
+        with the prior state its write noted) when an earlier delivery's write is on the
+        target and a repeat would do nothing more; else None (no id there, the target
+        gone, or a drain, whose repeat resumes the evictions). The policy takes it before
+        any rule, which would judge the state that very write left."""
+        ...
+
     async def footprint(self, target: Target) -> Footprint: ...
 
     async def observe(self, target: Target) -> Observation: ...

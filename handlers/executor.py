@@ -7,8 +7,10 @@ ends in an :class:`ActionResult`; the input offset is committed by the consumer 
 that result is durable.
 
 Policy runs twice: first without cluster facts (kill switch, namespaces, mode, cooldown,
-budgets: nothing is read for a denied action), then with the blast-radius facts read from
-the cluster (:meth:`Cluster.footprint`).
+budgets: no blast-radius read for a denied action), then with the blast-radius facts read
+from the cluster (:meth:`Cluster.footprint`). Before either, one read of the target
+(:meth:`Cluster.applied`) tells whether an earlier delivery already took effect: such a
+redelivery is recorded, never judged by the state it left (policy rule 0).
 
 Effect-once: the cluster adapter records the action id on the target in the same
 conditional write that acts, and reports a repeat as not applied. A repeat whose result is
@@ -477,6 +479,23 @@ class Executor:
         else:
             closed = await self.closed(action.incident_id)
         now = utcnow()  # after the wait for the executor watch
+        found = await self._found(action)
+        if found is not None:
+            # Its id is on the target: an earlier delivery acted and died before its result.
+            # Judged by the state it left, it would be denied (a scale to 6 on its own 6
+            # replicas), or closed (by the incident it healed), and paged as never run.
+            verdict = decide(
+                action,
+                self.settings,
+                self.history.values(),
+                self.current_switches(action.target.namespace),
+                now,
+                applied=True,
+            )
+            if action.id not in self.history:
+                # The earlier delivery's claim ended with it: a node no longer in flight.
+                await self._claim_ended(action, now, changed=True)
+            return await self._redelivered(action, verdict, found, now, note)
         if closed:
             # Asked for while open, arriving after it closed (analysis lag, a backlog): the
             # problem went away or an operator silenced it. Acting now only adds risk, and
@@ -576,6 +595,22 @@ class Executor:
             self.metrics.budget_claim_duration.observe(loop.time() - started)
         self.metrics.budget_claims.labels(result="granted" if denied is None else "denied").inc()
         return denied
+
+    async def _found(self, action: ActionRequest) -> Effect | None:
+        """What the cluster says an earlier delivery of ``action`` left on its target, if
+        it took effect (policy rule 0). A target that cannot be read (a namespace the agent
+        may not read, a kind no action applies to) is judged as not applied: every rule
+        then holds. A cluster that does not answer is retried, never a blind decision."""
+        try:
+            return await self.cluster.applied(
+                action.target,
+                action_id=action.id,
+                action_type=action.type,
+                undo=bool(action.params.get(UNDO_PARAM)),
+            )
+        except PermanentError as err:
+            log.debug("cannot tell whether %s is on %s: %s", action.id, action.target.key, err)
+            return None
 
     async def _facts(self, action: ActionRequest) -> Facts:
         if action.type not in SCALE_ACTIONS | DISRUPTIVE_ACTIONS | NODE_ACTIONS:
@@ -709,24 +744,37 @@ class Executor:
         if self.after_apply is not None:
             self.after_apply(action, effect)
         await self._claim_ended(action, now, changed=True)
+        if not effect.applied:
+            return await self._redelivered(action, verdict, effect, now, note)
         rule = f"{verdict.rule}; {note}" if note else verdict.rule
         message = f"{effect.message} [{rule}]"
-        if not effect.applied:
-            if not effect.found_id or action.id in self.history:  # nothing done, or known
-                return await self._record(action, "duplicate", "unknown", effect.message, now)
-            # The id is on the target and no result says so: a delivery acted, then died
-            # before recording it. Recorded now, or the action would count for no cooldown,
-            # budget or repeat, and never be verified; with the prior state that write
-            # noted on the target, so it can be undone. The observation before it is gone.
-            message = f"{effect.message}, by a delivery that stopped before its result [{rule}]"
-
-            before = None
         self._remember(action, now)
         result = await self._record(
             action, "succeeded", "unknown", message, now, prior=effect.prior_state
         )
         await self._mitigating(action, now)
         self._schedule_verification(action, result, before)
+        return result
+
+    async def _redelivered(
+        self, action: ActionRequest, verdict: Verdict, effect: Effect, now: datetime, note: str
+    ) -> ActionResult:
+        """``action`` found nothing to do (``effect``): a ``duplicate``, or, when its id is
+        on the target and no result says so, the earlier delivery's success."""
+        if not effect.found_id or action.id in self.history:  # nothing done, or known
+            return await self._record(action, "duplicate", "unknown", effect.message, now)
+        # A delivery acted, then died before recording it. Recorded now, or the action would
+        # count for no cooldown, budget or repeat, and never be verified; with the prior
+        # state that write noted on the target, so it can be undone. The observation before
+        # it is gone.
+        rule = f"{verdict.rule}; {note}" if note else verdict.rule
+        message = f"{effect.message}, by a delivery that stopped before its result [{rule}]"
+        self._remember(action, now)
+        result = await self._record(
+            action, "succeeded", "unknown", message, now, prior=effect.prior_state
+        )
+        await self._mitigating(action, now)
+        self._schedule_verification(action, result, None)
         return result
 
     async def _claim_ended(self, action: ActionRequest, now: datetime, *, changed: bool) -> None:

@@ -350,31 +350,13 @@ class FakeCluster:
 
     async def restart_pod(self, target: Target, *, action_id: str) -> Effect:
         async with self._lock:
+            found = self._pod_restarted(target, action_id)
+            if found is not None:
+                return found
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
-                # As the adapter: the StatefulSet the name points to may record the eviction.
-                named = (target.namespace, target.name.rpartition("-")[0])
-                gone = evicted_uid(self._sts_annotations.get(named, {}), action_id)
-                if gone:
-                    return Effect(
-                        applied=False,
-                        message=f"action {action_id} already evicted {target.key} (uid {gone})",
-                        prior_state={"uid": gone},
-                        found_id=True,
-                    )
                 return Effect(applied=False, message=f"{target.key} is already gone")
             sts = (pod.namespace, pod.workload) if pod.owner == "StatefulSet" else None
-            # As the adapter: a StatefulSet's replacement, under the evicted pod's name and
-            # without the id, is told apart by the uid the StatefulSet remembers.
-            gone = evicted_uid(self._sts_annotations.get(sts, {}), action_id) if sts else ""
-            if gone and gone != pod.uid:
-                return Effect(
-                    applied=False,
-                    message=f"action {action_id} already evicted {target.key} (uid {gone}); "
-                    f"StatefulSet {pod.workload} has replaced it",
-                    prior_state={"uid": gone},
-                    found_id=True,
-                )
             why = self._eviction_block(pod)
             if why:
                 raise ActionFailed(f"restart of {target.key} refused: {why}")
@@ -512,6 +494,56 @@ class FakeCluster:
                 verb = "restored" if existed else "removed"
                 return Effect(applied=True, message=f"{verb} {key} in {target.key}")
         raise ActionFailed(f"{action_type} cannot be undone")
+
+    async def applied(
+        self, target: Target, *, action_id: str, action_type: str, undo: bool = False
+    ) -> Effect | None:
+        async with self._lock:
+            if action_type == "drain_node" and not undo:
+                return None  # its id lands with the cordon: a repeat resumes the evictions
+            if target.kind == "Pod":
+                return self._pod_restarted(target, action_id)
+            if target.kind == "Node":
+                node = self._nodes.get(target.name)
+                annotations = node.annotations if node is not None else {}
+            elif target.kind == "ConfigMap":
+                cm = self._config_maps.get((target.namespace, target.name))
+                annotations = cm.annotations if cm is not None else {}
+            else:
+                w = self._workloads.get(target.key)
+                annotations = w.annotations if w is not None else {}
+            if action_id not in remembered_ids(annotations):
+                return None
+            return _already(action_id, annotations)
+
+    def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
+        """As the adapter: a restart_pod repeat finds the pod gone, or replaced, after this
+        action evicted it (the StatefulSet remembers which pod it evicted)."""
+        pod = self._pods.get((target.namespace, target.name))
+        if pod is None:
+            named = (target.namespace, target.name.rpartition("-")[0])
+            gone = evicted_uid(self._sts_annotations.get(named, {}), action_id)
+            if not gone:
+                return None
+            return Effect(
+                applied=False,
+                message=f"action {action_id} already evicted {target.key} (uid {gone})",
+                prior_state={"uid": gone},
+                found_id=True,
+            )
+        sts = (pod.namespace, pod.workload) if pod.owner == "StatefulSet" else None
+        # A StatefulSet's replacement, under the evicted pod's name and without the id, is
+        # told apart by the uid the StatefulSet remembers.
+        gone = evicted_uid(self._sts_annotations.get(sts, {}), action_id) if sts else ""
+        if not gone or gone == pod.uid:
+            return None
+        return Effect(
+            applied=False,
+            message=f"action {action_id} already evicted {target.key} (uid {gone}); "
+            f"StatefulSet {pod.workload} has replaced it",
+            prior_state={"uid": gone},
+            found_id=True,
+        )
 
     async def footprint(self, target: Target) -> Footprint:
         if target.kind in WORKLOAD_KINDS:

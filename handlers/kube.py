@@ -708,6 +708,48 @@ class KubeCluster:
             query=[("fieldSelector", f"spec.nodeName={node}")],
         )
 
+    async def applied(
+        self, target: Target, *, action_id: str, action_type: str, undo: bool = False
+    ) -> Effect | None:
+        if action_type == "drain_node" and not undo:
+            return None  # its id lands with the cordon: a repeat resumes the evictions
+        if target.kind == "Pod":
+            return await self._pod_restarted(target, action_id)
+        status, obj, headers = await self._raw("GET", _path(target))
+        if status == 404:
+            return None
+        if not 200 <= status < 300:
+            raise translate(status, obj, headers, method="GET", what=target.key)
+        if action_id in remembered_ids(annotations_of(obj)):
+            return _already(action_id, target, recorded_prior(annotations_of(obj), action_id))
+        if action_type not in ("scale_up", "scale_down") or target.kind == "DaemonSet":
+            return None
+        # A scale of an autoscaled workload wrote its id on the HPA (see scale).
+        hpa = await self._hpa_for(target)
+        if hpa is None or action_id not in remembered_ids(annotations_of(hpa)):
+            return None
+        prior = recorded_prior(annotations_of(hpa), action_id)
+        if not undo and prior.get("hpa") != hpa["metadata"]["name"]:
+            prior = {}  # as _scale_hpa: only this HPA's own bounds count
+        return _already(action_id, target, prior)
+
+    async def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
+        """As restart_pod tells a repeat: the pod gone, or replaced by its StatefulSet,
+        after this action evicted it. A live pod with the id is not done: a repeat evicts."""
+        status, pod, headers = await self._raw("GET", _path(target))
+        if status == 404:
+            effect = await self._pod_gone(target, action_id)
+            return effect if effect.found_id else None
+        if not 200 <= status < 300:
+            raise translate(status, pod, headers, method="GET", what=target.key)
+        owner = controller_of(pod)
+        if not owner or owner.get("kind") != "StatefulSet":
+            return None
+        sts = str(owner["name"])
+        gone = await self._evicted_by(target.namespace, sts, action_id)
+        uid = (pod.get("metadata") or {}).get("uid")
+        return _replaced(action_id, target, gone, sts) if gone and gone != uid else None
+
     async def footprint(self, target: Target) -> Footprint:
         if target.kind in WORKLOAD_RESOURCES:
             obj = await self._get(target)
@@ -1017,13 +1059,7 @@ class KubeCluster:
             if action_id not in remembered_ids(annotations_of(pod)):
                 gone = await self._evicted_by(target.namespace, sts, action_id) if sts else ""
                 if gone and gone != meta.get("uid"):
-                    return Effect(
-                        applied=False,
-                        message=f"action {action_id} already evicted {target.key} (uid {gone}); "
-                        f"StatefulSet {sts} has replaced it",
-                        prior_state={"uid": gone},
-                        found_id=True,
-                    )
+                    return _replaced(action_id, target, gone, sts)
                 # The id rides on the pod first; a delivery interrupted between this write and
                 # the eviction finds the id on a live pod and completes the eviction.
                 try:
@@ -1612,6 +1648,17 @@ def _already(action_id: str, target: Target, prior: Mapping[str, Any] | None = N
         applied=False,
         message=f"action {action_id} already applied to {target.key}",
         prior_state=dict(prior or {}),
+        found_id=True,
+    )
+
+
+def _replaced(action_id: str, target: Target, uid: str, sts: str) -> Effect:
+    """A repeat of a pod restart whose pod its StatefulSet has since replaced."""
+    return Effect(
+        applied=False,
+        message=f"action {action_id} already evicted {target.key} (uid {uid}); "
+        f"StatefulSet {sts} has replaced it",
+        prior_state={"uid": uid},
         found_id=True,
     )
 

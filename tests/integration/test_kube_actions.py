@@ -444,6 +444,43 @@ async def test_a_scale_whose_executor_died_before_its_result_is_undone(
         await ex.stop()
 
 
+async def test_an_absolute_scale_whose_executor_died_is_recorded_not_denied(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    # The crash: the write through the adapter, and no result recorded. Judged again, a
+    # scale_up to 4 of the 4 replicas it made is "not up": the redelivery reads its id
+    # on the target first, and is recorded as the success it was.
+    ns = k8s_namespace
+    await create(admin, ns, DEPLOYMENTS, deployment("abs", 2))
+    t = Target(kind="Deployment", namespace=ns, name="abs")
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        a = request("scale_up", t, replicas="4")
+        assert await kube.applied(t, action_id=a.id, action_type=a.type) is None
+        assert (await kube.scale(t, action_id=a.id, replicas=4, direction="up")).applied
+        r = await ex.on_action(a)
+        assert (r.status, r.prior_state) == ("succeeded", {"replicas": 2}), r.message
+        assert (await read(admin, t))["spec"]["replicas"] == 4  # not scaled again
+        assert [e for e, _ in bus.on("escalations") if e.reason == "denied"] == []
+
+        # Under an HPA the id, and the note, are on the HPA.
+        await create(
+            admin,
+            ns,
+            "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+            hpa_of("abs", 1, 4),
+        )
+        b = request("scale_up", t, replicas="5")
+        assert await kube.applied(t, action_id=b.id, action_type=b.type) is None
+        crashed = await kube.scale(t, action_id=b.id, replicas=5, direction="up")
+        found = await kube.applied(t, action_id=b.id, action_type=b.type)
+        assert found is not None and found.found_id
+        assert found.prior_state == crashed.prior_state and found.prior_state["hpa"] == "abs"
+    finally:
+        await ex.stop()
+
+
 async def _replicas(admin: KubeCluster, target: Target, n: int) -> bool:
     return bool((await read(admin, target))["spec"]["replicas"] == n)
 

@@ -211,9 +211,9 @@ async def test_an_action_whose_delivery_died_before_its_result_counts_and_is_ver
         held = await ex.on_action(act("rollback", action_id="rb1"))
         assert held.status == "denied" and "cooldown" in held.message, held.message
         # Its result out, a further redelivery executes nothing: verified once.
-        assert (await ex.on_action(a)).status == "denied"  # its own cooldown
+        assert (await ex.on_action(a)).status == "duplicate"  # its id, and its result
         await asyncio.sleep(0.05)
-        assert [x.status for x in bus.results("r1")] == ["succeeded", "succeeded", "denied"]
+        assert [x.status for x in bus.results("r1")] == ["succeeded", "succeeded", "duplicate"]
     finally:
         await ex.stop()
 
@@ -355,6 +355,144 @@ async def test_an_action_whose_delivery_died_before_its_result_can_be_undone(
         done = await ex.on_action(undo)
         assert done.status == "succeeded", done.message
         assert await reading(c) == before
+    finally:
+        await ex.stop()
+
+
+async def _crash(ex: Executor, a: ActionRequest) -> Any:
+    """``a`` applied by ``ex``, whose process then dies before the result: the Effect."""
+    applied: list[Any] = []
+
+    def dies(_action: ActionRequest, effect: Any) -> None:
+        applied.append(effect)
+        raise Killed
+
+    ex.after_apply = dies
+    with pytest.raises(Killed):
+        await ex.on_action(a)
+    return applied[0]
+
+
+def _escalated(bus: MemoryBus) -> list[str]:
+    return [e.reason for e, _ in bus.on("escalations")]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "bounds"),
+    [("6", {}), ("+2", {"max_replicas": 6})],
+    ids=["absolute", "relative_at_the_bound"],
+)
+async def test_a_scale_whose_delivery_died_is_not_judged_by_the_count_it_made(
+    rig: Any, replicas: str, bounds: dict[str, Any]
+) -> None:
+    # 4 -> 6, then the executor died. Judged again, a scale_up to 6 (or +2, clamped to 6)
+    # of the 6 replicas it made is "not up": denied before the adapter saw its id, so never
+    # recorded, its prior state never read, and a person paged for a scale that ran.
+    first, _bus, c = rig
+    first.settings = cfg(**bounds)
+    a = act("scale_up", action_id="s1", params={"replicas": replicas})
+    effect = await _crash(first, a)
+    assert await replicas_of(c, CHECKOUT) == 6
+    bus = MemoryBus()
+    ex = Executor(cfg(**bounds), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result [already_applied]" in r.message
+        assert r.prior_state == effect.prior_state == {"replicas": 4}
+        assert await replicas_of(c, CHECKOUT) == 6  # not scaled twice
+        assert "s1" in ex.history and "denied" not in _escalated(bus)
+        await bus.wait_for(lambda b: len(b.results("s1")) == 2, 5, "its verification")
+    finally:
+        await ex.stop()
+
+
+def _learn_other(target: Target) -> Any:
+    async def since(ex: Executor, _c: FakeCluster) -> None:
+        r = replace(_result(), action_id="other-1", target=target, started_at=utcnow())
+        await ex.on_results([Envelope(ex.bus.topic("action-results"), 0, 0, "k", r)])
+
+    return since
+
+
+async def _budget_holds_down(_ex: Executor, c: FakeCluster) -> None:
+    # The restart's own rollout holds the budget down.
+    c.add_budget("shop", "checkout-pdb", workload="checkout", disruptions_allowed=0)
+
+
+async def _other_node_cordoned(_ex: Executor, c: FakeCluster) -> None:
+    await c.cordon(Target(kind="Node", name="n2"), action_id="someone")
+
+
+async def _incident_healed(ex: Executor, _c: FakeCluster) -> None:
+    ex.on_incident(_incident("resolved"))
+
+
+async def _kill_switch(ex: Executor, _c: FakeCluster) -> None:
+    ex.switches = lambda: Switches(kill_switch=True)
+
+
+async def _dry_run(ex: Executor, _c: FakeCluster) -> None:
+    ex.switches = lambda: Switches(dry_run=True)
+
+
+CART = Target(kind="Deployment", namespace="shop", name="cart")
+# What happens between a delivery that acted and died and its redelivery, under which
+# settings, and the rule that judged the redelivery as if it had never run.
+SINCE: dict[str, tuple[str, dict[str, Any], Any]] = {
+    "cooldown": ("restart_workload", {"cooldown": "10m"}, _learn_other(CHECKOUT)),
+    "max_actions_per_hour": ("restart_workload", {"max_actions_per_hour": 1}, _learn_other(CART)),
+    "max_actions_per_namespace_per_hour": (
+        "restart_workload",
+        {"max_actions_per_namespace_per_hour": 1},
+        _learn_other(CART),
+    ),
+    "pod_disruption_budget": ("restart_workload", {}, _budget_holds_down),
+    "max_nodes_cordoned": ("cordon_node", {"max_nodes_cordoned": 1}, _other_node_cordoned),
+    "incident_closed": ("restart_workload", {}, _incident_healed),
+    "kill_switch": ("restart_workload", {}, _kill_switch),
+    "dry_run": ("rollback", {}, _dry_run),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(SINCE))
+async def test_an_action_whose_delivery_died_is_not_judged_by_what_came_after(
+    rig: Any, rule: str
+) -> None:
+    first, _bus, c = rig
+    type_, settings, since = SINCE[rule]
+    a = act(type_, NODE if type_ == "cordon_node" else CHECKOUT, action_id="a1")
+    first.settings = cfg(**settings)
+    effect = await _crash(first, a)
+    before = (await c.workload(CHECKOUT), c.node("n1"))
+    bus = MemoryBus()
+    ex = Executor(cfg(**settings), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        await since(ex, c)
+        r = await ex.on_action(a)
+        # It ran: recorded as it ran, counted, undoable; nothing done twice, nobody paged.
+        assert (r.status, r.prior_state) == ("succeeded", effect.prior_state), r.message
+        assert rule not in r.message
+        assert "a1" in ex.history and "denied" not in _escalated(bus)
+        assert (await c.workload(CHECKOUT), c.node("n1")) == before
+    finally:
+        await ex.stop()
+
+
+async def test_another_actions_id_on_the_target_does_not_let_one_through(rig: Any) -> None:
+    # Only an action's own id makes it "already applied": the kill switch and the limits
+    # hold everything else.
+    first, _bus, c = rig
+    await _crash(first, act("restart_workload", action_id="r1"))
+    ex = Executor(cfg(), bus=MemoryBus(), cluster=c, metrics=Metrics())
+    try:
+        ex.switches = lambda: Switches(kill_switch=True)
+        generation = (await c.workload(CHECKOUT)).generation
+        r = await ex.on_action(act("restart_workload", action_id="r2"))
+        assert r.status == "denied" and r.message.startswith("kill_switch"), r.message
+        ex.switches = lambda: Switches(dry_run=True)
+        assert (await ex.on_action(act("rollback", action_id="b1"))).status == "dry_run"
+        assert (await c.workload(CHECKOUT)).generation == generation
     finally:
         await ex.stop()
 
@@ -1147,9 +1285,9 @@ async def test_an_action_a_limit_holds_back_is_escalated_once(rig: Any) -> None:
     ex.settings = cfg(cooldown="10m")
     first = await ex.on_action(act("restart_workload", action_id="r1"))
     assert first.status == "succeeded"
-    # Its repeat (a re-analysis asks for the same id) is held by its own cooldown: the
-    # remedy ran, nobody is told.
-    assert (await ex.on_action(act("restart_workload", action_id="r1"))).status == "denied"
+    # Its repeat (a re-analysis asks for the same id) finds its id on the target and its
+    # result recorded: the remedy ran, nobody is told.
+    assert (await ex.on_action(act("restart_workload", action_id="r1"))).status == "duplicate"
     assert bus.on("escalations") == []
     # Another incident's remedy for the same target is held back: told once, however often
     # it is asked for.

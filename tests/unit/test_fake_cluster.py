@@ -275,3 +275,41 @@ async def test_container_restarts_are_counted_per_workload_and_a_rollout_starts_
     await c.rollback(CHECKOUT, action_id="b1")
     assert (await c.observe(CHECKOUT)).restarts == 0
     assert c.pod("shop", "cart-0") is not None and c.pod("shop", "cart-0").restarts == 1  # type: ignore[union-attr]
+
+
+async def test_applied_reports_what_a_repeat_would_find_and_nothing_else() -> None:
+    # What the policy's rule 0 reads: a repeat of the action would do nothing more.
+    c = cluster_with_revisions("v1")
+    c.add_node("n1")
+    c.create_config_map("shop", "flags", {"mode": "fast"})
+    node, cm = (
+        Target(kind="Node", name="n1"),
+        Target(kind="ConfigMap", namespace="shop", name="flags"),
+    )
+    await c.scale(CHECKOUT, action_id="s1", replicas=4, direction="up")
+    await c.cordon(node, action_id="c1")
+    await c.update_config(cm, action_id="u1", key="mode", value="safe")
+    for target, action_id, type_, prior in [
+        (CHECKOUT, "s1", "scale_up", {"replicas": 2}),
+        (node, "c1", "cordon_node", {"unschedulable": False}),
+        (cm, "u1", "update_config", {"key": "mode", "value": "fast", "existed": True}),
+    ]:
+        found = await c.applied(target, action_id=action_id, action_type=type_)
+        assert found is not None and found.found_id and not found.applied
+        assert found.prior_state == prior
+        assert await c.applied(target, action_id="other", action_type=type_) is None
+    # A drain's id lands with its cordon: its repeat resumes the evictions, so not done.
+    await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
+    assert await c.applied(node, action_id="d1", action_type="drain_node") is None
+    assert await c.applied(MISSING, action_id="s1", action_type="scale_up") is None
+    # A StatefulSet pod: gone, then replaced, after this action evicted it.
+    c.create_workload("StatefulSet", "shop", "db", image="v1", replicas=1, at=at(0))
+    c.add_pod("shop", "db-0", node="n1", workload="db", owner="StatefulSet")
+    pod = Target(kind="Pod", namespace="shop", name="db-0")
+    assert await c.applied(pod, action_id="p1", action_type="restart_pod") is None
+    evicted = await c.restart_pod(pod, action_id="p1")
+    gone = await c.applied(pod, action_id="p1", action_type="restart_pod")
+    assert gone is not None and gone.prior_state == {"uid": evicted.prior_state["uid"]}
+    c.add_pod("shop", "db-0", node="n1", workload="db", owner="StatefulSet")
+    replaced = await c.applied(pod, action_id="p1", action_type="restart_pod")
+    assert replaced is not None and replaced.found_id

@@ -18,6 +18,7 @@ from agent.errors import ConfigError
 from agent.models import ACTION_TYPES, ActionRequest, Outcome, Target
 from agent.policy import (
     Executed,
+    Facts,
     PriorState,
     Switches,
     Verdict,
@@ -522,6 +523,51 @@ def test_verdicts_are_consistent(
         assert scope.dry_run >= s.agent.dry_run  # an override never lifts shadow mode
     if v.kind == "approve":
         assert not act.approved_by
+
+
+_facts = st.builds(
+    Facts,
+    replicas=st.none() | st.integers(0, 60),
+    target_replicas=st.none() | st.integers(0, 60),
+    pods_disrupted=st.integers(0, 10),
+    pdb_headroom=st.none() | st.integers(0, 3),
+    cordoned_nodes=st.lists(st.sampled_from(["n2", "n3"]), unique=True).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    _actions,
+    _settings,
+    _history,
+    _switches,
+    _facts,
+    st.none() | st.just("no prior state known"),
+    st.floats(min_value=0, max_value=7200),
+)
+def test_an_applied_action_is_never_judged_again_and_any_other_always_is(
+    act: ActionRequest,
+    s: Settings,
+    history: tuple[Executed, ...],
+    sw: Switches,
+    facts: Facts,
+    unknown: str | None,
+    own_at: float,
+) -> None:
+    # Its own id on the target: whatever the switches, limits and state (its own run in
+    # the history among them), it is recorded as the earlier delivery's success.
+    own = (*history, replace(done(act.target.key, own_at), action_id=act.id))
+    for h in (history, own):
+        v = decide(act, s, h, sw, NOW, facts, unknown, applied=True)
+        assert (v.kind, v.rule) == ("applied", "already_applied")
+        # Not there: every rule as before, and nothing is taken for applied.
+        judged = decide(act, s, h, sw, NOW, facts, unknown, applied=False)
+        assert judged == decide(act, s, h, sw, NOW, facts, unknown_undo=unknown)
+        assert judged.kind != "applied"
+        if sw.kill_switch or s.agent.kill_switch:
+            assert judged.kind == "deny"
+        if sw.dry_run or s.agent.dry_run:
+            assert judged.kind != "execute"
 
 
 def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> None:
