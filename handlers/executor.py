@@ -28,7 +28,8 @@ if it names a pending request and its action hash, before the expiry, while the 
 unchanged and the incident still open; a decision for an unknown request (once this
 replica has read every request published before it) or with the wrong hash is
 dead-lettered with the reason; an expired, stale or rejected one ends in a ``rejected``
-result saying why. The approval is
+result saying why, unless its action's id is already on the target (carried out, then the
+executor died): that is recorded as the success it was. The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper, on the one replica that owns the request's decisions partition
@@ -665,7 +666,12 @@ class Executor:
     async def _decided(self, req: ApprovalRequest, d: ApprovalDecision) -> None:
         """The one outcome of ``req``: ``d`` claimed it (see _settling)."""
         now = utcnow()
-        if now > req.expires_at:
+        if d.decision == "approve" and await self._found(req.action) is not None:
+            # Carried out, then its executor died before the result: judged again, the
+            # target's version its own write moved (or the expiry passed since) would
+            # reject as stale, and page as not executed, an approval that was executed.
+            await self._act(replace(req.action, approved_by=d.decided_by))
+        elif now > req.expires_at:
             await self._record(
                 req.action,
                 "rejected",

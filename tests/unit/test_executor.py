@@ -1034,6 +1034,42 @@ async def test_a_decision_while_the_request_expires_is_refused_not_a_second_outc
     await ex.stop()
 
 
+@pytest.mark.parametrize("since", ["nothing", "expired"])
+async def test_an_approved_action_whose_executor_died_is_not_rejected_as_stale(
+    rig: Any, since: str
+) -> None:
+    # Approved, carried out, and the executor died before the result and the tombstone:
+    # the decision comes again, the request still pending. Judged again, the ConfigMap's
+    # version its own write moved (or an expiry passed since) rejected it as stale and
+    # paged "approved, not executed" for a change that was made.
+    ex, bus, c = rig
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    req = await requested(ex, bus, a)
+    applied: list[Any] = []
+
+    def dies(_action: ActionRequest, effect: Any) -> None:
+        applied.append(effect)
+        raise Killed
+
+    ex.after_apply = dies
+    with pytest.raises(Killed):
+        await ex.on_decision(decision(req))
+    assert c.config_map("shop", "flags").data == {"mode": "safe"}
+    fresh = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    t = bus.topic("approvals")
+    pending = req if since == "nothing" else replace(req, expires_at=utcnow() - timedelta(1))
+    try:
+        await fresh.on_approvals([Envelope(t, 0, 0, req.id, pending)])
+        await fresh.on_decision(decision(req))
+        r = bus.results("u1")[-1]
+        assert (r.status, r.prior_state) == ("succeeded", applied[0].prior_state), r.message
+        assert "approval_stale" not in _escalated(bus)
+        assert bus.tombstones() == [req.id]
+        assert "u1" in fresh.history
+    finally:
+        await fresh.stop()
+
+
 async def test_only_the_replica_a_decision_would_reach_expires_the_request(rig: Any) -> None:
     """Every replica knows every pending request (the executor watch); the one owning its
     decisions partition expires it, once; the others leave it to that one."""
