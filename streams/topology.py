@@ -163,12 +163,15 @@ def build_index(
         blinded = blinds(f.labels)
         if blinded is None:
             continue
-        # Blind while it fires and is refreshed, else until it was last seen. An ended
-        # blindness is kept (one per endpoint): a worker that was down when an incident
-        # would have gone quiet still counts from when the source saw again.
+        # Blind while it fires and is repeated, else until it was last seen. Its own
+        # sighting, not its incident's liveness: another agent anomaly of the incident
+        # kept a blindness whose detector was gone going on for as long as it fired. An
+        # ended blindness is kept (one per endpoint): a worker that was down when an
+        # incident would have gone quiet still counts from when the source saw again.
+        last = f.last_seen or f.observed_at  # (a fact written before last_seen was)
         until = None
-        if f.status != "firing" or not active(f, now, ttl):
-            until = f.last_seen or f.observed_at  # (a fact written before last_seen was)
+        if f.status != "firing" or not active(f, now, ttl) or now - last >= timedelta(seconds=ttl):
+            until = last
         source, name = blinded
         cluster = f.labels.get("cluster", "")
         seen = (source, cluster, name) if name else (source, cluster)

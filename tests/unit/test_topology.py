@@ -16,6 +16,7 @@ from streams.correlation import (
     CorrelationRules,
     Marks,
     correlate,
+    expire,
     hand_over,
     key_of,
 )
@@ -294,6 +295,27 @@ def test_a_source_that_cannot_see_is_a_fact_blind_while_it_fires_then_until_it_s
     # Two endpoints of one cluster: blind while either is.
     other = replace(f, fingerprint="other", last_seen=at(300), status="firing")
     assert build_index([f, other], at(310), 300).blind == {("prometheus", "c1"): Blindness(at(100))}
+
+
+def test_a_blindness_ends_when_its_own_anomaly_stops_not_when_its_incident_does() -> None:
+    # Prometheus stopped answering the detector of one endpoint at t=100; that detector was
+    # then removed (or pointed at another endpoint): nothing repeats nor resolves its
+    # anomaly. A failing pattern query of the same agent keeps their incident alive.
+    failed = anomaly(
+        "pattern-query-failed", labels=dict(_unavailable(0).labels, pattern="x"), source="agent"
+    )
+    inc, _ = correlate(None, _unavailable(100), NOW, RULES)
+    for t in range(150, 5000, 50):
+        inc, _ = correlate(inc, replace(failed, observed_at=at(t), id=f"q{t}"), NOW, RULES)
+    assert inc is not None and inc.status != "resolved"
+    index = build_index(facts_of(inc, False, ()), at(5000), 300)
+    # Blind until it was last told so, not for as long as its incident lives.
+    assert index.blind[("prometheus", "c1")] == Blindness(at(100), at(100))
+    pods = anomaly("errors", labels={"cluster": "c1", "service": "shop"}, t=50)
+    state, _ = correlate(None, pods, NOW, RULES)
+    assert state is not None
+    new, event = expire(state, at(5000), RULES, index.blind)
+    assert event is not None and new.resolved_at == at(400)
 
 
 def test_a_failing_pattern_query_is_blindness_to_that_pattern_in_its_cluster() -> None:
