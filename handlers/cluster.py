@@ -126,9 +126,40 @@ def note_prior_state(
     return orjson.dumps(dict(entries)).decode()
 
 
-def recorded_prior(annotations: Mapping[str, str], action_id: str) -> dict[str, Any]:
-    """What ``action_id`` noted it found on the object, where its write leaves it."""
-    return noted_prior_state(annotations, action_id) or prior_unschedulable(annotations, action_id)
+# What each write notes, key -> type. Anyone who can patch an object can write its notes,
+# and an undo restores what a redelivery reports: a note of another shape under an action's
+# id (an HPA named on a Deployment, a replica count of 10**9 as a string) is no prior state.
+PriorShape = Mapping[str, type]
+ROLLBACK_PRIOR: PriorShape = {"revision": int, "image": str}
+SCALE_PRIOR: PriorShape = {"replicas": int}
+HPA_SCALE_PRIOR: PriorShape = {
+    "replicas": int,
+    "hpa": str,
+    "hpa_min_replicas": int,
+    "hpa_max_replicas": int,
+}
+RESTART_PRIOR: PriorShape = {"generation": int}
+CONFIG_PRIOR: PriorShape = {"key": str, "value": str, "existed": bool}
+CORDON_PRIOR: PriorShape = {"unschedulable": bool}  # in UNSCHEDULABLE_BEFORE_ANNOTATION
+NO_PRIOR: PriorShape = {}  # an undo notes none
+
+
+def recorded_prior(
+    annotations: Mapping[str, str],
+    action_id: str,
+    shape: PriorShape,
+    **must: ParamValue,
+) -> dict[str, Any]:
+    """What ``action_id`` noted it found on the object, where its write leaves it: a note of
+    the ``shape`` that action's write notes, holding the ``must`` values (the HPA, the
+    config key the action wrote); else empty."""
+    if shape == CORDON_PRIOR:
+        return prior_unschedulable(annotations, action_id)
+    noted = noted_prior_state(annotations, action_id)
+    fits = noted.keys() == shape.keys() and all(type(noted[k]) is t for k, t in shape.items())
+    if not fits or any(noted[k] != v for k, v in must.items()):
+        return {}
+    return noted
 
 
 # On a StatefulSet, "<action id>=<uid>,...": the pod each restart_pod action evicted. The

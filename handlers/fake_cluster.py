@@ -29,13 +29,20 @@ from agent.models import WORKLOAD_KINDS, ParamValue, Target, TargetKind
 from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
+    CONFIG_PRIOR,
+    CORDON_PRIOR,
     EVICTED_PODS_ANNOTATION,
+    NO_PRIOR,
     PRIOR_STATE_ANNOTATION,
+    RESTART_PRIOR,
+    ROLLBACK_PRIOR,
+    SCALE_PRIOR,
     UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
     Footprint,
     Observation,
     PartialFailure,
+    PriorShape,
     Revision,
     ScaleDirection,
     StopCheck,
@@ -245,6 +252,16 @@ class FakeCluster:
     def create_config_map(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
         self._config_maps[(namespace, name)] = FakeConfigMap(namespace, name, dict(data))
 
+    def annotate(self, target: Target, key: str, value: str) -> None:
+        """kubectl annotate --overwrite: what anyone with patch rights on it may write."""
+        if target.kind == "ConfigMap":
+            cm = self._config_map(target)
+            annotations = {**cm.annotations, key: value}
+            self._config_maps[(cm.namespace, cm.name)] = replace(cm, annotations=annotations)
+        else:
+            state = self._get(target)
+            self._put(replace(state, annotations={**state.annotations, key: value}))
+
     def node(self, name: str) -> FakeNode:
         return self._node(Target(kind="Node", name=name))
 
@@ -265,7 +282,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return _already(action_id, state.annotations)
+                return _already(action_id, state.annotations, ROLLBACK_PRIOR)
             older = [r for r in state.revisions if r.number != state.revision]
             if to_revision is not None:
                 chosen = next((r for r in older if r.number == to_revision), None)
@@ -309,7 +326,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return _already(action_id, state.annotations)
+                return _already(action_id, state.annotations, SCALE_PRIOR)
             refused = against_direction(target, state.replicas, replicas, direction)
             if refused is not None:
                 raise refused
@@ -332,7 +349,7 @@ class FakeCluster:
         async with self._lock:
             state = self._get(target)
             if action_id in state.applied_action_ids:
-                return _already(action_id, state.annotations)
+                return _already(action_id, state.annotations, RESTART_PRIOR)
             prior: dict[str, ParamValue] = {"generation": state.generation}
             new = replace(
                 state,
@@ -445,7 +462,7 @@ class FakeCluster:
         async with self._lock:
             cm = self._config_map(target)
             if action_id in remembered_ids(cm.annotations):
-                return _already(action_id, cm.annotations)
+                return _already(action_id, cm.annotations, CONFIG_PRIOR, key=key)
             if not key:
                 raise ActionFailed(f"update_config of {target.key} needs a key")
             existed = key in cm.data
@@ -485,7 +502,7 @@ class FakeCluster:
             if action_type == "update_config":
                 cm = self._config_map(target)
                 if action_id in remembered_ids(cm.annotations):
-                    return _already(action_id, cm.annotations)
+                    return _already(action_id, cm.annotations, NO_PRIOR)
                 key = str(prior["key"])
                 existed = bool(prior.get("existed"))
                 self._set_config(
@@ -698,7 +715,7 @@ class FakeCluster:
     def _cordon(self, target: Target, action_id: str, *, unschedulable: bool) -> Effect:
         node = self._node(target)
         if action_id in remembered_ids(node.annotations):
-            return _already(action_id, node.annotations)
+            return _already(action_id, node.annotations, CORDON_PRIOR)
         annotations = {
             **node.annotations,
             ACTION_IDS_ANNOTATION: remember_id(node.annotations, action_id),
@@ -785,11 +802,13 @@ def _need_kind(target: Target, action_type: str) -> None:
         raise ActionFailed(f"{target.key}: {problem}")
 
 
-def _already(action_id: str, annotations: Mapping[str, str]) -> Effect:
+def _already(
+    action_id: str, annotations: Mapping[str, str], shape: PriorShape, **must: ParamValue
+) -> Effect:
     """A repeat, with the prior state its earlier delivery noted on the object."""
     return Effect(
         applied=False,
         message=f"action {action_id} already applied",
-        prior_state=recorded_prior(annotations, action_id),
+        prior_state=recorded_prior(annotations, action_id, shape, **must),
         found_id=True,
     )

@@ -69,14 +69,22 @@ from agent.models import ParamValue, Target
 from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
+    CONFIG_PRIOR,
+    CORDON_PRIOR,
     EVICTED_PODS_ANNOTATION,
+    HPA_SCALE_PRIOR,
+    NO_PRIOR,
     PRIOR_STATE_ANNOTATION,
+    RESTART_PRIOR,
     RESTARTED_AT_ANNOTATION,
+    ROLLBACK_PRIOR,
+    SCALE_PRIOR,
     UNSCHEDULABLE_BEFORE_ANNOTATION,
     Effect,
     Footprint,
     Observation,
     PartialFailure,
+    PriorShape,
     Revision,
     ScaleDirection,
     StopCheck,
@@ -570,13 +578,21 @@ class KubeCluster:
         return list(doc.get("items") or ())
 
     async def _mutate(
-        self, target: Target, path: str, action_id: str, plan: Callable[[Obj], _Write]
+        self,
+        target: Target,
+        path: str,
+        action_id: str,
+        plan: Callable[[Obj], _Write],
+        shape: PriorShape,
+        **must: ParamValue,
     ) -> Effect:
-        """Read, skip if the id is there, write conditionally; on 409 start over."""
+        """Read, skip if the id is there (with the prior state it noted, of ``shape`` and
+        holding ``must``), write conditionally; on 409 start over."""
         for attempt in range(1, CONFLICT_RETRIES + 1):
             obj = await self.call("GET", path, what=target.key)
             if action_id in remembered_ids(annotations_of(obj)):
-                return _already(action_id, target, recorded_prior(annotations_of(obj), action_id))
+                noted = recorded_prior(annotations_of(obj), action_id, shape, **must)
+                return _already(action_id, target, noted)
             write = plan(obj)
             try:
                 await self.call(
@@ -889,7 +905,7 @@ class KubeCluster:
                 ),
             )
 
-        return await self._mutate(target, _path(target), action_id, plan)
+        return await self._mutate(target, _path(target), action_id, plan, RESTART_PRIOR)
 
     async def scale(
         self,
@@ -904,7 +920,8 @@ class KubeCluster:
             raise ActionFailed(f"{target.key}: replicas must be >= 0, got {replicas}")
         obj = await self._get(target)
         if action_id in remembered_ids(annotations_of(obj)):
-            return _already(action_id, target, recorded_prior(annotations_of(obj), action_id))
+            noted = recorded_prior(annotations_of(obj), action_id, SCALE_PRIOR)
+            return _already(action_id, target, noted)
         current = int((obj.get("spec") or {}).get("replicas", 1))
         hpa = await self._hpa_for(target)
         if hpa is not None:
@@ -929,7 +946,7 @@ class KubeCluster:
                 ),
             )
 
-        return await self._mutate(target, _path(target), action_id, plan)
+        return await self._mutate(target, _path(target), action_id, plan, SCALE_PRIOR)
 
     async def _scale_hpa(
         self, target: Target, hpa: Obj, action_id: str, replicas: int, current: int
@@ -963,11 +980,8 @@ class KubeCluster:
                 ),
             )
 
-        effect = await self._mutate(target, path, action_id, plan)
-        if effect.found_id and effect.prior_state.get("hpa") != name:
-            # An undo writes the HPA the note names: only this one's own bounds count.
-            effect = replace(effect, prior_state={})
-        return effect
+        # An undo writes the HPA the note names: only this one's own bounds count.
+        return await self._mutate(target, path, action_id, plan, HPA_SCALE_PRIOR, hpa=name)
 
     async def rollback(
         self, target: Target, *, action_id: str, to_revision: int | None = None
@@ -977,7 +991,8 @@ class KubeCluster:
         for attempt in range(1, CONFLICT_RETRIES + 1):
             dep = await self._get(target)
             if action_id in remembered_ids(annotations_of(dep)):
-                return _already(action_id, target, recorded_prior(annotations_of(dep), action_id))
+                noted = recorded_prior(annotations_of(dep), action_id, ROLLBACK_PRIOR)
+                return _already(action_id, target, noted)
             if target.kind == "Deployment":
                 write = await self._rollback_write(target, dep, action_id, to_revision)
             else:
@@ -1225,7 +1240,7 @@ class KubeCluster:
                 ),
             )
 
-        return await self._mutate(target, _path(target), action_id, plan)
+        return await self._mutate(target, _path(target), action_id, plan, CORDON_PRIOR)
 
     async def drain(
         self,
@@ -1382,7 +1397,8 @@ class KubeCluster:
                 ),
             )
 
-        return await self._mutate(target, _path(target), action_id, plan)
+        # (An undo restores the key the note names: only the key this action set counts.)
+        return await self._mutate(target, _path(target), action_id, plan, CONFIG_PRIOR, key=key)
 
     async def undo(
         self, target: Target, *, action_id: str, action_type: str, prior: Mapping[str, Any]
@@ -1409,6 +1425,7 @@ class KubeCluster:
                 path,
                 action_id,
                 lambda o: _Write(_merge_body(o, action_id, change), Effect(True, message)),
+                NO_PRIOR,
             )
         if action_type in ("cordon_node", "drain_node"):
             _need(target, ("Node",), "undo of cordon/drain")
@@ -1424,6 +1441,7 @@ class KubeCluster:
                     _merge_body(o, action_id, {"spec": {"unschedulable": was}}),
                     Effect(True, message),
                 ),
+                NO_PRIOR,
             )
         if action_type == "update_config":
             _need(target, ("ConfigMap",), "undo of update_config")
@@ -1440,6 +1458,7 @@ class KubeCluster:
                 lambda o: _Write(
                     _merge_body(o, action_id, {"data": {key: value}}), Effect(True, message)
                 ),
+                NO_PRIOR,
             )
         raise ActionFailed(f"{action_type} cannot be undone")
 

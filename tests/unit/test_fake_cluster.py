@@ -239,6 +239,29 @@ def test_a_prior_state_note_not_as_written_is_no_prior_state(raw: str) -> None:
     assert noted_prior_state({PRIOR_STATE_ANNOTATION: raw}, "a1") == {}
 
 
+async def test_a_redelivery_reports_no_prior_state_its_write_could_not_have_noted() -> None:
+    # Anyone who can patch the Deployment can rewrite the notes; an undo restores what the
+    # redelivery reports, and the undo of a scale writes the HPA a note names.
+    c = cluster_with_revisions("v1")
+    await c.scale(CHECKOUT, action_id="s1", replicas=3)
+    forged = {"replicas": 2, "hpa": "payments", "hpa_min_replicas": 1, "hpa_max_replicas": 1}
+    c.annotate(CHECKOUT, PRIOR_STATE_ANNOTATION, note_prior_state({}, "s1", forged))
+    assert (await c.scale(CHECKOUT, action_id="s1", replicas=3)).prior_state == {}
+    for wrong in ({"replicas": "1000000000"}, {"replicas": True}, {"revision": 1, "image": "x"}):
+        c.annotate(CHECKOUT, PRIOR_STATE_ANNOTATION, note_prior_state({}, "s1", wrong))
+        assert (await c.scale(CHECKOUT, action_id="s1", replicas=3)).prior_state == {}
+    # As written, it is reported.
+    c.annotate(CHECKOUT, PRIOR_STATE_ANNOTATION, note_prior_state({}, "s1", {"replicas": 2}))
+    assert (await c.scale(CHECKOUT, action_id="s1", replicas=3)).prior_state == {"replicas": 2}
+    # A config change reports the old value of the key it set only, not another key's.
+    cm = Target(kind="ConfigMap", namespace="shop", name="cfg")
+    c.create_config_map("shop", "cfg", {"a": "1", "b": "2"})
+    await c.update_config(cm, action_id="u1", key="a", value="9")
+    other = {"key": "b", "value": "evil", "existed": True}
+    c.annotate(cm, PRIOR_STATE_ANNOTATION, note_prior_state({}, "u1", other))
+    assert (await c.update_config(cm, action_id="u1", key="a", value="9")).prior_state == {}
+
+
 def test_prior_state_notes_are_bounded_in_number_and_size() -> None:
     ann: dict[str, str] = {}
     for i in range(MAX_PRIOR_STATE_NOTES + 3):
