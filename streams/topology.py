@@ -45,6 +45,7 @@ from agent.models import (
 from agent.settings import InhibitRuleSection
 from streams.correlation import (
     ALERTNAME,
+    MAX_AHEAD,
     NO_MARKS,
     SOURCE,
     Blind,
@@ -136,9 +137,17 @@ def active(fact: Fact, now: datetime, ttl: float) -> bool:
     return fact.incident_open and now - fact.observed_at < timedelta(seconds=ttl)
 
 
+def ahead(fact: Fact, now: datetime) -> bool:
+    """Dated beyond the clock skew an anomaly may have (MAX_AHEAD): no worker wrote it from
+    anomalies it folded. Taken as dated, it would hold what it says open until then."""
+    limit = now + timedelta(seconds=MAX_AHEAD)
+    return fact.observed_at > limit or (fact.last_seen is not None and fact.last_seen > limit)
+
+
 def build_index(
     facts: Iterable[Fact], now: datetime, ttl: float, rules: Sequence[InhibitRule] = ()
 ) -> FactIndex:
+    facts = [f for f in facts if not ahead(f, now)]
     live = sorted((f for f in facts if active(f, now, ttl)), key=lambda f: f.fingerprint)
     nodes: dict[tuple[str, str], Fact] = {}
     workloads: dict[tuple[str, str, str], Fact] = {}

@@ -318,6 +318,30 @@ def test_a_blindness_ends_when_its_own_anomaly_stops_not_when_its_incident_does(
     assert event is not None and new.resolved_at == at(400)
 
 
+def test_a_fact_dated_far_ahead_of_the_clock_holds_nothing_open() -> None:
+    # Anyone who writes the facts topic (or a bug) can date a fact a year ahead: as a
+    # blindness going on, or one that ends then, it held the cluster's PromQL incidents
+    # open for that year; as a node's failure, it took in the node's pods as long.
+    blind, _ = correlate(None, _unavailable(100), NOW, RULES)
+    assert blind is not None
+    (f,) = facts_of(blind, False, ())
+    year = at(1000 + 365 * 86400)
+    going_on = replace(f, observed_at=year, last_seen=year)
+    ended = replace(f, status="resolved", incident_open=False, last_seen=year)
+    pods = anomaly("errors", labels={"cluster": "c1", "service": "shop"}, t=50)
+    state, _ = correlate(None, pods, NOW, RULES)
+    assert state is not None
+    for forged in (going_on, ended):
+        index = build_index([forged], at(5000), 300)
+        assert index.blind == {}
+        new, event = expire(state, at(5000), RULES, index.blind)
+        assert event is not None and new.resolved_at == at(350)
+    node = replace(fact(NODE_DOWN), observed_at=year)
+    assert build_index([node], at(5000), 300).nodes == {}
+    # Within the clock skew an anomaly may have, it counts.
+    assert build_index([replace(node, observed_at=at(5300))], at(5000), 300).nodes
+
+
 def test_a_failing_pattern_query_is_blindness_to_that_pattern_in_its_cluster() -> None:
     labels = dict(_unavailable(0).labels, pattern="errors")
     failed = anomaly(
