@@ -460,8 +460,10 @@ class PromQLDetector:
             self._reading = True
             try:
                 facts = await self.read_facts()
-            except AgentError as err:
-                log.warning("reading the correlation facts failed (tried again): %s", err)
+            except (AgentError, TimeoutError) as err:
+                # (TimeoutError: the view not loaded within its bound.) An extra of the
+                # evaluation: its failure must not cost the pattern's anomalies.
+                log.warning("reading the correlation facts failed (tried again): %r", err)
                 return []
             finally:
                 self._reading = False

@@ -400,3 +400,25 @@ async def test_a_restarted_detector_that_sees_ends_the_blindness_the_facts_still
         prom.answer = [Sample({"namespace": "shop", "service": "checkout"}, 5.0)]
         await other.evaluate_once(p, at(60))
         assert [a for a in rec.items if a.source == "agent"] == []
+
+
+async def test_reading_the_facts_past_its_bound_costs_no_evaluation() -> None:
+    """The facts view not loaded within its bound (runtime.read_facts: CompactedView.start
+    gives up with TimeoutError) lost the pattern's whole evaluation, counted as an internal
+    error, at every slot the read was tried again."""
+    d, prom, rec, _, _ = detector(threshold=1)
+    p = d.settings.patterns[0]
+    reads: list[int] = []
+
+    async def slow() -> dict[str, Fact]:
+        reads.append(1)
+        raise TimeoutError
+
+    d.read_facts = slow
+    prom.answer = [Sample({"namespace": "shop", "service": "checkout"}, 5.0)]
+    found = await d.evaluate_once(p, at(0))
+    assert [(a.name, a.status) for a in rec.items] == [("p", "firing")]
+    assert found == rec.items
+    # Read again at the next answer, as after any failed read.
+    await d.evaluate_once(p, at(15))
+    assert len(reads) == 2 and len(rec.items) == 2
