@@ -142,6 +142,21 @@ RESTART_PRIOR: PriorShape = {"generation": int}
 CONFIG_PRIOR: PriorShape = {"key": str, "value": str, "existed": bool}
 CORDON_PRIOR: PriorShape = {"unschedulable": bool}  # in UNSCHEDULABLE_BEFORE_ANNOTATION
 NO_PRIOR: PriorShape = {}  # an undo notes none
+_PRIOR_OF: Mapping[str, PriorShape] = {
+    "scale_up": SCALE_PRIOR,
+    "scale_down": SCALE_PRIOR,
+    "rollback": ROLLBACK_PRIOR,
+    "restart_workload": RESTART_PRIOR,
+    "update_config": CONFIG_PRIOR,
+    "cordon_node": CORDON_PRIOR,
+    "drain_node": CORDON_PRIOR,
+}
+
+
+def prior_shape(action_type: str, *, undo: bool = False) -> PriorShape:
+    """The note a write of ``action_type`` leaves on its target (an undo's notes none; a
+    scale of an autoscaled workload notes HPA_SCALE_PRIOR on the HPA instead)."""
+    return NO_PRIOR if undo else _PRIOR_OF.get(action_type, NO_PRIOR)
 
 
 def recorded_prior(
@@ -157,7 +172,7 @@ def recorded_prior(
         return prior_unschedulable(annotations, action_id)
     noted = noted_prior_state(annotations, action_id)
     fits = noted.keys() == shape.keys() and all(type(noted[k]) is t for k, t in shape.items())
-    if not fits or any(noted[k] != v for k, v in must.items()):
+    if not fits or any(noted.get(k) != v for k, v in must.items()):
         return {}
     return noted
 
@@ -342,13 +357,21 @@ class Cluster(Protocol):
         ...
 
     async def applied(
-        self, target: Target, *, action_id: str, action_type: str, undo: bool = False
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        action_type: str,
+        undo: bool = False,
+        must: Mapping[str, ParamValue] | None = None,
     ) -> Effect | None:
         """A read only: the Effect a repeat of ``action_id`` would report (``found_id``,
         with the prior state its write noted) when an earlier delivery's write is on the
         target and a repeat would do nothing more; else None (no id there, the target
         gone, or a drain, whose repeat resumes the evictions). The policy takes it before
-        any rule, which would judge the state that very write left."""
+        any rule, which would judge the state that very write left. A prior state counts only
+        if it is of the shape that action's write notes and holds ``must`` (the config key
+        an update_config writes), as the action's own repeat reads it."""
         ...
 
     async def footprint(self, target: Target) -> Footprint: ...

@@ -608,6 +608,12 @@ class Executor:
                 action_id=action.id,
                 action_type=action.type,
                 undo=bool(action.params.get(UNDO_PARAM)),
+                # An update_config's note must name the key it writes, as its repeat reads it.
+                must={"key": action.params["key"]}
+                if action.type == "update_config"
+                and "key" in action.params
+                and not action.params.get(UNDO_PARAM)
+                else None,
             )
         except PermanentError as err:
             log.debug("cannot tell whether %s is on %s: %s", action.id, action.target.key, err)

@@ -51,6 +51,7 @@ from handlers.cluster import (
     drain_stopped,
     evicted_uid,
     note_prior_state,
+    prior_shape,
     prior_unschedulable,
     recorded_prior,
     remember_eviction,
@@ -513,7 +514,13 @@ class FakeCluster:
         raise ActionFailed(f"{action_type} cannot be undone")
 
     async def applied(
-        self, target: Target, *, action_id: str, action_type: str, undo: bool = False
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        action_type: str,
+        undo: bool = False,
+        must: Mapping[str, ParamValue] | None = None,
     ) -> Effect | None:
         async with self._lock:
             if action_type == "drain_node" and not undo:
@@ -531,7 +538,9 @@ class FakeCluster:
                 annotations = w.annotations if w is not None else {}
             if action_id not in remembered_ids(annotations):
                 return None
-            return _already(action_id, annotations)
+            return _already(
+                action_id, annotations, prior_shape(action_type, undo=undo), **(must or {})
+            )
 
     def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As the adapter: a restart_pod repeat finds the pod gone, or replaced, after this

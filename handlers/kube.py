@@ -94,6 +94,7 @@ from handlers.cluster import (
     evicted_uid,
     forget_eviction,
     note_prior_state,
+    prior_shape,
     prior_unschedulable,
     recorded_prior,
     remember_eviction,
@@ -725,7 +726,13 @@ class KubeCluster:
         )
 
     async def applied(
-        self, target: Target, *, action_id: str, action_type: str, undo: bool = False
+        self,
+        target: Target,
+        *,
+        action_id: str,
+        action_type: str,
+        undo: bool = False,
+        must: Mapping[str, ParamValue] | None = None,
     ) -> Effect | None:
         if action_type == "drain_node" and not undo:
             return None  # its id lands with the cordon: a repeat resumes the evictions
@@ -737,16 +744,21 @@ class KubeCluster:
         if not 200 <= status < 300:
             raise translate(status, obj, headers, method="GET", what=target.key)
         if action_id in remembered_ids(annotations_of(obj)):
-            return _already(action_id, target, recorded_prior(annotations_of(obj), action_id))
+            shape = prior_shape(action_type, undo=undo)
+            noted = recorded_prior(annotations_of(obj), action_id, shape, **(must or {}))
+            return _already(action_id, target, noted)
         if action_type not in ("scale_up", "scale_down") or target.kind == "DaemonSet":
             return None
         # A scale of an autoscaled workload wrote its id on the HPA (see scale).
         hpa = await self._hpa_for(target)
         if hpa is None or action_id not in remembered_ids(annotations_of(hpa)):
             return None
-        prior = recorded_prior(annotations_of(hpa), action_id)
-        if not undo and prior.get("hpa") != hpa["metadata"]["name"]:
-            prior = {}  # as _scale_hpa: only this HPA's own bounds count
+        # As _scale_hpa: only this HPA's own bounds count.
+        shape = NO_PRIOR if undo else HPA_SCALE_PRIOR
+        name = str(hpa["metadata"]["name"])
+        prior = recorded_prior(
+            annotations_of(hpa), action_id, shape, **({} if undo else {"hpa": name})
+        )
         return _already(action_id, target, prior)
 
     async def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:

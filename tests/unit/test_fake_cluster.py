@@ -336,3 +336,24 @@ async def test_applied_reports_what_a_repeat_would_find_and_nothing_else() -> No
     c.add_pod("shop", "db-0", node="n1", workload="db", owner="StatefulSet")
     replaced = await c.applied(pod, action_id="p1", action_type="restart_pod")
     assert replaced is not None and replaced.found_id
+
+
+async def test_the_applied_read_reports_no_prior_state_its_write_could_not_have_noted() -> None:
+    # The executor's read before the policy (rule 0) reports the same prior state as the
+    # action's own repeat: a forged note is none there either.
+    c = cluster_with_revisions("v1")
+    await c.scale(CHECKOUT, action_id="s1", replicas=3)
+    forged = {"replicas": 2, "hpa": "payments", "hpa_min_replicas": 1, "hpa_max_replicas": 1}
+    c.annotate(CHECKOUT, PRIOR_STATE_ANNOTATION, note_prior_state({}, "s1", forged))
+    found = await c.applied(CHECKOUT, action_id="s1", action_type="scale_up")
+    assert found is not None and found.found_id and found.prior_state == {}
+    c.annotate(CHECKOUT, PRIOR_STATE_ANNOTATION, note_prior_state({}, "s1", {"replicas": 2}))
+    found = await c.applied(CHECKOUT, action_id="s1", action_type="scale_up")
+    assert found is not None and found.prior_state == {"replicas": 2}
+    cm = Target(kind="ConfigMap", namespace="shop", name="cfg")
+    c.create_config_map("shop", "cfg", {"a": "1", "b": "2"})
+    await c.update_config(cm, action_id="u1", key="a", value="9")
+    other = {"key": "b", "value": "evil", "existed": True}
+    c.annotate(cm, PRIOR_STATE_ANNOTATION, note_prior_state({}, "u1", other))
+    found = await c.applied(cm, action_id="u1", action_type="update_config", must={"key": "a"})
+    assert found is not None and found.prior_state == {}
