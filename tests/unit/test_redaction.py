@@ -556,8 +556,10 @@ def test_a_bare_value_at_the_end_of_escaped_json_keeps_its_closing_quote(
     for _ in range(depth):
         text = json_text({"level": "info", "cfg": text}, separators)
     assume(secret not in text.replace(secret, "", 1))
-    # Out of scope here: an ODBC value's { is read as such.
+    # Out of scope here: an ODBC value's { is read as such, and an env var's bare value
+    # leaves out a , } ] it ends with (they close a flow mapping: the secret is still gone).
     assume(not secret.startswith("{"))
+    assume(not (key.startswith("name=") and secret.endswith((",", "}", "]"))))
     out = redact(text)
     assert secret not in out
     inner = json.loads(out)
