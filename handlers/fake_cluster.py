@@ -4,7 +4,9 @@ It follows the Kubernetes semantics the agent relies on, not a mock that accepts
 a Deployment's revisions are its ReplicaSets, a StatefulSet's or DaemonSet's its
 ControllerRevisions, the rollout history the analysis reads of each; a rollback re-activates
 an old template and gives it the next revision number (the old number disappears, as the
-controllers renumber a ReplicaSet or ControllerRevision); scale
+controllers renumber a ReplicaSet or ControllerRevision); a StatefulSet's or DaemonSet's
+change can be left unrecorded until ``record_revision`` (the controller lags the write), and
+a rollback then is a transient error, as the adapter's; scale
 and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op,
 which reports the prior state the write noted there, as the adapter's does;
 unknown objects are errors, and a workload is found only under its own kind. As the real
@@ -24,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.analyzer import ConfigChange, KubeEvent
-from agent.errors import ActionFailed
+from agent.errors import ActionFailed, TransientError
 from agent.models import WORKLOAD_KINDS, ParamValue, Target, TargetKind
 from agent.policy import kind_problem
 from handlers.cluster import (
@@ -115,6 +117,10 @@ class FakeCluster:
         self._budgets: dict[tuple[str, str], FakeBudget] = {}
         # A StatefulSet's annotations, by (namespace, name): the evictions it remembers.
         self._sts_annotations: dict[tuple[str, str], Mapping[str, str]] = {}
+        # StatefulSets and DaemonSets, by key, whose running template has no
+        # ControllerRevision yet; each one's creation time dates it meanwhile, as the adapter.
+        self._unrecorded: set[str] = set()
+        self._created: dict[str, datetime] = {}
         self._uids = 0
 
     # --- set-up used by the lab and tests -------------------------------------------------
@@ -150,6 +156,7 @@ class FakeCluster:
             revisions=(Revision(number=1, image=image, created_at=at),),
         )
         self._workloads[target.key] = state
+        self._created[target.key] = at
         return state
 
     def rollout(
@@ -160,19 +167,47 @@ class FakeCluster:
         image: str,
         at: datetime,
         kind: TargetKind = "Deployment",
+        recorded: bool = True,
     ) -> WorkloadState:
         """A new image: a new ReplicaSet (a StatefulSet's or DaemonSet's ControllerRevision)
-        with the next revision number (kubectl set image)."""
-        state = self._get(Target(kind=kind, namespace=namespace, name=name))
-        number = max(r.number for r in state.revisions) + 1
+        with the next revision number (kubectl set image). ``recorded=False``: a StatefulSet's
+        or DaemonSet's controller has not recorded it yet (see ``record_revision``)."""
+        target = Target(kind=kind, namespace=namespace, name=name)
+        state = self._get(target)
+        if not recorded and kind == "Deployment":
+            raise ActionFailed("the fake leaves only a ControllerRevision unrecorded")
+        # A change over an unrecorded one replaces it: the controller never recorded it.
+        known = tuple(
+            r
+            for r in state.revisions
+            if not (target.key in self._unrecorded and r.number == state.revision)
+        )
+        number = max(r.number for r in known) + 1
+        if recorded:
+            self._unrecorded.discard(target.key)
+        else:
+            self._unrecorded.add(target.key)
+            at = self._created[target.key]  # dated as the adapter dates an unrecorded one
         new = replace(
             state,
             image=image,
             revision=number,
-            revisions=(*state.revisions, Revision(number=number, image=image, created_at=at)),
+            revisions=(*known, Revision(number=number, image=image, created_at=at)),
             generation=state.generation + 1,
         )
         return self._put(new)
+
+    def record_revision(self, target: Target, *, at: datetime) -> WorkloadState:
+        """The StatefulSet or DaemonSet controller records the running template as a
+        ControllerRevision, at ``at``."""
+        state = self._get(target)
+        if target.key not in self._unrecorded:
+            return state
+        self._unrecorded.discard(target.key)
+        revisions = tuple(
+            replace(r, created_at=at) if r.number == state.revision else r for r in state.revisions
+        )
+        return self._put(replace(state, revisions=revisions))
 
     def add_node(self, name: str) -> FakeNode:
         node = self._nodes[name] = FakeNode(name=name)
@@ -284,6 +319,11 @@ class FakeCluster:
             state = self._get(target)
             if action_id in state.applied_action_ids:
                 return _already(action_id, state.annotations, ROLLBACK_PRIOR)
+            if target.key in self._unrecorded:
+                raise TransientError(
+                    f"{target.key}: the controller has not recorded the running template "
+                    f"({state.image}) as a ControllerRevision yet"
+                )
             older = [r for r in state.revisions if r.number != state.revision]
             if to_revision is not None:
                 chosen = next((r for r in older if r.number == to_revision), None)

@@ -343,11 +343,17 @@ def revision_rollback(
         raise ActionFailed(f"{target.key}: no rollout history found")
     spec = obj.get("spec") or {}
     now = spec.get("template") or {}
-    # The revision of the template it runs; the newest when none holds it yet (the
-    # controller has not seen the change): the newest is what the change replaced.
-    current = max(
-        (n for n, r in by_number.items() if revision_template(r) == now), default=max(by_number)
-    )
+    running = [n for n, r in by_number.items() if revision_template(r) == now]
+    if not running:
+        # A change the controller has not recorded yet: any number given to the running
+        # template is a guess (taking the newest called it the one it replaced, rolled back
+        # past that one and noted an undo target that is not what runs). Retried, the
+        # rollback is decided once the controller has recorded it.
+        raise TransientError(
+            f"{target.key}: the controller has not recorded the running template "
+            f"({first_image(now)}) as a ControllerRevision yet"
+        )
+    current = max(running)
     chosen = pick_revision(target, list(by_number), current, to_revision)
     template = revision_template(by_number[chosen])
     if template is None:

@@ -11,7 +11,7 @@ from agent.ai_answer import ProposedAction, ProposedTarget, incident_scope, vet_
 from agent.analyzer import ConfigChange, Context, Rollout, analyze, workload_target
 from agent.codec import from_obj
 from agent.context import ContextGatherer
-from agent.errors import ActionFailed
+from agent.errors import ActionFailed, TransientError
 from agent.kube_signals import pod_labels
 from agent.models import Member, Target, fingerprint
 from agent.policy import Switches, decide, kind_problem
@@ -332,6 +332,40 @@ def test_a_statefulset_rolls_back_to_its_previous_controller_revision() -> None:
         revision_rollback(DB, running("db:v1"), history[:1], "act-4", None)
     with pytest.raises(ActionFailed, match="no rollout history"):
         revision_rollback(DB, running("db:v1"), [], "act-5", None)
+
+
+@pytest.mark.parametrize("to_revision", [None, 2, 1])
+def test_a_rollback_waits_for_the_controller_to_record_the_running_template(
+    to_revision: int | None,
+) -> None:
+    """Revisions 1 (v1) and 2 (v2) recorded, v3 already running: v3 has no number yet, so
+    no rollback is decided on a guess (calling v3 revision 2 skipped v2 and noted an undo
+    back to v2); a transient error retries it once the controller has recorded v3."""
+    history = [revision(1, "db:v1"), revision(2, "db:v2")]
+    with pytest.raises(TransientError, match="has not recorded the running template"):
+        revision_rollback(DB, running("db:v3"), history, "act-1", to_revision)
+    recorded = [*history, revision(3, "db:v3")]
+    write = revision_rollback(DB, running("db:v3"), recorded, "act-1", to_revision)
+    assert write.effect.prior_state == {"revision": 3, "image": "db:v3"}
+    assert f"(db:v{to_revision or 2})" in write.effect.message
+
+
+async def test_the_fake_refuses_a_rollback_before_the_controller_records_the_change() -> None:
+    c = cluster()
+    c.rollout("shop", "db", image="v2", at=OPENED, kind="StatefulSet")
+    c.rollout("shop", "db", image="v3", at=OPENED, kind="StatefulSet", recorded=False)
+    before = await c.workload(DB)
+    # As the adapter's read of the same history (controller_history): v3 is the next number.
+    assert before.revision == 3 and before.current().image == "v3"
+    with pytest.raises(TransientError, match="has not recorded the running template"):
+        await c.rollback(DB, action_id="a1")
+    with pytest.raises(TransientError, match="has not recorded the running template"):
+        await c.rollback(DB, action_id="a1", to_revision=2)
+    assert await c.workload(DB) == before
+    c.record_revision(DB, at=OPENED)
+    back = await c.rollback(DB, action_id="a1")
+    assert back.prior_state == {"revision": 3, "image": "v3"}
+    assert (await c.workload(DB)).image == "v2"
 
 
 def dated(rev: dict[str, Any], minute: int) -> dict[str, Any]:
