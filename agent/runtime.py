@@ -75,14 +75,17 @@ def prometheus_gates_readiness(roles: Iterable[str]) -> bool:
 
 async def read_facts(s: Settings) -> dict[str, Fact]:
     """The correlation facts by fingerprint, read to the topic's end once (the detector
-    asks whether a blindness a former life announced is still recorded)."""
+    asks whether a blindness a former life announced is still recorded); none while the
+    topic does not exist."""
     view = CompactedView(
         s.kafka,
         topic(s.kafka.topic_prefix, "correlation-facts"),
         functools.partial(decode, Fact),
         name="detector-facts",
     )
-    await view.start(wait=10.0)  # bounded: the pattern's evaluation waits for it
+    # Bounded: the pattern's evaluation waits for it. A topic not created yet (a fresh
+    # install) records nothing: empty at once, not a 10 s wait that fails at every answer.
+    await view.start(wait=10.0, missing_ok=True)
     try:
         return dict(view.items)
     finally:

@@ -140,14 +140,21 @@ def anomaly_records(
     return out
 
 
-async def topic_partitions(bootstrap: str, topic: str, *, wait: float = 10.0) -> list[int]:
+async def topic_partitions(
+    bootstrap: str, topic: str, *, wait: float = 10.0, missing_ok: bool = False
+) -> list[int]:
     """The topic's partitions, from fresh metadata (waiting up to ``wait`` s for it to exist).
 
     Asks the admin API: a consumer's cached metadata can lag a topic created moments ago.
+    ``missing_ok``: a topic that does not exist has none, at once, and is not created.
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         await admin.start()
+        # Listing, not describing: a describe of a missing topic makes a broker with
+        # auto.create.topics.enable create it with its defaults (not compacted, say).
+        if missing_ok and topic not in await admin.list_topics():
+            return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:

@@ -70,14 +70,23 @@ class CompactedView(Generic[T]):
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, *, wait: float = 30.0) -> None:
-        """Read the topic to its current end before returning, then keep following."""
+    async def start(self, *, wait: float = 30.0, missing_ok: bool = False) -> None:
+        """Read the topic to its current end before returning, then keep following.
+
+        ``missing_ok``, for a one-time read: a topic that does not exist records nothing,
+        so the view is empty and loaded at once (and follows nothing)."""
         if self._task is not None:
             return
         consumer = groupless_consumer(self.kafka, self.name, fetch_max_wait_ms=self._fetch_wait)
         try:
             await consumer.start()
-            parts = await topic_partitions(self.kafka.bootstrap_servers, self.topic, wait=wait)
+            parts = await topic_partitions(
+                self.kafka.bootstrap_servers, self.topic, wait=wait, missing_ok=missing_ok
+            )
+            if not parts:
+                await consumer.stop()
+                self.loaded.set()
+                return
             tps = [TopicPartition(self.topic, p) for p in parts]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)

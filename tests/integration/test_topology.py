@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from agent.detector import UNAVAILABLE, PromQLDetector, still_open
 from agent.labels import normalise
@@ -23,7 +24,7 @@ from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from agent.prom import PromClient
 from agent.runtime import read_facts
 from agent.settings import Settings
-from streams.bus import Bus
+from streams.bus import Bus, topics_of
 from streams.correlation import CorrelationRules, correlate
 from streams.correlator import Correlator
 from streams.partitioning import partition_for
@@ -363,3 +364,20 @@ async def test_a_detector_reads_the_blindness_the_facts_topic_records(
         await bus.stop()
     assert recorded == {fact.fingerprint: fact}
     assert still_open(recorded[fact.fingerprint]) == fact.first_seen
+
+
+async def test_a_detector_reads_no_facts_where_the_topic_does_not_exist_yet(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A fresh install: no correlator has created the facts topic, so nothing is recorded.
+    The read answers that at once (it used to wait for the topic and fail, at every
+    answer) and creates nothing: the correlator creates the topic compacted, not a
+    broker with auto-create on with its defaults."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    assert await read_facts(settings) == {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        assert topics_of(await admin.list_topics(), topic_prefix) == []
+    finally:
+        await admin.close()
