@@ -102,10 +102,11 @@ _REFERENCE_KEY = (
     r"(?<!existingsecret)(?<!existing_secret)"
 )
 # No value but a structure whose own keys are checked: an opening { or [ before a quote,
-# another opener, a closer or the line's end; after the key's line, a YAML mapping's
-# first key or a sequence's "- ".
+# a closer, the line's end or another opener that is itself before a quote or the line's
+# end ("[{0000" is a value: nothing in it is a key to check); after the key's line, a YAML
+# mapping's first key or a sequence's "- ".
 _STRUCTURE = (
-    r"(?![{\[][ \t]*(?:\\*[\"'{\[}\]]|\r?\n|\Z))"
+    r"(?![{\[][ \t]*(?:\\*[\"'}\]]|\r?\n|\Z|[{\[][ \t]*(?:\\*[\"']|\r?\n|\Z)))"
     r"(?(nl)(?![^\s\"']+:(?:\s|\Z)|-(?:\s|\Z)))"
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
