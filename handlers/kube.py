@@ -364,9 +364,28 @@ def revision_rollback(
         )
     annotations = annotations_of(obj)
     annotations[ACTION_IDS_ANNOTATION] = remember_id(annotations, action_id)
-    old_image, new_image = first_image(now), first_image(template)
+    return _rollback_write(
+        target, obj, annotations, annotations, action_id, template, current, chosen
+    )
+
+
+def _rollback_write(
+    target: Target,
+    obj: Mapping[str, Any],
+    annotations: dict[str, str],
+    noted_on: Mapping[str, str],
+    action_id: str,
+    template: Obj,
+    current: int,
+    chosen: int,
+) -> _Write:
+    """The conditional JSON patch that puts revision ``chosen``'s ``template`` in place of
+    revision ``current``'s on ``obj``, with ``annotations`` and, added to the notes of
+    ``noted_on``, the prior state an undo restores."""
+    old_image = first_image((obj.get("spec") or {}).get("template") or {})
+    new_image = first_image(template)
     prior: dict[str, ParamValue] = {"revision": current, "image": old_image}
-    annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(annotations, action_id, prior)
+    annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(noted_on, action_id, prior)
     body = [
         {
             "op": "replace",
@@ -1050,29 +1069,9 @@ class KubeCluster:
             (k, v) for k, v in annotations_of(rs).items() if k not in ROLLBACK_SKIPPED_ANNOTATIONS
         )
         annotations[ACTION_IDS_ANNOTATION] = remember_id(current_ann, action_id)
-        old_image = first_image(spec.get("template") or {})
-        new_image = first_image(template)
-        prior: dict[str, ParamValue] = {"revision": current, "image": old_image}
-        # From the Deployment's own notes: the ReplicaSet's copy of them is older.
-        annotations[PRIOR_STATE_ANNOTATION] = note_prior_state(current_ann, action_id, prior)
-        body = [
-            {
-                "op": "replace",
-                "path": "/metadata/resourceVersion",
-                "value": dep["metadata"]["resourceVersion"],
-            },
-            {"op": "replace", "path": "/spec/template", "value": template},
-            {"op": "add", "path": "/metadata/annotations", "value": annotations},
-        ]
-        return _Write(
-            body,
-            Effect(
-                applied=True,
-                message=f"rolled back {target.key} from revision {current} ({old_image}) to the "
-                f"template of revision {chosen} ({new_image})",
-                prior_state=prior,
-            ),
-            content_type=JSON_PATCH,
+        # Noted on the Deployment's own notes: the ReplicaSet's copy of them is older.
+        return _rollback_write(
+            target, dep, annotations, current_ann, action_id, template, current, chosen
         )
 
     async def restart_pod(self, target: Target, *, action_id: str) -> Effect:
