@@ -759,14 +759,7 @@ class Executor:
         if not effect.applied:
             return await self._redelivered(action, verdict, effect, now, note)
         rule = f"{verdict.rule}; {note}" if note else verdict.rule
-        message = f"{effect.message} [{rule}]"
-        self._remember(action, now)
-        result = await self._record(
-            action, "succeeded", "unknown", message, now, prior=effect.prior_state
-        )
-        await self._mitigating(action, now)
-        self._schedule_verification(action, result, before)
-        return result
+        return await self._succeeded(action, f"{effect.message} [{rule}]", effect, now, before)
 
     async def _redelivered(
         self, action: ActionRequest, verdict: Verdict, effect: Effect, now: datetime, note: str
@@ -781,12 +774,24 @@ class Executor:
         # it is gone.
         rule = f"{verdict.rule}; {note}" if note else verdict.rule
         message = f"{effect.message}, by a delivery that stopped before its result [{rule}]"
+        return await self._succeeded(action, message, effect, now, None)
+
+    async def _succeeded(
+        self,
+        action: ActionRequest,
+        message: str,
+        effect: Effect,
+        now: datetime,
+        before: Observation | None,
+    ) -> ActionResult:
+        """Record ``action`` as applied, with the prior state its write noted, mark its
+        incident mitigating and schedule its verification against ``before``."""
         self._remember(action, now)
         result = await self._record(
             action, "succeeded", "unknown", message, now, prior=effect.prior_state
         )
         await self._mitigating(action, now)
-        self._schedule_verification(action, result, None)
+        self._schedule_verification(action, result, before)
         return result
 
     async def _claim_ended(self, action: ActionRequest, now: datetime, *, changed: bool) -> None:
