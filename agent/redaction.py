@@ -24,6 +24,9 @@ leaked token costs a lot. What it recognises:
 - YAML block scalars under such a key (``password: |``, ``token: >-``): the lines after
   it deeper than the key (than its line, after a log prefix), blank lines included, down
   to the depth of the first;
+- the items of a list under such a key: a YAML block sequence (``tokens:`` over
+  ``- abc123``; an item that is a mapping, ``- name: regcred``, keeps its keys, checked on
+  their own) or a flow sequence of scalars (``tokens: [abc, def]``, ``{"tokens": ["abc"]}``);
 - command-line flags named for a secret with their value after a space
   (``--password Hunter2``, ``--api-key``, ``--client-secret``, ``-storepass``), not
   flags that name where a secret is (``--token-file /path``); a MySQL/MariaDB client's
@@ -45,6 +48,7 @@ Pure functions; no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Literal
 
 REDACTED = "[REDACTED]"
@@ -55,10 +59,16 @@ _PEM = re.compile(
     re.DOTALL,
 )
 _QUOTED = r"\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?"
+
+
 # A JSON string escaped inside another string (\"...\" or \\\"...\\\"): it ends at the same
 # run of backslashes and a quote, not preceded by one more backslash (an escaped quote
 # inside it has more); unterminated, it runs to the end of the line.
-_ESCAPED_QUOTED = r'(?P<esc>\\+)"(?:(?!(?<!\\)(?P=esc)")[^\r\n])*(?:(?P=esc)")?'
+def _escaped_quoted(esc: str) -> str:
+    return rf'(?P<{esc}>\\+)"(?:(?!(?<!\\)(?P={esc})")[^\r\n])*(?:(?P={esc})")?'
+
+
+_ESCAPED_QUOTED = _escaped_quoted("esc")
 # Between key and value: the key's closing quote, escaped or not, then : or =; ``gap``:
 # a space after it, as in YAML and config files, where a bare value holds spaces.
 # ``nl``: the key ends its line, as a YAML mapping's does.
@@ -101,13 +111,28 @@ _REFERENCE_KEY = (
     r"(?<![_.-]ref)(?<!(?-i:[a-z0-9]Ref))(?<!secretname)(?<!secret_name)(?<!secret-name)"
     r"(?<!existingsecret)(?<!existing_secret)"
 )
-# No value but a structure whose own keys are checked: an opening { or [ before a quote,
-# a closer, the line's end or another opener that is itself before a quote or the line's
-# end ("[{0000" is a value: nothing in it is a key to check); after the key's line, a YAML
-# mapping's first key or a sequence's "- ".
+# No value but a structure whose own keys are checked: an opening { before a quote, a
+# closer, the line's end or another opener that is itself before a quote or the line's end
+# ("[{0000" is a value: nothing in it is a key to check); a [ (or [[) before the end, such
+# a { or a closer that ends the value ("[]0000" is a value); a [ before a scalar opens a
+# sequence (see _FLOW_SEQUENCE), a [[ before one is a value, whole; after the key's line, a
+# YAML mapping's first key or a sequence's "- " (see _block_values).
 _STRUCTURE = (
-    r"(?![{\[][ \t]*(?:\\*[\"'}\]]|\r?\n|\Z|[{\[][ \t]*(?:\\*[\"']|\r?\n|\Z)))"
+    r"(?!\{[ \t]*(?:\\*[\"'}\]]|\r?\n|\Z|[{\[][ \t]*(?:\\*[\"']|\r?\n|\Z))"
+    r"|\[(?:\s*\[)*\s*(?:\](?![^\s,}\]\"'\\])|\Z|\{[ \t]*(?:\\*[\"']|\r?\n|\Z)))"
     r"(?(nl)(?![^\s\"']+:(?:\s|\Z)|-(?:\s|\Z)))"
+)
+# An item of a flow sequence of scalars (["abc", "def"], [abc, def]): quoted, or bare to
+# the next , or bracket, spaces inside it and all.
+_FLOW_CHAR = r"(?:[^\s,\[\]{}\"'\\]|\\+(?![\\\"]))"
+_FLOW_BARE = _FLOW_CHAR + r"(?:(?:[^,\[\]{}\r\n\"'\\]|\\+(?![\\\"]))*" + _FLOW_CHAR + ")?"
+_FLOW_ITEM = _escaped_quoted("iesc") + "|" + _QUOTED + "|" + _FLOW_BARE
+# Under a secret key every item is a secret; one already redacted is left as it is. It
+# ends at its ] or where a text is cut off on its line: else ("[00000" over a newline) the
+# value is no sequence.
+_FLOW_SEQUENCE = (
+    r"(?P<seq>(?!\[REDACTED\])\[\s*(?>(?:" + _FLOW_ITEM + r")(?:\s*,\s*|\s*(?=\])|[ \t]*\Z))+"
+    r"(?:\]|\Z))"
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
 _KEY_VALUE = re.compile(
@@ -118,6 +143,8 @@ _KEY_VALUE = re.compile(
     + _SEPARATOR
     + _STRUCTURE
     + r"(?P<value>"
+    + _FLOW_SEQUENCE
+    + "|"
     + _ESCAPED_QUOTED
     + "|"
     + _QUOTED
@@ -127,6 +154,7 @@ _KEY_VALUE = re.compile(
     + _BARE
     + "))"
 )
+_FLOW_ITEMS = re.compile(_FLOW_ITEM)
 # A flag named for a secret (not --token-file, which names where one is), its value after
 # a space or =; a long flag after it is the next flag, not the value (a prompted password).
 # With =, most are key=value too, but not -storepass: "pass" glued to a word is none.
@@ -137,13 +165,17 @@ _FLAG = re.compile(
     r"requirepass|masterauth))"
     r"(?P<sep>[ \t]+|=)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
-# A YAML block scalar (``password: |``, ``token: >-``) under a key naming a secret: the
-# value is on the lines after it (see _block_scalars).
+# A YAML block scalar (``password: |``, ``token: >-``) or block sequence (``tokens:`` over
+# ``- abc123``) under a key naming a secret: the value is on the lines after it (see
+# _block_values).
 # Found by its indicator, rare in logs, then its key checked: a search for the key first,
-# at every word, doubled the cost of redaction.
+# at every word, doubled the cost of redaction. One scan for both: a second one cost more.
 _BLOCK_INDICATOR = re.compile(
-    r"[ \t]*:[ \t]+[|>](?:[1-9][+-]?|[+-][1-9]?)?(?:[ \t]+#[^\r\n]*)?[ \t]*\r?\n"
+    r"[ \t]*:(?:[ \t]+[|>](?:[1-9][+-]?|[+-][1-9]?)?|(?P<seq>))(?:[ \t]+#[^\r\n]*)?[ \t]*\r?\n"
+    r"(?(seq)(?:[ \t]*\r?\n)*(?=[ \t]*-(?:[ \t]|\r?\n)))"
 )
+# A sequence item that is a mapping (``- name: regcred``): its keys are checked on their own.
+_MAPPING_ITEM = re.compile(r"(?:[^\s\"']+|\"[^\"\r\n]*\"|'[^'\r\n]*'):(?:\s|\Z)")
 _BLOCK_KEY = re.compile(r"(?<![\w.-])[\"']?(?P<key>[\w.-]+)[\"']?\Z")
 _SENSITIVE_WORD = re.compile("(?i)" + _SENSITIVE + "|" + _PW_SUFFIX + r"\Z")
 # What may precede a key on its line in YAML: indentation, the "- " of list items.
@@ -245,7 +277,17 @@ def _scheme_credential(m: re.Match[str]) -> str:
     return f"{m.group(1)}{m.group(2)}{REDACTED}"
 
 
+def _flow_item(m: re.Match[str]) -> str:
+    item = m.group(0)
+    esc = m.group("iesc")
+    quote = f'{esc}"' if esc is not None else item[0] if item[0] in ("'", '"') else ""
+    return f"{quote}{REDACTED}{quote}"
+
+
 def _key_value(m: re.Match[str]) -> str:
+    seq = m.groupdict().get("seq")  # _KEY_VALUE's only
+    if seq is not None:
+        return f"{m.group('key')}{m.group('sep')}{_FLOW_ITEMS.sub(_flow_item, seq)}"
     value = m.group("value")
     esc = m.group("esc")
     if esc is not None and value.startswith(esc):
@@ -259,10 +301,63 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" \t"))
 
 
-def _block_scalars(text: str) -> str:
-    """The content lines of each secret block scalar replaced, their indentation kept:
-    every line after the key's, blank or deeper than the key, down to the depth of the
-    first (a shallower one ends it in YAML)."""
+def _lines(text: str, pos: int) -> Iterator[tuple[int, str, str]]:
+    """From ``pos``: (end, line, its body without the line break) of each line."""
+    while pos < len(text):
+        nl = text.find("\n", pos)
+        end = len(text) if nl < 0 else nl + 1
+        line = text[pos:end]
+        yield end, line, line.rstrip("\r\n")
+        pos = end
+
+
+def _block_scalar(text: str, pos: int, parent: int, out: list[str]) -> int:
+    """The content lines of a block scalar from ``pos`` replaced, their indentation kept:
+    every line, blank or deeper than the key, down to the depth of the first (a shallower
+    one ends it in YAML); where it ends."""
+    depth: int | None = None
+    for end, line, body in _lines(text, pos):
+        n = _indent(body)
+        if n < len(body):  # not blank
+            if n <= parent or (depth is not None and n < depth):
+                break
+            depth = n if depth is None else depth
+            line = body[:n] + REDACTED + line[len(body) :]
+        out.append(line)
+        pos = end
+    return pos
+
+
+def _block_sequence(text: str, pos: int, parent: int, out: list[str]) -> int:
+    """The scalar items of a block sequence from ``pos`` replaced (``- [REDACTED]``), the
+    lines that continue them too; an item that is a mapping is kept, its keys checked on
+    their own. Its items are as deep as the first, no shallower than the key (YAML allows
+    them at its column); where it ends."""
+    depth: int | None = None
+    scalar = False
+    for end, line, body in _lines(text, pos):
+        n = _indent(body)
+        if n < len(body):  # not blank
+            depth = n if depth is None else depth
+            if n < depth or depth < parent:
+                break
+            if n == depth:
+                item = body[n + 1 :].lstrip(" \t")
+                if body[n] != "-" or item == body[n + 1 :] != "":
+                    break  # the next key, or a word that starts with "-"
+                scalar = not _MAPPING_ITEM.match(item)
+                if scalar and item:
+                    line = body[: len(body) - len(item)] + REDACTED + line[len(body) :]
+            elif scalar:
+                line = body[:n] + REDACTED + line[len(body) :]
+        out.append(line)
+        pos = end
+    return pos
+
+
+def _block_values(text: str) -> str:
+    """``text`` with the value of each block scalar or block sequence under a key naming a
+    secret replaced."""
     out: list[str] = []
     pos = 0
     for m in _BLOCK_INDICATOR.finditer(text):
@@ -276,21 +371,8 @@ def _block_scalars(text: str) -> str:
         # The key's column in YAML; after a log prefix, the line's own indentation.
         parent = len(lead) if _YAML_LEAD.fullmatch(lead) else _indent(lead)
         out.append(text[pos : m.end()])
-        pos = m.end()
-        depth: int | None = None
-        while pos < len(text):
-            nl = text.find("\n", pos)
-            end = len(text) if nl < 0 else nl + 1
-            line = text[pos:end]
-            body = line.rstrip("\r\n")
-            n = _indent(body)
-            if n < len(body):  # not blank
-                if n <= parent or (depth is not None and n < depth):
-                    break
-                depth = n if depth is None else depth
-                line = body[:n] + REDACTED + line[len(body) :]
-            out.append(line)
-            pos = end
+        block = _block_scalar if m.group("seq") is None else _block_sequence
+        pos = block(text, m.end(), parent, out)
     out.append(text[pos:])
     return "".join(out)
 
@@ -323,7 +405,7 @@ def redact(text: str) -> str:
         return text
     text = _PEM.sub(REDACTED, text)
     # Before the headers' and key=value's: they would take "|" for the value.
-    text = _block_scalars(text)
+    text = _block_values(text)
     text = _AUTH_HEADER.sub(_key_value, text)
     text = _SCHEME_CREDENTIAL.sub(_scheme_credential, text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
