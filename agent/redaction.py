@@ -34,6 +34,9 @@ leaked token costs a lot. What it recognises:
   redis's: ``--requirepass``/``--masterauth`` flags, ``requirepass``/``masterauth``
   directives (a redis.conf dump, ``CONFIG SET``), ``redis-cli -a``/``--pass`` in
   redis-cli's command lines only (``tar -a`` keeps its argument);
+- openssl's pass phrase arguments (``-passin pass:X``, ``-passout``, ``-pass``): after
+  ``pass:`` to the next blank, or to the closing quote of a quoted argument; ``env:VAR``,
+  ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept;
 - passwords in URLs (``scheme://user:password@host``), up to the last ``@`` before
   whitespace or a quote, since logged URLs often carry an unencoded ``/`` or ``@``;
 - well-known token shapes: JWTs, AWS access key ids, Google API keys, GitHub, GitLab
@@ -165,6 +168,14 @@ _FLAG = re.compile(
     r"requirepass|masterauth))"
     r"(?P<sep>[ \t]+|=)(?P<value>" + _QUOTED + r"|(?!--)[^\s\"']+)"
 )
+# openssl's pass phrase argument (-passin pass:X, -passout pass:X, -pass pass:X): after
+# "pass:" to the next blank, , ; & and all, or, when the argument is quoted ("pass:a b"),
+# to its closing quote. Its env:VAR, file:path, fd:N and stdin name where one is: kept.
+_OPENSSL_PASS = re.compile(
+    r"(?<![\w.-])(?:(?P<q>\\*[\"'])pass:(?=[^\s\"'\\])(?:(?!(?P=q))[^\r\n])+"
+    r"|pass:(?:" + _QUOTED + r"|(?:[^\s\"'\\]|\\+(?![\\\"]))+))"
+)
+_OPENSSL_SOURCE = re.compile(r"[\"']?(?:(?:pass|env|file|fd):|stdin(?![^\s\"']))")
 # A YAML block scalar (``password: |``, ``token: >-``) or block sequence (``tokens:`` over
 # ``- abc123``) under a key naming a secret: the value is on the lines after it (see
 # _block_values).
@@ -377,6 +388,18 @@ def _block_values(text: str) -> str:
     return "".join(out)
 
 
+def _openssl_pass(m: re.Match[str]) -> str:
+    value = m.group(0)[len(m.group("q") or "") + len("pass:") :]
+    quote = value[0] if m.group("q") is None and value[0] in ("'", '"') else ""
+    return f"{m.group('q') or ''}pass:{quote}{REDACTED}{quote}"
+
+
+def _flag(m: re.Match[str]) -> str:
+    if m.group("key").lstrip("-").lower() == "pass" and _OPENSSL_SOURCE.match(m.group("value")):
+        return m.group(0)  # openssl's -pass env:VAR names where it is; pass:X is redacted
+    return f"{m.group('key')}{m.group('sep')}{REDACTED}"
+
+
 def _connection_password(m: re.Match[str]) -> str:
     text, i = m.string, m.start() - 1
     while i >= 0 and text[i] in " \t":
@@ -410,7 +433,9 @@ def redact(text: str) -> str:
     text = _SCHEME_CREDENTIAL.sub(_scheme_credential, text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     text = _TOKENS.sub(REDACTED, text)
-    text = _FLAG.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+    if "pass:" in text:
+        text = _OPENSSL_PASS.sub(_openssl_pass, text)
+    text = _FLAG.sub(_flag, text)
     if "mysql" in text or "mariadb" in text:
         text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
     if "redis-cli" in text:
