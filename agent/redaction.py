@@ -33,7 +33,10 @@ leaked token costs a lot. What it recognises:
   password attached to ``-p`` (``mysql -uroot -pHunter2``), in their command lines only;
   redis's: ``--requirepass``/``--masterauth`` flags, ``requirepass``/``masterauth``
   directives (a redis.conf dump, ``CONFIG SET``), ``redis-cli -a``/``--pass`` in
-  redis-cli's command lines only (``tar -a`` keeps its argument);
+  redis-cli's command lines only (``tar -a`` keeps its argument); the password of an
+  ``AUTH [user] password`` (also HELLO's) as MONITOR quotes it (``"AUTH" "pw"``), after a
+  redis-cli prompt or in a redis-cli command line, not the word elsewhere ("AUTH failed");
+  ``ACL SETUSER``'s ``>password`` and ``<password`` rules;
 - openssl's pass phrase arguments (``-passin pass:X``, ``-passout``, ``-pass``): after
   ``pass:`` to the next blank, or to the closing quote of a quoted argument; ``env:VAR``,
   ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept;
@@ -218,6 +221,35 @@ _REDIS_CLI_PASSWORD = re.compile(
 _REDIS_DIRECTIVE = re.compile(
     r"(?i)(?<![\w-])(?P<key>([\"']?)(?:requirepass|masterauth)\2)(?P<sep>[ \t]+|[ \t]*[:=][ \t]*)"
     r"(?:" + _QUOTED + r"|[^\s\"']+)"
+)
+# AUTH [user] password, HELLO's AUTH user password: the password is the last of one or
+# two arguments. Only where it is a redis command: quoted as MONITOR shows it ("AUTH"
+# "pw"), after a redis-cli prompt (host:6379> AUTH pw), in a redis-cli command line (also
+# as an argv list); elsewhere AUTH is a word ("AUTH failed for user bob").
+_REDIS_ARG = r"(?:" + _QUOTED + r"|[^\s\"',\]]+)"
+_REDIS_AUTH_ARGS = (
+    r"(?P<first>" + _REDIS_ARG + r")(?:(?P<gap>{sep})(?P<second>" + _REDIS_ARG + r"))?"
+)
+# The word first, its quote or > looked behind it after, its prompt checked last (see
+# _redis_auth): with the lookbehinds first, tried at every character, or with (?i) instead
+# of a class to search for, it cost a tenth more on a log tail that says "auth".
+_REDIS_AUTH = re.compile(
+    r"(?P<cmd>[aA][uU][tT][hH]"
+    r"(?:(?<=(?<![\w-])\"....)\"|(?:(?<=> ....)|(?<=>....))(?![\w-]))[ \t]+)"
+    + _REDIS_AUTH_ARGS.format(sep=r"[ \t]+")
+)
+_REDIS_PROMPT = re.compile(r"(?:^|\s)[\w.-]+:\d{1,5}(?:\[\d{1,2}\])?> ?\Z")
+_REDIS_CLI_AUTH = re.compile(
+    r"(?i)(?<![\w-])(?P<cmd>([\"']?)auth\2(?:[ \t]*,[ \t]*|[ \t]+))"
+    + _REDIS_AUTH_ARGS.format(sep=r"[ \t]*,[ \t]*|[ \t]+")
+)
+# ACL SETUSER's >password and <password rules (adding or removing a password both name
+# it), in a command or as MONITOR quotes it; #hash and !hash are hashes, kept.
+_REDIS_ACL_SETUSER = re.compile(
+    r"(?i)(?<![\w-])([\"']?)acl\1[ \t]+\1setuser\1(?P<args>[ \t,][^\r\n]*)"
+)
+_ACL_PASSWORD = re.compile(
+    r"(?<=[\s,])(?P<q>[\"'])?(?P<op>[<>])(?(q)(?:(?!(?P=q))[^\r\n\\]|\\.)*|[^\s\"']+)"
 )
 # A password in a connection string (Server=db;User ID=sa;Password=pa ss;), after a ";"
 # or before one: the value runs to the next ";", spaces and all, as ADO.NET, ODBC and
@@ -419,6 +451,33 @@ def _redis_cli_passwords(m: re.Match[str]) -> str:
         return f"{p.group('flag')}{p.group('sep') or p.group('item')}{REDACTED}"
 
     args = _REDIS_CLI_PASSWORD.sub(password, m.group("args"))
+    args = _REDIS_CLI_AUTH.sub(_auth_password, args)
+    return m.group(0)[: m.start("args") - m.start()] + args
+
+
+def _auth_password(m: re.Match[str]) -> str:
+    """AUTH's arguments with the password, the last of them, replaced."""
+    last = "first" if m.group("second") is None else "second"
+    value = m.group(last)
+    quote = value[0] if value[0] in ("'", '"') else ""
+    start, end = m.start(last) - m.start(), m.end(last) - m.start()
+    return f"{m.group(0)[:start]}{quote}{REDACTED}{quote}{m.group(0)[end:]}"
+
+
+def _redis_auth(m: re.Match[str]) -> str:
+    if not m.group("cmd").rstrip().endswith('"'):
+        text = m.string
+        line = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
+        if not _REDIS_PROMPT.search(line):
+            return m.group(0)  # a > before a word, no redis-cli prompt
+    return _auth_password(m)
+
+
+def _acl_passwords(m: re.Match[str]) -> str:
+    def password(p: re.Match[str]) -> str:
+        return f"{p.group('q') or ''}{p.group('op')}{REDACTED}"
+
+    args = _ACL_PASSWORD.sub(password, m.group("args"))
     return m.group(0)[: m.start("args") - m.start()] + args
 
 
@@ -447,6 +506,10 @@ def redact(text: str) -> str:
     lowered = text.lower()
     if "requirepass" in lowered or "masterauth" in lowered:
         text = _REDIS_DIRECTIVE.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+    if "auth" in lowered:
+        text = _REDIS_AUTH.sub(_redis_auth, text)
+    if "setuser" in lowered:
+        text = _REDIS_ACL_SETUSER.sub(_acl_passwords, text)
     return _LONG_OPAQUE.sub(_opaque, text)
 
 

@@ -980,3 +980,46 @@ def test_openssl_pass_phrase_arguments_never_leak(pw: str, phrase: str, form: st
 def test_openssl_pass_phrase_sources_survive(text: str) -> None:
     # env:VAR, file:path, fd:N and stdin say where the pass phrase is, not what it is.
     assert redact(text) == text
+
+
+@given(
+    BARE.filter(lambda s: s[0] not in "-|<>" and not any(c in s for c in "[]")),
+    st.sampled_from(
+        [
+            "redis-cli AUTH {pw}",
+            "redis-cli -h redis-master -p 6379 AUTH app {pw} | grep OK",
+            "redis-cli auth default {pw}",
+            '["redis-cli", "-h", "redis-master", "AUTH", "{pw}"]',
+            "127.0.0.1:6379> AUTH {pw}",
+            "redis-master:6379[2]> auth app {pw}",
+            '1733600000.123456 [0 10.0.0.7:51234] "AUTH" "{pw}"',
+            '1733600000.123456 [0 10.0.0.7:51234] "auth" "app" "{pw}"',
+            '1733600000.123456 [0 10.0.0.7:51234] "HELLO" "3" "AUTH" "default" "{pw}"',
+            "ACL SETUSER app on >{pw} ~cache:* +get +set",
+            "redis-cli ACL SETUSER app reset on >{pw} <{pw}x +@read",
+            '1733600000.123456 [0 lua] "ACL" "SETUSER" "app" "on" ">{pw}" "~*" "+@all"',
+        ]
+    ),
+)
+def test_redis_auth_and_acl_passwords_never_leak(pw: str, form: str) -> None:
+    text = form.format(pw=pw)
+    assume(pw not in form.format(pw=""))
+    out = redact(text)
+    assert pw not in out
+    # AUTH's user, the last but one argument, helps diagnosis: it stays.
+    assert ("app" in out) == ("app" in text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AUTH failed for user bob",
+        "level=warn msg=> AUTH required",
+        "ERR AUTH <password> called without any password configured for the default user",
+        '{"scopes": ["auth", "profile"]}',
+        '"oauth" "callback" completed',
+        "ACL SETUSER app on #9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    ],
+)
+def test_auth_words_that_are_no_redis_command_survive(text: str) -> None:
+    assert redact(text) == text
