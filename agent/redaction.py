@@ -6,7 +6,9 @@ logged. It errs on the side of removing too much: a redacted trace id costs litt
 leaked token costs a lot. What it recognises:
 
 - PEM private-key blocks, PGP ones too (also when cut off before their END line);
-- ``Authorization:`` headers and ``Bearer``/``Basic`` credentials;
+- ``Authorization:`` headers and ``Bearer``/``Basic`` credentials: a header's value to the
+  end of its line or, when the header is inside a (JSON) string, of that string, so the
+  rest of a JSON line stays JSON;
 - ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
   (password, token, secret, api key, access key, credential, cookie, signature, ...),
   or ends in "pass" (``SMTP_PASS``, ``smtpPass``, ``pass``; not ``BYPASS``, ``PASSED``),
@@ -85,7 +87,8 @@ _PHRASE = r"[^\s\"'\\][^\r\n\"\\]*(?:\\+(?![\\\"])[^\r\n\"\\]*)*"
 # A bare value without a gap: to whitespace, a quote or , ; & (as in a query string); a
 # backslash escaping the quote that ends a string it is in is no part of it.
 _BARE = r"(?:[^\s,;&\"'\\]|\\+(?![\\\"]))+"
-# A header's value runs to the end of the line, unless it is a quoted (JSON) string.
+# A header's value runs to the end of the line, unless it is a quoted (JSON) string, or
+# the header is inside one (see _header).
 _AUTH_HEADER = re.compile(
     r"(?im)\b(?P<key>(?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)"
     + _SEPARATOR
@@ -95,6 +98,9 @@ _AUTH_HEADER = re.compile(
     + _QUOTED
     + r"|[^\r\n]*)"
 )
+# A double quote and the backslashes before it: which string it opens or closes, if any,
+# is in their number (see _string_close).
+_QUOTE_RUN = re.compile(r'(\\*)"')
 # "Bearer <token68>"; "Basic <base64>" only when it looks encoded, so prose survives.
 _SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(\s+)([A-Za-z0-9\-._~+/]{8,}=*)")
 _SENSITIVE = (
@@ -340,6 +346,41 @@ def _key_value(m: re.Match[str]) -> str:
     return f"{m.group('key')}{m.group('sep')}{quote}{REDACTED}{quote}"
 
 
+def _string_close(prefix: str) -> int | None:
+    """How many backslashes go before the quote that closes the innermost string, plain or
+    escaped in another (``\\"``), that ``prefix`` ends in; None if in none. A string n
+    levels deep closes with 2**(n-1) - 1 of them (mod 2**n); other quotes in it have more."""
+    runs = [len(q) for q in _QUOTE_RUN.findall(prefix)]
+    close, level = None, 0
+    while True:
+        own = [i for i, run in enumerate(runs) if run % (2 * level + 2) == level]
+        if len(own) % 2 == 0:
+            return close
+        close, level, runs = level, 2 * level + 1, runs[own[-1] + 1 :]
+
+
+def _header(m: re.Match[str]) -> str:
+    """A header's value replaced: to the end of the line, or, when an unquoted value is
+    inside a string (``"msg":"sent Authorization: Bearer x","user":"bob"``), to the end
+    of that string, so that the rest of a JSON line stays JSON."""
+    value, esc = m.group("value"), m.group("esc")
+    quoted = value[:1] in ('"', "'") or (
+        esc is not None and len(value) > 2 * len(esc) + 1 and value.endswith(f'{esc}"')
+    )
+    if not quoted:
+        text = m.string
+        close = _string_close(text[text.rfind("\n", 0, m.start()) + 1 : m.start("value")])
+        if close is not None:
+            rest = ""
+            for q in _QUOTE_RUN.finditer(value):
+                run = len(q.group(1))
+                if run < close or run % (2 * close + 2) == close:
+                    rest = value[q.end() - 1 - close :]
+                    break
+            return f"{m.group('key')}{m.group('sep')}{REDACTED}{rest}"
+    return _key_value(m)
+
+
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" \t"))
 
@@ -488,7 +529,7 @@ def redact(text: str) -> str:
     text = _PEM.sub(REDACTED, text)
     # Before the headers' and key=value's: they would take "|" for the value.
     text = _block_values(text)
-    text = _AUTH_HEADER.sub(_key_value, text)
+    text = _AUTH_HEADER.sub(_header, text)
     text = _SCHEME_CREDENTIAL.sub(_scheme_credential, text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     text = _TOKENS.sub(REDACTED, text)

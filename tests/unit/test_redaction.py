@@ -1023,3 +1023,48 @@ def test_redis_auth_and_acl_passwords_never_leak(pw: str, form: str) -> None:
 )
 def test_auth_words_that_are_no_redis_command_survive(text: str) -> None:
     assert redact(text) == text
+
+
+@given(
+    st.sampled_from(
+        ["Authorization", "authorization", "Proxy-Authorization", "Cookie", "X-Api-Key"]
+    ),
+    st.sampled_from([": Bearer ", ": Basic ", ': Digest username="bob", response=', ":"]),
+    ANY_TEXT,
+    JSON_SEPARATORS,
+    st.booleans(),
+)
+def test_a_header_inside_a_json_string_ends_with_the_string(
+    header: str, head: str, secret: str, separators: tuple[str, str], escaped_twice: bool
+) -> None:
+    # {"msg":"sent Authorization: Bearer x to upstream","user":"bob"}: the value ran to the
+    # end of the line, taking the rest of the object with it; the model read no JSON.
+    record = {"level": "info", "msg": f"sent {header}{head}{secret} upstream", "user": "bob"}
+    text = json_text(record, separators)
+    if escaped_twice:
+        text = json_text({"ts": 1, "log": text, "stream": "stderr"}, separators)
+    out = redact(text)
+    assert escaped(secret) not in out
+    outer = json.loads(out)
+    inner = json.loads(outer["log"]) if escaped_twice else outer
+    if escaped_twice:
+        assert outer["stream"] == "stderr"
+    assert inner["user"] == "bob"
+    assert inner["msg"].startswith(f"sent {header}:") and inner["msg"].endswith(REDACTED)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'curl -H "Authorization: Bearer abc123def456" https://api.internal/v1',
+            f'curl -H "Authorization: {REDACTED}" https://api.internal/v1',
+        ),
+        # Outside a string, a quote is part of the value: a Digest response goes with it.
+        ('Authorization: Digest username="bob", response="6629fae4"', f"Authorization: {REDACTED}"),
+    ],
+)
+def test_a_headers_value_ends_with_the_string_it_is_in_or_the_line(
+    text: str, expected: str
+) -> None:
+    assert redact(text) == expected
