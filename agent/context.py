@@ -18,7 +18,8 @@ The runbook file an incident's signal matches (``spec.context.gather``) adds to 
 ``deployments`` windows keep, in their namespace, only what happened within ``duration``
 before the incident opened; its ``logs`` LogQL query has no Loki to run on: a selector that
 names the incident's workload and ``|=``/``!=`` line filters narrow that workload's pod log
-tails, anything else is noted as not gathered.
+tails, read from ``duration`` before the incident opened (the lines' cap and the byte budget
+still apply), anything else is noted as not gathered.
 
 A source that fails or times out leaves a note in ``Context.notes`` instead of failing the
 analysis; within the logs and the events, one pod or namespace that fails leaves its own
@@ -92,7 +93,12 @@ class ClusterContext(Protocol):
 
     async def pods(self, namespace: str, workload: str) -> Sequence[str]: ...
 
-    async def logs(self, namespace: str, pod: str, *, tail: int) -> str: ...
+    async def logs(
+        self, namespace: str, pod: str, *, tail: int, since: datetime | None = None
+    ) -> str:
+        """The last ``tail`` lines of the pod's log, of those written at ``since`` or later
+        (every line when None)."""
+        ...
 
     async def config_changes(
         self, workloads: Sequence[Target], *, since: datetime
@@ -286,6 +292,28 @@ def filter_lines(text: str, q: LogQuery) -> str:
     )
 
 
+def log_windows(
+    items: Sequence[GatherItem], targets: Sequence[Target], opened_at: datetime
+) -> dict[tuple[str, str], datetime]:
+    """(namespace, workload) -> the earliest time its pod logs are read from: the widest
+    ``duration`` before the incident opened of the ``logs`` items whose selector names it
+    (an item without one keeps the whole tail). Items the tails cannot answer: none."""
+    widest: dict[tuple[str, str], float | None] = {}
+    for item in items:
+        q = parse_logql(item.queries[0]) if item.type == "logs" else None
+        if not isinstance(q, LogQuery):
+            continue
+        for t in targets:
+            if names_workload(q, t):
+                key = (t.namespace, t.name)
+                have = widest.get(key, 0.0)
+                if item.duration is None or have is None:
+                    widest[key] = None
+                else:
+                    widest[key] = max(have, item.duration)
+    return {k: opened_at - timedelta(seconds=d) for k, d in widest.items() if d is not None}
+
+
 def windows(
     items: Sequence[GatherItem], kind: str, namespaces: Collection[str], opened_at: datetime
 ) -> tuple[dict[str, datetime], list[str]]:
@@ -346,6 +374,8 @@ class _Parts:
     notes: list[str] = field(default_factory=list)
     # kind (events, deployments) -> namespace -> the earliest time a runbook keeps there
     since: dict[str, dict[str, datetime]] = field(default_factory=dict)
+    # (namespace, workload) -> the earliest log line a runbook's logs item reads of its pods
+    log_since: dict[tuple[str, str], datetime] = field(default_factory=dict)
     log_namespaces: dict[str, str] = field(default_factory=dict)  # pod -> its namespace
     # source -> what it has still to read: named in its note if it times out.
     unread: dict[str, list[str]] = field(default_factory=dict)
@@ -393,6 +423,7 @@ class ContextGatherer:
                         f"runbook {b.name} {kind} of namespace {g.namespace}: not gathered: "
                         "no workload of the incident is there"
                     )
+        parts.log_since = log_windows([g for _, g in items], targets, incident.opened_at)
         jobs: list[tuple[str, Awaitable[None]]] = [
             ("rollouts", self._rollouts(targets, parts)),
             ("metrics", self._metrics(incident, targets, parts)),
@@ -513,9 +544,12 @@ class ContextGatherer:
             for p in pods:
                 parts.logs[p] = filter_lines(parts.logs[p], q)
             if pods:
-                # The logs API gives tails, not windows: say so rather than pretend.
+                # The window is the widest of the items naming the workload (log_windows).
                 lines = f"the last {self.limits.log_lines} lines"
-                span = f", not {g.duration:g}s" if g.duration is not None else ""
+                starts = sorted(
+                    {s for t in picked if (s := parts.log_since.get((t.namespace, t.name)))}
+                )
+                span = f" since {starts[0].isoformat()}" if starts else ""
                 parts.notes.append(
                     f"{where}: applied to the log tails ({lines}{span}) of {', '.join(pods)}"
                 )
@@ -691,8 +725,11 @@ class ContextGatherer:
         # A pod that has no log to give (ContainerCreating answers 400) costs its own tail
         # only: in a bad rollout, the pods that did start are the ones worth reading.
         async def tail(ns: str, pod: str) -> None:
+            # A runbook's logs window applies to the pods of the workload its query names.
+            owner = owner_of(pod, [w for n, w in parts.log_since if n == ns])
+            since = parts.log_since.get((ns, owner)) if owner else None
             try:
-                text = await src.logs(ns, pod, tail=self.limits.log_lines)
+                text = await src.logs(ns, pod, tail=self.limits.log_lines, since=since)
             except AgentError as err:
                 parts.note(f"logs of Pod/{ns}/{pod} unavailable: {redact(str(err))[:200]}")
             else:

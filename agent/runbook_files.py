@@ -22,7 +22,8 @@ What is honoured, and how:
   (at most :data:`MAX_GATHER_QUERIES` a runbook); ``events``/``deployments`` ``duration``
   is the window before the incident they are kept from, ``namespace`` the one they apply
   to; ``logs`` ``query`` is LogQL: with no Loki source, only a selector naming the
-  incident's workload and ``|=``/``!=`` line filters map onto the pod log tails read.
+  incident's workload and ``|=``/``!=`` line filters map onto the pod log tails read, and
+  its ``duration`` is the window before the incident those tails are read from.
 - ``spec.escalation[]``: levels 1, 2, ... with increasing ``after``: the unresolved levels
   of the incidents the runbook matches (agent.escalation_watch.runbook_plan), each sent to
   the escalation webhooks its ``notify`` channels name.

@@ -109,6 +109,7 @@ class FakeCluster:
         # Read-only context (agent.context.ClusterContext): events, logs, config changes.
         self._events: list[KubeEvent] = []
         self._logs: dict[tuple[str, str], str] = {}
+        self._log_times: dict[tuple[str, str], tuple[datetime, ...]] = {}
         self._config_changes: list[ConfigChange] = []
         self._node_conditions: dict[str, tuple[str, ...]] = {}
         self._nodes: dict[str, FakeNode] = {}
@@ -679,8 +680,11 @@ class FakeCluster:
     def add_event(self, event: KubeEvent) -> None:
         self._events.append(event)
 
-    def set_logs(self, namespace: str, pod: str, text: str) -> None:
+    def set_logs(self, namespace: str, pod: str, text: str, *, at: Sequence[datetime] = ()) -> None:
+        """The pod's log; ``at``: when each of its lines was written, oldest first. A line
+        without a time (none given) counts as written now: every window keeps it."""
         self._logs[(namespace, pod)] = text
+        self._log_times[(namespace, pod)] = tuple(at)
 
     def add_config_change(self, change: ConfigChange) -> None:
         self._config_changes.append(change)
@@ -711,11 +715,17 @@ class FakeCluster:
         names |= {p for ns, p in self._pods if ns == namespace}
         return sorted(p for p in names if p.startswith(f"{workload}-"))
 
-    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+    async def logs(
+        self, namespace: str, pod: str, *, tail: int, since: datetime | None = None
+    ) -> str:
         text = self._logs.get((namespace, pod))
         if text is None:
             raise ActionFailed(f"Pod/{namespace}/{pod} not found")
-        return "\n".join(text.splitlines()[-tail:]) if tail else ""
+        lines = text.splitlines()
+        if since is not None:  # as the kubelet: the window first, then the tail of it
+            times = self._log_times.get((namespace, pod), ())
+            lines = [x for i, x in enumerate(lines) if i >= len(times) or times[i] >= since]
+        return "\n".join(lines[-tail:]) if tail else ""
 
     async def config_changes(
         self, workloads: Sequence[Target], *, since: datetime

@@ -469,6 +469,17 @@ def api_client(kubeconfig: str, *, setting: str = "kubernetes.kubeconfig") -> An
         raise ConfigError([f"{setting}: {err}"]) from err
 
 
+def log_query(tail: int, since: datetime | None, now: datetime) -> list[tuple[str, str]]:
+    """The pod log API's query: the last ``tail`` lines, of those since ``since``. The
+    window goes as ``sinceSeconds`` (kept whole, and at least 1, which the API requires),
+    counted from ``now``: the kubelet cuts the window first, then takes its tail."""
+    query = [("tailLines", str(tail))]
+    if since is not None:
+        seconds = max(1, math.ceil((now - since).total_seconds()))
+        query.append(("sinceSeconds", str(seconds)))
+    return query
+
+
 class KubeCluster:
     """The Cluster protocol against a Kubernetes API server."""
 
@@ -1503,13 +1514,17 @@ class KubeCluster:
         names = [str(p.get("metadata", {}).get("name", "")) for p in items]
         return sorted(n for n in names if n.startswith(f"{workload}-"))
 
-    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
-        """The last ``tail`` lines (text, untrusted); needs a kubelet behind the pod."""
+    async def logs(
+        self, namespace: str, pod: str, *, tail: int, since: datetime | None = None
+    ) -> str:
+        """The last ``tail`` lines (text, untrusted), of those written at ``since`` or later;
+        needs a kubelet behind the pod."""
         if tail <= 0:
             return ""
         path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
         loop = asyncio.get_running_loop()
-        call = functools.partial(self._request, "GET", path, [("tailLines", str(tail))], None, None)
+        query = log_query(tail, since, datetime.now(UTC))
+        call = functools.partial(self._request, "GET", path, query, None, None)
         try:
             status, data, headers = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, call), timeout=self._timeout + 5.0

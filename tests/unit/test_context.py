@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -59,7 +59,9 @@ class FakeProm:
 
 
 class SlowLogs(FakeCluster):
-    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+    async def logs(
+        self, namespace: str, pod: str, *, tail: int, since: datetime | None = None
+    ) -> str:
         await asyncio.sleep(5)
         return ""
 
@@ -72,10 +74,12 @@ class HangingLogs(FakeCluster):
         super().__init__()
         self.hung: set[str] = set()
 
-    async def logs(self, namespace: str, pod: str, *, tail: int) -> str:
+    async def logs(
+        self, namespace: str, pod: str, *, tail: int, since: datetime | None = None
+    ) -> str:
         if pod in self.hung:
             await asyncio.Event().wait()
-        return await super().logs(namespace, pod, tail=tail)
+        return await super().logs(namespace, pod, tail=tail, since=since)
 
 
 def cluster(cls: type[FakeCluster] = FakeCluster) -> FakeCluster:
@@ -478,3 +482,34 @@ def test_windows_are_the_widest_per_namespace_and_stray_namespaces_named() -> No
     assert since == {"shop": OPENED - timedelta(minutes=30), "cart": OPENED - timedelta(minutes=10)}
     assert stray == ["gone"]
     assert windows(items, "deployments", {"shop", "cart"}, OPENED) == ({}, [])
+
+
+async def test_a_runbooks_logs_duration_reads_only_that_window_of_its_workloads_pods() -> None:
+    book = replace(
+        ORDERS,
+        gather=(GatherItem("logs", ('{app="checkout"} |= "ERROR"',), duration=900.0),),
+    )
+    c = cluster()
+    times = [OPENED - timedelta(hours=2), OPENED - timedelta(minutes=5), OPENED]
+    c.set_logs("shop", "checkout-7c9f-abcde", "ERROR old\nERROR new\nERROR now", at=times)
+    c.set_logs("shop", "cart-1-a", "ERROR cart, long ago", at=[OPENED - timedelta(days=1)])
+    settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s", "log_lines": 5})
+    g = ContextGatherer(
+        replace(settings, file_runbooks=(book,)), cluster=c, source=c, prom=FakeProm(PROM)
+    )
+    labels = {"pod": "cart-1-a"}  # a pod of another workload: its tail is not windowed
+    ctx = await g.gather(incident(member("CheckoutErrors"), member(labels=labels)))
+    # 15m before the incident opened: the line of two hours before is not read.
+    assert ctx.logs["checkout-7c9f-abcde"] == "ERROR new\nERROR now"
+    assert ctx.logs["cart-1-a"] == "ERROR cart, long ago"
+    (note,) = [n for n in ctx.notes if n.startswith("runbook orders logs")]
+    assert "(the last 5 lines since 2024-05-01T11:45:00+00:00)" in note
+
+
+async def test_the_fake_clusters_log_window_comes_before_its_tail() -> None:
+    c = FakeCluster()
+    times = [OPENED - timedelta(minutes=m) for m in (30, 20, 10, 0)]
+    c.set_logs("shop", "web-1", "a\nb\nc\nd", at=times)
+    assert await c.logs("shop", "web-1", tail=2) == "c\nd"
+    assert await c.logs("shop", "web-1", tail=9, since=OPENED - timedelta(minutes=25)) == "b\nc\nd"
+    assert await c.logs("shop", "web-1", tail=9, since=OPENED + timedelta(minutes=1)) == ""

@@ -16,6 +16,7 @@ from handlers.cluster import Observation
 from handlers.kube import (
     Conflict,
     eviction_block,
+    log_query,
     restarted_at,
     rollout_disruption,
     scaled_value,
@@ -231,3 +232,12 @@ def test_a_restart_is_read_from_the_pod_template() -> None:
     )
     assert restarted_at(template("yesterday")) is None
     assert restarted_at({}) is None
+
+
+def test_a_log_window_is_asked_for_as_whole_seconds_before_now() -> None:
+    now = datetime(2026, 11, 28, 10, tzinfo=UTC)
+    assert log_query(50, None, now) == [("tailLines", "50")]
+    since = datetime(2026, 11, 28, 9, 44, 59, 500000, tzinfo=UTC)
+    assert log_query(50, since, now) == [("tailLines", "50"), ("sinceSeconds", "901")]
+    # A window starting after now still asks for something the API accepts (>= 1).
+    assert log_query(50, now.replace(hour=11), now)[1] == ("sinceSeconds", "1")

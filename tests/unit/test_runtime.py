@@ -67,7 +67,7 @@ async def test_the_rules_alone_see_the_gathered_context_and_act_on_it() -> None:
     cluster.set_logs("shop", "cart-5d8f-x2x", "the log is never read without the LLM")
     read: list[str] = []
 
-    async def logs(namespace: str, pod: str, *, tail: int) -> str:
+    async def logs(namespace: str, pod: str, *, tail: int, since: object = None) -> str:
         read.append(pod)
         return ""
 
