@@ -14,7 +14,9 @@ is stored, so nothing secret reaches a prompt or a log:
   implement it; without one those sources are noted as unavailable).
 
 The runbook file an incident's signal matches (``spec.context.gather``) adds to that: its
-``metrics`` queries run as one more source (``runbook metrics``); its ``events`` and
+``metrics`` queries run as one more source (``runbook metrics``), their ``$namespace``
+replaced by the incident's label, escaped for the string literal it is in
+(:mod:`agent.promql_vars`; an incident without the label: noted, not gathered); its ``events`` and
 ``deployments`` windows keep, in their namespace, only what happened within ``duration``
 before the incident opened; its ``logs`` LogQL query has no Loki to run on: a selector that
 names the incident's workload and ``|=``/``!=`` line filters narrow that workload's pod log
@@ -56,6 +58,7 @@ from agent.errors import ActionFailed, AgentError
 from agent.labels import service_of
 from agent.models import Incident, Target
 from agent.prom import Sample
+from agent.promql_vars import substitute
 from agent.redaction import clip, redact
 from agent.runbook_expr import MAX_COUNT
 from agent.settings import FileRunbook, GatherItem, Settings
@@ -429,7 +432,7 @@ class ContextGatherer:
             ("metrics", self._metrics(incident, targets, parts)),
         ]
         if any(g.type == "metrics" for _, g in items):
-            jobs.append(("runbook metrics", self._runbook_metrics(items, parts)))
+            jobs.append(("runbook metrics", self._runbook_metrics(incident, items, parts)))
         if self.source is not None:
             jobs += [
                 ("events", self._events(self.source, targets, nodes, parts)),
@@ -473,7 +476,7 @@ class ContextGatherer:
         return list({b.name: b for b in found if b is not None}.values())
 
     async def _runbook_metrics(
-        self, items: Sequence[tuple[FileRunbook, GatherItem]], parts: _Parts
+        self, incident: Incident, items: Sequence[tuple[FileRunbook, GatherItem]], parts: _Parts
     ) -> None:
         queries = list(
             dict.fromkeys((b.name, q) for b, g in items if g.type == "metrics" for q in g.queries)
@@ -484,10 +487,14 @@ class ContextGatherer:
             return
         prom = self.prom
 
-        # One query failing (a typo, a Prometheus error) costs only its own series.
+        # One query failing (a typo, a Prometheus error, a label the incident lacks) costs
+        # only its own series.
         async def one(book: str, expr: str) -> list[Sample] | str:
+            rendered, problem = substitute(expr, incident.labels)
+            if rendered is None:
+                return f"runbook {book} metrics {expr!r}: not gathered: {problem}"
             try:
-                return await prom.query(expr)
+                return await prom.query(rendered)
             except AgentError as err:
                 return f"runbook {book} metrics {expr!r} unavailable: {redact(str(err))[:200]}"
 

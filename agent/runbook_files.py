@@ -19,11 +19,13 @@ What is honoured, and how:
   an action) or ``notify_*``/``escalate*``; anything else is refused.
 - ``spec.context.gather[]``: gathered for the incidents the runbook matches, besides the
   default context (see :mod:`agent.context`): ``metrics`` ``queries`` run on Prometheus
-  (at most :data:`MAX_GATHER_QUERIES` a runbook); ``events``/``deployments`` ``duration``
-  is the window before the incident they are kept from, ``namespace`` the one they apply
-  to; ``logs`` ``query`` is LogQL: with no Loki source, only a selector naming the
-  incident's workload and ``|=``/``!=`` line filters map onto the pod log tails read, and
-  its ``duration`` is the window before the incident those tails are read from.
+  (at most :data:`MAX_GATHER_QUERIES` a runbook), their ``$namespace`` replaced by the
+  incident's, escaped (:mod:`agent.promql_vars`; another variable is refused here);
+  ``events``/``deployments`` ``duration`` is the window before the incident they are kept
+  from, ``namespace`` the one they apply to; ``logs`` ``query`` is LogQL: with no Loki
+  source, only a selector naming the incident's workload and ``|=``/``!=`` line filters
+  map onto the pod log tails read, and its ``duration`` is the window before the incident
+  those tails are read from.
 - ``spec.escalation[]``: levels 1, 2, ... with increasing ``after``: the unresolved levels
   of the incidents the runbook matches (agent.escalation_watch.runbook_plan), each sent to
   the escalation webhooks its ``notify`` channels name.
@@ -46,6 +48,7 @@ from agent.ai_answer import is_dns_name
 from agent.codec import validation_problems
 from agent.models import ActionRequest, AnomalySource, ParamValue, Target
 from agent.policy import param_problem
+from agent.promql_vars import slots
 from agent.runbook_expr import (
     FACT_QUERIES,
     MAX_COUNT,
@@ -339,7 +342,7 @@ def _step(
     )
 
 
-def _gather(items: tuple[_Gather, ...]) -> tuple[tuple[GatherItem, ...], list[str]]:
+def _gather(items: tuple[_Gather, ...], book: str) -> tuple[tuple[GatherItem, ...], list[str]]:
     """The gather items, or the problems found: a field an item's type does not act on is
     refused rather than silently ignored."""
     out: list[GatherItem] = []
@@ -358,11 +361,14 @@ def _gather(items: tuple[_Gather, ...]) -> tuple[tuple[GatherItem, ...], list[st
             for j, q in enumerate(queries):
                 if q.count("(") != q.count(")") or q.count("[") != q.count("]"):
                     problems.append(f"{where}.queries[{j}]: unbalanced brackets in PromQL")
+                _, problem = slots(q)
+                if problem is not None:
+                    problems.append(f"{where}.queries[{j}] (runbook {book!r}): {problem}")
             for key, value in (("namespace", g.namespace), ("duration", g.duration)):
                 if value:
                     problems.append(
-                        f"{where}.{key}: metrics queries run as written, at the incident's "
-                        f"analysis: put the {key} in the PromQL"
+                        f"{where}.{key}: metrics queries run at the incident's analysis: "
+                        f"put the {key} in the PromQL ($namespace is the incident's)"
                     )
             total += len(queries)
         elif g.type == "logs":
@@ -392,7 +398,7 @@ def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook 
         problems += more
         if step is not None:
             steps.append(step)
-    gather, more = _gather(book.spec.context.gather)
+    gather, more = _gather(book.spec.context.gather, book.metadata.name)
     problems += more
     levels = book.spec.escalation
     if [lv.level for lv in levels] != list(range(1, len(levels) + 1)):

@@ -7,9 +7,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.context import ContextGatherer
 from agent.prom import PromClient
+from agent.promql_vars import substitute
 from agent.settings import FileRunbook, FileStep, GatherItem
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import ai_settings, incident, member
@@ -42,3 +46,21 @@ async def test_a_runbooks_metrics_queries_run_on_prometheus(prometheus: Promethe
     assert (got.query, got.value) == (f"runbook orders: {GOOD}", 0.42)
     assert SECRET not in got.labels["url"] and "[REDACTED]" in got.labels["url"]
     assert any(n.startswith(f"runbook orders metrics {REJECTED!r} unavailable") for n in ctx.notes)
+
+
+# absent() of a series no one exports answers with the labels of its equality matchers:
+# Prometheus itself says what string the literal parsed to. The regex matcher must compile.
+NAMESPACED = 'absent(no_such_metric{namespace="$namespace", re=~"$namespace", other="x"})'
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(min_size=1, max_size=64))
+def test_prometheus_reads_a_substituted_label_value_as_that_value(
+    prometheus: Prometheus, value: str
+) -> None:
+    query, problem = substitute(NAMESPACED, {"namespace": value})
+    assert problem is None and query is not None
+    reply = requests.get(f"{prometheus.url}/api/v1/query", params={"query": query}, timeout=5)
+    assert reply.status_code == 200, reply.text
+    (series,) = reply.json()["data"]["result"]
+    assert series["metric"] == {"namespace": value, "other": "x"}

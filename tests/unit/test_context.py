@@ -24,7 +24,7 @@ from agent.errors import DependencyUnavailable
 from agent.prom import Sample
 from agent.settings import FileRunbook, FileStep, GatherItem
 from handlers.fake_cluster import FakeCluster
-from tests.fakes.incidents import OPENED, ai_settings, incident, member
+from tests.fakes.incidents import OPENED, SHOP, ai_settings, incident, member
 
 SECRET = "s3cr3t-Passw0rd"
 
@@ -513,3 +513,26 @@ async def test_the_fake_clusters_log_window_comes_before_its_tail() -> None:
     assert await c.logs("shop", "web-1", tail=2) == "c\nd"
     assert await c.logs("shop", "web-1", tail=9, since=OPENED - timedelta(minutes=25)) == "b\nc\nd"
     assert await c.logs("shop", "web-1", tail=9, since=OPENED + timedelta(minutes=1)) == ""
+
+
+async def test_a_runbooks_metrics_query_gets_the_incidents_namespace() -> None:
+    query = 'rate(http_5xx{namespace="$namespace"}[5m])'
+    book = replace(ORDERS, gather=(GatherItem("metrics", (query,)),))
+    settings = replace(ai_settings(context={"timeout": "0.3s"}), file_runbooks=(book,))
+    c = cluster()
+    prom = FakeProm(RUNBOOK_PROM)
+    g = ContextGatherer(settings, cluster=c, source=c, prom=prom)
+    hostile = 'shop"}) or vector(1) #'
+    labels = {**SHOP, "namespace": hostile}
+    ctx = await g.gather(incident(member("CheckoutErrors"), labels=labels))
+    assert 'rate(http_5xx{namespace="shop\\"}) or vector(1) #"}[5m])' in prom.queries
+    (got,) = [s for s in ctx.metrics if s.query.startswith("runbook orders:")]
+    assert got.query == f"runbook orders: {query}"  # as the runbook wrote it
+    # An incident without the label: noted, and nothing asked of Prometheus for it.
+    prom.queries.clear()
+    ctx = await g.gather(incident(member("CheckoutErrors"), labels={**SHOP, "namespace": ""}))
+    assert not any("http_5xx" in q for q in prom.queries)
+    assert (
+        f"runbook orders metrics {query!r}: not gathered: the incident has no namespace label "
+        "for $namespace"
+    ) in ctx.notes

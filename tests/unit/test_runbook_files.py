@@ -156,6 +156,19 @@ def test_a_bad_step_is_refused_naming_the_file_and_field(
         ({"type": "events", "query": "x"}, "gather[0].query: events takes no query"),
         ({"type": "events", "namespace": "Not A Name"}, "gather[0].namespace: 'Not A Name'"),
         ({"type": "traces"}, "spec.context.gather[0].type"),
+        (
+            {"type": "metrics", "queries": ["up", 'up{app="$service"}']},
+            "gather[0].queries[1] (runbook 'orders'): unknown variable $service (known: "
+            "$namespace)",
+        ),
+        (
+            {"type": "metrics", "queries": ["up{namespace=$namespace}"]},
+            "gather[0].queries[0] (runbook 'orders'): $namespace is outside a string literal",
+        ),
+        (
+            {"type": "metrics", "queries": ["up{namespace=`$namespace`}"]},
+            "gather[0].queries[0] (runbook 'orders'): $namespace is in a `raw` string",
+        ),
     ],
 )
 def test_a_gather_item_is_refused_where_nothing_would_act_on_it(
