@@ -123,6 +123,10 @@ class MetricSample:
 @dataclass(frozen=True, slots=True)
 class Context:
     rollouts: tuple[Rollout, ...] = ()
+    # "runbook <name>" -> namespace -> the earliest rollout that runbook file's
+    # ``deployments`` facts count (its ``spec.context.gather`` window); the rest of the
+    # analysis reads every rollout.
+    deployments_since: Mapping[str, Mapping[str, datetime]] = field(default_factory=dict)
     cpu_saturation: Mapping[str, float] = field(default_factory=dict)  # workload -> 0..1
     crash_looping: tuple[str, ...] = ()  # workloads with restarting pods
     unhealthy_nodes: tuple[str, ...] = ()
@@ -493,10 +497,14 @@ def _for_member(m: Member, inc: Incident, ctx: Context, settings: Settings) -> _
     return _untargeted(_after(diagnosis, ctx), untargeted)
 
 
-def deployments_of(target: Target, inc: Incident, ctx: Context) -> list[Rollout]:
+def deployments_of(
+    target: Target, inc: Incident, ctx: Context, prescriber: str = ""
+) -> list[Rollout]:
     """The rollouts of ``target`` that replaced an earlier template (its creation is not
-    one: nothing to roll back to) up to the incident's opening, newest first."""
+    one: nothing to roll back to) up to the incident's opening, newest first; for the
+    runbook file ``prescriber``, only those within its deployments window."""
     latest = inc.opened_at + timedelta(seconds=60)
+    earliest = ctx.deployments_since.get(prescriber, {}).get(target.namespace)
     return sorted(
         (
             r
@@ -505,23 +513,27 @@ def deployments_of(target: Target, inc: Incident, ctx: Context) -> list[Rollout]
             and r.namespace == target.namespace
             and r.previous_image is not None
             and r.at <= latest
+            and (earliest is None or r.at >= earliest)
         ),
         key=lambda r: r.at,
         reverse=True,
     )
 
 
-def runbook_facts(target: Target, inc: Incident, ctx: Context) -> dict[str, float]:
+def runbook_facts(
+    target: Target, inc: Incident, ctx: Context, prescriber: str = ""
+) -> dict[str, float]:
     """The facts a runbook file's conditions may name (agent.runbook_expr.FACTS), from the
     structured context only; a source the gatherer could not read leaves its facts out,
-    so a condition on them is unknown rather than false."""
+    so a condition on them is unknown rather than false. ``prescriber`` ("runbook <name>"):
+    whose deployments window the ``deployments`` facts keep to."""
     facts: dict[str, float] = {}
     rollouts_failed = any(
         n.startswith("rollouts") or (target.key in n and ("rollout" in n or "cluster" in n))
         for n in ctx.notes
     )
     if not rollouts_failed:
-        found = deployments_of(target, inc, ctx)
+        found = deployments_of(target, inc, ctx, prescriber)
         facts["deployments.count"] = float(len(found))
         for i, r in enumerate(found):
             facts[f"deployments[{i}].age"] = max(0.0, (inc.opened_at - r.at).total_seconds())
@@ -577,7 +589,7 @@ def _file_step(
     if acting and (step.action, target.key) in ctx.ineffective:
         return None, None, True
     if step.condition is not None:
-        facts = runbook_facts(target, inc, ctx)
+        facts = runbook_facts(target, inc, ctx, prescriber)
         holds = evaluate(step.condition, facts)
         if holds is not True:
             known = [f for f in facts_in(step.condition) if f in facts]

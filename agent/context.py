@@ -16,9 +16,10 @@ is stored, so nothing secret reaches a prompt or a log:
 The runbook file an incident's signal matches (``spec.context.gather``) adds to that: its
 ``metrics`` queries run as one more source (``runbook metrics``), their ``$namespace``
 replaced by the incident's label, escaped for the string literal it is in
-(:mod:`agent.promql_vars`; an incident without the label: noted, not gathered); its ``events`` and
-``deployments`` windows keep, in their namespace, only what happened within ``duration``
-before the incident opened; its ``logs`` LogQL query has no Loki to run on: a selector that
+(:mod:`agent.promql_vars`; an incident without the label: noted, not gathered); its ``events``
+window keeps, in its namespace, only what happened within ``duration`` before the incident
+opened; its ``deployments`` window (``Context.deployments_since``) narrows only the rollouts
+its own conditions count; its ``logs`` LogQL query has no Loki to run on: a selector that
 names the incident's workload and ``|=``/``!=`` line filters narrow that workload's pod log
 tails, read from ``duration`` before the incident opened (the lines' cap and the byte budget
 still apply), anything else is noted as not gathered.
@@ -426,6 +427,13 @@ class ContextGatherer:
                         f"runbook {b.name} {kind} of namespace {g.namespace}: not gathered: "
                         "no workload of the incident is there"
                     )
+        # A runbook's deployments window is its own: it narrows the rollouts its conditions
+        # count (agent.analyzer.runbook_facts), never the history the other rules, the
+        # other runbooks and the LLM read.
+        deployments_since = {
+            f"runbook {b.name}": windows(b.gather, "deployments", namespaces, incident.opened_at)[0]
+            for b in books
+        }
         parts.log_since = log_windows([g for _, g in items], targets, incident.opened_at)
         jobs: list[tuple[str, Awaitable[None]]] = [
             ("rollouts", self._rollouts(targets, parts)),
@@ -454,6 +462,7 @@ class ContextGatherer:
         r = parts.related
         return Context(
             rollouts=tuple(parts.rollouts),
+            deployments_since={k: v for k, v in deployments_since.items() if v},
             cpu_saturation=r.get("cpu_saturation", {}),
             memory_saturation=r.get("memory_saturation", {}),
             concurrency_saturation=r.get("concurrency_saturation", {}),
@@ -577,14 +586,7 @@ class ContextGatherer:
         latest: dict[str, list[Rollout]] = {}
         for r in rollouts:
             latest.setdefault(f"{r.namespace}/{r.workload}", []).append(r)
-        kept = [r for rs in latest.values() for r in rs[-MAX_REVISIONS:]]
-        since = parts.since.get("deployments", {})
-        parts.rollouts += [r for r in kept if r.at >= since.get(r.namespace, r.at)]
-        if len(kept) > len(parts.rollouts):
-            parts.notes.append(
-                f"rollouts: {len(kept) - len(parts.rollouts)} older than the runbook's "
-                "deployments window left out"
-            )
+        parts.rollouts += [r for rs in latest.values() for r in rs[-MAX_REVISIONS:]]
         parts.notes += notes
 
     async def _metrics(self, incident: Incident, targets: Sequence[Target], parts: _Parts) -> None:

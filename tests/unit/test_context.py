@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from agent.analyzer import ConfigChange, KubeEvent
+from agent.analyzer import ConfigChange, KubeEvent, analyze
 from agent.context import (
     ClusterContext,
     ContextGatherer,
@@ -22,6 +22,7 @@ from agent.context import (
 )
 from agent.errors import DependencyUnavailable
 from agent.prom import Sample
+from agent.runbook_expr import parse
 from agent.settings import FileRunbook, FileStep, GatherItem
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, SHOP, ai_settings, incident, member
@@ -428,8 +429,10 @@ async def test_a_matched_runbooks_gather_items_shape_the_context() -> None:
     assert got.query == 'runbook orders: rate(http_5xx{app="checkout"}[5m])' and got.value == 0.4
     assert SECRET not in repr(ctx) and "[REDACTED]" in got.labels["url"]
     assert any(n.startswith("runbook orders metrics 'broken_query' unavailable") for n in ctx.notes)
-    # deployments: 1h: the creation three days ago is left out; events: 30m likewise.
-    assert [r.revision for r in ctx.rollouts] == [2]
+    # deployments: 1h is the runbook's own window (the creation three days ago is not in
+    # it), the history stays whole for the rest; events: 30m leaves the old event out.
+    assert [r.revision for r in ctx.rollouts] == [1, 2]
+    assert ctx.deployments_since == {"runbook orders": {"shop": OPENED - timedelta(hours=1)}}
     assert "Old" not in {e.reason for e in ctx.events} and "BackOff" in {
         e.reason for e in ctx.events
     }
@@ -536,3 +539,39 @@ async def test_a_runbooks_metrics_query_gets_the_incidents_namespace() -> None:
         f"runbook orders metrics {query!r}: not gathered: the incident has no namespace label "
         "for $namespace"
     ) in ctx.notes
+
+
+async def test_a_runbooks_deployments_window_hides_no_rollout_from_the_other_rules() -> None:
+    # The pattern high-error-rate rolls back a rollout of the last 30 minutes
+    # (auto_rollback_if_deployment_recent); the runbook counts only its last 10.
+    book = FileRunbook(
+        name="orders",
+        alert="CheckoutErrors",
+        path="orders.yaml",
+        steps=(
+            FileStep(
+                name="fresh rollout",
+                action="rollback",
+                condition=parse("deployments.count > 0"),
+                condition_text="deployments.count > 0",
+            ),
+        ),
+        gather=(GatherItem("deployments", duration=600.0),),
+    )
+    settings = replace(ai_settings(context={"timeout": "0.3s"}), file_runbooks=(book,))
+    c = FakeCluster()
+    c.create_deployment("shop", "checkout", image="v1", replicas=3, at=OPENED - timedelta(days=3))
+    c.rollout("shop", "checkout", image="v2", at=OPENED - timedelta(minutes=20))
+    inc = incident(member("CheckoutErrors"), member("high-error-rate"))
+    ctx = await ContextGatherer(settings, cluster=c, source=c, prom=FakeProm(PROM)).gather(inc)
+    assert [r.revision for r in ctx.rollouts] == [1, 2]
+    analysis = analyze(inc, ctx, settings, OPENED)
+    # The pattern's rule still sees the rollout of 20 minutes ago and rolls it back ...
+    (action,) = analysis.actions
+    assert (action.type, action.target.key) == ("rollback", "Deployment/shop/checkout")
+    # ... while the runbook's own condition counts none within its 10 minutes.
+    assert any(
+        "step 'fresh rollout': condition 'deployments.count > 0' is false "
+        "(deployments.count=0)" in line
+        for line in analysis.evidence
+    ), analysis.evidence
