@@ -198,3 +198,44 @@ def test_alertmanager_routes_to_the_agents_webhook_with_its_token() -> None:
             "alertmanager",
             ALERTMANAGER_PORT,
         )
+
+
+def routed(config: Path, labels: dict[str, str]) -> list[str]:
+    """The receivers Alertmanager's own routing gives an alert of ``labels``, in order."""
+    check = subprocess.run(
+        [AMTOOL, "config", "routes", "test", f"--config.file={config}"]
+        + [f"{k}={v}" for k, v in sorted(labels.items())],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    return check.stdout.split()
+
+
+def test_the_agents_own_alerts_page_a_human_not_the_agent() -> None:
+    """The alerts about the agent itself used to go to its webhook like any other: an
+    agent failure became an anomaly the agent might try to heal, and was lost while the
+    agent was down. Each goes to the human receiver now, and only there."""
+    config = host_path("alertmanager", ALERTMANAGER_CONFIG)
+    doc = load_yaml(config.read_text())
+    webhook = doc["route"]["receiver"]
+    rules = load_yaml(host_path("prometheus", "/etc/prometheus/self-healing-rules.yml").read_text())
+    own = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert len(own) >= 10
+    humans = set()
+    for rule in own:
+        labels = {**rule.get("labels", {}), "alertname": rule["alert"]}
+        receivers = routed(config, labels)
+        assert webhook not in receivers, f"{rule['alert']} goes to the agent: {receivers}"
+        humans.update(receivers)
+    (human,) = humans
+    (receiver,) = [r for r in doc["receivers"] if r["name"] == human]
+    for hook in receiver.get("webhook_configs", []):  # a pager's, never the agent's
+        assert hostport(hook["url"])[0] not in ROLES, hook["url"]
+    # Everything else still reaches the agent, whatever its labels.
+    for labels in (
+        {"alertname": "HighErrorRate", "severity": "critical", "service": "cart"},
+        {"alertname": "KubePodCrashLooping", "namespace": "sre-agent"},  # the agent's namespace
+    ):
+        assert routed(config, labels) == [webhook], labels
