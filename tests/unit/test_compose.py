@@ -239,3 +239,24 @@ def test_the_agents_own_alerts_page_a_human_not_the_agent() -> None:
         {"alertname": "KubePodCrashLooping", "namespace": "sre-agent"},  # the agent's namespace
     ):
         assert routed(config, labels) == [webhook], labels
+
+
+def test_the_roles_reading_the_kubeconfig_can_run_as_its_owner() -> None:
+    """A kubeconfig is usually its owner's alone (mode 600), and the containers ran as
+    the image's uid: the analyzer and the executor could not read it. They run as
+    SRE_UID:SRE_GID now, the image's own user when those are unset."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    image_user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert image_user, "the image names its user as uid:gid"
+    uid, gid = image_user.groups()
+    assert re.search(
+        rf"groupadd --gid {gid}\b.*useradd --uid {uid} --gid {gid}\b", dockerfile, re.S
+    )
+    readers = [n for n in services() if "SRE_KUBECONFIG" in mounts(n).values()]
+    assert sorted(readers) == ["analyzer", "executor"]
+    for name in readers:
+        assert services()[name].get("user") == f"${{SRE_UID:-{uid}}}:${{SRE_GID:-{gid}}}", name
+    # How to set them, where people look for it.
+    howto = "SRE_UID=$(id -u) SRE_GID=$(id -g) SRE_KUBECONFIG="
+    assert howto in (REPO / "docker-compose.yml").read_text()
+    assert howto in (REPO / "README.md").read_text()
