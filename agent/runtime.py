@@ -26,7 +26,7 @@ from agent.calibration import CalibrationTracker
 from agent.codec import decode
 from agent.context import ClusterContext, ContextGatherer
 from agent.detector import PromQLDetector
-from agent.errors import ComponentFailed, ConfigError
+from agent.errors import ComponentFailed
 from agent.escalation_watch import UnresolvedWatch, all_levels, seed_window
 from agent.feeds import feed_consumer
 from agent.llm import chat_model_from
@@ -356,10 +356,14 @@ class Agent:
         am = s.detectors.alertmanager
         if not am.enabled:
             return
-        token = os.environ.get(am.token_env, "")
-        if not token:
-            raise ConfigError(
-                [f"detectors.alertmanager.token_env: environment variable {am.token_env} is unset"]
+        # Unset (deploy/agent.yaml's Secret not created yet): the detector still runs its
+        # other sources; the webhook refuses every request and keeps the role unready.
+        token = os.environ.get(am.token_env) or None
+        if token is None:
+            log.error(
+                "detectors.alertmanager.token_env: environment variable %s is unset; the "
+                "webhook refuses every notification until it is set and the agent restarted",
+                am.token_env,
             )
         if self.server is None:
             log.warning("alertmanager webhook enabled but the HTTP server is off; not mounted")
@@ -373,6 +377,7 @@ class Agent:
             api=self.alertmanager,
         )
         receiver.install(self.server.app)
+        self.server.checks["alertmanager-webhook"] = receiver.unready
         self.components.append(receiver)
 
     def _analysis_stage(

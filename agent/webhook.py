@@ -4,6 +4,8 @@ HTTP server.
 Order of checks, cheapest and least revealing first:
 
 ====  =======================================================================
+503   the agent has no token (its ``token_env`` variable unset or empty): every
+      request, whatever it carries, until it is set and the agent restarted
 401   missing or wrong ``Authorization: Bearer <token>`` (constant-time compare)
 415   the body is not ``application/json``
 413   the body is larger than ``max_body_bytes`` (declared or actually sent)
@@ -65,18 +67,19 @@ class AlertmanagerReceiver:
         self,
         settings: Settings,
         *,
-        token: str,
+        token: str | None,
         publish: Publisher,
         topic: str,
         metrics: Metrics,
         clock: Callable[[], datetime] = utcnow,
         api: AlertmanagerAPI | None = None,
     ) -> None:
-        if not token:
-            raise ValueError("the webhook receiver needs a non-empty bearer token")
+        # None: no token configured. An empty one would match an empty bearer credential.
+        if token == "":
+            raise ValueError("the webhook receiver's bearer token is empty; pass None")
         self.settings = settings
         self.cfg = settings.detectors.alertmanager
-        self._token = token.encode()
+        self._token = token.encode() if token is not None else None
         self.publisher = publish
         self.topic = topic
         self.metrics = metrics
@@ -143,7 +146,23 @@ class AlertmanagerReceiver:
         ).inc()
         return response
 
+    async def unready(self) -> str | None:
+        """A readiness check: without a token the webhook takes nothing, so its pods leave
+        the Service (and a rollout that lost the token stalls before the old pods go)."""
+        if self._token is None:
+            return f"no bearer token: environment variable {self.cfg.token_env} is unset"
+        return None
+
     async def _handle(self, request: web.Request) -> web.Response:
+        if self._token is None:
+            # Nothing to check a caller against: refuse everyone, retryably (Alertmanager
+            # drops a notification answered 4xx), never accept unauthenticated alerts.
+            return _error(
+                503,
+                "no_token",
+                f"the webhook has no bearer token ({self.cfg.token_env} unset); it takes "
+                "nothing until it is set and the agent restarted",
+            )
         if not self._authorized(request.headers.get("Authorization", "")):
             return _error(
                 401,
@@ -230,7 +249,7 @@ class AlertmanagerReceiver:
 
     def _authorized(self, header: str) -> bool:
         scheme, _, credentials = header.partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() != "bearer" or self._token is None:
             return False
         return hmac.compare_digest(credentials.strip().encode(), self._token)
 

@@ -315,7 +315,7 @@ def test_the_budget_claims_alert_fires_on_repeated_failures_not_on_one(tmp_path:
 
 
 def test_the_detectors_serve_the_alertmanager_webhook_behind_its_service() -> None:
-    """The webhook is on in the detector's pods, with its token from a Secret, behind a
+    """The webhook is on in the detector's pods, with its token from an optional Secret, behind a
     Service that reaches their HTTP port; and that Service keeps its endpoints while
     Prometheus is down (the detector's readiness, which routes it, does not ask it)."""
     docs = manifests()
@@ -340,6 +340,9 @@ def test_the_detectors_serve_the_alertmanager_webhook_behind_its_service() -> No
     am = settings.detectors.alertmanager
     assert am.enabled and am.token_env in secrets
     assert secrets[am.token_env]["name"] == "sre-agent-alertmanager-token"
+    # The pods start without it (their other detectors run); the webhook then takes
+    # nothing and keeps them unready (tests/unit/test_webhook_token.py).
+    assert secrets[am.token_env]["optional"] is True
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == settings.server.port and settings.server.host == "0.0.0.0"
     (service,) = (
