@@ -7,7 +7,8 @@ escalated again, at level 2, 3, ..., which webhooks can route elsewhere (a manag
 The watch follows every incident of the incidents topic from the time it starts (each
 replica reads every partition, in no consumer group), and seeds itself from the incidents
 written in the last ``unresolved_after`` (or last level) plus an hour, so a restart keeps
-watching what was open.
+watching what was open; and further back, to the start of each silence in force in that
+time, so it knows which incidents a silence closed, however long ago (see below).
 Replicas escalate the same incident under the same stable id; the escalations of one
 incident share a partition, so one notifier usually sees them all and posts the first
 only (across a rebalance another may post it again: receivers dedupe on the id).
@@ -21,7 +22,9 @@ A silence pauses the watch without starting an episode: once it ends (an open re
 after a silenced one, no resolution between), the incident, still counted from its
 episode's start, is escalated again at each level it has reached, once, under ids that
 carry the revision the silence ended at; under its old ids the pages were dropped as
-already sent, so an incident still firing after its silence never paged again.
+already sent, so an incident still firing after its silence never paged again. That
+takes the silenced revision: a watch restarted during a silence longer than its seed
+window used to miss it, and paged under the old ids when the silence ended.
 An incident whose signal a runbook file with ``spec.escalation`` answers for follows that
 runbook's levels instead (:func:`runbook_plan`): its ``after`` times, and its ``notify``
 channels as the webhooks its escalations go to (the global routing when none names one).
@@ -37,13 +40,13 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from agent.analysis_stage import episode_starts
 from agent.errors import AgentError, cancel_and_wait, task_failure
 from agent.memory import remember
 from agent.metrics import Metrics
-from agent.models import CLOSED_STATUSES, Escalation, Incident, stable_id, utcnow
+from agent.models import CLOSED_STATUSES, Escalation, Incident, Silence, stable_id, utcnow
 from agent.settings import EscalationSection, Settings
 from streams.bus import Envelope
 
@@ -53,6 +56,7 @@ SEED_MARGIN = 3600.0
 
 Publish = Callable[[str, object], Awaitable[None]]
 RecentIncidents = Callable[[float], Awaitable[Iterable[Envelope]]]
+Silences = Callable[[], Awaitable[Iterable[Silence]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +244,23 @@ def all_levels(settings: Settings) -> tuple[float, ...]:
     return levels_of(settings.escalation) + own
 
 
-def seed_window(levels: Sequence[float]) -> float:
-    """Seconds of incidents the watch seeds itself from: its last level, and an hour."""
-    return max(levels, default=0.0) + SEED_MARGIN
+def seed_window(
+    levels: Sequence[float], silences: Iterable[Silence] = (), now: datetime | None = None
+) -> float:
+    """Seconds of incidents the watch seeds itself from: its last level, and an hour; with
+    ``silences`` (those known ``now``), back to the start of each one in force within
+    that time, and an hour. A silence closes the incidents it covers while it is in
+    force, never before it starts: to page under new ids once it ends, the watch must
+    have read that closing, however long ago. One that ended earlier than that has let
+    its incidents reopen or resolve as quiet since (``resolve_timeout``, under an hour)."""
+    window = max(levels, default=0.0) + SEED_MARGIN
+    if now is None:
+        return window
+    since = now - timedelta(seconds=window)
+    started = [s.starts_at for s in silences if s.ends_at > since and s.starts_at < since]
+    if started:
+        window = (now - min(started)).total_seconds() + SEED_MARGIN
+    return window
 
 
 class UnresolvedWatch:
@@ -257,6 +275,8 @@ class UnresolvedWatch:
         every: float = 5.0,
         again: Sequence[float] = (),
         settings: Settings | None = None,  # its runbook files' escalations (runbook_plan)
+        silences: Silences | None = None,  # the silences known at start (seed_window)
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.after = after
         self.levels: tuple[float, ...] = (after, *again) if after > 0 else ()  # see due
@@ -265,6 +285,8 @@ class UnresolvedWatch:
         self.publish = publish
         self.metrics = metrics
         self._recent = recent
+        self._silences = silences
+        self.clock = clock
         self.every = every
         self.open: dict[str, Incident] = {}
         # incident id -> highest level escalated in its current episode
@@ -278,7 +300,9 @@ class UnresolvedWatch:
     async def start(self) -> None:
         if self._recent is not None:
             horizon = all_levels(self.settings) if self.settings else self.levels
-            for env in await self._recent(seed_window((*self.levels, *horizon))):
+            silences = await self._silences() if self._silences is not None else ()
+            window = seed_window((*self.levels, *horizon), silences, self.clock())
+            for env in await self._recent(window):
                 if isinstance(env.value, Incident):
                     track(self.open, env.value, self.closed, self.episodes, self.silence_ends)
             log.info("escalation watch: %d open incidents loaded", len(self.open))

@@ -56,6 +56,7 @@ from streams.bus import BatchConsumer, Bus, Envelope
 from streams.correlator import Correlator
 from streams.ledger import BudgetLedger
 from streams.replay import SharedRead, recent, reports_since, snapshot
+from streams.silences import current as current_silences
 from streams.view import CompactedView
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,9 @@ class Agent:
                     recent=replay,
                     again=s.escalation.unresolved_again_after,
                     settings=s,
+                    silences=functools.partial(
+                        current_silences, s.kafka, self.bus.topic("silences")
+                    ),
                 )
                 if watching
                 else None

@@ -186,7 +186,8 @@ class SharedRead:
     start (the executor and the unresolved watch both replay the incidents topic). Each asks
     for its own window and gets the records of the longest, ``seconds``: a superset, which
     they accept (they keep the latest revision of each incident). The records are let go
-    once ``users`` have had them."""
+    once ``users`` have had them. One that asks for more (the watch, over a long silence,
+    known only once it runs) reads its own, rather than have every other read that far."""
 
     def __init__(self, read: RecentSource, seconds: float, users: int) -> None:
         self._read = read
@@ -196,14 +197,18 @@ class SharedRead:
 
     async def __call__(self, seconds: float) -> Iterable[Envelope]:
         if seconds > self.seconds:
-            raise ValueError(f"{seconds}s asked of a shared read of {self.seconds}s")
+            self._done()
+            return await self._read(seconds)
         if self._records is None:
             self._records = asyncio.ensure_future(self._read(self.seconds))
         records = self._records
+        self._done()
+        return await records
+
+    def _done(self) -> None:
         self._left -= 1
         if self._left <= 0:
             self._records = None  # the next start, if any, reads afresh
-        return await records
 
 
 async def follow(

@@ -14,6 +14,7 @@ from functools import partial
 from agent.codec import decode
 from agent.models import Silence
 from agent.settings import KafkaSection
+from streams.replay import snapshot
 from streams.view import CompactedView, apply_record
 
 
@@ -35,3 +36,12 @@ class SilenceStore(CompactedView[Silence]):
 
     def all(self) -> list[Silence]:
         return list(self.silences.values())
+
+
+async def current(kafka: KafkaSection, topic: str) -> list[Silence]:
+    """The silences on the topic now, read once (for what needs them at start only, not a
+    view to follow): the latest record of each id, tombstones deleting theirs."""
+    store: dict[str, Silence] = {}
+    for env in await snapshot(kafka, topic, None):  # raw, folded as the view folds them
+        apply(store, env.key, env.value)
+    return list(store.values())

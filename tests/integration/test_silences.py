@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, Incident, fingerprint, group_key, utcnow
 from agent.silence_cli import new_silence, parse_matcher
 from streams.correlator import Correlator
-from streams.silences import SilenceStore
+from streams.silences import SilenceStore, current
 from tests.helpers import eventually, make_settings, readers, started_bus
 
 pytestmark = pytest.mark.integration
@@ -136,5 +138,31 @@ async def test_a_view_starts_with_every_record_written_before_and_an_empty_one_a
             assert set(view.silences) == {s.id for s in written}
         finally:
             await view.stop()
+    finally:
+        await bus.stop()
+
+
+async def test_the_silences_read_once_are_the_latest_of_each_id(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """What the unresolved watch reads at start (streams.silences.current): one silence
+    as last written (expired early), none of a deleted one, nothing of an invalid one."""
+    settings = make_settings(kafka_bootstrap, topic_prefix)
+    bus, _ = await started_bus(settings)
+    topic = bus.topic("silences")
+    try:
+        assert await current(settings.kafka, topic) == []
+        now = utcnow()
+        matchers = (parse_matcher("service=checkout"),)
+        kept, gone = (
+            new_silence(f"{n}-{topic_prefix}", matchers, now, 3600, "alice", "", now)
+            for n in ("kept", "gone")
+        )
+        expired = replace(kept, ends_at=now + timedelta(seconds=1))
+        await bus.publish_many([(topic, kept, kept.key), (topic, gone, gone.key)])
+        await bus.publish(topic, None, key=gone.key)
+        await bus.publish(topic, expired, key=kept.key)
+        await bus.publish(topic, {"id": "bad"}, key="bad")
+        assert await current(settings.kafka, topic) == [expired]
     finally:
         await bus.stop()

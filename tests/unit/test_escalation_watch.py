@@ -20,7 +20,7 @@ from agent.escalation_watch import (
     track,
 )
 from agent.metrics import Metrics
-from agent.models import Escalation, Incident
+from agent.models import Escalation, Incident, Matcher, Silence
 from agent.notifier import Notifier
 from agent.server import serve
 from agent.settings import EscalationLevel, FileRunbook, FileStep, Settings
@@ -379,3 +379,93 @@ async def test_the_watch_follows_a_runbooks_levels_and_routes_them() -> None:
     (second,) = await watch.sweep(OPENED + timedelta(minutes=31))
     assert (second.incident_id, second.level, second.channels) == ("ours", 2, ("pager",))
     assert await watch.sweep(OPENED + timedelta(hours=5)) == []  # the runbook has 2 levels
+
+
+def silence(starts: timedelta, ends: timedelta) -> Silence:
+    return Silence(
+        id=f"sil-{starts}-{ends}",
+        matchers=(Matcher("service", "cart"),),
+        starts_at=OPENED + starts,
+        ends_at=OPENED + ends,
+        created_by="ops",
+        comment="maintenance",
+        created_at=OPENED + starts,
+    )
+
+
+def test_the_seed_reaches_back_to_the_start_of_each_silence_in_force_within_it() -> None:
+    levels, hour = (900.0, 3600.0), 3600.0
+    now = OPENED + timedelta(hours=10)
+    base = seed_window(levels)
+    assert base == 2 * hour
+    in_force = silence(timedelta(minutes=20), timedelta(hours=10, minutes=20))
+    assert seed_window(levels, [in_force], now) == (10 * hour - 20 * 60) + hour
+    ended_within = silence(timedelta(hours=3), timedelta(hours=9))  # 7 h ago to 1 h ago
+    assert seed_window(levels, [ended_within], now) == 7 * hour + hour
+    long_over = silence(timedelta(hours=1), timedelta(hours=7))  # ended 3 h ago: reopened
+    pending = silence(timedelta(hours=11), timedelta(hours=12))
+    recent = silence(timedelta(hours=9), timedelta(hours=11))  # within the window anyway
+    assert seed_window(levels, [long_over, pending, recent], now) == base
+    assert seed_window(levels, [long_over, in_force, ended_within], now) == 10 * hour - 1200 + hour
+
+
+async def test_a_restart_during_a_long_silence_pages_its_end_under_new_ids() -> None:
+    """Silenced 20 min after it opened, for 10 h; the executor restarted at 10 h. Its seed
+    reached back 2 h (the last level and an hour): it never read the silenced revision,
+    took the incident for one open all along, and paged the end of the silence under
+    the ids of the pages before it, which receivers drop as sent. It reads back to the
+    silence's start now, and pages as a watch that never restarted does."""
+    sent: list[Escalation] = []
+
+    async def publish(topic: str, value: object) -> None:
+        assert isinstance(value, Escalation)
+        sent.append(value)
+
+    inc = incident(member())
+    silenced = replace(
+        inc, revision=2, status="silenced", updated_at=OPENED + timedelta(minutes=20)
+    )
+    loud = replace(
+        inc, revision=3, status="updated", updated_at=OPENED + timedelta(hours=10, minutes=21)
+    )
+    restart = OPENED + timedelta(hours=10)
+    long_silence = silence(timedelta(minutes=20), timedelta(hours=10, minutes=20))
+    asked: list[float] = []
+
+    async def recent(seconds: float) -> list[Envelope]:
+        """The records Kafka finds written in the last ``seconds`` at the restart."""
+        asked.append(seconds)
+        since = restart - timedelta(seconds=seconds)
+        return envelopes([i for i in (inc, silenced) if i.updated_at >= since])
+
+    async def silences() -> list[Silence]:
+        return [long_silence]
+
+    def watch(seeded: bool) -> UnresolvedWatch:
+        return UnresolvedWatch(
+            after=900,
+            again=(3600,),
+            topic="t.escalations",
+            publish=publish,
+            metrics=Metrics(),
+            recent=recent if seeded else None,
+            silences=silences if seeded else None,
+            clock=lambda: restart,
+        )
+
+    live = watch(seeded=False)
+    await live.handle(envelopes([inc]))
+    (first,) = await live.sweep(OPENED + timedelta(minutes=16))
+    await live.handle(envelopes([silenced]))
+    seeded = watch(seeded=True)
+    await seeded.start()
+    await seeded.stop()
+    assert seeded.open == {} and await seeded.sweep(restart) == []  # still silenced
+
+    after = OPENED + timedelta(hours=10, minutes=22)
+    await live.handle(envelopes([loud]))
+    await seeded.handle(envelopes([loud]))
+    pages = await live.sweep(after)
+    assert [e.level for e in pages] == [1, 2] and first.id not in {e.id for e in pages}
+    assert [e.id for e in await seeded.sweep(after)] == [e.id for e in pages]
+    assert asked == [(10 * 3600 - 20 * 60) + 3600]  # back to the silence's start, and an hour
