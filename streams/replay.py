@@ -34,8 +34,21 @@ log = logging.getLogger(__name__)
 Offsets = dict[int, int]
 
 
+# aiokafka's default (5 min).
+METADATA_MAX_AGE_MS = 300_000
+# A replay's consumer lives for one read. Subscribed to a topic its broker's metadata does
+# not hold yet (created a moment ago, e.g. on a fresh broker at the agent's first start),
+# aiokafka asks again only after metadata_max_age_ms: with the default it waited out the
+# read's timeout, and the component's start failed with "topic not found".
+REPLAY_METADATA_MAX_AGE_MS = 500
+
+
 def groupless_consumer(
-    kafka: KafkaSection, role: str, *, fetch_max_wait_ms: int | None = None
+    kafka: KafkaSection,
+    role: str,
+    *,
+    fetch_max_wait_ms: int | None = None,
+    metadata_max_age_ms: int = METADATA_MAX_AGE_MS,
 ) -> AIOKafkaConsumer:
     """A consumer outside any group that sees committed records only (not yet started);
     ``fetch_max_wait_ms`` defaults to the Kafka section's."""
@@ -49,11 +62,12 @@ def groupless_consumer(
         fetch_max_wait_ms=kafka.fetch_max_wait_ms
         if fetch_max_wait_ms is None
         else fetch_max_wait_ms,
+        metadata_max_age_ms=metadata_max_age_ms,
     )
 
 
 async def _consumer(kafka: KafkaSection, topic: str, wait_s: float) -> AIOKafkaConsumer:
-    consumer = groupless_consumer(kafka, "replay")
+    consumer = groupless_consumer(kafka, "replay", metadata_max_age_ms=REPLAY_METADATA_MAX_AGE_MS)
     try:
         await consumer.start()
         # Subscribing (without a group: every partition is ours) makes the client fetch the
