@@ -121,12 +121,24 @@ class MetricSample:
 
 
 @dataclass(frozen=True, slots=True)
+class Signals:
+    """What events show (agent.context.derive_signals): workloads crash looping or
+    OOM-killed, nodes' bad conditions."""
+
+    crash_looping: tuple[str, ...] = ()
+    oom_killed: tuple[str, ...] = ()
+    node_conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Context:
     rollouts: tuple[Rollout, ...] = ()
-    # "runbook <name>" -> namespace -> the earliest rollout that runbook file's
-    # ``deployments`` facts count (its ``spec.context.gather`` window); the rest of the
-    # analysis reads every rollout.
+    # A runbook file's ``spec.context.gather`` windows narrow its own conditions' facts
+    # only; the rest of the analysis reads every rollout and every event. Keyed
+    # "runbook <name>": namespace -> the earliest rollout its ``deployments`` facts count;
+    # the signals of the events within its ``events`` window (crash_looping, oom_killed).
     deployments_since: Mapping[str, Mapping[str, datetime]] = field(default_factory=dict)
+    events_signals: Mapping[str, Signals] = field(default_factory=dict)
     cpu_saturation: Mapping[str, float] = field(default_factory=dict)  # workload -> 0..1
     crash_looping: tuple[str, ...] = ()  # workloads with restarting pods
     unhealthy_nodes: tuple[str, ...] = ()
@@ -526,7 +538,7 @@ def runbook_facts(
     """The facts a runbook file's conditions may name (agent.runbook_expr.FACTS), from the
     structured context only; a source the gatherer could not read leaves its facts out,
     so a condition on them is unknown rather than false. ``prescriber`` ("runbook <name>"):
-    whose deployments window the ``deployments`` facts keep to."""
+    whose gather windows the ``deployments`` and event facts keep to."""
     facts: dict[str, float] = {}
     rollouts_failed = any(
         n.startswith("rollouts") or (target.key in n and ("rollout" in n or "cluster" in n))
@@ -547,8 +559,9 @@ def runbook_facts(
     if ctx.dependency_errors:
         facts["dependency_error_rate"] = max(ctx.dependency_errors.values()) * 100
     if not any(n.startswith("events") for n in ctx.notes):
-        facts["crash_looping"] = float(target.name in ctx.crash_looping)
-        facts["oom_killed"] = float(target.name in ctx.oom_killed)
+        seen = ctx.events_signals.get(prescriber, Signals(ctx.crash_looping, ctx.oom_killed))
+        facts["crash_looping"] = float(target.name in seen.crash_looping)
+        facts["oom_killed"] = float(target.name in seen.oom_killed)
     return facts
 
 

@@ -17,9 +17,10 @@ The runbook file an incident's signal matches (``spec.context.gather``) adds to 
 ``metrics`` queries run as one more source (``runbook metrics``), their ``$namespace``
 replaced by the incident's label, escaped for the string literal it is in
 (:mod:`agent.promql_vars`; an incident without the label: noted, not gathered); its ``events``
-window keeps, in its namespace, only what happened within ``duration`` before the incident
-opened; its ``deployments`` window (``Context.deployments_since``) narrows only the rollouts
-its own conditions count; its ``logs`` LogQL query has no Loki to run on: a selector that
+and ``deployments`` windows (``duration`` before the incident opened, in their namespace)
+narrow only the facts its own conditions read (``Context.events_signals``,
+``Context.deployments_since``): every rule, runbook and the LLM read all events and rollouts
+gathered; its ``logs`` LogQL query has no Loki to run on: a selector that
 names the incident's workload and ``|=``/``!=`` line filters narrow that workload's pod log
 tails, read from ``duration`` before the incident opened (the lines' cap and the byte budget
 still apply), anything else is noted as not gathered.
@@ -53,6 +54,7 @@ from agent.analyzer import (
     KubeEvent,
     MetricSample,
     Rollout,
+    Signals,
     workload_target,
 )
 from agent.errors import ActionFailed, AgentError
@@ -126,13 +128,6 @@ class Querier(Protocol):
 def owner_of(pod: str, workloads: Sequence[str]) -> str | None:
     """The workload whose pods are named ``<workload>-...`` (the longest match)."""
     return max((w for w in workloads if pod == w or pod.startswith(f"{w}-")), key=len, default=None)
-
-
-@dataclass(frozen=True, slots=True)
-class Signals:
-    crash_looping: tuple[str, ...] = ()
-    oom_killed: tuple[str, ...] = ()
-    node_conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def derive_signals(
@@ -342,6 +337,25 @@ def windows(
     return since, stray
 
 
+def own_windows(
+    books: Sequence[FileRunbook], kind: str, namespaces: Collection[str], opened_at: datetime
+) -> dict[str, dict[str, datetime]]:
+    """Keyed "runbook <name>": namespace -> the earliest time its ``kind`` gather items keep
+    there, for the runbooks with such a window. A runbook's window is its own: it narrows
+    the facts its conditions read (agent.analyzer.runbook_facts), never what the other
+    rules, the other runbooks and the LLM read."""
+    return {
+        f"runbook {b.name}": since
+        for b in books
+        if (since := windows(b.gather, kind, namespaces, opened_at)[0])
+    }
+
+
+def within(events: Sequence[KubeEvent], since: Mapping[str, datetime]) -> list[KubeEvent]:
+    """The events not older than ``since`` of their namespace (undated ones kept)."""
+    return [e for e in events if e.at is None or e.at >= since.get(e.namespace, e.at)]
+
+
 # --- the gatherer ---------------------------------------------------------------------------
 
 
@@ -376,8 +390,6 @@ class _Parts:
         }
 
     notes: list[str] = field(default_factory=list)
-    # kind (events, deployments) -> namespace -> the earliest time a runbook keeps there
-    since: dict[str, dict[str, datetime]] = field(default_factory=dict)
     # (namespace, workload) -> the earliest log line a runbook's logs item reads of its pods
     log_since: dict[tuple[str, str], datetime] = field(default_factory=dict)
     log_namespaces: dict[str, str] = field(default_factory=dict)  # pod -> its namespace
@@ -419,21 +431,15 @@ class ContextGatherer:
         items = [(b, g) for b in books for g in b.gather]
         namespaces = {t.namespace for t in targets}
         for kind in ("events", "deployments"):
-            since, stray = windows([g for _, g in items], kind, namespaces, incident.opened_at)
-            parts.since[kind] = since
+            _, stray = windows([g for _, g in items], kind, namespaces, incident.opened_at)
             for b, g in items:
                 if g.type == kind and g.namespace in stray:
                     parts.notes.append(
                         f"runbook {b.name} {kind} of namespace {g.namespace}: not gathered: "
                         "no workload of the incident is there"
                     )
-        # A runbook's deployments window is its own: it narrows the rollouts its conditions
-        # count (agent.analyzer.runbook_facts), never the history the other rules, the
-        # other runbooks and the LLM read.
-        deployments_since = {
-            f"runbook {b.name}": windows(b.gather, "deployments", namespaces, incident.opened_at)[0]
-            for b in books
-        }
+        deployments_since = own_windows(books, "deployments", namespaces, incident.opened_at)
+        events_since = own_windows(books, "events", namespaces, incident.opened_at)
         parts.log_since = log_windows([g for _, g in items], targets, incident.opened_at)
         jobs: list[tuple[str, Awaitable[None]]] = [
             ("rollouts", self._rollouts(targets, parts)),
@@ -455,14 +461,19 @@ class ContextGatherer:
         for listing in parts.pod_lists.values():
             listing.cancel()  # one a timed-out job left running (a no-op for the rest)
         self._runbook_logs(items, targets, parts)
-        signals = derive_signals(parts.events, [t.name for t in targets], parts.live_pods())
+        workloads, live = [t.name for t in targets], parts.live_pods()
+        signals = derive_signals(parts.events, workloads, live)
         node_conditions = dict(signals.node_conditions)
         for n, conditions in parts.node_conditions.items():
             node_conditions[n] = tuple(sorted({*node_conditions.get(n, ()), *conditions}))
         r = parts.related
         return Context(
             rollouts=tuple(parts.rollouts),
-            deployments_since={k: v for k, v in deployments_since.items() if v},
+            deployments_since=deployments_since,
+            events_signals={
+                who: derive_signals(within(parts.events, since), workloads, live)
+                for who, since in events_since.items()
+            },
             cpu_saturation=r.get("cpu_saturation", {}),
             memory_saturation=r.get("memory_saturation", {}),
             concurrency_saturation=r.get("concurrency_saturation", {}),
@@ -685,14 +696,6 @@ class ContextGatherer:
                 found += await src.events("", nodes, limit=limit)
             except AgentError as err:
                 parts.note(f"events of nodes unavailable: {redact(str(err))[:200]}")
-        since = parts.since.get("events", {})
-        inside = [e for e in found if e.at is None or e.at >= since.get(e.namespace, e.at)]
-        if len(inside) < len(found):
-            parts.notes.append(
-                f"events: {len(found) - len(inside)} older than the runbook's events window "
-                "left out"
-            )
-        found = inside
         found.sort(key=lambda e: e.at.timestamp() if e.at else 0.0, reverse=True)  # newest
         clean = [replace(e, message=clip(redact(e.message), MAX_TEXT)) for e in found[: limit or 0]]
         kept, dropped = within_budget(

@@ -21,8 +21,9 @@ What is honoured, and how:
   default context (see :mod:`agent.context`): ``metrics`` ``queries`` run on Prometheus
   (at most :data:`MAX_GATHER_QUERIES` a runbook), their ``$namespace`` replaced by the
   incident's, escaped (:mod:`agent.promql_vars`; another variable is refused here);
-  ``events``/``deployments`` ``duration`` is the window before the incident they are kept
-  from, ``namespace`` the one they apply to; ``logs`` ``query`` is LogQL: with no Loki
+  ``events``/``deployments`` ``duration`` is the window before the incident from which the
+  runbook's own conditions count them (nothing else is narrowed), ``namespace`` the one
+  it applies to; ``logs`` ``query`` is LogQL: with no Loki
   source, only a selector naming the incident's workload and ``|=``/``!=`` line filters
   map onto the pod log tails read, and its ``duration`` is the window before the incident
   those tails are read from.

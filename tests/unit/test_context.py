@@ -23,7 +23,7 @@ from agent.context import (
 from agent.errors import DependencyUnavailable
 from agent.prom import Sample
 from agent.runbook_expr import parse
-from agent.settings import FileRunbook, FileStep, GatherItem
+from agent.settings import FileRunbook, FileStep, GatherItem, parse_settings
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, SHOP, ai_settings, incident, member
 
@@ -429,13 +429,12 @@ async def test_a_matched_runbooks_gather_items_shape_the_context() -> None:
     assert got.query == 'runbook orders: rate(http_5xx{app="checkout"}[5m])' and got.value == 0.4
     assert SECRET not in repr(ctx) and "[REDACTED]" in got.labels["url"]
     assert any(n.startswith("runbook orders metrics 'broken_query' unavailable") for n in ctx.notes)
-    # deployments: 1h is the runbook's own window (the creation three days ago is not in
-    # it), the history stays whole for the rest; events: 30m leaves the old event out.
+    # deployments: 1h and events: 30m are the runbook's own windows (the creation three
+    # days ago, the event of two hours ago are not in them); the rest reads them all.
     assert [r.revision for r in ctx.rollouts] == [1, 2]
     assert ctx.deployments_since == {"runbook orders": {"shop": OPENED - timedelta(hours=1)}}
-    assert "Old" not in {e.reason for e in ctx.events} and "BackOff" in {
-        e.reason for e in ctx.events
-    }
+    assert {"Old", "BackOff"} <= {e.reason for e in ctx.events}
+    assert set(ctx.events_signals) == {"runbook orders"}
     # The LogQL line filter narrowed the workload's tail.
     assert ctx.logs["checkout-7c9f-abcde"] == "ERROR boom"
     assert (
@@ -573,5 +572,50 @@ async def test_a_runbooks_deployments_window_hides_no_rollout_from_the_other_rul
     assert any(
         "step 'fresh rollout': condition 'deployments.count > 0' is false "
         "(deployments.count=0)" in line
+        for line in analysis.evidence
+    ), analysis.evidence
+
+
+async def test_a_runbooks_events_window_hides_no_oom_kill_from_the_other_rules() -> None:
+    # The pattern restarts a workload whose pods were OOM-killed, on any event gathered;
+    # the runbook's own oom_killed fact reads only its last 10 minutes.
+    book = FileRunbook(
+        name="orders",
+        alert="CheckoutErrors",
+        path="orders.yaml",
+        steps=(
+            FileStep(
+                name="fresh oom",
+                action="restart_workload",
+                condition=parse("oom_killed == 1"),
+                condition_text="oom_killed == 1",
+            ),
+        ),
+        gather=(GatherItem("events", duration=600.0),),
+    )
+    restarts = {
+        "name": "pod-restart-loop",
+        "condition": "increase(kube_pod_container_status_restarts_total[1h]) > 5",
+        "actions": ["restart_if_crash_looping"],
+    }
+    settings = parse_settings(
+        {"patterns": [restarts], "ai": {"context": {"timeout": "0.3s"}}}, env={}
+    )
+    settings = replace(settings, file_runbooks=(book,))
+    c = FakeCluster()
+    c.create_deployment("shop", "checkout", image="v1", replicas=3, at=OPENED - timedelta(days=3))
+    old = OPENED - timedelta(minutes=20)
+    c.add_event(KubeEvent("shop", "Pod", "checkout-7c9f-abcde", "OOMKilled", at=old))
+    inc = incident(member("CheckoutErrors"), member("pod-restart-loop"))
+    ctx = await ContextGatherer(settings, cluster=c, source=c, prom=FakeProm(PROM)).gather(inc)
+    assert ctx.oom_killed == ("checkout",) and not ctx.notes
+    analysis = analyze(inc, ctx, settings, OPENED)
+    # The pattern's rule still sees the OOM kill of 20 minutes ago and restarts ...
+    (action,) = analysis.actions
+    assert (action.type, action.target.key) == ("restart_workload", "Deployment/shop/checkout")
+    assert analysis.root_cause_class == "memory_leak"
+    # ... while the runbook's own condition sees none within its 10 minutes.
+    assert any(
+        "step 'fresh oom': condition 'oom_killed == 1' is false (oom_killed=0)" in line
         for line in analysis.evidence
     ), analysis.evidence
