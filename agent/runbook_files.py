@@ -31,6 +31,11 @@ What is honoured, and how:
   of the incidents the runbook matches (agent.escalation_watch.runbook_plan), each sent to
   the escalation webhooks its ``notify`` channels name.
 - ``onFailure: escalate_<who>``: the page goes to the webhook named ``<who>``, if any.
+- ``${VAR}``/``${VAR:-default}`` placeholders are expanded from the environment as in the
+  config, but an unset variable without a default is refused (the config's reads as
+  empty: a runbook's field would silently be blank), and so is ``${namespace}`` (any query
+  variable's name) in a metrics query: expanded at load time it is never the incident's
+  label, which ``$namespace`` is.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from agent.ai_answer import is_dns_name
 from agent.codec import validation_problems
 from agent.models import ActionRequest, AnomalySource, ParamValue, Target
 from agent.policy import param_problem
-from agent.promql_vars import slots
+from agent.promql_vars import VARIABLES, slots
 from agent.runbook_expr import (
     FACT_QUERIES,
     MAX_COUNT,
@@ -72,6 +77,7 @@ from agent.settings import (
     Settings,
     _expand,
     load_yaml,
+    placeholders,
 )
 
 # The reference's action names (and the agent's own) -> the agent's action type.
@@ -431,6 +437,42 @@ def parse_runbook(doc: Any, path: str, settings: Settings) -> tuple[FileRunbook 
     )
 
 
+def _env_problems(doc: Any, env: Mapping[str, str]) -> list[str]:
+    """What the file's ``${VAR}`` placeholders would silently get wrong: an unset variable
+    without a default (it would read as an empty string), and in a metrics query a
+    placeholder named as a query variable (``${namespace}``: the environment's, at load
+    time, never the incident's label)."""
+
+    def at(node: Any, *keys: str) -> Any:
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    name = at(doc, "metadata", "name")
+    book = f"runbook {name!r}" if isinstance(name, str) else "runbook without a name"
+    items = at(doc, "spec", "context", "gather")
+    metrics = {
+        f"spec.context.gather[{i}]"
+        for i, g in enumerate(items if isinstance(items, list) else [])
+        if at(g, "type") == "metrics"
+    }
+    problems: list[str] = []
+    for path, var, default in placeholders(doc):
+        item, _, key = path.rpartition(".")
+        query = key == "query" or key.startswith("queries[")
+        if item in metrics and query and var in VARIABLES:
+            problems.append(
+                f"{path} ({book}): ${{{var}}} is replaced from the environment when the file "
+                f"loads, not by the incident's label: write ${var}"
+            )
+        elif default is None and var not in env:
+            problems.append(
+                f"{path} ({book}): ${{{var}}}: environment variable {var} is unset "
+                f"(write ${{{var}:-default}} for a default)"
+            )
+    return problems
+
+
 def _files(entry: Path) -> list[Path]:
     if entry.is_dir():
         return sorted(p for p in entry.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -458,6 +500,10 @@ def load_runbook_files(
                 continue
             except yaml.YAMLError as err:
                 problems.append(f"{where}: not valid YAML: {err}")
+                continue
+            unset = _env_problems(doc, env)
+            if unset:  # expanded, the fields would read as empty strings
+                problems += [f"{where}: {p}" for p in unset]
                 continue
             book, found = parse_runbook(_expand(doc, env), str(path), settings)
             problems += [f"{where}: {p}" for p in found]

@@ -5,8 +5,10 @@ Shape follows the reference's SRE agent config (``agent``, ``monitoring``, ``ai`
 ``correlation``, ``server``).
 
 Precedence, lowest first: the file, then ``${VAR}`` / ``${VAR:-default}`` placeholders inside
-it, then environment variables ``SRE_AGENT__SECTION__KEY=value`` (double underscores separate
-path parts; the value is parsed as a YAML scalar, so ``0.9`` is a number and ``[a, b]`` a list).
+it (an unset variable without a default reads as empty here, so the reference's config loads
+without ``WORKSPACE_ID``; in a runbook file it is an error, agent.runbook_files), then
+environment variables ``SRE_AGENT__SECTION__KEY=value`` (double underscores separate path
+parts; the value is parsed as a YAML scalar, so ``0.9`` is a number and ``[a, b]`` a list).
 Unknown keys are errors: a typo in a safety setting must not be silently ignored.
 """
 
@@ -849,6 +851,20 @@ def _expand(value: Any, env: Mapping[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: _expand(v, env) for k, v in value.items()}
     return value
+
+
+def placeholders(value: Any, path: str = "") -> list[tuple[str, str, str | None]]:
+    """(field path, variable, its ``:-`` default or None) of each ``${VAR}`` placeholder in
+    a parsed YAML document, as :func:`_expand` would replace them."""
+    if isinstance(value, str):
+        return [(path, m.group(1), m.group(2)) for m in _PLACEHOLDER.finditer(value)]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in placeholders(v, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        return [
+            p for k, v in value.items() for p in placeholders(v, f"{path}.{k}" if path else str(k))
+        ]
+    return []
 
 
 def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> list[str]:

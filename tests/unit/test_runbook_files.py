@@ -178,6 +178,41 @@ def test_a_gather_item_is_refused_where_nothing_would_act_on_it(
     assert says in problem
 
 
+@pytest.mark.parametrize("written", ["${namespace}", "${namespace:-shop}"])
+def test_a_metrics_query_placeholder_named_as_a_query_variable_is_refused(
+    tmp_path: Path, written: str
+) -> None:
+    # Expanded from the environment at load time, it would never be the incident's
+    # namespace: unset, the query silently read namespace="".
+    query = f'rate(http_requests_total{{namespace="{written}"}}[5m])'
+    gather = [{"type": "metrics", "queries": ["up", query]}]
+    cfg = _config(tmp_path, book(step(), context={"gather": gather}))
+    for env in ({}, {"namespace": "shop"}):
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, env=env)
+        assert list(err.value.problems) == [
+            f"runbook_files[0] ({tmp_path / 'runbooks' / 'book0.yaml'}): "
+            "spec.context.gather[0].queries[1] (runbook 'orders'): ${namespace} is replaced "
+            "from the environment when the file loads, not by the incident's label: "
+            "write $namespace"
+        ]
+
+
+def test_an_unset_environment_variable_in_a_runbook_file_is_refused(tmp_path: Path) -> None:
+    scoped = step(params={"deployment": "${DEPLOYMENT}", "namespace": "${NS:-shop}"})
+    cfg = _config(tmp_path, book(scoped))
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert list(err.value.problems) == [
+        f"runbook_files[0] ({tmp_path / 'runbooks' / 'book0.yaml'}): "
+        "spec.steps[0].action.params.deployment (runbook 'orders'): ${DEPLOYMENT}: "
+        "environment variable DEPLOYMENT is unset (write ${DEPLOYMENT:-default} for a default)"
+    ]
+    # Set (or given a default), a placeholder is expanded as in the config.
+    (loaded,) = load_settings(cfg, env={"DEPLOYMENT": "checkout"}).file_runbooks
+    assert dict(loaded.steps[0].scope) == {"deployment": "checkout", "namespace": "shop"}
+
+
 def test_the_rules_show_what_a_runbook_gathered_as_evidence(tmp_path: Path) -> None:
     settings = following(tmp_path, *ESCALATING)
     gathered = MetricSample("runbook orders: rate(x[5m])", {"app": "checkout"}, 0.25)
