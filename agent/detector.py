@@ -15,9 +15,10 @@ anomalies are stamped with it. Replicas therefore publish identical anomalies (s
 fingerprint, ``observed_at`` and ``id``) and the correlator's fingerprint dedup absorbs
 the copies: two replicas, one incident.
 
-Failures are observations too. A query Prometheus rejects, or whose result is not an
-instant vector (a scalar condition), ``failure_threshold`` times in a row raises the
-agent's own ``pattern-query-failed`` anomaly for that pattern; an endpoint
+Failures are observations too. A query Prometheus rejects, whose result is not an instant
+vector (a scalar condition), or that it answers only in part (a reply with ``warnings``: a
+store behind Thanos or Mimir, a remote read, did not answer), ``failure_threshold`` times in
+a row raises the agent's own ``pattern-query-failed`` anomaly for that pattern; an endpoint
 that stops answering opens its circuit breaker (no more queries until ``reset_timeout``)
 and raises ``prometheus-unavailable``. Both resolve on the next successful query.
 """
@@ -407,19 +408,24 @@ class PromQLDetector:
             await self._publish(agent)
             return []
         self.breaker.record_success()
-        agent = self._endpoint_health(now, "") + self._query_health(pattern, True, now, "")
-        agent += await self._recorded(pattern, now, agent, query_ok=True)
-        if reply.warnings:
-            # Counted as an error (it alerts when it lasts): while replies are partial,
-            # nothing of this pattern resolves.
+        problem = ""
+        if reply.partial:
+            # A store or ingester behind the endpoint did not answer: what it holds is
+            # missing from the reply, unseen, not gone. Counted as an error (it alerts when
+            # it lasts) and a failure of the pattern's query: pattern-query-failed, so the
+            # correlator resolves none of the pattern's members as quiet meanwhile.
             self.metrics.detector_errors.labels(
                 pattern=pattern.name, reason="partial_response"
             ).inc()
+            problem = f"pattern {pattern.name}: partial reply: " + "; ".join(reply.warnings)
             log.warning(
                 "pattern %s: partial reply, what is missing from it is not resolved: %s",
                 pattern.name,
-                "; ".join(reply.warnings),
+                problem[:2000],
             )
+        seen = not problem
+        agent = self._endpoint_health(now, "") + self._query_health(pattern, seen, now, problem)
+        agent += await self._recorded(pattern, now, agent, query_ok=seen)
         state = self.states.get(pattern.name, PatternState())
         new_state, anomalies = evaluate(
             pattern,
@@ -427,7 +433,7 @@ class PromQLDetector:
             state,
             now,
             self.settings.agent.cluster,
-            partial=bool(reply.warnings),
+            partial=reply.partial,
         )
         await self._publish(anomalies + agent)
         # Only after the anomalies are durable, so a failed publish is retried next round.

@@ -43,6 +43,17 @@ class Vector:
     samples: list[Sample]
     warnings: tuple[str, ...] = ()
 
+    @property
+    def partial(self) -> bool:
+        """Whether a warning says data may be missing. Prometheus' own annotations of the
+        expression ("PromQL warning: ...", "PromQL info: ..." since 2.46, e.g. a quantile
+        out of range) say nothing of the kind, and one that is there at every evaluation
+        would keep the pattern blind for good."""
+        return any(not w.startswith(_ANNOTATION) for w in self.warnings)
+
+
+_ANNOTATION = ("PromQL warning:", "PromQL info:")
+
 
 # custom_query returns only data.result; the result type and the warnings beside it are
 # read off the response by a hook of the client's session, which runs in the thread making
@@ -64,9 +75,17 @@ def _note_reply(response: requests.Response, *args: object, **kwargs: object) ->
             found = None  # custom_query reports a body it cannot read
         if found:
             found = found if isinstance(found, list) else [found]
-            warnings = tuple(str(w)[:500] for w in found[:10])
+            warnings = tuple(_plain(str(w), 500) for w in found[:10])
     _reply.warnings = warnings
     _reply.result_type = result_type
+
+
+def _plain(text: str, limit: int) -> str:
+    """Untrusted text (a store's error, any proxy in front of Prometheus may write it) for
+    logs and anomalies: cut, its control characters escaped so it forges no log line."""
+    cut = text[:limit]
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return out + ("..." if len(text) > limit else "")
 
 
 class InvalidQuery(PermanentError):

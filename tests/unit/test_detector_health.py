@@ -234,6 +234,44 @@ async def test_a_partial_reply_resolves_nothing_that_is_missing_from_it() -> Non
     assert rec.items[-2:] == out
 
 
+async def test_a_partial_reply_is_a_failure_of_the_pattern_s_query() -> None:
+    # What a partial reply misses was kept pending, unresolved, but nothing repeated it:
+    # its incident resolved as quiet after resolve_timeout though nobody could see it.
+    # Partial replies fail the pattern's query (pattern-query-failed, the blindness the
+    # correlator holds the pattern's members by); a whole reply ends it.
+    d, prom, rec, _, _ = detector(threshold=2)
+    p = d.settings.patterns[0]
+    cart = Sample({"namespace": "shop", "service": "cart"}, 5.0)
+    prom.answer, prom.warnings = [cart], ("partial response: store eu-1 down",)
+    for t in (0, 15, 30):
+        await d.evaluate_once(p, at(t))
+    failed = [a for a in rec.items if a.name == "pattern-query-failed"]
+    assert [(a.status, a.observed_at) for a in failed] == [("firing", at(15)), ("firing", at(30))]
+    assert failed[0].labels["pattern"] == "p" and failed[0].starts_at == at(15)
+    assert "partial reply: partial response: store eu-1 down" in failed[0].annotations["error"]
+    prom.warnings = ()
+    await d.evaluate_once(p, at(45))
+    assert rec.items[-1].name == "pattern-query-failed" and rec.items[-1].status == "resolved"
+
+
+async def test_prometheus_own_annotation_is_no_partial_reply() -> None:
+    # "PromQL warning: ..." (Prometheus >= 2.46) annotates the expression at every
+    # evaluation: taken as a partial reply, nothing of the pattern would ever resolve.
+    d, prom, rec, _, _ = detector(threshold=1)
+    p = d.settings.patterns[0]
+    cart, co = ({"namespace": "shop", "service": s} for s in ("cart", "co"))
+    prom.answer = [Sample(cart, 5.0), Sample(co, 5.0)]
+    prom.warnings = ("PromQL warning: quantile value should be between 0 and 1",)
+    await d.evaluate_once(p, at(0))
+    prom.answer = [Sample(cart, 5.0)]
+    out = await d.evaluate_once(p, at(15))
+    assert sorted((a.labels["service"], a.status) for a in out) == [
+        ("cart", "firing"),
+        ("co", "resolved"),
+    ]
+    assert not any(a.name == "pattern-query-failed" for a in rec.items)
+
+
 # --- the pattern library -----------------------------------------------------------------------
 
 LIBRARY = (

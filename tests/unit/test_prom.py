@@ -110,3 +110,29 @@ async def test_a_scalar_pattern_fails_as_that_pattern_s_query_not_as_an_outage(
     errors = {"pattern": "db-down", "reason": "invalid_query"}
     assert value("sre_agent_detector_errors_total", errors) == 4
     assert value("sre_agent_detector_errors_total", {**errors, "reason": "unavailable"}) is None
+
+
+async def test_a_warning_is_cut_and_forges_no_log_line(
+    prom: tuple[PromClient, dict[str, Any]],
+) -> None:
+    # Any proxy in front of Prometheus writes the warnings: untrusted text, logged and
+    # carried in the pattern's pattern-query-failed anomaly.
+    client, reply = prom
+    forged = "store down\n2026-12-07 ERROR agent: all clear\x1b[2J" + "x" * 1000
+    reply.update(_vector("cart", warnings=[forged]))
+    [warning] = (await client.query_vector("errors > 1")).warnings
+    assert "\n" not in warning and "\x1b" not in warning
+    assert warning.startswith("store down\\n2026-12-07 ERROR") and len(warning) < 520
+
+
+async def test_prometheus_own_annotations_say_nothing_is_missing(
+    prom: tuple[PromClient, dict[str, Any]],
+) -> None:
+    # Prometheus >= 2.46 annotates the expression ("PromQL warning: ..."): every series is
+    # there. A store that did not answer is what makes a reply partial.
+    client, reply = prom
+    note = "PromQL warning: quantile value should be between 0 and 1"
+    reply.update(_vector("cart", warnings=[note, "PromQL info: metric might not be a counter"]))
+    assert not (await client.query_vector("errors > 1")).partial
+    reply.update(_vector("cart", warnings=[note, "No StoreAPIs matched for this query"]))
+    assert (await client.query_vector("errors > 1")).partial
