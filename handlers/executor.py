@@ -1206,7 +1206,8 @@ class Executor:
         pattern = self.settings.pattern(name)
         assert self.prom is not None and pattern is not None
         reply = await self.prom.query_vector(pattern.condition)
-        return [s.labels for s in reply.samples], reply.warnings
+        # (Prometheus' own annotations of the expression miss nothing: see Vector.partial)
+        return [s.labels for s in reply.samples], reply.warnings if reply.partial else ()
 
     async def _escalate(
         self,

@@ -219,6 +219,10 @@ async def test_a_partial_reply_missing_the_series_proves_nothing_healed(
             "not_healed",
             "high-error-rate still firing after the action",
         )
+        # Prometheus' own annotation of the expression misses nothing: decided.
+        note = "PromQL warning: quantile value should be between 0 and 1"
+        reply.update(_reply({"namespace": "pay", "service": "ledger"}, warnings=[note]))
+        assert await ex.recheck_trigger(rollback) == ("healed", "high-error-rate cleared")
         # A whole reply without it: cleared.
         reply.clear()
         reply.update(_reply({"namespace": "pay", "service": "ledger"}))
