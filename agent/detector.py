@@ -40,6 +40,7 @@ from agent.errors import AgentError, RecordTooLarge, cancel_and_wait, task_failu
 from agent.labels import SERVICE_LABELS, fit, normalise
 from agent.metrics import Metrics
 from agent.models import (
+    OBSERVER,
     Anomaly,
     AnomalySource,
     AnomalyStatus,
@@ -83,6 +84,15 @@ def instance_labels(sample: Sample, cluster: str) -> dict[str, str]:
     return fit(normalise(sample.labels, cluster))
 
 
+def observed(labels: dict[str, str], cluster: str) -> dict[str, str]:
+    """``labels`` of a series naming another cluster than the detector's own, with the
+    detector's (see :data:`agent.models.OBSERVER`): its blindness is what covers them. The
+    detector's word: a series' own label of that name is replaced."""
+    if labels.get("cluster") == cluster and OBSERVER not in labels:
+        return labels
+    return {**labels, OBSERVER: cluster}
+
+
 def next_slot(now: float, interval: float, delay: float) -> float:
     """The next evaluation slot (epoch seconds, a multiple of ``interval``) whose query
     time ``slot + delay`` is not in the past. Pure: replicas agree on it."""
@@ -105,7 +115,7 @@ def evaluate(
     for s in samples:
         labels = instance_labels(s, cluster)
         fp = fingerprint(SOURCE, pattern.name, labels)
-        seen[fp] = (labels, s.value)
+        seen[fp] = (observed(labels, cluster), s.value)
     out: list[Anomaly] = []
     instances: dict[str, Instance] = {}
     hold = timedelta(seconds=pattern.for_)

@@ -643,6 +643,18 @@ BLINDING: Mapping[str, tuple[AnomalySource, str | None]] = {
     "pattern-query-failed": ("prometheus", "pattern"),
 }
 
+# A blindness is the observer's: a detector labels its own anomalies with its agent.cluster,
+# but a series it reads may name another cluster (Thanos, Mimir, federation). Such an
+# anomaly carries the observer's cluster in this label too, so that detector's blindness
+# covers it and another cluster's does not. Not part of its fingerprint: it says who saw
+# the anomaly, not which one it is.
+OBSERVER = "agent_cluster"
+
+
+def observer(labels: Mapping[str, str]) -> str:
+    """The agent.cluster of the detector that observed an anomaly with these labels."""
+    return labels.get(OBSERVER) or labels.get("cluster", "")
+
 
 @dataclass(frozen=True, slots=True)
 class Silence:

@@ -47,6 +47,7 @@ from agent.models import (
     group_key,
     new_incident,
     new_member,
+    observer,
     stable_id,
 )
 
@@ -427,7 +428,9 @@ class Blindness:
 
 
 # (source, cluster) -> the last blindness to every anomaly of the source there;
-# (source, cluster, name) -> to those of that name only (a pattern whose query fails)
+# (source, cluster, name) -> to those of that name only (a pattern whose query fails). The
+# cluster is the blind detector's: it covers what it observed (agent.models.observer),
+# whichever cluster its series name.
 Blind = Mapping[tuple[str, ...], Blindness]
 NOT_BLIND: Blind = {}
 
@@ -439,7 +442,7 @@ def _alive_at(m: Member, blind: Blind, timeout: timedelta, now: datetime) -> dat
     alive until the source sees again (now, while it is still blind)."""
     if m.status != "firing":
         return m.last_seen
-    cluster = m.labels.get("cluster", "")
+    cluster = observer(m.labels)  # the blindness is its observer's, not its series'
     alive = m.last_seen
     for where in ((m.source, cluster), (m.source, cluster, m.name)):
         b = blind.get(where)

@@ -344,6 +344,30 @@ async def test_an_outage_is_blindness_the_correlator_resolves_no_pattern_inciden
     assert expire(pattern, at(1000), rules)[0].status == "resolved"
 
 
+async def test_an_outage_blinds_what_the_detector_saw_of_other_clusters_too() -> None:
+    """Behind Thanos the detector (agent.cluster c1) reads series of cluster eu-1: its
+    outage is its blindness to them too, so their incident, quiet for 16 min, stays open;
+    a blind detector of another cluster holds none of them."""
+    d, prom, rec, clock, _ = detector()
+    p = d.settings.patterns[0]
+    prom.answer = [Sample({"cluster": "eu-1", "namespace": "shop", "service": "co"}, 5.0)]
+    await d.evaluate_once(p, at(0))
+    prom.answer = DependencyUnavailable("connection refused")
+    for t in range(15, 1000, 15):
+        clock.now = t
+        await d.evaluate_once(p, at(t))
+    rules = CorrelationRules(resolve_timeout=300)
+    states, _ = correlate_batch({}, rec.items, at(1000), rules)
+    facts = [f for inc in states.values() if inc is not None for f in facts_of(inc, True, ())]
+    blind = build_index(facts, at(1000), rules.resolve_timeout).blind
+    assert set(blind) == {("prometheus", "c1")}
+    [pattern] = [inc for inc in states.values() if inc and inc.members[0].source == "prometheus"]
+    assert pattern.labels["cluster"] == "eu-1"
+    assert expire(pattern, at(1000), rules, blind) == (pattern, None)
+    elsewhere = {("prometheus", "eu-1"): blind[("prometheus", "c1")]}
+    assert expire(pattern, at(1000), rules, elsewhere)[0].status == "resolved"
+
+
 async def test_a_failing_pattern_query_is_blindness_to_that_pattern_only() -> None:
     """Pattern p's query is rejected from t=15 to t=1000 (pattern-query-failed fires for
     it), while Prometheus answers: p's incident, quiet for 16 min, is not resolved, and its
