@@ -38,6 +38,7 @@ from agent.models import (
     Labels,
     Severity,
     fingerprint,
+    observed,
     outside_window,
     stable_id,
 )
@@ -156,6 +157,8 @@ def to_anomaly(
     name = labels["alertname"]
     # "alertmanager" names the identity whatever the transport (see module docstring).
     fp = fingerprint("alertmanager", name, labels)
+    if source == "alertmanager":  # what the receiver's blindness covers (agent.models.OBSERVER)
+        labels = observed(labels, cluster)
     status = alert.state(now)
     annotations = dict(alert.annotations)
     if alert.generatorURL:

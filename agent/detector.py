@@ -40,7 +40,6 @@ from agent.errors import AgentError, RecordTooLarge, cancel_and_wait, task_failu
 from agent.labels import SERVICE_LABELS, fit, normalise
 from agent.metrics import Metrics
 from agent.models import (
-    OBSERVER,
     Anomaly,
     AnomalySource,
     AnomalyStatus,
@@ -48,6 +47,7 @@ from agent.models import (
     Severity,
     fingerprint,
     group_key,
+    observed,
     stable_id,
     utcnow,
 )
@@ -82,15 +82,6 @@ def instance_labels(sample: Sample, cluster: str) -> dict[str, str]:
     # Cut to fit, not refused: the series fires and must open an incident, and nobody is
     # there to be told (refused, it would be refused again every slot).
     return fit(normalise(sample.labels, cluster))
-
-
-def observed(labels: dict[str, str], cluster: str) -> dict[str, str]:
-    """``labels`` of a series naming another cluster than the detector's own, with the
-    detector's (see :data:`agent.models.OBSERVER`): its blindness is what covers them. The
-    detector's word: a series' own label of that name is replaced."""
-    if labels.get("cluster") == cluster and OBSERVER not in labels:
-        return labels
-    return {**labels, OBSERVER: cluster}
 
 
 def next_slot(now: float, interval: float, delay: float) -> float:

@@ -641,6 +641,9 @@ class Fact:
 BLINDING: Mapping[str, tuple[AnomalySource, str | None]] = {
     "prometheus-unavailable": ("prometheus", None),
     "pattern-query-failed": ("prometheus", "pattern"),
+    # The receiver cannot ask Alertmanager what still fires (agent.webhook): nothing
+    # repeats its alerts, and Alertmanager itself resends only every repeat_interval.
+    "alertmanager-unavailable": ("alertmanager", None),
 }
 
 # A blindness is the observer's: a detector labels its own anomalies with its agent.cluster,
@@ -654,6 +657,15 @@ OBSERVER = "agent_cluster"
 def observer(labels: Mapping[str, str]) -> str:
     """The agent.cluster of the detector that observed an anomaly with these labels."""
     return labels.get(OBSERVER) or labels.get("cluster", "")
+
+
+def observed(labels: dict[str, str], cluster: str) -> dict[str, str]:
+    """``labels`` of an anomaly naming another cluster than its detector's, ``cluster``,
+    with that one (see :data:`OBSERVER`): its blindness is what covers them. The detector's
+    word: a label of that name the series or alert has is replaced."""
+    if labels.get("cluster") == cluster and OBSERVER not in labels:
+        return labels
+    return {**labels, OBSERVER: cluster}
 
 
 @dataclass(frozen=True, slots=True)

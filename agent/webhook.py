@@ -33,7 +33,10 @@ Alertmanager repeats a notification only every ``repeat_interval`` (4h by defaul
 the correlator resolves an incident none of whose members it has seen for
 ``resolve_timeout``. With the Alertmanager API at hand (``monitoring.alertmanager.url``),
 the receiver asks it every third of ``resolve_timeout`` which alerts it would notify each
-known receiver of now, and announces those that still fire again.
+known receiver of now, and announces those that still fire again. While it cannot ask,
+it is blind: ``alertmanager-unavailable`` fires, and the correlator resolves none of the
+cluster's Alertmanager members as quiet until it answers again (their quiet counts from
+then). Without the API nothing tells that Alertmanager, or the way from it, is down.
 """
 
 from __future__ import annotations
@@ -50,13 +53,17 @@ from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
 from agent.alerts import Notification, in_alert, parse_notification, still_firing, to_anomaly
-from agent.detector import Publisher, Refused, publish_refusing, refusals
+from agent.detector import Publisher, Refused, agent_anomaly, publish_refusing, refusals
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
+from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, utcnow
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The agent's own anomaly while it cannot ask Alertmanager (see agent.models.BLINDING).
+UNAVAILABLE = "alertmanager-unavailable"
 
 # Receivers learned from payloads, at the most (the configured ones come on top).
 MAX_LEARNED_RECEIVERS = 100
@@ -90,6 +97,8 @@ class AlertmanagerReceiver:
         # (At least a second: a resolve_timeout of 0 must not spin on Alertmanager's API.)
         self.refresh_every = max(1.0, settings.correlation.resolve_timeout / 3)
         self._refresher: asyncio.Task[None] | None = None
+        # When the refresh first found Alertmanager not answering (None: it answers).
+        self.unavailable_since: datetime | None = None
 
     def install(self, app: web.Application) -> None:
         app.router.add_post(self.cfg.path, self.handle)
@@ -118,26 +127,70 @@ class AlertmanagerReceiver:
     async def refresh(self) -> int:
         """Announce again the alerts Alertmanager would notify the known receivers of now
         that still fire; returns how many. A receiver Alertmanager cannot answer for is
-        tried again next time: its incidents resolve as quiet only if that lasts."""
+        tried again next time; meanwhile ``alertmanager-unavailable`` fires, and the
+        correlator resolves none of this cluster's Alertmanager members as quiet."""
         if self.api is None:
             return 0
         announced = 0
+        unanswered: list[str] = []
         for receiver in sorted(self.receivers):
             try:
                 alerts = await self.api.notified(receiver)
-                anomalies = [
-                    a
-                    for a in still_firing(
-                        alerts, cluster=self.settings.agent.cluster, now=self.clock()
-                    )
-                    if not refusals(a, self.settings.correlation.group_by)
-                ]
-                refused = await self._publish(anomalies)
             except AgentError as err:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
+                unanswered.append(f"receiver {receiver!r}: {err}")
+                continue
+            anomalies = [
+                a
+                for a in still_firing(alerts, cluster=self.settings.agent.cluster, now=self.clock())
+                if not refusals(a, self.settings.correlation.group_by)
+            ]
+            try:
+                refused = await self._publish(anomalies)
+            except AgentError as err:  # Kafka: the next refresh announces them again
+                log.warning(
+                    "alertmanager refresh of receiver %r: publishing failed: %s", receiver, err
+                )
                 continue
             announced += len(anomalies) - len(refused)
+        await self._tell_blind(unanswered)
         return announced
+
+    async def _tell_blind(self, unanswered: list[str]) -> None:
+        """``alertmanager-unavailable``: firing (repeated, its liveness) while a refresh
+        finds a receiver Alertmanager does not answer for, resolved at the first refresh
+        it answers for all. Without it, an Alertmanager down longer than resolve_timeout
+        resolved its alerts' incidents as quiet though nobody could see them."""
+        down, since, now = bool(unanswered), self.unavailable_since, self.clock()
+        if since is None:
+            if not down:
+                return
+            since = self.unavailable_since = now
+            log.error("alertmanager %s unavailable: %s", self.api_url, unanswered[0])
+        anomaly = agent_anomaly(
+            UNAVAILABLE,
+            "firing" if down else "resolved",
+            severity="critical",
+            labels=normalise(
+                {"service": self.settings.agent.name, "endpoint": self.api_url},
+                self.settings.agent.cluster,
+            ),
+            since=since,
+            now=now,
+            error="; ".join(unanswered),
+        )
+        try:
+            await self._publish([anomaly])
+        except AgentError as err:  # the next refresh tells it again
+            log.warning("publishing %s failed: %s", UNAVAILABLE, err)
+            return
+        if not down:
+            self.unavailable_since = None
+            log.info("alertmanager %s answers again", self.api_url)
+
+    @property
+    def api_url(self) -> str:
+        return self.api.url if self.api is not None else ""
 
     async def handle(self, request: web.Request) -> web.Response:
         response = await self._handle(request)

@@ -19,10 +19,11 @@ anomaly is firing in one open incident only and never flips back; a node that re
 takes in no new pod failure. When the absorbing anomaly appears after its pods', the
 correlator's timer hands their members over (:func:`moves`).
 
-A source that cannot see (the agent's ``prometheus-unavailable``, see
-:data:`agent.models.BLINDING`) is a fact too: while it fires, no worker resolves that
-source's anomalies in its cluster as quiet (:func:`streams.correlation.expire`); nor,
-while a pattern's own query fails (``pattern-query-failed``), that pattern's.
+A source that cannot see (the agent's ``prometheus-unavailable`` or
+``alertmanager-unavailable``, see :data:`agent.models.BLINDING`) is a fact too: while it
+fires, no worker resolves that source's anomalies its detector observed as quiet
+(:func:`streams.correlation.expire`); nor, while a pattern's own query fails
+(``pattern-query-failed``), that pattern's.
 """
 
 from __future__ import annotations
