@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,14 +34,12 @@ class Daemons:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """A process whose exe is named ``name`` and whose command line holds ``args``."""
-        proc = subprocess.Popen(
-            [str(self.exe(name)), "-c", LOOP, name, *args],
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
+        argv = [str(self.exe(name)), "-c", LOOP, name, *args]
+        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_exec(proc, argv)
         # reap it as soon as it dies: the scripts wait until `kill -0` fails
         threading.Thread(target=proc.wait, daemon=True).start()
-        self.procs.append(proc)
         return proc
 
     def kill_all(self) -> None:
@@ -48,6 +47,20 @@ class Daemons:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def wait_exec(proc: subprocess.Popen[bytes], argv: list[str]) -> None:
+    """Returns once /proc/PID/cmdline shows ``argv``. Popen returns when the
+    child's close-on-exec pipe closes, which the kernel does before it sets up
+    the new image's arguments: until then the command line reads empty, and a
+    script asked about the pid then rightly says it is not ours. On a loaded
+    machine that window outlasted the test's next step, failing it."""
+    want = b"".join(os.fsencode(arg) + b"\0" for arg in argv)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes() != want:
+        assert proc.poll() is None, f"fake daemon {argv[0]} exited: {proc.returncode}"
+        assert time.monotonic() < deadline, f"fake daemon {argv[0]} did not exec in 10s"
+        time.sleep(0.001)
 
 
 @pytest.fixture
@@ -104,6 +117,17 @@ def fake_k8s(daemons: Daemons, state: Path) -> subprocess.Popen[bytes]:
     proc = daemons.start("etcd", "--data-dir", str(state / "k8s" / "etcd"))
     (pids / "etcd.pid").write_text(f"{proc.pid}\n")
     return proc
+
+
+def test_a_started_fake_daemon_already_shows_its_command_line(daemons: Daemons) -> None:
+    # What the by-pid tests below rely on. Right after Popen the new image's
+    # command line is often still empty (a kernel window, not ours to close),
+    # so a couple of hundred starts without the wait all but surely catch one.
+    for i in range(200):
+        proc = daemons.start("java", f"/x/{i}/server.properties")
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        proc.kill()
+        assert cmdline.endswith(f"\0/x/{i}/server.properties\0".encode()), (i, cmdline)
 
 
 def test_make_clean_stops_every_instance_under_the_state_dir(
