@@ -338,7 +338,24 @@ start_component() { # name args...
 	# setsid: own session, so the caller's terminal or process group can't take it down
 	# 8>&- 9>&-: the daemons must not inherit (and so hold) our flock fds
 	setsid "$exe" "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- 9>&- &
-	echo $! >"$PIDS/$name.pid"
+	local pid=$! i
+	echo "$pid" >"$PIDS/$name.pid"
+	# Return once the child has exec'd or died. Until its exec completes its
+	# /proc entry shows this shell (exe bash) or an empty command line, so
+	# alive, which wait_ready checks at once, would call a slow-starting
+	# component dead: up failed, and stop_all, not knowing the pid either,
+	# left the component running with its pid file removed.
+	for ((i = 0; i < 600; i++)); do
+		alive "$name" && return 0
+		pid_running "$pid" || return 0
+		sleep 0.05
+	done
+}
+
+# pid_running PID -> success while PID exists and is not a zombie (a child that
+# died answers kill -0 until it is reaped).
+pid_running() {
+	[[ -e /proc/$1 ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
 }
 
 alive() { component_pid "$1" >/dev/null; }
@@ -571,7 +588,7 @@ stop_all() {
 
 wait_pid_gone() { # pid seconds
 	local deadline=$((SECONDS + $2))
-	while [[ -e /proc/$1 ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; do
+	while pid_running "$1"; do
 		((SECONDS >= deadline)) && return 1
 		sleep 0.2
 	done

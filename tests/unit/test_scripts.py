@@ -4,8 +4,10 @@ what they stop, what they refuse, what they cache. Fakes are copies of bash (so
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -176,6 +178,113 @@ def test_k8s_stops_its_own_component_by_pid(tmp_path: Path, daemons: Daemons) ->
 
     assert f"etcd                     running (pid {etcd.pid})" in status.stdout
     assert gone(etcd)
+
+
+FAKE_SETSID = """#!/usr/bin/env bash
+# Fake setsid: logs its pid, execs late (as on a loaded machine), and runs the
+# component (a bash copy) as a loop with the component's arguments kept.
+echo $$ >>"$FAKE_PIDS"
+sleep 0.5
+exe=$1
+shift
+exec "$exe" -c 'while :; do sleep 0.1; done' "${exe##*/}" "$@"
+"""
+
+
+class EtcdHealth(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"health":"true"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_etcd_health(port: int, pidfile: Path, stop: threading.Event) -> None:
+    """Answers etcd's health check on ``port`` once up has started etcd (bound
+    sooner, up's own check would find the port taken)."""
+    while not pidfile.exists():
+        if stop.wait(0.01):
+            return
+    with http.server.HTTPServer(("127.0.0.1", port), EtcdHealth) as server:
+        server.timeout = 0.1
+        while not stop.is_set():
+            server.handle_request()
+
+
+def test_k8s_up_waits_for_a_component_that_execs_late(tmp_path: Path) -> None:
+    # etcd and the apiserver take 0.5 s to exec; the apiserver never gets ready.
+    # Up must fail on the apiserver's timeout, not call etcd dead meanwhile, and
+    # stop both: the pid it wrote names them once they have exec'd.
+    bin_dir, state = tmp_path / "fakebin", tmp_path / "state"
+    bin_dir.mkdir()
+    (bin_dir / "setsid").write_text(FAKE_SETSID)
+    (bin_dir / "setsid").chmod(0o755)
+    env = {"SRE_STATE_DIR": str(state), "SRE_CACHE_DIR": str(tmp_path / "cache")}
+    status = run(["bash", str(SCRIPTS / "k8s.sh"), "status"], env, check=False)
+    k8s_bin = Path(status.stdout.split("not built (", 1)[1].split(")", 1)[0])
+    k8s_bin.mkdir(parents=True)
+    (k8s_bin / ".complete").write_text("fake\n")
+    shutil.copy("/bin/bash", k8s_bin / "kube-apiserver")
+    shutil.copy("/bin/bash", bin_dir / "etcd")
+    pki = state / "k8s" / "pki"
+    pki.mkdir(parents=True)
+    # generated already: up only reads these into kubeconfigs
+    (pki / ".complete").write_text("")
+    (pki / "ca.crt").write_text("")
+    for user in ("admin", "kube-controller-manager", "kube-scheduler", "kwok"):
+        (pki / f"{user}.crt").write_text("")
+        (pki / f"{user}.key").write_text("")
+    # one port for all: only etcd's health is served there, the rest fail TLS
+    port = free_port()
+    fake_pids = tmp_path / "fake.pids"
+    env |= {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_PIDS": str(fake_pids),
+        "SRE_ETCD_BIN": str(bin_dir / "etcd"),
+        "SRE_K8S_UP_TIMEOUT": "1",
+        **dict.fromkeys(
+            (
+                "SRE_ETCD_PORT",
+                "SRE_ETCD_PEER_PORT",
+                "SRE_K8S_APISERVER_PORT",
+                "SRE_K8S_CONTROLLER_MANAGER_PORT",
+                "SRE_K8S_SCHEDULER_PORT",
+            ),
+            str(port),
+        ),
+    }
+    stop = threading.Event()
+    health = threading.Thread(
+        target=serve_etcd_health, args=(port, state / "k8s" / "pids" / "etcd.pid", stop)
+    )
+    health.start()
+    try:
+        up = run(["bash", str(SCRIPTS / "k8s.sh"), "up"], env, check=False)
+        started = [int(pid) for pid in fake_pids.read_text().split()]
+        left = [pid for pid in started if running_under(pid, tmp_path)]
+    finally:
+        stop.set()
+        health.join()
+        for pid in map(int, fake_pids.read_text().split() if fake_pids.exists() else ()):
+            if running_under(pid, tmp_path):
+                os.kill(pid, signal.SIGKILL)
+
+    assert up.returncode != 0
+    assert "timed out after 1s waiting for kube-apiserver" in up.stderr, up.stderr
+    assert "failed to start" not in up.stderr
+    assert len(started) == 2 and left == []
+
+
+def running_under(pid: int, under: Path) -> bool:
+    """Whether ``pid`` is a live process whose command line names a path under ``under``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return os.fsencode(under) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # service, its config file, how the config file appears on its command line
