@@ -27,8 +27,12 @@ leaked token costs a lot. What it recognises:
   it deeper than the key (than its line, after a log prefix), blank lines included, down
   to the depth of the first;
 - the items of a list under such a key: a YAML block sequence (``tokens:`` over
-  ``- abc123``; an item that is a mapping, ``- name: regcred``, keeps its keys, checked on
-  their own) or a flow sequence of scalars (``tokens: [abc, def]``, ``{"tokens": ["abc"]}``);
+  ``- abc123``) or a flow sequence (``tokens: [abc, def]``, ``{"tokens": ["abc"]}``), the
+  items of lists nested in it too (``[["a", "b"], ["c"]]``); an item that is a mapping
+  (``- name: x`` over ``value: s3cret``, ``{"name": "x", "value": "s3cret"}``) keeps its
+  keys and the values that name it (name, namespace, kind, user, username: a list of
+  ``- name: regcred`` stays), its other values go; a bare item in a JSON list is replaced
+  by a string, so JSON stays JSON;
 - command-line flags named for a secret with their value after a space
   (``--password Hunter2``, ``--api-key``, ``--client-secret``, ``-storepass``), not
   flags that name where a secret is (``--token-file /path``); a MySQL/MariaDB client's
@@ -126,24 +130,51 @@ _REFERENCE_KEY = (
 # No value but a structure whose own keys are checked: an opening { before a quote, a
 # closer, the line's end or another opener that is itself before a quote or the line's end
 # ("[{0000" is a value: nothing in it is a key to check); a [ (or [[) before the end, such
-# a { or a closer that ends the value ("[]0000" is a value); a [ before a scalar opens a
-# sequence (see _FLOW_SEQUENCE), a [[ before one is a value, whole; after the key's line, a
-# YAML mapping's first key or a sequence's "- " (see _block_values).
+# a { or a closer that ends the value ("[]0000" is a value), when no flow sequence is there
+# (see _FLOW_SEQUENCE, tried first); a [[ before a scalar is a value, whole; after the key's
+# line, a YAML mapping's first key or a sequence's "- " (see _block_values).
 _STRUCTURE = (
     r"(?!\{[ \t]*(?:\\*[\"'}\]]|\r?\n|\Z|[{\[][ \t]*(?:\\*[\"']|\r?\n|\Z))"
     r"|\[(?:\s*\[)*\s*(?:\](?![^\s,}\]\"'\\])|\Z|\{[ \t]*(?:\\*[\"']|\r?\n|\Z)))"
-    r"(?(nl)(?![^\s\"']+:(?:\s|\Z)|-(?:\s|\Z)))"
 )
+_NO_KEY_BELOW = r"(?(nl)(?![^\s\"']+:(?:\s|\Z)|-(?:\s|\Z)))"
 # An item of a flow sequence of scalars (["abc", "def"], [abc, def]): quoted, or bare to
 # the next , or bracket, spaces inside it and all.
 _FLOW_CHAR = r"(?:[^\s,\[\]{}\"'\\]|\\+(?![\\\"]))"
 _FLOW_BARE = _FLOW_CHAR + r"(?:(?:[^,\[\]{}\r\n\"'\\]|\\+(?![\\\"]))*" + _FLOW_CHAR + ")?"
-_FLOW_ITEM = _escaped_quoted("iesc") + "|" + _QUOTED + "|" + _FLOW_BARE
-# Under a secret key every item is a secret; one already redacted is left as it is. It
-# ends at its ] or where a text is cut off on its line: else ("[00000" over a newline) the
-# value is no sequence.
+
+
+def _flow_scalar(tag: str) -> str:
+    return _escaped_quoted(tag) + "|" + _QUOTED + "|" + _FLOW_BARE
+
+
+def _balanced(tag: str, depth: int) -> str:
+    """What may stand between a bracket and the one that closes it: strings, whose brackets
+    are no brackets, other characters and, ``depth`` levels deep, bracketed parts."""
+    parts = [_escaped_quoted(tag), _QUOTED, r"[^{}\[\]\"'\\]", r"\\+(?![\\\"])"]
+    if depth:
+        parts.append(r"\{" + _balanced(tag + "m", depth - 1) + r"\}")
+        parts.append(r"\[" + _balanced(tag + "s", depth - 1) + r"\]")
+    return "(?:" + "|".join(parts) + ")*+"
+
+
+# A flow mapping, three levels deep at most, as a list's item: [{"name": "x", ...}].
+def _flow_mapping(tag: str) -> str:
+    return r"\{" + _balanced(tag, 3) + r"\}"
+
+
+# Under a secret key every scalar item is a secret, in nested lists too ([["a"], ["b"]]);
+# one already redacted is left as it is. An item that is a mapping keeps only the values
+# that name it (see _mapping_item). The list ends at its ] or where a text is cut off on
+# its line: else ("[00000" over a newline) the value is no sequence.
 _FLOW_SEQUENCE = (
-    r"(?P<seq>(?!\[REDACTED\])\[\s*(?>(?:" + _FLOW_ITEM + r")(?:\s*,\s*|\s*(?=\])|[ \t]*\Z))+"
+    r"(?P<seq>(?!\[REDACTED\])\[\s*(?>(?:"
+    + _flow_mapping("sm")
+    + r"|\["
+    + _balanced("sn", 3)
+    + r"\]|"
+    + _flow_scalar("iesc")
+    + r")(?:\s*,\s*|\s*(?=\])|[ \t]*\Z))+"
     r"(?:\]|\Z))"
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
@@ -153,10 +184,12 @@ _KEY_VALUE = re.compile(
     + ")"
     + _REFERENCE_KEY
     + _SEPARATOR
-    + _STRUCTURE
+    + _NO_KEY_BELOW
     + r"(?P<value>"
     + _FLOW_SEQUENCE
     + "|"
+    + _STRUCTURE
+    + "(?:"
     + _ESCAPED_QUOTED
     + "|"
     + _QUOTED
@@ -164,9 +197,20 @@ _KEY_VALUE = re.compile(
     + _PHRASE
     + r"|"
     + _BARE
-    + "))"
+    + ")))"
 )
-_FLOW_ITEMS = re.compile(_FLOW_ITEM)
+# A list's parts: its mappings, its scalars (those of nested lists too).
+_SEQUENCE_PARTS = re.compile(r"(?P<map>" + _flow_mapping("pm") + ")|" + _flow_scalar("iesc"))
+# A flow mapping's parts: a key, its value if a scalar, or a scalar that is no key's value.
+_MAPPING_PARTS = re.compile(
+    r"(?P<key>(?P<kq>\\*[\"'])?(?P<name>[\w.-]+)(?(kq)(?P=kq)))[ \t]*:(?P<ksep>\s*)"
+    r"(?P<value>" + _flow_scalar("vesc") + ")?|" + _flow_scalar("iesc")
+)
+# The keys that name a list's item rather than hold its secret: imagePullSecrets' and a
+# ServiceAccount's secrets are lists of {name: ...}.
+_ITEM_NAME_KEYS = frozenset({"name", "namespace", "kind", "user", "username"})
+# A JSON key's closing quote (with the backslashes escaping it in a string).
+_KEY_QUOTE = re.compile(r'\\*"')
 # A flag named for a secret (not --token-file, which names where one is), its value after
 # a space or =; a long flag after it is the next flag, not the value (a prompted password).
 # With =, most are key=value too, but not -storepass: "pass" glued to a word is none.
@@ -196,6 +240,11 @@ _BLOCK_INDICATOR = re.compile(
 )
 # A sequence item that is a mapping (``- name: regcred``): its keys are checked on their own.
 _MAPPING_ITEM = re.compile(r"(?:[^\s\"']+|\"[^\"\r\n]*\"|'[^'\r\n]*'):(?:\s|\Z)")
+# A line of a mapping that is a list's item: the "- " before it, its key, its value.
+_ITEM_LINE = re.compile(
+    r"(?:-[ \t]+)*(?:(?P<q>[\"']?)(?P<name>[^\s\"':{}\[\],#]+)(?P=q)[ \t]*:(?:[ \t]+|\Z))?"
+    r"(?P<rest>.*)"
+)
 _BLOCK_KEY = re.compile(r"(?<![\w.-])[\"']?(?P<key>[\w.-]+)[\"']?\Z")
 _SENSITIVE_WORD = re.compile("(?i)" + _SENSITIVE + "|" + _PW_SUFFIX + r"\Z")
 # What may precede a key on its line in YAML: indentation, the "- " of list items.
@@ -326,17 +375,45 @@ def _scheme_credential(m: re.Match[str]) -> str:
     return f"{m.group(1)}{m.group(2)}{REDACTED}"
 
 
-def _flow_item(m: re.Match[str]) -> str:
-    item = m.group(0)
-    esc = m.group("iesc")
-    quote = f'{esc}"' if esc is not None else item[0] if item[0] in ("'", '"') else ""
+def _redacted_scalar(item: str, esc: str | None, bare: str) -> str:
+    """A scalar replaced, its quotes kept; a bare one (a number) quoted as ``bare`` says: a
+    JSON list stays JSON."""
+    quote = f'{esc}"' if esc is not None else item[0] if item[0] in ("'", '"') else bare
     return f"{quote}{REDACTED}{quote}"
+
+
+def _mapping_part(m: re.Match[str], bare: str) -> str:
+    if m.group("key") is None:
+        return _redacted_scalar(m.group(0), m.group("iesc"), bare)
+    value = m.group("value")
+    if value is None or m.group("name").lower() in _ITEM_NAME_KEYS:
+        return m.group(0)
+    kq = m.group("kq")
+    quote = kq if kq and kq[-1] == '"' else bare
+    head = m.group(0)[: m.start("value") - m.start()]
+    return head + _redacted_scalar(value, m.group("vesc"), quote)
+
+
+def _sequence(seq: str, bare: str) -> str:
+    """The items of a list under a secret key replaced: every scalar, nested lists' too; a
+    mapping's values but those that name it (see _ITEM_NAME_KEYS)."""
+
+    def part(p: re.Match[str]) -> str:
+        if p.group("map") is not None:
+            return _MAPPING_PARTS.sub(lambda q: _mapping_part(q, bare), p.group("map"))
+        if p.group(0) == "REDACTED":  # [REDACTED], an item already replaced
+            return p.group(0)
+        return _redacted_scalar(p.group(0), p.group("iesc"), bare)
+
+    return _SEQUENCE_PARTS.sub(part, seq)
 
 
 def _key_value(m: re.Match[str]) -> str:
     seq = m.groupdict().get("seq")  # _KEY_VALUE's only
     if seq is not None:
-        return f"{m.group('key')}{m.group('sep')}{_FLOW_ITEMS.sub(_flow_item, seq)}"
+        key_quote = _KEY_QUOTE.match(m.group("sep"))
+        bare = key_quote.group(0) if key_quote else ""
+        return f"{m.group('key')}{m.group('sep')}{_sequence(seq, bare)}"
     value = m.group("value")
     esc = m.group("esc")
     if esc is not None and value.startswith(esc):
@@ -412,11 +489,29 @@ def _block_scalar(text: str, pos: int, parent: int, out: list[str]) -> int:
     return pos
 
 
+def _mapping_line(text: str) -> str:
+    """A line of a list's item that is a mapping (``- name: x``, ``value: s3cret`` below
+    it), from its indentation on: its value replaced unless its key names the item."""
+    m = _ITEM_LINE.match(text)
+    if m is None:
+        return text
+    rest = m.group("rest")
+    if not rest or rest[0] == "#" or (m.group("name") or "").lower() in _ITEM_NAME_KEYS:
+        return text
+    if rest[0] == "{":
+        rest = _MAPPING_PARTS.sub(lambda q: _mapping_part(q, ""), rest)
+    elif rest[0] == "[":
+        rest = _sequence(rest, "")
+    else:
+        rest = REDACTED
+    return text[: m.start("rest")] + rest
+
+
 def _block_sequence(text: str, pos: int, parent: int, out: list[str]) -> int:
     """The scalar items of a block sequence from ``pos`` replaced (``- [REDACTED]``), the
-    lines that continue them too; an item that is a mapping is kept, its keys checked on
-    their own. Its items are as deep as the first, no shallower than the key (YAML allows
-    them at its column); where it ends."""
+    lines that continue them too; in an item that is a mapping (``- name: x``), every value
+    but those of the keys that name it (see _ITEM_NAME_KEYS). Its items are as deep as the
+    first, no shallower than the key (YAML allows them at its column); where it ends."""
     depth: int | None = None
     scalar = False
     for end, line, body in _lines(text, pos):
@@ -429,11 +524,13 @@ def _block_sequence(text: str, pos: int, parent: int, out: list[str]) -> int:
                 item = body[n + 1 :].lstrip(" \t")
                 if body[n] != "-" or item == body[n + 1 :] != "":
                     break  # the next key, or a word that starts with "-"
-                scalar = not _MAPPING_ITEM.match(item)
+                scalar = not _MAPPING_ITEM.match(item) and item[:1] != "{"
                 if scalar and item:
                     line = body[: len(body) - len(item)] + REDACTED + line[len(body) :]
             elif scalar:
                 line = body[:n] + REDACTED + line[len(body) :]
+            if not scalar:
+                line = body[:n] + _mapping_line(body[n:]) + line[len(body) :]
         out.append(line)
         pos = end
     return pos

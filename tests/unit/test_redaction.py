@@ -1068,3 +1068,119 @@ def test_a_headers_value_ends_with_the_string_it_is_in_or_the_line(
     text: str, expected: str
 ) -> None:
     assert redact(text) == expected
+
+
+ITEM_NAMES = st.sampled_from(["primary", "replica", "legacy-ldap", "x"])
+
+
+def redacted_list(items: list[object]) -> list[object]:
+    """What a list under a secret key becomes: every scalar replaced, in nested lists too;
+    a mapping keeps its name."""
+    return [
+        redacted_list(item)
+        if isinstance(item, list)
+        else {k: v if k == "name" else REDACTED for k, v in item.items()}
+        if isinstance(item, dict)
+        else REDACTED
+        for item in items
+    ]
+
+
+def yaml_items(items: list[object], indent: str) -> str:
+    lines = []
+    for item in items:
+        if isinstance(item, dict):
+            lines.append(f"{indent}- name: {item['name']}\n{indent}  value: {item['value']}\n")
+        elif isinstance(item, list):
+            lines.append(f"{indent}- [{', '.join(map(str, item))}]\n")
+        else:
+            lines.append(f"{indent}- {item}\n")
+    return "".join(lines)
+
+
+@given(
+    LIST_KEYS,
+    st.lists(
+        st.one_of(
+            LIST_ITEM,
+            st.builds(lambda n, v: {"name": n, "value": v}, ITEM_NAMES, LIST_ITEM),
+            st.lists(LIST_ITEM, min_size=1, max_size=3),
+            st.integers(min_value=100_000, max_value=10**9),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.sampled_from(["block", "block-flow-maps", "flow", "json", "json-pretty", "escaped-json"]),
+)
+def test_a_list_that_mixes_scalars_mappings_and_lists_loses_every_secret(
+    key: str, items: list[object], form: str
+) -> None:
+    # passwords: [hunter2, {name: x, value: s3cret}]: the mapping's value survived, and in
+    # JSON the list was cut at its first {, leaking it and breaking the JSON; nested lists
+    # ([["a", "b"], ["c"]]) likewise.
+    obj = {key: items, "user": "bob"}
+    if form == "block":
+        text = f"{key}:\n{yaml_items(items, '  ')}user: bob\n"
+    elif form in ("block-flow-maps", "flow"):
+        flow = [
+            f"{{name: {i['name']}, value: {i['value']}}}"
+            if isinstance(i, dict)
+            else f"[{', '.join(map(str, i))}]"
+            if isinstance(i, list)
+            else str(i)
+            for i in items
+        ]
+        if form == "flow":
+            text = f"{key}: [{', '.join(flow)}]\nuser: bob\n"
+        else:
+            text = f"{key}:\n" + "".join(f"  - {f}\n" for f in flow) + "user: bob\n"
+    elif form == "json":
+        text = json.dumps(obj)
+    elif form == "json-pretty":
+        text = json.dumps(obj, indent=2)
+    else:
+        text = json.dumps({"level": "info", "cfg": json.dumps(obj)})
+    secrets = [
+        str(s)
+        for i in items
+        for s in (i if isinstance(i, list) else [i["value"]] if isinstance(i, dict) else [i])
+    ]
+    out = redact(text)
+    for secret in secrets:
+        assume(secret not in text.replace(secret, ""))
+        assert secret not in out
+    for item in items:
+        if isinstance(item, dict):
+            assert item["name"] in out  # the name helps diagnosis
+    if form.startswith("json") or form == "escaped-json":
+        inner = json.loads(out)
+        inner = json.loads(inner["cfg"]) if "cfg" in inner else inner
+        assert inner == {key: redacted_list(items), "user": "bob"}
+    else:
+        assert "user: bob" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "passwords:\n  - hunter2\n  - {name: x, value: s3cret}\n",
+            f"passwords:\n  - {REDACTED}\n  - {{name: x, value: {REDACTED}}}\n",
+        ),
+        (
+            "passwords:\n  - name: x\n    value: s3cret\n  - hunter2\n",
+            f"passwords:\n  - name: x\n    value: {REDACTED}\n  - {REDACTED}\n",
+        ),
+        (
+            '{"passwords": ["hunter2", {"name": "x", "value": "s3cret"}]}',
+            f'{{"passwords": ["{REDACTED}", {{"name": "x", "value": "{REDACTED}"}}]}}',
+        ),
+        (
+            '{"passwords": [["a1b2c3", "d4e5f6"], ["g7h8i9"]]}',
+            f'{{"passwords": [["{REDACTED}", "{REDACTED}"], ["{REDACTED}"]]}}',
+        ),
+        ("passwords: [[a1b2c3, d4e5f6]]", f"passwords: [[{REDACTED}, {REDACTED}]]"),
+    ],
+)
+def test_mixed_and_nested_lists_under_a_secret_key(text: str, expected: str) -> None:
+    assert redact(text) == expected
