@@ -45,7 +45,9 @@ leaked token costs a lot. What it recognises:
   ``ACL SETUSER``'s ``>password`` and ``<password`` rules;
 - openssl's pass phrase arguments (``-passin pass:X``, ``-passout``, ``-pass``): after
   ``pass:`` to the next blank, or to the closing quote of a quoted argument; ``env:VAR``,
-  ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept;
+  ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept; ``-k password``
+  and ``-K key`` in openssl's command lines only (``curl -k`` keeps its URL), not
+  ``-kfile path``;
 - passwords in URLs (``scheme://user:password@host``), up to the last ``@`` before
   whitespace or a quote, since logged URLs often carry an unencoded ``/`` or ``@``;
 - well-known token shapes: JWTs, AWS access key ids, Google API keys, GitHub, GitLab
@@ -249,24 +251,39 @@ _BLOCK_KEY = re.compile(r"(?<![\w.-])[\"']?(?P<key>[\w.-]+)[\"']?\Z")
 _SENSITIVE_WORD = re.compile("(?i)" + _SENSITIVE + "|" + _PW_SUFFIX + r"\Z")
 # What may precede a key on its line in YAML: indentation, the "- " of list items.
 _YAML_LEAD = re.compile(r"[ \t]*(?:-[ \t]+)*")
+
+
 # A MySQL/MariaDB client's password attached to its short flag (mysql -uroot -pHunter2),
 # only in one of their command lines: elsewhere -p is a port, a path or "make parents".
 # The command line ends at the line's end or a shell separator outside quotes.
-_MYSQL_COMMAND = re.compile(
-    r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?"
-    r"(?:mysql(?:admin|dump|import|check|show|slap|pump|binlog|sh)?|mariadb(?:-?[a-z]+)?)"
-    r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
+def _command_line(names: str) -> re.Pattern[str]:
+    """The command lines of the tools ``names`` matches, their arguments as ``args``: in
+    a shell line, a quoted ``sh -c`` one or an argv list, to a shell separator outside
+    quotes or the line's end."""
+    return re.compile(
+        r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?(?:" + names + ")"
+        r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
+    )
+
+
+_MYSQL_COMMAND = _command_line(
+    r"mysql(?:admin|dump|import|check|show|slap|pump|binlog|sh)?|mariadb(?:-?[a-z]+)?"
 )
 # Quoted (-p"my pass") after a space only: "-p", "db" in an argv list is a prompt.
 _MYSQL_PASSWORD = re.compile(
     r"(?:(?<=\s)-p(?:" + _QUOTED + r")|(?<=[\s\"'\[,])-p(?:[^\s\"'\\]|\\(?!\"))+)"
 )
+# openssl's -k password (enc's older form of -pass pass:X) and -K key (the key itself, in
+# hex), in its command lines only: elsewhere -k is "insecure" (curl) or "keep"; -kfile
+# names where one is, kept.
+_OPENSSL_COMMAND = _command_line("openssl")
+_OPENSSL_KEY = re.compile(
+    r"(?<=[\s\"'\[,])(?P<flag>-[kK])(?:(?P<sep>[ \t]+)(?:" + _QUOTED + r"|[^\s\"']+)"
+    r"|(?P<item>[\"'],[ \t]*[\"'])[^\"'\r\n]+)"
+)
 # A redis-cli's password after -a or --pass, in its command lines only (-a is "all" or
 # "append" to most tools), after a space or as the next item of an argv list.
-_REDIS_CLI_COMMAND = re.compile(
-    r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?redis-cli"
-    r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
-)
+_REDIS_CLI_COMMAND = _command_line("redis-cli")
 _REDIS_CLI_PASSWORD = re.compile(
     r"(?<=[\s\"'\[,])(?P<flag>-a|--pass)(?:(?P<sep>[ \t]+|=)(?:" + _QUOTED + r"|[^\s\"']+)"
     r"|(?P<item>[\"'],[ \t]*[\"'])[^\"'\r\n]+)"
@@ -564,6 +581,14 @@ def _openssl_pass(m: re.Match[str]) -> str:
     return f"{m.group('q') or ''}pass:{quote}{REDACTED}{quote}"
 
 
+def _openssl_keys(m: re.Match[str]) -> str:
+    def key(k: re.Match[str]) -> str:
+        return f"{k.group('flag')}{k.group('sep') or k.group('item')}{REDACTED}"
+
+    args = _OPENSSL_KEY.sub(key, m.group("args"))
+    return m.group(0)[: m.start("args") - m.start()] + args
+
+
 def _flag(m: re.Match[str]) -> str:
     if m.group("key").lstrip("-").lower() == "pass" and _OPENSSL_SOURCE.match(m.group("value")):
         return m.group(0)  # openssl's -pass env:VAR names where it is; pass:X is redacted
@@ -632,6 +657,8 @@ def redact(text: str) -> str:
     text = _TOKENS.sub(REDACTED, text)
     if "pass:" in text:
         text = _OPENSSL_PASS.sub(_openssl_pass, text)
+    if "openssl" in text:
+        text = _OPENSSL_COMMAND.sub(_openssl_keys, text)
     text = _FLAG.sub(_flag, text)
     if "mysql" in text or "mariadb" in text:
         text = _MYSQL_COMMAND.sub(_mysql_passwords, text)

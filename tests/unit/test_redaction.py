@@ -1184,3 +1184,46 @@ def test_a_list_that_mixes_scalars_mappings_and_lists_loses_every_secret(
 )
 def test_mixed_and_nested_lists_under_a_secret_key(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+@given(
+    BARE.filter(lambda s: s[0] not in "-|<>"),  # unquoted, a shell reads | < > itself
+    st.sampled_from(
+        [
+            "openssl enc -aes-256-cbc -salt -k {pw} -in backup.tar -out backup.enc",
+            "/usr/bin/openssl enc -d -aes-256-cbc -k '{pw}' -in backup.enc | tar x",
+            'sh -c "openssl enc -d -k {pw} -in /backup/db.enc > db.sql"',
+            '["openssl", "enc", "-aes-256-cbc", "-k", "{pw}", "-in", "backup.tar"]',
+            "openssl enc -aes-128-cbc -K {pw} -iv 0102030405060708 -in a.bin",
+        ]
+    ),
+)
+def test_openssl_k_passwords_and_keys_never_leak(pw: str, form: str) -> None:
+    # enc's -k password (the older form of -pass pass:X) and -K, the key itself.
+    text = form.format(pw=pw)
+    assume(pw not in form.format(pw=""))
+    out = redact(text)
+    assert pw not in out
+    assert "-in " in out or '"-in"' in out  # the command line after it survives
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "openssl enc -k hunter2 -in a.tar; openssl enc -d -kfile /run/key -in a.enc",
+            f"openssl enc -k {REDACTED} -in a.tar; openssl enc -d -kfile /run/key -in a.enc",
+        ),
+        (
+            '["openssl", "enc", "-kfile", "/run/secrets/key", "-k", "hunter2"]',
+            f'["openssl", "enc", "-kfile", "/run/secrets/key", "-k", "{REDACTED}"]',
+        ),
+        (
+            "curl -k https://api.internal/healthz && openssl enc -k hunter2 | grep -k x",
+            f"curl -k https://api.internal/healthz && openssl enc -k {REDACTED} | grep -k x",
+        ),
+    ],
+)
+def test_openssl_k_goes_its_kfile_and_other_tools_k_flags_stay(text: str, expected: str) -> None:
+    # -kfile names where the password is; -k is another thing to curl or grep.
+    assert redact(text) == expected
