@@ -42,7 +42,9 @@ leaked token costs a lot. What it recognises:
   redis-cli's command lines only (``tar -a`` keeps its argument); the password of an
   ``AUTH [user] password`` (also HELLO's) as MONITOR quotes it (``"AUTH" "pw"``), after a
   redis-cli prompt or in a redis-cli command line, not the word elsewhere ("AUTH failed");
-  ``ACL SETUSER``'s ``>password`` and ``<password`` rules;
+  ``ACL SETUSER``'s ``>password`` and ``<password`` rules and ``#hash``/``!hash`` (an
+  unsalted SHA-256), and the same in a ``users.acl`` or ``ACL LIST`` line (``user alice
+  on >pw ~* +@all``: "user", a name, nothing but ACL rules);
 - openssl's pass phrase arguments (``-passin pass:X``, ``-passout``, ``-pass``): after
   ``pass:`` to the next blank, or to the closing quote of a quoted argument; ``env:VAR``,
   ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept; ``-k password``
@@ -316,12 +318,24 @@ _REDIS_CLI_AUTH = re.compile(
     + _REDIS_AUTH_ARGS.format(sep=r"[ \t]*,[ \t]*|[ \t]+")
 )
 # ACL SETUSER's >password and <password rules (adding or removing a password both name
-# it), in a command or as MONITOR quotes it; #hash and !hash are hashes, kept.
+# it), in a command or as MONITOR quotes it; its #hash and !hash too: an unsalted SHA-256
+# of a password is a dictionary attack away from it, and tells the model nothing.
 _REDIS_ACL_SETUSER = re.compile(
     r"(?i)(?<![\w-])([\"']?)acl\1[ \t]+\1setuser\1(?P<args>[ \t,][^\r\n]*)"
 )
 _ACL_PASSWORD = re.compile(
-    r"(?<=[\s,])(?P<q>[\"'])?(?P<op>[<>])(?(q)(?:(?!(?P=q))[^\r\n\\]|\\.)*|[^\s\"']+)"
+    r"(?<=[\s,])(?P<q>[\"'])?(?:(?P<op>[<>])(?(q)(?:(?!(?P=q))[^\r\n\\]|\\.)*|[^\s\"']+)"
+    r"|(?P<hop>[#!])[0-9a-fA-F]{64}(?![\w]))"
+)
+# A users.acl line, or ACL LIST's (1) "user alice on #... ~* +@all"): "user", a name and
+# nothing but ACL rules after it, so prose ("user bob logged in") is none.
+_ACL_RULE = (
+    r"(?:on|off|nopass|resetpass|reset|resetkeys|resetchannels|allkeys|allchannels"
+    r"|allcommands|nocommands|(?:skip-)?sanitize-payload|[~%&+\-<>#!]\S*|\([^)\r\n]*\))"
+)
+_REDIS_ACL_USER = re.compile(
+    r"(?m)^[ \t]*(?:\d+\)[ \t]*)?(?P<q>[\"']?)user[ \t]+[^\s\"']+"
+    r"(?P<args>(?:[ \t]+" + _ACL_RULE + r")+)[ \t]*(?P=q)[ \t]*\r?$"
 )
 # A password in a connection string (Server=db;User ID=sa;Password=pa ss;), after a ";"
 # or before one: the value runs to the next ";", spaces and all, as ADO.NET, ODBC and
@@ -638,10 +652,11 @@ def _redis_auth(m: re.Match[str]) -> str:
 
 def _acl_passwords(m: re.Match[str]) -> str:
     def password(p: re.Match[str]) -> str:
-        return f"{p.group('q') or ''}{p.group('op')}{REDACTED}"
+        return f"{p.group('q') or ''}{p.group('op') or p.group('hop')}{REDACTED}"
 
     args = _ACL_PASSWORD.sub(password, m.group("args"))
-    return m.group(0)[: m.start("args") - m.start()] + args
+    whole, start = m.group(0), m.start()
+    return whole[: m.start("args") - start] + args + whole[m.end("args") - start :]
 
 
 def redact(text: str) -> str:
@@ -675,6 +690,8 @@ def redact(text: str) -> str:
         text = _REDIS_AUTH.sub(_redis_auth, text)
     if "setuser" in lowered:
         text = _REDIS_ACL_SETUSER.sub(_acl_passwords, text)
+    if "user " in text:
+        text = _REDIS_ACL_USER.sub(_acl_passwords, text)
     return _LONG_OPAQUE.sub(_opaque, text)
 
 

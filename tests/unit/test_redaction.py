@@ -1018,7 +1018,6 @@ def test_redis_auth_and_acl_passwords_never_leak(pw: str, form: str) -> None:
         "ERR AUTH <password> called without any password configured for the default user",
         '{"scopes": ["auth", "profile"]}',
         '"oauth" "callback" completed',
-        "ACL SETUSER app on #9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     ],
 )
 def test_auth_words_that_are_no_redis_command_survive(text: str) -> None:
@@ -1226,4 +1225,53 @@ def test_openssl_k_passwords_and_keys_never_leak(pw: str, form: str) -> None:
 )
 def test_openssl_k_goes_its_kfile_and_other_tools_k_flags_stay(text: str, expected: str) -> None:
     # -kfile names where the password is; -k is another thing to curl or grep.
+    assert redact(text) == expected
+
+
+HEX64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+
+
+@given(
+    BARE.filter(lambda s: s[0] not in "-|<>"),
+    HEX64,
+    st.sampled_from(
+        [
+            "user alice on >{pw} ~* &* +@all",
+            "user worker +@list +@connection ~jobs:* on >{pw}",
+            "  user app on #{hash} ~cache:* resetchannels -@all +get +set",
+            "user default on nopass ~* +@all\nuser app on >{pw} #{hash} (~tmp:* +get) off",
+            '1) "user default on nopass sanitize-payload ~* &* +@all"\n'
+            '2) "user app on #{hash} ~cache:* resetchannels -@all +get"',
+            "ACL SETUSER app on #{hash} ~cache:* +get",
+            '1733600000.1 [0 lua] "ACL" "SETUSER" "app" "on" "!{hash}" "~*"',
+        ]
+    ),
+)
+def test_redis_users_acl_passwords_and_hashes_never_leak(pw: str, hash: str, form: str) -> None:
+    # A users.acl dump or ACL LIST's output: >password, and #hash, an unsalted SHA-256 of
+    # one (a dictionary away from it), as ACL SETUSER's.
+    text = form.format(pw=pw, hash=hash)
+    assume(pw not in form.format(pw="", hash=hash))
+    out = redact(text)
+    assert pw not in out
+    assert hash not in out
+    assert "~" in out  # the other rules stay
+    assert out.count("\n") == text.count("\n") and out.count('"') == text.count('"')
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "user bob logged in\nuser alice on >s3cret ~* +@all\nuser carol > 3 tries",
+            f"user bob logged in\nuser alice on >{REDACTED} ~* +@all\nuser carol > 3 tries",
+        ),
+        (
+            "ACL SETUSER app on #" + "9f86d081" * 8 + " ~* +@all",
+            f"ACL SETUSER app on #{REDACTED} ~* +@all",
+        ),
+    ],
+)
+def test_only_acl_lines_lose_their_passwords(text: str, expected: str) -> None:
+    # "user" followed by anything but ACL rules is prose, left as it is.
     assert redact(text) == expected
