@@ -11,7 +11,8 @@ leaked token costs a lot. What it recognises:
   rest of a JSON line stays JSON;
 - ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
   (password, token, secret, api key, access key, credential, cookie, signature, ...),
-  or ends in "pass" (``SMTP_PASS``, ``smtpPass``, ``pass``; not ``BYPASS``, ``PASSED``),
+  or ends in "pass" (``SMTP_PASS``, ``smtpPass``, ``pass``, ``DBPASS``, ``$dbpass``; not
+  ``BYPASS``, ``COMPASS``, ``PASSED``, ``PASSTHROUGH``),
   also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``); after
   a separator followed by a space (``password: my secret phrase``, ``pwd = a b``) an
   unquoted value runs to the end of the line (or of the string it is in), since YAML and
@@ -117,11 +118,15 @@ _SENSITIVE = (
     r"signature|sig|key)"
 )
 # "pass" names a password only as a name's last part: SMTP_PASS, smtp.pass, smtpPass, or
-# alone in lower case (nodemailer's auth: {user, pass}); BYPASS, COMPASS, PASSED and
-# PASSTHROUGH go on, and so does a test runner's "--- PASS: TestX".
-# (?=[pP]) first: the three lookbehinds at every character of every key cost a tenth more.
+# alone in lower case (nodemailer's auth: {user, pass}), or glued to a name in its own
+# case (DBPASS, MYSQLPASS, $dbpass) but for the English words that end so (BYPASS,
+# COMPASS, SURPASS, TRESPASS, OVERPASS, UNDERPASS); PASSED and PASSTHROUGH go on, and so
+# does a test runner's "--- PASS: TestX".
+# (?=[pP]) first: the lookbehinds at every character of every key cost a tenth more.
 _PW_SUFFIX = (
-    r"(?=[pP])(?:(?<=[_.-])(?-i:pass|Pass|PASS)|(?<![\w.-])(?-i:pass)|(?<=[a-z0-9])(?-i:Pass))"
+    r"(?=[pP])(?:(?<=[_.-])(?-i:pass|Pass|PASS)|(?<![\w.-])(?-i:pass)|(?<=[a-z0-9])(?-i:Pass)"
+    r"|(?<!by)(?<!com)(?<!sur)(?<!tres)(?<!over)(?<!under)"
+    r"(?-i:(?<=[a-z0-9])pass|(?<=[A-Z0-9])PASS))"
 )
 # A name with a secret word anywhere in it, or ending in "pass".
 _SECRET_NAME = r"[\w.-]{0,40}?(?:" + _SENSITIVE + r"[\w.-]{0,40}?|" + _PW_SUFFIX + ")"

@@ -1275,3 +1275,35 @@ def test_redis_users_acl_passwords_and_hashes_never_leak(pw: str, hash: str, for
 def test_only_acl_lines_lose_their_passwords(text: str, expected: str) -> None:
     # "user" followed by anything but ACL rules is prose, left as it is.
     assert redact(text) == expected
+
+
+@given(
+    st.sampled_from(["DB", "MYSQL", "REDIS", "SMTP", "LDAP2", "db", "mysql", "smtp"]).map(
+        lambda p: p + ("PASS" if p.isupper() or p[-1].isdigit() else "pass")
+    ),
+    BARE,
+    st.sampled_from(
+        [
+            "{k}={v}",
+            "export {k}={v}",
+            "  {k}: {v}",
+            "${k} = '{v}';",
+            '{{"{k}": "{v}"}}',
+            "- name: {k}\n  value: {v}",
+            "{k}:\n  - {v}\n",
+        ]
+    ),
+    st.sampled_from(
+        ["BYPASS=1", "COMPASS=north", "PASSTHROUGH=true", "cache_bypass: yes", "SURPASS=0"]
+    ),
+)
+def test_names_with_pass_glued_on_hold_secrets(
+    name: str, secret: str, form: str, innocent: str
+) -> None:
+    # DBPASS, MYSQLPASS, $dbpass: "pass" glued on in the name's own case, not the
+    # English words that end so.
+    text = innocent + "\n" + form.format(k=name, v=secret) + "\n"
+    assume(secret not in text.replace(secret, "", 1))
+    out = redact(text)
+    assert secret not in out
+    assert out.startswith(innocent + "\n")
