@@ -39,7 +39,9 @@ leaked token costs a lot. What it recognises:
   flags that name where a secret is (``--token-file /path``); a MySQL/MariaDB client's
   password attached to ``-p`` (``mysql -uroot -pHunter2``), in their command lines only;
   redis's: ``--requirepass``/``--masterauth`` flags, ``requirepass``/``masterauth``
-  directives (a redis.conf dump, ``CONFIG SET``), ``redis-cli -a``/``--pass`` in
+  directives where they are config (alone on a line of a redis.conf dump or in a string,
+  after ``CONFIG SET``, in ``CONFIG GET``'s answer, as key=value; not in prose:
+  "requirepass is not set"), ``redis-cli -a``/``--pass`` in
   redis-cli's command lines only (``tar -a`` keeps its argument); the password of an
   ``AUTH [user] password`` (also HELLO's) as MONITOR quotes it (``"AUTH" "pw"``), after a
   redis-cli prompt or in a redis-cli command line, not the word elsewhere ("AUTH failed");
@@ -295,11 +297,29 @@ _REDIS_CLI_PASSWORD = re.compile(
     r"(?<=[\s\"'\[,])(?P<flag>-a|--pass)(?:(?P<sep>[ \t]+|=)(?:" + _QUOTED + r"|[^\s\"']+)"
     r"|(?P<item>[\"'],[ \t]*[\"'])[^\"'\r\n]+)"
 )
-# Redis's own directives, as a redis.conf dump or a CONFIG SET writes them (quoted in the
-# MONITOR output).
+# Redis's own directives where they are config: "requirepass pw" alone on its line (a
+# redis.conf dump, also as a line of a JSON string) or alone in a string ('requirepass
+# pw', as an init script echoes it into the file); after CONFIG SET, among its other
+# parameters, quoted as MONITOR shows it or as an argv list's items; as key=value or
+# key: value anywhere. Elsewhere it is prose: "requirepass is not set".
+_REDIS_DIRECTIVE_NAME = r"(?:requirepass|masterauth)"
 _REDIS_DIRECTIVE = re.compile(
-    r"(?i)(?<![\w-])(?P<key>([\"']?)(?:requirepass|masterauth)\2)(?P<sep>[ \t]+|[ \t]*[:=][ \t]*)"
+    r"(?im)(?:^|(?<=\\n)|(?<=[\"']))[ \t]*(?P<key>" + _REDIS_DIRECTIVE_NAME + r")(?P<sep>[ \t]+)"
+    r"(?:" + _QUOTED + r"|[^\s\"'\\]+)(?=[ \t]*(?:\r?$|\\[rn]|[\"']))"
+    r"|(?<![\w-])(?P<kkey>([\"']?)" + _REDIS_DIRECTIVE_NAME + r"\4)(?P<ksep>[ \t]*[:=][ \t]*)"
     r"(?:" + _QUOTED + r"|[^\s\"']+)"
+)
+_REDIS_CONFIG_SET = re.compile(
+    r"(?i)(?<![\w-])([\"']?)config\1[ \t,]+\1set\1(?P<args>[ \t,][^\r\n]*)"
+)
+_CONFIG_SET_PASSWORD = re.compile(
+    r"(?i)(?<=[\s,])(?P<key>(?P<q>[\"']?)" + _REDIS_DIRECTIVE_NAME + r"(?P=q)[ \t]*,?[ \t]*)"
+    r"(?:" + _QUOTED + r"|[^\s\"',]+)"
+)
+# CONFIG GET's answer, as redis-cli prints it: 1) "requirepass" over 2) "pw".
+_REDIS_CONFIG_GET = re.compile(
+    r"(?im)(?P<key>^[ \t]*\d+\)[ \t]*\"" + _REDIS_DIRECTIVE_NAME + r"\"\r?\n[ \t]*\d+\)[ \t]*)"
+    r"\"(?:[^\"\\\r\n]|\\.)+\""
 )
 # AUTH [user] password, HELLO's AUTH user password: the password is the last of one or
 # two arguments. Only where it is a redis command: quoted as MONITOR shows it ("AUTH"
@@ -336,7 +356,8 @@ _ACL_PASSWORD = re.compile(
 # nothing but ACL rules after it, so prose ("user bob logged in") is none.
 _ACL_RULE = (
     r"(?:on|off|nopass|resetpass|reset|resetkeys|resetchannels|allkeys|allchannels"
-    r"|allcommands|nocommands|(?:skip-)?sanitize-payload|[~%&+\-<>#!]\S*|\([^)\r\n]*\))"
+    r"|allcommands|nocommands|(?:skip-)?sanitize-payload|[~%&+\-<>#!]\S*|\([^)\r\n]*\)"
+    r"|\[REDACTED\])"
 )
 _REDIS_ACL_USER = re.compile(
     r"(?m)^[ \t]*(?:\d+\)[ \t]*)?(?P<q>[\"']?)user[ \t]+[^\s\"']+"
@@ -637,6 +658,22 @@ def _redis_cli_passwords(m: re.Match[str]) -> str:
     return m.group(0)[: m.start("args") - m.start()] + args
 
 
+def _redis_directive(m: re.Match[str]) -> str:
+    if m.group("key") is not None:
+        return f"{m.string[m.start() : m.end('sep')]}{REDACTED}"
+    return f"{m.group('kkey')}{m.group('ksep')}{REDACTED}"
+
+
+def _config_set_passwords(m: re.Match[str]) -> str:
+    def password(p: re.Match[str]) -> str:
+        quote = p.group(0)[len(p.group("key")) :][:1]
+        quote = quote if quote in ("'", '"') else ""
+        return f"{p.group('key')}{quote}{REDACTED}{quote}"
+
+    args = _CONFIG_SET_PASSWORD.sub(password, m.group("args"))
+    return m.group(0)[: m.start("args") - m.start()] + args
+
+
 def _auth_password(m: re.Match[str]) -> str:
     """AUTH's arguments with the password, the last of them, replaced."""
     last = "first" if m.group("second") is None else "second"
@@ -690,7 +727,9 @@ def redact(text: str) -> str:
     # After the rules above: a value of theirs holding the word is theirs, whole.
     lowered = text.lower()
     if "requirepass" in lowered or "masterauth" in lowered:
-        text = _REDIS_DIRECTIVE.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+        text = _REDIS_DIRECTIVE.sub(_redis_directive, text)
+        text = _REDIS_CONFIG_SET.sub(_config_set_passwords, text)
+        text = _REDIS_CONFIG_GET.sub(lambda m: f'{m.group("key")}"{REDACTED}"', text)
     if "auth" in lowered:
         text = _REDIS_AUTH.sub(_redis_auth, text)
     if "setuser" in lowered:

@@ -1266,6 +1266,9 @@ def test_redis_users_acl_passwords_and_hashes_never_leak(pw: str, hash: str, for
             "user bob logged in\nuser alice on >s3cret ~* +@all\nuser carol > 3 tries",
             f"user bob logged in\nuser alice on >{REDACTED} ~* +@all\nuser carol > 3 tries",
         ),
+        # Hypothesis found a password named like a directive: its rule took "~*" for the
+        # value, and the line was no ACL line any more.
+        ("user alice on >REQUIREPASS ~* +@all", f"user alice on >{REDACTED} ~* +@all"),
         (
             "ACL SETUSER app on #" + "9f86d081" * 8 + " ~* +@all",
             f"ACL SETUSER app on #{REDACTED} ~* +@all",
@@ -1307,3 +1310,38 @@ def test_names_with_pass_glued_on_hold_secrets(
     out = redact(text)
     assert secret not in out
     assert out.startswith(innocent + "\n")
+
+
+@given(
+    BARE.filter(lambda s: s[0] not in "-|<>#"),
+    st.sampled_from(
+        [
+            "bind 0.0.0.0\nrequirepass {pw}\nappendonly yes\n",
+            "  masterauth {pw}\r\n",
+            "+ echo 'requirepass {pw}'",
+            '{{"log":"requirepass {pw}\\n","stream":"stdout"}}',
+            "CONFIG SET maxmemory 1gb requirepass {pw}",
+            '1733600000.1 [0 10.0.0.7:5123] "config" "set" "masterauth" "{pw}"',
+            '["redis-cli", "CONFIG", "SET", "requirepass", "{pw}"]',
+            '127.0.0.1:6379> CONFIG GET requirepass\n1) "requirepass"\n2) "{pw}"\n',
+            "redis-server --requirepass {pw} --port 6379",
+            "requirepass={pw}",
+        ]
+    ),
+    st.sampled_from(
+        [
+            "requirepass is not set",
+            "WARNING: requirepass is empty, masterauth not configured",
+            "the requirepass directive sets the password",
+        ]
+    ),
+)
+def test_redis_directives_lose_their_value_only_as_config(pw: str, form: str, prose: str) -> None:
+    # "requirepass is not set" lost its "is": the directive was read anywhere, prose too.
+    text = f"{prose}\n{form.format(pw=pw)}"
+    assume(pw not in f"{prose}\n{form.format(pw='')}")
+    out = redact(text)
+    assert pw not in out
+    assert out.startswith(f"{prose}\n")
+    if form.startswith("{"):
+        assert json.loads(out.split("\n", 1)[1])["stream"] == "stdout"
