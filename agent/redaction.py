@@ -20,7 +20,8 @@ leaked token costs a lot. What it recognises:
   password runs to the next ``;``; under such a key, a ``{`` or ``[`` that opens a structure,
   or the first key of a YAML mapping on the next line, is no value: the keys inside are
   checked on their own; a key that refers to a secret (``secretKeyRef``, ``secretRef``,
-  ``secretName``, ``existingSecret``) keeps its value, a name that helps diagnosis;
+  ``secretName``, ``existingSecret``) or names one (any name ending in "name": Azure's
+  ``SharedAccessKeyName``, ``keyName``) keeps its value, a name that helps diagnosis;
 - the value of a name/value pair whose name names a secret, as Kubernetes env vars are
   written (``{"name": "DB_PASSWORD", "value": "..."}``, ``- name: DB_PASSWORD`` over
   ``value: ...``);
@@ -132,11 +133,11 @@ _PW_SUFFIX = (
 )
 # A name with a secret word anywhere in it, or ending in "pass".
 _SECRET_NAME = r"[\w.-]{0,40}?(?:" + _SENSITIVE + r"[\w.-]{0,40}?|" + _PW_SUFFIX + ")"
-# A key that refers to a secret (secretKeyRef, secretRef, secretName, existingSecret) has
-# a name for value, which helps diagnosis and hides nothing.
+# A key that refers to a secret (secretKeyRef, secretRef, secretName, existingSecret) or
+# names one (Azure's SharedAccessKeyName=RootManageSharedAccessKey, keyName, token_name)
+# has a name for value, which helps diagnosis and hides nothing.
 _REFERENCE_KEY = (
-    r"(?<![_.-]ref)(?<!(?-i:[a-z0-9]Ref))(?<!secretname)(?<!secret_name)(?<!secret-name)"
-    r"(?<!existingsecret)(?<!existing_secret)"
+    r"(?<![_.-]ref)(?<!(?-i:[a-z0-9]Ref))(?<!name)(?<!existingsecret)(?<!existing_secret)"
 )
 # No value but a structure whose own keys are checked: an opening { before a quote, a
 # closer, the line's end or another opener that is itself before a quote or the line's end

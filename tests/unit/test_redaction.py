@@ -1345,3 +1345,26 @@ def test_redis_directives_lose_their_value_only_as_config(pw: str, form: str, pr
     assert out.startswith(f"{prose}\n")
     if form.startswith("{"):
         assert json.loads(out.split("\n", 1)[1])["stream"] == "stdout"
+
+
+@given(
+    st.text(ALNUM + "+/", min_size=20, max_size=60).map(lambda s: s + "="),
+    st.sampled_from(["RootManageSharedAccessKey", "send-only", "listen_policy"]),
+    st.sampled_from(
+        [
+            "Endpoint=sb://bus.servicebus.windows.net/;SharedAccessKeyName={n};SharedAccessKey={k}",
+            '{{"conn": "Endpoint=sb://bus/;SharedAccessKeyName={n};SharedAccessKey={k}"}}',
+            "HostName=hub.azure-devices.net;SharedAccessKeyName={n};SharedAccessKey={k}",
+            "keyName: {n}\naccessKey: {k}",
+        ]
+    ),
+)
+def test_a_key_name_is_kept_and_its_key_redacted(key: str, name: str, form: str) -> None:
+    # SharedAccessKeyName names the policy whose key SharedAccessKey is: the name tells the
+    # model which policy failed, the key must go.
+    text = form.format(n=name, k=key)
+    out = redact(text)
+    assert key not in out
+    assert f"Name={name};" in out or f"keyName: {name}\n" in out
+    if text.startswith("{"):
+        json.loads(out)
