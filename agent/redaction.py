@@ -140,13 +140,14 @@ _REFERENCE_KEY = (
     r"(?<![_.-]ref)(?<!(?-i:[a-z0-9]Ref))(?<!name)(?<!existingsecret)(?<!existing_secret)"
 )
 # No value but a structure whose own keys are checked: an opening { before a quote, a
-# closer, the line's end or another opener that is itself before a quote or the line's end
-# ("[{0000" is a value: nothing in it is a key to check); a [ (or [[) before the end, such
+# closer that ends the value ("{]0000" is a value), the line's end or another opener that
+# is itself before a quote or the line's end ("[{0000" is a value: nothing in it is a key
+# to check); a [ (or [[) before the end, such
 # a { or a closer that ends the value ("[]0000" is a value), when no flow sequence is there
 # (see _FLOW_SEQUENCE, tried first); a [[ before a scalar is a value, whole; after the key's
 # line, a YAML mapping's first key or a sequence's "- " (see _block_values).
 _STRUCTURE = (
-    r"(?!\{[ \t]*(?:\\*[\"'}\]]|\r?\n|\Z|[{\[][ \t]*(?:\\*[\"']|\r?\n|\Z))"
+    r"(?!\{[ \t]*(?:\\*[\"']|[}\]](?![^\s,}\]\"'\\])|\r?\n|\Z|[{\[][ \t]*(?:\\*[\"']|\r?\n|\Z))"
     r"|\[(?:\s*\[)*\s*(?:\](?![^\s,}\]\"'\\])|\Z|\{[ \t]*(?:\\*[\"']|\r?\n|\Z)))"
 )
 _NO_KEY_BELOW = r"(?(nl)(?![^\s\"']+:(?:\s|\Z)|-(?:\s|\Z)))"
