@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from agent.redaction import REDACTED, clip, redact
 
 # Bare values end at whitespace, quotes and , ; & (as in logs, headers and query strings).
+# A drawn secret is never a part of "[REDACTED]": it would be found in the output.
 BARE = st.text(
     alphabet=st.characters(
         whitelist_categories=("Lu", "Ll", "Nd"), whitelist_characters="_-+/.~!@#$%^*()[]{}<>?|"
@@ -23,12 +24,12 @@ TOKEN68 = st.text(
     alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/",
     min_size=8,
     max_size=80,
-)
+).filter(lambda s: s not in REDACTED)
 URL_PASSWORD = st.text(
     alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$*+%",
     min_size=6,
     max_size=40,
-)
+).filter(lambda s: s not in REDACTED)
 QUOTED = st.text(
     alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters='"\\'),
     min_size=6,
@@ -219,7 +220,11 @@ FLAGS = st.sampled_from(
 )
 # Words of a value with spaces (a YAML or config value): each must go, not just the first.
 WORDS = st.lists(
-    st.text(alphabet=ALNUM + "!#$%*+./", min_size=4, max_size=12), min_size=2, max_size=5
+    st.text(alphabet=ALNUM + "!#$%*+./", min_size=4, max_size=12).filter(
+        lambda s: s not in REDACTED
+    ),
+    min_size=2,
+    max_size=5,
 )
 
 
@@ -313,7 +318,8 @@ def secret_in_a_shape(draw: st.DrawFn) -> tuple[str, tuple[str, ...]]:
         kind = draw(
             st.sampled_from(["RSA PRIVATE KEY", "OPENSSH PRIVATE KEY", "PGP PRIVATE KEY BLOCK"])
         )
-        lines = draw(st.lists(st.text(alphabet=ALNUM + "+/", min_size=8, max_size=64), min_size=1))
+        line = st.text(alphabet=ALNUM + "+/", min_size=8, max_size=64)
+        lines = draw(st.lists(line.filter(lambda s: s not in REDACTED), min_size=1))
         body = "\n".join(lines)
         return f"-----BEGIN {kind}-----\n{body}\n-----END {kind}-----", tuple(lines)
     secret = draw(URL_USERINFO)
