@@ -500,7 +500,8 @@ def _header(m: re.Match[str]) -> str:
     inside a string (``"msg":"sent Authorization: Bearer x","user":"bob"``), to the end
     of that string, so that the rest of a JSON line stays JSON."""
     value, esc = m.group("value"), m.group("esc")
-    quoted = value[:1] in ('"', "'") or (
+    # A quote that is not closed on the line opens no string: 'abc in a JSON string.
+    quoted = (value[:1] in ('"', "'") and len(value) > 1 and value[-1] == value[0]) or (
         esc is not None and len(value) > 2 * len(esc) + 1 and value.endswith(f'{esc}"')
     )
     if not quoted:

@@ -1066,6 +1066,11 @@ def test_a_header_inside_a_json_string_ends_with_the_string(
             'curl -H "Authorization: Bearer abc123def456" https://api.internal/v1',
             f'curl -H "Authorization: {REDACTED}" https://api.internal/v1',
         ),
+        # A quote never closed opens no string: the value still ends with the JSON string.
+        (
+            '{"msg":"sent Authorization:\'00000 upstream","user":"bob"}',
+            f'{{"msg":"sent Authorization:{REDACTED}","user":"bob"}}',
+        ),
         # Outside a string, a quote is part of the value: a Digest response goes with it.
         ('Authorization: Digest username="bob", response="6629fae4"', f"Authorization: {REDACTED}"),
     ],
