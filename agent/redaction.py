@@ -267,18 +267,24 @@ _YAML_LEAD = re.compile(r"[ \t]*(?:-[ \t]+)*")
 # A MySQL/MariaDB client's password attached to its short flag (mysql -uroot -pHunter2),
 # only in one of their command lines: elsewhere -p is a port, a path or "make parents".
 # The command line ends at the line's end or a shell separator outside quotes.
-def _command_line(names: str) -> re.Pattern[str]:
-    """The command lines of the tools ``names`` matches, their arguments as ``args``: in
-    a shell line, a quoted ``sh -c`` one or an argv list, to a shell separator outside
-    quotes or the line's end."""
+# A tool's arguments: to a shell separator outside quotes or the line's end.
+_COMMAND_ARGS = r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
+
+
+def _command_line(name: str) -> re.Pattern[str]:
+    """The command lines of the tool ``name``, its arguments as ``args``: in a shell line,
+    a quoted ``sh -c`` one or an argv list. The name first, what is before it (a line's
+    start, a separator or a quote, a bin/) looked behind after: a path before it, tried at
+    every character, cost as much as all of openssl's rule."""
     return re.compile(
-        r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?(?:" + names + ")"
-        r"(?=[\s\"',\]])(?P<args>(?:" + _QUOTED + r"|(?![ \t]+(?:[|;]|&&))[^\r\n\"'])*)"
+        rf"{name}(?:(?<=bin/{name})|(?<=[\s\"'\[,;|&(=]{name})|(?<![^\n]{name}))" + _COMMAND_ARGS
     )
 
 
-_MYSQL_COMMAND = _command_line(
-    r"mysql(?:admin|dump|import|check|show|slap|pump|binlog|sh)?|mariadb(?:-?[a-z]+)?"
+_MYSQL_COMMAND = re.compile(
+    r"(?:^|(?<=[\s\"'\[,;|&(=]))(?:[\w./-]*bin/)?"
+    r"(?:mysql(?:admin|dump|import|check|show|slap|pump|binlog|sh)?|mariadb(?:-?[a-z]+)?)"
+    + _COMMAND_ARGS
 )
 # Quoted (-p"my pass") after a space only: "-p", "db" in an argv list is a prompt.
 _MYSQL_PASSWORD = re.compile(
@@ -301,26 +307,22 @@ _REDIS_CLI_PASSWORD = re.compile(
 )
 # Redis's own directives where they are config: "requirepass pw" alone on its line (a
 # redis.conf dump, also as a line of a JSON string) or alone in a string ('requirepass
-# pw', as an init script echoes it into the file); after CONFIG SET, among its other
-# parameters, quoted as MONITOR shows it or as an argv list's items; as key=value or
-# key: value anywhere. Elsewhere it is prose: "requirepass is not set".
-_REDIS_DIRECTIVE_NAME = r"(?:requirepass|masterauth)"
+# pw', as an init script echoes it into the file); after CONFIG SET on its line, among its
+# other parameters, quoted as MONITOR shows it or as an argv list's items; as key=value or
+# key: value anywhere. Elsewhere it is prose: "requirepass is not set" (see
+# _redis_directive). The name first, its context checked after: looked behind at every
+# character, it cost a tenth of all redaction on a log tail that names it.
 _REDIS_DIRECTIVE = re.compile(
-    r"(?im)(?:^|(?<=\\n)|(?<=[\"']))[ \t]*(?P<key>" + _REDIS_DIRECTIVE_NAME + r")(?P<sep>[ \t]+)"
-    r"(?:" + _QUOTED + r"|[^\s\"'\\]+)(?=[ \t]*(?:\r?$|\\[rn]|[\"']))"
-    r"|(?<![\w-])(?P<kkey>([\"']?)" + _REDIS_DIRECTIVE_NAME + r"\4)(?P<ksep>[ \t]*[:=][ \t]*)"
-    r"(?:" + _QUOTED + r"|[^\s\"']+)"
+    r"(?P<key>[rRmM](?i:equirepass|asterauth))(?P<q>[\"']?)"
+    r"(?:(?P<ksep>[ \t]*[:=][ \t]*)(?:" + _QUOTED + r"|[^\s\"']+)"
+    r"|(?P<sep>[ \t]+|[ \t]*,[ \t]*)(?P<value>" + _QUOTED + r"|[^\s\"'\\]+))"
 )
-_REDIS_CONFIG_SET = re.compile(
-    r"(?i)(?<![\w-])([\"']?)config\1[ \t,]+\1set\1(?P<args>[ \t,][^\r\n]*)"
-)
-_CONFIG_SET_PASSWORD = re.compile(
-    r"(?i)(?<=[\s,])(?P<key>(?P<q>[\"']?)" + _REDIS_DIRECTIVE_NAME + r"(?P=q)[ \t]*,?[ \t]*)"
-    r"(?:" + _QUOTED + r"|[^\s\"',]+)"
-)
+# What ends a directive's line: its end, a \n or \r in a JSON string, a quote.
+_DIRECTIVE_END = re.compile(r"[ \t]*(?:\r?\n|\r|\Z|\\[rn]|[\"'])")
+_CONFIG_SET = re.compile(r"(?i)(?<![\w-])([\"']?)config\1[ \t,]+\1set\1[ \t,]")
 # CONFIG GET's answer, as redis-cli prints it: 1) "requirepass" over 2) "pw".
 _REDIS_CONFIG_GET = re.compile(
-    r"(?im)(?P<key>^[ \t]*\d+\)[ \t]*\"" + _REDIS_DIRECTIVE_NAME + r"\"\r?\n[ \t]*\d+\)[ \t]*)"
+    r"(?<=\d\) )(?P<key>\"[rRmM](?i:equirepass|asterauth)\"\r?\n[ \t]*\d+\)[ \t]*)"
     r"\"(?:[^\"\\\r\n]|\\.)+\""
 )
 # AUTH [user] password, HELLO's AUTH user password: the password is the last of one or
@@ -662,19 +664,26 @@ def _redis_cli_passwords(m: re.Match[str]) -> str:
 
 
 def _redis_directive(m: re.Match[str]) -> str:
-    if m.group("key") is not None:
-        return f"{m.string[m.start() : m.end('sep')]}{REDACTED}"
-    return f"{m.group('kkey')}{m.group('ksep')}{REDACTED}"
-
-
-def _config_set_passwords(m: re.Match[str]) -> str:
-    def password(p: re.Match[str]) -> str:
-        quote = p.group(0)[len(p.group("key")) :][:1]
-        quote = quote if quote in ("'", '"') else ""
-        return f"{p.group('key')}{quote}{REDACTED}{quote}"
-
-    args = _CONFIG_SET_PASSWORD.sub(password, m.group("args"))
-    return m.group(0)[: m.start("args") - m.start()] + args
+    text, start = m.string, m.start()
+    before = text[start - 1 : start]
+    if (before.isalnum() or before in ("_", "-")) and text[start - 2 : start] != "\\n":
+        return m.group(0)  # part of a longer name, or a --flag (see _FLAG)
+    if m.group("ksep") is not None:
+        return f"{m.group('key')}{m.group('q')}{m.group('ksep')}{REDACTED}"
+    escaped_nl = text.rfind("\\n", 0, start)
+    line = text[
+        max(text.rfind("\n", 0, start) + 1, escaped_nl + 2 if escaped_nl >= 0 else 0) : start
+    ]
+    alone = (
+        not m.group("q")
+        and (line.strip(" \t") == "" or line.rstrip(" \t")[-1:] in ("'", '"'))
+        and _DIRECTIVE_END.match(text, m.end()) is not None
+    )
+    if not alone and not _CONFIG_SET.search(line):
+        return m.group(0)  # prose: "requirepass is not set"
+    value = m.group("value")
+    quote = value[0] if value[0] in ("'", '"') else ""
+    return f"{text[start : m.start('value')]}{quote}{REDACTED}{quote}"
 
 
 def _auth_password(m: re.Match[str]) -> str:
@@ -731,7 +740,6 @@ def redact(text: str) -> str:
     lowered = text.lower()
     if "requirepass" in lowered or "masterauth" in lowered:
         text = _REDIS_DIRECTIVE.sub(_redis_directive, text)
-        text = _REDIS_CONFIG_SET.sub(_config_set_passwords, text)
         text = _REDIS_CONFIG_GET.sub(lambda m: f'{m.group("key")}"{REDACTED}"', text)
     if "auth" in lowered:
         text = _REDIS_AUTH.sub(_redis_auth, text)
