@@ -104,11 +104,13 @@ _BARE = r"(?:[^\s,;&\"'\\]|\\+(?![\\\"]))+"
 _AUTH_HEADER = re.compile(
     r"(?im)\b(?P<key>(?:proxy-)?authorization|x-api-key|api-key|cookie|set-cookie)"
     + _SEPARATOR
-    + r"(?P<value>"
+    + r"(?P<value>(?:"
     + _ESCAPED_QUOTED
     + "|"
     + _QUOTED
-    + r"|[^\r\n]*)"
+    # A quoted value ends at its quote only if nothing of it follows: "abc"def is no
+    # quoted value, its def would be left.
+    + r")(?![^\s,;}\]\\])|[^\r\n]*)"
 )
 # A double quote and the backslashes before it: which string it opens or closes, if any,
 # is in their number (see _string_close).

@@ -1056,7 +1056,9 @@ def test_a_header_inside_a_json_string_ends_with_the_string(
     if escaped_twice:
         assert outer["stream"] == "stderr"
     assert inner["user"] == "bob"
-    assert inner["msg"].startswith(f"sent {header}:") and inner["msg"].endswith(REDACTED)
+    assert inner["msg"].startswith(f"sent {header}:")
+    # A quoted value ("0000") ends at its quote, else with the string.
+    assert inner["msg"].endswith(REDACTED) or f'{header}:"{REDACTED}" upstream' in inner["msg"]
 
 
 @pytest.mark.parametrize(
@@ -1071,6 +1073,8 @@ def test_a_header_inside_a_json_string_ends_with_the_string(
             '{"msg":"sent Authorization:\'00000 upstream","user":"bob"}',
             f'{{"msg":"sent Authorization:{REDACTED}","user":"bob"}}',
         ),
+        # A quoted value runs on after its quote: no quoted value, to the line's end.
+        ('Authorization: "abc"def123 upstream', f'Authorization: "{REDACTED}"'),
         # Outside a string, a quote is part of the value: a Digest response goes with it.
         ('Authorization: Digest username="bob", response="6629fae4"', f"Authorization: {REDACTED}"),
     ],
