@@ -177,13 +177,16 @@ def recorded_prior(
     return noted
 
 
-# On a StatefulSet, "<action id>=<uid>,...": the pod each restart_pod action evicted. The
-# StatefulSet recreates the pod under its name, without the id: the uid tells them apart.
+# On a StatefulSet, or a ReplicaSet's Deployment, "<action id>=<uid>,...": the pod each
+# restart_pod action evicted, noted before evicting. The StatefulSet recreates the pod under
+# its name, without the id: the uid tells them apart; a redelivery that finds a pod gone
+# (its id went with it) reads here that it evicted it. Not in the prior-state notes: pod
+# restarts would crowd out the five an undo of the workload's own writes needs.
 EVICTED_PODS_ANNOTATION = "sre-agent.io/evicted-pods"
 
 
 def evicted_uid(annotations: Mapping[str, str], action_id: str) -> str:
-    """The uid of the pod ``action_id`` evicted, as its StatefulSet's annotation has it."""
+    """The uid of the pod ``action_id`` evicted, as its owner's annotation has it."""
     for entry in annotations.get(EVICTED_PODS_ANNOTATION, "").split(","):
         who, _, uid = entry.rpartition("=")
         if who == action_id:

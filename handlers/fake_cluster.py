@@ -415,16 +415,10 @@ class FakeCluster:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
                 return Effect(applied=False, message=f"{target.key} is already gone")
-            sts = (pod.namespace, pod.workload) if pod.owner == "StatefulSet" else None
             why = self._eviction_block(pod)
             if why:
                 raise ActionFailed(f"restart of {target.key} refused: {why}")
-            if sts:
-                known = self._sts_annotations.get(sts, {})
-                self._sts_annotations[sts] = {
-                    **known,
-                    EVICTED_PODS_ANNOTATION: remember_eviction(known, action_id, pod.uid),
-                }
+            self._note_eviction(pod, action_id)
             del self._pods[(pod.namespace, pod.name)]
             self.changed.set()
             return Effect(
@@ -585,11 +579,15 @@ class FakeCluster:
 
     def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As the adapter: a restart_pod repeat finds the pod gone, or replaced, after this
-        action evicted it (the StatefulSet remembers which pod it evicted)."""
+        action evicted it (its StatefulSet or Deployment remembers which pod it evicted). A
+        live pod whose uid the note names was not evicted (its delivery died first): None."""
         pod = self._pods.get((target.namespace, target.name))
         if pod is None:
-            named = (target.namespace, target.name.rpartition("-")[0])
-            gone = evicted_uid(self._sts_annotations.get(named, {}), action_id)
+            # As the adapter reads the owner off the name (the fake names a pod
+            # <workload>-<suffix>, a Deployment's as a StatefulSet's).
+            named = target.name.rpartition("-")[0]
+            owners = (self._eviction_notes(k, target.namespace, named) for k in _RECORDERS)
+            gone = next((uid for uid in (evicted_uid(n, action_id) for n in owners) if uid), "")
             if not gone:
                 return None
             return Effect(
@@ -598,16 +596,17 @@ class FakeCluster:
                 prior_state={"uid": gone},
                 found_id=True,
             )
-        sts = (pod.namespace, pod.workload) if pod.owner == "StatefulSet" else None
         # A StatefulSet's replacement, under the evicted pod's name and without the id, is
         # told apart by the uid the StatefulSet remembers.
-        gone = evicted_uid(self._sts_annotations.get(sts, {}), action_id) if sts else ""
+        notes = self._eviction_notes(pod.owner, pod.namespace, pod.workload)
+        gone = evicted_uid(notes, action_id)
         if not gone or gone == pod.uid:
             return None
+        kind = _OWNER_KINDS.get(pod.owner, pod.owner)
         return Effect(
             applied=False,
             message=f"action {action_id} already evicted {target.key} (uid {gone}); "
-            f"StatefulSet {pod.workload} has replaced it",
+            f"{kind} {pod.workload} has replaced it",
             prior_state={"uid": gone},
             found_id=True,
         )
@@ -837,6 +836,25 @@ class FakeCluster:
         names = ", ".join(f"PodDisruptionBudget {b.namespace}/{b.name}" for b in full)
         return f"blocked by {names} (no disruptions allowed)"
 
+    def _eviction_notes(self, owner: str, namespace: str, name: str) -> Mapping[str, str]:
+        """The annotations a pod's ``owner`` kind notes its evictions in, as the adapter:
+        its StatefulSet's, or for a ReplicaSet's pod its Deployment's."""
+        if owner == "StatefulSet":
+            return self._sts_annotations.get((namespace, name), {})
+        w = self._workloads.get(Target(kind="Deployment", namespace=namespace, name=name).key)
+        return w.annotations if w is not None and owner == "ReplicaSet" else {}
+
+    def _note_eviction(self, pod: FakePod, action_id: str) -> None:
+        """As the adapter: the eviction noted on the pod's StatefulSet or Deployment."""
+        known = self._eviction_notes(pod.owner, pod.namespace, pod.workload)
+        noted = {**known, EVICTED_PODS_ANNOTATION: remember_eviction(known, action_id, pod.uid)}
+        if pod.owner == "StatefulSet":
+            self._sts_annotations[(pod.namespace, pod.workload)] = noted
+            return
+        dep = Target(kind="Deployment", namespace=pod.namespace, name=pod.workload)
+        if pod.owner == "ReplicaSet" and dep.key in self._workloads:
+            self._put(replace(self._get(dep), annotations=noted))
+
     @staticmethod
     def _with_id(
         state: WorkloadState, action_id: str, prior: Mapping[str, ParamValue]
@@ -847,6 +865,8 @@ class FakeCluster:
         return annotations
 
 
+# The pod owners that note a restart_pod's eviction (a ReplicaSet's: on its Deployment).
+_RECORDERS = ("StatefulSet", "ReplicaSet")
 # A pod's controller kind -> the workload it acts through (a ReplicaSet: its Deployment).
 _OWNER_KINDS: Mapping[str, TargetKind] = {
     "ReplicaSet": "Deployment",

@@ -799,20 +799,20 @@ class KubeCluster:
 
     async def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As restart_pod tells a repeat: the pod gone, or replaced by its StatefulSet,
-        after this action evicted it. A live pod with the id is not done: a repeat evicts."""
+        after this action evicted it. A live pod with the id is not done, nor one whose uid
+        the note names (a delivery that noted and died before evicting): a repeat evicts."""
         status, pod, headers = await self._raw("GET", _path(target))
         if status == 404:
             effect = await self._pod_gone(target, action_id)
             return effect if effect.found_id else None
         if not 200 <= status < 300:
             raise translate(status, pod, headers, method="GET", what=target.key)
-        owner = controller_of(pod)
-        if not owner or owner.get("kind") != "StatefulSet":
+        recorder = await self._recorder(target.namespace, pod)
+        if recorder is None:
             return None
-        sts = str(owner["name"])
-        gone = await self._evicted_by(target.namespace, sts, action_id)
+        gone = await self._evicted_by(recorder, action_id)
         uid = (pod.get("metadata") or {}).get("uid")
-        return _replaced(action_id, target, gone, sts) if gone and gone != uid else None
+        return _replaced(action_id, target, gone, recorder) if gone and gone != uid else None
 
     async def footprint(self, target: Target) -> Footprint:
         if target.kind in WORKLOAD_RESOURCES:
@@ -1097,12 +1097,11 @@ class KubeCluster:
             meta = pod.get("metadata") or {}
             if meta.get("deletionTimestamp"):
                 return Effect(applied=False, message=f"{target.key} is already terminating")
-            owner = controller_of(pod)
-            sts = str(owner["name"]) if owner and owner.get("kind") == "StatefulSet" else ""
+            recorder = await self._recorder(target.namespace, pod)
             if action_id not in remembered_ids(annotations_of(pod)):
-                gone = await self._evicted_by(target.namespace, sts, action_id) if sts else ""
-                if gone and gone != meta.get("uid"):
-                    return _replaced(action_id, target, gone, sts)
+                gone = await self._evicted_by(recorder, action_id) if recorder else ""
+                if recorder and gone and gone != meta.get("uid"):
+                    return _replaced(action_id, target, gone, recorder)
                 # The id rides on the pod first; a delivery interrupted between this write and
                 # the eviction finds the id on a live pod and completes the eviction.
                 try:
@@ -1116,18 +1115,20 @@ class KubeCluster:
                 except Conflict:
                     continue
                 meta = pod.get("metadata") or {}
-            if sts:
-                await self._note_eviction(target.namespace, sts, action_id, str(meta.get("uid")))
+            if recorder is not None:
+                # A note naming a pod still here (a delivery that died before evicting) is
+                # kept and this eviction completes it: the uid tells the pod from the next.
+                await self._note_eviction(recorder, action_id, str(meta.get("uid")))
             why = await self._evict(
                 target.namespace,
                 target.name,
                 uid=meta.get("uid"),
                 resource_version=meta.get("resourceVersion"),
             )
-            if why is not None and sts:
+            if why is not None and recorder is not None:
                 # Not evicted (refused, or the pod changed): the note must not outlive it.
                 uid = str(meta.get("uid"))
-                await self._note_eviction(target.namespace, sts, action_id, uid, evicting=False)
+                await self._note_eviction(recorder, action_id, uid, evicting=False)
             if why == "conflict":
                 continue
             if why is not None:
@@ -1143,15 +1144,17 @@ class KubeCluster:
         raise ActionFailed(f"{target.key} changed concurrently {CONFLICT_RETRIES} times; gave up")
 
     async def _pod_gone(self, target: Target, action_id: str) -> Effect:
-        """A pod not found: evicted by this action's earlier delivery if its StatefulSet
-        (named by the pod, ``<sts>-<ordinal>``) records that eviction, before it
-        recreates the pod; of other pods nothing tells."""
-        sts, _, ordinal = target.name.rpartition("-")
-        if sts and ordinal.isdigit():
-            status, obj, headers = await self._raw("GET", _sts_path(target.namespace, sts)[0])
-            if not (200 <= status < 300 or status == 404):
-                raise translate(status, obj, headers, method="GET", what=f"StatefulSet {sts}")
-            gone = evicted_uid(annotations_of(obj), action_id) if status != 404 else ""
+        """A pod not found: evicted by this action's earlier delivery if the owner its name
+        points to (``<sts>-<ordinal>``, ``<deployment>-<template hash>-<suffix>``) records
+        that eviction; of other pods nothing tells. No pod has the noted uid any more (it
+        had this name), so the note cannot be of an eviction that never happened."""
+        for recorder in _recorders_named(target.namespace, target.name):
+            status, obj, headers = await self._raw("GET", recorder.path)
+            if status == 404:
+                continue
+            if not 200 <= status < 300:
+                raise translate(status, obj, headers, method="GET", what=recorder.what)
+            gone = evicted_uid(annotations_of(obj), action_id)
             if gone:
                 return Effect(
                     applied=False,
@@ -1161,19 +1164,41 @@ class KubeCluster:
                 )
         return Effect(applied=False, message=f"{target.key} is already gone")
 
-    async def _evicted_by(self, namespace: str, sts: str, action_id: str) -> str:
-        path, what = _sts_path(namespace, sts)
-        return evicted_uid(annotations_of(await self.call("GET", path, what=what)), action_id)
+    async def _recorder(self, namespace: str, pod: Mapping[str, Any]) -> _Recorder | None:
+        """Where a restart_pod of ``pod`` notes its eviction: the pod's StatefulSet, or the
+        Deployment of its ReplicaSet (what outlives the pod and the redelivery can find by
+        its name); None for other pods (a bare ReplicaSet's, a Job's, a DaemonSet's)."""
+        owner = controller_of(pod) or {}
+        name = str(owner.get("name", ""))
+        if owner.get("kind") == "StatefulSet":
+            return _Recorder("StatefulSet", namespace, name)
+        if owner.get("kind") != "ReplicaSet":
+            return None
+        rs = _Recorder("ReplicaSet", namespace, name)
+        status, obj, headers = await self._raw("GET", rs.path)
+        if status == 404:
+            return None  # deleted with its pods: they go with it
+        if not 200 <= status < 300:
+            raise translate(status, obj, headers, method="GET", what=rs.what)
+        deployment = controller_of(obj) or {}
+        if deployment.get("kind") != "Deployment":
+            return None
+        return _Recorder("Deployment", namespace, str(deployment.get("name", "")))
+
+    async def _evicted_by(self, recorder: _Recorder, action_id: str) -> str:
+        obj = await self.call("GET", recorder.path, what=recorder.what)
+        return evicted_uid(annotations_of(obj), action_id)
 
     async def _note_eviction(
-        self, namespace: str, sts: str, action_id: str, uid: str, *, evicting: bool = True
+        self, recorder: _Recorder, action_id: str, uid: str, *, evicting: bool = True
     ) -> None:
-        """Record on the StatefulSet, before evicting, which pod ``action_id`` evicts: its
-        replacement, under the same name, carries no id, and a redelivery must not evict
-        it too. ``evicting`` False takes the record back when the eviction did not
-        happen: left there, it would pass the pod's next replacement off as the action's
-        work."""
-        path, what = _sts_path(namespace, sts)
+        """Record on the pod's owner, before evicting, which pod ``action_id`` evicts: a
+        StatefulSet's replacement, under the same name, carries no id, and a redelivery
+        must not evict it too; a redelivery that finds the pod gone reads here that the
+        action evicted it (the id rode on the pod). ``evicting`` False takes the record
+        back when the eviction did not happen: left there, it would pass the pod's next
+        replacement off as the action's work."""
+        path, what = recorder.path, recorder.what
         for _ in range(CONFLICT_RETRIES):
             obj = await self.call("GET", path, what=what)
             ann = annotations_of(obj)
@@ -1686,11 +1711,34 @@ def _merge_body(
     return _deep_merge(body, change)
 
 
-def _sts_path(namespace: str, name: str) -> tuple[str, str]:
-    return (
-        f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}",
-        f"StatefulSet/{namespace}/{name}",
-    )
+@dataclass(frozen=True, slots=True)
+class _Recorder:
+    """An apps/v1 object by kind and name: the one a restart_pod notes its eviction on."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    @property
+    def path(self) -> str:
+        resource = f"{self.kind.lower()}s"
+        return f"/apis/apps/v1/namespaces/{self.namespace}/{resource}/{self.name}"
+
+    @property
+    def what(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+def _recorders_named(namespace: str, pod: str) -> list[_Recorder]:
+    """The owners that may have noted the eviction of a pod no longer there, as its name
+    tells: a StatefulSet's pod is ``<sts>-<ordinal>``, a Deployment's
+    ``<deployment>-<template hash>-<suffix>`` (a suffix may be all digits: both are read)."""
+    first, _, last = pod.rpartition("-")
+    deployment = first.rpartition("-")[0]
+    return [
+        *([_Recorder("StatefulSet", namespace, first)] if first and last.isdigit() else []),
+        *([_Recorder("Deployment", namespace, deployment)] if deployment else []),
+    ]
 
 
 def _already(action_id: str, target: Target, prior: Mapping[str, Any] | None = None) -> Effect:
@@ -1703,12 +1751,12 @@ def _already(action_id: str, target: Target, prior: Mapping[str, Any] | None = N
     )
 
 
-def _replaced(action_id: str, target: Target, uid: str, sts: str) -> Effect:
+def _replaced(action_id: str, target: Target, uid: str, owner: _Recorder) -> Effect:
     """A repeat of a pod restart whose pod its StatefulSet has since replaced."""
     return Effect(
         applied=False,
         message=f"action {action_id} already evicted {target.key} (uid {uid}); "
-        f"StatefulSet {sts} has replaced it",
+        f"{owner.kind} {owner.name} has replaced it",
         prior_state={"uid": uid},
         found_id=True,
     )

@@ -47,7 +47,12 @@ from agent.models import (
 )
 from agent.runtime import Agent
 from agent.settings import Settings
-from handlers.cluster import ACTION_IDS_ANNOTATION, remembered_ids
+from handlers.cluster import (
+    ACTION_IDS_ANNOTATION,
+    EVICTED_PODS_ANNOTATION,
+    remember_eviction,
+    remembered_ids,
+)
 from handlers.executor import Executor, undo_request
 from handlers.kube import KubeCluster
 from streams.bus import Bus, create_topics
@@ -515,6 +520,77 @@ async def test_restart_pod_evicts_and_budgets_hold(
         await ex.stop()
         with contextlib.suppress(ActionFailed):
             await admin.call("DELETE", f"{PDBS.format(ns=ns)}/api", what="pdb")
+
+
+async def _absent(admin: KubeCluster, namespace: str, name: str) -> None:
+    async def gone() -> bool:
+        status, _, _ = await admin._raw("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+        return status == 404
+
+    await eventually(gone, 60, 0.3, f"{name} gone")
+
+
+async def test_a_deployment_pod_restart_redelivered_after_the_pod_is_gone_counts_once(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """The id rode on the pod, gone with it: the eviction noted on the Deployment is what
+    shows a redelivery that the action acted. A note left by a delivery that died before
+    evicting names a pod still there: the redelivery evicts that pod, once."""
+    ns = k8s_namespace
+    web = await ready_deployment(admin, ns, "web", 2)
+    first, second = [p["metadata"] for p in (await pods_of(admin, ns, "web"))[:2]]
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        # The crash: the eviction through the adapter, and no result recorded.
+        a = request("restart_pod", Target(kind="Pod", namespace=ns, name=first["name"]))
+        assert (await kube.restart_pod(a.target, action_id=a.id)).applied
+        await _absent(admin, ns, first["name"])
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert r.prior_state == {"uid": first["uid"]}
+        assert (await ex.on_action(a)).status == "duplicate"  # recorded once
+        v = await verified(bus, a)
+        assert v.outcome == "healed", v.message
+
+        # The crash between the note and the eviction: the id on the pod, the note on the
+        # Deployment naming it, the pod still running.
+        b = request("restart_pod", Target(kind="Pod", namespace=ns, name=second["name"]))
+        merge = "application/merge-patch+json"
+        await admin.call(
+            "PATCH",
+            _path(b.target),
+            body={"metadata": {"annotations": {ACTION_IDS_ANNOTATION: b.id}}},
+            what="pod",
+            content_type=merge,
+        )
+        notes = (await read(admin, web))["metadata"]["annotations"]
+        noted = remember_eviction(notes, b.id, second["uid"])
+        await admin.call(
+            "PATCH",
+            _path(web),
+            body={"metadata": {"annotations": {EVICTED_PODS_ANNOTATION: noted}}},
+            what="web",
+            content_type=merge,
+        )
+        r = await ex.on_action(b)
+        assert r.status == "succeeded", r.message
+        assert "stopped before its result" not in r.message
+        assert r.prior_state["uid"] == second["uid"]
+        await _absent(admin, ns, second["name"])
+        await settled(admin, web)
+        running = {p["metadata"]["uid"] for p in await pods_of(admin, ns, "web")}
+        again = executor(kube, MemoryBus())  # one that never saw the result
+        try:
+            found = await again.on_action(b)
+        finally:
+            await again.stop()
+        assert found.status == "succeeded", found.message
+        assert found.prior_state == {"uid": second["uid"]}
+        assert {p["metadata"]["uid"] for p in await pods_of(admin, ns, "web")} == running
+    finally:
+        await ex.stop()
 
 
 async def _ready_uid(admin: KubeCluster, namespace: str, name: str) -> str:

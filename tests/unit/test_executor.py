@@ -28,6 +28,7 @@ from agent.models import (
 )
 from agent.policy import Switches, Verdict, unknown_undo
 from agent.settings import Settings
+from handlers.cluster import EVICTED_PODS_ANNOTATION
 from handlers.executor import Executor, undo_request, undoable_result, unverified
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
@@ -260,14 +261,61 @@ async def test_a_statefulset_pod_restart_redelivered_before_the_pod_is_back_coun
         assert r.status == "succeeded", r.message
         assert "by a delivery that stopped before its result" in r.message
         assert r.prior_state == {"uid": old.uid} and "p1" in ex.history
-        # A Deployment's pod leaves no such record: gone is all that can be said.
-        first.after_apply = killed
-        b = act("restart_pod", Target(kind="Pod", namespace="shop", name="checkout-a"))
-        with pytest.raises(Killed):
-            await first.on_action(b)
-        assert (await ex.on_action(b)).status == "duplicate"
     finally:
         await ex.stop()
+
+
+async def test_a_deployment_pod_restart_redelivered_after_the_pod_is_gone_counts_once(
+    rig: Any,
+) -> None:
+    # The id rode on the pod, gone with it: the Deployment's note of the eviction is what
+    # shows the action acted, so it counts once and is verified, not a 'duplicate'.
+    first, _bus, c = rig
+    victim = c.pod("shop", "checkout-a")
+    assert victim is not None
+    first.after_apply = killed
+    a = act("restart_pod", Target(kind="Pod", namespace="shop", name="checkout-a"))
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    assert c.pod("shop", "checkout-a") is None
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert r.prior_state == {"uid": victim.uid} and a.id in ex.history
+        assert (await ex.on_action(a)).status == "duplicate"  # once
+        await bus.wait_for(lambda b: len(b.results(a.id)) == 3, 5, "its verification")
+        assert [x.status for x in bus.results(a.id)] == ["succeeded", "duplicate", "succeeded"]
+        assert bus.results(a.id)[-1].outcome == "healed", bus.results(a.id)[-1].message
+    finally:
+        await ex.stop()
+
+
+async def test_a_pod_restart_noted_but_never_evicted_is_evicted_by_its_redelivery(
+    rig: Any,
+) -> None:
+    # A delivery that noted the eviction on the Deployment and died before evicting: the
+    # note names a pod still there, so it is not taken for done; the redelivery evicts it,
+    # once, and a later one finds it gone and the note now true.
+    ex, bus, c = rig
+    victim = c.pod("shop", "checkout-a")
+    assert victim is not None
+    a = act("restart_pod", Target(kind="Pod", namespace="shop", name="checkout-a"))
+    c.annotate(CHECKOUT, EVICTED_PODS_ANNOTATION, f"{a.id}={victim.uid}")
+    r = await ex.on_action(a)
+    assert r.status == "succeeded" and "evicted" in r.message, r.message
+    assert "stopped before its result" not in r.message
+    assert c.pod("shop", "checkout-a") is None
+    again = Executor(cfg(), bus=MemoryBus(), cluster=c, metrics=Metrics())
+    try:
+        found = await again.on_action(a)
+        assert found.status == "succeeded" and found.prior_state == {"uid": victim.uid}
+    finally:
+        await again.stop()
+    await bus.wait_for(lambda b: len(b.results(a.id)) == 2, 5, "its verification")
+    assert bus.results(a.id)[-1].outcome == "healed", bus.results(a.id)[-1].message
 
 
 def db(c: FakeCluster) -> Target:
