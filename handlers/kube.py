@@ -1075,10 +1075,11 @@ class KubeCluster:
                 f"{target.key}: current template already matches revision {chosen}; nothing to do"
             )
         current_ann = annotations_of(dep)
-        annotations = {k: v for k, v in current_ann.items() if k in ROLLBACK_SKIPPED_ANNOTATIONS}
-        annotations.update(
-            (k, v) for k, v in annotations_of(rs).items() if k not in ROLLBACK_SKIPPED_ANNOTATIONS
-        )
+        # The Deployment's own record of pod evictions too: the controller copies the
+        # Deployment's annotations onto its ReplicaSet, and an old one's copy is older.
+        kept = ROLLBACK_SKIPPED_ANNOTATIONS | {EVICTED_PODS_ANNOTATION}
+        annotations = {k: v for k, v in current_ann.items() if k in kept}
+        annotations.update((k, v) for k, v in annotations_of(rs).items() if k not in kept)
         annotations[ACTION_IDS_ANNOTATION] = remember_id(current_ann, action_id)
         # Noted on the Deployment's own notes: the ReplicaSet's copy of them is older.
         return _rollback_write(

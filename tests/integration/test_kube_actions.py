@@ -50,6 +50,7 @@ from agent.settings import Settings
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
+    evicted_uid,
     remember_eviction,
     remembered_ids,
 )
@@ -591,6 +592,34 @@ async def test_a_deployment_pod_restart_redelivered_after_the_pod_is_gone_counts
         assert {p["metadata"]["uid"] for p in await pods_of(admin, ns, "web")} == running
     finally:
         await ex.stop()
+
+
+async def test_a_rollback_keeps_the_deployments_own_record_of_pod_evictions(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """The controller copies a Deployment's annotations onto its ReplicaSet, and a rollback
+    (as ``kubectl rollout undo``) copies the old ReplicaSet's back: its copy of the
+    evictions noted is older, and a pod restart noted since would be forgotten."""
+    ns = k8s_namespace
+    web = await ready_deployment(admin, ns, "web", 1)
+    v1 = (await pods_of(admin, ns, "web"))[0]["metadata"]["name"]
+    assert (
+        await kube.restart_pod(Target(kind="Pod", namespace=ns, name=v1), action_id="r1")
+    ).applied
+    await settled(admin, web)
+    image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "v2"}]}}}}
+    merge = "application/merge-patch+json"
+    await admin.call("PATCH", _path(web), body=image, what="v2", content_type=merge)
+    await settled(admin, web)
+    v2 = (await pods_of(admin, ns, "web"))[0]["metadata"]
+    v2_pod = Target(kind="Pod", namespace=ns, name=v2["name"])
+    assert (await kube.restart_pod(v2_pod, action_id="r2")).applied
+    await _absent(admin, ns, v2["name"])
+    assert (await kube.rollback(web, action_id="rb1")).applied
+    notes = (await read(admin, web))["metadata"]["annotations"]
+    assert evicted_uid(notes, "r2") == v2["uid"]
+    again = await kube.restart_pod(v2_pod, action_id="r2")
+    assert (again.found_id, dict(again.prior_state)) == (True, {"uid": v2["uid"]})
 
 
 async def _ready_uid(admin: KubeCluster, namespace: str, name: str) -> str:
