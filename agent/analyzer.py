@@ -243,7 +243,9 @@ def recent_rollout(
         and r.previous_image is not None
         and lo <= r.at <= before + timedelta(seconds=60)
     ]
-    return max(candidates, key=lambda r: r.at, default=None)
+    # Revisions dated alike (a superseded re-activated one is dated no later than the next
+    # one: handlers.kube.revision_times): the higher number is the later rollout.
+    return max(candidates, key=lambda r: (r.at, r.revision), default=None)
 
 
 def recent_config_change(
@@ -527,7 +529,7 @@ def deployments_of(
             and r.at <= latest
             and (earliest is None or r.at >= earliest)
         ),
-        key=lambda r: r.at,
+        key=lambda r: (r.at, r.revision),
         reverse=True,
     )
 

@@ -221,7 +221,7 @@ async def rollouts_of(
                     workload=target.name,
                     revision=rev.number,
                     image=rev.image,
-                    at=rev.created_at,
+                    at=rev.at,
                     previous_image=prev.image if prev else None,
                 )
             )

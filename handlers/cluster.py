@@ -214,7 +214,9 @@ def _evictions(annotations: Mapping[str, str]) -> list[str]:
 class Revision:
     number: int
     image: str
-    created_at: datetime
+    # When it became current: a re-activated (renumbered) template when it was re-activated,
+    # not when it was first created (the rules judge how recent a rollout is by this).
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)

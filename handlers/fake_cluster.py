@@ -3,8 +3,10 @@
 It follows the Kubernetes semantics the agent relies on, not a mock that accepts anything:
 a Deployment's revisions are its ReplicaSets, a StatefulSet's or DaemonSet's its
 ControllerRevisions, the rollout history the analysis reads of each; a rollback re-activates
-an old template and gives it the next revision number (the old number disappears, as the
-controllers renumber a ReplicaSet or ControllerRevision); a StatefulSet's or DaemonSet's
+an old template (as a rollout back to an old image does) and gives it the next revision
+number, dated when it became current (the old number disappears, as the controllers
+renumber a ReplicaSet or ControllerRevision, which the adapter dates by when its number was
+set, not by its creation); a StatefulSet's or DaemonSet's
 change can be left unrecorded until ``record_revision`` (the controller lags the write), and
 a rollback then is a transient error, as the adapter's; scale
 and restart bump ``generation``; an action id recorded on the object makes a repeat a no-op,
@@ -20,14 +22,14 @@ refuses), a drain skips DaemonSet and mirror pods and refuses pods without a con
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from agent.analyzer import ConfigChange, KubeEvent
 from agent.errors import ActionFailed, TransientError
-from agent.models import WORKLOAD_KINDS, ParamValue, Target, TargetKind
+from agent.models import WORKLOAD_KINDS, ParamValue, Target, TargetKind, utcnow
 from agent.policy import kind_problem
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
@@ -102,7 +104,10 @@ class FakeBudget:
 
 
 class FakeCluster:
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], datetime] = utcnow) -> None:
+        # The API server's clock: it dates what the cluster does by itself (a revision a
+        # rollback re-activates); set-up methods take their time as ``at``.
+        self._clock = clock
         self._workloads: dict[str, WorkloadState] = {}
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set on every write; the lab's service watches it
@@ -154,7 +159,7 @@ class FakeCluster:
             ready_replicas=replicas,
             revision=1,
             image=image,
-            revisions=(Revision(number=1, image=image, created_at=at),),
+            revisions=(Revision(number=1, image=image, at=at),),
         )
         self._workloads[target.key] = state
         self._created[target.key] = at
@@ -185,6 +190,8 @@ class FakeCluster:
         )
         number = max(r.number for r in known) + 1
         if recorded:
+            # Back to an old template: the controller renumbers that revision, now current.
+            known = tuple(r for r in known if r.image != image)
             self._unrecorded.discard(target.key)
         else:
             self._unrecorded.add(target.key)
@@ -193,7 +200,7 @@ class FakeCluster:
             state,
             image=image,
             revision=number,
-            revisions=(*known, Revision(number=number, image=image, created_at=at)),
+            revisions=(*known, Revision(number=number, image=image, at=at)),
             generation=state.generation + 1,
         )
         return self._put(new)
@@ -206,7 +213,7 @@ class FakeCluster:
             return state
         self._unrecorded.discard(target.key)
         revisions = tuple(
-            replace(r, created_at=at) if r.number == state.revision else r for r in state.revisions
+            replace(r, at=at) if r.number == state.revision else r for r in state.revisions
         )
         return self._put(replace(state, revisions=revisions))
 
@@ -341,7 +348,8 @@ class FakeCluster:
                 state,
                 image=chosen.image,
                 revision=number,
-                revisions=(*revisions, replace(chosen, number=number)),
+                # Current from now on, though its template is older (revision_times).
+                revisions=(*revisions, replace(chosen, number=number, at=self._clock())),
                 generation=state.generation + 1,
                 annotations=self._with_id(state, action_id, prior),
             )

@@ -111,6 +111,11 @@ config: Any = _config
 Obj = dict[str, Any]
 
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+# Set by the Deployment controller on a ReplicaSet it renumbers (the numbers it had before).
+REVISION_HISTORY_ANNOTATION = "deployment.kubernetes.io/revision-history"
+# Where managedFields record who sets a ReplicaSet's / ControllerRevision's number.
+RS_REVISION_FIELD = ("f:metadata", "f:annotations", f"f:{REVISION_ANNOTATION}")
+CR_REVISION_FIELD = ("f:revision",)
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 POD_TEMPLATE_HASH = "pod-template-hash"
 # Deployment annotations `kubectl rollout undo` keeps instead of copying from the ReplicaSet.
@@ -118,7 +123,7 @@ ROLLBACK_SKIPPED_ANNOTATIONS = frozenset(
     {
         "kubectl.kubernetes.io/last-applied-configuration",
         REVISION_ANNOTATION,
-        "deployment.kubernetes.io/revision-history",
+        REVISION_HISTORY_ANNOTATION,
         "deployment.kubernetes.io/desired-replicas",
         "deployment.kubernetes.io/max-replicas",
         "deprecated.deployment.rollback.to",
@@ -277,13 +282,97 @@ def revision_template(revision: Mapping[str, Any]) -> Obj | None:
     return {k: v for k, v in template.items() if k != "$patch"}
 
 
+def last_set(obj: Mapping[str, Any], field: Sequence[str]) -> datetime | None:
+    """When the manager owning ``field`` (a ``fieldsV1`` path such as ``("f:revision",)``)
+    last changed anything it owns: ``metadata.managedFields`` keeps one time per manager
+    and operation, moved by any change of the fields that entry owns; None when no entry
+    owns it (managed fields not kept)."""
+    times = []
+    for entry in (obj.get("metadata") or {}).get("managedFields") or ():
+        owned: Any = entry.get("fieldsV1") or {}
+        for name in field:
+            owned = owned.get(name) if isinstance(owned, Mapping) else None
+        if owned is not None and entry.get("time"):
+            times.append(_parse_time(entry["time"]))
+    return max(times, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionDates:
+    """What the API server tells of when one revision became current."""
+
+    created: datetime
+    # When its number was last set, if that can differ from its creation (a renumbered one).
+    numbered: datetime | None = None
+    # When the controller last changed it at all: a ReplicaSet's last scale, after which a
+    # superseded one stays untouched.
+    changed: datetime | None = None
+
+
+def revision_times(history: Mapping[int, RevisionDates]) -> dict[int, datetime]:
+    """When each revision became current, by number.
+
+    A controller renumbers the template it re-activates (a rollback, or a patch back to an
+    old template), keeping the object and its creation time: the time its number was last
+    set is when it became current again. That time is only known as the time the
+    controller last changed anything it owns on the object, which later scales move too;
+    so a renumbered revision is taken no later than the last change of the one it replaced
+    (n-1, scaled down by the rollout to n and left alone after). Numbers are given in the
+    order revisions became current, so none is dated after a later one (a creation is
+    exact, a last change only an upper bound)."""
+    times: dict[int, datetime] = {}
+    for n in sorted(history):
+        d = history[n]
+        t = d.created
+        if d.numbered is not None:
+            t = max(t, d.numbered)
+            replaced = history.get(n - 1)
+            if replaced is not None and replaced.changed is not None:
+                t = min(t, replaced.changed)
+        times[n] = t
+    later: datetime | None = None
+    for n in sorted(times, reverse=True):
+        if later is not None and times[n] > later:
+            times[n] = later
+        later = times[n]
+    return times
+
+
+def replica_set_history(sets: Sequence[Mapping[str, Any]]) -> tuple[Revision, ...]:
+    """A Deployment's rollout history from the ReplicaSets it controls: each revision's
+    image and the time it became current (:func:`revision_times`), by number. Only a
+    renumbered ReplicaSet (one with a revision history) became current after its
+    creation."""
+    by_number = {revision_of(rs): rs for rs in sets}
+    by_number.pop(0, None)
+    history: dict[int, RevisionDates] = {}
+    for n, rs in by_number.items():
+        changed = last_set(rs, RS_REVISION_FIELD)
+        history[n] = RevisionDates(
+            created=_parse_time((rs.get("metadata") or {}).get("creationTimestamp")),
+            numbered=changed if REVISION_HISTORY_ANNOTATION in annotations_of(rs) else None,
+            changed=changed,
+        )
+    times = revision_times(history)
+    return tuple(
+        Revision(
+            number=n,
+            image=first_image((by_number[n].get("spec") or {}).get("template") or {}),
+            at=times[n],
+        )
+        for n in sorted(by_number)
+    )
+
+
 def controller_history(
     workload: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
 ) -> tuple[int, tuple[Revision, ...]]:
     """A StatefulSet's or DaemonSet's rollout history from the ControllerRevisions it owns,
-    as a Deployment's from its ReplicaSets: each revision's image and creation time, by
-    number, and the number of the template it runs."""
-    revisions: dict[int, Revision] = {}
+    as a Deployment's from its ReplicaSets: each revision's image and the time it became
+    current (a renumbered one's when its number was last set), by number, and the number
+    of the template it runs."""
+    images: dict[int, str] = {}
+    dates: dict[int, RevisionDates] = {}
     running: list[int] = []
     now = (workload.get("spec") or {}).get("template") or {}
     for r in history:
@@ -292,9 +381,13 @@ def controller_history(
         if number < 1 or template is None:
             continue
         created = _parse_time((r.get("metadata") or {}).get("creationTimestamp"))
-        revisions[number] = Revision(number=number, image=first_image(template), created_at=created)
+        images[number] = first_image(template)
+        # A ControllerRevision's data never changes: its number is all its controller sets.
+        dates[number] = RevisionDates(created=created, numbered=last_set(r, CR_REVISION_FIELD))
         if template == now:
             running.append(number)
+    times = revision_times(dates)
+    revisions = {n: Revision(number=n, image=images[n], at=times[n]) for n in images}
     if running:
         current = max(running)
     else:
@@ -305,7 +398,7 @@ def controller_history(
         revisions[current] = Revision(
             number=current,
             image=first_image(now),
-            created_at=_parse_time(meta.get("creationTimestamp")),
+            at=_parse_time(meta.get("creationTimestamp")),
         )
     return current, tuple(revisions[n] for n in sorted(revisions))
 
@@ -654,26 +747,10 @@ class KubeCluster:
         meta = obj.get("metadata") or {}
         created = _parse_time(meta.get("creationTimestamp"))
         if target.kind == "Deployment":
-            sets = await self._replica_sets(target, obj)
-            revisions = tuple(
-                sorted(
-                    (
-                        Revision(
-                            number=revision_of(rs),
-                            image=first_image((rs.get("spec") or {}).get("template") or {}),
-                            created_at=_parse_time(
-                                (rs.get("metadata") or {}).get("creationTimestamp")
-                            ),
-                        )
-                        for rs in sets
-                        if revision_of(rs)
-                    ),
-                    key=lambda r: r.number,
-                )
-            )
+            revisions = replica_set_history(await self._replica_sets(target, obj))
             revision = revision_of(obj) or max((r.number for r in revisions), default=1)
             if not any(r.number == revision for r in revisions):
-                revisions = (*revisions, Revision(number=revision, image=image, created_at=created))
+                revisions = (*revisions, Revision(number=revision, image=image, at=created))
         else:
             history = await self._controller_revisions(target, obj)
             revision, revisions = controller_history(obj, history)

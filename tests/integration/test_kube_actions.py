@@ -30,8 +30,8 @@ import pytest
 import yaml
 
 from agent.analysis_stage import action_requests
-from agent.analyzer import analyze
-from agent.context import ContextGatherer
+from agent.analyzer import analyze, recent_rollout
+from agent.context import ContextGatherer, rollouts_of
 from agent.errors import ActionFailed
 from agent.lab_kube import KubeLab, lab_nodes
 from agent.metrics import Metrics
@@ -898,6 +898,78 @@ async def test_a_bad_statefulset_rollout_is_rolled_back_by_the_rules(
         (3, "registry.invalid/app:v1"),
     ]
     assert after.revision == 3
+
+
+async def test_a_template_rolled_back_to_is_a_recent_rollout(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, analyzer_kubeconfig: Path
+) -> None:
+    """v1, then v2, then back to v1: by the agent's rollback (a Deployment and a
+    StatefulSet) and by a plain patch of the template back to v1. The controllers renumber
+    v1's ReplicaSet / ControllerRevision 3 and keep its creation time; the analyzer's role
+    reads it as rolled out at the rollback (its managedFields), so the rules see a recent
+    rollout of v1 after v2."""
+    ns = k8s_namespace
+    await create(admin, ns, "/apis/apps/v1/namespaces/{ns}/statefulsets", statefulset_doc("db", 1))
+    db = Target(kind="StatefulSet", namespace=ns, name="db")
+    undone, patched = await asyncio.gather(
+        ready_deployment(admin, ns, "undone", 1), ready_deployment(admin, ns, "patched", 1)
+    )
+    await settled(admin, db)
+    targets = (undone, patched, db)
+
+    def image(name: str) -> dict[str, Any]:
+        return {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": name}]}}}}
+
+    merge = "application/merge-patch+json"
+    for t in targets:
+        await admin.call("PATCH", _path(t), body=image("app:v2"), what="v2", content_type=merge)
+    await asyncio.gather(*(settled(admin, t) for t in targets))
+    # The API server dates to the second: v1's creation is then strictly before the rollback.
+    await asyncio.sleep(1.5)
+    rolled_at = utcnow().replace(microsecond=0)
+    for t in (undone, db):
+        effect = await kube.rollback(t, action_id=f"rollback-{t.name}")
+        assert effect.applied, effect.message
+    v1 = "registry.invalid/app:v1"
+    await admin.call("PATCH", _path(patched), body=image(v1), what="v1", content_type=merge)
+    await asyncio.gather(*(settled(admin, t) for t in targets))
+
+    async with KubeCluster(kubeconfig=str(analyzer_kubeconfig)) as reader:
+        for t in targets:
+            w = await reader.workload(t)
+            assert [(r.number, r.image) for r in w.revisions] == [(2, "app:v2"), (3, v1)], t.key
+            assert w.revision == 3, t.key
+            v2_at, v1_at = (r.at for r in w.revisions)
+            assert v2_at < rolled_at <= v1_at, (t.key, w.revisions)
+            rollouts, notes = await rollouts_of(reader, [t])
+            assert notes == []
+            found = recent_rollout(tuple(rollouts), t, utcnow(), window=300)
+            assert found is not None, (t.key, rollouts)
+            assert (found.revision, found.image, found.previous_image) == (3, v1, "app:v2")
+        # A later scale moves the controller's managedFields time on the ReplicaSet too: it
+        # is not a rollout, and v1 stays dated by its rollback.
+        v1_at = (await reader.workload(patched)).current().at
+        await asyncio.sleep(1.5)
+        scaled_at = utcnow()
+        body = {"spec": {"replicas": 2}}
+        await admin.call("PATCH", _path(patched), body=body, what="scale", content_type=merge)
+        await settled(admin, patched)
+        assert (await reader.workload(patched)).current().at == v1_at < scaled_at
+    # Created before v2, re-activated after it (the ReplicaSet's creation is what the history
+    # gave before).
+    sets = await admin.call(
+        "GET",
+        f"/apis/apps/v1/namespaces/{ns}/replicasets",
+        what="replicasets",
+        query=[("labelSelector", "app=patched")],
+    )
+    (old,) = [
+        rs
+        for rs in sets["items"]
+        if rs["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3"
+    ]
+    assert old["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] == "1"
+    assert old["metadata"]["creationTimestamp"] < rolled_at.isoformat().replace("+00:00", "Z")
 
 
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(

@@ -98,6 +98,14 @@ def test_the_latest_qualifying_rollout_is_the_suspect() -> None:
     assert "revision 7" in an.root_cause
 
 
+def test_of_rollouts_dated_alike_the_higher_revision_is_the_suspect() -> None:
+    """A re-activated revision superseded since is dated no later than the next one
+    (handlers.kube.revision_times): the next one is the later rollout."""
+    superseded = replace(rollout(2), revision=6, image="shop/checkout:v5")
+    an = analyze(incident(), Context(rollouts=(superseded, rollout(2))), SETTINGS, OPENED)
+    assert "revision 7" in an.root_cause
+
+
 def test_rollout_just_after_the_incident_opened_still_counts() -> None:
     an = analyze(incident(), Context(rollouts=(rollout(-0.5),)), SETTINGS, OPENED)
     assert an.root_cause_class == "bad_rollout"

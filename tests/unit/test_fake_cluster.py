@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from agent.analyzer import recent_rollout
+from agent.context import rollouts_of
 from agent.errors import ActionFailed
 from agent.models import Target
 from handlers.cluster import (
@@ -82,6 +84,36 @@ async def test_rollback_to_a_named_revision() -> None:
     w = await c.workload(CHECKOUT)
     assert (w.revision, w.image) == (4, "v1")
     assert sorted((r.number, r.image) for r in w.revisions) == [(2, "v2"), (3, "v3"), (4, "v1")]
+
+
+async def test_a_rolled_back_template_is_dated_when_it_became_current_again() -> None:
+    """v1, v2 a minute later, rolled back at minute 10: the re-activated v1 is revision 3 as
+    of the rollback (the cluster's clock), so the rules see a recent rollout, of v1."""
+    c = FakeCluster(clock=lambda: at(600))
+    c.create_deployment("shop", "checkout", image="v1", replicas=2, at=at(0))
+    c.rollout("shop", "checkout", image="v2", at=at(60))
+    await c.rollback(CHECKOUT, action_id="a1")
+    w = await c.workload(CHECKOUT)
+    assert [(r.number, r.image, r.at) for r in w.revisions] == [
+        (2, "v2", at(60)),
+        (3, "v1", at(600)),
+    ]
+    rollouts, _ = await rollouts_of(c, [CHECKOUT])
+    latest = recent_rollout(tuple(rollouts), CHECKOUT, at(660), window=300)
+    assert latest is not None
+    assert (latest.revision, latest.image, latest.previous_image) == (3, "v1", "v2")
+
+
+async def test_a_rollout_back_to_an_old_template_renumbers_it() -> None:
+    """As the Deployment controller does on a patch back to v1: v1's revision is renumbered
+    and dated by the rollout, not by its first creation."""
+    c = cluster_with_revisions("v1", "v2", "v1")
+    w = await c.workload(CHECKOUT)
+    assert (w.revision, w.image) == (3, "v1")
+    assert [(r.number, r.image, r.at) for r in w.revisions] == [
+        (2, "v2", at(60)),
+        (3, "v1", at(120)),
+    ]
 
 
 @pytest.mark.parametrize("revision", [3, 9])

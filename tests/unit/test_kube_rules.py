@@ -1,10 +1,11 @@
 """The Kubernetes adapter's pure parts: label selectors, IntOrString arithmetic, rollout
-disruption, kubectl-undo templates, error translation; and the verification judgement."""
+disruption, kubectl-undo templates, when a revision became current, error translation; and
+the verification judgement."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,9 +16,13 @@ from agent.errors import ActionFailed, TransientError
 from handlers.cluster import Observation
 from handlers.kube import (
     Conflict,
+    RevisionDates,
     eviction_block,
+    last_set,
     log_query,
+    replica_set_history,
     restarted_at,
+    revision_times,
     rollout_disruption,
     scaled_value,
     selector_matches,
@@ -241,3 +246,129 @@ def test_a_log_window_is_asked_for_as_whole_seconds_before_now() -> None:
     assert log_query(50, since, now) == [("tailLines", "50"), ("sinceSeconds", "901")]
     # A window starting after now still asks for something the API accepts (>= 1).
     assert log_query(50, now.replace(hour=11), now)[1] == ("sinceSeconds", "1")
+
+
+# --- when a revision became current ------------------------------------------------------------
+
+REVISION_FIELD = {"f:metadata": {"f:annotations": {"f:deployment.kubernetes.io/revision": {}}}}
+
+
+def minute(m: int) -> datetime:
+    return datetime(2026, 12, 7, 10, tzinfo=UTC) + timedelta(minutes=m)
+
+
+def stamp(m: int) -> str:
+    return minute(m).isoformat().replace("+00:00", "Z")
+
+
+def replica_set(
+    revision: int, image: str, created: int, changed: int | None, history: str = ""
+) -> dict[str, Any]:
+    """A ReplicaSet as the API server returns it: the controller-manager's Update entry owns
+    its revision annotation and replicas (``changed``: its time, None when managed fields
+    are not kept); ``history``: the numbers it had before it was renumbered."""
+    annotations = {"deployment.kubernetes.io/revision": str(revision)}
+    if history:
+        annotations["deployment.kubernetes.io/revision-history"] = history
+    managed = [
+        {
+            "manager": "kube-controller-manager",
+            "operation": "Update",
+            "subresource": "status",
+            "time": stamp(59),  # status moves all the time
+            "fieldsV1": {"f:status": {"f:replicas": {}}},
+        },
+    ]
+    if changed is not None:
+        fields = {**REVISION_FIELD, "f:spec": {"f:replicas": {}}}
+        managed.append(
+            {
+                "manager": "kube-controller-manager",
+                "operation": "Update",
+                "time": stamp(changed),
+                "fieldsV1": fields,
+            }
+        )
+    return {
+        "metadata": {
+            "creationTimestamp": stamp(created),
+            "annotations": annotations,
+            "managedFields": managed,
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "image": image}]}}},
+    }
+
+
+def dates(sets: list[dict[str, Any]]) -> list[tuple[int, str, datetime]]:
+    return [(r.number, r.image, r.at) for r in replica_set_history(sets)]
+
+
+def test_the_manager_that_set_a_field_dates_it() -> None:
+    rs = replica_set(3, "v1", created=0, changed=20)
+    revision = ("f:metadata", "f:annotations", "f:deployment.kubernetes.io/revision")
+    assert last_set(rs, revision) == minute(20)
+    assert last_set(rs, ("f:metadata", "f:annotations")) == minute(20)
+    assert last_set(rs, ("f:status", "f:replicas")) == minute(59)
+    assert last_set(rs, ("f:spec", "f:paused")) is None
+    assert last_set({"metadata": {}}, ("f:revision",)) is None
+
+
+def test_a_template_rolled_back_to_is_dated_when_it_became_current_again() -> None:
+    """v1 (revision 1, minute 0), v2 (minute 10), back to v1 at minute 20: the controller
+    renumbers v1's ReplicaSet 3 and keeps its creation. It became current when v2's was
+    scaled down for it (minute 21), not at its creation, nor at its own later scale (40)."""
+    v1 = replica_set(3, "v1", created=0, changed=40, history="1")
+    v2 = replica_set(2, "v2", created=10, changed=21)
+    assert dates([v1, v2]) == [(2, "v2", minute(10)), (3, "v1", minute(21))]
+    # The ReplicaSet it replaced pruned: its own last change is all there is.
+    assert dates([v1]) == [(3, "v1", minute(40))]
+
+
+def test_a_replica_set_never_renumbered_is_dated_by_its_creation() -> None:
+    """A scale moves the controller's time on every ReplicaSet it touches: without a
+    revision history it says nothing of when the revision became current."""
+    v1 = replica_set(1, "v1", created=0, changed=11)  # scaled down by v2's rollout
+    v2 = replica_set(2, "v2", created=10, changed=50)  # scaled by an HPA since
+    assert dates([v2, v1]) == [(1, "v1", minute(0)), (2, "v2", minute(10))]
+    # Managed fields not kept: the creation, as before.
+    assert dates([replica_set(3, "v1", created=0, changed=None, history="1")]) == [
+        (3, "v1", minute(0))
+    ]
+
+
+def test_no_revision_is_dated_after_a_later_one() -> None:
+    """v1 re-activated as 3 at minute 20, scaled down late by v3's rollout (created at
+    minute 30, done at 50): 3 became current before 4, so no later than minute 30."""
+    v1 = replica_set(3, "v1", created=0, changed=50, history="1")
+    v3 = replica_set(4, "v3", created=30, changed=31)
+    assert dates([v1, v3]) == [(3, "v1", minute(30)), (4, "v3", minute(30))]
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(
+        st.integers(1, 6),
+        st.tuples(
+            st.integers(0, 60), st.none() | st.integers(0, 60), st.none() | st.integers(0, 60)
+        ),
+        max_size=6,
+    )
+)
+def test_revision_times_follow_the_numbers(
+    raw: dict[int, tuple[int, int | None, int | None]],
+) -> None:
+    history = {
+        n: RevisionDates(
+            created=minute(c),
+            numbered=None if s is None else minute(s),
+            changed=None if x is None else minute(x),
+        )
+        for n, (c, s, x) in raw.items()
+    }
+    times = revision_times(history)
+    assert sorted(times) == sorted(history)
+    ordered = [times[n] for n in sorted(times)]
+    assert ordered == sorted(ordered)
+    for n, t in times.items():
+        # Never later than its own record says: its creation, or when its number was set.
+        assert t <= max(history[n].created, history[n].numbered or history[n].created)

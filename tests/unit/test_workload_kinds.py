@@ -378,14 +378,37 @@ def test_a_statefulsets_rollout_history_is_its_controller_revisions() -> None:
     current, revisions = controller_history(running("db:v1"), history)
     # Ordered by number, each with its image and the time it was recorded.
     assert current == 3
-    assert [(r.number, r.image, r.created_at.minute) for r in revisions] == [
+    assert [(r.number, r.image, r.at.minute) for r in revisions] == [
         (2, "db:v2", 40),
         (3, "db:v1", 50),
     ]
     # A template the controller has not recorded yet is the next revision, never recent.
     created = {**running("db:v9"), "metadata": {"creationTimestamp": "2024-05-01T09:00:00Z"}}
     current, revisions = controller_history(created, history)
-    assert (current, revisions[-1].image, revisions[-1].created_at.hour) == (4, "db:v9", 9)
+    assert (current, revisions[-1].image, revisions[-1].at.hour) == (4, "db:v9", 9)
+
+
+def test_a_renumbered_controller_revision_is_dated_when_its_number_was_set() -> None:
+    """v1 (11:00), v2 (11:10), back to v1 at 11:20: the controller renumbers v1's
+    ControllerRevision 3 with an Update (its managedFields time), keeping its creation."""
+
+    def numbered(rev: dict[str, Any], minute: int) -> dict[str, Any]:
+        entry = {
+            "manager": "kube-controller-manager",
+            "operation": "Update",
+            "time": f"2024-05-01T11:{minute:02d}:00Z",
+            "fieldsV1": {"f:revision": {}, "f:metadata": {"f:ownerReferences": {}}},
+        }
+        return {**rev, "metadata": {**rev["metadata"], "managedFields": [entry]}}
+
+    v1 = numbered(dated(revision(3, "db:v1"), 0), 20)
+    v2 = numbered(dated(revision(2, "db:v2"), 10), 10)
+    current, revisions = controller_history(running("db:v1"), [v1, v2])
+    assert current == 3
+    assert [(r.number, r.image, r.at.minute) for r in revisions] == [
+        (2, "db:v2", 10),
+        (3, "db:v1", 20),
+    ]
 
 
 async def test_the_fake_keeps_a_statefulsets_history_as_its_controller_does() -> None:
