@@ -480,6 +480,21 @@ class PromDetectorSection:
 
 
 @dataclass(frozen=True, slots=True)
+class HeartbeatSection:
+    """An always-firing alert (kube-prometheus' ``Watchdog``) Alertmanager sends the
+    webhook as a heartbeat: without the API, nothing else tells an Alertmanager that is
+    down, or a broken way from it, from one with nothing to say. It opens no incident;
+    not received within ``within``, ``alertmanager-unavailable`` fires until it is."""
+
+    __pydantic_config__ = _STRICT
+    alertname: Annotated[str, Field(min_length=1, max_length=256)] = "Watchdog"
+    # Longer than the heartbeat route's repeat_interval (plus group_interval), shorter than
+    # correlation.resolve_timeout (checked in parse_settings): raised later, the blindness
+    # comes after the incidents it should have held have resolved.
+    within: Interval = 180.0
+
+
+@dataclass(frozen=True, slots=True)
 class AlertmanagerReceiverSection:
     __pydantic_config__ = _STRICT
     enabled: bool = False
@@ -495,6 +510,10 @@ class AlertmanagerReceiverSection:
     receivers: Annotated[
         tuple[Annotated[str, Field(min_length=1, max_length=256)], ...], Field(max_length=100)
     ] = ()
+    # Off by default: on, a missing heartbeat route holds every Alertmanager incident of
+    # the cluster open for good, and a heartbeat reaching another replica of the receiver
+    # (several behind one Service) is one this replica misses.
+    heartbeat: HeartbeatSection | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -986,6 +1005,13 @@ def parse_settings(
         for i, r in enumerate(settings.file_runbooks)
         if r.name in books or r.name in [b.name for b in settings.file_runbooks[:i]]
     ]
+    heartbeat = settings.detectors.alertmanager.heartbeat
+    if heartbeat is not None and heartbeat.within >= settings.correlation.resolve_timeout:
+        problems.append(
+            f"detectors.alertmanager.heartbeat.within: {heartbeat.within:g}s must be below "
+            f"correlation.resolve_timeout ({settings.correlation.resolve_timeout:g}s), or the "
+            "incidents it should hold resolve before a missing heartbeat is noticed"
+        )
     if problems:
         raise ConfigError(problems)
     return settings

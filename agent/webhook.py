@@ -36,7 +36,11 @@ the receiver asks it every third of ``resolve_timeout`` which alerts it would no
 known receiver of now, and announces those that still fire again. While it cannot ask,
 it is blind: ``alertmanager-unavailable`` fires, and the correlator resolves none of the
 cluster's Alertmanager members as quiet until it answers again (their quiet counts from
-then). Without the API nothing tells that Alertmanager, or the way from it, is down.
+then). Without the API nothing tells that Alertmanager, or the way from it, is down,
+unless it sends a heartbeat (``detectors.alertmanager.heartbeat``: an always-firing alert,
+kube-prometheus' ``Watchdog``): not received within its bound, ``alertmanager-unavailable``
+fires likewise, until it arrives again. The heartbeat itself is no anomaly, and opens no
+incident.
 """
 
 from __future__ import annotations
@@ -45,14 +49,22 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from agent.alertmanager_api import AlertmanagerAPI
-from agent.alerts import Notification, in_alert, parse_notification, still_firing, to_anomaly
+from agent.alerts import (
+    AmAlert,
+    Notification,
+    in_alert,
+    parse_notification,
+    still_firing,
+    to_anomaly,
+)
 from agent.detector import Publisher, Refused, agent_anomaly, publish_refusing, refusals
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.labels import normalise
@@ -67,6 +79,18 @@ UNAVAILABLE = "alertmanager-unavailable"
 
 # Receivers learned from payloads, at the most (the configured ones come on top).
 MAX_LEARNED_RECEIVERS = 100
+
+
+def heartbeat_missing(last: datetime, now: datetime, within: float) -> datetime | None:
+    """Pure: since when the receiver is blind, the heartbeat last received (or the start
+    of waiting for one) at ``last`` and expected within ``within`` seconds; None while it
+    is not late. Blind since ``last``: from then on nothing said Alertmanager could reach
+    the webhook."""
+    return last if now - last > timedelta(seconds=within) else None
+
+
+def is_heartbeat(alert: AmAlert, alertname: str | None) -> bool:
+    return alertname is not None and alert.labels.get("alertname") == alertname
 
 
 class AlertmanagerReceiver:
@@ -99,6 +123,12 @@ class AlertmanagerReceiver:
         self._refresher: asyncio.Task[None] | None = None
         # When the refresh first found Alertmanager not answering (None: it answers).
         self.unavailable_since: datetime | None = None
+        self.heartbeat = self.cfg.heartbeat
+        # The heartbeat's last arrival, or the start of waiting for it (set at start).
+        self.heartbeat_at: datetime | None = None
+        # Since when the heartbeat is missing, as told (None: not blind for it).
+        self.heartbeat_lost: datetime | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def install(self, app: web.Application) -> None:
         app.router.add_post(self.cfg.path, self.handle)
@@ -108,16 +138,82 @@ class AlertmanagerReceiver:
         self.accepting = True
         if self.api is not None and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="alert-refresh")
+        if self.heartbeat is not None and self._watchdog is None:
+            if self.heartbeat_at is None:
+                self.heartbeat_at = self.clock()  # its first one is due within the bound
+            self._watchdog = asyncio.create_task(self._heartbeat_loop(), name="alert-heartbeat")
 
     async def stop(self) -> None:
         self.accepting = False
         await cancel_and_wait(self._refresher)
-        self._refresher = None
+        await cancel_and_wait(self._watchdog)
+        self._refresher = self._watchdog = None
 
     @property
     def failure(self) -> BaseException | None:
-        """Why the refresh task died, if it did (see agent.runtime.run_until_signalled)."""
-        return task_failure(self._refresher)
+        """Why the refresh or heartbeat task died, if one did (see
+        agent.runtime.run_until_signalled)."""
+        return task_failure(self._refresher) or task_failure(self._watchdog)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.heartbeat is not None
+        # Often enough to notice a late heartbeat soon after its bound, and to repeat the
+        # blindness (its liveness) well within resolve_timeout.
+        every = max(0.2, min(self.heartbeat.within, self.settings.correlation.resolve_timeout) / 4)
+        while True:
+            await asyncio.sleep(every)
+            await self.check_heartbeat()
+
+    async def check_heartbeat(self) -> None:
+        """``alertmanager-unavailable`` while the heartbeat is late (repeated at each
+        check), resolved when it arrives again (see :meth:`_heartbeat_arrived`)."""
+        if self.heartbeat is None or self.heartbeat_at is None:
+            return
+        now = self.clock()
+        since = heartbeat_missing(self.heartbeat_at, now, self.heartbeat.within)
+        if since is None:
+            if self.heartbeat_lost is not None:  # it arrived while the loss was being told
+                await self._tell_heartbeat(False, self.heartbeat_lost, now)
+            return
+        if self.heartbeat_lost is None:
+            log.error(
+                "alertmanager heartbeat %s not received for %.0fs: blind to Alertmanager",
+                self.heartbeat.alertname,
+                (now - since).total_seconds(),
+            )
+        await self._tell_heartbeat(True, since, now)
+
+    async def _heartbeat_arrived(self, now: datetime) -> None:
+        self.heartbeat_at = now
+        if self.heartbeat_lost is not None:
+            await self._tell_heartbeat(False, self.heartbeat_lost, now)
+
+    async def _tell_heartbeat(self, lost: bool, since: datetime, now: datetime) -> None:
+        assert self.heartbeat is not None
+        name = self.heartbeat.alertname
+        anomaly = agent_anomaly(
+            UNAVAILABLE,
+            "firing" if lost else "resolved",
+            severity="critical",
+            # Its own fingerprint (not the API refresh's): each ends on its own evidence.
+            labels=normalise(
+                {"service": self.settings.agent.name, "endpoint": self.cfg.path, "heartbeat": name},
+                self.settings.agent.cluster,
+            ),
+            since=since,
+            now=now,
+            error=f"heartbeat {name} not received since {since.isoformat()}" if lost else "",
+        )
+        try:
+            await self._publish([anomaly])
+        except AgentError as err:  # the next check, or heartbeat, tells it again
+            log.warning("publishing %s failed: %s", UNAVAILABLE, err)
+            return
+        if lost:
+            self.heartbeat_lost = since
+        else:
+            self.heartbeat_lost = None
+            log.info("alertmanager heartbeat %s received again", name)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -140,9 +236,14 @@ class AlertmanagerReceiver:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
                 unanswered.append(f"receiver {receiver!r}: {err}")
                 continue
+            beat = self.heartbeat.alertname if self.heartbeat else None
             anomalies = [
                 a
-                for a in still_firing(alerts, cluster=self.settings.agent.cluster, now=self.clock())
+                for a in still_firing(
+                    [x for x in alerts if not is_heartbeat(x, beat)],
+                    cluster=self.settings.agent.cluster,
+                    now=self.clock(),
+                )
                 if not refusals(a, self.settings.correlation.group_by)
             ]
             try:
@@ -251,6 +352,15 @@ class AlertmanagerReceiver:
         if 0 < len(payload.receiver) <= 256 and learned < MAX_LEARNED_RECEIVERS:
             self.receivers.add(payload.receiver)
         now = self.clock()
+        if self.heartbeat is not None:
+            beat = self.heartbeat.alertname
+            beats = [a for _, a in payload.alerts if is_heartbeat(a, beat)]
+            # A heartbeat, not an anomaly: never published, so it opens no incident.
+            payload = replace(
+                payload, alerts=tuple(p for p in payload.alerts if not is_heartbeat(p[1], beat))
+            )
+            if any(a.state(now) == "firing" for a in beats):
+                await self._heartbeat_arrived(now)
         cluster = self.settings.agent.cluster
         group_by = self.settings.correlation.group_by
         numbered, refused = _anomalies_of(payload, cluster=cluster, now=now, group_by=group_by)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agent.settings import Settings, load_settings, load_yaml
+from agent.settings import Settings, load_settings, load_yaml, parse_duration
 from tests.helpers import PROMTOOL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,7 +221,15 @@ def test_the_agents_own_alerts_page_a_human_not_the_agent() -> None:
     doc = load_yaml(config.read_text())
     webhook = doc["route"]["receiver"]
     rules = load_yaml(host_path("prometheus", "/etc/prometheus/self-healing-rules.yml").read_text())
-    own = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    beat = role_settings("detector").detectors.alertmanager.heartbeat
+    assert beat is not None
+    # The heartbeat goes to the agent (see the next test), which publishes it not.
+    own = [
+        r
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r.get("alert") not in (None, beat.alertname)
+    ]
     assert len(own) >= 10
     humans = set()
     for rule in own:
@@ -260,3 +268,27 @@ def test_the_roles_reading_the_kubeconfig_can_run_as_its_owner() -> None:
     howto = "SRE_UID=$(id -u) SRE_GID=$(id -g) SRE_KUBECONFIG="
     assert howto in (REPO / "docker-compose.yml").read_text()
     assert howto in (REPO / "README.md").read_text()
+
+
+def test_alertmanagers_heartbeat_reaches_the_agent_within_its_bound() -> None:
+    """Without it the webhook cannot tell an Alertmanager that is down, or a broken way to
+    the detector, from one with nothing to say. Prometheus fires it always, Alertmanager
+    sends it to the detector's webhook more often than the detector expects it, and the
+    detector expects it sooner than its incidents would resolve as quiet."""
+    settings = role_settings("detector")
+    beat = settings.detectors.alertmanager.heartbeat
+    assert beat is not None
+    rules = load_yaml(host_path("prometheus", "/etc/prometheus/self-healing-rules.yml").read_text())
+    [rule] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == beat.alertname]
+    assert rule["expr"] == "vector(1)" and "for" not in rule
+    config = host_path("alertmanager", ALERTMANAGER_CONFIG)
+    doc = load_yaml(config.read_text())
+    assert routed(config, {**rule["labels"], "alertname": beat.alertname}) == [
+        doc["route"]["receiver"]
+    ]
+    [route] = [
+        r for r in doc["route"]["routes"] if f'alertname="{beat.alertname}"' in r["matchers"]
+    ]
+    # Alertmanager resends at a group_interval flush once repeat_interval has passed.
+    every = max(parse_duration(route["group_interval"]), parse_duration(route["repeat_interval"]))
+    assert 2 * every < beat.within < settings.correlation.resolve_timeout
