@@ -19,7 +19,7 @@ from pydantic import ConfigDict
 
 from agent.alerts import AmAlert
 from agent.codec import from_objs
-from agent.errors import DependencyUnavailable, InvalidEvent
+from agent.errors import DependencyUnavailable, InvalidEvent, plain
 from agent.models import Labels
 
 # A reply this large is not an answer we should hold: a runaway of alerts.
@@ -126,7 +126,7 @@ class AlertmanagerAPI:
             async with self._http.get(f"{self.url}/api/v2/alerts", params=params) as resp:
                 body = await resp.content.read(MAX_REPLY_BYTES + 1)
                 if resp.status != 200:
-                    text = body[:200].decode(errors="replace")
+                    text = plain(body[:800].decode(errors="replace"), 200)
                     raise DependencyUnavailable(
                         f"alertmanager {self.url}: HTTP {resp.status}: {text}"
                     )

@@ -18,7 +18,9 @@
                                effect; ``cause`` is the failure
 
 Vendor exceptions (aiokafka, kubernetes, azure) are translated into these in the adapter
-that talks to the vendor, always with ``raise ... from err`` so the cause is kept.
+that talks to the vendor, always with ``raise ... from err`` so the cause is kept. What the
+far side wrote (an HTTP error body, a reason phrase, a warning) goes into their text only
+through :func:`plain`: a hostile or broken upstream must not forge a log line.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from typing import Any
+
+
+def plain(text: str, limit: int = 500) -> str:
+    """Untrusted text (an upstream's error body or reason, a store's warning; any proxy in
+    front of a dependency may write it) for logs and error messages: cut to ``limit``
+    characters, its control characters (newlines too) escaped so it forges no log line."""
+    cut = text[:limit]
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return out + ("..." if len(text) > limit else "")
 
 
 class AgentError(Exception):

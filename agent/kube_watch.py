@@ -30,7 +30,7 @@ from kubernetes import config as _config
 from kubernetes.client.exceptions import ApiException
 
 from agent.detector import Publisher, publish_refusing
-from agent.errors import AgentError, task_failure
+from agent.errors import AgentError, plain, task_failure
 from agent.kube_signals import KubeRules, KubeState, refresh, step, sync, tick
 from agent.metrics import Metrics
 from agent.models import Anomaly, utcnow
@@ -95,7 +95,13 @@ class ResourceWatch:
                 if self.stopping.is_set():
                     return
                 self.stats["errors"] += 1
-                log.warning("%s: watch failed (%s); retrying in %.1fs", self.resource, err, backoff)
+                # (An ApiException's text is lines, the API server's reply body among them.)
+                log.warning(
+                    "%s: watch failed (%s); retrying in %.1fs",
+                    self.resource,
+                    plain(str(err)),
+                    backoff,
+                )
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 

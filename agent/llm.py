@@ -51,7 +51,7 @@ from agent.chat import (
     LLMUnreachable,
     parse_retry_after,
 )
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, plain
 from agent.models import utcnow
 from agent.settings import AISection
 
@@ -162,7 +162,7 @@ def _http_error(err: HttpResponseError, endpoint: str) -> AgentError:
     # Both transports' responses have ``headers``; the protocol azure-core types omits it.
     headers: Mapping[str, str] = getattr(err.response, "headers", None) or {}
     retry_after = parse_retry_after(headers, utcnow())
-    detail = f"llm {endpoint}: HTTP {status}: {(err.reason or '')[:200]}"
+    detail = f"llm {endpoint}: HTTP {status}: {plain(err.reason or '', 200)}"
     if status == 429:
         return LLMRateLimited(detail, retry_after=retry_after if retry_after is not None else 1.0)
     if status == 408 or status >= 500:  # without Retry-After, plain exponential backoff

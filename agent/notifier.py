@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import aiohttp
 import orjson
 
-from agent.errors import DependencyUnavailable, PermanentError
+from agent.errors import DependencyUnavailable, PermanentError, plain
 from agent.metrics import Metrics
 from agent.models import Escalation, SwitchChange
 from agent.redaction import redact
@@ -102,7 +102,8 @@ class Notifier:
             async with self._http.post(
                 w.url, data=payload(e), headers=headers, timeout=timeout
             ) as resp:
-                status, text = resp.status, (await resp.content.read(500)).decode(errors="replace")
+                body = (await resp.content.read(800)).decode(errors="replace")
+                status, text = resp.status, plain(body, 200)
                 retry_after = resp.headers.get("Retry-After", "")
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             self.metrics.notifications.labels(webhook=w.name, result="retried").inc()
@@ -116,13 +117,11 @@ class Notifier:
         if status == 429 or status >= 500:
             self.metrics.notifications.labels(webhook=w.name, result="retried").inc()
             raise DependencyUnavailable(
-                f"webhook {w.name} answered {status}: {text[:200]}",
+                f"webhook {w.name} answered {status}: {text}",
                 retry_after=float(retry_after) if retry_after.isdigit() else 1.0,
             )
         self.metrics.notifications.labels(webhook=w.name, result="failed").inc()
-        raise PermanentError(
-            f"webhook {w.name} refused escalation {e.id}: HTTP {status}: {text[:200]}"
-        )
+        raise PermanentError(f"webhook {w.name} refused escalation {e.id}: HTTP {status}: {text}")
 
     async def close(self) -> None:
         if self._http is not None:

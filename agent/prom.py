@@ -25,7 +25,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from requests.exceptions import RequestException
 from urllib3.util.retry import Retry
 
-from agent.errors import DependencyUnavailable, PermanentError
+from agent.errors import DependencyUnavailable, PermanentError, plain
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +75,9 @@ def _note_reply(response: requests.Response, *args: object, **kwargs: object) ->
             found = None  # custom_query reports a body it cannot read
         if found:
             found = found if isinstance(found, list) else [found]
-            warnings = tuple(_plain(str(w), 500) for w in found[:10])
+            warnings = tuple(plain(str(w), 500) for w in found[:10])
     _reply.warnings = warnings
     _reply.result_type = result_type
-
-
-def _plain(text: str, limit: int) -> str:
-    """Untrusted text (a store's error, any proxy in front of Prometheus may write it) for
-    logs and anomalies: cut, its control characters escaped so it forges no log line."""
-    cut = text[:limit]
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
-    return out + ("..." if len(text) > limit else "")
 
 
 class InvalidQuery(PermanentError):
@@ -130,8 +122,9 @@ class PromClient:
             )
         except PrometheusApiClientException as err:
             if "400" in str(err) or "bad_data" in str(err):
-                raise InvalidQuery(f"prometheus rejected {expr!r}: {err}") from err
-            raise DependencyUnavailable(f"prometheus {self.url}: {err}") from err
+                raise InvalidQuery(f"prometheus rejected {expr!r}: {plain(str(err))}") from err
+            # (The client's text carries the reply's body.)
+            raise DependencyUnavailable(f"prometheus {self.url}: {plain(str(err))}") from err
         except (RequestException, TimeoutError, OSError) as err:
             raise DependencyUnavailable(f"prometheus {self.url}: {err!r}") from err
         if result_type not in (None, "vector"):

@@ -64,6 +64,7 @@ from agent.errors import (
     ConfigError,
     DependencyUnavailable,
     TransientError,
+    plain,
 )
 from agent.models import ParamValue, Target
 from agent.policy import kind_problem
@@ -647,7 +648,9 @@ class KubeCluster:
             data = resp.read() or b""
             return int(resp.status), bytes(data), dict(resp.getheaders() or {})
         except ApiException as err:  # status 0: the transport failed
-            raise DependencyUnavailable(f"kubernetes API {method} {path}: {err.reason}") from err
+            raise DependencyUnavailable(
+                f"kubernetes API {method} {path}: {plain(str(err.reason))}"
+            ) from err
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise DependencyUnavailable(f"kubernetes API {method} {path}: {err}") from err
 
@@ -1714,7 +1717,8 @@ def translate(
     status: int, doc: Mapping[str, Any], headers: Mapping[str, str], *, method: str, what: str
 ) -> AgentError:
     """An API answer that is not 2xx, as the agent error it means."""
-    message = str(doc.get("message") or doc.get("reason") or f"HTTP {status}")
+    # The API server's (or a proxy's) words: untrusted, into errors and logs.
+    message = plain(str(doc.get("message") or doc.get("reason") or f"HTTP {status}"))
     if status == 403:
         return ActionFailed(f"forbidden: {message}")
     if status == 401:
