@@ -10,7 +10,7 @@
 #      SRE_ALERTMANAGER_WEBHOOK_URL (http://127.0.0.1:18080/webhooks/alertmanager),
 #      SRE_ALERTMANAGER_WEBHOOK_TOKEN (dev-token),
 #      SRE_ALERTMANAGER_BIN (/usr/bin/prometheus-alertmanager),
-#      SRE_ALERTMANAGER_READY_TIMEOUT (60), SRE_STATE_DIR.
+#      SRE_ALERTMANAGER_READY_TIMEOUT (60), SRE_LOCK_TIMEOUT (600), SRE_STATE_DIR.
 set -euo pipefail
 
 SRE_SERVICE=alertmanager
@@ -116,16 +116,16 @@ cmd_reset() {
     local dir
     cmd_stop
     dir="$(state_dir)"
-    rm -rf "$dir"
-    log "removed $dir"
+    wipe_service_dir "$dir"
+    log "removed everything in $dir but its lock"
 }
 
 case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    reload) cmd_reload ;;
-    reset) cmd_reset ;;
+    start) locked alertmanager start cmd_start ;;
+    stop) locked alertmanager stop cmd_stop ;;
+    status) locked alertmanager status cmd_status ;;
+    reload) locked alertmanager reload cmd_reload ;;
+    reset) locked alertmanager reset cmd_reset ;;
     env) printf 'ALERTMANAGER_URL=%s\n' "$URL" ;;
     *)
         printf 'usage: %s start|stop|status|reload|reset|env\n' "$0" >&2

@@ -13,7 +13,7 @@
 #
 # Env: SRE_KAFKA_PORT (19092), SRE_KAFKA_CONTROLLER_PORT (19093),
 #      SRE_KAFKA_VERSION (4.1.1), SRE_KAFKA_HEAP_OPTS (-Xms256m -Xmx1g),
-#      SRE_KAFKA_READY_TIMEOUT (90), SRE_CACHE_DIR, SRE_STATE_DIR.
+#      SRE_KAFKA_READY_TIMEOUT (90), SRE_LOCK_TIMEOUT (600), SRE_CACHE_DIR, SRE_STATE_DIR.
 set -euo pipefail
 
 SRE_SERVICE=kafka
@@ -307,16 +307,16 @@ cmd_reset() {
     local dir
     cmd_stop
     dir="$(state_dir)"
-    rm -rf "$dir"
-    log "removed $dir"
+    wipe_service_dir "$dir"
+    log "removed everything in $dir but its lock"
 }
 
 case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
+    start) locked kafka start cmd_start ;;
+    stop) locked kafka stop cmd_stop ;;
+    status) locked kafka status cmd_status ;;
     env) printf 'KAFKA_BOOTSTRAP=%s\n' "$ADDR" ;;
-    reset) cmd_reset ;;
+    reset) locked kafka reset cmd_reset ;;
     fetch) fetch_jars ;;
     *)
         printf 'usage: %s start|stop|status|env|reset|fetch\n' "$0" >&2

@@ -100,6 +100,47 @@ http_ok() {
     curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null
 }
 
+# locked NAME ACTION CMD... -> runs CMD (scripts/NAME.sh ACTION) holding the
+# service's lock, $SRE_STATE_DIR/NAME/lock: shared for status, exclusive for
+# the rest. Without it a stop run while another invocation's start was still
+# spawning read the pid before the child had exec'd (its command line the
+# parent script's, or empty), judged it not ours, removed the pid file and
+# left the service running untracked; a status then said "not running".
+# Waits SRE_LOCK_TIMEOUT seconds (default 600: a cold start fetches jars
+# first), then dies naming the holder. A stop, status or reset with no
+# service dir has nothing to guard, and creates none.
+locked() {
+    local name="$1" action="$2" dir lockfile mode=exclusive holder
+    local timeout="${SRE_LOCK_TIMEOUT:-600}"
+    shift 2
+    dir="$SRE_STATE_DIR/$name"
+    lockfile="$dir/lock"
+    if [[ ! -d $dir && $action =~ ^(stop|status|reset)$ ]]; then
+        "$@"
+        return
+    fi
+    [[ $action == status ]] && mode=shared
+    mkdir -p "$dir"
+    # >>: opening must not truncate the note of the holder we wait for
+    exec 8>>"$lockfile"
+    if ! flock "--$mode" -w "$timeout" 8; then
+        holder="$(cat "$lockfile" 2>/dev/null)"
+        die "another scripts/$name.sh (${holder:-holder unknown}) still holds $lockfile after ${timeout}s; retry once it has finished (SRE_LOCK_TIMEOUT sets the wait)"
+    fi
+    if [[ $mode == exclusive ]]; then
+        printf 'pid %s: %s\n' "$$" "$action" >"$lockfile"
+    fi
+    "$@"
+}
+
+# wipe_service_dir DIR -> deletes everything in DIR but its lock, which the
+# caller holds: a new lock file would let the next start run beside a caller
+# still waiting on the old one.
+wipe_service_dir() {
+    [[ -d $1 ]] || return 0
+    find "$1" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf -- {} +
+}
+
 # spawn LOGFILE PIDFILE MARKER CMD... -> starts CMD detached (own session, no
 # stdin), stdout/stderr appended to LOGFILE, pid written to PIDFILE. Returns
 # once the child has exec'd (its command line shows MARKER) or exited, so that
@@ -108,7 +149,9 @@ spawn() {
     local logfile="$1" pidfile="$2" marker="$3" pid i
     shift 3
     printf '\n===== %s starting: %s\n' "$(date -Is)" "$*" >>"$logfile"
-    setsid nohup "$@" </dev/null >>"$logfile" 2>&1 &
+    # 8>&-: the daemon must not inherit, and so hold for its lifetime, the
+    # service lock (see locked); every later start and stop would time out.
+    setsid nohup "$@" </dev/null >>"$logfile" 2>&1 8>&- &
     pid=$!
     printf '%s\n' "$pid" >"$pidfile"
     for ((i = 0; i < 100; i++)); do

@@ -9,7 +9,7 @@
 #
 # Env: SRE_PROMETHEUS_PORT (19090), SRE_ALERTMANAGER_PORT (19094),
 #      SRE_PROMETHEUS_BIN (/usr/bin/prometheus), SRE_PROMETHEUS_READY_TIMEOUT (60),
-#      SRE_STATE_DIR.
+#      SRE_LOCK_TIMEOUT (600), SRE_STATE_DIR.
 #
 # Adding a scrape target at run time: write $STATE/prometheus/targets/NAME.json
 #   [{"targets": ["127.0.0.1:8000"], "labels": {"job": "NAME"}}]
@@ -119,16 +119,16 @@ cmd_reset() {
     local dir
     cmd_stop
     dir="$(state_dir)"
-    rm -rf "$dir"
-    log "removed $dir"
+    wipe_service_dir "$dir"
+    log "removed everything in $dir but its lock"
 }
 
 case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    reload) cmd_reload ;;
-    reset) cmd_reset ;;
+    start) locked prometheus start cmd_start ;;
+    stop) locked prometheus stop cmd_stop ;;
+    status) locked prometheus status cmd_status ;;
+    reload) locked prometheus reload cmd_reload ;;
+    reset) locked prometheus reset cmd_reset ;;
     env) printf 'PROMETHEUS_URL=%s\n' "$URL" ;;
     *)
         printf 'usage: %s start|stop|status|reload|reset|env\n' "$0" >&2

@@ -466,6 +466,127 @@ def test_start_of_a_running_unhealthy_instance_is_an_error_naming_it(
     assert "not healthy" in again.stderr
 
 
+FAKE_LATE_SETSID = """#!/usr/bin/env bash
+# Fake setsid: until $FAKE_GO exists it is what a fork is before its exec, a
+# process whose command line does not show the service's config; then it runs
+# the service in its place (same pid). It logs its pid once it waits.
+printf -v FAKE_CMD '%q ' "$@"
+export FAKE_CMD
+exec bash -c 'echo $$ >>"$FAKE_PIDS"
+for ((i = 0; i < 6000; i++)); do [[ -e $FAKE_GO ]] && break; sleep 0.01; done
+eval "exec $FAKE_CMD"'
+"""
+
+
+@pytest.fixture
+def late_prometheus(
+    tmp_path: Path, fake_prometheus: tuple[dict[str, str], Path]
+) -> Iterator[tuple[dict[str, str], Path]]:
+    """The fake Prometheus behind a setsid that execs it only once the test
+    creates the returned go file; every process it started is killed at the end."""
+    env, _ = fake_prometheus
+    bin_dir = tmp_path / "setsidbin"
+    bin_dir.mkdir()
+    (bin_dir / "setsid").write_text(FAKE_LATE_SETSID)
+    (bin_dir / "setsid").chmod(0o755)
+    fake_pids, go = tmp_path / "fake.pids", tmp_path / "go"
+    late = env | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_PIDS": str(fake_pids),
+        "FAKE_GO": str(go),
+    }
+    try:
+        yield late, go
+    finally:
+        go.touch()
+        for pid in map(int, fake_pids.read_text().split() if fake_pids.exists() else ()):
+            if running_under(pid, tmp_path):
+                os.kill(pid, signal.SIGKILL)
+
+
+def script(service: str, action: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["bash", str(SCRIPTS / f"{service}.sh"), action],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def spawning(env: dict[str, str]) -> int:
+    """Waits until the fake setsid started by a start waits to exec; its pid."""
+    fake_pids = Path(env["FAKE_PIDS"])
+    deadline = time.monotonic() + 30
+    while not fake_pids.exists() or not fake_pids.read_text().strip():
+        assert time.monotonic() < deadline, "start did not spawn within 30 s"
+        time.sleep(0.01)
+    return int(fake_pids.read_text().split()[0])
+
+
+def waits_on_lock(lock: Path) -> bool:
+    """Whether some process is blocked in flock(2) on the file ``lock``."""
+    if not lock.exists():
+        return False
+    inode = f":{lock.stat().st_ino} "
+    return any(
+        " -> FLOCK " in line and inode in line
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_a_stop_during_a_start_that_is_still_spawning_waits_and_stops_the_service(
+    tmp_path: Path, late_prometheus: tuple[dict[str, str], Path]
+) -> None:
+    # The stop reads the pid while the start's child has not exec'd yet. Without
+    # a shared lock it called that pid not ours, removed the pid file and left
+    # the service running, untracked, once it had exec'd.
+    env, go = late_prometheus
+    env |= {"SRE_LOCK_TIMEOUT": "60"}
+    lock = Path(env["SRE_STATE_DIR"]) / "prometheus" / "lock"
+    start = script("prometheus", "start", env)
+    pid = spawning(env)
+    stop = script("prometheus", "stop", env)
+    deadline = time.monotonic() + 30
+    while stop.poll() is None and not waits_on_lock(lock):
+        assert time.monotonic() < deadline, "stop neither waited nor ended within 30 s"
+        time.sleep(0.01)
+    go.touch()
+    _, start_err = start.communicate(timeout=90)
+    _, stop_err = stop.communicate(timeout=90)
+
+    assert start.returncode == 0, start_err
+    assert stop.returncode == 0, stop_err
+    assert f"stopping prometheus (pid {pid})" in stop_err, stop_err
+    assert not running_under(pid, tmp_path)
+
+
+def test_a_stop_that_cannot_get_the_lock_in_time_names_its_holder(
+    tmp_path: Path, late_prometheus: tuple[dict[str, str], Path]
+) -> None:
+    env, go = late_prometheus
+    start = script("prometheus", "start", env)
+    pid = spawning(env)
+    lock = Path(env["SRE_STATE_DIR"]) / "prometheus" / "lock"
+
+    stop = run(
+        ["bash", str(SCRIPTS / "prometheus.sh"), "stop"], env | {"SRE_LOCK_TIMEOUT": "1"}, False
+    )
+    go.touch()
+    _, start_err = start.communicate(timeout=90)
+    held = [fd.readlink() for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.readlink() == lock]
+
+    assert stop.returncode == 1
+    assert (
+        f"another scripts/prometheus.sh (pid {start.pid}: start) still holds {lock} after 1s"
+        in stop.stderr
+    ), stop.stderr
+    assert start.returncode == 0, start_err
+    assert running_under(pid, tmp_path)
+    # the service is started without the lock: holding it, it would block every later stop
+    assert held == []
+
+
 FAKE_SERVICE = """#!/usr/bin/env bash
 # Fake service script: logs each call and whether the caller held the fixtures' lock.
 svc=$(basename "$0" .sh)
