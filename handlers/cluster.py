@@ -7,7 +7,8 @@ and records it on the object it writes in the same write that performs the chang
 (annotation ``ACTION_IDS_ANNOTATION``, with a ``resourceVersion`` precondition), so a
 redelivered action whose id is already there is acknowledged without acting again
 (``Effect.applied`` False), except a drain: its id lands with the cordon, before any
-eviction, so a redelivery to a node still cordoned resumes the evictions.
+eviction, so a redelivery to a node still cordoned resumes the evictions, and only a node
+with none left is a drain already done (:func:`drain_finished`).
 
 Each applied effect carries ``prior_state``: flat scalars (they travel as action params) from
 which :meth:`Cluster.undo` restores the target. What the keys mean is the adapter's business;
@@ -62,6 +63,15 @@ def remembered_ids(annotations: Mapping[str, str]) -> tuple[str, ...]:
 def remember_id(annotations: Mapping[str, str], action_id: str) -> str:
     ids = (*remembered_ids(annotations), action_id)[-MAX_REMEMBERED_IDS:]
     return ",".join(ids)
+
+
+def drain_finished(*, cordoned: bool, evictable: int, unmanaged: int) -> bool:
+    """Whether a drain whose id is on its node would do nothing more if asked again: the
+    node is still cordoned with no pod left to evict nor any the drain refuses (pods
+    without a controller), or it was uncordoned since (an undo, an operator), which a
+    repeat leaves as it is. A drain cut short half way (by a dead executor, its timeout, a
+    budget) is not finished: its repeat resumes the evictions, and only its repeat can."""
+    return not cordoned or (evictable == 0 and unmanaged == 0)
 
 
 def unschedulable_before(action_id: str, was: bool) -> str:
@@ -373,7 +383,8 @@ class Cluster(Protocol):
         """A read only: the Effect a repeat of ``action_id`` would report (``found_id``,
         with the prior state its write noted) when an earlier delivery's write is on the
         target and a repeat would do nothing more; else None (no id there, the target
-        gone, or a drain, whose repeat resumes the evictions). The policy takes it before
+        gone, or a drain with pods left to evict: see :func:`drain_finished`; its repeat
+        resumes the evictions). The policy takes it before
         any rule, which would judge the state that very write left. A prior state counts only
         if it is of the shape that action's write notes and holds ``must`` (the config key
         an update_config writes), as the action's own repeat reads it."""

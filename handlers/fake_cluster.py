@@ -52,6 +52,7 @@ from handlers.cluster import (
     StopCheck,
     WorkloadState,
     against_direction,
+    drain_finished,
     drain_stopped,
     evicted_uid,
     note_prior_state,
@@ -452,25 +453,22 @@ class FakeCluster:
             cordoned = self._cordon(target, action_id, unschedulable=True)
             # As the adapter: the id on a node still cordoned resumes the evictions.
             resumed = not cordoned.applied
+            node = self._node(target)
             if resumed:
-                node = self._node(target)
-                if not node.unschedulable:
-                    return cordoned
                 prior: Mapping[str, Any] = prior_unschedulable(node.annotations, action_id)
             else:
                 prior = cordoned.prior_state
-            on_node = [p for p in self._pods.values() if p.node == target.name]
-            unmanaged = sorted(f"{p.namespace}/{p.name}" for p in on_node if not p.owner)
+            unmanaged, skipped, evict = self._drain_plan(target)
+            if resumed and drain_finished(
+                cordoned=node.unschedulable, evictable=len(evict), unmanaged=len(unmanaged)
+            ):
+                return cordoned
             if unmanaged:
                 raise PartialFailure(
                     f"drain of {target.key} refused: pods without a controller would not be "
                     f"recreated: {', '.join(unmanaged)}; the node is left cordoned",
                     prior_state=prior,
                 )
-            skipped = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
-            evict = [p for p in on_node if p not in skipped]
-            if resumed and not evict:
-                return cordoned
             blocked = {f"{p.namespace}/{p.name}": self._eviction_block(p) for p in evict}
             evicted: list[str] = []
             for i, p in enumerate(evict):
@@ -566,8 +564,6 @@ class FakeCluster:
         must: Mapping[str, ParamValue] | None = None,
     ) -> Effect | None:
         async with self._lock:
-            if action_type == "drain_node" and not undo:
-                return None  # its id lands with the cordon: a repeat resumes the evictions
             if target.kind == "Pod":
                 return self._pod_restarted(target, action_id)
             if target.kind == "Node":
@@ -581,9 +577,25 @@ class FakeCluster:
                 annotations = w.annotations if w is not None else {}
             if action_id not in remembered_ids(annotations):
                 return None
+            if action_type == "drain_node" and not undo:
+                # Its id lands with the cordon: done only once no pod is left to evict.
+                unmanaged, _skipped, evict = self._drain_plan(target)
+                cordoned = self._node(target).unschedulable
+                if not drain_finished(
+                    cordoned=cordoned, evictable=len(evict), unmanaged=len(unmanaged)
+                ):
+                    return None
             return _already(
                 action_id, annotations, prior_shape(action_type, undo=undo), **(must or {})
             )
+
+    def _drain_plan(self, target: Target) -> tuple[list[str], list[FakePod], list[FakePod]]:
+        """The pods on the node as a drain sees them: (without a controller, by key;
+        skipped DaemonSet and mirror pods; the rest, to evict)."""
+        on_node = [p for p in self._pods.values() if p.node == target.name]
+        unmanaged = sorted(f"{p.namespace}/{p.name}" for p in on_node if not p.owner)
+        skipped = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
+        return unmanaged, skipped, [p for p in on_node if p not in skipped]
 
     def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As the adapter: a restart_pod repeat finds the pod gone, or replaced, after this

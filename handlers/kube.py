@@ -91,6 +91,7 @@ from handlers.cluster import (
     StopCheck,
     WorkloadState,
     against_direction,
+    drain_finished,
     drain_stopped,
     evicted_uid,
     forget_eviction,
@@ -850,8 +851,6 @@ class KubeCluster:
         undo: bool = False,
         must: Mapping[str, ParamValue] | None = None,
     ) -> Effect | None:
-        if action_type == "drain_node" and not undo:
-            return None  # its id lands with the cordon: a repeat resumes the evictions
         if target.kind == "Pod":
             return await self._pod_restarted(target, action_id)
         status, obj, headers = await self._raw("GET", _path(target))
@@ -860,6 +859,8 @@ class KubeCluster:
         if not 200 <= status < 300:
             raise translate(status, obj, headers, method="GET", what=target.key)
         if action_id in remembered_ids(annotations_of(obj)):
+            if action_type == "drain_node" and not undo and not await self._drained(target, obj):
+                return None  # its id lands with the cordon: a repeat resumes the evictions
             shape = prior_shape(action_type, undo=undo)
             noted = recorded_prior(annotations_of(obj), action_id, shape, **(must or {}))
             return _already(action_id, target, noted)
@@ -876,6 +877,14 @@ class KubeCluster:
             annotations_of(hpa), action_id, shape, **({} if undo else {"hpa": name})
         )
         return _already(action_id, target, prior)
+
+    async def _drained(self, target: Target, node: Obj) -> bool:
+        """Whether a drain whose id is on ``node`` would do nothing more if asked again."""
+        cordoned = bool((node.get("spec") or {}).get("unschedulable"))
+        evict, _skipped, unmanaged = (
+            _classify(await self._pods_on(target.name)) if cordoned else ({}, [], [])
+        )
+        return drain_finished(cordoned=cordoned, evictable=len(evict), unmanaged=len(unmanaged))
 
     async def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As restart_pod tells a repeat: the pod gone, or replaced by its StatefulSet,
@@ -1391,24 +1400,28 @@ class KubeCluster:
         # delivery resumes one that died (the drain may evict the executor's own pod) or
         # timed out, unless the node was uncordoned since (an undo, an operator).
         resumed = not cordoned.applied
+        unschedulable = True
         if resumed:
             node = await self._get(target)
-            if not (node.get("spec") or {}).get("unschedulable"):
-                return cordoned
+            unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
             prior: Mapping[str, Any] = prior_unschedulable(annotations_of(node), action_id)
         else:
             prior = cordoned.prior_state
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
-        evict, skipped, unmanaged = _classify(await self._pods_on(target.name))
+        evict, skipped, unmanaged = (
+            _classify(await self._pods_on(target.name)) if unschedulable else ({}, [], [])
+        )
+        if resumed and drain_finished(
+            cordoned=unschedulable, evictable=len(evict), unmanaged=len(unmanaged)
+        ):
+            return cordoned  # an earlier delivery evicted them all, or it was uncordoned since
         if unmanaged:
             raise PartialFailure(
                 f"drain of {target.key} refused: pods without a controller would not be "
                 f"recreated: {', '.join(sorted(unmanaged))}; the node is left cordoned",
                 prior_state=prior,
             )
-        if resumed and not evict:
-            return cordoned  # an earlier delivery evicted them all
         state = _DrainState(pending=dict(evict))
         budgets: dict[str, list[Obj]] = {}
         gone = False

@@ -50,6 +50,7 @@ from agent.settings import Settings
 from handlers.cluster import (
     ACTION_IDS_ANNOTATION,
     EVICTED_PODS_ANNOTATION,
+    PartialFailure,
     evicted_uid,
     remember_eviction,
     remembered_ids,
@@ -1058,6 +1059,57 @@ async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
         await ex.stop()
         with contextlib.suppress(ActionFailed):
             await admin.call("DELETE", f"{PDBS.format(ns=ns)}/guarded", what="pdb")
+
+
+async def test_a_drain_is_already_applied_only_once_its_node_is_drained(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+) -> None:
+    # Rule 0 for a drain: its id lands with the cordon, before any eviction. A delivery
+    # that died half way is resumed, one that died after the last eviction is recorded.
+    ns = k8s_namespace
+    node, other = NODES[2], NODES[0]
+    await ready_deployment(admin, ns, "halfway", 2, nodeSelector={"kubernetes.io/hostname": node})
+    target = Target(kind="Node", name=node)
+    a = request("drain_node", target, timeout=30)
+    stops = iter([None, "a dead executor"])
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await kube.drain(
+            target, action_id=a.id, grace_period=None, drain_timeout=30, stop=lambda: next(stops)
+        )
+    assert await kube.applied(target, action_id=a.id, action_type=a.type) is None
+    resumed = await kube.drain(target, action_id=a.id, grace_period=None, drain_timeout=30)
+    assert resumed.applied and "resumed, evicted 1 pods" in resumed.message, resumed.message
+    found = await kube.applied(target, action_id=a.id, action_type=a.type)
+    assert found is not None and found.prior_state == {"unschedulable": False}
+    # That delivery died too; meanwhile another node was cordoned (max_nodes_cordoned: 1).
+    await admin.call(
+        "PATCH",
+        f"/api/v1/nodes/{other}",
+        what="Node",
+        body={"spec": {"unschedulable": True}},
+        content_type="application/merge-patch+json",
+    )
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        r = await ex.on_action(a)
+        assert (r.status, r.prior_state) == ("succeeded", {"unschedulable": False}), r.message
+        assert "by a delivery that stopped before its result [already_applied]" in r.message
+        assert [e for e, _ in bus.on("escalations") if e.reason == "denied"] == []
+        assert (await verified(bus, a)).outcome == "healed"
+        assert [x.status for x in bus.results(a.id)] == ["succeeded", "succeeded"]
+        await admin.call(
+            "PATCH",
+            f"/api/v1/nodes/{other}",
+            what="Node",
+            body={"spec": {"unschedulable": None}},
+            content_type="application/merge-patch+json",
+        )
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded" and f"uncordoned Node//{node}" in undo.message
+        assert await kube.version(target) == "unschedulable=False"
+    finally:
+        await ex.stop()
 
 
 async def finalize(admin: KubeCluster, namespace: str, app: str, hold: bool) -> list[str]:

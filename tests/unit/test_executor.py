@@ -28,7 +28,7 @@ from agent.models import (
 )
 from agent.policy import Switches, Verdict, unknown_undo
 from agent.settings import Settings
-from handlers.cluster import EVICTED_PODS_ANNOTATION
+from handlers.cluster import EVICTED_PODS_ANNOTATION, PartialFailure
 from handlers.executor import Executor, undo_request, undoable_result, unverified
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
@@ -646,6 +646,80 @@ async def test_blast_radius_reads_the_cluster_and_denies(rig: Any) -> None:
     await ex.on_action(act("cordon_node", NODE, action_id="c1"))
     second = await ex.on_action(act("cordon_node", Target(kind="Node", name="n2"), action_id="c2"))
     assert second.status == "denied" and "max_nodes_cordoned" in second.message
+
+
+# What happens between a drain that finished and died before its result and its
+# redelivery: each would deny it, judged as if it had never run.
+DRAIN_SINCE: dict[str, tuple[dict[str, Any], Any]] = {
+    "cooldown": ({"cooldown": "10m"}, _learn_other(NODE)),
+    "max_nodes_cordoned": ({"max_nodes_cordoned": 1}, _other_node_cordoned),
+    "incident_closed": ({}, _incident_healed),
+    "kill_switch": ({}, _kill_switch),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(DRAIN_SINCE))
+async def test_a_drain_whose_delivery_died_after_it_finished_is_not_judged_again(
+    rig: Any, rule: str
+) -> None:
+    first, _bus, c = rig
+    settings, since = DRAIN_SINCE[rule]
+    a = act("drain_node", NODE, action_id="d1")
+    first.settings = cfg(**settings)
+    effect = await _crash(first, a)
+    assert effect.applied and c.pod("shop", "checkout-a") is None
+    before = c.node("n1")
+    bus = MemoryBus()
+    ex = Executor(cfg(**settings), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        await since(ex, c)
+        r = await ex.on_action(a)
+        assert (r.status, r.prior_state) == ("succeeded", {"unschedulable": False}), r.message
+        assert r.message.endswith("[already_applied]") and rule not in r.message
+        assert "d1" in ex.history and "denied" not in _escalated(bus)
+        assert c.node("n1") == before
+    finally:
+        await ex.stop()
+
+
+async def test_a_drain_cut_half_way_is_finished_by_its_redelivery_then_recorded_once(
+    rig: Any,
+) -> None:
+    first, _bus, c = rig
+    c.add_pod("shop", "checkout-b", node="n1", workload="checkout")
+    a = act("drain_node", NODE, action_id="d1")
+    # The first delivery evicted one pod and died: the id is on the node with the cordon.
+    stops = iter([None, "a dead executor"])
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            NODE, action_id="d1", grace_period=None, drain_timeout=60, stop=lambda: next(stops)
+        )
+    assert [c.pod("shop", p) is None for p in ("checkout-a", "checkout-b")] == [True, False]
+    # Its redelivery is no "already applied": it evicts the pod left (and dies in turn).
+    resumed = await _crash(first, a)
+    assert resumed.applied and "resumed, evicted 1 pods (shop/checkout-b)" in resumed.message
+    assert c.pod("shop", "checkout-b") is None and c.pod("shop", "agent-x") is not None
+    # The next, with another node cordoned since, finds the drain done: recorded once,
+    # not denied by max_nodes_cordoned, verified, and undoable.
+    await _other_node_cordoned(first, c)
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert (r.status, r.prior_state) == ("succeeded", {"unschedulable": False}), r.message
+        assert "by a delivery that stopped before its result [already_applied]" in r.message
+        assert (await ex.on_action(a)).status == "duplicate"
+        await bus.wait_for(lambda b: succeeded(b, "d1") == 2, 5, "the drain's verification")
+        assert bus.results("d1")[-1].outcome == "healed"
+        assert [x.status for x in bus.results("d1")] == ["succeeded", "duplicate", "succeeded"]
+        assert "denied" not in _escalated(bus)
+        n2 = Target(kind="Node", name="n2")
+        await c.undo(n2, action_id="someone-undo", action_type="cordon_node", prior={})
+        undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+        assert not c.node("n1").unschedulable
+    finally:
+        await ex.stop()
 
 
 async def test_facts_are_not_read_for_a_denied_action(rig: Any) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.analyzer import recent_rollout
 from agent.context import rollouts_of
@@ -16,6 +22,7 @@ from handlers.cluster import (
     MAX_REMEMBERED_IDS,
     PRIOR_STATE_ANNOTATION,
     RESTARTED_AT_ANNOTATION,
+    PartialFailure,
     evicted_uid,
     forget_eviction,
     note_prior_state,
@@ -353,9 +360,10 @@ async def test_applied_reports_what_a_repeat_would_find_and_nothing_else() -> No
         assert found is not None and found.found_id and not found.applied
         assert found.prior_state == prior
         assert await c.applied(target, action_id="other", action_type=type_) is None
-    # A drain's id lands with its cordon: its repeat resumes the evictions, so not done.
+    # A drain with nothing left to evict: done, with the cordon c1 had made before it.
     await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
-    assert await c.applied(node, action_id="d1", action_type="drain_node") is None
+    drained = await c.applied(node, action_id="d1", action_type="drain_node")
+    assert drained is not None and drained.prior_state == {"unschedulable": True}
     assert await c.applied(MISSING, action_id="s1", action_type="scale_up") is None
     # A StatefulSet pod: gone, then replaced, after this action evicted it.
     c.create_workload("StatefulSet", "shop", "db", image="v1", replicas=1, at=at(0))
@@ -389,3 +397,94 @@ async def test_the_applied_read_reports_no_prior_state_its_write_could_not_have_
     c.annotate(cm, PRIOR_STATE_ANNOTATION, note_prior_state({}, "u1", other))
     found = await c.applied(cm, action_id="u1", action_type="update_config", must={"key": "a"})
     assert found is not None and found.prior_state == {}
+
+
+def _stop_after(evictions: int) -> Callable[[], str | None]:
+    """A drain's stop check that halts it after ``evictions``: its executor died there."""
+    calls = iter(range(evictions + 1))
+    return lambda: None if next(calls, evictions) < evictions else "a dead executor"
+
+
+async def test_a_drain_cut_half_way_is_not_applied_until_its_repeat_finishes_it() -> None:
+    # Rule 0's read: a drain's id lands with the cordon, before any eviction, so the id on
+    # the node says the drain started, not that it ended.
+    c, node = FakeCluster(), Target(kind="Node", name="n1")
+    c.add_node("n1")
+    for name in ("web-a", "web-b"):
+        c.add_pod("shop", name, node="n1", workload="web")
+    c.add_pod("shop", "agent-x", node="n1", owner="DaemonSet")
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            node, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
+        )
+    assert c.node("n1").unschedulable and (await c.observe(node)).evictable == 1
+    assert await c.applied(node, action_id="d1", action_type="drain_node") is None
+    resumed = await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
+    assert resumed.applied and "resumed, evicted 1 pods" in resumed.message
+    done = await c.applied(node, action_id="d1", action_type="drain_node")
+    assert done is not None and done.found_id and done.prior_state == {"unschedulable": False}
+    # A pod bound to the node since (no scheduler in between): a repeat would evict it.
+    c.add_pod("shop", "web-c", node="n1", workload="web")
+    assert await c.applied(node, action_id="d1", action_type="drain_node") is None
+    # Its undo's own id is its undo's, whatever is left on the node.
+    undo = await c.undo(node, action_id="d1-undo", action_type="drain_node", prior=done.prior_state)
+    assert undo.applied and not c.node("n1").unschedulable
+    again = await c.applied(node, action_id="d1-undo", action_type="drain_node", undo=True)
+    assert again is not None and again.found_id
+
+
+# Pods on the node: a controller kind, "mirror" (a static pod's), "" (none: a drain refuses).
+POD_KINDS = st.sampled_from(["ReplicaSet", "StatefulSet", "DaemonSet", "mirror", ""])
+
+
+@settings(max_examples=80)
+@given(
+    before=st.lists(POD_KINDS, max_size=5),
+    evictions=st.integers(0, 6),
+    uncordoned=st.booleans(),
+    since=st.lists(POD_KINDS, max_size=2),
+)
+def test_a_drain_is_applied_exactly_when_its_repeat_would_do_nothing(
+    before: list[str], evictions: int, uncordoned: bool, since: list[str]
+) -> None:
+    """Whatever the first delivery got through (``evictions`` before its executor died) and
+    whatever happened since (an operator's uncordon, pods bound to the node), rule 0's read
+    finds the drain applied exactly when its repeat would evict nothing and report the id,
+    and then with the same prior state; on a node still cordoned, none is left to evict."""
+    asyncio.run(_drain_applied(before, evictions, uncordoned, since))
+
+
+async def _drain_applied(
+    before: list[str], evictions: int, uncordoned: bool, since: list[str]
+) -> None:
+    c, node = FakeCluster(), Target(kind="Node", name="n1")
+    c.add_node("n1")
+
+    def add(kinds: list[str], prefix: str) -> None:
+        for i, kind in enumerate(kinds):
+            owner = "Node" if kind == "mirror" else kind
+            c.add_pod("shop", f"{prefix}-{i}", node="n1", owner=owner, mirror=kind == "mirror")
+
+    add(before, "p")
+    # Died half way, or refused pods without a controller: the node stays cordoned.
+    with contextlib.suppress(PartialFailure):
+        await c.drain(
+            node, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(evictions)
+        )
+    if uncordoned:
+        await c.undo(node, action_id="op", action_type="cordon_node", prior={})
+    add(since, "q")
+    found = await c.applied(node, action_id="d1", action_type="drain_node")
+    observed = await c.observe(node)
+    names = [f"{x}-{i}" for x in "pq" for i in range(6)]
+    pods = [c.pod("shop", p) for p in names]
+    try:
+        repeat = await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
+    except PartialFailure:
+        repeat = None
+    untouched = pods == [c.pod("shop", p) for p in names]
+    nothing_more = repeat is not None and repeat.found_id and not repeat.applied and untouched
+    assert (found is not None) == nothing_more
+    if found is not None and repeat is not None:
+        assert found.prior_state == repeat.prior_state == {"unschedulable": False}
+        assert not observed.cordoned or observed.evictable == 0
