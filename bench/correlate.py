@@ -7,7 +7,9 @@ Phases (each on its own topics):
    correlator must do leaves of that ceiling, before any correlation. And the floor: a
    minimal correlator on plain aiokafka that dedups, groups and writes each changed group
    whole to an event and a state topic, and nothing else: what that output costs any
-   Python correlator, before its semantics.
+   Python correlator, before its semantics. And faust alone: a faust-streaming agent that
+   consumes and decodes validated anomalies and outputs nothing: what faust's per-record
+   path leaves of the ceiling for a correlator that runs in faust at all.
 2. correlator throughput: the faust correlator (one worker) folding the same anomalies;
    events/s measured from first to last processed anomaly.
 3. correlator latency: anomalies produced at a fixed rate; each one changes its incident,
@@ -33,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -53,6 +56,7 @@ from agent.settings import parse_settings
 from streams.bus import create_topics
 from streams.correlation import correlate_batch
 from streams.correlator import Correlator, rules_from
+from streams.faust_kafka import App
 from streams.incident_json import IncidentEncoder
 from streams.partitioning import decode_anomalies
 from streams.topology import EMPTY, placements
@@ -240,6 +244,47 @@ async def floor(bootstrap: str, src: str, out: str, state: str, anomalies: int) 
             await asyncio.gather(*futures)
             await c.commit()
     return done / (time.perf_counter() - t0)
+
+
+async def faust_floor(bootstrap: str, src: str, anomalies: int) -> float:
+    """Anomalies/s of a faust-streaming agent (the correlator's App, one partition) that
+    consumes each record, decodes its validated anomalies and acks it: no state, no output.
+    What faust's per-record path and the decode alone leave of the passthrough, before any
+    correlation, for a correlator that runs in faust at all."""
+    app = App(
+        f"bench-faust-{uuid.uuid4().hex[:6]}",
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        datadir=tempfile.mkdtemp(prefix="bench-faust-"),
+        web_enabled=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=0.2,
+    )
+    app.fetch_max_wait_ms = 10
+    topic = app.topic(src, partitions=1, key_type=bytes, value_type=bytes)
+    done, t0, t1 = 0, 0.0, 0.0
+
+    async def agent(stream: Any) -> None:
+        nonlocal done, t0, t1
+        async for event in stream.noack().events():
+            if not t0:
+                t0 = time.perf_counter()
+            done += len(decode_anomalies(event.value)[0])
+            event.ack()
+            if done >= anomalies and not t1:
+                t1 = time.perf_counter()
+
+    app.agent(topic, name="floor")(agent)
+    await app.start()
+    try:
+        while not t1:
+            await asyncio.sleep(0.01)
+    finally:
+        await app.stop()
+    return done / (t1 - t0)
 
 
 def pure_work(records: list[tuple[bytes, bytes]], per_batch: int) -> dict[str, float]:
@@ -566,7 +611,7 @@ async def main() -> None:
         ):
             # Rounds interleave the three, so a slow spell of the machine (its speed here
             # moves by half from minute to minute) lands on all of them, not on one.
-            pts, typeds, floors, corrs = [], [], [], []
+            pts, typeds, fausts, floors, corrs = [], [], [], [], []
             for _ in range(args.rounds):
                 rates = []
                 for decode in (orjson.loads, decode_anomalies):
@@ -577,6 +622,10 @@ async def main() -> None:
                     rates.append(await passthrough(args.bootstrap, src, dst, len(recs), decode))
                 pts.append(rates[0] * per_record)
                 typeds.append(rates[1] * per_record)
+                run = new_prefix("bench-faust-")
+                await ensure(args.bootstrap, run)
+                await produce(args.bootstrap, run, recs)
+                fausts.append(await faust_floor(args.bootstrap, run, len(recs) * per_record))
                 run = new_prefix("bench-floor-")
                 await ensure(args.bootstrap, f"{run}-in", f"{run}-out", f"{run}-state")
                 await produce(args.bootstrap, f"{run}-in", recs)
@@ -595,7 +644,9 @@ async def main() -> None:
                 # Gone before the next run: the broker's log cleaner compacting hundreds of
                 # MB of changelog competed with the latency phase for the CPU.
                 await delete_topics(args.bootstrap)
-            pt, typed, least, corr = (statistics.median(r) for r in (pts, typeds, floors, corrs))
+            pt, typed, bare, least, corr = (
+                statistics.median(r) for r in (pts, typeds, fausts, floors, corrs)
+            )
             # Records per batch as the correlator takes a backlog: 2000, or 16 MiB.
             size = max(1, min(2000, (16 << 20) // max(1, len(recs[0][1]))))
             cost = pure_work(recs, size)
@@ -605,6 +656,11 @@ async def main() -> None:
             print(
                 f"  the same, decoding validated anomalies:       {typed:10.0f} anomalies/s"
                 f"   ratio to passthrough {typed / pt:.2f}"
+            )
+            print(
+                f"  faust, consume + validated decode, no output: {bare:10.0f} anomalies/s"
+                f"   ratio to passthrough {bare / pt:.2f}; leaves"
+                f" {max(0.0, 2e6 / pt - 1e6 / bare):.2f} us/anomaly of half the passthrough's"
             )
             print(
                 f"  floor (minimal Python correlator, no checks): {least:10.0f} anomalies/s"
