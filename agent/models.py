@@ -669,6 +669,31 @@ def observed(labels: dict[str, str], cluster: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A detector replica received Alertmanager's heartbeat (``detectors.alertmanager.
+    heartbeat``, see agent.webhook) at ``seen_at``.
+
+    Published on the compacted heartbeats topic keyed by :attr:`key`: Alertmanager's
+    notification reaches one replica behind the webhooks' Service, and every replica judges
+    the heartbeat missing from the latest time any of them received it.
+    """
+
+    cluster: Annotated[str, Field(max_length=1024)]  # the receiver's agent.cluster
+    alertname: NonEmpty
+    seen_at: Time
+    replica: Annotated[str, Field(max_length=256)] = ""  # who received it, for the operator
+    schema_version: Version = SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        return heartbeat_key(self.cluster, self.alertname)
+
+
+def heartbeat_key(cluster: str, alertname: str) -> str:
+    return f"{cluster}/{alertname}"
+
+
+@dataclass(frozen=True, slots=True)
 class Silence:
     """Anomalies matching every matcher between starts_at and ends_at are silenced."""
 

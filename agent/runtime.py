@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -40,6 +41,7 @@ from agent.models import (
     ApprovalRequest,
     Escalation,
     Fact,
+    Heartbeat,
     Incident,
     SwitchChange,
 )
@@ -372,6 +374,9 @@ class Agent:
         if self.server is None:
             log.warning("alertmanager webhook enabled but the HTTP server is off; not mounted")
             return
+        # Behind one Service a notification reaches one replica: each shares the heartbeats
+        # it receives, and judges from the latest any received (see agent.webhook).
+        beats = self.bus.topic("heartbeats")
         receiver = AlertmanagerReceiver(
             s,
             token=token,
@@ -379,6 +384,15 @@ class Agent:
             topic=self.bus.topic("anomalies"),
             metrics=self.metrics,
             api=self.alertmanager,
+            shared=(
+                CompactedView(
+                    s.kafka, beats, functools.partial(decode, Heartbeat), name="heartbeats"
+                )
+                if am.heartbeat is not None
+                else None
+            ),
+            shared_topic=beats,
+            replica=socket.gethostname(),
         )
         receiver.install(self.server.app)
         self.server.checks["alertmanager-webhook"] = receiver.unready

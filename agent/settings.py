@@ -511,8 +511,8 @@ class AlertmanagerReceiverSection:
         tuple[Annotated[str, Field(min_length=1, max_length=256)], ...], Field(max_length=100)
     ] = ()
     # Off by default: on, a missing heartbeat route holds every Alertmanager incident of
-    # the cluster open for good, and a heartbeat reaching another replica of the receiver
-    # (several behind one Service) is one this replica misses.
+    # the cluster open for good. Replicas behind one Service share the heartbeats they
+    # receive through the heartbeats topic, and judge from the latest any received.
     heartbeat: HeartbeatSection | None = None
 
 

@@ -129,6 +129,16 @@ CATALOG: tuple[TopicSpec, ...] = (
         partitions=1,
     ),
     TopicSpec(
+        "heartbeats",
+        "cluster/alertname",
+        "Heartbeat",
+        "compact",
+        0,
+        "When a detector replica last received Alertmanager's heartbeat: every replica "
+        "behind the webhooks' Service judges it missing from the latest any received.",
+        partitions=1,
+    ),
+    TopicSpec(
         "escalations",
         "incident key",
         "Escalation",

@@ -40,7 +40,12 @@ then). Without the API nothing tells that Alertmanager, or the way from it, is d
 unless it sends a heartbeat (``detectors.alertmanager.heartbeat``: an always-firing alert,
 kube-prometheus' ``Watchdog``): not received within its bound, ``alertmanager-unavailable``
 fires likewise, until it arrives again. The heartbeat itself is no anomaly, and opens no
-incident.
+incident. Behind one Service, Alertmanager's notification reaches one replica of the
+receiver: the one that receives the heartbeat shares when on the compacted heartbeats topic
+(the same compacted-view mechanism as silences and correlation facts), and every replica
+judges it missing from the latest time any of them received it. Not on the correlation
+facts topic: every record there is a fact the correlator routes and inhibits by, and is
+written by the correlator; a heartbeat is neither.
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -69,7 +74,7 @@ from agent.detector import Publisher, Refused, agent_anomaly, publish_refusing, 
 from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
 from agent.labels import normalise
 from agent.metrics import Metrics
-from agent.models import Anomaly, utcnow
+from agent.models import Anomaly, Heartbeat, heartbeat_key, utcnow
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,40 @@ def heartbeat_missing(last: datetime, now: datetime, within: float) -> datetime 
     return last if now - last > timedelta(seconds=within) else None
 
 
+# How far after this replica's clock a heartbeat another replica shared may be dated
+# (their clocks differ): one dated later is ignored, so that a record forged into the far
+# future cannot keep every replica from ever judging the heartbeat missing.
+HEARTBEAT_SKEW = 30.0
+
+
+def heartbeat_blind(
+    started: datetime, seen: Iterable[datetime], now: datetime, within: float
+) -> datetime | None:
+    """Pure: since when the receivers are blind, judged across replicas: from the latest
+    heartbeat any replica received (``seen``, this one's own included), or from this
+    replica's start of waiting for one (``started``: a replica that just started waits
+    ``within`` before judging, whatever the others last heard), once that is longer than
+    ``within`` ago; None while it is not. A heartbeat dated more than
+    :data:`HEARTBEAT_SKEW` after ``now`` counts for nothing."""
+    bound = now + timedelta(seconds=HEARTBEAT_SKEW)
+    return heartbeat_missing(max([started, *(t for t in seen if t <= bound)]), now, within)
+
+
+class SharedHeartbeats(Protocol):
+    """The heartbeats topic as every replica reads it in full and follows:
+    :class:`streams.view.CompactedView` of :class:`~agent.models.Heartbeat`."""
+
+    @property
+    def items(self) -> Mapping[str, Heartbeat]: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def is_heartbeat(alert: AmAlert, alertname: str | None) -> bool:
     return alertname is not None and alert.labels.get("alertname") == alertname
 
@@ -104,6 +143,9 @@ class AlertmanagerReceiver:
         metrics: Metrics,
         clock: Callable[[], datetime] = utcnow,
         api: AlertmanagerAPI | None = None,
+        shared: SharedHeartbeats | None = None,
+        shared_topic: str | None = None,
+        replica: str = "",
     ) -> None:
         # None: no token configured. An empty one would match an empty bearer credential.
         if token == "":
@@ -129,6 +171,11 @@ class AlertmanagerReceiver:
         # Since when the heartbeat is missing, as told (None: not blind for it).
         self.heartbeat_lost: datetime | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # The other replicas' heartbeats, and where this one shares those it receives
+        # (None: judged from its own alone, a single receiver's).
+        self.shared = shared if self.heartbeat is not None else None
+        self.shared_topic = shared_topic
+        self.replica = replica
 
     def install(self, app: web.Application) -> None:
         app.router.add_post(self.cfg.path, self.handle)
@@ -139,6 +186,8 @@ class AlertmanagerReceiver:
         if self.api is not None and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="alert-refresh")
         if self.heartbeat is not None and self._watchdog is None:
+            if self.shared is not None:
+                await self.shared.start()  # read to its end: what the others heard
             if self.heartbeat_at is None:
                 self.heartbeat_at = self.clock()  # its first one is due within the bound
             self._watchdog = asyncio.create_task(self._heartbeat_loop(), name="alert-heartbeat")
@@ -148,12 +197,15 @@ class AlertmanagerReceiver:
         await cancel_and_wait(self._refresher)
         await cancel_and_wait(self._watchdog)
         self._refresher = self._watchdog = None
+        if self.shared is not None:
+            await self.shared.stop()
 
     @property
     def failure(self) -> BaseException | None:
         """Why the refresh or heartbeat task died, if one did (see
         agent.runtime.run_until_signalled)."""
-        return task_failure(self._refresher) or task_failure(self._watchdog)
+        shared = self.shared.failure if self.shared is not None else None
+        return task_failure(self._refresher) or task_failure(self._watchdog) or shared
 
     async def _heartbeat_loop(self) -> None:
         assert self.heartbeat is not None
@@ -165,12 +217,15 @@ class AlertmanagerReceiver:
             await self.check_heartbeat()
 
     async def check_heartbeat(self) -> None:
-        """``alertmanager-unavailable`` while the heartbeat is late (repeated at each
-        check), resolved when it arrives again (see :meth:`_heartbeat_arrived`)."""
+        """``alertmanager-unavailable`` while the heartbeat is late for every replica
+        (repeated at each check), resolved when one receives it again (this one, see
+        :meth:`_heartbeat_arrived`; another, at this one's next check). Every replica
+        judges from the same latest heartbeat, so those that tell it tell the same
+        anomaly (one fingerprint, blind since then): repeats, not duplicates."""
         if self.heartbeat is None or self.heartbeat_at is None:
             return
         now = self.clock()
-        since = heartbeat_missing(self.heartbeat_at, now, self.heartbeat.within)
+        since = heartbeat_blind(self.heartbeat_at, self._shared(), now, self.heartbeat.within)
         if since is None:
             if self.heartbeat_lost is not None:  # it arrived while the loss was being told
                 await self._tell_heartbeat(False, self.heartbeat_lost, now)
@@ -183,10 +238,37 @@ class AlertmanagerReceiver:
             )
         await self._tell_heartbeat(True, since, now)
 
+    def _shared(self) -> list[datetime]:
+        """When any replica last received the heartbeat, as the heartbeats topic says."""
+        if self.shared is None or self.heartbeat is None:
+            return []
+        cluster, name = self.settings.agent.cluster, self.heartbeat.alertname
+        beat = self.shared.items.get(heartbeat_key(cluster, name))
+        if beat is None or (beat.cluster, beat.alertname) != (cluster, name):
+            return []
+        return [beat.seen_at]
+
     async def _heartbeat_arrived(self, now: datetime) -> None:
         self.heartbeat_at = now
+        # Shared first: the other replicas' next checks find it, rather than tell the
+        # blindness again after this one ended it.
+        await self._share(now)
         if self.heartbeat_lost is not None:
             await self._tell_heartbeat(False, self.heartbeat_lost, now)
+
+    async def _share(self, now: datetime) -> None:
+        if self.shared_topic is None or self.heartbeat is None:
+            return
+        beat = Heartbeat(
+            cluster=self.settings.agent.cluster,
+            alertname=self.heartbeat.alertname,
+            seen_at=now,
+            replica=self.replica,
+        )
+        try:
+            await self.publisher.publish_many([(self.shared_topic, beat, beat.key)])
+        except AgentError as err:  # this one knows; the others hear of the next one
+            log.warning("sharing the alertmanager heartbeat failed: %s", err)
 
     async def _tell_heartbeat(self, lost: bool, since: datetime, now: datetime) -> None:
         assert self.heartbeat is not None

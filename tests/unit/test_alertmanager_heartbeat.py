@@ -9,7 +9,7 @@ heartbeat itself never becomes an anomaly. Over real HTTP to the receiver.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from agent.errors import ConfigError
 from agent.metrics import Metrics
-from agent.models import Anomaly
+from agent.models import Anomaly, Heartbeat
 from agent.server import HealthServer
 from agent.settings import parse_settings
-from agent.webhook import AlertmanagerReceiver, heartbeat_missing
+from agent.webhook import HEARTBEAT_SKEW, AlertmanagerReceiver, heartbeat_blind, heartbeat_missing
 from streams.correlation import CorrelationRules, correlate_batch, expire
 from streams.topology import build_index, facts_of
 from tests.unit.factories import at
@@ -43,6 +43,25 @@ def test_blind_since_the_last_heartbeat_once_it_is_later_than_its_bound(
 ) -> None:
     since = heartbeat_missing(at(last), at(last + elapsed), within)
     assert since == (at(last) if elapsed > within else None)
+
+
+@given(
+    started=st.integers(0, 1_000),
+    seen=st.lists(st.integers(-100, 3_000), max_size=5),
+    now=st.integers(0, 2_000),
+    within=st.floats(0.001, 500, allow_nan=False),
+)
+def test_blind_across_replicas_iff_none_heard_it_within_its_bound(
+    started: int, seen: list[int], now: int, within: float
+) -> None:
+    """Each replica's heartbeats are seen by all: blind iff no replica received one within
+    ``within`` (and this one has waited that long since its start); blind since the
+    latest. One dated further ahead than the skew allowed is no heartbeat."""
+    since = heartbeat_blind(at(started), [at(t) for t in seen], at(now), within)
+    heard = [t for t in seen if t <= now + HEARTBEAT_SKEW]
+    latest = max([started, *heard])
+    assert (since is not None) == (now - latest > within)
+    assert since is None or since == at(latest)
 
 
 @pytest.mark.parametrize(
@@ -194,3 +213,130 @@ def _alert_incident(items: list[Anomaly], now: datetime, rules: CorrelationRules
     quiet = now - max(m.last_seen for m in inc.members) >= timedelta(seconds=rules.resolve_timeout)
     assert quiet or expire(inc, now, rules, blind)[0].status == "open"
     return expire(inc, now, rules, blind)[0].status
+
+
+class SharedTopic:
+    """The heartbeats topic as a compacted view shows it to every replica: the latest
+    record per key. Also the replicas' publisher (anomalies to ``items``)."""
+
+    def __init__(self) -> None:
+        self.beats: dict[str, Heartbeat] = {}
+        self.items: list[Anomaly] = []
+
+    async def publish_many(self, items: Sequence[tuple[str, Any, str | None]]) -> None:
+        for topic, value, key in items:
+            if topic == "beats":
+                assert isinstance(value, Heartbeat) and key == value.key
+                self.beats[key] = value
+            else:
+                self.items.append(value)
+
+
+class View:
+    def __init__(self, topic: SharedTopic) -> None:
+        self.topic = topic
+        self.started = False
+
+    @property
+    def items(self) -> Mapping[str, Heartbeat]:
+        return self.topic.beats
+
+    @property
+    def failure(self) -> BaseException | None:
+        return None
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[
+    tuple[list[str], SharedTopic, Clock, list[AlertmanagerReceiver]]
+]:
+    settings = parse_settings(
+        {
+            "agent": {"cluster": "c1"},
+            "correlation": {"resolve_timeout": "300s"},
+            "detectors": {"alertmanager": {"enabled": True, "heartbeat": {"within": "120s"}}},
+        },
+        env={},
+    )
+    shared, clock, metrics = SharedTopic(), Clock(), Metrics()
+    urls, servers, receivers = [], [], []
+    for name in ("pod-a", "pod-b"):
+        server = HealthServer(host="127.0.0.1", port=0, metrics=metrics)
+        am = AlertmanagerReceiver(
+            settings,
+            token=TOKEN,
+            publish=shared,
+            topic="t",
+            metrics=metrics,
+            clock=clock,
+            shared=View(shared),
+            shared_topic="beats",
+            replica=name,
+        )
+        am.install(server.app)
+        await server.start()
+        await am.start()
+        servers.append(server)
+        receivers.append(am)
+        urls.append(f"http://127.0.0.1:{server.bound_port}/webhooks/alertmanager")
+    try:
+        yield urls, shared, clock, receivers
+    finally:
+        for am, server in zip(receivers, servers, strict=True):
+            await am.stop()
+            await server.stop()
+
+
+async def test_replicas_judge_the_heartbeat_from_the_latest_any_of_them_received(
+    replicas: tuple[list[str], SharedTopic, Clock, list[AlertmanagerReceiver]],
+) -> None:
+    """Behind one Service Alertmanager's notification reaches one replica: the other
+    raised a false blindness, holding every Alertmanager incident open."""
+    [url_a, _], shared, clock, receivers = replicas
+
+    async def check(t: int) -> None:
+        clock.now = at(t)
+        for am in receivers:
+            await am.check_heartbeat()
+
+    for t in range(0, 600, 30):  # only pod-a hears it, every 30 s
+        clock.now = at(t)
+        assert await post(url_a, notification("Watchdog")) == (200, {"accepted": 0})
+        await check(t + 15)
+    assert shared.beats["c1/Watchdog"].replica == "pod-a"
+    assert not [a for a in shared.items if a.name == UNAVAILABLE]
+    for t in range(600, 900, 30):  # it stops (last heard at 570)
+        await check(t)
+    blind = [a for a in shared.items if a.name == UNAVAILABLE]
+    # Both tell it, as one anomaly: one fingerprint, blind since the last heartbeat.
+    assert {(a.fingerprint, a.starts_at, a.status) for a in blind} == {
+        (blind[0].fingerprint, at(570), "firing")
+    }
+    assert len(blind) >= 4
+    clock.now = at(900)
+    assert await post(url_a, notification("Watchdog")) == (200, {"accepted": 0})
+    await check(915)
+    ended = [a for a in shared.items if a.name == UNAVAILABLE][len(blind) :]
+    assert [a.status for a in ended] == ["resolved", "resolved"]
+    assert {(a.fingerprint, a.starts_at) for a in ended} == {(blind[0].fingerprint, at(570))}
+    await check(945)  # nothing more to tell
+    assert len([a for a in shared.items if a.name == UNAVAILABLE]) == len(blind) + 2
+
+
+async def test_a_heartbeat_dated_in_the_future_keeps_no_replica_from_blindness(
+    replicas: tuple[list[str], SharedTopic, Clock, list[AlertmanagerReceiver]],
+) -> None:
+    """Whoever writes the topic once cannot buy 'never blind' with a far-future date."""
+    _, shared, clock, [a, _] = replicas
+    forged = Heartbeat(cluster="c1", alertname="Watchdog", seen_at=at(10**6), replica="x")
+    shared.beats[forged.key] = forged
+    clock.now = at(130)
+    await a.check_heartbeat()
+    [blind] = shared.items
+    assert (blind.name, blind.status, blind.starts_at) == (UNAVAILABLE, "firing", at(0))

@@ -16,7 +16,7 @@ import yaml
 from agent.metrics import Metrics
 from agent.models import Target
 from agent.runtime import prometheus_gates_readiness
-from agent.settings import load_settings
+from agent.settings import load_settings, parse_duration
 from tests.helpers import promtool_test
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -353,3 +353,30 @@ def test_the_detectors_serve_the_alertmanager_webhook_behind_its_service() -> No
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     assert not prometheus_gates_readiness(["detector"])
+
+
+def test_the_detectors_replicas_judge_alertmanagers_heartbeat_together() -> None:
+    """Off until the replicas shared it: behind the Service Alertmanager's notification
+    reaches one detector, and the other raised a false blindness. On now, expected sooner
+    than Alertmanager's incidents would resolve as quiet and later than the route of
+    deploy/monitoring/alertmanager.yml sends it (tests/unit/test_compose.py checks that
+    route with amtool)."""
+    docs = manifests()
+    (detector,) = (
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "sre-agent-detector"
+    )
+    (container,) = detector["spec"]["template"]["spec"]["containers"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    env = {**config["data"], **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    settings = load_settings(DEPLOY.parent / "config" / "agent.yaml", env)
+    beat = settings.detectors.alertmanager.heartbeat
+    assert detector["spec"]["replicas"] > 1
+    assert beat is not None and beat.alertname == "Watchdog"
+    route = yaml.safe_load((DEPLOY / "monitoring" / "alertmanager.yml").read_text())["route"]
+    [watchdog] = [r for r in route["routes"] if 'alertname="Watchdog"' in r["matchers"]]
+    every = max(
+        parse_duration(watchdog["group_interval"]), parse_duration(watchdog["repeat_interval"])
+    )
+    assert 2 * every < beat.within < settings.correlation.resolve_timeout
