@@ -17,10 +17,19 @@ collapse in the correlator's fingerprint dedup.
 correlator's ``resolve_timeout``); ``starts_at`` is the alert's ``startsAt``. Annotations
 are kept verbatim as untrusted data (they are attacker-reachable text) and never
 interpreted.
+
+Alerts that are no anomaly: the agent's own alerts (``alertname`` starting with
+``detectors.own_alerts_prefix``, ``SREAgent`` as in deploy/monitoring/self-healing-rules.yml)
+and the configured heartbeat (``detectors.alertmanager.heartbeat``). One predicate,
+:func:`ignored_reason`, decides it for the webhook and the feeds alike; each counts and logs
+what it ignores through :class:`IgnoredAlerts`. Made anomalies, the agent's own alerts would
+have it "heal" itself (or page about its own paging in a loop) and would be lost while it
+is down: they are for a human (deploy/monitoring/alertmanager.yml routes them away).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +41,7 @@ from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field
 from agent.codec import from_obj
 from agent.errors import InvalidEvent
 from agent.labels import normalise
+from agent.metrics import Metrics
 from agent.models import (
     Anomaly,
     AnomalySource,
@@ -42,8 +52,16 @@ from agent.models import (
     outside_window,
     stable_id,
 )
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MAX_ALERTS = 1000
+
+# Alert names whose first ignoring is remembered (logged once); past it, each is logged.
+MAX_IGNORED_NAMES = 1000
+
+IgnoreReason = Literal["own", "heartbeat"]
 
 _SEVERITY: Mapping[str, Severity] = {
     "critical": "critical",
@@ -143,6 +161,66 @@ class Notification:
     receiver: str
     alerts: tuple[tuple[int, AmAlert], ...]  # the valid ones, by their index in the payload
     problems: tuple[tuple[int, str], ...]  # each other one's index and ``alerts[i].<field>: ...``
+
+
+@dataclass(frozen=True, slots=True)
+class AlertFilter:
+    """Which alerts are no anomaly: the agent's own (``own_prefix``; empty: none) and the
+    heartbeat (None: none)."""
+
+    own_prefix: str = "SREAgent"
+    heartbeat: str | None = None
+
+
+def alert_filter(settings: Settings) -> AlertFilter:
+    beat = settings.detectors.alertmanager.heartbeat
+    return AlertFilter(
+        own_prefix=settings.detectors.own_alerts_prefix,
+        heartbeat=beat.alertname if beat is not None else None,
+    )
+
+
+def ignored_reason(labels: Mapping[str, str], rules: AlertFilter) -> IgnoreReason | None:
+    """Pure: why an alert (by its labels) is no anomaly, or None when it is one. The
+    heartbeat first: it is the heartbeat even if its name carries the own prefix."""
+    name = labels.get("alertname", "")
+    if rules.heartbeat is not None and name == rules.heartbeat:
+        return "heartbeat"
+    if rules.own_prefix and name.startswith(rules.own_prefix):
+        return "own"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """An alert of a feed record left out by :func:`ignored_reason` (counted by the feed)."""
+
+    name: str
+    reason: IgnoreReason
+
+
+class IgnoredAlerts:
+    """Counts the alerts a source ignores (``sre_agent_ignored_alerts_total``) and logs the
+    first of each name at INFO: never silently, nor once per notification."""
+
+    def __init__(self, metrics: Metrics, *, source: str) -> None:
+        self.metrics = metrics
+        self.source = source
+        self._logged: set[tuple[str, str]] = set()
+
+    def record(self, name: str, reason: IgnoreReason) -> None:
+        self.metrics.ignored_alerts.labels(source=self.source, reason=reason, name=name).inc()
+        if (name, reason) in self._logged:
+            return
+        if len(self._logged) < MAX_IGNORED_NAMES:
+            self._logged.add((name, reason))
+        why = "the heartbeat" if reason == "heartbeat" else "the agent's own alert"
+        log.info(
+            "%s: ignoring alert %r, %s: it opens no incident (logged once per alert name)",
+            self.source,
+            name,
+            why,
+        )
 
 
 def severity_of(labels: Mapping[str, str]) -> Severity:

@@ -7,6 +7,11 @@ group, so replicas share the partitions; records are decoded once and republishe
 anomalies topic keyed by the correlation key. A record that does not decode goes to the
 dead-letter topic with the reason naming the field, and offsets are committed only after
 the anomalies are durable.
+
+An Alertmanager-format record's alerts that are no anomaly (the agent's own ``SREAgent*``
+alerts and the configured heartbeat, :func:`agent.alerts.ignored_reason`, as the webhook
+decides) are decoded as :class:`~agent.alerts.Ignored` and counted and logged by the
+handler, never republished.
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from dataclasses import replace
 from datetime import datetime
 from functools import partial
 
-from agent.alerts import parse_alertmanager_record, to_anomaly
+from agent.alerts import (
+    AlertFilter,
+    Ignored,
+    IgnoredAlerts,
+    alert_filter,
+    ignored_reason,
+    parse_alertmanager_record,
+    to_anomaly,
+)
 from agent.codec import decode
 from agent.detector import Publisher, publish_anomalies, refusals
 from agent.errors import InvalidEvent
@@ -28,16 +41,32 @@ from streams.bus import BatchConsumer, Bus, Decoder, Envelope
 
 
 def decode_alertmanager(
-    raw: bytes, *, cluster: str, group_by: tuple[str, ...], clock: Callable[[], datetime]
-) -> list[Anomaly]:
+    raw: bytes,
+    *,
+    cluster: str,
+    group_by: tuple[str, ...],
+    clock: Callable[[], datetime],
+    ignore: AlertFilter | None = None,
+) -> list[Anomaly | Ignored]:
+    """The record's alerts as anomalies, each one :func:`ignored_reason` leaves out (the
+    agent's own, the heartbeat) as :class:`Ignored` in its place."""
     now = clock()
-    return _checked(
+    rules = ignore or AlertFilter()
+    alerts = parse_alertmanager_record(raw)
+    why = [ignored_reason(a.labels, rules) for a in alerts]
+    anomalies = _checked(
         [
             to_anomaly(a, cluster=cluster, now=now, source="feed")
-            for a in parse_alertmanager_record(raw)
+            for a, reason in zip(alerts, why, strict=True)
+            if reason is None
         ],
         group_by,
     )
+    left = iter(anomalies)
+    return [
+        next(left) if reason is None else Ignored(a.labels["alertname"], reason)
+        for a, reason in zip(alerts, why, strict=True)
+    ]
 
 
 def _checked(anomalies: list[Anomaly], group_by: tuple[str, ...]) -> list[Anomaly]:
@@ -67,14 +96,18 @@ def decoder_for(
     cluster: str,
     group_by: tuple[str, ...],
     clock: Callable[[], datetime] = utcnow,
+    ignore: AlertFilter | None = None,
 ) -> Decoder:
     if feed.format == "alertmanager":
-        return partial(decode_alertmanager, cluster=cluster, group_by=group_by, clock=clock)
+        return partial(
+            decode_alertmanager, cluster=cluster, group_by=group_by, clock=clock, ignore=ignore
+        )
     return partial(decode_anomaly, cluster=cluster, group_by=group_by)
 
 
 class FeedNormaliser:
-    """The handler: republish a batch's anomalies to the anomalies topic, keyed."""
+    """The handler: republish a batch's anomalies to the anomalies topic, keyed; count and
+    log the alerts its records' decoding ignored."""
 
     def __init__(
         self, settings: Settings, *, publish: Publisher, topic: str, metrics: Metrics
@@ -83,12 +116,18 @@ class FeedNormaliser:
         self.publisher = publish
         self.topic = topic
         self.metrics = metrics
+        self.ignored = IgnoredAlerts(metrics, source="feed")
 
     async def handle(self, batch: list[Envelope]) -> None:
-        anomalies = [a for env in batch if env.value is not None for a in env.value]
+        items = [a for env in batch if env.value is not None for a in env.value]
+        anomalies = [a for a in items if isinstance(a, Anomaly)]
         await publish_anomalies(
             self.publisher, self.topic, anomalies, group_by=self.group_by, metrics=self.metrics
         )
+        # Once the batch is done: a batch retried after a failed publish counts them once.
+        for i in items:
+            if isinstance(i, Ignored):
+                self.ignored.record(i.name, i.reason)
 
 
 def feed_consumer(
@@ -117,7 +156,11 @@ def feed_consumer(
         group_id=f"{settings.kafka.topic_prefix}detector-feeds",
         topics={
             f.topic: decoder_for(
-                f, cluster=cluster, group_by=settings.correlation.group_by, clock=clock
+                f,
+                cluster=cluster,
+                group_by=settings.correlation.group_by,
+                clock=clock,
+                ignore=alert_filter(settings),
             )
             for f in feeds
         },

@@ -229,6 +229,13 @@ class Metrics:
             ["receiver"],
             registry=r,
         )
+        self.ignored_alerts = Counter(
+            "sre_agent_ignored_alerts_total",
+            "Alerts received (webhook, feed) and not made anomalies: the agent's own alerts "
+            "(reason own: detectors.own_alerts_prefix) and the heartbeat (reason heartbeat).",
+            ["source", "reason", "name"],
+            registry=r,
+        )
         self.processed = Counter(
             "sre_agent_events_processed_total",
             "Events processed per consumer.",

@@ -617,6 +617,10 @@ class DetectorsSection:
     alertmanager: AlertmanagerReceiverSection = field(default_factory=AlertmanagerReceiverSection)
     # External topics (any Kafka client) normalised into anomalies by the detector role.
     feeds: tuple[FeedSpec, ...] = ()
+    # The agent's own alerts (deploy/monitoring/self-healing-rules.yml names them all
+    # SREAgent*; they carry no other mark): the webhook and the feeds ignore an alert whose
+    # alertname starts with this (empty: none), so the agent never "heals" itself from them.
+    own_alerts_prefix: Annotated[str, Field(max_length=256)] = "SREAgent"
 
 
 def _promql(value: str) -> str:

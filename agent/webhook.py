@@ -40,8 +40,9 @@ then). Without the API nothing tells that Alertmanager, or the way from it, is d
 unless it sends a heartbeat (``detectors.alertmanager.heartbeat``: an always-firing alert,
 kube-prometheus' ``Watchdog``): not received within its bound, ``alertmanager-unavailable``
 fires likewise, until it arrives again. The heartbeat itself is no anomaly, and opens no
-incident. Behind one Service, Alertmanager's notification reaches one replica of the
-receiver: the one that receives the heartbeat shares when on the compacted heartbeats topic
+incident; nor do the agent's own alerts (``SREAgent*``, see :mod:`agent.alerts`), should
+Alertmanager route them here: both are counted and logged, never published.
+Behind one Service, Alertmanager's notification reaches one replica of the receiver: the one that receives the heartbeat shares when on the compacted heartbeats topic
 (the same compacted-view mechanism as silences and correlation facts), and every replica
 judges it missing from the latest time any of them received it. Not on the correlation
 facts topic: every record there is a fact the correlator routes and inhibits by, and is
@@ -64,7 +65,10 @@ from aiohttp import web
 from agent.alertmanager_api import AlertmanagerAPI
 from agent.alerts import (
     AmAlert,
+    IgnoredAlerts,
     Notification,
+    alert_filter,
+    ignored_reason,
     in_alert,
     parse_notification,
     still_firing,
@@ -128,10 +132,6 @@ class SharedHeartbeats(Protocol):
     async def stop(self) -> None: ...
 
 
-def is_heartbeat(alert: AmAlert, alertname: str | None) -> bool:
-    return alertname is not None and alert.labels.get("alertname") == alertname
-
-
 class AlertmanagerReceiver:
     def __init__(
         self,
@@ -166,6 +166,9 @@ class AlertmanagerReceiver:
         # When the refresh first found Alertmanager not answering (None: it answers).
         self.unavailable_since: datetime | None = None
         self.heartbeat = self.cfg.heartbeat
+        # The agent's own alerts and the heartbeat: received, never published.
+        self.ignore = alert_filter(settings)
+        self.ignored = IgnoredAlerts(metrics, source="alertmanager")
         # The heartbeat's last arrival, or the start of waiting for it (set at start).
         self.heartbeat_at: datetime | None = None
         # Since when the heartbeat is missing, as told (None: not blind for it).
@@ -318,11 +321,11 @@ class AlertmanagerReceiver:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
                 unanswered.append(f"receiver {receiver!r}: {err}")
                 continue
-            beat = self.heartbeat.alertname if self.heartbeat else None
             anomalies = [
                 a
                 for a in still_firing(
-                    [x for x in alerts if not is_heartbeat(x, beat)],
+                    # Counted when received, not at each refresh.
+                    [x for x in alerts if ignored_reason(x.labels, self.ignore) is None],
                     cluster=self.settings.agent.cluster,
                     now=self.clock(),
                 )
@@ -434,15 +437,20 @@ class AlertmanagerReceiver:
         if 0 < len(payload.receiver) <= 256 and learned < MAX_LEARNED_RECEIVERS:
             self.receivers.add(payload.receiver)
         now = self.clock()
-        if self.heartbeat is not None:
-            beat = self.heartbeat.alertname
-            beats = [a for _, a in payload.alerts if is_heartbeat(a, beat)]
-            # A heartbeat, not an anomaly: never published, so it opens no incident.
-            payload = replace(
-                payload, alerts=tuple(p for p in payload.alerts if not is_heartbeat(p[1], beat))
-            )
-            if any(a.state(now) == "firing" for a in beats):
-                await self._heartbeat_arrived(now)
+        # The heartbeat and the agent's own alerts: never published, so they open no
+        # incident (and the agent never acts on its own failures).
+        kept: list[tuple[int, AmAlert]] = []
+        beat = False
+        for i, alert in payload.alerts:
+            reason = ignored_reason(alert.labels, self.ignore)
+            if reason is None:
+                kept.append((i, alert))
+                continue
+            self.ignored.record(alert.labels["alertname"], reason)
+            beat = beat or (reason == "heartbeat" and alert.state(now) == "firing")
+        payload = replace(payload, alerts=tuple(kept))
+        if beat:
+            await self._heartbeat_arrived(now)
         cluster = self.settings.agent.cluster
         group_by = self.settings.correlation.group_by
         numbered, refused = _anomalies_of(payload, cluster=cluster, now=now, group_by=group_by)

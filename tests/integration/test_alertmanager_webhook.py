@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -166,11 +167,13 @@ async def receiver() -> AsyncIterator[tuple[str, Recorder, AlertmanagerReceiver]
 
 
 @contextlib.asynccontextmanager
-async def serving(limit: int) -> AsyncIterator[tuple[str, Recorder, AlertmanagerReceiver]]:
+async def serving(
+    limit: int, **receiver: Any
+) -> AsyncIterator[tuple[str, Recorder, AlertmanagerReceiver]]:
     settings = make_settings(
         "127.0.0.1:1",
         "unused.",
-        doc={"detectors": {"alertmanager": {"enabled": True, "max_body_bytes": limit}}},
+        doc={"detectors": {"alertmanager": {"enabled": True, "max_body_bytes": limit, **receiver}}},
     )
     metrics, rec = Metrics(), Recorder()
     server = HealthServer(host="127.0.0.1", port=0, metrics=metrics)
@@ -363,6 +366,70 @@ async def test_an_alert_too_large_for_a_kafka_record_is_422_the_others_go_throug
         assert sorted(k or "" for _, _, k in rec.items) == ["test/shop/cart", "test/shop/checkout"]
         value = am.metrics.registry.get_sample_value
         assert value("sre_agent_webhook_refused_alerts_total", {"receiver": "alertmanager"}) == 1
+
+
+async def test_the_agents_own_alerts_and_the_heartbeat_are_counted_never_published(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Routed to the webhook anyway (deploy/monitoring/alertmanager.yml sends them to a
+    human), the agent's own SREAgent* alerts became anomalies it might act on: "healing"
+    itself, or paging about its own paging in a loop."""
+
+    def one(name: str, status: str = "firing") -> dict[str, Any]:
+        a = alert_payload(service="agent")["alerts"][0]
+        return {**a, "status": status, "labels": {**a["labels"], "alertname": name}}
+
+    names = ["SREAgentCorrelatorStuck", "Watchdog", "HighErrorRate", "SREAgentDeadLetters"]
+    body = orjson.dumps({**alert_payload(), "alerts": [one(n) for n in names]})
+    caplog.set_level(logging.INFO, logger="agent.alerts")
+    async with serving(LIMIT, heartbeat={"alertname": "Watchdog"}) as (url, rec, am):
+        assert await post(url, body) == (200, {"accepted": 1})
+        resolved = orjson.dumps({"alerts": [one("SREAgentCorrelatorStuck", "resolved")]})
+        assert await post(url, resolved) == (200, {"accepted": 0})
+    assert [a.name for _, a, _ in rec.items] == ["HighErrorRate"]
+    value = am.metrics.registry.get_sample_value
+
+    def ignored(reason: str, name: str) -> float | None:
+        labels = {"source": "alertmanager", "reason": reason, "name": name}
+        return value("sre_agent_ignored_alerts_total", labels)
+
+    assert ignored("own", "SREAgentCorrelatorStuck") == 2
+    assert ignored("own", "SREAgentDeadLetters") == 1
+    assert ignored("heartbeat", "Watchdog") == 1
+    logged = [r.getMessage() for r in caplog.records if "ignoring alert" in r.getMessage()]
+    assert len(logged) == 3  # once per name, not once per notification
+    assert all(r.levelno == logging.INFO for r in caplog.records if "ignoring" in r.getMessage())
+    assert any("'SREAgentCorrelatorStuck', the agent's own alert" in m for m in logged)
+
+
+async def test_own_alerts_prefix_names_the_agents_alerts_and_empty_ignores_none() -> None:
+    body = {**alert_payload(), "alerts": alert_payload()["alerts"] * 2}
+    body["alerts"][0] = {**body["alerts"][0], "labels": {"alertname": "SREAgentNotReady"}}
+    body["alerts"][1] = {**body["alerts"][1], "labels": {"alertname": "OpsAgentDown"}}
+    for prefix, published in [
+        ("", ["SREAgentNotReady", "OpsAgentDown"]),
+        ("Ops", ["SREAgentNotReady"]),
+    ]:
+        settings = make_settings(
+            "127.0.0.1:1",
+            "unused.",
+            doc={"detectors": {"alertmanager": {"enabled": True}, "own_alerts_prefix": prefix}},
+        )
+        metrics, rec = Metrics(), Recorder()
+        server = HealthServer(host="127.0.0.1", port=0, metrics=metrics)
+        am = AlertmanagerReceiver(
+            settings, token=TOKEN, publish=rec, topic="anomalies", metrics=metrics
+        )
+        am.install(server.app)
+        await server.start()
+        await am.start()
+        try:
+            url = f"http://127.0.0.1:{server.bound_port}{WEBHOOK_PATH}"
+            assert (await post(url, orjson.dumps(body)))[0] == 200
+        finally:
+            await am.stop()
+            await server.stop()
+        assert [a.name for _, a, _ in rec.items] == published
 
 
 async def test_kafka_down_or_not_started_is_503_so_alertmanager_retries(

@@ -4,6 +4,7 @@ formats become anomalies on the anomalies topic; bad records become dead letters
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import replace
@@ -21,7 +22,7 @@ from agent.metrics import Metrics
 from agent.models import Anomaly, DeadLetter, fingerprint
 from streams.bus import Envelope
 from streams.partitioning import MAX_REQUEST_BYTES
-from tests.helpers import make_settings, readers, started_bus
+from tests.helpers import eventually, make_settings, readers, started_bus
 from tests.unit.factories import anomaly as make_anomaly
 
 pytestmark = pytest.mark.integration
@@ -206,3 +207,55 @@ async def test_normaliser_publishes_keyed_by_the_correlation_key() -> None:
     a = make_anomaly(labels={"cluster": "c1", "namespace": "shop", "service": "cart"})
     await n.handle([Envelope("feed", 0, 0, None, [a, a]), Envelope("feed", 0, 1, None, None)])
     assert published == [("anoms", a, "c1/shop/cart"), ("anoms", a, "c1/shop/cart")]
+
+
+async def test_a_feeds_own_agent_alerts_and_heartbeat_are_counted_never_republished(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's own SREAgent* alerts on an Alertmanager-format feed became anomalies it
+    might act on ("heal" itself, page about its own paging), and the heartbeat, which the
+    webhook never publishes, opened an incident of its own."""
+    feed = f"{topic_prefix}ext.own"
+    settings = make_settings(
+        kafka_bootstrap,
+        topic_prefix,
+        doc={
+            "detectors": {
+                "feeds": [{"topic": feed, "format": "alertmanager"}],
+                "alertmanager": {"heartbeat": {"alertname": "Watchdog"}},
+            }
+        },
+    )
+    bus, _ = await started_bus(settings)
+    await create(kafka_bootstrap, feed)
+    consumer = feed_consumer(settings, bus=bus, metrics=bus.metrics, from_beginning=True)
+    assert consumer is not None
+    caplog.set_level(logging.INFO, logger="agent.alerts")
+    own = am_alert("SREAgentConsumerStuck", "sre-agent")
+    try:
+        async with (
+            readers(kafka_bootstrap, {"an": (bus.topic("anomalies"), Anomaly)}) as r,
+            consumer,
+        ):
+            first = {"alerts": [own, am_alert("Watchdog", "x"), am_alert("DiskFull", "db")]}
+            await kcat_produce(
+                kafka_bootstrap,
+                feed,
+                [orjson.dumps(first), orjson.dumps(own), orjson.dumps(am_alert("Last", "db"))],
+            )
+            await r["an"].wait_for(lambda xs: {"DiskFull", "Last"} <= {a.name for a in xs}, 30)
+            value = bus.metrics.registry.get_sample_value
+
+            def ignored(reason: str, name: str) -> float | None:
+                labels = {"source": "feed", "reason": reason, "name": name}
+                return value("sre_agent_ignored_alerts_total", labels)
+
+            await eventually(lambda: ignored("own", "SREAgentConsumerStuck") == 2, 30)
+            names = sorted(a.name for a in r["an"].items)
+    finally:
+        await bus.stop()
+    assert names == ["DiskFull", "Last"]
+    assert ignored("heartbeat", "Watchdog") == 1
+    logged = [r.getMessage() for r in caplog.records if "ignoring alert" in r.getMessage()]
+    assert len(logged) == 2, logged  # once per name
+    assert any(m.startswith("feed: ignoring alert 'SREAgentConsumerStuck'") for m in logged)

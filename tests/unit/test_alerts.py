@@ -8,6 +8,9 @@ import orjson
 import pytest
 
 from agent.alerts import (
+    AlertFilter,
+    Ignored,
+    ignored_reason,
     parse_alertmanager_record,
     parse_notification,
     parse_webhook,
@@ -16,7 +19,7 @@ from agent.alerts import (
 )
 from agent.errors import InvalidEvent
 from agent.feeds import decode_alertmanager
-from agent.models import fingerprint
+from agent.models import Anomaly, fingerprint
 from streams.partitioning import MAX_REQUEST_BYTES
 from tests.unit.factories import at
 
@@ -233,3 +236,40 @@ def test_a_feed_alert_too_large_for_a_kafka_record_is_refused_by_name() -> None:
         )
         == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "rules", "reason"),
+    [
+        ("SREAgentCorrelatorStuck", AlertFilter(), "own"),
+        ("SREAgentCorrelatorStuck", AlertFilter(heartbeat="Watchdog"), "own"),
+        ("Watchdog", AlertFilter(heartbeat="Watchdog"), "heartbeat"),
+        ("Watchdog", AlertFilter(), None),  # no heartbeat configured: an alert like any
+        ("SREAgentBeat", AlertFilter(heartbeat="SREAgentBeat"), "heartbeat"),
+        ("KubePodCrashLooping", AlertFilter(heartbeat="Watchdog"), None),
+        ("MySREAgentAlert", AlertFilter(), None),  # a prefix, not a substring
+        ("SREAgentNotReady", AlertFilter(own_prefix=""), None),  # empty: none is ours
+        ("OpsAgentDown", AlertFilter(own_prefix="OpsAgent"), "own"),
+    ],
+)
+def test_ignored_reason_names_the_agents_own_alerts_and_the_heartbeat(
+    name: str, rules: AlertFilter, reason: str | None
+) -> None:
+    assert ignored_reason({"alertname": name, "namespace": "shop"}, rules) == reason
+
+
+def test_a_feed_records_own_alerts_are_decoded_as_ignored_in_their_place() -> None:
+    own, beat = alert(alertname="SREAgentDeadLetters"), alert(alertname="Watchdog")
+    # An own alert that would not make a valid anomaly no longer dead-letters its record.
+    bad_own = alert(alertname="SREAgentNotReady", deployment="d" * 4090)
+    raw = orjson.dumps([own, alert(service="cart"), beat, bad_own])
+    got = decode_alertmanager(
+        raw,
+        cluster="c",
+        group_by=GROUP_BY,
+        clock=lambda: at(0),
+        ignore=AlertFilter(heartbeat="Watchdog"),
+    )
+    assert got[0] == Ignored("SREAgentDeadLetters", "own")
+    assert isinstance(got[1], Anomaly) and got[1].labels["service"] == "cart"
+    assert got[2:] == [Ignored("Watchdog", "heartbeat"), Ignored("SREAgentNotReady", "own")]
