@@ -85,6 +85,8 @@ class FakePod:
     uid: str = ""
     annotations: Mapping[str, str] = field(default_factory=dict)
     restarts: int = 0  # container restarts (a crash loop, an OOM kill)
+    finalizers: tuple[str, ...] = ()
+    terminating: bool = False  # deleted, held by its finalizers (deletionTimestamp set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,24 @@ class FakeCluster:
         )
         self._pods[(namespace, name)] = pod
         return pod
+
+    def add_finalizer(self, namespace: str, pod: str, finalizer: str) -> FakePod:
+        """A finalizer on the pod: evicted by restart_pod, it stays terminating until the
+        last one is removed (drains, in the fake, delete pods at once)."""
+        p = self._pods[(namespace, pod)]
+        held = replace(p, finalizers=(*p.finalizers, finalizer))
+        self._pods[(namespace, pod)] = held
+        return held
+
+    def remove_finalizer(self, namespace: str, pod: str, finalizer: str) -> None:
+        """The finalizer done: a terminating pod without any left is gone."""
+        p = self._pods[(namespace, pod)]
+        p = replace(p, finalizers=tuple(f for f in p.finalizers if f != finalizer))
+        if p.terminating and not p.finalizers:
+            del self._pods[(namespace, pod)]
+            self.changed.set()
+        else:
+            self._pods[(namespace, pod)] = p
 
     def crash(self, namespace: str, pod: str, times: int = 1) -> None:
         """The pod's container crashes and the kubelet restarts it ``times`` times."""
@@ -424,11 +444,16 @@ class FakeCluster:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
                 return Effect(applied=False, message=f"{target.key} is already gone")
+            if pod.terminating:  # someone else's deletion (this action's: found above)
+                return Effect(applied=False, message=f"{target.key} is already terminating")
             why = self._eviction_block(pod)
             if why:
                 raise ActionFailed(f"restart of {target.key} refused: {why}")
             self._note_eviction(pod, action_id)
-            del self._pods[(pod.namespace, pod.name)]
+            if pod.finalizers:
+                self._pods[(pod.namespace, pod.name)] = replace(pod, terminating=True)
+            else:
+                del self._pods[(pod.namespace, pod.name)]
             self.changed.set()
             return Effect(
                 applied=True,
@@ -598,9 +623,10 @@ class FakeCluster:
         return unmanaged, skipped, [p for p in on_node if p not in skipped]
 
     def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
-        """As the adapter: a restart_pod repeat finds the pod gone, or replaced, after this
-        action evicted it (its StatefulSet or Deployment remembers which pod it evicted). A
-        live pod whose uid the note names was not evicted (its delivery died first): None."""
+        """As the adapter: a restart_pod repeat finds the pod gone, still terminating, or
+        replaced, after this action evicted it (its StatefulSet or Deployment remembers which
+        pod it evicted). A live pod whose uid the note names was not evicted (its delivery
+        died first): None."""
         pod = self._pods.get((target.namespace, target.name))
         if pod is None:
             # As the adapter reads the owner off the name (the fake names a pod
@@ -620,6 +646,14 @@ class FakeCluster:
         # told apart by the uid the StatefulSet remembers.
         notes = self._eviction_notes(pod.owner, pod.namespace, pod.workload)
         gone = evicted_uid(notes, action_id)
+        if gone and gone == pod.uid and pod.terminating:
+            return Effect(
+                applied=False,
+                message=f"action {action_id} already evicted {target.key} (uid {gone}); "
+                "it is terminating",
+                prior_state={"uid": gone},
+                found_id=True,
+            )
         if not gone or gone == pod.uid:
             return None
         kind = _OWNER_KINDS.get(pod.owner, pod.owner)
@@ -670,7 +704,7 @@ class FakeCluster:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
                 return Observation(exists=False)
-            return Observation(ready=int(pod.ready), uid=pod.uid)
+            return Observation(ready=int(pod.ready), settled=not pod.terminating, uid=pod.uid)
         if target.kind == "Node":
             node = self._nodes.get(target.name)
             if node is None:

@@ -887,15 +887,19 @@ class KubeCluster:
         return drain_finished(cordoned=cordoned, evictable=len(evict), unmanaged=len(unmanaged))
 
     async def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
-        """As restart_pod tells a repeat: the pod gone, or replaced by its StatefulSet,
-        after this action evicted it. A live pod with the id is not done, nor one whose uid
-        the note names (a delivery that noted and died before evicting): a repeat evicts."""
+        """As restart_pod tells a repeat: the pod gone, still terminating, or replaced by
+        its StatefulSet, after this action evicted it. A live pod with the id is not done,
+        nor one whose uid the note names (a delivery that noted and died before evicting):
+        a repeat evicts."""
         status, pod, headers = await self._raw("GET", _path(target))
         if status == 404:
             effect = await self._pod_gone(target, action_id)
             return effect if effect.found_id else None
         if not 200 <= status < 300:
             raise translate(status, pod, headers, method="GET", what=target.key)
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            effect = await self._pod_terminating(target, pod, action_id)
+            return effect if effect.found_id else None
         recorder = await self._recorder(target.namespace, pod)
         if recorder is None:
             return None
@@ -1186,7 +1190,7 @@ class KubeCluster:
                 raise translate(status, pod, headers, method="GET", what=target.key)
             meta = pod.get("metadata") or {}
             if meta.get("deletionTimestamp"):
-                return Effect(applied=False, message=f"{target.key} is already terminating")
+                return await self._pod_terminating(target, pod, action_id)
             recorder = await self._recorder(target.namespace, pod)
             if action_id not in remembered_ids(annotations_of(pod)):
                 gone = await self._evicted_by(recorder, action_id) if recorder else ""
@@ -1253,6 +1257,29 @@ class KubeCluster:
                     found_id=True,
                 )
         return Effect(applied=False, message=f"{target.key} is already gone")
+
+    async def _pod_terminating(
+        self, target: Target, pod: Mapping[str, Any], action_id: str
+    ) -> Effect:
+        """A pod already terminating: this action's own eviction, as for a pod gone, when
+        its owner's note names this action and this very pod (its uid): an earlier delivery
+        evicted it and died before its outcome was recorded (a finalizer, or a long grace
+        period, keeps the pod). Otherwise someone else is deleting it: nothing to do."""
+        uid = str((pod.get("metadata") or {}).get("uid") or "")
+        recorder = await self._recorder(target.namespace, pod)
+        if uid and recorder is not None:
+            status, obj, headers = await self._raw("GET", recorder.path)
+            if 200 <= status < 300 and evicted_uid(annotations_of(obj), action_id) == uid:
+                return Effect(
+                    applied=False,
+                    message=f"action {action_id} already evicted {target.key} (uid {uid}); "
+                    "it is terminating",
+                    prior_state={"uid": uid},
+                    found_id=True,
+                )
+            if status != 404 and not 200 <= status < 300:  # 404: its owner went first
+                raise translate(status, obj, headers, method="GET", what=recorder.what)
+        return Effect(applied=False, message=f"{target.key} is already terminating")
 
     async def _recorder(self, namespace: str, pod: Mapping[str, Any]) -> _Recorder | None:
         """Where a restart_pod of ``pod`` notes its eviction: the pod's StatefulSet, or the

@@ -595,6 +595,49 @@ async def test_a_deployment_pod_restart_redelivered_after_the_pod_is_gone_counts
         await ex.stop()
 
 
+async def test_a_pod_restart_redelivered_while_its_pod_still_terminates_counts_once(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """A finalizer holds the evicted pod Terminating: the redelivery found it 'already
+    terminating' and was a 'duplicate', though the Deployment's note names this action and
+    this very pod. It is this action's eviction: recorded once, and verified."""
+    ns = k8s_namespace
+    await ready_deployment(admin, ns, "held", 1)
+    (name,) = await finalize(admin, ns, "held", hold=True)
+    try:
+        pod = Target(kind="Pod", namespace=ns, name=name)
+        uid = (await read(admin, pod))["metadata"]["uid"]
+        bus = MemoryBus()
+        ex = executor(kube, bus)
+        try:
+            # The crash: the eviction through the adapter, and no result recorded.
+            a = request("restart_pod", pod)
+            assert (await kube.restart_pod(pod, action_id=a.id)).applied
+            meta = (await read(admin, pod))["metadata"]
+            assert meta["uid"] == uid and meta.get("deletionTimestamp")
+            found = await kube.applied(pod, action_id=a.id, action_type="restart_pod")
+            assert found is not None and found.prior_state == {"uid": uid}
+            r = await ex.on_action(a)
+            assert r.status == "succeeded", r.message
+            assert "by a delivery that stopped before its result" in r.message
+            assert r.prior_state == {"uid": uid}
+            assert (await ex.on_action(a)).status == "duplicate"  # recorded once
+            v = await verified(bus, a)
+            assert v.outcome == "healed", v.message
+            # Another action finds someone else's deletion: nothing to do.
+            other = await kube.restart_pod(pod, action_id="someone-else")
+            assert not other.applied and not other.found_id
+            assert "already terminating" in other.message
+            assert (
+                await kube.applied(pod, action_id="someone-else", action_type="restart_pod") is None
+            )
+        finally:
+            await ex.stop()
+    finally:
+        await finalize(admin, ns, "held", hold=False)
+    await _absent(admin, ns, name)
+
+
 async def test_a_rollback_keeps_the_deployments_own_record_of_pod_evictions(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:

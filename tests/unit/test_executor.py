@@ -293,6 +293,39 @@ async def test_a_deployment_pod_restart_redelivered_after_the_pod_is_gone_counts
         await ex.stop()
 
 
+async def test_a_pod_restart_redelivered_while_its_pod_still_terminates_counts_once(
+    rig: Any,
+) -> None:
+    # A finalizer holds the evicted pod: the redelivery finds it terminating, not gone. Its
+    # Deployment's note names this action and this very pod, so the eviction was this
+    # action's: it counts once and is verified, not a 'duplicate' ("already terminating").
+    first, _bus, c = rig
+    victim = c.add_finalizer("shop", "checkout-a", "example.com/hold")
+    first.after_apply = killed
+    a = act("restart_pod", Target(kind="Pod", namespace="shop", name="checkout-a"))
+    with pytest.raises(Killed):
+        await first.on_action(a)
+    held = c.pod("shop", "checkout-a")
+    assert held is not None and held.terminating and held.uid == victim.uid
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded", r.message
+        assert "by a delivery that stopped before its result" in r.message
+        assert r.prior_state == {"uid": victim.uid} and a.id in ex.history
+        assert (await ex.on_action(a)).status == "duplicate"  # once
+        await bus.wait_for(lambda b: len(b.results(a.id)) == 3, 5, "its verification")
+        assert bus.results(a.id)[-1].outcome == "healed", bus.results(a.id)[-1].message
+        # Another action's restart of a pod someone else is deleting has nothing to do.
+        other = await ex.on_action(act("restart_pod", a.target, action_id="p2"))
+        assert other.status == "duplicate" and "already terminating" in other.message
+    finally:
+        await ex.stop()
+    c.remove_finalizer("shop", "checkout-a", "example.com/hold")
+    assert c.pod("shop", "checkout-a") is None
+
+
 async def test_a_pod_restart_noted_but_never_evicted_is_evicted_by_its_redelivery(
     rig: Any,
 ) -> None:
