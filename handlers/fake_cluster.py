@@ -124,8 +124,6 @@ class FakeCluster:
         self._pods: dict[tuple[str, str], FakePod] = {}
         self._config_maps: dict[tuple[str, str], FakeConfigMap] = {}
         self._budgets: dict[tuple[str, str], FakeBudget] = {}
-        # A StatefulSet's annotations, by (namespace, name): the evictions it remembers.
-        self._sts_annotations: dict[tuple[str, str], Mapping[str, str]] = {}
         # StatefulSets and DaemonSets, by key, whose running template has no
         # ControllerRevision yet; each one's creation time dates it meanwhile, as the adapter.
         self._unrecorded: set[str] = set()
@@ -237,6 +235,12 @@ class FakeCluster:
     ) -> FakePod:
         if node not in self._nodes:
             raise ActionFailed(f"Node//{node} not found")
+        sts = Target(kind="StatefulSet", namespace=namespace, name=workload)
+        if owner == "StatefulSet" and workload and sts.key not in self._workloads:
+            # A StatefulSet's pod has its StatefulSet (it notes the pod's evictions).
+            self.create_workload(
+                "StatefulSet", namespace, workload, image="", replicas=1, at=self._clock()
+            )
         self._uids += 1
         pod = FakePod(
             namespace, name, node, workload, owner, ready, mirror, uid=f"uid-{self._uids}"
@@ -890,24 +894,27 @@ class FakeCluster:
         names = ", ".join(f"PodDisruptionBudget {b.namespace}/{b.name}" for b in full)
         return f"blocked by {names} (no disruptions allowed)"
 
+    def _recorder(self, owner: str, namespace: str, name: str) -> WorkloadState | None:
+        """Where a pod's evictions are noted, as the adapter: on its StatefulSet, or for a
+        ReplicaSet's pod its Deployment; None for other pods."""
+        if owner not in _RECORDERS:
+            return None
+        kind = _OWNER_KINDS[owner]
+        return self._workloads.get(Target(kind=kind, namespace=namespace, name=name).key)
+
     def _eviction_notes(self, owner: str, namespace: str, name: str) -> Mapping[str, str]:
-        """The annotations a pod's ``owner`` kind notes its evictions in, as the adapter:
-        its StatefulSet's, or for a ReplicaSet's pod its Deployment's."""
-        if owner == "StatefulSet":
-            return self._sts_annotations.get((namespace, name), {})
-        w = self._workloads.get(Target(kind="Deployment", namespace=namespace, name=name).key)
-        return w.annotations if w is not None and owner == "ReplicaSet" else {}
+        """The annotations a pod's ``owner`` kind notes its evictions in (its recorder's)."""
+        w = self._recorder(owner, namespace, name)
+        return w.annotations if w is not None else {}
 
     def _note_eviction(self, pod: FakePod, action_id: str) -> None:
-        """As the adapter: the eviction noted on the pod's StatefulSet or Deployment."""
-        known = self._eviction_notes(pod.owner, pod.namespace, pod.workload)
-        noted = {**known, EVICTED_PODS_ANNOTATION: remember_eviction(known, action_id, pod.uid)}
-        if pod.owner == "StatefulSet":
-            self._sts_annotations[(pod.namespace, pod.workload)] = noted
+        """As the adapter: the eviction noted on the pod's StatefulSet's or Deployment's
+        own annotations."""
+        w = self._recorder(pod.owner, pod.namespace, pod.workload)
+        if w is None:
             return
-        dep = Target(kind="Deployment", namespace=pod.namespace, name=pod.workload)
-        if pod.owner == "ReplicaSet" and dep.key in self._workloads:
-            self._put(replace(self._get(dep), annotations=noted))
+        noted = remember_eviction(w.annotations, action_id, pod.uid)
+        self._put(replace(w, annotations={**w.annotations, EVICTED_PODS_ANNOTATION: noted}))
 
     @staticmethod
     def _with_id(

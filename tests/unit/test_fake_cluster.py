@@ -488,3 +488,39 @@ async def _drain_applied(
     if found is not None and repeat is not None:
         assert found.prior_state == repeat.prior_state == {"unschedulable": False}
         assert not observed.cordoned or observed.evictable == 0
+
+
+async def test_a_statefulsets_eviction_notes_are_its_own_annotations_as_in_the_api() -> None:
+    # They were kept beside the StatefulSet: a read of it, a rollback of it, or a note a
+    # person wrote on it (kubectl annotate) saw another world than the restarts did.
+    c = FakeCluster()
+    c.add_node("n1")
+    db = Target(kind="StatefulSet", namespace="shop", name="db")
+    c.create_workload("StatefulSet", "shop", "db", image="v1", replicas=1, at=at(0))
+    c.rollout("shop", "db", image="v2", at=at(60), kind="StatefulSet")
+    old = c.add_pod("shop", "db-0", node="n1", workload="db", owner="StatefulSet")
+    pod = Target(kind="Pod", namespace="shop", name="db-0")
+    assert (await c.restart_pod(pod, action_id="p1")).applied
+    notes = (await c.workload(db)).annotations
+    assert evicted_uid(notes, "p1") == old.uid
+    assert (await c.rollback(db, action_id="rb1")).applied
+    assert evicted_uid((await c.workload(db)).annotations, "p1") == old.uid  # kept
+    again = await c.restart_pod(pod, action_id="p1")
+    assert again.found_id and again.prior_state == {"uid": old.uid}
+    # A note written on the StatefulSet is what the next redelivery reads.
+    c.add_pod("shop", "db-1", node="n1", workload="db", owner="StatefulSet")
+    c.annotate(db, EVICTED_PODS_ANNOTATION, remember_eviction({}, "p2", "uid-gone"))
+    found = await c.restart_pod(Target(kind="Pod", namespace="shop", name="db-1"), action_id="p2")
+    assert found.found_id and found.prior_state == {"uid": "uid-gone"}
+
+
+async def test_a_statefulset_pod_comes_with_its_statefulset() -> None:
+    c = FakeCluster()
+    c.add_node("n1")
+    c.add_pod("shop", "db-0", node="n1", workload="db", owner="StatefulSet")
+    db = Target(kind="StatefulSet", namespace="shop", name="db")
+    assert (await c.observe(db)).exists
+    assert (
+        await c.restart_pod(Target(kind="Pod", namespace="shop", name="db-0"), action_id="p1")
+    ).applied
+    assert evicted_uid((await c.workload(db)).annotations, "p1") == "uid-1"
