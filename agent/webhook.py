@@ -42,11 +42,12 @@ kube-prometheus' ``Watchdog``): not received within its bound, ``alertmanager-un
 fires likewise, until it arrives again. The heartbeat itself is no anomaly, and opens no
 incident; nor do the agent's own alerts (``SREAgent*``, see :mod:`agent.alerts`), should
 Alertmanager route them here: both are counted and logged, never published.
-Behind one Service, Alertmanager's notification reaches one replica of the receiver: the one that receives the heartbeat shares when on the compacted heartbeats topic
-(the same compacted-view mechanism as silences and correlation facts), and every replica
-judges it missing from the latest time any of them received it. Not on the correlation
-facts topic: every record there is a fact the correlator routes and inhibits by, and is
-written by the correlator; a heartbeat is neither.
+Behind one Service, Alertmanager's notification reaches one replica of the receiver: the
+one that receives the heartbeat shares when on the compacted heartbeats topic (the same
+compacted-view mechanism as silences and correlation facts), and every replica judges it
+missing from the latest time any of them received it. Not on the correlation facts topic:
+every record there is a fact the correlator routes and inhibits by, and is written by the
+correlator; a heartbeat is neither.
 """
 
 from __future__ import annotations
