@@ -83,6 +83,9 @@ class Rollout:
     image: str
     at: datetime
     previous_image: str | None = None
+    # It re-activated an older template (a rollback, kubectl rollout undo, a patch back):
+    # rolling it back re-deploys ``previous_image``, which it moved away from.
+    restored: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +289,16 @@ def _rollback(m: Member, inc: Incident, target: Target, r: Rollout) -> _Finding:
     minutes = (inc.opened_at - r.at).total_seconds() / 60
     # The closer the rollout to the symptom, the stronger the suspicion.
     conf = 0.92 if minutes <= 15 else 0.8
+    # Proposed all the same (a downgrade can be the bad change); the policy sends a rollback
+    # to a template a rollback just left to a person (rule rollback_flip).
+    restored = (
+        (
+            f"revision {r.revision} re-activated an older template in place of "
+            f"{r.previous_image}: rolling it back re-deploys {r.previous_image}",
+        )
+        if r.restored
+        else ()
+    )
     return _Finding(
         root_cause=f"{m.name} on {target.name} began {minutes:.1f} min after rollout "
         f"to revision {r.revision} ({r.image})",
@@ -294,6 +307,7 @@ def _rollback(m: Member, inc: Incident, target: Target, r: Rollout) -> _Finding:
         evidence=(
             f"pattern {m.name} firing, value={m.value}",
             f"rollout of {target.key} to revision {r.revision} at {r.at.isoformat()}",
+            *restored,
         ),
         action=RecommendedAction(
             type="rollback",

@@ -223,6 +223,7 @@ async def rollouts_of(
                     image=rev.image,
                     at=rev.at,
                     previous_image=prev.image if prev else None,
+                    restored=rev.restored,
                 )
             )
     return rollouts, notes

@@ -33,6 +33,8 @@ Order of the rules (first match wins), safety rules before convenience rules:
    b. the same action on the same target was verified ineffective (not_healed, worse)
       ``ineffective_after`` times, or ran ``max_repeats`` times, within ``repeat_window``
                                             -> approval (a person decides whether to try again)
+   c. a rollback re-deploying a template that a rollback moved the target away from
+      within ``repeat_window`` (see :func:`flip_problem`) -> approval
 8. mode ``supervised``                      -> approval
 9. the action type requires approval        -> approval
 10. confidence below the threshold          -> approval
@@ -46,7 +48,10 @@ when the action took effect); an action whose id is not there goes through every
 the kill switch, dry run and limits hold for all that has yet to act. Human approval never
 lifts a safety limit: rules 1-6 come before rule 7. Rule 7b
 is not a limit but a remediation loop breaker: a restart that keeps "healing" a crash that
-keeps coming back hides its cause, so the agent stops doing it on its own and asks.
+keeps coming back hides its cause, so the agent stops doing it on its own and asks. Rule
+7c is one too: a rolled-back-to template is a recent rollout to the analysis (it just
+became current), so an incident that goes on after a rollback would have the agent roll
+"back" to the very release it rolled back from; a person decides which release runs.
 
 Shadow mode (``dry_run``) turns every "execute" into "dry_run": decided and recorded,
 never applied.
@@ -173,6 +178,9 @@ class Executed:
     action_id: str = ""
     type: str = ""
     outcome: Outcome = "unknown"  # until its verification says otherwise
+    # A rollback's: the image it moved the target away from (its prior state's), which a
+    # rollback must not bring back on its own (rule 7c).
+    moved_from: str = ""
 
     @property
     def ineffective(self) -> bool:
@@ -185,9 +193,15 @@ BUDGET_WINDOW = 3600.0  # the hourly action budgets look back this far
 
 def history_window(rem: RemediationSection) -> float:
     """Seconds of past actions the policy looks at: the cooldown, the hourly budgets and
-    the repeat window."""
-    repeats = rem.repeat_window if rem.ineffective_after or rem.max_repeats else 0.0
-    return max(rem.cooldown, BUDGET_WINDOW, repeats)
+    the repeat window (rule 7c looks there whatever the repeat checks)."""
+    return max(rem.cooldown, BUDGET_WINDOW, rem.repeat_window)
+
+
+def moved_from(action_type: str, prior_state: Mapping[str, object]) -> str:
+    """The image a rollback moved its target away from, as its prior state records it;
+    "" for any other action."""
+    image = prior_state.get("image") if action_type == "rollback" else None
+    return image if isinstance(image, str) else ""
 
 
 def learned(known: Executed | None, r: ActionResult) -> Executed | None:
@@ -209,6 +223,7 @@ def learned(known: Executed | None, r: ActionResult) -> Executed | None:
             action_id=r.action_id,
             type=r.type,
             outcome=r.outcome,
+            moved_from=moved_from(r.type, r.prior_state),
         )
     return None
 
@@ -240,6 +255,51 @@ def repeat_problem(
     return None
 
 
+def flip_problem(
+    action: ActionRequest,
+    rem: RemediationSection,
+    history: Collection[Executed],
+    facts: Facts,
+    now: datetime,
+) -> str | None:
+    """Why rule 7c sends ``action`` to a person, or None: a rollback that would re-deploy
+    (``facts.restores``, read from the cluster) a template a rollback moved the target away
+    from within ``repeat_window``: one of the agent's (its history, exact) or any other
+    (the cluster's revision history: ``kubectl rollout undo``, a patch back to an older
+    template). After a rollback the restored template is itself a recent rollout, so an
+    incident that goes on would otherwise flip the workload back to the release it left.
+    An undo is exempt: a person asked for exactly that."""
+    restores = facts.restores
+    if action.type != "rollback" or action.params.get(UNDO_PARAM) or not restores:
+        return None
+    since = now - timedelta(seconds=rem.repeat_window)
+    key = action.target.key
+    what = f"rollback of {key} would re-deploy {restores}"
+    ours = [
+        h
+        for h in history
+        if h.target_key == key
+        and h.type == "rollback"
+        and h.moved_from == restores
+        and h.at > since
+        and h.action_id != action.id
+    ]
+    if ours:
+        last = max(ours, key=lambda h: h.at)
+        return (
+            f"{what}, which the agent's rollback {last.action_id} moved it away from at "
+            f"{last.at.isoformat()}: rolling back again would flip between the two releases"
+        )
+    theirs = [t for image, t in facts.rolled_back_from if image == restores and t > since]
+    if theirs:
+        return (
+            f"{what}, which a rollback in its rollout history (kubectl rollout undo, the "
+            f"agent's, or a patch back to an older template) moved it away from at "
+            f"{max(theirs).isoformat()}"
+        )
+    return None
+
+
 def _next_step(action: ActionRequest, recent: Sequence[Executed]) -> bool:
     """Whether ``action`` escalates past what the cooldown holds: every recent action on
     the target was verified ineffective and was of another type. The cooldown lets an
@@ -266,6 +326,10 @@ class Facts:
     pdb_headroom: int | None = None  # disruptions the tightest covering budget allows
     pdbs: tuple[str, ...] = ()
     cordoned_nodes: tuple[str, ...] = ()  # nodes already unschedulable
+    # rollback: the image of the revision it would re-activate, and (image, when) of each
+    # template a re-activation in the rollout history moved the target away from
+    restores: str | None = None
+    rolled_back_from: tuple[tuple[str, datetime], ...] = ()
 
 
 def bounded_replicas(desired: int, rem: RemediationSection) -> int:
@@ -693,6 +757,9 @@ def decide(
     repeated = repeat_problem(action, rem, history, now)
     if repeated is not None:
         return Verdict("approve", "repeat", f"{repeated}; a person decides whether to try again")
+    flip = flip_problem(action, rem, history, facts or Facts(), now)
+    if flip is not None:
+        return Verdict("approve", "rollback_flip", f"{flip}; a person decides which release runs")
     if scope.mode == "supervised":
         return Verdict(
             "approve", "mode.supervised", scope.why("supervised mode: every action is approved")

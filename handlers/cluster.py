@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -227,6 +228,29 @@ class Revision:
     # When it became current: a re-activated (renumbered) template when it was re-activated,
     # not when it was first created (the rules judge how recent a rollout is by this).
     at: datetime
+    # Re-activated: its template is older than the one it replaced (a rollback, ``kubectl
+    # rollout undo`` or a patch back to an old template), so rolling it back re-deploys the
+    # template it moved away from (see :func:`rolled_back_from`).
+    restored: bool = False
+
+
+def rolled_back_from(revisions: Sequence[Revision]) -> tuple[tuple[str, datetime], ...]:
+    """(image, when) of each template a re-activation moved the workload away from: the
+    revision just before a restored one by number, which was current when it was re-activated.
+    A revision renumbered since is no longer there to say it (the latest move is kept)."""
+    ordered = sorted(revisions, key=lambda r: r.number)
+    return tuple((before.image, r.at) for before, r in pairwise(ordered) if r.restored)
+
+
+def rollback_choice(
+    revisions: Sequence[Revision], current: int, to_revision: int | None
+) -> Revision | None:
+    """The revision a rollback would re-activate, as the adapters choose it: ``to_revision``,
+    or the latest before ``current`` (kubectl rollout undo); None when there is none."""
+    older = [r for r in revisions if r.number != current]
+    if to_revision is not None:
+        return next((r for r in older if r.number == to_revision), None)
+    return max(older, key=lambda r: r.number, default=None)
 
 
 @dataclass(frozen=True, slots=True)

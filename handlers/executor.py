@@ -108,6 +108,7 @@ from agent.policy import (
     history_window,
     learned,
     merged,
+    moved_from,
     revision_param,
     scale_problem,
     switches_for,
@@ -117,7 +118,15 @@ from agent.policy import (
 )
 from agent.prom import PromClient
 from agent.settings import RemediationSection
-from handlers.cluster import UNDOABLE, Cluster, Effect, Observation, PartialFailure
+from handlers.cluster import (
+    UNDOABLE,
+    Cluster,
+    Effect,
+    Observation,
+    PartialFailure,
+    rollback_choice,
+    rolled_back_from,
+)
 from handlers.verification import (
     fires_at,
     judge,
@@ -629,6 +638,16 @@ class Executor:
                 wanted = target_replicas(action, fp.replicas)
             except ValueError as err:
                 raise ActionFailed(f"replicas {action.params.get('replicas')!r}: {err}") from err
+        restores: str | None = None
+        moved: tuple[tuple[str, datetime], ...] = ()
+        if action.type == "rollback" and not action.params.get(UNDO_PARAM):
+            # What it would re-deploy, and what rollbacks moved away from (policy rule 7c).
+            w = await self.cluster.workload(action.target)
+            chosen = rollback_choice(
+                w.revisions, w.revision, _checked(revision_param, action.params)
+            )
+            restores = chosen.image if chosen is not None else None
+            moved = rolled_back_from(w.revisions)
         return Facts(
             replicas=None if action.target.kind == "Node" else fp.replicas,
             target_replicas=wanted,
@@ -636,6 +655,8 @@ class Executor:
             pdb_headroom=fp.pdb_headroom,
             pdbs=fp.pdbs,
             cordoned_nodes=fp.cordoned_nodes,
+            restores=restores,
+            rolled_back_from=moved,
         )
 
     async def on_decision(self, d: ApprovalDecision) -> None:
@@ -745,7 +766,8 @@ class Executor:
         try:
             effect = await self._apply_retrying(action, now)
         except PartialFailure as err:
-            self._remember(action, now)  # it changed something: counts for cooldown/budgets
+            # It changed something: counts for cooldown/budgets.
+            self._remember(action, now, err.prior_state)
             await self._claim_ended(action, now, changed=True)
             await self._escalate("action_failed", action, f"failed half-way: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now, err.prior_state)
@@ -786,7 +808,7 @@ class Executor:
     ) -> ActionResult:
         """Record ``action`` as applied, with the prior state its write noted, mark its
         incident mitigating and schedule its verification against ``before``."""
-        self._remember(action, now)
+        self._remember(action, now, effect.prior_state)
         result = await self._record(
             action, "succeeded", "unknown", message, now, prior=effect.prior_state
         )
@@ -807,13 +829,14 @@ class Executor:
         except AgentError as err:  # the unit, or the node, stays claimed: the safe side
             log.warning("cannot tell the budget claims that %s ended: %s", action.id, err)
 
-    def _remember(self, action: ActionRequest, now: datetime) -> None:
+    def _remember(self, action: ActionRequest, now: datetime, prior: Mapping[str, Any]) -> None:
         self.history[action.id] = Executed(
             target_key=action.target.key,
             namespace=action.target.namespace,
             at=now,
             action_id=action.id,
             type=action.type,
+            moved_from=moved_from(action.type, prior),
         )
 
     def _verified(self, action_id: str, outcome: Outcome) -> None:

@@ -190,8 +190,10 @@ class FakeCluster:
             if not (target.key in self._unrecorded and r.number == state.revision)
         )
         number = max(r.number for r in known) + 1
+        restored = False
         if recorded:
             # Back to an old template: the controller renumbers that revision, now current.
+            restored = any(r.image == image and r.number != state.revision for r in known)
             known = tuple(r for r in known if r.image != image)
             self._unrecorded.discard(target.key)
         else:
@@ -201,7 +203,7 @@ class FakeCluster:
             state,
             image=image,
             revision=number,
-            revisions=(*known, Revision(number=number, image=image, at=at)),
+            revisions=(*known, Revision(number=number, image=image, at=at, restored=restored)),
             generation=state.generation + 1,
         )
         return self._put(new)
@@ -374,7 +376,10 @@ class FakeCluster:
                 image=chosen.image,
                 revision=number,
                 # Current from now on, though its template is older (revision_times).
-                revisions=(*revisions, replace(chosen, number=number, at=self._clock())),
+                revisions=(
+                    *revisions,
+                    replace(chosen, number=number, at=self._clock(), restored=True),
+                ),
                 generation=state.generation + 1,
                 annotations=self._with_id(state, action_id, prior),
             )

@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -340,11 +341,21 @@ def revision_times(history: Mapping[int, RevisionDates]) -> dict[int, datetime]:
     return times
 
 
+def restored_revisions(history: Mapping[int, RevisionDates]) -> frozenset[int]:
+    """The revisions that re-activated an older template: created before the revision they
+    replaced (the one numbered just below), as a renumbered ReplicaSet/ControllerRevision is
+    and a new one never is. Creation times alone, exact: no managedFields needed."""
+    numbers = sorted(history)
+    return frozenset(
+        n for before, n in pairwise(numbers) if history[n].created < history[before].created
+    )
+
+
 def replica_set_history(sets: Sequence[Mapping[str, Any]]) -> tuple[Revision, ...]:
     """A Deployment's rollout history from the ReplicaSets it controls: each revision's
     image and the time it became current (:func:`revision_times`), by number. Only a
     renumbered ReplicaSet (one with a revision history) became current after its
-    creation."""
+    creation, and only it is restored (see :func:`restored_revisions`)."""
     by_number = {revision_of(rs): rs for rs in sets}
     by_number.pop(0, None)
     history: dict[int, RevisionDates] = {}
@@ -356,11 +367,14 @@ def replica_set_history(sets: Sequence[Mapping[str, Any]]) -> tuple[Revision, ..
             changed=changed,
         )
     times = revision_times(history)
+    restored = restored_revisions(history)
     return tuple(
         Revision(
             number=n,
             image=first_image((by_number[n].get("spec") or {}).get("template") or {}),
             at=times[n],
+            # Renumbered by its controller: exact, where creation times to the second are not.
+            restored=n in restored or REVISION_HISTORY_ANNOTATION in annotations_of(by_number[n]),
         )
         for n in sorted(by_number)
     )
@@ -389,7 +403,10 @@ def controller_history(
         if template == now:
             running.append(number)
     times = revision_times(dates)
-    revisions = {n: Revision(number=n, image=images[n], at=times[n]) for n in images}
+    restored = restored_revisions(dates)
+    revisions = {
+        n: Revision(number=n, image=images[n], at=times[n], restored=n in restored) for n in images
+    }
     if running:
         current = max(running)
     else:

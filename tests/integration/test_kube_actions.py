@@ -54,6 +54,7 @@ from handlers.cluster import (
     evicted_uid,
     remember_eviction,
     remembered_ids,
+    rolled_back_from,
 )
 from handlers.executor import Executor, undo_request
 from handlers.kube import KubeCluster
@@ -965,6 +966,9 @@ async def test_a_template_rolled_back_to_is_a_recent_rollout(
         return {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": name}]}}}}
 
     merge = "application/merge-patch+json"
+    # v2 created a second after v1: a ControllerRevision shows its re-activation only by
+    # its creation before the one it replaced.
+    await asyncio.sleep(1.1)
     for t in targets:
         await admin.call("PATCH", _path(t), body=image("app:v2"), what="v2", content_type=merge)
     await asyncio.gather(*(settled(admin, t) for t in targets))
@@ -990,6 +994,9 @@ async def test_a_template_rolled_back_to_is_a_recent_rollout(
             found = recent_rollout(tuple(rollouts), t, utcnow(), window=300)
             assert found is not None, (t.key, rollouts)
             assert (found.revision, found.image, found.previous_image) == (3, v1, "app:v2")
+            # Re-activated: rolling it back re-deploys v2, which it left (policy rule 7c).
+            assert found.restored and [r.restored for r in w.revisions] == [False, True]
+            assert rolled_back_from(w.revisions) == (("app:v2", v1_at),), t.key
         # A later scale moves the controller's managedFields time on the ReplicaSet too: it
         # is not a rollout, and v1 stays dated by its rollback.
         v1_at = (await reader.workload(patched)).current().at
@@ -1014,6 +1021,21 @@ async def test_a_template_rolled_back_to_is_a_recent_rollout(
     ]
     assert old["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] == "1"
     assert old["metadata"]["creationTimestamp"] < rolled_at.isoformat().replace("+00:00", "Z")
+    # A rollback of v1 now would re-deploy v2, which the rollback (or patch) left: an
+    # executor that never acted on them (no history of its own) reads that in the cluster's
+    # rollout history and asks a person (policy rule 7c), with the executor's own role.
+    bus = MemoryBus()
+    ex = executor(kube, bus)
+    try:
+        for t in targets:
+            result = await ex.on_action(request("rollback", t))
+            assert result.status == "pending_approval", (t.key, result.message)
+            assert "re-deploy app:v2" in result.message, result.message
+            assert "a rollback in its rollout history" in result.message
+    finally:
+        await ex.stop()
+    for t in targets:
+        assert (await admin.workload(t)).image == v1, t.key
 
 
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ActionFailed, TransientError
-from handlers.cluster import Observation
+from handlers.cluster import Observation, rolled_back_from
 from handlers.kube import (
     Conflict,
     RevisionDates,
@@ -342,6 +342,29 @@ def test_no_revision_is_dated_after_a_later_one() -> None:
     v1 = replica_set(3, "v1", created=0, changed=50, history="1")
     v3 = replica_set(4, "v3", created=30, changed=31)
     assert dates([v1, v3]) == [(3, "v1", minute(30)), (4, "v3", minute(30))]
+
+
+def test_a_template_rolled_back_to_is_marked_restored_with_what_it_replaced() -> None:
+    """v1 (minute 0), v2 (10), back to v1 (renumbered 3, at 20), then v3 (30): only 3 is
+    re-activated (created before the revision it replaced), and rolling it back would
+    re-deploy v2, which it moved the Deployment away from. By creation times: it holds
+    without managedFields too."""
+    v1 = replica_set(3, "v1", created=0, changed=21, history="1")
+    v2 = replica_set(2, "v2", created=10, changed=21)
+    history = replica_set_history([v1, v2])
+    assert [(r.number, r.restored) for r in history] == [(2, False), (3, True)]
+    assert rolled_back_from(history) == (("v2", minute(21)),)
+    v3 = replica_set(4, "v3", created=30, changed=31)
+    history = replica_set_history([v1, v2, v3])
+    assert [(r.number, r.restored) for r in history] == [(2, False), (3, True), (4, False)]
+    bare = replica_set_history([replica_set(3, "v1", 0, None, "1"), replica_set(2, "v2", 10, None)])
+    assert [(r.number, r.restored) for r in bare] == [(2, False), (3, True)]
+    # v2 created in v1's second: the revision history still says v1 was renumbered.
+    alike = replica_set_history([replica_set(3, "v1", 0, 1, "1"), replica_set(2, "v2", 0, 1)])
+    assert [(r.number, r.restored) for r in alike] == [(2, False), (3, True)]
+    # A plain rollout history: nothing restored, nothing a rollback moved away from.
+    plain = replica_set_history([replica_set(1, "v1", 0, 11), replica_set(2, "v2", 10, 50)])
+    assert not any(r.restored for r in plain) and rolled_back_from(plain) == ()
 
 
 @settings(max_examples=200)

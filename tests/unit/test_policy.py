@@ -618,7 +618,9 @@ def test_history_from_results_counts_actions_that_changed_the_cluster_once() -> 
     ]
     rem = BASE.remediation
     assert history_window(rem) == 6 * 3600  # the repeat window is the longest
-    assert history_window(replace(rem, ineffective_after=0, max_repeats=0)) == 3600
+    # Rule 7c (rollback_flip) looks at the repeat window whatever the repeat checks.
+    assert history_window(replace(rem, ineffective_after=0, max_repeats=0)) == 6 * 3600
+    assert history_window(replace(rem, repeat_window=600.0)) == 3600
     assert history_window(replace(rem, cooldown=7 * 3600.0)) == 7 * 3600
 
 

@@ -16,7 +16,7 @@ from agent.kube_signals import pod_labels
 from agent.models import Member, Target, fingerprint
 from agent.policy import Switches, decide, kind_problem
 from agent.settings import DEFAULT_CONFIG, RunbookSpec, Settings, load_settings
-from handlers.cluster import ACTION_IDS_ANNOTATION, PRIOR_STATE_ANNOTATION
+from handlers.cluster import ACTION_IDS_ANNOTATION, PRIOR_STATE_ANNOTATION, rolled_back_from
 from handlers.fake_cluster import FakeCluster
 from handlers.kube import (
     controller_history,
@@ -409,6 +409,9 @@ def test_a_renumbered_controller_revision_is_dated_when_its_number_was_set() -> 
         (2, "db:v2", 10),
         (3, "db:v1", 20),
     ]
+    # Created before the revision it replaced: re-activated, and it left v2 at 11:20.
+    assert [r.restored for r in revisions] == [False, True]
+    assert [(image, t.minute) for image, t in rolled_back_from(revisions)] == [("db:v2", 20)]
 
 
 async def test_the_fake_keeps_a_statefulsets_history_as_its_controller_does() -> None:
