@@ -27,6 +27,14 @@ Order of the rules (first match wins), safety rules before convenience rules:
       of the workload's pods at once (one pod always may)          -> deny
    d. ... or more than its PodDisruptionBudgets allow              -> deny
    e. a cordon/drain with ``max_nodes_cordoned`` other nodes already cordoned -> deny
+      (not the undo of one that uncordons: it adds no cordoned node, see :func:`cordons`)
+
+An undo (``undo_of``) restores a prior state its original recorded, and is exempt from each
+limit it cannot worsen: the params (4a: the recorded state), the cooldown (5: it repairs the
+last act), the replica bounds (6b: the recorded count) and, when it uncordons,
+``max_nodes_cordoned`` (6e, here and in the budget claims). It still spends a unit of the
+hourly budgets (6, 6a: it is an action within the hour), and an undo of a rollback is a
+rollout, held to 6c-6d like any.
 7. already approved by a human              -> execute (the executor clears an
    ``approved_by`` it did not earn: see :func:`unearned_approval`)
    a. an undo restoring no prior state the executor knows     -> approval
@@ -676,6 +684,36 @@ def _replay(
 NODE_CLAIM_MARGIN = 300.0  # seconds a node claim may stay undone past drain_timeout
 
 
+def cordons(action: ActionRequest) -> bool:
+    """Whether ``action`` may leave its node cordoned, the one thing ``max_nodes_cordoned``
+    bounds: a cordon or drain, or the undo of one that restores a cordoned node (its node
+    may have been uncordoned since), read as the adapters' undo reads it. An undo restoring
+    a schedulable node (an uncordon) never adds a cordoned node: neither the policy nor the
+    budget claims hold it back for the nodes cordoned elsewhere, however many."""
+    if action.type not in NODE_ACTIONS:
+        return False
+    if action.params.get(UNDO_PARAM):
+        return bool(action.params.get("unschedulable", False))
+    return True
+
+
+def budget_claim(
+    action: ActionRequest, now: datetime, *, by: str = "", cordoned: tuple[str, ...] = ()
+) -> BudgetClaim:
+    """The claim ``action`` appends before it executes: a unit of the hourly budgets (an
+    undo is an action within the hour like any other), and its node with the nodes its
+    replica saw ``cordoned`` only when it may cordon that node (see :func:`cordons`)."""
+    node = action.target.name if cordons(action) else ""
+    return BudgetClaim(
+        action.id,
+        action.target.namespace,
+        now,
+        by=by,
+        node=node,
+        cordoned=cordoned if node else (),
+    )
+
+
 def _too_many_cordoned(
     node: str, cordoned: Iterable[str], rem: RemediationSection
 ) -> Verdict | None:
@@ -781,7 +819,13 @@ def decide(
 def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> Verdict | None:
     """Rules 6b-6e; None when none applies."""
     key = action.target.key
-    if action.type in SCALE_ACTIONS and f.replicas is not None and f.target_replicas is not None:
+    undo = bool(action.params.get(UNDO_PARAM))
+    if (
+        action.type in SCALE_ACTIONS
+        and not undo  # it restores the count it recorded, whatever the step or bounds
+        and f.replicas is not None
+        and f.target_replicas is not None
+    ):
         problem = scale_problem(action.type, f.replicas, f.target_replicas, rem)
         if problem is not None:
             return Verdict("deny", "replica_bounds", f"{key}: {problem}")
@@ -805,6 +849,6 @@ def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> V
             f"{action.type} of {key} would take down {f.pods_disrupted} pods; "
             f"PodDisruptionBudget {', '.join(f.pdbs) or '?'} allows {f.pdb_headroom}",
         )
-    if action.type in NODE_ACTIONS:
+    if cordons(action):
         return _too_many_cordoned(action.target.name, f.cordoned_nodes, rem)
     return None

@@ -35,7 +35,7 @@ from agent.errors import (
     task_failure,
 )
 from agent.models import ActionRequest, BudgetClaim
-from agent.policy import BUDGET_WINDOW, NODE_ACTIONS, Verdict, budget_grants
+from agent.policy import BUDGET_WINDOW, Verdict, budget_claim, budget_grants, cordons
 from agent.settings import KafkaSection, RemediationSection
 from streams.bus import Bus, Envelope
 from streams.replay import CLOCK_SKEW, groupless_consumer, recent
@@ -152,19 +152,10 @@ class BudgetLedger:
     async def claim(
         self, action: ActionRequest, now: datetime, cordoned: tuple[str, ...] = ()
     ) -> Verdict | None:
-        """None when the budgets grant ``action`` a unit (and, for a node action, its node,
-        given the nodes its replica saw ``cordoned``), else their denial."""
-        node = action.target.name if action.type in NODE_ACTIONS else ""
-        offset = await self._append(
-            BudgetClaim(
-                action.id,
-                action.target.namespace,
-                now,
-                by=self.by,
-                node=node,
-                cordoned=cordoned if node else (),
-            )
-        )
+        """None when the budgets grant ``action`` a unit (and, for a node action that may
+        cordon its node, that node, given the nodes its replica saw ``cordoned``; an
+        uncordon claims none), else their denial."""
+        offset = await self._append(budget_claim(action, now, by=self.by, cordoned=cordoned))
         try:
             upto = await self.log.upto(offset, now)
         except TransientError as err:
@@ -183,7 +174,7 @@ class BudgetLedger:
     async def done(self, action: ActionRequest, now: datetime) -> None:
         """A node action ended, having changed the cluster: its node no longer counts as in
         flight (the cluster shows its cordon now); its budget unit stays spent."""
-        if action.type in NODE_ACTIONS:
+        if cordons(action):  # only those claimed their node
             await self._append(
                 BudgetClaim(action.id, action.target.namespace, now, by=self.by, done=True)
             )

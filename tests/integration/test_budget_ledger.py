@@ -16,7 +16,7 @@ import pytest
 from agent.metrics import Metrics
 from agent.models import ActionRequest, Target, utcnow
 from agent.settings import Settings
-from handlers.executor import Executor
+from handlers.executor import Executor, undo_request
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Bus
 from streams.ledger import BudgetLedger
@@ -145,6 +145,39 @@ async def test_two_replicas_cannot_each_cordon_the_last_node_allowed(
     assert [n for n in ("n1", "n2") if cluster.node(n).unschedulable] == [
         r.target.name for r in results if r.status == "succeeded"
     ]
+
+
+async def test_an_uncordon_is_granted_with_other_nodes_in_flight(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The undo of a cordon uncordons its node: another replica's cordon in flight (its
+    claim granted, the cluster not showing it yet) is no reason to keep it cordoned, nor to
+    page. Its unit of the hourly budget is still claimed."""
+    cluster = FakeCluster()
+    for node in ("n1", "n2"):
+        cluster.add_node(node)
+    settings = settings_with(
+        kafka_bootstrap, topic_prefix, max_actions_per_hour=20, max_nodes_cordoned=1
+    )
+    bus, _ = await started_bus(settings)
+    ex = replica(settings, bus, cluster)
+    ledger = BudgetLedger(bus, settings.remediation)
+    try:
+        done = await ex.on_action(cordon("n1"))
+        assert done.status == "succeeded", done.message
+        # Another replica is cordoning n2: its claim is in, its cordon not yet.
+        assert await ledger.claim(cordon("n2"), utcnow()) is None
+        undo = await ex.on_action(undo_request(done, requested_by="bob", now=utcnow()))
+        assert undo.status == "succeeded", undo.message
+        assert not cluster.node("n1").unschedulable
+        # n2's claim still holds: a cordon of n1 now would be the second node.
+        again = await ex.on_action(cordon("n1"))
+        assert again.status == "denied", again.message
+        assert again.message.startswith("max_nodes_cordoned: 1 nodes already cordoned (n2)")
+    finally:
+        await ledger.stop()
+        await ex.stop()
+        await bus.stop()
 
 
 async def test_claims_are_counted_across_a_restart_of_the_claim_follower(

@@ -5,14 +5,22 @@ budget."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.models import BudgetClaim
-from agent.policy import BUDGET_WINDOW, NODE_CLAIM_MARGIN, budget_grants, budget_usage
-from tests.unit.factories import T0
+from agent.models import ActionRequest, BudgetClaim, Target
+from agent.policy import (
+    BUDGET_WINDOW,
+    NODE_CLAIM_MARGIN,
+    budget_claim,
+    budget_grants,
+    budget_usage,
+)
+from tests.unit.factories import T0, action
 from tests.unit.factories import settings as make_settings
 
 REM = make_settings(
@@ -185,3 +193,30 @@ def test_the_usage_counts_the_units_of_the_last_hour_and_the_nodes_in_flight() -
     assert list(usage.nodes_in_flight) == ["n1"]
     later = budget_usage(claims, NODES, T0 + timedelta(seconds=3300 + 120 + NODE_CLAIM_MARGIN))
     assert later.nodes_in_flight == {}
+
+
+def _node_action(node: str, **params: Any) -> ActionRequest:
+    return replace(action("drain_node", params=params), target=Target(kind="Node", name=node))
+
+
+def test_an_uncordon_claims_its_unit_but_no_node() -> None:
+    # n1 and n2 are being cordoned by other replicas (max_nodes_cordoned: 1): the undo of a
+    # drain of n3 uncordons it, which adds no cordoned node, so nothing holds it back.
+    busy = [node_claim("a", "n1"), node_claim("b", "n2", 1, ("n1",))]
+    undo = budget_claim(
+        _node_action("n3", undo_of="d0", unschedulable=False),
+        T0 + timedelta(seconds=2),
+        cordoned=("n1",),
+    )
+    assert (undo.node, undo.cordoned) == ("", ())
+    assert budget_grants([*busy, undo], NODES)[-1] is None
+    # It still spends a unit of the hourly budget: an action within the hour.
+    one = replace(NODES, max_actions_per_hour=1)
+    spent = budget_grants([node_claim("a", "n1"), undo], one)[-1]
+    assert spent is not None and spent.rule == "max_actions_per_hour"
+    # A drain of n3 then, or an undo restoring a cordon, may cordon n3: its node is claimed.
+    for cordoning in (_node_action("n3"), _node_action("n3", undo_of="d0", unschedulable=True)):
+        c = budget_claim(cordoning, T0 + timedelta(seconds=2))
+        assert c.node == "n3"
+        denied = budget_grants([*busy, c], NODES)[-1]
+        assert denied is not None and denied.rule == "max_nodes_cordoned"

@@ -755,6 +755,23 @@ async def test_a_drain_cut_half_way_is_finished_by_its_redelivery_then_recorded_
         await ex.stop()
 
 
+@pytest.mark.parametrize("type_", ["drain_node", "cordon_node"])
+async def test_the_undo_of_a_drain_or_cordon_is_not_denied_for_another_node_cordoned(
+    rig: Any, type_: str
+) -> None:
+    # max_nodes_cordoned: 1, and n2 cordoned since: the undo uncordons n1, which leaves
+    # fewer nodes cordoned, never more. It was denied as if it cordoned a second node.
+    ex, bus, c = rig
+    r = await ex.on_action(act(type_, NODE, action_id="d1"))
+    assert r.status == "succeeded" and c.node("n1").unschedulable
+    await _other_node_cordoned(ex, c)
+    undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
+    assert undo.status == "succeeded", undo.message
+    assert "[approved]" in undo.message
+    assert not c.node("n1").unschedulable and c.node("n2").unschedulable
+    assert "denied" not in _escalated(bus)
+
+
 async def test_facts_are_not_read_for_a_denied_action(rig: Any) -> None:
     ex, _bus, _c = rig
     ex.switches = lambda: Switches(kill_switch=True)

@@ -283,3 +283,67 @@ def test_kill_switch_and_dry_run_hold_whatever_the_facts(
 ) -> None:
     assert decide(act, BASE, (), replace(sw, kill_switch=True), NOW, f).kind == "deny"
     assert decide(act, BASE, (), replace(sw, dry_run=True), NOW, f).kind != "execute"
+
+
+# --- undo: exempt from each limit it cannot worsen -----------------------------------------------
+
+
+def _undo(type_: str, **prior: Any) -> ActionRequest:
+    params = {"undo_of": "a0", **prior}
+    if type_ in NODE_ACTIONS:
+        return node_action(type_, params=params, approved_by="alice")
+    return action(type_, params=params, approved_by="alice")  # type: ignore[arg-type]
+
+
+def test_an_undo_that_uncordons_is_not_held_back_by_the_nodes_cordoned_elsewhere() -> None:
+    # An uncordon never adds a cordoned node: n2 and n3 cordoned is no reason to keep n1 so.
+    f = Facts(cordoned_nodes=("n2", "n3"))
+    for t in sorted(NODE_ACTIONS):
+        assert rule(verdict(_undo(t, unschedulable=False), f)) == ("execute", "approved")
+        assert rule(verdict(_undo(t), f)) == ("execute", "approved")  # no prior: uncordons
+        # The undo of a cordon of a node that was cordoned before it restores a cordon: if
+        # the node was uncordoned since, it cordons it again, so the limit holds.
+        assert rule(verdict(_undo(t, unschedulable=True), f)) == ("deny", "max_nodes_cordoned")
+
+
+def test_an_undo_of_a_scale_restores_its_count_whatever_the_step_or_bounds() -> None:
+    # 20 replicas now, the recorded count 3: a step of 17, below min_replicas... restored.
+    f = Facts(replicas=20, target_replicas=3)
+    assert rule(verdict(_undo("scale_up", replicas=3), f)) == ("execute", "approved")
+    assert rule(verdict(action("scale_down", approved_by="alice"), f)) == (
+        "deny",
+        "replica_bounds",
+    )
+
+
+# The limits an undo restoring a recorded prior state cannot worsen: its params are that
+# state, it repairs the last act (cooldown), it restores the recorded count, it uncordons.
+UNWORSENED = frozenset({"params", "cooldown", "replica_bounds", "max_nodes_cordoned"})
+_restoring = st.one_of(
+    st.builds(
+        lambda t, prior: _undo(t, **prior),
+        st.sampled_from(sorted(NODE_ACTIONS)),
+        st.sampled_from([{}, {"unschedulable": False}]),
+    ),
+    st.builds(
+        lambda t, n: _undo(t, replicas=n),
+        st.sampled_from(["scale_up", "scale_down"]),
+        st.integers(min_value=0, max_value=50),
+    ),
+)
+_recent = st.lists(st.integers(min_value=0, max_value=299), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_restoring, _facts, _recent, st.booleans())
+def test_an_undo_is_never_denied_by_a_limit_it_cannot_worsen(
+    undo: ActionRequest, f: Facts, recent: list[int], approved: bool
+) -> None:
+    """Whatever the facts (other nodes cordoned, a count far from the recorded one) and
+    however recently its target was acted on, an undo restoring a recorded prior state is
+    denied by none of the limits it cannot make worse; only by the switches, the
+    namespaces and the hourly budgets (it is an action within the hour)."""
+    undo = undo if approved else replace(undo, approved_by=None)
+    history = tuple(done(undo.target.key, undo.target.namespace, ago) for ago in recent)
+    v = decide(undo, BASE, history, OFF, NOW, f)
+    assert v.rule not in UNWORSENED, v
