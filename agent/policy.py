@@ -9,7 +9,7 @@ Order of the rules (first match wins), safety rules before convenience rules:
    and each would misjudge it by the state it left (a scale to 6 on the 6 replicas it
    made, a cooldown or budget filled since, a PDB its rollout holds down); a drain's id
    lands with its cordon, so the adapter reports a drain applied only once its node has
-   no pod left to evict (``handlers.cluster.drain_finished``)
+   no pod left to evict nor still terminating (``handlers.cluster.drain_finished``)
 1. ``remediation.enabled`` false            -> deny
 2. kill switch on                           -> deny (stops all execution at once)
 3. namespace denied / not allowed           -> deny

@@ -7,8 +7,9 @@ and records it on the object it writes in the same write that performs the chang
 (annotation ``ACTION_IDS_ANNOTATION``, with a ``resourceVersion`` precondition), so a
 redelivered action whose id is already there is acknowledged without acting again
 (``Effect.applied`` False), except a drain: its id lands with the cordon, before any
-eviction, so a redelivery to a node still cordoned resumes the evictions, and only a node
-with none left is a drain already done (:func:`drain_finished`).
+eviction, so a redelivery to a node still cordoned resumes the evictions (and the wait for
+the evicted pods to be gone), and only a node with none left to evict nor terminating is a
+drain already done (:func:`drain_finished`).
 
 Each applied effect carries ``prior_state``: flat scalars (they travel as action params) from
 which :meth:`Cluster.undo` restores the target. What the keys mean is the adapter's business;
@@ -66,13 +67,17 @@ def remember_id(annotations: Mapping[str, str], action_id: str) -> str:
     return ",".join(ids)
 
 
-def drain_finished(*, cordoned: bool, evictable: int, unmanaged: int) -> bool:
+def drain_finished(*, cordoned: bool, evictable: int, unmanaged: int, terminating: int) -> bool:
     """Whether a drain whose id is on its node would do nothing more if asked again: the
-    node is still cordoned with no pod left to evict nor any the drain refuses (pods
-    without a controller), or it was uncordoned since (an undo, an operator), which a
-    repeat leaves as it is. A drain cut short half way (by a dead executor, its timeout, a
-    budget) is not finished: its repeat resumes the evictions, and only its repeat can."""
-    return not cordoned or (evictable == 0 and unmanaged == 0)
+    node is still cordoned with no pod left to evict, none the drain refuses (pods without
+    a controller) and none still terminating (``terminating``: pods other than DaemonSet
+    and mirror pods being deleted, an earlier delivery's evictions, which the drain waits
+    for as the first delivery waits for its own, up to its timeout; on a NotReady node the
+    adapters count them as gone, as the drain does, since no kubelet confirms their end),
+    or it was uncordoned since (an undo, an operator), which a repeat leaves as it is. A
+    drain cut short half way (by a dead executor, its timeout, a budget) is not finished:
+    its repeat resumes the evictions and the wait, and only its repeat can."""
+    return not cordoned or (evictable == 0 and unmanaged == 0 and terminating == 0)
 
 
 def unschedulable_before(action_id: str, was: bool) -> str:

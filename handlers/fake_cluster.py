@@ -86,7 +86,9 @@ class FakePod:
     annotations: Mapping[str, str] = field(default_factory=dict)
     restarts: int = 0  # container restarts (a crash loop, an OOM kill)
     finalizers: tuple[str, ...] = ()
-    terminating: bool = False  # deleted, held by its finalizers (deletionTimestamp set)
+    # Deleted, its end not yet confirmed by its kubelet (a graceful termination under way,
+    # a finalizer, a NotReady node): the API server still lists it, with a deletionTimestamp.
+    terminating: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,16 @@ class FakeCluster:
             self.changed.set()
         else:
             self._pods[(namespace, pod)] = p
+
+    def terminate(self, namespace: str, pod: str) -> None:
+        """The pod is deleted (an eviction, by anyone) and its end not yet confirmed: it
+        stays listed, terminating, until :meth:`remove_pod`."""
+        p = self._pods[(namespace, pod)]
+        self._pods[(namespace, pod)] = replace(p, terminating=True)
+
+    def remove_pod(self, namespace: str, pod: str) -> None:
+        """The pod's end is confirmed (its kubelet, or the node object's deletion): gone."""
+        del self._pods[(namespace, pod)]
 
     def crash(self, namespace: str, pod: str, times: int = 1) -> None:
         """The pod's container crashes and the kubelet restarts it ``times`` times."""
@@ -492,9 +504,13 @@ class FakeCluster:
                 prior: Mapping[str, Any] = prior_unschedulable(node.annotations, action_id)
             else:
                 prior = cordoned.prior_state
-            unmanaged, skipped, evict = self._drain_plan(target)
+            unmanaged, skipped, evict, terminating = self._drain_plan(target)
+            down = "NotReady" in self.bad_conditions(target.name)
             if resumed and drain_finished(
-                cordoned=node.unschedulable, evictable=len(evict), unmanaged=len(unmanaged)
+                cordoned=node.unschedulable,
+                evictable=len(evict),
+                unmanaged=len(unmanaged),
+                terminating=0 if down else len(terminating),
             ):
                 return cordoned
             if unmanaged:
@@ -524,11 +540,29 @@ class FakeCluster:
                     + f". Evicted: {done}. The node is left cordoned.",
                     prior_state=prior,
                 )
+            # The fake's evictions end at once; a pod terminating already (an earlier
+            # delivery's eviction) ends only by the test's hand, which cannot come while the
+            # drain holds the lock: the adapter's wait up to the timeout, ending this way.
+            names = ", ".join(sorted(terminating))
+            if terminating and not down:
+                raise PartialFailure(
+                    f"drain of {target.key}: evicted pods still terminating after "
+                    f"{drain_timeout:.0f}s ({done}; terminating since before it: {names}); "
+                    "the node is left cordoned",
+                    prior_state=prior,
+                )
             skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
+            stranded = (
+                f"; {len(terminating)} still terminating on the NotReady node, whose kubelet "
+                f"cannot confirm it ({names})"
+                if terminating
+                else ""
+            )
             how = "already cordoned by this action, resumed" if resumed else "cordoned"
             return Effect(
                 applied=True,
-                message=f"drained {target.key}: {how}, evicted {len(evicted)} pods ({done}){skip}",
+                message=f"drained {target.key}: {how}, evicted {len(evicted)} pods "
+                f"({done}){skip}{stranded}",
                 prior_state=prior,
             )
 
@@ -613,23 +647,35 @@ class FakeCluster:
                 return None
             if action_type == "drain_node" and not undo:
                 # Its id lands with the cordon: done only once no pod is left to evict.
-                unmanaged, _skipped, evict = self._drain_plan(target)
+                unmanaged, _skipped, evict, terminating = self._drain_plan(target)
                 cordoned = self._node(target).unschedulable
+                down = "NotReady" in self.bad_conditions(target.name)
                 if not drain_finished(
-                    cordoned=cordoned, evictable=len(evict), unmanaged=len(unmanaged)
+                    cordoned=cordoned,
+                    evictable=len(evict),
+                    unmanaged=len(unmanaged),
+                    terminating=0 if down else len(terminating),
                 ):
                     return None
             return _already(
                 action_id, annotations, prior_shape(action_type, undo=undo), **(must or {})
             )
 
-    def _drain_plan(self, target: Target) -> tuple[list[str], list[FakePod], list[FakePod]]:
+    def _drain_plan(
+        self, target: Target
+    ) -> tuple[list[str], list[FakePod], list[FakePod], list[str]]:
         """The pods on the node as a drain sees them: (without a controller, by key;
-        skipped DaemonSet and mirror pods; the rest, to evict)."""
+        skipped DaemonSet and mirror pods; the rest, to evict; terminating ones other than
+        DaemonSet and mirror pods, by key: the drain waits for them)."""
         on_node = [p for p in self._pods.values() if p.node == target.name]
+        left = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
+        going = sorted(
+            f"{p.namespace}/{p.name}" for p in on_node if p.terminating and p not in left
+        )
+        on_node = [p for p in on_node if not p.terminating]
         unmanaged = sorted(f"{p.namespace}/{p.name}" for p in on_node if not p.owner)
-        skipped = [p for p in on_node if p.mirror or p.owner == "DaemonSet"]
-        return unmanaged, skipped, [p for p in on_node if p not in skipped]
+        skipped = [p for p in on_node if p in left]
+        return unmanaged, skipped, [p for p in on_node if p not in skipped], going
 
     def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As the adapter: a restart_pod repeat finds the pod gone, still terminating, or
@@ -692,7 +738,7 @@ class FakeCluster:
             replicas = self._workloads[owner.key].replicas if owner.key in self._workloads else 1
             return Footprint(
                 replicas=replicas,
-                disruption=int(pod.ready),
+                disruption=int(pod.ready and not pod.terminating),
                 **self._budget_of(pod.namespace, pod.workload),
             )
         if target.kind == "Node":
@@ -719,7 +765,7 @@ class FakeCluster:
             if node is None:
                 return Observation(exists=False)
             pods = [p for p in self._pods.values() if p.node == target.name]
-            left = [p for p in pods if not (p.mirror or p.owner == "DaemonSet")]
+            left = [p for p in pods if not (p.mirror or p.owner == "DaemonSet" or p.terminating)]
             return Observation(cordoned=node.unschedulable, evictable=len(left))
         return Observation(exists=(target.namespace, target.name) in self._config_maps)
 

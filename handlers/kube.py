@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import urllib3
@@ -898,10 +898,8 @@ class KubeCluster:
     async def _drained(self, target: Target, node: Obj) -> bool:
         """Whether a drain whose id is on ``node`` would do nothing more if asked again."""
         cordoned = bool((node.get("spec") or {}).get("unschedulable"))
-        evict, _skipped, unmanaged = (
-            _classify(await self._pods_on(target.name)) if cordoned else ({}, [], [])
-        )
-        return drain_finished(cordoned=cordoned, evictable=len(evict), unmanaged=len(unmanaged))
+        pods = _classify(await self._pods_on(target.name)) if cordoned else _NO_PODS
+        return _finished(cordoned, pods, node)
 
     async def _pod_restarted(self, target: Target, action_id: str) -> Effect | None:
         """As restart_pod tells a repeat: the pod gone, still terminating, or replaced by
@@ -1022,7 +1020,7 @@ class KubeCluster:
             )
         if target.kind == "Node":
             pods = await self._pods_on(target.name)
-            evict, _skipped, unmanaged = _classify(pods)
+            evict, _skipped, unmanaged, _terminating = _classify(pods)
             return Observation(
                 cordoned=bool(spec.get("unschedulable")), evictable=len(evict) + len(unmanaged)
             )
@@ -1445,6 +1443,7 @@ class KubeCluster:
         # timed out, unless the node was uncordoned since (an undo, an operator).
         resumed = not cordoned.applied
         unschedulable = True
+        node: Obj = {}
         if resumed:
             node = await self._get(target)
             unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
@@ -1453,13 +1452,12 @@ class KubeCluster:
             prior = cordoned.prior_state
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
-        evict, skipped, unmanaged = (
-            _classify(await self._pods_on(target.name)) if unschedulable else ({}, [], [])
-        )
-        if resumed and drain_finished(
-            cordoned=unschedulable, evictable=len(evict), unmanaged=len(unmanaged)
-        ):
-            return cordoned  # an earlier delivery evicted them all, or it was uncordoned since
+        pods = _classify(await self._pods_on(target.name)) if unschedulable else _NO_PODS
+        evict, skipped, unmanaged, terminating = pods
+        if resumed and _finished(unschedulable, pods, node):
+            # An earlier delivery evicted them all and they are gone (or stranded on a
+            # NotReady node), or the node was uncordoned since.
+            return cordoned
         if unmanaged:
             raise PartialFailure(
                 f"drain of {target.key} refused: pods without a controller would not be "
@@ -1498,7 +1496,10 @@ class KubeCluster:
                 else:
                     state.blocked[key] = why
             if not state.pending:
-                gone, stranded = await self._gone(state.evicted, target.name)
+                # What it evicted, and what was terminating already (an earlier delivery's
+                # evictions, or anyone's): the node is drained once they are gone, as
+                # kubectl drain waits for every pod it deletes.
+                gone, stranded = await self._gone({**terminating, **state.evicted}, target.name)
                 if gone:
                     break
             if loop.time() >= deadline:
@@ -1516,9 +1517,11 @@ class KubeCluster:
                 prior_state=prior,
             )
         if not gone:
+            waited = ", ".join(sorted(terminating))
+            before = f"; terminating since before it: {waited}" if terminating else ""
             raise PartialFailure(
                 f"drain of {target.key}: evicted pods still terminating after {drain_timeout:.0f}s "
-                f"({evicted}); the node is left cordoned",
+                f"({evicted}{before}); the node is left cordoned",
                 prior_state=prior,
             )
         skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
@@ -1529,10 +1532,15 @@ class KubeCluster:
             else ""
         )
         how = "already cordoned by this action, resumed" if resumed else "cordoned"
+        waited = (
+            f"; waited for {len(terminating)} terminating ({', '.join(sorted(terminating))})"
+            if terminating
+            else ""
+        )
         return Effect(
             applied=True,
             message=f"drained {target.key}: {how}, evicted {len(state.evicted)} pods "
-            f"({evicted}){skip}{left}",
+            f"({evicted}){waited}{skip}{left}",
             prior_state=prior,
         )
 
@@ -1921,29 +1929,55 @@ def _name(obj: Mapping[str, Any], namespace: str) -> str:
     return f"{meta.get('namespace', namespace)}/{meta.get('name')}"
 
 
-def _classify(pods: Sequence[Obj]) -> tuple[dict[str, Obj], list[str], list[str]]:
-    """Pods of a node: (to evict by "ns/name", skipped DaemonSet/mirror, without controller)."""
-    evict: dict[str, Obj] = {}
-    skipped: list[str] = []
-    unmanaged: list[str] = []
+class _NodePods(NamedTuple):
+    """A node's pods as a drain sees them, each by "ns/name"."""
+
+    evict: dict[str, Obj]
+    skipped: list[str]  # DaemonSet and mirror pods: a drain leaves them
+    unmanaged: list[str]  # without a controller: a drain refuses them
+    terminating: dict[str, str]  # already going, not yet gone -> uid: a drain waits for them
+
+
+_NO_PODS = _NodePods({}, [], [], {})
+
+
+def _classify(pods: Sequence[Obj]) -> _NodePods:
+    """Pods of a node as a drain sees them."""
+    out = _NodePods({}, [], [], {})
     for pod in pods:
         meta = pod.get("metadata") or {}
         key = f"{meta.get('namespace')}/{meta.get('name')}"
-        if meta.get("deletionTimestamp"):
-            continue  # already going
-        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            continue  # finished: nothing runs there any more
-        if MIRROR_ANNOTATION in (meta.get("annotations") or {}):
-            skipped.append(key)
-            continue
         owner = controller_of(pod)
-        if owner is None:
-            unmanaged.append(key)
-        elif owner.get("kind") == "DaemonSet":
-            skipped.append(key)
+        left = MIRROR_ANNOTATION in (meta.get("annotations") or {}) or (
+            owner is not None and owner.get("kind") == "DaemonSet"
+        )
+        if meta.get("deletionTimestamp"):
+            # Already going (an earlier delivery's eviction): not gone until its kubelet
+            # confirms it, so the drain waits for it as for those it evicts itself.
+            if not left:
+                out.terminating[key] = str(meta.get("uid", ""))
+        elif (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue  # finished: nothing runs there any more
+        elif left:
+            out.skipped.append(key)
+        elif owner is None:
+            out.unmanaged.append(key)
         else:
-            evict[key] = pod
-    return evict, skipped, unmanaged
+            out.evict[key] = pod
+    return out
+
+
+def _finished(cordoned: bool, pods: _NodePods, node: Mapping[str, Any]) -> bool:
+    """:func:`drain_finished` as a drain reads its node: a pod terminating on a NotReady
+    node counts as gone, as the drain counts it (see KubeCluster._gone)."""
+    conditions = (node.get("status") or {}).get("conditions") or []
+    stranded = "NotReady" in bad_conditions(conditions)
+    return drain_finished(
+        cordoned=cordoned,
+        evictable=len(pods.evict),
+        unmanaged=len(pods.unmanaged),
+        terminating=0 if stranded else len(pods.terminating),
+    )
 
 
 # --- pure helpers for the analysis context ---------------------------------------------------

@@ -1242,6 +1242,47 @@ async def test_a_drain_does_not_wait_on_pods_only_a_dead_kubelet_could_end(
                 await admin.call("DELETE", f"/api/v1/nodes/{node}", what="Node")
 
 
+async def test_a_drain_resumed_while_its_evicted_pods_still_terminate_waits_for_them(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+) -> None:
+    """The first delivery evicted both pods and stopped while they still terminated (its
+    timeout here; a dead executor alike). Rule 0's read and its resumed delivery count them
+    as not yet gone, as the first delivery did: the resumed drain waits for them, up to
+    its timeout, and is applied only once they are gone."""
+    ns = k8s_namespace
+    node = NODES[1]
+    await ready_deployment(admin, ns, "lingering", 2, nodeSelector={"kubernetes.io/hostname": node})
+    await finalize(admin, ns, "lingering", hold=True)
+    target = Target(kind="Node", name=node)
+    a = request("drain_node", target, timeout=30)
+    try:
+        with pytest.raises(PartialFailure, match="evicted pods still terminating after 2s"):
+            await kube.drain(target, action_id=a.id, grace_period=None, drain_timeout=2)
+        assert await kube.applied(target, action_id=a.id, action_type=a.type) is None
+        with pytest.raises(PartialFailure, match="terminating since before it: "):
+            await kube.drain(target, action_id=a.id, grace_period=None, drain_timeout=2)
+        resumed = asyncio.create_task(
+            kube.drain(target, action_id=a.id, grace_period=None, drain_timeout=30)
+        )
+        await asyncio.sleep(1)
+        assert not resumed.done()
+        await finalize(admin, ns, "lingering", hold=False)  # their kubelet confirms the end
+        effect = await asyncio.wait_for(resumed, 30)
+        assert effect.applied and "resumed, evicted 0 pods" in effect.message, effect.message
+        assert "waited for 2 terminating" in effect.message
+        found = await kube.applied(target, action_id=a.id, action_type=a.type)
+        assert found is not None and found.prior_state == {"unschedulable": False}
+        ex = executor(kube, MemoryBus())
+        try:
+            r = await ex.on_action(a)
+            assert r.status == "succeeded" and "[already_applied]" in r.message, r.message
+        finally:
+            await ex.stop()
+    finally:
+        with contextlib.suppress(ActionFailed):
+            await finalize(admin, ns, "lingering", hold=False)
+
+
 async def test_config_update_behind_approval_then_undo(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:

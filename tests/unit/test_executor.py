@@ -755,6 +755,44 @@ async def test_a_drain_cut_half_way_is_finished_by_its_redelivery_then_recorded_
         await ex.stop()
 
 
+async def test_a_drain_whose_evicted_pods_still_terminate_is_not_recorded_as_applied(
+    rig: Any,
+) -> None:
+    # The first delivery evicted both pods and died while checkout-b still terminated.
+    # Its redelivery waits for it, as the first would have, instead of recording a drain
+    # done on a node a pod still runs on.
+    _ex, _bus, c = rig
+    c.add_pod("shop", "checkout-b", node="n1", workload="checkout")
+    a = act("drain_node", NODE, action_id="d1")
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            NODE, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
+        )
+    c.terminate("shop", "checkout-b")
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "failed" and "still terminating" in r.message, r.message
+        assert r.prior_state == {"unschedulable": False}
+    finally:
+        await ex.stop()
+    c.remove_pod("shop", "checkout-b")  # its kubelet confirmed the end
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(a)
+        assert r.status == "succeeded" and r.message.endswith("[already_applied]"), r.message
+    finally:
+        await ex.stop()
+
+
+def _stop_after(evictions: int) -> Any:
+    """A drain's stop check that halts it after ``evictions``: its executor died there."""
+    calls = iter(range(evictions + 1))
+    return lambda: None if next(calls, evictions) < evictions else "a dead executor"
+
+
 @pytest.mark.parametrize("type_", ["drain_node", "cordon_node"])
 async def test_the_undo_of_a_drain_or_cordon_is_not_denied_for_another_node_cordoned(
     rig: Any, type_: str

@@ -433,8 +433,53 @@ async def test_a_drain_cut_half_way_is_not_applied_until_its_repeat_finishes_it(
     assert again is not None and again.found_id
 
 
-# Pods on the node: a controller kind, "mirror" (a static pod's), "" (none: a drain refuses).
-POD_KINDS = st.sampled_from(["ReplicaSet", "StatefulSet", "DaemonSet", "mirror", ""])
+async def test_a_drain_resumed_while_pods_still_terminate_is_not_applied_until_they_are_gone() -> (
+    None
+):
+    # The first delivery evicted web-a, sent web-b's eviction and died: web-b terminates
+    # (its kubelet has not confirmed its end). The drain waits for it as the first delivery
+    # would have, so the node is not drained yet, though nothing is left to evict.
+    c, node = FakeCluster(), Target(kind="Node", name="n1")
+    c.add_node("n1")
+    for name in ("web-a", "web-b"):
+        c.add_pod("shop", name, node="n1", workload="web")
+    c.add_pod("shop", "agent-x", node="n1", owner="DaemonSet")
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            node, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
+        )
+    c.terminate("shop", "web-b")
+    c.terminate("shop", "agent-x")  # a DaemonSet's pod: a drain never waits for it
+    assert (await c.observe(node)).evictable == 0
+    assert await c.applied(node, action_id="d1", action_type="drain_node") is None
+    with pytest.raises(PartialFailure, match="terminating since before it: shop/web-b"):
+        await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
+    c.remove_pod("shop", "web-b")
+    done = await c.applied(node, action_id="d1", action_type="drain_node")
+    assert done is not None and done.prior_state == {"unschedulable": False}
+
+
+async def test_on_a_not_ready_node_a_terminating_pod_counts_as_gone_for_every_delivery() -> None:
+    # No kubelet confirms its end: the first delivery counts it gone, and so do the read
+    # of rule 0 and a resumed delivery.
+    c, node = FakeCluster(), Target(kind="Node", name="n1")
+    c.add_node("n1")
+    c.add_pod("shop", "web-a", node="n1", workload="web")
+    c.set_node_conditions("n1", ["NotReady"])
+    c.terminate("shop", "web-a")
+    first = await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
+    assert first.applied and "1 still terminating on the NotReady node" in first.message
+    done = await c.applied(node, action_id="d1", action_type="drain_node")
+    assert done is not None and done.found_id
+    again = await c.drain(node, action_id="d1", grace_period=None, drain_timeout=60)
+    assert again.found_id and not again.applied
+
+
+# Pods on the node: a controller kind, "mirror" (a static pod's), "" (none: a drain refuses),
+# or a ReplicaSet's or DaemonSet's pod already terminating (an earlier delivery's eviction).
+POD_KINDS = st.sampled_from(
+    ["ReplicaSet", "StatefulSet", "DaemonSet", "mirror", "", "terminating", "terminating-ds"]
+)
 
 
 @settings(max_examples=80)
@@ -443,27 +488,39 @@ POD_KINDS = st.sampled_from(["ReplicaSet", "StatefulSet", "DaemonSet", "mirror",
     evictions=st.integers(0, 6),
     uncordoned=st.booleans(),
     since=st.lists(POD_KINDS, max_size=2),
+    down=st.booleans(),
 )
 def test_a_drain_is_applied_exactly_when_its_repeat_would_do_nothing(
-    before: list[str], evictions: int, uncordoned: bool, since: list[str]
+    before: list[str], evictions: int, uncordoned: bool, since: list[str], down: bool
 ) -> None:
     """Whatever the first delivery got through (``evictions`` before its executor died) and
-    whatever happened since (an operator's uncordon, pods bound to the node), rule 0's read
-    finds the drain applied exactly when its repeat would evict nothing and report the id,
-    and then with the same prior state; on a node still cordoned, none is left to evict."""
-    asyncio.run(_drain_applied(before, evictions, uncordoned, since))
+    whatever happened since (an operator's uncordon, pods bound to the node, pods still
+    terminating, the node NotReady), rule 0's read finds the drain applied exactly when its
+    repeat would evict nothing, wait for nothing, and report the id, and then with the same
+    prior state; on a node still cordoned, none is left to evict."""
+    asyncio.run(_drain_applied(before, evictions, uncordoned, since, down))
 
 
 async def _drain_applied(
-    before: list[str], evictions: int, uncordoned: bool, since: list[str]
+    before: list[str], evictions: int, uncordoned: bool, since: list[str], down: bool
 ) -> None:
     c, node = FakeCluster(), Target(kind="Node", name="n1")
     c.add_node("n1")
+    if down:
+        c.set_node_conditions("n1", ["NotReady"])
 
     def add(kinds: list[str], prefix: str) -> None:
         for i, kind in enumerate(kinds):
-            owner = "Node" if kind == "mirror" else kind
-            c.add_pod("shop", f"{prefix}-{i}", node="n1", owner=owner, mirror=kind == "mirror")
+            owner = {"mirror": "Node", "terminating": "ReplicaSet", "terminating-ds": "DaemonSet"}
+            c.add_pod(
+                "shop",
+                f"{prefix}-{i}",
+                node="n1",
+                owner=owner.get(kind, kind),
+                mirror=kind == "mirror",
+            )
+            if kind.startswith("terminating"):
+                c.terminate("shop", f"{prefix}-{i}")
 
     add(before, "p")
     # Died half way, or refused pods without a controller: the node stays cordoned.
