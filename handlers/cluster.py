@@ -80,6 +80,18 @@ def drain_finished(*, cordoned: bool, evictable: int, unmanaged: int, terminatin
     return not cordoned or (evictable == 0 and unmanaged == 0 and terminating == 0)
 
 
+def drain_left(*, evictable: int, unmanaged: int, terminating: int) -> str:
+    """How a drain cut half way left its node, for the person reading its result: "node
+    cordoned, 3 pods left (2 to evict, 1 terminating)"."""
+    counts = (
+        (evictable, "to evict"),
+        (unmanaged, "without a controller"),
+        (terminating, "terminating"),
+    )
+    parts = ", ".join(f"{n} {what}" for n, what in counts if n)
+    return f"node cordoned, {evictable + unmanaged + terminating} pods left ({parts})"
+
+
 def unschedulable_before(action_id: str, was: bool) -> str:
     return f"{action_id}={'true' if was else 'false'}"
 
@@ -417,6 +429,17 @@ class Cluster(Protocol):
         any rule, which would judge the state that very write left. A prior state counts only
         if it is of the shape that action's write notes and holds ``must`` (the config key
         an update_config writes), as the action's own repeat reads it."""
+        ...
+
+    async def partly_applied(
+        self, target: Target, *, action_id: str, action_type: str
+    ) -> str | None:
+        """A read only: how an earlier delivery of ``action_id`` left ``target`` when it took
+        effect in part, the rest still to do: a drain whose id and cordon are on its node
+        with pods left to evict or still terminating (:func:`drain_left`, where
+        :meth:`applied` says None); else None (its id not there, the action done, or one
+        that is a single write). An approved drain whose executor died half way is resumed
+        by it, not rejected as stale for the version its own cordon moved."""
         ...
 
     async def footprint(self, target: Target) -> Footprint: ...

@@ -29,7 +29,8 @@ unchanged and the incident still open; a decision for an unknown request (once t
 replica has read every request published before it) or with the wrong hash is
 dead-lettered with the reason; an expired, stale or rejected one ends in a ``rejected``
 result saying why, unless its action's id is already on the target (carried out, then the
-executor died): that is recorded as the success it was. The approval is
+executor died): that is recorded as the success it was; or a drain begun and cut half way
+(:meth:`Cluster.partly_applied`): that is resumed, under every rule. The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper, on the one replica that owns the request's decisions partition
@@ -628,6 +629,19 @@ class Executor:
             log.debug("cannot tell whether %s is on %s: %s", action.id, action.target.key, err)
             return None
 
+    async def _partly_applied(self, action: ActionRequest) -> str | None:
+        """How an earlier delivery of ``action`` left its target half done, if it did (see
+        :meth:`Cluster.partly_applied`); None too when the target cannot be read."""
+        if action.params.get(UNDO_PARAM):
+            return None  # an undo is one write
+        try:
+            return await self.cluster.partly_applied(
+                action.target, action_id=action.id, action_type=action.type
+            )
+        except PermanentError as err:
+            log.debug("cannot tell whether %s is on %s: %s", action.id, action.target.key, err)
+            return None
+
     async def _facts(self, action: ActionRequest) -> Facts:
         if action.type not in SCALE_ACTIONS | DISRUPTIVE_ACTIONS | NODE_ACTIONS:
             return Facts()
@@ -698,6 +712,17 @@ class Executor:
             # target's version its own write moved (or the expiry passed since) would
             # reject as stale, and page as not executed, an approval that was executed.
             await self._act(replace(req.action, approved_by=d.decided_by))
+        elif d.decision == "approve" and (partial := await self._partly_applied(req.action)):
+            # Begun, then its executor died half way (a drain: cordoned, pods left). This
+            # decision was honoured then, before the expiry and on the target as approved;
+            # only its own cordon moved the version since. Rejected as stale, it would page
+            # "approved, not executed" and leave the node half drained: it finishes the
+            # drain it was approved for instead, under every rule a redelivery of a drain
+            # cut half way goes through (switches, limits, the incident still open).
+            log.info("approved %s on %s resumed: %s", req.action.id, req.action.target.key, partial)
+            await self._act(
+                replace(req.action, approved_by=d.decided_by), f"resumed, partly applied: {partial}"
+            )
         elif now > req.expires_at:
             await self._record(
                 req.action,

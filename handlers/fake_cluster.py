@@ -53,6 +53,7 @@ from handlers.cluster import (
     WorkloadState,
     against_direction,
     drain_finished,
+    drain_left,
     drain_stopped,
     evicted_uid,
     note_prior_state,
@@ -660,6 +661,22 @@ class FakeCluster:
             return _already(
                 action_id, annotations, prior_shape(action_type, undo=undo), **(must or {})
             )
+
+    async def partly_applied(
+        self, target: Target, *, action_id: str, action_type: str
+    ) -> str | None:
+        async with self._lock:
+            node = self._nodes.get(target.name) if target.kind == "Node" else None
+            if action_type != "drain_node" or node is None or not node.unschedulable:
+                return None
+            if action_id not in remembered_ids(node.annotations):
+                return None
+            unmanaged, _skipped, evict, going = self._drain_plan(target)
+            terminating = 0 if "NotReady" in self.bad_conditions(target.name) else len(going)
+            left = {"evictable": len(evict), "unmanaged": len(unmanaged)}
+            if drain_finished(cordoned=True, terminating=terminating, **left):
+                return None
+            return drain_left(terminating=terminating, **left)
 
     def _drain_plan(
         self, target: Target

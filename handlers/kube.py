@@ -93,6 +93,7 @@ from handlers.cluster import (
     WorkloadState,
     against_direction,
     drain_finished,
+    drain_left,
     drain_stopped,
     evicted_uid,
     forget_eviction,
@@ -894,6 +895,26 @@ class KubeCluster:
             annotations_of(hpa), action_id, shape, **({} if undo else {"hpa": name})
         )
         return _already(action_id, target, prior)
+
+    async def partly_applied(
+        self, target: Target, *, action_id: str, action_type: str
+    ) -> str | None:
+        if action_type != "drain_node" or target.kind != "Node":
+            return None
+        status, node, headers = await self._raw("GET", _path(target))
+        if status == 404:
+            return None
+        if not 200 <= status < 300:
+            raise translate(status, node, headers, method="GET", what=target.key)
+        cordoned = bool((node.get("spec") or {}).get("unschedulable"))
+        if not cordoned or action_id not in remembered_ids(annotations_of(node)):
+            return None
+        evictable, unmanaged, terminating = _left(_classify(await self._pods_on(target.name)), node)
+        if drain_finished(
+            cordoned=True, evictable=evictable, unmanaged=unmanaged, terminating=terminating
+        ):
+            return None
+        return drain_left(evictable=evictable, unmanaged=unmanaged, terminating=terminating)
 
     async def _drained(self, target: Target, node: Obj) -> bool:
         """Whether a drain whose id is on ``node`` would do nothing more if asked again."""
@@ -1967,16 +1988,20 @@ def _classify(pods: Sequence[Obj]) -> _NodePods:
     return out
 
 
-def _finished(cordoned: bool, pods: _NodePods, node: Mapping[str, Any]) -> bool:
-    """:func:`drain_finished` as a drain reads its node: a pod terminating on a NotReady
-    node counts as gone, as the drain counts it (see KubeCluster._gone)."""
+def _left(pods: _NodePods, node: Mapping[str, Any]) -> tuple[int, int, int]:
+    """What a drain has left to do on ``node``: (pods to evict, without a controller,
+    terminating). A pod terminating on a NotReady node counts as gone, as the drain counts
+    it (see KubeCluster._gone)."""
     conditions = (node.get("status") or {}).get("conditions") or []
     stranded = "NotReady" in bad_conditions(conditions)
+    return len(pods.evict), len(pods.unmanaged), 0 if stranded else len(pods.terminating)
+
+
+def _finished(cordoned: bool, pods: _NodePods, node: Mapping[str, Any]) -> bool:
+    """:func:`drain_finished` as a drain reads its node."""
+    evictable, unmanaged, terminating = _left(pods, node)
     return drain_finished(
-        cordoned=cordoned,
-        evictable=len(pods.evict),
-        unmanaged=len(pods.unmanaged),
-        terminating=0 if stranded else len(pods.terminating),
+        cordoned=cordoned, evictable=evictable, unmanaged=unmanaged, terminating=terminating
     )
 
 

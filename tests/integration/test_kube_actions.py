@@ -1177,6 +1177,62 @@ async def test_a_drain_is_already_applied_only_once_its_node_is_drained(
         await ex.stop()
 
 
+async def test_an_approved_drain_cut_half_way_is_resumed_when_its_decision_comes_again(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    # Approved, begun, and its executor died after one eviction: the node's version moved
+    # with its own cordon. The decision's redelivery finishes the drain, not "stale".
+    from agent.models import ApprovalDecision
+
+    ns = k8s_namespace
+    (body,) = lab_nodes(uuid.uuid4().hex[:6], 1)
+    node = body["metadata"]["name"]
+    await admin.call("POST", "/api/v1/nodes", what="Node", body=body)  # its pods only
+    target = Target(kind="Node", name=node)
+    bus = MemoryBus()
+    ex = executor(kube, bus, require_approval=["drain_node"])
+    try:
+        await ready_deployment(
+            admin, ns, "approved", 2, nodeSelector={"kubernetes.io/hostname": node}
+        )
+        a = request("drain_node", target, timeout=30)
+        assert (await ex.on_action(a)).status == "pending_approval"
+        req = bus.approvals()[-1]
+        assert req.target_version == "unschedulable=False"
+        stops = iter([None, "a dead executor"])
+        with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+            await kube.drain(
+                target,
+                action_id=a.id,
+                grace_period=None,
+                drain_timeout=30,
+                stop=lambda: next(stops),
+            )
+        assert await kube.version(target) == "unschedulable=True"
+        left = await kube.partly_applied(target, action_id=a.id, action_type=a.type)
+        assert left == "node cordoned, 1 pods left (1 to evict)", left
+        await ex.on_decision(
+            ApprovalDecision(
+                id="d1",
+                request_id=req.id,
+                action_hash=req.action_hash,
+                decision="approve",
+                decided_by="alice",
+                decided_at=utcnow(),
+            )
+        )
+        r = bus.results(a.id)[-1]
+        assert r.status == "succeeded", r.message
+        assert "resumed, evicted 1 pods" in r.message and "partly applied" in r.message
+        assert [e for e, _ in bus.on("escalations") if e.reason == "approval_stale"] == []
+        assert await kube.partly_applied(target, action_id=a.id, action_type=a.type) is None
+        assert await kube.applied(target, action_id=a.id, action_type=a.type) is not None
+    finally:
+        await ex.stop()
+        with contextlib.suppress(ActionFailed):
+            await admin.call("DELETE", f"/api/v1/nodes/{node}", what="Node")
+
+
 async def finalize(admin: KubeCluster, namespace: str, app: str, hold: bool) -> list[str]:
     """Put a finalizer on the app's pods (or take it off): a deleted pod then stays
     Terminating, as one does whose kubelet never confirms its end. Returns their names."""
@@ -1243,19 +1299,23 @@ async def test_a_drain_does_not_wait_on_pods_only_a_dead_kubelet_could_end(
 
 
 async def test_a_drain_resumed_while_its_evicted_pods_still_terminate_waits_for_them(
-    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:
     """The first delivery evicted both pods and stopped while they still terminated (its
     timeout here; a dead executor alike). Rule 0's read and its resumed delivery count them
     as not yet gone, as the first delivery did: the resumed drain waits for them, up to
     its timeout, and is applied only once they are gone."""
     ns = k8s_namespace
-    node = NODES[1]
-    await ready_deployment(admin, ns, "lingering", 2, nodeSelector={"kubernetes.io/hostname": node})
-    await finalize(admin, ns, "lingering", hold=True)
+    (body,) = lab_nodes(uuid.uuid4().hex[:6], 1)
+    node = body["metadata"]["name"]
+    await admin.call("POST", "/api/v1/nodes", what="Node", body=body)  # its pods only
     target = Target(kind="Node", name=node)
     a = request("drain_node", target, timeout=30)
     try:
+        await ready_deployment(
+            admin, ns, "lingering", 2, nodeSelector={"kubernetes.io/hostname": node}
+        )
+        await finalize(admin, ns, "lingering", hold=True)
         with pytest.raises(PartialFailure, match="evicted pods still terminating after 2s"):
             await kube.drain(target, action_id=a.id, grace_period=None, drain_timeout=2)
         assert await kube.applied(target, action_id=a.id, action_type=a.type) is None
@@ -1281,6 +1341,8 @@ async def test_a_drain_resumed_while_its_evicted_pods_still_terminate_waits_for_
     finally:
         with contextlib.suppress(ActionFailed):
             await finalize(admin, ns, "lingering", hold=False)
+        with contextlib.suppress(ActionFailed):
+            await admin.call("DELETE", f"/api/v1/nodes/{node}", what="Node")
 
 
 async def test_config_update_behind_approval_then_undo(

@@ -1280,6 +1280,65 @@ async def test_an_approved_action_whose_executor_died_is_not_rejected_as_stale(
         await fresh.stop()
 
 
+@pytest.mark.parametrize("since", ["nothing", "expired", "kill_switch"])
+async def test_an_approved_drain_whose_executor_died_half_way_is_resumed_not_stale(
+    rig: Any, since: str
+) -> None:
+    # Approved, begun (cordoned, one pod evicted), and the executor died: the decision
+    # comes again, the request still pending. Judged again, the node's version its own
+    # cordon moved rejected it as stale and paged "approved, not executed" for a drain that
+    # partly ran, leaving the node half drained.
+    ex, bus, c = rig
+    ex.settings = cfg(require_approval=["drain_node"])
+    c.add_pod("shop", "checkout-b", node="n1", workload="checkout")
+    a = act("drain_node", NODE, action_id="d1")
+    req = await requested(ex, bus, a)
+    assert req.target_version == "unschedulable=False"
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            NODE, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
+        )
+    assert await c.partly_applied(NODE, action_id="d1", action_type="drain_node") == (
+        "node cordoned, 1 pods left (1 to evict)"
+    )
+    fresh = Executor(cfg(require_approval=["drain_node"]), bus=bus, cluster=c, metrics=Metrics())
+    if since == "kill_switch":
+        fresh.switches = lambda: Switches(kill_switch=True)
+    t = bus.topic("approvals")
+    pending = req if since != "expired" else replace(req, expires_at=utcnow() - timedelta(1))
+    try:
+        await fresh.on_approvals([Envelope(t, 0, 0, req.id, pending)])
+        await fresh.on_decision(decision(req))
+        r = bus.results("d1")[-1]
+        assert "approval_stale" not in _escalated(bus)
+        assert "resumed, partly applied: node cordoned, 1 pods left (1 to evict)" in r.message
+        assert bus.tombstones() == [req.id]
+        if since == "kill_switch":  # the switches hold for what is left, as for any drain
+            assert r.status == "denied" and r.message.startswith("kill_switch"), r.message
+            assert c.pod("shop", "checkout-b") is not None
+            return
+        assert (r.status, r.prior_state) == ("succeeded", {"unschedulable": False}), r.message
+        assert "resumed, evicted 1 pods (shop/checkout-b)" in r.message
+        assert "[approved; resumed" in r.message
+        assert c.pod("shop", "checkout-b") is None and c.node("n1").unschedulable
+        assert await c.partly_applied(NODE, action_id="d1", action_type="drain_node") is None
+        assert "d1" in fresh.history
+    finally:
+        await fresh.stop()
+
+
+async def test_an_approval_whose_target_changed_otherwise_is_still_stale(rig: Any) -> None:
+    # Not begun (no id on the node): someone else cordoned it since the request.
+    ex, bus, c = rig
+    ex.settings = cfg(require_approval=["drain_node"])
+    req = await requested(ex, bus, act("drain_node", NODE, action_id="d1"))
+    await c.cordon(NODE, action_id="someone")
+    assert await c.partly_applied(NODE, action_id="d1", action_type="drain_node") is None
+    await ex.on_decision(decision(req))
+    assert bus.results("d1")[-1].status == "rejected"
+    assert "approval_stale" in _escalated(bus)
+
+
 async def test_only_the_replica_a_decision_would_reach_expires_the_request(rig: Any) -> None:
     """Every replica knows every pending request (the executor watch); the one owning its
     decisions partition expires it, once; the others leave it to that one."""
