@@ -8,7 +8,8 @@
 #   scripts/k8s.sh down     stop everything by pid (TERM, wait, KILL); no-op if nothing runs
 #   scripts/k8s.sh status   show components and nodes; exit 0 if healthy, 3 if nothing runs, else 1
 #   scripts/k8s.sh env      print `export KUBECONFIG=...` and PATH (eval "$(scripts/k8s.sh env)")
-#   scripts/k8s.sh reset    down, then delete the state dir (certs, etcd data, logs)
+#   scripts/k8s.sh reset    down, then delete the state dir's contents (certs, etcd data,
+#                           logs) but its lock
 #
 # Environment (all optional):
 #   SRE_CACHE_DIR            cache root (default ~/.cache/sre-agent); we use <root>/k8s
@@ -660,10 +661,14 @@ cmd_env() {
 	printf 'export SRE_K8S_STATE_DIR=%q\n' "$STATE_DIR"
 }
 
+# Deletes everything but the lock, which down left us holding: with the lock
+# deleted too, a caller already waiting on it would run beside the next `up`,
+# which makes and takes a fresh one (lib.sh's reset keeps its lock the same way).
 cmd_reset() {
 	cmd_down
-	rm -rf "$STATE_DIR"
-	log "removed $STATE_DIR"
+	[[ -d $STATE_DIR ]] || return 0
+	find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf -- {} +
+	log "removed everything in $STATE_DIR but its lock"
 }
 
 case ${1:-} in

@@ -4,6 +4,7 @@ what they stop, what they refuse, what they cache. Fakes are copies of bash (so
 
 from __future__ import annotations
 
+import fcntl
 import http.server
 import os
 import shutil
@@ -178,6 +179,29 @@ def test_k8s_stops_its_own_component_by_pid(tmp_path: Path, daemons: Daemons) ->
 
     assert f"etcd                     running (pid {etcd.pid})" in status.stdout
     assert gone(etcd)
+
+
+def test_k8s_reset_keeps_the_lock_a_waiting_caller_holds_open(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    # A caller (an up) already waiting on the lock holds the old file open. Deleted,
+    # the next up would make and take a fresh lock and run beside that caller.
+    state = tmp_path / "a"
+    etcd = fake_k8s(daemons, state)
+    k8s = state / "k8s"
+    (k8s / "pki").mkdir()
+    (k8s / "pki" / "ca.crt").write_text("")
+    (k8s / "admin.kubeconfig").write_text("")
+    env = {"SRE_STATE_DIR": str(state), "SRE_CACHE_DIR": str(tmp_path / "cache")}
+    with (k8s / "lock").open("a") as waiter:
+        run(["bash", str(SCRIPTS / "k8s.sh"), "reset"], env)
+
+        assert gone(etcd)
+        assert sorted(p.name for p in k8s.iterdir()) == ["lock"]
+        # the waiter takes the lock it waited on; a new caller must find it busy
+        fcntl.flock(waiter, fcntl.LOCK_EX)
+        busy = run(["flock", "-n", str(k8s / "lock"), "true"], env, check=False)
+    assert busy.returncode == 1
 
 
 FAKE_SETSID = """#!/usr/bin/env bash
