@@ -19,7 +19,13 @@ mkdir -p "$lock_dir"
 for svc in kafka alertmanager; do
     exec 7>"$lock_dir/$svc.lock"
     flock 7
-    if ! "scripts/$svc.sh" status >/dev/null 2>&1 7>&-; then
+    rc=0
+    "scripts/$svc.sh" status >/dev/null 2>&1 7>&- || rc=$?
+    if ((rc == 4)); then
+        # LSB "unknown": another scripts/$svc.sh call kept its lock past the wait
+        echo "bench: $svc status unknown: another scripts/$svc.sh call holds its lock; retry once it has finished" >&2
+        exit 1
+    elif ((rc != 0)); then
         "scripts/$svc.sh" start 7>&-
         started+=("$svc")
     fi

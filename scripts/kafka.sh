@@ -6,7 +6,7 @@
 #   start   fetch jars if needed, format storage if needed, start, wait until ready;
 #           no-op if already running and healthy, an error if running but not
 #   stop    stop (TERM, then KILL); keeps data; no-op if not running
-#   status  exit 0 if running, 3 if not
+#   status  exit 0 if running, 3 if not, 4 if unknown (another call kept the lock)
 #   env     print KAFKA_BOOTSTRAP=127.0.0.1:<port>
 #   reset   stop and wipe the state dir (data, logs, configs)
 #   fetch   only fetch the jars into the cache

@@ -107,10 +107,11 @@ http_ok() {
 # parent script's, or empty), judged it not ours, removed the pid file and
 # left the service running untracked; a status then said "not running".
 # Waits SRE_LOCK_TIMEOUT seconds (default 600: a cold start fetches jars
-# first), then dies naming the holder. A stop, status or reset with no
+# first), then dies naming the holder (a status exits 4, LSB's "unknown",
+# which callers must not take for "not running"). A stop, status or reset with no
 # service dir has nothing to guard, and creates none.
 locked() {
-    local name="$1" action="$2" dir lockfile mode=exclusive holder
+    local name="$1" action="$2" dir lockfile mode=exclusive holder msg
     local timeout="${SRE_LOCK_TIMEOUT:-600}"
     shift 2
     dir="$SRE_STATE_DIR/$name"
@@ -125,7 +126,14 @@ locked() {
     exec 8>>"$lockfile"
     if ! flock "--$mode" -w "$timeout" 8; then
         holder="$(cat "$lockfile" 2>/dev/null)"
-        die "another scripts/$name.sh (${holder:-holder unknown}) still holds $lockfile after ${timeout}s; retry once it has finished (SRE_LOCK_TIMEOUT sets the wait)"
+        msg="another scripts/$name.sh (${holder:-holder unknown}) still holds $lockfile after ${timeout}s; retry once it has finished (SRE_LOCK_TIMEOUT sets the wait)"
+        if [[ $action == status ]]; then
+            # LSB's "status unknown": 1 reads as "dead, pid file left", and
+            # callers taking any non-zero for "not running" went on to a start.
+            log "$name status unknown: $msg"
+            exit 4
+        fi
+        die "$msg"
     fi
     if [[ $mode == exclusive ]]; then
         printf 'pid %s: %s\n' "$$" "$action" >"$lockfile"
@@ -190,7 +198,8 @@ stop_service() {
     log "$name killed"
 }
 
-# status_service NAME PIDFILE MARKER ADDR -> exit 0 if running, 3 if not (LSB).
+# status_service NAME PIDFILE MARKER ADDR -> exit 0 if running, 3 if not (LSB;
+# 4, unknown, comes from locked when another invocation keeps the lock).
 status_service() {
     local name="$1" pidfile="$2" marker="$3" addr="$4" pid
     if pid="$(read_pid "$pidfile" "$marker")"; then

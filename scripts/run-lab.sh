@@ -35,6 +35,11 @@ for svc in "${services[@]}"; do
     "scripts/$svc.sh" status >/dev/null 2>&1 7>&- || rc=$?
     if ((rc == 0)); then
         echo "run: $svc already running; leaving it running afterwards"
+    elif ((rc == 4)); then
+        # LSB "unknown": another scripts/$svc.sh call kept its lock past the wait; a
+        # start now would wait as long again, not knowing what it waits for
+        echo "run: $svc status unknown: another scripts/$svc.sh call holds its lock; retry once it has finished" >&2
+        exit 1
     elif [[ $svc == k8s && $rc != 3 ]]; then
         # running but unhealthy: someone else's; `up` repairs it, and it stays theirs
         echo "run: k8s running but not healthy; repairing it with up, leaving it running afterwards"

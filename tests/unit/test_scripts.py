@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import infra
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 LOOP = "while :; do sleep 0.1; done"
@@ -611,6 +613,31 @@ def test_a_stop_that_cannot_get_the_lock_in_time_names_its_holder(
     assert held == []
 
 
+@pytest.mark.parametrize("service", [svc for svc, _, _ in LIB_SERVICES])
+def test_a_status_that_cannot_get_the_lock_in_time_is_unknown_not_failed(
+    tmp_path: Path, service: str
+) -> None:
+    # LSB: 0 running, 3 not running, 4 unknown. It exited 1 ("dead, pid file left"),
+    # and callers taking any non-zero for "not running" went on to start.
+    lock = tmp_path / "state" / service / "lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("w") as held:
+        held.write("pid 4242: start\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        status = run(
+            ["bash", str(SCRIPTS / f"{service}.sh"), "status"],
+            {"SRE_STATE_DIR": str(tmp_path / "state"), "SRE_LOCK_TIMEOUT": "1"},
+            check=False,
+        )
+
+    assert status.returncode == 4, status.stderr
+    assert (
+        f"{service} status unknown: another scripts/{service}.sh (pid 4242: start) "
+        f"still holds {lock} after 1s"
+    ) in status.stderr
+
+
 FAKE_SERVICE = """#!/usr/bin/env bash
 # Fake service script: logs each call and whether the caller held the fixtures' lock.
 svc=$(basename "$0" .sh)
@@ -624,11 +651,15 @@ esac
 """
 
 
-def run_lab(tmp_path: Path, status: int) -> list[str]:
+def lab(
+    tmp_path: Path, status: int, runner: str = "run-lab.sh"
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Runs ``runner`` (run-lab.sh, bench.sh) over fake service scripts whose status
+    exits ``status``; its result and the calls it made."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    shutil.copy(SCRIPTS / "run-lab.sh", repo / "scripts" / "run-lab.sh")
-    for svc in ("kafka", "prometheus", "k8s"):
+    shutil.copy(SCRIPTS / runner, repo / "scripts" / runner)
+    for svc in ("kafka", "prometheus", "alertmanager", "k8s"):
         (repo / "scripts" / f"{svc}.sh").write_text(FAKE_SERVICE)
         (repo / "scripts" / f"{svc}.sh").chmod(0o755)
     (repo / ".venv" / "bin").mkdir(parents=True)
@@ -641,8 +672,14 @@ def run_lab(tmp_path: Path, status: int) -> list[str]:
         "FAKE_LOG": str(log),
         "FAKE_STATUS": str(status),
     }
-    run(["bash", str(repo / "scripts" / "run-lab.sh")], env)
-    return log.read_text().splitlines()
+    proc = run(["bash", str(repo / "scripts" / runner)], env, check=False)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def run_lab(tmp_path: Path, status: int) -> list[str]:
+    proc, calls = lab(tmp_path, status)
+    assert proc.returncode == 0, proc.stderr
+    return calls
 
 
 def test_run_lab_starts_under_the_fixtures_lock_and_stops_what_it_started(
@@ -665,3 +702,36 @@ def test_run_lab_leaves_an_unhealthy_control_plane_it_did_not_start_running(
     calls = run_lab(tmp_path, status=1)
 
     assert not [c for c in calls if c.startswith("k8s down")]
+
+
+@pytest.mark.parametrize(("runner", "says"), [("run-lab.sh", "run"), ("bench.sh", "bench")])
+def test_a_status_unknown_stops_the_runner_before_it_starts_anything(
+    tmp_path: Path, runner: str, says: str
+) -> None:
+    # 4: another call holds the service's lock; a start would only wait as long again.
+    proc, calls = lab(tmp_path, status=4, runner=runner)
+
+    assert proc.returncode == 1
+    assert calls == ["kafka status locked"]
+    assert (
+        f"{says}: kafka status unknown: another scripts/kafka.sh call holds its lock; "
+        "retry once it has finished"
+    ) in proc.stderr
+
+
+def test_the_test_fixtures_do_not_start_a_service_whose_status_is_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def fake_script(script: str, *args: str, **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append((script, *args))
+        code = 4 if args == ("status",) else 0
+        return subprocess.CompletedProcess([script, *args], code, "", "lock busy\n")
+
+    monkeypatch.setattr(infra, "TEST_STATE_DIR", tmp_path)
+    monkeypatch.setattr(infra, "run_script", fake_script)
+    with pytest.raises(infra.InfraError, match="status unknown"), infra._service("kafka"):
+        pass
+
+    assert calls == [("kafka.sh", "status")]
