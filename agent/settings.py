@@ -6,7 +6,8 @@ Shape follows the reference's SRE agent config (``agent``, ``monitoring``, ``ai`
 
 Precedence, lowest first: the file, then ``${VAR}`` / ``${VAR:-default}`` placeholders inside
 it (an unset variable without a default reads as empty here, so the reference's config loads
-without ``WORKSPACE_ID``; in a runbook file it is an error, agent.runbook_files), then
+without ``WORKSPACE_ID``; in a pattern or runbook file it is an error naming the file and the
+field, agent.runbook_files), then
 environment variables ``SRE_AGENT__SECTION__KEY=value`` (double underscores separate path
 parts; the value is parsed as a YAML scalar, so ``0.9`` is a number and ``[a, b]`` a list).
 Unknown keys are errors: a typo in a safety setting must not be silently ignored.
@@ -922,6 +923,24 @@ class PatternFile:
     patterns: tuple[PatternSpec, ...] = ()
 
 
+def _unset_in_patterns(doc: Any, env: Mapping[str, str]) -> list[str]:
+    """Each ``${VAR}`` of a pattern file without a default whose variable is unset: read
+    as empty, as in the config, it would silently blank a condition's label value or a
+    description (the config's own placeholders may be empty; a pattern's never should)."""
+    patterns = doc.get("patterns") if isinstance(doc, dict) else None
+    problems: list[str] = []
+    for i, item in enumerate(patterns if isinstance(patterns, list) else []):
+        name = item.get("name") if isinstance(item, dict) else None
+        of = f" (pattern {name!r})" if isinstance(name, str) else ""
+        problems += [
+            f"{path}{of}: ${{{var}}}: environment variable {var} is unset "
+            f"(write ${{{var}:-default}} for a default)"
+            for path, var, default in placeholders(item, f"patterns[{i}]")
+            if default is None and var not in env
+        ]
+    return problems
+
+
 def _library_patterns(
     settings: Settings, env: Mapping[str, str], base_dir: Path
 ) -> tuple[list[PatternSpec], list[str]]:
@@ -940,6 +959,10 @@ def _library_patterns(
             continue
         except yaml.YAMLError as err:
             problems.append(f"{where}: {path} is not valid YAML: {err}")
+            continue
+        unset = _unset_in_patterns(doc, env)
+        if unset:  # expanded, the fields would read as empty strings
+            problems += [f"{where} ({path}): {p}" for p in unset]
             continue
         try:
             lib = TypeAdapter(PatternFile).validate_python(_expand(doc or {}, env))

@@ -180,6 +180,30 @@ def test_a_duplicate_key_in_a_pattern_file_or_an_env_value_is_refused(tmp_path: 
         load_settings(config, env={"SRE_AGENT__AGENT": "{dry_run: true, dry_run: false}"})
 
 
+def test_an_unset_environment_variable_in_a_pattern_file_is_refused(tmp_path: Path) -> None:
+    # Read as empty, as in the config, it silently ran namespace="" in every evaluation.
+    lib = tmp_path / "lib.yaml"
+    lib.write_text(
+        "patterns:\n"
+        "  - name: down\n"
+        '    condition: up{namespace="${SHOP_NS}", job="${JOB:-api}"} == 0\n'
+    )
+    config = tmp_path / "agent.yaml"
+    # The config's own placeholders stay empty when unset.
+    config.write_text('pattern_files: [lib.yaml]\nmonitoring: {alertmanager: {url: "${AM}"}}\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, env={})
+    assert info.value.problems == (
+        f"pattern_files[0] ({lib}): patterns[0].condition (pattern 'down'): ${{SHOP_NS}}: "
+        "environment variable SHOP_NS is unset (write ${SHOP_NS:-default} for a default)",
+    )
+    # Set (or given a default), a placeholder is expanded as before.
+    loaded = load_settings(config, env={"SHOP_NS": "shop"})
+    assert loaded.pattern("down") is not None
+    assert loaded.pattern("down").condition == 'up{namespace="shop", job="api"} == 0'
+    assert loaded.monitoring.alertmanager.url == ""
+
+
 def test_yaml_merge_keys_may_still_be_overridden() -> None:
     # '<<: *base' then a key of base's is an override, not a duplicate.
     doc = load_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n")
