@@ -564,10 +564,16 @@ class ContextGatherer:
                     "workload of the incident"
                 )
                 continue
+            # A pod is its longest-named workload's among the incident's (checkout-worker's
+            # pods are not checkout's, though their names start with "checkout-").
             pods = [
                 p
                 for p, ns in parts.log_namespaces.items()
-                if any(t.namespace == ns and owner_of(p, [t.name]) for t in picked)
+                if any(
+                    t.namespace == ns
+                    and owner_of(p, [w.name for w in targets if w.namespace == ns]) == t.name
+                    for t in picked
+                )
             ]
             for p in pods:
                 parts.logs[p] = filter_lines(parts.logs[p], q)
@@ -738,8 +744,10 @@ class ContextGatherer:
         # A pod that has no log to give (ContainerCreating answers 400) costs its own tail
         # only: in a bad rollout, the pods that did start are the ones worth reading.
         async def tail(ns: str, pod: str) -> None:
-            # A runbook's logs window applies to the pods of the workload its query names.
-            owner = owner_of(pod, [w for n, w in parts.log_since if n == ns])
+            # A runbook's logs window applies to the pods of the workload its query names:
+            # a pod's owner is found among all the incident's workloads, not only those
+            # with a window (checkout's window is not checkout-worker's).
+            owner = owner_of(pod, [t.name for t in targets if t.namespace == ns])
             since = parts.log_since.get((ns, owner)) if owner else None
             try:
                 text = await src.logs(ns, pod, tail=self.limits.log_lines, since=since)

@@ -508,6 +508,28 @@ async def test_a_runbooks_logs_duration_reads_only_that_window_of_its_workloads_
     assert "(the last 5 lines since 2024-05-01T11:45:00+00:00)" in note
 
 
+async def test_a_logs_window_is_not_applied_to_a_workload_whose_name_extends_its_own() -> None:
+    # checkout's window must not narrow checkout-worker's pods, though their names start
+    # with "checkout-": a pod is its longest-named workload's among the incident's.
+    book = replace(
+        ORDERS,
+        gather=(GatherItem("logs", ('{app="checkout"} |= "ERROR"',), duration=900.0),),
+    )
+    c = cluster()
+    c.create_deployment("shop", "checkout-worker", image="shop/worker:v1", replicas=1, at=OPENED)
+    old = [OPENED - timedelta(hours=2), OPENED]
+    c.set_logs("shop", "checkout-7c9f-abcde", "ERROR old\nERROR now", at=old)
+    c.set_logs("shop", "checkout-worker-5d8f-xyz12", "worker old\nworker now", at=old)
+    settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s", "log_lines": 5})
+    g = ContextGatherer(
+        replace(settings, file_runbooks=(book,)), cluster=c, source=c, prom=FakeProm(PROM)
+    )
+    worker = {"service": "checkout-worker", "pod": "checkout-worker-5d8f-xyz12"}
+    ctx = await g.gather(incident(member("CheckoutErrors"), member(labels=worker)))
+    assert ctx.logs["checkout-7c9f-abcde"] == "ERROR now"
+    assert ctx.logs["checkout-worker-5d8f-xyz12"] == "worker old\nworker now"
+
+
 async def test_the_fake_clusters_log_window_comes_before_its_tail() -> None:
     c = FakeCluster()
     times = [OPENED - timedelta(minutes=m) for m in (30, 20, 10, 0)]
