@@ -115,8 +115,10 @@ _AUTH_HEADER = re.compile(
 # A double quote and the backslashes before it: which string it opens or closes, if any,
 # is in their number (see _string_close).
 _QUOTE_RUN = re.compile(r'(\\*)"')
-# "Bearer <token68>"; "Basic <base64>" only when it looks encoded, so prose survives.
-_SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)(\s+)([A-Za-z0-9\-._~+/]{8,}=*)")
+# "Bearer <token68>"; "Basic <base64>" only when it looks encoded, so prose survives. The
+# credential is on the scheme's line: across a line break, a value that ends in "Bearer"
+# took the next line's key for its token, and that line's secret was left.
+_SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)([ \t]+)([A-Za-z0-9\-._~+/]{8,}=*)")
 _SENSITIVE = (
     r"(?:passw(?:or)?d|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|"
     r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth|cookie|session[_-]?id|"

@@ -6,7 +6,7 @@ import base64
 import json
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from agent.redaction import REDACTED, clip, redact
@@ -654,6 +654,8 @@ PARENT_KEYS = KEYS.filter(lambda k: k != "X-Api-Key")
     st.booleans(),
     st.integers(min_value=1, max_value=4),
 )
+# A value "BEARER" took the next line's key for its token (found by a random draw).
+@example("password", [("password", "BEARER"), ("password", "000000")], False, 1)
 def test_a_mapping_under_a_secret_key_keeps_its_keys_and_loses_its_values(
     parent: str, children: list[tuple[str, str]], user_first: bool, indent: int
 ) -> None:
@@ -1385,3 +1387,14 @@ def test_a_key_name_is_kept_and_its_key_redacted(key: str, name: str, form: str)
     assert f"Name={name};" in out or f"keyName: {name}\n" in out
     if text.startswith("{"):
         json.loads(out)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "auth: Bearer\npassword: hunter2000\n",
+        "header: x Bearer\n  password: hunter2000\n",
+    ],
+)
+def test_a_scheme_at_a_line_end_takes_no_credential_from_the_next_line(text: str) -> None:
+    assert "hunter2000" not in redact(text)
