@@ -80,16 +80,26 @@ def drain_finished(*, cordoned: bool, evictable: int, unmanaged: int, terminatin
     return not cordoned or (evictable == 0 and unmanaged == 0 and terminating == 0)
 
 
-def drain_left(*, evictable: int, unmanaged: int, terminating: int) -> str:
-    """How a drain cut half way left its node, for the person reading its result: "node
-    cordoned, 3 pods left (2 to evict, 1 terminating)"."""
-    counts = (
+# Pods a drain's partial state names; the count covers the rest.
+MAX_NAMED_PODS = 10
+
+
+def drain_left(
+    *, evictable: Sequence[str], unmanaged: Sequence[str], terminating: Sequence[str]
+) -> str:
+    """How a drain cut half way left its node, for the person reading its result or paged
+    about it, each pod by "ns/name": "node cordoned, 3 pods left (2 to evict, 1
+    terminating): shop/a, shop/b, shop/c"."""
+    groups = (
         (evictable, "to evict"),
         (unmanaged, "without a controller"),
         (terminating, "terminating"),
     )
-    parts = ", ".join(f"{n} {what}" for n, what in counts if n)
-    return f"node cordoned, {evictable + unmanaged + terminating} pods left ({parts})"
+    parts = ", ".join(f"{len(pods)} {what}" for pods, what in groups if pods)
+    names = [p for pods, _ in groups for p in pods]
+    more = len(names) - MAX_NAMED_PODS
+    named = ", ".join(names[:MAX_NAMED_PODS]) + (f" and {more} more" if more > 0 else "")
+    return f"node cordoned, {len(names)} pods left ({parts}): {named}"
 
 
 def unschedulable_before(action_id: str, was: bool) -> str:

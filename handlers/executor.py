@@ -30,7 +30,8 @@ replica has read every request published before it) or with the wrong hash is
 dead-lettered with the reason; an expired, stale or rejected one ends in a ``rejected``
 result saying why, unless its action's id is already on the target (carried out, then the
 executor died): that is recorded as the success it was; or a drain begun and cut half way
-(:meth:`Cluster.partly_applied`): that is resumed, under every rule. The approval is
+(:meth:`Cluster.partly_applied`): that is resumed, under every rule, and one a rule stops
+pages a person (as any drain cut half way and then stopped does). The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper, on the one replica that owns the request's decisions partition
@@ -260,6 +261,8 @@ class Executor:
         # its incident's resolution are on partitions another replica may own.
         self.incidents: OrderedDict[str, tuple[int, bool]] = OrderedDict()
         self._held: OrderedDict[str, None] = OrderedDict()  # actions escalated as denied
+        # Actions paged as left half done by an earlier delivery and stopped by a rule.
+        self._left_half_done: OrderedDict[str, None] = OrderedDict()
         self._reported: OrderedDict[str, None] = OrderedDict()  # dry runs reported
         # Requests no longer pending, and why: a late decision is told (best effort: a
         # restart remembers only what the replayed tombstones say).
@@ -474,11 +477,18 @@ class Executor:
         return await self._act(replace(action, approved_by=None), note, unknown=unknown)
 
     async def _act(
-        self, action: ActionRequest, note: str = "", *, unknown: str | None = None
+        self,
+        action: ActionRequest,
+        note: str = "",
+        *,
+        unknown: str | None = None,
+        partial: str | None = None,
     ) -> ActionResult:
         """``action`` decided and carried out; ``approved_by``, if any, is trusted here.
         ``note``: what the result adds (why a claimed approval did not stand);
-        ``unknown``: why an undo restores no known prior state (a person decides)."""
+        ``unknown``: why an undo restores no known prior state (a person decides);
+        ``partial``: how an earlier delivery left the target half done, already read and
+        in ``note`` (an approved drain resumed)."""
 
         def noted(message: str) -> str:
             return f"{message}; {note}" if note else message
@@ -511,12 +521,12 @@ class Executor:
             # Asked for while open, arriving after it closed (analysis lag, a backlog): the
             # problem went away or an operator silenced it. Acting now only adds risk, and
             # asking for an approval would page someone for nothing. An undo is a human's.
-            return await self._record(
+            return await self._record_stopped(
                 action,
                 "denied",
-                "not_applicable",
                 noted(f"incident_closed: incident {action.incident_id} is resolved or silenced"),
                 now,
+                partial,
             )
         ns = action.target.namespace
         verdict = decide(
@@ -579,16 +589,53 @@ class Executor:
             if status == "dry_run"
             else f"{verdict.rule}: {verdict.reason}"
         )
-        result = await self._record(action, status, "not_applicable", message, now)
+        result = await self._record_stopped(action, status, message, now, partial)
         if status == "dry_run" and action.id not in self._reported:
             # Once per action (its id is per incident, type and target): each re-analysis
             # asks for it again. What shadow mode would have done is how it is evaluated.
             await self._escalate("dry_run", action, message, now)
             remember(self._reported, action.id, None)
-        # Once per action here: each re-analysis of the incident asks for it again.
-        if held_back(verdict, action, self.history.values()) and action.id not in self._held:
+        # Once per action here: each re-analysis of the incident asks for it again. One
+        # that left its target half done has been paged for that already, naming the rule.
+        if (
+            held_back(verdict, action, self.history.values())
+            and action.id not in self._held
+            and action.id not in self._left_half_done
+        ):
             await self._escalate("denied", action, message, now)
             remember(self._held, action.id, None)
+        return result
+
+    async def _record_stopped(
+        self,
+        action: ActionRequest,
+        status: ResultStatus,
+        message: str,
+        now: datetime,
+        partial: str | None,
+    ) -> ActionResult:
+        """Record ``action`` as a rule stopped it (``message``). If an earlier delivery left
+        its target half done (a drain cut half way: cordoned, pods left; ``partial`` when
+        the caller read it already), the result says so and a person is paged, once per
+        action: nothing else will finish the drain or uncordon the node, and a node left
+        cordoned and half drained is a hazard nobody would know of."""
+        left = partial if partial is not None else await self._partly_applied(action)
+        why = message
+        if left is not None and partial is None:
+            message = f"{message}; partly applied: {left}"
+        result = await self._record(action, status, "not_applicable", message, now)
+        if left is not None and action.id not in self._left_half_done:
+            await self._escalate(
+                "action_failed",
+                action,
+                f"{action.target.kind} {action.target.name} left half done by {action.type} "
+                f"{action.id}: {left}. Cut half way, then a rule stopped it from finishing "
+                f"({why}): finish it or undo it by hand",
+                now,
+                # Its own id: not the repeat of an earlier "failed" page of the same action.
+                key="left_half_done",
+            )
+            remember(self._left_half_done, action.id, None)
         return result
 
     async def _claim(
@@ -721,7 +768,9 @@ class Executor:
             # cut half way goes through (switches, limits, the incident still open).
             log.info("approved %s on %s resumed: %s", req.action.id, req.action.target.key, partial)
             await self._act(
-                replace(req.action, approved_by=d.decided_by), f"resumed, partly applied: {partial}"
+                replace(req.action, approved_by=d.decided_by),
+                f"resumed, partly applied: {partial}",
+                partial=partial,
             )
         elif now > req.expires_at:
             await self._record(

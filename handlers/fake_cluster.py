@@ -672,11 +672,12 @@ class FakeCluster:
             if action_id not in remembered_ids(node.annotations):
                 return None
             unmanaged, _skipped, evict, going = self._drain_plan(target)
-            terminating = 0 if "NotReady" in self.bad_conditions(target.name) else len(going)
-            left = {"evictable": len(evict), "unmanaged": len(unmanaged)}
-            if drain_finished(cordoned=True, terminating=terminating, **left):
+            terminating = [] if "NotReady" in self.bad_conditions(target.name) else going
+            evictable = sorted(f"{p.namespace}/{p.name}" for p in evict)
+            left = {"evictable": evictable, "unmanaged": unmanaged, "terminating": terminating}
+            if drain_finished(cordoned=True, **{k: len(v) for k, v in left.items()}):
                 return None
-            return drain_left(terminating=terminating, **left)
+            return drain_left(**left)
 
     def _drain_plan(
         self, target: Target

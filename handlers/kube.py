@@ -911,7 +911,10 @@ class KubeCluster:
             return None
         evictable, unmanaged, terminating = _left(_classify(await self._pods_on(target.name)), node)
         if drain_finished(
-            cordoned=True, evictable=evictable, unmanaged=unmanaged, terminating=terminating
+            cordoned=True,
+            evictable=len(evictable),
+            unmanaged=len(unmanaged),
+            terminating=len(terminating),
         ):
             return None
         return drain_left(evictable=evictable, unmanaged=unmanaged, terminating=terminating)
@@ -1988,20 +1991,24 @@ def _classify(pods: Sequence[Obj]) -> _NodePods:
     return out
 
 
-def _left(pods: _NodePods, node: Mapping[str, Any]) -> tuple[int, int, int]:
-    """What a drain has left to do on ``node``: (pods to evict, without a controller,
-    terminating). A pod terminating on a NotReady node counts as gone, as the drain counts
-    it (see KubeCluster._gone)."""
+def _left(pods: _NodePods, node: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """What a drain has left to do on ``node``, each pod by "ns/name": (to evict, without a
+    controller, terminating). A pod terminating on a NotReady node counts as gone, as the
+    drain counts it (see KubeCluster._gone)."""
     conditions = (node.get("status") or {}).get("conditions") or []
     stranded = "NotReady" in bad_conditions(conditions)
-    return len(pods.evict), len(pods.unmanaged), 0 if stranded else len(pods.terminating)
+    going = [] if stranded else sorted(pods.terminating)
+    return sorted(pods.evict), sorted(pods.unmanaged), going
 
 
 def _finished(cordoned: bool, pods: _NodePods, node: Mapping[str, Any]) -> bool:
     """:func:`drain_finished` as a drain reads its node."""
     evictable, unmanaged, terminating = _left(pods, node)
     return drain_finished(
-        cordoned=cordoned, evictable=evictable, unmanaged=unmanaged, terminating=terminating
+        cordoned=cordoned,
+        evictable=len(evictable),
+        unmanaged=len(unmanaged),
+        terminating=len(terminating),
     )
 
 

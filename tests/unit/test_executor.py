@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from agent.errors import ActionFailed, DependencyUnavailable, PermanentError, TransientError
@@ -28,7 +29,7 @@ from agent.models import (
 )
 from agent.policy import Switches, Verdict, unknown_undo
 from agent.settings import Settings
-from handlers.cluster import EVICTED_PODS_ANNOTATION, PartialFailure
+from handlers.cluster import EVICTED_PODS_ANNOTATION, PartialFailure, drain_left
 from handlers.executor import Executor, undo_request, undoable_result, unverified
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
@@ -1299,7 +1300,7 @@ async def test_an_approved_drain_whose_executor_died_half_way_is_resumed_not_sta
             NODE, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
         )
     assert await c.partly_applied(NODE, action_id="d1", action_type="drain_node") == (
-        "node cordoned, 1 pods left (1 to evict)"
+        "node cordoned, 1 pods left (1 to evict): shop/checkout-b"
     )
     fresh = Executor(cfg(require_approval=["drain_node"]), bus=bus, cluster=c, metrics=Metrics())
     if since == "kill_switch":
@@ -1325,6 +1326,71 @@ async def test_an_approved_drain_whose_executor_died_half_way_is_resumed_not_sta
         assert "d1" in fresh.history
     finally:
         await fresh.stop()
+
+
+@pytest.mark.parametrize("approved", [True, False], ids=["approved", "plain"])
+@pytest.mark.parametrize("rule", ["kill_switch", "incident_closed"])
+async def test_a_drain_left_half_done_and_stopped_by_a_rule_pages_once(
+    rig: Any, approved: bool, rule: str
+) -> None:
+    # Cut half way (its executor died: cordoned, one of two pods evicted), then a rule stops
+    # the resume, approved or a plain redelivery: the node stays cordoned with pods on it,
+    # and nothing else will finish or undo that. A person must be told, once.
+    from agent.notifier import payload
+
+    ex, bus, c = rig
+    ex.settings = cfg(require_approval=["drain_node"] if approved else [])
+    c.add_pod("shop", "checkout-b", node="n1", workload="checkout")
+    a = act("drain_node", NODE, action_id="d1")
+    req = await requested(ex, bus, a) if approved else None
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            NODE, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
+        )
+    fresh = Executor(ex.settings, bus=bus, cluster=c, metrics=Metrics())
+    if rule == "kill_switch":
+        fresh.switches = lambda: Switches(kill_switch=True)
+    else:
+        fresh.on_incident(_incident("resolved"))
+    try:
+        if req is not None:
+            await fresh.on_approvals([Envelope(bus.topic("approvals"), 0, 0, req.id, req)])
+        for _ in range(2):  # the decision, or the action, comes again: one page
+            await (fresh.on_decision(decision(req)) if req is not None else fresh.on_action(a))
+        pages = [e for e, _ in bus.on("escalations") if e.reason != "approval_requested"]
+        assert [e.reason for e in pages] == ["action_failed"], pages
+        (page,) = pages
+        assert page.action_id == "d1" and page.target == NODE.key
+        text = orjson.loads(payload(page))["text"]
+        assert "Node n1 left half done by drain_node d1" in text, text
+        assert "node cordoned, 1 pods left (1 to evict): shop/checkout-b" in text, text
+        assert rule in text, text
+        r = bus.results("d1")[-1]
+        assert r.status == "denied" and r.message.startswith(rule), r.message
+        assert "partly applied: node cordoned, 1 pods left (1 to evict): shop/checkout-b" in (
+            r.message
+        )
+        assert c.node("n1").unschedulable and c.pod("shop", "checkout-b") is not None
+        if req is None:  # a restart's repeat is the same page, under the same id
+            again = Executor(ex.settings, bus=bus, cluster=c, metrics=Metrics())
+            again.switches, again.incidents = fresh.switches, fresh.incidents
+            try:
+                await again.on_action(a)
+            finally:
+                await again.stop()
+            repeat = [e.id for e, _ in bus.on("escalations") if e.reason == "action_failed"]
+            assert repeat == [page.id, page.id], repeat
+    finally:
+        await fresh.stop()
+
+
+def test_a_drains_partial_state_names_its_pods_up_to_a_bound() -> None:
+    pods = [f"shop/p{i:02}" for i in range(12)]
+    assert drain_left(evictable=pods, unmanaged=[], terminating=["shop/t"]) == (
+        "node cordoned, 13 pods left (12 to evict, 1 terminating): "
+        + ", ".join(pods[:10])
+        + " and 3 more"
+    )
 
 
 async def test_an_approval_whose_target_changed_otherwise_is_still_stale(rig: Any) -> None:
