@@ -67,7 +67,6 @@ from tests.helpers import eventually, make_settings, readers
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 
 REPO = Path(__file__).resolve().parents[2]
-NODES = ("kwok-node-0", "kwok-node-1", "kwok-node-2")
 REMEDIATION = {
     "require_approval": ["update_config"],
     "confidence_threshold": 0.5,
@@ -110,10 +109,19 @@ async def admin(k8s_cluster: K8sCluster) -> AsyncIterator[KubeCluster]:
 
 
 @pytest.fixture
-def uncordon_all(k8s_cluster: K8sCluster) -> Iterator[None]:
-    yield
-    for node in NODES:
-        k8s_cluster.kubectl_run("uncordon", node)
+async def own_nodes(admin: KubeCluster) -> AsyncIterator[tuple[str, str]]:
+    """Two nodes of the test's own (kwok runs them), deleted after. A drain must not use
+    the session's fixed kwok-node-*: other tests' pods sit there (their namespaces are
+    deleted in the background), and it would evict those too, or wait for them."""
+    bodies = lab_nodes(uuid.uuid4().hex[:6], 2)
+    try:
+        for body in bodies:
+            await admin.call("POST", "/api/v1/nodes", what="Node", body=body)
+        yield bodies[0]["metadata"]["name"], bodies[1]["metadata"]["name"]
+    finally:
+        for body in bodies:
+            with contextlib.suppress(ActionFailed):
+                await admin.call("DELETE", f"/api/v1/nodes/{body['metadata']['name']}", what="n")
 
 
 # --- scene helpers -----------------------------------------------------------------------------
@@ -745,7 +753,8 @@ async def test_statefulset_and_daemonset_actions_act_on_their_own_kind(
     db = Target(kind="StatefulSet", namespace=ns, name="db")
     agent = Target(kind="DaemonSet", namespace=ns, name="agent")
     await asyncio.gather(settled(admin, db), settled(admin, agent))
-    assert (await admin.observe(agent)).desired == len(NODES)
+    nodes = (await admin.call("GET", "/api/v1/nodes", what="Node"))["items"]
+    assert (await admin.observe(agent)).desired == len(nodes)  # those of other tests too
     before = await read(admin, namesake)
 
     bus = MemoryBus()
@@ -1039,16 +1048,16 @@ async def test_a_template_rolled_back_to_is_a_recent_rollout(
 
 
 async def test_drain_skips_daemonset_pods_and_undo_uncordons(
-    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, own_nodes: tuple[str, str]
 ) -> None:
     ns = k8s_namespace
-    node = "kwok-node-0"
+    node, spare = own_nodes
     await ready_deployment(admin, ns, "pinned", 2, nodeSelector={"kubernetes.io/hostname": node})
     ds = deployment("agent", 1)
     ds["kind"] = "DaemonSet"
     del ds["spec"]["replicas"], ds["spec"]["strategy"]
     await create(admin, ns, "/apis/apps/v1/namespaces/{ns}/daemonsets", ds)
-    await eventually(lambda: _count(pods_of(admin, ns, "agent"), len(NODES)), 60, 0.5, "DS pods")
+    await eventually(lambda: _on(pods_of(admin, ns, "agent"), node), 60, 0.5, "its DS pod")
     # pinned pods can go nowhere else: let them be evictable but not rescheduled
     bus = MemoryBus()
     ex = executor(kube, bus)
@@ -1063,7 +1072,7 @@ async def test_drain_skips_daemonset_pods_and_undo_uncordons(
         assert any(p["spec"]["nodeName"] == node for p in await pods_of(admin, ns, "agent"))
         assert (await verified(bus, a)).outcome == "healed"
 
-        second = await ex.on_action(request("cordon_node", Target(kind="Node", name=NODES[1])))
+        second = await ex.on_action(request("cordon_node", Target(kind="Node", name=spare)))
         assert second.status == "denied" and "max_nodes_cordoned" in second.message
 
         undo = await ex.on_action(undo_request(r, requested_by="bob", now=utcnow()))
@@ -1083,15 +1092,15 @@ async def test_drain_skips_daemonset_pods_and_undo_uncordons(
         await ex.stop()
 
 
-async def _count(pods: Any, n: int) -> bool:
-    return len(await pods) == n
+async def _on(pods: Any, node: str) -> bool:
+    return any(p["spec"].get("nodeName") == node for p in await pods)
 
 
 async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
-    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, own_nodes: tuple[str, str]
 ) -> None:
     ns = k8s_namespace
-    node = "kwok-node-1"
+    node = own_nodes[0]
     await ready_deployment(admin, ns, "guarded", 2, nodeSelector={"kubernetes.io/hostname": node})
     await budget(admin, ns, "guarded", min_available=2, pods=2)
     names = sorted(p["metadata"]["name"] for p in await pods_of(admin, ns, "guarded"))
@@ -1127,12 +1136,12 @@ async def test_drain_stops_at_a_budget_and_names_the_pods_and_budget(
 
 
 async def test_a_drain_is_already_applied_only_once_its_node_is_drained(
-    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, uncordon_all: None
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str, own_nodes: tuple[str, str]
 ) -> None:
     # Rule 0 for a drain: its id lands with the cordon, before any eviction. A delivery
     # that died half way is resumed, one that died after the last eviction is recorded.
     ns = k8s_namespace
-    node, other = NODES[2], NODES[0]
+    node, other = own_nodes
     await ready_deployment(admin, ns, "halfway", 2, nodeSelector={"kubernetes.io/hostname": node})
     target = Target(kind="Node", name=node)
     a = request("drain_node", target, timeout=30)

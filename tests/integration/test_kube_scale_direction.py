@@ -22,11 +22,11 @@ from tests.integration.test_kube_actions import (
     admin,  # noqa: F401 (a fixture)
     create,
     hpa_of,
+    own_nodes,  # noqa: F401 (a fixture)
     pods_of,
     read,
     ready_deployment,
     request,
-    uncordon_all,  # noqa: F401 (a fixture)
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
@@ -95,10 +95,10 @@ async def test_a_drain_in_progress_stops_when_the_kill_switch_turns_on(
     k8s_cluster: K8sCluster,
     k8s_namespace: str,
     admin: KubeCluster,  # noqa: F811
-    uncordon_all: None,  # noqa: F811
+    own_nodes: tuple[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    ns, node = k8s_namespace, "kwok-node-0"
+    ns, node = k8s_namespace, own_nodes[0]
     kill = tmp_path / "kill"
     await ready_deployment(admin, ns, "pinned", 3, nodeSelector={"kubernetes.io/hostname": node})
     settings = make_settings("127.0.0.1:1", "x.", doc={"remediation": {"verify_after": 3600}})
@@ -121,11 +121,10 @@ async def test_a_drain_in_progress_stops_when_the_kill_switch_turns_on(
     assert r.prior_state == {"unschedulable": False}
     assert (await admin.call("GET", f"/api/v1/nodes/{node}", what="n"))["spec"]["unschedulable"]
 
-    # Other tests' pods may share the node: which pod went first is the drain's choice, but
-    # exactly one went, and every pinned pod it did not evict is still on the node.
+    # The node is the test's own: exactly one pinned pod went, the other two are still on it.
     evicted = r.message.split("Evicted: ")[1].split(". ")[0].split(", ")
-    assert len(evicted) == 1, r.message
-    left = 3 - sum(1 for pod in evicted if pod.startswith(f"{ns}/pinned-"))
+    assert len(evicted) == 1 and evicted[0].startswith(f"{ns}/pinned-"), r.message
+    left = 2
 
     async def pinned_left() -> bool:
         pods = await pods_of(admin, ns, "pinned")
