@@ -16,8 +16,9 @@ Order of the rules (first match wins), safety rules before convenience rules:
 4. mode ``manual``                          -> deny (the agent only recommends)
    a. params malformed or beyond their bounds -> deny (see :func:`param_problem`)
    b. the action does not apply to the target's kind -> deny (see :func:`kind_problem`)
-5. same target acted on within ``cooldown`` -> deny (an undo is exempt: it repairs the last act;
-   so is the next runbook step once every action within it was verified ineffective)
+5. same target acted on within ``cooldown`` -> deny (an undo restoring a recorded prior state
+   is exempt: it repairs the last act; so is the next runbook step once every action within
+   it was verified ineffective)
 6. the hourly action budget is spent        -> deny
    a. ... or the namespace's hourly budget  -> deny
    b. a scale whose requested count is not 1..MAX_SCALE_STEP in its direction (up for
@@ -29,12 +30,16 @@ Order of the rules (first match wins), safety rules before convenience rules:
    e. a cordon/drain with ``max_nodes_cordoned`` other nodes already cordoned -> deny
       (not the undo of one that uncordons: it adds no cordoned node, see :func:`cordons`)
 
-An undo (``undo_of``) restores a prior state its original recorded, and is exempt from each
+An undo (``undo_of``) restoring a prior state its original recorded is exempt from each
 limit it cannot worsen: the params (4a: the recorded state), the cooldown (5: it repairs the
 last act), the replica bounds (6b: the recorded count) and, when it uncordons,
 ``max_nodes_cordoned`` (6e, here and in the budget claims). It still spends a unit of the
 hourly budgets (6, 6a: it is an action within the hour), and an undo of a rollback is a
-rollout, held to 6c-6d like any.
+rollout, held to 6c-6d like any. An undo restoring no recorded prior state (``unknown_undo``:
+forged, or older than the executor's memory) has no exemption, approved or not: its params
+are the shape and bounds the adapters' undo reads (4a), the cooldown holds (5), and a
+scale's restored count stays within the replica bounds and MAX_SCALE_STEP of the current
+count, in either direction (6b: an undo moves opposite to its type).
 7. already approved by a human              -> execute (the executor clears an
    ``approved_by`` it did not earn: see :func:`unearned_approval`)
    a. an undo restoring no prior state the executor knows     -> approval
@@ -444,11 +449,17 @@ def revision_param(params: Mapping[str, ParamValue]) -> int | None:
     return int(str(value).strip())
 
 
-def param_problem(action: ActionRequest, rem: RemediationSection) -> str | None:
+def param_problem(
+    action: ActionRequest, rem: RemediationSection, unknown_undo: str | None = None
+) -> str | None:
     """Why ``action``'s params must not run, or None. Params come from the analysis, a
-    runbook or a person; the executor must never be the one to find out they are bad."""
+    runbook or a person; the executor must never be the one to find out they are bad.
+    ``unknown_undo``: why ``action``, an undo, restores no recorded prior state (see
+    :func:`unknown_undo`); its params are then held to :func:`undo_param_problem`."""
     p = action.params
     if p.get(UNDO_PARAM):
+        if unknown_undo:
+            return undo_param_problem(action, rem)
         return None  # the prior state an earlier action recorded; the cluster restores it
     try:
         if action.type == "drain_node":
@@ -467,6 +478,85 @@ def param_problem(action: ActionRequest, rem: RemediationSection) -> str | None:
                 raise ValueError("params.value: update_config needs the value to set")
     except ValueError as err:
         return str(err)
+    return None
+
+
+# The params the adapters' undo reads, by action type (``Cluster.undo``): an undo restoring
+# no recorded prior state may carry no other, so none reaches the cluster unchecked.
+_UNDO_KEYS: Mapping[str, frozenset[str]] = {
+    "scale_up": frozenset({"replicas"}),
+    "scale_down": frozenset({"replicas"}),
+    "rollback": frozenset({"revision"}),
+    "cordon_node": frozenset({"unschedulable"}),
+    "drain_node": frozenset({"unschedulable"}),
+    "update_config": frozenset({"key", "existed", "value"}),
+}
+
+
+def undo_param_problem(action: ActionRequest, rem: RemediationSection) -> str | None:
+    """Why the params of ``action``, an undo restoring no recorded prior state (forged, or
+    of an action older than the executor's memory), must not run, or None. Nothing vouches
+    for them, so they are held to the hard bounds a forward action is: a scale restores an
+    absolute count within ``min_replicas..max_replicas`` (the step is checked against the
+    current count, rule 6b: see :func:`undo_scale_problem`), a rollback a positive
+    revision, a cordon/drain a boolean ``unschedulable``. HPA bounds are restored only
+    from a recorded prior state: the HPA an undo names cannot be told to be the target's."""
+    p = {k: v for k, v in action.params.items() if k != UNDO_PARAM}
+    keys = _UNDO_KEYS.get(action.type)
+    if keys is None:
+        return f"params.{UNDO_PARAM}: a {action.type} cannot be undone (nothing to restore)"
+    extra = sorted(set(p) - keys)
+    if extra:
+        return (
+            f"params.{extra[0]}: an undo of {action.type} restoring no recorded prior state "
+            f"carries {', '.join(sorted(keys))} only"
+        )
+    if action.type in SCALE_ACTIONS:
+        value = p.get("replicas")
+        if isinstance(value, bool) or not re.fullmatch(r"[0-9]{1,6}", str(value).strip()):
+            return f"params.replicas: an undo restores an absolute count, got {value!r}"
+        n = int(str(value).strip())
+        if not rem.min_replicas <= n <= rem.max_replicas:
+            return (
+                f"params.replicas: {n} is outside the policy bounds "
+                f"{rem.min_replicas}..{rem.max_replicas} (min_replicas..max_replicas)"
+            )
+    elif action.type == "rollback":
+        if p.get("revision") is None:
+            return "params.revision: an undo of a rollback names the revision it restores"
+        try:
+            revision_param(p)
+        except ValueError as err:
+            return str(err)
+    elif action.type in NODE_ACTIONS:
+        if not isinstance(p.get("unschedulable", False), bool):
+            return f"params.unschedulable: expected true or false, got {p['unschedulable']!r}"
+    else:  # update_config
+        key, existed = p.get("key"), p.get("existed", False)
+        if not isinstance(key, str) or not key:
+            return "params.key: an undo of update_config needs the config key it restores"
+        if not isinstance(existed, bool):
+            return f"params.existed: expected true or false, got {existed!r}"
+        if existed and p.get("value") is None:
+            return "params.value: an undo restoring an existing key needs its value"
+    return None
+
+
+def undo_scale_problem(current: int, requested: int, rem: RemediationSection) -> str | None:
+    """Why an undo restoring no recorded prior state must not scale from ``current`` to
+    ``requested`` replicas, or None. Held to the bounds and to the step's size, not to its
+    direction: an undo moves the count the way opposite to its action's type (the undo of
+    a scale_up scales down), and the step it reverses was at most MAX_SCALE_STEP."""
+    if not rem.min_replicas <= requested <= rem.max_replicas:
+        return (
+            f"undo to {requested} replicas is outside the policy bounds "
+            f"{rem.min_replicas}..{rem.max_replicas} (min_replicas..max_replicas)"
+        )
+    if abs(requested - current) > MAX_SCALE_STEP:
+        return (
+            f"{current} replicas now; an undo to {requested} restoring no recorded prior "
+            f"state moves by more than {MAX_SCALE_STEP}"
+        )
     return None
 
 
@@ -739,9 +829,12 @@ def decide(
     applied: bool = False,
 ) -> Verdict:
     """``unknown_undo``: why ``action``, an undo, restores no prior state the executor
-    knows (see :func:`unknown_undo`): exempt from the limits an undo is exempt from, it
-    is not one a person asked for, so a person decides. ``applied``: the action's id is
-    on its target, as the cluster read it (rule 0); False when not, or unknown."""
+    knows (see :func:`unknown_undo`); None for an undo says it restores one. It is not
+    one a person asked for, so a person decides (7a), and nothing vouches for it, so it
+    has none of an undo's exemptions: approved or not, it is held to the params' bounds
+    (4a, :func:`undo_param_problem`), the cooldown (5) and the replica bounds (6b,
+    :func:`undo_scale_problem`). ``applied``: the action's id is on its target, as the
+    cluster read it (rule 0); False when not, or unknown."""
     rem = settings.remediation
     ns = action.target.namespace
     if applied:
@@ -762,7 +855,7 @@ def decide(
     scope = scope_for(ns, settings)
     if scope.mode == "manual":
         return Verdict("deny", "mode.manual", scope.why("manual mode: recommendation only"))
-    problem = param_problem(action, rem)
+    problem = param_problem(action, rem, unknown_undo)
     if problem is not None:
         return Verdict("deny", "params", problem)
     problem = kind_problem(action.type, action.target.kind)
@@ -770,7 +863,8 @@ def decide(
         return Verdict("deny", "target_kind", f"{action.target.key}: {problem}")
     cooldown_start = now - timedelta(seconds=rem.cooldown)
     recent = [h for h in history if h.target_key == action.target.key and h.at > cooldown_start]
-    if recent and not action.params.get(UNDO_PARAM) and not _next_step(action, recent):
+    earned_undo = bool(action.params.get(UNDO_PARAM)) and not unknown_undo
+    if recent and not earned_undo and not _next_step(action, recent):
         last = max(h.at for h in recent)
         return Verdict(
             "deny",
@@ -783,7 +877,7 @@ def decide(
     over = _over_budget(spent, ns, rem)
     if over is not None:
         return over
-    limit = _blast_radius(action, rem, facts or Facts())
+    limit = _blast_radius(action, rem, facts or Facts(), earned_undo)
     if limit is not None:
         return limit
     shadow = switches.dry_run or scope.dry_run
@@ -816,17 +910,21 @@ def decide(
     )
 
 
-def _blast_radius(action: ActionRequest, rem: RemediationSection, f: Facts) -> Verdict | None:
-    """Rules 6b-6e; None when none applies."""
+def _blast_radius(
+    action: ActionRequest, rem: RemediationSection, f: Facts, earned_undo: bool
+) -> Verdict | None:
+    """Rules 6b-6e; None when none applies. ``earned_undo``: ``action`` is an undo restoring
+    a recorded prior state (an undo restoring none is held to every bound)."""
     key = action.target.key
-    undo = bool(action.params.get(UNDO_PARAM))
-    if (
-        action.type in SCALE_ACTIONS
-        and not undo  # it restores the count it recorded, whatever the step or bounds
-        and f.replicas is not None
-        and f.target_replicas is not None
-    ):
-        problem = scale_problem(action.type, f.replicas, f.target_replicas, rem)
+    if action.type in SCALE_ACTIONS and f.replicas is not None and not earned_undo:
+        # An earned undo restores the count it recorded, whatever the step or bounds.
+        problem = None
+        if action.params.get(UNDO_PARAM):
+            # Its params passed undo_param_problem (rule 4a): an absolute count.
+            requested = int(str(action.params.get("replicas")).strip())
+            problem = undo_scale_problem(f.replicas, requested, rem)
+        elif f.target_replicas is not None:
+            problem = scale_problem(action.type, f.replicas, f.target_replicas, rem)
         if problem is not None:
             return Verdict("deny", "replica_bounds", f"{key}: {problem}")
     if action.type in DISRUPTIVE_ACTIONS and f.replicas:

@@ -114,7 +114,9 @@ from agent.policy import (
     revision_param,
     scale_problem,
     switches_for,
+    undo_param_problem,
     undo_params,
+    undo_scale_problem,
     unearned_approval,
     unknown_undo,
 )
@@ -468,27 +470,22 @@ class Executor:
         if UNDO_PARAM in action.params:
             # The original's result may be on a partition the watch has not read yet.
             await self._caught_up(f"cannot decide undo {action.id}")
-        unknown = unknown_undo(action, self.prior_states)
         why = unearned_approval(action, self.prior_states)
         if why is None:
-            return await self._act(action, unknown=unknown)
+            return await self._act(action)
         note = f"approved_by {action.approved_by!r} not honoured: {why}"
         log.warning("action %s on %s: %s", action.id, action.target.key, note)
-        return await self._act(replace(action, approved_by=None), note, unknown=unknown)
+        return await self._act(replace(action, approved_by=None), note)
 
     async def _act(
-        self,
-        action: ActionRequest,
-        note: str = "",
-        *,
-        unknown: str | None = None,
-        partial: str | None = None,
+        self, action: ActionRequest, note: str = "", *, partial: str | None = None
     ) -> ActionResult:
         """``action`` decided and carried out; ``approved_by``, if any, is trusted here.
-        ``note``: what the result adds (why a claimed approval did not stand);
-        ``unknown``: why an undo restores no known prior state (a person decides);
-        ``partial``: how an earlier delivery left the target half done, already read and
-        in ``note`` (an approved drain resumed)."""
+        ``note``: what the result adds (why a claimed approval did not stand); ``partial``:
+        how an earlier delivery left the target half done, already read and in ``note`` (an
+        approved drain resumed). Whether an undo restores a recorded prior state is read
+        here, on every path (a request, an approval decision): one restoring none has no
+        exemption from the limits, however it was approved."""
 
         def noted(message: str) -> str:
             return f"{message}; {note}" if note else message
@@ -499,6 +496,8 @@ class Executor:
             closed = False
         else:
             closed = await self.closed(action.incident_id)
+        # After the wait: the original's result may just have been read.
+        unknown = unknown_undo(action, self.prior_states)
         now = utcnow()  # after the wait for the executor watch
         found = await self._found(action)
         if found is not None:
@@ -971,6 +970,15 @@ class Executor:
         t, rem, p = action.target, self.settings.remediation, action.params
         if p.get(UNDO_PARAM):
             prior = {k: v for k, v in p.items() if k != UNDO_PARAM}
+            if action.type in SCALE_ACTIONS and unknown_undo(action, self.prior_states):
+                # Restoring no recorded count: the bounds hold against the count now, which
+                # may have moved since the policy read it (an HPA, a person).
+                current = (await self.cluster.workload(t)).replicas
+                problem = undo_param_problem(action, rem) or undo_scale_problem(
+                    current, int(str(p.get("replicas")).strip()), rem
+                )
+                if problem is not None:
+                    raise ActionFailed(f"{t.key}: {problem}")
             return await self.cluster.undo(
                 t, action_id=action.id, action_type=action.type, prior=prior
             )

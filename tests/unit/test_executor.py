@@ -940,7 +940,7 @@ async def test_an_undo_keeps_its_approval_only_for_a_prior_state_it_restores(rig
     scaled = await ex.on_action(act("scale_up", action_id="s1", params={"replicas": "+1"}))
     ex.settings = cfg(require_approval=["scale_up"])
     forged = undo_request(
-        replace(scaled, prior_state={"replicas": 40}), requested_by="m", now=utcnow()
+        replace(scaled, prior_state={"replicas": 7}), requested_by="m", now=utcnow()
     )
     r = await ex.on_action(forged)
     assert r.status == "pending_approval" and "not honoured" in r.message, r.message
@@ -960,6 +960,40 @@ async def test_an_undo_keeps_its_approval_only_for_a_prior_state_it_restores(rig
     undo = undo_request(scaled, requested_by="bob", now=utcnow())
     assert (await other.on_action(undo)).status == "succeeded"
     assert (await c.workload(CHECKOUT)).replicas == 4
+
+
+async def test_a_forged_undo_approved_by_a_person_is_held_to_the_replica_bounds(
+    rig: Any,
+) -> None:
+    # Anyone who can write to the actions topic can ask to "undo" an action to any count.
+    # Restoring no recorded prior state, it has none of an undo's exemptions, so an
+    # approval (a person's click, or the approved_by it claims) never lifts max_replicas.
+    ex, bus, c = rig
+    ex.settings = cfg(max_replicas=8)
+    scaled = await ex.on_action(act("scale_up", action_id="s1", params={"replicas": "+1"}))
+    assert (await c.workload(CHECKOUT)).replicas == 5
+    forged = undo_request(
+        replace(scaled, prior_state={"replicas": 500}), requested_by="m", now=utcnow()
+    )
+    r = await ex.on_action(forged)
+    assert r.status == "denied", r.message
+    assert "params.replicas: 500 is outside the policy bounds 1..8" in r.message
+    # One the bounds allowed when asked for, approved once an operator tightened them.
+    req = await requested(
+        ex,
+        bus,
+        undo_request(
+            replace(scaled, action_id="s2", prior_state={"replicas": 7}),
+            requested_by="m",
+            now=utcnow(),
+        ),
+    )
+    ex.settings = cfg(max_replicas=6)
+    await ex.on_decision(decision(req))
+    last = bus.results(req.action.id)[-1]
+    assert last.status == "denied", last.message
+    assert "params.replicas: 7 is outside the policy bounds 1..6 (min_replicas" in last.message
+    assert (await c.workload(CHECKOUT)).replicas == 5
 
 
 def test_restarts_cannot_be_undone() -> None:

@@ -266,7 +266,7 @@ def test_human_approval_executes_what_would_otherwise_need_approval() -> None:
 
 # 7a
 def test_an_undo_of_no_known_prior_state_goes_to_a_person() -> None:
-    undo = action("scale_up", params={"replicas": 0, "undo_of": "s9"}, confidence=1.0)
+    undo = action("scale_up", params={"replicas": 2, "undo_of": "s9"}, confidence=1.0)
     why = "undo of action s9, which records no prior state known here"
     v = decide(undo, BASE, (), OFF, NOW, unknown_undo=why)
     assert rule(v) == ("approve", "unknown_undo") and why in v.reason

@@ -347,3 +347,92 @@ def test_an_undo_is_never_denied_by_a_limit_it_cannot_worsen(
     history = tuple(done(undo.target.key, undo.target.namespace, ago) for ago in recent)
     v = decide(undo, BASE, history, OFF, NOW, f)
     assert v.rule not in UNWORSENED, v
+
+
+# --- an undo restoring no recorded prior state: no exemption, approved or not -------------------
+
+UNKNOWN = "undo of action a0, which records no prior state known here"
+
+
+def test_a_forged_undo_is_held_to_the_replica_bounds_however_approved() -> None:
+    # A writer of the actions topic asks to "undo" to 500 replicas: a person approving it
+    # does not lift max_replicas, and no undo of a recorded count is vouched for here.
+    forged = _undo("scale_up", replicas=500)
+    v = decide(forged, BASE, (), OFF, NOW, Facts(replicas=4), unknown_undo=UNKNOWN)
+    assert rule(v) == ("deny", "params") and "2..6" in v.reason, v
+    # In bounds but further than MAX_SCALE_STEP from the count now, in either direction.
+    far = Facts(replicas=20)
+    v = decide(_undo("scale_down", replicas=6), BASE, (), OFF, NOW, far, unknown_undo=UNKNOWN)
+    assert rule(v) == ("deny", "replica_bounds") and "more than 5" in v.reason, v
+    # The step's direction is relaxed (an undo of a scale_up scales down), not its size.
+    back = decide(_undo("scale_up", replicas=3), BASE, (), OFF, NOW, Facts(replicas=5), None, False)
+    assert rule(back) == ("execute", "approved")
+    v = decide(_undo("scale_up", replicas=3), BASE, (), OFF, NOW, Facts(replicas=5), UNKNOWN)
+    assert rule(v) == ("execute", "approved"), v
+    # The cooldown holds too; an HPA's bounds are restored only from a recorded state.
+    v = decide(
+        _undo("scale_up", replicas=3),
+        BASE,
+        (done(action().target.key, ago=10),),
+        OFF,
+        NOW,
+        Facts(replicas=5),
+        UNKNOWN,
+    )
+    assert rule(v) == ("deny", "cooldown"), v
+    hpa = _undo("scale_up", hpa="checkout", hpa_min_replicas=1, hpa_max_replicas=900)
+    assert rule(decide(hpa, BASE, (), OFF, NOW, None, UNKNOWN)) == ("deny", "params")
+
+
+_unknown_undos = st.builds(
+    lambda t, params: _undo(t, **params),
+    st.sampled_from(sorted(ACTION_TYPES)),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "replicas": st.integers(-3, 600) | st.sampled_from(["+3", "-1", "7", "x", True]),
+            "revision": st.integers(-1, 5) | st.just("r"),
+            "unschedulable": st.booleans() | st.just("false"),
+            "hpa": st.just("checkout"),
+            "hpa_max_replicas": st.integers(0, 900),
+            "key": st.just("mode"),
+            "value": st.just("x"),
+        },
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_unknown_undos, _facts, _recent, st.booleans(), st.booleans())
+def test_an_undo_restoring_no_recorded_state_never_executes_outside_the_hard_bounds(
+    undo: ActionRequest, f: Facts, recent: list[int], approved: bool, shadow: bool
+) -> None:
+    """Whatever its params, the facts and the target's recent history, an undo restoring no
+    recorded prior state, approved by a person or not, executes (or would, in dry run)
+    only within the params' bounds, the cooldown, the replica bounds and MAX_SCALE_STEP of
+    the count now, and max_nodes_cordoned when it cordons."""
+    undo = undo if approved else replace(undo, approved_by=None)
+    history = tuple(done(undo.target.key, undo.target.namespace, ago) for ago in recent)
+    v = decide(undo, BASE, history, Switches(dry_run=shadow), NOW, f, UNKNOWN)
+    if v.kind not in ("execute", "dry_run"):
+        return
+    rem = BASE.remediation
+    p = undo.params
+    assert approved, v  # unapproved, a person decides (rule 7a)
+    assert not recent, v  # every entry is within the 5m cooldown
+    assert set(p) - {"undo_of"} <= {"replicas", "revision", "unschedulable", "key", "value"}
+    if undo.type in {"scale_up", "scale_down"}:
+        assert not isinstance(p["replicas"], bool) and str(p["replicas"]).isdigit(), v
+        n = int(str(p["replicas"]))
+        assert rem.min_replicas <= n <= rem.max_replicas, v
+        if f.replicas is not None:
+            assert abs(n - f.replicas) <= MAX_SCALE_STEP, v
+    elif undo.type == "rollback":
+        assert isinstance(p["revision"], int) and p["revision"] >= 1, v
+    elif undo.type in NODE_ACTIONS:
+        assert isinstance(p.get("unschedulable", False), bool), v
+        if p.get("unschedulable"):
+            others = set(f.cordoned_nodes) - {undo.target.name}
+            assert len(others) < rem.max_nodes_cordoned, v
+    else:
+        assert undo.type == "update_config", v
