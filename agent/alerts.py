@@ -61,6 +61,14 @@ MAX_ALERTS = 1000
 # Alert names whose first ignoring is remembered (logged once); past it, each is logged.
 MAX_IGNORED_NAMES = 1000
 
+# Distinct alert names a source's sre_agent_ignored_alerts_total labels, and the longest:
+# any writer of a feed or holder of the webhook token picks them (SREAgent<random>), and
+# each new one would be a series kept for the process's life. Past them, name="other".
+# The shipped SREAgent* rules are a handful; the heartbeat is always named.
+MAX_IGNORED_METRIC_NAMES = 50
+MAX_IGNORED_METRIC_NAME_LEN = 128
+OTHER_NAME = "other"
+
 IgnoreReason = Literal["own", "heartbeat"]
 
 _SEVERITY: Mapping[str, Severity] = {
@@ -201,15 +209,28 @@ class Ignored:
 
 class IgnoredAlerts:
     """Counts the alerts a source ignores (``sre_agent_ignored_alerts_total``) and logs the
-    first of each name at INFO: never silently, nor once per notification."""
+    first of each name at INFO: never silently, nor once per notification. The metric
+    names the first MAX_IGNORED_METRIC_NAMES names of own alerts (and the heartbeat);
+    any later one is counted as ``name="other"``, its name in the log."""
 
     def __init__(self, metrics: Metrics, *, source: str) -> None:
         self.metrics = metrics
         self.source = source
         self._logged: set[tuple[str, str]] = set()
+        self._named: set[str] = set()  # the names the metric carries
+
+    def metric_name(self, name: str, reason: IgnoreReason) -> str:
+        """The ``name`` label ``name`` is counted under: bounded, whoever sends alerts."""
+        if reason == "heartbeat" or name in self._named:
+            return name  # one configured name
+        if len(self._named) < MAX_IGNORED_METRIC_NAMES and len(name) <= MAX_IGNORED_METRIC_NAME_LEN:
+            self._named.add(name)
+            return name
+        return OTHER_NAME
 
     def record(self, name: str, reason: IgnoreReason) -> None:
-        self.metrics.ignored_alerts.labels(source=self.source, reason=reason, name=name).inc()
+        label = self.metric_name(name, reason)
+        self.metrics.ignored_alerts.labels(source=self.source, reason=reason, name=label).inc()
         if (name, reason) in self._logged:
             return
         if len(self._logged) < MAX_IGNORED_NAMES:

@@ -8,8 +8,10 @@ import orjson
 import pytest
 
 from agent.alerts import (
+    MAX_IGNORED_METRIC_NAMES,
     AlertFilter,
     Ignored,
+    IgnoredAlerts,
     ignored_reason,
     parse_alertmanager_record,
     parse_notification,
@@ -273,3 +275,33 @@ def test_a_feed_records_own_alerts_are_decoded_as_ignored_in_their_place() -> No
     assert got[0] == Ignored("SREAgentDeadLetters", "own")
     assert isinstance(got[1], Anomaly) and got[1].labels["service"] == "cart"
     assert got[2:] == [Ignored("Watchdog", "heartbeat"), Ignored("SREAgentNotReady", "own")]
+
+
+def test_the_ignored_alerts_metric_names_a_bounded_set_of_alert_names() -> None:
+    # Whoever writes to a feed picks the names: SREAgent<random> must not grow the
+    # metric's series without bound. Past the first names, each is counted as "other".
+    from agent.metrics import Metrics
+
+    metrics = Metrics()
+    ignored = IgnoredAlerts(metrics, source="feed")
+    flood = [f"SREAgent{i:05d}" for i in range(MAX_IGNORED_METRIC_NAMES + 200)]
+    for name in [*flood, "SREAgent00000", "SREAgent" + "x" * 500]:
+        ignored.record(name, "own")
+    ignored.record("Watchdog", "heartbeat")  # the configured heartbeat is always named
+
+    def count(name: str, reason: str = "own") -> float | None:
+        labels = {"source": "feed", "reason": reason, "name": name}
+        return metrics.registry.get_sample_value("sre_agent_ignored_alerts_total", labels)
+
+    series = {
+        s.labels["name"]
+        for m in metrics.registry.collect()
+        if m.name == "sre_agent_ignored_alerts"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert len(series) == MAX_IGNORED_METRIC_NAMES + 2  # the first names, other, Watchdog
+    assert count("SREAgent00000") == 2  # a name already counted keeps its series
+    assert count(flood[MAX_IGNORED_METRIC_NAMES]) is None
+    assert count("other") == 200 + 1  # nothing goes uncounted
+    assert count("Watchdog", "heartbeat") == 1
