@@ -48,7 +48,8 @@ leaked token costs a lot. What it recognises:
   redis-cli prompt or in a redis-cli command line, not the word elsewhere ("AUTH failed");
   ``ACL SETUSER``'s ``>password`` and ``<password`` rules and ``#hash``/``!hash`` (an
   unsalted SHA-256), and the same in a ``users.acl`` or ``ACL LIST`` line (``user alice
-  on >pw ~* +@all``: "user", a name, nothing but ACL rules);
+  on >pw ~* +@all``: "user", a name, nothing but ACL rules), in a selector too
+  (``(>pw ~tmp:*)``);
 - openssl's pass phrase arguments (``-passin pass:X``, ``-passout``, ``-pass``): after
   ``pass:`` to the next blank, or to the closing quote of a quoted argument; ``env:VAR``,
   ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept; ``-k password``
@@ -352,19 +353,23 @@ _REDIS_CLI_AUTH = re.compile(
 )
 # ACL SETUSER's >password and <password rules (adding or removing a password both name
 # it), in a command or as MONITOR quotes it; its #hash and !hash too: an unsalted SHA-256
-# of a password is a dictionary attack away from it, and tells the model nothing.
+# of a password is a dictionary attack away from it, and tells the model nothing. Also as
+# a selector's first rule, after its "(": redis refuses them there, but a rejected command
+# or a hand-edited users.acl is logged all the same.
 _REDIS_ACL_SETUSER = re.compile(
     r"(?i)(?<![\w-])([\"']?)acl\1[ \t]+\1setuser\1(?P<args>[ \t,][^\r\n]*)"
 )
 _ACL_PASSWORD = re.compile(
-    r"(?<=[\s,])(?P<q>[\"'])?(?:(?P<op>[<>])(?(q)(?:(?!(?P=q))[^\r\n\\]|\\.)*|[^\s\"']+)"
+    r"(?<=[\s,])(?P<q>[\"'])?(?P<sel>\()?(?:(?P<op>[<>])(?(q)(?:(?!(?P=q))[^\r\n\\]|\\.)*|[^\s\"']+)"
     r"|(?P<hop>[#!])[0-9a-fA-F]{64}(?![\w]))"
 )
 # A users.acl line, or ACL LIST's (1) "user alice on #... ~* +@all"): "user", a name and
 # nothing but ACL rules after it, so prose ("user bob logged in") is none.
 _ACL_RULE = (
     r"(?:on|off|nopass|resetpass|reset|resetkeys|resetchannels|allkeys|allchannels"
-    r"|allcommands|nocommands|(?:skip-)?sanitize-payload|[~%&+\-<>#!]\S*|\([^)\r\n]*\)"
+    r"|allcommands|nocommands|(?:skip-)?sanitize-payload|[~%&+\-<>#!]\S*"
+    # A selector, to the ")" that ends a word: a password in it may hold one.
+    r"|\((?:[^)\r\n]|\)(?=[^\s\"']))*\)"
     r"|\[REDACTED\])"
 )
 _REDIS_ACL_USER = re.compile(
@@ -710,7 +715,12 @@ def _redis_auth(m: re.Match[str]) -> str:
 
 def _acl_passwords(m: re.Match[str]) -> str:
     def password(p: re.Match[str]) -> str:
-        return f"{p.group('q') or ''}{p.group('op') or p.group('hop')}{REDACTED}"
+        # A selector's ")" after a bare password closes the selector: kept, as its "(" is.
+        before = p.string[: p.start()]
+        inside = before.count("(") + bool(p.group("sel")) > before.count(")")
+        close = ")" if inside and not p.group("q") and p.group(0)[-1] == ")" else ""
+        sign = p.group("op") or p.group("hop")
+        return f"{p.group('q') or ''}{p.group('sel') or ''}{sign}{REDACTED}{close}"
 
     args = _ACL_PASSWORD.sub(password, m.group("args"))
     whole, start = m.group(0), m.start()

@@ -1263,6 +1263,10 @@ HEX64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
             '2) "user app on #{hash} ~cache:* resetchannels -@all +get"',
             "ACL SETUSER app on #{hash} ~cache:* +get",
             '1733600000.1 [0 lua] "ACL" "SETUSER" "app" "on" "!{hash}" "~*"',
+            # In a selector, first or not: redis refuses it, but the line is logged.
+            "user app on #{hash} (>{pw} ~tmp:*) (~jobs:* <{pw}) +@all",
+            "ACL SETUSER app on ~cache:* (>{pw} +get)",
+            '1733600000.1 [0 lua] "ACL" "SETUSER" "app" "(>{pw} ~tmp:*)" "~*"',
         ]
     ),
 )
@@ -1288,6 +1292,12 @@ def test_redis_users_acl_passwords_and_hashes_never_leak(pw: str, hash: str, for
         # Hypothesis found a password named like a directive: its rule took "~*" for the
         # value, and the line was no ACL line any more.
         ("user alice on >REQUIREPASS ~* +@all", f"user alice on >{REDACTED} ~* +@all"),
+        # A password as a selector's first rule, after its "(", was no rule's: it survived.
+        (
+            "user alice on (>s3cret ~tmp:*) (~jobs:* >pa)ss) +@all",
+            f"user alice on (>{REDACTED} ~tmp:*) (~jobs:* >{REDACTED}) +@all",
+        ),
+        ("ACL SETUSER alice (<s3cret +get)", f"ACL SETUSER alice (<{REDACTED} +get)"),
         (
             "ACL SETUSER app on #" + "9f86d081" * 8 + " ~* +@all",
             f"ACL SETUSER app on #{REDACTED} ~* +@all",
