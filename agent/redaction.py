@@ -49,7 +49,7 @@ leaked token costs a lot. What it recognises:
   ``ACL SETUSER``'s ``>password`` and ``<password`` rules and ``#hash``/``!hash`` (an
   unsalted SHA-256), and the same in a ``users.acl`` or ``ACL LIST`` line (``user alice
   on >pw ~* +@all``: "user", a name, nothing but ACL rules), in a selector too
-  (``(>pw ~tmp:*)``);
+  (``(>pw ~tmp:*)``); the hashes ``ACL GETUSER`` lists under "passwords";
 - openssl's pass phrase arguments (``-passin pass:X``, ``-passout``, ``-pass``): after
   ``pass:`` to the next blank, or to the closing quote of a quoted argument; ``env:VAR``,
   ``file:path``, ``fd:N`` and ``stdin`` say where it is and are kept; ``-k password``
@@ -363,6 +363,15 @@ _ACL_PASSWORD = re.compile(
     r"(?<=[\s,])(?P<q>[\"'])?(?P<sel>\()?(?:(?P<op>[<>])(?(q)(?:(?!(?P=q))[^\r\n\\]|\\.)*|[^\s\"']+)"
     r"|(?P<hop>[#!])[0-9a-fA-F]{64}(?![\w]))"
 )
+# ACL GETUSER's answer lists a user's password hashes, bare, under "passwords": as redis-cli
+# prints it (3) "passwords" over 4) 1) "<hash>"), raw (one a line) or in RESP3 ("passwords"
+# => 1) "<hash>"). The hashes are what ACL LIST shows as #hash: a dictionary away from the
+# password.
+_REDIS_GETUSER_PASSWORDS = re.compile(
+    r"(?m)^[ \t]*(?:\d+[)#][ \t]*)?(?P<q>\"?)passwords(?P=q)[ \t]*(?:=>[ \t]*|\r?\n)"
+    r"(?P<items>(?:[ \t]*(?:\d+[)~][ \t]*)*\"?[0-9a-fA-F]{64}\"?[ \t]*(?:\r?\n|\Z))+)"
+)
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 # A users.acl line, or ACL LIST's (1) "user alice on #... ~* +@all"): "user", a name and
 # nothing but ACL rules after it, so prose ("user bob logged in") is none.
 _ACL_RULE = (
@@ -727,6 +736,11 @@ def _acl_passwords(m: re.Match[str]) -> str:
     return whole[: m.start("args") - start] + args + whole[m.end("args") - start :]
 
 
+def _getuser_passwords(m: re.Match[str]) -> str:
+    items = _HEX64.sub(REDACTED, m.group("items"))
+    return m.group(0)[: m.start("items") - m.start()] + items
+
+
 def redact(text: str) -> str:
     """``text`` with every recognised secret replaced by ``[REDACTED]``."""
     if not text:
@@ -747,6 +761,8 @@ def redact(text: str) -> str:
         text = _MYSQL_COMMAND.sub(_mysql_passwords, text)
     if "redis-cli" in text:
         text = _REDIS_CLI_COMMAND.sub(_redis_cli_passwords, text)
+    if "passwords" in text:  # before key=value's, which takes RESP3's => for a separator
+        text = _REDIS_GETUSER_PASSWORDS.sub(_getuser_passwords, text)
     text = _NAMED_VALUE.sub(_key_value, text)
     text = _CONNECTION_PASSWORD.sub(_connection_password, text)
     text = _KEY_VALUE.sub(_key_value, text)

@@ -1282,6 +1282,30 @@ def test_redis_users_acl_passwords_and_hashes_never_leak(pw: str, hash: str, for
     assert out.count("\n") == text.count("\n") and out.count('"') == text.count('"')
 
 
+@given(
+    st.lists(HEX64, min_size=1, max_size=3),
+    st.sampled_from(["resp2", "raw", "resp3", "crlf"]),
+)
+def test_acl_getuser_password_hashes_never_leak(hashes: list[str], form: str) -> None:
+    # ACL GETUSER lists a user's password hashes bare, under "passwords": no # marks them.
+    if form == "raw":
+        text = "flags\non\npasswords\n" + "".join(f"{h}\n" for h in hashes) + "commands\n+@all\n"
+    elif form == "resp3":
+        items = "\n".join(f'   {i}) "{h}"' for i, h in enumerate(hashes, 1)).lstrip()
+        text = f'1# "flags" => 1~ "on"\n2# "passwords" => {items}\n3# "commands" => "+@all"\n'
+    else:
+        items = "\n".join(f'    {i}) "{h}"' for i, h in enumerate(hashes, 1)).lstrip()
+        text = (
+            '127.0.0.1:6379> ACL GETUSER app\n 1) "flags"\n 2) 1) "on"\n 3) "passwords"\n'
+            f' 4) {items}\n 5) "commands"\n 6) "+@all"\n'
+        )
+        text = text.replace("\n", "\r\n") if form == "crlf" else text
+    out = redact(text)
+    for h in hashes:
+        assert h not in out
+    assert "+@all" in out and out.count("\n") == text.count("\n")
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -1298,6 +1322,10 @@ def test_redis_users_acl_passwords_and_hashes_never_leak(pw: str, hash: str, for
             f"user alice on (>{REDACTED} ~tmp:*) (~jobs:* >{REDACTED}) +@all",
         ),
         ("ACL SETUSER alice (<s3cret +get)", f"ACL SETUSER alice (<{REDACTED} +get)"),
+        (
+            '3) "passwords"\n4) 1) "' + "9f86d081" * 8 + '"\n5) "commands"',
+            f'3) "passwords"\n4) 1) "{REDACTED}"\n5) "commands"',
+        ),
         (
             "ACL SETUSER app on #" + "9f86d081" * 8 + " ~* +@all",
             f"ACL SETUSER app on #{REDACTED} ~* +@all",
