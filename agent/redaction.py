@@ -9,7 +9,8 @@ leaked token costs a lot. What it recognises:
 - ``Authorization:`` headers and ``Bearer``/``Basic`` credentials: a header's value to the
   end of its line or, when the header is inside a (JSON) string, of that string, so the
   rest of a JSON line stays JSON;
-- ``key=value`` / ``key: value`` / ``"key": "value"`` where the key names a secret
+- ``key=value`` / ``key: value`` / ``"key": "value"`` (``"key"=>"value"``, ``key := value``
+  too) where the key names a secret
   (password, token, secret, api key, access key, credential, cookie, signature, ...),
   or ends in "pass" (``SMTP_PASS``, ``smtpPass``, ``pass``, ``DBPASS``, ``$dbpass``; not
   ``BYPASS``, ``COMPASS``, ``PASSED``, ``PASSTHROUGH``),
@@ -92,8 +93,13 @@ def _escaped_quoted(esc: str) -> str:
 _ESCAPED_QUOTED = _escaped_quoted("esc")
 # Between key and value: the key's closing quote, escaped or not, then : or =; ``gap``:
 # a space after it, as in YAML and config files, where a bare value holds spaces.
-# ``nl``: the key ends its line, as a YAML mapping's does.
-_SEPARATOR = r"(?P<sep>(?:\\*[\"'])?\s*[:=](?:(?P<gap>[ \t]+)|(?P<nl>[ \t]*\r?\n\s*)|))"
+# ``nl``: the key ends its line, as a YAML mapping's does. Ruby's and PHP's => and Go's :=
+# too: with = alone, the > or = was taken for the whole value and the secret after it left;
+# only before a blank or a quote, as they are written: password=>x is a value ">x".
+_SEPARATOR = (
+    r"(?P<sep>(?:\\*[\"'])?\s*(?:(?:=>|:=)(?=[ \t\"']|\\+\")|[:=])"
+    r"(?:(?P<gap>[ \t]+)|(?P<nl>[ \t]*\r?\n\s*)|))"
+)
 # A bare value after a gap: to the end of the line, or of the (JSON) string it is in,
 # whose closing quote is not preceded by a backslash of its own.
 _PHRASE = r"[^\s\"'\\][^\r\n\"\\]*(?:\\+(?![\\\"])[^\r\n\"\\]*)*"

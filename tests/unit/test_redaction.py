@@ -56,7 +56,7 @@ KEYS = st.sampled_from(
         "pwd",
     ]
 )
-SEPARATORS = st.sampled_from(["=", ": ", " = ", ":"])
+SEPARATORS = st.sampled_from(["=", ": ", " = ", ":", "=>", " => ", ":=", " := "])
 NOISE = st.text(alphabet="abcdefghij klm\n\t.,;:", max_size=40)
 
 
@@ -71,6 +71,26 @@ def test_key_value_secrets_never_leak(
     text = f"{before} {key}{sep}{secret} {after}"
     assume(secret not in f"{before} {key}{sep} {after}")
     assert not leaks(secret, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A Ruby hash as inspect prints it, a PHP array, Go's :=: the > or = after the key's
+        # = was the value, the secret after it was left.
+        (
+            '{"password"=>"s3cret", "user"=>"bob"}',
+            f'{{"password"=>"{REDACTED}", "user"=>"bob"}}',
+        ),
+        ('{:api_key=>"s3cret"}', f'{{:api_key=>"{REDACTED}"}}'),
+        ("'db_password' => 's3cret',", f"'db_password' => '{REDACTED}',"),
+        ('token := "s3cret"', f'token := "{REDACTED}"'),
+    ],
+)
+def test_hash_rockets_and_go_assignments_separate_a_key_from_its_secret(
+    text: str, expected: str
+) -> None:
+    assert redact(text) == expected
 
 
 @given(NOISE, KEYS, QUOTED, NOISE, st.sampled_from(['"', "'"]))
@@ -546,6 +566,12 @@ def test_env_var_secrets_named_in_name_value_pairs_never_leak(
     assert "LOG_LEVEL" in out and "debug" in out  # the var that names no secret survives
 
 
+@example(key="password", secret=">00000", form="{kv}", depth=1, separators=(",", ":")).via(
+    "a value that starts with > after = is no Ruby => separator: the > is the value's"
+)
+@example(key="password", secret=">\u00b50000", form="{kv}", depth=1, separators=(",", ":")).via(
+    "nor before a backslash that escapes no quote: JSON's \\u00b5"
+)
 @given(
     st.sampled_from(["password", "Password", "PWD", "token", "api_key", "name=DB_PASSWORD value"]),
     BARE,
