@@ -179,7 +179,9 @@ def _balanced(tag: str, depth: int) -> str:
     if depth:
         parts.append(r"\{" + _balanced(tag + "m", depth - 1) + r"\}")
         parts.append(r"\[" + _balanced(tag + "s", depth - 1) + r"\]")
-    return "(?:" + "|".join(parts) + ")*+"
+    # (?>...*), not ...*+: CPython 3.11's possessive repeat of a group that captures
+    # raised SystemError ("the span of capturing group is wrong", python/cpython#101955).
+    return "(?>(?:" + "|".join(parts) + ")*)"
 
 
 # A flow mapping, three levels deep at most, as a list's item: [{"name": "x", ...}].

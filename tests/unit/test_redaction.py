@@ -1224,6 +1224,12 @@ def test_a_list_that_mixes_scalars_mappings_and_lists_loses_every_secret(
             f'{{"passwords": [["{REDACTED}", "{REDACTED}"], ["{REDACTED}"]]}}',
         ),
         ("passwords: [[a1b2c3, d4e5f6]]", f"passwords: [[{REDACTED}, {REDACTED}]]"),
+        # A mapping in a list in escaped JSON: CPython 3.11's re raised SystemError on the
+        # possessive repeat that matched it (python/cpython#101955), and redact() with it.
+        (
+            r'"{\"tokens\": [{\"name\": \"x\", \"value\": 100000}]}"',
+            rf'"{{\"tokens\": [{{\"name\": \"x\", \"value\": \"{REDACTED}\"}}]}}"',
+        ),
     ],
 )
 def test_mixed_and_nested_lists_under_a_secret_key(text: str, expected: str) -> None:
