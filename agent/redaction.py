@@ -31,7 +31,8 @@ leaked token costs a lot. What it recognises:
   to the depth of the first;
 - the items of a list under such a key: a YAML block sequence (``tokens:`` over
   ``- abc123``) or a flow sequence (``tokens: [abc, def]``, ``{"tokens": ["abc"]}``), the
-  items of lists nested in it too (``[["a", "b"], ["c"]]``); an item that is a mapping
+  items of lists nested in it too (``[["a", "b"], ["c"]]``), at any depth (deeper than a
+  regex reaches, to its closing bracket within 64 KiB); an item that is a mapping
   (``- name: x`` over ``value: s3cret``, ``{"name": "x", "value": "s3cret"}``) keeps its
   keys and the values that name it (name, namespace, kind, user, username: a list of
   ``- name: regcred`` stays), its other values go; a bare item in a JSON list is replaced
@@ -204,17 +205,9 @@ _FLOW_SEQUENCE = (
     r"(?:\]|\Z))"
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
-_KEY_VALUE = re.compile(
-    r"(?i)(?P<key>\b"
-    + _SECRET_NAME
-    + ")"
-    + _REFERENCE_KEY
-    + _SEPARATOR
-    + _NO_KEY_BELOW
-    + r"(?P<value>"
-    + _FLOW_SEQUENCE
-    + "|"
-    + _STRUCTURE
+_KEY = r"(?i)(?P<key>\b" + _SECRET_NAME + ")" + _REFERENCE_KEY + _SEPARATOR + _NO_KEY_BELOW
+_SCALAR_VALUE = (
+    _STRUCTURE
     + "(?:"
     + _ESCAPED_QUOTED
     + "|"
@@ -223,8 +216,33 @@ _KEY_VALUE = re.compile(
     + _PHRASE
     + r"|"
     + _BARE
-    + ")))"
+    + "))"
 )
+# A [ that _FLOW_SEQUENCE cannot take (nested deeper than its regex reaches, or no list)
+# is ``deep``: _key_values finds where it closes, or else takes a scalar (_KEY_SCALAR).
+_KEY_VALUE = re.compile(
+    _KEY
+    + r"(?P<value>"
+    + _FLOW_SEQUENCE
+    + r"|(?P<deep>(?=\[(?!REDACTED\])))|"
+    + _SCALAR_VALUE
+    + ")"
+)
+_KEY_SCALAR = re.compile(_KEY + r"(?P<value>" + _SCALAR_VALUE + ")")
+# A structure's parts, to find where it closes: brackets, strings (whose brackets are
+# none), the rest.
+_STRUCTURE_TOKEN = re.compile(
+    r"(?P<open>[\[{])|(?P<close>[\]}])|"
+    + _escaped_quoted("tesc")
+    + "|"
+    + _QUOTED
+    + r"|[^\[\]{}\"'\\]+|.",
+    re.DOTALL,
+)
+# What may follow a value's end ("[]0000" is a scalar, not a list).
+_VALUE_END = re.compile(r"(?![^\s,}\]\"'\\])")
+# A deeper structure is not looked for to its end: beyond, its value is read as a scalar.
+_STRUCTURE_SCAN = 65536
 # A list's parts: its mappings, its scalars (those of nested lists too).
 _SEQUENCE_PARTS = re.compile(r"(?P<map>" + _flow_mapping("pm") + ")|" + _flow_scalar("iesc"))
 # A flow mapping's parts: a key, its value if a scalar, or a scalar that is no key's value.
@@ -510,6 +528,74 @@ def _key_value(m: re.Match[str]) -> str:
     return f"{m.group('key')}{m.group('sep')}{quote}{REDACTED}{quote}"
 
 
+def _structure_end(text: str, pos: int) -> int | None:
+    """Where the structure that opens at ``pos`` closes; None if not within reach."""
+    depth = 0
+    for t in _STRUCTURE_TOKEN.finditer(text, pos, pos + _STRUCTURE_SCAN):
+        if t.group("open") is not None:
+            depth += 1
+        elif t.group("close") is not None:
+            depth -= 1
+            if depth == 0:
+                return t.end() if _VALUE_END.match(text, t.end()) else None
+    return None
+
+
+def _deep_sequence(seq: str, bare: str) -> str:
+    """A list nested deeper than _sequence's regexes reach, replaced as _sequence does: the
+    text between its brackets by what holds it, a list's scalars or a mapping's values."""
+    out: list[str] = []
+    stack: list[str] = []
+    start = 0
+    for t in _STRUCTURE_TOKEN.finditer(seq):
+        bracket = t.group("open") or t.group("close")
+        if bracket is None:
+            continue
+        run = seq[start : t.start()]
+        if stack and stack[-1] == "{":
+            run = _MAPPING_PARTS.sub(lambda q: _mapping_part(q, bare), run)
+        elif stack:
+            run = _sequence(run, bare)
+        out.append(run + bracket)
+        if t.group("open") is not None:
+            stack.append(bracket)
+        elif stack:
+            stack.pop()
+        start = t.end()
+    out.append(seq[start:])  # nothing: the list ends at its closing bracket
+    return "".join(out)
+
+
+def _key_values(text: str) -> str:
+    """``text`` with the value of each key naming a secret replaced: _KEY_VALUE's, and a
+    list nested deeper than its regex reaches, every scalar in it, to its closing bracket."""
+    out: list[str] = []
+    pos = 0
+    # Searched from where the last value ended: a key inside a list replaced whole, its value
+    # run past the list's end, would hide a key after it.
+    while (m := _KEY_VALUE.search(text, pos)) is not None:
+        out.append(text[pos : m.start()])
+        pos = m.end()
+        if m.group("deep") is None:
+            out.append(_key_value(m))
+            continue
+        end = _structure_end(text, m.end())
+        if end is not None:
+            key_quote = _KEY_QUOTE.match(m.group("sep"))
+            bare = key_quote.group(0) if key_quote else ""
+            out.append(m.group(0) + _deep_sequence(text[m.end() : end], bare))
+            pos = end
+            continue
+        scalar = _KEY_SCALAR.match(text, m.start())
+        if scalar is None:  # a structure: the keys in it are checked on their own
+            out.append(m.group(0))
+        else:
+            out.append(_key_value(scalar))
+            pos = scalar.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def _string_close(prefix: str) -> int | None:
     """How many backslashes go before the quote that closes the innermost string, plain or
     escaped in another (``\\"``), that ``prefix`` ends in; None if in none. A string n
@@ -773,7 +859,7 @@ def redact(text: str) -> str:
         text = _REDIS_GETUSER_PASSWORDS.sub(_getuser_passwords, text)
     text = _NAMED_VALUE.sub(_key_value, text)
     text = _CONNECTION_PASSWORD.sub(_connection_password, text)
-    text = _KEY_VALUE.sub(_key_value, text)
+    text = _key_values(text)
     # After the rules above: a value of theirs holding the word is theirs, whole.
     lowered = text.lower()
     if "requirepass" in lowered or "masterauth" in lowered:

@@ -1230,10 +1230,107 @@ def test_a_list_that_mixes_scalars_mappings_and_lists_loses_every_secret(
             r'"{\"tokens\": [{\"name\": \"x\", \"value\": 100000}]}"',
             rf'"{{\"tokens\": [{{\"name\": \"x\", \"value\": \"{REDACTED}\"}}]}}"',
         ),
+        # A list past the regexes' reach, a key's value in it run on past its end: the key
+        # after it is looked for all the same.
+        (
+            'tokens:[[[[[["a1b2", password: zz]]]]]] secret2=abc9',
+            f'tokens:[[[[[["{REDACTED}", {REDACTED}]]]]]] secret2={REDACTED}',
+        ),
     ],
 )
 def test_mixed_and_nested_lists_under_a_secret_key(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+def deep_redacted(item: object) -> object:
+    """What an item of a list under a secret key becomes, however deep: every scalar
+    replaced; a mapping keeps its keys and its name."""
+    if isinstance(item, list):
+        return [deep_redacted(i) for i in item]
+    if isinstance(item, dict):
+        return {k: v if k == "name" else deep_redacted(v) for k, v in item.items()}
+    return REDACTED
+
+
+def flow_yaml(item: object) -> str:
+    if isinstance(item, list):
+        return "[" + ", ".join(flow_yaml(i) for i in item) + "]"
+    if isinstance(item, dict):
+        return "{" + ", ".join(f"{k}: {flow_yaml(v)}" for k, v in item.items()) + "}"
+    return str(item)
+
+
+def deeper(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    # A def, not a lambda: hypothesis read the lambda's source wrong and warned.
+    return st.one_of(
+        st.lists(inner, min_size=1, max_size=3),
+        st.builds(lambda n, v: {"name": n, "value": v}, ITEM_NAMES, inner),
+    )
+
+
+DEEP_ITEMS = st.recursive(
+    st.one_of(LIST_ITEM, st.integers(min_value=100_000, max_value=10**9)),
+    deeper,
+    max_leaves=8,
+)
+
+
+@example(
+    key="passwords",
+    items=[[[[[["hunter2"]]]]]],
+    depth=0,
+    form="json",
+).via("a list six deep: its items went past the regex's reach and survived")
+@example(
+    key="tokens",
+    items=[{"name": "x", "value": [[[["s3cret"]]]]}],
+    depth=0,
+    form="json-pretty",
+).via("a mapping holding a list four deep: the mapping's value survived")
+@given(
+    LIST_KEYS,
+    st.lists(DEEP_ITEMS, min_size=1, max_size=3),
+    st.integers(min_value=0, max_value=6),
+    st.sampled_from(["flow", "json", "json-pretty", "escaped-json"]),
+)
+def test_lists_nested_at_any_depth_under_a_secret_key_lose_every_secret(
+    key: str, items: list[object], depth: int, form: str
+) -> None:
+    # A regex reaches a fixed depth only; deeper, the items of a list under a secret key
+    # ([[[[[["hunter2"]]]]]]) survived.
+    for _ in range(depth):
+        items = [items]
+    obj = {key: items, "user": "bob"}
+    if form == "flow":
+        text = f"{key}: {flow_yaml(items)}\nuser: bob\n"
+    elif form == "json":
+        text = json.dumps(obj)
+    elif form == "json-pretty":
+        text = json.dumps(obj, indent=2)
+    else:
+        text = json.dumps({"level": "info", "cfg": json.dumps(obj)})
+    secrets: list[str] = []
+
+    def collect(item: object) -> None:
+        if isinstance(item, list):
+            for i in item:
+                collect(i)
+        elif isinstance(item, dict):
+            collect(item["value"])
+        else:
+            secrets.append(str(item))
+
+    collect(items)
+    out = redact(text)
+    for secret in secrets:
+        assume(secret not in text.replace(secret, ""))
+        assert secret not in out
+    if form == "flow":
+        assert out.endswith("\nuser: bob\n")
+    else:
+        inner = json.loads(out)
+        inner = json.loads(inner["cfg"]) if "cfg" in inner else inner
+        assert inner == {key: deep_redacted(items), "user": "bob"}
 
 
 @given(
