@@ -1122,6 +1122,12 @@ def test_a_headers_value_ends_with_the_string_it_is_in_or_the_line(
 ITEM_NAMES = st.sampled_from(["primary", "replica", "legacy-ldap", "x"])
 
 
+def frame_words(key: str) -> str:
+    """The words around a list's drawn items: an item found among them after redaction is
+    no leak (passwords: [passwo] keeps "passwo" in its key)."""
+    return f"{key} user bob level info cfg name value primary replica legacy-ldap"
+
+
 def redacted_list(items: list[object]) -> list[object]:
     """What a list under a secret key becomes: every scalar replaced, in nested lists too;
     a mapping keeps its name."""
@@ -1147,6 +1153,9 @@ def yaml_items(items: list[object], indent: str) -> str:
     return "".join(lines)
 
 
+@example(key="passwords", items=["passwo"], form="block").via(
+    "an item that is a part of the key: the key keeps it, no leak"
+)
 @given(
     LIST_KEYS,
     st.lists(
@@ -1196,7 +1205,7 @@ def test_a_list_that_mixes_scalars_mappings_and_lists_loses_every_secret(
     ]
     out = redact(text)
     for secret in secrets:
-        assume(secret not in text.replace(secret, ""))
+        assume(secret not in frame_words(key))
         assert secret not in out
     for item in items:
         if isinstance(item, dict):
@@ -1328,7 +1337,7 @@ def test_lists_nested_at_any_depth_under_a_secret_key_lose_every_secret(
     collect(items)
     out = redact(text)
     for secret in secrets:
-        assume(secret not in text.replace(secret, ""))
+        assume(secret not in frame_words(key))
         assert secret not in out
     if form == "flow":
         assert out.endswith("\nuser: bob\n")
