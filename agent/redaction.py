@@ -202,7 +202,8 @@ _FLOW_SEQUENCE = (
     + r"\]|"
     + _flow_scalar("iesc")
     + r")(?:\s*,\s*|\s*(?=\])|[ \t]*\Z))+"
-    r"(?:\]|\Z))"
+    # A list is the whole value: [a]b is a scalar (its b was left).
+    r"(?:\](?![^\s,}\]\"'\\])|\Z))"
 )
 # key: an identifier containing a secret word; separator; value quoted or bare.
 _KEY = r"(?i)(?P<key>\b" + _SECRET_NAME + ")" + _REFERENCE_KEY + _SEPARATOR + _NO_KEY_BELOW

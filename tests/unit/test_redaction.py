@@ -960,11 +960,13 @@ def test_lists_of_names_and_of_other_keys_survive(text: str) -> None:
     assert redact(text) == text
 
 
-@pytest.mark.parametrize("secret", ["[00000", "[abc", "[a,b", "[[0000", "[[a], b", "[]0000"])
+@pytest.mark.parametrize(
+    "secret", ["[00000", "[abc", "[a,b", "[[0000", "[[a], b", "[]0000", "[000]0", "[a]Secret1"]
+)
 def test_a_value_that_only_starts_with_a_bracket_is_redacted_whole(secret: str) -> None:
     # Hypothesis found "password: [00000" over a newline read as a sequence cut off, its
     # [ kept, and "[[0000" and "[]0000" read as a structure, kept whole: the value runs on
-    # as any other.
+    # as any other. "[000]0": a list, its "0" after it left.
     assert redact(f"auth:\n  password: {secret}\n") == f"auth:\n  password: {REDACTED}\n"
 
 
