@@ -530,14 +530,16 @@ def _key_value(m: re.Match[str]) -> str:
 
 
 def _structure_end(text: str, pos: int) -> int | None:
-    """Where the structure that opens at ``pos`` closes; None if not within reach."""
-    depth = 0
+    """Where the structure that opens at ``pos`` closes; None if not within reach, or if a
+    bracket closes what it did not open ("[0000}" is a scalar)."""
+    closers: list[str] = []
     for t in _STRUCTURE_TOKEN.finditer(text, pos, pos + _STRUCTURE_SCAN):
         if t.group("open") is not None:
-            depth += 1
+            closers.append("]" if t.group("open") == "[" else "}")
         elif t.group("close") is not None:
-            depth -= 1
-            if depth == 0:
+            if closers.pop() != t.group("close"):
+                return None
+            if not closers:
                 return t.end() if _VALUE_END.match(text, t.end()) else None
     return None
 

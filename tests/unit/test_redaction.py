@@ -961,7 +961,8 @@ def test_lists_of_names_and_of_other_keys_survive(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "secret", ["[00000", "[abc", "[a,b", "[[0000", "[[a], b", "[]0000", "[000]0", "[a]Secret1"]
+    "secret",
+    ["[00000", "[abc", "[a,b", "[[0000", "[[a], b", "[]0000", "[000]0", "[a]Secret1", "[0000}"],
 )
 def test_a_value_that_only_starts_with_a_bracket_is_redacted_whole(secret: str) -> None:
     # Hypothesis found "password: [00000" over a newline read as a sequence cut off, its
