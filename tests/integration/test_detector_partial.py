@@ -64,8 +64,8 @@ async def exporter() -> AsyncIterator[tuple[set[str], int]]:
 
 @pytest.fixture
 def partial_prometheus(tmp_path: Path, exporter: tuple[set[str], int]) -> Iterator[str]:
-    if not Path(PROMETHEUS).exists():
-        pytest.skip("no prometheus binary")
+    # Installed by scripts/system-deps.sh (make deps): missing is a broken setup, not a skip.
+    assert Path(PROMETHEUS).exists(), f"no prometheus binary at {PROMETHEUS}: run make deps"
     port, dead = _free_port(), _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
