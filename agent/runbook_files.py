@@ -78,6 +78,7 @@ from agent.settings import (
     _expand,
     load_yaml,
     placeholders,
+    unset_placeholder,
 )
 
 # The reference's action names (and the agent's own) -> the agent's action type.
@@ -465,11 +466,8 @@ def _env_problems(doc: Any, env: Mapping[str, str]) -> list[str]:
                 f"{path} ({book}): ${{{var}}} is replaced from the environment when the file "
                 f"loads, not by the incident's label: write ${var}"
             )
-        elif default is None and var not in env:
-            problems.append(
-                f"{path} ({book}): ${{{var}}}: environment variable {var} is unset "
-                f"(write ${{{var}:-default}} for a default)"
-            )
+        elif (why := unset_placeholder(var, default, env)) is not None:
+            problems.append(f"{path} ({book}): {why}")
     return problems
 
 

@@ -891,6 +891,17 @@ def placeholders(value: Any, path: str = "") -> list[tuple[str, str, str | None]
     return []
 
 
+def unset_placeholder(var: str, default: str | None, env: Mapping[str, str]) -> str | None:
+    """What is wrong with a ``${VAR}`` placeholder of a file none of whose placeholders may
+    read as empty (pattern and runbook files): its variable unset with no default; None
+    when it is fine."""
+    if default is not None or var in env:
+        return None
+    return (
+        f"${{{var}}}: environment variable {var} is unset (write ${{{var}:-default}} for a default)"
+    )
+
+
 def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     problems: list[str] = []
     for name in sorted(env):
@@ -933,10 +944,9 @@ def _unset_in_patterns(doc: Any, env: Mapping[str, str]) -> list[str]:
         name = item.get("name") if isinstance(item, dict) else None
         of = f" (pattern {name!r})" if isinstance(name, str) else ""
         problems += [
-            f"{path}{of}: ${{{var}}}: environment variable {var} is unset "
-            f"(write ${{{var}:-default}} for a default)"
+            f"{path}{of}: {why}"
             for path, var, default in placeholders(item, f"patterns[{i}]")
-            if default is None and var not in env
+            if (why := unset_placeholder(var, default, env)) is not None
         ]
     return problems
 
