@@ -909,14 +909,10 @@ class KubeCluster:
         cordoned = bool((node.get("spec") or {}).get("unschedulable"))
         if not cordoned or action_id not in remembered_ids(annotations_of(node)):
             return None
-        evictable, unmanaged, terminating = _left(_classify(await self._pods_on(target.name)), node)
-        if drain_finished(
-            cordoned=True,
-            evictable=len(evictable),
-            unmanaged=len(unmanaged),
-            terminating=len(terminating),
-        ):
+        pods = _classify(await self._pods_on(target.name))
+        if _finished(True, pods, node):
             return None
+        evictable, unmanaged, terminating = _left(pods, node)
         return drain_left(evictable=evictable, unmanaged=unmanaged, terminating=terminating)
 
     async def _drained(self, target: Target, node: Obj) -> bool:
