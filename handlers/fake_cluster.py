@@ -63,6 +63,7 @@ from handlers.cluster import (
     remember_eviction,
     remember_id,
     remembered_ids,
+    rollback_choice,
     unschedulable_before,
 )
 
@@ -372,15 +373,14 @@ class FakeCluster:
                     f"{target.key}: the controller has not recorded the running template "
                     f"({state.image}) as a ControllerRevision yet"
                 )
-            older = [r for r in state.revisions if r.number != state.revision]
-            if to_revision is not None:
-                chosen = next((r for r in older if r.number == to_revision), None)
-                if chosen is None:
-                    raise ActionFailed(f"{target.key}: revision {to_revision} not found")
-            elif older:
-                chosen = max(older, key=lambda r: r.number)
-            else:
-                raise ActionFailed(f"{target.key}: no previous revision to roll back to")
+            # The same choice the executor predicts for rule 7c.
+            chosen = rollback_choice(state.revisions, state.revision, to_revision)
+            if chosen is None:
+                raise ActionFailed(
+                    f"{target.key}: revision {to_revision} not found"
+                    if to_revision is not None
+                    else f"{target.key}: no previous revision to roll back to"
+                )
             number = max(r.number for r in state.revisions) + 1
             revisions = tuple(r for r in state.revisions if r.number != chosen.number)
             prior: dict[str, ParamValue] = {"revision": state.revision, "image": state.image}
