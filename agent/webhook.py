@@ -277,23 +277,15 @@ class AlertmanagerReceiver:
     async def _tell_heartbeat(self, lost: bool, since: datetime, now: datetime) -> None:
         assert self.heartbeat is not None
         name = self.heartbeat.alertname
-        anomaly = agent_anomaly(
-            UNAVAILABLE,
-            "firing" if lost else "resolved",
-            severity="critical",
+        told = await self._tell_unavailable(
+            lost,
             # Its own fingerprint (not the API refresh's): each ends on its own evidence.
-            labels=normalise(
-                {"service": self.settings.agent.name, "endpoint": self.cfg.path, "heartbeat": name},
-                self.settings.agent.cluster,
-            ),
-            since=since,
-            now=now,
-            error=f"heartbeat {name} not received since {since.isoformat()}" if lost else "",
+            {"endpoint": self.cfg.path, "heartbeat": name},
+            since,
+            now,
+            f"heartbeat {name} not received since {since.isoformat()}" if lost else "",
         )
-        try:
-            await self._publish([anomaly])
-        except AgentError as err:  # the next check, or heartbeat, tells it again
-            log.warning("publishing %s failed: %s", UNAVAILABLE, err)
+        if not told:  # the next check, or heartbeat, tells it again
             return
         if lost:
             self.heartbeat_lost = since
@@ -354,26 +346,37 @@ class AlertmanagerReceiver:
                 return
             since = self.unavailable_since = now
             log.error("alertmanager %s unavailable: %s", self.api_url, unanswered[0])
-        anomaly = agent_anomaly(
-            UNAVAILABLE,
-            "firing" if down else "resolved",
-            severity="critical",
-            labels=normalise(
-                {"service": self.settings.agent.name, "endpoint": self.api_url},
-                self.settings.agent.cluster,
-            ),
-            since=since,
-            now=now,
-            error="; ".join(unanswered),
+        told = await self._tell_unavailable(
+            down, {"endpoint": self.api_url}, since, now, "; ".join(unanswered)
         )
-        try:
-            await self._publish([anomaly])
-        except AgentError as err:  # the next refresh tells it again
-            log.warning("publishing %s failed: %s", UNAVAILABLE, err)
+        if not told:  # the next refresh tells it again
             return
         if not down:
             self.unavailable_since = None
             log.info("alertmanager %s answers again", self.api_url)
+
+    async def _tell_unavailable(
+        self, firing: bool, labels: dict[str, str], since: datetime, now: datetime, error: str
+    ) -> bool:
+        """Publish ``alertmanager-unavailable`` (firing or resolved) with the agent's own
+        labels and ``labels``; False when Kafka refused it (logged)."""
+        anomaly = agent_anomaly(
+            UNAVAILABLE,
+            "firing" if firing else "resolved",
+            severity="critical",
+            labels=normalise(
+                {"service": self.settings.agent.name, **labels}, self.settings.agent.cluster
+            ),
+            since=since,
+            now=now,
+            error=error,
+        )
+        try:
+            await self._publish([anomaly])
+        except AgentError as err:
+            log.warning("publishing %s failed: %s", UNAVAILABLE, err)
+            return False
+        return True
 
     @property
     def api_url(self) -> str:
