@@ -315,9 +315,10 @@ def _params(a: ProposedAction) -> tuple[dict[str, ParamValue], str | None]:
         # when the executor decides (agent.policy.scale_problem).
         out["replicas"] = raw
     if a.type == "rollback" and p.revision is not None:
-        if p.revision < 1:
-            return out, f"revision {p.revision}: must be positive"
-        out["revision"] = p.revision
+        if p.revision < 0:
+            return out, f"revision {p.revision}: must be positive, or 0 for the previous one"
+        if p.revision > 0:  # 0 is the previous revision, as no revision is (the reference's)
+            out["revision"] = p.revision
     return out, None
 
 

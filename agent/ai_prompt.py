@@ -88,7 +88,9 @@ ANSWER_SCHEMA: Mapping[str, Any] = {
                             },
                             "revision": {
                                 **_nullable("integer"),
-                                "description": "rollback: the revision to return to",
+                                "description": (
+                                    "rollback: the revision to return to (0 or null: the previous)"
+                                ),
                             },
                         },
                     },

@@ -440,13 +440,18 @@ def drain_params(
 
 
 def revision_param(params: Mapping[str, ParamValue]) -> int | None:
-    """The rollback's target revision (None: the previous one); ValueError names the param."""
+    """The rollback's target revision (None: the previous one); ValueError names the param.
+    ``0`` is the previous one too, as in the reference (and Kubernetes' ``rollbackTo``):
+    a runbook or a model writing it asks for the plain rollback, not for nothing."""
     value = params.get("revision")
     if value is None:
         return None
-    if isinstance(value, bool) or not re.fullmatch(r"[1-9][0-9]{0,9}", str(value).strip()):
-        raise ValueError(f"params.revision: expected a positive revision number, got {value!r}")
-    return int(str(value).strip())
+    if isinstance(value, bool) or not re.fullmatch(r"0|[1-9][0-9]{0,9}", str(value).strip()):
+        raise ValueError(
+            f"params.revision: expected a positive revision number (or 0: the previous "
+            f"one), got {value!r}"
+        )
+    return int(str(value).strip()) or None
 
 
 def param_problem(
@@ -522,10 +527,9 @@ def undo_param_problem(action: ActionRequest, rem: RemediationSection) -> str | 
                 f"{rem.min_replicas}..{rem.max_replicas} (min_replicas..max_replicas)"
             )
     elif action.type == "rollback":
-        if p.get("revision") is None:
-            return "params.revision: an undo of a rollback names the revision it restores"
         try:
-            revision_param(p)
+            if revision_param(p) is None:
+                return "params.revision: an undo of a rollback names the revision it restores"
         except ValueError as err:
             return str(err)
     elif action.type in NODE_ACTIONS:

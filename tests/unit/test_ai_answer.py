@@ -170,7 +170,7 @@ def test_scope_is_the_incidents_namespace_workloads_pods_nodes_and_configmaps() 
         (proposed("scale_up", "Deployment", "checkout", replicas="0"), "bad_params"),
         (proposed("scale_up", "Deployment", "checkout", replicas="999"), "bad_params"),
         (proposed("scale_up", "Deployment", "checkout", replicas="double"), "bad_params"),
-        (proposed("rollback", "Deployment", "checkout", revision=0), "bad_params"),
+        (proposed("rollback", "Deployment", "checkout", revision=-1), "bad_params"),
     ],
 )
 def test_actions_outside_the_allow_list_or_scope_are_rejected(
@@ -201,6 +201,16 @@ def test_actions_inside_the_scope_pass(act: ProposedAction) -> None:
     (a,) = accepted
     assert (a.type, a.target.name) == (act.type, act.target.name)
     assert a.target.namespace == ("" if act.target.kind == "Node" else act.target.namespace)
+
+
+def test_a_rollback_to_revision_0_is_one_to_the_previous_revision() -> None:
+    # The reference's rollback reads revision 0 as "the previous one", as Kubernetes'
+    # rollbackTo does: a model answering so asks for the plain rollback, not a bad one.
+    act = proposed("rollback", "Deployment", "checkout", revision=0)
+    accepted, rejected = vet_actions([act], SCOPE)
+    assert rejected == []
+    (a,) = accepted
+    assert (a.type, dict(a.params)) == ("rollback", {})
 
 
 LONG = "a" * 50  # pods of a long name: generateName cuts the base at 58 characters

@@ -24,6 +24,7 @@ from agent.policy import (
     Verdict,
     decide,
     drain_params,
+    revision_param,
     scope_for,
     unearned_approval,
 )
@@ -194,6 +195,19 @@ def test_params_within_bounds_pass_and_a_drain_may_only_lower_the_timeout() -> N
         assert rule(verdict(act)) in passed, act.params
     assert drain_params({}, BASE.remediation) == (None, 120.0)
     assert drain_params({"timeout": 5}, BASE.remediation) == (None, 5.0)
+
+
+def test_revision_0_is_the_previous_revision_as_in_the_reference() -> None:
+    # The reference's rollback defaults revision to 0, "the previous one" (Kubernetes'
+    # rollbackTo): a runbook or a model writing it asks for the plain rollback.
+    assert revision_param({"revision": 0}) is None
+    assert revision_param({"revision": " 0 "}) is None
+    assert revision_param({"revision": "7"}) == 7
+    v = verdict(action("rollback", params={"revision": 0}))
+    assert rule(v) == ("approve", "require_approval"), v
+    for bad in (-1, "00", "01", True):
+        with pytest.raises(ValueError, match=r"params\.revision"):
+            revision_param({"revision": bad})
 
 
 @given(st.dictionaries(st.sampled_from(["timeout", "grace_period"]), PARAM_VALUES))

@@ -354,6 +354,13 @@ def test_an_undo_is_never_denied_by_a_limit_it_cannot_worsen(
 UNKNOWN = "undo of action a0, which records no prior state known here"
 
 
+def test_an_undo_of_a_rollback_to_revision_0_names_no_revision_and_is_denied() -> None:
+    # 0 is "the previous revision" for a rollback, which an undo never restores: it
+    # restores the one it recorded, so it must name it.
+    v = decide(_undo("rollback", revision=0), BASE, (), OFF, NOW, Facts(), unknown_undo=UNKNOWN)
+    assert rule(v) == ("deny", "params") and "names the revision it restores" in v.reason, v
+
+
 def test_a_forged_undo_is_held_to_the_replica_bounds_however_approved() -> None:
     # A writer of the actions topic asks to "undo" to 500 replicas: a person approving it
     # does not lift max_replicas, and no undo of a recorded count is vouched for here.

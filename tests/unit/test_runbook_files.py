@@ -16,6 +16,7 @@ from agent.analysis_stage import failure_escalation
 from agent.analyzer import Context, MetricSample, Rollout, analyze
 from agent.errors import ConfigError
 from agent.models import Incident, Member, Target, fingerprint
+from agent.policy import revision_param
 from agent.runbook_expr import parse
 from agent.settings import (
     DEFAULT_CONFIG,
@@ -114,6 +115,13 @@ def test_the_shipped_adapted_example_loads() -> None:
         GatherItem("deployments", namespace="order-service", duration=3600.0),
     )
     assert config_warnings(SHIPPED) == []
+
+
+def test_a_rollback_step_to_revision_0_loads_as_the_previous_revision(tmp_path: Path) -> None:
+    # The reference's rollback takes revision 0 for "the previous one".
+    settings = load_settings(_config(tmp_path, book(step(params={"revision": 0}))), env={})
+    ((only,),) = [b.steps for b in settings.file_runbooks]
+    assert (only.action, revision_param(only.params)) == ("rollback", None)
 
 
 @pytest.mark.parametrize(
