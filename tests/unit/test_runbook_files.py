@@ -20,6 +20,7 @@ from agent.policy import revision_param
 from agent.runbook_expr import parse
 from agent.settings import (
     DEFAULT_CONFIG,
+    EscalationLevel,
     FileStep,
     GatherItem,
     Settings,
@@ -108,12 +109,16 @@ def test_the_shipped_adapted_example_loads() -> None:
             "metrics",
             (
                 'rate(http_requests_total{app="order-service",status=~"5.."}[5m])',
+                "histogram_quantile(0.99, rate(http_request_duration_seconds_bucket"
+                '{app="order-service"}[5m]))',
                 'rate(http_requests_total{app="order-service"}[5m])',
             ),
         ),
         GatherItem("events", namespace="order-service", duration=1800.0),
         GatherItem("deployments", namespace="order-service", duration=3600.0),
     )
+    # The reference's levels and times (its channels name no webhook of the shipped config).
+    assert orders.escalation == (EscalationLevel(1, 300.0), EscalationLevel(2, 900.0))
     assert config_warnings(SHIPPED) == []
 
 
