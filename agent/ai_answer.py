@@ -56,6 +56,8 @@ _RELATIVE = re.compile(r"^[+-]\d{1,3}$")
 _ABSOLUTE = re.compile(r"^\d{1,3}$")
 MAX_STEP = MAX_SCALE_STEP  # a scale changes the replica count by at most this much
 MAX_REPLICAS = 50  # an absolute scale target above this is refused
+_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")  # Kubernetes' ConfigMap key syntax
+MAX_CONFIG_VALUE = 4096  # a setting, not a file: a person reads it before approving
 TAINTED_CAP = 0.5  # confidence cap when the same answer also proposed rejected actions
 MODEL_WEIGHT = 0.4  # share of the model's self-report in the combined confidence
 NEUTRAL = 0.5  # evidence confidence when the agent has no check for the claim
@@ -96,6 +98,11 @@ class ProposedParams:
     __pydantic_config__ = ConfigDict(extra="ignore")
     replicas: str | int | None = None
     revision: int | None = None
+    # update_config's: without them the policy denies it, so a config change the model
+    # proposes (the reference's "configuration update", approved by a human) never
+    # reached the person who would approve it.
+    key: str | None = None
+    value: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +321,14 @@ def _params(a: ProposedAction) -> tuple[dict[str, ParamValue], str | None]:
         # An absolute count's direction and step are checked against the current count
         # when the executor decides (agent.policy.scale_problem).
         out["replicas"] = raw
+    if a.type == "update_config":
+        if p.key is None or p.value is None:
+            return out, "update_config names the key to set and its value"
+        if not _CONFIG_KEY.fullmatch(p.key):
+            return out, f"key {p.key[:80]!r}: not a ConfigMap key"
+        if len(p.value) > MAX_CONFIG_VALUE:
+            return out, f"value of {len(p.value)} chars: over {MAX_CONFIG_VALUE}"
+        out["key"], out["value"] = p.key, p.value
     if a.type == "rollback" and p.revision is not None:
         if p.revision < 0:
             return out, f"revision {p.revision}: must be positive, or 0 for the previous one"

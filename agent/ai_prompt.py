@@ -80,7 +80,7 @@ ANSWER_SCHEMA: Mapping[str, Any] = {
                     "params": {
                         "type": "object",
                         "additionalProperties": False,
-                        "required": ["replicas", "revision"],
+                        "required": ["replicas", "revision", "key", "value"],
                         "properties": {
                             "replicas": {
                                 **_nullable("string"),
@@ -91,6 +91,14 @@ ANSWER_SCHEMA: Mapping[str, Any] = {
                                 "description": (
                                     "rollback: the revision to return to (0 or null: the previous)"
                                 ),
+                            },
+                            "key": {
+                                **_nullable("string"),
+                                "description": "update_config: the ConfigMap key to set",
+                            },
+                            "value": {
+                                **_nullable("string"),
+                                "description": "update_config: the key's new value",
                             },
                         },
                     },

@@ -66,12 +66,14 @@ def action(
     namespace: str = "shop",
     replicas: str | None = None,
     revision: int | None = None,
+    key: str | None = None,
+    value: str | None = None,
     rollback_plan: str = "roll forward to the current revision",
 ) -> dict[str, Any]:
     return {
         "type": type,
         "target": {"kind": kind, "name": name, "namespace": namespace},
-        "params": {"replicas": replicas, "revision": revision},
+        "params": {"replicas": replicas, "revision": revision, "key": key, "value": value},
         "expected_impact": "errors stop",
         "rollback_plan": rollback_plan,
     }

@@ -24,10 +24,14 @@ from agent.ai_answer import (
     to_analysis,
     vet_actions,
 )
+from agent.ai_prompt import ANSWER_SCHEMA
 from agent.analyzer import ConfigChange, Context
-from agent.models import ACTION_TYPES, RecommendedAction, Target
+from agent.models import ACTION_TYPES, ActionRequest, RecommendedAction, Target
+from agent.policy import param_problem
+from agent.settings import Settings
 from tests.fakes.chat import action, answer
 from tests.fakes.incidents import OPENED, ai_settings, incident, member, rollout
+from tests.unit.factories import at
 
 SETTINGS = ai_settings()
 INC = incident(
@@ -171,6 +175,16 @@ def test_scope_is_the_incidents_namespace_workloads_pods_nodes_and_configmaps() 
         (proposed("scale_up", "Deployment", "checkout", replicas="999"), "bad_params"),
         (proposed("scale_up", "Deployment", "checkout", replicas="double"), "bad_params"),
         (proposed("rollback", "Deployment", "checkout", revision=-1), "bad_params"),
+        (proposed("update_config", "ConfigMap", "checkout-config"), "bad_params"),
+        (proposed("update_config", "ConfigMap", "checkout-config", key="k"), "bad_params"),
+        (
+            proposed("update_config", "ConfigMap", "checkout-config", key="a/b", value="1"),
+            "bad_params",
+        ),
+        (
+            proposed("update_config", "ConfigMap", "checkout-config", key="k", value="x" * 4097),
+            "bad_params",
+        ),
     ],
 )
 def test_actions_outside_the_allow_list_or_scope_are_rejected(
@@ -192,7 +206,7 @@ def test_actions_outside_the_allow_list_or_scope_are_rejected(
         proposed("restart_pod", "Pod", "checkout-7c9f-abcde"),
         proposed("restart_pod", "Pod", "checkout-55d4f-xz2k9"),  # another pod of the workload
         proposed("drain_node", "Node", "node-a", "ignored"),
-        proposed("update_config", "ConfigMap", "checkout-config"),
+        proposed("update_config", "ConfigMap", "checkout-config", key="pool.size", value="20"),
     ],
 )
 def test_actions_inside_the_scope_pass(act: ProposedAction) -> None:
@@ -201,6 +215,34 @@ def test_actions_inside_the_scope_pass(act: ProposedAction) -> None:
     (a,) = accepted
     assert (a.type, a.target.name) == (act.type, act.target.name)
     assert a.target.namespace == ("" if act.target.kind == "Node" else act.target.namespace)
+
+
+def test_a_config_update_the_model_proposes_carries_its_key_and_value_to_the_policy() -> None:
+    # The reference's configuration update needs a person's approval: without the key and
+    # value the policy denied it (params.key), so it never reached that person.
+    act = proposed("update_config", "ConfigMap", "checkout-config", key="pool.size", value="20")
+    (a,), _ = vet_actions([act], SCOPE)
+    assert dict(a.params) == {"key": "pool.size", "value": "20"}
+    request = ActionRequest(
+        id="a1",
+        incident_id="i1",
+        incident_key="k",
+        analysis_id="an1",
+        type=a.type,
+        target=a.target,
+        confidence=0.9,
+        reason="r",
+        requested_at=at(0),
+        params=a.params,
+    )
+    assert param_problem(request, Settings().remediation) is None
+
+
+def test_the_answer_schema_asks_for_a_config_updates_key_and_value() -> None:
+    params = ANSWER_SCHEMA["properties"]["actions"]["items"]["properties"]["params"]
+    assert {"key", "value"} <= set(params["required"])
+    a = parse_answer(answer(actions=[action("update_config", key="pool.size", value="20")]))
+    assert (a.actions[0].params.key, a.actions[0].params.value) == ("pool.size", "20")
 
 
 def test_a_rollback_to_revision_0_is_one_to_the_previous_revision() -> None:
