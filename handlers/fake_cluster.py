@@ -16,7 +16,12 @@ adapter, it refuses an action on a kind it does not apply to (agent.policy.kind_
 DaemonSet has no replica count) before reading anything.
 Nodes, pods, ConfigMaps and PodDisruptionBudgets are modelled as
 far as the actions need: a pod restart and a drain evict (a budget with no disruptions left
-refuses), a drain skips DaemonSet and mirror pods and refuses pods without a controller.
+refuses, as the API server's 429; each eviction of a ready pod spends one of its budget's
+disruptions, given back by a ready replacement), a drain skips DaemonSet and mirror pods and
+refuses pods without a controller; an evicted pod with a finalizer stays listed, terminating,
+and a drain waits for it as the adapter does (up to its timeout; on a NotReady node it counts
+as gone). tests/integration/test_fake_fidelity.py runs the same sequences against this and
+the real control plane and compares what the adapter answers.
 """
 
 from __future__ import annotations
@@ -108,6 +113,10 @@ class FakeBudget:
     name: str
     workload: str
     disruptions_allowed: int
+    # The headroom with every pod healthy (as set up): an eviction of a ready pod takes one
+    # (the API server decrements status.disruptionsAllowed with it), a ready replacement
+    # gives it back (the disruption controller recounts), never above this.
+    full: int = 0
 
 
 class FakeCluster:
@@ -255,8 +264,8 @@ class FakeCluster:
         return pod
 
     def add_finalizer(self, namespace: str, pod: str, finalizer: str) -> FakePod:
-        """A finalizer on the pod: evicted by restart_pod, it stays terminating until the
-        last one is removed (drains, in the fake, delete pods at once)."""
+        """A finalizer on the pod: evicted (restart_pod, a drain), it stays terminating,
+        listed with its deletionTimestamp, until the last one is removed."""
         p = self._pods[(namespace, pod)]
         held = replace(p, finalizers=(*p.finalizers, finalizer))
         self._pods[(namespace, pod)] = held
@@ -309,11 +318,13 @@ class FakeCluster:
         which is what a drain cuts short. Pods are named by the lowest free index, as the
         replica numbers the lab's metrics use. Returns the workload's pods."""
         want = self._get(Target(kind="Deployment", namespace=namespace, name=name)).replicas
-        pods = self.pods_of(namespace, name)
+        # A terminating pod (evicted, its finalizer pending) is no replica any more: the
+        # ReplicaSet controller replaces it at once; its name stays taken while it is listed.
+        used = {p.name for p in self.pods_of(namespace, name)}
+        pods = [p for p in self.pods_of(namespace, name) if not p.terminating]
         # Newest first: by index, not by text ("-10" sorts before "-2").
         for extra in sorted(pods, key=lambda p: (len(p.name), p.name))[want:]:
             del self._pods[(namespace, extra.name)]
-        used = {p.name for p in pods}
         load = {  # pods per node that can take one
             n: sum(p.node == n for p in self._pods.values())
             for n, node in sorted(self._nodes.items())
@@ -324,13 +335,17 @@ class FakeCluster:
             load[node] += 1
             index = next(i for i in range(want + len(used)) if f"{name}-{i}" not in used)
             used.add(f"{name}-{index}")
-            self.add_pod(namespace, f"{name}-{index}", node=node, workload=name)
+            new = self.add_pod(namespace, f"{name}-{index}", node=node, workload=name)
+            # A ready replacement: the disruption controller gives its budgets one back.
+            for b in self._covering(new):
+                back = min(b.full, b.disruptions_allowed + 1)
+                self._budgets[(b.namespace, b.name)] = replace(b, disruptions_allowed=back)
         return self.pods_of(namespace, name)
 
     def add_budget(
         self, namespace: str, name: str, *, workload: str, disruptions_allowed: int
     ) -> FakeBudget:
-        budget = FakeBudget(namespace, name, workload, disruptions_allowed)
+        budget = FakeBudget(namespace, name, workload, disruptions_allowed, disruptions_allowed)
         self._budgets[(namespace, name)] = budget
         return budget
 
@@ -472,10 +487,7 @@ class FakeCluster:
             if why:
                 raise ActionFailed(f"restart of {target.key} refused: {why}")
             self._note_eviction(pod, action_id)
-            if pod.finalizers:
-                self._pods[(pod.namespace, pod.name)] = replace(pod, terminating=True)
-            else:
-                del self._pods[(pod.namespace, pod.name)]
+            self._evict(pod)
             self.changed.set()
             return Effect(
                 applied=True,
@@ -520,50 +532,62 @@ class FakeCluster:
                     f"recreated: {', '.join(unmanaged)}; the node is left cordoned",
                     prior_state=prior,
                 )
-            blocked = {f"{p.namespace}/{p.name}": self._eviction_block(p) for p in evict}
+            # One by one, as the adapter: each eviction of a ready pod takes a disruption
+            # from its budgets, so a later pod of the same workload may find none left.
+            # Nothing in the fake gives one back while the drain holds the lock (no
+            # replacement becomes ready): the adapter's retries up to its timeout end so.
+            blocked: dict[str, str] = {}
             evicted: list[str] = []
-            for i, p in enumerate(evict):
+            held: list[str] = []  # evicted, kept terminating by a finalizer
+            for p in evict:
                 why = stop() if stop is not None else None
                 if why:
                     self.changed.set()
-                    left = [f"{q.namespace}/{q.name}" for q in evict[i:]]
+                    keys = (f"{q.namespace}/{q.name}" for q in evict)
+                    left = [k for k in keys if k not in evicted]
                     raise drain_stopped(target, why, evicted, left, prior)
-                if not blocked[f"{p.namespace}/{p.name}"]:
-                    del self._pods[(p.namespace, p.name)]
-                    evicted.append(f"{p.namespace}/{p.name}")
+                key = f"{p.namespace}/{p.name}"
+                refused = self._eviction_block(p)
+                if refused:
+                    blocked[key] = refused
+                    continue
+                if self._evict(p):
+                    held.append(key)
+                evicted.append(key)
             self.changed.set()
             done = ", ".join(sorted(evicted)) or "none"
-            stuck = {k: v for k, v in blocked.items() if v}
-            if stuck:
+            if blocked:
                 raise PartialFailure(
                     f"drain of {target.key} stopped after {drain_timeout:.0f}s: "
-                    + "; ".join(f"pod {k} {v}" for k, v in sorted(stuck.items()))
+                    + "; ".join(f"pod {k} {v}" for k, v in sorted(blocked.items()))
                     + f". Evicted: {done}. The node is left cordoned.",
                     prior_state=prior,
                 )
-            # The fake's evictions end at once; a pod terminating already (an earlier
-            # delivery's eviction) ends only by the test's hand, which cannot come while the
-            # drain holds the lock: the adapter's wait up to the timeout, ending this way.
+            # A pod evicted with a finalizer, or terminating already (an earlier delivery's
+            # eviction), ends only by the test's hand, which cannot come while the drain
+            # holds the lock: the adapter's wait up to the timeout, ending this way.
             names = ", ".join(sorted(terminating))
-            if terminating and not down:
+            if (terminating or held) and not down:
+                before = f"; terminating since before it: {names}" if terminating else ""
                 raise PartialFailure(
                     f"drain of {target.key}: evicted pods still terminating after "
-                    f"{drain_timeout:.0f}s ({done}; terminating since before it: {names}); "
-                    "the node is left cordoned",
+                    f"{drain_timeout:.0f}s ({done}{before}); the node is left cordoned",
                     prior_state=prior,
                 )
             skip = f"; skipped {len(skipped)} DaemonSet/mirror pods" if skipped else ""
+            still = sorted([*terminating, *held])
             stranded = (
-                f"; {len(terminating)} still terminating on the NotReady node, whose kubelet "
-                f"cannot confirm it ({names})"
-                if terminating
+                f"; {len(still)} still terminating on the NotReady node, whose kubelet "
+                f"cannot confirm it ({', '.join(still)})"
+                if still
                 else ""
             )
+            waited = f"; waited for {len(terminating)} terminating ({names})" if terminating else ""
             how = "already cordoned by this action, resumed" if resumed else "cordoned"
             return Effect(
                 applied=True,
                 message=f"drained {target.key}: {how}, evicted {len(evicted)} pods "
-                f"({done}){skip}{stranded}",
+                f"({done}){waited}{skip}{stranded}",
                 prior_state=prior,
             )
 
@@ -951,17 +975,34 @@ class FakeCluster:
         }
 
     def _eviction_block(self, pod: FakePod) -> str:
-        budgets = [
-            b
-            for b in self._budgets.values()
-            if b.namespace == pod.namespace and b.workload == pod.workload and pod.workload
-        ]
+        budgets = self._covering(pod)
         # An unready pod does not count as healthy: evicting it never breaks a budget.
         full = [b for b in budgets if b.disruptions_allowed < 1 and pod.ready]
         if not full:
             return ""
         names = ", ".join(f"PodDisruptionBudget {b.namespace}/{b.name}" for b in full)
         return f"blocked by {names} (no disruptions allowed)"
+
+    def _covering(self, pod: FakePod) -> list[FakeBudget]:
+        return [
+            b
+            for b in self._budgets.values()
+            if b.namespace == pod.namespace and b.workload == pod.workload and pod.workload
+        ]
+
+    def _evict(self, pod: FakePod) -> bool:
+        """The API server's eviction, allowed: a ready pod takes one disruption from each
+        budget covering it; the pod is deleted, and stays terminating while a finalizer
+        holds it. Whether it stays."""
+        if pod.ready:
+            for b in self._covering(pod):
+                spent = replace(b, disruptions_allowed=b.disruptions_allowed - 1)
+                self._budgets[(b.namespace, b.name)] = spent
+        if pod.finalizers:
+            self._pods[(pod.namespace, pod.name)] = replace(pod, terminating=True)
+            return True
+        del self._pods[(pod.namespace, pod.name)]
+        return False
 
     def _recorder(self, owner: str, namespace: str, name: str) -> WorkloadState | None:
         """Where a pod's evictions are noted, as the adapter: on its StatefulSet, or for a

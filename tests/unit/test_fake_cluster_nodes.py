@@ -141,3 +141,52 @@ async def test_a_drain_stops_evicting_once_asked_and_leaves_the_node_cordoned() 
     assert c.node("n1").unschedulable
     left = [n for n in ("web-1", "web-4", "web-5") if c.pod("shop", n) is not None]
     assert left == ["web-4", "web-5"]
+
+
+async def test_a_drained_pod_held_by_a_finalizer_stays_terminating_and_the_drain_waits() -> None:
+    # As the API server: the eviction sets a deletionTimestamp and the finalizer keeps the
+    # pod listed; the adapter waits for it to be gone, up to its timeout.
+    c = cluster()
+    c.add_finalizer("shop", "web-1", "example.com/hold")
+    with pytest.raises(PartialFailure, match="evicted pods still terminating after 5s") as e:
+        await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=5)
+    assert "(shop/web-1); the node is left cordoned" in str(e.value)
+    pod = Target(kind="Pod", namespace="shop", name="web-1")
+    assert (await c.observe(pod)).settled is False
+    assert await c.applied(NODE, action_id="d1", action_type="drain_node") is None
+    left = await c.partly_applied(NODE, action_id="d1", action_type="drain_node")
+    assert left == "node cordoned, 1 pods left (1 terminating): shop/web-1"
+    assert c.reconcile("shop", "web")[-1].node == "n2"  # replaced at once, elsewhere
+    c.remove_finalizer("shop", "web-1", "example.com/hold")
+    assert await c.applied(NODE, action_id="d1", action_type="drain_node") is not None
+
+
+async def test_a_drain_on_a_not_ready_node_counts_a_held_pod_as_gone() -> None:
+    c = cluster()
+    c.add_finalizer("shop", "web-1", "example.com/hold")
+    c.set_node_conditions("n1", ["NotReady"])
+    done = await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=5)
+    assert done.applied
+    assert "1 still terminating on the NotReady node" in done.message
+    assert c.pod("shop", "web-1") is not None
+
+
+async def test_each_eviction_spends_a_disruption_of_its_budget() -> None:
+    # The API server decrements disruptionsAllowed with each eviction of a healthy pod: a
+    # budget allowing one lets a drain evict one of two pods, the other gets 429.
+    c = cluster()
+    c.add_pod("shop", "web-3", node="n1", workload="web")
+    c.add_budget("shop", "web", workload="web", disruptions_allowed=1)
+    with pytest.raises(PartialFailure, match="stopped after 5s") as e:
+        await c.drain(NODE, action_id="d1", grace_period=None, drain_timeout=5)
+    assert (
+        "pod shop/web-3 blocked by PodDisruptionBudget shop/web (no disruptions allowed)"
+        ". Evicted: shop/web-1."
+    ) in str(e.value)
+    assert (await c.footprint(Target(kind="Pod", namespace="shop", name="web-2"))).pdb_headroom == 0
+    with pytest.raises(ActionFailed, match="blocked by PodDisruptionBudget shop/web"):
+        await c.restart_pod(Target(kind="Pod", namespace="shop", name="web-2"), action_id="r1")
+    c.reconcile("shop", "web")  # the replacement is ready: the controller gives one back
+    assert (
+        await c.restart_pod(Target(kind="Pod", namespace="shop", name="web-2"), action_id="r1")
+    ).applied
