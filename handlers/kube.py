@@ -1255,10 +1255,12 @@ class KubeCluster:
                 resource_version=meta.get("resourceVersion"),
             )
             if why is not None and recorder is not None:
-                # Not evicted (refused, or the pod changed): the note must not outlive it.
+                # Not evicted (refused, the pod changed, or someone else deleted it since
+                # it was read): the note must not outlive it.
                 uid = str(meta.get("uid"))
                 await self._note_eviction(recorder, action_id, uid, evicting=False)
-            if why == "conflict":
+            if why in ("conflict", "gone"):
+                # Read again: gone or terminating now, by another hand than this action's.
                 continue
             if why is not None:
                 raise ActionFailed(f"restart of {target.key} refused: {why}")
@@ -1381,7 +1383,8 @@ class KubeCluster:
         budgets: Sequence[Obj] | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> str | None:
-        """None when evicted (or already gone); "conflict"; else why a budget refused it."""
+        """None when evicted; "gone" when no such pod (someone else's deletion ended
+        first); "conflict"; else why a budget refused it."""
         options: Obj = {}
         pre = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v}
         if pre:
@@ -1398,8 +1401,10 @@ class KubeCluster:
         status, doc, headers = await self._raw(
             "POST", path, body=body, content_type="application/json"
         )
-        if 200 <= status < 300 or status == 404:
+        if 200 <= status < 300:
             return None
+        if status == 404:
+            return "gone"
         if status == 403 and _cause(doc, "NamespaceTerminating"):
             return None  # as kubectl drain: the namespace's deletion takes the pod anyway
         if status == 409:
@@ -1508,8 +1513,9 @@ class KubeCluster:
                     labels=meta.get("labels") or {},
                 )
                 # "conflict": the uid precondition failed, so the pod we listed is gone
-                # (a StatefulSet pod recreated under its name): as good as evicted.
-                if why is None or why == "conflict":
+                # (a StatefulSet pod recreated under its name): as good as evicted; "gone"
+                # alike (a drain wants the pod off the node, whoever took it).
+                if why in (None, "conflict", "gone"):
                     state.evicted[key] = str(meta.get("uid", ""))
                     del state.pending[key]
                     state.blocked.pop(key, None)

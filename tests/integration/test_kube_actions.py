@@ -647,6 +647,38 @@ async def test_a_pod_restart_redelivered_while_its_pod_still_terminates_counts_o
     await _absent(admin, ns, name)
 
 
+async def test_a_pod_someone_else_deletes_between_the_note_and_the_eviction_is_not_ours(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """The eviction noted on the Deployment, then someone else's deletion ends the pod
+    before the eviction arrives (404): it was not this action's restart. The note is taken
+    back, the result is 'already gone', and neither a redelivery nor rule 0 counts it as
+    this action's eviction."""
+    ns = k8s_namespace
+    web = await ready_deployment(admin, ns, "web", 1)
+    (meta,) = [p["metadata"] for p in await pods_of(admin, ns, "web")]
+    pod = Target(kind="Pod", namespace=ns, name=meta["name"])
+    note = kube._note_eviction
+
+    async def noted_then_deleted(*args: Any, **kwargs: Any) -> None:
+        await note(*args, **kwargs)
+        if kwargs.get("evicting", True):  # another hand, at once (no grace period)
+            await admin.call(
+                "DELETE",
+                _path(pod),
+                what=pod.key,
+                query=[("gracePeriodSeconds", "0")],
+            )
+
+    kube._note_eviction = noted_then_deleted  # type: ignore[method-assign]
+    effect = await kube.restart_pod(pod, action_id="r1")
+    assert not effect.applied and not effect.found_id, effect
+    assert effect.message == f"{pod.key} is already gone"
+    notes = (await read(admin, web))["metadata"].get("annotations") or {}
+    assert evicted_uid(notes, "r1") == ""
+    assert await kube.applied(pod, action_id="r1", action_type="restart_pod") is None
+
+
 async def test_a_rollback_keeps_the_deployments_own_record_of_pod_evictions(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:
