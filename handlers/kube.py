@@ -147,6 +147,11 @@ class Conflict(TransientError):
     """409: the object changed since it was read (resourceVersion precondition failed)."""
 
 
+class Throttled(TransientError):
+    """429 that is no budget's refusal: the API server's priority and fairness (or a proxy)
+    sheds load; the same request succeeds later."""
+
+
 class NotFound(ActionFailed):
     """404: no such object (or its namespace is gone)."""
 
@@ -1248,12 +1253,18 @@ class KubeCluster:
                 # A note naming a pod still here (a delivery that died before evicting) is
                 # kept and this eviction completes it: the uid tells the pod from the next.
                 await self._note_eviction(recorder, action_id, str(meta.get("uid")))
-            why = await self._evict(
-                target.namespace,
-                target.name,
-                uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion"),
-            )
+            try:
+                why = await self._evict(
+                    target.namespace,
+                    target.name,
+                    uid=meta.get("uid"),
+                    resource_version=meta.get("resourceVersion"),
+                )
+            except Throttled:
+                if recorder is not None:  # not evicted: the note must not outlive it
+                    uid = str(meta.get("uid"))
+                    await self._note_eviction(recorder, action_id, uid, evicting=False)
+                raise
             if why is not None and recorder is not None:
                 # Not evicted (refused, the pod changed, or someone else deleted it since
                 # it was read): the note must not outlive it.
@@ -1409,6 +1420,12 @@ class KubeCluster:
             return None  # as kubectl drain: the namespace's deletion takes the pod anyway
         if status == 409:
             return "conflict"
+        if status == 429 and not _cause(doc, "DisruptionBudget"):
+            # Every budget refusal names its cause; without it the server sheds load.
+            what = f"eviction of Pod/{namespace}/{name}"
+            err = translate(status, doc, headers, method="POST", what=what)
+            wait = err.retry_after if isinstance(err, TransientError) else None
+            raise Throttled(str(err), retry_after=wait)
         if status == 429:
             if budgets is None:
                 budgets = await self._budgets(namespace)
@@ -1504,14 +1521,17 @@ class KubeCluster:
                 ns = meta["namespace"]
                 if ns not in budgets:
                     budgets[ns] = await self._budgets(ns)
-                why = await self._evict(
-                    ns,
-                    meta["name"],
-                    uid=meta.get("uid"),
-                    grace_period=grace_period,
-                    budgets=budgets[ns],
-                    labels=meta.get("labels") or {},
-                )
+                try:
+                    why = await self._evict(
+                        ns,
+                        meta["name"],
+                        uid=meta.get("uid"),
+                        grace_period=grace_period,
+                        budgets=budgets[ns],
+                        labels=meta.get("labels") or {},
+                    )
+                except Throttled as err:
+                    why = f"not evicted yet: {err}"  # tried again until the timeout
                 # "conflict": the uid precondition failed, so the pod we listed is gone
                 # (a StatefulSet pod recreated under its name): as good as evicted; "gone"
                 # alike (a drain wants the pod off the node, whoever took it).
