@@ -1199,7 +1199,21 @@ class KubeCluster:
         by_revision.pop(0, None)
         if not by_revision:
             raise ActionFailed(f"{target.key}: no rollout history found")
-        current = revision_of(dep) or max(by_revision)
+        now = spec.get("template") or {}
+        running = [
+            n
+            for n, rs in by_revision.items()
+            if template_without_hash((rs.get("spec") or {}).get("template") or {}) == now
+        ]
+        if not running:
+            # A template change the controller has not given a ReplicaSet yet: the
+            # Deployment's revision still names the one it replaces, and "the one before"
+            # would be two steps back (as for a StatefulSet's unrecorded revision).
+            raise TransientError(
+                f"{target.key}: the controller has not created the ReplicaSet of the running "
+                f"template ({first_image(now)}) yet"
+            )
+        current = max(running)
         chosen = pick_revision(target, list(by_revision), current, to_revision)
         rs = by_revision[chosen]
         template = template_without_hash((rs.get("spec") or {}).get("template") or {})
