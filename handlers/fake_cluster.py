@@ -17,7 +17,9 @@ DaemonSet has no replica count) before reading anything.
 Nodes, pods, ConfigMaps and PodDisruptionBudgets are modelled as
 far as the actions need: a pod restart and a drain evict (a budget with no disruptions left
 refuses, as the API server's 429; each eviction of a ready pod spends one of its budget's
-disruptions, given back by a ready replacement), a drain skips DaemonSet and mirror pods and
+disruptions, given back by a ready replacement; a budget set up by ``min_available`` is
+counted from the pods instead, and lets an unready pod go only while it is healthy, as the
+default unhealthyPodEvictionPolicy), a drain skips DaemonSet and mirror pods and
 refuses pods without a controller; an evicted pod with a finalizer stays listed, terminating,
 and a drain waits for it as the adapter does (up to its timeout; on a NotReady node it counts
 as gone). tests/integration/test_fake_fidelity.py runs the same sequences against this and
@@ -117,6 +119,13 @@ class FakeBudget:
     # (the API server decrements status.disruptionsAllowed with it), a ready replacement
     # gives it back (the disruption controller recounts), never above this.
     full: int = 0
+    # spec.minAvailable, when given: the budget's status is counted from the workload's
+    # pods as the disruption controller counts it (currentHealthy: ready and not
+    # terminating; disruptionsAllowed: those above it), and an unready pod may be evicted
+    # only while the budget is healthy (the default unhealthyPodEvictionPolicy,
+    # IfHealthyBudget). Without it, disruptions_allowed as set up, spent as above, and the
+    # budget taken as healthy.
+    min_available: int | None = None
 
 
 class FakeCluster:
@@ -338,16 +347,33 @@ class FakeCluster:
             new = self.add_pod(namespace, f"{name}-{index}", node=node, workload=name)
             # A ready replacement: the disruption controller gives its budgets one back.
             for b in self._covering(new):
+                if b.min_available is not None:
+                    continue  # counted from the pods
                 back = min(b.full, b.disruptions_allowed + 1)
                 self._budgets[(b.namespace, b.name)] = replace(b, disruptions_allowed=back)
         return self.pods_of(namespace, name)
 
     def add_budget(
-        self, namespace: str, name: str, *, workload: str, disruptions_allowed: int
+        self,
+        namespace: str,
+        name: str,
+        *,
+        workload: str,
+        disruptions_allowed: int = 0,
+        min_available: int | None = None,
     ) -> FakeBudget:
-        budget = FakeBudget(namespace, name, workload, disruptions_allowed, disruptions_allowed)
+        """A PodDisruptionBudget over the workload's pods: its headroom as set up
+        (``disruptions_allowed``), or counted from the pods (``min_available``)."""
+        budget = FakeBudget(
+            namespace, name, workload, disruptions_allowed, disruptions_allowed, min_available
+        )
         self._budgets[(namespace, name)] = budget
         return budget
+
+    def set_ready(self, namespace: str, pod: str, ready: bool) -> None:
+        """The pod's Ready condition (its readiness probe failing, or passing again)."""
+        p = self._pods[(namespace, pod)]
+        self._pods[(namespace, pod)] = replace(p, ready=ready)
 
     def create_config_map(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
         self._config_maps[(namespace, name)] = FakeConfigMap(namespace, name, dict(data))
@@ -970,14 +996,33 @@ class FakeCluster:
         if not budgets:
             return {}
         return {
-            "pdb_headroom": min(b.disruptions_allowed for b in budgets),
+            "pdb_headroom": min(self._allowed(b) for b in budgets),
             "pdbs": tuple(f"{b.namespace}/{b.name}" for b in budgets),
         }
 
+    def _healthy(self, b: FakeBudget) -> int:
+        """status.currentHealthy: the covered pods ready and not terminating."""
+        return sum(p.ready and not p.terminating for p in self.pods_of(b.namespace, b.workload))
+
+    def _allowed(self, b: FakeBudget) -> int:
+        """status.disruptionsAllowed."""
+        if b.min_available is None:
+            return b.disruptions_allowed
+        return max(0, self._healthy(b) - b.min_available)
+
+    def _refuses(self, b: FakeBudget, pod: FakePod) -> bool:
+        """The eviction API's check: an unready pod goes while the budget is healthy
+        (IfHealthyBudget: currentHealthy >= desiredHealthy > 0), any other pod only with a
+        disruption allowed."""
+        if not pod.ready:
+            if b.min_available is None:
+                return False  # taken as healthy (see FakeBudget)
+            if b.min_available > 0 and self._healthy(b) >= b.min_available:
+                return False
+        return self._allowed(b) < 1
+
     def _eviction_block(self, pod: FakePod) -> str:
-        budgets = self._covering(pod)
-        # An unready pod does not count as healthy: evicting it never breaks a budget.
-        full = [b for b in budgets if b.disruptions_allowed < 1 and pod.ready]
+        full = [b for b in self._covering(pod) if self._refuses(b, pod)]
         if not full:
             return ""
         names = ", ".join(f"PodDisruptionBudget {b.namespace}/{b.name}" for b in full)
@@ -996,6 +1041,8 @@ class FakeCluster:
         holds it. Whether it stays."""
         if pod.ready:
             for b in self._covering(pod):
+                if b.min_available is not None:
+                    continue  # counted from the pods: this one is no longer healthy
                 spent = replace(b, disruptions_allowed=b.disruptions_allowed - 1)
                 self._budgets[(b.namespace, b.name)] = spent
         if pod.finalizers:

@@ -40,10 +40,12 @@ Answers = list[str]
 
 
 def normal(text: str, pods: list[str]) -> str:
-    """Pod names by their rank (the adapter sorts the names it reports), and a budget's
-    refusal without its reason (the API server's words, not the adapter's)."""
+    """Pod names by their rank (the adapter sorts the names it reports), uids and node
+    names as placeholders, and a budget's refusal without its reason (the API server's
+    words, not the adapter's)."""
     for i, name in enumerate(sorted(pods)):
         text = text.replace(name, f"<pod{i}>")
+    text = re.sub(r"'(uid|node)': '[^']*'", r"'\1': <\1>", text)  # the API server's own
     return re.sub(r"(PodDisruptionBudget \S+) \([^)]*\)", r"\1", text)
 
 
@@ -215,3 +217,78 @@ async def test_each_eviction_spends_its_budget_on_the_fake_as_on_the_cluster(
     assert answers == real
     assert f"Evicted: {ns}/<pod0>. The node is left cordoned." in real[0], real
     assert "blocked by PodDisruptionBudget" in real[-1], real
+
+
+async def unready_pod_restart(c: Cluster, ns: str, app: str, pods: list[str]) -> Answers:
+    first = sorted(pods)[0]  # the unready one
+    target = Target(kind="Pod", namespace=ns, name=first)
+    fp = await c.footprint(target)
+    answers = [normal(f"{app}: headroom={fp.pdb_headroom} pdbs={fp.pdbs}", pods)]
+    answers.append(await outcome(c.restart_pod(target, action_id=f"r-{app}"), pods))
+    return answers
+
+
+async def test_an_unready_pod_is_evicted_only_while_its_budget_is_healthy_on_both(
+    admin: KubeCluster,  # noqa: F811
+    k8s_namespace: str,
+) -> None:
+    # The default unhealthyPodEvictionPolicy (IfHealthyBudget): an unready pod may go
+    # although no disruption is allowed, but only while the budget is healthy. The fake
+    # let any unready pod go: a crash-looping pod's restart under a budget already short of
+    # healthy pods succeeded there and is refused by the API server.
+    ns = k8s_namespace
+    real: Answers = []
+    fake = FakeCluster()
+    fake.add_node("n1")
+    for app, min_available in (("frail", 2), ("sturdy", 1)):
+        await ready_deployment(admin, ns, app, 2)
+        names = sorted(
+            p["metadata"]["name"]
+            for p in (
+                await admin.call(
+                    "GET",
+                    f"/api/v1/namespaces/{ns}/pods",
+                    what="pods",
+                    query=[("labelSelector", f"app={app}")],
+                )
+            )["items"]
+        )
+        await admin.call(  # its readiness probe fails (kwok leaves the condition be)
+            "PATCH",
+            f"/api/v1/namespaces/{ns}/pods/{names[0]}/status",
+            what=f"Pod/{names[0]}",
+            body={"status": {"conditions": [{"type": "Ready", "status": "False"}]}},
+            content_type="application/strategic-merge-patch+json",
+        )
+        await admin.call(
+            "POST",
+            PDBS.format(ns=ns),
+            what="pdb",
+            body={
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": {"name": app},
+                "spec": {
+                    "minAvailable": min_available,
+                    "selector": {"matchLabels": {"app": app}},
+                },
+            },
+        )
+
+        async def counted(app: str = app) -> bool:
+            pdb = await admin.call("GET", f"{PDBS.format(ns=ns)}/{app}", what="pdb")
+            status = pdb.get("status") or {}
+            return status.get("observedGeneration") == 1 and status.get("currentHealthy") == 1
+
+        await eventually(counted, 60, 0.3, f"PDB {app} observed")
+        real += await unready_pod_restart(admin, ns, app, names)
+        fake.create_deployment(ns, app, image="registry.invalid/app:v1", replicas=2, at=utcnow())
+        fake_names = [fake.add_pod(ns, f"{app}-{i}", node="n1", workload=app).name for i in (0, 1)]
+        fake.set_ready(ns, fake_names[0], False)
+        fake.add_budget(ns, app, workload=app, min_available=min_available)
+    answers: Answers = []
+    for app in ("frail", "sturdy"):
+        answers += await unready_pod_restart(fake, ns, app, [p.name for p in fake.pods_of(ns, app)])
+    assert answers == real
+    assert real[1].startswith("ActionFailed: restart of") and "blocked by" in real[1], real
+    assert real[3].startswith("applied=True"), real

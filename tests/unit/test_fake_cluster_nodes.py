@@ -190,3 +190,23 @@ async def test_each_eviction_spends_a_disruption_of_its_budget() -> None:
     assert (
         await c.restart_pod(Target(kind="Pod", namespace="shop", name="web-2"), action_id="r1")
     ).applied
+
+
+async def test_an_unready_pod_goes_only_while_its_counted_budget_is_healthy() -> None:
+    # IfHealthyBudget, as the API server: web-1 unready leaves 1 healthy pod of 3 wanted
+    # (minAvailable 2): the budget is unhealthy, so not even the unready pod may go.
+    c = cluster()
+    c.add_pod("shop", "web-3", node="n2", workload="web")
+    c.set_ready("shop", "web-1", False)
+    c.set_ready("shop", "web-2", False)
+    c.add_budget("shop", "web", workload="web", min_available=2)
+    web1 = Target(kind="Pod", namespace="shop", name="web-1")
+    assert (await c.footprint(web1)).pdb_headroom == 0
+    with pytest.raises(ActionFailed, match="blocked by PodDisruptionBudget shop/web"):
+        await c.restart_pod(web1, action_id="r1")
+    c.set_ready("shop", "web-2", True)  # 2 healthy of 2 wanted: healthy, none to spare
+    assert (await c.footprint(web1)).pdb_headroom == 0
+    assert (await c.restart_pod(web1, action_id="r1")).applied
+    web2 = Target(kind="Pod", namespace="shop", name="web-2")
+    with pytest.raises(ActionFailed, match="blocked by PodDisruptionBudget shop/web"):
+        await c.restart_pod(web2, action_id="r2")  # a ready one: no disruption allowed
