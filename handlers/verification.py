@@ -11,9 +11,11 @@ Two sources of truth, read after the settle time (``remediation.verify_after``):
   and empty, pod replaced), used when there is no condition to re-check.
 
 Either way, a workload that has fewer ready pods than before the action, and fewer than it
-wants, was made worse; and one whose containers restarted since the action (a crash loop,
+wants, was made worse; one whose containers restarted since the action (a crash loop,
 an OOM kill) was not healed, whatever the condition says: readiness at one instant can
-catch a crash-looping pod between two crashes, its restart count cannot.
+catch a crash-looping pod between two crashes, its restart count cannot; and a restart or
+rollback whose rollout has not settled is not judged healed yet (its new pods' restarts
+cannot be read before it settles).
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ def judge(
     if crashed is not None:
         why = f"containers restarted {crashed} times since the action"
         return "not_healed", why + (f"; {trigger[1]}" if trigger else "")
+    if (
+        trigger is not None
+        and trigger[0] == "healed"
+        and action_type in REPLACING_ACTIONS
+        and after is not None
+        and after.exists
+        and not after.settled
+    ):
+        # Its new pods are not all up: whether they crash (restarts_since) cannot be read
+        # before the rollout settles, and a condition cleared meanwhile proves nothing of them.
+        return (
+            "unknown",
+            f"{trigger[1]}, but the rollout has not finished: its new pods are not judged",
+        )
     if trigger is not None and trigger[0] in ("healed", "not_healed", "worse"):
         return trigger
     prefix = f"{trigger[1]}; " if trigger else "no condition to re-check; "

@@ -205,6 +205,14 @@ def test_containers_restarting_since_the_action_are_not_healed_whatever_else_say
     # Mid-rollout the old pods' restarts are still counted: not blamed on the action.
     rolling = Observation(desired=3, ready=3, restarts=4, settled=False)
     assert judge("restart_workload", READY, rolling, None)[1].endswith("rollout not finished")
+    # A cleared condition mid-rollout is not "healed": the new pods are not all up, and
+    # whether they crash cannot be read yet.
+    assert judge("rollback", READY, rolling, ("healed", "x cleared")) == (
+        "unknown",
+        "x cleared, but the rollout has not finished: its new pods are not judged",
+    )
+    scaling = Observation(desired=4, ready=3, settled=False)
+    assert judge("scale_up", READY, scaling, ("healed", "x cleared"))[0] == "healed"
     # Fewer ready pods than before is still "worse".
     assert judge("restart_workload", READY, replace(crashing, ready=1), None)[0] == "worse"
 
