@@ -827,7 +827,9 @@ class FakeCluster:
             pod = self._pods.get((target.namespace, target.name))
             if pod is None:
                 return Observation(exists=False)
-            return Observation(ready=int(pod.ready), settled=not pod.terminating, uid=pod.uid)
+            return Observation(
+                desired=1, ready=int(pod.ready), settled=not pod.terminating, uid=pod.uid
+            )
         if target.kind == "Node":
             node = self._nodes.get(target.name)
             if node is None:

@@ -80,7 +80,7 @@ async def pod_reads(c: Cluster, namespace: str, pods: list[str]) -> Answers:
         fp = await c.footprint(target)
         out.append(
             normal(
-                f"{name}: exists={o.exists} settled={o.settled} ready={o.ready} "
+                f"{name}: exists={o.exists} settled={o.settled} ready={o.ready}/{o.desired} "
                 f"headroom={fp.pdb_headroom} pdbs={fp.pdbs}",
                 pods,
             )
