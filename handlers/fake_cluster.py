@@ -63,6 +63,7 @@ from handlers.cluster import (
     drain_left,
     drain_stopped,
     evicted_uid,
+    forget_eviction,
     note_prior_state,
     prior_shape,
     prior_unschedulable,
@@ -98,6 +99,8 @@ class FakePod:
     # Deleted, its end not yet confirmed by its kubelet (a graceful termination under way,
     # a finalizer, a NotReady node): the API server still lists it, with a deletionTimestamp.
     terminating: bool = False
+    # Terminating by an eviction (its DisruptionTarget condition), not a plain delete.
+    evicted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,11 +293,12 @@ class FakeCluster:
         else:
             self._pods[(namespace, pod)] = p
 
-    def terminate(self, namespace: str, pod: str) -> None:
-        """The pod is deleted (an eviction, by anyone) and its end not yet confirmed: it
-        stays listed, terminating, until :meth:`remove_pod`."""
+    def terminate(self, namespace: str, pod: str, *, evicted: bool = False) -> None:
+        """The pod is deleted (by anyone; ``evicted``: through the Eviction API, which marks
+        it DisruptionTarget) and its end not yet confirmed: it stays listed, terminating,
+        until :meth:`remove_pod`."""
         p = self._pods[(namespace, pod)]
-        self._pods[(namespace, pod)] = replace(p, terminating=True)
+        self._pods[(namespace, pod)] = replace(p, terminating=True, evicted=evicted)
 
     def remove_pod(self, namespace: str, pod: str) -> None:
         """The pod's end is confirmed (its kubelet, or the node object's deletion): gone."""
@@ -508,6 +512,14 @@ class FakeCluster:
             if pod is None:
                 return Effect(applied=False, message=f"{target.key} is already gone")
             if pod.terminating:  # someone else's deletion (this action's: found above)
+                w = self._recorder(pod.owner, pod.namespace, pod.workload)
+                if w is not None and evicted_uid(w.annotations, action_id) == pod.uid:
+                    # Noted by a delivery that died before evicting: taken back, as the
+                    # adapter, or the pod gone would pass for this action's eviction.
+                    kept = forget_eviction(w.annotations, action_id, pod.uid)
+                    self._put(
+                        replace(w, annotations={**w.annotations, EVICTED_PODS_ANNOTATION: kept})
+                    )
                 return Effect(applied=False, message=f"{target.key} is already terminating")
             why = self._eviction_block(pod)
             if why:
@@ -769,7 +781,8 @@ class FakeCluster:
         # told apart by the uid the StatefulSet remembers.
         notes = self._eviction_notes(pod.owner, pod.namespace, pod.workload)
         gone = evicted_uid(notes, action_id)
-        if gone and gone == pod.uid and pod.terminating:
+        # Only this action's eviction, not a plain delete after its note (see the adapter).
+        if gone and gone == pod.uid and pod.terminating and pod.evicted:
             return Effect(
                 applied=False,
                 message=f"action {action_id} already evicted {target.key} (uid {gone}); "
@@ -1048,7 +1061,7 @@ class FakeCluster:
                 spent = replace(b, disruptions_allowed=b.disruptions_allowed - 1)
                 self._budgets[(b.namespace, b.name)] = spent
         if pod.finalizers:
-            self._pods[(pod.namespace, pod.name)] = replace(pod, terminating=True)
+            self._pods[(pod.namespace, pod.name)] = replace(pod, terminating=True, evicted=True)
             return True
         del self._pods[(pod.namespace, pod.name)]
         return False

@@ -532,6 +532,18 @@ def eviction_block(status_doc: Mapping[str, Any]) -> str:
     return "; ".join(texts) or str(status_doc.get("message") or "eviction refused")
 
 
+def evicted_by_api(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod is going by an eviction: the API server sets this condition before
+    deleting it (PodDisruptionConditions, on since Kubernetes 1.31); a plain delete does not."""
+    conditions = (pod.get("status") or {}).get("conditions") or ()
+    return any(
+        c.get("type") == "DisruptionTarget"
+        and c.get("status") == "True"
+        and c.get("reason") == "EvictionByEvictionAPI"
+        for c in conditions
+    )
+
+
 def pod_ready(pod: Mapping[str, Any]) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or ()
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
@@ -1244,7 +1256,7 @@ class KubeCluster:
                 raise translate(status, pod, headers, method="GET", what=target.key)
             meta = pod.get("metadata") or {}
             if meta.get("deletionTimestamp"):
-                return await self._pod_terminating(target, pod, action_id)
+                return await self._pod_terminating(target, pod, action_id, acting=True)
             recorder = await self._recorder(target.namespace, pod)
             if action_id not in remembered_ids(annotations_of(pod)):
                 gone = await self._evicted_by(recorder, action_id) if recorder else ""
@@ -1321,17 +1333,25 @@ class KubeCluster:
         return Effect(applied=False, message=f"{target.key} is already gone")
 
     async def _pod_terminating(
-        self, target: Target, pod: Mapping[str, Any], action_id: str
+        self, target: Target, pod: Mapping[str, Any], action_id: str, *, acting: bool = False
     ) -> Effect:
         """A pod already terminating: this action's own eviction, as for a pod gone, when
-        its owner's note names this action and this very pod (its uid): an earlier delivery
-        evicted it and died before its outcome was recorded (a finalizer, or a long grace
-        period, keeps the pod). Otherwise someone else is deleting it: nothing to do."""
+        its owner's note names this action and this very pod (its uid) and the pod is going
+        by an eviction: an earlier delivery evicted it and died before its outcome was
+        recorded (a finalizer, or a long grace period, keeps the pod). Otherwise someone
+        else is deleting it: nothing to do; ``acting`` (restart_pod, not a read), a note
+        naming the pod, left by a delivery that died before evicting, is taken back, or
+        the redelivery finding the pod gone would take that deletion for its own."""
         uid = str((pod.get("metadata") or {}).get("uid") or "")
         recorder = await self._recorder(target.namespace, pod)
         if uid and recorder is not None:
             status, obj, headers = await self._raw("GET", recorder.path)
-            if 200 <= status < 300 and evicted_uid(annotations_of(obj), action_id) == uid:
+            if status != 404 and not 200 <= status < 300:  # 404: its owner went first
+                raise translate(status, obj, headers, method="GET", what=recorder.what)
+            noted = 200 <= status < 300 and evicted_uid(annotations_of(obj), action_id) == uid
+            # Only an eviction marks the pod DisruptionTarget (EvictionByEvictionAPI) before
+            # deleting it: a pod deleted outright is someone else's doing.
+            if noted and evicted_by_api(pod):
                 return Effect(
                     applied=False,
                     message=f"action {action_id} already evicted {target.key} (uid {uid}); "
@@ -1339,8 +1359,8 @@ class KubeCluster:
                     prior_state={"uid": uid},
                     found_id=True,
                 )
-            if status != 404 and not 200 <= status < 300:  # 404: its owner went first
-                raise translate(status, obj, headers, method="GET", what=recorder.what)
+            if noted and acting:
+                await self._note_eviction(recorder, action_id, uid, evicting=False)
         return Effect(applied=False, message=f"{target.key} is already terminating")
 
     async def _recorder(self, namespace: str, pod: Mapping[str, Any]) -> _Recorder | None:

@@ -679,6 +679,55 @@ async def test_a_pod_someone_else_deletes_between_the_note_and_the_eviction_is_n
     assert await kube.applied(pod, action_id="r1", action_type="restart_pod") is None
 
 
+async def test_a_pod_deleted_outright_after_a_dead_deliverys_note_is_not_its_restart(
+    admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
+) -> None:
+    """A delivery noted the eviction on the Deployment and died before evicting; then
+    someone deleted the pod outright (no eviction: no DisruptionTarget condition), and a
+    finalizer keeps it terminating. The redelivery finds the note naming that very pod: it
+    is not this action's restart. The note is taken back, so once the pod is gone the
+    action is not taken for done either."""
+    ns = k8s_namespace
+    web = await ready_deployment(admin, ns, "web", 1)
+    (name,) = await finalize(admin, ns, "web", hold=True)
+    pod = Target(kind="Pod", namespace=ns, name=name)
+    try:
+        uid = (await read(admin, pod))["metadata"]["uid"]
+        merge = "application/merge-patch+json"
+        await admin.call(  # the dead delivery: the id on the pod, the note on its owner
+            "PATCH",
+            _path(pod),
+            body={"metadata": {"annotations": {ACTION_IDS_ANNOTATION: "r1"}}},
+            what="pod",
+            content_type=merge,
+        )
+        notes = (await read(admin, web))["metadata"].get("annotations") or {}
+        await admin.call(
+            "PATCH",
+            _path(web),
+            body={
+                "metadata": {
+                    "annotations": {EVICTED_PODS_ANNOTATION: remember_eviction(notes, "r1", uid)}
+                }
+            },
+            what="web",
+            content_type=merge,
+        )
+        await admin.call("DELETE", _path(pod), what=pod.key)  # someone else's
+        assert await kube.applied(pod, action_id="r1", action_type="restart_pod") is None
+        again = await kube.restart_pod(pod, action_id="r1")
+        assert not again.applied and not again.found_id, again
+        assert again.message == f"{pod.key} is already terminating"
+        notes = (await read(admin, web))["metadata"].get("annotations") or {}
+        assert evicted_uid(notes, "r1") == ""
+    finally:
+        await finalize(admin, ns, "web", hold=False)
+    await _absent(admin, ns, name)
+    assert await kube.applied(pod, action_id="r1", action_type="restart_pod") is None
+    gone = await kube.restart_pod(pod, action_id="r1")
+    assert not gone.found_id and gone.message == f"{pod.key} is already gone"
+
+
 async def test_a_rollback_keeps_the_deployments_own_record_of_pod_evictions(
     admin: KubeCluster, kube: KubeCluster, k8s_namespace: str
 ) -> None:

@@ -7,7 +7,12 @@ import pytest
 
 from agent.errors import ActionFailed
 from agent.models import Target
-from handlers.cluster import PartialFailure
+from handlers.cluster import (
+    EVICTED_PODS_ANNOTATION,
+    PartialFailure,
+    evicted_uid,
+    remember_eviction,
+)
 from handlers.fake_cluster import FakeCluster
 from tests.unit.factories import at
 
@@ -210,3 +215,27 @@ async def test_an_unready_pod_goes_only_while_its_counted_budget_is_healthy() ->
     web2 = Target(kind="Pod", namespace="shop", name="web-2")
     with pytest.raises(ActionFailed, match="blocked by PodDisruptionBudget shop/web"):
         await c.restart_pod(web2, action_id="r2")  # a ready one: no disruption allowed
+
+
+async def test_a_pod_deleted_outright_after_a_dead_deliverys_note_is_not_its_restart() -> None:
+    # As the adapter: the note names the pod, but it goes by a plain delete (no eviction's
+    # DisruptionTarget): someone else's doing, and the note is taken back.
+    c = cluster()
+    pod = c.pod("shop", "web-1")
+    assert pod is not None
+    web = Target(kind="Deployment", namespace="shop", name="web")
+    c.annotate(web, EVICTED_PODS_ANNOTATION, remember_eviction({}, "r1", pod.uid))
+    c.terminate("shop", "web-1")  # deleted outright, its end not yet confirmed
+    target = Target(kind="Pod", namespace="shop", name="web-1")
+    assert await c.applied(target, action_id="r1", action_type="restart_pod") is None
+    again = await c.restart_pod(target, action_id="r1")
+    assert not again.found_id and again.message == "Pod/shop/web-1 is already terminating"
+    assert evicted_uid((await c.workload(web)).annotations, "r1") == ""
+    c.remove_pod("shop", "web-1")
+    gone = await c.restart_pod(target, action_id="r1")
+    assert not gone.found_id and gone.message == "Pod/shop/web-1 is already gone"
+    # An eviction's terminating pod is still this action's (its DisruptionTarget).
+    c.add_finalizer("shop", "web-2", "example.com/hold")
+    mine = Target(kind="Pod", namespace="shop", name="web-2")
+    assert (await c.restart_pod(mine, action_id="r2")).applied
+    assert (await c.restart_pod(mine, action_id="r2")).found_id
