@@ -1043,16 +1043,20 @@ class Executor:
             )
         try:
             version = await self.cluster.version(action.target)
+            # A drain cut half way and now asked for: whoever decides must know the node is
+            # cordoned with pods left, whether approved (it resumes) or not (it stays so).
+            left = await self._partly_applied(action)
         except AgentError as err:
             return await self._record(
                 action, "failed", "unknown", f"cannot read {action.target.key}: {err}", now
             )
+        why = verdict.reason if left is None else f"{verdict.reason}; partly applied: {left}"
         req = ApprovalRequest(
             id=stable_id("approval", action.id),
             action=action,
             action_hash=action.digest(),
             root_cause=action.reason,
-            evidence=(verdict.reason,),
+            evidence=(why,),
             created_at=now,
             expires_at=now + timedelta(seconds=self.settings.remediation.approval_ttl),
             target_version=version,
@@ -1064,7 +1068,7 @@ class Executor:
         await self._escalate(
             "approval_requested",
             action,
-            f"approval {req.id} requested: {verdict.reason}",
+            f"approval {req.id} requested: {why}",
             now,
             key=req.created_at.isoformat(),
             more=(
@@ -1078,7 +1082,7 @@ class Executor:
             action,
             "pending_approval",
             "not_applicable",
-            f"approval {req.id} requested: {verdict.reason}",
+            f"approval {req.id} requested: {why}",
             now,
         )
 

@@ -1362,6 +1362,32 @@ async def test_an_approved_drain_whose_executor_died_half_way_is_resumed_not_sta
         await fresh.stop()
 
 
+async def _half_drained_then_requested(rig: Any) -> tuple[ActionRequest, ApprovalRequest]:
+    """A drain cut half way (its executor died: cordoned, one pod left), whose redelivery
+    asks for approval (drain_node requires it since)."""
+    ex, bus, c = rig
+    c.add_pod("shop", "checkout-b", node="n1", workload="checkout")
+    with pytest.raises(PartialFailure, match="stopped by a dead executor"):
+        await c.drain(
+            NODE, action_id="d1", grace_period=None, drain_timeout=60, stop=_stop_after(1)
+        )
+    ex.settings = cfg(require_approval=["drain_node"])
+    a = act("drain_node", NODE, action_id="d1")
+    return a, await requested(ex, bus, a)
+
+
+async def test_an_approval_asked_for_a_half_drained_node_says_so(rig: Any) -> None:
+    # The page asking for the decision said only "drain_node requires approval": whoever
+    # decided did not know the node was already cordoned with pods left on it.
+    _ex, bus, _c = rig
+    _a, req = await _half_drained_then_requested(rig)
+    left = "partly applied: node cordoned, 1 pods left (1 to evict): shop/checkout-b"
+    (page,) = [e for e, _ in bus.on("escalations") if e.reason == "approval_requested"]
+    assert left in page.details[0], page.details
+    assert left in req.evidence[0], req.evidence
+    assert left in bus.results("d1")[-1].message
+
+
 @pytest.mark.parametrize("approved", [True, False], ids=["approved", "plain"])
 @pytest.mark.parametrize("rule", ["kill_switch", "incident_closed"])
 async def test_a_drain_left_half_done_and_stopped_by_a_rule_pages_once(
