@@ -30,7 +30,8 @@ replica has read every request published before it) or with the wrong hash is
 dead-lettered with the reason; an expired, stale or rejected one ends in a ``rejected``
 result saying why, unless its action's id is already on the target (carried out, then the
 executor died): that is recorded as the success it was; or a drain begun and cut half way
-(:meth:`Cluster.partly_applied`): that is resumed, under every rule, and one a rule stops
+(:meth:`Cluster.partly_applied`; past the expiry, only one begun after the request, which
+the approval alone could have begun): that is resumed, under every rule, and one a rule stops
 pages a person (as any drain cut half way and then stopped does). The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
@@ -758,13 +759,20 @@ class Executor:
             # target's version its own write moved (or the expiry passed since) would
             # reject as stale, and page as not executed, an approval that was executed.
             await self._act(replace(req.action, approved_by=d.decided_by))
-        elif d.decision == "approve" and (partial := await self._partly_applied(req.action)):
+        elif (
+            d.decision == "approve"
+            and (partial := await self._partly_applied(req.action))
+            and (now <= req.expires_at or await self._begun_since(req))
+        ):
             # Begun, then its executor died half way (a drain: cordoned, pods left). This
             # decision was honoured then, before the expiry and on the target as approved;
             # only its own cordon moved the version since. Rejected as stale, it would page
             # "approved, not executed" and leave the node half drained: it finishes the
             # drain it was approved for instead, under every rule a redelivery of a drain
-            # cut half way goes through (switches, limits, the incident still open).
+            # cut half way goes through (switches, limits, the incident still open). Past
+            # the expiry that holds only if the drain began after the request: one half
+            # done before it (a delivery cut half way, then asked for approval) was not
+            # begun by this decision, which came too late to begin anything.
             log.info("approved %s on %s resumed: %s", req.action.id, req.action.target.key, partial)
             await self._act(
                 replace(req.action, approved_by=d.decided_by),
@@ -772,13 +780,14 @@ class Executor:
                 partial=partial,
             )
         elif now > req.expires_at:
-            await self._record(
+            # Stopped like any rule stops an action: a node left half drained is paged.
+            await self._record_stopped(
                 req.action,
                 "rejected",
-                "not_applicable",
                 f"decision by {d.decided_by} came after approval {req.id} expired at "
                 f"{req.expires_at.isoformat()}",
                 now,
+                None,
             )
         elif d.decision == "reject":
             await self._record(
@@ -806,6 +815,19 @@ class Executor:
         # Only now: a crash before this line re-runs the decision, and the action id on the
         # target makes the repeat a no-op.
         await self._retire(req, f"already decided ({d.decision} by {d.decided_by})")
+
+    async def _begun_since(self, req: ApprovalRequest) -> bool:
+        """Whether a delivery of ``req``'s action changed its target after ``req`` pinned
+        it (a drain's own cordon moves a node's version): the one sign that an approval,
+        honoured before its expiry, began what is half done. An unpinned request, or a
+        target that cannot be read, shows no such sign."""
+        if not req.target_version:
+            return False
+        try:
+            version = await self.cluster.version(req.action.target)
+        except PermanentError:
+            return False
+        return version != req.target_version
 
     async def _no_longer_valid(self, req: ApprovalRequest) -> str | None:
         incident = req.action.incident_id

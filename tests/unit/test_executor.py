@@ -1388,6 +1388,27 @@ async def test_an_approval_asked_for_a_half_drained_node_says_so(rig: Any) -> No
     assert left in bus.results("d1")[-1].message
 
 
+async def test_a_drain_half_done_before_its_request_is_not_resumed_by_a_late_approval(
+    rig: Any,
+) -> None:
+    # Half drained before the request (which pinned the cordoned node), and approved after
+    # the request expired: the decision was taken for the one that began the drain, and
+    # resumed it, evicting pods on an expired approval. It is rejected as expired, and the
+    # node left half done is paged.
+    ex, bus, c = rig
+    _a, req = await _half_drained_then_requested(rig)
+    assert req.target_version == "unschedulable=True"
+    ex.pending[req.id] = replace(req, expires_at=utcnow() - timedelta(seconds=1))
+    await ex.on_decision(decision(req))
+    r = bus.results("d1")[-1]
+    assert r.status == "rejected" and "expired" in r.message, r.message
+    assert "partly applied: node cordoned, 1 pods left" in r.message, r.message
+    assert c.pod("shop", "checkout-b") is not None and c.node("n1").unschedulable
+    pages = [e for e, _ in bus.on("escalations") if e.reason == "action_failed"]
+    assert len(pages) == 1 and "left half done" in pages[0].details[0], pages
+    assert bus.tombstones() == [req.id]
+
+
 @pytest.mark.parametrize("approved", [True, False], ids=["approved", "plain"])
 @pytest.mark.parametrize("rule", ["kill_switch", "incident_closed"])
 async def test_a_drain_left_half_done_and_stopped_by_a_rule_pages_once(
