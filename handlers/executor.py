@@ -24,15 +24,17 @@ Approvals: a request pins the target's version (:meth:`Cluster.version`) and exp
 ``approval_ttl``. The pending set is rebuilt at start from the compacted approvals topic, so
 approvals survive restarts, and then follows that topic outside the group, so the replica
 that owns a decision's partition knows its request whoever asked. A decision executes only
-if it names a pending request and its action hash, before the expiry, while the target is
-unchanged and the incident still open; a decision for an unknown request (once this
-replica has read every request published before it) or with the wrong hash is
-dead-lettered with the reason; an expired, stale or rejected one ends in a ``rejected``
-result saying why, unless its action's id is already on the target (carried out, then the
-executor died): that is recorded as the success it was; or a drain begun and cut half way
-(:meth:`Cluster.partly_applied`; past the expiry, only one begun after the request, which
-the approval alone could have begun): that is resumed, under every rule, and one a rule stops
-pages a person (as any drain cut half way and then stopped does). The approval is
+if it names a pending request and its action hash, is not dated before the request, and
+comes before the expiry, while the target is unchanged and the incident still open; a
+decision for an unknown request (once this replica has read every request published before
+it), with the wrong hash or dated before the request (one for an earlier request of the
+same action, redelivered or replayed) is dead-lettered with the reason; an expired, stale
+or rejected one ends in a ``rejected`` result saying why, unless its action's id is
+already on the target (carried out, then the executor died): that is recorded as the
+success it was; or a drain begun and cut half way (:meth:`Cluster.partly_applied`; past
+the expiry, only one begun after the request, as the approval's own cordon would be):
+that is resumed, under every rule, and one a rule stops pages a person (as any drain cut
+half way and then stopped does). The approval is
 tombstoned only after the action's result is out, so a crash in between re-runs the
 decision, and the action id makes that harmless. Requests that expire undecided are
 escalated by a sweeper, on the one replica that owns the request's decisions partition
@@ -739,6 +741,17 @@ class Executor:
         if d.action_hash != req.action_hash:
             await self._reject_decision(
                 d, f"action hash {d.action_hash} does not match request {req.id}"
+            )
+            return
+        if d.decided_at < req.created_at:
+            # A request's id is stable per action: the same action asked again after its
+            # request was decided or expired gets the same id and hash. A decision made
+            # before this request (redelivered, replayed) was for an earlier one, and must
+            # not approve, or reject, what nobody has seen yet.
+            await self._reject_decision(
+                d,
+                f"decided at {d.decided_at.isoformat()}, before request {req.id} was made at "
+                f"{req.created_at.isoformat()}: it is for an earlier request",
             )
             return
         settling = self._settling.get(req.id)

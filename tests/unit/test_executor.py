@@ -1087,6 +1087,33 @@ async def test_forged_decisions_are_dead_lettered_with_the_reason(
     assert req.id in ex.pending and c.config_map("shop", "flags").data == {"mode": "fast"}
 
 
+async def test_a_decision_for_an_earlier_request_does_not_approve_the_same_action_asked_again(
+    rig: Any,
+) -> None:
+    # Approved after its request expired: rejected, tombstoned. The incident goes on and
+    # the same action is asked again: the new request has the same id and hash. The old
+    # decision, redelivered (its executor died before committing it) or replayed, approved
+    # the new request nobody had seen, and the action executed.
+    ex, bus, c = rig
+    a = act("update_config", CM, action_id="u1", params={"key": "mode", "value": "safe"})
+    req = await requested(ex, bus, a)
+    ex.pending[req.id] = replace(req, expires_at=utcnow() - timedelta(seconds=1))
+    late = decision(req)
+    await ex.on_decision(late)
+    assert bus.results("u1")[-1].status == "rejected" and req.id not in ex.pending
+    again = await requested(ex, bus, a)
+    assert (again.id, again.action_hash) == (req.id, req.action_hash)
+    assert again.created_at > late.decided_at
+    await ex.on_decision(late)
+    assert c.config_map("shop", "flags").data == {"mode": "fast"}
+    assert bus.results("u1")[-1].status == "pending_approval"
+    assert len(bus.letters) == 1 and "it is for an earlier request" in bus.letters[0]
+    assert again.id in ex.pending
+    await ex.on_decision(decision(again))  # a decision for the new request stands
+    assert c.config_map("shop", "flags").data == {"mode": "safe"}
+    assert bus.results("u1")[-1].status == "succeeded"
+
+
 async def test_the_reference_success_rate_counts_executed_remediations_only(
     rig: Any, tmp_path: Path
 ) -> None:
