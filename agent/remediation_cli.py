@@ -30,7 +30,7 @@ from agent.models import (
 from agent.policy import budget_usage
 from agent.settings import Settings, load_settings
 from agent.topics import topic
-from handlers.executor import can_undo, undo_request, undoable_result
+from handlers.executor import can_undo, still_pending, undo_request, undoable_result
 from streams.bus import Bus
 from streams.ledger import recent_claims
 from streams.replay import end_offsets, follow, snapshot
@@ -65,7 +65,9 @@ async def _wait_result(
         topic(settings.kafka.topic_prefix, "action-results"),
         ActionResult,
         since=since,
-        until=lambda r: r.action_id == action_id and r.status in FINAL,
+        # The same action asked again meanwhile (each re-analysis of the incident asks)
+        # is recorded as a duplicate of the pending request: not what was decided.
+        until=lambda r: r.action_id == action_id and r.status in FINAL and not still_pending(r),
         wait_s=wait_s,
     )
     return found if isinstance(found, ActionResult) else None

@@ -1067,7 +1067,8 @@ class Executor:
         outstanding = self.pending.get(stable_id("approval", action.id))
         if outstanding is not None and outstanding.action_hash == action.digest():
             # The same action again (a redelivery, a second analysis of the incident): one
-            # request, one page, and its expiry is not pushed back.
+            # request, one page, and its expiry is not pushed back. Its record is one
+            # still_pending knows (the CLI waiting for a decision's result skips it).
             return await self._record(
                 action,
                 "duplicate",
@@ -1511,6 +1512,12 @@ def target_replicas(action: ActionRequest, current: int) -> int:
     n = int(raw)
     value = current + n if raw.startswith(("+", "-")) else n
     return max(0, value)
+
+
+def still_pending(result: ActionResult) -> bool:
+    """Whether ``result`` records its action asked again while its approval request is
+    pending (see Executor._request_approval): nothing was decided, nor done."""
+    return result.status == "duplicate" and result.outcome == "not_applicable"
 
 
 def can_undo(result: ActionResult) -> bool:

@@ -30,7 +30,13 @@ from agent.models import (
 from agent.policy import Switches, Verdict, unknown_undo
 from agent.settings import Settings
 from handlers.cluster import EVICTED_PODS_ANNOTATION, PartialFailure, drain_left
-from handlers.executor import Executor, undo_request, undoable_result, unverified
+from handlers.executor import (
+    Executor,
+    still_pending,
+    undo_request,
+    undoable_result,
+    unverified,
+)
 from handlers.fake_cluster import FakeCluster
 from streams.bus import Envelope
 from tests.fakes.publisher import MemoryBus
@@ -1582,6 +1588,7 @@ async def test_the_same_action_again_while_its_approval_is_pending_asks_once(rig
     req = await requested(ex, bus, a)
     again = await ex.on_action(a)  # a redelivery, or the incident analysed once more
     assert (again.status, again.outcome) == ("duplicate", "not_applicable")
+    assert still_pending(again)  # `approvals approve` waiting for the decision skips it
     assert f"approval {req.id} already pending since" in again.message
     assert bus.approvals() == [req]  # one page, and its expiry where it was
     (page,) = [e for e, _ in bus.on("escalations")]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -52,6 +54,32 @@ async def test_an_approval_that_ran_exits_0(
     assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0) == 0
     assert capsys.readouterr().out.startswith("succeeded")
     assert await remediation_cli._report(SETTINGS, "other", {}, 30.0) == 1  # no result
+
+
+async def test_an_approval_is_not_reported_done_by_its_action_asked_again_meanwhile(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # While `approvals approve` waited, the incident was analysed again and asked for the
+    # same action: the executor recorded a duplicate of the pending request, which the
+    # command took for the decision's result, exiting 0 for an approval later rejected.
+    req = action("rollback", action_id="a1")
+    asked_again = replace(
+        result_of(req, "not_applicable"),
+        status="duplicate",
+        message="approval ap1 already pending since 2026-01-01T00:00:00+00:00",
+    )
+    stale = replace(result_of(req, "not_applicable"), status="rejected", message=STALE)
+    topic_holds = [asked_again, stale]
+
+    async def follow(*_args: Any, until: Callable[[Any], bool], **_kw: Any) -> Any | None:
+        return next((r for r in topic_holds if until(r)), None)
+
+    monkeypatch.setattr(remediation_cli, "follow", follow)
+    assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0) == 1
+    assert capsys.readouterr().err == f"rejected: {STALE}\n"
+    # A duplicate of an action already done is still the outcome it reports.
+    topic_holds[:] = [asked_again, replace(stale, status="duplicate", outcome="unknown")]
+    assert await remediation_cli._report(SETTINGS, "a1", {}, 30.0) == 0
 
 
 async def test_actions_list_marks_undoable_exactly_what_undo_restores(
