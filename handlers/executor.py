@@ -880,6 +880,14 @@ class Executor:
             await self._escalate("action_failed", action, f"failed half-way: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now, err.prior_state)
         except AgentError as err:
+            if isinstance(err, TransientError) and (found := await self._lost_answer(action)):
+                # The write went through; its answer was lost (a timeout on the last
+                # attempt). Recorded as failed, it would hold no cooldown nor budget, never
+                # be verified, and page a failure for a change that was made.
+                await self._claim_ended(action, now, changed=True)
+                rule = f"{verdict.rule}; {note}" if note else verdict.rule
+                message = f"{found.message}, though its answer was lost ({err}) [{rule}]"
+                return await self._succeeded(action, message, found, now, before)
             await self._claim_ended(action, now, changed=False)  # its unit goes back
             await self._escalate("action_failed", action, f"failed: {err}", now)
             return await self._record(action, "failed", "unknown", str(err), now)
@@ -890,6 +898,15 @@ class Executor:
             return await self._redelivered(action, verdict, effect, now, note)
         rule = f"{verdict.rule}; {note}" if note else verdict.rule
         return await self._succeeded(action, f"{effect.message} [{rule}]", effect, now, before)
+
+    async def _lost_answer(self, action: ActionRequest) -> Effect | None:
+        """After a transient failure: the action's effect, if its id is on the target after
+        all. A target that still cannot be read shows none (the failure stands)."""
+        try:
+            return await self._found(action)
+        except AgentError as err:
+            log.info("cannot tell whether %s is on %s: %s", action.id, action.target.key, err)
+            return None
 
     async def _redelivered(
         self, action: ActionRequest, verdict: Verdict, effect: Effect, now: datetime, note: str

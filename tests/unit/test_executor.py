@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,8 @@ def cfg(**rem: Any) -> Settings:
     return make_settings(doc)
 
 
-def cluster() -> FakeCluster:
-    c = FakeCluster()
+def cluster(kind: type[FakeCluster] = FakeCluster) -> FakeCluster:
+    c = kind()
     c.create_deployment("shop", "checkout", image="v1", replicas=4, at=at(0))
     c.rollout("shop", "checkout", image="v2", at=at(60))
     for n in ("n1", "n2", "n3"):
@@ -1118,6 +1118,32 @@ async def test_a_decision_for_an_earlier_request_does_not_approve_the_same_actio
     await ex.on_decision(decision(again))  # a decision for the new request stands
     assert c.config_map("shop", "flags").data == {"mode": "safe"}
     assert bus.results("u1")[-1].status == "succeeded"
+
+
+class _AnswerLost(FakeCluster):
+    """A cluster whose restarts go through, and whose every answer to one is lost."""
+
+    async def restart(self, target: Target, *, action_id: str, at: datetime) -> Any:
+        await super().restart(target, action_id=action_id, at=at)
+        raise TransientError(f"{target.key}: timed out waiting for the answer", retry_after=0)
+
+
+async def test_an_action_whose_answer_was_lost_is_recorded_as_the_success_it_was() -> None:
+    # The restart went through on the first attempt; every answer timed out. It was
+    # recorded as failed and paged, and, holding no cooldown and no verification, left
+    # for the next analysis to restart again.
+    bus, c = MemoryBus(), cluster(_AnswerLost)
+    ex = Executor(cfg(cooldown=300), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(act("restart_workload", action_id="r1"))
+        assert r.status == "succeeded", r.message
+        assert "its answer was lost" in r.message and "timed out" in r.message
+        assert r.prior_state == {"generation": 2}  # as the write noted it
+        assert "r1" in ex.history and "action_failed" not in _escalated(bus)
+        again = await ex.on_action(act("restart_workload", action_id="r2"))
+        assert (again.status, again.message.split(":")[0]) == ("denied", "cooldown")
+    finally:
+        await ex.stop()
 
 
 async def test_the_reference_success_rate_counts_executed_remediations_only(
