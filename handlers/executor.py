@@ -1229,13 +1229,15 @@ class Executor:
         return True
 
     async def _expire(self, req: ApprovalRequest, why: str, now: datetime) -> None:
-        await self._record(
+        # Stopped like any rule stops an action: a node left half drained is paged as such,
+        # since nothing will finish the drain now that nobody approved it.
+        await self._record_stopped(
             req.action,
             "rejected",
-            "not_applicable",
             f"approval {req.id} expired at {req.expires_at.isoformat()} without a "
             "decision; escalated",
             now,
+            None,
         )
         await self._escalate(
             "approval_expired",

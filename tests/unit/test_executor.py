@@ -1468,6 +1468,24 @@ async def test_a_drain_half_done_before_its_request_is_not_resumed_by_a_late_app
     assert bus.tombstones() == [req.id]
 
 
+async def test_an_approval_for_a_half_drained_node_that_expires_undecided_pages_the_node(
+    rig: Any,
+) -> None:
+    # Nobody decided: the request expired, recorded and paged as "expired" only. The node
+    # stays cordoned with pods on it, and nothing will finish or undo that drain now.
+    ex, bus, c = rig
+    _a, req = await _half_drained_then_requested(rig)
+    assert await ex.sweep(req.expires_at + timedelta(seconds=1)) == [req]
+    r = bus.results("d1")[-1]
+    assert r.status == "rejected" and "expired" in r.message, r.message
+    assert "partly applied: node cordoned, 1 pods left" in r.message, r.message
+    reasons = [e.reason for e, _ in bus.on("escalations")]
+    assert reasons == ["approval_requested", "action_failed", "approval_expired"], reasons
+    (page,) = [e for e, _ in bus.on("escalations") if e.reason == "action_failed"]
+    assert "Node n1 left half done by drain_node d1" in page.details[0], page.details
+    assert c.node("n1").unschedulable and c.pod("shop", "checkout-b") is not None
+
+
 @pytest.mark.parametrize("approved", [True, False], ids=["approved", "plain"])
 @pytest.mark.parametrize("rule", ["kill_switch", "incident_closed"])
 async def test_a_drain_left_half_done_and_stopped_by_a_rule_pages_once(
