@@ -803,12 +803,8 @@ class Executor:
                 None,
             )
         elif d.decision == "reject":
-            await self._record(
-                req.action,
-                "rejected",
-                "not_applicable",
-                f"rejected by {d.decided_by}: {d.reason}",
-                now,
+            await self._record_stopped(
+                req.action, "rejected", f"rejected by {d.decided_by}: {d.reason}", now, None
             )
         else:
             problem = await self._no_longer_valid(req)
@@ -1260,8 +1256,9 @@ class Executor:
             if not self._settle(req, why):
                 continue  # decided (or being decided) meanwhile: that is its outcome
             try:
-                await self._record(
-                    req.action, "rejected", "not_applicable", f"approval {req.id} {why}", now
+                # A node left half drained is paged as such: nothing will finish it now.
+                await self._record_stopped(
+                    req.action, "rejected", f"approval {req.id} {why}", now, None
                 )
                 await self._retire(req, why)
                 # Whoever was asked to decide is told there is nothing to decide.

@@ -1468,19 +1468,34 @@ async def test_a_drain_half_done_before_its_request_is_not_resumed_by_a_late_app
     assert bus.tombstones() == [req.id]
 
 
-async def test_an_approval_for_a_half_drained_node_that_expires_undecided_pages_the_node(
-    rig: Any,
+@pytest.mark.parametrize(
+    ("ending", "then"),
+    [
+        ("expired", "approval_expired"),
+        ("withdrawn", "approval_withdrawn"),
+        ("rejected by alice", None),
+    ],
+)
+async def test_an_approval_for_a_half_drained_node_that_ends_unapproved_pages_the_node(
+    rig: Any, ending: str, then: str | None
 ) -> None:
-    # Nobody decided: the request expired, recorded and paged as "expired" only. The node
-    # stays cordoned with pods on it, and nothing will finish or undo that drain now.
+    # Nobody approved: the request expired, was withdrawn (its incident resolved) or was
+    # rejected, and its result and pages said only that. The node stays cordoned with pods
+    # on it, and nothing will finish or undo that drain now.
     ex, bus, c = rig
     _a, req = await _half_drained_then_requested(rig)
-    assert await ex.sweep(req.expires_at + timedelta(seconds=1)) == [req]
+    if ending == "expired":
+        assert await ex.sweep(req.expires_at + timedelta(seconds=1)) == [req]
+    elif ending == "withdrawn":
+        ex.on_incident(_incident("resolved"))
+        await ex.sweep(utcnow())
+    else:
+        await ex.on_decision(decision(req, "reject", reason="not now"))
     r = bus.results("d1")[-1]
-    assert r.status == "rejected" and "expired" in r.message, r.message
+    assert r.status == "rejected" and ending in r.message, r.message
     assert "partly applied: node cordoned, 1 pods left" in r.message, r.message
     reasons = [e.reason for e, _ in bus.on("escalations")]
-    assert reasons == ["approval_requested", "action_failed", "approval_expired"], reasons
+    assert reasons == ["approval_requested", "action_failed", *([then] if then else [])], reasons
     (page,) = [e for e, _ in bus.on("escalations") if e.reason == "action_failed"]
     assert "Node n1 left half done by drain_node d1" in page.details[0], page.details
     assert c.node("n1").unschedulable and c.pod("shop", "checkout-b") is not None
