@@ -8,9 +8,9 @@ anomalies topic keyed by the correlation key. A record that does not decode goes
 dead-letter topic with the reason naming the field, and offsets are committed only after
 the anomalies are durable.
 
-An Alertmanager-format record's alerts that are no anomaly (the agent's own ``SREAgent*``
-alerts and the configured heartbeat, :func:`agent.alerts.ignored_reason`, as the webhook
-decides) are decoded as :class:`~agent.alerts.Ignored` and counted and logged by the
+A record's alerts that are no anomaly (the agent's own ``SREAgent*`` alerts and the
+configured heartbeat, :func:`agent.alerts.ignored_reason`, as the webhook decides), in
+either format, are decoded as :class:`~agent.alerts.Ignored` and counted and logged by the
 handler, never republished.
 """
 
@@ -80,14 +80,34 @@ def _checked(anomalies: list[Anomaly], group_by: tuple[str, ...]) -> list[Anomal
     return anomalies
 
 
-def decode_anomaly(raw: bytes, *, cluster: str, group_by: tuple[str, ...]) -> list[Anomaly]:
+def decode_anomaly(
+    raw: bytes,
+    *,
+    cluster: str,
+    group_by: tuple[str, ...],
+    ignore: AlertFilter | None = None,
+) -> list[Anomaly | Ignored]:
     """The project's own format; labels get the same defaults as every other source (the
-    producer's fingerprint is kept: it is the producer's statement of identity)."""
+    producer's fingerprint is kept: it is the producer's statement of identity). An
+    anomaly that is the agent's own alert or the heartbeat, by its ``alertname`` label or
+    else its name (a forwarder of alerts names the anomaly after it), is :class:`Ignored`,
+    as in an Alertmanager-format record."""
     a = decode(Anomaly, raw)
+    if ignoring := _ignored_anomaly(a, ignore or AlertFilter()):
+        return [ignoring]
     labels = normalise(a.labels, cluster)
     if labels != dict(a.labels):
         a = replace(a, labels=labels)
-    return _checked([a], group_by)
+    return list(_checked([a], group_by))
+
+
+def _ignored_anomaly(a: Anomaly, rules: AlertFilter) -> Ignored | None:
+    """Pure: the anomaly as :class:`Ignored` when :func:`ignored_reason` leaves out its
+    ``alertname`` label or its name, else None."""
+    for name in (a.labels.get("alertname"), a.name):
+        if name and (reason := ignored_reason({"alertname": name}, rules)) is not None:
+            return Ignored(name, reason)
+    return None
 
 
 def decoder_for(
@@ -102,7 +122,7 @@ def decoder_for(
         return partial(
             decode_alertmanager, cluster=cluster, group_by=group_by, clock=clock, ignore=ignore
         )
-    return partial(decode_anomaly, cluster=cluster, group_by=group_by)
+    return partial(decode_anomaly, cluster=cluster, group_by=group_by, ignore=ignore)
 
 
 class FeedNormaliser:

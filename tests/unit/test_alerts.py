@@ -19,11 +19,13 @@ from agent.alerts import (
     severity_of,
     to_anomaly,
 )
+from agent.codec import encode
 from agent.errors import InvalidEvent
-from agent.feeds import decode_alertmanager
+from agent.feeds import decode_alertmanager, decode_anomaly, decoder_for
 from agent.models import Anomaly, fingerprint
+from agent.settings import FeedSpec
 from streams.partitioning import MAX_REQUEST_BYTES
-from tests.unit.factories import at
+from tests.unit.factories import anomaly, at
 
 GROUP_BY = ("cluster", "namespace", "service")
 
@@ -275,6 +277,36 @@ def test_a_feed_records_own_alerts_are_decoded_as_ignored_in_their_place() -> No
     assert got[0] == Ignored("SREAgentDeadLetters", "own")
     assert isinstance(got[1], Anomaly) and got[1].labels["service"] == "cart"
     assert got[2:] == [Ignored("Watchdog", "heartbeat"), Ignored("SREAgentNotReady", "own")]
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "expected"),
+    [
+        ("SREAgentDeadLetters", {"namespace": "shop"}, Ignored("SREAgentDeadLetters", "own")),
+        ("forwarded", {"alertname": "Watchdog"}, Ignored("Watchdog", "heartbeat")),
+        # An own alert that would not make a valid anomaly does not dead-letter its record.
+        ("SREAgentNotReady", {"deployment": "d" * 4090}, Ignored("SREAgentNotReady", "own")),
+        ("Watchdog", {"alertname": "SREAgentLag"}, Ignored("SREAgentLag", "own")),
+    ],
+)
+def test_an_anomaly_format_records_own_alert_or_heartbeat_is_decoded_as_ignored(
+    name: str, labels: dict[str, str], expected: Ignored
+) -> None:
+    # As in an Alertmanager-format record (and at the webhook): republished, the agent's
+    # own alert would open an incident about the agent, the heartbeat one that never ends.
+    raw = encode(anomaly(name, labels=labels))
+    feed = FeedSpec(topic="external", format="anomaly")
+    decode = decoder_for(
+        feed, cluster="c", group_by=GROUP_BY, ignore=AlertFilter(heartbeat="Watchdog")
+    )
+    assert decode(raw) == [expected]
+
+
+def test_an_anomaly_format_records_other_anomaly_is_republished() -> None:
+    raw = encode(anomaly("MySREAgentAlert", labels={"namespace": "shop"}))
+    got = decode_anomaly(raw, cluster="c", group_by=GROUP_BY, ignore=AlertFilter())
+    assert len(got) == 1 and isinstance(got[0], Anomaly)
+    assert got[0].labels["cluster"] == "c"
 
 
 def test_the_ignored_alerts_metric_names_a_bounded_set_of_alert_names() -> None:
