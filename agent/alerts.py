@@ -30,7 +30,8 @@ is down: they are for a human (deploy/monitoring/alertmanager.yml routes them aw
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -58,8 +59,11 @@ log = logging.getLogger(__name__)
 
 MAX_ALERTS = 1000
 
-# Alert names whose first ignoring is remembered (logged once); past it, each is logged.
+# Alert names whose first ignoring is remembered (logged once). Past them, a new name is
+# logged at most once per IGNORED_LOG_INTERVAL seconds, with how many went unlogged since:
+# SREAgent<random> in a feed must flood neither memory nor the log.
 MAX_IGNORED_NAMES = 1000
+IGNORED_LOG_INTERVAL = 60.0
 
 # Distinct alert names a source's sre_agent_ignored_alerts_total labels, and the longest:
 # any writer of a feed or holder of the webhook token picks them (SREAgent<random>), and
@@ -211,12 +215,19 @@ class IgnoredAlerts:
     """Counts the alerts a source ignores (``sre_agent_ignored_alerts_total``) and logs the
     first of each name at INFO: never silently, nor once per notification. The metric
     names the first MAX_IGNORED_METRIC_NAMES names of own alerts (and the heartbeat);
-    any later one is counted as ``name="other"``, its name in the log."""
+    any later one is counted as ``name="other"``, its name in the log. Past the first
+    MAX_IGNORED_NAMES names, one line per IGNORED_LOG_INTERVAL (``clock``, seconds) logs
+    the latest and how many were not logged."""
 
-    def __init__(self, metrics: Metrics, *, source: str) -> None:
+    def __init__(
+        self, metrics: Metrics, *, source: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.metrics = metrics
         self.source = source
+        self.clock = clock
         self._logged: set[tuple[str, str]] = set()
+        self._overflow_logged_at: float | None = None
+        self._unlogged = 0  # ignorings past the remembered names since the last such line
         self._named: set[str] = set()  # the names the metric carries
 
     def metric_name(self, name: str, reason: IgnoreReason) -> str:
@@ -233,14 +244,32 @@ class IgnoredAlerts:
         self.metrics.ignored_alerts.labels(source=self.source, reason=reason, name=label).inc()
         if (name, reason) in self._logged:
             return
+        why = "the heartbeat" if reason == "heartbeat" else "the agent's own alert"
         if len(self._logged) < MAX_IGNORED_NAMES:
             self._logged.add((name, reason))
-        why = "the heartbeat" if reason == "heartbeat" else "the agent's own alert"
+            log.info(
+                "%s: ignoring alert %r, %s: it opens no incident (logged once per alert name)",
+                self.source,
+                name,
+                why,
+            )
+            return
+        now = self.clock()
+        last = self._overflow_logged_at
+        if last is not None and now - last < IGNORED_LOG_INTERVAL:
+            self._unlogged += 1
+            return
+        self._overflow_logged_at = now
+        unlogged, self._unlogged = self._unlogged, 0
         log.info(
-            "%s: ignoring alert %r, %s: it opens no incident (logged once per alert name)",
+            "%s: ignoring alert %r, %s: it opens no incident (past %d alert names, one line "
+            "per %.0fs: %d more ignored alerts not logged since the last; all are counted)",
             self.source,
             name,
             why,
+            MAX_IGNORED_NAMES,
+            IGNORED_LOG_INTERVAL,
+            unlogged,
         )
 
 

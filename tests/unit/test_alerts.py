@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 import pytest
 
 from agent.alerts import (
+    IGNORED_LOG_INTERVAL,
     MAX_IGNORED_METRIC_NAMES,
+    MAX_IGNORED_NAMES,
     AlertFilter,
     Ignored,
     IgnoredAlerts,
@@ -337,3 +340,32 @@ def test_the_ignored_alerts_metric_names_a_bounded_set_of_alert_names() -> None:
     assert count(flood[MAX_IGNORED_METRIC_NAMES]) is None
     assert count("other") == 200 + 1  # nothing goes uncounted
     assert count("Watchdog", "heartbeat") == 1
+
+
+def test_ignored_alerts_past_the_remembered_names_are_logged_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Whoever writes to a feed picks the names: past the remembered ones, logging each
+    # occurrence would flood the log (one line per alert per notification, for ever).
+    from agent.metrics import Metrics
+
+    now = [0.0]
+    ignored = IgnoredAlerts(Metrics(), source="feed", clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="agent.alerts")
+    for i in range(MAX_IGNORED_NAMES):
+        ignored.record(f"SREAgent{i}", "own")
+    assert len(caplog.records) == MAX_IGNORED_NAMES  # each remembered name once
+    caplog.clear()
+    for _ in range(3):
+        ignored.record("SREAgent0", "own")  # remembered: never again
+        for i in range(200):
+            ignored.record(f"SREAgentNew{i}", "own")
+    assert len(caplog.records) == 1
+    now[0] += IGNORED_LOG_INTERVAL - 1
+    ignored.record("SREAgentNew0", "own")
+    assert len(caplog.records) == 1
+    now[0] += 1
+    ignored.record("SREAgentLatest", "own")
+    assert len(caplog.records) == 2
+    last = caplog.records[-1].getMessage()
+    assert "'SREAgentLatest'" in last and "600 more ignored alerts not logged" in last
