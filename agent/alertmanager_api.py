@@ -18,7 +18,7 @@ import orjson
 from pydantic import ConfigDict
 
 from agent.alerts import AmAlert
-from agent.codec import from_objs
+from agent.codec import from_obj, from_objs
 from agent.errors import DependencyUnavailable, InvalidEvent, plain
 from agent.models import Labels
 
@@ -79,14 +79,45 @@ def parse_alerts(raw: bytes) -> list[ActiveAlert]:
 _NOTIFIED_FIELDS = ("labels", "annotations", "startsAt", "endsAt", "generatorURL")
 
 
-def parse_notified(raw: bytes) -> list[AmAlert]:
-    """Validate a ``GET /api/v2/alerts`` reply as alerts to announce; a malformed one names
-    the field."""
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """The alerts of a ``GET /api/v2/alerts`` reply to announce, and the problems of those
+    that are no valid alert (``[2].labels: ...``), left out."""
+
+    alerts: list[AmAlert]
+    refused: tuple[str, ...] = ()
+
+
+def parse_notified(raw: bytes) -> Notified:
+    """Validate a ``GET /api/v2/alerts`` reply as alerts to announce. A reply that is no
+    list of alerts is :class:`DependencyUnavailable`, naming what is wrong; an alert that
+    is invalid (Alertmanager takes alerts without ``alertname``, which the webhook
+    refuses alone) is left out, named in ``refused``: failing the whole reply for it,
+    the receiver was never refreshed again and ``alertmanager-unavailable`` fired for as
+    long as that alert was active."""
     docs = [
         {k: doc[k] for k in _NOTIFIED_FIELDS if k in doc} if isinstance(doc, dict) else doc
         for doc in _alert_list(raw)
     ]
-    return _validated(AmAlert, docs)
+    try:
+        return Notified(from_objs(AmAlert, docs))
+    except InvalidEvent:
+        pass  # one bad alert: validate them one by one to keep the others
+    alerts: list[AmAlert] = []
+    refused: list[str] = []
+    for i, doc in enumerate(docs):
+        try:
+            alerts.append(from_obj(AmAlert, doc))
+        except InvalidEvent as err:
+            refused += [_in_reply(i, p) for p in err.problems]
+    return Notified(alerts, tuple(refused))
+
+
+def _in_reply(i: int, problem: str) -> str:
+    """``labels: ...`` of alert 3 -> ``[3].labels: ...``, ``<root>: ...`` -> ``[3]: ...``."""
+    if problem.startswith("<root>"):
+        return f"[{i}]{problem.removeprefix('<root>')}"
+    return f"[{i}].{problem}"
 
 
 class AlertmanagerAPI:
@@ -102,9 +133,9 @@ class AlertmanagerAPI:
         # The filter is the server's; the name is checked here too, as the labels are read.
         return [a.labels for a in parse_alerts(body) if a.labels.get("alertname") == alertname]
 
-    async def notified(self, receiver: str) -> list[AmAlert]:
+    async def notified(self, receiver: str) -> Notified:
         """The active alerts routed to ``receiver`` that Alertmanager notifies it of:
-        neither silenced nor inhibited."""
+        neither silenced nor inhibited (and the problems of the invalid ones)."""
         body = await self._alerts(
             {
                 "receiver": re2_literal(receiver),

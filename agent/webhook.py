@@ -76,7 +76,7 @@ from agent.alerts import (
     to_anomaly,
 )
 from agent.detector import Publisher, Refused, agent_anomaly, publish_refusing, refusals
-from agent.errors import AgentError, InvalidEvent, cancel_and_wait, task_failure
+from agent.errors import AgentError, InvalidEvent, cancel_and_wait, plain, task_failure
 from agent.labels import normalise
 from agent.metrics import Metrics
 from agent.models import Anomaly, Heartbeat, heartbeat_key, utcnow
@@ -309,11 +309,19 @@ class AlertmanagerReceiver:
         unanswered: list[str] = []
         for receiver in sorted(self.receivers):
             try:
-                alerts = await self.api.notified(receiver)
+                reply = await self.api.notified(receiver)
             except AgentError as err:
                 log.warning("alertmanager refresh of receiver %r failed: %s", receiver, err)
                 unanswered.append(f"receiver {receiver!r}: {err}")
                 continue
+            alerts = reply.alerts
+            if reply.refused:  # as the webhook refuses them: the others are announced
+                log.warning(
+                    "alertmanager refresh of receiver %r: %d invalid alerts left out: %s",
+                    receiver,
+                    len(reply.refused),
+                    plain("; ".join(reply.refused[:5]), 800),
+                )
             anomalies = [
                 a
                 for a in still_firing(

@@ -138,3 +138,36 @@ async def test_a_receiver_named_by_a_notification_is_refreshed_from_then_on(
         await server.stop()
         await api.close()
         await asyncio.to_thread(resolve, alertmanager, posted[:1])
+
+
+async def test_an_alert_without_alertname_leaves_the_receivers_other_alerts_announced(
+    alertmanager: Any,
+) -> None:
+    # Alertmanager takes an alert without alertname (any API client may post one); the
+    # webhook refuses it alone. The refresh failed the whole reply for it: the receiver's
+    # other alerts were never announced again and alertmanager-unavailable fired for as
+    # long as that alert was active.
+    ns = f"refresh-{uuid.uuid4().hex[:8]}"
+    posted, _ = alerts(ns)
+    nameless = {**posted[0], "labels": {"namespace": ns, "service": "nameless"}}
+    sent = [posted[0], nameless]
+    await asyncio.to_thread(alertmanager.post_alerts, sent)
+    settings = make_settings(
+        "127.0.0.1:1",
+        "unused.",
+        doc={"detectors": {"alertmanager": {"enabled": True, "receivers": [RECEIVER]}}},
+    )
+    rec, api = Recorder(), AlertmanagerAPI(alertmanager.url, timeout=3)
+    am = AlertmanagerReceiver(
+        settings, token=TOKEN, publish=rec, topic="anomalies", metrics=Metrics(), api=api
+    )
+    try:
+        reply = await api.notified(RECEIVER)
+        assert any("labels" in p and "alertname" in p for p in reply.refused)
+        await am.refresh()
+    finally:
+        await api.close()
+        await asyncio.to_thread(resolve, alertmanager, sent)
+    assert {a.labels["service"] for a in rec.of(ns)} == {"cart"}
+    assert am.unavailable_since is None
+    assert not [a for a in rec.items if a.name == "alertmanager-unavailable"]

@@ -27,13 +27,7 @@ def test_a_reply_is_read_for_its_labels() -> None:
         (parse_alerts, b'[{"labels": {"alertname": "A"}}, {"status": {}}]', "[1].labels"),
         (parse_alerts, b'[{"labels": {"alertname": ["A"]}}]', "[0].labels.alertname"),
         (parse_notified, b"<html>", "not valid JSON"),
-        (parse_notified, b"[3]", "[0]"),
-        (
-            parse_notified,
-            b'[{"labels": {"service": "s"}, "startsAt": "2026-12-07T10:00:00Z"}]',
-            "alertname",
-        ),
-        (parse_notified, b'[{"labels": {"alertname": "A"}}]', "[0].startsAt"),
+        (parse_notified, b'{"alerts": []}', "expected a list of alerts, got dict"),
     ],
 )
 def test_a_malformed_reply_names_the_field(
@@ -42,6 +36,25 @@ def test_a_malformed_reply_names_the_field(
     with pytest.raises(DependencyUnavailable) as err:
         parse(raw)
     assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        (b"3", "[1]"),
+        (b'{"labels": {"service": "s"}, "startsAt": "2026-12-07T10:00:00Z"}', "[1].labels"),
+        (b'{"labels": {"alertname": "A"}}', "[1].startsAt"),
+    ],
+)
+def test_an_invalid_alert_of_a_reply_is_left_out_by_name_and_the_others_kept(
+    bad: bytes, named: str
+) -> None:
+    # Alertmanager takes alerts without alertname: failing the whole reply for one, the
+    # receiver's other alerts were never announced again and it counted as unavailable.
+    good = b'{"labels": {"alertname": "A"}, "startsAt": "2026-12-07T10:00:00Z"}'
+    reply = parse_notified(b"[" + good + b"," + bad + b"," + good + b"]")
+    assert [a.labels["alertname"] for a in reply.alerts] == ["A", "A"]
+    assert len(reply.refused) == 1 and reply.refused[0].startswith(named)
 
 
 def test_the_filter_quotes_what_would_end_or_escape_the_value() -> None:
@@ -63,7 +76,9 @@ GETTABLE = b"""[{
 
 
 def test_a_gettable_alert_reads_as_the_alert_a_webhook_would_carry() -> None:
-    [alert] = parse_notified(GETTABLE)
+    reply = parse_notified(GETTABLE)
+    [alert] = reply.alerts
+    assert reply.refused == ()
     assert alert.labels["alertname"] == "HighErrorRate" and alert.status is None
     assert alert.annotations == {"summary": "5xx above 5%"}
     # Its state is what endsAt says: firing until then, resolved after.
