@@ -130,8 +130,8 @@ class ResourceWatch:
             finally:
                 resp.release_conn()
             self.stats["pages"] += 1
-            items.extend(doc.get("items") or [])
-            meta = doc["metadata"]
+            page, meta = _list_page(doc)
+            items.extend(page)
             token = meta.get("continue") or ""
             if not token:
                 break
@@ -169,8 +169,15 @@ class ResourceWatch:
             self._resp = None
             resp.release_conn()
 
-    def _event(self, ev: dict[str, Any]) -> None:
+    def _event(self, ev: Any) -> None:
+        # A malformed line is a ValueError naming the field: the watch retries. Any other
+        # error ended the watch thread, and the detector with it.
+        if not isinstance(ev, dict):
+            raise ValueError(f"watch event: expected an object, got {type(ev).__name__}")
         kind, obj = ev.get("type"), ev.get("object") or {}
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
+            where = "object" if not isinstance(obj, dict) else "object.metadata"
+            raise ValueError(f"watch event {kind}: {where}: expected an object")
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise Gone(obj.get("message", ""))
@@ -180,6 +187,21 @@ class ResourceWatch:
             self.resource_version = str(rv)
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             self.emit((self.resource, kind, obj))
+
+
+def _list_page(doc: Any) -> tuple[list[Any], dict[str, Any]]:
+    """A list reply's items and metadata, or ValueError naming the field (the watch
+    retries): a KeyError or AttributeError ended the watch thread, and the detector."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"list reply: expected an object, got {type(doc).__name__}")
+    items, meta = doc.get("items") or [], doc.get("metadata")
+    if not isinstance(items, list):
+        raise ValueError(f"list reply: items: expected a list, got {type(items).__name__}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"list reply: metadata: expected an object, got {type(meta).__name__}")
+    if not meta.get("continue") and not meta.get("resourceVersion"):
+        raise ValueError("list reply: metadata.resourceVersion: missing")
+    return items, meta
 
 
 def _check(resp: Any) -> None:

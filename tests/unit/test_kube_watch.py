@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
+import pytest
 
 from agent.kube_signals import KubeRules, KubeState, refresh, step, sync, tick
 from agent.kube_watch import ResourceWatch
@@ -257,3 +259,46 @@ def test_watch_resumes_from_the_last_version_and_relists_on_410() -> None:
         c["allow_watch_bookmarks"] and c["timeout_seconds"] == 5 for c in calls if c.get("watch")
     )
     assert dict(w.stats) == {"lists": 3, "pages": 3, "watches": 4, "gone": 2}
+
+
+def test_a_malformed_reply_or_event_is_retried_naming_the_field_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A KeyError or AttributeError ended the watch thread: the detector died for a reply
+    # a proxy or a broken API server garbled. Each is a retried error naming the field.
+    stopping = threading.Event()
+    obj = {"metadata": {"name": "a", "resourceVersion": "11"}}
+    script = [
+        Resp(data={"items": []}),  # no metadata
+        Resp(data=[1]),
+        Resp(data={"metadata": {"resourceVersion": "10"}, "items": {"a": 1}}),
+        Resp(data={"metadata": {"resourceVersion": "10"}, "items": []}),
+        Resp([[1]]),  # type: ignore[list-item]  # a line that is no object
+        Resp([{"type": "ADDED", "object": [1]}]),
+        Resp([{"type": "ADDED", "object": {"metadata": "x"}}]),
+        Resp([{"type": "ADDED", "object": obj}]),
+    ]
+    script[-1].done = stopping
+    calls: list[dict[str, Any]] = []
+
+    def list_fn(**kwargs: Any) -> Resp:
+        calls.append(kwargs)
+        return script[len(calls) - 1]
+
+    emitted: list[tuple[str, str, Any]] = []
+    w = ResourceWatch("pods", list_fn, timeout=5, emit=emitted.append, stopping=stopping)
+    w.stopping.wait = lambda _: False  # type: ignore[method-assign]  # no backoff in a test
+    with caplog.at_level(logging.WARNING, logger="agent.kube_watch"):
+        w.run()
+    assert [k for _, k, _ in emitted] == ["SYNC", "ADDED"]
+    assert w.stats["errors"] == 6
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for named in (
+        "metadata: expected an object, got NoneType",
+        "list reply: expected an object, got list",
+        "items: expected a list, got dict",
+        "watch event: expected an object, got list",
+        "watch event ADDED: object: expected an object",
+        "watch event ADDED: object.metadata: expected an object",
+    ):
+        assert named in logged
