@@ -35,7 +35,8 @@ What is honoured, and how:
   config, but an unset variable without a default is refused (the config's reads as
   empty: a runbook's field would silently be blank), and so is ``${namespace}`` (any query
   variable's name) in a metrics query: expanded at load time it is never the incident's
-  label, which ``$namespace`` is.
+  label, which ``$namespace`` is; in a logs query, whose selector takes no variables, the
+  error says to leave ``namespace=`` out (the incident's is used) or write the name.
 """
 
 from __future__ import annotations
@@ -452,19 +453,26 @@ def _env_problems(doc: Any, env: Mapping[str, str]) -> list[str]:
     name = at(doc, "metadata", "name")
     book = f"runbook {name!r}" if isinstance(name, str) else "runbook without a name"
     items = at(doc, "spec", "context", "gather")
-    metrics = {
-        f"spec.context.gather[{i}]"
+    kinds = {
+        f"spec.context.gather[{i}]": at(g, "type")
         for i, g in enumerate(items if isinstance(items, list) else [])
-        if at(g, "type") == "metrics"
     }
     problems: list[str] = []
     for path, var, default in placeholders(doc):
         item, _, key = path.rpartition(".")
         query = key == "query" or key.startswith("queries[")
-        if item in metrics and query and var in VARIABLES:
+        if kinds.get(item) == "metrics" and query and var in VARIABLES:
             problems.append(
                 f"{path} ({book}): ${{{var}}} is replaced from the environment when the file "
                 f"loads, not by the incident's label: write ${var}"
+            )
+        elif kinds.get(item) == "logs" and query and var in VARIABLES:
+            # A logs selector takes no variables at all (agent.context.parse_logql): its
+            # label values are literal, and a namespace left out is the incident's.
+            problems.append(
+                f"{path} ({book}): ${{{var}}} is replaced from the environment when the file "
+                f"loads, not by the incident's label, and a logs selector takes no variables: "
+                f"leave {VARIABLES[var]}= out (the incident's is used) or write its name"
             )
         elif (why := unset_placeholder(var, default, env)) is not None:
             problems.append(f"{path} ({book}): {why}")

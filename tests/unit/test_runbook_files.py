@@ -211,6 +211,27 @@ def test_a_metrics_query_placeholder_named_as_a_query_variable_is_refused(
         ]
 
 
+@pytest.mark.parametrize("written", ["${namespace}", "${namespace:-shop}"])
+def test_a_logs_query_placeholder_named_as_a_query_variable_says_what_is_allowed(
+    tmp_path: Path, written: str
+) -> None:
+    # Unset, it used to be refused as a generic unset variable; set (or defaulted), the
+    # selector silently named the environment's namespace, never the incident's.
+    query = f'{{namespace="{written}", app="checkout"}} |= "error"'
+    gather = [{"type": "logs", "query": query}]
+    cfg = _config(tmp_path, book(step(), context={"gather": gather}))
+    for env in ({}, {"namespace": "shop"}):
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, env=env)
+        assert list(err.value.problems) == [
+            f"runbook_files[0] ({tmp_path / 'runbooks' / 'book0.yaml'}): "
+            "spec.context.gather[0].query (runbook 'orders'): ${namespace} is replaced "
+            "from the environment when the file loads, not by the incident's label, and a "
+            "logs selector takes no variables: leave namespace= out (the incident's is "
+            "used) or write its name"
+        ]
+
+
 def test_an_unset_environment_variable_in_a_runbook_file_is_refused(tmp_path: Path) -> None:
     scoped = step(params={"deployment": "${DEPLOYMENT}", "namespace": "${NS:-shop}"})
     cfg = _config(tmp_path, book(scoped))
