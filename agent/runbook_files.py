@@ -383,6 +383,13 @@ def _gather(items: tuple[_Gather, ...], book: str) -> tuple[tuple[GatherItem, ..
         elif g.type == "logs":
             if len(queries) != 1:
                 problems.append(f"{where}.query: logs needs exactly one LogQL query")
+            if g.namespace:
+                # Only the selector picks the pods whose tails are narrowed (context.
+                # names_workload): the field would be silently ignored.
+                problems.append(
+                    f"{where}.namespace: logs reads the namespace from its selector: "
+                    f'write {{namespace="{g.namespace}", ...}} in the query'
+                )
         elif queries:
             problems.append(f"{where}.query: {g.type} takes no query (namespace, duration)")
         out.append(GatherItem(g.type, queries, g.namespace, g.duration))

@@ -167,6 +167,11 @@ def test_a_bad_step_is_refused_naming_the_file_and_field(
         ({"type": "metrics", "queries": ["up"] * 11}, "11 metrics queries; at most 10"),
         ({"type": "logs", "duration": "5m"}, "gather[0].query: logs needs exactly one LogQL"),
         ({"type": "events", "query": "x"}, "gather[0].query: events takes no query"),
+        (
+            {"type": "logs", "query": '{app="checkout"}', "namespace": "shop"},
+            "gather[0].namespace: logs reads the namespace from its selector: "
+            'write {namespace="shop"',
+        ),
         ({"type": "events", "namespace": "Not A Name"}, "gather[0].namespace: 'Not A Name'"),
         ({"type": "traces"}, "spec.context.gather[0].type"),
         (
