@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from agent.analyzer import (
     SATURATED,
@@ -96,13 +96,14 @@ class ProposedTarget:
 @dataclass(frozen=True, slots=True)
 class ProposedParams:
     __pydantic_config__ = ConfigDict(extra="ignore")
-    replicas: str | int | None = None
-    revision: int | None = None
+    # Strict: lax coercion would read true as replicas 1 or revision 1, and "3" as 3.
+    replicas: StrictStr | StrictInt | None = None
+    revision: StrictInt | None = None
     # update_config's: without them the policy denies it, so a config change the model
     # proposes (the reference's "configuration update", approved by a human) never
     # reached the person who would approve it.
-    key: str | None = None
-    value: str | None = None
+    key: StrictStr | None = None
+    value: StrictStr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,9 @@ class Answer:
     __pydantic_config__ = ConfigDict(extra="ignore")
     root_cause: Annotated[str, Field(min_length=1, max_length=1000)]
     root_cause_class: RootCauseClass
-    confidence: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    # Strict: a number (an integer is one); lax coercion would read true as 1.0, the
+    # highest claim, and "0.9" as 0.9.
+    confidence: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
     actions: Annotated[tuple[ProposedAction, ...], Field(max_length=5)]
     evidence: Annotated[tuple[Text, ...], Field(max_length=20)] = ()
 

@@ -81,6 +81,38 @@ def test_not_json_is_invalid_json(content: str) -> None:
     assert e.value.reason == "invalid_json"
 
 
+def _with(confidence: object = 0.5, **params: object) -> dict[str, object]:
+    act = {**action(), "params": {"replicas": None, "revision": None, **params}}
+    doc = orjson.loads(answer(actions=[act] if params else []))
+    return {**doc, "confidence": confidence}
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        # Lax coercion read true as confidence 1.0 (the highest claim) and as replicas or
+        # revision 1, and a string as a number: none is what the schema asks for.
+        (_with(True), "confidence"),
+        (_with("0.9"), "confidence"),
+        (_with(revision=True), "actions[0].params.revision"),
+        (_with(revision="3"), "actions[0].params.revision"),
+        (_with(revision=2.0), "actions[0].params.revision"),
+        (_with(replicas=True), "actions[0].params.replicas"),
+        (_with(replicas=2.0), "actions[0].params.replicas"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_not_coerced(doc: object, field: str) -> None:
+    with pytest.raises(InvalidAnswer) as e:
+        parse_answer(orjson.dumps(doc).decode())
+    assert e.value.reason == "schema_violation"
+    assert field in str(e.value)
+
+
+def test_an_integer_confidence_and_replicas_are_numbers_as_json_writes_them() -> None:
+    a = parse_answer(orjson.dumps(_with(1, replicas=3)).decode())
+    assert a.confidence == 1.0 and a.actions[0].params.replicas == 3
+
+
 @pytest.mark.parametrize(
     ("doc", "field"),
     [
