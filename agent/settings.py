@@ -256,13 +256,21 @@ class AzureAISection:
 # checked) names. The names below feed the analyzer's evidence; any other name is only
 # shown to the LLM. Optional: ``concurrency_saturation`` (in-flight / limit),
 # ``node_cpu_saturation`` (by ``node``), ``dependency_error_ratio`` (by ``dependency``).
+# The pods of $workload as controllers name them: <name>-<pod-template-hash>-<suffix>
+# (Deployment; the hash in the vowel-free alphabet of k8s rand.SafeEncodeString),
+# <name>-<suffix> (DaemonSet, ReplicaSet, Job), <name>-<ordinal> (StatefulSet). Not
+# "$workload-.*": that also matched a sibling's pods (checkout-worker-7d9f8-x2k4q is
+# not checkout's), whose CPU and memory then read as the incident's workload's.
+WORKLOAD_PODS = (
+    "$workload-([bcdfghjklmnpqrstvwxz2456789]{1,10}-)?[a-z0-9]{5}|$workload-(0|[1-9][0-9]*)"
+)
 DEFAULT_CONTEXT_QUERIES: Mapping[str, str] = {
     "cpu_saturation": 'sum(rate(container_cpu_usage_seconds_total{namespace="$namespace",'
-    'pod=~"$workload-.*",container!=""}[5m])) / sum(kube_pod_container_resource_limits'
-    '{namespace="$namespace",pod=~"$workload-.*",resource="cpu"})',
+    f'pod=~"{WORKLOAD_PODS}",container!=""}}[5m])) / sum(kube_pod_container_resource_limits'
+    f'{{namespace="$namespace",pod=~"{WORKLOAD_PODS}",resource="cpu"}})',
     "memory_saturation": 'max(container_memory_working_set_bytes{namespace="$namespace",'
-    'pod=~"$workload-.*",container!=""} / on (namespace, pod, container) '
-    'kube_pod_container_resource_limits{namespace="$namespace",pod=~"$workload-.*",'
+    f'pod=~"{WORKLOAD_PODS}",container!=""}} / on (namespace, pod, container) '
+    f'kube_pod_container_resource_limits{{namespace="$namespace",pod=~"{WORKLOAD_PODS}",'
     'resource="memory"})',
 }
 

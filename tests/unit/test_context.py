@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.analyzer import ConfigChange, KubeEvent, analyze
 from agent.context import (
@@ -23,7 +26,13 @@ from agent.context import (
 from agent.errors import DependencyUnavailable
 from agent.prom import Sample
 from agent.runbook_expr import parse
-from agent.settings import FileRunbook, FileStep, GatherItem, parse_settings
+from agent.settings import (
+    DEFAULT_CONTEXT_QUERIES,
+    FileRunbook,
+    FileStep,
+    GatherItem,
+    parse_settings,
+)
 from handlers.fake_cluster import FakeCluster
 from tests.fakes.incidents import OPENED, SHOP, ai_settings, incident, member
 
@@ -641,3 +650,49 @@ async def test_a_runbooks_events_window_hides_no_oom_kill_from_the_other_rules()
         "step 'fresh oom': condition 'oom_killed == 1' is false (oom_killed=0)" in line
         for line in analysis.evidence
     ), analysis.evidence
+
+
+# --- which pods the default saturation queries read ------------------------------------------
+
+_SAFE = "bcdfghjklmnpqrstvwxz2456789"  # k8s rand.SafeEncodeString's alphabet
+_safe = st.text(_SAFE, min_size=1, max_size=10)
+_name = st.from_regex(r"[a-z][a-z0-9]{0,8}(-[a-z][a-z0-9]{0,8}){0,2}", fullmatch=True)
+
+
+def _pod_selectors(query: str, workload: str) -> list[str]:
+    """The pod regexes of ``query`` rendered for shop/``workload``: PromQL anchors a label
+    regex at both ends (RE2; this subset reads the same in Python's re)."""
+    expr = render_query(query, namespace="shop", workload=workload, service=workload)
+    assert expr is not None
+    found = re.findall(r'pod=~"([^"]*)"', expr)
+    assert found
+    return found
+
+
+def _reads(query: str, workload: str, pod: str) -> bool:
+    hits = {re.fullmatch(rx, pod) is not None for rx in _pod_selectors(query, workload)}
+    assert len(hits) == 1  # usage and limits read the same pods
+    return hits.pop()
+
+
+@pytest.mark.parametrize("qname", sorted(DEFAULT_CONTEXT_QUERIES))
+@given(
+    workload=_name,
+    word=st.from_regex(r"[a-z0-9]*[aeiou][a-z0-9]*", fullmatch=True).filter(
+        lambda w: 0 < len(w) < 12
+    ),
+    pod_hash=_safe,
+    suffix=st.text(_SAFE, min_size=5, max_size=5),
+    ordinal=st.integers(0, 500),
+)
+def test_the_default_saturation_queries_read_only_the_workloads_own_pods(
+    qname: str, workload: str, word: str, pod_hash: str, suffix: str, ordinal: int
+) -> None:
+    # "$workload-.*" read checkout-worker's pods as checkout's: a saturated sibling made
+    # the incident's workload look saturated (and a scale-up look supported).
+    query = DEFAULT_CONTEXT_QUERIES[qname]
+    own = [f"{workload}-{pod_hash}-{suffix}", f"{workload}-{suffix}", f"{workload}-{ordinal}"]
+    assert all(_reads(query, workload, p) for p in own)
+    sibling = f"{workload}-{word}"  # a word with a vowel: never a pod-template-hash
+    theirs = [f"{sibling}-{pod_hash}-{suffix}", f"{sibling}-{suffix}", f"{sibling}-{ordinal}"]
+    assert not any(_reads(query, workload, p) for p in theirs)
