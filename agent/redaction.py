@@ -11,7 +11,8 @@ leaked token costs a lot. What it recognises:
   rest of a JSON line stays JSON;
 - ``key=value`` / ``key: value`` / ``"key": "value"`` (``"key"=>"value"``, ``key := value``
   too) where the key names a secret
-  (password, token, secret, api key, access key, credential, cookie, signature, ...),
+  (password, passphrase, token, secret, api key, access key, credential, cookie,
+  signature, ...),
   or ends in "pass" (``SMTP_PASS``, ``smtpPass``, ``pass``, ``DBPASS``, ``$dbpass``; not
   ``BYPASS``, ``COMPASS``, ``PASSED``, ``PASSTHROUGH``),
   also as escaped JSON embedded in a string (``{\\"password\\":\\"...\\"}``); after
@@ -128,7 +129,8 @@ _QUOTE_RUN = re.compile(r'(\\*)"')
 # took the next line's key for its token, and that line's secret was left.
 _SCHEME_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)([ \t]+)([A-Za-z0-9\-._~+/]{8,}=*)")
 _SENSITIVE = (
-    r"(?:passw(?:or)?d|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|"
+    r"(?:passw(?:or)?d|passwd|pwd|pass[_-]?phrase|secret|token|api[_-]?key|access[_-]?key|"
+    r"private[_-]?key|"
     r"account[_-]?key|shared[_-]?access[_-]?key|credentials?|auth|cookie|session[_-]?id|"
     r"signature|sig|key)"
 )

@@ -54,6 +54,9 @@ KEYS = st.sampled_from(
         "session_id",
         "auth",
         "pwd",
+        "passphrase",
+        "SSH_PASSPHRASE",
+        "pass_phrase",
     ]
 )
 SEPARATORS = st.sampled_from(["=", ": ", " = ", ":", "=>", " => ", ":=", " := "])
@@ -1582,3 +1585,18 @@ def test_a_key_name_is_kept_and_its_key_redacted(key: str, name: str, form: str)
 )
 def test_a_scheme_at_a_line_end_takes_no_credential_from_the_next_line(text: str) -> None:
     assert "hunter2000" not in redact(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "passphrase=hunter2-long",
+        "PASSPHRASE: hunter2-long",
+        '{"passphrase": "hunter2-long"}',
+        "gpg --batch --pass-phrase=hunter2-long",
+        "ssh_key_pass_phrase = hunter2-long",
+    ],
+)
+def test_passphrases_never_leak(text: str) -> None:
+    # "passphrase" names a secret as "password" does; it used to pass through whole.
+    assert "hunter2" not in redact(text)
