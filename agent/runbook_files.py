@@ -36,12 +36,14 @@ What is honoured, and how:
   empty: a runbook's field would silently be blank), and so is ``${namespace}`` (any query
   variable's name) in a metrics query: expanded at load time it is never the incident's
   label, which ``$namespace`` is; in a logs query, whose selector takes no variables, the
-  error says to leave ``namespace=`` out (the incident's is used) or write the name.
+  error says to leave ``namespace=`` out (the incident's is used) or write the name, and
+  in a gather item's or a step's ``namespace`` to leave the field out or write the name.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -110,6 +112,7 @@ _STRICT = ConfigDict(extra="forbid")
 _EPOCH = datetime(2000, 1, 2, tzinfo=UTC)  # requested_at of the load-time param probe
 MAX_GATHER_QUERIES = 10  # metrics queries of one runbook: each is a Prometheus call
 MAX_QUERY = 2000  # characters of one gather query
+_STEP = re.compile(r"spec\.steps\[[0-9]+\]\.action\.params")  # a step's params, by path
 _NAME = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=128)]
 
 
@@ -450,7 +453,8 @@ def _env_problems(doc: Any, env: Mapping[str, str]) -> list[str]:
     """What the file's ``${VAR}`` placeholders would silently get wrong: an unset variable
     without a default (it would read as an empty string), and in a metrics query a
     placeholder named as a query variable (``${namespace}``: the environment's, at load
-    time, never the incident's label)."""
+    time, never the incident's label); in a logs query or a namespace field too, the error
+    saying what is allowed there."""
 
     def at(node: Any, *keys: str) -> Any:
         for key in keys:
@@ -480,6 +484,19 @@ def _env_problems(doc: Any, env: Mapping[str, str]) -> list[str]:
                 f"{path} ({book}): ${{{var}}} is replaced from the environment when the file "
                 f"loads, not by the incident's label, and a logs selector takes no variables: "
                 f"leave {VARIABLES[var]}= out (the incident's is used) or write its name"
+            )
+        elif var in VARIABLES and key == "namespace" and (item in kinds or _STEP.fullmatch(item)):
+            # Left out, the field means the incident's namespace(s): what ${namespace}
+            # was meant to say, and expanded at load time never does.
+            left_out = (
+                "it applies in the incident's namespace"
+                if item in kinds
+                else "the step applies in the incident's namespace"
+            )
+            problems.append(
+                f"{path} ({book}): ${{{var}}} is replaced from the environment when the file "
+                f"loads, not by the incident's label: leave namespace out ({left_out}) or "
+                "write its name"
             )
         elif (why := unset_placeholder(var, default, env)) is not None:
             problems.append(f"{path} ({book}): {why}")

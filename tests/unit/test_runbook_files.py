@@ -237,6 +237,37 @@ def test_a_logs_query_placeholder_named_as_a_query_variable_says_what_is_allowed
         ]
 
 
+@pytest.mark.parametrize(
+    ("field", "where", "left_out"),
+    [
+        ("gather", "spec.context.gather[0].namespace", "it applies in the incident's namespace"),
+        (
+            "step",
+            "spec.steps[0].action.params.namespace",
+            "the step applies in the incident's namespace",
+        ),
+    ],
+)
+def test_a_namespace_field_placeholder_named_as_a_query_variable_says_what_is_allowed(
+    tmp_path: Path, field: str, where: str, left_out: str
+) -> None:
+    # Unset, it read as a generic unset variable; set, the field silently named the
+    # environment's namespace where the author meant the incident's.
+    if field == "gather":
+        doc = book(step(), context={"gather": [{"type": "events", "namespace": "${namespace}"}]})
+    else:
+        doc = book(step(params={"namespace": "${namespace}"}))
+    cfg = _config(tmp_path, doc)
+    for env in ({}, {"namespace": "shop"}):
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, env=env)
+        assert list(err.value.problems) == [
+            f"runbook_files[0] ({tmp_path / 'runbooks' / 'book0.yaml'}): {where} (runbook "
+            "'orders'): ${namespace} is replaced from the environment when the file loads, "
+            f"not by the incident's label: leave namespace out ({left_out}) or write its name"
+        ]
+
+
 def test_an_unset_environment_variable_in_a_runbook_file_is_refused(tmp_path: Path) -> None:
     scoped = step(params={"deployment": "${DEPLOYMENT}", "namespace": "${NS:-shop}"})
     cfg = _config(tmp_path, book(scoped))
