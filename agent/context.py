@@ -30,8 +30,9 @@ analysis; within the logs and the events, one pod or namespace that fails leaves
 note and the rest is kept. Logs and metrics that time out keep what they read by then, and
 their note names what was not read (pods or pod listings, queries). Structured signals
 (OOM kills, crash loops, node conditions) are derived from event *reasons*, which the
-kubelet and controllers set; event messages and logs stay text for the LLM, never evidence
-for the rules.
+kubelet and controllers set, about the pods of the incident's workloads
+(:func:`is_workload_pod`: not a sibling's whose name extends the workload's); event
+messages and logs stay text for the LLM, never evidence for the rules.
 """
 
 from __future__ import annotations
@@ -125,9 +126,18 @@ class Querier(Protocol):
 # --- pure helpers ---------------------------------------------------------------------------
 
 
+def is_workload_pod(workload: str, pod: str) -> bool:
+    """Whether ``pod`` can be one of ``workload``'s pods (or its ReplicaSets): controllers
+    add at most two parts to the name (``<hash>-<suffix>``, ``<suffix>``, ``<ordinal>``,
+    a CronJob's ``<time>-<suffix>``), so checkout-worker-7d9f8-x2k4q, three parts after
+    "checkout-", is a sibling's pod (checkout-worker's), not checkout's."""
+    rest = pod.removeprefix(f"{workload}-")
+    return rest != pod and all(rest.split("-", 2)[:2]) and rest.count("-") <= 1
+
+
 def owner_of(pod: str, workloads: Sequence[str]) -> str | None:
-    """The workload whose pods are named ``<workload>-...`` (the longest match)."""
-    return max((w for w in workloads if pod == w or pod.startswith(f"{w}-")), key=len, default=None)
+    """The workload among ``workloads`` that ``pod`` is, or is a pod of (the longest)."""
+    return max((w for w in workloads if pod == w or is_workload_pod(w, pod)), key=len, default=None)
 
 
 def derive_signals(
@@ -360,6 +370,12 @@ def within(events: Sequence[KubeEvent], since: Mapping[str, datetime]) -> list[K
 # --- the gatherer ---------------------------------------------------------------------------
 
 
+async def _own_pods(src: ClusterContext, namespace: str, workload: str) -> Sequence[str]:
+    """The workload's pods as the source lists them by name prefix, less a sibling's
+    (checkout-worker's for checkout): their logs and events are not the incident's."""
+    return [p for p in await src.pods(namespace, workload) if is_workload_pod(workload, p)]
+
+
 @dataclass(slots=True)
 class _Parts:
     """What the sources found, merged into a Context at the end."""
@@ -378,7 +394,7 @@ class _Parts:
     def pods(self, src: ClusterContext, namespace: str, workload: str) -> Awaitable[Sequence[str]]:
         key = (namespace, workload)
         if key not in self.pod_lists:
-            self.pod_lists[key] = asyncio.ensure_future(src.pods(namespace, workload))
+            self.pod_lists[key] = asyncio.ensure_future(_own_pods(src, namespace, workload))
         # Shielded: a job cancelled at its timeout must not cancel the other's listing.
         return asyncio.shield(self.pod_lists[key])
 

@@ -18,6 +18,7 @@ from agent.context import (
     ContextGatherer,
     LogQuery,
     derive_signals,
+    is_workload_pod,
     owner_of,
     parse_logql,
     render_query,
@@ -696,3 +697,43 @@ def test_the_default_saturation_queries_read_only_the_workloads_own_pods(
     sibling = f"{workload}-{word}"  # a word with a vowel: never a pod-template-hash
     theirs = [f"{sibling}-{pod_hash}-{suffix}", f"{sibling}-{suffix}", f"{sibling}-{ordinal}"]
     assert not any(_reads(query, workload, p) for p in theirs)
+
+
+async def test_a_siblings_pods_are_not_the_incidents_workloads() -> None:
+    # The source lists pods by name prefix (as handlers.kube does): checkout's listing
+    # holds checkout-worker's crash-looping pod. Read as checkout's, its BackOff made
+    # checkout crash looping (a restart of the wrong workload) and its log the LLM's.
+    c = FakeCluster()
+    c.create_deployment("shop", "checkout", image="shop/checkout:v6", replicas=1, at=OPENED)
+    c.set_logs("shop", "checkout-7c9f-abcde", "ERROR boom")
+    worker = "checkout-worker-5d8f-xyz12"
+    c.set_logs("shop", worker, "worker panics")
+    c.add_event(KubeEvent("shop", "Pod", worker, "BackOff", at=OPENED))
+    c.add_event(KubeEvent("shop", "Pod", worker, "OOMKilled", at=OPENED))
+    assert worker in await c.pods("shop", "checkout")
+    settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s", "max_pods": 5})
+    g = ContextGatherer(settings, cluster=c, source=c, prom=FakeProm(PROM))
+    ctx = await g.gather(incident(member()))
+    assert list(ctx.logs) == ["checkout-7c9f-abcde"]
+    assert ctx.crash_looping == () and ctx.oom_killed == ()
+    # checkout's own pod's events still count.
+    c.add_event(KubeEvent("shop", "Pod", "checkout-7c9f-abcde", "BackOff", at=OPENED))
+    assert (await g.gather(incident(member()))).crash_looping == ("checkout",)
+
+
+@pytest.mark.parametrize(
+    ("pod", "mine"),
+    [
+        ("checkout-7d9f8-x2k4q", True),  # Deployment: <hash>-<suffix>
+        ("checkout-x2k4q", True),  # DaemonSet, ReplicaSet, Job: <suffix>
+        ("checkout-12", True),  # StatefulSet: <ordinal>
+        ("checkout-7d9f8", True),  # its ReplicaSet
+        ("checkout-worker-7d9f8-x2k4q", False),  # Deployment checkout-worker's
+        ("checkout-api-v2-7d9f8-x2k4q", False),
+        ("checkout", False),
+        ("checkout--x2k4q", False),
+        ("checkoutx-1", False),
+    ],
+)
+def test_is_workload_pod(pod: str, mine: bool) -> None:
+    assert is_workload_pod("checkout", pod) is mine
