@@ -8,7 +8,8 @@ For one incident and its gathered context:
    same evidence digest was answered within ``ai.reanalysis_cooldown`` -> the cached answer
    is re-vetted and reused; no call.
 3. Circuit breaker open -> fallback ``circuit_open``. Per-minute budget of calls and
-   tokens spent -> ``over_budget``.
+   tokens spent -> ``over_budget`` (also, saying so, when the prompt and its answer
+   exceed a whole minute's tokens on their own).
 4. The call, with the model's own timeout; transient failures (timeout, 429, 5xx,
    unreachable) are retried with exponential backoff that honours Retry-After, up to
    ``ai.retries`` times; a Retry-After beyond ``ai.max_backoff`` ends the attempt.
@@ -210,6 +211,14 @@ class LLMAnalyzer:
         scope = incident_scope(incident, ctx, self.settings)
         messages = build_messages(incident, ctx, scope_lines=scope.lines(), nonce=self.nonce())
         estimate = estimate_tokens(messages) + ai.max_output_tokens
+        if estimate > ai.max_tokens_per_minute:
+            # No minute's budget takes it: "budget spent" would send the operator waiting.
+            raise Fallback(
+                "over_budget",
+                f"the prompt and its answer ({estimate} tokens estimated) exceed "
+                f"ai.max_tokens_per_minute ({ai.max_tokens_per_minute}) on their own: raise "
+                "it, or lower ai.context's budgets or correlation.max_event_members",
+            )
         attempt = 0
         while True:
             if not self.breaker.allow():
