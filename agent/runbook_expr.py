@@ -190,7 +190,14 @@ class _Parser:
         lit = self.take()
         if lit.kind != "num":
             raise ExprError(f"expected a number after {op.text}, got {lit.text!r}", lit.pos)
-        return Compare(tok.text, op.text, _literal(lit, kind))  # type: ignore[arg-type]
+        return Compare(_canonical(tok.text), op.text, _literal(lit, kind))  # type: ignore[arg-type]
+
+
+def _canonical(fact: str) -> str:
+    """The fact as the analyzer names it: deployments[01].age is deployments[1].age (as
+    written, it was never among the facts, and its step silently never applied)."""
+    m = _INDEXED.fullmatch(fact)
+    return fact if m is None else f"deployments[{int(m.group(1))}].age"
 
 
 def _literal(tok: _Tok, kind: str) -> float:

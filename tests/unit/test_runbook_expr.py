@@ -67,6 +67,15 @@ def test_errors_name_the_position(text: str, position: int, says: str) -> None:
     assert says in str(err.value)
 
 
+@given(st.integers(0, 4), st.integers(1, 3))
+def test_an_index_with_leading_zeros_names_the_same_rollout(n: int, zeros: int) -> None:
+    # Kept as written, deployments[01].age was never among the facts the analyzer gives:
+    # the condition was unknown for ever and its step silently never applied.
+    cond = parse(f"deployments[{'0' * zeros}{n}].age < 30m")
+    assert facts_in(cond) == (f"deployments[{n}].age",)
+    assert evaluate(cond, {f"deployments[{n}].age": 600.0}) is True
+
+
 def test_a_missing_fact_is_unknown_unless_the_rest_decides() -> None:
     cond = parse("cpu_utilization > 80 OR memory_utilization > 85")
     assert evaluate(cond, {}) is None
