@@ -940,11 +940,22 @@ class Correlator:
             return
         events = []
         resolved = []
+        now = utcnow()
         for raw_key, raw in list(self.table.data.items()):
             stored = self._stored(raw_key.decode(), raw)
             inc = stored.incident
             if stored.partition in taken_over and inc is not None and inc.status == "resolved":
                 resolved.append((inc, stored.partition))
+                # Its resolution may be the event the killed worker never sent, and no
+                # input left to fold sends it again (the resolving record is committed or
+                # changes nothing now; a quiet one's timer finds it resolved): an incident
+                # told opened and never resolved stays open to every subscriber. One
+                # resolved unpublished was never told (emitted_at None); one resolved
+                # longer than resolve_timeout ago was told by a worker that lived on.
+                if stored.emitted_at is not None and (
+                    (now - stored.emitted_at).total_seconds() < self.rules.resolve_timeout
+                ):
+                    events.append(inc)
             if (
                 stored.partition in taken_over
                 and inc is not None
@@ -959,7 +970,9 @@ class Correlator:
             self.metrics.export_resolutions(last_resolutions(self._resolutions))
         if events:
             log.info("re-publishing %d incidents of partitions %s", len(events), taken_over)
-        await self._emit(events)
+        # Resolutions re-published are not counted again: the histogram counted them where
+        # they resolved, and the gauge took them from the restored state above.
+        await self._emit(events, recount=False)
 
     def _forget_unowned(self, owned: set[int]) -> None:
         """Drop what this worker holds per group of partitions it no longer owns: the
@@ -1142,7 +1155,15 @@ class Correlator:
                     continue
                 await producer.send(self._changelog_name, key, value, partition, None, None)
 
-    async def _emit(self, events: list[Incident], encoded: dict[int, bytes] | None = None) -> None:
+    async def _emit(
+        self,
+        events: list[Incident],
+        encoded: dict[int, bytes] | None = None,
+        *,
+        recount: bool = True,
+    ) -> None:
+        """Publish ``events`` after the changelog writes in hand; ``recount``: count the
+        resolutions among them (False for those re-published after a takeover)."""
         await self._send_changelog()
         if not events:
             return
@@ -1166,7 +1187,8 @@ class Correlator:
             )
         for status, n in statuses.items():
             self.metrics.incidents.labels(status=status).inc(n)
-        self._count_resolutions(events)
+        if recount:
+            self._count_resolutions(events)
 
     def _count_resolutions(self, events: Sequence[Incident]) -> None:
         """Count the resolutions among published ``events`` and export the MTTR gauge."""

@@ -48,7 +48,13 @@ class Recording(Correlator):
     def now(self, value: datetime) -> None:
         self.clock.now = value
 
-    async def _emit(self, events: list[Incident], encoded: dict[int, bytes] | None = None) -> None:
+    async def _emit(
+        self,
+        events: list[Incident],
+        encoded: dict[int, bytes] | None = None,
+        *,
+        recount: bool = True,
+    ) -> None:
         self._changelog.clear()
         self.published.extend((self.now, e) for e in events)
 
@@ -234,6 +240,55 @@ async def test_a_worker_taking_over_republishes_a_state_whose_event_may_be_lost(
         await tick(new, t)
     assert [(t, s, r) for t, _, s, r in old.events(key)] == [(30, "open", 1)]
     assert [(t, s, r) for t, _, s, r in new.events(key)] == [(40, "open", 1)]
+
+
+async def test_a_worker_taking_over_republishes_a_resolution_whose_event_may_be_lost(
+    clocked: Any,
+) -> None:
+    # Only restored open incidents were re-published: a worker killed after writing a
+    # resolved state but before its event left subscribers with an incident open for good
+    # (the resolving record changes nothing when folded again, the timer finds it resolved).
+    doc = {"correlation": {"resolve_timeout": "60s"}}
+    old, new = clocked(doc), clocked(doc)
+    errors, quiet = anomaly("errors"), anomaly("latency", labels={"service": "cart"})
+    await fold(old, 1, errors, quiet)
+    await fold(old, 10, anomaly("errors", status="resolved", t=10))
+    for t in range(10, 70):
+        await tick(old, t)  # "latency", last seen at 0, resolves as quiet at 60
+    await take_over(old, new, 65)  # died after writing both states, maybe before the events
+    await fold(new, 66, anomaly("errors", status="resolved", t=10))  # the record again
+    for t in range(65, 200):
+        await tick(new, t)
+    for a, resolved_at in ((errors, 10), (quiet, 60)):
+        key = key_of(a, old.rules)
+        assert [(t, s, r) for t, _, s, r in old.events(key)] == [
+            (1, "open", 1),
+            (resolved_at, "resolved", 2),
+        ]
+        assert [(t, s, r) for t, _, s, r in new.events(key)] == [(65, "resolved", 2)]
+    # The new owner counts no resolution a second time.
+    histogram = new.metrics.resolution
+    assert (
+        sum(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))
+        == 0
+    )
+
+
+async def test_a_worker_taking_over_republishes_no_resolution_long_told_or_never_told(
+    clocked: Any,
+) -> None:
+    doc = {"correlation": {"group_wait": "30s", "resolve_timeout": "60s"}}
+    old, new = clocked(doc), clocked(doc)
+    told, untold = anomaly("errors"), anomaly("latency", labels={"service": "cart"}, t=40)
+    await fold(old, 1, told)
+    for t in range(1, 40):
+        await tick(old, t)  # "errors" opens at group_wait
+    await fold(old, 40, anomaly("errors", status="resolved", t=40), untold)
+    await fold(old, 45, anomaly("latency", labels={"service": "cart"}, status="resolved", t=45))
+    await take_over(old, new, 101)  # "errors" resolved 61 s ago, "latency" never opened
+    for t in range(101, 200):
+        await tick(new, t)
+    assert new.published == []
 
 
 async def test_an_incident_resolved_within_group_wait_is_never_published(clocked: Any) -> None:
