@@ -97,6 +97,7 @@ from streams.topology import (
     facts_of,
     moves,
     placements,
+    spent,
 )
 from streams.view import CompactedView
 
@@ -689,6 +690,9 @@ class Correlator:
         """The active facts, rebuilt when the view changed and at most once a second."""
         stamp = (self.facts.version, int(now.timestamp()))
         if self._index[0] != stamp:
+            ttl = self.rules.resolve_timeout
+            self.facts.forget([k for k, f in self.facts.items.items() if spent(f, now, ttl)])
+            stamp = (self.facts.version, int(now.timestamp()))
             if not self.facts.items:
                 self._index = (stamp, EMPTY)
             else:

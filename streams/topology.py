@@ -145,6 +145,21 @@ def ahead(fact: Fact, now: datetime) -> bool:
     return fact.observed_at > limit or (fact.last_seen is not None and fact.last_seen > limit)
 
 
+def spent(fact: Fact, now: datetime, ttl: float) -> bool:
+    """Whether no index will use this fact again, so a view may forget it: it has been
+    inactive (see :func:`active`) for a ``ttl`` beyond the ``ttl`` that ended it, as
+    :meth:`Correlator._prune_facts` forgets a fact sent. Its incident coming back publishes
+    it anew, dated then. Nothing tombstones the compacted topic's facts, so every node- and
+    workload-level anomaly and inhibition source ever seen stayed in every worker's view,
+    and the index was rebuilt from all of them every second. A blindness is kept: an ended
+    one still dates when its source saw again, and there is one per endpoint or pattern,
+    not one per anomaly."""
+    if blinds(fact.labels) is not None:
+        return False
+    last = max(fact.observed_at, fact.last_seen or fact.observed_at)
+    return now - last > timedelta(seconds=2 * ttl)
+
+
 def build_index(
     facts: Iterable[Fact], now: datetime, ttl: float, rules: Sequence[InhibitRule] = ()
 ) -> FactIndex:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -101,6 +101,15 @@ class CompactedView(Generic[T]):
         self._consumer = consumer
         self._task = asyncio.create_task(self._run(ends), name=self.name)
         await asyncio.wait_for(self.loaded.wait(), timeout=wait)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop these keys from what the view holds (they are spent; the topic keeps them
+        until a record with a value brings one back or a tombstone deletes it)."""
+        dropped = False
+        for key in keys:
+            dropped = self.items.pop(key, None) is not None or dropped
+        if dropped:
+            self.version += 1
 
     @property
     def failure(self) -> BaseException | None:

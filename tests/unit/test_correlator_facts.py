@@ -97,6 +97,36 @@ async def test_a_fact_no_incident_holds_any_more_is_forgotten_once_every_view_ex
     assert [n for n, _, _ in sent(c)].count("n2") > 3
 
 
+async def test_a_view_forgets_the_facts_no_index_uses_again(worker: Any) -> None:
+    # The facts topic is compacted and nothing tombstones it: every node-level anomaly
+    # ever seen stayed in every worker's view, and the index was rebuilt from all of them
+    # every second.
+    c = worker({"correlation": {"resolve_timeout": "5m", "reopen_window": "1m"}})
+    for i in range(50):  # nodes failing and recovering, one after another, for weeks
+        t = i * 1000
+        await fold(c, t, node(f"n{i}", t))
+        await fold(c, t + 10, node(f"n{i}", t + 10, "resolved"))
+    await fold(c, 49_000, unavailable(49_000))  # a blindness, ended at 49_010
+    await fold(c, 49_010, unavailable(49_010, "resolved"))
+    await fold(c, 49_500, node("n50", 49_500))  # still failing
+    for f in c.facts_topic.sent:  # the view reads the topic
+        c.facts.items[f.fingerprint] = f
+    assert len(c.facts.items) == 52
+    fingerprints = {node(f"n{i}", 0).fingerprint: f"n{i}" for i in range(51)}
+    index = Correlator.fact_index(c, at(49_600))
+    # Kept: what ended within two timeouts (n49 at 49_010; nodes it took in stay held for
+    # a timeout) and the blindness, whose end still dates its members' quiet.
+    kept = {fingerprints.get(fp, "blind") for fp in c.facts.items}
+    assert kept == {"n49", "n50", "blind"}
+    assert list(index.nodes) == [("c1", "n50")]
+    assert ("prometheus", "c1") in index.blind
+    # Spent facts are gone for good, and one of them failing again comes back dated now.
+    assert Correlator.fact_index(c, at(49_601)).nodes == index.nodes
+    await fold(c, 49_700, node("n3", 49_700))
+    c.facts.items[node("n3", 0).fingerprint] = c.facts_topic.sent[-1]
+    assert sorted(Correlator.fact_index(c, at(49_701)).nodes) == [("c1", "n3"), ("c1", "n50")]
+
+
 def unavailable(t: float, status: str = "firing") -> Anomaly:
     """The detector's anomaly while Prometheus does not answer (cluster c1, as SHOP's)."""
     labels = {"cluster": "c1", "service": "sre-agent", "endpoint": "http://prom:9090"}

@@ -33,6 +33,7 @@ from streams.topology import (
     moves,
     placements,
     scope,
+    spent,
 )
 from tests.unit.factories import anomaly, at
 
@@ -520,3 +521,49 @@ def test_only_a_firing_node_takes_in_new_pods_and_absorbed_pods_never_flip(
                 assert [(k, i) for k, i, _ in firing_in(after, a.fingerprint)] == [(key, id_)]
 
     simulate(steps, seen)
+
+
+SPENDABLE = (
+    NODE_DOWN,
+    anomaly("node-not-ready", labels=node_labels("n2"), source="kubernetes"),
+    anomaly(
+        "replicas-unavailable", labels={"cluster": "c1", "namespace": "shop", "workload": "cart"}
+    ),
+    anomaly("errors", severity="critical"),  # CRITICAL_INHIBITS_WARNING's source
+    _unavailable(0),
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(SPENDABLE),
+            st.sampled_from(["firing", "resolved"]),
+            st.booleans(),
+            st.integers(0, 3000),
+            st.integers(0, 3000),
+        ),
+        max_size=8,
+        unique_by=lambda f: f[0].fingerprint,
+    ),
+    st.integers(0, 4000),
+)
+def test_forgetting_spent_facts_changes_no_index(
+    facts: list[tuple[Anomaly, str, bool, int, int]], now: int
+) -> None:
+    # A view forgets the facts spent at ``now`` (streams.correlator.fact_index): the index
+    # it builds from the rest must be the one it built from all of them.
+    rules = (CRITICAL_INHIBITS_WARNING,)
+    view = [
+        replace(
+            fact(a, status, t=observed, open_=open_),
+            first_seen=at(observed - 50),
+            last_seen=at(last),
+            holds=(POD_CRASH.fingerprint,) if status == "resolved" else (),
+        )
+        for a, status, open_, observed, last in facts
+    ]
+    kept = [f for f in view if not spent(f, at(now), RULES.resolve_timeout)]
+    assert build_index(kept, at(now), RULES.resolve_timeout, rules) == build_index(
+        view, at(now), RULES.resolve_timeout, rules
+    )
