@@ -410,6 +410,8 @@ def hand_over(
         state,
         status="resolved",
         members=members,
+        # Of all members now, as when the last member or resolve_timeout resolves it.
+        severity=_severity(members),
         updated_at=at,
         resolved_at=at,
         absorbed_into=next(iter(moved.values()))[1],

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.models import Anomaly, Fact, Incident
+from agent.models import SEVERITY_RANK, Anomaly, Fact, Incident
 from agent.settings import InhibitRuleSection
 from streams.correlation import (
     NO_MARKS,
@@ -430,7 +430,10 @@ def simulate(
         if kind == "node":
             a = anomaly("node-not-ready", labels=node_labels(f"n{node}"), status=status, t=t)
         else:
-            a = anomaly("crash", labels=pod_labels(f"p{pod}", f"n{node}"), status=status, t=t)
+            # Pods of two severities, so a severity left stale by a change shows.
+            severity = "warning" if pod % 2 else "critical"
+            labels = pod_labels(f"p{pod}", f"n{node}")
+            a = anomaly("crash", labels=labels, severity=severity, status=status, t=t)
         was, before = set(firing), dict(states)
         (firing.add if fires else firing.discard)(a.fingerprint)
         queue: list[tuple[Anomaly, tuple[str, str | None] | None]] = [(a, None)]
@@ -521,6 +524,25 @@ def test_only_a_firing_node_takes_in_new_pods_and_absorbed_pods_never_flip(
                 assert [(k, i) for k, i, _ in firing_in(after, a.fingerprint)] == [(key, id_)]
 
     simulate(steps, seen)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(step, max_size=25))
+# p1 (warning) and p0 (critical) fail, p0 recovers, p1's node fails and takes p1 in.
+@example([("pod", 1, 1, True), ("pod", 0, 0, True), ("pod", 0, 0, False), ("node", 1, 0, True)])
+def test_every_incident_has_the_severity_of_its_members_across_hand_overs(
+    steps: list[tuple[str, int, int, bool]],
+) -> None:
+    # Severity is the maximum of the firing members, of all members once resolved, however
+    # the incident got there: an incident emptied by a hand-over kept the severity of
+    # the members it last had firing.
+    steps = [(kind, pod % 3 if kind == "pod" else node, pod, f) for kind, node, pod, f in steps]
+    states, _ = simulate(steps)
+    for inc in states.values():
+        if inc is not None:
+            pool = inc.firing or inc.members
+            expected = max((m.severity for m in pool), key=lambda s: SEVERITY_RANK[s])
+            assert inc.severity == expected, inc
 
 
 SPENDABLE = (
