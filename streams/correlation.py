@@ -910,6 +910,10 @@ HELD_STATUSES = frozenset({"open", "updated"})
 # What a never-published incident's first event says "open" for: an incident that
 # resolved unpublished and reopened is news to every subscriber.
 FIRST_STATUSES = frozenset({"open", "updated", "reopened"})
+# What a never-published incident waits group_wait in: one opened by a silenced anomaly
+# too (its first event says "silenced" if it still is), or a loud anomaly joining it a
+# moment later waited group_interval as the update of a published incident.
+WAITING_STATUSES = FIRST_STATUSES | {"silenced"}
 
 
 def publish_due(
@@ -918,10 +922,11 @@ def publish_due(
     """Whether an incident's current state goes out now (else the timer sends it later).
 
     Transitions other than open/updated go out at once. A never-published incident waits
-    ``group_wait`` from its opening, a reopened one too (to its subscribers it opens now,
-    see :func:`as_published`); a published one ``group_interval`` from the last time.
+    ``group_wait`` from its opening, a reopened or silenced one too (to its subscribers
+    it opens now, see :func:`as_published`); a published one ``group_interval`` from the
+    last time.
     """
-    if emitted_at is None and incident.status in FIRST_STATUSES:
+    if emitted_at is None and incident.status in WAITING_STATUSES:
         return (now - incident.opened_at).total_seconds() >= rules.group_wait
     if incident.status not in HELD_STATUSES:
         return True

@@ -16,7 +16,7 @@ import streams.correlator as correlator_module
 from agent.codec import encode
 from agent.metrics import Metrics
 from agent.models import Anomaly, Incident
-from streams.correlation import NO_MARKS, CorrelationRules, correlate_batch, key_of
+from streams.correlation import NO_MARKS, CorrelationRules, Marks, correlate_batch, key_of
 from streams.correlator import Correlator, Stored
 from streams.topology import EMPTY, FactIndex, build_index, facts_of
 from tests.unit.factories import anomaly, at, settings
@@ -289,6 +289,28 @@ async def test_a_worker_taking_over_republishes_no_resolution_long_told_or_never
     for t in range(101, 200):
         await tick(new, t)
     assert new.published == []
+
+
+async def test_an_incident_opened_silenced_waits_group_wait_like_any_other(clocked: Any) -> None:
+    # A new incident whose first member is silenced went out at once as "silenced", so
+    # the loud anomaly that joined it a second later counted as an update of a published
+    # incident and waited group_interval (5 min) instead of group_wait.
+    c = clocked({"correlation": {"group_wait": "30s", "group_interval": "5m"}})
+    quiet = anomaly("latency", t=1)
+    key = key_of(quiet, c.rules)
+    c.now = at(1)
+    await c._fold(0, [(key, quiet, Marks(silenced_by="s1"))])
+    await fold(c, 2, anomaly("errors", t=2))
+    for t in range(2, 200):
+        await tick(c, t)
+    assert [(t, s, r) for t, _, s, r in c.events(key)] == [(31, "open", 2)]
+    # One that is still all silenced at group_wait goes out then, as "silenced".
+    other = anomaly("latency", labels={"cluster": "c1", "service": "cart"}, t=500)
+    c.now = at(500)
+    await c._fold(0, [(key_of(other, c.rules), other, Marks(silenced_by="s1"))])
+    for t in range(500, 600):
+        await tick(c, t)
+    assert [(t, s, r) for t, _, s, r in c.events(key_of(other, c.rules))] == [(530, "silenced", 1)]
 
 
 async def test_an_incident_resolved_within_group_wait_is_never_published(clocked: Any) -> None:
