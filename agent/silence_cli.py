@@ -140,10 +140,19 @@ async def expire(args: argparse.Namespace) -> int:
     if current.ends_at <= now:
         print(f"{args.id} already expired")
         return 0
-    ends = max(now, current.starts_at + timedelta(milliseconds=1))
-    await _publish(settings, replace(current, ends_at=ends))
+    await _publish(settings, ended(current, now))
     print(f"{args.id} expired")
     return 0
+
+
+def ended(silence: Silence, now: datetime) -> Silence:
+    """``silence`` expired at ``now``: active no more from now on, listed as expired. One
+    still pending ends before it ever took effect: it used to end a millisecond after its
+    start, so it still silenced then and stayed listed as pending until it did (a window
+    must not be empty, so it spans the microsecond before now)."""
+    if silence.starts_at < now:
+        return replace(silence, ends_at=now)
+    return replace(silence, starts_at=now - timedelta(microseconds=1), ends_at=now)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from agent.cli import main
 from agent.errors import ConfigError
 from agent.models import Anomaly, Matcher, Silence
-from agent.silence_cli import new_silence, parse_matcher
+from agent.silence_cli import describe, ended, new_silence, parse_matcher
 from streams.correlation import CorrelationRules, correlate, correlate_batch, silenced_by
 from streams.silences import apply
 from streams.topology import match_labels
@@ -208,3 +208,26 @@ def test_one_matcher_that_needs_a_value_makes_a_silence() -> None:
     assert made.matches({**SHOP, "env": "staging"}, at(60))
     assert not made.matches({**SHOP, "service": "cart"}, at(60))
     assert made.ends_at == at(7200)
+
+
+@settings(max_examples=200)
+@given(st.integers(-5000, 5000), st.integers(1, 5000), st.integers(-100, 100))
+def test_an_expired_silence_silences_nothing_from_now_on_and_is_listed_expired(
+    start: int, length: int, probe: int
+) -> None:
+    # Expiring a pending silence (one starting later) ended it a millisecond after its
+    # start: it still silenced then, and `silence list` showed it pending until it did.
+    s = silence(Matcher("service", "checkout"), start=start, end=start + length)
+    now = at(0)
+    if s.ends_at <= now:
+        return  # already expired: the CLI says so and writes nothing
+    out = ended(s, now)
+    assert (out.id, out.matchers, out.created_by, out.comment) == (
+        s.id,
+        s.matchers,
+        s.created_by,
+        s.comment,
+    )
+    assert out.ends_at == now
+    assert not out.active(at(probe)) or (s.active(at(probe)) and at(probe) < now)
+    assert " expired " in describe(out, now)
