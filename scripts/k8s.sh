@@ -9,7 +9,8 @@
 #   scripts/k8s.sh status   show components and nodes; exit 0 if healthy, 3 if nothing runs, else 1
 #   scripts/k8s.sh env      print `export KUBECONFIG=...` and PATH (eval "$(scripts/k8s.sh env)")
 #   scripts/k8s.sh reset    down, then delete the state dir's contents (certs, etcd data,
-#                           logs) but its lock
+#                           logs) but its lock; fails, touching nothing, if an `up`
+#                           keeps the lock past SRE_LOCK_TIMEOUT
 #
 # Environment (all optional):
 #   SRE_CACHE_DIR            cache root (default ~/.cache/sre-agent); we use <root>/k8s
@@ -22,6 +23,7 @@
 #   SRE_K8S_NODES            number of kwok nodes (default 3)
 #   SRE_K8S_UP_TIMEOUT       seconds to wait for each readiness step (default 120)
 #   SRE_ETCD_BIN             use this etcd binary instead of the one built here
+#   SRE_LOCK_TIMEOUT         seconds down/reset wait for the state dir's lock (default 60)
 #
 # `up` is idempotent: when everything is already running and healthy it says so
 # and exits 0. When only some components are alive it stops them and starts
@@ -40,6 +42,9 @@ ETCD_VERSION=v3.6.16
 
 # ---------------------------------------------------------------------------
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+# shared helpers (wipe_service_dir); log and die are redefined below
+# shellcheck source=lib.sh
+source "$SCRIPT_DIR/lib.sh"
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd)
 
 # absolute, so the daemons' flags and the printed kubeconfig path work from anywhere
@@ -60,6 +65,7 @@ CM_PORT=${SRE_K8S_CONTROLLER_MANAGER_PORT:-$((APISERVER_PORT + 1))}
 SCHED_PORT=${SRE_K8S_SCHEDULER_PORT:-$((APISERVER_PORT + 2))}
 NODE_COUNT=${SRE_K8S_NODES:-3}
 UP_TIMEOUT=${SRE_K8S_UP_TIMEOUT:-120}
+LOCK_TIMEOUT=${SRE_LOCK_TIMEOUT:-60}
 
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_IP=10.96.0.1
@@ -436,9 +442,8 @@ spec: {}
 cmd_up() {
 	local t0=$SECONDS
 	mkdir -p "$STATE_DIR"
-	exec 9>"$STATE_DIR/lock"
 	# a concurrent `up` may be doing the cold build
-	flock -w 1800 9 || die "another k8s.sh still holds $STATE_DIR/lock"
+	take_lock 1800 || die "another k8s.sh still holds $STATE_DIR/lock"
 	cmd_build
 	[[ -x $ETCD_BIN ]] || die "etcd binary $ETCD_BIN is not executable"
 	mkdir -p "$LOGS" "$PIDS"
@@ -595,13 +600,23 @@ wait_pid_gone() { # pid seconds
 	done
 }
 
+# take_lock SECONDS -> waits that long for the exclusive lock on fd 9.
+# >>: opening must not truncate the holder's note (lib.sh's locked does the same).
+take_lock() {
+	exec 9>>"$STATE_DIR/lock"
+	flock -w "$1" 9
+}
+
 cmd_down() {
 	[[ -d $STATE_DIR ]] || {
 		log "nothing running (no $STATE_DIR)"
 		return 0
 	}
-	exec 9>"$STATE_DIR/lock"
-	flock -w 60 9 || log "$STATE_DIR/lock still busy after 60s; stopping anyway"
+	take_lock "$LOCK_TIMEOUT" || log "$STATE_DIR/lock still busy after ${LOCK_TIMEOUT}s; stopping anyway"
+	stop_running
+}
+
+stop_running() {
 	mkdir -p "$PIDS"
 	local c any=0
 	for c in "${COMPONENTS[@]}"; do alive "$c" && any=1; done
@@ -661,13 +676,18 @@ cmd_env() {
 	printf 'export SRE_K8S_STATE_DIR=%q\n' "$STATE_DIR"
 }
 
-# Deletes everything but the lock, which down left us holding: with the lock
-# deleted too, a caller already waiting on it would run beside the next `up`,
-# which makes and takes a fresh one (lib.sh's reset keeps its lock the same way).
+# Stops and deletes everything but the lock, holding it throughout: with the
+# lock deleted too, a caller already waiting on it would run beside the next
+# `up`, which makes and takes a fresh one (lib.sh's reset keeps its lock the
+# same way). Unlike down it never goes ahead without the lock: an `up` that
+# still holds it (a cold build, a slow start) would have its certs and etcd
+# data deleted under it.
 cmd_reset() {
-	cmd_down
 	[[ -d $STATE_DIR ]] || return 0
-	find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf -- {} +
+	take_lock "$LOCK_TIMEOUT" ||
+		die "$STATE_DIR/lock still busy after ${LOCK_TIMEOUT}s (another k8s.sh up?); nothing stopped or deleted, retry once it has finished (SRE_LOCK_TIMEOUT sets the wait)"
+	stop_running
+	wipe_service_dir "$STATE_DIR"
 	log "removed everything in $STATE_DIR but its lock"
 }
 

@@ -206,6 +206,32 @@ def test_k8s_reset_keeps_the_lock_a_waiting_caller_holds_open(
     assert busy.returncode == 1
 
 
+def test_k8s_reset_under_an_up_that_keeps_the_lock_fails_and_touches_nothing(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    # An up still holding the lock (a cold build, a slow start) must keep its
+    # certs, etcd data and components; reset used to wait, then wipe anyway.
+    state = tmp_path / "a"
+    etcd = fake_k8s(daemons, state)
+    k8s = state / "k8s"
+    (k8s / "pki").mkdir()
+    (k8s / "pki" / "ca.crt").write_text("ca\n")
+    env = {
+        "SRE_STATE_DIR": str(state),
+        "SRE_CACHE_DIR": str(tmp_path / "cache"),
+        "SRE_LOCK_TIMEOUT": "1",
+    }
+    with (k8s / "lock").open("a") as up:
+        fcntl.flock(up, fcntl.LOCK_EX)
+        reset = run(["bash", str(SCRIPTS / "k8s.sh"), "reset"], env, check=False)
+
+    assert reset.returncode == 1
+    assert "nothing stopped or deleted" in reset.stderr
+    assert (k8s / "pki" / "ca.crt").read_text() == "ca\n"
+    assert (k8s / "pids" / "etcd.pid").exists()
+    assert etcd.poll() is None
+
+
 FAKE_SETSID = """#!/usr/bin/env bash
 # Fake setsid: logs its pid, execs late (as on a loaded machine), and runs the
 # component (a bash copy) as a loop with the component's arguments kept.
