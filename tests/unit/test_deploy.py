@@ -380,3 +380,28 @@ def test_the_detectors_replicas_judge_alertmanagers_heartbeat_together() -> None
         parse_duration(watchdog["group_interval"]), parse_duration(watchdog["repeat_interval"])
     )
     assert 2 * every < beat.within < settings.correlation.resolve_timeout
+
+
+def test_every_replicated_role_has_a_budget_that_keeps_one_and_lets_one_go() -> None:
+    # Without a PodDisruptionBudget a node drain (the agent's own drain action
+    # included) may evict both replicas of a role at once.
+    docs = manifests()
+    budgets = {
+        tuple(sorted(d["spec"]["selector"]["matchLabels"].items())): d["spec"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    for d in docs:
+        if d["kind"] != "Deployment" or d["spec"]["replicas"] < 2:
+            continue
+        replicas = d["spec"]["replicas"]
+        budget = budgets.get(tuple(sorted(d["spec"]["selector"]["matchLabels"].items())))
+        assert budget is not None, f"{d['metadata']['name']}: no PodDisruptionBudget"
+        kept = budget.get("minAvailable", replicas - budget.get("maxUnavailable", replicas))
+        assert 1 <= kept < replicas, f"{d['metadata']['name']}: keeps {kept} of {replicas}"
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard() -> None:
+    # Every pod already meets it; enforced, a later edit that drops it is refused.
+    (namespace,) = [d for d in manifests() if d["kind"] == "Namespace"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
