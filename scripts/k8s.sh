@@ -270,6 +270,7 @@ EOF
 }
 
 ensure_pki() {
+	need_cmd openssl openssl
 	mkdir -p "$PKI"
 	chmod 700 "$PKI"
 	if [[ ! -f $PKI/.complete ]]; then

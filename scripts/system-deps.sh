@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local infrastructure scripts need, if
-# missing: prometheus, prometheus-alertmanager, kcat, curl, and a Java 17
-# runtime / Maven only when no `java` / `mvn` is on PATH. Idempotent; runs
+# missing: prometheus, prometheus-alertmanager, kcat, curl, openssl, python3-venv
+# (when python3 cannot make a venv), and a Java 17 runtime / Maven only when no
+# `java` / `mvn` is on PATH. Idempotent; runs
 # `apt-get update` once, only when something has to be installed.
 #
 # Package maintainer scripts are prevented from starting the Debian services
@@ -29,6 +30,10 @@ need_pkg prometheus-alertmanager /usr/bin/prometheus-alertmanager
 need_pkg kcat kcat
 need_pkg curl curl
 need_pkg util-linux flock
+# k8s.sh makes the control plane's CA and certificates with it (not in a minimal Debian)
+need_pkg openssl openssl
+# Debian's python3 has no ensurepip without it, and `make`'s `python3 -m venv` then fails
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 

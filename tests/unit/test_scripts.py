@@ -761,3 +761,37 @@ def test_the_test_fixtures_do_not_start_a_service_whose_status_is_unknown(
         pass
 
     assert calls == [("kafka.sh", "status")]
+
+
+def test_system_deps_installs_what_a_fresh_debian_lacks_for_make_and_k8s(
+    tmp_path: Path,
+) -> None:
+    # A minimal Debian 12 has neither the openssl command (k8s.sh makes its
+    # certificates with it) nor python3's ensurepip (the Makefile's venv).
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("dirname", "realpath", "tr", "cat", "tee", "chmod", "rm", "flock", "curl"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (tools / tool).symlink_to(found)
+    log = tmp_path / "apt.log"
+    fakes = {
+        "apt-get": f'#!/bin/bash\necho "$*" >>{log}\n',
+        "python3": "#!/bin/bash\nexit 1\n",  # no ensurepip
+        "java": "#!/bin/bash\n",
+        "mvn": "#!/bin/bash\n",
+        "kcat": "#!/bin/bash\n",
+    }
+    for name, body in fakes.items():
+        (tools / name).write_text(body)
+        (tools / name).chmod(0o755)
+    assert Path("/usr/sbin/policy-rc.d").exists()  # else the script would write one
+
+    run(
+        [shutil.which("bash") or "/bin/bash", str(SCRIPTS / "system-deps.sh")], {"PATH": str(tools)}
+    )
+
+    calls = log.read_text().splitlines() if log.exists() else []
+    install = [line.split() for line in calls if "install" in line]
+    assert len(install) == 1
+    assert {"openssl", "python3-venv"} <= set(install[0]), install
