@@ -42,7 +42,7 @@ ETCD_VERSION=v3.6.16
 
 # ---------------------------------------------------------------------------
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
-# shared helpers (wipe_service_dir); log and die are redefined below
+# shared helpers (wipe_service_dir, wait_exec, pid_running, need_cmd); log and die are redefined below
 # shellcheck source=lib.sh
 source "$SCRIPT_DIR/lib.sh"
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd)
@@ -346,24 +346,14 @@ start_component() { # name args...
 	# setsid: own session, so the caller's terminal or process group can't take it down
 	# 8>&- 9>&-: the daemons must not inherit (and so hold) our flock fds
 	setsid "$exe" "$@" </dev/null >>"$LOGS/$name.log" 2>&1 8>&- 9>&- &
-	local pid=$! i
+	local pid=$!
 	echo "$pid" >"$PIDS/$name.pid"
-	# Return once the child has exec'd or died. Until its exec completes its
-	# /proc entry shows this shell (exe bash) or an empty command line, so
-	# alive, which wait_ready checks at once, would call a slow-starting
-	# component dead: up failed, and stop_all, not knowing the pid either,
-	# left the component running with its pid file removed.
-	for ((i = 0; i < 600; i++)); do
-		alive "$name" && return 0
-		pid_running "$pid" || return 0
-		sleep 0.05
-	done
-}
-
-# pid_running PID -> success while PID exists and is not a zombie (a child that
-# died answers kill -0 until it is reaped).
-pid_running() {
-	[[ -e /proc/$1 ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
+	# Until its exec completes the child's /proc entry shows this shell (exe
+	# bash) or an empty command line, so alive, which wait_ready checks at
+	# once, would call a slow-starting component dead: up failed, and
+	# stop_all, not knowing the pid either, left the component running with
+	# its pid file removed.
+	wait_exec "$pid" 30 alive "$name"
 }
 
 alive() { component_pid "$1" >/dev/null; }

@@ -162,11 +162,28 @@ spawn() {
     setsid nohup "$@" </dev/null >>"$logfile" 2>&1 8>&- &
     pid=$!
     printf '%s\n' "$pid" >"$pidfile"
-    for ((i = 0; i < 100; i++)); do
-        read_pid "$pidfile" "$marker" >/dev/null && return 0
-        kill -0 "$pid" 2>/dev/null || return 0
+    wait_exec "$pid" 5 read_pid "$pidfile" "$marker"
+}
+
+# wait_exec PID SECONDS CHECK... -> returns once CHECK (which knows the
+# service by its exec'd image) succeeds or PID has died, or after SECONDS.
+# Until the child's exec completes its /proc entry shows the parent shell or
+# an empty command line, so a check made at once would call it dead.
+wait_exec() {
+    local pid="$1" i
+    local tries=$(($2 * 20))
+    shift 2
+    for ((i = 0; i < tries; i++)); do
+        "$@" >/dev/null && return 0
+        pid_running "$pid" || return 0
         sleep 0.05
     done
+}
+
+# pid_running PID -> success while PID exists and is not a zombie (a child that
+# died answers kill -0 until it is reaped).
+pid_running() {
+    [[ -e /proc/$1 ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
 }
 
 # stop_service NAME PIDFILE MARKER [GRACE_SECONDS]
