@@ -5,7 +5,8 @@
 #
 #   scripts/k8s.sh build    build (once) the binaries into the cache
 #   scripts/k8s.sh up       build if needed, start everything, wait for Ready nodes
-#   scripts/k8s.sh down     stop everything by pid (TERM, wait, KILL); no-op if nothing runs
+#   scripts/k8s.sh down     stop everything by pid (TERM, wait, KILL); no-op if nothing runs;
+#                           fails, touching nothing, if an `up` keeps the lock past SRE_LOCK_TIMEOUT
 #   scripts/k8s.sh status   show components and nodes; exit 0 if healthy, 3 if nothing runs, else 1
 #   scripts/k8s.sh env      print `export KUBECONFIG=...` and PATH (eval "$(scripts/k8s.sh env)")
 #   scripts/k8s.sh reset    down, then delete the state dir's contents (certs, etcd data,
@@ -23,7 +24,8 @@
 #   SRE_K8S_NODES            number of kwok nodes (default 3)
 #   SRE_K8S_UP_TIMEOUT       seconds to wait for each readiness step (default 120)
 #   SRE_ETCD_BIN             use this etcd binary instead of the one built here
-#   SRE_LOCK_TIMEOUT         seconds down/reset wait for the state dir's lock (default 60)
+#   SRE_LOCK_TIMEOUT         seconds down/reset wait for the state dir's lock (default 60);
+#                            then they fail naming the holder, stopping and deleting nothing
 #
 # `up` is idempotent: when everything is already running and healthy it says so
 # and exits 0. When only some components are alive it stops them and starts
@@ -434,7 +436,7 @@ cmd_up() {
 	local t0=$SECONDS
 	mkdir -p "$STATE_DIR"
 	# a concurrent `up` may be doing the cold build
-	take_lock 1800 || die "another k8s.sh still holds $STATE_DIR/lock"
+	take_lock up 1800
 	cmd_build
 	[[ -x $ETCD_BIN ]] || die "etcd binary $ETCD_BIN is not executable"
 	mkdir -p "$LOGS" "$PIDS"
@@ -591,19 +593,29 @@ wait_pid_gone() { # pid seconds
 	done
 }
 
-# take_lock SECONDS -> waits that long for the exclusive lock on fd 9.
-# >>: opening must not truncate the holder's note (lib.sh's locked does the same).
+# take_lock ACTION SECONDS -> waits that long for the exclusive lock on fd 9,
+# then notes the holder in it (as lib.sh's locked does); dies naming the
+# holder if it is still busy. >>: opening must not truncate that note.
 take_lock() {
+	local holder
 	exec 9>>"$STATE_DIR/lock"
-	flock -w "$1" 9
+	if ! flock -w "$2" 9; then
+		holder=$(cat "$STATE_DIR/lock" 2>/dev/null)
+		die "another scripts/k8s.sh (${holder:-holder unknown}) still holds $STATE_DIR/lock after ${2}s; stopped and deleted nothing, retry once it has finished (SRE_LOCK_TIMEOUT sets the wait)"
+	fi
+	printf 'pid %s: %s\n' "$$" "$1" >"$STATE_DIR/lock"
 }
 
+# Never without the lock: an `up` holding it may be between spawning a
+# component and its exec, when component_pid cannot tell it is ours; a down
+# that went ahead anyway removed its pid file and left it running untracked
+# (ports taken), and the up then failed on a component it thought dead.
 cmd_down() {
 	[[ -d $STATE_DIR ]] || {
 		log "nothing running (no $STATE_DIR)"
 		return 0
 	}
-	take_lock "$LOCK_TIMEOUT" || log "$STATE_DIR/lock still busy after ${LOCK_TIMEOUT}s; stopping anyway"
+	take_lock down "$LOCK_TIMEOUT"
 	stop_running
 }
 
@@ -670,13 +682,11 @@ cmd_env() {
 # Stops and deletes everything but the lock, holding it throughout: with the
 # lock deleted too, a caller already waiting on it would run beside the next
 # `up`, which makes and takes a fresh one (lib.sh's reset keeps its lock the
-# same way). Unlike down it never goes ahead without the lock: an `up` that
-# still holds it (a cold build, a slow start) would have its certs and etcd
-# data deleted under it.
+# same way). Never without the lock either: an `up` that still holds it (a
+# cold build, a slow start) would have its certs and etcd data deleted under it.
 cmd_reset() {
 	[[ -d $STATE_DIR ]] || return 0
-	take_lock "$LOCK_TIMEOUT" ||
-		die "$STATE_DIR/lock still busy after ${LOCK_TIMEOUT}s (another k8s.sh up?); nothing stopped or deleted, retry once it has finished (SRE_LOCK_TIMEOUT sets the wait)"
+	take_lock reset "$LOCK_TIMEOUT"
 	stop_running
 	wipe_service_dir "$STATE_DIR"
 	log "removed everything in $STATE_DIR but its lock"

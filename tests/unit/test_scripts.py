@@ -226,8 +226,33 @@ def test_k8s_reset_under_an_up_that_keeps_the_lock_fails_and_touches_nothing(
         reset = run(["bash", str(SCRIPTS / "k8s.sh"), "reset"], env, check=False)
 
     assert reset.returncode == 1
-    assert "nothing stopped or deleted" in reset.stderr
+    assert "stopped and deleted nothing" in reset.stderr
     assert (k8s / "pki" / "ca.crt").read_text() == "ca\n"
+    assert (k8s / "pids" / "etcd.pid").exists()
+    assert etcd.poll() is None
+
+
+def test_k8s_down_under_an_up_that_keeps_the_lock_fails_naming_it_and_stops_nothing(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    # The up may be between spawning a component and its exec, when its pid
+    # cannot be told ours: a down going ahead anyway dropped its pid file.
+    state = tmp_path / "a"
+    etcd = fake_k8s(daemons, state)
+    k8s = state / "k8s"
+    env = {
+        "SRE_STATE_DIR": str(state),
+        "SRE_CACHE_DIR": str(tmp_path / "cache"),
+        "SRE_LOCK_TIMEOUT": "1",
+    }
+    with (k8s / "lock").open("a") as up:
+        fcntl.flock(up, fcntl.LOCK_EX)
+        up.write("pid 4242: up\n")
+        up.flush()
+        down = run(["bash", str(SCRIPTS / "k8s.sh"), "down"], env, check=False)
+
+    assert down.returncode == 1
+    assert "pid 4242: up" in down.stderr
     assert (k8s / "pids" / "etcd.pid").exists()
     assert etcd.poll() is None
 
