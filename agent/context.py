@@ -158,7 +158,10 @@ def derive_signals(
         if e.kind == "Node" and e.reason in NODE_REASONS:
             nodes.setdefault(e.name, set()).add(NODE_REASONS[e.reason])
             continue
-        owner = owner_of(e.name, workloads)
+        # A listed pod is its owner's (owner references), whatever its name: a long-named
+        # workload's pods carry a truncated prefix that owner_of cannot read.
+        listed = [w for w in workloads if e.name in (live or {}).get(w, ())]
+        owner = listed[0] if listed else owner_of(e.name, workloads)
         if owner is None:
             continue
         now = (live or {}).get(owner)
@@ -371,9 +374,9 @@ def within(events: Sequence[KubeEvent], since: Mapping[str, datetime]) -> list[K
 
 
 async def _own_pods(src: ClusterContext, namespace: str, workload: str) -> Sequence[str]:
-    """The workload's pods as the source lists them by name prefix, less a sibling's
-    (checkout-worker's for checkout): their logs and events are not the incident's."""
-    return [p for p in await src.pods(namespace, workload) if is_workload_pod(workload, p)]
+    """The workload's pods as the source lists them by owner reference. Not filtered by
+    name: a long-named workload's pods carry a truncated prefix of its name."""
+    return list(await src.pods(namespace, workload))
 
 
 @dataclass(slots=True)
@@ -405,6 +408,15 @@ class _Parts:
             for (_, name), f in self.pod_lists.items()
             if f.done() and not f.cancelled() and f.exception() is None
         }
+
+    def owner(self, namespace: str, pod: str, workloads: Sequence[str]) -> str | None:
+        """Which of ``workloads`` ``pod`` is listed for (owner references); by its name
+        (owner_of) only when no listing holds it."""
+        for (ns, name), f in self.pod_lists.items():
+            done = f.done() and not f.cancelled() and f.exception() is None
+            if ns == namespace and name in workloads and done and pod in f.result():
+                return name
+        return owner_of(pod, workloads)
 
     notes: list[str] = field(default_factory=list)
     # (namespace, workload) -> the earliest log line a runbook's logs item reads of its pods
@@ -587,7 +599,7 @@ class ContextGatherer:
                 for p, ns in parts.log_namespaces.items()
                 if any(
                     t.namespace == ns
-                    and owner_of(p, [w.name for w in targets if w.namespace == ns]) == t.name
+                    and parts.owner(ns, p, [w.name for w in targets if w.namespace == ns]) == t.name
                     for t in picked
                 )
             ]
@@ -705,15 +717,18 @@ class ContextGatherer:
         # One namespace's events failing must not drop the others' (nor the nodes').
         for ns in sorted({t.namespace for t in targets}):
             names = [t.name for t in targets if t.namespace == ns]
-            try:
-                found += await src.events(ns, names, limit=limit)
-            except AgentError as err:
-                parts.note(f"events of namespace {ns} unavailable: {redact(str(err))[:200]}")
+            pods: list[str] = []
             for name in names:  # which events are about pods still there
                 try:
-                    await parts.pods(src, ns, name)
+                    pods += await parts.pods(src, ns, name)
                 except AgentError as err:  # then all its events count (derive_signals)
                     parts.note(f"pods of {ns}/{name} not listed: {redact(str(err))[:200]}")
+            try:
+                # The pods by name too: a truncated pod name does not start with its
+                # workload's.
+                found += await src.events(ns, [*names, *pods], limit=limit)
+            except AgentError as err:
+                parts.note(f"events of namespace {ns} unavailable: {redact(str(err))[:200]}")
         if nodes:
             try:
                 found += await src.events("", nodes, limit=limit)
@@ -763,7 +778,7 @@ class ContextGatherer:
             # A runbook's logs window applies to the pods of the workload its query names:
             # a pod's owner is found among all the incident's workloads, not only those
             # with a window (checkout's window is not checkout-worker's).
-            owner = owner_of(pod, [t.name for t in targets if t.namespace == ns])
+            owner = parts.owner(ns, pod, [t.name for t in targets if t.namespace == ns])
             since = parts.log_since.get((ns, owner)) if owner else None
             try:
                 text = await src.logs(ns, pod, tail=self.limits.log_lines, since=since)

@@ -35,6 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.analyzer import ConfigChange, KubeEvent
+from agent.context import is_workload_pod
 from agent.errors import ActionFailed, TransientError
 from agent.models import WORKLOAD_KINDS, ParamValue, Target, TargetKind, utcnow
 from agent.policy import kind_problem
@@ -900,11 +901,18 @@ class FakeCluster:
         return found[-limit:] if limit else []
 
     async def pods(self, namespace: str, workload: str) -> Sequence[str]:
-        """Pods named ``<workload>-...``, as the API server lists them: those placed here
-        and those only given logs."""
-        names = {p for ns, p in self._logs if ns == namespace}
-        names |= {p for ns, p in self._pods if ns == namespace}
-        return sorted(p for p in names if p.startswith(f"{workload}-"))
+        """The pods ``workload`` controls, as handlers.kube finds them by owner reference:
+        a placed pod by the workload it was placed for, whatever its name (Kubernetes
+        truncates long generated names). A pod only given logs has no owner here; it
+        stands for one whose name has the shape of ``workload``'s pods (never a mere
+        prefix: shop-api's pods are not shop's)."""
+        own = {
+            p.name
+            for p in self._pods.values()
+            if p.namespace == namespace and p.owner and p.workload == workload
+        }
+        logs_only = {p for ns, p in self._logs if ns == namespace and (ns, p) not in self._pods}
+        return sorted(own | {p for p in logs_only if is_workload_pod(workload, p)})
 
     async def logs(
         self, namespace: str, pod: str, *, tail: int, since: datetime | None = None

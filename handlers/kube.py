@@ -255,6 +255,22 @@ def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return next((r for r in refs if r.get("controller")), None)
 
 
+def workload_of_pod(pod: Mapping[str, Any]) -> str | None:
+    """The name of the workload controlling ``pod``, from its controller reference: a
+    ReplicaSet ``<deployment>-<pod-template-hash>`` stands for its Deployment (the hash
+    label says where the Deployment's name ends; the ReplicaSet's name, unlike the pod's,
+    is never truncated). None for a pod no controller owns."""
+    ref = controller_of(pod)
+    if ref is None:
+        return None
+    name = str(ref.get("name", ""))
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    template_hash = str(labels.get(POD_TEMPLATE_HASH, ""))
+    if ref.get("kind") == "ReplicaSet" and template_hash and name.endswith(f"-{template_hash}"):
+        return name[: -len(template_hash) - 1]
+    return name
+
+
 def template_without_hash(template: Mapping[str, Any]) -> Obj:
     """A ReplicaSet's pod template as the Deployment should carry it (kubectl rollout undo)."""
     out: Obj = orjson.loads(orjson.dumps(template))
@@ -1761,9 +1777,15 @@ class KubeCluster:
         return found[-limit:]
 
     async def pods(self, namespace: str, workload: str) -> Sequence[str]:
+        """The pods ``workload`` controls, by their owner references: a pod's name is a
+        truncated prefix (Kubernetes cuts generated names at 58 characters) and a prefix
+        match also finds a longer-named workload's pods (shop-api's for shop)."""
         items = await self._list(f"/api/v1/namespaces/{namespace}/pods", what="pods")
-        names = [str(p.get("metadata", {}).get("name", "")) for p in items]
-        return sorted(n for n in names if n.startswith(f"{workload}-"))
+        return sorted(
+            str(p.get("metadata", {}).get("name", ""))
+            for p in items
+            if workload_of_pod(p) == workload
+        )
 
     async def logs(
         self, namespace: str, pod: str, *, tail: int, since: datetime | None = None

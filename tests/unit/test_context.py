@@ -698,8 +698,8 @@ def test_the_default_saturation_queries_read_only_the_workloads_own_pods(
 
 
 async def test_a_siblings_pods_are_not_the_incidents_workloads() -> None:
-    # The source lists pods by name prefix (as handlers.kube does): checkout's listing
-    # holds checkout-worker's crash-looping pod. Read as checkout's, its BackOff made
+    # checkout-worker's crash-looping pod is not in checkout's listing (owner references),
+    # and its events are not checkout's. Read as checkout's, its BackOff made
     # checkout crash looping (a restart of the wrong workload) and its log the LLM's.
     c = FakeCluster()
     c.create_deployment("shop", "checkout", image="shop/checkout:v6", replicas=1, at=OPENED)
@@ -708,7 +708,7 @@ async def test_a_siblings_pods_are_not_the_incidents_workloads() -> None:
     c.set_logs("shop", worker, "worker panics")
     c.add_event(KubeEvent("shop", "Pod", worker, "BackOff", at=OPENED))
     c.add_event(KubeEvent("shop", "Pod", worker, "OOMKilled", at=OPENED))
-    assert worker in await c.pods("shop", "checkout")
+    assert worker not in await c.pods("shop", "checkout")
     settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s", "max_pods": 5})
     g = ContextGatherer(settings, cluster=c, source=c, prom=FakeProm(PROM))
     ctx = await g.gather(incident(member()))
@@ -735,3 +735,39 @@ async def test_a_siblings_pods_are_not_the_incidents_workloads() -> None:
 )
 def test_is_workload_pod(pod: str, mine: bool) -> None:
     assert is_workload_pod("checkout", pod) is mine
+
+
+# A Deployment name long enough that Kubernetes truncates its pods' generated names:
+# "<name>-<hash>-" is cut at 58 characters before the 5-character suffix.
+LONG = "checkout-payments-reconciliation-worker-for-europe-west-shards"
+
+
+async def test_a_long_named_workloads_truncated_pods_are_its_own() -> None:
+    c = FakeCluster()
+    c.add_node("n1")
+    c.create_deployment("shop", LONG, image="shop/x:v1", replicas=1, at=OPENED)
+    pod = f"{LONG}-6d5f7c9b8-"[:58] + "q2x7z"
+    assert not pod.startswith(f"{LONG}-")
+    c.add_pod("shop", pod, node="n1", workload=LONG)
+    c.set_logs("shop", pod, "ERROR boom")
+    c.add_event(KubeEvent("shop", "Pod", pod, "BackOff", at=OPENED))
+    assert await c.pods("shop", LONG) == [pod]
+    labels = {**SHOP, "service": LONG, "workload": LONG}
+    settings = ai_settings(context={"queries": QUERIES, "timeout": "0.3s", "max_pods": 5})
+    g = ContextGatherer(settings, cluster=c, source=c, prom=FakeProm(PROM))
+    ctx = await g.gather(incident(member(labels=labels), labels=labels))
+    assert list(ctx.logs) == [pod]
+    assert ctx.crash_looping == (LONG,)
+
+
+async def test_a_longer_named_workloads_placed_pods_are_not_listed() -> None:
+    # shop-api's pod has the shape of a shop pod's name (<hash>-<suffix> after "shop-"
+    # would be "api-7c9f-..." with three parts, but a StatefulSet-like "shop-api-0" has
+    # two): only its owner reference says whose it is.
+    c = FakeCluster()
+    c.add_node("n1")
+    c.create_deployment("shop", "shop", image="shop/x:v1", replicas=1, at=OPENED)
+    c.add_pod("shop", "shop-api-0", node="n1", workload="shop-api", owner="StatefulSet")
+    c.add_pod("shop", "shop-7c9f-abcde", node="n1", workload="shop")
+    assert await c.pods("shop", "shop") == ["shop-7c9f-abcde"]
+    assert await c.pods("shop", "shop-api") == ["shop-api-0"]
