@@ -631,6 +631,7 @@ class Switches:
     kill_switch: bool = False
     dry_run: bool = False
     why: str = ""  # who or what turned the kill switch on, for the verdict
+    dry_run_why: str = ""  # who or what turned shadow mode on, for a drain it stops
 
 
 def switches_for(changes: Iterable[SwitchChange], namespace: str) -> Switches:
@@ -642,6 +643,7 @@ def switches_for(changes: Iterable[SwitchChange], namespace: str) -> Switches:
         kill_switch=any(c.name == "kill_switch" for c in on),
         dry_run=any(c.name == "dry_run" for c in on),
         why="; ".join(c.describe() for c in on if c.name == "kill_switch"),
+        dry_run_why="; ".join(c.describe() for c in on if c.name == "dry_run"),
     )
 
 
@@ -649,11 +651,27 @@ def merged(*sources: Switches) -> Switches:
     """A switch is on when any source turns it on (a file, the switches topic): no source
     can turn off what another turned on."""
     kill = [s for s in sources if s.kill_switch]
+    shadow = [s for s in sources if s.dry_run]
     return Switches(
         kill_switch=bool(kill),
-        dry_run=any(s.dry_run for s in sources),
+        dry_run=bool(shadow),
         why="; ".join(s.why for s in kill if s.why),
+        dry_run_why="; ".join(s.dry_run_why for s in shadow if s.dry_run_why),
     )
+
+
+def halt_reason(switches: Switches, settings: Settings, namespace: str) -> str | None:
+    """Why an action in progress (a drain, between evictions) stops now, else None: the
+    kill switch, or shadow mode, from whichever source. Shadow mode turned on mid-drain
+    promises that nothing more is applied, as the kill switch does; the drain ends
+    half done and is paged, not finished in the mode that forbids it."""
+    if switches.kill_switch or settings.agent.kill_switch:
+        return f"the kill switch ({switches.why})" if switches.why else "the kill switch"
+    scope = scope_for(namespace, settings)
+    if switches.dry_run or scope.dry_run:
+        why = switches.dry_run_why or ("agent.dry_run" if settings.agent.dry_run else scope.source)
+        return f"shadow mode (dry run: {why})" if why else "shadow mode (dry run)"
+    return None
 
 
 # The rules by which the agent holds itself back: the remedy it chose did not run, so a

@@ -109,6 +109,7 @@ from agent.policy import (
     bounded_replicas,
     decide,
     drain_params,
+    halt_reason,
     held_back,
     history_window,
     learned,
@@ -424,12 +425,10 @@ class Executor:
         remote = switches_for((c for _, c in self.remote_switches.values()), namespace)
         return merged(self.switches(), remote)
 
-    def _kill_switch_on(self, namespace: str) -> str | None:
-        """Why an action in progress stops now: the kill switch, from whichever source."""
-        sw = self.current_switches(namespace)
-        if not (sw.kill_switch or self.settings.agent.kill_switch):
-            return None
-        return f"the kill switch ({sw.why})" if sw.why else "the kill switch"
+    def _halted(self, namespace: str) -> str | None:
+        """Why an action in progress stops now: the kill switch or shadow mode, read live
+        from every source (settings, file, switches topic) as each decision reads them."""
+        return halt_reason(self.current_switches(namespace), self.settings, namespace)
 
     async def on_incidents(self, batch: Iterable[Envelope]) -> None:
         for env in batch:
@@ -1063,7 +1062,7 @@ class Executor:
                 action_id=action.id,
                 grace_period=grace,
                 drain_timeout=timeout,
-                stop=lambda: self._kill_switch_on(t.namespace),
+                stop=lambda: self._halted(t.namespace),
             )
         if action.type == "update_config":
             key, value = p.get("key"), p.get("value")

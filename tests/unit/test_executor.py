@@ -794,6 +794,58 @@ async def test_a_drain_whose_evicted_pods_still_terminate_is_not_recorded_as_app
         await ex.stop()
 
 
+class _SwitchedMidDrain(FakeCluster):
+    """Runs ``after_first_eviction`` once, between a drain's first and second eviction:
+    an operator flipping a switch while the drain is under way."""
+
+    after_first_eviction: Any = None
+
+    def _evict(self, pod: Any) -> bool:
+        held = super()._evict(pod)
+        if self.after_first_eviction is not None:
+            hook, self.after_first_eviction = self.after_first_eviction, None
+            hook()
+        return held
+
+
+@pytest.mark.parametrize("switch", ["dry_run", "kill_switch"])
+async def test_a_switch_turned_on_mid_drain_stops_it_cordoned_and_pages_what_is_left(
+    switch: str,
+) -> None:
+    from agent.policy import switches_for
+
+    c = cluster(_SwitchedMidDrain)
+    assert isinstance(c, _SwitchedMidDrain)
+    for name in ("checkout-b", "checkout-c"):
+        c.add_pod("shop", name, node="n1", workload="checkout")
+    bus = MemoryBus()
+    ex = Executor(cfg(), bus=bus, cluster=c, metrics=Metrics())
+
+    def flip() -> None:  # `sre-agent switches dry-run on`, as the topic reader saw it
+        ex.switches = lambda: switches_for([_switch(switch, True)], "")
+
+    c.after_first_eviction = flip
+    try:
+        r = await ex.on_action(act("drain_node", NODE, action_id="d1"))
+    finally:
+        await ex.stop()
+    what = (
+        "shadow mode (dry run: turned on" if switch == "dry_run" else "the kill switch (turned on"
+    )
+    assert r.status == "failed" and f"stopped by {what} by alice" in r.message, r.message
+    assert "before evicting shop/checkout-b, shop/checkout-c" in r.message, r.message
+    assert "Evicted: shop/checkout-a. The node is left cordoned." in r.message, r.message
+    assert r.prior_state == {"unschedulable": False}  # undoable: the cordon is known
+    assert c.node("n1").unschedulable
+    assert [c.pod("shop", p) is None for p in ("checkout-a", "checkout-b", "checkout-c")] == [
+        True,
+        False,
+        False,
+    ]
+    (page,) = [e for e, _ in bus.on("escalations")]
+    assert page.reason == "action_failed" and page.details[0].startswith("failed half-way: ")
+
+
 def _stop_after(evictions: int) -> Any:
     """A drain's stop check that halts it after ``evictions``: its executor died there."""
     calls = iter(range(evictions + 1))

@@ -663,7 +663,8 @@ def test_a_namespace_switch_holds_its_namespace_and_a_cluster_switch_holds_all()
     frozen = [change("kill_switch", True, "shop"), change("dry_run", True, "web")]
     assert switches_for(frozen, "shop").kill_switch
     assert not switches_for(frozen, "shop").dry_run
-    assert switches_for(frozen, "web") == Switches(dry_run=True)
+    web = frozen[1].describe()  # who turned it on, for a drain it stops
+    assert switches_for(frozen, "web") == Switches(dry_run=True, dry_run_why=web)
     assert switches_for(frozen, "") == Switches()  # a node: cluster-wide switches only
     everywhere = [*frozen, change("kill_switch", True)]
     assert switches_for(everywhere, "").kill_switch and switches_for(everywhere, "web").kill_switch
@@ -713,3 +714,31 @@ def test_only_an_undo_of_a_recorded_prior_state_keeps_its_approval(
     act = replace(action("scale_up", params=params), approved_by=approved_by)
     earned = unearned_approval(act, {"s1": (SCALED,)}) is None
     assert earned == (params == {"replicas": 4, "undo_of": "s1"})
+
+
+def test_a_drain_in_progress_halts_for_the_kill_switch_or_shadow_mode_from_any_source() -> None:
+    from agent.models import SwitchChange
+    from agent.policy import Switches, halt_reason, merged, switches_for
+
+    plain = make_settings({})
+    assert halt_reason(Switches(), plain, "") is None
+    change = SwitchChange(id="sw", name="dry_run", on=True, by="bob", reason="freeze", at=at(5))
+    topic = merged(Switches(), switches_for([change], ""))
+    assert halt_reason(topic, plain, "") == (f"shadow mode (dry run: {change.describe()})")
+    # The kill switch says more than shadow mode: it is named first.
+    both = merged(topic, Switches(kill_switch=True, why="file /run/kill exists"))
+    assert halt_reason(both, plain, "") == "the kill switch (file /run/kill exists)"
+    assert halt_reason(Switches(), make_settings({"agent": {"dry_run": True}}), "") == (
+        "shadow mode (dry run: agent.dry_run)"
+    )
+    shadowed = make_settings(
+        {"remediation": {"overrides": [{"namespaces": ["shop"], "dry_run": True}]}}
+    )
+    assert halt_reason(Switches(), shadowed, "shop") == (
+        "shadow mode (dry run: remediation.overrides[0])"
+    )
+    assert halt_reason(Switches(), shadowed, "") is None  # a node gets the global policy
+    # A namespace's switch holds only its targets.
+    scoped = replace(change, namespace="shop")
+    assert halt_reason(switches_for([scoped], "web"), plain, "web") is None
+    assert halt_reason(switches_for([scoped], "shop"), plain, "shop") is not None
