@@ -204,6 +204,12 @@ INEFFECTIVE: frozenset[Outcome] = frozenset({"not_healed", "worse"})
 BUDGET_WINDOW = 3600.0  # the hourly action budgets look back this far
 
 
+def claims_held(rem: RemediationSection) -> float:
+    """Seconds a budget claim can still count: a unit for BUDGET_WINDOW, a node claim for
+    ``rem.node_claim_lifetime`` (a drain may run longer than the hour)."""
+    return max(BUDGET_WINDOW, rem.node_claim_lifetime)
+
+
 def history_window(rem: RemediationSection) -> float:
     """Seconds of past actions the policy looks at: the cooldown, the hourly budgets and
     the repeat window (rule 7c looks there whatever the repeat checks)."""
@@ -759,7 +765,7 @@ def budget_usage(
 def _in_flight(
     busy: Mapping[str, BudgetClaim], at: datetime, rem: RemediationSection
 ) -> list[BudgetClaim]:
-    horizon = at - timedelta(seconds=rem.drain_timeout + NODE_CLAIM_MARGIN)
+    horizon = at - timedelta(seconds=rem.node_claim_lifetime)
     return [b for b in busy.values() if b.at > horizon]
 
 
@@ -791,9 +797,6 @@ def _replay(
                 busy[c.action_id] = c
         out.append(over)
     return out, held, busy
-
-
-NODE_CLAIM_MARGIN = 300.0  # seconds a node claim may stay undone past drain_timeout
 
 
 def cordons(action: ActionRequest) -> bool:

@@ -165,7 +165,7 @@ async def show_budget(settings: Settings, now: datetime) -> int:
     in flight (see streams.ledger)."""
     rem = settings.remediation
     name = topic(settings.kafka.topic_prefix, "budget-claims")
-    claims = [e.value for e in await recent_claims(settings.kafka, name)]
+    claims = [e.value for e in await recent_claims(settings.kafka, name, rem)]
     usage = budget_usage([c for c in claims if isinstance(c, BudgetClaim)], rem, now)
     print(f"all namespaces: {usage.spent} of {rem.max_actions_per_hour} actions in the last hour")
     for ns, n in sorted(usage.by_namespace.items()):

@@ -48,6 +48,7 @@ from agent.models import (
     parse_matcher,
 )
 from agent.runbook_expr import Expr
+from agent.topics import CATALOG
 
 ENV_PREFIX = "SRE_AGENT__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -339,6 +340,14 @@ class PolicyOverrideSection:
     dry_run: bool = False
 
 
+# A node claim outlives drain_timeout by this much (the claim is written before the drain
+# starts, its "done" after the result): a replica that died mid-drain frees its node then.
+NODE_CLAIM_MARGIN = 300.0
+# What the budget-claims topic keeps (agent.topics): a node claim must be read back as long
+# as it holds its node, by a replica (re)starting mid-drain too.
+CLAIMS_RETENTION = next(t for t in CATALOG if t.name == "budget-claims").retention_ms / 1000
+
+
 @dataclass(frozen=True, slots=True)
 class RemediationSection:
     __pydantic_config__ = _STRICT
@@ -375,6 +384,21 @@ class RemediationSection:
     repeat_window: Seconds = 21600.0
     ineffective_after: Annotated[int, Field(ge=0)] = 2
     max_repeats: Annotated[int, Field(ge=0)] = 3
+
+    def __post_init__(self) -> None:
+        if self.node_claim_lifetime > CLAIMS_RETENTION:
+            raise ValueError(
+                f"drain_timeout: {self.drain_timeout:g}s is too long: a drain's "
+                f"node claim must last it plus {NODE_CLAIM_MARGIN:g}s, and the budget-claims "
+                f"topic keeps claims {CLAIMS_RETENTION:g}s; at most "
+                f"{CLAIMS_RETENTION - NODE_CLAIM_MARGIN:g}s"
+            )
+
+    @property
+    def node_claim_lifetime(self) -> float:
+        """Seconds a node action's budget claim holds its node (``max_nodes_cordoned``) when
+        its action never says it ended: the longest drain, and a margin."""
+        return self.drain_timeout + NODE_CLAIM_MARGIN
 
 
 @dataclass(frozen=True, slots=True)

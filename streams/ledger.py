@@ -35,7 +35,7 @@ from agent.errors import (
     task_failure,
 )
 from agent.models import ActionRequest, BudgetClaim
-from agent.policy import BUDGET_WINDOW, Verdict, budget_claim, budget_grants, cordons
+from agent.policy import Verdict, budget_claim, budget_grants, claims_held, cordons
 from agent.settings import KafkaSection, RemediationSection
 from streams.bus import Bus, Envelope
 from streams.replay import CLOCK_SKEW, groupless_consumer, recent
@@ -44,23 +44,33 @@ log = logging.getLogger(__name__)
 
 # How long a claim waits for its own record to be read back before the action is retried.
 READ_BACK_WAIT = 10.0
-# The claims that can still count: the budget window, and a margin for clocks.
-CLAIMS_HELD = BUDGET_WINDOW + CLOCK_SKEW
 
 
-async def recent_claims(kafka: KafkaSection, topic: str) -> list[Envelope]:
+def held_for(remediation: RemediationSection) -> float:
+    """Seconds of claims that can still count: the budget window, or a node claim's
+    lifetime (the drain timeout and a margin) when longer, and a margin for clocks. Less
+    would forget a node still being drained, and let another replica cordon past
+    ``max_nodes_cordoned``."""
+    return claims_held(remediation) + CLOCK_SKEW
+
+
+async def recent_claims(
+    kafka: KafkaSection, topic: str, remediation: RemediationSection
+) -> list[Envelope]:
     """The claims that can still count, in the topic's order."""
-    return await recent(kafka, topic, BudgetClaim, CLAIMS_HELD, wait_s=10.0)
+    return await recent(kafka, topic, BudgetClaim, held_for(remediation), wait_s=10.0)
 
 
 class ClaimLog:
-    """The budget-claims topic as read so far: the claims that can still count
-    (``CLAIMS_HELD``) when first asked, and every claim written since, in the topic's
-    order. Started on first use and restarted on the next use after its consumer failed."""
+    """The budget-claims topic as read so far: the claims that can still count (``held``
+    seconds, see :func:`held_for`) when first asked, and every claim written since, in the
+    topic's order. Started on first use and restarted on the next use after its consumer
+    failed."""
 
-    def __init__(self, kafka: KafkaSection, topic: str) -> None:
+    def __init__(self, kafka: KafkaSection, topic: str, held: float) -> None:
         self.kafka = kafka
         self.topic = topic
+        self.held = held
         self._claims: list[Envelope] = []
         self._next = 0  # the offset after the last one read
         self._changed = asyncio.Event()
@@ -84,7 +94,7 @@ class ClaimLog:
                 raise TransientError(f"{self.topic}: offset {offset} not read back in time")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
-        horizon = now - timedelta(seconds=CLAIMS_HELD)
+        horizon = now - timedelta(seconds=self.held)
         # Claims past the window count for nothing (budget_grants): let them go.
         self._claims = [e for e in self._claims if e.offset > offset or e.value.at > horizon]
         return [e.value for e in self._claims if e.offset <= offset]
@@ -108,7 +118,7 @@ class ClaimLog:
             try:
                 await consumer.start()
                 consumer.assign([tp])
-                since_ms = int((time.time() - CLAIMS_HELD) * 1000)
+                since_ms = int((time.time() - self.held) * 1000)
                 found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
                 if found is None:  # no claim that recent: from the end
                     await consumer.seek_to_end(tp)
@@ -147,7 +157,7 @@ class BudgetLedger:
         self.remediation = remediation
         self.topic = bus.topic("budget-claims")
         self.by = f"{bus.kafka.client_id}-{bus.name}"
-        self.log = ClaimLog(bus.kafka, self.topic)
+        self.log = ClaimLog(bus.kafka, self.topic, held_for(remediation))
 
     async def claim(
         self, action: ActionRequest, now: datetime, cordoned: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 
@@ -204,5 +205,38 @@ async def test_claims_are_counted_across_a_restart_of_the_claim_follower(
         assert denied is not None and denied.rule == "max_actions_per_hour", denied
         assert ledger.log._consumer is not consumer
     finally:
+        await ledger.stop()
+        await bus.stop()
+
+
+def drain(node: str) -> ActionRequest:
+    return replace(cordon(node), type="drain_node")
+
+
+async def test_a_node_drained_past_the_hour_still_counts_toward_the_cordon_limit(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """drain_timeout of two hours: 70 minutes into n1's drain (its claim not done), n1
+    still counts as cordoned for every replica, one following the topic since and one
+    started now. A claim lifetime of the budget hour alone forgot it there."""
+    rem = {**REMEDIATION, "max_actions_per_hour": 20, "max_nodes_cordoned": 1}
+    doc = {"agent": {"stuck_after": "3h"}, "remediation": {**rem, "drain_timeout": "2h"}}
+    settings = make_settings(kafka_bootstrap, topic_prefix, doc=doc)
+    bus, _ = await started_bus(settings)
+    ledger = BudgetLedger(bus, settings.remediation)
+    fresh = BudgetLedger(bus, settings.remediation)
+    try:
+        start = utcnow()
+        assert await ledger.claim(drain("n1"), start) is None
+        later = start + timedelta(minutes=70)
+        for arbiter in (ledger, fresh):
+            denied = await arbiter.claim(drain("n2"), later)
+            assert denied is not None and denied.rule == "max_nodes_cordoned", denied
+            assert "already cordoned (n1)" in denied.reason, denied.reason
+        # Past its lifetime (drain_timeout and the margin) a claim never done lets go.
+        past = start + timedelta(seconds=settings.remediation.node_claim_lifetime + 1)
+        assert await ledger.claim(drain("n3"), past) is None
+    finally:
+        await fresh.stop()
         await ledger.stop()
         await bus.stop()

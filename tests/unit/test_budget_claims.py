@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from agent.models import ActionRequest, BudgetClaim, Target
 from agent.policy import (
     BUDGET_WINDOW,
-    NODE_CLAIM_MARGIN,
     budget_claim,
     budget_grants,
     budget_usage,
 )
+from agent.settings import NODE_CLAIM_MARGIN
 from tests.unit.factories import T0, action
 from tests.unit.factories import settings as make_settings
 
@@ -220,3 +220,29 @@ def test_an_uncordon_claims_its_unit_but_no_node() -> None:
         assert c.node == "n3"
         denied = budget_grants([*busy, c], NODES)[-1]
         assert denied is not None and denied.rule == "max_nodes_cordoned"
+
+
+@given(drain_timeout=st.floats(min_value=0, max_value=86_400 - NODE_CLAIM_MARGIN))
+def test_claims_are_read_back_as_long_as_a_node_claim_holds_its_node(drain_timeout: float) -> None:
+    """The ledger keeps (and a restarted replica reads back) every claim that can still
+    count: a budget unit's hour, and a node's whole drain and margin, however long."""
+    from streams.ledger import held_for
+
+    rem = make_settings(
+        {"agent": {"stuck_after": 0}, "remediation": {"drain_timeout": drain_timeout}}
+    ).remediation
+    assert rem.node_claim_lifetime == drain_timeout + NODE_CLAIM_MARGIN
+    assert held_for(rem) > max(BUDGET_WINDOW, rem.node_claim_lifetime)
+
+
+def test_a_drain_timeout_no_claim_could_outlast_on_the_topic_is_refused_at_load() -> None:
+    import pytest
+
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"remediation: .*drain_timeout: 86101s is too long"):
+        make_settings({"agent": {"stuck_after": 0}, "remediation": {"drain_timeout": 86101}})
+    longest = make_settings(
+        {"agent": {"stuck_after": 0}, "remediation": {"drain_timeout": 86100}}
+    ).remediation
+    assert longest.node_claim_lifetime == 86_400
