@@ -428,7 +428,10 @@ def drain_params(
     The configured ``drain_timeout`` is a ceiling an action may only lower: a drain holds
     the executor's partition while it runs, and liveness counts on its bound. A grace of 0
     would delete pods with no graceful termination at all, and one past the timeout could
-    never finish within it."""
+    never finish within it. The configured ``drain_grace_period`` is a default, not a
+    request: an action that shortens the timeout below it gets the timeout as its grace
+    (what an explicit ``grace_period`` may be at most), unless that timeout is under 1 s,
+    which leaves no graceful termination at all (refused, naming ``params.timeout``)."""
     timeout = _number(params, "timeout")
     if timeout is None:
         timeout = rem.drain_timeout
@@ -440,6 +443,13 @@ def drain_params(
     grace = _number(params, "grace_period")
     if grace is None:
         grace = rem.drain_grace_period
+        if grace is not None and grace > timeout:
+            if timeout < 1:
+                raise ValueError(
+                    f"params.timeout: {timeout:g}s is below 1s, the least grace period, and "
+                    f"remediation.drain_grace_period={grace:g}s applies"
+                )
+            grace = timeout
     elif not 1 <= grace <= timeout:
         raise ValueError(f"params.grace_period: {grace:g}s is outside [1, timeout={timeout:g}s]")
     return grace, timeout

@@ -386,6 +386,13 @@ class RemediationSection:
     max_repeats: Annotated[int, Field(ge=0)] = 3
 
     def __post_init__(self) -> None:
+        grace = self.drain_grace_period
+        if grace is not None and not 1 <= grace <= self.drain_timeout:
+            # 0 would skip graceful termination; past the timeout no drain could finish.
+            raise ValueError(
+                f"drain_grace_period: {grace:g}s is outside [1, drain_timeout="
+                f"{self.drain_timeout:g}s]"
+            )
         if self.node_claim_lifetime > CLAIMS_RETENTION:
             raise ValueError(
                 f"drain_timeout: {self.drain_timeout:g}s is too long: a drain's "

@@ -2326,3 +2326,26 @@ async def test_a_kill_switch_turned_on_while_deciding_holds(tmp_path: Any) -> No
         assert arbiter.granted == []  # the unit went back: nothing was done with it
     finally:
         await ex.stop()
+
+
+class _GraceSeen(FakeCluster):
+    """Notes the grace period and timeout each drain was given."""
+
+    seen: list[tuple[float | None, float]]
+
+    async def drain(self, target: Target, **kw: Any) -> Any:
+        self.seen = [*getattr(self, "seen", []), (kw["grace_period"], kw["drain_timeout"])]
+        return await super().drain(target, **kw)
+
+
+async def test_a_drain_with_a_shorter_timeout_gives_its_pods_no_more_grace_than_it() -> None:
+    c = cluster(_GraceSeen)
+    assert isinstance(c, _GraceSeen)
+    bus = MemoryBus()
+    ex = Executor(cfg(drain_grace_period="90s"), bus=bus, cluster=c, metrics=Metrics())
+    try:
+        r = await ex.on_action(act("drain_node", NODE, action_id="d1", params={"timeout": "30"}))
+    finally:
+        await ex.stop()
+    assert r.status == "succeeded", r.message
+    assert c.seen == [(30.0, 30.0)]  # the configured 90s would outlast the drain itself

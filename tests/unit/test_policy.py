@@ -742,3 +742,44 @@ def test_a_drain_in_progress_halts_for_the_kill_switch_or_shadow_mode_from_any_s
     scoped = replace(change, namespace="shop")
     assert halt_reason(switches_for([scoped], "web"), plain, "web") is None
     assert halt_reason(switches_for([scoped], "shop"), plain, "shop") is not None
+
+
+@given(
+    default=st.floats(min_value=1, max_value=120),
+    timeout=st.one_of(st.none(), st.floats(min_value=0.01, max_value=120)),
+)
+def test_the_configured_grace_period_gives_way_to_a_shorter_action_timeout(
+    default: float, timeout: float | None
+) -> None:
+    """remediation.drain_grace_period is a default: an action's shorter timeout clamps it,
+    as an explicit grace_period is bounded by that timeout; under 1s none fits."""
+    rem = make_settings({"remediation": {"drain_grace_period": default}}).remediation
+    params = {} if timeout is None else {"timeout": timeout}
+    effective = rem.drain_timeout if timeout is None else timeout
+    if default > effective and effective < 1:
+        with pytest.raises(ValueError, match=r"^params\.timeout: .*drain_grace_period"):
+            drain_params(params, rem)
+        return
+    grace, got = drain_params(params, rem)
+    assert got == effective
+    assert grace == min(default, effective)
+    assert grace is not None and 1 <= grace <= got
+
+
+def test_a_drain_timeout_below_the_default_grace_runs_with_the_timeout_as_its_grace() -> None:
+    rem = make_settings({"remediation": {"drain_grace_period": "90s"}}).remediation
+    assert drain_params({"timeout": 30}, rem) == (30.0, 30.0)
+    assert drain_params({"timeout": 30, "grace_period": 10}, rem) == (10.0, 30.0)
+    assert drain_params({}, rem) == (90.0, 120.0)
+    with pytest.raises(ValueError, match=r"params\.timeout: 0\.5s is below 1s"):
+        drain_params({"timeout": 0.5}, rem)
+
+
+@pytest.mark.parametrize("grace", [0, 0.5, 121])
+def test_a_default_grace_period_outside_1s_to_the_drain_timeout_is_refused_at_load(
+    grace: float,
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"remediation: .*drain_grace_period: .*drain_timeout=120s"
+    ):
+        make_settings({"remediation": {"drain_grace_period": grace}})
