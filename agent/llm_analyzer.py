@@ -10,7 +10,9 @@ For one incident and its gathered context:
 3. Circuit breaker open -> fallback ``circuit_open``. Per-minute budget of calls and
    tokens spent -> ``over_budget`` (also, saying so, when the prompt and its answer
    exceed a whole minute's tokens on their own).
-4. The call, with the model's own timeout; transient failures (timeout, 429, 5xx,
+4. A call slot (``ai.max_concurrency``) free within ``ai.max_queue_wait``, else fallback
+   ``queue_timeout``: a large batch must not hold the stage for all its calls.
+   The call, with the model's own timeout; transient failures (timeout, 429, 5xx,
    unreachable) are retried with exponential backoff that honours Retry-After, up to
    ``ai.retries`` times; a Retry-After beyond ``ai.max_backoff`` ends the attempt.
    Failures -> fallback named after the last failure (``timeout``, ``rate_limited``,
@@ -159,13 +161,25 @@ class LLMAnalyzer:
                 "same incident fingerprint and evidence, within the cool-down",
             )
         else:
+            wait = self.settings.ai.max_queue_wait
             try:
-                async with self._slots:
-                    answer = await self._ask(incident, ctx)
+                async with asyncio.timeout(wait):
+                    await self._slots.acquire()
+            except TimeoutError:
+                return self._fallback(
+                    rules,
+                    "queue_timeout",
+                    f"no LLM call slot free within ai.max_queue_wait ({wait:g}s): "
+                    f"ai.max_concurrency ({self.settings.ai.max_concurrency}) calls in flight",
+                )
+            try:
+                answer = await self._ask(incident, ctx)
             except Fallback as err:
                 return self._fallback(rules, err.reason, str(err))
             except AgentError as err:
                 return self._fallback(rules, failure_reason(err), str(err))
+            finally:
+                self._slots.release()
             self._answers[fp] = _Cached(evidence=ev, at=self.clock(), answer=answer)
             self._answers.move_to_end(fp)
             while len(self._answers) > 1000:

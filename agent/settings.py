@@ -311,6 +311,10 @@ class AISection:
     # The same incident fingerprint with unchanged evidence is not sent again within this.
     reanalysis_cooldown: Seconds = 600.0
     max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    # How long an incident waits for one of the max_concurrency call slots before the rules
+    # decide it (fallback ``queue_timeout``): each call is bounded, but a large batch queued
+    # behind them would otherwise hold the stage for calls x (timeout x retries) / slots.
+    max_queue_wait: Seconds = 30.0
     context: AIContextSection = field(default_factory=AIContextSection)
 
 
@@ -786,8 +790,8 @@ class Settings:
             raise ValueError(
                 f"agent.stuck_after: {self.agent.stuck_after:g}s would restart a consumer in "
                 f"the middle of a legitimate event of up to {longest:g}s (a drain takes up to "
-                "remediation.drain_timeout, an analysis up to ai.timeout x (ai.retries + 1) "
-                "plus backoff); raise it, or 0 to turn liveness off"
+                "remediation.drain_timeout, an analysis up to ai.max_queue_wait plus "
+                "ai.timeout x (ai.retries + 1) plus backoff); raise it, or 0 to turn liveness off"
             )
 
     def pattern(self, name: str) -> PatternSpec | None:
@@ -899,7 +903,8 @@ def longest_event(s: Settings) -> float:
     """The longest a consumer may legitimately spend on one event: a drain (the executor),
     or an LLM analysis with its retries (the analyzer; the rules are fast)."""
     ai = s.ai
-    analysis = ai.timeout * (ai.retries + 1) + ai.max_backoff * ai.retries if ai.enabled else 0.0
+    call = ai.timeout * (ai.retries + 1) + ai.max_backoff * ai.retries
+    analysis = ai.max_queue_wait + call if ai.enabled else 0.0
     return max(s.remediation.drain_timeout, analysis)
 
 

@@ -159,6 +159,35 @@ async def test_a_timeout_is_retried_then_falls_back(server: FakeChatServer, make
     assert h.sample("sre_agent_analysis_fallbacks_total", reason="timeout") == 1
 
 
+async def test_a_batch_queued_behind_a_slow_call_falls_back_at_the_slot_deadline(
+    server: FakeChatServer, make: Any
+) -> None:
+    # One slot, a reply taking 1.5 s: without a deadline the batch of three takes 4.5 s.
+    server.default = Reply(GOOD.content, delay=1.5)
+    h = make(max_concurrency=1, max_queue_wait="0.3s", timeout="5s", retries=0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    done: dict[str, float] = {}
+
+    async def one(i: int) -> Analysis:
+        an = await h.analyze(incident(member(labels={"pod": f"checkout-{i}"}), id=f"inc-{i}"))
+        done[an.incident_id] = loop.time() - started
+        return an
+
+    analyses = await asyncio.gather(*(one(i) for i in range(3)))
+    assert loop.time() - started < 2.5
+    assert [a.analyzer for a in analyses].count("llm") == 1
+    queued = [a for a in analyses if a.analyzer == "rules"]
+    assert len(queued) == 2
+    for an in queued:
+        assert an.fallback_reason and an.fallback_reason.startswith("queue_timeout: ")
+        assert "ai.max_queue_wait (0.3s)" in an.fallback_reason
+        assert [a.type for a in an.actions] == ["rollback"]  # the rules still decide
+        assert done[an.incident_id] < 1.0  # at the deadline, not after the slow call
+    assert len(server.requests) == 1
+    assert h.sample("sre_agent_analysis_fallbacks_total", reason="queue_timeout") == 2
+
+
 async def test_a_429_is_retried_after_retry_after(server: FakeChatServer, make: Any) -> None:
     server.then(Reply(status=429, headers={"Retry-After": "1"}), GOOD)
     h = make()

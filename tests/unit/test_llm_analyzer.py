@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -243,3 +244,40 @@ async def test_close_closes_the_model() -> None:
     llm, model, _, _ = make()
     await llm.close()
     assert model.closed
+
+
+async def test_waiting_for_a_call_slot_past_max_queue_wait_falls_back() -> None:
+    # The one slot is held by a call that never returns: the queued incident must not wait.
+    gate = asyncio.Event()
+
+    async def stuck(messages: Any) -> Completion:
+        await gate.wait()
+        return GOOD
+
+    model, metrics = ScriptedChatModel(), Metrics()
+    llm = LLMAnalyzer(
+        ai_settings(max_concurrency=1, max_queue_wait="50ms"), model=model, metrics=metrics
+    )
+    model.complete = _blocking(model, stuck)  # type: ignore[method-assign]
+    first = asyncio.create_task(run(llm))
+    await asyncio.sleep(0)
+    second = await asyncio.wait_for(
+        run(llm, incident(member(labels={"pod": "checkout-2"}), id="inc-2")), 2.0
+    )
+    assert second.analyzer == "rules"
+    assert second.fallback_reason is not None
+    assert second.fallback_reason.startswith("queue_timeout: no LLM call slot free")
+    assert sample(metrics, "sre_agent_analysis_fallbacks_total", reason="queue_timeout") == 1
+    gate.set()
+    assert (await first).analyzer == "llm"
+    # The slot was given back: the next incident is asked.
+    third = await run(llm, incident(member(labels={"pod": "checkout-3"}), id="inc-3"))
+    assert third.analyzer == "llm"
+
+
+def _blocking(model: ScriptedChatModel, step: Any) -> Any:
+    async def complete(messages: Any, *, schema: Any, schema_name: str) -> Completion:
+        model.calls.append(messages)
+        return await step(messages)  # type: ignore[no-any-return]
+
+    return complete

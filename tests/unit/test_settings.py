@@ -453,7 +453,7 @@ def test_parse_settings_does_not_mutate_the_document() -> None:
                 "ai": {"enabled": True, "timeout": "30s", "retries": 2, "max_backoff": "10s"},
                 "remediation": {"drain_timeout": "30s"},
             },
-            "110s",  # 30 s x 3 attempts + 10 s x 2 backoffs
+            "140s",  # 30 s slot wait + 30 s x 3 attempts + 10 s x 2 backoffs
         ),
     ],
 )
