@@ -80,6 +80,10 @@ class PermanentError(AgentError):
     retriable = False
 
 
+class PromptTooLarge(PermanentError):
+    """Even the smallest form of an LLM prompt exceeds ai.max_prompt_tokens."""
+
+
 class PolicyDenied(PermanentError):
     def __init__(self, rule: str, message: str) -> None:
         self.rule = rule

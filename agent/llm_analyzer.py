@@ -10,7 +10,8 @@ For one incident and its gathered context:
 3. Circuit breaker open -> fallback ``circuit_open``. Per-minute budget of calls and
    tokens spent -> ``over_budget`` (also, saying so, when the prompt and its answer
    exceed a whole minute's tokens on their own).
-4. A call slot (``ai.max_concurrency``) free within ``ai.max_queue_wait``, else fallback
+4. The prompt is held to ``ai.max_prompt_tokens`` (see :func:`agent.ai_prompt.build_messages`).
+   A call slot (``ai.max_concurrency``) free within ``ai.max_queue_wait``, else fallback
    ``queue_timeout``: a large batch must not hold the stage for all its calls.
    The call, with the model's own timeout; transient failures (timeout, 429, 5xx,
    unreachable) are retried with exponential backoff that honours Retry-After, up to
@@ -52,7 +53,7 @@ from agent.analyzer import Context, analyze
 from agent.breaker import BreakerRules, CircuitBreaker
 from agent.budget import MinuteBudget, backoff_delay
 from agent.chat import ChatModel, Completion, failure_reason
-from agent.errors import AgentError, TransientError
+from agent.errors import AgentError, PromptTooLarge, TransientError
 from agent.metrics import Metrics
 from agent.models import Analysis, Incident, stable_id
 from agent.settings import Settings
@@ -223,7 +224,16 @@ class LLMAnalyzer:
     async def _ask(self, incident: Incident, ctx: Context) -> Answer:
         ai = self.settings.ai
         scope = incident_scope(incident, ctx, self.settings)
-        messages = build_messages(incident, ctx, scope_lines=scope.lines(), nonce=self.nonce())
+        try:
+            messages = build_messages(
+                incident,
+                ctx,
+                scope_lines=scope.lines(),
+                nonce=self.nonce(),
+                max_tokens=ai.max_prompt_tokens,
+            )
+        except PromptTooLarge as err:
+            raise Fallback("prompt_too_large", str(err)) from err
         estimate = estimate_tokens(messages) + ai.max_output_tokens
         if estimate > ai.max_tokens_per_minute:
             # No minute's budget takes it: "budget spent" would send the operator waiting.
@@ -231,7 +241,7 @@ class LLMAnalyzer:
                 "over_budget",
                 f"the prompt and its answer ({estimate} tokens estimated) exceed "
                 f"ai.max_tokens_per_minute ({ai.max_tokens_per_minute}) on their own: raise "
-                "it, or lower ai.context's budgets or correlation.max_event_members",
+                "it, or lower ai.max_prompt_tokens",
             )
         attempt = 0
         while True:

@@ -116,6 +116,7 @@ Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_in
 # pattern loop (unaligned, it would query Prometheus without pause).
 Interval = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+MIN_PROMPT_TOKENS = 4000
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 # Steps a pattern may list. "context" steps gather evidence for the analyzer; conditional
@@ -299,6 +300,10 @@ class AISection:
     max_calls_per_minute: Annotated[int, Field(ge=0)] = 30
     max_tokens_per_minute: Annotated[int, Field(ge=0)] = 60_000
     max_output_tokens: Annotated[int, Field(ge=64, le=16_384)] = 1200
+    # The prompt's bound (estimated tokens): past it the least important data is left out
+    # (members past the most important, then long labels, then context), and the prompt
+    # says so. The floor leaves room for the instructions and the incident's key facts.
+    max_prompt_tokens: Annotated[int, Field(ge=MIN_PROMPT_TOKENS, le=1_000_000)] = 16_000
     # Retries of transient failures (timeout, 429, 5xx), with exponential backoff from
     # ``backoff`` up to ``max_backoff``; a Retry-After longer than ``max_backoff`` ends the
     # attempt at once (the rules decide) rather than stalling the stage.

@@ -7,15 +7,22 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.ai_answer import incident_scope, parse_answer
-from agent.ai_prompt import ANSWER_SCHEMA, build_messages, context_document, estimate_tokens
+from agent.ai_prompt import (
+    ANSWER_SCHEMA,
+    build_messages,
+    by_importance,
+    context_document,
+    estimate_tokens,
+)
 from agent.analyzer import ROOT_CAUSE_CLASSES, Context, KubeEvent
-from agent.models import ACTION_TYPES
+from agent.models import ACTION_TYPES, Incident
+from agent.settings import MIN_PROMPT_TOKENS
 from tests.fakes.chat import action, answer
-from tests.fakes.incidents import ai_settings, incident, member, rollout
+from tests.fakes.incidents import SHOP, ai_settings, bad_rollout_context, incident, member, rollout
 
 SETTINGS = ai_settings()
 NONCE = "a1b2c3d4e5f6"
@@ -114,3 +121,92 @@ def test_the_model_is_told_when_it_sees_only_part_of_the_members() -> None:
         "incident.members lists 1 of the incident's 4801 members"
         in user.content.split(f"<<<END DATA {NONCE}>>>")[1]
     )
+
+
+def _big(draw: st.DrawFn, *, most: int) -> dict[str, str]:
+    n = draw(st.integers(0, most))
+    return {
+        f"{draw(st.sampled_from('abcxyz'))}{i}" * draw(st.integers(1, 40)): draw(
+            st.sampled_from('vwq<"\\')
+        )
+        * draw(st.integers(0, 3000))
+        for i in range(n)
+    }
+
+
+@st.composite
+def heavy(draw: st.DrawFn) -> tuple[Incident, Context]:
+    """Incidents of many members with many, huge labels, and big context sources."""
+    members = tuple(
+        replace(
+            member(
+                draw(st.sampled_from(["high-error-rate", "pod-crash-looping", "x" * 500])),
+                status=draw(st.sampled_from(["firing", "resolved"])),
+                minutes=draw(st.integers(0, 60)),
+                labels={"pod": f"checkout-{i}", **_big(draw, most=40)},
+            ),
+            severity=draw(st.sampled_from(["info", "warning", "critical"])),
+        )
+        for i in range(draw(st.integers(1, 250)))
+    )
+    inc = replace(incident(*members), labels={**SHOP, **_big(draw, most=10)})
+    big_text = st.integers(0, 40_000).map(lambda k: "ERROR boom\n" * (k // 11))
+    ctx = Context(
+        rollouts=(rollout(),),
+        logs={f"checkout-{i}": draw(big_text) for i in range(draw(st.integers(0, 3)))},
+        events=tuple(
+            KubeEvent("shop", "Pod", f"p{i}", "BackOff", message=draw(big_text))
+            for i in range(draw(st.integers(0, 3)))
+        ),
+    )
+    return inc, ctx
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(heavy(), st.integers(MIN_PROMPT_TOKENS, 40_000))
+def test_the_prompt_never_exceeds_its_bound_and_keeps_the_key_facts(
+    case: tuple[Incident, Context], bound: int
+) -> None:
+    inc, ctx = case
+    scope = incident_scope(inc, ctx, SETTINGS).lines()
+    msgs = build_messages(inc, ctx, scope_lines=scope, nonce=NONCE, max_tokens=bound)
+    assert estimate_tokens(msgs) <= bound
+    doc = orjson.loads(fenced_body(msgs[1].content))["incident"]
+    assert (doc["id"], doc["key"], doc["status"], doc["severity"]) == (
+        inc.id,
+        inc.key,
+        inc.status,
+        inc.severity,
+    )
+    # The most important member is always there (pods are unique); the others are shown
+    # or counted.
+    top = by_importance(inc.members)[0]
+    (shown,) = [m for m in doc["members"] if m["labels"]["pod"] == top.labels["pod"]]
+    assert (shown["status"], shown["severity"]) == (top.status, top.severity)
+    assert shown["name"].startswith(top.name[:32])
+    left_out = doc.get("members_left_out", {"count": 0, "firing": 0})
+    assert len(doc["members"]) + left_out["count"] == len(inc.members)
+    shown_firing = sum(1 for m in doc["members"] if m["status"] == "firing")
+    assert shown_firing + left_out["firing"] == len(inc.firing)
+    trimmed = estimate_tokens(build_messages(inc, ctx, scope_lines=scope, nonce=NONCE)) > bound
+    assert ("within its size bound" in msgs[1].content) == trimmed
+
+
+def test_a_prompt_within_its_bound_is_left_whole() -> None:
+    inc, ctx = incident(member(), member("pod-crash-looping")), bad_rollout_context()
+    scope = incident_scope(inc, ctx, SETTINGS).lines()
+    whole = build_messages(inc, ctx, scope_lines=scope, nonce=NONCE)
+    assert build_messages(inc, ctx, scope_lines=scope, nonce=NONCE, max_tokens=4000) == whole
+
+
+def test_members_are_left_out_before_context_and_counted() -> None:
+    many = tuple(member(labels={"pod": f"checkout-{i}", "note": "n" * 200}) for i in range(200))
+    resolved = member("old-alert", status="resolved")
+    inc, ctx = incident(resolved, *many), bad_rollout_context()
+    _, user = build_messages(inc, ctx, scope_lines=[], nonce=NONCE, max_tokens=MIN_PROMPT_TOKENS)
+    doc = orjson.loads(fenced_body(user.content))
+    assert 1 <= len(doc["incident"]["members"]) < 200
+    assert all(m["status"] == "firing" for m in doc["incident"]["members"])
+    assert doc["incident"]["members_left_out"]["count"] == 201 - len(doc["incident"]["members"])
+    assert doc["rollouts"] and "left_out_for_size" not in doc  # context kept
+    assert "members (firing and most severe first)" in user.content.split("<<<END DATA")[1]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent.ai_prompt import estimate_tokens
 from agent.analyzer import Context
 from agent.chat import (
     ChatMessage,
@@ -281,3 +282,15 @@ def _blocking(model: ScriptedChatModel, step: Any) -> Any:
         return await step(messages)  # type: ignore[no-any-return]
 
     return complete
+
+
+async def test_a_mass_outage_prompt_is_held_to_ai_max_prompt_tokens() -> None:
+    # 300 members with long label values: about 70k tokens whole.
+    many = tuple(member(labels={"pod": f"checkout-{i}", "msg": "x" * 800}) for i in range(300))
+    llm, model, _, _ = make(max_prompt_tokens=6000, max_tokens_per_minute=200_000)
+    model.default = GOOD
+    an = await run(llm, incident(*many))
+    assert an.analyzer == "llm"
+    (sent,) = model.calls
+    assert estimate_tokens(list(sent)) <= 6000
+    assert "to keep the prompt within its size bound" in sent[1].content

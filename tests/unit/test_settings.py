@@ -489,3 +489,10 @@ def test_consumer_liveness_can_be_turned_off_or_set_past_the_longest_event() -> 
 def test_an_evaluation_interval_of_0_is_refused(doc: Any, field: str) -> None:
     # 0 was accepted, then ended the pattern loop with ZeroDivisionError at its first slot.
     assert _only_problem(doc) == f"{field}: Input should be greater than 0"
+
+
+def test_the_prompt_bound_leaves_room_for_the_key_facts() -> None:
+    problem = _only_problem({"ai": {"max_prompt_tokens": 3999}})
+    assert problem.startswith("ai.max_prompt_tokens: ") and "4000" in problem
+    ok = parse_settings({"ai": {"max_prompt_tokens": 4000}}, env={})
+    assert ok.ai.max_prompt_tokens == 4000
