@@ -182,8 +182,11 @@ def _cut(text: str, limit: int) -> str:
 def _labels(values: Mapping[str, str], limit: int) -> tuple[dict[str, str], int]:
     """The label set redacted and cut; and how many labels were left out."""
     keys = sorted(values, key=lambda k: (k not in SCOPE_LABELS, k))
-    kept = keys[:MAX_LABELS]
-    return {_cut(k, limit): _cut(redact(values[k]), limit) for k in kept}, len(keys) - len(kept)
+    out: dict[str, str] = {}
+    for k in keys[:MAX_LABELS]:
+        # Two long keys may cut to the same text: the first (in order) stays, the other counts.
+        out.setdefault(_cut(k, limit), _cut(redact(values[k]), limit))
+    return out, len(keys) - len(out)
 
 
 def context_document(incident: Incident, ctx: Context, trim: Trim = Trim()) -> dict[str, Any]:

@@ -210,3 +210,14 @@ def test_members_are_left_out_before_context_and_counted() -> None:
     assert doc["incident"]["members_left_out"]["count"] == 201 - len(doc["incident"]["members"])
     assert doc["rollouts"] and "left_out_for_size" not in doc  # context kept
     assert "members (firing and most severe first)" in user.content.split("<<<END DATA")[1]
+
+
+def test_long_labels_are_cut_and_what_is_left_out_is_counted() -> None:
+    wide = {f"k{i:02d}": "v" * 1000 for i in range(40)}
+    same_prefix = {"a" * 300 + "1": "x", "a" * 300 + "2": "y"}
+    doc = context_document(incident(member(labels={**wide, **same_prefix})), Context())
+    m = doc["incident"]["members"][0]
+    assert m["labels"]["namespace"] == "shop"  # scope labels first
+    assert all(len(v) < 300 for v in m["labels"].values())
+    # 32 kept, of which the two long keys cut to one: 31 shown, the other 14 counted.
+    assert (len(m["labels"]), m["labels_left_out"]) == (31, 3 + 40 + 2 - 31)
