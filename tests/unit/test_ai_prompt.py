@@ -162,7 +162,7 @@ def heavy(draw: st.DrawFn) -> tuple[Incident, Context]:
     return inc, ctx
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(heavy(), st.integers(MIN_PROMPT_TOKENS, 40_000))
 def test_the_prompt_never_exceeds_its_bound_and_keeps_the_key_facts(
     case: tuple[Incident, Context], bound: int
